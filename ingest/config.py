@@ -1,0 +1,95 @@
+"""One pydantic model per ingest stage; unknown fields fail fast with their name."""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from ingest.splits import parse_fractions
+from ingest.windowing import WINDOWS
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)I?B?\s*$", re.I)
+
+
+def parse_bytes(value: int | str) -> int:
+    """``"1GB"``, ``"512MiB"``, ``"200k"`` or an int to bytes (binary multiples)."""
+    if isinstance(value, int):
+        return value
+    m = _SIZE_RE.match(value)
+    if not m:
+        raise ValueError(f"not a size: {value!r} (e.g. 1GB, 256MB, 1048576)")
+    mult = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}[m.group(2).upper()]
+    return int(float(m.group(1)) * mult)
+
+
+class IngestConfig(BaseModel):
+    """What every ingest shares: destination, labels, splits, shard size and image encoding."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    sources: list[str] = Field(min_length=1)
+    out: str
+    labels: str | None = None
+    split: str = "train=0.7,val=0.15,test=0.15"
+    seed: int = 0
+    shard_size: int = 1 << 30
+    format: Literal["jpg", "png"] = "jpg"
+    quality: int = Field(90, ge=1, le=100)
+    workers: int | None = Field(None, ge=1)
+
+    @field_validator("split")
+    @classmethod
+    def _split(cls, v: str) -> str:
+        parse_fractions(v)
+        return v
+
+    @field_validator("shard_size", mode="before")
+    @classmethod
+    def _size(cls, v: int | str) -> int:
+        return parse_bytes(v)
+
+    def public(self) -> dict:
+        """The configuration as recorded in the manifest: source locations are left out (they may identify)."""
+        return self.model_dump(exclude={"sources", "labels"})
+
+
+class WsiIngestConfig(IngestConfig):
+    """Whole-slide tiling (paper 000: 600 px tiles kept at >= 30 % tissue)."""
+
+    tile_size: int = Field(600, gt=0)
+    stride: int | None = Field(None, gt=0)
+    store_size: int | None = Field(None, gt=0)
+    mpp: float | None = Field(None, gt=0)
+    tissue_threshold: float = Field(0.30, ge=0.0, le=1.0)
+
+
+class DicomIngestConfig(IngestConfig):
+    """DICOM series to windowed slices (paper 003: brain/subdural/soft-tissue windows as RGB)."""
+
+    format: Literal["jpg", "png"] = "png"
+    windows: list[str] = Field(default_factory=lambda: ["brain", "subdural", "soft"])
+    store_size: int | None = Field(None, gt=0)
+
+    @field_validator("windows")
+    @classmethod
+    def _windows(cls, v: list[str]) -> list[str]:
+        unknown = [w for w in v if w not in WINDOWS]
+        if unknown:
+            raise ValueError(f"unknown window(s) {unknown}; known: {sorted(WINDOWS)}")
+        return v
+
+
+def pseudonym_key() -> bytes:
+    """The user's pseudonym key from ``TESSERA_PSEUDONYM_KEY`` or the file in ``TESSERA_PSEUDONYM_KEY_FILE``."""
+    key = os.environ.get("TESSERA_PSEUDONYM_KEY")
+    if key:
+        return key.encode()
+    path = os.environ.get("TESSERA_PSEUDONYM_KEY_FILE")
+    if path and os.path.exists(path):
+        return open(path, "rb").read().strip()
+    raise RuntimeError(
+        "no pseudonym key: set TESSERA_PSEUDONYM_KEY or TESSERA_PSEUDONYM_KEY_FILE (`tessera up` creates one)"
+    )

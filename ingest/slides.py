@@ -1,0 +1,98 @@
+"""Slide readers: OpenSlide for files, an in-memory reader for tests (same interface, as MONAI/TIAToolbox)."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import numpy as np
+
+
+class SlideError(RuntimeError):
+    """A slide could not be opened or read; the message says why (never the file's name)."""
+
+
+class SlideReader(Protocol):
+    """What tiling needs from a slide: level geometry, MPP and region reads (level-0 coordinates)."""
+
+    level_dimensions: list[tuple[int, int]]
+    level_downsamples: list[float]
+    mpp: float | None
+
+    def read_region(self, x: int, y: int, level: int, width: int, height: int) -> np.ndarray:
+        """RGB ``uint8[height, width, 3]`` at ``level``, top-left at level-0 ``(x, y)``."""
+        ...
+
+    def read_level(self, level: int) -> np.ndarray:
+        """The whole of a (low-resolution) level as RGB ``uint8[H, W, 3]``."""
+        ...
+
+    def close(self) -> None: ...
+
+
+def _flatten_rgba(rgba: np.ndarray) -> np.ndarray:
+    """RGBA with transparent (outside-scan) areas to RGB on white, as slide viewers show them."""
+    if rgba.shape[2] == 3:
+        return rgba
+    rgb = rgba[:, :, :3].astype(np.float32)
+    a = rgba[:, :, 3:4].astype(np.float32) / 255.0
+    return np.rint(rgb * a + 255.0 * (1.0 - a)).astype(np.uint8)
+
+
+class OpenSlideReader:
+    """:class:`SlideReader` over OpenSlide (SVS, tiled TIFF, NDPI, MRXS, DICOM WSI, ...)."""
+
+    def __init__(self, path: str) -> None:
+        import openslide
+
+        try:
+            self._slide = openslide.OpenSlide(path)
+        except openslide.OpenSlideUnsupportedFormatError as exc:
+            raise SlideError("not a slide format OpenSlide can read") from exc
+        except openslide.OpenSlideError as exc:
+            raise SlideError(f"OpenSlide could not open the file: {exc}") from exc
+        self.level_dimensions = list(self._slide.level_dimensions)
+        self.level_downsamples = [float(d) for d in self._slide.level_downsamples]
+        mpp = self._slide.properties.get("openslide.mpp-x")
+        self.mpp = float(mpp) if mpp else None
+
+    def read_region(self, x: int, y: int, level: int, width: int, height: int) -> np.ndarray:
+        import openslide
+
+        try:
+            region = self._slide.read_region((x, y), level, (width, height))
+        except openslide.OpenSlideError as exc:
+            raise SlideError(f"read failed at ({x}, {y}) level {level}: {exc}") from exc
+        return _flatten_rgba(np.asarray(region))
+
+    def read_level(self, level: int) -> np.ndarray:
+        w, h = self.level_dimensions[level]
+        return self.read_region(0, 0, level, w, h)
+
+    def close(self) -> None:
+        self._slide.close()
+
+
+class ArraySlideReader:
+    """:class:`SlideReader` over an in-memory level-0 array, with power-of-two levels made by striding."""
+
+    def __init__(self, level0: np.ndarray, levels: int = 3, mpp: float | None = 0.5) -> None:
+        self._levels = [level0[:: 2**i, :: 2**i] for i in range(levels)]
+        self.level_dimensions = [(a.shape[1], a.shape[0]) for a in self._levels]
+        self.level_downsamples = [float(2**i) for i in range(levels)]
+        self.mpp = mpp
+        self.reads: list[tuple[int, int, int, int, int]] = []
+
+    def read_region(self, x: int, y: int, level: int, width: int, height: int) -> np.ndarray:
+        self.reads.append((x, y, level, width, height))
+        d = int(self.level_downsamples[level])
+        arr = self._levels[level]
+        out = np.full((height, width, 3), 255, np.uint8)
+        patch = arr[y // d : y // d + height, x // d : x // d + width]
+        out[: patch.shape[0], : patch.shape[1]] = patch
+        return out
+
+    def read_level(self, level: int) -> np.ndarray:
+        return self._levels[level].copy()
+
+    def close(self) -> None:
+        pass

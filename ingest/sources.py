@@ -1,0 +1,47 @@
+"""Expand SRC arguments (files, directories, globs, ``s3://`` prefixes) into input locations."""
+
+from __future__ import annotations
+
+import glob
+import os
+from collections.abc import Iterable
+
+from shards import storage
+
+SLIDE_EXTS = (".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif", ".dcm")
+
+
+def expand(sources: Iterable[str], exts: tuple[str, ...] | None = None) -> list[str]:
+    """Every file named by ``sources``, de-duplicated and sorted; directories and prefixes recurse.
+
+    ``exts`` filters files found by recursion (a file named directly is always kept). A source that
+    matches nothing raises ``FileNotFoundError`` naming it.
+    """
+    found: set[str] = set()
+    for src in sources:
+        if src.startswith("s3://"):
+            urls = list(storage.list_urls(src))
+            found.update(u for u in urls if exts is None or u.lower().endswith(exts) or u == src)
+            if not urls:
+                raise FileNotFoundError(f"{src}: no objects under this prefix")
+            continue
+        matches = glob.glob(src, recursive=True) if glob.has_magic(src) else [src]
+        if not matches or not any(os.path.exists(m) for m in matches):
+            raise FileNotFoundError(f"{src}: no such file or directory")
+        for m in matches:
+            if os.path.isdir(m):
+                for root, _, files in os.walk(m):
+                    found.update(
+                        os.path.abspath(os.path.join(root, f))
+                        for f in files
+                        if exts is None or f.lower().endswith(exts)
+                    )
+            elif os.path.isfile(m):
+                found.add(os.path.abspath(m))
+    return sorted(found)
+
+
+def stem(location: str) -> str:
+    """File name without directories and extension (``a/b/006388_0.tif`` -> ``006388_0``)."""
+    name = location.rstrip("/").rsplit("/", 1)[-1]
+    return name.split(".", 1)[0]

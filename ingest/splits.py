@@ -1,0 +1,51 @@
+"""Patient-level train/val/test assignment (pure)."""
+
+from __future__ import annotations
+
+import hashlib
+
+
+def parse_fractions(spec: str) -> dict[str, float]:
+    """Parse ``train=0.7,val=0.15,test=0.15`` into a dict whose values sum to 1."""
+    out: dict[str, float] = {}
+    for part in spec.split(","):
+        name, _, value = part.partition("=")
+        if not name or not value:
+            raise ValueError(f"bad split {part!r} in {spec!r}; expected name=fraction")
+        out[name.strip()] = float(value)
+    total = sum(out.values())
+    if abs(total - 1.0) > 1e-6 or any(v < 0 for v in out.values()):
+        raise ValueError(f"split fractions must be non-negative and sum to 1, got {spec!r}")
+    return out
+
+
+def assign_splits(patients: dict[str, int | None], fractions: dict[str, float], seed: int) -> dict[str, str]:
+    """Assign each patient to one split, stratified by the patient's label.
+
+    Within each label group patients are ordered by a seeded hash (stable, independent of input order) and
+    cut by cumulative fraction with largest-remainder rounding, so small groups still reach every split
+    with a non-zero fraction when they have enough patients.
+    """
+    groups: dict[int | None, list[str]] = {}
+    for patient, label in patients.items():
+        groups.setdefault(label, []).append(patient)
+    out: dict[str, str] = {}
+    names = list(fractions)
+    for members in groups.values():
+        members.sort(key=lambda p: hashlib.sha256(f"{seed}:{p}".encode()).hexdigest())
+        counts = _largest_remainder([fractions[n] * len(members) for n in names])
+        i = 0
+        for name, n in zip(names, counts, strict=True):
+            for p in members[i : i + n]:
+                out[p] = name
+            i += n
+    return out
+
+
+def _largest_remainder(quotas: list[float]) -> list[int]:
+    counts = [int(q) for q in quotas]
+    left = round(sum(quotas)) - sum(counts)
+    order = sorted(range(len(quotas)), key=lambda i: quotas[i] - counts[i], reverse=True)
+    for i in order[:left]:
+        counts[i] += 1
+    return counts

@@ -1,0 +1,152 @@
+"""Synthetic inputs for the demo and tests: pyramidal JPEG-tiled TIFF slides and CT series as DICOM.
+
+Slides carry an identifying ImageDescription and CT headers carry patient name, ID and birth date, so that
+privacy checks have something real to look for.
+"""
+
+from __future__ import annotations
+
+import csv
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+# Two clot classes that differ in a learnable way: red-cell-rich (CE) vs fibrin/platelet-rich (LAA) staining.
+CLASS_COLOURS = {"CE": (196, 64, 92), "LAA": (150, 110, 190)}
+
+
+@dataclass(frozen=True)
+class SyntheticPatient:
+    """Identity written into synthetic headers; tests assert none of it reaches any output."""
+
+    name: str
+    patient_id: str
+    birth_date: str
+
+
+def slide_array(size: int, label: str, rng: np.random.Generator) -> np.ndarray:
+    """``uint8[size, size, 3]``: tissue-like blobs of the class's stain on a near-white background."""
+    h = w = size
+    img = np.clip(rng.normal(238, 4, (h, w, 3)), 0, 255).astype(np.uint8)
+    yy, xx = np.mgrid[0:h, 0:w]
+    tissue = np.zeros((h, w), bool)
+    for _ in range(3):
+        cy, cx = rng.uniform(0.25, 0.75, 2) * size
+        ry, rx = rng.uniform(0.12, 0.25, 2) * size
+        tissue |= ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1.0
+    base = np.array(CLASS_COLOURS[label], np.float32)
+    texture = rng.normal(0, 18, (h, w, 1)).astype(np.float32)
+    stained = np.clip(base + texture, 0, 255).astype(np.uint8)
+    img[tissue] = stained[tissue]
+    return img
+
+
+def write_pyramid_tiff(path: Path, level0: np.ndarray, mpp: float = 0.5, levels: int = 4, note: str = "") -> None:
+    """A generic tiled TIFF pyramid (JPEG tiles, 256 px) that OpenSlide reads, with MPP in the resolution tags."""
+    import tifffile
+
+    with tifffile.TiffWriter(path) as tw:
+        arr = level0
+        for i in range(levels):
+            res = 1e4 / (mpp * 2**i)  # pixels per centimetre
+            tw.write(
+                arr,
+                tile=(256, 256),
+                compression="jpeg",
+                photometric="rgb",
+                subfiletype=1 if i else 0,
+                resolution=(res, res),
+                resolutionunit="CENTIMETER",
+                description=note if i == 0 and note else None,
+                metadata=None,
+            )
+            arr = arr[::2, ::2]
+            if min(arr.shape[:2]) < 256:
+                break
+
+
+def make_slides(root: Path, n: int = 4, size: int = 2048, seed: int = 0) -> tuple[list[Path], Path]:
+    """``n`` slides (alternating CE/LAA, one patient each) and a STRIP AI label CSV; returns (paths, csv)."""
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    paths, rows = [], []
+    for i in range(n):
+        label = "CE" if i % 2 == 0 else "LAA"
+        image_id = f"{1000 + i:06d}_0"
+        path = root / f"{image_id}.tif"
+        note = f"Patient: SLIDEPATIENT^{i} MRN{90000 + i}"
+        write_pyramid_tiff(path, slide_array(size, label, rng), note=note)
+        paths.append(path)
+        rows.append({"image_id": image_id, "center_id": 11, "patient_id": f"p{i:04d}", "image_num": 0, "label": label})
+    csv_path = root / "train.csv"
+    with open(csv_path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["image_id", "center_id", "patient_id", "image_num", "label"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return paths, csv_path
+
+
+def ct_volume(slices: int, size: int, bleed: bool, rng: np.random.Generator) -> np.ndarray:
+    """Stored values ``int16[slices, size, size]`` (HU + 1024): skull ring, brain, optional hyperdense bleed."""
+    yy, xx = np.mgrid[0:size, 0:size] - size / 2
+    r = np.hypot(yy, xx) / (size / 2)
+    hu = np.full((slices, size, size), -1000.0)
+    hu[:, r < 0.85] = 1000.0
+    hu[:, r < 0.75] = 32.0
+    if bleed:
+        by, bx = rng.uniform(-0.3, 0.3, 2) * size
+        blob = np.hypot(yy - by, xx - bx) < size * 0.12
+        hu[slices // 4 : 3 * slices // 4, blob] = 70.0
+    hu += rng.normal(0, 3, hu.shape)
+    return np.rint(hu + 1024).astype(np.int16)
+
+
+def write_ct_series(root: Path, patient: SyntheticPatient, slices: int, size: int, bleed: bool, seed: int) -> None:
+    """A CT series as single-frame DICOM files with random names, shuffled, in a nested folder."""
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+    import pydicom
+
+    rng = np.random.default_rng(seed)
+    vol = ct_volume(slices, size, bleed, rng)
+    study, series = generate_uid(), generate_uid()
+    folder = root / uuid.UUID(int=int(rng.integers(1 << 62))).hex[:8] / "series"
+    folder.mkdir(parents=True, exist_ok=True)
+    for k in rng.permutation(slices):
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = CTImageStorage
+        meta.MediaStorageSOPInstanceUID = generate_uid()
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds = pydicom.Dataset()
+        ds.file_meta = meta
+        ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
+        ds.PatientName, ds.PatientID, ds.PatientBirthDate = patient.name, patient.patient_id, patient.birth_date
+        ds.InstitutionName, ds.ReferringPhysicianName, ds.AccessionNumber = "General Hospital", "HOUSE^G", "ACC7788"
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.Modality = study, series, "CT"
+        ds.StudyDate, ds.InstanceNumber = "20240131", int(k) + 1
+        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        ds.ImagePositionPatient = [0.0, 0.0, float(k) * 5.0]
+        ds.PixelSpacing, ds.SliceThickness = [0.5, 0.5], 5.0
+        ds.Rows = ds.Columns = size
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+        ds.RescaleIntercept, ds.RescaleSlope = -1024, 1
+        ds.PixelData = vol[k].tobytes()
+        ds.save_as(folder / f"{uuid.UUID(int=int(rng.integers(1 << 62))).hex}.dcm", enforce_file_format=True)
+
+
+def make_ct_series(root: Path, n: int = 2, slices: int = 12, size: int = 64, seed: int = 0):
+    """``n`` CT series (alternating bleed / no bleed), a ``patient,label`` CSV; returns (patients, csv)."""
+    root.mkdir(parents=True, exist_ok=True)
+    patients = [SyntheticPatient(f"DOE^JANE{i}", f"MRN{12345 + i}", f"19{60 + i}0101") for i in range(n)]
+    for i, p in enumerate(patients):
+        write_ct_series(root, p, slices, size, bleed=i % 2 == 0, seed=seed + i)
+    csv_path = root.parent / f"{root.name}_labels.csv"
+    with open(csv_path, "w", newline="") as f:
+        f.write("patient,label\n")
+        for i, p in enumerate(patients):
+            f.write(f"{p.patient_id},{'bleed' if i % 2 == 0 else 'normal'}\n")
+    return patients, csv_path

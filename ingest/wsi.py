@@ -1,0 +1,84 @@
+"""From a slide to tissue tiles: level choice, mask, grid and region reads (thin over pure helpers)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+from ingest.slides import SlideReader
+from ingest.tiling import Tile, tissue_tiles
+from ingest.tissue import tissue_mask
+
+MASK_TARGET_PX = 2048  # longest side of the level used for the tissue mask (or the smallest level above it)
+
+
+@dataclass(frozen=True)
+class TilePlan:
+    """How a slide will be tiled: read ``level``, tiles of ``size0`` level-0 px, and the kept tiles."""
+
+    level: int
+    target_downsample: float
+    size0: int
+    mpp: float | None
+    mask: np.ndarray
+    mask_downsample: float
+    tiles: list[Tile]
+    warnings: list[str]
+
+
+def choose_level(downsamples: list[float], target: float) -> int:
+    """Index of the coarsest level whose downsample does not exceed ``target`` (read there, then resize)."""
+    if target < 1.0:
+        raise ValueError(f"target downsample must be >= 1, got {target}")
+    best = 0
+    for i, d in enumerate(downsamples):
+        if d <= target * (1 + 1e-6):
+            best = i if d >= downsamples[best] else best
+    return best
+
+
+def mask_level(dimensions: list[tuple[int, int]]) -> int:
+    """The smallest level whose longest side is at least :data:`MASK_TARGET_PX` (else the largest level)."""
+    for i in range(len(dimensions) - 1, -1, -1):
+        if max(dimensions[i]) >= MASK_TARGET_PX:
+            return i
+    return 0
+
+
+def plan_tiles(
+    reader: SlideReader, tile_size: int, mpp: float | None, stride: int | None, threshold: float
+) -> TilePlan:
+    """Tile plan for ``reader``: tiles of ``tile_size`` px at ``mpp`` (level 0 when None or unknown)."""
+    warnings: list[str] = []
+    target_ds = 1.0
+    if mpp is not None:
+        if reader.mpp is None:
+            warnings.append("slide has no MPP metadata; tiled at level 0")
+        else:
+            target_ds = max(1.0, mpp / reader.mpp)
+    level = choose_level(reader.level_downsamples, target_ds)
+    mlevel = mask_level(reader.level_dimensions)
+    thumb = reader.read_level(mlevel)
+    mask = tissue_mask(thumb)
+    size0 = round(tile_size * target_ds)
+    stride0 = round(stride * target_ds) if stride else None
+    w0, h0 = reader.level_dimensions[0]
+    tiles = tissue_tiles(mask, reader.level_downsamples[mlevel], w0, h0, size0, stride0, threshold)
+    return TilePlan(level, target_ds, size0, reader.mpp, mask, reader.level_downsamples[mlevel], tiles, warnings)
+
+
+def read_tiles(
+    reader: SlideReader, plan: TilePlan, tile_size: int, store_size: int | None
+) -> Iterator[tuple[Tile, np.ndarray]]:
+    """Yield ``(tile, rgb[S, S, 3])`` for each planned tile; only kept tiles' pixels are read."""
+    ds = reader.level_downsamples[plan.level]
+    read_px = round(plan.size0 / ds)
+    out_px = store_size or tile_size
+    for tile in plan.tiles:
+        rgb = reader.read_region(tile.x, tile.y, plan.level, read_px, read_px)
+        if rgb.shape[0] != out_px:
+            rgb = cv2.resize(rgb, (out_px, out_px), interpolation=cv2.INTER_AREA)
+        yield tile, rgb

@@ -1,0 +1,111 @@
+"""The dataset manifest: every input with its status, every shard with size, sample count and sha256.
+
+Written as ``<dataset>/manifest.json`` after all shards are published. Per-split sample counts and shard
+lengths let a trainer know its epoch length without scanning tars.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+from shards import storage
+
+Status = Literal["ingested", "skipped", "failed"]
+MANIFEST_NAME = "manifest.json"
+
+
+class ShardInfo(BaseModel):
+    """One published shard: file name relative to its split prefix, bytes, sample count, sha256."""
+
+    name: str
+    size: int
+    sha256: str
+    samples: int
+
+
+class InputRecord(BaseModel):
+    """One input (slide, series, image): its pseudonymous id, status and what it produced.
+
+    ``id`` is a keyed pseudonym of the source location so that no file name reaches the manifest.
+    """
+
+    id: str
+    kind: str
+    status: Status
+    reason: str | None = None
+    patient: str | None = None
+    label: int | None = None
+    split: str | None = None
+    samples: int = 0
+    shards: list[str] = Field(default_factory=list)
+    warnings: list[str] = Field(default_factory=list)
+
+
+class SplitInfo(BaseModel):
+    """A split's shards (in order) and sample count."""
+
+    num_samples: int = 0
+    shards: list[ShardInfo] = Field(default_factory=list)
+
+    @property
+    def shard_lengths(self) -> list[int]:
+        return [s.samples for s in self.shards]
+
+
+class Manifest(BaseModel):
+    """The whole dataset: what went in, what came out, and how it was split."""
+
+    version: int = 1
+    dataset: str
+    kind: str
+    created: str = Field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
+    classes: list[str] = Field(default_factory=list)
+    config: dict = Field(default_factory=dict)
+    splits: dict[str, SplitInfo] = Field(default_factory=dict)
+    inputs: list[InputRecord] = Field(default_factory=list)
+
+    def counts(self) -> dict[str, int]:
+        """Number of inputs per status."""
+        out = {"ingested": 0, "skipped": 0, "failed": 0}
+        for rec in self.inputs:
+            out[rec.status] += 1
+        return out
+
+    def shard_urls(self, prefix: str, split: str) -> list[str]:
+        """Full URLs of a split's shards under the dataset ``prefix``."""
+        return [storage.join(prefix, split, s.name) for s in self.splits[split].shards]
+
+    def patients_by_split(self) -> dict[str, set[str]]:
+        """The set of patient pseudonyms in each split (for leak checks)."""
+        out: dict[str, set[str]] = {}
+        for rec in self.inputs:
+            if rec.split and rec.patient:
+                out.setdefault(rec.split, set()).add(rec.patient)
+        return out
+
+
+def check_patient_disjoint(manifest: Manifest) -> None:
+    """Raise if any patient appears in more than one split."""
+    seen: dict[str, str] = {}
+    for split, patients in manifest.patients_by_split().items():
+        for p in patients:
+            if p in seen and seen[p] != split:
+                raise ValueError(f"patient {p} is in both {seen[p]!r} and {split!r} splits")
+            seen[p] = split
+
+
+def save(manifest: Manifest, prefix: str) -> str:
+    """Write ``manifest.json`` under ``prefix``; returns its URL."""
+    url = storage.join(prefix, MANIFEST_NAME)
+    storage.put_bytes(url, manifest.model_dump_json(indent=2).encode())
+    return url
+
+
+def load(prefix: str) -> Manifest:
+    """Read the manifest of the dataset at ``prefix``."""
+    url = storage.join(prefix, MANIFEST_NAME)
+    return Manifest.model_validate(json.loads(storage.get_bytes(url)))

@@ -1,0 +1,67 @@
+"""The sample schema: keys and components of a shard sample.
+
+A sample is a dict with ``__key__`` and one entry per component extension (webdataset convention):
+``jpg``/``png`` encoded image bytes, ``cls`` an ASCII integer label, ``json`` metadata.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+from typing import Any
+
+import numpy as np
+
+KEY_RE = re.compile(r"^[A-Za-z0-9_-]{1,90}$")
+IMAGE_EXTS = ("jpg", "png")
+
+
+def check_key(key: str) -> str:
+    """Return ``key`` if usable as a WebDataset key (no dots or slashes, fits a USTAR name), else raise."""
+    if not KEY_RE.match(key):
+        raise ValueError(f"invalid sample key {key!r}: use 1-90 characters of [A-Za-z0-9_-]")
+    return key
+
+
+def encode_image(rgb: np.ndarray, fmt: str = "jpg", quality: int = 90) -> bytes:
+    """Encode ``rgb[H, W, 3]`` uint8 as JPEG or PNG bytes."""
+    import cv2
+
+    if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
+        raise ValueError(f"expected uint8 [H, W, 3], got {rgb.dtype} {rgb.shape}")
+    bgr = np.ascontiguousarray(rgb[:, :, ::-1])
+    if fmt == "jpg":
+        ok, buf = cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, quality])
+    elif fmt == "png":
+        ok, buf = cv2.imencode(".png", bgr, [cv2.IMWRITE_PNG_COMPRESSION, 1])
+    else:
+        raise ValueError(f"unknown image format {fmt!r}")
+    if not ok:
+        raise ValueError(f"could not encode image as {fmt}")
+    return buf.tobytes()
+
+
+def decode_image(data: bytes) -> np.ndarray:
+    """Decode JPEG/PNG bytes to ``rgb[H, W, 3]`` uint8."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def make_sample(key: str, image: bytes, fmt: str, label: int | None, meta: dict[str, Any]) -> dict[str, Any]:
+    """Build a sample dict; the label is stored as ``.cls`` only when known."""
+    sample: dict[str, Any] = {"__key__": check_key(key), fmt: image, "json": json.dumps(meta, sort_keys=True)}
+    if label is not None:
+        sample["cls"] = str(int(label))
+    return sample
+
+
+def to_bytes(value: Any) -> bytes:
+    """Serialise a component value: bytes as is, str as UTF-8, anything else as JSON."""
+    if isinstance(value, bytes):
+        return value
+    if isinstance(value, str):
+        return value.encode()
+    return json.dumps(value, sort_keys=True).encode()

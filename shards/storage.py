@@ -1,0 +1,214 @@
+"""The one module that knows URL schemes: plain paths, ``file://`` and ``s3://``.
+
+Nothing else in Tessera calls boto3. S3 endpoint and credentials come from the standard environment
+variables (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_REGION``) so that
+DALI's own S3 reader, MLflow and boto3 all see the same object store.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+
+class StorageError(RuntimeError):
+    """An object store operation failed; the message names the URL."""
+
+
+@dataclass(frozen=True)
+class Location:
+    """A parsed URL: ``scheme`` is ``file`` or ``s3``; for S3 ``bucket``/``key``, for files ``path``."""
+
+    scheme: str
+    bucket: str
+    key: str
+
+    @property
+    def path(self) -> Path:
+        return Path(self.key)
+
+    def url(self) -> str:
+        return f"s3://{self.bucket}/{self.key}" if self.scheme == "s3" else str(self.key)
+
+
+def parse(url: str) -> Location:
+    """Split ``url`` into scheme, bucket and key; a plain path is a ``file`` location."""
+    if url.startswith("s3://"):
+        p = urlparse(url)
+        if not p.netloc:
+            raise StorageError(f"{url}: an s3:// URL needs a bucket")
+        return Location("s3", p.netloc, p.path.lstrip("/"))
+    if url.startswith("file://"):
+        url = url[len("file://") :]
+    return Location("file", "", os.path.abspath(url))
+
+
+def join(base: str, *parts: str) -> str:
+    """Join URL path parts with ``/`` (works for paths and ``s3://``)."""
+    out = base.rstrip("/")
+    for part in parts:
+        out = f"{out}/{part.strip('/')}"
+    return out
+
+
+@functools.lru_cache(maxsize=4)
+def _client(endpoint: str | None, key: str | None, region: str):
+    import boto3
+    from botocore.config import Config
+
+    # Non-AWS servers (rclone, MinIO) reject the newer default checksums; path-style for the same reason.
+    cfg = Config(
+        request_checksum_calculation="when_required",
+        response_checksum_validation="when_required",
+        s3={"addressing_style": "path"},
+        retries={"max_attempts": 5, "mode": "standard"},
+        connect_timeout=5,
+        read_timeout=60,
+    )
+    return boto3.client(
+        "s3",
+        endpoint_url=endpoint or None,
+        aws_access_key_id=key,
+        aws_secret_access_key=os.environ.get("AWS_SECRET_ACCESS_KEY"),
+        region_name=region,
+        config=cfg,
+    )
+
+
+def s3_client():
+    """A boto3 S3 client for the endpoint and keys in the environment (cached per endpoint and key)."""
+    return _client(
+        os.environ.get("AWS_ENDPOINT_URL"),
+        os.environ.get("AWS_ACCESS_KEY_ID"),
+        os.environ.get("AWS_REGION", "us-east-1"),
+    )
+
+
+def _wrap(url: str, exc: Exception) -> StorageError:
+    return StorageError(f"{url}: {type(exc).__name__}: {exc}")
+
+
+def put_file(local: str | Path, url: str) -> None:
+    """Copy a local file to ``url``. S3 uploads are atomic: the object is visible only once complete."""
+    loc = parse(url)
+    try:
+        if loc.scheme == "s3":
+            s3_client().upload_file(str(local), loc.bucket, loc.key)
+        else:
+            loc.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = loc.path.with_name(loc.path.name + ".partial")
+            shutil.copyfile(local, tmp)
+            os.replace(tmp, loc.path)
+    except Exception as exc:
+        raise _wrap(url, exc) from exc
+
+
+def put_bytes(url: str, data: bytes) -> None:
+    """Write ``data`` to ``url`` atomically (temporary name then rename for files)."""
+    loc = parse(url)
+    try:
+        if loc.scheme == "s3":
+            s3_client().put_object(Bucket=loc.bucket, Key=loc.key, Body=data)
+        else:
+            loc.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = loc.path.with_name(loc.path.name + ".partial")
+            tmp.write_bytes(data)
+            os.replace(tmp, loc.path)
+    except Exception as exc:
+        raise _wrap(url, exc) from exc
+
+
+def get_bytes(url: str) -> bytes:
+    """Read the whole object at ``url``."""
+    loc = parse(url)
+    try:
+        if loc.scheme == "s3":
+            return s3_client().get_object(Bucket=loc.bucket, Key=loc.key)["Body"].read()
+        return loc.path.read_bytes()
+    except Exception as exc:
+        raise _wrap(url, exc) from exc
+
+
+def get_file(url: str, local: str | Path) -> Path:
+    """Download ``url`` to ``local`` (a copy for plain files) and return the local path."""
+    loc = parse(url)
+    local = Path(local)
+    local.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        if loc.scheme == "s3":
+            s3_client().download_file(loc.bucket, loc.key, str(local))
+        else:
+            shutil.copyfile(loc.path, local)
+    except Exception as exc:
+        raise _wrap(url, exc) from exc
+    return local
+
+
+def exists(url: str) -> bool:
+    """Whether an object exists at ``url``."""
+    return stat_size(url) is not None
+
+
+def stat_size(url: str) -> int | None:
+    """Byte size of the object at ``url``, or None when absent."""
+    loc = parse(url)
+    if loc.scheme == "file":
+        return loc.path.stat().st_size if loc.path.is_file() else None
+    try:
+        return int(s3_client().head_object(Bucket=loc.bucket, Key=loc.key)["ContentLength"])
+    except Exception as exc:
+        code = getattr(exc, "response", {}).get("Error", {}).get("Code")
+        if code in ("404", "NoSuchKey", "NotFound"):
+            return None
+        raise _wrap(url, exc) from exc
+
+
+def list_urls(prefix: str) -> Iterator[str]:
+    """Every object URL under ``prefix`` (recursive), sorted for S3 by key."""
+    loc = parse(prefix)
+    if loc.scheme == "file":
+        root = loc.path
+        if root.is_file():
+            yield str(root)
+        elif root.is_dir():
+            yield from sorted(str(p) for p in root.rglob("*") if p.is_file())
+        return
+    try:
+        pages = s3_client().get_paginator("list_objects_v2").paginate(Bucket=loc.bucket, Prefix=loc.key)
+        for page in pages:
+            for obj in page.get("Contents", []):
+                yield f"s3://{loc.bucket}/{obj['Key']}"
+    except Exception as exc:
+        raise _wrap(prefix, exc) from exc
+
+
+def delete(url: str) -> None:
+    """Remove the object at ``url``; absent objects are fine."""
+    loc = parse(url)
+    try:
+        if loc.scheme == "s3":
+            s3_client().delete_object(Bucket=loc.bucket, Key=loc.key)
+        else:
+            loc.path.unlink(missing_ok=True)
+    except Exception as exc:
+        raise _wrap(url, exc) from exc
+
+
+def ensure_bucket(url: str) -> None:
+    """Create the bucket of an ``s3://`` URL if it does not exist (no-op for files)."""
+    loc = parse(url)
+    if loc.scheme != "s3":
+        return
+    client = s3_client()
+    try:
+        client.head_bucket(Bucket=loc.bucket)
+    except Exception:
+        try:
+            client.create_bucket(Bucket=loc.bucket)
+        except Exception as exc:
+            raise _wrap(url, exc) from exc

@@ -1,0 +1,164 @@
+"""Size-targeted WebDataset tar writer that emits a DALI index and publishes each shard only when complete.
+
+Each shard is spooled to a local temporary file; on close its sha256 and size are computed, the tar and
+``.idx`` are uploaded (an S3 PUT is atomic; local files are renamed into place), and a :class:`ShardInfo`
+is returned for the manifest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import tarfile
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from shards import storage
+from shards.index import Member, index_text
+from shards.manifest import ShardInfo
+from shards.schema import check_key, to_bytes
+
+TAR_BLOCK = 512
+
+
+def shard_name(index: int) -> str:
+    """``shard-000123.tar`` for ``index`` 123."""
+    return f"shard-{index:06d}.tar"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class ShardWriter:
+    """Write samples into ``<prefix>/shard-NNNNNN.tar`` files of about ``target_bytes`` each.
+
+    Args:
+        prefix: directory or ``s3://`` prefix the shards go to.
+        target_bytes: a shard is closed once it reaches this size (bytes).
+        start_index: number of the first shard, so re-runs produce the same names.
+    """
+
+    def __init__(self, prefix: str, target_bytes: int = 1 << 30, start_index: int = 0) -> None:
+        self.prefix = prefix
+        self.target_bytes = target_bytes
+        self.index = start_index
+        self.shards: list[ShardInfo] = []
+        self._spool = Path(tempfile.mkdtemp(prefix="tessera-shard-"))
+        self._tar: tarfile.TarFile | None = None
+        self._members: list[Member] = []
+        self._keys: set[str] = set()
+
+    def _open(self) -> None:
+        self._path = self._spool / (shard_name(self.index) + ".tmp")
+        self._tar = tarfile.open(self._path, "w", format=tarfile.USTAR_FORMAT)
+        self._members = []
+        self._count = 0
+
+    def write(self, sample: dict[str, Any]) -> str:
+        """Append one sample (``__key__`` plus components); returns the shard name it went to.
+
+        A key may appear once per writer, so a dataset written by one writer per split has unique keys.
+        """
+        key = check_key(sample["__key__"])
+        if key in self._keys:
+            raise ValueError(f"duplicate sample key {key!r}")
+        self._keys.add(key)
+        if self._tar is None:
+            self._open()
+        assert self._tar is not None
+        for ext in sorted(k for k in sample if not k.startswith("__")):
+            self._add(f"{key}.{ext}", to_bytes(sample[ext]))
+        self._count += 1
+        name = shard_name(self.index)
+        if self._tar.offset >= self.target_bytes:
+            self._close_shard()
+        return name
+
+    def _add(self, name: str, data: bytes) -> None:
+        assert self._tar is not None
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        info.mode = 0o644
+        header_at = self._tar.offset
+        self._tar.addfile(info, io.BytesIO(data))
+        # USTAR names under 100 chars take exactly one header block, so data starts one block later.
+        self._members.append(Member(name, header_at + TAR_BLOCK, len(data)))
+
+    def _close_shard(self) -> None:
+        assert self._tar is not None
+        self._tar.close()
+        self._tar = None
+        name = shard_name(self.index)
+        idx_name = name.replace(".tar", ".idx")
+        idx_path = self._spool / idx_name
+        idx_path.write_text(index_text(self._members))
+        info = ShardInfo(
+            name=name,
+            size=self._path.stat().st_size,
+            sha256=_sha256(self._path),
+            samples=self._count,
+        )
+        storage.put_file(idx_path, storage.join(self.prefix, idx_name))
+        storage.put_file(self._path, storage.join(self.prefix, name))
+        os.unlink(self._path)
+        os.unlink(idx_path)
+        self.shards.append(info)
+        self.index += 1
+
+    def close(self) -> list[ShardInfo]:
+        """Publish the last partial shard and return every shard written."""
+        if self._tar is not None and self._count:
+            self._close_shard()
+        elif self._tar is not None:
+            self._tar.close()
+            self._tar = None
+        for p in self._spool.glob("*"):
+            p.unlink()
+        self._spool.rmdir()
+        return self.shards
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def write_samples(prefix: str, samples: Iterable[dict[str, Any]], target_bytes: int = 1 << 30) -> list[ShardInfo]:
+    """Write ``samples`` as shards under ``prefix``; returns their infos."""
+    with ShardWriter(prefix, target_bytes) as w:
+        for s in samples:
+            w.write(s)
+    return w.shards
+
+
+def read_tar_samples(path: str | Path) -> list[dict[str, bytes | str]]:
+    """Read a local shard back into sample dicts (for tests, checks and small tools)."""
+    samples: dict[str, dict[str, bytes | str]] = {}
+    with tarfile.open(path) as tf:
+        for m in tf:
+            if not m.isfile():
+                continue
+            key, ext = m.name.split(".", 1)
+            f = tf.extractfile(m)
+            assert f is not None
+            samples.setdefault(key, {"__key__": key})[ext] = f.read()
+    return list(samples.values())
+
+
+def iter_tar_members(path: str | Path):
+    """Yield ``(name, bytes)`` for each file member of a local tar, in order."""
+    with tarfile.open(path) as tf:
+        for m in tf:
+            if m.isfile():
+                f = tf.extractfile(m)
+                assert f is not None
+                yield m.name, f.read()
