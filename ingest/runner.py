@@ -51,7 +51,11 @@ def process_unit(unit: Unit, cfg: IngestConfig) -> InputRecord:
             rec.status, rec.reason = "skipped", "no samples (no tissue above the threshold, or empty series)"
     except Exception as exc:  # any failure of one input is recorded; the run goes on
         return InputRecord(
-            id=unit.id, kind=unit.kind, status="failed", reason=f"{type(exc).__name__}: {exc}", patient=unit.patient
+            id=unit.id,
+            kind=unit.kind,
+            status="failed",
+            reason=f"{type(exc).__name__}: {exc}",
+            patient=unit.patient,
         )
     finally:
         for f in os.listdir(spool):

@@ -105,10 +105,9 @@ def ct_volume(slices: int, size: int, bleed: bool, rng: np.random.Generator) -> 
 
 def write_ct_series(root: Path, patient: SyntheticPatient, slices: int, size: int, bleed: bool, seed: int) -> None:
     """A CT series as single-frame DICOM files with random names, shuffled, in a nested folder."""
+    import pydicom
     from pydicom.dataset import FileMetaDataset
     from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
-
-    import pydicom
 
     rng = np.random.default_rng(seed)
     vol = ct_volume(slices, size, bleed, rng)
@@ -123,8 +122,16 @@ def write_ct_series(root: Path, patient: SyntheticPatient, slices: int, size: in
         ds = pydicom.Dataset()
         ds.file_meta = meta
         ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
-        ds.PatientName, ds.PatientID, ds.PatientBirthDate = patient.name, patient.patient_id, patient.birth_date
-        ds.InstitutionName, ds.ReferringPhysicianName, ds.AccessionNumber = "General Hospital", "HOUSE^G", "ACC7788"
+        ds.PatientName, ds.PatientID, ds.PatientBirthDate = (
+            patient.name,
+            patient.patient_id,
+            patient.birth_date,
+        )
+        ds.InstitutionName, ds.ReferringPhysicianName, ds.AccessionNumber = (
+            "General Hospital",
+            "HOUSE^G",
+            "ACC7788",
+        )
         ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.Modality = study, series, "CT"
         ds.StudyDate, ds.InstanceNumber = "20240131", int(k) + 1
         ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]

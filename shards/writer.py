@@ -58,7 +58,7 @@ class ShardWriter:
 
     def _open(self) -> None:
         self._path = self._spool / (shard_name(self.index) + ".tmp")
-        self._tar = tarfile.open(self._path, "w", format=tarfile.USTAR_FORMAT)
+        self._tar = tarfile.open(self._path, "w", format=tarfile.USTAR_FORMAT)  # noqa: SIM115 (closed per shard)
         self._members = []
         self._count = 0
 

@@ -1,0 +1,224 @@
+"""The ``tessera`` command line. Each command prints where its results are and exits non-zero on failure."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from cluster.errors import TesseraError
+
+
+def _settings():
+    from pydantic import ValidationError
+
+    from cluster.settings import load_settings
+
+    try:
+        return load_settings()
+    except ValidationError as exc:
+        fields = "; ".join(f"TESSERA_{'_'.join(map(str, e['loc'])).upper()}: {e['msg']}" for e in exc.errors())
+        raise TesseraError(f"invalid settings: {fields}") from None
+
+
+def _connect(settings) -> None:
+    """Export the stack's endpoints and connect to its Ray cluster (token auth)."""
+    from cluster import health
+
+    settings.apply()
+    health.require(settings, "ray", "s3")
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=settings.ray_gcs_address, log_to_driver=True, logging_level="WARNING")
+
+
+def cmd_up(args) -> int:
+    from cluster.stack import LocalStack
+
+    s = _settings()
+    for st in LocalStack(s).up():
+        print(f"{st.name:7s} {st.url:28s} {'healthy' if st.healthy else 'UNHEALTHY'}  {st.detail}")
+    print(f"state: {s.state}")
+    return 0
+
+
+def cmd_down(args) -> int:
+    from cluster.stack import LocalStack
+
+    LocalStack(_settings()).down()
+    print("local stack stopped")
+    return 0
+
+
+def cmd_status(args) -> int:
+    from cluster.stack import LocalStack
+
+    rows = LocalStack(_settings()).status()
+    for st in rows:
+        state = "healthy" if st.healthy else ("running, not answering" if st.running else "down")
+        print(f"{st.name:7s} {st.url:28s} {state}  ({st.detail})")
+    return 0 if all(st.healthy for st in rows) else 1
+
+
+def _ingest_config(args):
+    from pydantic import ValidationError
+
+    from ingest.config import DicomIngestConfig, WsiIngestConfig
+
+    common = {
+        "sources": args.src,
+        "out": args.out,
+        "labels": args.labels,
+        "split": args.split,
+        "seed": args.seed,
+        "shard_size": args.shard_size,
+        "workers": args.workers,
+    }
+    if args.format:
+        common["format"] = args.format
+    try:
+        if args.kind == "wsi":
+            return WsiIngestConfig(
+                **common,
+                tile_size=args.tile_size,
+                stride=args.stride,
+                store_size=args.store_size,
+                mpp=args.mpp,
+                tissue_threshold=args.tissue_threshold,
+            )
+        return DicomIngestConfig(**common, store_size=args.store_size, windows=args.windows.split(","))
+    except ValidationError as exc:
+        raise TesseraError(
+            "invalid ingest options: "
+            + "; ".join(f"--{'-'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']}" for e in exc.errors())
+        ) from None
+
+
+def _keep_private(settings, out: str):
+    def save(mapping: dict[str, str]) -> None:
+        d = settings.state / "private"
+        d.mkdir(parents=True, exist_ok=True)
+        os.chmod(d, 0o700)
+        name = out.replace("://", "_").replace("/", "_")
+        (d / f"{name}.sources.json").write_text(json.dumps(mapping, indent=1))
+
+    return save
+
+
+def cmd_ingest(args) -> int:
+    from ingest.runner import manifest_summary, run_ingest
+
+    s = _settings()
+    cfg = _ingest_config(args)
+    if cfg.out.startswith("s3://"):
+        _connect(s)
+    else:
+        s.apply()
+    manifest, url = run_ingest(args.kind, cfg, on_private=_keep_private(s, cfg.out))
+    print(f"shards: {cfg.out}\nmanifest: {url}\n{manifest_summary(manifest)}")
+    failed = [r for r in manifest.inputs if r.status == "failed"]
+    for r in failed:
+        print(f"  failed {r.id}: {r.reason}", file=sys.stderr)
+    return 0
+
+
+def cmd_train(args) -> int:
+    from cluster import health
+    from training.config import load_recipe
+    from training.launch import run_training
+    from training.models import build_model, count_parameters
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    if args.dry_run:
+        import yaml
+
+        print(yaml.safe_dump(recipe.model_dump(), sort_keys=False))
+        print(f"parameters: {count_parameters(build_model(recipe.model.name, 2)):,} (2-class head)")
+        return 0
+    s = _settings()
+    _connect(s)
+    health.require(s, "mlflow")
+    outcome = run_training(recipe, s.mlflow_url, str(s.state / "checkpoints"))
+    print(f"MLflow run: {outcome.run_url}\ncheckpoint: {outcome.checkpoint}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from cluster.demo import run_demo
+    from cluster.stack import LocalStack
+
+    s = _settings()
+    LocalStack(s).up()
+    _connect(s)
+    run_demo(s, Path(args.workdir) if args.workdir else s.state / "demo", small=args.small)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tessera", description="Medical-imaging training at scale: ingest, train, track.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub.add_parser("up", help="start the embedded local stack (Ray head, S3 server, MLflow)").set_defaults(fn=cmd_up)
+    sub.add_parser("down", help="stop the local stack, leaving no process behind").set_defaults(fn=cmd_down)
+    sub.add_parser("status", help="each service, its URL and whether it is healthy").set_defaults(fn=cmd_status)
+
+    ing = sub.add_parser("ingest", help="turn slides or DICOM series into WebDataset shards")
+    kinds = ing.add_subparsers(dest="kind", required=True, metavar="KIND")
+    for kind, help_ in (("wsi", "whole-slide images (OpenSlide formats)"), ("dicom", "DICOM series (CT/MR)")):
+        k = kinds.add_parser(kind, help=help_)
+        k.add_argument("src", nargs="+", help="files, directories, globs or s3:// prefixes")
+        k.add_argument("--out", required=True, help="dataset prefix: a directory or s3://bucket/path")
+        k.add_argument("--labels", help="label CSV (STRIP AI layout, or slide|series|patient,label[,patient])")
+        k.add_argument("--split", default="train=0.7,val=0.15,test=0.15", help="patient-level split fractions")
+        k.add_argument("--seed", type=int, default=0, help="split seed")
+        k.add_argument("--shard-size", default="1GB", help="target shard size (e.g. 1GB, 256MB)")
+        k.add_argument("--format", choices=["jpeg", "jpg", "png"], help="image encoding")
+        k.add_argument("--store-size", type=int, help="resize tiles/slices to this many px before encoding")
+        k.add_argument("--workers", type=int, help="ingest actors (default: the cluster's CPUs)")
+        if kind == "wsi":
+            k.add_argument("--tile-size", type=int, default=600, help="tile size in px at the chosen resolution")
+            k.add_argument("--stride", type=int, help="tile stride in px (default: the tile size)")
+            k.add_argument("--mpp", type=float, help="microns per pixel to tile at (default: level 0)")
+            k.add_argument("--tissue-threshold", type=float, default=0.30, help="minimum tissue fraction")
+        else:
+            k.add_argument("--windows", default="brain,subdural,soft", help="CT windows stacked as channels")
+        k.set_defaults(fn=cmd_ingest, kind=kind)
+
+    tr = sub.add_parser("train", help="train a recipe on Ray Train + DeepSpeed, tracked in MLflow")
+    tr.add_argument("recipe", help="recipe name (training/recipes/) or YAML path")
+    tr.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    tr.add_argument("--dry-run", action="store_true", help="validate, print the resolved recipe and exit")
+    tr.set_defaults(fn=cmd_train)
+
+    demo = sub.add_parser("demo", help="the whole pipeline on the local stack with synthetic data")
+    demo.add_argument("--workdir", help="where synthetic inputs are generated (default: STATE/demo)")
+    demo.add_argument("--small", action="store_true", help="a smaller dataset (for tests)")
+    demo.set_defaults(fn=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "format", None) == "jpeg":
+        args.format = "jpg"
+    try:
+        return int(args.fn(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if os.environ.get("TESSERA_DEBUG"):
+            raise
+        from shards.storage import StorageError
+        from training.config import RecipeError
+
+        known = (TesseraError, RecipeError, StorageError, FileNotFoundError, ValueError)
+        msg = str(exc) if isinstance(exc, known) else f"{type(exc).__name__}: {exc}"
+        print(f"tessera: error: {msg}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,98 @@
+"""Background services as process sessions: start detached, check, stop everything they spawned.
+
+A pid file holds the session id of the service's first process. Ray's ``ray start`` exits after launching
+its daemons, and MLflow forks workers, so "running" means "some process of that session is alive" and
+stopping means terminating the whole session.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import psutil
+
+
+def _sid(pid: int) -> int | None:
+    try:
+        return os.getsid(pid)
+    except (ProcessLookupError, PermissionError):
+        return None
+
+
+def members(sid: int) -> list[psutil.Process]:
+    """Live (non-zombie) processes of session ``sid``."""
+    out = []
+    for p in psutil.process_iter(["pid", "status"]):
+        if p.info["status"] != psutil.STATUS_ZOMBIE and _sid(p.pid) == sid:
+            out.append(p)
+    return out
+
+
+def session_of(pidfile: Path) -> int | None:
+    """The session in ``pidfile`` if any of its processes lives; a stale file (crash, reboot) is removed."""
+    try:
+        sid = int(pidfile.read_text().strip())
+    except (FileNotFoundError, ValueError):
+        return None
+    if sid != os.getsid(0) and members(sid):
+        return sid
+    pidfile.unlink(missing_ok=True)
+    return None
+
+
+def start(cmd: list[str], pidfile: Path, log: Path, env: dict[str, str], wait: bool = False) -> int:
+    """Start ``cmd`` in a new session logging to ``log``; with ``wait``, return its exit code, else its pid."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    pidfile.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(
+            cmd,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            start_new_session=True,
+        )
+    pidfile.write_text(str(proc.pid))
+    return proc.wait() if wait else proc.pid
+
+
+def _terminate(procs: list[psutil.Process], timeout: float) -> None:
+    for p in procs:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.send_signal(signal.SIGTERM)
+    _, alive = psutil.wait_procs(procs, timeout=timeout)
+    for p in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
+    psutil.wait_procs(alive, timeout=5)
+
+
+def stop(pidfile: Path, timeout: float = 15.0) -> bool:
+    """Terminate every process of the session in ``pidfile``; True if something was running."""
+    sid = session_of(pidfile)
+    if sid is None:
+        return False
+    # Repeat: a dying supervisor (raylet, gunicorn) may spawn a last child while we terminate the rest.
+    for _ in range(3):
+        procs = members(sid)
+        if not procs:
+            break
+        _terminate(procs, timeout)
+    pidfile.unlink(missing_ok=True)
+    return True
+
+
+def wait_until(check, timeout: float, interval: float = 0.5) -> bool:
+    """Poll ``check()`` until it returns True or ``timeout`` seconds pass."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(interval)
+    return bool(check())

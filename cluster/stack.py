@@ -1,0 +1,180 @@
+"""The embedded local stack: a Ray head (token auth), an S3 server (rclone) and an MLflow server.
+
+All bound to ``settings.host`` (127.0.0.1 by default), health-checked before ``up`` returns. ``up`` is
+idempotent and recovers stale pid files; ``down`` leaves no process behind.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from cluster import health, procs
+from cluster.errors import TesseraError
+from cluster.settings import Settings
+
+
+@dataclass(frozen=True)
+class ServiceStatus:
+    name: str
+    url: str
+    running: bool
+    healthy: bool
+    detail: str
+
+
+def _bin(name: str) -> str:
+    """An executable installed beside this Python (the venv's ``bin``), else from PATH."""
+    here = Path(sys.executable).parent / name
+    found = str(here) if here.exists() else shutil.which(name)
+    if not found:
+        raise TesseraError(f"{name} is not installed (expected beside {sys.executable})")
+    return found
+
+
+def _log_tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except FileNotFoundError:
+        return "(no log)"
+
+
+class LocalStack:
+    """Start, inspect and stop the three services under ``settings.state_dir``."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.s = settings
+        self.logs = settings.state / "logs"
+        self.pids = settings.state / "pids"
+
+    # --- environment of the services -------------------------------------------------------------------
+    def _env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(self.s.client_env())
+        env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
+        env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        try:
+            import torch
+
+            if not torch.cuda.is_available():
+                env.setdefault("DS_ACCELERATOR", "cpu")
+        except ImportError:
+            pass
+        return env
+
+    # --- individual services ----------------------------------------------------------------------------
+    def _start_s3(self) -> None:
+        access, secret = self.s.s3_keys()
+        data = self.s.state / "s3"
+        data.mkdir(parents=True, exist_ok=True)
+        env = self._env()
+        # Via the environment, not argv where `ps` shows it; rclone reads list flags from env as CSV, hence quotes.
+        env["RCLONE_AUTH_KEY"] = f'"{access},{secret}"'
+        cmd = [_bin("rclone"), "serve", "s3", "--addr", f"{self.s.host}:{self.s.s3_port}", str(data)]
+        procs.start([*cmd, "--config", "/dev/null"], self._pidfile("s3"), self.logs / "s3.log", env)
+
+    def _start_mlflow(self) -> None:
+        db = self.s.state / "mlflow.db"
+        env = self._env()
+        env["MLFLOW_S3_ENDPOINT_URL"] = self.s.s3_url
+        env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"  # no GenAI job runners: 7 idle processes
+        cmd = [
+            _bin("mlflow"),
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{db}",
+            "--artifacts-destination",
+            f"s3://{self.s.mlflow_bucket}",
+            "--host",
+            self.s.host,
+            "--port",
+            str(self.s.mlflow_port),
+            "--workers",
+            "1",
+        ]
+        procs.start(cmd, self._pidfile("mlflow"), self.logs / "mlflow.log", env)
+
+    def _start_ray(self) -> None:
+        cmd = [
+            _bin("ray"),
+            "start",
+            "--head",
+            "--node-ip-address",
+            self.s.host,
+            "--port",
+            str(self.s.ray_port),
+            "--dashboard-host",
+            self.s.host,
+            "--dashboard-port",
+            str(self.s.ray_dashboard_port),
+            "--ray-client-server-port",
+            str(self.s.ray_client_port),
+            "--dashboard-agent-listen-port",
+            str(self.s.ray_agent_port),
+            "--temp-dir",
+            self.s.ray_temp_dir,
+            "--disable-usage-stats",
+        ]
+        if self.s.ray_num_cpus:
+            cmd += ["--num-cpus", str(self.s.ray_num_cpus)]
+        log = self.logs / "ray.log"
+        # `ray start` exits once its daemons run; they stay in its session, which `down` terminates.
+        rc = procs.start(cmd, self._pidfile("ray"), log, self._env(), wait=True)
+        if rc != 0:
+            raise TesseraError(f"`ray start` failed (exit {rc}); see {log}:\n{_log_tail(log)}")
+
+    # --- the stack --------------------------------------------------------------------------------------
+    def _pidfile(self, name: str):
+        return self.pids / f"{name}.sid"
+
+    def _running(self, name: str) -> bool:
+        return procs.session_of(self._pidfile(name)) is not None
+
+    def up(self, timeout: float = 120.0) -> list[ServiceStatus]:
+        """Start whatever is not running (S3 first: MLflow stores artifacts there), wait until healthy."""
+        self.s.ensure_secrets()
+        starters = {"s3": self._start_s3, "mlflow": self._start_mlflow, "ray": self._start_ray}
+        for name, start in starters.items():
+            check = health.CHECKS[name]
+            if self._running(name) and check(self.s)[0]:
+                continue
+            if self._running(name):  # alive but unhealthy: give it a moment, else restart it
+                if procs.wait_until(lambda c=check: c(self.s)[0], 10):
+                    continue
+                self._stop(name)
+            start()
+            if not procs.wait_until(lambda c=check: c(self.s)[0], timeout):
+                log = self.logs / f"{name}.log"
+                raise TesseraError(f"{name} did not become healthy within {timeout:.0f}s; see {log}:\n{_log_tail(log)}")
+            if name == "s3":
+                self._make_buckets()
+        return self.status()
+
+    def _make_buckets(self) -> None:
+        from shards import storage
+
+        os.environ.update(self.s.client_env())
+        for bucket in (self.s.shards_bucket, self.s.mlflow_bucket, self.s.checkpoints_bucket):
+            storage.ensure_bucket(f"s3://{bucket}/")
+
+    def _stop(self, name: str) -> None:
+        procs.stop(self._pidfile(name))
+        if name == "ray":
+            shutil.rmtree(self.s.ray_temp_dir, ignore_errors=True)
+
+    def down(self) -> None:
+        """Stop Ray first (its workers may write to S3 and MLflow), then MLflow, then S3."""
+        for name in ("ray", "mlflow", "s3"):
+            self._stop(name)
+
+    def status(self) -> list[ServiceStatus]:
+        """Each service, its URL, whether its process runs and whether it answers."""
+        urls = {"ray": self.s.ray_dashboard_url, "s3": self.s.s3_url, "mlflow": self.s.mlflow_url}
+        out = []
+        for name in ("ray", "s3", "mlflow"):
+            ok, detail = health.CHECKS[name](self.s)
+            out.append(ServiceStatus(name, urls[name], self._running(name), ok, detail))
+        return out

@@ -1,0 +1,37 @@
+"""Check a published dataset against its manifest: every shard present with its size, sha256 and count."""
+
+from __future__ import annotations
+
+import hashlib
+import tempfile
+from pathlib import Path
+
+from shards import manifest as mf
+from shards import storage
+from shards.index import parse_index
+
+
+def verify_dataset(prefix: str) -> list[str]:
+    """Problems found (empty when the dataset matches its manifest)."""
+    manifest = mf.load(prefix)
+    problems = []
+    for split, info in manifest.splits.items():
+        for shard in info.shards:
+            url = storage.join(prefix, split, shard.name)
+            with tempfile.TemporaryDirectory() as tmp:
+                try:
+                    local = storage.get_file(url, Path(tmp) / "s.tar")
+                    idx = storage.get_bytes(url[: -len(".tar")] + ".idx").decode()
+                except storage.StorageError as exc:
+                    problems.append(f"{url}: missing ({exc})")
+                    continue
+                data = local.read_bytes()
+            if len(data) != shard.size:
+                problems.append(f"{url}: size {len(data)} != manifest {shard.size}")
+            if hashlib.sha256(data).hexdigest() != shard.sha256:
+                problems.append(f"{url}: sha256 differs from the manifest")
+            if len(parse_index(idx)) != shard.samples:
+                problems.append(f"{url}: index has {len(parse_index(idx))} samples, manifest {shard.samples}")
+        if sum(s.samples for s in info.shards) != info.num_samples:
+            problems.append(f"{split}: shard sample counts do not add up to {info.num_samples}")
+    return problems

@@ -1,0 +1,72 @@
+import subprocess
+import sys
+
+import pytest
+
+from cluster.cli import build_parser, main
+from ingest.config import WsiIngestConfig, parse_bytes
+from training.config import RecipeError, load_recipe
+
+
+def test_recipe_loads_with_overrides():
+    r = load_recipe("demo_tiles", ["epochs=5", "optim.lr=0.01", "data.dataset=s3://b/x"])
+    assert (r.epochs, r.optim.lr, r.data.dataset) == (5, 0.01, "s3://b/x")
+    assert r.deepspeed.zero_stage == 2
+
+
+def test_unknown_recipe_field_names_the_field():
+    with pytest.raises(RecipeError, match=r"optim\.lrr: Extra inputs are not permitted"):
+        load_recipe("demo_tiles", ["optim.lrr=0.1"])
+    with pytest.raises(RecipeError, match=r"deepspeed\.zero_stage"):
+        load_recipe("demo_tiles", ["deepspeed.zero_stage=7"])
+    with pytest.raises(RecipeError, match="not found"):
+        load_recipe("no_such_recipe")
+
+
+def test_sizes_and_ingest_validation():
+    assert parse_bytes("1GB") == 1 << 30 and parse_bytes("256MB") == 256 << 20 and parse_bytes(1000) == 1000
+    with pytest.raises(ValueError, match="tissue_threshold"):
+        WsiIngestConfig(sources=["x"], out="y", tissue_threshold=2)
+
+
+def test_every_command_has_help():
+    parser = build_parser()
+    for argv in (
+        ["--help"],
+        ["up", "--help"],
+        ["ingest", "wsi", "--help"],
+        ["ingest", "dicom", "--help"],
+        ["train", "--help"],
+        ["demo", "--help"],
+        ["status", "--help"],
+        ["down", "--help"],
+    ):
+        with pytest.raises(SystemExit) as exc:
+            parser.parse_args(argv)
+        assert exc.value.code == 0
+
+
+def test_bad_recipe_field_fails_without_traceback(capsys):
+    assert main(["train", "demo_tiles", "optim.momentum=3", "--dry-run"]) == 1
+    err = capsys.readouterr().err
+    assert "optim.momentum" in err and "Traceback" not in err
+
+
+def test_unreachable_endpoint_is_named(tmp_path, monkeypatch):
+    monkeypatch.setenv("TESSERA_STATE_DIR", str(tmp_path))
+    monkeypatch.setenv("TESSERA_S3_ENDPOINT", "http://127.0.0.1:1")
+    monkeypatch.setenv("TESSERA_RAY_DASHBOARD_PORT", "2")
+    out = subprocess.run(
+        [sys.executable, "-m", "cluster.cli", "ingest", "wsi", str(tmp_path), "--out", "s3://b/x"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 1
+    assert "endpoint http://127.0.0.1:2 is unreachable" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_dry_run_prints_recipe_and_parameters(capsys):
+    assert main(["train", "demo_tiles", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "mobilenetv3_small_050" in out and "parameters:" in out

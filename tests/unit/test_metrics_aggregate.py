@@ -1,0 +1,60 @@
+import math
+
+import numpy as np
+import pytest
+
+from training.aggregate import aggregate, any_positive
+from training.metrics import classification_metrics, confusion, weighted_log_loss
+
+
+def _direct_strip_loss(y, p):
+    """The competition's formula written out term by term."""
+    p = [[min(max(v, 1e-15), 1 - 1e-15) for v in row] for row in p]
+    p = [[v / sum(row) for v in row] for row in p]
+    terms = []
+    for c in range(len(p[0])):
+        members = [i for i, t in enumerate(y) if t == c]
+        terms.append(-sum(math.log(p[i][c]) for i in members) / len(members))
+    return sum(terms) / len(terms)
+
+
+def test_weighted_log_loss_equals_the_formula():
+    y = np.array([0, 0, 0, 1])
+    p = np.array([[0.9, 0.1], [0.6, 0.4], [1.0, 0.0], [0.3, 0.7]])
+    assert weighted_log_loss(y, p) == pytest.approx(_direct_strip_loss(y.tolist(), p.tolist()), abs=1e-12)
+    # class-balanced: one rare-class sample weighs as much as all common-class samples together
+    expected = 0.5 * (-(math.log(0.9) + math.log(0.6) + math.log(1 - 1e-15)) / 3) + 0.5 * -math.log(0.7)
+    assert weighted_log_loss(y, p) == pytest.approx(expected, abs=1e-12)
+
+
+def test_classification_metrics_by_hand():
+    y = np.array([0, 0, 1, 1])
+    p = np.array([[0.8, 0.2], [0.4, 0.6], [0.3, 0.7], [0.1, 0.9]])
+    m = classification_metrics(y, p, prefix="val_")
+    assert m["val_accuracy"] == pytest.approx(0.75)
+    # class 0: precision 1/1, recall 1/2; class 1: precision 2/3, recall 1
+    assert m["val_precision"] == pytest.approx((1 + 2 / 3) / 2)
+    assert m["val_recall"] == pytest.approx((0.5 + 1) / 2)
+    assert m["val_auc"] == pytest.approx(1.0)
+    assert confusion(y, p).tolist() == [[1, 1], [0, 2]]
+
+
+def test_auc_is_nan_when_a_class_is_missing():
+    m = classification_metrics(np.array([0, 0]), np.array([[0.9, 0.1], [0.8, 0.2]]))
+    assert math.isnan(m["auc"]) and m["accuracy"] == 1.0
+
+
+def test_aggregate_to_slides():
+    probs = np.array([[0.9, 0.1], [0.7, 0.3], [0.2, 0.8], [0.4, 0.6]])
+    ids, gp, gy = aggregate(probs, np.array([0, 0, 1, 1]), ["s1", "s1", "s2", "s2"])
+    assert ids == ["s1", "s2"] and gy.tolist() == [0, 1]
+    np.testing.assert_allclose(gp, [[0.8, 0.2], [0.3, 0.7]])
+    _, gmax, _ = aggregate(probs, np.array([0, 0, 1, 1]), ["s1", "s1", "s2", "s2"], "max")
+    assert gmax[0].tolist() == pytest.approx([0.9 / 1.2, 0.3 / 1.2])
+    with pytest.raises(ValueError, match="mixes labels"):
+        aggregate(probs, np.array([0, 1, 1, 1]), ["s1", "s1", "s2", "s2"])
+
+
+def test_any_positive():
+    probs = np.array([[0.9, 0.1], [0.4, 0.6], [0.8, 0.2]])
+    assert any_positive(probs, ["a", "a", "b"]) == {"a": True, "b": False}

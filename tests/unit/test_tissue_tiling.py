@@ -1,0 +1,97 @@
+import numpy as np
+import pytest
+
+from ingest.slides import ArraySlideReader
+from ingest.tiling import tile_origins, tissue_tiles
+from ingest.tissue import tissue_fraction, tissue_mask
+from ingest.wsi import choose_level, plan_tiles, read_tiles
+
+
+def test_tissue_fraction_on_hand_made_mask():
+    mask = np.zeros((4, 4), bool)
+    mask[:2, :2] = True  # top-left quarter
+    assert tissue_fraction(mask, 0, 0, 4, 4) == pytest.approx(0.25)
+    assert tissue_fraction(mask, 0, 0, 2, 2) == pytest.approx(1.0)
+    assert tissue_fraction(mask, 2, 2, 4, 4) == pytest.approx(0.0)
+    # half a mask pixel covered counts by area: box [1.5, 2.5) x [0, 1) covers 0.5 px of tissue
+    assert tissue_fraction(mask, 1.5, 0, 2.5, 1) == pytest.approx(0.5)
+
+
+def test_tissue_mask_finds_stained_region_and_ignores_specks():
+    img = np.full((64, 64, 3), 240, np.uint8)
+    img[16:48, 16:48] = (190, 70, 120)
+    img[2, 2] = (190, 70, 120)  # a speck of dust
+    mask = tissue_mask(img, min_object_px=8)
+    assert mask[16:48, 16:48].all()
+    assert not mask[2, 2]
+    assert mask.sum() == 32 * 32
+
+
+def test_blank_slide_has_no_tissue():
+    assert not tissue_mask(np.full((32, 32, 3), 245, np.uint8)).any()
+
+
+def test_tile_origins_and_bad_arguments():
+    assert tile_origins(10, 5, 5) == [(0, 0), (5, 0)]
+    assert tile_origins(10, 5, 5, stride=5) == [(0, 0), (5, 0)]
+    assert tile_origins(4, 4, 5) == []
+    with pytest.raises(ValueError, match="positive"):
+        tile_origins(10, 10, 0)
+
+
+def test_tissue_tiles_threshold():
+    mask = np.zeros((4, 4), bool)
+    mask[0, :3] = True  # row 0, 3 of 4 pixels
+    tiles = tissue_tiles(mask, mask_downsample=4, width0=16, height0=16, size0=8, stride0=None, threshold=0.3)
+    # tile (0,0) covers mask [0,2)x[0,2): 2 of 4 px = 0.5; tile (8,0): 1 of 4 = 0.25 < 0.3
+    assert [(t.x, t.y, t.tissue) for t in tiles] == [(0, 0, 0.5)]
+    with pytest.raises(ValueError):
+        tissue_tiles(mask, 4, 16, 16, 8, None, 1.5)
+
+
+def test_choose_level_by_downsample():
+    ds = [1.0, 4.0, 16.0]
+    assert choose_level(ds, 1.0) == 0
+    assert choose_level(ds, 2.0) == 0  # read level 0 and resize down
+    assert choose_level(ds, 4.0) == 1
+    assert choose_level(ds, 8.0) == 1
+    assert choose_level(ds, 100.0) == 2
+
+
+def _slide(size=512):
+    img = np.full((size, size, 3), 240, np.uint8)
+    img[128:384, 128:384] = (180, 60, 120)
+    img[128:384, 128:384, 1] = np.arange(256, dtype=np.uint8)[None, :] // 4 + 40  # texture
+    return img
+
+
+def test_stored_tile_equals_read_region_at_recorded_place():
+    reader = ArraySlideReader(_slide(), levels=3, mpp=0.25)
+    plan = plan_tiles(reader, tile_size=64, mpp=None, stride=None, threshold=0.3)
+    assert plan.tiles, "the tissue square must yield tiles"
+    for tile, rgb in read_tiles(reader, plan, 64, None):
+        assert np.array_equal(rgb, reader.read_region(tile.x, tile.y, 0, 64, 64))
+
+
+def test_background_tiles_are_never_read_at_full_resolution():
+    reader = ArraySlideReader(_slide(), levels=3, mpp=0.25)
+    plan = plan_tiles(reader, tile_size=64, mpp=None, stride=None, threshold=0.3)
+    reader.reads.clear()
+    list(read_tiles(reader, plan, 64, None))
+    kept = {(t.x, t.y) for t in plan.tiles}
+    assert {(x, y) for x, y, *_ in reader.reads} == kept
+    assert all(128 - 64 < x < 384 and 128 - 64 < y < 384 for x, y in kept)
+
+
+def test_mpp_selects_level_and_resizes():
+    reader = ArraySlideReader(_slide(), levels=3, mpp=0.25)
+    plan = plan_tiles(reader, tile_size=32, mpp=1.0, stride=None, threshold=0.3)  # 4x downsample
+    assert plan.level == 2 and plan.size0 == 128
+    tiles = list(read_tiles(reader, plan, 32, None))
+    assert tiles and all(rgb.shape == (32, 32, 3) for _, rgb in tiles)
+
+
+def test_missing_mpp_is_level_zero_with_warning():
+    reader = ArraySlideReader(_slide(), levels=2, mpp=None)
+    plan = plan_tiles(reader, tile_size=64, mpp=0.5, stride=None, threshold=0.3)
+    assert plan.level == 0 and plan.warnings == ["slide has no MPP metadata; tiled at level 0"]

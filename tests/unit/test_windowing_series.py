@@ -1,0 +1,49 @@
+import numpy as np
+import pytest
+
+from ingest.series import order_slices, slice_normal
+from ingest.windowing import to_hu, window, window_stack
+
+
+def test_hu_and_windows_exact():
+    stored = np.array([[0, 1024, 1064, 2048]], np.int16)
+    hu = to_hu(stored, slope=1.0, intercept=-1024.0)
+    assert hu.tolist() == [[-1024.0, 0.0, 40.0, 1024.0]]
+    # brain window 40/80 spans [0, 80] HU: 0 -> 0, 40 -> 128 (127.5 rounds to even 128), >= 80 -> 255
+    assert window(hu, 40, 80).tolist() == [[0, 0, 128, 255]]
+    stack = window_stack(hu)
+    assert stack.shape == (1, 4, 3) and stack.dtype == np.uint8
+    # subdural 80/200 spans [-20, 180]: 40 HU -> 60 * 255 / 200 = 76.5 -> 76 (banker's rounding)
+    # soft 40/380 spans [-150, 230]: 40 HU -> 190 * 255 / 380 = 127.5 -> 128
+    assert stack[0, 2].tolist() == [128, 76, 128]
+    with pytest.raises(ValueError, match="unknown window"):
+        window_stack(hu, ("lung2",))
+
+
+def test_slope_applies():
+    assert to_hu(np.array([10]), 2.0, -5.0).tolist() == [15.0]
+
+
+def test_order_recovered_from_shuffled_positions():
+    z = [15.0, 0.0, 10.0, 5.0]
+    order, warnings = order_slices([[0, 0, v] for v in z], [1, 0, 0, 0, 1, 0], [1, 2, 3, 4])
+    assert [z[i] for i in order] == [0.0, 5.0, 10.0, 15.0]
+    assert warnings == []
+
+
+def test_order_along_oblique_normal():
+    c, s = np.cos(np.pi / 6), np.sin(np.pi / 6)
+    iop = [1, 0, 0, 0, c, s]  # tilted 30 degrees about x
+    normal = slice_normal(iop)
+    positions = [list(k * 2.5 * normal + np.array([3.0, 1.0, 2.0])) for k in (3, 1, 0, 2)]
+    order, _ = order_slices(positions, iop, [None] * 4)
+    assert order == [2, 1, 3, 0]
+
+
+def test_fallback_to_instance_number_and_warnings():
+    order, warnings = order_slices([None, None], None, [2, 1])
+    assert order == [1, 0] and "InstanceNumber" in warnings[0]
+    _, warnings = order_slices([[0, 0, 0], [0, 0, 0], [0, 0, 5]], [1, 0, 0, 0, 1, 0], [1, 2, 3])
+    assert "duplicate slice positions" in warnings
+    _, warnings = order_slices([[0, 0, z] for z in (0, 5, 10, 20)], [1, 0, 0, 0, 1, 0], [1, 2, 3, 4])
+    assert any("uneven" in w for w in warnings)

@@ -1,0 +1,1 @@
+"""Fine-tune timm models from YAML recipes on Ray Train + DeepSpeed, reading shards through DALI."""

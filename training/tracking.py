@@ -1,0 +1,76 @@
+"""MLflow: one run per training, created by the driver; rank 0 writes metrics and artifacts into it."""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+from pathlib import Path
+from typing import Any
+
+
+def git_commit() -> str:
+    """The source tree's commit, or ``unknown`` outside a git checkout."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            cwd=Path(__file__).resolve().parent,
+        )
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def start_run(tracking_uri: str, experiment: str, run_name: str, params: dict[str, Any], tags: dict[str, str]):
+    """Create the run (status RUNNING); returns ``(experiment_id, run_id)``."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    exp = client.get_experiment_by_name(experiment)
+    exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
+    run = client.create_run(exp_id, run_name=run_name, tags=tags)
+    items = [(k, str(v)[:6000]) for k, v in sorted(params.items())]
+    from mlflow.entities import Param
+
+    for i in range(0, len(items), 100):
+        client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in items[i : i + 100]])
+    return exp_id, run.info.run_id
+
+
+def run_url(tracking_uri: str, exp_id: str, run_id: str) -> str:
+    return f"{tracking_uri.rstrip('/')}/#/experiments/{exp_id}/runs/{run_id}"
+
+
+def finish_run(tracking_uri: str, run_id: str, ok: bool) -> None:
+    from mlflow import MlflowClient
+
+    MlflowClient(tracking_uri).set_terminated(run_id, "FINISHED" if ok else "FAILED")
+
+
+class RunLogger:
+    """Metric and artifact logging into an existing run (used on rank 0 only)."""
+
+    def __init__(self, tracking_uri: str, run_id: str) -> None:
+        from mlflow import MlflowClient
+
+        self.client = MlflowClient(tracking_uri)
+        self.run_id = run_id
+
+    def metrics(self, values: dict[str, float], step: int) -> None:
+        import math
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, step) for k, v in values.items() if not math.isnan(float(v))]
+        self.client.log_batch(self.run_id, metrics=batch)
+
+    def artifact(self, path: Path, folder: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), folder)
+
+
+def file_sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
