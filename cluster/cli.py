@@ -204,6 +204,8 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "format", None) == "jpeg":
         args.format = "jpg"
     try:
+        # Ray reads its auth settings when first imported, so the environment is exported before any command.
+        _settings().apply()
         return int(args.fn(args) or 0)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -124,7 +124,7 @@ class Settings(BaseSettings):
         return env
 
     def apply(self) -> None:
-        """Export :meth:`client_env` into this process (before Ray, boto3 or MLflow are used)."""
+        """Export :meth:`client_env` into this process; call it before ``import ray`` (Ray reads auth on import)."""
         os.environ.update(self.client_env())
 
     def dataset_url(self, name: str) -> str:

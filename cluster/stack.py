@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -133,6 +134,21 @@ class LocalStack:
     def _running(self, name: str) -> bool:
         return procs.session_of(self._pidfile(name)) is not None
 
+    def _ports(self, name: str) -> dict[str, int]:
+        if name == "ray":
+            return {"TESSERA_RAY_PORT": self.s.ray_port, "TESSERA_RAY_DASHBOARD_PORT": self.s.ray_dashboard_port}
+        return {f"TESSERA_{name.upper()}_PORT": getattr(self.s, f"{name}_port")}
+
+    def _check_ports_free(self, name: str) -> None:
+        for var, port in self._ports(name).items():
+            with socket.socket() as sock:
+                sock.settimeout(0.5)
+                if sock.connect_ex((self.s.host, port)) == 0:
+                    raise TesseraError(
+                        f"cannot start {name}: port {port} on {self.s.host} is taken by another process "
+                        f"(another stack, or set {var})"
+                    )
+
     def up(self, timeout: float = 120.0) -> list[ServiceStatus]:
         """Start whatever is not running (S3 first: MLflow stores artifacts there), wait until healthy."""
         self.s.ensure_secrets()
@@ -145,6 +161,7 @@ class LocalStack:
                 if procs.wait_until(lambda c=check: c(self.s)[0], 10):
                     continue
                 self._stop(name)
+            self._check_ports_free(name)
             start()
             if not procs.wait_until(lambda c=check: c(self.s)[0], timeout):
                 log = self.logs / f"{name}.log"

@@ -43,18 +43,19 @@ def _loaders(recipe: TrainRecipe, manifest: mf.Manifest, rank: int, world: int, 
             raise ValueError(f"{d.dataset}: the manifest has no {split!r} split (has {sorted(manifest.splits)})")
         urls = manifest.shard_urls(d.dataset, split)
         total = manifest.splits[split].num_samples
-        pipe = build_pipeline(
-            urls,
-            fetch_indices(urls),
-            recipe.batch_size,
-            d.image_size,
-            train,
-            rank,
-            world,
-            seed=recipe.seed + 1000 * rank,
-            device_id=torch.cuda.current_device() if cuda else None,
-            augment=Augment(d.hflip, d.vflip),
-        )
+        with tempfile.TemporaryDirectory() as idx_dir:  # DALI reads the indices while it builds
+            pipe = build_pipeline(
+                urls,
+                fetch_indices(urls, idx_dir),
+                recipe.batch_size,
+                d.image_size,
+                train,
+                rank,
+                world,
+                seed=recipe.seed + 1000 * rank,
+                device_id=torch.cuda.current_device() if cuda else None,
+                augment=Augment(d.hflip, d.vflip),
+            )
         steps = max(1, total // (world * recipe.batch_size)) if train else None
         out[split] = ShardBatches(pipe, total, rank, world, train, steps)
     return out[d.train_split], out[d.val_split]

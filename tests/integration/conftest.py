@@ -1,0 +1,65 @@
+"""The real local stack (Ray head with token auth, rclone S3, MLflow) for the whole integration session.
+
+Ray reads its auth settings when first imported, and test modules import it at collection, so the
+environment is set here, when this conftest is imported. Ports differ from the defaults so that a
+developer's own `tessera up` can keep running beside the tests.
+"""
+
+import os
+import shutil
+import tempfile
+
+import psutil
+import pytest
+
+STATE = tempfile.mkdtemp(prefix="tessera-it-")
+os.environ.update(
+    {
+        "TESSERA_STATE_DIR": STATE,
+        "TESSERA_RAY_PORT": "6411",
+        "TESSERA_RAY_DASHBOARD_PORT": "8411",
+        "TESSERA_RAY_CLIENT_PORT": "20411",
+        "TESSERA_RAY_AGENT_PORT": "52411",
+        "TESSERA_S3_PORT": "9411",
+        "TESSERA_MLFLOW_PORT": "5411",
+        "TESSERA_RAY_NUM_CPUS": "2",
+    }
+)
+for _var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "RAY_AUTH_TOKEN", "TESSERA_PSEUDONYM_KEY", "RAY_ADDRESS"):
+    os.environ.pop(_var, None)
+
+from cluster.settings import load_settings  # noqa: E402
+
+_settings = load_settings()
+_settings.ensure_secrets()
+_settings.apply()
+
+
+def _leftovers(settings) -> list:
+    out = []
+    for p in psutil.process_iter(["cmdline"]):
+        cmd = " ".join(p.info["cmdline"] or [])
+        if settings.ray_temp_dir in cmd or STATE in cmd:
+            out.append(cmd[:200])
+    return out
+
+
+@pytest.fixture(scope="session")
+def stack():
+    from cluster.stack import LocalStack
+
+    local = LocalStack(_settings)
+    try:
+        local.up()
+        import ray
+
+        ray.init(address=_settings.ray_gcs_address, logging_level="WARNING")
+        yield _settings
+    finally:
+        import ray
+
+        ray.shutdown()
+        local.down()
+    left = _leftovers(_settings)
+    shutil.rmtree(STATE, ignore_errors=True)
+    assert left == [], f"processes left after down: {left}"
