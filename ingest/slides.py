@@ -33,6 +33,8 @@ def _flatten_rgba(rgba: np.ndarray) -> np.ndarray:
     """RGBA with transparent (outside-scan) areas to RGB on white, as slide viewers show them."""
     if rgba.shape[2] == 3:
         return rgba
+    if rgba[:, :, 3].min() == 255:  # fully scanned region: no blend needed (the common, hot case)
+        return rgba[:, :, :3]
     rgb = rgba[:, :, :3].astype(np.float32)
     a = rgba[:, :, 3:4].astype(np.float32) / 255.0
     return np.rint(rgb * a + 255.0 * (1.0 - a)).astype(np.uint8)

@@ -13,10 +13,14 @@ import cv2
 
 from ingest.config import DicomIngestConfig, IngestConfig, WsiIngestConfig
 from ingest.dicom import slice_rgb
+from ingest.preview import preview_png
 from ingest.slides import OpenSlideReader
 from ingest.wsi import plan_tiles, read_tiles
 from shards import storage
 from shards.schema import encode_image, make_sample
+
+
+PREVIEWS = "previews"
 
 
 @dataclass
@@ -55,6 +59,8 @@ def wsi_samples(unit: Unit, cfg: WsiIngestConfig, warnings: list[str]) -> Iterat
         try:
             plan = plan_tiles(reader, cfg.tile_size, cfg.mpp, cfg.stride, cfg.tissue_threshold)
             warnings.extend(plan.warnings)
+            png = preview_png(plan.thumb, plan.mask, plan.mask_downsample, plan.tiles)
+            storage.put_bytes(storage.join(cfg.out, PREVIEWS, f"{unit.item}.png"), png)
             for tile, rgb in read_tiles(reader, plan, cfg.tile_size, cfg.store_size):
                 meta = {
                     "slide": unit.item,

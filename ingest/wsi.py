@@ -23,6 +23,7 @@ class TilePlan:
     target_downsample: float
     size0: int
     mpp: float | None
+    thumb: np.ndarray
     mask: np.ndarray
     mask_downsample: float
     tiles: list[Tile]
@@ -67,7 +68,7 @@ def plan_tiles(
     stride0 = round(stride * target_ds) if stride else None
     w0, h0 = reader.level_dimensions[0]
     tiles = tissue_tiles(mask, reader.level_downsamples[mlevel], w0, h0, size0, stride0, threshold)
-    return TilePlan(level, target_ds, size0, reader.mpp, mask, reader.level_downsamples[mlevel], tiles, warnings)
+    return TilePlan(level, target_ds, size0, reader.mpp, thumb, mask, reader.level_downsamples[mlevel], tiles, warnings)
 
 
 def read_tiles(

@@ -43,6 +43,8 @@ def test_shards_match_manifest_and_account_for_every_input(demo):
     assert len(ct.inputs) == 2 and sum(r.samples for r in ct.inputs) == 16
     mf.check_patient_disjoint(wsi)
     assert set(wsi.splits) == {"train", "val"}
+    previews = [u for u in storage.list_urls(storage.join(demo["wsi"], "previews")) if u.endswith(".png")]
+    assert len(previews) == 4  # one per slide, named by pseudonym
 
 
 def test_labels_survive_the_round_trip(demo, tmp_path):

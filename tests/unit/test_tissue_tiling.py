@@ -95,3 +95,33 @@ def test_missing_mpp_is_level_zero_with_warning():
     reader = ArraySlideReader(_slide(), levels=2, mpp=None)
     plan = plan_tiles(reader, tile_size=64, mpp=0.5, stride=None, threshold=0.3)
     assert plan.level == 0 and plan.warnings == ["slide has no MPP metadata; tiled at level 0"]
+
+
+def test_preview_marks_mask_outline_and_kept_tiles():
+    import cv2
+
+    from ingest.preview import preview_png
+
+    img = np.full((512, 512, 3), 240, np.uint8)
+    img[100:400, 100:400] = (180, 60, 120)  # edges off the 64 px tile grid, so outline and boxes do not overlap
+    reader = ArraySlideReader(img, levels=3, mpp=0.25)
+    plan = plan_tiles(reader, tile_size=64, mpp=None, stride=None, threshold=0.3)
+    png = preview_png(plan.thumb, plan.mask, plan.mask_downsample, plan.tiles)
+    img = cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_COLOR)[:, :, ::-1]
+    assert img.shape == plan.thumb.shape
+    green = np.all(img == (0, 200, 0), axis=2)
+    blue = np.all(img == (30, 80, 230), axis=2)
+    assert green.sum() > 0 and blue.sum() > 0
+    assert not green[:100, :100].any()  # no outline in the blank corner
+
+
+def test_transparent_slide_areas_become_white():
+    from ingest.slides import _flatten_rgba
+
+    rgba = np.zeros((2, 2, 4), np.uint8)
+    rgba[0, 0] = (10, 20, 30, 255)
+    assert _flatten_rgba(rgba)[0, 0].tolist() == [10, 20, 30]
+    assert _flatten_rgba(rgba)[1, 1].tolist() == [255, 255, 255]
+    opaque = rgba.copy()
+    opaque[:, :, 3] = 255
+    assert np.array_equal(_flatten_rgba(opaque), opaque[:, :, :3])

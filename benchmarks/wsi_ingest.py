@@ -1,0 +1,200 @@
+"""WSI ingest benchmark: kept tiles/s per core for the paper's method, the minimal work, and Tessera.
+
+One run, one synthetic JPEG-tiled pyramidal TIFF (default 16384 x 16384 px), three methods on one core:
+
+- paper (seed 000, III.B): read every 600 px level-0 tile, Otsu per tile, keep at > 30 %, PNG save;
+- minimal: read only the tiles Tessera keeps and JPEG-encode each once (no mask, no shards);
+- Tessera: thumbnail tissue mask, kept tiles only, JPEG, shard + DALI index + sha256, preview PNG.
+
+Then Tessera's 1 -> 2 worker speed-up through Ray (two slides, ``run_ingest`` with 1 and 2 actors) and the peak
+RSS of a worker process. Usage: ``python benchmarks/wsi_ingest.py [--size 16384] [--workdir DIR]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import multiprocessing as mp
+import os
+import resource
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+TILE = 600
+
+
+def write_procedural_slide(path: Path, size: int, seed: int = 0) -> None:
+    """A pyramid generated tile by tile (memory stays small): tissue blobs from a coarse design mask."""
+    import tifffile
+
+    rng = np.random.default_rng(seed)
+    grid = 64  # level-0 px per design cell
+    n = size // grid
+    yy, xx = np.mgrid[0:n, 0:n] / n
+    design = np.zeros((n, n), bool)
+    for _ in range(4):
+        cy, cx, ry, rx = rng.uniform(0.2, 0.8), rng.uniform(0.2, 0.8), rng.uniform(0.1, 0.22), rng.uniform(0.1, 0.22)
+        design |= ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1
+    noise = rng.integers(-12, 12, (256, 256, 3)).astype(np.int16)
+
+    def tiles(level_ds: int, h: int, w: int):
+        for ty in range(0, h, 256):
+            for tx in range(0, w, 256):
+                ys = ((np.arange(ty, ty + 256) * level_ds) // grid).clip(0, n - 1)
+                xs = ((np.arange(tx, tx + 256) * level_ds) // grid).clip(0, n - 1)
+                m = design[np.ix_(ys, xs)]
+                tile = np.where(m[:, :, None], np.array([190, 70, 120], np.int16), np.int16(238)) + noise
+                yield np.clip(tile, 0, 255).astype(np.uint8)
+
+    with tifffile.TiffWriter(path, bigtiff=True) as tw:
+        ds = 1
+        while size // ds >= 512:
+            h = w = size // ds
+            res = 1e4 / (0.25 * ds)
+            tw.write(
+                tiles(ds, h, w),
+                shape=(h, w, 3),
+                dtype=np.uint8,
+                tile=(256, 256),
+                compression="jpeg",
+                photometric="rgb",
+                subfiletype=1 if ds > 1 else 0,
+                resolution=(res, res),
+                resolutionunit="CENTIMETER",
+            )
+            ds *= 4
+
+
+def paper_method(path: str) -> tuple[int, float]:
+    """Every level-0 tile: read, Otsu on grey, keep if > 30 % foreground, save PNG. Returns (kept, seconds)."""
+    import openslide
+    from PIL import Image
+    from skimage.filters import threshold_otsu
+
+    t = time.perf_counter()
+    slide = openslide.OpenSlide(path)
+    w, h = slide.dimensions
+    kept = 0
+    for y in range(0, h - TILE + 1, TILE):
+        for x in range(0, w - TILE + 1, TILE):
+            rgb = slide.read_region((x, y), 0, (TILE, TILE)).convert("RGB")
+            grey = np.asarray(rgb.convert("L"))
+            frac = float((grey < threshold_otsu(grey)).mean()) if grey.min() != grey.max() else 0.0
+            if frac > 0.30:
+                rgb.save(io.BytesIO(), format="PNG")
+                kept += 1
+    return kept, time.perf_counter() - t
+
+
+def tessera_plan(path: str):
+    from ingest.slides import OpenSlideReader
+    from ingest.wsi import plan_tiles
+
+    reader = OpenSlideReader(path)
+    return reader, plan_tiles(reader, TILE, None, None, 0.30)
+
+
+def minimal_work(path: str, positions: list[tuple[int, int]]) -> tuple[int, float]:
+    """Read exactly the given level-0 tiles and JPEG-encode each once."""
+    import openslide
+
+    from shards.schema import encode_image
+
+    t = time.perf_counter()
+    slide = openslide.OpenSlide(path)
+    for x, y in positions:
+        encode_image(np.asarray(slide.read_region((x, y), 0, (TILE, TILE)))[:, :, :3], "jpg", 90)
+    return len(positions), time.perf_counter() - t
+
+
+def tessera_one_core(path: str, out: str) -> tuple[int, float]:
+    """Tessera's whole per-slide path in this process: mask, tiles, JPEG, shard, index, sha256, preview."""
+    from ingest.config import WsiIngestConfig
+    from ingest.units import Unit, wsi_samples
+    from shards.writer import ShardWriter
+
+    t = time.perf_counter()
+    cfg = WsiIngestConfig(sources=[path], out=out, tile_size=TILE)
+    unit = Unit("bench", "wsi", [path], "slide", "patient", 0)
+    with ShardWriter(out, target_bytes=1 << 30) as writer:
+        for sample in wsi_samples(unit, cfg, []):
+            writer.write(sample)
+    return sum(s.samples for s in writer.shards), time.perf_counter() - t
+
+
+def _child(path: str, out: str, q) -> None:
+    kept, secs = tessera_one_core(path, out)
+    q.put((kept, secs, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
+
+
+def ray_scaling(paths: list[str], root: Path) -> tuple[float, float]:
+    """Wall time of ``run_ingest`` over ``paths`` with 1 and with 2 actors (Ray started beforehand)."""
+    import ray
+
+    from ingest.config import WsiIngestConfig
+    from ingest.runner import run_ingest
+
+    ray.init(num_cpus=2, log_to_driver=False, include_dashboard=False)
+    times = []
+    for workers in (1, 2):
+        out = str(root / f"ray{workers}")
+        cfg = WsiIngestConfig(sources=paths, out=out, tile_size=TILE, workers=workers, split="train=1.0")
+        t = time.perf_counter()
+        run_ingest("wsi", cfg)
+        times.append(time.perf_counter() - t)
+    ray.shutdown()
+    return times[0], times[1]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--size", type=int, default=16384)
+    ap.add_argument("--workdir", default=None)
+    args = ap.parse_args()
+    os.environ.setdefault("TESSERA_PSEUDONYM_KEY", "benchmark")
+    root = Path(args.workdir or tempfile.mkdtemp(prefix="tessera-bench-"))
+    root.mkdir(parents=True, exist_ok=True)
+    slide = root / f"slide{args.size}.tiff"
+    if not slide.exists():
+        t = time.perf_counter()
+        write_procedural_slide(slide, args.size)
+        print(f"generated {slide} ({slide.stat().st_size / 1e6:.0f} MB) in {time.perf_counter() - t:.1f}s")
+
+    _, plan = tessera_plan(str(slide))
+    positions = [(t.x, t.y) for t in plan.tiles]
+    grid = (args.size // TILE) ** 2
+    print(f"slide {args.size} x {args.size} px: {grid} level-0 tiles of {TILE} px, Tessera keeps {len(positions)}")
+
+    p_kept, p_s = paper_method(str(slide))
+    m_kept, m_s = minimal_work(str(slide), positions)
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    proc = ctx.Process(target=_child, args=(str(slide), str(root / "one"), q))
+    proc.start()
+    t_kept, t_s, rss_mb = q.get()
+    proc.join()
+
+    rows = [("paper", p_kept, p_s), ("minimal", m_kept, m_s), ("tessera", t_kept, t_s)]
+    print(f"\n{'method':10s} {'kept':>6s} {'seconds':>8s} {'kept tiles/s':>13s}")
+    for name, kept, secs in rows:
+        print(f"{name:10s} {kept:6d} {secs:8.2f} {kept / secs:13.1f}")
+    print(f"\ntessera / paper   (kept tiles/s): {t_kept / t_s / (p_kept / p_s):6.2f}x  (target >= 10)")
+    print(f"tessera / paper   (slide time):   {p_s / t_s:6.2f}x")
+    print(f"tessera / minimal (kept tiles/s): {t_kept / t_s / (m_kept / m_s):6.2f}x  (target >= 0.8)")
+    print(f"peak RSS of the worker process:   {rss_mb:6.0f} MB")
+
+    copy = root / f"slide{args.size}_b.tiff"
+    if not copy.exists():
+        os.link(slide, copy)
+    t1, t2 = ray_scaling([str(slide), str(copy)], root)
+    print(f"Ray, 2 slides: 1 worker {t1:.2f}s, 2 workers {t2:.2f}s -> speed-up {t1 / t2:.2f}x  (target >= 1.8)")
+    for d in ("one", "ray1", "ray2"):
+        shutil.rmtree(root / d, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
