@@ -72,7 +72,6 @@ def write_procedural_slide(path: Path, size: int, seed: int = 0) -> None:
 def paper_method(path: str) -> tuple[int, float]:
     """Every level-0 tile: read, Otsu on grey, keep if > 30 % foreground, save PNG. Returns (kept, seconds)."""
     import openslide
-    from PIL import Image
     from skimage.filters import threshold_otsu
 
     t = time.perf_counter()

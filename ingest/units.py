@@ -19,7 +19,6 @@ from ingest.wsi import plan_tiles, read_tiles
 from shards import storage
 from shards.schema import encode_image, make_sample
 
-
 PREVIEWS = "previews"
 
 

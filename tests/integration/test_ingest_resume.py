@@ -22,7 +22,7 @@ def _keys(prefix, manifest, tmp):
 
 def test_kill_and_resume_gives_exactly_the_expected_samples(stack, tmp_path):
     slides = tmp_path / "slides"
-    _, labels = make_slides(slides, n=4, size=1024, seed=3)
+    make_slides(slides, n=4, size=1024, seed=3)
     (slides / "broken.tif").write_bytes(b"II*\x00" + b"\x00" * 100)  # truncated TIFF
     (slides / "notes.svs").write_text("not a slide")  # wrong content for its extension
     common = dict(sources=[str(slides)], labels=None, tile_size=128, store_size=32, split="train=0.5,val=0.5")

@@ -17,7 +17,8 @@ def test_stop_ends_the_whole_session(tmp_path):
     pidfile = tmp_path / "svc.sid"
     log = tmp_path / "svc.log"
     # a parent that forks a child in the same session, as MLflow and Ray do
-    code = "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); time.sleep(60)"
+    child = "import time; time.sleep(60)"
+    code = f"import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', {child!r}]); time.sleep(60)"
     procs.start([sys.executable, "-c", code], pidfile, log, env={})
     sid = procs.session_of(pidfile)
     assert sid is not None
