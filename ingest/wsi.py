@@ -12,7 +12,9 @@ from ingest.slides import SlideReader
 from ingest.tiling import Tile, tissue_tiles
 from ingest.tissue import tissue_mask
 
-MASK_TARGET_PX = 2048  # longest side of the level used for the tissue mask (or the smallest level above it)
+# Longest side of the level the tissue mask is computed on (the smallest level at least this large): enough to
+# resolve a 600 px tile on a 64k slide at ~10 mask pixels a side, small enough to stay cheap.
+MASK_TARGET_PX = 1024
 
 
 @dataclass(frozen=True)

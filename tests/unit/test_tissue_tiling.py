@@ -15,6 +15,9 @@ def test_tissue_fraction_on_hand_made_mask():
     assert tissue_fraction(mask, 2, 2, 4, 4) == pytest.approx(0.0)
     # half a mask pixel covered counts by area: box [1.5, 2.5) x [0, 1) covers 0.5 px of tissue
     assert tissue_fraction(mask, 1.5, 0, 2.5, 1) == pytest.approx(0.5)
+    # a box hanging off the slide counts the outside as background
+    assert tissue_fraction(mask, -2, -2, 2, 2) == pytest.approx(0.25)
+    assert tissue_fraction(mask, 10, 10, 12, 12) == 0.0
 
 
 def test_tissue_mask_finds_stained_region_and_ignores_specks():
