@@ -87,6 +87,8 @@ def _ingest_config(args):
                 stride=args.stride,
                 store_size=args.store_size,
                 mpp=args.mpp,
+                magnification=args.magnification,
+                region_tiles=args.region_tiles,
                 tissue_threshold=args.tissue_threshold,
             )
         return DicomIngestConfig(**common, store_size=args.store_size, windows=args.windows.split(","))
@@ -181,6 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
             k.add_argument("--tile-size", type=int, default=600, help="tile size in px at the chosen resolution")
             k.add_argument("--stride", type=int, help="tile stride in px (default: the tile size)")
             k.add_argument("--mpp", type=float, help="microns per pixel to tile at (default: level 0)")
+            k.add_argument("--magnification", type=float, help="objective magnification to tile at, e.g. 20")
+            k.add_argument("--region-tiles", type=int, default=256, help="tiles per unit of work within a slide")
             k.add_argument("--tissue-threshold", type=float, default=0.30, help="minimum tissue fraction")
         else:
             k.add_argument("--windows", default="brain,subdural,soft", help="CT windows stacked as channels")

@@ -39,6 +39,7 @@ class IngestConfig(BaseModel):
     format: Literal["jpg", "png"] = "jpg"
     quality: int = Field(90, ge=1, le=100)
     workers: int | None = Field(None, ge=1)
+    max_attempts: int = Field(3, ge=1)
 
     @field_validator("split")
     @classmethod
@@ -63,7 +64,9 @@ class WsiIngestConfig(IngestConfig):
     stride: int | None = Field(None, gt=0)
     store_size: int | None = Field(None, gt=0)
     mpp: float | None = Field(None, gt=0)
+    magnification: float | None = Field(None, gt=0)
     tissue_threshold: float = Field(0.30, ge=0.0, le=1.0)
+    region_tiles: int = Field(256, ge=1)
 
 
 class DicomIngestConfig(IngestConfig):

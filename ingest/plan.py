@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 from ingest.config import DicomIngestConfig, IngestConfig, WsiIngestConfig
@@ -45,9 +46,14 @@ def plan_wsi(cfg: WsiIngestConfig, key: bytes) -> Plan:
     """One unit per slide file; with a label CSV, slides it does not name are skipped."""
     table, classes = _labels(cfg)
     plan = Plan(units=[], classes=classes)
-    for loc in expand(cfg.sources, SLIDE_EXTS):
+    for loc in expand(cfg.sources):
         uid = pseudonym(key, "source", loc)
         plan.private[uid] = loc
+        if not loc.lower().endswith(SLIDE_EXTS):
+            ext = os.path.splitext(loc)[1].lower() or "none"
+            reason = f"not a slide file (extension {ext})"
+            plan.skipped.append(InputRecord(id=uid, kind="wsi", status="skipped", reason=reason))
+            continue
         name = stem(loc)
         row = table.get(name)
         if table and row is None:

@@ -1,8 +1,10 @@
-"""Ray orchestration of ingest: actors process units into staged parts, then parts pack into shards.
+"""Ray orchestration of ingest: actors plan each input, process its regions into staged parts, then parts pack
+into size-targeted shards.
 
-Crash safety: a unit's part tar is staged under ``<out>/_staging/`` and its record written after it; a
-re-run skips units whose record exists. Packing is deterministic (units sorted by id), so re-packing after a
-crash rewrites the same shard names with the same samples: every sample appears exactly once.
+Crash safety: each piece of work (a series, or a region of a slide) is staged under ``<out>/_staging/`` as a
+part tar, and its record is written after the tar; a re-run redoes only work without a record. Packing is
+deterministic (inputs by id, regions by index), so re-packing after a crash rewrites the same shard names with
+the same samples: every sample appears exactly once.
 """
 
 from __future__ import annotations
@@ -15,11 +17,13 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import ray
+from pydantic import BaseModel, Field
 from tqdm import tqdm
 
 from ingest.config import DicomIngestConfig, IngestConfig, WsiIngestConfig, pseudonym_key
+from ingest.decisions import decide
 from ingest.plan import Plan, plan_dicom, plan_wsi
-from ingest.units import Unit, unit_samples
+from ingest.units import Unit, Work, plan_unit, work_samples
 from shards import manifest as mf
 from shards import storage
 from shards.manifest import InputRecord, Manifest, ShardInfo
@@ -28,92 +32,168 @@ from shards.writer import ShardWriter, iter_tar_members
 STAGING = "_staging"
 
 
-def _staged(out: str, unit_id: str, ext: str) -> str:
-    return storage.join(out, STAGING, f"{unit_id}.{ext}")
+class WorkRecord(BaseModel):
+    """What one piece of work produced (staged beside its part tar; not part of the manifest)."""
+
+    id: str
+    unit: str
+    index: int
+    status: str
+    reason: str | None = None
+    samples: int = 0
+    warnings: list[str] = Field(default_factory=list)
 
 
-def process_unit(unit: Unit, cfg: IngestConfig) -> InputRecord:
-    """Write one unit's samples to a staged part tar and return its record (failures become records)."""
-    warnings: list[str] = []
-    rec = InputRecord(id=unit.id, kind=unit.kind, status="ingested", patient=unit.patient, label=unit.label)
-    rec.split = unit.split
+def _staged(out: str, work_id: str, ext: str) -> str:
+    return storage.join(out, STAGING, f"{work_id}.{ext}")
+
+
+def _attempt(fn: Callable[[], Any], max_attempts: int) -> tuple[Any, str | None, str | None]:
+    """Run ``fn`` with the retry policy of :func:`decide`; returns ``(result, action, reason)``."""
+    for attempt in range(1, max_attempts + 1):
+        try:
+            return fn(), None, None
+        except Exception as exc:  # one input's failure is recorded; the run goes on
+            decision = decide(exc, attempt, max_attempts)
+            if decision.action != "retry":
+                return None, decision.action, decision.reason
+            time.sleep(min(2.0**attempt * 0.1, 5.0))
+    raise AssertionError("unreachable")
+
+
+def _write_part(work: Work, cfg: IngestConfig) -> int:
     spool = tempfile.mkdtemp(prefix="tessera-part-")
     try:
-        # A huge target keeps the whole unit in one local part; its name is fixed by the unit id.
-        writer = ShardWriter(spool, target_bytes=1 << 62)
-        for sample in unit_samples(unit, cfg, warnings):
+        writer = ShardWriter(spool, target_bytes=1 << 62)  # one local part per piece of work
+        for sample in work_samples(work, cfg):
             writer.write(sample)
         parts = writer.close()
-        rec.samples = sum(p.samples for p in parts)
         if parts:
-            storage.put_file(os.path.join(spool, parts[0].name), _staged(cfg.out, unit.id, "tar"))
-        else:
-            rec.status, rec.reason = "skipped", "no samples (no tissue above the threshold, or empty series)"
-    except Exception as exc:  # any failure of one input is recorded; the run goes on
-        return InputRecord(
-            id=unit.id,
-            kind=unit.kind,
-            status="failed",
-            reason=f"{type(exc).__name__}: {exc}",
-            patient=unit.patient,
-        )
+            storage.put_file(os.path.join(spool, parts[0].name), _staged(cfg.out, work.id, "tar"))
+        return sum(p.samples for p in parts)
     finally:
         for f in os.listdir(spool):
             os.unlink(os.path.join(spool, f))
         os.rmdir(spool)
-    rec.warnings = warnings
-    storage.put_bytes(_staged(cfg.out, unit.id, "json"), rec.model_dump_json().encode())
+
+
+def process_work(work: Work, cfg: IngestConfig) -> WorkRecord:
+    """Stage one piece of work as a part tar, then its record; failures become records too."""
+    samples, action, reason = _attempt(lambda: _write_part(work, cfg), cfg.max_attempts)
+    rec = WorkRecord(id=work.id, unit=work.unit.id, index=work.index, status=action or "ingested", reason=reason)
+    rec.samples = samples or 0
+    if action is None:
+        storage.put_bytes(_staged(cfg.out, work.id, "json"), rec.model_dump_json().encode())
     return rec
 
 
 @ray.remote(max_restarts=2, max_task_retries=2)
 class IngestWorker:
-    """A Ray actor holding the ingest configuration; each call processes one unit (slide or series)."""
+    """A Ray actor holding the ingest configuration: plans inputs and processes their pieces of work."""
 
     def __init__(self, cfg: IngestConfig) -> None:
         self.cfg = cfg
 
-    def process(self, unit: Unit) -> InputRecord:
-        return process_unit(unit, self.cfg)
+    def plan(self, unit: Unit) -> tuple[list[Work], list[str], str | None, str | None]:
+        result, action, reason = _attempt(lambda: plan_unit(unit, self.cfg), self.cfg.max_attempts)
+        works, warnings = result if result else ([], [])
+        return works, warnings, action, reason
+
+    def process(self, work: Work) -> WorkRecord:
+        return process_work(work, self.cfg)
 
 
-def _done_records(out: str) -> dict[str, InputRecord]:
+def _done_records(out: str) -> dict[str, WorkRecord]:
     done = {}
     for url in storage.list_urls(storage.join(out, STAGING)):
         if url.endswith(".json"):
-            rec = InputRecord.model_validate_json(storage.get_bytes(url))
+            rec = WorkRecord.model_validate_json(storage.get_bytes(url))
             done[rec.id] = rec
     return done
 
 
-def _run_units(units: list[Unit], cfg: IngestConfig, done: dict[str, InputRecord]) -> list[InputRecord]:
-    todo = [u for u in units if u.id not in done]
-    records = [done[u.id] for u in units if u.id in done]
-    if not todo:
-        return records
-    n = cfg.workers or max(1, min(len(todo), int(ray.available_resources().get("CPU", 1))))
-    actors = [IngestWorker.options(num_cpus=1).remote(cfg) for _ in range(min(n, len(todo)))]
-    pending: dict[ray.ObjectRef, int] = {}
-    queue = list(todo)
-    for i, actor in enumerate(actors):
-        if queue:
-            pending[actor.process.remote(queue.pop(0))] = i
-    bar = tqdm(total=len(units), initial=len(records), desc=f"ingest {units[0].kind}", unit="input")
-    samples = 0
-    while pending:
-        ready, _ = ray.wait(list(pending), num_returns=1)
-        i = pending.pop(ready[0])
-        rec = ray.get(ready[0])
-        records.append(rec)
-        samples += rec.samples
-        bar.update(1)
-        bar.set_postfix(samples=samples, failed=sum(r.status == "failed" for r in records))
-        if queue:
-            pending[actors[i].process.remote(queue.pop(0))] = i
+class _Scheduler:
+    """Keeps every actor busy: plans first (they create work), then regions, as results come back."""
+
+    def __init__(self, cfg: IngestConfig, n_actors: int) -> None:
+        self.actors = [IngestWorker.options(num_cpus=1).remote(cfg) for _ in range(n_actors)]
+        self.idle = list(range(n_actors))
+        self.pending: dict[ray.ObjectRef, tuple[int, str, Any]] = {}
+        self.queue: list[tuple[str, Any]] = []
+
+    def submit(self, kind: str, item: Any, front: bool = False) -> None:
+        if front:
+            self.queue.insert(0, (kind, item))
+        else:
+            self.queue.append((kind, item))
+        self._fill()
+
+    def _fill(self) -> None:
+        while self.idle and self.queue:
+            i = self.idle.pop()
+            kind, item = self.queue.pop(0)
+            ref = getattr(self.actors[i], kind).remote(item)
+            self.pending[ref] = (i, kind, item)
+
+    def next(self) -> tuple[str, Any, Any]:
+        ready, _ = ray.wait(list(self.pending), num_returns=1)
+        i, kind, item = self.pending.pop(ready[0])
+        self.idle.append(i)
+        result = ray.get(ready[0])
+        self._fill()
+        return kind, item, result
+
+    def close(self) -> None:
+        for actor in self.actors:
+            ray.kill(actor)
+
+
+def _run(units: list[Unit], cfg: IngestConfig, done: dict[str, WorkRecord]):
+    """Plan every unit and process its work; returns ``(plans, work records)`` keyed by unit id."""
+    plans: dict[str, tuple[list[Work], list[str], str | None, str | None]] = {}
+    records: dict[str, list[WorkRecord]] = {u.id: [] for u in units}
+    n = cfg.workers or max(1, int(ray.available_resources().get("CPU", 1)))
+    sched = _Scheduler(cfg, max(1, min(n, len(units))))
+    for unit in units:
+        sched.submit("plan", unit)
+    bar = tqdm(total=len(units), desc=f"ingest {units[0].kind}", unit="input")
+    samples, t0, left = 0, time.monotonic(), {}
+    while sched.pending:
+        kind, item, result = sched.next()
+        if kind == "plan":
+            plans[item.id] = result
+            todo = [w for w in result[0] if w.id not in done]
+            records[item.id] += [done[w.id] for w in result[0] if w.id in done]
+            left[item.id] = len(todo)
+            for w in todo:
+                sched.submit("process", w, front=True)
+        else:
+            records[item.unit.id].append(result)
+            left[item.unit.id] -= 1
+        unit_id = item.id if kind == "plan" else item.unit.id
+        if left.get(unit_id) == 0:
+            samples += sum(r.samples for r in records[unit_id])
+            bar.update(1)
+            bar.set_postfix(tiles=samples, per_s=f"{samples / max(time.monotonic() - t0, 1e-9):.1f}")
     bar.close()
-    for actor in actors:
-        ray.kill(actor)
-    return records
+    sched.close()
+    return plans, records
+
+
+def _merge(unit: Unit, plan, works: list[WorkRecord]) -> InputRecord:
+    """One input's record from its plan and its pieces of work (any failed piece fails the input)."""
+    _, warnings, action, reason = plan
+    rec = InputRecord(id=unit.id, kind=unit.kind, status="ingested", patient=unit.patient, label=unit.label)
+    rec.split, rec.warnings = unit.split, list(warnings)
+    failed = [w for w in works if w.status != "ingested"]
+    if action:
+        rec.status, rec.reason = action, reason
+    elif failed:
+        rec.status, rec.reason = "failed", f"region {failed[0].index}: {failed[0].reason}"
+    elif not works or not sum(w.samples for w in works):
+        rec.status, rec.reason = "skipped", "no samples (no tissue above the threshold, or an empty series)"
+    rec.samples = sum(w.samples for w in works) if rec.status == "ingested" else 0
+    return rec
 
 
 def _samples_of(part: str | os.PathLike) -> Iterator[dict[str, Any]]:
@@ -130,20 +210,23 @@ def _samples_of(part: str | os.PathLike) -> Iterator[dict[str, Any]]:
         yield sample
 
 
-def _pack(cfg: IngestConfig, records: list[InputRecord]) -> dict[str, mf.SplitInfo]:
+def _pack(cfg: IngestConfig, inputs: list[InputRecord], works: dict[str, list[WorkRecord]]):
+    """Copy the staged parts of ingested inputs, per split, into size-targeted shards."""
     splits: dict[str, mf.SplitInfo] = {}
     by_split: dict[str, list[InputRecord]] = {}
-    for rec in records:
-        if rec.status == "ingested" and rec.samples:
+    for rec in inputs:
+        if rec.status == "ingested":
             by_split.setdefault(rec.split or "all", []).append(rec)
     for split, recs in sorted(by_split.items()):
         writer = ShardWriter(storage.join(cfg.out, split), target_bytes=cfg.shard_size)
         for rec in sorted(recs, key=lambda r: r.id):
             names: set[str] = set()
-            with tempfile.TemporaryDirectory() as tmp:
-                part = storage.get_file(_staged(cfg.out, rec.id, "tar"), os.path.join(tmp, "part.tar"))
-                for sample in _samples_of(part):
-                    names.add(writer.write(sample))
+            for work in sorted(works[rec.id], key=lambda w: w.index):
+                if not work.samples:
+                    continue
+                with tempfile.TemporaryDirectory() as tmp:
+                    part = storage.get_file(_staged(cfg.out, work.id, "tar"), os.path.join(tmp, "part.tar"))
+                    names.update(writer.write(sample) for sample in _samples_of(part))
             rec.shards = sorted(f"{split}/{n}" for n in names)
         shards: list[ShardInfo] = writer.close()
         splits[split] = mf.SplitInfo(num_samples=sum(s.samples for s in shards), shards=shards)
@@ -169,22 +252,24 @@ def run_ingest(kind: str, cfg: IngestConfig, on_private: Callable[[dict[str, str
     storage.ensure_bucket(cfg.out)
     if not ray.is_initialized():
         ray.init(num_cpus=cfg.workers, log_to_driver=False)
-    t0 = time.time()
-    records = _run_units(plan.units, cfg, _done_records(cfg.out)) if plan.units else []
-    splits = _pack(cfg, records)
+    inputs: list[InputRecord] = []
+    works: dict[str, list[WorkRecord]] = {}
+    if plan.units:
+        plans, works = _run(plan.units, cfg, _done_records(cfg.out))
+        inputs = [_merge(u, plans[u.id], works[u.id]) for u in plan.units]
+    splits = _pack(cfg, inputs, works)
     manifest = Manifest(
         dataset=cfg.out,
         kind=kind,
         classes=plan.classes,
         config=cfg.public(),
         splits=splits,
-        inputs=sorted(records + plan.skipped, key=lambda r: r.id),
+        inputs=sorted(inputs + plan.skipped, key=lambda r: r.id),
     )
     mf.check_patient_disjoint(manifest)
     url = mf.save(manifest, cfg.out)
     for staged in list(storage.list_urls(storage.join(cfg.out, STAGING))):
         storage.delete(staged)
-    manifest.config["elapsed_s"] = round(time.time() - t0, 2)
     return manifest, url
 
 

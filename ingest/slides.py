@@ -17,6 +17,7 @@ class SlideReader(Protocol):
     level_dimensions: list[tuple[int, int]]
     level_downsamples: list[float]
     mpp: float | None
+    objective_power: float | None
 
     def read_region(self, x: int, y: int, level: int, width: int, height: int) -> np.ndarray:
         """RGB ``uint8[height, width, 3]`` at ``level``, top-left at level-0 ``(x, y)``."""
@@ -49,13 +50,17 @@ class OpenSlideReader:
         try:
             self._slide = openslide.OpenSlide(path)
         except openslide.OpenSlideUnsupportedFormatError as exc:
-            raise SlideError("not a slide format OpenSlide can read") from exc
+            # A cut-short slide is as unidentifiable as a foreign file: both are slides that cannot be used.
+            raise SlideError("OpenSlide does not recognise the file (damaged, or not a slide)") from exc
         except openslide.OpenSlideError as exc:
             raise SlideError(f"OpenSlide could not open the file: {exc}") from exc
         self.level_dimensions = list(self._slide.level_dimensions)
         self.level_downsamples = [float(d) for d in self._slide.level_downsamples]
-        mpp = self._slide.properties.get("openslide.mpp-x")
+        props = self._slide.properties
+        mpp = props.get("openslide.mpp-x")
         self.mpp = float(mpp) if mpp else None
+        power = props.get("openslide.objective-power")
+        self.objective_power = float(power) if power else None
 
     def read_region(self, x: int, y: int, level: int, width: int, height: int) -> np.ndarray:
         import openslide
@@ -82,6 +87,7 @@ class ArraySlideReader:
         self.level_dimensions = [(a.shape[1], a.shape[0]) for a in self._levels]
         self.level_downsamples = [float(2**i) for i in range(levels)]
         self.mpp = mpp
+        self.objective_power = 20.0 if mpp else None
         self.reads: list[tuple[int, int, int, int, int]] = []
 
     def read_region(self, x: int, y: int, level: int, width: int, height: int) -> np.ndarray:

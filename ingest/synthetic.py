@@ -80,7 +80,7 @@ def make_slides(root: Path, n: int = 4, size: int = 2048, seed: int = 0) -> tupl
         write_pyramid_tiff(path, slide_array(size, label, rng), note=note)
         paths.append(path)
         rows.append({"image_id": image_id, "center_id": 11, "patient_id": f"p{i:04d}", "image_num": 0, "label": label})
-    csv_path = root / "train.csv"
+    csv_path = root.parent / f"{root.name}_labels.csv"  # beside the slides: only slides live in the folder
     with open(csv_path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["image_id", "center_id", "patient_id", "image_num", "label"])
         writer.writeheader()

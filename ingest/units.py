@@ -1,8 +1,9 @@
-"""Units of ingest work (one slide or one series) and how each becomes samples."""
+"""Units of ingest work (one slide or one series), their regions, and how each becomes samples."""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import tempfile
 from collections.abc import Iterator
@@ -15,7 +16,7 @@ from ingest.config import DicomIngestConfig, IngestConfig, WsiIngestConfig
 from ingest.dicom import slice_rgb
 from ingest.preview import preview_png
 from ingest.slides import OpenSlideReader
-from ingest.wsi import plan_tiles, read_tiles
+from ingest.wsi import TilePlan, plan_tiles, read_tiles
 from shards import storage
 from shards.schema import encode_image, make_sample
 
@@ -24,7 +25,7 @@ PREVIEWS = "previews"
 
 @dataclass
 class Unit:
-    """One unit of work. ``sources`` stay inside the worker; only pseudonyms reach the outputs."""
+    """One input (slide or series). ``sources`` stay inside the workers; only pseudonyms reach outputs."""
 
     id: str
     kind: str
@@ -36,14 +37,26 @@ class Unit:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass
+class Work:
+    """One piece of work: a whole series, or one region (a run of planned tiles) of a slide."""
+
+    unit: Unit
+    index: int = 0
+    plan: TilePlan | None = None
+
+    @property
+    def id(self) -> str:
+        return f"{self.unit.id}-{self.index:04d}"
+
+
 @contextlib.contextmanager
 def local_copy(location: str) -> Iterator[str]:
     """A local path for ``location``: the path itself, or a temporary download of an ``s3://`` object."""
     if not location.startswith("s3://"):
         yield location
         return
-    suffix = os.path.splitext(location)[1]
-    fd, tmp = tempfile.mkstemp(prefix="tessera-src-", suffix=suffix)
+    fd, tmp = tempfile.mkstemp(prefix="tessera-src-", suffix=os.path.splitext(location)[1])
     os.close(fd)
     try:
         yield str(storage.get_file(location, tmp))
@@ -51,15 +64,32 @@ def local_copy(location: str) -> Iterator[str]:
         os.unlink(tmp)
 
 
-def wsi_samples(unit: Unit, cfg: WsiIngestConfig, warnings: list[str]) -> Iterator[dict[str, Any]]:
-    """Tissue tiles of one slide as samples (key ``<slide>_<x>_<y>``, level-0 coordinates)."""
+def plan_slide(unit: Unit, cfg: WsiIngestConfig) -> tuple[list[Work], list[str]]:
+    """Mask and tile one slide, publish its preview, and cut its tiles into regions of ``cfg.region_tiles``."""
     with local_copy(unit.sources[0]) as path:
         reader = OpenSlideReader(path)
         try:
-            plan = plan_tiles(reader, cfg.tile_size, cfg.mpp, cfg.stride, cfg.tissue_threshold)
-            warnings.extend(plan.warnings)
-            png = preview_png(plan.thumb, plan.mask, plan.mask_downsample, plan.tiles)
-            storage.put_bytes(storage.join(cfg.out, PREVIEWS, f"{unit.item}.png"), png)
+            plan = plan_tiles(reader, cfg.tile_size, cfg.mpp, cfg.stride, cfg.tissue_threshold, cfg.magnification)
+        finally:
+            reader.close()
+    png = preview_png(plan.thumb, plan.mask, plan.mask_downsample, plan.tiles)
+    storage.put_bytes(storage.join(cfg.out, PREVIEWS, f"{unit.item}.png"), png)
+    light = dataclasses.replace(plan, thumb=None, mask=None)  # regions travel without the arrays
+    n = cfg.region_tiles
+    works = [
+        Work(unit, i, dataclasses.replace(light, tiles=plan.tiles[k : k + n]))
+        for i, k in enumerate(range(0, len(plan.tiles), n))
+    ]
+    return works, plan.warnings
+
+
+def wsi_samples(work: Work, cfg: WsiIngestConfig) -> Iterator[dict[str, Any]]:
+    """The tiles of one region as samples (key ``<slide>_<x>_<y>``, level-0 coordinates)."""
+    unit, plan = work.unit, work.plan
+    assert plan is not None
+    with local_copy(unit.sources[0]) as path:
+        reader = OpenSlideReader(path)
+        try:
             for tile, rgb in read_tiles(reader, plan, cfg.tile_size, cfg.store_size):
                 meta = {
                     "slide": unit.item,
@@ -78,9 +108,9 @@ def wsi_samples(unit: Unit, cfg: WsiIngestConfig, warnings: list[str]) -> Iterat
             reader.close()
 
 
-def dicom_samples(unit: Unit, cfg: DicomIngestConfig, warnings: list[str]) -> Iterator[dict[str, Any]]:
+def dicom_samples(work: Work, cfg: DicomIngestConfig) -> Iterator[dict[str, Any]]:
     """One sample per slice of one series, in anatomical order (key ``<series>_<index>``)."""
-    warnings.extend(unit.meta.get("warnings", []))
+    unit = work.unit
     n = len(unit.sources)
     for i, location in enumerate(unit.sources):
         with local_copy(location) as path:
@@ -101,12 +131,18 @@ def dicom_samples(unit: Unit, cfg: DicomIngestConfig, warnings: list[str]) -> It
         yield make_sample(f"{unit.item}_{i:05d}", image, cfg.format, unit.label, meta)
 
 
-def unit_samples(unit: Unit, cfg: IngestConfig, warnings: list[str]) -> Iterator[dict[str, Any]]:
-    """Dispatch on the unit's kind."""
+def plan_unit(unit: Unit, cfg: IngestConfig) -> tuple[list[Work], list[str]]:
+    """The work a unit needs: a slide's regions, or the whole series as one piece."""
     if unit.kind == "wsi":
         assert isinstance(cfg, WsiIngestConfig)
-        return wsi_samples(unit, cfg, warnings)
-    if unit.kind == "dicom":
-        assert isinstance(cfg, DicomIngestConfig)
-        return dicom_samples(unit, cfg, warnings)
-    raise ValueError(f"unknown unit kind {unit.kind!r}")
+        return plan_slide(unit, cfg)
+    return [Work(unit)], list(unit.meta.get("warnings", []))
+
+
+def work_samples(work: Work, cfg: IngestConfig) -> Iterator[dict[str, Any]]:
+    """Dispatch on the unit's kind."""
+    if work.unit.kind == "wsi":
+        assert isinstance(cfg, WsiIngestConfig)
+        return wsi_samples(work, cfg)
+    assert isinstance(cfg, DicomIngestConfig)
+    return dicom_samples(work, cfg)

@@ -25,8 +25,8 @@ class TilePlan:
     target_downsample: float
     size0: int
     mpp: float | None
-    thumb: np.ndarray
-    mask: np.ndarray
+    thumb: np.ndarray | None
+    mask: np.ndarray | None
     mask_downsample: float
     tiles: list[Tile]
     warnings: list[str]
@@ -51,17 +51,37 @@ def mask_level(dimensions: list[tuple[int, int]]) -> int:
     return 0
 
 
-def plan_tiles(
-    reader: SlideReader, tile_size: int, mpp: float | None, stride: int | None, threshold: float
-) -> TilePlan:
-    """Tile plan for ``reader``: tiles of ``tile_size`` px at ``mpp`` (level 0 when None or unknown)."""
-    warnings: list[str] = []
-    target_ds = 1.0
+def target_downsample(
+    slide_mpp: float | None, slide_power: float | None, mpp: float | None, magnification: float | None
+) -> tuple[float, list[str]]:
+    """Level-0 pixels per output pixel for the requested ``mpp`` or ``magnification``, and warnings.
+
+    Unknown slide metadata means level 0 (downsample 1) with a warning; requests finer than level 0 are
+    clamped to level 0 (never upsampled).
+    """
+    if mpp is not None and magnification is not None:
+        raise ValueError("give --mpp or --magnification, not both")
     if mpp is not None:
-        if reader.mpp is None:
-            warnings.append("slide has no MPP metadata; tiled at level 0")
-        else:
-            target_ds = max(1.0, mpp / reader.mpp)
+        if slide_mpp is None:
+            return 1.0, ["slide has no MPP metadata; tiled at level 0"]
+        return max(1.0, mpp / slide_mpp), []
+    if magnification is not None:
+        if slide_power is None:
+            return 1.0, ["slide has no objective power; tiled at level 0"]
+        return max(1.0, slide_power / magnification), []
+    return 1.0, []
+
+
+def plan_tiles(
+    reader: SlideReader,
+    tile_size: int,
+    mpp: float | None,
+    stride: int | None,
+    threshold: float,
+    magnification: float | None = None,
+) -> TilePlan:
+    """Tile plan for ``reader``: tiles of ``tile_size`` px at ``mpp`` or ``magnification`` (else level 0)."""
+    target_ds, warnings = target_downsample(reader.mpp, reader.objective_power, mpp, magnification)
     level = choose_level(reader.level_downsamples, target_ds)
     mlevel = mask_level(reader.level_dimensions)
     thumb = reader.read_level(mlevel)

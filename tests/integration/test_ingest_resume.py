@@ -1,12 +1,19 @@
 """Crash and resume: a re-run completes with every expected sample exactly once; bad inputs are recorded."""
 
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
 from collections import Counter
 from pathlib import Path
 
 from ingest.config import WsiIngestConfig
 from ingest.plan import plan_wsi
-from ingest.runner import STAGING, process_unit, run_ingest
+from ingest.runner import STAGING, process_work, run_ingest
 from ingest.synthetic import make_slides
+from ingest.units import plan_unit
 from shards import manifest as mf
 from shards import storage
 from shards.writer import read_tar_samples
@@ -23,9 +30,9 @@ def _keys(prefix, manifest, tmp):
 def test_kill_and_resume_gives_exactly_the_expected_samples(stack, tmp_path):
     slides = tmp_path / "slides"
     make_slides(slides, n=4, size=1024, seed=3)
-    (slides / "broken.tif").write_bytes(b"II*\x00" + b"\x00" * 100)  # truncated TIFF
     (slides / "notes.svs").write_text("not a slide")  # wrong content for its extension
-    common = dict(sources=[str(slides)], labels=None, tile_size=128, store_size=32, split="train=0.5,val=0.5")
+    # region_tiles=8 cuts each slide into several regions, so the crash lands between regions of a slide
+    common = dict(sources=[str(slides)], tile_size=128, store_size=32, split="train=0.5,val=0.5", region_tiles=8)
     clean_url, crash_url = "s3://shards/resume/clean", "s3://shards/resume/crashed"
     clean, _ = run_ingest("wsi", WsiIngestConfig(out=clean_url, **common))
 
@@ -34,9 +41,10 @@ def test_kill_and_resume_gives_exactly_the_expected_samples(stack, tmp_path):
     from ingest.config import pseudonym_key
 
     units = plan_wsi(cfg, pseudonym_key()).units
-    for unit in units[:2]:
-        assert process_unit(unit, cfg).status == "ingested"
-    storage.put_bytes(storage.join(crash_url, STAGING, f"{units[2].id}.tar"), b"partial garbage")
+    works = [w for u in units[:3] for w in plan_unit(u, cfg)[0]]
+    for work in works[:3]:
+        assert process_work(work, cfg).status == "ingested"
+    storage.put_bytes(storage.join(crash_url, STAGING, f"{works[3].id}.tar"), b"partial garbage")
     storage.put_bytes(storage.join(crash_url, "train", "shard-000000.tar"), b"stale shard from the crash")
     resumed, _ = run_ingest("wsi", cfg)
 
@@ -47,17 +55,122 @@ def test_kill_and_resume_gives_exactly_the_expected_samples(stack, tmp_path):
     assert {r.id: r.samples for r in resumed.inputs} == {r.id: r.samples for r in clean.inputs}
 
 
-def test_bad_slides_are_failed_with_a_reason_and_the_run_goes_on(stack, tmp_path):
+def test_bad_inputs_are_recorded_with_a_reason_and_the_run_goes_on(stack, tmp_path):
     slides = tmp_path / "slides"
-    make_slides(slides, n=2, size=1024, seed=4)
-    (slides / "broken.tif").write_bytes(b"II*\x00" + b"\x00" * 100)
-    (slides / "notes.svs").write_text("not a slide")
+    paths, _ = make_slides(slides, n=3, size=1024, seed=4)
+    whole = paths[2].read_bytes()
+    paths[2].write_bytes(whole[: len(whole) * 2 // 3])  # a slide cut short, as by an interrupted copy
+    (slides / "notes.svs").write_text("not a slide")  # a slide extension, other content
+    (slides / "readme.txt").write_text("hello")  # not a slide file at all
     manifest, _ = run_ingest(
         "wsi", WsiIngestConfig(sources=[str(slides)], out="s3://shards/bad/x", tile_size=128, split="train=1.0")
     )
-    status = Counter(r.status for r in manifest.inputs)
-    assert status == {"ingested": 2, "failed": 2}
+    by_status = {}
     for rec in manifest.inputs:
-        if rec.status == "failed":
-            assert "SlideError" in rec.reason and "broken" not in rec.reason and "notes" not in rec.reason
+        by_status.setdefault(rec.status, []).append(rec.reason)
+    assert len(manifest.inputs) == 5  # every file under SRC is accounted for
+    assert len(by_status["ingested"]) == 2
+    assert by_status["skipped"] == ["not a slide file (extension .txt)"]
+    assert len(by_status["failed"]) == 2 and all("SlideError" in r for r in by_status["failed"])
+    for reasons in by_status.values():
+        assert not any(r and ("slides" in r or "notes" in r or "readme" in r) for r in reasons)
     assert mf.load("s3://shards/bad/x").splits["train"].num_samples > 0
+
+
+def _wsi_cmd(slides, out):
+    return [
+        sys.executable,
+        "-m",
+        "cluster.cli",
+        "ingest",
+        "wsi",
+        str(slides),
+        "--out",
+        out,
+        "--tile-size",
+        "128",
+        "--store-size",
+        "32",
+        "--split",
+        "train=0.5,val=0.5",
+        "--region-tiles",
+        "4",
+        "--workers",
+        "1",
+    ]
+
+
+def test_kill_9_of_the_cli_then_the_same_command_completes(stack, tmp_path):
+    slides = tmp_path / "slides"
+    make_slides(slides, n=3, size=1024, seed=5)
+    out = "s3://shards/kill9/run"
+    proc = subprocess.Popen(
+        _wsi_cmd(slides, out), start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    staging = storage.join(out, STAGING)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and proc.poll() is None:
+        if sum(u.endswith(".json") for u in storage.list_urls(staging)) >= 3:
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    staged_before = {u for u in storage.list_urls(staging) if u.endswith(".json")}
+    assert staged_before and not storage.exists(storage.join(out, "manifest.json"))
+
+    rerun = subprocess.run(_wsi_cmd(slides, out), capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    resumed = mf.load(out)
+    clean, _ = run_ingest(
+        "wsi",
+        WsiIngestConfig(
+            sources=[str(slides)],
+            out="s3://shards/kill9/clean",
+            tile_size=128,
+            store_size=32,
+            split="train=0.5,val=0.5",
+            region_tiles=4,
+        ),
+    )
+    keys = _keys(out, resumed, tmp_path)
+    assert len(keys) == len(set(keys)) == sum(s.num_samples for s in clean.splits.values())
+    assert sorted(keys) == sorted(_keys("s3://shards/kill9/clean", clean, tmp_path))
+
+
+def test_a_killed_ingest_worker_is_restarted_and_its_work_retried(stack, tmp_path):
+    from ray.util.state import list_actors
+
+    slides = tmp_path / "slides"
+    make_slides(slides, n=4, size=2048, seed=6)
+    cfg = WsiIngestConfig(
+        sources=[str(slides)],
+        out="s3://shards/killworker/x",
+        tile_size=128,
+        store_size=32,
+        split="train=0.5,val=0.5",
+        region_tiles=2,
+        workers=2,
+    )
+    result = {}
+    thread = threading.Thread(target=lambda: result.update(m=run_ingest("wsi", cfg)[0]))
+    thread.start()
+    victim = None
+    deadline = time.monotonic() + 60
+    while victim is None and time.monotonic() < deadline:
+        alive = list_actors(filters=[("class_name", "=", "IngestWorker"), ("state", "=", "ALIVE")])
+        victim = next((a.pid for a in alive if a.pid), None)
+        time.sleep(0.3)
+    assert victim, "no ingest worker came up"
+    staging = storage.join(cfg.out, STAGING)
+    while time.monotonic() < deadline and sum(u.endswith(".json") for u in storage.list_urls(staging)) < 2:
+        time.sleep(0.1)  # kill it in the middle of its work, not before or after
+    assert thread.is_alive(), "the run finished before the worker could be killed"
+    os.kill(victim, signal.SIGKILL)
+    thread.join(timeout=300)
+    manifest = result["m"]
+    assert all(r.status == "ingested" for r in manifest.inputs)
+    keys = _keys("s3://shards/killworker/x", manifest, tmp_path)
+    assert len(keys) == len(set(keys)) == sum(r.samples for r in manifest.inputs)
+    actors = list_actors(filters=[("class_name", "=", "IngestWorker")], detail=True, limit=1000)
+    assert any(int(a.num_restarts) >= 1 for a in actors)  # Ray restarted the killed actor and retried its call
