@@ -89,6 +89,8 @@ def _ingest_config(args):
                 mpp=args.mpp,
                 magnification=args.magnification,
                 region_tiles=args.region_tiles,
+                background_model=args.background_model,
+                background_threshold=args.background_threshold,
                 tissue_threshold=args.tissue_threshold,
             )
         return DicomIngestConfig(**common, store_size=args.store_size, windows=args.windows.split(","))
@@ -185,6 +187,10 @@ def build_parser() -> argparse.ArgumentParser:
             k.add_argument("--mpp", type=float, help="microns per pixel to tile at (default: level 0)")
             k.add_argument("--magnification", type=float, help="objective magnification to tile at, e.g. 20")
             k.add_argument("--region-tiles", type=int, default=256, help="tiles per unit of work within a slide")
+            k.add_argument("--background-model", help="TorchScript file or Tessera export folder of a tile classifier")
+            k.add_argument(
+                "--background-threshold", type=float, default=0.5, help="drop tiles with P(background) >= this"
+            )
             k.add_argument("--tissue-threshold", type=float, default=0.30, help="minimum tissue fraction")
         else:
             k.add_argument("--windows", default="brain,subdural,soft", help="CT windows stacked as channels")

@@ -67,6 +67,8 @@ class WsiIngestConfig(IngestConfig):
     magnification: float | None = Field(None, gt=0)
     tissue_threshold: float = Field(0.30, ge=0.0, le=1.0)
     region_tiles: int = Field(256, ge=1)
+    background_model: str | None = None
+    background_threshold: float = Field(0.5, gt=0.0, le=1.0)
 
 
 class DicomIngestConfig(IngestConfig):

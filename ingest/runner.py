@@ -61,11 +61,11 @@ def _attempt(fn: Callable[[], Any], max_attempts: int) -> tuple[Any, str | None,
     raise AssertionError("unreachable")
 
 
-def _write_part(work: Work, cfg: IngestConfig) -> int:
+def _write_part(work: Work, cfg: IngestConfig, background=None) -> int:
     spool = tempfile.mkdtemp(prefix="tessera-part-")
     try:
         writer = ShardWriter(spool, target_bytes=1 << 62)  # one local part per piece of work
-        for sample in work_samples(work, cfg):
+        for sample in work_samples(work, cfg, background):
             writer.write(sample)
         parts = writer.close()
         if parts:
@@ -77,9 +77,9 @@ def _write_part(work: Work, cfg: IngestConfig) -> int:
         os.rmdir(spool)
 
 
-def process_work(work: Work, cfg: IngestConfig) -> WorkRecord:
+def process_work(work: Work, cfg: IngestConfig, background=None) -> WorkRecord:
     """Stage one piece of work as a part tar, then its record; failures become records too."""
-    samples, action, reason = _attempt(lambda: _write_part(work, cfg), cfg.max_attempts)
+    samples, action, reason = _attempt(lambda: _write_part(work, cfg, background), cfg.max_attempts)
     rec = WorkRecord(id=work.id, unit=work.unit.id, index=work.index, status=action or "ingested", reason=reason)
     rec.samples = samples or 0
     if action is None:
@@ -93,6 +93,12 @@ class IngestWorker:
 
     def __init__(self, cfg: IngestConfig) -> None:
         self.cfg = cfg
+        self.background = None
+        model = getattr(cfg, "background_model", None)
+        if model:  # loaded once per actor, used for every region it processes
+            from ingest.background import BackgroundFilter
+
+            self.background = BackgroundFilter(model, cfg.background_threshold)
 
     def plan(self, unit: Unit) -> tuple[list[Work], list[str], str | None, str | None]:
         result, action, reason = _attempt(lambda: plan_unit(unit, self.cfg), self.cfg.max_attempts)
@@ -100,7 +106,7 @@ class IngestWorker:
         return works, warnings, action, reason
 
     def process(self, work: Work) -> WorkRecord:
-        return process_work(work, self.cfg)
+        return process_work(work, self.cfg, self.background)
 
 
 def _done_records(out: str) -> dict[str, WorkRecord]:

@@ -83,14 +83,18 @@ def plan_slide(unit: Unit, cfg: WsiIngestConfig) -> tuple[list[Work], list[str]]
     return works, plan.warnings
 
 
-def wsi_samples(work: Work, cfg: WsiIngestConfig) -> Iterator[dict[str, Any]]:
-    """The tiles of one region as samples (key ``<slide>_<x>_<y>``, level-0 coordinates)."""
+def wsi_samples(work: Work, cfg: WsiIngestConfig, background=None) -> Iterator[dict[str, Any]]:
+    """The tiles of one region as samples (key ``<slide>_<x>_<y>``, level-0 coordinates).
+
+    ``background`` (a :class:`~ingest.background.BackgroundFilter`) drops the tiles it calls background.
+    """
     unit, plan = work.unit, work.plan
     assert plan is not None
     with local_copy(unit.sources[0]) as path:
         reader = OpenSlideReader(path)
         try:
-            for tile, rgb in read_tiles(reader, plan, cfg.tile_size, cfg.store_size):
+            tiles = read_tiles(reader, plan, cfg.tile_size, cfg.store_size)
+            for tile, rgb in background.filter(tiles) if background else tiles:
                 meta = {
                     "slide": unit.item,
                     "patient": unit.patient,
@@ -139,10 +143,10 @@ def plan_unit(unit: Unit, cfg: IngestConfig) -> tuple[list[Work], list[str]]:
     return [Work(unit)], list(unit.meta.get("warnings", []))
 
 
-def work_samples(work: Work, cfg: IngestConfig) -> Iterator[dict[str, Any]]:
+def work_samples(work: Work, cfg: IngestConfig, background=None) -> Iterator[dict[str, Any]]:
     """Dispatch on the unit's kind."""
     if work.unit.kind == "wsi":
         assert isinstance(cfg, WsiIngestConfig)
-        return wsi_samples(work, cfg)
+        return wsi_samples(work, cfg, background)
     assert isinstance(cfg, DicomIngestConfig)
     return dicom_samples(work, cfg)

@@ -157,11 +157,35 @@ def train_loop(config: dict[str, Any]) -> None:
             logger.metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=epoch)
             if epoch == recipe.epochs - 1:
                 _final_artifacts(logger, pred, manifest.classes, recipe)
+        if epoch == recipe.epochs - 1:
+            _export(engine, recipe, manifest.classes, logger)
         with tempfile.TemporaryDirectory() as tmp:
             engine.save_checkpoint(tmp, tag="ds")
             if rank == 0:
                 (Path(tmp) / STATE_FILE).write_text(json.dumps({"epoch": epoch}))
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+def _export(engine, recipe: TrainRecipe, classes: list[str], logger) -> None:
+    """Export the final weights (all ranks take part: under ZeRO-3 the parameters are gathered first)."""
+    import contextlib
+    import copy
+
+    from training.export import save_export
+
+    gather = contextlib.nullcontext()
+    if recipe.deepspeed.zero_stage == 3:
+        import deepspeed
+
+        gather = deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None)
+    with gather:
+        if logger is None:
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = save_export(
+                copy.deepcopy(engine.module), Path(tmp) / "model", recipe.model.name, classes, recipe.data.image_size
+            )
+            logger.artifacts(folder, "model")
 
 
 def _final_artifacts(logger, pred: dict[str, Any], classes: list[str], recipe: TrainRecipe) -> None:

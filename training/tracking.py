@@ -71,6 +71,9 @@ class RunLogger:
     def artifact(self, path: Path, folder: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), folder)
 
+    def artifacts(self, local_dir: Path, folder: str) -> None:
+        self.client.log_artifacts(self.run_id, str(local_dir), folder)
+
 
 def file_sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()

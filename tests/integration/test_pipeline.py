@@ -72,7 +72,20 @@ def test_mlflow_run_has_every_epoch_and_a_confusion_matrix(demo, stack):
         assert sorted(m.step for m in history) == list(range(epochs)), key
     assert run.data.tags["recipe"] == "demo_tiles" and len(run.data.tags["manifest_sha256"]) == 64
     artifacts = {a.path for a in client.list_artifacts(demo["run_id"])}
-    assert {"confusion_tile.png", "confusion_patient.png", "recipe.yaml", "curve_loss.png"} <= artifacts
+    assert {"confusion_tile.png", "confusion_patient.png", "recipe.yaml", "curve_loss.png", "model"} <= artifacts
+
+
+def test_the_exported_model_loads_and_predicts(demo, stack, tmp_path):
+    import torch
+
+    from training.export import load_export
+
+    folder = MlflowClient(stack.mlflow_url).download_artifacts(demo["run_id"], "model", str(tmp_path))
+    model, desc = load_export(Path(folder))
+    assert desc["classes"] == ["CE", "LAA"] and desc["image_size"] == 64
+    traced = torch.jit.load(str(Path(folder) / "model.ts"))
+    x = torch.randn(2, 3, 64, 64)
+    torch.testing.assert_close(traced(x), model(x))
 
 
 def _identifiers(workdir: Path) -> set[str]:

@@ -1,0 +1,54 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from ingest.background import BackgroundFilter
+from training.export import load_export, save_export
+from training.models import build_model
+
+
+class Brightness(torch.nn.Module):
+    """Calls a tile background (class 0) the brighter it is: logits ``[N, 2]``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b = x.mean(dim=(1, 2, 3))
+        return torch.stack([b * 10, -b * 10], dim=1)
+
+
+def _tiles():
+    glass = np.full((48, 48, 3), 245, np.uint8)
+    tissue = np.full((48, 48, 3), (150, 40, 90), np.uint8)
+    return [("glass", glass), ("tissue", tissue), ("glass2", glass.copy())]
+
+
+def test_torchscript_filter_drops_what_it_calls_background(tmp_path):
+    path = tmp_path / "bg.ts"
+    torch.jit.script(Brightness()).save(str(path))
+    f = BackgroundFilter(str(path), threshold=0.5, background_class=0, input_size=32, batch=2)
+    probs = f.background_prob([rgb for _, rgb in _tiles()])
+    assert probs[0] > 0.99 and probs[1] < 0.01
+    assert [tag for tag, _ in f.filter(_tiles())] == ["tissue"]
+
+
+def test_export_round_trip_and_as_background_model(tmp_path):
+    torch.manual_seed(0)
+    model = build_model("mobilenetv3_small_050", 2).eval()
+    folder = save_export(model, tmp_path / "export", "mobilenetv3_small_050", ["background", "tissue"], 64)
+    assert json.loads((folder / "model.json").read_text())["classes"] == ["background", "tissue"]
+    x = torch.randn(2, 3, 64, 64)
+    again, desc = load_export(folder)
+    assert desc["image_size"] == 64
+    torch.testing.assert_close(again(x), model(x))
+    f = BackgroundFilter(str(folder))
+    assert f.background_class == 0 and f.input_size == 64
+    expected = torch.softmax(model(f._tensor([rgb for _, rgb in _tiles()])), 1)[:, 0].detach().numpy()
+    np.testing.assert_allclose(f.background_prob([rgb for _, rgb in _tiles()]), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_a_file_that_is_no_model_is_a_clear_error(tmp_path):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"nonsense")
+    with pytest.raises(ValueError, match="background model"):
+        BackgroundFilter(str(bad))
