@@ -109,10 +109,21 @@ class IngestWorker:
         return process_work(work, self.cfg, self.background)
 
 
-def _done_records(out: str) -> dict[str, WorkRecord]:
+def _done_records(cfg: IngestConfig) -> dict[str, WorkRecord]:
+    """Work finished by an earlier, interrupted run with the same configuration (none for a fresh run)."""
+    marker = storage.join(cfg.out, STAGING, "config.json")
+    mine = json.dumps(cfg.public(), sort_keys=True)
+    if storage.exists(marker):
+        if storage.get_bytes(marker).decode() != mine:
+            raise ValueError(
+                f"{cfg.out} holds staged work of an interrupted run with other options; re-run with the same "
+                f"options, or delete {storage.join(cfg.out, STAGING)} to start over"
+            )
+    else:
+        storage.put_bytes(marker, mine.encode())
     done = {}
-    for url in storage.list_urls(storage.join(out, STAGING)):
-        if url.endswith(".json"):
+    for url in storage.list_urls(storage.join(cfg.out, STAGING)):
+        if url.endswith(".json") and not url.endswith("/config.json"):
             rec = WorkRecord.model_validate_json(storage.get_bytes(url))
             done[rec.id] = rec
     return done
@@ -261,7 +272,7 @@ def run_ingest(kind: str, cfg: IngestConfig, on_private: Callable[[dict[str, str
     inputs: list[InputRecord] = []
     works: dict[str, list[WorkRecord]] = {}
     if plan.units:
-        plans, works = _run(plan.units, cfg, _done_records(cfg.out))
+        plans, works = _run(plan.units, cfg, _done_records(cfg))
         inputs = [_merge(u, plans[u.id], works[u.id]) for u in plan.units]
     splits = _pack(cfg, inputs, works)
     manifest = Manifest(

@@ -174,3 +174,23 @@ def test_a_killed_ingest_worker_is_restarted_and_its_work_retried(stack, tmp_pat
     assert len(keys) == len(set(keys)) == sum(r.samples for r in manifest.inputs)
     actors = list_actors(filters=[("class_name", "=", "IngestWorker")], detail=True, limit=1000)
     assert any(int(a.num_restarts) >= 1 for a in actors)  # Ray restarted the killed actor and retried its call
+
+
+def test_resuming_with_other_options_is_refused(stack, tmp_path):
+    slides = tmp_path / "slides"
+    make_slides(slides, n=2, size=1024, seed=8)
+    out = "s3://shards/resume/options"
+    cfg = WsiIngestConfig(sources=[str(slides)], out=out, tile_size=128, split="train=1.0")
+    from ingest.config import pseudonym_key
+    from ingest.runner import _done_records
+
+    unit = plan_wsi(cfg, pseudonym_key()).units[0]
+    _done_records(cfg)  # an interrupted run started here...
+    process_work(plan_unit(unit, cfg)[0][0], cfg)
+    other = cfg.model_copy(update={"tile_size": 256})
+    import pytest
+
+    with pytest.raises(ValueError, match="other options"):
+        run_ingest("wsi", other)
+    manifest, _ = run_ingest("wsi", cfg)  # ...and the same options resume it
+    assert all(r.status == "ingested" for r in manifest.inputs)
