@@ -113,14 +113,16 @@ def _keep_private(settings, out: str):
 
 
 def cmd_ingest(args) -> int:
+    from cluster import health
     from ingest.runner import manifest_summary, run_ingest
 
     s = _settings()
     cfg = _ingest_config(args)
-    if cfg.out.startswith("s3://"):
+    uses_s3 = any(u.startswith("s3://") for u in [cfg.out, *cfg.sources])
+    if uses_s3 or health.ray_ok(s)[0]:
         _connect(s)
-    else:
-        s.apply()
+    else:  # local disk and no cluster: the ingest starts Ray inside this process
+        os.environ.pop("RAY_ADDRESS", None)
     manifest, url = run_ingest(args.kind, cfg, on_private=_keep_private(s, cfg.out))
     print(f"shards: {cfg.out}\nmanifest: {url}\n{manifest_summary(manifest)}")
     failed = [r for r in manifest.inputs if r.status == "failed"]

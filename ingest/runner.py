@@ -268,7 +268,7 @@ def run_ingest(kind: str, cfg: IngestConfig, on_private: Callable[[dict[str, str
         on_private(plan.private)
     storage.ensure_bucket(cfg.out)
     if not ray.is_initialized():
-        ray.init(num_cpus=cfg.workers, log_to_driver=False)
+        ray.init(num_cpus=cfg.workers, log_to_driver=False, include_dashboard=False)
     inputs: list[InputRecord] = []
     works: dict[str, list[WorkRecord]] = {}
     if plan.units:

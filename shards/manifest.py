@@ -51,10 +51,6 @@ class SplitInfo(BaseModel):
     num_samples: int = 0
     shards: list[ShardInfo] = Field(default_factory=list)
 
-    @property
-    def shard_lengths(self) -> list[int]:
-        return [s.samples for s in self.shards]
-
 
 class Manifest(BaseModel):
     """The whole dataset: what went in, what came out, and how it was split."""

@@ -12,7 +12,6 @@ import io
 import os
 import tarfile
 import tempfile
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -130,14 +129,6 @@ class ShardWriter:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def write_samples(prefix: str, samples: Iterable[dict[str, Any]], target_bytes: int = 1 << 30) -> list[ShardInfo]:
-    """Write ``samples`` as shards under ``prefix``; returns their infos."""
-    with ShardWriter(prefix, target_bytes) as w:
-        for s in samples:
-            w.write(s)
-    return w.shards
 
 
 def read_tar_samples(path: str | Path) -> list[dict[str, bytes | str]]:
