@@ -27,7 +27,7 @@ from ingest.units import Unit, Work, plan_unit, work_samples
 from shards import manifest as mf
 from shards import storage
 from shards.manifest import InputRecord, Manifest, ShardInfo
-from shards.writer import ShardWriter, iter_tar_members
+from shards.writer import ShardWriter, iter_tar_members, shard_name
 
 STAGING = "_staging"
 
@@ -44,8 +44,13 @@ class WorkRecord(BaseModel):
     warnings: list[str] = Field(default_factory=list)
 
 
-def _staged(out: str, work_id: str, ext: str) -> str:
-    return storage.join(out, STAGING, f"{work_id}.{ext}")
+def _record_url(out: str, work_id: str) -> str:
+    return storage.join(out, STAGING, f"{work_id}.json")
+
+
+def part_url(out: str, work_id: str) -> str:
+    """Where a piece of work's part tar is staged (its ``.idx`` lies beside it)."""
+    return storage.join(out, STAGING, work_id, shard_name(0))
 
 
 def _attempt(fn: Callable[[], Any], max_attempts: int) -> tuple[Any, str | None, str | None]:
@@ -62,19 +67,11 @@ def _attempt(fn: Callable[[], Any], max_attempts: int) -> tuple[Any, str | None,
 
 
 def _write_part(work: Work, cfg: IngestConfig, background=None) -> int:
-    spool = tempfile.mkdtemp(prefix="tessera-part-")
-    try:
-        writer = ShardWriter(spool, target_bytes=1 << 62)  # one local part per piece of work
+    # A huge target keeps one part per piece of work, published straight to staging once complete.
+    with ShardWriter(storage.join(cfg.out, STAGING, work.id), target_bytes=1 << 62) as writer:
         for sample in work_samples(work, cfg, background):
             writer.write(sample)
-        parts = writer.close()
-        if parts:
-            storage.put_file(os.path.join(spool, parts[0].name), _staged(cfg.out, work.id, "tar"))
-        return sum(p.samples for p in parts)
-    finally:
-        for f in os.listdir(spool):
-            os.unlink(os.path.join(spool, f))
-        os.rmdir(spool)
+    return sum(p.samples for p in writer.shards)
 
 
 def process_work(work: Work, cfg: IngestConfig, background=None) -> WorkRecord:
@@ -83,7 +80,7 @@ def process_work(work: Work, cfg: IngestConfig, background=None) -> WorkRecord:
     rec = WorkRecord(id=work.id, unit=work.unit.id, index=work.index, status=action or "ingested", reason=reason)
     rec.samples = samples or 0
     if action is None:
-        storage.put_bytes(_staged(cfg.out, work.id, "json"), rec.model_dump_json().encode())
+        storage.put_bytes(_record_url(cfg.out, work.id), rec.model_dump_json().encode())
     return rec
 
 
@@ -242,7 +239,7 @@ def _pack(cfg: IngestConfig, inputs: list[InputRecord], works: dict[str, list[Wo
                 if not work.samples:
                     continue
                 with tempfile.TemporaryDirectory() as tmp:
-                    part = storage.get_file(_staged(cfg.out, work.id, "tar"), os.path.join(tmp, "part.tar"))
+                    part = storage.get_file(part_url(cfg.out, work.id), os.path.join(tmp, "part.tar"))
                     names.update(writer.write(sample) for sample in _samples_of(part))
             rec.shards = sorted(f"{split}/{n}" for n in names)
         shards: list[ShardInfo] = writer.close()

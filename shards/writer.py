@@ -116,19 +116,27 @@ class ShardWriter:
         """Publish the last partial shard and return every shard written."""
         if self._tar is not None and self._count:
             self._close_shard()
-        elif self._tar is not None:
+        self._discard()
+        return self.shards
+
+    def _discard(self) -> None:
+        """Drop the shard being written (never published) and the spool directory."""
+        if self._tar is not None:
             self._tar.close()
             self._tar = None
         for p in self._spool.glob("*"):
             p.unlink()
         self._spool.rmdir()
-        return self.shards
 
     def __enter__(self) -> ShardWriter:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        # On an error the shard in progress is incomplete: it is discarded, never published.
+        if exc_type is None:
+            self.close()
+        else:
+            self._discard()
 
 
 def read_tar_samples(path: str | Path) -> list[dict[str, bytes | str]]:

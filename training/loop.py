@@ -106,13 +106,18 @@ def _predict(engine, batches: ShardBatches, device: torch.device) -> dict[str, A
 def evaluate(pred: dict[str, Any], levels: list[str], prefix: str = "val_") -> dict[str, float]:
     """Tile-level metrics plus the same metrics after mean aggregation to each of ``levels``."""
     out = classification_metrics(pred["labels"], pred["probs"], prefix)
-    for level in levels:
-        groups = [m.get(level) for m in pred["metas"]]
-        if any(g is None for g in groups):
-            continue
-        _, gp, gy = aggregate(pred["probs"], pred["labels"], groups, "mean")
+    for level, gp, gy in _by_level(pred, levels):
         out.update(classification_metrics(gy, gp, f"{prefix}{level}_"))
     return out
+
+
+def _by_level(pred: dict[str, Any], levels: list[str]):
+    """``(level, probs[G, C], labels[G])`` by mean aggregation, for each level every sample's metadata names."""
+    for level in levels:
+        groups = [m.get(level) for m in pred["metas"]]
+        if all(g is not None for g in groups):
+            _, gp, gy = aggregate(pred["probs"], pred["labels"], groups, "mean")
+            yield level, gp, gy
 
 
 def _restore(engine, checkpoint) -> int:
@@ -194,11 +199,7 @@ def _final_artifacts(logger, pred: dict[str, Any], classes: list[str], recipe: T
     with tempfile.TemporaryDirectory() as tmp:
         cm = confusion(pred["labels"], pred["probs"])
         logger.artifact(confusion_png(cm, classes, Path(tmp) / "confusion_tile.png", "validation, tile level"))
-        for level in recipe.aggregate:
-            groups = [m.get(level) for m in pred["metas"]]
-            if any(g is None for g in groups):
-                continue
-            _, gp, gy = aggregate(pred["probs"], pred["labels"], groups)
+        for level, gp, gy in _by_level(pred, recipe.aggregate):
             path = Path(tmp) / f"confusion_{level}.png"
             logger.artifact(confusion_png(confusion(gy, gp), classes, path, f"validation, {level} level"))
         os.sync()

@@ -3,7 +3,6 @@
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections import Counter
@@ -11,12 +10,13 @@ from pathlib import Path
 
 from ingest.config import WsiIngestConfig
 from ingest.plan import plan_wsi
-from ingest.runner import STAGING, process_work, run_ingest
+from ingest.runner import STAGING, part_url, process_work, run_ingest
 from ingest.synthetic import make_slides
 from ingest.units import plan_unit
 from shards import manifest as mf
 from shards import storage
 from shards.writer import read_tar_samples
+from tests.integration.commands import ingest_wsi_cmd
 
 
 def _keys(prefix, manifest, tmp):
@@ -44,7 +44,7 @@ def test_kill_and_resume_gives_exactly_the_expected_samples(stack, tmp_path):
     works = [w for u in units[:3] for w in plan_unit(u, cfg)[0]]
     for work in works[:3]:
         assert process_work(work, cfg).status == "ingested"
-    storage.put_bytes(storage.join(crash_url, STAGING, f"{works[3].id}.tar"), b"partial garbage")
+    storage.put_bytes(part_url(crash_url, works[3].id), b"partial garbage")
     storage.put_bytes(storage.join(crash_url, "train", "shard-000000.tar"), b"stale shard from the crash")
     resumed, _ = run_ingest("wsi", cfg)
 
@@ -77,35 +77,15 @@ def test_bad_inputs_are_recorded_with_a_reason_and_the_run_goes_on(stack, tmp_pa
     assert mf.load("s3://shards/bad/x").splits["train"].num_samples > 0
 
 
-def _wsi_cmd(slides, out):
-    return [
-        sys.executable,
-        "-m",
-        "cluster.cli",
-        "ingest",
-        "wsi",
-        str(slides),
-        "--out",
-        out,
-        "--tile-size",
-        "128",
-        "--store-size",
-        "32",
-        "--split",
-        "train=0.5,val=0.5",
-        "--region-tiles",
-        "4",
-        "--workers",
-        "1",
-    ]
-
-
 def test_kill_9_of_the_cli_then_the_same_command_completes(stack, tmp_path):
     slides = tmp_path / "slides"
     make_slides(slides, n=3, size=1024, seed=5)
     out = "s3://shards/kill9/run"
     proc = subprocess.Popen(
-        _wsi_cmd(slides, out), start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        ingest_wsi_cmd(slides, out, "--region-tiles", "4", "--workers", "1"),
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     staging = storage.join(out, STAGING)
     deadline = time.monotonic() + 180
@@ -119,7 +99,12 @@ def test_kill_9_of_the_cli_then_the_same_command_completes(stack, tmp_path):
     staged_before = {u for u in storage.list_urls(staging) if u.endswith(".json")}
     assert staged_before and not storage.exists(storage.join(out, "manifest.json"))
 
-    rerun = subprocess.run(_wsi_cmd(slides, out), capture_output=True, text=True, timeout=300)
+    rerun = subprocess.run(
+        ingest_wsi_cmd(slides, out, "--region-tiles", "4", "--workers", "1"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     resumed = mf.load(out)
     clean, _ = run_ingest(

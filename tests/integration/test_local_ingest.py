@@ -3,9 +3,9 @@
 import json
 import os
 import subprocess
-import sys
 
 from ingest.synthetic import make_slides
+from tests.integration.commands import ingest_wsi_cmd
 
 
 def test_cli_ingest_to_local_disk_without_a_stack(tmp_path):
@@ -21,24 +21,7 @@ def test_cli_ingest_to_local_disk_without_a_stack(tmp_path):
     )
     env.pop("RAY_ADDRESS", None)
     out = tmp_path / "dataset"
-    cmd = [
-        sys.executable,
-        "-m",
-        "cluster.cli",
-        "ingest",
-        "wsi",
-        str(slides),
-        "--out",
-        str(out),
-        "--labels",
-        str(labels),
-        "--tile-size",
-        "128",
-        "--store-size",
-        "32",
-        "--split",
-        "train=0.5,val=0.5",
-    ]
+    cmd = ingest_wsi_cmd(slides, out, "--labels", str(labels))
     run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     assert f"manifest: {out}/manifest.json" in run.stdout

@@ -106,3 +106,11 @@ def test_patient_leak_check():
     )
     with pytest.raises(ValueError, match="p1"):
         mf.check_patient_disjoint(m)
+
+
+def test_an_error_while_writing_publishes_nothing(tmp_path):
+    with pytest.raises(RuntimeError, match="source broke"), ShardWriter(str(tmp_path / "out")) as w:
+        w.write(next(_samples(1)))
+        raise RuntimeError("source broke")
+    assert not (tmp_path / "out").exists()  # the incomplete shard was discarded, not published
+    assert not w._spool.exists()
