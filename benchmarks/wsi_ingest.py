@@ -6,8 +6,10 @@ One run, one synthetic JPEG-tiled pyramidal TIFF (default 16384 x 16384 px), thr
 - minimal: read only the tiles Tessera keeps and JPEG-encode each once (no mask, no shards);
 - Tessera: thumbnail tissue mask, kept tiles only, JPEG, shard + DALI index + sha256, preview PNG.
 
-Then Tessera's 1 -> 2 worker speed-up through Ray (one slide cut into regions, ``run_ingest`` with 1 and 2
-actors) and the peak RSS of a worker process. Usage: ``python benchmarks/wsi_ingest.py [--size 16384] [--workdir DIR]``.
+Then Tessera's 1 -> 2 worker speed-up through Ray (``run_ingest`` over several copies of the slide with its default
+options, best of ``--repeats``) and the peak RSS of a worker process; ``--rss-size 65536`` adds Tessera's peak RSS on
+a slide of that size (generated once into ``--workdir``; a 64k slide takes minutes and ~2 GB).
+Usage: ``python benchmarks/wsi_ingest.py [--size 16384] [--workdir DIR] [--rss-size N]``.
 """
 
 from __future__ import annotations
@@ -132,34 +134,46 @@ def _child(path: str, out: str, q) -> None:
     q.put((kept, secs, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
 
 
-def ray_scaling(paths: list[str], root: Path) -> tuple[float, float]:
-    """Wall time of ``run_ingest`` over ``paths`` with 1 and with 2 actors (Ray started beforehand).
-
-    Regions of 64 tiles let both actors share a slide.
-    """
+def ray_scaling(paths: list[str], root: Path, repeats: int) -> dict[int, list[float]]:
+    """Wall times of ``run_ingest`` over ``paths`` with 1 and with 2 actors, alternating (Ray started beforehand)."""
     import ray
 
     from ingest.config import WsiIngestConfig
     from ingest.runner import run_ingest
 
     ray.init(num_cpus=2, log_to_driver=False, include_dashboard=False)
-    times = []
-    for workers in (1, 2):
-        out = str(root / f"ray{workers}")
-        cfg = WsiIngestConfig(
-            sources=paths, out=out, tile_size=TILE, workers=workers, split="train=1.0", region_tiles=64
-        )
-        t = time.perf_counter()
-        run_ingest("wsi", cfg)
-        times.append(time.perf_counter() - t)
+    times: dict[int, list[float]] = {1: [], 2: []}
+    for _ in range(repeats):
+        for workers in (1, 2):
+            out = root / f"ray{workers}"
+            shutil.rmtree(out, ignore_errors=True)
+            cfg = WsiIngestConfig(sources=paths, out=str(out), tile_size=TILE, workers=workers, split="train=1.0")
+            t = time.perf_counter()
+            run_ingest("wsi", cfg)
+            times[workers].append(time.perf_counter() - t)
     ray.shutdown()
-    return times[0], times[1]
+    return times
+
+
+def _in_child(slide: Path, out: Path) -> tuple[int, float, float]:
+    """Tessera's one-core path in a fresh process, so its peak RSS is its own."""
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    proc = ctx.Process(target=_child, args=(str(slide), str(out), q))
+    proc.start()
+    result = q.get()
+    proc.join()
+    shutil.rmtree(out, ignore_errors=True)
+    return result
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--size", type=int, default=16384)
     ap.add_argument("--workdir", default=None)
+    ap.add_argument("--slides", type=int, default=8, help="copies of the slide in the Ray scaling run")
+    ap.add_argument("--repeats", type=int, default=3, help="Ray scaling runs per worker count (best is reported)")
+    ap.add_argument("--rss-size", type=int, default=0, help="also measure Tessera's peak RSS on a slide this large")
     args = ap.parse_args()
     os.environ.setdefault("TESSERA_PSEUDONYM_KEY", "benchmark")
     root = Path(args.workdir or tempfile.mkdtemp(prefix="tessera-bench-"))
@@ -177,12 +191,7 @@ def main() -> None:
 
     p_kept, p_s = paper_method(str(slide))
     m_kept, m_s = minimal_work(str(slide), positions)
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    proc = ctx.Process(target=_child, args=(str(slide), str(root / "one"), q))
-    proc.start()
-    t_kept, t_s, rss_mb = q.get()
-    proc.join()
+    t_kept, t_s, rss_mb = _in_child(slide, root / "one")
 
     rows = [("paper", p_kept, p_s), ("minimal", m_kept, m_s), ("tessera", t_kept, t_s)]
     print(f"\n{'method':10s} {'kept':>6s} {'seconds':>8s} {'kept tiles/s':>13s}")
@@ -194,17 +203,30 @@ def main() -> None:
     print(f"peak RSS of the worker process:   {rss_mb:6.0f} MB")
 
     slides = [slide]
-    for k in range(1, 4):  # the same slide under other names: enough work to amortise actor start-up
+    for k in range(1, args.slides):  # the same slide under other names: a run long enough to amortise start-up
         link = root / f"slide{args.size}_{k}.tiff"
         if not link.exists():
             os.link(slide, link)
         slides.append(link)
-    t1, t2 = ray_scaling([str(p) for p in slides], root)
-    print(
-        f"Ray, 4 slides in regions: 1 worker {t1:.2f}s, 2 workers {t2:.2f}s -> speed-up {t1 / t2:.2f}x  (target >= 1.8)"
-    )
-    for d in ("one", "ray1", "ray2"):
+    times = ray_scaling([str(p) for p in slides], root, args.repeats)
+    t1, t2 = min(times[1]), min(times[2])
+    runs = " ".join(f"{w}w=[{', '.join(f'{t:.2f}' for t in ts)}]" for w, ts in times.items())
+    print(f"Ray, {len(slides)} slides ({len(slides) * t_kept} tiles), default options, runs {runs}")
+    print(f"Ray 1 -> 2 workers (best of {args.repeats}): {t1:.2f}s -> {t2:.2f}s = {t1 / t2:.2f}x  (target >= 1.8)")
+    for d in ("ray1", "ray2"):
         shutil.rmtree(root / d, ignore_errors=True)
+
+    if args.rss_size:
+        big = root / f"slide{args.rss_size}.tiff"
+        if not big.exists():
+            t = time.perf_counter()
+            write_procedural_slide(big, args.rss_size)
+            print(f"generated {big} ({big.stat().st_size / 1e9:.1f} GB) in {time.perf_counter() - t:.0f}s")
+        b_kept, b_s, b_rss = _in_child(big, root / "big")
+        print(
+            f"{args.rss_size} px slide: {b_kept} tiles in {b_s:.1f}s ({b_kept / b_s:.1f}/s), "
+            f"peak RSS {b_rss:.0f} MB  (target < 1536)"
+        )
 
 
 if __name__ == "__main__":

@@ -93,7 +93,15 @@ def _ingest_config(args):
                 background_threshold=args.background_threshold,
                 tissue_threshold=args.tissue_threshold,
             )
-        return DicomIngestConfig(**common, store_size=args.store_size, windows=args.windows.split(","))
+        return DicomIngestConfig(
+            **common,
+            store_size=args.store_size,
+            windows=args.windows.split(","),
+            mode=args.mode,
+            neighbours=args.neighbours,
+            frames=args.frames,
+            allow_burned_in=args.allow_burned_in,
+        )
     except ValidationError as exc:
         raise TesseraError(
             "invalid ingest options: "
@@ -176,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
         k = kinds.add_parser(kind, help=help_)
         k.add_argument("src", nargs="+", help="files, directories, globs or s3:// prefixes")
         k.add_argument("--out", required=True, help="dataset prefix: a directory or s3://bucket/path")
-        k.add_argument("--labels", help="label CSV (STRIP AI layout, or slide|series|patient,label[,patient])")
+        k.add_argument("--labels", help="label CSV: STRIP AI, RSNA (ID,Label), or slide|series|patient,label[,patient]")
         k.add_argument("--split", default="train=0.7,val=0.15,test=0.15", help="patient-level split fractions")
         k.add_argument("--seed", type=int, default=0, help="split seed")
         k.add_argument("--shard-size", default="1GB", help="target shard size (e.g. 1GB, 256MB)")
@@ -196,6 +204,12 @@ def build_parser() -> argparse.ArgumentParser:
             k.add_argument("--tissue-threshold", type=float, default=0.30, help="minimum tissue fraction")
         else:
             k.add_argument("--windows", default="brain,subdural,soft", help="CT windows stacked as channels")
+            k.add_argument(
+                "--mode", choices=["slice", "center", "series"], default="slice", help="what one sample holds"
+            )
+            k.add_argument("--neighbours", type=int, default=0, help="slices each side (slice, center modes)")
+            k.add_argument("--frames", type=int, default=16, help="slices per sample in series mode")
+            k.add_argument("--allow-burned-in", action="store_true", help="ingest files marked BurnedInAnnotation=YES")
         k.set_defaults(fn=cmd_ingest, kind=kind)
 
     tr = sub.add_parser("train", help="train a recipe on Ray Train + DeepSpeed, tracked in MLflow")

@@ -77,6 +77,12 @@ class DicomIngestConfig(IngestConfig):
     format: Literal["jpg", "png"] = "png"
     windows: list[str] = Field(default_factory=lambda: ["brain", "subdural", "soft"])
     store_size: int | None = Field(None, gt=0)
+    # slice: one sample per slice (+ `neighbours` slices each side as extra images); center: the middle slice and
+    # `neighbours` each side (RSNA paper: 5), one sample per series; series: `frames` slices evenly along it.
+    mode: Literal["slice", "center", "series"] = "slice"
+    neighbours: int = Field(0, ge=0)
+    frames: int = Field(16, ge=1)
+    allow_burned_in: bool = False
 
     @field_validator("windows")
     @classmethod

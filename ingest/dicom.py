@@ -1,4 +1,4 @@
-"""DICOM reading: find files by content, group series, HU windows; only training fields leave this module."""
+"""DICOM reading: find files by content, group series, decode and render slices; only training fields leave here."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from ingest.series import order_slices
-from ingest.windowing import DEFAULT_WINDOWS, to_hu, window_stack
+from ingest.windowing import DEFAULT_WINDOWS, grey, padding_mask, windowed
 
 
 class DicomError(RuntimeError):
@@ -18,7 +18,10 @@ class DicomError(RuntimeError):
 
 @dataclass
 class SliceHeader:
-    """The fields training needs from one file's header (identities stay raw here, pseudonymised later)."""
+    """The fields training needs from one slice's header (identities stay raw here, pseudonymised later).
+
+    A multi-frame file gives one header per frame, ``frame`` being its index in the file.
+    """
 
     path: str
     patient_id: str
@@ -29,6 +32,8 @@ class SliceHeader:
     position: list[float] | None
     orientation: list[float] | None
     instance: int | None
+    frame: int | None = None
+    burned_in: bool = False
 
 
 @dataclass
@@ -43,35 +48,71 @@ class Series:
     warnings: list[str] = field(default_factory=list)
 
 
-def read_header(path: str | Path) -> SliceHeader | None:
-    """Header of ``path`` without pixel data, or None when it is not a DICOM image file."""
+def _floats(value) -> list[float] | None:
+    return [float(v) for v in value] if value is not None else None
+
+
+def _frame_geometry(ds, n: int) -> tuple[list[list[float] | None], list[float] | None]:
+    """Per-frame positions and the orientation of an enhanced multi-frame image (functional groups)."""
+    positions: list[list[float] | None] = [None] * n
+    orientation = None
+    shared = ds.get("SharedFunctionalGroupsSequence")
+    if shared and "PlaneOrientationSequence" in shared[0]:
+        orientation = _floats(shared[0].PlaneOrientationSequence[0].get("ImageOrientationPatient"))
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence") or []
+    for i, item in enumerate(per_frame[:n]):
+        if "PlanePositionSequence" in item:
+            positions[i] = _floats(item.PlanePositionSequence[0].get("ImagePositionPatient"))
+        if orientation is None and "PlaneOrientationSequence" in item:
+            orientation = _floats(item.PlaneOrientationSequence[0].get("ImageOrientationPatient"))
+    return positions, orientation
+
+
+def read_headers(path: str | Path) -> tuple[list[SliceHeader], str | None]:
+    """Headers of ``path``'s slices without reading pixel data, or ``([], reason)`` when it is not usable.
+
+    The reason separates files that are not DICOM from DICOM objects without an image (RT plan, SR, ...).
+    """
     import pydicom
     from pydicom.errors import InvalidDicomError
 
     try:
         ds = pydicom.dcmread(str(path), stop_before_pixels=True)
-    except (InvalidDicomError, OSError, ValueError, EOFError, KeyError, TypeError):
-        return None
-    if "SeriesInstanceUID" not in ds or "Rows" not in ds:
-        return None
-    ipp = ds.get("ImagePositionPatient")
-    iop = ds.get("ImageOrientationPatient")
+    except (InvalidDicomError, OSError, ValueError, EOFError, KeyError, TypeError, AttributeError):
+        return [], "not a DICOM file"
+    modality = str(ds.get("Modality", "")) or "unknown"
+    if "SeriesInstanceUID" not in ds:
+        return [], f"DICOM without a SeriesInstanceUID (modality {modality})"
+    if "Rows" not in ds or "Columns" not in ds:
+        return [], f"DICOM object without an image (modality {modality})"
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    base = {
+        "path": str(path),
+        "patient_id": str(ds.get("PatientID", "")),
+        "study_uid": str(ds.get("StudyInstanceUID", "")),
+        "series_uid": str(ds.SeriesInstanceUID),
+        "sop_uid": str(ds.get("SOPInstanceUID", "")),
+        "modality": modality,
+        "burned_in": str(ds.get("BurnedInAnnotation", "")).upper() == "YES",
+    }
     inst = ds.get("InstanceNumber")
-    return SliceHeader(
-        path=str(path),
-        patient_id=str(ds.get("PatientID", "")),
-        study_uid=str(ds.get("StudyInstanceUID", "")),
-        series_uid=str(ds.SeriesInstanceUID),
-        sop_uid=str(ds.get("SOPInstanceUID", "")),
-        modality=str(ds.get("Modality", "")),
-        position=[float(v) for v in ipp] if ipp is not None else None,
-        orientation=[float(v) for v in iop] if iop is not None else None,
-        instance=int(inst) if inst is not None else None,
-    )
+    instance = int(inst) if inst not in (None, "") else None
+    if frames == 1:
+        ipp, iop = _floats(ds.get("ImagePositionPatient")), _floats(ds.get("ImageOrientationPatient"))
+        return [SliceHeader(**base, position=ipp, orientation=iop, instance=instance)], None
+    positions, orientation = _frame_geometry(ds, frames)
+    orientation = orientation or _floats(ds.get("ImageOrientationPatient"))
+    return [
+        SliceHeader(**base, position=positions[i], orientation=orientation, instance=i + 1, frame=i)
+        for i in range(frames)
+    ], None
 
 
 def group_series(headers: Iterable[SliceHeader]) -> list[Series]:
-    """Group headers by (study, series) and order each series along its slice normal."""
+    """Group headers by (study, series) and order each series along its slice normal.
+
+    Mixed orientations within a series are recorded (the first one defines the normal).
+    """
     groups: dict[tuple[str, str], list[SliceHeader]] = {}
     for h in headers:
         groups.setdefault((h.study_uid, h.series_uid), []).append(h)
@@ -79,13 +120,17 @@ def group_series(headers: Iterable[SliceHeader]) -> list[Series]:
     for (study, series), items in sorted(groups.items()):
         orient = items[0].orientation
         order, warnings = order_slices([h.position for h in items], orient, [h.instance for h in items])
+        if orient is not None and any(
+            h.orientation is not None and not np.allclose(h.orientation, orient, atol=1e-3) for h in items
+        ):
+            warnings.append("mixed slice orientations in one series")
         ordered = [items[i] for i in order]
         out.append(Series(items[0].patient_id, study, series, items[0].modality, ordered, warnings))
     return out
 
 
-def slice_rgb(path: str, windows: tuple[str, ...] = DEFAULT_WINDOWS) -> np.ndarray:
-    """One CT slice as ``uint8[H, W, 3]`` of stacked HU windows (MR: percentile-normalised grey)."""
+def read_frames(path: str):
+    """``(dataset, pixels)`` with pixels ``[F, H, W(, 3)]`` in any transfer syntax pydicom's plugins decode."""
     import pydicom
 
     try:
@@ -93,11 +138,46 @@ def slice_rgb(path: str, windows: tuple[str, ...] = DEFAULT_WINDOWS) -> np.ndarr
         pixels = ds.pixel_array
     except Exception as exc:
         raise DicomError(f"pixel data could not be decoded: {type(exc).__name__}: {exc}") from exc
-    if pixels.ndim != 2:
-        raise DicomError(f"expected a single-frame slice, got pixel array of shape {pixels.shape}")
-    if str(ds.get("Modality", "")) == "CT":
-        hu = to_hu(pixels, float(ds.get("RescaleSlope", 1)), float(ds.get("RescaleIntercept", 0)))
-        return window_stack(hu, windows)
-    lo, hi = np.percentile(pixels, [0.5, 99.5])
-    grey = np.clip((pixels - lo) / max(hi - lo, 1e-6) * 255, 0, 255).astype(np.uint8)
-    return np.repeat(grey[:, :, None], 3, axis=2)
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    colour = int(ds.get("SamplesPerPixel", 1)) > 1
+    if frames == 1:
+        pixels = pixels[None]
+    if pixels.ndim != (4 if colour else 3):
+        raise DicomError(f"unexpected pixel array shape {pixels.shape} for {frames} frame(s)")
+    return ds, pixels
+
+
+def render(ds, pixels: np.ndarray, windows: tuple[str, ...] = DEFAULT_WINDOWS) -> np.ndarray:
+    """One frame as ``uint8[H, W, 3]``: CT as stacked HU windows, colour as is, other grey percentile-normalised."""
+    if pixels.ndim == 3:  # colour (pydicom returns RGB, converting YBR)
+        return np.ascontiguousarray(pixels[:, :, :3]).astype(np.uint8, copy=False)
+    if str(ds.get("Modality", "")) == "CT" and len(windows) == 3:
+        pad_value = ds.get("PixelPaddingValue")
+        pad_limit = ds.get("PixelPaddingRangeLimit")
+        padding = padding_mask(pixels, pad_value, pad_limit)
+        slope, intercept = float(ds.get("RescaleSlope", 1) or 1), float(ds.get("RescaleIntercept", 0) or 0)
+        return windowed(pixels, slope, intercept, tuple(windows), padding)
+    g = grey(pixels, invert=str(ds.get("PhotometricInterpretation", "")) == "MONOCHROME1")
+    return np.repeat(g[:, :, None], 3, axis=2)
+
+
+def read_frame(path: str, frame: int):
+    """``(dataset, pixels)`` of one frame of a multi-frame file, decoding only that frame."""
+    import pydicom
+    from pydicom.pixels import pixel_array
+
+    try:
+        ds = pydicom.Dataset()
+        pixels = pixel_array(path, index=frame, ds_out=ds)
+    except Exception as exc:
+        raise DicomError(f"frame {frame} could not be decoded: {type(exc).__name__}: {exc}") from exc
+    return ds, pixels
+
+
+def slice_rgb(path: str, windows: tuple[str, ...] = DEFAULT_WINDOWS, frame: int | None = None) -> np.ndarray:
+    """One slice (or one frame of a multi-frame file) as ``uint8[H, W, 3]``."""
+    if frame is None:
+        ds, pixels = read_frames(path)
+        return render(ds, pixels[0], windows)
+    ds, pixels = read_frame(path, frame)
+    return render(ds, pixels, windows)

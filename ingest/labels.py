@@ -48,3 +48,31 @@ def read_label_csv(text: str, source: str = "labels") -> list[LabelRow]:
 def class_names(rows: list[LabelRow]) -> list[str]:
     """Sorted distinct label names; a label's class index is its position here."""
     return sorted({r.label for r in rows})
+
+
+RSNA_SUBTYPES = ("any", "epidural", "intraparenchymal", "intraventricular", "subarachnoid", "subdural")
+
+
+def is_rsna_csv(text: str) -> bool:
+    """True for the RSNA hemorrhage layout: ``ID,Label`` with ids ``ID_<SOPInstanceUID>_<subtype>``."""
+    head = text.lstrip("\ufeff").split("\n", 1)[0].strip().replace(" ", "")
+    return head.lower() == "id,label"
+
+
+def read_rsna_csv(text: str, source: str = "labels") -> dict[str, list[int]]:
+    """SOPInstanceUID -> 6-way multi-label ``[any, epidural, intraparenchymal, intraventricular, subarachnoid,
+    subdural]`` from the RSNA CSV. A missing subtype stays 0; an unknown subtype or value names the line."""
+    out: dict[str, list[int]] = {}
+    reader = csv.reader(io.StringIO(text.lstrip("\ufeff")))
+    next(reader, None)
+    for n, row in enumerate(reader, start=2):
+        if not row:
+            continue
+        if len(row) != 2 or "_" not in row[0]:
+            raise ValueError(f"{source}: line {n} is not 'ID_<uid>_<subtype>,<0|1>'")
+        ident, subtype = row[0].strip().rsplit("_", 1)
+        if subtype not in RSNA_SUBTYPES or row[1].strip() not in ("0", "1"):
+            raise ValueError(f"{source}: line {n}: unknown subtype {subtype!r} or label {row[1]!r}")
+        # The competition's UIDs are 'ID_<hex>'; its files carry the same value as SOPInstanceUID.
+        out.setdefault(ident, [0] * len(RSNA_SUBTYPES))[RSNA_SUBTYPES.index(subtype)] = int(row[1])
+    return out

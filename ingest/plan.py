@@ -6,12 +6,12 @@ import os
 from dataclasses import dataclass, field
 
 from ingest.config import DicomIngestConfig, IngestConfig, WsiIngestConfig
-from ingest.dicom import group_series, read_header
-from ingest.labels import LabelRow, class_names, read_label_csv
+from ingest.dicom import group_series, read_headers
+from ingest.labels import RSNA_SUBTYPES, LabelRow, class_names, is_rsna_csv, read_label_csv, read_rsna_csv
 from ingest.pseudonym import pseudonym
 from ingest.sources import SLIDE_EXTS, expand, stem
 from ingest.splits import assign_splits, parse_fractions
-from ingest.units import Unit
+from ingest.units import Unit, local_copy
 from shards import storage
 from shards.manifest import InputRecord
 
@@ -23,6 +23,7 @@ class Plan:
     units: list[Unit]
     skipped: list[InputRecord] = field(default_factory=list)
     classes: list[str] = field(default_factory=list)
+    multilabel: list[str] | None = None
     private: dict[str, str] = field(default_factory=dict)  # pseudonym -> location, kept off object storage
 
 
@@ -66,29 +67,58 @@ def plan_wsi(cfg: WsiIngestConfig, key: bytes) -> Plan:
     return plan
 
 
+def _dicom_labels(cfg: DicomIngestConfig) -> tuple[dict[str, LabelRow], dict[str, list[int]], list[str]]:
+    """A generic table (series or patient -> label), or RSNA per-slice multi-labels keyed by SOPInstanceUID."""
+    if not cfg.labels:
+        return {}, {}, []
+    text = storage.get_bytes(cfg.labels).decode("utf-8-sig")
+    if is_rsna_csv(text):
+        return {}, read_rsna_csv(text, source=cfg.labels), ["no hemorrhage", "hemorrhage"]
+    rows = read_label_csv(text, source=cfg.labels)
+    return {r.item: r for r in rows}, {}, class_names(rows)
+
+
+def _skip(plan: Plan, uid: str, reason: str) -> None:
+    plan.skipped.append(InputRecord(id=uid, kind="dicom", status="skipped", reason=reason))
+
+
 def plan_dicom(cfg: DicomIngestConfig, key: bytes) -> Plan:
-    """One unit per series, files found by content; non-DICOM files are skipped with a reason."""
-    table, classes = _labels(cfg)
-    plan = Plan(units=[], classes=classes)
+    """One unit per series, files found by content; other files and unusable series are skipped with a reason.
+
+    With RSNA labels every slice carries its 6-way vector and the series label is ``any`` over its slices.
+    """
+    table, rsna, classes = _dicom_labels(cfg)
+    plan = Plan(units=[], classes=classes, multilabel=list(RSNA_SUBTYPES) if rsna else None)
     headers = []
     for loc in expand(cfg.sources):
         uid = pseudonym(key, "source", loc)
         plan.private[uid] = loc
-        header = read_header(loc)
-        if header is None:
-            plan.skipped.append(InputRecord(id=uid, kind="dicom", status="skipped", reason="not a DICOM image file"))
-        else:
-            headers.append(header)
+        with local_copy(loc) as path:
+            found, reason = read_headers(path)
+        for h in found:
+            h.path = loc
+        if reason:
+            _skip(plan, uid, reason)
+        headers += found
     for series in group_series(headers):
-        row = table.get(series.series_uid) or table.get(series.patient_id)
         sid = pseudonym(key, "series", series.series_uid)
-        if table and row is None:
-            plan.skipped.append(InputRecord(id=sid, kind="dicom", status="skipped", reason="not in the label table"))
+        if any(s.burned_in for s in series.slices) and not cfg.allow_burned_in:
+            _skip(plan, sid, "BurnedInAnnotation=YES (text in the pixels may identify the patient); --allow-burned-in")
             continue
+        slice_labels = [rsna.get(s.sop_uid) for s in series.slices] if rsna else None
+        row = table.get(series.series_uid) or table.get(series.patient_id)
+        if (table and row is None) or (rsna and not any(slice_labels or [])):
+            _skip(plan, sid, "not in the label table")
+            continue
+        label = classes.index(row.label) if row else None
+        if slice_labels:
+            label = max((v[0] for v in slice_labels if v), default=0)
         meta = {
             "study": pseudonym(key, "study", series.study_uid),
             "modality": series.modality,
             "warnings": series.warnings,
+            "frames": [s.frame for s in series.slices],
+            "slice_labels": slice_labels,
         }
         unit = Unit(
             id=sid,
@@ -96,7 +126,7 @@ def plan_dicom(cfg: DicomIngestConfig, key: bytes) -> Plan:
             sources=[s.path for s in series.slices],
             item=sid,
             patient=pseudonym(key, "patient", series.patient_id),
-            label=classes.index(row.label) if row else None,
+            label=label,
             meta=meta,
         )
         plan.units.append(unit)

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import ray
@@ -26,10 +27,12 @@ from ingest.plan import Plan, plan_dicom, plan_wsi
 from ingest.units import Unit, Work, plan_unit, work_samples
 from shards import manifest as mf
 from shards import storage
+from shards.index import parse_index
 from shards.manifest import InputRecord, Manifest, ShardInfo
-from shards.writer import ShardWriter, iter_tar_members, shard_name
+from shards.writer import ShardWriter, concat_shards, shard_name
 
 STAGING = "_staging"
+SHARD_FILE = re.compile(r"[^/_][^/]*/shard-\d{6}\.(tar|idx)")
 
 
 class WorkRecord(BaseModel):
@@ -41,6 +44,7 @@ class WorkRecord(BaseModel):
     status: str
     reason: str | None = None
     samples: int = 0
+    bytes: int = 0
     warnings: list[str] = Field(default_factory=list)
 
 
@@ -66,19 +70,20 @@ def _attempt(fn: Callable[[], Any], max_attempts: int) -> tuple[Any, str | None,
     raise AssertionError("unreachable")
 
 
-def _write_part(work: Work, cfg: IngestConfig, background=None) -> int:
+def _write_part(work: Work, cfg: IngestConfig, background=None) -> tuple[int, int]:
+    """Stage one piece of work as one part tar; returns ``(samples, bytes)``."""
     # A huge target keeps one part per piece of work, published straight to staging once complete.
     with ShardWriter(storage.join(cfg.out, STAGING, work.id), target_bytes=1 << 62) as writer:
         for sample in work_samples(work, cfg, background):
             writer.write(sample)
-    return sum(p.samples for p in writer.shards)
+    return sum(p.samples for p in writer.shards), sum(p.size for p in writer.shards)
 
 
 def process_work(work: Work, cfg: IngestConfig, background=None) -> WorkRecord:
     """Stage one piece of work as a part tar, then its record; failures become records too."""
-    samples, action, reason = _attempt(lambda: _write_part(work, cfg, background), cfg.max_attempts)
+    written, action, reason = _attempt(lambda: _write_part(work, cfg, background), cfg.max_attempts)
     rec = WorkRecord(id=work.id, unit=work.unit.id, index=work.index, status=action or "ingested", reason=reason)
-    rec.samples = samples or 0
+    rec.samples, rec.bytes = written or (0, 0)
     if action is None:
         storage.put_bytes(_record_url(cfg.out, work.id), rec.model_dump_json().encode())
     return rec
@@ -104,6 +109,10 @@ class IngestWorker:
 
     def process(self, work: Work) -> WorkRecord:
         return process_work(work, self.cfg, self.background)
+
+    def pack(self, job: tuple[str, int, list[str]]) -> ShardInfo:
+        split, index, part_ids = job
+        return pack_shard(self.cfg.out, split, index, part_ids)
 
 
 def _done_records(cfg: IngestConfig) -> dict[str, WorkRecord]:
@@ -162,12 +171,10 @@ class _Scheduler:
             ray.kill(actor)
 
 
-def _run(units: list[Unit], cfg: IngestConfig, done: dict[str, WorkRecord]):
+def _run(units: list[Unit], done: dict[str, WorkRecord], sched: _Scheduler):
     """Plan every unit and process its work; returns ``(plans, work records)`` keyed by unit id."""
     plans: dict[str, tuple[list[Work], list[str], str | None, str | None]] = {}
     records: dict[str, list[WorkRecord]] = {u.id: [] for u in units}
-    n = cfg.workers or max(1, int(ray.available_resources().get("CPU", 1)))
-    sched = _Scheduler(cfg, max(1, min(n, len(units))))
     for unit in units:
         sched.submit("plan", unit)
     bar = tqdm(total=len(units), desc=f"ingest {units[0].kind}", unit="input")
@@ -190,7 +197,6 @@ def _run(units: list[Unit], cfg: IngestConfig, done: dict[str, WorkRecord]):
             bar.update(1)
             bar.set_postfix(tiles=samples, per_s=f"{samples / max(time.monotonic() - t0, 1e-9):.1f}")
     bar.close()
-    sched.close()
     return plans, records
 
 
@@ -210,41 +216,79 @@ def _merge(unit: Unit, plan, works: list[WorkRecord]) -> InputRecord:
     return rec
 
 
-def _samples_of(part: str | os.PathLike) -> Iterator[dict[str, Any]]:
-    """Regroup a part tar's members into sample dicts (members of one key are contiguous)."""
-    sample: dict[str, Any] = {}
-    for name, data in iter_tar_members(part):
-        key, ext = name.split(".", 1)
-        if sample and sample["__key__"] != key:
-            yield sample
-            sample = {}
-        sample["__key__"] = key
-        sample[ext] = data
-    if sample:
-        yield sample
+def group_parts(parts: list[tuple[str, int]], target_bytes: int) -> list[list[str]]:
+    """Cut ordered ``(part id, bytes)`` into shards: a shard closes once it reaches ``target_bytes``.
+
+    The same rule as :class:`ShardWriter`, at part granularity, so shard contents are fixed before any is written
+    and the shards can be packed in parallel with deterministic names.
+    """
+    groups: list[list[str]] = []
+    size = target_bytes
+    for part, nbytes in parts:
+        if size >= target_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(part)
+        size += nbytes
+    return groups
 
 
-def _pack(cfg: IngestConfig, inputs: list[InputRecord], works: dict[str, list[WorkRecord]]):
-    """Copy the staged parts of ingested inputs, per split, into size-targeted shards."""
+def pack_shard(out: str, split: str, index: int, part_ids: list[str]) -> ShardInfo:
+    """Join staged parts byte for byte into ``<out>/<split>/shard-<index>.tar`` (+ ``.idx``)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        parts = []
+        for k, work_id in enumerate(part_ids):
+            url = part_url(out, work_id)
+            samples = parse_index(storage.get_bytes(url.removesuffix(".tar") + ".idx").decode())
+            parts.append((storage.get_file(url, os.path.join(tmp, f"{k}.tar")), samples))
+        return concat_shards(parts, storage.join(out, split), index)
+
+
+def _pack(cfg: IngestConfig, inputs: list[InputRecord], works: dict[str, list[WorkRecord]], sched: _Scheduler):
+    """Pack the staged parts of ingested inputs, per split, into size-targeted shards, one per actor call.
+
+    Parts stay on the object store and are joined by the (already warm) actors in parallel, not funnelled
+    through the driver.
+    """
     splits: dict[str, mf.SplitInfo] = {}
     by_split: dict[str, list[InputRecord]] = {}
+    todo: dict[str, tuple[list[list[str]], dict[str, InputRecord]]] = {}
     for rec in inputs:
         if rec.status == "ingested":
             by_split.setdefault(rec.split or "all", []).append(rec)
     for split, recs in sorted(by_split.items()):
-        writer = ShardWriter(storage.join(cfg.out, split), target_bytes=cfg.shard_size)
+        owner: dict[str, InputRecord] = {}
+        parts: list[tuple[str, int]] = []
         for rec in sorted(recs, key=lambda r: r.id):
-            names: set[str] = set()
             for work in sorted(works[rec.id], key=lambda w: w.index):
-                if not work.samples:
-                    continue
-                with tempfile.TemporaryDirectory() as tmp:
-                    part = storage.get_file(part_url(cfg.out, work.id), os.path.join(tmp, "part.tar"))
-                    names.update(writer.write(sample) for sample in _samples_of(part))
-            rec.shards = sorted(f"{split}/{n}" for n in names)
-        shards: list[ShardInfo] = writer.close()
+                if work.samples:
+                    parts.append((work.id, work.bytes))
+                    owner[work.id] = rec
+        todo[split] = group_parts(parts, cfg.shard_size), owner
+        for i, group in enumerate(todo[split][0]):
+            sched.submit("pack", (split, i, group))
+    done: dict[tuple[str, int], ShardInfo] = {}
+    while sched.pending:
+        _, (split, i, _), shard = sched.next()
+        done[split, i] = shard
+    for split, (groups, owner) in todo.items():
+        shards = [done[split, i] for i in range(len(groups))]
+        for group, shard in zip(groups, shards, strict=True):
+            for work_id in group:
+                rec = owner[work_id]
+                rec.shards = sorted({*rec.shards, f"{split}/{shard.name}"})
         splits[split] = mf.SplitInfo(num_samples=sum(s.samples for s in shards), shards=shards)
     return splits
+
+
+def _prune(out: str, manifest: Manifest) -> None:
+    """Delete shards (and indexes) under ``out`` that the new manifest does not list: leftovers of earlier runs."""
+    keep = {storage.join(out, split, s.name) for split, info in manifest.splits.items() for s in info.shards}
+    keep |= {u.removesuffix(".tar") + ".idx" for u in keep}
+    base = out.rstrip("/") + "/"
+    for url in list(storage.list_urls(base)):
+        if url.startswith(base) and SHARD_FILE.fullmatch(url[len(base) :]) and url not in keep:
+            storage.delete(url)
 
 
 def run_ingest(kind: str, cfg: IngestConfig, on_private: Callable[[dict[str, str]], None] | None = None):
@@ -267,23 +311,29 @@ def run_ingest(kind: str, cfg: IngestConfig, on_private: Callable[[dict[str, str
     if not ray.is_initialized():
         ray.init(num_cpus=cfg.workers, log_to_driver=False, include_dashboard=False)
     inputs: list[InputRecord] = []
-    works: dict[str, list[WorkRecord]] = {}
+    splits: dict[str, mf.SplitInfo] = {}
     if plan.units:
-        plans, works = _run(plan.units, cfg, _done_records(cfg))
-        inputs = [_merge(u, plans[u.id], works[u.id]) for u in plan.units]
-    splits = _pack(cfg, inputs, works)
+        n = cfg.workers or max(1, int(ray.available_resources().get("CPU", 1)))
+        sched = _Scheduler(cfg, max(1, min(n, len(plan.units))))
+        try:
+            plans, works = _run(plan.units, _done_records(cfg), sched)
+            inputs = [_merge(u, plans[u.id], works[u.id]) for u in plan.units]
+            splits = _pack(cfg, inputs, works, sched)
+        finally:
+            sched.close()
     manifest = Manifest(
         dataset=cfg.out,
         kind=kind,
         classes=plan.classes,
+        multilabel=plan.multilabel,
         config=cfg.public(),
         splits=splits,
         inputs=sorted(inputs + plan.skipped, key=lambda r: r.id),
     )
     mf.check_patient_disjoint(manifest)
-    url = mf.save(manifest, cfg.out)
-    for staged in list(storage.list_urls(storage.join(cfg.out, STAGING))):
-        storage.delete(staged)
+    url = mf.save(manifest, cfg.out)  # the commit point: what follows only tidies up
+    _prune(cfg.out, manifest)
+    storage.delete_tree(storage.join(cfg.out, STAGING))
     return manifest, url
 
 

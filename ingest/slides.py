@@ -44,8 +44,10 @@ def _flatten_rgba(rgba: np.ndarray) -> np.ndarray:
 class OpenSlideReader:
     """:class:`SlideReader` over OpenSlide (SVS, tiled TIFF, NDPI, MRXS, DICOM WSI, ...)."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, fast: bool = True) -> None:
         import openslide
+
+        from ingest.tiff_tiles import TiffTiles
 
         try:
             self._slide = openslide.OpenSlide(path)
@@ -61,8 +63,30 @@ class OpenSlideReader:
         self.mpp = float(mpp) if mpp else None
         power = props.get("openslide.objective-power")
         self.objective_power = float(power) if power else None
+        # Tiled TIFF/SVS levels are read straight from their tiles when a probe matches OpenSlide's pixels.
+        self._tiles = (
+            TiffTiles.open(path, self.level_dimensions, self.level_downsamples, self._openslide_read) if fast else None
+        )
+
+    @property
+    def direct_levels(self) -> list[int]:
+        """Levels served by the direct tile path (the rest go through OpenSlide)."""
+        return sorted(self._tiles.levels) if self._tiles else []
 
     def read_region(self, x: int, y: int, level: int, width: int, height: int) -> np.ndarray:
+        from ingest.tiff_tiles import to_level
+
+        direct = self._tiles.levels.get(level) if self._tiles else None
+        if direct is not None:
+            lx, ly = to_level(x, self.level_downsamples[level]), to_level(y, self.level_downsamples[level])
+            if lx is not None and ly is not None:
+                try:
+                    return direct.read(lx, ly, width, height)
+                except Exception as exc:  # a damaged tile: say where, as OpenSlide's path would
+                    raise SlideError(f"read failed at ({x}, {y}) level {level}: {exc}") from exc
+        return self._openslide_read(x, y, level, width, height)
+
+    def _openslide_read(self, x: int, y: int, level: int, width: int, height: int) -> np.ndarray:
         import openslide
 
         try:
@@ -76,6 +100,8 @@ class OpenSlideReader:
         return self.read_region(0, 0, level, w, h)
 
     def close(self) -> None:
+        if self._tiles:
+            self._tiles.close()
         self._slide.close()
 
 

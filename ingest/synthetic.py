@@ -103,11 +103,37 @@ def ct_volume(slices: int, size: int, bleed: bool, rng: np.random.Generator) -> 
     return np.rint(hu + 1024).astype(np.int16)
 
 
-def write_ct_series(root: Path, patient: SyntheticPatient, slices: int, size: int, bleed: bool, seed: int) -> None:
-    """A CT series as single-frame DICOM files with random names, shuffled, in a nested folder."""
+def ct_slice_dataset(pixels: np.ndarray, patient: SyntheticPatient, study: str, series: str, k: int, thickness=5.0):
+    """One CT slice (stored values ``int16[H, W]``, HU = stored - 1024) with identifying headers, as a user has."""
     import pydicom
     from pydicom.dataset import FileMetaDataset
     from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = CTImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = pydicom.Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
+    ds.PatientName, ds.PatientID, ds.PatientBirthDate = patient.name, patient.patient_id, patient.birth_date
+    ds.InstitutionName, ds.ReferringPhysicianName, ds.AccessionNumber = "General Hospital", "HOUSE^G", "ACC7788"
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.Modality = study, series, "CT"
+    ds.StudyDate, ds.InstanceNumber = "20240131", int(k) + 1
+    ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+    ds.ImagePositionPatient = [0.0, 0.0, float(k) * thickness]
+    ds.PixelSpacing, ds.SliceThickness = [0.5, 0.5], thickness
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+    ds.RescaleIntercept, ds.RescaleSlope = -1024, 1
+    ds.PixelData = pixels.astype(np.int16).tobytes()
+    return ds
+
+
+def write_ct_series(root: Path, patient: SyntheticPatient, slices: int, size: int, bleed: bool, seed: int) -> None:
+    """A CT series as single-frame DICOM files with random names, shuffled, in a nested folder."""
+    from pydicom.uid import generate_uid
 
     rng = np.random.default_rng(seed)
     vol = ct_volume(slices, size, bleed, rng)
@@ -115,33 +141,7 @@ def write_ct_series(root: Path, patient: SyntheticPatient, slices: int, size: in
     folder = root / uuid.UUID(int=int(rng.integers(1 << 62))).hex[:8] / "series"
     folder.mkdir(parents=True, exist_ok=True)
     for k in rng.permutation(slices):
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = CTImageStorage
-        meta.MediaStorageSOPInstanceUID = generate_uid()
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds = pydicom.Dataset()
-        ds.file_meta = meta
-        ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
-        ds.PatientName, ds.PatientID, ds.PatientBirthDate = (
-            patient.name,
-            patient.patient_id,
-            patient.birth_date,
-        )
-        ds.InstitutionName, ds.ReferringPhysicianName, ds.AccessionNumber = (
-            "General Hospital",
-            "HOUSE^G",
-            "ACC7788",
-        )
-        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.Modality = study, series, "CT"
-        ds.StudyDate, ds.InstanceNumber = "20240131", int(k) + 1
-        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
-        ds.ImagePositionPatient = [0.0, 0.0, float(k) * 5.0]
-        ds.PixelSpacing, ds.SliceThickness = [0.5, 0.5], 5.0
-        ds.Rows = ds.Columns = size
-        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
-        ds.RescaleIntercept, ds.RescaleSlope = -1024, 1
-        ds.PixelData = vol[k].tobytes()
+        ds = ct_slice_dataset(vol[k], patient, study, series, int(k))
         ds.save_as(folder / f"{uuid.UUID(int=int(rng.integers(1 << 62))).hex}.dcm", enforce_file_format=True)
 
 

@@ -11,10 +11,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import cv2
+import numpy as np
 
 from ingest.config import DicomIngestConfig, IngestConfig, WsiIngestConfig
 from ingest.dicom import slice_rgb
 from ingest.preview import preview_png
+from ingest.sequences import center_indices, even_indices, neighbour_indices
 from ingest.slides import OpenSlideReader
 from ingest.wsi import TilePlan, plan_tiles, read_tiles
 from shards import storage
@@ -112,27 +114,77 @@ def wsi_samples(work: Work, cfg: WsiIngestConfig, background=None) -> Iterator[d
             reader.close()
 
 
+class _Slices:
+    """Renders a series' slices on demand, keeping only the few a sample needs (memory independent of length)."""
+
+    def __init__(self, unit: Unit, cfg: DicomIngestConfig) -> None:
+        self.unit, self.cfg = unit, cfg
+        self.frames = unit.meta.get("frames") or [None] * len(unit.sources)
+        self._kept: dict[int, np.ndarray] = {}
+
+    def get(self, i: int) -> np.ndarray:
+        if i not in self._kept:
+            with local_copy(self.unit.sources[i]) as path:
+                rgb = slice_rgb(path, tuple(self.cfg.windows), self.frames[i])
+            size = self.cfg.store_size
+            if size and rgb.shape[:2] != (size, size):
+                rgb = cv2.resize(rgb, (size, size), interpolation=cv2.INTER_AREA)
+            self._kept[i] = rgb
+        return self._kept[i]
+
+    def forget_before(self, i: int) -> None:
+        for j in [j for j in self._kept if j < i]:
+            del self._kept[j]
+
+
+def _sequence_picks(n: int, cfg: DicomIngestConfig) -> list[tuple[str, list[int]]]:
+    """(key suffix, slice indices) of every sample of a series of ``n`` slices, in order."""
+    if cfg.mode == "center":
+        return [("center", center_indices(n, cfg.neighbours))]
+    if cfg.mode == "series":
+        return [("series", even_indices(n, cfg.frames))]
+    return [(f"{i:05d}", neighbour_indices(i, n, cfg.neighbours)) for i in range(n)]
+
+
 def dicom_samples(work: Work, cfg: DicomIngestConfig) -> Iterator[dict[str, Any]]:
-    """One sample per slice of one series, in anatomical order (key ``<series>_<index>``)."""
+    """The samples of one series in anatomical order: per slice, the centre block, or T slices (``cfg.mode``).
+
+    A sample of several slices stores them as ``000.<fmt>``, ``001.<fmt>``... so a DALI reader lists them by
+    extension and stacks them; a single slice is plain ``<fmt>``.
+    """
     unit = work.unit
     n = len(unit.sources)
-    for i, location in enumerate(unit.sources):
-        with local_copy(location) as path:
-            rgb = slice_rgb(path, tuple(cfg.windows))
-        if cfg.store_size and rgb.shape[0] != cfg.store_size:
-            rgb = cv2.resize(rgb, (cfg.store_size, cfg.store_size), interpolation=cv2.INTER_AREA)
+    slices = _Slices(unit, cfg)
+    vectors = unit.meta.get("slice_labels")
+    for suffix, picks in _sequence_picks(n, cfg):
+        slices.forget_before(min(picks))
+        if vectors and cfg.mode == "slice":
+            vector = vectors[picks[len(picks) // 2]] or [0] * 6
+        elif vectors:
+            vector = [max(col) for col in zip(*(v for v in vectors if v), strict=True)]
+        else:
+            vector = None
+        label = vector[0] if vector else unit.label
         meta = {
             "series": unit.item,
             "patient": unit.patient,
             "study": unit.meta.get("study"),
             "modality": unit.meta.get("modality"),
-            "slice": i,
+            "mode": cfg.mode,
+            "slices": picks,
             "num_slices": n,
             "windows": list(cfg.windows),
-            "label": unit.label,
+            "label": label,
+            "labels": vector,
         }
-        image = encode_image(rgb, cfg.format, cfg.quality)
-        yield make_sample(f"{unit.item}_{i:05d}", image, cfg.format, unit.label, meta)
+        images = [encode_image(slices.get(i), cfg.format, cfg.quality) for i in picks]
+        if len(images) == 1:
+            yield make_sample(f"{unit.item}_{suffix}", images[0], cfg.format, label, meta)
+        else:
+            sample = make_sample(f"{unit.item}_{suffix}", images[0], cfg.format, label, meta)
+            del sample[cfg.format]
+            sample.update({f"{j:03d}.{cfg.format}": img for j, img in enumerate(images)})
+            yield sample
 
 
 def plan_unit(unit: Unit, cfg: IngestConfig) -> tuple[list[Work], list[str]]:

@@ -60,6 +60,8 @@ class Manifest(BaseModel):
     kind: str
     created: str = Field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
     classes: list[str] = Field(default_factory=list)
+    # Names of the per-sample multi-label vector (``labels`` in each sample's JSON), e.g. RSNA's six.
+    multilabel: list[str] | None = None
     config: dict = Field(default_factory=dict)
     splits: dict[str, SplitInfo] = Field(default_factory=dict)
     inputs: list[InputRecord] = Field(default_factory=list)

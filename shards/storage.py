@@ -199,6 +199,16 @@ def delete(url: str) -> None:
         raise _wrap(url, exc) from exc
 
 
+def delete_tree(prefix: str) -> None:
+    """Remove everything under ``prefix`` (a directory, or an ``s3://`` prefix taken as a folder)."""
+    loc = parse(prefix)
+    if loc.scheme == "file":
+        shutil.rmtree(loc.path, ignore_errors=True)
+        return
+    for url in list(list_urls(prefix.rstrip("/") + "/")):
+        delete(url)
+
+
 def ensure_bucket(url: str) -> None:
     """Create the bucket of an ``s3://`` URL if it does not exist (no-op for files)."""
     loc = parse(url)

@@ -139,6 +139,54 @@ class ShardWriter:
             self._discard()
 
 
+def concat_shards(parts: list[tuple[Path, list[list[Member]]]], prefix: str, index: int) -> ShardInfo:
+    """Publish ``shard-<index>`` made of whole tar ``parts`` (local files with their indexed samples), byte for byte.
+
+    Each part's members are copied without unpacking and the index offsets are shifted, so joining staged
+    parts costs one sequential copy and one hash instead of re-tarring every sample.
+    """
+    spool = Path(tempfile.mkdtemp(prefix="tessera-shard-"))
+    name = shard_name(index)
+    tar_path, idx_path = spool / (name + ".tmp"), spool / name.replace(".tar", ".idx")
+    members: list[Member] = []
+    h = hashlib.sha256()
+    keys: set[str] = set()
+    try:
+        with open(tar_path, "wb") as out:
+            at = 0
+            for path, samples in parts:
+                # Members end at the last data block; what follows in a part is its end-of-archive padding.
+                end = max(m.offset + m.size for sample in samples for m in sample)
+                end += -end % TAR_BLOCK
+                for sample in samples:
+                    if sample[0].key in keys:
+                        raise ValueError(f"duplicate sample key {sample[0].key!r}")
+                    keys.add(sample[0].key)
+                    members += [Member(m.name, m.offset + at, m.size) for m in sample]
+                with open(path, "rb") as f:
+                    left = end
+                    while left:
+                        chunk = f.read(min(left, 1 << 22))
+                        if not chunk:
+                            raise ValueError(f"part {path} is shorter than its index says")
+                        out.write(chunk)
+                        h.update(chunk)
+                        left -= len(chunk)
+                at += end
+            trailer = b"\0" * (2 * TAR_BLOCK)  # the end-of-archive marker
+            out.write(trailer)
+            h.update(trailer)
+        idx_path.write_text(index_text(members))
+        info = ShardInfo(name=name, size=tar_path.stat().st_size, sha256=h.hexdigest(), samples=len(keys))
+        storage.put_file(idx_path, storage.join(prefix, idx_path.name))
+        storage.put_file(tar_path, storage.join(prefix, name))
+        return info
+    finally:
+        for p in spool.glob("*"):
+            p.unlink()
+        spool.rmdir()
+
+
 def read_tar_samples(path: str | Path) -> list[dict[str, bytes | str]]:
     """Read a local shard back into sample dicts (for tests, checks and small tools)."""
     samples: dict[str, dict[str, bytes | str]] = {}
@@ -151,13 +199,3 @@ def read_tar_samples(path: str | Path) -> list[dict[str, bytes | str]]:
             assert f is not None
             samples.setdefault(key, {"__key__": key})[ext] = f.read()
     return list(samples.values())
-
-
-def iter_tar_members(path: str | Path):
-    """Yield ``(name, bytes)`` for each file member of a local tar, in order."""
-    with tarfile.open(path) as tf:
-        for m in tf:
-            if m.isfile():
-                f = tf.extractfile(m)
-                assert f is not None
-                yield m.name, f.read()

@@ -1,0 +1,56 @@
+"""DICOM ingest end to end: RSNA labels, sample modes, and the files a real export mixes in."""
+
+import json
+import shutil
+
+import pydicom
+from pydicom.data import get_testdata_file
+
+from ingest.config import DicomIngestConfig
+from ingest.runner import run_ingest
+from ingest.synthetic import make_ct_series
+from shards.writer import read_tar_samples
+
+
+def _rsna_csv(root, path):
+    rows = ["ID,Label"]
+    for f in sorted(root.rglob("*.dcm")):
+        ds = pydicom.dcmread(f, stop_before_pixels=True)
+        if "SeriesInstanceUID" in ds and ds.get("Modality") == "CT":
+            bleed = int(ds.PatientID.endswith(("5", "7")))  # MRN12345 / MRN12347 bleed
+            rows += [f"{ds.SOPInstanceUID}_any,{bleed}", f"{ds.SOPInstanceUID}_subdural,{bleed}"]
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+def test_rsna_center_mode_with_odd_files(stack, tmp_path):
+    root = tmp_path / "dicom"
+    patients, _ = make_ct_series(root, n=4, slices=14, size=32, seed=2)
+    shutil.copy(get_testdata_file("rtplan.dcm"), root / "plan.dcm")  # DICOM, but no image
+    shutil.copy(get_testdata_file("MR_truncated.dcm"), root / "cut.dcm")  # header fine, pixels cut short
+    burned = next(root.rglob("series/*.dcm"))
+    ds = pydicom.dcmread(burned)
+    ds.BurnedInAnnotation = "YES"  # marks its whole series
+    ds.save_as(burned)
+    labels = _rsna_csv(root, tmp_path / "stage_2_train.csv")
+    cfg = DicomIngestConfig(
+        sources=[str(root)], out=str(tmp_path / "out"), labels=str(labels), split="train=1.0", mode="center",
+        neighbours=2, store_size=32,
+    )  # fmt: skip
+    manifest, _ = run_ingest("dicom", cfg)
+    reasons = sorted(r.reason or "" for r in manifest.inputs if r.status != "ingested")
+    assert manifest.multilabel[0] == "any" and manifest.classes == ["no hemorrhage", "hemorrhage"]
+    assert any("BurnedInAnnotation" in r for r in reasons)
+    assert "DICOM object without an image (modality RTPLAN)" in reasons
+    assert any(r.startswith("not in the label table") for r in reasons)  # the MR file has no RSNA rows
+    ingested = [r for r in manifest.inputs if r.status == "ingested"]
+    assert len(ingested) == 3 and all(r.samples == 1 for r in ingested)
+    samples = read_tar_samples(tmp_path / "out" / "train" / "shard-000000.tar")
+    for s in samples:
+        meta = json.loads(s["json"])
+        assert sorted(k for k in s if k.endswith(".png")) == [f"{j:03d}.png" for j in range(5)]
+        assert meta["slices"] == [4, 5, 6, 7, 8] and meta["num_slices"] == 14
+        assert meta["labels"][0] == int(s["cls"]) and meta["labels"][5] == meta["labels"][0]
+    blob = (tmp_path / "out" / "manifest.json").read_text() + "".join(str(s) for s in samples)
+    for p in patients:
+        assert p.patient_id not in blob and p.name not in blob

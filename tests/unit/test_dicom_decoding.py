@@ -1,0 +1,127 @@
+"""Every transfer syntax decodes to the uncompressed pixels; MONOCHROME1, padding, multi-frame and odd files."""
+
+import imagecodecs
+import numpy as np
+import pydicom
+import pytest
+from pydicom.data import get_testdata_file
+from pydicom.encaps import encapsulate
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    RLELossless,
+    generate_uid,
+)
+
+from ingest.dicom import read_frames, read_headers, render, slice_rgb
+from ingest.synthetic import SyntheticPatient, ct_slice_dataset
+from ingest.windowing import PADDING_HU, to_hu, window_stack
+
+PATIENT = SyntheticPatient("DOE^JANE", "PID-1", "19700101")
+
+
+def _ct(size=64, seed=0):
+    rng = np.random.default_rng(seed)
+    stored = rng.integers(0, 2400, (size, size)).astype(np.int16)  # HU -1024..1375
+    return stored, ct_slice_dataset(stored, PATIENT, generate_uid(), generate_uid(), 0)
+
+
+def _encapsulated(ds, frame: bytes, uid, bits: int):
+    ds.file_meta.TransferSyntaxUID = uid
+    ds.BitsStored, ds.HighBit = bits, bits - 1
+    ds.PixelData = encapsulate([frame])
+    ds["PixelData"].VR = "OB"
+    ds.PixelRepresentation = 0
+    return ds
+
+
+@pytest.mark.parametrize("uid", [RLELossless, JPEGLSLossless, JPEG2000Lossless])
+def test_lossless_codecs_pydicom_writes_decode_exactly(tmp_path, uid):
+    stored, ds = _ct()
+    ds.compress(uid)
+    ds.save_as(tmp_path / "x.dcm", enforce_file_format=True)
+    _, pixels = read_frames(str(tmp_path / "x.dcm"))
+    assert np.array_equal(pixels[0], stored)
+
+
+def test_jpeg_lossless_and_deflated_decode_exactly(tmp_path):
+    stored, ds = _ct()
+    unsigned = stored.astype(np.uint16)
+    ds = _encapsulated(ds, imagecodecs.ljpeg_encode(unsigned), JPEGLosslessSV1, 12)
+    ds.save_as(tmp_path / "ljpeg.dcm", enforce_file_format=True)
+    assert np.array_equal(read_frames(str(tmp_path / "ljpeg.dcm"))[1][0], unsigned)
+    stored, ds = _ct(seed=1)
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    ds.save_as(tmp_path / "dfl.dcm", enforce_file_format=True)
+    assert np.array_equal(read_frames(str(tmp_path / "dfl.dcm"))[1][0], stored)
+
+
+@pytest.mark.parametrize(("uid", "bits"), [(JPEGBaseline8Bit, 8), (JPEGExtended12Bit, 12)])
+def test_lossy_jpeg_decodes_as_libjpeg_does(tmp_path, uid, bits):
+    stored, ds = _ct()
+    pixels = (stored // 16).astype(np.uint8) if bits == 8 else stored.astype(np.uint16)
+    data = imagecodecs.jpeg8_encode(pixels, level=95, bitspersample=bits)
+    ds = _encapsulated(ds, data, uid, bits)
+    ds.BitsAllocated = 8 if bits == 8 else 16
+    ds.save_as(tmp_path / "lossy.dcm", enforce_file_format=True)
+    got = read_frames(str(tmp_path / "lossy.dcm"))[1][0]
+    # Lossy decoders may differ by one level in the IDCT; pydicom's plugin agrees with libjpeg-turbo to that.
+    assert np.abs(got.astype(int) - imagecodecs.jpeg8_decode(data).astype(int)).max() <= 1
+    assert np.abs(got.astype(int) - pixels).mean() < 0.02 * 2**bits  # and close to the original (noise, q95)
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["MR_small_bigendian.dcm", "MR_small_implicit.dcm", "MR_small_RLE.dcm", "MR_small_jp2klossless.dcm",
+     "MR_small_jpeg_ls_lossless.dcm", "MR_small_expb.dcm"],
+)  # fmt: skip
+def test_files_shipped_with_pydicom_match_the_uncompressed_original(name):
+    reference = read_frames(get_testdata_file("MR_small.dcm"))[1]
+    assert np.array_equal(read_frames(get_testdata_file(name))[1], reference)
+
+
+def test_hu_windows_are_exact_and_padding_is_air(tmp_path):
+    stored = np.array([[0, 1024, 1064, 1104], [1144, 3424, 2000, 30]], np.int16)  # HU -1024, 0, 40, 80, 120...
+    ds = ct_slice_dataset(stored, PATIENT, generate_uid(), generate_uid(), 0)
+    rgb = render(ds, stored)
+    assert np.array_equal(rgb, window_stack(to_hu(stored, 1, -1024)))
+    # 40 HU: brain 40/80 -> 127.5, subdural 80/200 -> 76.5, soft 40/380 -> 127.5 (rounded half to even)
+    assert rgb[0, 2].tolist() == [128, 76, 128]
+    ds.PixelPaddingValue = 30
+    padded = render(ds, stored)
+    assert padded[1, 3].tolist() == window_stack(np.full((1, 1), PADDING_HU, np.float32))[0, 0].tolist() == [0, 0, 0]
+    assert np.array_equal(padded[0], rgb[0])
+
+
+def test_monochrome1_is_inverted_so_bright_means_high_signal():
+    ds = pydicom.dcmread(get_testdata_file("MR_small.dcm"))
+    pixels = ds.pixel_array
+    normal = render(ds, pixels)
+    ds.PhotometricInterpretation = "MONOCHROME1"
+    assert np.array_equal(render(ds, pixels), 255 - normal)
+
+
+def test_multi_frame_file_gives_one_header_and_one_image_per_frame(tmp_path):
+    path = get_testdata_file("SC_rgb_rle_2frame.dcm")
+    headers, reason = read_headers(path)
+    assert reason is None and [h.frame for h in headers] == [0, 1]
+    _, frames = read_frames(path)
+    assert frames.shape[0] == 2
+    assert np.array_equal(slice_rgb(path, frame=1), frames[1])
+
+
+def test_truncated_and_non_image_files_are_reasons_not_crashes(tmp_path):
+    junk = tmp_path / "notes.txt"
+    junk.write_text("hello")
+    assert read_headers(str(junk)) == ([], "not a DICOM file")
+    assert read_headers(get_testdata_file("rtplan.dcm"))[1] == "DICOM object without an image (modality RTPLAN)"
+    headers, _ = read_headers(get_testdata_file("MR_truncated.dcm"))
+    assert headers, "a truncated file still has a header; its pixels fail when read"
+    from ingest.dicom import DicomError
+
+    with pytest.raises(DicomError, match="pixel data could not be decoded"):
+        slice_rgb(get_testdata_file("MR_truncated.dcm"))

@@ -1,0 +1,59 @@
+"""The direct tiled-TIFF path returns OpenSlide's pixels exactly, falls back when it cannot, and bounds its cache."""
+
+import numpy as np
+import pytest
+
+from ingest.slides import OpenSlideReader
+from ingest.synthetic import slide_array, write_pyramid_tiff
+from ingest.tiff_tiles import TiffTiles, _TileCache
+
+
+@pytest.fixture(scope="module")
+def slide(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiff") / "s.tif"
+    write_pyramid_tiff(path, slide_array(1000, "CE", np.random.default_rng(3)))  # levels 1000 and 500 px
+    return str(path)
+
+
+def test_direct_reads_equal_openslide_everywhere(slide):
+    fast, ref = OpenSlideReader(slide), OpenSlideReader(slide, fast=False)
+    assert fast.direct_levels == [0, 1] and ref.direct_levels == []
+    rng = np.random.default_rng(0)
+    # Tile-aligned, straddling, edge-overhanging and wholly outside windows, at both levels.
+    boxes = [(0, 0, 0, 256, 256), (250, 250, 0, 600, 600), (900, 700, 0, 300, 400), (1200, 0, 0, 50, 50)]
+    boxes += [(int(x), int(y), 0, 97, 131) for x, y in rng.integers(0, 1000, (20, 2))]
+    boxes += [(2 * int(x), 2 * int(y), 1, 150, 120) for x, y in rng.integers(0, 500, (10, 2))]
+    for x, y, level, w, h in boxes:
+        assert np.array_equal(fast.read_region(x, y, level, w, h), ref.read_region(x, y, level, w, h)), (x, y, level)
+    assert np.array_equal(fast.read_level(1), ref.read_level(1))
+    fast.close()
+    ref.close()
+
+
+def test_level_whose_grid_does_not_land_on_pixels_goes_through_openslide(tmp_path):
+    path = tmp_path / "odd.tif"
+    write_pyramid_tiff(path, slide_array(1001, "LAA", np.random.default_rng(4)))  # level 1 is 501 px: ds 1.998
+    fast, ref = OpenSlideReader(str(path)), OpenSlideReader(str(path), fast=False)
+    assert 0 in fast.direct_levels
+    region = fast.read_region(333, 517, 1, 80, 80)
+    assert np.array_equal(region, ref.read_region(333, 517, 1, 80, 80))
+
+
+def test_probe_mismatch_disables_the_direct_path(slide):
+    ref = OpenSlideReader(slide, fast=False)
+    wrong = lambda x, y, level, w, h: 255 - ref.read_region(x, y, level, w, h)  # noqa: E731
+    assert TiffTiles.open(slide, ref.level_dimensions, ref.level_downsamples, wrong) is None
+
+
+def test_non_tiff_is_left_to_openslide(tmp_path):
+    junk = tmp_path / "x.svs"
+    junk.write_bytes(b"not a tiff at all")
+    assert TiffTiles.open(str(junk), [(10, 10)], [1.0], lambda *a: None) is None
+
+
+def test_tile_cache_stays_within_its_byte_budget():
+    cache = _TileCache(max_bytes=10_000)
+    for i in range(50):
+        cache.put((0, i), np.zeros(3000, np.uint8))
+        assert cache._bytes <= 10_000
+    assert cache.get((0, 49)) is not None and cache.get((0, 0)) is None
