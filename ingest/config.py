@@ -90,6 +90,8 @@ class DicomIngestConfig(IngestConfig):
         unknown = [w for w in v if w not in WINDOWS]
         if unknown:
             raise ValueError(f"unknown window(s) {unknown}; known: {sorted(WINDOWS)}")
+        if len(v) != 3:  # they are stored as the three channels of a JPEG/PNG
+            raise ValueError(f"give exactly 3 windows (the image's RGB channels), got {len(v)}")
         return v
 
 

@@ -151,7 +151,7 @@ def render(ds, pixels: np.ndarray, windows: tuple[str, ...] = DEFAULT_WINDOWS) -
     """One frame as ``uint8[H, W, 3]``: CT as stacked HU windows, colour as is, other grey percentile-normalised."""
     if pixels.ndim == 3:  # colour (pydicom returns RGB, converting YBR)
         return np.ascontiguousarray(pixels[:, :, :3]).astype(np.uint8, copy=False)
-    if str(ds.get("Modality", "")) == "CT" and len(windows) == 3:
+    if str(ds.get("Modality", "")) == "CT":
         pad_value = ds.get("PixelPaddingValue")
         pad_limit = ds.get("PixelPaddingRangeLimit")
         padding = padding_mask(pixels, pad_value, pad_limit)

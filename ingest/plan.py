@@ -27,10 +27,15 @@ class Plan:
     private: dict[str, str] = field(default_factory=dict)  # pseudonym -> location, kept off object storage
 
 
-def _labels(cfg: IngestConfig) -> tuple[dict[str, LabelRow], list[str]]:
-    if not cfg.labels:
+def _label_text(cfg: IngestConfig) -> str | None:
+    return storage.get_bytes(cfg.labels).decode("utf-8-sig") if cfg.labels else None
+
+
+def _table(text: str | None, source: str | None) -> tuple[dict[str, LabelRow], list[str]]:
+    """A generic or STRIP AI label table keyed by item, and its class names (empty without a CSV)."""
+    if text is None:
         return {}, []
-    rows = read_label_csv(storage.get_bytes(cfg.labels).decode("utf-8-sig"), source=cfg.labels)
+    rows = read_label_csv(text, source=source or "labels")
     return {r.item: r for r in rows}, class_names(rows)
 
 
@@ -45,7 +50,7 @@ def _assign(units: list[Unit], cfg: IngestConfig) -> None:
 
 def plan_wsi(cfg: WsiIngestConfig, key: bytes) -> Plan:
     """One unit per slide file; with a label CSV, slides it does not name are skipped."""
-    table, classes = _labels(cfg)
+    table, classes = _table(_label_text(cfg), cfg.labels)
     plan = Plan(units=[], classes=classes)
     for loc in expand(cfg.sources):
         uid = pseudonym(key, "source", loc)
@@ -69,13 +74,11 @@ def plan_wsi(cfg: WsiIngestConfig, key: bytes) -> Plan:
 
 def _dicom_labels(cfg: DicomIngestConfig) -> tuple[dict[str, LabelRow], dict[str, list[int]], list[str]]:
     """A generic table (series or patient -> label), or RSNA per-slice multi-labels keyed by SOPInstanceUID."""
-    if not cfg.labels:
-        return {}, {}, []
-    text = storage.get_bytes(cfg.labels).decode("utf-8-sig")
-    if is_rsna_csv(text):
-        return {}, read_rsna_csv(text, source=cfg.labels), ["no hemorrhage", "hemorrhage"]
-    rows = read_label_csv(text, source=cfg.labels)
-    return {r.item: r for r in rows}, {}, class_names(rows)
+    text = _label_text(cfg)
+    if text is not None and is_rsna_csv(text):
+        return {}, read_rsna_csv(text, source=cfg.labels or "labels"), ["no hemorrhage", "hemorrhage"]
+    table, classes = _table(text, cfg.labels)
+    return table, {}, classes
 
 
 def _skip(plan: Plan, uid: str, reason: str) -> None:

@@ -234,14 +234,20 @@ def group_parts(parts: list[tuple[str, int]], target_bytes: int) -> list[list[st
 
 
 def pack_shard(out: str, split: str, index: int, part_ids: list[str]) -> ShardInfo:
-    """Join staged parts byte for byte into ``<out>/<split>/shard-<index>.tar`` (+ ``.idx``)."""
+    """Join staged parts byte for byte into ``<out>/<split>/shard-<index>.tar`` (+ ``.idx``).
+
+    Parts are fetched one at a time into one local file, so the local disk holds the shard plus one part.
+    """
     with tempfile.TemporaryDirectory() as tmp:
-        parts = []
-        for k, work_id in enumerate(part_ids):
-            url = part_url(out, work_id)
-            samples = parse_index(storage.get_bytes(url.removesuffix(".tar") + ".idx").decode())
-            parts.append((storage.get_file(url, os.path.join(tmp, f"{k}.tar")), samples))
-        return concat_shards(parts, storage.join(out, split), index)
+        local = os.path.join(tmp, "part.tar")
+
+        def parts():
+            for work_id in part_ids:
+                url = part_url(out, work_id)
+                samples = parse_index(storage.get_bytes(url.removesuffix(".tar") + ".idx").decode())
+                yield storage.get_file(url, local), samples
+
+        return concat_shards(parts(), storage.join(out, split), index)
 
 
 def _pack(cfg: IngestConfig, inputs: list[InputRecord], works: dict[str, list[WorkRecord]], sched: _Scheduler):

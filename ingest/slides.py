@@ -6,6 +6,8 @@ from typing import Protocol
 
 import numpy as np
 
+from ingest.tiff_tiles import TiffTiles, to_level
+
 
 class SlideError(RuntimeError):
     """A slide could not be opened or read; the message says why (never the file's name)."""
@@ -47,8 +49,6 @@ class OpenSlideReader:
     def __init__(self, path: str, fast: bool = True) -> None:
         import openslide
 
-        from ingest.tiff_tiles import TiffTiles
-
         try:
             self._slide = openslide.OpenSlide(path)
         except openslide.OpenSlideUnsupportedFormatError as exc:
@@ -74,8 +74,6 @@ class OpenSlideReader:
         return sorted(self._tiles.levels) if self._tiles else []
 
     def read_region(self, x: int, y: int, level: int, width: int, height: int) -> np.ndarray:
-        from ingest.tiff_tiles import to_level
-
         direct = self._tiles.levels.get(level) if self._tiles else None
         if direct is not None:
             lx, ly = to_level(x, self.level_downsamples[level]), to_level(y, self.level_downsamples[level])

@@ -149,8 +149,7 @@ def _sequence_picks(n: int, cfg: DicomIngestConfig) -> list[tuple[str, list[int]
 def dicom_samples(work: Work, cfg: DicomIngestConfig) -> Iterator[dict[str, Any]]:
     """The samples of one series in anatomical order: per slice, the centre block, or T slices (``cfg.mode``).
 
-    A sample of several slices stores them as ``000.<fmt>``, ``001.<fmt>``... so a DALI reader lists them by
-    extension and stacks them; a single slice is plain ``<fmt>``.
+    A sample of several slices holds them in order (see :func:`~shards.schema.make_sample`).
     """
     unit = work.unit
     n = len(unit.sources)
@@ -178,13 +177,7 @@ def dicom_samples(work: Work, cfg: DicomIngestConfig) -> Iterator[dict[str, Any]
             "labels": vector,
         }
         images = [encode_image(slices.get(i), cfg.format, cfg.quality) for i in picks]
-        if len(images) == 1:
-            yield make_sample(f"{unit.item}_{suffix}", images[0], cfg.format, label, meta)
-        else:
-            sample = make_sample(f"{unit.item}_{suffix}", images[0], cfg.format, label, meta)
-            del sample[cfg.format]
-            sample.update({f"{j:03d}.{cfg.format}": img for j, img in enumerate(images)})
-            yield sample
+        yield make_sample(f"{unit.item}_{suffix}", images, cfg.format, label, meta)
 
 
 def plan_unit(unit: Unit, cfg: IngestConfig) -> tuple[list[Work], list[str]]:

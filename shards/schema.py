@@ -50,9 +50,20 @@ def decode_image(data: bytes) -> np.ndarray:
         return np.asarray(im.convert("RGB"))
 
 
-def make_sample(key: str, image: bytes, fmt: str, label: int | None, meta: dict[str, Any]) -> dict[str, Any]:
-    """Build a sample dict; the label is stored as ``.cls`` only when known."""
-    sample: dict[str, Any] = {"__key__": check_key(key), fmt: image, "json": json.dumps(meta, sort_keys=True)}
+def make_sample(
+    key: str, image: bytes | list[bytes], fmt: str, label: int | None, meta: dict[str, Any]
+) -> dict[str, Any]:
+    """Build a sample dict; the label is stored as ``.cls`` only when known.
+
+    One image is ``<fmt>``; several (a slice sequence) are ``000.<fmt>``, ``001.<fmt>``... so a DALI reader lists
+    them by extension and stacks them.
+    """
+    sample: dict[str, Any] = {"__key__": check_key(key), "json": json.dumps(meta, sort_keys=True)}
+    images = image if isinstance(image, list) else [image]
+    if len(images) == 1:
+        sample[fmt] = images[0]
+    else:
+        sample.update({f"{j:03d}.{fmt}": img for j, img in enumerate(images)})
     if label is not None:
         sample["cls"] = str(int(label))
     return sample

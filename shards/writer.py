@@ -12,6 +12,7 @@ import io
 import os
 import tarfile
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -95,21 +96,7 @@ class ShardWriter:
         assert self._tar is not None
         self._tar.close()
         self._tar = None
-        name = shard_name(self.index)
-        idx_name = name.replace(".tar", ".idx")
-        idx_path = self._spool / idx_name
-        idx_path.write_text(index_text(self._members))
-        info = ShardInfo(
-            name=name,
-            size=self._path.stat().st_size,
-            sha256=_sha256(self._path),
-            samples=self._count,
-        )
-        storage.put_file(idx_path, storage.join(self.prefix, idx_name))
-        storage.put_file(self._path, storage.join(self.prefix, name))
-        os.unlink(self._path)
-        os.unlink(idx_path)
-        self.shards.append(info)
+        self.shards.append(_publish(self._path, self._members, self._count, self.prefix, _sha256(self._path)))
         self.index += 1
 
     def close(self) -> list[ShardInfo]:
@@ -139,19 +126,34 @@ class ShardWriter:
             self._discard()
 
 
-def concat_shards(parts: list[tuple[Path, list[list[Member]]]], prefix: str, index: int) -> ShardInfo:
+def _publish(tar_path: Path, members: list[Member], samples: int, prefix: str, sha256: str) -> ShardInfo:
+    """Upload a finished local ``shard-N.tar.tmp`` under ``prefix`` with its ``.idx`` (index first), then delete both.
+
+    An S3 PUT is atomic and local files are renamed into place, so a shard is never seen half written.
+    """
+    name = tar_path.name.removesuffix(".tmp")
+    idx_path = tar_path.with_name(name.replace(".tar", ".idx"))
+    idx_path.write_text(index_text(members))
+    info = ShardInfo(name=name, size=tar_path.stat().st_size, sha256=sha256, samples=samples)
+    storage.put_file(idx_path, storage.join(prefix, idx_path.name))
+    storage.put_file(tar_path, storage.join(prefix, name))
+    os.unlink(tar_path)
+    os.unlink(idx_path)
+    return info
+
+
+def concat_shards(parts: Iterable[tuple[Path, list[list[Member]]]], prefix: str, index: int) -> ShardInfo:
     """Publish ``shard-<index>`` made of whole tar ``parts`` (local files with their indexed samples), byte for byte.
 
     Each part's members are copied without unpacking and the index offsets are shifted, so joining staged
-    parts costs one sequential copy and one hash instead of re-tarring every sample.
+    parts costs one sequential copy and one hash instead of re-tarring every sample. ``parts`` is consumed one
+    at a time: each part file is fully read before the next is asked for.
     """
-    spool = Path(tempfile.mkdtemp(prefix="tessera-shard-"))
-    name = shard_name(index)
-    tar_path, idx_path = spool / (name + ".tmp"), spool / name.replace(".tar", ".idx")
     members: list[Member] = []
     h = hashlib.sha256()
     keys: set[str] = set()
-    try:
+    with tempfile.TemporaryDirectory(prefix="tessera-shard-") as spool:
+        tar_path = Path(spool) / (shard_name(index) + ".tmp")
         with open(tar_path, "wb") as out:
             at = 0
             for path, samples in parts:
@@ -176,15 +178,7 @@ def concat_shards(parts: list[tuple[Path, list[list[Member]]]], prefix: str, ind
             trailer = b"\0" * (2 * TAR_BLOCK)  # the end-of-archive marker
             out.write(trailer)
             h.update(trailer)
-        idx_path.write_text(index_text(members))
-        info = ShardInfo(name=name, size=tar_path.stat().st_size, sha256=h.hexdigest(), samples=len(keys))
-        storage.put_file(idx_path, storage.join(prefix, idx_path.name))
-        storage.put_file(tar_path, storage.join(prefix, name))
-        return info
-    finally:
-        for p in spool.glob("*"):
-            p.unlink()
-        spool.rmdir()
+        return _publish(tar_path, members, len(keys), prefix, h.hexdigest())
 
 
 def read_tar_samples(path: str | Path) -> list[dict[str, bytes | str]]:

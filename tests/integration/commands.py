@@ -1,6 +1,8 @@
-"""Command lines the integration tests run as a user would."""
+"""Command lines (and the matching configurations) the integration tests run as a user would."""
 
 import sys
+
+from ingest.config import WsiIngestConfig
 
 
 def ingest_wsi_cmd(slides, out, *extra: str) -> list[str]:
@@ -22,3 +24,9 @@ def ingest_wsi_cmd(slides, out, *extra: str) -> list[str]:
         "train=0.5,val=0.5",
         *extra,
     ]
+
+
+def wsi_config(slides, out: str, **extra) -> WsiIngestConfig:
+    """The configuration :func:`ingest_wsi_cmd` asks for, built in-process, with ``extra`` fields overriding."""
+    options = {"tile_size": 128, "store_size": 32, "split": "train=0.5,val=0.5", **extra}
+    return WsiIngestConfig(sources=[str(slides)], out=out, **options)

@@ -16,7 +16,7 @@ from ingest.units import plan_unit
 from shards import manifest as mf
 from shards import storage
 from shards.writer import read_tar_samples
-from tests.integration.commands import ingest_wsi_cmd
+from tests.integration.commands import ingest_wsi_cmd, wsi_config
 
 
 def _keys(prefix, manifest, tmp):
@@ -32,12 +32,11 @@ def test_kill_and_resume_gives_exactly_the_expected_samples(stack, tmp_path):
     make_slides(slides, n=4, size=1024, seed=3)
     (slides / "notes.svs").write_text("not a slide")  # wrong content for its extension
     # region_tiles=8 cuts each slide into several regions, so the crash lands between regions of a slide
-    common = dict(sources=[str(slides)], tile_size=128, store_size=32, split="train=0.5,val=0.5", region_tiles=8)
     clean_url, crash_url = "s3://shards/resume/clean", "s3://shards/resume/crashed"
-    clean, _ = run_ingest("wsi", WsiIngestConfig(out=clean_url, **common))
+    clean, _ = run_ingest("wsi", wsi_config(slides, clean_url, region_tiles=8))
 
     # The "crashed" run: two units finished and staged, a third half-uploaded, then the process died.
-    cfg = WsiIngestConfig(out=crash_url, **common)
+    cfg = wsi_config(slides, crash_url, region_tiles=8)
     from ingest.config import pseudonym_key
 
     units = plan_wsi(cfg, pseudonym_key()).units
@@ -107,17 +106,7 @@ def test_kill_9_of_the_cli_then_the_same_command_completes(stack, tmp_path):
     )
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     resumed = mf.load(out)
-    clean, _ = run_ingest(
-        "wsi",
-        WsiIngestConfig(
-            sources=[str(slides)],
-            out="s3://shards/kill9/clean",
-            tile_size=128,
-            store_size=32,
-            split="train=0.5,val=0.5",
-            region_tiles=4,
-        ),
-    )
+    clean, _ = run_ingest("wsi", wsi_config(slides, "s3://shards/kill9/clean", region_tiles=4))
     keys = _keys(out, resumed, tmp_path)
     assert len(keys) == len(set(keys)) == sum(s.num_samples for s in clean.splits.values())
     assert sorted(keys) == sorted(_keys("s3://shards/kill9/clean", clean, tmp_path))
@@ -128,15 +117,7 @@ def test_a_killed_ingest_worker_is_restarted_and_its_work_retried(stack, tmp_pat
 
     slides = tmp_path / "slides"
     make_slides(slides, n=4, size=2048, seed=6)
-    cfg = WsiIngestConfig(
-        sources=[str(slides)],
-        out="s3://shards/killworker/x",
-        tile_size=128,
-        store_size=32,
-        split="train=0.5,val=0.5",
-        region_tiles=2,
-        workers=2,
-    )
+    cfg = wsi_config(slides, "s3://shards/killworker/x", region_tiles=2, workers=2)
     result = {}
     thread = threading.Thread(target=lambda: result.update(m=run_ingest("wsi", cfg)[0]))
     thread.start()

@@ -2,6 +2,7 @@ import subprocess
 import sys
 
 import pytest
+from pydantic import ValidationError
 
 from cluster.cli import build_parser, main
 from ingest.config import WsiIngestConfig, parse_bytes
@@ -70,3 +71,11 @@ def test_dry_run_prints_recipe_and_parameters(capsys):
     assert main(["train", "demo_tiles", "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "mobilenetv3_small_050" in out and "parameters:" in out
+
+
+def test_dicom_windows_must_fill_three_channels():
+    from ingest.config import DicomIngestConfig
+
+    with pytest.raises(ValidationError, match="exactly 3 windows"):
+        DicomIngestConfig(sources=["x"], out="y", windows=["brain", "bone"])
+    assert DicomIngestConfig(sources=["x"], out="y", windows=["bone", "brain", "soft"]).windows[0] == "bone"
