@@ -139,24 +139,59 @@ def cmd_ingest(args) -> int:
     return 0
 
 
+def _outputs_for_dry_run(recipe) -> tuple[int, str]:
+    """How many logits the model would have: from the heads, the manifest if readable, else 2 (said so)."""
+    from shards import manifest as mf
+
+    if recipe.model.heads:
+        return len(recipe.model.heads), "heads"
+    try:
+        m = mf.load(recipe.data.dataset)
+        names = m.multilabel if recipe.task == "multilabel" else m.classes
+        return len(names), "manifest"
+    except Exception as exc:  # the dataset may live on a cluster this machine cannot reach
+        return 2, f"assumed; manifest not readable: {type(exc).__name__}"
+
+
 def cmd_train(args) -> int:
     from cluster import health
     from training.config import load_recipe
-    from training.launch import run_training
+    from training.launch import resume_training, run_training
+
+    s = _settings()
+    if args.resume:
+        if args.recipe or args.overrides:
+            raise SystemExit("--resume RUN takes no recipe or overrides: the run's own recipe is used")
+        _connect(s)
+        health.require(s, "mlflow")
+        outcome = resume_training(args.resume, s.mlflow_url, str(s.state / "checkpoints"))
+    else:
+        if not args.recipe:
+            raise SystemExit("a RECIPE (name or YAML path) or --resume RUN is needed")
+        recipe = load_recipe(args.recipe, args.overrides)
+        if args.dry_run:
+            return _dry_run(recipe)
+        _connect(s)
+        health.require(s, "mlflow")
+        outcome = run_training(recipe, s.mlflow_url, str(s.state / "checkpoints"))
+    print(f"MLflow run: {outcome.run_url}\ncheckpoint: {outcome.checkpoint}")
+    if outcome.model_version:
+        print(f"registered model: {outcome.run_url.split('/#/')[0]}/#/models (version {outcome.model_version})")
+    return 0
+
+
+def _dry_run(recipe) -> int:
+    import yaml
+
     from training.models import build_model, count_parameters
 
-    recipe = load_recipe(args.recipe, args.overrides)
-    if args.dry_run:
-        import yaml
-
-        print(yaml.safe_dump(recipe.model_dump(), sort_keys=False))
-        print(f"parameters: {count_parameters(build_model(recipe.model.name, 2)):,} (2-class head)")
-        return 0
-    s = _settings()
-    _connect(s)
-    health.require(s, "mlflow")
-    outcome = run_training(recipe, s.mlflow_url, str(s.state / "checkpoints"))
-    print(f"MLflow run: {outcome.run_url}\ncheckpoint: {outcome.checkpoint}")
+    print(yaml.safe_dump(recipe.model_dump(), sort_keys=False))
+    n, source = _outputs_for_dry_run(recipe)
+    model = build_model(
+        recipe.model.model_copy(update={"pretrained": False}), n, recipe.data.frames, recipe.data.image_size
+    )
+    total, trainable = count_parameters(model, trainable=False), count_parameters(model)
+    print(f"parameters: {total:,} ({trainable:,} trainable), {n} outputs ({source})")
     return 0
 
 
@@ -213,8 +248,11 @@ def build_parser() -> argparse.ArgumentParser:
         k.set_defaults(fn=cmd_ingest, kind=kind)
 
     tr = sub.add_parser("train", help="train a recipe on Ray Train + DeepSpeed, tracked in MLflow")
-    tr.add_argument("recipe", help="recipe name (training/recipes/) or YAML path")
+    tr.add_argument("recipe", nargs="?", help="recipe name (training/recipes/) or YAML path")
     tr.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    tr.add_argument(
+        "--resume", metavar="RUN", help="continue a stopped run (MLflow run id or name) from its checkpoint"
+    )
     tr.add_argument("--dry-run", action="store_true", help="validate, print the resolved recipe and exit")
     tr.set_defaults(fn=cmd_train)
 

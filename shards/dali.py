@@ -3,6 +3,8 @@
 One pipeline definition serves both devices: with ``device_id=None`` DALI runs in CPU mode (decode on the CPU),
 with a GPU id it uses "mixed" decoding and GPU operators. Shards may be local paths or ``s3://`` URLs (DALI
 reads S3 itself, from ``AWS_ENDPOINT_URL`` and the usual keys); the small ``.idx`` files are fetched locally.
+Slice-sequence samples (``000.png``, ``001.png``...) are decoded per frame and stacked, and every augmentation
+draws its parameters once per sample, so all frames of a sequence move together.
 """
 
 from __future__ import annotations
@@ -20,14 +22,73 @@ from shards import storage
 
 IMAGENET_MEAN = [0.485 * 255, 0.456 * 255, 0.406 * 255]
 IMAGENET_STD = [0.229 * 255, 0.224 * 255, 0.225 * 255]
+# torchvision's RandomAdjustSharpness blurs with this kernel and extrapolates away from the blur.
+SMOOTH = np.array([[1, 1, 1], [1, 5, 1], [1, 1, 1]], np.float32) / 13
 
 
 @dataclass(frozen=True)
 class Augment:
-    """Training augmentations, each applied to a sample with its probability (paper 000 uses 50 %)."""
+    """Training augmentations; each ``*_p`` is the share of samples it applies to (see training's recipe)."""
 
-    hflip: float = 0.5
-    vflip: float = 0.5
+    hflip: float = 0.0
+    vflip: float = 0.0
+    rotate_p: float = 0.0
+    rotate_degrees: tuple[float, float] = (-90.0, 90.0)
+    sharpness_p: float = 0.0
+    sharpness_factor: float = 2.0
+    color_jitter_p: float = 0.0
+    brightness: float = 0.0
+    contrast: float = 0.0
+    saturation: float = 0.0
+    hue: float = 0.0
+    zoom_p: float = 0.0
+    zoom: tuple[float, float] = (1.0, 1.0)
+
+
+def sharpen_kernel(factor: float) -> np.ndarray:
+    """3x3 kernel of ``factor * image + (1 - factor) * smoothed`` (torchvision's adjust_sharpness)."""
+    delta = np.zeros((3, 3), np.float32)
+    delta[1, 1] = 1
+    return (factor * delta + (1 - factor) * SMOOTH).astype(np.float32)
+
+
+def _uniform(lo: float, hi: float):
+    """A per-sample draw from ``[lo, hi]`` (the constant ``lo`` when the range is empty)."""
+    from nvidia.dali import fn
+
+    return fn.random.uniform(range=[lo, hi]) if hi > lo else float(lo)
+
+
+def _augment(images, aug: Augment, size: int):
+    """Random augmentations of ``images`` (HWC, or FHWC for sequences), each on its share of samples."""
+    from nvidia.dali import fn, types
+
+    def chosen(p: float):
+        return fn.random.coin_flip(probability=p, dtype=types.BOOL)
+
+    if aug.zoom_p > 0 and chosen(aug.zoom_p):
+        z = _uniform(*aug.zoom)
+        images = fn.resize(images, resize_x=size * z, resize_y=size * z)
+        images = fn.crop(images, crop=(size, size), out_of_bounds_policy="pad", fill_values=0)
+    if aug.rotate_p > 0 and chosen(aug.rotate_p):
+        images = fn.rotate(images, angle=_uniform(*aug.rotate_degrees), keep_size=True, fill_value=0)
+    if aug.sharpness_p > 0 and chosen(aug.sharpness_p):
+        images = fn.filter(images, types.Constant(sharpen_kernel(aug.sharpness_factor)), border="clamp")
+    if aug.color_jitter_p > 0 and chosen(aug.color_jitter_p):
+        images = fn.color_twist(
+            images,
+            brightness=_uniform(1 - aug.brightness, 1 + aug.brightness),
+            contrast=_uniform(1 - aug.contrast, 1 + aug.contrast),
+            saturation=_uniform(1 - aug.saturation, 1 + aug.saturation),
+            hue=_uniform(-360 * aug.hue, 360 * aug.hue),
+        )
+    if aug.hflip > 0 or aug.vflip > 0:
+        images = fn.flip(
+            images,
+            horizontal=fn.random.coin_flip(probability=aug.hflip),
+            vertical=fn.random.coin_flip(probability=aug.vflip),
+        )
+    return images
 
 
 def fetch_indices(shard_urls: list[str], dest: str | None = None) -> list[str]:
@@ -45,6 +106,22 @@ def shard_range(total: int, shard_id: int, num_shards: int) -> tuple[int, int]:
     return total * shard_id // num_shards, total * (shard_id + 1) // num_shards
 
 
+def epoch_order(num_shards: int, seed: int, epoch: int) -> list[int]:
+    """A fresh global order of the shards for ``epoch``, the same on every worker.
+
+    DALI's shuffle only mixes within a worker's part; permuting the shard list before DALI splits it by
+    worker rank moves shards between workers from one epoch to the next.
+    """
+    return np.random.default_rng([seed, epoch]).permutation(num_shards).tolist()
+
+
+def image_exts(frames: int) -> list[str]:
+    """Reader extensions of a sample's image(s): one image, or ``frames`` numbered slices."""
+    if frames == 0:
+        return ["jpg;png"]
+    return [f"{j:03d}.jpg;{j:03d}.png" for j in range(frames)]
+
+
 def build_pipeline(
     shard_urls: list[str],
     index_paths: list[str],
@@ -57,10 +134,12 @@ def build_pipeline(
     device_id: int | None = None,
     num_threads: int = 1,
     augment: Augment | None = None,
+    frames: int = 0,
 ):
-    """A built DALI pipeline yielding ``(images[N, 3, S, S] float, cls bytes, json bytes)``.
+    """A built DALI pipeline yielding ``(images, cls bytes, json bytes)``.
 
-    Training pipelines shuffle (seeded) and augment; evaluation pipelines read in order and pad the last
+    ``images`` is ``float[N, 3, S, S]`` (ImageNet-normalised), or ``float[N, T, 3, S, S]`` when ``frames`` is
+    ``T``. Training pipelines shuffle (seeded) and augment; evaluation pipelines read in order and pad the last
     batch so that a worker's share is read exactly once per pass.
     """
     from nvidia.dali import fn, pipeline_def, types
@@ -68,12 +147,14 @@ def build_pipeline(
     aug = augment or Augment()
     gpu = device_id is not None
 
-    @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=seed)
+    @pipeline_def(
+        batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=seed, enable_conditionals=True
+    )
     def pipe():
-        jpegs, cls, meta = fn.readers.webdataset(
+        *encoded, cls, meta = fn.readers.webdataset(
             paths=shard_urls,
             index_paths=index_paths,
-            ext=["jpg;png", "cls", "json"],
+            ext=[*image_exts(frames), "cls", "json"],
             missing_component_behavior="error",
             random_shuffle=train,
             initial_fill=256 if train else 1,
@@ -83,19 +164,23 @@ def build_pipeline(
             stick_to_shard=True,
             name="reader",
         )
-        images = fn.decoders.image(jpegs, device="mixed" if gpu else "cpu", output_type=types.RGB)
-        images = fn.resize(images, resize_x=image_size, resize_y=image_size)
-        mirror = 0
+        decoded = [
+            fn.resize(
+                fn.decoders.image(e, device="mixed" if gpu else "cpu", output_type=types.RGB),
+                resize_x=image_size,
+                resize_y=image_size,
+            )
+            for e in encoded
+        ]
+        images = decoded[0] if frames == 0 else fn.stack(*decoded, axis=0, axis_name="F")
         if train:
-            mirror = fn.random.coin_flip(probability=aug.hflip)
-            images = fn.flip(images, vertical=fn.random.coin_flip(probability=aug.vflip), horizontal=0)
+            images = _augment(images, aug, image_size)
         images = fn.crop_mirror_normalize(
             images,
             dtype=types.FLOAT,
-            output_layout="CHW",
+            output_layout="CHW" if frames == 0 else "FCHW",
             mean=IMAGENET_MEAN,
             std=IMAGENET_STD,
-            mirror=mirror,
         )
         return images, cls, meta
 
@@ -110,6 +195,13 @@ def _to_numpy(tensor_list) -> np.ndarray:
     return np.asarray(tensor_list.as_tensor())
 
 
+def sample_labels(cls, metas: list[dict], multilabel: bool) -> np.ndarray:
+    """``labels[N]`` from ``.cls``, or ``labels[N, L]`` from each sample's JSON ``labels`` vector."""
+    if multilabel:
+        return np.array([m["labels"] for m in metas], dtype=np.float32)
+    return np.array([int(bytes(np.asarray(c)).decode()) for c in cls], dtype=np.int64)
+
+
 class ShardBatches:
     """Batches from one worker's share of a split: ``(images, labels, metas)`` as NumPy / Python.
 
@@ -117,9 +209,19 @@ class ShardBatches:
     optimiser steps; evaluation passes yield the worker's share exactly once (padding trimmed).
     """
 
-    def __init__(self, pipeline, total: int, shard_id: int, num_shards: int, train: bool, steps: int | None):
+    def __init__(
+        self,
+        pipeline,
+        total: int,
+        shard_id: int,
+        num_shards: int,
+        train: bool,
+        steps: int | None,
+        multilabel: bool = False,
+    ):
         self.pipe = pipeline
         self.train = train
+        self.multilabel = multilabel
         start, end = shard_range(total, shard_id, num_shards)
         self.share = end - start
         self.batch_size = pipeline.max_batch_size
@@ -133,8 +235,8 @@ class ShardBatches:
         for _ in range(self.steps):
             images, cls, meta = self.pipe.run()
             x = _to_numpy(images)
-            labels = np.array([int(bytes(np.asarray(c)).decode()) for c in cls], dtype=np.int64)
             metas = [json.loads(bytes(np.asarray(m)).decode()) for m in meta]
+            labels = sample_labels(cls, metas, self.multilabel)
             if not self.train:
                 n = min(left, len(labels))
                 x, labels, metas = x[:n], labels[:n], metas[:n]

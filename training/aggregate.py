@@ -6,35 +6,54 @@ from typing import Literal
 
 import numpy as np
 
+How = Literal["mean", "max", "any"]
+
+
+def _group_label(labels: np.ndarray, gid: str) -> np.ndarray:
+    if labels.ndim == 2:  # multi-label: a series has a finding when any slice has it
+        return labels.max(axis=0)
+    values = np.unique(labels)
+    if len(values) != 1:
+        raise ValueError(f"group {gid!r} mixes labels {values.tolist()}")
+    return values[0]
+
+
+def _group_probs(member: np.ndarray, how: How, multilabel: bool) -> np.ndarray:
+    if how == "mean":
+        return member.mean(axis=0)
+    if how == "max":
+        m = member.max(axis=0)
+        return m if multilabel else m / m.sum()
+    if how == "any":
+        if member.shape[1] != 2:
+            raise ValueError("'any' aggregation needs two classes (negative, positive)")
+        top = member[:, 1].max()
+        return np.array([1.0 - top, top])
+    raise ValueError(f"unknown aggregation {how!r}")
+
 
 def aggregate(
-    probs: np.ndarray, labels: np.ndarray, groups: list[str], how: Literal["mean", "max"] = "mean"
+    probs: np.ndarray, labels: np.ndarray, groups: list[str], how: How = "mean"
 ) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """Group ``probs[N, C]`` by ``groups``; returns ``(group ids, probs[G, C], labels[G])``.
+    """Group ``probs[N, C]`` by ``groups``; returns ``(group ids, probs[G, C], labels[G] or [G, L])``.
 
     ``mean`` averages class probabilities (STRIP AI's slide-level submission); ``max`` takes each class's
-    maximum and renormalises. A group's label is its members' label; mixed labels raise ``ValueError``.
+    maximum (renormalised for multi-class); ``any`` makes ``P(positive)`` the largest member's, so that a
+    threshold on it calls a group positive when any member is (paper 002's image model per series).
+    A multi-class group's label is its members' label (mixed labels raise ``ValueError``); a multi-label
+    group's label is the element-wise maximum.
     """
     if len(groups) != len(probs) or len(labels) != len(probs):
         raise ValueError("probs, labels and groups must have the same length")
+    labels = np.asarray(labels)
     ids = sorted(set(groups))
     index = {g: i for i, g in enumerate(ids)}
     g = np.array([index[x] for x in groups])
     out = np.zeros((len(ids), probs.shape[1]))
-    out_labels = np.zeros(len(ids), dtype=np.int64)
-    for i in range(len(ids)):
-        member = probs[g == i]
-        member_labels = np.unique(labels[g == i])
-        if len(member_labels) != 1:
-            raise ValueError(f"group {ids[i]!r} mixes labels {member_labels.tolist()}")
-        out_labels[i] = member_labels[0]
-        if how == "mean":
-            out[i] = member.mean(axis=0)
-        elif how == "max":
-            m = member.max(axis=0)
-            out[i] = m / m.sum()
-        else:
-            raise ValueError(f"unknown aggregation {how!r}")
+    out_labels = np.zeros((len(ids), *labels.shape[1:]), dtype=np.int64)
+    for i, gid in enumerate(ids):
+        out_labels[i] = _group_label(labels[g == i], gid)
+        out[i] = _group_probs(probs[g == i], how, labels.ndim == 2)
     return ids, out, out_labels
 
 

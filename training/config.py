@@ -6,13 +6,48 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 RECIPES = Path(__file__).parent / "recipes"
+
+Range = tuple[float, float]
 
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+class AugmentConfig(Strict):
+    """Training augmentations. Each ``*_p`` is the share of samples it is applied to (paper 000: 0.5 each).
+
+    Magnitudes follow torchvision/albumentations: ``sharpness_factor`` 2 doubles detail (RandomAdjustSharpness),
+    ``brightness``/``contrast``/``saturation`` 0.2 draw a factor in [0.8, 1.2], ``hue`` 0.5 shifts hue by up to
+    half the colour circle, ``zoom`` (0.5, 2) scales about the centre (below 1 zooms out, padding with black).
+    """
+
+    hflip: float = Field(0.0, ge=0, le=1)
+    vflip: float = Field(0.0, ge=0, le=1)
+    rotate_p: float = Field(0.0, ge=0, le=1)
+    rotate_degrees: Range = (-90.0, 90.0)
+    sharpness_p: float = Field(0.0, ge=0, le=1)
+    sharpness_factor: float = Field(2.0, ge=0)
+    color_jitter_p: float = Field(0.0, ge=0, le=1)
+    brightness: float = Field(0.0, ge=0, lt=1)
+    contrast: float = Field(0.0, ge=0, lt=1)
+    saturation: float = Field(0.0, ge=0, lt=1)
+    hue: float = Field(0.0, ge=0, le=0.5)
+    zoom_p: float = Field(0.0, ge=0, le=1)
+    zoom: Range = (1.0, 1.0)
+
+    @model_validator(mode="after")
+    def _ranges(self) -> AugmentConfig:
+        for name in ("rotate_degrees", "zoom"):
+            lo, hi = getattr(self, name)
+            if lo > hi:
+                raise ValueError(f"{name}: low {lo} is above high {hi}")
+        if self.zoom[0] <= 0:
+            raise ValueError("zoom: factors must be positive")
+        return self
 
 
 class DataConfig(Strict):
@@ -22,17 +57,32 @@ class DataConfig(Strict):
     train_split: str = "train"
     val_split: str = "val"
     image_size: int = Field(224, gt=0)
-    hflip: float = Field(0.5, ge=0, le=1)
-    vflip: float = Field(0.5, ge=0, le=1)
+    # Slice-sequence samples (``000.png``...): frames per sample, for video models; 0 for single images.
+    frames: int = Field(0, ge=0)
+    # Samples per worker per epoch; default: the worker's share of the split (the manifest's count).
+    epoch_samples: int | None = Field(None, gt=0)
+    augment: AugmentConfig = AugmentConfig()
+    # ``balanced``: loss weights n / (C * n_c) from the manifest's train counts (paper 003); or explicit.
+    class_weights: Literal["none", "balanced"] | list[float] = "none"
+    loader_threads: int = Field(1, ge=1)
 
 
 class ModelConfig(Strict):
-    """A timm model by name; ``weights`` is a local file (or ``hf-hub:...``) used when ``pretrained``."""
+    """A model by name: a timm model, ``temporal:<timm name>`` (backbone + transformer over slices) or ``vivit``.
+
+    ``weights`` is a local file or folder (or hub id) used when ``pretrained``. ``heads`` gives a multi-head
+    model (paper 003: ``any`` plus five subtypes, one logit each). ``freeze: backbone`` trains the head(s) only
+    (paper 002). ``options`` go to the builder (e.g. ViViT's ``num_hidden_layers``, timm's ``img_size``).
+    """
 
     name: str
     pretrained: bool = False
     weights: str | None = None
     drop_rate: float = Field(0.0, ge=0, lt=1)
+    heads: list[str] | None = None
+    freeze: Literal["none", "backbone"] = "none"
+    temporal_layers: int = Field(2, ge=1)
+    options: dict[str, Any] = Field(default_factory=dict)
 
 
 class OptimConfig(Strict):
@@ -42,28 +92,81 @@ class OptimConfig(Strict):
     momentum: float = Field(0.9, ge=0, lt=1)
 
 
+class ScheduleConfig(Strict):
+    """Learning-rate schedule, stepped once per epoch (``plateau`` on the monitored validation metric)."""
+
+    name: Literal["constant", "cosine", "step", "plateau"] = "constant"
+    step_size: int = Field(10, ge=1)
+    gamma: float = Field(0.1, gt=0, le=1)
+    patience: int = Field(2, ge=0)
+    factor: float = Field(0.1, gt=0, lt=1)
+    min_lr: float = Field(0.0, ge=0)
+
+
+class SWAConfig(Strict):
+    """Stochastic weight averaging (paper 000): average weights from ``start`` (fraction of epochs) on."""
+
+    enabled: bool = False
+    start: float = Field(0.75, ge=0, lt=1)
+
+
+class EarlyStoppingConfig(Strict):
+    enabled: bool = False
+    patience: int = Field(3, ge=1)
+    min_delta: float = Field(0.0, ge=0)
+
+
 class DeepSpeedConfig(Strict):
     zero_stage: Literal[0, 1, 2, 3] = 2
     gradient_accumulation: int = Field(1, ge=1)
     bf16: Literal["auto", True, False] = "auto"
 
 
+class EvalConfig(Strict):
+    """What is monitored (early stopping, plateau, best model) and how samples aggregate to groups.
+
+    ``how``: ``mean`` or ``max`` of class probabilities, or ``any`` (a group is positive when any member's
+    positive probability reaches ``threshold``: paper 002's image model per series).
+    """
+
+    monitor: str = "val_loss"
+    mode: Literal["min", "max"] = "min"
+    levels: list[Literal["slide", "patient", "series"]] = Field(default_factory=lambda: ["slide", "patient"])
+    how: Literal["mean", "max", "any"] = "mean"
+    threshold: float = Field(0.5, gt=0, lt=1)
+
+
 class TrainRecipe(Strict):
-    """A whole training run: data, model, optimiser, DeepSpeed, schedule and how results are aggregated."""
+    """A whole training run: data, model, optimiser, schedule, DeepSpeed, evaluation."""
 
     name: str
     experiment: str | None = None
+    task: Literal["multiclass", "multilabel"] = "multiclass"
     data: DataConfig
     model: ModelConfig
     optim: OptimConfig = OptimConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    swa: SWAConfig = SWAConfig()
+    early_stopping: EarlyStoppingConfig = EarlyStoppingConfig()
     deepspeed: DeepSpeedConfig = DeepSpeedConfig()
+    eval: EvalConfig = EvalConfig()
     epochs: int = Field(2, ge=1)
     batch_size: int = Field(16, ge=1)
     workers: int = Field(2, ge=1)
     cpus_per_worker: float = Field(1, gt=0)
     use_gpu: Literal["auto", True, False] = "auto"
     seed: int = 0
-    aggregate: list[Literal["slide", "patient", "series"]] = Field(default_factory=lambda: ["slide", "patient"])
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TrainRecipe:
+        if self.swa.enabled and self.deepspeed.zero_stage == 3:
+            raise ValueError("swa.enabled: needs deepspeed.zero_stage <= 2 (ZeRO-3 shards the weights it averages)")
+        if self.task == "multilabel" and self.eval.how == "any":
+            raise ValueError("eval.how: 'any' is for multiclass tasks with a positive class")
+        video = self.model.name == "vivit" or self.model.name.startswith("temporal:")
+        if video != (self.data.frames > 0):
+            raise ValueError("data.frames: video models (vivit, temporal:*) need frames > 0, image models 0")
+        return self
 
 
 class RecipeError(ValueError):
@@ -92,19 +195,47 @@ def recipe_path(name_or_path: str) -> Path:
     raise RecipeError(f"recipe {name_or_path!r} not found (a YAML path or one of: {known})")
 
 
-def load_recipe(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) -> TrainRecipe:
-    """Load a recipe and apply ``key.sub=value`` overrides (values parsed as YAML)."""
-    tree = yaml.safe_load(recipe_path(name_or_path).read_text()) or {}
+def recipe_from_tree(tree: dict[str, Any], source: str = "recipe") -> TrainRecipe:
+    """Validate a recipe tree; errors name each field and the reason."""
+    try:
+        return TrainRecipe.model_validate(tree)
+    except ValidationError as exc:
+        lines = [f"{'.'.join(str(p) for p in e['loc']) or '(recipe)'}: {e['msg']}" for e in exc.errors()]
+        raise RecipeError(f"invalid recipe {source!r}:\n  " + "\n  ".join(lines)) from None
+
+
+def apply_overrides(tree: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """Apply ``key.sub=value`` overrides (values parsed as YAML) to ``tree`` in place."""
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise RecipeError(f"override {item!r} is not key=value")
         _set(tree, key.strip(), yaml.safe_load(raw))
-    try:
-        return TrainRecipe.model_validate(tree)
-    except ValidationError as exc:
-        lines = [f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()]
-        raise RecipeError(f"invalid recipe {name_or_path!r}:\n  " + "\n  ".join(lines)) from None
+    return tree
+
+
+def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def recipe_tree(name_or_path: str, _seen: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A recipe's YAML tree with ``extends: OTHER`` resolved (this file's keys win, sections merge)."""
+    path = recipe_path(name_or_path)
+    if str(path) in _seen:
+        raise RecipeError(f"extends: {name_or_path!r} extends itself through {' -> '.join(_seen)}")
+    tree = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(tree, dict):
+        raise RecipeError(f"{path}: a recipe is a YAML mapping")
+    parent = tree.pop("extends", None)
+    return _merge(recipe_tree(parent, (*_seen, str(path))), tree) if parent else tree
+
+
+def load_recipe(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) -> TrainRecipe:
+    """Load a recipe (resolving ``extends``) and apply ``key.sub=value`` overrides."""
+    return recipe_from_tree(apply_overrides(recipe_tree(name_or_path), overrides), name_or_path)
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -112,7 +243,7 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in tree.items():
         key = f"{prefix}{k}"
-        if isinstance(v, dict):
+        if isinstance(v, dict) and v:
             out.update(flatten(v, key + "."))
         else:
             out[key] = v

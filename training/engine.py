@@ -6,11 +6,11 @@ from typing import Any
 
 import torch
 
-from training.config import OptimConfig, TrainRecipe
+from training.config import OptimConfig, ScheduleConfig, TrainRecipe
 
 
 def make_optimizer(params, cfg: OptimConfig) -> torch.optim.Optimizer:
-    """The recipe's optimiser over ``params``."""
+    """The recipe's optimiser over ``params`` (only trainable ones are passed: head-only fine-tunes)."""
     if cfg.name == "adamw":
         return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     if cfg.name == "adam":
@@ -18,6 +18,20 @@ def make_optimizer(params, cfg: OptimConfig) -> torch.optim.Optimizer:
     if cfg.name == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     return torch.optim.RMSprop(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, epochs: int, mode: str):
+    """A per-epoch PyTorch LR scheduler, or ``None`` for a constant rate. ``plateau`` steps on the monitor."""
+    sched = torch.optim.lr_scheduler
+    if cfg.name == "cosine":
+        return sched.CosineAnnealingLR(optimizer, T_max=epochs, eta_min=cfg.min_lr)
+    if cfg.name == "step":
+        return sched.StepLR(optimizer, step_size=cfg.step_size, gamma=cfg.gamma)
+    if cfg.name == "plateau":
+        return sched.ReduceLROnPlateau(
+            optimizer, mode=mode, factor=cfg.factor, patience=cfg.patience, min_lr=cfg.min_lr
+        )
+    return None
 
 
 def deepspeed_config(recipe: TrainRecipe, cuda: bool) -> dict[str, Any]:
@@ -36,11 +50,15 @@ def deepspeed_config(recipe: TrainRecipe, cuda: bool) -> dict[str, Any]:
 
 
 def init_engine(model: torch.nn.Module, recipe: TrainRecipe, cuda: bool):
-    """Wrap ``model`` in a DeepSpeed engine on the process group Ray Train already set up."""
+    """Wrap ``model`` in a DeepSpeed engine on the process group already set up; returns ``(engine, scheduler)``.
+
+    The scheduler drives the wrapped PyTorch optimiser's ``param_groups`` (which ZeRO keeps), once per epoch.
+    """
     import deepspeed
 
-    optimizer = make_optimizer(model.parameters(), recipe.optim)
+    optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], recipe.optim)
+    scheduler = make_scheduler(optimizer, recipe.schedule, recipe.epochs, recipe.eval.mode)
     engine, *_ = deepspeed.initialize(
         model=model, optimizer=optimizer, config=deepspeed_config(recipe, cuda), dist_init_required=False
     )
-    return engine
+    return engine, scheduler

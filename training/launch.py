@@ -1,4 +1,4 @@
-"""Driver side of a training run: MLflow run, Ray Train TorchTrainer, checkpoints, learning curves."""
+"""Driver side of a training run: MLflow run, Ray Train TorchTrainer, resume, learning curves, registry."""
 
 from __future__ import annotations
 
@@ -13,7 +13,11 @@ import yaml
 from shards import manifest as mf
 from shards import storage
 from training import tracking
-from training.config import TrainRecipe, flatten
+from training.config import TrainRecipe, flatten, recipe_from_tree
+
+RECIPE_ARTIFACT = "recipe.yaml"
+# Test hook: "EPOCH,STEP,RANK" kills that worker once with SIGKILL (fault-tolerance tests).
+FAULT_ENV = "TESSERA_FAULT_KILL"
 
 
 @dataclass
@@ -22,6 +26,7 @@ class TrainOutcome:
     run_url: str
     metrics: dict[str, Any]
     checkpoint: str | None
+    model_version: str | None = None
 
 
 def _storage(storage_path: str):
@@ -49,57 +54,107 @@ def _use_gpu(recipe: TrainRecipe) -> bool:
     return ray.cluster_resources().get("GPU", 0) >= recipe.workers
 
 
-def run_training(recipe: TrainRecipe, tracking_uri: str, storage_path: str) -> TrainOutcome:
-    """Train ``recipe`` on the connected Ray cluster; metrics and artifacts go to MLflow at ``tracking_uri``."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+def _fault() -> dict[str, int] | None:
+    raw = os.environ.get(FAULT_ENV)
+    if not raw:
+        return None
+    epoch, step, rank = (int(v) for v in raw.split(","))
+    return {"epoch": epoch, "step": step, "rank": rank}
 
-    manifest_bytes = storage.get_bytes(storage.join(recipe.data.dataset, mf.MANIFEST_NAME))
-    manifest = mf.Manifest.model_validate_json(manifest_bytes)
+
+def _load_manifest(recipe: TrainRecipe) -> tuple[mf.Manifest, bytes]:
+    data = storage.get_bytes(storage.join(recipe.data.dataset, mf.MANIFEST_NAME))
+    manifest = mf.Manifest.model_validate_json(data)
     mf.check_patient_disjoint(manifest)
+    return manifest, data
+
+
+def start_run(recipe: TrainRecipe, tracking_uri: str, extra_tags: dict[str, str] | None = None) -> str:
+    """Create the MLflow run (params, tags, the resolved recipe); returns its id."""
+    manifest, manifest_bytes = _load_manifest(recipe)
     tags = {
         "dataset": recipe.data.dataset,
         "manifest_sha256": tracking.file_sha256(manifest_bytes),
         "git_commit": tracking.git_commit(),
         "recipe": recipe.name,
-    }
+    } | (extra_tags or {})
     params = flatten(recipe.model_dump()) | {"data.classes": ",".join(manifest.classes)}
     for split in (recipe.data.train_split, recipe.data.val_split):
         if split in manifest.splits:
             params[f"data.{split}_samples"] = manifest.splits[split].num_samples
-    exp_id, run_id = tracking.start_run(tracking_uri, recipe.experiment or recipe.name, recipe.name, params, tags)
-    url = tracking.run_url(tracking_uri, exp_id, run_id)
-    print(f"MLflow run: {url}", flush=True)
-    logger = tracking.RunLogger(tracking_uri, run_id)
+    _, run_id = tracking.start_run(tracking_uri, recipe.experiment or recipe.name, recipe.name, params, tags)
     with tempfile.TemporaryDirectory() as tmp:
-        resolved = Path(tmp) / "recipe.yaml"
+        resolved = Path(tmp) / RECIPE_ARTIFACT
         resolved.write_text(yaml.safe_dump(recipe.model_dump(), sort_keys=False))
-        logger.artifact(resolved)
+        tracking.RunLogger(tracking_uri, run_id).artifact(resolved)
+    return run_id
+
+
+def run_training(recipe: TrainRecipe, tracking_uri: str, storage_path: str, max_failures: int = 2) -> TrainOutcome:
+    """Train ``recipe`` on the connected Ray cluster; metrics and artifacts go to MLflow at ``tracking_uri``.
+
+    A worker that dies is replaced and the group resumes from the last checkpoint, up to ``max_failures``
+    times; after that the run is FAILED in MLflow and ``tessera train --resume RUN`` continues it.
+    """
+    run_id = start_run(recipe, tracking_uri)
+    print(f"MLflow run: {tracking.run_url_of(tracking_uri, run_id)}", flush=True)
+    return fit(recipe, run_id, tracking_uri, storage_path, max_failures)
+
+
+def resume_training(run_id: str, tracking_uri: str, storage_path: str) -> TrainOutcome:
+    """Continue a stopped run from its latest checkpoint, into the same MLflow run."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    run_id = tracking.resolve_run(client, run_id)
+    with tempfile.TemporaryDirectory() as tmp:
+        text = Path(client.download_artifacts(run_id, RECIPE_ARTIFACT, tmp)).read_text()
+    recipe = recipe_from_tree(yaml.safe_load(text), f"run {run_id}")
+    client.update_run(run_id, status="RUNNING")
+    print(f"resuming MLflow run: {tracking.run_url_of(tracking_uri, run_id)}", flush=True)
+    return fit(recipe, run_id, tracking_uri, storage_path)
+
+
+def trainer_for(recipe: TrainRecipe, run_id: str, tracking_uri: str, storage_path: str, max_failures: int = 2):
+    """The TorchTrainer of a run. Its name is fixed by the run id, so that a trainer built again for the same
+    run restores from that run's latest checkpoint (Ray Train v2 resumes by name and storage path)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
     use_gpu = _use_gpu(recipe)
     path, fs = _storage(storage_path)
-    trainer = TorchTrainer(
+    config = {"recipe": recipe.model_dump(), "mlflow_uri": tracking_uri, "run_id": run_id, "fault": _fault()}
+    return TorchTrainer(
         _loop(),
-        train_loop_config={"recipe": recipe.model_dump(), "mlflow_uri": tracking_uri, "run_id": run_id},
+        train_loop_config=config,
         scaling_config=ScalingConfig(
             num_workers=recipe.workers, use_gpu=use_gpu, resources_per_worker={"CPU": recipe.cpus_per_worker}
         ),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         run_config=RunConfig(
-            name=f"{recipe.name}-{run_id[:8]}",
+            name=f"{recipe.name}-{run_id[:12]}",
             storage_path=path,
             storage_filesystem=fs,
-            failure_config=FailureConfig(max_failures=2),
+            failure_config=FailureConfig(max_failures=max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
     )
+
+
+def fit(recipe: TrainRecipe, run_id: str, tracking_uri: str, storage_path: str, max_failures: int = 2) -> TrainOutcome:
+    """Run (or resume) the trainer of ``run_id``; curves and model registration after it ends."""
+    logger = tracking.RunLogger(tracking_uri, run_id)
     ok = False
     try:
-        result = trainer.fit()
+        result = trainer_for(recipe, run_id, tracking_uri, storage_path, max_failures).fit()
         ok = result.error is None
-        history = result.metrics_dataframe.to_dict("records") if result.metrics_dataframe is not None else []
+        history = tracking.epoch_history(tracking_uri, run_id)
         _log_curves(logger, history)
+        version = tracking.register_model(tracking_uri, run_id, recipe.name) if ok else None
         ckpt = result.checkpoint.path if result.checkpoint else None
-        return TrainOutcome(run_id, url, dict(result.metrics or {}), ckpt)
+        return TrainOutcome(
+            run_id, tracking.run_url_of(tracking_uri, run_id), dict(result.metrics or {}), ckpt, version
+        )
     finally:
         tracking.finish_run(tracking_uri, run_id, ok)
 
@@ -115,7 +170,18 @@ def _log_curves(logger: tracking.RunLogger, history: list[dict[str, Any]]) -> No
 
     if not history:
         return
+    keys = set().union(*history)
+    groups = {
+        "curve_loss.png": ("loss", ["train_loss", "val_loss", "val_swa_loss"]),
+        "curve_accuracy.png": ("accuracy", ["train_accuracy", "val_accuracy", "val_patient_accuracy"]),
+        "curve_log_loss.png": (
+            "log loss",
+            ["val_weighted_log_loss", "val_patient_weighted_log_loss", "val_rsna_log_loss"],
+        ),
+        "curve_lr.png": ("learning rate", ["lr"]),
+    }
     with tempfile.TemporaryDirectory() as tmp:
-        logger.artifact(curves_png(history, ["train_loss"], Path(tmp) / "curve_loss.png", "training loss"))
-        keys = [k for k in ("train_accuracy", "val_accuracy", "val_patient_accuracy") if k in history[0]]
-        logger.artifact(curves_png(history, keys, Path(tmp) / "curve_accuracy.png", "accuracy"))
+        for name, (title, wanted) in groups.items():
+            present = [k for k in wanted if k in keys]
+            if present:
+                logger.artifact(curves_png(history, present, Path(tmp) / name, title))

@@ -1,16 +1,19 @@
 """The per-worker training loop Ray Train runs: a plain function of its config dict.
 
 Every rank trains on its part of the shards through DALI, evaluates its part, and saves its DeepSpeed
-checkpoint files (with ZeRO each rank holds part of the optimiser state); rank 0 gathers predictions,
-computes metrics and writes to MLflow.
+checkpoint files (with ZeRO each rank holds part of the optimiser state; Ray Train uploads every rank's files
+into the same checkpoint). The checkpoint's client state carries what else a resumed run needs to continue
+exactly where it stopped: epoch, LR scheduler, early stopping, SWA average. Rank 0 writes to MLflow.
 """
 
 from __future__ import annotations
 
-import json
+import contextlib
 import os
-import random
+import signal
 import tempfile
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,187 +22,269 @@ import torch
 import torch.distributed as dist
 
 from shards import manifest as mf
-from shards.dali import Augment, ShardBatches, build_pipeline, fetch_indices
 from training.aggregate import aggregate
 from training.config import TrainRecipe
+from training.data import WorkerData
 from training.engine import init_engine
-from training.metrics import classification_metrics, confusion
+from training.losses import Loss, balanced_weights, class_counts
+from training.metrics import classification_metrics, multilabel_metrics
 from training.models import build_model
+from training.state import EarlyStopping, swa_start_epoch
 
-STATE_FILE = "tessera_state.json"
-
-
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
+TAG = "ds"
 
 
-def _loaders(recipe: TrainRecipe, manifest: mf.Manifest, rank: int, world: int, cuda: bool):
-    d = recipe.data
-    out = {}
-    for split, train in ((d.train_split, True), (d.val_split, False)):
-        if split not in manifest.splits:
-            raise ValueError(f"{d.dataset}: the manifest has no {split!r} split (has {sorted(manifest.splits)})")
-        urls = manifest.shard_urls(d.dataset, split)
-        total = manifest.splits[split].num_samples
-        with tempfile.TemporaryDirectory() as idx_dir:  # DALI reads the indices while it builds
-            pipe = build_pipeline(
-                urls,
-                fetch_indices(urls, idx_dir),
-                recipe.batch_size,
-                d.image_size,
-                train,
-                rank,
-                world,
-                seed=recipe.seed + 1000 * rank,
-                device_id=torch.cuda.current_device() if cuda else None,
-                augment=Augment(d.hflip, d.vflip),
-            )
-        steps = max(1, total // (world * recipe.batch_size)) if train else None
-        out[split] = ShardBatches(pipe, total, rank, world, train, steps)
-    return out[d.train_split], out[d.val_split]
+def outputs_of(recipe: TrainRecipe, manifest: mf.Manifest) -> list[str]:
+    """Names of the model's logits: the manifest's classes, or its multi-label names."""
+    if recipe.task == "multilabel":
+        if not manifest.multilabel:
+            raise ValueError(f"{recipe.data.dataset}: task multilabel but the manifest has no multi-label names")
+        return list(manifest.multilabel)
+    return list(manifest.classes)
 
 
-def _train_epoch(engine, batches: ShardBatches, device: torch.device) -> dict[str, float]:
+def make_loss(recipe: TrainRecipe, manifest: mf.Manifest, outputs: list[str]) -> Loss:
+    cw = recipe.data.class_weights
+    weights = None
+    if cw == "balanced" and recipe.task == "multiclass":
+        weights = balanced_weights(class_counts(manifest.inputs, recipe.data.train_split, len(outputs)))
+    elif isinstance(cw, list):
+        weights = cw
+    return Loss(recipe.task == "multilabel", weights, len(outputs))
+
+
+def _seed(recipe: TrainRecipe, epoch: int, rank: int) -> None:
+    """Per-epoch seeds (dropout, anything random in torch), so a resumed epoch repeats exactly."""
+    torch.manual_seed((recipe.seed * 1_000_003 + epoch * 1009 + rank) % 2**63)
+
+
+def _inject_fault(fault: dict | None, epoch: int, step: int, rank: int) -> None:
+    """Test hook: SIGKILL this worker once at ``fault``'s (epoch, step, rank) (only in a run not yet resumed).
+
+    It waits a few seconds first: Ray Train registers a checkpoint only once its controller has polled every
+    rank's report (every 2 s), and a tiny test epoch can be shorter than that.
+    """
+    if fault and (fault["epoch"], fault["step"], fault["rank"]) == (epoch, step, rank):
+        time.sleep(6)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def train_epoch(engine, batches, loss_fn: Loss, device, epoch: int, rank: int, fault=None) -> dict[str, float]:
+    """One pass of optimiser micro-steps; mean loss and accuracy over all workers."""
     engine.train()
+    dtype = next(engine.parameters()).dtype
     loss_sum, correct, seen = 0.0, 0, 0
-    for x, y, _ in batches:
-        xb = torch.as_tensor(x, device=device)
+    for step, (x, y, _) in enumerate(batches):
+        _inject_fault(fault, epoch, step, rank)
         yb = torch.as_tensor(y, device=device)
-        logits = engine(xb.to(next(engine.parameters()).dtype))
-        loss = torch.nn.functional.cross_entropy(logits.float(), yb)
+        logits = engine(torch.as_tensor(x, device=device).to(dtype))
+        loss = loss_fn(logits, yb)
         engine.backward(loss)
         engine.step()
-        loss_sum += float(loss) * len(y)
-        correct += int((logits.argmax(1) == yb).sum())
+        loss_sum += float(loss.detach()) * len(y)
+        if not loss_fn.multilabel:
+            correct += int((logits.argmax(1) == yb).sum())
         seen += len(y)
     totals = torch.tensor([loss_sum, correct, seen], dtype=torch.float64)
     dist.all_reduce(totals)
-    return {"train_loss": float(totals[0] / totals[2]), "train_accuracy": float(totals[1] / totals[2])}
+    out = {"train_loss": float(totals[0] / totals[2])}
+    if not loss_fn.multilabel:
+        out["train_accuracy"] = float(totals[1] / totals[2])
+    return out
 
 
 @torch.no_grad()
-def _predict(engine, batches: ShardBatches, device: torch.device) -> dict[str, Any]:
-    """This rank's probabilities, labels and metadata, gathered on every rank."""
-    engine.eval()
-    probs, labels, metas = [], [], []
+def predict(model, batches, loss_fn: Loss, device) -> dict[str, Any]:
+    """Probabilities, labels, metadata and mean loss of every worker's share, gathered on every rank."""
+    model.eval()
+    dtype = next(model.parameters()).dtype
+    probs, labels, metas, loss_sum = [], [], [], 0.0
     for x, y, m in batches:
         if len(y) == 0:
             continue
-        logits = engine(torch.as_tensor(x, device=device).to(next(engine.parameters()).dtype))
-        probs.append(torch.softmax(logits.float(), 1).cpu().numpy())
+        logits = model(torch.as_tensor(x, device=device).to(dtype))
+        loss_sum += float(loss_fn(logits, torch.as_tensor(y, device=device), class_weighted=False)) * len(y)
+        probs.append(loss_fn.probabilities(logits))
         labels.append(y)
         metas.extend(m)
-    mine = {"probs": probs, "labels": labels, "metas": metas}
     gathered: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, mine)
+    dist.all_gather_object(gathered, {"probs": probs, "labels": labels, "metas": metas, "loss": loss_sum})
     out_p = [p for g in gathered for p in g["probs"]]
     out_y = [y for g in gathered for y in g["labels"]]
+    n = sum(len(y) for y in out_y)
     return {
         "probs": np.concatenate(out_p) if out_p else np.zeros((0, 1)),
         "labels": np.concatenate(out_y) if out_y else np.zeros(0, np.int64),
         "metas": [m for g in gathered for m in g["metas"]],
+        "loss": sum(g["loss"] for g in gathered) / max(1, n),
     }
 
 
-def evaluate(pred: dict[str, Any], levels: list[str], prefix: str = "val_") -> dict[str, float]:
-    """Tile-level metrics plus the same metrics after mean aggregation to each of ``levels``."""
-    out = classification_metrics(pred["labels"], pred["probs"], prefix)
-    for level, gp, gy in _by_level(pred, levels):
-        out.update(classification_metrics(gy, gp, f"{prefix}{level}_"))
-    return out
-
-
-def _by_level(pred: dict[str, Any], levels: list[str]):
-    """``(level, probs[G, C], labels[G])`` by mean aggregation, for each level every sample's metadata names."""
-    for level in levels:
+def by_level(pred: dict[str, Any], recipe: TrainRecipe):
+    """``(level, probs[G, C], labels[G])`` for each recipe level that every sample's metadata names."""
+    how = recipe.eval.how if recipe.task == "multiclass" else "max"
+    for level in recipe.eval.levels:
         groups = [m.get(level) for m in pred["metas"]]
-        if all(g is not None for g in groups):
-            _, gp, gy = aggregate(pred["probs"], pred["labels"], groups, "mean")
+        if groups and all(g is not None for g in groups):
+            _, gp, gy = aggregate(pred["probs"], pred["labels"], groups, how)
             yield level, gp, gy
 
 
-def _restore(engine, checkpoint) -> int:
-    """Load the DeepSpeed state of a Ray Train checkpoint; returns the epoch to start from."""
-    with checkpoint.as_directory() as d:
-        state = json.loads((Path(d) / STATE_FILE).read_text())
-        engine.load_checkpoint(d, tag="ds")
-    return int(state["epoch"]) + 1
+def evaluate(pred: dict[str, Any], recipe: TrainRecipe, outputs: list[str], prefix: str = "val_") -> dict[str, float]:
+    """Sample-level metrics plus the same metrics after aggregation to each of the recipe's levels."""
+    threshold = recipe.eval.threshold if recipe.eval.how == "any" else None
+
+    def metrics(y, p, pre):
+        if recipe.task == "multilabel":
+            return multilabel_metrics(y, p, outputs, pre, recipe.eval.threshold)
+        return classification_metrics(y, p, pre, outputs, threshold if pre != prefix else None)
+
+    out = {f"{prefix}loss": pred["loss"]} | metrics(pred["labels"], pred["probs"], prefix)
+    for level, gp, gy in by_level(pred, recipe):
+        out |= metrics(gy, gp, f"{prefix}{level}_")
+    return out
+
+
+class Trainer:
+    """One worker's run: engine, data, state; ``run()`` trains from wherever the checkpoint left off."""
+
+    def __init__(self, config: dict[str, Any], rank: int, world: int, checkpoint_dir: str | None = None) -> None:
+        self.config = config
+        self.recipe = r = TrainRecipe.model_validate(config["recipe"])
+        self.rank, self.world = rank, world
+        cuda = torch.cuda.is_available() and r.use_gpu is not False
+        self.device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+        self.manifest = mf.load(r.data.dataset)
+        self.outputs = outputs_of(r, self.manifest)
+        _seed(r, -1, 0)  # the same initial head on every rank
+        model = build_model(r.model, len(self.outputs), r.data.frames, r.data.image_size).to(self.device)
+        self.engine, self.scheduler = init_engine(model, r, cuda)
+        self.loss = make_loss(r, self.manifest, self.outputs)
+        self.data = WorkerData(r, self.manifest, self.rank, self.world, self.device.index if cuda else None)
+        self.stopper = EarlyStopping(r.eval.mode, r.early_stopping.patience, r.early_stopping.min_delta)
+        self.swa = torch.optim.swa_utils.AveragedModel(self.engine.module) if r.swa.enabled else None
+        self.start = 0
+        self.resumed = checkpoint_dir is not None
+        if checkpoint_dir is not None:
+            self._restore(checkpoint_dir)
+
+    def _restore(self, checkpoint_dir: str) -> None:
+        _, client = self.engine.load_checkpoint(checkpoint_dir, tag=TAG)
+        self.start = int(client["epoch"]) + 1
+        self.stopper = EarlyStopping.from_state(client["early_stopping"])
+        if self.scheduler is not None:
+            self.scheduler.load_state_dict(client["scheduler"])
+        if self.swa is not None and client.get("swa"):
+            self.swa.load_state_dict(client["swa"])
+
+    def _client_state(self, epoch: int) -> dict[str, Any]:
+        return {
+            "epoch": epoch,
+            "early_stopping": self.stopper.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "swa": self.swa.state_dict() if self.swa is not None else None,
+        }
+
+    def _step_schedule(self, metrics: dict[str, float]) -> None:
+        if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            self.scheduler.step(metrics[self.recipe.eval.monitor])
+        elif self.scheduler is not None:
+            self.scheduler.step()
+
+    def _monitor(self, metrics: dict[str, float]) -> float:
+        key = self.recipe.eval.monitor
+        if key not in metrics:
+            raise ValueError(f"eval.monitor: {key!r} is not a reported metric (have {sorted(metrics)})")
+        return metrics[key]
+
+    def run(self, report_to: Callable[[dict[str, float], str], None], mlflow: bool = True) -> None:
+        """Train the remaining epochs; after each, save this rank's checkpoint files into a folder and hand
+        ``(metrics, folder)`` to ``report_to`` (Ray Train's report, or a test's recorder)."""
+        from training.reporting import Reporter
+
+        r = self.recipe
+        report = Reporter(self, self.config) if self.rank == 0 and mlflow else None
+        fault = None if self.resumed else self.config.get("fault")
+        if self.resumed and report:
+            report.epoch({"resumed_at_epoch": self.start}, self.start)
+        swa_from = swa_start_epoch(r.swa.start, r.epochs)
+        pred: dict[str, Any] = {}
+        for epoch in range(self.start, r.epochs):
+            _seed(r, epoch, self.rank)
+            lr = self.engine.optimizer.param_groups[0]["lr"]
+            metrics = train_epoch(
+                self.engine,
+                self.data.batches(r.data.train_split, epoch, True),
+                self.loss,
+                self.device,
+                epoch,
+                self.rank,
+                fault,
+            )
+            if self.swa is not None and epoch >= swa_from:
+                self.swa.update_parameters(self.engine.module)
+            pred = predict(self.engine, self.data.batches(r.data.val_split, epoch, False), self.loss, self.device)
+            metrics |= evaluate(pred, r, self.outputs) | {"lr": lr, "epoch": epoch}
+            value = self._monitor(metrics)
+            improved = self.stopper.improved(value)
+            stop = self.stopper.update(value, epoch) and r.early_stopping.enabled
+            self._step_schedule(metrics)
+            last = stop or epoch == r.epochs - 1
+            if last and self.swa is not None:
+                pred, swa_metrics = self._finish_swa(epoch)
+                metrics |= swa_metrics
+            if report:
+                report.epoch(metrics, epoch)
+            if (improved and self.swa is None) or (last and self.swa is not None):
+                self._export(report, "model")
+            if last and report:
+                report.final(pred)
+            with tempfile.TemporaryDirectory() as tmp:
+                self.engine.save_checkpoint(tmp, tag=TAG, client_state=self._client_state(epoch))
+                report_to(metrics, tmp)
+            if stop:
+                break
+        self.data.close()
+
+    def _finish_swa(self, epoch: int) -> tuple[dict[str, Any], dict[str, float]]:
+        """Recompute BatchNorm statistics for the averaged weights, then evaluate them (``val_swa_*``)."""
+        r = self.recipe
+        dtype = next(self.swa.parameters()).dtype
+        train = self.data.batches(r.data.train_split, epoch, False)
+        torch.optim.swa_utils.update_bn(
+            (torch.as_tensor(x, device=self.device).to(dtype) for x, _, _ in train), self.swa
+        )
+        pred = predict(self.swa, self.data.batches(r.data.val_split, epoch, False), self.loss, self.device)
+        return pred, evaluate(pred, r, self.outputs, prefix="val_swa_")
+
+    def _export(self, report, folder: str) -> None:
+        """Export the selected weights; every rank takes part (under ZeRO-3 parameters are gathered first)."""
+        gather = contextlib.nullcontext()
+        if self.recipe.deepspeed.zero_stage == 3:
+            import deepspeed
+
+            gather = deepspeed.zero.GatheredParameters(list(self.engine.module.parameters()), modifier_rank=None)
+        with gather:
+            if report is not None:
+                report.export(self.swa.module if self.swa is not None else self.engine.module, folder)
 
 
 def train_loop(config: dict[str, Any]) -> None:
-    """Ray Train entry point. ``config``: ``recipe`` (dict), ``mlflow_uri``, ``run_id``."""
+    """Ray Train entry point. ``config``: ``recipe`` (dict), ``mlflow_uri``, ``run_id``, optional ``fault``."""
     import ray.train
 
-    from training.tracking import RunLogger
-
-    recipe = TrainRecipe.model_validate(config["recipe"])
     ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    _seed_everything(recipe.seed + rank)
-    cuda = torch.cuda.is_available() and recipe.use_gpu is not False
-    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
-    manifest = mf.load(recipe.data.dataset)
-    model = build_model(
-        recipe.model.name,
-        len(manifest.classes),
-        recipe.model.pretrained,
-        recipe.model.weights,
-        recipe.model.drop_rate,
-    )
-    engine = init_engine(model.to(device), recipe, cuda)
     checkpoint = ray.train.get_checkpoint()
-    start = _restore(engine, checkpoint) if checkpoint else 0
-    train_batches, val_batches = _loaders(recipe, manifest, rank, world, cuda)
-    logger = RunLogger(config["mlflow_uri"], config["run_id"]) if rank == 0 else None
-    for epoch in range(start, recipe.epochs):
-        metrics = _train_epoch(engine, train_batches, device)
-        pred = _predict(engine, val_batches, device)
-        metrics |= evaluate(pred, recipe.aggregate)
-        metrics["epoch"] = epoch
-        if logger:
-            logger.metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=epoch)
-            if epoch == recipe.epochs - 1:
-                _final_artifacts(logger, pred, manifest.classes, recipe)
-        if epoch == recipe.epochs - 1:
-            _export(engine, recipe, manifest.classes, logger)
-        with tempfile.TemporaryDirectory() as tmp:
-            engine.save_checkpoint(tmp, tag="ds")
-            if rank == 0:
-                (Path(tmp) / STATE_FILE).write_text(json.dumps({"epoch": epoch}))
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+    with checkpoint.as_directory() if checkpoint else contextlib.nullcontext() as restored:
+        trainer = Trainer(config, ctx.get_world_rank(), ctx.get_world_size(), restored)
+
+    def report(metrics: dict[str, float], folder: str) -> None:
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+
+    trainer.run(report)
 
 
-def _export(engine, recipe: TrainRecipe, classes: list[str], logger) -> None:
-    """Export the final weights (all ranks take part: under ZeRO-3 the parameters are gathered first)."""
-    import contextlib
-    import copy
-
-    from training.export import save_export
-
-    gather = contextlib.nullcontext()
-    if recipe.deepspeed.zero_stage == 3:
-        import deepspeed
-
-        gather = deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None)
-    with gather:
-        if logger is None:
-            return
-        with tempfile.TemporaryDirectory() as tmp:
-            folder = save_export(
-                copy.deepcopy(engine.module), Path(tmp) / "model", recipe.model.name, classes, recipe.data.image_size
-            )
-            logger.artifacts(folder, "model")
-
-
-def _final_artifacts(logger, pred: dict[str, Any], classes: list[str], recipe: TrainRecipe) -> None:
-    from training.plots import confusion_png
-
-    with tempfile.TemporaryDirectory() as tmp:
-        cm = confusion(pred["labels"], pred["probs"])
-        logger.artifact(confusion_png(cm, classes, Path(tmp) / "confusion_tile.png", "validation, tile level"))
-        for level, gp, gy in _by_level(pred, recipe.aggregate):
-            path = Path(tmp) / f"confusion_{level}.png"
-            logger.artifact(confusion_png(confusion(gy, gp), classes, path, f"validation, {level} level"))
-        os.sync()
+def checkpoint_weights(checkpoint_dir: str | Path) -> dict[str, torch.Tensor]:
+    """The module weights of a Tessera DeepSpeed checkpoint folder (read on the CPU, no engine needed)."""
+    path = Path(checkpoint_dir) / TAG / "mp_rank_00_model_states.pt"
+    return torch.load(path, map_location="cpu", weights_only=False)["module"]

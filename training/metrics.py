@@ -1,13 +1,21 @@
-"""Classification metrics (scikit-learn) and the Mayo STRIP AI weighted multi-class log loss."""
+"""Classification metrics (scikit-learn), the Mayo STRIP AI and RSNA hemorrhage competition log losses."""
 
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 from sklearn import metrics as skm
 
 EPS = 1e-15
+# RSNA 2019: ``any`` weighs 2, each of the five subtypes 1.
+RSNA_WEIGHTS = (2.0, 1.0, 1.0, 1.0, 1.0, 1.0)
+
+
+def metric_name(text: str) -> str:
+    """A class or label name usable in an MLflow metric key."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_") or "x"
 
 
 def weighted_log_loss(y_true: np.ndarray, probs: np.ndarray) -> float:
@@ -22,11 +30,33 @@ def weighted_log_loss(y_true: np.ndarray, probs: np.ndarray) -> float:
     return float(np.mean(per_class))
 
 
-def classification_metrics(y_true: np.ndarray, probs: np.ndarray, prefix: str = "") -> dict[str, float]:
-    """Accuracy, macro precision/recall/F1, ROC-AUC (NaN when a class is absent) and weighted log loss."""
+def rsna_log_loss(y_true: np.ndarray, probs: np.ndarray, weights: tuple[float, ...] = RSNA_WEIGHTS) -> float:
+    """RSNA 2019's weighted multi-label log loss on ``probs[N, L]``: binary log loss per label, averaged with
+    ``weights`` (2 for ``any``, 1 per subtype)."""
+    y = np.asarray(y_true)
+    p = np.clip(np.asarray(probs, np.float64), EPS, 1 - EPS)
+    losses = [skm.log_loss(y[:, j], p[:, j], labels=[0, 1]) for j in range(p.shape[1])]
+    return float(np.average(losses, weights=weights[: p.shape[1]]))
+
+
+def _predictions(p: np.ndarray, threshold: float | None) -> np.ndarray:
+    if threshold is not None and p.shape[1] == 2:
+        return (p[:, 1] >= threshold).astype(np.int64)
+    return p.argmax(axis=1)
+
+
+def classification_metrics(
+    y_true: np.ndarray,
+    probs: np.ndarray,
+    prefix: str = "",
+    classes: list[str] | None = None,
+    threshold: float | None = None,
+) -> dict[str, float]:
+    """Accuracy, macro and per-class precision/recall/F1, ROC-AUC (NaN when a class is absent), weighted log
+    loss. ``threshold`` (binary only) calls a sample positive when ``P(class 1) >= threshold``."""
     y = np.asarray(y_true)
     p = np.asarray(probs, np.float64)
-    pred = p.argmax(axis=1)
+    pred = _predictions(p, threshold)
     labels = list(range(p.shape[1]))
     prec, rec, f1, _ = skm.precision_recall_fscore_support(y, pred, labels=labels, average="macro", zero_division=0)
     out = {
@@ -37,6 +67,11 @@ def classification_metrics(y_true: np.ndarray, probs: np.ndarray, prefix: str = 
         "weighted_log_loss": weighted_log_loss(y, p),
         "auc": math.nan,
     }
+    names = classes or [str(c) for c in labels]
+    per = skm.precision_recall_fscore_support(y, pred, labels=labels, average=None, zero_division=0)
+    for c, name in enumerate(names):
+        for metric, values in zip(("precision", "recall", "f1"), per[:3], strict=True):
+            out[f"{metric}_{metric_name(name)}"] = float(values[c])
     if len(np.unique(y)) == p.shape[1]:
         if p.shape[1] == 2:
             out["auc"] = float(skm.roc_auc_score(y, p[:, 1]))
@@ -45,7 +80,33 @@ def classification_metrics(y_true: np.ndarray, probs: np.ndarray, prefix: str = 
     return {f"{prefix}{k}": v for k, v in out.items()}
 
 
-def confusion(y_true: np.ndarray, probs: np.ndarray) -> np.ndarray:
+def multilabel_metrics(
+    y_true: np.ndarray, probs: np.ndarray, names: list[str], prefix: str = "", threshold: float = 0.5
+) -> dict[str, float]:
+    """Per label: AUC (NaN when one value is absent), F1 and accuracy at ``threshold``; their macro means;
+    RSNA's weighted log loss (``any`` first)."""
+    y = np.asarray(y_true).astype(np.int64)
+    p = np.asarray(probs, np.float64)
+    pred = (p >= threshold).astype(np.int64)
+    out: dict[str, float] = {"rsna_log_loss": rsna_log_loss(y, p)}
+    aucs, f1s, accs = [], [], []
+    for j, name in enumerate(names):
+        auc = float(skm.roc_auc_score(y[:, j], p[:, j])) if len(np.unique(y[:, j])) == 2 else math.nan
+        f1 = float(skm.f1_score(y[:, j], pred[:, j], zero_division=0))
+        acc = float(skm.accuracy_score(y[:, j], pred[:, j]))
+        key = metric_name(name)
+        out |= {f"auc_{key}": auc, f"f1_{key}": f1, f"accuracy_{key}": acc}
+        aucs.append(auc)
+        f1s.append(f1)
+        accs.append(acc)
+    present = [a for a in aucs if not math.isnan(a)]
+    out |= {"auc": float(np.mean(present)) if present else math.nan, "f1": float(np.mean(f1s))}
+    out["accuracy"] = float(np.mean(accs))
+    return {f"{prefix}{k}": v for k, v in out.items()}
+
+
+def confusion(y_true: np.ndarray, probs: np.ndarray, threshold: float | None = None) -> np.ndarray:
     """Confusion matrix ``[C, C]`` (rows true, columns predicted) over all ``C`` classes."""
-    labels = list(range(np.asarray(probs).shape[1]))
-    return skm.confusion_matrix(np.asarray(y_true), np.asarray(probs).argmax(axis=1), labels=labels)
+    p = np.asarray(probs)
+    labels = list(range(p.shape[1]))
+    return skm.confusion_matrix(np.asarray(y_true), _predictions(p, threshold), labels=labels)

@@ -42,3 +42,31 @@ def curves_png(history: list[dict[str, float]], keys: list[str], path: Path, tit
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def roc_png(y: np.ndarray, probs: np.ndarray, names: list[str], task: str, path: Path, title: str) -> Path:
+    """ROC curves: the positive class (binary), one-vs-rest per class, or one per label (multi-label)."""
+    from sklearn.metrics import roc_auc_score, roc_curve
+
+    fig, ax = plt.subplots(figsize=(4.2, 4.0), dpi=120)
+    if task == "multilabel":
+        curves = [(names[j], y[:, j], probs[:, j]) for j in range(len(names))]
+    elif probs.shape[1] == 2:
+        curves = [(names[1], y == 1, probs[:, 1])]
+    else:
+        curves = [(names[c], y == c, probs[:, c]) for c in range(len(names))]
+    for name, truth, score in curves:
+        if len(np.unique(truth)) < 2:
+            continue
+        fpr, tpr, _ = roc_curve(truth, score)
+        ax.plot(fpr, tpr, label=f"{name} (AUC {roc_auc_score(truth, score):.3f})")
+    ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=0.8)
+    ax.set_xlabel("false positive rate")
+    ax.set_ylabel("true positive rate")
+    ax.set_title(title)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path

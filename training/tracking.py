@@ -43,6 +43,57 @@ def run_url(tracking_uri: str, exp_id: str, run_id: str) -> str:
     return f"{tracking_uri.rstrip('/')}/#/experiments/{exp_id}/runs/{run_id}"
 
 
+def run_url_of(tracking_uri: str, run_id: str) -> str:
+    """The run's page in the MLflow UI."""
+    from mlflow import MlflowClient
+
+    exp_id = MlflowClient(tracking_uri).get_run(run_id).info.experiment_id
+    return run_url(tracking_uri, exp_id, run_id)
+
+
+def resolve_run(client, ref: str) -> str:
+    """A run id from an id or a unique run name (``strip_ai_resnet50-3f2a...`` as printed, or the MLflow name)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_run(ref).info.run_id
+    except MlflowException:
+        pass
+    exps = [e.experiment_id for e in client.search_experiments()]
+    runs = client.search_runs(exps, filter_string=f"attributes.run_name = '{ref}'", max_results=2)
+    if len(runs) != 1:
+        raise ValueError(f"no single MLflow run has id or name {ref!r} (found {len(runs)})")
+    return runs[0].info.run_id
+
+
+def epoch_history(tracking_uri: str, run_id: str) -> list[dict[str, float]]:
+    """Per-epoch rows ``{"epoch": e, metric: value...}`` from the run's metric histories (step = epoch)."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    rows: dict[int, dict[str, float]] = {}
+    for key in client.get_run(run_id).data.metrics:
+        for m in client.get_metric_history(run_id, key):
+            rows.setdefault(m.step, {"epoch": m.step})[key] = m.value
+    return [rows[e] for e in sorted(rows)]
+
+
+def register_model(tracking_uri: str, run_id: str, name: str) -> str | None:
+    """Register the run's ``model`` artifact folder under ``name``; returns the new version (or ``None``)."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient(tracking_uri)
+    if not any(a.path == "model" for a in client.list_artifacts(run_id)):
+        return None
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        client.create_registered_model(name, description="Tessera exports: model.ts, model.safetensors, model.json")
+    source = f"{client.get_run(run_id).info.artifact_uri}/model"
+    return client.create_model_version(name, source, run_id=run_id, tags={"format": "tessera-model-v2"}).version
+
+
 def finish_run(tracking_uri: str, run_id: str, ok: bool) -> None:
     from mlflow import MlflowClient
 

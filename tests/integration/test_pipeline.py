@@ -72,7 +72,10 @@ def test_mlflow_run_has_every_epoch_and_a_confusion_matrix(demo, stack):
         assert sorted(m.step for m in history) == list(range(epochs)), key
     assert run.data.tags["recipe"] == "demo_tiles" and len(run.data.tags["manifest_sha256"]) == 64
     artifacts = {a.path for a in client.list_artifacts(demo["run_id"])}
-    assert {"confusion_tile.png", "confusion_patient.png", "recipe.yaml", "curve_loss.png", "model"} <= artifacts
+    expected = {"confusion_sample.png", "confusion_patient.png", "roc_sample.png", "recipe.yaml", "curve_loss.png"}
+    assert expected | {"curve_lr.png", "model"} <= artifacts
+    versions = client.search_model_versions(f"name='{run.data.tags['recipe']}'")
+    assert demo["run_id"] in {v.run_id for v in versions}
 
 
 def test_the_exported_model_loads_and_predicts(demo, stack, tmp_path):

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from ingest.background import BackgroundFilter
+from training.config import ModelConfig
 from training.export import load_export, save_export
 from training.models import build_model
 
@@ -34,8 +35,9 @@ def test_torchscript_filter_drops_what_it_calls_background(tmp_path):
 
 def test_export_round_trip_and_as_background_model(tmp_path):
     torch.manual_seed(0)
-    model = build_model("mobilenetv3_small_050", 2).eval()
-    folder = save_export(model, tmp_path / "export", "mobilenetv3_small_050", ["background", "tissue"], 64)
+    cfg = ModelConfig(name="mobilenetv3_small_050")
+    model = build_model(cfg, 2).eval()
+    folder = save_export(model, tmp_path / "export", cfg, ["background", "tissue"], 64)
     assert json.loads((folder / "model.json").read_text())["classes"] == ["background", "tissue"]
     x = torch.randn(2, 3, 64, 64)
     again, desc = load_export(folder)

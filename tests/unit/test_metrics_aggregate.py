@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from training.aggregate import aggregate, any_positive
-from training.metrics import classification_metrics, confusion, weighted_log_loss
+from training.metrics import classification_metrics, confusion, multilabel_metrics, rsna_log_loss, weighted_log_loss
 
 
 def _direct_strip_loss(y, p):
@@ -58,3 +58,52 @@ def test_aggregate_to_slides():
 def test_any_positive():
     probs = np.array([[0.9, 0.1], [0.4, 0.6], [0.8, 0.2]])
     assert any_positive(probs, ["a", "a", "b"]) == {"a": True, "b": False}
+
+
+def _direct_rsna_loss(y, p, w=(2, 1, 1, 1, 1, 1)):
+    """RSNA 2019's formula term by term: per sample, weighted mean of the labels' binary log losses."""
+    total = 0.0
+    for yi, pi in zip(y, p, strict=True):
+        terms = [
+            -wj * (t * math.log(min(max(q, 1e-15), 1 - 1e-15)) + (1 - t) * math.log(1 - min(max(q, 1e-15), 1 - 1e-15)))
+            for t, q, wj in zip(yi, pi, w, strict=True)
+        ]
+        total += sum(terms) / sum(w)
+    return total / len(y)
+
+
+def test_rsna_log_loss_equals_the_formula():
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 2, (7, 6))
+    p = rng.random((7, 6))
+    p[0, 0] = 1.0  # clipped, not infinite
+    assert rsna_log_loss(y, p) == pytest.approx(_direct_rsna_loss(y.tolist(), p.tolist()), abs=1e-12)
+
+
+def test_per_class_metrics_and_threshold():
+    y = np.array([0, 0, 1, 1])
+    p = np.array([[0.8, 0.2], [0.6, 0.4], [0.7, 0.3], [0.1, 0.9]])
+    m = classification_metrics(y, p, classes=["CE", "LAA"])
+    assert m["recall_CE"] == 1.0 and m["recall_LAA"] == 0.5 and m["precision_LAA"] == 1.0
+    assert m["precision_CE"] == pytest.approx(2 / 3)
+    low = classification_metrics(y, p, classes=["CE", "LAA"], threshold=0.25)  # 0.4 and 0.3 become positive
+    assert low["recall_LAA"] == 1.0 and low["recall_CE"] == 0.5
+
+
+def test_multilabel_metrics_by_hand():
+    y = np.array([[1, 0], [0, 0], [1, 1], [0, 1]])
+    p = np.array([[0.9, 0.2], [0.2, 0.1], [0.7, 0.8], [0.8, 0.3]])
+    m = multilabel_metrics(y, p, ["any", "epidural"], prefix="val_")
+    assert m["val_accuracy_any"] == 0.75 and m["val_auc_any"] == 0.75  # one negative (0.8) outranks one positive (0.7)
+    assert m["val_f1_epidural"] == pytest.approx(2 / 3)  # tp 1, fn 1, fp 0
+    assert m["val_auc"] == pytest.approx((0.75 + 1.0) / 2)
+
+
+def test_any_positive_and_multilabel_aggregation():
+    probs = np.array([[0.9, 0.1], [0.3, 0.7], [0.8, 0.2], [0.95, 0.05]])
+    ids, gp, gy = aggregate(probs, np.array([1, 1, 0, 0]), ["a", "a", "b", "b"], "any")
+    assert ids == ["a", "b"] and gp[:, 1].tolist() == [0.7, 0.2] and gy.tolist() == [1, 0]
+    assert (gp[:, 1] >= 0.5).tolist() == [True, False]
+    ml = np.array([[1, 0, 1], [0, 1, 0], [0, 0, 0]])
+    _, gp, gy = aggregate(np.array([[0.2, 0.9, 0.1], [0.6, 0.1, 0.3], [0.1, 0.1, 0.1]]), ml, ["s", "s", "t"], "max")
+    assert gy.tolist() == [[1, 1, 1], [0, 0, 0]] and gp[0].tolist() == [0.6, 0.9, 0.3]

@@ -1,0 +1,147 @@
+"""Training-step benchmark: seconds per optimiser step of Tessera's engine (Ray Train worker + DeepSpeed, the
+recipe's optimiser) against a plain PyTorch loop, same model (resnet50), input (256 px), batch and threads.
+
+Both sides time the same synthetic batch (data loading is benchmarks/loader.py's business). The Ray Train side
+runs one worker owning all the cores (``cpus_per_worker``), as a one-GPU-per-worker cluster would.
+Usage: ``python benchmarks/train_step.py [--batch 8] [--steps 6] [--size 256] [--zero 2] [--cores 2]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+
+import torch
+
+
+def _recipe(args):
+    from training.config import load_recipe
+
+    return load_recipe(
+        "strip_ai_resnet50",
+        [
+            "model.pretrained=false",
+            f"batch_size={args.batch}",
+            f"deepspeed.zero_stage={args.zero}",
+            "workers=1",
+            f"cpus_per_worker={args.cores}",
+            "swa.enabled=false",
+        ],
+    )
+
+
+def _batch(batch: int, size: int):
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(batch, 3, size, size, generator=g), torch.randint(0, 2, (batch,), generator=g)
+
+
+def _median_step(step, steps: int) -> float:
+    """Median seconds of ``step()`` over ``steps`` calls, after one warm-up call."""
+    times = []
+    for _ in range(steps + 1):
+        t = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t)
+    return sorted(times[1:])[steps // 2]
+
+
+def _plain_step(recipe, x, y):
+    """One plain PyTorch optimiser step of the recipe's model and optimiser, as a closure."""
+    from training.engine import make_optimizer
+    from training.models import build_model
+
+    model = build_model(recipe.model, 2).train()
+    opt = make_optimizer(model.parameters(), recipe.optim)
+
+    def step():
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+def _deepspeed_step(recipe, x, y):
+    """One step of Tessera's engine (DeepSpeed around the recipe's model and optimiser), as a closure."""
+    from training.engine import init_engine
+    from training.losses import Loss
+    from training.models import build_model
+
+    engine, _ = init_engine(build_model(recipe.model, 2), recipe, cuda=False)
+    loss_fn = Loss(False)
+
+    def step():
+        engine.backward(loss_fn(engine(x), y))
+        engine.step()
+
+    return step
+
+
+def plain(args) -> float:
+    torch.set_num_threads(args.cores)
+    return _median_step(_plain_step(_recipe(args), *_batch(args.batch, args.size)), args.steps)
+
+
+def _worker(config: dict) -> None:
+    import ray.train
+
+    from training.config import TrainRecipe
+
+    recipe = TrainRecipe.model_validate(config["recipe"])
+    x, y = _batch(config["batch"], config["size"])
+    # the plain loop inside the Ray worker separates Ray's share from DeepSpeed's
+    make = _deepspeed_step if config["deepspeed"] else _plain_step
+    metrics = {"step_s": _median_step(make(recipe, x, y), config["steps"]), "threads": torch.get_num_threads()}
+    with tempfile.TemporaryDirectory() as tmp:  # Ray Train v2 returns the metrics of checkpointed reports
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+def in_ray(args, deepspeed: bool) -> tuple[float, int]:
+    import ray
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    recipe = _recipe(args)
+    ray.init(num_cpus=args.cores, include_dashboard=False, logging_level="ERROR")
+    try:
+        trainer = TorchTrainer(
+            _worker,
+            train_loop_config={
+                "recipe": recipe.model_dump(),
+                "batch": args.batch,
+                "size": args.size,
+                "steps": args.steps,
+                "deepspeed": deepspeed,
+            },
+            scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": args.cores}),
+            torch_config=TorchConfig(backend="gloo"),
+            run_config=RunConfig(storage_path="/tmp/tessera-bench-train", name="train_step"),
+        )
+        m = trainer.fit().metrics
+        return m["step_s"], m["threads"]
+    finally:
+        ray.shutdown()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--size", type=int, default=256)
+    ap.add_argument("--zero", type=int, default=2, choices=[0, 1, 2, 3])
+    ap.add_argument("--cores", type=int, default=2)
+    args = ap.parse_args()
+    base = plain(args)
+    worker_plain, _ = in_ray(args, deepspeed=False)
+    ours, threads = in_ray(args, deepspeed=True)
+    print(f"resnet50, {args.size} px, batch {args.batch}, {args.cores} cores, median of {args.steps} steps")
+    print(f"plain PyTorch loop:                   {base:7.3f} s/step")
+    print(f"plain loop inside a Ray Train worker: {worker_plain:7.3f} s/step")
+    print(f"Ray Train + DeepSpeed ZeRO-{args.zero}:         {ours:7.3f} s/step (worker threads: {threads})")
+    print(f"ratio Tessera / plain: {ours / base:.3f}x (target <= 1.10x); DeepSpeed alone {ours / worker_plain:.3f}x")
+
+
+if __name__ == "__main__":
+    main()

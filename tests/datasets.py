@@ -1,0 +1,74 @@
+"""Tiny shard datasets with manifests, written with the real shard writer, for training and loader tests.
+
+Class ``c`` images are brighter with ``c`` (plus noise), so a model can learn them in a few steps.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from shards import manifest as mf
+from shards import storage
+from shards.schema import encode_image, make_sample
+from shards.writer import ShardWriter
+
+RSNA = ["any", "epidural", "intraparenchymal", "intraventricular", "subarachnoid", "subdural"]
+
+
+def _image(rng, label: int, classes: int, size: int) -> bytes:
+    level = 40 + 170 * label / max(1, classes - 1)
+    rgb = np.clip(rng.normal(level, 25, (size, size, 3)), 0, 255).astype(np.uint8)
+    return encode_image(rgb, "png")
+
+
+def make_dataset(
+    prefix: str,
+    splits: dict[str, int] | None = None,
+    classes: int = 2,
+    size: int = 32,
+    frames: int = 0,
+    multilabel: bool = False,
+    samples_per_patient: int = 4,
+    shard_samples: int = 6,
+    seed: int = 0,
+) -> mf.Manifest:
+    """Write shards (``shard_samples`` per shard) and a manifest under ``prefix``; patients are per split."""
+    rng = np.random.default_rng(seed)
+    manifest = mf.Manifest(
+        dataset=prefix,
+        kind="test",
+        classes=[f"class{c}" for c in range(classes)],
+        multilabel=RSNA if multilabel else None,
+    )
+    if multilabel:
+        manifest.classes = ["no hemorrhage", "hemorrhage"]
+    for split, n in (splits or {"train": 24, "val": 12}).items():
+        infos, patients = [], {}
+        for start in range(0, n, shard_samples):
+            with ShardWriter(storage.join(prefix, split), start_index=len(infos)) as w:
+                for i in range(start, min(n, start + shard_samples)):
+                    patient = f"{split}p{i // samples_per_patient}"
+                    label = int(rng.integers(classes)) if patient not in patients else patients[patient]
+                    patients[patient] = label
+                    vector = [label] + [int(label and rng.random() < 0.5) for _ in RSNA[1:]] if multilabel else None
+                    images = [_image(rng, label, classes, size) for _ in range(max(1, frames))]
+                    meta = {"patient": patient, "slide": f"{patient}s", "series": f"{patient}s", "label": label}
+                    if vector:
+                        meta["labels"] = vector
+                    w.write(make_sample(f"{split}_{i:05d}", images if frames else images[0], "png", label, meta))
+            infos += w.shards
+        manifest.splits[split] = mf.SplitInfo(num_samples=n, shards=infos)
+        for patient, label in patients.items():
+            manifest.inputs.append(
+                mf.InputRecord(
+                    id=patient,
+                    kind="test",
+                    status="ingested",
+                    patient=patient,
+                    label=label,
+                    split=split,
+                    samples=sum(1 for i in range(n) if f"{split}p{i // samples_per_patient}" == patient),
+                )
+            )
+    mf.save(manifest, prefix)
+    return manifest

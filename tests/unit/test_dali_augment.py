@@ -1,0 +1,65 @@
+"""The DALI pipeline (CPU mode) against reference implementations, on one-sample shards."""
+
+import numpy as np
+import pytest
+import torch
+from torchvision.transforms.functional import adjust_sharpness
+
+from shards.dali import IMAGENET_MEAN, IMAGENET_STD, Augment, build_pipeline, fetch_indices
+from shards.schema import encode_image, make_sample
+from shards.writer import ShardWriter
+
+SIZE = 48
+
+
+def _shard(tmp_path, frames=0):
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)
+    image[:, : SIZE // 2] //= 3  # structure, so flips and rotations are visible
+    png = encode_image(image, "png")
+    with ShardWriter(str(tmp_path / "train")) as w:
+        w.write(make_sample("only", [png] * frames if frames else png, "png", 1, {"patient": "p"}))
+    urls = [str(tmp_path / "train" / w.shards[0].name)]
+    return image, urls, fetch_indices(urls, str(tmp_path / "idx"))
+
+
+def _run(urls, idx, aug, frames=0, train=True):
+    pipe = build_pipeline(urls, idx, 1, SIZE, train, augment=aug, frames=frames, seed=5)
+    x, _, _ = pipe.run()
+    out = np.asarray(x.as_tensor())[0]
+    # back to uint8 HWC (or FHWC)
+    chw = out * np.array(IMAGENET_STD).reshape(3, 1, 1) + np.array(IMAGENET_MEAN).reshape(3, 1, 1)
+    return np.rint(np.moveaxis(chw, -3, -1)).clip(0, 255).astype(np.uint8)
+
+
+def test_identity_and_flips(tmp_path):
+    image, urls, idx = _shard(tmp_path)
+    plain = _run(urls, idx, Augment(), train=False)
+    assert np.abs(plain.astype(int) - image).max() <= 1
+    both = _run(urls, idx, Augment(hflip=1.0, vflip=1.0))
+    assert np.abs(both.astype(int) - image[::-1, ::-1]).max() <= 1
+
+
+def test_sharpness_matches_torchvision_inside_the_border(tmp_path):
+    image, urls, idx = _shard(tmp_path)
+    ours = _run(urls, idx, Augment(sharpness_p=1.0, sharpness_factor=2.0))
+    ref = adjust_sharpness(torch.from_numpy(image).permute(2, 0, 1), 2.0).permute(1, 2, 0).numpy()
+    assert np.abs(ours[1:-1, 1:-1].astype(int) - ref[1:-1, 1:-1]).max() <= 1
+    assert not np.array_equal(ours, image)
+
+
+def test_zoom_out_pads_with_black(tmp_path):
+    _, urls, idx = _shard(tmp_path)
+    out = _run(urls, idx, Augment(zoom_p=1.0, zoom=(0.5, 0.5)))
+    assert out[:10, :10].max() <= 1 and out[-10:, -10:].max() <= 1  # outside the centred half-size image
+    assert out[SIZE // 4 : 3 * SIZE // 4, SIZE // 4 : 3 * SIZE // 4].mean() > 20
+
+
+@pytest.mark.parametrize("aug", [Augment(rotate_p=1.0, rotate_degrees=(10, 80)), Augment(color_jitter_p=1.0, hue=0.5)])
+def test_a_sequence_moves_together(tmp_path, aug):
+    _, urls, idx = _shard(tmp_path, frames=3)
+    frames = _run(urls, idx, aug, frames=3)
+    assert frames.shape == (3, SIZE, SIZE, 3)
+    assert np.array_equal(frames[0], frames[1]) and np.array_equal(frames[0], frames[2])
+    plain = _run(urls, idx, Augment(), frames=3, train=False)
+    assert not np.array_equal(frames[0], plain[0])

@@ -1,0 +1,122 @@
+"""Recipe validation, early stopping, schedules, losses, model building and local weights (no services)."""
+
+import math
+
+import pytest
+import torch
+
+from shards.dali import epoch_order
+from training.config import ModelConfig, RecipeError, load_recipe
+from training.engine import make_optimizer, make_scheduler
+from training.losses import Loss, balanced_weights
+from training.models import MultiHead, TemporalClassifier, build_model, count_parameters
+from training.state import EarlyStopping, swa_start_epoch
+
+
+def test_invalid_recipes_name_the_field_and_reason():
+    with pytest.raises(RecipeError, match=r"data\.augment\.hflip: Input should be less than or equal to 1"):
+        load_recipe("strip_ai_resnet50", ["data.augment.hflip=2"])
+    with pytest.raises(RecipeError, match=r"swa\.enabled: needs deepspeed\.zero_stage <= 2"):
+        load_recipe("strip_ai_resnet50", ["deepspeed.zero_stage=3"])
+    with pytest.raises(RecipeError, match=r"data\.frames"):
+        load_recipe("ct_ich_sequence_vivit", ["data.frames=0"])
+    with pytest.raises(RecipeError, match=r"zoom: low 2.0 is above high 0.5"):
+        load_recipe("brain_tumor_mri", ["data.augment.zoom=[2.0, 0.5]"])
+
+
+def test_recipes_extend_and_keep_the_papers_values():
+    r = load_recipe("strip_ai_swinv2_tiny")
+    assert r.model.name == "swinv2_tiny_window16_256" and r.data.image_size == 256
+    assert (r.optim.name, r.optim.lr) == ("adamw", 3e-4) and r.swa.enabled and r.early_stopping.enabled
+    a = r.data.augment
+    assert (a.hflip, a.vflip, a.rotate_p, a.sharpness_p, a.color_jitter_p) == (0.5,) * 5
+    assert (a.sharpness_factor, a.brightness, a.saturation, a.hue) == (2.0, 0.2, 0.5, 0.5)
+    rsna = load_recipe("rsna_ich_subtypes")
+    assert rsna.optim.name == "sgd" and rsna.optim.momentum == 0.9 and rsna.schedule.name == "plateau"
+    assert rsna.model.heads[0] == "any" and len(rsna.model.heads) == 6
+    ct = load_recipe("ct_ich_sequence_vivit")
+    assert ct.optim.lr == 5e-6 and ct.epochs == 20 and ct.model.freeze == "backbone"
+
+
+def test_early_stopping_counts_epochs_without_improvement():
+    es = EarlyStopping(mode="min", patience=2, min_delta=0.01)
+    assert [es.update(v, e) for e, v in enumerate([1.0, 0.9, 0.895, 0.95, 0.5])] == [False, False, False, True, False]
+    assert (es.best, es.best_epoch) == (0.5, 4)
+    again = EarlyStopping.from_state(es.state_dict())
+    assert again == es and not again.improved(math.nan)
+    assert swa_start_epoch(0.8, 20) == 16 and swa_start_epoch(0.99, 1) == 0
+
+
+def test_plateau_and_cosine_schedules():
+    from training.config import ScheduleConfig
+
+    opt = make_optimizer([torch.nn.Parameter(torch.zeros(1))], load_recipe("rsna_ich_binary").optim)
+    plateau = make_scheduler(opt, ScheduleConfig(name="plateau", patience=1, factor=0.1), 10, "min")
+    for v in (1.0, 1.0, 1.0):
+        plateau.step(v)
+    assert opt.param_groups[0]["lr"] == pytest.approx(1e-4)
+    opt = make_optimizer([torch.nn.Parameter(torch.zeros(1))], load_recipe("strip_ai_resnet50").optim)
+    cosine = make_scheduler(opt, ScheduleConfig(name="cosine"), 4, "min")
+    for _ in range(2):
+        cosine.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(3e-4 / 2)
+
+
+def test_losses():
+    assert balanced_weights([30, 10]) == [40 / 60, 40 / 20]
+    logits = torch.tensor([[2.0, 0.0], [0.0, 1.0]])
+    labels = torch.tensor([0, 1])
+    weighted = Loss(False, [1.0, 3.0])(logits, labels)
+    ce = torch.nn.functional.cross_entropy(logits, labels, reduction="none")
+    assert float(weighted) == pytest.approx(float((ce[0] + 3 * ce[1]) / 4))
+    assert float(Loss(False, [1.0, 3.0])(logits, labels, class_weighted=False)) == pytest.approx(float(ce.mean()))
+    ml = Loss(True, outputs=6)
+    z, y = torch.zeros(1, 6), torch.tensor([[1, 0, 0, 0, 0, 0]])
+    assert float(ml(z, y)) == pytest.approx(math.log(2))
+
+
+def test_epoch_order_is_a_fresh_permutation_each_epoch():
+    orders = [epoch_order(12, seed=3, epoch=e) for e in range(3)]
+    assert all(sorted(o) == list(range(12)) for o in orders)
+    assert orders[0] != orders[1] and orders[0] == epoch_order(12, seed=3, epoch=0)
+
+
+def test_multi_head_temporal_and_head_only_models():
+    heads = build_model(ModelConfig(name="resnet18", heads=["any", "a", "b"]), 3)
+    assert isinstance(heads, MultiHead) and heads(torch.zeros(2, 3, 32, 32)).shape == (2, 3)
+    video = build_model(ModelConfig(name="temporal:resnet18", freeze="backbone"), 2, frames=5)
+    assert isinstance(video, TemporalClassifier) and video(torch.zeros(2, 5, 3, 32, 32)).shape == (2, 2)
+    assert not any(p.requires_grad for p in video.backbone.parameters())
+    frozen = build_model(ModelConfig(name="resnet18", freeze="backbone"), 4)
+    assert count_parameters(frozen) == 512 * 4 + 4
+
+
+def test_timm_weights_from_a_local_file(tmp_path):
+    import timm
+    from safetensors.torch import save_file
+
+    source = timm.create_model("resnet18", num_classes=1000)
+    save_file(source.state_dict(), str(tmp_path / "resnet18.safetensors"))
+    cfg = ModelConfig(name="resnet18", pretrained=True, weights=str(tmp_path / "resnet18.safetensors"))
+    model = build_model(cfg, 3)
+    assert torch.equal(model.conv1.weight, source.conv1.weight)
+    assert model.get_classifier().out_features == 3  # the file's 1000-class head was dropped
+
+
+def test_vivit_weights_from_a_local_folder(tmp_path):
+    from transformers import VivitConfig, VivitForVideoClassification
+
+    tiny = VivitConfig(
+        image_size=32,
+        num_frames=4,
+        hidden_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        num_labels=400,
+    )
+    VivitForVideoClassification(tiny).save_pretrained(tmp_path / "vivit")
+    cfg = ModelConfig(name="vivit", pretrained=True, weights=str(tmp_path / "vivit"), freeze="backbone")
+    model = build_model(cfg, 2, frames=4, image_size=32)
+    assert model(torch.zeros(1, 4, 3, 32, 32)).shape == (1, 2)
+    assert count_parameters(model) == 48 * 2 + 2

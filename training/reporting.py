@@ -1,0 +1,58 @@
+"""Rank 0's MLflow writing during training: per-epoch metrics, the exported model, final pictures."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from training.tracking import RunLogger
+
+
+class Reporter:
+    """Writes into the driver's MLflow run; created on rank 0 only, so a run has one writer."""
+
+    def __init__(self, trainer, config: dict[str, Any]) -> None:
+        self.t = trainer
+        self.log = RunLogger(config["mlflow_uri"], config["run_id"])
+
+    def epoch(self, metrics: dict[str, float], epoch: int) -> None:
+        self.log.metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=epoch)
+
+    def export(self, module, folder: str) -> None:
+        import copy
+
+        from training.export import save_export
+
+        r, multilabel = self.t.recipe, self.t.recipe.task == "multilabel"
+        with tempfile.TemporaryDirectory() as tmp:
+            out = save_export(
+                copy.deepcopy(module),
+                Path(tmp) / folder,
+                r.model,
+                self.t.manifest.classes,
+                r.data.image_size,
+                r.data.frames,
+                self.t.outputs if multilabel else None,
+            )
+            self.log.artifacts(out, folder)
+
+    def final(self, pred: dict[str, Any]) -> None:
+        """Confusion matrices and ROC curves at sample level and each aggregation level."""
+        from training.loop import by_level
+        from training.metrics import confusion
+        from training.plots import confusion_png, roc_png
+
+        r = self.t.recipe
+        levels = [("sample", pred["probs"], pred["labels"]), *by_level(pred, r)]
+        threshold = r.eval.threshold if r.eval.how == "any" else None
+        with tempfile.TemporaryDirectory() as tmp:
+            for level, p, y in levels:
+                if len(y) == 0:
+                    continue
+                title = f"validation, {level} level"
+                if r.task == "multiclass":
+                    cm = confusion(y, p, threshold if level != "sample" else None)
+                    path = Path(tmp) / f"confusion_{level}.png"
+                    self.log.artifact(confusion_png(cm, self.t.outputs, path, title))
+                self.log.artifact(roc_png(y, p, self.t.outputs, r.task, Path(tmp) / f"roc_{level}.png", title))
