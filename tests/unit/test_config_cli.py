@@ -79,3 +79,12 @@ def test_dicom_windows_must_fill_three_channels():
     with pytest.raises(ValidationError, match="exactly 3 windows"):
         DicomIngestConfig(sources=["x"], out="y", windows=["brain", "bone"])
     assert DicomIngestConfig(sources=["x"], out="y", windows=["bone", "brain", "soft"]).windows[0] == "bone"
+
+
+def test_dry_run_counts_head_only_parameters(capsys, tmp_path):
+    from tests.datasets import make_dataset
+
+    make_dataset(str(tmp_path / "ds"), {"train": 2, "val": 2}, frames=2)
+    assert main(["train", "ct_ich_sequence_vivit", f"data.dataset={tmp_path / 'ds'}", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "(1,538 trainable), 2 outputs (manifest)" in out  # ViViT-b's 768-wide classifier, 2 classes
