@@ -142,13 +142,12 @@ def cmd_ingest(args) -> int:
 def _outputs_for_dry_run(recipe) -> tuple[int, str]:
     """How many logits the model would have: from the heads, the manifest if readable, else 2 (said so)."""
     from shards import manifest as mf
+    from training.loop import outputs_of
 
     if recipe.model.heads:
         return len(recipe.model.heads), "heads"
     try:
-        m = mf.load(recipe.data.dataset)
-        names = m.multilabel if recipe.task == "multilabel" else m.classes
-        return len(names), "manifest"
+        return len(outputs_of(recipe, mf.load(recipe.data.dataset))), "manifest"
     except Exception as exc:  # the dataset may live on a cluster this machine cannot reach
         return 2, f"assumed; manifest not readable: {type(exc).__name__}"
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from shards import manifest as mf
 from shards.dali import Augment, ShardBatches, build_pipeline, epoch_order, fetch_indices
 from training.config import TrainRecipe
+from training.state import epoch_seed
 
 
 @dataclass
@@ -59,7 +60,7 @@ class WorkerData:
             train,
             self.rank,
             self.world,
-            seed=(r.seed * 1_000_003 + epoch * 1009 + self.rank) % 2**31,
+            seed=epoch_seed(r.seed, epoch, self.rank),
             device_id=self.device_id,
             num_threads=d.loader_threads,
             augment=Augment(**d.augment.model_dump()),

@@ -97,7 +97,6 @@ def run_training(recipe: TrainRecipe, tracking_uri: str, storage_path: str, max_
     times; after that the run is FAILED in MLflow and ``tessera train --resume RUN`` continues it.
     """
     run_id = start_run(recipe, tracking_uri)
-    print(f"MLflow run: {tracking.run_url_of(tracking_uri, run_id)}", flush=True)
     return fit(recipe, run_id, tracking_uri, storage_path, max_failures)
 
 
@@ -111,7 +110,7 @@ def resume_training(run_id: str, tracking_uri: str, storage_path: str) -> TrainO
         text = Path(client.download_artifacts(run_id, RECIPE_ARTIFACT, tmp)).read_text()
     recipe = recipe_from_tree(yaml.safe_load(text), f"run {run_id}")
     client.update_run(run_id, status="RUNNING")
-    print(f"resuming MLflow run: {tracking.run_url_of(tracking_uri, run_id)}", flush=True)
+    print(f"resuming MLflow run {run_id} from its latest checkpoint", flush=True)
     return fit(recipe, run_id, tracking_uri, storage_path)
 
 
@@ -144,6 +143,8 @@ def trainer_for(recipe: TrainRecipe, run_id: str, tracking_uri: str, storage_pat
 def fit(recipe: TrainRecipe, run_id: str, tracking_uri: str, storage_path: str, max_failures: int = 2) -> TrainOutcome:
     """Run (or resume) the trainer of ``run_id``; curves and model registration after it ends."""
     logger = tracking.RunLogger(tracking_uri, run_id)
+    url = tracking.run_url_of(tracking_uri, run_id)
+    print(f"MLflow run: {url}", flush=True)
     ok = False
     try:
         result = trainer_for(recipe, run_id, tracking_uri, storage_path, max_failures).fit()
@@ -152,9 +153,7 @@ def fit(recipe: TrainRecipe, run_id: str, tracking_uri: str, storage_path: str, 
         _log_curves(logger, history)
         version = tracking.register_model(tracking_uri, run_id, recipe.name) if ok else None
         ckpt = result.checkpoint.path if result.checkpoint else None
-        return TrainOutcome(
-            run_id, tracking.run_url_of(tracking_uri, run_id), dict(result.metrics or {}), ckpt, version
-        )
+        return TrainOutcome(run_id, url, dict(result.metrics or {}), ckpt, version)
     finally:
         tracking.finish_run(tracking_uri, run_id, ok)
 

@@ -29,7 +29,7 @@ from training.engine import init_engine
 from training.losses import Loss, balanced_weights, class_counts
 from training.metrics import classification_metrics, multilabel_metrics
 from training.models import build_model
-from training.state import EarlyStopping, swa_start_epoch
+from training.state import EarlyStopping, epoch_seed, swa_start_epoch
 
 TAG = "ds"
 
@@ -55,7 +55,7 @@ def make_loss(recipe: TrainRecipe, manifest: mf.Manifest, outputs: list[str]) ->
 
 def _seed(recipe: TrainRecipe, epoch: int, rank: int) -> None:
     """Per-epoch seeds (dropout, anything random in torch), so a resumed epoch repeats exactly."""
-    torch.manual_seed((recipe.seed * 1_000_003 + epoch * 1009 + rank) % 2**63)
+    torch.manual_seed(epoch_seed(recipe.seed, epoch, rank))
 
 
 def _inject_fault(fault: dict | None, epoch: int, step: int, rank: int) -> None:
@@ -130,18 +130,24 @@ def by_level(pred: dict[str, Any], recipe: TrainRecipe):
             yield level, gp, gy
 
 
+def level_threshold(recipe: TrainRecipe, level: str) -> float | None:
+    """The positive-call threshold of a multi-class ``level``: only groups aggregated by ``any`` use one
+    (samples and other aggregations take the argmax)."""
+    return recipe.eval.threshold if recipe.eval.how == "any" and level != "sample" else None
+
+
 def evaluate(pred: dict[str, Any], recipe: TrainRecipe, outputs: list[str], prefix: str = "val_") -> dict[str, float]:
     """Sample-level metrics plus the same metrics after aggregation to each of the recipe's levels."""
-    threshold = recipe.eval.threshold if recipe.eval.how == "any" else None
 
-    def metrics(y, p, pre):
+    def metrics(y, p, level):
+        pre = prefix if level == "sample" else f"{prefix}{level}_"
         if recipe.task == "multilabel":
             return multilabel_metrics(y, p, outputs, pre, recipe.eval.threshold)
-        return classification_metrics(y, p, pre, outputs, threshold if pre != prefix else None)
+        return classification_metrics(y, p, pre, outputs, level_threshold(recipe, level))
 
-    out = {f"{prefix}loss": pred["loss"]} | metrics(pred["labels"], pred["probs"], prefix)
+    out = {f"{prefix}loss": pred["loss"]} | metrics(pred["labels"], pred["probs"], "sample")
     for level, gp, gy in by_level(pred, recipe):
-        out |= metrics(gy, gp, f"{prefix}{level}_")
+        out |= metrics(gy, gp, level)
     return out
 
 
@@ -225,9 +231,8 @@ class Trainer:
                 self.swa.update_parameters(self.engine.module)
             pred = predict(self.engine, self.data.batches(r.data.val_split, epoch, False), self.loss, self.device)
             metrics |= evaluate(pred, r, self.outputs) | {"lr": lr, "epoch": epoch}
-            value = self._monitor(metrics)
-            improved = self.stopper.improved(value)
-            stop = self.stopper.update(value, epoch) and r.early_stopping.enabled
+            stop = self.stopper.update(self._monitor(metrics), epoch) and r.early_stopping.enabled
+            improved = self.stopper.best_epoch == epoch
             self._step_schedule(metrics)
             last = stop or epoch == r.epochs - 1
             if last and self.swa is not None:
@@ -285,6 +290,9 @@ def train_loop(config: dict[str, Any]) -> None:
 
 
 def checkpoint_weights(checkpoint_dir: str | Path) -> dict[str, torch.Tensor]:
-    """The module weights of a Tessera DeepSpeed checkpoint folder (read on the CPU, no engine needed)."""
+    """The module weights of a Tessera DeepSpeed checkpoint folder (read on the CPU, no engine needed).
+
+    Loaded with ``weights_only=True``: a checkpoint may come from anywhere, and unpickling runs code.
+    """
     path = Path(checkpoint_dir) / TAG / "mp_rank_00_model_states.pt"
-    return torch.load(path, map_location="cpu", weights_only=False)["module"]
+    return torch.load(path, map_location="cpu", weights_only=True)["module"]

@@ -58,17 +58,17 @@ def classification_metrics(
     p = np.asarray(probs, np.float64)
     pred = _predictions(p, threshold)
     labels = list(range(p.shape[1]))
-    prec, rec, f1, _ = skm.precision_recall_fscore_support(y, pred, labels=labels, average="macro", zero_division=0)
+    # per class once; the macro scores are their unweighted means (scikit-learn's average="macro")
+    per = skm.precision_recall_fscore_support(y, pred, labels=labels, average=None, zero_division=0)
     out = {
         "accuracy": float(skm.accuracy_score(y, pred)),
-        "precision": float(prec),
-        "recall": float(rec),
-        "f1": float(f1),
+        "precision": float(np.mean(per[0])),
+        "recall": float(np.mean(per[1])),
+        "f1": float(np.mean(per[2])),
         "weighted_log_loss": weighted_log_loss(y, p),
         "auc": math.nan,
     }
     names = classes or [str(c) for c in labels]
-    per = skm.precision_recall_fscore_support(y, pred, labels=labels, average=None, zero_division=0)
     for c, name in enumerate(names):
         for metric, values in zip(("precision", "recall", "f1"), per[:3], strict=True):
             out[f"{metric}_{metric_name(name)}"] = float(values[c])

@@ -39,20 +39,19 @@ class Reporter:
 
     def final(self, pred: dict[str, Any]) -> None:
         """Confusion matrices and ROC curves at sample level and each aggregation level."""
-        from training.loop import by_level
+        from training.loop import by_level, level_threshold
         from training.metrics import confusion
         from training.plots import confusion_png, roc_png
 
         r = self.t.recipe
         levels = [("sample", pred["probs"], pred["labels"]), *by_level(pred, r)]
-        threshold = r.eval.threshold if r.eval.how == "any" else None
         with tempfile.TemporaryDirectory() as tmp:
             for level, p, y in levels:
                 if len(y) == 0:
                     continue
                 title = f"validation, {level} level"
                 if r.task == "multiclass":
-                    cm = confusion(y, p, threshold if level != "sample" else None)
+                    cm = confusion(y, p, level_threshold(r, level))
                     path = Path(tmp) / f"confusion_{level}.png"
                     self.log.artifact(confusion_png(cm, self.t.outputs, path, title))
                 self.log.artifact(roc_png(y, p, self.t.outputs, r.task, Path(tmp) / f"roc_{level}.png", title))

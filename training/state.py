@@ -41,6 +41,11 @@ class EarlyStopping:
         return cls(**state)
 
 
+def epoch_seed(seed: int, epoch: int, rank: int) -> int:
+    """The seed of one rank's epoch (torch, DALI): a resumed epoch draws exactly what the original did."""
+    return (seed * 1_000_003 + epoch * 1009 + rank) % 2**31
+
+
 def swa_start_epoch(start: float, epochs: int) -> int:
     """First epoch whose weights enter the average (``start`` is a fraction of ``epochs``)."""
     return min(epochs - 1, math.floor(start * epochs))
