@@ -66,7 +66,7 @@ def cmd_status(args) -> int:
 def _ingest_config(args):
     from pydantic import ValidationError
 
-    from ingest.config import DicomIngestConfig, WsiIngestConfig
+    from ingest.config import DicomIngestConfig, ImagesIngestConfig, WsiIngestConfig
 
     common = {
         "sources": args.src,
@@ -92,6 +92,18 @@ def _ingest_config(args):
                 background_model=args.background_model,
                 background_threshold=args.background_threshold,
                 tissue_threshold=args.tissue_threshold,
+            )
+        sequences = {"mode": args.mode, "neighbours": args.neighbours, "frames": args.frames}
+        if args.kind == "images":
+            return ImagesIngestConfig(
+                **common,
+                **sequences,
+                layout=args.layout,
+                store_size=args.store_size,
+                boxes=args.boxes,
+                crop=args.crop,
+                crop_margin=args.crop_margin,
+                slice_folder=args.slice_folder,
             )
         return DicomIngestConfig(
             **common,
@@ -212,13 +224,20 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("down", help="stop the local stack, leaving no process behind").set_defaults(fn=cmd_down)
     sub.add_parser("status", help="each service, its URL and whether it is healthy").set_defaults(fn=cmd_status)
 
-    ing = sub.add_parser("ingest", help="turn slides or DICOM series into WebDataset shards")
+    ing = sub.add_parser("ingest", help="turn slides, DICOM series or image folders into WebDataset shards")
     kinds = ing.add_subparsers(dest="kind", required=True, metavar="KIND")
-    for kind, help_ in (("wsi", "whole-slide images (OpenSlide formats)"), ("dicom", "DICOM series (CT/MR)")):
+    for kind, help_ in (
+        ("wsi", "whole-slide images (OpenSlide formats)"),
+        ("dicom", "DICOM series (CT/MR)"),
+        ("images", "JPEG/PNG images: class folders, a label CSV, or per-patient slice folders"),
+    ):
         k = kinds.add_parser(kind, help=help_)
         k.add_argument("src", nargs="+", help="files, directories, globs or s3:// prefixes")
         k.add_argument("--out", required=True, help="dataset prefix: a directory or s3://bucket/path")
-        k.add_argument("--labels", help="label CSV: STRIP AI, RSNA (ID,Label), or slide|series|patient,label[,patient]")
+        k.add_argument(
+            "--labels",
+            help="label CSV: STRIP AI, RSNA (ID,Label), CT-ICH per-slice, or slide|image|series|patient,label",
+        )
         k.add_argument("--split", default="train=0.7,val=0.15,test=0.15", help="patient-level split fractions")
         k.add_argument("--seed", type=int, default=0, help="split seed")
         k.add_argument("--shard-size", default="1GB", help="target shard size (e.g. 1GB, 256MB)")
@@ -237,13 +256,25 @@ def build_parser() -> argparse.ArgumentParser:
             )
             k.add_argument("--tissue-threshold", type=float, default=0.30, help="minimum tissue fraction")
         else:
-            k.add_argument("--windows", default="brain,subdural,soft", help="CT windows stacked as channels")
             k.add_argument(
                 "--mode", choices=["slice", "center", "series"], default="slice", help="what one sample holds"
             )
             k.add_argument("--neighbours", type=int, default=0, help="slices each side (slice, center modes)")
             k.add_argument("--frames", type=int, default=16, help="slices per sample in series mode")
+        if kind == "dicom":
+            k.add_argument("--windows", default="brain,subdural,soft", help="CT windows stacked as channels")
             k.add_argument("--allow-burned-in", action="store_true", help="ingest files marked BurnedInAnnotation=YES")
+        if kind == "images":
+            k.add_argument(
+                "--layout",
+                choices=["auto", "folders", "csv", "sequences"],
+                default="auto",
+                help="class folders, a label CSV, or patient slice folders (auto: from --labels)",
+            )
+            k.add_argument("--boxes", help="bounding boxes: a folder of YOLO .txt files or image,x_min,...,y_max CSV")
+            k.add_argument("--crop", action="store_true", help="one sample per box, cropped around it")
+            k.add_argument("--crop-margin", type=float, default=0.1, help="crop margin as a fraction of the box")
+            k.add_argument("--slice-folder", help="sequences: only slices in folders of this name (e.g. brain)")
         k.set_defaults(fn=cmd_ingest, kind=kind)
 
     tr = sub.add_parser("train", help="train a recipe on Ray Train + DeepSpeed, tracked in MLflow")

@@ -6,7 +6,7 @@ import os
 import re
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ingest.splits import parse_fractions
 from ingest.windowing import WINDOWS
@@ -93,6 +93,34 @@ class DicomIngestConfig(IngestConfig):
         if len(v) != 3:  # they are stored as the three channels of a JPEG/PNG
             raise ValueError(f"give exactly 3 windows (the image's RGB channels), got {len(v)}")
         return v
+
+
+class ImagesIngestConfig(IngestConfig):
+    """Plain JPEG/PNG images: class folders or a label CSV (paper 004), or per-patient slice folders with a
+    per-slice diagnosis table, as sequences (paper 002's CT-ICH)."""
+
+    # folders: the class is the image's folder; csv: `--labels image,label[,patient]`; sequences: one unit per
+    # patient folder of numbered slices, labelled by a per-slice table. auto picks from the label file.
+    layout: Literal["auto", "folders", "csv", "sequences"] = "auto"
+    store_size: int | None = Field(None, gt=0)
+    boxes: str | None = None  # a folder of YOLO .txt files (matched by image name) or a box CSV
+    crop: bool = False  # one sample per box, cropped (paper 004's detect -> crop); images without boxes stay whole
+    crop_margin: float = Field(0.1, ge=0.0, le=1.0)
+    slice_folder: str | None = None  # sequences: only slices in folders of this name (CT-ICH: brain, not bone)
+    mode: Literal["slice", "center", "series"] = "slice"
+    neighbours: int = Field(0, ge=0)
+    frames: int = Field(16, ge=1)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ImagesIngestConfig:
+        if self.crop and not self.boxes:
+            raise ValueError("crop needs boxes (a YOLO label folder or a box CSV)")
+        if self.layout in ("folders", "csv") and self.mode != "slice":
+            raise ValueError(f"mode {self.mode!r} makes sequences; it needs layout sequences (or auto)")
+        return self
+
+    def public(self) -> dict:
+        return self.model_dump(exclude={"sources", "labels", "boxes"})
 
 
 def pseudonym_key() -> bytes:

@@ -27,6 +27,8 @@ def read_label_csv(text: str, source: str = "labels") -> list[LabelRow]:
         item_col, patient_col = "image_id", "patient_id"
     elif {"slide", "label"} <= cols:
         item_col, patient_col = "slide", "patient" if "patient" in cols else None
+    elif {"image", "label"} <= cols:
+        item_col, patient_col = "image", "patient" if "patient" in cols else None
     elif {"series", "label"} <= cols:
         item_col, patient_col = "series", "patient" if "patient" in cols else None
     elif {"patient", "label"} <= cols:
@@ -34,7 +36,7 @@ def read_label_csv(text: str, source: str = "labels") -> list[LabelRow]:
     else:
         raise ValueError(
             f"{source}: unknown label CSV columns {sorted(cols)}; expected the STRIP AI layout "
-            "(image_id,center_id,patient_id,image_num,label) or slide,label[,patient]"
+            "(image_id,center_id,patient_id,image_num,label) or slide|image|series|patient,label[,patient]"
         )
     rows = []
     for n, row in enumerate(reader, start=2):

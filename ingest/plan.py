@@ -5,8 +5,9 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from ingest.config import DicomIngestConfig, IngestConfig, WsiIngestConfig
+from ingest.config import DicomIngestConfig, ImagesIngestConfig, IngestConfig, WsiIngestConfig
 from ingest.dicom import group_series, read_headers
+from ingest.images import IMAGE_EXTS, csv_boxes, is_slice_table, patient_key, read_slice_table, slice_number, yolo_boxes
 from ingest.labels import RSNA_SUBTYPES, LabelRow, class_names, is_rsna_csv, read_label_csv, read_rsna_csv
 from ingest.pseudonym import pseudonym
 from ingest.sources import SLIDE_EXTS, expand, stem
@@ -133,5 +134,125 @@ def plan_dicom(cfg: DicomIngestConfig, key: bytes) -> Plan:
             meta=meta,
         )
         plan.units.append(unit)
+    _assign(plan.units, cfg)
+    return plan
+
+
+def _boxes(cfg: ImagesIngestConfig) -> tuple[dict[str, str], dict[str, list]]:
+    """Boxes by image stem: YOLO label files (``stem -> location``, parsed per image) or CSV pixel boxes."""
+    if not cfg.boxes:
+        return {}, {}
+    if cfg.boxes.lower().endswith(".csv"):
+        return {}, csv_boxes(storage.get_bytes(cfg.boxes).decode("utf-8-sig"), cfg.boxes)
+    return {stem(loc): loc for loc in expand([cfg.boxes], (".txt",))}, {}
+
+
+def _image_skip(plan: Plan, uid: str, reason: str, status: str = "skipped") -> None:
+    plan.skipped.append(InputRecord(id=uid, kind="image", status=status, reason=reason))  # type: ignore[arg-type]
+
+
+def plan_images(cfg: ImagesIngestConfig, key: bytes) -> Plan:
+    """Image files to units: one per image (class folders or a label CSV), or one per patient sequence.
+
+    ``layout: auto`` reads the label file: a per-slice table means sequences, another CSV means csv, none
+    means class folders (the class is the image's folder name; each image is its own patient).
+    """
+    text = _label_text(cfg)
+    layout = cfg.layout
+    if layout == "auto":
+        layout = "sequences" if text and is_slice_table(text) else "csv" if text else "folders"
+    if layout == "sequences":
+        return _plan_sequences(cfg, key, text)
+    if cfg.mode != "slice":
+        raise ValueError(f"--mode {cfg.mode} makes sequences, but the layout is {layout} (no per-slice table)")
+    if layout == "csv" and text is None:
+        raise ValueError("layout csv needs --labels: a CSV with image,label[,patient]")
+    files = expand(cfg.sources)
+    table: dict[str, LabelRow] = {}
+    if layout == "csv":
+        rows, _ = _table(text, cfg.labels)
+        table = {stem(r.item): r for r in rows.values()}
+        classes = class_names(list(table.values()))
+    else:
+        classes = sorted({loc.rsplit("/", 2)[-2] for loc in files if loc.lower().endswith(IMAGE_EXTS)})
+    yolo, pixel_boxes = _boxes(cfg)
+    plan = Plan(units=[], classes=classes)
+    for loc in files:
+        uid = pseudonym(key, "source", loc)
+        plan.private[uid] = loc
+        if not loc.lower().endswith(IMAGE_EXTS):
+            _image_skip(plan, uid, f"not an image file (extension {os.path.splitext(loc)[1].lower() or 'none'})")
+            continue
+        name = stem(loc)
+        row = table.get(name)
+        if layout == "csv" and row is None:
+            _image_skip(plan, uid, "not in the label table")
+            continue
+        meta: dict = {"pixel_boxes": pixel_boxes.get(name, [])}
+        if name in yolo:
+            try:
+                meta["yolo"] = [b.as_list() for b in yolo_boxes(storage.get_bytes(yolo[name]).decode(), "YOLO file")]
+            except ValueError as exc:
+                _image_skip(plan, uid, f"boxes: {exc}", "failed")
+                continue
+        label = classes.index(row.label if row else loc.rsplit("/", 2)[-2])
+        patient = row.patient if row and row.patient else loc
+        item = pseudonym(key, "image", loc)
+        plan.units.append(Unit(uid, "image", [loc], item, pseudonym(key, "patient", patient), label, meta=meta))
+    _assign(plan.units, cfg)
+    return plan
+
+
+def _slice_gaps(numbers: list[int]) -> list[str]:
+    missing = sorted(set(range(numbers[0], numbers[-1] + 1)) - set(numbers))
+    return [f"slice numbers skip {len(missing)} value(s) between {numbers[0]} and {numbers[-1]}"] if missing else []
+
+
+def _plan_sequences(cfg: ImagesIngestConfig, key: bytes, text: str | None) -> Plan:
+    """One unit per patient: numbered slice images under a folder naming a patient of the per-slice table,
+    ordered by slice number. Masks, other windows' folders, unknown patients and duplicates are skipped."""
+    if text is None:
+        raise ValueError(
+            "layout sequences needs --labels: a per-slice table "
+            "(CT-ICH hemorrhage_diagnosis.csv, or patient,slice,label)"
+        )
+    table, subtypes = read_slice_table(text, cfg.labels or "labels")
+    known = {p for p, _ in table}
+    classes = ["no hemorrhage", "hemorrhage"] if subtypes else ["negative", "positive"]
+    plan = Plan(units=[], classes=classes, multilabel=list(RSNA_SUBTYPES) if subtypes else None)
+    groups: dict[str, dict[int, str]] = {}
+    for loc in expand(cfg.sources):
+        uid = pseudonym(key, "source", loc)
+        plan.private[uid] = loc
+        folders = loc.split("/")[:-1]
+        number = slice_number(stem(loc))
+        patient = next((patient_key(f) for f in reversed(folders) if patient_key(f) in known), None)
+        if not loc.lower().endswith(IMAGE_EXTS):
+            reason = f"not an image file (extension {os.path.splitext(loc)[1].lower() or 'none'})"
+        elif number is None:
+            reason = "not a slice image: its name is not a slice number (a mask or another file)"
+        elif cfg.slice_folder and folders[-1] != cfg.slice_folder:
+            reason = f"outside the slice folder {cfg.slice_folder!r}"
+        elif patient is None:
+            reason = "no folder above it names a patient of the label table"
+        elif (patient, number) not in table:
+            reason = f"slice {number} of its patient is not in the label table"
+        elif number in groups.get(patient, {}):
+            reason = f"duplicate slice {number} of its patient (several window folders? pick one: --slice-folder)"
+        else:
+            groups.setdefault(patient, {})[number] = loc
+            continue
+        _image_skip(plan, uid, reason)
+    for patient, slices in sorted(groups.items()):
+        numbers = sorted(slices)
+        vectors = [table[patient, n] if subtypes else table[patient, n][:1] for n in numbers]
+        unlisted = sum(1 for p, n in table if p == patient and n not in slices)
+        warnings = _slice_gaps(numbers) + ([f"{unlisted} slice(s) of the table have no image"] if unlisted else [])
+        sid = pseudonym(key, "series", patient)
+        plan.private[sid] = os.path.dirname(slices[numbers[0]])
+        meta = {"warnings": warnings, "slice_labels": vectors, "numbers": numbers}
+        label = max(v[0] for v in vectors)  # the patient is positive when any slice is
+        files = [slices[n] for n in numbers]
+        plan.units.append(Unit(sid, "sequence", files, sid, pseudonym(key, "patient", patient), label, meta=meta))
     _assign(plan.units, cfg)
     return plan

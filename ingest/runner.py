@@ -21,9 +21,9 @@ import ray
 from pydantic import BaseModel, Field
 from tqdm import tqdm
 
-from ingest.config import DicomIngestConfig, IngestConfig, WsiIngestConfig, pseudonym_key
+from ingest.config import DicomIngestConfig, ImagesIngestConfig, IngestConfig, WsiIngestConfig, pseudonym_key
 from ingest.decisions import decide
-from ingest.plan import Plan, plan_dicom, plan_wsi
+from ingest.plan import Plan, plan_dicom, plan_images, plan_wsi
 from ingest.units import Unit, Work, plan_unit, work_samples
 from shards import manifest as mf
 from shards import storage
@@ -195,7 +195,7 @@ def _run(units: list[Unit], done: dict[str, WorkRecord], sched: _Scheduler):
         if left.get(unit_id) == 0:
             samples += sum(r.samples for r in records[unit_id])
             bar.update(1)
-            bar.set_postfix(tiles=samples, per_s=f"{samples / max(time.monotonic() - t0, 1e-9):.1f}")
+            bar.set_postfix(samples=samples, per_s=f"{samples / max(time.monotonic() - t0, 1e-9):.1f}")
     bar.close()
     return plans, records
 
@@ -209,7 +209,8 @@ def _merge(unit: Unit, plan, works: list[WorkRecord]) -> InputRecord:
     if action:
         rec.status, rec.reason = action, reason
     elif failed:
-        rec.status, rec.reason = "failed", f"region {failed[0].index}: {failed[0].reason}"
+        where = f"region {failed[0].index}: " if unit.kind == "wsi" else ""  # only slides have several pieces
+        rec.status, rec.reason = "failed", f"{where}{failed[0].reason}"
     elif not works or not sum(w.samples for w in works):
         rec.status, rec.reason = "skipped", "no samples (no tissue above the threshold, or an empty series)"
     rec.samples = sum(w.samples for w in works) if rec.status == "ingested" else 0
@@ -298,7 +299,7 @@ def _prune(out: str, manifest: Manifest) -> None:
 
 
 def run_ingest(kind: str, cfg: IngestConfig, on_private: Callable[[dict[str, str]], None] | None = None):
-    """Ingest ``cfg.sources`` of ``kind`` (``wsi`` or ``dicom``) into shards; returns ``(manifest, url)``.
+    """Ingest ``cfg.sources`` of ``kind`` (``wsi``, ``dicom`` or ``images``) into shards; returns ``(manifest, url)``.
 
     ``on_private`` receives the pseudonym -> location map, for the caller to keep somewhere private.
     """
@@ -309,6 +310,9 @@ def run_ingest(kind: str, cfg: IngestConfig, on_private: Callable[[dict[str, str
     elif kind == "dicom":
         assert isinstance(cfg, DicomIngestConfig)
         plan = plan_dicom(cfg, key)
+    elif kind == "images":
+        assert isinstance(cfg, ImagesIngestConfig)
+        plan = plan_images(cfg, key)
     else:
         raise ValueError(f"unknown ingest kind {kind!r}")
     if on_private:

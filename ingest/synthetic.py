@@ -1,4 +1,5 @@
-"""Synthetic inputs for the demo and tests: pyramidal JPEG-tiled TIFF slides and CT series as DICOM.
+"""Synthetic inputs for the demo and tests: pyramidal JPEG-tiled TIFF slides, CT series as DICOM, MR image
+folders with YOLO boxes and a CT-ICH-shaped slice tree.
 
 Slides carry an identifying ImageDescription and CT headers carry patient name, ID and birth date, so that
 privacy checks have something real to look for.
@@ -157,3 +158,74 @@ def make_ct_series(root: Path, n: int = 2, slices: int = 12, size: int = 64, see
         for i, p in enumerate(patients):
             f.write(f"{p.patient_id},{'bleed' if i % 2 == 0 else 'normal'}\n")
     return patients, csv_path
+
+
+MRI_CLASSES = ("glioma", "meningioma", "notumor", "pituitary")
+
+
+def mri_image(size: int, label: str, rng: np.random.Generator) -> tuple[np.ndarray, list[float] | None]:
+    """``uint8[size, size]`` grey MR-like slice; tumour classes carry a bright blob whose size/place depends on
+    the class. Returns the image and its YOLO box ``[cx, cy, w, h]`` (None without a tumour)."""
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    img = np.where(np.hypot(yy - 0.5, xx - 0.5) < 0.42, 90.0, 10.0) + rng.normal(0, 8, (size, size))
+    box = None
+    if label != "notumor":
+        radius = {"glioma": 0.12, "meningioma": 0.08, "pituitary": 0.05}.get(label, 0.1)
+        cy = 0.7 if label == "pituitary" else rng.uniform(0.3, 0.6)
+        cx = rng.uniform(0.35, 0.65)
+        img[np.hypot(yy - cy, xx - cx) < radius] = 220.0
+        box = [cx, cy, 2 * radius, 2 * radius]
+    return np.clip(img, 0, 255).astype(np.uint8), box
+
+
+def make_mri_folders(root: Path, per_class: int = 3, size: int = 64, seed: int = 0) -> Path:
+    """Class-per-folder JPEGs (``root/images/<class>/<n>.jpg``, the layout of paper 004's Kaggle set) and YOLO
+    boxes (``root/labels/<n>.txt``) for the tumour images; returns the labels folder."""
+    import cv2
+
+    rng = np.random.default_rng(seed)
+    labels = root / "labels"
+    labels.mkdir(parents=True, exist_ok=True)
+    for c, name in enumerate(MRI_CLASSES):
+        folder = root / "images" / name
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            img, box = mri_image(size, name, rng)
+            stem = f"{name[:2]}_{i:04d}"
+            cv2.imwrite(str(folder / f"{stem}.jpg"), img)
+            if box:
+                (labels / f"{stem}.txt").write_text(f"{c} {' '.join(f'{v:.6f}' for v in box)}\n")
+    return labels
+
+
+CT_ICH_HEADER = (
+    "PatientNumber,SliceNumber,Intraventricular,Intraparenchymal,Subarachnoid,Epidural,Subdural,"
+    "No_Hemorrhage,Fracture_Yes_No"
+)
+
+
+def make_ct_ich(root: Path, patients: int = 4, slices: int = 8, size: int = 64, seed: int = 0) -> Path:
+    """A CT-ICH-shaped tree (paper 002's dataset): ``Patients_CT/<049>/{brain,bone}/<k>.jpg``, hemorrhage masks
+    ``<k>_HGE_Seg.jpg`` beside bleeding slices, and ``hemorrhage_diagnosis.csv``; even patients bleed in their
+    middle slices. Returns the CSV."""
+    import cv2
+
+    rng = np.random.default_rng(seed)
+    rows = [CT_ICH_HEADER]
+    for p in range(patients):
+        number = 49 + p
+        vol = ct_volume(slices, size, bleed=p % 2 == 0, rng=rng).astype(np.float32) - 1024
+        for k in range(slices):
+            bleeding = p % 2 == 0 and slices // 4 <= k < 3 * slices // 4
+            for window, (lo, hi) in (("brain", (0, 80)), ("bone", (-700, 2100))):
+                folder = root / "Patients_CT" / f"{number:03d}" / window
+                folder.mkdir(parents=True, exist_ok=True)
+                img = np.clip((vol[k] - lo) * 255 / (hi - lo), 0, 255).astype(np.uint8)
+                cv2.imwrite(str(folder / f"{k + 1}.jpg"), img)
+                if bleeding and window == "brain":
+                    cv2.imwrite(str(folder / f"{k + 1}_HGE_Seg.jpg"), (img > 200).astype(np.uint8) * 255)
+            subtype = int(bleeding)
+            rows.append(f"{number},{k + 1},0,{subtype},0,0,0,{1 - subtype},0")
+    csv_path = root / "hemorrhage_diagnosis.csv"
+    csv_path.write_text("\n".join(rows) + "\n")
+    return csv_path

@@ -1,4 +1,4 @@
-"""Units of ingest work (one slide or one series), their regions, and how each becomes samples."""
+"""Units of ingest work (one slide, series, image or slice sequence), their regions, and how each becomes samples."""
 
 from __future__ import annotations
 
@@ -6,15 +6,16 @@ import contextlib
 import dataclasses
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import cv2
 import numpy as np
 
-from ingest.config import DicomIngestConfig, IngestConfig, WsiIngestConfig
+from ingest.config import DicomIngestConfig, ImagesIngestConfig, IngestConfig, WsiIngestConfig
 from ingest.dicom import slice_rgb
+from ingest.images import Box, crop, decode_rgb, normalise
 from ingest.preview import preview_png
 from ingest.sequences import center_indices, even_indices, neighbour_indices
 from ingest.slides import OpenSlideReader
@@ -27,7 +28,10 @@ PREVIEWS = "previews"
 
 @dataclass
 class Unit:
-    """One input (slide or series). ``sources`` stay inside the workers; only pseudonyms reach outputs."""
+    """One input (slide, series, image or slice sequence).
+
+    ``sources`` stay inside the workers; only pseudonyms reach outputs.
+    """
 
     id: str
     kind: str
@@ -117,16 +121,15 @@ def wsi_samples(work: Work, cfg: WsiIngestConfig, background=None) -> Iterator[d
 class _Slices:
     """Renders a series' slices on demand, keeping only the few a sample needs (memory independent of length)."""
 
-    def __init__(self, unit: Unit, cfg: DicomIngestConfig) -> None:
-        self.unit, self.cfg = unit, cfg
-        self.frames = unit.meta.get("frames") or [None] * len(unit.sources)
+    def __init__(self, unit: Unit, store_size: int | None, read: Callable[[str, int], np.ndarray]) -> None:
+        self.unit, self.store_size, self.read = unit, store_size, read
         self._kept: dict[int, np.ndarray] = {}
 
     def get(self, i: int) -> np.ndarray:
         if i not in self._kept:
             with local_copy(self.unit.sources[i]) as path:
-                rgb = slice_rgb(path, tuple(self.cfg.windows), self.frames[i])
-            size = self.cfg.store_size
+                rgb = self.read(path, i)
+            size = self.store_size
             if size and rgb.shape[:2] != (size, size):
                 rgb = cv2.resize(rgb, (size, size), interpolation=cv2.INTER_AREA)
             self._kept[i] = rgb
@@ -137,7 +140,10 @@ class _Slices:
             del self._kept[j]
 
 
-def _sequence_picks(n: int, cfg: DicomIngestConfig) -> list[tuple[str, list[int]]]:
+SequenceConfig = DicomIngestConfig | ImagesIngestConfig
+
+
+def _sequence_picks(n: int, cfg: SequenceConfig) -> list[tuple[str, list[int]]]:
     """(key suffix, slice indices) of every sample of a series of ``n`` slices, in order."""
     if cfg.mode == "center":
         return [("center", center_indices(n, cfg.neighbours))]
@@ -146,19 +152,23 @@ def _sequence_picks(n: int, cfg: DicomIngestConfig) -> list[tuple[str, list[int]
     return [(f"{i:05d}", neighbour_indices(i, n, cfg.neighbours)) for i in range(n)]
 
 
-def dicom_samples(work: Work, cfg: DicomIngestConfig) -> Iterator[dict[str, Any]]:
-    """The samples of one series in anatomical order: per slice, the centre block, or T slices (``cfg.mode``).
+def sequence_samples(
+    work: Work, cfg: SequenceConfig, read: Callable[[str, int], np.ndarray], extra: dict[str, Any]
+) -> Iterator[dict[str, Any]]:
+    """The samples of one ordered series in order: per slice, the centre block, or T slices (``cfg.mode``).
 
-    A sample of several slices holds them in order (see :func:`~shards.schema.make_sample`).
+    ``read(path, i)`` renders slice ``i``. With per-slice label vectors, a one-slice sample takes its centre
+    slice's vector and a multi-slice sample the maximum of its slices' (any-positive). A sample of several
+    slices holds them in order (see :func:`~shards.schema.make_sample`).
     """
     unit = work.unit
     n = len(unit.sources)
-    slices = _Slices(unit, cfg)
+    slices = _Slices(unit, cfg.store_size, read)
     vectors = unit.meta.get("slice_labels")
     for suffix, picks in _sequence_picks(n, cfg):
         slices.forget_before(min(picks))
         if vectors and cfg.mode == "slice":
-            vector = vectors[picks[len(picks) // 2]] or [0] * 6
+            vector = vectors[picks[len(picks) // 2]] or [0] * len(next(v for v in vectors if v))
         elif vectors:
             vector = [max(col) for col in zip(*(v for v in vectors if v), strict=True)]
         else:
@@ -167,17 +177,55 @@ def dicom_samples(work: Work, cfg: DicomIngestConfig) -> Iterator[dict[str, Any]
         meta = {
             "series": unit.item,
             "patient": unit.patient,
-            "study": unit.meta.get("study"),
-            "modality": unit.meta.get("modality"),
             "mode": cfg.mode,
             "slices": picks,
             "num_slices": n,
-            "windows": list(cfg.windows),
             "label": label,
             "labels": vector,
-        }
+        } | extra
         images = [encode_image(slices.get(i), cfg.format, cfg.quality) for i in picks]
         yield make_sample(f"{unit.item}_{suffix}", images, cfg.format, label, meta)
+
+
+def dicom_samples(work: Work, cfg: DicomIngestConfig) -> Iterator[dict[str, Any]]:
+    """A DICOM series' samples, each slice windowed into RGB (``cfg.windows``)."""
+    frames = work.unit.meta.get("frames") or [None] * len(work.unit.sources)
+    meta = work.unit.meta
+    extra = {"study": meta.get("study"), "modality": meta.get("modality"), "windows": list(cfg.windows)}
+    return sequence_samples(work, cfg, lambda path, i: slice_rgb(path, tuple(cfg.windows), frames[i]), extra)
+
+
+def _read_rgb(path: str, _: int = 0) -> np.ndarray:
+    with open(path, "rb") as f:
+        return decode_rgb(f.read())
+
+
+def _fit(rgb: np.ndarray, size: int | None) -> np.ndarray:
+    """Shrink so the longer side is ``size`` (aspect kept; normalised boxes stay valid); never enlarge."""
+    h, w = rgb.shape[:2]
+    if not size or max(h, w) <= size:
+        return rgb
+    scale = size / max(h, w)
+    return cv2.resize(rgb, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
+
+
+def image_samples(work: Work, cfg: ImagesIngestConfig) -> Iterator[dict[str, Any]]:
+    """One image as a sample, or (``cfg.crop``) one sample per box cropped around it; boxes travel in the
+    metadata as normalised ``[x0, y0, x1, y1, label]``."""
+    unit = work.unit
+    with local_copy(unit.sources[0]) as path:
+        rgb = _read_rgb(path)
+    h, w = rgb.shape[:2]
+    boxes = [Box(*b) for b in unit.meta.get("yolo") or []] or normalise(unit.meta.get("pixel_boxes") or [], w, h)
+    meta = {"image": unit.item, "patient": unit.patient, "label": unit.label, "width": w, "height": h}
+    meta["boxes"] = [b.as_list() for b in boxes]
+    if cfg.crop and boxes:
+        for j, box in enumerate(boxes):
+            image = encode_image(_fit(crop(rgb, box, cfg.crop_margin), cfg.store_size), cfg.format, cfg.quality)
+            yield make_sample(f"{unit.item}_box{j:02d}", image, cfg.format, unit.label, meta | {"crop": j})
+    else:
+        image = encode_image(_fit(rgb, cfg.store_size), cfg.format, cfg.quality)
+        yield make_sample(unit.item, image, cfg.format, unit.label, meta | {"crop": None})
 
 
 def plan_unit(unit: Unit, cfg: IngestConfig) -> tuple[list[Work], list[str]]:
@@ -193,5 +241,11 @@ def work_samples(work: Work, cfg: IngestConfig, background=None) -> Iterator[dic
     if work.unit.kind == "wsi":
         assert isinstance(cfg, WsiIngestConfig)
         return wsi_samples(work, cfg, background)
+    if work.unit.kind == "image":
+        assert isinstance(cfg, ImagesIngestConfig)
+        return image_samples(work, cfg)
+    if work.unit.kind == "sequence":
+        assert isinstance(cfg, ImagesIngestConfig)
+        return sequence_samples(work, cfg, _read_rgb, {})
     assert isinstance(cfg, DicomIngestConfig)
     return dicom_samples(work, cfg)

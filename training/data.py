@@ -68,7 +68,9 @@ class WorkerData:
         )
         total = self.manifest.splits[split].num_samples
         steps = self.steps_per_epoch() if train else None
-        return ShardBatches(pipe, total, self.rank, self.world, train, steps, self.manifest.multilabel is not None)
+        # The recipe's task decides the label: a binary recipe on an RSNA dataset reads `.cls` (any), not the vectors.
+        multilabel = r.task == "multilabel"
+        return ShardBatches(pipe, total, self.rank, self.world, train, steps, multilabel)
 
     def close(self) -> None:
         self._dir.cleanup()

@@ -40,7 +40,8 @@ def _dataset(recipe, prefix):
         classes=classes,
         size=40,
         frames=4 if recipe.data.frames else 0,
-        multilabel=recipe.task == "multilabel",
+        # RSNA datasets carry 6-way vectors; the binary recipe must still read the `.cls` (any) label.
+        multilabel=recipe.name.startswith("rsna_ich"),
     )
 
 

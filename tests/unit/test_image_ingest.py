@@ -1,0 +1,152 @@
+"""Image-folder ingest: decoding, boxes and crops, per-slice tables, and the planner on synthetic trees."""
+
+import json
+
+import cv2
+import numpy as np
+import pytest
+from pydantic import ValidationError
+
+from ingest.config import ImagesIngestConfig
+from ingest.images import (
+    Box,
+    ImageError,
+    crop,
+    csv_boxes,
+    decode_rgb,
+    normalise,
+    read_slice_table,
+    slice_number,
+    yolo_boxes,
+)
+from ingest.plan import plan_images
+from ingest.synthetic import MRI_CLASSES, make_ct_ich, make_mri_folders
+from ingest.units import Work, work_samples
+
+KEY = b"test-key"
+
+
+def _png(arr: np.ndarray) -> bytes:
+    return cv2.imencode(".png", arr)[1].tobytes()
+
+
+def test_decode_grey_colour_alpha_and_16_bit():
+    grey = np.arange(12, dtype=np.uint8).reshape(3, 4)
+    rgb = decode_rgb(_png(grey))
+    assert rgb.shape == (3, 4, 3) and all(np.array_equal(rgb[..., c], grey) for c in range(3))
+    bgra = np.zeros((2, 2, 4), np.uint8)
+    bgra[..., 0], bgra[..., 2], bgra[..., 3] = 10, 200, 7  # blue 10, red 200
+    assert decode_rgb(_png(bgra))[0, 0].tolist() == [200, 0, 10]
+    wide = np.linspace(0, 60000, 400).astype(np.uint16).reshape(20, 20)
+    out = decode_rgb(_png(wide))
+    assert out.dtype == np.uint8 and out.min() == 0 and out.max() == 255  # percentile-stretched
+    with pytest.raises(ImageError, match="not a decodable image"):
+        decode_rgb(b"\xff\xd8 truncated jpeg")
+
+
+def test_yolo_and_csv_boxes_normalised_and_cropped():
+    (box,) = yolo_boxes("2 0.5 0.5 0.2 0.4\n\n")
+    assert (box.x0, box.y0, box.x1, box.y1, box.label) == pytest.approx((0.4, 0.3, 0.6, 0.7, "2"))
+    with pytest.raises(ValueError, match=r"b\.txt: line 1"):
+        yolo_boxes("1 0.5 0.5 1.5 0.1", "b.txt")
+    table = csv_boxes("image,x_min,y_min,x_max,y_max,label\ndir/a.jpg,10,20,30,60,glioma\n")
+    (b,) = normalise(table["a"], width=100, height=200)
+    assert b.as_list() == [0.1, 0.1, 0.3, 0.3, "glioma"]
+    with pytest.raises(ValueError, match="lacks column"):
+        csv_boxes("image,x,y\n")
+    rgb = np.arange(100 * 200 * 3, dtype=np.uint32).reshape(200, 100, 3).astype(np.uint8)
+    # box 10..30 x 20..60 px; 10 % margin adds 2 px in x and 4 px in y on each side
+    assert crop(rgb, b, margin=0.1).shape == (48, 24, 3)
+    np.testing.assert_array_equal(crop(rgb, b, margin=0.0), rgb[20:60, 10:30])
+    assert crop(rgb, Box(0.0, 0.0, 0.05, 0.05), margin=1.0).shape == (20, 10, 3)  # clipped at the corner
+
+
+def test_ct_ich_table_and_slice_names():
+    text = (
+        "PatientNumber,SliceNumber,Intraventricular,Intraparenchymal,Subarachnoid,Epidural,Subdural,"
+        "No_Hemorrhage,Fracture_Yes_No\n49,1,0,0,0,0,0,1,0\n49,2,1,0,0,1,0,0,1\n"
+    )
+    table, subtypes = read_slice_table(text)
+    # [any, epidural, intraparenchymal, intraventricular, subarachnoid, subdural]
+    assert subtypes and table[("49", 1)] == [0, 0, 0, 0, 0, 0] and table[("49", 2)] == [1, 1, 0, 1, 0, 0]
+    generic, subtypes = read_slice_table("patient,slice,label\n007,3,1\n")
+    assert not subtypes and generic == {("7", 3): [1, 0, 0, 0, 0, 0]}
+    with pytest.raises(ValueError, match="line 2: labels must be 0 or 1"):
+        read_slice_table("patient,slice,label\n1,1,2\n")
+    with pytest.raises(ValueError, match="line 3 repeats patient 1 slice 1"):
+        read_slice_table("patient,slice,label\n1,1,1\n1,1,0\n")
+    assert slice_number("12") == 12 and slice_number("12_HGE_Seg") is None
+
+
+def test_class_folders_with_yolo_boxes_and_crops(tmp_path):
+    labels = make_mri_folders(tmp_path, per_class=2, size=48)
+    (tmp_path / "images" / "glioma" / "notes.txt").write_text("a stray file")
+    cfg = ImagesIngestConfig(
+        sources=[str(tmp_path / "images")], out=str(tmp_path / "out"), boxes=str(labels), crop=True
+    )
+    plan = plan_images(cfg, KEY)
+    assert plan.classes == sorted(MRI_CLASSES) and len(plan.units) == 8
+    assert [r.reason for r in plan.skipped] == ["not an image file (extension .txt)"]
+    by_class = {plan.classes[u.label]: u for u in plan.units}
+    assert by_class["notumor"].meta.get("yolo") is None and len(by_class["glioma"].meta["yolo"]) == 1
+    (tumour,) = work_samples(Work(by_class["glioma"]), cfg)
+    meta = json.loads(tumour["json"])
+    assert meta["crop"] == 0 and len(meta["boxes"]) == 1 and tumour["cls"] == str(plan.classes.index("glioma"))
+    crop_shape = cv2.imdecode(np.frombuffer(tumour["jpg"], np.uint8), cv2.IMREAD_COLOR).shape
+    assert crop_shape[0] < 48 and crop_shape[1] < 48  # the crop, not the whole image
+    (whole,) = work_samples(Work(by_class["notumor"]), cfg)
+    assert json.loads(whole["json"])["crop"] is None
+    assert cv2.imdecode(np.frombuffer(whole["jpg"], np.uint8), cv2.IMREAD_COLOR).shape == (48, 48, 3)
+    text = json.dumps([u.item for u in plan.units] + [u.patient for u in plan.units] + [str(whole)])
+    assert "gl_0000" not in text and str(tmp_path) not in text  # file names stay private
+
+
+def test_label_csv_layout_skips_unlisted_images(tmp_path):
+    make_mri_folders(tmp_path, per_class=1, size=32)
+    csv_path = tmp_path / "labels.csv"
+    csv_path.write_text("image,label,patient\ngl_0000.jpg,tumour,P1\nno_0000.jpg,healthy,P1\n")
+    cfg = ImagesIngestConfig(sources=[str(tmp_path / "images")], out=str(tmp_path / "o"), labels=str(csv_path))
+    plan = plan_images(cfg, KEY)
+    assert plan.classes == ["healthy", "tumour"]
+    assert len(plan.units) == 2 and len({u.patient for u in plan.units}) == 1  # one patient, one split
+    assert len({u.split for u in plan.units}) == 1
+    assert sorted(r.reason for r in plan.skipped) == ["not in the label table"] * 2
+
+
+def test_ct_ich_sequences(tmp_path):
+    csv_path = make_ct_ich(tmp_path, patients=4, slices=8, size=32)
+    (tmp_path / "Patients_CT" / "050" / "brain" / "5.jpg").unlink()  # a gap in one patient's slices
+    cfg = ImagesIngestConfig(
+        sources=[str(tmp_path / "Patients_CT")], out=str(tmp_path / "o"), labels=str(csv_path),
+        slice_folder="brain", mode="series", frames=4, split="train=0.5,val=0.5",
+    )  # fmt: skip
+    plan = plan_images(cfg, KEY)
+    assert plan.classes == ["no hemorrhage", "hemorrhage"] and plan.multilabel[0] == "any"
+    assert [u.label for u in plan.units] == [1, 0, 1, 0]  # patients 049..052; even ones bleed
+    reasons = sorted({r.reason for r in plan.skipped})
+    assert reasons == [
+        "not a slice image: its name is not a slice number (a mask or another file)",
+        "outside the slice folder 'brain'",
+    ]
+    gap = plan.units[1]
+    assert len(gap.sources) == 7 and gap.meta["warnings"] == [
+        "slice numbers skip 1 value(s) between 1 and 8",
+        "1 slice(s) of the table have no image",
+    ]
+    assert [s.rsplit("/", 1)[1] for s in plan.units[0].sources] == [f"{k}.jpg" for k in range(1, 9)]
+    (sample,) = work_samples(Work(plan.units[0]), cfg)
+    meta = json.loads(sample["json"])
+    assert sorted(k for k in sample if k.endswith(".jpg")) == [f"{j:03d}.jpg" for j in range(4)]
+    assert meta["slices"] == [0, 2, 5, 7] and meta["labels"][:3] == [1, 0, 1] and sample["cls"] == "1"
+    assert "049" not in json.dumps(meta) and "049" not in plan.units[0].patient
+
+    # Without --slice-folder the bone images collide with the brain ones: skipped, and the reason says why.
+    both = plan_images(cfg.model_copy(update={"slice_folder": None}), KEY)
+    assert any("duplicate slice" in (r.reason or "") and "--slice-folder" in r.reason for r in both.skipped)
+
+
+def test_images_config_checks():
+    with pytest.raises(ValidationError, match="crop needs boxes"):
+        ImagesIngestConfig(sources=["x"], out="o", crop=True)
+    with pytest.raises(ValidationError, match="needs layout sequences"):
+        ImagesIngestConfig(sources=["x"], out="o", layout="folders", mode="series")
