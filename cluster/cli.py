@@ -186,9 +186,71 @@ def cmd_train(args) -> int:
         health.require(s, "mlflow")
         outcome = run_training(recipe, s.mlflow_url, str(s.state / "checkpoints"))
     print(f"MLflow run: {outcome.run_url}\ncheckpoint: {outcome.checkpoint}")
+    if outcome.error:
+        print(f"training failed: {outcome.error}", file=sys.stderr)
+        return 1
     if outcome.model_version:
         print(f"registered model: {outcome.run_url.split('/#/')[0]}/#/models (version {outcome.model_version})")
     return 0
+
+
+def cmd_tune(args) -> int:
+    from cluster import health
+    from tune.config import StudyConfig, load_plan, replicate_sweep
+    from tune.sweep import run_sweep
+
+    s = _settings()
+    stores = {"tune_storage": str(s.state / "sweeps"), "train_storage": str(s.state / "checkpoints")}
+    if args.resume:
+        if args.plan or args.overrides:
+            raise TesseraError("--resume NAME takes no sweep or overrides: the sweep's own file is used")
+        plans, study = {None: None}, None
+    elif not args.plan:
+        raise TesseraError("a SWEEP (name or YAML), a RECIPE with --replicates N, or --resume NAME is needed")
+    elif args.replicates:
+        folds = args.resplit.split(",") if args.resplit else None
+        plans, study = {None: replicate_sweep(args.plan, args.overrides, args.replicates, folds)}, None
+    else:
+        plan = load_plan(args.plan, args.overrides)
+        study = plan if isinstance(plan, StudyConfig) else None
+        plans = plan.sweeps() if study else {None: plan}
+    if args.dry_run:
+        import yaml
+
+        for sweep in plans.values():
+            print(yaml.safe_dump(sweep.model_dump(exclude_none=True), sort_keys=False) if sweep else "resume")
+        return 0
+    _connect(s)
+    health.require(s, "mlflow")
+    names = []
+    for sweep in plans.values():
+        outcome = run_sweep(sweep, s.mlflow_url, resume=args.resume, **stores)
+        names.append(outcome.name)
+        print(f"sweep {outcome.name}: {outcome.trials} trials, {outcome.errors} failed; MLflow {outcome.parent_url}")
+        print(f"best: {outcome.best_params} -> {outcome.best_metric} (run {outcome.best_run_id})")
+    if study:  # both groups ran: the comparison the study names
+        return _compare(s, names[0], names[1], study.compare.metrics, study.compare.alpha, "patient")
+    return 0
+
+
+def _compare(s, a: str, b: str, metrics: list[str], alpha: float, level: str) -> int:
+    from tune.compare import run_compare
+
+    _, report, run_id = run_compare(s.mlflow_url, a, b, metrics, alpha, level)
+    print(report)
+    from training import tracking
+
+    print(f"comparison logged: {tracking.run_url_of(s.mlflow_url, run_id)}")
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from cluster import health
+
+    s = _settings()
+    s.apply()
+    health.require(s, "mlflow")
+    return _compare(s, args.a, args.b, args.metrics.split(","), args.alpha, args.level)
 
 
 def _dry_run(recipe) -> int:
@@ -286,6 +348,23 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--dry-run", action="store_true", help="validate, print the resolved recipe and exit")
     tr.set_defaults(fn=cmd_train)
 
+    tu = sub.add_parser("tune", help="Ray Tune sweeps and replicates of a recipe, tracked in MLflow")
+    tu.add_argument("plan", nargs="?", help="sweep or study (tune/sweeps/ or YAML path), or a RECIPE with --replicates")
+    tu.add_argument("overrides", nargs="*", help="key.sub=value overrides (of the sweep file; of the recipe with -r)")
+    tu.add_argument("--replicates", "-r", type=int, help="run the RECIPE this many times with seeds seed+i")
+    tu.add_argument("--resplit", help="with --replicates: ingest splits to re-split per replicate (f0,f1,...)")
+    tu.add_argument("--resume", metavar="NAME", help="finish an interrupted sweep (its printed name)")
+    tu.add_argument("--dry-run", action="store_true", help="validate and print the resolved sweep(s)")
+    tu.set_defaults(fn=cmd_tune)
+
+    cp = sub.add_parser("compare", help="compare two run groups (sweep/replicates names or MLflow filters)")
+    cp.add_argument("a", help="group A: a sweep or replicates name, a parent run id, or a filter (tags.x = 'y')")
+    cp.add_argument("b", help="group B, as A")
+    cp.add_argument("--metrics", required=True, help="comma-separated metric names, e.g. val_patient_accuracy")
+    cp.add_argument("--alpha", type=float, default=0.05, help="significance level")
+    cp.add_argument("--level", default="patient", help="confusion-matrix level to average (sample, patient...)")
+    cp.set_defaults(fn=cmd_compare)
+
     demo = sub.add_parser("demo", help="the whole pipeline on the local stack with synthetic data")
     demo.add_argument("--workdir", help="where synthetic inputs are generated (default: STATE/demo)")
     demo.add_argument("--small", action="store_true", help="a smaller dataset (for tests)")
@@ -301,8 +380,8 @@ def main(argv: list[str] | None = None) -> int:
         # Ray reads its auth settings when first imported, so the environment is exported before any command.
         _settings().apply()
         return int(args.fn(args) or 0)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        print(f"tessera: {exc or 'interrupted'}", file=sys.stderr)
         return 130
     except Exception as exc:
         if os.environ.get("TESSERA_DEBUG"):

@@ -27,6 +27,11 @@ class ShardInfo(BaseModel):
     samples: int
 
 
+def split_names(split: str) -> list[str]:
+    """``"f0+f1+f2"`` -> ``["f0", "f1", "f2"]``: several ingest splits used as one (re-split replicates)."""
+    return [name.strip() for name in split.split("+") if name.strip()]
+
+
 class InputRecord(BaseModel):
     """One input (slide, series, image): its pseudonymous id, status and what it produced.
 
@@ -74,8 +79,16 @@ class Manifest(BaseModel):
         return out
 
     def shard_urls(self, prefix: str, split: str) -> list[str]:
-        """Full URLs of a split's shards under the dataset ``prefix``."""
-        return [storage.join(prefix, split, s.name) for s in self.splits[split].shards]
+        """Full URLs of a split's shards under the dataset ``prefix``; ``a+b`` joins splits (in that order)."""
+        return [storage.join(prefix, name, s.name) for name in split_names(split) for s in self.splits[name].shards]
+
+    def num_samples(self, split: str) -> int:
+        """Samples in ``split`` (``a+b`` adds them up)."""
+        return sum(self.splits[name].num_samples for name in split_names(split))
+
+    def missing_splits(self, split: str) -> list[str]:
+        """The names in ``split`` (``a+b``) that the manifest lacks."""
+        return [name for name in split_names(split) if name not in self.splits]
 
     def patients_by_split(self) -> dict[str, set[str]]:
         """The set of patient pseudonyms in each split (for leak checks)."""

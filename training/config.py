@@ -54,7 +54,7 @@ class DataConfig(Strict):
     """Where the shards are and how samples become tensors."""
 
     dataset: str
-    train_split: str = "train"
+    train_split: str = "train"  # "f0+f1+f2" trains on several ingest splits (re-split replicates)
     val_split: str = "val"
     image_size: int = Field(224, gt=0)
     # Slice-sequence samples (``000.png``...): frames per sample, for video models; 0 for single images.
@@ -173,7 +173,8 @@ class RecipeError(ValueError):
     """A recipe could not be loaded; the message names the field and the reason."""
 
 
-def _set(tree: dict[str, Any], dotted: str, value: Any) -> None:
+def set_value(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set ``a.b.c`` in a recipe tree, creating sections; a non-section on the way is an error."""
     keys = dotted.split(".")
     node = tree
     for k in keys[:-1]:
@@ -210,7 +211,7 @@ def apply_overrides(tree: dict[str, Any], overrides: list[str] | tuple[str, ...]
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise RecipeError(f"override {item!r} is not key=value")
-        _set(tree, key.strip(), yaml.safe_load(raw))
+        set_value(tree, key.strip(), yaml.safe_load(raw))
     return tree
 
 

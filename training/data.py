@@ -26,9 +26,10 @@ class WorkerData:
         d = self.recipe.data
         self._dir = tempfile.TemporaryDirectory(prefix="tessera-idx-")
         for split in (d.train_split, d.val_split):
-            if split not in self.manifest.splits:
+            if self.manifest.missing_splits(split):
                 raise ValueError(
-                    f"{d.dataset}: the manifest has no {split!r} split (has {sorted(self.manifest.splits)})"
+                    f"{d.dataset}: the manifest has no {self.manifest.missing_splits(split)} split "
+                    f"(has {sorted(self.manifest.splits)})"
                 )
             self._index[split] = fetch_indices(self.urls(split), f"{self._dir.name}/{split}")
 
@@ -38,7 +39,7 @@ class WorkerData:
     def steps_per_epoch(self) -> int:
         """Optimiser micro-steps per training epoch, the same on every worker."""
         d = self.recipe.data
-        per_worker = d.epoch_samples or self.manifest.splits[d.train_split].num_samples // self.world
+        per_worker = d.epoch_samples or self.manifest.num_samples(d.train_split) // self.world
         return max(1, per_worker // self.recipe.batch_size)
 
     def batches(self, split: str, epoch: int, train: bool) -> ShardBatches:
@@ -66,7 +67,7 @@ class WorkerData:
             augment=Augment(**d.augment.model_dump()),
             frames=d.frames,
         )
-        total = self.manifest.splits[split].num_samples
+        total = self.manifest.num_samples(split)
         steps = self.steps_per_epoch() if train else None
         # The recipe's task decides the label: a binary recipe on an RSNA dataset reads `.cls` (any), not the vectors.
         multilabel = r.task == "multilabel"

@@ -27,12 +27,19 @@ class TrainOutcome:
     metrics: dict[str, Any]
     checkpoint: str | None
     model_version: str | None = None
+    error: str | None = None
 
 
 def _storage(storage_path: str):
     """Ray Train storage: a local path, or ``s3://`` through the same endpoint and keys as the shards."""
+    fs = storage_filesystem(storage_path)
+    return (storage_path[len("s3://") :] if fs else storage_path), fs
+
+
+def storage_filesystem(storage_path: str):
+    """The pyarrow filesystem of a storage path: None (local) or S3 with the settings' endpoint and keys."""
     if not storage_path.startswith("s3://"):
-        return storage_path, None
+        return None
     import pyarrow.fs as pafs
 
     endpoint = os.environ.get("AWS_ENDPOINT_URL", "")
@@ -43,7 +50,7 @@ def _storage(storage_path: str):
         scheme=endpoint.split("://", 1)[0] if endpoint else "https",
         region=os.environ.get("AWS_REGION", "us-east-1"),
     )
-    return storage_path[len("s3://") :], fs
+    return fs
 
 
 def _use_gpu(recipe: TrainRecipe) -> bool:
@@ -69,7 +76,9 @@ def _load_manifest(recipe: TrainRecipe) -> tuple[mf.Manifest, bytes]:
     return manifest, data
 
 
-def start_run(recipe: TrainRecipe, tracking_uri: str, extra_tags: dict[str, str] | None = None) -> str:
+def start_run(
+    recipe: TrainRecipe, tracking_uri: str, extra_tags: dict[str, str] | None = None, run_name: str | None = None
+) -> str:
     """Create the MLflow run (params, tags, the resolved recipe); returns its id."""
     manifest, manifest_bytes = _load_manifest(recipe)
     tags = {
@@ -80,9 +89,10 @@ def start_run(recipe: TrainRecipe, tracking_uri: str, extra_tags: dict[str, str]
     } | (extra_tags or {})
     params = flatten(recipe.model_dump()) | {"data.classes": ",".join(manifest.classes)}
     for split in (recipe.data.train_split, recipe.data.val_split):
-        if split in manifest.splits:
-            params[f"data.{split}_samples"] = manifest.splits[split].num_samples
-    _, run_id = tracking.start_run(tracking_uri, recipe.experiment or recipe.name, recipe.name, params, tags)
+        if not manifest.missing_splits(split):
+            params[f"data.{split}_samples"] = manifest.num_samples(split)
+    experiment = recipe.experiment or recipe.name
+    _, run_id = tracking.start_run(tracking_uri, experiment, run_name or recipe.name, params, tags)
     with tempfile.TemporaryDirectory() as tmp:
         resolved = Path(tmp) / RECIPE_ARTIFACT
         resolved.write_text(yaml.safe_dump(recipe.model_dump(), sort_keys=False))
@@ -114,15 +124,28 @@ def resume_training(run_id: str, tracking_uri: str, storage_path: str) -> TrainO
     return fit(recipe, run_id, tracking_uri, storage_path)
 
 
-def trainer_for(recipe: TrainRecipe, run_id: str, tracking_uri: str, storage_path: str, max_failures: int = 2):
+def trainer_for(
+    recipe: TrainRecipe,
+    run_id: str,
+    tracking_uri: str,
+    storage_path: str,
+    max_failures: int = 2,
+    callbacks: list | None = None,
+    start_from: dict[str, Any] | None = None,
+    name: str | None = None,
+):
     """The TorchTrainer of a run. Its name is fixed by the run id, so that a trainer built again for the same
-    run restores from that run's latest checkpoint (Ray Train v2 resumes by name and storage path)."""
+    run restores from that run's latest checkpoint (Ray Train v2 resumes by name and storage path).
+
+    ``start_from`` (``path``, ``storage``, ``weights_only``) starts a new run from another run's checkpoint;
+    ``name`` overrides the run name (a sweep trial takes a new one each time it starts from a checkpoint)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     use_gpu = _use_gpu(recipe)
     path, fs = _storage(storage_path)
     config = {"recipe": recipe.model_dump(), "mlflow_uri": tracking_uri, "run_id": run_id, "fault": _fault()}
+    config["start_from"] = start_from
     return TorchTrainer(
         _loop(),
         train_loop_config=config,
@@ -131,29 +154,41 @@ def trainer_for(recipe: TrainRecipe, run_id: str, tracking_uri: str, storage_pat
         ),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         run_config=RunConfig(
-            name=f"{recipe.name}-{run_id[:12]}",
+            name=name or f"{recipe.name}-{run_id[:12]}",
             storage_path=path,
             storage_filesystem=fs,
             failure_config=FailureConfig(max_failures=max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
+            callbacks=callbacks,
         ),
     )
 
 
-def fit(recipe: TrainRecipe, run_id: str, tracking_uri: str, storage_path: str, max_failures: int = 2) -> TrainOutcome:
-    """Run (or resume) the trainer of ``run_id``; curves and model registration after it ends."""
+def fit(
+    recipe: TrainRecipe,
+    run_id: str,
+    tracking_uri: str,
+    storage_path: str,
+    max_failures: int = 2,
+    register: bool = True,
+    **trainer_options: Any,
+) -> TrainOutcome:
+    """Run (or resume) the trainer of ``run_id``; curves and (``register``) model registration after it ends.
+
+    ``trainer_options`` go to :func:`trainer_for` (callbacks, start_from, name)."""
     logger = tracking.RunLogger(tracking_uri, run_id)
     url = tracking.run_url_of(tracking_uri, run_id)
     print(f"MLflow run: {url}", flush=True)
     ok = False
     try:
-        result = trainer_for(recipe, run_id, tracking_uri, storage_path, max_failures).fit()
+        result = trainer_for(recipe, run_id, tracking_uri, storage_path, max_failures, **trainer_options).fit()
         ok = result.error is None
         history = tracking.epoch_history(tracking_uri, run_id)
         _log_curves(logger, history)
-        version = tracking.register_model(tracking_uri, run_id, recipe.name) if ok else None
+        version = tracking.register_model(tracking_uri, run_id, recipe.name) if ok and register else None
         ckpt = result.checkpoint.path if result.checkpoint else None
-        return TrainOutcome(run_id, url, dict(result.metrics or {}), ckpt, version)
+        error = None if ok else f"{type(result.error).__name__}: {result.error}"
+        return TrainOutcome(run_id, url, dict(result.metrics or {}), ckpt, version, error)
     finally:
         tracking.finish_run(tracking_uri, run_id, ok)
 

@@ -154,7 +154,14 @@ def evaluate(pred: dict[str, Any], recipe: TrainRecipe, outputs: list[str], pref
 class Trainer:
     """One worker's run: engine, data, state; ``run()`` trains from wherever the checkpoint left off."""
 
-    def __init__(self, config: dict[str, Any], rank: int, world: int, checkpoint_dir: str | None = None) -> None:
+    def __init__(
+        self,
+        config: dict[str, Any],
+        rank: int,
+        world: int,
+        checkpoint_dir: str | None = None,
+        weights_only: bool = False,
+    ) -> None:
         self.config = config
         self.recipe = r = TrainRecipe.model_validate(config["recipe"])
         self.rank, self.world = rank, world
@@ -172,9 +179,15 @@ class Trainer:
         self.start = 0
         self.resumed = checkpoint_dir is not None
         if checkpoint_dir is not None:
-            self._restore(checkpoint_dir)
+            self._restore(checkpoint_dir, weights_only)
 
-    def _restore(self, checkpoint_dir: str) -> None:
+    def _restore(self, checkpoint_dir: str, weights_only: bool = False) -> None:
+        """Continue from a checkpoint: the whole state, or (``weights_only``, a PBT exploit of another trial's
+        checkpoint) its weights and epoch count with this run's own, freshly built optimiser and schedule."""
+        if weights_only:
+            _, client = self.engine.load_checkpoint(checkpoint_dir, tag=TAG, load_module_only=True)
+            self.start = int(client["epoch"]) + 1
+            return
         _, client = self.engine.load_checkpoint(checkpoint_dir, tag=TAG)
         self.start = int(client["epoch"]) + 1
         self.stopper = EarlyStopping.from_state(client["early_stopping"])
@@ -280,8 +293,15 @@ def train_loop(config: dict[str, Any]) -> None:
 
     ctx = ray.train.get_context()
     checkpoint = ray.train.get_checkpoint()
+    start = config.get("start_from")
+    weights_only = False
+    if checkpoint is None and start:  # a new run that starts from another run's checkpoint (sweeps)
+        from training.launch import storage_filesystem
+
+        checkpoint = ray.train.Checkpoint(start["path"], filesystem=storage_filesystem(start["storage"]))
+        weights_only = bool(start.get("weights_only"))
     with checkpoint.as_directory() if checkpoint else contextlib.nullcontext() as restored:
-        trainer = Trainer(config, ctx.get_world_rank(), ctx.get_world_size(), restored)
+        trainer = Trainer(config, ctx.get_world_rank(), ctx.get_world_size(), restored, weights_only)
 
     def report(metrics: dict[str, float], folder: str) -> None:
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))

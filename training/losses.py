@@ -16,10 +16,13 @@ def balanced_weights(counts: list[int]) -> list[float]:
 
 
 def class_counts(inputs, split: str, num_classes: int) -> list[int]:
-    """Samples per class in ``split`` from the manifest's input records."""
+    """Samples per class in ``split`` (``a+b`` for several) from the manifest's input records."""
+    from shards.manifest import split_names
+
+    names = set(split_names(split))
     counts = [0] * num_classes
     for rec in inputs:
-        if rec.split == split and rec.label is not None and rec.status == "ingested":
+        if rec.split in names and rec.label is not None and rec.status == "ingested":
             counts[rec.label] += rec.samples
     return counts
 

@@ -22,7 +22,8 @@ def confusion_png(cm: np.ndarray, classes: list[str], path: Path, title: str) ->
     ax.set_title(title)
     top = cm.max() if cm.size else 0
     for (i, j), v in np.ndenumerate(cm):
-        ax.text(j, i, str(v), ha="center", va="center", color="white" if v > top / 2 else "black")
+        text = str(v) if float(v).is_integer() else f"{v:.3g}"  # counts, or means over replicates
+        ax.text(j, i, text, ha="center", va="center", color="white" if v > top / 2 else "black")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

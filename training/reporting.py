@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -54,4 +55,7 @@ class Reporter:
                     cm = confusion(y, p, level_threshold(r, level))
                     path = Path(tmp) / f"confusion_{level}.png"
                     self.log.artifact(confusion_png(cm, self.t.outputs, path, title))
+                    data = Path(tmp) / f"confusion_{level}.json"  # for averaging over replicates
+                    data.write_text(json.dumps({"classes": self.t.outputs, "matrix": cm.tolist()}))
+                    self.log.artifact(data)
                 self.log.artifact(roc_png(y, p, self.t.outputs, r.task, Path(tmp) / f"roc_{level}.png", title))

@@ -1,0 +1,201 @@
+"""Sweeps, replicates and comparison on the real stack: Ray Tune trials that are Ray Train runs, MLflow
+parent/child runs, an interrupted sweep resumed, and two replicate groups compared."""
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+import pandas as pd
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+from tests.datasets import make_dataset
+from tune.config import SweepConfig, replicate_sweep
+from tune.sweep import BEST, KIND, PARENT, SWEEP, grid_points, run_sweep
+
+OVERRIDES = ["data.image_size=32", "batch_size=4", "workers=1", "eval.levels=[patient]"]
+
+
+@pytest.fixture(scope="module")
+def work(stack, tmp_path_factory):
+    work = tmp_path_factory.mktemp("tune")
+    make_dataset(str(work / "ds"), {"train": 16, "val": 8}, size=32, shard_samples=4)
+    return work
+
+
+def _overrides(work, epochs: int) -> list[str]:
+    return [f"data.dataset={work / 'ds'}", f"epochs={epochs}", *OVERRIDES]
+
+
+def _stores(work) -> dict:
+    return {"tune_storage": str(work / "sweeps"), "train_storage": str(work / "ckpt")}
+
+
+def _children(client, parent_id):
+    exp = client.get_run(parent_id).info.experiment_id
+    return client.search_runs([exp], f"tags.`{PARENT}` = '{parent_id}'")
+
+
+def test_asha_sweep_tracks_parent_and_children(stack, work):
+    sweep = SweepConfig(
+        name="it-asha",
+        recipe="demo_tiles",
+        overrides=_overrides(work, 3),
+        space={"optim.lr": {"grid": [1e-3, 3e-3, 0.5, 0.8]}, "optim.name": {"choice": ["adamw"]}},
+        search={"algorithm": "grid", "num_samples": 1},
+        scheduler={"name": "asha", "grace_period": 1, "reduction_factor": 2},
+        max_concurrent=2,
+    )
+    out = run_sweep(sweep, stack.mlflow_url, **_stores(work))
+    client = MlflowClient(stack.mlflow_url)
+    parent = client.get_run(out.parent_run_id)
+    assert parent.info.status == "FINISHED" and parent.data.tags[KIND] == "sweep"
+    assert parent.data.tags["best_run_id"] == out.best_run_id
+    assert parent.data.metrics["best_val_loss"] == pytest.approx(out.best_metric)
+    assert {"best.optim.lr", "best.optim.name"} <= set(parent.data.params)
+    assert {a.path for a in client.list_artifacts(out.parent_run_id)} >= {
+        "trials.csv", "parallel_coordinates.png", "sweep.yaml"
+    }  # fmt: skip
+    children = _children(client, out.parent_run_id)
+    assert len(children) == 4 and out.trials == 4 and out.errors == 0
+    assert all(c.info.status == "FINISHED" for c in children)
+    assert [c.info.run_id for c in children if c.data.tags.get(BEST) == "true"] == [out.best_run_id]
+    # every epoch reached the scheduler: the trials it kept ran all 3 epochs, and exactly the ones it stopped
+    # earlier are tagged with where it stopped them (trials.csv holds the epochs the scheduler counted)
+    with tempfile.TemporaryDirectory() as d:
+        table = pd.read_csv(client.download_artifacts(out.parent_run_id, "trials.csv", d))
+    counted = dict(zip(table["run_id"], table["epochs"], strict=True))
+    stopped = {c.info.run_id: c.data.tags.get("tessera.stopped_early") for c in children}
+    assert {r for r, tag in stopped.items() if tag} == {r for r, n in counted.items() if n < 3}
+    assert 3 in counted.values() and min(counted.values()) >= 1 and any(stopped.values())
+    for run_id, tag in stopped.items():
+        if tag:
+            assert tag == f"scheduler, after epoch {counted[run_id]}"
+        else:
+            assert len(client.get_metric_history(run_id, "val_loss")) == 3
+    # at most two trials at a time (max_concurrent): the grid's first two points (seeded order) start first
+    starts = sorted((c.info.start_time, float(c.data.params["optim.lr"])) for c in children)
+    first = sorted(p["optim.lr"] for p in grid_points(sweep.space, sweep.search.seed)[:2])
+    assert sorted(lr for _, lr in starts[:2]) == first
+    best = [m.value for m in client.get_metric_history(out.best_run_id, "val_loss")]
+    assert min(best) == pytest.approx(out.best_metric)
+
+
+def _wait_for(predicate, timeout: float, what: str):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_interrupted_sweep_resumes_without_rerunning_finished_trials(stack, work):
+    sweep_file = work / "grid.yaml"
+    sweep_file.write_text(
+        yaml.safe_dump(
+            {
+                "name": "it-grid",
+                "recipe": "demo_tiles",
+                "overrides": _overrides(work, 2),
+                "space": {"optim.lr": {"grid": [1e-3, 3e-3, 1e-2]}},
+                "search": {"algorithm": "grid", "num_samples": 1},
+                "scheduler": {"name": "none"},
+                "max_concurrent": 1,
+            }
+        )
+    )
+    env = dict(os.environ)
+    cmd = [sys.executable, "-m", "cluster.cli", "tune", str(sweep_file)]
+    log_path = work / "interrupted.log"  # a file, not a pipe: Ray's output would fill a pipe and block the sweep
+    client = MlflowClient(stack.mlflow_url)
+
+    def first_finished():
+        exps = [e.experiment_id for e in client.search_experiments()]  # the sweep may create its experiment
+        runs = client.search_runs(exps, f"tags.`{KIND}` = 'trial' and tags.`{SWEEP}` like 'it-grid-%'")
+        done = [r for r in runs if r.info.status == "FINISHED"]
+        return done[0] if done else None
+
+    with open(log_path, "w") as out:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
+        try:
+            finished = _wait_for(first_finished, 300, "the first trial to finish")
+        finally:
+            proc.send_signal(signal.SIGINT)
+            proc.wait(timeout=120)
+    log = log_path.read_text()
+    assert proc.returncode == 130, log[-3000:]
+    sweep_run = finished.data.tags[SWEEP]
+    assert f"tessera tune --resume {sweep_run}" in log
+    parent_id = client.get_run(finished.info.run_id).data.tags[PARENT]
+    assert client.get_run(parent_id).info.status == "KILLED"
+
+    resumed = subprocess.run(
+        [sys.executable, "-m", "cluster.cli", "tune", "--resume", sweep_run],
+        env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-3000:]
+    assert client.get_run(parent_id).info.status == "FINISHED"
+    children = _children(client, parent_id)
+    assert len(children) == 3 and all(c.info.status == "FINISHED" for c in children)
+    lrs = sorted(float(c.data.params["optim.lr"]) for c in children)
+    assert lrs == [1e-3, 3e-3, 1e-2]  # one run per grid point: none duplicated, none lost
+    again = client.get_run(finished.info.run_id)
+    assert again.info.end_time == finished.info.end_time  # the finished trial did not run again
+    for c in children:
+        steps = [m.step for m in client.get_metric_history(c.info.run_id, "train_loss")]
+        # the interrupted trial may log the epoch it was in again when it continues; every trial has both
+        assert set(steps) == {0, 1}, f"trial {c.info.run_name}: epochs {steps}"
+    steps = [m.step for m in client.get_metric_history(finished.info.run_id, "train_loss")]
+    assert steps == [0, 1]
+
+
+def test_replicate_groups_compared(stack, work):
+    from tune.compare import run_compare
+
+    a = run_sweep(replicate_sweep("demo_tiles", _overrides(work, 1), 3), stack.mlflow_url, **_stores(work))
+    b_overrides = [*_overrides(work, 1), "optim.lr=1e-5"]
+    b = run_sweep(replicate_sweep("demo_tiles", b_overrides, 3), stack.mlflow_url, **_stores(work))
+    client = MlflowClient(stack.mlflow_url)
+    seeds = sorted(int(c.data.params["seed"]) for c in _children(client, a.parent_run_id))
+    assert seeds == [0, 1, 2]
+    results, report, run_id = run_compare(stack.mlflow_url, a.name, b.name, ["val_loss", "val_accuracy"])
+    assert [r.metric for r in results] == ["val_loss", "val_accuracy"]
+    assert all(r.a.n == 3 and r.b.n == 3 for r in results)
+    assert "## val_loss" in report and "Mann-Whitney U" in report and "Cohen's d" in report
+    names = {a.path for a in client.list_artifacts(run_id, "comparison")}
+    assert {
+        "comparison/report.md", "comparison/box_val_loss.png", "comparison/confusion_mean_A.png",
+        "comparison/comparison.json",
+    } <= names  # fmt: skip
+
+
+def test_pbt_continues_a_trial_from_anothers_weights(stack, work):
+    sweep = SweepConfig(
+        name="it-pbt",
+        recipe="demo_tiles",
+        overrides=_overrides(work, 4),
+        space={"optim.lr": {"loguniform": [1e-4, 3e-2]}},
+        search={"algorithm": "random", "num_samples": 2, "seed": 3},
+        scheduler={"name": "pbt", "perturbation_interval": 1, "quantile_fraction": 0.5},
+        max_concurrent=2,
+    )
+    out = run_sweep(sweep, stack.mlflow_url, **_stores(work))
+    client = MlflowClient(stack.mlflow_url)
+    children = _children(client, out.parent_run_id)
+    assert len(children) == 2 and out.errors == 0 and all(c.info.status == "FINISHED" for c in children)
+    exploited = [c for c in children if "tessera.exploited_from" in c.data.tags]
+    assert exploited, "PBT never exploited"
+    for c in exploited:
+        source = c.data.tags["tessera.exploited_from"]
+        assert source in {o.info.run_id for o in children} - {c.info.run_id}
+        # it went on from the other trial's epoch with its own (mutated) learning rate
+        resumed = client.get_metric_history(c.info.run_id, "resumed_at_epoch")
+        assert resumed and all(m.value >= 1 for m in resumed)
+        lrs = {m.value for m in client.get_metric_history(c.info.run_id, "lr")}
+        assert len(lrs) > 1, "the learning rate never changed"

@@ -1,0 +1,138 @@
+"""The comparison statistics against scipy/statsmodels and textbook formulas, including paper 002's edge cases
+(a group with zero variance, a non-normal group), and sweep files: spaces, validation, replicate splits."""
+
+import math
+
+import numpy as np
+import pytest
+from scipy import stats
+from statsmodels.stats.power import TTestIndPower
+
+from training.config import RecipeError
+from tune.config import ReplicateConfig, SweepConfig, load_plan
+from tune.stats import cohens_d, compare, summarise
+
+# ten replicate accuracies per model (paper 002's scale: two models, 10 runs each)
+VIVIT = [0.70, 0.68, 0.74, 0.66, 0.71, 0.69, 0.73, 0.67, 0.72, 0.70]
+CONVNEXT = [0.61, 0.64, 0.60, 0.63, 0.59, 0.62, 0.65, 0.60, 0.58, 0.63]
+SKEWED = [1.0, 1.0, 0.95, 1.0, 0.4, 1.0, 0.5, 0.3, 1.0, 0.45]  # precision, bimodal: not normal, wide
+
+
+def test_normal_groups_use_students_t_and_match_scipy_and_formulas():
+    c = compare(VIVIT, CONVNEXT, "accuracy")
+    a, b = np.array(VIVIT), np.array(CONVNEXT)
+    assert c.a.mean == pytest.approx(a.mean(), abs=1e-12) and c.a.sd == pytest.approx(a.std(ddof=1), abs=1e-12)
+    assert (c.a.min, c.a.max, c.a.n) == (0.66, 0.74, 10)
+    w, p = stats.shapiro(a)
+    assert abs(c.a.shapiro_w - w) < 1e-9 and abs(c.a.shapiro_p - p) < 1e-9
+    lev = stats.levene(a, b)
+    assert abs(c.levene_w - lev.statistic) < 1e-9 and abs(c.levene_p - lev.pvalue) < 1e-9
+    assert c.equal_var and c.t_test == "Student's t" and c.decided_by == "Student's t"
+    # Student's t by hand: pooled variance, n1 + n2 - 2 degrees of freedom
+    sp = math.sqrt((9 * a.var(ddof=1) + 9 * b.var(ddof=1)) / 18)
+    t = (a.mean() - b.mean()) / (sp * math.sqrt(2 / 10))
+    assert abs(c.t_stat - t) < 1e-9 and c.t_df == 18
+    assert abs(c.t_p - 2 * stats.t.sf(abs(t), 18)) < 1e-9
+    u = stats.mannwhitneyu(a, b, alternative="two-sided")
+    assert abs(c.mwu_u - u.statistic) < 1e-9 and abs(c.mwu_p - u.pvalue) < 1e-9
+    assert abs(c.cohens_d - (a.mean() - b.mean()) / sp) < 1e-9
+    power = TTestIndPower().power(effect_size=abs(c.cohens_d), nobs1=10, alpha=0.05, ratio=1.0)
+    assert abs(c.power - power) < 1e-9
+    assert c.significant and "A is higher" in c.verdict
+
+
+def test_unequal_variances_use_welch_and_non_normal_groups_are_decided_by_mann_whitney():
+    c = compare(SKEWED, CONVNEXT, "precision")
+    a, b = np.array(SKEWED), np.array(CONVNEXT)
+    assert not c.a.normal(0.05) and c.decided_by == "Mann-Whitney U"
+    assert not c.equal_var and c.t_test == "Welch's t"
+    va, vb = a.var(ddof=1) / 10, b.var(ddof=1) / 10
+    t = (a.mean() - b.mean()) / math.sqrt(va + vb)
+    df = (va + vb) ** 2 / (va**2 / 9 + vb**2 / 9)  # Welch-Satterthwaite
+    assert abs(c.t_stat - t) < 1e-9 and abs(c.t_df - df) < 1e-9
+    assert abs(c.t_p - 2 * stats.t.sf(abs(t), df)) < 1e-9
+    assert c.significant == (c.mwu_p < 0.05)
+
+
+def test_zero_variance_group():
+    constant = [1.0] * 10  # e.g. recall 1.0 in every replicate
+    s = summarise(constant)
+    assert s.sd == 0 and s.shapiro_p is None and "zero variance" in s.note
+    c = compare(constant, CONVNEXT, "recall")
+    assert c.decided_by == "Mann-Whitney U"  # normality cannot be established
+    b = np.array(CONVNEXT)
+    sp = math.sqrt(9 * b.var(ddof=1) / 18)
+    assert abs(c.cohens_d - (1.0 - b.mean()) / sp) < 1e-9
+    both = compare([0.9] * 5, [0.8] * 5, "recall")
+    assert both.levene_p is None and both.equal_var and math.isinf(both.cohens_d) and both.power == 1.0
+    same = compare([0.9] * 5, [0.9] * 5, "recall")
+    assert math.isnan(same.cohens_d) and math.isnan(same.power) and not same.significant
+    assert same.mwu_p == 1.0 and "no significant difference" in same.verdict
+    with pytest.raises(ValueError, match="at least 2 values"):
+        compare([0.5], CONVNEXT)
+
+
+def test_cohens_d_sign_and_small_groups():
+    assert cohens_d(np.array([1.0, 2.0, 3.0]), np.array([2.0, 3.0, 4.0])) == pytest.approx(-1.0)
+    assert summarise([0.5, 0.6]).note.startswith("fewer than 3")
+
+
+def test_bundled_sweeps_load_and_check_their_space():
+    sweep = load_plan("strip_ai_optimizer")
+    assert sweep.search.num_samples == 50 and sweep.space["optim.lr"].loguniform == (1e-6, 1e-3)
+    assert sweep.space["optim.name"].choice == ["adamw", "adam", "sgd", "rmsprop"]
+    assert sweep.objective() == ("val_patient_weighted_log_loss", "min")
+    study = load_plan("ct_ich_vivit_vs_convnext")
+    groups = study.sweeps()
+    assert [g.base().name for g in groups.values()] == ["ct_ich_sequence_vivit", "ct_ich_convnext_anypos"]
+    assert study.replicates.n == 10 and study.compare.metrics[0] == "val_patient_accuracy"
+
+
+def test_sweep_validation_names_the_problem():
+    with pytest.raises(RecipeError, match=r"optim\.lrr"):
+        SweepConfig(name="x", recipe="demo_tiles", space={"optim.lrr": {"uniform": [0, 1]}}).check_space()
+    with pytest.raises(RecipeError, match=r"optim\.name"):
+        SweepConfig(name="x", recipe="demo_tiles", space={"optim.name": {"choice": ["adamw", "lion"]}}).check_space()
+    with pytest.raises(ValueError, match="exactly one of"):
+        SweepConfig(name="x", recipe="demo_tiles", space={"optim.lr": {"uniform": [0, 1], "choice": [1]}})
+    with pytest.raises(ValueError, match="optuna cannot take grid"):
+        SweepConfig(name="x", recipe="demo_tiles", space={"optim.lr": {"grid": [0.1]}})
+    with pytest.raises(ValueError, match="pbt"):
+        SweepConfig(name="x", recipe="demo_tiles", space={"optim.lr": {"uniform": [0.1, 1]}}, scheduler={"name": "pbt"})
+
+
+def test_replicates_resplit_by_fold():
+    folds = [f"f{i}" for i in range(10)]
+    reps = ReplicateConfig(n=10, resplit=True, folds=folds, val_folds=2)
+    splits = [reps.params(i, 100) for i in range(10)]
+    assert [s["seed"] for s in splits] == list(range(100, 110))
+    for s in splits:
+        train, val = s["data.train_split"].split("+"), s["data.val_split"].split("+")
+        assert len(val) == 2 and sorted(train + val) == sorted(folds)
+    assert len({s["data.val_split"] for s in splits}) > 5  # fresh splits, not one repeated
+    assert reps.params(3, 100) == splits[3]  # reproducible
+    with pytest.raises(ValueError, match="more folds"):
+        ReplicateConfig(n=2, resplit=True, folds=["a", "b"], val_folds=2)
+
+
+def test_tune_space_trial_counts_and_concurrency():
+    from ray.tune.search.sample import Categorical, Float
+
+    from training.config import load_recipe
+    from tune.sweep import concurrency, expected_trials, tune_space
+
+    sweep = load_plan("strip_ai_optimizer")
+    space = tune_space(sweep.space)
+    assert isinstance(space["optim.name"], Categorical) and isinstance(space["optim.lr"], Float)
+    assert space["optim.lr"].lower == 1e-6 and space["optim.lr"].upper == 1e-3
+    assert expected_trials(sweep) == 50
+    grid = SweepConfig(
+        name="g", recipe="demo_tiles", space={"optim.lr": {"grid": [1, 2, 3]}, "optim.name": {"choice": ["a", "b"]}},
+        search={"algorithm": "grid", "num_samples": 2},
+    )  # fmt: skip
+    assert tune_space(grid.space, grid=True)["optim.name"] == {"grid_search": ["a", "b"]}
+    assert expected_trials(grid) == 12
+    recipe = load_recipe("demo_tiles", ["workers=2"])
+    assert concurrency(recipe, {"CPU": 16, "GPU": 4}, use_gpu=False) == 8
+    assert concurrency(recipe, {"CPU": 16, "GPU": 4}, use_gpu=True) == 2
+    assert concurrency(recipe, {"CPU": 1}, use_gpu=False) == 1
