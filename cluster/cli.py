@@ -175,7 +175,7 @@ def cmd_train(args) -> int:
             raise SystemExit("--resume RUN takes no recipe or overrides: the run's own recipe is used")
         _connect(s)
         health.require(s, "mlflow")
-        outcome = resume_training(args.resume, s.mlflow_url, str(s.state / "checkpoints"))
+        outcome = resume_training(args.resume, s.mlflow_url, s.checkpoints)
     else:
         if not args.recipe:
             raise SystemExit("a RECIPE (name or YAML path) or --resume RUN is needed")
@@ -184,7 +184,7 @@ def cmd_train(args) -> int:
             return _dry_run(recipe)
         _connect(s)
         health.require(s, "mlflow")
-        outcome = run_training(recipe, s.mlflow_url, str(s.state / "checkpoints"))
+        outcome = run_training(recipe, s.mlflow_url, s.checkpoints)
     print(f"MLflow run: {outcome.run_url}\ncheckpoint: {outcome.checkpoint}")
     if outcome.error:
         print(f"training failed: {outcome.error}", file=sys.stderr)
@@ -200,7 +200,7 @@ def cmd_tune(args) -> int:
     from tune.sweep import run_sweep
 
     s = _settings()
-    stores = {"tune_storage": str(s.state / "sweeps"), "train_storage": str(s.state / "checkpoints")}
+    stores = {"tune_storage": s.sweeps, "train_storage": s.checkpoints}
     if args.resume:
         if args.plan or args.overrides:
             raise TesseraError("--resume NAME takes no sweep or overrides: the sweep's own file is used")
@@ -251,6 +251,35 @@ def cmd_compare(args) -> int:
     s.apply()
     health.require(s, "mlflow")
     return _compare(s, args.a, args.b, args.metrics.split(","), args.alpha, args.level)
+
+
+def cmd_submit(args) -> int:
+    from cluster import health
+    from cluster.submit import submit
+
+    s = _settings()
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not args.address:
+        health.require(s, "ray")
+    job_id, status = submit(s, command, args.address, args.working_dir, follow=not args.no_wait)
+    print(f"job {job_id}: {status}")
+    if args.no_wait:
+        return 0
+    return 0 if status == "SUCCEEDED" else 1
+
+
+def cmd_jobs(args) -> int:
+    from cluster.submit import list_jobs, stop_job
+
+    s = _settings()
+    if args.action == "stop":
+        if not args.job:
+            raise TesseraError("tessera jobs stop JOB_ID")
+        print(f"{args.job}: {'stopping' if stop_job(s, args.job, args.address) else 'not running'}")
+        return 0
+    for job_id, status, entrypoint in list_jobs(s, args.address):
+        print(f"{job_id:28s} {status:10s} {entrypoint}")
+    return 0
 
 
 def _dry_run(recipe) -> int:
@@ -364,6 +393,19 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("--alpha", type=float, default=0.05, help="significance level")
     cp.add_argument("--level", default="patient", help="confusion-matrix level to average (sample, patient...)")
     cp.set_defaults(fn=cmd_compare)
+
+    sm = sub.add_parser("submit", help="run a tessera command as a Ray job (token auth), following its logs")
+    sm.add_argument("--address", help="Ray dashboard URL of the cluster (default: the local stack)")
+    sm.add_argument("--working-dir", help="ship this directory with the job (default: the installed package)")
+    sm.add_argument("--no-wait", action="store_true", help="return once submitted")
+    sm.add_argument("command", nargs=argparse.REMAINDER, help="-- tessera train|tune|ingest ...")
+    sm.set_defaults(fn=cmd_submit)
+
+    jb = sub.add_parser("jobs", help="list Ray jobs, or stop one")
+    jb.add_argument("action", nargs="?", choices=["list", "stop"], default="list")
+    jb.add_argument("job", nargs="?", help="job id (for stop)")
+    jb.add_argument("--address", help="Ray dashboard URL of the cluster (default: the local stack)")
+    jb.set_defaults(fn=cmd_jobs)
 
     demo = sub.add_parser("demo", help="the whole pipeline on the local stack with synthetic data")
     demo.add_argument("--workdir", help="where synthetic inputs are generated (default: STATE/demo)")

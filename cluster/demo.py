@@ -54,7 +54,7 @@ def run_demo(settings: Settings, workdir: Path, small: bool = False) -> dict[str
     _stage("training on Ray Train (2 workers) + DeepSpeed ZeRO-2, reading shards through DALI from S3")
     overrides = [f"data.dataset={wsi_url}"] + (["epochs=2"] if small else [])
     recipe = load_recipe("demo_tiles", overrides)
-    outcome = run_training(recipe, settings.mlflow_url, str(settings.state / "checkpoints"))
+    outcome = run_training(recipe, settings.mlflow_url, settings.checkpoints)
     m = outcome.metrics
     _stage(f"done in {time.time() - t0:.0f}s")
     print(

@@ -38,10 +38,22 @@ class Settings(BaseSettings):
     shards_bucket: str = "shards"
     mlflow_bucket: str = "mlflow"
     checkpoints_bucket: str = "checkpoints"
+    # Ray Train checkpoints and Ray Tune state: local folders under the state directory by default; on a
+    # multi-node cluster, shared storage (s3://...), since every node writes there.
+    checkpoints_url: str | None = None
+    sweeps_url: str | None = None
 
     @property
     def state(self) -> Path:
         return self.state_dir.resolve()
+
+    @property
+    def checkpoints(self) -> str:
+        return self.checkpoints_url or str(self.state / "checkpoints")
+
+    @property
+    def sweeps(self) -> str:
+        return self.sweeps_url or str(self.state / "sweeps")
 
     @property
     def ray_gcs_address(self) -> str:

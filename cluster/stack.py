@@ -127,6 +127,27 @@ class LocalStack:
         if rc != 0:
             raise TesseraError(f"`ray start` failed (exit {rc}); see {log}:\n{_log_tail(log)}")
 
+    def add_node(self, name: str, num_cpus: int, resources: dict[str, float] | None = None) -> None:
+        """Join one more Ray node (its own raylet, CPUs and custom resources) to the local head, as a worker
+        machine would join a cluster; ``down`` or :meth:`remove_node` stops it."""
+        import json
+
+        if not self._running("ray"):
+            raise TesseraError("start the stack first (tessera up): a node joins a running head")
+        cmd = [
+            _bin("ray"), "start", "--address", self.s.ray_gcs_address, "--node-ip-address", self.s.host,
+            "--num-cpus", str(num_cpus), "--disable-usage-stats",
+        ]  # fmt: skip
+        if resources:
+            cmd += ["--resources", json.dumps(resources)]
+        log = self.logs / f"node-{name}.log"
+        rc = procs.start(cmd, self._pidfile(f"node-{name}"), log, self._env(), wait=True)
+        if rc != 0:
+            raise TesseraError(f"`ray start --address` failed (exit {rc}); see {log}:\n{_log_tail(log)}")
+
+    def remove_node(self, name: str) -> bool:
+        return procs.stop(self._pidfile(f"node-{name}"))
+
     # --- the stack --------------------------------------------------------------------------------------
     def _pidfile(self, name: str):
         return self.pids / f"{name}.sid"
@@ -184,6 +205,8 @@ class LocalStack:
 
     def down(self) -> None:
         """Stop Ray first (its workers may write to S3 and MLflow), then MLflow, then S3."""
+        for pidfile in sorted(self.pids.glob("node-*.sid")):  # extra nodes before their head
+            procs.stop(pidfile)
         for name in ("ray", "mlflow", "s3"):
             self._stop(name)
 

@@ -154,6 +154,8 @@ class TrainRecipe(Strict):
     batch_size: int = Field(16, ge=1)
     workers: int = Field(2, ge=1)
     cpus_per_worker: float = Field(1, gt=0)
+    # pack: workers on as few nodes as fit; spread: on different nodes where possible (Ray placement strategies)
+    placement: Literal["pack", "spread", "strict_spread"] = "pack"
     use_gpu: Literal["auto", True, False] = "auto"
     seed: int = 0
 

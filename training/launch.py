@@ -150,7 +150,10 @@ def trainer_for(
         _loop(),
         train_loop_config=config,
         scaling_config=ScalingConfig(
-            num_workers=recipe.workers, use_gpu=use_gpu, resources_per_worker={"CPU": recipe.cpus_per_worker}
+            num_workers=recipe.workers,
+            use_gpu=use_gpu,
+            resources_per_worker={"CPU": recipe.cpus_per_worker},
+            placement_strategy=recipe.placement.upper(),
         ),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         run_config=RunConfig(

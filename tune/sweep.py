@@ -208,10 +208,6 @@ class SweepOutcome:
     errors: int
 
 
-def _tuner_path(storage_path: str, name: str) -> str:
-    return f"{storage_path.rstrip('/')}/{name}"
-
-
 def _trainable(sweep: SweepConfig, uri: str, train_storage: str, parent_id: str, sweep_run: str):
     from functools import partial
 
@@ -296,7 +292,7 @@ def run_sweep(
     try:
         if resume:
             tuner = tune.Tuner.restore(
-                _tuner_path(tune_storage, sweep_run), trainable, resume_unfinished=True, resume_errored=True,
+                f"{path.rstrip('/')}/{sweep_run}", trainable, resume_unfinished=True, resume_errored=True,
                 storage_filesystem=fs,
             )  # fmt: skip
         else:
