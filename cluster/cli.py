@@ -226,6 +226,8 @@ def cmd_tune(args) -> int:
     for sweep in plans.values():
         outcome = run_sweep(sweep, s.mlflow_url, resume=args.resume, **stores)
         names.append(outcome.name)
+        if outcome.trials and outcome.errors == outcome.trials:
+            raise TesseraError(f"sweep {outcome.name}: every trial failed; see {outcome.parent_url}")
         print(f"sweep {outcome.name}: {outcome.trials} trials, {outcome.errors} failed; MLflow {outcome.parent_url}")
         print(f"best: {outcome.best_params} -> {outcome.best_metric} (run {outcome.best_run_id})")
     if study:  # both groups ran: the comparison the study names

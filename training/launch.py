@@ -88,9 +88,9 @@ def start_run(
         "recipe": recipe.name,
     } | (extra_tags or {})
     params = flatten(recipe.model_dump()) | {"data.classes": ",".join(manifest.classes)}
-    for split in (recipe.data.train_split, recipe.data.val_split):
-        if not manifest.missing_splits(split):
-            params[f"data.{split}_samples"] = manifest.num_samples(split)
+    for role, split in (("train", recipe.data.train_split), ("val", recipe.data.val_split)):
+        if not manifest.missing_splits(split):  # by role: a split may be "f0+f1", which MLflow keys cannot hold
+            params[f"data.{role}_samples"] = manifest.num_samples(split)
     experiment = recipe.experiment or recipe.name
     _, run_id = tracking.start_run(tracking_uri, experiment, run_name or recipe.name, params, tags)
     with tempfile.TemporaryDirectory() as tmp:

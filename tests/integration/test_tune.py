@@ -1,6 +1,7 @@
 """Sweeps, replicates and comparison on the real stack: Ray Tune trials that are Ray Train runs, MLflow
 parent/child runs, an interrupted sweep resumed, and two replicate groups compared."""
 
+import math
 import os
 import signal
 import subprocess
@@ -159,11 +160,21 @@ def test_replicate_groups_compared(stack, work):
     from tune.compare import run_compare
 
     a = run_sweep(replicate_sweep("demo_tiles", _overrides(work, 1), 3), stack.mlflow_url, **_stores(work))
-    b_overrides = [*_overrides(work, 1), "optim.lr=1e-5"]
-    b = run_sweep(replicate_sweep("demo_tiles", b_overrides, 3), stack.mlflow_url, **_stores(work))
+    # group B re-splits: three patient folds, each replicate validating on two of them (paper 002's protocol)
+    make_dataset(str(work / "folds"), {"f0": 8, "f1": 8, "f2": 8}, size=32, shard_samples=4, seed=5)
+    b_overrides = [*_overrides(work, 1), f"data.dataset={work / 'folds'}", "optim.lr=1e-5"]
+    b_sweep = replicate_sweep("demo_tiles", b_overrides, 3, resplit_folds=["f0", "f1", "f2"])
+    b = run_sweep(b_sweep, stack.mlflow_url, **_stores(work))
     client = MlflowClient(stack.mlflow_url)
     seeds = sorted(int(c.data.params["seed"]) for c in _children(client, a.parent_run_id))
     assert seeds == [0, 1, 2]
+    b_runs = _children(client, b.parent_run_id)
+    for run in b_runs:
+        train, val = run.data.params["data.train_split"], run.data.params["data.val_split"]
+        assert sorted([train, *val.split("+")]) == ["f0", "f1", "f2"]
+        # one fold trains, two folds together validate (8 + 8 samples)
+        assert run.data.params["data.train_samples"] == "8" and run.data.params["data.val_samples"] == "16"
+    assert len({r.data.params["data.train_split"] for r in b_runs}) > 1  # not one split repeated
     results, report, run_id = run_compare(stack.mlflow_url, a.name, b.name, ["val_loss", "val_accuracy"])
     assert [r.metric for r in results] == ["val_loss", "val_accuracy"]
     assert all(r.a.n == 3 and r.b.n == 3 for r in results)
@@ -173,6 +184,38 @@ def test_replicate_groups_compared(stack, work):
         "comparison/report.md", "comparison/box_val_loss.png", "comparison/confusion_mean_A.png",
         "comparison/comparison.json",
     } <= names  # fmt: skip
+
+
+def test_optuna_search_suggests_every_trial(stack, tmp_path):
+    """The sweep's Optuna searcher (TPE, seeded) drives a Tune run; its study holds every trial's result."""
+    from ray import tune
+
+    from tune.sweep import _searcher, tune_space
+
+    sweep = SweepConfig(
+        name="toy",
+        recipe="demo_tiles",
+        space={"optim.lr": {"loguniform": [1e-5, 1e-1]}, "optim.name": {"choice": ["adamw", "sgd"]}},
+        search={"algorithm": "optuna", "num_samples": 6, "seed": 0},
+        scheduler={"name": "none"},
+    )
+
+    def toy(config):
+        bonus = 1.0 if config["optim.name"] == "adamw" else 0.0
+        tune.report({"score": bonus - (math.log10(config["optim.lr"]) + 3) ** 2})
+
+    searcher = _searcher(sweep, "score", "max", 2)
+    grid = tune.Tuner(
+        tune.with_resources(toy, {"CPU": 0.5}),
+        param_space=tune_space(sweep.space),
+        tune_config=tune.TuneConfig(metric="score", mode="max", num_samples=6, search_alg=searcher),
+        run_config=tune.RunConfig(name="optuna-toy", storage_path=str(tmp_path)),
+    ).fit()
+    reported = sorted(round(r.metrics["score"], 9) for r in grid)
+    study = searcher._ot_study  # the Optuna study behind Ray Tune's OptunaSearch
+    assert len(study.trials) == 6
+    assert sorted(round(t.value, 9) for t in study.trials) == reported
+    assert {t.params["optim.name"] for t in study.trials} <= {"adamw", "sgd"}
 
 
 def test_pbt_continues_a_trial_from_anothers_weights(stack, work):
