@@ -54,7 +54,7 @@ def run(scheduler_name: str, epochs: int, concurrency: int, data) -> tuple[float
     from ray import tune
 
     from tune.config import SweepConfig
-    from tune.sweep import _scheduler, _searcher, grid_points
+    from tune.sweep import grid_points, make_scheduler, make_searcher
 
     sweep = SweepConfig(
         name="bench",
@@ -78,8 +78,8 @@ def run(scheduler_name: str, epochs: int, concurrency: int, data) -> tuple[float
             metric="val_accuracy",
             mode="max",
             num_samples=len(points),
-            scheduler=_scheduler(sweep, epochs),
-            search_alg=_searcher(sweep, "val_accuracy", "max", concurrency, points),
+            scheduler=make_scheduler(sweep, epochs),
+            search_alg=make_searcher(sweep, "val_accuracy", "max", concurrency, points),
         ),
         run_config=tune.RunConfig(name=f"bench-{scheduler_name}", verbose=0),
     ).fit()

@@ -30,7 +30,7 @@ class TrainOutcome:
     error: str | None = None
 
 
-def _storage(storage_path: str):
+def storage_location(storage_path: str):
     """Ray Train storage: a local path, or ``s3://`` through the same endpoint and keys as the shards."""
     fs = storage_filesystem(storage_path)
     return (storage_path[len("s3://") :] if fs else storage_path), fs
@@ -53,7 +53,7 @@ def storage_filesystem(storage_path: str):
     return fs
 
 
-def _use_gpu(recipe: TrainRecipe) -> bool:
+def wants_gpu(recipe: TrainRecipe) -> bool:
     if recipe.use_gpu != "auto":
         return bool(recipe.use_gpu)
     import ray
@@ -142,8 +142,8 @@ def trainer_for(
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    use_gpu = _use_gpu(recipe)
-    path, fs = _storage(storage_path)
+    use_gpu = wants_gpu(recipe)
+    path, fs = storage_location(storage_path)
     config = {"recipe": recipe.model_dump(), "mlflow_uri": tracking_uri, "run_id": run_id, "fault": _fault()}
     config["start_from"] = start_from
     return TorchTrainer(

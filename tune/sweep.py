@@ -73,7 +73,7 @@ def grid_points(space: dict[str, Param], seed: int, repeats: int = 1) -> list[di
     return points
 
 
-def _searcher(sweep: SweepConfig, metric: str, mode: str, limit: int, points: list | None = None):
+def make_searcher(sweep: SweepConfig, metric: str, mode: str, limit: int, points: list | None = None):
     """The search algorithm; random and grid take the concurrency limit themselves (Tune's
     ``max_concurrent_trials`` applies to searchers such as Optuna only). A grid is given as its points."""
     from ray.tune.search.basic_variant import BasicVariantGenerator
@@ -86,7 +86,7 @@ def _searcher(sweep: SweepConfig, metric: str, mode: str, limit: int, points: li
     return BasicVariantGenerator(points_to_evaluate=points, random_state=sweep.search.seed, max_concurrent=limit)
 
 
-def _scheduler(sweep: SweepConfig, epochs: int):
+def make_scheduler(sweep: SweepConfig, epochs: int):
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
 
     s = sweep.scheduler
@@ -273,7 +273,7 @@ def run_sweep(
     from mlflow import MlflowClient
     from ray import tune
 
-    from training.launch import _storage, _use_gpu
+    from training.launch import storage_location, wants_gpu
 
     if resume:
         sweep_run = resume
@@ -287,7 +287,7 @@ def run_sweep(
     base = sweep.base()
     print(f"sweep {sweep_run}: MLflow {tracking.run_url_of(uri, parent_id)}", flush=True)
     trainable = _trainable(sweep, uri, train_storage, parent_id, sweep_run)
-    path, fs = _storage(tune_storage)
+    path, fs = storage_location(tune_storage)
     ok: bool | None = False
     try:
         if resume:
@@ -296,7 +296,7 @@ def run_sweep(
                 storage_filesystem=fs,
             )  # fmt: skip
         else:
-            gpu = _use_gpu(base) if use_gpu is None else use_gpu
+            gpu = wants_gpu(base) if use_gpu is None else use_gpu
             limit = sweep.max_concurrent or concurrency(base, ray.cluster_resources(), gpu)
             points, samples = None, sweep.search.num_samples
             if sweep.replicates:
@@ -307,14 +307,14 @@ def run_sweep(
                 samples = len(points)
             else:
                 space = tune_space(sweep.space)
-            searcher = _searcher(sweep, metric, mode, limit, points)  # PBT samples its starting points with it too
+            searcher = make_searcher(sweep, metric, mode, limit, points)  # PBT samples its starting points with it too
             own_limit = sweep.search.algorithm != "optuna"  # the variant generator takes the limit itself
             tuner = tune.Tuner(
                 trainable,
                 param_space=space,
                 tune_config=tune.TuneConfig(
                     metric=metric, mode=mode, num_samples=samples,
-                    search_alg=searcher, scheduler=_scheduler(sweep, base.epochs),
+                    search_alg=searcher, scheduler=make_scheduler(sweep, base.epochs),
                     max_concurrent_trials=None if own_limit else limit,
                 ),
                 run_config=tune.RunConfig(name=sweep_run, storage_path=path, storage_filesystem=fs),

@@ -184,13 +184,21 @@ def test_replicate_groups_compared(stack, work):
         "comparison/report.md", "comparison/box_val_loss.png", "comparison/confusion_mean_A.png",
         "comparison/comparison.json",
     } <= names  # fmt: skip
+    # the same through the CLI, as a user runs it: the report is printed and logged
+    cli = subprocess.run(
+        [sys.executable, "-m", "cluster.cli", "compare", a.name, b.name, "--metrics", "val_loss", "--alpha", "0.01"],
+        env=dict(os.environ), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert cli.returncode == 0, cli.stderr[-2000:]
+    assert f"# {a.name} (A) vs {b.name} (B)" in cli.stdout and "alpha = 0.01" in cli.stdout
+    assert "comparison logged: http" in cli.stdout
 
 
 def test_optuna_search_suggests_every_trial(stack, tmp_path):
     """The sweep's Optuna searcher (TPE, seeded) drives a Tune run; its study holds every trial's result."""
     from ray import tune
 
-    from tune.sweep import _searcher, tune_space
+    from tune.sweep import make_searcher, tune_space
 
     sweep = SweepConfig(
         name="toy",
@@ -204,7 +212,7 @@ def test_optuna_search_suggests_every_trial(stack, tmp_path):
         bonus = 1.0 if config["optim.name"] == "adamw" else 0.0
         tune.report({"score": bonus - (math.log10(config["optim.lr"]) + 3) ** 2})
 
-    searcher = _searcher(sweep, "score", "max", 2)
+    searcher = make_searcher(sweep, "score", "max", 2)
     grid = tune.Tuner(
         tune.with_resources(toy, {"CPU": 0.5}),
         param_space=tune_space(sweep.space),
