@@ -19,7 +19,7 @@ from packaging.requirements import Requirement
 
 ROOT = Path(__file__).resolve().parents[2]
 INFRA = ROOT / "infra"
-CRDS = ROOT.parent / "shared" / "schemas" / "kuberay"
+CRDS = ROOT / "tests" / "schemas" / "kuberay"  # KubeRay CRDs, vendored (see its README)
 K8S_VERSION = "1.30"
 RAY_KINDS = {"RayCluster": "ray.io_rayclusters.yaml", "RayJob": "ray.io_rayjobs.yaml"}
 CLUSTER_SCOPED = {"Namespace"}
