@@ -40,17 +40,15 @@ def storage_filesystem(storage_path: str):
     """The pyarrow filesystem of a storage path: None (local) or S3 with the settings' endpoint and keys."""
     if not storage_path.startswith("s3://"):
         return None
-    import pyarrow.fs as pafs
+    from shards.arrow_fs import s3_filesystem
 
-    endpoint = os.environ.get("AWS_ENDPOINT_URL", "")
-    fs = pafs.S3FileSystem(
-        access_key=os.environ.get("AWS_ACCESS_KEY_ID"),
-        secret_key=os.environ.get("AWS_SECRET_ACCESS_KEY"),
-        endpoint_override=endpoint.split("://", 1)[-1] or None,
-        scheme=endpoint.split("://", 1)[0] if endpoint else "https",
-        region=os.environ.get("AWS_REGION", "us-east-1"),
-    )
-    return fs
+    return s3_filesystem()
+
+
+def checkpoint_url(path: str, storage_path: str) -> str:
+    """A checkpoint's address for people and for :func:`training.loop.checkpoint_weights`: Ray gives object-store
+    paths without their scheme, so ``s3://`` is put back when the run's storage is S3."""
+    return f"s3://{path}" if storage_path.startswith("s3://") and not path.startswith("s3://") else path
 
 
 def wants_gpu(recipe: TrainRecipe) -> bool:
@@ -189,7 +187,7 @@ def fit(
         history = tracking.epoch_history(tracking_uri, run_id)
         _log_curves(logger, history)
         version = tracking.register_model(tracking_uri, run_id, recipe.name) if ok and register else None
-        ckpt = result.checkpoint.path if result.checkpoint else None
+        ckpt = checkpoint_url(result.checkpoint.path, storage_path) if result.checkpoint else None
         error = None if ok else f"{type(result.error).__name__}: {result.error}"
         return TrainOutcome(run_id, url, dict(result.metrics or {}), ckpt, version, error)
     finally:

@@ -9,6 +9,7 @@ exactly where it stopped: epoch, LR scheduler, early stopping, SWA average. Rank
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import signal
 import tempfile
@@ -309,10 +310,19 @@ def train_loop(config: dict[str, Any]) -> None:
     trainer.run(report)
 
 
-def checkpoint_weights(checkpoint_dir: str | Path) -> dict[str, torch.Tensor]:
-    """The module weights of a Tessera DeepSpeed checkpoint folder (read on the CPU, no engine needed).
+def checkpoint_weights(checkpoint: str | Path) -> dict[str, torch.Tensor]:
+    """The module weights of a Tessera DeepSpeed checkpoint, a folder or an ``s3://`` URL (read on the CPU, no
+    engine needed).
 
     Loaded with ``weights_only=True``: a checkpoint may come from anywhere, and unpickling runs code.
     """
-    path = Path(checkpoint_dir) / TAG / "mp_rank_00_model_states.pt"
-    return torch.load(path, map_location="cpu", weights_only=True)["module"]
+    member = f"{TAG}/mp_rank_00_model_states.pt"
+    if str(checkpoint).startswith("s3://"):
+        from training.launch import storage_location
+
+        prefix, fs = storage_location(str(checkpoint))
+        with fs.open_input_file(f"{prefix.rstrip('/')}/{member}") as f:
+            source: Any = io.BytesIO(f.read())
+    else:
+        source = Path(checkpoint) / member
+    return torch.load(source, map_location="cpu", weights_only=True)["module"]

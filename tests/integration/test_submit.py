@@ -45,3 +45,19 @@ def test_submit_ingest_and_train_jobs(stack, tmp_path):
     assert any("tessera ingest wsi" in line for line in listed) and any("tessera train" in line for line in listed)
     failing = _tessera("submit", "--", "tessera", "train", "no_such_recipe", timeout=300)
     assert failing.returncode == 1 and "FAILED" in failing.stdout
+
+
+def test_submit_ships_working_dir(stack, tmp_path):
+    """``--working-dir`` uploads a folder (local state and caches excluded) and runs the command inside it."""
+    job = tmp_path / "job"
+    (job / "lib").mkdir(parents=True)
+    (job / "lib" / "helper.py").write_text("ANSWER = 42\n")
+    (job / "probe.py").write_text(
+        "import pathlib, sys\nsys.path.insert(0, 'lib')\nfrom helper import ANSWER\n"
+        "print('probe:', ANSWER, sorted(p.name for p in pathlib.Path('.').iterdir()))\n"
+    )
+    (job / ".tessera").mkdir()
+    (job / ".tessera" / "s3.secret").write_text("not for the cluster")
+    out = _tessera("submit", "--working-dir", str(job), "--", "python", "probe.py", timeout=300)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
+    assert "probe: 42 ['lib', 'probe.py']" in out.stdout

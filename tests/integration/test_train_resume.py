@@ -1,6 +1,7 @@
 """Fault tolerance of training on the real stack: a worker SIGKILLed mid-epoch (ZeRO-2, two workers) is replaced
 and the run resumes from its checkpoint at the right epoch; a run that failed outright continues with
-``--resume``. On the CPU with fixed seeds both end with exactly the weights of an uninterrupted run."""
+``--resume``, its checkpoints on the stack's S3 (every rank's ZeRO shards there, as on a multi-node cluster). On
+the CPU with fixed seeds both end with exactly the weights of an uninterrupted run."""
 
 import pytest
 import torch
@@ -53,16 +54,28 @@ def test_killed_worker_resumes_from_checkpoint(setup, stack, monkeypatch):
     _same(checkpoint_weights(out.checkpoint), setup["baseline"])
 
 
+def _s3_objects(stack, bucket: str, prefix: str) -> list[str]:
+    from shards.storage import s3_client
+
+    pages = s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+    return [o["Key"] for page in pages for o in page.get("Contents", [])]
+
+
 def test_failed_run_continues_with_resume(setup, stack, monkeypatch):
+    storage = f"s3://{stack.checkpoints_bucket}/it-resume"
     monkeypatch.setenv(FAULT_ENV, "2,0,0")
     with pytest.raises(Exception):  # noqa: B017 - Ray's error type for a failed run differs across versions
-        run_training(setup["recipe"], stack.mlflow_url, str(setup["work"] / "ckpt"), max_failures=0)
+        run_training(setup["recipe"], stack.mlflow_url, storage, max_failures=0)
     client = MlflowClient(stack.mlflow_url)
     run = client.search_runs([client.get_experiment_by_name("tessera-demo").experiment_id], max_results=1)[0]
     assert run.info.status == "FAILED"
     monkeypatch.delenv(FAULT_ENV)
-    out = resume_training(run.info.run_id, stack.mlflow_url, str(setup["work"] / "ckpt"))
+    out = resume_training(run.info.run_id, stack.mlflow_url, storage)
     assert out.run_id == run.info.run_id and client.get_run(out.run_id).info.status == "FINISHED"
     assert _history(stack, out.run_id, "resumed_at_epoch") == [(2, 2.0)]
     assert out.model_version is not None
+    assert out.checkpoint.startswith(storage + "/")
+    keys = _s3_objects(stack, stack.checkpoints_bucket, out.checkpoint.split("/", 3)[3])
+    assert any(k.endswith("zero_pp_rank_0_mp_rank_00_optim_states.pt") for k in keys), keys
+    assert any(k.endswith("zero_pp_rank_1_mp_rank_00_optim_states.pt") for k in keys), keys  # rank 1's shard too
     _same(checkpoint_weights(out.checkpoint), setup["baseline"])

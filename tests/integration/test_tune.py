@@ -14,6 +14,7 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
+from shards import storage
 from tests.datasets import make_dataset
 from tune.config import SweepConfig, replicate_sweep
 from tune.sweep import BEST, KIND, PARENT, SWEEP, grid_points, run_sweep
@@ -111,7 +112,9 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(stack, work
             }
         )
     )
-    env = dict(os.environ)
+    # Sweep state and trial checkpoints on the stack's S3, as on a multi-node cluster: the resume reads them there.
+    sweeps, trials = f"s3://{stack.checkpoints_bucket}/it-sweeps", f"s3://{stack.checkpoints_bucket}/it-trials"
+    env = dict(os.environ, TESSERA_SWEEPS_URL=sweeps, TESSERA_CHECKPOINTS_URL=trials)
     cmd = [sys.executable, "-m", "cluster.cli", "tune", str(sweep_file)]
     log_path = work / "interrupted.log"  # a file, not a pipe: Ray's output would fill a pipe and block the sweep
     client = MlflowClient(stack.mlflow_url)
@@ -135,6 +138,7 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(stack, work
     assert f"tessera tune --resume {sweep_run}" in log
     parent_id = client.get_run(finished.info.run_id).data.tags[PARENT]
     assert client.get_run(parent_id).info.status == "KILLED"
+    assert any(storage.list_urls(f"{sweeps}/{sweep_run}/")), "no sweep state on S3"
 
     resumed = subprocess.run(
         [sys.executable, "-m", "cluster.cli", "tune", "--resume", sweep_run],
