@@ -3,7 +3,11 @@ recipe's optimiser) against a plain PyTorch loop, same model (resnet50), input (
 
 Both sides time the same synthetic batch (data loading is benchmarks/loader.py's business). The Ray Train side
 runs one worker owning all the cores (``cpus_per_worker``), as a one-GPU-per-worker cluster would.
-Usage: ``python benchmarks/train_step.py [--batch 8] [--steps 6] [--size 256] [--zero 2] [--cores 2]``.
+
+Step times on a small shared VM drift by 20-30 % over a minute, more than the overhead being measured, so the
+sides are interleaved: the plain loop runs before and after the Ray run (its median over both), and inside the
+Ray worker a plain step and a DeepSpeed step alternate, so drift hits both alike.
+Usage: ``python benchmarks/train_step.py [--batch 8] [--steps 8] [--size 256] [--zero 2] [--cores 2]``.
 """
 
 from __future__ import annotations
@@ -36,14 +40,19 @@ def _batch(batch: int, size: int):
     return torch.randn(batch, 3, size, size, generator=g), torch.randint(0, 2, (batch,), generator=g)
 
 
-def _median_step(step, steps: int) -> float:
-    """Median seconds of ``step()`` over ``steps`` calls, after one warm-up call."""
+def _median(times: list[float]) -> float:
+    return sorted(times)[len(times) // 2]
+
+
+def _timed(step, steps: int) -> list[float]:
+    """Seconds of each of ``steps`` calls of ``step()``, after one warm-up call."""
+    step()
     times = []
-    for _ in range(steps + 1):
+    for _ in range(steps):
         t = time.perf_counter()
         step()
         times.append(time.perf_counter() - t)
-    return sorted(times[1:])[steps // 2]
+    return times
 
 
 def _plain_step(recipe, x, y):
@@ -79,9 +88,9 @@ def _deepspeed_step(recipe, x, y):
     return step
 
 
-def plain(args) -> float:
+def plain(args) -> list[float]:
     torch.set_num_threads(args.cores)
-    return _median_step(_plain_step(_recipe(args), *_batch(args.batch, args.size)), args.steps)
+    return _timed(_plain_step(_recipe(args), *_batch(args.batch, args.size)), args.steps)
 
 
 def _worker(config: dict) -> None:
@@ -91,14 +100,20 @@ def _worker(config: dict) -> None:
 
     recipe = TrainRecipe.model_validate(config["recipe"])
     x, y = _batch(config["batch"], config["size"])
-    # the plain loop inside the Ray worker separates Ray's share from DeepSpeed's
-    make = _deepspeed_step if config["deepspeed"] else _plain_step
-    metrics = {"step_s": _median_step(make(recipe, x, y), config["steps"]), "threads": torch.get_num_threads()}
+    plain_step, ds_step = _plain_step(recipe, x, y), _deepspeed_step(recipe, x, y)
+    plain_step(), ds_step()  # warm-up
+    times: dict[str, list[float]] = {"plain": [], "deepspeed": []}
+    for _ in range(config["steps"]):  # alternate, so that drift on a shared machine hits both sides alike
+        for name, step in (("plain", plain_step), ("deepspeed", ds_step)):
+            t = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - t)
+    metrics = {f"{k}_s": _median(v) for k, v in times.items()} | {"threads": torch.get_num_threads()}
     with tempfile.TemporaryDirectory() as tmp:  # Ray Train v2 returns the metrics of checkpointed reports
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
-def in_ray(args, deepspeed: bool) -> tuple[float, int]:
+def in_ray(args) -> dict:
     import ray
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -113,14 +128,12 @@ def in_ray(args, deepspeed: bool) -> tuple[float, int]:
                 "batch": args.batch,
                 "size": args.size,
                 "steps": args.steps,
-                "deepspeed": deepspeed,
             },
             scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": args.cores}),
             torch_config=TorchConfig(backend="gloo"),
             run_config=RunConfig(storage_path="/tmp/tessera-bench-train", name="train_step"),
         )
-        m = trainer.fit().metrics
-        return m["step_s"], m["threads"]
+        return trainer.fit().metrics
     finally:
         ray.shutdown()
 
@@ -128,18 +141,20 @@ def in_ray(args, deepspeed: bool) -> tuple[float, int]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--size", type=int, default=256)
     ap.add_argument("--zero", type=int, default=2, choices=[0, 1, 2, 3])
     ap.add_argument("--cores", type=int, default=2)
     args = ap.parse_args()
-    base = plain(args)
-    worker_plain, _ = in_ray(args, deepspeed=False)
-    ours, threads = in_ray(args, deepspeed=True)
-    print(f"resnet50, {args.size} px, batch {args.batch}, {args.cores} cores, median of {args.steps} steps")
-    print(f"plain PyTorch loop:                   {base:7.3f} s/step")
-    print(f"plain loop inside a Ray Train worker: {worker_plain:7.3f} s/step")
-    print(f"Ray Train + DeepSpeed ZeRO-{args.zero}:         {ours:7.3f} s/step (worker threads: {threads})")
+    before = plain(args)
+    ray_side = in_ray(args)
+    after = plain(args)
+    base = _median(before + after)
+    ours, worker_plain = ray_side["deepspeed_s"], ray_side["plain_s"]
+    print(f"resnet50, {args.size} px, batch {args.batch}, {args.cores} cores, medians of {args.steps} steps per side")
+    print(f"plain PyTorch loop (before and after): {base:7.3f} s/step ({_median(before):.3f}, {_median(after):.3f})")
+    print(f"plain loop inside the Ray Train worker: {worker_plain:7.3f} s/step")
+    print(f"Ray Train + DeepSpeed ZeRO-{args.zero} (alternating): {ours:7.3f} s/step (threads {ray_side['threads']})")
     print(f"ratio Tessera / plain: {ours / base:.3f}x (target <= 1.10x); DeepSpeed alone {ours / worker_plain:.3f}x")
 
 
