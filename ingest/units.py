@@ -183,7 +183,7 @@ def sequence_samples(
             "label": label,
             "labels": vector,
         } | extra
-        images = [encode_image(slices.get(i), cfg.format, cfg.quality) for i in picks]
+        images = [encode_image(slices.get(i), cfg.format, cfg.quality, flat=True) for i in picks]
         yield make_sample(f"{unit.item}_{suffix}", images, cfg.format, label, meta)
 
 

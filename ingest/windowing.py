@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+
+import cv2
 import numpy as np
 
 # (center, width) in HU; the RSNA paper stacks brain, subdural and soft tissue as RGB.
@@ -59,14 +62,22 @@ def windowed(
 ) -> np.ndarray:
     """Stored CT values to stacked windows ``uint8[H, W, C]``, padding shown as air.
 
-    Integer pixels go through a lookup table over their value range (one gather instead of a float pass per
-    window); the result is identical to ``window_stack(to_hu(...))``.
+    Integer pixels go through a lookup table instead of a float pass per window; the result is identical to
+    ``window_stack(to_hu(...))``. For 8- and 16-bit pixels (nearly all CT) the table covers the whole type
+    with up to four windows packed in one ``uint32``, so a slice costs one 4-byte gather (about 10x faster than
+    a gather of 3-byte rows on 512 x 512).
     """
     if np.issubdtype(pixels.dtype, np.integer) and pixels.size:
-        lo, hi = int(pixels.min()), int(pixels.max())
-        if hi - lo < 1 << 17:
-            lut = window_stack(to_hu(np.arange(lo, hi + 1)[None, :], slope, intercept), names)[0]
-            out = lut[pixels.astype(np.int64) - lo] if lo else lut[pixels]
+        if pixels.dtype.itemsize <= 2 and len(names) <= 4:
+            out = _packed_windows(pixels, slope, intercept, names)
+        else:
+            lo, hi = int(pixels.min()), int(pixels.max())
+            if hi - lo >= 1 << 17:
+                out = None
+            else:
+                lut = window_stack(to_hu(np.arange(lo, hi + 1)[None, :], slope, intercept), names)[0]
+                out = lut[pixels.astype(np.int64) - lo]
+        if out is not None:
             if padding is not None:
                 out[padding] = window_stack(np.full((1, 1), PADDING_HU, np.float32), names)[0, 0]
             return out
@@ -74,6 +85,27 @@ def windowed(
     if padding is not None:
         hu[padding] = PADDING_HU
     return window_stack(hu, names)
+
+
+@functools.lru_cache(maxsize=32)
+def _packed_lut(dtype: str, slope: float, intercept: float, names: tuple[str, ...]) -> np.ndarray:
+    """``uint32[2**bits]``: the windows of every value of ``dtype``, one byte each, indexed by the raw bits."""
+    info = np.iinfo(np.dtype(dtype))
+    values = np.arange(info.min, info.max + 1, dtype=np.int64)
+    if info.min < 0:  # index by the unsigned view of the bits: negatives come after the positives
+        values = np.concatenate([values[-info.min :], values[: -info.min]])
+    rows = np.zeros((values.size, 4), np.uint8)
+    rows[:, : len(names)] = window_stack(to_hu(values[None, :], slope, intercept), names)[0]
+    return rows.view(np.uint32).ravel()
+
+
+def _packed_windows(pixels: np.ndarray, slope: float, intercept: float, names: tuple[str, ...]) -> np.ndarray:
+    lut = _packed_lut(pixels.dtype.str, float(slope), float(intercept), tuple(names))
+    bits = pixels.view(np.uint16 if pixels.dtype.itemsize == 2 else np.uint8)
+    rgba = np.take(lut, bits).view(np.uint8).reshape(*pixels.shape, 4)
+    if len(names) == 3:
+        return cv2.cvtColor(rgba, cv2.COLOR_RGBA2RGB)  # a fast contiguous channel drop
+    return np.ascontiguousarray(rgba[..., : len(names)])
 
 
 def grey(pixels: np.ndarray, invert: bool = False, low: float = 0.5, high: float = 99.5) -> np.ndarray:

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from ingest.series import order_slices, slice_normal
-from ingest.windowing import to_hu, window, window_stack
+from ingest.windowing import PADDING_HU, to_hu, window, window_stack, windowed
 
 
 def test_hu_and_windows_exact():
@@ -47,3 +47,20 @@ def test_fallback_to_instance_number_and_warnings():
     assert "duplicate slice positions" in warnings
     _, warnings = order_slices([[0, 0, z] for z in (0, 5, 10, 20)], [1, 0, 0, 0, 1, 0], [1, 2, 3, 4])
     assert any("uneven" in w for w in warnings)
+
+
+@pytest.mark.parametrize("dtype", [np.int16, np.uint16, np.int8, np.uint8, np.int32, np.float32])
+@pytest.mark.parametrize("names", [("brain",), ("brain", "subdural", "soft"), ("brain", "subdural", "soft", "bone")])
+def test_lookup_table_windows_equal_the_float_path(dtype, names):
+    """The lookup tables (whole-type packed for 8/16-bit, value range otherwise) give exactly the float result,
+    negative stored values included; padding is shown as air."""
+    rng = np.random.default_rng(3)
+    lo, hi = (-3000, 4000) if np.dtype(dtype).kind == "f" else (max(np.iinfo(dtype).min, -3000), 4000)
+    pixels = rng.integers(lo, min(hi, np.iinfo(np.int16).max), (23, 29)).astype(dtype)
+    for slope, intercept in ((1.0, -1024.0), (0.5, -20.0)):
+        out = windowed(pixels, slope, intercept, names)
+        assert out.dtype == np.uint8 and out.flags.c_contiguous
+        np.testing.assert_array_equal(out, window_stack(to_hu(pixels, slope, intercept), names))
+    padding = pixels == pixels.flat[0]
+    out = windowed(pixels, 1.0, -1024.0, names, padding)
+    np.testing.assert_array_equal(out[0, 0], window_stack(np.full((1, 1), PADDING_HU, np.float32), names)[0, 0])
