@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -68,16 +69,27 @@ def _frame_geometry(ds, n: int) -> tuple[list[list[float] | None], list[float] |
     return positions, orientation
 
 
-def read_headers(path: str | Path) -> tuple[list[SliceHeader], str | None]:
+# The Pixel Data tag (7FE0,0010) as little- and big-endian bytes: a file prefix holding it holds the whole header.
+PIXEL_DATA_TAGS = (b"\xe0\x7f\x10\x00", b"\x7f\xe0\x00\x10")
+
+
+def header_in_prefix(prefix: bytes, complete: bool) -> bool:
+    """Whether the first bytes of a file are enough to read its header: the whole file, or the pixel data starts
+    in them. (A false positive, the tag's bytes inside an earlier value, fails to parse and falls back.)"""
+    return complete or any(tag in prefix for tag in PIXEL_DATA_TAGS)
+
+
+def read_headers(path: str | Path | BinaryIO, name: str | None = None) -> tuple[list[SliceHeader], str | None]:
     """Headers of ``path``'s slices without reading pixel data, or ``([], reason)`` when it is not usable.
 
+    ``path`` may be an open binary file (e.g. the first bytes of an object-store file), recorded as ``name``.
     The reason separates files that are not DICOM from DICOM objects without an image (RT plan, SR, ...).
     """
     import pydicom
     from pydicom.errors import InvalidDicomError
 
     try:
-        ds = pydicom.dcmread(str(path), stop_before_pixels=True)
+        ds = pydicom.dcmread(path if hasattr(path, "read") else str(path), stop_before_pixels=True)
     except (InvalidDicomError, OSError, ValueError, EOFError, KeyError, TypeError, AttributeError):
         return [], "not a DICOM file"
     modality = str(ds.get("Modality", "")) or "unknown"
@@ -87,7 +99,7 @@ def read_headers(path: str | Path) -> tuple[list[SliceHeader], str | None]:
         return [], f"DICOM object without an image (modality {modality})"
     frames = int(ds.get("NumberOfFrames", 1) or 1)
     base = {
-        "path": str(path),
+        "path": name or str(path),
         "patient_id": str(ds.get("PatientID", "")),
         "study_uid": str(ds.get("StudyInstanceUID", "")),
         "series_uid": str(ds.SeriesInstanceUID),

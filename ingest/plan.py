@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from ingest.config import DicomIngestConfig, ImagesIngestConfig, IngestConfig, WsiIngestConfig
-from ingest.dicom import group_series, read_headers
+from ingest.dicom import group_series, header_in_prefix, read_headers
 from ingest.images import IMAGE_EXTS, csv_boxes, is_slice_table, patient_key, read_slice_table, slice_number, yolo_boxes
 from ingest.labels import RSNA_SUBTYPES, LabelRow, class_names, is_rsna_csv, read_label_csv, read_rsna_csv
 from ingest.pseudonym import pseudonym
@@ -86,6 +88,26 @@ def _skip(plan: Plan, uid: str, reason: str) -> None:
     plan.skipped.append(InputRecord(id=uid, kind="dicom", status="skipped", reason=reason))
 
 
+HEADER_BYTES = 64 << 10  # a CT/MR header is a few kB; the pixels follow it
+HEADER_THREADS = 16  # object-store reads overlap; local reads are GIL-bound but lose nothing
+
+
+def source_headers(loc: str) -> tuple[list, str | None]:
+    """A file's DICOM headers. From ``s3://``, one ranged GET of the first bytes usually holds the whole header,
+    so the pixels are not downloaded twice (here and when the series is rendered); else the whole file."""
+    if loc.startswith("s3://"):
+        prefix = storage.get_bytes(loc, length=HEADER_BYTES)
+        if header_in_prefix(prefix, complete=len(prefix) < HEADER_BYTES):
+            found, reason = read_headers(io.BytesIO(prefix), name=loc)
+            if not reason:
+                return found, None
+    with local_copy(loc) as path:
+        found, reason = read_headers(path)
+    for h in found:
+        h.path = loc
+    return found, reason
+
+
 def plan_dicom(cfg: DicomIngestConfig, key: bytes) -> Plan:
     """One unit per series, files found by content; other files and unusable series are skipped with a reason.
 
@@ -94,13 +116,12 @@ def plan_dicom(cfg: DicomIngestConfig, key: bytes) -> Plan:
     table, rsna, classes = _dicom_labels(cfg)
     plan = Plan(units=[], classes=classes, multilabel=list(RSNA_SUBTYPES) if rsna else None)
     headers = []
-    for loc in expand(cfg.sources):
+    locations = list(expand(cfg.sources))
+    with ThreadPoolExecutor(HEADER_THREADS) as pool:  # in order, so the plan does not depend on timing
+        read = pool.map(source_headers, locations)
+    for loc, (found, reason) in zip(locations, read, strict=True):
         uid = pseudonym(key, "source", loc)
         plan.private[uid] = loc
-        with local_copy(loc) as path:
-            found, reason = read_headers(path)
-        for h in found:
-            h.path = loc
         if reason:
             _skip(plan, uid, reason)
         headers += found

@@ -1,5 +1,7 @@
 """Every transfer syntax decodes to the uncompressed pixels; MONOCHROME1, padding, multi-frame and odd files."""
 
+from pathlib import Path
+
 import imagecodecs
 import numpy as np
 import pydicom
@@ -17,7 +19,7 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from ingest.dicom import read_frames, read_headers, render, slice_rgb
+from ingest.dicom import header_in_prefix, read_frames, read_headers, render, slice_rgb
 from ingest.synthetic import SyntheticPatient, ct_slice_dataset
 from ingest.windowing import PADDING_HU, to_hu, window_stack
 
@@ -125,3 +127,36 @@ def test_truncated_and_non_image_files_are_reasons_not_crashes(tmp_path):
 
     with pytest.raises(DicomError, match="pixel data could not be decoded"):
         slice_rgb(get_testdata_file("MR_truncated.dcm"))
+
+
+def test_header_read_from_a_file_prefix_or_the_whole_file(tmp_path, monkeypatch):
+    """An object-store header pass reads the first bytes only when they hold the whole header; a header larger
+    than the prefix (here a 100 kB private value) falls back to the whole file. Both give the same header."""
+    import ingest.plan as plan
+    from shards import storage
+
+    small, large = tmp_path / "small.dcm", tmp_path / "large.dcm"
+    _ct(64)[1].save_as(small, enforce_file_format=True)
+    ds = _ct(64)[1]
+    ds.add_new(0x00091010, "OB", b"\0" * 100_000)  # a private blob before the pixels
+    ds.save_as(large, enforce_file_format=True)
+    prefix = large.read_bytes()[: plan.HEADER_BYTES]
+    assert not header_in_prefix(prefix, complete=False)
+    whole_small = small.read_bytes()
+    assert header_in_prefix(whole_small[:4096], complete=False)  # the pixel data starts within 4 kB
+
+    reads: list[int | None] = []
+
+    def fake_get(url, length=None):
+        reads.append(length)
+        data = (small if "small" in url else large).read_bytes()
+        return data[:length] if length else data
+
+    monkeypatch.setattr(storage, "get_bytes", fake_get)
+    monkeypatch.setattr(storage, "get_file", lambda url, local: Path(local).write_bytes(fake_get(url)) and local)
+    for name in ("small", "large"):
+        found, reason = plan.source_headers(f"s3://b/{name}.dcm")
+        direct, _ = read_headers(tmp_path / f"{name}.dcm")
+        assert reason is None and found[0].path == f"s3://b/{name}.dcm"
+        assert found[0].sop_uid == direct[0].sop_uid and found[0].position == direct[0].position
+    assert reads == [plan.HEADER_BYTES, plan.HEADER_BYTES, None]  # only the large header needed the whole file
