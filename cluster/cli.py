@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
 
+from cluster.cli_ingest import add_ingest_parser, ingest_config, keep_private
 from cluster.errors import TesseraError
 
 
@@ -63,87 +63,18 @@ def cmd_status(args) -> int:
     return 0 if all(st.healthy for st in rows) else 1
 
 
-def _ingest_config(args):
-    from pydantic import ValidationError
-
-    from ingest.config import DicomIngestConfig, ImagesIngestConfig, WsiIngestConfig
-
-    common = {
-        "sources": args.src,
-        "out": args.out,
-        "labels": args.labels,
-        "split": args.split,
-        "seed": args.seed,
-        "shard_size": args.shard_size,
-        "workers": args.workers,
-    }
-    if args.format:
-        common["format"] = args.format
-    try:
-        if args.kind == "wsi":
-            return WsiIngestConfig(
-                **common,
-                tile_size=args.tile_size,
-                stride=args.stride,
-                store_size=args.store_size,
-                mpp=args.mpp,
-                magnification=args.magnification,
-                region_tiles=args.region_tiles,
-                background_model=args.background_model,
-                background_threshold=args.background_threshold,
-                tissue_threshold=args.tissue_threshold,
-            )
-        sequences = {"mode": args.mode, "neighbours": args.neighbours, "frames": args.frames}
-        if args.kind == "images":
-            return ImagesIngestConfig(
-                **common,
-                **sequences,
-                layout=args.layout,
-                store_size=args.store_size,
-                boxes=args.boxes,
-                crop=args.crop,
-                crop_margin=args.crop_margin,
-                slice_folder=args.slice_folder,
-            )
-        return DicomIngestConfig(
-            **common,
-            store_size=args.store_size,
-            windows=args.windows.split(","),
-            mode=args.mode,
-            neighbours=args.neighbours,
-            frames=args.frames,
-            allow_burned_in=args.allow_burned_in,
-        )
-    except ValidationError as exc:
-        raise TesseraError(
-            "invalid ingest options: "
-            + "; ".join(f"--{'-'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']}" for e in exc.errors())
-        ) from None
-
-
-def _keep_private(settings, out: str):
-    def save(mapping: dict[str, str]) -> None:
-        d = settings.state / "private"
-        d.mkdir(parents=True, exist_ok=True)
-        os.chmod(d, 0o700)
-        name = out.replace("://", "_").replace("/", "_")
-        (d / f"{name}.sources.json").write_text(json.dumps(mapping, indent=1))
-
-    return save
-
-
 def cmd_ingest(args) -> int:
     from cluster import health
     from ingest.runner import manifest_summary, run_ingest
 
     s = _settings()
-    cfg = _ingest_config(args)
+    cfg = ingest_config(args)
     uses_s3 = any(u.startswith("s3://") for u in [cfg.out, *cfg.sources])
     if uses_s3 or health.ray_ok(s)[0]:
         _connect(s)
     else:  # local disk and no cluster: the ingest starts Ray inside this process
         os.environ.pop("RAY_ADDRESS", None)
-    manifest, url = run_ingest(args.kind, cfg, on_private=_keep_private(s, cfg.out))
+    manifest, url = run_ingest(args.kind, cfg, on_private=keep_private(s, cfg.out))
     print(f"shards: {cfg.out}\nmanifest: {url}\n{manifest_summary(manifest)}")
     failed = [r for r in manifest.inputs if r.status == "failed"]
     for r in failed:
@@ -317,58 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("down", help="stop the local stack, leaving no process behind").set_defaults(fn=cmd_down)
     sub.add_parser("status", help="each service, its URL and whether it is healthy").set_defaults(fn=cmd_status)
 
-    ing = sub.add_parser("ingest", help="turn slides, DICOM series or image folders into WebDataset shards")
-    kinds = ing.add_subparsers(dest="kind", required=True, metavar="KIND")
-    for kind, help_ in (
-        ("wsi", "whole-slide images (OpenSlide formats)"),
-        ("dicom", "DICOM series (CT/MR)"),
-        ("images", "JPEG/PNG images: class folders, a label CSV, or per-patient slice folders"),
-    ):
-        k = kinds.add_parser(kind, help=help_)
-        k.add_argument("src", nargs="+", help="files, directories, globs or s3:// prefixes")
-        k.add_argument("--out", required=True, help="dataset prefix: a directory or s3://bucket/path")
-        k.add_argument(
-            "--labels",
-            help="label CSV: STRIP AI, RSNA (ID,Label), CT-ICH per-slice, or slide|image|series|patient,label",
-        )
-        k.add_argument("--split", default="train=0.7,val=0.15,test=0.15", help="patient-level split fractions")
-        k.add_argument("--seed", type=int, default=0, help="split seed")
-        k.add_argument("--shard-size", default="1GB", help="target shard size (e.g. 1GB, 256MB)")
-        k.add_argument("--format", choices=["jpeg", "jpg", "png"], help="image encoding")
-        k.add_argument("--store-size", type=int, help="resize tiles/slices to this many px before encoding")
-        k.add_argument("--workers", type=int, help="ingest actors (default: the cluster's CPUs)")
-        if kind == "wsi":
-            k.add_argument("--tile-size", type=int, default=600, help="tile size in px at the chosen resolution")
-            k.add_argument("--stride", type=int, help="tile stride in px (default: the tile size)")
-            k.add_argument("--mpp", type=float, help="microns per pixel to tile at (default: level 0)")
-            k.add_argument("--magnification", type=float, help="objective magnification to tile at, e.g. 20")
-            k.add_argument("--region-tiles", type=int, default=256, help="tiles per unit of work within a slide")
-            k.add_argument("--background-model", help="TorchScript file or Tessera export folder of a tile classifier")
-            k.add_argument(
-                "--background-threshold", type=float, default=0.5, help="drop tiles with P(background) >= this"
-            )
-            k.add_argument("--tissue-threshold", type=float, default=0.30, help="minimum tissue fraction")
-        else:
-            k.add_argument(
-                "--mode", choices=["slice", "center", "series"], default="slice", help="what one sample holds"
-            )
-            k.add_argument("--neighbours", type=int, default=0, help="slices each side (slice, center modes)")
-            k.add_argument("--frames", type=int, default=16, help="slices per sample in series mode")
-        if kind == "dicom":
-            k.add_argument("--windows", default="brain,subdural,soft", help="CT windows stacked as channels")
-            k.add_argument("--allow-burned-in", action="store_true", help="ingest files marked BurnedInAnnotation=YES")
-        if kind == "images":
-            k.add_argument(
-                "--layout",
-                choices=["auto", "folders", "csv", "sequences"],
-                default="auto",
-                help="class folders, a label CSV, or patient slice folders (auto: from --labels)",
-            )
-            k.add_argument("--boxes", help="bounding boxes: a folder of YOLO .txt files or image,x_min,...,y_max CSV")
-            k.add_argument("--crop", action="store_true", help="one sample per box, cropped around it")
-            k.add_argument("--crop-margin", type=float, default=0.1, help="crop margin as a fraction of the box")
-            k.add_argument("--slice-folder", help="sequences: only slices in folders of this name (e.g. brain)")
-        k.set_defaults(fn=cmd_ingest, kind=kind)
+    add_ingest_parser(sub, cmd_ingest)
 
     tr = sub.add_parser("train", help="train a recipe on Ray Train + DeepSpeed, tracked in MLflow")
     tr.add_argument("recipe", nargs="?", help="recipe name (training/recipes/) or YAML path")

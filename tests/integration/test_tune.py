@@ -17,7 +17,8 @@ from mlflow import MlflowClient
 from shards import storage
 from tests.datasets import make_dataset
 from tune.config import SweepConfig, replicate_sweep
-from tune.sweep import BEST, KIND, PARENT, SWEEP, grid_points, run_sweep
+from tune.runs import BEST, KIND, PARENT, SWEEP
+from tune.sweep import grid_points, run_sweep
 
 OVERRIDES = ["data.image_size=32", "batch_size=4", "workers=1", "eval.levels=[patient]"]
 
