@@ -102,10 +102,7 @@ def source_headers(loc: str) -> tuple[list, str | None]:
             if not reason:
                 return found, None
     with local_copy(loc) as path:
-        found, reason = read_headers(path)
-    for h in found:
-        h.path = loc
-    return found, reason
+        return read_headers(path, name=loc)
 
 
 def plan_dicom(cfg: DicomIngestConfig, key: bytes) -> Plan:

@@ -67,24 +67,29 @@ def windowed(
     with up to four windows packed in one ``uint32``, so a slice costs one 4-byte gather (about 10x faster than
     a gather of 3-byte rows on 512 x 512).
     """
-    if np.issubdtype(pixels.dtype, np.integer) and pixels.size:
-        if pixels.dtype.itemsize <= 2 and len(names) <= 4:
-            out = _packed_windows(pixels, slope, intercept, names)
-        else:
-            lo, hi = int(pixels.min()), int(pixels.max())
-            if hi - lo >= 1 << 17:
-                out = None
-            else:
-                lut = window_stack(to_hu(np.arange(lo, hi + 1)[None, :], slope, intercept), names)[0]
-                out = lut[pixels.astype(np.int64) - lo]
-        if out is not None:
-            if padding is not None:
-                out[padding] = window_stack(np.full((1, 1), PADDING_HU, np.float32), names)[0, 0]
-            return out
+    out = _looked_up(pixels, slope, intercept, names)
+    if out is not None:
+        if padding is not None:
+            out[padding] = window_stack(np.full((1, 1), PADDING_HU, np.float32), names)[0, 0]
+        return out
     hu = to_hu(pixels, slope, intercept)
     if padding is not None:
         hu[padding] = PADDING_HU
     return window_stack(hu, names)
+
+
+def _looked_up(pixels: np.ndarray, slope: float, intercept: float, names: tuple[str, ...]) -> np.ndarray | None:
+    """Windows of integer pixels through a lookup table: packed over the whole type for 8/16-bit, over the
+    value range for wider types; None when there is no table to use (floats, empty, a range over 2**17)."""
+    if not np.issubdtype(pixels.dtype, np.integer) or not pixels.size:
+        return None
+    if pixels.dtype.itemsize <= 2 and len(names) <= 4:
+        return _packed_windows(pixels, slope, intercept, names)
+    lo, hi = int(pixels.min()), int(pixels.max())
+    if hi - lo >= 1 << 17:
+        return None
+    lut = window_stack(to_hu(np.arange(lo, hi + 1)[None, :], slope, intercept), names)[0]
+    return lut[pixels.astype(np.int64) - lo]
 
 
 @functools.lru_cache(maxsize=32)
