@@ -20,10 +20,10 @@ demo: $(STAMP)
 test: unit integration
 
 unit: $(STAMP)
-	$(PY) -m pytest -q tests/unit
+	$(PY) -m pytest -q --durations=8 tests/unit
 
 integration: $(STAMP)
-	$(PY) -m pytest -q -x tests/integration
+	$(PY) -m pytest -q -x --durations=12 tests/integration
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

@@ -199,6 +199,7 @@ def run_sweep(
     from ray import tune
 
     from training.launch import storage_location, wants_gpu
+    from tune.open_trials import OpenTrials
 
     if resume:
         sweep_run = resume
@@ -242,9 +243,12 @@ def run_sweep(
                     search_alg=searcher, scheduler=make_scheduler(sweep, base.epochs),
                     max_concurrent_trials=None if own_limit else limit,
                 ),
-                run_config=tune.RunConfig(name=sweep_run, storage_path=path, storage_filesystem=fs),
+                run_config=tune.RunConfig(
+                    name=sweep_run, storage_path=path, storage_filesystem=fs, callbacks=[OpenTrials()]
+                ),
             )  # fmt: skip
-        grid = tuner.fit()
+        OpenTrials.count = 0
+        grid = tuner.fit()  # a restored tuner brings back its own OpenTrials
         if interrupted(grid, expected_trials(sweep)):  # Ctrl+C: Tune saved its state and returned early
             MlflowClient(uri).set_terminated(parent_id, "KILLED")
             ok = None
@@ -273,6 +277,10 @@ def expected_trials(sweep: SweepConfig) -> int:
 
 
 def interrupted(grid, expected: int) -> bool:
-    """True when trials are missing or some did not end (terminated or errored)."""
+    """True when trials are missing or some did not end (terminated or errored) before Tune's loop stopped."""
+    from tune.open_trials import OpenTrials
+
     trials = grid._experiment_analysis.trials  # the ResultGrid's trials with their Tune status
-    return len(trials) < expected or any(t.status not in ("TERMINATED", "ERROR") for t in trials)
+    return (
+        OpenTrials.count > 0 or len(trials) < expected or any(t.status not in ("TERMINATED", "ERROR") for t in trials)
+    )

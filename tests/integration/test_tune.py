@@ -106,7 +106,7 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(stack, work
                 "name": "it-grid",
                 "recipe": "demo_tiles",
                 "overrides": _overrides(work, 2),
-                "space": {"optim.lr": {"grid": [1e-3, 3e-3, 1e-2]}},
+                "space": {"optim.lr": {"grid": [1e-3, 1e-2]}},
                 "search": {"algorithm": "grid", "num_samples": 1},
                 "scheduler": {"name": "none"},
                 "max_concurrent": 1,
@@ -148,9 +148,9 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(stack, work
     assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-3000:]
     assert client.get_run(parent_id).info.status == "FINISHED"
     children = _children(client, parent_id)
-    assert len(children) == 3 and all(c.info.status == "FINISHED" for c in children)
+    assert len(children) == 2 and all(c.info.status == "FINISHED" for c in children)
     lrs = sorted(float(c.data.params["optim.lr"]) for c in children)
-    assert lrs == [1e-3, 3e-3, 1e-2]  # one run per grid point: none duplicated, none lost
+    assert lrs == [1e-3, 1e-2]  # one run per grid point: none duplicated, none lost
     again = client.get_run(finished.info.run_id)
     assert again.info.end_time == finished.info.end_time  # the finished trial did not run again
     for c in children:
@@ -235,7 +235,7 @@ def test_pbt_continues_a_trial_from_anothers_weights(stack, work):
     sweep = SweepConfig(
         name="it-pbt",
         recipe="demo_tiles",
-        overrides=_overrides(work, 4),
+        overrides=_overrides(work, 3),
         space={"optim.lr": {"loguniform": [1e-4, 3e-2]}},
         search={"algorithm": "random", "num_samples": 2, "seed": 3},
         scheduler={"name": "pbt", "perturbation_interval": 1, "quantile_fraction": 0.5},
