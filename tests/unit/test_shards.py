@@ -139,3 +139,27 @@ def test_concatenated_parts_equal_one_shard_written_sample_by_sample(tmp_path):
     assert (tmp_path / "joined" / "shard-000007.idx").read_text().strip() == ref.read_text().strip()
     with pytest.raises(ValueError, match="duplicate sample key"):
         concat_shards([parts[0], parts[0]], str(tmp_path / "dup"), 0)
+
+
+def test_unfiltered_png_decodes_exactly_with_pil_opencv_and_dali():
+    import cv2
+    from nvidia.dali import fn, pipeline_def, types
+
+    rng = np.random.default_rng(1)
+    rgb = np.zeros((37, 53, 3), np.uint8)  # odd sizes: no row padding assumed
+    rgb[5:30, 8:40] = rng.integers(0, 256, (25, 32, 3), dtype=np.uint8)
+    rgb[..., 2] = 255  # saturated, as a window clips
+    data = encode_image(rgb, "png", flat=True)
+    assert data.startswith(b"\x89PNG\r\n\x1a\n")
+    assert np.array_equal(decode_image(data), rgb)  # PIL, which checks every chunk's CRC
+    assert np.array_equal(cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)[..., ::-1], rgb)
+
+    @pipeline_def(batch_size=1, num_threads=1, device_id=None)
+    def decode():
+        raw = fn.external_source(source=lambda: [np.frombuffer(data, np.uint8)], batch=True)
+        return fn.decoders.image(raw, device="cpu", output_type=types.RGB)
+
+    pipe = decode()
+    pipe.build()
+    (out,) = pipe.run()
+    assert np.array_equal(np.asarray(out.as_tensor())[0], rgb)
