@@ -10,6 +10,8 @@ from cluster.errors import TesseraError
 
 def add_ingest_parser(sub, fn) -> None:
     """``tessera ingest wsi|dicom|images`` and their options (one shared set, then each kind's own)."""
+    from ingest.config import ImagesIngestConfig, WsiIngestConfig
+
     ing = sub.add_parser("ingest", help="turn slides, DICOM series or image folders into WebDataset shards")
     kinds = ing.add_subparsers(dest="kind", required=True, metavar="KIND")
     for kind, help_ in (
@@ -35,7 +37,12 @@ def add_ingest_parser(sub, fn) -> None:
             k.add_argument("--stride", type=int, help="tile stride in px (default: the tile size)")
             k.add_argument("--mpp", type=float, help="microns per pixel to tile at (default: level 0)")
             k.add_argument("--magnification", type=float, help="objective magnification to tile at, e.g. 20")
-            k.add_argument("--region-tiles", type=int, default=256, help="tiles per unit of work within a slide")
+            k.add_argument(
+                "--region-tiles",
+                type=int,
+                default=WsiIngestConfig.model_fields["region_tiles"].default,
+                help="tiles per unit of work within a slide",
+            )
             k.add_argument("--background-model", help="TorchScript file or Tessera export folder of a tile classifier")
             k.add_argument(
                 "--background-threshold", type=float, default=0.5, help="drop tiles with P(background) >= this"
@@ -61,6 +68,12 @@ def add_ingest_parser(sub, fn) -> None:
             k.add_argument("--crop", action="store_true", help="one sample per box, cropped around it")
             k.add_argument("--crop-margin", type=float, default=0.1, help="crop margin as a fraction of the box")
             k.add_argument("--slice-folder", help="sequences: only slices in folders of this name (e.g. brain)")
+            k.add_argument(
+                "--images-per-task",
+                type=int,
+                default=ImagesIngestConfig.model_fields["images_per_task"].default,
+                help="single images per unit of work",
+            )
         k.set_defaults(fn=fn, kind=kind)
 
 
@@ -106,6 +119,7 @@ def ingest_config(args):
                 crop=args.crop,
                 crop_margin=args.crop_margin,
                 slice_folder=args.slice_folder,
+                images_per_task=args.images_per_task,
             )
         return DicomIngestConfig(
             **common,

@@ -10,11 +10,10 @@ the same samples: every sample appears exactly once.
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import ray
@@ -24,7 +23,7 @@ from tqdm import tqdm
 from ingest.config import DicomIngestConfig, ImagesIngestConfig, IngestConfig, WsiIngestConfig, pseudonym_key
 from ingest.decisions import decide
 from ingest.plan import Plan, plan_dicom, plan_images, plan_wsi
-from ingest.units import Unit, Work, plan_unit, work_samples
+from ingest.units import Unit, Work, batch_images, local_copy, plan_unit, work_samples
 from shards import manifest as mf
 from shards import storage
 from shards.index import parse_index
@@ -35,8 +34,19 @@ STAGING = "_staging"
 SHARD_FILE = re.compile(r"[^/_][^/]*/shard-\d{6}\.(tar|idx)")
 
 
+class Outcome(BaseModel):
+    """What one image of a batch came to."""
+
+    status: str = "ingested"
+    reason: str | None = None
+    samples: int = 0
+
+
 class WorkRecord(BaseModel):
-    """What one piece of work produced (staged beside its part tar; not part of the manifest)."""
+    """What one piece of work produced (staged beside its part tar; not part of the manifest).
+
+    A batch of images records each image's outcome in ``members``: one bad image fails alone.
+    """
 
     id: str
     unit: str
@@ -46,6 +56,15 @@ class WorkRecord(BaseModel):
     samples: int = 0
     bytes: int = 0
     warnings: list[str] = Field(default_factory=list)
+    members: dict[str, Outcome] = Field(default_factory=dict)
+
+    def per_unit(self) -> list[WorkRecord]:
+        """One record per input: itself, or (a batch) one per image, each naming the shared part."""
+        if not self.members:
+            return [self]
+        return [
+            self.model_copy(update={"unit": uid, **o.model_dump(), "members": {}}) for uid, o in self.members.items()
+        ]
 
 
 def _record_url(out: str, work_id: str) -> str:
@@ -70,20 +89,33 @@ def _attempt(fn: Callable[[], Any], max_attempts: int) -> tuple[Any, str | None,
     raise AssertionError("unreachable")
 
 
-def _write_part(work: Work, cfg: IngestConfig, background=None) -> tuple[int, int]:
-    """Stage one piece of work as one part tar; returns ``(samples, bytes)``."""
+def _batch_samples(work: Work, cfg: IngestConfig, members: dict[str, Outcome]):
+    """The samples of each image of a batch in turn; an image that fails is recorded in ``members`` and skipped
+    (its samples are made whole before any is written, so none of a failed image reaches the part)."""
+    for unit in work.batch:
+        made, action, reason = _attempt(lambda u=unit: list(work_samples(Work(u), cfg)), cfg.max_attempts)
+        members[unit.id] = Outcome(status=action or "ingested", reason=reason, samples=len(made or []))
+        yield from made or []
+
+
+def _write_part(work: Work, cfg: IngestConfig, background=None) -> tuple[int, int, dict[str, Outcome]]:
+    """Stage one piece of work as one part tar; returns ``(samples, bytes, outcomes of a batch's images)``."""
+    members: dict[str, Outcome] = {}
+    samples = _batch_samples(work, cfg, members) if work.batch else work_samples(work, cfg, background)
     # A huge target keeps one part per piece of work, published straight to staging once complete.
     with ShardWriter(storage.join(cfg.out, STAGING, work.id), target_bytes=1 << 62) as writer:
-        for sample in work_samples(work, cfg, background):
+        for sample in samples:
             writer.write(sample)
-    return sum(p.samples for p in writer.shards), sum(p.size for p in writer.shards)
+    return sum(p.samples for p in writer.shards), sum(p.size for p in writer.shards), members
 
 
 def process_work(work: Work, cfg: IngestConfig, background=None) -> WorkRecord:
     """Stage one piece of work as a part tar, then its record; failures become records too."""
     written, action, reason = _attempt(lambda: _write_part(work, cfg, background), cfg.max_attempts)
     rec = WorkRecord(id=work.id, unit=work.unit.id, index=work.index, status=action or "ingested", reason=reason)
-    rec.samples, rec.bytes = written or (0, 0)
+    rec.samples, rec.bytes, rec.members = written or (0, 0, {})
+    if action and work.batch:  # the part itself could not be staged: every image of the batch shares its fate
+        rec.members = {u.id: Outcome(status=action, reason=reason) for u in work.batch}
     if action is None:
         storage.put_bytes(_record_url(cfg.out, work.id), rec.model_dump_json().encode())
     return rec
@@ -171,33 +203,77 @@ class _Scheduler:
             ray.kill(actor)
 
 
-def _run(units: list[Unit], done: dict[str, WorkRecord], sched: _Scheduler):
-    """Plan every unit and process its work; returns ``(plans, work records)`` keyed by unit id."""
+class _Tracker:
+    """Which pieces of work each input still waits for; queues work not already staged; the progress bar."""
+
+    def __init__(self, units: list[Unit], done: dict[str, WorkRecord], sched: _Scheduler) -> None:
+        self.done, self.sched = done, sched
+        self.records: dict[str, list[WorkRecord]] = {u.id: [] for u in units}
+        self.left: dict[str, int] = {}
+        self.settled: set[str] = set()
+        self.bar = tqdm(total=len(units), desc=f"ingest {units[0].kind}", unit="input")
+        self.samples, self.t0 = 0, time.monotonic()
+
+    def settle(self, uid: str) -> None:
+        """Count an input whose pieces of work have all come back (or that has none)."""
+        if self.left.get(uid, 0) == 0 and uid not in self.settled:
+            self.settled.add(uid)
+            self.samples += sum(r.samples for r in self.records[uid])
+            self.bar.update(1)
+            rate = self.samples / max(time.monotonic() - self.t0, 1e-9)
+            self.bar.set_postfix(samples=self.samples, per_s=f"{rate:.1f}")
+
+    def finished(self, rec: WorkRecord) -> None:
+        for r in rec.per_unit():
+            self.records[r.unit].append(r)
+            self.left[r.unit] -= 1
+            self.settle(r.unit)
+
+    def queue(self, works: list[Work], front: bool = False) -> None:
+        for w in works:
+            for u in w.batch or [w.unit]:
+                self.left[u.id] = self.left.get(u.id, 0) + 1
+        for w in works:
+            if w.id in self.done:
+                self.finished(self.done[w.id])
+            else:
+                self.sched.submit("process", w, front=front)
+
+
+def _run(units: list[Unit], done: dict[str, WorkRecord], sched: _Scheduler, cfg: IngestConfig):
+    """Plan every unit and process its work; returns ``(plans, work records)`` keyed by unit id.
+
+    Slides are planned on the actors (a tissue mask to compute); series and images need no reading to plan and
+    are planned here, single images batched ``images_per_task`` to a piece of work.
+    """
     plans: dict[str, tuple[list[Work], list[str], str | None, str | None]] = {}
-    records: dict[str, list[WorkRecord]] = {u.id: [] for u in units}
+    track = _Tracker(units, done, sched)
+    singles = []
     for unit in units:
-        sched.submit("plan", unit)
-    bar = tqdm(total=len(units), desc=f"ingest {units[0].kind}", unit="input")
-    samples, t0, left = 0, time.monotonic(), {}
+        if unit.kind == "wsi":
+            sched.submit("plan", unit)
+            continue
+        works, warnings = plan_unit(unit, cfg)
+        plans[unit.id] = (works, warnings, None, None)
+        if unit.kind == "image":
+            singles.append(unit)
+        else:
+            track.queue(works)
+    if singles:
+        assert isinstance(cfg, ImagesIngestConfig)
+        track.queue(batch_images(singles, cfg.images_per_task))
+    for uid in plans:
+        track.settle(uid)
     while sched.pending:
         kind, item, result = sched.next()
         if kind == "plan":
             plans[item.id] = result
-            todo = [w for w in result[0] if w.id not in done]
-            records[item.id] += [done[w.id] for w in result[0] if w.id in done]
-            left[item.id] = len(todo)
-            for w in todo:
-                sched.submit("process", w, front=True)
+            track.queue(result[0], front=True)  # a slide's regions before the next slide's plan
+            track.settle(item.id)
         else:
-            records[item.unit.id].append(result)
-            left[item.unit.id] -= 1
-        unit_id = item.id if kind == "plan" else item.unit.id
-        if left.get(unit_id) == 0:
-            samples += sum(r.samples for r in records[unit_id])
-            bar.update(1)
-            bar.set_postfix(samples=samples, per_s=f"{samples / max(time.monotonic() - t0, 1e-9):.1f}")
-    bar.close()
-    return plans, records
+            track.finished(result)
+    track.bar.close()
+    return plans, track.records
 
 
 def _merge(unit: Unit, plan, works: list[WorkRecord]) -> InputRecord:
@@ -237,18 +313,32 @@ def group_parts(parts: list[tuple[str, int]], target_bytes: int) -> list[list[st
 def pack_shard(out: str, split: str, index: int, part_ids: list[str]) -> ShardInfo:
     """Join staged parts byte for byte into ``<out>/<split>/shard-<index>.tar`` (+ ``.idx``).
 
-    Parts are fetched one at a time into one local file, so the local disk holds the shard plus one part.
+    Parts on the object store are fetched one at a time, so the local disk holds the shard plus one part; local
+    parts are read where they lie.
     """
-    with tempfile.TemporaryDirectory() as tmp:
-        local = os.path.join(tmp, "part.tar")
 
-        def parts():
-            for work_id in part_ids:
-                url = part_url(out, work_id)
-                samples = parse_index(storage.get_bytes(url.removesuffix(".tar") + ".idx").decode())
-                yield storage.get_file(url, local), samples
+    def parts():
+        for work_id in part_ids:
+            url = part_url(out, work_id)
+            samples = parse_index(storage.get_bytes(url.removesuffix(".tar") + ".idx").decode())
+            with local_copy(url) as path:  # concat_shards reads a part whole before asking for the next
+                yield Path(path), samples
 
-        return concat_shards(parts(), storage.join(out, split), index)
+    return concat_shards(parts(), storage.join(out, split), index)
+
+
+def _split_parts(recs: list[InputRecord], works: dict[str, list[WorkRecord]]):
+    """A split's staged parts in packing order (inputs by id, regions by index) and the inputs in each part
+    (several for a batch of images)."""
+    owners: dict[str, list[InputRecord]] = {}
+    parts: list[tuple[str, int]] = []
+    for rec in sorted(recs, key=lambda r: r.id):
+        for work in sorted(works[rec.id], key=lambda w: w.index):
+            if work.samples:
+                if work.id not in owners:
+                    parts.append((work.id, work.bytes))
+                owners.setdefault(work.id, []).append(rec)
+    return parts, owners
 
 
 def _pack(cfg: IngestConfig, inputs: list[InputRecord], works: dict[str, list[WorkRecord]], sched: _Scheduler):
@@ -259,31 +349,25 @@ def _pack(cfg: IngestConfig, inputs: list[InputRecord], works: dict[str, list[Wo
     """
     splits: dict[str, mf.SplitInfo] = {}
     by_split: dict[str, list[InputRecord]] = {}
-    todo: dict[str, tuple[list[list[str]], dict[str, InputRecord]]] = {}
+    todo: dict[str, tuple[list[list[str]], dict[str, list[InputRecord]]]] = {}
     for rec in inputs:
         if rec.status == "ingested":
             by_split.setdefault(rec.split or "all", []).append(rec)
     for split, recs in sorted(by_split.items()):
-        owner: dict[str, InputRecord] = {}
-        parts: list[tuple[str, int]] = []
-        for rec in sorted(recs, key=lambda r: r.id):
-            for work in sorted(works[rec.id], key=lambda w: w.index):
-                if work.samples:
-                    parts.append((work.id, work.bytes))
-                    owner[work.id] = rec
-        todo[split] = group_parts(parts, cfg.shard_size), owner
+        parts, owners = _split_parts(recs, works)
+        todo[split] = group_parts(parts, cfg.shard_size), owners
         for i, group in enumerate(todo[split][0]):
             sched.submit("pack", (split, i, group))
     done: dict[tuple[str, int], ShardInfo] = {}
     while sched.pending:
         _, (split, i, _), shard = sched.next()
         done[split, i] = shard
-    for split, (groups, owner) in todo.items():
+    for split, (groups, owners) in todo.items():
         shards = [done[split, i] for i in range(len(groups))]
         for group, shard in zip(groups, shards, strict=True):
             for work_id in group:
-                rec = owner[work_id]
-                rec.shards = sorted({*rec.shards, f"{split}/{shard.name}"})
+                for rec in owners[work_id]:
+                    rec.shards = sorted({*rec.shards, f"{split}/{shard.name}"})
         splits[split] = mf.SplitInfo(num_samples=sum(s.samples for s in shards), shards=shards)
     return splits
 
@@ -326,7 +410,7 @@ def run_ingest(kind: str, cfg: IngestConfig, on_private: Callable[[dict[str, str
         n = cfg.workers or max(1, int(ray.available_resources().get("CPU", 1)))
         sched = _Scheduler(cfg, max(1, min(n, len(plan.units))))
         try:
-            plans, works = _run(plan.units, _done_records(cfg), sched)
+            plans, works = _run(plan.units, _done_records(cfg), sched, cfg)
             inputs = [_merge(u, plans[u.id], works[u.id]) for u in plan.units]
             splits = _pack(cfg, inputs, works, sched)
         finally:

@@ -45,15 +45,31 @@ class Unit:
 
 @dataclass
 class Work:
-    """One piece of work: a whole series, or one region (a run of planned tiles) of a slide."""
+    """One piece of work: a whole series, one region (a run of planned tiles) of a slide, or a batch of single
+    images (``batch``, whose first is ``unit``), each staged as one part."""
 
     unit: Unit
     index: int = 0
     plan: TilePlan | None = None
+    batch: list[Unit] = field(default_factory=list)
 
     @property
     def id(self) -> str:
         return f"{self.unit.id}-{self.index:04d}"
+
+
+def batch_images(units: list[Unit], size: int) -> list[Work]:
+    """Single images in runs of ``size`` within a split (a part, so a batch, belongs to one split's shards).
+
+    A run's id is its first image's, so the same inputs and options give the same pieces of work, and a resumed
+    run recognises those already staged.
+    """
+    by_split: dict[str | None, list[Unit]] = {}
+    for u in units:
+        by_split.setdefault(u.split, []).append(u)
+    return [
+        Work(group[k], batch=group[k : k + size]) for group in by_split.values() for k in range(0, len(group), size)
+    ]
 
 
 @contextlib.contextmanager

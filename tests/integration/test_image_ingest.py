@@ -25,8 +25,9 @@ def test_mri_crops_to_s3_and_the_loader_reads_them(stack, tmp_path):
     (labels / "gl_0001.txt").write_text("0 0.5 0.5\n")  # a YOLO line missing its box size
     out = "s3://shards/mri/crops"
     cfg = ImagesIngestConfig(
-        sources=[str(tmp_path / "images")], out=out, boxes=str(labels), crop=True, split="train=0.5,val=0.5"
-    )
+        sources=[str(tmp_path / "images")], out=out, boxes=str(labels), crop=True, split="train=0.5,val=0.5",
+        images_per_task=5,
+    )  # fmt: skip
     manifest, _ = run_ingest("images", cfg)
     by_status = {}
     for r in manifest.inputs:
@@ -38,6 +39,11 @@ def test_mri_crops_to_s3_and_the_loader_reads_them(stack, tmp_path):
     ]
     assert manifest.classes == ["glioma", "meningioma", "notumor", "pituitary"]
     mf.check_patient_disjoint(manifest)
+    # batches of five images share staged parts; each image still names its own split's shards
+    for split, info in manifest.splits.items():
+        mine = [r for r in manifest.inputs if r.status == "ingested" and r.split == split]
+        assert sum(r.samples for r in mine) == info.num_samples
+        assert all(r.shards and all(s.startswith(f"{split}/") for s in r.shards) for r in mine)
     batch = _first_batch(manifest, out, "train")
     assert batch.shape == (2, 3, 32, 32) and np.isfinite(batch).all()
 

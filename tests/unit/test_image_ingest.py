@@ -150,3 +150,31 @@ def test_images_config_checks():
         ImagesIngestConfig(sources=["x"], out="o", crop=True)
     with pytest.raises(ValidationError, match="needs layout sequences"):
         ImagesIngestConfig(sources=["x"], out="o", layout="folders", mode="series")
+
+
+def test_images_batched_per_split_and_a_bad_image_fails_alone(tmp_path):
+    from ingest.runner import process_work
+    from ingest.units import batch_images
+    from shards.writer import read_tar_samples
+
+    make_mri_folders(tmp_path, per_class=2, size=32)
+    (tmp_path / "images" / "glioma" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    cfg = ImagesIngestConfig(
+        sources=[str(tmp_path / "images")], out=str(tmp_path / "out"), split="train=0.5,val=0.5", images_per_task=3
+    )
+    plan = plan_images(cfg, KEY)
+    works = batch_images(plan.units, cfg.images_per_task)
+    assert sorted(u.id for w in works for u in w.batch) == sorted(u.id for u in plan.units)  # each image once
+    assert all(len(w.batch) <= 3 and len({u.split for u in w.batch}) == 1 for w in works)
+    assert [w.id for w in works] == [w.id for w in batch_images(plan.units, 3)]  # the same work when resumed
+    broken = next(u for u in plan.units if u.sources[0].endswith("broken.jpg"))
+    work = next(w for w in works if broken in w.batch)
+    rec = process_work(work, cfg)
+    assert rec.status == "ingested" and set(rec.members) == {u.id for u in work.batch}
+    per = {r.unit: r for r in rec.per_unit()}
+    assert per[broken.id].status == "failed" and "not a decodable image" in per[broken.id].reason
+    assert per[broken.id].samples == 0 and all(r.id == work.id for r in per.values())
+    good = [u for u in work.batch if u is not broken]
+    assert all(per[u.id].status == "ingested" and per[u.id].samples == 1 for u in good)
+    staged = read_tar_samples(tmp_path / "out" / "_staging" / work.id / "shard-000000.tar")
+    assert sorted(s["__key__"] for s in staged) == sorted(u.item for u in good) and rec.samples == len(good)
