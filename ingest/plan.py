@@ -89,7 +89,9 @@ def _skip(plan: Plan, uid: str, reason: str) -> None:
 
 
 HEADER_BYTES = 64 << 10  # a CT/MR header is a few kB; the pixels follow it
-HEADER_THREADS = 16  # object-store reads overlap; local reads are GIL-bound but lose nothing
+# Object-store reads overlap on threads; local header parsing is GIL-bound and runs in turn (on 16 threads it took
+# 1.15 ms a file against 0.57 ms serially: the threads only contend for the lock).
+HEADER_THREADS = 16
 
 
 def source_headers(loc: str) -> tuple[list, str | None]:
@@ -114,8 +116,11 @@ def plan_dicom(cfg: DicomIngestConfig, key: bytes) -> Plan:
     plan = Plan(units=[], classes=classes, multilabel=list(RSNA_SUBTYPES) if rsna else None)
     headers = []
     locations = list(expand(cfg.sources))
-    with ThreadPoolExecutor(HEADER_THREADS) as pool:  # in order, so the plan does not depend on timing
-        read = pool.map(source_headers, locations)
+    if any(loc.startswith("s3://") for loc in locations):
+        with ThreadPoolExecutor(HEADER_THREADS) as pool:  # in order, so the plan does not depend on timing
+            read = list(pool.map(source_headers, locations))
+    else:
+        read = [source_headers(loc) for loc in locations]
     for loc, (found, reason) in zip(locations, read, strict=True):
         uid = pseudonym(key, "source", loc)
         plan.private[uid] = loc
