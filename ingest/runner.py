@@ -221,7 +221,7 @@ class _Tracker:
             self.samples += sum(r.samples for r in self.records[uid])
             self.bar.update(1)
             rate = self.samples / max(time.monotonic() - self.t0, 1e-9)
-            self.bar.set_postfix(samples=self.samples, per_s=f"{rate:.1f}")
+            self.bar.set_postfix(samples=self.samples, per_s=f"{rate:.1f}", refresh=False)  # drawn at tqdm's pace
 
     def finished(self, rec: WorkRecord) -> None:
         for r in rec.per_unit():
