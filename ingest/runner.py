@@ -9,6 +9,7 @@ the same samples: every sample appears exactly once.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import time
@@ -146,6 +147,13 @@ class IngestWorker:
         split, index, part_ids = job
         return pack_shard(self.cfg.out, split, index, part_ids)
 
+    def close(self) -> None:
+        # Imported here, not at the top: Ray ships this class with its module's globals by value, so a
+        # module-level SLIDES would be a copy, not the cache the worker's tasks filled.
+        from ingest import source_cache
+
+        source_cache.SLIDES.clear()  # downloaded slides off the worker's disk before Ray ends the process
+
 
 def _done_records(cfg: IngestConfig) -> dict[str, WorkRecord]:
     """Work finished by an earlier, interrupted run with the same configuration (none for a fresh run)."""
@@ -199,6 +207,8 @@ class _Scheduler:
         return kind, item, result
 
     def close(self) -> None:
+        with contextlib.suppress(Exception):  # a dead or stuck actor: its temporary files are the OS's to clean
+            ray.get([a.close.remote() for a in self.actors], timeout=10)
         for actor in self.actors:
             ray.kill(actor)
 

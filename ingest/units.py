@@ -19,6 +19,7 @@ from ingest.images import Box, crop, decode_rgb, normalise
 from ingest.preview import preview_png
 from ingest.sequences import center_indices, even_indices, neighbour_indices
 from ingest.slides import OpenSlideReader
+from ingest.source_cache import SLIDES
 from ingest.wsi import TilePlan, plan_tiles, read_tiles
 from shards import storage
 from shards.schema import encode_image, make_sample
@@ -88,12 +89,11 @@ def local_copy(location: str) -> Iterator[str]:
 
 def plan_slide(unit: Unit, cfg: WsiIngestConfig) -> tuple[list[Work], list[str]]:
     """Mask and tile one slide, publish its preview, and cut its tiles into regions of ``cfg.region_tiles``."""
-    with local_copy(unit.sources[0]) as path:
-        reader = OpenSlideReader(path)
-        try:
-            plan = plan_tiles(reader, cfg.tile_size, cfg.mpp, cfg.stride, cfg.tissue_threshold, cfg.magnification)
-        finally:
-            reader.close()
+    reader = OpenSlideReader(SLIDES.path(unit.sources[0]))  # downloaded once per worker for all its regions
+    try:
+        plan = plan_tiles(reader, cfg.tile_size, cfg.mpp, cfg.stride, cfg.tissue_threshold, cfg.magnification)
+    finally:
+        reader.close()
     png = preview_png(plan.thumb, plan.mask, plan.mask_downsample, plan.tiles)
     storage.put_bytes(storage.join(cfg.out, PREVIEWS, f"{unit.item}.png"), png)
     light = dataclasses.replace(plan, thumb=None, mask=None)  # regions travel without the arrays
@@ -112,26 +112,25 @@ def wsi_samples(work: Work, cfg: WsiIngestConfig, background=None) -> Iterator[d
     """
     unit, plan = work.unit, work.plan
     assert plan is not None
-    with local_copy(unit.sources[0]) as path:
-        reader = OpenSlideReader(path)
-        try:
-            tiles = read_tiles(reader, plan, cfg.tile_size, cfg.store_size)
-            for tile, rgb in background.filter(tiles) if background else tiles:
-                meta = {
-                    "slide": unit.item,
-                    "patient": unit.patient,
-                    "level": plan.level,
-                    "x": tile.x,
-                    "y": tile.y,
-                    "size0": tile.size0,
-                    "mpp": (plan.mpp * plan.target_downsample) if plan.mpp else None,
-                    "tissue": tile.tissue,
-                    "label": unit.label,
-                }
-                image = encode_image(rgb, cfg.format, cfg.quality)
-                yield make_sample(f"{unit.item}_{tile.x:07d}_{tile.y:07d}", image, cfg.format, unit.label, meta)
-        finally:
-            reader.close()
+    reader = OpenSlideReader(SLIDES.path(unit.sources[0]))
+    try:
+        tiles = read_tiles(reader, plan, cfg.tile_size, cfg.store_size)
+        for tile, rgb in background.filter(tiles) if background else tiles:
+            meta = {
+                "slide": unit.item,
+                "patient": unit.patient,
+                "level": plan.level,
+                "x": tile.x,
+                "y": tile.y,
+                "size0": tile.size0,
+                "mpp": (plan.mpp * plan.target_downsample) if plan.mpp else None,
+                "tissue": tile.tissue,
+                "label": unit.label,
+            }
+            image = encode_image(rgb, cfg.format, cfg.quality)
+            yield make_sample(f"{unit.item}_{tile.x:07d}_{tile.y:07d}", image, cfg.format, unit.label, meta)
+    finally:
+        reader.close()
 
 
 class _Slices:

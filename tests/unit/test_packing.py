@@ -1,4 +1,8 @@
-"""Staged parts are cut into shards by the writer's size rule, before any shard is written."""
+"""Staged parts are cut into shards by the writer's size rule, before any shard is written; sources from the
+object store are downloaded once per worker."""
+
+import os
+from pathlib import Path
 
 from ingest.runner import SHARD_FILE, group_parts
 
@@ -15,3 +19,33 @@ def test_only_split_shards_count_as_prunable():
     assert not SHARD_FILE.fullmatch("_staging/w-0001/shard-000000.tar")
     assert not SHARD_FILE.fullmatch("other/train/shard-000000.tar")
     assert not SHARD_FILE.fullmatch("previews/shard-000000.png")
+
+
+def test_source_cache_downloads_each_slide_once_and_keeps_the_last_few(tmp_path, monkeypatch):
+    from ingest.source_cache import SourceCache
+    from shards import storage
+
+    fetched = []
+    real_get_file = storage.get_file
+
+    def counting_get_file(url, local):  # the real copy, counted
+        fetched.append(url)
+        return real_get_file(url, local)
+
+    monkeypatch.setattr(storage, "get_file", counting_get_file)
+    sources = []
+    for name in "abc":
+        (tmp_path / f"{name}.svs").write_bytes(name.encode() * 10)
+        sources.append(str(tmp_path / f"{name}.svs"))
+    cache = SourceCache(slots=2, remote=lambda loc: loc.endswith(".svs"))
+    a = cache.path(sources[0])
+    assert a != sources[0] and Path(a).read_bytes() == b"a" * 10 and a.endswith(".svs")
+    assert cache.path(sources[0]) == a and fetched == [sources[0]]  # every region of a slide: one download
+    b = cache.path(sources[1])
+    cache.path(sources[0])  # a is now the most recently used...
+    c = cache.path(sources[2])  # ...so b makes room for c
+    assert not os.path.exists(b) and os.path.exists(a) and os.path.exists(c)
+    assert fetched == sources
+    assert SourceCache(remote=lambda loc: False).path(sources[0]) == sources[0]  # local files pass through
+    cache.clear()
+    assert not os.path.exists(a) and not os.path.exists(c)

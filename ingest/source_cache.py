@@ -1,0 +1,63 @@
+"""Object-store sources downloaded once per worker process and reused while they are needed.
+
+A slide on ``s3://`` is planned in one task and processed in many (one per region), each of which needs it on local
+disk: OpenSlide reads files, not streams. Without a cache every region downloads the whole slide again, and a 64k
+slide of 2 GB in 12 regions moves 26 GB. The cache keeps the most recently used slides (``slots``, so the disk
+holds at most that many per worker) and deletes the oldest as new ones arrive.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections import OrderedDict
+from collections.abc import Callable
+
+from shards import storage
+
+
+def is_remote(location: str) -> bool:
+    return location.startswith("s3://")
+
+
+class SourceCache:
+    """Local copies of remote sources, least recently used out first; local paths pass through untouched.
+
+    One caller at a time (a Ray actor runs one task at a time); a path stays valid until ``slots`` other remote
+    sources have been asked for since its last use, or :meth:`clear`.
+    """
+
+    def __init__(self, slots: int = 2, remote: Callable[[str], bool] = is_remote) -> None:
+        if slots < 1:
+            raise ValueError("a source cache needs at least one slot")
+        self.slots, self.remote = slots, remote
+        self._files: OrderedDict[str, str] = OrderedDict()
+
+    def path(self, location: str) -> str:
+        """A local path holding ``location``'s bytes, downloaded on first use."""
+        if not self.remote(location):
+            return location
+        if location in self._files:
+            self._files.move_to_end(location)
+            return self._files[location]
+        while len(self._files) >= self.slots:
+            os.unlink(self._files.popitem(last=False)[1])
+        fd, tmp = tempfile.mkstemp(prefix="tessera-src-", suffix=os.path.splitext(location)[1])
+        os.close(fd)
+        try:
+            storage.get_file(location, tmp)
+        except BaseException:
+            os.unlink(tmp)
+            raise
+        self._files[location] = tmp
+        return tmp
+
+    def clear(self) -> None:
+        """Delete every local copy (at the end of a run)."""
+        while self._files:
+            path = self._files.popitem()[1]
+            if os.path.exists(path):
+                os.unlink(path)
+
+
+SLIDES = SourceCache()  # per process: each ingest actor keeps its own
