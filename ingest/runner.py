@@ -117,7 +117,8 @@ def process_work(work: Work, cfg: IngestConfig, background=None) -> WorkRecord:
     rec.samples, rec.bytes, rec.members = written or (0, 0, {})
     if action and work.batch:  # the part itself could not be staged: every image of the batch shares its fate
         rec.members = {u.id: Outcome(status=action, reason=reason) for u in work.batch}
-    if action is None:
+    # Recorded as done only when whole: a re-run retries work with a failure in it (a batch with a bad image too).
+    if action is None and all(m.status == "ingested" for m in rec.members.values()):
         storage.put_bytes(_record_url(cfg.out, work.id), rec.model_dump_json().encode())
     return rec
 

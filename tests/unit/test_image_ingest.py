@@ -178,3 +178,8 @@ def test_images_batched_per_split_and_a_bad_image_fails_alone(tmp_path):
     assert all(per[u.id].status == "ingested" and per[u.id].samples == 1 for u in good)
     staged = read_tar_samples(tmp_path / "out" / "_staging" / work.id / "shard-000000.tar")
     assert sorted(s["__key__"] for s in staged) == sorted(u.item for u in good) and rec.samples == len(good)
+    # a batch with a failure is not recorded as done (a re-run retries it); a whole one is
+    assert not (tmp_path / "out" / "_staging" / f"{work.id}.json").exists()
+    whole = next(w for w in works if broken not in w.batch)
+    assert process_work(whole, cfg).status == "ingested"
+    assert (tmp_path / "out" / "_staging" / f"{whole.id}.json").exists()
