@@ -118,8 +118,12 @@ def in_ray(args) -> dict:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from cluster.stack import CPU_WORKER_ENV
+
     recipe = _recipe(args)
-    ray.init(num_cpus=args.cores, include_dashboard=False, logging_level="ERROR")
+    # the worker environment Tessera's stack gives Ray on a CPU-only machine (one malloc arena)
+    env = {} if torch.cuda.is_available() else {"env_vars": CPU_WORKER_ENV}
+    ray.init(num_cpus=args.cores, include_dashboard=False, logging_level="ERROR", runtime_env=env)
     try:
         trainer = TorchTrainer(
             _worker,

@@ -17,6 +17,11 @@ from cluster import health, procs
 from cluster.errors import TesseraError
 from cluster.settings import Settings
 
+# Ray Train runs the training function in a thread, and glibc gives each thread its own malloc arena: a resnet50
+# CPU step measured 2.65 s there against 2.20 s on the main thread, and the same in both with a single arena (so
+# every process that Ray starts on a CPU-only machine gets one; GPU steps allocate little on the host).
+CPU_WORKER_ENV = {"MALLOC_ARENA_MAX": "1"}
+
 
 @dataclass(frozen=True)
 class ServiceStatus:
@@ -62,6 +67,8 @@ class LocalStack:
 
             if not torch.cuda.is_available():
                 env.setdefault("DS_ACCELERATOR", "cpu")
+                for key, value in CPU_WORKER_ENV.items():
+                    env.setdefault(key, value)
         except ImportError:
             pass
         return env

@@ -39,3 +39,20 @@ def test_s3_rejects_wrong_keys(stack, monkeypatch):
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong")
     ok, _ = health.s3_ok(stack)
     assert not ok
+
+
+def test_cpu_workers_get_the_worker_environment(stack):
+    import ray
+    import torch
+
+    from cluster.stack import CPU_WORKER_ENV
+
+    @ray.remote(num_cpus=0)
+    def worker_env(keys):
+        return {k: os.environ.get(k) for k in keys}
+
+    got = ray.get(worker_env.remote([*CPU_WORKER_ENV, "DS_ACCELERATOR"]))
+    if torch.cuda.is_available():  # left as the user's environment has them
+        assert got == {k: os.environ.get(k) for k in got}
+    else:  # one malloc arena, DeepSpeed on the CPU accelerator
+        assert got == {**CPU_WORKER_ENV, "DS_ACCELERATOR": "cpu"}
