@@ -91,6 +91,7 @@ def ingest_config(args):
         "seed": args.seed,
         "shard_size": args.shard_size,
         "workers": args.workers,
+        "store_size": args.store_size,
     }
     if args.format:
         common["format"] = args.format
@@ -100,7 +101,6 @@ def ingest_config(args):
                 **common,
                 tile_size=args.tile_size,
                 stride=args.stride,
-                store_size=args.store_size,
                 mpp=args.mpp,
                 magnification=args.magnification,
                 region_tiles=args.region_tiles,
@@ -114,7 +114,6 @@ def ingest_config(args):
                 **common,
                 **sequences,
                 layout=args.layout,
-                store_size=args.store_size,
                 boxes=args.boxes,
                 crop=args.crop,
                 crop_margin=args.crop_margin,
@@ -123,11 +122,8 @@ def ingest_config(args):
             )
         return DicomIngestConfig(
             **common,
-            store_size=args.store_size,
+            **sequences,
             windows=args.windows.split(","),
-            mode=args.mode,
-            neighbours=args.neighbours,
-            frames=args.frames,
             allow_burned_in=args.allow_burned_in,
         )
     except ValidationError as exc:
