@@ -12,9 +12,10 @@ from ingest.dicom import group_series, header_in_prefix, read_headers
 from ingest.images import IMAGE_EXTS, csv_boxes, is_slice_table, patient_key, read_slice_table, slice_number, yolo_boxes
 from ingest.labels import RSNA_SUBTYPES, LabelRow, class_names, is_rsna_csv, read_label_csv, read_rsna_csv
 from ingest.pseudonym import pseudonym
+from ingest.source_cache import local_copy
 from ingest.sources import SLIDE_EXTS, expand, stem
 from ingest.splits import assign_splits, parse_fractions
-from ingest.units import Unit, local_copy
+from ingest.units import Unit
 from shards import storage
 from shards.manifest import InputRecord
 

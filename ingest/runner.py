@@ -24,7 +24,8 @@ from tqdm import tqdm
 from ingest.config import DicomIngestConfig, ImagesIngestConfig, IngestConfig, WsiIngestConfig, pseudonym_key
 from ingest.decisions import decide
 from ingest.plan import Plan, plan_dicom, plan_images, plan_wsi
-from ingest.units import Unit, Work, batch_images, local_copy, plan_unit, work_samples
+from ingest.source_cache import local_copy
+from ingest.units import Unit, Work, batch_images, plan_unit, work_samples
 from shards import manifest as mf
 from shards import storage
 from shards.index import parse_index

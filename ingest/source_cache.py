@@ -1,4 +1,5 @@
-"""Object-store sources downloaded once per worker process and reused while they are needed.
+"""Local paths for sources that may lie on the object store: a temporary copy for one use, or (slides) a copy
+downloaded once per worker process and reused while it is needed.
 
 A slide on ``s3://`` is planned in one task and processed in many (one per region), each of which needs it on local
 disk: OpenSlide reads files, not streams. Without a cache every region downloads the whole slide again, and a 64k
@@ -8,16 +9,42 @@ holds at most that many per worker) and deletes the oldest as new ones arrive.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from shards import storage
 
 
 def is_remote(location: str) -> bool:
     return location.startswith("s3://")
+
+
+def download(location: str) -> str:
+    """``location``'s bytes in a new temporary file (same extension, which OpenSlide goes by); the caller deletes it."""
+    fd, tmp = tempfile.mkstemp(prefix="tessera-src-", suffix=os.path.splitext(location)[1])
+    os.close(fd)
+    try:
+        storage.get_file(location, tmp)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return tmp
+
+
+@contextlib.contextmanager
+def local_copy(location: str) -> Iterator[str]:
+    """A local path for ``location``: the path itself, or a temporary download of an ``s3://`` object."""
+    if not is_remote(location):
+        yield location
+        return
+    tmp = download(location)
+    try:
+        yield tmp
+    finally:
+        os.unlink(tmp)
 
 
 class SourceCache:
@@ -42,15 +69,8 @@ class SourceCache:
             return self._files[location]
         while len(self._files) >= self.slots:
             os.unlink(self._files.popitem(last=False)[1])
-        fd, tmp = tempfile.mkstemp(prefix="tessera-src-", suffix=os.path.splitext(location)[1])
-        os.close(fd)
-        try:
-            storage.get_file(location, tmp)
-        except BaseException:
-            os.unlink(tmp)
-            raise
-        self._files[location] = tmp
-        return tmp
+        self._files[location] = download(location)
+        return self._files[location]
 
     def clear(self) -> None:
         """Delete every local copy (at the end of a run)."""

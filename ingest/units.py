@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import os
-import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,7 +16,7 @@ from ingest.images import Box, crop, decode_rgb, normalise
 from ingest.preview import preview_png
 from ingest.sequences import center_indices, even_indices, neighbour_indices
 from ingest.slides import OpenSlideReader
-from ingest.source_cache import SLIDES
+from ingest.source_cache import SLIDES, local_copy
 from ingest.wsi import TilePlan, plan_tiles, read_tiles
 from shards import storage
 from shards.schema import encode_image, make_sample
@@ -71,20 +68,6 @@ def batch_images(units: list[Unit], size: int) -> list[Work]:
     return [
         Work(group[k], batch=group[k : k + size]) for group in by_split.values() for k in range(0, len(group), size)
     ]
-
-
-@contextlib.contextmanager
-def local_copy(location: str) -> Iterator[str]:
-    """A local path for ``location``: the path itself, or a temporary download of an ``s3://`` object."""
-    if not location.startswith("s3://"):
-        yield location
-        return
-    fd, tmp = tempfile.mkstemp(prefix="tessera-src-", suffix=os.path.splitext(location)[1])
-    os.close(fd)
-    try:
-        yield str(storage.get_file(location, tmp))
-    finally:
-        os.unlink(tmp)
 
 
 def plan_slide(unit: Unit, cfg: WsiIngestConfig) -> tuple[list[Work], list[str]]:
