@@ -10,7 +10,8 @@ from pathlib import Path
 
 from ingest.config import WsiIngestConfig
 from ingest.plan import plan_wsi
-from ingest.runner import STAGING, part_url, process_work, run_ingest
+from ingest.runner import run_ingest
+from ingest.staging import STAGING, part_url, process_work
 from ingest.synthetic import make_slides
 from ingest.units import plan_unit
 from shards import manifest as mf
@@ -148,10 +149,10 @@ def test_resuming_with_other_options_is_refused(stack, tmp_path):
     out = "s3://shards/resume/options"
     cfg = WsiIngestConfig(sources=[str(slides)], out=out, tile_size=128, split="train=1.0")
     from ingest.config import pseudonym_key
-    from ingest.runner import _done_records
+    from ingest.staging import done_records
 
     unit = plan_wsi(cfg, pseudonym_key()).units[0]
-    _done_records(cfg)  # an interrupted run started here...
+    done_records(cfg)  # an interrupted run started here...
     process_work(plan_unit(unit, cfg)[0][0], cfg)
     other = cfg.model_copy(update={"tile_size": 256})
     import pytest

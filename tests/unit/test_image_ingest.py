@@ -153,7 +153,7 @@ def test_images_config_checks():
 
 
 def test_images_batched_per_split_and_a_bad_image_fails_alone(tmp_path):
-    from ingest.runner import process_work
+    from ingest.staging import process_work
     from ingest.units import batch_images
     from shards.writer import read_tar_samples
 

@@ -4,7 +4,7 @@ object store are downloaded once per worker."""
 import os
 from pathlib import Path
 
-from ingest.runner import SHARD_FILE, group_parts
+from ingest.packing import SHARD_FILE, group_parts
 
 
 def test_group_parts_closes_a_shard_once_it_reaches_the_target():

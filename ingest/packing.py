@@ -1,0 +1,124 @@
+"""Packing: staged parts become size-targeted shards, byte for byte, on the ingest actors.
+
+Packing is deterministic (inputs by id, regions by index), so re-packing after a crash rewrites the same shard names
+with the same samples: every sample appears exactly once. Shards of earlier runs that the new manifest does not
+list are deleted.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Protocol
+
+from ingest.config import IngestConfig
+from ingest.source_cache import local_copy
+from ingest.staging import WorkRecord, part_url
+from shards import manifest as mf
+from shards import storage
+from shards.index import parse_index
+from shards.manifest import InputRecord, Manifest, ShardInfo
+from shards.writer import concat_shards
+
+SHARD_FILE = re.compile(r"[^/_][^/]*/shard-\d{6}\.(tar|idx)")
+
+
+class Scheduler(Protocol):
+    """The run's actors, as :func:`pack_parts` uses them: calls go in, results come back in any order."""
+
+    pending: dict
+
+    def submit(self, kind: str, item: Any, front: bool = False) -> None: ...
+
+    def next(self) -> tuple[str, Any, Any]: ...
+
+
+def group_parts(parts: list[tuple[str, int]], target_bytes: int) -> list[list[str]]:
+    """Cut ordered ``(part id, bytes)`` into shards: a shard closes once it reaches ``target_bytes``.
+
+    The same rule as :class:`ShardWriter`, at part granularity, so shard contents are fixed before any is written
+    and the shards can be packed in parallel with deterministic names.
+    """
+    groups: list[list[str]] = []
+    size = target_bytes
+    for part, nbytes in parts:
+        if size >= target_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(part)
+        size += nbytes
+    return groups
+
+
+def pack_shard(out: str, split: str, index: int, part_ids: list[str]) -> ShardInfo:
+    """Join staged parts byte for byte into ``<out>/<split>/shard-<index>.tar`` (+ ``.idx``).
+
+    Parts on the object store are fetched one at a time, so the local disk holds the shard plus one part; local
+    parts are read where they lie.
+    """
+
+    def parts():
+        for work_id in part_ids:
+            url = part_url(out, work_id)
+            samples = parse_index(storage.get_bytes(url.removesuffix(".tar") + ".idx").decode())
+            with local_copy(url) as path:  # concat_shards reads a part whole before asking for the next
+                yield Path(path), samples
+
+    return concat_shards(parts(), storage.join(out, split), index)
+
+
+def split_parts(recs: list[InputRecord], works: dict[str, list[WorkRecord]]):
+    """A split's staged parts in packing order (inputs by id, regions by index) and the inputs in each part
+    (several for a batch of images)."""
+    owners: dict[str, list[InputRecord]] = {}
+    parts: list[tuple[str, int]] = []
+    for rec in sorted(recs, key=lambda r: r.id):
+        for work in sorted(works[rec.id], key=lambda w: w.index):
+            if work.samples:
+                if work.id not in owners:
+                    parts.append((work.id, work.bytes))
+                owners.setdefault(work.id, []).append(rec)
+    return parts, owners
+
+
+def pack_parts(
+    cfg: IngestConfig, inputs: list[InputRecord], works: dict[str, list[WorkRecord]], sched: Scheduler
+) -> dict[str, mf.SplitInfo]:
+    """Pack the staged parts of ingested inputs, per split, into size-targeted shards, one per actor call.
+
+    Parts stay on the object store and are joined by the (already warm) actors in parallel, not funnelled
+    through the driver.
+    """
+    splits: dict[str, mf.SplitInfo] = {}
+    by_split: dict[str, list[InputRecord]] = {}
+    todo: dict[str, tuple[list[list[str]], dict[str, list[InputRecord]]]] = {}
+    for rec in inputs:
+        if rec.status == "ingested":
+            by_split.setdefault(rec.split or "all", []).append(rec)
+    for split, recs in sorted(by_split.items()):
+        parts, owners = split_parts(recs, works)
+        todo[split] = group_parts(parts, cfg.shard_size), owners
+        for i, group in enumerate(todo[split][0]):
+            sched.submit("pack", (split, i, group))
+    done: dict[tuple[str, int], ShardInfo] = {}
+    while sched.pending:
+        _, (split, i, _), shard = sched.next()
+        done[split, i] = shard
+    for split, (groups, owners) in todo.items():
+        shards = [done[split, i] for i in range(len(groups))]
+        for group, shard in zip(groups, shards, strict=True):
+            for work_id in group:
+                for rec in owners[work_id]:
+                    rec.shards = sorted({*rec.shards, f"{split}/{shard.name}"})
+        splits[split] = mf.SplitInfo(num_samples=sum(s.samples for s in shards), shards=shards)
+    return splits
+
+
+def prune(out: str, manifest: Manifest) -> None:
+    """Delete shards (and indexes) under ``out`` that the new manifest does not list: leftovers of earlier runs."""
+    keep = {storage.join(out, split, s.name) for split, info in manifest.splits.items() for s in info.shards}
+    keep |= {u.removesuffix(".tar") + ".idx" for u in keep}
+    base = out.rstrip("/") + "/"
+    for url in list(storage.list_urls(base)):
+        if url.startswith(base) and SHARD_FILE.fullmatch(url[len(base) :]) and url not in keep:
+            storage.delete(url)

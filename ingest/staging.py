@@ -1,0 +1,131 @@
+"""Staging: each piece of work (a region of a slide, a series, or a batch of images) becomes one part tar under
+``<out>/_staging/``, then its record; a re-run redoes only work without a record.
+
+The record is written after the tar, and only when none of the work failed, so a crash between the two, or a
+failure, leaves work that a re-run does again rather than work counted twice or lost.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from ingest.config import IngestConfig
+from ingest.decisions import decide
+from ingest.units import Work, work_samples
+from shards import storage
+from shards.writer import ShardWriter, shard_name
+
+STAGING = "_staging"
+
+
+class Outcome(BaseModel):
+    """What one image of a batch came to."""
+
+    status: str = "ingested"
+    reason: str | None = None
+    samples: int = 0
+
+
+class WorkRecord(BaseModel):
+    """What one piece of work produced (staged beside its part tar; not part of the manifest).
+
+    A batch of images records each image's outcome in ``members``: one bad image fails alone.
+    """
+
+    id: str
+    unit: str
+    index: int
+    status: str
+    reason: str | None = None
+    samples: int = 0
+    bytes: int = 0
+    warnings: list[str] = Field(default_factory=list)
+    members: dict[str, Outcome] = Field(default_factory=dict)
+
+    def per_unit(self) -> list[WorkRecord]:
+        """One record per input: itself, or (a batch) one per image, each naming the shared part."""
+        if not self.members:
+            return [self]
+        return [
+            self.model_copy(update={"unit": uid, **o.model_dump(), "members": {}}) for uid, o in self.members.items()
+        ]
+
+
+def _record_url(out: str, work_id: str) -> str:
+    return storage.join(out, STAGING, f"{work_id}.json")
+
+
+def part_url(out: str, work_id: str) -> str:
+    """Where a piece of work's part tar is staged (its ``.idx`` lies beside it)."""
+    return storage.join(out, STAGING, work_id, shard_name(0))
+
+
+def attempt(fn: Callable[[], Any], max_attempts: int) -> tuple[Any, str | None, str | None]:
+    """Run ``fn`` with the retry policy of :func:`decide`; returns ``(result, action, reason)``."""
+    for attempt in range(1, max_attempts + 1):
+        try:
+            return fn(), None, None
+        except Exception as exc:  # one input's failure is recorded; the run goes on
+            decision = decide(exc, attempt, max_attempts)
+            if decision.action != "retry":
+                return None, decision.action, decision.reason
+            time.sleep(min(2.0**attempt * 0.1, 5.0))
+    raise AssertionError("unreachable")
+
+
+def _batch_samples(work: Work, cfg: IngestConfig, members: dict[str, Outcome]):
+    """The samples of each image of a batch in turn; an image that fails is recorded in ``members`` and skipped
+    (its samples are made whole before any is written, so none of a failed image reaches the part)."""
+    for unit in work.batch:
+        made, action, reason = attempt(lambda u=unit: list(work_samples(Work(u), cfg)), cfg.max_attempts)
+        members[unit.id] = Outcome(status=action or "ingested", reason=reason, samples=len(made or []))
+        yield from made or []
+
+
+def _write_part(work: Work, cfg: IngestConfig, background=None) -> tuple[int, int, dict[str, Outcome]]:
+    """Stage one piece of work as one part tar; returns ``(samples, bytes, outcomes of a batch's images)``."""
+    members: dict[str, Outcome] = {}
+    samples = _batch_samples(work, cfg, members) if work.batch else work_samples(work, cfg, background)
+    # A huge target keeps one part per piece of work, published straight to staging once complete.
+    with ShardWriter(storage.join(cfg.out, STAGING, work.id), target_bytes=1 << 62) as writer:
+        for sample in samples:
+            writer.write(sample)
+    return sum(p.samples for p in writer.shards), sum(p.size for p in writer.shards), members
+
+
+def process_work(work: Work, cfg: IngestConfig, background=None) -> WorkRecord:
+    """Stage one piece of work as a part tar, then its record; failures become records too."""
+    written, action, reason = attempt(lambda: _write_part(work, cfg, background), cfg.max_attempts)
+    rec = WorkRecord(id=work.id, unit=work.unit.id, index=work.index, status=action or "ingested", reason=reason)
+    rec.samples, rec.bytes, rec.members = written or (0, 0, {})
+    if action and work.batch:  # the part itself could not be staged: every image of the batch shares its fate
+        rec.members = {u.id: Outcome(status=action, reason=reason) for u in work.batch}
+    # Recorded as done only when whole: a re-run retries work with a failure in it (a batch with a bad image too).
+    if action is None and all(m.status == "ingested" for m in rec.members.values()):
+        storage.put_bytes(_record_url(cfg.out, work.id), rec.model_dump_json().encode())
+    return rec
+
+
+def done_records(cfg: IngestConfig) -> dict[str, WorkRecord]:
+    """Work finished by an earlier, interrupted run with the same configuration (none for a fresh run)."""
+    marker = storage.join(cfg.out, STAGING, "config.json")
+    mine = json.dumps(cfg.public(), sort_keys=True)
+    if storage.exists(marker):
+        if storage.get_bytes(marker).decode() != mine:
+            raise ValueError(
+                f"{cfg.out} holds staged work of an interrupted run with other options; re-run with the same "
+                f"options, or delete {storage.join(cfg.out, STAGING)} to start over"
+            )
+    else:
+        storage.put_bytes(marker, mine.encode())
+    done = {}
+    for url in storage.list_urls(storage.join(cfg.out, STAGING)):
+        if url.endswith(".json") and not url.endswith("/config.json"):
+            rec = WorkRecord.model_validate_json(storage.get_bytes(url))
+            done[rec.id] = rec
+    return done
