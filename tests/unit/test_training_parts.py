@@ -62,6 +62,26 @@ def test_plateau_and_cosine_schedules():
     assert opt.param_groups[0]["lr"] == pytest.approx(3e-4 / 2)
 
 
+@pytest.mark.parametrize("name", ["adamw", "adam", "sgd", "rmsprop"])
+def test_fused_optimisers_step_like_pytorchs_reference_loop(name):
+    from training.config import OptimConfig
+
+    cfg = OptimConfig(name=name, lr=1e-2, weight_decay=1e-2)
+    ref_cls = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "sgd": torch.optim.SGD}.get(name)
+    ref_cls = ref_cls or torch.optim.RMSprop
+    start = torch.randn(3, 5, generator=torch.Generator().manual_seed(1))
+    ours, ref = torch.nn.Parameter(start.clone()), torch.nn.Parameter(start.clone())
+    opt = make_optimizer([ours], cfg)
+    kwargs = {} if name.startswith("adam") else {"momentum": cfg.momentum}
+    ref_opt = ref_cls([ref], lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=False, **kwargs)
+    for step in range(3):
+        grad = torch.full_like(start, 0.5) * (step + 1) - start
+        ours.grad, ref.grad = grad.clone(), grad.clone()
+        opt.step(), ref_opt.step()
+    assert opt.defaults.get("fused") or opt.defaults.get("foreach")
+    torch.testing.assert_close(ours.detach(), ref.detach())
+
+
 def test_losses():
     assert balanced_weights([30, 10]) == [40 / 60, 40 / 20]
     logits = torch.tensor([[2.0, 0.0], [0.0, 1.0]])
