@@ -1,5 +1,5 @@
 """Loader benchmark: images/s of Tessera's DALI pipeline against a torchvision + PIL DataLoader, same shards,
-same augmentations (paper 000's: flips, sharpness 2, rotation, colour jitter, each on 50 %), same output
+same augmentations (paper 000's: flips, sharpness 2, linear rotation, colour jitter, each on 50 %), same output
 (float ``[N, 3, S, S]``, ImageNet-normalised), same cores (DALI threads = DataLoader workers).
 
 Usage: ``python benchmarks/loader.py [--images 512] [--tile 512] [--size 256] [--batch 32] [--cores 2]``.
@@ -56,7 +56,8 @@ def torchvision_rate(urls: list[str], n: int, size: int, batch: int, cores: int,
             T.RandomHorizontalFlip(0.5),
             T.RandomVerticalFlip(0.5),
             T.RandomAdjustSharpness(2.0, p=0.5),
-            T.RandomApply([T.RandomRotation(90)], p=0.5),
+            # linear, as the recipe (torchvision's default is nearest); it has no edge replication, so fill
+            T.RandomApply([T.RandomRotation(90, interpolation=T.InterpolationMode.BILINEAR)], p=0.5),
             T.RandomApply([T.ColorJitter(brightness=0.2, saturation=0.5, hue=0.5)], p=0.5),
             T.ToTensor(),
             T.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),

@@ -71,7 +71,7 @@ def _augment(images, aug: Augment, size: int):
         images = fn.resize(images, resize_x=size * z, resize_y=size * z)
         images = fn.crop(images, crop=(size, size), out_of_bounds_policy="pad", fill_values=0)
     if aug.rotate_p > 0 and chosen(aug.rotate_p):
-        images = fn.rotate(images, angle=_uniform(*aug.rotate_degrees), keep_size=True, fill_value=0)
+        images = fn.rotate(images, angle=_uniform(*aug.rotate_degrees), keep_size=True)
     if aug.sharpness_p > 0 and chosen(aug.sharpness_p):
         images = fn.filter(images, types.Constant(sharpen_kernel(aug.sharpness_factor)), border="clamp")
     if aug.color_jitter_p > 0 and chosen(aug.color_jitter_p):
