@@ -65,22 +65,27 @@ class TiledLevel:
 
     def read(self, x: int, y: int, width: int, height: int) -> np.ndarray:
         """RGB ``uint8[height, width, 3]`` with top-left at level pixel ``(x, y)``; outside the image is white."""
-        out = np.full((height, width, 3), 255, np.uint8)
         x0, y0 = max(x, 0), max(y, 0)
         x1, y1 = min(x + width, self.width), min(y + height, self.height)
+        inside = (x0, y0, x1, y1) == (x, y, x + width, y + height)
+        # Source tiles cover a request inside the image, so only one reaching outside needs a white fill first.
+        out = np.empty((height, width, 3), np.uint8) if inside else np.full((height, width, 3), 255, np.uint8)
         if x0 >= x1 or y0 >= y1:
             return out
         for ty in range(y0 // self.tile_h, (y1 - 1) // self.tile_h + 1):
             for tx in range(x0 // self.tile_w, (x1 - 1) // self.tile_w + 1):
                 tile = self._tile(ty, tx)
-                if tile is None:
-                    continue
                 # Overlap of this source tile with the request, in level pixels.
                 sx0, sy0 = max(x0, tx * self.tile_w), max(y0, ty * self.tile_h)
                 sx1, sy1 = min(x1, (tx + 1) * self.tile_w), min(y1, (ty + 1) * self.tile_h)
-                out[sy0 - y : sy1 - y, sx0 - x : sx1 - x] = tile[
-                    sy0 - ty * self.tile_h : sy1 - ty * self.tile_h, sx0 - tx * self.tile_w : sx1 - tx * self.tile_w
-                ]
+                dest = out[sy0 - y : sy1 - y, sx0 - x : sx1 - x]
+                if tile is None:
+                    dest[:] = 255
+                else:
+                    dest[:] = tile[
+                        sy0 - ty * self.tile_h : sy1 - ty * self.tile_h,
+                        sx0 - tx * self.tile_w : sx1 - tx * self.tile_w,
+                    ]
         return out
 
 

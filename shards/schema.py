@@ -56,18 +56,19 @@ def encode_image(rgb: np.ndarray, fmt: str = "jpg", quality: int = 90, flat: boo
     compresses with libdeflate (:func:`png_unfiltered`). Photographs and tissue keep the filters.
     """
     import cv2
+    import imagecodecs
 
     if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
         raise ValueError(f"expected uint8 [H, W, 3], got {rgb.dtype} {rgb.shape}")
-    if fmt == "png" and flat:
-        return png_unfiltered(np.ascontiguousarray(rgb))
-    bgr = cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)  # SIMD; a reversed-axis copy costs more than the JPEG encode
     if fmt == "jpg":
-        ok, buf = cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, quality])
-    elif fmt == "png":
-        ok, buf = cv2.imencode(".png", bgr, [cv2.IMWRITE_PNG_COMPRESSION, 1])
-    else:
+        # libjpeg-turbo straight from RGB: the same bytes as OpenCV's encoder, without its BGR conversion
+        return imagecodecs.jpeg8_encode(np.ascontiguousarray(rgb), level=quality)
+    if fmt != "png":
         raise ValueError(f"unknown image format {fmt!r}")
+    if flat:
+        return png_unfiltered(np.ascontiguousarray(rgb))
+    bgr = cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)  # SIMD; a reversed-axis copy costs more than the PNG encode
+    ok, buf = cv2.imencode(".png", bgr, [cv2.IMWRITE_PNG_COMPRESSION, 1])
     if not ok:
         raise ValueError(f"could not encode image as {fmt}")
     return buf.tobytes()

@@ -10,9 +10,9 @@ import pytest
 
 from shards import manifest as mf
 from shards.index import index_text, parse_index
-from shards.schema import check_key, decode_image, encode_image, make_sample
+from shards.schema import check_key, decode_image, encode_image, make_sample, to_bytes
 from shards.verify import verify_dataset
-from shards.writer import ShardWriter, concat_shards, read_tar_samples
+from shards.writer import ShardWriter, concat_shards, read_tar_samples, ustar_header
 
 
 def _samples(n, size=32):
@@ -163,3 +163,35 @@ def test_unfiltered_png_decodes_exactly_with_pil_opencv_and_dali():
     pipe.build()
     (out,) = pipe.run()
     assert np.array_equal(np.asarray(out.as_tensor())[0], rgb)
+
+
+def test_jpeg_is_opencvs_encoding_from_rgb_of_any_layout():
+    import cv2
+
+    rgb = np.random.default_rng(2).integers(0, 256, (64, 90, 3), dtype=np.uint8)
+    for view in (rgb, rgb[::2, 1::2]):  # a strided view is made contiguous first
+        ref = cv2.imencode(".jpg", np.ascontiguousarray(view[..., ::-1]), [cv2.IMWRITE_JPEG_QUALITY, 85])[1]
+        assert encode_image(view, "jpg", 85) == ref.tobytes()
+    with pytest.raises(ValueError, match="unknown image format 'gif'"):
+        encode_image(rgb, "gif")
+
+
+def test_shards_are_byte_for_byte_what_tarfile_writes(tmp_path):
+
+    for name, size in [("a.jpg", 0), ("slide_x0000_y0600.json", 511), ("k" * 99, 512), ("d" * 60 + "/" + "k" * 60, 9)]:
+        info = tarfile.TarInfo(name)
+        info.size, info.mode = size, 0o644
+        assert ustar_header(name, size) == info.tobuf(tarfile.USTAR_FORMAT)
+    samples = list(_samples(5))
+    with ShardWriter(str(tmp_path / "ours")) as w:
+        for sample in samples:
+            w.write(sample)
+    ref = io.BytesIO()
+    with tarfile.open(fileobj=ref, mode="w", format=tarfile.USTAR_FORMAT) as tf:
+        for sample in samples:
+            for ext in sorted(k for k in sample if not k.startswith("__")):
+                data = to_bytes(sample[ext])
+                info = tarfile.TarInfo(f"{sample['__key__']}.{ext}")
+                info.size, info.mode = len(data), 0o644
+                tf.addfile(info, io.BytesIO(data))
+    assert (tmp_path / "ours" / w.shards[0].name).read_bytes() == ref.getvalue()

@@ -57,3 +57,16 @@ def test_tile_cache_stays_within_its_byte_budget():
         cache.put((0, i), np.zeros(3000, np.uint8))
         assert cache._bytes <= 10_000
     assert cache.get((0, 49)) is not None and cache.get((0, 0)) is None
+
+
+def test_a_tile_never_scanned_reads_white_inside_and_at_the_edge(slide):
+    ref = OpenSlideReader(slide, fast=False)
+    level = TiffTiles.open(slide, ref.level_dimensions, ref.level_downsamples, ref.read_region).levels[0]
+    scanned = level._tile
+    level._tile = lambda ty, tx: None if (ty, tx) == (1, 1) else scanned(ty, tx)  # as a sparse pyramid's hole
+    for x, y in [(200, 200), (900, 700)]:  # inside the image; reaching past its edge
+        got, want = level.read(x, y, 300, 400), ref.read_region(x, y, 0, 300, 400)
+        hole = np.zeros(want.shape[:2], bool)
+        hole[max(256 - y, 0) : max(512 - y, 0), max(256 - x, 0) : max(512 - x, 0)] = True
+        assert (got[hole] == 255).all() and np.array_equal(got[~hole], want[~hole])
+    ref.close()
