@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 from ingest.config import DicomIngestConfig, ImagesIngestConfig, IngestConfig, WsiIngestConfig
 from ingest.dicom import group_series, header_in_prefix, read_headers
+from ingest.dicom_wsi import group_dicom_slides
 from ingest.images import IMAGE_EXTS, csv_boxes, is_slice_table, patient_key, read_slice_table, slice_number, yolo_boxes
 from ingest.labels import RSNA_SUBTYPES, LabelRow, class_names, is_rsna_csv, read_label_csv, read_rsna_csv
 from ingest.pseudonym import pseudonym
@@ -53,25 +54,35 @@ def _assign(units: list[Unit], cfg: IngestConfig) -> None:
 
 
 def plan_wsi(cfg: WsiIngestConfig, key: bytes) -> Plan:
-    """One unit per slide file; with a label CSV, slides it does not name are skipped."""
+    """One unit per slide (a file, or a DICOM WSI series of files); with a label CSV, slides it does not name
+    are skipped."""
     table, classes = _table(_label_text(cfg), cfg.labels)
     plan = Plan(units=[], classes=classes)
+    dicom, slides, others = [], [], []
     for loc in expand(cfg.sources):
+        if loc.lower().endswith(".dcm"):
+            dicom.append(loc)
+        elif loc.lower().endswith(SLIDE_EXTS):
+            slides.append((stem(loc), [loc]))
+        else:
+            others.append(loc)
+    dicom_slides, refused = group_dicom_slides(dicom)
+    slides += [(s.name, s.files) for s in dicom_slides]
+    for loc in others + sorted(refused):
         uid = pseudonym(key, "source", loc)
         plan.private[uid] = loc
-        if not loc.lower().endswith(SLIDE_EXTS):
-            ext = os.path.splitext(loc)[1].lower() or "none"
-            reason = f"not a slide file (extension {ext})"
-            plan.skipped.append(InputRecord(id=uid, kind="wsi", status="skipped", reason=reason))
-            continue
-        name = stem(loc)
+        reason = refused.get(loc) or f"not a slide file (extension {os.path.splitext(loc)[1].lower() or 'none'})"
+        plan.skipped.append(InputRecord(id=uid, kind="wsi", status="skipped", reason=reason))
+    for name, files in sorted(slides, key=lambda s: s[1][0]):
+        uid = pseudonym(key, "source", files[0])
+        plan.private[uid] = files[0]
         row = table.get(name)
         if table and row is None:
             plan.skipped.append(InputRecord(id=uid, kind="wsi", status="skipped", reason="not in the label table"))
             continue
         patient = pseudonym(key, "patient", row.patient if row and row.patient else name)
         label = classes.index(row.label) if row else None
-        plan.units.append(Unit(uid, "wsi", [loc], pseudonym(key, "slide", name), patient, label))
+        plan.units.append(Unit(uid, "wsi", files, pseudonym(key, "slide", name), patient, label))
     _assign(plan.units, cfg)
     return plan
 

@@ -1,5 +1,5 @@
-"""Synthetic inputs for the demo and tests: pyramidal JPEG-tiled TIFF slides, CT series as DICOM, MR image
-folders with YOLO boxes and a CT-ICH-shaped slice tree.
+"""Synthetic inputs for the demo and tests: pyramidal JPEG-tiled TIFF slides, DICOM WSI, CT series as DICOM, MR
+image folders with YOLO boxes and a CT-ICH-shaped slice tree.
 
 Slides carry an identifying ImageDescription and CT headers carry patient name, ID and birth date, so that
 privacy checks have something real to look for.
@@ -87,6 +87,66 @@ def make_slides(root: Path, n: int = 4, size: int = 2048, seed: int = 0) -> tupl
         writer.writeheader()
         writer.writerows(rows)
     return paths, csv_path
+
+
+def _wsi_instance(image: np.ndarray, image_type: list[str], mpp: float, uids: tuple[str, str, str], patient):
+    """One DICOM WSI instance: ``image`` in TILED_FULL 256 px JPEG frames (white beyond the image's edge)."""
+    import imagecodecs
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import JPEGBaseline8Bit, generate_uid
+
+    from ingest.dicom_wsi import WSI_SOP_CLASS
+
+    tile, (h, w) = 256, image.shape[:2]
+    frames = []
+    for ty in range(0, h, tile):
+        for tx in range(0, w, tile):
+            frame = np.full((tile, tile, 3), 255, np.uint8)
+            part = image[ty : ty + tile, tx : tx + tile]
+            frame[: part.shape[0], : part.shape[1]] = part
+            frames.append(imagecodecs.jpeg8_encode(frame, level=95, outcolorspace="YCBCR", subsampling="422"))
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID, ds.file_meta.TransferSyntaxUID = WSI_SOP_CLASS, JPEGBaseline8Bit
+    ds.SOPClassUID, ds.SOPInstanceUID = WSI_SOP_CLASS, generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = uids
+    ds.Modality, ds.ImageType, ds.DimensionOrganizationType = "SM", image_type, "TILED_FULL"
+    ds.PatientName, ds.PatientID, ds.PatientBirthDate = patient.name, patient.patient_id, patient.birth_date
+    ds.ContainerIdentifier = f"SLIDE-{patient.patient_id}"
+    ds.TotalPixelMatrixColumns, ds.TotalPixelMatrixRows, ds.TotalPixelMatrixFocalPlanes = w, h, 1
+    ds.Rows = ds.Columns = tile
+    ds.NumberOfFrames = len(frames)
+    ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PlanarConfiguration = 3, "YBR_FULL_422", 0
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    measures, shared, path = Dataset(), Dataset(), Dataset()
+    measures.PixelSpacing, measures.SliceThickness = [mpp / 1000, mpp / 1000], 0.001  # millimetres
+    shared.PixelMeasuresSequence = [measures]
+    ds.SharedFunctionalGroupsSequence = [shared]
+    path.OpticalPathIdentifier = "1"
+    ds.OpticalPathSequence, ds.NumberOfOpticalPaths = [path], 1
+    ds.PixelData = encapsulate(frames)
+    ds["PixelData"].VR = "OB"
+    return ds
+
+
+def write_dicom_wsi(folder: Path, level0: np.ndarray, patient: SyntheticPatient, mpp: float = 0.5, levels: int = 3):
+    """A DICOM WSI as scanners export it: one file per pyramid level plus a label image (which carries the
+    patient's name in its header, as real ones do on the glass), UID file names, all in ``folder``."""
+    from pydicom.uid import generate_uid
+
+    folder.mkdir(parents=True, exist_ok=True)
+    uids = (generate_uid(), generate_uid(), generate_uid())
+    image = level0
+    for i in range(levels):
+        kind = ["ORIGINAL", "PRIMARY", "VOLUME", "NONE"] if i == 0 else ["DERIVED", "PRIMARY", "VOLUME", "RESAMPLED"]
+        ds = _wsi_instance(image, kind, mpp * 2**i, uids, patient)
+        ds.save_as(folder / f"{ds.SOPInstanceUID}.dcm", enforce_file_format=True)
+        image = np.ascontiguousarray(image[::2, ::2])
+    label = np.full((200, 400, 3), 250, np.uint8)
+    ds = _wsi_instance(label, ["ORIGINAL", "PRIMARY", "LABEL", "NONE"], 10.0, uids, patient)
+    ds.save_as(folder / f"{ds.SOPInstanceUID}.dcm", enforce_file_format=True)
 
 
 def ct_volume(slices: int, size: int, bleed: bool, rng: np.random.Generator) -> np.ndarray:
