@@ -2,13 +2,22 @@
 images), so ``.dcm`` sources are grouped into slides by SeriesInstanceUID before planning.
 
 OpenSlide opens a DICOM slide from any one of its files and finds the others in the same folder; without the
-grouping every level file would become a slide of its own and each tile would be ingested once per file.
+grouping every level file would become a slide of its own and each tile would be ingested once per file. A
+slide on ``s3://`` is downloaded with all of its files into one folder (:class:`ingest.source_cache.SourceCache`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 from dataclasses import dataclass, field
+
+from ingest.dicom import header_in_prefix
+from ingest.source_cache import local_copy
+from shards import storage
+
+HEADER_BYTES = 256 << 10  # a WSI header holds an ICC profile of up to a few hundred kB; the frames follow
 
 WSI_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.77.1.6"  # VL Whole Slide Microscopy Image Storage
 _TAGS = ["SOPClassUID", "SeriesInstanceUID", "ImageType", "TotalPixelMatrixColumns"]
@@ -22,10 +31,18 @@ class DicomSlide:
     files: list[str] = field(default_factory=list)
 
 
-def _header(path: str):
+def _header(location: str):
+    """The tags grouping needs. From ``s3://``, one ranged GET of the first bytes usually holds the header (the
+    frames follow it), so a level of gigabytes is not downloaded to be grouped; else the whole file."""
     import pydicom
 
-    return pydicom.dcmread(path, stop_before_pixels=True, specific_tags=_TAGS)
+    if location.startswith("s3://"):
+        prefix = storage.get_bytes(location, length=HEADER_BYTES)
+        if header_in_prefix(prefix, complete=len(prefix) < HEADER_BYTES):
+            with contextlib.suppress(Exception):  # a header longer than the prefix: read the whole file below
+                return pydicom.dcmread(io.BytesIO(prefix), stop_before_pixels=True, specific_tags=_TAGS)
+    with local_copy(location) as path:
+        return pydicom.dcmread(path, stop_before_pixels=True, specific_tags=_TAGS)
 
 
 def _pyramid_width(ds) -> int:
@@ -43,12 +60,6 @@ def group_dicom_slides(locations: list[str]) -> tuple[list[DicomSlide], dict[str
     refused: dict[str, str] = {}
     series: dict[str, list[tuple[int, str]]] = {}
     for loc in locations:
-        if loc.startswith("s3://"):
-            refused[loc] = (
-                "DICOM WSI from s3:// is not supported (OpenSlide reads a slide's files from one local folder); "
-                "copy or mount the slide locally"
-            )
-            continue
         try:
             ds = _header(loc)
         except Exception as exc:  # not DICOM, truncated: this file alone is refused
@@ -63,7 +74,7 @@ def group_dicom_slides(locations: list[str]) -> tuple[list[DicomSlide], dict[str
         for folder in {os.path.dirname(loc) for _, loc in files}:
             per_folder[folder] = per_folder.get(folder, 0) + 1
     slides = []
-    for uid, files in sorted(series.items()):
+    for uid, files in series.items():
         files.sort(key=lambda f: (-f[0], f[1]))  # widest pyramid level first
         width, first = files[0]
         if width < 0:
@@ -73,4 +84,4 @@ def group_dicom_slides(locations: list[str]) -> tuple[list[DicomSlide], dict[str
         folder = os.path.dirname(first)
         name = os.path.basename(folder) if per_folder[folder] == 1 else uid
         slides.append(DicomSlide(name, [loc for _, loc in files]))
-    return slides, refused
+    return sorted(slides, key=lambda s: s.files[0]), refused

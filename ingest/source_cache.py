@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
@@ -48,36 +49,46 @@ def local_copy(location: str) -> Iterator[str]:
 
 
 class SourceCache:
-    """Local copies of remote sources, least recently used out first; local paths pass through untouched.
+    """Local copies of remote slides, least recently used out first; local paths pass through untouched.
 
-    One caller at a time (a Ray actor runs one task at a time); a path stays valid until ``slots`` other remote
-    sources have been asked for since its last use, or :meth:`clear`.
+    A slide may be several files that OpenSlide expects side by side (a DICOM WSI's series): they are downloaded
+    into one folder of their own. One caller at a time (a Ray actor runs one task at a time); a path stays valid
+    until ``slots`` other remote slides have been asked for since its last use, or :meth:`clear`.
     """
 
     def __init__(self, slots: int = 2, remote: Callable[[str], bool] = is_remote) -> None:
         if slots < 1:
             raise ValueError("a source cache needs at least one slot")
         self.slots, self.remote = slots, remote
-        self._files: OrderedDict[str, str] = OrderedDict()
+        self._folders: OrderedDict[str, tuple[str, str]] = OrderedDict()  # first location -> (folder, path)
 
-    def path(self, location: str) -> str:
-        """A local path holding ``location``'s bytes, downloaded on first use."""
-        if not self.remote(location):
-            return location
-        if location in self._files:
-            self._files.move_to_end(location)
-            return self._files[location]
-        while len(self._files) >= self.slots:
-            os.unlink(self._files.popitem(last=False)[1])
-        self._files[location] = download(location)
-        return self._files[location]
+    def path(self, locations: str | list[str]) -> str:
+        """A local path for the first of ``locations`` (a slide's files), the others beside it; downloaded on
+        first use."""
+        files = [locations] if isinstance(locations, str) else list(locations)
+        first = files[0]
+        if not self.remote(first):
+            return first
+        if first in self._folders:
+            self._folders.move_to_end(first)
+            return self._folders[first][1]
+        while len(self._folders) >= self.slots:
+            shutil.rmtree(self._folders.popitem(last=False)[1][0], ignore_errors=True)
+        folder = tempfile.mkdtemp(prefix="tessera-src-")
+        try:
+            names = [os.path.basename(first)] + [f"{i}_{os.path.basename(loc)}" for i, loc in enumerate(files[1:])]
+            for loc, name in zip(files, names, strict=True):
+                storage.get_file(loc, os.path.join(folder, name))
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+        self._folders[first] = (folder, os.path.join(folder, names[0]))
+        return self._folders[first][1]
 
     def clear(self) -> None:
         """Delete every local copy (at the end of a run)."""
-        while self._files:
-            path = self._files.popitem()[1]
-            if os.path.exists(path):
-                os.unlink(path)
+        while self._folders:
+            shutil.rmtree(self._folders.popitem()[1][0], ignore_errors=True)
 
 
 SLIDES = SourceCache()  # per process: each ingest actor keeps its own

@@ -72,7 +72,7 @@ def batch_images(units: list[Unit], size: int) -> list[Work]:
 
 def plan_slide(unit: Unit, cfg: WsiIngestConfig) -> tuple[list[Work], list[str]]:
     """Mask and tile one slide, publish its preview, and cut its tiles into regions of ``cfg.region_tiles``."""
-    reader = OpenSlideReader(SLIDES.path(unit.sources[0]))  # downloaded once per worker for all its regions
+    reader = OpenSlideReader(SLIDES.path(unit.sources))  # downloaded once per worker for all its regions
     try:
         plan = plan_tiles(reader, cfg.tile_size, cfg.mpp, cfg.stride, cfg.tissue_threshold, cfg.magnification)
     finally:
@@ -95,7 +95,7 @@ def wsi_samples(work: Work, cfg: WsiIngestConfig, background=None) -> Iterator[d
     """
     unit, plan = work.unit, work.plan
     assert plan is not None
-    reader = OpenSlideReader(SLIDES.path(unit.sources[0]))
+    reader = OpenSlideReader(SLIDES.path(unit.sources))
     try:
         tiles = read_tiles(reader, plan, cfg.tile_size, cfg.store_size)
         for tile, rgb in background.filter(tiles) if background else tiles:

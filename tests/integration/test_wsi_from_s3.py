@@ -5,8 +5,10 @@ import os
 import tempfile
 from pathlib import Path
 
+import numpy as np
+
 from ingest.runner import run_ingest
-from ingest.synthetic import make_slides
+from ingest.synthetic import SyntheticPatient, make_slides, slide_array, write_dicom_wsi
 from shards import storage
 from shards.writer import read_tar_samples
 from tests.integration.commands import wsi_config
@@ -36,3 +38,18 @@ def test_slides_from_s3_give_the_same_samples_as_local_files(stack, tmp_path):
     assert _samples(remote, "s3://shards/wsi-remote", tmp_path) == _samples(local, "s3://shards/wsi-local", tmp_path)
     # the workers deleted their copies when the run ended
     assert set(glob.glob(os.path.join(tempfile.gettempdir(), "tessera-src-*"))) <= leftovers
+
+
+def test_dicom_wsi_from_s3_is_one_slide_read_with_all_its_files(stack, tmp_path):
+    rng = np.random.default_rng(5)
+    patient = SyntheticPatient("DOE^JOHN", "MRN4242", "19700101")
+    write_dicom_wsi(tmp_path / "dwsi" / "clot_7", slide_array(768, "CE", rng), patient)
+    for p in (tmp_path / "dwsi").rglob("*.dcm"):
+        storage.put_file(p, f"s3://shards/src-dwsi/clot_7/{p.name}")
+    options = {"tile_size": 128, "split": "train=1.0", "workers": 2, "region_tiles": 4}
+    local, _ = run_ingest("wsi", wsi_config(tmp_path / "dwsi", "s3://shards/dwsi-local", **options))
+    remote, _ = run_ingest("wsi", wsi_config("s3://shards/src-dwsi/", "s3://shards/dwsi-remote", **options))
+    # four files (three levels and the label), one slide, every tile once
+    assert [r.status for r in remote.inputs] == ["ingested"]
+    assert remote.inputs[0].samples == local.inputs[0].samples > 5
+    assert _samples(remote, "s3://shards/dwsi-remote", tmp_path) == _samples(local, "s3://shards/dwsi-local", tmp_path)

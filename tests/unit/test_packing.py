@@ -49,3 +49,23 @@ def test_source_cache_downloads_each_slide_once_and_keeps_the_last_few(tmp_path,
     assert SourceCache(remote=lambda loc: False).path(sources[0]) == sources[0]  # local files pass through
     cache.clear()
     assert not os.path.exists(a) and not os.path.exists(c)
+
+
+def test_source_cache_puts_a_slides_files_side_by_side(tmp_path):
+    from ingest.source_cache import SourceCache
+
+    files = []
+    for i, name in enumerate(["l0.dcm", "l1.dcm", "label.dcm"]):
+        folder = tmp_path / f"part{i}"  # the same name twice would clash in one folder
+        folder.mkdir()
+        (folder / name).write_bytes(name.encode())
+        files.append(str(folder / name))
+    cache = SourceCache(slots=1, remote=lambda loc: True)
+    first = cache.path(files)
+    assert os.path.basename(first) == "l0.dcm" and Path(first).read_bytes() == b"l0.dcm"
+    beside = sorted(p.name for p in Path(first).parent.iterdir())
+    assert beside == ["0_l1.dcm", "1_label.dcm", "l0.dcm"]
+    assert cache.path(files) == first
+    cache.path(files[1])  # one slot: the series makes room
+    assert not Path(first).parent.exists()
+    cache.clear()
