@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from ingest.dicom import header_in_prefix
@@ -18,6 +19,7 @@ from ingest.source_cache import local_copy
 from shards import storage
 
 HEADER_BYTES = 256 << 10  # a WSI header holds an ICC profile of up to a few hundred kB; the frames follow
+HEADER_THREADS = 16
 
 WSI_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.77.1.6"  # VL Whole Slide Microscopy Image Storage
 _TAGS = ["SOPClassUID", "SeriesInstanceUID", "ImageType", "TotalPixelMatrixColumns"]
@@ -51,6 +53,19 @@ def _pyramid_width(ds) -> int:
     return int(ds.get("TotalPixelMatrixColumns") or 0) if "VOLUME" in kinds else -1
 
 
+def _classify(location: str) -> tuple[str, int, str | None]:
+    """``(series UID, pyramid width, None)`` for a DICOM WSI file, or ``("", 0, reason)`` for any other file."""
+    try:
+        ds = _header(location)
+    except Exception as exc:  # not DICOM, truncated: this file alone is refused
+        return "", 0, f"unreadable DICOM header: {exc}"
+    if str(ds.get("SOPClassUID", "")) != WSI_SOP_CLASS:
+        return "", 0, f"not a whole-slide DICOM (SOP class {ds.get('SOPClassUID', 'missing')})"
+    if not ds.get("SeriesInstanceUID"):
+        return "", 0, "whole-slide DICOM without a SeriesInstanceUID"
+    return str(ds.SeriesInstanceUID), _pyramid_width(ds), None
+
+
 def group_dicom_slides(locations: list[str]) -> tuple[list[DicomSlide], dict[str, str]]:
     """Slides made of the DICOM WSI files among ``locations``, and the reason each other file is refused.
 
@@ -59,16 +74,13 @@ def group_dicom_slides(locations: list[str]) -> tuple[list[DicomSlide], dict[str
     """
     refused: dict[str, str] = {}
     series: dict[str, list[tuple[int, str]]] = {}
-    for loc in locations:
-        try:
-            ds = _header(loc)
-        except Exception as exc:  # not DICOM, truncated: this file alone is refused
-            refused[loc] = f"unreadable DICOM header: {exc}"
-            continue
-        if str(ds.get("SOPClassUID", "")) != WSI_SOP_CLASS:
-            refused[loc] = f"not a whole-slide DICOM (SOP class {ds.get('SOPClassUID', 'missing')})"
-            continue
-        series.setdefault(str(ds.SeriesInstanceUID), []).append((_pyramid_width(ds), loc))
+    remote = any(loc.startswith("s3://") for loc in locations)  # object-store reads overlap on threads
+    with ThreadPoolExecutor(HEADER_THREADS if remote else 1) as pool:
+        for loc, (uid, width, reason) in zip(locations, pool.map(_classify, locations), strict=True):
+            if reason:
+                refused[loc] = reason
+            else:
+                series.setdefault(uid, []).append((width, loc))
     per_folder: dict[str, int] = {}
     for files in series.values():
         for folder in {os.path.dirname(loc) for _, loc in files}:

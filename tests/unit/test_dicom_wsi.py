@@ -53,6 +53,16 @@ def test_a_series_of_level_files_is_one_slide_named_for_its_folder(slides):
         p.unlink()
 
 
+def test_a_whole_slide_file_without_a_series_is_refused_alone(slides, tmp_path):
+    root, _ = slides
+    label = sorted((root / "clot_a").glob("*.dcm"))[0]
+    ds = pydicom.dcmread(label)
+    del ds.SeriesInstanceUID
+    ds.save_as(tmp_path / "orphan.dcm")
+    grouped, refused = group_dicom_slides([str(tmp_path / "orphan.dcm")])
+    assert grouped == [] and refused == {str(tmp_path / "orphan.dcm"): "whole-slide DICOM without a SeriesInstanceUID"}
+
+
 def test_planning_gives_one_unit_per_slide_and_records_every_refused_file(slides, monkeypatch):
     root, _ = slides
     monkeypatch.setenv("TESSERA_PSEUDONYM_KEY", "test")
