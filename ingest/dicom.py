@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import contextlib
+import io
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, TypeVar
 
 import numpy as np
 
 from ingest.series import order_slices
+from ingest.source_cache import local_copy
 from ingest.windowing import DEFAULT_WINDOWS, grey, padding_mask, windowed
+from shards import storage
 
 
 class DicomError(RuntimeError):
@@ -69,6 +74,9 @@ def _frame_geometry(ds, n: int) -> tuple[list[list[float] | None], list[float] |
     return positions, orientation
 
 
+T = TypeVar("T")
+HEADER_THREADS = 16
+
 # The Pixel Data tag (7FE0,0010) as little- and big-endian bytes: a file prefix holding it holds the whole header.
 PIXEL_DATA_TAGS = (b"\xe0\x7f\x10\x00", b"\x7f\xe0\x00\x10")
 
@@ -77,6 +85,36 @@ def header_in_prefix(prefix: bytes, complete: bool) -> bool:
     """Whether the first bytes of a file are enough to read its header: the whole file, or the pixel data starts
     in them. (A false positive, the tag's bytes inside an earlier value, fails to parse and falls back.)"""
     return complete or any(tag in prefix for tag in PIXEL_DATA_TAGS)
+
+
+def read_header(
+    location: str,
+    parse: Callable[[BinaryIO | str], T],
+    prefix_bytes: int,
+    usable: Callable[[T], bool] = lambda _: True,
+) -> T:
+    """``parse`` of a DICOM file's header. From ``s3://``, one ranged GET of the first ``prefix_bytes`` usually
+    holds it, so the pixels are not downloaded to read a header; when it does not (``parse`` fails or gives
+    nothing ``usable``), the whole file is read."""
+    if location.startswith("s3://"):
+        prefix = storage.get_bytes(location, length=prefix_bytes)
+        if header_in_prefix(prefix, complete=len(prefix) < prefix_bytes):
+            with contextlib.suppress(Exception):  # a header longer than the prefix: the whole file below
+                result = parse(io.BytesIO(prefix))
+                if usable(result):
+                    return result
+    with local_copy(location) as path:
+        return parse(path)
+
+
+def map_headers(read: Callable[[str], T], locations: list[str]) -> list[T]:
+    """``read`` of every location, in order (so a plan does not depend on timing). Object-store reads overlap on
+    threads; local header parsing is GIL-bound and runs in turn (on 16 threads it took 1.15 ms a file against
+    0.57 ms serially: the threads only contend for the lock)."""
+    if any(loc.startswith("s3://") for loc in locations):
+        with ThreadPoolExecutor(HEADER_THREADS) as pool:
+            return list(pool.map(read, locations))
+    return [read(loc) for loc in locations]
 
 
 def read_headers(path: str | Path | BinaryIO, name: str | None = None) -> tuple[list[SliceHeader], str | None]:

@@ -8,18 +8,12 @@ slide on ``s3://`` is downloaded with all of its files into one folder (:class:`
 
 from __future__ import annotations
 
-import contextlib
-import io
 import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from ingest.dicom import header_in_prefix
-from ingest.source_cache import local_copy
-from shards import storage
+from ingest.dicom import map_headers, read_header
 
 HEADER_BYTES = 256 << 10  # a WSI header holds an ICC profile of up to a few hundred kB; the frames follow
-HEADER_THREADS = 16
 
 WSI_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.77.1.6"  # VL Whole Slide Microscopy Image Storage
 _TAGS = ["SOPClassUID", "SeriesInstanceUID", "ImageType", "TotalPixelMatrixColumns"]
@@ -34,17 +28,12 @@ class DicomSlide:
 
 
 def _header(location: str):
-    """The tags grouping needs. From ``s3://``, one ranged GET of the first bytes usually holds the header (the
-    frames follow it), so a level of gigabytes is not downloaded to be grouped; else the whole file."""
+    """The tags grouping needs, from the first bytes of an ``s3://`` object when they hold them."""
     import pydicom
 
-    if location.startswith("s3://"):
-        prefix = storage.get_bytes(location, length=HEADER_BYTES)
-        if header_in_prefix(prefix, complete=len(prefix) < HEADER_BYTES):
-            with contextlib.suppress(Exception):  # a header longer than the prefix: read the whole file below
-                return pydicom.dcmread(io.BytesIO(prefix), stop_before_pixels=True, specific_tags=_TAGS)
-    with local_copy(location) as path:
-        return pydicom.dcmread(path, stop_before_pixels=True, specific_tags=_TAGS)
+    return read_header(
+        location, lambda f: pydicom.dcmread(f, stop_before_pixels=True, specific_tags=_TAGS), HEADER_BYTES
+    )
 
 
 def _pyramid_width(ds) -> int:
@@ -74,13 +63,11 @@ def group_dicom_slides(locations: list[str]) -> tuple[list[DicomSlide], dict[str
     """
     refused: dict[str, str] = {}
     series: dict[str, list[tuple[int, str]]] = {}
-    remote = any(loc.startswith("s3://") for loc in locations)  # object-store reads overlap on threads
-    with ThreadPoolExecutor(HEADER_THREADS if remote else 1) as pool:
-        for loc, (uid, width, reason) in zip(locations, pool.map(_classify, locations), strict=True):
-            if reason:
-                refused[loc] = reason
-            else:
-                series.setdefault(uid, []).append((width, loc))
+    for loc, (uid, width, reason) in zip(locations, map_headers(_classify, locations), strict=True):
+        if reason:
+            refused[loc] = reason
+        else:
+            series.setdefault(uid, []).append((width, loc))
     per_folder: dict[str, int] = {}
     for files in series.values():
         for folder in {os.path.dirname(loc) for _, loc in files}:
