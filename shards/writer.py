@@ -72,14 +72,12 @@ class ShardWriter:
         self.shards: list[ShardInfo] = []
         self._spool = Path(tempfile.mkdtemp(prefix="tessera-shard-"))
         self._tar: BinaryIO | None = None
-        self._offset = 0
         self._members: list[Member] = []
         self._keys: set[str] = set()
 
     def _open(self) -> None:
         self._path = self._spool / (shard_name(self.index) + ".tmp")
         self._tar = open(self._path, "wb")  # noqa: SIM115 (closed per shard)
-        self._offset = 0
         self._members = []
         self._count = 0
 
@@ -99,22 +97,20 @@ class ShardWriter:
             self._add(f"{key}.{ext}", to_bytes(sample[ext]))
         self._count += 1
         name = shard_name(self.index)
-        if self._offset >= self.target_bytes:
+        if self._tar.tell() >= self.target_bytes:
             self._close_shard()
         return name
 
     def _add(self, name: str, data: bytes) -> None:
         assert self._tar is not None
-        header = ustar_header(name, len(data))
-        self._tar.write(header)
+        self._tar.write(ustar_header(name, len(data)))  # one block, so the data starts at the next one
+        self._members.append(Member(name, self._tar.tell(), len(data)))
         self._tar.write(data)
         self._tar.write(b"\0" * (-len(data) % TAR_BLOCK))
-        self._members.append(Member(name, self._offset + len(header), len(data)))
-        self._offset += len(header) + len(data) + -len(data) % TAR_BLOCK
 
     def _close_shard(self) -> None:
         assert self._tar is not None
-        end = self._offset + 2 * TAR_BLOCK  # the end-of-archive marker, then tarfile's record padding
+        end = self._tar.tell() + 2 * TAR_BLOCK  # the end-of-archive marker, then tarfile's record padding
         self._tar.write(b"\0" * (2 * TAR_BLOCK + -end % TAR_RECORD))
         self._tar.close()
         self._tar = None
