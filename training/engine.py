@@ -16,7 +16,6 @@ def make_optimizer(params, cfg: OptimConfig) -> torch.optim.Optimizer:
     temporary per operation, which halves the AdamW step of a resnet50 on CPU (0.058 -> 0.026 s) and of
     ZeRO's one flat partition (0.20 -> 0.10 s). RMSprop has no fused kernel; it gets the multi-tensor one.
     """
-    params = list(params)
     if cfg.name == "adamw":
         return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
     if cfg.name == "adam":
