@@ -7,7 +7,13 @@ runs one worker owning all the cores (``cpus_per_worker``), as a one-GPU-per-wor
 Step times on a small shared VM drift by 20-30 % over a minute, more than the overhead being measured, so the
 sides are interleaved: the plain loop runs before and after the Ray run (its median over both), and inside the
 Ray worker a plain step and a DeepSpeed step alternate, so drift hits both alike.
-Usage: ``python benchmarks/train_step.py [--batch 8] [--steps 8] [--size 256] [--zero 2] [--cores 2]``.
+On one worker Tessera runs the recipe's ZeRO-1/2 as stage 0 (``training.engine.zero_stage``: nothing to
+partition); ``--force-stage`` times the recipe's stage as DeepSpeed would run it, for comparison. The worker
+keeps freed memory in its heap as Tessera's CPU training worker does (``training.allocator``; both steps in the
+worker get it, the plain loop outside does not: that one is the loop a user would write);
+``--default-malloc`` leaves glibc's defaults.
+Usage: ``python benchmarks/train_step.py [--batch 8] [--steps 8] [--size 256] [--zero 2] [--cores 2]
+[--force-stage] [--default-malloc]``.
 """
 
 from __future__ import annotations
@@ -72,20 +78,22 @@ def _plain_step(recipe, x, y):
     return step
 
 
-def _deepspeed_step(recipe, x, y):
-    """One step of Tessera's engine (DeepSpeed around the recipe's model and optimiser), as a closure."""
+def _deepspeed_step(recipe, x, y, force_stage: bool):
+    """One step of Tessera's engine (DeepSpeed around the recipe's model and optimiser), as a closure, and the
+    ZeRO stage it runs."""
     from training.engine import init_engine
     from training.losses import Loss
     from training.models import build_model
 
-    engine, _ = init_engine(build_model(recipe.model, 2), recipe, cuda=False)
+    stage = recipe.deepspeed.zero_stage if force_stage else None
+    engine, _ = init_engine(build_model(recipe.model, 2), recipe, cuda=False, stage=stage)
     loss_fn = Loss(False)
 
     def step():
         engine.backward(loss_fn(engine(x), y))
         engine.step()
 
-    return step
+    return step, engine.zero_optimization_stage()
 
 
 def plain(args) -> list[float]:
@@ -96,11 +104,15 @@ def plain(args) -> list[float]:
 def _worker(config: dict) -> None:
     import ray.train
 
+    from training.allocator import keep_freed_memory
     from training.config import TrainRecipe
 
     recipe = TrainRecipe.model_validate(config["recipe"])
+    # as Tessera's CPU training worker does (training.loop.Trainer); the plain step in here gets it too
+    kept = keep_freed_memory() if config["keep_freed_memory"] else False
     x, y = _batch(config["batch"], config["size"])
-    plain_step, ds_step = _plain_step(recipe, x, y), _deepspeed_step(recipe, x, y)
+    plain_step = _plain_step(recipe, x, y)
+    ds_step, stage = _deepspeed_step(recipe, x, y, config["force_stage"])
     plain_step(), ds_step()  # warm-up
     times: dict[str, list[float]] = {"plain": [], "deepspeed": []}
     for _ in range(config["steps"]):  # alternate, so that drift on a shared machine hits both sides alike
@@ -108,7 +120,8 @@ def _worker(config: dict) -> None:
             t = time.perf_counter()
             step()
             times[name].append(time.perf_counter() - t)
-    metrics = {f"{k}_s": _median(v) for k, v in times.items()} | {"threads": torch.get_num_threads()}
+    metrics = {f"{k}_s": _median(v) for k, v in times.items()}
+    metrics |= {"threads": torch.get_num_threads(), "stage": stage, "kept": kept}
     with tempfile.TemporaryDirectory() as tmp:  # Ray Train v2 returns the metrics of checkpointed reports
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
@@ -132,6 +145,8 @@ def in_ray(args) -> dict:
                 "batch": args.batch,
                 "size": args.size,
                 "steps": args.steps,
+                "force_stage": args.force_stage,
+                "keep_freed_memory": not args.default_malloc,
             },
             scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": args.cores}),
             torch_config=TorchConfig(backend="gloo"),
@@ -149,6 +164,8 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=256)
     ap.add_argument("--zero", type=int, default=2, choices=[0, 1, 2, 3])
     ap.add_argument("--cores", type=int, default=2)
+    ap.add_argument("--force-stage", action="store_true", help="run the recipe's ZeRO stage even on one worker")
+    ap.add_argument("--default-malloc", action="store_true", help="leave glibc's malloc settings in the worker")
     args = ap.parse_args()
     before = plain(args)
     ray_side = in_ray(args)
@@ -157,8 +174,10 @@ def main() -> None:
     ours, worker_plain = ray_side["deepspeed_s"], ray_side["plain_s"]
     print(f"resnet50, {args.size} px, batch {args.batch}, {args.cores} cores, medians of {args.steps} steps per side")
     print(f"plain PyTorch loop (before and after): {base:7.3f} s/step ({_median(before):.3f}, {_median(after):.3f})")
-    print(f"plain loop inside the Ray Train worker: {worker_plain:7.3f} s/step")
-    print(f"Ray Train + DeepSpeed ZeRO-{args.zero} (alternating): {ours:7.3f} s/step (threads {ray_side['threads']})")
+    malloc = "heap kept, as Tessera's CPU worker" if ray_side["kept"] else "glibc defaults"
+    print(f"plain loop inside the Ray Train worker: {worker_plain:7.3f} s/step (malloc: {malloc})")
+    stage = f"ZeRO-{ray_side['stage']}" + (f" (recipe: ZeRO-{args.zero})" if ray_side["stage"] != args.zero else "")
+    print(f"Ray Train + DeepSpeed {stage}, alternating: {ours:7.3f} s/step (threads {ray_side['threads']})")
     print(f"ratio Tessera / plain: {ours / base:.3f}x (target <= 1.10x); DeepSpeed alone {ours / worker_plain:.3f}x")
 
 

@@ -117,8 +117,12 @@ class EarlyStoppingConfig(Strict):
 
 
 class DeepSpeedConfig(Strict):
+    """``gradient_clipping``: the global gradient-norm limit, 0 for none. The papers do not clip; DeepSpeed
+    would clip at 1.0 unless told, so the recipe says it."""
+
     zero_stage: Literal[0, 1, 2, 3] = 2
     gradient_accumulation: int = Field(1, ge=1)
+    gradient_clipping: float = Field(0.0, ge=0)
     bf16: Literal["auto", True, False] = "auto"
 
 

@@ -24,9 +24,10 @@ import torch.distributed as dist
 
 from shards import manifest as mf
 from training.aggregate import aggregate
+from training.allocator import keep_freed_memory
 from training.config import TrainRecipe
 from training.data import WorkerData
-from training.engine import init_engine
+from training.engine import init_engine, zero_stage
 from training.losses import Loss, balanced_weights, class_counts
 from training.metrics import classification_metrics, multilabel_metrics
 from training.models import build_model
@@ -168,11 +169,14 @@ class Trainer:
         self.rank, self.world = rank, world
         cuda = torch.cuda.is_available() and r.use_gpu is not False
         self.device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+        if not cuda:
+            keep_freed_memory()  # every step re-allocates the same activations: keep them mapped
         self.manifest = mf.load(r.data.dataset)
         self.outputs = outputs_of(r, self.manifest)
         _seed(r, -1, 0)  # the same initial head on every rank
         model = build_model(r.model, len(self.outputs), r.data.frames, r.data.image_size).to(self.device)
-        self.engine, self.scheduler = init_engine(model, r, cuda)
+        stage = zero_stage(r, world, None if weights_only else checkpoint_dir)
+        self.engine, self.scheduler = init_engine(model, r, cuda, stage)
         self.loss = make_loss(r, self.manifest, self.outputs)
         self.data = WorkerData(r, self.manifest, self.rank, self.world, self.device.index if cuda else None)
         self.stopper = EarlyStopping(r.eval.mode, r.early_stopping.patience, r.early_stopping.min_delta)
@@ -279,7 +283,7 @@ class Trainer:
     def _export(self, report, folder: str) -> None:
         """Export the selected weights; every rank takes part (under ZeRO-3 parameters are gathered first)."""
         gather = contextlib.nullcontext()
-        if self.recipe.deepspeed.zero_stage == 3:
+        if self.engine.zero_optimization_stage() == 3:
             import deepspeed
 
             gather = deepspeed.zero.GatheredParameters(list(self.engine.module.parameters()), modifier_rank=None)

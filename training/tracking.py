@@ -119,6 +119,9 @@ class RunLogger:
         batch = [Metric(k, float(v), now, step) for k, v in values.items() if not math.isnan(float(v))]
         self.client.log_batch(self.run_id, metrics=batch)
 
+    def tag(self, key: str, value: str) -> None:
+        self.client.set_tag(self.run_id, key, value)
+
     def artifact(self, path: Path, folder: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), folder)
 

@@ -80,3 +80,73 @@ def test_recipe_trains_two_steps_and_evaluates(name, tmp_path, process_group):
     if recipe.model.freeze == "backbone":
         trainable = {n for n, p in trainer.engine.module.named_parameters() if p.requires_grad}
         assert all(k in trainable or "running" in k or "num_batches" in k for k in changed)
+
+
+def _small_model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3),
+        torch.nn.BatchNorm2d(4),
+        torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
+        torch.nn.Linear(4, 2),
+    )
+
+
+def _plain_steps(model, recipe, batches, accumulation: int) -> None:
+    """The reference: a plain PyTorch loop with the recipe's optimiser, ``accumulation`` micro-batches a step."""
+    from training.engine import make_optimizer
+
+    opt = make_optimizer(model.parameters(), recipe.optim)
+    for i, (x, y) in enumerate(batches):
+        (torch.nn.functional.cross_entropy(model(x), y) / accumulation).backward()
+        if (i + 1) % accumulation == 0:
+            clip = recipe.deepspeed.gradient_clipping
+            if clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+
+@pytest.mark.parametrize("clip", [0.0, 0.05])
+def test_one_rank_runs_zero_2_as_stage_0_with_the_same_arithmetic(clip, tmp_path, process_group):
+    """ZeRO-2 on a single rank partitions nothing; the engine runs stage 0 and gives the weights of a plain
+    PyTorch loop and of a real ZeRO-2 engine over accumulated steps, clipping only as the recipe says (DeepSpeed
+    alone would clip at 1.0). A run continuing a ZeRO-partitioned checkpoint keeps ZeRO."""
+    from training.engine import init_engine, partitioned_checkpoint, zero_stage
+    from training.loop import TAG
+
+    overrides = ["deepspeed.zero_stage=2", "deepspeed.gradient_accumulation=2", f"deepspeed.gradient_clipping={clip}"]
+    recipe = load_recipe("strip_ai_resnet50", overrides)
+    single, _ = init_engine(_small_model(), recipe, cuda=False)
+    zero2, _ = init_engine(_small_model(), recipe, cuda=False, stage=2)
+    plain = _small_model()
+    assert (single.zero_optimization_stage(), zero2.zero_optimization_stage()) == (0, 2)
+    assert single.gradient_clipping() == zero2.gradient_clipping() == clip
+    assert not single.enable_backward_allreduce  # averaging over one rank is skipped, not computed
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(4, 3, 8, 8, generator=g), torch.randint(0, 2, (4,), generator=g)) for _ in range(6)]
+    for x, y in batches:  # three optimiser steps of two micro-batches each
+        for engine in (single, zero2):
+            engine.backward(torch.nn.functional.cross_entropy(engine(x), y))
+            engine.step()
+    _plain_steps(plain, recipe, batches, 2)
+    assert single.global_steps == zero2.global_steps == 3
+    for name, a in single.module.state_dict().items():
+        torch.testing.assert_close(a, zero2.module.state_dict()[name], msg=name)
+        torch.testing.assert_close(a, plain.state_dict()[name], msg=name)
+    initial = _small_model().state_dict()
+    assert not all(torch.equal(a, initial[k]) for k, a in plain.state_dict().items())  # it did train
+    if clip:  # the limit bites: without it the weights differ
+        unclipped = _small_model()
+        _plain_steps(unclipped, load_recipe("strip_ai_resnet50", overrides[:2]), batches, 2)
+        assert not torch.allclose(unclipped[-1].weight, plain[-1].weight)
+
+    single.save_checkpoint(tmp_path / "stage0", tag=TAG)
+    zero2.save_checkpoint(tmp_path / "zero2", tag=TAG)
+    assert not partitioned_checkpoint(tmp_path / "stage0") and partitioned_checkpoint(tmp_path / "zero2")
+    assert zero_stage(recipe, 1, tmp_path / "stage0") == 0
+    assert zero_stage(recipe, 1, tmp_path / "zero2") == 2  # resumes as it was written
+    assert zero_stage(recipe, 2) == 2
+    assert zero_stage(load_recipe("strip_ai_resnet50", ["deepspeed.zero_stage=3", "swa.enabled=false"]), 1) == 3
