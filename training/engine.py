@@ -52,14 +52,17 @@ def zero_stage(recipe: TrainRecipe, world: int, checkpoint_dir: str | Path | Non
     partition: they only add a flat fp32 copy of the weights and copy every gradient twice more per step
     (resnet50, 256 px, batch 8 on 2 CPU cores: 0.10-0.17 s of a 1.1 s step; stage 0's forward, backward and
     step time as plain PyTorch's, +5 ms). So one rank runs stage 0, the same arithmetic (tested against a
-    plain loop and a real ZeRO-2 engine), unless it continues a checkpoint ZeRO partitioned (a run of
-    the same recipe on the same number of workers keeps its stage across restarts). Stage 3 is kept: it
+    plain loop and a real ZeRO-2 engine). A run that continues a checkpoint keeps the stage it was written
+    with, whatever the worker count now: ZeRO's partitioned optimiser state is read only by a ZeRO engine, and a
+    stage-0 checkpoint (one worker) is read by a stage-0 engine on any number of workers. Stage 3 is kept: it
     changes how parameters are held, not only where optimiser state lives.
     """
     stage = recipe.deepspeed.zero_stage
-    if stage in (1, 2) and world == 1 and not partitioned_checkpoint(checkpoint_dir):
-        return 0
-    return stage
+    if stage not in (1, 2):
+        return stage
+    if checkpoint_dir is not None:
+        return stage if partitioned_checkpoint(checkpoint_dir) else 0
+    return 0 if world == 1 else stage
 
 
 def deepspeed_config(recipe: TrainRecipe, cuda: bool, stage: int | None = None) -> dict[str, Any]:

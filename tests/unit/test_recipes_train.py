@@ -148,5 +148,6 @@ def test_one_rank_runs_zero_2_as_stage_0_with_the_same_arithmetic(clip, tmp_path
     assert not partitioned_checkpoint(tmp_path / "stage0") and partitioned_checkpoint(tmp_path / "zero2")
     assert zero_stage(recipe, 1, tmp_path / "stage0") == 0
     assert zero_stage(recipe, 1, tmp_path / "zero2") == 2  # resumes as it was written
+    assert zero_stage(recipe, 2, tmp_path / "stage0") == 0  # a one-worker run continued on two workers
     assert zero_stage(recipe, 2) == 2
     assert zero_stage(load_recipe("strip_ai_resnet50", ["deepspeed.zero_stage=3", "swa.enabled=false"]), 1) == 3
