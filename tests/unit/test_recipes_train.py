@@ -149,5 +149,10 @@ def test_one_rank_runs_zero_2_as_stage_0_with_the_same_arithmetic(clip, tmp_path
     assert zero_stage(recipe, 1, tmp_path / "stage0") == 0
     assert zero_stage(recipe, 1, tmp_path / "zero2") == 2  # resumes as it was written
     assert zero_stage(recipe, 2, tmp_path / "stage0") == 0  # a one-worker run continued on two workers
+    continued, _ = init_engine(_small_model(), recipe, cuda=False, stage=zero_stage(recipe, 2, tmp_path / "stage0"))
+    continued.load_checkpoint(tmp_path / "stage0", tag=TAG)
+    assert continued.global_steps == 3
+    with pytest.raises(FileNotFoundError, match="zero_pp_rank"):  # what the recipe's stage would have done
+        init_engine(_small_model(), recipe, cuda=False, stage=2)[0].load_checkpoint(tmp_path / "stage0", tag=TAG)
     assert zero_stage(recipe, 2) == 2
     assert zero_stage(load_recipe("strip_ai_resnet50", ["deepspeed.zero_stage=3", "swa.enabled=false"]), 1) == 3
