@@ -11,7 +11,7 @@ from ingest.dicom_wsi import group_dicom_slides
 from ingest.images import IMAGE_EXTS, csv_boxes, is_slice_table, patient_key, read_slice_table, slice_number, yolo_boxes
 from ingest.labels import RSNA_SUBTYPES, LabelRow, class_names, is_rsna_csv, read_label_csv, read_rsna_csv
 from ingest.pseudonym import pseudonym
-from ingest.sources import SLIDE_EXTS, expand, stem
+from ingest.sources import SLIDE_EXTS, expand, mirax_companions, stem
 from ingest.splits import assign_splits, parse_fractions
 from ingest.units import Unit
 from shards import storage
@@ -56,11 +56,16 @@ def plan_wsi(cfg: WsiIngestConfig, key: bytes) -> Plan:
     table, classes = _table(_label_text(cfg), cfg.labels)
     plan = Plan(units=[], classes=classes)
     dicom, slides, others = [], [], []
-    for loc in expand(cfg.sources):
+    locations = expand(cfg.sources)
+    companions = {loc: mirax_companions(loc, locations) for loc in locations if loc.lower().endswith(".mrxs")}
+    inside = {c for files in companions.values() for c in files}  # a MIRAX data folder belongs to its slide
+    for loc in locations:
+        if loc in inside:
+            continue
         if loc.lower().endswith(".dcm"):
             dicom.append(loc)
         elif loc.lower().endswith(SLIDE_EXTS):
-            slides.append((stem(loc), [loc]))
+            slides.append((stem(loc), [loc, *companions.get(loc, [])]))
         else:
             others.append(loc)
     dicom_slides, refused = group_dicom_slides(dicom)

@@ -48,12 +48,26 @@ def local_copy(location: str) -> Iterator[str]:
         os.unlink(tmp)
 
 
+def local_names(files: list[str]) -> list[str]:
+    """Where a slide's files go in its local folder: each keeps its path relative to the first file's folder
+    (a MIRAX slide's ``x/`` data folder, a DICOM WSI's level files); a file from elsewhere, or whose name is
+    taken, gets a numbered flat name."""
+    base = files[0].rsplit("/", 1)[0] + "/"
+    names = [os.path.basename(files[0])]
+    for i, loc in enumerate(files[1:]):
+        rel = loc[len(base) :] if loc.startswith(base) else ""
+        ok = rel and ".." not in rel.split("/") and rel not in names
+        names.append(rel if ok else f"{i}_{os.path.basename(loc)}")
+    return names
+
+
 class SourceCache:
     """Local copies of remote slides, least recently used out first; local paths pass through untouched.
 
-    A slide may be several files that OpenSlide expects side by side (a DICOM WSI's series): they are downloaded
-    into one folder of their own. One caller at a time (a Ray actor runs one task at a time); a path stays valid
-    until ``slots`` other remote slides have been asked for since its last use, or :meth:`clear`.
+    A slide may be several files that OpenSlide expects side by side (a DICOM WSI's series, a MIRAX slide's data
+    folder): they are downloaded into one folder of their own, laid out as on the store (:func:`local_names`).
+    One caller at a time (a Ray actor runs one task at a time); a path stays valid until ``slots`` other remote
+    slides have been asked for since its last use, or :meth:`clear`.
     """
 
     def __init__(self, slots: int = 2, remote: Callable[[str], bool] = is_remote) -> None:
@@ -76,8 +90,9 @@ class SourceCache:
             shutil.rmtree(self._folders.popitem(last=False)[1][0], ignore_errors=True)
         folder = tempfile.mkdtemp(prefix="tessera-src-")
         try:
-            names = [os.path.basename(first)] + [f"{i}_{os.path.basename(loc)}" for i, loc in enumerate(files[1:])]
+            names = local_names(files)
             for loc, name in zip(files, names, strict=True):
+                os.makedirs(os.path.dirname(os.path.join(folder, name)), exist_ok=True)
                 storage.get_file(loc, os.path.join(folder, name))
         except BaseException:
             shutil.rmtree(folder, ignore_errors=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import glob
 import os
 from collections.abc import Iterable
@@ -45,3 +46,17 @@ def stem(location: str) -> str:
     """File name without directories and extension (``a/b/006388_0.tif`` -> ``006388_0``)."""
     name = location.rstrip("/").rsplit("/", 1)[-1]
     return name.split(".", 1)[0]
+
+
+def mirax_companions(slide: str, sorted_locations: list[str]) -> list[str]:
+    """The files of a MIRAX slide's data folder among ``sorted_locations`` (``x.mrxs`` keeps its metadata and
+    tiles in ``x/``, which OpenSlide reads beside it); empty for any other slide."""
+    root, ext = os.path.splitext(slide)
+    if ext.lower() != ".mrxs":
+        return []
+    folder = root + "/"
+    start = bisect.bisect_left(sorted_locations, folder)
+    end = start
+    while end < len(sorted_locations) and sorted_locations[end].startswith(folder):
+        end += 1
+    return sorted_locations[start:end]

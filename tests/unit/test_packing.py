@@ -69,3 +69,32 @@ def test_source_cache_puts_a_slides_files_side_by_side(tmp_path):
     cache.path(files[1])  # one slot: the series makes room
     assert not Path(first).parent.exists()
     cache.clear()
+
+
+def test_source_cache_keeps_a_mirax_data_folder_beside_its_slide(tmp_path):
+    """OpenSlide opens ``x.mrxs`` only with ``x/Slidedat.ini`` and the data files in a folder beside it."""
+    from ingest.source_cache import SourceCache, local_names
+
+    store = tmp_path / "store"
+    (store / "clot" / "sub").mkdir(parents=True)
+    files = [store / "clot.mrxs", store / "clot" / "Data0000.dat", store / "clot" / "Slidedat.ini"]
+    files.append(store / "clot" / "sub" / "Index.dat")
+    for f in files:
+        f.write_bytes(f.name.encode())
+    locations = [str(f) for f in files]
+    assert local_names(locations) == ["clot.mrxs", "clot/Data0000.dat", "clot/Slidedat.ini", "clot/sub/Index.dat"]
+    cache = SourceCache(slots=1, remote=lambda loc: True)
+    first = Path(cache.path(locations))
+    assert first.name == "clot.mrxs"
+    for f in files:
+        local = first.parent / f.relative_to(store)
+        assert local.read_bytes() == f.name.encode()
+    cache.clear()
+    assert not first.parent.exists()
+
+
+def test_local_names_never_leave_the_slide_folder():
+    from ingest.source_cache import local_names
+
+    names = local_names(["s3://b/a/x.mrxs", "s3://b/a/x/../../y.dat", "s3://b/other/x.dat", "s3://b/a/x.dat"])
+    assert names == ["x.mrxs", "0_y.dat", "1_x.dat", "x.dat"]
