@@ -50,6 +50,11 @@ def _assign(units: list[Unit], cfg: IngestConfig) -> None:
         u.split = splits[u.patient]
 
 
+def _mirax_folder(slide: str, locations: list[str]) -> list[str]:
+    """A MIRAX slide's data folder: the files listed with it, or (the ``.mrxs`` named alone) the folder's."""
+    return mirax_companions(slide, locations) or sorted(storage.list_urls(os.path.splitext(slide)[0] + "/"))
+
+
 def plan_wsi(cfg: WsiIngestConfig, key: bytes) -> Plan:
     """One unit per slide (a file, or a DICOM WSI series of files); with a label CSV, slides it does not name
     are skipped."""
@@ -57,7 +62,7 @@ def plan_wsi(cfg: WsiIngestConfig, key: bytes) -> Plan:
     plan = Plan(units=[], classes=classes)
     dicom, slides, others = [], [], []
     locations = expand(cfg.sources)
-    companions = {loc: mirax_companions(loc, locations) for loc in locations if loc.lower().endswith(".mrxs")}
+    companions = {loc: _mirax_folder(loc, locations) for loc in locations if loc.lower().endswith(".mrxs")}
     inside = {c for files in companions.values() for c in files}  # a MIRAX data folder belongs to its slide
     for loc in locations:
         if loc in inside:

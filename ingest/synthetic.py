@@ -149,6 +149,70 @@ def write_dicom_wsi(folder: Path, level0: np.ndarray, patient: SyntheticPatient,
     ds.save_as(folder / f"{ds.SOPInstanceUID}.dcm", enforce_file_format=True)
 
 
+def write_mirax(path: Path, level0: np.ndarray, patient: SyntheticPatient, mpp: float = 0.5, levels: int = 3):
+    """A 3DHISTECH MIRAX slide as OpenSlide reads it: ``path`` (``x.mrxs``) and the folder ``x/`` beside it with
+    ``Slidedat.ini`` (which names the patient, as scanners' slide names often do), ``Index.dat`` and one data file
+    of JPEG camera images, 256 px each, on a grid without overlaps or a position map; level ``i`` concatenates
+    2^i x 2^i level-0 images into one."""
+    import struct
+
+    import imagecodecs
+
+    tile = 256
+    folder = path.with_suffix("")
+    folder.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"")  # OpenSlide goes by the name and the folder beside it
+    nx, ny = -(-level0.shape[1] // tile), -(-level0.shape[0] // tile)
+    canvas = np.full((ny * tile, nx * tile, 3), 255, np.uint8)
+    canvas[: level0.shape[0], : level0.shape[1]] = level0
+    data, pages = bytearray(), []
+    for i in range(levels):
+        image, step, records = canvas[:: 2**i, :: 2**i], 2**i, []
+        for gy in range(-(-ny // step)):
+            for gx in range(-(-nx // step)):
+                block = np.full((tile, tile, 3), 255, np.uint8)
+                part = image[gy * tile : (gy + 1) * tile, gx * tile : (gx + 1) * tile]
+                block[: part.shape[0], : part.shape[1]] = part
+                jpeg = imagecodecs.jpeg8_encode(block, level=90)
+                records.append((gy * step * nx + gx * step, len(data), len(jpeg), 0))
+                data += jpeg
+        pages.append(records)
+    slide_id = uuid.uuid4().hex
+    head = b"01.02" + slide_id.encode()
+    # hier root -> one pointer per level -> (0, first page) -> page: count, next (0: last), records
+    table = len(head) + 8
+    lists = table + 4 * levels
+    page_at = lists + 8 * levels
+    index = bytearray(head + struct.pack("<ii", table, table))  # no non-hierarchical records
+    index += b"".join(struct.pack("<i", lists + 8 * i) for i in range(levels))
+    offsets = []
+    for records in pages:
+        offsets.append(page_at)
+        page_at += 8 + 16 * len(records)
+    index += b"".join(struct.pack("<ii", 0, at) for at in offsets)
+    for records in pages:
+        index += struct.pack("<ii", len(records), 0) + b"".join(struct.pack("<iiii", *r) for r in records)
+    (folder / "Index.dat").write_bytes(bytes(index))
+    (folder / "Data0000.dat").write_bytes(bytes(data))
+    hier = [f"HIER_0_VAL_{i}=ZoomLevel_{i}\nHIER_0_VAL_{i}_SECTION=LAYER_0_LEVEL_{i}_SECTION" for i in range(levels)]
+    sections = [
+        f"[LAYER_0_LEVEL_{i}_SECTION]\nOVERLAP_X=0\nOVERLAP_Y=0\nMICROMETER_PER_PIXEL_X={mpp * 2**i}\n"
+        f"MICROMETER_PER_PIXEL_Y={mpp * 2**i}\nIMAGE_FORMAT=JPEG\nIMAGE_FILL_COLOR_BGR=16777215\n"
+        f"DIGITIZER_WIDTH={tile}\nDIGITIZER_HEIGHT={tile}\nIMAGE_CONCAT_FACTOR={int(i > 0)}"
+        for i in range(levels)
+    ]
+    (folder / "Slidedat.ini").write_text(
+        f"[GENERAL]\nSLIDE_VERSION=01.02\nSLIDE_ID={slide_id}\nSLIDE_NAME={patient.name} {patient.patient_id}\n"
+        f"SLIDE_CREATIONDATETIME={patient.birth_date}\nIMAGENUMBER_X={nx}\nIMAGENUMBER_Y={ny}\n"
+        "OBJECTIVE_MAGNIFICATION=20\nCameraImageDivisionsPerSide=1\n"
+        f"[HIERARCHICAL]\nHIER_COUNT=1\nHIER_0_NAME=Slide zoom level\nHIER_0_COUNT={levels}\n"
+        + "\n".join(hier)
+        + "\nNONHIER_COUNT=0\nINDEXFILE=Index.dat\n[DATAFILE]\nFILE_COUNT=1\nFILE_0=Data0000.dat\n"
+        + "\n".join(sections)
+        + "\n"
+    )
+
+
 def ct_volume(slices: int, size: int, bleed: bool, rng: np.random.Generator) -> np.ndarray:
     """Stored values ``int16[slices, size, size]`` (HU + 1024): skull ring, brain, optional hyperdense bleed."""
     yy, xx = np.mgrid[0:size, 0:size] - size / 2

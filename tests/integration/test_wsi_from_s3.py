@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from ingest.runner import run_ingest
-from ingest.synthetic import SyntheticPatient, make_slides, slide_array, write_dicom_wsi
+from ingest.synthetic import SyntheticPatient, make_slides, slide_array, write_dicom_wsi, write_mirax
 from shards import storage
 from shards.writer import read_tar_samples
 from tests.integration.commands import wsi_config
@@ -53,3 +53,20 @@ def test_dicom_wsi_from_s3_is_one_slide_read_with_all_its_files(stack, tmp_path)
     assert [r.status for r in remote.inputs] == ["ingested"]
     assert remote.inputs[0].samples == local.inputs[0].samples > 5
     assert _samples(remote, "s3://shards/dwsi-remote", tmp_path) == _samples(local, "s3://shards/dwsi-local", tmp_path)
+
+
+def test_mirax_from_s3_is_one_slide_downloaded_with_its_data_folder(stack, tmp_path):
+    patient = SyntheticPatient("DOE^JANE", "MRN5151", "19800202")
+    write_mirax(tmp_path / "mrx" / "clot_9.mrxs", slide_array(700, "LAA", np.random.default_rng(8)), patient)
+    for p in (tmp_path / "mrx").rglob("*"):
+        if p.is_file():
+            storage.put_file(p, f"s3://shards/src-mrx/{p.relative_to(tmp_path / 'mrx').as_posix()}")
+    options = {"tile_size": 128, "split": "train=1.0", "workers": 2, "region_tiles": 4}
+    local, _ = run_ingest("wsi", wsi_config(tmp_path / "mrx", "s3://shards/mrx-local", **options))
+    remote, _ = run_ingest("wsi", wsi_config("s3://shards/src-mrx/", "s3://shards/mrx-remote", **options))
+    # the .mrxs and the three files of its folder: one slide, every tile once, nothing skipped
+    assert [(r.status, r.samples > 5) for r in remote.inputs] == [("ingested", True)]
+    assert remote.inputs[0].samples == local.inputs[0].samples
+    assert _samples(remote, "s3://shards/mrx-remote", tmp_path) == _samples(local, "s3://shards/mrx-local", tmp_path)
+    alone, _ = run_ingest("wsi", wsi_config("s3://shards/src-mrx/clot_9.mrxs", "s3://shards/mrx-alone", **options))
+    assert _samples(alone, "s3://shards/mrx-alone", tmp_path) == _samples(local, "s3://shards/mrx-local", tmp_path)

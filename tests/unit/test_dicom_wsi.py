@@ -91,19 +91,3 @@ def test_tiles_equal_openslide_at_the_recorded_place_and_carry_nothing_identifyi
         blob = b"".join(v if isinstance(v, bytes) else str(v).encode() for v in sample.values())
         assert not any(p.encode() in blob for p in private)
     reader.close()
-
-
-def test_a_mirax_data_folder_belongs_to_its_slide(tmp_path):
-    """The files of ``x/`` beside ``x.mrxs`` are part of that slide, not inputs skipped one by one."""
-    (tmp_path / "clot").mkdir()
-    for name in ["clot.mrxs", "clot/Slidedat.ini", "clot/Index.dat", "clot/Data0000.dat", "notes.txt"]:
-        (tmp_path / name).write_bytes(b"x")
-    plan = plan_wsi(WsiIngestConfig(sources=[str(tmp_path)], out=str(tmp_path / "out")), b"k")
-    [unit] = plan.units
-    assert [os.path.relpath(f, tmp_path) for f in unit.sources] == [
-        "clot.mrxs",
-        "clot/Data0000.dat",
-        "clot/Index.dat",
-        "clot/Slidedat.ini",
-    ]
-    assert [(r.status, r.reason) for r in plan.skipped] == [("skipped", "not a slide file (extension .txt)")]

@@ -1,0 +1,83 @@
+"""MIRAX (3DHISTECH): a slide is ``x.mrxs`` plus the data folder ``x/``; planned, cut and downloaded as one slide,
+read through OpenSlide like any other, and private like any other."""
+
+import json
+import os
+
+import numpy as np
+import openslide
+import pytest
+
+from ingest.config import WsiIngestConfig
+from ingest.plan import plan_wsi
+from ingest.slides import OpenSlideReader
+from ingest.source_cache import SourceCache
+from ingest.synthetic import SyntheticPatient, slide_array, write_mirax
+from ingest.units import plan_slide, wsi_samples
+from shards.schema import decode_image
+
+PATIENT = SyntheticPatient("ROE^RICHARD", "MRN777", "19550505")
+
+
+@pytest.fixture(scope="module")
+def mirax(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mirax")
+    level0 = slide_array(700, "CE", np.random.default_rng(6))
+    write_mirax(root / "clot_m.mrxs", level0, PATIENT)
+    (root / "notes.txt").write_text("not a slide")
+    return root, level0
+
+
+def test_openslide_reads_the_synthetic_mirax(mirax):
+    root, level0 = mirax
+    reader = OpenSlideReader(str(root / "clot_m.mrxs"))
+    # 700 px in 256 px camera images: three across, the last padded with white
+    assert reader.level_dimensions == [(768, 768), (384, 384), (192, 192)] and reader.mpp == pytest.approx(0.5)
+    assert np.abs(reader.read_region(100, 200, 0, 256, 256).astype(int) - level0[200:456, 100:356]).mean() < 5
+    half = reader.read_region(0, 0, 1, 300, 300).astype(int)
+    assert np.abs(half - level0[::2, ::2][:300, :300]).mean() < 5
+    reader.close()
+
+
+def test_the_data_folder_is_part_of_its_slide_not_skipped_inputs(mirax):
+    root, _ = mirax
+    plan = plan_wsi(WsiIngestConfig(sources=[str(root)], out=str(root / "out")), b"k")
+    [unit] = plan.units
+    names = [os.path.relpath(f, root) for f in unit.sources]
+    assert names == ["clot_m.mrxs", "clot_m/Data0000.dat", "clot_m/Index.dat", "clot_m/Slidedat.ini"]
+    assert [r.reason for r in plan.skipped] == ["not a slide file (extension .txt)"]
+    # the .mrxs named alone brings its folder
+    [alone] = plan_wsi(WsiIngestConfig(sources=[str(root / "clot_m.mrxs")], out=str(root / "out")), b"k").units
+    assert alone.sources == unit.sources
+
+
+def test_tiles_equal_openslide_at_the_recorded_place_and_carry_nothing_identifying(mirax, tmp_path):
+    root, _ = mirax
+    [unit] = plan_wsi(WsiIngestConfig(sources=[str(root)], out=str(tmp_path)), b"k").units
+    reader = OpenSlideReader(unit.sources[0])
+    with openslide.OpenSlide(unit.sources[0]) as slide:  # the scanner's slide name is there, to be kept out
+        assert "ROE^RICHARD MRN777" in slide.properties["mirax.GENERAL.SLIDE_NAME"]
+    cfg = WsiIngestConfig(sources=[str(root)], out=str(tmp_path), tile_size=128, format="png")
+    works, _ = plan_slide(unit, cfg)
+    samples = [s for w in works for s in wsi_samples(w, cfg)]
+    assert len(samples) > 5
+    private = [PATIENT.name, PATIENT.patient_id, PATIENT.birth_date, "clot_m"]
+    for sample in samples:
+        meta = json.loads(sample["json"])
+        assert np.array_equal(decode_image(sample["png"]), reader.read_region(meta["x"], meta["y"], 0, 128, 128))
+        blob = b"".join(v if isinstance(v, bytes) else str(v).encode() for v in sample.values())
+        assert not any(p.encode() in blob for p in private)
+    reader.close()
+
+
+def test_a_downloaded_copy_keeps_the_layout_openslide_needs(mirax):
+    """What a worker does with a MIRAX slide on s3:// (here any location counts as remote)."""
+    root, _ = mirax
+    [unit] = plan_wsi(WsiIngestConfig(sources=[str(root)], out=str(root / "out")), b"k").units
+    cache = SourceCache(slots=1, remote=lambda loc: True)
+    copy = cache.path(unit.sources)
+    assert copy != unit.sources[0] and os.path.isfile(os.path.join(copy[: -len(".mrxs")], "Slidedat.ini"))
+    original, local = OpenSlideReader(unit.sources[0]), OpenSlideReader(copy)
+    assert np.array_equal(original.read_region(300, 300, 0, 200, 200), local.read_region(300, 300, 0, 200, 200))
+    original.close(), local.close()
+    cache.clear()
