@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 
 from ingest.runner import run_ingest
-from ingest.synthetic import SyntheticPatient, make_slides, slide_array, write_dicom_wsi, write_mirax
+from ingest.synthetic import SyntheticPatient, make_slides, slide_array, write_dicom_wsi
+from ingest.synthetic_vendor import write_mirax
 from shards import storage
 from shards.writer import read_tar_samples
 from tests.integration.commands import wsi_config

@@ -1,5 +1,6 @@
-"""MIRAX (3DHISTECH): a slide is ``x.mrxs`` plus the data folder ``x/``; planned, cut and downloaded as one slide,
-read through OpenSlide like any other, and private like any other."""
+"""Vendor formats read through OpenSlide's own backends, with synthetic files OpenSlide reads: MIRAX (3DHISTECH; a
+slide is ``x.mrxs`` plus the data folder ``x/``, planned, cut and downloaded as one slide) and NDPI (Hamamatsu;
+levels are single JPEGs with restart markers, plus a macro photo). Both are cut like any slide and stay private."""
 
 import json
 import os
@@ -12,7 +13,8 @@ from ingest.config import WsiIngestConfig
 from ingest.plan import plan_wsi
 from ingest.slides import OpenSlideReader
 from ingest.source_cache import SourceCache
-from ingest.synthetic import SyntheticPatient, slide_array, write_mirax
+from ingest.synthetic import SyntheticPatient, slide_array
+from ingest.synthetic_vendor import write_mirax, write_ndpi
 from ingest.units import plan_slide, wsi_samples
 from shards.schema import decode_image
 
@@ -81,3 +83,41 @@ def test_a_downloaded_copy_keeps_the_layout_openslide_needs(mirax):
     assert np.array_equal(original.read_region(300, 300, 0, 200, 200), local.read_region(300, 300, 0, 200, 200))
     original.close(), local.close()
     cache.clear()
+
+
+@pytest.fixture(scope="module")
+def ndpi(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ndpi")
+    level0 = slide_array(700, "LAA", np.random.default_rng(7))
+    write_ndpi(root / "clot_n.ndpi", level0, PATIENT)
+    return root / "clot_n.ndpi", level0
+
+
+def test_openslide_reads_the_synthetic_ndpi_and_its_macro_is_not_a_level(ndpi):
+    path, level0 = ndpi
+    assert openslide.OpenSlide.detect_format(str(path)) == "hamamatsu"
+    reader = OpenSlideReader(str(path))
+    # padded to whole JPEG blocks at every level; OpenSlide adds levels by JPEG scaling
+    assert reader.level_dimensions[:3] == [(704, 704), (352, 352), (176, 176)] and reader.mpp == pytest.approx(0.5)
+    assert np.abs(reader.read_region(100, 200, 0, 256, 256).astype(int) - level0[200:456, 100:356]).mean() < 5
+    reader.close()
+    with openslide.OpenSlide(str(path)) as slide:
+        assert list(slide.associated_images) == ["macro"]
+        assert slide.properties["hamamatsu.Reference"] == PATIENT.patient_id  # there to be kept out
+
+
+def test_ndpi_tiles_equal_openslide_at_the_recorded_place_and_carry_nothing_identifying(ndpi, tmp_path):
+    path, _ = ndpi
+    [unit] = plan_wsi(WsiIngestConfig(sources=[str(path)], out=str(tmp_path)), b"k").units
+    cfg = WsiIngestConfig(sources=[str(path)], out=str(tmp_path), tile_size=128, format="png")
+    works, _ = plan_slide(unit, cfg)
+    samples = [s for w in works for s in wsi_samples(w, cfg)]
+    assert len(samples) > 5
+    reader = OpenSlideReader(str(path))
+    private = [PATIENT.name, PATIENT.patient_id, PATIENT.birth_date, "clot_n"]
+    for sample in samples:
+        meta = json.loads(sample["json"])
+        assert np.array_equal(decode_image(sample["png"]), reader.read_region(meta["x"], meta["y"], 0, 128, 128))
+        blob = b"".join(v if isinstance(v, bytes) else str(v).encode() for v in sample.values())
+        assert not any(p.encode() in blob for p in private)
+    reader.close()

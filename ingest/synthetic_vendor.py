@@ -1,0 +1,121 @@
+"""Synthetic slides in vendor formats that OpenSlide reads through its own backends (not as generic TIFF): 3DHISTECH
+MIRAX and Hamamatsu NDPI. Each carries the patient's identity where scanners put it (slide name, description,
+reference), so that privacy checks have something real to look for.
+"""
+
+from __future__ import annotations
+
+import math
+import uuid
+from pathlib import Path
+
+import numpy as np
+
+from ingest.synthetic import SyntheticPatient
+
+
+def write_mirax(path: Path, level0: np.ndarray, patient: SyntheticPatient, mpp: float = 0.5, levels: int = 3):
+    """A 3DHISTECH MIRAX slide as OpenSlide reads it: ``path`` (``x.mrxs``) and the folder ``x/`` beside it with
+    ``Slidedat.ini`` (which names the patient, as scanners' slide names often do), ``Index.dat`` and one data file
+    of JPEG camera images, 256 px each, on a grid without overlaps or a position map; level ``i`` concatenates
+    2^i x 2^i level-0 images into one."""
+    import struct
+
+    import imagecodecs
+
+    tile = 256
+    folder = path.with_suffix("")
+    folder.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"")  # OpenSlide goes by the name and the folder beside it
+    nx, ny = -(-level0.shape[1] // tile), -(-level0.shape[0] // tile)
+    canvas = np.full((ny * tile, nx * tile, 3), 255, np.uint8)
+    canvas[: level0.shape[0], : level0.shape[1]] = level0
+    data, pages = bytearray(), []
+    for i in range(levels):
+        image, step, records = canvas[:: 2**i, :: 2**i], 2**i, []
+        for gy in range(-(-ny // step)):
+            for gx in range(-(-nx // step)):
+                block = np.full((tile, tile, 3), 255, np.uint8)
+                part = image[gy * tile : (gy + 1) * tile, gx * tile : (gx + 1) * tile]
+                block[: part.shape[0], : part.shape[1]] = part
+                jpeg = imagecodecs.jpeg8_encode(block, level=90)
+                records.append((gy * step * nx + gx * step, len(data), len(jpeg), 0))
+                data += jpeg
+        pages.append(records)
+    slide_id = uuid.uuid4().hex
+    head = b"01.02" + slide_id.encode()
+    # hier root -> one pointer per level -> (0, first page) -> page: count, next (0: last), records
+    table = len(head) + 8
+    lists = table + 4 * levels
+    page_at = lists + 8 * levels
+    index = bytearray(head + struct.pack("<ii", table, table))  # no non-hierarchical records
+    index += b"".join(struct.pack("<i", lists + 8 * i) for i in range(levels))
+    offsets = []
+    for records in pages:
+        offsets.append(page_at)
+        page_at += 8 + 16 * len(records)
+    index += b"".join(struct.pack("<ii", 0, at) for at in offsets)
+    for records in pages:
+        index += struct.pack("<ii", len(records), 0) + b"".join(struct.pack("<iiii", *r) for r in records)
+    (folder / "Index.dat").write_bytes(bytes(index))
+    (folder / "Data0000.dat").write_bytes(bytes(data))
+    hier = [f"HIER_0_VAL_{i}=ZoomLevel_{i}\nHIER_0_VAL_{i}_SECTION=LAYER_0_LEVEL_{i}_SECTION" for i in range(levels)]
+    sections = [
+        f"[LAYER_0_LEVEL_{i}_SECTION]\nOVERLAP_X=0\nOVERLAP_Y=0\nMICROMETER_PER_PIXEL_X={mpp * 2**i}\n"
+        f"MICROMETER_PER_PIXEL_Y={mpp * 2**i}\nIMAGE_FORMAT=JPEG\nIMAGE_FILL_COLOR_BGR=16777215\n"
+        f"DIGITIZER_WIDTH={tile}\nDIGITIZER_HEIGHT={tile}\nIMAGE_CONCAT_FACTOR={int(i > 0)}"
+        for i in range(levels)
+    ]
+    (folder / "Slidedat.ini").write_text(
+        f"[GENERAL]\nSLIDE_VERSION=01.02\nSLIDE_ID={slide_id}\nSLIDE_NAME={patient.name} {patient.patient_id}\n"
+        f"SLIDE_CREATIONDATETIME={patient.birth_date}\nIMAGENUMBER_X={nx}\nIMAGENUMBER_Y={ny}\n"
+        "OBJECTIVE_MAGNIFICATION=20\nCameraImageDivisionsPerSide=1\n"
+        f"[HIERARCHICAL]\nHIER_COUNT=1\nHIER_0_NAME=Slide zoom level\nHIER_0_COUNT={levels}\n"
+        + "\n".join(hier)
+        + "\nNONHIER_COUNT=0\nINDEXFILE=Index.dat\n[DATAFILE]\nFILE_COUNT=1\nFILE_0=Data0000.dat\n"
+        + "\n".join(sections)
+        + "\n"
+    )
+
+
+def write_ndpi(path: Path, level0: np.ndarray, patient: SyntheticPatient, mpp: float = 0.5, levels: int = 3):
+    """A Hamamatsu NDPI as OpenSlide reads it: a TIFF whose levels are each one JPEG with restart markers (one
+    strip, tagged with the source lens), plus a macro photo of the glass; the description and the reference tag
+    name the patient, as a scanner's slide label can."""
+    import io
+
+    import tifffile
+    from PIL import Image
+
+    def jpeg(image: np.ndarray) -> bytes:  # restart markers (at most every 16 MCUs) are OpenSlide's tiles
+        out = io.BytesIO()
+        every = math.gcd(image.shape[1] // 8, 16)  # evenly spaced within a row of 8 px MCUs
+        Image.fromarray(image).save(out, "JPEG", quality=90, subsampling=0, restart_marker_blocks=every)
+        return out.getvalue()
+
+    def ndpi_tags(lens: float) -> list[tuple]:  # format flag, source lens, x/y/z offsets (signed), reference
+        offsets = [(tag, 9, 1, 0, True) for tag in (65422, 65423, 65424)]
+        return [(65420, 4, 1, 1, True), (65421, 11, 1, lens, True), *offsets, (65427, 2, 0, patient.patient_id, True)]
+
+    step = 8 * 2 ** (levels - 1)  # every level a whole number of MCUs: pad with white
+    h, w = -(-level0.shape[0] // step) * step, -(-level0.shape[1] // step) * step
+    level0 = np.pad(level0, ((0, h - level0.shape[0]), (0, w - level0.shape[1]), (0, 0)), constant_values=255)
+    macro = np.full((128, 384, 3), 240, np.uint8)
+    with tifffile.TiffWriter(path) as tw:
+        for i, (image, lens) in enumerate(
+            [(level0[:: 2**i, :: 2**i], 20.0 / 2**i) for i in range(levels)] + [(macro, -1.0)]
+        ):
+            res = 1e4 / (mpp * 2**i) if lens > 0 else 100.0  # pixels per centimetre
+            tw.write(
+                iter([jpeg(np.ascontiguousarray(image))]),
+                shape=image.shape,
+                dtype=np.uint8,
+                compression="jpeg",
+                photometric="rgb",
+                rowsperstrip=image.shape[0],
+                resolution=(res, res),
+                resolutionunit="CENTIMETER",
+                description=f"{patient.name} {patient.birth_date}" if i == 0 else None,
+                extratags=ndpi_tags(lens),
+                metadata=None,
+            )
