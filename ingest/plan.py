@@ -56,8 +56,8 @@ def _mirax_folder(slide: str, locations: list[str]) -> list[str]:
 
 
 def plan_wsi(cfg: WsiIngestConfig, key: bytes) -> Plan:
-    """One unit per slide (a file, or a DICOM WSI series of files); with a label CSV, slides it does not name
-    are skipped."""
+    """One unit per slide (a file, a MIRAX ``.mrxs`` with its data folder, or a DICOM WSI series of files); with a
+    label CSV, slides it does not name are skipped."""
     table, classes = _table(_label_text(cfg), cfg.labels)
     plan = Plan(units=[], classes=classes)
     dicom, slides, others = [], [], []
