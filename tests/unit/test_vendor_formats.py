@@ -21,6 +21,22 @@ from shards.schema import decode_image
 PATIENT = SyntheticPatient("ROE^RICHARD", "MRN777", "19550505")
 
 
+def _check_tiles(unit, reader: OpenSlideReader, out, stem: str) -> None:
+    """Cut ``unit`` into 128 px PNG tiles: each equals OpenSlide's pixels at its recorded place, and no sample
+    holds the patient's identity or the file's name."""
+    cfg = WsiIngestConfig(sources=unit.sources[:1], out=str(out), tile_size=128, format="png")
+    works, _ = plan_slide(unit, cfg)
+    samples = [s for w in works for s in wsi_samples(w, cfg)]
+    assert len(samples) > 5
+    private = [PATIENT.name, PATIENT.patient_id, PATIENT.birth_date, stem]
+    for sample in samples:
+        meta = json.loads(sample["json"])
+        assert np.array_equal(decode_image(sample["png"]), reader.read_region(meta["x"], meta["y"], 0, 128, 128))
+        blob = b"".join(v if isinstance(v, bytes) else str(v).encode() for v in sample.values())
+        assert not any(p.encode() in blob for p in private)
+    reader.close()
+
+
 @pytest.fixture(scope="module")
 def mirax(tmp_path_factory):
     root = tmp_path_factory.mktemp("mirax")
@@ -59,17 +75,7 @@ def test_tiles_equal_openslide_at_the_recorded_place_and_carry_nothing_identifyi
     reader = OpenSlideReader(unit.sources[0])
     with openslide.OpenSlide(unit.sources[0]) as slide:  # the scanner's slide name is there, to be kept out
         assert "ROE^RICHARD MRN777" in slide.properties["mirax.GENERAL.SLIDE_NAME"]
-    cfg = WsiIngestConfig(sources=[str(root)], out=str(tmp_path), tile_size=128, format="png")
-    works, _ = plan_slide(unit, cfg)
-    samples = [s for w in works for s in wsi_samples(w, cfg)]
-    assert len(samples) > 5
-    private = [PATIENT.name, PATIENT.patient_id, PATIENT.birth_date, "clot_m"]
-    for sample in samples:
-        meta = json.loads(sample["json"])
-        assert np.array_equal(decode_image(sample["png"]), reader.read_region(meta["x"], meta["y"], 0, 128, 128))
-        blob = b"".join(v if isinstance(v, bytes) else str(v).encode() for v in sample.values())
-        assert not any(p.encode() in blob for p in private)
-    reader.close()
+    _check_tiles(unit, reader, tmp_path, "clot_m")
 
 
 def test_a_downloaded_copy_keeps_the_layout_openslide_needs(mirax):
@@ -109,15 +115,4 @@ def test_openslide_reads_the_synthetic_ndpi_and_its_macro_is_not_a_level(ndpi):
 def test_ndpi_tiles_equal_openslide_at_the_recorded_place_and_carry_nothing_identifying(ndpi, tmp_path):
     path, _ = ndpi
     [unit] = plan_wsi(WsiIngestConfig(sources=[str(path)], out=str(tmp_path)), b"k").units
-    cfg = WsiIngestConfig(sources=[str(path)], out=str(tmp_path), tile_size=128, format="png")
-    works, _ = plan_slide(unit, cfg)
-    samples = [s for w in works for s in wsi_samples(w, cfg)]
-    assert len(samples) > 5
-    reader = OpenSlideReader(str(path))
-    private = [PATIENT.name, PATIENT.patient_id, PATIENT.birth_date, "clot_n"]
-    for sample in samples:
-        meta = json.loads(sample["json"])
-        assert np.array_equal(decode_image(sample["png"]), reader.read_region(meta["x"], meta["y"], 0, 128, 128))
-        blob = b"".join(v if isinstance(v, bytes) else str(v).encode() for v in sample.values())
-        assert not any(p.encode() in blob for p in private)
-    reader.close()
+    _check_tiles(unit, OpenSlideReader(str(path)), tmp_path, "clot_n")
