@@ -11,7 +11,7 @@ from ingest.dicom_wsi import group_dicom_slides
 from ingest.images import IMAGE_EXTS, csv_boxes, is_slice_table, patient_key, read_slice_table, slice_number, yolo_boxes
 from ingest.labels import RSNA_SUBTYPES, LabelRow, class_names, is_rsna_csv, read_label_csv, read_rsna_csv
 from ingest.pseudonym import pseudonym
-from ingest.sources import SLIDE_EXTS, expand, mirax_companions, stem
+from ingest.sources import SLIDE_EXTS, expand, mirax_companions, stem, vms_companions
 from ingest.splits import assign_splits, parse_fractions
 from ingest.units import Unit
 from shards import storage
@@ -50,20 +50,32 @@ def _assign(units: list[Unit], cfg: IngestConfig) -> None:
         u.split = splits[u.patient]
 
 
-def _mirax_folder(slide: str, locations: list[str]) -> list[str]:
-    """A MIRAX slide's data folder: the files listed with it, or (the ``.mrxs`` named alone) the folder's."""
-    return mirax_companions(slide, locations) or sorted(storage.list_urls(os.path.splitext(slide)[0] + "/"))
+def _companions(slide: str, locations: list[str]) -> list[str]:
+    """The files a multi-file slide needs beside it: a MIRAX slide's data folder (the files listed with it, or,
+    the ``.mrxs`` named alone, the folder's), or the JPEGs a Hamamatsu VMS/VMU key file names. An unreadable key
+    file has none: opening the slide then fails with OpenSlide's reason."""
+    ext = os.path.splitext(slide)[1].lower()
+    if ext == ".mrxs":
+        return mirax_companions(slide, locations) or sorted(storage.list_urls(os.path.splitext(slide)[0] + "/"))
+    if ext in (".vms", ".vmu"):
+        try:
+            text = storage.get_bytes(slide, 1 << 20).decode("utf-8", "replace")
+        except storage.StorageError:  # recorded when the slide fails to open
+            return []
+        return vms_companions(slide, text)
+    return []
 
 
 def plan_wsi(cfg: WsiIngestConfig, key: bytes) -> Plan:
-    """One unit per slide (a file, a MIRAX ``.mrxs`` with its data folder, or a DICOM WSI series of files); with a
-    label CSV, slides it does not name are skipped."""
+    """One unit per slide (a file; a MIRAX ``.mrxs`` with its data folder, a Hamamatsu ``.vms`` with its JPEGs; or
+    a DICOM WSI series of files); with a label CSV, slides it does not name are skipped."""
     table, classes = _table(_label_text(cfg), cfg.labels)
     plan = Plan(units=[], classes=classes)
     dicom, slides, others = [], [], []
     locations = expand(cfg.sources)
-    companions = {loc: _mirax_folder(loc, locations) for loc in locations if loc.lower().endswith(".mrxs")}
-    inside = {c for files in companions.values() for c in files}  # a MIRAX data folder belongs to its slide
+    multi = (".mrxs", ".vms", ".vmu")
+    companions = {loc: _companions(loc, locations) for loc in locations if loc.lower().endswith(multi)}
+    inside = {c for files in companions.values() for c in files}  # a slide's other files belong to it
     for loc in locations:
         if loc in inside:
             continue

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import bisect
+import configparser
 import glob
 import os
 from collections.abc import Iterable
@@ -60,3 +61,24 @@ def mirax_companions(slide: str, sorted_locations: list[str]) -> list[str]:
     while end < len(sorted_locations) and sorted_locations[end].startswith(folder):
         end += 1
     return sorted_locations[start:end]
+
+
+VMS_GROUPS = ("Virtual Microscope Specimen", "Uncompressed Virtual Microscope Specimen")
+VMS_FILE_KEYS = ("ImageFile", "MapFile", "OptimisationFile", "MacroImage")
+
+
+def vms_companions(slide: str, text: str) -> list[str]:
+    """The files a Hamamatsu VMS/VMU key file (``text``, read from ``slide``) names beside it: its image JPEGs
+    (``ImageFile``, ``ImageFile(x,y)``), map, optimisation file and macro; empty when it is not one."""
+    parser = configparser.ConfigParser(interpolation=None, strict=False)
+    parser.optionxform = str  # keys are case-sensitive (ImageFile(0,1))
+    try:
+        parser.read_string(text)
+    except configparser.Error:
+        return []
+    group = next((g for g in VMS_GROUPS if parser.has_section(g)), None)
+    if group is None:
+        return []
+    folder = slide.rsplit("/", 1)[0]
+    names = {v.strip() for k, v in parser.items(group) if k.startswith(VMS_FILE_KEYS) and v.strip()}
+    return sorted(f"{folder}/{n}" for n in names if "/" not in n and "\\" not in n and n not in ("", ".", ".."))

@@ -1,5 +1,5 @@
 """Synthetic slides in vendor formats that OpenSlide reads through its own backends (not as generic TIFF): 3DHISTECH
-MIRAX and Hamamatsu NDPI. Each carries the patient's identity where scanners put it (slide name, description,
+MIRAX and Hamamatsu NDPI and VMS. Each carries the patient's identity where scanners put it (slide name, description,
 reference), so that privacy checks have something real to look for.
 """
 
@@ -119,3 +119,23 @@ def write_ndpi(path: Path, level0: np.ndarray, patient: SyntheticPatient, mpp: f
                 extratags=ndpi_tags(lens),
                 metadata=None,
             )
+
+
+def write_vms(path: Path, level0: np.ndarray, patient: SyntheticPatient, mpp: float = 0.5) -> None:
+    """A Hamamatsu VMS as OpenSlide reads it: the key file ``path`` (``x.vms``, whose reference names the patient)
+    and beside it the image as one JPEG with restart markers, a map (1/8 size) and a macro photo."""
+    from PIL import Image
+
+    h, w = (-(-n // 64) * 64 for n in level0.shape[:2])  # whole restart intervals at full and map size
+    image = np.pad(level0, ((0, h - level0.shape[0]), (0, w - level0.shape[1]), (0, 0)), constant_values=255)
+    stem = path.stem
+    for name, pixels in [(f"{stem}.jpg", image), (f"{stem}_map.jpg", np.ascontiguousarray(image[::8, ::8]))]:
+        every = math.gcd(pixels.shape[1] // 8, 16)
+        Image.fromarray(pixels).save(path.parent / name, "JPEG", quality=90, subsampling=0, restart_marker_blocks=every)
+    Image.fromarray(np.full((128, 384, 3), 240, np.uint8)).save(path.parent / f"{stem}_macro.jpg", "JPEG")
+    path.write_text(
+        "[Virtual Microscope Specimen]\nNoLayers=1\nNoJpegColumns=1\nNoJpegRows=1\n"
+        f"ImageFile={stem}.jpg\nMapFile={stem}_map.jpg\nMacroImage={stem}_macro.jpg\n"
+        f"PhysicalWidth={round(w * mpp * 1000)}\nPhysicalHeight={round(h * mpp * 1000)}\n"
+        f"Reference={patient.patient_id} {patient.name}\n"
+    )

@@ -1,6 +1,7 @@
 """Vendor formats read through OpenSlide's own backends, with synthetic files OpenSlide reads: MIRAX (3DHISTECH; a
 slide is ``x.mrxs`` plus the data folder ``x/``, planned, cut and downloaded as one slide) and NDPI (Hamamatsu;
-levels are single JPEGs with restart markers, plus a macro photo). Both are cut like any slide and stay private."""
+levels are single JPEGs with restart markers, plus a macro photo) and VMS (Hamamatsu; a key file naming JPEGs beside
+it, planned and downloaded with them). All are cut like any slide and stay private."""
 
 import json
 import os
@@ -14,7 +15,7 @@ from ingest.plan import plan_wsi
 from ingest.slides import OpenSlideReader
 from ingest.source_cache import SourceCache
 from ingest.synthetic import SyntheticPatient, slide_array
-from ingest.synthetic_vendor import write_mirax, write_ndpi
+from ingest.synthetic_vendor import write_mirax, write_ndpi, write_vms
 from ingest.units import plan_slide, wsi_samples
 from shards.schema import decode_image
 
@@ -116,3 +117,50 @@ def test_ndpi_tiles_equal_openslide_at_the_recorded_place_and_carry_nothing_iden
     path, _ = ndpi
     [unit] = plan_wsi(WsiIngestConfig(sources=[str(path)], out=str(tmp_path)), b"k").units
     _check_tiles(unit, OpenSlideReader(str(path)), tmp_path, "clot_n")
+
+
+@pytest.fixture(scope="module")
+def vms(tmp_path_factory):
+    root = tmp_path_factory.mktemp("vms")
+    level0 = slide_array(700, "CE", np.random.default_rng(9))
+    write_vms(root / "clot_v.vms", level0, PATIENT)
+    (root / "other.jpg").write_bytes(b"a photo that belongs to no slide")
+    return root, level0
+
+
+def test_openslide_reads_the_synthetic_vms(vms):
+    root, level0 = vms
+    reader = OpenSlideReader(str(root / "clot_v.vms"))
+    assert reader.level_dimensions[0] == (704, 704) and reader.mpp == pytest.approx(0.5)
+    assert np.abs(reader.read_region(100, 200, 0, 256, 256).astype(int) - level0[200:456, 100:356]).mean() < 5
+    reader.close()
+
+
+def test_a_vms_key_file_brings_the_jpegs_it_names(vms):
+    root, _ = vms
+    plan = plan_wsi(WsiIngestConfig(sources=[str(root)], out=str(root / "out")), b"k")
+    [unit] = plan.units
+    names = [os.path.relpath(f, root) for f in unit.sources]
+    assert names == ["clot_v.vms", "clot_v.jpg", "clot_v_macro.jpg", "clot_v_map.jpg"]
+    assert [r.reason for r in plan.skipped] == ["not a slide file (extension .jpg)"]  # other.jpg only
+    cache = SourceCache(slots=1, remote=lambda loc: True)
+    copy, original = OpenSlideReader(cache.path(unit.sources)), OpenSlideReader(unit.sources[0])
+    assert np.array_equal(original.read_region(300, 300, 0, 200, 200), copy.read_region(300, 300, 0, 200, 200))
+    original.close(), copy.close()
+    cache.clear()
+
+
+def test_vms_tiles_equal_openslide_at_the_recorded_place_and_carry_nothing_identifying(vms, tmp_path):
+    root, _ = vms
+    [unit] = plan_wsi(WsiIngestConfig(sources=[str(root)], out=str(tmp_path)), b"k").units
+    _check_tiles(unit, OpenSlideReader(unit.sources[0]), tmp_path, "clot_v")
+
+
+def test_vms_companions_read_only_the_file_keys_of_a_key_file():
+    from ingest.sources import vms_companions
+
+    text = "[Virtual Microscope Specimen]\nImageFile(0,1)=b.jpg\nImageFile=a.jpg\nMapFile=m.jpg\nNoLayers=1\n"
+    assert vms_companions("s3://x/s/slide.vms", text) == ["s3://x/s/a.jpg", "s3://x/s/b.jpg", "s3://x/s/m.jpg"]
+    assert vms_companions("s3://x/s/slide.vms", "[Other]\nImageFile=a.jpg\n") == []
+    assert vms_companions("s3://x/s/slide.vms", "not an ini file") == []
+    assert vms_companions("/s/slide.vms", "[Virtual Microscope Specimen]\nImageFile=../../etc/passwd\n") == []
