@@ -51,12 +51,11 @@ def _assign(units: list[Unit], cfg: IngestConfig) -> None:
 
 
 def _companions(slide: str, locations: list[str]) -> list[str]:
-    """The files a multi-file slide needs beside it: a MIRAX slide's data folder (the files listed with it, or,
-    the ``.mrxs`` named alone, the folder's), or the JPEGs a Hamamatsu VMS/VMU key file names. An unreadable key
-    file has none: opening the slide then fails with OpenSlide's reason."""
+    """The files a multi-file slide needs beside it: a MIRAX slide's data folder, or the JPEGs a Hamamatsu VMS/VMU
+    key file names. An unreadable key file has none: opening the slide then fails with OpenSlide's reason."""
     ext = os.path.splitext(slide)[1].lower()
     if ext == ".mrxs":
-        return mirax_companions(slide, locations) or sorted(storage.list_urls(os.path.splitext(slide)[0] + "/"))
+        return mirax_companions(slide, locations)
     if ext in (".vms", ".vmu"):
         try:
             text = storage.get_bytes(slide, 1 << 20).decode("utf-8", "replace")

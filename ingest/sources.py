@@ -50,17 +50,14 @@ def stem(location: str) -> str:
 
 
 def mirax_companions(slide: str, sorted_locations: list[str]) -> list[str]:
-    """The files of a MIRAX slide's data folder among ``sorted_locations`` (``x.mrxs`` keeps its metadata and
-    tiles in ``x/``, which OpenSlide reads beside it); empty for any other slide."""
-    root, ext = os.path.splitext(slide)
-    if ext.lower() != ".mrxs":
-        return []
-    folder = root + "/"
+    """The files of MIRAX slide ``x.mrxs``'s data folder ``x/`` (its metadata and tiles, which OpenSlide reads
+    beside it): those among ``sorted_locations``, or, the ``.mrxs`` named alone, the folder's listing."""
+    folder = os.path.splitext(slide)[0] + "/"
     start = bisect.bisect_left(sorted_locations, folder)
     end = start
     while end < len(sorted_locations) and sorted_locations[end].startswith(folder):
         end += 1
-    return sorted_locations[start:end]
+    return sorted_locations[start:end] or sorted(storage.list_urls(folder))
 
 
 VMS_GROUPS = ("Virtual Microscope Specimen", "Uncompressed Virtual Microscope Specimen")

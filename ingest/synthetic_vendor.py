@@ -14,6 +14,27 @@ import numpy as np
 from ingest.synthetic import SyntheticPatient
 
 
+def _pad_white(image: np.ndarray, multiple: int) -> np.ndarray:
+    """``image`` padded with white at the bottom and right to whole multiples of ``multiple`` px."""
+    h, w = (-(-n // multiple) * multiple for n in image.shape[:2])
+    return np.pad(image, ((0, h - image.shape[0]), (0, w - image.shape[1]), (0, 0)), constant_values=255)
+
+
+def _restart_jpeg(image: np.ndarray) -> bytes:
+    """JPEG (quality 90, no chroma subsampling) with restart markers evenly spaced in each row of 8 px MCUs, at most
+    every 16 MCUs: the tiles OpenSlide's Hamamatsu reader cuts a JPEG into."""
+    import io
+
+    from PIL import Image
+
+    out = io.BytesIO()
+    every = math.gcd(image.shape[1] // 8, 16)
+    Image.fromarray(np.ascontiguousarray(image)).save(
+        out, "JPEG", quality=90, subsampling=0, restart_marker_blocks=every
+    )
+    return out.getvalue()
+
+
 def write_mirax(path: Path, level0: np.ndarray, patient: SyntheticPatient, mpp: float = 0.5, levels: int = 3):
     """A 3DHISTECH MIRAX slide as OpenSlide reads it: ``path`` (``x.mrxs``) and the folder ``x/`` beside it with
     ``Slidedat.ini`` (which names the patient, as scanners' slide names often do), ``Index.dat`` and one data file
@@ -27,17 +48,14 @@ def write_mirax(path: Path, level0: np.ndarray, patient: SyntheticPatient, mpp: 
     folder = path.with_suffix("")
     folder.mkdir(parents=True, exist_ok=True)
     path.write_bytes(b"")  # OpenSlide goes by the name and the folder beside it
-    nx, ny = -(-level0.shape[1] // tile), -(-level0.shape[0] // tile)
-    canvas = np.full((ny * tile, nx * tile, 3), 255, np.uint8)
-    canvas[: level0.shape[0], : level0.shape[1]] = level0
+    canvas = _pad_white(level0, tile)
+    ny, nx = canvas.shape[0] // tile, canvas.shape[1] // tile
     data, pages = bytearray(), []
     for i in range(levels):
         image, step, records = canvas[:: 2**i, :: 2**i], 2**i, []
         for gy in range(-(-ny // step)):
             for gx in range(-(-nx // step)):
-                block = np.full((tile, tile, 3), 255, np.uint8)
-                part = image[gy * tile : (gy + 1) * tile, gx * tile : (gx + 1) * tile]
-                block[: part.shape[0], : part.shape[1]] = part
+                block = _pad_white(image[gy * tile : (gy + 1) * tile, gx * tile : (gx + 1) * tile], tile)
                 jpeg = imagecodecs.jpeg8_encode(block, level=90)
                 records.append((gy * step * nx + gx * step, len(data), len(jpeg), 0))
                 data += jpeg
@@ -82,24 +100,13 @@ def write_ndpi(path: Path, level0: np.ndarray, patient: SyntheticPatient, mpp: f
     """A Hamamatsu NDPI as OpenSlide reads it: a TIFF whose levels are each one JPEG with restart markers (one
     strip, tagged with the source lens), plus a macro photo of the glass; the description and the reference tag
     name the patient, as a scanner's slide label can."""
-    import io
-
     import tifffile
-    from PIL import Image
-
-    def jpeg(image: np.ndarray) -> bytes:  # restart markers (at most every 16 MCUs) are OpenSlide's tiles
-        out = io.BytesIO()
-        every = math.gcd(image.shape[1] // 8, 16)  # evenly spaced within a row of 8 px MCUs
-        Image.fromarray(image).save(out, "JPEG", quality=90, subsampling=0, restart_marker_blocks=every)
-        return out.getvalue()
 
     def ndpi_tags(lens: float) -> list[tuple]:  # format flag, source lens, x/y/z offsets (signed), reference
         offsets = [(tag, 9, 1, 0, True) for tag in (65422, 65423, 65424)]
         return [(65420, 4, 1, 1, True), (65421, 11, 1, lens, True), *offsets, (65427, 2, 0, patient.patient_id, True)]
 
-    step = 8 * 2 ** (levels - 1)  # every level a whole number of MCUs: pad with white
-    h, w = -(-level0.shape[0] // step) * step, -(-level0.shape[1] // step) * step
-    level0 = np.pad(level0, ((0, h - level0.shape[0]), (0, w - level0.shape[1]), (0, 0)), constant_values=255)
+    level0 = _pad_white(level0, 8 * 2 ** (levels - 1))  # every level a whole number of 8 px MCUs
     macro = np.full((128, 384, 3), 240, np.uint8)
     with tifffile.TiffWriter(path) as tw:
         for i, (image, lens) in enumerate(
@@ -107,7 +114,7 @@ def write_ndpi(path: Path, level0: np.ndarray, patient: SyntheticPatient, mpp: f
         ):
             res = 1e4 / (mpp * 2**i) if lens > 0 else 100.0  # pixels per centimetre
             tw.write(
-                iter([jpeg(np.ascontiguousarray(image))]),
+                iter([_restart_jpeg(image)]),
                 shape=image.shape,
                 dtype=np.uint8,
                 compression="jpeg",
@@ -126,12 +133,11 @@ def write_vms(path: Path, level0: np.ndarray, patient: SyntheticPatient, mpp: fl
     and beside it the image as one JPEG with restart markers, a map (1/8 size) and a macro photo."""
     from PIL import Image
 
-    h, w = (-(-n // 64) * 64 for n in level0.shape[:2])  # whole restart intervals at full and map size
-    image = np.pad(level0, ((0, h - level0.shape[0]), (0, w - level0.shape[1]), (0, 0)), constant_values=255)
+    image = _pad_white(level0, 64)  # whole 8 px MCUs at full and map (1/8) size
+    h, w = image.shape[:2]
     stem = path.stem
-    for name, pixels in [(f"{stem}.jpg", image), (f"{stem}_map.jpg", np.ascontiguousarray(image[::8, ::8]))]:
-        every = math.gcd(pixels.shape[1] // 8, 16)
-        Image.fromarray(pixels).save(path.parent / name, "JPEG", quality=90, subsampling=0, restart_marker_blocks=every)
+    for name, pixels in [(f"{stem}.jpg", image), (f"{stem}_map.jpg", image[::8, ::8])]:
+        (path.parent / name).write_bytes(_restart_jpeg(pixels))
     Image.fromarray(np.full((128, 384, 3), 240, np.uint8)).save(path.parent / f"{stem}_macro.jpg", "JPEG")
     path.write_text(
         "[Virtual Microscope Specimen]\nNoLayers=1\nNoJpegColumns=1\nNoJpegRows=1\n"

@@ -65,15 +65,15 @@ def zero_stage(recipe: TrainRecipe, world: int, checkpoint_dir: str | Path | Non
     return 0 if world == 1 else stage
 
 
-def deepspeed_config(recipe: TrainRecipe, cuda: bool, stage: int | None = None) -> dict[str, Any]:
-    """DeepSpeed config: ZeRO ``stage`` (the recipe's by default) and accumulation; bf16 on GPU (``auto``),
-    fp32 on CPU."""
+def deepspeed_config(recipe: TrainRecipe, cuda: bool, stage: int) -> dict[str, Any]:
+    """DeepSpeed config: ZeRO ``stage`` (:func:`zero_stage`), the recipe's accumulation and clipping; bf16 on GPU
+    (``auto``), fp32 on CPU."""
     bf16 = recipe.deepspeed.bf16 if recipe.deepspeed.bf16 != "auto" else cuda
     return {
         "train_micro_batch_size_per_gpu": recipe.batch_size,
         "gradient_accumulation_steps": recipe.deepspeed.gradient_accumulation,
         "gradient_clipping": recipe.deepspeed.gradient_clipping,
-        "zero_optimization": {"stage": recipe.deepspeed.zero_stage if stage is None else stage},
+        "zero_optimization": {"stage": stage},
         "bf16": {"enabled": bool(bf16 and cuda)},
         # The optimiser is PyTorch's (any of AdamW/Adam/SGD/RMSprop), not a DeepSpeed fused one.
         "zero_allow_untested_optimizer": True,
