@@ -38,6 +38,18 @@ def _check_tiles(unit, reader: OpenSlideReader, out, stem: str) -> None:
     reader.close()
 
 
+def _check_download(unit, laid_out) -> None:
+    """What a worker does with a multi-file slide on s3:// (here any location counts as remote): the copy is laid
+    out as ``laid_out(copy path)`` expects and OpenSlide reads the same pixels from it."""
+    cache = SourceCache(slots=1, remote=lambda loc: True)
+    copy = cache.path(unit.sources)
+    assert copy != unit.sources[0] and laid_out(copy)
+    original, local = OpenSlideReader(unit.sources[0]), OpenSlideReader(copy)
+    assert np.array_equal(original.read_region(300, 300, 0, 200, 200), local.read_region(300, 300, 0, 200, 200))
+    original.close(), local.close()
+    cache.clear()
+
+
 @pytest.fixture(scope="module")
 def mirax(tmp_path_factory):
     root = tmp_path_factory.mktemp("mirax")
@@ -80,16 +92,9 @@ def test_tiles_equal_openslide_at_the_recorded_place_and_carry_nothing_identifyi
 
 
 def test_a_downloaded_copy_keeps_the_layout_openslide_needs(mirax):
-    """What a worker does with a MIRAX slide on s3:// (here any location counts as remote)."""
     root, _ = mirax
     [unit] = plan_wsi(WsiIngestConfig(sources=[str(root)], out=str(root / "out")), b"k").units
-    cache = SourceCache(slots=1, remote=lambda loc: True)
-    copy = cache.path(unit.sources)
-    assert copy != unit.sources[0] and os.path.isfile(os.path.join(copy[: -len(".mrxs")], "Slidedat.ini"))
-    original, local = OpenSlideReader(unit.sources[0]), OpenSlideReader(copy)
-    assert np.array_equal(original.read_region(300, 300, 0, 200, 200), local.read_region(300, 300, 0, 200, 200))
-    original.close(), local.close()
-    cache.clear()
+    _check_download(unit, lambda copy: os.path.isfile(os.path.join(copy[: -len(".mrxs")], "Slidedat.ini")))
 
 
 @pytest.fixture(scope="module")
@@ -143,11 +148,7 @@ def test_a_vms_key_file_brings_the_jpegs_it_names(vms):
     names = [os.path.relpath(f, root) for f in unit.sources]
     assert names == ["clot_v.vms", "clot_v.jpg", "clot_v_macro.jpg", "clot_v_map.jpg"]
     assert [r.reason for r in plan.skipped] == ["not a slide file (extension .jpg)"]  # other.jpg only
-    cache = SourceCache(slots=1, remote=lambda loc: True)
-    copy, original = OpenSlideReader(cache.path(unit.sources)), OpenSlideReader(unit.sources[0])
-    assert np.array_equal(original.read_region(300, 300, 0, 200, 200), copy.read_region(300, 300, 0, 200, 200))
-    original.close(), copy.close()
-    cache.clear()
+    _check_download(unit, lambda copy: os.path.isfile(copy[: -len(".vms")] + "_map.jpg"))
 
 
 def test_vms_tiles_equal_openslide_at_the_recorded_place_and_carry_nothing_identifying(vms, tmp_path):
