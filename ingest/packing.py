@@ -115,10 +115,18 @@ def pack_parts(
 
 
 def prune(out: str, manifest: Manifest) -> None:
-    """Delete shards (and indexes) under ``out`` that the new manifest does not list: leftovers of earlier runs."""
+    """Delete shards (and indexes) under ``out`` that the new manifest does not list, and the spool folders of
+    shards a crashed run was writing: leftovers of earlier runs."""
     keep = {storage.join(out, split, s.name) for split, info in manifest.splits.items() for s in info.shards}
     keep |= {u.removesuffix(".tar") + ".idx" for u in keep}
     base = out.rstrip("/") + "/"
+    spools = set()
     for url in list(storage.list_urls(base)):
-        if url.startswith(base) and SHARD_FILE.fullmatch(url[len(base) :]) and url not in keep:
+        rel = url[len(base) :] if url.startswith(base) else ""
+        if SHARD_FILE.fullmatch(rel) and url not in keep:
             storage.delete(url)
+        elif storage.SPOOL in rel:
+            head, _, tail = url.partition(storage.SPOOL)
+            spools.add(head + storage.SPOOL + tail.split("/")[0])
+    for folder in spools:
+        storage.delete_tree(folder)

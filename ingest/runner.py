@@ -125,11 +125,12 @@ class _Tracker:
         for w in works:
             for u in w.batch or [w.unit]:
                 self.left[u.id] = self.left.get(u.id, 0) + 1
+        todo = [w for w in works if w.id not in self.done]
         for w in works:
             if w.id in self.done:
                 self.finished(self.done[w.id])
-            else:
-                self.sched.submit("process", w, front=front)
+        for w in reversed(todo) if front else todo:  # each goes to the front: reversed, they keep their order
+            self.sched.submit("process", w, front=front)
 
 
 def _run(units: list[Unit], done: dict[str, WorkRecord], sched: _Scheduler, cfg: IngestConfig):

@@ -7,13 +7,17 @@ DALI's own S3 reader, MLflow and boto3 all see the same object store.
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
 import shutil
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
+
+SPOOL = ".tessera-spool-"  # prefix of the folders files are built in before they are published
 
 
 class StorageError(RuntimeError):
@@ -106,6 +110,35 @@ def put_file(local: str | Path, url: str) -> None:
             os.replace(tmp, loc.path)
     except Exception as exc:
         raise _wrap(url, exc) from exc
+
+
+def spool_dir(prefix: str) -> Path:
+    """A new folder to build files in before :func:`move_file` publishes them under ``prefix``.
+
+    For a local prefix it lies inside the prefix, on the same file system, so publishing is a rename instead of a
+    second copy of every byte (staged parts, then packed shards, are the whole dataset twice); for S3 it is in the
+    system's temporary folder.
+    """
+    loc = parse(prefix)
+    if loc.scheme == "s3":
+        return Path(tempfile.mkdtemp(prefix="tessera-"))
+    loc.path.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=SPOOL, dir=loc.path))
+
+
+def move_file(local: str | Path, url: str) -> None:
+    """Publish the finished file ``local`` at ``url`` and remove it: a rename (atomic) on the same file system,
+    otherwise an upload or copy as :func:`put_file`."""
+    loc = parse(url)
+    if loc.scheme == "file":
+        try:
+            os.replace(local, loc.path)
+            return
+        except OSError as exc:
+            if exc.errno != errno.EXDEV:
+                raise _wrap(url, exc) from exc
+    put_file(local, url)
+    os.unlink(local)
 
 
 def put_bytes(url: str, data: bytes) -> None:

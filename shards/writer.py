@@ -1,16 +1,15 @@
 """Size-targeted WebDataset tar writer that emits a DALI index and publishes each shard only when complete.
 
-Each shard is spooled to a local temporary file; on close its sha256 and size are computed, the tar and
-``.idx`` are uploaded (an S3 PUT is atomic; local files are renamed into place), and a :class:`ShardInfo`
-is returned for the manifest.
+Each shard is spooled to a temporary file (beside its destination when that is local, see
+:func:`shards.storage.spool_dir`); on close its sha256 and size are computed, the tar and ``.idx`` are published
+(an S3 PUT is atomic; local files are renamed into place), and a :class:`ShardInfo` is returned for the manifest.
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
+import shutil
 import tarfile
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -70,7 +69,7 @@ class ShardWriter:
         self.target_bytes = target_bytes
         self.index = start_index
         self.shards: list[ShardInfo] = []
-        self._spool = Path(tempfile.mkdtemp(prefix="tessera-shard-"))
+        self._spool = storage.spool_dir(prefix)
         self._tar: BinaryIO | None = None
         self._members: list[Member] = []
         self._keys: set[str] = set()
@@ -129,9 +128,7 @@ class ShardWriter:
         if self._tar is not None:
             self._tar.close()
             self._tar = None
-        for p in self._spool.glob("*"):
-            p.unlink()
-        self._spool.rmdir()
+        shutil.rmtree(self._spool, ignore_errors=True)
 
     def __enter__(self) -> ShardWriter:
         return self
@@ -145,7 +142,7 @@ class ShardWriter:
 
 
 def _publish(tar_path: Path, members: list[Member], samples: int, prefix: str, sha256: str) -> ShardInfo:
-    """Upload a finished local ``shard-N.tar.tmp`` under ``prefix`` with its ``.idx`` (index first), then delete both.
+    """Publish a finished ``shard-N.tar.tmp`` under ``prefix`` with its ``.idx`` (index first), moving both there.
 
     An S3 PUT is atomic and local files are renamed into place, so a shard is never seen half written.
     """
@@ -153,10 +150,8 @@ def _publish(tar_path: Path, members: list[Member], samples: int, prefix: str, s
     idx_path = tar_path.with_name(name.replace(".tar", ".idx"))
     idx_path.write_text(index_text(members))
     info = ShardInfo(name=name, size=tar_path.stat().st_size, sha256=sha256, samples=samples)
-    storage.put_file(idx_path, storage.join(prefix, idx_path.name))
-    storage.put_file(tar_path, storage.join(prefix, name))
-    os.unlink(tar_path)
-    os.unlink(idx_path)
+    storage.move_file(idx_path, storage.join(prefix, idx_path.name))
+    storage.move_file(tar_path, storage.join(prefix, name))
     return info
 
 
@@ -170,8 +165,9 @@ def concat_shards(parts: Iterable[tuple[Path, list[list[Member]]]], prefix: str,
     members: list[Member] = []
     h = hashlib.sha256()
     keys: set[str] = set()
-    with tempfile.TemporaryDirectory(prefix="tessera-shard-") as spool:
-        tar_path = Path(spool) / (shard_name(index) + ".tmp")
+    spool = storage.spool_dir(prefix)
+    try:
+        tar_path = spool / (shard_name(index) + ".tmp")
         with open(tar_path, "wb") as out:
             at = 0
             for path, samples in parts:
@@ -197,6 +193,8 @@ def concat_shards(parts: Iterable[tuple[Path, list[list[Member]]]], prefix: str,
             out.write(trailer)
             h.update(trailer)
         return _publish(tar_path, members, len(keys), prefix, h.hexdigest())
+    finally:
+        shutil.rmtree(spool, ignore_errors=True)
 
 
 def read_tar_samples(path: str | Path) -> list[dict[str, bytes | str]]:

@@ -21,6 +21,29 @@ def test_only_split_shards_count_as_prunable():
     assert not SHARD_FILE.fullmatch("previews/shard-000000.png")
 
 
+def test_prune_keeps_listed_shards_and_removes_stale_ones_and_crashed_spools(tmp_path):
+    from ingest.packing import prune
+    from shards import manifest as mf
+    from shards.manifest import ShardInfo
+
+    for rel in (
+        "train/shard-000000.tar",
+        "train/shard-000000.idx",
+        "train/shard-000001.tar",  # an earlier run's: the new manifest lists one shard
+        "train/.tessera-spool-x1/shard-000001.tar.tmp",  # a crashed run's shard in progress
+        "previews/a.png",
+    ):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"x")
+    info = ShardInfo(name="shard-000000.tar", size=1, sha256="0" * 64, samples=1)
+    manifest = mf.Manifest(
+        dataset=str(tmp_path), kind="wsi", splits={"train": mf.SplitInfo(num_samples=1, shards=[info])}
+    )
+    prune(str(tmp_path), manifest)
+    left = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*"))
+    assert left == ["previews", "previews/a.png", "train", "train/shard-000000.idx", "train/shard-000000.tar"]
+
+
 def test_source_cache_downloads_each_slide_once_and_keeps_the_last_few(tmp_path, monkeypatch):
     from ingest.source_cache import SourceCache
     from shards import storage

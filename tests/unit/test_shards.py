@@ -112,7 +112,7 @@ def test_an_error_while_writing_publishes_nothing(tmp_path):
     with pytest.raises(RuntimeError, match="source broke"), ShardWriter(str(tmp_path / "out")) as w:
         w.write(next(_samples(1)))
         raise RuntimeError("source broke")
-    assert not (tmp_path / "out").exists()  # the incomplete shard was discarded, not published
+    assert not [p for p in (tmp_path / "out").rglob("*")]  # the incomplete shard was discarded, not published
     assert not w._spool.exists()
 
 
@@ -139,6 +139,45 @@ def test_concatenated_parts_equal_one_shard_written_sample_by_sample(tmp_path):
     assert (tmp_path / "joined" / "shard-000007.idx").read_text().strip() == ref.read_text().strip()
     with pytest.raises(ValueError, match="duplicate sample key"):
         concat_shards([parts[0], parts[0]], str(tmp_path / "dup"), 0)
+
+
+def test_local_shards_are_published_by_rename_and_leave_no_spool(tmp_path, monkeypatch):
+    """Built beside its destination, a shard is renamed into place: no second copy of its bytes."""
+    import shutil
+
+    def no_copy(*args, **kwargs):
+        raise AssertionError("a local shard was copied, not renamed")
+
+    monkeypatch.setattr(shutil, "copyfile", no_copy)
+    with ShardWriter(str(tmp_path / "part"), target_bytes=20_000) as w:
+        for s in _samples(12):
+            w.write(s)
+    part = tmp_path / "part" / "shard-000000.tar"
+    info = concat_shards([(part, parse_index(part.with_suffix(".idx").read_text()))], str(tmp_path / "out"), 0)
+    assert len(w.shards) > 1 and info.samples == w.shards[0].samples
+    for folder in ("part", "out"):  # only published shards remain: the spool folders are gone
+        assert all(p.suffix in (".tar", ".idx") for p in (tmp_path / folder).iterdir())
+
+
+def test_a_shard_crossing_file_systems_is_copied(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    from shards import storage
+
+    src = tmp_path / "built"
+    src.write_bytes(b"tar bytes")
+    real, calls = os.replace, []
+
+    def cross_device_once(a, b):  # the rename from the spool to the destination crosses file systems
+        calls.append(b)
+        if len(calls) == 1:
+            raise OSError(errno.EXDEV, "cross-device")
+        return real(a, b)  # put_file's own rename of its copy, within the destination's folder
+
+    monkeypatch.setattr(os, "replace", cross_device_once)
+    storage.move_file(src, str(tmp_path / "dest"))
+    assert (tmp_path / "dest").read_bytes() == b"tar bytes" and not src.exists()
 
 
 def test_unfiltered_png_decodes_exactly_with_pil_opencv_and_dali():
