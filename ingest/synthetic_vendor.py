@@ -1,6 +1,6 @@
 """Synthetic slides in vendor formats that OpenSlide reads through its own backends (not as generic TIFF): 3DHISTECH
-MIRAX and Hamamatsu NDPI and VMS. Each carries the patient's identity where scanners put it (slide name, description,
-reference), so that privacy checks have something real to look for.
+MIRAX and Hamamatsu NDPI, VMS and VMU. Each carries the patient's identity where scanners put it (slide name,
+description, reference), so that privacy checks have something real to look for.
 """
 
 from __future__ import annotations
@@ -142,6 +142,36 @@ def write_vms(path: Path, level0: np.ndarray, patient: SyntheticPatient, mpp: fl
     path.write_text(
         "[Virtual Microscope Specimen]\nNoLayers=1\nNoJpegColumns=1\nNoJpegRows=1\n"
         f"ImageFile={stem}.jpg\nMapFile={stem}_map.jpg\nMacroImage={stem}_macro.jpg\n"
+        f"PhysicalWidth={round(w * mpp * 1000)}\nPhysicalHeight={round(h * mpp * 1000)}\n"
+        f"Reference={patient.patient_id} {patient.name}\n"
+    )
+
+
+def _ngr(image: np.ndarray, column_width: int) -> bytes:
+    """Hamamatsu's uncompressed NGR image: a 32-byte header ("GN", width, height, column width, data offset) then
+    the pixels as 12-bit RGB in little-endian 16-bit words, column by column (each ``column_width`` px wide)."""
+    import struct
+
+    h, w = image.shape[:2]
+    header = b"GN\0\0" + struct.pack("<3i", w, h, column_width) + b"\0" * 8 + struct.pack("<i", 32) + b"\0" * 4
+    words = (image[:, :, :3].astype("<u2") << 4).reshape(h, w // column_width, column_width, 3)
+    return header + np.ascontiguousarray(words.transpose(1, 0, 2, 3)).tobytes()
+
+
+def write_vmu(path: Path, level0: np.ndarray, patient: SyntheticPatient, mpp: float = 0.5) -> None:
+    """A Hamamatsu VMU (the uncompressed sibling of VMS) as OpenSlide reads it: the key file ``path`` (``x.vmu``,
+    whose reference names the patient) and beside it the image and a 1/4 size map as NGR files, and a macro JPEG."""
+    from PIL import Image
+
+    image = _pad_white(level0, 64)  # the map (1/4) is still whole 16 px columns
+    h, w = image.shape[:2]
+    stem = path.stem
+    for name, pixels in [(f"{stem}.ngr", image), (f"{stem}_map.ngr", image[::4, ::4])]:
+        (path.parent / name).write_bytes(_ngr(pixels, 16))
+    Image.fromarray(np.full((128, 384, 3), 240, np.uint8)).save(path.parent / f"{stem}_macro.jpg", "JPEG")
+    path.write_text(
+        "[Uncompressed Virtual Microscope Specimen]\nNoLayers=1\nBitsPerPixel=36\nPixelOrder=RGB\n"
+        f"ImageFile={stem}.ngr\nMapFile={stem}_map.ngr\nMacroImage={stem}_macro.jpg\n"
         f"PhysicalWidth={round(w * mpp * 1000)}\nPhysicalHeight={round(h * mpp * 1000)}\n"
         f"Reference={patient.patient_id} {patient.name}\n"
     )

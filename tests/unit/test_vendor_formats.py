@@ -1,7 +1,8 @@
 """Vendor formats read through OpenSlide's own backends, with synthetic files OpenSlide reads: MIRAX (3DHISTECH; a
 slide is ``x.mrxs`` plus the data folder ``x/``, planned, cut and downloaded as one slide) and NDPI (Hamamatsu;
-levels are single JPEGs with restart markers, plus a macro photo) and VMS (Hamamatsu; a key file naming JPEGs beside
-it, planned and downloaded with them). All are cut like any slide and stay private."""
+levels are single JPEGs with restart markers, plus a macro photo) and VMS and VMU (Hamamatsu; a key file naming JPEGs,
+or uncompressed NGR images, beside it, planned and downloaded with them). All are cut like any slide and stay
+private."""
 
 import json
 import os
@@ -15,7 +16,7 @@ from ingest.plan import plan_wsi
 from ingest.slides import OpenSlideReader
 from ingest.source_cache import SourceCache
 from ingest.synthetic import SyntheticPatient, slide_array
-from ingest.synthetic_vendor import write_mirax, write_ndpi, write_vms
+from ingest.synthetic_vendor import write_mirax, write_ndpi, write_vms, write_vmu
 from ingest.units import plan_slide, wsi_samples
 from shards.schema import decode_image
 
@@ -124,37 +125,45 @@ def test_ndpi_tiles_equal_openslide_at_the_recorded_place_and_carry_nothing_iden
     _check_tiles(unit, OpenSlideReader(str(path)), tmp_path, "clot_n")
 
 
-@pytest.fixture(scope="module")
-def vms(tmp_path_factory):
-    root = tmp_path_factory.mktemp("vms")
+# Hamamatsu key-file formats: the key file's extension, its writer, the files it names, and the largest mean
+# difference from the level-0 array (JPEG for VMS; VMU is uncompressed, so exact).
+HAMAMATSU = {
+    "vms": (write_vms, ["clot_h.vms", "clot_h.jpg", "clot_h_macro.jpg", "clot_h_map.jpg"], 5),
+    "vmu": (write_vmu, ["clot_h.vmu", "clot_h.ngr", "clot_h_macro.jpg", "clot_h_map.ngr"], 0),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(HAMAMATSU))
+def hamamatsu(request, tmp_path_factory):
+    root = tmp_path_factory.mktemp(request.param)
     level0 = slide_array(700, "CE", np.random.default_rng(9))
-    write_vms(root / "clot_v.vms", level0, PATIENT)
+    HAMAMATSU[request.param][0](root / f"clot_h.{request.param}", level0, PATIENT)
     (root / "other.jpg").write_bytes(b"a photo that belongs to no slide")
-    return root, level0
+    return root, level0, request.param
 
 
-def test_openslide_reads_the_synthetic_vms(vms):
-    root, level0 = vms
-    reader = OpenSlideReader(str(root / "clot_v.vms"))
+def test_openslide_reads_the_synthetic_vms_and_vmu(hamamatsu):
+    root, level0, ext = hamamatsu
+    reader = OpenSlideReader(str(root / f"clot_h.{ext}"))
     assert reader.level_dimensions[0] == (704, 704) and reader.mpp == pytest.approx(0.5)
-    assert np.abs(reader.read_region(100, 200, 0, 256, 256).astype(int) - level0[200:456, 100:356]).mean() < 5
+    diff = np.abs(reader.read_region(100, 200, 0, 256, 256).astype(int) - level0[200:456, 100:356]).mean()
+    assert diff <= HAMAMATSU[ext][2]
     reader.close()
 
 
-def test_a_vms_key_file_brings_the_jpegs_it_names(vms):
-    root, _ = vms
+def test_a_key_file_brings_the_images_it_names(hamamatsu):
+    root, _, ext = hamamatsu
     plan = plan_wsi(WsiIngestConfig(sources=[str(root)], out=str(root / "out")), b"k")
     [unit] = plan.units
-    names = [os.path.relpath(f, root) for f in unit.sources]
-    assert names == ["clot_v.vms", "clot_v.jpg", "clot_v_macro.jpg", "clot_v_map.jpg"]
+    assert [os.path.relpath(f, root) for f in unit.sources] == HAMAMATSU[ext][1]
     assert [r.reason for r in plan.skipped] == ["not a slide file (extension .jpg)"]  # other.jpg only
-    _check_download(unit, lambda copy: os.path.isfile(copy[: -len(".vms")] + "_map.jpg"))
+    _check_download(unit, lambda copy: os.path.isfile(copy[: -len(ext) - 1] + HAMAMATSU[ext][1][-1][len("clot_h") :]))
 
 
-def test_vms_tiles_equal_openslide_at_the_recorded_place_and_carry_nothing_identifying(vms, tmp_path):
-    root, _ = vms
+def test_vms_and_vmu_tiles_equal_openslide_at_the_recorded_place_and_carry_nothing_identifying(hamamatsu, tmp_path):
+    root, _, _ = hamamatsu
     [unit] = plan_wsi(WsiIngestConfig(sources=[str(root)], out=str(tmp_path)), b"k").units
-    _check_tiles(unit, OpenSlideReader(unit.sources[0]), tmp_path, "clot_v")
+    _check_tiles(unit, OpenSlideReader(unit.sources[0]), tmp_path, "clot_h")
 
 
 def test_vms_companions_read_only_the_file_keys_of_a_key_file():
