@@ -26,7 +26,8 @@ SHARD_FILE = re.compile(r"[^/_][^/]*/shard-\d{6}\.(tar|idx)")
 class Scheduler(Protocol):
     """The run's actors, as :func:`pack_parts` uses them: calls go in, results come back in any order."""
 
-    pending: dict
+    @property
+    def busy(self) -> bool: ...
 
     def submit(self, kind: str, item: Any, front: bool = False) -> None: ...
 
@@ -101,7 +102,7 @@ def pack_parts(
         for i, group in enumerate(todo[split][0]):
             sched.submit("pack", (split, i, group))
     done: dict[tuple[str, int], ShardInfo] = {}
-    while sched.pending:
+    while sched.busy:
         _, (split, i, _), shard = sched.next()
         done[split, i] = shard
     for split, (groups, owners) in todo.items():

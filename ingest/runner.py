@@ -58,7 +58,8 @@ class IngestWorker:
 
 
 class _Scheduler:
-    """Keeps every actor busy: plans first (they create work), then regions, as results come back."""
+    """Keeps every actor busy with calls in queue order; the regions a plan creates go to the front, so a slide is
+    cut as soon as it is planned, starting on the actor that planned it, and the run ends evenly."""
 
     def __init__(self, cfg: IngestConfig, n_actors: int) -> None:
         self.actors = [IngestWorker.options(num_cpus=1).remote(cfg) for _ in range(n_actors)]
@@ -80,13 +81,20 @@ class _Scheduler:
             ref = getattr(self.actors[i], kind).remote(item)
             self.pending[ref] = (i, kind, item)
 
+    @property
+    def busy(self) -> bool:
+        """Whether calls are running or waiting for an actor."""
+        return bool(self.pending or self.queue)
+
     def next(self) -> tuple[str, Any, Any]:
+        """The next call to finish, as ``(kind, item, result)``. Its actor takes queued work only once the caller
+        has queued what the result creates (a slide's regions go to the front, so they run before the next plan
+        and on the actor that has the slide), at the next :meth:`submit` or call of this."""
+        self._fill()
         ready, _ = ray.wait(list(self.pending), num_returns=1)
         i, kind, item = self.pending.pop(ready[0])
         self.idle.append(i)
-        result = ray.get(ready[0])
-        self._fill()
-        return kind, item, result
+        return kind, item, ray.get(ready[0])
 
     def close(self) -> None:
         with contextlib.suppress(Exception):  # a dead or stuck actor: its temporary files are the OS's to clean
@@ -157,7 +165,7 @@ def _run(units: list[Unit], done: dict[str, WorkRecord], sched: _Scheduler, cfg:
         track.queue(batch_images(singles, cfg.images_per_task))
     for uid in plans:
         track.settle(uid)
-    while sched.pending:
+    while sched.busy:
         kind, item, result = sched.next()
         if kind == "plan":
             plans[item.id] = result

@@ -131,12 +131,14 @@ def trainer_for(
     callbacks: list | None = None,
     start_from: dict[str, Any] | None = None,
     name: str | None = None,
+    keep_checkpoints: int | None = 2,
 ):
     """The TorchTrainer of a run. Its name is fixed by the run id, so that a trainer built again for the same
     run restores from that run's latest checkpoint (Ray Train v2 resumes by name and storage path).
 
     ``start_from`` (``path``, ``storage``, ``weights_only``) starts a new run from another run's checkpoint;
-    ``name`` overrides the run name (a sweep trial takes a new one each time it starts from a checkpoint)."""
+    ``name`` overrides the run name (a sweep trial takes a new one each time it starts from a checkpoint);
+    ``keep_checkpoints`` is how many of the newest checkpoints stay (None: all)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -159,7 +161,7 @@ def trainer_for(
             storage_path=path,
             storage_filesystem=fs,
             failure_config=FailureConfig(max_failures=max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            checkpoint_config=CheckpointConfig(num_to_keep=keep_checkpoints),
             callbacks=callbacks,
         ),
     )
@@ -176,7 +178,7 @@ def fit(
 ) -> TrainOutcome:
     """Run (or resume) the trainer of ``run_id``; curves and (``register``) model registration after it ends.
 
-    ``trainer_options`` go to :func:`trainer_for` (callbacks, start_from, name)."""
+    ``trainer_options`` go to :func:`trainer_for` (callbacks, start_from, name, keep_checkpoints)."""
     logger = tracking.RunLogger(tracking_uri, run_id)
     url = tracking.run_url_of(tracking_uri, run_id)
     print(f"MLflow run: {url}", flush=True)

@@ -292,6 +292,17 @@ class Trainer:
                 report.export(self.swa.module if self.swa is not None else self.engine.module, folder)
 
 
+def _check_start(path: str, fs) -> None:
+    """Refuse a checkpoint to start from that holds no model states, naming it (DeepSpeed would only fail an
+    assertion on an empty list)."""
+    import pyarrow.fs as pafs
+
+    fs = fs or pafs.LocalFileSystem()
+    found = fs.get_file_info(pafs.FileSelector(path.rstrip("/"), recursive=True, allow_not_found=True))
+    if not any(f.path.endswith("_model_states.pt") for f in found):
+        raise FileNotFoundError(f"checkpoint {path} to start from holds no model states (deleted or incomplete)")
+
+
 def train_loop(config: dict[str, Any]) -> None:
     """Ray Train entry point. ``config``: ``recipe`` (dict), ``mlflow_uri``, ``run_id``, optional ``fault``."""
     import ray.train
@@ -303,8 +314,10 @@ def train_loop(config: dict[str, Any]) -> None:
     if checkpoint is None and start:  # a new run that starts from another run's checkpoint (sweeps)
         from training.launch import storage_filesystem
 
-        checkpoint = ray.train.Checkpoint(start["path"], filesystem=storage_filesystem(start["storage"]))
+        fs = storage_filesystem(start["storage"])
+        checkpoint = ray.train.Checkpoint(start["path"], filesystem=fs)
         weights_only = bool(start.get("weights_only"))
+        _check_start(start["path"], fs)
     with checkpoint.as_directory() if checkpoint else contextlib.nullcontext() as restored:
         trainer = Trainer(config, ctx.get_world_rank(), ctx.get_world_size(), restored, weights_only)
 

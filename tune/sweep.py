@@ -137,6 +137,9 @@ def run_trial(config: dict[str, Any], sweep: dict, uri: str, storage_path: str, 
             from mlflow import MlflowClient
 
             MlflowClient(uri).set_tag(run_id, "tessera.exploited_from", pointer["run_id"])
+    # Under PBT another trial may be handed any checkpoint this one reported, after this one has trained on: Ray
+    # Train's pruning (two kept) deleted it first when epochs were short, and the exploit found an empty folder.
+    keep = None if sw.scheduler.name == "pbt" else 2
     queue = Queue(maxsize=1, actor_options={"num_cpus": 0})
     box: dict[str, Any] = {}
 
@@ -144,7 +147,7 @@ def run_trial(config: dict[str, Any], sweep: dict, uri: str, storage_path: str, 
         try:
             box["outcome"] = fit(
                 recipe, run_id, uri, storage_path, sw.max_failures, register=False,
-                callbacks=[_to_tune_callback(queue)], start_from=start, name=name,
+                callbacks=[_to_tune_callback(queue)], start_from=start, name=name, keep_checkpoints=keep,
             )  # fmt: skip
         except BaseException as exc:  # re-raised in the trial's thread below
             box["error"] = exc

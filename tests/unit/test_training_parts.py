@@ -140,3 +140,16 @@ def test_vivit_weights_from_a_local_folder(tmp_path):
     model = build_model(cfg, 2, frames=4, image_size=32)
     assert model(torch.zeros(1, 4, 3, 32, 32)).shape == (1, 2)
     assert count_parameters(model) == 48 * 2 + 2
+
+
+def test_a_checkpoint_to_start_from_without_model_states_is_refused_by_name(tmp_path):
+    from training.loop import _check_start
+
+    ckpt = tmp_path / "checkpoint_000001"
+    (ckpt / "checkpoint").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="checkpoint_000001 to start from holds no model states"):
+        _check_start(str(ckpt), None)
+    with pytest.raises(FileNotFoundError, match="gone_000002"):  # pruned away entirely
+        _check_start(str(tmp_path / "gone_000002"), None)
+    (ckpt / "checkpoint" / "mp_rank_00_model_states.pt").write_bytes(b"x")
+    _check_start(str(ckpt), None)
