@@ -132,6 +132,7 @@ def move_file(local: str | Path, url: str) -> None:
     loc = parse(url)
     if loc.scheme == "file":
         try:
+            loc.path.parent.mkdir(parents=True, exist_ok=True)
             os.replace(local, loc.path)
             return
         except OSError as exc:
