@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -128,23 +129,39 @@ def write_ndpi(path: Path, level0: np.ndarray, patient: SyntheticPatient, mpp: f
             )
 
 
-def write_vms(path: Path, level0: np.ndarray, patient: SyntheticPatient, mpp: float = 0.5) -> None:
-    """A Hamamatsu VMS as OpenSlide reads it: the key file ``path`` (``x.vms``, whose reference names the patient)
-    and beside it the image as one JPEG with restart markers, a map (1/8 size) and a macro photo."""
+def _write_key_file_slide(
+    path: Path,
+    level0: np.ndarray,
+    patient: SyntheticPatient,
+    mpp: float,
+    header: str,
+    ext: str,
+    encode: Callable[[np.ndarray], bytes],
+    map_step: int,
+) -> None:
+    """A Hamamatsu slide of a key file (``path``, ``header`` opening its group; its reference names the patient)
+    and beside it the image and a 1/``map_step`` size map, each one ``ext`` file made by ``encode``, and a macro
+    photo. The image is padded to whole multiples of 64 px, which both formats' maps need."""
     from PIL import Image
 
-    image = _pad_white(level0, 64)  # whole 8 px MCUs at full and map (1/8) size
+    image = _pad_white(level0, 64)
     h, w = image.shape[:2]
     stem = path.stem
-    for name, pixels in [(f"{stem}.jpg", image), (f"{stem}_map.jpg", image[::8, ::8])]:
-        (path.parent / name).write_bytes(_restart_jpeg(pixels))
+    for name, pixels in [(f"{stem}{ext}", image), (f"{stem}_map{ext}", image[::map_step, ::map_step])]:
+        (path.parent / name).write_bytes(encode(pixels))
     Image.fromarray(np.full((128, 384, 3), 240, np.uint8)).save(path.parent / f"{stem}_macro.jpg", "JPEG")
     path.write_text(
-        "[Virtual Microscope Specimen]\nNoLayers=1\nNoJpegColumns=1\nNoJpegRows=1\n"
-        f"ImageFile={stem}.jpg\nMapFile={stem}_map.jpg\nMacroImage={stem}_macro.jpg\n"
+        f"{header}ImageFile={stem}{ext}\nMapFile={stem}_map{ext}\nMacroImage={stem}_macro.jpg\n"
         f"PhysicalWidth={round(w * mpp * 1000)}\nPhysicalHeight={round(h * mpp * 1000)}\n"
         f"Reference={patient.patient_id} {patient.name}\n"
     )
+
+
+def write_vms(path: Path, level0: np.ndarray, patient: SyntheticPatient, mpp: float = 0.5) -> None:
+    """A Hamamatsu VMS as OpenSlide reads it: the key file ``path`` (``x.vms``) and beside it the image as one JPEG
+    with restart markers (whole 8 px MCUs at full and map size), a map (1/8 size) and a macro photo."""
+    header = "[Virtual Microscope Specimen]\nNoLayers=1\nNoJpegColumns=1\nNoJpegRows=1\n"
+    _write_key_file_slide(path, level0, patient, mpp, header, ".jpg", _restart_jpeg, 8)
 
 
 def _ngr(image: np.ndarray, column_width: int) -> bytes:
@@ -159,19 +176,7 @@ def _ngr(image: np.ndarray, column_width: int) -> bytes:
 
 
 def write_vmu(path: Path, level0: np.ndarray, patient: SyntheticPatient, mpp: float = 0.5) -> None:
-    """A Hamamatsu VMU (the uncompressed sibling of VMS) as OpenSlide reads it: the key file ``path`` (``x.vmu``,
-    whose reference names the patient) and beside it the image and a 1/4 size map as NGR files, and a macro JPEG."""
-    from PIL import Image
-
-    image = _pad_white(level0, 64)  # the map (1/4) is still whole 16 px columns
-    h, w = image.shape[:2]
-    stem = path.stem
-    for name, pixels in [(f"{stem}.ngr", image), (f"{stem}_map.ngr", image[::4, ::4])]:
-        (path.parent / name).write_bytes(_ngr(pixels, 16))
-    Image.fromarray(np.full((128, 384, 3), 240, np.uint8)).save(path.parent / f"{stem}_macro.jpg", "JPEG")
-    path.write_text(
-        "[Uncompressed Virtual Microscope Specimen]\nNoLayers=1\nBitsPerPixel=36\nPixelOrder=RGB\n"
-        f"ImageFile={stem}.ngr\nMapFile={stem}_map.ngr\nMacroImage={stem}_macro.jpg\n"
-        f"PhysicalWidth={round(w * mpp * 1000)}\nPhysicalHeight={round(h * mpp * 1000)}\n"
-        f"Reference={patient.patient_id} {patient.name}\n"
-    )
+    """A Hamamatsu VMU (the uncompressed sibling of VMS) as OpenSlide reads it: the key file ``path`` (``x.vmu``)
+    and beside it the image and a 1/4 size map as NGR files of 16 px columns, and a macro photo."""
+    header = "[Uncompressed Virtual Microscope Specimen]\nNoLayers=1\nBitsPerPixel=36\nPixelOrder=RGB\n"
+    _write_key_file_slide(path, level0, patient, mpp, header, ".ngr", lambda pixels: _ngr(pixels, 16), 4)
