@@ -29,7 +29,7 @@ class Scheduler(Protocol):
     @property
     def busy(self) -> bool: ...
 
-    def submit(self, kind: str, item: Any, front: bool = False) -> None: ...
+    def submit(self, kind: str, items: list[Any], front: bool = False) -> None: ...
 
     def next(self) -> tuple[str, Any, Any]: ...
 
@@ -99,8 +99,7 @@ def pack_parts(
     for split, recs in sorted(by_split.items()):
         parts, owners = split_parts(recs, works)
         todo[split] = group_parts(parts, cfg.shard_size), owners
-        for i, group in enumerate(todo[split][0]):
-            sched.submit("pack", (split, i, group))
+        sched.submit("pack", [(split, i, group) for i, group in enumerate(todo[split][0])])
     done: dict[tuple[str, int], ShardInfo] = {}
     while sched.busy:
         _, (split, i, _), shard = sched.next()

@@ -51,8 +51,9 @@ def _assign(units: list[Unit], cfg: IngestConfig) -> None:
 
 
 def _companions(slide: str, locations: list[str]) -> list[str]:
-    """The files a multi-file slide needs beside it: a MIRAX slide's data folder, or the JPEGs a Hamamatsu VMS/VMU
-    key file names. An unreadable key file has none: opening the slide then fails with OpenSlide's reason."""
+    """The files a multi-file slide needs beside it (none for other files): a MIRAX slide's data folder, or the
+    images a Hamamatsu VMS/VMU key file names. An unreadable key file has none: opening the slide then fails with
+    OpenSlide's reason."""
     ext = os.path.splitext(slide)[1].lower()
     if ext == ".mrxs":
         return mirax_companions(slide, locations)
@@ -66,14 +67,13 @@ def _companions(slide: str, locations: list[str]) -> list[str]:
 
 
 def plan_wsi(cfg: WsiIngestConfig, key: bytes) -> Plan:
-    """One unit per slide (a file; a MIRAX ``.mrxs`` with its data folder, a Hamamatsu ``.vms`` with its JPEGs; or
-    a DICOM WSI series of files); with a label CSV, slides it does not name are skipped."""
+    """One unit per slide (a file; a MIRAX ``.mrxs`` with its data folder, a Hamamatsu ``.vms``/``.vmu`` with its
+    images; or a DICOM WSI series of files); with a label CSV, slides it does not name are skipped."""
     table, classes = _table(_label_text(cfg), cfg.labels)
     plan = Plan(units=[], classes=classes)
     dicom, slides, others = [], [], []
     locations = expand(cfg.sources)
-    multi = (".mrxs", ".vms", ".vmu")
-    companions = {loc: _companions(loc, locations) for loc in locations if loc.lower().endswith(multi)}
+    companions = {loc: files for loc in locations if (files := _companions(loc, locations))}
     inside = {c for files in companions.values() for c in files}  # a slide's other files belong to it
     for loc in locations:
         if loc in inside:

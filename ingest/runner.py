@@ -67,11 +67,13 @@ class _Scheduler:
         self.pending: dict[ray.ObjectRef, tuple[int, str, Any]] = {}
         self.queue: list[tuple[str, Any]] = []
 
-    def submit(self, kind: str, item: Any, front: bool = False) -> None:
+    def submit(self, kind: str, items: list[Any], front: bool = False) -> None:
+        """Queue a call of ``kind`` per item, in their order: at the back, or (``front``) before all queued."""
+        calls = [(kind, item) for item in items]
         if front:
-            self.queue.insert(0, (kind, item))
+            self.queue[:0] = calls
         else:
-            self.queue.append((kind, item))
+            self.queue += calls
         self._fill()
 
     def _fill(self) -> None:
@@ -133,12 +135,10 @@ class _Tracker:
         for w in works:
             for u in w.batch or [w.unit]:
                 self.left[u.id] = self.left.get(u.id, 0) + 1
-        todo = [w for w in works if w.id not in self.done]
         for w in works:
             if w.id in self.done:
                 self.finished(self.done[w.id])
-        for w in reversed(todo) if front else todo:  # each goes to the front: reversed, they keep their order
-            self.sched.submit("process", w, front=front)
+        self.sched.submit("process", [w for w in works if w.id not in self.done], front=front)
 
 
 def _run(units: list[Unit], done: dict[str, WorkRecord], sched: _Scheduler, cfg: IngestConfig):
@@ -152,7 +152,7 @@ def _run(units: list[Unit], done: dict[str, WorkRecord], sched: _Scheduler, cfg:
     singles = []
     for unit in units:
         if unit.kind == "wsi":
-            sched.submit("plan", unit)
+            sched.submit("plan", [unit])
             continue
         works, warnings = plan_unit(unit, cfg)
         plans[unit.id] = (works, warnings, None, None)

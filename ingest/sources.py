@@ -65,8 +65,8 @@ VMS_FILE_KEYS = ("ImageFile", "MapFile", "OptimisationFile", "MacroImage")
 
 
 def vms_companions(slide: str, text: str) -> list[str]:
-    """The files a Hamamatsu VMS/VMU key file (``text``, read from ``slide``) names beside it: its image JPEGs
-    (``ImageFile``, ``ImageFile(x,y)``), map, optimisation file and macro; empty when it is not one."""
+    """The files a Hamamatsu VMS/VMU key file (``text``, read from ``slide``) names beside it: its images (JPEG or
+    NGR; ``ImageFile``, ``ImageFile(x,y)``), map, optimisation file and macro; empty when it is not one."""
     parser = configparser.ConfigParser(interpolation=None, strict=False)
     parser.optionxform = str  # keys are case-sensitive (ImageFile(0,1))
     try:
