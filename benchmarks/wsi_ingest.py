@@ -237,7 +237,7 @@ def main() -> None:
         if not link.exists():
             os.link(slides[0], link)
         slides.append(link)
-    kept = len(tessera_plan(str(slides[0]))[1].tiles)
+    kept = len(positions) if size == args.size else len(tessera_plan(str(slides[0]))[1].tiles)
     times = ray_scaling([str(p) for p in slides], root, args.repeats)
     best = {k: min(v) for k, v in times.items()}
     n, n2 = args.slides, 2 * args.slides
