@@ -2,7 +2,8 @@
 same augmentations (paper 000's: flips, sharpness 2, linear rotation, colour jitter, each on 50 %), same output
 (float ``[N, 3, S, S]``, ImageNet-normalised), same cores (DALI threads = DataLoader workers).
 
-Usage: ``python benchmarks/loader.py [--images 512] [--tile 512] [--size 256] [--batch 32] [--cores 2]``.
+Usage: ``python benchmarks/loader.py [--images 512] [--tile 512] [--size 256] [--batch 32] [--cores 2]
+[--balanced]`` (``--balanced`` also times DALI fed by paper 003's balanced sampler instead of its reader).
 """
 
 from __future__ import annotations
@@ -28,13 +29,21 @@ def write_shards(root: Path, n: int, tile: int) -> list[str]:
     return [str(root / s.name) for s in w.shards]
 
 
-def dali_rate(urls: list[str], n: int, size: int, batch: int, cores: int, passes: int) -> float:
-    from shards.dali import Augment, ShardBatches, build_pipeline, fetch_indices
+def dali_rate(urls: list[str], n: int, size: int, batch: int, cores: int, passes: int, balanced: bool = False) -> float:
+    """DALI's images/s: its WebDataset reader, or (``balanced``) paper 003's sampler reading by ranged reads."""
+    from shards.dali import Augment, ShardBatches, build_pipeline, fetch_indices, sample_exts
+    from shards.sampling import SampleSource, ShardFiles, balanced_indices, read_labels, split_samples
     from training.config import load_recipe
 
     aug = Augment(**load_recipe("strip_ai_resnet50").data.augment.model_dump())
-    pipe = build_pipeline(urls, fetch_indices(urls), batch, size, True, num_threads=cores, augment=aug)
+    index = fetch_indices(urls)
     steps = n // batch
+    source, files = None, None
+    if balanced:
+        files, samples = ShardFiles(urls), split_samples(index)
+        order = balanced_indices(read_labels(files, samples), (passes + 1) * steps * batch, np.random.default_rng(0))
+        source = SampleSource(files, samples, order, batch, sample_exts(0))
+    pipe = build_pipeline(urls, index, batch, size, True, num_threads=cores, augment=aug, source=source)
     batches = ShardBatches(pipe, n, 0, 1, True, steps)
     for _ in batches:  # warm-up pass
         pass
@@ -42,7 +51,10 @@ def dali_rate(urls: list[str], n: int, size: int, batch: int, cores: int, passes
     for _ in range(passes):
         for x, _, _ in batches:
             assert x.shape == (batch, 3, size, size)
-    return passes * steps * batch / (time.perf_counter() - t)
+    rate = passes * steps * batch / (time.perf_counter() - t)
+    if files:
+        files.close()
+    return rate
 
 
 def torchvision_rate(urls: list[str], n: int, size: int, batch: int, cores: int, passes: int) -> float:
@@ -94,16 +106,21 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--cores", type=int, default=2)
     ap.add_argument("--passes", type=int, default=2)
+    ap.add_argument("--balanced", action="store_true", help="also time DALI fed by the balanced sampler")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         urls = write_shards(Path(tmp) / "train", args.images, args.tile)
         common = (urls, args.images, args.size, args.batch, args.cores, args.passes)
         base = torchvision_rate(*common)
         dali = dali_rate(*common)
+        sampled = dali_rate(*common, balanced=True) if args.balanced else None
     print(f"{args.images} JPEG tiles {args.tile} px -> {args.size} px, batch {args.batch}, {args.cores} cores")
     print(f"torchvision + PIL DataLoader: {base:8.1f} images/s")
     print(f"Tessera DALI (CPU mode):      {dali:8.1f} images/s")
     print(f"ratio DALI / torchvision: {dali / base:.2f}x (target >= 1.5x)")
+    if sampled is not None:
+        print(f"Tessera DALI, balanced sampler: {sampled:8.1f} images/s")
+        print(f"ratio balanced / DALI reader: {sampled / dali:.2f}x; balanced / torchvision: {sampled / base:.2f}x")
 
 
 if __name__ == "__main__":

@@ -122,6 +122,11 @@ def image_exts(frames: int) -> list[str]:
     return [f"{j:03d}.jpg;{j:03d}.png" for j in range(frames)]
 
 
+def sample_exts(frames: int) -> list[str]:
+    """The members a pipeline reads from each sample: its image(s), ``cls`` and ``json``."""
+    return [*image_exts(frames), "cls", "json"]
+
+
 def build_pipeline(
     shard_urls: list[str],
     index_paths: list[str],
@@ -135,12 +140,15 @@ def build_pipeline(
     num_threads: int = 1,
     augment: Augment | None = None,
     frames: int = 0,
+    source=None,
 ):
     """A built DALI pipeline yielding ``(images, cls bytes, json bytes)``.
 
     ``images`` is ``float[N, 3, S, S]`` (ImageNet-normalised), or ``float[N, T, 3, S, S]`` when ``frames`` is
     ``T``. Training pipelines shuffle (seeded) and augment; evaluation pipelines read in order and pad the last
-    batch so that a worker's share is read exactly once per pass.
+    batch so that a worker's share is read exactly once per pass. A ``source`` (a
+    :class:`~shards.sampling.SampleSource` for :func:`sample_exts`) replaces the WebDataset reader: samples in
+    the order a sampler chose, decoded and augmented the same way.
     """
     from nvidia.dali import fn, pipeline_def, types
 
@@ -151,19 +159,23 @@ def build_pipeline(
         batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=seed, enable_conditionals=True
     )
     def pipe():
-        *encoded, cls, meta = fn.readers.webdataset(
-            paths=shard_urls,
-            index_paths=index_paths,
-            ext=[*image_exts(frames), "cls", "json"],
-            missing_component_behavior="error",
-            random_shuffle=train,
-            initial_fill=256 if train else 1,
-            shard_id=shard_id,
-            num_shards=num_shards,
-            pad_last_batch=not train,
-            stick_to_shard=True,
-            name="reader",
-        )
+        if source is not None:
+            outputs = fn.external_source(source=source, num_outputs=len(sample_exts(frames)), batch=True)
+            *encoded, cls, meta = outputs
+        else:
+            *encoded, cls, meta = fn.readers.webdataset(
+                paths=shard_urls,
+                index_paths=index_paths,
+                ext=sample_exts(frames),
+                missing_component_behavior="error",
+                random_shuffle=train,
+                initial_fill=256 if train else 1,
+                shard_id=shard_id,
+                num_shards=num_shards,
+                pad_last_batch=not train,
+                stick_to_shard=True,
+                name="reader",
+            )
         decoded = [
             fn.resize(
                 fn.decoders.image(e, device="mixed" if gpu else "cpu", output_type=types.RGB),

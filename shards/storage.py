@@ -157,15 +157,16 @@ def put_bytes(url: str, data: bytes) -> None:
         raise _wrap(url, exc) from exc
 
 
-def get_bytes(url: str, length: int | None = None) -> bytes:
-    """Read the object at ``url``: whole, or its first ``length`` bytes (one ranged GET on S3)."""
+def get_bytes(url: str, length: int | None = None, offset: int = 0) -> bytes:
+    """Read the object at ``url``: whole, or ``length`` bytes from ``offset`` (one ranged GET on S3)."""
     loc = parse(url)
     try:
         if loc.scheme == "s3":
-            extra = {"Range": f"bytes=0-{length - 1}"} if length else {}
+            extra = {"Range": f"bytes={offset}-{offset + length - 1}"} if length else {}
             return s3_client().get_object(Bucket=loc.bucket, Key=loc.key, **extra)["Body"].read()
         if length:
             with open(loc.path, "rb") as f:
+                f.seek(offset)
                 return f.read(length)
         return loc.path.read_bytes()
     except Exception as exc:

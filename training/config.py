@@ -62,9 +62,18 @@ class DataConfig(Strict):
     # Samples per worker per epoch; default: the worker's share of the split (the manifest's count).
     epoch_samples: int | None = Field(None, gt=0)
     augment: AugmentConfig = AugmentConfig()
-    # ``balanced``: loss weights n / (C * n_c) from the manifest's train counts (paper 003); or explicit.
+    # ``balanced``: loss weights n / (C * n_c) from the train split's per-sample counts; or explicit.
     class_weights: Literal["none", "balanced"] | list[float] = "none"
+    # ``shuffle``: each worker streams its shards (a fresh shard order per epoch, shuffled in a buffer).
+    # ``balanced``: paper 003's sampler: every class equally often, drawn with replacement by ``.cls``.
+    sampler: Literal["shuffle", "balanced"] = "shuffle"
     loader_threads: int = Field(1, ge=1)
+
+    @model_validator(mode="after")
+    def _one_rebalancing(self) -> DataConfig:
+        if self.sampler == "balanced" and self.class_weights != "none":
+            raise ValueError("class_weights: must be none with sampler balanced (the classes are already evened)")
+        return self
 
 
 class ModelConfig(Strict):

@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import tempfile
 from dataclasses import dataclass, field
+from functools import cached_property
+
+import numpy as np
 
 from shards import manifest as mf
-from shards.dali import Augment, ShardBatches, build_pipeline, epoch_order, fetch_indices
+from shards.dali import Augment, ShardBatches, build_pipeline, epoch_order, fetch_indices, sample_exts
+from shards.sampling import SampleSource, ShardFiles, balanced_indices, read_labels, split_samples
 from training.config import TrainRecipe
+from training.losses import class_counts
 from training.state import epoch_seed
 
 
@@ -36,6 +41,32 @@ class WorkerData:
     def urls(self, split: str) -> list[str]:
         return self.manifest.shard_urls(self.recipe.data.dataset, split)
 
+    @cached_property
+    def _train(self) -> tuple[ShardFiles, list]:
+        """Random access to the train split's samples (the balanced sampler's, and its labels')."""
+        split = self.recipe.data.train_split
+        return ShardFiles(self.urls(split)), split_samples(self._index[split])
+
+    @cached_property
+    def train_labels(self) -> np.ndarray:
+        """Every train sample's ``.cls`` label, read once (one small ranged read per sample)."""
+        return read_labels(*self._train)
+
+    def train_counts(self, classes: int) -> list[int]:
+        """Train samples per class, counted from the samples themselves: a series' manifest label is ``any``
+        over its slices, so per-slice labelled datasets cannot be counted from the manifest."""
+        if not self.manifest.multilabel:
+            return class_counts(self.manifest.inputs, self.recipe.data.train_split, classes)
+        return np.bincount(self.train_labels[self.train_labels >= 0], minlength=classes).tolist()
+
+    def _balanced(self, epoch: int, steps: int) -> SampleSource:
+        """This worker's samples for ``epoch``: class-balanced draws, seeded by (seed, epoch, rank)."""
+        r = self.recipe
+        rng = np.random.default_rng([r.seed, epoch, self.rank])
+        order = balanced_indices(self.train_labels, steps * r.batch_size, rng)
+        files, samples = self._train
+        return SampleSource(files, samples, order, r.batch_size, sample_exts(r.data.frames))
+
     def steps_per_epoch(self) -> int:
         """Optimiser micro-steps per training epoch, the same on every worker."""
         d = self.recipe.data
@@ -53,6 +84,8 @@ class WorkerData:
         if train:
             order = epoch_order(len(urls), r.seed, epoch)
             urls, index = [urls[i] for i in order], [index[i] for i in order]
+        steps = self.steps_per_epoch() if train else None
+        source = self._balanced(epoch, steps) if train and d.sampler == "balanced" else None
         pipe = build_pipeline(
             urls,
             index,
@@ -66,12 +99,14 @@ class WorkerData:
             num_threads=d.loader_threads,
             augment=Augment(**d.augment.model_dump()),
             frames=d.frames,
+            source=source,
         )
         total = self.manifest.num_samples(split)
-        steps = self.steps_per_epoch() if train else None
         # The recipe's task decides the label: a binary recipe on an RSNA dataset reads `.cls` (any), not the vectors.
         multilabel = r.task == "multilabel"
         return ShardBatches(pipe, total, self.rank, self.world, train, steps, multilabel)
 
     def close(self) -> None:
+        if "_train" in self.__dict__:
+            self._train[0].close()
         self._dir.cleanup()

@@ -28,7 +28,7 @@ from training.allocator import keep_freed_memory
 from training.config import TrainRecipe
 from training.data import WorkerData
 from training.engine import init_engine, zero_stage
-from training.losses import Loss, balanced_weights, class_counts
+from training.losses import Loss, balanced_weights
 from training.metrics import classification_metrics, multilabel_metrics
 from training.models import build_model
 from training.state import EarlyStopping, epoch_seed, swa_start_epoch
@@ -45,11 +45,11 @@ def outputs_of(recipe: TrainRecipe, manifest: mf.Manifest) -> list[str]:
     return list(manifest.classes)
 
 
-def make_loss(recipe: TrainRecipe, manifest: mf.Manifest, outputs: list[str]) -> Loss:
+def make_loss(recipe: TrainRecipe, data: WorkerData, outputs: list[str]) -> Loss:
     cw = recipe.data.class_weights
     weights = None
     if cw == "balanced" and recipe.task == "multiclass":
-        weights = balanced_weights(class_counts(manifest.inputs, recipe.data.train_split, len(outputs)))
+        weights = balanced_weights(data.train_counts(len(outputs)))
     elif isinstance(cw, list):
         weights = cw
     return Loss(recipe.task == "multilabel", weights, len(outputs))
@@ -177,8 +177,8 @@ class Trainer:
         model = build_model(r.model, len(self.outputs), r.data.frames, r.data.image_size).to(self.device)
         stage = zero_stage(r, world, None if weights_only else checkpoint_dir)
         self.engine, self.scheduler = init_engine(model, r, cuda, stage)
-        self.loss = make_loss(r, self.manifest, self.outputs)
         self.data = WorkerData(r, self.manifest, self.rank, self.world, self.device.index if cuda else None)
+        self.loss = make_loss(r, self.data, self.outputs)
         self.stopper = EarlyStopping(r.eval.mode, r.early_stopping.patience, r.early_stopping.min_delta)
         self.swa = torch.optim.swa_utils.AveragedModel(self.engine.module) if r.swa.enabled else None
         self.start = 0

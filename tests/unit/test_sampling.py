@@ -1,0 +1,129 @@
+"""Paper 003's balanced sampler: class-even draws with replacement, random access to samples through the
+shards' ``.idx``, and the DALI pipeline fed by it."""
+
+import json
+
+import numpy as np
+import pytest
+from scipy.stats import binomtest
+
+from shards.dali import ShardBatches, build_pipeline, fetch_indices, sample_exts
+from shards.sampling import SampleSource, ShardFiles, balanced_indices, read_labels, split_samples
+from shards.schema import encode_image, make_sample
+from shards.writer import ShardWriter
+from tests.datasets import make_dataset
+from training.config import RecipeError, load_recipe
+from training.data import WorkerData
+
+SIZE = 16
+
+
+def _png(label: int, i: int) -> bytes:
+    """A flat image whose red channel is the label (0 or 250) and green channel the sample number."""
+    rgb = np.zeros((SIZE, SIZE, 3), np.uint8)
+    rgb[..., 0], rgb[..., 1] = 250 * label, i
+    return encode_image(rgb, "png")
+
+
+@pytest.fixture
+def imbalanced(tmp_path):
+    """18 samples of class 0 and 2 of class 1 over shards of 6: ``(urls, index paths, labels, pngs)``."""
+    labels = [1 if i in (4, 13) else 0 for i in range(20)]
+    pngs = [_png(label, i) for i, label in enumerate(labels)]
+    urls = []
+    for start in range(0, 20, 6):
+        with ShardWriter(str(tmp_path / "train"), start_index=len(urls)) as w:
+            for i in range(start, min(20, start + 6)):
+                w.write(make_sample(f"s{i:03d}", pngs[i], "png", labels[i], {"i": i}))
+        urls += [str(tmp_path / "train" / s.name) for s in w.shards]
+    assert len(urls) == 4
+    return urls, fetch_indices(urls, str(tmp_path / "idx")), np.array(labels), pngs
+
+
+def test_balanced_draws_every_class_equally_often_and_only_classes_present():
+    labels = np.array([0] * 90 + [2] * 10)  # class 1 is absent
+    draws = balanced_indices(labels, 20000, np.random.default_rng(0))
+    minority = int((labels[draws] == 2).sum())
+    assert binomtest(minority, 20000, 0.5).pvalue > 0.01  # even classes, not 90:10
+    assert set(labels[draws]) == {0, 2}
+    # Within a class every sample is equally likely: over-sampled minority, under-sampled majority.
+    per_sample = np.bincount(draws, minlength=100)
+    assert per_sample[90:].min() > 800 and per_sample[:90].max() < 160
+    again = balanced_indices(labels, 20000, np.random.default_rng(0))
+    assert np.array_equal(draws, again)
+
+
+def test_sample_source_reads_the_chosen_samples_bytes_across_shards(imbalanced):
+    urls, idx, labels, pngs = imbalanced
+    samples = split_samples(idx)
+    files = ShardFiles(urls)
+    try:
+        assert read_labels(files, samples).tolist() == labels.tolist()
+        source = SampleSource(files, samples, np.array([13, 0, 13, 19]), 2, sample_exts(0))
+        assert len(source) == 2
+        images, cls, meta = source(1)
+        assert [bytes(b) for b in images] == [pngs[13], pngs[19]]
+        assert [bytes(b) for b in cls] == [b"1", b"0"]
+        assert [json.loads(bytes(b))["i"] for b in meta] == [13, 19]
+        with pytest.raises(StopIteration):
+            source(2)
+        with pytest.raises(ValueError, match=r"shard-000000\.tar: sample s000 has no 000.jpg;000.png member"):
+            SampleSource(files, samples, np.array([0]), 1, sample_exts(2))(0)
+    finally:
+        files.close()
+
+
+def test_a_truncated_shard_is_named(imbalanced, tmp_path):
+    urls, idx, _, _ = imbalanced
+    with open(urls[3], "r+b") as f:
+        f.truncate(1024)
+    files = ShardFiles(urls)
+    try:
+        with pytest.raises(RuntimeError, match=r"shard-000003\.tar: .* asked, .* read \(truncated shard\?\)"):
+            read_labels(files, split_samples(idx))
+    finally:
+        files.close()
+
+
+def test_dali_pipeline_on_the_balanced_source_decodes_the_drawn_samples(imbalanced):
+    urls, idx, labels, _ = imbalanced
+    samples = split_samples(idx)
+    files = ShardFiles(urls)
+    order = balanced_indices(labels, 64, np.random.default_rng(3))
+    source = SampleSource(files, samples, order, 8, sample_exts(0))
+    pipe = build_pipeline(urls, idx, 8, SIZE, train=True, source=source)
+    seen = []
+    try:
+        for x, y, metas in ShardBatches(pipe, len(labels), 0, 1, train=True, steps=8):
+            i = np.array([m["i"] for m in metas])
+            seen += i.tolist()
+            assert np.array_equal(y, labels[i])
+            red = x[:, 0, SIZE // 2, SIZE // 2] * 0.229 * 255 + 0.485 * 255  # undo the normalisation
+            assert np.allclose(red, 250 * labels[i], atol=2)  # each image is the drawn sample's
+    finally:
+        files.close()
+    assert seen == order.tolist()  # in the sampler's order, nothing skipped or repeated by the pipeline
+    assert 0.25 < labels[seen].mean() < 0.75  # class 1 is 10 % of the split
+
+
+def test_class_counts_come_from_the_samples_when_labels_are_per_slice(tmp_path):
+    """An RSNA series' manifest label is ``any`` over its slices; class weights must count slices."""
+    prefix = str(tmp_path / "ds")
+    manifest = make_dataset(prefix, {"train": 12, "val": 4}, multilabel=True, seed=1)  # seed 1: both classes in train
+    recipe = load_recipe("rsna_ich_binary", [f"data.dataset={prefix}", "data.sampler=shuffle"])
+    truth = WorkerData(recipe, manifest, 0, 1, None)
+    expected = np.bincount(truth.train_labels, minlength=2).tolist()
+    for rec in manifest.inputs:
+        rec.label = 1  # as if each input were a series with one positive slice
+    data = WorkerData(recipe, manifest, 0, 1, None)
+    try:
+        assert data.train_counts(2) == expected
+        assert sum(expected) == 12 and expected[0] > 0
+    finally:
+        data.close()
+        truth.close()
+
+
+def test_balanced_sampler_and_class_weights_do_not_combine():
+    with pytest.raises(RecipeError, match="class_weights: must be none with sampler balanced"):
+        load_recipe("rsna_ich_binary", ["data.class_weights=balanced"])
