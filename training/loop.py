@@ -292,15 +292,15 @@ class Trainer:
                 report.export(self.swa.module if self.swa is not None else self.engine.module, folder)
 
 
-def _check_start(path: str, fs) -> None:
-    """Refuse a checkpoint to start from that holds no model states, naming it (DeepSpeed would only fail an
-    assertion on an empty list)."""
+def _check_checkpoint(path: str, fs, role: str = "to start from") -> None:
+    """Refuse a checkpoint that holds no model states, naming it (DeepSpeed would only fail an assertion on an
+    empty list); ``role`` says which checkpoint it is."""
     import pyarrow.fs as pafs
 
     fs = fs or pafs.LocalFileSystem()
     found = fs.get_file_info(pafs.FileSelector(path.rstrip("/"), recursive=True, allow_not_found=True))
     if not any(f.path.endswith("_model_states.pt") for f in found):
-        raise FileNotFoundError(f"checkpoint {path} to start from holds no model states (deleted or incomplete)")
+        raise FileNotFoundError(f"checkpoint {path} {role} holds no model states (deleted or incomplete)")
 
 
 def train_loop(config: dict[str, Any]) -> None:
@@ -317,7 +317,9 @@ def train_loop(config: dict[str, Any]) -> None:
         fs = storage_filesystem(start["storage"])
         checkpoint = ray.train.Checkpoint(start["path"], filesystem=fs)
         weights_only = bool(start.get("weights_only"))
-        _check_start(start["path"], fs)
+        _check_checkpoint(start["path"], fs)
+    elif checkpoint is not None:  # this run's own latest, after a worker failure or with --resume
+        _check_checkpoint(checkpoint.path, checkpoint.filesystem, "to resume from")
     with checkpoint.as_directory() if checkpoint else contextlib.nullcontext() as restored:
         trainer = Trainer(config, ctx.get_world_rank(), ctx.get_world_size(), restored, weights_only)
 
