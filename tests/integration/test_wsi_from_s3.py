@@ -6,10 +6,11 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from ingest.runner import run_ingest
 from ingest.synthetic import SyntheticPatient, make_slides, slide_array, write_dicom_wsi
-from ingest.synthetic_vendor import write_mirax, write_vms
+from ingest.synthetic_vendor import write_mirax, write_vms, write_vmu
 from shards import storage
 from shards.writer import read_tar_samples
 from tests.integration.commands import wsi_config
@@ -73,14 +74,19 @@ def test_mirax_from_s3_is_one_slide_downloaded_with_its_data_folder(stack, tmp_p
     assert _samples(alone, "s3://shards/mrx-alone", tmp_path) == _samples(local, "s3://shards/mrx-local", tmp_path)
 
 
-def test_vms_from_s3_is_downloaded_with_the_jpegs_its_key_file_names(stack, tmp_path):
-    (tmp_path / "vms").mkdir()
+@pytest.mark.parametrize("ext", ["vms", "vmu"])
+def test_hamamatsu_from_s3_is_downloaded_with_the_images_its_key_file_names(stack, tmp_path, ext):
+    """VMS (JPEG) and VMU (NGR): the key file is the slide; the files it names come down with it."""
+    (tmp_path / ext).mkdir()
     patient = SyntheticPatient("ROE^JANE", "MRN6161", "19810303")
-    write_vms(tmp_path / "vms" / "clot_5.vms", slide_array(700, "CE", np.random.default_rng(3)), patient)
-    for p in (tmp_path / "vms").iterdir():
-        storage.put_file(p, f"s3://shards/src-vms/{p.name}")
+    write = write_vms if ext == "vms" else write_vmu
+    write(tmp_path / ext / f"clot_5.{ext}", slide_array(700, "CE", np.random.default_rng(3)), patient)
+    for p in (tmp_path / ext).iterdir():
+        storage.put_file(p, f"s3://shards/src-{ext}/{p.name}")
     options = {"tile_size": 128, "split": "train=1.0", "workers": 2, "region_tiles": 4}
-    local, _ = run_ingest("wsi", wsi_config(tmp_path / "vms", "s3://shards/vms-local", **options))
-    remote, _ = run_ingest("wsi", wsi_config("s3://shards/src-vms/clot_5.vms", "s3://shards/vms-remote", **options))
+    local, _ = run_ingest("wsi", wsi_config(tmp_path / ext, f"s3://shards/{ext}-local", **options))
+    remote_src = f"s3://shards/src-{ext}/clot_5.{ext}"
+    remote, _ = run_ingest("wsi", wsi_config(remote_src, f"s3://shards/{ext}-remote", **options))
     assert [(r.status, r.samples > 5) for r in remote.inputs] == [("ingested", True)]
-    assert _samples(remote, "s3://shards/vms-remote", tmp_path) == _samples(local, "s3://shards/vms-local", tmp_path)
+    remote_samples = _samples(remote, f"s3://shards/{ext}-remote", tmp_path)
+    assert remote_samples == _samples(local, f"s3://shards/{ext}-local", tmp_path)
