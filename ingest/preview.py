@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import cv2
 import numpy as np
-from skimage.segmentation import find_boundaries
 
 from ingest.tiling import Tile
+from ingest.tissue import inner_boundary
 
 MAX_SIDE = 1024
 
@@ -27,7 +27,7 @@ def preview_png(thumb: np.ndarray, mask: np.ndarray, mask_downsample: float, til
         img = cv2.resize(img, size, interpolation=cv2.INTER_AREA)
         m = cv2.resize(mask.astype(np.uint8), size, interpolation=cv2.INTER_NEAREST).astype(bool)
     img = img.copy()
-    img[find_boundaries(m, mode="inner")] = (0, 200, 0)
+    img[inner_boundary(m)] = (0, 200, 0)
     f = scale / mask_downsample
     for t in tiles:
         x0, y0 = round(t.x * f), round(t.y * f)

@@ -1,9 +1,10 @@
+import cv2
 import numpy as np
 import pytest
 
 from ingest.slides import ArraySlideReader
 from ingest.tiling import tile_origins, tissue_tiles
-from ingest.tissue import tissue_fraction, tissue_mask
+from ingest.tissue import inner_boundary, remove_small_objects, tissue_fraction, tissue_mask
 from ingest.wsi import choose_level, plan_tiles, read_tiles
 
 
@@ -28,6 +29,43 @@ def test_tissue_mask_finds_stained_region_and_ignores_specks():
     assert mask[16:48, 16:48].all()
     assert not mask[2, 2]
     assert mask.sum() == 32 * 32
+
+
+def test_holes_up_to_the_size_are_filled_and_larger_ones_kept():
+    img = np.full((64, 64, 3), 240, np.uint8)
+    img[8:56, 8:56] = (190, 70, 120)
+    img[12:14, 12:14] = 240  # a 4 px tear
+    img[30:40, 30:40] = 240  # a 100 px gap
+    mask = tissue_mask(img, min_object_px=8, min_hole_px=16)
+    assert mask[12:14, 12:14].all() and not mask[30:40, 30:40].any()
+    assert mask.sum() == 48 * 48 - 100
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_opencv_morphology_equals_scikit_image(seed):
+    """The OpenCV versions give scikit-image's exact results (4-connectivity; edges are not boundaries)."""
+    from skimage.morphology import remove_small_holes
+    from skimage.morphology import remove_small_objects as sk_remove
+    from skimage.segmentation import find_boundaries
+
+    mask = np.random.default_rng(seed).random((60, 70)) < 0.45 + 0.05 * seed
+    for size in (0, 1, 5, 30):
+        assert np.array_equal(remove_small_objects(mask, size), sk_remove(mask, max_size=size))
+        assert np.array_equal(~remove_small_objects(~mask, size), remove_small_holes(mask, max_size=size))
+    assert np.array_equal(inner_boundary(mask), find_boundaries(mask, mode="inner"))
+
+
+def test_otsu_mask_matches_scikit_image_on_a_synthetic_slide():
+    from skimage.filters import threshold_otsu
+
+    from ingest.synthetic import slide_array
+
+    thumb = slide_array(512, "CE", np.random.default_rng(4))
+    sat = cv2.cvtColor(thumb, cv2.COLOR_RGB2HSV)[:, :, 1].astype(np.float32) / 255
+    reference = sat > threshold_otsu(sat)  # before the speck and hole removal
+    ours = tissue_mask(thumb, min_object_px=0, min_hole_px=0)
+    assert 0.1 < ours.mean() < 0.9
+    assert (ours != reference).mean() < 1e-3  # the two Otsu histograms bin the same levels a hair apart
 
 
 def test_blank_slide_has_no_tissue():
