@@ -7,10 +7,13 @@ Each shard is spooled to a temporary file (beside its destination when that is l
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import os
 import shutil
 import tarfile
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -166,6 +169,7 @@ def concat_shards(parts: Iterable[tuple[Path, list[list[Member]]]], prefix: str,
     h = hashlib.sha256()
     keys: set[str] = set()
     spool = storage.spool_dir(prefix)
+    hasher = ThreadPoolExecutor(1, thread_name_prefix="tessera-shard-hash")
     try:
         tar_path = spool / (shard_name(index) + ".tmp")
         with open(tar_path, "wb") as out:
@@ -179,22 +183,53 @@ def concat_shards(parts: Iterable[tuple[Path, list[list[Member]]]], prefix: str,
                         raise ValueError(f"duplicate sample key {sample[0].key!r}")
                     keys.add(sample[0].key)
                     members += [Member(m.name, m.offset + at, m.size) for m in sample]
+                # The hash (one core) and the copy (in the kernel) of a part overlap; both end before the next.
+                hashed = hasher.submit(_hash_prefix, h, path, end)
                 with open(path, "rb") as f:
-                    left = end
-                    while left:
-                        chunk = f.read(min(left, 1 << 22))
-                        if not chunk:
-                            raise ValueError(f"part {path} is shorter than its index says")
-                        out.write(chunk)
-                        h.update(chunk)
-                        left -= len(chunk)
+                    _copy_prefix(f, out, end, path)
+                hashed.result()
                 at += end
             trailer = b"\0" * (2 * TAR_BLOCK)  # the end-of-archive marker
             out.write(trailer)
             h.update(trailer)
         return _publish(tar_path, members, len(keys), prefix, h.hexdigest())
     finally:
+        hasher.shutdown()
         shutil.rmtree(spool, ignore_errors=True)
+
+
+def _hash_prefix(h: Any, path: Path, count: int) -> None:
+    """Feed the first ``count`` bytes of ``path`` to ``h`` (hashlib lets other threads run meanwhile)."""
+    with open(path, "rb") as f:
+        left = count
+        while left:
+            chunk = f.read(min(left, 1 << 22))
+            if not chunk:
+                raise ValueError(f"part {path} is shorter than its index says")
+            h.update(chunk)
+            left -= len(chunk)
+
+
+def _copy_prefix(src: BinaryIO, dst: BinaryIO, count: int, path: Path) -> None:
+    """Append the first ``count`` bytes of ``src`` to ``dst``: ``copy_file_range`` in the kernel (no copies
+    through Python), read and write where the file systems cannot."""
+    dst.flush()
+    left = count
+    try:
+        while left:
+            n = os.copy_file_range(src.fileno(), dst.fileno(), left)
+            if n == 0:
+                raise ValueError(f"part {path} is shorter than its index says")
+            left -= n
+    except OSError as exc:
+        if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
+            raise
+        while left:  # both positions are where the kernel left them
+            chunk = src.read(min(left, 1 << 22))
+            if not chunk:
+                raise ValueError(f"part {path} is shorter than its index says") from None
+            dst.write(chunk)
+            left -= len(chunk)
 
 
 def read_tar_samples(path: str | Path) -> list[dict[str, bytes | str]]:

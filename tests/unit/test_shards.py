@@ -1,5 +1,7 @@
+import errno
 import hashlib
 import io
+import os
 import subprocess
 import sys
 import tarfile
@@ -116,7 +118,14 @@ def test_an_error_while_writing_publishes_nothing(tmp_path):
     assert not w._spool.exists()
 
 
-def test_concatenated_parts_equal_one_shard_written_sample_by_sample(tmp_path):
+@pytest.mark.parametrize("kernel_copy", [True, False])
+def test_concatenated_parts_equal_one_shard_written_sample_by_sample(tmp_path, monkeypatch, kernel_copy):
+    if not kernel_copy:  # a file system without copy_file_range: read and write instead
+
+        def unsupported(*args, **kwargs):
+            raise OSError(errno.EXDEV, "cross-device")
+
+        monkeypatch.setattr(os, "copy_file_range", unsupported)
     samples = list(_samples(10))
     parts = []
     for k, chunk in enumerate((samples[:3], samples[3:4], samples[4:])):
@@ -139,6 +148,11 @@ def test_concatenated_parts_equal_one_shard_written_sample_by_sample(tmp_path):
     assert (tmp_path / "joined" / "shard-000007.idx").read_text().strip() == ref.read_text().strip()
     with pytest.raises(ValueError, match="duplicate sample key"):
         concat_shards([parts[0], parts[0]], str(tmp_path / "dup"), 0)
+    with open(parts[2][0], "r+b") as f:  # a part cut short after staging
+        f.truncate(2048)
+    with pytest.raises(ValueError, match=r"part .*part2/shard-000000.tar is shorter than its index says"):
+        concat_shards(parts, str(tmp_path / "short"), 0)
+    assert not (tmp_path / "short").exists() or not list((tmp_path / "short").glob("*.tar"))
 
 
 def test_local_shards_are_published_by_rename_and_leave_no_spool(tmp_path, monkeypatch):
