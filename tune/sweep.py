@@ -172,6 +172,40 @@ def run_trial(config: dict[str, Any], sweep: dict, uri: str, storage_path: str, 
         raise RuntimeError(f"trial {trial_id}: training failed: {box['outcome'].error}")
 
 
+def prune_checkpoints(run_ids: list[str], recipe_name: str, train_storage: str) -> int:
+    """Delete the Ray Train checkpoints of a finished PBT sweep's trials, except each trial's newest complete one.
+
+    While the sweep runs its trials keep every checkpoint (another trial may be handed any of them); once it has
+    ended only the newest is worth keeping, to train a trial on. A trial's Ray Train runs are the folders
+    ``<recipe>-<MLflow run id[:12]>``, and ``...-<suffix>`` for each continuation. Returns how many were deleted.
+    """
+    import pyarrow.fs as pafs
+
+    from training.launch import storage_location
+
+    base, fs = storage_location(train_storage)
+    fs = fs or pafs.LocalFileSystem()
+
+    def folders(path: str, recursive: bool = False) -> list:
+        return fs.get_file_info(pafs.FileSelector(path.rstrip("/"), allow_not_found=True, recursive=recursive))
+
+    runs = [f for f in folders(base) if f.type == pafs.FileType.Directory]
+    deleted = 0
+    for run_id in run_ids:
+        prefix = f"{recipe_name}-{run_id[:12]}"
+        checkpoints = sorted(
+            (c for r in runs if r.base_name == prefix or r.base_name.startswith(prefix + "-") for c in folders(r.path)
+             if c.type == pafs.FileType.Directory and c.base_name.startswith("checkpoint_")),
+            key=lambda c: c.base_name,  # checkpoint_<date>_<time>: oldest first
+        )  # fmt: skip
+        complete = [c for c in checkpoints if any(f.path.endswith("_model_states.pt") for f in folders(c.path, True))]
+        for c in checkpoints:
+            if not complete or c.path != complete[-1].path:
+                fs.delete_dir(c.path)
+                deleted += 1
+    return deleted
+
+
 def _trainable(sweep: SweepConfig, uri: str, train_storage: str, parent_id: str, sweep_run: str):
     from functools import partial
 
@@ -257,6 +291,10 @@ def run_sweep(
             ok = None
             raise SweepInterrupted(f"sweep {sweep_run} interrupted; finish it with: tessera tune --resume {sweep_run}")
         outcome = summarise(grid, sweep, uri, parent_id, sweep_run, metric, mode)
+        if sweep.scheduler.name == "pbt":
+            run_ids = [r.metrics["mlflow_run_id"] for r in grid if (r.metrics or {}).get("mlflow_run_id")]
+            pruned = prune_checkpoints(run_ids, base.name, train_storage)
+            print(f"sweep {sweep_run}: deleted {pruned} checkpoints PBT no longer needs", flush=True)
         ok = True
         return outcome
     finally:

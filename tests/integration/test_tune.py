@@ -241,7 +241,8 @@ def test_pbt_continues_a_trial_from_anothers_weights(stack, work):
         scheduler={"name": "pbt", "perturbation_interval": 1, "quantile_fraction": 0.5},
         max_concurrent=2,
     )
-    out = run_sweep(sweep, stack.mlflow_url, **_stores(work))
+    stores = _stores(work) | {"train_storage": str(work / "ckpt-pbt")}  # its own, to count what is left
+    out = run_sweep(sweep, stack.mlflow_url, **stores)
     client = MlflowClient(stack.mlflow_url)
     children = _children(client, out.parent_run_id)
     assert len(children) == 2 and out.errors == 0 and all(c.info.status == "FINISHED" for c in children)
@@ -255,3 +256,6 @@ def test_pbt_continues_a_trial_from_anothers_weights(stack, work):
         assert resumed and all(m.value >= 1 for m in resumed)
         lrs = {m.value for m in client.get_metric_history(c.info.run_id, "lr")}
         assert len(lrs) > 1, "the learning rate never changed"
+    # Every checkpoint was kept while the sweep ran (an exploit may take any); once it ended, each trial's last.
+    left = [p for p in (work / "ckpt-pbt").rglob("checkpoint_*") if p.is_dir()]
+    assert len(left) == 2 and all(list(p.rglob("*_model_states.pt")) for p in left)

@@ -136,3 +136,22 @@ def test_tune_space_trial_counts_and_concurrency():
     assert concurrency(recipe, {"CPU": 16, "GPU": 4}, use_gpu=False) == 8
     assert concurrency(recipe, {"CPU": 16, "GPU": 4}, use_gpu=True) == 2
     assert concurrency(recipe, {"CPU": 1}, use_gpu=False) == 1
+
+
+def test_a_finished_pbt_sweep_keeps_each_trials_newest_complete_checkpoint(tmp_path):
+    from tune.sweep import prune_checkpoints
+
+    def checkpoint(run: str, stamp: str, complete: bool = True):
+        folder = tmp_path / run / f"checkpoint_2026-11-30_15-00-{stamp}.000000" / "checkpoint"
+        folder.mkdir(parents=True)
+        if complete:
+            (folder / "mp_rank_00_model_states.pt").write_bytes(b"x")
+        return folder.parent
+
+    a_old = checkpoint("demo-aaaaaaaaaaaa", "01")
+    a_new = checkpoint("demo-aaaaaaaaaaaa-1f2e3d", "02")  # the trial went on after a PBT exploit
+    a_cut = checkpoint("demo-aaaaaaaaaaaa-1f2e3d", "03", complete=False)  # stopped while saving
+    b_only = checkpoint("demo-bbbbbbbbbbbb", "01")
+    other = checkpoint("demo-cccccccccccc", "01")  # not this sweep's
+    assert prune_checkpoints(["aaaaaaaaaaaa0000", "bbbbbbbbbbbb0000"], "demo", str(tmp_path)) == 2
+    assert [p.exists() for p in (a_old, a_new, a_cut, b_only, other)] == [False, True, False, True, True]
