@@ -34,10 +34,14 @@ def balanced_indices(labels: np.ndarray, n: int, rng: np.random.Generator) -> np
     """``n`` sample indices drawn with replacement so that each class present is equally likely.
 
     A sample of class ``c`` has weight ``1 / n_c``: classes are drawn uniformly, then a sample within the class.
+    Unlabelled samples (``-1``) are never drawn.
     """
-    _, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
+    labelled = np.flatnonzero(labels >= 0)
+    if not len(labelled):
+        raise ValueError("no labelled samples to draw from")
+    _, inverse, counts = np.unique(labels[labelled], return_inverse=True, return_counts=True)
     weights = 1.0 / counts[inverse]
-    return rng.choice(len(labels), size=n, replace=True, p=weights / weights.sum())
+    return labelled[rng.choice(len(labelled), size=n, replace=True, p=weights / weights.sum())]
 
 
 def pick(members: list[Member], spec: str) -> Member:

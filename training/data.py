@@ -62,6 +62,8 @@ class WorkerData:
     def _balanced(self, epoch: int, steps: int) -> SampleSource:
         """This worker's samples for ``epoch``: class-balanced draws, seeded by (seed, epoch, rank)."""
         r = self.recipe
+        if not (self.train_labels >= 0).any():
+            raise ValueError(f"{r.data.dataset}: sampler balanced, but no {r.data.train_split} sample has a label")
         rng = np.random.default_rng([r.seed, epoch, self.rank])
         order = balanced_indices(self.train_labels, steps * r.batch_size, rng)
         files, samples = self._train

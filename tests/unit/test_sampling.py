@@ -51,6 +51,10 @@ def test_balanced_draws_every_class_equally_often_and_only_classes_present():
     assert per_sample[90:].min() > 800 and per_sample[:90].max() < 160
     again = balanced_indices(labels, 20000, np.random.default_rng(0))
     assert np.array_equal(draws, again)
+    unlabelled = np.array([-1, 0, -1, 1])
+    assert set(balanced_indices(unlabelled, 200, np.random.default_rng(1))) == {1, 3}
+    with pytest.raises(ValueError, match="no labelled samples"):
+        balanced_indices(np.array([-1, -1]), 4, np.random.default_rng(1))
 
 
 def test_sample_source_reads_the_chosen_samples_bytes_across_shards(imbalanced):
