@@ -45,6 +45,16 @@ def storage_filesystem(storage_path: str):
     return s3_filesystem()
 
 
+def has_model_states(path: str, fs=None) -> bool:
+    """Whether the checkpoint folder ``path`` (on pyarrow ``fs``, local by default) holds DeepSpeed model states:
+    a complete Tessera checkpoint, not one deleted or cut short."""
+    import pyarrow.fs as pafs
+
+    fs = fs or pafs.LocalFileSystem()
+    found = fs.get_file_info(pafs.FileSelector(path.rstrip("/"), recursive=True, allow_not_found=True))
+    return any(f.path.endswith("_model_states.pt") for f in found)
+
+
 def checkpoint_url(path: str, storage_path: str) -> str:
     """A checkpoint's address for people and for :func:`training.loop.checkpoint_weights`: Ray gives object-store
     paths without their scheme, so ``s3://`` is put back when the run's storage is S3."""

@@ -295,11 +295,9 @@ class Trainer:
 def _check_checkpoint(path: str, fs, role: str = "to start from") -> None:
     """Refuse a checkpoint that holds no model states, naming it (DeepSpeed would only fail an assertion on an
     empty list); ``role`` says which checkpoint it is."""
-    import pyarrow.fs as pafs
+    from training.launch import has_model_states
 
-    fs = fs or pafs.LocalFileSystem()
-    found = fs.get_file_info(pafs.FileSelector(path.rstrip("/"), recursive=True, allow_not_found=True))
-    if not any(f.path.endswith("_model_states.pt") for f in found):
+    if not has_model_states(path, fs):
         raise FileNotFoundError(f"checkpoint {path} {role} holds no model states (deleted or incomplete)")
 
 

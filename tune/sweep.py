@@ -181,13 +181,13 @@ def prune_checkpoints(run_ids: list[str], recipe_name: str, train_storage: str) 
     """
     import pyarrow.fs as pafs
 
-    from training.launch import storage_location
+    from training.launch import has_model_states, storage_location
 
     base, fs = storage_location(train_storage)
     fs = fs or pafs.LocalFileSystem()
 
-    def folders(path: str, recursive: bool = False) -> list:
-        return fs.get_file_info(pafs.FileSelector(path.rstrip("/"), allow_not_found=True, recursive=recursive))
+    def folders(path: str) -> list:
+        return fs.get_file_info(pafs.FileSelector(path.rstrip("/"), allow_not_found=True))
 
     runs = [f for f in folders(base) if f.type == pafs.FileType.Directory]
     deleted = 0
@@ -198,7 +198,7 @@ def prune_checkpoints(run_ids: list[str], recipe_name: str, train_storage: str) 
              if c.type == pafs.FileType.Directory and c.base_name.startswith("checkpoint_")),
             key=lambda c: c.base_name,  # checkpoint_<date>_<time>: oldest first
         )  # fmt: skip
-        complete = [c for c in checkpoints if any(f.path.endswith("_model_states.pt") for f in folders(c.path, True))]
+        complete = [c for c in checkpoints if has_model_states(c.path, fs)]
         for c in checkpoints:
             if not complete or c.path != complete[-1].path:
                 fs.delete_dir(c.path)
