@@ -104,12 +104,16 @@ def pack_parts(
     while sched.busy:
         _, (split, i, _), shard = sched.next()
         done[split, i] = shard
+    classes = {w.id: w.classes for recs in works.values() for w in recs}
     for split, (groups, owners) in todo.items():
         shards = [done[split, i] for i in range(len(groups))]
-        for group, shard in zip(groups, shards, strict=True):
+        for i, (group, shard) in enumerate(zip(groups, shards, strict=True)):
             for work_id in group:
                 for rec in owners[work_id]:
                     rec.shards = sorted({*rec.shards, f"{split}/{shard.name}"})
+            # Parts staged before class runs existed (a run resumed across versions) leave the shard without.
+            runs = [classes.get(work_id) for work_id in group]
+            shards[i] = shard.model_copy(update={"classes": " ".join(runs) if all(runs) else None})
         splits[split] = mf.SplitInfo(num_samples=sum(s.samples for s in shards), shards=shards)
     return splits
 

@@ -44,6 +44,7 @@ class WorkRecord(BaseModel):
     reason: str | None = None
     samples: int = 0
     bytes: int = 0
+    classes: str | None = None  # the part's samples' labels as runs (see shards.manifest.encode_runs)
     warnings: list[str] = Field(default_factory=list)
     members: dict[str, Outcome] = Field(default_factory=dict)
 
@@ -87,22 +88,24 @@ def _batch_samples(work: Work, cfg: IngestConfig, members: dict[str, Outcome]):
         yield from made or []
 
 
-def _write_part(work: Work, cfg: IngestConfig, background=None) -> tuple[int, int, dict[str, Outcome]]:
-    """Stage one piece of work as one part tar; returns ``(samples, bytes, outcomes of a batch's images)``."""
+def _write_part(work: Work, cfg: IngestConfig, background=None) -> tuple[int, int, str, dict[str, Outcome]]:
+    """Stage one piece of work as one part tar; returns ``(samples, bytes, class runs, outcomes of a batch's
+    images)``."""
     members: dict[str, Outcome] = {}
     samples = _batch_samples(work, cfg, members) if work.batch else work_samples(work, cfg, background)
     # A huge target keeps one part per piece of work, published straight to staging once complete.
     with ShardWriter(storage.join(cfg.out, STAGING, work.id), target_bytes=1 << 62) as writer:
         for sample in samples:
             writer.write(sample)
-    return sum(p.samples for p in writer.shards), sum(p.size for p in writer.shards), members
+    classes = " ".join(p.classes for p in writer.shards if p.classes)
+    return sum(p.samples for p in writer.shards), sum(p.size for p in writer.shards), classes, members
 
 
 def process_work(work: Work, cfg: IngestConfig, background=None) -> WorkRecord:
     """Stage one piece of work as a part tar, then its record; failures become records too."""
     written, action, reason = attempt(lambda: _write_part(work, cfg, background), cfg.max_attempts)
     rec = WorkRecord(id=work.id, unit=work.unit.id, index=work.index, status=action or "ingested", reason=reason)
-    rec.samples, rec.bytes, rec.members = written or (0, 0, {})
+    rec.samples, rec.bytes, rec.classes, rec.members = written or (0, 0, None, {})
     if action and work.batch:  # the part itself could not be staged: every image of the batch shares its fate
         rec.members = {u.id: Outcome(status=action, reason=reason) for u in work.batch}
     # Recorded as done only when whole: a re-run retries work with a failure in it (a batch with a bad image too).

@@ -19,12 +19,37 @@ MANIFEST_NAME = "manifest.json"
 
 
 class ShardInfo(BaseModel):
-    """One published shard: file name relative to its split prefix, bytes, sample count, sha256."""
+    """One published shard: file name relative to its split prefix, bytes, sample count, sha256.
+
+    ``classes``: each sample's ``.cls`` label in tar order (``-1`` for none) as runs, see :func:`encode_runs`, so
+    class counts and the balanced sampler need no read per sample; absent in manifests from before it existed.
+    """
 
     name: str
     size: int
     sha256: str
     samples: int
+    classes: str | None = None
+
+
+def encode_runs(labels: list[int]) -> str:
+    """``[0, 0, 0, 1, -1]`` -> ``"0x3 1x1 -1x1"``: a slide's tiles share a label, so runs stay short."""
+    runs: list[list[int]] = []
+    for label in labels:
+        if runs and runs[-1][0] == label:
+            runs[-1][1] += 1
+        else:
+            runs.append([label, 1])
+    return " ".join(f"{label}x{count}" for label, count in runs)
+
+
+def decode_runs(text: str) -> list[int]:
+    """The inverse of :func:`encode_runs`."""
+    out: list[int] = []
+    for run in text.split():
+        label, count = run.split("x")
+        out += [int(label)] * int(count)
+    return out
 
 
 def split_names(split: str) -> list[str]:
@@ -81,6 +106,14 @@ class Manifest(BaseModel):
     def shard_urls(self, prefix: str, split: str) -> list[str]:
         """Full URLs of a split's shards under the dataset ``prefix``; ``a+b`` joins splits (in that order)."""
         return [storage.join(prefix, name, s.name) for name in split_names(split) for s in self.splits[name].shards]
+
+    def sample_classes(self, split: str) -> list[int] | None:
+        """Every sample's class in shard and tar order (as :meth:`shard_urls`), or None when a shard of an older
+        manifest does not record them."""
+        shards = [s for name in split_names(split) for s in self.splits[name].shards]
+        if any(s.classes is None for s in shards):
+            return None
+        return [label for s in shards for label in decode_runs(s.classes or "")]
 
     def num_samples(self, split: str) -> int:
         """Samples in ``split`` (``a+b`` adds them up)."""

@@ -1,4 +1,4 @@
-"""Check a published dataset against its manifest: every shard present with its size, sha256 and count."""
+"""Check a published dataset against its manifest: every shard present with its size, sha256, count and classes."""
 
 from __future__ import annotations
 
@@ -9,6 +9,15 @@ from pathlib import Path
 from shards import manifest as mf
 from shards import storage
 from shards.index import parse_index
+
+
+def _classes(data: bytes, samples) -> list[int]:
+    """Each sample's ``.cls`` label read from the shard's bytes (-1 for none)."""
+    out = []
+    for members in samples:
+        cls = next((m for m in members if m.ext == "cls"), None)
+        out.append(int(data[cls.offset : cls.offset + cls.size]) if cls else -1)
+    return out
 
 
 def verify_dataset(prefix: str) -> list[str]:
@@ -30,8 +39,11 @@ def verify_dataset(prefix: str) -> list[str]:
                 problems.append(f"{url}: size {len(data)} != manifest {shard.size}")
             if hashlib.sha256(data).hexdigest() != shard.sha256:
                 problems.append(f"{url}: sha256 differs from the manifest")
-            if len(parse_index(idx)) != shard.samples:
-                problems.append(f"{url}: index has {len(parse_index(idx))} samples, manifest {shard.samples}")
+            samples = parse_index(idx)
+            if len(samples) != shard.samples:
+                problems.append(f"{url}: index has {len(samples)} samples, manifest {shard.samples}")
+            if shard.classes is not None and mf.decode_runs(shard.classes) != _classes(data, samples):
+                problems.append(f"{url}: sample classes differ from the manifest's")
         if sum(s.samples for s in info.shards) != info.num_samples:
             problems.append(f"{split}: shard sample counts do not add up to {info.num_samples}")
     return problems

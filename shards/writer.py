@@ -19,7 +19,7 @@ from typing import Any, BinaryIO
 
 from shards import storage
 from shards.index import Member, index_text
-from shards.manifest import ShardInfo
+from shards.manifest import ShardInfo, encode_runs
 from shards.schema import check_key, to_bytes
 
 TAR_BLOCK = 512
@@ -81,6 +81,7 @@ class ShardWriter:
         self._path = self._spool / (shard_name(self.index) + ".tmp")
         self._tar = open(self._path, "wb")  # noqa: SIM115 (closed per shard)
         self._members = []
+        self._labels: list[int] = []
         self._count = 0
 
     def write(self, sample: dict[str, Any]) -> str:
@@ -97,6 +98,7 @@ class ShardWriter:
         assert self._tar is not None
         for ext in sorted(k for k in sample if not k.startswith("__")):
             self._add(f"{key}.{ext}", to_bytes(sample[ext]))
+        self._labels.append(int(to_bytes(sample["cls"])) if "cls" in sample else -1)
         self._count += 1
         name = shard_name(self.index)
         if self._tar.tell() >= self.target_bytes:
@@ -116,7 +118,8 @@ class ShardWriter:
         self._tar.write(b"\0" * (2 * TAR_BLOCK + -end % TAR_RECORD))
         self._tar.close()
         self._tar = None
-        self.shards.append(_publish(self._path, self._members, self._count, self.prefix, _sha256(self._path)))
+        info = _publish(self._path, self._members, self._count, self.prefix, _sha256(self._path))
+        self.shards.append(info.model_copy(update={"classes": encode_runs(self._labels)}))
         self.index += 1
 
     def close(self) -> list[ShardInfo]:

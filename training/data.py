@@ -49,7 +49,11 @@ class WorkerData:
 
     @cached_property
     def train_labels(self) -> np.ndarray:
-        """Every train sample's ``.cls`` label, read once (one small ranged read per sample)."""
+        """Every train sample's ``.cls`` label: from the manifest, or (a manifest from before it recorded them)
+        read once from the shards, one small ranged read per sample."""
+        recorded = self.manifest.sample_classes(self.recipe.data.train_split)
+        if recorded is not None:
+            return np.array(recorded, dtype=np.int64)
         return read_labels(*self._train)
 
     def train_counts(self, classes: int) -> list[int]:

@@ -12,6 +12,7 @@ from mlflow import MlflowClient
 from cluster.demo import run_demo
 from shards import manifest as mf
 from shards import storage
+from shards.sampling import read_labels
 from shards.verify import verify_dataset
 from training.config import load_recipe
 from training.data import WorkerData
@@ -76,6 +77,8 @@ def test_balanced_sampler_reads_the_samples_it_draws_from_s3(demo):
         assert demo["wsi"].startswith("s3://")
         counts = class_counts(manifest.inputs, "train", len(manifest.classes))
         assert np.bincount(data.train_labels, minlength=len(counts)).tolist() == counts
+        # ingest recorded every sample's class in the manifest; ranged GETs of the `.cls` members agree
+        assert manifest.sample_classes("train") == read_labels(*data._train).tolist()
         batches = list(data.batches("train", 0, True))
         assert [x.shape for x, _, _ in batches] == [(4, 3, 32, 32)] * 2
         for _, labels, metas in batches:

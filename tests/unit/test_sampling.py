@@ -119,6 +119,8 @@ def test_class_counts_come_from_the_samples_when_labels_are_per_slice(tmp_path):
     expected = np.bincount(truth.train_labels, minlength=2).tolist()
     for rec in manifest.inputs:
         rec.label = 1  # as if each input were a series with one positive slice
+    for shard in manifest.splits["train"].shards:
+        shard.classes = None  # a manifest from before classes were recorded: read from the shards instead
     data = WorkerData(recipe, manifest, 0, 1, None)
     try:
         assert data.train_counts(2) == expected

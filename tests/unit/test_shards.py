@@ -37,6 +37,15 @@ def test_writer_targets_size_and_publishes_complete_shards(tmp_path):
     for info in infos:
         data = (tmp_path / info.name).read_bytes()
         assert len(data) == info.size and hashlib.sha256(data).hexdigest() == info.sha256
+    # each sample's class, in order, as runs: what the balanced sampler and class weights read
+    assert [c for i in infos for c in mf.decode_runs(i.classes)] == [i % 2 for i in range(12)]
+
+
+def test_class_runs_round_trip():
+    labels = [0, 0, 0, 1, -1, -1, 3, 0]
+    assert mf.encode_runs(labels) == "0x3 1x1 -1x2 3x1 0x1"
+    assert mf.decode_runs(mf.encode_runs(labels)) == labels
+    assert mf.decode_runs("0x2 0x1") == [0, 0, 0]  # parts joined without merging their runs
 
 
 def test_index_matches_dalis_wds2idx(tmp_path):
@@ -87,6 +96,9 @@ def test_verify_detects_tampering(tmp_path):
     m = mf.Manifest(dataset=prefix, kind="test", splits={"train": mf.SplitInfo(num_samples=4, shards=w.shards)})
     mf.save(m, prefix)
     assert verify_dataset(prefix) == []
+    m.splits["train"].shards[0].classes = "1x4"
+    mf.save(m, prefix)
+    assert verify_dataset(prefix) == [f"{prefix}/train/shard-000000.tar: sample classes differ from the manifest's"]
     tar = Path(prefix) / "train" / "shard-000000.tar"
     with tarfile.open(tar, "a") as tf:  # append a stray member
         info = tarfile.TarInfo("extra.txt")
