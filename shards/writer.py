@@ -98,7 +98,7 @@ class ShardWriter:
         assert self._tar is not None
         for ext in sorted(k for k in sample if not k.startswith("__")):
             self._add(f"{key}.{ext}", to_bytes(sample[ext]))
-        self._labels.append(int(to_bytes(sample["cls"])) if "cls" in sample else -1)
+        self._labels.append(_class_of(sample))
         self._count += 1
         name = shard_name(self.index)
         if self._tar.tell() >= self.target_bytes:
@@ -145,6 +145,14 @@ class ShardWriter:
             self.close()
         else:
             self._discard()
+
+
+def _class_of(sample: dict[str, Any]) -> int:
+    """A sample's integer ``.cls`` label; -1 when it has none (or one that is not an integer)."""
+    try:
+        return int(to_bytes(sample["cls"]))
+    except (KeyError, ValueError):
+        return -1
 
 
 def _publish(tar_path: Path, members: list[Member], samples: int, prefix: str, sha256: str) -> ShardInfo:

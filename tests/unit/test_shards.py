@@ -48,6 +48,14 @@ def test_class_runs_round_trip():
     assert mf.decode_runs("0x2 0x1") == [0, 0, 0]  # parts joined without merging their runs
 
 
+def test_samples_without_an_integer_class_are_recorded_as_minus_one(tmp_path):
+    with ShardWriter(str(tmp_path)) as w:
+        w.write({"__key__": "a", "png": b"x", "cls": 2})
+        w.write({"__key__": "b", "png": b"x"})
+        w.write({"__key__": "c", "png": b"x", "cls": "tumour"})
+    assert w.shards[0].classes == "2x1 -1x2"
+
+
 def test_index_matches_dalis_wds2idx(tmp_path):
     with ShardWriter(str(tmp_path), target_bytes=1 << 30) as w:
         for s in _samples(5):
