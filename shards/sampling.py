@@ -17,6 +17,7 @@ import numpy as np
 
 from shards import storage
 from shards.index import Member, parse_index
+from shards.schema import class_label
 
 Sample = tuple[int, list[Member]]  # (shard number in the split, the sample's members in tar order)
 
@@ -104,7 +105,7 @@ def read_labels(files: ShardFiles, samples: list[Sample]) -> np.ndarray:
             spans.append((shard, cls.offset, cls.size))
             where.append(i)
     labels = np.full(len(samples), -1, dtype=np.int64)
-    labels[where] = [int(b.decode()) for b in files.read_many(spans)]
+    labels[where] = [class_label(b) for b in files.read_many(spans)]
     return labels
 
 

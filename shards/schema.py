@@ -108,3 +108,11 @@ def to_bytes(value: Any) -> bytes:
     if isinstance(value, str):
         return value.encode()
     return json.dumps(value, sort_keys=True).encode()
+
+
+def class_label(cls: bytes | None) -> int:
+    """A ``.cls`` member's integer label; -1 when there is none (or it is not an integer)."""
+    try:
+        return int(cls) if cls is not None else -1
+    except ValueError:
+        return -1

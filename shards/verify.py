@@ -9,6 +9,7 @@ from pathlib import Path
 from shards import manifest as mf
 from shards import storage
 from shards.index import parse_index
+from shards.schema import class_label
 
 
 def _classes(data: bytes, samples) -> list[int]:
@@ -16,7 +17,7 @@ def _classes(data: bytes, samples) -> list[int]:
     out = []
     for members in samples:
         cls = next((m for m in members if m.ext == "cls"), None)
-        out.append(int(data[cls.offset : cls.offset + cls.size]) if cls else -1)
+        out.append(class_label(data[cls.offset : cls.offset + cls.size] if cls else None))
     return out
 
 

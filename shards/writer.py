@@ -20,7 +20,7 @@ from typing import Any, BinaryIO
 from shards import storage
 from shards.index import Member, index_text
 from shards.manifest import ShardInfo, encode_runs
-from shards.schema import check_key, to_bytes
+from shards.schema import check_key, class_label, to_bytes
 
 TAR_BLOCK = 512
 TAR_RECORD = 20 * TAR_BLOCK  # tarfile pads a closed archive to a multiple of this
@@ -98,7 +98,7 @@ class ShardWriter:
         assert self._tar is not None
         for ext in sorted(k for k in sample if not k.startswith("__")):
             self._add(f"{key}.{ext}", to_bytes(sample[ext]))
-        self._labels.append(_class_of(sample))
+        self._labels.append(class_label(to_bytes(sample["cls"]) if "cls" in sample else None))
         self._count += 1
         name = shard_name(self.index)
         if self._tar.tell() >= self.target_bytes:
@@ -145,14 +145,6 @@ class ShardWriter:
             self.close()
         else:
             self._discard()
-
-
-def _class_of(sample: dict[str, Any]) -> int:
-    """A sample's integer ``.cls`` label; -1 when it has none (or one that is not an integer)."""
-    try:
-        return int(to_bytes(sample["cls"]))
-    except (KeyError, ValueError):
-        return -1
 
 
 def _publish(tar_path: Path, members: list[Member], samples: int, prefix: str, sha256: str) -> ShardInfo:
