@@ -51,8 +51,9 @@ def group_parts(parts: list[tuple[str, int]], target_bytes: int) -> list[list[st
     return groups
 
 
-def pack_shard(out: str, split: str, index: int, part_ids: list[str]) -> ShardInfo:
-    """Join staged parts byte for byte into ``<out>/<split>/shard-<index>.tar`` (+ ``.idx``).
+def pack_shard(out: str, split: str, index: int, part_ids: list[str], classes: str | None) -> ShardInfo:
+    """Join staged parts byte for byte into ``<out>/<split>/shard-<index>.tar`` (+ ``.idx``); ``classes``: the
+    parts' class runs joined, or None when a part (staged before they were recorded) lacks them.
 
     Parts on the object store are fetched one at a time, so the local disk holds the shard plus one part; local
     parts are read where they lie.
@@ -65,7 +66,7 @@ def pack_shard(out: str, split: str, index: int, part_ids: list[str]) -> ShardIn
             with local_copy(url) as path:  # concat_shards reads a part whole before asking for the next
                 yield Path(path), samples
 
-    return concat_shards(parts(), storage.join(out, split), index)
+    return concat_shards(parts(), storage.join(out, split), index, classes)
 
 
 def split_parts(recs: list[InputRecord], works: dict[str, list[WorkRecord]]):
@@ -96,24 +97,26 @@ def pack_parts(
     for rec in inputs:
         if rec.status == "ingested":
             by_split.setdefault(rec.split or "all", []).append(rec)
+    classes = {w.id: w.classes for recs in works.values() for w in recs}
+
+    def joined(group: list[str]) -> str | None:  # None when a part was staged before class runs were recorded
+        runs = [classes.get(work_id) for work_id in group]
+        return " ".join(runs) if all(runs) else None
+
     for split, recs in sorted(by_split.items()):
         parts, owners = split_parts(recs, works)
         todo[split] = group_parts(parts, cfg.shard_size), owners
-        sched.submit("pack", [(split, i, group) for i, group in enumerate(todo[split][0])])
+        sched.submit("pack", [(split, i, group, joined(group)) for i, group in enumerate(todo[split][0])])
     done: dict[tuple[str, int], ShardInfo] = {}
     while sched.busy:
-        _, (split, i, _), shard = sched.next()
+        _, (split, i, _, _), shard = sched.next()
         done[split, i] = shard
-    classes = {w.id: w.classes for recs in works.values() for w in recs}
     for split, (groups, owners) in todo.items():
         shards = [done[split, i] for i in range(len(groups))]
-        for i, (group, shard) in enumerate(zip(groups, shards, strict=True)):
+        for group, shard in zip(groups, shards, strict=True):
             for work_id in group:
                 for rec in owners[work_id]:
                     rec.shards = sorted({*rec.shards, f"{split}/{shard.name}"})
-            # Parts staged before class runs existed (a run resumed across versions) leave the shard without.
-            runs = [classes.get(work_id) for work_id in group]
-            shards[i] = shard.model_copy(update={"classes": " ".join(runs) if all(runs) else None})
         splits[split] = mf.SplitInfo(num_samples=sum(s.samples for s in shards), shards=shards)
     return splits
 

@@ -45,9 +45,9 @@ class IngestWorker:
     def process(self, work: Work) -> WorkRecord:
         return process_work(work, self.cfg, self.background)
 
-    def pack(self, job: tuple[str, int, list[str]]) -> ShardInfo:
-        split, index, part_ids = job
-        return pack_shard(self.cfg.out, split, index, part_ids)
+    def pack(self, job: tuple[str, int, list[str], str | None]) -> ShardInfo:
+        split, index, part_ids, classes = job
+        return pack_shard(self.cfg.out, split, index, part_ids, classes)
 
     def close(self) -> None:
         # Imported here, not at the top: Ray ships this class with its module's globals by value, so a

@@ -118,8 +118,8 @@ class ShardWriter:
         self._tar.write(b"\0" * (2 * TAR_BLOCK + -end % TAR_RECORD))
         self._tar.close()
         self._tar = None
-        info = _publish(self._path, self._members, self._count, self.prefix, _sha256(self._path))
-        self.shards.append(info.model_copy(update={"classes": encode_runs(self._labels)}))
+        classes = encode_runs(self._labels)
+        self.shards.append(_publish(self._path, self._members, self._count, self.prefix, _sha256(self._path), classes))
         self.index += 1
 
     def close(self) -> list[ShardInfo]:
@@ -147,7 +147,9 @@ class ShardWriter:
             self._discard()
 
 
-def _publish(tar_path: Path, members: list[Member], samples: int, prefix: str, sha256: str) -> ShardInfo:
+def _publish(
+    tar_path: Path, members: list[Member], samples: int, prefix: str, sha256: str, classes: str | None
+) -> ShardInfo:
     """Publish a finished ``shard-N.tar.tmp`` under ``prefix`` with its ``.idx`` (index first), moving both there.
 
     An S3 PUT is atomic and local files are renamed into place, so a shard is never seen half written.
@@ -155,14 +157,17 @@ def _publish(tar_path: Path, members: list[Member], samples: int, prefix: str, s
     name = tar_path.name.removesuffix(".tmp")
     idx_path = tar_path.with_name(name.replace(".tar", ".idx"))
     idx_path.write_text(index_text(members))
-    info = ShardInfo(name=name, size=tar_path.stat().st_size, sha256=sha256, samples=samples)
+    info = ShardInfo(name=name, size=tar_path.stat().st_size, sha256=sha256, samples=samples, classes=classes)
     storage.move_file(idx_path, storage.join(prefix, idx_path.name))
     storage.move_file(tar_path, storage.join(prefix, name))
     return info
 
 
-def concat_shards(parts: Iterable[tuple[Path, list[list[Member]]]], prefix: str, index: int) -> ShardInfo:
-    """Publish ``shard-<index>`` made of whole tar ``parts`` (local files with their indexed samples), byte for byte.
+def concat_shards(
+    parts: Iterable[tuple[Path, list[list[Member]]]], prefix: str, index: int, classes: str | None = None
+) -> ShardInfo:
+    """Publish ``shard-<index>`` made of whole tar ``parts`` (local files with their indexed samples), byte for byte;
+    ``classes`` are its samples' class runs (the parts', joined), when known.
 
     Each part's members are copied without unpacking and the index offsets are shifted, so joining staged
     parts costs one sequential copy and one hash instead of re-tarring every sample. ``parts`` is consumed one
@@ -195,7 +200,7 @@ def concat_shards(parts: Iterable[tuple[Path, list[list[Member]]]], prefix: str,
             trailer = b"\0" * (2 * TAR_BLOCK)  # the end-of-archive marker
             out.write(trailer)
             h.update(trailer)
-        return _publish(tar_path, members, len(keys), prefix, h.hexdigest())
+        return _publish(tar_path, members, len(keys), prefix, h.hexdigest(), classes)
     finally:
         hasher.shutdown()
         shutil.rmtree(spool, ignore_errors=True)

@@ -147,16 +147,18 @@ def test_concatenated_parts_equal_one_shard_written_sample_by_sample(tmp_path, m
 
         monkeypatch.setattr(os, "copy_file_range", unsupported)
     samples = list(_samples(10))
-    parts = []
+    parts, runs = [], []
     for k, chunk in enumerate((samples[:3], samples[3:4], samples[4:])):
         with ShardWriter(str(tmp_path / f"part{k}"), target_bytes=1 << 30) as w:
             for s in chunk:
                 w.write(s)
         idx = parse_index((tmp_path / f"part{k}" / "shard-000000.idx").read_text())
         parts.append((tmp_path / f"part{k}" / "shard-000000.tar", idx))
-    info = concat_shards(parts, str(tmp_path / "joined"), 7)
+        runs.append(w.shards[0].classes)
+    info = concat_shards(parts, str(tmp_path / "joined"), 7, " ".join(runs))
     tar = tmp_path / "joined" / "shard-000007.tar"
     assert info.name == tar.name and info.samples == 10 and info.size == tar.stat().st_size
+    assert mf.decode_runs(info.classes) == [i % 2 for i in range(10)]
     assert hashlib.sha256(tar.read_bytes()).hexdigest() == info.sha256
     got = read_tar_samples(tar)
     assert [g["__key__"] for g in got] == [s["__key__"] for s in samples]
