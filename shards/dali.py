@@ -160,8 +160,7 @@ def build_pipeline(
     )
     def pipe():
         if source is not None:
-            outputs = fn.external_source(source=source, num_outputs=len(sample_exts(frames)), batch=True)
-            *encoded, cls, meta = outputs
+            *encoded, cls, meta = fn.external_source(source=source, num_outputs=len(sample_exts(frames)), batch=True)
         else:
             *encoded, cls, meta = fn.readers.webdataset(
                 paths=shard_urls,

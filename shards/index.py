@@ -28,6 +28,11 @@ class Member:
         return self.name[self.name.index(".") + 1 :]
 
 
+def find_member(sample: list[Member], *exts: str) -> Member | None:
+    """The first of a sample's members whose extension is one of ``exts`` (None if none is)."""
+    return next((m for m in sample if m.ext in exts), None)
+
+
 def index_text(members: list[Member]) -> str:
     """The ``.idx`` text for ``members`` in tar order; consecutive members with one key form a sample."""
     samples: list[list[Member]] = []

@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from shards import storage
-from shards.index import Member, parse_index
+from shards.index import Member, find_member, parse_index
 from shards.schema import class_label
 
 Sample = tuple[int, list[Member]]  # (shard number in the split, the sample's members in tar order)
@@ -47,10 +47,9 @@ def balanced_indices(labels: np.ndarray, n: int, rng: np.random.Generator) -> np
 
 def pick(members: list[Member], spec: str) -> Member:
     """The member whose extension is one of ``spec``'s ``;``-separated alternatives (the reader's ``ext``)."""
-    wanted = spec.split(";")
-    for m in members:
-        if m.ext in wanted:
-            return m
+    m = find_member(members, *spec.split(";"))
+    if m is not None:
+        return m
     raise KeyError(f"sample {members[0].key} has no {spec} member (has {[m.ext for m in members]})")
 
 
@@ -76,8 +75,6 @@ class ShardFiles:
             if storage.parse(url).scheme == "s3":
                 return storage.get_bytes(url, size, offset)
             data = os.pread(self._fd(shard), size, offset)
-        except storage.StorageError:
-            raise
         except OSError as exc:
             raise storage.StorageError(f"{url}: {exc}") from exc
         if len(data) != size:
@@ -100,7 +97,7 @@ def read_labels(files: ShardFiles, samples: list[Sample]) -> np.ndarray:
     """Each sample's ``.cls`` label (``-1`` where it has none): one small read per sample."""
     spans, where = [], []
     for i, (shard, members) in enumerate(samples):
-        cls = next((m for m in members if m.ext == "cls"), None)
+        cls = find_member(members, "cls")
         if cls is not None:
             spans.append((shard, cls.offset, cls.size))
             where.append(i)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from shards import manifest as mf
 from shards import storage
-from shards.index import parse_index
+from shards.index import find_member, parse_index
 from shards.schema import class_label
 
 
@@ -16,7 +16,7 @@ def _classes(data: bytes, samples) -> list[int]:
     """Each sample's ``.cls`` label read from the shard's bytes (-1 for none)."""
     out = []
     for members in samples:
-        cls = next((m for m in members if m.ext == "cls"), None)
+        cls = find_member(members, "cls")
         out.append(class_label(data[cls.offset : cls.offset + cls.size] if cls else None))
     return out
 
