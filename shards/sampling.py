@@ -73,8 +73,9 @@ class ShardFiles:
         url = self.urls[shard]
         try:
             if storage.parse(url).scheme == "s3":
-                return storage.get_bytes(url, size, offset)
-            data = os.pread(self._fd(shard), size, offset)
+                data = storage.get_bytes(url, size, offset)
+            else:
+                data = os.pread(self._fd(shard), size, offset)
         except OSError as exc:
             raise storage.StorageError(f"{url}: {exc}") from exc
         if len(data) != size:
