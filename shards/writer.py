@@ -52,9 +52,7 @@ def shard_name(index: int) -> str:
 
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
+    _hash_prefix(h, path, path.stat().st_size)
     return h.hexdigest()
 
 
