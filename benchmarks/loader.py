@@ -3,14 +3,26 @@ same augmentations (paper 000's: flips, sharpness 2, linear rotation, colour jit
 (float ``[N, 3, S, S]``, ImageNet-normalised), same cores (DALI threads = DataLoader workers).
 
 Usage: ``python benchmarks/loader.py [--images 512] [--tile 512] [--size 256] [--batch 32] [--cores 2]
-[--balanced]`` (``--balanced`` also times DALI fed by paper 003's balanced sampler instead of its reader).
+[--balanced] [--s3 [--latency-ms MS]]``. ``--balanced`` also times DALI fed by paper 003's balanced sampler
+instead of its reader. ``--s3`` reads the shards from a real S3 server (``rclone serve s3`` on a temporary
+folder) instead of local disk, and times DALI's reader and the sampler there (the torchvision baseline reads
+local files only); ``--latency-ms`` adds that much to every request's round trip, through a local TCP proxy,
+as a remote object store would.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import multiprocessing as mp
+import os
+import shutil
+import socket
+import subprocess
+import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -29,19 +41,118 @@ def write_shards(root: Path, n: int, tile: int) -> list[str]:
     return [str(root / s.name) for s in w.shards]
 
 
-def dali_rate(urls: list[str], n: int, size: int, batch: int, cores: int, passes: int, balanced: bool = False) -> float:
-    """DALI's images/s: its WebDataset reader, or (``balanced``) paper 003's sampler reading by ranged reads."""
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+async def _pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter, delay: float) -> None:
+    try:
+        while data := await src.read(1 << 16):
+            if delay:
+                await asyncio.sleep(delay)
+            dst.write(data)
+            await dst.drain()
+    except ConnectionError:
+        pass
+    finally:
+        dst.close()
+
+
+def _serve_proxy(port: int, target: int, latency: float) -> None:
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", target)
+        await asyncio.gather(_pipe(reader, up_writer, latency), _pipe(up_reader, writer, 0.0))
+
+    async def serve() -> None:
+        async with await asyncio.start_server(handle, "127.0.0.1", port) as server:
+            await server.serve_forever()
+
+    asyncio.run(serve())
+
+
+def _delay_proxy(target: int, latency: float) -> tuple[mp.Process, int]:
+    """A TCP proxy to ``127.0.0.1:target`` that holds each client-to-server chunk ``latency`` seconds (a
+    request is one chunk: one added round trip per request), and its port. A process, not a thread: DALI's
+    S3 client holds the GIL while it waits for a reply (in ``Pipeline.build``), which would stall a thread."""
+    port = _free_port()
+    proc = mp.get_context("spawn").Process(target=_serve_proxy, args=(port, target, latency), daemon=True)
+    proc.start()
+    _wait_port(port, proc)
+    return proc, port
+
+
+def _wait_port(port: int, proc) -> None:
+    for _ in range(100):
+        if (proc.poll() if hasattr(proc, "poll") else proc.exitcode) is not None:
+            raise RuntimeError(f"{proc} exited before listening on {port}")
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise RuntimeError(f"nothing listens on {port} after 10 s")
+
+
+@contextmanager
+def s3_server(root: Path, latency_ms: float):
+    """``rclone serve s3`` on ``root`` with the environment (boto3's and DALI's) pointed at it, through the
+    delay proxy when ``latency_ms``; yields ``(upload_endpoint, read_endpoint)``."""
+    port = _free_port()
+    env = dict(os.environ, RCLONE_AUTH_KEY='"bench,benchsecret"')  # CSV: quoted, one key pair
+    rclone = shutil.which("rclone", path=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}")
+    cmd = [rclone or "rclone", "serve", "s3", "--addr", f"127.0.0.1:{port}", str(root), "--config", "/dev/null"]
+    proc, proxy = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), None
+    try:
+        _wait_port(port, proc)
+        os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="benchsecret", AWS_REGION="us-east-1")
+        proxy, read_port = _delay_proxy(port, latency_ms / 1000) if latency_ms else (None, port)
+        yield f"http://127.0.0.1:{port}", f"http://127.0.0.1:{read_port}"
+    finally:
+        if proxy:
+            proxy.terminate()
+        proc.terminate()
+        proc.wait(10)
+
+
+def upload(urls: list[str], bucket: str) -> list[str]:
+    """Each shard and its ``.idx`` to ``s3://bucket/train/``; the shards' S3 URLs."""
+    from shards import storage
+
+    storage.ensure_bucket(f"s3://{bucket}/train")
+    out = []
+    for url in urls:
+        for path in (Path(url), Path(url).with_suffix(".idx")):
+            storage.put_file(path, f"s3://{bucket}/train/{path.name}")
+        out.append(f"s3://{bucket}/train/{Path(url).name}")
+    return out
+
+
+def dali_rate(urls: list[str], n: int, size: int, batch: int, cores: int, passes: int, mode: str = "stream") -> float:
+    """DALI's images/s fed by its WebDataset reader (``stream``), by Tessera's ranged reads in a global
+    permutation (``ranged``), or by paper 003's balanced sampler (``balanced``, also ranged reads)."""
     from shards.dali import Augment, ShardBatches, build_pipeline, fetch_indices, sample_exts
-    from shards.sampling import SampleSource, ShardFiles, balanced_indices, read_labels, split_samples
+    from shards.sampling import (
+        SampleSource,
+        ShardFiles,
+        balanced_indices,
+        read_labels,
+        shuffled_indices,
+        split_samples,
+    )
     from training.config import load_recipe
 
     aug = Augment(**load_recipe("strip_ai_resnet50").data.augment.model_dump())
     index = fetch_indices(urls)
     steps = n // batch
     source, files = None, None
-    if balanced:
+    if mode != "stream":
         files, samples = ShardFiles(urls), split_samples(index)
-        order = balanced_indices(read_labels(files, samples), (passes + 1) * steps * batch, np.random.default_rng(0))
+        rng, draws = np.random.default_rng(0), (passes + 1) * steps * batch
+        if mode == "balanced":
+            order = balanced_indices(read_labels(files, samples), draws, rng)
+        else:
+            order = shuffled_indices(len(samples), 0, 1, draws, rng)
         source = SampleSource(files, samples, order, batch, sample_exts(0))
     pipe = build_pipeline(urls, index, batch, size, True, num_threads=cores, augment=aug, source=source)
     batches = ShardBatches(pipe, n, 0, 1, True, steps)
@@ -107,13 +218,17 @@ def main() -> None:
     ap.add_argument("--cores", type=int, default=2)
     ap.add_argument("--passes", type=int, default=2)
     ap.add_argument("--balanced", action="store_true", help="also time DALI fed by the balanced sampler")
+    ap.add_argument("--s3", action="store_true", help="read the shards from an S3 server (rclone), not local disk")
+    ap.add_argument("--latency-ms", type=float, default=0.0, help="with --s3: added round trip per request")
     args = ap.parse_args()
+    if args.s3:
+        return main_s3(args)
     with tempfile.TemporaryDirectory() as tmp:
         urls = write_shards(Path(tmp) / "train", args.images, args.tile)
         common = (urls, args.images, args.size, args.batch, args.cores, args.passes)
         base = torchvision_rate(*common)
         dali = dali_rate(*common)
-        sampled = dali_rate(*common, balanced=True) if args.balanced else None
+        sampled = dali_rate(*common, mode="balanced") if args.balanced else None
     print(f"{args.images} JPEG tiles {args.tile} px -> {args.size} px, batch {args.batch}, {args.cores} cores")
     print(f"torchvision + PIL DataLoader: {base:8.1f} images/s")
     print(f"Tessera DALI (CPU mode):      {dali:8.1f} images/s")
@@ -121,6 +236,30 @@ def main() -> None:
     if sampled is not None:
         print(f"Tessera DALI, balanced sampler: {sampled:8.1f} images/s")
         print(f"ratio balanced / DALI reader: {sampled / dali:.2f}x; balanced / torchvision: {sampled / base:.2f}x")
+
+
+def main_s3(args: argparse.Namespace) -> None:
+    """DALI's reader against Tessera's ranged reads (shuffled and balanced), all from S3."""
+    from shards import storage
+
+    with tempfile.TemporaryDirectory() as tmp:
+        urls = write_shards(Path(tmp) / "local", args.images, args.tile)
+        (Path(tmp) / "s3").mkdir()
+        with s3_server(Path(tmp) / "s3", args.latency_ms) as (upload_endpoint, read_endpoint):
+            os.environ["AWS_ENDPOINT_URL"] = upload_endpoint
+            s3_urls = upload(urls, "bench")
+            os.environ["AWS_ENDPOINT_URL"] = read_endpoint
+            storage._client.cache_clear()
+            common = (s3_urls, args.images, args.size, args.batch, args.cores, args.passes)
+            rates = {mode: dali_rate(*common, mode=mode) for mode in ("stream", "ranged", "balanced")}
+    print(
+        f"{args.images} JPEG tiles {args.tile} px -> {args.size} px, batch {args.batch}, {args.cores} cores, "
+        f"from S3 (rclone) with {args.latency_ms:g} ms added per request"
+    )
+    print(f"DALI's WebDataset reader (data.reader=stream):  {rates['stream']:8.1f} images/s")
+    print(f"Tessera's ranged reads (data.reader=ranged):    {rates['ranged']:8.1f} images/s")
+    print(f"ranged reads, balanced sampler:                 {rates['balanced']:8.1f} images/s")
+    print(f"ratio ranged / stream: {rates['ranged'] / rates['stream']:.2f}x")
 
 
 if __name__ == "__main__":

@@ -3,6 +3,8 @@
 One pipeline definition serves both devices: with ``device_id=None`` DALI runs in CPU mode (decode on the CPU),
 with a GPU id it uses "mixed" decoding and GPU operators. Shards may be local paths or ``s3://`` URLs (DALI
 reads S3 itself, from ``AWS_ENDPOINT_URL`` and the usual keys); the small ``.idx`` files are fetched locally.
+Samples come from DALI's WebDataset reader or from a ``source`` of ranged reads (:mod:`shards.sampling`, the
+faster one on S3).
 Slice-sequence samples (``000.png``, ``001.png``...) are decoded per frame and stacked, and every augmentation
 draws its parameters once per sample, so all frames of a sequence move together.
 """

@@ -73,6 +73,7 @@ def _client(endpoint: str | None, key: str | None, region: str):
         retries={"max_attempts": 5, "mode": "standard"},
         connect_timeout=5,
         read_timeout=60,
+        max_pool_connections=64,  # the samplers' ranged GETs run 32 at a time per worker (shards.sampling)
     )
     return boto3.client(
         "s3",

@@ -67,7 +67,18 @@ class DataConfig(Strict):
     # ``shuffle``: each worker streams its shards (a fresh shard order per epoch, shuffled in a buffer).
     # ``balanced``: paper 003's sampler: every class equally often, drawn with replacement by ``.cls``.
     sampler: Literal["shuffle", "balanced"] = "shuffle"
+    # How samples are read. ``stream``: DALI's WebDataset reader streams each worker's shards. ``ranged``: one
+    # ranged read per sample (a GET on S3), ``read_requests`` in flight, so a shuffle is one global permutation
+    # per epoch; DALI's reader issues its S3 reads one at a time and is latency-bound there. ``auto``: ranged for
+    # ``s3://`` datasets, stream otherwise. The balanced sampler always reads by ranges.
+    reader: Literal["auto", "stream", "ranged"] = "auto"
+    read_requests: int = Field(32, ge=1)
     loader_threads: int = Field(1, ge=1)
+
+    @property
+    def ranged(self) -> bool:
+        """Whether samples come by ranged reads rather than DALI's streaming reader (``reader``)."""
+        return self.reader == "ranged" or (self.reader == "auto" and self.dataset.startswith("s3://"))
 
     @model_validator(mode="after")
     def _one_rebalancing(self) -> DataConfig:

@@ -10,7 +10,16 @@ import numpy as np
 
 from shards import manifest as mf
 from shards.dali import Augment, ShardBatches, build_pipeline, epoch_order, fetch_indices, sample_exts
-from shards.sampling import SampleSource, ShardFiles, balanced_indices, read_labels, split_samples
+from shards.sampling import (
+    Sample,
+    SampleSource,
+    ShardFiles,
+    balanced_indices,
+    eval_indices,
+    read_labels,
+    shuffled_indices,
+    split_samples,
+)
 from training.config import TrainRecipe
 from training.losses import class_counts
 from training.state import epoch_seed
@@ -26,6 +35,7 @@ class WorkerData:
     world: int
     device_id: int | None
     _index: dict[str, list[str]] = field(default_factory=dict)
+    _access: dict[str, tuple[ShardFiles, list[Sample]]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         d = self.recipe.data
@@ -41,11 +51,12 @@ class WorkerData:
     def urls(self, split: str) -> list[str]:
         return self.manifest.shard_urls(self.recipe.data.dataset, split)
 
-    @cached_property
-    def _train(self) -> tuple[ShardFiles, list]:
-        """Random access to the train split's samples (the balanced sampler's, and its labels')."""
-        split = self.recipe.data.train_split
-        return ShardFiles(self.urls(split)), split_samples(self._index[split])
+    def _random_access(self, split: str) -> tuple[ShardFiles, list[Sample]]:
+        """Ranged reads of ``split``'s samples (the ranged reader's, the balanced sampler's and its labels')."""
+        if split not in self._access:
+            files = ShardFiles(self.urls(split), self.recipe.data.read_requests)
+            self._access[split] = files, split_samples(self._index[split])
+        return self._access[split]
 
     @cached_property
     def train_labels(self) -> np.ndarray:
@@ -54,7 +65,7 @@ class WorkerData:
         recorded = self.manifest.sample_classes(self.recipe.data.train_split)
         if recorded is not None:
             return np.array(recorded, dtype=np.int64)
-        return read_labels(*self._train)
+        return read_labels(*self._random_access(self.recipe.data.train_split))
 
     def train_counts(self, classes: int) -> list[int]:
         """Train samples per class, counted from the samples themselves: a series' manifest label is ``any``
@@ -63,15 +74,27 @@ class WorkerData:
             return class_counts(self.manifest.inputs, self.recipe.data.train_split, classes)
         return np.bincount(self.train_labels[self.train_labels >= 0], minlength=classes).tolist()
 
-    def _balanced(self, epoch: int, steps: int) -> SampleSource:
-        """This worker's samples for ``epoch``: class-balanced draws, seeded by (seed, epoch, rank)."""
-        r = self.recipe
-        if not (self.train_labels >= 0).any():
-            raise ValueError(f"{r.data.dataset}: sampler balanced, but no {r.data.train_split} sample has a label")
-        rng = np.random.default_rng([r.seed, epoch, self.rank])
-        order = balanced_indices(self.train_labels, steps * r.batch_size, rng)
-        files, samples = self._train
-        return SampleSource(files, samples, order, r.batch_size, sample_exts(r.data.frames))
+    def _source(self, split: str, epoch: int, train: bool, steps: int | None) -> SampleSource | None:
+        """This worker's samples of ``split`` by ranged reads, or None for DALI's reader. Training draws are
+        class-balanced (seeded by seed, epoch, rank) or this worker's share of one global permutation (seeded
+        by seed, epoch); evaluation reads the worker's share in order, as DALI's reader would."""
+        r, d = self.recipe, self.recipe.data
+        balanced = train and d.sampler == "balanced"
+        if not (balanced or d.ranged):
+            return None
+        files, samples = self._random_access(split)
+        if balanced:
+            if not (self.train_labels >= 0).any():
+                raise ValueError(f"{d.dataset}: sampler balanced, but no {split} sample has a label")
+            order = balanced_indices(
+                self.train_labels, steps * r.batch_size, np.random.default_rng([r.seed, epoch, self.rank])
+            )
+        elif train:
+            rng = np.random.default_rng([r.seed, epoch])
+            order = shuffled_indices(len(samples), self.rank, self.world, steps * r.batch_size, rng)
+        else:
+            order = eval_indices(len(samples), self.rank, self.world, r.batch_size)
+        return SampleSource(files, samples, order, r.batch_size, sample_exts(d.frames))
 
     def steps_per_epoch(self) -> int:
         """Optimiser micro-steps per training epoch, the same on every worker."""
@@ -91,7 +114,7 @@ class WorkerData:
             order = epoch_order(len(urls), r.seed, epoch)
             urls, index = [urls[i] for i in order], [index[i] for i in order]
         steps = self.steps_per_epoch() if train else None
-        source = self._balanced(epoch, steps) if train and d.sampler == "balanced" else None
+        source = self._source(split, epoch, train, steps)
         pipe = build_pipeline(
             urls,
             index,
@@ -113,6 +136,6 @@ class WorkerData:
         return ShardBatches(pipe, total, self.rank, self.world, train, steps, multilabel)
 
     def close(self) -> None:
-        if "_train" in self.__dict__:
-            self._train[0].close()
+        for files, _ in self._access.values():
+            files.close()
         self._dir.cleanup()

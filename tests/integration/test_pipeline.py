@@ -12,6 +12,7 @@ from mlflow import MlflowClient
 from cluster.demo import run_demo
 from shards import manifest as mf
 from shards import storage
+from shards.dali import shard_range
 from shards.sampling import read_labels
 from shards.verify import verify_dataset
 from training.config import load_recipe
@@ -78,13 +79,32 @@ def test_balanced_sampler_reads_the_samples_it_draws_from_s3(demo):
         counts = class_counts(manifest.inputs, "train", len(manifest.classes))
         assert np.bincount(data.train_labels, minlength=len(counts)).tolist() == counts
         # ingest recorded every sample's class in the manifest; ranged GETs of the `.cls` members agree
-        assert manifest.sample_classes("train") == read_labels(*data._train).tolist()
+        assert manifest.sample_classes("train") == read_labels(*data._random_access("train")).tolist()
         batches = list(data.batches("train", 0, True))
         assert [x.shape for x, _, _ in batches] == [(4, 3, 32, 32)] * 2
         for _, labels, metas in batches:
             assert labels.tolist() == [m["label"] for m in metas]
     finally:
         data.close()
+
+
+def test_ranged_reads_from_s3_give_each_worker_what_dalis_reader_gives_it(demo):
+    """The default for an S3 dataset: evaluation by ranged GETs equals DALI's own S3 reader, worker by worker."""
+    manifest = mf.load(demo["wsi"])
+    for rank in range(2):
+        readers = {}
+        for reader in ("stream", "auto"):
+            overrides = [f"data.dataset={demo['wsi']}", f"data.reader={reader}", "data.image_size=32", "batch_size=8"]
+            readers[reader] = WorkerData(load_recipe("demo_tiles", overrides), manifest, rank, 2, None)
+        try:
+            assert readers["auto"].recipe.data.ranged
+            got, want = (list(readers[r].batches("val", 0, False)) for r in ("auto", "stream"))
+            assert sum(len(y) for _, y, _ in got) == len(range(*shard_range(manifest.num_samples("val"), rank, 2)))
+            for (x, y, metas), (wx, wy, wmetas) in zip(got, want, strict=True):
+                assert np.array_equal(x, wx) and np.array_equal(y, wy) and metas == wmetas
+        finally:
+            for data in readers.values():
+                data.close()
 
 
 def test_mlflow_run_has_every_epoch_and_a_confusion_matrix(demo, stack):

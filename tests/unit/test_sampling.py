@@ -1,5 +1,6 @@
-"""Paper 003's balanced sampler: class-even draws with replacement, random access to samples through the
-shards' ``.idx``, and the DALI pipeline fed by it."""
+"""Random access to samples through the shards' ``.idx``: paper 003's balanced sampler (class-even draws with
+replacement), the ranged reader (a global permutation per epoch; evaluation in order) and the DALI pipeline
+fed by them."""
 
 import json
 
@@ -8,7 +9,15 @@ import pytest
 from scipy.stats import binomtest
 
 from shards.dali import ShardBatches, build_pipeline, fetch_indices, sample_exts
-from shards.sampling import SampleSource, ShardFiles, balanced_indices, read_labels, split_samples
+from shards.sampling import (
+    SampleSource,
+    ShardFiles,
+    balanced_indices,
+    eval_indices,
+    read_labels,
+    shuffled_indices,
+    split_samples,
+)
 from shards.schema import encode_image, make_sample
 from shards.writer import ShardWriter
 from tests.datasets import make_dataset
@@ -133,3 +142,86 @@ def test_class_counts_come_from_the_samples_when_labels_are_per_slice(tmp_path):
 def test_balanced_sampler_and_class_weights_do_not_combine():
     with pytest.raises(RecipeError, match="class_weights: must be none with sampler balanced"):
         load_recipe("rsna_ich_binary", ["data.class_weights=balanced"])
+
+
+def test_shuffled_shares_are_disjoint_cover_the_split_and_change_per_epoch():
+    def shares(epoch: int, world: int, n: int) -> list[list[int]]:
+        return [shuffled_indices(23, r, world, n, np.random.default_rng([7, epoch])).tolist() for r in range(world)]
+
+    three = shares(0, 3, 7)  # 23 samples over 3 workers: shares of 7, 8 and 8, each asked for 7
+    flat = [i for share in three for i in share]
+    assert len(set(flat)) == len(flat) == 21  # disjoint
+    assert sorted(shares(0, 1, 23)[0]) == list(range(23))  # one worker: every sample once
+    assert shares(0, 3, 7) == three and shares(1, 3, 7) != three  # seeded by epoch, the same on every worker
+    longer = shuffled_indices(23, 0, 3, 17, np.random.default_rng([7, 0]))  # more than its share: it repeats
+    assert longer[:7].tolist() == three[0] and longer[7:14].tolist() == three[0]
+    with pytest.raises(ValueError, match="worker 0 of 5 has no samples"):
+        shuffled_indices(4, 0, 5, 8, np.random.default_rng(0))
+
+
+def test_eval_shares_are_the_readers_contiguous_ones_in_whole_batches():
+    assert eval_indices(10, 0, 2, 4).tolist() == [0, 1, 2, 3, 4, 0, 1, 2]  # 0..4, filled up to 2 batches
+    assert eval_indices(10, 1, 2, 5).tolist() == [5, 6, 7, 8, 9]
+    assert eval_indices(3, 0, 4, 2).tolist() == [0, 0]  # an empty share still makes a whole (unused) batch
+
+
+def test_the_next_batch_is_read_while_one_is_handed_over(imbalanced):
+    urls, idx, _, _ = imbalanced
+    files = ShardFiles(urls)
+    submitted = []
+    submit = files.submit
+    files.submit = lambda spans: submitted.append(len(spans)) or submit(spans)
+    try:
+        source = SampleSource(files, split_samples(idx), np.arange(12), 4, sample_exts(0))
+        source(0)
+        assert submitted == [4, 4]  # batch 0, and batch 1 ahead
+        source(1)
+        assert submitted == [4, 4, 4]  # batch 1 was already under way; batch 2 ahead
+        source(2)
+        assert submitted == [4, 4, 4]  # nothing after the last batch
+        with pytest.raises(StopIteration):
+            source(3)
+    finally:
+        files.close()
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_ranged_reader_gives_each_worker_what_dalis_reader_gives_it(tmp_path, world):
+    """Evaluation: the same samples in the same order per worker; training: every sample once per epoch across
+    the workers, in a fresh order each epoch."""
+    prefix = str(tmp_path / "ds")
+    manifest = make_dataset(prefix, {"train": 14, "val": 11}, shard_samples=4)
+
+    def data(reader: str, rank: int) -> WorkerData:
+        overrides = [f"data.dataset={prefix}", f"data.reader={reader}", "data.image_size=16", "batch_size=3"]
+        return WorkerData(load_recipe("demo_tiles", overrides), manifest, rank, world, None)
+
+    orders: dict[int, list[int]] = {0: [], 1: []}
+    for rank in range(world):
+        stream, ranged = data("stream", rank), data("ranged", rank)
+        try:
+            assert ranged.recipe.data.ranged and not stream.recipe.data.ranged
+            for split in ("val", "train"):  # evaluation passes (the train split's for SWA's batch norm)
+                want = list(stream.batches(split, 0, False))
+                got = list(ranged.batches(split, 0, False))
+                assert len(got) == len(want) > 0
+                for (x, y, metas), (wx, wy, wmetas) in zip(got, want, strict=True):
+                    assert np.array_equal(x, wx) and np.array_equal(y, wy) and metas == wmetas
+            steps = ranged.steps_per_epoch()
+            assert steps == 14 // world // 3
+            for epoch in orders:
+                orders[epoch] += ranged._source("train", epoch, True, steps).order.tolist()
+                batches = list(ranged.batches("train", epoch, True))
+                assert [x.shape for x, _, _ in batches] == [(3, 3, 16, 16)] * steps
+        finally:
+            stream.close()
+            ranged.close()
+    assert len(set(orders[0])) == len(orders[0]) == steps * 3 * world  # no sample twice in an epoch
+    assert orders[0] != orders[1]
+
+
+def test_auto_reads_s3_datasets_by_ranges_and_local_ones_by_streaming():
+    assert load_recipe("demo_tiles", ["data.dataset=s3://bucket/ds"]).data.ranged
+    assert not load_recipe("demo_tiles", ["data.dataset=/data/ds"]).data.ranged
+    assert load_recipe("demo_tiles", ["data.dataset=/data/ds", "data.reader=ranged"]).data.ranged
+    assert not load_recipe("demo_tiles", ["data.dataset=s3://bucket/ds", "data.reader=stream"]).data.ranged
