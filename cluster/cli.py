@@ -102,11 +102,12 @@ def cmd_train(args) -> int:
 
     s = _settings()
     if args.resume:
-        if args.recipe or args.overrides:
-            raise SystemExit("--resume RUN takes no recipe or overrides: the run's own recipe is used")
+        overrides = [args.recipe, *args.overrides] if args.recipe else args.overrides
+        if any("=" not in o for o in overrides):
+            raise SystemExit("--resume RUN takes no recipe: the run's own recipe is used (workers=N may change)")
         _connect(s)
         health.require(s, "mlflow")
-        outcome = resume_training(args.resume, s.mlflow_url, s.checkpoints)
+        outcome = resume_training(args.resume, s.mlflow_url, s.checkpoints, overrides)
     else:
         if not args.recipe:
             raise SystemExit("a RECIPE (name or YAML path) or --resume RUN is needed")
@@ -254,7 +255,10 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("recipe", nargs="?", help="recipe name (training/recipes/) or YAML path")
     tr.add_argument("overrides", nargs="*", help="key.sub=value overrides")
     tr.add_argument(
-        "--resume", metavar="RUN", help="continue a stopped run (MLflow run id or name) from its checkpoint"
+        "--resume",
+        metavar="RUN",
+        help="continue a stopped run (MLflow run id or name) from its checkpoint, with its own recipe; "
+        "workers=N, cpus_per_worker=N and placement=... may change where it continues",
     )
     tr.add_argument("--dry-run", action="store_true", help="validate, print the resolved recipe and exit")
     tr.set_defaults(fn=cmd_train)

@@ -13,7 +13,7 @@ import yaml
 from shards import manifest as mf
 from shards import storage
 from training import tracking
-from training.config import TrainRecipe, flatten, recipe_from_tree
+from training.config import RecipeError, TrainRecipe, apply_overrides, flatten, recipe_from_tree
 
 RECIPE_ARTIFACT = "recipe.yaml"
 # Test hook: "EPOCH,STEP,RANK" kills that worker once with SIGKILL (fault-tolerance tests).
@@ -53,6 +53,27 @@ def has_model_states(path: str, fs=None) -> bool:
     fs = fs or pafs.LocalFileSystem()
     found = fs.get_file_info(pafs.FileSelector(path.rstrip("/"), recursive=True, allow_not_found=True))
     return any(f.path.endswith("_model_states.pt") for f in found)
+
+
+def run_checkpoints(folder: str, fs) -> list:
+    """The ``checkpoint_*`` folders of one Ray Train run folder (pyarrow ``FileInfo``s), oldest first."""
+    import pyarrow.fs as pafs
+
+    found = fs.get_file_info(pafs.FileSelector(folder.rstrip("/"), allow_not_found=True))
+    checkpoints = [f for f in found if f.type == pafs.FileType.Directory and f.base_name.startswith("checkpoint_")]
+    return sorted(checkpoints, key=lambda f: f.base_name)  # checkpoint_<date>_<time>
+
+
+def partition_ranks(path: str, fs=None) -> int:
+    """How many data-parallel ranks a checkpoint's ZeRO state is partitioned over (its ``zero_pp_rank_<r>_*``
+    files); 0 when it is not partitioned (stage 0, or ZeRO-1/2 run on one worker, which runs as stage 0)."""
+    import re
+
+    import pyarrow.fs as pafs
+
+    fs = fs or pafs.LocalFileSystem()
+    found = fs.get_file_info(pafs.FileSelector(path.rstrip("/"), recursive=True, allow_not_found=True))
+    return len({m.group(1) for f in found if (m := re.match(r"zero_pp_rank_(\d+)_", f.base_name))})
 
 
 def checkpoint_url(path: str, storage_path: str) -> str:
@@ -118,18 +139,51 @@ def run_training(recipe: TrainRecipe, tracking_uri: str, storage_path: str, max_
     return fit(recipe, run_id, tracking_uri, storage_path, max_failures)
 
 
-def resume_training(run_id: str, tracking_uri: str, storage_path: str) -> TrainOutcome:
-    """Continue a stopped run from its latest checkpoint, into the same MLflow run."""
+# What ``--resume`` may change: where a run continues, not what it trains.
+RESUME_KEYS = ("workers", "cpus_per_worker", "placement")
+
+
+def resume_training(
+    run_id: str, tracking_uri: str, storage_path: str, overrides: list[str] | tuple[str, ...] = ()
+) -> TrainOutcome:
+    """Continue a stopped run from its latest checkpoint, into the same MLflow run, with its own recipe;
+    ``overrides`` may move it to another number of workers (:data:`RESUME_KEYS`) where its checkpoint allows."""
     from mlflow import MlflowClient
 
+    bad = [o for o in overrides if o.partition("=")[0].strip() not in RESUME_KEYS]
+    if bad:
+        raise RecipeError(f"--resume changes only {', '.join(RESUME_KEYS)} (the run's own recipe is used), not {bad}")
     client = MlflowClient(tracking_uri)
     run_id = tracking.resolve_run(client, run_id)
     with tempfile.TemporaryDirectory() as tmp:
         text = Path(client.download_artifacts(run_id, RECIPE_ARTIFACT, tmp)).read_text()
-    recipe = recipe_from_tree(yaml.safe_load(text), f"run {run_id}")
+    recipe = recipe_from_tree(apply_overrides(yaml.safe_load(text), overrides), f"run {run_id}")
+    _check_workers(recipe, run_id, storage_path)
+    if overrides:
+        client.set_tag(run_id, "resume_overrides", " ".join(overrides))  # params are immutable; say what changed
     client.update_run(run_id, status="RUNNING")
     print(f"resuming MLflow run {run_id} from its latest checkpoint", flush=True)
     return fit(recipe, run_id, tracking_uri, storage_path)
+
+
+def _check_workers(recipe: TrainRecipe, run_id: str, storage_path: str) -> None:
+    """Refuse, before any work, to continue a checkpoint on a worker count its optimiser state cannot take.
+
+    ZeRO's partitioned state (stages 1-3 on several workers) is read back only by as many ranks as wrote it:
+    DeepSpeed would fail inside the restore, or a rank would find no partition. An unpartitioned checkpoint
+    (stage 0, or any stage run on one worker) continues on any number of workers (:func:`zero_stage`)."""
+    import pyarrow.fs as pafs
+
+    base, fs = storage_location(storage_path)
+    fs = fs or pafs.LocalFileSystem()
+    complete = [c for c in run_checkpoints(f"{base}/{recipe.name}-{run_id[:12]}", fs) if has_model_states(c.path, fs)]
+    ranks = partition_ranks(complete[-1].path, fs) if complete else 0
+    if ranks and ranks != recipe.workers:
+        raise RecipeError(
+            f"workers: run {run_id}'s checkpoint {checkpoint_url(complete[-1].path, storage_path)} holds ZeRO state "
+            f"partitioned over {ranks} workers, so it continues on {ranks}, not {recipe.workers} (only a stage-0 "
+            "or one-worker checkpoint moves between worker counts)"
+        )
 
 
 def trainer_for(

@@ -18,6 +18,7 @@ class Reporter:
         self.log = RunLogger(config["mlflow_uri"], config["run_id"])
         # the stage the engine runs, which on one worker may be below the recipe's (training.engine.zero_stage)
         self.log.tag("deepspeed.zero_stage_used", str(trainer.engine.zero_optimization_stage()))
+        self.log.tag("workers_used", str(trainer.world))  # the recipe's `workers`, or what a resume moved it to
 
     def epoch(self, metrics: dict[str, float], epoch: int) -> None:
         self.log.metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=epoch)

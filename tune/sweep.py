@@ -181,23 +181,17 @@ def prune_checkpoints(run_ids: list[str], recipe_name: str, train_storage: str) 
     """
     import pyarrow.fs as pafs
 
-    from training.launch import has_model_states, storage_location
+    from training.launch import has_model_states, run_checkpoints, storage_location
 
     base, fs = storage_location(train_storage)
     fs = fs or pafs.LocalFileSystem()
-
-    def folders(path: str) -> list:
-        return fs.get_file_info(pafs.FileSelector(path.rstrip("/"), allow_not_found=True))
-
-    runs = [f for f in folders(base) if f.type == pafs.FileType.Directory]
+    found = fs.get_file_info(pafs.FileSelector(base.rstrip("/"), allow_not_found=True))
+    runs = [f for f in found if f.type == pafs.FileType.Directory]
     deleted = 0
     for run_id in run_ids:
         prefix = f"{recipe_name}-{run_id[:12]}"
-        checkpoints = sorted(
-            (c for r in runs if r.base_name == prefix or r.base_name.startswith(prefix + "-") for c in folders(r.path)
-             if c.type == pafs.FileType.Directory and c.base_name.startswith("checkpoint_")),
-            key=lambda c: c.base_name,  # checkpoint_<date>_<time>: oldest first
-        )  # fmt: skip
+        mine = [r for r in runs if r.base_name == prefix or r.base_name.startswith(prefix + "-")]
+        checkpoints = sorted((c for r in mine for c in run_checkpoints(r.path, fs)), key=lambda c: c.base_name)
         complete = [c for c in checkpoints if has_model_states(c.path, fs)]
         for c in checkpoints:
             if not complete or c.path != complete[-1].path:

@@ -8,8 +8,8 @@ import torch
 from mlflow import MlflowClient
 
 from tests.datasets import make_dataset
-from training.config import load_recipe
-from training.launch import FAULT_ENV, resume_training, run_training
+from training.config import RecipeError, load_recipe
+from training.launch import FAULT_ENV, partition_ranks, resume_training, run_training, storage_location
 from training.loop import checkpoint_weights
 
 
@@ -70,6 +70,9 @@ def test_failed_run_continues_with_resume(setup, stack, monkeypatch):
     run = client.search_runs([client.get_experiment_by_name("tessera-demo").experiment_id], max_results=1)[0]
     assert run.info.status == "FAILED"
     monkeypatch.delenv(FAULT_ENV)
+    # its ZeRO-2 state is partitioned over 2 workers: refused on 1, before any work, naming the checkpoint
+    with pytest.raises(RecipeError, match=r"workers: run .* checkpoint s3://.* partitioned over 2 workers, so it"):
+        resume_training(run.info.run_id, stack.mlflow_url, storage, ["workers=1"])
     out = resume_training(run.info.run_id, stack.mlflow_url, storage)
     assert out.run_id == run.info.run_id and client.get_run(out.run_id).info.status == "FINISHED"
     assert _history(stack, out.run_id, "resumed_at_epoch") == [(2, 2.0)]
@@ -79,3 +82,24 @@ def test_failed_run_continues_with_resume(setup, stack, monkeypatch):
     assert any(k.endswith("zero_pp_rank_0_mp_rank_00_optim_states.pt") for k in keys), keys
     assert any(k.endswith("zero_pp_rank_1_mp_rank_00_optim_states.pt") for k in keys), keys  # rank 1's shard too
     _same(checkpoint_weights(out.checkpoint), setup["baseline"])
+
+
+def test_a_one_worker_run_continues_on_two_workers(setup, stack, monkeypatch):
+    """One worker runs ZeRO-2 as stage 0, whose checkpoint is not partitioned: ``--resume RUN workers=2``."""
+    storage = str(setup["work"] / "ckpt-grow")
+    recipe = setup["recipe"].model_copy(update={"workers": 1})
+    monkeypatch.setenv(FAULT_ENV, "2,0,0")
+    with pytest.raises(Exception):  # noqa: B017 - as above
+        run_training(recipe, stack.mlflow_url, storage, max_failures=0)
+    client = MlflowClient(stack.mlflow_url)
+    run = client.search_runs([client.get_experiment_by_name("tessera-demo").experiment_id], max_results=1)[0]
+    assert run.info.status == "FAILED" and run.data.tags["workers_used"] == "1"
+    monkeypatch.delenv(FAULT_ENV)
+    out = resume_training(run.info.run_id, stack.mlflow_url, storage, ["workers=2"])
+    run = client.get_run(out.run_id)
+    assert run.info.status == "FINISHED" and out.model_version is not None
+    assert run.data.tags["workers_used"] == "2" and run.data.tags["resume_overrides"] == "workers=2"
+    assert run.data.params["workers"] == "1"  # the recipe as started; the tags say where it ended
+    assert _history(stack, out.run_id, "resumed_at_epoch") == [(2, 2.0)]
+    assert sorted(s for s, _ in _history(stack, out.run_id, "val_loss")) == [0, 1, 2]
+    assert partition_ranks(*storage_location(out.checkpoint)) == 0  # stage 0 went on, on both workers

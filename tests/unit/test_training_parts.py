@@ -1,13 +1,16 @@
-"""Recipe validation, early stopping, schedules, losses, model building and local weights (no services)."""
+"""Recipe validation, early stopping, schedules, losses, model building, local weights and the resume checks
+(no services)."""
 
 import math
 
+import pyarrow.fs as pafs
 import pytest
 import torch
 
 from shards.dali import epoch_order
 from training.config import ModelConfig, RecipeError, load_recipe
 from training.engine import make_optimizer, make_scheduler
+from training.launch import _check_workers, partition_ranks, resume_training, run_checkpoints
 from training.losses import Loss, balanced_weights
 from training.models import MultiHead, TemporalClassifier, build_model, count_parameters
 from training.state import EarlyStopping, swa_start_epoch
@@ -155,3 +158,34 @@ def test_a_checkpoint_without_model_states_is_refused_by_name(tmp_path):
         _check_checkpoint(str(tmp_path / "gone_000002"), None)
     (ckpt / "checkpoint" / "mp_rank_00_model_states.pt").write_bytes(b"x")
     _check_checkpoint(str(ckpt), None)
+
+
+def test_resume_moves_only_unpartitioned_checkpoints_between_worker_counts(tmp_path):
+    """``--resume RUN workers=N``: a checkpoint's ZeRO partitions fix its worker count; stage 0's does not."""
+    recipe = load_recipe("demo_tiles", ["workers=3"])
+    run_id = "0123456789abcdef"
+    folder = tmp_path / f"{recipe.name}-{run_id[:12]}"
+    older = folder / "checkpoint_2026-11-30_10-00-00.000000" / "ds"
+    newer = folder / "checkpoint_2026-11-30_11-00-00.000000" / "ds"
+    for rank in range(3):  # the older checkpoint: 3 ranks' partitions
+        older.mkdir(parents=True, exist_ok=True)
+        (older / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt").touch()
+    (older / "mp_rank_00_model_states.pt").touch()
+    assert [c.base_name for c in run_checkpoints(str(folder), pafs.LocalFileSystem())] == [older.parent.name]
+    assert partition_ranks(str(older.parent)) == 3
+    _check_workers(recipe, run_id, str(tmp_path))  # 3 workers: as written
+    for rank in range(2):  # the newest complete one: 2 ranks'
+        newer.mkdir(parents=True, exist_ok=True)
+        (newer / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt").touch()
+        (newer / f"zero_pp_rank_{rank}_mp_rank_00_model_states.pt").touch()
+    assert partition_ranks(str(newer.parent)) == 2
+    with pytest.raises(RecipeError, match=r"workers: run 0123456789abcdef's checkpoint .*11-00-00.* over 2 workers"):
+        _check_workers(recipe, run_id, str(tmp_path))
+    for f in newer.glob("zero_pp_rank_*"):
+        f.unlink()
+    (newer / "mp_rank_00_model_states.pt").touch()  # stage 0: no partitions, any worker count
+    assert partition_ranks(str(newer.parent)) == 0
+    _check_workers(recipe, run_id, str(tmp_path))
+    _check_workers(recipe, "no-such-run-with-no-checkpoints", str(tmp_path))  # nothing to check: starts afresh
+    with pytest.raises(RecipeError, match=r"--resume changes only workers, cpus_per_worker, placement .*'epochs=9'"):
+        resume_training(run_id, "http://127.0.0.1:1", str(tmp_path), ["workers=2", "epochs=9"])
