@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import io
+import re
 from pathlib import Path
 from typing import Any
 
@@ -40,9 +44,47 @@ def make_scheduler(optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, epochs
     return None
 
 
+def _partition_files(path: str | Path, fs=None) -> list[str]:
+    """Base names of a checkpoint's ZeRO partition files (``zero_pp_rank_<r>_*``), on pyarrow ``fs`` (local
+    by default)."""
+    import pyarrow.fs as pafs
+
+    fs = fs or pafs.LocalFileSystem()
+    found = fs.get_file_info(pafs.FileSelector(str(path).rstrip("/"), recursive=True, allow_not_found=True))
+    return [f.base_name for f in found if f.base_name.startswith("zero_pp_rank_")]
+
+
+def partition_ranks(path: str | Path, fs=None) -> tuple[int, bool]:
+    """How many data-parallel ranks a checkpoint's ZeRO state is partitioned over (0 when it is not: stage 0,
+    or ZeRO-1/2 on one worker, which runs as stage 0), and whether it is ZeRO-3's (parameters partitioned too)."""
+    names = _partition_files(path, fs)
+    ranks = {re.match(r"zero_pp_rank_(\d+)_", n).group(1) for n in names}
+    return len(ranks), any(n.endswith("_model_states.pt") for n in names)
+
+
 def partitioned_checkpoint(checkpoint_dir: str | Path | None) -> bool:
     """Whether a checkpoint's optimiser state was written partitioned by ZeRO (only a ZeRO engine reads it)."""
-    return checkpoint_dir is not None and any(Path(checkpoint_dir).glob("*/zero_pp_rank_*_optim_states.pt"))
+    return checkpoint_dir is not None and partition_ranks(checkpoint_dir)[0] > 0
+
+
+def to_universal(checkpoint_dir: str | Path, out_dir: str | Path, tag: str) -> Path:
+    """Convert a ZeRO-1/2 checkpoint written by one number of ranks into DeepSpeed's universal form, which an
+    engine with ``checkpoint.load_universal`` reads on any number of ranks (each takes its slice of every
+    parameter's optimiser state). Returns the folder to load from, with the same ``tag``."""
+    from deepspeed.checkpoint import ds_to_universal
+
+    args = argparse.Namespace(
+        input_folder=str(Path(checkpoint_dir) / tag),
+        output_folder=str(Path(out_dir) / tag),
+        num_extract_workers=1,  # in-process: no process pool inside a Ray worker
+        num_merge_workers=1,
+        keep_temp_folder=False,
+        strict=True,
+        inject_missing_state=True,  # our client state does not carry DeepSpeed's universal-checkpoint marker
+    )
+    with contextlib.redirect_stdout(io.StringIO()):  # its progress bars and banners, once per rank
+        ds_to_universal.main(args)
+    return Path(out_dir)
 
 
 def zero_stage(recipe: TrainRecipe, world: int, checkpoint_dir: str | Path | None = None) -> int:
@@ -53,8 +95,9 @@ def zero_stage(recipe: TrainRecipe, world: int, checkpoint_dir: str | Path | Non
     (resnet50, 256 px, batch 8 on 2 CPU cores: 0.10-0.17 s of a 1.1 s step; stage 0's forward, backward and
     step time as plain PyTorch's, +5 ms). So one rank runs stage 0, the same arithmetic (tested against a
     plain loop and a real ZeRO-2 engine). A run that continues a checkpoint keeps the stage it was written
-    with, whatever the worker count now: ZeRO's partitioned optimiser state is read only by a ZeRO engine, and a
-    stage-0 checkpoint (one worker) is read by a stage-0 engine on any number of workers. Stage 3 is kept: it
+    with, whatever the worker count now: ZeRO's partitioned optimiser state is read only by a ZeRO engine (on
+    another number of ranks through :func:`to_universal`), and a stage-0 checkpoint (one worker) is read by a
+    stage-0 engine on any number of workers. Stage 3 is kept: it
     changes how parameters are held, not only where optimiser state lives.
     """
     stage = recipe.deepspeed.zero_stage
@@ -65,15 +108,27 @@ def zero_stage(recipe: TrainRecipe, world: int, checkpoint_dir: str | Path | Non
     return 0 if world == 1 else stage
 
 
-def deepspeed_config(recipe: TrainRecipe, cuda: bool, stage: int) -> dict[str, Any]:
+def load_universal(engine, folder: str | Path, tag: str) -> dict[str, Any]:
+    """``engine.load_checkpoint`` of a universal checkpoint (:func:`to_universal`), with the module's buffers:
+    DeepSpeed's universal load restores parameters only, so BatchNorm's running statistics would stay at their
+    initial values. Returns the client state."""
+    _, client = engine.load_checkpoint(str(folder), tag=tag)
+    states = Path(folder) / tag / "mp_rank_00_model_states.pt"
+    saved = torch.load(states, map_location="cpu", weights_only=True)["module"]
+    engine.module.load_state_dict({n: saved[n] for n, _ in engine.module.named_buffers() if n in saved}, strict=False)
+    return client
+
+
+def deepspeed_config(recipe: TrainRecipe, cuda: bool, stage: int, universal: bool = False) -> dict[str, Any]:
     """DeepSpeed config: ZeRO ``stage`` (:func:`zero_stage`), the recipe's accumulation and clipping; bf16 on GPU
-    (``auto``), fp32 on CPU."""
+    (``auto``), fp32 on CPU; ``universal``: the checkpoint to load is universal (:func:`to_universal`)."""
     bf16 = recipe.deepspeed.bf16 if recipe.deepspeed.bf16 != "auto" else cuda
     return {
         "train_micro_batch_size_per_gpu": recipe.batch_size,
         "gradient_accumulation_steps": recipe.deepspeed.gradient_accumulation,
         "gradient_clipping": recipe.deepspeed.gradient_clipping,
         "zero_optimization": {"stage": stage},
+        "checkpoint": {"load_universal": universal},
         "bf16": {"enabled": bool(bf16 and cuda)},
         # The optimiser is PyTorch's (any of AdamW/Adam/SGD/RMSprop), not a DeepSpeed fused one.
         "zero_allow_untested_optimizer": True,
@@ -82,11 +137,14 @@ def deepspeed_config(recipe: TrainRecipe, cuda: bool, stage: int) -> dict[str, A
     }
 
 
-def init_engine(model: torch.nn.Module, recipe: TrainRecipe, cuda: bool, stage: int | None = None):
+def init_engine(
+    model: torch.nn.Module, recipe: TrainRecipe, cuda: bool, stage: int | None = None, universal: bool = False
+):
     """Wrap ``model`` in a DeepSpeed engine on the process group already set up; returns ``(engine, scheduler)``.
 
-    ``stage``: the ZeRO stage, by default :func:`zero_stage` for this process group. The scheduler drives the
-    wrapped PyTorch optimiser's ``param_groups`` (which ZeRO keeps), once per epoch.
+    ``stage``: the ZeRO stage, by default :func:`zero_stage` for this process group; ``universal``: it will load
+    a universal checkpoint (:func:`to_universal`). The scheduler drives the wrapped PyTorch optimiser's
+    ``param_groups`` (which ZeRO keeps), once per epoch.
     """
     import deepspeed
     import torch.distributed as dist
@@ -97,7 +155,10 @@ def init_engine(model: torch.nn.Module, recipe: TrainRecipe, cuda: bool, stage: 
     optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], recipe.optim)
     scheduler = make_scheduler(optimizer, recipe.schedule, recipe.epochs, recipe.eval.mode)
     engine, *_ = deepspeed.initialize(
-        model=model, optimizer=optimizer, config=deepspeed_config(recipe, cuda, stage), dist_init_required=False
+        model=model,
+        optimizer=optimizer,
+        config=deepspeed_config(recipe, cuda, stage, universal),
+        dist_init_required=False,
     )
     if engine.dp_world_size == 1 and stage == 0:
         # Averaging gradients over one rank is the identity; DeepSpeed would still flatten, "reduce" and copy

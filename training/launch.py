@@ -64,18 +64,6 @@ def run_checkpoints(folder: str, fs) -> list:
     return sorted(checkpoints, key=lambda f: f.base_name)  # checkpoint_<date>_<time>
 
 
-def partition_ranks(path: str, fs=None) -> int:
-    """How many data-parallel ranks a checkpoint's ZeRO state is partitioned over (its ``zero_pp_rank_<r>_*``
-    files); 0 when it is not partitioned (stage 0, or ZeRO-1/2 run on one worker, which runs as stage 0)."""
-    import re
-
-    import pyarrow.fs as pafs
-
-    fs = fs or pafs.LocalFileSystem()
-    found = fs.get_file_info(pafs.FileSelector(path.rstrip("/"), recursive=True, allow_not_found=True))
-    return len({m.group(1) for f in found if (m := re.match(r"zero_pp_rank_(\d+)_", f.base_name))})
-
-
 def checkpoint_url(path: str, storage_path: str) -> str:
     """A checkpoint's address for people and for :func:`training.loop.checkpoint_weights`: Ray gives object-store
     paths without their scheme, so ``s3://`` is put back when the run's storage is S3."""
@@ -167,22 +155,24 @@ def resume_training(
 
 
 def _check_workers(recipe: TrainRecipe, run_id: str, storage_path: str) -> None:
-    """Refuse, before any work, to continue a checkpoint on a worker count its optimiser state cannot take.
+    """Refuse, before any work, to continue a checkpoint on a worker count its state cannot take.
 
-    ZeRO's partitioned state (stages 1-3 on several workers) is read back only by as many ranks as wrote it:
-    DeepSpeed would fail inside the restore, or a rank would find no partition. An unpartitioned checkpoint
-    (stage 0, or any stage run on one worker) continues on any number of workers (:func:`zero_stage`)."""
+    ZeRO-1/2 state written by K ranks is converted on the workers to DeepSpeed's universal form, which any
+    number of ranks reads (:func:`training.engine.to_universal`); an unpartitioned one (stage 0, or any stage run
+    on one worker) needs nothing. ZeRO-3 partitions the parameters too, and is continued on K workers only."""
     import pyarrow.fs as pafs
+
+    from training.engine import partition_ranks
 
     base, fs = storage_location(storage_path)
     fs = fs or pafs.LocalFileSystem()
     complete = [c for c in run_checkpoints(f"{base}/{recipe.name}-{run_id[:12]}", fs) if has_model_states(c.path, fs)]
-    ranks = partition_ranks(complete[-1].path, fs) if complete else 0
-    if ranks and ranks != recipe.workers:
+    ranks, zero3 = partition_ranks(complete[-1].path, fs) if complete else (0, False)
+    if zero3 and ranks != recipe.workers:
         raise RecipeError(
-            f"workers: run {run_id}'s checkpoint {checkpoint_url(complete[-1].path, storage_path)} holds ZeRO state "
-            f"partitioned over {ranks} workers, so it continues on {ranks}, not {recipe.workers} (only a stage-0 "
-            "or one-worker checkpoint moves between worker counts)"
+            f"workers: run {run_id}'s checkpoint {checkpoint_url(complete[-1].path, storage_path)} holds ZeRO-3 state "
+            f"partitioned over {ranks} workers, so it continues on {ranks}, not {recipe.workers} (ZeRO-1/2 and "
+            "stage-0 checkpoints move between worker counts)"
         )
 
 

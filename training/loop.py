@@ -27,7 +27,7 @@ from training.aggregate import aggregate
 from training.allocator import keep_freed_memory
 from training.config import TrainRecipe
 from training.data import WorkerData
-from training.engine import init_engine, zero_stage
+from training.engine import init_engine, load_universal, partition_ranks, to_universal, zero_stage
 from training.losses import Loss, balanced_weights
 from training.metrics import classification_metrics, multilabel_metrics
 from training.models import build_model
@@ -176,7 +176,10 @@ class Trainer:
         _seed(r, -1, 0)  # the same initial head on every rank
         model = build_model(r.model, len(self.outputs), r.data.frames, r.data.image_size).to(self.device)
         stage = zero_stage(r, world, None if weights_only else checkpoint_dir)
-        self.engine, self.scheduler = init_engine(model, r, cuda, stage)
+        # ZeRO-1/2 state written by another number of ranks (``--resume RUN workers=N``): read it universally
+        ranks = partition_ranks(checkpoint_dir)[0] if checkpoint_dir and not weights_only else 0
+        universal = ranks not in (0, world)
+        self.engine, self.scheduler = init_engine(model, r, cuda, stage, universal)
         self.data = WorkerData(r, self.manifest, self.rank, self.world, self.device.index if cuda else None)
         self.loss = make_loss(r, self.data, self.outputs)
         self.stopper = EarlyStopping(r.eval.mode, r.early_stopping.patience, r.early_stopping.min_delta)
@@ -184,16 +187,24 @@ class Trainer:
         self.start = 0
         self.resumed = checkpoint_dir is not None
         if checkpoint_dir is not None:
-            self._restore(checkpoint_dir, weights_only)
+            with tempfile.TemporaryDirectory(prefix="tessera-universal-") as tmp:
+                if universal:
+                    print(f"rank {rank}: checkpoint of {ranks} ranks read on {world} (universal)", flush=True)
+                    checkpoint_dir = str(to_universal(checkpoint_dir, tmp, TAG))
+                self._restore(checkpoint_dir, weights_only, universal)
 
-    def _restore(self, checkpoint_dir: str, weights_only: bool = False) -> None:
-        """Continue from a checkpoint: the whole state, or (``weights_only``, a PBT exploit of another trial's
-        checkpoint) its weights and epoch count with this run's own, freshly built optimiser and schedule."""
+    def _restore(self, checkpoint_dir: str, weights_only: bool = False, universal: bool = False) -> None:
+        """Continue from a checkpoint: the whole state (``universal``: converted from another number of ranks),
+        or (``weights_only``, a PBT exploit of another trial's checkpoint) its weights and epoch count with this
+        run's own, freshly built optimiser and schedule."""
         if weights_only:
             _, client = self.engine.load_checkpoint(checkpoint_dir, tag=TAG, load_module_only=True)
             self.start = int(client["epoch"]) + 1
             return
-        _, client = self.engine.load_checkpoint(checkpoint_dir, tag=TAG)
+        if universal:
+            client = load_universal(self.engine, checkpoint_dir, TAG)
+        else:
+            _, client = self.engine.load_checkpoint(checkpoint_dir, tag=TAG)
         self.start = int(client["epoch"]) + 1
         self.stopper = EarlyStopping.from_state(client["early_stopping"])
         if self.scheduler is not None:

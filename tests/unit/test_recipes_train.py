@@ -3,6 +3,7 @@ DALI over real shards, a DeepSpeed engine (one gloo rank, no Ray), the recipe's 
 metrics. Inputs and data are shrunk; the recipe files keep the papers' values."""
 
 import math
+import multiprocessing as mp
 import os
 import socket
 
@@ -19,11 +20,15 @@ SMALL = {"strip_ai_inception_v3": 96}
 OPTIONS = {"strip_ai_swinv2_tiny": ["model.options={img_size: 64}"]}
 
 
-@pytest.fixture(scope="module")
-def process_group():
+def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def process_group():
+    port = _free_port()
     os.environ.update(
         {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}
     )
@@ -156,3 +161,60 @@ def test_one_rank_runs_zero_2_as_stage_0_with_the_same_arithmetic(clip, tmp_path
         init_engine(_small_model(), recipe, cuda=False, stage=2)[0].load_checkpoint(tmp_path / "stage0", tag=TAG)
     assert zero_stage(recipe, 2) == 2
     assert zero_stage(load_recipe("strip_ai_resnet50", ["deepspeed.zero_stage=3", "swa.enabled=false"]), 1) == 3
+
+
+def _batches(n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(7)
+    return [(torch.randn(4, 3, 8, 8, generator=g), torch.randint(0, 2, (4,), generator=g)) for _ in range(n)]
+
+
+def _step(engine, x, y) -> None:
+    engine.backward(torch.nn.functional.cross_entropy(engine(x), y))
+    engine.step()
+
+
+def _zero2_rank(rank: int, port: int, folder: str) -> None:
+    """Rank ``rank`` of 2: three ZeRO-2 steps, a checkpoint, one more step, whose weights rank 0 keeps. Every
+    rank takes the same batches, so the averaged gradient is one batch's, as on one rank."""
+    from training.engine import init_engine
+    from training.loop import TAG
+
+    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank), "LOCAL_RANK": str(rank)}
+    os.environ.update(env | {"WORLD_SIZE": "2"})
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    engine, _ = init_engine(_small_model(), load_recipe("strip_ai_resnet50", ["deepspeed.zero_stage=2"]), cuda=False)
+    *first, last = _batches(4)
+    for x, y in first:
+        _step(engine, x, y)
+    engine.save_checkpoint(f"{folder}/ckpt", tag=TAG)
+    _step(engine, *last)
+    if rank == 0:
+        torch.save(engine.module.state_dict(), f"{folder}/next.pt")
+    dist.destroy_process_group()
+
+
+def test_a_zero_2_checkpoint_of_two_ranks_continues_exactly_on_one(tmp_path, process_group):
+    """``--resume RUN workers=N`` with ZeRO-1/2: the partitioned optimiser state is made universal, and the
+    next step on one rank gives exactly the weights (and BatchNorm statistics) the two ranks' next step gave."""
+    from training.engine import init_engine, load_universal, partition_ranks, to_universal, zero_stage
+    from training.loop import TAG
+
+    ctx, port = mp.get_context("spawn"), _free_port()
+    ranks = [ctx.Process(target=_zero2_rank, args=(r, port, str(tmp_path))) for r in range(2)]
+    for p in ranks:
+        p.start()
+    for p in ranks:
+        p.join(300)
+    assert [p.exitcode for p in ranks] == [0, 0]
+    assert partition_ranks(tmp_path / "ckpt") == (2, False)  # two ranks' ZeRO-2 partitions, not ZeRO-3
+    recipe = load_recipe("strip_ai_resnet50", ["deepspeed.zero_stage=2"])
+    stage = zero_stage(recipe, 1, tmp_path / "ckpt")
+    assert stage == 2  # the partitioned state is read by a ZeRO engine, on one rank too
+    engine, _ = init_engine(_small_model(), recipe, cuda=False, stage=stage, universal=True)
+    load_universal(engine, to_universal(tmp_path / "ckpt", tmp_path / "universal", TAG), TAG)
+    assert engine.global_steps == 3
+    _step(engine, *_batches(4)[-1])
+    want = torch.load(tmp_path / "next.pt", weights_only=True)
+    for name, got in engine.module.state_dict().items():
+        torch.testing.assert_close(got, want[name], rtol=0, atol=0, msg=name)
+    assert not (tmp_path / "universal" / TAG / "tmp").exists()  # its scratch folder is gone

@@ -9,8 +9,8 @@ import torch
 
 from shards.dali import epoch_order
 from training.config import ModelConfig, RecipeError, load_recipe
-from training.engine import make_optimizer, make_scheduler
-from training.launch import _check_workers, partition_ranks, resume_training, run_checkpoints
+from training.engine import make_optimizer, make_scheduler, partition_ranks
+from training.launch import _check_workers, resume_training, run_checkpoints
 from training.losses import Loss, balanced_weights
 from training.models import MultiHead, TemporalClassifier, build_model, count_parameters
 from training.state import EarlyStopping, swa_start_epoch
@@ -160,31 +160,32 @@ def test_a_checkpoint_without_model_states_is_refused_by_name(tmp_path):
     _check_checkpoint(str(ckpt), None)
 
 
-def test_resume_moves_only_unpartitioned_checkpoints_between_worker_counts(tmp_path):
-    """``--resume RUN workers=N``: a checkpoint's ZeRO partitions fix its worker count; stage 0's does not."""
+def test_resume_refuses_only_zero_3_checkpoints_on_another_worker_count(tmp_path):
+    """``--resume RUN workers=N``: ZeRO-1/2 and stage-0 checkpoints move between worker counts, ZeRO-3's not."""
     recipe = load_recipe("demo_tiles", ["workers=3"])
     run_id = "0123456789abcdef"
     folder = tmp_path / f"{recipe.name}-{run_id[:12]}"
     older = folder / "checkpoint_2026-11-30_10-00-00.000000" / "ds"
     newer = folder / "checkpoint_2026-11-30_11-00-00.000000" / "ds"
-    for rank in range(3):  # the older checkpoint: 3 ranks' partitions
-        older.mkdir(parents=True, exist_ok=True)
+    older.mkdir(parents=True)
+    for rank in range(2):  # the older one: two ranks' ZeRO-2 partitions
         (older / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt").touch()
     (older / "mp_rank_00_model_states.pt").touch()
     assert [c.base_name for c in run_checkpoints(str(folder), pafs.LocalFileSystem())] == [older.parent.name]
-    assert partition_ranks(str(older.parent)) == 3
-    _check_workers(recipe, run_id, str(tmp_path))  # 3 workers: as written
-    for rank in range(2):  # the newest complete one: 2 ranks'
-        newer.mkdir(parents=True, exist_ok=True)
+    assert partition_ranks(older.parent) == (2, False)
+    _check_workers(recipe, run_id, str(tmp_path))  # ZeRO-2 of 2 on 3 workers: converted on the workers
+    newer.mkdir(parents=True)
+    for rank in range(2):  # the newest complete one: ZeRO-3 (parameters partitioned too)
         (newer / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt").touch()
         (newer / f"zero_pp_rank_{rank}_mp_rank_00_model_states.pt").touch()
-    assert partition_ranks(str(newer.parent)) == 2
-    with pytest.raises(RecipeError, match=r"workers: run 0123456789abcdef's checkpoint .*11-00-00.* over 2 workers"):
+    assert partition_ranks(newer.parent) == (2, True)
+    with pytest.raises(RecipeError, match=r"workers: run 0123456789abcdef's checkpoint .*11-00-00.* ZeRO-3 .* 2 work"):
         _check_workers(recipe, run_id, str(tmp_path))
+    _check_workers(recipe.model_copy(update={"workers": 2}), run_id, str(tmp_path))  # as written: fine
     for f in newer.glob("zero_pp_rank_*"):
         f.unlink()
-    (newer / "mp_rank_00_model_states.pt").touch()  # stage 0: no partitions, any worker count
-    assert partition_ranks(str(newer.parent)) == 0
+    (newer / "mp_rank_00_model_states.pt").touch()  # stage 0: no partitions
+    assert partition_ranks(newer.parent) == (0, False)
     _check_workers(recipe, run_id, str(tmp_path))
     _check_workers(recipe, "no-such-run-with-no-checkpoints", str(tmp_path))  # nothing to check: starts afresh
     with pytest.raises(RecipeError, match=r"--resume changes only workers, cpus_per_worker, placement .*'epochs=9'"):
