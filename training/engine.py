@@ -97,8 +97,8 @@ def zero_stage(recipe: TrainRecipe, world: int, checkpoint_dir: str | Path | Non
     plain loop and a real ZeRO-2 engine). A run that continues a checkpoint keeps the stage it was written
     with, whatever the worker count now: ZeRO's partitioned optimiser state is read only by a ZeRO engine (on
     another number of ranks through :func:`to_universal`), and a stage-0 checkpoint (one worker) is read by a
-    stage-0 engine on any number of workers. Stage 3 is kept: it
-    changes how parameters are held, not only where optimiser state lives.
+    stage-0 engine on any number of workers. Stage 3 is kept: it changes how parameters are held, not only where
+    optimiser state lives.
     """
     stage = recipe.deepspeed.zero_stage
     if stage not in (1, 2):
