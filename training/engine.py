@@ -44,31 +44,24 @@ def make_scheduler(optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, epochs
     return None
 
 
-def _partition_files(path: str | Path, fs=None) -> list[str]:
-    """Base names of a checkpoint's ZeRO partition files (``zero_pp_rank_<r>_*``), on pyarrow ``fs`` (local
-    by default)."""
+def partition_ranks(path: str | Path, fs=None) -> int:
+    """How many data-parallel ranks a checkpoint's ZeRO state is partitioned over (its ``zero_pp_rank_<r>_*``
+    files, on pyarrow ``fs``, local by default); 0 when it is not (stage 0, or ZeRO-1/2 on one worker, which
+    runs as stage 0)."""
     import pyarrow.fs as pafs
 
     fs = fs or pafs.LocalFileSystem()
     found = fs.get_file_info(pafs.FileSelector(str(path).rstrip("/"), recursive=True, allow_not_found=True))
-    return [f.base_name for f in found if f.base_name.startswith("zero_pp_rank_")]
-
-
-def partition_ranks(path: str | Path, fs=None) -> tuple[int, bool]:
-    """How many data-parallel ranks a checkpoint's ZeRO state is partitioned over (0 when it is not: stage 0,
-    or ZeRO-1/2 on one worker, which runs as stage 0), and whether it is ZeRO-3's (parameters partitioned too)."""
-    names = _partition_files(path, fs)
-    ranks = {re.match(r"zero_pp_rank_(\d+)_", n).group(1) for n in names}
-    return len(ranks), any(n.endswith("_model_states.pt") for n in names)
+    return len({m.group(1) for f in found if (m := re.match(r"zero_pp_rank_(\d+)_", f.base_name))})
 
 
 def partitioned_checkpoint(checkpoint_dir: str | Path | None) -> bool:
     """Whether a checkpoint's optimiser state was written partitioned by ZeRO (only a ZeRO engine reads it)."""
-    return checkpoint_dir is not None and partition_ranks(checkpoint_dir)[0] > 0
+    return checkpoint_dir is not None and partition_ranks(checkpoint_dir) > 0
 
 
 def to_universal(checkpoint_dir: str | Path, out_dir: str | Path, tag: str) -> Path:
-    """Convert a ZeRO-1/2 checkpoint written by one number of ranks into DeepSpeed's universal form, which an
+    """Convert a ZeRO checkpoint written by one number of ranks into DeepSpeed's universal form, which an
     engine with ``checkpoint.load_universal`` reads on any number of ranks (each takes its slice of every
     parameter's optimiser state). Returns the folder to load from, with the same ``tag``."""
     from deepspeed.checkpoint import ds_to_universal
@@ -114,6 +107,8 @@ def load_universal(engine, folder: str | Path, tag: str) -> dict[str, Any]:
     initial values. Returns the client state."""
     _, client = engine.load_checkpoint(str(folder), tag=tag)
     states = Path(folder) / tag / "mp_rank_00_model_states.pt"
+    if not states.exists():  # ZeRO-3: each rank's file holds the (replicated) buffers
+        states = states.with_name("zero_pp_rank_0_mp_rank_00_model_states.pt")
     saved = torch.load(states, map_location="cpu", weights_only=True)["module"]
     engine.module.load_state_dict({n: saved[n] for n, _ in engine.module.named_buffers() if n in saved}, strict=False)
     return client

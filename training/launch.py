@@ -135,7 +135,8 @@ def resume_training(
     run_id: str, tracking_uri: str, storage_path: str, overrides: list[str] | tuple[str, ...] = ()
 ) -> TrainOutcome:
     """Continue a stopped run from its latest checkpoint, into the same MLflow run, with its own recipe;
-    ``overrides`` may move it to another number of workers (:data:`RESUME_KEYS`) where its checkpoint allows."""
+    ``overrides`` may move it to another number of workers (:data:`RESUME_KEYS`): a ZeRO checkpoint written by
+    K ranks is read by N through DeepSpeed's universal form (:func:`training.engine.to_universal`)."""
     from mlflow import MlflowClient
 
     bad = [o for o in overrides if o.partition("=")[0].strip() not in RESUME_KEYS]
@@ -146,34 +147,11 @@ def resume_training(
     with tempfile.TemporaryDirectory() as tmp:
         text = Path(client.download_artifacts(run_id, RECIPE_ARTIFACT, tmp)).read_text()
     recipe = recipe_from_tree(apply_overrides(yaml.safe_load(text), overrides), f"run {run_id}")
-    _check_workers(recipe, run_id, storage_path)
     if overrides:
         client.set_tag(run_id, "resume_overrides", " ".join(overrides))  # params are immutable; say what changed
     client.update_run(run_id, status="RUNNING")
     print(f"resuming MLflow run {run_id} from its latest checkpoint", flush=True)
     return fit(recipe, run_id, tracking_uri, storage_path)
-
-
-def _check_workers(recipe: TrainRecipe, run_id: str, storage_path: str) -> None:
-    """Refuse, before any work, to continue a checkpoint on a worker count its state cannot take.
-
-    ZeRO-1/2 state written by K ranks is converted on the workers to DeepSpeed's universal form, which any
-    number of ranks reads (:func:`training.engine.to_universal`); an unpartitioned one (stage 0, or any stage run
-    on one worker) needs nothing. ZeRO-3 partitions the parameters too, and is continued on K workers only."""
-    import pyarrow.fs as pafs
-
-    from training.engine import partition_ranks
-
-    base, fs = storage_location(storage_path)
-    fs = fs or pafs.LocalFileSystem()
-    complete = [c for c in run_checkpoints(f"{base}/{recipe.name}-{run_id[:12]}", fs) if has_model_states(c.path, fs)]
-    ranks, zero3 = partition_ranks(complete[-1].path, fs) if complete else (0, False)
-    if zero3 and ranks != recipe.workers:
-        raise RecipeError(
-            f"workers: run {run_id}'s checkpoint {checkpoint_url(complete[-1].path, storage_path)} holds ZeRO-3 state "
-            f"partitioned over {ranks} workers, so it continues on {ranks}, not {recipe.workers} (ZeRO-1/2 and "
-            "stage-0 checkpoints move between worker counts)"
-        )
 
 
 def trainer_for(

@@ -176,11 +176,9 @@ class Trainer:
         _seed(r, -1, 0)  # the same initial head on every rank
         model = build_model(r.model, len(self.outputs), r.data.frames, r.data.image_size).to(self.device)
         stage = zero_stage(r, world, None if weights_only else checkpoint_dir)
-        # ZeRO-1/2 state written by another number of ranks (``--resume RUN workers=N``): read it universally
-        ranks, zero3 = partition_ranks(checkpoint_dir) if checkpoint_dir and not weights_only else (0, False)
+        # ZeRO state written by another number of ranks (``--resume RUN workers=N``): read it universally
+        ranks = partition_ranks(checkpoint_dir) if checkpoint_dir and not weights_only else 0
         universal = ranks not in (0, world)
-        if universal and zero3:
-            raise ValueError(f"checkpoint {checkpoint_dir}: ZeRO-3 state of {ranks} ranks cannot continue on {world}")
         self.engine, self.scheduler = init_engine(model, r, cuda, stage, universal)
         self.data = WorkerData(r, self.manifest, self.rank, self.world, self.device.index if cuda else None)
         self.loss = make_loss(r, self.data, self.outputs)

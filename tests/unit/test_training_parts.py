@@ -10,7 +10,7 @@ import torch
 from shards.dali import epoch_order
 from training.config import ModelConfig, RecipeError, load_recipe
 from training.engine import make_optimizer, make_scheduler, partition_ranks
-from training.launch import _check_workers, resume_training, run_checkpoints
+from training.launch import resume_training, run_checkpoints
 from training.losses import Loss, balanced_weights
 from training.models import MultiHead, TemporalClassifier, build_model, count_parameters
 from training.state import EarlyStopping, swa_start_epoch
@@ -160,33 +160,24 @@ def test_a_checkpoint_without_model_states_is_refused_by_name(tmp_path):
     _check_checkpoint(str(ckpt), None)
 
 
-def test_resume_refuses_only_zero_3_checkpoints_on_another_worker_count(tmp_path):
-    """``--resume RUN workers=N``: ZeRO-1/2 and stage-0 checkpoints move between worker counts, ZeRO-3's not."""
-    recipe = load_recipe("demo_tiles", ["workers=3"])
-    run_id = "0123456789abcdef"
-    folder = tmp_path / f"{recipe.name}-{run_id[:12]}"
+def test_checkpoints_of_a_run_and_their_zero_partitions(tmp_path):
+    folder = tmp_path / "demo_tiles-0123456789ab"
     older = folder / "checkpoint_2026-11-30_10-00-00.000000" / "ds"
     newer = folder / "checkpoint_2026-11-30_11-00-00.000000" / "ds"
-    older.mkdir(parents=True)
-    for rank in range(2):  # the older one: two ranks' ZeRO-2 partitions
+    for path in (newer, older, folder / "not_a_checkpoint"):
+        path.mkdir(parents=True)
+    for rank in range(2):  # ZeRO-1/2: each rank's optimiser partition
         (older / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt").touch()
-    (older / "mp_rank_00_model_states.pt").touch()
-    assert [c.base_name for c in run_checkpoints(str(folder), pafs.LocalFileSystem())] == [older.parent.name]
-    assert partition_ranks(older.parent) == (2, False)
-    _check_workers(recipe, run_id, str(tmp_path))  # ZeRO-2 of 2 on 3 workers: converted on the workers
-    newer.mkdir(parents=True)
-    for rank in range(2):  # the newest complete one: ZeRO-3 (parameters partitioned too)
+    for rank in range(3):  # ZeRO-3: each rank's parameter and optimiser partitions
         (newer / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt").touch()
         (newer / f"zero_pp_rank_{rank}_mp_rank_00_model_states.pt").touch()
-    assert partition_ranks(newer.parent) == (2, True)
-    with pytest.raises(RecipeError, match=r"workers: run 0123456789abcdef's checkpoint .*11-00-00.* ZeRO-3 .* 2 work"):
-        _check_workers(recipe, run_id, str(tmp_path))
-    _check_workers(recipe.model_copy(update={"workers": 2}), run_id, str(tmp_path))  # as written: fine
-    for f in newer.glob("zero_pp_rank_*"):
-        f.unlink()
-    (newer / "mp_rank_00_model_states.pt").touch()  # stage 0: no partitions
-    assert partition_ranks(newer.parent) == (0, False)
-    _check_workers(recipe, run_id, str(tmp_path))
-    _check_workers(recipe, "no-such-run-with-no-checkpoints", str(tmp_path))  # nothing to check: starts afresh
+    found = run_checkpoints(str(folder), pafs.LocalFileSystem())
+    assert [c.base_name for c in found] == [older.parent.name, newer.parent.name]  # oldest first, nothing else
+    assert [partition_ranks(c.path) for c in found] == [2, 3]
+    (older.parent / "stage0" / "ds").mkdir(parents=True)
+    assert partition_ranks(older.parent / "stage0") == 0 and partition_ranks(tmp_path / "missing") == 0
+
+
+def test_resume_changes_only_where_a_run_continues():
     with pytest.raises(RecipeError, match=r"--resume changes only workers, cpus_per_worker, placement .*'epochs=9'"):
-        resume_training(run_id, "http://127.0.0.1:1", str(tmp_path), ["workers=2", "epochs=9"])
+        resume_training("0123456789abcdef", "http://127.0.0.1:1", "/nowhere", ["workers=2", "epochs=9"])
