@@ -131,6 +131,13 @@ def run_training(recipe: TrainRecipe, tracking_uri: str, storage_path: str, max_
 RESUME_KEYS = ("workers", "cpus_per_worker", "placement")
 
 
+def check_resume_overrides(overrides: list[str] | tuple[str, ...]) -> None:
+    """Refuse an override that would change what a resumed run trains (before anything connects)."""
+    bad = [o for o in overrides if "=" not in o or o.partition("=")[0].strip() not in RESUME_KEYS]
+    if bad:
+        raise RecipeError(f"--resume changes only {', '.join(RESUME_KEYS)} (the run's own recipe is used), not {bad}")
+
+
 def resume_training(
     run_id: str, tracking_uri: str, storage_path: str, overrides: list[str] | tuple[str, ...] = ()
 ) -> TrainOutcome:
@@ -139,9 +146,7 @@ def resume_training(
     K ranks is read by N through DeepSpeed's universal form (:func:`training.engine.to_universal`)."""
     from mlflow import MlflowClient
 
-    bad = [o for o in overrides if o.partition("=")[0].strip() not in RESUME_KEYS]
-    if bad:
-        raise RecipeError(f"--resume changes only {', '.join(RESUME_KEYS)} (the run's own recipe is used), not {bad}")
+    check_resume_overrides(overrides)
     client = MlflowClient(tracking_uri)
     run_id = tracking.resolve_run(client, run_id)
     with tempfile.TemporaryDirectory() as tmp:

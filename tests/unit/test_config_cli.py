@@ -53,6 +53,15 @@ def test_bad_recipe_field_fails_without_traceback(capsys):
     assert "optim.momentum" in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("extra", [["demo_tiles"], ["workers=2", "epochs=9"]])
+def test_resume_takes_only_where_to_run_overrides(capsys, extra):
+    """Refused before anything connects (no stack runs here); ``workers=N`` is what may change."""
+    assert main(["train", "--resume", "0123456789abcdef", *extra]) == 1
+    err = capsys.readouterr().err
+    assert "--resume changes only workers, cpus_per_worker, placement" in err and repr(extra[-1]) in err
+    assert "Traceback" not in err
+
+
 def test_unreachable_endpoint_is_named(tmp_path, monkeypatch):
     monkeypatch.setenv("TESSERA_STATE_DIR", str(tmp_path))
     monkeypatch.setenv("TESSERA_S3_ENDPOINT", "http://127.0.0.1:1")
