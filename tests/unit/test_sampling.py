@@ -185,15 +185,17 @@ def test_the_next_batch_is_read_while_one_is_handed_over(imbalanced):
         files.close()
 
 
-@pytest.mark.parametrize("world", [1, 2])
-def test_ranged_reader_gives_each_worker_what_dalis_reader_gives_it(tmp_path, world):
-    """Evaluation: the same samples in the same order per worker; training: every sample once per epoch across
-    the workers, in a fresh order each epoch."""
+@pytest.mark.parametrize(("world", "frames"), [(1, 0), (2, 0), (2, 3)])
+def test_ranged_reader_gives_each_worker_what_dalis_reader_gives_it(tmp_path, world, frames):
+    """Evaluation: the same samples (single images or slice sequences) in the same order per worker; training:
+    every sample once per epoch across the workers, in a fresh order each epoch."""
     prefix = str(tmp_path / "ds")
-    manifest = make_dataset(prefix, {"train": 14, "val": 11}, shard_samples=4)
+    manifest = make_dataset(prefix, {"train": 14, "val": 11}, shard_samples=4, frames=frames)
 
     def data(reader: str, rank: int) -> WorkerData:
         overrides = [f"data.dataset={prefix}", f"data.reader={reader}", "data.image_size=16", "batch_size=3"]
+        if frames:  # slice sequences go to a video model
+            overrides += [f"data.frames={frames}", "model.name=temporal:resnet18"]
         return WorkerData(load_recipe("demo_tiles", overrides), manifest, rank, world, None)
 
     orders: dict[int, list[int]] = {0: [], 1: []}
@@ -212,7 +214,7 @@ def test_ranged_reader_gives_each_worker_what_dalis_reader_gives_it(tmp_path, wo
             for epoch in orders:
                 orders[epoch] += ranged._source("train", epoch, True, steps).order.tolist()
                 batches = list(ranged.batches("train", epoch, True))
-                assert [x.shape for x, _, _ in batches] == [(3, 3, 16, 16)] * steps
+                assert [x.shape for x, _, _ in batches] == [(3, *([frames] if frames else []), 3, 16, 16)] * steps
         finally:
             stream.close()
             ranged.close()
