@@ -5,9 +5,9 @@ same augmentations (paper 000's: flips, sharpness 2, linear rotation, colour jit
 Usage: ``python benchmarks/loader.py [--images 512] [--tile 512] [--size 256] [--batch 32] [--cores 2]
 [--balanced] [--s3 [--latency-ms MS]]``. ``--balanced`` also times DALI fed by paper 003's balanced sampler
 instead of its reader. ``--s3`` reads the shards from a real S3 server (``rclone serve s3`` on a temporary
-folder) instead of local disk, and times DALI's reader and the sampler there (the torchvision baseline reads
-local files only); ``--latency-ms`` adds that much to every request's round trip, through a local TCP proxy,
-as a remote object store would.
+folder) instead of local disk, and times DALI's reader against Tessera's ranged reads (shuffled, and through
+the balanced sampler) there; the torchvision baseline reads local files only, so it is left out. ``--latency-ms``
+adds that much to every request's round trip, through a local TCP proxy, as a remote object store would.
 """
 
 from __future__ import annotations
@@ -240,16 +240,13 @@ def main() -> None:
 
 def main_s3(args: argparse.Namespace) -> None:
     """DALI's reader against Tessera's ranged reads (shuffled and balanced), all from S3."""
-    from shards import storage
-
     with tempfile.TemporaryDirectory() as tmp:
         urls = write_shards(Path(tmp) / "local", args.images, args.tile)
         (Path(tmp) / "s3").mkdir()
         with s3_server(Path(tmp) / "s3", args.latency_ms) as (upload_endpoint, read_endpoint):
             os.environ["AWS_ENDPOINT_URL"] = upload_endpoint
             s3_urls = upload(urls, "bench")
-            os.environ["AWS_ENDPOINT_URL"] = read_endpoint
-            storage._client.cache_clear()
+            os.environ["AWS_ENDPOINT_URL"] = read_endpoint  # boto3's client is cached per endpoint
             common = (s3_urls, args.images, args.size, args.batch, args.cores, args.passes)
             rates = {mode: dali_rate(*common, mode=mode) for mode in ("stream", "ranged", "balanced")}
     print(
