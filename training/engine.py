@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import re
 from pathlib import Path
 from typing import Any
@@ -75,8 +73,7 @@ def to_universal(checkpoint_dir: str | Path, out_dir: str | Path, tag: str) -> P
         strict=True,
         inject_missing_state=True,  # our client state does not carry DeepSpeed's universal-checkpoint marker
     )
-    with contextlib.redirect_stdout(io.StringIO()):  # its progress bars and banners, once per rank
-        ds_to_universal.main(args)
+    ds_to_universal.main(args)  # prints what it converts, and progress bars: once per rank, in the run's log
     return Path(out_dir)
 
 
