@@ -106,7 +106,8 @@ def load_universal(engine, folder: str | Path, tag: str) -> dict[str, Any]:
     states = Path(folder) / tag / "mp_rank_00_model_states.pt"
     if not states.exists():  # ZeRO-3: each rank's file holds the (replicated) buffers
         states = states.with_name("zero_pp_rank_0_mp_rank_00_model_states.pt")
-    saved = torch.load(states, map_location="cpu", weights_only=True)["module"]
+    # mmap: only the buffers are read, not the whole model again (load_checkpoint has just read the file)
+    saved = torch.load(states, map_location="cpu", weights_only=True, mmap=True)["module"]
     engine.module.load_state_dict({n: saved[n] for n, _ in engine.module.named_buffers() if n in saved}, strict=False)
     return client
 
