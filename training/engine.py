@@ -46,11 +46,10 @@ def partition_ranks(path: str | Path, fs=None) -> int:
     """How many data-parallel ranks a checkpoint's ZeRO state is partitioned over (its ``zero_pp_rank_<r>_*``
     files, on pyarrow ``fs``, local by default); 0 when it is not (stage 0, or ZeRO-1/2 on one worker, which
     runs as stage 0)."""
-    import pyarrow.fs as pafs
+    from training.launch import checkpoint_files
 
-    fs = fs or pafs.LocalFileSystem()
-    found = fs.get_file_info(pafs.FileSelector(str(path).rstrip("/"), recursive=True, allow_not_found=True))
-    return len({m.group(1) for f in found if (m := re.match(r"zero_pp_rank_(\d+)_", f.base_name))})
+    names = (f.base_name for f in checkpoint_files(str(path), fs))
+    return len({m.group(1) for name in names if (m := re.match(r"zero_pp_rank_(\d+)_", name))})
 
 
 def partitioned_checkpoint(checkpoint_dir: str | Path | None) -> bool:

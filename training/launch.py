@@ -45,14 +45,19 @@ def storage_filesystem(storage_path: str):
     return s3_filesystem()
 
 
-def has_model_states(path: str, fs=None) -> bool:
-    """Whether the checkpoint folder ``path`` (on pyarrow ``fs``, local by default) holds DeepSpeed model states:
-    a complete Tessera checkpoint, not one deleted or cut short."""
+def checkpoint_files(path: str, fs=None) -> list:
+    """Every file under the checkpoint folder ``path`` (pyarrow ``FileInfo``s, on ``fs``, local by default;
+    none if it does not exist)."""
     import pyarrow.fs as pafs
 
     fs = fs or pafs.LocalFileSystem()
-    found = fs.get_file_info(pafs.FileSelector(path.rstrip("/"), recursive=True, allow_not_found=True))
-    return any(f.path.endswith("_model_states.pt") for f in found)
+    return fs.get_file_info(pafs.FileSelector(str(path).rstrip("/"), recursive=True, allow_not_found=True))
+
+
+def has_model_states(path: str, fs=None) -> bool:
+    """Whether the checkpoint folder ``path`` (on pyarrow ``fs``, local by default) holds DeepSpeed model states:
+    a complete Tessera checkpoint, not one deleted or cut short."""
+    return any(f.path.endswith("_model_states.pt") for f in checkpoint_files(path, fs))
 
 
 def run_checkpoints(folder: str, fs) -> list:
