@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import hashlib
 import re
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +80,37 @@ def to_universal(checkpoint_dir: str | Path, out_dir: str | Path, tag: str) -> P
     )
     ds_to_universal.main(args)  # prints what it converts, and progress bars: once per rank, in the run's log
     return Path(out_dir)
+
+
+@contextlib.contextmanager
+def universal_checkpoint(checkpoint_dir: str | Path, tag: str) -> Iterator[Path]:
+    """:func:`to_universal` once per node, in a folder its workers share: the first to arrive converts while the
+    others wait, and the last to leave removes it. Converting loads every rank's partitions, so a node of 8
+    workers converting each on its own would hold 8 copies of the model and optimiser state and write 8
+    folders. ``checkpoint_dir`` names the checkpoint: Ray Train gives a node's workers the same local folder
+    (the storage path itself, or its one shared download)."""
+    from filelock import FileLock
+
+    key = hashlib.sha256(str(Path(checkpoint_dir).resolve()).encode()).hexdigest()[:16]
+    out = Path(tempfile.gettempdir()) / f"tessera-universal-{key}"
+    readers = out.with_name(f"{out.name}.readers")  # one file per reader of the folder
+    reader = readers / uuid.uuid4().hex
+    lock = FileLock(f"{out}.lock")
+    with lock:
+        readers.mkdir(exist_ok=True)
+        reader.touch()
+        if not (out / ".complete").exists():  # also a crashed conversion's leftovers: convert again
+            shutil.rmtree(out, ignore_errors=True)
+            to_universal(checkpoint_dir, out, tag)
+            (out / ".complete").touch()
+    try:
+        yield out
+    finally:
+        with lock:
+            reader.unlink(missing_ok=True)
+            if not any(readers.iterdir()):
+                shutil.rmtree(out, ignore_errors=True)
+                readers.rmdir()
 
 
 def zero_stage(recipe: TrainRecipe, world: int, checkpoint_dir: str | Path | None = None) -> int:

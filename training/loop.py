@@ -27,7 +27,7 @@ from training.aggregate import aggregate
 from training.allocator import keep_freed_memory
 from training.config import TrainRecipe
 from training.data import WorkerData
-from training.engine import init_engine, load_universal, partition_ranks, to_universal, zero_stage
+from training.engine import init_engine, load_universal, partition_ranks, universal_checkpoint, zero_stage
 from training.losses import Loss, balanced_weights
 from training.metrics import classification_metrics, multilabel_metrics
 from training.models import build_model
@@ -186,12 +186,12 @@ class Trainer:
         self.swa = torch.optim.swa_utils.AveragedModel(self.engine.module) if r.swa.enabled else None
         self.start = 0
         self.resumed = checkpoint_dir is not None
-        if checkpoint_dir is not None:
-            with tempfile.TemporaryDirectory(prefix="tessera-universal-") as tmp:
-                if universal:
-                    print(f"rank {rank}: checkpoint of {ranks} ranks read on {world} (universal)", flush=True)
-                    checkpoint_dir = str(to_universal(checkpoint_dir, tmp, TAG))
-                self._restore(checkpoint_dir, weights_only, universal)
+        if universal:
+            print(f"rank {rank}: checkpoint of {ranks} ranks read on {world} (universal)", flush=True)
+            with universal_checkpoint(checkpoint_dir, TAG) as converted:  # once per node
+                self._restore(str(converted), universal=True)
+        elif checkpoint_dir is not None:
+            self._restore(checkpoint_dir, weights_only)
 
     def _restore(self, checkpoint_dir: str, weights_only: bool = False, universal: bool = False) -> None:
         """Continue from a checkpoint: the whole state (``universal``: converted from another number of ranks),

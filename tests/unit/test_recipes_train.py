@@ -6,6 +6,7 @@ import math
 import multiprocessing as mp
 import os
 import socket
+import threading
 
 import pytest
 import torch
@@ -208,10 +209,12 @@ def _zero_rank(rank: int, port: int, folder: str, stage: int) -> None:
 
 
 @pytest.mark.parametrize("stage", [2, 3])
-def test_a_zero_checkpoint_of_two_ranks_continues_exactly_on_one(stage, tmp_path, process_group):
-    """``--resume RUN workers=N`` with ZeRO: the partitioned state is made universal, and the next step on one
-    rank gives exactly the weights (and BatchNorm statistics) the two ranks' next step gave."""
-    from training.engine import init_engine, load_universal, partition_ranks, to_universal, zero_stage
+def test_a_zero_checkpoint_of_two_ranks_continues_exactly_on_one(stage, tmp_path, process_group, monkeypatch):
+    """``--resume RUN workers=N`` with ZeRO: the partitioned state is made universal, once for the workers of a
+    node, and the next step on one rank gives exactly the weights (and BatchNorm statistics) the two ranks'
+    next step gave."""
+    import training.engine
+    from training.engine import init_engine, load_universal, partition_ranks, universal_checkpoint, zero_stage
     from training.loop import TAG
 
     ctx, port = mp.get_context("spawn"), _free_port()
@@ -225,11 +228,29 @@ def test_a_zero_checkpoint_of_two_ranks_continues_exactly_on_one(stage, tmp_path
     recipe = load_recipe("strip_ai_resnet50", [f"deepspeed.zero_stage={stage}", "swa.enabled=false"])
     assert zero_stage(recipe, 1, tmp_path / "ckpt") == stage  # read by a ZeRO engine, on one rank too
     engine, _ = init_engine(_small_model(), recipe, cuda=False, stage=stage, universal=True)
-    load_universal(engine, to_universal(tmp_path / "ckpt", tmp_path / "universal", TAG), TAG)
+    conversions, seen, both_inside = [], [], threading.Barrier(2, timeout=120)
+    convert = training.engine.to_universal
+    monkeypatch.setattr(training.engine, "to_universal", lambda *a: conversions.append(a) or convert(*a))
+
+    def another_worker() -> None:  # of the same node, arriving at the same time
+        with universal_checkpoint(tmp_path / "ckpt", TAG) as folder:
+            seen.append(folder)
+            both_inside.wait()
+            both_inside.wait()  # leaves first: the folder stays for the reader still loading
+
+    worker = threading.Thread(target=another_worker)
+    worker.start()
+    with universal_checkpoint(tmp_path / "ckpt", TAG) as folder:
+        both_inside.wait()
+        load_universal(engine, folder, TAG)
+        both_inside.wait()
+        worker.join()
+        assert folder.is_dir() and not (folder / TAG / "tmp").exists()  # converted, its scratch folder gone
+    assert len(conversions) == 1 and seen == [folder]
+    assert not folder.exists() and not folder.with_name(f"{folder.name}.readers").exists()  # the last one out
     assert engine.global_steps == 3
     _step(engine, *_batches(4)[-1])
     want = torch.load(tmp_path / "next.pt", weights_only=True)
     for name, got in _weights(engine).items():
         assert got.numel() > 0
         torch.testing.assert_close(got, want[name], rtol=0, atol=0, msg=name)
-    assert not (tmp_path / "universal" / TAG / "tmp").exists()  # its scratch folder is gone
