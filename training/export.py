@@ -3,7 +3,9 @@ description, so that consumers (ingest's background filter, serving) need neithe
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -13,6 +15,19 @@ from training.config import ModelConfig
 MODEL_JSON = "model.json"
 WEIGHTS = "model.safetensors"
 TORCHSCRIPT = "model.ts"
+
+
+@contextlib.contextmanager
+def pytorch_linear() -> Iterator[None]:
+    """PyTorch's own ``torch.nn.functional.linear`` for the duration: a ZeRO-3 engine replaces it for the whole
+    process with an autograd Function of DeepSpeed's (it keeps activations, not weights, for backward), and
+    tracing cannot export that Function into TorchScript."""
+    current = torch.nn.functional.linear
+    torch.nn.functional.linear = torch._C._nn.linear
+    try:
+        yield
+    finally:
+        torch.nn.functional.linear = current
 
 
 def save_export(
@@ -36,7 +51,7 @@ def save_export(
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(folder / WEIGHTS))
     shape = (1, frames, 3, image_size, image_size) if frames else (1, 3, image_size, image_size)
-    with torch.no_grad():
+    with torch.no_grad(), pytorch_linear():
         traced = torch.jit.trace(model, torch.zeros(shape), check_trace=False)
     traced.save(str(folder / TORCHSCRIPT))
     desc = {

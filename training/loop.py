@@ -339,8 +339,9 @@ def train_loop(config: dict[str, Any]) -> None:
 
 
 def checkpoint_weights(checkpoint: str | Path) -> dict[str, torch.Tensor]:
-    """The module weights of a Tessera DeepSpeed checkpoint, a folder or an ``s3://`` URL (read on the CPU, no
-    engine needed).
+    """The module weights of a Tessera DeepSpeed checkpoint of ZeRO stage 0-2, a folder or an ``s3://`` URL (read
+    on the CPU, no engine needed). A ZeRO-3 checkpoint holds each rank's slice of the weights only: its run's
+    exported model (the MLflow artifact ``model``) has them whole.
 
     Loaded with ``weights_only=True``: a checkpoint may come from anywhere, and unpickling runs code.
     """

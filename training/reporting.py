@@ -24,14 +24,22 @@ class Reporter:
         self.log.metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=epoch)
 
     def export(self, module, folder: str) -> None:
-        import copy
-
+        """Export ``module``'s weights (under ZeRO-3, called while they are gathered) in a freshly built model:
+        a copy of the engine's module would carry DeepSpeed's ZeRO-3 hooks into tracing, which fail on it."""
         from training.export import save_export
+        from training.models import build_model
 
         r, multilabel = self.t.recipe, self.t.recipe.task == "multilabel"
+        plain = build_model(
+            r.model.model_copy(update={"pretrained": False, "freeze": "none"}),
+            len(self.t.outputs),
+            r.data.frames,
+            r.data.image_size,
+        )
+        plain.load_state_dict({k: v.detach().cpu() for k, v in module.state_dict().items()})
         with tempfile.TemporaryDirectory() as tmp:
             out = save_export(
-                copy.deepcopy(module),
+                plain,
                 Path(tmp) / folder,
                 r.model,
                 self.t.manifest.classes,

@@ -95,12 +95,15 @@ def _failed_run(stack, recipe, storage, monkeypatch):
     return run
 
 
-@pytest.mark.parametrize(("before", "after", "stage"), [(1, 2, "0"), (2, 1, "2")])
+@pytest.mark.parametrize(("before", "after", "stage"), [(1, 2, "0"), (2, 1, "2"), (2, 1, "3")])
 def test_a_run_continues_on_another_worker_count(setup, stack, monkeypatch, before, after, stage):
     """``--resume RUN workers=N``. One worker runs ZeRO-2 as stage 0, whose checkpoint is not partitioned and
-    continues on two as it is; two workers' ZeRO-2 partitions are made universal and read by one."""
-    storage = str(setup["work"] / f"ckpt-{before}-to-{after}")
-    run = _failed_run(stack, setup["recipe"].model_copy(update={"workers": before}), storage, monkeypatch)
+    continues on two as it is; two workers' ZeRO-2 or ZeRO-3 partitions are made universal and read by one."""
+    storage = str(setup["work"] / f"ckpt-{before}-to-{after}-{stage}")
+    recipe = setup["recipe"]
+    if stage == "3":
+        recipe = recipe.model_copy(update={"deepspeed": recipe.deepspeed.model_copy(update={"zero_stage": 3})})
+    run = _failed_run(stack, recipe.model_copy(update={"workers": before}), storage, monkeypatch)
     out = resume_training(run.info.run_id, stack.mlflow_url, storage, [f"workers={after}"])
     run = MlflowClient(stack.mlflow_url).get_run(out.run_id)
     assert run.info.status == "FINISHED" and out.model_version is not None

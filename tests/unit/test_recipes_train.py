@@ -7,6 +7,7 @@ import multiprocessing as mp
 import os
 import socket
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -86,6 +87,35 @@ def test_recipe_trains_two_steps_and_evaluates(name, tmp_path, process_group):
     if recipe.model.freeze == "backbone":
         trainable = {n for n, p in trainer.engine.module.named_parameters() if p.requires_grad}
         assert all(k in trainable or "running" in k or "num_batches" in k for k in changed)
+
+
+def test_a_zero_3_run_exports_its_gathered_weights_into_mlflow(tmp_path, process_group):
+    """Under ZeRO-3 each rank holds a slice of every weight: rank 0 exports the gathered weights, in a model of
+    its own (a copy of the engine's module took DeepSpeed's hooks into tracing, which failed on its weights)."""
+    import deepspeed
+    from mlflow import MlflowClient
+
+    from training.export import load_export
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"  # a real MLflow store, without a server
+    client = MlflowClient(uri)
+    run = client.create_run(client.create_experiment("zero3", artifact_location=str(tmp_path / "artifacts")))
+    small = ["data.epoch_samples=4", "batch_size=2", "epochs=1", "workers=1"]
+    recipe = load_recipe("demo_tiles", [f"data.dataset={tmp_path / 'ds'}", *small, "deepspeed.zero_stage=3"])
+    _dataset(recipe, str(tmp_path / "ds"))
+    trainer = Trainer({"recipe": recipe.model_dump(), "mlflow_uri": uri, "run_id": run.info.run_id}, rank=0, world=1)
+    trainer.run(lambda metrics, folder: None)
+    assert trainer.engine.zero_optimization_stage() == 3
+    params = list(trainer.engine.module.parameters())
+    assert any(p.numel() == 0 for p in params)  # partitioned: the module alone lacks weights (small ones persist)
+    with deepspeed.zero.GatheredParameters(params):
+        want = {k: v.clone() for k, v in trainer.engine.module.state_dict().items()}
+    model, desc = load_export(Path(run.info.artifact_uri.removeprefix("file://")) / "model")
+    assert desc["model"] == "mobilenetv3_small_050"
+    got = model.state_dict()
+    assert got.keys() == want.keys()
+    for name, value in got.items():
+        torch.testing.assert_close(value, want[name], rtol=0, atol=0, msg=name)
 
 
 def _small_model():
