@@ -36,65 +36,131 @@ def _restart_jpeg(image: np.ndarray) -> bytes:
     return out.getvalue()
 
 
-def write_mirax(path: Path, level0: np.ndarray, patient: SyntheticPatient, mpp: float = 0.5, levels: int = 3):
+def _mirax_index(slide_id: str, pages: list[list[tuple[int, ...]]], nonhier: list[tuple[int, int, int]]) -> bytes:
+    """``Index.dat``: per level a page of (image index, offset, length, data file) records, and the
+    non-hierarchical records ((offset, length, data file) each). Version and slide id, then the roots of both
+    tables; each table entry points at (0, page)."""
+    import struct
+
+    index = bytearray(b"01.02" + slide_id.encode())
+    roots = len(index)
+    index += bytes(8)
+
+    def put(data: bytes) -> int:
+        at = len(index)
+        index.extend(data)
+        return at
+
+    def entries(records: list[bytes]) -> bytes:
+        return b"".join(struct.pack("<i", put(struct.pack("<ii", 0, put(r)))) for r in records)
+
+    level_pages = [struct.pack("<ii", len(r), 0) + b"".join(struct.pack("<iiii", *x) for x in r) for r in pages]
+    hier = put(entries(level_pages))  # page: count, next (0: the last), records
+    table = put(entries([struct.pack("<7i", 1, 0, 0, 0, *record) for record in nonhier]))
+    struct.pack_into("<ii", index, roots, hier, table)
+    return bytes(index)
+
+
+def write_mirax(
+    path: Path,
+    level0: np.ndarray,
+    patient: SyntheticPatient,
+    mpp: float = 0.5,
+    levels: int = 3,
+    overlap: int = 0,
+    jitter: int = 0,
+    skip: frozenset[tuple[int, int]] = frozenset(),
+    seed: int = 0,
+) -> dict[tuple[int, int], tuple[int, int]]:
     """A 3DHISTECH MIRAX slide as OpenSlide reads it: ``path`` (``x.mrxs``) and the folder ``x/`` beside it with
     ``Slidedat.ini`` (which names the patient, as scanners' slide names often do), ``Index.dat`` and one data file
-    of JPEG camera images, 256 px each, on a grid without overlaps or a position map; level ``i`` concatenates
-    2^i x 2^i level-0 images into one."""
+    of JPEG camera images, 256 px each; level ``i`` concatenates 2^i x 2^i level-0 images into one.
+
+    By default the camera images lie on a grid without overlaps or a position map. With ``overlap``, ``jitter``
+    or ``skip`` they are laid out as a scanner's stage leaves them: neighbours overlap by ``overlap`` px, each is
+    displaced by up to ``jitter`` px from its nominal place, the places are in a position map
+    (``VIMSLIDE_POSITION_BUFFER``), and the camera positions in ``skip`` (column, row) were not captured, which
+    OpenSlide leaves transparent. Every camera image is cut from ``level0`` at its place, so overlaps agree.
+    Returns the level-0 place of each captured camera image."""
     import struct
 
     import imagecodecs
 
-    tile = 256
+    tile, mapped = 256, bool(overlap or jitter or skip)
+    advance = tile - overlap
+    nx, ny = (max(1, -(-(n - overlap) // advance)) for n in (level0.shape[1], level0.shape[0]))
+    shift = np.random.default_rng(seed).integers(-jitter, jitter + 1, (ny, nx, 2))
+    places = {
+        (gx, gy): (max(0, gx * advance + int(shift[gy, gx, 0])), max(0, gy * advance + int(shift[gy, gx, 1])))
+        for gy in range(ny)
+        for gx in range(nx)
+    }
+    places[0, 0] = (0, 0)  # OpenSlide takes any other position at (0, 0) for one never captured
+    canvas = np.full((ny * advance + overlap + jitter, nx * advance + overlap + jitter, 3), 255, np.uint8)
+    canvas[: level0.shape[0], : level0.shape[1]] = level0
     folder = path.with_suffix("")
     folder.mkdir(parents=True, exist_ok=True)
     path.write_bytes(b"")  # OpenSlide goes by the name and the folder beside it
-    canvas = _pad_white(level0, tile)
-    ny, nx = canvas.shape[0] // tile, canvas.shape[1] // tile
     data, pages = bytearray(), []
     for i in range(levels):
-        image, step, records = canvas[:: 2**i, :: 2**i], 2**i, []
-        for gy in range(-(-ny // step)):
-            for gx in range(-(-nx // step)):
-                block = _pad_white(image[gy * tile : (gy + 1) * tile, gx * tile : (gx + 1) * tile], tile)
-                jpeg = imagecodecs.jpeg8_encode(block, level=90)
-                records.append((gy * step * nx + gx * step, len(data), len(jpeg), 0))
+        step, records = 2**i, []
+        sub = tile // step
+        for gy0 in range(0, ny, step):
+            for gx0 in range(0, nx, step):
+                cells = [
+                    (gx, gy)
+                    for gy in range(gy0, min(gy0 + step, ny))
+                    for gx in range(gx0, min(gx0 + step, nx))
+                    if (gx, gy) not in skip
+                ]
+                if not cells:
+                    continue
+                image = np.full((tile, tile, 3), 255, np.uint8)  # camera images downsampled side by side
+                for gx, gy in cells:
+                    x, y = places[gx, gy]
+                    sy, sx = (gy - gy0) * sub, (gx - gx0) * sub
+                    image[sy : sy + sub, sx : sx + sub] = canvas[y : y + tile : step, x : x + tile : step]
+                jpeg = imagecodecs.jpeg8_encode(image, level=90)
+                records.append((gy0 * nx + gx0, len(data), len(jpeg), 0))
                 data += jpeg
         pages.append(records)
+    nonhier = []
+    if mapped:  # a flag (1: captured), then x and y, per camera position, row by row
+        buffer = b"".join(
+            struct.pack("<bii", int((gx, gy) not in skip), *places[gx, gy]) for gy in range(ny) for gx in range(nx)
+        )
+        nonhier.append((len(data), len(buffer), 0))
+        data += buffer
     slide_id = uuid.uuid4().hex
-    head = b"01.02" + slide_id.encode()
-    # hier root -> one pointer per level -> (0, first page) -> page: count, next (0: last), records
-    table = len(head) + 8
-    lists = table + 4 * levels
-    page_at = lists + 8 * levels
-    index = bytearray(head + struct.pack("<ii", table, table))  # no non-hierarchical records
-    index += b"".join(struct.pack("<i", lists + 8 * i) for i in range(levels))
-    offsets = []
-    for records in pages:
-        offsets.append(page_at)
-        page_at += 8 + 16 * len(records)
-    index += b"".join(struct.pack("<ii", 0, at) for at in offsets)
-    for records in pages:
-        index += struct.pack("<ii", len(records), 0) + b"".join(struct.pack("<iiii", *r) for r in records)
-    (folder / "Index.dat").write_bytes(bytes(index))
+    (folder / "Index.dat").write_bytes(_mirax_index(slide_id, pages, nonhier))
     (folder / "Data0000.dat").write_bytes(bytes(data))
     hier = [f"HIER_0_VAL_{i}=ZoomLevel_{i}\nHIER_0_VAL_{i}_SECTION=LAYER_0_LEVEL_{i}_SECTION" for i in range(levels)]
+    position_map = (
+        "NONHIER_0_NAME=VIMSLIDE_POSITION_BUFFER\nNONHIER_0_COUNT=1\nNONHIER_0_VAL_0=default\n"
+        "NONHIER_0_VAL_0_SECTION=NONHIERLAYER_0_SECTION\n"
+    )
     sections = [
-        f"[LAYER_0_LEVEL_{i}_SECTION]\nOVERLAP_X=0\nOVERLAP_Y=0\nMICROMETER_PER_PIXEL_X={mpp * 2**i}\n"
-        f"MICROMETER_PER_PIXEL_Y={mpp * 2**i}\nIMAGE_FORMAT=JPEG\nIMAGE_FILL_COLOR_BGR=16777215\n"
-        f"DIGITIZER_WIDTH={tile}\nDIGITIZER_HEIGHT={tile}\nIMAGE_CONCAT_FACTOR={int(i > 0)}"
+        f"[LAYER_0_LEVEL_{i}_SECTION]\nOVERLAP_X={overlap / 2**i}\nOVERLAP_Y={overlap / 2**i}\n"
+        f"MICROMETER_PER_PIXEL_X={mpp * 2**i}\nMICROMETER_PER_PIXEL_Y={mpp * 2**i}\nIMAGE_FORMAT=JPEG\n"
+        f"IMAGE_FILL_COLOR_BGR=16777215\nDIGITIZER_WIDTH={tile}\nDIGITIZER_HEIGHT={tile}\n"
+        f"IMAGE_CONCAT_FACTOR={int(i > 0)}"
         for i in range(levels)
     ]
+    if mapped:
+        sections.append("[NONHIERLAYER_0_SECTION]\nVIMSLIDE_POSITION_DATA_FORMAT_VERSION=257")
     (folder / "Slidedat.ini").write_text(
         f"[GENERAL]\nSLIDE_VERSION=01.02\nSLIDE_ID={slide_id}\nSLIDE_NAME={patient.name} {patient.patient_id}\n"
         f"SLIDE_CREATIONDATETIME={patient.birth_date}\nIMAGENUMBER_X={nx}\nIMAGENUMBER_Y={ny}\n"
         "OBJECTIVE_MAGNIFICATION=20\nCameraImageDivisionsPerSide=1\n"
         f"[HIERARCHICAL]\nHIER_COUNT=1\nHIER_0_NAME=Slide zoom level\nHIER_0_COUNT={levels}\n"
         + "\n".join(hier)
-        + "\nNONHIER_COUNT=0\nINDEXFILE=Index.dat\n[DATAFILE]\nFILE_COUNT=1\nFILE_0=Data0000.dat\n"
+        + f"\nNONHIER_COUNT={len(nonhier)}\n"
+        + (position_map if mapped else "")
+        + "INDEXFILE=Index.dat\n[DATAFILE]\nFILE_COUNT=1\nFILE_0=Data0000.dat\n"
         + "\n".join(sections)
         + "\n"
     )
+    return {cell: place for cell, place in places.items() if cell not in skip}
 
 
 def write_ndpi(path: Path, level0: np.ndarray, patient: SyntheticPatient, mpp: float = 0.5, levels: int = 3):

@@ -23,9 +23,9 @@ from shards.schema import decode_image
 PATIENT = SyntheticPatient("ROE^RICHARD", "MRN777", "19550505")
 
 
-def _check_tiles(unit, reader: OpenSlideReader, out, stem: str) -> None:
+def _check_tiles(unit, reader: OpenSlideReader, out, stem: str) -> list[dict]:
     """Cut ``unit`` into 128 px PNG tiles: each equals OpenSlide's pixels at its recorded place, and no sample
-    holds the patient's identity or the file's name."""
+    holds the patient's identity or the file's name. Returns the samples' metadata."""
     cfg = WsiIngestConfig(sources=unit.sources[:1], out=str(out), tile_size=128, format="png")
     works, _ = plan_slide(unit, cfg)
     samples = [s for w in works for s in wsi_samples(w, cfg)]
@@ -37,6 +37,7 @@ def _check_tiles(unit, reader: OpenSlideReader, out, stem: str) -> None:
         blob = b"".join(v if isinstance(v, bytes) else str(v).encode() for v in sample.values())
         assert not any(p.encode() in blob for p in private)
     reader.close()
+    return [json.loads(sample["json"]) for sample in samples]
 
 
 def _check_download(unit, laid_out) -> None:
@@ -96,6 +97,42 @@ def test_a_downloaded_copy_keeps_the_layout_openslide_needs(mirax):
     root, _ = mirax
     [unit] = plan_wsi(WsiIngestConfig(sources=[str(root)], out=str(root / "out")), b"k").units
     _check_download(unit, lambda copy: os.path.isfile(os.path.join(copy[: -len(".mrxs")], "Slidedat.ini")))
+
+
+@pytest.fixture(scope="module")
+def mapped_mirax(tmp_path_factory):
+    """A MIRAX as scanners write it: 256 px camera images overlapping by 24 px, each up to 5 px off the grid, their
+    places in a position map, and one position (1, 1), over tissue, never captured."""
+    root = tmp_path_factory.mktemp("mapped-mirax")
+    level0 = slide_array(900, "CE", np.random.default_rng(6))
+    places = write_mirax(root / "clot_p.mrxs", level0, PATIENT, overlap=24, jitter=5, skip=frozenset({(1, 1)}))
+    return root, level0, places
+
+
+def test_openslide_places_mirax_camera_images_by_the_position_map(mapped_mirax):
+    root, level0, places = mapped_mirax
+    reader = OpenSlideReader(str(root / "clot_p.mrxs"))
+    assert reader.level_dimensions[0] == (4 * (256 - 24) + 24,) * 2  # four images across, less three overlaps
+    assert any(place != (gx * 232, gy * 232) for (gx, gy), place in places.items())  # off the nominal grid
+    truth = np.full((1200, 1200, 3), 255, np.uint8)
+    truth[:900, :900] = level0
+    for x, y in places.values():  # each camera image where the map puts it
+        assert np.abs(reader.read_region(x, y, 0, 256, 256).astype(int) - truth[y : y + 256, x : x + 256]).mean() < 5
+    # (1, 1) never captured: beyond its neighbours' reach OpenSlide has no pixels there, and Tessera reads white
+    with openslide.OpenSlide(str(root / "clot_p.mrxs")) as slide:
+        assert np.asarray(slide.read_region((270, 270), 0, (180, 180)))[..., 3].max() == 0
+    assert truth[270:450, 270:450].mean() < 200  # though there is tissue under it
+    assert (reader.read_region(270, 270, 0, 180, 180) == 255).all()
+    reader.close()
+
+
+def test_mapped_mirax_tiles_equal_openslide_and_none_is_cut_from_pixels_never_captured(mapped_mirax, tmp_path):
+    root, level0, _ = mapped_mirax
+    [unit] = plan_wsi(WsiIngestConfig(sources=[str(root)], out=str(tmp_path)), b"k").units
+    kept = {(m["x"], m["y"]) for m in _check_tiles(unit, OpenSlideReader(unit.sources[0]), tmp_path, "clot_p")}
+    # both on tissue (the slide's background is 237 grey, its tissue about 116); the second in the gap (1, 1) left
+    assert level0[128:256, 384:512].mean() < 150 and level0[256:384, 256:384].mean() < 150
+    assert (384, 128) in kept and (256, 256) not in kept
 
 
 @pytest.fixture(scope="module")
