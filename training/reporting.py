@@ -7,6 +7,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from training.tracking import RunLogger
 
 
@@ -30,12 +32,13 @@ class Reporter:
         from training.models import build_model
 
         r, multilabel = self.t.recipe, self.t.recipe.task == "multilabel"
-        plain = build_model(
-            r.model.model_copy(update={"pretrained": False, "freeze": "none"}),
-            len(self.t.outputs),
-            r.data.frames,
-            r.data.image_size,
-        )
+        with torch.random.fork_rng(devices=[]):  # its initial weights, replaced below, take no draws from training
+            plain = build_model(
+                r.model.model_copy(update={"pretrained": False, "freeze": "none"}),
+                len(self.t.outputs),
+                r.data.frames,
+                r.data.image_size,
+            )
         plain.load_state_dict({k: v.detach().cpu() for k, v in module.state_dict().items()})
         with tempfile.TemporaryDirectory() as tmp:
             out = save_export(
