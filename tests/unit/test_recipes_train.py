@@ -89,6 +89,31 @@ def test_recipe_trains_two_steps_and_evaluates(name, tmp_path, process_group):
         assert all(k in trainable or "running" in k or "num_batches" in k for k in changed)
 
 
+@pytest.mark.parametrize("name", ALL)
+def test_every_recipes_model_exports_and_reloads_with_the_same_outputs(name, tmp_path):
+    """A run exports its model (safetensors, TorchScript, description) at every improved epoch: each recipe's
+    architecture must trace, and both reloads must compute what the model does."""
+    from training.export import load_export, save_export
+    from training.models import build_model
+
+    base = load_recipe(name)
+    size = SMALL.get(name, 32 if base.data.frames else 64)
+    frames = ["data.frames=4"] if base.data.frames else []
+    recipe = load_recipe(name, [f"data.image_size={size}", "model.pretrained=false", *frames, *OPTIONS.get(name, [])])
+    outputs = [f"o{i}" for i in range(len(recipe.model.heads) if recipe.model.heads else 3)]
+    torch.manual_seed(0)
+    model = build_model(recipe.model, len(outputs), recipe.data.frames, size).eval()
+    folder = save_export(model, tmp_path / "model", recipe.model, outputs, size, recipe.data.frames)
+    x = torch.rand((2, recipe.data.frames, 3, size, size) if recipe.data.frames else (2, 3, size, size))
+    reloaded, desc = load_export(folder)
+    traced = torch.jit.load(str(folder / "model.ts"))
+    with torch.no_grad():
+        want = model(x)
+        assert want.shape == (2, len(outputs)) and desc["outputs"] == outputs
+        torch.testing.assert_close(reloaded(x), want)
+        torch.testing.assert_close(traced(x), want)
+
+
 def test_a_zero_3_run_exports_its_gathered_weights_into_mlflow(tmp_path, process_group):
     """Under ZeRO-3 each rank holds a slice of every weight: rank 0 exports the gathered weights, in a model of
     its own (a copy of the engine's module took DeepSpeed's hooks into tracing, which failed on its weights)."""
