@@ -1,6 +1,6 @@
 """Synthetic slides in vendor formats that OpenSlide reads through its own backends (not as generic TIFF): 3DHISTECH
-MIRAX and Hamamatsu NDPI, VMS and VMU. Each carries the patient's identity where scanners put it (slide name,
-description, reference), so that privacy checks have something real to look for.
+MIRAX, Hamamatsu NDPI, VMS and VMU, and Philips TIFF. Each carries the patient's identity where scanners put it (slide
+name, description, reference, barcode, label photo), so that privacy checks have something real to look for.
 """
 
 from __future__ import annotations
@@ -191,6 +191,89 @@ def write_ndpi(path: Path, level0: np.ndarray, patient: SyntheticPatient, mpp: f
                 resolutionunit="CENTIMETER",
                 description=f"{patient.name} {patient.birth_date}" if i == 0 else None,
                 extratags=ndpi_tags(lens),
+                metadata=None,
+            )
+
+
+def _label_photo(text: str) -> bytes:
+    """A JPEG photo of a slide label bearing ``text`` (a scanner's label camera sees the patient's name)."""
+    import cv2
+
+    label = np.full((200, 400, 3), 235, np.uint8)
+    cv2.putText(label, text, (10, 110), cv2.FONT_HERSHEY_SIMPLEX, 0.9, (20, 20, 20), 2)
+    return cv2.imencode(".jpg", label)[1].tobytes()
+
+
+def write_philips(
+    path: Path,
+    level0: np.ndarray,
+    patient: SyntheticPatient,
+    mpp: float = 0.25,
+    levels: int = 3,
+    unscanned: frozenset[tuple[int, int]] = frozenset(),
+) -> None:
+    """A Philips TIFF as OpenSlide reads it: tiled JPEG levels (256 px tiles, each level padded to whole tiles on
+    its own, so the levels' sizes are not exact halves and OpenSlide takes the downsamples from the XML),
+    ``Software`` "Philips", and an XML ``ImageDescription`` (``DPUfsImport``) that gives each level's pixel spacing
+    and holds the label and macro photos as base64 JPEG, with the barcode (the patient's id) beside them. The
+    level-0 tiles in ``unscanned`` (column, row) are absent from the file (zero bytes), as in a scan of several
+    regions; their area is white at the lower levels, and OpenSlide leaves it transparent at level 0."""
+    import base64
+
+    import imagecodecs
+    import tifffile
+
+    tile = 256
+    canvas = _pad_white(level0, tile).copy()
+    for tx, ty in unscanned:
+        canvas[ty * tile : (ty + 1) * tile, tx * tile : (tx + 1) * tile] = 255
+    spacing = [f'"{mpp * 2**i / 1000:.9f}" "{mpp * 2**i / 1000:.9f}"' for i in range(levels)]
+
+    def attribute(name: str, value: str) -> str:
+        return f'<Attribute Name="{name}">{value}</Attribute>'
+
+    def image(kind: str, *attributes: str) -> str:
+        inner = attribute("PIM_DP_IMAGE_TYPE", kind) + "".join(attributes)
+        return f'<DataObject ObjectType="DPScannedImage">{inner}</DataObject>'
+
+    representations = "".join(
+        f'<DataObject ObjectType="PixelDataRepresentation">{attribute("DICOM_PIXEL_SPACING", sp)}</DataObject>'
+        for sp in spacing
+    )
+    photo = base64.b64encode(_label_photo(f"{patient.name} {patient.patient_id}")).decode()
+    xml = (
+        '<?xml version="1.0" encoding="UTF-8" ?><DataObject ObjectType="DPUfsImport">'
+        + attribute("PIM_DP_UFS_BARCODE", base64.b64encode(patient.patient_id.encode()).decode())
+        + attribute("DICOM_ACQUISITION_DATETIME", f"{patient.birth_date}093000.000000")
+        + '<Attribute Name="PIM_DP_SCANNED_IMAGES"><Array>'
+        + image(
+            "WSI",
+            attribute("DICOM_PIXEL_SPACING", spacing[0]),
+            f'<Attribute Name="PIIM_PIXEL_DATA_REPRESENTATION_SEQUENCE"><Array>{representations}</Array></Attribute>',
+        )
+        + image("LABELIMAGE", attribute("PIM_DP_IMAGE_DATA", photo))
+        + image("MACROIMAGE", attribute("PIM_DP_IMAGE_DATA", photo))
+        + "</Array></Attribute></DataObject>"
+    )
+    with tifffile.TiffWriter(path) as tw:
+        for i in range(levels):
+            pixels = _pad_white(canvas[:: 2**i, :: 2**i], tile)  # each level padded on its own, as Philips does
+            tiles = [
+                b"" if i == 0 and (tx, ty) in unscanned else imagecodecs.jpeg8_encode(block, level=90)
+                for ty in range(pixels.shape[0] // tile)
+                for tx in range(pixels.shape[1] // tile)
+                for block in [pixels[ty * tile : (ty + 1) * tile, tx * tile : (tx + 1) * tile]]
+            ]
+            tw.write(
+                iter(tiles),
+                shape=pixels.shape,
+                dtype=np.uint8,
+                tile=(tile, tile),
+                compression="jpeg",
+                photometric="rgb",
+                subfiletype=int(i > 0),  # the levels below 0 are reduced-resolution images
+                software="Philips DP v1.0" if i == 0 else None,
+                description=xml if i == 0 else None,
                 metadata=None,
             )
 

@@ -1,8 +1,8 @@
 """Vendor formats read through OpenSlide's own backends, with synthetic files OpenSlide reads: MIRAX (3DHISTECH; a
 slide is ``x.mrxs`` plus the data folder ``x/``, planned, cut and downloaded as one slide) and NDPI (Hamamatsu;
 levels are single JPEGs with restart markers, plus a macro photo) and VMS and VMU (Hamamatsu; a key file naming JPEGs,
-or uncompressed NGR images, beside it, planned and downloaded with them). All are cut like any slide and stay
-private."""
+or uncompressed NGR images, beside it, planned and downloaded with them) and Philips TIFF (XML metadata, label and
+macro photos inside it, sparse tiles). All are cut like any slide and stay private."""
 
 import json
 import os
@@ -16,7 +16,7 @@ from ingest.plan import plan_wsi
 from ingest.slides import OpenSlideReader
 from ingest.source_cache import SourceCache
 from ingest.synthetic import SyntheticPatient, slide_array
-from ingest.synthetic_vendor import write_mirax, write_ndpi, write_vms, write_vmu
+from ingest.synthetic_vendor import write_mirax, write_ndpi, write_philips, write_vms, write_vmu
 from ingest.units import plan_slide, wsi_samples
 from shards.schema import decode_image
 
@@ -133,6 +133,42 @@ def test_mapped_mirax_tiles_equal_openslide_and_none_is_cut_from_pixels_never_ca
     # both on tissue (the slide's background is 237 grey, its tissue about 116); the second in the gap (1, 1) left
     assert level0[128:256, 384:512].mean() < 150 and level0[256:384, 256:384].mean() < 150
     assert (384, 128) in kept and (256, 256) not in kept
+
+
+@pytest.fixture(scope="module")
+def philips(tmp_path_factory):
+    """A Philips TIFF of 1300 px (levels padded to 1536, 768 and 512 px), its level-0 tile (2, 2), over tissue,
+    never scanned."""
+    root = tmp_path_factory.mktemp("philips")
+    level0 = slide_array(1300, "LAA", np.random.default_rng(9))
+    write_philips(root / "clot_ph.tiff", level0, PATIENT, unscanned=frozenset({(2, 2)}))
+    return root / "clot_ph.tiff", level0
+
+
+def test_openslide_reads_the_synthetic_philips_tiff(philips):
+    path, level0 = philips
+    with openslide.OpenSlide(str(path)) as slide:
+        assert slide.properties["openslide.vendor"] == "philips"
+        assert slide.properties["philips.PIM_DP_UFS_BARCODE"]  # the patient's id, base64, to be kept out
+        assert {"label", "macro"} <= set(slide.associated_images)  # the label photo shows the patient's name
+        assert np.asarray(slide.read_region((512, 512), 0, (256, 256)))[..., 3].max() == 0  # never scanned
+    reader = OpenSlideReader(str(path))
+    # downsamples from the XML's pixel spacings: the last page is 512 px, not 1536 / 4
+    assert reader.level_downsamples == [1.0, 2.0, 4.0] and reader.mpp == pytest.approx(0.25)
+    assert np.abs(reader.read_region(100, 100, 0, 300, 300).astype(int) - level0[100:400, 100:400]).mean() < 5
+    assert level0[512:768, 512:768].mean() < 200 and (reader.read_region(512, 512, 0, 256, 256) == 255).all()
+    reader.close()
+
+
+def test_philips_tiles_equal_openslide_and_none_is_cut_from_tiles_never_scanned(philips, tmp_path):
+    path, level0 = philips
+    [unit] = plan_wsi(WsiIngestConfig(sources=[str(path.parent)], out=str(tmp_path)), b"k").units
+    assert OpenSlideReader(unit.sources[0]).direct_levels == [0, 1]  # Tessera's own tile reads serve level 0
+    # compared with OpenSlide's own pixels (not the direct reads ingest uses)
+    metas = _check_tiles(unit, OpenSlideReader(unit.sources[0], fast=False), tmp_path, "clot_ph")
+    kept = {(m["x"], m["y"]) for m in metas}
+    assert level0[512:640, 512:640].mean() < 200 and (512, 512) not in kept  # tissue, but never scanned
+    assert any(level0[y : y + 128, x : x + 128].mean() < 200 for x, y in kept)
 
 
 @pytest.fixture(scope="module")
