@@ -1,8 +1,9 @@
 """Vendor formats read through OpenSlide's own backends, with synthetic files OpenSlide reads: MIRAX (3DHISTECH; a
 slide is ``x.mrxs`` plus the data folder ``x/``, planned, cut and downloaded as one slide) and NDPI (Hamamatsu;
 levels are single JPEGs with restart markers, plus a macro photo) and VMS and VMU (Hamamatsu; a key file naming JPEGs,
-or uncompressed NGR images, beside it, planned and downloaded with them) and Philips TIFF (XML metadata, label and
-macro photos inside it, sparse tiles). All are cut like any slide and stay private."""
+or uncompressed NGR images, beside it, planned and downloaded with them), Philips TIFF (XML metadata, label and
+macro photos inside it, sparse tiles) and Ventana BIF (overlapping tiles). All are cut like any slide and stay
+private; Tessera's direct tile reads serve only the levels whose pixels lie where the TIFF page has them."""
 
 import json
 import os
@@ -16,7 +17,7 @@ from ingest.plan import plan_wsi
 from ingest.slides import OpenSlideReader
 from ingest.source_cache import SourceCache
 from ingest.synthetic import SyntheticPatient, slide_array
-from ingest.synthetic_vendor import write_mirax, write_ndpi, write_philips, write_vms, write_vmu
+from ingest.synthetic_vendor import write_bif, write_mirax, write_ndpi, write_philips, write_vms, write_vmu
 from ingest.units import plan_slide, wsi_samples
 from shards.schema import decode_image
 
@@ -169,6 +170,35 @@ def test_philips_tiles_equal_openslide_and_none_is_cut_from_tiles_never_scanned(
     kept = {(m["x"], m["y"]) for m in metas}
     assert level0[512:640, 512:640].mean() < 200 and (512, 512) not in kept  # tissue, but never scanned
     assert any(level0[y : y + 128, x : x + 128].mean() < 200 for x, y in kept)
+
+
+@pytest.fixture(scope="module", params=[0, 12], ids=["abutting", "overlapping"])
+def bif(request, tmp_path_factory):
+    """A Ventana BIF of 988 px (four tiles across either way) whose tiles abut, or overlap their neighbours by 12 px."""
+    root = tmp_path_factory.mktemp("bif")
+    level0 = slide_array(988, "CE", np.random.default_rng(4))
+    write_bif(root / "clot_v.bif", level0, PATIENT, overlap=request.param)
+    return root / "clot_v.bif", level0, request.param
+
+
+def test_openslide_reads_the_synthetic_bif_and_direct_reads_take_only_abutting_tiles(bif):
+    path, level0, overlap = bif
+    with openslide.OpenSlide(str(path)) as slide:
+        assert slide.properties["openslide.vendor"] == "ventana"
+        assert slide.properties["ventana.BarCode1D"] == PATIENT.patient_id  # to be kept out
+        assert "macro" in slide.associated_images  # the label photo, which shows the patient's name
+    reader = OpenSlideReader(str(path))
+    assert reader.level_dimensions[0] == (3 * (256 - overlap) + 256,) * 2 and reader.mpp == pytest.approx(0.25)
+    assert np.abs(reader.read_region(300, 300, 0, 400, 400).astype(int) - level0[300:700, 300:700]).mean() < 5
+    # overlapping tiles do not lie where the TIFF page has them: OpenSlide alone places them
+    assert reader.direct_levels == ([] if overlap else [0, 1, 2])
+    reader.close()
+
+
+def test_bif_tiles_equal_openslide_and_carry_nothing_identifying(bif, tmp_path):
+    path, _, _ = bif
+    [unit] = plan_wsi(WsiIngestConfig(sources=[str(path)], out=str(tmp_path)), b"k").units
+    _check_tiles(unit, OpenSlideReader(unit.sources[0], fast=False), tmp_path, "clot_v")
 
 
 @pytest.fixture(scope="module")
