@@ -1,7 +1,7 @@
 """Synthetic slides in vendor formats that OpenSlide reads through its own backends (not as generic TIFF): 3DHISTECH
-MIRAX, Hamamatsu NDPI, VMS and VMU, Philips TIFF and Ventana BIF. Each carries the patient's identity where scanners
-put it (slide name, description, reference, barcode, label photo), so that privacy checks have something real to
-look for.
+MIRAX and Hamamatsu NDPI, VMS and VMU (Philips TIFF and Ventana BIF, whose layout is in XML, are in
+:mod:`ingest.synthetic_xml_tiff`). Each carries the patient's identity where scanners put it (slide name, description,
+reference), so that privacy checks have something real to look for.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import numpy as np
 from ingest.synthetic import SyntheticPatient
 
 
-def _pad_white(image: np.ndarray, multiple: int) -> np.ndarray:
+def pad_white(image: np.ndarray, multiple: int) -> np.ndarray:
     """``image`` padded with white at the bottom and right to whole multiples of ``multiple`` px."""
     h, w = (-(-n // multiple) * multiple for n in image.shape[:2])
     return np.pad(image, ((0, h - image.shape[0]), (0, w - image.shape[1]), (0, 0)), constant_values=255)
@@ -174,7 +174,7 @@ def write_ndpi(path: Path, level0: np.ndarray, patient: SyntheticPatient, mpp: f
         offsets = [(tag, 9, 1, 0, True) for tag in (65422, 65423, 65424)]
         return [(65420, 4, 1, 1, True), (65421, 11, 1, lens, True), *offsets, (65427, 2, 0, patient.patient_id, True)]
 
-    level0 = _pad_white(level0, 8 * 2 ** (levels - 1))  # every level a whole number of 8 px MCUs
+    level0 = pad_white(level0, 8 * 2 ** (levels - 1))  # every level a whole number of 8 px MCUs
     macro = np.full((128, 384, 3), 240, np.uint8)
     with tifffile.TiffWriter(path) as tw:
         for i, (image, lens) in enumerate(
@@ -196,162 +196,6 @@ def write_ndpi(path: Path, level0: np.ndarray, patient: SyntheticPatient, mpp: f
             )
 
 
-def _label(text: str) -> np.ndarray:
-    """A photo of a slide label bearing ``text`` (a scanner's label camera sees the patient's name)."""
-    import cv2
-
-    label = np.full((200, 400, 3), 235, np.uint8)
-    cv2.putText(label, text, (10, 110), cv2.FONT_HERSHEY_SIMPLEX, 0.9, (20, 20, 20), 2)
-    return label
-
-
-def write_philips(
-    path: Path,
-    level0: np.ndarray,
-    patient: SyntheticPatient,
-    mpp: float = 0.25,
-    levels: int = 3,
-    unscanned: frozenset[tuple[int, int]] = frozenset(),
-) -> None:
-    """A Philips TIFF as OpenSlide reads it: tiled JPEG levels (256 px tiles, each level padded to whole tiles on
-    its own, so the levels' sizes are not exact halves and OpenSlide takes the downsamples from the XML),
-    ``Software`` "Philips", and an XML ``ImageDescription`` (``DPUfsImport``) that gives each level's pixel spacing
-    and holds the label and macro photos as base64 JPEG, with the barcode (the patient's id) beside them. The
-    level-0 tiles in ``unscanned`` (column, row) are absent from the file (zero bytes), as in a scan of several
-    regions; their area is white at the lower levels, and OpenSlide leaves it transparent at level 0."""
-    import base64
-
-    import imagecodecs
-    import tifffile
-
-    tile = 256
-    canvas = _pad_white(level0, tile).copy()
-    for tx, ty in unscanned:
-        canvas[ty * tile : (ty + 1) * tile, tx * tile : (tx + 1) * tile] = 255
-    spacing = [f'"{mpp * 2**i / 1000:.9f}" "{mpp * 2**i / 1000:.9f}"' for i in range(levels)]
-
-    def attribute(name: str, value: str) -> str:
-        return f'<Attribute Name="{name}">{value}</Attribute>'
-
-    def image(kind: str, *attributes: str) -> str:
-        inner = attribute("PIM_DP_IMAGE_TYPE", kind) + "".join(attributes)
-        return f'<DataObject ObjectType="DPScannedImage">{inner}</DataObject>'
-
-    representations = "".join(
-        f'<DataObject ObjectType="PixelDataRepresentation">{attribute("DICOM_PIXEL_SPACING", sp)}</DataObject>'
-        for sp in spacing
-    )
-    import cv2
-
-    label = cv2.imencode(".jpg", _label(f"{patient.name} {patient.patient_id}"))[1].tobytes()
-    photo = base64.b64encode(label).decode()
-    xml = (
-        '<?xml version="1.0" encoding="UTF-8" ?><DataObject ObjectType="DPUfsImport">'
-        + attribute("PIM_DP_UFS_BARCODE", base64.b64encode(patient.patient_id.encode()).decode())
-        + attribute("DICOM_ACQUISITION_DATETIME", f"{patient.birth_date}093000.000000")
-        + '<Attribute Name="PIM_DP_SCANNED_IMAGES"><Array>'
-        + image(
-            "WSI",
-            attribute("DICOM_PIXEL_SPACING", spacing[0]),
-            f'<Attribute Name="PIIM_PIXEL_DATA_REPRESENTATION_SEQUENCE"><Array>{representations}</Array></Attribute>',
-        )
-        + image("LABELIMAGE", attribute("PIM_DP_IMAGE_DATA", photo))
-        + image("MACROIMAGE", attribute("PIM_DP_IMAGE_DATA", photo))
-        + "</Array></Attribute></DataObject>"
-    )
-    with tifffile.TiffWriter(path) as tw:
-        for i in range(levels):
-            pixels = _pad_white(canvas[:: 2**i, :: 2**i], tile)  # each level padded on its own, as Philips does
-            tiles = [
-                b"" if i == 0 and (tx, ty) in unscanned else imagecodecs.jpeg8_encode(block, level=90)
-                for ty in range(pixels.shape[0] // tile)
-                for tx in range(pixels.shape[1] // tile)
-                for block in [pixels[ty * tile : (ty + 1) * tile, tx * tile : (tx + 1) * tile]]
-            ]
-            tw.write(
-                iter(tiles),
-                shape=pixels.shape,
-                dtype=np.uint8,
-                tile=(tile, tile),
-                compression="jpeg",
-                photometric="rgb",
-                subfiletype=int(i > 0),  # the levels below 0 are reduced-resolution images
-                software="Philips DP v1.0" if i == 0 else None,
-                description=xml if i == 0 else None,
-                metadata=None,
-            )
-
-
-def write_bif(path: Path, level0: np.ndarray, patient: SyntheticPatient, mpp: float = 0.25, overlap: int = 0) -> None:
-    """A Ventana (Roche) BIF as OpenSlide reads it: a label photo first, whose XMP ``iScan`` element carries the scan
-    settings and the barcode (the patient's id), then three tiled JPEG levels (256 px tiles). Level 0's XMP
-    (``EncodeInfo``) numbers its tiles serpentine from the bottom row and gives each joint between neighbours
-    ``overlap`` px: OpenSlide advances tiles by 256 - ``overlap`` px, so with overlaps a level is smaller than its
-    TIFF page. Each tile is cut from ``level0`` at the place OpenSlide gives it; a level-``i`` tile holds 2^i x 2^i
-    level-0 tiles, downsampled."""
-    import imagecodecs
-    import tifffile
-
-    tile, levels = 256, 3
-    advance = tile - overlap
-    cols, rows = (max(1, -(-(n - overlap) // advance)) for n in (level0.shape[1], level0.shape[0]))
-    truth = np.full((rows * tile, cols * tile, 3), 255, np.uint8)
-    truth[: level0.shape[0], : level0.shape[1]] = level0
-
-    def number(c: int, r: int) -> int:  # 1-based, from the bottom row, every other row right to left
-        up = rows - 1 - r
-        return up * cols + (c if up % 2 == 0 else cols - 1 - c) + 1
-
-    def joint(direction: str, a: tuple[int, int], b: tuple[int, int], dx: int, dy: int) -> str:
-        return (
-            f'<TileJointInfo FlagJoined="1" Confidence="100" Direction="{direction}" Tile1="{number(*a)}" '
-            f'Tile2="{number(*b)}" OverlapX="{dx}" OverlapY="{dy}"/>'
-        )
-
-    joints = [joint("RIGHT", (c, r), (c + 1, r), overlap, 0) for r in range(rows) for c in range(cols - 1)]
-    joints += [joint("UP", (c, r), (c, r - 1), 0, overlap) for r in range(1, rows) for c in range(cols)]
-    encode = (
-        f'<EncodeInfo Ver="2"><SlideStitchInfo><ImageInfo AOIScanned="1" AOIIndex="0" Width="{tile}" '
-        f'Height="{tile}" NumRows="{rows}" NumCols="{cols}" Pos-X="0" Pos-Y="0">{"".join(joints)}</ImageInfo>'
-        '</SlideStitchInfo><AoiOrigin><AOI0 OriginX="0" OriginY="0"/></AoiOrigin></EncodeInfo>'
-    )
-    iscan = (
-        f'<iScan Z-layers="1" Magnification="40" ScanRes="{mpp}" BarCode1D="{patient.patient_id}" '
-        f'ScanDate="{patient.birth_date}"/>'
-    )
-
-    def xmp(xml: str) -> list[tuple]:
-        return [(700, 1, len(xml), xml.encode(), True)]  # XMLPacket
-
-    with tifffile.TiffWriter(path) as tw:
-        label = _label(f"{patient.name} {patient.patient_id}")
-        tw.write(label, description="Label Image", extratags=xmp(iscan), photometric="rgb", metadata=None)
-        for i in range(levels):
-            step = 2**i
-            sub, across, down = tile // step, -(-cols // step), -(-rows // step)
-            tiles = []
-            for ty in range(down):
-                for tx in range(across):
-                    image = np.full((tile, tile, 3), 255, np.uint8)
-                    for r in range(ty * step, min((ty + 1) * step, rows)):
-                        for c in range(tx * step, min((tx + 1) * step, cols)):
-                            y, x = (r - ty * step) * sub, (c - tx * step) * sub
-                            placed = truth[r * advance : r * advance + tile, c * advance : c * advance + tile]
-                            image[y : y + sub, x : x + sub] = placed[::step, ::step]
-                    tiles.append(imagecodecs.jpeg8_encode(image, level=90))
-            tw.write(
-                iter(tiles),
-                shape=(down * tile, across * tile, 3),
-                dtype=np.uint8,
-                tile=(tile, tile),
-                compression="jpeg",
-                photometric="rgb",
-                description=f"level={i} mag={40 // step} quality=90",
-                extratags=xmp(encode) if i == 0 else [],
-                metadata=None,
-            )
-
-
 def _write_key_file_slide(
     path: Path,
     level0: np.ndarray,
@@ -367,7 +211,7 @@ def _write_key_file_slide(
     photo. The image is padded to whole multiples of 64 px, which both formats' maps need."""
     from PIL import Image
 
-    image = _pad_white(level0, 64)
+    image = pad_white(level0, 64)
     h, w = image.shape[:2]
     stem = path.stem
     for name, pixels in [(f"{stem}{ext}", image), (f"{stem}_map{ext}", image[::map_step, ::map_step])]:

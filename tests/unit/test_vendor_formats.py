@@ -17,7 +17,8 @@ from ingest.plan import plan_wsi
 from ingest.slides import OpenSlideReader
 from ingest.source_cache import SourceCache
 from ingest.synthetic import SyntheticPatient, slide_array
-from ingest.synthetic_vendor import write_bif, write_mirax, write_ndpi, write_philips, write_vms, write_vmu
+from ingest.synthetic_vendor import write_mirax, write_ndpi, write_vms, write_vmu
+from ingest.synthetic_xml_tiff import write_bif, write_philips
 from ingest.units import plan_slide, wsi_samples
 from shards.schema import decode_image
 
