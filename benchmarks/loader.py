@@ -16,10 +16,8 @@ import argparse
 import asyncio
 import multiprocessing as mp
 import os
-import shutil
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 from contextlib import contextmanager
@@ -84,24 +82,27 @@ def _delay_proxy(target: int, latency: float) -> tuple[mp.Process, int]:
 
 
 def _wait_port(port: int, proc) -> None:
-    for _ in range(100):
+    from cluster.procs import wait_until
+
+    def listening() -> bool:
         if (proc.poll() if hasattr(proc, "poll") else proc.exitcode) is not None:
             raise RuntimeError(f"{proc} exited before listening on {port}")
         with socket.socket() as sock:
-            if sock.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.1)
-    raise RuntimeError(f"nothing listens on {port} after 10 s")
+            return sock.connect_ex(("127.0.0.1", port)) == 0
+
+    if not wait_until(listening, timeout=10, interval=0.1):
+        raise RuntimeError(f"nothing listens on {port} after 10 s")
 
 
 @contextmanager
 def s3_server(root: Path, latency_ms: float):
     """``rclone serve s3`` on ``root`` with the environment (boto3's and DALI's) pointed at it, through the
     delay proxy when ``latency_ms``; yields ``(upload_endpoint, read_endpoint)``."""
+    from cluster.stack import executable
+
     port = _free_port()
     env = dict(os.environ, RCLONE_AUTH_KEY='"bench,benchsecret"')  # CSV: quoted, one key pair
-    rclone = shutil.which("rclone", path=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}")
-    cmd = [rclone or "rclone", "serve", "s3", "--addr", f"127.0.0.1:{port}", str(root), "--config", "/dev/null"]
+    cmd = [executable("rclone"), "serve", "s3", "--addr", f"127.0.0.1:{port}", str(root), "--config", "/dev/null"]
     proc, proxy = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), None
     try:
         _wait_port(port, proc)

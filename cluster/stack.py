@@ -32,7 +32,7 @@ class ServiceStatus:
     detail: str
 
 
-def _bin(name: str) -> str:
+def executable(name: str) -> str:
     """An executable installed beside this Python (the venv's ``bin``), else from PATH."""
     here = Path(sys.executable).parent / name
     found = str(here) if here.exists() else shutil.which(name)
@@ -81,7 +81,7 @@ class LocalStack:
         env = self._env()
         # Via the environment, not argv where `ps` shows it; rclone reads list flags from env as CSV, hence quotes.
         env["RCLONE_AUTH_KEY"] = f'"{access},{secret}"'
-        cmd = [_bin("rclone"), "serve", "s3", "--addr", f"{self.s.host}:{self.s.s3_port}", str(data)]
+        cmd = [executable("rclone"), "serve", "s3", "--addr", f"{self.s.host}:{self.s.s3_port}", str(data)]
         procs.start([*cmd, "--config", "/dev/null"], self._pidfile("s3"), self.logs / "s3.log", env)
 
     def _start_mlflow(self) -> None:
@@ -90,7 +90,7 @@ class LocalStack:
         env["MLFLOW_S3_ENDPOINT_URL"] = self.s.s3_url
         env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"  # no GenAI job runners: 7 idle processes
         cmd = [
-            _bin("mlflow"),
+            executable("mlflow"),
             "server",
             "--backend-store-uri",
             f"sqlite:///{db}",
@@ -107,7 +107,7 @@ class LocalStack:
 
     def _start_ray(self) -> None:
         cmd = [
-            _bin("ray"),
+            executable("ray"),
             "start",
             "--head",
             "--node-ip-address",
@@ -142,7 +142,7 @@ class LocalStack:
         if not self._running("ray"):
             raise TesseraError("start the stack first (tessera up): a node joins a running head")
         cmd = [
-            _bin("ray"), "start", "--address", self.s.ray_gcs_address, "--node-ip-address", self.s.host,
+            executable("ray"), "start", "--address", self.s.ray_gcs_address, "--node-ip-address", self.s.host,
             "--num-cpus", str(num_cpus), "--disable-usage-stats",
         ]  # fmt: skip
         if resources:
