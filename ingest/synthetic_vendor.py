@@ -22,6 +22,17 @@ def pad_white(image: np.ndarray, multiple: int) -> np.ndarray:
     return np.pad(image, ((0, h - image.shape[0]), (0, w - image.shape[1]), (0, 0)), constant_values=255)
 
 
+def side_by_side(cameras: list[tuple[int, int, np.ndarray]], step: int, tile: int) -> np.ndarray:
+    """One ``tile`` px image of a level downsampled by ``step``: each ``(column, row, image)`` of ``cameras`` (a
+    level-0 image of ``tile`` px, at its place in a block of ``step`` x ``step``) downsampled into its sub-tile,
+    white where there is none. MIRAX concatenates its levels this way, and BIF tiles are drawn as such sub-tiles."""
+    image = np.full((tile, tile, 3), 255, np.uint8)
+    sub = tile // step
+    for c, r, camera in cameras:
+        image[r * sub : (r + 1) * sub, c * sub : (c + 1) * sub] = camera[::step, ::step]
+    return image
+
+
 def _restart_jpeg(image: np.ndarray) -> bytes:
     """JPEG (quality 90, no chroma subsampling) with restart markers evenly spaced in each row of 8 px MCUs, at most
     every 16 MCUs: the tiles OpenSlide's Hamamatsu reader cuts a JPEG into."""
@@ -105,7 +116,6 @@ def write_mirax(
     data, pages = bytearray(), []
     for i in range(levels):
         step, records = 2**i, []
-        sub = tile // step
         for gy0 in range(0, ny, step):
             for gx0 in range(0, nx, step):
                 cells = [
@@ -116,12 +126,12 @@ def write_mirax(
                 ]
                 if not cells:
                     continue
-                image = np.full((tile, tile, 3), 255, np.uint8)  # camera images downsampled side by side
-                for gx, gy in cells:
-                    x, y = places[gx, gy]
-                    sy, sx = (gy - gy0) * sub, (gx - gx0) * sub
-                    image[sy : sy + sub, sx : sx + sub] = canvas[y : y + tile : step, x : x + tile : step]
-                jpeg = imagecodecs.jpeg8_encode(image, level=90)
+                cameras = [
+                    (gx - gx0, gy - gy0, canvas[y : y + tile, x : x + tile])
+                    for gx, gy in cells
+                    for x, y in [places[gx, gy]]
+                ]
+                jpeg = imagecodecs.jpeg8_encode(side_by_side(cameras, step, tile), level=90)
                 records.append((gy0 * nx + gx0, len(data), len(jpeg), 0))
                 data += jpeg
         pages.append(records)

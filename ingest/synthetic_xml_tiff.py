@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from ingest.synthetic import SyntheticPatient
-from ingest.synthetic_vendor import pad_white
+from ingest.synthetic_vendor import pad_white, side_by_side
 
 
 def _label(text: str) -> np.ndarray:
@@ -146,17 +146,17 @@ def write_bif(path: Path, level0: np.ndarray, patient: SyntheticPatient, mpp: fl
         tw.write(label, description="Label Image", extratags=xmp(iscan), photometric="rgb", metadata=None)
         for i in range(levels):
             step = 2**i
-            sub, across, down = tile // step, -(-cols // step), -(-rows // step)
+            across, down = -(-cols // step), -(-rows // step)
             tiles = []
             for ty in range(down):
                 for tx in range(across):
-                    image = np.full((tile, tile, 3), 255, np.uint8)
-                    for r in range(ty * step, min((ty + 1) * step, rows)):
-                        for c in range(tx * step, min((tx + 1) * step, cols)):
-                            y, x = (r - ty * step) * sub, (c - tx * step) * sub
-                            placed = truth[r * advance : r * advance + tile, c * advance : c * advance + tile]
-                            image[y : y + sub, x : x + sub] = placed[::step, ::step]
-                    tiles.append(imagecodecs.jpeg8_encode(image, level=90))
+                    placed = [  # each level-0 tile where OpenSlide draws it
+                        (c - tx * step, r - ty * step, truth[y : y + tile, x : x + tile])
+                        for r in range(ty * step, min((ty + 1) * step, rows))
+                        for c in range(tx * step, min((tx + 1) * step, cols))
+                        for y, x in [(r * advance, c * advance)]
+                    ]
+                    tiles.append(imagecodecs.jpeg8_encode(side_by_side(placed, step, tile), level=90))
             tw.write(
                 iter(tiles),
                 shape=(down * tile, across * tile, 3),
