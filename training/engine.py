@@ -58,11 +58,6 @@ def partition_ranks(path: str | Path, fs=None) -> int:
     return len({m.group(1) for name in names if (m := re.match(r"zero_pp_rank_(\d+)_", name))})
 
 
-def partitioned_checkpoint(checkpoint_dir: str | Path | None) -> bool:
-    """Whether a checkpoint's optimiser state was written partitioned by ZeRO (only a ZeRO engine reads it)."""
-    return checkpoint_dir is not None and partition_ranks(checkpoint_dir) > 0
-
-
 def to_universal(checkpoint_dir: str | Path, out_dir: str | Path, tag: str) -> Path:
     """Convert a ZeRO checkpoint written by one number of ranks into DeepSpeed's universal form, which an
     engine with ``checkpoint.load_universal`` reads on any number of ranks (each takes its slice of every
@@ -113,7 +108,7 @@ def universal_checkpoint(checkpoint_dir: str | Path, tag: str) -> Iterator[Path]
                 readers.rmdir()
 
 
-def zero_stage(recipe: TrainRecipe, world: int, checkpoint_dir: str | Path | None = None) -> int:
+def zero_stage(recipe: TrainRecipe, world: int, written_by: int | None = None) -> int:
     """The ZeRO stage a run uses: the recipe's, except stages 1 and 2 on a single data-parallel rank.
 
     Those stages partition optimiser state (and gradients) across ranks. On one rank there is nothing to
@@ -124,13 +119,14 @@ def zero_stage(recipe: TrainRecipe, world: int, checkpoint_dir: str | Path | Non
     with, whatever the worker count now: ZeRO's partitioned optimiser state is read only by a ZeRO engine (on
     another number of ranks through :func:`to_universal`), and a stage-0 checkpoint (one worker) is read by a
     stage-0 engine on any number of workers. Stage 3 is kept: it changes how parameters are held, not only where
-    optimiser state lives.
+    optimiser state lives. ``written_by``: for a run that continues a checkpoint, the number of ranks its ZeRO
+    state is partitioned over (:func:`partition_ranks`; 0 when it is not); None for a new run.
     """
     stage = recipe.deepspeed.zero_stage
     if stage not in (1, 2):
         return stage
-    if checkpoint_dir is not None:
-        return stage if partitioned_checkpoint(checkpoint_dir) else 0
+    if written_by is not None:
+        return stage if written_by > 0 else 0
     return 0 if world == 1 else stage
 
 

@@ -175,10 +175,11 @@ class Trainer:
         self.outputs = outputs_of(r, self.manifest)
         _seed(r, -1, 0)  # the same initial head on every rank
         model = build_model(r.model, len(self.outputs), r.data.frames, r.data.image_size).to(self.device)
-        stage = zero_stage(r, world, None if weights_only else checkpoint_dir)
-        # ZeRO state written by another number of ranks (``--resume RUN workers=N``): read it universally
-        ranks = partition_ranks(checkpoint_dir) if checkpoint_dir and not weights_only else 0
-        universal = ranks not in (0, world)
+        # the ranks the checkpoint's ZeRO state is partitioned over (None: no state to continue); written by
+        # another number of ranks (``--resume RUN workers=N``), it is read universally
+        ranks = partition_ranks(checkpoint_dir) if checkpoint_dir and not weights_only else None
+        stage = zero_stage(r, world, ranks)
+        universal = ranks not in (None, 0, world)
         self.engine, self.scheduler = init_engine(model, r, cuda, stage, universal)
         self.data = WorkerData(r, self.manifest, self.rank, self.world, self.device.index if cuda else None)
         self.loss = make_loss(r, self.data, self.outputs)

@@ -175,7 +175,7 @@ def test_one_rank_runs_zero_2_as_stage_0_with_the_same_arithmetic(clip, tmp_path
     """ZeRO-2 on a single rank partitions nothing; the engine runs stage 0 and gives the weights of a plain
     PyTorch loop and of a real ZeRO-2 engine over accumulated steps, clipping only as the recipe says (DeepSpeed
     alone would clip at 1.0). A run continuing a ZeRO-partitioned checkpoint keeps ZeRO."""
-    from training.engine import init_engine, partitioned_checkpoint, zero_stage
+    from training.engine import init_engine, partition_ranks, zero_stage
     from training.loop import TAG
 
     overrides = ["deepspeed.zero_stage=2", "deepspeed.gradient_accumulation=2", f"deepspeed.gradient_clipping={clip}"]
@@ -206,11 +206,12 @@ def test_one_rank_runs_zero_2_as_stage_0_with_the_same_arithmetic(clip, tmp_path
 
     single.save_checkpoint(tmp_path / "stage0", tag=TAG)
     zero2.save_checkpoint(tmp_path / "zero2", tag=TAG)
-    assert not partitioned_checkpoint(tmp_path / "stage0") and partitioned_checkpoint(tmp_path / "zero2")
-    assert zero_stage(recipe, 1, tmp_path / "stage0") == 0
-    assert zero_stage(recipe, 1, tmp_path / "zero2") == 2  # resumes as it was written
-    assert zero_stage(recipe, 2, tmp_path / "stage0") == 0  # a one-worker run continued on two workers
-    continued, _ = init_engine(_small_model(), recipe, cuda=False, stage=zero_stage(recipe, 2, tmp_path / "stage0"))
+    stage0, zero2 = partition_ranks(tmp_path / "stage0"), partition_ranks(tmp_path / "zero2")
+    assert stage0 == 0 and zero2 > 0
+    assert zero_stage(recipe, 1, stage0) == 0
+    assert zero_stage(recipe, 1, zero2) == 2  # resumes as it was written
+    assert zero_stage(recipe, 2, stage0) == 0  # a one-worker run continued on two workers
+    continued, _ = init_engine(_small_model(), recipe, cuda=False, stage=zero_stage(recipe, 2, stage0))
     continued.load_checkpoint(tmp_path / "stage0", tag=TAG)
     assert continued.global_steps == 3
     with pytest.raises(FileNotFoundError, match="zero_pp_rank"):  # what the recipe's stage would have done
@@ -281,7 +282,7 @@ def test_a_zero_checkpoint_of_two_ranks_continues_exactly_on_one(stage, tmp_path
     assert [p.exitcode for p in ranks] == [0, 0]
     assert partition_ranks(tmp_path / "ckpt") == 2  # two ranks' partitions
     recipe = load_recipe("strip_ai_resnet50", [f"deepspeed.zero_stage={stage}", "swa.enabled=false"])
-    assert zero_stage(recipe, 1, tmp_path / "ckpt") == stage  # read by a ZeRO engine, on one rank too
+    assert zero_stage(recipe, 1, partition_ranks(tmp_path / "ckpt")) == stage  # read by a ZeRO engine, on one rank too
     engine, _ = init_engine(_small_model(), recipe, cuda=False, stage=stage, universal=True)
     conversions, seen, both_inside = [], [], threading.Barrier(2, timeout=120)
     convert = training.engine.to_universal
