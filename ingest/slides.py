@@ -6,7 +6,7 @@ from typing import Protocol
 
 import numpy as np
 
-from ingest.tiff_tiles import TiffTiles, to_level
+from ingest.tiff_tiles import PAGE_LEVEL_VENDORS, TiffTiles, to_level
 
 
 class SlideError(RuntimeError):
@@ -64,8 +64,11 @@ class OpenSlideReader:
         power = props.get("openslide.objective-power")
         self.objective_power = float(power) if power else None
         # Tiled TIFF/SVS levels are read straight from their tiles when a probe matches OpenSlide's pixels.
+        direct = fast and props.get("openslide.vendor") in PAGE_LEVEL_VENDORS
         self._tiles = (
-            TiffTiles.open(path, self.level_dimensions, self.level_downsamples, self._openslide_read) if fast else None
+            TiffTiles.open(path, self.level_dimensions, self.level_downsamples, self._openslide_read)
+            if direct
+            else None
         )
 
     @property

@@ -1,7 +1,8 @@
 """Synthetic TIFF slides whose layout and identity live in XML metadata, read by OpenSlide's own backends: Philips
-TIFF (an XML ImageDescription with the barcode and the label photo inside) and Ventana BIF (XMP scan settings with the
-barcode, tile joints that may overlap). Both carry a label photo with the patient's name, so that privacy checks have
-something real to look for; the other vendor formats are in :mod:`ingest.synthetic_vendor`.
+TIFF (an XML ImageDescription with the barcode and the label photo inside), Ventana BIF (XMP scan settings with the
+barcode, tile joints that may overlap) and Leica SCN (scanned regions placed on the glass by XML). All carry a label
+photo with the patient's name, so that privacy checks have something real to look for; the other vendor formats are
+in :mod:`ingest.synthetic_vendor`.
 """
 
 from __future__ import annotations
@@ -166,5 +167,79 @@ def write_bif(path: Path, level0: np.ndarray, patient: SyntheticPatient, mpp: fl
                 photometric="rgb",
                 description=f"level={i} mag={40 // step} quality=90",
                 extratags=xmp(encode) if i == 0 else [],
+                metadata=None,
+            )
+
+
+def write_scn(
+    path: Path,
+    glass: np.ndarray,
+    regions: list[tuple[int, int, int, int]],
+    patient: SyntheticPatient,
+    mpp: float = 0.5,
+    levels: int = 3,
+    label_width: int = 256,
+) -> None:
+    """A Leica SCN as OpenSlide reads it: a BigTIFF whose XML ``ImageDescription`` (namespace
+    ``scn/2010/10/01``) places images on the glass in nanometre "clicks". ``glass`` is the whole slide at level 0
+    as a perfect camera sees it; only the ``regions`` (level-0 ``x, y, width, height``, multiples of 4^(levels-1)
+    px) are scanned, each as a main image with its own pyramid (downsample 4 per level). OpenSlide composites them
+    on the glass, which stays transparent elsewhere. A macro photo of the whole glass (as large as the smallest
+    level, and its first TIFF directory, as on Leica scanners) shows the label at the left end, with the patient's
+    name; the barcode (the patient's id, base64) and a creation date are in the XML."""
+    import base64
+
+    import cv2
+    import tifffile
+
+    nm = round(mpp * 1000)  # clicks per level-0 pixel
+    height, width = glass.shape[:2]
+    scale = 4 ** (levels - 1)
+    macro = cv2.resize(glass, (width // scale, height // scale), interpolation=cv2.INTER_AREA)
+    label = cv2.resize(_label(f"{patient.name} {patient.patient_id}"), (label_width // scale, height // scale))
+    macro[:, : label.shape[1]] = label
+    pages = [(macro, mpp * scale)]  # (pixels, µm per pixel)
+
+    def dimensions(first_ifd: int, sizes: list[tuple[int, int]]) -> str:
+        return "".join(
+            f'<dimension sizeX="{w}" sizeY="{h}" r="{r}" ifd="{first_ifd + r}"/>' for r, (w, h) in enumerate(sizes)
+        )
+
+    def image(name: str, ifd: int, sizes: list[tuple[int, int]], view: tuple[int, int, int, int], objective: str):
+        x, y, w, h = (v * nm for v in view)  # where the image lies on the glass, in clicks
+        return (
+            f'<image name="{name}"><creationDate>{patient.birth_date[:4]}-{patient.birth_date[4:6]}-'
+            f'{patient.birth_date[6:]}T09:30:00Z</creationDate><device model="Leica SCN400" version="1.5"/>'
+            f'<pixels sizeX="{sizes[0][0]}" sizeY="{sizes[0][1]}">{dimensions(ifd, sizes)}</pixels>'
+            f'<view sizeX="{w}" sizeY="{h}" offsetX="{x}" offsetY="{y}"/>'
+            f"<scanSettings><objectiveSettings><objective>{objective}</objective></objectiveSettings>"
+            "<illuminationSettings><numericalAperture>0.7</numericalAperture>"
+            "<illuminationSource>brightfield</illuminationSource></illuminationSettings></scanSettings></image>"
+        )
+
+    images = [image("macro", 0, [macro.shape[1::-1]], (0, 0, width, height), "1.25")]  # the whole glass
+    for k, (x, y, w, h) in enumerate(regions):
+        if (x | y | w | h) % scale:
+            raise ValueError(f"region {k} is not on a {scale} px grid: {(x, y, w, h)}")
+        pyramid = [glass[y : y + h, x : x + w][:: 4**i, :: 4**i] for i in range(levels)]
+        sizes = [p.shape[1::-1] for p in pyramid]
+        images.append(image(f"main {k}", len(pages), sizes, (x, y, w, h), str(round(10 / mpp))))
+        pages += [(p, mpp * 4**i) for i, p in enumerate(pyramid)]
+    xml = (
+        '<?xml version="1.0" encoding="utf-8"?><scn xmlns="http://www.leica-microsystems.com/scn/2010/10/01">'
+        f'<collection name="{patient.patient_id}" sizeX="{width * nm}" sizeY="{height * nm}">'
+        f"<barcode>{base64.b64encode(patient.patient_id.encode()).decode()}</barcode>{''.join(images)}</collection></scn>"
+    )
+    with tifffile.TiffWriter(path, bigtiff=True) as tw:
+        for i, (pixels, page_mpp) in enumerate(pages):
+            res = 1e4 / page_mpp  # pixels per centimetre: OpenSlide's MPP comes from level 0's first image
+            tw.write(
+                pixels,
+                tile=(16, 16) if i == 0 else (256, 256),  # the macro is tiled too: OpenSlide wants directory 0 tiled
+                compression="jpeg",
+                photometric="rgb",
+                description=xml if i == 0 else None,
+                resolution=(res, res),
+                resolutionunit="CENTIMETER",
                 metadata=None,
             )

@@ -1,11 +1,13 @@
-"""Direct tile reads for tiled TIFF-family slides (generic pyramidal TIFF, Aperio SVS): a fast path under OpenSlide.
+"""Direct tile reads for tiled TIFF-family slides (generic pyramidal TIFF, Aperio SVS, Philips TIFF, Ventana BIF): a
+fast path under OpenSlide.
 
 OpenSlide decodes every source tile a region touches, composites through cairo into premultiplied ARGB and hands
 back a new image per call; a 600 px read over 256 px JPEG tiles decodes about twice the pixels it returns, and
 neighbouring reads decode the shared tiles again. Here each source tile is decoded once (libjpeg-turbo through
 tifffile/imagecodecs) into a byte-bounded LRU cache and regions are assembled by slicing. OpenSlide stays the
-reader of record: a level is served here only when it maps to a tiled 8-bit RGB page and a probe read matches
-OpenSlide's pixels, so an unusual colour space or layout falls back to OpenSlide rather than going wrong.
+reader of record: a level is served here only when OpenSlide's backend draws levels from single pages, the level maps
+to a tiled 8-bit RGB page and a probe read matches OpenSlide's pixels, so an unusual colour space or layout falls
+back to OpenSlide rather than going wrong.
 """
 
 from __future__ import annotations
@@ -19,6 +21,10 @@ import numpy as np
 DEFAULT_CACHE_BYTES = 128 << 20
 # Largest difference from OpenSlide's pixels tolerated by the probe (identical decoders give 0).
 PROBE_MAX_DIFF = 2
+# OpenSlide backends that draw each level from one tiled TIFF page. Others composite a level from several pages
+# (Leica places its main images on the glass) or are not TIFF; there a page as large as a level may be something
+# else, such as Leica's macro photo with the label, and a probe on empty glass cannot tell it from the level.
+PAGE_LEVEL_VENDORS = frozenset({"aperio", "generic-tiff", "philips", "ventana"})
 
 
 class TiledLevel:

@@ -2,8 +2,9 @@
 slide is ``x.mrxs`` plus the data folder ``x/``, planned, cut and downloaded as one slide) and NDPI (Hamamatsu;
 levels are single JPEGs with restart markers, plus a macro photo) and VMS and VMU (Hamamatsu; a key file naming JPEGs,
 or uncompressed NGR images, beside it, planned and downloaded with them), Philips TIFF (XML metadata, label and
-macro photos inside it, sparse tiles) and Ventana BIF (overlapping tiles). All are cut like any slide and stay
-private; Tessera's direct tile reads serve only the levels whose pixels lie where the TIFF page has them."""
+macro photos inside it, sparse tiles), Ventana BIF (overlapping tiles) and Leica SCN (scanned regions placed on the
+glass). All are cut like any slide and stay private; Tessera's direct tile reads serve only the levels whose pixels
+lie where the TIFF page has them."""
 
 import json
 import os
@@ -18,7 +19,7 @@ from ingest.slides import OpenSlideReader
 from ingest.source_cache import SourceCache
 from ingest.synthetic import SyntheticPatient, slide_array
 from ingest.synthetic_vendor import write_mirax, write_ndpi, write_vms, write_vmu
-from ingest.synthetic_xml_tiff import write_bif, write_philips
+from ingest.synthetic_xml_tiff import write_bif, write_philips, write_scn
 from ingest.units import plan_slide, wsi_samples
 from shards.schema import decode_image
 
@@ -200,6 +201,70 @@ def test_bif_tiles_equal_openslide_and_carry_nothing_identifying(bif, tmp_path):
     path, _, _ = bif
     [unit] = plan_wsi(WsiIngestConfig(sources=[str(path)], out=str(tmp_path)), b"k").units
     _check_tiles(unit, OpenSlideReader(unit.sources[0], fast=False), tmp_path, "clot_v")
+
+
+# Leica SCN: two scanned regions (level-0 x, y, width, height) on 1280 x 768 px of glass with tissue right of the label.
+SCN_REGIONS = [(256, 384, 384, 384), (768, 256, 256, 384)]
+
+
+@pytest.fixture(scope="module")
+def scn(tmp_path_factory):
+    root = tmp_path_factory.mktemp("scn")
+    glass = np.full((768, 1280, 3), 255, np.uint8)
+    glass[:, 256:] = slide_array(1024, "CE", np.random.default_rng(3))[:768]
+    write_scn(root / "clot_l.scn", glass, SCN_REGIONS, PATIENT)
+    return root / "clot_l.scn", glass
+
+
+def _scanned(x: int, y: int, w: int, h: int) -> bool:
+    return any(x < rx + rw and rx < x + w and y < ry + rh and ry < y + h for rx, ry, rw, rh in SCN_REGIONS)
+
+
+def test_openslide_composites_the_scanned_regions_of_a_synthetic_scn_on_the_glass(scn):
+    path, glass = scn
+    with openslide.OpenSlide(str(path)) as slide:
+        assert slide.properties["openslide.vendor"] == "leica"
+        assert slide.properties["leica.barcode"] == PATIENT.patient_id  # to be kept out
+        assert list(slide.associated_images) == ["macro"]  # the photo of the glass, label and name included
+        everything = np.asarray(slide.read_region((0, 0), 0, (1280, 768)))
+    reader = OpenSlideReader(str(path))
+    assert reader.level_dimensions == [(1280, 768), (320, 192), (80, 48)] and reader.mpp == pytest.approx(0.5)
+    for x, y, w, h in SCN_REGIONS:
+        assert np.abs(reader.read_region(x, y, 0, w, h).astype(int) - glass[y : y + h, x : x + w]).mean() < 5
+    between = everything[256:, 640:768]  # glass with tissue on it, between the regions, never scanned
+    assert glass[256:, 640:768].mean() < 200 and between[..., 3].max() == 0
+    assert (reader.read_region(640, 256, 0, 128, 512) == 255).all()
+    reader.close()
+
+
+def test_scn_tiles_equal_openslide_and_none_is_cut_from_glass_never_scanned(scn, tmp_path):
+    path, glass = scn
+    [unit] = plan_wsi(WsiIngestConfig(sources=[str(path)], out=str(tmp_path)), b"k").units
+    metas = _check_tiles(unit, OpenSlideReader(unit.sources[0], fast=False), tmp_path, "clot_l")
+    assert all(_scanned(m["x"], m["y"], 128, 128) for m in metas)
+    unscanned_tissue = [
+        (x, y)
+        for y in range(0, 768, 128)
+        for x in range(256, 1280, 128)
+        if glass[y : y + 128, x : x + 128].mean() < 200 and not _scanned(x, y, 128, 128)
+    ]
+    assert unscanned_tissue  # there was tissue to be fooled by
+
+
+def test_a_leica_macro_photo_as_large_as_a_level_is_never_read_as_that_level(tmp_path):
+    """Tissue at one end of the glass: a probe of the middle of the smallest level sees empty glass in OpenSlide's
+    level and in the macro photo alike, yet the photo shows the label, with the patient's name, at its left end."""
+    import tifffile
+
+    glass = np.full((1024, 4096, 3), 255, np.uint8)
+    glass[256:768, 640:1280] = slide_array(640, "CE", np.random.default_rng(3))[:512]
+    write_scn(tmp_path / "end.scn", glass, [(640, 256, 640, 512)], PATIENT)
+    reader = OpenSlideReader(str(tmp_path / "end.scn"))
+    with tifffile.TiffFile(tmp_path / "end.scn") as tif:
+        assert tif.pages[0].is_tiled and tif.pages[0].shape[1::-1] == reader.level_dimensions[2]
+    assert reader.direct_levels == []
+    assert (reader.read_region(0, 0, 2, 32, 64) == 255).all()  # OpenSlide's empty glass, not the label
+    reader.close()
 
 
 @pytest.fixture(scope="module")
