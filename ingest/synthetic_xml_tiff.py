@@ -15,7 +15,7 @@ from ingest.synthetic import SyntheticPatient
 from ingest.synthetic_vendor import pad_white, side_by_side
 
 
-def _label(text: str) -> np.ndarray:
+def label_photo(text: str) -> np.ndarray:
     """A photo of a slide label bearing ``text`` (a scanner's label camera sees the patient's name)."""
     import cv2
 
@@ -62,7 +62,7 @@ def write_philips(
     )
     import cv2
 
-    label = cv2.imencode(".jpg", _label(f"{patient.name} {patient.patient_id}"))[1].tobytes()
+    label = cv2.imencode(".jpg", label_photo(f"{patient.name} {patient.patient_id}"))[1].tobytes()
     photo = base64.b64encode(label).decode()
     xml = (
         '<?xml version="1.0" encoding="UTF-8" ?><DataObject ObjectType="DPUfsImport">'
@@ -143,7 +143,7 @@ def write_bif(path: Path, level0: np.ndarray, patient: SyntheticPatient, mpp: fl
         return [(700, 1, len(xml), xml.encode(), True)]  # XMLPacket
 
     with tifffile.TiffWriter(path) as tw:
-        label = _label(f"{patient.name} {patient.patient_id}")
+        label = label_photo(f"{patient.name} {patient.patient_id}")
         tw.write(label, description="Label Image", extratags=xmp(iscan), photometric="rgb", metadata=None)
         for i in range(levels):
             step = 2**i
@@ -196,7 +196,7 @@ def write_scn(
     height, width = glass.shape[:2]
     scale = 4 ** (levels - 1)
     macro = cv2.resize(glass, (width // scale, height // scale), interpolation=cv2.INTER_AREA)
-    label = cv2.resize(_label(f"{patient.name} {patient.patient_id}"), (label_width // scale, height // scale))
+    label = cv2.resize(label_photo(f"{patient.name} {patient.patient_id}"), (label_width // scale, height // scale))
     macro[:, : label.shape[1]] = label
     pages = [(macro, mpp * scale)]  # (pixels, µm per pixel)
 

@@ -2,9 +2,9 @@
 slide is ``x.mrxs`` plus the data folder ``x/``, planned, cut and downloaded as one slide) and NDPI (Hamamatsu;
 levels are single JPEGs with restart markers, plus a macro photo) and VMS and VMU (Hamamatsu; a key file naming JPEGs,
 or uncompressed NGR images, beside it, planned and downloaded with them), Philips TIFF (XML metadata, label and
-macro photos inside it, sparse tiles), Ventana BIF (overlapping tiles) and Leica SCN (scanned regions placed on the
-glass). All are cut like any slide and stay private; Tessera's direct tile reads serve only the levels whose pixels
-lie where the TIFF page has them."""
+macro photos inside it, sparse tiles), Ventana BIF (overlapping tiles), Leica SCN (scanned regions placed on the
+glass) and Sakura SVSLIDE (a SQLite database of per-channel JPEG tiles). All are cut like any slide and stay
+private; Tessera's direct tile reads serve only the levels whose pixels lie where the TIFF page has them."""
 
 import json
 import os
@@ -18,6 +18,7 @@ from ingest.plan import plan_wsi
 from ingest.slides import OpenSlideReader
 from ingest.source_cache import SourceCache
 from ingest.synthetic import SyntheticPatient, slide_array
+from ingest.synthetic_sakura import write_svslide
 from ingest.synthetic_vendor import write_mirax, write_ndpi, write_vms, write_vmu
 from ingest.synthetic_xml_tiff import write_bif, write_philips, write_scn
 from ingest.units import plan_slide, wsi_samples
@@ -265,6 +266,40 @@ def test_a_leica_macro_photo_as_large_as_a_level_is_never_read_as_that_level(tmp
     assert reader.direct_levels == []
     assert (reader.read_region(0, 0, 2, 32, 64) == 255).all()  # OpenSlide's empty glass, not the label
     reader.close()
+
+
+@pytest.fixture(scope="module")
+def svslide(tmp_path_factory):
+    """A Sakura SVSLIDE of 1000 px whose level-0 tile (1, 2), over tissue, was never scanned."""
+    root = tmp_path_factory.mktemp("sakura")
+    level0 = slide_array(1000, "LAA", np.random.default_rng(5))
+    write_svslide(root / "clot_s.svslide", level0, PATIENT, unscanned=frozenset({(1, 2)}))
+    return root / "clot_s.svslide", level0
+
+
+def test_openslide_reads_the_synthetic_svslide(svslide):
+    path, level0 = svslide
+    with openslide.OpenSlide(str(path)) as slide:
+        assert slide.properties["openslide.vendor"] == "sakura"
+        # the slide record names the patient, and the label photo shows the name: all to be kept out
+        assert slide.properties["sakura.SlideId"] == PATIENT.patient_id
+        assert slide.properties["sakura.Description"] == PATIENT.name
+        assert set(slide.associated_images) == {"label", "macro", "thumbnail"}
+        assert np.asarray(slide.read_region((256, 512), 0, (256, 256)))[..., 3].max() == 0  # never scanned
+    reader = OpenSlideReader(str(path))
+    assert reader.level_dimensions == [(1000, 1000), (500, 500), (250, 250)] and reader.mpp == pytest.approx(0.5)
+    assert reader.direct_levels == []  # a SQLite database: OpenSlide alone reads it
+    assert np.abs(reader.read_region(0, 0, 0, 1000, 512).astype(int) - level0[:512]).mean() < 5
+    assert level0[512:768, 256:512].mean() < 200 and (reader.read_region(256, 512, 0, 256, 256) == 255).all()
+    reader.close()
+
+
+def test_svslide_tiles_equal_openslide_and_none_is_cut_from_tiles_never_scanned(svslide, tmp_path):
+    path, level0 = svslide
+    [unit] = plan_wsi(WsiIngestConfig(sources=[str(path)], out=str(tmp_path)), b"k").units
+    metas = _check_tiles(unit, OpenSlideReader(unit.sources[0]), tmp_path, "clot_s")
+    kept = {(m["x"], m["y"]) for m in metas}
+    assert level0[512:640, 256:384].mean() < 200 and (256, 512) not in kept  # tissue, but never scanned
 
 
 @pytest.fixture(scope="module")
