@@ -4,6 +4,9 @@ and the run resumes from its checkpoint at the right epoch; a run that failed ou
 the CPU with fixed seeds both end with exactly the weights of an uninterrupted run. A failed run also continues
 on another number of workers."""
 
+import tempfile
+from pathlib import Path
+
 import pytest
 import torch
 from mlflow import MlflowClient
@@ -95,21 +98,35 @@ def _failed_run(stack, recipe, storage, monkeypatch):
     return run
 
 
-@pytest.mark.parametrize(("before", "after", "stage"), [(1, 2, "0"), (2, 1, "2"), (2, 1, "3")])
+def _universal_folders() -> tuple[set[str], set[str]]:
+    """The names of this node's shared universal-checkpoint folders (with their reader markers) and of their lock
+    files (see :func:`training.engine.universal_checkpoint`)."""
+    found = {p.name for p in Path(tempfile.gettempdir()).glob("tessera-universal-*")}
+    locks = {n for n in found if n.endswith(".lock")}
+    return found - locks, locks
+
+
+@pytest.mark.parametrize(("before", "after", "stage"), [(1, 2, "0"), (2, 1, "2"), (2, 1, "3"), (2, 3, "2")])
 def test_a_run_continues_on_another_worker_count(setup, stack, monkeypatch, before, after, stage):
     """``--resume RUN workers=N``. One worker runs ZeRO-2 as stage 0, whose checkpoint is not partitioned and
-    continues on two as it is; two workers' ZeRO-2 or ZeRO-3 partitions are made universal and read by one."""
+    continues on two as it is; two workers' ZeRO-2 or ZeRO-3 partitions are made universal and read by one, or by
+    three workers of half a CPU each, which share one converted folder on the node and remove it when done."""
     storage = str(setup["work"] / f"ckpt-{before}-to-{after}-{stage}")
     recipe = setup["recipe"]
     if stage == "3":
         recipe = recipe.model_copy(update={"deepspeed": recipe.deepspeed.model_copy(update={"zero_stage": 3})})
     run = _failed_run(stack, recipe.model_copy(update={"workers": before}), storage, monkeypatch)
-    out = resume_training(run.info.run_id, stack.mlflow_url, storage, [f"workers={after}"])
+    overrides = [f"workers={after}"] + (["cpus_per_worker=0.5"] if after > 2 else [])  # the stack has two CPUs
+    folders, locks = _universal_folders()
+    out = resume_training(run.info.run_id, stack.mlflow_url, storage, overrides)
     run = MlflowClient(stack.mlflow_url).get_run(out.run_id)
     assert run.info.status == "FINISHED" and out.model_version is not None
-    assert run.data.tags["workers_used"] == str(after) and run.data.tags["resume_overrides"] == f"workers={after}"
+    assert run.data.tags["workers_used"] == str(after) and run.data.tags["resume_overrides"] == " ".join(overrides)
     assert run.data.tags["deepspeed.zero_stage_used"] == stage
     assert run.data.params["workers"] == str(before)  # the recipe as started; the tags say where it ended
     assert _history(stack, out.run_id, "resumed_at_epoch") == [(2, 2.0)]
     assert sorted(s for s, _ in _history(stack, out.run_id, "val_loss")) == [0, 1, 2]
-    assert partition_ranks(*storage_location(out.checkpoint)) == (0 if stage == "0" else 1)
+    now_folders, now_locks = _universal_folders()
+    if stage != "0":  # converted through the shared folder, which its last reader removed
+        assert now_locks - locks and now_folders <= folders
+    assert partition_ranks(*storage_location(out.checkpoint)) == (0 if stage == "0" else after)
