@@ -1,7 +1,8 @@
-"""Synthetic slides in vendor formats that OpenSlide reads through its own backends (not as generic TIFF): 3DHISTECH
-MIRAX and Hamamatsu NDPI, VMS and VMU (Philips TIFF and Ventana BIF, whose layout is in XML, are in
-:mod:`ingest.synthetic_xml_tiff`). Each carries the patient's identity where scanners put it (slide name, description,
-reference), so that privacy checks have something real to look for.
+"""Synthetic slides in vendor formats that OpenSlide reads through its own backends (not as generic TIFF): Aperio
+SVS, 3DHISTECH MIRAX, Hamamatsu NDPI, VMS and VMU, and Trestle (Philips TIFF, Ventana BIF and Leica SCN, whose
+layout is in XML, are in :mod:`ingest.synthetic_xml_tiff`; Sakura SVSLIDE in :mod:`ingest.synthetic_sakura`). Each
+carries the patient's identity where scanners put it (slide name, description, reference), so that privacy checks
+have something real to look for.
 """
 
 from __future__ import annotations
@@ -257,3 +258,109 @@ def write_vmu(path: Path, level0: np.ndarray, patient: SyntheticPatient, mpp: fl
     and beside it the image and a 1/4 size map as NGR files of 16 px columns, and a macro photo."""
     header = "[Uncompressed Virtual Microscope Specimen]\nNoLayers=1\nBitsPerPixel=36\nPixelOrder=RGB\n"
     _write_key_file_slide(path, level0, patient, mpp, header, ".ngr", lambda pixels: _ngr(pixels, 16), 4)
+
+
+def write_trestle(path: Path, level0: np.ndarray, patient: SyntheticPatient, mpp: float = 0.5, overlap: int = 16):
+    """A Trestle (MedMicro) TIFF as OpenSlide reads it: ``Software`` "MedScan", a ``key=value;...`` description
+    (objective, background colour, the slide's name: the patient's id) whose ``OverlapsXY`` gives each level's
+    overlap between neighbouring 256 px tiles (``overlap`` at level 0, halved per level), the MPP in the resolution
+    tags as they are (not pixels per unit), and the macro photo as a JPEG beside it (``x.Full``). Each level is cut
+    from ``level0`` downsampled by 2 per level, each tile at the place OpenSlide draws it."""
+    import cv2
+    import tifffile
+
+    from ingest.synthetic_xml_tiff import label_photo
+
+    tile, levels = 256, 3
+    overlaps = [overlap >> i for i in range(levels)]
+    description = (
+        f"Background Color=FFFFFF;Objective Power=20;JPEG Quality=90;Slide Name={patient.patient_id};"
+        f"OverlapsXY={' '.join(f'{o} {o}' for o in overlaps)}"
+    )
+    with tifffile.TiffWriter(path) as tw:
+        for i, ov in enumerate(overlaps):
+            truth = level0[:: 2**i, :: 2**i]
+            advance = tile - ov
+            cols, rows = (max(1, -(-(n - ov) // advance)) for n in (truth.shape[1], truth.shape[0]))
+            padded = np.full((rows * advance + ov, cols * advance + ov, 3), 255, np.uint8)
+            padded[: truth.shape[0], : truth.shape[1]] = truth
+            tiles = [
+                padded[r * advance : r * advance + tile, c * advance : c * advance + tile]
+                for r in range(rows)
+                for c in range(cols)
+            ]
+            tw.write(
+                iter(tiles),
+                shape=(rows * tile, cols * tile, 3),
+                dtype=np.uint8,
+                tile=(tile, tile),
+                compression="jpeg",
+                photometric="rgb",
+                software="MedScan" if i == 0 else None,
+                description=description if i == 0 else None,
+                resolution=(mpp * 2**i, mpp * 2**i),
+                resolutionunit="NONE",
+                metadata=None,
+            )
+    macro = cv2.cvtColor(label_photo(f"{patient.name} {patient.patient_id}"), cv2.COLOR_RGB2BGR)
+    path.with_suffix(".Full").write_bytes(cv2.imencode(".jpg", macro)[1].tobytes())
+
+
+def write_svs(path: Path, level0: np.ndarray, patient: SyntheticPatient, mpp: float = 0.5, levels: int = 3) -> None:
+    """An Aperio SVS as OpenSlide reads it: tiled JPEG levels downsampled by 4 (240 px tiles, as Aperio writes
+    them), each with an ``Aperio Image Library`` description whose ``key = value`` fields give the magnification,
+    the MPP and the scan's file name, date and user (the patient's name, birth date and id here); then stripped
+    images: a thumbnail as the second directory, and the label (a photo with the patient's name, LZW) and macro
+    (JPEG) at the end."""
+    import tifffile
+
+    from ingest.synthetic_xml_tiff import label_photo
+
+    h, w = level0.shape[:2]
+    fields = (
+        f"AppMag = 20|MPP = {mpp:.4f}|Filename = {patient.name}|Date = {patient.birth_date}|Time = 09:30:00|"
+        f"User = {patient.patient_id}"
+    )
+
+    def description(image: np.ndarray, kind: str) -> str:
+        ih, iw = image.shape[:2]
+        if kind == "level":
+            return (
+                f"Aperio Image Library v12.0.15\r\n{w}x{h} [0,0 {w}x{h}] (240x240) -> {iw}x{ih} JPEG/RGB Q=90|{fields}"
+            )
+        if kind == "thumbnail":
+            return f"Aperio Image Library v12.0.15\r\n{w}x{h} -> {iw}x{ih} - |{fields}"
+        return f"Aperio Image Library v12.0.15\r\n{kind} {iw}x{ih}"  # label, macro: the name on the second line
+
+    pyramid = [level0[:: 4**i, :: 4**i] for i in range(levels)]
+    label = label_photo(f"{patient.name} {patient.patient_id}")
+    with tifffile.TiffWriter(path) as tw:
+        for i, pixels in enumerate(pyramid):
+            tw.write(
+                pixels,
+                tile=(240, 240),
+                compression="jpeg",
+                photometric="rgb",
+                subfiletype=int(i > 0),
+                description=description(pixels, "level"),
+                metadata=None,
+            )
+            if i == 0:  # the thumbnail comes second in an SVS
+                thumb = level0[::8, ::8]
+                tw.write(
+                    thumb,
+                    compression="jpeg",
+                    photometric="rgb",
+                    description=description(thumb, "thumbnail"),
+                    metadata=None,
+                )
+        # OpenSlide 4 tells them apart by NewSubfileType: reduced (label), reduced and macro (9)
+        for kind, image, subfiletype in (("label", label, 1), ("macro", label, 9)):
+            tw.write(
+                image,
+                compression="lzw" if kind == "label" else "jpeg",
+                photometric="rgb",
+                subfiletype=subfiletype,
+                description=description(image, kind),
+                metadata=None,
+            )

@@ -1,12 +1,12 @@
-"""Vendor formats read through OpenSlide's own backends, with synthetic files OpenSlide reads: MIRAX (3DHISTECH; a
-slide is ``x.mrxs`` plus the data folder ``x/``, planned, cut and downloaded as one slide) and NDPI (Hamamatsu;
-levels are single JPEGs with restart markers, plus a macro photo) and VMS and VMU (Hamamatsu; a key file naming JPEGs,
-or uncompressed NGR images, beside it, planned and downloaded with them), Philips TIFF (XML metadata, label and
-macro photos inside it, sparse tiles), Ventana BIF (overlapping tiles), Leica SCN (scanned regions placed on the
-glass) and Sakura SVSLIDE (a SQLite database of per-channel JPEG tiles). All are cut like any slide and stay
-private; Tessera's direct tile reads serve only the levels whose pixels lie where the TIFF page has them."""
+"""Vendor formats read through OpenSlide's own backends, with synthetic files OpenSlide reads: Aperio SVS (tiled
+levels; thumbnail, label and macro photos stripped), MIRAX (3DHISTECH; a slide is ``x.mrxs`` plus the data folder
+``x/``, planned, cut and downloaded as one slide), NDPI (Hamamatsu; levels are single JPEGs with restart markers,
+plus a macro photo), VMS and VMU (Hamamatsu; a key file naming JPEGs, or uncompressed NGR images, beside it, planned
+and downloaded with them), Philips TIFF (XML metadata, label and macro photos inside it, sparse tiles) and Ventana
+BIF (overlapping tiles). All are cut like any slide and stay private; Tessera's direct tile reads serve only the
+levels whose pixels lie where the TIFF page has them. Leica, Sakura and Trestle are in
+``test_vendor_formats_more.py``."""
 
-import json
 import os
 
 import numpy as np
@@ -16,44 +16,38 @@ import pytest
 from ingest.config import WsiIngestConfig
 from ingest.plan import plan_wsi
 from ingest.slides import OpenSlideReader
-from ingest.source_cache import SourceCache
-from ingest.synthetic import SyntheticPatient, slide_array
-from ingest.synthetic_sakura import write_svslide
-from ingest.synthetic_vendor import write_mirax, write_ndpi, write_vms, write_vmu
-from ingest.synthetic_xml_tiff import write_bif, write_philips, write_scn
-from ingest.units import plan_slide, wsi_samples
-from shards.schema import decode_image
-
-PATIENT = SyntheticPatient("ROE^RICHARD", "MRN777", "19550505")
+from ingest.synthetic import slide_array
+from ingest.synthetic_vendor import write_mirax, write_ndpi, write_svs, write_vms, write_vmu
+from ingest.synthetic_xml_tiff import write_bif, write_philips
+from tests.vendor_checks import PATIENT, check_download, check_tiles
 
 
-def _check_tiles(unit, reader: OpenSlideReader, out, stem: str) -> list[dict]:
-    """Cut ``unit`` into 128 px PNG tiles: each equals OpenSlide's pixels at its recorded place, and no sample
-    holds the patient's identity or the file's name. Returns the samples' metadata."""
-    cfg = WsiIngestConfig(sources=unit.sources[:1], out=str(out), tile_size=128, format="png")
-    works, _ = plan_slide(unit, cfg)
-    samples = [s for w in works for s in wsi_samples(w, cfg)]
-    assert len(samples) > 5
-    private = [PATIENT.name, PATIENT.patient_id, PATIENT.birth_date, stem]
-    for sample in samples:
-        meta = json.loads(sample["json"])
-        assert np.array_equal(decode_image(sample["png"]), reader.read_region(meta["x"], meta["y"], 0, 128, 128))
-        blob = b"".join(v if isinstance(v, bytes) else str(v).encode() for v in sample.values())
-        assert not any(p.encode() in blob for p in private)
+@pytest.fixture(scope="module")
+def svs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("svs")
+    level0 = slide_array(1200, "CE", np.random.default_rng(2))
+    write_svs(root / "clot_a.svs", level0, PATIENT)
+    return root / "clot_a.svs", level0
+
+
+def test_openslide_reads_the_synthetic_svs_and_direct_reads_serve_its_levels(svs):
+    path, level0 = svs
+    with openslide.OpenSlide(str(path)) as slide:
+        assert slide.properties["openslide.vendor"] == "aperio"
+        # the scan's file name and user: the patient's name and id here, to be kept out
+        assert (slide.properties["aperio.Filename"], slide.properties["aperio.User"]) == (PATIENT.name, "MRN777")
+        assert set(slide.associated_images) == {"thumbnail", "label", "macro"}
+    reader = OpenSlideReader(str(path))
+    assert reader.level_dimensions == [(1200, 1200), (300, 300), (75, 75)] and reader.mpp == pytest.approx(0.5)
+    assert reader.direct_levels == [0, 1, 2]  # the thumbnail, label and macro are stripped: never a level
+    assert np.abs(reader.read_region(0, 0, 0, 1200, 1200).astype(int) - level0).mean() < 5
     reader.close()
-    return [json.loads(sample["json"]) for sample in samples]
 
 
-def _check_download(unit, laid_out) -> None:
-    """What a worker does with a multi-file slide on s3:// (here any location counts as remote): the copy is laid
-    out as ``laid_out(copy path)`` expects and OpenSlide reads the same pixels from it."""
-    cache = SourceCache(slots=1, remote=lambda loc: True)
-    copy = cache.path(unit.sources)
-    assert copy != unit.sources[0] and laid_out(copy)
-    original, local = OpenSlideReader(unit.sources[0]), OpenSlideReader(copy)
-    assert np.array_equal(original.read_region(300, 300, 0, 200, 200), local.read_region(300, 300, 0, 200, 200))
-    original.close(), local.close()
-    cache.clear()
+def test_svs_tiles_equal_openslide_and_carry_nothing_identifying(svs, tmp_path):
+    path, _ = svs
+    [unit] = plan_wsi(WsiIngestConfig(sources=[str(path)], out=str(tmp_path)), b"k").units
+    check_tiles(unit, OpenSlideReader(unit.sources[0], fast=False), tmp_path, "clot_a")  # OpenSlide's own pixels
 
 
 @pytest.fixture(scope="module")
@@ -94,13 +88,13 @@ def test_tiles_equal_openslide_at_the_recorded_place_and_carry_nothing_identifyi
     reader = OpenSlideReader(unit.sources[0])
     with openslide.OpenSlide(unit.sources[0]) as slide:  # the scanner's slide name is there, to be kept out
         assert "ROE^RICHARD MRN777" in slide.properties["mirax.GENERAL.SLIDE_NAME"]
-    _check_tiles(unit, reader, tmp_path, "clot_m")
+    check_tiles(unit, reader, tmp_path, "clot_m")
 
 
 def test_a_downloaded_copy_keeps_the_layout_openslide_needs(mirax):
     root, _ = mirax
     [unit] = plan_wsi(WsiIngestConfig(sources=[str(root)], out=str(root / "out")), b"k").units
-    _check_download(unit, lambda copy: os.path.isfile(os.path.join(copy[: -len(".mrxs")], "Slidedat.ini")))
+    check_download(unit, lambda copy: os.path.isfile(os.path.join(copy[: -len(".mrxs")], "Slidedat.ini")))
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +127,7 @@ def test_openslide_places_mirax_camera_images_by_the_position_map(mapped_mirax):
 def test_mapped_mirax_tiles_equal_openslide_and_none_is_cut_from_pixels_never_captured(mapped_mirax, tmp_path):
     root, level0, _ = mapped_mirax
     [unit] = plan_wsi(WsiIngestConfig(sources=[str(root)], out=str(tmp_path)), b"k").units
-    kept = {(m["x"], m["y"]) for m in _check_tiles(unit, OpenSlideReader(unit.sources[0]), tmp_path, "clot_p")}
+    kept = {(m["x"], m["y"]) for m in check_tiles(unit, OpenSlideReader(unit.sources[0]), tmp_path, "clot_p")}
     # both on tissue (the slide's background is 237 grey, its tissue about 116); the second in the gap (1, 1) left
     assert level0[128:256, 384:512].mean() < 150 and level0[256:384, 256:384].mean() < 150
     assert (384, 128) in kept and (256, 256) not in kept
@@ -169,7 +163,7 @@ def test_philips_tiles_equal_openslide_and_none_is_cut_from_tiles_never_scanned(
     [unit] = plan_wsi(WsiIngestConfig(sources=[str(path.parent)], out=str(tmp_path)), b"k").units
     assert OpenSlideReader(unit.sources[0]).direct_levels == [0, 1]  # Tessera's own tile reads serve level 0
     # compared with OpenSlide's own pixels (not the direct reads ingest uses)
-    metas = _check_tiles(unit, OpenSlideReader(unit.sources[0], fast=False), tmp_path, "clot_ph")
+    metas = check_tiles(unit, OpenSlideReader(unit.sources[0], fast=False), tmp_path, "clot_ph")
     kept = {(m["x"], m["y"]) for m in metas}
     assert level0[512:640, 512:640].mean() < 200 and (512, 512) not in kept  # tissue, but never scanned
     assert any(level0[y : y + 128, x : x + 128].mean() < 200 for x, y in kept)
@@ -201,105 +195,7 @@ def test_openslide_reads_the_synthetic_bif_and_direct_reads_take_only_abutting_t
 def test_bif_tiles_equal_openslide_and_carry_nothing_identifying(bif, tmp_path):
     path, _, _ = bif
     [unit] = plan_wsi(WsiIngestConfig(sources=[str(path)], out=str(tmp_path)), b"k").units
-    _check_tiles(unit, OpenSlideReader(unit.sources[0], fast=False), tmp_path, "clot_v")
-
-
-# Leica SCN: two scanned regions (level-0 x, y, width, height) on 1280 x 768 px of glass with tissue right of the label.
-SCN_REGIONS = [(256, 384, 384, 384), (768, 256, 256, 384)]
-
-
-@pytest.fixture(scope="module")
-def scn(tmp_path_factory):
-    root = tmp_path_factory.mktemp("scn")
-    glass = np.full((768, 1280, 3), 255, np.uint8)
-    glass[:, 256:] = slide_array(1024, "CE", np.random.default_rng(3))[:768]
-    write_scn(root / "clot_l.scn", glass, SCN_REGIONS, PATIENT)
-    return root / "clot_l.scn", glass
-
-
-def _scanned(x: int, y: int, w: int, h: int) -> bool:
-    return any(x < rx + rw and rx < x + w and y < ry + rh and ry < y + h for rx, ry, rw, rh in SCN_REGIONS)
-
-
-def test_openslide_composites_the_scanned_regions_of_a_synthetic_scn_on_the_glass(scn):
-    path, glass = scn
-    with openslide.OpenSlide(str(path)) as slide:
-        assert slide.properties["openslide.vendor"] == "leica"
-        assert slide.properties["leica.barcode"] == PATIENT.patient_id  # to be kept out
-        assert list(slide.associated_images) == ["macro"]  # the photo of the glass, label and name included
-        everything = np.asarray(slide.read_region((0, 0), 0, (1280, 768)))
-    reader = OpenSlideReader(str(path))
-    assert reader.level_dimensions == [(1280, 768), (320, 192), (80, 48)] and reader.mpp == pytest.approx(0.5)
-    for x, y, w, h in SCN_REGIONS:
-        assert np.abs(reader.read_region(x, y, 0, w, h).astype(int) - glass[y : y + h, x : x + w]).mean() < 5
-    between = everything[256:, 640:768]  # glass with tissue on it, between the regions, never scanned
-    assert glass[256:, 640:768].mean() < 200 and between[..., 3].max() == 0
-    assert (reader.read_region(640, 256, 0, 128, 512) == 255).all()
-    reader.close()
-
-
-def test_scn_tiles_equal_openslide_and_none_is_cut_from_glass_never_scanned(scn, tmp_path):
-    path, glass = scn
-    [unit] = plan_wsi(WsiIngestConfig(sources=[str(path)], out=str(tmp_path)), b"k").units
-    metas = _check_tiles(unit, OpenSlideReader(unit.sources[0], fast=False), tmp_path, "clot_l")
-    assert all(_scanned(m["x"], m["y"], 128, 128) for m in metas)
-    unscanned_tissue = [
-        (x, y)
-        for y in range(0, 768, 128)
-        for x in range(256, 1280, 128)
-        if glass[y : y + 128, x : x + 128].mean() < 200 and not _scanned(x, y, 128, 128)
-    ]
-    assert unscanned_tissue  # there was tissue to be fooled by
-
-
-def test_a_leica_macro_photo_as_large_as_a_level_is_never_read_as_that_level(tmp_path):
-    """Tissue at one end of the glass: a probe of the middle of the smallest level sees empty glass in OpenSlide's
-    level and in the macro photo alike, yet the photo shows the label, with the patient's name, at its left end."""
-    import tifffile
-
-    glass = np.full((1024, 4096, 3), 255, np.uint8)
-    glass[256:768, 640:1280] = slide_array(640, "CE", np.random.default_rng(3))[:512]
-    write_scn(tmp_path / "end.scn", glass, [(640, 256, 640, 512)], PATIENT)
-    reader = OpenSlideReader(str(tmp_path / "end.scn"))
-    with tifffile.TiffFile(tmp_path / "end.scn") as tif:
-        assert tif.pages[0].is_tiled and tif.pages[0].shape[1::-1] == reader.level_dimensions[2]
-    assert reader.direct_levels == []
-    assert (reader.read_region(0, 0, 2, 32, 64) == 255).all()  # OpenSlide's empty glass, not the label
-    reader.close()
-
-
-@pytest.fixture(scope="module")
-def svslide(tmp_path_factory):
-    """A Sakura SVSLIDE of 1000 px whose level-0 tile (1, 2), over tissue, was never scanned."""
-    root = tmp_path_factory.mktemp("sakura")
-    level0 = slide_array(1000, "LAA", np.random.default_rng(5))
-    write_svslide(root / "clot_s.svslide", level0, PATIENT, unscanned=frozenset({(1, 2)}))
-    return root / "clot_s.svslide", level0
-
-
-def test_openslide_reads_the_synthetic_svslide(svslide):
-    path, level0 = svslide
-    with openslide.OpenSlide(str(path)) as slide:
-        assert slide.properties["openslide.vendor"] == "sakura"
-        # the slide record names the patient, and the label photo shows the name: all to be kept out
-        assert slide.properties["sakura.SlideId"] == PATIENT.patient_id
-        assert slide.properties["sakura.Description"] == PATIENT.name
-        assert set(slide.associated_images) == {"label", "macro", "thumbnail"}
-        assert np.asarray(slide.read_region((256, 512), 0, (256, 256)))[..., 3].max() == 0  # never scanned
-    reader = OpenSlideReader(str(path))
-    assert reader.level_dimensions == [(1000, 1000), (500, 500), (250, 250)] and reader.mpp == pytest.approx(0.5)
-    assert reader.direct_levels == []  # a SQLite database: OpenSlide alone reads it
-    assert np.abs(reader.read_region(0, 0, 0, 1000, 512).astype(int) - level0[:512]).mean() < 5
-    assert level0[512:768, 256:512].mean() < 200 and (reader.read_region(256, 512, 0, 256, 256) == 255).all()
-    reader.close()
-
-
-def test_svslide_tiles_equal_openslide_and_none_is_cut_from_tiles_never_scanned(svslide, tmp_path):
-    path, level0 = svslide
-    [unit] = plan_wsi(WsiIngestConfig(sources=[str(path)], out=str(tmp_path)), b"k").units
-    metas = _check_tiles(unit, OpenSlideReader(unit.sources[0]), tmp_path, "clot_s")
-    kept = {(m["x"], m["y"]) for m in metas}
-    assert level0[512:640, 256:384].mean() < 200 and (256, 512) not in kept  # tissue, but never scanned
+    check_tiles(unit, OpenSlideReader(unit.sources[0], fast=False), tmp_path, "clot_v")
 
 
 @pytest.fixture(scope="module")
@@ -326,7 +222,7 @@ def test_openslide_reads_the_synthetic_ndpi_and_its_macro_is_not_a_level(ndpi):
 def test_ndpi_tiles_equal_openslide_at_the_recorded_place_and_carry_nothing_identifying(ndpi, tmp_path):
     path, _ = ndpi
     [unit] = plan_wsi(WsiIngestConfig(sources=[str(path)], out=str(tmp_path)), b"k").units
-    _check_tiles(unit, OpenSlideReader(str(path)), tmp_path, "clot_n")
+    check_tiles(unit, OpenSlideReader(str(path)), tmp_path, "clot_n")
 
 
 # Hamamatsu key-file formats: the key file's extension, its writer, the files it names, and the largest mean
@@ -361,13 +257,13 @@ def test_a_key_file_brings_the_images_it_names(hamamatsu):
     [unit] = plan.units
     assert [os.path.relpath(f, root) for f in unit.sources] == HAMAMATSU[ext][1]
     assert [r.reason for r in plan.skipped] == ["not a slide file (extension .jpg)"]  # other.jpg only
-    _check_download(unit, lambda copy: os.path.isfile(copy[: -len(ext) - 1] + HAMAMATSU[ext][1][-1][len("clot_h") :]))
+    check_download(unit, lambda copy: os.path.isfile(copy[: -len(ext) - 1] + HAMAMATSU[ext][1][-1][len("clot_h") :]))
 
 
 def test_vms_and_vmu_tiles_equal_openslide_at_the_recorded_place_and_carry_nothing_identifying(hamamatsu, tmp_path):
     root, _, _ = hamamatsu
     [unit] = plan_wsi(WsiIngestConfig(sources=[str(root)], out=str(tmp_path)), b"k").units
-    _check_tiles(unit, OpenSlideReader(unit.sources[0]), tmp_path, "clot_h")
+    check_tiles(unit, OpenSlideReader(unit.sources[0]), tmp_path, "clot_h")
 
 
 def test_vms_companions_read_only_the_file_keys_of_a_key_file():

@@ -1,0 +1,44 @@
+"""What every vendor-format test checks: tiles equal OpenSlide's pixels at their recorded place and carry nothing
+identifying, and a downloaded copy of a multi-file slide keeps the layout OpenSlide needs."""
+
+import json
+
+import numpy as np
+
+from ingest.config import WsiIngestConfig
+from ingest.slides import OpenSlideReader
+from ingest.source_cache import SourceCache
+from ingest.synthetic import SyntheticPatient
+from ingest.units import plan_slide, wsi_samples
+from shards.schema import decode_image
+
+PATIENT = SyntheticPatient("ROE^RICHARD", "MRN777", "19550505")
+
+
+def check_tiles(unit, reader: OpenSlideReader, out, stem: str) -> list[dict]:
+    """Cut ``unit`` into 128 px PNG tiles: each equals OpenSlide's pixels at its recorded place, and no sample
+    holds the patient's identity or the file's name. Returns the samples' metadata."""
+    cfg = WsiIngestConfig(sources=unit.sources[:1], out=str(out), tile_size=128, format="png")
+    works, _ = plan_slide(unit, cfg)
+    samples = [s for w in works for s in wsi_samples(w, cfg)]
+    assert len(samples) > 5
+    private = [PATIENT.name, PATIENT.patient_id, PATIENT.birth_date, stem]
+    for sample in samples:
+        meta = json.loads(sample["json"])
+        assert np.array_equal(decode_image(sample["png"]), reader.read_region(meta["x"], meta["y"], 0, 128, 128))
+        blob = b"".join(v if isinstance(v, bytes) else str(v).encode() for v in sample.values())
+        assert not any(p.encode() in blob for p in private)
+    reader.close()
+    return [json.loads(sample["json"]) for sample in samples]
+
+
+def check_download(unit, laid_out) -> None:
+    """What a worker does with a multi-file slide on s3:// (here any location counts as remote): the copy is laid
+    out as ``laid_out(copy path)`` expects and OpenSlide reads the same pixels from it."""
+    cache = SourceCache(slots=1, remote=lambda loc: True)
+    copy = cache.path(unit.sources)
+    assert copy != unit.sources[0] and laid_out(copy)
+    original, local = OpenSlideReader(unit.sources[0]), OpenSlideReader(copy)
+    assert np.array_equal(original.read_region(300, 300, 0, 200, 200), local.read_region(300, 300, 0, 200, 200))
+    original.close(), local.close()
+    cache.clear()
