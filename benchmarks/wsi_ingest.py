@@ -9,7 +9,10 @@ One run, one synthetic JPEG-tiled pyramidal TIFF (default 16384 x 16384 px), thr
 Then Tessera's 1 -> 2 worker speed-up through Ray (``run_ingest`` over ``--slides`` and over twice as many copies
 of the slide with its default options, best of ``--repeats``): end to end, and marginal (the time the second half
 of the slides adds, in which actor start-up, planning the run and packing shards cancel out: the rate a long run
-sees); and the peak RSS of a worker process. ``--rss-size 65536`` adds Tessera's peak RSS on a slide of that size
+sees). Twice: with both runs on all cores, where the 1-worker run has an idle core for Ray's own processes, the
+driver and its worker's helper threads (the hash thread of packing, OpenCV's threads), and with each run's Ray
+confined to as many cores as it has workers (CPU affinity), where adding a worker adds a core. Then the peak RSS of
+a worker process. ``--rss-size 65536`` adds Tessera's peak RSS on a slide of that size
 (generated once into ``--workdir``; a 64k slide takes a minute and ~2 GB). ``--scale-size 65536`` runs the Ray
 scaling on copies of a slide of that size instead (a slide as large as a scanner's makes ~11 regions, and the
 run is long enough that start-up and packing weigh as they do in a real run).
@@ -142,28 +145,52 @@ def _child(path: str, out: str, runs: int, q) -> None:
     q.put((kept, times, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
 
 
-def ray_scaling(paths: list[str], root: Path, repeats: int) -> dict[tuple[int, int], list[float]]:
-    """Wall times of ``run_ingest`` with 1 and 2 actors over the first half of ``paths`` and over all of them,
-    alternating (Ray started beforehand); keyed by ``(workers, slides)``."""
+def ray_scaling(
+    paths: list[str], root: Path, repeats: int, workers: tuple[int, ...] = (1, 2), cores: int = 2
+) -> dict[tuple[int, int], list[float]]:
+    """Wall times of ``run_ingest`` with each count of ``workers`` actors over the first half of ``paths`` and
+    over all of them, alternating, on a Ray started beforehand with ``cores`` CPUs; keyed by ``(workers, slides)``."""
     import ray
 
     from ingest.config import WsiIngestConfig
     from ingest.runner import run_ingest
 
-    ray.init(num_cpus=2, log_to_driver=False, include_dashboard=False)
+    ray.init(num_cpus=cores, log_to_driver=False, include_dashboard=False)
     times: dict[tuple[int, int], list[float]] = {}
     for _ in range(repeats):
         for count in (len(paths) // 2, len(paths)):
-            for workers in (1, 2):
-                out = root / f"ray{workers}"
+            for n in workers:
+                out = root / f"ray{n}"
                 shutil.rmtree(out, ignore_errors=True)
-                cfg = WsiIngestConfig(
-                    sources=paths[:count], out=str(out), tile_size=TILE, workers=workers, split="train=1.0"
-                )
+                cfg = WsiIngestConfig(sources=paths[:count], out=str(out), tile_size=TILE, workers=n, split="train=1.0")
                 t = time.perf_counter()
                 run_ingest("wsi", cfg)
-                times.setdefault((workers, count), []).append(time.perf_counter() - t)
+                times.setdefault((n, count), []).append(time.perf_counter() - t)
+                shutil.rmtree(out, ignore_errors=True)
     ray.shutdown()
+    return times
+
+
+def _scaling_child(paths: list[str], root: str, repeats: int, workers: tuple[int, ...], pin: bool, q) -> None:
+    cores = 2
+    if pin:  # this process and all it starts (Ray's daemons, the actors) on the first ``workers`` cores only
+        os.sched_setaffinity(0, set(sorted(os.sched_getaffinity(0))[: workers[0]]))
+        cores = workers[0]
+    q.put(ray_scaling(paths, Path(root), repeats, workers, cores))
+
+
+def scaling(paths: list[str], root: Path, repeats: int, pin: bool) -> dict[tuple[int, int], list[float]]:
+    """:func:`ray_scaling` for 1 and 2 workers in fresh processes: both on the machine's cores, alternating
+    (``pin`` False); or each worker count in its own Ray confined to as many cores (``pin``), so that Ray's own
+    processes, the driver and a worker's helper threads get no idle core that the 1-worker run alone would have."""
+    ctx = mp.get_context("spawn")
+    times: dict[tuple[int, int], list[float]] = {}
+    for workers in [(1, 2)] if not pin else [(1,), (2,)]:
+        q = ctx.Queue()
+        proc = ctx.Process(target=_scaling_child, args=(paths, str(root), repeats, workers, pin, q))
+        proc.start()
+        times.update(q.get())
+        proc.join()
     return times
 
 
@@ -238,27 +265,26 @@ def main() -> None:
             os.link(slides[0], link)
         slides.append(link)
     kept = len(positions) if size == args.size else len(tessera_plan(str(slides[0]))[1].tiles)
-    times = ray_scaling([str(p) for p in slides], root, args.repeats)
-    best = {k: min(v) for k, v in times.items()}
     n, n2 = args.slides, 2 * args.slides
-    for (workers, count), ts in sorted(times.items(), key=lambda kv: kv[0][::-1]):
-        print(
-            f"Ray, {workers} worker(s), {count} slides of {size} px ({count * kept} tiles): "
-            f"{', '.join(f'{t:.2f}' for t in ts)} s"
-        )
-    t1, t2 = best[1, n], best[2, n]
-    print(
-        f"Ray 1 -> 2 workers, {n} slides, end to end (best of {args.repeats}): {t1:.2f}s -> {t2:.2f}s = "
-        f"{t1 / t2:.2f}x  (target >= 1.8)"
-    )
-    # The extra n slides of the longer run cost only per-slide work: start-up, planning and packing cancel out.
-    m1, m2 = best[1, n2] - best[1, n], best[2, n2] - best[2, n]
-    print(
-        f"Ray 1 -> 2 workers, marginal ({n2} minus {n} slides): {m1:.2f}s -> {m2:.2f}s = {m1 / m2:.2f}x  "
-        "(target >= 1.8)"
-    )
-    for d in ("ray1", "ray2"):
-        shutil.rmtree(root / d, ignore_errors=True)
+    for pin in (False, True):
+        times = scaling([str(p) for p in slides], root, args.repeats, pin)
+        best = {k: min(v) for k, v in times.items()}
+        how = "each on as many cores (pinned)" if pin else "on the machine's 2 cores"
+        print(f"\nRay, 1 and 2 workers {how}:")
+        for (workers, count), ts in sorted(times.items(), key=lambda kv: kv[0][::-1]):
+            print(
+                f"  {workers} worker(s), {count} slides of {size} px ({count * kept} tiles): "
+                f"{', '.join(f'{t:.2f}' for t in ts)} s"
+            )
+        for count in (n, n2):
+            t1, t2 = best[1, count], best[2, count]
+            print(
+                f"  1 -> 2 workers, {count} slides, end to end (best of {args.repeats}): {t1:.2f}s -> {t2:.2f}s = "
+                f"{t1 / t2:.2f}x  (target >= 1.8)"
+            )
+        # The extra n slides of the longer run cost only per-slide work: start-up, planning and packing cancel out.
+        m1, m2 = best[1, n2] - best[1, n], best[2, n2] - best[2, n]
+        print(f"  1 -> 2 workers, marginal ({n2} minus {n} slides): {m1:.2f}s -> {m2:.2f}s = {m1 / m2:.2f}x")
 
     if args.rss_size:
         big = _slide(root, args.rss_size)
