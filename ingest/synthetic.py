@@ -27,6 +27,15 @@ class SyntheticPatient:
     birth_date: str
 
 
+def label_photo(text: str) -> np.ndarray:
+    """A photo of a slide label bearing ``text`` (a scanner's label camera sees the patient's name)."""
+    import cv2
+
+    label = np.full((200, 400, 3), 235, np.uint8)
+    cv2.putText(label, text, (10, 110), cv2.FONT_HERSHEY_SIMPLEX, 0.9, (20, 20, 20), 2)
+    return label
+
+
 def slide_array(size: int, label: str, rng: np.random.Generator) -> np.ndarray:
     """``uint8[size, size, 3]``: tissue-like blobs of the class's stain on a near-white background."""
     h = w = size

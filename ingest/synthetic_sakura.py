@@ -13,9 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ingest.synthetic import SyntheticPatient
+from ingest.synthetic import SyntheticPatient, label_photo
 from ingest.synthetic_vendor import pad_white
-from ingest.synthetic_xml_tiff import label_photo
 
 STORE = "SVGigaPixelImageData"  # the table of blobs; OpenSlide finds its name in DataManagerSQLiteConfigXPO
 

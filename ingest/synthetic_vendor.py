@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ingest.synthetic import SyntheticPatient
+from ingest.synthetic import SyntheticPatient, label_photo
 
 
 def pad_white(image: np.ndarray, multiple: int) -> np.ndarray:
@@ -260,7 +260,9 @@ def write_vmu(path: Path, level0: np.ndarray, patient: SyntheticPatient, mpp: fl
     _write_key_file_slide(path, level0, patient, mpp, header, ".ngr", lambda pixels: _ngr(pixels, 16), 4)
 
 
-def write_trestle(path: Path, level0: np.ndarray, patient: SyntheticPatient, mpp: float = 0.5, overlap: int = 16):
+def write_trestle(
+    path: Path, level0: np.ndarray, patient: SyntheticPatient, mpp: float = 0.5, overlap: int = 16
+) -> None:
     """A Trestle (MedMicro) TIFF as OpenSlide reads it: ``Software`` "MedScan", a ``key=value;...`` description
     (objective, background colour, the slide's name: the patient's id) whose ``OverlapsXY`` gives each level's
     overlap between neighbouring 256 px tiles (``overlap`` at level 0, halved per level), the MPP in the resolution
@@ -268,8 +270,6 @@ def write_trestle(path: Path, level0: np.ndarray, patient: SyntheticPatient, mpp
     from ``level0`` downsampled by 2 per level, each tile at the place OpenSlide draws it."""
     import cv2
     import tifffile
-
-    from ingest.synthetic_xml_tiff import label_photo
 
     tile, levels = 256, 3
     overlaps = [overlap >> i for i in range(levels)]
@@ -313,8 +313,6 @@ def write_svs(path: Path, level0: np.ndarray, patient: SyntheticPatient, mpp: fl
     images: a thumbnail as the second directory, and the label (a photo with the patient's name, LZW) and macro
     (JPEG) at the end."""
     import tifffile
-
-    from ingest.synthetic_xml_tiff import label_photo
 
     h, w = level0.shape[:2]
     fields = (

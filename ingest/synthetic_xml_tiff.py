@@ -11,17 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ingest.synthetic import SyntheticPatient
+from ingest.synthetic import SyntheticPatient, label_photo
 from ingest.synthetic_vendor import pad_white, side_by_side
-
-
-def label_photo(text: str) -> np.ndarray:
-    """A photo of a slide label bearing ``text`` (a scanner's label camera sees the patient's name)."""
-    import cv2
-
-    label = np.full((200, 400, 3), 235, np.uint8)
-    cv2.putText(label, text, (10, 110), cv2.FONT_HERSHEY_SIMPLEX, 0.9, (20, 20, 20), 2)
-    return label
 
 
 def write_philips(
@@ -205,7 +196,9 @@ def write_scn(
             f'<dimension sizeX="{w}" sizeY="{h}" r="{r}" ifd="{first_ifd + r}"/>' for r, (w, h) in enumerate(sizes)
         )
 
-    def image(name: str, ifd: int, sizes: list[tuple[int, int]], view: tuple[int, int, int, int], objective: str):
+    def image(
+        name: str, ifd: int, sizes: list[tuple[int, int]], view: tuple[int, int, int, int], objective: str
+    ) -> str:
         x, y, w, h = (v * nm for v in view)  # where the image lies on the glass, in clicks
         return (
             f'<image name="{name}"><creationDate>{patient.birth_date[:4]}-{patient.birth_date[4:6]}-'
