@@ -269,7 +269,7 @@ def main() -> None:
     for pin in (False, True):
         times = scaling([str(p) for p in slides], root, args.repeats, pin)
         best = {k: min(v) for k, v in times.items()}
-        how = "each on as many cores (pinned)" if pin else "on the machine's 2 cores"
+        how = "each confined to as many cores (pinned)" if pin else "unpinned (Ray given 2 CPUs)"
         print(f"\nRay, 1 and 2 workers {how}:")
         for (workers, count), ts in sorted(times.items(), key=lambda kv: kv[0][::-1]):
             print(
