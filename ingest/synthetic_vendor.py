@@ -34,6 +34,20 @@ def side_by_side(cameras: list[tuple[int, int, np.ndarray]], step: int, tile: in
     return image
 
 
+def overlapping_tiles(image: np.ndarray, tile: int, overlap: int) -> list[list[np.ndarray]]:
+    """``image`` cut into ``tile`` px tiles, ``tiles[row][column]``, each starting ``tile - overlap`` px after its
+    left and upper neighbours (so it overlaps them by ``overlap`` px), padded with white: as scanners that stitch
+    overlapping camera fields (Ventana, Trestle) store them and OpenSlide places them."""
+    advance = tile - overlap
+    cols, rows = (max(1, -(-(n - overlap) // advance)) for n in (image.shape[1], image.shape[0]))
+    padded = np.full((rows * advance + overlap, cols * advance + overlap, 3), 255, np.uint8)
+    padded[: image.shape[0], : image.shape[1]] = image
+    return [
+        [padded[r * advance : r * advance + tile, c * advance : c * advance + tile] for c in range(cols)]
+        for r in range(rows)
+    ]
+
+
 def _restart_jpeg(image: np.ndarray) -> bytes:
     """JPEG (quality 90, no chroma subsampling) with restart markers evenly spaced in each row of 8 px MCUs, at most
     every 16 MCUs: the tiles OpenSlide's Hamamatsu reader cuts a JPEG into."""
@@ -279,16 +293,9 @@ def write_trestle(
     )
     with tifffile.TiffWriter(path) as tw:
         for i, ov in enumerate(overlaps):
-            truth = level0[:: 2**i, :: 2**i]
-            advance = tile - ov
-            cols, rows = (max(1, -(-(n - ov) // advance)) for n in (truth.shape[1], truth.shape[0]))
-            padded = np.full((rows * advance + ov, cols * advance + ov, 3), 255, np.uint8)
-            padded[: truth.shape[0], : truth.shape[1]] = truth
-            tiles = [
-                padded[r * advance : r * advance + tile, c * advance : c * advance + tile]
-                for r in range(rows)
-                for c in range(cols)
-            ]
+            grid = overlapping_tiles(level0[:: 2**i, :: 2**i], tile, ov)
+            rows, cols = len(grid), len(grid[0])
+            tiles = [t for row in grid for t in row]
             tw.write(
                 iter(tiles),
                 shape=(rows * tile, cols * tile, 3),

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from ingest.synthetic import SyntheticPatient, label_photo
-from ingest.synthetic_vendor import pad_white, side_by_side
+from ingest.synthetic_vendor import overlapping_tiles, pad_white, side_by_side
 
 
 def write_philips(
@@ -103,10 +103,8 @@ def write_bif(path: Path, level0: np.ndarray, patient: SyntheticPatient, mpp: fl
     import tifffile
 
     tile, levels = 256, 3
-    advance = tile - overlap
-    cols, rows = (max(1, -(-(n - overlap) // advance)) for n in (level0.shape[1], level0.shape[0]))
-    truth = np.full((rows * tile, cols * tile, 3), 255, np.uint8)
-    truth[: level0.shape[0], : level0.shape[1]] = level0
+    cut = overlapping_tiles(level0, tile, overlap)  # each level-0 tile where OpenSlide draws it
+    rows, cols = len(cut), len(cut[0])
 
     def number(c: int, r: int) -> int:  # 1-based, from the bottom row, every other row right to left
         up = rows - 1 - r
@@ -142,11 +140,10 @@ def write_bif(path: Path, level0: np.ndarray, patient: SyntheticPatient, mpp: fl
             tiles = []
             for ty in range(down):
                 for tx in range(across):
-                    placed = [  # each level-0 tile where OpenSlide draws it
-                        (c - tx * step, r - ty * step, truth[y : y + tile, x : x + tile])
+                    placed = [
+                        (c - tx * step, r - ty * step, cut[r][c])
                         for r in range(ty * step, min((ty + 1) * step, rows))
                         for c in range(tx * step, min((tx + 1) * step, cols))
-                        for y, x in [(r * advance, c * advance)]
                     ]
                     tiles.append(imagecodecs.jpeg8_encode(side_by_side(placed, step, tile), level=90))
             tw.write(
