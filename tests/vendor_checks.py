@@ -1,18 +1,30 @@
 """What every vendor-format test checks: tiles equal OpenSlide's pixels at their recorded place and carry nothing
-identifying, and a downloaded copy of a multi-file slide keeps the layout OpenSlide needs."""
+identifying, and a downloaded copy of a multi-file slide keeps the layout OpenSlide needs; and the slides they check."""
 
 import json
+from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 
 from ingest.config import WsiIngestConfig
 from ingest.slides import OpenSlideReader
 from ingest.source_cache import SourceCache
-from ingest.synthetic import SyntheticPatient
+from ingest.synthetic import SyntheticPatient, slide_array
 from ingest.units import plan_slide, wsi_samples
 from shards.schema import decode_image
 
 PATIENT = SyntheticPatient("ROE^RICHARD", "MRN777", "19550505")
+
+
+def write_slide(
+    root: Path, name: str, size: int, stain: str, seed: int, write: Callable[..., object], **options
+) -> tuple[Path, np.ndarray]:
+    """``write(root / name, level0, PATIENT, **options)`` for ``level0 = slide_array(size, stain, seed)``: the
+    slide's path and its level-0 array."""
+    level0 = slide_array(size, stain, np.random.default_rng(seed))
+    write(root / name, level0, PATIENT, **options)
+    return root / name, level0
 
 
 def check_tiles(unit, reader: OpenSlideReader, out, stem: str) -> list[dict]:

@@ -19,15 +19,12 @@ from ingest.slides import OpenSlideReader
 from ingest.synthetic import slide_array
 from ingest.synthetic_vendor import write_mirax, write_ndpi, write_svs, write_vms, write_vmu
 from ingest.synthetic_xml_tiff import write_bif, write_philips
-from tests.vendor_checks import PATIENT, check_download, check_tiles
+from tests.vendor_checks import PATIENT, check_download, check_tiles, write_slide
 
 
 @pytest.fixture(scope="module")
 def svs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("svs")
-    level0 = slide_array(1200, "CE", np.random.default_rng(2))
-    write_svs(root / "clot_a.svs", level0, PATIENT)
-    return root / "clot_a.svs", level0
+    return write_slide(tmp_path_factory.mktemp("svs"), "clot_a.svs", 1200, "CE", 2, write_svs)
 
 
 def test_openslide_reads_the_synthetic_svs_and_direct_reads_serve_its_levels(svs):
@@ -138,9 +135,7 @@ def philips(tmp_path_factory):
     """A Philips TIFF of 1300 px (levels padded to 1536, 768 and 512 px), its level-0 tile (2, 2), over tissue,
     never scanned."""
     root = tmp_path_factory.mktemp("philips")
-    level0 = slide_array(1300, "LAA", np.random.default_rng(9))
-    write_philips(root / "clot_ph.tiff", level0, PATIENT, unscanned=frozenset({(2, 2)}))
-    return root / "clot_ph.tiff", level0
+    return write_slide(root, "clot_ph.tiff", 1300, "LAA", 9, write_philips, unscanned=frozenset({(2, 2)}))
 
 
 def test_openslide_reads_the_synthetic_philips_tiff(philips):
@@ -173,9 +168,7 @@ def test_philips_tiles_equal_openslide_and_none_is_cut_from_tiles_never_scanned(
 def bif(request, tmp_path_factory):
     """A Ventana BIF of 988 px (four tiles across either way) whose tiles abut, or overlap their neighbours by 12 px."""
     root = tmp_path_factory.mktemp("bif")
-    level0 = slide_array(988, "CE", np.random.default_rng(4))
-    write_bif(root / "clot_v.bif", level0, PATIENT, overlap=request.param)
-    return root / "clot_v.bif", level0, request.param
+    return *write_slide(root, "clot_v.bif", 988, "CE", 4, write_bif, overlap=request.param), request.param
 
 
 def test_openslide_reads_the_synthetic_bif_and_direct_reads_take_only_abutting_tiles(bif):
@@ -200,10 +193,7 @@ def test_bif_tiles_equal_openslide_and_carry_nothing_identifying(bif, tmp_path):
 
 @pytest.fixture(scope="module")
 def ndpi(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ndpi")
-    level0 = slide_array(700, "LAA", np.random.default_rng(7))
-    write_ndpi(root / "clot_n.ndpi", level0, PATIENT)
-    return root / "clot_n.ndpi", level0
+    return write_slide(tmp_path_factory.mktemp("ndpi"), "clot_n.ndpi", 700, "LAA", 7, write_ndpi)
 
 
 def test_openslide_reads_the_synthetic_ndpi_and_its_macro_is_not_a_level(ndpi):

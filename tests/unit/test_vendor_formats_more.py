@@ -15,7 +15,7 @@ from ingest.synthetic import slide_array
 from ingest.synthetic_sakura import write_svslide
 from ingest.synthetic_vendor import write_trestle
 from ingest.synthetic_xml_tiff import write_scn
-from tests.vendor_checks import PATIENT, check_tiles
+from tests.vendor_checks import PATIENT, check_tiles, write_slide
 
 # Leica SCN: two scanned regions (level-0 x, y, width, height) on 1280 x 768 px of glass with tissue right of the label.
 SCN_REGIONS = [(256, 384, 384, 384), (768, 256, 256, 384)]
@@ -85,9 +85,7 @@ def test_a_leica_macro_photo_as_large_as_a_level_is_never_read_as_that_level(tmp
 def svslide(tmp_path_factory):
     """A Sakura SVSLIDE of 1000 px whose level-0 tile (1, 2), over tissue, was never scanned."""
     root = tmp_path_factory.mktemp("sakura")
-    level0 = slide_array(1000, "LAA", np.random.default_rng(5))
-    write_svslide(root / "clot_s.svslide", level0, PATIENT, unscanned=frozenset({(1, 2)}))
-    return root / "clot_s.svslide", level0
+    return write_slide(root, "clot_s.svslide", 1000, "LAA", 5, write_svslide, unscanned=frozenset({(1, 2)}))
 
 
 def test_openslide_reads_the_synthetic_svslide(svslide):
@@ -118,10 +116,7 @@ def test_svslide_tiles_equal_openslide_and_none_is_cut_from_tiles_never_scanned(
 @pytest.fixture(scope="module")
 def trestle(tmp_path_factory):
     """A Trestle TIFF of 900 px whose 256 px tiles overlap by 16 px at level 0, its macro photo beside it."""
-    root = tmp_path_factory.mktemp("trestle")
-    level0 = slide_array(900, "CE", np.random.default_rng(2))
-    write_trestle(root / "clot_t.tif", level0, PATIENT, overlap=16)
-    return root / "clot_t.tif", level0
+    return write_slide(tmp_path_factory.mktemp("trestle"), "clot_t.tif", 900, "CE", 2, write_trestle, overlap=16)
 
 
 def test_openslide_reads_the_synthetic_trestle_tiff_and_its_overlapping_tiles(trestle):
