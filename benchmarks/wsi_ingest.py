@@ -13,10 +13,12 @@ sees). Twice: with both runs on all cores, where the 1-worker run has an idle co
 driver and its worker's helper threads (the hash thread of packing, OpenCV's threads), and with each run's Ray
 confined to as many cores as it has workers (CPU affinity), where adding a worker adds a core. Then the peak RSS of
 a worker process. ``--rss-size 65536`` adds Tessera's peak RSS on a slide of that size
-(generated once into ``--workdir``; a 64k slide takes a minute and ~2 GB). ``--scale-size 65536`` runs the Ray
-scaling on copies of a slide of that size instead (a slide as large as a scanner's makes ~11 regions, and the
-run is long enough that start-up and packing weigh as they do in a real run).
-Usage: ``python benchmarks/wsi_ingest.py [--size 16384] [--workdir DIR] [--rss-size N] [--scale-size N --slides K]``.
+(generated once into ``--workdir``; a 64k slide takes a minute and ~2 GB), ``--flat-size 65536`` on a slide of that
+size with no pyramid (level 0 alone: its tissue mask must come from level 0, read in blocks). ``--scale-size 65536``
+runs the Ray scaling on copies of a slide of that size instead (a slide as large as a scanner's makes ~11 regions,
+and the run is long enough that start-up and packing weigh as they do in a real run).
+Usage: ``python benchmarks/wsi_ingest.py [--size 16384] [--workdir DIR] [--rss-size N] [--flat-size N]
+[--scale-size N --slides K]``.
 """
 
 from __future__ import annotations
@@ -36,8 +38,9 @@ import numpy as np
 TILE = 600
 
 
-def write_procedural_slide(path: Path, size: int, seed: int = 0) -> None:
-    """A pyramid generated tile by tile (memory stays small): tissue blobs from a coarse design mask."""
+def write_procedural_slide(path: Path, size: int, seed: int = 0, pyramid: bool = True) -> None:
+    """A pyramid (or level 0 alone) generated tile by tile (memory stays small): tissue blobs from a coarse design
+    mask."""
     import tifffile
 
     rng = np.random.default_rng(seed)
@@ -75,7 +78,7 @@ def write_procedural_slide(path: Path, size: int, seed: int = 0) -> None:
                 resolution=(res, res),
                 resolutionunit="CENTIMETER",
             )
-            ds *= 4
+            ds = ds * 4 if pyramid else size
 
 
 def paper_method(path: str) -> tuple[int, float]:
@@ -207,12 +210,12 @@ def _in_child(slide: Path, out: Path, runs: int = 1) -> tuple[int, list[float], 
     return result
 
 
-def _slide(root: Path, size: int) -> Path:
+def _slide(root: Path, size: int, pyramid: bool = True) -> Path:
     """The procedural slide of ``size`` px in ``root``, generated on first use."""
-    path = root / f"slide{size}.tiff"
+    path = root / f"{'slide' if pyramid else 'flat'}{size}.tiff"
     if not path.exists():
         t = time.perf_counter()
-        write_procedural_slide(path, size)
+        write_procedural_slide(path, size, pyramid=pyramid)
         print(f"generated {path} ({path.stat().st_size / 1e6:.0f} MB) in {time.perf_counter() - t:.1f}s")
     return path
 
@@ -229,6 +232,7 @@ def main() -> None:
     )
     ap.add_argument("--repeats", type=int, default=3, help="Ray scaling runs per worker count (best is reported)")
     ap.add_argument("--rss-size", type=int, default=0, help="also measure Tessera's peak RSS on a slide this large")
+    ap.add_argument("--flat-size", type=int, default=0, help="also measure peak RSS on a slide without a pyramid")
     ap.add_argument("--scale-size", type=int, default=0, help="run the Ray scaling on copies of a slide this large")
     args = ap.parse_args()
     os.environ.setdefault("TESSERA_PSEUDONYM_KEY", "benchmark")
@@ -292,6 +296,14 @@ def main() -> None:
         print(
             f"{args.rss_size} px slide: {b_kept} tiles in {b_s:.1f}s ({b_kept / b_s:.1f}/s), "
             f"peak RSS {b_rss:.0f} MB  (target < 1536)"
+        )
+
+    if args.flat_size:
+        flat = _slide(root, args.flat_size, pyramid=False)
+        f_kept, (f_s,), f_rss = _in_child(flat, root / "flat")
+        print(
+            f"{args.flat_size} px slide without a pyramid: {f_kept} tiles in {f_s:.1f}s ({f_kept / f_s:.1f}/s), "
+            f"peak RSS {f_rss:.0f} MB  (target < 1536)"
         )
 
 

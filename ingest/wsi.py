@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -15,6 +16,10 @@ from ingest.tissue import tissue_mask
 # Longest side of the level the tissue mask is computed on (the smallest level at least this large): enough to
 # resolve a 600 px tile on a 64k slide at ~10 mask pixels a side, small enough to stay cheap.
 MASK_TARGET_PX = 1024
+# The mask image's longest side at most: a larger mask level (a slide without a pyramid, or with few levels) is read
+# in blocks of at most MASK_BLOCK_PX a side, each averaged down, so a worker's memory does not grow with the slide.
+MASK_MAX_PX = 4096
+MASK_BLOCK_PX = 4096
 
 
 @dataclass(frozen=True)
@@ -51,6 +56,37 @@ def mask_level(dimensions: list[tuple[int, int]]) -> int:
     return 0
 
 
+def block_mean(rgb: np.ndarray, k: int) -> np.ndarray:
+    """``rgb`` averaged over ``k`` x ``k`` blocks; a partial block at the right or bottom edge is padded with white
+    (background), so output pixel ``(i, j)`` covers input ``[i*k, (i+1)*k) x [j*k, (j+1)*k)`` exactly."""
+    h, w = rgb.shape[:2]
+    oh, ow = math.ceil(h / k), math.ceil(w / k)
+    if (oh * k, ow * k) != (h, w):
+        rgb = cv2.copyMakeBorder(rgb, 0, oh * k - h, 0, ow * k - w, cv2.BORDER_CONSTANT, value=(255, 255, 255))
+    return cv2.resize(rgb, (ow, oh), interpolation=cv2.INTER_AREA)  # an integer factor: the exact block mean
+
+
+def read_mask_image(reader: SlideReader, level: int) -> tuple[np.ndarray, float]:
+    """The image the tissue mask is computed on, and its level-0 pixels per pixel.
+
+    ``level`` whole when its longest side is at most :data:`MASK_MAX_PX`; else averaged down by the smallest
+    integer factor that brings it there, reading blocks of at most :data:`MASK_BLOCK_PX` level pixels a side.
+    """
+    w, h = reader.level_dimensions[level]
+    ds = reader.level_downsamples[level]
+    k = math.ceil(max(w, h) / MASK_MAX_PX)
+    if k == 1:
+        return reader.read_level(level), ds
+    step = max(1, MASK_BLOCK_PX // k) * k  # a whole number of output pixels per block
+    out = np.empty((math.ceil(h / k), math.ceil(w / k), 3), np.uint8)
+    for by in range(0, h, step):
+        for bx in range(0, w, step):
+            bw, bh = min(step, w - bx), min(step, h - by)
+            small = block_mean(reader.read_region(round(bx * ds), round(by * ds), level, bw, bh), k)
+            out[by // k : by // k + small.shape[0], bx // k : bx // k + small.shape[1]] = small
+    return out, ds * k
+
+
 def target_downsample(
     slide_mpp: float | None, slide_power: float | None, mpp: float | None, magnification: float | None
 ) -> tuple[float, list[str]]:
@@ -84,13 +120,13 @@ def plan_tiles(
     target_ds, warnings = target_downsample(reader.mpp, reader.objective_power, mpp, magnification)
     level = choose_level(reader.level_downsamples, target_ds)
     mlevel = mask_level(reader.level_dimensions)
-    thumb = reader.read_level(mlevel)
+    thumb, mask_ds = read_mask_image(reader, mlevel)
     mask = tissue_mask(thumb)
     size0 = round(tile_size * target_ds)
     stride0 = round(stride * target_ds) if stride else None
     w0, h0 = reader.level_dimensions[0]
-    tiles = tissue_tiles(mask, reader.level_downsamples[mlevel], w0, h0, size0, stride0, threshold)
-    return TilePlan(level, target_ds, size0, reader.mpp, thumb, mask, reader.level_downsamples[mlevel], tiles, warnings)
+    tiles = tissue_tiles(mask, mask_ds, w0, h0, size0, stride0, threshold)
+    return TilePlan(level, target_ds, size0, reader.mpp, thumb, mask, mask_ds, tiles, warnings)
 
 
 def read_tiles(

@@ -2,10 +2,11 @@ import cv2
 import numpy as np
 import pytest
 
+from ingest import wsi
 from ingest.slides import ArraySlideReader
 from ingest.tiling import tile_origins, tissue_tiles
 from ingest.tissue import inner_boundary, remove_small_objects, tissue_fraction, tissue_mask
-from ingest.wsi import choose_level, plan_tiles, read_tiles
+from ingest.wsi import block_mean, choose_level, plan_tiles, read_mask_image, read_tiles
 
 
 def test_tissue_fraction_on_hand_made_mask():
@@ -122,6 +123,42 @@ def test_background_tiles_are_never_read_at_full_resolution():
     kept = {(t.x, t.y) for t in plan.tiles}
     assert {(x, y) for x, y, *_ in reader.reads} == kept
     assert all(128 - 64 < x < 384 and 128 - 64 < y < 384 for x, y in kept)
+
+
+def test_block_mean_averages_each_block_with_white_beyond_the_edge():
+    rgb = np.random.default_rng(0).integers(0, 256, (7, 10, 3), dtype=np.uint8)
+    padded = np.full((9, 12, 3), 255.0)
+    padded[:7, :10] = rgb
+    expected = padded.reshape(3, 3, 4, 3, 3).mean(axis=(1, 3))
+    out = block_mean(rgb, 3)
+    assert out.shape == (3, 4, 3) and out.dtype == np.uint8
+    assert np.abs(out - expected).max() <= 0.5 + 1e-9  # rounded to the nearest level
+
+
+@pytest.mark.parametrize("level", [0, 1])
+def test_a_mask_level_too_large_to_read_whole_is_read_in_bounded_blocks(monkeypatch, level):
+    """A slide without a small enough level (here: a mask image capped at 64 px) is never read whole: blocks of at
+    most MASK_BLOCK_PX level pixels a side, each read once, averaged into the same image as the whole level."""
+    monkeypatch.setattr(wsi, "MASK_MAX_PX", 64)
+    monkeypatch.setattr(wsi, "MASK_BLOCK_PX", 100)
+    reader = ArraySlideReader(_slide(), levels=2, mpp=0.25)
+    whole = reader.read_level(level)
+    thumb, downsample = read_mask_image(reader, level)
+    k = 512 // 2**level // 64
+    assert downsample == 2**level * k
+    assert np.array_equal(thumb, block_mean(whole, k))
+    assert all(w <= 100 and h <= 100 and lv == level for _, _, lv, w, h in reader.reads)
+    assert sum(w * h for *_, w, h in reader.reads) == whole.shape[0] * whole.shape[1]  # each pixel read once
+
+
+def test_a_slide_without_a_pyramid_keeps_the_tiles_a_whole_level_mask_keeps(monkeypatch):
+    reader = ArraySlideReader(_slide(), levels=1, mpp=0.25)
+    whole = plan_tiles(reader, tile_size=64, mpp=None, stride=None, threshold=0.3)
+    monkeypatch.setattr(wsi, "MASK_MAX_PX", 64)
+    blocks = plan_tiles(reader, tile_size=64, mpp=None, stride=None, threshold=0.3)
+    assert whole.mask_downsample == 1 and blocks.mask_downsample == 8 and blocks.thumb.shape == (64, 64, 3)
+    assert [(t.x, t.y) for t in blocks.tiles] == [(t.x, t.y) for t in whole.tiles]
+    assert len(whole.tiles) == 16  # the 256 px tissue square in 64 px tiles
 
 
 def test_mpp_selects_level_and_resizes():
