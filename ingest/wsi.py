@@ -17,9 +17,10 @@ from ingest.tissue import tissue_mask
 # resolve a 600 px tile on a 64k slide at ~10 mask pixels a side, small enough to stay cheap.
 MASK_TARGET_PX = 1024
 # The mask image's longest side at most: a larger mask level (a slide without a pyramid, or with few levels) is read
-# in blocks of at most MASK_BLOCK_PX a side, each averaged down, so a worker's memory does not grow with the slide.
+# in blocks of at most READ_BLOCK_PX a side, each averaged down, so a worker's memory does not grow with the slide.
+# A tile far coarser than the level it is read from (a low --mpp without a matching level) is read the same way.
 MASK_MAX_PX = 4096
-MASK_BLOCK_PX = 4096
+READ_BLOCK_PX = 4096
 
 
 @dataclass(frozen=True)
@@ -66,25 +67,32 @@ def block_mean(rgb: np.ndarray, k: int) -> np.ndarray:
     return cv2.resize(rgb, (ow, oh), interpolation=cv2.INTER_AREA)  # an integer factor: the exact block mean
 
 
+def read_reduced(reader: SlideReader, x0: int, y0: int, level: int, width: int, height: int, k: int) -> np.ndarray:
+    """``width`` x ``height`` pixels of ``level`` from level-0 ``(x0, y0)``, averaged over ``k`` x ``k`` blocks
+    (:func:`block_mean`), read in blocks of at most :data:`READ_BLOCK_PX` a side so that memory stays bounded."""
+    ds = reader.level_downsamples[level]
+    step = max(1, READ_BLOCK_PX // k) * k  # a whole number of output pixels per block
+    out = np.empty((math.ceil(height / k), math.ceil(width / k), 3), np.uint8)
+    for by in range(0, height, step):
+        for bx in range(0, width, step):
+            bw, bh = min(step, width - bx), min(step, height - by)
+            small = block_mean(reader.read_region(x0 + round(bx * ds), y0 + round(by * ds), level, bw, bh), k)
+            out[by // k : by // k + small.shape[0], bx // k : bx // k + small.shape[1]] = small
+    return out
+
+
 def read_mask_image(reader: SlideReader, level: int) -> tuple[np.ndarray, float]:
     """The image the tissue mask is computed on, and its level-0 pixels per pixel.
 
     ``level`` whole when its longest side is at most :data:`MASK_MAX_PX`; else averaged down by the smallest
-    integer factor that brings it there, reading blocks of at most :data:`MASK_BLOCK_PX` level pixels a side.
+    integer factor that brings it there (:func:`read_reduced`).
     """
     w, h = reader.level_dimensions[level]
     ds = reader.level_downsamples[level]
     k = math.ceil(max(w, h) / MASK_MAX_PX)
     if k == 1:
         return reader.read_level(level), ds
-    step = max(1, MASK_BLOCK_PX // k) * k  # a whole number of output pixels per block
-    out = np.empty((math.ceil(h / k), math.ceil(w / k), 3), np.uint8)
-    for by in range(0, h, step):
-        for bx in range(0, w, step):
-            bw, bh = min(step, w - bx), min(step, h - by)
-            small = block_mean(reader.read_region(round(bx * ds), round(by * ds), level, bw, bh), k)
-            out[by // k : by // k + small.shape[0], bx // k : bx // k + small.shape[1]] = small
-    return out, ds * k
+    return read_reduced(reader, 0, 0, level, w, h, k), ds * k
 
 
 def target_downsample(
@@ -132,12 +140,20 @@ def plan_tiles(
 def read_tiles(
     reader: SlideReader, plan: TilePlan, tile_size: int, store_size: int | None
 ) -> Iterator[tuple[Tile, np.ndarray]]:
-    """Yield ``(tile, rgb[S, S, 3])`` for each planned tile; only kept tiles' pixels are read."""
+    """Yield ``(tile, rgb[S, S, 3])`` for each planned tile; only kept tiles' pixels are read.
+
+    A tile larger than :data:`READ_BLOCK_PX` at its level is read in blocks, each averaged down by the whole part
+    of its reduction first (a partial last block is padded with white), then resized like any other.
+    """
     ds = reader.level_downsamples[plan.level]
     read_px = round(plan.size0 / ds)
     out_px = store_size or tile_size
+    k = max(1, read_px // out_px)
     for tile in plan.tiles:
-        rgb = reader.read_region(tile.x, tile.y, plan.level, read_px, read_px)
+        if read_px > READ_BLOCK_PX:
+            rgb = read_reduced(reader, tile.x, tile.y, plan.level, read_px, read_px, k)
+        else:
+            rgb = reader.read_region(tile.x, tile.y, plan.level, read_px, read_px)
         if rgb.shape[0] != out_px:
             rgb = cv2.resize(rgb, (out_px, out_px), interpolation=cv2.INTER_AREA)
         yield tile, rgb

@@ -138,9 +138,9 @@ def test_block_mean_averages_each_block_with_white_beyond_the_edge():
 @pytest.mark.parametrize("level", [0, 1])
 def test_a_mask_level_too_large_to_read_whole_is_read_in_bounded_blocks(monkeypatch, level):
     """A slide without a small enough level (here: a mask image capped at 64 px) is never read whole: blocks of at
-    most MASK_BLOCK_PX level pixels a side, each read once, averaged into the same image as the whole level."""
+    most READ_BLOCK_PX level pixels a side, each read once, averaged into the same image as the whole level."""
     monkeypatch.setattr(wsi, "MASK_MAX_PX", 64)
-    monkeypatch.setattr(wsi, "MASK_BLOCK_PX", 100)
+    monkeypatch.setattr(wsi, "READ_BLOCK_PX", 100)
     reader = ArraySlideReader(_slide(), levels=2, mpp=0.25)
     whole = reader.read_level(level)
     thumb, downsample = read_mask_image(reader, level)
@@ -159,6 +159,24 @@ def test_a_slide_without_a_pyramid_keeps_the_tiles_a_whole_level_mask_keeps(monk
     assert whole.mask_downsample == 1 and blocks.mask_downsample == 8 and blocks.thumb.shape == (64, 64, 3)
     assert [(t.x, t.y) for t in blocks.tiles] == [(t.x, t.y) for t in whole.tiles]
     assert len(whole.tiles) == 16  # the 256 px tissue square in 64 px tiles
+
+
+def test_a_tile_far_coarser_than_its_level_is_read_in_bounded_blocks(monkeypatch):
+    """4x coarser than level 0 with no level there: a 256 px square per 64 px tile, read in blocks of at most
+    READ_BLOCK_PX and averaged on the way, close to resizing the whole square at once."""
+    monkeypatch.setattr(wsi, "READ_BLOCK_PX", 100)
+    img = np.full((1024, 1024, 3), 240, np.uint8)
+    img[256:768, 256:768] = (180, 60, 120)
+    img[256:768, 256:768, 1] = np.arange(512, dtype=np.uint8)[None, :] // 8 + 40  # texture
+    reader = ArraySlideReader(img, levels=1, mpp=0.25)
+    plan = plan_tiles(reader, tile_size=64, mpp=1.0, stride=None, threshold=0.3)
+    assert plan.level == 0 and plan.size0 == 256 and len(plan.tiles) == 4
+    reader.reads.clear()
+    tiles = list(read_tiles(reader, plan, 64, None))
+    assert all(w <= 100 and h <= 100 for *_, w, h in reader.reads)
+    for tile, rgb in tiles:
+        whole = cv2.resize(reader.read_region(tile.x, tile.y, 0, 256, 256), (64, 64), interpolation=cv2.INTER_AREA)
+        assert rgb.shape == (64, 64, 3) and np.abs(rgb.astype(int) - whole).max() <= 1
 
 
 def test_mpp_selects_level_and_resizes():
