@@ -29,6 +29,11 @@ class IngestWorker:
     """A Ray actor holding the ingest configuration: plans inputs and processes their pieces of work."""
 
     def __init__(self, cfg: IngestConfig) -> None:
+        import cv2
+
+        # OpenCV starts a thread per core of the node whatever the actor holds; Ray's OMP_NUM_THREADS does not
+        # reach it. Held to the actor's CPUs, as many workers as cores do not oversubscribe the node.
+        cv2.setNumThreads(max(1, round(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))))
         self.cfg = cfg
         self.background = None
         model = getattr(cfg, "background_model", None)
