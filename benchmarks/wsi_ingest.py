@@ -10,7 +10,7 @@ Then Tessera's 1 -> 2 worker speed-up through Ray (``run_ingest`` over ``--slide
 of the slide with its default options, best of ``--repeats``): end to end, and marginal (the time the second half
 of the slides adds, in which actor start-up, planning the run and packing shards cancel out: the rate a long run
 sees). Twice: with both runs on all cores, where the 1-worker run has an idle core for Ray's own processes, the
-driver and its worker's helper threads (the hash thread of packing, OpenCV's threads), and with each run's Ray
+driver and its worker's helper thread (the hash thread of packing), and with each run's Ray
 confined to as many cores as it has workers (CPU affinity), where adding a worker adds a core. Then the peak RSS of
 a worker process. ``--rss-size 65536`` adds Tessera's peak RSS on a slide of that size
 (generated once into ``--workdir``; a 64k slide takes a minute and ~2 GB), ``--flat-size 65536`` on a slide of that
