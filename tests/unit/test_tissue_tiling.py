@@ -167,7 +167,7 @@ def test_a_tile_far_coarser_than_its_level_is_read_in_bounded_blocks(monkeypatch
     monkeypatch.setattr(wsi, "READ_BLOCK_PX", 100)
     img = np.full((1024, 1024, 3), 240, np.uint8)
     img[256:768, 256:768] = (180, 60, 120)
-    img[256:768, 256:768, 1] = np.arange(512, dtype=np.uint8)[None, :] // 8 + 40  # texture
+    img[256:768, 256:768, 1] = (np.arange(512)[None, :] // 8 + 40).astype(np.uint8)  # texture, 40-103
     reader = ArraySlideReader(img, levels=1, mpp=0.25)
     plan = plan_tiles(reader, tile_size=64, mpp=1.0, stride=None, threshold=0.3)
     assert plan.level == 0 and plan.size0 == 256 and len(plan.tiles) == 4
