@@ -2,12 +2,13 @@
 same augmentations (paper 000's: flips, sharpness 2, linear rotation, colour jitter, each on 50 %), same output
 (float ``[N, 3, S, S]``, ImageNet-normalised), same cores (DALI threads = DataLoader workers).
 
-Usage: ``python benchmarks/loader.py [--images 512] [--tile 512] [--size 256] [--batch 32] [--cores 2]
-[--balanced] [--s3 [--latency-ms MS]]``. ``--balanced`` also times DALI fed by paper 003's balanced sampler
-instead of its reader. ``--s3`` reads the shards from a real S3 server (``rclone serve s3`` on a temporary
-folder) instead of local disk, and times DALI's reader against Tessera's ranged reads (shuffled, and through
-the balanced sampler) there; the torchvision baseline reads local files only, so it is left out. ``--latency-ms``
-adds that much to every request's round trip, through a local TCP proxy, as a remote object store would.
+Usage: ``python benchmarks/loader.py [--images 512] [--tile 512] [--size 256] [--content noise|ihc] [--batch 32]
+[--cores 2] [--balanced] [--s3 [--latency-ms MS]]``. ``--content`` picks what the tiles show (see
+:func:`base_image`). ``--balanced`` also times DALI fed by paper 003's balanced sampler instead of its reader.
+``--s3`` reads the shards from a real S3 server (``rclone serve s3`` on a temporary folder) instead of local disk,
+and times DALI's reader against Tessera's ranged reads (shuffled, and through the balanced sampler) there; the
+torchvision baseline reads local files only, so it is left out. ``--latency-ms`` adds that much to every request's
+round trip, through a local TCP proxy, as a remote object store would.
 """
 
 from __future__ import annotations
@@ -26,17 +27,33 @@ from pathlib import Path
 import numpy as np
 
 
-def write_shards(root: Path, n: int, tile: int) -> list[str]:
+def base_image(tile: int, content: str) -> np.ndarray:
+    """``uint8[tile, tile, 3]``: uniform noise (``noise``: the JPEG decoder's worst case, ~7 bits/px at quality 90),
+    or scikit-image's bundled immunohistochemistry micrograph (``ihc``: a real stained tissue field, ~2.7 bits/px),
+    resized to ``tile``."""
+    if content == "noise":
+        return np.random.default_rng(0).integers(0, 255, (tile, tile, 3), dtype=np.uint8)
+    import cv2
+    from skimage import data
+
+    return cv2.resize(data.immunohistochemistry(), (tile, tile), interpolation=cv2.INTER_AREA)
+
+
+def write_shards(root: Path, n: int, tile: int, content: str = "noise", num_shards: int = 8) -> list[str]:
+    """``n`` distinct JPEG tiles in ``num_shards`` shards of equal sample counts, so that DataLoader workers (a shard
+    each in turn) finish a pass together whatever the JPEG sizes."""
     from shards.schema import encode_image, make_sample
     from shards.writer import ShardWriter
 
-    rng = np.random.default_rng(0)
-    base = rng.integers(0, 255, (tile, tile, 3), dtype=np.uint8)
-    with ShardWriter(str(root), target_bytes=32 << 20) as w:
-        for i in range(n):
-            rgb = np.roll(base, i * 7, axis=(0, 1))  # distinct images without paying for n random draws
-            w.write(make_sample(f"t{i:06d}", encode_image(rgb, "jpg", 90), "jpg", i % 2, {"slide": f"s{i % 8}"}))
-    return [str(root / s.name) for s in w.shards]
+    base = base_image(tile, content)
+    urls = []
+    for k in range(num_shards):
+        with ShardWriter(str(root), target_bytes=1 << 62, start_index=k) as w:
+            for i in range(n * k // num_shards, n * (k + 1) // num_shards):
+                rgb = np.roll(base, i * 7, axis=(0, 1))  # distinct images without paying for n random draws
+                w.write(make_sample(f"t{i:06d}", encode_image(rgb, "jpg", 90), "jpg", i % 2, {"slide": f"s{i % 8}"}))
+        urls += [str(root / info.name) for info in w.shards]
+    return urls
 
 
 def _free_port() -> int:
@@ -197,17 +214,20 @@ def torchvision_rate(urls: list[str], n: int, size: int, batch: int, cores: int,
     loader = torch.utils.data.DataLoader(ds, batch_size=batch, num_workers=cores, persistent_workers=True)
     steps = n // batch
 
-    def one_pass():
-        for i, (x, _) in enumerate(loader):
-            if i + 1 >= steps:
+    def one_pass() -> int:
+        # Shards of unequal length leave each worker a short last batch: count images, not batches.
+        seen = 0
+        for x, _ in loader:
+            assert x.shape[1:] == (3, size, size) and len(x) <= batch
+            seen += len(x)
+            if seen >= steps * batch:
                 break
-            assert x.shape == (batch, 3, size, size)
+        return seen
 
     one_pass()  # warm-up (workers start)
     t = time.perf_counter()
-    for _ in range(passes):
-        one_pass()
-    return passes * steps * batch / (time.perf_counter() - t)
+    seen = sum(one_pass() for _ in range(passes))
+    return seen / (time.perf_counter() - t)
 
 
 def main() -> None:
@@ -215,6 +235,7 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=512)
     ap.add_argument("--tile", type=int, default=512, help="stored JPEG size in px")
     ap.add_argument("--size", type=int, default=256, help="model input size in px")
+    ap.add_argument("--content", choices=["noise", "ihc"], default="noise", help="what the tiles show")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--cores", type=int, default=2)
     ap.add_argument("--passes", type=int, default=2)
@@ -225,12 +246,15 @@ def main() -> None:
     if args.s3:
         return main_s3(args)
     with tempfile.TemporaryDirectory() as tmp:
-        urls = write_shards(Path(tmp) / "train", args.images, args.tile)
+        urls = write_shards(Path(tmp) / "train", args.images, args.tile, args.content)
         common = (urls, args.images, args.size, args.batch, args.cores, args.passes)
         base = torchvision_rate(*common)
         dali = dali_rate(*common)
         sampled = dali_rate(*common, mode="balanced") if args.balanced else None
-    print(f"{args.images} JPEG tiles {args.tile} px -> {args.size} px, batch {args.batch}, {args.cores} cores")
+    print(
+        f"{args.images} JPEG tiles ({args.content}) {args.tile} px -> {args.size} px, "
+        f"batch {args.batch}, {args.cores} cores"
+    )
     print(f"torchvision + PIL DataLoader: {base:8.1f} images/s")
     print(f"Tessera DALI (CPU mode):      {dali:8.1f} images/s")
     print(f"ratio DALI / torchvision: {dali / base:.2f}x (target >= 1.5x)")
@@ -242,7 +266,7 @@ def main() -> None:
 def main_s3(args: argparse.Namespace) -> None:
     """DALI's reader against Tessera's ranged reads (shuffled and balanced), all from S3."""
     with tempfile.TemporaryDirectory() as tmp:
-        urls = write_shards(Path(tmp) / "local", args.images, args.tile)
+        urls = write_shards(Path(tmp) / "local", args.images, args.tile, args.content)
         (Path(tmp) / "s3").mkdir()
         with s3_server(Path(tmp) / "s3", args.latency_ms) as (upload_endpoint, read_endpoint):
             os.environ["AWS_ENDPOINT_URL"] = upload_endpoint
@@ -251,7 +275,8 @@ def main_s3(args: argparse.Namespace) -> None:
             common = (s3_urls, args.images, args.size, args.batch, args.cores, args.passes)
             rates = {mode: dali_rate(*common, mode=mode) for mode in ("stream", "ranged", "balanced")}
     print(
-        f"{args.images} JPEG tiles {args.tile} px -> {args.size} px, batch {args.batch}, {args.cores} cores, "
+        f"{args.images} JPEG tiles ({args.content}) {args.tile} px -> {args.size} px, "
+        f"batch {args.batch}, {args.cores} cores, "
         f"from S3 (rclone) with {args.latency_ms:g} ms added per request"
     )
     print(f"DALI's WebDataset reader (data.reader=stream):  {rates['stream']:8.1f} images/s")
