@@ -138,7 +138,8 @@ class EarlyStoppingConfig(Strict):
 
 class DeepSpeedConfig(Strict):
     """``gradient_clipping``: the global gradient-norm limit, 0 for none. The papers do not clip; DeepSpeed
-    would clip at 1.0 unless told, so the recipe says it."""
+    would clip at 1.0 unless told, so the recipe says it. ``bf16``: compute in bf16 (torch autocast, fp32
+    weights); ``auto`` does on a GPU and not on the CPU, ``true`` does on either."""
 
     zero_stage: Literal[0, 1, 2, 3] = 2
     gradient_accumulation: int = Field(1, ge=1)

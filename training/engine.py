@@ -144,17 +144,31 @@ def load_universal(engine, folder: str | Path, tag: str) -> dict[str, Any]:
     return client
 
 
+def mixed_precision(recipe: TrainRecipe, cuda: bool) -> bool:
+    """Whether the run computes in bf16: the recipe's ``bf16``; ``auto`` is bf16 on a GPU and fp32 on the CPU
+    (where bf16 is emulated unless the CPU has bf16 instructions)."""
+    bf16 = recipe.deepspeed.bf16
+    return cuda if bf16 == "auto" else bool(bf16)
+
+
 def deepspeed_config(recipe: TrainRecipe, cuda: bool, stage: int, universal: bool = False) -> dict[str, Any]:
-    """DeepSpeed config: ZeRO ``stage`` (:func:`zero_stage`), the recipe's accumulation and clipping; bf16 on GPU
-    (``auto``), fp32 on CPU; ``universal``: the checkpoint to load is universal (:func:`to_universal`)."""
-    bf16 = recipe.deepspeed.bf16 if recipe.deepspeed.bf16 != "auto" else cuda
+    """DeepSpeed config: ZeRO ``stage`` (:func:`zero_stage`), the recipe's accumulation and clipping, bf16
+    (:func:`mixed_precision`); ``universal``: the checkpoint to load is universal (:func:`to_universal`).
+
+    bf16 is torch autocast (fp32 weights, bf16 matmuls and convolutions, gradients of those layers reduced in
+    bf16), not DeepSpeed's ``bf16`` mode. That mode casts the parameters and leaves buffers alone, so a
+    BatchNorm's bf16 weight meets its fp32 running statistics and PyTorch refuses the mix ("expected scalar
+    type BFloat16 but found Float": resnet, efficientnet, inception, mobilenet); it would also name its ZeRO
+    files ``bf16_zero_pp_rank_*`` and write bf16 weights, so a GPU run's checkpoint would differ from a CPU
+    run's. Under autocast the checkpoints are the same fp32 files either way.
+    """
     return {
         "train_micro_batch_size_per_gpu": recipe.batch_size,
         "gradient_accumulation_steps": recipe.deepspeed.gradient_accumulation,
         "gradient_clipping": recipe.deepspeed.gradient_clipping,
         "zero_optimization": {"stage": stage},
         "checkpoint": {"load_universal": universal},
-        "bf16": {"enabled": bool(bf16 and cuda)},
+        "torch_autocast": {"enabled": mixed_precision(recipe, cuda), "dtype": "bfloat16"},
         # The optimiser is PyTorch's (any of AdamW/Adam/SGD/RMSprop), not a DeepSpeed fused one.
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,

@@ -21,6 +21,7 @@ class Reporter:
         # the stage the engine runs, which on one worker may be below the recipe's (training.engine.zero_stage)
         self.log.tag("deepspeed.zero_stage_used", str(trainer.engine.zero_optimization_stage()))
         self.log.tag("workers_used", str(trainer.world))  # the recipe's `workers`, or what a resume moved it to
+        self.log.tag("precision_used", "bf16" if trainer.engine.torch_autocast_enabled() else "fp32")  # `auto`'s pick
 
     def epoch(self, metrics: dict[str, float], epoch: int) -> None:
         self.log.metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=epoch)

@@ -117,6 +117,7 @@ def test_mlflow_run_has_every_epoch_and_a_confusion_matrix(demo, stack):
         assert sorted(m.step for m in history) == list(range(epochs)), key
     assert run.data.tags["recipe"] == "demo_tiles" and len(run.data.tags["manifest_sha256"]) == 64
     assert run.data.tags["deepspeed.zero_stage_used"] == "2"  # two workers: the recipe's stage
+    assert run.data.tags["precision_used"] == "fp32"  # bf16 `auto` on the CPU
     artifacts = {a.path for a in client.list_artifacts(demo["run_id"])}
     expected = {"confusion_sample.png", "confusion_patient.png", "roc_sample.png", "recipe.yaml", "curve_loss.png"}
     assert expected | {"curve_lr.png", "model"} <= artifacts

@@ -310,3 +310,60 @@ def test_a_zero_checkpoint_of_two_ranks_continues_exactly_on_one(stage, tmp_path
     for name, got in _weights(engine).items():
         assert got.numel() > 0
         torch.testing.assert_close(got, want[name], rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.parametrize(
+    "name", ["strip_ai_resnet50", "strip_ai_efficientnet_b3", "rsna_ich_subtypes", "ct_ich_sequence_vivit"]
+)
+def test_bf16_computes_under_autocast_and_keeps_fp32_weights_and_checkpoints(name, tmp_path, process_group):
+    """bf16 (asked for, so that it runs on the CPU here; a GPU run takes it by default) is torch autocast.
+    BatchNorm networks train under it: DeepSpeed's own bf16 mode casts their weights and not their running
+    statistics, which PyTorch refuses. The weights, and so the checkpoints, stay fp32, as an fp32 run's."""
+    from training.loop import TAG
+
+    base = load_recipe(name)
+    size, frames = (32, ["data.frames=4"]) if base.data.frames else (64, [])
+    small = ["data.epoch_samples=4", "batch_size=2", "epochs=1", "workers=1", "model.pretrained=false"]
+    recipe = load_recipe(
+        name, [f"data.dataset={tmp_path / 'ds'}", f"data.image_size={size}", *small, *frames, "deepspeed.bf16=true"]
+    )
+    _dataset(recipe, str(tmp_path / "ds"))
+    trainer = Trainer({"recipe": recipe.model_dump()}, rank=0, world=1)
+    assert trainer.engine.torch_autocast_enabled()
+    reports = []
+    trainer.run(
+        lambda m, folder: reports.append((m, checkpoint_weights(folder), os.listdir(Path(folder) / TAG))),
+        mlflow=False,
+    )
+    ((metrics, weights, files),) = reports
+    assert trainer.engine.global_steps == 2
+    assert math.isfinite(metrics["train_loss"]) and math.isfinite(metrics["val_loss"])
+    assert {v.dtype for v in weights.values() if v.is_floating_point()} == {torch.float32}
+    assert "mp_rank_00_model_states.pt" in files and not any(f.startswith("bf16_") for f in files)
+    x = torch.rand(2, *([4] if recipe.data.frames else []), 3, size, size)
+    trainer.engine.eval()
+    with torch.no_grad():
+        assert trainer.engine(x).dtype == torch.bfloat16  # the forward runs under autocast
+
+
+def test_a_bf16_zero_checkpoint_is_read_as_zero(tmp_path, process_group):
+    """Under bf16 a ZeRO-2 engine writes the files an fp32 one does, so a resumed run finds its partitions (those
+    of DeepSpeed's bf16 mode are named ``bf16_zero_pp_rank_*``)."""
+    from training.engine import deepspeed_config, init_engine, partition_ranks
+    from training.loop import TAG
+
+    for bf16, cuda, want in [
+        ("auto", True, True),
+        ("auto", False, False),
+        ("true", False, True),
+        ("false", True, False),
+    ]:
+        config = deepspeed_config(load_recipe("strip_ai_resnet50", [f"deepspeed.bf16={bf16}"]), cuda, 2)
+        assert config["torch_autocast"]["enabled"] is want and "bf16" not in config
+    recipe = load_recipe("strip_ai_resnet50", ["deepspeed.zero_stage=2", "deepspeed.bf16=true", "swa.enabled=false"])
+    engine, _ = init_engine(_small_model(), recipe, cuda=False, stage=2)
+    for x, y in _batches(2):
+        _step(engine, x, y)
+    engine.save_checkpoint(tmp_path, tag=TAG)
+    assert partition_ranks(tmp_path) == 1
+    assert {p.dtype for p in engine.module.parameters()} == {torch.float32}
