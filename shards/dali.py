@@ -17,6 +17,7 @@ import os
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -202,9 +203,26 @@ def build_pipeline(
     return p
 
 
-def _to_numpy(tensor_list) -> np.ndarray:
-    if hasattr(tensor_list, "as_cpu"):
-        tensor_list = tensor_list.as_cpu()
+def to_torch(tensor_list, device):
+    """A dense batch copied into a new torch tensor on ``device`` (``torch.device``), on the device itself for a GPU
+    batch: a GPU pipeline's images go to the model without a trip through host memory (``as_cpu`` and back)."""
+    import torch
+    from nvidia.dali.plugin.pytorch import feed_ndarray, to_torch_type
+
+    t = tensor_list.as_tensor()
+    out = torch.empty(t.shape(), dtype=to_torch_type[t.dtype], device=device)
+    stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
+    return feed_ndarray(t, out, cuda_stream=stream)
+
+
+def _images(tensor_list):
+    """A batch of images: a NumPy array from a CPU pipeline, a CUDA tensor from a GPU one (:func:`to_torch`)."""
+    from nvidia.dali.backend import TensorListGPU
+
+    if isinstance(tensor_list, TensorListGPU):
+        import torch
+
+        return to_torch(tensor_list, torch.device("cuda", tensor_list.device_id()))
     return np.asarray(tensor_list.as_tensor())
 
 
@@ -216,7 +234,8 @@ def sample_labels(cls, metas: list[dict], multilabel: bool) -> np.ndarray:
 
 
 class ShardBatches:
-    """Batches from one worker's share of a split: ``(images, labels, metas)`` as NumPy / Python.
+    """Batches from one worker's share of a split: ``(images, labels, metas)``; the images a NumPy array, or a
+    CUDA tensor from a GPU pipeline; labels NumPy, metas Python.
 
     ``steps`` fixes how many batches a training pass yields, so every worker takes the same number of
     optimiser steps; evaluation passes yield the worker's share exactly once (padding trimmed).
@@ -243,11 +262,11 @@ class ShardBatches:
     def __len__(self) -> int:
         return self.steps
 
-    def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray, list[dict]]]:
+    def __iter__(self) -> Iterator[tuple[Any, np.ndarray, list[dict]]]:
         left = self.share
         for _ in range(self.steps):
             images, cls, meta = self.pipe.run()
-            x = _to_numpy(images)
+            x = _images(images)
             metas = [json.loads(bytes(np.asarray(m)).decode()) for m in meta]
             labels = sample_labels(cls, metas, self.multilabel)
             if not self.train:

@@ -76,3 +76,19 @@ def test_a_sequence_moves_together(tmp_path, aug):
     assert np.array_equal(frames[0], frames[1]) and np.array_equal(frames[0], frames[2])
     plain = _run(urls, idx, Augment(), frames=3, train=False)
     assert not np.array_equal(frames[0], plain[0])
+
+
+@pytest.mark.parametrize("frames", [0, 3])
+def test_a_batch_copies_into_a_torch_tensor_of_its_shape_and_type(tmp_path, frames):
+    """``to_torch`` is how a GPU pipeline's images reach the model (copied on the device, not through host memory);
+    the same copy runs here from a CPU batch."""
+    from shards.dali import to_torch
+
+    _, urls, idx = _shard(tmp_path, frames)
+    x, _, _ = build_pipeline(urls, idx, 1, SIZE, False, frames=frames).run()
+    want = np.asarray(x.as_tensor())
+    got = to_torch(x, torch.device("cpu"))
+    assert got.dtype == torch.float32 and got.shape == want.shape
+    np.testing.assert_array_equal(got.numpy(), want)
+    got.zero_()  # a copy: DALI's buffer, which the next run reuses, is left alone
+    assert np.abs(np.asarray(x.as_tensor())).max() > 0
