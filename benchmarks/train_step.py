@@ -12,8 +12,9 @@ partition); ``--force-stage`` times the recipe's stage as DeepSpeed would run it
 keeps freed memory in its heap as Tessera's CPU training worker does (``training.allocator``; both steps in the
 worker get it, the plain loop outside does not: that one is the loop a user would write);
 ``--default-malloc`` leaves glibc's defaults.
+``--bf16`` runs both sides in bf16 (torch autocast), as a GPU run does by default, on the CPU.
 Usage: ``python benchmarks/train_step.py [--batch 8] [--steps 8] [--size 256] [--zero 2] [--cores 2]
-[--force-stage] [--default-malloc]``.
+[--force-stage] [--default-malloc] [--bf16]``.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ def _recipe(args):
             "workers=1",
             f"cpus_per_worker={args.cores}",
             "swa.enabled=false",
+            f"deepspeed.bf16={str(args.bf16).lower()}",
         ],
     )
 
@@ -70,7 +72,10 @@ def _plain_step(recipe, x, y):
     opt = make_optimizer(model.parameters(), recipe.optim)
 
     def step():
-        loss = torch.nn.functional.cross_entropy(model(x), y)
+        # bf16 as a user would write it: torch autocast around the forward (the engine's own bf16, see engine.py)
+        with torch.autocast("cpu", torch.bfloat16, enabled=recipe.deepspeed.bf16 is True):
+            logits = model(x)
+        loss = torch.nn.functional.cross_entropy(logits.float(), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -166,13 +171,18 @@ def main() -> None:
     ap.add_argument("--cores", type=int, default=2)
     ap.add_argument("--force-stage", action="store_true", help="run the recipe's ZeRO stage even on one worker")
     ap.add_argument("--default-malloc", action="store_true", help="leave glibc's malloc settings in the worker")
+    ap.add_argument("--bf16", action="store_true", help="both sides in bf16 (torch autocast), as on a GPU")
     args = ap.parse_args()
     before = plain(args)
     ray_side = in_ray(args)
     after = plain(args)
     base = _median(before + after)
     ours, worker_plain = ray_side["deepspeed_s"], ray_side["plain_s"]
-    print(f"resnet50, {args.size} px, batch {args.batch}, {args.cores} cores, medians of {args.steps} steps per side")
+    precision = "bf16 autocast" if args.bf16 else "fp32"
+    print(
+        f"resnet50, {args.size} px, batch {args.batch}, {args.cores} cores, {precision}, "
+        f"medians of {args.steps} steps per side"
+    )
     print(f"plain PyTorch loop (before and after): {base:7.3f} s/step ({_median(before):.3f}, {_median(after):.3f})")
     malloc = "heap kept, as Tessera's CPU worker" if ray_side["kept"] else "glibc defaults"
     print(f"plain loop inside the Ray Train worker: {worker_plain:7.3f} s/step (malloc: {malloc})")
