@@ -218,6 +218,7 @@ def cmd_jobs(args) -> int:
 def _dry_run(recipe) -> int:
     import yaml
 
+    from training.engine import mixed_precision
     from training.models import build_model, count_parameters
 
     print(yaml.safe_dump(recipe.model_dump(), sort_keys=False))
@@ -227,6 +228,8 @@ def _dry_run(recipe) -> int:
     )
     total, trainable = count_parameters(model, trainable=False), count_parameters(model)
     print(f"parameters: {total:,} ({trainable:,} trainable), {n} outputs ({source})")
+    gpu, cpu = ("bf16 (autocast)" if mixed_precision(recipe, cuda) else "fp32" for cuda in (True, False))
+    print(f"precision: {gpu} on a GPU worker, {cpu} on a CPU worker (deepspeed.bf16: {recipe.deepspeed.bf16})")
     return 0
 
 

@@ -80,6 +80,9 @@ def test_dry_run_prints_recipe_and_parameters(capsys):
     assert main(["train", "demo_tiles", "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "mobilenetv3_small_050" in out and "parameters:" in out
+    assert "precision: bf16 (autocast) on a GPU worker, fp32 on a CPU worker (deepspeed.bf16: auto)" in out
+    assert main(["train", "demo_tiles", "deepspeed.bf16=true", "--dry-run"]) == 0
+    assert "precision: bf16 (autocast) on a GPU worker, bf16 (autocast) on a CPU" in capsys.readouterr().out
 
 
 def test_dicom_windows_must_fill_three_channels():
