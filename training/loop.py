@@ -87,7 +87,8 @@ def train_epoch(engine, batches, loss_fn: Loss, device, epoch: int, rank: int, f
         if not loss_fn.multilabel:
             correct += int((logits.argmax(1) == yb).sum())
         seen += len(y)
-    totals = torch.tensor([loss_sum, correct, seen], dtype=torch.float64)
+    # on the training device: NCCL, a GPU run's backend, reduces CUDA tensors only
+    totals = torch.tensor([loss_sum, correct, seen], dtype=torch.float64, device=device)
     dist.all_reduce(totals)
     out = {"train_loss": float(totals[0] / totals[2])}
     if not loss_fn.multilabel:
