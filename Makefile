@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.tessera-installed
 
-.PHONY: demo test unit integration lint format clean down
+.PHONY: demo test unit integration gpu lint format clean down
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,10 @@ unit: $(STAMP)
 
 integration: $(STAMP)
 	$(PY) -m pytest -q -x --durations=12 tests/integration
+
+# CUDA only (bf16, NCCL, DALI's mixed decoding); skipped on a machine without a GPU, so not part of `test`.
+gpu: $(STAMP)
+	$(PY) -m pytest -q -rs tests/gpu
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

@@ -1,0 +1,106 @@
+"""What only a GPU runs: bf16 under autocast, the NCCL all-reduce, DALI's mixed decoding and GPU augmentation
+handing CUDA tensors to the model. Skipped without CUDA; ``make gpu`` runs them where there is one.
+
+None of these has run yet: no GPU has been lent to a development session.
+"""
+
+import os
+import socket
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+
+from training.config import load_recipe
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+
+@pytest.fixture(scope="module")
+def cuda():
+    """Device 0 and a one-rank NCCL process group, as a GPU run's Ray Train worker has."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    torch.cuda.set_device(0)
+    dist.init_process_group("nccl", rank=0, world_size=1)
+    yield torch.device("cuda", 0)
+    dist.destroy_process_group()
+
+
+def _batchnorm_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3),
+        torch.nn.BatchNorm2d(8),
+        torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
+        torch.nn.Linear(8, 2),
+    )
+
+
+def test_a_batchnorm_network_trains_in_bf16_and_the_epoch_sums_reduce_over_nccl(cuda):
+    from training.engine import init_engine
+    from training.loop import train_epoch
+    from training.losses import Loss
+
+    recipe = load_recipe("strip_ai_resnet50", ["swa.enabled=false"])  # bf16 `auto`: on, on a GPU
+    engine, _ = init_engine(_batchnorm_model().to(cuda), recipe, cuda=True)
+    assert engine.torch_autocast_enabled()
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(4, 3, 32, 32, generator=g).to(cuda), np.array([0, 1, 0, 1]), [{}] * 4) for _ in range(3)]
+    out = train_epoch(engine, batches, Loss(False), cuda, epoch=0, rank=0)
+    assert np.isfinite(out["train_loss"]) and 0 <= out["train_accuracy"] <= 1 and engine.global_steps == 3
+    assert {p.dtype for p in engine.module.parameters()} == {torch.float32}
+    with torch.no_grad():
+        assert engine(batches[0][0]).dtype == torch.bfloat16
+
+
+def _shard(tmp_path, n: int, frames: int = 0) -> tuple[list[str], list[str]]:
+    from shards.dali import fetch_indices
+    from shards.schema import encode_image, make_sample
+    from shards.writer import ShardWriter
+
+    rng = np.random.default_rng(0)
+    with ShardWriter(str(tmp_path / "train")) as w:
+        for i in range(n):
+            image = np.clip(rng.normal(150, 40, (64, 64, 3)), 0, 255).astype(np.uint8)
+            jpg = encode_image(image, "jpg", 90)
+            w.write(make_sample(f"s{i}", [jpg] * frames if frames else jpg, "jpg", i % 2, {"patient": f"p{i}"}))
+    urls = [str(tmp_path / "train" / s.name) for s in w.shards]
+    return urls, fetch_indices(urls, str(tmp_path / "idx"))
+
+
+def test_a_gpu_pipeline_hands_cuda_batches_that_match_the_cpu_pipeline(tmp_path):
+    pytest.importorskip("nvidia.dali")
+    from shards.dali import ShardBatches, build_pipeline
+
+    urls, idx = _shard(tmp_path, 4)
+    out = {}
+    for device_id in (None, 0):
+        pipe = build_pipeline(urls, idx, 4, 32, False, device_id=device_id)
+        ((out[device_id], labels, _),) = list(ShardBatches(pipe, 4, 0, 1, False, None))
+    gpu, cpu = out[0], out[None]
+    assert isinstance(gpu, torch.Tensor) and gpu.is_cuda and tuple(gpu.shape) == cpu.shape == (4, 3, 32, 32)
+    # nvJPEG and libjpeg-turbo may round a few pixels differently: within about 3 grey levels on average
+    assert np.abs(gpu.cpu().numpy() - cpu).mean() < 0.05 and list(labels) == [0, 1, 0, 1]
+
+
+@pytest.mark.parametrize(
+    ("recipe", "frames"), [("strip_ai_resnet50", 0), ("brain_tumor_mri", 0), ("strip_ai_resnet50", 3)]
+)
+def test_every_augmentation_runs_on_the_gpu(tmp_path, recipe, frames):
+    """Paper 000's augmentations (sharpness's kernel is a CPU constant input to a GPU filter), paper 004's zoom,
+    and a sequence whose frames move together, in a training pipeline on the GPU."""
+    pytest.importorskip("nvidia.dali")
+    from shards.dali import Augment, ShardBatches, build_pipeline
+
+    aug = Augment(**load_recipe(recipe).data.augment.model_dump())
+    urls, idx = _shard(tmp_path, 8, frames)
+    pipe = build_pipeline(urls, idx, 4, 32, True, device_id=0, augment=aug, frames=frames)
+    for x, labels, _ in ShardBatches(pipe, 8, 0, 1, True, steps=2):
+        assert x.is_cuda and tuple(x.shape) == (4, *([frames] if frames else []), 3, 32, 32)
+        assert torch.isfinite(x).all() and len(labels) == 4
