@@ -31,15 +31,11 @@ def cuda():
 
 
 def _batchnorm_model() -> torch.nn.Module:
+    """A small timm ResNet: BatchNorm layers, as most recipes' networks have."""
+    import timm
+
     torch.manual_seed(0)
-    return torch.nn.Sequential(
-        torch.nn.Conv2d(3, 8, 3),
-        torch.nn.BatchNorm2d(8),
-        torch.nn.ReLU(),
-        torch.nn.AdaptiveAvgPool2d(1),
-        torch.nn.Flatten(),
-        torch.nn.Linear(8, 2),
-    )
+    return timm.create_model("resnet18", pretrained=False, num_classes=2)
 
 
 def test_a_batchnorm_network_trains_in_bf16_and_the_epoch_sums_reduce_over_nccl(cuda):
