@@ -52,8 +52,9 @@ def _dataset(recipe, prefix):
     )
 
 
-@pytest.mark.parametrize("name", ALL)
-def test_recipe_trains_two_steps_and_evaluates(name, tmp_path, process_group):
+def _small_recipe(name: str, tmp_path, *extra: str):
+    """Recipe ``name`` shrunk to two steps of two samples and a small input (``extra`` overrides too), with a
+    tiny dataset for it written under ``tmp_path``; the recipe file keeps the papers' values."""
     base = load_recipe(name)
     size = SMALL.get(name, 32 if base.data.frames else 64)
     overrides = [
@@ -66,9 +67,16 @@ def test_recipe_trains_two_steps_and_evaluates(name, tmp_path, process_group):
         "model.pretrained=false",
         *(["data.frames=4"] if base.data.frames else []),
         *OPTIONS.get(name, []),
+        *extra,
     ]
     recipe = load_recipe(name, overrides)
     _dataset(recipe, str(tmp_path / "ds"))
+    return recipe
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_recipe_trains_two_steps_and_evaluates(name, tmp_path, process_group):
+    recipe = _small_recipe(name, tmp_path)
     reports = []
     trainer = Trainer({"recipe": recipe.model_dump()}, rank=0, world=1)
     before = {k: v.clone() for k, v in trainer.engine.module.state_dict().items()}
@@ -321,13 +329,7 @@ def test_bf16_computes_under_autocast_and_keeps_fp32_weights_and_checkpoints(nam
     statistics, which PyTorch refuses. The weights, and so the checkpoints, stay fp32, as an fp32 run's."""
     from training.loop import TAG
 
-    base = load_recipe(name)
-    size, frames = (32, ["data.frames=4"]) if base.data.frames else (64, [])
-    small = ["data.epoch_samples=4", "batch_size=2", "epochs=1", "workers=1", "model.pretrained=false"]
-    recipe = load_recipe(
-        name, [f"data.dataset={tmp_path / 'ds'}", f"data.image_size={size}", *small, *frames, "deepspeed.bf16=true"]
-    )
-    _dataset(recipe, str(tmp_path / "ds"))
+    recipe = _small_recipe(name, tmp_path, "deepspeed.bf16=true")
     trainer = Trainer({"recipe": recipe.model_dump()}, rank=0, world=1)
     assert trainer.engine.torch_autocast_enabled()
     reports = []
@@ -340,7 +342,8 @@ def test_bf16_computes_under_autocast_and_keeps_fp32_weights_and_checkpoints(nam
     assert math.isfinite(metrics["train_loss"]) and math.isfinite(metrics["val_loss"])
     assert {v.dtype for v in weights.values() if v.is_floating_point()} == {torch.float32}
     assert "mp_rank_00_model_states.pt" in files and not any(f.startswith("bf16_") for f in files)
-    x = torch.rand(2, *([4] if recipe.data.frames else []), 3, size, size)
+    size = recipe.data.image_size
+    x = torch.rand(2, *([recipe.data.frames] if recipe.data.frames else []), 3, size, size)
     trainer.engine.eval()
     with torch.no_grad():
         assert trainer.engine(x).dtype == torch.bfloat16  # the forward runs under autocast
