@@ -215,7 +215,7 @@ def torchvision_rate(urls: list[str], n: int, size: int, batch: int, cores: int,
     steps = n // batch
 
     def one_pass() -> int:
-        # Shards of unequal length leave each worker a short last batch: count images, not batches.
+        # A worker's share need not fill its last batch (--images not a multiple of the batch): count images.
         seen = 0
         for x, _ in loader:
             assert x.shape[1:] == (3, size, size) and len(x) <= batch
