@@ -11,9 +11,11 @@ draws its parameters once per sample, so all frames of a sequence move together.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import sys
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -25,6 +27,9 @@ from shards import storage
 
 IMAGENET_MEAN = [0.485 * 255, 0.456 * 255, 0.406 * 255]
 IMAGENET_STD = [0.229 * 255, 0.224 * 255, 0.225 * 255]
+# DALI converts a pipeline with conditionals (``if`` on per-sample values) into modules of this name, each written
+# to the temporary folder.
+CONVERTED_MODULE = "__autograph_generated_file"
 # torchvision's RandomAdjustSharpness blurs with this kernel and extrapolates away from the blur.
 SMOOTH = np.array([[1, 1, 1], [1, 5, 1], [1, 1, 1]], np.float32) / 13
 
@@ -198,9 +203,29 @@ def build_pipeline(
         )
         return images, cls, meta
 
-    p = pipe()
-    p.build()
+    with converted_code_removed():
+        p = pipe()
+        p.build()
     return p
+
+
+@contextlib.contextmanager
+def converted_code_removed() -> Iterator[None]:
+    """Delete the files of the modules DALI writes while it converts a pipeline with conditionals, once built.
+
+    DALI deletes them only at a clean interpreter exit, which a Ray worker does not have (it is killed when its
+    run ends): each training worker would leave its handful of files in the node's temporary folder for good
+    (``make demo`` left 8). A built pipeline no longer reads them; the modules stay loaded.
+    """
+    before = set(sys.modules)
+    try:
+        yield
+    finally:
+        for name in set(sys.modules) - before:
+            path = getattr(sys.modules[name], "__file__", None) if name.startswith(CONVERTED_MODULE) else None
+            if path:
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(path)
 
 
 def to_torch(tensor_list, device):

@@ -1,5 +1,10 @@
 """The DALI pipeline (CPU mode) against reference implementations, on one-sample shards."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import cv2
 import numpy as np
 import pytest
@@ -92,3 +97,30 @@ def test_a_batch_copies_into_a_torch_tensor_of_its_shape_and_type(tmp_path, fram
     np.testing.assert_array_equal(got.numpy(), want)
     got.zero_()  # a copy: DALI's buffer, which the next run reuses, is left alone
     assert np.abs(np.asarray(x.as_tensor())).max() > 0
+
+
+KILLED_WORKER = """
+import os, sys
+from shards.dali import CONVERTED_MODULE, Augment, build_pipeline
+before = set(sys.modules)
+pipe = build_pipeline(sys.argv[1:2], sys.argv[2:3], 1, 48, True, augment=Augment(hflip=1.0, rotate_p=1.0))
+pipe.run()
+print("\\n".join(sys.modules[n].__file__ for n in set(sys.modules) - before if n.startswith(CONVERTED_MODULE)))
+sys.stdout.flush()
+os._exit(0)  # as a Ray worker ends: no clean interpreter exit
+"""
+
+
+def test_a_built_pipeline_leaves_no_converted_code_in_the_temporary_folder(tmp_path):
+    """DALI writes a module per function it converts (a pipeline's ``if`` per sample) to the temporary folder and
+    deletes it only at a clean interpreter exit, which a Ray worker does not have."""
+    _, urls, idx = _shard(tmp_path)
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    env = dict(os.environ, TMPDIR=str(scratch))
+    worker = [sys.executable, "-c", KILLED_WORKER, *urls, *idx]
+    run = subprocess.run(worker, env=env, cwd=Path(__file__).parents[2], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    written = run.stdout.split()
+    assert written and all(path.startswith(str(scratch)) for path in written)  # it did convert, there
+    assert list(scratch.iterdir()) == []
