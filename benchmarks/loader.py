@@ -146,9 +146,12 @@ def upload(urls: list[str], bucket: str) -> list[str]:
     return out
 
 
-def dali_rate(urls: list[str], n: int, size: int, batch: int, cores: int, passes: int, mode: str = "stream") -> float:
+def dali_rate(
+    urls: list[str], n: int, size: int, batch: int, cores: int, passes: int, idx_dir: str, mode: str = "stream"
+) -> float:
     """DALI's images/s fed by its WebDataset reader (``stream``), by Tessera's ranged reads in a global
-    permutation (``ranged``), or by paper 003's balanced sampler (``balanced``, also ranged reads)."""
+    permutation (``ranged``), or by paper 003's balanced sampler (``balanced``, also ranged reads); the shards'
+    ``.idx`` are copied into ``idx_dir``."""
     from shards.dali import Augment, ShardBatches, build_pipeline, fetch_indices, sample_exts
     from shards.sampling import (
         SampleSource,
@@ -161,7 +164,7 @@ def dali_rate(urls: list[str], n: int, size: int, batch: int, cores: int, passes
     from training.config import load_recipe
 
     aug = Augment(**load_recipe("strip_ai_resnet50").data.augment.model_dump())
-    index = fetch_indices(urls)
+    index = fetch_indices(urls, idx_dir)
     steps = n // batch
     source, files = None, None
     if mode != "stream":
@@ -249,8 +252,8 @@ def main() -> None:
         urls = write_shards(Path(tmp) / "train", args.images, args.tile, args.content)
         common = (urls, args.images, args.size, args.batch, args.cores, args.passes)
         base = torchvision_rate(*common)
-        dali = dali_rate(*common)
-        sampled = dali_rate(*common, mode="balanced") if args.balanced else None
+        dali = dali_rate(*common, f"{tmp}/idx")
+        sampled = dali_rate(*common, f"{tmp}/idx", mode="balanced") if args.balanced else None
     print(
         f"{args.images} JPEG tiles ({args.content}) {args.tile} px -> {args.size} px, "
         f"batch {args.batch}, {args.cores} cores"
@@ -273,7 +276,7 @@ def main_s3(args: argparse.Namespace) -> None:
             s3_urls = upload(urls, "bench")
             os.environ["AWS_ENDPOINT_URL"] = read_endpoint  # boto3's client is cached per endpoint
             common = (s3_urls, args.images, args.size, args.batch, args.cores, args.passes)
-            rates = {mode: dali_rate(*common, mode=mode) for mode in ("stream", "ranged", "balanced")}
+            rates = {mode: dali_rate(*common, f"{tmp}/idx", mode=mode) for mode in ("stream", "ranged", "balanced")}
     print(
         f"{args.images} JPEG tiles ({args.content}) {args.tile} px -> {args.size} px, "
         f"batch {args.batch}, {args.cores} cores, "

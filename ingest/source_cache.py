@@ -12,11 +12,10 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import tempfile
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 
-from shards import storage
+from shards import scratch, storage
 
 
 def is_remote(location: str) -> bool:
@@ -25,8 +24,7 @@ def is_remote(location: str) -> bool:
 
 def download(location: str) -> str:
     """``location``'s bytes in a new temporary file (same extension, which OpenSlide goes by); the caller deletes it."""
-    fd, tmp = tempfile.mkstemp(prefix="tessera-src-", suffix=os.path.splitext(location)[1])
-    os.close(fd)
+    tmp = scratch.mkstemp("src", suffix=os.path.splitext(location)[1])
     try:
         storage.get_file(location, tmp)
     except BaseException:
@@ -88,7 +86,7 @@ class SourceCache:
             return self._folders[first][1]
         while len(self._folders) >= self.slots:
             shutil.rmtree(self._folders.popitem(last=False)[1][0], ignore_errors=True)
-        folder = tempfile.mkdtemp(prefix="tessera-src-")
+        folder = scratch.mkdtemp("src")
         try:
             names = local_names(files)
             for loc, name in zip(files, names, strict=True):

@@ -16,7 +16,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -99,9 +98,8 @@ def _augment(images, aug: Augment, size: int):
     return images
 
 
-def fetch_indices(shard_urls: list[str], dest: str | None = None) -> list[str]:
-    """Local copies of the ``.idx`` beside each shard (DALI opens index files locally)."""
-    dest = dest or tempfile.mkdtemp(prefix="tessera-idx-")
+def fetch_indices(shard_urls: list[str], dest: str) -> list[str]:
+    """Local copies in folder ``dest`` of the ``.idx`` beside each shard (DALI opens index files locally)."""
     out = []
     for i, url in enumerate(shard_urls):
         idx_url = url[: -len(".tar")] + ".idx"

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
+from shards import scratch
+
 SPOOL = ".tessera-spool-"  # prefix of the folders files are built in before they are published
 
 
@@ -117,12 +119,12 @@ def spool_dir(prefix: str) -> Path:
     """A new folder to build files in before :func:`move_file` publishes them under ``prefix``.
 
     For a local prefix it lies inside the prefix, on the same file system, so publishing is a rename instead of a
-    second copy of every byte (staged parts, then packed shards, are the whole dataset twice); for S3 it is in the
-    system's temporary folder.
+    second copy of every byte (staged parts, then packed shards, are the whole dataset twice); for S3 it is
+    scratch in the system's temporary folder (:mod:`shards.scratch`: a killed writer's is deleted later).
     """
     loc = parse(prefix)
     if loc.scheme == "s3":
-        return Path(tempfile.mkdtemp(prefix="tessera-"))
+        return Path(scratch.mkdtemp("spool"))
     loc.path.mkdir(parents=True, exist_ok=True)
     return Path(tempfile.mkdtemp(prefix=SPOOL, dir=loc.path))
 

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import tempfile
 from dataclasses import dataclass, field
 from functools import cached_property
 
 import numpy as np
 
 from shards import manifest as mf
+from shards import scratch
 from shards.dali import Augment, ShardBatches, build_pipeline, epoch_order, fetch_indices, sample_exts
 from shards.sampling import (
     Sample,
@@ -39,7 +39,7 @@ class WorkerData:
 
     def __post_init__(self) -> None:
         d = self.recipe.data
-        self._dir = tempfile.TemporaryDirectory(prefix="tessera-idx-")
+        self._dir = scratch.directory("idx")
         for split in (d.train_split, d.val_split):
             if self.manifest.missing_splits(split):
                 raise ValueError(

@@ -12,7 +12,6 @@ import contextlib
 import io
 import os
 import signal
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -23,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from shards import manifest as mf
+from shards import scratch
 from training.aggregate import aggregate
 from training.allocator import keep_freed_memory
 from training.config import TrainRecipe
@@ -275,7 +275,7 @@ class Trainer:
                 self._export(report, "model")
             if last and report:
                 report.final(pred)
-            with tempfile.TemporaryDirectory() as tmp:
+            with scratch.directory("checkpoint") as tmp:  # a worker killed while saving leaves no copy
                 self.engine.save_checkpoint(tmp, tag=TAG, client_state=self._client_state(epoch))
                 report_to(metrics, tmp)
             if stop:

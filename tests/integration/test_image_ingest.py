@@ -12,9 +12,9 @@ from shards import manifest as mf
 from shards.dali import build_pipeline, fetch_indices
 
 
-def _first_batch(manifest, url: str, split: str, frames: int = 0):
+def _first_batch(manifest, url: str, split: str, idx_dir, frames: int = 0):
     urls = manifest.shard_urls(url, split)
-    pipe = build_pipeline(urls, fetch_indices(urls), 2, 32, train=False, frames=frames)
+    pipe = build_pipeline(urls, fetch_indices(urls, str(idx_dir)), 2, 32, train=False, frames=frames)
     images, _, _ = pipe.run()
     return np.asarray(images.as_tensor())
 
@@ -44,7 +44,7 @@ def test_mri_crops_to_s3_and_the_loader_reads_them(stack, tmp_path):
         mine = [r for r in manifest.inputs if r.status == "ingested" and r.split == split]
         assert sum(r.samples for r in mine) == info.num_samples
         assert all(r.shards and all(s.startswith(f"{split}/") for s in r.shards) for r in mine)
-    batch = _first_batch(manifest, out, "train")
+    batch = _first_batch(manifest, out, "train", tmp_path / "idx")
     assert batch.shape == (2, 3, 32, 32) and np.isfinite(batch).all()
 
 
@@ -62,5 +62,5 @@ def test_ct_ich_sequences_to_s3_as_frames(stack, tmp_path):
     assert manifest.multilabel[0] == "any"
     text = json.dumps(manifest.model_dump())
     assert "Patients_CT" not in text and '"049"' not in text
-    batch = _first_batch(manifest, out, "train", frames=4)
+    batch = _first_batch(manifest, out, "train", tmp_path / "idx", frames=4)
     assert batch.shape == (2, 4, 3, 32, 32)

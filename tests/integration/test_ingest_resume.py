@@ -3,6 +3,7 @@
 import os
 import signal
 import subprocess
+import tempfile
 import threading
 import time
 from collections import Counter
@@ -15,7 +16,7 @@ from ingest.staging import STAGING, part_url, process_work
 from ingest.synthetic import make_slides
 from ingest.units import plan_unit
 from shards import manifest as mf
-from shards import storage
+from shards import scratch, storage
 from shards.writer import read_tar_samples
 from tests.integration.commands import ingest_wsi_cmd, wsi_config
 
@@ -141,6 +142,8 @@ def test_a_killed_ingest_worker_is_restarted_and_its_work_retried(stack, tmp_pat
     assert len(keys) == len(set(keys)) == sum(r.samples for r in manifest.inputs)
     actors = list_actors(filters=[("class_name", "=", "IngestWorker")], detail=True, limit=1000)
     assert any(int(a.num_restarts) >= 1 for a in actors)  # Ray restarted the killed actor and retried its call
+    # The shard it was writing for S3 (its spool) was deleted by the worker that took over.
+    assert not list(Path(tempfile.gettempdir()).glob(f"{scratch.PREFIX}{victim}-*"))
 
 
 def test_resuming_with_other_options_is_refused(stack, tmp_path):

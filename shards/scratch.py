@@ -1,0 +1,77 @@
+"""Local scratch files and folders that a killed process does not leave behind for good.
+
+Ingest and training workers build files on local disk before they publish them: a shard being written for S3, a
+slide downloaded from S3 (gigabytes), a checkpoint being saved. A worker that dies (killed, out of memory, a lost
+node's process) runs no cleanup, and a long-lived node's temporary folder would fill up with such leftovers. So
+every scratch name carries its owner's process id, and each process, the first time it asks for scratch space,
+deletes the scratch of processes that no longer run. Processes that share a temporary folder must share a process
+id namespace (a container's processes do; Ray's workers run in the container of their node).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import re
+import shutil
+import tempfile
+
+PREFIX = "tessera-scratch-"
+_OWNER = re.compile(re.escape(PREFIX) + r"(\d+)-")
+
+
+def running(pid: int) -> bool:
+    """Whether process ``pid`` exists (a process of another user counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def sweep(folder: str) -> list[str]:
+    """Delete the scratch in ``folder`` whose owner process is gone; the names deleted."""
+    removed = []
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            owner = _OWNER.match(entry.name)
+            if not owner or int(owner[1]) == os.getpid() or running(int(owner[1])):
+                continue
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path, ignore_errors=True)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(entry.path)
+            removed.append(entry.name)
+    return removed
+
+
+@functools.cache
+def _swept(folder: str) -> list[str]:
+    return sweep(folder)
+
+
+def prefix(kind: str) -> str:
+    """The name prefix of this process's scratch of ``kind``, after the first sweep of the temporary folder."""
+    _swept(tempfile.gettempdir())
+    return f"{PREFIX}{os.getpid()}-{kind}-"
+
+
+def mkdtemp(kind: str) -> str:
+    """A new scratch folder; the caller deletes it when done."""
+    return tempfile.mkdtemp(prefix=prefix(kind))
+
+
+def mkstemp(kind: str, suffix: str = "") -> str:
+    """A new empty scratch file's path (``suffix`` kept: OpenSlide goes by the extension); the caller deletes it."""
+    fd, path = tempfile.mkstemp(prefix=prefix(kind), suffix=suffix)
+    os.close(fd)
+    return path
+
+
+def directory(kind: str) -> tempfile.TemporaryDirectory:
+    """A scratch folder deleted when the context (or ``cleanup``) ends, as :class:`tempfile.TemporaryDirectory`."""
+    return tempfile.TemporaryDirectory(prefix=prefix(kind))
