@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
+import os
 import re
 import shutil
 import tempfile
@@ -15,6 +16,7 @@ from typing import Any
 
 import torch
 
+from shards import scratch
 from training.config import OptimConfig, ScheduleConfig, TrainRecipe
 
 
@@ -80,16 +82,17 @@ def to_universal(checkpoint_dir: str | Path, out_dir: str | Path, tag: str) -> P
 @contextlib.contextmanager
 def universal_checkpoint(checkpoint_dir: str | Path, tag: str) -> Iterator[Path]:
     """:func:`to_universal` once per node, in a folder its workers share: the first to arrive converts while the
-    others wait, and the last to leave removes it. Converting loads every rank's partitions, so a node of 8
-    workers converting each on its own would hold 8 copies of the model and optimiser state and write 8
-    folders. ``checkpoint_dir`` names the checkpoint: Ray Train gives a node's workers the same local folder
-    (the storage path itself, or its one shared download)."""
+    others wait, and the last to leave removes it (a reader killed while loading does not count: each reader's
+    file names its process). Converting loads every rank's partitions, so a node of 8 workers converting each
+    on its own would hold 8 copies of the model and optimiser state and write 8 folders. ``checkpoint_dir``
+    names the checkpoint: Ray Train gives a node's workers the same local folder (the storage path itself, or
+    its one shared download)."""
     from filelock import FileLock
 
     key = hashlib.sha256(str(Path(checkpoint_dir).resolve()).encode()).hexdigest()[:16]
     out = Path(tempfile.gettempdir()) / f"tessera-universal-{key}"
-    readers = out.with_name(f"{out.name}.readers")  # one file per reader of the folder
-    reader = readers / uuid.uuid4().hex
+    readers = out.with_name(f"{out.name}.readers")  # one file per reader of the folder: <pid>-<uuid>
+    reader = readers / f"{os.getpid()}-{uuid.uuid4().hex}"
     lock = FileLock(f"{out}.lock")
     with lock:
         readers.mkdir(exist_ok=True)
@@ -103,9 +106,15 @@ def universal_checkpoint(checkpoint_dir: str | Path, tag: str) -> Iterator[Path]
     finally:
         with lock:
             reader.unlink(missing_ok=True)
-            if not any(readers.iterdir()):
+            if not any(_reading(f.name) for f in readers.iterdir()):
                 shutil.rmtree(out, ignore_errors=True)
-                readers.rmdir()
+                shutil.rmtree(readers)
+
+
+def _reading(reader: str) -> bool:
+    """Whether the process of reader file ``reader`` (``<pid>-<uuid>``) still runs."""
+    pid = reader.split("-")[0]
+    return pid.isdigit() and scratch.running(int(pid))
 
 
 def zero_stage(recipe: TrainRecipe, world: int, written_by: int | None = None) -> int:

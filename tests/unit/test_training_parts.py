@@ -182,3 +182,27 @@ def test_resume_changes_only_where_a_run_continues():
     with pytest.raises(RecipeError, match=r"--resume changes only workers, cpus_per_worker, placement .*'epochs=9'"):
         resume_training("0123456789abcdef", "http://127.0.0.1:1", "/nowhere", ["workers=2", "epochs=9"])
     check_resume_overrides(["workers=4", "cpus_per_worker=2", "placement=spread"])
+
+
+def test_the_universal_form_is_removed_when_the_last_living_reader_leaves(tmp_path, monkeypatch):
+    """A worker killed while it loads the node's shared universal checkpoint must not keep it on disk for good."""
+    import subprocess
+    import sys
+
+    import training.engine
+    from training.engine import universal_checkpoint
+
+    converted = []
+
+    def to_universal(checkpoint_dir, out, tag):
+        converted.append(out)
+        (out / tag).mkdir(parents=True)
+
+    monkeypatch.setattr(training.engine, "to_universal", to_universal)
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    with universal_checkpoint(tmp_path / "ckpt", "latest") as folder:
+        readers = folder.with_name(f"{folder.name}.readers")
+        (readers / f"{int(finished.stdout)}-killed").touch()  # a worker of the node, killed while loading
+        (readers / "0123abcd").touch()  # a reader file named before readers named their process
+    assert converted == [folder]
+    assert not folder.exists() and not readers.exists()
