@@ -82,17 +82,29 @@ def cmd_ingest(args) -> int:
     return 0
 
 
-def _outputs_for_dry_run(recipe) -> tuple[int, str]:
+def _outputs_for_dry_run(recipe, manifest, unreadable: str) -> tuple[int, str]:
     """How many logits the model would have: from the heads, the manifest if readable, else 2 (said so)."""
-    from shards import manifest as mf
     from training.loop import outputs_of
 
     if recipe.model.heads:
         return len(recipe.model.heads), "heads"
-    try:
-        return len(outputs_of(recipe, mf.load(recipe.data.dataset))), "manifest"
-    except Exception as exc:  # the dataset may live on a cluster this machine cannot reach
-        return 2, f"assumed; manifest not readable: {type(exc).__name__}"
+    if manifest is None:
+        return 2, f"assumed; manifest not readable: {unreadable}"
+    return len(outputs_of(recipe, manifest)), "manifest"
+
+
+def _input_size(recipe, manifest) -> str:
+    """How the stored images meet the recipe's input size: a resize per sample and epoch, unless they match."""
+    size, cfg = recipe.data.image_size, manifest.config
+    stored = cfg.get("store_size") or (cfg.get("tile_size") if manifest.kind == "wsi" else None)
+    if stored is None:
+        return f"input: stored at their own sizes (no --store-size), resized to {size} px where they differ"
+    if stored == size:
+        return f"input: stored at {size} px, the training size: decoded without a resize"
+    return (
+        f"input: stored at {stored} px, resized to {size} px for every sample in every epoch "
+        f"(ingest with --store-size {size} to store them at the training size)"
+    )
 
 
 def cmd_train(args) -> int:
@@ -218,11 +230,17 @@ def cmd_jobs(args) -> int:
 def _dry_run(recipe) -> int:
     import yaml
 
+    from shards import manifest as mf
     from training.engine import mixed_precision
     from training.models import build_model, count_parameters
 
     print(yaml.safe_dump(recipe.model_dump(), sort_keys=False))
-    n, source = _outputs_for_dry_run(recipe)
+    manifest, unreadable = None, ""
+    try:
+        manifest = mf.load(recipe.data.dataset)
+    except Exception as exc:  # the dataset may live on a cluster this machine cannot reach
+        unreadable = type(exc).__name__
+    n, source = _outputs_for_dry_run(recipe, manifest, unreadable)
     model = build_model(
         recipe.model.model_copy(update={"pretrained": False}), n, recipe.data.frames, recipe.data.image_size
     )
@@ -230,6 +248,8 @@ def _dry_run(recipe) -> int:
     print(f"parameters: {total:,} ({trainable:,} trainable), {n} outputs ({source})")
     gpu, cpu = ("bf16 (autocast)" if mixed_precision(recipe, cuda) else "fp32" for cuda in (True, False))
     print(f"precision: {gpu} on a GPU worker, {cpu} on a CPU worker (deepspeed.bf16: {recipe.deepspeed.bf16})")
+    if manifest is not None:
+        print(_input_size(recipe, manifest))
     return 0
 
 

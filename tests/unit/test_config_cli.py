@@ -100,3 +100,27 @@ def test_dry_run_counts_head_only_parameters(capsys, tmp_path):
     assert main(["train", "ct_ich_sequence_vivit", f"data.dataset={tmp_path / 'ds'}", "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "(1,538 trainable), 2 outputs (manifest)" in out  # ViViT-b's 768-wide classifier, 2 classes
+
+
+def test_dry_run_says_whether_the_stored_images_need_a_resize(capsys, tmp_path):
+    from shards import manifest as mf
+    from tests.datasets import make_dataset
+
+    url = str(tmp_path / "ds")
+    manifest = make_dataset(url, {"train": 2, "val": 2})
+
+    def last_line(kind: str, config: dict) -> str:
+        mf.save(manifest.model_copy(update={"kind": kind, "config": config}), url)
+        assert main(["train", "demo_tiles", f"data.dataset={url}", "--dry-run"]) == 0  # demo_tiles: 64 px
+        return capsys.readouterr().out.splitlines()[-1]
+
+    assert last_line("wsi", {"tile_size": 600, "store_size": None}) == (
+        "input: stored at 600 px, resized to 64 px for every sample in every epoch "
+        "(ingest with --store-size 64 to store them at the training size)"
+    )
+    assert last_line("wsi", {"tile_size": 600, "store_size": 64}) == (
+        "input: stored at 64 px, the training size: decoded without a resize"
+    )
+    assert last_line("images", {"store_size": None}) == (
+        "input: stored at their own sizes (no --store-size), resized to 64 px where they differ"
+    )
