@@ -275,7 +275,7 @@ class Trainer:
                 self._export(report, "model")
             if last and report:
                 report.final(pred)
-            with scratch.directory("checkpoint") as tmp:  # a worker killed while saving leaves no copy
+            with scratch.directory("checkpoint") as tmp:  # what a worker killed while saving leaves is swept
                 self.engine.save_checkpoint(tmp, tag=TAG, client_state=self._client_state(epoch))
                 report_to(metrics, tmp)
             if stop:

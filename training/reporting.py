@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from shards import scratch
 from training.tracking import RunLogger
 
 
@@ -41,7 +42,7 @@ class Reporter:
                 r.data.image_size,
             )
         plain.load_state_dict({k: v.detach().cpu() for k, v in module.state_dict().items()})
-        with tempfile.TemporaryDirectory() as tmp:
+        with scratch.directory("export") as tmp:  # the weights: what a killed worker leaves is swept
             out = save_export(
                 plain,
                 Path(tmp) / folder,
