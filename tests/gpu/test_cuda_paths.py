@@ -70,17 +70,18 @@ def _shard(tmp_path, n: int, frames: int = 0) -> tuple[list[str], list[str]]:
     return urls, fetch_indices(urls, str(tmp_path / "idx"))
 
 
-def test_a_gpu_pipeline_hands_cuda_batches_that_match_the_cpu_pipeline(tmp_path):
+@pytest.mark.parametrize("size", [32, 64])  # the stored 64 px images resized, or (64) passed as they are
+def test_a_gpu_pipeline_hands_cuda_batches_that_match_the_cpu_pipeline(tmp_path, size):
     pytest.importorskip("nvidia.dali")
     from shards.dali import ShardBatches, build_pipeline
 
     urls, idx = _shard(tmp_path, 4)
     out = {}
     for device_id in (None, 0):
-        pipe = build_pipeline(urls, idx, 4, 32, False, device_id=device_id)
+        pipe = build_pipeline(urls, idx, 4, size, False, device_id=device_id)
         ((out[device_id], labels, _),) = list(ShardBatches(pipe, 4, 0, 1, False, None))
     gpu, cpu = out[0], out[None]
-    assert isinstance(gpu, torch.Tensor) and gpu.is_cuda and tuple(gpu.shape) == cpu.shape == (4, 3, 32, 32)
+    assert isinstance(gpu, torch.Tensor) and gpu.is_cuda and tuple(gpu.shape) == cpu.shape == (4, 3, size, size)
     # nvJPEG and libjpeg-turbo may round a few pixels differently: within about 3 grey levels on average
     assert np.abs(gpu.cpu().numpy() - cpu).mean() < 0.05 and list(labels) == [0, 1, 0, 1]
 
