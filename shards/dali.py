@@ -71,7 +71,9 @@ def _augment(images, aug: Augment, size: int):
 
     Rotation and colour jitter compute in float and are then cast to uint8: the same pixels, bit for bit, but
     DALI's CPU kernels write uint8 slowly (a 256 px image: colour jitter 1.31 ms straight to uint8, 0.92 ms
-    through float; rotation 1.34 and 1.18 ms).
+    through float; rotation 1.34 and 1.18 ms). Jitter of brightness and contrast alone takes DALI's
+    brightness_contrast, which has a fast uint8 path (the same pixels for brightness; contrast may differ by 1
+    in rounding).
     """
     from nvidia.dali import fn, types
 
@@ -90,15 +92,20 @@ def _augment(images, aug: Augment, size: int):
     if aug.sharpness_p > 0 and chosen(aug.sharpness_p):
         images = fn.filter(images, types.Constant(sharpen_kernel(aug.sharpness_factor)), border="clamp")
     if aug.color_jitter_p > 0 and chosen(aug.color_jitter_p):
-        twisted = fn.color_twist(
-            images,
-            brightness=_uniform(1 - aug.brightness, 1 + aug.brightness),
-            contrast=_uniform(1 - aug.contrast, 1 + aug.contrast),
-            saturation=_uniform(1 - aug.saturation, 1 + aug.saturation),
-            hue=_uniform(-360 * aug.hue, 360 * aug.hue),
-            dtype=types.FLOAT,
-        )
-        images = uint8(twisted)
+        brightness = _uniform(1 - aug.brightness, 1 + aug.brightness)
+        contrast = _uniform(1 - aug.contrast, 1 + aug.contrast)
+        if aug.saturation == 0 and aug.hue == 0:  # paper 004's brightness alone: 0.09 ms instead of 0.9 (300 px)
+            images = fn.brightness_contrast(images, brightness=brightness, contrast=contrast)
+        else:
+            twisted = fn.color_twist(
+                images,
+                brightness=brightness,
+                contrast=contrast,
+                saturation=_uniform(1 - aug.saturation, 1 + aug.saturation),
+                hue=_uniform(-360 * aug.hue, 360 * aug.hue),
+                dtype=types.FLOAT,
+            )
+            images = uint8(twisted)
     if aug.hflip > 0 or aug.vflip > 0:
         images = fn.flip(
             images,

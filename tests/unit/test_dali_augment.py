@@ -92,7 +92,36 @@ def test_images_of_the_output_size_pass_unchanged_and_others_are_resized(tmp_pat
     assert scaled.shape == ref.shape and np.abs(scaled.astype(int) - ref).max() <= 1
 
 
-@pytest.mark.parametrize("aug", [Augment(rotate_p=1.0, rotate_degrees=(10, 80)), Augment(color_jitter_p=1.0, hue=0.5)])
+@pytest.mark.parametrize(("brightness", "contrast"), [(0.5, 0.0), (0.0, 0.5), (0.5, 0.5)])
+def test_brightness_and_contrast_jitter_map_values_linearly_per_image(tmp_path, brightness, contrast):
+    """Brightness (paper 004's only jitter) multiplies every value by one factor per image; contrast scales the
+    distance from mid-grey by another: out = b * (128 + c * (in - 128)), rounded, as uint8."""
+    image, urls, idx = _shard(tmp_path)
+    aug = Augment(color_jitter_p=1.0, brightness=brightness, contrast=contrast)
+    pipe = build_pipeline(urls, idx, 1, SIZE, True, augment=aug, seed=7)
+    factors = set()
+    for _ in range(3):
+        x, _, _ = pipe.run()
+        chw = np.asarray(x.as_tensor())[0] * np.reshape(IMAGENET_STD, (3, 1, 1)) + np.reshape(IMAGENET_MEAN, (3, 1, 1))
+        out, src = np.moveaxis(chw, 0, -1).ravel(), image.ravel().astype(float)
+        kept = (out > 0.5) & (out < 254.5)  # not clipped
+        slope, offset = np.polyfit(src[kept], out[kept], 1)
+        b = (offset + 128 * slope) / 128  # where mid-grey goes
+        c = slope / b
+        assert abs(b - 1) <= brightness + 0.01 and abs(c - 1) <= contrast + 0.01
+        assert np.abs(out[kept] - (offset + slope * src[kept])).max() <= 1
+        factors.add((round(b, 3), round(c, 3)))
+    assert len(factors) == 3  # drawn anew for each image
+
+
+@pytest.mark.parametrize(
+    "aug",
+    [
+        Augment(rotate_p=1.0, rotate_degrees=(10, 80)),
+        Augment(color_jitter_p=1.0, hue=0.5),
+        Augment(color_jitter_p=1.0, brightness=0.5),
+    ],
+)
 def test_a_sequence_moves_together(tmp_path, aug):
     _, urls, idx = _shard(tmp_path, frames=3)
     frames = _run(urls, idx, aug, frames=3)
