@@ -66,6 +66,13 @@ def _uniform(lo: float, hi: float):
     return fn.random.uniform(range=[lo, hi]) if hi > lo else float(lo)
 
 
+def _pair(v):
+    """``[v, v]`` per sample (a y and an x), from a per-sample draw or a constant."""
+    from nvidia.dali import fn
+
+    return [v, v] if isinstance(v, float) else fn.stack(v, v)
+
+
 def _augment(images, aug: Augment, size: int):
     """Random augmentations of ``images`` (HWC, or FHWC for sequences), each on its share of samples.
 
@@ -73,7 +80,9 @@ def _augment(images, aug: Augment, size: int):
     DALI's CPU kernels write uint8 slowly (a 256 px image: colour jitter 1.31 ms straight to uint8, 0.92 ms
     through float; rotation 1.34 and 1.18 ms). Jitter of brightness and contrast alone takes DALI's
     brightness_contrast, which has a fast uint8 path (the same pixels for brightness; contrast may differ by 1
-    in rounding).
+    in rounding). Zooming in resamples only the part of the image that stays in view: 0.85 ms instead of 1.88
+    for the whole image enlarged, then cropped (300 px, zoom 1-2), and exactly about the centre, which the
+    crop's whole-pixel anchor was not.
     """
     from nvidia.dali import fn, types
 
@@ -85,8 +94,12 @@ def _augment(images, aug: Augment, size: int):
 
     if aug.zoom_p > 0 and chosen(aug.zoom_p):
         z = _uniform(*aug.zoom)
-        images = fn.resize(images, resize_x=size * z, resize_y=size * z)
-        images = fn.crop(images, crop=(size, size), out_of_bounds_policy="pad", fill_values=0)
+        if z >= 1:  # in: the central 1/z of the image resampled to the output, exactly about its centre
+            lo, hi = _pair(0.5 - 0.5 / z), _pair(0.5 + 0.5 / z)
+            images = fn.resize(images, size=[size, size], roi_start=lo, roi_end=hi, roi_relative=True)
+        else:  # out: the image shrunk, in a black frame
+            images = fn.resize(images, resize_x=size * z, resize_y=size * z)
+            images = fn.crop(images, crop=(size, size), out_of_bounds_policy="pad", fill_values=0)
     if aug.rotate_p > 0 and chosen(aug.rotate_p):
         images = uint8(fn.rotate(images, angle=_uniform(*aug.rotate_degrees), keep_size=True, dtype=types.FLOAT))
     if aug.sharpness_p > 0 and chosen(aug.sharpness_p):

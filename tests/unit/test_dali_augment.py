@@ -61,6 +61,18 @@ def test_zoom_out_pads_with_black(tmp_path):
     assert out[SIZE // 4 : 3 * SIZE // 4, SIZE // 4 : 3 * SIZE // 4].mean() > 20
 
 
+@pytest.mark.parametrize("zoom", [(1.3125, 1.3125), (1.3125, 1.3126)])  # a constant, and a per-sample draw
+def test_zoom_in_enlarges_about_the_centre(tmp_path, zoom):
+    """48 px zoomed 1.3125 times is 63 px: the 15 px margin is odd, so enlarging the whole image and cropping it
+    at a whole pixel would be half a pixel off centre."""
+    image, urls, idx = _shard(tmp_path)
+    out = _run(urls, idx, Augment(zoom_p=1.0, zoom=zoom))
+    z, c = zoom[0], SIZE / 2  # output pixel centre i + 0.5 samples the input at (i + 0.5 - c) / z + c
+    scale = np.array([[z, 0, (1 - z) * c - 0.5 + 0.5 * z], [0, z, (1 - z) * c - 0.5 + 0.5 * z]])
+    ref = cv2.warpAffine(image, scale, (SIZE, SIZE), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+    assert np.abs(out.astype(int) - ref).max() <= 2
+
+
 def test_rotation_interpolates_linearly_and_replicates_edges_like_opencv(tmp_path):
     """Paper 000's albumentations Rotate is linear with reflected borders; ours replicates edges (no black
     corners), which DALI also runs twice as fast on the CPU as a constant fill."""
@@ -120,6 +132,7 @@ def test_brightness_and_contrast_jitter_map_values_linearly_per_image(tmp_path, 
         Augment(rotate_p=1.0, rotate_degrees=(10, 80)),
         Augment(color_jitter_p=1.0, hue=0.5),
         Augment(color_jitter_p=1.0, brightness=0.5),
+        Augment(zoom_p=1.0, zoom=(1.2, 1.8)),
     ],
 )
 def test_a_sequence_moves_together(tmp_path, aug):
