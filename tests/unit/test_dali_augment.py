@@ -29,13 +29,20 @@ def _shard(tmp_path, frames=0):
     return image, urls, fetch_indices(urls, str(tmp_path / "idx"))
 
 
+def _pixels(x) -> np.ndarray:
+    """A pipeline's normalised CHW (or FCHW) batch back to pixel values, HWC (or FHWC), as floats."""
+    chw = np.asarray(x.as_tensor()) * np.reshape(IMAGENET_STD, (3, 1, 1)) + np.reshape(IMAGENET_MEAN, (3, 1, 1))
+    return np.moveaxis(chw, -3, -1)
+
+
+def _uint8(pixels: np.ndarray) -> np.ndarray:
+    return np.rint(pixels).clip(0, 255).astype(np.uint8)
+
+
 def _run(urls, idx, aug, frames=0, train=True):
     pipe = build_pipeline(urls, idx, 1, SIZE, train, augment=aug, frames=frames, seed=5)
     x, _, _ = pipe.run()
-    out = np.asarray(x.as_tensor())[0]
-    # back to uint8 HWC (or FHWC)
-    chw = out * np.array(IMAGENET_STD).reshape(3, 1, 1) + np.array(IMAGENET_MEAN).reshape(3, 1, 1)
-    return np.rint(np.moveaxis(chw, -3, -1)).clip(0, 255).astype(np.uint8)
+    return _uint8(_pixels(x)[0])
 
 
 def test_identity_and_flips(tmp_path):
@@ -97,8 +104,7 @@ def test_images_of_the_output_size_pass_unchanged_and_others_are_resized(tmp_pat
     urls = [str(tmp_path / "mixed" / w.shards[0].name)]
     pipe = build_pipeline(urls, fetch_indices(urls, str(tmp_path / "idx2")), 2, SIZE, train=False)
     x, _, _ = pipe.run()
-    chw = np.asarray(x.as_tensor()) * np.array(IMAGENET_STD).reshape(3, 1, 1) + np.array(IMAGENET_MEAN).reshape(3, 1, 1)
-    same, scaled = np.rint(np.moveaxis(chw, 1, -1)).clip(0, 255).astype(np.uint8)
+    same, scaled = _uint8(_pixels(x))
     assert np.abs(same.astype(int) - image).max() <= 1
     ref = cv2.resize(big, (SIZE, SIZE), interpolation=cv2.INTER_AREA)
     assert scaled.shape == ref.shape and np.abs(scaled.astype(int) - ref).max() <= 1
@@ -114,8 +120,7 @@ def test_brightness_and_contrast_jitter_map_values_linearly_per_image(tmp_path, 
     factors = set()
     for _ in range(3):
         x, _, _ = pipe.run()
-        chw = np.asarray(x.as_tensor())[0] * np.reshape(IMAGENET_STD, (3, 1, 1)) + np.reshape(IMAGENET_MEAN, (3, 1, 1))
-        out, src = np.moveaxis(chw, 0, -1).ravel(), image.ravel().astype(float)
+        out, src = _pixels(x)[0].ravel(), image.ravel().astype(float)
         kept = (out > 0.5) & (out < 254.5)  # not clipped
         slope, offset = np.polyfit(src[kept], out[kept], 1)
         b = (offset + 128 * slope) / 128  # where mid-grey goes
