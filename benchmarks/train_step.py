@@ -65,7 +65,7 @@ def _timed(step, steps: int) -> list[float]:
 
 def _plain_step(recipe, x, y):
     """One plain PyTorch optimiser step of the recipe's model and optimiser, as a closure."""
-    from training.engine import make_optimizer
+    from training.engine import make_optimizer, mixed_precision
     from training.models import build_model
 
     model = build_model(recipe.model, 2).train()
@@ -73,7 +73,7 @@ def _plain_step(recipe, x, y):
 
     def step():
         # bf16 as a user would write it: torch autocast around the forward (the engine's own bf16, see engine.py)
-        with torch.autocast("cpu", torch.bfloat16, enabled=recipe.deepspeed.bf16 is True):
+        with torch.autocast("cpu", torch.bfloat16, enabled=mixed_precision(recipe, cuda=False)):
             logits = model(x)
         loss = torch.nn.functional.cross_entropy(logits.float(), y)
         opt.zero_grad(set_to_none=True)
