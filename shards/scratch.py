@@ -18,7 +18,12 @@ import shutil
 import tempfile
 
 PREFIX = "tessera-scratch-"
-_OWNER = re.compile(re.escape(PREFIX) + r"(\d+)-")
+
+
+def owner(name: str, prefix: str = PREFIX) -> int | None:
+    """The process id that ``name`` (``<prefix><pid>-...``) is named for, or None if it is not named so."""
+    found = re.match(re.escape(prefix) + r"(\d+)-", name)
+    return int(found[1]) if found else None
 
 
 def running(pid: int) -> bool:
@@ -32,13 +37,19 @@ def running(pid: int) -> bool:
     return True
 
 
+def owner_running(name: str, prefix: str = PREFIX) -> bool:
+    """Whether ``name`` is named for a process (:func:`owner`) that still runs."""
+    pid = owner(name, prefix)
+    return pid is not None and running(pid)
+
+
 def sweep(folder: str) -> list[str]:
     """Delete the scratch in ``folder`` whose owner process is gone; the names deleted."""
     removed = []
     with os.scandir(folder) as entries:
         for entry in entries:
-            owner = _OWNER.match(entry.name)
-            if not owner or int(owner[1]) == os.getpid() or running(int(owner[1])):
+            pid = owner(entry.name)
+            if pid is None or pid == os.getpid() or running(pid):
                 continue
             if entry.is_dir(follow_symlinks=False):
                 shutil.rmtree(entry.path, ignore_errors=True)

@@ -106,15 +106,9 @@ def universal_checkpoint(checkpoint_dir: str | Path, tag: str) -> Iterator[Path]
     finally:
         with lock:
             reader.unlink(missing_ok=True)
-            if not any(_reading(f.name) for f in readers.iterdir()):
+            if not any(scratch.owner_running(f.name, prefix="") for f in readers.iterdir()):
                 shutil.rmtree(out, ignore_errors=True)
                 shutil.rmtree(readers)
-
-
-def _reading(reader: str) -> bool:
-    """Whether the process of reader file ``reader`` (``<pid>-<uuid>``) still runs."""
-    pid = reader.split("-")[0]
-    return pid.isdigit() and scratch.running(int(pid))
 
 
 def zero_stage(recipe: TrainRecipe, world: int, written_by: int | None = None) -> int:
