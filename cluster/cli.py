@@ -324,8 +324,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if getattr(args, "format", None) == "jpeg":
-        args.format = "jpg"
     try:
         # Ray reads its auth settings when first imported, so the environment is exported before any command.
         _settings().apply()

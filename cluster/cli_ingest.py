@@ -1,131 +1,114 @@
-"""``tessera ingest``'s command line: the options of each kind and the config they make."""
+"""``tessera ingest``'s command line: the options of each kind and the config they make.
+
+Defaults live in one place, the stage's pydantic model (:mod:`ingest.config`): an option the user did not type is
+left out of the config, and its help shows the model's default.
+"""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 
 from cluster.errors import TesseraError
 
+KINDS = {
+    "wsi": "whole-slide images (OpenSlide formats)",
+    "dicom": "DICOM series (CT/MR)",
+    "images": "JPEG/PNG images: class folders, a label CSV, or per-patient slice folders",
+}
+
+
+def config_class(kind: str):
+    """The pydantic model of ``tessera ingest KIND``."""
+    from ingest.config import DicomIngestConfig, ImagesIngestConfig, WsiIngestConfig
+
+    return {"wsi": WsiIngestConfig, "dicom": DicomIngestConfig, "images": ImagesIngestConfig}[kind]
+
+
+def _shown(field: str, value) -> str:
+    """A model default as the user would type it on the command line."""
+    if field == "shard_size" and value % (1 << 30) == 0:
+        return f"{value >> 30}GB"
+    if isinstance(value, list):
+        return ",".join(map(str, value))
+    return str(value)
+
+
+def _options(parser: argparse.ArgumentParser, cls):
+    """``add(flag, help, **kw)``: an option whose value, when typed, sets the model field of the same name, and
+    whose help ends with that field's default (unless the default is None: the help says what that means)."""
+
+    def add(flag: str, help_: str, **kw) -> None:
+        field = flag.lstrip("-").replace("-", "_")
+        info = cls.model_fields[field]
+        default = info.get_default(call_default_factory=True)
+        if default is not None and not kw.get("action"):
+            help_ = f"{help_} (default: {_shown(field, default)})"
+        parser.add_argument(flag, help=help_, default=argparse.SUPPRESS, **kw)
+
+    return add
+
 
 def add_ingest_parser(sub, fn) -> None:
     """``tessera ingest wsi|dicom|images`` and their options (one shared set, then each kind's own)."""
-    from ingest.config import ImagesIngestConfig, WsiIngestConfig
-
     ing = sub.add_parser("ingest", help="turn slides, DICOM series or image folders into WebDataset shards")
     kinds = ing.add_subparsers(dest="kind", required=True, metavar="KIND")
-    for kind, help_ in (
-        ("wsi", "whole-slide images (OpenSlide formats)"),
-        ("dicom", "DICOM series (CT/MR)"),
-        ("images", "JPEG/PNG images: class folders, a label CSV, or per-patient slice folders"),
-    ):
+    for kind, help_ in KINDS.items():
         k = kinds.add_parser(kind, help=help_)
+        add = _options(k, config_class(kind))
         k.add_argument("src", nargs="+", help="files, directories, globs or s3:// prefixes")
         k.add_argument("--out", required=True, help="dataset prefix: a directory or s3://bucket/path")
-        k.add_argument(
-            "--labels",
-            help="label CSV: STRIP AI, RSNA (ID,Label), CT-ICH per-slice, or slide|image|series|patient,label",
-        )
-        k.add_argument("--split", default="train=0.7,val=0.15,test=0.15", help="patient-level split fractions")
-        k.add_argument("--seed", type=int, default=0, help="split seed")
-        k.add_argument("--shard-size", default="1GB", help="target shard size (e.g. 1GB, 256MB)")
-        k.add_argument("--format", choices=["jpeg", "jpg", "png"], help="image encoding")
-        k.add_argument("--store-size", type=int, help="resize tiles/slices to this many px before encoding")
-        k.add_argument("--workers", type=int, help="ingest actors (default: the cluster's CPUs)")
+        add("--labels", "label CSV: STRIP AI, RSNA (ID,Label), CT-ICH per-slice, or slide|image|series|patient,label")
+        add("--split", "patient-level split fractions")
+        add("--seed", "split seed", type=int)
+        add("--shard-size", "target shard size (e.g. 1GB, 256MB)")
+        add("--format", "image encoding", choices=["jpeg", "jpg", "png"])
+        add("--quality", "JPEG quality, 1-100", type=int)
+        add("--store-size", "resize tiles/slices to this many px before encoding", type=int)
+        add("--workers", "ingest actors (default: the cluster's CPUs)", type=int)
         if kind == "wsi":
-            k.add_argument("--tile-size", type=int, default=600, help="tile size in px at the chosen resolution")
-            k.add_argument("--stride", type=int, help="tile stride in px (default: the tile size)")
-            k.add_argument("--mpp", type=float, help="microns per pixel to tile at (default: level 0)")
-            k.add_argument("--magnification", type=float, help="objective magnification to tile at, e.g. 20")
-            k.add_argument(
-                "--region-tiles",
-                type=int,
-                default=WsiIngestConfig.model_fields["region_tiles"].default,
-                help="tiles per unit of work within a slide",
-            )
-            k.add_argument("--background-model", help="TorchScript file or Tessera export folder of a tile classifier")
-            k.add_argument(
-                "--background-threshold", type=float, default=0.5, help="drop tiles with P(background) >= this"
-            )
-            k.add_argument("--tissue-threshold", type=float, default=0.30, help="minimum tissue fraction")
+            add("--tile-size", "tile size in px at the chosen resolution", type=int)
+            add("--stride", "tile stride in px (default: the tile size)", type=int)
+            add("--mpp", "microns per pixel to tile at (default: level 0)", type=float)
+            add("--magnification", "objective magnification to tile at, e.g. 20", type=float)
+            add("--region-tiles", "tiles per unit of work within a slide", type=int)
+            add("--background-model", "TorchScript file or Tessera export folder of a tile classifier")
+            add("--background-threshold", "drop tiles with P(background) >= this", type=float)
+            add("--tissue-threshold", "minimum tissue fraction", type=float)
         else:
-            k.add_argument(
-                "--mode", choices=["slice", "center", "series"], default="slice", help="what one sample holds"
-            )
-            k.add_argument("--neighbours", type=int, default=0, help="slices each side (slice, center modes)")
-            k.add_argument("--frames", type=int, default=16, help="slices per sample in series mode")
+            add("--mode", "what one sample holds", choices=["slice", "center", "series"])
+            add("--neighbours", "slices each side (slice, center modes)", type=int)
+            add("--frames", "slices per sample in series mode", type=int)
         if kind == "dicom":
-            k.add_argument("--windows", default="brain,subdural,soft", help="CT windows stacked as channels")
-            k.add_argument("--allow-burned-in", action="store_true", help="ingest files marked BurnedInAnnotation=YES")
+            add("--windows", "CT windows stacked as channels")
+            add("--allow-burned-in", "ingest files marked BurnedInAnnotation=YES", action="store_true")
         if kind == "images":
-            k.add_argument(
+            add(
                 "--layout",
+                "class folders, a label CSV, or patient slice folders (auto: from --labels)",
                 choices=["auto", "folders", "csv", "sequences"],
-                default="auto",
-                help="class folders, a label CSV, or patient slice folders (auto: from --labels)",
             )
-            k.add_argument("--boxes", help="bounding boxes: a folder of YOLO .txt files or image,x_min,...,y_max CSV")
-            k.add_argument("--crop", action="store_true", help="one sample per box, cropped around it")
-            k.add_argument("--crop-margin", type=float, default=0.1, help="crop margin as a fraction of the box")
-            k.add_argument("--slice-folder", help="sequences: only slices in folders of this name (e.g. brain)")
-            k.add_argument(
-                "--images-per-task",
-                type=int,
-                default=ImagesIngestConfig.model_fields["images_per_task"].default,
-                help="single images per unit of work",
-            )
+            add("--boxes", "bounding boxes: a folder of YOLO .txt files or image,x_min,...,y_max CSV")
+            add("--crop", "one sample per box, cropped around it", action="store_true")
+            add("--crop-margin", "crop margin as a fraction of the box", type=float)
+            add("--slice-folder", "sequences: only slices in folders of this name (e.g. brain)")
+            add("--images-per-task", "single images per unit of work", type=int)
         k.set_defaults(fn=fn, kind=kind)
 
 
 def ingest_config(args):
-    """The ingest stage's config from the command line; invalid options are named as the flags the user typed."""
+    """The ingest stage's config from the options the user typed; invalid ones are named as the flags typed."""
     from pydantic import ValidationError
 
-    from ingest.config import DicomIngestConfig, ImagesIngestConfig, WsiIngestConfig
-
-    common = {
-        "sources": args.src,
-        "out": args.out,
-        "labels": args.labels,
-        "split": args.split,
-        "seed": args.seed,
-        "shard_size": args.shard_size,
-        "workers": args.workers,
-        "store_size": args.store_size,
-    }
-    if args.format:
-        common["format"] = args.format
+    cls = config_class(args.kind)
+    given = {name: value for name, value in vars(args).items() if name in cls.model_fields}
+    if given.get("format") == "jpeg":
+        given["format"] = "jpg"
+    if isinstance(given.get("windows"), str):
+        given["windows"] = given["windows"].split(",")
     try:
-        if args.kind == "wsi":
-            return WsiIngestConfig(
-                **common,
-                tile_size=args.tile_size,
-                stride=args.stride,
-                mpp=args.mpp,
-                magnification=args.magnification,
-                region_tiles=args.region_tiles,
-                background_model=args.background_model,
-                background_threshold=args.background_threshold,
-                tissue_threshold=args.tissue_threshold,
-            )
-        sequences = {"mode": args.mode, "neighbours": args.neighbours, "frames": args.frames}
-        if args.kind == "images":
-            return ImagesIngestConfig(
-                **common,
-                **sequences,
-                layout=args.layout,
-                boxes=args.boxes,
-                crop=args.crop,
-                crop_margin=args.crop_margin,
-                slice_folder=args.slice_folder,
-                images_per_task=args.images_per_task,
-            )
-        return DicomIngestConfig(
-            **common,
-            **sequences,
-            windows=args.windows.split(","),
-            allow_burned_in=args.allow_burned_in,
-        )
+        return cls(sources=args.src, **given)
     except ValidationError as exc:
         raise TesseraError(
             "invalid ingest options: "

@@ -47,6 +47,27 @@ def test_every_command_has_help():
         assert exc.value.code == 0
 
 
+def test_ingest_options_take_the_models_defaults_and_show_them(capsys):
+    """An option not typed is the pydantic model's default (one place for defaults); its help shows that value."""
+    from cluster.cli_ingest import ingest_config
+    from ingest.config import DicomIngestConfig
+
+    parse = build_parser().parse_args
+    assert ingest_config(parse(["ingest", "wsi", "a", "--out", "o"])) == WsiIngestConfig(sources=["a"], out="o")
+    typed = ingest_config(parse(["ingest", "wsi", "a", "b", "--out", "o", "--format", "jpeg", "--quality", "75"]))
+    assert (typed.sources, typed.format, typed.quality, typed.tile_size) == (["a", "b"], "jpg", 75, 600)
+    dicom = ingest_config(parse(["ingest", "dicom", "a", "--out", "o", "--windows", "bone,brain,soft"]))
+    assert dicom == DicomIngestConfig(sources=["a"], out="o", windows=["bone", "brain", "soft"])
+    assert dicom.format == "png" and not dicom.allow_burned_in
+    with pytest.raises(SystemExit):
+        parse(["ingest", "wsi", "--help"])
+    shown = " ".join(capsys.readouterr().out.split())
+    for text in ("(default: 600)", "(default: 0.3)", "(default: 1GB)", "(default: jpg)", "(default: 90)"):
+        assert text in shown
+    assert main(["ingest", "wsi", "a", "--out", "o", "--quality", "0"]) == 1
+    assert "--quality: Input should be greater than or equal to 1" in capsys.readouterr().err
+
+
 def test_bad_recipe_field_fails_without_traceback(capsys):
     assert main(["train", "demo_tiles", "optim.momentum=3", "--dry-run"]) == 1
     err = capsys.readouterr().err
