@@ -4,14 +4,16 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.tessera-installed
 
-.PHONY: demo test unit integration gpu lint format clean down
+.PHONY: demo test unit integration gpu lint format clean down lock
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# torch/torchvision first and pinned: they lie on local disk; other versions download GBs.
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
-	$(PY) -m pip install -q -e '.[dev]'
+	# Every package at the version the suite last passed with (constraints.txt, `make lock`): a clean clone
+	# installs what CI tested, not whatever was released since.
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -37,6 +39,12 @@ format: $(STAMP)
 
 down: $(STAMP)
 	$(VENV)/bin/tessera down
+
+# After changing pyproject.toml's dependencies (or to take newer releases): rebuild .venv, pass `make test`, then
+# record what it holds.
+lock:
+	{ echo "# pip constraints: the versions \`make test\` passed with; \`make lock\` rewrites this file from .venv."; \
+	  $(PY) -m pip freeze --exclude-editable; } > constraints.txt
 
 clean:
 	rm -rf $(VENV) .tessera

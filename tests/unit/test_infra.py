@@ -16,6 +16,7 @@ import kubernetes_validate
 import pytest
 import yaml
 from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 ROOT = Path(__file__).resolve().parents[2]
 INFRA = ROOT / "infra"
@@ -181,3 +182,24 @@ def test_runtime_image_pins_every_dependency_within_pyproject():
         assert req.specifier.contains(pins[req.name.lower()]), f"{req.name}=={pins[req.name.lower()]} vs {dep}"
     dockerfile = (INFRA / "docker" / "Dockerfile").read_text()
     assert f"torch=={pins['torch']}" in dockerfile and f"torchvision=={pins['torchvision']}" in dockerfile
+
+
+def test_the_image_and_the_test_environment_pin_the_same_versions():
+    """``make`` installs with constraints.txt, the image from its requirements.txt: one version of each package."""
+    locked = {}
+    for line in (ROOT / "constraints.txt").read_text().splitlines():
+        if line and not line.startswith("#"):
+            req = Requirement(line)
+            (spec,) = req.specifier
+            assert spec.operator == "==", f"constraints.txt: {line} is not an exact version"
+            locked[canonicalize_name(req.name)] = spec.version
+    for line in (INFRA / "docker" / "requirements.txt").read_text().splitlines():
+        if line and not line.startswith("#"):
+            req = Requirement(line)
+            name = canonicalize_name(req.name)
+            assert name in locked, f"{req.name} is in the image but not in constraints.txt"
+            assert req.specifier.contains(locked[name]), f"image {line} vs constraints.txt {name}=={locked[name]}"
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["dev"]
+    for dep in deps:
+        req = Requirement(dep)
+        assert canonicalize_name(req.name) in locked, f"dev dependency {req.name} is not in constraints.txt"
