@@ -264,6 +264,14 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def _bundled(package: str, folder: str) -> str:
+    """The names of the YAML files a package ships in ``folder``, for a command's help (without importing the
+    package's modules: the help stays fast)."""
+    from importlib.resources import files
+
+    return ", ".join(sorted(p.name.removesuffix(".yaml") for p in (files(package) / folder).iterdir()))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tessera", description="Medical-imaging training at scale: ingest, train, track.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -273,7 +281,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_ingest_parser(sub, cmd_ingest)
 
-    tr = sub.add_parser("train", help="train a recipe on Ray Train + DeepSpeed, tracked in MLflow")
+    tr = sub.add_parser(
+        "train",
+        help="train a recipe on Ray Train + DeepSpeed, tracked in MLflow",
+        epilog="bundled recipes: " + _bundled("training", "recipes"),
+    )
     tr.add_argument("recipe", nargs="?", help="recipe name (training/recipes/) or YAML path")
     tr.add_argument("overrides", nargs="*", help="key.sub=value overrides")
     tr.add_argument(
@@ -285,7 +297,11 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--dry-run", action="store_true", help="validate, print the resolved recipe and exit")
     tr.set_defaults(fn=cmd_train)
 
-    tu = sub.add_parser("tune", help="Ray Tune sweeps and replicates of a recipe, tracked in MLflow")
+    tu = sub.add_parser(
+        "tune",
+        help="Ray Tune sweeps and replicates of a recipe, tracked in MLflow",
+        epilog="bundled sweeps and studies: " + _bundled("tune", "sweeps"),
+    )
     tu.add_argument("plan", nargs="?", help="sweep or study (tune/sweeps/ or YAML path), or a RECIPE with --replicates")
     tu.add_argument("overrides", nargs="*", help="key.sub=value overrides (of the sweep file; of the recipe with -r)")
     tu.add_argument("--replicates", "-r", type=int, help="run the RECIPE this many times with seeds seed+i")
@@ -298,8 +314,12 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("a", help="group A: a sweep or replicates name, a parent run id, or a filter (tags.x = 'y')")
     cp.add_argument("b", help="group B, as A")
     cp.add_argument("--metrics", required=True, help="comma-separated metric names, e.g. val_patient_accuracy")
-    cp.add_argument("--alpha", type=float, default=0.05, help="significance level")
-    cp.add_argument("--level", default="patient", help="confusion-matrix level to average (sample, patient...)")
+    cp.add_argument("--alpha", type=float, default=0.05, help="significance level (default: 0.05)")
+    cp.add_argument(
+        "--level",
+        default="patient",
+        help="confusion-matrix level to average: sample, slide, patient... (default: %(default)s)",
+    )
     cp.set_defaults(fn=cmd_compare)
 
     sm = sub.add_parser("submit", help="run a tessera command as a Ray job (token auth), following its logs")

@@ -68,6 +68,18 @@ def test_ingest_options_take_the_models_defaults_and_show_them(capsys):
     assert "--quality: Input should be greater than or equal to 1" in capsys.readouterr().err
 
 
+def test_train_and_tune_help_list_the_bundled_plans(capsys):
+    from training.config import RECIPES
+    from tune.config import SWEEPS
+
+    for argv, folder in ((["train", "--help"], RECIPES), (["tune", "--help"], SWEEPS)):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(argv)
+        shown = capsys.readouterr().out.replace("\n", " ")
+        names = sorted(p.stem for p in folder.glob("*.yaml"))
+        assert names and ", ".join(names) in " ".join(shown.split())
+
+
 def test_bad_recipe_field_fails_without_traceback(capsys):
     assert main(["train", "demo_tiles", "optim.momentum=3", "--dry-run"]) == 1
     err = capsys.readouterr().err
