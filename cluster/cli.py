@@ -69,6 +69,8 @@ def cmd_ingest(args) -> int:
 
     s = _settings()
     cfg = ingest_config(args)
+    if args.dry_run:
+        return _ingest_dry_run(args.kind, cfg)
     uses_s3 = any(u.startswith("s3://") for u in [cfg.out, *cfg.sources])
     if uses_s3 or health.ray_ok(s)[0]:
         _connect(s)
@@ -79,6 +81,17 @@ def cmd_ingest(args) -> int:
     failed = [r for r in manifest.inputs if r.status == "failed"]
     for r in failed:
         print(f"  failed {r.id}: {r.reason}", file=sys.stderr)
+    return 0
+
+
+def _ingest_dry_run(kind: str, cfg) -> int:
+    """The driver's plan of an ingest, printed: the same listing, labels, headers and splits as a run."""
+    from ingest.config import pseudonym_key
+    from ingest.plan import describe_plan, make_plan
+
+    plan = make_plan(kind, cfg, pseudonym_key())
+    print(f"dry run: ingest {kind} into {cfg.out} (nothing written)")
+    print("\n".join(describe_plan(plan)))
     return 0
 
 

@@ -67,6 +67,12 @@ def add_ingest_parser(sub, fn) -> None:
         add("--quality", "JPEG quality, 1-100", type=int)
         add("--store-size", "resize tiles/slices to this many px before encoding", type=int)
         add("--workers", "ingest actors (default: the cluster's CPUs)", type=int)
+        k.add_argument(
+            "--dry-run",
+            action="store_true",
+            help="list what would be ingested (per split and class) and what skipped and why; read no pixels, "
+            "write nothing",
+        )
         if kind == "wsi":
             add("--tile-size", "tile size in px at the chosen resolution", type=int)
             add("--stride", "tile stride in px (default: the tile size)", type=int)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections import Counter
 from dataclasses import dataclass, field
 
 from ingest.config import DicomIngestConfig, ImagesIngestConfig, IngestConfig, WsiIngestConfig
@@ -294,3 +295,51 @@ def _plan_sequences(cfg: ImagesIngestConfig, key: bytes, text: str | None) -> Pl
         plan.units.append(Unit(sid, "sequence", files, sid, pseudonym(key, "patient", patient), label, meta=meta))
     _assign(plan.units, cfg)
     return plan
+
+
+def make_plan(kind: str, cfg: IngestConfig, key: bytes) -> Plan:
+    """The plan of ``tessera ingest KIND``: what the driver decides before any pixel is read."""
+    planners = {
+        "wsi": (plan_wsi, WsiIngestConfig),
+        "dicom": (plan_dicom, DicomIngestConfig),
+        "images": (plan_images, ImagesIngestConfig),
+    }
+    if kind not in planners:
+        raise ValueError(f"unknown ingest kind {kind!r}")
+    planner, config = planners[kind]
+    if not isinstance(cfg, config):
+        raise TypeError(f"ingest {kind} takes a {config.__name__}, not a {type(cfg).__name__}")
+    return planner(cfg, key)
+
+
+NOUNS = {
+    "wsi": ("slide", "slides"),
+    "dicom": ("series", "series"),
+    "image": ("image", "images"),
+    "sequence": ("slice sequence", "slice sequences"),
+}
+SPLIT_ORDER = {"train": 0, "val": 1, "test": 2}
+
+
+def describe_plan(plan: Plan) -> list[str]:
+    """What an ingest would do, for ``--dry-run``: units per split (patients, classes) and each skipped input with
+    its reason, by location (the terminal is the user's own; nothing here is stored)."""
+    counts: dict[str, Counter] = {}
+    patients: dict[str, set[str]] = {}
+    for u in plan.units:
+        counts.setdefault(u.split or "-", Counter())[u.label] += 1
+        patients.setdefault(u.split or "-", set()).add(u.patient)
+    kinds = Counter(u.kind for u in plan.units)
+    units = ", ".join(f"{n} {NOUNS[kind][n != 1]}" for kind, n in kinds.items())
+    lines = [f"{units or 'nothing'} to ingest, {len(plan.skipped)} input(s) skipped"]
+    for split, by_label in sorted(counts.items(), key=lambda kv: (SPLIT_ORDER.get(kv[0], 9), kv[0])):
+        classes = ", ".join(
+            f"{plan.classes[label] if label is not None else 'unlabelled'} {n}"
+            for label, n in sorted(by_label.items(), key=lambda kv: (kv[0] is None, kv[0] or 0))
+        )
+        lines.append(f"  {split}: {sum(by_label.values())} ({classes}) from {len(patients[split])} patient(s)")
+    if plan.classes:
+        lines.append("classes: " + ", ".join(f"{i} {name}" for i, name in enumerate(plan.classes)))
+    for rec in plan.skipped:
+        lines.append(f"skipped {plan.private.get(rec.id, rec.id)}: {rec.reason}")
+    return lines

@@ -14,9 +14,9 @@ from typing import Any
 import ray
 from tqdm import tqdm
 
-from ingest.config import DicomIngestConfig, ImagesIngestConfig, IngestConfig, WsiIngestConfig, pseudonym_key
+from ingest.config import ImagesIngestConfig, IngestConfig, pseudonym_key
 from ingest.packing import pack_parts, pack_shard, prune
-from ingest.plan import Plan, plan_dicom, plan_images, plan_wsi
+from ingest.plan import make_plan
 from ingest.staging import STAGING, WorkRecord, attempt, done_records, process_work
 from ingest.units import Unit, Work, batch_images, plan_unit
 from shards import manifest as mf
@@ -204,18 +204,7 @@ def run_ingest(kind: str, cfg: IngestConfig, on_private: Callable[[dict[str, str
 
     ``on_private`` receives the pseudonym -> location map, for the caller to keep somewhere private.
     """
-    key = pseudonym_key()
-    if kind == "wsi":
-        assert isinstance(cfg, WsiIngestConfig)
-        plan: Plan = plan_wsi(cfg, key)
-    elif kind == "dicom":
-        assert isinstance(cfg, DicomIngestConfig)
-        plan = plan_dicom(cfg, key)
-    elif kind == "images":
-        assert isinstance(cfg, ImagesIngestConfig)
-        plan = plan_images(cfg, key)
-    else:
-        raise ValueError(f"unknown ingest kind {kind!r}")
+    plan = make_plan(kind, cfg, pseudonym_key())
     if on_private:
         on_private(plan.private)
     storage.ensure_bucket(cfg.out)

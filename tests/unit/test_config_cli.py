@@ -68,6 +68,32 @@ def test_ingest_options_take_the_models_defaults_and_show_them(capsys):
     assert "--quality: Input should be greater than or equal to 1" in capsys.readouterr().err
 
 
+def test_ingest_dry_run_lists_what_would_be_ingested_and_writes_nothing(capsys, tmp_path, monkeypatch):
+    """Slides are not opened by the plan, so empty files stand in for them; the label table names three of four."""
+    monkeypatch.setenv("TESSERA_STATE_DIR", str(tmp_path / "state"))
+    monkeypatch.setenv("TESSERA_PSEUDONYM_KEY", "k")
+    src = tmp_path / "slides"
+    src.mkdir()
+    for name in ("a", "b", "c", "d"):
+        (src / f"{name}.svs").touch()
+    (src / "notes.txt").write_text("not a slide")
+    labels = tmp_path / "labels.csv"
+    labels.write_text("slide,label,patient\na,CE,p1\nb,LAA,p1\nc,LAA,p2\n")
+    out = tmp_path / "out"
+    argv = ["ingest", "wsi", str(src), "--out", str(out), "--labels", str(labels), "--dry-run"]
+    assert main([*argv, "--split", "train=1.0"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[:3] == [
+        f"dry run: ingest wsi into {out} (nothing written)",
+        "3 slides to ingest, 2 input(s) skipped",
+        "  train: 3 (CE 1, LAA 2) from 2 patient(s)",
+    ]
+    assert "classes: 0 CE, 1 LAA" in lines
+    assert f"skipped {src / 'd.svs'}: not in the label table" in lines
+    assert f"skipped {src / 'notes.txt'}: not a slide file (extension .txt)" in lines
+    assert not out.exists()
+
+
 def test_train_and_tune_help_list_the_bundled_plans(capsys):
     from training.config import RECIPES
     from tune.config import SWEEPS
