@@ -70,7 +70,7 @@ def cmd_ingest(args) -> int:
     s = _settings()
     cfg = ingest_config(args)
     if args.dry_run:
-        return _ingest_dry_run(args.kind, cfg)
+        return _ingest_dry_run(args.kind, cfg, keep_private(s, cfg.out))
     uses_s3 = any(u.startswith("s3://") for u in [cfg.out, *cfg.sources])
     if uses_s3 or health.ray_ok(s)[0]:
         _connect(s)
@@ -84,14 +84,17 @@ def cmd_ingest(args) -> int:
     return 0
 
 
-def _ingest_dry_run(kind: str, cfg) -> int:
-    """The driver's plan of an ingest, printed: the same listing, labels, headers and splits as a run."""
+def _ingest_dry_run(kind: str, cfg, on_private) -> int:
+    """The driver's plan of an ingest, printed: the same listing, labels, headers and splits as a run. Only the
+    private pseudonym -> location map is written (as a run writes it), for the user to look up what was skipped."""
     from ingest.config import pseudonym_key
     from ingest.plan import describe_plan, make_plan
 
     plan = make_plan(kind, cfg, pseudonym_key())
-    print(f"dry run: ingest {kind} into {cfg.out} (nothing written)")
+    print(f"dry run: ingest {kind} into {cfg.out} (nothing written there)")
     print("\n".join(describe_plan(plan)))
+    if plan.skipped:
+        print(f"the inputs behind these pseudonyms: {on_private(plan.private)} (private to you)")
     return 0
 
 

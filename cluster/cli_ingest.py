@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from pathlib import Path
 
 from cluster.errors import TesseraError
 
@@ -124,13 +125,17 @@ def ingest_config(args):
 
 def keep_private(settings, out: str):
     """Where the pseudonym -> source mapping goes: a private (0700) folder of the state directory, never the
-    dataset."""
+    dataset. New entries join those already there (pseudonyms are keyed hashes of the location, so an entry
+    never changes meaning): a dry run or a run over other sources keeps what an earlier run recorded."""
 
-    def save(mapping: dict[str, str]) -> None:
+    def save(mapping: dict[str, str]) -> Path:
         d = settings.state / "private"
         d.mkdir(parents=True, exist_ok=True)
         os.chmod(d, 0o700)
         name = out.replace("://", "_").replace("/", "_")
-        (d / f"{name}.sources.json").write_text(json.dumps(mapping, indent=1))
+        path = d / f"{name}.sources.json"
+        known = json.loads(path.read_text()) if path.exists() else {}
+        path.write_text(json.dumps(known | mapping, indent=1))
+        return path
 
     return save

@@ -319,11 +319,12 @@ NOUNS = {
     "sequence": ("slice sequence", "slice sequences"),
 }
 SPLIT_ORDER = {"train": 0, "val": 1, "test": 2}
+SHOWN_IDS = 5
 
 
 def describe_plan(plan: Plan) -> list[str]:
-    """What an ingest would do, for ``--dry-run``: units per split (patients, classes) and each skipped input with
-    its reason, by location (the terminal is the user's own; nothing here is stored)."""
+    """What an ingest would do, for ``--dry-run``: units per split (patients, classes) and the skipped inputs by
+    reason, as pseudonyms (output may reach job logs, which carry no file names; the private map has them)."""
     counts: dict[str, Counter] = {}
     patients: dict[str, set[str]] = {}
     for u in plan.units:
@@ -340,6 +341,10 @@ def describe_plan(plan: Plan) -> list[str]:
         lines.append(f"  {split}: {sum(by_label.values())} ({classes}) from {len(patients[split])} patient(s)")
     if plan.classes:
         lines.append("classes: " + ", ".join(f"{i} {name}" for i, name in enumerate(plan.classes)))
+    by_reason: dict[str, list[str]] = {}
     for rec in plan.skipped:
-        lines.append(f"skipped {plan.private.get(rec.id, rec.id)}: {rec.reason}")
+        by_reason.setdefault(rec.reason or "", []).append(rec.id)
+    for reason, ids in sorted(by_reason.items(), key=lambda kv: -len(kv[1])):
+        shown = ", ".join(ids[:SHOWN_IDS]) + (f" and {len(ids) - SHOWN_IDS} more" if len(ids) > SHOWN_IDS else "")
+        lines.append(f"skipped {len(ids)}: {reason}: {shown}")
     return lines

@@ -199,7 +199,7 @@ def _merge(unit: Unit, plan, works: list[WorkRecord]) -> InputRecord:
     return rec
 
 
-def run_ingest(kind: str, cfg: IngestConfig, on_private: Callable[[dict[str, str]], None] | None = None):
+def run_ingest(kind: str, cfg: IngestConfig, on_private: Callable[[dict[str, str]], object] | None = None):
     """Ingest ``cfg.sources`` of ``kind`` (``wsi``, ``dicom`` or ``images``) into shards; returns ``(manifest, url)``.
 
     ``on_private`` receives the pseudonym -> location map, for the caller to keep somewhere private.

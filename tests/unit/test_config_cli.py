@@ -1,3 +1,4 @@
+import json
 import subprocess
 import sys
 
@@ -83,15 +84,30 @@ def test_ingest_dry_run_lists_what_would_be_ingested_and_writes_nothing(capsys, 
     argv = ["ingest", "wsi", str(src), "--out", str(out), "--labels", str(labels), "--dry-run"]
     assert main([*argv, "--split", "train=1.0"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[:3] == [
-        f"dry run: ingest wsi into {out} (nothing written)",
+    assert lines[:4] == [
+        f"dry run: ingest wsi into {out} (nothing written there)",
         "3 slides to ingest, 2 input(s) skipped",
         "  train: 3 (CE 1, LAA 2) from 2 patient(s)",
+        "classes: 0 CE, 1 LAA",
     ]
-    assert "classes: 0 CE, 1 LAA" in lines
-    assert f"skipped {src / 'd.svs'}: not in the label table" in lines
-    assert f"skipped {src / 'notes.txt'}: not a slide file (extension .txt)" in lines
     assert not out.exists()
+    # Skipped inputs as pseudonyms (the output may reach job logs); the private map names them.
+    private = tmp_path / "state" / "private" / f"{str(out).replace('/', '_')}.sources.json"
+    assert lines[-1] == f"the inputs behind these pseudonyms: {private} (private to you)"
+    where = {loc: uid for uid, loc in json.loads(private.read_text()).items()}
+    assert f"skipped 1: not in the label table: {where[str(src / 'd.svs')]}" in lines
+    assert f"skipped 1: not a slide file (extension .txt): {where[str(src / 'notes.txt')]}" in lines
+    assert not any(str(src) in line for line in lines)
+    # A later plan over other sources adds to the map and keeps what is there.
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "e.svs").touch()
+    (other / "e.xml").touch()
+    assert main(["ingest", "wsi", str(other), "--out", str(out), "--dry-run"]) == 0
+    names = "a.svs", "b.svs", "c.svs", "d.svs", "notes.txt"
+    assert sorted(json.loads(private.read_text()).values()) == sorted(
+        [str(src / name) for name in names] + [str(other / "e.svs"), str(other / "e.xml")]
+    )
 
 
 def test_train_and_tune_help_list_the_bundled_plans(capsys):
