@@ -85,14 +85,19 @@ def cmd_ingest(args) -> int:
 
 
 def _ingest_dry_run(kind: str, cfg, on_private) -> int:
-    """The driver's plan of an ingest, printed: the same listing, labels, headers and splits as a run. Only the
-    private pseudonym -> location map is written (as a run writes it), for the user to look up what was skipped."""
+    """The driver's plan of an ingest, printed: the same listing, labels, headers and splits as a run, and for
+    slides on local disk their headers (level, resolution, tile grid; which would fail). Only the private
+    pseudonym -> location map is written (as a run writes it), for the user to look up what the ids stand for."""
     from ingest.config import pseudonym_key
     from ingest.plan import describe_plan, make_plan
 
     plan = make_plan(kind, cfg, pseudonym_key())
     print(f"dry run: ingest {kind} into {cfg.out} (nothing written there)")
     print("\n".join(describe_plan(plan)))
+    if kind == "wsi":
+        from ingest.preflight import check_slides
+
+        print("\n".join(check_slides(plan.units, cfg)))
     if plan.skipped:
         print(f"the inputs behind these pseudonyms: {on_private(plan.private)} (private to you)")
     return 0

@@ -71,7 +71,8 @@ def add_ingest_parser(sub, fn) -> None:
         k.add_argument(
             "--dry-run",
             action="store_true",
-            help="list what would be ingested (per split and class) and what skipped and why; read no pixels, "
+            help="list what would be ingested (per split and class) and what skipped and why, and (wsi) open local "
+            "slides' headers: level, resolution, tile grid, failures; read no pixels, "
             "write nothing",
         )
         if kind == "wsi":

@@ -345,6 +345,10 @@ def describe_plan(plan: Plan) -> list[str]:
     for rec in plan.skipped:
         by_reason.setdefault(rec.reason or "", []).append(rec.id)
     for reason, ids in sorted(by_reason.items(), key=lambda kv: -len(kv[1])):
-        shown = ", ".join(ids[:SHOWN_IDS]) + (f" and {len(ids) - SHOWN_IDS} more" if len(ids) > SHOWN_IDS else "")
-        lines.append(f"skipped {len(ids)}: {reason}: {shown}")
+        lines.append(f"skipped {len(ids)}: {reason}: {id_list(ids)}")
     return lines
+
+
+def id_list(ids: list[str]) -> str:
+    """The first :data:`SHOWN_IDS` pseudonyms and how many more, for a line of the terminal."""
+    return ", ".join(ids[:SHOWN_IDS]) + (f" and {len(ids) - SHOWN_IDS} more" if len(ids) > SHOWN_IDS else "")

@@ -29,6 +29,14 @@ def tile_origins(width: int, height: int, size: int, stride: int | None = None) 
     return [(x, y) for y in range(0, height - size + 1, stride) for x in range(0, width - size + 1, stride)]
 
 
+def grid_size(width: int, height: int, size: int, stride: int | None = None) -> int:
+    """How many tiles :func:`tile_origins` gives, without listing them (a 64k slide's grid, before the mask)."""
+    stride = stride or size
+    if width < size or height < size:
+        return 0
+    return ((width - size) // stride + 1) * ((height - size) // stride + 1)
+
+
 def tissue_tiles(
     mask: np.ndarray,
     mask_downsample: float,

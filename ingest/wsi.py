@@ -116,6 +116,29 @@ def target_downsample(
     return 1.0, []
 
 
+@dataclass(frozen=True)
+class TileGeometry:
+    """Where a slide's tiles come from, from its header alone: read ``level``, ``target_downsample`` level-0 px
+    per output px, tiles of ``size0`` every ``stride0`` level-0 px (None: the size)."""
+
+    level: int
+    target_downsample: float
+    size0: int
+    stride0: int | None
+    warnings: list[str]
+
+
+def tile_geometry(
+    reader: SlideReader, tile_size: int, mpp: float | None, stride: int | None, magnification: float | None = None
+) -> TileGeometry:
+    """The level and level-0 tile size for tiles of ``tile_size`` px at ``mpp`` or ``magnification`` (else level
+    0), with the warnings of :func:`target_downsample`."""
+    target_ds, warnings = target_downsample(reader.mpp, reader.objective_power, mpp, magnification)
+    level = choose_level(reader.level_downsamples, target_ds)
+    stride0 = round(stride * target_ds) if stride else None
+    return TileGeometry(level, target_ds, round(tile_size * target_ds), stride0, warnings)
+
+
 def plan_tiles(
     reader: SlideReader,
     tile_size: int,
@@ -125,16 +148,12 @@ def plan_tiles(
     magnification: float | None = None,
 ) -> TilePlan:
     """Tile plan for ``reader``: tiles of ``tile_size`` px at ``mpp`` or ``magnification`` (else level 0)."""
-    target_ds, warnings = target_downsample(reader.mpp, reader.objective_power, mpp, magnification)
-    level = choose_level(reader.level_downsamples, target_ds)
-    mlevel = mask_level(reader.level_dimensions)
-    thumb, mask_ds = read_mask_image(reader, mlevel)
+    g = tile_geometry(reader, tile_size, mpp, stride, magnification)
+    thumb, mask_ds = read_mask_image(reader, mask_level(reader.level_dimensions))
     mask = tissue_mask(thumb)
-    size0 = round(tile_size * target_ds)
-    stride0 = round(stride * target_ds) if stride else None
     w0, h0 = reader.level_dimensions[0]
-    tiles = tissue_tiles(mask, mask_ds, w0, h0, size0, stride0, threshold)
-    return TilePlan(level, target_ds, size0, reader.mpp, thumb, mask, mask_ds, tiles, warnings)
+    tiles = tissue_tiles(mask, mask_ds, w0, h0, g.size0, g.stride0, threshold)
+    return TilePlan(g.level, g.target_downsample, g.size0, reader.mpp, thumb, mask, mask_ds, tiles, g.warnings)
 
 
 def read_tiles(

@@ -1,0 +1,56 @@
+import numpy as np
+
+from ingest.config import WsiIngestConfig
+from ingest.preflight import check_slides
+from ingest.slides import ArraySlideReader, SlideError
+from ingest.synthetic import write_pyramid_tiff
+from ingest.tiling import grid_size, tile_origins
+from ingest.units import Unit
+
+
+def test_grid_size_counts_the_tile_origins():
+    for width in (0, 5, 99, 100, 101, 350):
+        for height in (7, 100, 260):
+            for size, stride in ((100, None), (100, 30), (64, 128), (1, 1)):
+                assert grid_size(width, height, size, stride) == len(tile_origins(width, height, size, stride))
+
+
+def _unit(source: str) -> Unit:
+    return Unit(id=f"id-{source.rsplit('/', 1)[-1]}", kind="wsi", sources=[source], item="s", patient="p")
+
+
+def test_slides_are_grouped_by_the_level_they_would_be_read_at_and_failures_named():
+    readers = {
+        "a": ArraySlideReader(np.zeros((1000, 1200, 3), np.uint8), levels=3, mpp=0.25),
+        "b": ArraySlideReader(np.zeros((1000, 1200, 3), np.uint8), levels=3, mpp=None),
+    }
+
+    def open_reader(path: str):
+        if path not in readers:
+            raise SlideError("OpenSlide does not recognise the file (damaged, or not a slide)")
+        return readers[path]
+
+    cfg = WsiIngestConfig(sources=["x"], out="y", tile_size=100, mpp=0.5)
+    units = [_unit("a"), _unit("b"), _unit("c"), _unit("s3://bucket/d")]
+    assert check_slides(units, cfg, open_reader) == [
+        "slides checked: 3 of 4 (1 on object storage: opened by the workers in the run)",
+        # b has no MPP: level 0, tiles of 100 level-0 px, a 12 x 10 grid
+        "  1 at level 0 (1 level-0 px per output px, no MPP): 120 tile positions of 100 px before the tissue mask",
+        # a at 0.25 um/px: 0.5 um/px is level 1, tiles of 200 level-0 px, a 6 x 5 grid
+        "  1 at level 1 (2 level-0 px per output px, 0.5 µm/px): 30 tile positions of 100 px before the tissue mask",
+        "would fail 1: SlideError: OpenSlide does not recognise the file (damaged, or not a slide): id-c",
+        "warning for 1: slide has no MPP metadata; tiled at level 0: id-b",
+    ]
+
+
+def test_real_slide_headers_through_openslide(tmp_path):
+    good, broken = tmp_path / "good.tif", tmp_path / "broken.tif"
+    write_pyramid_tiff(good, np.full((1024, 1536, 3), 200, np.uint8), mpp=0.5, levels=3)
+    broken.write_bytes(good.read_bytes()[:3000])
+    cfg = WsiIngestConfig(sources=["x"], out="y", tile_size=256)
+    lines = check_slides([_unit(str(good)), _unit(str(broken))], cfg)
+    assert lines[:2] == [
+        "slides checked: 2 of 2",
+        "  1 at level 0 (1 level-0 px per output px, 0.5 µm/px): 24 tile positions of 256 px before the tissue mask",
+    ]
+    assert lines[2].startswith("would fail 1: SlideError: ") and lines[2].endswith(": id-broken.tif")
