@@ -323,8 +323,9 @@ SHOWN_IDS = 5
 
 
 def describe_plan(plan: Plan) -> list[str]:
-    """What an ingest would do, for ``--dry-run``: units per split (patients, classes) and the skipped inputs by
-    reason, as pseudonyms (output may reach job logs, which carry no file names; the private map has them)."""
+    """What an ingest would do, for ``--dry-run``: units per split (patients, classes), the skipped inputs by
+    reason and the planning warnings, as pseudonyms (output may reach job logs, which carry no file names; the
+    private map has them)."""
     counts: dict[str, Counter] = {}
     patients: dict[str, set[str]] = {}
     for u in plan.units:
@@ -346,6 +347,11 @@ def describe_plan(plan: Plan) -> list[str]:
         by_reason.setdefault(rec.reason or "", []).append(rec.id)
     for reason, ids in sorted(by_reason.items(), key=lambda kv: -len(kv[1])):
         lines.append(f"skipped {len(ids)}: {reason}: {id_list(ids)}")
+    warned: dict[str, list[str]] = {}  # found while planning: slice order and gaps of a series or sequence
+    for u in plan.units:
+        for warning in u.meta.get("warnings", []):
+            warned.setdefault(warning, []).append(u.id)
+    lines += [f"warning for {len(ids)}: {warning}: {id_list(ids)}" for warning, ids in warned.items()]
     return lines
 
 

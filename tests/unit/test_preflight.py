@@ -1,6 +1,7 @@
 import numpy as np
 
 from ingest.config import WsiIngestConfig
+from ingest.plan import Plan, describe_plan
 from ingest.preflight import check_slides
 from ingest.slides import ArraySlideReader, SlideError
 from ingest.synthetic import write_pyramid_tiff
@@ -54,3 +55,24 @@ def test_real_slide_headers_through_openslide(tmp_path):
         "  1 at level 0 (1 level-0 px per output px, 0.5 µm/px): 24 tile positions of 256 px before the tissue mask",
     ]
     assert lines[2].startswith("would fail 1: SlideError: ") and lines[2].endswith(": id-broken.tif")
+
+
+def test_a_plan_is_described_per_split_with_skips_and_warnings_by_pseudonym():
+    from shards.manifest import InputRecord
+
+    gap = "slice numbers skip 2 value(s) between 1 and 9"
+    units = [
+        Unit("u1", "sequence", ["/p1/1.png"], "s1", "p1", 1, "train", {"warnings": [gap]}),
+        Unit("u2", "sequence", ["/p2/1.png"], "s2", "p2", 0, "train"),
+        Unit("u3", "sequence", ["/p3/1.png"], "s3", "p3", 1, "val", {"warnings": [gap]}),
+    ]
+    skipped = [InputRecord(id=f"k{i}", kind="image", status="skipped", reason="not an image file") for i in range(7)]
+    plan = Plan(units=units, skipped=skipped, classes=["negative", "positive"])
+    assert describe_plan(plan) == [
+        "3 slice sequences to ingest, 7 input(s) skipped",
+        "  train: 2 (negative 1, positive 1) from 2 patient(s)",
+        "  val: 1 (positive 1) from 1 patient(s)",
+        "classes: 0 negative, 1 positive",
+        "skipped 7: not an image file: k0, k1, k2, k3, k4 and 2 more",
+        f"warning for 2: {gap}: u1, u3",
+    ]
