@@ -103,14 +103,14 @@ def _ingest_dry_run(kind: str, cfg, on_private) -> int:
     return 0
 
 
-def _outputs_for_dry_run(recipe, manifest, unreadable: str) -> tuple[int, str]:
+def _outputs_for_dry_run(recipe, manifest) -> tuple[int, str]:
     """How many logits the model would have: from the heads, the manifest if readable, else 2 (said so)."""
     from training.loop import outputs_of
 
     if recipe.model.heads:
         return len(recipe.model.heads), "heads"
     if manifest is None:
-        return 2, f"assumed; manifest not readable: {unreadable}"
+        return 2, "assumed: the manifest is not readable"
     return len(outputs_of(recipe, manifest)), "manifest"
 
 
@@ -256,12 +256,12 @@ def _dry_run(recipe) -> int:
     from training.models import build_model, count_parameters
 
     print(yaml.safe_dump(recipe.model_dump(), sort_keys=False))
-    manifest, unreadable = None, ""
+    manifest = None
     try:
         manifest = mf.load(recipe.data.dataset)
-    except Exception as exc:  # the dataset may live on a cluster this machine cannot reach
-        unreadable = type(exc).__name__
-    n, source = _outputs_for_dry_run(recipe, manifest, unreadable)
+    except Exception as exc:  # the dataset may live on a cluster this machine cannot reach: said, not fatal
+        print(f"dataset: manifest not readable from here: {exc}")
+    n, source = _outputs_for_dry_run(recipe, manifest)
     model = build_model(
         recipe.model.model_copy(update={"pretrained": False}), n, recipe.data.frames, recipe.data.image_size
     )

@@ -160,6 +160,13 @@ def test_dry_run_prints_recipe_and_parameters(capsys):
     assert "precision: bf16 (autocast) on a GPU worker, bf16 (autocast) on a CPU" in capsys.readouterr().out
 
 
+def test_dry_run_says_why_the_manifest_cannot_be_read(capsys, tmp_path):
+    assert main(["train", "demo_tiles", f"data.dataset={tmp_path / 'none'}", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert f"dataset: manifest not readable from here: {tmp_path / 'none' / 'manifest.json'}: FileNotFoundError" in out
+    assert "2 outputs (assumed: the manifest is not readable)" in out
+
+
 def test_dicom_windows_must_fill_three_channels():
     from ingest.config import DicomIngestConfig
 
