@@ -118,10 +118,15 @@ def ingest_config(args):
     try:
         return cls(sources=args.src, **given)
     except ValidationError as exc:
-        raise TesseraError(
-            "invalid ingest options: "
-            + "; ".join(f"--{'-'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']}" for e in exc.errors())
-        ) from None
+        raise TesseraError("invalid ingest options: " + "; ".join(map(_problem, exc.errors()))) from None
+
+
+def _problem(error: dict) -> str:
+    """One validation error as the user typed it: the flag, or none for a rule across options."""
+    msg = error["msg"].removeprefix("Value error, ")
+    if not error["loc"]:
+        return msg
+    return f"--{'-'.join(map(str, error['loc'])).replace('_', '-')}: {msg}"
 
 
 def keep_private(settings, out: str):

@@ -70,6 +70,13 @@ class WsiIngestConfig(IngestConfig):
     background_model: str | None = None
     background_threshold: float = Field(0.5, gt=0.0, le=1.0)
 
+    @model_validator(mode="after")
+    def _one_resolution(self) -> WsiIngestConfig:
+        # Else every slide would fail in its worker with the same error, after the run had started.
+        if self.mpp is not None and self.magnification is not None:
+            raise ValueError("give mpp or magnification, not both (both choose the resolution to tile at)")
+        return self
+
 
 class DicomIngestConfig(IngestConfig):
     """DICOM series to windowed slices (paper 003: brain/subdural/soft-tissue windows as RGB)."""

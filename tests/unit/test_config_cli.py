@@ -29,6 +29,8 @@ def test_sizes_and_ingest_validation():
     assert parse_bytes("1GB") == 1 << 30 and parse_bytes("256MB") == 256 << 20 and parse_bytes(1000) == 1000
     with pytest.raises(ValueError, match="tissue_threshold"):
         WsiIngestConfig(sources=["x"], out="y", tissue_threshold=2)
+    with pytest.raises(ValueError, match="give mpp or magnification, not both"):
+        WsiIngestConfig(sources=["x"], out="y", mpp=0.5, magnification=20)
 
 
 def test_every_command_has_help():
@@ -67,6 +69,8 @@ def test_ingest_options_take_the_models_defaults_and_show_them(capsys):
         assert text in shown
     assert main(["ingest", "wsi", "a", "--out", "o", "--quality", "0"]) == 1
     assert "--quality: Input should be greater than or equal to 1" in capsys.readouterr().err
+    assert main(["ingest", "wsi", "a", "--out", "o", "--mpp", "1", "--magnification", "20"]) == 1
+    assert "invalid ingest options: give mpp or magnification, not both" in capsys.readouterr().err
 
 
 def test_ingest_dry_run_lists_what_would_be_ingested_and_writes_nothing(capsys, tmp_path, monkeypatch):
