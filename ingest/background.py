@@ -35,6 +35,8 @@ class BackgroundFilter:
         self, path: str, threshold: float = 0.5, background_class: int = 0, input_size: int = 128, batch: int = 64
     ) -> None:
         p = Path(path)
+        if not p.exists():
+            raise FileNotFoundError(f"background model {path}: no such file or folder")
         if p.is_dir():  # a Tessera export: TorchScript plus its description
             desc = json.loads((p / "model.json").read_text())
             self.model = torch.jit.load(str(p / "model.ts"), map_location="cpu").eval()
@@ -46,7 +48,8 @@ class BackgroundFilter:
             try:
                 self.model = torch.jit.load(str(p), map_location="cpu").eval()
             except (RuntimeError, ValueError) as exc:
-                raise ValueError(f"background model: not TorchScript nor a Tessera export folder ({exc})") from exc
+                why = f"not TorchScript nor a Tessera export folder ({exc})"
+                raise ValueError(f"background model {path}: {why}") from exc
             self.background_class, self.input_size = background_class, input_size
         self.threshold = threshold
         self.batch = batch

@@ -309,6 +309,12 @@ def make_plan(kind: str, cfg: IngestConfig, key: bytes) -> Plan:
     planner, config = planners[kind]
     if not isinstance(cfg, config):
         raise TypeError(f"ingest {kind} takes a {config.__name__}, not a {type(cfg).__name__}")
+    if isinstance(cfg, WsiIngestConfig) and cfg.background_model:
+        # Loaded once here so that a wrong path or file fails the run before it starts, with its reason, rather
+        # than every worker as it is created. Workers read the same path: it must be on every node.
+        from ingest.background import BackgroundFilter
+
+        BackgroundFilter(cfg.background_model, cfg.background_threshold)
     return planner(cfg, key)
 
 

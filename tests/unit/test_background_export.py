@@ -54,3 +54,22 @@ def test_a_file_that_is_no_model_is_a_clear_error(tmp_path):
     bad.write_bytes(b"nonsense")
     with pytest.raises(ValueError, match="background model"):
         BackgroundFilter(str(bad))
+
+
+def test_a_wrong_background_model_fails_the_plan_before_any_work(tmp_path):
+    """The driver loads the model once: a run with a wrong one stops before its workers start (each of which
+    would otherwise die in its creation with the same error)."""
+    from ingest.config import WsiIngestConfig
+    from ingest.plan import make_plan
+
+    (tmp_path / "slides").mkdir()
+    (tmp_path / "slides" / "a.svs").touch()
+    bad = tmp_path / "bad.ts"
+    bad.write_bytes(b"nonsense")
+    common = {"sources": [str(tmp_path / "slides")], "out": str(tmp_path / "out")}
+    with pytest.raises(FileNotFoundError, match=f"background model {tmp_path / 'none.ts'}: no such file or folder"):
+        make_plan("wsi", WsiIngestConfig(**common, background_model=str(tmp_path / "none.ts")), b"k")
+    with pytest.raises(ValueError, match=f"background model {bad}: not TorchScript"):
+        make_plan("wsi", WsiIngestConfig(**common, background_model=str(bad)), b"k")
+    assert len(make_plan("wsi", WsiIngestConfig(**common), b"k").units) == 1
+    assert not (tmp_path / "out").exists()
