@@ -253,9 +253,10 @@ def _dry_run(recipe) -> int:
 
     from shards import manifest as mf
     from training.engine import mixed_precision
-    from training.models import build_model, count_parameters
+    from training.models import build_model, check_model, count_parameters
 
     print(yaml.safe_dump(recipe.model_dump(), sort_keys=False))
+    check_model(recipe.model)
     manifest = None
     try:
         manifest = mf.load(recipe.data.dataset)

@@ -128,6 +128,9 @@ def run_training(recipe: TrainRecipe, tracking_uri: str, storage_path: str, max_
     A worker that dies is replaced and the group resumes from the last checkpoint, up to ``max_failures``
     times; after that the run is FAILED in MLflow and ``tessera train --resume RUN`` continues it.
     """
+    from training.models import check_model
+
+    check_model(recipe.model)  # before an MLflow run or a worker exists
     run_id = start_run(recipe, tracking_uri)
     return fit(recipe, run_id, tracking_uri, storage_path, max_failures)
 

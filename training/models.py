@@ -23,6 +23,7 @@ def _timm(name: str, num_classes: int, pretrained: bool, weights: str | None, **
     import timm
 
     kwargs["num_classes"] = num_classes
+    weights = os.path.expanduser(weights) if weights else weights
     if pretrained and weights and os.path.isfile(weights):
         kwargs["pretrained_cfg_overlay"] = {"file": os.path.abspath(weights)}
         return timm.create_model(name, pretrained=True, **kwargs)
@@ -86,6 +87,29 @@ class Vivit(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x[N, T, 3, S, S]`` -> ``logits[N, K]``."""
         return self.net(pixel_values=x).logits
+
+
+WEIGHT_FILES = (".safetensors", ".pth", ".pt", ".bin")
+
+
+def check_model(cfg: ModelConfig) -> None:
+    """Refuse, on the driver, what would fail in every worker once the cluster had started: a model name timm
+    does not know (with the closest it does), or local weights that are not there. Raises RecipeError."""
+    import difflib
+
+    import timm
+
+    from training.config import RecipeError
+
+    name = cfg.name.removeprefix("temporal:")
+    if cfg.name != "vivit" and not timm.is_model(name):
+        close = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.6)
+        hint = f" (closest: {', '.join(close)})" if close else ""
+        raise RecipeError(f"model.name: timm has no model {name!r}{hint}")
+    w = cfg.weights
+    local = w and not w.startswith("hf-hub:") and (w.startswith(("/", "./", "../", "~")) or w.endswith(WEIGHT_FILES))
+    if cfg.pretrained and local and not os.path.exists(os.path.expanduser(w)):
+        raise RecipeError(f"model.weights: no file or folder {w} (local weights must be at this path on every worker)")
 
 
 def build_model(cfg: ModelConfig, num_outputs: int, frames: int = 0, image_size: int = 224) -> nn.Module:

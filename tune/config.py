@@ -136,11 +136,19 @@ class SweepConfig(Strict):
         return self.metric or base.eval.monitor, self.mode or base.eval.mode
 
     def check_space(self) -> None:
-        """Every searched field accepts each of its example values (a typo fails here, naming the field)."""
+        """The base recipe's model exists, and every searched field accepts each of its example values with a model
+        that exists (a typo fails here, naming the field, not in every trial's workers)."""
+        from training.models import check_model
+
+        check_model(self.base().model)
         tree = recipe_tree(self.recipe)
         for key, param in self.space.items():
             for value in param.examples():
-                recipe_with(tree, self.overrides, {key: value}, f"sweep {self.name}: space.{key}={value!r}")
+                source = f"sweep {self.name}: space.{key}={value!r}"
+                try:
+                    check_model(recipe_with(tree, self.overrides, {key: value}, source).model)
+                except RecipeError as exc:
+                    raise RecipeError(f"{source}: {exc}") from None
 
 
 def recipe_with(tree: dict[str, Any], overrides: list[str], params: dict[str, Any], source: str) -> TrainRecipe:
@@ -213,7 +221,6 @@ def load_plan(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) ->
         errors = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
         raise RecipeError(f"{path}: {errors}") from None
     for sweep in plan.sweeps().values() if isinstance(plan, StudyConfig) else [plan]:
-        sweep.base()
         sweep.check_space()
     return plan
 
@@ -222,7 +229,7 @@ def replicate_sweep(recipe: str, overrides: list[str], n: int, resplit_folds: li
     """``tessera tune --replicates N RECIPE``: the recipe N times, optionally re-split over folds."""
     reps = ReplicateConfig(n=n, resplit=bool(resplit_folds), folds=resplit_folds or [])
     name = Path(recipe).stem
-    return SweepConfig(
+    sweep = SweepConfig(
         name=f"{name}-x{n}",
         recipe=recipe,
         overrides=overrides,
@@ -230,3 +237,5 @@ def replicate_sweep(recipe: str, overrides: list[str], n: int, resplit_folds: li
         search=SearchConfig(algorithm="grid", num_samples=1),
         scheduler=SchedulerConfig(name="none"),
     )
+    sweep.check_space()
+    return sweep

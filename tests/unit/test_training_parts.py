@@ -126,6 +126,28 @@ def test_timm_weights_from_a_local_file(tmp_path):
     assert model.get_classifier().out_features == 3  # the file's 1000-class head was dropped
 
 
+def test_a_model_that_would_fail_in_every_worker_is_refused_on_the_driver(tmp_path):
+    from training.config import RecipeError
+    from training.models import check_model
+
+    with pytest.raises(RecipeError, match=r"model.name: timm has no model 'resnet_50' \(closest: resnet50"):
+        check_model(ModelConfig(name="resnet_50"))
+    with pytest.raises(RecipeError, match=r"model\.name: timm has no model 'convnxt_tiny'"):
+        check_model(ModelConfig(name="temporal:convnxt_tiny"))
+    missing = str(tmp_path / "w.safetensors")
+    with pytest.raises(RecipeError, match=f"model.weights: no file or folder {missing}"):
+        check_model(ModelConfig(name="resnet18", pretrained=True, weights=missing))
+    (tmp_path / "w.safetensors").touch()
+    for fine in (
+        ModelConfig(name="resnet18", pretrained=True, weights=missing),
+        ModelConfig(name="resnet18", pretrained=False, weights=str(tmp_path / "other.pth")),  # not used
+        ModelConfig(name="resnet18", pretrained=True, weights="timm/resnet18.a1_in1k"),  # a hub id
+        ModelConfig(name="vivit", pretrained=True, weights="google/vivit-b-16x2-kinetics400"),
+        ModelConfig(name="temporal:resnet18"),
+    ):
+        check_model(fine)
+
+
 def test_vivit_weights_from_a_local_folder(tmp_path):
     from transformers import VivitConfig, VivitForVideoClassification
 

@@ -9,7 +9,7 @@ from scipy import stats
 from statsmodels.stats.power import TTestIndPower
 
 from training.config import RecipeError
-from tune.config import ReplicateConfig, SweepConfig, load_plan
+from tune.config import ReplicateConfig, SweepConfig, load_plan, replicate_sweep
 from tune.stats import cohens_d, compare, summarise
 
 # ten replicate accuracies per model (paper 002's scale: two models, 10 runs each)
@@ -93,6 +93,12 @@ def test_sweep_validation_names_the_problem():
         SweepConfig(name="x", recipe="demo_tiles", space={"optim.lrr": {"uniform": [0, 1]}}).check_space()
     with pytest.raises(RecipeError, match=r"optim\.name"):
         SweepConfig(name="x", recipe="demo_tiles", space={"optim.name": {"choice": ["adamw", "lion"]}}).check_space()
+    # A model timm does not know fails here, naming the value, not in every trial's workers.
+    models = {"model.name": {"choice": ["resnet18", "resnet_50"]}}
+    with pytest.raises(RecipeError, match=r"space\.model\.name='resnet_50': model\.name: timm has no model"):
+        SweepConfig(name="x", recipe="demo_tiles", space=models).check_space()
+    with pytest.raises(RecipeError, match="timm has no model 'resnet_50'"):
+        replicate_sweep("demo_tiles", ["model.name=resnet_50"], 3)
     with pytest.raises(ValueError, match="exactly one of"):
         SweepConfig(name="x", recipe="demo_tiles", space={"optim.lr": {"uniform": [0, 1], "choice": [1]}})
     with pytest.raises(ValueError, match="optuna cannot take grid"):
