@@ -145,8 +145,9 @@ class SweepConfig(Strict):
         for key, param in self.space.items():
             for value in param.examples():
                 source = f"sweep {self.name}: space.{key}={value!r}"
+                recipe = recipe_with(tree, self.overrides, {key: value}, source)
                 try:
-                    check_model(recipe_with(tree, self.overrides, {key: value}, source).model)
+                    check_model(recipe.model)
                 except RecipeError as exc:
                     raise RecipeError(f"{source}: {exc}") from None
 
