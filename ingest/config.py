@@ -141,6 +141,6 @@ def pseudonym_key() -> bytes:
     path = os.environ.get("TESSERA_PSEUDONYM_KEY_FILE")
     if path and os.path.exists(path):
         return open(path, "rb").read().strip()
-    raise RuntimeError(
+    raise ValueError(  # the user's setting to make, not a fault: the CLI says it without a traceback
         "no pseudonym key: set TESSERA_PSEUDONYM_KEY or TESSERA_PSEUDONYM_KEY_FILE (`tessera up` creates one)"
     )

@@ -114,6 +114,15 @@ def test_ingest_dry_run_lists_what_would_be_ingested_and_writes_nothing(capsys, 
     )
 
 
+def test_ingest_without_a_pseudonym_key_says_how_to_get_one(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("TESSERA_STATE_DIR", str(tmp_path / "state"))
+    monkeypatch.delenv("TESSERA_PSEUDONYM_KEY", raising=False)
+    monkeypatch.delenv("TESSERA_PSEUDONYM_KEY_FILE", raising=False)
+    assert main(["ingest", "wsi", str(tmp_path), "--out", str(tmp_path / "out"), "--dry-run"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("tessera: error: no pseudonym key: set TESSERA_PSEUDONYM_KEY") and "`tessera up`" in err
+
+
 def test_train_and_tune_help_list_the_bundled_plans(capsys):
     from training.config import RECIPES
     from tune.config import SWEEPS
