@@ -22,9 +22,9 @@ KINDS = {
 
 def config_class(kind: str):
     """The pydantic model of ``tessera ingest KIND``."""
-    from ingest.config import DicomIngestConfig, ImagesIngestConfig, WsiIngestConfig
+    from ingest.config import CONFIGS
 
-    return {"wsi": WsiIngestConfig, "dicom": DicomIngestConfig, "images": ImagesIngestConfig}[kind]
+    return CONFIGS[kind]
 
 
 def _shown(field: str, value) -> str:

@@ -133,6 +133,14 @@ class ImagesIngestConfig(IngestConfig):
         return self.model_dump(exclude={"sources", "labels", "boxes"})
 
 
+# ``tessera ingest KIND``'s configuration model, for the command line and the planner alike.
+CONFIGS: dict[str, type[IngestConfig]] = {
+    "wsi": WsiIngestConfig,
+    "dicom": DicomIngestConfig,
+    "images": ImagesIngestConfig,
+}
+
+
 def pseudonym_key() -> bytes:
     """The user's pseudonym key from ``TESSERA_PSEUDONYM_KEY`` or the file in ``TESSERA_PSEUDONYM_KEY_FILE``."""
     key = os.environ.get("TESSERA_PSEUDONYM_KEY")

@@ -6,7 +6,7 @@ import os
 from collections import Counter
 from dataclasses import dataclass, field
 
-from ingest.config import DicomIngestConfig, ImagesIngestConfig, IngestConfig, WsiIngestConfig
+from ingest.config import CONFIGS, DicomIngestConfig, ImagesIngestConfig, IngestConfig, WsiIngestConfig
 from ingest.dicom import group_series, map_headers, read_header, read_headers
 from ingest.dicom_wsi import group_dicom_slides
 from ingest.images import IMAGE_EXTS, csv_boxes, is_slice_table, patient_key, read_slice_table, slice_number, yolo_boxes
@@ -299,14 +299,10 @@ def _plan_sequences(cfg: ImagesIngestConfig, key: bytes, text: str | None) -> Pl
 
 def make_plan(kind: str, cfg: IngestConfig, key: bytes) -> Plan:
     """The plan of ``tessera ingest KIND``: what the driver decides before any pixel is read."""
-    planners = {
-        "wsi": (plan_wsi, WsiIngestConfig),
-        "dicom": (plan_dicom, DicomIngestConfig),
-        "images": (plan_images, ImagesIngestConfig),
-    }
+    planners = {"wsi": plan_wsi, "dicom": plan_dicom, "images": plan_images}
     if kind not in planners:
         raise ValueError(f"unknown ingest kind {kind!r}")
-    planner, config = planners[kind]
+    planner, config = planners[kind], CONFIGS[kind]
     if not isinstance(cfg, config):
         raise TypeError(f"ingest {kind} takes a {config.__name__}, not a {type(cfg).__name__}")
     if isinstance(cfg, WsiIngestConfig) and cfg.background_model:
