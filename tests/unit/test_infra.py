@@ -167,38 +167,37 @@ def test_broken_manifests_fail_with_a_readable_message():
         validate(mlflow)
 
 
-def test_runtime_image_pins_every_dependency_within_pyproject():
-    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+def _exact_pins(path: Path) -> dict[str, str]:
+    """``name == version`` lines of a pip requirements or constraints file, by canonical name; every line must
+    pin one exact version."""
     pins = {}
-    for line in (INFRA / "docker" / "requirements.txt").read_text().splitlines():
+    for line in path.read_text().splitlines():
         if line and not line.startswith("#"):
             req = Requirement(line)
             (spec,) = req.specifier
-            assert spec.operator == "==", f"{line}: the image pins exact versions"
-            pins[req.name.lower()] = spec.version
+            assert spec.operator == "==", f"{path.name}: {line} is not an exact version"
+            pins[canonicalize_name(req.name)] = spec.version
+    return pins
+
+
+def test_runtime_image_pins_every_dependency_within_pyproject():
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    pins = _exact_pins(INFRA / "docker" / "requirements.txt")
     for dep in deps:
         req = Requirement(dep)
-        assert req.name.lower() in pins, f"{req.name} is not pinned in infra/docker/requirements.txt"
-        assert req.specifier.contains(pins[req.name.lower()]), f"{req.name}=={pins[req.name.lower()]} vs {dep}"
+        name = canonicalize_name(req.name)
+        assert name in pins, f"{req.name} is not pinned in infra/docker/requirements.txt"
+        assert req.specifier.contains(pins[name]), f"{req.name}=={pins[name]} vs {dep}"
     dockerfile = (INFRA / "docker" / "Dockerfile").read_text()
     assert f"torch=={pins['torch']}" in dockerfile and f"torchvision=={pins['torchvision']}" in dockerfile
 
 
 def test_the_image_and_the_test_environment_pin_the_same_versions():
     """``make`` installs with constraints.txt, the image from its requirements.txt: one version of each package."""
-    locked = {}
-    for line in (ROOT / "constraints.txt").read_text().splitlines():
-        if line and not line.startswith("#"):
-            req = Requirement(line)
-            (spec,) = req.specifier
-            assert spec.operator == "==", f"constraints.txt: {line} is not an exact version"
-            locked[canonicalize_name(req.name)] = spec.version
-    for line in (INFRA / "docker" / "requirements.txt").read_text().splitlines():
-        if line and not line.startswith("#"):
-            req = Requirement(line)
-            name = canonicalize_name(req.name)
-            assert name in locked, f"{req.name} is in the image but not in constraints.txt"
-            assert req.specifier.contains(locked[name]), f"image {line} vs constraints.txt {name}=={locked[name]}"
+    locked = _exact_pins(ROOT / "constraints.txt")
+    for name, version in _exact_pins(INFRA / "docker" / "requirements.txt").items():
+        assert name in locked, f"{name} is in the image but not in constraints.txt"
+        assert locked[name] == version, f"image {name}=={version} vs constraints.txt {name}=={locked[name]}"
     deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["dev"]
     for dep in deps:
         req = Requirement(dep)
