@@ -146,6 +146,8 @@ class SweepConfig(Strict):
             for value in param.examples():
                 source = f"sweep {self.name}: space.{key}={value!r}"
                 recipe = recipe_with(tree, self.overrides, {key: value}, source)
+                if key.split(".")[0] != "model":
+                    continue  # the base's model, checked above
                 try:
                     check_model(recipe.model)
                 except RecipeError as exc:
