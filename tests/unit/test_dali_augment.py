@@ -93,21 +93,25 @@ def test_rotation_interpolates_linearly_and_replicates_edges_like_opencv(tmp_pat
 
 
 def test_images_of_the_output_size_pass_unchanged_and_others_are_resized(tmp_path):
-    """A batch of tiles stored at the training size and larger ones: the former come out unchanged (they skip
-    the resize), the latter are scaled down as OpenCV's area average does."""
-    yy, xx = np.mgrid[0 : 2 * SIZE, 0 : 2 * SIZE]
-    big = np.stack([yy * 2, xx * 2, (yy + xx)], axis=-1).clip(0, 255).astype(np.uint8)  # smooth: no aliasing
+    """A batch of tiles stored at the training size, at twice it and at 2.5 times: the first come out
+    unchanged (they skip the resize), the others scaled down as OpenCV's area average does: exactly for
+    twice the size (2x2 averages, even of noise), closely for a smooth image at another size."""
+    rng = np.random.default_rng(1)
+    double = rng.integers(0, 256, (2 * SIZE, 2 * SIZE, 3), dtype=np.uint8)
+    yy, xx = np.mgrid[0 : 5 * SIZE // 2, 0 : 5 * SIZE // 2]
+    smooth = np.stack([yy * 2, xx * 2, (yy + xx)], axis=-1).clip(0, 255).astype(np.uint8)  # no aliasing
     image, _, _ = _shard(tmp_path)
     with ShardWriter(str(tmp_path / "mixed")) as w:
-        w.write(make_sample("same", encode_image(image, "png"), "png", 1, {}))
-        w.write(make_sample("big", encode_image(big, "png"), "png", 0, {}))
+        for key, pixels in (("same", image), ("double", double), ("smooth", smooth)):
+            w.write(make_sample(key, encode_image(pixels, "png"), "png", 1, {}))
     urls = [str(tmp_path / "mixed" / w.shards[0].name)]
-    pipe = build_pipeline(urls, fetch_indices(urls, str(tmp_path / "idx2")), 2, SIZE, train=False)
+    pipe = build_pipeline(urls, fetch_indices(urls, str(tmp_path / "idx2")), 3, SIZE, train=False)
     x, _, _ = pipe.run()
-    same, scaled = _uint8(_pixels(x))
+    same, halved, scaled = _uint8(_pixels(x))
     assert np.abs(same.astype(int) - image).max() <= 1
-    ref = cv2.resize(big, (SIZE, SIZE), interpolation=cv2.INTER_AREA)
-    assert scaled.shape == ref.shape and np.abs(scaled.astype(int) - ref).max() <= 1
+    for out, src, tolerance in ((halved, double, 1), (scaled, smooth, 2)):
+        ref = cv2.resize(src, (SIZE, SIZE), interpolation=cv2.INTER_AREA)
+        assert out.shape == ref.shape and np.abs(out.astype(int) - ref).max() <= tolerance
 
 
 @pytest.mark.parametrize(("brightness", "contrast"), [(0.5, 0.0), (0.0, 0.5), (0.5, 0.5)])
