@@ -7,6 +7,7 @@ import os
 import sys
 from pathlib import Path
 
+from cluster.cli_evaluate import add_evaluate_parser, held_out_line, print_held_out
 from cluster.cli_ingest import add_ingest_parser, ingest_config, keep_private
 from cluster.errors import TesseraError
 
@@ -155,6 +156,7 @@ def cmd_train(args) -> int:
         return 1
     if outcome.model_version:
         print(f"registered model: {outcome.run_url.split('/#/')[0]}/#/models (version {outcome.model_version})")
+    print_held_out(outcome)
     return 0
 
 
@@ -271,6 +273,7 @@ def _dry_run(recipe) -> int:
     gpu, cpu = ("bf16 (autocast)" if mixed_precision(recipe, cuda) else "fp32" for cuda in (True, False))
     print(f"precision: {gpu} on a GPU worker, {cpu} on a CPU worker (deepspeed.bf16: {recipe.deepspeed.bf16})")
     if manifest is not None:
+        print(held_out_line(recipe, manifest))
         print(_input_size(recipe, manifest))
     return 0
 
@@ -318,6 +321,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tr.add_argument("--dry-run", action="store_true", help="validate, print the resolved recipe and exit")
     tr.set_defaults(fn=cmd_train)
+
+    add_evaluate_parser(sub)
 
     tu = sub.add_parser(
         "tune",

@@ -23,7 +23,7 @@ def run_demo(settings: Settings, workdir: Path, small: bool = False) -> dict[str
     from training.launch import run_training
 
     t0 = time.time()
-    n_slides, size = (4, 1024) if small else (6, 2048)
+    n_slides, size = (4, 1024) if small else (8, 2048)
     _stage(f"generating {n_slides} synthetic slides ({size} px, JPEG-tiled pyramids) and 2 CT series")
     _, labels = make_slides(workdir / "slides", n=n_slides, size=size)
     _, ct_labels = make_ct_series(workdir / "ct", n=2, slices=8 if small else 16)
@@ -36,7 +36,7 @@ def run_demo(settings: Settings, workdir: Path, small: bool = False) -> dict[str
         labels=str(labels),
         tile_size=128,
         store_size=64,
-        split="train=0.5,val=0.5" if small else "train=0.67,val=0.33",
+        split="train=0.5,val=0.5" if small else "train=0.5,val=0.25,test=0.25",
         shard_size="2MB",
     )
     manifest, _ = run_ingest("wsi", wsi)
@@ -61,6 +61,12 @@ def run_demo(settings: Settings, workdir: Path, small: bool = False) -> dict[str
         f"validation: tile accuracy {m.get('val_accuracy', float('nan')):.3f}, "
         f"patient accuracy {m.get('val_patient_accuracy', float('nan')):.3f}"
     )
+    if outcome.held_out is not None:
+        t = outcome.held_out.metrics
+        print(
+            f"test (held out): tile accuracy {t.get('test_accuracy', float('nan')):.3f}, "
+            f"patient accuracy {t.get('test_patient_accuracy', float('nan')):.3f}"
+        )
     print(f"shards:     {wsi_url}  {ct_url}")
     print(f"MLflow run: {outcome.run_url}")
     return {"wsi": wsi_url, "ct": ct_url, "run_url": outcome.run_url, "run_id": outcome.run_id}

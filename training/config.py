@@ -56,6 +56,9 @@ class DataConfig(Strict):
     dataset: str
     train_split: str = "train"  # "f0+f1+f2" trains on several ingest splits (re-split replicates)
     val_split: str = "val"
+    # Evaluated once after training with the run's selected model (``tessera evaluate``), where the manifest has
+    # it; None: never.
+    test_split: str | None = "test"
     image_size: int = Field(224, gt=0)
     # Slice-sequence samples (``000.png``...): frames per sample, for video models; 0 for single images.
     frames: int = Field(0, ge=0)

@@ -27,7 +27,8 @@ from training.state import epoch_seed
 
 @dataclass
 class WorkerData:
-    """Shards and indices of the train and validation splits, as seen by worker ``rank`` of ``world``."""
+    """Shards and indices of ``splits`` (default: the recipe's train and validation splits), as seen by worker
+    ``rank`` of ``world``."""
 
     recipe: TrainRecipe
     manifest: mf.Manifest
@@ -36,11 +37,12 @@ class WorkerData:
     device_id: int | None
     _index: dict[str, list[str]] = field(default_factory=dict)
     _access: dict[str, tuple[ShardFiles, list[Sample]]] = field(default_factory=dict)
+    splits: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         d = self.recipe.data
         self._dir = scratch.directory("idx")
-        for split in (d.train_split, d.val_split):
+        for split in self.splits or (d.train_split, d.val_split):
             if self.manifest.missing_splits(split):
                 raise ValueError(
                     f"{d.dataset}: the manifest has no {self.manifest.missing_splits(split)} split "

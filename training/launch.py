@@ -28,6 +28,8 @@ class TrainOutcome:
     checkpoint: str | None
     model_version: str | None = None
     error: str | None = None
+    held_out: Any = None  # the test split's EvalOutcome (training.evaluation)
+    held_out_error: str | None = None
 
 
 def storage_location(storage_path: str):
@@ -132,7 +134,7 @@ def run_training(recipe: TrainRecipe, tracking_uri: str, storage_path: str, max_
 
     check_model(recipe.model)  # before an MLflow run or a worker exists
     run_id = start_run(recipe, tracking_uri)
-    return fit(recipe, run_id, tracking_uri, storage_path, max_failures)
+    return fit(recipe, run_id, tracking_uri, storage_path, max_failures, held_out=True)
 
 
 # What ``--resume`` may change: where a run continues, not what it trains.
@@ -164,7 +166,7 @@ def resume_training(
         client.set_tag(run_id, "resume_overrides", " ".join(overrides))  # params are immutable; say what changed
     client.update_run(run_id, status="RUNNING")
     print(f"resuming MLflow run {run_id} from its latest checkpoint", flush=True)
-    return fit(recipe, run_id, tracking_uri, storage_path)
+    return fit(recipe, run_id, tracking_uri, storage_path, held_out=True)
 
 
 def trainer_for(
@@ -184,23 +186,16 @@ def trainer_for(
     ``start_from`` (``path``, ``storage``, ``weights_only``) starts a new run from another run's checkpoint;
     ``name`` overrides the run name (a sweep trial takes a new one each time it starts from a checkpoint);
     ``keep_checkpoints`` is how many of the newest checkpoints stay (None: all)."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+    from ray.train.torch import TorchTrainer
 
-    use_gpu = wants_gpu(recipe)
     path, fs = storage_location(storage_path)
     config = {"recipe": recipe.model_dump(), "mlflow_uri": tracking_uri, "run_id": run_id, "fault": _fault()}
     config["start_from"] = start_from
     return TorchTrainer(
         _loop(),
         train_loop_config=config,
-        scaling_config=ScalingConfig(
-            num_workers=recipe.workers,
-            use_gpu=use_gpu,
-            resources_per_worker={"CPU": recipe.cpus_per_worker},
-            placement_strategy=recipe.placement.upper(),
-        ),
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        **worker_group(recipe),
         run_config=RunConfig(
             name=name or f"{recipe.name}-{run_id[:12]}",
             storage_path=path,
@@ -212,6 +207,22 @@ def trainer_for(
     )
 
 
+def worker_group(recipe: TrainRecipe) -> dict[str, Any]:
+    """The ``scaling_config`` and ``torch_config`` of a TorchTrainer for ``recipe``: its workers, their CPUs and
+    placement, GPUs (NCCL) where the recipe asks for them or they are there, gloo otherwise."""
+    from ray.train import ScalingConfig
+    from ray.train.torch import TorchConfig
+
+    use_gpu = wants_gpu(recipe)
+    scaling = ScalingConfig(
+        num_workers=recipe.workers,
+        use_gpu=use_gpu,
+        resources_per_worker={"CPU": recipe.cpus_per_worker},
+        placement_strategy=recipe.placement.upper(),
+    )
+    return {"scaling_config": scaling, "torch_config": TorchConfig(backend="nccl" if use_gpu else "gloo")}
+
+
 def fit(
     recipe: TrainRecipe,
     run_id: str,
@@ -219,9 +230,11 @@ def fit(
     storage_path: str,
     max_failures: int = 2,
     register: bool = True,
+    held_out: bool = False,
     **trainer_options: Any,
 ) -> TrainOutcome:
-    """Run (or resume) the trainer of ``run_id``; curves and (``register``) model registration after it ends.
+    """Run (or resume) the trainer of ``run_id``; curves and (``register``) model registration after it ends,
+    and (``held_out``) the selected model's evaluation on the recipe's test split (:func:`held_out_evaluation`).
 
     ``trainer_options`` go to :func:`trainer_for` (callbacks, start_from, name, keep_checkpoints)."""
     logger = tracking.RunLogger(tracking_uri, run_id)
@@ -236,9 +249,31 @@ def fit(
         version = tracking.register_model(tracking_uri, run_id, recipe.name) if ok and register else None
         ckpt = checkpoint_url(result.checkpoint.path, storage_path) if result.checkpoint else None
         error = None if ok else f"{type(result.error).__name__}: {result.error}"
-        return TrainOutcome(run_id, url, dict(result.metrics or {}), ckpt, version, error)
+        outcome = TrainOutcome(run_id, url, dict(result.metrics or {}), ckpt, version, error)
+        if ok and held_out:
+            held_out_evaluation(outcome, recipe, tracking_uri, storage_path)
+        return outcome
     finally:
         tracking.finish_run(tracking_uri, run_id, ok)
+
+
+def held_out_evaluation(outcome: TrainOutcome, recipe: TrainRecipe, tracking_uri: str, storage_path: str) -> None:
+    """The run's selected model on the recipe's ``data.test_split``, where the manifest has one, into
+    ``outcome``. A failure is recorded there, not raised: the training itself succeeded and its model stays
+    registered; ``tessera evaluate RUN`` repeats this step alone."""
+    from training.evaluation import evaluate_run
+
+    split = recipe.data.test_split
+    if split is None:
+        return
+    manifest, _ = _load_manifest(recipe)
+    if manifest.missing_splits(split):
+        print(f"held-out evaluation: the dataset has no {split} split", flush=True)
+        return
+    try:
+        outcome.held_out = evaluate_run(outcome.run_id, tracking_uri, storage_path, split, recipe=recipe)
+    except Exception as exc:  # reported with the training's outcome
+        outcome.held_out_error = f"{type(exc).__name__}: {exc}"
 
 
 def _loop():

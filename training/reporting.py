@@ -55,23 +55,27 @@ class Reporter:
             self.log.artifacts(out, folder)
 
     def final(self, pred: dict[str, Any]) -> None:
-        """Confusion matrices and ROC curves at sample level and each aggregation level."""
-        from training.loop import by_level, level_threshold
-        from training.metrics import confusion
-        from training.plots import confusion_png, roc_png
+        """Confusion matrices and ROC curves of the validation split."""
+        log_pictures(self.log, self.t.recipe, self.t.outputs, pred, "validation")
 
-        r = self.t.recipe
-        levels = [("sample", pred["probs"], pred["labels"]), *by_level(pred, r)]
-        with tempfile.TemporaryDirectory() as tmp:
-            for level, p, y in levels:
-                if len(y) == 0:
-                    continue
-                title = f"validation, {level} level"
-                if r.task == "multiclass":
-                    cm = confusion(y, p, level_threshold(r, level))
-                    path = Path(tmp) / f"confusion_{level}.png"
-                    self.log.artifact(confusion_png(cm, self.t.outputs, path, title))
-                    data = Path(tmp) / f"confusion_{level}.json"  # for averaging over replicates
-                    data.write_text(json.dumps({"classes": self.t.outputs, "matrix": cm.tolist()}))
-                    self.log.artifact(data)
-                self.log.artifact(roc_png(y, p, self.t.outputs, r.task, Path(tmp) / f"roc_{level}.png", title))
+
+def log_pictures(log: RunLogger, recipe, outputs: list[str], pred: dict[str, Any], split: str, prefix: str = ""):
+    """Confusion matrices (PNG and JSON, multi-class) and ROC curves of ``pred`` at sample level and each
+    aggregation level; files named ``<prefix>confusion_<level>.png``..., titles naming ``split``."""
+    from training.loop import by_level, level_threshold
+    from training.metrics import confusion
+    from training.plots import confusion_png, roc_png
+
+    levels = [("sample", pred["probs"], pred["labels"]), *by_level(pred, recipe)]
+    with tempfile.TemporaryDirectory() as tmp:
+        for level, p, y in levels:
+            if len(y) == 0:
+                continue
+            title = f"{split}, {level} level"
+            if recipe.task == "multiclass":
+                cm = confusion(y, p, level_threshold(recipe, level))
+                log.artifact(confusion_png(cm, outputs, Path(tmp) / f"{prefix}confusion_{level}.png", title))
+                data = Path(tmp) / f"{prefix}confusion_{level}.json"  # for averaging over replicates
+                data.write_text(json.dumps({"classes": outputs, "matrix": cm.tolist()}))
+                log.artifact(data)
+            log.artifact(roc_png(y, p, outputs, recipe.task, Path(tmp) / f"{prefix}roc_{level}.png", title))

@@ -219,3 +219,36 @@ def test_dry_run_says_whether_the_stored_images_need_a_resize(capsys, tmp_path):
     assert last_line("images", {"store_size": None}) == (
         "input: stored at their own sizes (no --store-size), resized to 64 px where they differ"
     )
+
+
+def test_dry_run_says_which_split_is_held_out(capsys, tmp_path):
+    from tests.datasets import make_dataset
+
+    def held_out(splits: dict[str, int], *overrides: str) -> str:
+        url = str(tmp_path / "-".join(splits))
+        make_dataset(url, splits)
+        assert main(["train", "demo_tiles", f"data.dataset={url}", *overrides, "--dry-run"]) == 0
+        return next(line for line in capsys.readouterr().out.splitlines() if line.startswith("held-out:"))
+
+    three = {"train": 2, "val": 2, "test": 3}
+    assert held_out(three) == "held-out: the test split (3 samples), with the selected model after training"
+    assert held_out(three, "data.test_split=null") == "held-out: none (data.test_split: null)"
+    assert held_out({"train": 2, "val": 2}) == "held-out: none (the dataset has no test split; it has train, val)"
+
+
+def test_evaluation_prefixes_checks_and_summary():
+    from training.evaluation import EvalOutcome, check_outputs, metric_prefix, summary
+
+    assert metric_prefix("test") == "test_"
+    assert metric_prefix("f0+f1") == "f0_f1_"
+    assert metric_prefix("test", "site-2 holdout") == "site_2_holdout_"
+    check_outputs(["a", "b"], ["a", "b"], "s3://x")
+    with pytest.raises(ValueError, match=r"s3://x: its classes \['b', 'a'\] are not the model's \['a', 'b'\]"):
+        check_outputs(["a", "b"], ["b", "a"], "s3://x")
+    metrics = {"test_accuracy": 0.75, "test_auc": 0.8, "test_loss": 0.4, "test_patient_accuracy": 1.0}
+    metrics |= {"test_patient_f1": 1.0, "test_precision_a": 0.5}
+    assert summary(EvalOutcome("r", "test_", "s3://x", "test", metrics, ["slide", "patient"])) == (
+        "test split of s3://x, metrics test_* in the run:\n"
+        "  sample: accuracy 0.7500, auc 0.8000\n"
+        "  patient: accuracy 1.0000, f1 1.0000"
+    )

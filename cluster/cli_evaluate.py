@@ -1,0 +1,55 @@
+"""``tessera evaluate``: a trained run's selected model on a held-out split, or on another dataset."""
+
+from __future__ import annotations
+
+
+def add_evaluate_parser(sub) -> None:
+    ev = sub.add_parser(
+        "evaluate",
+        help="evaluate a run's selected model on a held-out split or another dataset, into its MLflow run",
+        description="The run's exported model (its best epoch, or the SWA average: the registered one) on SPLIT, "
+        "distributed over the recipe's workers; sample- and aggregation-level metrics and pictures are logged "
+        "into the run under the split's name (test_accuracy, test_patient_accuracy, ...). `tessera train` does "
+        "this for the recipe's data.test_split after training.",
+    )
+    ev.add_argument("run", metavar="RUN", help="MLflow run id or name, as `tessera train` printed it")
+    ev.add_argument("--split", default="test", help="the split to evaluate (default: %(default)s)")
+    ev.add_argument("--dataset", help="another dataset's URL (external validation; the same classes)")
+    ev.add_argument(
+        "--name",
+        help="prefix of the logged metrics (default: the split's name; external_<split> with --dataset)",
+    )
+    ev.set_defaults(fn=cmd_evaluate)
+
+
+def cmd_evaluate(args) -> int:
+    from cluster import health
+    from cluster.cli import _connect, _settings
+    from training.evaluation import evaluate_run, summary
+
+    s = _settings()
+    _connect(s)
+    health.require(s, "mlflow")
+    print(summary(evaluate_run(args.run, s.mlflow_url, s.checkpoints, args.split, args.dataset, args.name)))
+    return 0
+
+
+def held_out_line(recipe, manifest) -> str:
+    """What ``tessera train --dry-run`` says about the held-out evaluation that would follow training."""
+    split = recipe.data.test_split
+    if split is None:
+        return "held-out: none (data.test_split: null)"
+    if manifest.missing_splits(split):
+        return f"held-out: none (the dataset has no {split} split; it has {', '.join(sorted(manifest.splits))})"
+    samples = manifest.num_samples(split)
+    return f"held-out: the {split} split ({samples} samples), with the selected model after training"
+
+
+def print_held_out(outcome) -> None:
+    """What ``tessera train`` says about its held-out evaluation."""
+    from training.evaluation import summary
+
+    if outcome.held_out is not None:
+        print(summary(outcome.held_out))
+    if outcome.held_out_error:
+        print(f"held-out evaluation failed (`tessera evaluate {outcome.run_id}` retries it): {outcome.held_out_error}")

@@ -1,0 +1,93 @@
+"""Held-out evaluation on the real stack: `tessera train` ends by evaluating the run's selected model on the test
+split, and `tessera evaluate` does it for another dataset; the logged metrics are checked against the exported
+TorchScript model run outside Tessera on the same shards."""
+
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from mlflow import MlflowClient
+from PIL import Image
+from sklearn.metrics import accuracy_score, log_loss
+
+from tests.datasets import make_dataset
+from training.config import load_recipe
+from training.evaluation import evaluate_run
+from training.launch import run_training
+
+
+@pytest.fixture(scope="module")
+def trained(stack, tmp_path_factory):
+    work = tmp_path_factory.mktemp("evaluate")
+    make_dataset(str(work / "ds"), {"train": 16, "val": 8, "test": 12}, size=32, shard_samples=4)
+    overrides = [f"data.dataset={work / 'ds'}", "data.image_size=32", "epochs=2", "batch_size=4", "workers=2"]
+    recipe = load_recipe("demo_tiles", [*overrides, "eval.levels=[patient]"])
+    return work, run_training(recipe, stack.mlflow_url, str(work / "ckpt"))
+
+
+def _reference(client, run_id: str, shards: Path, tmp: Path) -> dict[str, float]:
+    """Accuracy, loss and patient accuracy (mean probabilities) of the run's exported TorchScript model on every
+    sample of ``shards``, decoded with PIL and normalised by hand."""
+    model = torch.jit.load(client.download_artifacts(run_id, "model/model.ts", str(tmp)))
+    mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
+    probs, labels, patients = [], [], []
+    for shard in sorted(shards.glob("*.tar")):
+        members: dict[str, dict[str, bytes]] = {}
+        with tarfile.open(shard) as tar:
+            for m in tar.getmembers():
+                key, ext = m.name.split(".", 1)
+                members.setdefault(key, {})[ext] = tar.extractfile(m).read()
+        for sample in members.values():
+            rgb = np.asarray(Image.open(io.BytesIO(sample["png"])).convert("RGB")) / 255.0
+            x = torch.tensor(((rgb - mean) / std).transpose(2, 0, 1)[None], dtype=torch.float32)
+            with torch.no_grad():
+                probs.append(torch.softmax(model(x), 1)[0].numpy())
+            labels.append(int(sample["cls"]))
+            patients.append(json.loads(sample["json"])["patient"])
+    p, y = np.array(probs), np.array(labels)
+    groups = sorted(set(patients))
+    gp = np.array([p[[q == g for q in patients]].mean(0) for g in groups])
+    gy = np.array([y[[q == g for q in patients]][0] for g in groups])
+    return {
+        "accuracy": accuracy_score(y, p.argmax(1)),
+        "loss": log_loss(y, p, labels=[0, 1]),
+        "patient_accuracy": accuracy_score(gy, gp.argmax(1)),
+    }
+
+
+def test_training_evaluates_its_selected_model_on_the_test_split(trained, stack, tmp_path):
+    work, out = trained
+    assert out.error is None and out.held_out_error is None
+    assert out.held_out.prefix == "test_" and out.held_out.split == "test"
+    client = MlflowClient(stack.mlflow_url)
+    run = client.get_run(out.run_id)
+    logged = run.data.metrics
+    ref = _reference(client, out.run_id, work / "ds" / "test", tmp_path)
+    for key, value in ref.items():
+        assert logged[f"test_{key}"] == pytest.approx(value, abs=1e-4), key
+        assert out.held_out.metrics[f"test_{key}"] == pytest.approx(value, abs=1e-4), key
+    assert run.data.tags["test_dataset"] == str(work / "ds")
+    artifacts = {a.path for a in client.list_artifacts(out.run_id)}
+    assert {"test_confusion_sample.png", "test_confusion_patient.png", "test_roc_patient.png"} <= artifacts
+    assert {"confusion_sample.png", "roc_patient.png"} <= artifacts  # validation's own, still there
+
+
+def test_evaluate_takes_another_dataset_under_its_own_prefix_and_refuses_other_classes(trained, stack, tmp_path):
+    work, out = trained
+    make_dataset(str(work / "ext"), {"test": 8}, size=32, shard_samples=4, seed=3)
+    ext = evaluate_run(out.run_id, stack.mlflow_url, str(work / "ckpt"), "test", str(work / "ext"))
+    assert ext.prefix == "external_test_"
+    logged = MlflowClient(stack.mlflow_url).get_run(out.run_id).data.metrics
+    ref = _reference(MlflowClient(stack.mlflow_url), out.run_id, work / "ext" / "test", tmp_path)
+    assert logged["external_test_accuracy"] == pytest.approx(ref["accuracy"], abs=1e-4)
+    assert logged["test_accuracy"] == pytest.approx(out.held_out.metrics["test_accuracy"])  # not overwritten
+
+    make_dataset(str(work / "three"), {"test": 6}, classes=3, size=32)
+    with pytest.raises(ValueError, match=r"classes \['class0', 'class1', 'class2'\] are not the model's"):
+        evaluate_run(out.run_id, stack.mlflow_url, str(work / "ckpt"), "test", str(work / "three"))
+    with pytest.raises(ValueError, match=r"has no holdout split \(has \['test', 'train', 'val'\]\)"):
+        evaluate_run(out.run_id, stack.mlflow_url, str(work / "ckpt"), "holdout")
