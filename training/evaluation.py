@@ -17,12 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from shards import manifest as mf
 from shards import storage
 from training import tracking
-from training.config import TrainRecipe, recipe_from_tree
+from training.config import TrainRecipe
 
 MODEL_ARTIFACT = "model"
 HEADLINE = ("accuracy", "f1", "auc", "weighted_log_loss", "rsna_log_loss")
@@ -86,15 +84,6 @@ def eval_loop(config: dict[str, Any]) -> None:
         log_pictures(log, recipe, outputs, pred, f"{split} split", prefix)
 
 
-def run_recipe(client, run_id: str) -> TrainRecipe:
-    """The resolved recipe a run trained with (its ``recipe.yaml`` artifact)."""
-    from training.launch import RECIPE_ARTIFACT
-
-    with tempfile.TemporaryDirectory() as tmp:
-        text = Path(client.download_artifacts(run_id, RECIPE_ARTIFACT, tmp)).read_text()
-    return recipe_from_tree(yaml.safe_load(text), f"run {run_id}")
-
-
 def evaluate_run(
     run: str,
     tracking_uri: str,
@@ -112,7 +101,7 @@ def evaluate_run(
     from ray.train.torch import TorchTrainer
 
     from training.export import MODEL_JSON
-    from training.launch import storage_location, worker_group
+    from training.launch import run_recipe, storage_location, worker_group
     from training.loop import outputs_of
 
     client = MlflowClient(tracking_uri)
@@ -134,12 +123,12 @@ def evaluate_run(
     path, fs = storage_location(storage_path)
     config = {"recipe": recipe.model_dump(), "split": split, "prefix": prefix}
     config |= {"mlflow_uri": tracking_uri, "run_id": run_id}
-    name = f"{prefix}{run_id[:12]}-{uuid.uuid4().hex[:8]}"  # new each time: Ray Train resumes a run by its name
+    group = f"{prefix}{run_id[:12]}-{uuid.uuid4().hex[:8]}"  # new each time: Ray Train resumes a run by its name
     result = TorchTrainer(
         eval_loop,
         train_loop_config=config,
         **worker_group(recipe),
-        run_config=RunConfig(name=name, storage_path=path, storage_filesystem=fs),
+        run_config=RunConfig(name=group, storage_path=path, storage_filesystem=fs),
     ).fit()
     if result.error is not None:
         raise RuntimeError(f"evaluation of run {run_id} on {url} ({split}) failed: {result.error}")

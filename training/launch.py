@@ -148,6 +148,13 @@ def check_resume_overrides(overrides: list[str] | tuple[str, ...]) -> None:
         raise RecipeError(f"--resume changes only {', '.join(RESUME_KEYS)} (the run's own recipe is used), not {bad}")
 
 
+def run_recipe(client, run_id: str, overrides: list[str] | tuple[str, ...] = ()) -> TrainRecipe:
+    """The resolved recipe a run trained with (its ``recipe.yaml`` artifact), with ``overrides`` applied."""
+    with tempfile.TemporaryDirectory() as tmp:
+        text = Path(client.download_artifacts(run_id, RECIPE_ARTIFACT, tmp)).read_text()
+    return recipe_from_tree(apply_overrides(yaml.safe_load(text), overrides), f"run {run_id}")
+
+
 def resume_training(
     run_id: str, tracking_uri: str, storage_path: str, overrides: list[str] | tuple[str, ...] = ()
 ) -> TrainOutcome:
@@ -159,9 +166,7 @@ def resume_training(
     check_resume_overrides(overrides)
     client = MlflowClient(tracking_uri)
     run_id = tracking.resolve_run(client, run_id)
-    with tempfile.TemporaryDirectory() as tmp:
-        text = Path(client.download_artifacts(run_id, RECIPE_ARTIFACT, tmp)).read_text()
-    recipe = recipe_from_tree(apply_overrides(yaml.safe_load(text), overrides), f"run {run_id}")
+    recipe = run_recipe(client, run_id, overrides)
     if overrides:
         client.set_tag(run_id, "resume_overrides", " ".join(overrides))  # params are immutable; say what changed
     client.update_run(run_id, status="RUNNING")
