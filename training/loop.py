@@ -124,13 +124,13 @@ def predict(model, batches, loss_fn: Loss, device) -> dict[str, Any]:
 
 
 def by_level(pred: dict[str, Any], recipe: TrainRecipe):
-    """``(level, probs[G, C], labels[G])`` for each recipe level that every sample's metadata names."""
+    """``(level, group ids, probs[G, C], labels[G])`` for each recipe level that every sample's metadata names."""
     how = recipe.eval.how if recipe.task == "multiclass" else "max"
     for level in recipe.eval.levels:
         groups = [m.get(level) for m in pred["metas"]]
         if groups and all(g is not None for g in groups):
-            _, gp, gy = aggregate(pred["probs"], pred["labels"], groups, how)
-            yield level, gp, gy
+            ids, gp, gy = aggregate(pred["probs"], pred["labels"], groups, how)
+            yield level, ids, gp, gy
 
 
 def level_threshold(recipe: TrainRecipe, level: str) -> float | None:
@@ -149,7 +149,7 @@ def evaluate(pred: dict[str, Any], recipe: TrainRecipe, outputs: list[str], pref
         return classification_metrics(y, p, pre, outputs, level_threshold(recipe, level))
 
     out = {f"{prefix}loss": pred["loss"]} | metrics(pred["labels"], pred["probs"], "sample")
-    for level, gp, gy in by_level(pred, recipe):
+    for level, _, gp, gy in by_level(pred, recipe):
         out |= metrics(gy, gp, level)
     return out
 

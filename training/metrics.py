@@ -39,7 +39,8 @@ def rsna_log_loss(y_true: np.ndarray, probs: np.ndarray, weights: tuple[float, .
     return float(np.average(losses, weights=weights[: p.shape[1]]))
 
 
-def _predictions(p: np.ndarray, threshold: float | None) -> np.ndarray:
+def predicted_classes(p: np.ndarray, threshold: float | None = None) -> np.ndarray:
+    """The class called for each row of ``p``: the argmax, or (binary, ``threshold``) class 1 at ``P >= threshold``."""
     if threshold is not None and p.shape[1] == 2:
         return (p[:, 1] >= threshold).astype(np.int64)
     return p.argmax(axis=1)
@@ -56,7 +57,7 @@ def classification_metrics(
     loss. ``threshold`` (binary only) calls a sample positive when ``P(class 1) >= threshold``."""
     y = np.asarray(y_true)
     p = np.asarray(probs, np.float64)
-    pred = _predictions(p, threshold)
+    pred = predicted_classes(p, threshold)
     labels = list(range(p.shape[1]))
     # per class once; the macro scores are their unweighted means (scikit-learn's average="macro")
     per = skm.precision_recall_fscore_support(y, pred, labels=labels, average=None, zero_division=0)
@@ -109,4 +110,4 @@ def confusion(y_true: np.ndarray, probs: np.ndarray, threshold: float | None = N
     """Confusion matrix ``[C, C]`` (rows true, columns predicted) over all ``C`` classes."""
     p = np.asarray(probs)
     labels = list(range(p.shape[1]))
-    return skm.confusion_matrix(np.asarray(y_true), _predictions(p, threshold), labels=labels)
+    return skm.confusion_matrix(np.asarray(y_true), predicted_classes(p, threshold), labels=labels)

@@ -60,22 +60,29 @@ class Reporter:
 
 
 def log_pictures(log: RunLogger, recipe, outputs: list[str], pred: dict[str, Any], split: str, prefix: str = ""):
-    """Confusion matrices (PNG and JSON, multi-class) and ROC curves of ``pred`` at sample level and each
-    aggregation level; files named ``<prefix>confusion_<level>.png``..., titles naming ``split``."""
+    """Confusion matrices (PNG and JSON, multi-class), ROC curves and the predictions (CSV) of ``pred`` at
+    sample level and each aggregation level; files named ``<prefix>confusion_<level>.png``..., titles naming
+    ``split``."""
     from training.loop import by_level, level_threshold
     from training.metrics import confusion
     from training.plots import confusion_png, roc_png
+    from training.predictions import prediction_table, sample_columns
 
-    levels = [("sample", pred["probs"], pred["labels"]), *by_level(pred, recipe)]
+    levels = [("sample", sample_columns(pred["metas"]), pred["probs"], pred["labels"])]
+    levels += [(level, {level: ids}, p, y) for level, ids, p, y in by_level(pred, recipe)]
     with tempfile.TemporaryDirectory() as tmp:
-        for level, p, y in levels:
+        for level, columns, p, y in levels:
             if len(y) == 0:
                 continue
             title = f"{split}, {level} level"
+            threshold = level_threshold(recipe, level) if recipe.task == "multiclass" else recipe.eval.threshold
             if recipe.task == "multiclass":
-                cm = confusion(y, p, level_threshold(recipe, level))
+                cm = confusion(y, p, threshold)
                 log.artifact(confusion_png(cm, outputs, Path(tmp) / f"{prefix}confusion_{level}.png", title))
                 data = Path(tmp) / f"{prefix}confusion_{level}.json"  # for averaging over replicates
                 data.write_text(json.dumps({"classes": outputs, "matrix": cm.tolist()}))
                 log.artifact(data)
             log.artifact(roc_png(y, p, outputs, recipe.task, Path(tmp) / f"{prefix}roc_{level}.png", title))
+            table = Path(tmp) / f"{prefix}predictions_{level}.csv"
+            table.write_text(prediction_table(columns, p, y, outputs, recipe.task == "multilabel", threshold))
+            log.artifact(table)

@@ -2,6 +2,7 @@
 split, and `tessera evaluate` does it for another dataset; the logged metrics are checked against the exported
 TorchScript model run outside Tessera on the same shards."""
 
+import csv
 import io
 import json
 import tarfile
@@ -56,6 +57,7 @@ def _reference(client, run_id: str, shards: Path, tmp: Path) -> dict[str, float]
         "accuracy": accuracy_score(y, p.argmax(1)),
         "loss": log_loss(y, p, labels=[0, 1]),
         "patient_accuracy": accuracy_score(gy, gp.argmax(1)),
+        "patients": {g: gp[i] for i, g in enumerate(groups)},
     }
 
 
@@ -67,6 +69,7 @@ def test_training_evaluates_its_selected_model_on_the_test_split(trained, stack,
     run = client.get_run(out.run_id)
     logged = run.data.metrics
     ref = _reference(client, out.run_id, work / "ds" / "test", tmp_path)
+    patients = ref.pop("patients")
     for key, value in ref.items():
         assert logged[f"test_{key}"] == pytest.approx(value, abs=1e-4), key
         assert out.held_out.metrics[f"test_{key}"] == pytest.approx(value, abs=1e-4), key
@@ -74,6 +77,15 @@ def test_training_evaluates_its_selected_model_on_the_test_split(trained, stack,
     artifacts = {a.path for a in client.list_artifacts(out.run_id)}
     assert {"test_confusion_sample.png", "test_confusion_patient.png", "test_roc_patient.png"} <= artifacts
     assert {"confusion_sample.png", "roc_patient.png"} <= artifacts  # validation's own, still there
+    table = client.download_artifacts(out.run_id, "test_predictions_patient.csv", str(tmp_path))
+    rows = list(csv.DictReader(Path(table).read_text().splitlines()))
+    assert sorted(r["patient"] for r in rows) == sorted(patients)
+    for r in rows:
+        expected = patients[r["patient"]]
+        assert [float(r["p_class0"]), float(r["p_class1"])] == pytest.approx(expected.tolist(), abs=1e-4)
+        assert r["predicted"] == f"class{int(expected.argmax())}"
+    samples = client.download_artifacts(out.run_id, "test_predictions_sample.csv", str(tmp_path))
+    assert len(Path(samples).read_text().splitlines()) == 1 + 12  # a header and every test sample
 
 
 def test_evaluate_takes_another_dataset_under_its_own_prefix_and_refuses_other_classes(trained, stack, tmp_path):

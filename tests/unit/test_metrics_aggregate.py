@@ -107,3 +107,28 @@ def test_any_positive_and_multilabel_aggregation():
     ml = np.array([[1, 0, 1], [0, 1, 0], [0, 0, 0]])
     _, gp, gy = aggregate(np.array([[0.2, 0.9, 0.1], [0.6, 0.1, 0.3], [0.1, 0.1, 0.1]]), ml, ["s", "s", "t"], "max")
     assert gy.tolist() == [[1, 1, 1], [0, 0, 0]] and gp[0].tolist() == [0.6, 0.9, 0.3]
+
+
+def test_prediction_tables_name_each_row_and_its_call():
+    from training.predictions import prediction_table, sample_columns
+
+    metas = [
+        {"patient": "p1", "slide": "s1", "x": 0, "y": 600, "tissue": 0.9},
+        {"patient": "p2", "slide": "s2", "x": 600, "y": 0},
+    ]
+    columns = sample_columns(metas)
+    assert columns == {"patient": ["p1", "p2"], "slide": ["s1", "s2"], "x": [0, 600], "y": [600, 0]}
+    assert sample_columns([{"series": "a", "slices": [3, 4, 5]}]) == {"series": ["a"], "slices": ["3 4 5"]}
+    probs = np.array([[0.7, 0.3], [0.45, 0.55]])
+    assert prediction_table(columns, probs, np.array([0, 0]), ["CE", "LAA"], False) == (
+        "patient,slide,x,y,label,predicted,p_CE,p_LAA\np1,s1,0,600,CE,CE,0.7,0.3\np2,s2,600,0,CE,LAA,0.45,0.55\n"
+    )
+    # a binary threshold makes the call, as in the confusion matrix
+    assert prediction_table({"patient": ["p1", "p2"]}, probs, np.array([0, 1]), ["neg", "pos"], False, 0.25) == (
+        "patient,label,predicted,p_neg,p_pos\np1,neg,pos,0.7,0.3\np2,pos,pos,0.45,0.55\n"
+    )
+    multi = prediction_table({"series": ["a"]}, np.array([[0.9, 0.2]]), np.array([[1, 0]]), ["any", "sub dural"], True)
+    assert (
+        multi == "series,label_any,label_sub_dural,predicted_any,predicted_sub_dural,p_any,p_sub_dural\n"
+        "a,1,0,1,0,0.9,0.2\n"
+    )
