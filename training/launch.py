@@ -277,8 +277,9 @@ def held_out_evaluation(outcome: TrainOutcome, recipe: TrainRecipe, tracking_uri
         return
     try:
         outcome.held_out = evaluate_run(outcome.run_id, tracking_uri, storage_path, split, recipe=recipe)
-    except Exception as exc:  # reported with the training's outcome
+    except Exception as exc:  # reported with the training's outcome, and on the run
         outcome.held_out_error = f"{type(exc).__name__}: {exc}"
+        tracking.RunLogger(tracking_uri, outcome.run_id).tag("held_out_error", outcome.held_out_error[:5000])
 
 
 def _loop():

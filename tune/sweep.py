@@ -147,6 +147,7 @@ def run_trial(config: dict[str, Any], sweep: dict, uri: str, storage_path: str, 
         try:
             box["outcome"] = fit(
                 recipe, run_id, uri, storage_path, sw.max_failures, register=False,
+                held_out=sw.replicates is not None,  # replicates: test_* per run, for `tessera compare`
                 callbacks=[_to_tune_callback(queue)], start_from=start, name=name, keep_checkpoints=keep,
             )  # fmt: skip
         except BaseException as exc:  # re-raised in the trial's thread below

@@ -165,8 +165,10 @@ def test_replicate_groups_compared(stack, work):
     from tune.compare import run_compare
 
     a = run_sweep(replicate_sweep("demo_tiles", _overrides(work, 1), 3), stack.mlflow_url, **_stores(work))
-    # group B re-splits: three patient folds, each replicate validating on two of them (paper 002's protocol)
-    make_dataset(str(work / "folds"), {"f0": 8, "f1": 8, "f2": 8}, size=32, shard_samples=4, seed=5)
+    # group B re-splits: three patient folds, each replicate validating on two of them (paper 002's protocol);
+    # a fixed test split is evaluated by every replicate's selected model
+    splits = {"f0": 8, "f1": 8, "f2": 8, "test": 8}
+    make_dataset(str(work / "folds"), splits, size=32, shard_samples=4, seed=5)
     b_overrides = [*_overrides(work, 1), f"data.dataset={work / 'folds'}", "optim.lr=1e-5"]
     b_sweep = replicate_sweep("demo_tiles", b_overrides, 3, resplit_folds=["f0", "f1", "f2"])
     b = run_sweep(b_sweep, stack.mlflow_url, **_stores(work))
@@ -180,6 +182,8 @@ def test_replicate_groups_compared(stack, work):
         # one fold trains, two folds together validate (8 + 8 samples)
         assert run.data.params["data.train_samples"] == "8" and run.data.params["data.val_samples"] == "16"
     assert len({r.data.params["data.train_split"] for r in b_runs}) > 1  # not one split repeated
+    assert all("test_accuracy" in r.data.metrics and "test_patient_accuracy" in r.data.metrics for r in b_runs)
+    assert not any("test_accuracy" in r.data.metrics for r in _children(client, a.parent_run_id))  # no test split
     results, report, run_id = run_compare(stack.mlflow_url, a.name, b.name, ["val_loss", "val_accuracy"])
     assert [r.metric for r in results] == ["val_loss", "val_accuracy"]
     assert all(r.a.n == 3 and r.b.n == 3 for r in results)

@@ -370,3 +370,34 @@ def test_a_bf16_zero_checkpoint_is_read_as_zero(tmp_path, process_group):
     engine.save_checkpoint(tmp_path, tag=TAG)
     assert partition_ranks(tmp_path) == 1
     assert {p.dtype for p in engine.module.parameters()} == {torch.float32}
+
+
+def test_a_failed_held_out_evaluation_is_reported_and_tagged_not_raised(tmp_path, monkeypatch):
+    """The training succeeded and its model is registered: a failing held-out step (an injected fault) is kept
+    in the outcome and tagged on the run; a dataset without the split skips the step."""
+    from mlflow import MlflowClient
+
+    import training.evaluation
+    from tests.datasets import make_dataset
+    from training.launch import TrainOutcome, held_out_evaluation
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("held-out")).info.run_id
+    make_dataset(str(tmp_path / "ds"), {"train": 2, "val": 2, "test": 2})
+    recipe = load_recipe("demo_tiles", [f"data.dataset={tmp_path / 'ds'}"])
+
+    def fault(*args, **kwargs):
+        raise RuntimeError("worker lost")
+
+    monkeypatch.setattr(training.evaluation, "evaluate_run", fault)
+    outcome = TrainOutcome(run_id, "url", {}, None)
+    held_out_evaluation(outcome, recipe, uri, str(tmp_path / "ckpt"))
+    assert outcome.held_out is None and outcome.held_out_error == "RuntimeError: worker lost"
+    assert client.get_run(run_id).data.tags["held_out_error"] == "RuntimeError: worker lost"
+
+    make_dataset(str(tmp_path / "no-test"), {"train": 2, "val": 2})
+    untested = TrainOutcome(run_id, "url", {}, None)
+    held_out_evaluation(untested, recipe.model_copy(update={"data": recipe.data.model_copy(
+        update={"dataset": str(tmp_path / "no-test")})}), uri, str(tmp_path / "ckpt"))  # fmt: skip
+    assert untested.held_out is None and untested.held_out_error is None
