@@ -58,7 +58,7 @@ def eval_loop(config: dict[str, Any]) -> None:
     from training.export import load_export
     from training.loop import evaluate, outputs_of, predict
     from training.losses import Loss
-    from training.reporting import log_pictures
+    from training.reporting import log_evaluation
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -81,7 +81,7 @@ def eval_loop(config: dict[str, Any]) -> None:
     metrics = evaluate(pred, recipe, outputs, prefix)
     if rank == 0:
         log.metrics(metrics, step=0)
-        log_pictures(log, recipe, outputs, pred, f"{split} split", prefix)
+        log_evaluation(log, recipe, outputs, pred, f"{split} split", prefix)
 
 
 def evaluate_run(

@@ -55,11 +55,11 @@ class Reporter:
             self.log.artifacts(out, folder)
 
     def final(self, pred: dict[str, Any]) -> None:
-        """Confusion matrices and ROC curves of the validation split."""
-        log_pictures(self.log, self.t.recipe, self.t.outputs, pred, "validation")
+        """Confusion matrices, ROC curves and predictions of the validation split."""
+        log_evaluation(self.log, self.t.recipe, self.t.outputs, pred, "validation")
 
 
-def log_pictures(log: RunLogger, recipe, outputs: list[str], pred: dict[str, Any], split: str, prefix: str = ""):
+def log_evaluation(log: RunLogger, recipe, outputs: list[str], pred: dict[str, Any], split: str, prefix: str = ""):
     """Confusion matrices (PNG and JSON, multi-class), ROC curves and the predictions (CSV) of ``pred`` at
     sample level and each aggregation level; files named ``<prefix>confusion_<level>.png``..., titles naming
     ``split``."""
