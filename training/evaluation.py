@@ -18,12 +18,15 @@ from pathlib import Path
 from typing import Any
 
 from shards import manifest as mf
-from shards import storage
 from training import tracking
 from training.config import TrainRecipe
 
 MODEL_ARTIFACT = "model"
 HEADLINE = ("accuracy", "f1", "auc", "weighted_log_loss", "rsna_log_loss")
+
+
+class MissingSplit(ValueError):
+    """The dataset has no split of that name (for training's held-out step: nothing to evaluate)."""
 
 
 @dataclass
@@ -101,21 +104,20 @@ def evaluate_run(
     from ray.train.torch import TorchTrainer
 
     from training.export import MODEL_JSON
-    from training.launch import run_recipe, storage_location, worker_group
+    from training.launch import load_manifest, run_recipe, storage_location, worker_group
     from training.loop import outputs_of
 
     client = MlflowClient(tracking_uri)
     run_id = tracking.resolve_run(client, run)
     recipe = recipe or run_recipe(client, run_id)
-    if not any(a.path == MODEL_ARTIFACT for a in client.list_artifacts(run_id)):
-        raise ValueError(f"run {run_id} has no exported model (it finished no epoch)")
     if dataset:
         recipe = recipe.model_copy(update={"data": recipe.data.model_copy(update={"dataset": dataset})})
     url = recipe.data.dataset
-    data = storage.get_bytes(storage.join(url, mf.MANIFEST_NAME))
-    manifest = mf.Manifest.model_validate_json(data)
+    manifest, data = load_manifest(recipe)
     if manifest.missing_splits(split):
-        raise ValueError(f"{url}: the manifest has no {split} split (has {sorted(manifest.splits)})")
+        raise MissingSplit(f"{url}: the manifest has no {split} split (has {sorted(manifest.splits)})")
+    if not any(a.path == MODEL_ARTIFACT for a in client.list_artifacts(run_id)):
+        raise ValueError(f"run {run_id} has no exported model (it finished no epoch)")
     with tempfile.TemporaryDirectory() as tmp:  # the classes the model was trained on, before any worker starts
         desc = json.loads(Path(client.download_artifacts(run_id, f"{MODEL_ARTIFACT}/{MODEL_JSON}", tmp)).read_text())
     check_outputs(desc.get("outputs") or desc["classes"], outputs_of(recipe, manifest), url)

@@ -93,7 +93,8 @@ def _fault() -> dict[str, int] | None:
     return {"epoch": epoch, "step": step, "rank": rank}
 
 
-def _load_manifest(recipe: TrainRecipe) -> tuple[mf.Manifest, bytes]:
+def load_manifest(recipe: TrainRecipe) -> tuple[mf.Manifest, bytes]:
+    """The recipe's dataset manifest (splits patient-disjoint) and its bytes (for its sha256)."""
     data = storage.get_bytes(storage.join(recipe.data.dataset, mf.MANIFEST_NAME))
     manifest = mf.Manifest.model_validate_json(data)
     mf.check_patient_disjoint(manifest)
@@ -104,7 +105,7 @@ def start_run(
     recipe: TrainRecipe, tracking_uri: str, extra_tags: dict[str, str] | None = None, run_name: str | None = None
 ) -> str:
     """Create the MLflow run (params, tags, the resolved recipe); returns its id."""
-    manifest, manifest_bytes = _load_manifest(recipe)
+    manifest, manifest_bytes = load_manifest(recipe)
     tags = {
         "dataset": recipe.data.dataset,
         "manifest_sha256": tracking.file_sha256(manifest_bytes),
@@ -266,17 +267,15 @@ def held_out_evaluation(outcome: TrainOutcome, recipe: TrainRecipe, tracking_uri
     """The run's selected model on the recipe's ``data.test_split``, where the manifest has one, into
     ``outcome``. A failure is recorded there, not raised: the training itself succeeded and its model stays
     registered; ``tessera evaluate RUN`` repeats this step alone."""
-    from training.evaluation import evaluate_run
+    from training.evaluation import MissingSplit, evaluate_run
 
     split = recipe.data.test_split
     if split is None:
         return
-    manifest, _ = _load_manifest(recipe)
-    if manifest.missing_splits(split):
-        print(f"held-out evaluation: the dataset has no {split} split", flush=True)
-        return
     try:
         outcome.held_out = evaluate_run(outcome.run_id, tracking_uri, storage_path, split, recipe=recipe)
+    except MissingSplit:
+        print(f"held-out evaluation: the dataset has no {split} split", flush=True)
     except Exception as exc:  # reported with the training's outcome, and on the run
         outcome.held_out_error = f"{type(exc).__name__}: {exc}"
         tracking.RunLogger(tracking_uri, outcome.run_id).tag("held_out_error", outcome.held_out_error[:5000])

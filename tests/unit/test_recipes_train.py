@@ -396,6 +396,7 @@ def test_a_failed_held_out_evaluation_is_reported_and_tagged_not_raised(tmp_path
     assert outcome.held_out is None and outcome.held_out_error == "RuntimeError: worker lost"
     assert client.get_run(run_id).data.tags["held_out_error"] == "RuntimeError: worker lost"
 
+    monkeypatch.undo()  # the real step: it finds no test split before anything starts
     make_dataset(str(tmp_path / "no-test"), {"train": 2, "val": 2})
     untested = TrainOutcome(run_id, "url", {}, None)
     held_out_evaluation(untested, recipe.model_copy(update={"data": recipe.data.model_copy(
