@@ -116,7 +116,7 @@ def evaluate_run(
     manifest, data = load_manifest(recipe)
     if manifest.missing_splits(split):
         raise MissingSplit(f"{url}: the manifest has no {split} split (has {sorted(manifest.splits)})")
-    if not any(a.path == MODEL_ARTIFACT for a in client.list_artifacts(run_id)):
+    if not tracking.has_artifact(client, run_id, MODEL_ARTIFACT):
         raise ValueError(f"run {run_id} has no exported model (it finished no epoch)")
     with tempfile.TemporaryDirectory() as tmp:  # the classes the model was trained on, before any worker starts
         desc = json.loads(Path(client.download_artifacts(run_id, f"{MODEL_ARTIFACT}/{MODEL_JSON}", tmp)).read_text())

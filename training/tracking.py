@@ -78,13 +78,18 @@ def epoch_history(tracking_uri: str, run_id: str) -> list[dict[str, float]]:
     return [rows[e] for e in sorted(rows)]
 
 
+def has_artifact(client, run_id: str, path: str) -> bool:
+    """Whether the run's artifact root holds ``path`` (a file or a folder)."""
+    return any(a.path == path for a in client.list_artifacts(run_id))
+
+
 def register_model(tracking_uri: str, run_id: str, name: str) -> str | None:
     """Register the run's ``model`` artifact folder under ``name``; returns the new version (or ``None``)."""
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
     client = MlflowClient(tracking_uri)
-    if not any(a.path == "model" for a in client.list_artifacts(run_id)):
+    if not has_artifact(client, run_id, "model"):
         return None
     try:
         client.get_registered_model(name)

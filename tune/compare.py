@@ -64,7 +64,7 @@ def mean_confusion(client, group: Group, level: str) -> tuple[list[str], np.ndar
     with tempfile.TemporaryDirectory() as d:
         for run in group.runs:
             name = f"confusion_{level}.json"
-            if not any(a.path == name for a in client.list_artifacts(run.info.run_id)):
+            if not tracking.has_artifact(client, run.info.run_id, name):
                 continue
             data = json.loads(Path(client.download_artifacts(run.info.run_id, name, d)).read_text())
             classes = classes or data["classes"]
