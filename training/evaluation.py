@@ -54,12 +54,11 @@ def check_outputs(model_outputs: list[str], outputs: list[str], dataset: str) ->
 def eval_loop(config: dict[str, Any]) -> None:
     """Ray Train entry point: ``recipe``, ``split``, ``prefix``, ``mlflow_uri``, ``run_id``."""
     import ray.train
-    import torch
 
     from shards import scratch
     from training.data import WorkerData
     from training.export import load_export
-    from training.loop import evaluate, outputs_of, predict
+    from training.loop import evaluate, outputs_of, predict, worker_device
     from training.losses import Loss
     from training.reporting import log_evaluation
 
@@ -67,15 +66,14 @@ def eval_loop(config: dict[str, Any]) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     recipe = TrainRecipe.model_validate(config["recipe"])
     split, prefix = config["split"], config["prefix"]
-    cuda = torch.cuda.is_available() and recipe.use_gpu is not False
-    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+    device = worker_device(recipe)
     log = tracking.RunLogger(config["mlflow_uri"], config["run_id"])
     with scratch.directory("model") as tmp:  # every worker: a node need not share another's disk
         folder = log.client.download_artifacts(config["run_id"], MODEL_ARTIFACT, tmp)
         model, _ = load_export(Path(folder))
     manifest = mf.load(recipe.data.dataset)
     outputs = outputs_of(recipe, manifest)
-    data = WorkerData(recipe, manifest, rank, world, device.index if cuda else None, splits=(split,))
+    data = WorkerData(recipe, manifest, rank, world, device.index, splits=(split,))
     try:
         loss = Loss(recipe.task == "multilabel", None, len(outputs))
         pred = predict(model.to(device), data.batches(split, 0, False), loss, device)

@@ -154,6 +154,13 @@ def evaluate(pred: dict[str, Any], recipe: TrainRecipe, outputs: list[str], pref
     return out
 
 
+def worker_device(recipe: TrainRecipe) -> torch.device:
+    """This worker's GPU (the one Ray Train assigned it) unless the recipe says ``use_gpu: false``, else the CPU."""
+    if torch.cuda.is_available() and recipe.use_gpu is not False:
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 class Trainer:
     """One worker's run: engine, data, state; ``run()`` trains from wherever the checkpoint left off."""
 
@@ -168,8 +175,8 @@ class Trainer:
         self.config = config
         self.recipe = r = TrainRecipe.model_validate(config["recipe"])
         self.rank, self.world = rank, world
-        cuda = torch.cuda.is_available() and r.use_gpu is not False
-        self.device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+        self.device = worker_device(r)
+        cuda = self.device.type == "cuda"
         if not cuda:
             keep_freed_memory()  # every step re-allocates the same activations: keep them mapped
         self.manifest = mf.load(r.data.dataset)
@@ -182,7 +189,7 @@ class Trainer:
         stage = zero_stage(r, world, ranks)
         universal = ranks not in (None, 0, world)
         self.engine, self.scheduler = init_engine(model, r, cuda, stage, universal)
-        self.data = WorkerData(r, self.manifest, self.rank, self.world, self.device.index if cuda else None)
+        self.data = WorkerData(r, self.manifest, self.rank, self.world, self.device.index)  # None on the CPU
         self.loss = make_loss(r, self.data, self.outputs)
         self.stopper = EarlyStopping(r.eval.mode, r.early_stopping.patience, r.early_stopping.min_delta)
         self.swa = torch.optim.swa_utils.AveragedModel(self.engine.module) if r.swa.enabled else None
