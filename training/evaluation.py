@@ -1,10 +1,11 @@
 """Held-out evaluation: a run's selected model on a split it neither trained nor was selected on.
 
 The model is the run's exported ``model`` artifact: the best epoch's weights, or the SWA average, the one that is
-registered. Workers of a Ray Train group each read their part of the split, as in training; metrics at sample
-and aggregation levels (the recipe's) and the pictures go into the same MLflow run, under the split's prefix
-(``test_accuracy``, ``test_patient_accuracy``, ``test_confusion_patient.png``), so runs compare side by side on
-held-out data. Another dataset (external validation) takes a prefix of its own.
+registered. After training, the training's own workers evaluate it (:func:`held_out_step`); ``tessera evaluate``
+starts a worker group for it (:func:`evaluate_run`). Each worker reads its part of the split, as in training;
+metrics at sample and aggregation levels (the recipe's) and the pictures go into the same MLflow run, under the
+split's prefix (``test_accuracy``, ``test_patient_accuracy``, ``test_confusion_patient.png``), so runs compare
+side by side on held-out data. Another dataset (external validation) takes a prefix of its own.
 """
 
 from __future__ import annotations
@@ -22,11 +23,8 @@ from training import tracking
 from training.config import TrainRecipe
 
 MODEL_ARTIFACT = "model"
+HELD_OUT_ERROR = "held_out_error"  # the run's tag when training's held-out step failed
 HEADLINE = ("accuracy", "f1", "auc", "weighted_log_loss", "rsna_log_loss")
-
-
-class MissingSplit(ValueError):
-    """The dataset has no split of that name (for training's held-out step: nothing to evaluate)."""
 
 
 @dataclass
@@ -51,38 +49,105 @@ def check_outputs(model_outputs: list[str], outputs: list[str], dataset: str) ->
         raise ValueError(f"{dataset}: its classes {outputs} are not the model's {model_outputs}")
 
 
-def eval_loop(config: dict[str, Any]) -> None:
-    """Ray Train entry point: ``recipe``, ``split``, ``prefix``, ``mlflow_uri``, ``run_id``."""
-    import ray.train
-
+def evaluate_split(recipe: TrainRecipe, manifest: mf.Manifest, split: str, prefix: str, log, rank: int, world: int):
+    """Every rank of a worker group: the run's exported model on this rank's part of ``split``; rank 0 logs the
+    metrics and pictures under ``prefix``. A failure on any rank raises on every rank."""
     from shards import scratch
+    from training.collective import raise_together
     from training.data import WorkerData
     from training.export import load_export
     from training.loop import evaluate, outputs_of, predict, worker_device
     from training.losses import Loss
     from training.reporting import log_evaluation
 
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    recipe = TrainRecipe.model_validate(config["recipe"])
-    split, prefix = config["split"], config["prefix"]
-    device = worker_device(recipe)
-    log = tracking.RunLogger(config["mlflow_uri"], config["run_id"])
-    with scratch.directory("model") as tmp:  # every worker: a node need not share another's disk
-        folder = log.client.download_artifacts(config["run_id"], MODEL_ARTIFACT, tmp)
-        model, _ = load_export(Path(folder))
-    manifest = mf.load(recipe.data.dataset)
-    outputs = outputs_of(recipe, manifest)
-    data = WorkerData(recipe, manifest, rank, world, device.index, splits=(split,))
+    device, outputs, data, error = worker_device(recipe), outputs_of(recipe, manifest), None, None
     try:
+        try:
+            with scratch.directory("model") as tmp:  # every worker: a node need not share another's disk
+                model, _ = load_export(Path(log.client.download_artifacts(log.run_id, MODEL_ARTIFACT, tmp)))
+            data = WorkerData(recipe, manifest, rank, world, device.index, splits=(split,))
+        except Exception as exc:
+            error = exc
+        raise_together(error)
         loss = Loss(recipe.task == "multilabel", None, len(outputs))
         pred = predict(model.to(device), data.batches(split, 0, False), loss, device)
     finally:
-        data.close()
+        if data is not None:
+            data.close()
     metrics = evaluate(pred, recipe, outputs, prefix)
     if rank == 0:
         log.metrics(metrics, step=0)
         log_evaluation(log, recipe, outputs, pred, f"{split} split", prefix)
+
+
+def eval_loop(config: dict[str, Any]) -> None:
+    """Ray Train entry point of ``tessera evaluate``: ``recipe``, ``split``, ``prefix``, ``mlflow_uri``, ``run_id``."""
+    import ray.train
+
+    ctx = ray.train.get_context()
+    recipe = TrainRecipe.model_validate(config["recipe"])
+    log = tracking.RunLogger(config["mlflow_uri"], config["run_id"])
+    manifest = mf.load(recipe.data.dataset)
+    evaluate_split(recipe, manifest, config["split"], config["prefix"], log, ctx.get_world_rank(), ctx.get_world_size())
+
+
+def held_out_step(trainer) -> None:
+    """After training, on its own workers (no second group to schedule): the selected model, as exported, on
+    the split the driver's :func:`held_out_plan` named (``config["held_out"]``). A failure is tagged on the run
+    (``held_out_error``) by rank 0 and not raised: the training succeeded and its model stays registered."""
+    from training.collective import raise_together
+
+    plan = trainer.config.get("held_out")
+    if not plan:
+        return
+    log = tracking.RunLogger(trainer.config["mlflow_uri"], trainer.config["run_id"])
+    try:
+        raise_together(None)  # rank 0 has uploaded the selected model before any rank downloads it
+        split, prefix = plan["split"], plan["prefix"]
+        evaluate_split(trainer.recipe, trainer.manifest, split, prefix, log, trainer.rank, trainer.world)
+    except Exception as exc:
+        if trainer.rank == 0:
+            print(f"held-out evaluation failed: {type(exc).__name__}: {exc}", flush=True)
+            log.tag(HELD_OUT_ERROR, f"{type(exc).__name__}: {exc}"[:5000])
+        return
+    if trainer.rank == 0:
+        log.untag(HELD_OUT_ERROR)  # an earlier attempt's (a worker lost in this step)
+
+
+def held_out_plan(recipe: TrainRecipe) -> dict[str, str] | None:
+    """What training's held-out step evaluates (``split``, ``prefix``, the manifest's ``sha256``), or None:
+    ``data.test_split: null``, or a dataset without that split (said on the terminal)."""
+    from training.launch import load_manifest
+
+    split = recipe.data.test_split
+    if split is None:
+        return None
+    manifest, data = load_manifest(recipe)
+    if manifest.missing_splits(split):
+        print(f"held-out evaluation: the dataset has no {split} split", flush=True)
+        return None
+    return {"split": split, "prefix": metric_prefix(split), "sha256": tracking.file_sha256(data)}
+
+
+def held_out_outcome(tracking_uri: str, run_id: str, recipe: TrainRecipe, plan: dict[str, str]):
+    """``(EvalOutcome, None)`` of a held-out step that succeeded, ``(None, error)`` of one that failed."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    error = client.get_run(run_id).data.tags.get(HELD_OUT_ERROR)
+    if error:
+        return None, error
+    return _outcome(client, run_id, recipe, plan["split"], plan["prefix"], plan["sha256"]), None
+
+
+def _outcome(client, run_id: str, recipe: TrainRecipe, split: str, prefix: str, sha256: str) -> EvalOutcome:
+    """Tag what was evaluated; the outcome from the run's metrics (Ray Train keeps only the metrics reported
+    with a checkpoint, and an evaluation reports none)."""
+    url = recipe.data.dataset
+    client.set_tag(run_id, f"{prefix}dataset", url)
+    client.set_tag(run_id, f"{prefix}manifest_sha256", sha256)
+    logged = {k: v for k, v in client.get_run(run_id).data.metrics.items() if k.startswith(prefix)}
+    return EvalOutcome(run_id, prefix, url, split, logged, list(recipe.eval.levels))
 
 
 def evaluate_run(
@@ -113,7 +178,7 @@ def evaluate_run(
     url = recipe.data.dataset
     manifest, data = load_manifest(recipe)
     if manifest.missing_splits(split):
-        raise MissingSplit(f"{url}: the manifest has no {split} split (has {sorted(manifest.splits)})")
+        raise ValueError(f"{url}: the manifest has no {split} split (has {sorted(manifest.splits)})")
     if not tracking.has_artifact(client, run_id, MODEL_ARTIFACT):
         raise ValueError(f"run {run_id} has no exported model (it finished no epoch)")
     with tempfile.TemporaryDirectory() as tmp:  # the classes the model was trained on, before any worker starts
@@ -132,11 +197,9 @@ def evaluate_run(
     ).fit()
     if result.error is not None:
         raise RuntimeError(f"evaluation of run {run_id} on {url} ({split}) failed: {result.error}")
-    client.set_tag(run_id, f"{prefix}dataset", url)
-    client.set_tag(run_id, f"{prefix}manifest_sha256", tracking.file_sha256(data))
-    # from the run: Ray Train keeps only the metrics reported with a checkpoint, and evaluation saves none
-    logged = {k: v for k, v in client.get_run(run_id).data.metrics.items() if k.startswith(prefix)}
-    return EvalOutcome(run_id, prefix, url, split, logged, list(recipe.eval.levels))
+    if not dataset and split == recipe.data.test_split and prefix == metric_prefix(split):  # the step, retried
+        tracking.RunLogger(tracking_uri, run_id).untag(HELD_OUT_ERROR)
+    return _outcome(client, run_id, recipe, split, prefix, tracking.file_sha256(data))
 
 
 def summary(outcome: EvalOutcome) -> str:

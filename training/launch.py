@@ -185,19 +185,21 @@ def trainer_for(
     start_from: dict[str, Any] | None = None,
     name: str | None = None,
     keep_checkpoints: int | None = 2,
+    held_out: dict[str, str] | None = None,
 ):
     """The TorchTrainer of a run. Its name is fixed by the run id, so that a trainer built again for the same
     run restores from that run's latest checkpoint (Ray Train v2 resumes by name and storage path).
 
     ``start_from`` (``path``, ``storage``, ``weights_only``) starts a new run from another run's checkpoint;
     ``name`` overrides the run name (a sweep trial takes a new one each time it starts from a checkpoint);
-    ``keep_checkpoints`` is how many of the newest checkpoints stay (None: all)."""
+    ``keep_checkpoints`` is how many of the newest checkpoints stay (None: all); ``held_out``: the split the
+    workers evaluate after training (:func:`training.evaluation.held_out_plan`)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
     path, fs = storage_location(storage_path)
     config = {"recipe": recipe.model_dump(), "mlflow_uri": tracking_uri, "run_id": run_id, "fault": _fault()}
-    config["start_from"] = start_from
+    config |= {"start_from": start_from, "held_out": held_out}
     return TorchTrainer(
         _loop(),
         train_loop_config=config,
@@ -239,16 +241,23 @@ def fit(
     held_out: bool = False,
     **trainer_options: Any,
 ) -> TrainOutcome:
-    """Run (or resume) the trainer of ``run_id``; curves and (``register``) model registration after it ends,
-    and (``held_out``) the selected model's evaluation on the recipe's test split (:func:`held_out_evaluation`).
+    """Run (or resume) the trainer of ``run_id``; curves and (``register``) model registration after it ends.
+    With ``held_out``, the workers then evaluate the selected model on the recipe's test split, where the
+    dataset has one; a failure of that step is the outcome's ``held_out_error``, not the training's.
 
     ``trainer_options`` go to :func:`trainer_for` (callbacks, start_from, name, keep_checkpoints)."""
+    from training.evaluation import HELD_OUT_ERROR, held_out_outcome, held_out_plan
+
     logger = tracking.RunLogger(tracking_uri, run_id)
     url = tracking.run_url_of(tracking_uri, run_id)
     print(f"MLflow run: {url}", flush=True)
     ok = False
     try:
-        result = trainer_for(recipe, run_id, tracking_uri, storage_path, max_failures, **trainer_options).fit()
+        plan = held_out_plan(recipe) if held_out else None
+        if plan:
+            logger.untag(HELD_OUT_ERROR)  # from an earlier training of this run (`--resume`)
+        options = trainer_options | {"held_out": plan}
+        result = trainer_for(recipe, run_id, tracking_uri, storage_path, max_failures, **options).fit()
         ok = result.error is None
         history = tracking.epoch_history(tracking_uri, run_id)
         _log_curves(logger, history)
@@ -256,29 +265,11 @@ def fit(
         ckpt = checkpoint_url(result.checkpoint.path, storage_path) if result.checkpoint else None
         error = None if ok else f"{type(result.error).__name__}: {result.error}"
         outcome = TrainOutcome(run_id, url, dict(result.metrics or {}), ckpt, version, error)
-        if ok and held_out:
-            held_out_evaluation(outcome, recipe, tracking_uri, storage_path)
+        if ok and plan:
+            outcome.held_out, outcome.held_out_error = held_out_outcome(tracking_uri, run_id, recipe, plan)
         return outcome
     finally:
         tracking.finish_run(tracking_uri, run_id, ok)
-
-
-def held_out_evaluation(outcome: TrainOutcome, recipe: TrainRecipe, tracking_uri: str, storage_path: str) -> None:
-    """The run's selected model on the recipe's ``data.test_split``, where the manifest has one, into
-    ``outcome``. A failure is recorded there, not raised: the training itself succeeded and its model stays
-    registered; ``tessera evaluate RUN`` repeats this step alone."""
-    from training.evaluation import MissingSplit, evaluate_run
-
-    split = recipe.data.test_split
-    if split is None:
-        return
-    try:
-        outcome.held_out = evaluate_run(outcome.run_id, tracking_uri, storage_path, split, recipe=recipe)
-    except MissingSplit:
-        print(f"held-out evaluation: the dataset has no {split} split", flush=True)
-    except Exception as exc:  # reported with the training's outcome, and on the run
-        outcome.held_out_error = f"{type(exc).__name__}: {exc}"
-        tracking.RunLogger(tracking_uri, outcome.run_id).tag("held_out_error", outcome.held_out_error[:5000])
 
 
 def _loop():

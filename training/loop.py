@@ -3,7 +3,8 @@
 Every rank trains on its part of the shards through DALI, evaluates its part, and saves its DeepSpeed
 checkpoint files (with ZeRO each rank holds part of the optimiser state; Ray Train uploads every rank's files
 into the same checkpoint). The checkpoint's client state carries what else a resumed run needs to continue
-exactly where it stopped: epoch, LR scheduler, early stopping, SWA average. Rank 0 writes to MLflow.
+exactly where it stopped: epoch, LR scheduler, early stopping, SWA average. Rank 0 writes to MLflow. After the
+last epoch the same workers evaluate the selected model on the held-out split (:mod:`training.evaluation`).
 """
 
 from __future__ import annotations
@@ -25,9 +26,11 @@ from shards import manifest as mf
 from shards import scratch
 from training.aggregate import aggregate
 from training.allocator import keep_freed_memory
+from training.collective import raise_any, said
 from training.config import TrainRecipe
 from training.data import WorkerData
 from training.engine import init_engine, load_universal, partition_ranks, universal_checkpoint, zero_stage
+from training.evaluation import held_out_step
 from training.losses import Loss, balanced_weights
 from training.metrics import classification_metrics, multilabel_metrics
 from training.models import build_model
@@ -101,17 +104,22 @@ def predict(model, batches, loss_fn: Loss, device) -> dict[str, Any]:
     """Probabilities, labels, metadata and mean loss of every worker's share, gathered on every rank."""
     model.eval()
     dtype = next(model.parameters()).dtype
-    probs, labels, metas, loss_sum = [], [], [], 0.0
-    for x, y, m in batches:
-        if len(y) == 0:
-            continue
-        logits = model(torch.as_tensor(x, device=device).to(dtype))
-        loss_sum += float(loss_fn(logits, torch.as_tensor(y, device=device), class_weighted=False)) * len(y)
-        probs.append(loss_fn.probabilities(logits))
-        labels.append(y)
-        metas.extend(m)
+    probs, labels, metas, loss_sum, error = [], [], [], 0.0, None
+    try:  # a rank that fails still joins the gather below, which then raises on every rank
+        for x, y, m in batches:
+            if len(y) == 0:
+                continue
+            logits = model(torch.as_tensor(x, device=device).to(dtype))
+            loss_sum += float(loss_fn(logits, torch.as_tensor(y, device=device), class_weighted=False)) * len(y)
+            probs.append(loss_fn.probabilities(logits))
+            labels.append(y)
+            metas.extend(m)
+    except Exception as exc:
+        error = exc
     gathered: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, {"probs": probs, "labels": labels, "metas": metas, "loss": loss_sum})
+    mine = {"probs": probs, "labels": labels, "metas": metas, "loss": loss_sum, "error": said(error)}
+    dist.all_gather_object(gathered, mine)
+    raise_any(error, [g["error"] for g in gathered])
     out_p = [p for g in gathered for p in g["probs"]]
     out_y = [y for g in gathered for y in g["labels"]]
     n = sum(len(y) for y in out_y)
@@ -214,16 +222,18 @@ class Trainer:
             client = load_universal(self.engine, checkpoint_dir, TAG)
         else:
             _, client = self.engine.load_checkpoint(checkpoint_dir, tag=TAG)
-        self.start = int(client["epoch"]) + 1
+        # an early-stopped run is finished: restored (a worker lost in its held-out step), it trains no more
+        self.start = self.recipe.epochs if client.get("stopped") else int(client["epoch"]) + 1
         self.stopper = EarlyStopping.from_state(client["early_stopping"])
         if self.scheduler is not None:
             self.scheduler.load_state_dict(client["scheduler"])
         if self.swa is not None and client.get("swa"):
             self.swa.load_state_dict(client["swa"])
 
-    def _client_state(self, epoch: int) -> dict[str, Any]:
+    def _client_state(self, epoch: int, stopped: bool) -> dict[str, Any]:
         return {
             "epoch": epoch,
+            "stopped": stopped,
             "early_stopping": self.stopper.state_dict(),
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "swa": self.swa.state_dict() if self.swa is not None else None,
@@ -283,7 +293,7 @@ class Trainer:
             if last and report:
                 report.final(pred)
             with scratch.directory("checkpoint") as tmp:  # what a worker killed while saving leaves is swept
-                self.engine.save_checkpoint(tmp, tag=TAG, client_state=self._client_state(epoch))
+                self.engine.save_checkpoint(tmp, tag=TAG, client_state=self._client_state(epoch, stop))
                 report_to(metrics, tmp)
             if stop:
                 break
@@ -345,6 +355,9 @@ def train_loop(config: dict[str, Any]) -> None:
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
 
     trainer.run(report)
+    if not trainer.resumed:  # test hook: a worker lost in the held-out step (the fault's epoch: `epochs`)
+        _inject_fault(config.get("fault"), trainer.recipe.epochs, 0, trainer.rank)
+    held_out_step(trainer)  # on these same workers, where the driver asked for it
 
 
 def checkpoint_weights(checkpoint: str | Path) -> dict[str, torch.Tensor]:

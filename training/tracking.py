@@ -127,6 +127,11 @@ class RunLogger:
     def tag(self, key: str, value: str) -> None:
         self.client.set_tag(self.run_id, key, value)
 
+    def untag(self, key: str) -> None:
+        """Remove tag ``key`` where the run has it (MLflow refuses to delete a tag that is not there)."""
+        if key in self.client.get_run(self.run_id).data.tags:
+            self.client.delete_tag(self.run_id, key)
+
     def artifact(self, path: Path, folder: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), folder)
 

@@ -59,6 +59,23 @@ def test_killed_worker_resumes_from_checkpoint(setup, stack, monkeypatch):
     _same(checkpoint_weights(out.checkpoint), setup["baseline"])
 
 
+def test_a_worker_lost_in_the_held_out_step_is_replaced_and_the_step_completes(setup, stack, monkeypatch):
+    """The held-out evaluation runs on the training's workers after its last epoch. Rank 1 killed there: the
+    group restarts from the last checkpoint, trains no more epochs, and evaluates; no error is left tagged."""
+    work = setup["work"]
+    make_dataset(str(work / "ds-test"), {"train": 8, "val": 4, "test": 8}, size=32, shard_samples=4)
+    recipe = setup["recipe"].model_copy(update={"epochs": 2})
+    recipe = recipe.model_copy(update={"data": recipe.data.model_copy(update={"dataset": str(work / "ds-test")})})
+    monkeypatch.setenv(FAULT_ENV, "2,0,1")  # epoch 2 of 2: the held-out step
+    out = run_training(recipe, stack.mlflow_url, str(work / "ckpt-held-out"))
+    run = MlflowClient(stack.mlflow_url).get_run(out.run_id)
+    assert run.info.status == "FINISHED" and out.error is None and out.held_out_error is None
+    assert _history(stack, out.run_id, "resumed_at_epoch") == [(2, 2.0)]  # restored after its last epoch
+    assert sorted(s for s, _ in _history(stack, out.run_id, "val_loss")) == [0, 1]  # no epoch trained again
+    assert "held_out_error" not in run.data.tags  # rank 0's report of the lost peer, removed by the retry
+    assert {"test_accuracy", "test_patient_accuracy"} <= set(out.held_out.metrics)
+
+
 def _s3_objects(stack, bucket: str, prefix: str) -> list[str]:
     from shards.storage import s3_client
 

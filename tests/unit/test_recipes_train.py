@@ -372,33 +372,80 @@ def test_a_bf16_zero_checkpoint_is_read_as_zero(tmp_path, process_group):
     assert {p.dtype for p in engine.module.parameters()} == {torch.float32}
 
 
-def test_a_failed_held_out_evaluation_is_reported_and_tagged_not_raised(tmp_path, monkeypatch):
-    """The training succeeded and its model is registered: a failing held-out step (an injected fault) is kept
-    in the outcome and tagged on the run; a dataset without the split skips the step."""
+def test_the_held_out_step_runs_on_the_training_workers_and_a_failure_is_tagged_not_raised(
+    tmp_path, process_group, monkeypatch
+):
+    """After training, the same workers evaluate the exported model on the test split into the run; a failing
+    step (an injected fault) is tagged on the run and not raised, and a later success removes the tag; a
+    dataset without the split plans no step."""
     from mlflow import MlflowClient
 
-    import training.evaluation
-    from tests.datasets import make_dataset
-    from training.launch import TrainOutcome, held_out_evaluation
+    import training.export
+    from training.evaluation import HELD_OUT_ERROR, held_out_outcome, held_out_plan, held_out_step
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(uri)
-    run_id = client.create_run(client.create_experiment("held-out")).info.run_id
-    make_dataset(str(tmp_path / "ds"), {"train": 2, "val": 2, "test": 2})
-    recipe = load_recipe("demo_tiles", [f"data.dataset={tmp_path / 'ds'}"])
+    run_id = client.create_run(client.create_experiment("held-out", str(tmp_path / "artifacts"))).info.run_id
+    make_dataset(str(tmp_path / "ds"), {"train": 4, "val": 2, "test": 3}, samples_per_patient=1)
+    small = ["data.epoch_samples=4", "batch_size=2", "epochs=1", "workers=1"]
+    recipe = load_recipe("demo_tiles", [f"data.dataset={tmp_path / 'ds'}", *small])
+    plan = held_out_plan(recipe)
+    assert plan is not None and (plan["split"], plan["prefix"]) == ("test", "test_")
+    trainer = Trainer({"recipe": recipe.model_dump(), "mlflow_uri": uri, "run_id": run_id, "held_out": plan}, 0, 1)
+    trainer.run(lambda metrics, folder: None)
+    held_out_step(trainer)
+    logged = client.get_run(run_id).data.metrics
+    assert {"test_loss", "test_accuracy", "test_patient_accuracy"} <= set(logged)
+    table = client.download_artifacts(run_id, "test_predictions_sample.csv", str(tmp_path))
+    assert len(Path(table).read_text().splitlines()) == 1 + 3  # a row per test sample
+    outcome, error = held_out_outcome(uri, run_id, recipe, plan)
+    assert error is None and outcome.metrics["test_accuracy"] == logged["test_accuracy"]
+    assert client.get_run(run_id).data.tags["test_manifest_sha256"] == plan["sha256"]
 
     def fault(*args, **kwargs):
         raise RuntimeError("worker lost")
 
-    monkeypatch.setattr(training.evaluation, "evaluate_run", fault)
-    outcome = TrainOutcome(run_id, "url", {}, None)
-    held_out_evaluation(outcome, recipe, uri, str(tmp_path / "ckpt"))
-    assert outcome.held_out is None and outcome.held_out_error == "RuntimeError: worker lost"
-    assert client.get_run(run_id).data.tags["held_out_error"] == "RuntimeError: worker lost"
+    monkeypatch.setattr(training.export, "load_export", fault)
+    held_out_step(trainer)  # not raised
+    assert client.get_run(run_id).data.tags[HELD_OUT_ERROR] == "RuntimeError: worker lost"
+    assert held_out_outcome(uri, run_id, recipe, plan) == (None, "RuntimeError: worker lost")
+    monkeypatch.undo()
+    held_out_step(trainer)
+    assert HELD_OUT_ERROR not in client.get_run(run_id).data.tags
 
-    monkeypatch.undo()  # the real step: it finds no test split before anything starts
     make_dataset(str(tmp_path / "no-test"), {"train": 2, "val": 2})
-    untested = TrainOutcome(run_id, "url", {}, None)
-    held_out_evaluation(untested, recipe.model_copy(update={"data": recipe.data.model_copy(
-        update={"dataset": str(tmp_path / "no-test")})}), uri, str(tmp_path / "ckpt"))  # fmt: skip
-    assert untested.held_out is None and untested.held_out_error is None
+    assert held_out_plan(recipe.model_copy(update={"data": recipe.data.model_copy(
+        update={"dataset": str(tmp_path / "no-test")})})) is None  # fmt: skip
+    assert held_out_plan(load_recipe("demo_tiles", [f"data.dataset={tmp_path / 'ds'}", "data.test_split=null"])) is None
+
+
+def test_a_rank_that_fails_alone_makes_every_rank_raise():
+    from training.collective import raise_any
+
+    raise_any(None, [None, None])  # nobody failed
+    with pytest.raises(RuntimeError, match=r"^rank 1 failed: OSError: shard gone$"):
+        raise_any(None, [None, "OSError: shard gone"])
+    own = OSError("shard gone")
+    with pytest.raises(OSError) as caught:
+        raise_any(own, [None, "OSError: shard gone"])
+    assert caught.value is own  # the failing rank raises its own exception, traceback and all
+
+
+def test_a_restored_early_stopped_run_trains_no_more(tmp_path, process_group):
+    """A worker lost after an early stop (in the held-out step) restores the last checkpoint: the run is
+    finished, not continued with the epochs early stopping skipped; an ordinary checkpoint continues."""
+    import shutil
+
+    never = ["early_stopping.enabled=true", "early_stopping.patience=1", "early_stopping.min_delta=1e9"]
+    small = ["data.epoch_samples=4", "batch_size=2", "epochs=4", "workers=1", *never]
+    recipe = load_recipe("demo_tiles", [f"data.dataset={tmp_path / 'ds'}", *small])
+    _dataset(recipe, str(tmp_path / "ds"))
+    saved = []
+
+    def keep(metrics, folder):
+        saved.append(shutil.copytree(folder, tmp_path / f"epoch{metrics['epoch']}"))
+
+    Trainer({"recipe": recipe.model_dump()}, 0, 1).run(keep, mlflow=False)
+    assert len(saved) == 2  # epoch 1 never beats epoch 0 by 1e9: stopped
+    assert Trainer({"recipe": recipe.model_dump()}, 0, 1, str(saved[0])).start == 1
+    assert Trainer({"recipe": recipe.model_dump()}, 0, 1, str(saved[1])).start == recipe.epochs
