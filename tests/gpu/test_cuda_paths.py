@@ -1,7 +1,8 @@
 """What only a GPU runs: bf16 under autocast, the NCCL all-reduce, DALI's mixed decoding and GPU augmentation
 handing CUDA tensors to the model. Skipped without CUDA; ``make gpu`` runs them where there is one.
 
-None of these has run yet: no GPU has been lent to a development session.
+None of these has run yet: no GPU has been lent to a development session. The last one runs a whole epoch and
+the held-out step as a GPU worker does.
 """
 
 import os
@@ -101,3 +102,32 @@ def test_every_augmentation_runs_on_the_gpu(tmp_path, recipe, frames):
     for x, labels, _ in ShardBatches(pipe, 8, 0, 1, True, steps=2):
         assert x.is_cuda and tuple(x.shape) == (4, *([frames] if frames else []), 3, 32, 32)
         assert torch.isfinite(x).all() and len(labels) == 4
+
+
+def test_a_run_trains_exports_and_evaluates_its_held_out_split_on_the_gpu(cuda, tmp_path):
+    """The whole worker path on CUDA (one NCCL rank): DALI mixed decoding into a bf16 DeepSpeed epoch, rank 0's
+    export, then the held-out step with its NCCL barrier and gathers, into a real (sqlite) MLflow run."""
+    pytest.importorskip("nvidia.dali")
+    from mlflow import MlflowClient
+
+    from tests.datasets import make_dataset
+    from training.evaluation import held_out_outcome, held_out_plan, held_out_step
+    from training.loop import Trainer
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("gpu", str(tmp_path / "artifacts"))).info.run_id
+    make_dataset(str(tmp_path / "ds"), {"train": 8, "val": 4, "test": 4}, size=64)
+    small = ["data.epoch_samples=8", "batch_size=4", "epochs=1", "workers=1", "model.pretrained=false"]
+    recipe = load_recipe("strip_ai_resnet50", [f"data.dataset={tmp_path / 'ds'}", "data.image_size=64", *small])
+    plan = held_out_plan(recipe)
+    trainer = Trainer({"recipe": recipe.model_dump(), "mlflow_uri": uri, "run_id": run_id, "held_out": plan}, 0, 1)
+    assert trainer.device == cuda and trainer.engine.torch_autocast_enabled()
+    reports = []
+    trainer.run(lambda metrics, folder: reports.append(metrics))
+    assert np.isfinite(reports[0]["train_loss"]) and np.isfinite(reports[0]["val_loss"])
+    held_out_step(trainer)
+    outcome, error = held_out_outcome(uri, run_id, recipe, plan)
+    assert error is None, error
+    assert 0 <= outcome.metrics["test_accuracy"] <= 1 and np.isfinite(outcome.metrics["test_loss"])
+    assert client.get_run(run_id).data.tags["precision_used"] == "bf16"
