@@ -84,19 +84,24 @@ def has_artifact(client, run_id: str, path: str) -> bool:
 
 
 def register_model(tracking_uri: str, run_id: str, name: str) -> str | None:
-    """Register the run's ``model`` artifact folder under ``name``; returns the new version (or ``None``)."""
+    """Register the run's ``model`` artifact folder under ``name``; returns its version (or ``None``: nothing
+    exported). A run has one version: resumed, the run re-exports into the same folder the version points to."""
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
     client = MlflowClient(tracking_uri)
     if not has_artifact(client, run_id, "model"):
         return None
+    registered = client.search_model_versions(f"name='{name}' and run_id='{run_id}'")
+    if registered:
+        return str(max(int(v.version) for v in registered))
     try:
         client.get_registered_model(name)
     except MlflowException:
         client.create_registered_model(name, description="Tessera exports: model.ts, model.safetensors, model.json")
     source = f"{client.get_run(run_id).info.artifact_uri}/model"
-    return client.create_model_version(name, source, run_id=run_id, tags={"format": "tessera-model-v2"}).version
+    version = client.create_model_version(name, source, run_id=run_id, tags={"format": "tessera-model-v2"})
+    return str(version.version)  # MLflow gives an int or a string, depending on the call
 
 
 def finish_run(tracking_uri: str, run_id: str, ok: bool) -> None:

@@ -228,3 +228,22 @@ def test_the_universal_form_is_removed_when_the_last_living_reader_leaves(tmp_pa
         (readers / "0123abcd").touch()  # a reader file named before readers named their process
     assert converted == [folder]
     assert not folder.exists() and not readers.exists()
+
+
+def test_a_run_registers_one_model_version_however_often_it_ends(tmp_path):
+    """``--resume`` of a run ends it again: its model, exported into the same folder, keeps its one version."""
+    from mlflow import MlflowClient
+
+    from training.tracking import register_model
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("registry", str(tmp_path / "artifacts"))
+    first, second = (client.create_run(experiment).info.run_id for _ in range(2))
+    assert register_model(uri, first, "recipe") is None  # nothing exported yet
+    for run_id in (first, second):
+        (tmp_path / "model.json").write_text("{}")
+        client.log_artifact(run_id, str(tmp_path / "model.json"), "model")
+    assert register_model(uri, first, "recipe") == register_model(uri, first, "recipe") == "1"
+    assert register_model(uri, second, "recipe") == "2"
+    assert sorted(str(v.version) for v in client.search_model_versions("name='recipe'")) == ["1", "2"]
