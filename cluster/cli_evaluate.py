@@ -8,11 +8,17 @@ def add_evaluate_parser(sub) -> None:
         "evaluate",
         help="evaluate a run's selected model on a held-out split or another dataset, into its MLflow run",
         description="The run's exported model (its best epoch, or the SWA average: the registered one) on SPLIT, "
-        "distributed over the recipe's workers; sample- and aggregation-level metrics and pictures are logged "
-        "into the run under the split's name (test_accuracy, test_patient_accuracy, ...). `tessera train` does "
-        "this for the recipe's data.test_split after training.",
+        "distributed over the recipe's workers (or KEY=VALUE's); sample- and aggregation-level metrics and "
+        "pictures are logged into the run under the split's name (test_accuracy, test_patient_accuracy, ...). "
+        "`tessera train` does this for the recipe's data.test_split after training.",
     )
     ev.add_argument("run", metavar="RUN", help="MLflow run id or name, as `tessera train` printed it")
+    ev.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="where it runs, instead of the recipe's: workers, cpus_per_worker, placement, use_gpu",
+    )
     ev.add_argument("--split", default="test", help="the split to evaluate (default: %(default)s)")
     ev.add_argument("--dataset", help="another dataset's URL (external validation; the same classes)")
     ev.add_argument(
@@ -26,11 +32,14 @@ def cmd_evaluate(args) -> int:
     from cluster import health
     from cluster.cli import _connect, _settings
     from training.evaluation import evaluate_run, summary
+    from training.launch import EVALUATE_KEYS, check_resume_overrides
 
+    check_resume_overrides(args.overrides, EVALUATE_KEYS, "tessera evaluate")  # before anything connects
     s = _settings()
     _connect(s)
     health.require(s, "mlflow")
-    print(summary(evaluate_run(args.run, s.mlflow_url, s.checkpoints, args.split, args.dataset, args.name)))
+    options = {"split": args.split, "dataset": args.dataset, "name": args.name, "overrides": args.overrides}
+    print(summary(evaluate_run(args.run, s.mlflow_url, s.checkpoints, **options)))
     return 0
 
 

@@ -140,13 +140,17 @@ def run_training(recipe: TrainRecipe, tracking_uri: str, storage_path: str, max_
 
 # What ``--resume`` may change: where a run continues, not what it trains.
 RESUME_KEYS = ("workers", "cpus_per_worker", "placement")
+# What ``tessera evaluate`` may change: where the model runs (a GPU cluster's run, evaluated on a CPU box).
+EVALUATE_KEYS = (*RESUME_KEYS, "use_gpu")
 
 
-def check_resume_overrides(overrides: list[str] | tuple[str, ...]) -> None:
-    """Refuse an override that would change what a resumed run trains (before anything connects)."""
-    bad = [o for o in overrides if "=" not in o or o.partition("=")[0].strip() not in RESUME_KEYS]
+def check_resume_overrides(
+    overrides: list[str] | tuple[str, ...], keys: tuple[str, ...] = RESUME_KEYS, command: str = "--resume"
+) -> None:
+    """Refuse an override that would change what a resumed (or evaluated) run is (before anything connects)."""
+    bad = [o for o in overrides if "=" not in o or o.partition("=")[0].strip() not in keys]
     if bad:
-        raise RecipeError(f"--resume changes only {', '.join(RESUME_KEYS)} (the run's own recipe is used), not {bad}")
+        raise RecipeError(f"{command} changes only {', '.join(keys)} (the run's own recipe is used), not {bad}")
 
 
 def run_recipe(client, run_id: str, overrides: list[str] | tuple[str, ...] = ()) -> TrainRecipe:

@@ -150,6 +150,14 @@ def test_resume_takes_only_where_to_run_overrides(capsys, extra):
     assert "Traceback" not in err
 
 
+def test_evaluate_takes_only_where_to_run_overrides(capsys):
+    """A run trained on a GPU cluster may be evaluated elsewhere (fewer workers, CPUs); not retrained otherwise."""
+    assert main(["evaluate", "0123456789abcdef", "workers=1", "data.image_size=64"]) == 1
+    err = capsys.readouterr().err
+    assert "tessera evaluate changes only workers, cpus_per_worker, placement, use_gpu" in err
+    assert "'data.image_size=64'" in err and "Traceback" not in err
+
+
 def test_unreachable_endpoint_is_named(tmp_path, monkeypatch):
     monkeypatch.setenv("TESSERA_STATE_DIR", str(tmp_path))
     monkeypatch.setenv("TESSERA_S3_ENDPOINT", "http://127.0.0.1:1")
