@@ -70,7 +70,7 @@ def evaluate_split(recipe: TrainRecipe, manifest: mf.Manifest, split: str, prefi
             error = exc
         raise_together(error)
         loss = Loss(recipe.task == "multilabel", None, len(outputs))
-        pred = predict(model.to(device), data.batches(split, 0, False), loss, device)
+        pred = predict(model.to(device), data.batches(split, 0, False), loss, device, share_errors=True)
     finally:
         if data is not None:
             data.close()

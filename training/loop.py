@@ -100,12 +100,17 @@ def train_epoch(engine, batches, loss_fn: Loss, device, epoch: int, rank: int, f
 
 
 @torch.no_grad()
-def predict(model, batches, loss_fn: Loss, device) -> dict[str, Any]:
-    """Probabilities, labels, metadata and mean loss of every worker's share, gathered on every rank."""
+def predict(model, batches, loss_fn: Loss, device, share_errors: bool = False) -> dict[str, Any]:
+    """Probabilities, labels, metadata and mean loss of every worker's share, gathered on every rank.
+
+    ``share_errors``: a rank that fails still joins the gather, which then raises on every rank. Only for a
+    model whose forward pass has no collectives: a ZeRO-3 engine's gathers parameters, and its ranks would wait
+    on each other in different collectives; there a failing rank raises at once and Ray Train ends the group.
+    """
     model.eval()
     dtype = next(model.parameters()).dtype
     probs, labels, metas, loss_sum, error = [], [], [], 0.0, None
-    try:  # a rank that fails still joins the gather below, which then raises on every rank
+    try:
         for x, y, m in batches:
             if len(y) == 0:
                 continue
@@ -115,6 +120,8 @@ def predict(model, batches, loss_fn: Loss, device) -> dict[str, Any]:
             labels.append(y)
             metas.extend(m)
     except Exception as exc:
+        if not share_errors:
+            raise
         error = exc
     gathered: list[Any] = [None] * dist.get_world_size()
     mine = {"probs": probs, "labels": labels, "metas": metas, "loss": loss_sum, "error": said(error)}

@@ -431,6 +431,52 @@ def test_a_rank_that_fails_alone_makes_every_rank_raise():
     assert caught.value is own  # the failing rank raises its own exception, traceback and all
 
 
+def _predict_rank(rank: int, port: int, share: bool, q) -> None:
+    """One of two gloo ranks predicting; rank 1's data fails after its first batch (a shard gone)."""
+    from datetime import timedelta
+
+    from training.loop import predict
+    from training.losses import Loss
+
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=timedelta(seconds=20))
+
+    def batches():
+        for i in range(3):
+            if rank == 1 and i == 1:
+                raise OSError("shard gone")
+            yield torch.ones(2, 4), torch.tensor([0, 1]), [{}, {}]
+
+    try:
+        predict(torch.nn.Linear(4, 2), batches(), Loss(False), torch.device("cpu"), share_errors=share)
+        q.put((rank, "returned"))
+    except Exception as exc:
+        q.put((rank, f"{type(exc).__name__}: {exc}"))
+    q.close()
+    q.join_thread()  # sent before the hard exit below
+    os._exit(0)  # no teardown of a process group a peer may have left
+
+
+@pytest.mark.parametrize("share", [True, False])
+def test_a_rank_whose_data_fails_makes_every_rank_raise_when_errors_are_shared(share):
+    """Evaluation (a plain model, ``share_errors``): rank 0 raises with rank 1's reason instead of waiting in
+    the gather. Without sharing (a ZeRO-3 engine gathers parameters in its forward pass), rank 1 raises alone
+    and rank 0 waits, knowing nothing of why, until the group ends (Ray Train's doing; here, rank 1's exit)."""
+    ctx, port = mp.get_context("spawn"), _free_port()
+    q = ctx.Queue()
+    ranks = [ctx.Process(target=_predict_rank, args=(r, port, share, q)) for r in range(2)]
+    for p in ranks:
+        p.start()
+    said = dict(q.get(timeout=90) for _ in ranks)
+    for p in ranks:
+        p.join(60)
+    assert said[1] == "OSError: shard gone"
+    if share:
+        assert said[0] == "RuntimeError: rank 1 failed: OSError: shard gone"
+    else:
+        assert said[0] != "returned" and "shard gone" not in said[0]  # a broken gather
+
+
 def test_a_restored_early_stopped_run_trains_no_more(tmp_path, process_group):
     """A worker lost after an early stop (in the held-out step) restores the last checkpoint: the run is
     finished, not continued with the epochs early stopping skipped; an ordinary checkpoint continues."""
