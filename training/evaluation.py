@@ -157,13 +157,12 @@ def evaluate_run(
     split: str = "test",
     dataset: str | None = None,
     name: str | None = None,
-    recipe: TrainRecipe | None = None,
     overrides: list[str] | tuple[str, ...] = (),
 ) -> EvalOutcome:
     """Evaluate run ``run``'s exported model on ``split`` of its own dataset or of ``dataset``; metrics and
     pictures into the run. ``name`` prefixes them (default: the split's name, ``external_<split>`` for another
-    dataset). ``recipe``: the run's own, where the caller has it; else the run's, with ``overrides`` of where
-    it runs (``launch.EVALUATE_KEYS``: the metrics do not depend on the number of workers)."""
+    dataset). The run's recipe, with ``overrides`` of where it runs (``launch.EVALUATE_KEYS``: the metrics do not
+    depend on the number of workers)."""
     from mlflow import MlflowClient
     from ray.train import RunConfig
     from ray.train.torch import TorchTrainer
@@ -174,7 +173,7 @@ def evaluate_run(
 
     client = MlflowClient(tracking_uri)
     run_id = tracking.resolve_run(client, run)
-    recipe = recipe or run_recipe(client, run_id, overrides)
+    recipe = run_recipe(client, run_id, overrides)
     if dataset:
         recipe = recipe.model_copy(update={"data": recipe.data.model_copy(update={"dataset": dataset})})
     url = recipe.data.dataset
