@@ -45,11 +45,12 @@ def cmd_evaluate(args) -> int:
 
 def held_out_line(recipe, manifest) -> str:
     """What ``tessera train --dry-run`` says about the held-out evaluation that would follow training."""
+    from training.evaluation import no_held_out
+
+    why = no_held_out(recipe, manifest)
+    if why:
+        return f"held-out: none ({why})"
     split = recipe.data.test_split
-    if split is None:
-        return "held-out: none (data.test_split: null)"
-    if manifest.missing_splits(split):
-        return f"held-out: none (the dataset has no {split} split; it has {', '.join(sorted(manifest.splits))})"
     samples = manifest.num_samples(split)
     return f"held-out: the {split} split ({samples} samples), with the selected model after training"
 

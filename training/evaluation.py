@@ -114,17 +114,28 @@ def held_out_step(trainer) -> None:
         log.untag(HELD_OUT_ERROR)  # an earlier attempt's (a worker lost in this step)
 
 
+def no_held_out(recipe: TrainRecipe, manifest: mf.Manifest) -> str | None:
+    """Why training evaluates no held-out split after it (None: it evaluates ``data.test_split``)."""
+    split = recipe.data.test_split
+    if split is None:
+        return "data.test_split: null"
+    if manifest.missing_splits(split):
+        return f"the dataset has no {split} split; it has {', '.join(sorted(manifest.splits))}"
+    return None
+
+
 def held_out_plan(recipe: TrainRecipe) -> dict[str, str] | None:
-    """What training's held-out step evaluates (``split``, ``prefix``, the manifest's ``sha256``), or None:
-    ``data.test_split: null``, or a dataset without that split (said on the terminal)."""
+    """What training's held-out step evaluates (``split``, ``prefix``, the manifest's ``sha256``), or None
+    (:func:`no_held_out` says why, on the terminal)."""
     from training.launch import load_manifest
 
     split = recipe.data.test_split
     if split is None:
         return None
     manifest, data = load_manifest(recipe)
-    if manifest.missing_splits(split):
-        print(f"held-out evaluation: the dataset has no {split} split", flush=True)
+    why = no_held_out(recipe, manifest)
+    if why:
+        print(f"held-out evaluation: none ({why})", flush=True)
         return None
     return {"split": split, "prefix": metric_prefix(split), "sha256": tracking.file_sha256(data)}
 
