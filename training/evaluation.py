@@ -21,8 +21,8 @@ from typing import Any
 from shards import manifest as mf
 from training import tracking
 from training.config import TrainRecipe
+from training.tracking import MODEL_ARTIFACT
 
-MODEL_ARTIFACT = "model"
 HELD_OUT_ERROR = "held_out_error"  # the run's tag when training's held-out step failed
 HEADLINE = ("accuracy", "f1", "auc", "weighted_log_loss", "rsna_log_loss")
 

@@ -35,6 +35,7 @@ from training.losses import Loss, balanced_weights
 from training.metrics import classification_metrics, multilabel_metrics
 from training.models import build_model
 from training.state import EarlyStopping, epoch_seed, swa_start_epoch
+from training.tracking import MODEL_ARTIFACT
 
 TAG = "ds"
 
@@ -296,7 +297,7 @@ class Trainer:
             if report:
                 report.epoch(metrics, epoch)
             if (improved and self.swa is None) or (last and self.swa is not None):
-                self._export(report, "model")
+                self._export(report, MODEL_ARTIFACT)
             if last and report:
                 report.final(pred)
             with scratch.directory("checkpoint") as tmp:  # what a worker killed while saving leaves is swept

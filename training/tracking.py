@@ -7,6 +7,8 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+MODEL_ARTIFACT = "model"  # the run's exported model folder, the one registered
+
 
 def git_commit() -> str:
     """The source tree's commit, or ``unknown`` outside a git checkout."""
@@ -90,7 +92,7 @@ def register_model(tracking_uri: str, run_id: str, name: str) -> str | None:
     from mlflow.exceptions import MlflowException
 
     client = MlflowClient(tracking_uri)
-    if not has_artifact(client, run_id, "model"):
+    if not has_artifact(client, run_id, MODEL_ARTIFACT):
         return None
     registered = client.search_model_versions(f"name='{name}' and run_id='{run_id}'")
     if registered:
@@ -99,7 +101,7 @@ def register_model(tracking_uri: str, run_id: str, name: str) -> str | None:
         client.get_registered_model(name)
     except MlflowException:
         client.create_registered_model(name, description="Tessera exports: model.ts, model.safetensors, model.json")
-    source = f"{client.get_run(run_id).info.artifact_uri}/model"
+    source = f"{client.get_run(run_id).info.artifact_uri}/{MODEL_ARTIFACT}"
     version = client.create_model_version(name, source, run_id=run_id, tags={"format": "tessera-model-v2"})
     return str(version.version)  # MLflow gives an int or a string, depending on the call
 
