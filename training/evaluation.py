@@ -95,7 +95,7 @@ def held_out_step(trainer) -> None:
     """After training, on its own workers (no second group to schedule): the selected model, as exported, on
     the split the driver's :func:`held_out_plan` named (``config["held_out"]``). A failure is tagged on the run
     (``held_out_error``) by rank 0 and not raised: the training succeeded and its model stays registered."""
-    from training.collective import raise_together
+    from training.collective import raise_together, said
 
     plan = trainer.config.get("held_out")
     if not plan:
@@ -107,8 +107,8 @@ def held_out_step(trainer) -> None:
         evaluate_split(trainer.recipe, trainer.manifest, split, prefix, log, trainer.rank, trainer.world)
     except Exception as exc:
         if trainer.rank == 0:
-            print(f"held-out evaluation failed: {type(exc).__name__}: {exc}", flush=True)
-            log.tag(HELD_OUT_ERROR, f"{type(exc).__name__}: {exc}"[:5000])
+            print(f"held-out evaluation failed: {said(exc)}", flush=True)
+            log.tag(HELD_OUT_ERROR, said(exc)[:5000])
         return
     if trainer.rank == 0:
         log.untag(HELD_OUT_ERROR)  # an earlier attempt's (a worker lost in this step)
