@@ -132,12 +132,12 @@ def _input_size(recipe, manifest) -> str:
 def cmd_train(args) -> int:
     from cluster import health
     from training.config import load_recipe
-    from training.launch import check_resume_overrides, resume_training, run_training
+    from training.launch import check_where_overrides, resume_training, run_training
 
     s = _settings()
     if args.resume:
         overrides = [args.recipe, *args.overrides] if args.recipe else args.overrides  # `workers=2` lands in recipe
-        check_resume_overrides(overrides)
+        check_where_overrides(overrides)
         _connect(s)
         health.require(s, "mlflow")
         outcome = resume_training(args.resume, s.mlflow_url, s.checkpoints, overrides)

@@ -32,9 +32,9 @@ def cmd_evaluate(args) -> int:
     from cluster import health
     from cluster.cli import _connect, _settings
     from training.evaluation import evaluate_run, summary
-    from training.launch import EVALUATE_KEYS, check_resume_overrides
+    from training.launch import EVALUATE_KEYS, check_where_overrides
 
-    check_resume_overrides(args.overrides, EVALUATE_KEYS, "tessera evaluate")  # before anything connects
+    check_where_overrides(args.overrides, EVALUATE_KEYS, "tessera evaluate")  # before anything connects
     s = _settings()
     _connect(s)
     health.require(s, "mlflow")

@@ -144,10 +144,11 @@ RESUME_KEYS = ("workers", "cpus_per_worker", "placement")
 EVALUATE_KEYS = (*RESUME_KEYS, "use_gpu")
 
 
-def check_resume_overrides(
+def check_where_overrides(
     overrides: list[str] | tuple[str, ...], keys: tuple[str, ...] = RESUME_KEYS, command: str = "--resume"
 ) -> None:
-    """Refuse an override that would change what a resumed (or evaluated) run is (before anything connects)."""
+    """Refuse an override of anything but where a run runs (``keys``) for ``command`` (resume, evaluate): what
+    it trains and is evaluated with stays its own recipe's. Called before anything connects."""
     bad = [o for o in overrides if "=" not in o or o.partition("=")[0].strip() not in keys]
     if bad:
         raise RecipeError(f"{command} changes only {', '.join(keys)} (the run's own recipe is used), not {bad}")
@@ -168,7 +169,7 @@ def resume_training(
     K ranks is read by N through DeepSpeed's universal form (:func:`training.engine.to_universal`)."""
     from mlflow import MlflowClient
 
-    check_resume_overrides(overrides)
+    check_where_overrides(overrides)
     client = MlflowClient(tracking_uri)
     run_id = tracking.resolve_run(client, run_id)
     recipe = run_recipe(client, run_id, overrides)

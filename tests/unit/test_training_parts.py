@@ -10,7 +10,7 @@ import torch
 from shards.dali import epoch_order
 from training.config import ModelConfig, RecipeError, load_recipe
 from training.engine import make_optimizer, make_scheduler, partition_ranks
-from training.launch import check_resume_overrides, resume_training, run_checkpoints
+from training.launch import check_where_overrides, resume_training, run_checkpoints
 from training.losses import Loss, balanced_weights
 from training.models import MultiHead, TemporalClassifier, build_model, count_parameters
 from training.state import EarlyStopping, swa_start_epoch
@@ -203,7 +203,7 @@ def test_checkpoints_of_a_run_and_their_zero_partitions(tmp_path):
 def test_resume_changes_only_where_a_run_continues():
     with pytest.raises(RecipeError, match=r"--resume changes only workers, cpus_per_worker, placement .*'epochs=9'"):
         resume_training("0123456789abcdef", "http://127.0.0.1:1", "/nowhere", ["workers=2", "epochs=9"])
-    check_resume_overrides(["workers=4", "cpus_per_worker=2", "placement=spread"])
+    check_where_overrides(["workers=4", "cpus_per_worker=2", "placement=spread"])
 
 
 def test_the_universal_form_is_removed_when_the_last_living_reader_leaves(tmp_path, monkeypatch):
