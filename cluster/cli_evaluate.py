@@ -23,7 +23,8 @@ def add_evaluate_parser(sub) -> None:
     ev.add_argument("--dataset", help="another dataset's URL (external validation; the same classes)")
     ev.add_argument(
         "--name",
-        help="prefix of the logged metrics (default: the split's name; external_<split> with --dataset)",
+        help="prefix of the logged metrics (default: the split's name; external_<split> with --dataset; "
+        "eval_val, eval_train for the splits whose names training's own curves use)",
     )
     ev.set_defaults(fn=cmd_evaluate)
 

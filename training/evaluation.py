@@ -24,6 +24,7 @@ from training.config import TrainRecipe
 from training.tracking import MODEL_ARTIFACT
 
 HELD_OUT_ERROR = "held_out_error"  # the run's tag when training's held-out step failed
+TRAINING_PREFIXES = ("train_", "val_")  # the per-epoch metrics of training (besides lr and epoch)
 HEADLINE = ("accuracy", "f1", "auc", "weighted_log_loss", "rsna_log_loss")
 
 
@@ -39,8 +40,28 @@ class EvalOutcome:
 
 def metric_prefix(split: str, name: str | None = None) -> str:
     """``test_`` for split ``test``; ``name`` instead of the split where given; characters MLflow keys and file
-    names should not carry (``f0+f1``) become ``_``."""
-    return re.sub(r"[^A-Za-z0-9_]+", "_", name or split).strip("_") + "_"
+    names should not carry (``f0+f1``) become ``_``. A split whose prefix is training's own (``val_``, ``train_``)
+    gets ``eval_`` before it, so its metrics do not land in the per-epoch curves; such a ``name`` is refused."""
+    prefix = re.sub(r"[^A-Za-z0-9_]+", "_", name or split).strip("_") + "_"
+    if prefix.startswith(TRAINING_PREFIXES):
+        if name:
+            raise ValueError(
+                f"evaluation name {name!r}: its metrics ({prefix}*) would mix with the training's own per-epoch "
+                f"{', '.join(p + '*' for p in TRAINING_PREFIXES)}; choose another name"
+            )
+        prefix = f"eval_{prefix}"
+    return prefix
+
+
+def check_prefix_free(tags: dict[str, str], prefix: str, run_id: str) -> None:
+    """Refuse ``prefix`` where it and an evaluation already in the run (its ``<prefix>dataset`` tag) would share
+    metric names: ``test_`` and ``test_patient_`` would both log ``test_patient_accuracy``."""
+    others = {k.removesuffix("dataset") for k in tags if k.endswith("_dataset")} - {prefix}
+    clash = sorted(p for p in others if p.startswith(prefix) or prefix.startswith(p))
+    if clash:
+        raise ValueError(
+            f"run {run_id}: metrics {prefix}* would mix with those of its evaluation {clash[0]}*; choose another name"
+        )
 
 
 def check_outputs(model_outputs: list[str], outputs: list[str], dataset: str) -> None:
@@ -197,6 +218,7 @@ def evaluate_run(
         desc = json.loads(Path(client.download_artifacts(run_id, f"{MODEL_ARTIFACT}/{MODEL_JSON}", tmp)).read_text())
     check_outputs(desc.get("outputs") or desc["classes"], outputs_of(recipe, manifest), url)
     prefix = metric_prefix(split, name or (f"external_{split}" if dataset else None))
+    check_prefix_free(client.get_run(run_id).data.tags, prefix, run_id)
     path, fs = storage_location(storage_path)
     config = {"recipe": recipe.model_dump(), "split": split, "prefix": prefix}
     config |= {"mlflow_uri": tracking_uri, "run_id": run_id}

@@ -105,3 +105,19 @@ def test_evaluate_takes_another_dataset_under_its_own_prefix_and_refuses_other_c
         evaluate_run(out.run_id, stack.mlflow_url, str(work / "ckpt"), "test", str(work / "three"))
     with pytest.raises(ValueError, match=r"has no holdout split \(has \['test', 'train', 'val'\]\)"):
         evaluate_run(out.run_id, stack.mlflow_url, str(work / "ckpt"), "holdout")
+
+
+def test_evaluating_the_val_split_adds_nothing_to_the_training_curves(trained, stack, tmp_path):
+    """Training logs ``val_*`` per epoch: the selected model on the val split goes under ``eval_val_``."""
+    work, out = trained
+    client = MlflowClient(stack.mlflow_url)
+    before = [(m.step, m.value) for m in client.get_metric_history(out.run_id, "val_accuracy")]
+    val = evaluate_run(out.run_id, stack.mlflow_url, str(work / "ckpt"), "val", overrides=["workers=1"])
+    assert val.prefix == "eval_val_"
+    assert [(m.step, m.value) for m in client.get_metric_history(out.run_id, "val_accuracy")] == before
+    ref = _reference(client, out.run_id, work / "ds" / "val", tmp_path)
+    assert val.metrics["eval_val_accuracy"] == pytest.approx(ref["accuracy"], abs=1e-4)
+    assert "eval_val_confusion_sample.png" in {a.path for a in client.list_artifacts(out.run_id)}
+    # test_patient_* would share names with the held-out step's test_ metrics (test_patient_accuracy)
+    with pytest.raises(ValueError, match=r"metrics test_patient_\* would mix with those of its evaluation test_\*"):
+        evaluate_run(out.run_id, stack.mlflow_url, str(work / "ckpt"), "test", name="test patient")

@@ -245,11 +245,25 @@ def test_dry_run_says_which_split_is_held_out(capsys, tmp_path):
 
 
 def test_evaluation_prefixes_checks_and_summary():
-    from training.evaluation import EvalOutcome, check_outputs, metric_prefix, summary
+    from training.evaluation import EvalOutcome, check_outputs, check_prefix_free, metric_prefix, summary
 
     assert metric_prefix("test") == "test_"
     assert metric_prefix("f0+f1") == "f0_f1_"
     assert metric_prefix("test", "site-2 holdout") == "site_2_holdout_"
+    # training logs val_* and train_* per epoch: an evaluation of those splits must not add points to its curves
+    assert metric_prefix("val") == "eval_val_"
+    assert metric_prefix("train") == "eval_train_"
+    assert metric_prefix("val", "valid") == "valid_"
+    with pytest.raises(ValueError, match=r"evaluation name 'val swa': its metrics \(val_swa_\*\) would mix"):
+        metric_prefix("val", "val swa")
+    tags = {"dataset": "s3://x", "test_dataset": "s3://x", "external_test_dataset": "s3://y", "mlflow.user": "u"}
+    for free in ("test_", "external_test_", "site_2_", "eval_val_"):
+        check_prefix_free(tags, free, "r")
+    for nested, other in (("test_patient_", "test_"), ("external_", "external_test_")):
+        with pytest.raises(
+            ValueError, match=rf"run r: metrics {nested}\* would mix with those of its evaluation {other}\*"
+        ):
+            check_prefix_free(tags, nested, "r")
     check_outputs(["a", "b"], ["a", "b"], "s3://x")
     with pytest.raises(ValueError, match=r"s3://x: its classes \['b', 'a'\] are not the model's \['a', 'b'\]"):
         check_outputs(["a", "b"], ["b", "a"], "s3://x")
