@@ -77,11 +77,12 @@ def cmd_ingest(args) -> int:
         _connect(s)
     else:  # local disk and no cluster: the ingest starts Ray inside this process
         os.environ.pop("RAY_ADDRESS", None)
-    manifest, url = run_ingest(args.kind, cfg, on_private=keep_private(s, cfg.out))
+    saved = []
+    manifest, url = run_ingest(args.kind, cfg, on_private=lambda m: saved.append(keep_private(s, cfg.out)(m)))
     print(f"shards: {cfg.out}\nmanifest: {url}\n{manifest_summary(manifest)}")
-    failed = [r for r in manifest.inputs if r.status == "failed"]
-    for r in failed:
+    for r in [r for r in manifest.inputs if r.status == "failed"]:
         print(f"  failed {r.id}: {r.reason}", file=sys.stderr)
+    print(f"the inputs behind the manifest's pseudonyms: {saved[0]} (private to you)")
     return 0
 
 
@@ -99,7 +100,7 @@ def _ingest_dry_run(kind: str, cfg, on_private) -> int:
         from ingest.preflight import check_slides
 
         print("\n".join(check_slides(plan.units, cfg)))
-    if plan.skipped:
+    if plan.skipped or plan.unmatched:
         print(f"the inputs behind these pseudonyms: {on_private(plan.private)} (private to you)")
     return 0
 

@@ -28,6 +28,7 @@ class Plan:
     classes: list[str] = field(default_factory=list)
     multilabel: list[str] | None = None
     private: dict[str, str] = field(default_factory=dict)  # pseudonym -> location, kept off object storage
+    unmatched: list[str] = field(default_factory=list)  # label rows naming no input found, as pseudonyms
 
 
 def _label_text(cfg: IngestConfig) -> str | None:
@@ -40,6 +41,15 @@ def _table(text: str | None, source: str | None) -> tuple[dict[str, LabelRow], l
         return {}, []
     rows = read_label_csv(text, source=source or "labels")
     return {r.item: r for r in rows}, class_names(rows)
+
+
+def _unmatched(plan: Plan, key: bytes, items: set[str], labels: str | None) -> None:
+    """Record the label table's rows that name no input found (a slide missing from the sources, a typo), as
+    pseudonyms: the private map has the names."""
+    for item in sorted(items):
+        uid = pseudonym(key, "label", item)
+        plan.private[uid] = f"{labels}: row {item}"
+        plan.unmatched.append(uid)
 
 
 def _assign(units: list[Unit], cfg: IngestConfig) -> None:
@@ -87,6 +97,7 @@ def plan_wsi(cfg: WsiIngestConfig, key: bytes) -> Plan:
             others.append(loc)
     dicom_slides, refused = group_dicom_slides(dicom)
     slides += [(s.name, s.files) for s in dicom_slides]
+    _unmatched(plan, key, set(table) - {name for name, _ in slides}, cfg.labels)
     for loc in others + sorted(refused):
         uid = pseudonym(key, "source", loc)
         plan.private[uid] = loc
@@ -135,7 +146,7 @@ def plan_dicom(cfg: DicomIngestConfig, key: bytes) -> Plan:
     """
     table, rsna, classes = _dicom_labels(cfg)
     plan = Plan(units=[], classes=classes, multilabel=list(RSNA_SUBTYPES) if rsna else None)
-    headers = []
+    headers, named = [], set()
     locations = list(expand(cfg.sources))
     for loc, (found, reason) in zip(locations, map_headers(source_headers, locations), strict=True):
         uid = pseudonym(key, "source", loc)
@@ -144,6 +155,7 @@ def plan_dicom(cfg: DicomIngestConfig, key: bytes) -> Plan:
             _skip(plan, uid, reason)
         headers += found
     for series in group_series(headers):
+        named |= {series.series_uid, series.patient_id}
         sid = pseudonym(key, "series", series.series_uid)
         if any(s.burned_in for s in series.slices) and not cfg.allow_burned_in:
             _skip(plan, sid, "BurnedInAnnotation=YES (text in the pixels may identify the patient); --allow-burned-in")
@@ -173,6 +185,7 @@ def plan_dicom(cfg: DicomIngestConfig, key: bytes) -> Plan:
             meta=meta,
         )
         plan.units.append(unit)
+    _unmatched(plan, key, set(table) - named, cfg.labels)
     _assign(plan.units, cfg)
     return plan
 
@@ -216,6 +229,7 @@ def plan_images(cfg: ImagesIngestConfig, key: bytes) -> Plan:
         classes = sorted({loc.rsplit("/", 2)[-2] for loc in files if loc.lower().endswith(IMAGE_EXTS)})
     yolo, pixel_boxes = _boxes(cfg)
     plan = Plan(units=[], classes=classes)
+    _unmatched(plan, key, set(table) - {stem(loc) for loc in files if loc.lower().endswith(IMAGE_EXTS)}, cfg.labels)
     for loc in files:
         uid = pseudonym(key, "source", loc)
         plan.private[uid] = loc
@@ -282,6 +296,7 @@ def _plan_sequences(cfg: ImagesIngestConfig, key: bytes, text: str | None) -> Pl
             groups.setdefault(patient, {})[number] = loc
             continue
         _image_skip(plan, uid, reason)
+    _unmatched(plan, key, known - set(groups), cfg.labels)
     for patient, slices in sorted(groups.items()):
         numbers = sorted(slices)
         vectors = [table[patient, n] if subtypes else table[patient, n][:1] for n in numbers]
@@ -349,6 +364,8 @@ def describe_plan(plan: Plan) -> list[str]:
         by_reason.setdefault(rec.reason or "", []).append(rec.id)
     for reason, ids in sorted(by_reason.items(), key=lambda kv: -len(kv[1])):
         lines.append(f"skipped {len(ids)}: {reason}: {id_list(ids)}")
+    if plan.unmatched:
+        lines.append(f"label rows naming no input found {len(plan.unmatched)}: {id_list(plan.unmatched)}")
     warned: dict[str, list[str]] = {}  # found while planning: slice order and gaps of a series or sequence
     for u in plan.units:
         for warning in u.meta.get("warnings", []):

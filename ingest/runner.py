@@ -229,6 +229,7 @@ def run_ingest(kind: str, cfg: IngestConfig, on_private: Callable[[dict[str, str
         config=cfg.public(),
         splits=splits,
         inputs=sorted(inputs + plan.skipped, key=lambda r: r.id),
+        unmatched_labels=plan.unmatched,
     )
     mf.check_patient_disjoint(manifest)
     url = mf.save(manifest, cfg.out)  # the commit point: what follows only tidies up
@@ -240,4 +241,5 @@ def run_ingest(kind: str, cfg: IngestConfig, on_private: Callable[[dict[str, str
 def manifest_summary(manifest: Manifest) -> str:
     """One line per split and the input status counts, for the terminal."""
     parts = [f"{s}: {info.num_samples} samples in {len(info.shards)} shards" for s, info in manifest.splits.items()]
-    return "; ".join(parts) + " | inputs " + json.dumps(manifest.counts())
+    unmatched = f" | label rows naming no input {len(n)}" if (n := manifest.unmatched_labels) else ""
+    return "; ".join(parts) + " | inputs " + json.dumps(manifest.counts()) + unmatched

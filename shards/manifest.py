@@ -95,6 +95,8 @@ class Manifest(BaseModel):
     config: dict = Field(default_factory=dict)
     splits: dict[str, SplitInfo] = Field(default_factory=dict)
     inputs: list[InputRecord] = Field(default_factory=list)
+    # Pseudonyms of the label table's rows that named no input found (the private map has the names).
+    unmatched_labels: list[str] = Field(default_factory=list)
 
     def counts(self) -> dict[str, int]:
         """Number of inputs per status."""

@@ -83,7 +83,7 @@ def test_ingest_dry_run_lists_what_would_be_ingested_and_writes_nothing(capsys, 
         (src / f"{name}.svs").touch()
     (src / "notes.txt").write_text("not a slide")
     labels = tmp_path / "labels.csv"
-    labels.write_text("slide,label,patient\na,CE,p1\nb,LAA,p1\nc,LAA,p2\n")
+    labels.write_text("slide,label,patient\na,CE,p1\nb,LAA,p1\nc,LAA,p2\nz,CE,p3\n")  # no slide z
     out = tmp_path / "out"
     argv = ["ingest", "wsi", str(src), "--out", str(out), "--labels", str(labels), "--dry-run"]
     assert main([*argv, "--split", "train=1.0"]) == 0
@@ -101,6 +101,7 @@ def test_ingest_dry_run_lists_what_would_be_ingested_and_writes_nothing(capsys, 
     where = {loc: uid for uid, loc in json.loads(private.read_text()).items()}
     assert f"skipped 1: not in the label table: {where[str(src / 'd.svs')]}" in lines
     assert f"skipped 1: not a slide file (extension .txt): {where[str(src / 'notes.txt')]}" in lines
+    assert f"label rows naming no input found 1: {where[f'{labels}: row z']}" in lines
     assert not any(str(src) in line for line in lines)
     # A later plan over other sources adds to the map and keeps what is there.
     other = tmp_path / "other"
@@ -110,7 +111,7 @@ def test_ingest_dry_run_lists_what_would_be_ingested_and_writes_nothing(capsys, 
     assert main(["ingest", "wsi", str(other), "--out", str(out), "--dry-run"]) == 0
     names = "a.svs", "b.svs", "c.svs", "d.svs", "notes.txt"
     assert sorted(json.loads(private.read_text()).values()) == sorted(
-        [str(src / name) for name in names] + [str(other / "e.svs"), str(other / "e.xml")]
+        [str(src / name) for name in names] + [str(other / "e.svs"), str(other / "e.xml"), f"{labels}: row z"]
     )
 
 

@@ -1,6 +1,7 @@
 """Image-folder ingest: decoding, boxes and crops, per-slice tables, and the planner on synthetic trees."""
 
 import json
+import shutil
 
 import cv2
 import numpy as np
@@ -104,13 +105,15 @@ def test_class_folders_with_yolo_boxes_and_crops(tmp_path):
 def test_label_csv_layout_skips_unlisted_images(tmp_path):
     make_mri_folders(tmp_path, per_class=1, size=32)
     csv_path = tmp_path / "labels.csv"
-    csv_path.write_text("image,label,patient\ngl_0000.jpg,tumour,P1\nno_0000.jpg,healthy,P1\n")
+    csv_path.write_text("image,label,patient\ngl_0000.jpg,tumour,P1\nno_0000.jpg,healthy,P1\ngl_0009.jpg,tumour,P2\n")
     cfg = ImagesIngestConfig(sources=[str(tmp_path / "images")], out=str(tmp_path / "o"), labels=str(csv_path))
     plan = plan_images(cfg, KEY)
     assert plan.classes == ["healthy", "tumour"]
     assert len(plan.units) == 2 and len({u.patient for u in plan.units}) == 1  # one patient, one split
     assert len({u.split for u in plan.units}) == 1
     assert sorted(r.reason for r in plan.skipped) == ["not in the label table"] * 2
+    (row,) = plan.unmatched  # gl_0009: no such image
+    assert plan.private[row] == f"{csv_path}: row gl_0009" and row not in {r.id for r in plan.skipped}
 
 
 def test_ct_ich_sequences(tmp_path):
@@ -143,6 +146,12 @@ def test_ct_ich_sequences(tmp_path):
     # Without --slice-folder the bone images collide with the brain ones: skipped, and the reason says why.
     both = plan_images(cfg.model_copy(update={"slice_folder": None}), KEY)
     assert any("duplicate slice" in (r.reason or "") and "--slice-folder" in r.reason for r in both.skipped)
+
+    # A patient of the table without a folder of images: not an input, but the plan says the row found none.
+    assert plan.unmatched == []
+    shutil.rmtree(tmp_path / "Patients_CT" / "052")
+    (row,) = plan_images(cfg, KEY).unmatched
+    assert plan_images(cfg, KEY).private[row].startswith(f"{csv_path}: row ")
 
 
 def test_images_config_checks():

@@ -64,3 +64,17 @@ def test_lookup_table_windows_equal_the_float_path(dtype, names):
     padding = pixels == pixels.flat[0]
     out = windowed(pixels, 1.0, -1024.0, names, padding)
     np.testing.assert_array_equal(out[0, 0], window_stack(np.full((1, 1), PADDING_HU, np.float32), names)[0, 0])
+
+
+def test_a_patient_table_row_without_a_series_is_reported_not_ingested(tmp_path):
+    from ingest.config import DicomIngestConfig
+    from ingest.plan import plan_dicom
+    from ingest.synthetic import make_ct_series
+
+    _, labels = make_ct_series(tmp_path / "ct", n=2, slices=3, size=16)
+    labels.write_text(labels.read_text() + "MRN99999,bleed\n")  # a patient whose series is not among the sources
+    cfg = DicomIngestConfig(sources=[str(tmp_path / "ct")], out=str(tmp_path / "o"), labels=str(labels))
+    plan = plan_dicom(cfg, b"k")
+    assert sorted(plan.classes) == ["bleed", "normal"] and len(plan.units) == 2 and not plan.skipped
+    (row,) = plan.unmatched
+    assert plan.private[row] == f"{labels}: row MRN99999" and "MRN99999" not in row
