@@ -82,14 +82,14 @@ def cmd_ingest(args) -> int:
     print(f"shards: {cfg.out}\nmanifest: {url}\n{manifest_summary(manifest)}")
     for r in [r for r in manifest.inputs if r.status == "failed"]:
         print(f"  failed {r.id}: {r.reason}", file=sys.stderr)
-    print(f"the inputs behind the manifest's pseudonyms: {saved[0]} (private to you)")
+    print(f"what the pseudonyms (inputs, slides, patients) stand for: {saved[0]} (private to you)")
     return 0
 
 
 def _ingest_dry_run(kind: str, cfg, on_private) -> int:
     """The driver's plan of an ingest, printed: the same listing, labels, headers and splits as a run, and for
     slides on local disk their headers (level, resolution, tile grid; which would fail). Only the private
-    pseudonym -> location map is written (as a run writes it), for the user to look up what the ids stand for."""
+    pseudonym map is written (as a run writes it), for the user to look up what the ids stand for."""
     from ingest.config import pseudonym_key
     from ingest.plan import describe_plan, make_plan
 

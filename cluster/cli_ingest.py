@@ -130,9 +130,10 @@ def _problem(error: dict) -> str:
 
 
 def keep_private(settings, out: str):
-    """Where the pseudonym -> source mapping goes: a private (0700) folder of the state directory, never the
-    dataset. New entries join those already there (pseudonyms are keyed hashes of the location, so an entry
-    never changes meaning): a dry run or a run over other sources keeps what an earlier run recorded."""
+    """Where the private map (pseudonym -> the source, patient or label row it stands for) goes: a private (0700)
+    folder of the state directory, never the dataset. New entries join those already there (pseudonyms are keyed
+    hashes of what they stand for, so an entry never changes meaning): a dry run or a run over other sources
+    keeps what an earlier run recorded."""
 
     def save(mapping: dict[str, str]) -> Path:
         d = settings.state / "private"

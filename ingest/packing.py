@@ -14,6 +14,7 @@ from typing import Any, Protocol
 from ingest.config import IngestConfig
 from ingest.source_cache import local_copy
 from ingest.staging import WorkRecord, part_url
+from ingest.units import PREVIEWS
 from shards import manifest as mf
 from shards import storage
 from shards.index import parse_index
@@ -21,6 +22,7 @@ from shards.manifest import InputRecord, Manifest, ShardInfo
 from shards.writer import concat_shards
 
 SHARD_FILE = re.compile(r"[^/_][^/]*/shard-\d{6}\.(tar|idx)")
+PREVIEW_FILE = re.compile(rf"{PREVIEWS}/[0-9a-f]{{16}}\.png")  # a slide pseudonym's
 
 
 class Scheduler(Protocol):
@@ -122,15 +124,16 @@ def pack_parts(
 
 
 def prune(out: str, manifest: Manifest) -> None:
-    """Delete shards (and indexes) under ``out`` that the new manifest does not list, and the spool folders of
-    shards a crashed run was writing: leftovers of earlier runs."""
+    """Delete shards (and indexes) under ``out`` that the new manifest does not list, previews of slides it does
+    not list, and the spool folders of shards a crashed run was writing: leftovers of earlier runs."""
     keep = {storage.join(out, split, s.name) for split, info in manifest.splits.items() for s in info.shards}
     keep |= {u.removesuffix(".tar") + ".idx" for u in keep}
+    keep |= {storage.join(out, PREVIEWS, f"{r.item}.png") for r in manifest.inputs if r.item}
     base = out.rstrip("/") + "/"
     spools = set()
     for url in list(storage.list_urls(base)):
         rel = url[len(base) :] if url.startswith(base) else ""
-        if SHARD_FILE.fullmatch(rel) and url not in keep:
+        if (SHARD_FILE.fullmatch(rel) or PREVIEW_FILE.fullmatch(rel)) and url not in keep:
             storage.delete(url)
         elif storage.SPOOL in rel:
             head, _, tail = url.partition(storage.SPOOL)

@@ -27,7 +27,8 @@ class Plan:
     skipped: list[InputRecord] = field(default_factory=list)
     classes: list[str] = field(default_factory=list)
     multilabel: list[str] | None = None
-    private: dict[str, str] = field(default_factory=dict)  # pseudonym -> location, kept off object storage
+    # pseudonym -> what it stands for (a file, a patient's id, a label row), kept off object storage
+    private: dict[str, str] = field(default_factory=dict)
     unmatched: list[str] = field(default_factory=list)  # label rows naming no input found, as pseudonyms
 
 
@@ -43,13 +44,18 @@ def _table(text: str | None, source: str | None) -> tuple[dict[str, LabelRow], l
     return {r.item: r for r in rows}, class_names(rows)
 
 
+def _known(plan: Plan, key: bytes, kind: str, name: str, means: str) -> str:
+    """``pseudonym(key, kind, name)``, entered in the private map as ``means``: every pseudonym that reaches the
+    manifest, the samples or a run's prediction tables can be traced back by the person who holds the map."""
+    uid = pseudonym(key, kind, name)
+    plan.private[uid] = means
+    return uid
+
+
 def _unmatched(plan: Plan, key: bytes, items: set[str], labels: str | None) -> None:
     """Record the label table's rows that name no input found (a slide missing from the sources, a typo), as
     pseudonyms: the private map has the names."""
-    for item in sorted(items):
-        uid = pseudonym(key, "label", item)
-        plan.private[uid] = f"{labels}: row {item}"
-        plan.unmatched.append(uid)
+    plan.unmatched += [_known(plan, key, "label", item, f"{labels}: row {item}") for item in sorted(items)]
 
 
 def _assign(units: list[Unit], cfg: IngestConfig) -> None:
@@ -99,20 +105,19 @@ def plan_wsi(cfg: WsiIngestConfig, key: bytes) -> Plan:
     slides += [(s.name, s.files) for s in dicom_slides]
     _unmatched(plan, key, set(table) - {name for name, _ in slides}, cfg.labels)
     for loc in others + sorted(refused):
-        uid = pseudonym(key, "source", loc)
-        plan.private[uid] = loc
+        uid = _known(plan, key, "source", loc, loc)
         reason = refused.get(loc) or f"not a slide file (extension {os.path.splitext(loc)[1].lower() or 'none'})"
         plan.skipped.append(InputRecord(id=uid, kind="wsi", status="skipped", reason=reason))
     for name, files in sorted(slides, key=lambda s: s[1][0]):
-        uid = pseudonym(key, "source", files[0])
-        plan.private[uid] = files[0]
+        uid = _known(plan, key, "source", files[0], files[0])
         row = table.get(name)
         if table and row is None:
             plan.skipped.append(InputRecord(id=uid, kind="wsi", status="skipped", reason="not in the label table"))
             continue
-        patient = pseudonym(key, "patient", row.patient if row and row.patient else name)
+        who = row.patient if row and row.patient else name
+        patient, slide = _known(plan, key, "patient", who, f"patient {who}"), _known(plan, key, "slide", name, files[0])
         label = classes.index(row.label) if row else None
-        plan.units.append(Unit(uid, "wsi", files, pseudonym(key, "slide", name), patient, label))
+        plan.units.append(Unit(uid, "wsi", files, slide, patient, label))
     _assign(plan.units, cfg)
     return plan
 
@@ -149,14 +154,14 @@ def plan_dicom(cfg: DicomIngestConfig, key: bytes) -> Plan:
     headers, named = [], set()
     locations = list(expand(cfg.sources))
     for loc, (found, reason) in zip(locations, map_headers(source_headers, locations), strict=True):
-        uid = pseudonym(key, "source", loc)
-        plan.private[uid] = loc
+        uid = _known(plan, key, "source", loc, loc)
         if reason:
             _skip(plan, uid, reason)
         headers += found
     for series in group_series(headers):
         named |= {series.series_uid, series.patient_id}
-        sid = pseudonym(key, "series", series.series_uid)
+        where = os.path.dirname(series.slices[0].path)
+        sid = _known(plan, key, "series", series.series_uid, f"series {series.series_uid} in {where}")
         if any(s.burned_in for s in series.slices) and not cfg.allow_burned_in:
             _skip(plan, sid, "BurnedInAnnotation=YES (text in the pixels may identify the patient); --allow-burned-in")
             continue
@@ -169,7 +174,7 @@ def plan_dicom(cfg: DicomIngestConfig, key: bytes) -> Plan:
         if slice_labels:
             label = max((v[0] for v in slice_labels if v), default=0)
         meta = {
-            "study": pseudonym(key, "study", series.study_uid),
+            "study": _known(plan, key, "study", series.study_uid, f"study {series.study_uid}"),
             "modality": series.modality,
             "warnings": series.warnings,
             "frames": [s.frame for s in series.slices],
@@ -180,7 +185,7 @@ def plan_dicom(cfg: DicomIngestConfig, key: bytes) -> Plan:
             kind="dicom",
             sources=[s.path for s in series.slices],
             item=sid,
-            patient=pseudonym(key, "patient", series.patient_id),
+            patient=_known(plan, key, "patient", series.patient_id, f"patient {series.patient_id}"),
             label=label,
             meta=meta,
         )
@@ -231,8 +236,7 @@ def plan_images(cfg: ImagesIngestConfig, key: bytes) -> Plan:
     plan = Plan(units=[], classes=classes)
     _unmatched(plan, key, set(table) - {stem(loc) for loc in files if loc.lower().endswith(IMAGE_EXTS)}, cfg.labels)
     for loc in files:
-        uid = pseudonym(key, "source", loc)
-        plan.private[uid] = loc
+        uid = _known(plan, key, "source", loc, loc)
         if not loc.lower().endswith(IMAGE_EXTS):
             _image_skip(plan, uid, f"not an image file (extension {os.path.splitext(loc)[1].lower() or 'none'})")
             continue
@@ -249,9 +253,9 @@ def plan_images(cfg: ImagesIngestConfig, key: bytes) -> Plan:
                 _image_skip(plan, uid, f"boxes: {exc}", "failed")
                 continue
         label = classes.index(row.label if row else loc.rsplit("/", 2)[-2])
-        patient = row.patient if row and row.patient else loc
-        item = pseudonym(key, "image", loc)
-        plan.units.append(Unit(uid, "image", [loc], item, pseudonym(key, "patient", patient), label, meta=meta))
+        who = row.patient if row and row.patient else loc
+        patient, item = _known(plan, key, "patient", who, f"patient {who}"), _known(plan, key, "image", loc, loc)
+        plan.units.append(Unit(uid, "image", [loc], item, patient, label, meta=meta))
     _assign(plan.units, cfg)
     return plan
 
@@ -275,8 +279,7 @@ def _plan_sequences(cfg: ImagesIngestConfig, key: bytes, text: str | None) -> Pl
     plan = Plan(units=[], classes=classes, multilabel=list(RSNA_SUBTYPES) if subtypes else None)
     groups: dict[str, dict[int, str]] = {}
     for loc in expand(cfg.sources):
-        uid = pseudonym(key, "source", loc)
-        plan.private[uid] = loc
+        uid = _known(plan, key, "source", loc, loc)
         folders = loc.split("/")[:-1]
         number = slice_number(stem(loc))
         patient = next((patient_key(f) for f in reversed(folders) if patient_key(f) in known), None)
@@ -302,12 +305,12 @@ def _plan_sequences(cfg: ImagesIngestConfig, key: bytes, text: str | None) -> Pl
         vectors = [table[patient, n] if subtypes else table[patient, n][:1] for n in numbers]
         unlisted = sum(1 for p, n in table if p == patient and n not in slices)
         warnings = _slice_gaps(numbers) + ([f"{unlisted} slice(s) of the table have no image"] if unlisted else [])
-        sid = pseudonym(key, "series", patient)
-        plan.private[sid] = os.path.dirname(slices[numbers[0]])
+        sid = _known(plan, key, "series", patient, os.path.dirname(slices[numbers[0]]))
         meta = {"warnings": warnings, "slice_labels": vectors, "numbers": numbers}
         label = max(v[0] for v in vectors)  # the patient is positive when any slice is
         files = [slices[n] for n in numbers]
-        plan.units.append(Unit(sid, "sequence", files, sid, pseudonym(key, "patient", patient), label, meta=meta))
+        who = _known(plan, key, "patient", patient, f"patient {patient}")
+        plan.units.append(Unit(sid, "sequence", files, sid, who, label, meta=meta))
     _assign(plan.units, cfg)
     return plan
 

@@ -185,7 +185,8 @@ def _run(units: list[Unit], done: dict[str, WorkRecord], sched: _Scheduler, cfg:
 def _merge(unit: Unit, plan, works: list[WorkRecord]) -> InputRecord:
     """One input's record from its plan and its pieces of work (any failed piece fails the input)."""
     _, warnings, action, reason = plan
-    rec = InputRecord(id=unit.id, kind=unit.kind, status="ingested", patient=unit.patient, label=unit.label)
+    rec = InputRecord(id=unit.id, kind=unit.kind, status="ingested", item=unit.item, patient=unit.patient)
+    rec.label = unit.label
     rec.split, rec.warnings = unit.split, list(warnings)
     failed = [w for w in works if w.status != "ingested"]
     if action:
@@ -202,7 +203,7 @@ def _merge(unit: Unit, plan, works: list[WorkRecord]) -> InputRecord:
 def run_ingest(kind: str, cfg: IngestConfig, on_private: Callable[[dict[str, str]], object] | None = None):
     """Ingest ``cfg.sources`` of ``kind`` (``wsi``, ``dicom`` or ``images``) into shards; returns ``(manifest, url)``.
 
-    ``on_private`` receives the pseudonym -> location map, for the caller to keep somewhere private.
+    ``on_private`` receives the private map (pseudonym -> what it stands for), for the caller to keep private.
     """
     plan = make_plan(kind, cfg, pseudonym_key())
     if on_private:

@@ -66,6 +66,7 @@ class InputRecord(BaseModel):
     id: str
     kind: str
     status: Status
+    item: str | None = None  # the pseudonym its samples carry (slide, series, image); a slide's preview's name
     reason: str | None = None
     patient: str | None = None
     label: int | None = None

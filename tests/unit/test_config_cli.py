@@ -110,9 +110,15 @@ def test_ingest_dry_run_lists_what_would_be_ingested_and_writes_nothing(capsys, 
     (other / "e.xml").touch()
     assert main(["ingest", "wsi", str(other), "--out", str(out), "--dry-run"]) == 0
     names = "a.svs", "b.svs", "c.svs", "d.svs", "notes.txt"
-    assert sorted(json.loads(private.read_text()).values()) == sorted(
-        [str(src / name) for name in names] + [str(other / "e.svs"), str(other / "e.xml"), f"{labels}: row z"]
-    )
+    # the sources, and the slide and patient pseudonyms that samples and prediction tables carry, traced back
+    assert set(json.loads(private.read_text()).values()) == {str(src / name) for name in names} | {
+        str(other / "e.svs"),
+        str(other / "e.xml"),
+        f"{labels}: row z",
+        "patient p1",
+        "patient p2",
+        "patient e",
+    }
 
 
 def test_ingest_without_a_pseudonym_key_says_how_to_get_one(capsys, tmp_path, monkeypatch):

@@ -113,6 +113,8 @@ def test_label_csv_layout_skips_unlisted_images(tmp_path):
     assert len({u.split for u in plan.units}) == 1
     assert sorted(r.reason for r in plan.skipped) == ["not in the label table"] * 2
     (row,) = plan.unmatched  # gl_0009: no such image
+    assert {plan.private[u.item] for u in plan.units} == {u.sources[0] for u in plan.units}
+    assert {plan.private[u.patient] for u in plan.units} == {"patient P1"}
     assert plan.private[row] == f"{csv_path}: row gl_0009" and row not in {r.id for r in plan.skipped}
 
 

@@ -24,24 +24,36 @@ def test_only_split_shards_count_as_prunable():
 def test_prune_keeps_listed_shards_and_removes_stale_ones_and_crashed_spools(tmp_path):
     from ingest.packing import prune
     from shards import manifest as mf
-    from shards.manifest import ShardInfo
+    from shards.manifest import InputRecord, ShardInfo
 
     for rel in (
         "train/shard-000000.tar",
         "train/shard-000000.idx",
         "train/shard-000001.tar",  # an earlier run's: the new manifest lists one shard
         "train/.tessera-spool-x1/shard-000001.tar.tmp",  # a crashed run's shard in progress
-        "previews/a.png",
+        "previews/a.png",  # not a name Tessera gives: left alone
+        "previews/0a1b2c3d4e5f6a7b.png",  # the preview of an input the manifest lists
+        "previews/deadbeefdeadbeef.png",  # an earlier run's slide, not among this run's inputs
     ):
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / rel).write_bytes(b"x")
     info = ShardInfo(name="shard-000000.tar", size=1, sha256="0" * 64, samples=1)
     manifest = mf.Manifest(
-        dataset=str(tmp_path), kind="wsi", splits={"train": mf.SplitInfo(num_samples=1, shards=[info])}
+        dataset=str(tmp_path),
+        kind="wsi",
+        splits={"train": mf.SplitInfo(num_samples=1, shards=[info])},
+        inputs=[InputRecord(id="5ce", kind="wsi", status="skipped", item="0a1b2c3d4e5f6a7b")],
     )
     prune(str(tmp_path), manifest)
     left = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*"))
-    assert left == ["previews", "previews/a.png", "train", "train/shard-000000.idx", "train/shard-000000.tar"]
+    assert left == [
+        "previews",
+        "previews/0a1b2c3d4e5f6a7b.png",
+        "previews/a.png",
+        "train",
+        "train/shard-000000.idx",
+        "train/shard-000000.tar",
+    ]
 
 
 def test_source_cache_downloads_each_slide_once_and_keeps_the_last_few(tmp_path, monkeypatch):

@@ -78,3 +78,6 @@ def test_a_patient_table_row_without_a_series_is_reported_not_ingested(tmp_path)
     assert sorted(plan.classes) == ["bleed", "normal"] and len(plan.units) == 2 and not plan.skipped
     (row,) = plan.unmatched
     assert plan.private[row] == f"{labels}: row MRN99999" and "MRN99999" not in row
+    # what the samples and a run's prediction tables carry can be traced back through the private map
+    assert sorted(plan.private[u.patient] for u in plan.units) == ["patient MRN12345", "patient MRN12346"]
+    assert all(plan.private[u.item].startswith("series ") and plan.private[u.meta["study"]] for u in plan.units)
