@@ -92,10 +92,13 @@ def _ingest_dry_run(kind: str, cfg, on_private) -> int:
     pseudonym map is written (as a run writes it), for the user to look up what the ids stand for."""
     from ingest.config import pseudonym_key
     from ingest.plan import describe_plan, make_plan
+    from ingest.rerun import dry_run_line
 
     plan = make_plan(kind, cfg, pseudonym_key())
     print(f"dry run: ingest {kind} into {cfg.out} (nothing written there)")
     print("\n".join(describe_plan(plan)))
+    if line := dry_run_line(kind, plan, cfg):
+        print(line)
     if kind == "wsi":
         from ingest.preflight import check_slides
 

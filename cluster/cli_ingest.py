@@ -68,6 +68,12 @@ def add_ingest_parser(sub, fn) -> None:
         add("--quality", "JPEG quality, 1-100", type=int)
         add("--store-size", "resize tiles/slices to this many px before encoding", type=int)
         add("--workers", "ingest actors (default: the cluster's CPUs)", type=int)
+        add(
+            "--overwrite",
+            "replace a complete dataset at --out made from other inputs or options (without it such a run is "
+            "refused, and one with the same inputs and options does nothing)",
+            action="store_true",
+        )
         k.add_argument(
             "--dry-run",
             action="store_true",

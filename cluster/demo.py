@@ -38,11 +38,14 @@ def run_demo(settings: Settings, workdir: Path, small: bool = False) -> dict[str
         store_size=64,
         split="train=0.5,val=0.5" if small else "train=0.5,val=0.25,test=0.25",
         shard_size="2MB",
+        overwrite=True,  # the whole pipeline each time, not the dataset an earlier demo made
     )
     manifest, _ = run_ingest("wsi", wsi)
     print(manifest_summary(manifest))
     _stage(f"ingesting CT series -> {ct_url}")
-    ct = DicomIngestConfig(sources=[str(workdir / "ct")], out=ct_url, labels=str(ct_labels), split="train=0.5,val=0.5")
+    ct = DicomIngestConfig(
+        sources=[str(workdir / "ct")], out=ct_url, labels=str(ct_labels), split="train=0.5,val=0.5", overwrite=True
+    )
     print(manifest_summary(run_ingest("dicom", ct)[0]))
 
     _stage("verifying shards against the manifests (size, sha256, sample counts)")

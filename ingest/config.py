@@ -25,6 +25,9 @@ def parse_bytes(value: int | str) -> int:
     return int(float(m.group(1)) * mult)
 
 
+RUN_ONLY = ("workers", "max_attempts")
+
+
 class IngestConfig(BaseModel):
     """What every ingest shares: destination, labels, splits, shard size and image encoding."""
 
@@ -40,6 +43,7 @@ class IngestConfig(BaseModel):
     quality: int = Field(90, ge=1, le=100)
     workers: int | None = Field(None, ge=1)
     max_attempts: int = Field(3, ge=1)
+    overwrite: bool = False  # replace a complete dataset at ``out`` made from other inputs or options
 
     @field_validator("split")
     @classmethod
@@ -54,7 +58,12 @@ class IngestConfig(BaseModel):
 
     def public(self) -> dict:
         """The configuration as recorded in the manifest: source locations are left out (they may identify)."""
-        return self.model_dump(exclude={"sources", "labels"})
+        return self.model_dump(exclude={"sources", "labels", "overwrite"})
+
+    def output_options(self) -> dict:
+        """:meth:`public` less what does not change the dataset (how many workers, attempts): a run resumes, or
+        finds its dataset already made, whatever those are."""
+        return {k: v for k, v in self.public().items() if k not in RUN_ONLY}
 
 
 class WsiIngestConfig(IngestConfig):
@@ -130,7 +139,7 @@ class ImagesIngestConfig(IngestConfig):
         return self
 
     def public(self) -> dict:
-        return self.model_dump(exclude={"sources", "labels", "boxes"})
+        return {k: v for k, v in super().public().items() if k != "boxes"}
 
 
 # ``tessera ingest KIND``'s configuration model, for the command line and the planner alike.

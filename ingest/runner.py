@@ -17,6 +17,7 @@ from tqdm import tqdm
 from ingest.config import ImagesIngestConfig, IngestConfig, pseudonym_key
 from ingest.packing import pack_parts, pack_shard, prune
 from ingest.plan import make_plan
+from ingest.rerun import decide
 from ingest.staging import STAGING, WorkRecord, attempt, done_records, process_work
 from ingest.units import Unit, Work, batch_images, plan_unit
 from shards import manifest as mf
@@ -209,6 +210,10 @@ def run_ingest(kind: str, cfg: IngestConfig, on_private: Callable[[dict[str, str
     if on_private:
         on_private(plan.private)
     storage.ensure_bucket(cfg.out)
+    previous = decide(kind, plan, cfg)
+    if previous is not None:
+        print(f"{cfg.out}: already made from these inputs with these options ({previous.created}); nothing to do")
+        return previous, storage.join(cfg.out, mf.MANIFEST_NAME)
     if not ray.is_initialized():
         ray.init(num_cpus=cfg.workers, log_to_driver=False, include_dashboard=False)
     inputs: list[InputRecord] = []

@@ -117,7 +117,7 @@ def process_work(work: Work, cfg: IngestConfig, background=None) -> WorkRecord:
 def done_records(cfg: IngestConfig) -> dict[str, WorkRecord]:
     """Work finished by an earlier, interrupted run with the same configuration (none for a fresh run)."""
     marker = storage.join(cfg.out, STAGING, "config.json")
-    mine = json.dumps(cfg.public(), sort_keys=True)
+    mine = json.dumps(cfg.output_options(), sort_keys=True)
     if storage.exists(marker):
         if storage.get_bytes(marker).decode() != mine:
             raise ValueError(

@@ -164,3 +164,11 @@ def test_resuming_with_other_options_is_refused(stack, tmp_path):
         run_ingest("wsi", other)
     manifest, _ = run_ingest("wsi", cfg)  # ...and the same options resume it
     assert all(r.status == "ingested" for r in manifest.inputs)
+    # Complete now: the same command does nothing (on any number of workers); other options would replace the
+    # dataset, so they are refused until asked for.
+    again, _ = run_ingest("wsi", cfg.model_copy(update={"workers": 1}))
+    assert again.created == manifest.created and again.inputs == manifest.inputs
+    with pytest.raises(ValueError, match=r"already holds a complete dataset .* options tile_size 128 -> 256"):
+        run_ingest("wsi", other)
+    replaced, _ = run_ingest("wsi", other.model_copy(update={"overwrite": True}))
+    assert replaced.config["tile_size"] == mf.load(out).config["tile_size"] == 256

@@ -1,8 +1,11 @@
 """Staged parts are cut into shards by the writer's size rule, before any shard is written; sources from the
-object store are downloaded once per worker."""
+object store are downloaded once per worker; a complete dataset is pruned of leftovers, and made again only when
+asked."""
 
 import os
 from pathlib import Path
+
+import pytest
 
 from ingest.packing import SHARD_FILE, group_parts
 
@@ -133,3 +136,53 @@ def test_local_names_never_leave_the_slide_folder():
 
     names = local_names(["s3://b/a/x.mrxs", "s3://b/a/x/../../y.dat", "s3://b/other/x.dat", "s3://b/a/x.dat"])
     assert names == ["x.mrxs", "0_y.dat", "1_x.dat", "x.dat"]
+
+
+def test_a_complete_dataset_is_made_again_only_when_asked(tmp_path):
+    """Same inputs and options: nothing to do (whatever the worker count); another dataset: refused without
+    --overwrite, saying what differs; an interrupted run resumes with another worker count too."""
+    from ingest.config import WsiIngestConfig
+    from ingest.plan import Plan
+    from ingest.rerun import decide, dry_run_line
+    from ingest.staging import done_records
+    from ingest.units import Unit
+    from shards import manifest as mf
+    from shards.manifest import InputRecord
+
+    cfg = WsiIngestConfig(sources=["x"], out=str(tmp_path), workers=2)
+    units = [Unit(uid, "wsi", [uid], f"s{uid}", "p1", 0) for uid in ("a1", "b2")]
+    for u in units:
+        u.split = "train"
+    plan = Plan(units=units, skipped=[InputRecord(id="c3", kind="wsi", status="skipped", reason="not a slide")])
+    plan.classes = ["CE", "LAA"]
+    assert decide("wsi", plan, cfg) is None and dry_run_line("wsi", plan, cfg) is None  # nothing there yet
+    records = [InputRecord(id=u.id, kind="wsi", status="ingested", patient="p1", label=0, split="train") for u in units]
+    made = mf.Manifest(dataset=str(tmp_path), kind="wsi", classes=plan.classes, config=cfg.public())
+    made.inputs = [*records, *plan.skipped]
+    mf.save(made, str(tmp_path))
+
+    assert decide("wsi", plan, cfg.model_copy(update={"workers": 8, "max_attempts": 1})).created == made.created
+    assert dry_run_line("wsi", plan, cfg).endswith(
+        "already holds this dataset (made " + made.created + "): a run would do nothing"
+    )
+    units[1].label, units[1].split = 1, "val"
+    plan.units.append(Unit("d4", "wsi", ["d4"], "sd4", "p2", 0))
+    other = cfg.model_copy(update={"tile_size": 300})
+    message = (
+        r"already holds a complete dataset \(3 inputs, made .*\) that this run would replace: options tile_size "
+        r"600 -> 300; 1 input\(s\) it does not hold; 1 input\(s\) with another label, patient or split\. "
+        r"--overwrite replaces it"
+    )
+    with pytest.raises(ValueError, match=message):
+        decide("wsi", plan, other)
+    assert dry_run_line("wsi", plan, other).startswith("a run would be refused: ")
+    assert decide("wsi", plan, other.model_copy(update={"overwrite": True})) is None
+    plan.units = plan.units[:1]
+    with pytest.raises(ValueError, match=r"replace: 1 of its inputs not among the sources\."):
+        decide("wsi", plan, cfg)
+
+    # staged work of an interrupted run: resumed with other workers, refused with other options
+    done_records(cfg)
+    assert done_records(cfg.model_copy(update={"workers": 1})) == {}
+    with pytest.raises(ValueError, match="staged work of an interrupted run with other options"):
+        done_records(other)
