@@ -30,14 +30,23 @@ def test_cli_ingest_to_local_disk_without_a_stack(tmp_path):
     assert manifest["classes"] == ["CE", "LAA"]
     assert sorted(p.name for p in (out / "train").iterdir()) == ["shard-000000.idx", "shard-000000.tar"]
 
+    # The same command again does nothing; other options would replace the dataset, so they need --overwrite.
+    again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "nothing to do" in again.stdout, again.stderr[-2000:]
+    assert json.loads((out / "manifest.json").read_text()) == manifest
+    small_cmd = [*cmd, "--shard-size", "20KB"]
+    refused = subprocess.run(small_cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert refused.returncode != 0 and "shard_size 1073741824 -> 20480. --overwrite replaces it" in refused.stderr
+
     # Re-ingest into the same place with small shards, then again with one slide: every file left under a split
     # is one the newest manifest lists, and each input names the shards its samples went to.
-    small = subprocess.run([*cmd, "--shard-size", "20KB"], env=env, capture_output=True, text=True, timeout=300)
+    small = subprocess.run([*small_cmd, "--overwrite"], env=env, capture_output=True, text=True, timeout=300)
     assert small.returncode == 0, small.stderr[-2000:]
     many = json.loads((out / "manifest.json").read_text())
     assert len(many["splits"]["train"]["shards"]) > 1
     one = slides / sorted(os.listdir(slides))[0]
-    last = subprocess.run(ingest_wsi_cmd(one, out), env=env, capture_output=True, text=True, timeout=300)
+    last_cmd = [*ingest_wsi_cmd(one, out), "--overwrite"]
+    last = subprocess.run(last_cmd, env=env, capture_output=True, text=True, timeout=300)
     assert last.returncode == 0, last.stderr[-2000:]
     final = json.loads((out / "manifest.json").read_text())
     listed = {f"{split}/{s['name']}" for split, info in final["splits"].items() for s in info["shards"]}
@@ -45,3 +54,4 @@ def test_cli_ingest_to_local_disk_without_a_stack(tmp_path):
     on_disk = {f"{d.name}/{p.name}" for d in out.iterdir() if d.is_dir() and d.name != "previews" for p in d.iterdir()}
     assert on_disk == listed
     assert {s for r in final["inputs"] for s in r["shards"]} == {n for n in listed if n.endswith(".tar")}
+    assert {p.stem for p in (out / "previews").iterdir()} == {r["item"] for r in final["inputs"]}  # the one slide
