@@ -15,6 +15,7 @@ from ingest.units import plan_slide, wsi_samples
 from shards.schema import decode_image
 
 PATIENT = SyntheticPatient("ROE^RICHARD", "MRN777", "19550505")
+REAL_SLIDE = Path(__file__).parent / "data" / "CMU-1-Small-Region.svs"  # a real Aperio file (tests/data/README.md)
 
 
 def write_slide(

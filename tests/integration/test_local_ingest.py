@@ -55,3 +55,35 @@ def test_cli_ingest_to_local_disk_without_a_stack(tmp_path):
     assert on_disk == listed
     assert {s for r in final["inputs"] for s in r["shards"]} == {n for n in listed if n.endswith(".tar")}
     assert {p.stem for p in (out / "previews").iterdir()} == {r["item"] for r in final["inputs"]}  # the one slide
+
+
+def test_a_real_scanner_file_through_the_cli_leaves_its_identity_behind(tmp_path):
+    """The Aperio file of ``tests/data`` (its label photo, file name, user and scanner in its properties) with a
+    STRIP AI label table: the shards, index, preview and manifest carry pseudonyms only."""
+    import openslide
+
+    from tests.vendor_checks import REAL_SLIDE as SLIDE
+
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    (slides / SLIDE.name).symlink_to(SLIDE)
+    labels = tmp_path / "labels.csv"
+    labels.write_text(f"image_id,center_id,patient_id,image_num,label\n{SLIDE.stem},11,PT-0042,0,CE\n")
+    env = {**os.environ, "TESSERA_STATE_DIR": str(tmp_path / "state"), "TESSERA_PSEUDONYM_KEY": "real-file-key"}
+    env["TESSERA_RAY_DASHBOARD_PORT"] = "3"
+    env.pop("RAY_ADDRESS", None)
+    out = tmp_path / "dataset"
+    cmd = ingest_wsi_cmd(slides, out, "--labels", str(labels), "--split", "train=1.0", "--magnification", "10")
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    manifest = json.loads((out / "manifest.json").read_text())
+    [record] = manifest["inputs"]
+    assert record["status"] == "ingested" and record["samples"] > 0 and manifest["classes"] == ["CE"]
+    assert (out / "previews" / f"{record['item']}.png").exists()
+    with openslide.OpenSlide(str(SLIDE)) as slide:
+        private = [slide.properties[f"aperio.{k}"] for k in ("Filename", "User", "ImageID", "ScanScope ID", "Date")]
+    private += [SLIDE.stem, "PT-0042", str(slides)]  # the dataset names its own location, not the sources
+    for path in out.rglob("*"):
+        if path.is_file():
+            data = path.read_bytes()
+            assert not any(p.encode() in data for p in private), path
