@@ -88,6 +88,11 @@ def plan_slide(unit: Unit, cfg: WsiIngestConfig) -> tuple[list[Work], list[str]]
     return works, plan.warnings
 
 
+def _stored_mpp(slide_mpp: float | None, size0: int, stored_px: int) -> float | None:
+    """Microns per pixel of the stored image (after ``--store-size``): ``size0`` level-0 px became ``stored_px``."""
+    return round(slide_mpp * size0 / stored_px, 6) if slide_mpp else None
+
+
 def wsi_samples(work: Work, cfg: WsiIngestConfig, background=None) -> Iterator[dict[str, Any]]:
     """The tiles of one region as samples (key ``<slide>_<x>_<y>``, level-0 coordinates).
 
@@ -106,7 +111,7 @@ def wsi_samples(work: Work, cfg: WsiIngestConfig, background=None) -> Iterator[d
                 "x": tile.x,
                 "y": tile.y,
                 "size0": tile.size0,
-                "mpp": (plan.mpp * plan.target_downsample) if plan.mpp else None,
+                "mpp": _stored_mpp(plan.mpp, tile.size0, cfg.store_size or cfg.tile_size),
                 "tissue": tile.tissue,
                 "label": unit.label,
             }

@@ -56,3 +56,6 @@ def test_a_real_slide_tiled_at_a_magnification_it_has_no_level_for(tmp_path):
     assert samples and {(m["level"], m["size0"]) for m in metas} == {(0, 512)}
     assert all(m["mpp"] == pytest.approx(0.998) for m in metas)
     assert all(decode_image(s["png"]).shape == (256, 256, 3) for s in samples)
+    # stored smaller: the recorded µm/px is the stored image's
+    _, metas = _samples(tmp_path, tile_size=256, magnification=10, store_size=128)
+    assert {(m["size0"], m["mpp"]) for m in metas} == {(512, 1.996)}
