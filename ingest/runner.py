@@ -212,7 +212,11 @@ def run_ingest(kind: str, cfg: IngestConfig, on_private: Callable[[dict[str, str
     storage.ensure_bucket(cfg.out)
     previous = decide(kind, plan, cfg)
     if previous is not None:
-        print(f"{cfg.out}: already made from these inputs with these options ({previous.created}); nothing to do")
+        failed = previous.counts()["failed"]
+        retry = f" ({failed} of its inputs failed: --overwrite ingests everything again)" if failed else ""
+        print(
+            f"{cfg.out}: already made from these inputs with these options ({previous.created}); nothing to do{retry}"
+        )
         return previous, storage.join(cfg.out, mf.MANIFEST_NAME)
     if not ray.is_initialized():
         ray.init(num_cpus=cfg.workers, log_to_driver=False, include_dashboard=False)

@@ -56,16 +56,15 @@ def test_kill_and_resume_gives_exactly_the_expected_samples(stack, tmp_path):
     assert {r.id: r.samples for r in resumed.inputs} == {r.id: r.samples for r in clean.inputs}
 
 
-def test_bad_inputs_are_recorded_with_a_reason_and_the_run_goes_on(stack, tmp_path):
+def test_bad_inputs_are_recorded_with_a_reason_and_the_run_goes_on(stack, tmp_path, capsys):
     slides = tmp_path / "slides"
     paths, _ = make_slides(slides, n=3, size=1024, seed=4)
     whole = paths[2].read_bytes()
     paths[2].write_bytes(whole[: len(whole) * 2 // 3])  # a slide cut short, as by an interrupted copy
     (slides / "notes.svs").write_text("not a slide")  # a slide extension, other content
     (slides / "readme.txt").write_text("hello")  # not a slide file at all
-    manifest, _ = run_ingest(
-        "wsi", WsiIngestConfig(sources=[str(slides)], out="s3://shards/bad/x", tile_size=128, split="train=1.0")
-    )
+    cfg = WsiIngestConfig(sources=[str(slides)], out="s3://shards/bad/x", tile_size=128, split="train=1.0")
+    manifest, _ = run_ingest("wsi", cfg)
     by_status = {}
     for rec in manifest.inputs:
         by_status.setdefault(rec.status, []).append(rec.reason)
@@ -76,6 +75,9 @@ def test_bad_inputs_are_recorded_with_a_reason_and_the_run_goes_on(stack, tmp_pa
     for reasons in by_status.values():
         assert not any(r and ("slides" in r or "notes" in r or "readme" in r) for r in reasons)
     assert mf.load("s3://shards/bad/x").splits["train"].num_samples > 0
+    capsys.readouterr()
+    assert run_ingest("wsi", cfg)[0] == manifest  # the same command again: nothing to do, and it says how to retry
+    assert "nothing to do (2 of its inputs failed: --overwrite ingests everything again)" in capsys.readouterr().out
 
 
 def test_kill_9_of_the_cli_then_the_same_command_completes(stack, tmp_path):
