@@ -5,6 +5,7 @@ environment is set here, when this conftest is imported. Ports differ from the d
 developer's own `tessera up` can keep running beside the tests.
 """
 
+import atexit
 import os
 import shutil
 import tempfile
@@ -13,6 +14,9 @@ import psutil
 import pytest
 
 STATE = tempfile.mkdtemp(prefix="tessera-it-")
+# Its secrets (S3 keys, Ray token, pseudonym key) go with it even when no test used the stack (`-k` of a test
+# without it), whose teardown removes it otherwise.
+atexit.register(shutil.rmtree, STATE, ignore_errors=True)
 os.environ.update(
     {
         "TESSERA_STATE_DIR": STATE,
