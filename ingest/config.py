@@ -28,6 +28,12 @@ def parse_bytes(value: int | str) -> int:
 RUN_ONLY = ("workers", "max_attempts")
 
 
+def dataset_options(public: dict) -> dict:
+    """A recorded configuration (:meth:`IngestConfig.public`) less what does not change the dataset (how many
+    workers, attempts): a run resumes, or finds its dataset already made, whatever those are."""
+    return {k: v for k, v in public.items() if k not in RUN_ONLY}
+
+
 class IngestConfig(BaseModel):
     """What every ingest shares: destination, labels, splits, shard size and image encoding."""
 
@@ -61,9 +67,8 @@ class IngestConfig(BaseModel):
         return self.model_dump(exclude={"sources", "labels", "overwrite"})
 
     def output_options(self) -> dict:
-        """:meth:`public` less what does not change the dataset (how many workers, attempts): a run resumes, or
-        finds its dataset already made, whatever those are."""
-        return {k: v for k, v in self.public().items() if k not in RUN_ONLY}
+        """:func:`dataset_options` of this configuration."""
+        return dataset_options(self.public())
 
 
 class WsiIngestConfig(IngestConfig):

@@ -8,7 +8,7 @@ place under the same name needs ``--overwrite``.
 
 from __future__ import annotations
 
-from ingest.config import RUN_ONLY, IngestConfig
+from ingest.config import IngestConfig, dataset_options
 from ingest.plan import Plan
 from shards import manifest as mf
 from shards import storage
@@ -22,7 +22,7 @@ def existing(out: str) -> mf.Manifest | None:
 def differences(previous: mf.Manifest, kind: str, plan: Plan, cfg: IngestConfig) -> list[str]:
     """How the dataset this run would make differs from ``previous``, in a few words each (empty: the same)."""
     out = [f"kind {previous.kind} -> {kind}"] if previous.kind != kind else []
-    before = {k: v for k, v in previous.config.items() if k not in RUN_ONLY}
+    before = dataset_options(previous.config)
     now = cfg.output_options()
     if changed := sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k)):
         out.append("options " + ", ".join(f"{k} {before.get(k)!r} -> {now.get(k)!r}" for k in changed))
