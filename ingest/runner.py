@@ -186,8 +186,9 @@ def _run(units: list[Unit], done: dict[str, WorkRecord], sched: _Scheduler, cfg:
 def _merge(unit: Unit, plan, works: list[WorkRecord]) -> InputRecord:
     """One input's record from its plan and its pieces of work (any failed piece fails the input)."""
     _, warnings, action, reason = plan
-    rec = InputRecord(id=unit.id, kind=unit.kind, status="ingested", item=unit.item, patient=unit.patient)
-    rec.label = unit.label
+    rec = InputRecord(
+        id=unit.id, kind=unit.kind, status="ingested", item=unit.item, patient=unit.patient, label=unit.label
+    )
     rec.split, rec.warnings = unit.split, list(warnings)
     failed = [w for w in works if w.status != "ingested"]
     if action:
