@@ -74,6 +74,12 @@ def add_ingest_parser(sub, fn) -> None:
             "refused, and one with the same inputs and options does nothing)",
             action="store_true",
         )
+        add(
+            "--retry-failed",
+            "ingest the failed inputs of the complete dataset at --out again, adding their shards to it (the "
+            "dataset's own shards stay as they are)",
+            action="store_true",
+        )
         k.add_argument(
             "--dry-run",
             action="store_true",

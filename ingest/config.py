@@ -50,12 +50,24 @@ class IngestConfig(BaseModel):
     workers: int | None = Field(None, ge=1)
     max_attempts: int = Field(3, ge=1)
     overwrite: bool = False  # replace a complete dataset at ``out`` made from other inputs or options
+    # ingest the failed inputs of the complete dataset at ``out`` again (a slide re-copied after a cut-short
+    # transfer, a read that timed out): their shards are added beside the dataset's, which stay as they are
+    retry_failed: bool = False
 
     @field_validator("split")
     @classmethod
     def _split(cls, v: str) -> str:
         parse_fractions(v)
         return v
+
+    @model_validator(mode="after")
+    def _one_rerun_mode(self) -> IngestConfig:
+        if self.overwrite and self.retry_failed:
+            raise ValueError(
+                "give overwrite or retry_failed, not both: overwrite ingests every input again, retry_failed only "
+                "the failed ones"
+            )
+        return self
 
     @field_validator("shard_size", mode="before")
     @classmethod
@@ -64,7 +76,7 @@ class IngestConfig(BaseModel):
 
     def public(self) -> dict:
         """The configuration as recorded in the manifest: source locations are left out (they may identify)."""
-        return self.model_dump(exclude={"sources", "labels", "overwrite"})
+        return self.model_dump(exclude={"sources", "labels", "overwrite", "retry_failed"})
 
     def output_options(self) -> dict:
         """:func:`dataset_options` of this configuration."""

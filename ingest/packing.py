@@ -86,9 +86,14 @@ def split_parts(recs: list[InputRecord], works: dict[str, list[WorkRecord]]):
 
 
 def pack_parts(
-    cfg: IngestConfig, inputs: list[InputRecord], works: dict[str, list[WorkRecord]], sched: Scheduler
+    cfg: IngestConfig,
+    inputs: list[InputRecord],
+    works: dict[str, list[WorkRecord]],
+    sched: Scheduler,
+    first: dict[str, int] | None = None,
 ) -> dict[str, mf.SplitInfo]:
-    """Pack the staged parts of ingested inputs, per split, into size-targeted shards, one per actor call.
+    """Pack the staged parts of ingested inputs, per split, into size-targeted shards, one per actor call; a
+    split's shards are numbered from ``first[split]`` (0), after the shards a dataset already has.
 
     Parts stay on the object store and are joined by the (already warm) actors in parallel, not funnelled
     through the driver.
@@ -108,13 +113,15 @@ def pack_parts(
     for split, recs in sorted(by_split.items()):
         parts, owners = split_parts(recs, works)
         todo[split] = group_parts(parts, cfg.shard_size), owners
-        sched.submit("pack", [(split, i, group, joined(group)) for i, group in enumerate(todo[split][0])])
+        start = (first or {}).get(split, 0)
+        sched.submit("pack", [(split, start + i, g, joined(g)) for i, g in enumerate(todo[split][0])])
     done: dict[tuple[str, int], ShardInfo] = {}
     while sched.busy:
         _, (split, i, _, _), shard = sched.next()
         done[split, i] = shard
     for split, (groups, owners) in todo.items():
-        shards = [done[split, i] for i in range(len(groups))]
+        start = (first or {}).get(split, 0)
+        shards = [done[split, start + i] for i in range(len(groups))]
         for group, shard in zip(groups, shards, strict=True):
             for work_id in group:
                 for rec in owners[work_id]:

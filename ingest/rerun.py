@@ -4,12 +4,18 @@ replaces it). Shards other runs were trained on are not swapped from under them 
 
 Inputs are compared by pseudonym (their location), label, patient and split, not by content: a slide replaced in
 place under the same name needs ``--overwrite``.
+
+``--retry-failed`` ingests the failed inputs of such a dataset again, alone: their shards are numbered after the
+dataset's, which stay as they are, and the manifest, written last, takes in the new records and shards.
 """
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 from ingest.config import IngestConfig, dataset_options
 from ingest.plan import Plan
+from ingest.units import Unit
 from shards import manifest as mf
 from shards import storage
 
@@ -55,10 +61,45 @@ def decide(kind: str, plan: Plan, cfg: IngestConfig) -> mf.Manifest | None:
     return previous
 
 
+def failed_again(previous: mf.Manifest, plan: Plan) -> list[Unit]:
+    """The units of ``plan`` whose input ``previous`` records as failed: what ``--retry-failed`` ingests."""
+    failed = {r.id for r in previous.inputs if r.status == "failed"}
+    return [u for u in plan.units if u.id in failed]
+
+
+def amended(
+    previous: mf.Manifest, plan: Plan, records: list[mf.InputRecord], splits: dict[str, mf.SplitInfo]
+) -> mf.Manifest:
+    """``previous`` with the retried inputs' new ``records`` and their shards (numbered after its own) added.
+
+    A failed input that planning now settles without a worker (skipped, or failed reading its header) takes the
+    plan's record; every other record and shard stays as it was.
+    """
+    fresh = {r.id: r for r in plan.skipped if r.id in {p.id for p in previous.inputs if p.status == "failed"}}
+    fresh |= {r.id: r for r in records}
+    joined = dict(previous.splits)
+    for split, info in splits.items():
+        old = joined.get(split, mf.SplitInfo())
+        joined[split] = mf.SplitInfo(num_samples=old.num_samples + info.num_samples, shards=old.shards + info.shards)
+    return previous.model_copy(
+        update={
+            "splits": dict(sorted(joined.items())),
+            "inputs": sorted((fresh.get(r.id, r) for r in previous.inputs), key=lambda r: r.id),
+            "unmatched_labels": plan.unmatched,
+            "retried": [*previous.retried, datetime.now(UTC).isoformat(timespec="seconds")],
+        }
+    )
+
+
 def dry_run_line(kind: str, plan: Plan, cfg: IngestConfig) -> str | None:
     """What ``--dry-run`` says about a dataset already at the destination (None: there is none)."""
     try:
         same = decide(kind, plan, cfg)
     except ValueError as exc:
         return f"a run would be refused: {exc}"
-    return f"{cfg.out} already holds this dataset (made {same.created}): a run would do nothing" if same else None
+    if same is None:
+        return None
+    held = f"{cfg.out} already holds this dataset (made {same.created})"
+    if cfg.retry_failed and (retry := failed_again(same, plan)):
+        return f"{held}: a run would ingest its {len(retry)} failed input(s) again and add their shards"
+    return f"{held}: a run would do nothing"

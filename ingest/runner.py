@@ -17,7 +17,7 @@ from tqdm import tqdm
 from ingest.config import ImagesIngestConfig, IngestConfig, pseudonym_key
 from ingest.packing import pack_parts, pack_shard, prune
 from ingest.plan import make_plan
-from ingest.rerun import decide
+from ingest.rerun import amended, decide, failed_again
 from ingest.staging import STAGING, WorkRecord, attempt, done_records, process_work
 from ingest.units import Unit, Work, batch_images, plan_unit
 from shards import manifest as mf
@@ -212,9 +212,10 @@ def run_ingest(kind: str, cfg: IngestConfig, on_private: Callable[[dict[str, str
         on_private(plan.private)
     storage.ensure_bucket(cfg.out)
     previous = decide(kind, plan, cfg)
-    if previous is not None:
+    units = plan.units if previous is None else failed_again(previous, plan) if cfg.retry_failed else []
+    if previous is not None and not units:
         failed = previous.counts()["failed"]
-        retry = f" ({failed} of its inputs failed: --overwrite ingests everything again)" if failed else ""
+        retry = f" ({failed} of its inputs failed: --retry-failed ingests them again)" if failed else ""
         print(
             f"{cfg.out}: already made from these inputs with these options ({previous.created}); nothing to do{retry}"
         )
@@ -223,25 +224,30 @@ def run_ingest(kind: str, cfg: IngestConfig, on_private: Callable[[dict[str, str
         ray.init(num_cpus=cfg.workers, log_to_driver=False, include_dashboard=False)
     inputs: list[InputRecord] = []
     splits: dict[str, mf.SplitInfo] = {}
-    if plan.units:
+    if units:
         n = cfg.workers or max(1, int(ray.available_resources().get("CPU", 1)))
-        sched = _Scheduler(cfg, max(1, min(n, len(plan.units))))
+        sched = _Scheduler(cfg, max(1, min(n, len(units))))
+        # Retried inputs' shards are numbered after the dataset's own, which stay as they are.
+        first = {s: len(info.shards) for s, info in previous.splits.items()} if previous else {}
         try:
-            plans, works = _run(plan.units, done_records(cfg), sched, cfg)
-            inputs = [_merge(u, plans[u.id], works[u.id]) for u in plan.units]
-            splits = pack_parts(cfg, inputs, works, sched)
+            plans, works = _run(units, done_records(cfg), sched, cfg)
+            inputs = [_merge(u, plans[u.id], works[u.id]) for u in units]
+            splits = pack_parts(cfg, inputs, works, sched, first)
         finally:
             sched.close()
-    manifest = Manifest(
-        dataset=cfg.out,
-        kind=kind,
-        classes=plan.classes,
-        multilabel=plan.multilabel,
-        config=cfg.public(),
-        splits=splits,
-        inputs=sorted(inputs + plan.skipped, key=lambda r: r.id),
-        unmatched_labels=plan.unmatched,
-    )
+    if previous is not None:
+        manifest = amended(previous, plan, inputs, splits)
+    else:
+        manifest = Manifest(
+            dataset=cfg.out,
+            kind=kind,
+            classes=plan.classes,
+            multilabel=plan.multilabel,
+            config=cfg.public(),
+            splits=splits,
+            inputs=sorted(inputs + plan.skipped, key=lambda r: r.id),
+            unmatched_labels=plan.unmatched,
+        )
     mf.check_patient_disjoint(manifest)
     url = mf.save(manifest, cfg.out)  # the commit point: what follows only tidies up
     prune(cfg.out, manifest)

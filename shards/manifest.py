@@ -98,6 +98,8 @@ class Manifest(BaseModel):
     inputs: list[InputRecord] = Field(default_factory=list)
     # Pseudonyms of the label table's rows that named no input found (the private map has the names).
     unmatched_labels: list[str] = Field(default_factory=list)
+    # When failed inputs were ingested again into this dataset (``--retry-failed``), oldest first.
+    retried: list[str] = Field(default_factory=list)
 
     def counts(self) -> dict[str, int]:
         """Number of inputs per status."""

@@ -17,6 +17,7 @@ from ingest.synthetic import make_slides
 from ingest.units import plan_unit
 from shards import manifest as mf
 from shards import scratch, storage
+from shards.verify import verify_dataset
 from shards.writer import read_tar_samples
 from tests.integration.commands import ingest_wsi_cmd, wsi_config
 
@@ -77,7 +78,29 @@ def test_bad_inputs_are_recorded_with_a_reason_and_the_run_goes_on(stack, tmp_pa
     assert mf.load("s3://shards/bad/x").splits["train"].num_samples > 0
     capsys.readouterr()
     assert run_ingest("wsi", cfg)[0] == manifest  # the same command again: nothing to do, and it says how to retry
-    assert "nothing to do (2 of its inputs failed: --overwrite ingests everything again)" in capsys.readouterr().out
+    assert "nothing to do (2 of its inputs failed: --retry-failed ingests them again)" in capsys.readouterr().out
+
+    # The cut-short slide copied again whole: --retry-failed ingests the failed inputs alone, adding their shards.
+    # A first attempt crashed after staging one region and leaving a half-written shard: the retry resumes it.
+    paths[2].write_bytes(whole)
+    from ingest.config import pseudonym_key
+
+    plan = plan_wsi(cfg, pseudonym_key())
+    unit = next(u for u in plan.units if plan.private[u.id] == str(paths[2]))
+    assert process_work(plan_unit(unit, cfg)[0][0], cfg).status == "ingested"
+    storage.put_bytes(storage.join("s3://shards/bad/x", "train", "shard-000001.tar"), b"crashed mid-write")
+    retried, _ = run_ingest("wsi", cfg.model_copy(update={"retry_failed": True}))
+    assert retried.counts() == {"ingested": 3, "skipped": 1, "failed": 1} and retried.created == manifest.created
+    before, after = manifest.splits["train"].shards, retried.splits["train"].shards
+    assert after[: len(before)] == before and len(after) > len(before)  # the dataset's own shards stay as they were
+    fixed = next(r for r in retried.inputs if r.status == "ingested" and r not in manifest.inputs)
+    assert fixed.samples > 0 and set(fixed.shards) == {f"train/{s.name}" for s in after[len(before) :]}
+    assert verify_dataset("s3://shards/bad/x") == []  # sizes, sha256, counts and classes of every shard
+    keys = _keys("s3://shards/bad/x", retried, tmp_path)
+    assert len(keys) == len(set(keys)) == retried.splits["train"].num_samples == sum(r.samples for r in retried.inputs)
+    assert not list(storage.list_urls(storage.join("s3://shards/bad/x", STAGING)))
+    again, _ = run_ingest("wsi", cfg.model_copy(update={"retry_failed": True}))  # the non-slide fails again
+    assert again.splits == retried.splits and again.counts() == retried.counts() and len(again.retried) == 2
 
 
 def test_kill_9_of_the_cli_then_the_same_command_completes(stack, tmp_path):

@@ -186,3 +186,78 @@ def test_a_complete_dataset_is_made_again_only_when_asked(tmp_path):
     assert done_records(cfg.model_copy(update={"workers": 1})) == {}
     with pytest.raises(ValueError, match="staged work of an interrupted run with other options"):
         done_records(other)
+
+
+def test_retrying_the_failed_inputs_adds_their_shards_and_keeps_the_rest():
+    """--retry-failed: only the failed inputs are ingested again; their shards are numbered after the dataset's,
+    whose records and shards stay as they were; planning may settle a failed input (now skipped) without a
+    worker."""
+    from ingest.config import WsiIngestConfig
+    from ingest.plan import Plan
+    from ingest.rerun import amended, failed_again
+    from ingest.units import Unit
+    from shards import manifest as mf
+    from shards.manifest import InputRecord, ShardInfo
+
+    def rec(uid, status, split="train", shards=(), samples=0):
+        return InputRecord(id=uid, kind="wsi", status=status, split=split, shards=list(shards), samples=samples)
+
+    def shard(name, samples):
+        return ShardInfo(name=name, samples=samples, size=10 * samples, sha256="0" * 64)
+
+    units = [Unit(uid, "wsi", [uid], f"s{uid}", "p1", 0) for uid in ("a1", "b2", "c3")]
+    plan = Plan(units=units, skipped=[rec("d4", "skipped"), rec("e5", "skipped")])
+    previous = mf.Manifest(dataset="x", kind="wsi", created="2026-01-01T00:00:00+00:00")
+    previous.splits = {"train": mf.SplitInfo(num_samples=5, shards=[shard("shard-000000.tar", 5)])}
+    previous.inputs = [
+        rec("a1", "ingested", shards=["train/shard-000000.tar"], samples=5),
+        rec("b2", "failed", split="val"),
+        rec("c3", "skipped"),
+        rec("d4", "failed"),
+        rec("e5", "skipped"),
+    ]
+    assert [u.id for u in failed_again(previous, plan)] == ["b2"]  # d4 is no unit now: planning settled it
+
+    retried = [rec("b2", "ingested", split="val", shards=["val/shard-000000.tar"], samples=3)]
+    again = amended(
+        previous, plan, retried, {"val": mf.SplitInfo(num_samples=3, shards=[shard("shard-000000.tar", 3)])}
+    )
+    assert again.created == previous.created and len(again.retried) == 1
+    assert {r.id: r.status for r in again.inputs} == {
+        "a1": "ingested",
+        "b2": "ingested",
+        "c3": "skipped",
+        "d4": "skipped",
+        "e5": "skipped",
+    }
+    assert again.inputs[0] == previous.inputs[0] and again.splits["train"] == previous.splits["train"]
+    assert again.splits["val"].num_samples == 3
+    train = {"train": mf.SplitInfo(num_samples=2, shards=[shard("shard-000001.tar", 2)])}
+    twice = amended(again, plan, [rec("b2", "failed")], train)
+    assert [s.name for s in twice.splits["train"].shards] == ["shard-000000.tar", "shard-000001.tar"]
+    assert twice.splits["train"].num_samples == 7 and len(twice.retried) == 2
+
+    with pytest.raises(ValueError, match="give overwrite or retry_failed, not both"):
+        WsiIngestConfig(sources=["x"], out="y", overwrite=True, retry_failed=True)
+
+
+def test_the_dry_run_says_which_failed_inputs_a_retry_would_ingest(tmp_path):
+    from ingest.config import WsiIngestConfig
+    from ingest.plan import Plan
+    from ingest.rerun import dry_run_line
+    from ingest.units import Unit
+    from shards import manifest as mf
+    from shards.manifest import InputRecord
+
+    cfg = WsiIngestConfig(sources=["x"], out=str(tmp_path))
+    unit = Unit("a1", "wsi", ["a1"], "sa1", "p1", 0)
+    unit.split = "train"
+    made = mf.Manifest(dataset=str(tmp_path), kind="wsi", config=cfg.public())
+    made.inputs = [InputRecord(id="a1", kind="wsi", status="failed", patient="p1", label=0, split="train")]
+    mf.save(made, str(tmp_path))
+    plan = Plan(units=[unit], skipped=[])
+    assert dry_run_line("wsi", plan, cfg).endswith(": a run would do nothing")
+    retry = cfg.model_copy(update={"retry_failed": True})
+    assert dry_run_line("wsi", plan, retry).endswith(
+        ": a run would ingest its 1 failed input(s) again and add their shards"
+    )
