@@ -95,9 +95,10 @@ def _ingest_dry_run(kind: str, cfg, on_private) -> int:
     from ingest.rerun import dry_run_line
 
     plan = make_plan(kind, cfg, pseudonym_key())
+    line = dry_run_line(kind, plan, cfg)  # first: --append keeps the splits of the inputs the dataset holds
     print(f"dry run: ingest {kind} into {cfg.out} (nothing written there)")
     print("\n".join(describe_plan(plan)))
-    if line := dry_run_line(kind, plan, cfg):
+    if line:
         print(line)
     if kind == "wsi":
         from ingest.preflight import check_slides

@@ -80,6 +80,12 @@ def add_ingest_parser(sub, fn) -> None:
             "dataset's own shards stay as they are)",
             action="store_true",
         )
+        add(
+            "--append",
+            "add the inputs among SRC that the complete dataset at --out does not hold (new slides, new label rows), "
+            "keeping its inputs, splits and shards; new patients go to the splits furthest below their fractions",
+            action="store_true",
+        )
         k.add_argument(
             "--dry-run",
             action="store_true",

@@ -26,6 +26,7 @@ def parse_bytes(value: int | str) -> int:
 
 
 RUN_ONLY = ("workers", "max_attempts")
+RERUN_MODES = ("overwrite", "retry_failed", "append")  # what a run does with a dataset already there
 
 
 def dataset_options(public: dict) -> dict:
@@ -53,6 +54,9 @@ class IngestConfig(BaseModel):
     # ingest the failed inputs of the complete dataset at ``out`` again (a slide re-copied after a cut-short
     # transfer, a read that timed out): their shards are added beside the dataset's, which stay as they are
     retry_failed: bool = False
+    # add the inputs among ``sources`` that the complete dataset at ``out`` does not hold (new slides, or ones
+    # skipped before as not in the label table), keeping its inputs, splits and shards; none there: a plain run
+    append: bool = False
 
     @field_validator("split")
     @classmethod
@@ -62,10 +66,10 @@ class IngestConfig(BaseModel):
 
     @model_validator(mode="after")
     def _one_rerun_mode(self) -> IngestConfig:
-        if self.overwrite and self.retry_failed:
+        if self.overwrite and (self.retry_failed or self.append):
             raise ValueError(
-                "give overwrite or retry_failed, not both: overwrite ingests every input again, retry_failed only "
-                "the failed ones"
+                "overwrite ingests every input again into a new dataset: give it without retry_failed or append, "
+                "which keep the dataset there"
             )
         return self
 
@@ -76,7 +80,7 @@ class IngestConfig(BaseModel):
 
     def public(self) -> dict:
         """The configuration as recorded in the manifest: source locations are left out (they may identify)."""
-        return self.model_dump(exclude={"sources", "labels", "overwrite", "retry_failed"})
+        return self.model_dump(exclude=set(RERUN_MODES) | {"sources", "labels"})
 
     def output_options(self) -> dict:
         """:func:`dataset_options` of this configuration."""

@@ -5,16 +5,21 @@ replaces it). Shards other runs were trained on are not swapped from under them 
 Inputs are compared by pseudonym (their location), label, patient and split, not by content: a slide replaced in
 place under the same name needs ``--overwrite``.
 
-``--retry-failed`` ingests the failed inputs of such a dataset again, alone: their shards are numbered after the
-dataset's, which stay as they are, and the manifest, written last, takes in the new records and shards.
+Two runs keep the dataset and add to it: ``--retry-failed`` ingests the inputs it records as failed again, and
+``--append`` the inputs among the sources that it does not hold (a folder that grew, a label table with new rows).
+Their shards are numbered after the dataset's, which stay as they are, and the manifest, written last, takes in
+the new records and shards.
 """
 
 from __future__ import annotations
 
+import copy
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from ingest.config import IngestConfig, dataset_options
 from ingest.plan import Plan
+from ingest.splits import extend_splits, parse_fractions
 from ingest.units import Unit
 from shards import manifest as mf
 from shards import storage
@@ -25,8 +30,16 @@ def existing(out: str) -> mf.Manifest | None:
     return mf.load(out) if storage.exists(storage.join(out, mf.MANIFEST_NAME)) else None
 
 
+def _added(previous: mf.Manifest, plan: Plan) -> list[Unit]:
+    """Units of ``plan`` the dataset does not hold: new inputs, or inputs it holds as settled before they had a
+    patient (not in the label table then)."""
+    held = {r.id: r for r in previous.inputs}
+    return [u for u in plan.units if u.id not in held or held[u.id].patient is None]
+
+
 def differences(previous: mf.Manifest, kind: str, plan: Plan, cfg: IngestConfig) -> list[str]:
-    """How the dataset this run would make differs from ``previous``, in a few words each (empty: the same)."""
+    """How the dataset this run would make differs from ``previous``, in a few words each (empty: the same).
+    With ``cfg.append``, the inputs it would add are no difference."""
     out = [f"kind {previous.kind} -> {kind}"] if previous.kind != kind else []
     before = dataset_options(previous.config)
     now = cfg.output_options()
@@ -34,11 +47,13 @@ def differences(previous: mf.Manifest, kind: str, plan: Plan, cfg: IngestConfig)
         out.append("options " + ", ".join(f"{k} {before.get(k)!r} -> {now.get(k)!r}" for k in changed))
     if previous.classes != plan.classes:
         out.append(f"classes {previous.classes} -> {plan.classes}")
-    old = {r.id: (r.patient, r.label, r.split) for r in previous.inputs}
+    adding = {u.id for u in _added(previous, plan)} if cfg.append else set()
+    old = {r.id: (r.patient, r.label, r.split) for r in previous.inputs if r.id not in adding}
     new = {u.id: (u.patient, u.label, u.split) for u in plan.units}
     new |= {r.id: (r.patient, r.label, r.split) for r in plan.skipped}
+    new = {k: v for k, v in new.items() if k in old or not cfg.append}
     if added := len(new.keys() - old.keys()):
-        out.append(f"{added} input(s) it does not hold")
+        out.append(f"{added} input(s) it does not hold (--append adds them)")
     if gone := len(old.keys() - new.keys()):
         out.append(f"{gone} of its inputs not among the sources")
     if moved := sum(old[k] != new[k] for k in old.keys() & new.keys()):
@@ -46,47 +61,106 @@ def differences(previous: mf.Manifest, kind: str, plan: Plan, cfg: IngestConfig)
     return out
 
 
+def _keep_splits(previous: mf.Manifest, plan: Plan, cfg: IngestConfig) -> None:
+    """Inputs the dataset holds keep their split; inputs it adds join their patient's split, or (a new patient)
+    the split :func:`extend_splits` picks: the plan's own assignment would move patients it holds."""
+    records = {r.id: r for r in previous.inputs}
+    held = {r.patient: (r.split, r.label) for r in previous.inputs if r.patient and r.split}
+    adding = _added(previous, plan)
+    ids = {u.id for u in adding}
+    for unit in plan.units:
+        if unit.id not in ids:
+            unit.split = records[unit.id].split
+    new = {u.patient: u.label for u in adding if u.patient not in held}
+    fresh = extend_splits(held, new, parse_fractions(cfg.split), cfg.seed)
+    for unit in adding:
+        unit.split = held[unit.patient][0] if unit.patient in held else fresh[unit.patient]
+
+
 def decide(kind: str, plan: Plan, cfg: IngestConfig) -> mf.Manifest | None:
-    """The complete dataset already at ``cfg.out`` that this run would make again (nothing to do), or None to
-    run. Raises when a different dataset is there and ``cfg.overwrite`` is not set."""
+    """The complete dataset already at ``cfg.out`` that this run would make again (or, with ``append`` or
+    ``retry_failed``, add to), or None to run. Raises when a different dataset is there and ``cfg.overwrite`` is
+    not set."""
     previous = None if cfg.overwrite else existing(cfg.out)
     if previous is None:
         return None
+    if cfg.append and previous.kind == kind:
+        _keep_splits(previous, plan, cfg)
     diff = differences(previous, kind, plan, cfg)
     if diff:
+        how = "--overwrite replaces it"
+        if not cfg.append and _appendable(previous, kind, plan, cfg):
+            how = "--append adds the new inputs to it (the rest as they are), " + how
         raise ValueError(
             f"{cfg.out} already holds a complete dataset ({len(previous.inputs)} inputs, made {previous.created}) "
-            f"that this run would replace: {'; '.join(diff)}. --overwrite replaces it"
+            f"that this run would replace: {'; '.join(diff)}. {how}"
         )
     return previous
 
 
-def failed_again(previous: mf.Manifest, plan: Plan) -> list[Unit]:
-    """The units of ``plan`` whose input ``previous`` records as failed: what ``--retry-failed`` ingests."""
-    failed = {r.id for r in previous.inputs if r.status == "failed"}
-    return [u for u in plan.units if u.id in failed]
+def _appendable(previous: mf.Manifest, kind: str, plan: Plan, cfg: IngestConfig) -> bool:
+    """Whether ``--append`` would take this run: its inputs the dataset holds unchanged, no new class or option.
+    (Without it, a held input the plan's own split assignment moves counts as a difference.)"""
+    if previous.kind != kind:
+        return False
+    trial, appending = copy.deepcopy(plan), cfg.model_copy(update={"append": True})
+    _keep_splits(previous, trial, appending)
+    return not differences(previous, kind, trial, appending)
+
+
+@dataclass
+class Additions:
+    """What a run adds to a complete dataset: inputs it does not hold (``--append``), its failed inputs
+    (``--retry-failed``), and the records of such inputs that planning settles without a worker (not a slide, not
+    in the label table, a header that cannot be read)."""
+
+    added: list[Unit]
+    retried: list[Unit]
+    settled: list[mf.InputRecord]
+
+    @property
+    def units(self) -> list[Unit]:
+        return self.added + self.retried
+
+    def __bool__(self) -> bool:
+        return bool(self.added or self.retried or self.settled)
+
+
+def to_ingest(previous: mf.Manifest, plan: Plan, cfg: IngestConfig) -> Additions:
+    """What this run adds to the dataset ``previous`` (nothing unless ``cfg.append`` or ``cfg.retry_failed``)."""
+    held = {r.id: r for r in previous.inputs}
+    failed = {k for k, r in held.items() if r.status == "failed"} if cfg.retry_failed else set()
+    settled = [r for r in plan.skipped if (cfg.append and r.id not in held) or r.id in failed]
+    added = _added(previous, plan) if cfg.append else []
+    return Additions(added, [u for u in plan.units if u.id in failed], settled)
 
 
 def amended(
-    previous: mf.Manifest, plan: Plan, records: list[mf.InputRecord], splits: dict[str, mf.SplitInfo]
+    previous: mf.Manifest,
+    additions: Additions,
+    plan: Plan,
+    records: list[mf.InputRecord],
+    splits: dict[str, mf.SplitInfo],
+    previous_sha256: str | None = None,
 ) -> mf.Manifest:
-    """``previous`` with the retried inputs' new ``records`` and their shards (numbered after its own) added.
-
-    A failed input that planning now settles without a worker (skipped, or failed reading its header) takes the
-    plan's record; every other record and shard stays as it was.
-    """
-    fresh = {r.id: r for r in plan.skipped if r.id in {p.id for p in previous.inputs if p.status == "failed"}}
-    fresh |= {r.id: r for r in records}
+    """``previous`` (``previous_sha256``: its version) with the records of ``additions`` (``records``: its
+    units', from the workers) and their shards (``splits``, numbered after its own) added; every other record
+    and shard stays as it was."""
+    held = {r.id: r for r in previous.inputs}
+    fresh = {r.id: r for r in [*additions.settled, *records]}
     joined = dict(previous.splits)
     for split, info in splits.items():
         old = joined.get(split, mf.SplitInfo())
         joined[split] = mf.SplitInfo(num_samples=old.num_samples + info.num_samples, shards=old.shards + info.shards)
+    retried = sum(k in held and held[k].status == "failed" for k in fresh)
+    now = datetime.now(UTC).isoformat(timespec="seconds")
+    change = mf.Amendment(time=now, added=len(fresh) - retried, retried=retried, previous_sha256=previous_sha256)
     return previous.model_copy(
         update={
             "splits": dict(sorted(joined.items())),
-            "inputs": sorted((fresh.get(r.id, r) for r in previous.inputs), key=lambda r: r.id),
+            "inputs": sorted((held | fresh).values(), key=lambda r: r.id),
             "unmatched_labels": plan.unmatched,
-            "retried": [*previous.retried, datetime.now(UTC).isoformat(timespec="seconds")],
+            "amended": [*previous.amended, change],
         }
     )
 
@@ -99,7 +173,13 @@ def dry_run_line(kind: str, plan: Plan, cfg: IngestConfig) -> str | None:
         return f"a run would be refused: {exc}"
     if same is None:
         return None
-    held = f"{cfg.out} already holds this dataset (made {same.created})"
-    if cfg.retry_failed and (retry := failed_again(same, plan)):
-        return f"{held}: a run would ingest its {len(retry)} failed input(s) again and add their shards"
-    return f"{held}: a run would do nothing"
+    there = f"{cfg.out} already holds this dataset (made {same.created})"
+    adds = to_ingest(same, plan, cfg)
+    if not adds:
+        return f"{there}: a run would do nothing"
+    held = {r.id for r in same.inputs}
+    added = len(adds.added) + sum(r.id not in held for r in adds.settled)
+    retried = len(adds.units) + len(adds.settled) - added
+    what = [f"add {added} input(s)"] if added else []
+    what += [f"try its {retried} failed input(s) again"] if retried else []
+    return f"{there}: a run would {' and '.join(what)}, adding their shards to it"

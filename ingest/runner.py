@@ -17,7 +17,7 @@ from tqdm import tqdm
 from ingest.config import ImagesIngestConfig, IngestConfig, pseudonym_key
 from ingest.packing import pack_parts, pack_shard, prune
 from ingest.plan import make_plan
-from ingest.rerun import amended, decide, failed_again
+from ingest.rerun import amended, decide, to_ingest
 from ingest.staging import STAGING, WorkRecord, attempt, done_records, process_work
 from ingest.units import Unit, Work, batch_images, plan_unit
 from shards import manifest as mf
@@ -212,22 +212,23 @@ def run_ingest(kind: str, cfg: IngestConfig, on_private: Callable[[dict[str, str
         on_private(plan.private)
     storage.ensure_bucket(cfg.out)
     previous = decide(kind, plan, cfg)
-    units = plan.units if previous is None else failed_again(previous, plan) if cfg.retry_failed else []
-    if previous is not None and not units:
-        failed = previous.counts()["failed"]
+    adds = to_ingest(previous, plan, cfg) if previous is not None else None
+    if previous is not None and not adds:
+        failed = previous.counts()["failed"] if not cfg.retry_failed else 0
         retry = f" ({failed} of its inputs failed: --retry-failed ingests them again)" if failed else ""
         print(
             f"{cfg.out}: already made from these inputs with these options ({previous.created}); nothing to do{retry}"
         )
         return previous, storage.join(cfg.out, mf.MANIFEST_NAME)
-    if not ray.is_initialized():
-        ray.init(num_cpus=cfg.workers, log_to_driver=False, include_dashboard=False)
+    units = adds.units if adds is not None else plan.units
     inputs: list[InputRecord] = []
     splits: dict[str, mf.SplitInfo] = {}
     if units:
+        if not ray.is_initialized():
+            ray.init(num_cpus=cfg.workers, log_to_driver=False, include_dashboard=False)
         n = cfg.workers or max(1, int(ray.available_resources().get("CPU", 1)))
         sched = _Scheduler(cfg, max(1, min(n, len(units))))
-        # Retried inputs' shards are numbered after the dataset's own, which stay as they are.
+        # Shards of inputs added to a dataset are numbered after its own, which stay as they are.
         first = {s: len(info.shards) for s, info in previous.splits.items()} if previous else {}
         try:
             plans, works = _run(units, done_records(cfg), sched, cfg)
@@ -235,8 +236,9 @@ def run_ingest(kind: str, cfg: IngestConfig, on_private: Callable[[dict[str, str
             splits = pack_parts(cfg, inputs, works, sched, first)
         finally:
             sched.close()
-    if previous is not None:
-        manifest = amended(previous, plan, inputs, splits)
+    if previous is not None and adds is not None:
+        version = mf.sha256_of(storage.get_bytes(storage.join(cfg.out, mf.MANIFEST_NAME)))
+        manifest = amended(previous, adds, plan, inputs, splits, version)  # its shards and records as they were
     else:
         manifest = Manifest(
             dataset=cfg.out,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from collections import Counter
 
 
 def parse_fractions(spec: str) -> dict[str, float]:
@@ -39,6 +40,31 @@ def assign_splits(patients: dict[str, int | None], fractions: dict[str, float], 
             for p in members[i : i + n]:
                 out[p] = name
             i += n
+    return out
+
+
+def extend_splits(
+    held: dict[str, tuple[str, int | None]], new: dict[str, int | None], fractions: dict[str, float], seed: int
+) -> dict[str, str]:
+    """Assign patients ``new`` to a dataset whose patients ``held`` (patient -> (split, label)) keep theirs.
+
+    Within each label group the new patients, in seeded hash order, each go to the split furthest below its
+    fraction of the group so far (ties to the larger fraction), so a dataset grown a few patients at a time stays
+    near its fractions instead of sending every small batch to the largest split.
+    """
+    counts = Counter((label, split) for split, label in held.values())
+    groups: dict[int | None, list[str]] = {}
+    for patient, label in new.items():
+        groups.setdefault(label, []).append(patient)
+    out: dict[str, str] = {}
+    for label, members in groups.items():
+        members.sort(key=lambda p: hashlib.sha256(f"{seed}:{p}".encode()).hexdigest())
+        total = sum(counts[label, name] for name in fractions)
+        for patient in members:
+            total += 1
+            name = max(fractions, key=lambda n: (fractions[n] * total - counts[label, n], fractions[n]))
+            counts[label, name] += 1
+            out[patient] = name
     return out
 
 

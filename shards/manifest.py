@@ -6,6 +6,7 @@ lengths let a trainer know its epoch length without scanning tars.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from datetime import UTC, datetime
 from typing import Literal
@@ -83,6 +84,18 @@ class SplitInfo(BaseModel):
     shards: list[ShardInfo] = Field(default_factory=list)
 
 
+class Amendment(BaseModel):
+    """A run that added to a complete dataset: when, how many inputs it added and how many failed ones it tried
+    again (their records and shards are in the manifest like any others)."""
+
+    time: str
+    added: int = 0
+    retried: int = 0
+    # the sha256 of the manifest it amended: a training run that recorded that version finds it among the
+    # dataset's ancestors (grown since, every patient in the split it had) rather than a dataset replaced
+    previous_sha256: str | None = None
+
+
 class Manifest(BaseModel):
     """The whole dataset: what went in, what came out, and how it was split."""
 
@@ -98,8 +111,8 @@ class Manifest(BaseModel):
     inputs: list[InputRecord] = Field(default_factory=list)
     # Pseudonyms of the label table's rows that named no input found (the private map has the names).
     unmatched_labels: list[str] = Field(default_factory=list)
-    # When failed inputs were ingested again into this dataset (``--retry-failed``), oldest first.
-    retried: list[str] = Field(default_factory=list)
+    # Runs that added to this dataset (``--append``, ``--retry-failed``), oldest first.
+    amended: list[Amendment] = Field(default_factory=list)
 
     def counts(self) -> dict[str, int]:
         """Number of inputs per status."""
@@ -158,3 +171,28 @@ def load(prefix: str) -> Manifest:
     """Read the manifest of the dataset at ``prefix``."""
     url = storage.join(prefix, MANIFEST_NAME)
     return Manifest.model_validate(json.loads(storage.get_bytes(url)))
+
+
+def sha256_of(data: bytes) -> str:
+    """A manifest's version: the sha256 of its bytes as stored (training runs record it)."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def change_since(recorded: str | None, manifest: Manifest, data: bytes) -> Literal["grown", "replaced"] | None:
+    """How the dataset whose current manifest is ``manifest`` (``data``, its bytes) changed since a run recorded
+    version ``recorded``: None (the same, or nothing recorded), ``grown`` (only runs that added inputs since:
+    every input and patient it had is in the same split) or ``replaced`` (made again: splits may differ)."""
+    if recorded is None or recorded == sha256_of(data):
+        return None
+    return "grown" if recorded in {a.previous_sha256 for a in manifest.amended} else "replaced"
+
+
+def check_same_data(recorded: str | None, dataset: str, manifest: Manifest, data: bytes, who: str) -> None:
+    """Refuse to train ``who`` (a run that recorded dataset version ``recorded``) on another version of its
+    dataset (``manifest``, ``data``: the one there now): its epochs so far were read from the recorded one."""
+    if change := change_since(recorded, manifest, data):
+        how = "grew (ingest --append or --retry-failed)" if change == "grown" else "was made again"
+        raise ValueError(
+            f"{dataset} {how} since {who} started (manifest sha256 {str(recorded)[:12]} -> "
+            f"{sha256_of(data)[:12]}): it would train on other data than its first epochs did; start a new run"
+        )

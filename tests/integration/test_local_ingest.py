@@ -57,6 +57,80 @@ def test_cli_ingest_to_local_disk_without_a_stack(tmp_path):
     assert {p.stem for p in (out / "previews").iterdir()} == {r["item"] for r in final["inputs"]}  # the one slide
 
 
+def test_a_grown_slide_folder_is_appended_through_the_cli(tmp_path):
+    """A folder and label table that grew (a slide labelled since, a new patient's slide, a held patient's second
+    slide): --append ingests those three alone, into new shards, and leaves the dataset's own shards and records
+    as they were; the held patient's new slide joins that patient's split."""
+    import csv
+    import hashlib
+
+    from shards.verify import verify_dataset
+    from shards.writer import read_tar_samples
+
+    slides = tmp_path / "slides"
+    paths, labels = make_slides(slides, n=5, size=1024, seed=11)
+    rows = list(csv.DictReader(labels.open()))
+    rows[4]["patient_id"] = rows[0]["patient_id"]  # slide 4: a second slide of slide 0's patient (both CE)
+    later = tmp_path / "later"
+    later.mkdir()
+    for path in paths[3:]:
+        path.rename(later / path.name)
+
+    def table(name, chosen):
+        out = tmp_path / name
+        with out.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(chosen)
+        return out
+
+    env = dict(os.environ, TESSERA_STATE_DIR=str(tmp_path / "state"), TESSERA_PSEUDONYM_KEY="append-key")
+    env.pop("RAY_ADDRESS", None)
+    out = tmp_path / "dataset"
+    first = subprocess.run(
+        ingest_wsi_cmd(slides, out, "--labels", str(table("first.csv", rows[:2]))),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert first.returncode == 0, first.stderr[-2000:]
+    before_bytes = (out / "manifest.json").read_bytes()
+    before = json.loads(before_bytes)
+    assert sorted(r["status"] for r in before["inputs"]) == ["ingested", "ingested", "skipped"]  # slide 2: no row
+    shards_before = {p.relative_to(out): p.read_bytes() for p in out.glob("*/shard-*")}
+
+    for path in paths[3:]:
+        (later / path.name).rename(path)
+    cmd = ingest_wsi_cmd(slides, out, "--labels", str(table("all.csv", rows)))
+    refused = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert refused.returncode != 0 and "--append adds the new inputs to it (the rest as they are)" in refused.stderr
+    dry = subprocess.run([*cmd, "--append", "--dry-run"], env=env, capture_output=True, text=True, timeout=300)
+    assert "a run would add 3 input(s), adding their shards to it" in dry.stdout, dry.stderr[-2000:]
+    grown = subprocess.run([*cmd, "--append"], env=env, capture_output=True, text=True, timeout=300)
+    assert grown.returncode == 0, grown.stderr[-2000:]
+
+    after = json.loads((out / "manifest.json").read_text())
+    assert {p: b for p, b in shards_before.items()} == {p: (out / p).read_bytes() for p in shards_before}
+    assert [r["status"] for r in after["inputs"]] == ["ingested"] * 5 and after["created"] == before["created"]
+    kept = {r["id"]: r for r in before["inputs"] if r["status"] == "ingested"}
+    assert all(r == kept[r["id"]] for r in after["inputs"] if r["id"] in kept)
+    assert [(a["added"], a["retried"]) for a in after["amended"]] == [(3, 0)]
+    assert after["amended"][0]["previous_sha256"] == hashlib.sha256(before_bytes).hexdigest()  # what it grew from
+    private = json.loads(next((tmp_path / "state" / "private").glob("*.sources.json")).read_text())
+    split_of = {private[r["id"]]: r["split"] for r in after["inputs"]}
+    assert split_of[str(paths[4])] == split_of[str(paths[0])]  # the held patient's new slide joins its split
+    for split, info in after["splits"].items():  # the dataset's shards first, then the added ones
+        assert info["shards"][: len(before["splits"].get(split, {}).get("shards", []))] == before["splits"].get(
+            split, {}
+        ).get("shards", [])
+    assert verify_dataset(str(out)) == []
+    keys = [s["__key__"] for p in out.glob("*/shard-*.tar") for s in read_tar_samples(p)]
+    assert len(keys) == len(set(keys)) == sum(r["samples"] for r in after["inputs"])
+    again = subprocess.run([*cmd, "--append"], env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "nothing to do" in again.stdout, again.stderr[-2000:]
+
+
 def test_a_real_scanner_file_through_the_cli_leaves_its_identity_behind(tmp_path):
     """The Aperio file of ``tests/data`` (its label photo, file name, user and scanner in its properties) with a
     STRIP AI label table: the shards, index, preview and manifest carry pseudonyms only."""

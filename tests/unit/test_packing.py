@@ -170,7 +170,8 @@ def test_a_complete_dataset_is_made_again_only_when_asked(tmp_path):
     other = cfg.model_copy(update={"tile_size": 300})
     message = (
         r"already holds a complete dataset \(3 inputs, made .*\) that this run would replace: options tile_size "
-        r"600 -> 300; 1 input\(s\) it does not hold; 1 input\(s\) with another label, patient or split\. "
+        r"600 -> 300; 1 input\(s\) it does not hold \(--append adds them\); 1 input\(s\) with another label, "
+        r"patient or split\. "
         r"--overwrite replaces it"
     )
     with pytest.raises(ValueError, match=message):
@@ -188,57 +189,129 @@ def test_a_complete_dataset_is_made_again_only_when_asked(tmp_path):
         done_records(other)
 
 
+def _rec(uid, status, split="train", shards=(), samples=0, patient=None, label=None):
+    from shards.manifest import InputRecord
+
+    return InputRecord(
+        id=uid,
+        kind="wsi",
+        status=status,
+        split=split,
+        shards=list(shards),
+        samples=samples,
+        patient=patient,
+        label=label,
+    )
+
+
+def _shard(name, samples):
+    from shards.manifest import ShardInfo
+
+    return ShardInfo(name=name, samples=samples, size=10 * samples, sha256="0" * 64)
+
+
 def test_retrying_the_failed_inputs_adds_their_shards_and_keeps_the_rest():
     """--retry-failed: only the failed inputs are ingested again; their shards are numbered after the dataset's,
     whose records and shards stay as they were; planning may settle a failed input (now skipped) without a
     worker."""
     from ingest.config import WsiIngestConfig
     from ingest.plan import Plan
-    from ingest.rerun import amended, failed_again
+    from ingest.rerun import amended, to_ingest
     from ingest.units import Unit
     from shards import manifest as mf
-    from shards.manifest import InputRecord, ShardInfo
-
-    def rec(uid, status, split="train", shards=(), samples=0):
-        return InputRecord(id=uid, kind="wsi", status=status, split=split, shards=list(shards), samples=samples)
-
-    def shard(name, samples):
-        return ShardInfo(name=name, samples=samples, size=10 * samples, sha256="0" * 64)
 
     units = [Unit(uid, "wsi", [uid], f"s{uid}", "p1", 0) for uid in ("a1", "b2", "c3")]
-    plan = Plan(units=units, skipped=[rec("d4", "skipped"), rec("e5", "skipped")])
+    plan = Plan(units=units, skipped=[_rec("d4", "skipped"), _rec("e5", "skipped")])
     previous = mf.Manifest(dataset="x", kind="wsi", created="2026-01-01T00:00:00+00:00")
-    previous.splits = {"train": mf.SplitInfo(num_samples=5, shards=[shard("shard-000000.tar", 5)])}
+    previous.splits = {"train": mf.SplitInfo(num_samples=5, shards=[_shard("shard-000000.tar", 5)])}
     previous.inputs = [
-        rec("a1", "ingested", shards=["train/shard-000000.tar"], samples=5),
-        rec("b2", "failed", split="val"),
-        rec("c3", "skipped"),
-        rec("d4", "failed"),
-        rec("e5", "skipped"),
+        _rec("a1", "ingested", shards=["train/shard-000000.tar"], samples=5),
+        _rec("b2", "failed", split="val"),
+        _rec("c3", "skipped"),
+        _rec("d4", "failed"),
+        _rec("e5", "skipped"),
     ]
-    assert [u.id for u in failed_again(previous, plan)] == ["b2"]  # d4 is no unit now: planning settled it
+    cfg = WsiIngestConfig(sources=["x"], out="y", retry_failed=True)
+    assert not to_ingest(previous, plan, cfg.model_copy(update={"retry_failed": False}))  # nothing asked for
+    adds = to_ingest(previous, plan, cfg)
+    assert [u.id for u in adds.units] == ["b2"] and [r.id for r in adds.settled] == ["d4"]  # d4: planning settled it
 
-    retried = [rec("b2", "ingested", split="val", shards=["val/shard-000000.tar"], samples=3)]
-    again = amended(
-        previous, plan, retried, {"val": mf.SplitInfo(num_samples=3, shards=[shard("shard-000000.tar", 3)])}
-    )
-    assert again.created == previous.created and len(again.retried) == 1
-    assert {r.id: r.status for r in again.inputs} == {
-        "a1": "ingested",
-        "b2": "ingested",
-        "c3": "skipped",
-        "d4": "skipped",
-        "e5": "skipped",
-    }
+    retried = [_rec("b2", "ingested", split="val", shards=["val/shard-000000.tar"], samples=3)]
+    val = {"val": mf.SplitInfo(num_samples=3, shards=[_shard("shard-000000.tar", 3)])}
+    again = amended(previous, adds, plan, retried, val, "ab" * 32)
+    assert again.created == previous.created
+    assert again.amended[0].model_dump(exclude={"time"}) == {"added": 0, "retried": 2, "previous_sha256": "ab" * 32}
+    statuses = {r.id: r.status for r in again.inputs}
+    assert statuses == {"a1": "ingested", "b2": "ingested", "c3": "skipped", "d4": "skipped", "e5": "skipped"}
     assert again.inputs[0] == previous.inputs[0] and again.splits["train"] == previous.splits["train"]
     assert again.splits["val"].num_samples == 3
-    train = {"train": mf.SplitInfo(num_samples=2, shards=[shard("shard-000001.tar", 2)])}
-    twice = amended(again, plan, [rec("b2", "failed")], train)
+    train = {"train": mf.SplitInfo(num_samples=2, shards=[_shard("shard-000001.tar", 2)])}
+    twice = amended(again, to_ingest(again, plan, cfg), plan, [], train)
     assert [s.name for s in twice.splits["train"].shards] == ["shard-000000.tar", "shard-000001.tar"]
-    assert twice.splits["train"].num_samples == 7 and len(twice.retried) == 2
+    assert twice.splits["train"].num_samples == 7 and len(twice.amended) == 2
 
-    with pytest.raises(ValueError, match="give overwrite or retry_failed, not both"):
+    with pytest.raises(ValueError, match="overwrite ingests every input again into a new dataset"):
         WsiIngestConfig(sources=["x"], out="y", overwrite=True, retry_failed=True)
+    with pytest.raises(ValueError, match="give it without retry_failed or append"):
+        WsiIngestConfig(sources=["x"], out="y", overwrite=True, append=True)
+
+
+def test_appending_adds_new_inputs_and_keeps_the_datasets_own(tmp_path):
+    """--append: inputs the dataset does not hold (or held as not in the label table) are added; those it holds
+    keep their split even where the plan's own assignment, over more patients, would move them; a new slide of a
+    patient it holds joins that patient's split; a relabelled input or a new class is still refused."""
+    from ingest.config import WsiIngestConfig
+    from ingest.plan import Plan
+    from ingest.rerun import decide, dry_run_line, to_ingest
+    from ingest.units import Unit
+    from shards import manifest as mf
+
+    cfg = WsiIngestConfig(sources=["x"], out=str(tmp_path), append=True, split="train=0.5,val=0.5")
+    made = mf.Manifest(dataset=str(tmp_path), kind="wsi", classes=["CE", "LAA"], config=cfg.public())
+    made.inputs = [
+        _rec("a1", "ingested", split="train", patient="p1", label=0),
+        _rec("b2", "ingested", split="val", patient="p2", label=0),
+        _rec("c3", "skipped"),  # not in the label table then
+        _rec("z9", "skipped"),  # not a slide file, still among the sources
+    ]
+    mf.save(made, str(tmp_path))
+
+    def plan_of(*specs):
+        units = []
+        for uid, patient, label in specs:
+            unit = Unit(uid, "wsi", [uid], f"s{uid}", patient, label)
+            unit.split = "val" if uid == "a1" else "train"  # the plan's own split moves a1
+            units.append(unit)
+        plan = Plan(units=units, skipped=[_rec("z9", "skipped"), _rec("y8", "skipped")])
+        plan.classes = ["CE", "LAA"]
+        return plan
+
+    plan = plan_of(("a1", "p1", 0), ("b2", "p2", 0), ("c3", "p3", 1), ("d4", "p1", 0), ("e5", "p4", 1))
+    hint = r"3 input\(s\) it does not hold \(--append adds them\).*--append adds the new inputs to it"
+    with pytest.raises(ValueError, match=hint):
+        decide("wsi", plan, cfg.model_copy(update={"append": False}))
+    assert decide("wsi", plan, cfg).created == made.created
+    splits = {u.id: u.split for u in plan.units}
+    assert (splits["a1"], splits["b2"], splits["d4"]) == ("train", "val", "train")  # held; p1's new slide joins p1
+    assert {splits["c3"], splits["e5"]} == {"train", "val"}  # new patients of class 1: one each way
+    adds = to_ingest(made, plan, cfg)
+    assert [u.id for u in adds.added] == ["c3", "d4", "e5"] and [r.id for r in adds.settled] == ["y8"]
+    fewer = plan_of(("a1", "p1", 0), ("b2", "p2", 0), ("c3", "p3", 1), ("e5", "p4", 1))
+    assert dry_run_line("wsi", fewer, cfg).endswith("a run would add 3 input(s), adding their shards to it")  # y8 too
+
+    relabelled = plan_of(("a1", "p1", 1), ("b2", "p2", 0))
+    with pytest.raises(ValueError, match=r"1 input\(s\) with another label, patient or split"):
+        decide("wsi", relabelled, cfg)
+    grown = plan_of(("a1", "p1", 0), ("b2", "p2", 0))
+    grown.classes = ["CE", "LAA", "Other"]
+    with pytest.raises(ValueError, match=r"classes \['CE', 'LAA'\] -> \['CE', 'LAA', 'Other'\]"):
+        decide("wsi", grown, cfg)
+    gone = plan_of(("a1", "p1", 0))
+    with pytest.raises(ValueError, match="2 of its inputs not among the sources"):  # b2 and c3
+        decide("wsi", gone, cfg)
+    same = plan_of(("a1", "p1", 0), ("b2", "p2", 0))
+    same.skipped = [_rec("z9", "skipped"), _rec("c3", "skipped")]  # c3 still not in the label table
+    assert not to_ingest(decide("wsi", same, cfg), same, cfg)  # nothing new: nothing to do
 
 
 def test_the_dry_run_says_which_failed_inputs_a_retry_would_ingest(tmp_path):
@@ -247,17 +320,16 @@ def test_the_dry_run_says_which_failed_inputs_a_retry_would_ingest(tmp_path):
     from ingest.rerun import dry_run_line
     from ingest.units import Unit
     from shards import manifest as mf
-    from shards.manifest import InputRecord
 
     cfg = WsiIngestConfig(sources=["x"], out=str(tmp_path))
     unit = Unit("a1", "wsi", ["a1"], "sa1", "p1", 0)
     unit.split = "train"
     made = mf.Manifest(dataset=str(tmp_path), kind="wsi", config=cfg.public())
-    made.inputs = [InputRecord(id="a1", kind="wsi", status="failed", patient="p1", label=0, split="train")]
+    made.inputs = [_rec("a1", "failed", patient="p1", label=0)]
     mf.save(made, str(tmp_path))
     plan = Plan(units=[unit], skipped=[])
     assert dry_run_line("wsi", plan, cfg).endswith(": a run would do nothing")
     retry = cfg.model_copy(update={"retry_failed": True})
     assert dry_run_line("wsi", plan, retry).endswith(
-        ": a run would ingest its 1 failed input(s) again and add their shards"
+        ": a run would try its 1 failed input(s) again, adding their shards to it"
     )

@@ -28,6 +28,28 @@ def test_splits_are_by_patient_stratified_and_stable():
     assert c != a
 
 
+def test_a_grown_dataset_keeps_its_splits_and_stays_near_the_fractions():
+    from collections import Counter
+
+    from ingest.splits import extend_splits
+
+    fractions = {"train": 0.7, "val": 0.15, "test": 0.15}
+    held = {f"h{i}": ("train" if i < 8 else "val", 0) for i in range(10)}  # 8 / 2 / 0: test starved so far
+    new = extend_splits(held, {"n1": 0, "n2": 0}, fractions, seed=0)
+    assert set(new.values()) == {"test"}  # each goes where the split is furthest below its fraction
+    assert extend_splits(held, {"n1": 0, "n2": 0}, fractions, seed=0) == new  # stable
+    # Grown 3 patients at a time from nothing, per label, it stays within a patient of exact fractions.
+    grown: dict[str, tuple[str, int]] = {}
+    for step in range(20):
+        batch = {f"p{step}-{i}": i % 2 for i in range(3)}
+        grown |= {p: (s, batch[p]) for p, s in extend_splits(grown, batch, fractions, seed=1).items()}
+    for label in (0, 1):
+        counts = Counter(s for s, lab in grown.values() if lab == label)
+        total = sum(counts.values())
+        assert all(abs(counts[n] - f * total) <= 1 for n, f in fractions.items()), counts
+    assert extend_splits({}, {"a": None}, fractions, seed=0) == {"a": "train"}  # a first patient: the largest
+
+
 def test_strip_ai_and_generic_label_tables():
     strip = "image_id,center_id,patient_id,image_num,label\n006388_0,11,006388,0,CE\n008e5c_0,11,008e5c,0,LAA\n"
     rows = read_label_csv(strip)
