@@ -182,6 +182,27 @@ def _outcome(client, run_id: str, recipe: TrainRecipe, split: str, prefix: str, 
     return EvalOutcome(run_id, prefix, url, split, logged, list(recipe.eval.levels))
 
 
+def check_own_dataset(recorded: str | None, manifest, data: bytes, url: str, split: str, run_id: str) -> None:
+    """Evaluating a run on its own dataset's ``split`` needs the patients the run trained on to be out of it:
+    so it is when the dataset is the version the run recorded, or grew from it (inputs added or retried keep their
+    patient's split), but a dataset made again may have split its patients otherwise."""
+    change = mf.change_since(recorded, manifest, data)
+    if change == "replaced":
+        raise ValueError(
+            f"{url} was made again since run {run_id} trained on it (manifest sha256 {str(recorded)[:12]} -> "
+            f"{mf.sha256_of(data)[:12]}): its {split} split may hold patients the model trained on. To evaluate on "
+            f"it anyway, as another dataset, give --dataset {url} (metrics external_{split}_*)"
+        )
+    if change == "grown":
+        since = [a.previous_sha256 for a in manifest.amended].index(recorded)
+        added = sum(a.added + a.retried for a in manifest.amended[since:])
+        print(
+            f"note: {url} grew by {added} input(s) since run {run_id} trained on it; the patients it held keep their "
+            f"splits, so its {split} split holds no patient the model trained on",
+            flush=True,
+        )
+
+
 def evaluate_run(
     run: str,
     tracking_uri: str,
@@ -200,7 +221,7 @@ def evaluate_run(
     from ray.train.torch import TorchTrainer
 
     from training.export import MODEL_JSON
-    from training.launch import load_manifest, run_recipe, storage_location, worker_group
+    from training.launch import MANIFEST_TAG, load_manifest, run_recipe, storage_location, worker_group
     from training.loop import outputs_of
 
     client = MlflowClient(tracking_uri)
@@ -214,11 +235,14 @@ def evaluate_run(
         raise ValueError(f"{url}: the manifest has no {split} split (has {sorted(manifest.splits)})")
     if not tracking.has_artifact(client, run_id, MODEL_ARTIFACT):
         raise ValueError(f"run {run_id} has no exported model (it finished no epoch)")
+    tags = client.get_run(run_id).data.tags
+    if not dataset:
+        check_own_dataset(tags.get(MANIFEST_TAG), manifest, data, url, split, run_id)
     with tempfile.TemporaryDirectory() as tmp:  # the classes the model was trained on, before any worker starts
         desc = json.loads(Path(client.download_artifacts(run_id, f"{MODEL_ARTIFACT}/{MODEL_JSON}", tmp)).read_text())
     check_outputs(desc.get("outputs") or desc["classes"], outputs_of(recipe, manifest), url)
     prefix = metric_prefix(split, name or (f"external_{split}" if dataset else None))
-    check_prefix_free(client.get_run(run_id).data.tags, prefix, run_id)
+    check_prefix_free(tags, prefix, run_id)
     path, fs = storage_location(storage_path)
     config = {"recipe": recipe.model_dump(), "split": split, "prefix": prefix}
     config |= {"mlflow_uri": tracking_uri, "run_id": run_id}

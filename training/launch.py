@@ -101,6 +101,9 @@ def load_manifest(recipe: TrainRecipe) -> tuple[mf.Manifest, bytes]:
     return manifest, data
 
 
+MANIFEST_TAG = "manifest_sha256"  # the run's tag: the version of the dataset it trains on
+
+
 def start_run(
     recipe: TrainRecipe, tracking_uri: str, extra_tags: dict[str, str] | None = None, run_name: str | None = None
 ) -> str:
@@ -108,7 +111,7 @@ def start_run(
     manifest, manifest_bytes = load_manifest(recipe)
     tags = {
         "dataset": recipe.data.dataset,
-        "manifest_sha256": tracking.file_sha256(manifest_bytes),
+        MANIFEST_TAG: mf.sha256_of(manifest_bytes),
         "git_commit": tracking.git_commit(),
         "recipe": recipe.name,
     } | (extra_tags or {})
@@ -173,6 +176,10 @@ def resume_training(
     client = MlflowClient(tracking_uri)
     run_id = tracking.resolve_run(client, run_id)
     recipe = run_recipe(client, run_id, overrides)
+    manifest, data = load_manifest(recipe)
+    mf.check_same_data(
+        client.get_run(run_id).data.tags.get(MANIFEST_TAG), recipe.data.dataset, manifest, data, f"run {run_id}"
+    )
     if overrides:
         client.set_tag(run_id, "resume_overrides", " ".join(overrides))  # params are immutable; say what changed
     client.update_run(run_id, status="RUNNING")
@@ -199,12 +206,15 @@ def trainer_for(
     ``name`` overrides the run name (a sweep trial takes a new one each time it starts from a checkpoint);
     ``keep_checkpoints`` is how many of the newest checkpoints stay (None: all); ``held_out``: the split the
     workers evaluate after training (:func:`training.evaluation.held_out_plan`)."""
+    from mlflow import MlflowClient
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
     path, fs = storage_location(storage_path)
     config = {"recipe": recipe.model_dump(), "mlflow_uri": tracking_uri, "run_id": run_id, "fault": _fault()}
     config |= {"start_from": start_from, "held_out": held_out}
+    # each worker (a restarted one too) checks that it reads the dataset version the run recorded
+    config["manifest_sha256"] = MlflowClient(tracking_uri).get_run(run_id).data.tags.get(MANIFEST_TAG)
     return TorchTrainer(
         _loop(),
         train_loop_config=config,

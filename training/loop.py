@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from shards import manifest as mf
-from shards import scratch
+from shards import scratch, storage
 from training.aggregate import aggregate
 from training.allocator import keep_freed_memory
 from training.collective import raise_any, said
@@ -195,7 +195,10 @@ class Trainer:
         cuda = self.device.type == "cuda"
         if not cuda:
             keep_freed_memory()  # every step re-allocates the same activations: keep them mapped
-        self.manifest = mf.load(r.data.dataset)
+        data = storage.get_bytes(storage.join(r.data.dataset, mf.MANIFEST_NAME))
+        self.manifest = mf.Manifest.model_validate_json(data)
+        who = f"run {config.get('run_id')}"
+        mf.check_same_data(config.get("manifest_sha256"), r.data.dataset, self.manifest, data, who)
         self.outputs = outputs_of(r, self.manifest)
         _seed(r, -1, 0)  # the same initial head on every rank
         model = build_model(r.model, len(self.outputs), r.data.frames, r.data.image_size).to(self.device)

@@ -11,6 +11,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
+from shards import manifest as mf
 from tests.datasets import make_dataset
 from training.config import load_recipe
 from training.engine import partition_ranks
@@ -92,6 +93,19 @@ def test_failed_run_continues_with_resume(setup, stack, monkeypatch):
     run = client.search_runs([client.get_experiment_by_name("tessera-demo").experiment_id], max_results=1)[0]
     assert run.info.status == "FAILED"
     monkeypatch.delenv(FAULT_ENV)
+
+    # The dataset changed since the run started: grown (ingest --append) or made again. A resumed run would train
+    # on other data than its first epochs did, so either is refused before any worker starts.
+    manifest_file = setup["work"] / "ds" / mf.MANIFEST_NAME
+    original = manifest_file.read_bytes()
+    first = mf.Manifest.model_validate_json(original)
+    change = mf.Amendment(time="t", added=1, previous_sha256=mf.sha256_of(original))
+    for changed, says in ((first.model_copy(update={"amended": [change]}), "grew"), (first, "was made again")):
+        manifest_file.write_text(changed.model_dump_json(indent=1))
+        with pytest.raises(ValueError, match=f"ds {says}.* since run {run.info.run_id} started"):
+            resume_training(run.info.run_id, stack.mlflow_url, storage)
+    manifest_file.write_bytes(original)
+
     out = resume_training(run.info.run_id, stack.mlflow_url, storage)
     assert out.run_id == run.info.run_id and client.get_run(out.run_id).info.status == "FINISHED"
     assert _history(stack, out.run_id, "resumed_at_epoch") == [(2, 2.0)]

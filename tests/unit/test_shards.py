@@ -130,6 +130,46 @@ def test_patient_leak_check():
         mf.check_patient_disjoint(m)
 
 
+def test_a_dataset_version_is_the_same_grown_or_made_again(capsys):
+    """A run records its manifest's sha256. A dataset that only grew since (--append, --retry-failed) lists that
+    version among its amendments: training on it is still refused (other data than the run's first epochs), but
+    evaluating on its held-out split is allowed (its patients kept their splits); one made again is refused for
+    both."""
+    from shards import manifest as mf
+    from training.evaluation import check_own_dataset
+
+    first = mf.Manifest(dataset="s3://b/d", kind="wsi")
+    v1 = first.model_dump_json().encode()
+    grown = first.model_copy(update={"amended": [mf.Amendment(time="t", added=2, previous_sha256=mf.sha256_of(v1))]})
+    v2 = grown.model_dump_json().encode()
+    twice = grown.model_copy(
+        update={"amended": [*grown.amended, mf.Amendment(time="u", retried=1, previous_sha256=mf.sha256_of(v2))]}
+    )
+    v3 = twice.model_dump_json().encode()
+    remade = mf.Manifest(dataset="s3://b/d", kind="wsi", created="later")
+    v4 = remade.model_dump_json().encode()
+
+    assert mf.change_since(None, grown, v2) is None and mf.change_since(mf.sha256_of(v2), grown, v2) is None
+    assert mf.change_since(mf.sha256_of(v1), grown, v2) == "grown"
+    assert mf.change_since(mf.sha256_of(v1), twice, v3) == "grown" == mf.change_since(mf.sha256_of(v2), twice, v3)
+    assert mf.change_since(mf.sha256_of(v1), remade, v4) == "replaced"
+
+    mf.check_same_data(mf.sha256_of(v2), "s3://b/d", grown, v2, "run r1")
+    with pytest.raises(ValueError, match=r"s3://b/d grew \(ingest --append or --retry-failed\) since run r1 started"):
+        mf.check_same_data(mf.sha256_of(v1), "s3://b/d", grown, v2, "run r1")
+    with pytest.raises(ValueError, match=r"s3://b/d was made again since run r1 started .*start a new run"):
+        mf.check_same_data(mf.sha256_of(v1), "s3://b/d", remade, v4, "run r1")
+
+    check_own_dataset(mf.sha256_of(v1), twice, v3, "s3://b/d", "test", "r1")
+    assert "grew by 3 input(s) since run r1 trained on it" in capsys.readouterr().out
+    check_own_dataset(mf.sha256_of(v2), twice, v3, "s3://b/d", "test", "r1")
+    assert "grew by 1 input(s)" in capsys.readouterr().out
+    with pytest.raises(
+        ValueError, match=r"test split may hold patients .* give --dataset s3://b/d \(metrics external_test_\*\)"
+    ):
+        check_own_dataset(mf.sha256_of(v1), remade, v4, "s3://b/d", "test", "r1")
+
+
 def test_an_error_while_writing_publishes_nothing(tmp_path):
     with pytest.raises(RuntimeError, match="source broke"), ShardWriter(str(tmp_path / "out")) as w:
         w.write(next(_samples(1)))
