@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -53,14 +54,18 @@ class Work:
 
     @property
     def id(self) -> str:
+        if self.batch:  # named by its members: a run over more or fewer images makes other batches, not these
+            members = hashlib.sha256(" ".join(u.id for u in self.batch).encode()).hexdigest()[:8]
+            return f"{self.unit.id}-{members}"
         return f"{self.unit.id}-{self.index:04d}"
 
 
 def batch_images(units: list[Unit], size: int) -> list[Work]:
     """Single images in runs of ``size`` within a split (a part, so a batch, belongs to one split's shards).
 
-    A run's id is its first image's, so the same inputs and options give the same pieces of work, and a resumed
-    run recognises those already staged.
+    A run's id names its images, so the same inputs and options give the same pieces of work, and a resumed run
+    recognises those already staged; a run resumed over a folder that changed meanwhile (images added, as by
+    ``--append``) makes new batches rather than take a staged batch for one with other images.
     """
     by_split: dict[str | None, list[Unit]] = {}
     for u in units:

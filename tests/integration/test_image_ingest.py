@@ -10,6 +10,7 @@ from ingest.config import ImagesIngestConfig
 from ingest.runner import run_ingest
 from ingest.synthetic import make_ct_ich, make_mri_folders
 from shards import manifest as mf
+from shards import storage
 from shards.dali import build_pipeline, fetch_indices
 
 
@@ -66,3 +67,44 @@ def test_ct_ich_sequences_to_s3_as_frames(stack, tmp_path):
     assert "Patients_CT" not in text and '"049"' not in text and '"055"' not in text
     batch = _first_batch(manifest, out, "train", tmp_path / "idx", frames=4)
     assert batch.shape == (2, 4, 3, 32, 32)
+
+
+def test_image_batches_follow_a_folder_that_grew_and_append_adds_to_it(stack, tmp_path):
+    """A run stopped after staging a batch; images were added before it ran again: the batches are made anew
+    (a staged batch is not taken for one with other images), every image once. Then more images arrive and
+    --append adds them in batches of their own."""
+    from ingest.config import pseudonym_key
+    from ingest.plan import make_plan
+    from ingest.staging import process_work
+    from ingest.units import batch_images
+    from shards.writer import read_tar_samples
+
+    make_mri_folders(tmp_path, per_class=4, size=32, seed=5)
+    images = tmp_path / "images"
+    aside = sorted(images.rglob("*_0001.jpg")) + sorted(images.rglob("*_0003.jpg"))
+    for path in aside:
+        path.rename(tmp_path / path.name)
+    out = "s3://shards/mri/grown"
+    cfg = ImagesIngestConfig(sources=[str(images)], out=out, split="train=1.0", images_per_task=3)
+    works = batch_images(make_plan("images", cfg, pseudonym_key()).units, 3)
+    assert process_work(works[0], cfg).status == "ingested"  # staged, then the run stopped
+    for path in aside[:4]:  # four images arrived meanwhile
+        (tmp_path / path.name).rename(path)
+
+    def keys(manifest):
+        found = []
+        for split in manifest.splits:
+            for i, url in enumerate(manifest.shard_urls(out, split)):
+                local = tmp_path / f"{split}-{i}.tar"
+                found += [s["__key__"] for s in read_tar_samples(storage.get_file(url, local))]
+        return found
+
+    resumed, _ = run_ingest("images", cfg)
+    assert resumed.counts()["ingested"] == 12 and len(set(keys(resumed))) == len(keys(resumed)) == 12
+    for path in aside[4:]:
+        (tmp_path / path.name).rename(path)
+    grown, _ = run_ingest("images", cfg.model_copy(update={"append": True}))
+    assert grown.counts()["ingested"] == 16 and [a.added for a in grown.amended] == [4]
+    assert len(set(keys(grown))) == len(keys(grown)) == 16
+    for split, info in resumed.splits.items():
+        assert grown.splits[split].shards[: len(info.shards)] == info.shards
