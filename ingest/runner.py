@@ -221,6 +221,8 @@ def run_ingest(kind: str, cfg: IngestConfig, on_private: Callable[[dict[str, str
         )
         return previous, storage.join(cfg.out, mf.MANIFEST_NAME)
     units = adds.units if adds is not None else plan.units
+    # the version this run amends (training runs that recorded it find it among the new manifest's ancestors)
+    version = mf.sha256_of(storage.get_bytes(storage.join(cfg.out, mf.MANIFEST_NAME))) if adds else None
     inputs: list[InputRecord] = []
     splits: dict[str, mf.SplitInfo] = {}
     if units:
@@ -237,7 +239,6 @@ def run_ingest(kind: str, cfg: IngestConfig, on_private: Callable[[dict[str, str
         finally:
             sched.close()
     if previous is not None and adds is not None:
-        version = mf.sha256_of(storage.get_bytes(storage.join(cfg.out, mf.MANIFEST_NAME)))
         manifest = amended(previous, adds, plan, inputs, splits, version)  # its shards and records as they were
     else:
         manifest = Manifest(
