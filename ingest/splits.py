@@ -20,6 +20,11 @@ def parse_fractions(spec: str) -> dict[str, float]:
     return out
 
 
+def _order(seed: int):
+    """A seeded hash of a patient: a stable order, independent of input order."""
+    return lambda patient: hashlib.sha256(f"{seed}:{patient}".encode()).hexdigest()
+
+
 def assign_splits(patients: dict[str, int | None], fractions: dict[str, float], seed: int) -> dict[str, str]:
     """Assign each patient to one split, stratified by the patient's label.
 
@@ -33,7 +38,7 @@ def assign_splits(patients: dict[str, int | None], fractions: dict[str, float], 
     out: dict[str, str] = {}
     names = list(fractions)
     for members in groups.values():
-        members.sort(key=lambda p: hashlib.sha256(f"{seed}:{p}".encode()).hexdigest())
+        members.sort(key=_order(seed))
         counts = _largest_remainder([fractions[n] * len(members) for n in names])
         i = 0
         for name, n in zip(names, counts, strict=True):
@@ -58,7 +63,7 @@ def extend_splits(
         groups.setdefault(label, []).append(patient)
     out: dict[str, str] = {}
     for label, members in groups.items():
-        members.sort(key=lambda p: hashlib.sha256(f"{seed}:{p}".encode()).hexdigest())
+        members.sort(key=_order(seed))
         total = sum(counts[label, name] for name in fractions)
         for patient in members:
             total += 1

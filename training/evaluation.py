@@ -158,7 +158,7 @@ def held_out_plan(recipe: TrainRecipe) -> dict[str, str] | None:
     if why:
         print(f"held-out evaluation: none ({why})", flush=True)
         return None
-    return {"split": split, "prefix": metric_prefix(split), "sha256": tracking.file_sha256(data)}
+    return {"split": split, "prefix": metric_prefix(split), "sha256": mf.sha256_of(data)}
 
 
 def held_out_outcome(tracking_uri: str, run_id: str, recipe: TrainRecipe, plan: dict[str, str]):
@@ -257,7 +257,7 @@ def evaluate_run(
         raise RuntimeError(f"evaluation of run {run_id} on {url} ({split}) failed: {result.error}")
     if not dataset and split == recipe.data.test_split and prefix == metric_prefix(split):  # the step, retried
         tracking.RunLogger(tracking_uri, run_id).untag(HELD_OUT_ERROR)
-    return _outcome(client, run_id, recipe, split, prefix, tracking.file_sha256(data))
+    return _outcome(client, run_id, recipe, split, prefix, mf.sha256_of(data))
 
 
 def summary(outcome: EvalOutcome) -> str:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -144,7 +143,3 @@ class RunLogger:
 
     def artifacts(self, local_dir: Path, folder: str) -> None:
         self.client.log_artifacts(self.run_id, str(local_dir), folder)
-
-
-def file_sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
