@@ -262,4 +262,11 @@ def manifest_summary(manifest: Manifest) -> str:
     """One line per split and the input status counts, for the terminal."""
     parts = [f"{s}: {info.num_samples} samples in {len(info.shards)} shards" for s, info in manifest.splits.items()]
     unmatched = f" | label rows naming no input {len(n)}" if (n := manifest.unmatched_labels) else ""
-    return "; ".join(parts) + " | inputs " + json.dumps(manifest.counts()) + unmatched
+    grown = ""
+    if manifest.amended:
+        last = manifest.amended[-1]
+        grown = (
+            f" | made {manifest.created}, added to {len(manifest.amended)} time(s); last {last.time}: "
+            f"{last.added} added, {last.retried} retried"
+        )
+    return "; ".join(parts) + " | inputs " + json.dumps(manifest.counts()) + unmatched + grown

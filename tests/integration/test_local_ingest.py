@@ -109,6 +109,7 @@ def test_a_grown_slide_folder_is_appended_through_the_cli(tmp_path):
     assert "a run would add 3 input(s), adding their shards to it" in dry.stdout, dry.stderr[-2000:]
     grown = subprocess.run([*cmd, "--append"], env=env, capture_output=True, text=True, timeout=300)
     assert grown.returncode == 0, grown.stderr[-2000:]
+    assert "added to 1 time(s); last " in grown.stdout and ": 3 added, 0 retried" in grown.stdout
 
     after = json.loads((out / "manifest.json").read_text())
     assert {p: b for p, b in shards_before.items()} == {p: (out / p).read_bytes() for p in shards_before}
