@@ -187,12 +187,14 @@ def change_since(recorded: str | None, manifest: Manifest, data: bytes) -> Liter
     return "grown" if recorded in {a.previous_sha256 for a in manifest.amended} else "replaced"
 
 
-def check_same_data(recorded: str | None, dataset: str, manifest: Manifest, data: bytes, who: str) -> None:
-    """Refuse to train ``who`` (a run that recorded dataset version ``recorded``) on another version of its
-    dataset (``manifest``, ``data``: the one there now): its epochs so far were read from the recorded one."""
+def check_same_data(
+    recorded: str | None, dataset: str, manifest: Manifest, data: bytes, who: str, before: str = "its first epochs"
+) -> None:
+    """Refuse to train ``who`` (a run or sweep that recorded dataset version ``recorded``) on another version of
+    its dataset (``manifest``, ``data``: the one there now): what it trained ``before`` read the recorded one."""
     if change := change_since(recorded, manifest, data):
         how = "grew (ingest --append or --retry-failed)" if change == "grown" else "was made again"
         raise ValueError(
             f"{dataset} {how} since {who} started (manifest sha256 {str(recorded)[:12]} -> "
-            f"{sha256_of(data)[:12]}): it would train on other data than its first epochs did; start a new run"
+            f"{sha256_of(data)[:12]}): it would train on other data than {before} did; start a new one"
         )

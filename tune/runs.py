@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from shards import manifest as mf
 from training import tracking
 from training.config import TrainRecipe
 from tune.config import SweepConfig
@@ -50,12 +51,28 @@ def child_run(uri: str, sweep_run: str, parent_id: str, trial_id: str, recipe: T
     if found:
         client.update_run(found[0].info.run_id, status="RUNNING")
         return found[0].info.run_id
+    check_trial_data(client.get_run(parent_id).data.tags, recipe, sweep_run)
     tags = {PARENT: parent_id, KIND: "trial", SWEEP: sweep_run, TRIAL: trial_id}
     return start_run(recipe, uri, extra_tags=tags, run_name=f"{sweep_run}-{trial_id}")
 
 
+def check_trial_data(parent_tags: dict[str, str], recipe: TrainRecipe, sweep_run: str) -> None:
+    """A new trial reads the version of the sweep's dataset that the sweep started on (its parent's tags), so
+    that its trials compare on the same data, resumed or not; a trial whose sampled recipe names another
+    dataset is left to its own run's version."""
+    from training.launch import MANIFEST_TAG, load_manifest
+
+    if recipe.data.dataset == parent_tags.get("dataset"):
+        manifest, data = load_manifest(recipe)
+        recorded = parent_tags.get(MANIFEST_TAG)
+        mf.check_same_data(recorded, recipe.data.dataset, manifest, data, f"sweep {sweep_run}", "its earlier trials")
+
+
 def start_parent(sweep: SweepConfig, uri: str, sweep_run: str, kind: str) -> str:
-    """The sweep's parent run: the sweep file and base recipe as params, tagged for lookup and resume."""
+    """The sweep's parent run: the sweep file and base recipe as params, tagged for lookup and resume, and with
+    the version of the base recipe's dataset its trials read."""
+    from training.launch import MANIFEST_TAG, load_manifest
+
     base = sweep.base()
     params = {"sweep.recipe": sweep.recipe, "sweep.kind": kind, "sweep.metric": sweep.objective()[0]}
     params |= {"sweep.mode": sweep.objective()[1], "sweep.search": sweep.search.algorithm}
@@ -64,6 +81,7 @@ def start_parent(sweep: SweepConfig, uri: str, sweep_run: str, kind: str) -> str
     if sweep.replicates:
         params |= {f"replicates.{k}": v for k, v in sweep.replicates.model_dump().items()}
     tags = {KIND: kind, SWEEP: sweep_run, "recipe": base.name, "git_commit": tracking.git_commit()}
+    tags |= {"dataset": base.data.dataset, MANIFEST_TAG: mf.sha256_of(load_manifest(base)[1])}  # its trials' data
     _, run_id = tracking.start_run(uri, base.experiment or base.name, sweep_run, params, tags)
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "sweep.yaml"

@@ -2,6 +2,7 @@
 (a group with zero variance, a non-normal group), and sweep files: spaces, validation, replicate splits."""
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -161,3 +162,23 @@ def test_a_finished_pbt_sweep_keeps_each_trials_newest_complete_checkpoint(tmp_p
     other = checkpoint("demo-cccccccccccc", "01")  # not this sweep's
     assert prune_checkpoints(["aaaaaaaaaaaa0000", "bbbbbbbbbbbb0000"], "demo", str(tmp_path)) == 2
     assert [p.exists() for p in (a_old, a_new, a_cut, b_only, other)] == [False, True, False, True, True]
+
+
+def test_a_sweeps_new_trials_read_the_dataset_version_it_started_on(tmp_path):
+    """The parent run records the base dataset's version; a trial started later (a resumed sweep, or a long one
+    while an ingest --append ran) is refused on another version, so trials compare on the same data. A trial
+    whose recipe names another dataset is not held to it."""
+    from shards import manifest as mf
+    from training.config import load_recipe
+    from training.launch import MANIFEST_TAG
+    from tune.runs import check_trial_data
+
+    data = tmp_path / "ds"
+    url = mf.save(mf.Manifest(dataset=str(data), kind="wsi"), str(data))
+    recipe = load_recipe("demo_tiles", [f"data.dataset={data}"])
+    tags = {"dataset": str(data), MANIFEST_TAG: mf.sha256_of(Path(url).read_bytes())}
+    check_trial_data(tags, recipe, "sweep-1")  # the same version: no complaint
+    mf.save(mf.Manifest(dataset=str(data), kind="wsi", created="later"), str(data))
+    with pytest.raises(ValueError, match=r"made again since sweep sweep-1 started .* than its earlier trials did"):
+        check_trial_data(tags, recipe, "sweep-1")
+    check_trial_data(tags | {"dataset": "s3://b/other"}, recipe, "sweep-1")  # a trial of another dataset
