@@ -13,7 +13,6 @@ the new records and shards.
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -37,9 +36,12 @@ def _added(previous: mf.Manifest, plan: Plan) -> list[Unit]:
     return [u for u in plan.units if u.id not in held or held[u.id].patient is None]
 
 
-def differences(previous: mf.Manifest, kind: str, plan: Plan, cfg: IngestConfig) -> list[str]:
+def differences(
+    previous: mf.Manifest, kind: str, plan: Plan, cfg: IngestConfig, splits: dict[str, str] | None = None
+) -> list[str]:
     """How the dataset this run would make differs from ``previous``, in a few words each (empty: the same).
-    With ``cfg.append``, the inputs it would add are no difference."""
+    With ``cfg.append``, the inputs it would add are no difference; ``splits`` (unit id -> split) overrides the
+    plan's."""
     out = [f"kind {previous.kind} -> {kind}"] if previous.kind != kind else []
     before = dataset_options(previous.config)
     now = cfg.output_options()
@@ -49,7 +51,7 @@ def differences(previous: mf.Manifest, kind: str, plan: Plan, cfg: IngestConfig)
         out.append(f"classes {previous.classes} -> {plan.classes}")
     adding = {u.id for u in _added(previous, plan)} if cfg.append else set()
     old = {r.id: (r.patient, r.label, r.split) for r in previous.inputs if r.id not in adding}
-    new = {u.id: (u.patient, u.label, u.split) for u in plan.units}
+    new = {u.id: (u.patient, u.label, (splits or {}).get(u.id, u.split)) for u in plan.units}
     new |= {r.id: (r.patient, r.label, r.split) for r in plan.skipped}
     new = {k: v for k, v in new.items() if k in old or not cfg.append}
     if added := len(new.keys() - old.keys()):
@@ -61,20 +63,18 @@ def differences(previous: mf.Manifest, kind: str, plan: Plan, cfg: IngestConfig)
     return out
 
 
-def _keep_splits(previous: mf.Manifest, plan: Plan, cfg: IngestConfig) -> None:
-    """Inputs the dataset holds keep their split; inputs it adds join their patient's split, or (a new patient)
-    the split :func:`extend_splits` picks: the plan's own assignment would move patients it holds."""
+def _kept_splits(previous: mf.Manifest, plan: Plan, cfg: IngestConfig) -> dict[str, str]:
+    """Each unit's split under ``--append``: inputs the dataset holds keep theirs; inputs it adds join their
+    patient's split, or (a new patient) the split :func:`extend_splits` picks. The plan's own assignment would
+    move patients it holds."""
     records = {r.id: r for r in previous.inputs}
     held = {r.patient: (r.split, r.label) for r in previous.inputs if r.patient and r.split}
     adding = _added(previous, plan)
     ids = {u.id for u in adding}
-    for unit in plan.units:
-        if unit.id not in ids:
-            unit.split = records[unit.id].split
+    out = {u.id: records[u.id].split for u in plan.units if u.id not in ids}
     new = {u.patient: u.label for u in adding if u.patient not in held}
     fresh = extend_splits(held, new, parse_fractions(cfg.split), cfg.seed)
-    for unit in adding:
-        unit.split = held[unit.patient][0] if unit.patient in held else fresh[unit.patient]
+    return out | {u.id: held[u.patient][0] if u.patient in held else fresh[u.patient] for u in adding}
 
 
 def decide(kind: str, plan: Plan, cfg: IngestConfig) -> mf.Manifest | None:
@@ -85,7 +85,9 @@ def decide(kind: str, plan: Plan, cfg: IngestConfig) -> mf.Manifest | None:
     if previous is None:
         return None
     if cfg.append and previous.kind == kind:
-        _keep_splits(previous, plan, cfg)
+        kept = _kept_splits(previous, plan, cfg)
+        for unit in plan.units:
+            unit.split = kept[unit.id]
     diff = differences(previous, kind, plan, cfg)
     if diff:
         how = "--overwrite replaces it"
@@ -103,9 +105,8 @@ def _appendable(previous: mf.Manifest, kind: str, plan: Plan, cfg: IngestConfig)
     (Without it, a held input the plan's own split assignment moves counts as a difference.)"""
     if previous.kind != kind:
         return False
-    trial, appending = copy.deepcopy(plan), cfg.model_copy(update={"append": True})
-    _keep_splits(previous, trial, appending)
-    return not differences(previous, kind, trial, appending)
+    appending = cfg.model_copy(update={"append": True})
+    return not differences(previous, kind, plan, appending, _kept_splits(previous, plan, appending))
 
 
 @dataclass
@@ -124,6 +125,13 @@ class Additions:
 
     def __bool__(self) -> bool:
         return bool(self.added or self.retried or self.settled)
+
+    def counts(self, previous: mf.Manifest) -> tuple[int, int]:
+        """``(added, retried)``: inputs new to ``previous`` (or held without a patient), and its failed ones."""
+        failed = {r.id for r in previous.inputs if r.status == "failed"}
+        ids = {u.id for u in self.units} | {r.id for r in self.settled}
+        retried = len(ids & failed)
+        return len(ids) - retried, retried
 
 
 def to_ingest(previous: mf.Manifest, plan: Plan, cfg: IngestConfig) -> Additions:
@@ -152,9 +160,9 @@ def amended(
     for split, info in splits.items():
         old = joined.get(split, mf.SplitInfo())
         joined[split] = mf.SplitInfo(num_samples=old.num_samples + info.num_samples, shards=old.shards + info.shards)
-    retried = sum(k in held and held[k].status == "failed" for k in fresh)
+    added, retried = additions.counts(previous)
     now = datetime.now(UTC).isoformat(timespec="seconds")
-    change = mf.Amendment(time=now, added=len(fresh) - retried, retried=retried, previous_sha256=previous_sha256)
+    change = mf.Amendment(time=now, added=added, retried=retried, previous_sha256=previous_sha256)
     return previous.model_copy(
         update={
             "splits": dict(sorted(joined.items())),
@@ -177,9 +185,7 @@ def dry_run_line(kind: str, plan: Plan, cfg: IngestConfig) -> str | None:
     adds = to_ingest(same, plan, cfg)
     if not adds:
         return f"{there}: a run would do nothing"
-    held = {r.id for r in same.inputs}
-    added = len(adds.added) + sum(r.id not in held for r in adds.settled)
-    retried = len(adds.units) + len(adds.settled) - added
+    added, retried = adds.counts(same)
     what = [f"add {added} input(s)"] if added else []
     what += [f"try its {retried} failed input(s) again"] if retried else []
     return f"{there}: a run would {' and '.join(what)}, adding their shards to it"

@@ -20,9 +20,15 @@ def parse_fractions(spec: str) -> dict[str, float]:
     return out
 
 
-def _order(seed: int):
-    """A seeded hash of a patient: a stable order, independent of input order."""
-    return lambda patient: hashlib.sha256(f"{seed}:{patient}".encode()).hexdigest()
+def _by_label(patients: dict[str, int | None], seed: int) -> dict[int | None, list[str]]:
+    """Patients grouped by label, each group in the order of a seeded hash (stable, independent of input
+    order)."""
+    groups: dict[int | None, list[str]] = {}
+    for patient, label in patients.items():
+        groups.setdefault(label, []).append(patient)
+    for members in groups.values():
+        members.sort(key=lambda p: hashlib.sha256(f"{seed}:{p}".encode()).hexdigest())
+    return groups
 
 
 def assign_splits(patients: dict[str, int | None], fractions: dict[str, float], seed: int) -> dict[str, str]:
@@ -32,13 +38,9 @@ def assign_splits(patients: dict[str, int | None], fractions: dict[str, float], 
     cut by cumulative fraction with largest-remainder rounding, so small groups still reach every split
     with a non-zero fraction when they have enough patients.
     """
-    groups: dict[int | None, list[str]] = {}
-    for patient, label in patients.items():
-        groups.setdefault(label, []).append(patient)
     out: dict[str, str] = {}
     names = list(fractions)
-    for members in groups.values():
-        members.sort(key=_order(seed))
+    for members in _by_label(patients, seed).values():
         counts = _largest_remainder([fractions[n] * len(members) for n in names])
         i = 0
         for name, n in zip(names, counts, strict=True):
@@ -58,12 +60,8 @@ def extend_splits(
     near its fractions instead of sending every small batch to the largest split.
     """
     counts = Counter((label, split) for split, label in held.values())
-    groups: dict[int | None, list[str]] = {}
-    for patient, label in new.items():
-        groups.setdefault(label, []).append(patient)
     out: dict[str, str] = {}
-    for label, members in groups.items():
-        members.sort(key=_order(seed))
+    for label, members in _by_label(new, seed).items():
         total = sum(counts[label, name] for name in fractions)
         for patient in members:
             total += 1

@@ -169,8 +169,13 @@ def save(manifest: Manifest, prefix: str) -> str:
 
 def load(prefix: str) -> Manifest:
     """Read the manifest of the dataset at ``prefix``."""
-    url = storage.join(prefix, MANIFEST_NAME)
-    return Manifest.model_validate(json.loads(storage.get_bytes(url)))
+    return load_with_bytes(prefix)[0]
+
+
+def load_with_bytes(prefix: str) -> tuple[Manifest, bytes]:
+    """The manifest of the dataset at ``prefix`` and its bytes as stored (:func:`sha256_of` them: its version)."""
+    data = storage.get_bytes(storage.join(prefix, MANIFEST_NAME))
+    return Manifest.model_validate(json.loads(data)), data
 
 
 def sha256_of(data: bytes) -> str:
@@ -195,6 +200,11 @@ def check_same_data(
     if change := change_since(recorded, manifest, data):
         how = "grew (ingest --append or --retry-failed)" if change == "grown" else "was made again"
         raise ValueError(
-            f"{dataset} {how} since {who} started (manifest sha256 {str(recorded)[:12]} -> "
-            f"{sha256_of(data)[:12]}): it would train on other data than {before} did; start a new one"
+            f"{dataset} {how} since {who} started ({versions(recorded, data)}): it would train on other data than "
+            f"{before} did; start a new one"
         )
+
+
+def versions(recorded: str | None, data: bytes) -> str:
+    """A recorded version and the one of the manifest ``data`` now, short, for a message."""
+    return f"manifest sha256 {str(recorded)[:12]} -> {sha256_of(data)[:12]}"

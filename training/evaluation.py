@@ -189,9 +189,9 @@ def check_own_dataset(recorded: str | None, manifest, data: bytes, url: str, spl
     change = mf.change_since(recorded, manifest, data)
     if change == "replaced":
         raise ValueError(
-            f"{url} was made again since run {run_id} trained on it (manifest sha256 {str(recorded)[:12]} -> "
-            f"{mf.sha256_of(data)[:12]}): its {split} split may hold patients the model trained on. To evaluate on "
-            f"it anyway, as another dataset, give --dataset {url} (metrics external_{split}_*)"
+            f"{url} was made again since run {run_id} trained on it ({mf.versions(recorded, data)}): its {split} "
+            f"split may hold patients the model trained on. To evaluate on it anyway, as another dataset, give "
+            f"--dataset {url} (metrics external_{split}_*)"
         )
     if change == "grown":
         since = [a.previous_sha256 for a in manifest.amended].index(recorded)

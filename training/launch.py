@@ -11,7 +11,6 @@ from typing import Any
 import yaml
 
 from shards import manifest as mf
-from shards import storage
 from training import tracking
 from training.config import RecipeError, TrainRecipe, apply_overrides, flatten, recipe_from_tree
 
@@ -95,8 +94,7 @@ def _fault() -> dict[str, int] | None:
 
 def load_manifest(recipe: TrainRecipe) -> tuple[mf.Manifest, bytes]:
     """The recipe's dataset manifest (splits patient-disjoint) and its bytes (for its sha256)."""
-    data = storage.get_bytes(storage.join(recipe.data.dataset, mf.MANIFEST_NAME))
-    manifest = mf.Manifest.model_validate_json(data)
+    manifest, data = mf.load_with_bytes(recipe.data.dataset)
     mf.check_patient_disjoint(manifest)
     return manifest, data
 

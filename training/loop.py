@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from shards import manifest as mf
-from shards import scratch, storage
+from shards import scratch
 from training.aggregate import aggregate
 from training.allocator import keep_freed_memory
 from training.collective import raise_any, said
@@ -195,8 +195,7 @@ class Trainer:
         cuda = self.device.type == "cuda"
         if not cuda:
             keep_freed_memory()  # every step re-allocates the same activations: keep them mapped
-        data = storage.get_bytes(storage.join(r.data.dataset, mf.MANIFEST_NAME))
-        self.manifest = mf.Manifest.model_validate_json(data)
+        self.manifest, data = mf.load_with_bytes(r.data.dataset)
         who = f"run {config.get('run_id')}"
         mf.check_same_data(config.get("manifest_sha256"), r.data.dataset, self.manifest, data, who)
         self.outputs = outputs_of(r, self.manifest)
