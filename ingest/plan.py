@@ -12,7 +12,7 @@ from ingest.dicom_wsi import group_dicom_slides
 from ingest.images import IMAGE_EXTS, csv_boxes, is_slice_table, patient_key, read_slice_table, slice_number, yolo_boxes
 from ingest.labels import RSNA_SUBTYPES, LabelRow, class_names, is_rsna_csv, read_label_csv, read_rsna_csv
 from ingest.pseudonym import pseudonym
-from ingest.sources import SLIDE_EXTS, expand, mirax_companions, stem, vms_companions
+from ingest.sources import SLIDE_EXTS, expand, fingerprint, listing, mirax_companions, stem, vms_companions
 from ingest.splits import assign_splits, parse_fractions
 from ingest.units import Unit
 from shards import storage
@@ -67,6 +67,13 @@ def _assign(units: list[Unit], cfg: IngestConfig) -> None:
         u.split = splits[u.patient]
 
 
+def _fingerprints(plan: Plan, key: bytes, stamps: dict[str, str]) -> None:
+    """Give every unit the :func:`~ingest.sources.fingerprint` of its files and of what planning read about them
+    (boxes, per-slice labels)."""
+    for u in plan.units:
+        u.fingerprint = fingerprint(key, u.sources, stamps, u.meta)
+
+
 def _companions(slide: str, locations: list[str]) -> list[str]:
     """The files a multi-file slide needs beside it (none for other files): a MIRAX slide's data folder, or the
     images a Hamamatsu VMS/VMU key file names. An unreadable key file has none: opening the slide then fails with
@@ -89,7 +96,8 @@ def plan_wsi(cfg: WsiIngestConfig, key: bytes) -> Plan:
     table, classes = _table(_label_text(cfg), cfg.labels)
     plan = Plan(units=[], classes=classes)
     dicom, slides, others = [], [], []
-    locations = expand(cfg.sources)
+    stamps = listing(cfg.sources)
+    locations = list(stamps)
     companions = {loc: files for loc in locations if (files := _companions(loc, locations))}
     inside = {c for files in companions.values() for c in files}  # a slide's other files belong to it
     for loc in locations:
@@ -119,6 +127,7 @@ def plan_wsi(cfg: WsiIngestConfig, key: bytes) -> Plan:
         label = classes.index(row.label) if row else None
         plan.units.append(Unit(uid, "wsi", files, slide, patient, label))
     _assign(plan.units, cfg)
+    _fingerprints(plan, key, stamps)
     return plan
 
 
@@ -152,7 +161,8 @@ def plan_dicom(cfg: DicomIngestConfig, key: bytes) -> Plan:
     table, rsna, classes = _dicom_labels(cfg)
     plan = Plan(units=[], classes=classes, multilabel=list(RSNA_SUBTYPES) if rsna else None)
     headers, named = [], set()
-    locations = list(expand(cfg.sources))
+    stamps = listing(cfg.sources)
+    locations = list(stamps)
     for loc, (found, reason) in zip(locations, map_headers(source_headers, locations), strict=True):
         uid = _known(plan, key, "source", loc, loc)
         if reason:
@@ -192,6 +202,7 @@ def plan_dicom(cfg: DicomIngestConfig, key: bytes) -> Plan:
         plan.units.append(unit)
     _unmatched(plan, key, set(table) - named, cfg.labels)
     _assign(plan.units, cfg)
+    _fingerprints(plan, key, stamps)
     return plan
 
 
@@ -224,7 +235,8 @@ def plan_images(cfg: ImagesIngestConfig, key: bytes) -> Plan:
         raise ValueError(f"--mode {cfg.mode} makes sequences, but the layout is {layout} (no per-slice table)")
     if layout == "csv" and text is None:
         raise ValueError("layout csv needs --labels: a CSV with image,label[,patient]")
-    files = expand(cfg.sources)
+    stamps = listing(cfg.sources)
+    files = list(stamps)
     table: dict[str, LabelRow] = {}
     if layout == "csv":
         rows, _ = _table(text, cfg.labels)
@@ -257,6 +269,7 @@ def plan_images(cfg: ImagesIngestConfig, key: bytes) -> Plan:
         patient, item = _known(plan, key, "patient", who, f"patient {who}"), _known(plan, key, "image", loc, loc)
         plan.units.append(Unit(uid, "image", [loc], item, patient, label, meta=meta))
     _assign(plan.units, cfg)
+    _fingerprints(plan, key, stamps)
     return plan
 
 
@@ -278,7 +291,8 @@ def _plan_sequences(cfg: ImagesIngestConfig, key: bytes, text: str | None) -> Pl
     classes = ["no hemorrhage", "hemorrhage"] if subtypes else ["negative", "positive"]
     plan = Plan(units=[], classes=classes, multilabel=list(RSNA_SUBTYPES) if subtypes else None)
     groups: dict[str, dict[int, str]] = {}
-    for loc in expand(cfg.sources):
+    stamps = listing(cfg.sources)
+    for loc in stamps:
         uid = _known(plan, key, "source", loc, loc)
         folders = loc.split("/")[:-1]
         number = slice_number(stem(loc))
@@ -312,6 +326,7 @@ def _plan_sequences(cfg: ImagesIngestConfig, key: bytes, text: str | None) -> Pl
         who = _known(plan, key, "patient", patient, f"patient {patient}")
         plan.units.append(Unit(sid, "sequence", files, sid, who, label, meta=meta))
     _assign(plan.units, cfg)
+    _fingerprints(plan, key, stamps)
     return plan
 
 

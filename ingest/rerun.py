@@ -2,8 +2,9 @@
 same inputs with the same options, and is refused when it would replace a different one (``--overwrite``
 replaces it). Shards other runs were trained on are not swapped from under them by a command run again by mistake.
 
-Inputs are compared by pseudonym (their location), label, patient and split, not by content: a slide replaced in
-place under the same name needs ``--overwrite``.
+Inputs are compared by pseudonym (their location), label, patient, split and fingerprint (their files' sizes and
+modification times or ETags): a slide replaced in place, or a series that gained a file, is a difference, which
+``--overwrite`` resolves by making the dataset again.
 
 Two runs keep the dataset and add to it: ``--retry-failed`` ingests the inputs it records as failed again, and
 ``--append`` the inputs among the sources that it does not hold (a folder that grew, a label table with new rows).
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from ingest.config import IngestConfig, dataset_options
-from ingest.plan import Plan
+from ingest.plan import Plan, id_list
 from ingest.splits import extend_splits, parse_fractions
 from ingest.units import Unit
 from shards import manifest as mf
@@ -34,6 +35,14 @@ def _added(previous: mf.Manifest, plan: Plan) -> list[Unit]:
     patient (not in the label table then)."""
     held = {r.id: r for r in previous.inputs}
     return [u for u in plan.units if u.id not in held or held[u.id].patient is None]
+
+
+def _changed(previous: mf.Manifest, plan: Plan) -> list[str]:
+    """Inputs the dataset holds whose files changed since (another fingerprint; a dataset made before inputs had
+    one has none to compare). Failed inputs hold no samples: a file mended since is what ``--retry-failed`` is
+    for."""
+    held = {r.id: r.fingerprint for r in previous.inputs if r.fingerprint and r.status != "failed"}
+    return sorted(u.id for u in plan.units if u.id in held and u.fingerprint != held[u.id])
 
 
 def differences(
@@ -60,6 +69,8 @@ def differences(
         out.append(f"{gone} of its inputs not among the sources")
     if moved := sum(old[k] != new[k] for k in old.keys() & new.keys()):
         out.append(f"{moved} input(s) with another label, patient or split")
+    if changed := _changed(previous, plan):
+        out.append(f"{len(changed)} input(s) whose files changed since it was made: {id_list(changed)}")
     return out
 
 

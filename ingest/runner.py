@@ -18,7 +18,7 @@ from ingest.config import ImagesIngestConfig, IngestConfig, pseudonym_key
 from ingest.packing import pack_parts, pack_shard, prune
 from ingest.plan import make_plan
 from ingest.rerun import amended, decide, to_ingest
-from ingest.staging import STAGING, WorkRecord, attempt, done_records, process_work
+from ingest.staging import STAGING, WorkRecord, attempt, done_records, process_work, reusable
 from ingest.units import Unit, Work, batch_images, plan_unit
 from shards import manifest as mf
 from shards import storage
@@ -141,10 +141,11 @@ class _Tracker:
         for w in works:
             for u in w.batch or [w.unit]:
                 self.left[u.id] = self.left.get(u.id, 0) + 1
+        staged = reusable(self.done, works)
         for w in works:
-            if w.id in self.done:
+            if w.id in staged:
                 self.finished(self.done[w.id])
-        self.sched.submit("process", [w for w in works if w.id not in self.done], front=front)
+        self.sched.submit("process", [w for w in works if w.id not in staged], front=front)
 
 
 def _run(units: list[Unit], done: dict[str, WorkRecord], sched: _Scheduler, cfg: IngestConfig):
@@ -187,7 +188,13 @@ def _merge(unit: Unit, plan, works: list[WorkRecord]) -> InputRecord:
     """One input's record from its plan and its pieces of work (any failed piece fails the input)."""
     _, warnings, action, reason = plan
     rec = InputRecord(
-        id=unit.id, kind=unit.kind, status="ingested", item=unit.item, patient=unit.patient, label=unit.label
+        id=unit.id,
+        kind=unit.kind,
+        status="ingested",
+        item=unit.item,
+        patient=unit.patient,
+        label=unit.label,
+        fingerprint=unit.fingerprint,
     )
     rec.split, rec.warnings = unit.split, list(warnings)
     failed = [w for w in works if w.status != "ingested"]

@@ -5,9 +5,11 @@ from __future__ import annotations
 import bisect
 import configparser
 import glob
+import json
 import os
 from collections.abc import Iterable
 
+from ingest.pseudonym import pseudonym
 from shards import storage
 
 SLIDE_EXTS = (".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif", ".dcm")
@@ -19,28 +21,42 @@ def expand(sources: Iterable[str], exts: tuple[str, ...] | None = None) -> list[
     ``exts`` filters files found by recursion (a file named directly is always kept). A source that
     matches nothing raises ``FileNotFoundError`` naming it.
     """
-    found: set[str] = set()
+    return sorted(listing(sources, exts))
+
+
+def listing(sources: Iterable[str], exts: tuple[str, ...] | None = None) -> dict[str, str]:
+    """:func:`expand`'s files, each with its stamp (size and modification time or ETag,
+    :func:`shards.storage.stat_stamp`): what tells a file replaced in place from the one a dataset was made of.
+    Object prefixes give them in their listing; local files are stat'ed."""
+    found: dict[str, str] = {}
     for src in sources:
         if src.startswith("s3://"):
-            urls = list(storage.list_urls(src))
-            found.update(u for u in urls if exts is None or u.lower().endswith(exts) or u == src)
-            if not urls:
+            objects = list(storage.list_stamps(src))
+            found.update((u, v) for u, v in objects if exts is None or u.lower().endswith(exts) or u == src)
+            if not objects:
                 raise FileNotFoundError(f"{src}: no objects under this prefix")
             continue
         matches = glob.glob(src, recursive=True) if glob.has_magic(src) else [src]
         if not matches or not any(os.path.exists(m) for m in matches):
             raise FileNotFoundError(f"{src}: no such file or directory")
+        files: list[str] = []
         for m in matches:
             if os.path.isdir(m):
-                for root, _, files in os.walk(m):
-                    found.update(
-                        os.path.abspath(os.path.join(root, f))
-                        for f in files
-                        if exts is None or f.lower().endswith(exts)
-                    )
+                for root, _, names in os.walk(m):
+                    files += [os.path.join(root, f) for f in names if exts is None or f.lower().endswith(exts)]
             elif os.path.isfile(m):
-                found.add(os.path.abspath(m))
-    return sorted(found)
+                files.append(m)
+        for f in map(os.path.abspath, files):  # a link to nowhere is listed, and fails when it is read
+            found[f] = storage.stat_stamp(f) or "absent"
+    return dict(sorted(found.items()))
+
+
+def fingerprint(key: bytes, files: list[str], stamps: dict[str, str], about: object = None) -> str:
+    """A keyed digest of ``files``' stamps (from ``stamps``, the listing; a file it lacks is stat'ed) and of
+    ``about`` (what planning read about them): a slide rescanned in place, a series that gained a file or an image
+    whose boxes were redrawn gets another; no file name can be guessed from it."""
+    stamped = [f"{f} {stamps.get(f) or storage.stat_stamp(f) or 'absent'}" for f in sorted(files)]
+    return pseudonym(key, "fingerprint", json.dumps([stamped, about], sort_keys=True, default=str))
 
 
 def stem(location: str) -> str:

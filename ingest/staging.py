@@ -47,6 +47,7 @@ class WorkRecord(BaseModel):
     classes: str | None = None  # the part's samples' labels as runs (see shards.manifest.encode_runs)
     warnings: list[str] = Field(default_factory=list)
     members: dict[str, Outcome] = Field(default_factory=dict)
+    fingerprint: str | None = None  # of the files it was made from (Work.fingerprint)
 
     def per_unit(self) -> list[WorkRecord]:
         """One record per input: itself, or (a batch) one per image, each naming the shared part."""
@@ -104,7 +105,14 @@ def _write_part(work: Work, cfg: IngestConfig, background=None) -> tuple[int, in
 def process_work(work: Work, cfg: IngestConfig, background=None) -> WorkRecord:
     """Stage one piece of work as a part tar, then its record; failures become records too."""
     written, action, reason = attempt(lambda: _write_part(work, cfg, background), cfg.max_attempts)
-    rec = WorkRecord(id=work.id, unit=work.unit.id, index=work.index, status=action or "ingested", reason=reason)
+    rec = WorkRecord(
+        id=work.id,
+        unit=work.unit.id,
+        index=work.index,
+        status=action or "ingested",
+        reason=reason,
+        fingerprint=work.fingerprint,
+    )
     rec.samples, rec.bytes, rec.classes, rec.members = written or (0, 0, None, {})
     if action and work.batch:  # the part itself could not be staged: every image of the batch shares its fate
         rec.members = {u.id: Outcome(status=action, reason=reason) for u in work.batch}
@@ -115,7 +123,8 @@ def process_work(work: Work, cfg: IngestConfig, background=None) -> WorkRecord:
 
 
 def done_records(cfg: IngestConfig) -> dict[str, WorkRecord]:
-    """Work finished by an earlier, interrupted run with the same configuration (none for a fresh run)."""
+    """Work finished by an earlier, interrupted run with the same configuration (none for a fresh run); which of
+    it a run takes: :func:`reusable`."""
     marker = storage.join(cfg.out, STAGING, "config.json")
     mine = json.dumps(cfg.output_options(), sort_keys=True)
     if storage.exists(marker):
@@ -132,3 +141,9 @@ def done_records(cfg: IngestConfig) -> dict[str, WorkRecord]:
             rec = WorkRecord.model_validate_json(storage.get_bytes(url))
             done[rec.id] = rec
     return done
+
+
+def reusable(done: dict[str, WorkRecord], works: list[Work]) -> set[str]:
+    """The ids of ``works`` already staged from the same files (the same fingerprint): a slide replaced between a
+    crash and the run that resumes it is cut again, not taken from the parts of the one it replaced."""
+    return {w.id for w in works if w.id in done and done[w.id].fingerprint == w.fingerprint}

@@ -40,6 +40,7 @@ class Unit:
     label: int | None = None
     split: str | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    fingerprint: str | None = None  # a digest of its files' stamps (see ingest.plan); None before planning
 
 
 @dataclass
@@ -58,6 +59,14 @@ class Work:
             members = hashlib.sha256(" ".join(u.id for u in self.batch).encode()).hexdigest()[:8]
             return f"{self.unit.id}-{members}"
         return f"{self.unit.id}-{self.index:04d}"
+
+    @property
+    def fingerprint(self) -> str | None:
+        """Its input's fingerprint (a batch: its images'): a staged part of the same id made from other files (a
+        slide replaced between a crash and the run that resumes it) is not taken for this one's."""
+        if self.batch:
+            return hashlib.sha256(" ".join(str(u.fingerprint) for u in self.batch).encode()).hexdigest()[:16]
+        return self.unit.fingerprint
 
 
 def batch_images(units: list[Unit], size: int) -> list[Work]:

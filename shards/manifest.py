@@ -75,6 +75,9 @@ class InputRecord(BaseModel):
     samples: int = 0
     shards: list[str] = Field(default_factory=list)
     warnings: list[str] = Field(default_factory=list)
+    # a keyed digest of its files' sizes and modification times (ETags) and of what planning read about them: a
+    # run again over the same location tells a replaced file from the one the dataset was made of
+    fingerprint: str | None = None
 
 
 class SplitInfo(BaseModel):

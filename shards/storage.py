@@ -11,6 +11,7 @@ import errno
 import functools
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -196,13 +197,11 @@ def exists(url: str) -> bool:
     return stat_size(url) is not None
 
 
-def stat_size(url: str) -> int | None:
-    """Byte size of the object at ``url``, or None when absent."""
+def _head(url: str) -> dict | None:
+    """``head_object`` of an ``s3://`` URL, or None when absent."""
     loc = parse(url)
-    if loc.scheme == "file":
-        return loc.path.stat().st_size if loc.path.is_file() else None
     try:
-        return int(s3_client().head_object(Bucket=loc.bucket, Key=loc.key)["ContentLength"])
+        return s3_client().head_object(Bucket=loc.bucket, Key=loc.key)
     except Exception as exc:
         code = getattr(exc, "response", {}).get("Error", {}).get("Code")
         if code in ("404", "NoSuchKey", "NotFound"):
@@ -210,23 +209,60 @@ def stat_size(url: str) -> int | None:
         raise _wrap(url, exc) from exc
 
 
-def list_urls(prefix: str) -> Iterator[str]:
-    """Every object URL under ``prefix`` (recursive), sorted for S3 by key."""
+def stat_size(url: str) -> int | None:
+    """Byte size of the object at ``url``, or None when absent."""
+    loc = parse(url)
+    if loc.scheme == "file":
+        return loc.path.stat().st_size if loc.path.is_file() else None
+    head = _head(url)
+    return None if head is None else int(head["ContentLength"])
+
+
+def _file_stamp(path: Path) -> str:
+    st = path.stat()
+    return f"{st.st_size}-{st.st_mtime_ns}"
+
+
+def stat_stamp(url: str) -> str | None:
+    """What changes when the object at ``url`` is replaced: its size and modification time (a file) or ETag (an
+    object, as its listing gives it); None when absent. Cheap: no byte of the content is read."""
+    loc = parse(url)
+    if loc.scheme == "file":
+        return _file_stamp(loc.path) if loc.path.is_file() else None
+    head = _head(url)
+    return None if head is None else f"{head['ContentLength']}-{head['ETag'].strip(chr(34))}"
+
+
+def list_stamps(prefix: str) -> Iterator[tuple[str, str]]:
+    """Every object under ``prefix`` (recursive) as ``(url, stamp)`` (see :func:`stat_stamp`), sorted for S3
+    by key; one listing request per thousand objects, none per object."""
     loc = parse(prefix)
     if loc.scheme == "file":
         root = loc.path
         if root.is_file():
-            yield str(root)
+            yield str(root), _file_stamp(root)
         elif root.is_dir():
-            yield from sorted(str(p) for p in root.rglob("*") if p.is_file())
+            for path in sorted(str(p) for p in root.rglob("*")):
+                try:
+                    st = os.stat(path)
+                except FileNotFoundError:  # removed while listed
+                    continue
+                if stat.S_ISREG(st.st_mode):
+                    yield path, f"{st.st_size}-{st.st_mtime_ns}"
         return
     try:
         pages = s3_client().get_paginator("list_objects_v2").paginate(Bucket=loc.bucket, Prefix=loc.key)
         for page in pages:
             for obj in page.get("Contents", []):
-                yield f"s3://{loc.bucket}/{obj['Key']}"
+                yield f"s3://{loc.bucket}/{obj['Key']}", f"{obj['Size']}-{obj['ETag'].strip(chr(34))}"
     except Exception as exc:
         raise _wrap(prefix, exc) from exc
+
+
+def list_urls(prefix: str) -> Iterator[str]:
+    """Every object URL under ``prefix`` (recursive), sorted for S3 by key."""
+    for url, _ in list_stamps(prefix):
+        yield url
 
 
 def delete(url: str) -> None:

@@ -131,6 +131,12 @@ def test_a_grown_slide_folder_is_appended_through_the_cli(tmp_path):
     again = subprocess.run([*cmd, "--append"], env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "nothing to do" in again.stdout, again.stderr[-2000:]
 
+    # A slide rescanned in place (here: another slide's bytes under its name) is a difference, --append or not.
+    paths[1].write_bytes(paths[2].read_bytes())
+    rescanned = subprocess.run([*cmd, "--append"], env=env, capture_output=True, text=True, timeout=300)
+    assert rescanned.returncode != 0
+    assert "1 input(s) whose files changed since it was made" in rescanned.stderr, rescanned.stderr[-2000:]
+
 
 def test_a_real_scanner_file_through_the_cli_leaves_its_identity_behind(tmp_path):
     """The Aperio file of ``tests/data`` (its label photo, file name, user and scanner in its properties) with a

@@ -40,6 +40,10 @@ def test_slides_from_s3_give_the_same_samples_as_local_files(stack, tmp_path):
     assert _samples(remote, "s3://shards/wsi-remote", tmp_path) == _samples(local, "s3://shards/wsi-local", tmp_path)
     # the workers deleted their copies when the run ended
     assert set(glob.glob(os.path.join(tempfile.gettempdir(), "tessera-src-*"))) <= leftovers
+    # an object replaced in place (another ETag in the listing) is a difference from the dataset made of it
+    storage.put_file(paths[1], f"s3://shards/src-slides/{paths[0].name}")
+    with pytest.raises(ValueError, match=r"1 input\(s\) whose files changed since it was made"):
+        run_ingest("wsi", wsi_config("s3://shards/src-slides/", "s3://shards/wsi-remote", region_tiles=3, workers=2))
 
 
 def test_dicom_wsi_from_s3_is_one_slide_read_with_all_its_files(stack, tmp_path):
@@ -72,6 +76,8 @@ def test_mirax_from_s3_is_one_slide_downloaded_with_its_data_folder(stack, tmp_p
     assert _samples(remote, "s3://shards/mrx-remote", tmp_path) == _samples(local, "s3://shards/mrx-local", tmp_path)
     alone, _ = run_ingest("wsi", wsi_config("s3://shards/src-mrx/clot_9.mrxs", "s3://shards/mrx-alone", **options))
     assert _samples(alone, "s3://shards/mrx-alone", tmp_path) == _samples(local, "s3://shards/mrx-local", tmp_path)
+    # its folder's files stamped by HEAD here, by the listing before: the same fingerprint
+    assert alone.inputs[0].fingerprint == remote.inputs[0].fingerprint
 
 
 @pytest.mark.parametrize("ext", ["vms", "vmu"])

@@ -194,3 +194,32 @@ def test_images_batched_per_split_and_a_bad_image_fails_alone(tmp_path):
     whole = next(w for w in works if broken not in w.batch)
     assert process_work(whole, cfg).status == "ingested"
     assert (tmp_path / "out" / "_staging" / f"{whole.id}.json").exists()
+
+
+def test_a_replaced_image_or_redrawn_box_gets_another_fingerprint_and_its_staged_batch_is_made_again(tmp_path):
+    """Fingerprints: the same files plan to the same ones; an image rewritten in place, or whose YOLO box file
+    changed, gets another and the rest keep theirs; a batch staged from the old files is not taken for the new."""
+    from ingest.staging import done_records, process_work, reusable
+    from ingest.units import batch_images
+
+    labels = make_mri_folders(tmp_path, per_class=2, size=32)
+    cfg = ImagesIngestConfig(
+        sources=[str(tmp_path / "images")], out=str(tmp_path / "out"), boxes=str(labels), split="train=1.0"
+    )
+    plan = plan_images(cfg, KEY)
+    before = {u.sources[0]: u.fingerprint for u in plan.units}
+    assert len(set(before.values())) == len(before) == 8 and all(before.values())
+    assert {u.sources[0]: u.fingerprint for u in plan_images(cfg, KEY).units} == before
+    assert not any(str(tmp_path) in f or "gl_0000" in f for f in before.values())  # a keyed digest, not a name
+    (work,) = batch_images(plan.units, 8)
+    assert process_work(work, cfg).fingerprint == work.fingerprint
+    assert reusable(done_records(cfg), [work]) == {work.id}
+
+    glioma = sorted((tmp_path / "images" / "glioma").glob("*.jpg"))
+    cv2.imwrite(str(glioma[0]), np.full((40, 40, 3), 200, np.uint8))  # rescanned in place
+    (labels / f"{glioma[1].stem}.txt").write_text("0 0.5 0.5 0.2 0.2\n")  # its box redrawn
+    again = plan_images(cfg, KEY)
+    after = {u.sources[0]: u.fingerprint for u in again.units}
+    assert {k for k in before if after[k] != before[k]} == {str(glioma[0]), str(glioma[1])}
+    (redo,) = batch_images(again.units, 8)
+    assert redo.id == work.id and reusable(done_records(cfg), [redo]) == set()  # the same images, other files

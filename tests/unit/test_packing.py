@@ -189,7 +189,7 @@ def test_a_complete_dataset_is_made_again_only_when_asked(tmp_path):
         done_records(other)
 
 
-def _rec(uid, status, split="train", shards=(), samples=0, patient=None, label=None):
+def _rec(uid, status, split="train", shards=(), samples=0, patient=None, label=None, fingerprint=None):
     from shards.manifest import InputRecord
 
     return InputRecord(
@@ -201,6 +201,7 @@ def _rec(uid, status, split="train", shards=(), samples=0, patient=None, label=N
         samples=samples,
         patient=patient,
         label=label,
+        fingerprint=fingerprint,
     )
 
 
@@ -333,3 +334,42 @@ def test_the_dry_run_says_which_failed_inputs_a_retry_would_ingest(tmp_path):
     assert dry_run_line("wsi", plan, retry).endswith(
         ": a run would try its 1 failed input(s) again, adding their shards to it"
     )
+
+
+def test_an_input_whose_files_changed_is_a_difference_unless_it_failed(tmp_path):
+    """An input the dataset holds whose fingerprint changed (a slide rescanned in place) is a difference, also to
+    --append; a failed input's file mended since is not (--retry-failed takes it); a record made before inputs had
+    fingerprints has none to compare."""
+    from ingest.config import WsiIngestConfig
+    from ingest.plan import Plan
+    from ingest.rerun import decide, dry_run_line, to_ingest
+    from ingest.units import Unit
+    from shards import manifest as mf
+
+    cfg = WsiIngestConfig(sources=["x"], out=str(tmp_path), split="train=1.0")
+    made = mf.Manifest(dataset=str(tmp_path), kind="wsi", config=cfg.public())
+    made.inputs = [
+        _rec("a1", "ingested", patient="p1", fingerprint="f-a1"),
+        _rec("b2", "skipped", patient="p2", fingerprint="f-b2"),  # no tissue: its rescan may have some
+        _rec("c3", "failed", patient="p3", fingerprint="f-c3"),
+        _rec("d4", "ingested", patient="p4"),  # recorded before inputs had fingerprints
+    ]
+    mf.save(made, str(tmp_path))
+
+    def plan_of(**changed):
+        units = []
+        for uid in ("a1", "b2", "c3", "d4"):
+            units.append(Unit(uid, "wsi", [uid], f"s{uid}", f"p{uid[1]}", fingerprint=changed.get(uid, f"f-{uid}")))
+            units[-1].split = "train"
+        return Plan(units=units)
+
+    assert not to_ingest(decide("wsi", plan_of(), cfg), plan_of(), cfg)  # the same files: nothing to do
+    rescanned = plan_of(a1="f-a1-rescan", b2="f-b2-rescan")
+    for how in (cfg, cfg.model_copy(update={"append": True})):
+        with pytest.raises(ValueError, match=r"2 input\(s\) whose files changed since it was made: a1, b2\. --over"):
+            decide("wsi", rescanned, how)
+    assert "a run would be refused" in dry_run_line("wsi", rescanned, cfg)
+    mended = plan_of(c3="f-c3-copied-again", d4="f-d4")
+    assert decide("wsi", mended, cfg) is not None
+    retry = cfg.model_copy(update={"retry_failed": True})
+    assert [u.id for u in to_ingest(decide("wsi", mended, retry), mended, retry).retried] == ["c3"]
