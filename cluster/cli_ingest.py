@@ -86,6 +86,12 @@ def add_ingest_parser(sub, fn) -> None:
             "keeping its inputs, splits and shards; new patients go to the splits furthest below their fractions",
             action="store_true",
         )
+        add(
+            "--replace-changed",
+            "ingest again the inputs of the complete dataset at --out whose files changed since (a slide rescanned "
+            "in place): their old samples leave it, and the shards that held them are written anew without them",
+            action="store_true",
+        )
         k.add_argument(
             "--dry-run",
             action="store_true",

@@ -26,7 +26,7 @@ def parse_bytes(value: int | str) -> int:
 
 
 RUN_ONLY = ("workers", "max_attempts")
-RERUN_MODES = ("overwrite", "retry_failed", "append")  # what a run does with a dataset already there
+RERUN_MODES = ("overwrite", "retry_failed", "append", "replace_changed")  # what a run does with a dataset already there
 
 
 def dataset_options(public: dict) -> dict:
@@ -57,6 +57,9 @@ class IngestConfig(BaseModel):
     # add the inputs among ``sources`` that the complete dataset at ``out`` does not hold (new slides, or ones
     # skipped before as not in the label table), keeping its inputs, splits and shards; none there: a plain run
     append: bool = False
+    # ingest again the inputs of the complete dataset at ``out`` whose files changed since (a slide rescanned in
+    # place, a series that gained a file): their old samples leave its shards, which are written anew without them
+    replace_changed: bool = False
 
     @field_validator("split")
     @classmethod
@@ -66,10 +69,10 @@ class IngestConfig(BaseModel):
 
     @model_validator(mode="after")
     def _one_rerun_mode(self) -> IngestConfig:
-        if self.overwrite and (self.retry_failed or self.append):
+        if self.overwrite and (self.retry_failed or self.append or self.replace_changed):
             raise ValueError(
-                "overwrite ingests every input again into a new dataset: give it without retry_failed or append, "
-                "which keep the dataset there"
+                "overwrite ingests every input again into a new dataset: give it without retry_failed, append or "
+                "replace_changed, which keep the dataset there"
             )
         return self
 

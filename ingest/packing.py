@@ -19,7 +19,7 @@ from shards import manifest as mf
 from shards import storage
 from shards.index import parse_index
 from shards.manifest import InputRecord, Manifest, ShardInfo
-from shards.writer import concat_shards
+from shards.writer import ShardWriter, concat_shards, iter_tar_samples
 
 SHARD_FILE = re.compile(r"[^/_][^/]*/shard-\d{6}\.(tar|idx)")
 PREVIEW_FILE = re.compile(rf"{PREVIEWS}/[0-9a-f]{{16}}\.png")  # a slide pseudonym's
@@ -128,6 +128,41 @@ def pack_parts(
                     rec.shards = sorted({*rec.shards, f"{split}/{shard.name}"})
         splits[split] = mf.SplitInfo(num_samples=sum(s.samples for s in shards), shards=shards)
     return splits
+
+
+def rewrite_shard(out: str, split: str, name: str, index: int, drop: list[str]) -> ShardInfo | None:
+    """``<out>/<split>/shard-<index>`` made of the samples of ``split/name`` but those of the inputs ``drop``
+    (their items: a sample's key is its input's item, or starts with it and ``_``), in their order; None when
+    none is left. The old shard stays until the manifest that no longer lists it is written."""
+    dropped = set(drop)
+    with (
+        local_copy(storage.join(out, split, name)) as path,
+        ShardWriter(storage.join(out, split), target_bytes=1 << 62, start_index=index) as writer,
+    ):
+        for sample in iter_tar_samples(path):
+            if str(sample["__key__"]).split("_", 1)[0] not in dropped:
+                writer.write(sample)
+    return writer.shards[0] if writer.shards else None
+
+
+def rewrite_shards(
+    previous: Manifest, replaced: set[str], sched: Scheduler, first: dict[str, int]
+) -> dict[str, dict[str, ShardInfo | None]]:
+    """The shards of ``previous`` that hold samples of its inputs ``replaced`` (ids), each written anew without
+    them, one per actor call, numbered per split from ``first[split]``; as ``{split: {old name: new shard, or None
+    when it held nothing else}}``."""
+    drop = sorted(r.item for r in previous.inputs if r.id in replaced and r.item)
+    held = sorted({s for r in previous.inputs if r.id in replaced for s in r.shards})  # "train/shard-000003.tar"
+    jobs = []
+    for split in sorted({s.split("/", 1)[0] for s in held}):
+        names = [s.split("/", 1)[1] for s in held if s.startswith(f"{split}/")]
+        jobs += [(split, name, first[split] + i, drop) for i, name in enumerate(names)]
+    sched.submit("rewrite", jobs)
+    out: dict[str, dict[str, ShardInfo | None]] = {}
+    while sched.busy:
+        _, (split, name, _, _), shard = sched.next()
+        out.setdefault(split, {})[name] = shard
+    return out
 
 
 def prune(out: str, manifest: Manifest) -> None:

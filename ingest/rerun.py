@@ -3,18 +3,18 @@ same inputs with the same options, and is refused when it would replace a differ
 replaces it). Shards other runs were trained on are not swapped from under them by a command run again by mistake.
 
 Inputs are compared by pseudonym (their location), label, patient, split and fingerprint (their files' sizes and
-modification times or ETags): a slide replaced in place, or a series that gained a file, is a difference, which
-``--overwrite`` resolves by making the dataset again.
+modification times or ETags): a slide replaced in place, or a series that gained a file, is a difference.
 
 Two runs keep the dataset and add to it: ``--retry-failed`` ingests the inputs it records as failed again, and
 ``--append`` the inputs among the sources that it does not hold (a folder that grew, a label table with new rows).
 Their shards are numbered after the dataset's, which stay as they are, and the manifest, written last, takes in
-the new records and shards.
+the new records and shards. ``--replace-changed`` ingests again the inputs whose files changed; the shards that
+held their old samples are written anew without them, under new numbers, and leave the manifest.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from ingest.config import IngestConfig, dataset_options
@@ -69,7 +69,7 @@ def differences(
         out.append(f"{gone} of its inputs not among the sources")
     if moved := sum(old[k] != new[k] for k in old.keys() & new.keys()):
         out.append(f"{moved} input(s) with another label, patient or split")
-    if changed := _changed(previous, plan):
+    if (changed := _changed(previous, plan)) and not cfg.replace_changed:
         out.append(f"{len(changed)} input(s) whose files changed since it was made: {id_list(changed)}")
     return out
 
@@ -102,8 +102,8 @@ def decide(kind: str, plan: Plan, cfg: IngestConfig) -> mf.Manifest | None:
     diff = differences(previous, kind, plan, cfg)
     if diff:
         how = "--overwrite replaces it"
-        if not cfg.append and _appendable(previous, kind, plan, cfg):
-            how = "--append adds the new inputs to it (the rest as they are), " + how
+        if remedy := _remedy(previous, kind, plan, cfg):
+            how = f"{remedy} (the rest as they are), {how}"
         raise ValueError(
             f"{cfg.out} already holds a complete dataset ({len(previous.inputs)} inputs, made {previous.created}) "
             f"that this run would replace: {'; '.join(diff)}. {how}"
@@ -111,38 +111,54 @@ def decide(kind: str, plan: Plan, cfg: IngestConfig) -> mf.Manifest | None:
     return previous
 
 
-def _appendable(previous: mf.Manifest, kind: str, plan: Plan, cfg: IngestConfig) -> bool:
-    """Whether ``--append`` would take this run: its inputs the dataset holds unchanged, no new class or option.
-    (Without it, a held input the plan's own split assignment moves counts as a difference.)"""
+REMEDIES = (
+    ({"append": True}, "--append adds the new inputs to it"),
+    ({"replace_changed": True}, "--replace-changed ingests the changed inputs again"),
+    ({"append": True, "replace_changed": True}, "--append --replace-changed adds the new and redoes the changed"),
+)
+
+
+def _remedy(previous: mf.Manifest, kind: str, plan: Plan, cfg: IngestConfig) -> str | None:
+    """Which of ``--append`` and ``--replace-changed`` (not given already) would take this run: its other inputs
+    the dataset holds unchanged, no new class or option. (Without ``--append``, a held input the plan's own split
+    assignment moves counts as a difference.)"""
     if previous.kind != kind:
-        return False
-    appending = cfg.model_copy(update={"append": True})
-    return not differences(previous, kind, plan, appending, _kept_splits(previous, plan, appending))
+        return None
+    for update, how in REMEDIES:
+        if all(getattr(cfg, k) for k in update):
+            continue  # given already: this run was refused with it
+        trial = cfg.model_copy(update=update)
+        splits = _kept_splits(previous, plan, trial) if trial.append else None
+        if not differences(previous, kind, plan, trial, splits):
+            return how
+    return None
 
 
 @dataclass
 class Additions:
     """What a run adds to a complete dataset: inputs it does not hold (``--append``), its failed inputs
-    (``--retry-failed``), and the records of such inputs that planning settles without a worker (not a slide, not
-    in the label table, a header that cannot be read)."""
+    (``--retry-failed``), the records of such inputs that planning settles without a worker (not a slide, not
+    in the label table, a header that cannot be read), and its inputs whose files changed (``--replace-changed``)."""
 
     added: list[Unit]
     retried: list[Unit]
     settled: list[mf.InputRecord]
+    replaced: list[Unit] = field(default_factory=list)
 
     @property
     def units(self) -> list[Unit]:
-        return self.added + self.retried
+        return self.added + self.retried + self.replaced
 
     def __bool__(self) -> bool:
-        return bool(self.added or self.retried or self.settled)
+        return bool(self.added or self.retried or self.settled or self.replaced)
 
-    def counts(self, previous: mf.Manifest) -> tuple[int, int]:
-        """``(added, retried)``: inputs new to ``previous`` (or held without a patient), and its failed ones."""
+    def counts(self, previous: mf.Manifest) -> tuple[int, int, int]:
+        """``(added, retried, replaced)``: inputs new to ``previous`` (or held without a patient), its failed ones,
+        and its inputs whose files changed."""
         failed = {r.id for r in previous.inputs if r.status == "failed"}
-        ids = {u.id for u in self.units} | {r.id for r in self.settled}
+        ids = {u.id for u in self.added + self.retried} | {r.id for r in self.settled}
         retried = len(ids & failed)
-        return len(ids) - retried, retried
+        return len(ids) - retried, retried, len(self.replaced)
 
 
 def to_ingest(previous: mf.Manifest, plan: Plan, cfg: IngestConfig) -> Additions:
@@ -151,7 +167,9 @@ def to_ingest(previous: mf.Manifest, plan: Plan, cfg: IngestConfig) -> Additions
     failed = {k for k, r in held.items() if r.status == "failed"} if cfg.retry_failed else set()
     settled = [r for r in plan.skipped if (cfg.append and r.id not in held) or r.id in failed]
     added = _added(previous, plan) if cfg.append else []
-    return Additions(added, [u for u in plan.units if u.id in failed], settled)
+    changed = set(_changed(previous, plan)) if cfg.replace_changed else set()
+    replaced = [u for u in plan.units if u.id in changed]
+    return Additions(added, [u for u in plan.units if u.id in failed], settled, replaced)
 
 
 def amended(
@@ -161,22 +179,34 @@ def amended(
     records: list[mf.InputRecord],
     splits: dict[str, mf.SplitInfo],
     previous_sha256: str | None = None,
+    rewritten: dict[str, dict[str, mf.ShardInfo | None]] | None = None,
 ) -> mf.Manifest:
     """``previous`` (``previous_sha256``: its version) with the records of ``additions`` (``records``: its
-    units', from the workers) and their shards (``splits``, numbered after its own) added; every other record
-    and shard stays as it was."""
+    units', from the workers) and their shards (``splits``, numbered after its own) added, and each shard of
+    ``rewritten`` (``{split: {old name: new shard or None}}``: those that held replaced inputs' samples) swapped
+    for its rewrite; every other record and shard stays as it was."""
+    rewritten = rewritten or {}
+    renamed = {
+        f"{s}/{old}": new and f"{s}/{new.name}" for s, shards in rewritten.items() for old, new in shards.items()
+    }
     held = {r.id: r for r in previous.inputs}
+    for rid, rec in held.items():
+        if any(name in renamed for name in rec.shards):
+            shards = sorted(n for n in (renamed.get(name, name) for name in rec.shards) if n)
+            held[rid] = rec.model_copy(update={"shards": shards})
     fresh = {r.id: r for r in [*additions.settled, *records]}
-    joined = dict(previous.splits)
-    for split, info in splits.items():
-        old = joined.get(split, mf.SplitInfo())
-        joined[split] = mf.SplitInfo(num_samples=old.num_samples + info.num_samples, shards=old.shards + info.shards)
-    added, retried = additions.counts(previous)
+    joined = {}
+    for split in sorted({*previous.splits, *splits}):
+        swap = rewritten.get(split, {})
+        shards = [x for x in previous.splits.get(split, mf.SplitInfo()).shards if x.name not in swap]
+        shards += splits.get(split, mf.SplitInfo()).shards + [x for x in swap.values() if x]
+        joined[split] = mf.SplitInfo(num_samples=sum(x.samples for x in shards), shards=shards)
+    added, retried, replaced = additions.counts(previous)
     now = datetime.now(UTC).isoformat(timespec="seconds")
-    change = mf.Amendment(time=now, added=added, retried=retried, previous_sha256=previous_sha256)
+    change = mf.Amendment(time=now, added=added, retried=retried, replaced=replaced, previous_sha256=previous_sha256)
     return previous.model_copy(
         update={
-            "splits": dict(sorted(joined.items())),
+            "splits": joined,
             "inputs": sorted((held | fresh).values(), key=lambda r: r.id),
             "unmatched_labels": plan.unmatched,
             "amended": [*previous.amended, change],
@@ -196,7 +226,8 @@ def dry_run_line(kind: str, plan: Plan, cfg: IngestConfig) -> str | None:
     adds = to_ingest(same, plan, cfg)
     if not adds:
         return f"{there}: a run would do nothing"
-    added, retried = adds.counts(same)
+    added, retried, replaced = adds.counts(same)
     what = [f"add {added} input(s)"] if added else []
     what += [f"try its {retried} failed input(s) again"] if retried else []
+    what += [f"ingest its {replaced} changed input(s) again, rewriting the shards that held them"] if replaced else []
     return f"{there}: a run would {' and '.join(what)}, adding their shards to it"

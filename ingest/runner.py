@@ -15,7 +15,7 @@ import ray
 from tqdm import tqdm
 
 from ingest.config import ImagesIngestConfig, IngestConfig, pseudonym_key
-from ingest.packing import pack_parts, pack_shard, prune
+from ingest.packing import pack_parts, pack_shard, prune, rewrite_shard, rewrite_shards
 from ingest.plan import make_plan
 from ingest.rerun import amended, decide, to_ingest
 from ingest.staging import STAGING, WorkRecord, attempt, done_records, process_work, reusable
@@ -54,6 +54,9 @@ class IngestWorker:
     def pack(self, job: tuple[str, int, list[str], str | None]) -> ShardInfo:
         split, index, part_ids, classes = job
         return pack_shard(self.cfg.out, split, index, part_ids, classes)
+
+    def rewrite(self, job: tuple[str, str, int, list[str]]) -> ShardInfo | None:
+        return rewrite_shard(self.cfg.out, *job)
 
     def close(self) -> None:
         # Imported here, not at the top: Ray ships this class with its module's globals by value, so a
@@ -232,6 +235,7 @@ def run_ingest(kind: str, cfg: IngestConfig, on_private: Callable[[dict[str, str
     version = mf.sha256_of(storage.get_bytes(storage.join(cfg.out, mf.MANIFEST_NAME))) if adds else None
     inputs: list[InputRecord] = []
     splits: dict[str, mf.SplitInfo] = {}
+    rewritten: dict[str, dict[str, ShardInfo | None]] = {}
     if units:
         if not ray.is_initialized():
             ray.init(num_cpus=cfg.workers, log_to_driver=False, include_dashboard=False)
@@ -243,10 +247,14 @@ def run_ingest(kind: str, cfg: IngestConfig, on_private: Callable[[dict[str, str
             plans, works = _run(units, done_records(cfg), sched, cfg)
             inputs = [_merge(u, plans[u.id], works[u.id]) for u in units]
             splits = pack_parts(cfg, inputs, works, sched, first)
+            if adds is not None and adds.replaced:  # the shards that held their samples, written anew after
+                after = {s: n + len(splits[s].shards) if s in splits else n for s, n in first.items()}
+                rewritten = rewrite_shards(previous, {u.id for u in adds.replaced}, sched, after)
         finally:
             sched.close()
     if previous is not None and adds is not None:
-        manifest = amended(previous, adds, plan, inputs, splits, version)  # its shards and records as they were
+        # its shards and records as they were, but the shards rewritten without the replaced inputs' samples
+        manifest = amended(previous, adds, plan, inputs, splits, version, rewritten)
     else:
         manifest = Manifest(
             dataset=cfg.out,
@@ -272,8 +280,9 @@ def manifest_summary(manifest: Manifest) -> str:
     grown = ""
     if manifest.amended:
         last = manifest.amended[-1]
+        replaced = f", {last.replaced} replaced" if last.replaced else ""
         grown = (
             f" | made {manifest.created}, added to {len(manifest.amended)} time(s); last {last.time}: "
-            f"{last.added} added, {last.retried} retried"
+            f"{last.added} added, {last.retried} retried{replaced}"
         )
     return "; ".join(parts) + " | inputs " + json.dumps(manifest.counts()) + unmatched + grown

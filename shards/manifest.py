@@ -88,12 +88,13 @@ class SplitInfo(BaseModel):
 
 
 class Amendment(BaseModel):
-    """A run that added to a complete dataset: when, how many inputs it added and how many failed ones it tried
-    again (their records and shards are in the manifest like any others)."""
+    """A run that added to a complete dataset: when, how many inputs it added, how many failed ones it tried
+    again and how many changed ones it replaced (their records and shards are in the manifest like any others)."""
 
     time: str
     added: int = 0
     retried: int = 0
+    replaced: int = 0  # inputs whose files changed, ingested again: the shards that held them written anew
     # the sha256 of the manifest it amended: a training run that recorded that version finds it among the
     # dataset's ancestors (grown since, every patient in the split it had) rather than a dataset replaced
     previous_sha256: str | None = None
@@ -188,8 +189,9 @@ def sha256_of(data: bytes) -> str:
 
 def change_since(recorded: str | None, manifest: Manifest, data: bytes) -> Literal["grown", "replaced"] | None:
     """How the dataset whose current manifest is ``manifest`` (``data``, its bytes) changed since a run recorded
-    version ``recorded``: None (the same, or nothing recorded), ``grown`` (only runs that added inputs since:
-    every input and patient it had is in the same split) or ``replaced`` (made again: splits may differ)."""
+    version ``recorded``: None (the same, or nothing recorded), ``grown`` (only runs that amended it since, adding,
+    retrying or replacing inputs: every input and patient it had is in the same split) or ``replaced`` (made
+    again: splits may differ)."""
     if recorded is None or recorded == sha256_of(data):
         return None
     return "grown" if recorded in {a.previous_sha256 for a in manifest.amended} else "replaced"
@@ -201,7 +203,7 @@ def check_same_data(
     """Refuse to train ``who`` (a run or sweep that recorded dataset version ``recorded``) on another version of
     its dataset (``manifest``, ``data``: the one there now): what it trained ``before`` read the recorded one."""
     if change := change_since(recorded, manifest, data):
-        how = "grew (ingest --append or --retry-failed)" if change == "grown" else "was made again"
+        how = "grew (ingest --append, --retry-failed or --replace-changed)" if change == "grown" else "was made again"
         raise ValueError(
             f"{dataset} {how} since {who} started ({versions(recorded, data)}): it would train on other data than "
             f"{before} did; start a new one"

@@ -12,7 +12,7 @@ import hashlib
 import os
 import shutil
 import tarfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -240,13 +240,24 @@ def _copy_prefix(src: BinaryIO, dst: BinaryIO, count: int, path: Path) -> None:
 
 def read_tar_samples(path: str | Path) -> list[dict[str, bytes | str]]:
     """Read a local shard back into sample dicts (for tests, checks and small tools)."""
-    samples: dict[str, dict[str, bytes | str]] = {}
+    return list(iter_tar_samples(path))
+
+
+def iter_tar_samples(path: str | Path) -> Iterator[dict[str, bytes | str]]:
+    """A local shard's samples one at a time (a sample's files are consecutive, as WebDataset has them), so a
+    shard of any size is read in the memory of one sample."""
+    sample: dict[str, bytes | str] = {}
     with tarfile.open(path) as tf:
         for m in tf:
             if not m.isfile():
                 continue
             key, ext = m.name.split(".", 1)
+            if sample and sample["__key__"] != key:
+                yield sample
+                sample = {}
             f = tf.extractfile(m)
             assert f is not None
-            samples.setdefault(key, {"__key__": key})[ext] = f.read()
-    return list(samples.values())
+            sample.setdefault("__key__", key)
+            sample[ext] = f.read()
+    if sample:
+        yield sample

@@ -196,9 +196,11 @@ def check_own_dataset(recorded: str | None, manifest, data: bytes, url: str, spl
     if change == "grown":
         since = [a.previous_sha256 for a in manifest.amended].index(recorded)
         added = sum(a.added + a.retried for a in manifest.amended[since:])
+        replaced = sum(a.replaced for a in manifest.amended[since:])
+        also = f" and had {replaced} replaced" if replaced else ""
         print(
-            f"note: {url} grew by {added} input(s) since run {run_id} trained on it; the patients it held keep their "
-            f"splits, so its {split} split holds no patient the model trained on",
+            f"note: {url} grew by {added} input(s){also} since run {run_id} trained on it; the patients it held keep "
+            f"their splits, so its {split} split holds no patient the model trained on",
             flush=True,
         )
 

@@ -12,6 +12,7 @@ from ingest.runner import run_ingest
 from ingest.synthetic import SyntheticPatient, make_slides, slide_array, write_dicom_wsi
 from ingest.synthetic_vendor import write_mirax, write_vms, write_vmu
 from shards import storage
+from shards.verify import verify_dataset
 from shards.writer import read_tar_samples
 from tests.integration.commands import wsi_config
 
@@ -40,10 +41,17 @@ def test_slides_from_s3_give_the_same_samples_as_local_files(stack, tmp_path):
     assert _samples(remote, "s3://shards/wsi-remote", tmp_path) == _samples(local, "s3://shards/wsi-local", tmp_path)
     # the workers deleted their copies when the run ended
     assert set(glob.glob(os.path.join(tempfile.gettempdir(), "tessera-src-*"))) <= leftovers
-    # an object replaced in place (another ETag in the listing) is a difference from the dataset made of it
+    # an object replaced in place (another ETag in the listing) is a difference from the dataset made of it;
+    # --replace-changed ingests it again, and the dataset then holds what one made from today's objects holds
     storage.put_file(paths[1], f"s3://shards/src-slides/{paths[0].name}")
+    options = {"region_tiles": 3, "workers": 2}
     with pytest.raises(ValueError, match=r"1 input\(s\) whose files changed since it was made"):
-        run_ingest("wsi", wsi_config("s3://shards/src-slides/", "s3://shards/wsi-remote", region_tiles=3, workers=2))
+        run_ingest("wsi", wsi_config("s3://shards/src-slides/", "s3://shards/wsi-remote", **options))
+    cfg = wsi_config("s3://shards/src-slides/", "s3://shards/wsi-remote", replace_changed=True, **options)
+    replaced, _ = run_ingest("wsi", cfg)
+    assert replaced.amended[-1].replaced == 1 and verify_dataset("s3://shards/wsi-remote") == []
+    fresh, _ = run_ingest("wsi", wsi_config("s3://shards/src-slides/", "s3://shards/wsi-fresh", **options))
+    assert _samples(replaced, "s3://shards/wsi-remote", tmp_path) == _samples(fresh, "s3://shards/wsi-fresh", tmp_path)
 
 
 def test_dicom_wsi_from_s3_is_one_slide_read_with_all_its_files(stack, tmp_path):

@@ -241,7 +241,12 @@ def test_retrying_the_failed_inputs_adds_their_shards_and_keeps_the_rest():
     val = {"val": mf.SplitInfo(num_samples=3, shards=[_shard("shard-000000.tar", 3)])}
     again = amended(previous, adds, plan, retried, val, "ab" * 32)
     assert again.created == previous.created
-    assert again.amended[0].model_dump(exclude={"time"}) == {"added": 0, "retried": 2, "previous_sha256": "ab" * 32}
+    assert again.amended[0].model_dump(exclude={"time"}) == {
+        "added": 0,
+        "retried": 2,
+        "replaced": 0,
+        "previous_sha256": "ab" * 32,
+    }
     statuses = {r.id: r.status for r in again.inputs}
     assert statuses == {"a1": "ingested", "b2": "ingested", "c3": "skipped", "d4": "skipped", "e5": "skipped"}
     assert again.inputs[0] == previous.inputs[0] and again.splits["train"] == previous.splits["train"]
@@ -253,7 +258,7 @@ def test_retrying_the_failed_inputs_adds_their_shards_and_keeps_the_rest():
 
     with pytest.raises(ValueError, match="overwrite ingests every input again into a new dataset"):
         WsiIngestConfig(sources=["x"], out="y", overwrite=True, retry_failed=True)
-    with pytest.raises(ValueError, match="give it without retry_failed or append"):
+    with pytest.raises(ValueError, match="give it without retry_failed, append or replace_changed"):
         WsiIngestConfig(sources=["x"], out="y", overwrite=True, append=True)
 
 
@@ -366,10 +371,83 @@ def test_an_input_whose_files_changed_is_a_difference_unless_it_failed(tmp_path)
     assert not to_ingest(decide("wsi", plan_of(), cfg), plan_of(), cfg)  # the same files: nothing to do
     rescanned = plan_of(a1="f-a1-rescan", b2="f-b2-rescan")
     for how in (cfg, cfg.model_copy(update={"append": True})):
-        with pytest.raises(ValueError, match=r"2 input\(s\) whose files changed since it was made: a1, b2\. --over"):
+        with pytest.raises(
+            ValueError,
+            match=r"2 input\(s\) whose files changed since it was made: a1, b2\. --replace-changed ingests the",
+        ):
             decide("wsi", rescanned, how)
     assert "a run would be refused" in dry_run_line("wsi", rescanned, cfg)
     mended = plan_of(c3="f-c3-copied-again", d4="f-d4")
     assert decide("wsi", mended, cfg) is not None
     retry = cfg.model_copy(update={"retry_failed": True})
     assert [u.id for u in to_ingest(decide("wsi", mended, retry), mended, retry).retried] == ["c3"]
+
+
+def test_replacing_changed_inputs_rewrites_the_shards_that_held_them(tmp_path):
+    """--replace-changed: a changed input is ingested again; each shard that held its old samples is written anew
+    (next numbers) with the other inputs' samples, byte for byte and in order, or dropped when none is left; the
+    manifest swaps them and renames them in the other inputs' records; prune then deletes the old ones."""
+    from ingest.config import WsiIngestConfig
+    from ingest.packing import prune, rewrite_shard
+    from ingest.plan import Plan
+    from ingest.rerun import amended, decide, dry_run_line, to_ingest
+    from ingest.units import Unit
+    from shards import manifest as mf
+    from shards.verify import verify_dataset
+    from shards.writer import ShardWriter, read_tar_samples
+
+    out = str(tmp_path / "ds")
+
+    def shard(index, keys):
+        with ShardWriter(f"{out}/train", target_bytes=1 << 40, start_index=index) as writer:
+            for key in keys:
+                writer.write({"__key__": key, "jpg": key.encode() * 50, "cls": "0"})
+        return writer.shards[0]
+
+    old = [shard(0, ["A_1", "B_1", "A_2", "B_2"]), shard(1, ["C_1"]), shard(2, ["A_3"])]
+    cfg = WsiIngestConfig(sources=["x"], out=out, split="train=1.0")
+    previous = mf.Manifest(dataset=out, kind="wsi", classes=["x"], config=cfg.public())
+    previous.splits = {"train": mf.SplitInfo(num_samples=7, shards=old)}
+    shards_of = {"a": [0, 2], "b": [0], "c": [1]}
+    previous.inputs = [
+        _rec(r, "ingested", patient=f"p{r}", label=0, fingerprint=f"f{r}", samples=1).model_copy(
+            update={"item": r.upper(), "shards": [f"train/shard-00000{i}.tar" for i in shards_of[r]]}
+        )
+        for r in "abc"
+    ]
+    mf.save(previous, out)
+    units = [Unit(r, "wsi", [r], r.upper(), f"p{r}", 0, split="train", fingerprint=f"f{r}") for r in "abc"]
+    units[0].fingerprint = "fa-rescanned"
+    plan = Plan(units=units, classes=["x"])
+    with pytest.raises(ValueError, match=r"--replace-changed ingests the changed inputs again \(the rest as they"):
+        decide("wsi", plan, cfg)
+    replacing = cfg.model_copy(update={"replace_changed": True})
+    adds = to_ingest(decide("wsi", plan, replacing), plan, replacing)
+    assert [u.id for u in adds.replaced] == ["a"] and not adds.added and not adds.retried
+    assert dry_run_line("wsi", plan, replacing).endswith(
+        "ingest its 1 changed input(s) again, rewriting the shards that held them, adding their shards to it"
+    )
+
+    new_a = shard(3, ["A_1", "A_2"])  # the rescan's samples, as the workers pack them
+    kept = rewrite_shard(out, "train", "shard-000000.tar", 4, ["A"])
+    assert [x["__key__"] for x in read_tar_samples(tmp_path / "ds/train/shard-000004.tar")] == ["B_1", "B_2"]
+    assert (kept.name, kept.samples) == ("shard-000004.tar", 2)
+    assert rewrite_shard(out, "train", "shard-000002.tar", 5, ["A"]) is None  # only A's: gone
+    assert not (tmp_path / "ds/train/shard-000005.tar").exists()
+
+    record = _rec("a", "ingested", patient="pa", label=0, fingerprint="fa-rescanned", samples=2)
+    record = record.model_copy(update={"item": "A", "shards": ["train/shard-000003.tar"]})
+    added = {"train": mf.SplitInfo(num_samples=2, shards=[new_a])}
+    rewritten = {"train": {"shard-000000.tar": kept, "shard-000002.tar": None}}
+    made = amended(previous, adds, plan, [record], added, "cd" * 32, rewritten)
+    assert [x.name for x in made.splits["train"].shards] == ["shard-000001.tar", "shard-000003.tar", "shard-000004.tar"]
+    assert made.splits["train"].num_samples == 5
+    records = {r.id: r for r in made.inputs}
+    assert records["b"].shards == ["train/shard-000004.tar"] and records["c"] == previous.inputs[2]
+    assert records["a"] == record and (made.amended[0].replaced, made.amended[0].added) == (1, 0)
+    mf.save(made, out)
+    prune(out, made)
+    assert sorted(p.name for p in (tmp_path / "ds/train").glob("*.tar")) == [
+        x.name for x in made.splits["train"].shards
+    ]
+    assert verify_dataset(out) == []

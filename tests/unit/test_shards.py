@@ -155,7 +155,9 @@ def test_a_dataset_version_is_the_same_grown_or_made_again(capsys):
     assert mf.change_since(mf.sha256_of(v1), remade, v4) == "replaced"
 
     mf.check_same_data(mf.sha256_of(v2), "s3://b/d", grown, v2, "run r1")
-    with pytest.raises(ValueError, match=r"s3://b/d grew \(ingest --append or --retry-failed\) since run r1 started"):
+    with pytest.raises(
+        ValueError, match=r"s3://b/d grew \(ingest --append, --retry-failed or --replace-changed\) since run r1 started"
+    ):
         mf.check_same_data(mf.sha256_of(v1), "s3://b/d", grown, v2, "run r1")
     remade_message = r"s3://b/d was made again since run r1 started .*its first epochs did; start a new one"
     with pytest.raises(ValueError, match=remade_message):
