@@ -89,7 +89,8 @@ def add_ingest_parser(sub, fn) -> None:
         add(
             "--replace-changed",
             "ingest again the inputs of the complete dataset at --out whose files changed since (a slide rescanned "
-            "in place): their old samples leave it, and the shards that held them are written anew without them",
+            "in place) or whose label did (a corrected diagnosis): their old samples leave it, and the shards that "
+            "held them are written anew without them",
             action="store_true",
         )
         k.add_argument(

@@ -58,7 +58,8 @@ class IngestConfig(BaseModel):
     # skipped before as not in the label table), keeping its inputs, splits and shards; none there: a plain run
     append: bool = False
     # ingest again the inputs of the complete dataset at ``out`` whose files changed since (a slide rescanned in
-    # place, a series that gained a file): their old samples leave its shards, which are written anew without them
+    # place, a series that gained a file) or whose label did (the patient the same): their old samples leave its
+    # shards, which are written anew without them
     replace_changed: bool = False
 
     @field_validator("split")

@@ -8,8 +8,9 @@ modification times or ETags): a slide replaced in place, or a series that gained
 Two runs keep the dataset and add to it: ``--retry-failed`` ingests the inputs it records as failed again, and
 ``--append`` the inputs among the sources that it does not hold (a folder that grew, a label table with new rows).
 Their shards are numbered after the dataset's, which stay as they are, and the manifest, written last, takes in
-the new records and shards. ``--replace-changed`` ingests again the inputs whose files changed; the shards that
-held their old samples are written anew without them, under new numbers, and leave the manifest.
+the new records and shards. ``--replace-changed`` ingests again the inputs whose files (or label, the patient the
+same) changed; the shards that held their old samples are written anew without them, under new numbers, and
+leave the manifest.
 """
 
 from __future__ import annotations
@@ -45,6 +46,13 @@ def _changed(previous: mf.Manifest, plan: Plan) -> list[str]:
     return sorted(u.id for u in plan.units if u.id in held and u.fingerprint != held[u.id])
 
 
+def _relabelled(previous: mf.Manifest, plan: Plan) -> list[str]:
+    """Inputs the dataset holds whose label changed, their patient the same (a diagnosis corrected in the label
+    table): ``--replace-changed`` ingests them again like inputs whose files changed."""
+    held = {r.id: r for r in previous.inputs if r.patient and r.status != "failed"}
+    return sorted(u.id for u in plan.units if (r := held.get(u.id)) and r.patient == u.patient and r.label != u.label)
+
+
 def differences(
     previous: mf.Manifest, kind: str, plan: Plan, cfg: IngestConfig, splits: dict[str, str] | None = None
 ) -> list[str]:
@@ -67,7 +75,8 @@ def differences(
         out.append(f"{added} input(s) it does not hold (--append adds them)")
     if gone := len(old.keys() - new.keys()):
         out.append(f"{gone} of its inputs not among the sources")
-    if moved := sum(old[k] != new[k] for k in old.keys() & new.keys()):
+    relabelled = set(_relabelled(previous, plan)) if cfg.replace_changed else set()  # to ingest again: the same
+    if moved := sum(old[k][::2] != new[k][::2] if k in relabelled else old[k] != new[k] for k in old.keys() & new):
         out.append(f"{moved} input(s) with another label, patient or split")
     if (changed := _changed(previous, plan)) and not cfg.replace_changed:
         out.append(f"{len(changed)} input(s) whose files changed since it was made: {id_list(changed)}")
@@ -167,7 +176,7 @@ def to_ingest(previous: mf.Manifest, plan: Plan, cfg: IngestConfig) -> Additions
     failed = {k for k, r in held.items() if r.status == "failed"} if cfg.retry_failed else set()
     settled = [r for r in plan.skipped if (cfg.append and r.id not in held) or r.id in failed]
     added = _added(previous, plan) if cfg.append else []
-    changed = set(_changed(previous, plan)) if cfg.replace_changed else set()
+    changed = {*_changed(previous, plan), *_relabelled(previous, plan)} if cfg.replace_changed else set()
     replaced = [u for u in plan.units if u.id in changed]
     return Additions(added, [u for u in plan.units if u.id in failed], settled, replaced)
 

@@ -131,19 +131,23 @@ def test_a_grown_slide_folder_is_appended_through_the_cli(tmp_path):
     again = subprocess.run([*cmd, "--append"], env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "nothing to do" in again.stdout, again.stderr[-2000:]
 
-    # A slide rescanned in place (here: another slide's bytes under its name) is a difference, --append or not;
-    # --replace-changed ingests it again and rewrites the shards that held its old samples without them.
+    # A slide rescanned in place (here: another slide's bytes under its name) and a corrected diagnosis are
+    # differences, --append or not; --replace-changed ingests those two slides again and rewrites the shards that
+    # held their old samples without them.
     paths[1].write_bytes(paths[2].read_bytes())
+    rows[3]["label"] = "LAA" if rows[3]["label"] == "CE" else "CE"
+    table("all.csv", rows)
     rescanned = subprocess.run([*cmd, "--append"], env=env, capture_output=True, text=True, timeout=300)
     assert rescanned.returncode != 0
     assert "1 input(s) whose files changed since it was made" in rescanned.stderr, rescanned.stderr[-2000:]
+    assert "1 input(s) with another label, patient or split" in rescanned.stderr
     assert "--replace-changed ingests the changed inputs again (the rest as they are)" in rescanned.stderr
     replaced = subprocess.run(
         [*cmd, "--append", "--replace-changed"], env=env, capture_output=True, text=True, timeout=300
     )
-    assert replaced.returncode == 0 and ": 0 added, 0 retried, 1 replaced" in replaced.stdout, replaced.stderr[-2000:]
+    assert replaced.returncode == 0 and ": 0 added, 0 retried, 2 replaced" in replaced.stdout, replaced.stderr[-2000:]
     final = json.loads((out / "manifest.json").read_text())
-    assert verify_dataset(str(out)) == [] and final["amended"][-1]["replaced"] == 1
+    assert verify_dataset(str(out)) == [] and final["amended"][-1]["replaced"] == 2
     listed = {f"{split}/{s['name']}" for split, info in final["splits"].items() for s in info["shards"]}
     assert {p.relative_to(out).as_posix() for p in out.glob("*/shard-*.tar")} == listed  # the old ones pruned
     assert {s for r in final["inputs"] for s in r["shards"]} == listed
@@ -158,9 +162,9 @@ def test_a_grown_slide_folder_is_appended_through_the_cli(tmp_path):
     assert clean.returncode == 0, clean.stderr[-2000:]
 
     def samples(root):
-        return {s["__key__"]: s["jpg"] for p in root.glob("*/shard-*.tar") for s in read_tar_samples(p)}
+        return {s["__key__"]: (s["jpg"], s["cls"]) for p in root.glob("*/shard-*.tar") for s in read_tar_samples(p)}
 
-    assert samples(out) == samples(clean_out)  # every sample as a dataset made from today's files has it
+    assert samples(out) == samples(clean_out)  # every sample, and its label, as made from today's files and table
 
 
 def test_a_real_scanner_file_through_the_cli_leaves_its_identity_behind(tmp_path):

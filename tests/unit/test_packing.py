@@ -306,8 +306,16 @@ def test_appending_adds_new_inputs_and_keeps_the_datasets_own(tmp_path):
     assert dry_run_line("wsi", fewer, cfg).endswith("a run would add 3 input(s), adding their shards to it")  # y8 too
 
     relabelled = plan_of(("a1", "p1", 1), ("b2", "p2", 0))
-    with pytest.raises(ValueError, match=r"1 input\(s\) with another label, patient or split"):
+    relabelled.skipped = [_rec("z9", "skipped"), _rec("c3", "skipped")]  # as the dataset has them
+    hint = r"1 input\(s\) with another label, patient or split\. --replace-changed ingests the changed inputs again"
+    with pytest.raises(ValueError, match=hint):
         decide("wsi", relabelled, cfg)
+    replacing = cfg.model_copy(update={"replace_changed": True})  # a corrected diagnosis: a1 ingested again
+    assert [u.id for u in to_ingest(decide("wsi", relabelled, replacing), relabelled, replacing).replaced] == ["a1"]
+    moved = plan_of(("a1", "p2", 0), ("b2", "p2", 0))  # another patient is not a relabel
+    moved.skipped = relabelled.skipped
+    with pytest.raises(ValueError, match=r"1 input\(s\) with another label, patient or split\. --overwrite"):
+        decide("wsi", moved, replacing)
     grown = plan_of(("a1", "p1", 0), ("b2", "p2", 0))
     grown.classes = ["CE", "LAA", "Other"]
     with pytest.raises(ValueError, match=r"classes \['CE', 'LAA'\] -> \['CE', 'LAA', 'Other'\]"):

@@ -495,3 +495,20 @@ def test_a_restored_early_stopped_run_trains_no_more(tmp_path, process_group):
     assert len(saved) == 2  # epoch 1 never beats epoch 0 by 1e9: stopped
     assert Trainer({"recipe": recipe.model_dump()}, 0, 1, str(saved[0])).start == 1
     assert Trainer({"recipe": recipe.model_dump()}, 0, 1, str(saved[1])).start == recipe.epochs
+
+
+def test_a_worker_refuses_a_dataset_other_than_the_version_its_run_recorded(tmp_path, process_group):
+    """Each worker, a restarted one too, checks the dataset version the run recorded before building anything:
+    one made again, or grown since (another version of its data: other samples per epoch), is refused."""
+    from shards import manifest as mf
+
+    recipe = _small_recipe("strip_ai_resnet50", tmp_path)
+    url = recipe.data.dataset
+    first, data = mf.load_with_bytes(url)
+    config = {"recipe": recipe.model_dump(), "run_id": "r1", "manifest_sha256": mf.sha256_of(data)}
+    assert Trainer(config, 0, 1).manifest == first  # its own version
+    grown = first.model_copy(update={"amended": [mf.Amendment(time="t", added=1, previous_sha256=mf.sha256_of(data))]})
+    for manifest, says in ((grown, "grew"), (first.model_copy(update={"created": "later"}), "was made again")):
+        mf.save(manifest, url)
+        with pytest.raises(ValueError, match=f"{url} {says}.* since run r1 started"):
+            Trainer(config, 0, 1)

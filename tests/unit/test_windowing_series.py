@@ -81,3 +81,28 @@ def test_a_patient_table_row_without_a_series_is_reported_not_ingested(tmp_path)
     # what the samples and a run's prediction tables carry can be traced back through the private map
     assert sorted(plan.private[u.patient] for u in plan.units) == ["patient MRN12345", "patient MRN12346"]
     assert all(plan.private[u.item].startswith("series ") and plan.private[u.meta["study"]] for u in plan.units)
+
+
+def test_a_series_that_gains_a_slice_gets_another_fingerprint(tmp_path):
+    """A series is one input whatever its file count: a slice added to it (a late transfer) gives it another
+    fingerprint, so a dataset made without that slice is told apart; the other series keeps its own."""
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    from ingest.config import DicomIngestConfig
+    from ingest.plan import plan_dicom
+    from ingest.pseudonym import pseudonym
+    from ingest.synthetic import make_ct_series
+
+    _, labels = make_ct_series(tmp_path / "ct", n=2, slices=3, size=16)
+    cfg = DicomIngestConfig(sources=[str(tmp_path / "ct")], out=str(tmp_path / "o"), labels=str(labels))
+    before = {u.id: u.fingerprint for u in plan_dicom(cfg, b"k").units}
+    assert len(set(before.values())) == 2 and {u.id: u.fingerprint for u in plan_dicom(cfg, b"k").units} == before
+    first = sorted((tmp_path / "ct").rglob("*.dcm"))[0]
+    ds = pydicom.dcmread(first)
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.InstanceNumber, ds.ImagePositionPatient = 4, [0.0, 0.0, 3 * float(ds.SliceThickness)]
+    ds.save_as(first.with_name("late.dcm"), enforce_file_format=True)
+    after = {u.id: u.fingerprint for u in plan_dicom(cfg, b"k").units}
+    grown = pseudonym(b"k", "series", ds.SeriesInstanceUID)
+    assert after.keys() == before.keys() and {k for k in before if after[k] != before[k]} == {grown}
