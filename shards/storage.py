@@ -218,9 +218,12 @@ def stat_size(url: str) -> int | None:
     return None if head is None else int(head["ContentLength"])
 
 
-def _file_stamp(path: Path) -> str:
-    st = path.stat()
+def _file_stamp(st: os.stat_result) -> str:
     return f"{st.st_size}-{st.st_mtime_ns}"
+
+
+def _object_stamp(size: int, etag: str | None, modified: object) -> str:
+    return f"{size}-{(etag or '').strip(chr(34)) or modified}"  # a store that gives no ETag: its modification time
 
 
 def stat_stamp(url: str) -> str | None:
@@ -228,9 +231,9 @@ def stat_stamp(url: str) -> str | None:
     object, as its listing gives it); None when absent. Cheap: no byte of the content is read."""
     loc = parse(url)
     if loc.scheme == "file":
-        return _file_stamp(loc.path) if loc.path.is_file() else None
+        return _file_stamp(loc.path.stat()) if loc.path.is_file() else None
     head = _head(url)
-    return None if head is None else f"{head['ContentLength']}-{head['ETag'].strip(chr(34))}"
+    return None if head is None else _object_stamp(head["ContentLength"], head.get("ETag"), head.get("LastModified"))
 
 
 def list_stamps(prefix: str) -> Iterator[tuple[str, str]]:
@@ -240,7 +243,7 @@ def list_stamps(prefix: str) -> Iterator[tuple[str, str]]:
     if loc.scheme == "file":
         root = loc.path
         if root.is_file():
-            yield str(root), _file_stamp(root)
+            yield str(root), _file_stamp(root.stat())
         elif root.is_dir():
             for path in sorted(str(p) for p in root.rglob("*")):
                 try:
@@ -248,13 +251,14 @@ def list_stamps(prefix: str) -> Iterator[tuple[str, str]]:
                 except FileNotFoundError:  # removed while listed
                     continue
                 if stat.S_ISREG(st.st_mode):
-                    yield path, f"{st.st_size}-{st.st_mtime_ns}"
+                    yield path, _file_stamp(st)
         return
     try:
         pages = s3_client().get_paginator("list_objects_v2").paginate(Bucket=loc.bucket, Prefix=loc.key)
         for page in pages:
             for obj in page.get("Contents", []):
-                yield f"s3://{loc.bucket}/{obj['Key']}", f"{obj['Size']}-{obj['ETag'].strip(chr(34))}"
+                stamp = _object_stamp(obj["Size"], obj.get("ETag"), obj.get("LastModified"))
+                yield f"s3://{loc.bucket}/{obj['Key']}", stamp
     except Exception as exc:
         raise _wrap(prefix, exc) from exc
 

@@ -313,3 +313,17 @@ def test_shards_are_byte_for_byte_what_tarfile_writes(tmp_path):
                 info.size, info.mode = len(data), 0o644
                 tf.addfile(info, io.BytesIO(data))
     assert (tmp_path / "ours" / w.shards[0].name).read_bytes() == ref.getvalue()
+
+
+def test_a_files_stamp_is_the_same_listed_or_stat_ed_and_changes_when_it_is_rewritten(tmp_path):
+    from shards import storage
+
+    (tmp_path / "a").mkdir()
+    files = [tmp_path / "a" / "x.svs", tmp_path / "y.svs"]
+    for f in files:
+        f.write_bytes(b"slide" * 10)
+    assert dict(storage.list_stamps(str(tmp_path))) == {str(f): storage.stat_stamp(str(f)) for f in files}
+    before = storage.stat_stamp(str(files[0]))
+    os.utime(files[0], ns=(10**18, 10**18))  # the same size, written again later
+    assert storage.stat_stamp(str(files[0])) != before
+    assert storage.stat_stamp(str(tmp_path / "gone.svs")) is None
