@@ -4,12 +4,15 @@ import json
 import shutil
 
 import pydicom
+import pydicom.uid
+import pytest
 from pydicom.data import get_testdata_file
 
 from ingest.config import DicomIngestConfig
 from ingest.runner import run_ingest
 from ingest.synthetic import make_ct_series
 from shards import storage
+from shards.verify import verify_dataset
 from shards.writer import read_tar_samples
 
 
@@ -74,3 +77,18 @@ def test_dicom_from_the_object_store_matches_local(stack, tmp_path):
     assert records["s3"] == records["local"]
     assert [n for status, _, n in records["s3"] if status == "ingested"] == [6, 6]
     assert any("RTPLAN" in reason for _, reason, _ in records["s3"])
+
+    # A slice that arrives late joins its series: a difference, and --replace-changed ingests that series again
+    late = pydicom.dcmread(next(root.rglob("series/*.dcm")))
+    late.SOPInstanceUID = late.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+    late.InstanceNumber, late.ImagePositionPatient = 7, [0.0, 0.0, 6 * float(late.SliceThickness)]
+    late.save_as(tmp_path / "late.dcm", enforce_file_format=True)
+    storage.put_file(tmp_path / "late.dcm", f"{src}/late/late.dcm")
+    cfg = DicomIngestConfig(sources=[src], out=str(tmp_path / "s3"), split="train=1.0", store_size=32)
+    with pytest.raises(ValueError, match=r"1 input\(s\) whose files changed since it was made"):
+        run_ingest("dicom", cfg)
+    grown, _ = run_ingest("dicom", cfg.model_copy(update={"replace_changed": True}))
+    assert sorted(r.samples for r in grown.inputs if r.status == "ingested") == [6, 7]
+    assert grown.amended[-1].replaced == 1 and verify_dataset(str(tmp_path / "s3")) == []
+    keys = [s["__key__"] for p in (tmp_path / "s3").glob("*/shard-*.tar") for s in read_tar_samples(p)]
+    assert len(keys) == len(set(keys)) == 13
