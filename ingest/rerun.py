@@ -238,5 +238,8 @@ def dry_run_line(kind: str, plan: Plan, cfg: IngestConfig) -> str | None:
     added, retried, replaced = adds.counts(same)
     what = [f"add {added} input(s)"] if added else []
     what += [f"try its {retried} failed input(s) again"] if retried else []
-    what += [f"ingest its {replaced} changed input(s) again, rewriting the shards that held them"] if replaced else []
+    if replaced:
+        ids = {u.id for u in adds.replaced}
+        held = len({s for r in same.inputs if r.id in ids for s in r.shards})
+        what.append(f"ingest its {replaced} changed input(s) again, rewriting the {held} shard(s) that held them")
     return f"{there}: a run would {' and '.join(what)}, adding their shards to it"

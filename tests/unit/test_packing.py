@@ -433,7 +433,7 @@ def test_replacing_changed_inputs_rewrites_the_shards_that_held_them(tmp_path):
     adds = to_ingest(decide("wsi", plan, replacing), plan, replacing)
     assert [u.id for u in adds.replaced] == ["a"] and not adds.added and not adds.retried
     assert dry_run_line("wsi", plan, replacing).endswith(
-        "ingest its 1 changed input(s) again, rewriting the shards that held them, adding their shards to it"
+        "ingest its 1 changed input(s) again, rewriting the 2 shard(s) that held them, adding their shards to it"
     )
 
     new_a = shard(3, ["A_1", "A_2"])  # the rescan's samples, as the workers pack them
