@@ -9,6 +9,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import pytest
+
 from ingest.config import WsiIngestConfig
 from ingest.plan import plan_wsi
 from ingest.runner import run_ingest
@@ -198,3 +200,40 @@ def test_resuming_with_other_options_is_refused(stack, tmp_path):
         run_ingest("wsi", other)
     replaced, _ = run_ingest("wsi", other.model_copy(update={"overwrite": True}))
     assert replaced.config["tile_size"] == mf.load(out).config["tile_size"] == 256
+
+
+def test_a_replacement_that_crashed_before_its_manifest_is_resumed(stack, tmp_path, monkeypatch):
+    """--replace-changed killed after its new and rewritten shards were written but before its manifest: the
+    dataset is still the old one, and the same command again completes from the staged parts, with every sample
+    once, as a dataset made from today's files has them, and nothing unlisted left behind."""
+    slides = tmp_path / "slides"
+    paths, _ = make_slides(slides, n=3, size=1024, seed=12)
+    out = "s3://shards/replace-crash/x"
+    made, _ = run_ingest("wsi", wsi_config(slides, out, split="train=1.0", region_tiles=4))
+    before = storage.get_bytes(storage.join(out, mf.MANIFEST_NAME))
+    paths[0].write_bytes(paths[1].read_bytes())  # rescanned in place
+
+    def crash(*_):
+        raise RuntimeError("killed before the commit")
+
+    cfg = wsi_config(slides, out, split="train=1.0", region_tiles=4, replace_changed=True)
+    with monkeypatch.context() as m:
+        m.setattr(mf, "save", crash)
+        with pytest.raises(RuntimeError, match="killed before the commit"):
+            run_ingest("wsi", cfg)
+    assert storage.get_bytes(storage.join(out, mf.MANIFEST_NAME)) == before  # the old dataset, whole
+    written = {u for u in storage.list_urls(storage.join(out, "train")) if u.endswith(".tar")}
+    assert len(written) == 3  # its shard, the rescan's, and its shard rewritten without the old samples
+    assert list(storage.list_urls(storage.join(out, STAGING)))
+
+    replaced, _ = run_ingest("wsi", cfg)
+    assert replaced.amended[-1].replaced == 1 and verify_dataset(out) == []
+    listed = set(replaced.shard_urls(out, "train"))
+    assert {u for u in storage.list_urls(storage.join(out, "train")) if u.endswith(".tar")} == listed
+    assert not list(storage.list_urls(storage.join(out, STAGING)))
+    fresh, _ = run_ingest("wsi", wsi_config(slides, "s3://shards/replace-crash/fresh", split="train=1.0"))
+    keys = _keys(out, replaced, tmp_path)
+    assert len(keys) == len(set(keys)) and sorted(keys) == sorted(
+        _keys("s3://shards/replace-crash/fresh", fresh, tmp_path)
+    )
+    assert made.created == replaced.created
