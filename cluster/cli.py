@@ -7,6 +7,7 @@ import os
 import sys
 from pathlib import Path
 
+from cluster.cli_dataset import add_dataset_parser
 from cluster.cli_evaluate import add_evaluate_parser, held_out_line, print_held_out
 from cluster.cli_ingest import add_ingest_parser, ingest_config, keep_private
 from cluster.errors import TesseraError
@@ -295,8 +296,7 @@ def cmd_demo(args) -> int:
 
 
 def _bundled(package: str, folder: str) -> str:
-    """The names of the YAML files a package ships in ``folder``, for a command's help (without importing the
-    package's modules: the help stays fast)."""
+    """Names of the YAML files a package ships in ``folder``, for a command's help (its modules not imported)."""
     from importlib.resources import files
 
     return ", ".join(sorted(p.name.removesuffix(".yaml") for p in (files(package) / folder).iterdir()))
@@ -310,6 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("status", help="each service, its URL and whether it is healthy").set_defaults(fn=cmd_status)
 
     add_ingest_parser(sub, cmd_ingest)
+    add_dataset_parser(sub)
 
     tr = sub.add_parser(
         "train",

@@ -3,6 +3,7 @@
 import json
 import os
 import subprocess
+import sys
 
 from ingest.synthetic import make_slides
 from tests.integration.commands import ingest_wsi_cmd
@@ -165,6 +166,18 @@ def test_a_grown_slide_folder_is_appended_through_the_cli(tmp_path):
         return {s["__key__"]: (s["jpg"], s["cls"]) for p in root.glob("*/shard-*.tar") for s in read_tar_samples(p)}
 
     assert samples(out) == samples(clean_out)  # every sample, and its label, as made from today's files and table
+
+    # `tessera dataset --verify`: its version, splits and history, every shard read; a damaged shard is named
+    show = [sys.executable, "-m", "cluster.cli", "dataset", str(out), "--verify"]
+    shown = subprocess.run(show, env=env, capture_output=True, text=True, timeout=300)
+    version = hashlib.sha256((out / "manifest.json").read_bytes()).hexdigest()
+    assert shown.returncode == 0 and f"version {version}" in shown.stdout, shown.stderr[-2000:]
+    assert ": 3 added, 0 retried, 0 replaced" in shown.stdout and ": 0 added, 0 retried, 2 replaced" in shown.stdout
+    assert f"verified {len(listed)} shard(s): all as listed" in shown.stdout and str(slides) not in shown.stdout
+    damaged = out / sorted(listed)[0]
+    damaged.write_bytes(damaged.read_bytes() + b"\0")
+    broken = subprocess.run(show, env=env, capture_output=True, text=True, timeout=300)
+    assert broken.returncode == 1 and f"problem: {damaged}: size" in broken.stdout, broken.stdout[-2000:]
 
 
 def test_a_real_scanner_file_through_the_cli_leaves_its_identity_behind(tmp_path):

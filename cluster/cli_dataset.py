@@ -1,0 +1,64 @@
+"""``tessera dataset URL``: what a dataset holds and how it came to be; ``--verify`` checks every shard's bytes."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+
+def add_dataset_parser(sub) -> None:
+    ds = sub.add_parser(
+        "dataset",
+        help="what an ingested dataset holds (splits, classes, inputs, history); --verify checks its shards",
+        description="Reads the dataset's manifest: its version (the sha256 training runs record), each split's "
+        "samples, shards, inputs, patients and inputs per class, the inputs by status, and each run that amended "
+        "it (--append, --retry-failed, --replace-changed). Pseudonyms only: no file name is printed.",
+    )
+    ds.add_argument("url", metavar="URL", help="the dataset (local folder or s3:// prefix), as ingest's --out")
+    ds.add_argument(
+        "--verify",
+        action="store_true",
+        help="also read every shard: present, with its index, size, sha256, sample count and classes as listed; "
+        "exits 1 when one is not",
+    )
+    ds.set_defaults(fn=cmd_dataset)
+
+
+def dataset_lines(manifest, data: bytes) -> list[str]:
+    """The terminal's account of a dataset (``manifest``, ``data``: its bytes as stored)."""
+    from shards import manifest as mf
+
+    lines = [
+        f"{manifest.dataset}: {manifest.kind}, made {manifest.created}, version {mf.sha256_of(data)}",
+        "classes: " + (", ".join(f"{i} {c}" for i, c in enumerate(manifest.classes)) or "none (unlabelled)"),
+    ]
+    for split, info in manifest.splits.items():
+        held = [r for r in manifest.inputs if r.split == split and r.status == "ingested"]
+        per_class = Counter(manifest.classes[r.label] if r.label is not None else "unlabelled" for r in held)
+        classes = ", ".join(f"{c} {n}" for c, n in sorted(per_class.items()))
+        lines.append(
+            f"  {split}: {info.num_samples} samples in {len(info.shards)} shard(s), {len(held)} input(s) of "
+            f"{len({r.patient for r in held})} patient(s) ({classes})"
+        )
+    lines.append("inputs: " + ", ".join(f"{status} {n}" for status, n in manifest.counts().items()))
+    for a in manifest.amended:
+        lines.append(
+            f"  amended {a.time}: {a.added} added, {a.retried} retried, {a.replaced} replaced "
+            f"(from version {str(a.previous_sha256)[:12]})"
+        )
+    return lines
+
+
+def cmd_dataset(args) -> int:
+    from shards import manifest as mf
+    from shards.verify import verify_dataset
+
+    manifest, data = mf.load_with_bytes(args.url)
+    print("\n".join(dataset_lines(manifest, data)))
+    if not args.verify:
+        return 0
+    problems = verify_dataset(args.url)
+    for problem in problems:
+        print(f"problem: {problem}")
+    shards = sum(len(info.shards) for info in manifest.splits.values())
+    print(f"verified {shards} shard(s): {'all as listed' if not problems else f'{len(problems)} problem(s)'}")
+    return 1 if problems else 0
