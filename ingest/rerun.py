@@ -75,7 +75,7 @@ def differences(
         out.append(f"{added} input(s) it does not hold (--append adds them)")
     if gone := len(old.keys() - new.keys()):
         out.append(f"{gone} of its inputs not among the sources")
-    relabelled = set(_relabelled(previous, plan)) if cfg.replace_changed else set()  # to ingest again: the same
+    relabelled = set(_relabelled(previous, plan)) if cfg.replace_changed else set()  # only patient and split count
     if moved := sum(old[k][::2] != new[k][::2] if k in relabelled else old[k] != new[k] for k in old.keys() & new):
         out.append(f"{moved} input(s) with another label, patient or split")
     if (changed := _changed(previous, plan)) and not cfg.replace_changed:
