@@ -56,7 +56,7 @@ def cmd_dataset(args) -> int:
     print("\n".join(dataset_lines(manifest, data)))
     if not args.verify:
         return 0
-    problems = verify_dataset(args.url)
+    problems = verify_dataset(args.url, manifest)
     for problem in problems:
         print(f"problem: {problem}")
     shards = sum(len(info.shards) for info in manifest.splits.values())

@@ -152,7 +152,7 @@ def rewrite_shards(
     them, one per actor call, numbered per split from ``first[split]``; as ``{split: {old name: new shard, or None
     when it held nothing else}}``."""
     drop = sorted(r.item for r in previous.inputs if r.id in replaced and r.item)
-    held = sorted({s for r in previous.inputs if r.id in replaced for s in r.shards})  # "train/shard-000003.tar"
+    held = previous.shards_holding(replaced)  # "train/shard-000003.tar", ...
     jobs = []
     for split in sorted({s.split("/", 1)[0] for s in held}):
         names = [s.split("/", 1)[1] for s in held if s.startswith(f"{split}/")]

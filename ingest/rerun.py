@@ -239,7 +239,6 @@ def dry_run_line(kind: str, plan: Plan, cfg: IngestConfig) -> str | None:
     what = [f"add {added} input(s)"] if added else []
     what += [f"try its {retried} failed input(s) again"] if retried else []
     if replaced:
-        ids = {u.id for u in adds.replaced}
-        held = len({s for r in same.inputs if r.id in ids for s in r.shards})
+        held = len(same.shards_holding({u.id for u in adds.replaced}))
         what.append(f"ingest its {replaced} changed input(s) again, rewriting the {held} shard(s) that held them")
     return f"{there}: a run would {' and '.join(what)}, adding their shards to it"

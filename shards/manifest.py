@@ -115,7 +115,7 @@ class Manifest(BaseModel):
     inputs: list[InputRecord] = Field(default_factory=list)
     # Pseudonyms of the label table's rows that named no input found (the private map has the names).
     unmatched_labels: list[str] = Field(default_factory=list)
-    # Runs that added to this dataset (``--append``, ``--retry-failed``), oldest first.
+    # Runs that added to this dataset (``--append``, ``--retry-failed``, ``--replace-changed``), oldest first.
     amended: list[Amendment] = Field(default_factory=list)
 
     def counts(self) -> dict[str, int]:
@@ -124,6 +124,10 @@ class Manifest(BaseModel):
         for rec in self.inputs:
             out[rec.status] += 1
         return out
+
+    def shards_holding(self, ids: set[str]) -> list[str]:
+        """The shards (``split/shard-N.tar``) that hold samples of the inputs ``ids``, sorted."""
+        return sorted({s for r in self.inputs if r.id in ids for s in r.shards})
 
     def shard_urls(self, prefix: str, split: str) -> list[str]:
         """Full URLs of a split's shards under the dataset ``prefix``; ``a+b`` joins splits (in that order)."""

@@ -21,9 +21,9 @@ def _classes(data: bytes, samples) -> list[int]:
     return out
 
 
-def verify_dataset(prefix: str) -> list[str]:
-    """Problems found (empty when the dataset matches its manifest)."""
-    manifest = mf.load(prefix)
+def verify_dataset(prefix: str, manifest: mf.Manifest | None = None) -> list[str]:
+    """Problems found (empty when the dataset matches its manifest; ``manifest``: already read by the caller)."""
+    manifest = manifest or mf.load(prefix)
     problems = []
     for split, info in manifest.splits.items():
         for shard in info.shards:
