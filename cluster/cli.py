@@ -9,7 +9,7 @@ from pathlib import Path
 
 from cluster.cli_dataset import add_dataset_parser
 from cluster.cli_evaluate import add_evaluate_parser, held_out_line, print_held_out
-from cluster.cli_ingest import add_ingest_parser, ingest_config, keep_private
+from cluster.cli_ingest import add_ingest_parser, ingest_config, ingest_dry_run, keep_private
 from cluster.errors import TesseraError
 
 
@@ -72,7 +72,7 @@ def cmd_ingest(args) -> int:
     s = _settings()
     cfg = ingest_config(args)
     if args.dry_run:
-        return _ingest_dry_run(args.kind, cfg, keep_private(s, cfg.out))
+        return ingest_dry_run(args.kind, cfg, keep_private(s, cfg.out))
     uses_s3 = any(u.startswith("s3://") for u in [cfg.out, *cfg.sources])
     if uses_s3 or health.ray_ok(s)[0]:
         _connect(s)
@@ -84,29 +84,6 @@ def cmd_ingest(args) -> int:
     for r in [r for r in manifest.inputs if r.status == "failed"]:
         print(f"  failed {r.id}: {r.reason}", file=sys.stderr)
     print(f"what the pseudonyms (inputs, slides, patients) stand for: {saved[0]} (private to you)")
-    return 0
-
-
-def _ingest_dry_run(kind: str, cfg, on_private) -> int:
-    """The driver's plan of an ingest, printed: the same listing, labels, headers and splits as a run, and for
-    slides on local disk their headers (level, resolution, tile grid; which would fail). Only the private
-    pseudonym map is written (as a run writes it), for the user to look up what the ids stand for."""
-    from ingest.config import pseudonym_key
-    from ingest.plan import describe_plan, make_plan
-    from ingest.rerun import dry_run_line
-
-    plan = make_plan(kind, cfg, pseudonym_key())
-    line = dry_run_line(kind, plan, cfg)  # first: --append keeps the splits of the inputs the dataset holds
-    print(f"dry run: ingest {kind} into {cfg.out} (nothing written there)")
-    print("\n".join(describe_plan(plan)))
-    if line:
-        print(line)
-    if kind == "wsi":
-        from ingest.preflight import check_slides
-
-        print("\n".join(check_slides(plan.units, cfg)))
-    if plan.skipped or plan.unmatched:
-        print(f"the inputs behind these pseudonyms: {on_private(plan.private)} (private to you)")
     return 0
 
 

@@ -49,11 +49,15 @@ def dataset_lines(manifest, data: bytes) -> list[str]:
 
 
 def cmd_dataset(args) -> int:
+    from ingest.lock import lock_line
     from shards import manifest as mf
     from shards.verify import verify_dataset
 
     manifest, data = mf.load_with_bytes(args.url)
     print("\n".join(dataset_lines(manifest, data)))
+    busy = lock_line(args.url)  # a run adding to it: this version is about to be replaced
+    if busy:
+        print(busy)
     if not args.verify:
         return 0
     problems = verify_dataset(args.url, manifest)

@@ -171,3 +171,30 @@ def keep_private(settings, out: str):
         return path
 
     return save
+
+
+def ingest_dry_run(kind: str, cfg, on_private) -> int:
+    """The driver's plan of an ingest, printed: the same listing, labels, headers and splits as a run, and for
+    slides on local disk their headers (level, resolution, tile grid; which would fail). Only the private
+    pseudonym map is written (as a run writes it), for the user to look up what the ids stand for."""
+    from ingest.config import pseudonym_key
+    from ingest.lock import lock_line
+    from ingest.plan import describe_plan, make_plan
+    from ingest.rerun import dry_run_line
+
+    plan = make_plan(kind, cfg, pseudonym_key())
+    line = dry_run_line(kind, plan, cfg)  # first: --append keeps the splits of the inputs the dataset holds
+    print(f"dry run: ingest {kind} into {cfg.out} (nothing written there)")
+    busy = lock_line(cfg.out)
+    if busy:
+        print(busy)
+    print("\n".join(describe_plan(plan)))
+    if line:
+        print(line)
+    if kind == "wsi":
+        from ingest.preflight import check_slides
+
+        print("\n".join(check_slides(plan.units, cfg)))
+    if plan.skipped or plan.unmatched:
+        print(f"the inputs behind these pseudonyms: {on_private(plan.private)} (private to you)")
+    return 0

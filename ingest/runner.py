@@ -15,6 +15,7 @@ import ray
 from tqdm import tqdm
 
 from ingest.config import ImagesIngestConfig, IngestConfig, pseudonym_key
+from ingest.lock import DatasetLock
 from ingest.packing import pack_parts, pack_shard, prune, rewrite_shard, rewrite_shards
 from ingest.plan import make_plan
 from ingest.rerun import amended, decide, to_ingest
@@ -221,9 +222,17 @@ def run_ingest(kind: str, cfg: IngestConfig, on_private: Callable[[dict[str, str
     if on_private:
         on_private(plan.private)
     storage.ensure_bucket(cfg.out)
+    with DatasetLock(cfg.out, f"ingest {kind}") as lock:  # before the dataset is read: one run amends it at a time
+        if lock.took_over:
+            print(f"{cfg.out}: took over the lock of a run that stopped: {lock.took_over.describe(time.time())}")
+        return _ingest(kind, cfg, plan, lock)
+
+
+def _ingest(kind: str, cfg: IngestConfig, plan, lock: DatasetLock) -> tuple[Manifest, str]:
     previous = decide(kind, plan, cfg)
     adds = to_ingest(previous, plan, cfg) if previous is not None else None
     if previous is not None and not adds:
+        prune(cfg.out, previous)  # what a run stopped between its manifest and its tidying left; none other writes
         failed = previous.counts()["failed"] if not cfg.retry_failed else 0
         retry = f" ({failed} of its inputs failed: --retry-failed ingests them again)" if failed else ""
         print(
@@ -267,6 +276,7 @@ def run_ingest(kind: str, cfg: IngestConfig, on_private: Callable[[dict[str, str
             unmatched_labels=plan.unmatched,
         )
     mf.check_patient_disjoint(manifest)
+    lock.check()  # a run that lost its lock (stalled past its time-out) commits nothing
     url = mf.save(manifest, cfg.out)  # the commit point: what follows only tidies up
     prune(cfg.out, manifest)
     storage.delete_tree(storage.join(cfg.out, STAGING))

@@ -161,6 +161,36 @@ def put_bytes(url: str, data: bytes) -> None:
         raise _wrap(url, exc) from exc
 
 
+def create_bytes(url: str, data: bytes) -> bool:
+    """Write ``data`` at ``url`` only if nothing is there; False when something was.
+
+    Exclusive on local disk (a hard link of a complete temporary file, which fails if the name exists) and on
+    stores that honour S3's conditional write (``If-None-Match: *``: AWS S3, MinIO). A store that ignores the
+    condition (rclone's) overwrites: a caller that needs one writer reads back what it wrote.
+    """
+    loc = parse(url)
+    try:
+        if loc.scheme == "s3":
+            s3_client().put_object(Bucket=loc.bucket, Key=loc.key, Body=data, IfNoneMatch="*")
+            return True
+        loc.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=loc.path.name + ".", suffix=".partial", dir=loc.path.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.link(tmp, loc.path)
+        finally:
+            os.unlink(tmp)
+        return True
+    except FileExistsError:
+        return False
+    except Exception as exc:
+        code = getattr(exc, "response", {}).get("Error", {}).get("Code")
+        if code in ("PreconditionFailed", "412", "ConditionalRequestConflict"):
+            return False
+        raise _wrap(url, exc) from exc
+
+
 def get_bytes(url: str, length: int | None = None, offset: int = 0) -> bytes:
     """Read the object at ``url``: whole, or ``length`` bytes from ``offset`` (one ranged GET on S3)."""
     loc = parse(url)

@@ -1,5 +1,6 @@
 """Crash and resume: a re-run completes with every expected sample exactly once; bad inputs are recorded."""
 
+import json
 import os
 import signal
 import subprocess
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from ingest.config import WsiIngestConfig
+from ingest.lock import DatasetBusy, DatasetLock, holder
 from ingest.plan import plan_wsi
 from ingest.runner import run_ingest
 from ingest.staging import STAGING, part_url, process_work
@@ -123,6 +125,8 @@ def test_kill_9_of_the_cli_then_the_same_command_completes(stack, tmp_path):
             break
         time.sleep(0.2)
     assert proc.poll() is None, "the run finished before it could be killed"
+    with pytest.raises(DatasetBusy, match=rf"another ingest is writing to this dataset: ingest wsi \(pid {proc.pid} "):
+        DatasetLock(out, "ingest wsi").acquire()  # a second run while it works is refused, naming it
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     staged_before = {u for u in storage.list_urls(staging) if u.endswith(".json")}
@@ -135,6 +139,8 @@ def test_kill_9_of_the_cli_then_the_same_command_completes(stack, tmp_path):
         timeout=300,
     )
     assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert f"took over the lock of a run that stopped: ingest wsi (pid {proc.pid} " in rerun.stdout
+    assert holder(out) is None  # released once the run was done
     resumed = mf.load(out)
     clean, _ = run_ingest("wsi", wsi_config(slides, "s3://shards/kill9/clean", region_tiles=4))
     keys = _keys(out, resumed, tmp_path)
@@ -237,3 +243,33 @@ def test_a_replacement_that_crashed_before_its_manifest_is_resumed(stack, tmp_pa
         _keys("s3://shards/replace-crash/fresh", fresh, tmp_path)
     )
     assert made.created == replaced.created
+
+
+def test_a_run_that_lost_its_lock_commits_nothing(stack, tmp_path, monkeypatch):
+    """A run that stalled past its lock's time-out while another took the dataset over writes no manifest and
+    leaves the other's lock; the same command, once the dataset is free, completes from what it staged."""
+    import ingest.runner as runner
+
+    slides = tmp_path / "slides"
+    make_slides(slides, n=2, size=1024, seed=13)
+    out = "s3://shards/lost-lock/x"
+    cfg = wsi_config(slides, out, split="train=1.0")
+    pack = runner.pack_parts
+    other = {"token": "other", "what": "ingest wsi", "host": "node-9", "pid": 1, "started": 0.0, "beat": time.time()}
+
+    def taken_over(*args, **kwargs):
+        out_ = pack(*args, **kwargs)
+        storage.put_bytes(storage.join(out, "_ingest.lock"), json.dumps(other).encode())
+        return out_
+
+    with monkeypatch.context() as m:
+        m.setattr(runner, "pack_parts", taken_over)
+        with pytest.raises(DatasetBusy, match=r"lost its lock: ingest wsi .*node-9.* holds it; nothing of this run"):
+            run_ingest("wsi", cfg)
+    assert not storage.exists(storage.join(out, mf.MANIFEST_NAME)) and holder(out).token == "other"
+    storage.delete(storage.join(out, "_ingest.lock"))  # the other run finished
+    manifest, _ = run_ingest("wsi", cfg)
+    assert verify_dataset(out) == [] and holder(out) is None
+    assert {u for u in storage.list_urls(storage.join(out, "train")) if u.endswith(".tar")} == set(
+        manifest.shard_urls(out, "train")
+    )

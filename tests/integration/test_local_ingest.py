@@ -2,9 +2,11 @@
 
 import json
 import os
+import socket
 import subprocess
 import sys
 
+from ingest.lock import DatasetLock
 from ingest.synthetic import make_slides
 from tests.integration.commands import ingest_wsi_cmd
 
@@ -31,10 +33,13 @@ def test_cli_ingest_to_local_disk_without_a_stack(tmp_path):
     assert manifest["classes"] == ["CE", "LAA"]
     assert sorted(p.name for p in (out / "train").iterdir()) == ["shard-000000.idx", "shard-000000.tar"]
 
-    # The same command again does nothing; other options would replace the dataset, so they need --overwrite.
+    # The same command again does nothing but tidy up: a shard that a run stopped between its manifest and its
+    # pruning left is deleted. Other options would replace the dataset, so they need --overwrite.
+    (out / "train" / "shard-000007.tar").write_bytes(b"an earlier version's shard")
     again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "nothing to do" in again.stdout, again.stderr[-2000:]
     assert json.loads((out / "manifest.json").read_text()) == manifest
+    assert sorted(p.name for p in (out / "train").iterdir()) == ["shard-000000.idx", "shard-000000.tar"]
     small_cmd = [*cmd, "--shard-size", "20KB"]
     refused = subprocess.run(small_cmd, env=env, capture_output=True, text=True, timeout=300)
     assert refused.returncode != 0 and "shard_size 1073741824 -> 20480. --overwrite replaces it" in refused.stderr
@@ -56,6 +61,7 @@ def test_cli_ingest_to_local_disk_without_a_stack(tmp_path):
     assert on_disk == listed
     assert {s for r in final["inputs"] for s in r["shards"]} == {n for n in listed if n.endswith(".tar")}
     assert {p.stem for p in (out / "previews").iterdir()} == {r["item"] for r in final["inputs"]}  # the one slide
+    assert not (out / "_ingest.lock").exists()  # each run released the dataset
 
 
 def test_a_grown_slide_folder_is_appended_through_the_cli(tmp_path):
@@ -143,6 +149,17 @@ def test_a_grown_slide_folder_is_appended_through_the_cli(tmp_path):
     assert "1 input(s) whose files changed since it was made" in rescanned.stderr, rescanned.stderr[-2000:]
     assert "1 input(s) with another label, patient or split" in rescanned.stderr
     assert "--replace-changed ingests the changed inputs again (the rest as they are)" in rescanned.stderr
+    with DatasetLock(str(out), "ingest wsi --append"):  # another run at work on it: refused, and `dataset` says so
+        busy = subprocess.run(
+            [*cmd, "--append", "--replace-changed"], env=env, capture_output=True, text=True, timeout=300
+        )
+        shown = subprocess.run(
+            [sys.executable, "-m", "cluster.cli", "dataset", str(out)], env=env, capture_output=True, text=True
+        )
+    mine = f"ingest wsi --append (pid {os.getpid()} on {socket.gethostname()}, started "
+    assert busy.returncode != 0 and f"another ingest is writing to this dataset: {mine}" in busy.stderr, busy.stderr
+    assert f"another ingest is writing to it now: {mine}" in shown.stdout, shown.stderr[-2000:]
+    assert json.loads((out / "manifest.json").read_text()) == after  # the refused run changed nothing
     replaced = subprocess.run(
         [*cmd, "--append", "--replace-changed"], env=env, capture_output=True, text=True, timeout=300
     )
