@@ -50,6 +50,7 @@ def dataset_lines(manifest, data: bytes) -> list[str]:
 
 def cmd_dataset(args) -> int:
     from ingest.lock import lock_line
+    from ingest.packing import leftovers
     from shards import manifest as mf
     from shards.verify import verify_dataset
 
@@ -63,6 +64,12 @@ def cmd_dataset(args) -> int:
     problems = verify_dataset(args.url, manifest)
     for problem in problems:
         print(f"problem: {problem}")
+    files, spools = leftovers(args.url, manifest)
+    for url in files + spools:  # harmless to readers; an ingest writing now makes some, the next one deletes them
+        print(f"not listed: {url}")
+    if files or spools:
+        what = "an ingest's work before its commit, or a stopped run's leftovers; the next ingest deletes them"
+        print(f"{len(files) + len(spools)} shard(s), preview(s) or spool folder(s) the manifest does not list: {what}")
     shards = sum(len(info.shards) for info in manifest.splits.values())
     print(f"verified {shards} shard(s): {'all as listed' if not problems else f'{len(problems)} problem(s)'}")
     return 1 if problems else 0

@@ -165,20 +165,28 @@ def rewrite_shards(
     return out
 
 
-def prune(out: str, manifest: Manifest) -> None:
-    """Delete shards (and indexes) under ``out`` that the new manifest does not list, previews of slides it does
-    not list, and the spool folders of shards a crashed run was writing: leftovers of earlier runs."""
+def leftovers(out: str, manifest: Manifest) -> tuple[list[str], list[str]]:
+    """What earlier runs left under ``out`` that ``manifest`` does not list: shards (and indexes) and previews of
+    slides, and the spool folders of shards a crashed run was writing; as ``(files, spool folders)``."""
     keep = {storage.join(out, split, s.name) for split, info in manifest.splits.items() for s in info.shards}
     keep |= {u.removesuffix(".tar") + ".idx" for u in keep}
     keep |= {storage.join(out, PREVIEWS, f"{r.item}.png") for r in manifest.inputs if r.item}
     base = out.rstrip("/") + "/"
-    spools = set()
+    files, spools = [], set()
     for url in list(storage.list_urls(base)):
         rel = url[len(base) :] if url.startswith(base) else ""
         if (SHARD_FILE.fullmatch(rel) or PREVIEW_FILE.fullmatch(rel)) and url not in keep:
-            storage.delete(url)
+            files.append(url)
         elif storage.SPOOL in rel:
             head, _, tail = url.partition(storage.SPOOL)
             spools.add(head + storage.SPOOL + tail.split("/")[0])
+    return files, sorted(spools)
+
+
+def prune(out: str, manifest: Manifest) -> None:
+    """Delete what earlier runs left under ``out`` (:func:`leftovers`)."""
+    files, spools = leftovers(out, manifest)
+    for url in files:
+        storage.delete(url)
     for folder in spools:
         storage.delete_tree(folder)

@@ -186,7 +186,9 @@ def test_a_grown_slide_folder_is_appended_through_the_cli(tmp_path):
 
     # `tessera dataset --verify`: its version, splits and history, every shard read; a damaged shard is named
     show = [sys.executable, "-m", "cluster.cli", "dataset", str(out), "--verify"]
+    (out / "train" / "shard-000099.tar").write_bytes(b"left by a stopped run")  # named, not a problem
     shown = subprocess.run(show, env=env, capture_output=True, text=True, timeout=300)
+    assert f"not listed: {out}/train/shard-000099.tar\n1 shard(s), preview(s) or spool" in shown.stdout
     version = hashlib.sha256((out / "manifest.json").read_bytes()).hexdigest()
     assert shown.returncode == 0 and f"version {version}" in shown.stdout, shown.stderr[-2000:]
     assert ": 3 added, 0 retried, 0 replaced" in shown.stdout and ": 0 added, 0 retried, 2 replaced" in shown.stdout
