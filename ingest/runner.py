@@ -251,7 +251,7 @@ def _ingest(kind: str, cfg: IngestConfig, plan, lock: DatasetLock) -> tuple[Mani
         n = cfg.workers or max(1, int(ray.available_resources().get("CPU", 1)))
         sched = _Scheduler(cfg, max(1, min(n, len(units))))
         # Shards of inputs added to a dataset are numbered after its own, which stay as they are.
-        first = {s: len(info.shards) for s, info in previous.splits.items()} if previous else {}
+        first = {s: info.next_index for s, info in previous.splits.items()} if previous else {}
         try:
             plans, works = _run(units, done_records(cfg), sched, cfg)
             inputs = [_merge(u, plans[u.id], works[u.id]) for u in units]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from datetime import UTC, datetime
 from typing import Literal
 
@@ -85,6 +86,13 @@ class SplitInfo(BaseModel):
 
     num_samples: int = 0
     shards: list[ShardInfo] = Field(default_factory=list)
+
+    @property
+    def next_index(self) -> int:
+        """The number a shard added to this split takes: after the highest listed, not after how many are listed
+        (a rewrite takes new numbers and leaves gaps below them; counting would write over a listed shard)."""
+        numbers = [int(m.group(1)) for s in self.shards if (m := re.fullmatch(r"shard-(\d+)\.tar", s.name))]
+        return max(numbers, default=-1) + 1
 
 
 class Amendment(BaseModel):

@@ -449,6 +449,7 @@ def test_replacing_changed_inputs_rewrites_the_shards_that_held_them(tmp_path):
     rewritten = {"train": {"shard-000000.tar": kept, "shard-000002.tar": None}}
     made = amended(previous, adds, plan, [record], added, "cd" * 32, rewritten)
     assert [x.name for x in made.splits["train"].shards] == ["shard-000001.tar", "shard-000003.tar", "shard-000004.tar"]
+    assert made.splits["train"].next_index == 5  # the next run's shards: after the highest, not shard-000003 again
     assert made.splits["train"].num_samples == 5
     records = {r.id: r for r in made.inputs}
     assert records["b"].shards == ["train/shard-000004.tar"] and records["c"] == previous.inputs[2]
