@@ -20,6 +20,13 @@ def add_dataset_parser(sub) -> None:
         help="also read every shard: present, with its index, size, sha256, sample count and classes as listed; "
         "exits 1 when one is not",
     )
+    ds.add_argument(
+        "--compact",
+        action="store_true",
+        help="merge each split's shards under half the dataset's --shard-size into shards of about that size, byte "
+        "for byte (a dataset grown by many small --append runs); with --dry-run, say which",
+    )
+    ds.add_argument("--dry-run", action="store_true", help="with --compact: say what it would merge, write nothing")
     ds.set_defaults(fn=cmd_dataset)
 
 
@@ -41,10 +48,7 @@ def dataset_lines(manifest, data: bytes) -> list[str]:
         )
     lines.append("inputs: " + ", ".join(f"{status} {n}" for status, n in manifest.counts().items()))
     for a in manifest.amended:
-        lines.append(
-            f"  amended {a.time}: {a.added} added, {a.retried} retried, {a.replaced} replaced "
-            f"(from version {str(a.previous_sha256)[:12]})"
-        )
+        lines.append(f"  amended {a.time}: {a.describe()} (from version {str(a.previous_sha256)[:12]})")
     return lines
 
 
@@ -54,6 +58,8 @@ def cmd_dataset(args) -> int:
     from shards import manifest as mf
     from shards.verify import verify_dataset
 
+    if args.compact:
+        _compact(args.url, args.dry_run)
     manifest, data = mf.load_with_bytes(args.url)
     print("\n".join(dataset_lines(manifest, data)))
     busy = lock_line(args.url)  # a run adding to it: this version is about to be replaced
@@ -73,3 +79,17 @@ def cmd_dataset(args) -> int:
     shards = sum(len(info.shards) for info in manifest.splits.values())
     print(f"verified {shards} shard(s): {'all as listed' if not problems else f'{len(problems)} problem(s)'}")
     return 1 if problems else 0
+
+
+def _compact(url: str, dry_run: bool) -> None:
+    from ingest.compact import compact
+
+    _, groups = compact(url, dry_run)
+    merged = sum(len(g) for gs in groups.values() for g in gs)
+    into = sum(len(gs) for gs in groups.values())
+    if not groups:
+        print(f"{url}: no two shards of a split under half its shard size: nothing to merge")
+    else:
+        per_split = ", ".join(f"{s}: {sum(len(g) for g in gs)} into {len(gs)}" for s, gs in groups.items())
+        done = "would merge" if dry_run else "merged"
+        print(f"{url}: {done} {merged} small shard(s) into {into} ({per_split})")

@@ -290,9 +290,6 @@ def manifest_summary(manifest: Manifest) -> str:
     grown = ""
     if manifest.amended:
         last = manifest.amended[-1]
-        replaced = f", {last.replaced} replaced" if last.replaced else ""
-        grown = (
-            f" | made {manifest.created}, added to {len(manifest.amended)} time(s); last {last.time}: "
-            f"{last.added} added, {last.retried} retried{replaced}"
-        )
+        times = len(manifest.amended)
+        grown = f" | made {manifest.created}, amended {times} time(s); last {last.time}: {last.describe()}"
     return "; ".join(parts) + " | inputs " + json.dumps(manifest.counts()) + unmatched + grown

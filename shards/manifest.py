@@ -96,13 +96,23 @@ class SplitInfo(BaseModel):
 
 
 class Amendment(BaseModel):
-    """A run that added to a complete dataset: when, how many inputs it added, how many failed ones it tried
-    again and how many changed ones it replaced (their records and shards are in the manifest like any others)."""
+    """A run that amended a complete dataset: when, how many inputs it added, how many failed ones it tried
+    again and how many changed ones it replaced (their records and shards are in the manifest like any others),
+    or how many small shards it merged."""
 
     time: str
     added: int = 0
     retried: int = 0
     replaced: int = 0  # inputs whose files changed, ingested again: the shards that held them written anew
+    merged: int = 0  # shards joined into ``merged_into`` larger ones (``tessera dataset --compact``): same samples
+    merged_into: int = 0
+
+    def describe(self) -> str:
+        """What the run did, for the terminal."""
+        if self.merged:
+            return f"{self.merged} small shard(s) merged into {self.merged_into}"
+        return f"{self.added} added, {self.retried} retried, {self.replaced} replaced"
+
     # the sha256 of the manifest it amended: a training run that recorded that version finds it among the
     # dataset's ancestors (grown since, every patient in the split it had) rather than a dataset replaced
     previous_sha256: str | None = None
@@ -215,7 +225,8 @@ def check_same_data(
     """Refuse to train ``who`` (a run or sweep that recorded dataset version ``recorded``) on another version of
     its dataset (``manifest``, ``data``: the one there now): what it trained ``before`` read the recorded one."""
     if change := change_since(recorded, manifest, data):
-        how = "grew (ingest --append, --retry-failed or --replace-changed)" if change == "grown" else "was made again"
+        how = "was amended (ingest --append, --retry-failed, --replace-changed or dataset --compact)"
+        how = how if change == "grown" else "was made again"
         raise ValueError(
             f"{dataset} {how} since {who} started ({versions(recorded, data)}): it would train on other data than "
             f"{before} did; start a new one"

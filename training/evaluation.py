@@ -195,12 +195,16 @@ def check_own_dataset(recorded: str | None, manifest, data: bytes, url: str, spl
         )
     if change == "grown":
         since = [a.previous_sha256 for a in manifest.amended].index(recorded)
-        added = sum(a.added + a.retried for a in manifest.amended[since:])
-        replaced = sum(a.replaced for a in manifest.amended[since:])
-        also = f" and had {replaced} replaced" if replaced else ""
+        amendments = manifest.amended[since:]
+        added = sum(a.added + a.retried for a in amendments)
+        replaced = sum(a.replaced for a in amendments)
+        merged = sum(a.merged for a in amendments)
+        what = [f"grew by {added} input(s)"] if added or not (replaced or merged) else []
+        what += [f"had {replaced} input(s) replaced"] if replaced else []
+        what += [f"had {merged} small shard(s) merged"] if merged else []
         print(
-            f"note: {url} grew by {added} input(s){also} since run {run_id} trained on it; the patients it held keep "
-            f"their splits, so its {split} split holds no patient the model trained on",
+            f"note: {url} {' and '.join(what)} since run {run_id} trained on it; the patients it held keep their "
+            f"splits, so its {split} split holds no patient the model trained on",
             flush=True,
         )
 

@@ -116,7 +116,7 @@ def test_a_grown_slide_folder_is_appended_through_the_cli(tmp_path):
     assert "a run would add 3 input(s), adding their shards to it" in dry.stdout, dry.stderr[-2000:]
     grown = subprocess.run([*cmd, "--append"], env=env, capture_output=True, text=True, timeout=300)
     assert grown.returncode == 0, grown.stderr[-2000:]
-    assert "added to 1 time(s); last " in grown.stdout and ": 3 added, 0 retried" in grown.stdout
+    assert "amended 1 time(s); last " in grown.stdout and ": 3 added, 0 retried" in grown.stdout
 
     after = json.loads((out / "manifest.json").read_text())
     assert {p: b for p, b in shards_before.items()} == {p: (out / p).read_bytes() for p in shards_before}
@@ -190,8 +190,27 @@ def test_a_grown_slide_folder_is_appended_through_the_cli(tmp_path):
 
     assert samples(out) == samples(clean_out)  # every sample, and its label, as made from today's files and table
 
+    # Grown and replaced in small runs, the dataset has more shards than a clean ingest: --compact merges them
+    # (a split's shards under half of --shard-size, the default 1 GB, into one), sample for sample the same.
+    many = {split: len(info["shards"]) for split, info in final["splits"].items()}
+    assert sum(many.values()) > len(list(clean_out.glob("*/shard-*.tar")))
+    ds = [sys.executable, "-m", "cluster.cli", "dataset", str(out)]
+    merged = subprocess.run([*ds, "--compact"], env=env, capture_output=True, text=True, timeout=300)
+    gone = {split: n for split, n in many.items() if n > 1}
+    told = ", ".join(f"{split}: {n} into 1" for split, n in gone.items())
+    assert f"merged {sum(gone.values())} small shard(s) into {len(gone)} ({told})" in merged.stdout, merged.stderr
+    assert f"small shard(s) merged into {len(gone)} (from version " in merged.stdout
+    compacted = json.loads((out / "manifest.json").read_text())
+    assert all(len(info["shards"]) == 1 for info in compacted["splits"].values()) and verify_dataset(str(out)) == []
+    assert samples(out) == samples(clean_out)
+    listed = {f"{split}/{s['name']}" for split, info in compacted["splits"].items() for s in info["shards"]}
+    assert {p.relative_to(out).as_posix() for p in out.glob("*/shard-*.tar")} == listed
+    assert {s for r in compacted["inputs"] for s in r["shards"]} == listed
+    again = subprocess.run([*ds, "--compact"], env=env, capture_output=True, text=True, timeout=300)
+    assert "nothing to merge" in again.stdout and json.loads((out / "manifest.json").read_text()) == compacted
+
     # `tessera dataset --verify`: its version, splits and history, every shard read; a damaged shard is named
-    show = [sys.executable, "-m", "cluster.cli", "dataset", str(out), "--verify"]
+    show = [*ds, "--verify"]
     (out / "train" / "shard-000099.tar").write_bytes(b"left by a stopped run")  # named, not a problem
     shown = subprocess.run(show, env=env, capture_output=True, text=True, timeout=300)
     assert f"not listed: {out}/train/shard-000099.tar\n1 shard(s), preview(s) or spool" in shown.stdout

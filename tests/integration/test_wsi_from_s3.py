@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from ingest.compact import compact
 from ingest.runner import run_ingest
 from ingest.synthetic import SyntheticPatient, make_slides, slide_array, write_dicom_wsi
 from ingest.synthetic_vendor import write_mirax, write_vms, write_vmu
@@ -52,6 +53,15 @@ def test_slides_from_s3_give_the_same_samples_as_local_files(stack, tmp_path):
     assert replaced.amended[-1].replaced == 1 and verify_dataset("s3://shards/wsi-remote") == []
     fresh, _ = run_ingest("wsi", wsi_config("s3://shards/src-slides/", "s3://shards/wsi-fresh", **options))
     assert _samples(replaced, "s3://shards/wsi-remote", tmp_path) == _samples(fresh, "s3://shards/wsi-fresh", tmp_path)
+    # the replacement left small shards beside the dataset's: compacting on S3 joins them, the samples the same
+    compacted, groups = compact("s3://shards/wsi-remote")
+    assert groups and sum(len(i.shards) for i in compacted.splits.values()) < sum(
+        len(i.shards) for i in replaced.splits.values()
+    )
+    assert verify_dataset("s3://shards/wsi-remote") == [] and compacted.amended[-1].merged > 1
+    assert _samples(compacted, "s3://shards/wsi-remote", tmp_path) == _samples(fresh, "s3://shards/wsi-fresh", tmp_path)
+    listed = {u for split in compacted.splits for u in compacted.shard_urls("s3://shards/wsi-remote", split)}
+    assert {u for u in storage.list_urls("s3://shards/wsi-remote/") if u.endswith(".tar")} == listed
 
 
 def test_dicom_wsi_from_s3_is_one_slide_read_with_all_its_files(stack, tmp_path):

@@ -156,7 +156,8 @@ def test_a_dataset_version_is_the_same_grown_or_made_again(capsys):
 
     mf.check_same_data(mf.sha256_of(v2), "s3://b/d", grown, v2, "run r1")
     with pytest.raises(
-        ValueError, match=r"s3://b/d grew \(ingest --append, --retry-failed or --replace-changed\) since run r1 started"
+        ValueError,
+        match=r"s3://b/d was amended \(ingest --append, --retry-failed, --replace-changed or dataset --compact\) since",
     ):
         mf.check_same_data(mf.sha256_of(v1), "s3://b/d", grown, v2, "run r1")
     remade_message = r"s3://b/d was made again since run r1 started .*its first epochs did; start a new one"
@@ -167,6 +168,10 @@ def test_a_dataset_version_is_the_same_grown_or_made_again(capsys):
     assert "grew by 3 input(s) since run r1 trained on it" in capsys.readouterr().out
     check_own_dataset(mf.sha256_of(v2), twice, v3, "s3://b/d", "test", "r1")
     assert "grew by 1 input(s)" in capsys.readouterr().out
+    merged = mf.Amendment(time="w", merged=4, merged_into=1, previous_sha256=mf.sha256_of(v3))
+    compacted = twice.model_copy(update={"amended": [*twice.amended, merged]})
+    check_own_dataset(mf.sha256_of(v3), compacted, compacted.model_dump_json().encode(), "s3://b/d", "test", "r1")
+    assert "s3://b/d had 4 small shard(s) merged since run r1" in capsys.readouterr().out
     with pytest.raises(
         ValueError, match=r"test split may hold patients .* give --dataset s3://b/d \(metrics external_test_\*\)"
     ):

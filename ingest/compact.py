@@ -1,0 +1,98 @@
+"""Merging a dataset's small shards (``tessera dataset URL --compact``).
+
+Every run that amends a dataset (``--append``, ``--retry-failed``, ``--replace-changed``) writes new shards and
+leaves the dataset's own as they are, so a dataset grown by many small runs ends with many shards far below the
+target size: more objects to list and open per epoch, and uneven parts for the training workers. Compacting joins,
+per split, the shards under half the target into shards of about the target, byte for byte (members copied, index
+offsets shifted: :func:`shards.writer.concat_shards`), each in the place of the first it replaces. Samples, their
+order within a shard, splits and records stay; the manifest, written last under the dataset's lock, swaps the
+shards and counts the run among its amendments; the old shards are deleted after it.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+
+from ingest.lock import DatasetLock
+from ingest.packing import group_parts, prune
+from ingest.source_cache import local_copy
+from shards import manifest as mf
+from shards import storage
+from shards.index import parse_index
+from shards.manifest import Manifest, ShardInfo
+from shards.writer import concat_shards
+
+
+def small_groups(manifest: Manifest, target: int) -> dict[str, list[list[str]]]:
+    """Per split, the shards to merge: those under half of ``target`` bytes, in the split's order, grouped as
+    packing groups parts (a group closes once it reaches ``target``); a group of one is left as it is."""
+    out: dict[str, list[list[str]]] = {}
+    for split, info in manifest.splits.items():
+        small = [(s.name, s.size) for s in info.shards if s.size < target // 2]
+        groups = [g for g in group_parts(small, target) if len(g) > 1]
+        if groups:
+            out[split] = groups
+    return out
+
+
+def merge_shards(out: str, split: str, names: list[str], index: int, classes: str | None) -> ShardInfo:
+    """``<out>/<split>/shard-<index>.tar`` (+ ``.idx``) made of the shards ``names`` joined in order, byte for
+    byte; an object-store shard is fetched one at a time."""
+
+    def parts():
+        for name in names:
+            url = storage.join(out, split, name)
+            samples = parse_index(storage.get_bytes(url.removesuffix(".tar") + ".idx").decode())
+            with local_copy(url) as path:
+                yield Path(path), samples
+
+    return concat_shards(parts(), storage.join(out, split), index, classes)
+
+
+def compacted(manifest: Manifest, merged: dict[str, list[tuple[list[str], ShardInfo]]], version: str) -> Manifest:
+    """``manifest`` (``version``: its sha256) with each group of shards in ``merged`` (``{split: [(old names, new
+    shard)]}``) swapped for its new shard, in the place of the group's first, in the split and in the records."""
+    renamed = {f"{s}/{old}": f"{s}/{new.name}" for s, groups in merged.items() for olds, new in groups for old in olds}
+    splits = {}
+    for split, info in manifest.splits.items():
+        first = {names[0]: new for names, new in merged.get(split, [])}
+        gone = {old for names, _ in merged.get(split, []) for old in names}
+        shards = [first.get(s.name, s) for s in info.shards if s.name in first or s.name not in gone]
+        assert sum(s.samples for s in shards) == info.num_samples, f"{split}: samples lost in merging"
+        splits[split] = info.model_copy(update={"shards": shards})
+    inputs = [
+        r.model_copy(update={"shards": sorted({renamed.get(s, s) for s in r.shards})}) if r.shards else r
+        for r in manifest.inputs
+    ]
+    old, new = len(renamed), sum(len(groups) for groups in merged.values())
+    now = datetime.now(UTC).isoformat(timespec="seconds")
+    change = mf.Amendment(time=now, merged=old, merged_into=new, previous_sha256=version)
+    return manifest.model_copy(update={"splits": splits, "inputs": inputs, "amended": [*manifest.amended, change]})
+
+
+def compact(out: str, dry_run: bool = False) -> tuple[Manifest, dict[str, list[list[str]]]]:
+    """Merge the small shards of the dataset at ``out`` (its own ``shard_size`` is the target); returns the
+    manifest (the new one, or the one there when nothing was merged or ``dry_run``) and the groups merged."""
+    if dry_run:
+        manifest = mf.load(out)
+        return manifest, small_groups(manifest, int(manifest.config.get("shard_size", 1 << 30)))
+    with DatasetLock(out, "dataset --compact") as lock:
+        manifest, data = mf.load_with_bytes(out)
+        groups = small_groups(manifest, int(manifest.config.get("shard_size", 1 << 30)))
+        if not groups:
+            return manifest, groups
+        merged: dict[str, list[tuple[list[str], ShardInfo]]] = {}
+        for split, split_groups in groups.items():
+            info = {s.name: s for s in manifest.splits[split].shards}
+            index = manifest.splits[split].next_index
+            for i, names in enumerate(split_groups):
+                runs = [info[n].classes for n in names]
+                classes = " ".join(r for r in runs if r) if all(runs) else None
+                merged.setdefault(split, []).append((names, merge_shards(out, split, names, index + i, classes)))
+        new = compacted(manifest, merged, mf.sha256_of(data))
+        mf.check_patient_disjoint(new)
+        lock.check()
+        mf.save(new, out)  # the commit point
+        prune(out, new)
+        return new, groups
