@@ -100,7 +100,7 @@ def test_failed_run_continues_with_resume(setup, stack, monkeypatch):
     original = manifest_file.read_bytes()
     first = mf.Manifest.model_validate_json(original)
     change = mf.Amendment(time="t", added=1, previous_sha256=mf.sha256_of(original))
-    for changed, says in ((first.model_copy(update={"amended": [change]}), "grew"), (first, "was made again")):
+    for changed, says in ((first.model_copy(update={"amended": [change]}), "was amended"), (first, "was made again")):
         manifest_file.write_text(changed.model_dump_json(indent=1))
         with pytest.raises(ValueError, match=f"ds {says}.* since run {run.info.run_id} started"):
             resume_training(run.info.run_id, stack.mlflow_url, storage)

@@ -245,6 +245,8 @@ def test_retrying_the_failed_inputs_adds_their_shards_and_keeps_the_rest():
         "added": 0,
         "retried": 2,
         "replaced": 0,
+        "merged": 0,
+        "merged_into": 0,
         "previous_sha256": "ab" * 32,
     }
     statuses = {r.id: r.status for r in again.inputs}

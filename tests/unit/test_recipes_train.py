@@ -508,7 +508,7 @@ def test_a_worker_refuses_a_dataset_other_than_the_version_its_run_recorded(tmp_
     config = {"recipe": recipe.model_dump(), "run_id": "r1", "manifest_sha256": mf.sha256_of(data)}
     assert Trainer(config, 0, 1).manifest == first  # its own version
     grown = first.model_copy(update={"amended": [mf.Amendment(time="t", added=1, previous_sha256=mf.sha256_of(data))]})
-    for manifest, says in ((grown, "grew"), (first.model_copy(update={"created": "later"}), "was made again")):
+    for manifest, says in ((grown, "was amended"), (first.model_copy(update={"created": "later"}), "was made again")):
         mf.save(manifest, url)
         with pytest.raises(ValueError, match=f"{url} {says}.* since run r1 started"):
             Trainer(config, 0, 1)
