@@ -8,10 +8,11 @@ from collections import Counter
 def add_dataset_parser(sub) -> None:
     ds = sub.add_parser(
         "dataset",
-        help="what an ingested dataset holds (splits, classes, inputs, history); --verify checks its shards",
+        help="what an ingested dataset holds (splits, classes, inputs, history); --verify checks its shards, "
+        "--compact merges its small ones",
         description="Reads the dataset's manifest: its version (the sha256 training runs record), each split's "
         "samples, shards, inputs, patients and inputs per class, the inputs by status, and each run that amended "
-        "it (--append, --retry-failed, --replace-changed). Pseudonyms only: no file name is printed.",
+        "it (--append, --retry-failed, --replace-changed, --compact). Pseudonyms only: no file name is printed.",
     )
     ds.add_argument("url", metavar="URL", help="the dataset (local folder or s3:// prefix), as ingest's --out")
     ds.add_argument(

@@ -145,9 +145,12 @@ class DatasetLock:
         self._stop.set()
         if self._beating is not None:
             self._beating.join()
-        current = holder(self.out)
-        if current is not None and current.token == self.me.token:
-            storage.delete(self.url)
+        try:
+            current = holder(self.out)
+            if current is not None and current.token == self.me.token:
+                storage.delete(self.url)
+        except storage.StorageError:  # left behind: its holder, gone, is taken over by the next run
+            pass
 
     def __enter__(self) -> DatasetLock:
         self.acquire()

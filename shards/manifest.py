@@ -106,16 +106,15 @@ class Amendment(BaseModel):
     replaced: int = 0  # inputs whose files changed, ingested again: the shards that held them written anew
     merged: int = 0  # shards joined into ``merged_into`` larger ones (``tessera dataset --compact``): same samples
     merged_into: int = 0
+    # the sha256 of the manifest it amended: a training run that recorded that version finds it among the
+    # dataset's ancestors (grown since, every patient in the split it had) rather than a dataset replaced
+    previous_sha256: str | None = None
 
     def describe(self) -> str:
         """What the run did, for the terminal."""
         if self.merged:
             return f"{self.merged} small shard(s) merged into {self.merged_into}"
         return f"{self.added} added, {self.retried} retried, {self.replaced} replaced"
-
-    # the sha256 of the manifest it amended: a training run that recorded that version finds it among the
-    # dataset's ancestors (grown since, every patient in the split it had) rather than a dataset replaced
-    previous_sha256: str | None = None
 
 
 class Manifest(BaseModel):

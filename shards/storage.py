@@ -178,7 +178,13 @@ def create_bytes(url: str, data: bytes) -> bool:
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
-            os.link(tmp, loc.path)
+            try:
+                os.link(tmp, loc.path)
+            except OSError as exc:  # a file system without hard links: an exclusive create, then the bytes
+                if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP):
+                    raise
+                with open(loc.path, "xb") as f:
+                    f.write(data)
         finally:
             os.unlink(tmp)
         return True
