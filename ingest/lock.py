@@ -17,9 +17,9 @@ import time
 import uuid
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
-from pathlib import Path
 
 from shards import storage
+from shards.scratch import running
 
 LOCK_NAME = "_ingest.lock"
 TTL = 120.0  # seconds without a heartbeat after which a holder on another host counts as gone
@@ -42,26 +42,11 @@ class Holder:
     beat: float
 
     def gone(self, now: float, ttl: float) -> bool:
-        return now - self.beat > ttl or (self.host == socket.gethostname() and not _alive(self.pid))
+        return now - self.beat > ttl or (self.host == socket.gethostname() and not running(self.pid))
 
     def describe(self, now: float) -> str:
         started = datetime.fromtimestamp(self.started, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
         return f"{self.what} (pid {self.pid} on {self.host}, started {started}, last seen {now - self.beat:.0f}s ago)"
-
-
-def _alive(pid: int) -> bool:
-    """Whether process ``pid`` of this host runs; a zombie (killed, not yet reaped by its parent) does not."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return True
-    return state not in ("Z", "X")
 
 
 def holder(out: str) -> Holder | None:

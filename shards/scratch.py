@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import tempfile
+from pathlib import Path
 
 PREFIX = "tessera-scratch-"
 
@@ -27,14 +28,19 @@ def owner(name: str, prefix: str = PREFIX) -> int | None:
 
 
 def running(pid: int) -> bool:
-    """Whether process ``pid`` exists (a process of another user counts)."""
+    """Whether process ``pid`` runs (a process of another user counts; a zombie, killed and not yet reaped by its
+    parent, does not)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True
+    return state not in ("Z", "X")
 
 
 def owner_running(name: str, prefix: str = PREFIX) -> bool:

@@ -13,6 +13,7 @@ import pytest
 from ingest import lock as lk
 from ingest.lock import DatasetBusy, DatasetLock, holder
 from shards import storage
+from shards.scratch import running
 
 
 def _write_holder(out, **fields) -> None:
@@ -63,12 +64,12 @@ def test_a_lock_whose_holder_is_gone_is_taken_over(tmp_path):
 def test_a_killed_process_not_yet_reaped_counts_as_gone():
     proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        assert lk._alive(proc.pid)
+        assert running(proc.pid)
         proc.kill()
         deadline = time.monotonic() + 10
-        while lk._alive(proc.pid) and time.monotonic() < deadline:  # a zombie until waited on
+        while running(proc.pid) and time.monotonic() < deadline:  # a zombie until waited on
             time.sleep(0.05)
-        assert not lk._alive(proc.pid)
+        assert not running(proc.pid)
     finally:
         proc.wait()
 
