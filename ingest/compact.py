@@ -24,9 +24,11 @@ from shards.manifest import Manifest, ShardInfo
 from shards.writer import concat_shards
 
 
-def small_groups(manifest: Manifest, target: int) -> dict[str, list[list[str]]]:
-    """Per split, the shards to merge: those under half of ``target`` bytes, in the split's order, grouped as
-    packing groups parts (a group closes once it reaches ``target``); a group of one is left as it is."""
+def small_groups(manifest: Manifest, target: int | None = None) -> dict[str, list[list[str]]]:
+    """Per split, the shards to merge: those under half of ``target`` bytes (default: the dataset's own
+    ``shard_size``), in the split's order, grouped as packing groups parts (a group closes once it reaches
+    ``target``); a group of one is left as it is."""
+    target = target or int(manifest.config.get("shard_size", 1 << 30))
     out: dict[str, list[list[str]]] = {}
     for split, info in manifest.splits.items():
         small = [(s.name, s.size) for s in info.shards if s.size < target // 2]
@@ -76,10 +78,10 @@ def compact(out: str, dry_run: bool = False) -> tuple[Manifest, dict[str, list[l
     manifest (the new one, or the one there when nothing was merged or ``dry_run``) and the groups merged."""
     if dry_run:
         manifest = mf.load(out)
-        return manifest, small_groups(manifest, int(manifest.config.get("shard_size", 1 << 30)))
+        return manifest, small_groups(manifest)
     with DatasetLock(out, "dataset --compact") as lock:
         manifest, data = mf.load_with_bytes(out)
-        groups = small_groups(manifest, int(manifest.config.get("shard_size", 1 << 30)))
+        groups = small_groups(manifest)
         if not groups:
             return manifest, groups
         merged: dict[str, list[tuple[list[str], ShardInfo]]] = {}
@@ -87,8 +89,7 @@ def compact(out: str, dry_run: bool = False) -> tuple[Manifest, dict[str, list[l
             info = {s.name: s for s in manifest.splits[split].shards}
             index = manifest.splits[split].next_index
             for i, names in enumerate(split_groups):
-                runs = [info[n].classes for n in names]
-                classes = " ".join(r for r in runs if r) if all(runs) else None
+                classes = mf.join_runs([info[n].classes for n in names])
                 merged.setdefault(split, []).append((names, merge_shards(out, split, names, index + i, classes)))
         new = compacted(manifest, merged, mf.sha256_of(data))
         mf.check_patient_disjoint(new)

@@ -106,9 +106,8 @@ def pack_parts(
             by_split.setdefault(rec.split or "all", []).append(rec)
     classes = {w.id: w.classes for recs in works.values() for w in recs}
 
-    def joined(group: list[str]) -> str | None:  # None when a part was staged before class runs were recorded
-        runs = [classes.get(work_id) for work_id in group]
-        return " ".join(runs) if all(runs) else None
+    def joined(group: list[str]) -> str | None:
+        return mf.join_runs([classes.get(work_id) for work_id in group])
 
     for split, recs in sorted(by_split.items()):
         parts, owners = split_parts(recs, works)

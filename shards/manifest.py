@@ -54,6 +54,13 @@ def decode_runs(text: str) -> list[int]:
     return out
 
 
+def join_runs(runs: list[str | None]) -> str | None:
+    """The class runs of shards or parts joined in order: those of their samples one after another; None when one
+    is unknown (a part staged, or a shard written, before class runs were recorded)."""
+    known = [r for r in runs if r]
+    return " ".join(known) if len(known) == len(runs) else None
+
+
 def split_names(split: str) -> list[str]:
     """``"f0+f1+f2"`` -> ``["f0", "f1", "f2"]``: several ingest splits used as one (re-split replicates)."""
     return [name.strip() for name in split.split("+") if name.strip()]
