@@ -239,12 +239,14 @@ def test_pbt_continues_a_trial_from_anothers_weights(stack, work):
     sweep = SweepConfig(
         name="it-pbt",
         recipe="demo_tiles",
-        overrides=_overrides(work, 3),
+        # Asynchronous PBT compares a report only with the other trial's last one while that trial still runs.
+        # Six epochs, not three: on CI one trial's start lagged the other's by more than the other's whole
+        # three-epoch run, and no report ever met a running rival.
+        overrides=_overrides(work, 6),
         space={"optim.lr": {"loguniform": [1e-4, 3e-2]}},
         # Ranked by their (constant) learning rate, not val_loss: on a tiny dataset the two trials' losses cross
-        # from epoch to epoch, and asynchronous PBT compares each report with the other trial's last one, so a
-        # CI run could end without an exploit. With a fixed ranking the lower trial is exploited at its first
-        # report after the other's, which is what this test is about.
+        # from epoch to epoch. With a fixed ranking the lower trial is exploited at its first report after the
+        # other's, which is what this test is about.
         metric="lr",
         mode="max",
         search={"algorithm": "random", "num_samples": 2, "seed": 3},
