@@ -304,7 +304,9 @@ class Trainer:
                 report.final(pred)
             with scratch.directory("checkpoint") as tmp:  # what a worker killed while saving leaves is swept
                 self.engine.save_checkpoint(tmp, tag=TAG, client_state=self._client_state(epoch, stop))
-                report_to(metrics, tmp)
+                # ``done``: Tune's key for a trial's last result, so that a sweep's scheduler ends the trial on it
+                # instead of perturbing it (PBT handed a finished trial another's last epoch: nothing to train)
+                report_to(metrics | {"done": last}, tmp)
             if stop:
                 break
         self.data.close()

@@ -160,9 +160,12 @@ def run_trial(config: dict[str, Any], sweep: dict, uri: str, storage_path: str, 
             metrics, path = queue.get(timeout=0.5)
         except Empty:
             continue
-        if metrics.get("epoch") == recipe.epochs - 1:
-            # The last epoch: a scheduler ends the trial on this report, so the run closes first (curves, status).
+        if metrics.get("done"):
+            # The last epoch (or an early stop): Tune ends the trial on this report, so the run closes first
+            # (curves, status, held-out step), and an error in that is raised here rather than lost.
             thread.join()
+            if "error" in box or box["outcome"].error:
+                break
         with tempfile.TemporaryDirectory() as d:
             (Path(d) / POINTER).write_text(json.dumps({"path": path, "trial": trial_id, "run_id": run_id}))
             tune.report(metrics | {"mlflow_run_id": run_id}, checkpoint=tune.Checkpoint.from_directory(d))

@@ -83,6 +83,7 @@ def test_recipe_trains_two_steps_and_evaluates(name, tmp_path, process_group):
     trainer.run(lambda metrics, folder: reports.append((metrics, checkpoint_weights(folder))), mlflow=False)
     assert trainer.engine.global_steps == 2
     ((metrics, weights),) = reports
+    assert metrics["done"] is True  # the last epoch's report: a sweep's scheduler ends the trial on it
     assert math.isfinite(metrics["train_loss"]) and math.isfinite(metrics["val_loss"])
     key = "val_rsna_log_loss" if recipe.task == "multilabel" else "val_weighted_log_loss"
     assert math.isfinite(metrics[key])
@@ -486,13 +487,15 @@ def test_a_restored_early_stopped_run_trains_no_more(tmp_path, process_group):
     small = ["data.epoch_samples=4", "batch_size=2", "epochs=4", "workers=1", *never]
     recipe = load_recipe("demo_tiles", [f"data.dataset={tmp_path / 'ds'}", *small])
     _dataset(recipe, str(tmp_path / "ds"))
-    saved = []
+    saved, done = [], []
 
     def keep(metrics, folder):
         saved.append(shutil.copytree(folder, tmp_path / f"epoch{metrics['epoch']}"))
+        done.append(metrics["done"])
 
     Trainer({"recipe": recipe.model_dump()}, 0, 1).run(keep, mlflow=False)
     assert len(saved) == 2  # epoch 1 never beats epoch 0 by 1e9: stopped
+    assert done == [False, True]  # the early stop is the run's last report
     assert Trainer({"recipe": recipe.model_dump()}, 0, 1, str(saved[0])).start == 1
     assert Trainer({"recipe": recipe.model_dump()}, 0, 1, str(saved[1])).start == recipe.epochs
 
