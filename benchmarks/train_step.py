@@ -9,7 +9,7 @@ sides are interleaved: the plain loop runs before and after the Ray run (its med
 Ray worker a plain step and a DeepSpeed step alternate, so drift hits both alike.
 On one worker Tessera runs the recipe's ZeRO-1/2 as stage 0 (``training.engine.zero_stage``: nothing to
 partition); ``--force-stage`` times the recipe's stage as DeepSpeed would run it, for comparison. The worker
-keeps freed memory in its heap as Tessera's CPU training worker does (``training.allocator``; both steps in the
+keeps freed memory in its heap as Tessera's CPU training worker does (``shards.allocator``; both steps in the
 worker get it, the plain loop outside does not: that one is the loop a user would write);
 ``--default-malloc`` leaves glibc's defaults.
 ``--bf16`` runs both sides in bf16 (torch autocast), as a GPU run does by default, on the CPU.
@@ -109,7 +109,7 @@ def plain(args) -> list[float]:
 def _worker(config: dict) -> None:
     import ray.train
 
-    from training.allocator import keep_freed_memory
+    from shards.allocator import keep_freed_memory
     from training.config import TrainRecipe
 
     recipe = TrainRecipe.model_validate(config["recipe"])

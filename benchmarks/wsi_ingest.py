@@ -140,6 +140,9 @@ def tessera_one_core(path: str, out: str) -> tuple[int, float]:
 
 
 def _child(path: str, out: str, runs: int, q) -> None:
+    from ingest.runner import prepare_worker
+
+    prepare_worker(1)  # as an ingest actor of one CPU sets its process up
     times = []
     for _ in range(runs):
         shutil.rmtree(out, ignore_errors=True)

@@ -26,16 +26,24 @@ from shards import storage
 from shards.manifest import InputRecord, Manifest, ShardInfo
 
 
+def prepare_worker(cpus: int) -> None:
+    """Settings of a process that ingests (an actor, or a benchmark's one-core run), made before its work."""
+    import cv2
+
+    from shards.allocator import INGEST, keep_freed_memory
+
+    # OpenCV starts a thread per core of the node whatever the actor holds; Ray's OMP_NUM_THREADS does not
+    # reach it. Held to the actor's CPUs, as many workers as cores do not oversubscribe the node.
+    cv2.setNumThreads(max(1, cpus))
+    keep_freed_memory(**INGEST)  # the tile buffers of each region, re-used instead of page-faulted in anew
+
+
 @ray.remote(max_restarts=2, max_task_retries=2)
 class IngestWorker:
     """A Ray actor holding the ingest configuration: plans inputs and processes their pieces of work."""
 
     def __init__(self, cfg: IngestConfig) -> None:
-        import cv2
-
-        # OpenCV starts a thread per core of the node whatever the actor holds; Ray's OMP_NUM_THREADS does not
-        # reach it. Held to the actor's CPUs, as many workers as cores do not oversubscribe the node.
-        cv2.setNumThreads(max(1, round(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))))
+        prepare_worker(round(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)))
         self.cfg = cfg
         self.background = None
         model = getattr(cfg, "background_model", None)

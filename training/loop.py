@@ -24,8 +24,8 @@ import torch.distributed as dist
 
 from shards import manifest as mf
 from shards import scratch
+from shards.allocator import keep_freed_memory
 from training.aggregate import aggregate
-from training.allocator import keep_freed_memory
 from training.collective import raise_any, said
 from training.config import TrainRecipe
 from training.data import WorkerData
