@@ -74,6 +74,9 @@ def tessera(root: str, out: str, fmt: str = "png") -> tuple[int, float]:
 
 
 def _child(root: str, out: str, fmt: str, q) -> None:
+    from ingest.runner import prepare_worker
+
+    prepare_worker(1)  # as an ingest actor of one CPU sets its process up
     n, secs = tessera(root, out, fmt)
     q.put((n, secs, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
 

@@ -32,11 +32,12 @@ def test_slides_from_s3_give_the_same_samples_as_local_files(stack, tmp_path):
     for p in paths:
         storage.put_file(p, f"s3://shards/src-slides/{p.name}")
     leftovers = set(glob.glob(os.path.join(tempfile.gettempdir(), "tessera-src-*")))
-    # several regions per slide and two workers: regions of one slide land on both, each downloads it once
-    local, _ = run_ingest("wsi", wsi_config(tmp_path / "slides", "s3://shards/wsi-local", region_tiles=3, workers=2))
-    remote, _ = run_ingest(
-        "wsi", wsi_config("s3://shards/src-slides/", "s3://shards/wsi-remote", region_tiles=3, workers=2)
-    )
+    # Several regions per slide and two workers: regions of one slide land on both, each downloads it once. One
+    # split: with a split by patient the replaced slide below could be alone in its split (the pseudonym key, so
+    # the assignment, is the session's), and then its replacement leaves no small shards to compact.
+    options = {"region_tiles": 3, "workers": 2, "split": "train=1.0"}
+    local, _ = run_ingest("wsi", wsi_config(tmp_path / "slides", "s3://shards/wsi-local", **options))
+    remote, _ = run_ingest("wsi", wsi_config("s3://shards/src-slides/", "s3://shards/wsi-remote", **options))
     assert [r.status for r in remote.inputs] == ["ingested"] * 3
     assert sum(r.samples for r in remote.inputs) == sum(r.samples for r in local.inputs) > 6
     assert _samples(remote, "s3://shards/wsi-remote", tmp_path) == _samples(local, "s3://shards/wsi-local", tmp_path)
@@ -45,7 +46,6 @@ def test_slides_from_s3_give_the_same_samples_as_local_files(stack, tmp_path):
     # an object replaced in place (another ETag in the listing) is a difference from the dataset made of it;
     # --replace-changed ingests it again, and the dataset then holds what one made from today's objects holds
     storage.put_file(paths[1], f"s3://shards/src-slides/{paths[0].name}")
-    options = {"region_tiles": 3, "workers": 2}
     with pytest.raises(ValueError, match=r"1 input\(s\) whose files changed since it was made"):
         run_ingest("wsi", wsi_config("s3://shards/src-slides/", "s3://shards/wsi-remote", **options))
     cfg = wsi_config("s3://shards/src-slides/", "s3://shards/wsi-remote", replace_changed=True, **options)
