@@ -153,6 +153,14 @@ def run_trial(config: dict[str, Any], sweep: dict, uri: str, storage_path: str, 
         except BaseException as exc:  # re-raised in the trial's thread below
             box["error"] = exc
 
+    def closed() -> None:
+        """Wait for the run to close; raise what failed in it."""
+        thread.join()
+        if "error" in box:
+            raise box["error"]
+        if box["outcome"].error:
+            raise RuntimeError(f"trial {trial_id}: training failed: {box['outcome'].error}")
+
     thread = threading.Thread(target=train, name="train-run", daemon=True)
     thread.start()
     while thread.is_alive() or not queue.empty():
@@ -163,17 +171,11 @@ def run_trial(config: dict[str, Any], sweep: dict, uri: str, storage_path: str, 
         if metrics.get("done"):
             # The last epoch (or an early stop): Tune ends the trial on this report, so the run closes first
             # (curves, status, held-out step), and an error in that is raised here rather than lost.
-            thread.join()
-            if "error" in box or box["outcome"].error:
-                break
+            closed()
         with tempfile.TemporaryDirectory() as d:
             (Path(d) / POINTER).write_text(json.dumps({"path": path, "trial": trial_id, "run_id": run_id}))
             tune.report(metrics | {"mlflow_run_id": run_id}, checkpoint=tune.Checkpoint.from_directory(d))
-    thread.join()
-    if "error" in box:
-        raise box["error"]
-    if box["outcome"].error:
-        raise RuntimeError(f"trial {trial_id}: training failed: {box['outcome'].error}")
+    closed()
 
 
 def prune_checkpoints(run_ids: list[str], recipe_name: str, train_storage: str) -> int:
