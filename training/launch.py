@@ -196,6 +196,7 @@ def trainer_for(
     name: str | None = None,
     keep_checkpoints: int | None = 2,
     held_out: dict[str, str] | None = None,
+    gate: Any = None,
 ):
     """The TorchTrainer of a run. Its name is fixed by the run id, so that a trainer built again for the same
     run restores from that run's latest checkpoint (Ray Train v2 resumes by name and storage path).
@@ -203,14 +204,15 @@ def trainer_for(
     ``start_from`` (``path``, ``storage``, ``weights_only``) starts a new run from another run's checkpoint;
     ``name`` overrides the run name (a sweep trial takes a new one each time it starts from a checkpoint);
     ``keep_checkpoints`` is how many of the newest checkpoints stay (None: all); ``held_out``: the split the
-    workers evaluate after training (:func:`training.evaluation.held_out_plan`)."""
+    workers evaluate after training (:func:`training.evaluation.held_out_plan`); ``gate``: a sweep trial's queue of
+    epochs its scheduler let it go on after (:func:`training.loop.await_go_ahead`)."""
     from mlflow import MlflowClient
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
     path, fs = storage_location(storage_path)
     config = {"recipe": recipe.model_dump(), "mlflow_uri": tracking_uri, "run_id": run_id, "fault": _fault()}
-    config |= {"start_from": start_from, "held_out": held_out}
+    config |= {"start_from": start_from, "held_out": held_out, "gate": gate}
     # each worker (a restarted one too) checks that it reads the dataset version the run recorded
     config["manifest_sha256"] = MlflowClient(tracking_uri).get_run(run_id).data.tags.get(MANIFEST_TAG)
     return TorchTrainer(
@@ -258,7 +260,7 @@ def fit(
     With ``held_out``, the workers then evaluate the selected model on the recipe's test split, where the
     dataset has one; a failure of that step is the outcome's ``held_out_error``, not the training's.
 
-    ``trainer_options`` go to :func:`trainer_for` (callbacks, start_from, name, keep_checkpoints)."""
+    ``trainer_options`` go to :func:`trainer_for` (callbacks, start_from, name, keep_checkpoints, gate)."""
     from training.evaluation import HELD_OUT_ERROR, held_out_outcome, held_out_plan
 
     logger = tracking.RunLogger(tracking_uri, run_id)

@@ -363,13 +363,26 @@ def train_loop(config: dict[str, Any]) -> None:
     with checkpoint.as_directory() if checkpoint else contextlib.nullcontext() as restored:
         trainer = Trainer(config, ctx.get_world_rank(), ctx.get_world_size(), restored, weights_only)
 
+    gate = config.get("gate")
+
     def report(metrics: dict[str, float], folder: str) -> None:
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+        if gate is not None and trainer.rank == 0 and not metrics["done"]:
+            await_go_ahead(gate, metrics["epoch"])  # the other ranks wait in the next epoch's first all-reduce
 
     trainer.run(report)
     if not trainer.resumed:  # test hook: a worker lost in the held-out step (the fault's epoch: `epochs`)
         _inject_fault(config.get("fault"), trainer.recipe.epochs, 0, trainer.rank)
     held_out_step(trainer)  # on these same workers, where the driver asked for it
+
+
+def await_go_ahead(gate, epoch: int) -> None:
+    """Block until a sweep's trial puts ``epoch`` (or a later one) in ``gate``: its scheduler let the trial go on
+    after that epoch. A trial the scheduler stops or pauses there ends meanwhile, with its workers, so its run
+    trains, and logs, no epoch past the one it was judged on (Ray Train's workers do not wait for their reports
+    to be read, and ran an epoch or two ahead of the scheduler)."""
+    while gate.get() < epoch:  # an earlier epoch's, left by workers that failed and were restarted
+        pass
 
 
 def checkpoint_weights(checkpoint: str | Path) -> dict[str, torch.Tensor]:

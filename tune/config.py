@@ -66,6 +66,10 @@ class SchedulerConfig(Strict):
     reduction_factor: float = Field(3, gt=1)
     perturbation_interval: int = Field(2, ge=1)  # PBT: epochs between exploit/explore
     quantile_fraction: float = Field(0.25, gt=0, le=0.5)
+    # PBT: perturb all trials together at each interval, each paused there until the last arrives (Ray's
+    # synchronous PBT): slower, since every trial restarts from its checkpoint at each interval, but the exploits do
+    # not depend on which trials happen to run side by side, nor on when their reports land
+    synch: bool = False
 
 
 class ReplicateConfig(Strict):

@@ -155,8 +155,8 @@ def summarise(grid, sweep: SweepConfig, uri: str, parent_id: str, sweep_run: str
         # A trial the scheduler stopped ends with its process: its run is left RUNNING, or FAILED when the
         # training thread saw its workers go first. Tune's verdict (no error) is what counts.
         if run.info.status != "FINISHED":
-            # Its run may hold an epoch or two more than the scheduler counted (training went on until the
-            # trial's process ended); the tag says where the scheduler stopped it.
+            # Its workers waited for the verdict on each epoch (``await_go_ahead``): the run holds just the
+            # epochs the scheduler counted, and the tag says where it stopped them.
             client.set_tag(run.info.run_id, "tessera.stopped_early", f"scheduler, after epoch {row['epochs']}")
             client.set_terminated(run.info.run_id, "FINISHED")
     best_col = f"best.{metric}"

@@ -94,7 +94,7 @@ def make_scheduler(sweep: SweepConfig, epochs: int):
     if s.name == "pbt":
         return PopulationBasedTraining(
             time_attr="training_iteration", perturbation_interval=s.perturbation_interval,
-            hyperparam_mutations=tune_space(sweep.space), quantile_fraction=s.quantile_fraction,
+            hyperparam_mutations=tune_space(sweep.space), quantile_fraction=s.quantile_fraction, synch=s.synch,
         )  # fmt: skip
     return FIFOScheduler()
 
@@ -141,6 +141,7 @@ def run_trial(config: dict[str, Any], sweep: dict, uri: str, storage_path: str, 
     # Train's pruning (two kept) deleted it first when epochs were short, and the exploit found an empty folder.
     keep = None if sw.scheduler.name == "pbt" else 2
     queue = Queue(maxsize=1, actor_options={"num_cpus": 0})
+    gate = Queue(actor_options={"num_cpus": 0})  # the epochs Tune let this trial go on after
     box: dict[str, Any] = {}
 
     def train() -> None:
@@ -148,7 +149,7 @@ def run_trial(config: dict[str, Any], sweep: dict, uri: str, storage_path: str, 
             box["outcome"] = fit(
                 recipe, run_id, uri, storage_path, sw.max_failures, register=False,
                 held_out=sw.replicates is not None,  # replicates: test_* per run, for `tessera compare`
-                callbacks=[_to_tune_callback(queue)], start_from=start, name=name, keep_checkpoints=keep,
+                callbacks=[_to_tune_callback(queue)], start_from=start, name=name, keep_checkpoints=keep, gate=gate,
             )  # fmt: skip
         except BaseException as exc:  # re-raised in the trial's thread below
             box["error"] = exc
@@ -175,6 +176,8 @@ def run_trial(config: dict[str, Any], sweep: dict, uri: str, storage_path: str, 
         with tempfile.TemporaryDirectory() as d:
             (Path(d) / POINTER).write_text(json.dumps({"path": path, "trial": trial_id, "run_id": run_id}))
             tune.report(metrics | {"mlflow_run_id": run_id}, checkpoint=tune.Checkpoint.from_directory(d))
+        # Tune returns from the report only if the scheduler lets this trial go on; so do the workers then
+        gate.put(metrics["epoch"])
     closed()
 
 

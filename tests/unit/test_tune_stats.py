@@ -145,6 +145,35 @@ def test_tune_space_trial_counts_and_concurrency():
     assert concurrency(recipe, {"CPU": 1}, use_gpu=False) == 1
 
 
+def test_pbt_runs_synchronously_when_asked_and_a_trials_workers_wait_for_each_verdict():
+    from collections import deque
+
+    from training.loop import await_go_ahead
+    from tune.sweep import make_scheduler
+
+    def pbt(**scheduler):
+        sweep = SweepConfig(
+            name="p", recipe="demo_tiles", space={"optim.lr": {"loguniform": [1e-4, 1e-2]}},
+            search={"algorithm": "random"}, scheduler={"name": "pbt", **scheduler},
+        )  # fmt: skip
+        return make_scheduler(sweep, 4)
+
+    assert pbt()._synch is False and pbt(synch=True)._synch is True
+
+    class Gate:  # the epochs a trial let its workers go on after, as ray.util.queue.Queue hands them out
+        def __init__(self, *epochs: int) -> None:
+            self.left = deque(epochs)
+
+        def get(self) -> int:
+            return self.left.popleft()  # an empty gate raises: the worker would still be waiting
+
+    gate = Gate(0, 1, 2)  # epoch 0's verdict, left unread by workers that failed first and were restarted
+    await_go_ahead(gate, 1)
+    assert list(gate.left) == [2]
+    with pytest.raises(IndexError):  # no verdict on epoch 3 yet: it waits
+        await_go_ahead(gate, 3)
+
+
 def test_a_finished_pbt_sweep_keeps_each_trials_newest_complete_checkpoint(tmp_path):
     from tune.sweep import prune_checkpoints
 
