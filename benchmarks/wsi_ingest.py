@@ -6,13 +6,14 @@ One run, one synthetic JPEG-tiled pyramidal TIFF (default 16384 x 16384 px), thr
 - minimal: read only the tiles Tessera keeps and JPEG-encode each once (no mask, no shards);
 - Tessera: thumbnail tissue mask, kept tiles only, JPEG, shard + DALI index + sha256, preview PNG.
 
-Then Tessera's 1 -> 2 worker speed-up through Ray (``run_ingest`` over ``--slides`` and over twice as many copies
-of the slide with its default options, best of ``--repeats``): end to end, and marginal (the time the second half
-of the slides adds, in which actor start-up, planning the run and packing shards cancel out: the rate a long run
-sees). Twice: with both runs on all cores, where the 1-worker run has an idle core for Ray's own processes, the
-driver and its worker's helper thread (the hash thread of packing), and with each run's Ray
-confined to as many cores as it has workers (CPU affinity), where adding a worker adds a core. Then the peak RSS of
-a worker process. ``--rss-size 65536`` adds Tessera's peak RSS on a slide of that size
+Then the machine's own ceiling for two workers: Tessera's one-core path in one plain process, and in two at once (no
+Ray), over ``--slides`` slides each. Then Tessera's 1 -> 2 worker speed-up through Ray (``run_ingest`` over
+``--slides`` and over twice as many copies of the slide with its default options, best of ``--repeats``): end to
+end, and marginal (the time the second half of the slides adds, in which actor start-up, planning the run and
+packing shards cancel out: the rate a long run sees). Twice: with both runs on all cores, where the 1-worker run has
+an idle core for Ray's own processes, the driver and its worker's helper thread (the hash thread of packing), and
+with each run's Ray confined to as many cores as it has workers (CPU affinity), where adding a worker adds a core.
+Then the peak RSS of a worker process. ``--rss-size 65536`` adds Tessera's peak RSS on a slide of that size
 (generated once into ``--workdir``; a 64k slide takes a minute and ~2 GB), ``--flat-size 65536`` on a slide of that
 size with no pyramid (level 0 alone: its tissue mask must come from level 0, read in blocks). ``--scale-size 65536``
 runs the Ray scaling on copies of a slide of that size instead (a slide as large as a scanner's makes ~11 regions,
@@ -152,6 +153,46 @@ def _child(path: str, out: str, runs: int, q) -> None:
     q.put((kept, times, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
 
 
+def _plain_child(path: str, root: str, slides: int, ready, go, q) -> None:
+    """Tessera's one-core path over ``slides`` slides, timed from ``go`` (after a warm-up slide)."""
+    from ingest.runner import prepare_worker
+
+    prepare_worker(1)
+    tessera_one_core(path, f"{root}/warm")
+    shutil.rmtree(f"{root}/warm", ignore_errors=True)
+    ready.release()
+    go.wait()
+    t = time.perf_counter()
+    for k in range(slides):
+        tessera_one_core(path, f"{root}/{k}")
+        shutil.rmtree(f"{root}/{k}", ignore_errors=True)
+    q.put((t, time.perf_counter()))
+
+
+def plain_scaling(path: str, root: Path, slides: int, repeats: int) -> dict[int, list[float]]:
+    """Wall times of one and of two plain processes (no Ray) started together, each running Tessera's one-core
+    path over ``slides`` slides, alternating ``repeats`` times: the most a second worker can add on this machine,
+    against which Ray's 1 -> 2 is read (two busy processes slow each other where they share caches, memory
+    bandwidth or, in a VM, a host core)."""
+    ctx = mp.get_context("spawn")
+    times: dict[int, list[float]] = {1: [], 2: []}
+    for _ in range(repeats):
+        for n in (1, 2):
+            ready, go, q = ctx.Semaphore(0), ctx.Event(), ctx.Queue()
+            args = [(path, str(root / f"plain{i}"), slides, ready, go, q) for i in range(n)]
+            procs = [ctx.Process(target=_plain_child, args=a) for a in args]
+            for proc in procs:
+                proc.start()
+            for _ in procs:
+                ready.acquire()
+            go.set()
+            spans = [q.get() for _ in procs]
+            for proc in procs:
+                proc.join()
+            times[n].append(max(end for _, end in spans) - min(start for start, _ in spans))
+    return times
+
+
 def ray_scaling(
     paths: list[str], root: Path, repeats: int, workers: tuple[int, ...] = (1, 2), cores: int = 2
 ) -> dict[tuple[int, int], list[float]]:
@@ -240,6 +281,7 @@ def main() -> None:
     ap.add_argument("--scale-size", type=int, default=0, help="run the Ray scaling on copies of a slide this large")
     args = ap.parse_args()
     os.environ.setdefault("TESSERA_PSEUDONYM_KEY", "benchmark")
+    os.environ.setdefault("TQDM_DISABLE", "1")  # the Ray runs' progress bars (tqdm reads TQDM_* defaults)
     root = Path(args.workdir or tempfile.mkdtemp(prefix="tessera-bench-"))
     root.mkdir(parents=True, exist_ok=True)
     slide = _slide(root, args.size)
@@ -264,6 +306,15 @@ def main() -> None:
     print(f"tessera / paper   (slide time):   {p_s / t_s:6.2f}x")
     print(f"tessera / minimal (kept tiles/s): {t_kept / t_s / (m_kept / m_s):6.2f}x  (target >= 0.8)")
     print(f"peak RSS of the worker process:   {rss_mb:6.0f} MB")
+
+    plain = plain_scaling(str(slide), root, args.slides, args.repeats)
+    best1, best2 = min(plain[1]), min(plain[2])
+    ceiling = 2 * best1 / best2
+    print(f"\nplain processes, no Ray: 1 process, and 2 processes at once, {args.slides} slides each:")
+    print(f"  1 process:   {', '.join(f'{t:.2f}' for t in plain[1])} s")
+    print(f"  2 processes: {', '.join(f'{t:.2f}' for t in plain[2])} s")
+    mid = 2 * statistics.median(plain[1]) / statistics.median(plain[2])
+    print(f"  1 -> 2 (this machine's ceiling, best of {args.repeats}): {ceiling:.2f}x; of the medians {mid:.2f}x")
 
     size = args.scale_size or args.size
     slides = [_slide(root, size)]
@@ -294,6 +345,9 @@ def main() -> None:
         # The extra n slides of the longer run cost only per-slide work: start-up, planning and packing cancel out.
         m1, m2 = best[1, n2] - best[1, n], best[2, n2] - best[2, n]
         print(f"  1 -> 2 workers, marginal ({n2} minus {n} slides): {m1:.2f}s -> {m2:.2f}s = {m1 / m2:.2f}x")
+        if size == args.size:
+            share = best[1, n2] / best[2, n2] / ceiling
+            print(f"  {n2} slides end to end, of the plain processes' ceiling ({ceiling:.2f}x): {share:.0%}")
 
     if args.rss_size:
         big = _slide(root, args.rss_size)
