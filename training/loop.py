@@ -381,7 +381,7 @@ def await_go_ahead(gate, epoch: int) -> None:
     after that epoch. A trial the scheduler stops or pauses there ends meanwhile, with its workers, so its run
     trains, and logs, no epoch past the one it was judged on (Ray Train's workers do not wait for their reports
     to be read, and ran an epoch or two ahead of the scheduler)."""
-    while gate.get() < epoch:  # an earlier epoch's, left by workers that failed and were restarted
+    while gate.get() < epoch:  # an earlier epoch's, left unread by workers that failed and were restarted
         pass
 
 
