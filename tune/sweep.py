@@ -141,7 +141,10 @@ def run_trial(config: dict[str, Any], sweep: dict, uri: str, storage_path: str, 
     # Train's pruning (two kept) deleted it first when epochs were short, and the exploit found an empty folder.
     keep = None if sw.scheduler.name == "pbt" else 2
     queue = Queue(maxsize=1, actor_options={"num_cpus": 0})
-    gate = Queue(actor_options={"num_cpus": 0})  # the epochs Tune let this trial go on after
+    # The epochs Tune let this trial go on after. ASHA and PBT may stop or pause a trial after any epoch, so its
+    # workers wait for each verdict; without a scheduler (replicates too) none comes, and they do not wait for
+    # nothing (Ray Train reads a report when it next polls its workers, every 2 s).
+    gate = Queue(actor_options={"num_cpus": 0}) if sw.scheduler.name != "none" else None
     box: dict[str, Any] = {}
 
     def train() -> None:
@@ -176,8 +179,8 @@ def run_trial(config: dict[str, Any], sweep: dict, uri: str, storage_path: str, 
         with tempfile.TemporaryDirectory() as d:
             (Path(d) / POINTER).write_text(json.dumps({"path": path, "trial": trial_id, "run_id": run_id}))
             tune.report(metrics | {"mlflow_run_id": run_id}, checkpoint=tune.Checkpoint.from_directory(d))
-        # Tune returns from the report only if the scheduler lets this trial go on; so do the workers then
-        gate.put(metrics["epoch"])
+        if gate is not None:  # Tune returns from the report only if the scheduler lets this trial go on
+            gate.put(metrics["epoch"])
     closed()
 
 
