@@ -363,12 +363,10 @@ def train_loop(config: dict[str, Any]) -> None:
     with checkpoint.as_directory() if checkpoint else contextlib.nullcontext() as restored:
         trainer = Trainer(config, ctx.get_world_rank(), ctx.get_world_size(), restored, weights_only)
 
-    gate = config.get("gate")
-
     def report(metrics: dict[str, float], folder: str) -> None:
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
-        if gate is not None and trainer.rank == 0 and not metrics["done"]:
-            await_go_ahead(gate, metrics["epoch"])  # the other ranks wait in the next epoch's first all-reduce
+        if config.get("gate") is not None and trainer.rank == 0 and not metrics["done"]:
+            await_go_ahead(config["gate"], metrics["epoch"])  # the other ranks wait in the next all-reduce
 
     trainer.run(report)
     if not trainer.resumed:  # test hook: a worker lost in the held-out step (the fault's epoch: `epochs`)
@@ -377,10 +375,8 @@ def train_loop(config: dict[str, Any]) -> None:
 
 
 def await_go_ahead(gate, epoch: int) -> None:
-    """Block until a sweep's trial puts ``epoch`` (or a later one) in ``gate``: its scheduler let the trial go on
-    after that epoch. A trial the scheduler stops or pauses there ends meanwhile, with its workers, so its run
-    trains, and logs, no epoch past the one it was judged on (Ray Train's workers do not wait for their reports
-    to be read, and ran an epoch or two ahead of the scheduler)."""
+    """Block until a sweep's trial puts ``epoch`` (or later) in ``gate``, its scheduler having let it go on: one
+    it stops or pauses there ends first, with its workers, which otherwise ran an epoch or two past the verdict."""
     while gate.get() < epoch:  # an earlier epoch's, left unread by workers that failed and were restarted
         pass
 
