@@ -11,6 +11,7 @@ from cluster.cli_dataset import add_dataset_parser
 from cluster.cli_evaluate import add_evaluate_parser, held_out_line, print_held_out
 from cluster.cli_ingest import add_ingest_parser, ingest_config, ingest_dry_run, keep_private
 from cluster.errors import TesseraError
+from training.console import quiet_libraries
 
 
 def _settings():
@@ -357,6 +358,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # Ray reads its auth settings when first imported, so the environment is exported before any command.
         _settings().apply()
+        quiet_libraries()
         return int(args.fn(args) or 0)
     except KeyboardInterrupt as exc:
         print(f"tessera: {exc or 'interrupted'}", file=sys.stderr)

@@ -105,6 +105,9 @@ def eval_loop(config: dict[str, Any]) -> None:
     """Ray Train entry point of ``tessera evaluate``: ``recipe``, ``split``, ``prefix``, ``mlflow_uri``, ``run_id``."""
     import ray.train
 
+    from training.console import quiet_worker
+
+    quiet_worker()
     ctx = ray.train.get_context()
     recipe = TrainRecipe.model_validate(config["recipe"])
     log = tracking.RunLogger(config["mlflow_uri"], config["run_id"])
@@ -223,9 +226,10 @@ def evaluate_run(
     dataset). The run's recipe, with ``overrides`` of where it runs (``launch.EVALUATE_KEYS``: the metrics do not
     depend on the number of workers)."""
     from mlflow import MlflowClient
-    from ray.train import RunConfig
+    from ray.train import LoggingConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
+    from training.console import train_log_level
     from training.export import MODEL_JSON
     from training.launch import MANIFEST_TAG, load_manifest, run_recipe, storage_location, worker_group
     from training.loop import outputs_of
@@ -257,7 +261,9 @@ def evaluate_run(
         eval_loop,
         train_loop_config=config,
         **worker_group(recipe),
-        run_config=RunConfig(name=group, storage_path=path, storage_filesystem=fs),
+        run_config=RunConfig(
+            name=group, storage_path=path, storage_filesystem=fs, logging_config=LoggingConfig(train_log_level())
+        ),
     ).fit()
     if result.error is not None:
         raise RuntimeError(f"evaluation of run {run_id} on {url} ({split}) failed: {result.error}")

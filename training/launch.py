@@ -61,6 +61,13 @@ def has_model_states(path: str, fs=None) -> bool:
     return any(f.path.endswith("_model_states.pt") for f in checkpoint_files(path, fs))
 
 
+def check_checkpoint(path: str, fs, role: str = "to start from") -> None:
+    """Refuse a checkpoint that holds no model states, naming it (DeepSpeed would only fail an assertion on an
+    empty list); ``role`` says which checkpoint it is."""
+    if not has_model_states(path, fs):
+        raise FileNotFoundError(f"checkpoint {path} {role} holds no model states (deleted or incomplete)")
+
+
 def run_checkpoints(folder: str, fs) -> list:
     """The ``checkpoint_*`` folders of one Ray Train run folder (pyarrow ``FileInfo``s), oldest first."""
     import pyarrow.fs as pafs
@@ -207,8 +214,10 @@ def trainer_for(
     workers evaluate after training (:func:`training.evaluation.held_out_plan`); ``gate``: a sweep trial's queue of
     epochs its scheduler let it go on after (:func:`training.loop.await_go_ahead`)."""
     from mlflow import MlflowClient
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig
     from ray.train.torch import TorchTrainer
+
+    from training.console import epoch_lines, train_log_level
 
     path, fs = storage_location(storage_path)
     config = {"recipe": recipe.model_dump(), "mlflow_uri": tracking_uri, "run_id": run_id, "fault": _fault()}
@@ -225,7 +234,8 @@ def trainer_for(
             storage_filesystem=fs,
             failure_config=FailureConfig(max_failures=max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=keep_checkpoints),
-            callbacks=callbacks,
+            callbacks=[epoch_lines(recipe.epochs, recipe.eval.monitor, recipe.eval.levels), *(callbacks or [])],
+            logging_config=LoggingConfig(train_log_level()),
         ),
     )
 

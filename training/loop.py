@@ -76,10 +76,10 @@ def _inject_fault(fault: dict | None, epoch: int, step: int, rank: int) -> None:
 
 
 def train_epoch(engine, batches, loss_fn: Loss, device, epoch: int, rank: int, fault=None) -> dict[str, float]:
-    """One pass of optimiser micro-steps; mean loss and accuracy over all workers."""
+    """One pass of optimiser micro-steps; mean loss and accuracy over all workers, and how fast they went."""
     engine.train()
     dtype = next(engine.parameters()).dtype
-    loss_sum, correct, seen = 0.0, 0, 0
+    loss_sum, correct, seen, began = 0.0, 0, 0, time.perf_counter()
     for step, (x, y, _) in enumerate(batches):
         _inject_fault(fault, epoch, step, rank)
         yb = torch.as_tensor(y, device=device)
@@ -94,7 +94,9 @@ def train_epoch(engine, batches, loss_fn: Loss, device, epoch: int, rank: int, f
     # on the training device: NCCL, a GPU run's backend, reduces CUDA tensors only
     totals = torch.tensor([loss_sum, correct, seen], dtype=torch.float64, device=device)
     dist.all_reduce(totals)
-    out = {"train_loss": float(totals[0] / totals[2])}
+    seconds = time.perf_counter() - began  # to the all-reduce: until the slowest rank had finished
+    out = {"train_loss": float(totals[0] / totals[2]), "train_seconds": seconds}
+    out["train_samples_per_s"] = float(totals[2]) / seconds
     if not loss_fn.multilabel:
         out["train_accuracy"] = float(totals[1] / totals[2])
     return out
@@ -334,32 +336,25 @@ class Trainer:
                 report.export(self.swa.module if self.swa is not None else self.engine.module, folder)
 
 
-def _check_checkpoint(path: str, fs, role: str = "to start from") -> None:
-    """Refuse a checkpoint that holds no model states, naming it (DeepSpeed would only fail an assertion on an
-    empty list); ``role`` says which checkpoint it is."""
-    from training.launch import has_model_states
-
-    if not has_model_states(path, fs):
-        raise FileNotFoundError(f"checkpoint {path} {role} holds no model states (deleted or incomplete)")
-
-
 def train_loop(config: dict[str, Any]) -> None:
     """Ray Train entry point. ``config``: ``recipe`` (dict), ``mlflow_uri``, ``run_id``, optional ``fault``."""
     import ray.train
 
+    from training.console import quiet_worker
+    from training.launch import check_checkpoint, storage_filesystem
+
+    quiet_worker()
     ctx = ray.train.get_context()
     checkpoint = ray.train.get_checkpoint()
     start = config.get("start_from")
     weights_only = False
     if checkpoint is None and start:  # a new run that starts from another run's checkpoint (sweeps)
-        from training.launch import storage_filesystem
-
         fs = storage_filesystem(start["storage"])
         checkpoint = ray.train.Checkpoint(start["path"], filesystem=fs)
         weights_only = bool(start.get("weights_only"))
-        _check_checkpoint(start["path"], fs)
+        check_checkpoint(start["path"], fs)
     elif checkpoint is not None:  # this run's own latest, after a worker failure or with --resume
-        _check_checkpoint(checkpoint.path, checkpoint.filesystem, "to resume from")
+        check_checkpoint(checkpoint.path, checkpoint.filesystem, "to resume from")
     with checkpoint.as_directory() if checkpoint else contextlib.nullcontext() as restored:
         trainer = Trainer(config, ctx.get_world_rank(), ctx.get_world_size(), restored, weights_only)
 

@@ -33,6 +33,9 @@ def test_submit_ingest_and_train_jobs(stack, tmp_path):
         "batch_size=4", "data.image_size=32",
     )  # fmt: skip
     assert train.returncode == 0, (train.stdout + train.stderr)[-3000:]
+    # Tessera's line per epoch, followed from the job; not Ray Train's own per report, whole metric dicts in it
+    assert "epoch 1/1: train_loss" in train.stdout and "samples/s)" in train.stdout
+    assert "TrainingReport(" not in train.stdout + train.stderr, (train.stdout + train.stderr)[-3000:]
     client = MlflowClient(stack.mlflow_url)
     exps = [e.experiment_id for e in client.search_experiments()]
     runs = client.search_runs(exps, f"tags.dataset = '{out}'")

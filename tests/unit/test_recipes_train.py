@@ -85,6 +85,10 @@ def test_recipe_trains_two_steps_and_evaluates(name, tmp_path, process_group):
     ((metrics, weights),) = reports
     assert metrics["done"] is True  # the last epoch's report: a sweep's scheduler ends the trial on it
     assert math.isfinite(metrics["train_loss"]) and math.isfinite(metrics["val_loss"])
+    # the epoch's 4 samples (2 steps of 2) over the time they took
+    assert metrics["train_seconds"] > 0 and metrics["train_samples_per_s"] == pytest.approx(
+        4 / metrics["train_seconds"]
+    )
     key = "val_rsna_log_loss" if recipe.task == "multilabel" else "val_weighted_log_loss"
     assert math.isfinite(metrics[key])
     for level in recipe.eval.levels:

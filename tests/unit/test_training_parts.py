@@ -168,18 +168,18 @@ def test_vivit_weights_from_a_local_folder(tmp_path):
 
 
 def test_a_checkpoint_without_model_states_is_refused_by_name(tmp_path):
-    from training.loop import _check_checkpoint
+    from training.launch import check_checkpoint
 
     ckpt = tmp_path / "checkpoint_000001"
     (ckpt / "checkpoint").mkdir(parents=True)
     with pytest.raises(FileNotFoundError, match="checkpoint_000001 to start from holds no model states"):
-        _check_checkpoint(str(ckpt), None)
+        check_checkpoint(str(ckpt), None)
     with pytest.raises(FileNotFoundError, match="checkpoint_000001 to resume from holds no model states"):
-        _check_checkpoint(str(ckpt), None, "to resume from")
+        check_checkpoint(str(ckpt), None, "to resume from")
     with pytest.raises(FileNotFoundError, match="gone_000002"):  # pruned away entirely
-        _check_checkpoint(str(tmp_path / "gone_000002"), None)
+        check_checkpoint(str(tmp_path / "gone_000002"), None)
     (ckpt / "checkpoint" / "mp_rank_00_model_states.pt").write_bytes(b"x")
-    _check_checkpoint(str(ckpt), None)
+    check_checkpoint(str(ckpt), None)
 
 
 def test_checkpoints_of_a_run_and_their_zero_partitions(tmp_path):

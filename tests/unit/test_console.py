@@ -1,0 +1,63 @@
+"""What a training run prints: its epoch line, and which library lines it leaves out."""
+
+import math
+import os
+import warnings
+
+import pytest
+
+from training.console import epoch_line, quiet_libraries, train_log_level
+
+METRICS = {
+    "epoch": 1, "train_loss": 1.42944, "train_accuracy": 0.88, "val_loss": 0.43711, "val_accuracy": 0.93388,
+    "val_auc": 0.95066, "val_weighted_log_loss": 0.46373, "val_slide_accuracy": 1.0, "val_patient_accuracy": 0.5,
+    "lr": 0.003, "done": False, "train_seconds": 1.25, "train_samples_per_s": 256.0,
+}  # fmt: skip
+
+
+def test_an_epoch_line_gives_losses_the_monitored_metric_each_levels_accuracy_and_throughput():
+    line = epoch_line("strip-1a2b", METRICS, 3, "val_weighted_log_loss", ["slide", "patient"])
+    assert line == (
+        "strip-1a2b epoch 2/3: train_loss 1.4294  val_loss 0.4371  val_weighted_log_loss 0.4637  "
+        "val_accuracy 0.9339  val_auc 0.9507  val_slide_accuracy 1.0000  val_patient_accuracy 0.5000  "
+        "(1.2 s training, 256.0 samples/s)"
+    )
+
+
+def test_an_epoch_line_leaves_out_what_is_absent_or_undefined_and_shows_the_monitor_once():
+    multilabel = {"epoch": 0, "train_loss": 0.7, "val_loss": 0.6, "val_rsna_log_loss": 0.65, "val_auc": math.nan}
+    line = epoch_line("rsna", multilabel, 1, "val_loss", ["series"])
+    assert line == "rsna epoch 1/1: train_loss 0.7000  val_loss 0.6000"
+
+
+def _warned(message: str) -> list:
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        quiet_libraries()
+        warnings.warn(message, FutureWarning, stacklevel=1)
+    return seen
+
+
+def test_quiet_libraries_drops_the_named_deprecations_only_and_debugging_keeps_everything(monkeypatch):
+    for var in ("TESSERA_DEBUG", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"):
+        monkeypatch.delenv(var, raising=False)
+    assert _warned("`torch.jit.trace` is deprecated. Please switch to `torch.compile`") == []
+    assert _warned("`torch.distributed.all_gather_into_tensor` is deprecated. Please use ...") == []
+    assert len(_warned("`torch.load` default changed")) == 1  # another deprecation is still shown
+    assert os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] == "false"  # no download bars in every worker
+    assert train_log_level() == "WARNING"
+
+    monkeypatch.setenv("TESSERA_DEBUG", "1")
+    monkeypatch.delenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
+    assert len(_warned("`torch.jit.trace` is deprecated.")) == 1
+    assert "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR" not in os.environ
+    assert train_log_level() == "DEBUG"
+
+
+@pytest.fixture(autouse=True)
+def _restore_env():
+    """quiet_libraries sets MLflow's variables with setdefault; monkeypatch restores what it deleted, not these."""
+    before = dict(os.environ)
+    yield
+    for key in set(os.environ) - set(before):
+        del os.environ[key]

@@ -1,0 +1,87 @@
+"""What a training run prints: one line per epoch, and not the libraries' routine chatter.
+
+Left alone, Ray Train logs each report of each worker with its whole metric dict, MLflow draws download bars in
+every worker and prints the run's link that Tessera prints already, and torch and DeepSpeed warn about
+deprecations in calls Tessera makes on purpose (TorchScript export) or cannot change (DeepSpeed's ZeRO). The
+epoch's own line drowned in that. ``TESSERA_DEBUG=1`` keeps all of it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import warnings
+from typing import Any
+
+DEBUG_ENV = "TESSERA_DEBUG"
+# Messages of deprecation warnings (regexes matched at the start) that say nothing a user can act on.
+DEPRECATIONS = (
+    r"`torch\.jit\.trace",  # training.export traces TorchScript: the format `--background-model` reads too
+    r"`torch\.distributed\.all_gather_into_tensor` is deprecated",  # DeepSpeed's ZeRO gathers
+)
+
+
+def debugging() -> bool:
+    return bool(os.environ.get(DEBUG_ENV))
+
+
+def train_log_level() -> str:
+    """Ray Train's own log level (its ``LoggingConfig``): its resource requests, worker group and checkpoint
+    lines only when debugging; its warnings and errors always."""
+    return "DEBUG" if debugging() else "WARNING"
+
+
+def quiet_libraries() -> None:
+    """In the driver (the CLI) and in workers: leave out the libraries' routine lines (none when debugging)."""
+    if debugging():
+        return
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # Tessera prints the run's link
+    logging.getLogger("mlflow.store.model_registry.abstract_store").setLevel(logging.WARNING)  # "Waiting up to"
+    for message in DEPRECATIONS:
+        warnings.filterwarnings("ignore", message=message, category=FutureWarning)
+
+
+def quiet_worker() -> None:
+    """:func:`quiet_libraries` in a Ray Train worker, and Ray Train's line per report; without CUDA, also torch's
+    JIT-build helper (DeepSpeed's CPU ops), which warns on every worker that it found none."""
+    import torch
+
+    quiet_libraries()
+    if debugging():
+        return
+    if not torch.cuda.is_available():
+        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+    with contextlib.suppress(ImportError, AttributeError):
+        # "Reporting training result N: TrainingReport(...)" per report and worker, on a logger named after its
+        # file, so Ray Train's log level does not reach it
+        from ray.train.v2._internal.execution import context
+
+        logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
+def epoch_line(run: str, metrics: dict[str, Any], epochs: int, monitor: str, levels: list[str]) -> str:
+    """One epoch of ``run`` in a line: losses, the monitored metric, accuracy (or AUC) per level, throughput."""
+    keys = ["train_loss", "val_loss", monitor, "val_accuracy", "val_auc", *(f"val_{lv}_accuracy" for lv in levels)]
+    values = {k: metrics.get(k) for k in [*keys, "val_swa_loss"]}
+    shown = [f"{k} {v:.4f}" for k, v in values.items() if isinstance(v, int | float) and not math.isnan(v)]
+    line = f"{run} epoch {int(metrics['epoch']) + 1}/{epochs}: " + "  ".join(shown)
+    if "train_seconds" in metrics:
+        line += f"  ({metrics['train_seconds']:.1f} s training, {metrics['train_samples_per_s']:.1f} samples/s)"
+    return line
+
+
+def epoch_lines(epochs: int, monitor: str, levels: list[str]):
+    """A Ray Train callback (it runs in the run's controller) that prints rank 0's :func:`epoch_line` for each
+    report."""
+    from ray.train.v2.api.callback import UserCallback
+
+    class EpochLines(UserCallback):
+        def after_report(self, run_context, metrics, checkpoint) -> None:
+            if metrics and "epoch" in metrics[0]:
+                name = run_context.get_run_config().name
+                print(epoch_line(name, metrics[0], epochs, monitor, levels), flush=True)
+
+    return EpochLines()
