@@ -15,6 +15,11 @@ from training import tracking
 from training.config import RecipeError, TrainRecipe, apply_overrides, flatten, recipe_from_tree
 
 RECIPE_ARTIFACT = "recipe.yaml"
+# Ray Train settings a run's controller and workers take from the driver's environment, unless set there:
+# - the controller reads a report when it next polls the workers (every 2 s by default): each run waited up to
+#   that long for its end, and a sweep's scheduler as long for each epoch's verdict;
+# - a worker's print would be logged and also written to stdout, and reach the console twice.
+RAY_TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
 # Test hook: "EPOCH,STEP,RANK" kills that worker once with SIGKILL (fault-tolerance tests).
 FAULT_ENV = "TESSERA_FAULT_KILL"
 
@@ -242,10 +247,13 @@ def trainer_for(
 
 def worker_group(recipe: TrainRecipe) -> dict[str, Any]:
     """The ``scaling_config`` and ``torch_config`` of a TorchTrainer for ``recipe``: its workers, their CPUs and
-    placement, GPUs (NCCL) where the recipe asks for them or they are there, gloo otherwise."""
+    placement, GPUs (NCCL) where the recipe asks for them or they are there, gloo otherwise. Sets
+    :data:`RAY_TRAIN_ENV` where the environment does not."""
     from ray.train import ScalingConfig
     from ray.train.torch import TorchConfig
 
+    for key, value in RAY_TRAIN_ENV.items():
+        os.environ.setdefault(key, value)
     use_gpu = wants_gpu(recipe)
     scaling = ScalingConfig(
         num_workers=recipe.workers,

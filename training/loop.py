@@ -68,7 +68,8 @@ def _inject_fault(fault: dict | None, epoch: int, step: int, rank: int) -> None:
     """Test hook: SIGKILL this worker once at ``fault``'s (epoch, step, rank) (only in a run not yet resumed).
 
     It waits a few seconds first: Ray Train registers a checkpoint only once its controller has polled every
-    rank's report (every 2 s), and a tiny test epoch can be shorter than that.
+    rank's report (every 0.5 s as Tessera sets it, or up to Ray's default 2 s), and a tiny test epoch can be
+    shorter than that.
     """
     if fault and (fault["epoch"], fault["step"], fault["rank"]) == (epoch, step, rank):
         time.sleep(6)

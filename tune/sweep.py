@@ -143,7 +143,7 @@ def run_trial(config: dict[str, Any], sweep: dict, uri: str, storage_path: str, 
     queue = Queue(maxsize=1, actor_options={"num_cpus": 0})
     # The epochs Tune let this trial go on after. ASHA and PBT may stop or pause a trial after any epoch, so its
     # workers wait for each verdict; without a scheduler (replicates too) none comes, and they do not wait for
-    # nothing (Ray Train reads a report when it next polls its workers, every 2 s).
+    # nothing (Ray Train reads a report when it next polls its workers: launch.RAY_TRAIN_ENV).
     gate = Queue(actor_options={"num_cpus": 0}) if sw.scheduler.name != "none" else None
     box: dict[str, Any] = {}
 

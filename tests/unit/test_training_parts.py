@@ -2,6 +2,7 @@
 (no services)."""
 
 import math
+import os
 
 import pyarrow.fs as pafs
 import pytest
@@ -247,3 +248,20 @@ def test_a_run_registers_one_model_version_however_often_it_ends(tmp_path):
     assert register_model(uri, first, "recipe") == register_model(uri, first, "recipe") == "1"
     assert register_model(uri, second, "recipe") == "2"
     assert sorted(str(v.version) for v in client.search_model_versions("name='recipe'")) == ["1", "2"]
+
+
+def test_a_runs_worker_group_polls_every_half_second_and_prints_once_unless_the_environment_says(monkeypatch):
+    from training.launch import RAY_TRAIN_ENV, worker_group
+
+    recipe = load_recipe("demo_tiles", ["use_gpu=false", "workers=3"])
+    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "")  # restored to what it was afterwards
+    monkeypatch.delenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")
+    monkeypatch.setenv("RAY_TRAIN_ENABLE_PRINT_PATCH", "1")  # a user's choice stays
+    group = worker_group(recipe)
+    assert group["scaling_config"].num_workers == 3 and group["torch_config"].backend == "gloo"
+    assert os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == RAY_TRAIN_ENV["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"]
+    assert os.environ["RAY_TRAIN_ENABLE_PRINT_PATCH"] == "1"
+    # Ray Train hands these from the driver to the run's controller and workers
+    from ray.train.v2._internal.constants import ENV_VARS_TO_PROPAGATE
+
+    assert set(RAY_TRAIN_ENV) <= ENV_VARS_TO_PROPAGATE
