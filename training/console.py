@@ -2,8 +2,8 @@
 
 Left alone, Ray Train logs each report of each worker with its whole metric dict, MLflow draws download bars in
 every worker and prints the run's link that Tessera prints already, and torch and DeepSpeed warn about
-deprecations in calls Tessera makes on purpose (TorchScript export) or cannot change (DeepSpeed's ZeRO). The
-epoch's own line drowned in that. ``TESSERA_DEBUG=1`` keeps all of it.
+deprecations in calls Tessera makes on purpose (TorchScript export) or cannot change (DeepSpeed's ZeRO): what a
+user wants to see of a run drowned in that. ``TESSERA_DEBUG=1`` keeps all of it.
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ def debugging() -> bool:
 
 def train_log_level() -> str:
     """Ray Train's own log level (its ``LoggingConfig``): its resource requests, worker group and checkpoint
-    lines only when debugging; its warnings and errors always."""
-    return "DEBUG" if debugging() else "WARNING"
+    lines (Ray's default, INFO) only when debugging; its warnings and errors always."""
+    return "INFO" if debugging() else "WARNING"
 
 
 def quiet_libraries() -> None:

@@ -51,7 +51,7 @@ def test_quiet_libraries_drops_the_named_deprecations_only_and_debugging_keeps_e
     monkeypatch.delenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
     assert len(_warned("`torch.jit.trace` is deprecated.")) == 1
     assert "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR" not in os.environ
-    assert train_log_level() == "DEBUG"
+    assert train_log_level() == "INFO"
 
 
 @pytest.fixture(autouse=True)
