@@ -22,6 +22,10 @@ DEPRECATIONS = (
     r"`torch\.distributed\.all_gather_into_tensor` is deprecated",  # DeepSpeed's ZeRO gathers
 )
 
+# Ray's driver folds lines that differ only in words with digits and come from several processes within 5 s into
+# one "[repeated Nx across cluster]": the epoch lines of a sweep's trials side by side, each but the last lost.
+EPOCH_LINE = r" epoch \d+/\d+: "
+
 
 def debugging() -> bool:
     return bool(os.environ.get(DEBUG_ENV))
@@ -34,12 +38,15 @@ def train_log_level() -> str:
 
 
 def quiet_libraries() -> None:
-    """In the driver (the CLI) and in workers: leave out the libraries' routine lines (none when debugging)."""
+    """In the driver (the CLI) and in workers: leave out the libraries' routine lines (none when debugging). In
+    the driver before Ray is imported, which reads which lines it never folds then."""
+    os.environ.setdefault("RAY_DEDUP_LOGS_ALLOW_REGEX", EPOCH_LINE)
     if debugging():
         return
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # Tessera prints the run's link
     logging.getLogger("mlflow.store.model_registry.abstract_store").setLevel(logging.WARNING)  # "Waiting up to"
+    logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)  # a sweep trial's "Checkpoint ..."
     for message in DEPRECATIONS:
         warnings.filterwarnings("ignore", message=message, category=FutureWarning)
 

@@ -120,8 +120,10 @@ def run_trial(config: dict[str, Any], sweep: dict, uri: str, storage_path: str, 
     from ray import tune
     from ray.util.queue import Empty, Queue
 
+    from training.console import quiet_libraries
     from training.launch import fit
 
+    quiet_libraries()
     sw = SweepConfig.model_validate(sweep)
     trial_id = tune.get_context().get_trial_id()
     recipe = recipe_with(recipe_tree(sw.recipe), sw.overrides, trial_params(sw, config), f"trial {trial_id}")

@@ -2,6 +2,7 @@
 
 import math
 import os
+import re
 import warnings
 
 import pytest
@@ -41,11 +42,15 @@ def _warned(message: str) -> list:
 def test_quiet_libraries_drops_the_named_deprecations_only_and_debugging_keeps_everything(monkeypatch):
     for var in ("TESSERA_DEBUG", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"):
         monkeypatch.delenv(var, raising=False)
+    monkeypatch.delenv("RAY_DEDUP_LOGS_ALLOW_REGEX", raising=False)
     assert _warned("`torch.jit.trace` is deprecated. Please switch to `torch.compile`") == []
     assert _warned("`torch.distributed.all_gather_into_tensor` is deprecated. Please use ...") == []
     assert len(_warned("`torch.load` default changed")) == 1  # another deprecation is still shown
     assert os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] == "false"  # no download bars in every worker
     assert train_log_level() == "WARNING"
+    # Ray's driver never folds epoch lines of trials side by side into one "[repeated 2x across cluster]"
+    line = epoch_line("demo-1a2b3c", METRICS, 3, "val_loss", [])
+    assert re.search(os.environ["RAY_DEDUP_LOGS_ALLOW_REGEX"], line)
 
     monkeypatch.setenv("TESSERA_DEBUG", "1")
     monkeypatch.delenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
