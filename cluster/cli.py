@@ -11,7 +11,7 @@ from cluster.cli_dataset import add_dataset_parser
 from cluster.cli_evaluate import add_evaluate_parser, held_out_line, print_held_out
 from cluster.cli_ingest import add_ingest_parser, ingest_config, ingest_dry_run, keep_private
 from cluster.errors import TesseraError
-from training.console import quiet_libraries
+from training.console import debugging, quiet_libraries
 
 
 def _settings():
@@ -364,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"tessera: {exc or 'interrupted'}", file=sys.stderr)
         return 130
     except Exception as exc:
-        if os.environ.get("TESSERA_DEBUG"):
+        if debugging():
             raise
         from shards.storage import StorageError
         from training.config import RecipeError
