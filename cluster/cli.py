@@ -57,12 +57,19 @@ def cmd_down(args) -> int:
 
 
 def cmd_status(args) -> int:
+    from cluster import health
     from cluster.stack import LocalStack
 
-    rows = LocalStack(_settings()).status()
+    s = _settings()
+    rows = LocalStack(s).status()
+    refused = [st for st in rows if st.detail.startswith(health.REFUSED)]
     for st in rows:
         state = "healthy" if st.healthy else ("running, not answering" if st.running else "down")
-        print(f"{st.name:7s} {st.url:28s} {state}  ({st.detail})")
+        state, detail = ("answers, but", st.detail) if st in refused else (state, f"({st.detail})")
+        print(f"{st.name:7s} {st.url:28s} {state}  {detail}")
+    print(f"state: {s.state}")
+    if refused:
+        print(health.other_stack(s.state))
     return 0 if all(st.healthy for st in rows) else 1
 
 
@@ -221,9 +228,12 @@ def cmd_submit(args) -> int:
 
 
 def cmd_jobs(args) -> int:
+    from cluster import health
     from cluster.submit import list_jobs, stop_job
 
     s = _settings()
+    if not args.address:
+        health.require(s, "ray")
     if args.action == "stop":
         if not args.job:
             raise TesseraError("tessera jobs stop JOB_ID")

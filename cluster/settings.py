@@ -16,13 +16,27 @@ from pathlib import Path
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+STATE_FOLDER = ".tessera"
+
+
+def find_state_dir(cwd: Path | None = None, home: Path | None = None) -> Path:
+    """The nearest ``.tessera`` folder in ``cwd`` or a folder above it (a project's own stack, found from any of
+    its sub-folders, as git finds its repository), else ``~/.tessera``. The local stack listens on fixed ports, so
+    there is one per user, and every command must find it from any directory: a state folder relative to where a
+    command ran made one run elsewhere see no keys and report the running stack as down."""
+    here = (cwd or Path.cwd()).resolve()
+    for folder in (here, *here.parents):
+        if (folder / STATE_FOLDER).is_dir():
+            return folder / STATE_FOLDER
+    return (home or Path.home()) / STATE_FOLDER
+
 
 class Settings(BaseSettings):
     """Endpoints and the local stack's layout. Secrets live in files under ``state_dir`` (mode 0600)."""
 
     model_config = SettingsConfigDict(env_prefix="TESSERA_", extra="ignore")
 
-    state_dir: Path = Path(".tessera")
+    state_dir: Path | None = None  # None: :func:`find_state_dir`
     host: str = "127.0.0.1"
     ray_port: int = Field(6380, gt=0, lt=65536)
     ray_dashboard_port: int = Field(8265, gt=0, lt=65536)
@@ -43,9 +57,13 @@ class Settings(BaseSettings):
     checkpoints_url: str | None = None
     sweeps_url: str | None = None
 
+    def model_post_init(self, context: object) -> None:
+        if self.state_dir is None:  # found once, so a folder made later cannot move a running command's state
+            self.state_dir = find_state_dir()
+
     @property
     def state(self) -> Path:
-        return self.state_dir.resolve()
+        return Path(self.state_dir).resolve()
 
     @property
     def checkpoints(self) -> str:

@@ -12,8 +12,10 @@ import os
 import shlex
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
+from cluster.errors import TesseraError
 from cluster.settings import Settings
 
 # Forwarded to the job when set here: endpoints and settings, then secrets (values never printed).
@@ -25,6 +27,7 @@ FORWARD = (
     "MLFLOW_TRACKING_URI",
 )
 SECRETS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "TESSERA_PSEUDONYM_KEY")
+RAY_TOKEN_FILE = Path.home() / ".ray" / "auth_token"  # where Ray looks when neither variable is set
 EXCLUDES = [".venv/", ".tessera/", ".git/", "__pycache__/", "*.tar", "*.egg-info/"]
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 
@@ -33,13 +36,15 @@ def runtime_env(settings: Settings, working_dir: str | None = None, local: bool 
     """The job's runtime environment: settings and secrets as variables, optionally the working directory.
 
     ``TESSERA_*`` settings of this process travel too (state directory, ports, key files), so a job on the local
-    stack sees the stack exactly as this shell does. ``local`` puts this installation's scripts on the PATH.
+    stack sees the stack exactly as this shell does. ``local`` puts this installation's scripts on the PATH and
+    names this shell's state folder, which a job, run from another directory, would not find.
     """
     env = {k: v for k, v in os.environ.items() if k.startswith("TESSERA_")}
     env |= {k: v for k, v in settings.client_env().items() if k in FORWARD or k in SECRETS or k.startswith("TESSERA")}
     env |= {k: os.environ[k] for k in (*FORWARD, *SECRETS) if os.environ.get(k)}
     if local:
         env["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
+        env["TESSERA_STATE_DIR"] = str(settings.state)
     out: dict[str, Any] = {"env_vars": env}
     if working_dir:
         out |= {"working_dir": working_dir, "excludes": EXCLUDES}
@@ -56,8 +61,16 @@ def describe(env: dict[str, Any]) -> str:
 
 def client(settings: Settings, address: str | None):
     """A job-submission client for ``address`` (default: the local stack's dashboard); the token header is
-    added by Ray from ``RAY_AUTH_TOKEN``/``RAY_AUTH_TOKEN_PATH`` (``settings.apply()`` exports them)."""
+    added by Ray from ``RAY_AUTH_TOKEN``/``RAY_AUTH_TOKEN_PATH`` (``settings.apply()`` exports them). Without
+    any token, Ray's client aborts the process with a C++ stack trace, so that case is an error here."""
     from ray.job_submission import JobSubmissionClient
+
+    tokens = (os.environ.get("RAY_AUTH_TOKEN"), os.environ.get("RAY_AUTH_TOKEN_PATH"))
+    if os.environ.get("RAY_AUTH_MODE") == "token" and not any(tokens) and not RAY_TOKEN_FILE.exists():
+        raise TesseraError(
+            f"no Ray token for {address or settings.ray_dashboard_url}: set RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH "
+            f"(the local stack's is {settings.secret_path('ray_token')})"
+        )
 
     return JobSubmissionClient(address or settings.ray_dashboard_url)
 

@@ -1,5 +1,7 @@
 import os
 import stat
+import subprocess
+import sys
 import time
 
 import requests
@@ -34,11 +36,33 @@ def test_secrets_are_owner_only(stack):
         assert mode == 0o600, name
 
 
+def test_a_command_with_another_state_folder_hears_the_stack_refuse_it(stack, tmp_path):
+    """Without the stack's keys (another state folder), the running stack is reported as refusing, not as down,
+    with the folder the command used and what to set; a command that needs it fails saying so."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_ACCESS", "AWS_SECRET", "RAY_AUTH_TOKEN"))}
+    env["TESSERA_STATE_DIR"] = str(tmp_path / "other")
+
+    def tessera(*argv):
+        return subprocess.run([sys.executable, "-m", "cluster.cli", *argv], env=env, capture_output=True, text=True)
+
+    status = tessera("status")
+    assert status.returncode == 1
+    rows = {line.split()[0]: line for line in status.stdout.splitlines()[:3]}
+    assert "answers, but  refused: HTTP 401 for no token" in rows["ray"]
+    assert "answers, but  refused:" in rows["s3"] and "for no keys" in rows["s3"]
+    assert "healthy" in rows["mlflow"]  # MLflow has no keys
+    hint = f"This command's state folder is {tmp_path / 'other'} (no `tessera up` has made it)"
+    assert hint in status.stdout and "set TESSERA_STATE_DIR" in status.stdout
+    job = tessera("jobs")
+    assert job.returncode == 1
+    assert f"ray endpoint {stack.ray_dashboard_url} refused: HTTP 401 for no token. {hint}" in job.stderr
+
+
 def test_s3_rejects_wrong_keys(stack, monkeypatch):
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "nobody")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong")
-    ok, _ = health.s3_ok(stack)
-    assert not ok
+    ok, detail = health.s3_ok(stack)
+    assert not ok and detail == "refused: InvalidAccessKeyId for the keys from AWS_ACCESS_KEY_ID"
 
 
 def test_cpu_workers_get_the_worker_environment(stack):

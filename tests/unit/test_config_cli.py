@@ -179,6 +179,48 @@ def test_unreachable_endpoint_is_named(tmp_path, monkeypatch):
     assert "endpoint http://127.0.0.1:2 is unreachable" in out.stderr and "Traceback" not in out.stderr
 
 
+def test_the_state_folder_is_found_from_any_directory(tmp_path, monkeypatch):
+    """A project's ``.tessera`` from any folder below it, else the user's; TESSERA_STATE_DIR wins; a job on the
+    local stack is told the folder, since it runs from another directory."""
+    from cluster.settings import find_state_dir, load_settings
+    from cluster.submit import runtime_env
+
+    project, home = tmp_path / "project", tmp_path / "home"
+    (project / ".tessera").mkdir(parents=True)
+    deep = project / "data" / "slides"
+    deep.mkdir(parents=True)
+    assert find_state_dir(deep, home) == find_state_dir(project, home) == project / ".tessera"
+    assert find_state_dir(tmp_path, home) == home / ".tessera"  # not created: `tessera up` makes it
+    monkeypatch.delenv("TESSERA_STATE_DIR", raising=False)
+    monkeypatch.chdir(deep)
+    settings = load_settings()
+    monkeypatch.chdir(tmp_path)  # found once: a later directory does not move it
+    assert settings.state == project / ".tessera"
+    monkeypatch.setenv("TESSERA_STATE_DIR", str(tmp_path / "explicit"))
+    assert load_settings().state == tmp_path / "explicit"
+    assert runtime_env(load_settings())["env_vars"]["TESSERA_STATE_DIR"] == str(tmp_path / "explicit")
+    monkeypatch.delenv("TESSERA_STATE_DIR")
+    assert "TESSERA_STATE_DIR" not in runtime_env(settings, local=False)["env_vars"]  # a cluster has its own
+
+
+def test_job_commands_without_a_ray_token_say_so(tmp_path, monkeypatch, capsys):
+    """Ray's job client aborts the process with a C++ stack trace when it finds no token; Tessera says what to
+    set instead."""
+    from cluster import submit
+
+    for var in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("TESSERA_STATE_DIR", str(tmp_path))
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    monkeypatch.setattr(submit, "RAY_TOKEN_FILE", tmp_path / "none")
+    assert main(["jobs", "--address", "http://127.0.0.1:1"]) == 1
+    err = capsys.readouterr().err
+    assert err == (
+        "tessera: error: no Ray token for http://127.0.0.1:1: set RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH "
+        f"(the local stack's is {tmp_path / 'secrets' / 'ray_token'})\n"
+    )
+
+
 def test_dry_run_prints_recipe_and_parameters(capsys):
     assert main(["train", "demo_tiles", "--dry-run"]) == 0
     out = capsys.readouterr().out
