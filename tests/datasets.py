@@ -31,8 +31,12 @@ def make_dataset(
     samples_per_patient: int = 4,
     shard_samples: int = 6,
     seed: int = 0,
+    per_sample_labels: bool = False,
 ) -> mf.Manifest:
-    """Write shards (``shard_samples`` per shard) and a manifest under ``prefix``; patients are per split."""
+    """Write shards (``shard_samples`` per shard) and a manifest under ``prefix``; patients are per split.
+
+    ``per_sample_labels``: each sample draws its own label, as slices labelled one by one (RSNA, CT-ICH), and a
+    patient's input is labelled positive when any of its samples is, as ingest labels a series."""
     rng = np.random.default_rng(seed)
     manifest = mf.Manifest(
         dataset=prefix,
@@ -48,8 +52,9 @@ def make_dataset(
             with ShardWriter(storage.join(prefix, split), start_index=len(infos)) as w:
                 for i in range(start, min(n, start + shard_samples)):
                     patient = f"{split}p{i // samples_per_patient}"
-                    label = int(rng.integers(classes)) if patient not in patients else patients[patient]
-                    patients[patient] = label
+                    drawn = int(rng.integers(classes))
+                    label = drawn if per_sample_labels or patient not in patients else patients[patient]
+                    patients[patient] = max(label, patients.get(patient, 0))
                     vector = [label] + [int(label and rng.random() < 0.5) for _ in RSNA[1:]] if multilabel else None
                     images = [_image(rng, label, classes, size) for _ in range(max(1, frames))]
                     meta = {"patient": patient, "slide": f"{patient}s", "series": f"{patient}s", "label": label}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Literal
 
 import numpy as np
@@ -9,13 +10,26 @@ import numpy as np
 How = Literal["mean", "max", "any"]
 
 
-def _group_label(labels: np.ndarray, gid: str) -> np.ndarray:
+def _group_label(labels: np.ndarray, gid: str, how: How) -> np.ndarray:
     if labels.ndim == 2:  # multi-label: a series has a finding when any slice has it
         return labels.max(axis=0)
     values = np.unique(labels)
+    if how == "any":  # positive when any member is: a series with one bleeding slice bleeds
+        return values.max()
     if len(values) != 1:
-        raise ValueError(f"group {gid!r} mixes labels {values.tolist()}")
+        raise ValueError(
+            f"group {gid!r} mixes labels {values.tolist()}: aggregating by {how!r} needs one label per group "
+            "(eval.how=any makes a negative/positive group positive when any member is)"
+        )
     return values[0]
+
+
+def mixed_groups(pairs: Iterable[tuple[str, int]]) -> dict[str, list[int]]:
+    """The groups among ``(group, label)`` pairs whose members carry different labels: ``{group: labels}``."""
+    seen: dict[str, set[int]] = {}
+    for group, label in pairs:
+        seen.setdefault(group, set()).add(label)
+    return {g: sorted(labels) for g, labels in sorted(seen.items()) if len(labels) > 1}
 
 
 def _group_probs(member: np.ndarray, how: How, multilabel: bool) -> np.ndarray:
@@ -40,8 +54,8 @@ def aggregate(
     ``mean`` averages class probabilities (STRIP AI's slide-level submission); ``max`` takes each class's
     maximum (renormalised for multi-class); ``any`` makes ``P(positive)`` the largest member's, so that a
     threshold on it calls a group positive when any member is (paper 002's image model per series).
-    A multi-class group's label is its members' label (mixed labels raise ``ValueError``); a multi-label
-    group's label is the element-wise maximum.
+    A multi-class group's label is its members' label (mixed labels raise ``ValueError``), except under ``any``,
+    where a group is positive when any member is; a multi-label group's label is the element-wise maximum.
     """
     if len(groups) != len(probs) or len(labels) != len(probs):
         raise ValueError("probs, labels and groups must have the same length")
@@ -52,7 +66,7 @@ def aggregate(
     out = np.zeros((len(ids), probs.shape[1]))
     out_labels = np.zeros((len(ids), *labels.shape[1:]), dtype=np.int64)
     for i, gid in enumerate(ids):
-        out_labels[i] = _group_label(labels[g == i], gid)
+        out_labels[i] = _group_label(labels[g == i], gid, how)
         out[i] = _group_probs(probs[g == i], how, labels.ndim == 2)
     return ids, out, out_labels
 

@@ -9,10 +9,14 @@ user wants to see of a run drowned in that. ``TESSERA_DEBUG=1`` keeps all of it.
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import math
 import os
+import re
+import sys
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 DEBUG_ENV = "TESSERA_DEBUG"
@@ -21,6 +25,9 @@ DEPRECATIONS = (
     r"`torch\.jit\.trace",  # training.export traces TorchScript: the format `--background-model` reads too
     r"`torch\.distributed\.all_gather_into_tensor` is deprecated",  # DeepSpeed's ZeRO gathers
 )
+
+# Lines that libraries print (no logger to quiet): DeepSpeed's CPU backend, once on every worker of every run.
+ROUTINE_PRINTS = re.compile(r"DeepSpeed \S+ built successfully")
 
 # Ray's driver folds lines that differ only in words with digits and come from several processes within 5 s into
 # one "[repeated Nx across cluster]": the epoch lines of a sweep's trials side by side, each but the last lost.
@@ -67,6 +74,24 @@ def quiet_worker() -> None:
         from ray.train.v2._internal.execution import context
 
         logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
+@contextlib.contextmanager
+def routine_prints_dropped() -> Iterator[None]:
+    """Hold back what the block prints to stdout, then pass on every line but :data:`ROUTINE_PRINTS` (all of it
+    when debugging, or when the block fails)."""
+    if debugging():
+        yield
+        return
+    held = io.StringIO()
+    failed = True
+    try:
+        with contextlib.redirect_stdout(held):
+            yield
+        failed = False
+    finally:
+        lines = held.getvalue().splitlines(keepends=True)
+        sys.stdout.write("".join(line for line in lines if failed or not ROUTINE_PRINTS.fullmatch(line.strip())))
 
 
 def epoch_line(run: str, metrics: dict[str, Any], epochs: int, monitor: str, levels: list[str]) -> str:

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from shards import scratch
+from training import console
 from training.config import OptimConfig, ScheduleConfig, TrainRecipe
 
 
@@ -196,12 +197,13 @@ def init_engine(
 
     optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], recipe.optim)
     scheduler = make_scheduler(optimizer, recipe.schedule, recipe.epochs, recipe.eval.mode)
-    engine, *_ = deepspeed.initialize(
-        model=model,
-        optimizer=optimizer,
-        config=deepspeed_config(recipe, cuda, stage, universal),
-        dist_init_required=False,
-    )
+    with console.routine_prints_dropped():
+        engine, *_ = deepspeed.initialize(
+            model=model,
+            optimizer=optimizer,
+            config=deepspeed_config(recipe, cuda, stage, universal),
+            dist_init_required=False,
+        )
     if engine.dp_world_size == 1 and stage == 0:
         # Averaging gradients over one rank is the identity; DeepSpeed would still flatten, "reduce" and copy
         # every gradient back each step.

@@ -7,7 +7,7 @@ import warnings
 
 import pytest
 
-from training.console import epoch_line, quiet_libraries, train_log_level
+from training.console import epoch_line, quiet_libraries, routine_prints_dropped, train_log_level
 
 METRICS = {
     "epoch": 1, "train_loss": 1.42944, "train_accuracy": 0.88, "val_loss": 0.43711, "val_accuracy": 0.93388,
@@ -66,3 +66,21 @@ def _restore_env():
     yield
     for key in set(os.environ) - set(before):
         del os.environ[key]
+
+
+@pytest.mark.parametrize("debug", ["", "1"])
+def test_deepspeeds_build_line_is_dropped_and_every_other_print_kept(debug, monkeypatch, capsys):
+    monkeypatch.setenv("TESSERA_DEBUG", debug)
+    built = "DeepSpeed deepspeed.ops.comm.deepspeed_shm_comm_op built successfully"
+    with routine_prints_dropped():
+        print("before")
+        print(built)
+        print("after", end="")
+    assert capsys.readouterr().out == ("before\nafter" if not debug else f"before\n{built}\nafter")
+
+
+def test_a_failing_block_keeps_all_it_printed(capsys):
+    with pytest.raises(RuntimeError), routine_prints_dropped():
+        print("DeepSpeed x built successfully")
+        raise RuntimeError("boom")
+    assert capsys.readouterr().out == "DeepSpeed x built successfully\n"

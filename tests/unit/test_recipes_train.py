@@ -102,6 +102,24 @@ def test_recipe_trains_two_steps_and_evaluates(name, tmp_path, process_group):
         assert all(k in trainable or "running" in k or "num_batches" in k for k in changed)
 
 
+@pytest.mark.parametrize("name", ["rsna_ich_binary", "ct_ich_convnext_anypos"])
+def test_slice_recipes_evaluate_series_whose_slices_are_labelled_one_by_one(name, tmp_path, process_group):
+    """Their datasets label each slice: a series or patient mixes negative and positive samples, and is positive
+    when any is (the evaluation once failed on the first such group)."""
+    from tests.datasets import make_dataset
+
+    recipe = _small_recipe(name, tmp_path)
+    manifest = make_dataset(
+        recipe.data.dataset, {"train": 8, "val": 8}, size=40, multilabel=name.startswith("rsna"), per_sample_labels=True
+    )
+    assert any(r.label == 1 for r in manifest.inputs if r.split == "val")
+    reports = []
+    Trainer({"recipe": recipe.model_dump()}, rank=0, world=1).run(lambda m, _: reports.append(m), mlflow=False)
+    (metrics,) = reports
+    for level in recipe.eval.levels:
+        assert 0 <= metrics[f"val_{level}_accuracy"] <= 1, level
+
+
 @pytest.mark.parametrize("name", ALL)
 def test_every_recipes_model_exports_and_reloads_with_the_same_outputs(name, tmp_path):
     """A run exports its model (safetensors, TorchScript, description) at every improved epoch: each recipe's
