@@ -249,8 +249,8 @@ def _dry_run(recipe) -> int:
 
     from shards import manifest as mf
     from training.engine import mixed_precision
-    from training.launch import check_patient_labels
     from training.models import build_model, check_model, count_parameters
+    from training.preflight import check_against
 
     print(yaml.safe_dump(recipe.model_dump(), sort_keys=False))
     check_model(recipe.model)
@@ -268,7 +268,7 @@ def _dry_run(recipe) -> int:
     gpu, cpu = ("bf16 (autocast)" if mixed_precision(recipe, cuda) else "fp32" for cuda in (True, False))
     print(f"precision: {gpu} on a GPU worker, {cpu} on a CPU worker (deepspeed.bf16: {recipe.deepspeed.bf16})")
     if manifest is not None:
-        check_patient_labels(recipe, manifest)
+        check_against(recipe, manifest)
         print(held_out_line(recipe, manifest))
         print(_input_size(recipe, manifest))
     return 0

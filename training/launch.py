@@ -12,8 +12,8 @@ import yaml
 
 from shards import manifest as mf
 from training import tracking
-from training.aggregate import mixed_groups
 from training.config import RecipeError, TrainRecipe, apply_overrides, flatten, recipe_from_tree
+from training.preflight import check_against
 
 RECIPE_ARTIFACT = "recipe.yaml"
 # Ray Train settings a run's controller and workers take from the driver's environment, unless set there:
@@ -106,31 +106,12 @@ def _fault() -> dict[str, int] | None:
 
 
 def load_manifest(recipe: TrainRecipe) -> tuple[mf.Manifest, bytes]:
-    """The recipe's dataset manifest (splits patient-disjoint, patients labelled as the recipe aggregates them)
-    and its bytes (for its sha256)."""
+    """The recipe's dataset manifest (splits patient-disjoint, and what the recipe evaluates defined on it: see
+    :func:`~training.preflight.check_against`) and its bytes (for its sha256)."""
     manifest, data = mf.load_with_bytes(recipe.data.dataset)
     mf.check_patient_disjoint(manifest)
-    check_patient_labels(recipe, manifest)
+    check_against(recipe, manifest)
     return manifest, data
-
-
-def check_patient_labels(recipe: TrainRecipe, manifest: mf.Manifest) -> None:
-    """Fail before any work when a patient of the evaluated splits has inputs labelled differently and the recipe
-    aggregates to patients by mean or max: that patient's truth is undefined, and the first evaluation would
-    fail after an epoch of training (``any`` makes a patient positive when any input is)."""
-    if recipe.task == "multilabel" or recipe.eval.how == "any" or "patient" not in recipe.eval.levels:
-        return
-    splits = {*mf.split_names(recipe.data.val_split), *mf.split_names(recipe.data.test_split or "")}
-    ingested = [r for r in manifest.inputs if r.status == "ingested" and r.split in splits and r.label is not None]
-    mixed = mixed_groups((r.patient, r.label) for r in ingested if r.patient)
-    if mixed:
-        patient, labels = next(iter(mixed.items()))
-        raise RecipeError(
-            f"eval.levels: patient {patient} of {recipe.data.dataset} has inputs labelled "
-            f"{' and '.join(manifest.classes[i] for i in labels)} ({len(mixed)} such patient(s) in the "
-            f"{'/'.join(sorted(splits))} split(s)); aggregating by {recipe.eval.how} needs one label per patient: "
-            "leave 'patient' out of eval.levels, or for a negative/positive task set eval.how=any"
-        )
 
 
 MANIFEST_TAG = "manifest_sha256"  # the run's tag: the version of the dataset it trains on

@@ -142,28 +142,3 @@ def test_a_group_of_mixed_labels_is_positive_under_any_and_undefined_otherwise()
         with pytest.raises(ValueError, match=rf"group 's' mixes labels \[0, 1\]: aggregating by '{how}' needs one"):
             aggregate(probs, np.array([0, 1, 0]), ["s", "s", "t"], how)
     assert mixed_groups([("a", 0), ("b", 1), ("a", 2), ("b", 1), ("a", 0)]) == {"a": [0, 2]}
-
-
-def test_a_patient_labelled_two_ways_fails_before_training_unless_positive_means_any(tmp_path):
-    from shards import manifest as mf
-    from training.config import RecipeError, load_recipe
-    from training.launch import check_patient_labels
-
-    def record(i, patient, label, split):
-        return mf.InputRecord(id=f"i{i}", kind="wsi", status="ingested", patient=patient, label=label, split=split)
-
-    manifest = mf.Manifest(dataset="d", kind="wsi", classes=["CE", "LAA"])
-    manifest.inputs = [record(0, "p1", 0, "val"), record(1, "p1", 0, "val"), record(2, "p2", 0, "train")]
-    manifest.inputs += [record(3, "p2", 1, "train"), record(4, "p3", 1, "test")]
-    recipe = load_recipe("strip_ai_resnet50", ["data.dataset=d"])
-    check_patient_labels(recipe, manifest)  # p2 mixes, but in train, which is not aggregated
-    manifest.inputs.append(record(5, "p3", 0, "test"))
-    with pytest.raises(RecipeError) as err:
-        check_patient_labels(recipe, manifest)
-    assert str(err.value) == (
-        "eval.levels: patient p3 of d has inputs labelled CE and LAA (1 such patient(s) in the test/val split(s)); "
-        "aggregating by mean needs one label per patient: leave 'patient' out of eval.levels, or for a "
-        "negative/positive task set eval.how=any"
-    )
-    for fix in (["eval.levels=[slide]"], ["eval.how=any"], ["data.test_split=null"]):
-        check_patient_labels(load_recipe("strip_ai_resnet50", ["data.dataset=d", *fix]), manifest)

@@ -1,0 +1,56 @@
+"""What the driver checks of a recipe against its dataset before any work (training.preflight)."""
+
+import pytest
+
+from shards import manifest as mf
+from training.config import RECIPES, RecipeError, load_recipe
+from training.preflight import check_monitor, check_patient_labels, validation_metrics
+
+RSNA = ["any", "epidural", "intraparenchymal", "intraventricular", "subarachnoid", "subdural"]
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in RECIPES.glob("*.yaml")))
+def test_every_bundled_recipe_monitors_a_metric_it_reports(name):
+    recipe = load_recipe(name)
+    outputs = RSNA if recipe.task == "multilabel" else ["a", "b", "c", "d"][: 4 if "brain" in name else 2]
+    check_monitor(recipe, outputs)
+    for level in recipe.eval.levels:
+        assert any(m.startswith(f"val_{level}_") for m in validation_metrics(recipe, outputs)), level
+
+
+def test_a_monitor_of_a_level_left_out_fails_naming_the_close_metrics():
+    recipe = load_recipe("strip_ai_resnet50", ["eval.levels=[slide]"])
+    with pytest.raises(RecipeError) as err:
+        check_monitor(recipe, ["CE", "LAA"])
+    assert str(err.value) == (
+        "eval.monitor: 'val_patient_weighted_log_loss' is not a metric this recipe reports (eval.levels ['slide'], "
+        "2 outputs); close: val_slide_weighted_log_loss, val_weighted_log_loss"
+    )
+    check_monitor(load_recipe("strip_ai_resnet50", ["eval.levels=[slide]", "eval.monitor=val_loss"]), ["CE", "LAA"])
+    check_monitor(load_recipe("strip_ai_resnet50", ["eval.monitor=train_loss"]), ["CE", "LAA"])  # not val_: reported
+
+
+def test_any_positive_over_more_than_two_classes_fails_as_the_aggregations_field():
+    with pytest.raises(RecipeError, match=r"^eval\.how: 'any' aggregation needs two classes \(negative, positive\)$"):
+        check_monitor(load_recipe("brain_tumor_mri", ["eval.how=any"]), ["glioma", "meningioma", "pituitary", "none"])
+
+
+def test_a_patient_labelled_two_ways_fails_before_training_unless_positive_means_any(tmp_path):
+    def record(i, patient, label, split):
+        return mf.InputRecord(id=f"i{i}", kind="wsi", status="ingested", patient=patient, label=label, split=split)
+
+    manifest = mf.Manifest(dataset="d", kind="wsi", classes=["CE", "LAA"])
+    manifest.inputs = [record(0, "p1", 0, "val"), record(1, "p1", 0, "val"), record(2, "p2", 0, "train")]
+    manifest.inputs += [record(3, "p2", 1, "train"), record(4, "p3", 1, "test")]
+    recipe = load_recipe("strip_ai_resnet50", ["data.dataset=d"])
+    check_patient_labels(recipe, manifest)  # p2 mixes, but in train, which is not aggregated
+    manifest.inputs.append(record(5, "p3", 0, "test"))
+    with pytest.raises(RecipeError) as err:
+        check_patient_labels(recipe, manifest)
+    assert str(err.value) == (
+        "eval.levels: patient p3 of d has inputs labelled CE and LAA (1 such patient(s) in the test/val split(s)); "
+        "aggregating by mean needs one label per patient: leave 'patient' out of eval.levels, or for a "
+        "negative/positive task set eval.how=any"
+    )
+    for fix in (["eval.levels=[slide]"], ["eval.how=any"], ["data.test_split=null"]):
+        check_patient_labels(load_recipe("strip_ai_resnet50", ["data.dataset=d", *fix]), manifest)

@@ -1,0 +1,74 @@
+"""What the driver checks of a recipe against its dataset before any work: each would otherwise fail the run at
+its first evaluation, after an epoch of training, and again on each of Ray Train's retries."""
+
+from __future__ import annotations
+
+import difflib
+import warnings
+
+import numpy as np
+
+from shards import manifest as mf
+from training.aggregate import mixed_groups
+from training.config import RecipeError, TrainRecipe
+
+
+def check_against(recipe: TrainRecipe, manifest: mf.Manifest) -> None:
+    """:func:`check_patient_labels` and :func:`check_monitor` for ``recipe`` on ``manifest``."""
+    from training.loop import outputs_of
+
+    check_patient_labels(recipe, manifest)
+    check_monitor(recipe, outputs_of(recipe, manifest))
+
+
+def check_patient_labels(recipe: TrainRecipe, manifest: mf.Manifest) -> None:
+    """A patient of the evaluated splits whose inputs are labelled differently has no truth when the recipe
+    aggregates patients by mean or max (``any`` makes a patient positive when any input is)."""
+    if recipe.task == "multilabel" or recipe.eval.how == "any" or "patient" not in recipe.eval.levels:
+        return
+    splits = {*mf.split_names(recipe.data.val_split), *mf.split_names(recipe.data.test_split or "")}
+    ingested = [r for r in manifest.inputs if r.status == "ingested" and r.split in splits and r.label is not None]
+    mixed = mixed_groups((r.patient, r.label) for r in ingested if r.patient)
+    if mixed:
+        patient, labels = next(iter(mixed.items()))
+        raise RecipeError(
+            f"eval.levels: patient {patient} of {recipe.data.dataset} has inputs labelled "
+            f"{' and '.join(manifest.classes[i] for i in labels)} ({len(mixed)} such patient(s) in the "
+            f"{'/'.join(sorted(splits))} split(s)); aggregating by {recipe.eval.how} needs one label per patient: "
+            "leave 'patient' out of eval.levels, or for a negative/positive task set eval.how=any"
+        )
+
+
+def validation_metrics(recipe: TrainRecipe, outputs: list[str]) -> set[str]:
+    """The names of the validation metrics a run of ``recipe`` reports each epoch: its metric functions on a
+    made-up prediction in which every class (or label) occurs and every sample names every level."""
+    from training.loop import evaluate
+
+    n = 2 * len(outputs)
+    if recipe.task == "multilabel":
+        labels = np.array([[(i + j) % 2 for j in range(len(outputs))] for i in range(n)])
+    else:
+        labels = np.arange(n) % len(outputs)
+    probs = np.full((n, len(outputs)), 1 / len(outputs))
+    metas = [dict.fromkeys(recipe.eval.levels, str(i)) for i in range(n)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # scikit-learn's, on predictions that call nothing
+        return set(evaluate({"probs": probs, "labels": labels, "metas": metas, "loss": 0.0}, recipe, outputs))
+
+
+def check_monitor(recipe: TrainRecipe, outputs: list[str]) -> None:
+    """The monitored metric (early stopping, plateau schedule, best model) must be one the run reports: a level
+    left out of ``eval.levels`` takes its metrics with it. Also fails an aggregation the outputs cannot take."""
+    if not outputs:  # a dataset without classes: the run fails on that, with its own reason
+        return
+    try:
+        names = validation_metrics(recipe, outputs)
+    except ValueError as exc:  # `any` over more than two classes
+        raise RecipeError(f"eval.how: {exc}") from None
+    monitor = recipe.eval.monitor
+    if monitor.startswith("val_") and monitor not in names:
+        close = difflib.get_close_matches(monitor, sorted(names), n=3, cutoff=0.7)
+        raise RecipeError(
+            f"eval.monitor: {monitor!r} is not a metric this recipe reports (eval.levels {recipe.eval.levels}, "
+            f"{len(outputs)} outputs)" + (f"; close: {', '.join(close)}" if close else "")
+        )
