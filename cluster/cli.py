@@ -51,8 +51,12 @@ def cmd_up(args) -> int:
 def cmd_down(args) -> int:
     from cluster.stack import LocalStack
 
-    LocalStack(_settings()).down()
-    print("local stack stopped")
+    s = _settings()
+    stopped = LocalStack(s).down()
+    if stopped:
+        print(f"local stack stopped ({', '.join(stopped)}; state: {s.state})")
+    else:  # another folder's stack, if one answers, runs on
+        print(f"no local stack was running from the state folder {s.state}")
     return 0
 
 

@@ -205,17 +205,18 @@ class LocalStack:
         for bucket in (self.s.shards_bucket, self.s.mlflow_bucket, self.s.checkpoints_bucket):
             storage.ensure_bucket(f"s3://{bucket}/")
 
-    def _stop(self, name: str) -> None:
-        procs.stop(self._pidfile(name))
+    def _stop(self, name: str) -> bool:
+        stopped = procs.stop(self._pidfile(name))
         if name == "ray":
             shutil.rmtree(self.s.ray_temp_dir, ignore_errors=True)
+        return stopped
 
-    def down(self) -> None:
-        """Stop Ray first (its workers may write to S3 and MLflow), then MLflow, then S3."""
+    def down(self) -> list[str]:
+        """Stop Ray first (its workers may write to S3 and MLflow), then MLflow, then S3; returns the services
+        that were running."""
         for pidfile in sorted(self.pids.glob("node-*.sid")):  # extra nodes before their head
             procs.stop(pidfile)
-        for name in ("ray", "mlflow", "s3"):
-            self._stop(name)
+        return [name for name in ("ray", "mlflow", "s3") if self._stop(name)]
 
     def status(self) -> list[ServiceStatus]:
         """Each service, its URL, whether its process runs and whether it answers."""

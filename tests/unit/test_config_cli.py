@@ -203,6 +203,12 @@ def test_the_state_folder_is_found_from_any_directory(tmp_path, monkeypatch):
     assert "TESSERA_STATE_DIR" not in runtime_env(settings, local=False)["env_vars"]  # a cluster has its own
 
 
+def test_down_says_when_no_stack_ran_from_its_state_folder(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("TESSERA_STATE_DIR", str(tmp_path / "state"))
+    assert main(["down"]) == 0
+    assert capsys.readouterr().out == f"no local stack was running from the state folder {tmp_path / 'state'}\n"
+
+
 def test_job_commands_without_a_ray_token_say_so(tmp_path, monkeypatch, capsys):
     """Ray's job client aborts the process with a C++ stack trace when it finds no token; Tessera says what to
     set instead."""
