@@ -2,7 +2,7 @@
 
 Left alone, Ray Train logs each report of each worker with its whole metric dict, MLflow draws download bars in
 every worker and prints the run's link that Tessera prints already, and torch and DeepSpeed warn about
-deprecations in calls Tessera makes on purpose (TorchScript export) or cannot change (DeepSpeed's ZeRO): what a
+deprecations in calls Tessera cannot change (DeepSpeed's ZeRO; the TorchScript export quiets its own): what a
 user wants to see of a run drowned in that. ``TESSERA_DEBUG=1`` keeps all of it.
 """
 
@@ -22,7 +22,6 @@ from typing import Any
 DEBUG_ENV = "TESSERA_DEBUG"
 # Messages of deprecation warnings (regexes matched at the start) that say nothing a user can act on.
 DEPRECATIONS = (
-    r"`torch\.jit\.trace",  # training.export traces TorchScript: the format `--background-model` reads too
     r"`torch\.distributed\.all_gather_into_tensor` is deprecated",  # DeepSpeed's ZeRO gathers
 )
 

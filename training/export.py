@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
 from training.config import ModelConfig
+from training.console import debugging
 
 MODEL_JSON = "model.json"
 WEIGHTS = "model.safetensors"
@@ -28,6 +31,36 @@ def pytorch_linear() -> Iterator[None]:
         yield
     finally:
         torch.nn.functional.linear = current
+
+
+@contextlib.contextmanager
+def quiet_tracing() -> Iterator[None]:
+    """Tracing's own chatter left out: TracerWarnings about shape checks that the traced input size makes
+    constant (:func:`traced_differs` checks the result instead), and what scanning a transformers model's
+    attributes sets off (deprecated properties' FutureWarnings, a note on a language-model loss it never uses).
+    All of it shows with ``TESSERA_DEBUG`` set."""
+    if debugging():
+        yield
+        return
+    chatty = logging.getLogger("transformers")
+    level = chatty.level
+    chatty.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            warnings.simplefilter("ignore", FutureWarning)
+            yield
+    finally:
+        chatty.setLevel(level)
+
+
+def traced_differs(model: torch.nn.Module, traced: torch.nn.Module, shape: tuple[int, ...]) -> float | None:
+    """The largest difference between ``traced`` and ``model`` on a random input of ``shape``, if they differ
+    (a branch on the data, which a trace records as taken once); None when they agree."""
+    probe = torch.rand(shape, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), pytorch_linear():
+        want, got = model(probe), traced(probe)
+    return None if torch.allclose(got, want, rtol=1e-3, atol=1e-4) else float((got - want).abs().max())
 
 
 def save_export(
@@ -51,9 +84,16 @@ def save_export(
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(folder / WEIGHTS))
     shape = (1, frames, 3, image_size, image_size) if frames else (1, 3, image_size, image_size)
-    with torch.no_grad(), pytorch_linear():
+    with torch.no_grad(), pytorch_linear(), quiet_tracing():
         traced = torch.jit.trace(model, torch.zeros(shape), check_trace=False)
     traced.save(str(folder / TORCHSCRIPT))
+    if (diff := traced_differs(model, traced, shape)) is not None:
+        warnings.warn(
+            f"{folder / TORCHSCRIPT} differs from the model by up to {diff:.3g} on a random input (the trace took one "
+            f"branch of a decision on the data): load {WEIGHTS} with the model's code instead",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     desc = {
         "model": model_cfg.name,
         "model_config": model_cfg.model_dump() | {"pretrained": False, "freeze": "none"},

@@ -7,6 +7,7 @@ import multiprocessing as mp
 import os
 import socket
 import threading
+import warnings
 from pathlib import Path
 
 import pytest
@@ -121,7 +122,7 @@ def test_slice_recipes_evaluate_series_whose_slices_are_labelled_one_by_one(name
 
 
 @pytest.mark.parametrize("name", ALL)
-def test_every_recipes_model_exports_and_reloads_with_the_same_outputs(name, tmp_path):
+def test_every_recipes_model_exports_and_reloads_with_the_same_outputs(name, tmp_path, capfd):
     """A run exports its model (safetensors, TorchScript, description) at every improved epoch: each recipe's
     architecture must trace, and both reloads must compute what the model does."""
     from training.export import load_export, save_export
@@ -134,7 +135,12 @@ def test_every_recipes_model_exports_and_reloads_with_the_same_outputs(name, tmp
     outputs = [f"o{i}" for i in range(len(recipe.model.heads) if recipe.model.heads else 3)]
     torch.manual_seed(0)
     model = build_model(recipe.model, len(outputs), recipe.data.frames, size).eval()
-    folder = save_export(model, tmp_path / "model", recipe.model, outputs, size, recipe.data.frames)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        folder = save_export(model, tmp_path / "model", recipe.model, outputs, size, recipe.data.frames)
+    # neither tracing's chatter nor a trace that differs from the model
+    assert not [w for w in seen if issubclass(w.category, torch.jit.TracerWarning | FutureWarning | RuntimeWarning)]
+    assert "loss_type" not in capfd.readouterr().err  # transformers' note on a loss a classifier never uses
     x = torch.rand((2, recipe.data.frames, 3, size, size) if recipe.data.frames else (2, 3, size, size))
     reloaded, desc = load_export(folder)
     traced = torch.jit.load(str(folder / "model.ts"))
@@ -143,6 +149,18 @@ def test_every_recipes_model_exports_and_reloads_with_the_same_outputs(name, tmp
         assert want.shape == (2, len(outputs)) and desc["outputs"] == outputs
         torch.testing.assert_close(reloaded(x), want)
         torch.testing.assert_close(traced(x), want)
+
+
+def test_an_export_whose_trace_took_one_branch_of_a_decision_on_the_data_says_so(tmp_path):
+    from training.config import ModelConfig
+    from training.export import save_export
+
+    class Branchy(torch.nn.Module):
+        def forward(self, x):
+            return x.flatten(1)[:, :2] * (2 if x.sum() > 0 else -1)  # traced on zeros: always -1
+
+    with pytest.warns(RuntimeWarning, match=r"model\.ts differs from the model by up to .* load model\.safetensors"):
+        save_export(Branchy(), tmp_path / "m", ModelConfig(name="resnet18"), ["a", "b"], 8)
 
 
 def test_a_zero_3_run_exports_its_gathered_weights_into_mlflow(tmp_path, process_group):
