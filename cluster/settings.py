@@ -24,7 +24,10 @@ def find_state_dir(cwd: Path | None = None, home: Path | None = None) -> Path:
     its sub-folders, as git finds its repository), else ``~/.tessera``. The local stack listens on fixed ports, so
     there is one per user, and every command must find it from any directory: a state folder relative to where a
     command ran made one run elsewhere see no keys and report the running stack as down."""
-    here = (cwd or Path.cwd()).resolve()
+    try:
+        here = (cwd or Path.cwd()).resolve()
+    except FileNotFoundError:  # run from a folder deleted since
+        here = Path("/")
     for folder in (here, *here.parents):
         if (folder / STATE_FOLDER).is_dir():
             return folder / STATE_FOLDER

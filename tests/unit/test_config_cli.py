@@ -1,6 +1,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
@@ -191,6 +192,9 @@ def test_the_state_folder_is_found_from_any_directory(tmp_path, monkeypatch):
     deep.mkdir(parents=True)
     assert find_state_dir(deep, home) == find_state_dir(project, home) == project / ".tessera"
     assert find_state_dir(tmp_path, home) == home / ".tessera"  # not created: `tessera up` makes it
+    with monkeypatch.context() as m:
+        m.setattr(Path, "cwd", lambda: (_ for _ in ()).throw(FileNotFoundError("deleted")))
+        assert find_state_dir(home=home) == home / ".tessera"  # run from a folder deleted since
     monkeypatch.delenv("TESSERA_STATE_DIR", raising=False)
     monkeypatch.chdir(deep)
     settings = load_settings()
