@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -17,7 +18,7 @@ from tqdm import tqdm
 from ingest.config import ImagesIngestConfig, IngestConfig, pseudonym_key
 from ingest.lock import DatasetLock
 from ingest.packing import pack_parts, pack_shard, prune, rewrite_shard, rewrite_shards
-from ingest.plan import make_plan
+from ingest.plan import Plan, make_plan
 from ingest.rerun import amended, decide, to_ingest
 from ingest.staging import STAGING, WorkRecord, attempt, done_records, process_work, reusable
 from ingest.units import Unit, Work, batch_images, plan_unit
@@ -221,6 +222,24 @@ def _merge(unit: Unit, plan, works: list[WorkRecord]) -> InputRecord:
     return rec
 
 
+def nothing_to_ingest(plan: Plan, out: str) -> str:
+    """Why a run that would make a dataset of nothing at ``out`` is refused: what its inputs were skipped for,
+    and where to look when the label table named none of them."""
+    if not plan.skipped:
+        return f"nothing to ingest: no input found; nothing was written to {out}"
+    reasons = Counter(rec.reason or "" for rec in plan.skipped)
+    why = "; ".join(f"{n} {reason}" for reason, n in reasons.most_common(3))
+    hint = (
+        "; do the label table's IDs name the inputs as they are known (slide file stem, series, patient or SOP "
+        "instance UID, image name)? `--dry-run` lists what was found"
+        if "not in the label table" in reasons
+        else ""
+    )
+    return (
+        f"nothing to ingest: all {len(plan.skipped)} input(s) were skipped ({why}){hint}; nothing was written to {out}"
+    )
+
+
 def run_ingest(kind: str, cfg: IngestConfig, on_private: Callable[[dict[str, str]], object] | None = None):
     """Ingest ``cfg.sources`` of ``kind`` (``wsi``, ``dicom`` or ``images``) into shards; returns ``(manifest, url)``.
 
@@ -238,6 +257,8 @@ def run_ingest(kind: str, cfg: IngestConfig, on_private: Callable[[dict[str, str
 
 def _ingest(kind: str, cfg: IngestConfig, plan, lock: DatasetLock) -> tuple[Manifest, str]:
     previous = decide(kind, plan, cfg)
+    if previous is None and not plan.units:  # an empty dataset would only stand in the way of the next run
+        raise ValueError(nothing_to_ingest(plan, cfg.out))
     adds = to_ingest(previous, plan, cfg) if previous is not None else None
     if previous is not None and not adds:
         prune(cfg.out, previous)  # what a run stopped between its manifest and its tidying left; none other writes

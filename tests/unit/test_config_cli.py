@@ -131,6 +131,30 @@ def test_ingest_without_a_pseudonym_key_says_how_to_get_one(capsys, tmp_path, mo
     assert err.startswith("tessera: error: no pseudonym key: set TESSERA_PSEUDONYM_KEY") and "`tessera up`" in err
 
 
+def test_an_ingest_that_would_make_an_empty_dataset_fails_saying_why_and_writes_nothing(capsys, tmp_path, monkeypatch):
+    from ingest.synthetic import make_slides
+
+    monkeypatch.setenv("TESSERA_STATE_DIR", str(tmp_path / "state"))
+    monkeypatch.setenv("TESSERA_PSEUDONYM_KEY", "k")
+    make_slides(tmp_path / "slides", n=2, size=512)
+    (tmp_path / "ids.csv").write_text("slide,label\nS-001,CE\nS-002,LAA\n")  # not how the files are named
+    out = tmp_path / "out"
+    assert (
+        main(["ingest", "wsi", str(tmp_path / "slides"), "--out", str(out), "--labels", str(tmp_path / "ids.csv")]) == 1
+    )
+    err = capsys.readouterr().err
+    assert err.startswith(
+        "tessera: error: nothing to ingest: all 2 input(s) were skipped (2 not in the label table); do"
+    )
+    assert err.endswith(f"`--dry-run` lists what was found; nothing was written to {out}\n")
+    assert not (out / "manifest.json").exists()
+    (tmp_path / "empty").mkdir()
+    assert main(["ingest", "wsi", str(tmp_path / "empty"), "--out", str(out)]) == 1
+    assert (
+        capsys.readouterr().err == f"tessera: error: nothing to ingest: no input found; nothing was written to {out}\n"
+    )
+
+
 def test_train_and_tune_help_list_the_bundled_plans(capsys):
     from training.config import RECIPES
     from tune.config import SWEEPS
