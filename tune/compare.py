@@ -27,12 +27,14 @@ class Group:
 
 def find_group(client, ref: str) -> Group:
     """Runs of a group: the children of a sweep or replicates parent (its name or run id), or every finished
-    run matching an MLflow filter (``tags.model = 'vivit'``)."""
+    training run (a plain one or a sweep's trial) matching an MLflow filter (``tags.model = 'vivit'``)."""
     from mlflow.exceptions import MlflowException
 
     exps = [e.experiment_id for e in client.search_experiments()]
     if "=" in ref or " like " in ref.lower():
-        runs = client.search_runs(exps, f"({ref}) and attributes.status = 'FINISHED'", max_results=5000)
+        # MLflow's filters are clauses joined by `and`, without parentheses
+        runs = client.search_runs(exps, f"{ref} and attributes.status = 'FINISHED'", max_results=5000)
+        runs = [r for r in runs if r.data.tags.get(KIND, "trial") == "trial"]  # not sweep parents, comparisons
         return Group(ref, runs, f"filter {ref}")
     parents = client.search_runs(exps, f"tags.`{SWEEP}` = '{ref}' and tags.`{KIND}` != 'trial'")
     if not parents:

@@ -211,3 +211,29 @@ def test_a_sweeps_new_trials_read_the_dataset_version_it_started_on(tmp_path):
     with pytest.raises(ValueError, match=r"made again since sweep sweep-1 started .* than its earlier trials did"):
         check_trial_data(tags, recipe, "sweep-1")
     check_trial_data(tags | {"dataset": "s3://b/other"}, recipe, "sweep-1")  # a trial of another dataset
+
+
+def test_a_group_by_mlflow_filter_holds_the_finished_training_runs_it_matches(tmp_path):
+    """The filter reaches MLflow as its own clauses (MLflow takes no parentheses), and neither a sweep's parent
+    run nor a comparison, which carry the same tags, counts as a replicate."""
+    from mlflow import MlflowClient
+
+    from tune.compare import find_group
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.create_experiment("e", artifact_location=str(tmp_path / "artifacts"))
+    runs = {}
+    for name, kind, status in [
+        ("plain", None, "FINISHED"),
+        ("trial", "trial", "FINISHED"),
+        ("parent", "sweep", "FINISHED"),
+        ("comparison", "comparison", "FINISHED"),
+        ("failed", None, "FAILED"),
+        ("other", None, "FINISHED"),
+    ]:
+        tags = {"recipe": "other" if name == "other" else "x"} | ({"tessera.kind": kind} if kind else {})
+        runs[name] = client.create_run(exp, tags=tags, run_name=name).info.run_id
+        client.set_terminated(runs[name], status)
+    group = find_group(client, "tags.recipe = 'x'")
+    assert sorted(r.info.run_name for r in group.runs) == ["plain", "trial"]
+    assert group.source == "filter tags.recipe = 'x'"
