@@ -52,8 +52,9 @@ def make_dataset(
             with ShardWriter(storage.join(prefix, split), start_index=len(infos)) as w:
                 for i in range(start, min(n, start + shard_samples)):
                     patient = f"{split}p{i // samples_per_patient}"
-                    drawn = int(rng.integers(classes))
-                    label = drawn if per_sample_labels or patient not in patients else patients[patient]
+                    # drawn only when needed, so that the default datasets stay as they were
+                    new = per_sample_labels or patient not in patients
+                    label = int(rng.integers(classes)) if new else patients[patient]
                     patients[patient] = max(label, patients.get(patient, 0))
                     vector = [label] + [int(label and rng.random() < 0.5) for _ in RSNA[1:]] if multilabel else None
                     images = [_image(rng, label, classes, size) for _ in range(max(1, frames))]
