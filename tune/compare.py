@@ -13,9 +13,8 @@ from typing import Any
 import numpy as np
 
 from training import tracking
+from tune.runs import KIND, SWEEP
 from tune.stats import Comparison, compare
-
-KIND, SWEEP = "tessera.kind", "tessera.sweep"
 
 
 @dataclass
