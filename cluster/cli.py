@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from cluster.cli_dataset import add_dataset_parser
-from cluster.cli_evaluate import add_evaluate_parser, held_out_line, print_held_out
+from cluster.cli_evaluate import add_evaluate_parser, print_held_out
 from cluster.cli_ingest import add_ingest_parser, ingest_config, ingest_dry_run, keep_private
+from cluster.cli_train import train_dry_run
 from cluster.errors import TesseraError
 from training.console import debugging, quiet_libraries
 
@@ -99,31 +102,6 @@ def cmd_ingest(args) -> int:
     return 0
 
 
-def _outputs_for_dry_run(recipe, manifest) -> tuple[int, str]:
-    """How many logits the model would have: from the heads, the manifest if readable, else 2 (said so)."""
-    from training.loop import outputs_of
-
-    if recipe.model.heads:
-        return len(recipe.model.heads), "heads"
-    if manifest is None:
-        return 2, "assumed: the manifest is not readable"
-    return len(outputs_of(recipe, manifest)), "manifest"
-
-
-def _input_size(recipe, manifest) -> str:
-    """How the stored images meet the recipe's input size: a resize per sample and epoch, unless they match."""
-    size, cfg = recipe.data.image_size, manifest.config
-    stored = cfg.get("store_size") or (cfg.get("tile_size") if manifest.kind == "wsi" else None)
-    if stored is None:
-        return f"input: stored at their own sizes (no --store-size), resized to {size} px where they differ"
-    if stored == size:
-        return f"input: stored at {size} px, the training size: decoded without a resize"
-    return (
-        f"input: stored at {stored} px, resized to {size} px for every sample in every epoch "
-        f"(ingest with --store-size {size} to store them at the training size)"
-    )
-
-
 def cmd_train(args) -> int:
     from cluster import health
     from training.config import load_recipe
@@ -141,7 +119,7 @@ def cmd_train(args) -> int:
             raise SystemExit("a RECIPE (name or YAML path) or --resume RUN is needed")
         recipe = load_recipe(args.recipe, args.overrides)
         if args.dry_run:
-            return _dry_run(recipe)
+            return train_dry_run(recipe)
         _connect(s)
         health.require(s, "mlflow")
         outcome = run_training(recipe, s.mlflow_url, s.checkpoints)
@@ -248,36 +226,6 @@ def cmd_jobs(args) -> int:
     return 0
 
 
-def _dry_run(recipe) -> int:
-    import yaml
-
-    from shards import manifest as mf
-    from training.engine import mixed_precision
-    from training.models import build_model, check_model, count_parameters
-    from training.preflight import check_against
-
-    print(yaml.safe_dump(recipe.model_dump(), sort_keys=False))
-    check_model(recipe.model)
-    manifest = None
-    try:
-        manifest = mf.load(recipe.data.dataset)
-    except Exception as exc:  # the dataset may live on a cluster this machine cannot reach: said, not fatal
-        print(f"dataset: manifest not readable from here: {exc}")
-    n, source = _outputs_for_dry_run(recipe, manifest)
-    model = build_model(
-        recipe.model.model_copy(update={"pretrained": False}), n, recipe.data.frames, recipe.data.image_size
-    )
-    total, trainable = count_parameters(model, trainable=False), count_parameters(model)
-    print(f"parameters: {total:,} ({trainable:,} trainable), {n} outputs ({source})")
-    gpu, cpu = ("bf16 (autocast)" if mixed_precision(recipe, cuda) else "fp32" for cuda in (True, False))
-    print(f"precision: {gpu} on a GPU worker, {cpu} on a CPU worker (deepspeed.bf16: {recipe.deepspeed.bf16})")
-    if manifest is not None:
-        check_against(recipe, manifest)
-        print(held_out_line(recipe, manifest))
-        print(_input_size(recipe, manifest))
-    return 0
-
-
 def cmd_demo(args) -> int:
     from cluster.demo import run_demo
     from cluster.stack import LocalStack
@@ -369,8 +317,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _stop_on_sigterm(signum, frame) -> None:
+    """``tessera jobs stop`` (Ray's job stop), Kubernetes and ``kill`` end a command with SIGTERM, whose default
+    ends Python at once: no ``finally``, so a training run stayed RUNNING in MLflow. It is an interrupt instead
+    (Ray blocks SIGINT in a job's processes, so Ctrl+C's own path is closed there)."""
+    raise KeyboardInterrupt(f"stopped by {signal.Signals(signum).name}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _stop_on_sigterm)
     try:
         # Ray reads its auth settings when first imported, so the environment is exported before any command.
         _settings().apply()

@@ -231,7 +231,14 @@ def evaluate_run(
 
     from training.console import train_log_level
     from training.export import MODEL_JSON
-    from training.launch import MANIFEST_TAG, load_manifest, run_recipe, storage_location, worker_group
+    from training.launch import (
+        MANIFEST_TAG,
+        interrupted_as,
+        load_manifest,
+        run_recipe,
+        storage_location,
+        worker_group,
+    )
     from training.loop import outputs_of
 
     client = MlflowClient(tracking_uri)
@@ -257,14 +264,16 @@ def evaluate_run(
     config = {"recipe": recipe.model_dump(), "split": split, "prefix": prefix}
     config |= {"mlflow_uri": tracking_uri, "run_id": run_id}
     group = f"{prefix}{run_id[:12]}-{uuid.uuid4().hex[:8]}"  # new each time: Ray Train resumes a run by its name
-    result = TorchTrainer(
+    trainer = TorchTrainer(
         eval_loop,
         train_loop_config=config,
         **worker_group(recipe),
         run_config=RunConfig(
             name=group, storage_path=path, storage_filesystem=fs, logging_config=LoggingConfig(train_log_level())
         ),
-    ).fit()
+    )
+    with interrupted_as(lambda: f"the evaluation of run {run_id} on {url} ({split}) did not finish"):
+        result = trainer.fit()
     if result.error is not None:
         raise RuntimeError(f"evaluation of run {run_id} on {url} ({split}) failed: {result.error}")
     if not dataset and split == recipe.data.test_split and prefix == metric_prefix(split):  # the step, retried

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import tempfile
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -84,7 +88,7 @@ def run_checkpoints(folder: str, fs) -> list:
 
 
 def checkpoint_url(path: str, storage_path: str) -> str:
-    """A checkpoint's address for people and for :func:`training.loop.checkpoint_weights`: Ray gives object-store
+    """A checkpoint's address for people and for :func:`training.engine.checkpoint_weights`: Ray gives object-store
     paths without their scheme, so ``s3://`` is put back when the run's storage is S3."""
     return f"s3://{path}" if storage_path.startswith("s3://") and not path.startswith("s3://") else path
 
@@ -287,14 +291,17 @@ def fit(
     logger = tracking.RunLogger(tracking_uri, run_id)
     url = tracking.run_url_of(tracking_uri, run_id)
     print(f"MLflow run: {url}", flush=True)
-    ok = False
+    status = "FAILED"
     try:
         plan = held_out_plan(recipe) if held_out else None
         if plan:
             logger.untag(HELD_OUT_ERROR)  # from an earlier training of this run (`--resume`)
         options = trainer_options | {"held_out": plan}
-        result = trainer_for(recipe, run_id, tracking_uri, storage_path, max_failures, **options).fit()
+        trainer = trainer_for(recipe, run_id, tracking_uri, storage_path, max_failures, **options)
+        with interrupted_as(lambda: resume_hint(tracking_uri, run_id, recipe.epochs)):
+            result = trainer.fit()
         ok = result.error is None
+        status = "FINISHED" if ok else "FAILED"
         history = tracking.epoch_history(tracking_uri, run_id)
         _log_curves(logger, history)
         version = tracking.register_model(tracking_uri, run_id, recipe.name) if ok and register else None
@@ -304,8 +311,49 @@ def fit(
         if ok and plan:
             outcome.held_out, outcome.held_out_error = held_out_outcome(tracking_uri, run_id, recipe, plan)
         return outcome
+    except KeyboardInterrupt:
+        status = "KILLED"  # Ctrl+C, or SIGTERM from `tessera jobs stop` (see cluster.cli)
+        raise
     finally:
-        tracking.finish_run(tracking_uri, run_id, ok)
+        tracking.finish_run(tracking_uri, run_id, status)
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl+C (or SIGTERM) stopped a Ray Train run; its checkpoints stay (``tessera train --resume``)."""
+
+
+@contextlib.contextmanager
+def interrupted_as(message: Callable[[], str]) -> Iterator[None]:
+    """Around ``TorchTrainer.fit()``. In the main thread its SIGINT handler aborts the run's workers, then exits
+    the process with a ``SystemExit`` that says nothing (status 1), and stays installed after the run; an
+    interrupt raised otherwise (SIGTERM: see ``cluster.cli``) leaves the run's workers to Ray. Either becomes
+    :class:`RunInterrupted` saying ``message()`` (status 130 in the CLI; the MLflow run KILLED)."""
+    main = threading.current_thread() is threading.main_thread()
+    before = signal.getsignal(signal.SIGINT) if main else None
+    try:
+        yield
+    except SystemExit as exc:
+        raise RunInterrupted(f"interrupted: {message()}") from exc
+    except RunInterrupted:
+        raise
+    except KeyboardInterrupt as exc:
+        raise RunInterrupted(f"{exc or 'interrupted'}: {message()}") from exc
+    finally:
+        if before is not None:
+            signal.signal(signal.SIGINT, before)
+
+
+def resume_hint(tracking_uri: str, run_id: str, epochs: int) -> str:
+    """What an interrupted run has done, and the command that continues it."""
+    from mlflow import MlflowClient
+
+    with contextlib.suppress(Exception):  # said without the count when MLflow does not answer
+        done = len(MlflowClient(tracking_uri).get_metric_history(run_id, "train_loss"))
+        return (
+            f"run {run_id} has {done} of {epochs} epochs logged; its checkpoints are kept, and "
+            f"`tessera train --resume {run_id}` continues it from the last one"
+        )
+    return f"run {run_id} stopped; `tessera train --resume {run_id}` continues it from its last checkpoint"
 
 
 def _loop():

@@ -259,7 +259,7 @@ def run_sweep(
     print(f"sweep {sweep_run}: MLflow {tracking.run_url_of(uri, parent_id)}", flush=True)
     trainable = _trainable(sweep, uri, train_storage, parent_id, sweep_run)
     path, fs = storage_location(tune_storage)
-    ok: bool | None = False
+    ok: bool | str | None = False
     try:
         if resume:
             tuner = tune.Tuner.restore(
@@ -305,6 +305,13 @@ def run_sweep(
             print(f"sweep {sweep_run}: deleted {pruned} checkpoints PBT no longer needs", flush=True)
         ok = True
         return outcome
+    except SweepInterrupted:
+        raise
+    except KeyboardInterrupt as exc:  # SIGTERM (see cluster.cli): Tune's own Ctrl+C path was not taken
+        ok = "KILLED"
+        raise SweepInterrupted(
+            f"{exc or 'interrupted'}: finish sweep {sweep_run} with: tessera tune --resume {sweep_run}"
+        ) from exc
     finally:
         if ok is not None:
             tracking.finish_run(uri, parent_id, ok)

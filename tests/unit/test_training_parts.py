@@ -265,3 +265,53 @@ def test_a_runs_worker_group_polls_every_half_second_and_prints_once_unless_the_
     from ray.train.v2._internal.constants import ENV_VARS_TO_PROPAGATE
 
     assert set(RAY_TRAIN_ENV) <= ENV_VARS_TO_PROPAGATE
+
+
+class _Interrupted:
+    """A TorchTrainer stand-in that is interrupted as a real one is: a signal arrives during ``fit()``; for SIGINT,
+    Ray Train's handler (installed by ``fit``) aborts the run and exits the process with ``SystemExit(0)``."""
+
+    def __init__(self, signum: int) -> None:
+        self.signum = signum
+
+    def fit(self):
+        import signal
+
+        def ray_trains(signum, frame):
+            raise SystemExit(0)
+
+        signal.signal(signal.SIGINT, ray_trains)
+        signal.raise_signal(self.signum)
+        raise AssertionError("not interrupted")
+
+
+@pytest.mark.parametrize(("signum", "said"), [("SIGINT", "interrupted"), ("SIGTERM", "stopped by SIGTERM")])
+def test_an_interrupted_run_is_killed_in_mlflow_and_says_how_to_resume(signum, said, tmp_path, monkeypatch):
+    """Ctrl+C ended `tessera train` with status 1 and not a word, its MLflow run FAILED; SIGTERM (`tessera jobs
+    stop`) ended it at once, the run left RUNNING. Either is now an interrupt naming the run and `--resume`."""
+    import signal
+
+    from mlflow import MlflowClient
+
+    import training.launch
+    from cluster.cli import _stop_on_sigterm
+    from training.launch import RunInterrupted, fit
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("x", str(tmp_path / "artifacts"))).info.run_id
+    client.log_metric(run_id, "train_loss", 0.5, step=0)  # one epoch done
+    monkeypatch.setattr(training.launch, "trainer_for", lambda *a, **k: _Interrupted(getattr(signal, signum)))
+    before = signal.getsignal(signal.SIGINT), signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    try:
+        with pytest.raises(RunInterrupted) as raised:
+            fit(load_recipe("demo_tiles", ["epochs=3"]), run_id, uri, str(tmp_path / "ckpt"))
+        assert signal.getsignal(signal.SIGINT) is before[0]  # Ray Train's handler does not outlive the run
+    finally:
+        signal.signal(signal.SIGINT, before[0])
+        signal.signal(signal.SIGTERM, before[1])
+    assert str(raised.value) == (
+        f"{said}: run {run_id} has 1 of 3 epochs logged; its checkpoints are kept, and "
+        f"`tessera train --resume {run_id}` continues it from the last one"
+    )
+    assert client.get_run(run_id).info.status == "KILLED"

@@ -1,0 +1,62 @@
+"""``tessera train --dry-run``: what a run would be, checked before any worker starts."""
+
+from __future__ import annotations
+
+from cluster.cli_evaluate import held_out_line
+
+
+def outputs_for_dry_run(recipe, manifest) -> tuple[int, str]:
+    """How many logits the model would have: from the heads, the manifest if readable, else 2 (said so)."""
+    from training.loop import outputs_of
+
+    if recipe.model.heads:
+        return len(recipe.model.heads), "heads"
+    if manifest is None:
+        return 2, "assumed: the manifest is not readable"
+    return len(outputs_of(recipe, manifest)), "manifest"
+
+
+def input_size(recipe, manifest) -> str:
+    """How the stored images meet the recipe's input size: a resize per sample and epoch, unless they match."""
+    size, cfg = recipe.data.image_size, manifest.config
+    stored = cfg.get("store_size") or (cfg.get("tile_size") if manifest.kind == "wsi" else None)
+    if stored is None:
+        return f"input: stored at their own sizes (no --store-size), resized to {size} px where they differ"
+    if stored == size:
+        return f"input: stored at {size} px, the training size: decoded without a resize"
+    return (
+        f"input: stored at {stored} px, resized to {size} px for every sample in every epoch "
+        f"(ingest with --store-size {size} to store them at the training size)"
+    )
+
+
+def train_dry_run(recipe) -> int:
+    """``tessera train RECIPE --dry-run``: the resolved recipe, the model's size and precision, and what the
+    dataset says about it (when its manifest is readable from here)."""
+    import yaml
+
+    from shards import manifest as mf
+    from training.engine import mixed_precision
+    from training.models import build_model, check_model, count_parameters
+    from training.preflight import check_against
+
+    print(yaml.safe_dump(recipe.model_dump(), sort_keys=False))
+    check_model(recipe.model)
+    manifest = None
+    try:
+        manifest = mf.load(recipe.data.dataset)
+    except Exception as exc:  # the dataset may live on a cluster this machine cannot reach: said, not fatal
+        print(f"dataset: manifest not readable from here: {exc}")
+    n, source = outputs_for_dry_run(recipe, manifest)
+    model = build_model(
+        recipe.model.model_copy(update={"pretrained": False}), n, recipe.data.frames, recipe.data.image_size
+    )
+    total, trainable = count_parameters(model, trainable=False), count_parameters(model)
+    print(f"parameters: {total:,} ({trainable:,} trainable), {n} outputs ({source})")
+    gpu, cpu = ("bf16 (autocast)" if mixed_precision(recipe, cuda) else "fp32" for cuda in (True, False))
+    print(f"precision: {gpu} on a GPU worker, {cpu} on a CPU worker (deepspeed.bf16: {recipe.deepspeed.bf16})")
+    if manifest is not None:
+        check_against(recipe, manifest)
+        print(held_out_line(recipe, manifest))
+        print(input_size(recipe, manifest))
+    return 0
