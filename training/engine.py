@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
+import io
 import os
 import re
 import shutil
@@ -19,6 +20,8 @@ import torch
 from shards import scratch
 from training import console
 from training.config import OptimConfig, ScheduleConfig, TrainRecipe
+
+TAG = "ds"  # the DeepSpeed tag of every checkpoint: its files are under TAG/ in the checkpoint folder
 
 
 def make_optimizer(params, cfg: OptimConfig) -> torch.optim.Optimizer:
@@ -209,3 +212,36 @@ def init_engine(
         # every gradient back each step.
         engine.enable_backward_allreduce = False
     return engine, scheduler
+
+
+def same_batchnorm_stats(module: torch.nn.Module, world: int) -> None:
+    """Average BatchNorm's running statistics over the ``world`` ranks, in place (timm's ``distribute_bn``).
+
+    DeepSpeed, unlike DDP, never syncs buffers: each rank's statistics follow its own batches, so the ranks
+    validated their shares with different models, rank 0's checkpoint and export held one the metrics were not
+    measured on, and a resumed run's other ranks restarted from rank 0's statistics (its next validation
+    differed from an uninterrupted run's). Called after each training pass, the ranks hold one model.
+    """
+    if world > 1:
+        from timm.utils import distribute_bn
+
+        distribute_bn(module, world, reduce=True)
+
+
+def checkpoint_weights(checkpoint: str | Path) -> dict[str, torch.Tensor]:
+    """The module weights of a Tessera DeepSpeed checkpoint of ZeRO stage 0-2, a folder or an ``s3://`` URL (read
+    on the CPU, no engine needed). A ZeRO-3 checkpoint holds each rank's slice of the weights only: its run's
+    exported model (the MLflow artifact ``model``) has them whole.
+
+    Loaded with ``weights_only=True``: a checkpoint may come from anywhere, and unpickling runs code.
+    """
+    member = f"{TAG}/mp_rank_00_model_states.pt"
+    if str(checkpoint).startswith("s3://"):
+        from training.launch import storage_location
+
+        prefix, fs = storage_location(str(checkpoint))
+        with fs.open_input_file(f"{prefix.rstrip('/')}/{member}") as f:
+            source: Any = io.BytesIO(f.read())
+    else:
+        source = Path(checkpoint) / member
+    return torch.load(source, map_location="cpu", weights_only=True)["module"]

@@ -10,12 +10,10 @@ last epoch the same workers evaluate the selected model on the held-out split (:
 from __future__ import annotations
 
 import contextlib
-import io
 import os
 import signal
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -29,15 +27,21 @@ from training.aggregate import aggregate
 from training.collective import raise_any, said
 from training.config import TrainRecipe
 from training.data import WorkerData
-from training.engine import init_engine, load_universal, partition_ranks, universal_checkpoint, zero_stage
+from training.engine import (
+    TAG,
+    init_engine,
+    load_universal,
+    partition_ranks,
+    same_batchnorm_stats,
+    universal_checkpoint,
+    zero_stage,
+)
 from training.evaluation import held_out_step
 from training.losses import Loss, balanced_weights
 from training.metrics import classification_metrics, multilabel_metrics
 from training.models import build_model
 from training.state import EarlyStopping, epoch_seed, swa_start_epoch
 from training.tracking import MODEL_ARTIFACT
-
-TAG = "ds"
 
 
 def outputs_of(recipe: TrainRecipe, manifest: mf.Manifest) -> list[str]:
@@ -288,6 +292,7 @@ class Trainer:
                 self.rank,
                 fault,
             )
+            same_batchnorm_stats(self.engine.module, self.world)
             if self.swa is not None and epoch >= swa_from:
                 self.swa.update_parameters(self.engine.module)
             pred = predict(self.engine, self.data.batches(r.data.val_split, epoch, False), self.loss, self.device)
@@ -322,6 +327,7 @@ class Trainer:
         torch.optim.swa_utils.update_bn(
             (torch.as_tensor(x, device=self.device).to(dtype) for x, _, _ in train), self.swa
         )
+        same_batchnorm_stats(self.swa, self.world)  # each rank's were of its share of the data
         pred = predict(self.swa, self.data.batches(r.data.val_split, epoch, False), self.loss, self.device)
         return pred, evaluate(pred, r, self.outputs, prefix="val_swa_")
 
@@ -375,22 +381,3 @@ def await_go_ahead(gate, epoch: int) -> None:
     it stops or pauses there ends first, with its workers, which otherwise ran an epoch or two past the verdict."""
     while gate.get() < epoch:  # an earlier epoch's, left unread by workers that failed and were restarted
         pass
-
-
-def checkpoint_weights(checkpoint: str | Path) -> dict[str, torch.Tensor]:
-    """The module weights of a Tessera DeepSpeed checkpoint of ZeRO stage 0-2, a folder or an ``s3://`` URL (read
-    on the CPU, no engine needed). A ZeRO-3 checkpoint holds each rank's slice of the weights only: its run's
-    exported model (the MLflow artifact ``model``) has them whole.
-
-    Loaded with ``weights_only=True``: a checkpoint may come from anywhere, and unpickling runs code.
-    """
-    member = f"{TAG}/mp_rank_00_model_states.pt"
-    if str(checkpoint).startswith("s3://"):
-        from training.launch import storage_location
-
-        prefix, fs = storage_location(str(checkpoint))
-        with fs.open_input_file(f"{prefix.rstrip('/')}/{member}") as f:
-            source: Any = io.BytesIO(f.read())
-    else:
-        source = Path(checkpoint) / member
-    return torch.load(source, map_location="cpu", weights_only=True)["module"]

@@ -4,6 +4,11 @@ and the run resumes from its checkpoint at the right epoch; a run that failed ou
 the CPU with fixed seeds both end with exactly the weights of an uninterrupted run. A failed run also continues
 on another number of workers."""
 
+import os
+import re
+import signal
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -14,31 +19,29 @@ from mlflow import MlflowClient
 from shards import manifest as mf
 from tests.datasets import make_dataset
 from training.config import load_recipe
-from training.engine import partition_ranks
+from training.engine import checkpoint_weights, partition_ranks
 from training.launch import FAULT_ENV, resume_training, run_training, storage_location
-from training.loop import checkpoint_weights
 
 
 @pytest.fixture(scope="module")
 def setup(stack, tmp_path_factory):
     work = tmp_path_factory.mktemp("train-resume")
     make_dataset(str(work / "ds"), {"train": 24, "val": 8}, size=32, shard_samples=4)
-    recipe = load_recipe(
-        "demo_tiles",
-        [
-            f"data.dataset={work / 'ds'}",
-            "data.image_size=32",
-            "data.augment={hflip: 0.5, vflip: 0.5, rotate_p: 0.5}",
-            "epochs=3",
-            "batch_size=4",
-            "workers=2",
-            "deepspeed.zero_stage=2",
-            "schedule.name=cosine",
-            "eval.levels=[patient]",
-        ],
-    )
+    overrides = [
+        f"data.dataset={work / 'ds'}",
+        "data.image_size=32",
+        "data.augment={hflip: 0.5, vflip: 0.5, rotate_p: 0.5}",
+        "epochs=3",
+        "batch_size=4",
+        "workers=2",
+        "deepspeed.zero_stage=2",
+        "schedule.name=cosine",
+        "eval.levels=[patient]",
+    ]
+    recipe = load_recipe("demo_tiles", overrides)
     baseline = run_training(recipe, stack.mlflow_url, str(work / "ckpt"))
-    return {"recipe": recipe, "work": work, "baseline": checkpoint_weights(baseline.checkpoint)}
+    weights, run = checkpoint_weights(baseline.checkpoint), baseline.run_id
+    return {"recipe": recipe, "overrides": overrides, "work": work, "baseline": weights, "baseline_run": run}
 
 
 def _same(a, b):
@@ -58,6 +61,14 @@ def test_killed_worker_resumes_from_checkpoint(setup, stack, monkeypatch):
     assert _history(stack, out.run_id, "resumed_at_epoch") == [(1, 1.0)]
     assert sorted(s for s, _ in _history(stack, out.run_id, "val_loss")) == [0, 1, 2]
     _same(checkpoint_weights(out.checkpoint), setup["baseline"])
+    _same_validation(stack, out.run_id, setup["baseline_run"])
+
+
+def _same_validation(stack, run_id: str, baseline_run: str) -> None:
+    """Every epoch's validation equals the uninterrupted run's, the first after the restore too: the ranks
+    validate one model (BatchNorm statistics averaged over them), which the checkpoint holds whole."""
+    for key in ("val_loss", "val_patient_accuracy"):
+        assert sorted(_history(stack, run_id, key)) == sorted(_history(stack, baseline_run, key)), key
 
 
 def test_a_worker_lost_in_the_held_out_step_is_replaced_and_the_step_completes(setup, stack, monkeypatch):
@@ -110,6 +121,7 @@ def test_failed_run_continues_with_resume(setup, stack, monkeypatch):
     assert out.run_id == run.info.run_id and client.get_run(out.run_id).info.status == "FINISHED"
     assert _history(stack, out.run_id, "resumed_at_epoch") == [(2, 2.0)]
     assert out.model_version is not None
+    _same_validation(stack, out.run_id, setup["baseline_run"])
     assert out.checkpoint.startswith(storage + "/")
     keys = _s3_objects(stack, stack.checkpoints_bucket, out.checkpoint.split("/", 3)[3])
     assert any(k.endswith("zero_pp_rank_0_mp_rank_00_optim_states.pt") for k in keys), keys
@@ -161,3 +173,29 @@ def test_a_run_continues_on_another_worker_count(setup, stack, monkeypatch, befo
     if stage != "0":  # converted through the shared folder, which its last reader removed
         assert now_locks - locks and now_folders <= folders
     assert partition_ranks(*storage_location(out.checkpoint)) == (0 if stage == "0" else after)
+
+
+def test_ctrl_c_stops_a_run_that_resume_then_finishes(setup, stack):
+    """Ctrl+C in `tessera train`: Ray Train aborts the workers, the CLI says what was done and how to go on
+    (status 130), the MLflow run is KILLED, and `--resume` continues it from the last checkpoint to the end."""
+    overrides = [o.replace("epochs=3", "epochs=8") for o in setup["overrides"]]  # time to interrupt it mid-run
+    cmd = [sys.executable, "-m", "cluster.cli", "train", "demo_tiles", *overrides]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:  # the first epoch's line: the run is under way, with a checkpoint
+        if " epoch 1/8: " in line:
+            break
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    said = re.search(r"tessera: interrupted: run (\w+) has (\d) of 8 epochs logged; .*--resume \1`", err)
+    assert said, err[-2000:]
+    run_id, done = said.group(1), int(said.group(2))
+    client = MlflowClient(stack.mlflow_url)
+    assert client.get_run(run_id).info.status == "KILLED" and 1 <= done < 8
+
+    resumed = resume_training(run_id, stack.mlflow_url, stack.checkpoints)
+    assert client.get_run(run_id).info.status == "FINISHED" and resumed.error is None
+    (at,) = _history(stack, run_id, "resumed_at_epoch")
+    assert at[0] in (done - 1, done)  # the last checkpoint: the last epoch logged, or the one before it
+    assert {s for s, _ in _history(stack, run_id, "val_loss")} == set(range(8))

@@ -16,7 +16,8 @@ import torch.distributed as dist
 
 from tests.datasets import make_dataset
 from training.config import RECIPES, load_recipe
-from training.loop import Trainer, checkpoint_weights
+from training.engine import checkpoint_weights
+from training.loop import Trainer
 
 ALL = sorted(p.stem for p in RECIPES.glob("*.yaml"))
 SMALL = {"strip_ai_inception_v3": 96}
@@ -224,8 +225,7 @@ def test_one_rank_runs_zero_2_as_stage_0_with_the_same_arithmetic(clip, tmp_path
     """ZeRO-2 on a single rank partitions nothing; the engine runs stage 0 and gives the weights of a plain
     PyTorch loop and of a real ZeRO-2 engine over accumulated steps, clipping only as the recipe says (DeepSpeed
     alone would clip at 1.0). A run continuing a ZeRO-partitioned checkpoint keeps ZeRO."""
-    from training.engine import init_engine, partition_ranks, zero_stage
-    from training.loop import TAG
+    from training.engine import TAG, init_engine, partition_ranks, zero_stage
 
     overrides = ["deepspeed.zero_stage=2", "deepspeed.gradient_accumulation=2", f"deepspeed.gradient_clipping={clip}"]
     recipe = load_recipe("strip_ai_resnet50", overrides)
@@ -291,8 +291,7 @@ def _weights(engine) -> dict[str, torch.Tensor]:
 def _zero_rank(rank: int, port: int, folder: str, stage: int) -> None:
     """Rank ``rank`` of 2: three ZeRO steps, a checkpoint, one more step, whose weights rank 0 keeps. Every
     rank takes the same batches, so the averaged gradient is one batch's, as on one rank."""
-    from training.engine import init_engine
-    from training.loop import TAG
+    from training.engine import TAG, init_engine
 
     env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank), "LOCAL_RANK": str(rank)}
     os.environ.update(env | {"WORLD_SIZE": "2"})
@@ -319,8 +318,7 @@ def test_a_zero_checkpoint_of_two_ranks_continues_exactly_on_one(stage, tmp_path
     node, and the next step on one rank gives exactly the weights (and BatchNorm statistics) the two ranks'
     next step gave."""
     import training.engine
-    from training.engine import init_engine, load_universal, partition_ranks, universal_checkpoint, zero_stage
-    from training.loop import TAG
+    from training.engine import TAG, init_engine, load_universal, partition_ranks, universal_checkpoint, zero_stage
 
     ctx, port = mp.get_context("spawn"), _free_port()
     ranks = [ctx.Process(target=_zero_rank, args=(r, port, str(tmp_path), stage)) for r in range(2)]
@@ -368,7 +366,7 @@ def test_bf16_computes_under_autocast_and_keeps_fp32_weights_and_checkpoints(nam
     """bf16 (asked for, so that it runs on the CPU here; a GPU run takes it by default) is torch autocast.
     BatchNorm networks train under it: DeepSpeed's own bf16 mode casts their weights and not their running
     statistics, which PyTorch refuses. The weights, and so the checkpoints, stay fp32, as an fp32 run's."""
-    from training.loop import TAG
+    from training.engine import TAG
 
     recipe = _small_recipe(name, tmp_path, "deepspeed.bf16=true")
     trainer = Trainer({"recipe": recipe.model_dump()}, rank=0, world=1)
@@ -393,8 +391,7 @@ def test_bf16_computes_under_autocast_and_keeps_fp32_weights_and_checkpoints(nam
 def test_a_bf16_zero_checkpoint_is_read_as_zero(tmp_path, process_group):
     """Under bf16 a ZeRO-2 engine writes the files an fp32 one does, so a resumed run finds its partitions (those
     of DeepSpeed's bf16 mode are named ``bf16_zero_pp_rank_*``)."""
-    from training.engine import deepspeed_config, init_engine, partition_ranks
-    from training.loop import TAG
+    from training.engine import TAG, deepspeed_config, init_engine, partition_ranks
 
     for bf16, cuda, want in [
         ("auto", True, True),
@@ -555,3 +552,36 @@ def test_a_worker_refuses_a_dataset_other_than_the_version_its_run_recorded(tmp_
         mf.save(manifest, url)
         with pytest.raises(ValueError, match=f"{url} {says}.* since run r1 started"):
             Trainer(config, 0, 1)
+
+
+def _batchnorm_rank(rank: int, port: int, q) -> None:
+    """One of two gloo ranks: a BatchNorm layer that has seen this rank's own batch; its statistics after
+    :func:`~training.engine.same_batchnorm_stats`."""
+    from training.engine import same_batchnorm_stats
+
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    bn = torch.nn.BatchNorm1d(2)
+    bn(torch.tensor([[1.0, 10.0], [3.0, 30.0]]) * (rank + 1))  # rank 0: means 2, 20; rank 1: 4, 40
+    same_batchnorm_stats(bn, 2)
+    q.put((rank, bn.running_mean.tolist(), bn.running_var.tolist()))
+    q.close()
+    q.join_thread()
+    os._exit(0)
+
+
+def test_the_ranks_hold_one_set_of_batchnorm_statistics():
+    """DeepSpeed leaves each rank's BatchNorm statistics to its own batches; after a training pass they are
+    averaged, so every rank validates, checkpoints and exports the same model."""
+    ctx, port = mp.get_context("spawn"), _free_port()
+    q = ctx.Queue()
+    ranks = [ctx.Process(target=_batchnorm_rank, args=(r, port, q)) for r in range(2)]
+    for p in ranks:
+        p.start()
+    got = {rank: (mean, var) for rank, mean, var in (q.get(timeout=90) for _ in ranks)}
+    for p in ranks:
+        p.join(60)
+    # momentum 0.1 from mean 0, var 1: rank 0 saw means (2, 20), variances (2, 200); rank 1 (4, 40), (8, 800)
+    mean, var = [0.1 * 3, 0.1 * 30], [0.9 + 0.1 * 5, 0.9 + 0.1 * 500]
+    assert got[0] == got[1]
+    assert got[0][0] == pytest.approx(mean) and got[0][1] == pytest.approx(var)
