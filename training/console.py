@@ -27,6 +27,9 @@ DEPRECATIONS = (
 
 # Lines that libraries print (no logger to quiet): DeepSpeed's CPU backend, once on every worker of every run.
 ROUTINE_PRINTS = re.compile(r"DeepSpeed \S+ built successfully")
+# DeepSpeed's warnings that say nothing a user can act on: ZeRO wraps any torch optimiser, and the papers' SGD and
+# RMSprop (Tessera allows them: ``zero_allow_untested_optimizer``) drew this on every worker of every run.
+ROUTINE_WARNINGS = re.compile(r"\**\s*You are using ZeRO with an untested optimizer")
 
 # Ray's driver folds lines that differ only in words with digits and come from several processes within 5 s into
 # one "[repeated Nx across cluster]": the epoch lines of a sweep's trials side by side, each but the last lost.
@@ -67,12 +70,18 @@ def quiet_worker() -> None:
         return
     if not torch.cuda.is_available():
         logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+    logging.getLogger("DeepSpeed").addFilter(not_routine)  # once, however often a worker process calls this
     with contextlib.suppress(ImportError, AttributeError):
         # "Reporting training result N: TrainingReport(...)" per report and worker, on a logger named after its
         # file, so Ray Train's log level does not reach it
         from ray.train.v2._internal.execution import context
 
         logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
+def not_routine(record: logging.LogRecord) -> bool:
+    """A logging filter: False for :data:`ROUTINE_WARNINGS`."""
+    return not ROUTINE_WARNINGS.match(record.getMessage())
 
 
 @contextlib.contextmanager

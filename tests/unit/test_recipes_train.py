@@ -585,3 +585,25 @@ def test_the_ranks_hold_one_set_of_batchnorm_statistics():
     mean, var = [0.1 * 3, 0.1 * 30], [0.9 + 0.1 * 5, 0.9 + 0.1 * 500]
     assert got[0] == got[1]
     assert got[0][0] == pytest.approx(mean) and got[0][1] == pytest.approx(var)
+
+
+def test_zero_with_the_papers_sgd_draws_no_untested_optimizer_warning(process_group, monkeypatch, capfd):
+    """DeepSpeed warned "You are using ZeRO with an untested optimizer" on every worker of every SGD (paper 003)
+    and RMSprop run; the worker's console setup leaves it out, and keeps DeepSpeed's other warnings."""
+    from deepspeed.utils.logging import logger
+
+    from training.console import not_routine, quiet_worker
+    from training.engine import init_engine
+
+    monkeypatch.delenv("TESSERA_DEBUG", raising=False)
+    recipe = load_recipe("rsna_ich_binary", ["deepspeed.zero_stage=2"])
+    assert recipe.optim.name == "sgd"
+    quiet_worker()
+    try:
+        init_engine(_small_model(), recipe, cuda=False, stage=2)
+        logger.warning("another DeepSpeed warning")
+        said = capfd.readouterr()
+    finally:
+        logger.removeFilter(not_routine)
+    assert "untested optimizer" not in said.out + said.err
+    assert "another DeepSpeed warning" in said.out + said.err
