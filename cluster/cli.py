@@ -14,7 +14,7 @@ from cluster.cli_evaluate import add_evaluate_parser, print_held_out
 from cluster.cli_ingest import add_ingest_parser, ingest_config, ingest_dry_run, keep_private
 from cluster.cli_train import train_dry_run
 from cluster.errors import TesseraError
-from training.console import debugging, quiet_libraries
+from training.console import debugging, drop_ray_routine_lines, quiet_libraries
 
 
 def _settings():
@@ -39,6 +39,7 @@ def _connect(settings) -> None:
 
     if not ray.is_initialized():
         ray.init(address=settings.ray_gcs_address, log_to_driver=True, logging_level="WARNING")
+        drop_ray_routine_lines()
 
 
 def cmd_up(args) -> int:

@@ -31,6 +31,11 @@ ROUTINE_PRINTS = re.compile(r"DeepSpeed \S+ built successfully")
 # RMSprop (Tessera allows them: ``zero_allow_untested_optimizer``) drew this on every worker of every run.
 ROUTINE_WARNINGS = re.compile(r"\**\s*You are using ZeRO with an untested optimizer")
 
+# Lines of the cluster's processes that the driver would print, and that say nothing a user can act on: Ray
+# Train's controller starts a preemption watcher with actor handles as arguments, and Ray's core logs an error
+# about that (ray-project/ray#53727) for every run.
+RAY_ROUTINE_LINES = re.compile(r".*Actor with class name: 'PreemptionWatcher' .*has constructor arguments")
+
 # Ray's driver folds lines that differ only in words with digits and come from several processes within 5 s into
 # one "[repeated Nx across cluster]": the epoch lines of a sweep's trials side by side, each but the last lost.
 EPOCH_LINE = r" epoch \d+/\d+: "
@@ -77,6 +82,34 @@ def quiet_worker() -> None:
         from ray.train.v2._internal.execution import context
 
         logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
+def drop_ray_routine_lines() -> None:
+    """After ``ray.init`` in the driver: the cluster's lines it prints leave out :data:`RAY_ROUTINE_LINES` (none
+    when debugging). Ray's dispatcher of those lines takes no filter, so its printing handler is wrapped."""
+    if debugging():
+        return
+    with contextlib.suppress(ImportError, AttributeError):
+        from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+
+        with dispatcher._lock:
+            dispatcher.handlers = [
+                (name, _without_routine_lines(handler) if name == "ray_print_logs" else handler)
+                for name, handler in dispatcher.handlers
+            ]
+
+
+def _without_routine_lines(handler):
+    if getattr(handler, "drops_routine_lines", False):
+        return handler
+
+    def handle(data: dict[str, Any]) -> None:
+        lines = [line for line in data.get("lines", []) if not RAY_ROUTINE_LINES.match(line)]
+        if lines:
+            handler({**data, "lines": lines})
+
+    handle.drops_routine_lines = True  # type: ignore[attr-defined]
+    return handle
 
 
 def not_routine(record: logging.LogRecord) -> bool:

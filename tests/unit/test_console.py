@@ -83,3 +83,26 @@ def test_a_failing_block_keeps_all_it_printed(capsys):
         print("DeepSpeed x built successfully")
         raise RuntimeError("boom")
     assert capsys.readouterr().out == "DeepSpeed x built successfully\n"
+
+
+@pytest.mark.parametrize("debug", ["", "1"])
+def test_the_driver_prints_the_clusters_lines_but_ray_cores_preemption_watcher_error(debug, monkeypatch):
+    """Ray's core logged an error line per run about Ray Train's own preemption watcher (ray-project/ray#53727);
+    the driver's printing handler (Ray's, here a recorder under its name) gets every other line."""
+    from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+
+    from training.console import drop_ray_routine_lines
+
+    monkeypatch.setenv("TESSERA_DEBUG", debug)
+    watcher = (
+        "[2026-12-02 18:25:26,880 E 2707 2736] core_worker.cc:2465: Actor with class name: 'PreemptionWatcher' and "
+        "ID: 'b53f48f3c752601649f3f45801000000' has constructor arguments in the object store and max_restarts > 0."
+    )
+    epoch = "demo_tiles-cf51 epoch 1/3: train_loss 2.8061"
+    printed: list[list[str]] = []
+    monkeypatch.setattr(dispatcher, "handlers", [("ray_print_logs", lambda data: printed.append(data["lines"]))])
+    drop_ray_routine_lines()
+    drop_ray_routine_lines()  # a second connection wraps it once
+    dispatcher.emit({"lines": [watcher, epoch], "pid": 1, "is_err": False})
+    dispatcher.emit({"lines": [watcher], "pid": 1, "is_err": True})
+    assert printed == ([[epoch]] if not debug else [[watcher, epoch], [watcher]])
