@@ -140,6 +140,31 @@ def test_rendered_overlay_validates_and_meets_the_rules(overlay):
     assert not any(c["image"].startswith("tessera:") for d in docs for c in containers(d))  # images resolved
 
 
+@pytest.mark.parametrize("overlay", OVERLAYS, ids=lambda p: p.name)
+def test_every_pod_finds_the_ray_head_and_reads_settings_tessera_knows(overlay):
+    """A job's `tessera train` runs in a pod: with Tessera's local-stack defaults it would call ray.init on
+    127.0.0.1:6380, where no pod listens. The ConfigMap points it at the RayCluster's head Service (KubeRay's
+    name for it, <cluster>-head-svc) on the GCS port the head exposes, and names no setting Tessera ignores."""
+    from cluster.settings import Settings
+
+    docs = render(overlay)
+    config = next(d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "tessera-config")["data"]
+    ray = next(d for d in docs if d["kind"] == "RayCluster")
+    head = ray["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    ports = {p["name"]: p["containerPort"] for p in head["ports"]}
+    settings = Settings(
+        **{k.removeprefix("TESSERA_").lower(): v for k, v in config.items() if k.startswith("TESSERA_")}
+    )
+    assert settings.ray_gcs_address == f"{ray['metadata']['name']}-head-svc:{ports['gcs']}"
+    assert settings.ray_dashboard_url == f"http://{ray['metadata']['name']}-head-svc:{ports['dashboard']}"
+    unknown = {
+        k
+        for k in config
+        if k.startswith("TESSERA_") and k.removeprefix("TESSERA_").lower() not in Settings.model_fields
+    }
+    assert unknown == set()
+
+
 def test_dev_and_prod_differ_where_they_should():
     dev, prod = render(INFRA / "overlays" / "dev"), render(INFRA / "overlays" / "prod")
 
