@@ -14,6 +14,7 @@ from cluster.cli_evaluate import add_evaluate_parser, print_held_out
 from cluster.cli_ingest import add_ingest_parser, ingest_config, ingest_dry_run, keep_private
 from cluster.cli_train import train_dry_run
 from cluster.errors import TesseraError
+from training.capacity import FIXED_ENV
 from training.console import debugging, drop_ray_routine_lines, quiet_libraries
 
 
@@ -34,6 +35,8 @@ def _connect(settings) -> None:
     from cluster import health
 
     settings.apply()
+    if settings.ray_address is None:  # the local stack: no node will join (training.capacity)
+        os.environ.setdefault(FIXED_ENV, "1")
     health.require(settings, "ray", "s3")
     import ray
 

@@ -229,6 +229,7 @@ def evaluate_run(
     from ray.train import LoggingConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
+    from training.capacity import check_capacity
     from training.console import train_log_level
     from training.export import MODEL_JSON
     from training.launch import (
@@ -237,6 +238,7 @@ def evaluate_run(
         load_manifest,
         run_recipe,
         storage_location,
+        wants_gpu,
         worker_group,
     )
     from training.loop import outputs_of
@@ -244,6 +246,7 @@ def evaluate_run(
     client = MlflowClient(tracking_uri)
     run_id = tracking.resolve_run(client, run)
     recipe = run_recipe(client, run_id, overrides)
+    check_capacity(recipe, wants_gpu(recipe))
     if dataset:
         recipe = recipe.model_copy(update={"data": recipe.data.model_copy(update={"dataset": dataset})})
     url = recipe.data.dataset

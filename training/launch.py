@@ -16,6 +16,7 @@ import yaml
 
 from shards import manifest as mf
 from training import tracking
+from training.capacity import check_capacity
 from training.config import RecipeError, TrainRecipe, apply_overrides, flatten, recipe_from_tree
 from training.preflight import check_against
 
@@ -154,6 +155,7 @@ def run_training(recipe: TrainRecipe, tracking_uri: str, storage_path: str, max_
     from training.models import check_model
 
     check_model(recipe.model)  # before an MLflow run or a worker exists
+    check_capacity(recipe, wants_gpu(recipe))
     run_id = start_run(recipe, tracking_uri)
     return fit(recipe, run_id, tracking_uri, storage_path, max_failures, held_out=True)
 
@@ -193,6 +195,7 @@ def resume_training(
     client = MlflowClient(tracking_uri)
     run_id = tracking.resolve_run(client, run_id)
     recipe = run_recipe(client, run_id, overrides)
+    check_capacity(recipe, wants_gpu(recipe))
     manifest, data = load_manifest(recipe)
     mf.check_same_data(
         client.get_run(run_id).data.tags.get(MANIFEST_TAG), recipe.data.dataset, manifest, data, f"run {run_id}"
@@ -349,6 +352,8 @@ def resume_hint(tracking_uri: str, run_id: str, epochs: int) -> str:
 
     with contextlib.suppress(Exception):  # said without the count when MLflow does not answer
         done = len(MlflowClient(tracking_uri).get_metric_history(run_id, "train_loss"))
+        if done == 0:
+            return f"run {run_id} stopped before its first epoch ended; `tessera train --resume {run_id}` starts it"
         return (
             f"run {run_id} has {done} of {epochs} epochs logged; its checkpoints are kept, and "
             f"`tessera train --resume {run_id}` continues it from the last one"

@@ -243,6 +243,7 @@ def run_sweep(
     from mlflow import MlflowClient
     from ray import tune
 
+    from training.capacity import check_capacity
     from training.launch import storage_location, wants_gpu
     from tune.open_trials import OpenTrials
 
@@ -268,6 +269,7 @@ def run_sweep(
             )  # fmt: skip
         else:
             gpu = wants_gpu(base) if use_gpu is None else use_gpu
+            check_capacity(base, gpu)  # a trial's worker group
             limit = sweep.max_concurrent or concurrency(base, ray.cluster_resources(), gpu)
             points, samples = None, sweep.search.num_samples
             if sweep.replicates:

@@ -54,3 +54,42 @@ def test_a_patient_labelled_two_ways_fails_before_training_unless_positive_means
     )
     for fix in (["eval.levels=[slide]"], ["eval.how=any"], ["data.test_split=null"]):
         check_patient_labels(load_recipe("strip_ai_resnet50", ["data.dataset=d", *fix]), manifest)
+
+
+def test_the_workers_a_cluster_holds_are_counted_per_node():
+    from training.capacity import workers_that_fit
+
+    nodes = [{"CPU": 8.0, "GPU": 1.0}, {"CPU": 3.0}, {"CPU": 1.5, "GPU": 2.0}]
+    assert workers_that_fit(nodes, 2, 0, "pack") == 4 + 1 + 0  # CPUs do not add up across nodes
+    assert workers_that_fit(nodes, 0.5, 0, "pack") == 16 + 6 + 3
+    assert workers_that_fit(nodes, 1, 1, "pack") == 1 + 0 + 1  # a GPU each: the middle node holds none
+    assert workers_that_fit(nodes, 1, 0, "strict_spread") == 3  # one per node
+    assert workers_that_fit([], 1, 0, "pack") == 0
+
+
+def test_a_worker_group_the_cluster_cannot_hold_fails_before_any_work_where_the_cluster_cannot_grow(
+    monkeypatch, capsys
+):
+    """Ray Train waited for 4 workers on a 2-CPU local stack without end, a traceback a minute, and Ctrl+C did
+    not stop it. Where no node will join (the local stack) that is an error; elsewhere the run waits, said so."""
+    from training.capacity import FIXED_ENV, check_capacity
+
+    nodes = [{"Alive": True, "Resources": {"CPU": 2.0}}, {"Alive": False, "Resources": {"CPU": 64.0}}]
+    recipe = load_recipe("demo_tiles", ["workers=4"])
+    monkeypatch.setenv(FIXED_ENV, "1")
+    with pytest.raises(RecipeError) as raised:
+        check_capacity(recipe, False, nodes)
+    assert str(raised.value) == (
+        "workers: the run asks for 4 workers of 1 CPU each, and the cluster's 1 node(s) (2 CPU) hold 2 at most; "
+        "Ray Train would wait for them without end: set workers= (or cpus_per_worker=) to fit, or run it on a "
+        "larger cluster"
+    )
+    check_capacity(load_recipe("demo_tiles", ["workers=4", "cpus_per_worker=0.5"]), False, nodes)  # fits
+    with pytest.raises(RecipeError, match=r"4 workers of 1 CPU and 1 GPU each, .* \(2 CPU 0 GPU\) hold 0 at most"):
+        check_capacity(recipe, True, nodes)
+    monkeypatch.delenv(FIXED_ENV)
+    check_capacity(recipe, False, nodes)  # an autoscaling cluster may add nodes: the run waits
+    assert capsys.readouterr().out == (
+        "workers: the run asks for 4 workers of 1 CPU each, and the cluster's 1 node(s) (2 CPU) hold 2 at most: "
+        "the run waits until nodes join (an autoscaling cluster adds them)\n"
+    )

@@ -315,3 +315,16 @@ def test_an_interrupted_run_is_killed_in_mlflow_and_says_how_to_resume(signum, s
         f"`tessera train --resume {run_id}` continues it from the last one"
     )
     assert client.get_run(run_id).info.status == "KILLED"
+
+
+def test_a_run_interrupted_before_its_first_epoch_ended_is_said_to_start_again(tmp_path):
+    from mlflow import MlflowClient
+
+    from training.launch import resume_hint
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("x", str(tmp_path / "artifacts"))).info.run_id
+    assert resume_hint(uri, run_id, 3) == (
+        f"run {run_id} stopped before its first epoch ended; `tessera train --resume {run_id}` starts it"
+    )

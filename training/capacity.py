@@ -1,0 +1,59 @@
+"""Whether a cluster can hold a run's worker group at all. Ray Train waits for a group the cluster cannot hold
+without end (an autoscaling cluster may add nodes), printing a traceback a minute, and Ctrl+C cannot stop it
+(its abort waits for the startup it would cut short): on a cluster that cannot grow, that is an error before
+any work."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from training.config import RecipeError, TrainRecipe
+
+# "1": the cluster has the nodes it will ever have (the local stack sets it; see cluster.settings).
+FIXED_ENV = "TESSERA_CLUSTER_FIXED"
+
+
+def workers_that_fit(nodes: list[dict[str, float]], cpus: float, gpus: int, placement: str) -> int:
+    """How many workers of ``cpus`` CPUs (and ``gpus`` GPUs) the nodes' total resources hold side by side;
+    under ``strict_spread`` one per node at most."""
+    fit = 0
+    for resources in nodes:
+        n = int(resources.get("CPU", 0) // cpus)
+        if gpus:
+            n = min(n, int(resources.get("GPU", 0) // gpus))
+        fit += min(n, 1) if placement == "strict_spread" else n
+    return fit
+
+
+def capacity_problem(recipe: TrainRecipe, gpu: bool, nodes: list[dict[str, float]]) -> str | None:
+    """What the recipe's worker group asks of ``nodes`` (each node's total resources) that they cannot hold
+    together, or None."""
+    fit = workers_that_fit(nodes, recipe.cpus_per_worker, int(gpu), recipe.placement)
+    if fit >= recipe.workers:
+        return None
+    each = f"{recipe.cpus_per_worker:g} CPU" + (" and 1 GPU" if gpu else "")
+    held = ", ".join(
+        f"{r.get('CPU', 0):g} CPU" + (f" {r.get('GPU', 0):g} GPU" if gpu else "") for r in nodes
+    )  # fmt: skip
+    spread = " on separate nodes (placement strict_spread)" if recipe.placement == "strict_spread" else ""
+    return (
+        f"workers: the run asks for {recipe.workers} workers of {each} each{spread}, and the cluster's "
+        f"{len(nodes)} node(s) ({held or 'none'}) hold {fit} at most"
+    )
+
+
+def check_capacity(recipe: TrainRecipe, gpu: bool, nodes: list[dict[str, Any]] | None = None) -> None:
+    """Raise :class:`RecipeError` when the connected cluster (``nodes``: ``ray.nodes()``) cannot hold the run's
+    worker group and cannot grow (:data:`FIXED_ENV`); where it may grow, say that the run will wait for nodes."""
+    if nodes is None:
+        import ray
+
+        nodes = ray.nodes()
+    problem = capacity_problem(recipe, gpu, [n.get("Resources", {}) for n in nodes if n.get("Alive")])
+    if problem is None:
+        return
+    if os.environ.get(FIXED_ENV) == "1":
+        advice = "set workers= (or cpus_per_worker=) to fit, or run it on a larger cluster"
+        raise RecipeError(f"{problem}; Ray Train would wait for them without end: {advice}")
+    print(f"{problem}: the run waits until nodes join (an autoscaling cluster adds them)", flush=True)
