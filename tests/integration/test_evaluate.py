@@ -117,6 +117,11 @@ def test_evaluating_the_val_split_adds_nothing_to_the_training_curves(trained, s
     assert [(m.step, m.value) for m in client.get_metric_history(out.run_id, "val_accuracy")] == before
     ref = _reference(client, out.run_id, work / "ds" / "val", tmp_path)
     assert val.metrics["eval_val_accuracy"] == pytest.approx(ref["accuracy"], abs=1e-4)
+    # the exported model is the one the run validated at its selected epoch (val_loss, min), on every rank: each
+    # rank's BatchNorm statistics had followed its own batches, and rank 1's half of the split was scored by
+    # another model than the one exported
+    selected = min(m.value for m in client.get_metric_history(out.run_id, "val_loss"))
+    assert val.metrics["eval_val_loss"] == pytest.approx(selected, rel=1e-6)
     assert "eval_val_confusion_sample.png" in {a.path for a in client.list_artifacts(out.run_id)}
     # test_patient_* would share names with the held-out step's test_ metrics (test_patient_accuracy)
     with pytest.raises(ValueError, match=r"metrics test_patient_\* would mix with those of its evaluation test_\*"):
