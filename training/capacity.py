@@ -10,7 +10,7 @@ from typing import Any
 
 from training.config import RecipeError, TrainRecipe
 
-# "1": the cluster has the nodes it will ever have (the local stack sets it; see cluster.settings).
+# "1": the cluster has the nodes it will ever have (the CLI sets it for the local stack: cluster.cli._connect).
 FIXED_ENV = "TESSERA_CLUSTER_FIXED"
 
 
@@ -33,9 +33,7 @@ def capacity_problem(recipe: TrainRecipe, gpu: bool, nodes: list[dict[str, float
     if fit >= recipe.workers:
         return None
     each = f"{recipe.cpus_per_worker:g} CPU" + (" and 1 GPU" if gpu else "")
-    held = ", ".join(
-        f"{r.get('CPU', 0):g} CPU" + (f" {r.get('GPU', 0):g} GPU" if gpu else "") for r in nodes
-    )  # fmt: skip
+    held = ", ".join(f"{r.get('CPU', 0):g} CPU" + (f" {r.get('GPU', 0):g} GPU" if gpu else "") for r in nodes)
     spread = " on separate nodes (placement strict_spread)" if recipe.placement == "strict_spread" else ""
     return (
         f"workers: the run asks for {recipe.workers} workers of {each} each{spread}, and the cluster's "

@@ -253,6 +253,8 @@ def run_sweep(
         MlflowClient(uri).update_run(parent_id, status="RUNNING")
     else:
         assert sweep is not None
+        trial = sweep.base()
+        check_capacity(trial, wants_gpu(trial) if use_gpu is None else use_gpu)  # before its MLflow parent exists
         sweep_run = f"{sweep.name}-{time.strftime('%Y%m%d-%H%M%S')}"
         parent_id = start_parent(sweep, uri, sweep_run, "replicates" if sweep.replicates else "sweep")
     metric, mode = sweep.objective()
@@ -269,7 +271,6 @@ def run_sweep(
             )  # fmt: skip
         else:
             gpu = wants_gpu(base) if use_gpu is None else use_gpu
-            check_capacity(base, gpu)  # a trial's worker group
             limit = sweep.max_concurrent or concurrency(base, ray.cluster_resources(), gpu)
             points, samples = None, sweep.search.num_samples
             if sweep.replicates:
