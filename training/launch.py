@@ -123,10 +123,15 @@ MANIFEST_TAG = "manifest_sha256"  # the run's tag: the version of the dataset it
 
 
 def start_run(
-    recipe: TrainRecipe, tracking_uri: str, extra_tags: dict[str, str] | None = None, run_name: str | None = None
+    recipe: TrainRecipe,
+    tracking_uri: str,
+    extra_tags: dict[str, str] | None = None,
+    run_name: str | None = None,
+    loaded: tuple[mf.Manifest, bytes] | None = None,
 ) -> str:
-    """Create the MLflow run (params, tags, the resolved recipe); returns its id."""
-    manifest, manifest_bytes = load_manifest(recipe)
+    """Create the MLflow run (params, tags, the resolved recipe); returns its id. ``loaded``: the recipe's
+    manifest and bytes as :func:`load_manifest` gave them already (a sweep trial's, checked)."""
+    manifest, manifest_bytes = loaded or load_manifest(recipe)
     tags = {
         "dataset": recipe.data.dataset,
         MANIFEST_TAG: mf.sha256_of(manifest_bytes),

@@ -51,21 +51,26 @@ def child_run(uri: str, sweep_run: str, parent_id: str, trial_id: str, recipe: T
     if found:
         client.update_run(found[0].info.run_id, status="RUNNING")
         return found[0].info.run_id
-    check_trial_data(client.get_run(parent_id).data.tags, recipe, sweep_run)
+    checked = check_trial_data(client.get_run(parent_id).data.tags, recipe, sweep_run)
     tags = {PARENT: parent_id, KIND: "trial", SWEEP: sweep_run, TRIAL: trial_id}
-    return start_run(recipe, uri, extra_tags=tags, run_name=f"{sweep_run}-{trial_id}")
+    return start_run(recipe, uri, extra_tags=tags, run_name=f"{sweep_run}-{trial_id}", loaded=checked)
 
 
-def check_trial_data(parent_tags: dict[str, str], recipe: TrainRecipe, sweep_run: str) -> None:
+def check_trial_data(
+    parent_tags: dict[str, str], recipe: TrainRecipe, sweep_run: str
+) -> tuple[mf.Manifest, bytes] | None:
     """A new trial reads the version of the sweep's dataset that the sweep started on (its parent's tags), so
     that its trials compare on the same data, resumed or not; a trial whose sampled recipe names another
-    dataset is left to its own run's version."""
+    dataset is left to its own run's version. Returns the manifest checked (None: none), which the trial's run
+    then records, rather than one read again a moment later."""
     from training.launch import MANIFEST_TAG, load_manifest
 
-    if recipe.data.dataset == parent_tags.get("dataset"):
-        manifest, data = load_manifest(recipe)
-        recorded = parent_tags.get(MANIFEST_TAG)
-        mf.check_same_data(recorded, recipe.data.dataset, manifest, data, f"sweep {sweep_run}", "its earlier trials")
+    if recipe.data.dataset != parent_tags.get("dataset"):
+        return None
+    manifest, data = load_manifest(recipe)
+    recorded = parent_tags.get(MANIFEST_TAG)
+    mf.check_same_data(recorded, recipe.data.dataset, manifest, data, f"sweep {sweep_run}", "its earlier trials")
+    return manifest, data
 
 
 def start_parent(sweep: SweepConfig, uri: str, sweep_run: str, kind: str) -> str:

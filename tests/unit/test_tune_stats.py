@@ -237,3 +237,30 @@ def test_a_group_by_mlflow_filter_holds_the_finished_training_runs_it_matches(tm
     group = find_group(client, "tags.recipe = 'x'")
     assert sorted(r.info.run_name for r in group.runs) == ["plain", "trial"]
     assert group.source == "filter tags.recipe = 'x'"
+
+
+def test_a_new_trials_run_records_the_dataset_version_it_was_checked_on_read_once(tmp_path, monkeypatch):
+    """The trial's check and its run read the manifest once: a version changed between two reads could have been
+    checked and another recorded."""
+    from mlflow import MlflowClient
+
+    from shards import manifest as mf
+    from tests.datasets import make_dataset
+    from training.config import load_recipe
+    from training.launch import MANIFEST_TAG
+    from tune.runs import child_run
+
+    monkeypatch.chdir(tmp_path)
+    data = tmp_path / "ds"
+    make_dataset(str(data), {"train": 4, "val": 4}, size=16, shard_samples=4)
+    recipe = load_recipe("demo_tiles", [f"data.dataset={data}", "eval.levels=[patient]"])
+    version = mf.sha256_of((data / mf.MANIFEST_NAME).read_bytes())
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    exp = client.create_experiment(recipe.experiment, artifact_location=str(tmp_path / "artifacts"))
+    parent = client.create_run(exp, tags={"dataset": str(data), MANIFEST_TAG: version}).info.run_id
+    reads, read = [], mf.load_with_bytes
+    monkeypatch.setattr(mf, "load_with_bytes", lambda url: reads.append(url) or read(url))
+    trial = child_run(uri, "sweep-1", parent, "t0", recipe)
+    assert reads == [str(data)]
+    assert client.get_run(trial).data.tags[MANIFEST_TAG] == version
