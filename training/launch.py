@@ -342,8 +342,6 @@ def interrupted_as(message: Callable[[], str]) -> Iterator[None]:
         yield
     except SystemExit as exc:
         raise RunInterrupted(f"interrupted: {message()}") from exc
-    except RunInterrupted:
-        raise
     except KeyboardInterrupt as exc:
         raise RunInterrupted(f"{exc or 'interrupted'}: {message()}") from exc
     finally:

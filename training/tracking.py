@@ -105,11 +105,10 @@ def register_model(tracking_uri: str, run_id: str, name: str) -> str | None:
     return str(version.version)  # MLflow gives an int or a string, depending on the call
 
 
-def finish_run(tracking_uri: str, run_id: str, ok: bool | str) -> None:
-    """End the run: ``ok`` is FINISHED, else FAILED; or the MLflow status itself (``KILLED``)."""
+def finish_run(tracking_uri: str, run_id: str, status: str) -> None:
+    """End the run with its MLflow status: FINISHED, FAILED or KILLED."""
     from mlflow import MlflowClient
 
-    status = ok if isinstance(ok, str) else "FINISHED" if ok else "FAILED"
     MlflowClient(tracking_uri).set_terminated(run_id, status)
 
 

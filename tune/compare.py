@@ -151,5 +151,5 @@ def run_compare(uri: str, ref_a: str, ref_b: str, metrics: list[str], alpha: flo
         log.metrics({f"{c.metric}_p": c.t_p if c.decided_by != "Mann-Whitney U" else c.mwu_p for c in results}, 0)
         ok = True
     finally:
-        tracking.finish_run(uri, run_id, ok)
+        tracking.finish_run(uri, run_id, "FINISHED" if ok else "FAILED")
     return results, report, run_id

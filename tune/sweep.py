@@ -250,19 +250,20 @@ def run_sweep(
     if resume:
         sweep_run = resume
         parent_id, sweep = find_parent(uri, resume)
+        base = sweep.base()
         MlflowClient(uri).update_run(parent_id, status="RUNNING")
     else:
         assert sweep is not None
-        trial = sweep.base()
-        check_capacity(trial, wants_gpu(trial) if use_gpu is None else use_gpu)  # before its MLflow parent exists
+        base = sweep.base()
+        gpu = wants_gpu(base) if use_gpu is None else use_gpu
+        check_capacity(base, gpu)  # a trial's worker group, before the sweep's MLflow parent exists
         sweep_run = f"{sweep.name}-{time.strftime('%Y%m%d-%H%M%S')}"
         parent_id = start_parent(sweep, uri, sweep_run, "replicates" if sweep.replicates else "sweep")
     metric, mode = sweep.objective()
-    base = sweep.base()
     print(f"sweep {sweep_run}: MLflow {tracking.run_url_of(uri, parent_id)}", flush=True)
     trainable = _trainable(sweep, uri, train_storage, parent_id, sweep_run)
     path, fs = storage_location(tune_storage)
-    ok: bool | str | None = False
+    status = "FAILED"
     try:
         if resume:
             tuner = tune.Tuner.restore(
@@ -270,7 +271,6 @@ def run_sweep(
                 storage_filesystem=fs,
             )  # fmt: skip
         else:
-            gpu = wants_gpu(base) if use_gpu is None else use_gpu
             limit = sweep.max_concurrent or concurrency(base, ray.cluster_resources(), gpu)
             points, samples = None, sweep.search.num_samples
             if sweep.replicates:
@@ -298,26 +298,24 @@ def run_sweep(
         OpenTrials.count = 0
         grid = tuner.fit()  # a restored tuner brings back its own OpenTrials
         if interrupted(grid, expected_trials(sweep)):  # Ctrl+C: Tune saved its state and returned early
-            MlflowClient(uri).set_terminated(parent_id, "KILLED")
-            ok = None
+            status = "KILLED"
             raise SweepInterrupted(f"sweep {sweep_run} interrupted; finish it with: tessera tune --resume {sweep_run}")
         outcome = summarise(grid, sweep, uri, parent_id, sweep_run, metric, mode)
         if sweep.scheduler.name == "pbt":
             run_ids = [r.metrics["mlflow_run_id"] for r in grid if (r.metrics or {}).get("mlflow_run_id")]
             pruned = prune_checkpoints(run_ids, base.name, train_storage)
             print(f"sweep {sweep_run}: deleted {pruned} checkpoints PBT no longer needs", flush=True)
-        ok = True
+        status = "FINISHED"
         return outcome
     except SweepInterrupted:
         raise
     except KeyboardInterrupt as exc:  # SIGTERM (see cluster.cli): Tune's own Ctrl+C path was not taken
-        ok = "KILLED"
+        status = "KILLED"
         raise SweepInterrupted(
             f"{exc or 'interrupted'}: finish sweep {sweep_run} with: tessera tune --resume {sweep_run}"
         ) from exc
     finally:
-        if ok is not None:
-            tracking.finish_run(uri, parent_id, ok)
+        tracking.finish_run(uri, parent_id, status)
 
 
 class SweepInterrupted(KeyboardInterrupt):
