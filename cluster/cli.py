@@ -127,10 +127,11 @@ def cmd_train(args) -> int:
         _connect(s)
         health.require(s, "mlflow")
         outcome = run_training(recipe, s.mlflow_url, s.checkpoints)
-    print(f"MLflow run: {outcome.run_url}\ncheckpoint: {outcome.checkpoint}")
+    print(f"MLflow run: {outcome.run_url}")
     if outcome.error:
-        print(f"training failed: {outcome.error}", file=sys.stderr)
+        print(f"training failed: {outcome.error}\n{outcome.resume}", file=sys.stderr)
         return 1
+    print(f"checkpoint: {outcome.checkpoint}")
     if outcome.model_version:
         print(f"registered model: {outcome.run_url.split('/#/')[0]}/#/models (version {outcome.model_version})")
     print_held_out(outcome)
@@ -345,8 +346,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         from shards.storage import StorageError
         from training.config import RecipeError
+        from training.endings import RunFailed
 
-        known = (TesseraError, RecipeError, StorageError, FileNotFoundError, ValueError)
+        known = (TesseraError, RecipeError, RunFailed, StorageError, FileNotFoundError, ValueError)
         msg = str(exc) if isinstance(exc, known) else f"{type(exc).__name__}: {exc}"
         print(f"tessera: error: {msg}", file=sys.stderr)
         return 1

@@ -58,6 +58,8 @@ def run_demo(settings: Settings, workdir: Path, small: bool = False) -> dict[str
     overrides = [f"data.dataset={wsi_url}"] + (["epochs=2"] if small else [])
     recipe = load_recipe("demo_tiles", overrides)
     outcome = run_training(recipe, settings.mlflow_url, settings.checkpoints)
+    if outcome.error:
+        raise TesseraError(f"training failed: {outcome.error}; {outcome.resume}")
     m = outcome.metrics
     _stage(f"done in {time.time() - t0:.0f}s")
     print(

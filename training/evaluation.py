@@ -226,15 +226,15 @@ def evaluate_run(
     dataset). The run's recipe, with ``overrides`` of where it runs (``launch.EVALUATE_KEYS``: the metrics do not
     depend on the number of workers)."""
     from mlflow import MlflowClient
-    from ray.train import LoggingConfig, RunConfig
+    from ray.train import LoggingConfig, RunConfig, TrainingFailedError
     from ray.train.torch import TorchTrainer
 
     from training.capacity import check_capacity
     from training.console import train_log_level
+    from training.endings import RunFailed, failure_reason, interrupted_as
     from training.export import MODEL_JSON
     from training.launch import (
         MANIFEST_TAG,
-        interrupted_as,
         load_manifest,
         run_recipe,
         storage_location,
@@ -275,10 +275,11 @@ def evaluate_run(
             name=group, storage_path=path, storage_filesystem=fs, logging_config=LoggingConfig(train_log_level())
         ),
     )
-    with interrupted_as(lambda: f"the evaluation of run {run_id} on {url} ({split}) did not finish"):
-        result = trainer.fit()
-    if result.error is not None:
-        raise RuntimeError(f"evaluation of run {run_id} on {url} ({split}) failed: {result.error}")
+    try:
+        with interrupted_as(lambda: f"the evaluation of run {run_id} on {url} ({split}) did not finish"):
+            trainer.fit()
+    except TrainingFailedError as exc:  # its message holds rank 0's traceback
+        raise RunFailed(f"evaluation of run {run_id} on {url} ({split}) failed: {failure_reason(exc)}") from exc
     if not dataset and split == recipe.data.test_split and prefix == metric_prefix(split):  # the step, retried
         tracking.RunLogger(tracking_uri, run_id).untag(HELD_OUT_ERROR)
     return _outcome(client, run_id, recipe, split, prefix, mf.sha256_of(data))

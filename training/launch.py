@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import tempfile
-import threading
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +15,7 @@ from shards import manifest as mf
 from training import tracking
 from training.capacity import check_capacity
 from training.config import RecipeError, TrainRecipe, apply_overrides, flatten, recipe_from_tree
+from training.endings import failure_reason, interrupted_as, resume_hint
 from training.preflight import check_against
 
 RECIPE_ARTIFACT = "recipe.yaml"
@@ -40,6 +38,7 @@ class TrainOutcome:
     error: str | None = None
     held_out: Any = None  # the test split's EvalOutcome (training.evaluation)
     held_out_error: str | None = None
+    resume: str | None = None  # a failed run: what it has done and the command that continues it
 
 
 def storage_location(storage_path: str):
@@ -294,6 +293,8 @@ def fit(
     dataset has one; a failure of that step is the outcome's ``held_out_error``, not the training's.
 
     ``trainer_options`` go to :func:`trainer_for` (callbacks, start_from, name, keep_checkpoints, gate)."""
+    from ray.train import TrainingFailedError
+
     from training.evaluation import HELD_OUT_ERROR, held_out_outcome, held_out_plan
 
     logger = tracking.RunLogger(tracking_uri, run_id)
@@ -306,17 +307,20 @@ def fit(
             logger.untag(HELD_OUT_ERROR)  # from an earlier training of this run (`--resume`)
         options = trainer_options | {"held_out": plan}
         trainer = trainer_for(recipe, run_id, tracking_uri, storage_path, max_failures, **options)
-        with interrupted_as(lambda: resume_hint(tracking_uri, run_id, recipe.epochs)):
-            result = trainer.fit()
-        ok = result.error is None
-        status = "FINISHED" if ok else "FAILED"
-        history = tracking.epoch_history(tracking_uri, run_id)
-        _log_curves(logger, history)
-        version = tracking.register_model(tracking_uri, run_id, recipe.name) if ok and register else None
+        try:
+            with interrupted_as(lambda: resume_hint(tracking_uri, run_id, recipe.epochs)):
+                result = trainer.fit()
+        except TrainingFailedError as exc:  # Ray Train raises it once the run's FailureConfig retries are spent
+            with contextlib.suppress(Exception):  # the curves so far; the store may be what failed
+                _log_curves(logger, tracking.epoch_history(tracking_uri, run_id))
+            hint = resume_hint(tracking_uri, run_id, recipe.epochs)
+            return TrainOutcome(run_id, url, {}, None, error=failure_reason(exc), resume=hint)
+        status = "FINISHED"
+        _log_curves(logger, tracking.epoch_history(tracking_uri, run_id))
+        version = tracking.register_model(tracking_uri, run_id, recipe.name) if register else None
         ckpt = checkpoint_url(result.checkpoint.path, storage_path) if result.checkpoint else None
-        error = None if ok else f"{type(result.error).__name__}: {result.error}"
-        outcome = TrainOutcome(run_id, url, dict(result.metrics or {}), ckpt, version, error)
-        if ok and plan:
+        outcome = TrainOutcome(run_id, url, dict(result.metrics or {}), ckpt, version)
+        if plan:
             outcome.held_out, outcome.held_out_error = held_out_outcome(tracking_uri, run_id, recipe, plan)
         return outcome
     except KeyboardInterrupt:
@@ -324,44 +328,6 @@ def fit(
         raise
     finally:
         tracking.finish_run(tracking_uri, run_id, status)
-
-
-class RunInterrupted(KeyboardInterrupt):
-    """Ctrl+C (or SIGTERM) stopped a Ray Train run; its checkpoints stay (``tessera train --resume``)."""
-
-
-@contextlib.contextmanager
-def interrupted_as(message: Callable[[], str]) -> Iterator[None]:
-    """Around ``TorchTrainer.fit()``. In the main thread its SIGINT handler aborts the run's workers, then exits
-    the process with a ``SystemExit`` that says nothing (status 1), and stays installed after the run; an
-    interrupt raised otherwise (SIGTERM: see ``cluster.cli``) leaves the run's workers to Ray. Either becomes
-    :class:`RunInterrupted` saying ``message()`` (status 130 in the CLI; the MLflow run KILLED)."""
-    main = threading.current_thread() is threading.main_thread()
-    before = signal.getsignal(signal.SIGINT) if main else None
-    try:
-        yield
-    except SystemExit as exc:
-        raise RunInterrupted(f"interrupted: {message()}") from exc
-    except KeyboardInterrupt as exc:
-        raise RunInterrupted(f"{exc or 'interrupted'}: {message()}") from exc
-    finally:
-        if before is not None:
-            signal.signal(signal.SIGINT, before)
-
-
-def resume_hint(tracking_uri: str, run_id: str, epochs: int) -> str:
-    """What an interrupted run has done, and the command that continues it."""
-    from mlflow import MlflowClient
-
-    with contextlib.suppress(Exception):  # said without the count when MLflow does not answer
-        done = len(MlflowClient(tracking_uri).get_metric_history(run_id, "train_loss"))
-        if done == 0:
-            return f"run {run_id} stopped before its first epoch ended; `tessera train --resume {run_id}` starts it"
-        return (
-            f"run {run_id} has {done} of {epochs} epochs logged; its checkpoints are kept, and "
-            f"`tessera train --resume {run_id}` continues it from the last one"
-        )
-    return f"run {run_id} stopped; `tessera train --resume {run_id}` continues it from its last checkpoint"
 
 
 def _loop():

@@ -1,0 +1,150 @@
+"""How a training run that does not finish ends: interrupted (Ctrl+C, SIGTERM) or failed, each said in one line
+with what the run has done and the command that continues it; the MLflow run KILLED or FAILED."""
+
+import pytest
+
+from training.config import load_recipe
+
+
+class _Interrupted:
+    """A TorchTrainer stand-in that is interrupted as a real one is: a signal arrives during ``fit()``; for SIGINT,
+    Ray Train's handler (installed by ``fit``) aborts the run and exits the process with ``SystemExit(0)``."""
+
+    def __init__(self, signum: int) -> None:
+        self.signum = signum
+
+    def fit(self):
+        import signal
+
+        def ray_trains(signum, frame):
+            raise SystemExit(0)
+
+        signal.signal(signal.SIGINT, ray_trains)
+        signal.raise_signal(self.signum)
+        raise AssertionError("not interrupted")
+
+
+@pytest.mark.parametrize(("signum", "said"), [("SIGINT", "interrupted"), ("SIGTERM", "stopped by SIGTERM")])
+def test_an_interrupted_run_is_killed_in_mlflow_and_says_how_to_resume(signum, said, tmp_path, monkeypatch):
+    """Ctrl+C ended `tessera train` with status 1 and not a word, its MLflow run FAILED; SIGTERM (`tessera jobs
+    stop`) ended it at once, the run left RUNNING. Either is now an interrupt naming the run and `--resume`."""
+    import signal
+
+    from mlflow import MlflowClient
+
+    import training.launch
+    from cluster.cli import _stop_on_sigterm
+    from training.endings import RunInterrupted
+    from training.launch import fit
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("x", str(tmp_path / "artifacts"))).info.run_id
+    client.log_metric(run_id, "train_loss", 0.5, step=0)  # one epoch done
+    monkeypatch.setattr(training.launch, "trainer_for", lambda *a, **k: _Interrupted(getattr(signal, signum)))
+    before = signal.getsignal(signal.SIGINT), signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    try:
+        with pytest.raises(RunInterrupted) as raised:
+            fit(load_recipe("demo_tiles", ["epochs=3"]), run_id, uri, str(tmp_path / "ckpt"))
+        assert signal.getsignal(signal.SIGINT) is before[0]  # Ray Train's handler does not outlive the run
+    finally:
+        signal.signal(signal.SIGINT, before[0])
+        signal.signal(signal.SIGTERM, before[1])
+    assert str(raised.value) == (
+        f"{said}: run {run_id} has 1 of 3 epochs logged; its checkpoints are kept, and "
+        f"`tessera train --resume {run_id}` continues it from the last one"
+    )
+    assert client.get_run(run_id).info.status == "KILLED"
+
+
+def test_a_run_interrupted_before_its_first_epoch_ended_is_said_to_start_again(tmp_path):
+    from mlflow import MlflowClient
+
+    from training.endings import resume_hint
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("x", str(tmp_path / "artifacts"))).info.run_id
+    assert resume_hint(uri, run_id, 3) == (
+        f"run {run_id} stopped before its first epoch ended; `tessera train --resume {run_id}` starts it"
+    )
+
+
+def _worker_group_error(failures: dict):
+    """Ray Train's error for a run whose workers failed, as its controller builds it (the message embeds rank 0's
+    traceback, cut in the middle)."""
+    from ray.train import WorkerGroupError
+
+    return WorkerGroupError("[Rank 0 Error Snippet]:\nTraceback (most recent call last):\n  File ...", failures)
+
+
+def test_a_failed_runs_reason_is_one_line_per_cause_naming_the_ranks():
+    from ray.train import ControllerError
+    from ray.train.v2._internal.exceptions import WorkerHealthCheckFailedError
+
+    from shards.storage import StorageError
+    from training.endings import REASON_CHARS, failure_reason
+
+    down = 's3://shards/ds/train/shard-000000.tar: EndpointConnectionError: Could not connect to "http://s3:9900/"'
+    assert failure_reason(_worker_group_error({1: StorageError(down), 0: StorageError(down)})) == (
+        f"ranks 0, 1: StorageError: {down}"
+    )
+    died = RuntimeError(  # Ray's actor error: tab-indented fields between its sentences
+        "The actor died unexpectedly before finishing this task.\n\tclass_name: RayTrainWorker\n\tpid: 7\n"
+        "The actor is dead because its worker process has died. Worker exit type: SYSTEM_ERROR"
+    )
+    lost = WorkerHealthCheckFailedError("A worker health check failed.", died)
+    assert failure_reason(_worker_group_error({0: StorageError(down), 1: lost})) == (
+        f"rank 0: StorageError: {down}; rank 1: WorkerHealthCheckFailedError: A worker health check failed. "
+        "The actor died unexpectedly before finishing this task. The actor is dead because its worker process has "
+        "died. Worker exit type: SYSTEM_ERROR"
+    )
+    assert failure_reason(ControllerError(ValueError("no nodes\n  detail"))) == "ValueError: no nodes"
+    long = failure_reason(_worker_group_error({0: OSError("x" * 1000)}))
+    assert len(long) == len("rank 0: ") + REASON_CHARS and long.endswith("x…")
+
+
+class _Failing:
+    """A TorchTrainer stand-in whose workers fail for good: ``fit()`` raises what Ray Train raises then."""
+
+    def fit(self):
+        from shards.storage import StorageError
+
+        raise _worker_group_error({0: StorageError("s3://shards/ds/manifest.json: EndpointConnectionError: down")})
+
+
+def test_a_failed_run_says_why_in_one_line_and_how_to_resume(tmp_path, monkeypatch, capsys):
+    """Ray Train raises once a run's retries are spent; `tessera train` ended with its message: rank 0's traceback
+    cut in the middle, no word of the epochs done or of `--resume`, and no learning curves. Now the run is FAILED
+    with its curves, and the CLI prints the cause and the command that continues it (status 1)."""
+    from mlflow import MlflowClient
+
+    import cluster.cli
+    import cluster.health
+    import training.launch
+    from training.launch import fit
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("x", str(tmp_path / "artifacts"))).info.run_id
+    for epoch, loss in enumerate([0.9, 0.7]):  # two epochs done
+        client.log_metric(run_id, "train_loss", loss, step=epoch)
+    monkeypatch.setattr(training.launch, "trainer_for", lambda *a, **k: _Failing())
+    out = fit(load_recipe("demo_tiles", ["epochs=5"]), run_id, uri, str(tmp_path / "ckpt"))
+    reason = "rank 0: StorageError: s3://shards/ds/manifest.json: EndpointConnectionError: down"
+    hint = (
+        f"run {run_id} has 2 of 5 epochs logged; its checkpoints are kept, and `tessera train --resume {run_id}` "
+        "continues it from the last one"
+    )
+    assert (out.error, out.resume, out.checkpoint, out.model_version) == (reason, hint, None, None)
+    assert client.get_run(run_id).info.status == "FAILED"
+    assert [a.path for a in client.list_artifacts(run_id)] == ["curve_loss.png"]
+
+    monkeypatch.setattr(cluster.cli, "_connect", lambda s: None)
+    monkeypatch.setattr(cluster.health, "require", lambda s, name: None)
+    monkeypatch.setattr(training.launch, "run_training", lambda *a, **k: out)
+    capsys.readouterr()
+    assert cluster.cli.main(["train", "demo_tiles"]) == 1
+    said = capsys.readouterr()
+    assert said.out == f"MLflow run: {out.run_url}\n"  # no "checkpoint: None"
+    assert said.err == f"training failed: {reason}\n{hint}\n"
