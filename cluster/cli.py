@@ -100,6 +100,8 @@ def cmd_ingest(args) -> int:
     saved = []
     manifest, url = run_ingest(args.kind, cfg, on_private=lambda m: saved.append(keep_private(s, cfg.out)(m)))
     print(f"shards: {cfg.out}\nmanifest: {url}\n{manifest_summary(manifest)}")
+    for line in manifest.reasons("skipped"):  # each failure is named below
+        print(f"  skipped {line}")
     for r in [r for r in manifest.inputs if r.status == "failed"]:
         print(f"  failed {r.id}: {r.reason}", file=sys.stderr)
     print(f"what the pseudonyms (inputs, slides, patients) stand for: {saved[0]} (private to you)")

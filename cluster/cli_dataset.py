@@ -11,8 +11,9 @@ def add_dataset_parser(sub) -> None:
         help="what an ingested dataset holds (splits, classes, inputs, history); --verify checks its shards, "
         "--compact merges its small ones",
         description="Reads the dataset's manifest: its version (the sha256 training runs record), each split's "
-        "samples, shards, inputs, patients and inputs per class, the inputs by status, and each run that amended "
-        "it (--append, --retry-failed, --replace-changed, --compact). Pseudonyms only: no file name is printed.",
+        "samples, shards, inputs, patients and inputs per class, the inputs by status (the skipped and failed ones "
+        "counted by reason), and each run that amended it (--append, --retry-failed, --replace-changed, --compact). "
+        "Pseudonyms only: no file name is printed.",
     )
     ds.add_argument("url", metavar="URL", help="the dataset (local folder or s3:// prefix), as ingest's --out")
     ds.add_argument(
@@ -48,6 +49,7 @@ def dataset_lines(manifest, data: bytes) -> list[str]:
             f"{len({r.patient for r in held})} patient(s) ({classes})"
         )
     lines.append("inputs: " + ", ".join(f"{status} {n}" for status, n in manifest.counts().items()))
+    lines += [f"  {status} {line}" for status in ("skipped", "failed") for line in manifest.reasons(status)]
     for a in manifest.amended:
         lines.append(f"  amended {a.time}: {a.describe()} (from version {str(a.previous_sha256)[:12]})")
     return lines

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections import Counter
 from datetime import UTC, datetime
 from typing import Literal
 
@@ -148,6 +149,14 @@ class Manifest(BaseModel):
         for rec in self.inputs:
             out[rec.status] += 1
         return out
+
+    def reasons(self, status: str, most: int = 5) -> list[str]:
+        """``"N: reason"`` for the ``most`` commonest reasons inputs have ``status`` (skipped, failed), commonest
+        first, then how many inputs have other reasons: a count alone sends the user to the manifest's JSON."""
+        found = Counter(rec.reason or "no reason recorded" for rec in self.inputs if rec.status == status)
+        lines = [f"{n}: {reason}" for reason, n in found.most_common(most)]
+        rest = sum(found.values()) - sum(n for _, n in found.most_common(most))
+        return lines + ([f"{rest}: {len(found) - most} other reason(s)"] if rest else [])
 
     def shards_holding(self, ids: set[str]) -> list[str]:
         """The shards (``split/shard-N.tar``) that hold samples of the inputs ``ids``, sorted."""

@@ -178,6 +178,36 @@ def test_a_dataset_version_is_the_same_grown_or_made_again(capsys):
         check_own_dataset(mf.sha256_of(v1), remade, v4, "s3://b/d", "test", "r1")
 
 
+def test_a_datasets_account_says_why_inputs_were_skipped_or_failed():
+    """`tessera dataset` (and the ingest's summary) said "skipped 100, failed 0" and no more: the reasons, kept in
+    the manifest, are now counted, commonest first, the rarest folded into one line."""
+    from cluster.cli_dataset import dataset_lines
+    from shards import manifest as mf
+
+    def rec(i: int, status: str, reason: str | None) -> mf.InputRecord:
+        return mf.InputRecord(id=f"i{i}", kind="image", status=status, reason=reason)
+
+    skips = ["outside the slice folder 'brain'"] * 3 + ["not a slice image"] * 2
+    failures = [f"unreadable: reason {k}" for k in range(7)]
+    m = mf.Manifest(
+        dataset="s3://b/d",
+        kind="images",
+        inputs=[rec(i, "skipped", r) for i, r in enumerate(skips)]
+        + [rec(10 + i, "failed", r) for i, r in enumerate(failures)],
+    )
+    assert m.reasons("skipped") == ["3: outside the slice folder 'brain'", "2: not a slice image"]
+    assert m.reasons("failed", most=5) == [f"1: unreadable: reason {k}" for k in range(5)] + ["2: 2 other reason(s)"]
+    assert m.reasons("ingested") == []
+    lines = dataset_lines(m, m.model_dump_json().encode())
+    at = lines.index("inputs: ingested 0, skipped 5, failed 7")
+    assert lines[at + 1 : at + 4] == [
+        "  skipped 3: outside the slice folder 'brain'",
+        "  skipped 2: not a slice image",
+        "  failed 1: unreadable: reason 0",
+    ]
+    assert lines[-1] == "  failed 2: 2 other reason(s)"
+
+
 def test_an_error_while_writing_publishes_nothing(tmp_path):
     with pytest.raises(RuntimeError, match="source broke"), ShardWriter(str(tmp_path / "out")) as w:
         w.write(next(_samples(1)))
