@@ -300,7 +300,7 @@ def fit(
     logger = tracking.RunLogger(tracking_uri, run_id)
     url = tracking.run_url_of(tracking_uri, run_id)
     print(f"MLflow run: {url}", flush=True)
-    status = "FAILED"
+    status: str | None = "FAILED"
     try:
         plan = held_out_plan(recipe) if held_out else None
         if plan:
@@ -311,6 +311,13 @@ def fit(
             with interrupted_as(lambda: resume_hint(tracking_uri, run_id, recipe.epochs)):
                 result = trainer.fit()
         except TrainingFailedError as exc:  # Ray Train raises it once the run's FailureConfig retries are spent
+            if not tracking.answers(tracking_uri):  # what failed, maybe: its status cannot be set either
+                status = None
+                hint = (
+                    f"MLflow ({tracking_uri}) does not answer, so run {run_id} stays RUNNING there; once it is back, "
+                    f"`tessera train --resume {run_id}` continues it from its last checkpoint"
+                )
+                return TrainOutcome(run_id, url, {}, None, error=failure_reason(exc), resume=hint)
             with contextlib.suppress(Exception):  # the curves so far; the store may be what failed
                 _log_curves(logger, tracking.epoch_history(tracking_uri, run_id))
             hint = resume_hint(tracking_uri, run_id, recipe.epochs)
@@ -327,7 +334,8 @@ def fit(
         status = "KILLED"  # Ctrl+C, or SIGTERM from `tessera jobs stop` (see cluster.cli)
         raise
     finally:
-        tracking.finish_run(tracking_uri, run_id, status)
+        if status:
+            tracking.finish_run(tracking_uri, run_id, status)
 
 
 def _loop():

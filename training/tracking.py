@@ -105,6 +105,20 @@ def register_model(tracking_uri: str, run_id: str, name: str) -> str | None:
     return str(version.version)  # MLflow gives an int or a string, depending on the call
 
 
+def answers(tracking_uri: str, timeout: float = 3.0) -> bool:
+    """Whether the tracking server answers now (a local store always does). Asked after a run failed: on a server
+    that is down each MLflow call retries for about two minutes before it raises."""
+    if not tracking_uri.startswith(("http://", "https://")):
+        return True
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{tracking_uri.rstrip('/')}/health", timeout=timeout) as reply:
+            return reply.status == 200
+    except OSError:  # refused, timed out, or an HTTP error status
+        return False
+
+
 def finish_run(tracking_uri: str, run_id: str, status: str) -> None:
     """End the run with its MLflow status: FINISHED, FAILED or KILLED."""
     from mlflow import MlflowClient

@@ -148,3 +148,60 @@ def test_a_failed_run_says_why_in_one_line_and_how_to_resume(tmp_path, monkeypat
     said = capsys.readouterr()
     assert said.out == f"MLflow run: {out.run_url}\n"  # no "checkpoint: None"
     assert said.err == f"training failed: {reason}\n{hint}\n"
+
+
+def test_a_run_failed_while_mlflow_is_down_says_so_at_once(tmp_path, monkeypatch):
+    """MLflow stopped mid-run: the workers fail once its retries are spent, and then each of the driver's calls
+    (curves, epoch count, the FAILED status) retried for about two minutes before the last one raised, so the
+    command ended minutes later on MLflow's error instead of the run's. Now it asks whether MLflow answers first."""
+    from mlflow import MlflowClient
+
+    import training.launch
+    from training import tracking
+    from training.launch import fit
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("x", str(tmp_path / "artifacts"))).info.run_id
+    monkeypatch.setattr(training.launch, "trainer_for", lambda *a, **k: _Failing())
+    monkeypatch.setattr(tracking, "answers", lambda uri: False)
+
+    def finish_run(*args):
+        raise AssertionError("an MLflow call on a server that does not answer")
+
+    monkeypatch.setattr(tracking, "finish_run", finish_run)
+    out = fit(load_recipe("demo_tiles", ["epochs=5"]), run_id, uri, str(tmp_path / "ckpt"))
+    assert out.error == "rank 0: StorageError: s3://shards/ds/manifest.json: EndpointConnectionError: down"
+    assert out.resume == (
+        f"MLflow ({uri}) does not answer, so run {run_id} stays RUNNING there; once it is back, "
+        f"`tessera train --resume {run_id}` continues it from its last checkpoint"
+    )
+
+
+def test_whether_mlflow_answers():
+    import http.server
+    import socket
+    import threading
+
+    from training.tracking import answers
+
+    class Health(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200 if self.path == "/health" else 404)
+            self.end_headers()
+            self.wfile.write(b"OK")
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Health)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        assert answers(f"http://127.0.0.1:{server.server_port}")
+    finally:
+        server.shutdown()
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    assert not answers(f"http://127.0.0.1:{closed}", timeout=1)
+    assert answers("sqlite:///nowhere.db")  # a local store: no server to be down
