@@ -16,6 +16,7 @@ from training import tracking
 from training.capacity import check_capacity
 from training.config import RecipeError, TrainRecipe, apply_overrides, flatten, recipe_from_tree
 from training.endings import failure_reason, interrupted_as, resume_hint
+from training.live_runs import DRIVER_TAG, driver_tag, live_driver
 from training.preflight import check_against
 
 RECIPE_ARTIFACT = "recipe.yaml"
@@ -198,6 +199,7 @@ def resume_training(
     check_where_overrides(overrides)
     client = MlflowClient(tracking_uri)
     run_id = tracking.resolve_run(client, run_id)
+    check_resumable(client.get_run(run_id), run_id)
     recipe = run_recipe(client, run_id, overrides)
     check_capacity(recipe, wants_gpu(recipe))
     manifest, data = load_manifest(recipe)
@@ -209,6 +211,22 @@ def resume_training(
     client.update_run(run_id, status="RUNNING")
     print(f"resuming MLflow run {run_id} from its latest checkpoint", flush=True)
     return fit(recipe, run_id, tracking_uri, storage_path, held_out=True)
+
+
+def check_resumable(run, run_id: str) -> None:
+    """Refuse to resume a run that finished (nothing is left to train; it trained nothing more, then evaluated its
+    test split again) or that a live driver trains now (two trainings would write one run's checkpoints)."""
+    if run.info.status == "FINISHED":
+        raise ValueError(
+            f"run {run_id} finished: nothing is left to continue; `tessera evaluate {run_id}` evaluates its model "
+            "again, and a new `tessera train` trains another"
+        )
+    job = live_driver(run.data.tags.get(DRIVER_TAG)) if run.info.status == "RUNNING" else None
+    if job:
+        raise ValueError(
+            f"run {run_id} is being trained now (Ray job {job} on this cluster); resuming it would train it twice at "
+            "once: wait for it, or stop it first (Ctrl+C where it runs; `tessera jobs stop` for a submitted one)"
+        )
 
 
 def trainer_for(
@@ -307,6 +325,8 @@ def fit(
             logger.untag(HELD_OUT_ERROR)  # from an earlier training of this run (`--resume`)
         options = trainer_options | {"held_out": plan}
         trainer = trainer_for(recipe, run_id, tracking_uri, storage_path, max_failures, **options)
+        if driver := driver_tag():  # who trains it now: a `--resume` meanwhile is refused (training.live_runs)
+            logger.tag(DRIVER_TAG, driver)
         try:
             with interrupted_as(lambda: resume_hint(tracking_uri, run_id, recipe.epochs)):
                 result = trainer.fit()

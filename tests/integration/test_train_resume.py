@@ -21,6 +21,7 @@ from tests.datasets import make_dataset
 from training.config import load_recipe
 from training.engine import checkpoint_weights, partition_ranks
 from training.launch import FAULT_ENV, resume_training, run_training, storage_location
+from training.live_runs import DRIVER_TAG, driver_tag
 
 
 @pytest.fixture(scope="module")
@@ -102,6 +103,7 @@ def test_failed_run_continues_with_resume(setup, stack, monkeypatch):
     client = MlflowClient(stack.mlflow_url)
     run = client.get_run(failed.run_id)
     assert run.info.status == "FAILED"
+    assert run.data.tags[DRIVER_TAG] == driver_tag()  # who trained it (a `--resume` meanwhile is refused)
     # said in one line (Ray Train's own message holds rank 0's traceback), with the epochs done and `--resume`
     assert re.fullmatch(r"rank 0: \w+: [^\n]*(died|dead)[^\n]*", failed.error), failed.error
     assert failed.resume == (
@@ -204,3 +206,31 @@ def test_ctrl_c_stops_a_run_that_resume_then_finishes(setup, stack):
     # checkpoint, and go on training while the abort reaches it, so that can be an epoch or two behind
     assert 1 <= at[0] <= done
     assert {s for s, _ in _history(stack, run_id, "val_loss")} == set(range(8))
+
+
+def test_resume_refuses_a_run_being_trained_now_or_finished(stack, tmp_path):
+    """`--resume` of a run whose driver is alive would train it twice at once (one run's checkpoints, one MLflow
+    run), and of a finished run trained nothing and evaluated its test split again. A run left RUNNING by a
+    driver that is gone (killed, its cluster restarted) is resumed as any stopped run."""
+    from training.launch import check_resumable
+    from training.live_runs import live_driver
+
+    client = MlflowClient(stack.mlflow_url)
+    exp = client.create_experiment("resume-guard", str(tmp_path / "artifacts"))
+    tag = driver_tag()  # this test process's Ray job, alive now
+    assert tag and live_driver(tag) == tag.split("/")[0]
+    run = client.create_run(exp, tags={DRIVER_TAG: tag})
+    with pytest.raises(ValueError, match=r"is being trained now \(Ray job \w+ on this cluster\)"):
+        check_resumable(client.get_run(run.info.run_id), run.info.run_id)
+
+    job_id, _ = tag.split("/")
+    for gone in (f"{job_id}/{'0' * 56}", "7f000000/ab", "no-slash", None):  # another driver, unknown job, bad tag
+        assert live_driver(gone) is None
+    stale = client.create_run(exp, tags={DRIVER_TAG: f"{job_id}/{'0' * 56}"})
+    check_resumable(client.get_run(stale.info.run_id), stale.info.run_id)  # its driver is gone: allowed
+
+    client.set_terminated(run.info.run_id, "FINISHED")
+    with pytest.raises(ValueError, match=r"finished: nothing is left to continue; `tessera evaluate"):
+        check_resumable(client.get_run(run.info.run_id), run.info.run_id)
+    client.set_terminated(stale.info.run_id, "FAILED")
+    check_resumable(client.get_run(stale.info.run_id), stale.info.run_id)
