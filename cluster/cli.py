@@ -331,6 +331,22 @@ def _stop_on_sigterm(signum, frame) -> None:
     raise KeyboardInterrupt(f"stopped by {signal.Signals(signum).name}")
 
 
+def _stdout_gone() -> bool:
+    """Whether stdout's reader has left (``| head``); if so, stdout is pointed at /dev/null, so that Python's
+    flush at exit does not fail again."""
+    import select
+
+    try:
+        poll = select.poll()  # a pipe whose reader closed polls as an error on its writing end
+        poll.register(sys.stdout.fileno(), select.POLLOUT)
+        gone = any(events & select.POLLERR for _, events in poll.poll(0))
+    except (OSError, ValueError, AttributeError):  # no real stdout (captured), or no poll on this system
+        return False
+    if gone:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return gone
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if threading.current_thread() is threading.main_thread():
@@ -343,6 +359,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as exc:
         print(f"tessera: {exc or 'interrupted'}", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        if not _stdout_gone():  # a server's connection, not the terminal's reader
+            print("tessera: error: BrokenPipeError: a connection was closed while writing to it", file=sys.stderr)
+            return 1
+        return 141  # `tessera status | head`: the reader left; a shell's status for SIGPIPE, and no message
     except Exception as exc:
         if debugging():
             raise

@@ -1,4 +1,5 @@
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -235,6 +236,28 @@ def test_down_says_when_no_stack_ran_from_its_state_folder(tmp_path, monkeypatch
     monkeypatch.setenv("TESSERA_STATE_DIR", str(tmp_path / "state"))
     assert main(["down"]) == 0
     assert capsys.readouterr().out == f"no local stack was running from the state folder {tmp_path / 'state'}\n"
+
+
+def test_a_reader_that_leaves_ends_a_command_quietly(tmp_path, monkeypatch, capsys):
+    """`tessera status | head -1` ended with "tessera: error: BrokenPipeError": the reader's leaving is no error
+    of the command's (status 141 as for SIGPIPE, nothing said); a broken connection to a server still is."""
+    env = dict(os.environ, TESSERA_STATE_DIR=str(tmp_path / "state"))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cluster.cli", "down"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    proc.stdout.close()  # the reader gone before the command prints
+    _, err = proc.communicate(timeout=120)
+    assert (proc.returncode, err) == (141, b"")
+
+    import cluster.cli
+
+    def broken(args):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(cluster.cli, "cmd_down", broken)
+    monkeypatch.setenv("TESSERA_STATE_DIR", str(tmp_path / "state"))
+    assert main(["down"]) == 1
+    assert "BrokenPipeError: a connection was closed while writing to it" in capsys.readouterr().err
 
 
 def test_job_commands_without_a_ray_token_say_so(tmp_path, monkeypatch, capsys):
