@@ -26,6 +26,18 @@ def workers_that_fit(nodes: list[dict[str, float]], cpus: float, gpus: int, plac
     return fit
 
 
+def groups_that_fit(nodes: list[dict[str, float]], cpus: float, gpus: int, placement: str, workers: int) -> int:
+    """How many worker groups of ``workers`` the nodes hold side by side (a sweep's concurrent trials). Under
+    ``strict_spread`` each group needs that many distinct nodes, but groups may share nodes."""
+    if placement != "strict_spread":
+        return workers_that_fit(nodes, cpus, gpus, placement) // workers
+    each = [workers_that_fit([node], cpus, gpus, "pack") for node in nodes]
+    groups = 0  # g groups fit when the nodes give g x workers places, at most g of them on any one node
+    while sum(min(n, groups + 1) for n in each) >= (groups + 1) * workers:
+        groups += 1
+    return groups
+
+
 def capacity_problem(recipe: TrainRecipe, gpu: bool, nodes: list[dict[str, float]]) -> str | None:
     """What the recipe's worker group asks of ``nodes`` (each node's total resources) that they cannot hold
     together, or None."""

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from training import tracking
+from training.capacity import groups_that_fit
 from training.config import TrainRecipe, recipe_tree
 from tune.config import Param, SweepConfig, recipe_with
 from tune.runs import REPLICATE, SweepOutcome, child_run, find_parent, start_parent, summarise, trial_params
@@ -45,12 +46,12 @@ def tune_space(space: dict[str, Param], grid: bool = False) -> dict[str, Any]:
     return out
 
 
-def concurrency(recipe: TrainRecipe, resources: dict[str, float], use_gpu: bool) -> int:
-    """Trials that fit side by side: each needs ``workers`` x (CPUs per worker [+ 1 GPU])."""
-    fits = resources.get("CPU", 1) // (recipe.workers * recipe.cpus_per_worker)
-    if use_gpu:
-        fits = min(fits, resources.get("GPU", 0) // recipe.workers)
-    return max(1, int(fits))
+def concurrency(recipe: TrainRecipe, nodes: list[dict[str, float]], use_gpu: bool) -> int:
+    """Trials whose worker groups the nodes (each one's resources) hold side by side. Counted node by node: from
+    the cluster's total, 3 nodes of 4 CPUs held two groups of 2 workers of 3 CPUs, and the second trial's group
+    waited, its Ray Train controller printing a traceback a minute."""
+    fits = groups_that_fit(nodes, recipe.cpus_per_worker, int(use_gpu), recipe.placement, recipe.workers)
+    return max(1, fits)
 
 
 def grid_points(space: dict[str, Param], seed: int, repeats: int = 1) -> list[dict[str, Any]]:
@@ -271,7 +272,8 @@ def run_sweep(
                 storage_filesystem=fs,
             )  # fmt: skip
         else:
-            limit = sweep.max_concurrent or concurrency(base, ray.cluster_resources(), gpu)
+            nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+            limit = sweep.max_concurrent or concurrency(base, nodes, gpu)
             points, samples = None, sweep.search.num_samples
             if sweep.replicates:
                 space = {REPLICATE: tune.grid_search(list(range(sweep.replicates.n)))}

@@ -140,9 +140,18 @@ def test_tune_space_trial_counts_and_concurrency():
     assert tune_space(grid.space, grid=True)["optim.name"] == {"grid_search": ["a", "b"]}
     assert expected_trials(grid) == 12
     recipe = load_recipe("demo_tiles", ["workers=2"])
-    assert concurrency(recipe, {"CPU": 16, "GPU": 4}, use_gpu=False) == 8
-    assert concurrency(recipe, {"CPU": 16, "GPU": 4}, use_gpu=True) == 2
-    assert concurrency(recipe, {"CPU": 1}, use_gpu=False) == 1
+    assert concurrency(recipe, [{"CPU": 16, "GPU": 4}], use_gpu=False) == 8
+    assert concurrency(recipe, [{"CPU": 16, "GPU": 4}], use_gpu=True) == 2
+    assert concurrency(recipe, [{"CPU": 1}], use_gpu=False) == 1
+    # node by node: 12 CPUs in all, but each 4-CPU node holds one 3-CPU worker, so one group of two at a time
+    wide = load_recipe("demo_tiles", ["workers=2", "cpus_per_worker=3"])
+    assert concurrency(wide, [{"CPU": 4}] * 3, use_gpu=False) == 1
+    assert concurrency(wide, [{"CPU": 6}] * 3, use_gpu=False) == 3
+    # strict_spread: each group on distinct nodes, groups sharing them: 3 nodes of 8 CPUs hold 12 groups of 2
+    spread = load_recipe("demo_tiles", ["workers=2", "placement=strict_spread"])
+    assert concurrency(spread, [{"CPU": 8}] * 3, use_gpu=False) == 12
+    assert concurrency(spread, [{"CPU": 8}, {"CPU": 1}], use_gpu=False) == 1  # the small node holds one worker
+    assert concurrency(spread, [{"CPU": 8}], use_gpu=False) == 1  # none fits: at least one (it waits for nodes)
 
 
 def test_pbt_runs_synchronously_when_asked_and_a_trials_workers_wait_for_each_verdict():
