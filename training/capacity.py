@@ -14,6 +14,15 @@ from training.config import RecipeError, TrainRecipe
 FIXED_ENV = "TESSERA_CLUSTER_FIXED"
 
 
+def alive_resources(nodes: list[dict[str, Any]] | None = None) -> list[dict[str, float]]:
+    """Each alive node's total resources, from ``nodes`` (``ray.nodes()``: the connected cluster's by default)."""
+    if nodes is None:
+        import ray
+
+        nodes = ray.nodes()
+    return [n.get("Resources", {}) for n in nodes if n.get("Alive")]
+
+
 def workers_that_fit(nodes: list[dict[str, float]], cpus: float, gpus: int, placement: str) -> int:
     """How many workers of ``cpus`` CPUs (and ``gpus`` GPUs) the nodes' total resources hold side by side;
     under ``strict_spread`` one per node at most."""
@@ -56,11 +65,7 @@ def capacity_problem(recipe: TrainRecipe, gpu: bool, nodes: list[dict[str, float
 def check_capacity(recipe: TrainRecipe, gpu: bool, nodes: list[dict[str, Any]] | None = None) -> None:
     """Raise :class:`RecipeError` when the connected cluster (``nodes``: ``ray.nodes()``) cannot hold the run's
     worker group and cannot grow (:data:`FIXED_ENV`); where it may grow, say that the run will wait for nodes."""
-    if nodes is None:
-        import ray
-
-        nodes = ray.nodes()
-    problem = capacity_problem(recipe, gpu, [n.get("Resources", {}) for n in nodes if n.get("Alive")])
+    problem = capacity_problem(recipe, gpu, alive_resources(nodes))
     if problem is None:
         return
     if os.environ.get(FIXED_ENV) == "1":

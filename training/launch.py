@@ -199,13 +199,12 @@ def resume_training(
     check_where_overrides(overrides)
     client = MlflowClient(tracking_uri)
     run_id = tracking.resolve_run(client, run_id)
-    check_resumable(client.get_run(run_id), run_id)
+    run = client.get_run(run_id)
+    check_resumable(run, run_id)
     recipe = run_recipe(client, run_id, overrides)
     check_capacity(recipe, wants_gpu(recipe))
     manifest, data = load_manifest(recipe)
-    mf.check_same_data(
-        client.get_run(run_id).data.tags.get(MANIFEST_TAG), recipe.data.dataset, manifest, data, f"run {run_id}"
-    )
+    mf.check_same_data(run.data.tags.get(MANIFEST_TAG), recipe.data.dataset, manifest, data, f"run {run_id}")
     if overrides:
         client.set_tag(run_id, "resume_overrides", " ".join(overrides))  # params are immutable; say what changed
     client.update_run(run_id, status="RUNNING")
@@ -331,16 +330,16 @@ def fit(
             with interrupted_as(lambda: resume_hint(tracking_uri, run_id, recipe.epochs)):
                 result = trainer.fit()
         except TrainingFailedError as exc:  # Ray Train raises it once the run's FailureConfig retries are spent
-            if not tracking.answers(tracking_uri):  # what failed, maybe: its status cannot be set either
+            if tracking.answers(tracking_uri):
+                with contextlib.suppress(Exception):  # the curves so far; the store may be what failed
+                    _log_curves(logger, tracking.epoch_history(tracking_uri, run_id))
+                hint = resume_hint(tracking_uri, run_id, recipe.epochs)
+            else:  # what failed, maybe: each call, the status's too, would retry for minutes, then fail
                 status = None
                 hint = (
                     f"MLflow ({tracking_uri}) does not answer, so run {run_id} stays RUNNING there; once it is back, "
                     f"`tessera train --resume {run_id}` continues it from its last checkpoint"
                 )
-                return TrainOutcome(run_id, url, {}, None, error=failure_reason(exc), resume=hint)
-            with contextlib.suppress(Exception):  # the curves so far; the store may be what failed
-                _log_curves(logger, tracking.epoch_history(tracking_uri, run_id))
-            hint = resume_hint(tracking_uri, run_id, recipe.epochs)
             return TrainOutcome(run_id, url, {}, None, error=failure_reason(exc), resume=hint)
         status = "FINISHED"
         _log_curves(logger, tracking.epoch_history(tracking_uri, run_id))

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from training import tracking
-from training.capacity import groups_that_fit
+from training.capacity import alive_resources, groups_that_fit
 from training.config import TrainRecipe, recipe_tree
 from tune.config import Param, SweepConfig, recipe_with
 from tune.runs import REPLICATE, SweepOutcome, child_run, find_parent, start_parent, summarise, trial_params
@@ -240,7 +240,6 @@ def run_sweep(
 ) -> SweepOutcome:
     """Run ``sweep`` (or, ``resume`` = a sweep's name, finish an interrupted one: trials that finished are
     kept, unfinished ones continue from their last epoch) on the connected cluster."""
-    import ray
     from mlflow import MlflowClient
     from ray import tune
 
@@ -272,8 +271,7 @@ def run_sweep(
                 storage_filesystem=fs,
             )  # fmt: skip
         else:
-            nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
-            limit = sweep.max_concurrent or concurrency(base, nodes, gpu)
+            limit = sweep.max_concurrent or concurrency(base, alive_resources(), gpu)
             points, samples = None, sweep.search.num_samples
             if sweep.replicates:
                 space = {REPLICATE: tune.grid_search(list(range(sweep.replicates.n)))}
