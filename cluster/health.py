@@ -58,11 +58,9 @@ def s3_ok(settings: Settings) -> tuple[bool, str]:
 
 def mlflow_ok(settings: Settings) -> tuple[bool, str]:
     """Whether the MLflow tracking server's ``/health`` answers OK."""
-    try:
-        r = requests.get(f"{settings.mlflow_url}/health", timeout=3)
-        return r.status_code == 200, f"HTTP {r.status_code}"
-    except requests.RequestException as exc:
-        return False, type(exc).__name__
+    from training.tracking import server_health
+
+    return server_health(settings.mlflow_url)
 
 
 def ray_ok(settings: Settings) -> tuple[bool, str]:

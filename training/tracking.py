@@ -105,18 +105,21 @@ def register_model(tracking_uri: str, run_id: str, name: str) -> str | None:
     return str(version.version)  # MLflow gives an int or a string, depending on the call
 
 
+def server_health(tracking_uri: str, timeout: float = 3.0) -> tuple[bool, str]:
+    """Whether the tracking server's ``/health`` answers OK now, and what it said (``tessera status`` shows it)."""
+    import requests
+
+    try:
+        reply = requests.get(f"{tracking_uri.rstrip('/')}/health", timeout=timeout)
+        return reply.status_code == 200, f"HTTP {reply.status_code}"
+    except requests.RequestException as exc:
+        return False, type(exc).__name__
+
+
 def answers(tracking_uri: str, timeout: float = 3.0) -> bool:
     """Whether the tracking server answers now (a local store always does). Asked after a run failed: on a server
     that is down each MLflow call retries for about two minutes before it raises."""
-    if not tracking_uri.startswith(("http://", "https://")):
-        return True
-    import urllib.request
-
-    try:
-        with urllib.request.urlopen(f"{tracking_uri.rstrip('/')}/health", timeout=timeout) as reply:
-            return reply.status == 200
-    except OSError:  # refused, timed out, or an HTTP error status
-        return False
+    return not tracking_uri.startswith(("http://", "https://")) or server_health(tracking_uri, timeout)[0]
 
 
 def finish_run(tracking_uri: str, run_id: str, status: str) -> None:
