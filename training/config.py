@@ -164,6 +164,14 @@ class EvalConfig(Strict):
     threshold: float = Field(0.5, gt=0, lt=1)
 
 
+class TrackingConfig(Strict):
+    """MLflow during training. While the server does not answer, rank 0's writes wait and training goes on
+    (:mod:`training.outbox`); ``outage_wait_s``: how long rank 0 then waits for it after the last epoch before the
+    run fails, resumable, its writes kept in the last checkpoint."""
+
+    outage_wait_s: float = Field(600, ge=0)
+
+
 class TrainRecipe(Strict):
     """A whole training run: data, model, optimiser, schedule, DeepSpeed, evaluation."""
 
@@ -178,6 +186,7 @@ class TrainRecipe(Strict):
     early_stopping: EarlyStoppingConfig = EarlyStoppingConfig()
     deepspeed: DeepSpeedConfig = DeepSpeedConfig()
     eval: EvalConfig = EvalConfig()
+    tracking: TrackingConfig = TrackingConfig()
     epochs: int = Field(2, ge=1)
     batch_size: int = Field(16, ge=1)
     workers: int = Field(2, ge=1)

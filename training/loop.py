@@ -40,6 +40,7 @@ from training.evaluation import held_out_step
 from training.losses import Loss, balanced_weights
 from training.metrics import classification_metrics, multilabel_metrics
 from training.models import build_model
+from training.outbox import adopt
 from training.state import EarlyStopping, epoch_seed, swa_start_epoch
 from training.tracking import MODEL_ARTIFACT
 
@@ -220,6 +221,8 @@ class Trainer:
         self.swa = torch.optim.swa_utils.AveragedModel(self.engine.module) if r.swa.enabled else None
         self.start = 0
         self.resumed = checkpoint_dir is not None
+        # rank 0's MLflow writes that waited in the checkpoint for a server that was away (training.outbox)
+        self.unsent = adopt(checkpoint_dir, config.get("run_id")) if rank == 0 and not weights_only else None
         if universal:
             print(f"rank {rank}: checkpoint of {ranks} ranks read on {world} (universal)", flush=True)
             with universal_checkpoint(checkpoint_dir, TAG) as converted:  # once per node
@@ -312,12 +315,16 @@ class Trainer:
                 report.final(pred)
             with scratch.directory("checkpoint") as tmp:  # what a worker killed while saving leaves is swept
                 self.engine.save_checkpoint(tmp, tag=TAG, client_state=self._client_state(epoch, stop))
+                if report:
+                    report.keep_with(tmp)
                 # ``done``: Tune's key for a trial's last result, so that a sweep's scheduler ends the trial on it
                 # instead of perturbing it (PBT handed a finished trial another's last epoch: nothing to train)
                 report_to(metrics | {"done": last}, tmp)
             if stop:
                 break
         self.data.close()
+        if report:
+            report.drain()
 
     def _finish_swa(self, epoch: int) -> tuple[dict[str, Any], dict[str, float]]:
         """Recompute BatchNorm statistics for the averaged weights, then evaluate them (``val_swa_*``)."""

@@ -10,15 +10,18 @@ from typing import Any
 import torch
 
 from shards import scratch
-from training.tracking import RunLogger
+from training.outbox import Outbox
+from training.tracking import RunLogger, answers
 
 
 class Reporter:
-    """Writes into the driver's MLflow run; created on rank 0 only, so a run has one writer."""
+    """Writes into the driver's MLflow run; created on rank 0 only, so a run has one writer. What the server
+    does not take while it is away waits in an :class:`training.outbox.Outbox`; training goes on."""
 
     def __init__(self, trainer, config: dict[str, Any]) -> None:
         self.t = trainer
-        self.log = RunLogger(config["mlflow_uri"], config["run_id"])
+        uri = config["mlflow_uri"]
+        self.log = Outbox(RunLogger(uri, config["run_id"]), lambda: answers(uri), uri, trainer.unsent)
         # the stage the engine runs, which on one worker may be below the recipe's (training.engine.zero_stage)
         self.log.tag("deepspeed.zero_stage_used", str(trainer.engine.zero_optimization_stage()))
         self.log.tag("workers_used", str(trainer.world))  # the recipe's `workers`, or what a resume moved it to
@@ -53,6 +56,14 @@ class Reporter:
                 self.t.outputs if multilabel else None,
             )
             self.log.artifacts(out, folder)
+
+    def keep_with(self, checkpoint_dir: str) -> None:
+        """What waits for the server goes into the checkpoint being saved: a worker restarted from it sends it."""
+        self.log.keep_with(checkpoint_dir)
+
+    def drain(self) -> None:
+        """After the last epoch: what waits reaches the server (waiting for it), or the run fails, resumable."""
+        self.log.drain(self.t.recipe.tracking.outage_wait_s)
 
     def final(self, pred: dict[str, Any]) -> None:
         """Confusion matrices, ROC curves and predictions of the validation split."""

@@ -138,13 +138,14 @@ class RunLogger:
         self.client = MlflowClient(tracking_uri)
         self.run_id = run_id
 
-    def metrics(self, values: dict[str, float], step: int) -> None:
+    def metrics(self, values: dict[str, float], step: int, ms: int | None = None) -> None:
+        """Log ``values`` at ``step``, stamped ``ms`` (milliseconds since the epoch; now by default)."""
         import math
         import time
 
         from mlflow.entities import Metric
 
-        now = int(time.time() * 1000)
+        now = ms if ms is not None else int(time.time() * 1000)
         batch = [Metric(k, float(v), now, step) for k, v in values.items() if not math.isnan(float(v))]
         self.client.log_batch(self.run_id, metrics=batch)
 
