@@ -331,7 +331,9 @@ def fit(
                 result = trainer.fit()
         except TrainingFailedError as exc:  # Ray Train raises it once the run's FailureConfig retries are spent
             if tracking.answers(tracking_uri):
-                with contextlib.suppress(Exception):  # the curves so far; the store may be what failed
+                # the curves so far; the artifact store behind MLflow may be what failed (S3 down: the upload
+                # retried for four minutes before it gave up, and the command said why the run failed that late)
+                with contextlib.suppress(Exception), tracking.without_retries():
                     _log_curves(logger, tracking.epoch_history(tracking_uri, run_id))
                 hint = resume_hint(tracking_uri, run_id, recipe.epochs)
             else:  # what failed, maybe: each call, the status's too, would retry for minutes, then fail

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -120,6 +123,24 @@ def answers(tracking_uri: str, timeout: float = 3.0) -> bool:
     """Whether the tracking server answers now (a local store always does). Asked after a run failed: on a server
     that is down each MLflow call retries for about two minutes before it raises."""
     return not tracking_uri.startswith(("http://", "https://")) or server_health(tracking_uri, timeout)[0]
+
+
+@contextlib.contextmanager
+def without_retries(timeout_s: int = 10) -> Iterator[None]:
+    """MLflow calls in the block that try once, for ``timeout_s`` at most, instead of retrying for minutes: writes
+    that may be lost (a failed run's curves, when what failed may be the store behind MLflow). MLflow reads these
+    settings at each call; the block is the process's, so no other thread should write meanwhile."""
+    settings = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": str(timeout_s)}
+    before = {k: os.environ.get(k) for k in settings}
+    os.environ.update(settings)
+    try:
+        yield
+    finally:
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def finish_run(tracking_uri: str, run_id: str, status: str) -> None:

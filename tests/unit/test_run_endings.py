@@ -205,3 +205,25 @@ def test_whether_mlflow_answers():
         closed = s.getsockname()[1]
     assert not answers(f"http://127.0.0.1:{closed}", timeout=1)
     assert answers("sqlite:///nowhere.db")  # a local store: no server to be down
+
+
+def test_a_failed_runs_curves_are_written_without_mlflows_retries(monkeypatch):
+    """Its artifact store may be what failed: MLflow retried each upload for four minutes (248 s measured, S3
+    down behind a live MLflow) before the command could say why the run failed."""
+    import os
+    import socket
+
+    from mlflow.exceptions import MlflowException
+
+    from training.tracking import RunLogger, without_retries
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "120")
+    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", raising=False)
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    with without_retries(timeout_s=5):
+        assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "0"
+        with pytest.raises(MlflowException):  # at once; with MLflow's retries, minutes later
+            RunLogger(f"http://127.0.0.1:{closed}", "run").metrics({"loss": 1.0}, 0)
+    assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "120" and "MLFLOW_HTTP_REQUEST_MAX_RETRIES" not in os.environ
