@@ -5,7 +5,8 @@ call to a server that does not answer retries for minutes and then raises, which
 server's ``/health`` (3 s) before it writes; while the server does not answer, the writes wait here, in order (the
 metrics with their step and time, the files copied), and training goes on. Each checkpoint carries what still
 waits (:data:`FOLDER`), so the worker that resumes from it sends them. After the last epoch rank 0 waits for the
-server (``tracking.outage_wait_s``) before the held-out step, which reads the exported model back from it.
+server (``tracking.outage_wait_s``) before the held-out step, which reads the exported model back from it. A
+server that answers but fails writes (its artifact store down: HTTP 5xx) is away as well.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from shards import scratch
+from training.tracking import without_retries
 
 FOLDER = "mlflow_unsent"  # in a checkpoint: what rank 0 had not sent when it was saved
 LIST = "writes.json"
@@ -53,9 +55,10 @@ class Outbox:
         listed = self.folder / LIST
         self.writes: list[dict[str, Any]] = json.loads(listed.read_text())["writes"] if listed.is_file() else []
         self.numbered = max((w.get("files", 0) for w in self.writes), default=0)
-        self.away_since: float | None = time.monotonic() if self.writes else None
+        self.away_since: float | None = None  # when an outage began in this process
+        self.trouble = ""  # why the last write was not sent
         if self.writes:
-            print(f"rank 0: {len(self.writes)} MLflow writes waited in the checkpoint; sending them", flush=True)
+            print(f"rank 0: {len(self.writes)} MLflow writes waited in the checkpoint; sent first", flush=True)
 
     # RunLogger's interface
     def metrics(self, values: dict[str, float], step: int) -> None:
@@ -77,6 +80,7 @@ class Outbox:
     def flush(self) -> bool:
         """Send what waits, in order, if the server answers; whether it answered and nothing waits now."""
         if not self.reachable():
+            self.trouble = "it does not answer"
             return False
         sent = 0
         while self.writes:
@@ -89,7 +93,7 @@ class Outbox:
             self._list()
         if self.away_since is not None:
             away = time.monotonic() - self.away_since
-            print(f"rank 0: MLflow ({self.where}) answers again; sent the {sent} writes that waited ({away:.0f} s)")
+            print(f"rank 0: MLflow ({self.where}) takes writes again; sent the {sent} that waited ({away:.0f} s)")
             self.away_since = None
         return True
 
@@ -101,8 +105,9 @@ class Outbox:
         while self.writes and not self.flush():
             if time.monotonic() >= deadline:
                 raise TrackingUnavailable(
-                    f"MLflow ({self.where}) did not answer in the {limit_s:.0f} s waited after the last epoch; "
-                    f"{len(self.writes)} writes wait with the run's last checkpoint and are sent when it resumes"
+                    f"MLflow ({self.where}) took no writes in the {limit_s:.0f} s waited after the last epoch "
+                    f"({self.trouble[:200]}); {len(self.writes)} writes wait with the run's last checkpoint and are "
+                    "sent when it resumes"
                 )
             time.sleep(poll_s)
 
@@ -121,14 +126,22 @@ class Outbox:
         self._keep(write, source)
 
     def _sent(self, write: dict[str, Any], source: Path | None) -> bool:
-        """Send one write; False where the server stopped answering meanwhile (any other error is raised)."""
+        """Send one write, once (what fails is kept and sent again later: MLflow's own retries took minutes);
+        False where the server failed it. A write the server refuses as such (HTTP 4xx: a bad name) is raised."""
+        from mlflow.exceptions import MlflowException
+        from requests import RequestException
+
         try:
-            self._send(write, source)
+            with without_retries():
+                self._send(write, source)
             return True
-        except Exception:
-            if self.reachable():
+        except MlflowException as exc:
+            if exc.get_http_status_code() < 500:
                 raise
-            return False
+            self.trouble = str(exc)
+        except (OSError, RequestException) as exc:
+            self.trouble = f"{type(exc).__name__}: {exc}"
+        return False
 
     def _send(self, write: dict[str, Any], source: Path | None) -> None:
         kind, log = write["kind"], self.logger
@@ -147,8 +160,8 @@ class Outbox:
         if self.away_since is None:
             self.away_since = time.monotonic()
             print(
-                f"rank 0: MLflow ({self.where}) does not answer; training goes on, and its metrics and files wait "
-                "(with each checkpoint) until it is back",
+                f"rank 0: MLflow ({self.where}) takes no writes now ({self.trouble[:300]}); training goes on, and "
+                "its metrics and files wait (with each checkpoint) until it does",
                 flush=True,
             )
         if write["kind"] in ("artifact", "artifacts"):  # a later upload to the same place replaces an earlier one

@@ -95,7 +95,7 @@ def test_an_outage_past_the_last_epoch_fails_the_run_and_resume_sends_what_waite
     run_id = start_run(recipe, proxy.url)
     callback, gate = switch_after(proxy.switch, reports, {0: "off"})
     failed = fit(recipe, run_id, proxy.url, storage, 0, held_out=True, callbacks=[callback], gate=gate)
-    assert "TrackingUnavailable" in failed.error and f"MLflow ({proxy.url}) did not answer" in failed.error
+    assert "TrackingUnavailable" in failed.error and f"MLflow ({proxy.url}) took no writes" in failed.error
     assert failed.resume.startswith(f"MLflow ({proxy.url}) does not answer, so run {run_id} stays RUNNING")
     assert MlflowClient(stack.mlflow_url).get_run(run_id).info.status == "RUNNING"
     assert _steps(stack, run_id, "val_loss") == [0]

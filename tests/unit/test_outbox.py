@@ -3,6 +3,7 @@ with a checkpoint and sent by the worker resumed from it, waited for after the l
 injected into ``reachable``; the writes land in a real MLflow store."""
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -98,11 +99,11 @@ def test_nothing_is_sent_and_the_server_is_asked_once_per_write_while_it_is_away
         box.metrics({"loss": 1.0}, epoch)
     assert log.calls == [] and switch.asked == 3  # no MLflow call, whose retries take minutes
     said = capsys.readouterr().out
-    assert said.count("MLflow (http://mlflow) does not answer; training goes on") == 1
+    assert said.count("MLflow (http://mlflow) takes no writes now (it does not answer); training goes on") == 1
     switch.up = True
     box.tag("a", "b")
     assert [c[0] for c in log.calls] == ["metrics", "metrics", "metrics", "tag"]
-    assert "answers again; sent the 3 writes that waited" in capsys.readouterr().out
+    assert "takes writes again; sent the 3 that waited" in capsys.readouterr().out
 
 
 def test_a_later_upload_to_the_same_place_replaces_a_waiting_one(tmp_path):
@@ -124,20 +125,37 @@ def test_a_later_upload_to_the_same_place_replaces_a_waiting_one(tmp_path):
     assert sorted(p.name for p in box.folder.iterdir()) == ["writes.json"]  # the copies are gone once sent
 
 
-def test_a_server_lost_during_a_write_keeps_it_and_any_other_error_is_raised():
+def test_a_write_the_server_fails_waits_and_one_it_refuses_is_raised(capsys):
+    """Sent once each: MLflow's own retries of a failed write took four minutes. A server that answers but fails
+    writes (HTTP 5xx: its artifact store is down) is away too; a write refused as such (HTTP 4xx) is a fault."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, INVALID_PARAMETER_VALUE
+
     log = Recorder()
-    answers = iter([True, False])  # asked before the write, then once the write failed
-    box = Outbox(log, lambda: next(answers), "http://mlflow")
-    log.fail = ConnectionError("reset")
-    box.metrics({"loss": 1.0}, 0)
-    assert box.waiting == 1
-    box.reachable = Switch()  # it is back, and refuses a write
-    log.fail = ValueError("metric name has a space")
-    with pytest.raises(ValueError, match="space"):
+    box = Outbox(log, Switch(), "http://mlflow")
+    for failure in (ConnectionResetError("reset by peer"), MlflowException("S3 is down", INTERNAL_ERROR)):
+        log.fail = failure
+        box.metrics({"loss": 1.0}, 0)
+    assert box.waiting == 2 and log.calls == []
+    assert "takes no writes now (ConnectionResetError: reset by peer)" in capsys.readouterr().out
+    log.fail = MlflowException("metric name has a space", INVALID_PARAMETER_VALUE)
+    with pytest.raises(MlflowException, match="space"):
         box.tag("a", "b")
+    log.fail = ValueError("a bug")
+    with pytest.raises(ValueError, match="bug"):
+        box.flush()
     log.fail = None
     box.tag("a", "b")
-    assert [c[0] for c in log.calls] == ["metrics", "tag"]
+    assert [c[0] for c in log.calls] == ["metrics", "metrics", "tag"]
+
+
+def test_writes_are_sent_without_mlflows_retries(monkeypatch):
+    seen = []
+    log = Recorder()
+    log.metrics = lambda *a: seen.append(os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES"))
+    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", raising=False)
+    Outbox(log, Switch(), "http://mlflow").metrics({"loss": 1.0}, 0)
+    assert seen == ["0"] and "MLFLOW_HTTP_REQUEST_MAX_RETRIES" not in os.environ
 
 
 def test_what_waits_goes_with_the_checkpoint_to_the_worker_that_resumes_from_it(tmp_path):
@@ -175,7 +193,7 @@ def test_after_the_last_epoch_rank_0_waits_for_the_server_then_gives_up_naming_i
     box.drain(0)  # nothing waits: no wait, whatever the server
     switch.up = False
     box.metrics({"loss": 1.0}, 0)
-    gave_up = r"MLflow \(http://mlflow:5000\) did not answer in the 0 s .*1 writes"
+    gave_up = r"MLflow \(http://mlflow:5000\) took no writes in the 0 s .*\(it does not answer\); 1 writes"
     with pytest.raises(TrackingUnavailable, match=gave_up):
         box.drain(0, poll_s=0)
     answers = iter([False, False, True])
