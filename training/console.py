@@ -15,8 +15,10 @@ import math
 import os
 import re
 import sys
+import time
 import warnings
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 DEBUG_ENV = "TESSERA_DEBUG"
@@ -76,12 +78,63 @@ def quiet_worker() -> None:
     if not torch.cuda.is_available():
         logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     logging.getLogger("DeepSpeed").addFilter(not_routine)  # once, however often a worker process calls this
+    logging.getLogger(WORKER_ERRORS).addFilter(shorten_worker_error)
     with contextlib.suppress(ImportError, AttributeError):
         # "Reporting training result N: TrainingReport(...)" per report and worker, on a logger named after its
         # file, so Ray Train's log level does not reach it
         from ray.train.v2._internal.execution import context
 
         logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
+# Ray Train's worker logs each error of the training function with its whole traceback: about 45 lines per
+# worker and attempt (270 for a run that failed on two workers after two retries), printed by the driver above
+# the run's one-line reason. Each is shortened to a line that names the file of the whole traceback.
+WORKER_ERRORS = "ray.train.v2._internal.util"
+WORKER_ERROR_START = "Error in training function:"
+
+
+def shorten_worker_error(record: logging.LogRecord) -> bool:
+    """A logging filter: a worker's error with its traceback becomes one line, the exception and the innermost
+    frame of Tessera's code; the traceback goes to a file in Ray's log folder of the node."""
+    message = record.getMessage()
+    if not message.startswith(WORKER_ERROR_START):
+        return True
+    where = _save_traceback(message)
+    record.msg, record.args = f"{WORKER_ERROR_START} {error_summary(message)}; whole traceback: {where}", ()
+    return True
+
+
+def error_summary(traceback_text: str) -> str:
+    """The exception a traceback ends with and the innermost frame in Tessera's packages (``file:line in
+    function``)."""
+    lines = [line for line in traceback_text.splitlines() if line.strip()]
+    raised = next((line for line in reversed(lines) if not line[0].isspace()), lines[-1]).strip()
+    root = str(Path(__file__).resolve().parents[1]) + os.sep
+    frames = re.findall(r'^\s*File "([^"]+)", line (\d+), in (\S+)', traceback_text, flags=re.MULTILINE)
+    ours = [(f[len(root) :], n, fn) for f, n, fn in frames if f.startswith(root) and "site-packages" not in f]
+    return f"{raised} (at {ours[-1][0]}:{ours[-1][1]} in {ours[-1][2]})" if ours else raised
+
+
+def _save_traceback(text: str) -> str:
+    """Write ``text`` into Ray's log folder of this node (where Ray's dashboard and ``ray logs`` find it; the
+    temporary folder where that is not known); returns ``<node ip>:<path>``."""
+    import tempfile
+
+    import ray
+
+    folder = tempfile.gettempdir()
+    with contextlib.suppress(Exception):
+        folder = ray._private.worker.global_worker.node.get_logs_dir_path()
+    path = Path(folder) / f"tessera-error-{os.getpid()}-{int(time.time())}.txt"
+    try:
+        path.write_text(text)
+    except OSError as exc:
+        return f"not saved ({exc}); TESSERA_DEBUG=1 prints it"
+    ip = "?"
+    with contextlib.suppress(Exception):
+        ip = ray.util.get_node_ip_address()
+    return f"{ip}:{path}"
 
 
 def drop_ray_routine_lines() -> None:

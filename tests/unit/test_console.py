@@ -4,6 +4,7 @@ import math
 import os
 import re
 import warnings
+from pathlib import Path
 
 import pytest
 
@@ -106,3 +107,40 @@ def test_the_driver_prints_the_clusters_lines_but_ray_cores_preemption_watcher_e
     dispatcher.emit({"lines": [watcher, epoch], "pid": 1, "is_err": False})
     dispatcher.emit({"lines": [watcher], "pid": 1, "is_err": True})
     assert printed == ([[epoch]] if not debug else [[watcher, epoch], [watcher]])
+
+
+def _failing_read() -> None:
+    try:
+        raise ConnectionRefusedError(111, "Connection refused")
+    except OSError as exc:
+        raise RuntimeError("s3://shards/ds/train/shard-000000.tar: could not connect") from exc
+
+
+def test_a_workers_error_is_one_line_naming_the_exception_the_frame_and_the_file_of_its_traceback(tmp_path):
+    """As Ray Train's worker logs it (``construct_user_exception_with_traceback``): with the whole traceback,
+    about 45 lines per worker and attempt above the run's one-line reason."""
+    import logging
+    import traceback
+
+    from training.console import WORKER_ERRORS, shorten_worker_error
+
+    try:
+        _failing_read()
+    except RuntimeError:
+        text = traceback.format_exc()
+    logged = "Error in training function:\n%s"
+    record = logging.LogRecord(WORKER_ERRORS, logging.ERROR, "util.py", 252, logged, (text,), None)
+    assert shorten_worker_error(record)
+    line = record.getMessage()
+    assert "\n" not in line
+    summary, saved = line.split("; whole traceback: ")
+    assert summary == (
+        "Error in training function: RuntimeError: s3://shards/ds/train/shard-000000.tar: could not connect "
+        f"(at tests/unit/test_console.py:{_failing_read.__code__.co_firstlineno + 4} in _failing_read)"
+    )
+    node, path = saved.split(":", 1)
+    assert node and Path(path).read_text() == "Error in training function:\n" + text
+    Path(path).unlink()
+
+    other = logging.LogRecord(WORKER_ERRORS, logging.ERROR, "util.py", 1, "Something else:\nline two", (), None)
+    assert shorten_worker_error(other) and other.getMessage() == "Something else:\nline two"
