@@ -7,6 +7,7 @@ import contextlib
 import signal
 import threading
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 REASON_CHARS = 400  # a failure's reason, at most: the line must stay one line on a terminal's scroll-back
 
@@ -38,19 +39,63 @@ def interrupted_as(message: Callable[[], str]) -> Iterator[None]:
             signal.signal(signal.SIGINT, before)
 
 
-def resume_hint(tracking_uri: str, run_id: str, epochs: int) -> str:
-    """What a stopped run has done, and the command that continues it."""
+# Ray Train's record of a run's checkpoints in the run's folder (Ray 2.60), the one it restores from
+SNAPSHOT = "checkpoint_manager_snapshot.json"
+
+
+def last_checkpoint(run_folder: str) -> dict | None:
+    """The metrics reported with the checkpoint a resumed run continues from (``epoch``, 0-based, and ``done``);
+    ``{}`` when the run has no checkpoint; None when that cannot be read (its storage is down, Ray's record
+    changed)."""
+    import json
+
+    from training.launch import storage_location
+
+    path, fs = storage_location(run_folder)
+    try:
+        if fs is None:
+            text = (Path(path) / SNAPSHOT).read_text()
+        else:
+            with fs.open_input_stream(f"{path.rstrip('/')}/{SNAPSHOT}") as f:
+                text = f.read().decode()
+        latest = json.loads(text).get("latest_checkpoint_result")
+        return {"epoch": int(latest["metrics"]["epoch"]), "done": bool(latest["metrics"].get("done"))} if latest else {}
+    except FileNotFoundError:
+        return {}
+    except Exception:
+        return None
+
+
+def resume_hint(tracking_uri: str, run_id: str, epochs: int, run_folder: str | None = None) -> str:
+    """What a stopped run has done, and the command that continues it: from the checkpoint Ray Train restores
+    (``run_folder``: the run's folder in the storage), else as far as MLflow's epochs say. The checkpoint can be
+    an epoch or two behind the epochs logged (rank 0 logs an epoch before its checkpoint is registered)."""
     from mlflow import MlflowClient
 
+    command = f"`tessera train --resume {run_id}`"
+    logged = None
     with contextlib.suppress(Exception):  # said without the count when MLflow does not answer
-        done = len(MlflowClient(tracking_uri).get_metric_history(run_id, "train_loss"))
-        if done == 0:
-            return f"run {run_id} stopped before its first epoch ended; `tessera train --resume {run_id}` starts it"
+        logged = len(MlflowClient(tracking_uri).get_metric_history(run_id, "train_loss"))
+    saved = last_checkpoint(run_folder) if run_folder else None
+    if saved is not None:
+        also = f" ({logged} logged)" if logged is not None and logged != saved.get("epoch", -1) + 1 else ""
+        if not saved:
+            return f"run {run_id} stopped before its first checkpoint{also}; {command} starts it from epoch 1"
+        done = saved["epoch"] + 1
+        if saved["done"] or done >= epochs:
+            return f"run {run_id} has trained its epochs{also}; {command} finishes it, training no more"
         return (
-            f"run {run_id} has {done} of {epochs} epochs logged; its checkpoints are kept, and "
-            f"`tessera train --resume {run_id}` continues it from the last one"
+            f"run {run_id} has {done} of {epochs} epochs in its last checkpoint{also}; {command} continues it "
+            f"from epoch {done + 1}"
         )
-    return f"run {run_id} stopped; `tessera train --resume {run_id}` continues it from its last checkpoint"
+    if logged == 0:
+        return f"run {run_id} stopped before its first epoch ended; {command} starts it"
+    if logged is not None:
+        return (
+            f"run {run_id} has {logged} of {epochs} epochs logged; its checkpoints are kept, and "
+            f"{command} continues it from the last one"
+        )
+    return f"run {run_id} stopped; {command} continues it from its last checkpoint"
 
 
 def failure_reason(exc: BaseException) -> str:

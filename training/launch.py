@@ -265,7 +265,7 @@ def trainer_for(
         train_loop_config=config,
         **worker_group(recipe),
         run_config=RunConfig(
-            name=name or f"{recipe.name}-{run_id[:12]}",
+            name=name or run_name(recipe, run_id),
             storage_path=path,
             storage_filesystem=fs,
             failure_config=FailureConfig(max_failures=max_failures),
@@ -274,6 +274,12 @@ def trainer_for(
             logging_config=LoggingConfig(train_log_level()),
         ),
     )
+
+
+def run_name(recipe: TrainRecipe, run_id: str) -> str:
+    """The Ray Train run's name, and its folder in the storage: one per MLflow run, so that a trainer built again
+    for it restores from its latest checkpoint."""
+    return f"{recipe.name}-{run_id[:12]}"
 
 
 def worker_group(recipe: TrainRecipe) -> dict[str, Any]:
@@ -327,7 +333,8 @@ def fit(
         if driver := driver_tag():  # who trains it now: a `--resume` meanwhile is refused (training.live_runs)
             logger.tag(DRIVER_TAG, driver)
         try:
-            with interrupted_as(lambda: resume_hint(tracking_uri, run_id, recipe.epochs)):
+            folder = f"{storage_path.rstrip('/')}/{trainer_options.get('name') or run_name(recipe, run_id)}"
+            with interrupted_as(lambda: resume_hint(tracking_uri, run_id, recipe.epochs, folder)):
                 result = trainer.fit()
         except TrainingFailedError as exc:  # Ray Train raises it once the run's FailureConfig retries are spent
             if tracking.answers(tracking_uri):
@@ -335,7 +342,7 @@ def fit(
                 # retried for four minutes before it gave up, and the command said why the run failed that late)
                 with contextlib.suppress(Exception), tracking.without_retries():
                     _log_curves(logger, tracking.epoch_history(tracking_uri, run_id))
-                hint = resume_hint(tracking_uri, run_id, recipe.epochs)
+                hint = resume_hint(tracking_uri, run_id, recipe.epochs, folder)
             else:  # what failed, maybe: each call, the status's too, would retry for minutes, then fail
                 status = None
                 hint = (

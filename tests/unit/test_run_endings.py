@@ -1,9 +1,23 @@
 """How a training run that does not finish ends: interrupted (Ctrl+C, SIGTERM) or failed, each said in one line
 with what the run has done and the command that continues it; the MLflow run KILLED or FAILED."""
 
+import json
+from pathlib import Path
+
 import pytest
 
 from training.config import load_recipe
+from training.endings import SNAPSHOT
+
+
+def _ray_checkpoints(storage: Path, run_id: str, epoch: int | None, done: bool = False) -> None:
+    """The record Ray Train keeps of a run's checkpoints (in its folder, named as Tessera names the run), with its
+    latest at ``epoch`` (None: no checkpoint yet), as Ray 2.60 writes it."""
+    folder = storage / f"demo_tiles-{run_id[:12]}"
+    folder.mkdir(parents=True)
+    metrics = {"epoch": epoch, "done": done}
+    latest = None if epoch is None else {"checkpoint_dir_name": "checkpoint_x", "metrics": metrics}
+    (folder / SNAPSHOT).write_text(json.dumps({"ray_version": "2.60.0", "latest_checkpoint_result": latest}))
 
 
 class _Interrupted:
@@ -40,7 +54,9 @@ def test_an_interrupted_run_is_killed_in_mlflow_and_says_how_to_resume(signum, s
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(uri)
     run_id = client.create_run(client.create_experiment("x", str(tmp_path / "artifacts"))).info.run_id
-    client.log_metric(run_id, "train_loss", 0.5, step=0)  # one epoch done
+    for epoch in range(2):  # two epochs logged, the first in the checkpoint Ray Train registered
+        client.log_metric(run_id, "train_loss", 0.5, step=epoch)
+    _ray_checkpoints(tmp_path / "ckpt", run_id, 0)
     monkeypatch.setattr(training.launch, "trainer_for", lambda *a, **k: _Interrupted(getattr(signal, signum)))
     before = signal.getsignal(signal.SIGINT), signal.signal(signal.SIGTERM, _stop_on_sigterm)
     try:
@@ -51,8 +67,8 @@ def test_an_interrupted_run_is_killed_in_mlflow_and_says_how_to_resume(signum, s
         signal.signal(signal.SIGINT, before[0])
         signal.signal(signal.SIGTERM, before[1])
     assert str(raised.value) == (
-        f"{said}: run {run_id} has 1 of 3 epochs logged; its checkpoints are kept, and "
-        f"`tessera train --resume {run_id}` continues it from the last one"
+        f"{said}: run {run_id} has 1 of 3 epochs in its last checkpoint (2 logged); "
+        f"`tessera train --resume {run_id}` continues it from epoch 2"
     )
     assert client.get_run(run_id).info.status == "KILLED"
 
@@ -68,6 +84,43 @@ def test_a_run_interrupted_before_its_first_epoch_ended_is_said_to_start_again(t
     assert resume_hint(uri, run_id, 3) == (
         f"run {run_id} stopped before its first epoch ended; `tessera train --resume {run_id}` starts it"
     )
+
+
+def test_a_stopped_run_is_said_to_continue_from_the_checkpoint_ray_train_restores(tmp_path):
+    """From Ray Train's record of the run's checkpoints: MLflow's epochs can be one or two ahead of it (rank 0
+    logs an epoch before its checkpoint is registered), or behind it (MLflow was away)."""
+    from mlflow import MlflowClient
+
+    from training.endings import resume_hint
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("x", str(tmp_path / "artifacts"))
+    runs = [client.create_run(exp).info.run_id for _ in range(5)]
+    for run_id in runs:
+        for epoch in range(3):
+            client.log_metric(run_id, "train_loss", 0.5, step=epoch)
+    storage = tmp_path / "ckpt"
+    hint = {}
+    for run_id, epoch, done in ((runs[0], 2, False), (runs[1], None, False), (runs[2], 1, True), (runs[3], 7, False)):
+        _ray_checkpoints(storage, run_id, epoch, done)
+        hint[run_id] = resume_hint(uri, run_id, 8, f"{storage}/demo_tiles-{run_id[:12]}")
+    assert hint[runs[0]] == (
+        f"run {runs[0]} has 3 of 8 epochs in its last checkpoint; `tessera train --resume {runs[0]}` continues it "
+        "from epoch 4"
+    )
+    assert hint[runs[1]] == (
+        f"run {runs[1]} stopped before its first checkpoint (3 logged); `tessera train --resume {runs[1]}` starts "
+        "it from epoch 1"
+    )
+    for finished in (runs[2], runs[3]):  # stopped early; all epochs trained (it failed in the held-out step)
+        assert hint[finished].startswith(f"run {finished} has trained its epochs")
+        assert hint[finished].endswith(f"`tessera train --resume {finished}` finishes it, training no more")
+    no_folder = resume_hint(uri, runs[4], 8, f"{storage}/nothing-here")
+    assert no_folder.startswith(f"run {runs[4]} stopped before its first checkpoint (3 logged)")
+    (storage / "garbled").mkdir()
+    (storage / "garbled" / SNAPSHOT).write_text("{not json")  # unreadable: as far as MLflow's epochs say
+    assert resume_hint(uri, runs[4], 8, str(storage / "garbled")).startswith(f"run {runs[4]} has 3 of 8 epochs logged")
 
 
 def _worker_group_error(failures: dict):
@@ -129,12 +182,13 @@ def test_a_failed_run_says_why_in_one_line_and_how_to_resume(tmp_path, monkeypat
     run_id = client.create_run(client.create_experiment("x", str(tmp_path / "artifacts"))).info.run_id
     for epoch, loss in enumerate([0.9, 0.7]):  # two epochs done
         client.log_metric(run_id, "train_loss", loss, step=epoch)
+    _ray_checkpoints(tmp_path / "ckpt", run_id, 1)
     monkeypatch.setattr(training.launch, "trainer_for", lambda *a, **k: _Failing())
     out = fit(load_recipe("demo_tiles", ["epochs=5"]), run_id, uri, str(tmp_path / "ckpt"))
     reason = "rank 0: StorageError: s3://shards/ds/manifest.json: EndpointConnectionError: down"
     hint = (
-        f"run {run_id} has 2 of 5 epochs logged; its checkpoints are kept, and `tessera train --resume {run_id}` "
-        "continues it from the last one"
+        f"run {run_id} has 2 of 5 epochs in its last checkpoint; `tessera train --resume {run_id}` continues it "
+        "from epoch 3"
     )
     assert (out.error, out.resume, out.checkpoint, out.model_version) == (reason, hint, None, None)
     assert client.get_run(run_id).info.status == "FAILED"
