@@ -98,11 +98,8 @@ def _s3_objects(stack, bucket: str, prefix: str) -> list[str]:
 
 def test_failed_run_continues_with_resume(setup, stack, monkeypatch):
     storage = f"s3://{stack.checkpoints_bucket}/it-resume"
-    monkeypatch.setenv(FAULT_ENV, "2,0,0")
-    failed = run_training(setup["recipe"], stack.mlflow_url, storage, max_failures=0)
+    run, failed = _failed_run(stack, setup["recipe"], storage, monkeypatch)
     client = MlflowClient(stack.mlflow_url)
-    run = client.get_run(failed.run_id)
-    assert run.info.status == "FAILED"
     assert run.data.tags[DRIVER_TAG] == driver_tag()  # who trained it (a `--resume` meanwhile is refused)
     # said in one line (Ray Train's own message holds rank 0's traceback), with the epochs done and `--resume`
     assert re.fullmatch(r"rank 0: \w+: [^\n]*(died|dead)[^\n]*", failed.error), failed.error
@@ -110,7 +107,6 @@ def test_failed_run_continues_with_resume(setup, stack, monkeypatch):
         f"run {failed.run_id} has 2 of 3 epochs in its last checkpoint; "
         f"`tessera train --resume {failed.run_id}` continues it from epoch 3"
     )
-    monkeypatch.delenv(FAULT_ENV)
 
     # The dataset changed since the run started: grown (ingest --append) or made again. A resumed run would train
     # on other data than its first epochs did, so either is refused before any worker starts.
@@ -137,13 +133,14 @@ def test_failed_run_continues_with_resume(setup, stack, monkeypatch):
 
 
 def _failed_run(stack, recipe, storage, monkeypatch):
-    """A run of ``recipe`` that fails in its third epoch (checkpoints of epochs 0 and 1 kept); its MLflow run."""
+    """A run of ``recipe`` that fails in its third epoch (checkpoints of epochs 0 and 1 kept): its MLflow run and
+    the training's outcome."""
     monkeypatch.setenv(FAULT_ENV, "2,0,0")
     failed = run_training(recipe, stack.mlflow_url, storage, max_failures=0)
     monkeypatch.delenv(FAULT_ENV)
     run = MlflowClient(stack.mlflow_url).get_run(failed.run_id)
     assert run.info.status == "FAILED" and run.data.tags["workers_used"] == str(recipe.workers)
-    return run
+    return run, failed
 
 
 def _universal_folders() -> tuple[set[str], set[str]]:
@@ -163,7 +160,7 @@ def test_a_run_continues_on_another_worker_count(setup, stack, monkeypatch, befo
     recipe = setup["recipe"]
     if stage == "3":
         recipe = recipe.model_copy(update={"deepspeed": recipe.deepspeed.model_copy(update={"zero_stage": 3})})
-    run = _failed_run(stack, recipe.model_copy(update={"workers": before}), storage, monkeypatch)
+    run, _ = _failed_run(stack, recipe.model_copy(update={"workers": before}), storage, monkeypatch)
     overrides = [f"workers={after}"] + (["cpus_per_worker=0.5"] if after > 2 else [])  # the stack has two CPUs
     folders, locks = _universal_folders()
     out = resume_training(run.info.run_id, stack.mlflow_url, storage, overrides)
