@@ -167,9 +167,10 @@ class EvalConfig(Strict):
 class TrackingConfig(Strict):
     """MLflow during training. While the server does not answer, rank 0's writes wait and training goes on
     (:mod:`training.outbox`); ``outage_wait_s``: how long rank 0 then waits for it after the last epoch before the
-    run fails, resumable, its writes kept in the last checkpoint."""
+    run fails, resumable, its writes kept in the last checkpoint. The other ranks wait at a barrier meanwhile,
+    which gives up after 30 min (Ray Train's ``TorchConfig.timeout_s``): the wait is held under that."""
 
-    outage_wait_s: float = Field(600, ge=0)
+    outage_wait_s: float = Field(600, ge=0, le=1500)
 
 
 class TrainRecipe(Strict):

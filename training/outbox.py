@@ -93,7 +93,8 @@ class Outbox:
             self._list()
         if self.away_since is not None:
             away = time.monotonic() - self.away_since
-            print(f"rank 0: MLflow ({self.where}) takes writes again; sent the {sent} that waited ({away:.0f} s)")
+            said = f"rank 0: MLflow ({self.where}) takes writes again; sent the {sent} that waited ({away:.0f} s)"
+            print(said, flush=True)
             self.away_since = None
         return True
 
