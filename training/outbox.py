@@ -133,7 +133,7 @@ class Outbox:
         from requests import RequestException
 
         try:
-            with without_retries():
+            with without_retries(timeout_s=None):  # an export's files take longer than a metric
                 self._send(write, source)
             return True
         except MlflowException as exc:

@@ -126,11 +126,14 @@ def answers(tracking_uri: str, timeout: float = 3.0) -> bool:
 
 
 @contextlib.contextmanager
-def without_retries(timeout_s: int = 10) -> Iterator[None]:
-    """MLflow calls in the block that try once, for ``timeout_s`` at most, instead of retrying for minutes: writes
-    that may be lost (a failed run's curves, when what failed may be the store behind MLflow). MLflow reads these
-    settings at each call; the block is the process's, so no other thread should write meanwhile."""
-    settings = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": str(timeout_s)}
+def without_retries(timeout_s: int | None = 10) -> Iterator[None]:
+    """MLflow calls in the block that try once, for ``timeout_s`` at most (None: MLflow's timeout, 120 s unless
+    set, which an upload of a model's files needs), instead of retrying for minutes: writes that may be lost or
+    are kept to be sent again (a failed run's curves; rank 0's outbox). MLflow reads these settings at each call;
+    the block is the process's, so no other thread should write meanwhile."""
+    settings = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}
+    if timeout_s is not None:
+        settings["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(timeout_s)
     before = {k: os.environ.get(k) for k in settings}
     os.environ.update(settings)
     try:

@@ -149,13 +149,17 @@ def test_a_write_the_server_fails_waits_and_one_it_refuses_is_raised(capsys):
     assert [c[0] for c in log.calls] == ["metrics", "metrics", "tag"]
 
 
-def test_writes_are_sent_without_mlflows_retries(monkeypatch):
+def test_writes_are_sent_without_mlflows_retries_in_its_own_time(monkeypatch):
+    """Once each, within MLflow's timeout as set (an upload of a model's files needs it, not a metric's 10 s)."""
     seen = []
     log = Recorder()
-    log.metrics = lambda *a: seen.append(os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES"))
+    log.metrics = lambda *a: seen.append(
+        (os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES"), os.environ.get("MLFLOW_HTTP_REQUEST_TIMEOUT"))
+    )
     monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", raising=False)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "300")
     Outbox(log, Switch(), "http://mlflow").metrics({"loss": 1.0}, 0)
-    assert seen == ["0"] and "MLFLOW_HTTP_REQUEST_MAX_RETRIES" not in os.environ
+    assert seen == [("0", "300")] and "MLFLOW_HTTP_REQUEST_MAX_RETRIES" not in os.environ
 
 
 def test_what_waits_goes_with_the_checkpoint_to_the_worker_that_resumes_from_it(tmp_path):
