@@ -7,7 +7,6 @@ import contextlib
 import signal
 import threading
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 REASON_CHARS = 400  # a failure's reason, at most: the line must stay one line on a terminal's scroll-back
 
@@ -49,19 +48,14 @@ def last_checkpoint(run_folder: str) -> dict | None:
     changed)."""
     import json
 
-    from training.launch import storage_location
+    from shards import storage
 
-    path, fs = storage_location(run_folder)
+    record = storage.join(run_folder, SNAPSHOT)
     try:
-        if fs is None:
-            text = (Path(path) / SNAPSHOT).read_text()
-        else:
-            with fs.open_input_stream(f"{path.rstrip('/')}/{SNAPSHOT}") as f:
-                text = f.read().decode()
-        latest = json.loads(text).get("latest_checkpoint_result")
+        if not storage.exists(record):
+            return {}
+        latest = json.loads(storage.get_bytes(record)).get("latest_checkpoint_result")
         return {"epoch": int(latest["metrics"]["epoch"]), "done": bool(latest["metrics"].get("done"))} if latest else {}
-    except FileNotFoundError:
-        return {}
     except Exception:
         return None
 

@@ -12,6 +12,7 @@ from typing import Any
 import yaml
 
 from shards import manifest as mf
+from shards import storage
 from training import tracking
 from training.capacity import check_capacity
 from training.config import RecipeError, TrainRecipe, apply_overrides, flatten, recipe_from_tree
@@ -333,7 +334,7 @@ def fit(
         if driver := driver_tag():  # who trains it now: a `--resume` meanwhile is refused (training.live_runs)
             logger.tag(DRIVER_TAG, driver)
         try:
-            folder = f"{storage_path.rstrip('/')}/{trainer_options.get('name') or run_name(recipe, run_id)}"
+            folder = storage.join(storage_path, trainer_options.get("name") or run_name(recipe, run_id))
             with interrupted_as(lambda: resume_hint(tracking_uri, run_id, recipe.epochs, folder)):
                 result = trainer.fit()
         except TrainingFailedError as exc:  # Ray Train raises it once the run's FailureConfig retries are spent
