@@ -367,11 +367,12 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         if debugging():
             raise
+        from ingest.decisions import IngestStopped
         from shards.storage import StorageError
         from training.config import RecipeError
         from training.endings import RunFailed
 
-        known = (TesseraError, RecipeError, RunFailed, StorageError, FileNotFoundError, ValueError)
+        known = (TesseraError, RecipeError, RunFailed, StorageError, IngestStopped, FileNotFoundError, ValueError)
         msg = str(exc) if isinstance(exc, known) else f"{type(exc).__name__}: {exc}"
         print(f"tessera: error: {msg}", file=sys.stderr)
         return 1

@@ -69,6 +69,11 @@ def add_ingest_parser(sub, fn) -> None:
         add("--store-size", "resize tiles/slices to this many px before encoding", type=int)
         add("--workers", "ingest actors (default: the cluster's CPUs)", type=int)
         add(
+            "--outage-wait-s",
+            "seconds a worker waits for a store that stopped answering before the run stops, keeping what it staged",
+            type=float,
+        )
+        add(
             "--overwrite",
             "replace a complete dataset at --out made from other inputs or options (without it such a run is "
             "refused, and one with the same inputs and options does nothing)",

@@ -25,7 +25,7 @@ def parse_bytes(value: int | str) -> int:
     return int(float(m.group(1)) * mult)
 
 
-RUN_ONLY = ("workers", "max_attempts")
+RUN_ONLY = ("workers", "max_attempts", "outage_wait_s")
 RERUN_MODES = ("overwrite", "retry_failed", "append", "replace_changed")  # what a run does with a dataset already there
 
 
@@ -50,6 +50,9 @@ class IngestConfig(BaseModel):
     quality: int = Field(90, ge=1, le=100)
     workers: int | None = Field(None, ge=1)
     max_attempts: int = Field(3, ge=1)
+    # how long a worker that finds its store down waits for it to answer again before the run stops (keeping
+    # what it staged); a blip of the store costs a night's run neither its inputs nor its place
+    outage_wait_s: float = Field(300.0, ge=0)
     overwrite: bool = False  # replace a complete dataset at ``out`` made from other inputs or options
     # ingest the failed inputs of the complete dataset at ``out`` again (a slide re-copied after a cut-short
     # transfer, a read that timed out): their shards are added beside the dataset's, which stay as they are

@@ -1,7 +1,9 @@
-"""What to do when work on an input raises: retry or fail, with the reason recorded (pure; actors carry it out)."""
+"""What to do when work on an input raises: retry, fail the input, or stop the run, with the reason recorded
+(pure; actors carry it out)."""
 
 from __future__ import annotations
 
+import errno
 from dataclasses import dataclass
 from typing import Literal
 
@@ -10,27 +12,49 @@ from ingest.slides import SlideError
 from shards.storage import StorageError
 
 TRANSIENT = (StorageError, ConnectionError, TimeoutError)
+NO_SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
+
+
+class IngestStopped(RuntimeError):
+    """The run stopped for a cause no input is to blame for (its store does not answer, its disk is full): no
+    input is recorded as failed for it, and what was staged is kept for the same command to continue from."""
 
 
 @dataclass(frozen=True)
 class Decision:
-    """``retry`` the work, or record it as ``failed``; ``reason`` names the cause, never the file."""
+    """``retry`` the work, record it as ``failed``, or ``stop`` the run; ``reason`` names the cause, never the
+    file. ``store``: a failure that may be the store's rather than the input's (an outage stops the run)."""
 
-    action: Literal["retry", "failed"]
+    action: Literal["retry", "failed", "stop"]
     reason: str
+    store: bool = False
+
+
+def no_space(exc: BaseException) -> bool:
+    """Whether ``exc``, or an error it was raised from, is a full (or read-only) disk."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in NO_SPACE:
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def decide(exc: BaseException, attempt: int, max_attempts: int = 3) -> Decision:
     """Decide on ``exc`` raised by attempt number ``attempt`` (1-based) of a unit.
 
-    Broken inputs fail at once (retrying cannot help); storage and network errors are retried until
-    ``max_attempts``. (Files that are not inputs at all are skipped earlier, when sources are listed.)
+    Broken inputs fail at once (retrying cannot help); a full disk stops the run (every input would fail);
+    storage and network errors are retried until ``max_attempts``, then fail the input unless the store itself
+    is found down (``store``; the caller asks it). (Files that are not inputs at all are skipped earlier, when
+    sources are listed.)
     """
     reason = f"{type(exc).__name__}: {exc}"
+    if no_space(exc):
+        return Decision("stop", reason)
     if isinstance(exc, (SlideError, DicomError, ValueError)):
         return Decision("failed", reason)
     if isinstance(exc, TRANSIENT) and attempt < max_attempts:
         return Decision("retry", reason)
     if isinstance(exc, TRANSIENT):
-        return Decision("failed", f"{reason} (after {attempt} attempts)")
+        return Decision("failed", f"{reason} (after {attempt} attempts)", store=True)
     return Decision("failed", reason)

@@ -24,6 +24,7 @@ from shards.scratch import running
 LOCK_NAME = "_ingest.lock"
 TTL = 120.0  # seconds without a heartbeat after which a holder on another host counts as gone
 SETTLE = 0.5  # seconds between writing a lock and reading it back, for stores that ignore conditional writes
+_LEFT_BEHIND: set[str] = set()  # tokens of runs of this process that ended without removing their lock (store down)
 
 
 class DatasetBusy(ValueError):
@@ -95,7 +96,8 @@ class DatasetLock:
 
     def acquire(self) -> None:
         current = holder(self.out)
-        if current is not None and not current.gone(time.time(), self.ttl):
+        ended = current is not None and current.token in _LEFT_BEHIND  # a run of this process, over
+        if current is not None and not ended and not current.gone(time.time(), self.ttl):
             raise self._busy(current)
         if current is None and not storage.create_bytes(self.url, self._data()):
             current = holder(self.out)  # another run created it in between
@@ -135,7 +137,7 @@ class DatasetLock:
             if current is not None and current.token == self.me.token:
                 storage.delete(self.url)
         except storage.StorageError:  # left behind: its holder, gone, is taken over by the next run
-            pass
+            _LEFT_BEHIND.add(self.me.token)
 
     def __enter__(self) -> DatasetLock:
         self.acquire()

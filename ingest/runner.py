@@ -16,11 +16,12 @@ import ray
 from tqdm import tqdm
 
 from ingest.config import ImagesIngestConfig, IngestConfig, pseudonym_key
+from ingest.decisions import IngestStopped
 from ingest.lock import DatasetLock
 from ingest.packing import pack_parts, pack_shard, prune, rewrite_shard, rewrite_shards
 from ingest.plan import Plan, make_plan
 from ingest.rerun import amended, decide, to_ingest
-from ingest.staging import STAGING, WorkRecord, attempt, done_records, process_work, reusable
+from ingest.staging import STAGING, WorkRecord, attempt, done_records, process_work, retried, reusable
 from ingest.units import Unit, Work, batch_images, plan_unit
 from shards import manifest as mf
 from shards import storage
@@ -54,7 +55,7 @@ class IngestWorker:
             self.background = BackgroundFilter(model, cfg.background_threshold)
 
     def plan(self, unit: Unit) -> tuple[list[Work], list[str], str | None, str | None]:
-        result, action, reason = attempt(lambda: plan_unit(unit, self.cfg), self.cfg.max_attempts)
+        result, action, reason = attempt(lambda: plan_unit(unit, self.cfg), self.cfg)
         works, warnings = result if result else ([], [])
         return works, warnings, action, reason
 
@@ -63,10 +64,10 @@ class IngestWorker:
 
     def pack(self, job: tuple[str, int, list[str], str | None]) -> ShardInfo:
         split, index, part_ids, classes = job
-        return pack_shard(self.cfg.out, split, index, part_ids, classes)
+        return retried(lambda: pack_shard(self.cfg.out, split, index, part_ids, classes), self.cfg)
 
     def rewrite(self, job: tuple[str, str, int, list[str]]) -> ShardInfo | None:
-        return rewrite_shard(self.cfg.out, *job)
+        return retried(lambda: rewrite_shard(self.cfg.out, *job), self.cfg)
 
     def close(self) -> None:
         # Imported here, not at the top: Ray ships this class with its module's globals by value, so a
@@ -115,13 +116,22 @@ class _Scheduler:
         ready, _ = ray.wait(list(self.pending), num_returns=1)
         i, kind, item = self.pending.pop(ready[0])
         self.idle.append(i)
-        return kind, item, ray.get(ready[0])
+        try:
+            return kind, item, ray.get(ready[0])
+        except ray.exceptions.RayTaskError as exc:  # the actor's own exception, not Ray's wrapping of its traceback
+            raise exc.cause from exc
 
     def close(self) -> None:
+        for ref in self.pending:  # a run that stopped: its calls in flight end here, not retried on a new actor
+            with contextlib.suppress(Exception):
+                ray.cancel(ref)
         with contextlib.suppress(Exception):  # a dead or stuck actor: its temporary files are the OS's to clean
             ray.get([a.close.remote() for a in self.actors], timeout=10)
         for actor in self.actors:
             ray.kill(actor)
+        for ref in self.pending:  # and taken, so that Ray does not print their errors as unhandled
+            with contextlib.suppress(Exception):
+                ray.get(ref, timeout=10)
 
 
 class _Tracker:
@@ -186,7 +196,12 @@ def _run(units: list[Unit], done: dict[str, WorkRecord], sched: _Scheduler, cfg:
     for uid in plans:
         track.settle(uid)
     while sched.busy:
-        kind, item, result = sched.next()
+        try:
+            kind, item, result = sched.next()
+        except IngestStopped as exc:
+            track.bar.close()
+            done = sum(1 for uid in track.settled if all(r.status == "ingested" for r in track.records[uid]))
+            raise IngestStopped(f"{exc}; {done} of {len(units)} inputs were staged before it") from exc
         if kind == "plan":
             plans[item.id] = result
             track.queue(result[0], front=True)  # a slide's regions before the next slide's plan
@@ -252,7 +267,13 @@ def run_ingest(kind: str, cfg: IngestConfig, on_private: Callable[[dict[str, str
     with DatasetLock(cfg.out, f"ingest {kind}") as lock:  # before the dataset is read: one run amends it at a time
         if lock.took_over:
             print(f"{cfg.out}: took over the lock of a run that stopped: {lock.took_over.describe(time.time())}")
-        return _ingest(kind, cfg, plan, lock)
+        try:
+            return _ingest(kind, cfg, plan, lock)
+        except IngestStopped as exc:
+            raise IngestStopped(
+                f"ingest stopped: {exc}; no input was recorded as failed for it, and what was staged is kept: the "
+                "same command, run again once that is put right, continues from there"
+            ) from exc
 
 
 def _ingest(kind: str, cfg: IngestConfig, plan, lock: DatasetLock) -> tuple[Manifest, str]:
@@ -276,7 +297,7 @@ def _ingest(kind: str, cfg: IngestConfig, plan, lock: DatasetLock) -> tuple[Mani
     rewritten: dict[str, dict[str, ShardInfo | None]] = {}
     if units:
         if not ray.is_initialized():
-            ray.init(num_cpus=cfg.workers, log_to_driver=False, include_dashboard=False)
+            ray.init(num_cpus=cfg.workers, log_to_driver=False, include_dashboard=False, logging_level="WARNING")
         n = cfg.workers or max(1, int(ray.available_resources().get("CPU", 1)))
         sched = _Scheduler(cfg, max(1, min(n, len(units))))
         # Shards of inputs added to a dataset are numbered after its own, which stay as they are.
@@ -306,7 +327,7 @@ def _ingest(kind: str, cfg: IngestConfig, plan, lock: DatasetLock) -> tuple[Mani
         )
     mf.check_patient_disjoint(manifest)
     lock.check()  # a run that lost its lock (stalled past its time-out) commits nothing
-    url = mf.save(manifest, cfg.out)  # the commit point: what follows only tidies up
+    url = retried(lambda: mf.save(manifest, cfg.out), cfg)  # the commit point: what follows only tidies up
     prune(cfg.out, manifest)
     storage.delete_tree(storage.join(cfg.out, STAGING))
     return manifest, url

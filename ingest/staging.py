@@ -15,7 +15,7 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from ingest.config import IngestConfig
-from ingest.decisions import decide
+from ingest.decisions import IngestStopped, decide
 from ingest.units import Work, work_samples
 from shards import storage
 from shards.writer import ShardWriter, shard_name
@@ -67,24 +67,67 @@ def part_url(out: str, work_id: str) -> str:
     return storage.join(out, STAGING, work_id, shard_name(0))
 
 
-def attempt(fn: Callable[[], Any], max_attempts: int) -> tuple[Any, str | None, str | None]:
-    """Run ``fn`` with the retry policy of :func:`decide`; returns ``(result, action, reason)``."""
-    for attempt in range(1, max_attempts + 1):
+def outage(cfg: IngestConfig) -> str | None:
+    """Why a store this run writes to or reads its inputs from does not answer now, or None when all answer."""
+    for url in dict.fromkeys([cfg.out, *cfg.sources]):
+        if why := storage.unreachable(url):
+            return f"the store of {url} does not answer ({why})"
+    return None
+
+
+def back_within(cfg: IngestConfig, poll_s: float = 5.0) -> bool:
+    """Whether every store answers again within ``cfg.outage_wait_s`` (asked every ``poll_s`` seconds)."""
+    deadline = time.monotonic() + cfg.outage_wait_s
+    while time.monotonic() < deadline:
+        time.sleep(min(poll_s, max(deadline - time.monotonic(), 0.0)))
+        if outage(cfg) is None:
+            return True
+    return False
+
+
+def retried(fn: Callable[[], Any], cfg: IngestConfig) -> Any:
+    """``fn()``, with its storage and network errors retried by the policy of :func:`decide`; raises its last
+    error, or :class:`IngestStopped` when the disk is full, or the store is down and stays down for
+    ``cfg.outage_wait_s`` (no input is to blame; once it answers again, ``fn`` is tried anew)."""
+    n = 0
+    while True:
+        n += 1
         try:
-            return fn(), None, None
-        except Exception as exc:  # one input's failure is recorded; the run goes on
-            decision = decide(exc, attempt, max_attempts)
-            if decision.action != "retry":
-                return None, decision.action, decision.reason
-            time.sleep(min(2.0**attempt * 0.1, 5.0))
-    raise AssertionError("unreachable")
+            return fn()
+        except Exception as exc:
+            decision = decide(exc, n, cfg.max_attempts)
+            if decision.action == "retry":
+                time.sleep(min(2.0**n * 0.1, 5.0))
+                continue
+            if decision.action == "stop":
+                raise IngestStopped(f"no space left to write ({decision.reason})") from exc
+            if decision.store and (down := outage(cfg)):
+                print(f"{down}; waiting up to {cfg.outage_wait_s:.0f} s for it (--outage-wait-s)", flush=True)
+                if back_within(cfg):
+                    print("the store answers again; going on", flush=True)
+                    n = 0
+                    continue
+                raise IngestStopped(f"{down} for {cfg.outage_wait_s:.0f} s") from exc
+            raise
+
+
+def attempt(fn: Callable[[], Any], cfg: IngestConfig) -> tuple[Any, str | None, str | None]:
+    """Run ``fn`` as :func:`retried` does; returns ``(result, action, reason)``: an input's own failure is
+    recorded and the run goes on, while :class:`IngestStopped` stops it."""
+    try:
+        return retried(fn, cfg), None, None
+    except IngestStopped:
+        raise
+    except Exception as exc:  # one input's failure is recorded; the run goes on
+        decision = decide(exc, cfg.max_attempts, cfg.max_attempts)
+        return None, decision.action, decision.reason
 
 
 def _batch_samples(work: Work, cfg: IngestConfig, members: dict[str, Outcome]):
     """The samples of each image of a batch in turn; an image that fails is recorded in ``members`` and skipped
     (its samples are made whole before any is written, so none of a failed image reaches the part)."""
     for unit in work.batch:
-        made, action, reason = attempt(lambda u=unit: list(work_samples(Work(u), cfg)), cfg.max_attempts)
+        made, action, reason = attempt(lambda u=unit: list(work_samples(Work(u), cfg)), cfg)
         members[unit.id] = Outcome(status=action or "ingested", reason=reason, samples=len(made or []))
         yield from made or []
 
@@ -104,7 +147,7 @@ def _write_part(work: Work, cfg: IngestConfig, background=None) -> tuple[int, in
 
 def process_work(work: Work, cfg: IngestConfig, background=None) -> WorkRecord:
     """Stage one piece of work as a part tar, then its record; failures become records too."""
-    written, action, reason = attempt(lambda: _write_part(work, cfg, background), cfg.max_attempts)
+    written, action, reason = attempt(lambda: _write_part(work, cfg, background), cfg)
     rec = WorkRecord(
         id=work.id,
         unit=work.unit.id,
@@ -118,7 +161,8 @@ def process_work(work: Work, cfg: IngestConfig, background=None) -> WorkRecord:
         rec.members = {u.id: Outcome(status=action, reason=reason) for u in work.batch}
     # Recorded as done only when whole: a re-run retries work with a failure in it (a batch with a bad image too).
     if action is None and all(m.status == "ingested" for m in rec.members.values()):
-        storage.put_bytes(_record_url(cfg.out, work.id), rec.model_dump_json().encode())
+        record = rec.model_dump_json().encode()
+        retried(lambda: storage.put_bytes(_record_url(cfg.out, work.id), record), cfg)
     return rec
 
 

@@ -64,7 +64,7 @@ def join(base: str, *parts: str) -> str:
 
 
 @functools.lru_cache(maxsize=4)
-def _client(endpoint: str | None, key: str | None, region: str):
+def _client(endpoint: str | None, key: str | None, region: str, probe: bool = False):
     import boto3
     from botocore.config import Config
 
@@ -73,9 +73,9 @@ def _client(endpoint: str | None, key: str | None, region: str):
         request_checksum_calculation="when_required",
         response_checksum_validation="when_required",
         s3={"addressing_style": "path"},
-        retries={"max_attempts": 5, "mode": "standard"},
-        connect_timeout=5,
-        read_timeout=60,
+        retries={"max_attempts": 1 if probe else 5, "mode": "standard"},
+        connect_timeout=2 if probe else 5,
+        read_timeout=5 if probe else 60,
         max_pool_connections=64,  # the samplers' ranged GETs run 32 at a time per worker (shards.sampling)
     )
     return boto3.client(
@@ -88,13 +88,34 @@ def _client(endpoint: str | None, key: str | None, region: str):
     )
 
 
-def s3_client():
-    """A boto3 S3 client for the endpoint and keys in the environment (cached per endpoint and key)."""
+def s3_client(probe: bool = False):
+    """A boto3 S3 client for the endpoint and keys in the environment (cached per endpoint and key); ``probe``:
+    one try within seconds, to ask whether the store answers at all."""
     return _client(
         os.environ.get("AWS_ENDPOINT_URL"),
         os.environ.get("AWS_ACCESS_KEY_ID"),
         os.environ.get("AWS_REGION", "us-east-1"),
+        probe,
     )
+
+
+def unreachable(url: str) -> str | None:
+    """Why the store holding ``url`` does not answer now, or None when it does (local paths always do).
+
+    Tells a store's outage, which no retry of one object helps, from one object's own fault: a bucket that
+    answers at all (even 403 or 404) is up; no answer, or a server error (5xx), is not.
+    """
+    loc = parse(url)
+    if loc.scheme != "s3":
+        return None
+    try:
+        s3_client(probe=True).head_bucket(Bucket=loc.bucket)
+    except Exception as exc:
+        status = getattr(exc, "response", {}).get("ResponseMetadata", {}).get("HTTPStatusCode")
+        if status is not None and status < 500:
+            return None
+        return f"{type(exc).__name__}: {exc}"
+    return None
 
 
 def _wrap(url: str, exc: Exception) -> StorageError:

@@ -101,3 +101,20 @@ def test_the_lock_line_says_who_writes_or_that_a_stopped_run_left_its_lock(tmp_p
     line = lk.lock_line(out)
     assert line.startswith("a run that stopped left its lock: ingest dicom (pid 4242 on node-7, ")
     assert line.endswith("; the next ingest takes it over")
+
+
+def test_a_lock_this_process_could_not_remove_is_taken_over_by_its_next_run(tmp_path, monkeypatch):
+    """A run that ended while its store was down leaves its lock; the same process (a notebook, a test, a demo)
+    knows that run is over, so its next run takes the lock over rather than wait for itself."""
+    out = str(tmp_path)
+    with monkeypatch.context() as m:
+        m.setattr(storage, "delete", lambda url: (_ for _ in ()).throw(storage.StorageError(f"{url}: down")))
+        with DatasetLock(out, "ingest wsi") as first:
+            pass
+    assert holder(out).token == first.me.token  # left behind
+    with DatasetLock(out, "ingest wsi") as second:
+        assert second.took_over is not None and second.took_over.token == first.me.token
+    assert holder(out) is None
+    _write_holder(out, host=socket.gethostname(), pid=os.getpid())  # another run of this process, still going
+    with pytest.raises(DatasetBusy):
+        DatasetLock(out, "ingest wsi").acquire()

@@ -1,6 +1,19 @@
-from ingest.decisions import decide
+"""What a failure of a piece of work leads to: the input fails, the work is retried, or (no input to blame) the run
+stops; and telling a store's outage from one object's fault."""
+
+import errno
+import http.server
+import socket
+import threading
+
+import pytest
+
+from ingest.config import WsiIngestConfig
+from ingest.decisions import IngestStopped, decide
 from ingest.dicom import DicomError
 from ingest.slides import SlideError
+from ingest.staging import attempt, retried
+from shards import storage
 from shards.storage import StorageError
 
 
@@ -17,3 +30,99 @@ def test_transient_errors_are_retried_then_fail():
     assert decide(err, 2, max_attempts=3).action == "retry"
     last = decide(err, 3, max_attempts=3)
     assert last.action == "failed" and "after 3 attempts" in last.reason
+    assert last.store  # the store is to be asked whether it is down before the input is failed for it
+    assert not decide(SlideError("x"), 1).store
+
+
+def test_a_full_disk_stops_the_run_whatever_wraps_it():
+    full = OSError(errno.ENOSPC, "No space left on device")
+    try:
+        raise StorageError("/data/out/_staging/x.tar: OSError: [Errno 28] No space left on device") from full
+    except StorageError as wrapped:
+        assert decide(wrapped, 1).action == "stop"
+    assert decide(OSError(errno.EROFS, "Read-only file system"), 1).action == "stop"
+    assert decide(OSError(errno.ENOENT, "No such file"), 1).action == "failed"  # one input's missing file
+
+
+def _serve(status: int):
+    """A local HTTP server answering every request with ``status``: a store that is up (404, 403) or failing (503)."""
+
+    class Answer(http.server.BaseHTTPRequestHandler):
+        def do_HEAD(self):
+            self.send_response(status)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Answer)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_store_is_down_when_it_does_not_answer_or_answers_with_a_server_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")
+    assert storage.unreachable(str(tmp_path / "out")) is None  # local disk
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{_closed_port()}")
+    assert "EndpointConnectionError" in storage.unreachable("s3://shards/x")
+    for status, down in ((404, False), (403, False), (503, True)):
+        server = _serve(status)
+        monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{server.server_port}")
+        assert (storage.unreachable("s3://shards/x") is not None) is down, status
+        server.shutdown()
+
+
+def _cfg(wait: float = 1.0) -> WsiIngestConfig:
+    return WsiIngestConfig(sources=["s3://slides/in"], out="s3://shards/out", max_attempts=2, outage_wait_s=wait)
+
+
+def _failing(times: int, exc: Exception):
+    calls = []
+
+    def fn():
+        calls.append(1)
+        if len(calls) <= times:
+            raise exc
+        return "done"
+
+    return fn, calls
+
+
+def test_work_waits_for_a_store_that_comes_back(monkeypatch):
+    answers = iter(["the store of s3://shards/out does not answer (x)", None])  # down when asked, then back
+    monkeypatch.setattr("ingest.staging.outage", lambda cfg: next(answers))
+    monkeypatch.setattr("ingest.staging.time.sleep", lambda s: None)
+    fn, calls = _failing(2, StorageError("s3://shards/out/a: EndpointConnectionError"))
+    assert retried(fn, _cfg(wait=30)) == "done"
+    assert len(calls) == 3  # two attempts, the wait, then tried anew
+
+
+def test_a_store_down_past_the_wait_stops_the_run_and_fails_no_input(monkeypatch):
+    monkeypatch.setattr("ingest.staging.outage", lambda cfg: "the store of s3://shards/out does not answer (x)")
+    fn, _ = _failing(99, StorageError("s3://shards/out/a: EndpointConnectionError"))
+    with pytest.raises(IngestStopped, match=r"does not answer \(x\) for 0 s"):
+        attempt(fn, _cfg(wait=0.0))
+
+
+def test_an_object_fault_in_a_store_that_answers_fails_only_its_input(monkeypatch):
+    monkeypatch.setattr("ingest.staging.outage", lambda cfg: None)
+    monkeypatch.setattr("ingest.staging.time.sleep", lambda s: None)
+    fn, calls = _failing(99, StorageError("s3://slides/in/a.svs: NoSuchKey"))
+    result, action, reason = attempt(fn, _cfg())
+    assert (result, action) == (None, "failed") and "NoSuchKey" in reason and "after 2 attempts" in reason
+    assert len(calls) == 2
+
+
+def test_a_full_disk_stops_the_run_at_once():
+    fn, calls = _failing(99, OSError(errno.ENOSPC, "No space left on device"))
+    with pytest.raises(IngestStopped, match="no space left to write"):
+        attempt(fn, _cfg())
+    assert len(calls) == 1
