@@ -166,10 +166,12 @@ def run_training(recipe: TrainRecipe, tracking_uri: str, storage_path: str, max_
     return fit(recipe, run_id, tracking_uri, storage_path, max_failures, held_out=True)
 
 
-# What ``--resume`` may change: where a run continues, not what it trains.
-RESUME_KEYS = ("workers", "cpus_per_worker", "placement")
-# What ``tessera evaluate`` may change: where the model runs (a GPU cluster's run, evaluated on a CPU box).
-EVALUATE_KEYS = (*RESUME_KEYS, "use_gpu")
+# Where a run runs: what ``tessera evaluate`` may change, with ``use_gpu`` (a GPU cluster's run, on a CPU box).
+WHERE_KEYS = ("workers", "cpus_per_worker", "placement")
+EVALUATE_KEYS = (*WHERE_KEYS, "use_gpu")
+# What ``--resume`` may change: where a run continues, and how long it waits for its tracking server after its last
+# epoch (a run that failed on that wait, resumed while MLflow is still unsteady), not what it trains.
+RESUME_KEYS = (*WHERE_KEYS, "tracking.outage_wait_s")
 
 
 def check_where_overrides(

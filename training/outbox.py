@@ -108,7 +108,7 @@ class Outbox:
                 raise TrackingUnavailable(
                     f"MLflow ({self.where}) took no writes in the {limit_s:.0f} s waited after the last epoch "
                     f"({self.trouble[:200]}); {len(self.writes)} writes wait with the run's last checkpoint and are "
-                    "sent when it resumes"
+                    "sent when it resumes (`tracking.outage_wait_s=N` with --resume waits longer)"
                 )
             time.sleep(poll_s)
 

@@ -202,9 +202,12 @@ def test_checkpoints_of_a_run_and_their_zero_partitions(tmp_path):
 
 
 def test_resume_changes_only_where_a_run_continues():
-    with pytest.raises(RecipeError, match=r"--resume changes only workers, cpus_per_worker, placement .*'epochs=9'"):
+    only = r"--resume changes only workers, cpus_per_worker, placement, tracking\.outage_wait_s .*'epochs=9'"
+    with pytest.raises(RecipeError, match=only):
         resume_training("0123456789abcdef", "http://127.0.0.1:1", "/nowhere", ["workers=2", "epochs=9"])
-    check_where_overrides(["workers=4", "cpus_per_worker=2", "placement=spread"])
+    check_where_overrides(["workers=4", "cpus_per_worker=2", "placement=spread", "tracking.outage_wait_s=1200"])
+    with pytest.raises(RecipeError, match=r"tracking\.uri"):
+        check_where_overrides(["tracking.uri=http://elsewhere"])
 
 
 def test_the_universal_form_is_removed_when_the_last_living_reader_leaves(tmp_path, monkeypatch):
