@@ -172,9 +172,11 @@ def cmd_tune(args) -> int:
     for sweep in plans.values():
         outcome = run_sweep(sweep, s.mlflow_url, resume=args.resume, **stores)
         names.append(outcome.name)
+        again = f"`tessera tune --resume {outcome.name}` trains the failed ones again from their last checkpoints"
         if outcome.trials and outcome.errors == outcome.trials:
-            raise TesseraError(f"sweep {outcome.name}: every trial failed; see {outcome.parent_url}")
-        print(f"sweep {outcome.name}: {outcome.trials} trials, {outcome.errors} failed; MLflow {outcome.parent_url}")
+            raise TesseraError(f"sweep {outcome.name}: every trial failed; see {outcome.parent_url}; {again}")
+        failed = f"{outcome.errors} failed ({again})" if outcome.errors else "none failed"
+        print(f"sweep {outcome.name}: {outcome.trials} trials, {failed}; MLflow {outcome.parent_url}")
         print(f"best: {outcome.best_params} -> {outcome.best_metric} (run {outcome.best_run_id})")
     if study:  # both groups ran: the comparison the study names
         return _compare(s, names[0], names[1], study.compare.metrics, study.compare.alpha, "patient")

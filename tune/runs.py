@@ -151,7 +151,6 @@ def summarise(grid, sweep: SweepConfig, uri: str, parent_id: str, sweep_run: str
                 f"best.{metric}": _best_value(result.metrics_dataframe, metric, mode),
             }
         )
-    table = pd.DataFrame(rows)
     epochs = sweep.base().epochs
     for row in rows:
         if row["status"] != "ok" or not row["run_id"]:
@@ -164,19 +163,25 @@ def summarise(grid, sweep: SweepConfig, uri: str, parent_id: str, sweep_run: str
             # epochs the scheduler counted, and the tag says where it stopped them.
             client.set_tag(run.info.run_id, "tessera.stopped_early", f"scheduler, after epoch {row['epochs']}")
             client.set_terminated(run.info.run_id, "FINISHED")
+    table = pd.DataFrame(rows)
     best_col = f"best.{metric}"
-    scored = table.dropna(subset=[best_col]) if best_col in table else table.iloc[0:0]
+    # A failed trial's epochs so far do not make it the best: it may have stopped on its way up or down.
+    finished = table[table["status"] == "ok"] if not table.empty else table
+    scored = finished.dropna(subset=[best_col]) if best_col in finished else table.iloc[0:0]
     best_run, best_params, best_value = None, {}, None
     if not scored.empty:
         best = scored.loc[scored[best_col].idxmin() if mode == "min" else scored[best_col].idxmax()]
         best_run, best_value = best["run_id"], float(best[best_col])
         best_params = {k[len("param.") :]: _plain(best[k]) for k in table.columns if k.startswith("param.")}
+        for row in rows:  # a resumed sweep's earlier summary may have named another
+            if row["run_id"] and row["run_id"] != best_run and BEST in client.get_run(row["run_id"]).data.tags:
+                client.delete_tag(row["run_id"], BEST)
         client.set_tag(best_run, BEST, "true")
         client.set_tag(parent_id, "best_run_id", best_run)
         logger = tracking.RunLogger(uri, parent_id)
         logger.metrics({f"best_{metric}": best_value, "trials": len(table)}, 0)
-        for k, v in best_params.items():
-            client.log_param(parent_id, f"best.{k}", v)
+        for k, v in best_params.items():  # tags, not params: a resumed sweep's failed trials may change the best
+            client.set_tag(parent_id, f"best.{k}", v)
     with tempfile.TemporaryDirectory() as d:
         csv = Path(d) / "trials.csv"
         table.sort_values(best_col, ascending=mode == "min", na_position="last").to_csv(csv, index=False)

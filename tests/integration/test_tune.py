@@ -59,7 +59,7 @@ def test_asha_sweep_tracks_parent_and_children(stack, work):
     assert parent.info.status == "FINISHED" and parent.data.tags[KIND] == "sweep"
     assert parent.data.tags["best_run_id"] == out.best_run_id
     assert parent.data.metrics["best_val_loss"] == pytest.approx(out.best_metric)
-    assert {"best.optim.lr", "best.optim.name"} <= set(parent.data.params)
+    assert {"best.optim.lr", "best.optim.name"} <= set(parent.data.tags)
     assert {a.path for a in client.list_artifacts(out.parent_run_id)} >= {
         "trials.csv", "parallel_coordinates.png", "sweep.yaml"
     }  # fmt: skip
