@@ -195,20 +195,21 @@ def _run(units: list[Unit], done: dict[str, WorkRecord], sched: _Scheduler, cfg:
         track.queue(batch_images(singles, cfg.images_per_task))
     for uid in plans:
         track.settle(uid)
-    while sched.busy:
-        try:
-            kind, item, result = sched.next()
-        except IngestStopped as exc:
-            track.bar.close()
-            done = sum(1 for uid in track.settled if all(r.status == "ingested" for r in track.records[uid]))
-            raise IngestStopped(f"{exc}; {done} of {len(units)} inputs were staged before it") from exc
-        if kind == "plan":
-            plans[item.id] = result
-            track.queue(result[0], front=True)  # a slide's regions before the next slide's plan
-            track.settle(item.id)
-        else:
-            track.finished(result)
-    track.bar.close()
+    try:
+        while sched.busy:
+            try:
+                kind, item, result = sched.next()
+            except IngestStopped as exc:
+                done = sum(1 for uid in track.settled if all(r.status == "ingested" for r in track.records[uid]))
+                raise IngestStopped(f"{exc}; {done} of {len(units)} inputs were staged before it") from exc
+            if kind == "plan":
+                plans[item.id] = result
+                track.queue(result[0], front=True)  # a slide's regions before the next slide's plan
+                track.settle(item.id)
+            else:
+                track.finished(result)
+    finally:
+        track.bar.close()  # before any error is printed, not on the bar's line
     return plans, track.records
 
 

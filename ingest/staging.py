@@ -68,8 +68,13 @@ def part_url(out: str, work_id: str) -> str:
 
 
 def outage(cfg: IngestConfig) -> str | None:
-    """Why a store this run writes to or reads its inputs from does not answer now, or None when all answer."""
-    for url in dict.fromkeys([cfg.out, *cfg.sources]):
+    """Why a store this run writes to or reads its inputs from does not answer now, or None when all answer
+    (asked once per bucket, named by the first of the run's locations in it)."""
+    buckets: dict[tuple[str, str], str] = {}
+    for url in [cfg.out, *cfg.sources]:
+        loc = storage.parse(url)
+        buckets.setdefault((loc.scheme, loc.bucket), url)
+    for url in buckets.values():
         if why := storage.unreachable(url):
             return f"the store of {url} does not answer ({why})"
     return None

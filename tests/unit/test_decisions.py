@@ -126,3 +126,13 @@ def test_a_full_disk_stops_the_run_at_once():
     with pytest.raises(IngestStopped, match="no space left to write"):
         attempt(fn, _cfg())
     assert len(calls) == 1
+
+
+def test_the_stores_are_asked_once_per_bucket_and_named_by_the_runs_own_location(monkeypatch):
+    from ingest.staging import outage
+
+    asked = []
+    monkeypatch.setattr(storage, "unreachable", lambda url: asked.append(url) or ("x" if "slides" in url else None))
+    cfg = WsiIngestConfig(sources=["s3://slides/a.svs", "s3://slides/b.svs", "/data/c.svs"], out="s3://shards/out")
+    assert outage(cfg) == "the store of s3://slides/a.svs does not answer (x)"
+    assert asked == ["s3://shards/out", "s3://slides/a.svs"]
