@@ -152,10 +152,11 @@ def summarise(grid, sweep: SweepConfig, uri: str, parent_id: str, sweep_run: str
             }
         )
     epochs = sweep.base().epochs
+    runs = {row["run_id"]: client.get_run(row["run_id"]) for row in rows if row["run_id"]}  # each read once
     for row in rows:
         if row["status"] != "ok" or not row["run_id"]:
             continue
-        run = client.get_run(row["run_id"])
+        run = runs[row["run_id"]]
         # A trial the scheduler stopped ends with its process: its run is left RUNNING, or FAILED when the
         # training thread saw its workers go first. Tune's verdict (no error) is what counts.
         if run.info.status != "FINISHED":
@@ -173,9 +174,9 @@ def summarise(grid, sweep: SweepConfig, uri: str, parent_id: str, sweep_run: str
         best = scored.loc[scored[best_col].idxmin() if mode == "min" else scored[best_col].idxmax()]
         best_run, best_value = best["run_id"], float(best[best_col])
         best_params = {k[len("param.") :]: _plain(best[k]) for k in table.columns if k.startswith("param.")}
-        for row in rows:  # a resumed sweep's earlier summary may have named another
-            if row["run_id"] and row["run_id"] != best_run and BEST in client.get_run(row["run_id"]).data.tags:
-                client.delete_tag(row["run_id"], BEST)
+        for run_id, run in runs.items():  # a resumed sweep's earlier summary may have named another
+            if run_id != best_run and BEST in run.data.tags:
+                client.delete_tag(run_id, BEST)
         client.set_tag(best_run, BEST, "true")
         client.set_tag(parent_id, "best_run_id", best_run)
         logger = tracking.RunLogger(uri, parent_id)
