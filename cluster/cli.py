@@ -135,7 +135,8 @@ def cmd_train(args) -> int:
         return 1
     print(f"checkpoint: {outcome.checkpoint}")
     if outcome.model_version:
-        print(f"registered model: {outcome.run_url.split('/#/')[0]}/#/models (version {outcome.model_version})")
+        page = f"{outcome.run_url.split('/#/')[0]}/#/models/{outcome.model_name}/versions/{outcome.model_version}"
+        print(f"registered model: models:/{outcome.model_name}/{outcome.model_version} ({page})")
     print_held_out(outcome)
     return 0
 

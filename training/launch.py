@@ -37,6 +37,7 @@ class TrainOutcome:
     metrics: dict[str, Any]
     checkpoint: str | None
     model_version: str | None = None
+    model_name: str | None = None  # what the version is registered under (the recipe's name)
     error: str | None = None
     held_out: Any = None  # the test split's EvalOutcome (training.evaluation)
     held_out_error: str | None = None
@@ -357,7 +358,7 @@ def fit(
         _log_curves(logger, tracking.epoch_history(tracking_uri, run_id))
         version = tracking.register_model(tracking_uri, run_id, recipe.name) if register else None
         ckpt = checkpoint_url(result.checkpoint.path, storage_path) if result.checkpoint else None
-        outcome = TrainOutcome(run_id, url, dict(result.metrics or {}), ckpt, version)
+        outcome = TrainOutcome(run_id, url, dict(result.metrics or {}), ckpt, version, recipe.name if version else None)
         if plan:
             outcome.held_out, outcome.held_out_error = held_out_outcome(tracking_uri, run_id, recipe, plan)
         return outcome

@@ -281,3 +281,20 @@ def test_a_failed_runs_curves_are_written_without_mlflows_retries(monkeypatch):
         with pytest.raises(MlflowException):  # at once; with MLflow's retries, minutes later
             RunLogger(f"http://127.0.0.1:{closed}", "run").metrics({"loss": 1.0}, 0)
     assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "120" and "MLFLOW_HTTP_REQUEST_MAX_RETRIES" not in os.environ
+
+
+def test_a_finished_run_names_its_registered_version_as_models_uri(monkeypatch, capsys):
+    """The version is printed as the URI `tessera ingest wsi --background-model` and MLflow take, with its page."""
+    import cluster.cli
+    import cluster.health
+    import training.launch
+    from training.launch import TrainOutcome
+
+    url = "http://127.0.0.1:5500/#/experiments/3/runs/" + "a" * 32
+    out = TrainOutcome("a" * 32, url, {}, "/ckpt/x", "3", "strip_ai_background")
+    monkeypatch.setattr(cluster.cli, "_connect", lambda s: None)
+    monkeypatch.setattr(cluster.health, "require", lambda s, name: None)
+    monkeypatch.setattr(training.launch, "run_training", lambda *a, **k: out)
+    assert cluster.cli.main(["train", "strip_ai_background"]) == 0
+    page = "http://127.0.0.1:5500/#/models/strip_ai_background/versions/3"
+    assert f"registered model: models:/strip_ai_background/3 ({page})\n" in capsys.readouterr().out
