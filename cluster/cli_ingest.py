@@ -111,7 +111,12 @@ def add_ingest_parser(sub, fn) -> None:
             add("--mpp", "microns per pixel to tile at (default: level 0)", type=float)
             add("--magnification", "objective magnification to tile at, e.g. 20", type=float)
             add("--region-tiles", "tiles per unit of work within a slide", type=int)
-            add("--background-model", "TorchScript file or Tessera export folder of a tile classifier")
+            add(
+                "--background-model",
+                "a tile classifier: TorchScript file or Tessera export folder (local or s3://), a training run "
+                "(runs:/RUN_ID, or the bare id) or a registered model (models:/NAME/VERSION, models:/NAME/latest, "
+                "models:/NAME@ALIAS)",
+            )
             add("--background-threshold", "drop tiles with P(background) >= this", type=float)
             add("--tissue-threshold", "minimum tissue fraction", type=float)
         else:
@@ -184,12 +189,16 @@ def ingest_dry_run(kind: str, cfg, on_private) -> int:
     pseudonym map is written (as a run writes it), for the user to look up what the ids stand for."""
     from ingest.config import pseudonym_key
     from ingest.lock import lock_line
+    from ingest.model_files import recording
     from ingest.plan import describe_plan, make_plan
     from ingest.rerun import dry_run_line
 
     plan = make_plan(kind, cfg, pseudonym_key())
+    cfg, model_line = recording(cfg, plan.background)
     line = dry_run_line(kind, plan, cfg)  # first: --append keeps the splits of the inputs the dataset holds
     print(f"dry run: ingest {kind} into {cfg.out} (nothing written there)")
+    if model_line:
+        print(model_line)
     busy = lock_line(cfg.out)
     if busy:
         print(busy)

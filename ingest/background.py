@@ -1,20 +1,23 @@
 """Second tissue stage (paper 000): a tile classifier that drops tiles it calls background.
 
-Loads either a TorchScript module (input ``float[N, 3, S, S]`` ImageNet-normalised, output class logits) or a
-Tessera model export (a folder with ``model.json`` and ``model.ts``, as training writes, e.g. from the
-``strip_ai_background`` recipe). Loaded once per ingest actor, applied in batches.
+Takes either a TorchScript module (input ``float[N, 3, S, S]`` ImageNet-normalised, output class logits) or a
+Tessera model export (``model.json`` and ``model.ts``, as training writes, e.g. from the ``strip_ai_background``
+recipe), as the bytes :func:`ingest.model_files.fetch_model` read once on the driver: every actor, on whatever
+node, builds its filter from them. Applied in batches.
 """
 
 from __future__ import annotations
 
-import json
+import io
+import warnings
 from collections.abc import Iterable, Iterator
-from pathlib import Path
 from typing import TypeVar
 
 import cv2
 import numpy as np
 import torch
+
+from ingest.model_files import ModelFiles, fetch_model
 
 T = TypeVar("T")
 MEAN = np.array([0.485, 0.456, 0.406], np.float32)
@@ -25,34 +28,39 @@ class BackgroundFilter:
     """Keeps tiles whose background probability is below ``threshold``.
 
     Args:
-        path: TorchScript file, or a Tessera export folder (``model.json`` + ``model.ts``).
+        model: the classifier's files (:class:`ModelFiles`).
         threshold: drop a tile when P(background) >= this.
         background_class: index of the background class for TorchScript models (exports name theirs).
         input_size: model input size for TorchScript models (exports record theirs).
     """
 
     def __init__(
-        self, path: str, threshold: float = 0.5, background_class: int = 0, input_size: int = 128, batch: int = 64
+        self,
+        model: ModelFiles,
+        threshold: float = 0.5,
+        background_class: int = 0,
+        input_size: int = 128,
+        batch: int = 64,
     ) -> None:
-        p = Path(path)
-        if not p.exists():
-            raise FileNotFoundError(f"background model {path}: no such file or folder")
-        if p.is_dir():  # a Tessera export: TorchScript plus its description
-            desc = json.loads((p / "model.json").read_text())
-            self.model = torch.jit.load(str(p / "model.ts"), map_location="cpu").eval()
-            names = [c.lower() for c in desc["classes"]]
+        self.sigmoid = False
+        if desc := model.description:  # a Tessera export: TorchScript plus its description
+            names = [c.lower() for c in desc.get("outputs") or desc["classes"]]
             if "background" not in names:
-                raise ValueError(f"background model classes {desc['classes']} have no 'background'")
-            self.background_class, self.input_size = names.index("background"), int(desc["image_size"])
-        else:
-            try:
-                self.model = torch.jit.load(str(p), map_location="cpu").eval()
-            except (RuntimeError, ValueError) as exc:
-                why = f"not TorchScript nor a Tessera export folder ({exc})"
-                raise ValueError(f"background model {path}: {why}") from exc
-            self.background_class, self.input_size = background_class, input_size
+                raise ValueError(f"background model {model.source}: its classes {names} have no 'background'")
+            if desc.get("frames"):
+                raise ValueError(f"background model {model.source}: a model of slice sequences, not of tiles")
+            background_class, input_size = names.index("background"), int(desc["image_size"])
+            self.sigmoid = desc.get("activation") == "sigmoid"  # one of a multi-label model's outputs
+        try:
+            with warnings.catch_warnings():  # torch 2.10+ calls TorchScript deprecated, in each actor's output
+                warnings.simplefilter("ignore", FutureWarning)
+                self.model = torch.jit.load(io.BytesIO(model.torchscript), map_location="cpu").eval()
+        except (RuntimeError, ValueError) as exc:
+            raise ValueError(f"background model {model.source}: not TorchScript ({exc})") from exc
+        self.background_class, self.input_size = background_class, input_size
         self.threshold = threshold
         self.batch = batch
+        self.dropped: list[T] = []  # what it called background, since the caller last cleared it
 
     def _tensor(self, tiles: list[np.ndarray]) -> torch.Tensor:
         s = self.input_size
@@ -63,8 +71,10 @@ class BackgroundFilter:
     @torch.no_grad()
     def background_prob(self, tiles: list[np.ndarray]) -> np.ndarray:
         """P(background) of each ``uint8[H, W, 3]`` tile."""
-        logits = self.model(self._tensor(tiles))
-        return torch.softmax(logits.float(), dim=1)[:, self.background_class].numpy()
+        logits = self.model(self._tensor(tiles)).float()
+        if self.sigmoid:
+            return torch.sigmoid(logits[:, self.background_class]).numpy()
+        return torch.softmax(logits, dim=1)[:, self.background_class].numpy()
 
     def filter(self, items: Iterable[tuple[T, np.ndarray]]) -> Iterator[tuple[T, np.ndarray]]:
         """Pass through the ``(tag, rgb)`` items the model does not call background, batch by batch."""
@@ -82,3 +92,13 @@ class BackgroundFilter:
         for (tag, rgb), p in zip(buf, probs, strict=True):
             if p < self.threshold:
                 yield tag, rgb
+            else:
+                self.dropped.append(tag)
+
+
+def read_checked(ref: str, threshold: float) -> ModelFiles:
+    """The classifier at ``ref``, read and loaded once on the driver: a wrong reference or file fails the run
+    before it starts, with its reason, rather than every worker as it is created; the workers get these bytes."""
+    model = fetch_model(ref)
+    BackgroundFilter(model, threshold)
+    return model

@@ -26,13 +26,22 @@ def parse_bytes(value: int | str) -> int:
 
 
 RUN_ONLY = ("workers", "max_attempts", "outage_wait_s")
+# recorded, but not compared between runs: the same background model (its sha256 is compared) may be named from
+# another place
+NOT_COMPARED = (*RUN_ONLY, "background_model")
 RERUN_MODES = ("overwrite", "retry_failed", "append", "replace_changed")  # what a run does with a dataset already there
 
 
 def dataset_options(public: dict) -> dict:
     """A recorded configuration (:meth:`IngestConfig.public`) less what does not change the dataset (how many
     workers, attempts): a run resumes, or finds its dataset already made, whatever those are."""
-    return {k: v for k, v in public.items() if k not in RUN_ONLY}
+    return {k: v for k, v in public.items() if k not in NOT_COMPARED}
+
+
+def changed_options(before: dict, now: dict) -> str:
+    """``key old -> new, ...`` for the :func:`dataset_options` that differ (empty: none)."""
+    keys = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
+    return ", ".join(f"{k} {before.get(k)!r} -> {now.get(k)!r}" for k in keys)
 
 
 class IngestConfig(BaseModel):
@@ -105,6 +114,9 @@ class WsiIngestConfig(IngestConfig):
     tissue_threshold: float = Field(0.30, ge=0.0, le=1.0)
     region_tiles: int = Field(256, ge=1)
     background_model: str | None = None
+    # set by the run from the model it read: what the dataset records and a resumed run must match (a reference
+    # such as models:/NAME/latest may name another model by then)
+    background_model_sha256: str | None = None
     background_threshold: float = Field(0.5, gt=0.0, le=1.0)
 
     @model_validator(mode="after")

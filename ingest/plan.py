@@ -11,6 +11,7 @@ from ingest.dicom import group_series, map_headers, read_header, read_headers
 from ingest.dicom_wsi import group_dicom_slides
 from ingest.images import IMAGE_EXTS, csv_boxes, is_slice_table, patient_key, read_slice_table, slice_number, yolo_boxes
 from ingest.labels import RSNA_SUBTYPES, LabelRow, class_names, is_rsna_csv, read_label_csv, read_rsna_csv
+from ingest.model_files import ModelFiles
 from ingest.pseudonym import pseudonym
 from ingest.sources import SLIDE_EXTS, expand, fingerprint, listing, mirax_companions, stem, vms_companions
 from ingest.splits import assign_splits, parse_fractions
@@ -30,6 +31,7 @@ class Plan:
     # pseudonym -> what it stands for (a file, a patient's id, a label row), kept off object storage
     private: dict[str, str] = field(default_factory=dict)
     unmatched: list[str] = field(default_factory=list)  # label rows naming no input found, as pseudonyms
+    background: ModelFiles | None = None  # the tile classifier of ``--background-model``, read once here
 
 
 def _label_text(cfg: IngestConfig) -> str | None:
@@ -338,13 +340,14 @@ def make_plan(kind: str, cfg: IngestConfig, key: bytes) -> Plan:
     planner, config = planners[kind], CONFIGS[kind]
     if not isinstance(cfg, config):
         raise TypeError(f"ingest {kind} takes a {config.__name__}, not a {type(cfg).__name__}")
-    if isinstance(cfg, WsiIngestConfig) and cfg.background_model:
-        # Loaded once here so that a wrong path or file fails the run before it starts, with its reason, rather
-        # than every worker as it is created. Workers read the same path: it must be on every node.
-        from ingest.background import BackgroundFilter
+    model = None
+    if isinstance(cfg, WsiIngestConfig) and cfg.background_model:  # torch is imported only where one is given
+        from ingest.background import read_checked
 
-        BackgroundFilter(cfg.background_model, cfg.background_threshold)
-    return planner(cfg, key)
+        model = read_checked(cfg.background_model, cfg.background_threshold)
+    plan = planner(cfg, key)
+    plan.background = model
+    return plan
 
 
 NOUNS = {

@@ -1,4 +1,5 @@
-"""Slide previews: thumbnail, tissue-mask outline and kept tiles, so a person can check the tiling at a glance."""
+"""Slide previews: thumbnail, tissue-mask outline and kept tiles (and, in red, those a background model dropped),
+so a person can check the tiling at a glance."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ def preview_png(thumb: np.ndarray, mask: np.ndarray, mask_downsample: float, til
     if thumb.shape[:2] != mask.shape:
         raise ValueError(f"thumbnail {thumb.shape[:2]} and mask {mask.shape} differ in size")
     scale = min(1.0, MAX_SIDE / max(mask.shape))
+    f = preview_scale(mask.shape, mask_downsample)
     img = np.ascontiguousarray(thumb[:, :, :3])
     m = mask
     if scale < 1.0:
@@ -28,12 +30,34 @@ def preview_png(thumb: np.ndarray, mask: np.ndarray, mask_downsample: float, til
         m = cv2.resize(mask.astype(np.uint8), size, interpolation=cv2.INTER_NEAREST).astype(bool)
     img = img.copy()
     img[inner_boundary(m)] = (0, 200, 0)
-    f = scale / mask_downsample
-    for t in tiles:
-        x0, y0 = round(t.x * f), round(t.y * f)
-        x1, y1 = round((t.x + t.size0) * f) - 1, round((t.y + t.size0) * f) - 1
-        cv2.rectangle(img, (x0, y0), (max(x0, x1), max(y0, y1)), (30, 80, 230), 1)
-    ok, buf = cv2.imencode(".png", np.ascontiguousarray(img[:, :, ::-1]))
+    _boxes(img, [(t.x, t.y) for t in tiles], tiles[0].size0 if tiles else 0, f, (30, 80, 230))
+    return _png(img[:, :, ::-1])
+
+
+def preview_scale(mask_shape: tuple[int, ...], mask_downsample: float) -> float:
+    """Preview pixels per level-0 pixel of a slide whose mask has ``mask_shape``."""
+    return min(1.0, MAX_SIDE / max(mask_shape[:2])) / mask_downsample
+
+
+def mark_dropped(png: bytes, tiles: list[tuple[int, int]], size0: int, scale: float) -> bytes:
+    """The preview ``png`` with the tiles at level-0 ``(x, y)`` (``size0`` px, ``scale`` from
+    :func:`preview_scale`) outlined in red: those the background model dropped, drawn over their blue."""
+    img = cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_COLOR)
+    if img is None:
+        raise ValueError("the preview is not a PNG")
+    _boxes(img, tiles, size0, scale, (0, 0, 230))  # BGR, as decoded
+    return _png(img)
+
+
+def _boxes(img: np.ndarray, tiles: list[tuple[int, int]], size0: int, f: float, colour: tuple[int, int, int]) -> None:
+    for x, y in tiles:
+        x0, y0 = round(x * f), round(y * f)
+        x1, y1 = round((x + size0) * f) - 1, round((y + size0) * f) - 1
+        cv2.rectangle(img, (x0, y0), (max(x0, x1), max(y0, y1)), colour, 1)
+
+
+def _png(bgr: np.ndarray) -> bytes:
+    ok, buf = cv2.imencode(".png", np.ascontiguousarray(bgr))
     if not ok:
         raise ValueError("could not encode the preview")
     return buf.tobytes()

@@ -18,14 +18,20 @@ from tqdm import tqdm
 from ingest.config import ImagesIngestConfig, IngestConfig, pseudonym_key
 from ingest.decisions import IngestStopped
 from ingest.lock import DatasetLock
+from ingest.model_files import get_model, put_model, recording
 from ingest.packing import pack_parts, pack_shard, prune, rewrite_shard, rewrite_shards
 from ingest.plan import Plan, make_plan
 from ingest.rerun import amended, decide, to_ingest
 from ingest.staging import STAGING, WorkRecord, attempt, done_records, process_work, retried, reusable
-from ingest.units import Unit, Work, batch_images, plan_unit
+from ingest.units import Unit, Work, batch_images, mark_preview, plan_unit
 from shards import manifest as mf
 from shards import storage
 from shards.manifest import InputRecord, Manifest, ShardInfo
+
+
+def _model_url(cfg: IngestConfig) -> str:
+    """Where a run's actors read its background model: in its staging, removed with it."""
+    return storage.join(cfg.out, STAGING, "background-model")
 
 
 def prepare_worker(cpus: int) -> None:
@@ -48,10 +54,10 @@ class IngestWorker:
         prepare_worker(round(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)))
         self.cfg = cfg
         self.background = None
-        model = getattr(cfg, "background_model", None)
-        if model:  # loaded once per actor, used for every region it processes
+        if sha := getattr(cfg, "background_model_sha256", None):  # loaded once, used for every region
             from ingest.background import BackgroundFilter
 
+            model = get_model(_model_url(cfg), cfg.background_model, sha)
             self.background = BackgroundFilter(model, cfg.background_threshold)
 
     def plan(self, unit: Unit) -> tuple[list[Work], list[str], str | None, str | None]:
@@ -65,6 +71,9 @@ class IngestWorker:
     def pack(self, job: tuple[str, int, list[str], str | None]) -> ShardInfo:
         split, index, part_ids, classes = job
         return retried(lambda: pack_shard(self.cfg.out, split, index, part_ids, classes), self.cfg)
+
+    def mark(self, job: tuple[str, list[tuple[int, int]], int, float]) -> None:
+        retried(lambda: mark_preview(self.cfg.out, *job), self.cfg)
 
     def rewrite(self, job: tuple[str, str, int, list[str]]) -> ShardInfo | None:
         return retried(lambda: rewrite_shard(self.cfg.out, *job), self.cfg)
@@ -213,8 +222,20 @@ def _run(units: list[Unit], done: dict[str, WorkRecord], sched: _Scheduler, cfg:
     return plans, track.records
 
 
-def _merge(unit: Unit, plan, works: list[WorkRecord]) -> InputRecord:
-    """One input's record from its plan and its pieces of work (any failed piece fails the input)."""
+def _mark_previews(units: list[Unit], plans: dict, works: dict[str, list[WorkRecord]], sched: _Scheduler) -> None:
+    """Outline on each slide's preview the tiles its background model dropped, on the actors."""
+    jobs = []
+    for u in units:
+        if (dropped := [xy for r in works[u.id] for xy in r.dropped_at]) and (regions := plans[u.id][0]):
+            jobs.append((u.item, dropped, regions[0].plan.size0, regions[0].plan.preview_scale))
+    sched.submit("mark", jobs)
+    while sched.busy:
+        sched.next()
+
+
+def _merge(unit: Unit, plan, works: list[WorkRecord], threshold: float | None = None) -> InputRecord:
+    """One input's record from its plan and its pieces of work (any failed piece fails the input); ``threshold``:
+    the background model's, where one dropped tiles."""
     _, warnings, action, reason = plan
     rec = InputRecord(
         id=unit.id,
@@ -226,13 +247,20 @@ def _merge(unit: Unit, plan, works: list[WorkRecord]) -> InputRecord:
         fingerprint=unit.fingerprint,
     )
     rec.split, rec.warnings = unit.split, list(warnings)
+    if threshold is not None:
+        rec.background_dropped = sum(len(w.dropped_at) for w in works)
     failed = [w for w in works if w.status != "ingested"]
     if action:
         rec.status, rec.reason = action, reason
     elif failed:
         where = f"region {failed[0].index}: " if unit.kind == "wsi" else ""  # only slides have several pieces
         rec.status, rec.reason = "failed", f"{where}{failed[0].reason}"
-    elif not works or not sum(w.samples for w in works):
+    elif sum(w.samples for w in works):
+        pass
+    elif rec.background_dropped:  # how many: its record's background_dropped (the same reason groups inputs)
+        why = f"the background model called each of its tiles with tissue background (P >= {threshold})"
+        rec.status, rec.reason = "skipped", f"no samples: {why}"
+    else:
         rec.status, rec.reason = "skipped", "no samples (no tissue above the threshold, or an empty series)"
     rec.samples = sum(w.samples for w in works) if rec.status == "ingested" else 0
     return rec
@@ -262,6 +290,9 @@ def run_ingest(kind: str, cfg: IngestConfig, on_private: Callable[[dict[str, str
     ``on_private`` receives the private map (pseudonym -> what it stands for), for the caller to keep private.
     """
     plan = make_plan(kind, cfg, pseudonym_key())
+    cfg, model_line = recording(cfg, plan.background)
+    if model_line:
+        print(model_line)
     if on_private:
         on_private(plan.private)
     storage.ensure_bucket(cfg.out)
@@ -300,12 +331,16 @@ def _ingest(kind: str, cfg: IngestConfig, plan, lock: DatasetLock) -> tuple[Mani
         if not ray.is_initialized():
             ray.init(num_cpus=cfg.workers, log_to_driver=False, include_dashboard=False, logging_level="WARNING")
         n = cfg.workers or max(1, int(ray.available_resources().get("CPU", 1)))
+        if plan.background:  # the driver's bytes, for actors on any node (the path it read need not be there)
+            retried(lambda: put_model(plan.background, _model_url(cfg)), cfg)
         sched = _Scheduler(cfg, max(1, min(n, len(units))))
         # Shards of inputs added to a dataset are numbered after its own, which stay as they are.
         first = {s: info.next_index for s, info in previous.splits.items()} if previous else {}
         try:
             plans, works = _run(units, done_records(cfg), sched, cfg)
-            inputs = [_merge(u, plans[u.id], works[u.id]) for u in units]
+            _mark_previews(units, plans, works, sched)
+            threshold = cfg.background_threshold if plan.background else None
+            inputs = [_merge(u, plans[u.id], works[u.id], threshold) for u in units]
             splits = pack_parts(cfg, inputs, works, sched, first)
             if adds is not None and adds.replaced:  # the shards that held their samples, written anew after
                 after = {s: n + len(splits[s].shards) if s in splits else n for s, n in first.items()}
@@ -343,4 +378,6 @@ def manifest_summary(manifest: Manifest) -> str:
         last = manifest.amended[-1]
         times = len(manifest.amended)
         grown = f" | made {manifest.created}, amended {times} time(s); last {last.time}: {last.describe()}"
-    return "; ".join(parts) + " | inputs " + json.dumps(manifest.counts()) + unmatched + grown
+    dropped = [r.background_dropped for r in manifest.inputs if r.background_dropped is not None]
+    model = f" | the background model dropped {sum(dropped)} tiles" if dropped else ""
+    return ("; ".join(parts) or "no samples") + " | inputs " + json.dumps(manifest.counts()) + unmatched + model + grown

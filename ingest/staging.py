@@ -14,7 +14,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from ingest.config import IngestConfig
+from ingest.config import IngestConfig, changed_options
 from ingest.decisions import IngestStopped, decide
 from ingest.units import Work, work_samples
 from shards import storage
@@ -46,6 +46,7 @@ class WorkRecord(BaseModel):
     bytes: int = 0
     classes: str | None = None  # the part's samples' labels as runs (see shards.manifest.encode_runs)
     warnings: list[str] = Field(default_factory=list)
+    dropped_at: list[tuple[int, int]] = Field(default_factory=list)  # level-0 (x, y) of tiles the model dropped
     members: dict[str, Outcome] = Field(default_factory=dict)
     fingerprint: str | None = None  # of the files it was made from (Work.fingerprint)
 
@@ -137,17 +138,20 @@ def _batch_samples(work: Work, cfg: IngestConfig, members: dict[str, Outcome]):
         yield from made or []
 
 
-def _write_part(work: Work, cfg: IngestConfig, background=None) -> tuple[int, int, str, dict[str, Outcome]]:
+def _write_part(work: Work, cfg: IngestConfig, background=None) -> tuple[int, int, str, dict[str, Outcome], list]:
     """Stage one piece of work as one part tar; returns ``(samples, bytes, class runs, outcomes of a batch's
-    images)``."""
+    images, tiles the background model dropped)``."""
     members: dict[str, Outcome] = {}
+    if background:
+        background.dropped.clear()
     samples = _batch_samples(work, cfg, members) if work.batch else work_samples(work, cfg, background)
     # A huge target keeps one part per piece of work, published straight to staging once complete.
     with ShardWriter(storage.join(cfg.out, STAGING, work.id), target_bytes=1 << 62) as writer:
         for sample in samples:
             writer.write(sample)
     classes = " ".join(p.classes for p in writer.shards if p.classes)
-    return sum(p.samples for p in writer.shards), sum(p.size for p in writer.shards), classes, members
+    dropped = [(t.x, t.y) for t in background.dropped] if background else []
+    return sum(p.samples for p in writer.shards), sum(p.size for p in writer.shards), classes, members, dropped
 
 
 def process_work(work: Work, cfg: IngestConfig, background=None) -> WorkRecord:
@@ -161,7 +165,7 @@ def process_work(work: Work, cfg: IngestConfig, background=None) -> WorkRecord:
         reason=reason,
         fingerprint=work.fingerprint,
     )
-    rec.samples, rec.bytes, rec.classes, rec.members = written or (0, 0, None, {})
+    rec.samples, rec.bytes, rec.classes, rec.members, rec.dropped_at = written or (0, 0, None, {}, [])
     if action and work.batch:  # the part itself could not be staged: every image of the batch shares its fate
         rec.members = {u.id: Outcome(status=action, reason=reason) for u in work.batch}
     # Recorded as done only when whole: a re-run retries work with a failure in it (a batch with a bad image too).
@@ -177,16 +181,19 @@ def done_records(cfg: IngestConfig) -> dict[str, WorkRecord]:
     marker = storage.join(cfg.out, STAGING, "config.json")
     mine = json.dumps(cfg.output_options(), sort_keys=True)
     if storage.exists(marker):
-        if storage.get_bytes(marker).decode() != mine:
+        if (text := storage.get_bytes(marker).decode()) != mine:
+            changed = changed_options(json.loads(text), cfg.output_options())
             raise ValueError(
-                f"{cfg.out} holds staged work of an interrupted run with other options; re-run with the same "
-                f"options, or delete {storage.join(cfg.out, STAGING)} to start over"
+                f"{cfg.out} holds staged work of an interrupted run with other options ({changed}); re-run with the "
+                f"same options, or delete {storage.join(cfg.out, STAGING)} to start over"
             )
     else:
         storage.put_bytes(marker, mine.encode())
     done = {}
-    for url in storage.list_urls(storage.join(cfg.out, STAGING)):
-        if url.endswith(".json") and not url.endswith("/config.json"):
+    staging = storage.join(cfg.out, STAGING)
+    for url in storage.list_urls(staging):
+        name = url[len(staging) + 1 :]  # records lie at the top; what a run stages below (its model) is no record
+        if name.endswith(".json") and "/" not in name and name != "config.json":
             rec = WorkRecord.model_validate_json(storage.get_bytes(url))
             done[rec.id] = rec
     return done

@@ -14,7 +14,7 @@ import numpy as np
 from ingest.config import DicomIngestConfig, ImagesIngestConfig, IngestConfig, WsiIngestConfig
 from ingest.dicom import slice_rgb
 from ingest.images import Box, crop, decode_rgb, normalise
-from ingest.preview import preview_png
+from ingest.preview import mark_dropped, preview_png, preview_scale
 from ingest.sequences import center_indices, even_indices, neighbour_indices
 from ingest.slides import OpenSlideReader
 from ingest.source_cache import SLIDES, local_copy
@@ -93,7 +93,8 @@ def plan_slide(unit: Unit, cfg: WsiIngestConfig) -> tuple[list[Work], list[str]]
         reader.close()
     png = preview_png(plan.thumb, plan.mask, plan.mask_downsample, plan.tiles)
     storage.put_bytes(storage.join(cfg.out, PREVIEWS, f"{unit.item}.png"), png)
-    light = dataclasses.replace(plan, thumb=None, mask=None)  # regions travel without the arrays
+    scale = preview_scale(plan.mask.shape, plan.mask_downsample)
+    light = dataclasses.replace(plan, thumb=None, mask=None, preview_scale=scale)  # regions travel without arrays
     n = cfg.region_tiles
     works = [
         Work(unit, i, dataclasses.replace(light, tiles=plan.tiles[k : k + n]))
@@ -243,6 +244,13 @@ def image_samples(work: Work, cfg: ImagesIngestConfig) -> Iterator[dict[str, Any
     else:
         image = encode_image(_fit(rgb, cfg.store_size), cfg.format, cfg.quality)
         yield make_sample(unit.item, image, cfg.format, unit.label, meta | {"crop": None})
+
+
+def mark_preview(out: str, item: str, tiles: list[tuple[int, int]], size0: int, scale: float) -> None:
+    """Outline in red on slide ``item``'s preview the tiles its background model dropped (the preview is drawn
+    when the slide is planned, before any tile is read)."""
+    url = storage.join(out, PREVIEWS, f"{item}.png")
+    storage.put_bytes(url, mark_dropped(storage.get_bytes(url), tiles, size0, scale))
 
 
 def plan_unit(unit: Unit, cfg: IngestConfig) -> tuple[list[Work], list[str]]:

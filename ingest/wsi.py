@@ -36,6 +36,7 @@ class TilePlan:
     mask_downsample: float
     tiles: list[Tile]
     warnings: list[str]
+    preview_scale: float | None = None  # preview px per level-0 px, once the preview is drawn (ingest.preview)
 
 
 def choose_level(downsamples: list[float], target: float) -> int:

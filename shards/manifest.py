@@ -84,6 +84,7 @@ class InputRecord(BaseModel):
     samples: int = 0
     shards: list[str] = Field(default_factory=list)
     warnings: list[str] = Field(default_factory=list)
+    background_dropped: int | None = None  # tiles with tissue that ``--background-model`` dropped (None: no model)
     # a keyed digest of its files' sizes and modification times (ETags) and of what planning read about them: a
     # run again over the same location tells a replaced file from the one the dataset was made of
     fingerprint: str | None = None

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from ingest.background import BackgroundFilter
+from ingest.model_files import fetch_model
 from training.config import ModelConfig
 from training.export import load_export, save_export
 from training.models import build_model
@@ -27,7 +28,7 @@ def _tiles():
 def test_torchscript_filter_drops_what_it_calls_background(tmp_path):
     path = tmp_path / "bg.ts"
     torch.jit.script(Brightness()).save(str(path))
-    f = BackgroundFilter(str(path), threshold=0.5, background_class=0, input_size=32, batch=2)
+    f = BackgroundFilter(fetch_model(str(path)), threshold=0.5, background_class=0, input_size=32, batch=2)
     probs = f.background_prob([rgb for _, rgb in _tiles()])
     assert probs[0] > 0.99 and probs[1] < 0.01
     assert [tag for tag, _ in f.filter(_tiles())] == ["tissue"]
@@ -43,7 +44,7 @@ def test_export_round_trip_and_as_background_model(tmp_path):
     again, desc = load_export(folder)
     assert desc["image_size"] == 64
     torch.testing.assert_close(again(x), model(x))
-    f = BackgroundFilter(str(folder))
+    f = BackgroundFilter(fetch_model(str(folder)))
     assert f.background_class == 0 and f.input_size == 64
     expected = torch.softmax(model(f._tensor([rgb for _, rgb in _tiles()])), 1)[:, 0].detach().numpy()
     np.testing.assert_allclose(f.background_prob([rgb for _, rgb in _tiles()]), expected, rtol=1e-4, atol=1e-5)
@@ -53,7 +54,7 @@ def test_a_file_that_is_no_model_is_a_clear_error(tmp_path):
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"nonsense")
     with pytest.raises(ValueError, match="background model"):
-        BackgroundFilter(str(bad))
+        BackgroundFilter(fetch_model(str(bad)))
 
 
 def test_a_wrong_background_model_fails_the_plan_before_any_work(tmp_path):

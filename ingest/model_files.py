@@ -1,0 +1,174 @@
+"""Where ``--background-model`` may point, read once on the driver into :class:`~ingest.background.ModelFiles`.
+
+A local file or folder, an ``s3://`` object or prefix, a run of the tracking server (``runs:/RUN_ID[/PATH]``, or
+the bare run id ``tessera train`` prints: its ``model`` folder) or a registered model (``models:/NAME/VERSION``,
+``models:/NAME/latest``, ``models:/NAME@ALIAS``; MLflow at ``MLFLOW_TRACKING_URI``). The actors are given the
+bytes, not the place: a path on the driver's disk need not exist on the cluster's other nodes, and a
+registered model's ``latest`` cannot move between two actors' start.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from shards import storage
+
+MODEL_JSON, TORCHSCRIPT = "model.json", "model.ts"  # a Tessera export's files (training/export.py writes them)
+MODEL_FOLDER = "model"  # where a training run logs its export
+RUN_ID = re.compile(r"[0-9a-f]{32}")
+
+
+@dataclass(frozen=True)
+class ModelFiles:
+    """A tile classifier as read from where ``--background-model`` points.
+
+    ``source`` says where it came from (a registered model's version and run); ``description`` is an export's
+    ``model.json`` (None for a bare TorchScript file)."""
+
+    source: str
+    torchscript: bytes
+    description: dict | None = None
+
+    @property
+    def sha256(self) -> str:
+        """The TorchScript file's sha256 (as ``sha256sum model.ts`` prints it): what the dataset records."""
+        return hashlib.sha256(self.torchscript).hexdigest()
+
+
+def recording(cfg, model: ModelFiles | None):
+    """``cfg`` with the sha256 of the model its run read (what the dataset records and a re-run must match, whatever
+    reference names it), and the line that says which model that is; ``(cfg, None)`` without one."""
+    if model is None:
+        return cfg, None
+    line = f"background model: {model.source}, sha256 {model.sha256[:16]}"
+    return cfg.model_copy(update={"background_model_sha256": model.sha256}), line
+
+
+def is_mlflow(ref: str) -> bool:
+    """Whether ``ref`` names a run or a registered model rather than a file."""
+    return ref.startswith(("runs:/", "models:/")) or (RUN_ID.fullmatch(ref) is not None and not os.path.exists(ref))
+
+
+def fetch_model(ref: str) -> ModelFiles:
+    """The classifier ``ref`` points to (see the module's doc); a clear error naming ``ref`` when it cannot."""
+    return _from_mlflow(ref) if is_mlflow(ref) else _from_storage(ref)
+
+
+def _from_storage(ref: str) -> ModelFiles:
+    """A TorchScript file, or an export folder (``model.json`` + ``model.ts``), local or on S3."""
+    desc_url = storage.join(ref, MODEL_JSON)
+    if storage.exists(desc_url):
+        desc = _description(ref, storage.get_bytes(desc_url))
+        ts_url = storage.join(ref, TORCHSCRIPT)
+        if not storage.exists(ts_url):
+            raise FileNotFoundError(f"background model {ref}: an export folder without its {TORCHSCRIPT}")
+        return ModelFiles(ref, storage.get_bytes(ts_url), desc)
+    if storage.exists(ref):
+        return ModelFiles(ref, storage.get_bytes(ref))
+    if storage.parse(ref).scheme == "file" and Path(ref).is_dir():
+        raise FileNotFoundError(f"background model {ref}: a folder without {MODEL_JSON}, so not a Tessera export")
+    raise FileNotFoundError(f"background model {ref}: no such file or folder")
+
+
+def _description(ref: str, data: bytes) -> dict:
+    try:
+        desc = json.loads(data)
+        if isinstance(desc, dict) and isinstance(desc.get("classes"), list) and "image_size" in desc:
+            return desc
+        why = "it names no classes and image size"
+    except ValueError as exc:
+        why = f"not JSON ({exc})"
+    raise ValueError(f"background model {ref}: its {MODEL_JSON} is not a Tessera export's: {why}")
+
+
+def _from_mlflow(ref: str) -> ModelFiles:
+    """A run's export folder (or one TorchScript file it logged), or a registered model version's."""
+    import mlflow
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    uri = mlflow.get_tracking_uri()
+    _check_answers(uri, ref)
+    client = MlflowClient(uri)
+    try:
+        if ref.startswith("models:/"):
+            version = _version(client, ref)
+            base, source = version.source.rstrip("/"), f"{ref} (version {version.version} of run {version.run_id})"
+        else:
+            run_id, _, path = ref.removeprefix("runs:/").partition("/")
+            client.get_run(run_id)  # a run that is not there says so, rather than its artifact's absence
+            base, source = f"runs:/{run_id}/{path.strip('/') or MODEL_FOLDER}", f"{ref} (run {run_id})"
+        with tempfile.TemporaryDirectory(prefix="tessera-bgmodel-") as tmp:
+            if Path(base).suffix:  # one file: a bare TorchScript module logged as an artifact
+                return ModelFiles(source, _download(base, tmp).read_bytes())
+            desc = _description(ref, _download(f"{base}/{MODEL_JSON}", tmp).read_bytes())
+            return ModelFiles(source, _download(f"{base}/{TORCHSCRIPT}", tmp).read_bytes(), desc)
+    except MlflowException as exc:
+        raise FileNotFoundError(f"background model {ref}: {exc.message} (MLflow at {uri})") from exc
+
+
+def _check_answers(uri: str, ref: str) -> None:
+    """Fail in seconds where MLflow is down: its client retries each call for minutes first."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    import requests
+
+    try:
+        reply = requests.get(f"{uri.rstrip('/')}/health", timeout=5)
+        why = None if reply.ok else f"HTTP {reply.status_code}"
+    except requests.RequestException as exc:
+        why = type(exc).__name__
+    if why:
+        raise ConnectionError(f"background model {ref}: MLflow at {uri} does not answer ({why})")
+
+
+def _version(client, ref: str):
+    """The registered model version ``ref`` names (``latest``: the highest version number)."""
+    name, sep, which = ref.removeprefix("models:/").partition("/")
+    if not sep:
+        name, sep, alias = name.rpartition("@")
+        if sep and name and alias:
+            return client.get_model_version_by_alias(name, alias)
+    elif which.isdigit():
+        return client.get_model_version(name, which)
+    elif which.lower() == "latest":
+        versions = client.search_model_versions(f"name='{name}'")
+        if not versions:
+            raise FileNotFoundError(f"background model {ref}: no registered model {name!r} has a version")
+        return max(versions, key=lambda v: int(v.version))
+    raise ValueError(f"background model {ref}: give models:/NAME/VERSION, models:/NAME/latest or models:/NAME@ALIAS")
+
+
+def put_model(model: ModelFiles, url: str) -> None:
+    """Write ``model``'s files under ``url``: a run's actors read it there, from the store every node of the
+    cluster writes to (a Ray object as an actor's argument would do too, but Ray warns against those for actors
+    it restarts)."""
+    storage.put_bytes(storage.join(url, TORCHSCRIPT), model.torchscript)
+    if model.description is not None:
+        storage.put_bytes(storage.join(url, MODEL_JSON), json.dumps(model.description).encode())
+
+
+def get_model(url: str, source: str, sha256: str) -> ModelFiles:
+    """The model :func:`put_model` wrote under ``url``, checked to be the one whose TorchScript has ``sha256``."""
+    desc_url = storage.join(url, MODEL_JSON)
+    desc = json.loads(storage.get_bytes(desc_url)) if storage.exists(desc_url) else None
+    model = ModelFiles(source, storage.get_bytes(storage.join(url, TORCHSCRIPT)), desc)
+    if model.sha256 != sha256:
+        raise ValueError(f"background model {source}: {url} holds another model (sha256 {model.sha256})")
+    return model
+
+
+def _download(uri: str, tmp: str) -> Path:
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp))
+    except (MlflowException, OSError) as exc:  # a run without the file: no export (it failed before its first)
+        raise MlflowException(f"it holds no {uri}") from exc
