@@ -50,6 +50,12 @@ def dataset_lines(manifest, data: bytes) -> list[str]:
         )
     lines.append("inputs: " + ", ".join(f"{status} {n}" for status, n in manifest.counts().items()))
     lines += [f"  {status} {line}" for status in ("skipped", "failed") for line in manifest.reasons(status)]
+    if sha := manifest.config.get("background_model_sha256"):  # paper 000's second stage: which model, what it did
+        dropped = sum(r.background_dropped or 0 for r in manifest.inputs)
+        lines.append(
+            f"background model: {manifest.config.get('background_model')} (sha256 {sha[:16]}), dropped {dropped} "
+            f"tiles at P(background) >= {manifest.config.get('background_threshold')}"
+        )
     for a in manifest.amended:
         lines.append(f"  amended {a.time}: {a.describe()} (from version {str(a.previous_sha256)[:12]})")
     return lines

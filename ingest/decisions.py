@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import errno
+import socket
 from dataclasses import dataclass
 from typing import Literal
 
@@ -40,6 +41,14 @@ def no_space(exc: BaseException) -> bool:
     return False
 
 
+def not_here() -> str:
+    """Why a source the driver listed is missing where a worker reads it."""
+    return (
+        f"the file is not there on node {socket.gethostname()}: moved or deleted since it was listed, or on a disk "
+        "that node does not mount (give s3:// sources, or a folder every node of the cluster mounts)"
+    )
+
+
 def decide(exc: BaseException, attempt: int, max_attempts: int = 3) -> Decision:
     """Decide on ``exc`` raised by attempt number ``attempt`` (1-based) of a unit.
 
@@ -53,6 +62,8 @@ def decide(exc: BaseException, attempt: int, max_attempts: int = 3) -> Decision:
         return Decision("stop", reason)
     if isinstance(exc, (SlideError, DicomError, ValueError)):
         return Decision("failed", reason)
+    if isinstance(exc, FileNotFoundError):  # listed by the driver, and not there for the worker
+        return Decision("failed", f"{type(exc).__name__}: {not_here()}")
     if isinstance(exc, TRANSIENT) and attempt < max_attempts:
         return Decision("retry", reason)
     if isinstance(exc, TRANSIENT):

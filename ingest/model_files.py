@@ -43,11 +43,12 @@ class ModelFiles:
 
 def recording(cfg, model: ModelFiles | None):
     """``cfg`` with the sha256 of the model its run read (what the dataset records and a re-run must match, whatever
-    reference names it), and the line that says which model that is; ``(cfg, None)`` without one."""
+    reference names it) and the reference with what it resolved to (a registered version's number and run), and
+    the line that says which model that is; ``(cfg, None)`` without one."""
     if model is None:
         return cfg, None
     line = f"background model: {model.source}, sha256 {model.sha256[:16]}"
-    return cfg.model_copy(update={"background_model_sha256": model.sha256}), line
+    return cfg.model_copy(update={"background_model": model.source, "background_model_sha256": model.sha256}), line
 
 
 def is_mlflow(ref: str) -> bool:

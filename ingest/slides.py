@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import os
 from typing import Protocol
 
 import numpy as np
@@ -49,6 +51,8 @@ class OpenSlideReader:
     def __init__(self, path: str, fast: bool = True) -> None:
         import openslide
 
+        if not os.path.exists(path):  # else OpenSlide calls it an unknown format
+            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), path)
         try:
             self._slide = openslide.OpenSlide(path)
         except openslide.OpenSlideUnsupportedFormatError as exc:

@@ -13,12 +13,30 @@ from collections import Counter
 from datetime import UTC, datetime
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 from shards import storage
 
 Status = Literal["ingested", "skipped", "failed"]
 MANIFEST_NAME = "manifest.json"
+_QUOTED_PATH = re.compile(r"""(['"])(?:~?/|[a-z][a-z0-9+.-]*://)[^'"]*\1""")
+_PATH_CHAR = r"(?:[^\s'\"()<>\[\],;:]|:(?!\s|$))"  # a colon ends a path only where a message goes on after it
+_URL_PATH = re.compile(rf"\b([a-z][a-z0-9+.-]*://[^/\s'\"]*)/{_PATH_CHAR}*")  # keeps scheme://host
+_LOCAL_PATH = re.compile(rf"(?<![\w.:/])~?/{_PATH_CHAR}+")
+_RELATIVE_FILE = re.compile(r"(?<![\w.:/])[\w.-]+(?:/[\w .-]+)+\.[A-Za-z0-9]{1,5}\b")
+
+
+def without_paths(text: str) -> str:
+    """``text`` with each file path and URL path cut to ``…`` (a URL keeps its scheme and host): an error's
+    message often names the file it failed on (``No such file or directory: '/data/DOE_JOHN/12.dcm'``), whose
+    folders may name the patient. The input it is recorded for says which file it was, as a pseudonym."""
+    text = _QUOTED_PATH.sub(lambda m: f"{m[1]}{_cut(m[0][1:-1])}{m[1]}", text)
+    return _RELATIVE_FILE.sub("…", _LOCAL_PATH.sub("…", _URL_PATH.sub(r"\1/…", text)))
+
+
+def _cut(path: str) -> str:
+    url = re.match(r"[a-z][a-z0-9+.-]*://[^/]*", path)
+    return f"{url[0]}/…" if url else "…"
 
 
 class ShardInfo(BaseModel):
@@ -88,6 +106,16 @@ class InputRecord(BaseModel):
     # a keyed digest of its files' sizes and modification times (ETags) and of what planning read about them: a
     # run again over the same location tells a replaced file from the one the dataset was made of
     fingerprint: str | None = None
+
+    @field_validator("reason")
+    @classmethod
+    def _no_path_in_reason(cls, v: str | None) -> str | None:
+        return without_paths(v) if v else v
+
+    @field_validator("warnings")
+    @classmethod
+    def _no_path_in_warnings(cls, v: list[str]) -> list[str]:
+        return [without_paths(w) for w in v]
 
 
 class SplitInfo(BaseModel):

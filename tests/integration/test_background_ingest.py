@@ -84,7 +84,7 @@ def test_background_model_from_s3_or_the_registry_is_read_once_and_recorded(stac
         "wsi", WsiIngestConfig(out="s3://shards/bg/reg", background_model="models:/bg_it/latest", **common)
     )
     assert by_s3.config["background_model_sha256"] == by_name.config["background_model_sha256"] == sha
-    assert by_name.config["background_model"] == "models:/bg_it/latest"
+    assert by_name.config["background_model"] == f"models:/bg_it/latest (version {version} of run {run_id})"
     assert by_s3.splits["train"].num_samples == by_name.splits["train"].num_samples
     # each input counts the tiles the model dropped, and its preview outlines them in red
     plain, _ = run_ingest("wsi", WsiIngestConfig(out="s3://shards/bg/none", **common))

@@ -136,3 +136,20 @@ def test_the_stores_are_asked_once_per_bucket_and_named_by_the_runs_own_location
     cfg = WsiIngestConfig(sources=["s3://slides/a.svs", "s3://slides/b.svs", "/data/c.svs"], out="s3://shards/out")
     assert outage(cfg) == "the store of s3://slides/a.svs does not answer (x)"
     assert asked == ["s3://shards/out", "s3://slides/a.svs"]
+
+
+def test_a_listed_file_a_worker_cannot_find_is_named_for_what_it_is(tmp_path):
+    """A slide the driver listed and a worker's node does not have (deleted since, or on a disk only the driver's
+    node mounts) failed as "OpenSlide does not recognise the file (damaged, or not a slide)"; an image or DICOM
+    file, with its path (which may name the patient) in the manifest."""
+    from ingest.slides import OpenSlideReader
+
+    with pytest.raises(FileNotFoundError) as missing:
+        OpenSlideReader(str(tmp_path / "DOE_JOHN" / "a.svs"))
+    d = decide(missing.value, 1)
+    assert d.action == "failed" and "DOE" not in d.reason
+    assert d.reason == (
+        f"FileNotFoundError: the file is not there on node {socket.gethostname()}: moved or deleted since it was "
+        "listed, or on a disk that node does not mount (give s3:// sources, or a folder every node of the cluster "
+        "mounts)"
+    )

@@ -207,6 +207,12 @@ def test_a_datasets_account_says_why_inputs_were_skipped_or_failed():
     ]
     assert lines[-1] == "  failed 2: 2 other reason(s)"
 
+    m.config = {"background_model": "models:/bg/3", "background_model_sha256": "ab" * 32, "background_threshold": 0.5}
+    m.inputs[0].background_dropped, m.inputs[1].background_dropped = 40, 2
+    assert dataset_lines(m, b"")[-1] == (
+        f"background model: models:/bg/3 (sha256 {'ab' * 8}), dropped 42 tiles at P(background) >= 0.5"
+    )
+
 
 def test_an_error_while_writing_publishes_nothing(tmp_path):
     with pytest.raises(RuntimeError, match="source broke"), ShardWriter(str(tmp_path / "out")) as w:
@@ -362,3 +368,33 @@ def test_a_files_stamp_is_the_same_listed_or_stat_ed_and_changes_when_it_is_rewr
     os.utime(files[0], ns=(10**18, 10**18))  # the same size, written again later
     assert storage.stat_stamp(str(files[0])) != before
     assert storage.stat_stamp(str(tmp_path / "gone.svs")) is None
+
+
+def test_a_manifests_reasons_name_no_path():
+    """An error's message names the file it failed on, and a folder may name the patient: an image deleted after it
+    was listed failed with `No such file or directory: '/data/DOE_JOHN_1960/t000.png'` in the manifest."""
+    from shards import manifest as mf
+
+    cases = {
+        "FileNotFoundError: [Errno 2] No such file or directory: '/data/DOE_JOHN_1960/t000.png'": (
+            "FileNotFoundError: [Errno 2] No such file or directory: '…'"
+        ),
+        "StorageError: s3://raw/DOE_JOHN/a.svs: EndpointConnectionError: Could not connect to the endpoint URL: "
+        '"http://127.0.0.1:9900/raw/DOE_JOHN/a.svs" (after 3 attempts)': (
+            "StorageError: s3://raw/…: EndpointConnectionError: Could not connect to the endpoint URL: "
+            '"http://127.0.0.1:9900/…" (after 3 attempts)'
+        ),
+        "cannot identify image file '/data/DOE JOHN/scan 1.png'": "cannot identify image file '…'",
+        "boxes: YOLO file ~/DOE/b.txt line 3": "boxes: YOLO file … line 3",
+        "SlideError: read failed at (12, 40) level 2: and/or 1/2 on 2026/12/03": (
+            "SlideError: read failed at (12, 40) level 2: and/or 1/2 on 2026/12/03"
+        ),
+        "not a whole-slide DICOM (SOP class 1.2.840.10008.5.1.4.1.1.77.1.6)": (
+            "not a whole-slide DICOM (SOP class 1.2.840.10008.5.1.4.1.1.77.1.6)"
+        ),
+    }
+    for said, kept in cases.items():
+        assert mf.without_paths(said) == kept
+    rec = mf.InputRecord(id="a", kind="image", status="failed", reason=next(iter(cases)), warnings=[next(iter(cases))])
+    assert "DOE" not in rec.reason and "DOE" not in rec.warnings[0]
+    assert "DOE" not in mf.InputRecord.model_validate_json(rec.model_dump_json()).reason
