@@ -69,26 +69,13 @@ def part_url(out: str, work_id: str) -> str:
 
 
 def outage(cfg: IngestConfig) -> str | None:
-    """Why a store this run writes to or reads its inputs from does not answer now, or None when all answer
-    (asked once per bucket, named by the first of the run's locations in it)."""
-    buckets: dict[tuple[str, str], str] = {}
-    for url in [cfg.out, *cfg.sources]:
-        loc = storage.parse(url)
-        buckets.setdefault((loc.scheme, loc.bucket), url)
-    for url in buckets.values():
-        if why := storage.unreachable(url):
-            return f"the store of {url} does not answer ({why})"
-    return None
+    """Why a store this run writes to or reads its inputs from does not answer now, or None when all answer."""
+    return storage.stores_down([cfg.out, *cfg.sources])
 
 
 def back_within(cfg: IngestConfig, poll_s: float = 5.0) -> bool:
     """Whether every store answers again within ``cfg.outage_wait_s`` (asked every ``poll_s`` seconds)."""
-    deadline = time.monotonic() + cfg.outage_wait_s
-    while time.monotonic() < deadline:
-        time.sleep(min(poll_s, max(deadline - time.monotonic(), 0.0)))
-        if outage(cfg) is None:
-            return True
-    return False
+    return storage.answers_within([cfg.out, *cfg.sources], cfg.outage_wait_s, poll_s)
 
 
 def retried(fn: Callable[[], Any], cfg: IngestConfig) -> Any:

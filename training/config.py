@@ -77,6 +77,10 @@ class DataConfig(Strict):
     reader: Literal["auto", "stream", "ranged"] = "auto"
     read_requests: int = Field(32, ge=1)
     loader_threads: int = Field(1, ge=1)
+    # A worker (re)started while the dataset's store does not answer (S3 restarting under a run: the worker that
+    # failed on it is restarted from the checkpoint at once) waits up to this long for it, rather than fail again
+    # and spend the run's retries in seconds. Held under Ray Train's 30 min collective time-out.
+    outage_wait_s: float = Field(600, ge=0, le=1500)
 
     @property
     def ranged(self) -> bool:

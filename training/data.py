@@ -8,7 +8,7 @@ from functools import cached_property
 import numpy as np
 
 from shards import manifest as mf
-from shards import scratch
+from shards import scratch, storage
 from shards.dali import Augment, ShardBatches, build_pipeline, epoch_order, fetch_indices, sample_exts
 from shards.sampling import (
     Sample,
@@ -23,6 +23,15 @@ from shards.sampling import (
 from training.config import TrainRecipe
 from training.losses import class_counts
 from training.state import epoch_seed
+
+
+def wait_for_store(url: str, wait_s: float, rank: int) -> None:
+    """Wait up to ``wait_s`` while the store of ``url`` does not answer; a :class:`StorageError` if it stays down."""
+    if down := storage.stores_down([url]):
+        print(f"rank {rank}: {down}; waiting up to {wait_s:.0f} s for it (data.outage_wait_s)", flush=True)
+        if not storage.answers_within([url], wait_s):
+            raise storage.StorageError(f"{down} for {wait_s:.0f} s")
+        print(f"rank {rank}: the store of {url} answers again; going on", flush=True)
 
 
 @dataclass

@@ -172,7 +172,7 @@ WHERE_KEYS = ("workers", "cpus_per_worker", "placement")
 EVALUATE_KEYS = (*WHERE_KEYS, "use_gpu")
 # What ``--resume`` may change: where a run continues, and how long it waits for its tracking server after its last
 # epoch (a run that failed on that wait, resumed while MLflow is still unsteady), not what it trains.
-RESUME_KEYS = (*WHERE_KEYS, "tracking.outage_wait_s")
+RESUME_KEYS = (*WHERE_KEYS, "tracking.outage_wait_s", "data.outage_wait_s")
 
 
 def check_where_overrides(

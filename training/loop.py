@@ -26,7 +26,7 @@ from shards.allocator import keep_freed_memory
 from training.aggregate import aggregate
 from training.collective import raise_any, said
 from training.config import TrainRecipe
-from training.data import WorkerData
+from training.data import WorkerData, wait_for_store
 from training.engine import (
     TAG,
     init_engine,
@@ -359,6 +359,8 @@ def train_loop(config: dict[str, Any]) -> None:
 
     quiet_worker()
     ctx = ray.train.get_context()
+    data = config["recipe"]["data"]
+    wait_for_store(data["dataset"], data["outage_wait_s"], ctx.get_world_rank())  # before the checkpoint's read
     checkpoint = ray.train.get_checkpoint()
     start = config.get("start_from")
     weights_only = False

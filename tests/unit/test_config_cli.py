@@ -179,7 +179,9 @@ def test_resume_takes_only_where_to_run_overrides(capsys, extra):
     """Refused before anything connects (no stack runs here); ``workers=N`` is what may change."""
     assert main(["train", "--resume", "0123456789abcdef", *extra]) == 1
     err = capsys.readouterr().err
-    assert "--resume changes only workers, cpus_per_worker, placement, tracking.outage_wait_s" in err
+    assert (
+        "--resume changes only workers, cpus_per_worker, placement, tracking.outage_wait_s, data.outage_wait_s" in err
+    )
     assert repr(extra[-1]) in err
     assert "Traceback" not in err
 

@@ -98,7 +98,8 @@ def _failing(times: int, exc: Exception):
 
 def test_work_waits_for_a_store_that_comes_back(monkeypatch):
     answers = iter(["the store of s3://shards/out does not answer (x)", None])  # down when asked, then back
-    monkeypatch.setattr("ingest.staging.outage", lambda cfg: next(answers))
+    monkeypatch.setattr("shards.storage.stores_down", lambda urls: next(answers))
+    monkeypatch.setattr("shards.storage.time.sleep", lambda s: None)
     monkeypatch.setattr("ingest.staging.time.sleep", lambda s: None)
     fn, calls = _failing(2, StorageError("s3://shards/out/a: EndpointConnectionError"))
     assert retried(fn, _cfg(wait=30)) == "done"
@@ -153,3 +154,47 @@ def test_a_listed_file_a_worker_cannot_find_is_named_for_what_it_is(tmp_path):
         "listed, or on a disk that node does not mount (give s3:// sources, or a folder every node of the cluster "
         "mounts)"
     )
+
+
+def _serve_after(failures: int):
+    """A store answering 503 to its first ``failures`` requests (S3 restarting), then 404 (up)."""
+    asked = []
+
+    class Answer(http.server.BaseHTTPRequestHandler):
+        def do_HEAD(self):
+            asked.append(1)
+            self.send_response(503 if len(asked) <= failures else 404)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Answer)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, asked
+
+
+def test_a_training_worker_waits_for_its_datasets_store(monkeypatch, capsys):
+    """A worker restarted from its checkpoint while S3 restarts failed again at once, and Ray Train's retries were
+    spent in seconds: the run failed. It now waits for the store, up to ``data.outage_wait_s``."""
+    from training.data import wait_for_store
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")
+    monkeypatch.setattr("shards.storage.time.sleep", lambda s: None)
+    server, asked = _serve_after(3)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{server.server_port}")
+    wait_for_store("s3://shards/demo/wsi", 600, rank=1)
+    said = capsys.readouterr().out.splitlines()
+    assert len(asked) == 4 and len(said) == 2
+    assert said[0].startswith("rank 1: the store of s3://shards/demo/wsi does not answer (")
+    assert said[0].endswith("; waiting up to 600 s for it (data.outage_wait_s)")
+    assert said[1] == "rank 1: the store of s3://shards/demo/wsi answers again; going on"
+    wait_for_store("s3://shards/demo/wsi", 600, rank=0)  # up: no word
+    assert capsys.readouterr().out == "" and len(asked) == 5
+    server.shutdown()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{_closed_port()}")
+    with pytest.raises(StorageError, match=r"the store of s3://shards/demo/wsi does not answer \(.*\) for 0 s"):
+        wait_for_store("s3://shards/demo/wsi", 0, rank=0)
+    wait_for_store("/data/local/ds", 0, rank=0)  # a local dataset: nothing to ask

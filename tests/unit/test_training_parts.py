@@ -202,10 +202,15 @@ def test_checkpoints_of_a_run_and_their_zero_partitions(tmp_path):
 
 
 def test_resume_changes_only_where_a_run_continues():
-    only = r"--resume changes only workers, cpus_per_worker, placement, tracking\.outage_wait_s .*'epochs=9'"
+    only = (
+        r"--resume changes only workers, cpus_per_worker, placement, tracking\.outage_wait_s, data\.outage_wait_s "
+        r".*'epochs=9'"
+    )
     with pytest.raises(RecipeError, match=only):
         resume_training("0123456789abcdef", "http://127.0.0.1:1", "/nowhere", ["workers=2", "epochs=9"])
-    check_where_overrides(["workers=4", "cpus_per_worker=2", "placement=spread", "tracking.outage_wait_s=1200"])
+    check_where_overrides(
+        ["workers=4", "cpus_per_worker=2", "placement=spread", "tracking.outage_wait_s=1200", "data.outage_wait_s=900"]
+    )
     with pytest.raises(RecipeError, match=r"tracking\.uri"):
         check_where_overrides(["tracking.uri=http://elsewhere"])
 
