@@ -25,13 +25,14 @@ from training.losses import class_counts
 from training.state import epoch_seed
 
 
-def wait_for_store(url: str, wait_s: float, rank: int) -> None:
-    """Wait up to ``wait_s`` while the store of ``url`` does not answer; a :class:`StorageError` if it stays down."""
+def wait_for_store(url: str, wait_s: float, who: str) -> None:
+    """Wait up to ``wait_s`` while the store of ``url`` does not answer, saying so as ``who`` (``rank 0``, a sweep's
+    ``trial ID``); a :class:`StorageError` if it stays down."""
     if down := storage.stores_down([url]):
-        print(f"rank {rank}: {down}; waiting up to {wait_s:.0f} s for it (data.outage_wait_s)", flush=True)
+        print(f"{who}: {down}; waiting up to {wait_s:.0f} s for it (data.outage_wait_s)", flush=True)
         if not storage.answers_within([url], wait_s):
             raise storage.StorageError(f"{down} for {wait_s:.0f} s")
-        print(f"rank {rank}: the store of {url} answers again; going on", flush=True)
+        print(f"{who}: the store of {url} answers again; going on", flush=True)
 
 
 @dataclass

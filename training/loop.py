@@ -360,7 +360,7 @@ def train_loop(config: dict[str, Any]) -> None:
     quiet_worker()
     ctx = ray.train.get_context()
     data = config["recipe"]["data"]
-    wait_for_store(data["dataset"], data["outage_wait_s"], ctx.get_world_rank())  # before the checkpoint's read
+    wait_for_store(data["dataset"], data["outage_wait_s"], f"rank {ctx.get_world_rank()}")  # before any read
     checkpoint = ray.train.get_checkpoint()
     start = config.get("start_from")
     weights_only = False

@@ -122,12 +122,15 @@ def run_trial(config: dict[str, Any], sweep: dict, uri: str, storage_path: str, 
     from ray.util.queue import Empty, Queue
 
     from training.console import quiet_libraries
+    from training.data import wait_for_store
     from training.launch import fit
 
     quiet_libraries()
     sw = SweepConfig.model_validate(sweep)
     trial_id = tune.get_context().get_trial_id()
     recipe = recipe_with(recipe_tree(sw.recipe), sw.overrides, trial_params(sw, config), f"trial {trial_id}")
+    # a trial started while S3 restarts reads its manifest first: it waits, as a training's workers do
+    wait_for_store(recipe.data.dataset, recipe.data.outage_wait_s, f"trial {trial_id}")
     run_id = child_run(uri, sweep_run, parent_id, trial_id, recipe)
     start, name = None, None
     checkpoint = tune.get_checkpoint()

@@ -185,16 +185,16 @@ def test_a_training_worker_waits_for_its_datasets_store(monkeypatch, capsys):
     monkeypatch.setattr("shards.storage.time.sleep", lambda s: None)
     server, asked = _serve_after(3)
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{server.server_port}")
-    wait_for_store("s3://shards/demo/wsi", 600, rank=1)
+    wait_for_store("s3://shards/demo/wsi", 600, "rank 1")
     said = capsys.readouterr().out.splitlines()
     assert len(asked) == 4 and len(said) == 2
     assert said[0].startswith("rank 1: the store of s3://shards/demo/wsi does not answer (")
     assert said[0].endswith("; waiting up to 600 s for it (data.outage_wait_s)")
     assert said[1] == "rank 1: the store of s3://shards/demo/wsi answers again; going on"
-    wait_for_store("s3://shards/demo/wsi", 600, rank=0)  # up: no word
+    wait_for_store("s3://shards/demo/wsi", 600, "trial 2a4e_00001")  # up: no word
     assert capsys.readouterr().out == "" and len(asked) == 5
     server.shutdown()
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{_closed_port()}")
     with pytest.raises(StorageError, match=r"the store of s3://shards/demo/wsi does not answer \(.*\) for 0 s"):
-        wait_for_store("s3://shards/demo/wsi", 0, rank=0)
-    wait_for_store("/data/local/ds", 0, rank=0)  # a local dataset: nothing to ask
+        wait_for_store("s3://shards/demo/wsi", 0, "rank 0")
+    wait_for_store("/data/local/ds", 0, "rank 0")  # a local dataset: nothing to ask
