@@ -1,10 +1,10 @@
-"""Where ``--background-model`` may point, read once on the driver into :class:`~ingest.background.ModelFiles`.
+"""Where ``--background-model`` may point, read once on the driver into :class:`ModelFiles`.
 
 A local file or folder, an ``s3://`` object or prefix, a run of the tracking server (``runs:/RUN_ID[/PATH]``, or
 the bare run id ``tessera train`` prints: its ``model`` folder) or a registered model (``models:/NAME/VERSION``,
-``models:/NAME/latest``, ``models:/NAME@ALIAS``; MLflow at ``MLFLOW_TRACKING_URI``). The actors are given the
-bytes, not the place: a path on the driver's disk need not exist on the cluster's other nodes, and a
-registered model's ``latest`` cannot move between two actors' start.
+``models:/NAME/latest``, ``models:/NAME@ALIAS``; MLflow at ``MLFLOW_TRACKING_URI``). The actors read the
+driver's bytes from the run's staging (:func:`put_model`), not the place: a path on the driver's disk need not
+exist on the cluster's other nodes, and a registered model's ``latest`` cannot move between two actors' start.
 """
 
 from __future__ import annotations
@@ -16,8 +16,12 @@ import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from shards import storage
+
+if TYPE_CHECKING:
+    from ingest.config import IngestConfig
 
 MODEL_JSON, TORCHSCRIPT = "model.json", "model.ts"  # a Tessera export's files (training/export.py writes them)
 MODEL_FOLDER = "model"  # where a training run logs its export
@@ -41,7 +45,7 @@ class ModelFiles:
         return hashlib.sha256(self.torchscript).hexdigest()
 
 
-def recording(cfg, model: ModelFiles | None):
+def recording(cfg: IngestConfig, model: ModelFiles | None) -> tuple[IngestConfig, str | None]:
     """``cfg`` with the sha256 of the model its run read (what the dataset records and a re-run must match, whatever
     reference names it) and the reference with what it resolved to (a registered version's number and run), and
     the line that says which model that is; ``(cfg, None)`` without one."""

@@ -44,12 +44,15 @@ def test_a_full_disk_stops_the_run_whatever_wraps_it():
     assert decide(OSError(errno.ENOENT, "No such file"), 1).action == "failed"  # one input's missing file
 
 
-def _serve(status: int):
-    """A local HTTP server answering every request with ``status``: a store that is up (404, 403) or failing (503)."""
+def _serve(status: int, failures: int = 0):
+    """A local HTTP server answering every request with ``status``: a store that is up (404, 403) or failing (503);
+    with ``failures``, 503 to that many first requests (S3 restarting). Returns it and the list of requests."""
+    asked = []
 
     class Answer(http.server.BaseHTTPRequestHandler):
         def do_HEAD(self):
-            self.send_response(status)
+            asked.append(1)
+            self.send_response(503 if len(asked) <= failures else status)
             self.send_header("Content-Length", "0")
             self.end_headers()
 
@@ -58,7 +61,7 @@ def _serve(status: int):
 
     server = http.server.HTTPServer(("127.0.0.1", 0), Answer)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server
+    return server, asked
 
 
 def _closed_port() -> int:
@@ -74,7 +77,7 @@ def test_a_store_is_down_when_it_does_not_answer_or_answers_with_a_server_error(
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{_closed_port()}")
     assert "EndpointConnectionError" in storage.unreachable("s3://shards/x")
     for status, down in ((404, False), (403, False), (503, True)):
-        server = _serve(status)
+        server, _ = _serve(status)
         monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{server.server_port}")
         assert (storage.unreachable("s3://shards/x") is not None) is down, status
         server.shutdown()
@@ -156,25 +159,6 @@ def test_a_listed_file_a_worker_cannot_find_is_named_for_what_it_is(tmp_path):
     )
 
 
-def _serve_after(failures: int):
-    """A store answering 503 to its first ``failures`` requests (S3 restarting), then 404 (up)."""
-    asked = []
-
-    class Answer(http.server.BaseHTTPRequestHandler):
-        def do_HEAD(self):
-            asked.append(1)
-            self.send_response(503 if len(asked) <= failures else 404)
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.HTTPServer(("127.0.0.1", 0), Answer)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server, asked
-
-
 def test_a_training_worker_waits_for_its_datasets_store(monkeypatch, capsys):
     """A worker restarted from its checkpoint while S3 restarts failed again at once, and Ray Train's retries were
     spent in seconds: the run failed. It now waits for the store, up to ``data.outage_wait_s``."""
@@ -183,7 +167,7 @@ def test_a_training_worker_waits_for_its_datasets_store(monkeypatch, capsys):
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")
     monkeypatch.setattr("shards.storage.time.sleep", lambda s: None)
-    server, asked = _serve_after(3)
+    server, asked = _serve(404, failures=3)
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{server.server_port}")
     wait_for_store("s3://shards/demo/wsi", 600, "rank 1")
     said = capsys.readouterr().out.splitlines()
