@@ -84,7 +84,10 @@ def stop(pidfile: Path, timeout: float = 15.0) -> bool:
         if not procs:
             break
         _terminate(procs, timeout)
-    pidfile.unlink(missing_ok=True)
+    # Only its own: a service restarted while this one took its time to end (up to ``timeout``) wrote its own.
+    with contextlib.suppress(FileNotFoundError, ValueError):
+        if int(pidfile.read_text().strip()) == sid:
+            pidfile.unlink()
     return True
 
 

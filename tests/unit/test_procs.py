@@ -26,3 +26,28 @@ def test_stop_ends_the_whole_session(tmp_path):
     assert procs.stop(pidfile, timeout=5)
     assert procs.members(sid) == [] and not pidfile.exists()
     assert procs.stop(pidfile) is False
+
+
+def test_a_slow_stop_leaves_the_pid_file_of_a_service_started_meanwhile(tmp_path):
+    """`rclone serve s3` took seconds to end on SIGTERM while clients retried; the stack was started again meanwhile
+    (a restart after an outage) and the old stop, ending, deleted the new service's pid file: `down` then left the
+    new server running."""
+    import threading
+    import time
+
+    pidfile, log = tmp_path / "svc.sid", tmp_path / "svc.log"
+    slow = "import signal, sys, time; signal.signal(signal.SIGTERM, lambda *a: (time.sleep(2), sys.exit(0)))"
+    slow += "; time.sleep(60)"
+    procs.start([sys.executable, "-c", slow], pidfile, log, env={})
+    old = procs.session_of(pidfile)
+    assert procs.wait_until(lambda: procs.members(old) != [], timeout=10)
+    time.sleep(0.5)  # its handler installed
+    stopping = threading.Thread(target=procs.stop, args=(pidfile, 10))
+    stopping.start()
+    time.sleep(0.5)
+    procs.start([sys.executable, "-c", "import time; time.sleep(60)"], pidfile, log, env={})
+    new = procs.session_of(pidfile)
+    stopping.join()
+    assert procs.members(old) == [] and new != old
+    assert procs.session_of(pidfile) == new  # still findable: the next stop ends it
+    assert procs.stop(pidfile, timeout=5) and procs.members(new) == []
