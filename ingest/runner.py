@@ -250,19 +250,18 @@ def _merge(unit: Unit, plan, works: list[WorkRecord], threshold: float | None = 
     if threshold is not None:
         rec.background_dropped = sum(len(w.dropped_at) for w in works)
     failed = [w for w in works if w.status != "ingested"]
+    samples = sum(w.samples for w in works)
     if action:
         rec.status, rec.reason = action, reason
     elif failed:
         where = f"region {failed[0].index}: " if unit.kind == "wsi" else ""  # only slides have several pieces
         rec.status, rec.reason = "failed", f"{where}{failed[0].reason}"
-    elif sum(w.samples for w in works):
-        pass
-    elif rec.background_dropped:  # how many: its record's background_dropped (the same reason groups inputs)
+    elif not samples and rec.background_dropped:  # how many: its background_dropped (one reason groups inputs)
         why = f"the background model called each of its tiles with tissue background (P >= {threshold})"
         rec.status, rec.reason = "skipped", f"no samples: {why}"
-    else:
+    elif not samples:
         rec.status, rec.reason = "skipped", "no samples (no tissue above the threshold, or an empty series)"
-    rec.samples = sum(w.samples for w in works) if rec.status == "ingested" else 0
+    rec.samples = samples if rec.status == "ingested" else 0
     return rec
 
 
