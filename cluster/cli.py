@@ -12,7 +12,7 @@ from pathlib import Path
 from cluster.cli_dataset import add_dataset_parser
 from cluster.cli_evaluate import add_evaluate_parser, print_held_out
 from cluster.cli_ingest import add_ingest_parser, ingest_config, ingest_dry_run, keep_private
-from cluster.cli_train import train_dry_run
+from cluster.cli_train import cluster_fit, train_dry_run
 from cluster.errors import TesseraError
 from training.capacity import FIXED_ENV
 from training.console import debugging, drop_ray_routine_lines, quiet_libraries
@@ -125,7 +125,7 @@ def cmd_train(args) -> int:
             raise SystemExit("a RECIPE (name or YAML path) or --resume RUN is needed")
         recipe = load_recipe(args.recipe, args.overrides)
         if args.dry_run:
-            return train_dry_run(recipe)
+            return train_dry_run(recipe) or cluster_fit(s, recipe, _connect) or 0
         _connect(s)
         health.require(s, "mlflow")
         outcome = run_training(recipe, s.mlflow_url, s.checkpoints)

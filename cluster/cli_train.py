@@ -60,3 +60,24 @@ def train_dry_run(recipe) -> int:
         print(held_out_line(recipe, manifest))
         print(input_size(recipe, manifest))
     return 0
+
+
+def cluster_fit(settings, recipe, connect) -> None:
+    """The dry run's last check, where the cluster answers: the one a run makes before it starts, whether the
+    cluster's nodes hold the run's worker group (it raises where they cannot and the cluster cannot grow)."""
+    from cluster import health
+    from training.capacity import alive_resources, check_capacity
+    from training.launch import wants_gpu
+
+    ok, detail = health.ray_ok(settings)
+    if not ok:
+        print(f"cluster: Ray at {settings.ray_dashboard_url}: {detail}; whether it holds the workers is checked "
+              "when the run starts")  # fmt: skip
+        return
+    connect(settings)
+    gpu = wants_gpu(recipe)
+    check_capacity(recipe, gpu)
+    nodes = alive_resources()
+    held = f"{sum(n.get('CPU', 0) for n in nodes):g} CPU, {sum(n.get('GPU', 0) for n in nodes):g} GPU"
+    each = f"{recipe.cpus_per_worker:g} CPU" + (" and 1 GPU" if gpu else "")
+    print(f"cluster: {len(nodes)} node(s) ({held}) for {recipe.workers} workers of {each} each")

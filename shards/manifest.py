@@ -244,8 +244,24 @@ def load(prefix: str) -> Manifest:
 
 def load_with_bytes(prefix: str) -> tuple[Manifest, bytes]:
     """The manifest of the dataset at ``prefix`` and its bytes as stored (:func:`sha256_of` them: its version)."""
-    data = storage.get_bytes(storage.join(prefix, MANIFEST_NAME))
+    try:
+        data = storage.get_bytes(storage.join(prefix, MANIFEST_NAME))
+    except storage.Missing as exc:
+        raise storage.Missing(no_dataset(prefix, exc.bucket), exc.bucket) from exc
     return Manifest.model_validate(json.loads(data)), data
+
+
+def no_dataset(prefix: str, bucket: str | None = None) -> str:
+    """Why ``prefix`` holds no dataset, when its manifest is not there: an ingest writes it last, once complete."""
+    if bucket:
+        return f"{prefix}: no dataset there: the store has no bucket {bucket!r}"
+    staging = storage.join(prefix, "_staging") + "/"  # ingest.staging.STAGING: a run's work in progress
+    unfinished = next(storage.list_urls(staging), None) is not None
+    if unfinished:
+        why = "an ingest into it is running, or stopped before it completed: the same command run again completes it"
+    else:
+        why = "no ingest has completed there"
+    return f"{prefix}: no dataset there: no {MANIFEST_NAME}, which an ingest writes last ({why})"
 
 
 def sha256_of(data: bytes) -> str:

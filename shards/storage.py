@@ -28,6 +28,17 @@ class StorageError(RuntimeError):
     """An object store operation failed; the message names the URL."""
 
 
+class Missing(StorageError):
+    """The object, file or bucket is not there (``bucket``: the bucket that does not exist, if that is why)."""
+
+    def __init__(self, message: str, bucket: str | None = None) -> None:
+        super().__init__(message)
+        self.bucket = bucket
+
+
+MISSING_CODES = ("404", "NoSuchKey", "NotFound", "NoSuchBucket")
+
+
 @dataclass(frozen=True)
 class Location:
     """A parsed URL: ``scheme`` is ``file`` or ``s3``; for S3 ``bucket``/``key``, for files ``path``."""
@@ -143,7 +154,11 @@ def answers_within(urls: list[str], seconds: float, poll_s: float = 5.0) -> bool
 
 
 def _wrap(url: str, exc: Exception) -> StorageError:
-    return StorageError(f"{url}: {type(exc).__name__}: {exc}")
+    message = f"{url}: {type(exc).__name__}: {exc}"
+    code = getattr(exc, "response", {}).get("Error", {}).get("Code")
+    if isinstance(exc, FileNotFoundError) or code in MISSING_CODES:
+        return Missing(message, parse(url).bucket if code == "NoSuchBucket" else None)
+    return StorageError(message)
 
 
 def put_file(local: str | Path, url: str) -> None:
@@ -285,7 +300,7 @@ def _head(url: str) -> dict | None:
         return s3_client().head_object(Bucket=loc.bucket, Key=loc.key)
     except Exception as exc:
         code = getattr(exc, "response", {}).get("Error", {}).get("Code")
-        if code in ("404", "NoSuchKey", "NotFound"):
+        if code in ("404", "NoSuchKey", "NotFound"):  # the object; a missing bucket is an error here
             return None
         raise _wrap(url, exc) from exc
 

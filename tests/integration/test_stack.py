@@ -4,6 +4,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import requests
 
 from cluster import health
@@ -80,3 +81,37 @@ def test_cpu_workers_get_the_worker_environment(stack):
         assert got == {k: os.environ.get(k) for k in got}
     else:  # one malloc arena, DeepSpeed on the CPU accelerator
         assert got == {**CPU_WORKER_ENV, "DS_ACCELERATOR": "cpu"}
+
+
+def test_a_dataset_url_with_nothing_there_is_named_as_no_dataset(stack):
+    """On the real S3 server: a prefix without a manifest, and a bucket that does not exist, are each said as
+    such (boto3's own words were 'NoSuchKey ... Unknown') by every command that reads a dataset."""
+    from shards import manifest as mf
+    from shards import storage
+
+    with pytest.raises(storage.Missing, match=r"^s3://shards/no-such-dataset: no dataset there: no manifest.json"):
+        mf.load("s3://shards/no-such-dataset")
+    with pytest.raises(storage.Missing, match=r"^s3://no-such-bucket/x: no dataset there: .* no bucket 'no-such-b"):
+        mf.load("s3://no-such-bucket/x")
+    run = subprocess.run(
+        [sys.executable, "-m", "cluster.cli", "dataset", "s3://shards/no-such-dataset"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert run.returncode == 1 and "s3://shards/no-such-dataset: no dataset there" in run.stderr, run.stderr
+
+
+def test_a_train_dry_run_says_whether_the_cluster_holds_the_workers(stack):
+    """`tessera train --dry-run` makes the check a run makes before it starts: the stack's one node of 2 CPUs
+    holds two workers and refuses five, naming the field."""
+
+    def dry_run(workers: int):
+        argv = ["train", "demo_tiles", "data.dataset=s3://shards/none", f"workers={workers}", "--dry-run"]
+        return subprocess.run([sys.executable, "-m", "cluster.cli", *argv], capture_output=True, text=True)
+
+    fits = dry_run(2)
+    assert fits.returncode == 0, fits.stderr[-2000:]
+    assert fits.stdout.splitlines()[-1] == "cluster: 1 node(s) (2 CPU, 0 GPU) for 2 workers of 1 CPU each"
+    too_many = dry_run(5)
+    assert too_many.returncode == 1
+    assert "tessera: error: workers: the run asks for 5 workers of 1 CPU each, and the cluster's 1 node(s) (2 CPU) " \
+        "hold 2 at most" in too_many.stderr  # fmt: skip

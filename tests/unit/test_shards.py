@@ -398,3 +398,20 @@ def test_a_manifests_reasons_name_no_path():
     rec = mf.InputRecord(id="a", kind="image", status="failed", reason=next(iter(cases)), warnings=[next(iter(cases))])
     assert "DOE" not in rec.reason and "DOE" not in rec.warnings[0]
     assert "DOE" not in mf.InputRecord.model_validate_json(rec.model_dump_json()).reason
+
+
+def test_a_prefix_without_a_manifest_is_no_dataset_and_says_why(tmp_path):
+    from shards import storage
+
+    with pytest.raises(storage.Missing, match=r"/none: no dataset there: no manifest.json, .*no ingest has completed"):
+        mf.load(str(tmp_path / "none"))
+    # an ingest that has staged work but not written its manifest yet (running, or stopped: run it again)
+    (tmp_path / "half" / "_staging" / "parts").mkdir(parents=True)
+    (tmp_path / "half" / "_staging" / "parts" / "a.tar").write_bytes(b"x")
+    with pytest.raises(storage.Missing, match=r"/half: no dataset there: .*an ingest into it is running, or stopped"):
+        mf.load_with_bytes(str(tmp_path / "half"))
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / mf.MANIFEST_NAME).write_text("{")  # there but unreadable: not called missing
+    with pytest.raises(ValueError) as exc:
+        mf.load(str(tmp_path / "bad"))
+    assert not isinstance(exc.value, storage.Missing)
