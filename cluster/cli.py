@@ -125,7 +125,9 @@ def cmd_train(args) -> int:
             raise SystemExit("a RECIPE (name or YAML path) or --resume RUN is needed")
         recipe = load_recipe(args.recipe, args.overrides)
         if args.dry_run:
-            return train_dry_run(recipe) or cluster_fit(s, recipe, _connect) or 0
+            train_dry_run(recipe)
+            cluster_fit(s, recipe, _connect)
+            return 0
         _connect(s)
         health.require(s, "mlflow")
         outcome = run_training(recipe, s.mlflow_url, s.checkpoints)
@@ -166,6 +168,8 @@ def cmd_tune(args) -> int:
 
         for sweep in plans.values():
             print(yaml.safe_dump(sweep.model_dump(exclude_none=True), sort_keys=False) if sweep else "resume")
+            if sweep:  # each trial's worker group, as the sweep checks it before it starts
+                cluster_fit(s, sweep.base(), _connect)
         return 0
     _connect(s)
     health.require(s, "mlflow")
@@ -350,8 +354,20 @@ def _stdout_gone() -> bool:
     return gone
 
 
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, a command's ``key=value`` overrides taken wherever they stand: argparse gives a
+    command's positionals only what comes before its first option (`train demo_tiles --dry-run epochs=2`)."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and hasattr(args, "overrides") and all("=" in a and not a.startswith("-") for a in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse(argv)
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _stop_on_sigterm)
     try:

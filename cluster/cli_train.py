@@ -30,7 +30,7 @@ def input_size(recipe, manifest) -> str:
     )
 
 
-def train_dry_run(recipe) -> int:
+def train_dry_run(recipe) -> None:
     """``tessera train RECIPE --dry-run``: the resolved recipe, the model's size and precision, and what the
     dataset says about it (when its manifest is readable from here)."""
     import yaml
@@ -59,12 +59,12 @@ def train_dry_run(recipe) -> int:
         check_against(recipe, manifest)
         print(held_out_line(recipe, manifest))
         print(input_size(recipe, manifest))
-    return 0
 
 
 def cluster_fit(settings, recipe, connect) -> None:
     """The dry run's last check, where the cluster answers: the one a run makes before it starts, whether the
-    cluster's nodes hold the run's worker group (it raises where they cannot and the cluster cannot grow)."""
+    cluster's nodes hold the run's worker group (it raises where they cannot and the cluster cannot grow).
+    ``connect``: the CLI's connection of this process to the cluster."""
     from cluster import health
     from training.capacity import alive_resources, check_capacity
     from training.launch import wants_gpu

@@ -10,7 +10,7 @@ from typing import Literal
 
 from ingest.dicom import DicomError
 from ingest.slides import SlideError
-from shards.storage import StorageError
+from shards.storage import Missing, StorageError
 
 TRANSIENT = (StorageError, ConnectionError, TimeoutError)
 NO_SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
@@ -52,10 +52,10 @@ def not_here() -> str:
 def decide(exc: BaseException, attempt: int, max_attempts: int = 3) -> Decision:
     """Decide on ``exc`` raised by attempt number ``attempt`` (1-based) of a unit.
 
-    Broken inputs fail at once (retrying cannot help); a full disk stops the run (every input would fail);
-    storage and network errors are retried until ``max_attempts``, then fail the input unless the store itself
-    is found down (``store``; the caller asks it). (Files that are not inputs at all are skipped earlier, when
-    sources are listed.)
+    Broken inputs, and objects their store says are not there, fail at once (retrying cannot help); a full disk
+    stops the run (every input would fail); storage and network errors are retried until ``max_attempts``, then
+    fail the input unless the store itself is found down (``store``; the caller asks it). (Files that are not
+    inputs at all are skipped earlier, when sources are listed.)
     """
     reason = f"{type(exc).__name__}: {exc}"
     if no_space(exc):
@@ -64,6 +64,9 @@ def decide(exc: BaseException, attempt: int, max_attempts: int = 3) -> Decision:
         return Decision("failed", reason)
     if isinstance(exc, FileNotFoundError):  # listed by the driver, and not there for the worker
         return Decision("failed", f"{type(exc).__name__}: {not_here()}")
+    if isinstance(exc, Missing):  # a store that answers says so: asking again cannot bring it back
+        gone = "not in the store: deleted (or its bucket) since it was listed"
+        return Decision("failed", f"{type(exc).__name__}: {gone}")
     if isinstance(exc, TRANSIENT) and attempt < max_attempts:
         return Decision("retry", reason)
     if isinstance(exc, TRANSIENT):

@@ -300,7 +300,7 @@ def _head(url: str) -> dict | None:
         return s3_client().head_object(Bucket=loc.bucket, Key=loc.key)
     except Exception as exc:
         code = getattr(exc, "response", {}).get("Error", {}).get("Code")
-        if code in ("404", "NoSuchKey", "NotFound"):  # the object; a missing bucket is an error here
+        if code in ("404", "NoSuchKey", "NotFound"):
             return None
         raise _wrap(url, exc) from exc
 

@@ -114,3 +114,23 @@ def test_hamamatsu_from_s3_is_downloaded_with_the_images_its_key_file_names(stac
     assert [(r.status, r.samples > 5) for r in remote.inputs] == [("ingested", True)]
     remote_samples = _samples(remote, f"s3://shards/{ext}-remote", tmp_path)
     assert remote_samples == _samples(local, f"s3://shards/{ext}-local", tmp_path)
+
+
+def test_a_slide_deleted_from_s3_after_it_was_listed_fails_at_once_for_what_it_is(stack, tmp_path):
+    """Listed by the driver, deleted before a worker reads it: the store answers that it is not there, which no
+    retry changes (it was tried three times, the store asked whether it was down, then failed with boto3's error)."""
+    from ingest.config import pseudonym_key
+    from ingest.plan import make_plan
+    from ingest.staging import attempt
+    from ingest.units import plan_unit
+
+    paths, _ = make_slides(tmp_path / "slides", n=1, size=512, seed=12)
+    url = f"s3://shards/gone-slides/{paths[0].name}"
+    storage.put_file(paths[0], url)
+    cfg = wsi_config("s3://shards/gone-slides/", "s3://shards/wsi-gone", split="train=1.0")
+    plan = make_plan("wsi", cfg, pseudonym_key())
+    storage.delete(url)
+    tried = []
+    result, action, reason = attempt(lambda: tried.append(1) or plan_unit(plan.units[0], cfg), cfg)
+    assert (result, action, len(tried)) == (None, "failed", 1)
+    assert reason == "Missing: not in the store: deleted (or its bucket) since it was listed"

@@ -392,3 +392,24 @@ def test_evaluation_prefixes_checks_and_summary():
         "  sample: accuracy 0.7500, auc 0.8000\n"
         "  patient: accuracy 1.0000, f1 1.0000"
     )
+
+
+def test_a_tune_dry_run_prints_each_sweep_and_leaves_the_cluster_check_to_the_run(capsys):
+    # overrides after an option too, as users type them (argparse alone refused `workers=2` here)
+    assert main(["tune", "demo_tiles", "--replicates", "2", "workers=2", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "recipe: demo_tiles" in out and "- workers=2" in out
+    assert out.splitlines()[-1].startswith("cluster: Ray at http://127.0.0.1:1: ConnectionError; whether it holds")
+
+
+def test_overrides_are_taken_wherever_they_stand_and_other_words_are_refused(capsys):
+    from cluster.cli import parse
+
+    args = parse(["train", "demo_tiles", "epochs=2", "--dry-run", "epochs=3", "workers=1"])
+    assert (args.recipe, args.overrides, args.dry_run) == ("demo_tiles", ["epochs=2", "epochs=3", "workers=1"], True)
+    assert main(["train", "demo_tiles", "epochs=2", "--dry-run", "epochs=3"]) == 0
+    assert "\nepochs: 3\n" in capsys.readouterr().out  # the later one wins
+    for argv in (["train", "demo_tiles", "--dry-run", "oops"], ["status", "x=1"]):  # no override; no overrides
+        with pytest.raises(SystemExit):
+            parse(argv)
+        assert "unrecognized arguments: " + argv[-1] in capsys.readouterr().err

@@ -125,6 +125,18 @@ def test_an_object_fault_in_a_store_that_answers_fails_only_its_input(monkeypatc
     assert len(calls) == 2
 
 
+def test_an_object_its_store_says_is_gone_fails_its_input_at_once(monkeypatch):
+    """A source deleted from S3 between listing and reading was tried three times, then the store asked whether it
+    was down, and failed as boto3's "NoSuchKey ... Unknown"."""
+    from shards.storage import Missing
+
+    monkeypatch.setattr("ingest.staging.outage", lambda cfg: pytest.fail("the store was asked"))
+    fn, calls = _failing(99, Missing("s3://slides/DOE_JOHN/a.svs: ClientError: ... (NoSuchKey) ...: Unknown"))
+    result, action, reason = attempt(fn, _cfg())
+    assert (result, action, len(calls)) == (None, "failed", 1)
+    assert reason == "Missing: not in the store: deleted (or its bucket) since it was listed"
+
+
 def test_a_full_disk_stops_the_run_at_once():
     fn, calls = _failing(99, OSError(errno.ENOSPC, "No space left on device"))
     with pytest.raises(IngestStopped, match="no space left to write"):
