@@ -153,9 +153,14 @@ def answers_within(urls: list[str], seconds: float, poll_s: float = 5.0) -> bool
     return False
 
 
+def _code(exc: Exception) -> str | None:
+    """The S3 error code of a boto3 ``ClientError`` (None for other errors)."""
+    return getattr(exc, "response", {}).get("Error", {}).get("Code")
+
+
 def _wrap(url: str, exc: Exception) -> StorageError:
     message = f"{url}: {type(exc).__name__}: {exc}"
-    code = getattr(exc, "response", {}).get("Error", {}).get("Code")
+    code = _code(exc)
     if isinstance(exc, FileNotFoundError) or code in MISSING_CODES:
         return Missing(message, parse(url).bucket if code == "NoSuchBucket" else None)
     return StorageError(message)
@@ -251,8 +256,7 @@ def create_bytes(url: str, data: bytes) -> bool:
     except FileExistsError:
         return False
     except Exception as exc:
-        code = getattr(exc, "response", {}).get("Error", {}).get("Code")
-        if code in ("PreconditionFailed", "412", "ConditionalRequestConflict"):
+        if _code(exc) in ("PreconditionFailed", "412", "ConditionalRequestConflict"):
             return False
         raise _wrap(url, exc) from exc
 
@@ -299,8 +303,7 @@ def _head(url: str) -> dict | None:
     try:
         return s3_client().head_object(Bucket=loc.bucket, Key=loc.key)
     except Exception as exc:
-        code = getattr(exc, "response", {}).get("Error", {}).get("Code")
-        if code in ("404", "NoSuchKey", "NotFound"):
+        if _code(exc) in ("404", "NoSuchKey", "NotFound"):  # the object; "404" is also a head of a missing bucket
             return None
         raise _wrap(url, exc) from exc
 
