@@ -12,7 +12,8 @@ from pathlib import Path
 from cluster.cli_dataset import add_dataset_parser
 from cluster.cli_evaluate import add_evaluate_parser, print_held_out
 from cluster.cli_ingest import add_ingest_parser, ingest_config, ingest_dry_run, keep_private
-from cluster.cli_train import cluster_fit, train_dry_run
+from cluster.cli_train import add_train_parser, cluster_fit, train_dry_run
+from cluster.cli_tune import add_compare_parser, add_tune_parser
 from cluster.errors import TesseraError
 from training.capacity import FIXED_ENV
 from training.console import debugging, drop_ray_routine_lines, quiet_libraries
@@ -143,71 +144,6 @@ def cmd_train(args) -> int:
     return 0
 
 
-def cmd_tune(args) -> int:
-    from cluster import health
-    from tune.config import StudyConfig, load_plan, replicate_sweep
-    from tune.sweep import run_sweep
-
-    s = _settings()
-    stores = {"tune_storage": s.sweeps, "train_storage": s.checkpoints}
-    if args.resume:
-        if args.plan or args.overrides:
-            raise TesseraError("--resume NAME takes no sweep or overrides: the sweep's own file is used")
-        plans, study = {None: None}, None
-    elif not args.plan:
-        raise TesseraError("a SWEEP (name or YAML), a RECIPE with --replicates N, or --resume NAME is needed")
-    elif args.replicates:
-        folds = args.resplit.split(",") if args.resplit else None
-        plans, study = {None: replicate_sweep(args.plan, args.overrides, args.replicates, folds)}, None
-    else:
-        plan = load_plan(args.plan, args.overrides)
-        study = plan if isinstance(plan, StudyConfig) else None
-        plans = plan.sweeps() if study else {None: plan}
-    if args.dry_run:
-        import yaml
-
-        for sweep in plans.values():
-            print(yaml.safe_dump(sweep.model_dump(exclude_none=True), sort_keys=False) if sweep else "resume")
-            if sweep:  # each trial's worker group, as the sweep checks it before it starts
-                cluster_fit(s, sweep.base(), _connect)
-        return 0
-    _connect(s)
-    health.require(s, "mlflow")
-    names = []
-    for sweep in plans.values():
-        outcome = run_sweep(sweep, s.mlflow_url, resume=args.resume, **stores)
-        names.append(outcome.name)
-        again = f"`tessera tune --resume {outcome.name}` trains the failed ones again from their last checkpoints"
-        if outcome.trials and outcome.errors == outcome.trials:
-            raise TesseraError(f"sweep {outcome.name}: every trial failed; see {outcome.parent_url}; {again}")
-        failed = f"{outcome.errors} failed ({again})" if outcome.errors else "none failed"
-        print(f"sweep {outcome.name}: {outcome.trials} trials, {failed}; MLflow {outcome.parent_url}")
-        print(f"best: {outcome.best_params} -> {outcome.best_metric} (run {outcome.best_run_id})")
-    if study:  # both groups ran: the comparison the study names
-        return _compare(s, names[0], names[1], study.compare.metrics, study.compare.alpha, "patient")
-    return 0
-
-
-def _compare(s, a: str, b: str, metrics: list[str], alpha: float, level: str) -> int:
-    from tune.compare import run_compare
-
-    _, report, run_id = run_compare(s.mlflow_url, a, b, metrics, alpha, level)
-    print(report)
-    from training import tracking
-
-    print(f"comparison logged: {tracking.run_url_of(s.mlflow_url, run_id)}")
-    return 0
-
-
-def cmd_compare(args) -> int:
-    from cluster import health
-
-    s = _settings()
-    s.apply()
-    health.require(s, "mlflow")
-    return _compare(s, args.a, args.b, args.metrics.split(","), args.alpha, args.level)
-
-
 def cmd_submit(args) -> int:
     from cluster import health
     from cluster.submit import submit
@@ -251,13 +187,6 @@ def cmd_demo(args) -> int:
     return 0
 
 
-def _bundled(package: str, folder: str) -> str:
-    """Names of the YAML files a package ships in ``folder``, for a command's help (its modules not imported)."""
-    from importlib.resources import files
-
-    return ", ".join(sorted(p.name.removesuffix(".yaml") for p in (files(package) / folder).iterdir()))
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tessera", description="Medical-imaging training at scale: ingest, train, track.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -268,48 +197,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_ingest_parser(sub, cmd_ingest)
     add_dataset_parser(sub)
 
-    tr = sub.add_parser(
-        "train",
-        help="train a recipe on Ray Train + DeepSpeed, tracked in MLflow",
-        epilog="bundled recipes: " + _bundled("training", "recipes"),
-    )
-    tr.add_argument("recipe", nargs="?", help="recipe name (training/recipes/) or YAML path")
-    tr.add_argument("overrides", nargs="*", help="key.sub=value overrides")
-    tr.add_argument(
-        "--resume",
-        metavar="RUN",
-        help="continue a stopped run (MLflow run id or name) from its checkpoint, with its own recipe; "
-        "workers=N, cpus_per_worker=N and placement=... may change where it continues",
-    )
-    tr.add_argument("--dry-run", action="store_true", help="validate, print the resolved recipe and exit")
-    tr.set_defaults(fn=cmd_train)
-
+    add_train_parser(sub, cmd_train)
     add_evaluate_parser(sub)
 
-    tu = sub.add_parser(
-        "tune",
-        help="Ray Tune sweeps and replicates of a recipe, tracked in MLflow",
-        epilog="bundled sweeps and studies: " + _bundled("tune", "sweeps"),
-    )
-    tu.add_argument("plan", nargs="?", help="sweep or study (tune/sweeps/ or YAML path), or a RECIPE with --replicates")
-    tu.add_argument("overrides", nargs="*", help="key.sub=value overrides (of the sweep file; of the recipe with -r)")
-    tu.add_argument("--replicates", "-r", type=int, help="run the RECIPE this many times with seeds seed+i")
-    tu.add_argument("--resplit", help="with --replicates: ingest splits to re-split per replicate (f0,f1,...)")
-    tu.add_argument("--resume", metavar="NAME", help="finish an interrupted sweep (its printed name)")
-    tu.add_argument("--dry-run", action="store_true", help="validate and print the resolved sweep(s)")
-    tu.set_defaults(fn=cmd_tune)
-
-    cp = sub.add_parser("compare", help="compare two run groups (sweep/replicates names or MLflow filters)")
-    cp.add_argument("a", help="group A: a sweep or replicates name, a parent run id, or a filter (tags.x = 'y')")
-    cp.add_argument("b", help="group B, as A")
-    cp.add_argument("--metrics", required=True, help="comma-separated metric names, e.g. val_patient_accuracy")
-    cp.add_argument("--alpha", type=float, default=0.05, help="significance level (default: 0.05)")
-    cp.add_argument(
-        "--level",
-        default="patient",
-        help="confusion-matrix level to average: sample, slide, patient... (default: %(default)s)",
-    )
-    cp.set_defaults(fn=cmd_compare)
+    add_tune_parser(sub)
+    add_compare_parser(sub)
 
     sm = sub.add_parser("submit", help="run a tessera command as a Ray job (token auth), following its logs")
     sm.add_argument("--address", help="Ray dashboard URL of the cluster (default: the local stack)")

@@ -1,8 +1,33 @@
-"""``tessera train --dry-run``: what a run would be, checked before any worker starts."""
+"""``tessera train``'s arguments, and its ``--dry-run``: what a run would be, checked before any worker starts."""
 
 from __future__ import annotations
 
 from cluster.cli_evaluate import held_out_line
+
+
+def bundled(package: str, folder: str) -> str:
+    """Names of the YAML files a package ships in ``folder``, for a command's help (its modules not imported)."""
+    from importlib.resources import files
+
+    return ", ".join(sorted(p.name.removesuffix(".yaml") for p in (files(package) / folder).iterdir()))
+
+
+def add_train_parser(sub, cmd) -> None:
+    tr = sub.add_parser(
+        "train",
+        help="train a recipe on Ray Train + DeepSpeed, tracked in MLflow",
+        epilog="bundled recipes: " + bundled("training", "recipes"),
+    )
+    tr.add_argument("recipe", nargs="?", help="recipe name (training/recipes/) or YAML path")
+    tr.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    tr.add_argument(
+        "--resume",
+        metavar="RUN",
+        help="continue a stopped run (MLflow run id or name) from its checkpoint, with its own recipe; "
+        "workers=N, cpus_per_worker=N and placement=... may change where it continues",
+    )
+    tr.add_argument("--dry-run", action="store_true", help="validate, print the resolved recipe and exit")
+    tr.set_defaults(fn=cmd)
 
 
 def outputs_for_dry_run(recipe, manifest) -> tuple[int, str]:

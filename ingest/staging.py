@@ -17,7 +17,7 @@ from pydantic import BaseModel, Field
 from ingest.config import IngestConfig, changed_options
 from ingest.decisions import IngestStopped, decide
 from ingest.units import Work, work_samples
-from shards import storage
+from shards import probes, storage
 from shards.writer import ShardWriter, shard_name
 
 STAGING = "_staging"
@@ -70,12 +70,12 @@ def part_url(out: str, work_id: str) -> str:
 
 def outage(cfg: IngestConfig) -> str | None:
     """Why a store this run writes to or reads its inputs from does not answer now, or None when all answer."""
-    return storage.stores_down([cfg.out, *cfg.sources])
+    return probes.stores_down([cfg.out, *cfg.sources])
 
 
 def back_within(cfg: IngestConfig, poll_s: float = 5.0) -> bool:
     """Whether every store answers again within ``cfg.outage_wait_s`` (asked every ``poll_s`` seconds)."""
-    return storage.answers_within([cfg.out, *cfg.sources], cfg.outage_wait_s, poll_s)
+    return probes.answers_within([cfg.out, *cfg.sources], cfg.outage_wait_s, poll_s)
 
 
 def retried(fn: Callable[[], Any], cfg: IngestConfig) -> Any:

@@ -13,7 +13,6 @@ import os
 import shutil
 import stat
 import tempfile
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -128,29 +127,6 @@ def unreachable(url: str) -> str | None:
             return None
         return f"{type(exc).__name__}: {exc}"
     return None
-
-
-def stores_down(urls: list[str]) -> str | None:
-    """Why a store holding one of ``urls`` does not answer now, or None when all answer (asked once per bucket,
-    named by the first of ``urls`` in it)."""
-    buckets: dict[tuple[str, str], str] = {}
-    for url in urls:
-        loc = parse(url)
-        buckets.setdefault((loc.scheme, loc.bucket), url)
-    for url in buckets.values():
-        if why := unreachable(url):
-            return f"the store of {url} does not answer ({why})"
-    return None
-
-
-def answers_within(urls: list[str], seconds: float, poll_s: float = 5.0) -> bool:
-    """Whether every store of ``urls`` answers again within ``seconds`` (asked every ``poll_s`` seconds)."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        time.sleep(min(poll_s, max(deadline - time.monotonic(), 0.0)))
-        if stores_down(urls) is None:
-            return True
-    return False
 
 
 def _code(exc: Exception) -> str | None:

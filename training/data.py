@@ -8,7 +8,7 @@ from functools import cached_property
 import numpy as np
 
 from shards import manifest as mf
-from shards import scratch, storage
+from shards import probes, scratch, storage
 from shards.dali import Augment, ShardBatches, build_pipeline, epoch_order, fetch_indices, sample_exts
 from shards.sampling import (
     Sample,
@@ -28,9 +28,9 @@ from training.state import epoch_seed
 def wait_for_store(url: str, wait_s: float, who: str) -> None:
     """Wait up to ``wait_s`` while the store of ``url`` does not answer, saying so as ``who`` (``rank 0``, a sweep's
     ``trial ID``); a :class:`StorageError` if it stays down."""
-    if down := storage.stores_down([url]):
+    if down := probes.stores_down([url]):
         print(f"{who}: {down}; waiting up to {wait_s:.0f} s for it (data.outage_wait_s)", flush=True)
-        if not storage.answers_within([url], wait_s):
+        if not probes.answers_within([url], wait_s):
             raise storage.StorageError(f"{down} for {wait_s:.0f} s")
         print(f"{who}: the store of {url} answers again; going on", flush=True)
 

@@ -101,8 +101,8 @@ def _failing(times: int, exc: Exception):
 
 def test_work_waits_for_a_store_that_comes_back(monkeypatch):
     answers = iter(["the store of s3://shards/out does not answer (x)", None])  # down when asked, then back
-    monkeypatch.setattr("shards.storage.stores_down", lambda urls: next(answers))
-    monkeypatch.setattr("shards.storage.time.sleep", lambda s: None)
+    monkeypatch.setattr("shards.probes.stores_down", lambda urls: next(answers))
+    monkeypatch.setattr("shards.probes.time.sleep", lambda s: None)
     monkeypatch.setattr("ingest.staging.time.sleep", lambda s: None)
     fn, calls = _failing(2, StorageError("s3://shards/out/a: EndpointConnectionError"))
     assert retried(fn, _cfg(wait=30)) == "done"
@@ -178,7 +178,7 @@ def test_a_training_worker_waits_for_its_datasets_store(monkeypatch, capsys):
 
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")
-    monkeypatch.setattr("shards.storage.time.sleep", lambda s: None)
+    monkeypatch.setattr("shards.probes.time.sleep", lambda s: None)
     server, asked = _serve(404, failures=3)
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{server.server_port}")
     wait_for_store("s3://shards/demo/wsi", 600, "rank 1")
