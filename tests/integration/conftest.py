@@ -27,6 +27,12 @@ os.environ.update(
         "TESSERA_S3_PORT": "9411",
         "TESSERA_MLFLOW_PORT": "5411",
         "TESSERA_RAY_NUM_CPUS": "2",
+        # Ray Train's controller takes a run's reports, its end and a sweep trial's go-ahead after each epoch
+        # (training.loop.await_go_ahead) at its polls of the workers, 2 s apart by default: a wait of up to 2 s
+        # per run and per sweep epoch, which the suite's tiny epochs of a second make most of their time. A poll
+        # a worker misses is tolerated (a worker is dead after RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S, 10 min).
+        # In the stack's environment too, for the runs Tune's trial actors start.
+        "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
     }
 )
 for _var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "RAY_AUTH_TOKEN", "TESSERA_PSEUDONYM_KEY", "RAY_ADDRESS"):

@@ -100,21 +100,25 @@ def test_a_dataset_url_with_nothing_there_is_named_as_no_dataset(stack):
     assert run.returncode == 1 and "s3://shards/no-such-dataset: no dataset there" in run.stderr, run.stderr
 
 
-def test_a_dry_run_says_whether_the_cluster_holds_the_workers(stack):
+def test_a_dry_run_says_whether_the_cluster_holds_the_workers(stack, monkeypatch, capsys):
     """`tessera train --dry-run` (and `tune --dry-run`) makes the check a run makes before it starts: the stack's
-    one node of 2 CPUs holds two workers and refuses five, naming the field."""
+    one node of 2 CPUs holds two workers and refuses five, naming the field. (In this process, connected
+    already: a new one spends seconds on its imports alone.)"""
+    from training.capacity import FIXED_ENV
 
-    def dry_run(workers: int):
-        argv = ["train", "demo_tiles", "data.dataset=s3://shards/none", f"workers={workers}", "--dry-run"]
-        return subprocess.run([sys.executable, "-m", "cluster.cli", *argv], capture_output=True, text=True)
+    monkeypatch.setenv(FIXED_ENV, "1")  # as the CLI sets it for the local stack; restored for the other tests
 
-    fits = dry_run(2)
-    assert fits.returncode == 0, fits.stderr[-2000:]
-    assert fits.stdout.splitlines()[-1] == "cluster: 1 node(s) (2 CPU, 0 GPU) for 2 workers of 1 CPU each"
+    def dry_run(*argv: str):
+        code = main(list(argv))
+        out = capsys.readouterr()
+        return code, out.out, out.err
+
+    code, out, err = dry_run("train", "demo_tiles", "data.dataset=s3://shards/none", "workers=2", "--dry-run")
+    assert code == 0, err[-2000:]
+    assert out.splitlines()[-1] == "cluster: 1 node(s) (2 CPU, 0 GPU) for 2 workers of 1 CPU each"
     refused = "tessera: error: workers: the run asks for 5 workers of 1 CPU each, and the cluster's 1 node(s) (2 CPU) "
-    too_many = dry_run(5)
-    assert too_many.returncode == 1 and refused in too_many.stderr, too_many.stderr[-2000:]
+    code, _, err = dry_run("train", "demo_tiles", "data.dataset=s3://shards/none", "workers=5", "--dry-run")
+    assert code == 1 and refused in err, err[-2000:]
     # a sweep's dry run checks each trial's worker group the same way
-    argv = ["tune", "demo_tiles", "-r", "2", "data.dataset=s3://shards/none", "--dry-run", "workers=5"]
-    sweep = subprocess.run([sys.executable, "-m", "cluster.cli", *argv], capture_output=True, text=True)
-    assert sweep.returncode == 1 and refused in sweep.stderr, sweep.stderr[-2000:]
+    code, _, err = dry_run("tune", "demo_tiles", "-r", "2", "data.dataset=s3://shards/none", "--dry-run", "workers=5")
+    assert code == 1 and refused in err, err[-2000:]

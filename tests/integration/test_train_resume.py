@@ -151,12 +151,11 @@ def _universal_folders() -> tuple[set[str], set[str]]:
     return found - locks, locks
 
 
-@pytest.mark.parametrize(("before", "after", "stage"), [(1, 2, "0"), (2, 1, "3"), (2, 3, "2")])
+@pytest.mark.parametrize(("before", "after", "stage"), [(1, 2, "0"), (2, 1, "3")])
 def test_a_run_continues_on_another_worker_count(setup, stack, monkeypatch, before, after, stage):
     """``--resume RUN workers=N``. One worker runs ZeRO-2 as stage 0, whose checkpoint is not partitioned and
-    continues on two as it is; two workers' ZeRO-3 partitions are made universal and read by one, their ZeRO-2
-    partitions by three workers of half a CPU each, which share one converted folder on the node and remove it
-    when done. (Two ranks' ZeRO-2 read by one, exactly, is a unit test: test_recipes_train.py.)"""
+    continues on two as it is; two workers' ZeRO-3 partitions are made universal and read by one. (Two ranks'
+    ZeRO-2 partitions read by three workers: the Ctrl+C test below; by one, exactly: test_recipes_train.py.)"""
     storage = str(setup["work"] / f"ckpt-{before}-to-{after}-{stage}")
     recipe = setup["recipe"]
     if stage == "3":
@@ -172,15 +171,23 @@ def test_a_run_continues_on_another_worker_count(setup, stack, monkeypatch, befo
     assert run.data.params["workers"] == str(before)  # the recipe as started; the tags say where it ended
     assert _history(stack, out.run_id, "resumed_at_epoch") == [(2, 2.0)]
     assert sorted(s for s, _ in _history(stack, out.run_id, "val_loss")) == [0, 1, 2]
-    now_folders, now_locks = _universal_folders()
-    if stage != "0":  # converted through the shared folder, which its last reader removed
-        assert now_locks - locks and now_folders <= folders
+    _converted_once(folders, locks, converted=stage != "0")
     assert partition_ranks(*storage_location(out.checkpoint)) == (0 if stage == "0" else after)
 
 
-def test_ctrl_c_stops_a_run_that_resume_then_finishes(setup, stack):
+def _converted_once(folders: set[str], locks: set[str], converted: bool) -> None:
+    """Whether a ZeRO checkpoint was made universal through the node's shared folder, which its last reader
+    removed (``folders``, ``locks``: :func:`_universal_folders` before the resume)."""
+    now_folders, now_locks = _universal_folders()
+    if converted:
+        assert now_locks - locks and now_folders <= folders
+
+
+def test_ctrl_c_stops_a_run_that_resume_then_finishes_on_three_workers(setup, stack):
     """Ctrl+C in `tessera train`: Ray Train aborts the workers, the CLI says what was done and how to go on
-    (status 130), the MLflow run is KILLED, and `--resume` continues it from the last checkpoint to the end."""
+    (status 130), the MLflow run is KILLED, and `--resume` continues it from the last checkpoint to the end, here
+    on three workers of half a CPU each (the stack has two CPUs): the two ranks' ZeRO-2 partitions are made
+    universal once, in a folder the node's three workers share, which the last of them removes."""
     overrides = [o.replace("epochs=3", "epochs=8") for o in setup["overrides"]]  # time to interrupt it mid-run
     cmd = [sys.executable, "-m", "cluster.cli", "train", "demo_tiles", *overrides]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
@@ -204,10 +211,17 @@ def test_ctrl_c_stops_a_run_that_resume_then_finishes(setup, stack):
     client = MlflowClient(stack.mlflow_url)
     assert client.get_run(run_id).info.status == "KILLED" and 1 <= done < 8 and int(said.group(4)) == done + 1
 
-    resumed = resume_training(run_id, stack.mlflow_url, stack.checkpoints)
-    assert client.get_run(run_id).info.status == "FINISHED" and resumed.error is None
+    folders, locks = _universal_folders()
+    overrides = ["workers=3", "cpus_per_worker=0.5"]
+    resumed = resume_training(run_id, stack.mlflow_url, stack.checkpoints, overrides)
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and resumed.error is None
     assert _history(stack, run_id, "resumed_at_epoch") == [(done, float(done))]  # where the hint said
     assert {s for s, _ in _history(stack, run_id, "val_loss")} == set(range(8))
+    assert run.data.tags["workers_used"] == "3" and run.data.tags["resume_overrides"] == " ".join(overrides)
+    assert run.data.tags["deepspeed.zero_stage_used"] == "2" and run.data.params["workers"] == "2"
+    _converted_once(folders, locks, converted=True)
+    assert partition_ranks(*storage_location(resumed.checkpoint)) == 3
 
 
 def test_resume_refuses_a_run_being_trained_now_or_finished(stack, tmp_path):

@@ -165,17 +165,18 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(stack, work
 def test_replicate_groups_compared(stack, work):
     from tune.compare import run_compare
 
-    a = run_sweep(replicate_sweep("demo_tiles", _overrides(work, 1), 3), stack.mlflow_url, **_stores(work))
+    a = run_sweep(replicate_sweep("demo_tiles", _overrides(work, 1), 2), stack.mlflow_url, **_stores(work))
     # group B re-splits: three patient folds, each replicate validating on two of them (paper 002's protocol);
-    # a fixed test split is evaluated by every replicate's selected model
+    # a fixed test split is evaluated by every replicate's selected model. Two replicates a group: one round of
+    # the stack's two CPUs (the statistics themselves are unit-tested)
     splits = {"f0": 8, "f1": 8, "f2": 8, "test": 8}
     make_dataset(str(work / "folds"), splits, size=32, shard_samples=4, seed=5)
     b_overrides = [*_overrides(work, 1), f"data.dataset={work / 'folds'}", "optim.lr=1e-5"]
-    b_sweep = replicate_sweep("demo_tiles", b_overrides, 3, resplit_folds=["f0", "f1", "f2"])
+    b_sweep = replicate_sweep("demo_tiles", b_overrides, 2, resplit_folds=["f0", "f1", "f2"])
     b = run_sweep(b_sweep, stack.mlflow_url, **_stores(work))
     client = MlflowClient(stack.mlflow_url)
     seeds = sorted(int(c.data.params["seed"]) for c in _children(client, a.parent_run_id))
-    assert seeds == [0, 1, 2]
+    assert seeds == [0, 1]
     b_runs = _children(client, b.parent_run_id)
     for run in b_runs:
         train, val = run.data.params["data.train_split"], run.data.params["data.val_split"]
@@ -187,7 +188,7 @@ def test_replicate_groups_compared(stack, work):
     assert not any("test_accuracy" in r.data.metrics for r in _children(client, a.parent_run_id))  # no test split
     results, report, run_id = run_compare(stack.mlflow_url, a.name, b.name, ["val_loss", "val_accuracy"])
     assert [r.metric for r in results] == ["val_loss", "val_accuracy"]
-    assert all(r.a.n == 3 and r.b.n == 3 for r in results)
+    assert all(r.a.n == 2 and r.b.n == 2 for r in results)
     assert "## val_loss" in report and "Mann-Whitney U" in report and "Cohen's d" in report
     names = {a.path for a in client.list_artifacts(run_id, "comparison")}
     assert {
