@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import psutil
@@ -73,22 +74,32 @@ def _terminate(procs: list[psutil.Process], timeout: float) -> None:
     psutil.wait_procs(alive, timeout=5)
 
 
-def stop(pidfile: Path, timeout: float = 15.0) -> bool:
-    """Terminate every process of the session in ``pidfile``; True if something was running."""
+def stop(pidfile: Path, timeout: float = 15.0, last: Callable[[psutil.Process], bool] | None = None) -> bool:
+    """Terminate every process of the session in ``pidfile``; True if something was running. ``last``: the
+    processes to end only once the others have (a hub its clients need while they end: Ray's GCS)."""
     sid = session_of(pidfile)
     if sid is None:
         return False
-    # Repeat: a dying supervisor (raylet, gunicorn) may spawn a last child while we terminate the rest.
-    for _ in range(3):
-        procs = members(sid)
-        if not procs:
-            break
-        _terminate(procs, timeout)
+    rounds = [lambda p: not _matches(last, p)] if last else []
+    for wanted in [*rounds, lambda p: True]:  # the others first, then whatever is left
+        # Repeat: a dying supervisor (raylet, gunicorn) may spawn a last child while we terminate the rest.
+        for _ in range(3):
+            procs = [p for p in members(sid) if wanted(p)]
+            if not procs:
+                break
+            _terminate(procs, timeout)
     # Only its own: a service restarted while this one took its time to end (up to ``timeout``) wrote its own.
     with contextlib.suppress(FileNotFoundError, ValueError):
         if int(pidfile.read_text().strip()) == sid:
             pidfile.unlink()
     return True
+
+
+def _matches(predicate: Callable[[psutil.Process], bool], p: psutil.Process) -> bool:
+    try:
+        return predicate(p)
+    except psutil.Error:  # ended meanwhile: one of the others
+        return False
 
 
 def wait_until(check, timeout: float, interval: float = 0.5) -> bool:

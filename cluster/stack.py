@@ -206,7 +206,10 @@ class LocalStack:
             storage.ensure_bucket(f"s3://{bucket}/")
 
     def _stop(self, name: str) -> bool:
-        stopped = procs.stop(self._pidfile(name))
+        # Ray's GCS last: its daemons end in a second or two while it answers, and one of them (SIGTERMed with
+        # it) outlived the 15 s wait for a SIGKILL; `tessera down` took 18 s, 4 s in this order.
+        last = (lambda p: p.name() == "gcs_server") if name == "ray" else None
+        stopped = procs.stop(self._pidfile(name), last=last)
         if name == "ray":
             shutil.rmtree(self.s.ray_temp_dir, ignore_errors=True)
         return stopped

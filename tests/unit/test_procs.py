@@ -1,5 +1,6 @@
 import subprocess
 import sys
+import time
 
 from cluster import procs
 
@@ -51,3 +52,33 @@ def test_a_slow_stop_leaves_the_pid_file_of_a_service_started_meanwhile(tmp_path
     assert procs.members(old) == [] and new != old
     assert procs.session_of(pidfile) == new  # still findable: the next stop ends it
     assert procs.stop(pidfile, timeout=5) and procs.members(new) == []
+
+
+def test_a_hub_its_clients_need_while_they_end_is_stopped_after_them(tmp_path):
+    """Ray's daemons, SIGTERMed together with its GCS, left one waiting for the GCS until the 15 s SIGKILL; with
+    the hub ended last, each client ends on its own (here: it writes ``clean``, which a SIGKILL would not)."""
+    pidfile, log, clean = tmp_path / "svc.sid", tmp_path / "svc.log", tmp_path / "clean"
+    client = (
+        "import pathlib, signal, sys, time, psutil\n"
+        "def end(*a):\n"
+        "    time.sleep(0.5)\n"
+        "    hub = [p for p in psutil.Process().parent().children() if 'hub' in p.cmdline()]\n"
+        "    if not hub or hub[0].status() == psutil.STATUS_ZOMBIE:\n"
+        "        time.sleep(60)  # its hub went first: it waits for an answer that will not come\n"
+        "    pathlib.Path(sys.argv[1]).write_text('clean')\n"
+        "    sys.exit(0)\n"
+        "signal.signal(signal.SIGTERM, end)\n"
+        "time.sleep(60)\n"
+    )
+    parent = (
+        "import subprocess, sys, time\n"
+        "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)', 'hub'])\n"
+        f"subprocess.Popen([sys.executable, '-c', {client!r}, {str(clean)!r}])\n"
+        "time.sleep(60)\n"
+    )
+    procs.start([sys.executable, "-c", parent], pidfile, log, env={})
+    sid = procs.session_of(pidfile)
+    assert procs.wait_until(lambda: len(procs.members(sid)) == 3, timeout=10)
+    time.sleep(1)  # the client's handler installed
+    assert procs.stop(pidfile, timeout=5, last=lambda p: "hub" in p.cmdline())
+    assert procs.members(sid) == [] and clean.read_text() == "clean"
