@@ -35,7 +35,8 @@ class Missing(StorageError):
         self.bucket = bucket
 
 
-MISSING_CODES = ("404", "NoSuchKey", "NotFound", "NoSuchBucket")
+NO_OBJECT_CODES = ("404", "NoSuchKey", "NotFound")  # S3's answers for an object that is not there
+MISSING_CODES = (*NO_OBJECT_CODES, "NoSuchBucket")
 
 
 @dataclass(frozen=True)
@@ -279,7 +280,7 @@ def _head(url: str) -> dict | None:
     try:
         return s3_client().head_object(Bucket=loc.bucket, Key=loc.key)
     except Exception as exc:
-        if _code(exc) in ("404", "NoSuchKey", "NotFound"):  # the object; "404" is also a head of a missing bucket
+        if _code(exc) in NO_OBJECT_CODES:  # the object; "404" is also a head of a missing bucket
             return None
         raise _wrap(url, exc) from exc
 
