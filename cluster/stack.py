@@ -184,25 +184,34 @@ class LocalStack:
                     )
 
     def up(self, timeout: float = 120.0) -> list[ServiceStatus]:
-        """Start whatever is not running (S3 first: MLflow stores artifacts there), wait until healthy."""
+        """Start whatever is not running and wait until it is healthy: S3 first (MLflow stores artifacts there),
+        then MLflow and Ray side by side (neither needs the other; `ray start` takes about 6 s, MLflow 5)."""
         self.s.ensure_secrets()
-        starters = {"s3": self._start_s3, "mlflow": self._start_mlflow, "ray": self._start_ray}
-        for name, start in starters.items():
-            check = health.CHECKS[name]
-            if self._running(name) and check(self.s)[0]:
-                continue
-            if self._running(name):  # alive but unhealthy: give it a moment, else restart it
-                if procs.wait_until(lambda c=check: c(self.s)[0], 10):
-                    continue
-                self._stop(name)
-            self._check_ports_free(name)
-            start()
-            if not procs.wait_until(lambda c=check: c(self.s)[0], timeout):
-                log = self.logs / f"{name}.log"
-                raise TesseraError(f"{name} did not become healthy within {timeout:.0f}s; see {log}:\n{_log_tail(log)}")
-            if name == "s3":
-                self._make_buckets()
+        if self._start("s3"):
+            self._await("s3", timeout)
+            self._make_buckets()
+        for name in [n for n in ("mlflow", "ray") if self._start(n)]:
+            self._await(name, timeout)
         return self.status()
+
+    def _start(self, name: str) -> bool:
+        """Start ``name`` unless it runs and is healthy (given 10 s to become so, else restarted); whether it
+        was started."""
+        check = health.CHECKS[name]
+        if self._running(name) and check(self.s)[0]:
+            return False
+        if self._running(name):  # alive but unhealthy: give it a moment, else restart it
+            if procs.wait_until(lambda: check(self.s)[0], 10):
+                return False
+            self._stop(name)
+        self._check_ports_free(name)
+        {"s3": self._start_s3, "mlflow": self._start_mlflow, "ray": self._start_ray}[name]()
+        return True
+
+    def _await(self, name: str, timeout: float) -> None:
+        if not procs.wait_until(lambda: health.CHECKS[name](self.s)[0], timeout):
+            log = self.logs / f"{name}.log"
+            raise TesseraError(f"{name} did not become healthy within {timeout:.0f}s; see {log}:\n{_log_tail(log)}")
 
     def _make_buckets(self) -> None:
         from shards import storage
