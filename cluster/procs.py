@@ -11,6 +11,7 @@ import contextlib
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -100,6 +101,13 @@ def _matches(predicate: Callable[[psutil.Process], bool], p: psutil.Process) -> 
         return predicate(p)
     except psutil.Error:  # ended meanwhile: one of the others
         return False
+
+
+def path_with_this_python(path: str) -> str:
+    """``path`` (a PATH) with this Python's ``bin`` first, as an activated virtualenv has it: what Tessera starts
+    (services, jobs, DeepSpeed's JIT builds) finds this installation's scripts (ray, mlflow, ninja) first."""
+    here = os.path.dirname(sys.executable)
+    return path if path.split(os.pathsep)[0] == here else os.pathsep.join([here, path])
 
 
 def wait_until(check, timeout: float, interval: float = 0.5) -> bool:

@@ -64,7 +64,7 @@ class LocalStack:
     def _env(self) -> dict[str, str]:
         env = dict(os.environ)
         env.update(self.s.client_env())
-        env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
+        env["PATH"] = procs.path_with_this_python(env.get("PATH", ""))
         env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         for key, value in LOCAL_RAY_ENV.items():
             env.setdefault(key, value)

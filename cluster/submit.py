@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from cluster import procs
 from cluster.errors import TesseraError
 from cluster.settings import Settings
 
@@ -43,7 +44,7 @@ def runtime_env(settings: Settings, working_dir: str | None = None, local: bool 
     env |= {k: v for k, v in settings.client_env().items() if k in FORWARD or k in SECRETS or k.startswith("TESSERA")}
     env |= {k: os.environ[k] for k in (*FORWARD, *SECRETS) if os.environ.get(k)}
     if local:
-        env["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
+        env["PATH"] = procs.path_with_this_python(os.environ.get("PATH", ""))
         env["TESSERA_STATE_DIR"] = str(settings.state)
     out: dict[str, Any] = {"env_vars": env}
     if working_dir:

@@ -8,9 +8,7 @@ other had just built: about 30 s of compiling in each tier of every ``make test`
 """
 
 import os
-import sys
-from pathlib import Path
 
-_bin = str(Path(sys.executable).parent)
-if os.environ.get("PATH", "").split(os.pathsep)[0] != _bin:
-    os.environ["PATH"] = os.pathsep.join([_bin, os.environ.get("PATH", "")])
+from cluster.procs import path_with_this_python
+
+os.environ["PATH"] = path_with_this_python(os.environ.get("PATH", ""))
