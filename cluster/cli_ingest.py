@@ -135,6 +135,14 @@ def add_ingest_parser(sub, fn) -> None:
             add("--boxes", "bounding boxes: a folder of YOLO .txt files or image,x_min,...,y_max CSV")
             add("--crop", "one sample per box, cropped around it", action="store_true")
             add("--crop-margin", "crop margin as a fraction of the box", type=float)
+            add(
+                "--segment",
+                "segment each box's lesion and black out the rest of its crop (needs --crop)",
+                choices=["none", "grabcut", "sam"],
+            )
+            add("--sam-model", "SAM checkpoint for --segment sam: a local folder or a hub name")
+            add("--grayscale", "make every image grey first", action="store_true")
+            add("--median", "median filter of this odd size in px first (0: none)", type=int)
             add("--slice-folder", "sequences: only slices in folders of this name (e.g. brain)")
             add("--images-per-task", "single images per unit of work", type=int)
         k.set_defaults(fn=fn, kind=kind)

@@ -162,6 +162,12 @@ class ImagesIngestConfig(IngestConfig):
     boxes: str | None = None  # a folder of YOLO .txt files (matched by image name) or a box CSV
     crop: bool = False  # one sample per box, cropped (paper 004's detect -> crop); images without boxes stay whole
     crop_margin: float = Field(0.1, ge=0.0, le=1.0)
+    # Paper 004's second stage: each box's lesion segmented (GrabCut, or SAM from `sam_model`: a checkpoint folder
+    # or a hub name), the crop's pixels outside it black; and its preparation of every image (grey, median filter).
+    segment: Literal["none", "grabcut", "sam"] = "none"
+    sam_model: str = "facebook/sam-vit-base"
+    grayscale: bool = False
+    median: int = Field(0, ge=0)  # px, odd; 0: no median filter
     slice_folder: str | None = None  # sequences: only slices in folders of this name (CT-ICH: brain, not bone)
     mode: Literal["slice", "center", "series"] = "slice"
     neighbours: int = Field(0, ge=0)
@@ -174,6 +180,10 @@ class ImagesIngestConfig(IngestConfig):
     def _consistent(self) -> ImagesIngestConfig:
         if self.crop and not self.boxes:
             raise ValueError("crop needs boxes (a YOLO label folder or a box CSV)")
+        if self.segment != "none" and not self.crop:
+            raise ValueError(f"segment {self.segment} segments the lesion of each box's crop: it needs crop")
+        if self.median and self.median % 2 == 0:
+            raise ValueError(f"median must be odd (a filter centred on each pixel), got {self.median}")
         if self.layout in ("folders", "csv") and self.mode != "slice":
             raise ValueError(f"mode {self.mode!r} makes sequences; it needs layout sequences (or auto)")
         return self

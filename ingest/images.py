@@ -99,10 +99,9 @@ def normalise(pixel_boxes, width: int, height: int) -> list[Box]:
     ]
 
 
-def crop(rgb: np.ndarray, box: Box, margin: float = 0.1) -> np.ndarray:
-    """The region of ``box`` grown by ``margin`` of its size on each side, clipped to the image (the
-    detect -> crop step of paper 004, with boxes from annotations or a detector)."""
-    h, w = rgb.shape[:2]
+def crop_bounds(box: Box, w: int, h: int, margin: float = 0.1) -> tuple[int, int, int, int]:
+    """Whole-pixel ``(x0, y0, x1, y1)`` of ``box`` grown by ``margin`` of its size on each side, clipped to a
+    ``w`` x ``h`` image."""
     bw, bh = (box.x1 - box.x0) * w, (box.y1 - box.y0) * h
     x0 = int(np.floor(max(box.x0 * w - margin * bw, 0)))
     y0 = int(np.floor(max(box.y0 * h - margin * bh, 0)))
@@ -110,6 +109,13 @@ def crop(rgb: np.ndarray, box: Box, margin: float = 0.1) -> np.ndarray:
     y1 = int(np.ceil(min(box.y1 * h + margin * bh, h)))
     if x1 <= x0 or y1 <= y0:
         raise ValueError(f"empty crop for box {box.as_list()} in a {w}x{h} image")
+    return x0, y0, x1, y1
+
+
+def crop(rgb: np.ndarray, box: Box, margin: float = 0.1) -> np.ndarray:
+    """The region of ``box`` grown by ``margin`` of its size on each side, clipped to the image (the
+    detect -> crop step of paper 004, with boxes from annotations or a detector)."""
+    x0, y0, x1, y1 = crop_bounds(box, *rgb.shape[1::-1], margin)
     return np.ascontiguousarray(rgb[y0:y1, x0:x1])
 
 

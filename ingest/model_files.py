@@ -55,6 +55,21 @@ def recording(cfg: IngestConfig, model: ModelFiles | None) -> tuple[IngestConfig
     return cfg.model_copy(update={"background_model": model.source, "background_model_sha256": model.sha256}), line
 
 
+def read_models(cfg: IngestConfig) -> ModelFiles | None:
+    """What the models a run names hold, read on the driver before any work: the background model's files (None
+    without one); a SAM checkpoint's configuration, so that a wrong name fails the run here and not every image.
+    torch and transformers are imported only where a model is named."""
+    if getattr(cfg, "segment", "none") == "sam":
+        from ingest.sam import check_sam
+
+        check_sam(cfg.sam_model)
+    if not getattr(cfg, "background_model", None):
+        return None
+    from ingest.background import read_checked
+
+    return read_checked(cfg.background_model, cfg.background_threshold)
+
+
 def is_mlflow(ref: str) -> bool:
     """Whether ``ref`` names a run or a registered model rather than a file."""
     return ref.startswith(("runs:/", "models:/")) or (RUN_ID.fullmatch(ref) is not None and not os.path.exists(ref))

@@ -11,7 +11,7 @@ from ingest.dicom import group_series, map_headers, read_header, read_headers
 from ingest.dicom_wsi import group_dicom_slides
 from ingest.images import IMAGE_EXTS, csv_boxes, is_slice_table, patient_key, read_slice_table, slice_number, yolo_boxes
 from ingest.labels import RSNA_SUBTYPES, LabelRow, class_names, is_rsna_csv, read_label_csv, read_rsna_csv
-from ingest.model_files import ModelFiles
+from ingest.model_files import ModelFiles, read_models
 from ingest.pseudonym import pseudonym
 from ingest.sources import SLIDE_EXTS, expand, fingerprint, listing, mirax_companions, stem, vms_companions
 from ingest.splits import assign_splits, parse_fractions
@@ -340,11 +340,7 @@ def make_plan(kind: str, cfg: IngestConfig, key: bytes) -> Plan:
     planner, config = planners[kind], CONFIGS[kind]
     if not isinstance(cfg, config):
         raise TypeError(f"ingest {kind} takes a {config.__name__}, not a {type(cfg).__name__}")
-    model = None
-    if isinstance(cfg, WsiIngestConfig) and cfg.background_model:  # torch is imported only where one is given
-        from ingest.background import read_checked
-
-        model = read_checked(cfg.background_model, cfg.background_threshold)
+    model = read_models(cfg)
     plan = planner(cfg, key)
     plan.background = model
     return plan

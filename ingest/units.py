@@ -11,9 +11,10 @@ from typing import Any
 import cv2
 import numpy as np
 
+from ingest import lesion
 from ingest.config import DicomIngestConfig, ImagesIngestConfig, IngestConfig, WsiIngestConfig
 from ingest.dicom import slice_rgb
-from ingest.images import Box, crop, decode_rgb, normalise
+from ingest.images import Box, decode_rgb, normalise
 from ingest.preview import mark_dropped, preview_png, preview_scale
 from ingest.sequences import center_indices, even_indices, neighbour_indices
 from ingest.slides import OpenSlideReader
@@ -218,6 +219,11 @@ def _read_rgb(path: str, _: int = 0) -> np.ndarray:
         return decode_rgb(f.read())
 
 
+def _prepared(cfg: ImagesIngestConfig) -> Callable[..., np.ndarray]:
+    """:func:`_read_rgb` with paper 004's preparation (``--grayscale``, ``--median``) of each image."""
+    return lambda path, _=0: lesion.denoise(_read_rgb(path), cfg.median, cfg.grayscale)
+
+
 def _fit(rgb: np.ndarray, size: int | None) -> np.ndarray:
     """Shrink so the longer side is ``size`` (aspect kept; normalised boxes stay valid); never enlarge."""
     h, w = rgb.shape[:2]
@@ -232,15 +238,21 @@ def image_samples(work: Work, cfg: ImagesIngestConfig) -> Iterator[dict[str, Any
     metadata as normalised ``[x0, y0, x1, y1, label]``."""
     unit = work.unit
     with local_copy(unit.sources[0]) as path:
-        rgb = _read_rgb(path)
+        rgb = _prepared(cfg)(path)
     h, w = rgb.shape[:2]
     boxes = [Box(*b) for b in unit.meta.get("yolo") or []] or normalise(unit.meta.get("pixel_boxes") or [], w, h)
     meta = {"image": unit.item, "patient": unit.patient, "label": unit.label, "width": w, "height": h}
     meta["boxes"] = [b.as_list() for b in boxes]
     if cfg.crop and boxes:
+        segmenter = lesion.segmenter(cfg.segment, cfg.sam_model) if cfg.segment != "none" else None
+        found = lesion.lesions(rgb, boxes, segmenter) if segmenter else []
         for j, box in enumerate(boxes):
-            image = encode_image(_fit(crop(rgb, box, cfg.crop_margin), cfg.store_size), cfg.format, cfg.quality)
-            yield make_sample(f"{unit.item}_box{j:02d}", image, cfg.format, unit.label, meta | {"crop": j})
+            extra: dict[str, Any] = {"crop": j}
+            if found:  # the lesion alone, or (none found in the box) the box crop as it is
+                extra |= {"segmented": found[j].mask is not None, "lesion_fraction": found[j].fraction}
+            region = lesion.cut_out(rgb, box, cfg.crop_margin, found[j].mask if found else None)
+            image = encode_image(_fit(region, cfg.store_size), cfg.format, cfg.quality)
+            yield make_sample(f"{unit.item}_box{j:02d}", image, cfg.format, unit.label, meta | extra)
     else:
         image = encode_image(_fit(rgb, cfg.store_size), cfg.format, cfg.quality)
         yield make_sample(unit.item, image, cfg.format, unit.label, meta | {"crop": None})
@@ -271,6 +283,6 @@ def work_samples(work: Work, cfg: IngestConfig, background=None) -> Iterator[dic
         return image_samples(work, cfg)
     if work.unit.kind == "sequence":
         assert isinstance(cfg, ImagesIngestConfig)
-        return sequence_samples(work, cfg, _read_rgb, {})
+        return sequence_samples(work, cfg, _prepared(cfg), {})
     assert isinstance(cfg, DicomIngestConfig)
     return dicom_samples(work, cfg)

@@ -1,8 +1,10 @@
 """Image-folder ingest on the local stack: MR class folders cropped to their YOLO boxes and CT-ICH slice
 sequences, to S3, read back by the training loader."""
 
+import io
 import json
 import shutil
+import tarfile
 
 import numpy as np
 
@@ -28,7 +30,7 @@ def test_mri_crops_to_s3_and_the_loader_reads_them(stack, tmp_path):
     out = "s3://shards/mri/crops"
     cfg = ImagesIngestConfig(
         sources=[str(tmp_path / "images")], out=out, boxes=str(labels), crop=True, split="train=0.5,val=0.5",
-        images_per_task=5,
+        images_per_task=5, segment="grabcut", median=3,  # paper 004: denoised, each box's lesion cut out
     )  # fmt: skip
     manifest, _ = run_ingest("images", cfg)
     by_status = {}
@@ -48,6 +50,18 @@ def test_mri_crops_to_s3_and_the_loader_reads_them(stack, tmp_path):
         assert all(r.shards and all(s.startswith(f"{split}/") for s in r.shards) for r in mine)
     batch = _first_batch(manifest, out, "train", tmp_path / "idx")
     assert batch.shape == (2, 3, 32, 32) and np.isfinite(batch).all()
+    metas = [json.loads(m) for split in manifest.splits for m in _members(manifest, out, split, ".json")]
+    crops = [m for m in metas if m["crop"] is not None]
+    assert len(crops) == 11 and all(m["segmented"] and 0.5 < m["lesion_fraction"] < 1 for m in crops)
+
+
+def _members(manifest, url: str, split: str, suffix: str) -> list[bytes]:
+    """The ``suffix`` members of a split's shards, read from the store."""
+    out = []
+    for shard in manifest.shard_urls(url, split):
+        with tarfile.open(fileobj=io.BytesIO(storage.get_bytes(shard))) as tar:
+            out += [tar.extractfile(m).read() for m in tar.getmembers() if m.name.endswith(suffix)]
+    return out
 
 
 def test_ct_ich_sequences_to_s3_as_frames(stack, tmp_path):
