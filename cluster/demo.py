@@ -1,4 +1,4 @@
-"""``tessera demo``: synthetic slides and CT in, shards on S3, a model trained and tracked in MLflow."""
+"""``tessera demo``: synthetic slides, CT and MR in, shards on S3, a model trained and tracked in MLflow."""
 
 from __future__ import annotations
 
@@ -15,20 +15,25 @@ def _stage(msg: str) -> None:
 
 def run_demo(settings: Settings, workdir: Path, small: bool = False) -> dict[str, str]:
     """Run the main job on a connected local stack; returns the URLs it printed."""
-    from ingest.config import DicomIngestConfig, WsiIngestConfig
+    from ingest.config import DicomIngestConfig, ImagesIngestConfig, WsiIngestConfig
     from ingest.runner import manifest_summary, run_ingest
-    from ingest.synthetic import make_ct_series, make_slides
+    from ingest.synthetic import make_ct_series, make_mri_folders, make_slides
     from shards.verify import verify_dataset
     from training.config import load_recipe
     from training.launch import run_training
 
     t0 = time.time()
     n_slides, size = (4, 1024) if small else (8, 2048)
-    _stage(f"generating {n_slides} synthetic slides ({size} px, JPEG-tiled pyramids) and 2 CT series")
+    _stage(
+        f"generating {n_slides} synthetic slides ({size} px, JPEG-tiled pyramids), 2 CT series and 8 MR images "
+        "with tumour boxes"
+    )
     _, labels = make_slides(workdir / "slides", n=n_slides, size=size)
     _, ct_labels = make_ct_series(workdir / "ct", n=2, slices=8 if small else 16)
+    boxes = make_mri_folders(workdir / "mri", per_class=2, size=128)
 
     wsi_url, ct_url = settings.dataset_url("demo/wsi"), settings.dataset_url("demo/ct")
+    mri_url = settings.dataset_url("demo/mri")
     _stage(f"ingesting slides -> {wsi_url}")
     wsi = WsiIngestConfig(
         sources=[str(workdir / "slides")],
@@ -47,9 +52,15 @@ def run_demo(settings: Settings, workdir: Path, small: bool = False) -> dict[str
         sources=[str(workdir / "ct")], out=ct_url, labels=str(ct_labels), split="train=0.5,val=0.5", overwrite=True
     )
     print(manifest_summary(run_ingest("dicom", ct)[0]))
+    _stage(f"ingesting MR images -> {mri_url}: each tumour box's lesion segmented (GrabCut) and cut out")
+    mri = ImagesIngestConfig(
+        sources=[str(workdir / "mri" / "images")], out=mri_url, boxes=str(boxes), crop=True, segment="grabcut",
+        median=3, split="train=0.5,val=0.5", overwrite=True,
+    )  # fmt: skip
+    print(manifest_summary(run_ingest("images", mri)[0]))
 
     _stage("verifying shards against the manifests (size, sha256, sample counts)")
-    problems = verify_dataset(wsi_url) + verify_dataset(ct_url)
+    problems = verify_dataset(wsi_url) + verify_dataset(ct_url) + verify_dataset(mri_url)
     if problems:
         raise TesseraError("shard verification failed:\n  " + "\n  ".join(problems))
     print("all shards match their manifests")
@@ -72,6 +83,6 @@ def run_demo(settings: Settings, workdir: Path, small: bool = False) -> dict[str
             f"test (held out): tile accuracy {t.get('test_accuracy', float('nan')):.3f}, "
             f"patient accuracy {t.get('test_patient_accuracy', float('nan')):.3f}"
         )
-    print(f"shards:     {wsi_url}  {ct_url}")
+    print(f"shards:     {wsi_url}  {ct_url}  {mri_url}")
     print(f"MLflow run: {outcome.run_url}")
-    return {"wsi": wsi_url, "ct": ct_url, "run_url": outcome.run_url, "run_id": outcome.run_id}
+    return {"wsi": wsi_url, "ct": ct_url, "mri": mri_url, "run_url": outcome.run_url, "run_id": outcome.run_id}

@@ -39,8 +39,8 @@ def _samples(url, tmp):
     return out
 
 
-def test_shards_match_manifest_and_account_for_every_input(demo):
-    for url in (demo["wsi"], demo["ct"]):
+def test_shards_match_manifest_and_account_for_every_input(demo, tmp_path):
+    for url in (demo["wsi"], demo["ct"], demo["mri"]):
         assert verify_dataset(url) == []
     wsi = mf.load(demo["wsi"])
     assert len(wsi.inputs) == 4 and all(r.status == "ingested" for r in wsi.inputs)
@@ -51,6 +51,13 @@ def test_shards_match_manifest_and_account_for_every_input(demo):
     assert set(wsi.splits) == {"train", "val"}
     previews = [u for u in storage.list_urls(storage.join(demo["wsi"], "previews")) if u.endswith(".png")]
     assert len(previews) == 4  # one per slide, named by pseudonym
+    mri = mf.load(demo["mri"])
+    assert len(mri.inputs) == 8 and all(r.status == "ingested" for r in mri.inputs)
+    crops = [
+        json.loads(s["json"]) for split in mri.splits for s in _samples(storage.join(demo["mri"], split), tmp_path)
+    ]
+    crops = [m for m in crops if m["crop"] is not None]
+    assert len(crops) == 6 and all(m["segmented"] for m in crops)  # 2 images of each tumour class, one box each
 
 
 def test_labels_survive_the_round_trip(demo, tmp_path):
@@ -162,6 +169,7 @@ def _identifiers(workdir: Path) -> set[str]:
         }
     ids |= {p.stem for p in (workdir / "slides").glob("*.tif")}  # slide file names
     ids |= {f"p{i:04d}" for i in range(4)}  # patient ids of the label CSV
+    ids |= {p.stem for p in (workdir / "mri").rglob("*.jpg")}  # MR image file names
     return ids
 
 
