@@ -102,6 +102,13 @@ class IngestConfig(BaseModel):
         """:func:`dataset_options` of this configuration."""
         return dataset_options(self.public())
 
+    def as_recorded_now(self, recorded: dict) -> dict:
+        """A configuration (:meth:`public`) an earlier version recorded, with the fields added since at their
+        defaults: a new field's default does what the versions before it did, so a dataset they made is not
+        refused for it (``--append``, ``--retry-failed``)."""
+        fields = type(self).model_fields
+        return {k: fields[k].get_default(call_default_factory=True) for k in self.public()} | recorded
+
 
 class WsiIngestConfig(IngestConfig):
     """Whole-slide tiling (paper 000: 600 px tiles kept at >= 30 % tissue)."""

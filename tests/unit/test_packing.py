@@ -2,6 +2,7 @@
 object store are downloaded once per worker; a complete dataset is pruned of leftovers, and made again only when
 asked."""
 
+import json
 import os
 from pathlib import Path
 
@@ -328,6 +329,42 @@ def test_appending_adds_new_inputs_and_keeps_the_datasets_own(tmp_path):
     same = plan_of(("a1", "p1", 0), ("b2", "p2", 0))
     same.skipped = [_rec("z9", "skipped"), _rec("c3", "skipped")]  # c3 still not in the label table
     assert not to_ingest(decide("wsi", same, cfg), same, cfg)  # nothing new: nothing to do
+
+
+def test_a_dataset_recorded_before_an_option_existed_takes_its_default(tmp_path):
+    """A dataset made by a version without ``--segment``, ``--median`` (...) recorded no such options: appending
+    to it compares them at their defaults, which do what that version did; another value is still refused."""
+    from ingest.config import ImagesIngestConfig
+    from ingest.plan import Plan
+    from ingest.rerun import decide
+    from ingest.units import Unit
+    from shards import manifest as mf
+
+    cfg = ImagesIngestConfig(sources=["x"], out=str(tmp_path), append=True, split="train=1.0")
+    added_since = ("segment", "sam_model", "grayscale", "median")
+    earlier = {k: v for k, v in cfg.public().items() if k not in added_since}
+    made = mf.Manifest(dataset=str(tmp_path), kind="images", classes=["a"], config=earlier)
+    made.inputs = [_rec("a1", "ingested", patient="p1", label=0)]
+    mf.save(made, str(tmp_path))
+    units = [Unit(uid, "image", [uid], f"s{uid}", f"p{uid[1]}", 0) for uid in ("a1", "b2")]
+    for unit in units:
+        unit.split = "train"
+    plan = Plan(units=units, classes=["a"])
+    assert decide("images", plan, cfg).created == made.created
+    with pytest.raises(ValueError, match=r"options median 0 -> 3"):
+        decide("images", plan, cfg.model_copy(update={"median": 3}))
+
+    # the same for the staged work of a run that version left interrupted
+    from ingest.config import dataset_options
+    from ingest.staging import STAGING, done_records
+
+    marker = tmp_path / "more" / STAGING / "config.json"
+    marker.parent.mkdir(parents=True)
+    more = cfg.model_copy(update={"out": str(tmp_path / "more")})
+    marker.write_text(json.dumps(dataset_options({k: v for k, v in more.public().items() if k not in added_since})))
+    assert done_records(more) == {}
+    with pytest.raises(ValueError, match=r"other options \(median 0 -> 5\)"):
+        done_records(more.model_copy(update={"median": 5}))
 
 
 def test_the_dry_run_says_which_failed_inputs_a_retry_would_ingest(tmp_path):
