@@ -50,6 +50,8 @@ def dataset_lines(manifest, data: bytes) -> list[str]:
         )
     lines.append("inputs: " + ", ".join(f"{status} {n}" for status, n in manifest.counts().items()))
     lines += [f"  {status} {line}" for status in ("skipped", "failed") for line in manifest.reasons(status)]
+    if warned := manifest.warned():
+        lines += ["warnings (inputs):", *(f"  {line}" for line in warned)]
     if sha := manifest.config.get("background_model_sha256"):  # paper 000's second stage: which model, what it did
         dropped = sum(r.background_dropped or 0 for r in manifest.inputs)
         lines.append(

@@ -246,7 +246,7 @@ def _merge(unit: Unit, plan, works: list[WorkRecord], threshold: float | None = 
         label=unit.label,
         fingerprint=unit.fingerprint,
     )
-    rec.split, rec.warnings = unit.split, list(warnings)
+    rec.split, rec.warnings = unit.split, list(warnings) + [n for w in works for n in w.warnings]
     if threshold is not None:
         rec.background_dropped = sum(len(w.dropped_at) for w in works)
     failed = [w for w in works if w.status != "ingested"]
@@ -379,4 +379,7 @@ def manifest_summary(manifest: Manifest) -> str:
         grown = f" | made {manifest.created}, amended {times} time(s); last {last.time}: {last.describe()}"
     dropped = [r.background_dropped for r in manifest.inputs if r.background_dropped is not None]
     model = f" | the background model dropped {sum(dropped)} tiles" if dropped else ""
-    return ("; ".join(parts) or "no samples") + " | inputs " + json.dumps(manifest.counts()) + unmatched + model + grown
+    n = sum(1 for r in manifest.inputs if r.warnings)
+    warned = f" | {n} input(s) with warnings (`tessera dataset {manifest.dataset}` counts them)" if n else ""
+    counts = " | inputs " + json.dumps(manifest.counts())
+    return ("; ".join(parts) or "no samples") + counts + unmatched + model + warned + grown

@@ -29,6 +29,7 @@ class Outcome(BaseModel):
     status: str = "ingested"
     reason: str | None = None
     samples: int = 0
+    warnings: list[str] = Field(default_factory=list)
 
 
 class WorkRecord(BaseModel):
@@ -120,8 +121,11 @@ def _batch_samples(work: Work, cfg: IngestConfig, members: dict[str, Outcome]):
     """The samples of each image of a batch in turn; an image that fails is recorded in ``members`` and skipped
     (its samples are made whole before any is written, so none of a failed image reaches the part)."""
     for unit in work.batch:
-        made, action, reason = attempt(lambda u=unit: list(work_samples(Work(u), cfg)), cfg)
-        members[unit.id] = Outcome(status=action or "ingested", reason=reason, samples=len(made or []))
+        one = Work(unit)
+        made, action, reason = attempt(lambda w=one: list(work_samples(w, cfg)), cfg)
+        members[unit.id] = Outcome(
+            status=action or "ingested", reason=reason, samples=len(made or []), warnings=one.notes if made else []
+        )
         yield from made or []
 
 
@@ -153,6 +157,7 @@ def process_work(work: Work, cfg: IngestConfig, background=None) -> WorkRecord:
         fingerprint=work.fingerprint,
     )
     rec.samples, rec.bytes, rec.classes, rec.members, rec.dropped_at = written or (0, 0, None, {}, [])
+    rec.warnings = list(work.notes) if written else []
     if action and work.batch:  # the part itself could not be staged: every image of the batch shares its fate
         rec.members = {u.id: Outcome(status=action, reason=reason) for u in work.batch}
     # Recorded as done only when whole: a re-run retries work with a failure in it (a batch with a bad image too).

@@ -53,6 +53,7 @@ class Work:
     index: int = 0
     plan: TilePlan | None = None
     batch: list[Unit] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # what making its samples found worth recording (warnings)
 
     @property
     def id(self) -> str:
@@ -236,6 +237,7 @@ def _fit(rgb: np.ndarray, size: int | None) -> np.ndarray:
 def image_samples(work: Work, cfg: ImagesIngestConfig) -> Iterator[dict[str, Any]]:
     """One image as a sample, or (``cfg.crop``) one sample per box cropped around it; boxes travel in the
     metadata as normalised ``[x0, y0, x1, y1, label]``."""
+    work.notes.clear()  # a retried attempt notes anew
     unit = work.unit
     with local_copy(unit.sources[0]) as path:
         rgb = _prepared(cfg)(path)
@@ -250,6 +252,8 @@ def image_samples(work: Work, cfg: ImagesIngestConfig) -> Iterator[dict[str, Any
             extra: dict[str, Any] = {"crop": j}
             if found:  # the lesion alone, or (none found in the box) the box crop as it is
                 extra |= {"segmented": found[j].mask is not None, "lesion_fraction": found[j].fraction}
+                if found[j].mask is None:
+                    work.notes.append(f"box {j}: {cfg.segment} found no lesion in it; its crop is kept unmasked")
             region = lesion.cut_out(rgb, box, cfg.crop_margin, found[j].mask if found else None)
             image = encode_image(_fit(region, cfg.store_size), cfg.format, cfg.quality)
             yield make_sample(f"{unit.item}_box{j:02d}", image, cfg.format, unit.label, meta | extra)

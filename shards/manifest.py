@@ -187,6 +187,13 @@ class Manifest(BaseModel):
         rest = sum(found.values()) - sum(n for _, n in found.most_common(most))
         return lines + ([f"{rest}: {len(found) - most} other reason(s)"] if rest else [])
 
+    def warned(self, most: int = 5) -> list[str]:
+        """``"N: warning"`` for the ``most`` commonest warnings recorded for inputs (a slide read without MPP, a
+        series with gaps, a box with no lesion found), commonest first; N counts inputs."""
+        found = Counter(w for rec in self.inputs for w in dict.fromkeys(rec.warnings))
+        lines = [f"{n}: {warning}" for warning, n in found.most_common(most)]
+        return lines + ([f"and {len(found) - most} other warning(s)"] if len(found) > most else [])
+
     def shards_holding(self, ids: set[str]) -> list[str]:
         """The shards (``split/shard-N.tar``) that hold samples of the inputs ``ids``, sorted."""
         return sorted({s for r in self.inputs if r.id in ids for s in r.shards})

@@ -163,3 +163,38 @@ def test_sam_from_a_local_checkpoint_segments_every_box_and_a_wrong_one_is_named
     unit = next(u for u in plan.units if u.meta.get("yolo"))
     (sample,) = work_samples(Work(unit), cfg)
     assert {"segmented", "lesion_fraction"} <= set(json.loads(sample["json"]))
+
+
+class _FindsNothing:
+    """A segmenter that finds no lesion in any box (what GrabCut or SAM return for a box over no lesion)."""
+
+    def masks(self, rgb, rects):
+        return [np.zeros(rgb.shape[:2], bool) for _ in rects]
+
+
+def test_a_box_with_no_lesion_found_is_a_warning_of_its_image_in_the_manifest(tmp_path, monkeypatch):
+    from cluster.cli_dataset import dataset_lines
+    from ingest.runner import _merge, manifest_summary
+    from ingest.staging import process_work
+    from ingest.units import batch_images
+    from shards import manifest as mf
+
+    labels = make_mri_folders(tmp_path, per_class=1, size=64)
+    cfg = ImagesIngestConfig(
+        sources=[str(tmp_path / "images")], out=str(tmp_path / "out"), boxes=str(labels), crop=True,
+        segment="grabcut", split="train=1.0",
+    )  # fmt: skip
+    monkeypatch.setattr(lesion, "segmenter", lambda *_: _FindsNothing())
+    plan = plan_images(cfg, KEY)
+    (work,) = batch_images(plan.units, cfg.images_per_task)
+    per = {r.unit: r for r in process_work(work, cfg).per_unit()}
+    said = "box 0: grabcut found no lesion in it; its crop is kept unmasked"
+    tumours = {u.id for u in plan.units if u.meta.get("yolo")}
+    assert len(tumours) == 3 and all(per[u].warnings == [said] for u in tumours)
+    assert all(per[u.id].warnings == [] for u in plan.units if u.id not in tumours)
+    inputs = [_merge(u, ([], [], None, None), [per[u.id]]) for u in plan.units]
+    assert sorted(r.warnings for r in inputs) == [[], [said], [said], [said]]
+    manifest = mf.Manifest(dataset="s3://b/mri", kind="images", classes=plan.classes, config={}, inputs=inputs)
+    assert manifest.warned() == [f"3: {said}"]
+    assert "3 input(s) with warnings (`tessera dataset s3://b/mri` counts them)" in manifest_summary(manifest)
+    assert dataset_lines(manifest, b"{}")[-2:] == ["warnings (inputs):", f"  3: {said}"]
