@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import fcntl
 import hashlib
 import io
 import os
@@ -11,7 +12,7 @@ import re
 import shutil
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +85,24 @@ def to_universal(checkpoint_dir: str | Path, out_dir: str | Path, tag: str) -> P
 
 
 @contextlib.contextmanager
+def node_lock(path: Path) -> Iterator[Callable[[], None]]:
+    """An exclusive lock among this node's processes on the file ``path`` (``flock``); yields ``remove``, with
+    which its holder deletes the file: a process that waited on the deleted file then takes the lock again on the
+    file at ``path`` now, so no two hold it at once and no lock file outlives its last user."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        with contextlib.suppress(FileNotFoundError):
+            if os.path.samestat(os.fstat(fd), os.stat(path)):
+                break
+        os.close(fd)
+    try:
+        yield lambda: path.unlink(missing_ok=True)
+    finally:
+        os.close(fd)  # releases the lock
+
+
+@contextlib.contextmanager
 def universal_checkpoint(checkpoint_dir: str | Path, tag: str) -> Iterator[Path]:
     """:func:`to_universal` once per node, in a folder its workers share: the first to arrive converts while the
     others wait, and the last to leave removes it (a reader killed while loading does not count: each reader's
@@ -91,14 +110,12 @@ def universal_checkpoint(checkpoint_dir: str | Path, tag: str) -> Iterator[Path]
     on its own would hold 8 copies of the model and optimiser state and write 8 folders. ``checkpoint_dir``
     names the checkpoint: Ray Train gives a node's workers the same local folder (the storage path itself, or
     its one shared download)."""
-    from filelock import FileLock
-
     key = hashlib.sha256(str(Path(checkpoint_dir).resolve()).encode()).hexdigest()[:16]
     out = Path(tempfile.gettempdir()) / f"tessera-universal-{key}"
     readers = out.with_name(f"{out.name}.readers")  # one file per reader of the folder: <pid>-<uuid>
     reader = readers / f"{os.getpid()}-{uuid.uuid4().hex}"
-    lock = FileLock(f"{out}.lock")
-    with lock:
+    lock = out.with_name(f"{out.name}.lock")
+    with node_lock(lock):
         readers.mkdir(exist_ok=True)
         reader.touch()
         if not (out / ".complete").exists():  # also a crashed conversion's leftovers: convert again
@@ -108,11 +125,12 @@ def universal_checkpoint(checkpoint_dir: str | Path, tag: str) -> Iterator[Path]
     try:
         yield out
     finally:
-        with lock:
+        with node_lock(lock) as remove:
             reader.unlink(missing_ok=True)
             if not any(scratch.owner_running(f.name, prefix="") for f in readers.iterdir()):
                 shutil.rmtree(out, ignore_errors=True)
                 shutil.rmtree(readers)
+                remove()
 
 
 def zero_stage(recipe: TrainRecipe, world: int, written_by: int | None = None) -> int:

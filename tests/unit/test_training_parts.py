@@ -237,6 +237,32 @@ def test_the_universal_form_is_removed_when_the_last_living_reader_leaves(tmp_pa
         (readers / "0123abcd").touch()  # a reader file named before readers named their process
     assert converted == [folder]
     assert not folder.exists() and not readers.exists()
+    assert not folder.with_name(f"{folder.name}.lock").exists()  # its lock file went with it
+
+
+def test_the_node_lock_excludes_and_its_last_holder_may_remove_it(tmp_path):
+    """Two holders never at once, though the first deletes the file the second waits on: the second takes the
+    lock again on the file made anew, which it may remove in turn."""
+    import threading
+    import time
+
+    from training.engine import node_lock
+
+    path, events = tmp_path / "x.lock", []
+
+    def second():
+        with node_lock(path) as remove:
+            events.append(("second in", path.exists()))
+            remove()
+
+    with node_lock(path) as remove:
+        waiter = threading.Thread(target=second)
+        waiter.start()
+        time.sleep(0.3)  # the waiter blocks on the file now
+        events.append(("first out", path.exists()))
+        remove()
+    waiter.join(timeout=10)
+    assert events == [("first out", True), ("second in", True)] and not path.exists()
 
 
 def test_a_run_registers_one_model_version_however_often_it_ends(tmp_path):
