@@ -14,6 +14,7 @@ from ingest.synthetic import make_ct_ich, make_mri_folders
 from shards import manifest as mf
 from shards import storage
 from shards.dali import build_pipeline, fetch_indices
+from tests.checkpoints import tiny_sam
 
 
 def _first_batch(manifest, url: str, split: str, idx_dir, frames: int = 0):
@@ -122,3 +123,21 @@ def test_image_batches_follow_a_folder_that_grew_and_append_adds_to_it(stack, tm
     assert len(set(keys(grown))) == len(keys(grown)) == 16
     for split, info in resumed.splits.items():
         assert grown.splits[split].shards[: len(info.shards)] == info.shards
+
+
+def test_sam_segments_the_crops_in_the_ray_workers(stack, tmp_path):
+    """``--segment sam`` from a local checkpoint: each worker loads it and segments its images' boxes; a box in
+    which it found no lesion (random weights: any box may be one) is its image's warning in the manifest."""
+    labels = make_mri_folders(tmp_path, per_class=1, size=64, seed=4)
+    out = "s3://shards/mri/sam"
+    cfg = ImagesIngestConfig(
+        sources=[str(tmp_path / "images")], out=out, boxes=str(labels), crop=True, segment="sam",
+        sam_model=tiny_sam(tmp_path / "sam"), split="train=1.0", overwrite=True,
+    )  # fmt: skip
+    manifest, _ = run_ingest("images", cfg)
+    assert manifest.counts() == {"ingested": 4, "skipped": 0, "failed": 0}
+    crops = [json.loads(m) for m in _members(manifest, out, "train", ".json")]
+    crops = [m for m in crops if m["crop"] is not None]
+    assert len(crops) == 3 and all(isinstance(m["segmented"], bool) for m in crops)
+    unfound = sum(not m["segmented"] for m in crops)
+    assert sum(len(r.warnings) for r in manifest.inputs) == unfound

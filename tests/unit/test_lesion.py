@@ -14,6 +14,7 @@ from ingest.images import Box
 from ingest.plan import make_plan, plan_images
 from ingest.synthetic import make_mri_folders, mri_image
 from ingest.units import Work, work_samples
+from tests.checkpoints import tiny_sam
 
 KEY = b"k" * 32
 
@@ -111,32 +112,12 @@ def test_segmented_crops_of_an_image_folder(tmp_path):
     assert "segmented" not in json.loads(plain["json"])  # no box: the whole image, nothing segmented
 
 
-def _tiny_sam(folder):
-    """A SAM checkpoint of random weights, small enough for a test, saved as a user's local folder is."""
-    import torch
-    from transformers import SamConfig, SamImageProcessor, SamModel, SamProcessor
-
-    torch.manual_seed(0)
-    vision = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "mlp_dim": 64, "image_size": 256,
-              "output_channels": 32, "window_size": 4, "global_attn_indexes": [1], "num_pos_feats": 16}  # fmt: skip
-    config = SamConfig(
-        vision_config=vision,
-        prompt_encoder_config={"hidden_size": 32, "image_size": 256, "mask_input_channels": 4},
-        mask_decoder_config={"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "mlp_dim": 64,
-                             "iou_head_hidden_dim": 32},
-    )  # fmt: skip
-    SamModel(config).save_pretrained(folder)
-    processor = SamImageProcessor(size={"longest_edge": 256}, pad_size={"height": 256, "width": 256})
-    SamProcessor(image_processor=processor).save_pretrained(folder)
-    return str(folder)
-
-
 def test_sam_from_a_local_checkpoint_segments_every_box_and_a_wrong_one_is_named(tmp_path):
     from transformers import ViTConfig
 
     from ingest.sam import SamSegmenter, check_sam
 
-    folder = _tiny_sam(tmp_path / "sam")
+    folder = tiny_sam(tmp_path / "sam")
     sam = SamSegmenter(folder)
     rgb, box, _ = _mri(size=96)
     masks = sam.masks(rgb, [(10, 20, 60, 70), lesion.box_rect(box, 96, 96)])
