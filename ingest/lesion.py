@@ -12,7 +12,7 @@ import cv2
 import numpy as np
 from scipy import ndimage
 
-from ingest.images import Box, crop_bounds
+from ingest.images import Box, crop, crop_bounds
 
 # A mask under this share of its box is no lesion found: the box crop is kept as it is (and says so).
 MIN_FRACTION = 0.02
@@ -96,13 +96,10 @@ def lesions(rgb: np.ndarray, boxes: list[Box], segmenter: Segmenter) -> list[Les
 
 
 def cut_out(rgb: np.ndarray, box: Box, margin: float, mask: np.ndarray | None) -> np.ndarray:
-    """The crop of ``box`` grown by ``margin`` (:func:`ingest.images.crop`), its pixels outside ``mask`` black;
-    the crop as it is without a mask."""
-    x0, y0, x1, y1 = crop_bounds(box, *rgb.shape[1::-1], margin)
-    region = rgb[y0:y1, x0:x1].copy()
-    if mask is not None:
-        region[~mask[y0:y1, x0:x1]] = 0
-    return region
+    """The crop of ``box`` grown by ``margin`` (:func:`ingest.images.crop`), its pixels outside ``mask`` (cropped
+    alike) black; the crop as it is without a mask."""
+    region = crop(rgb, box, margin)
+    return region if mask is None else np.where(crop(mask, box, margin)[..., None], region, 0).astype(region.dtype)
 
 
 def denoise(rgb: np.ndarray, median: int, grayscale: bool) -> np.ndarray:
