@@ -102,12 +102,12 @@ class IngestConfig(BaseModel):
         """:func:`dataset_options` of this configuration."""
         return dataset_options(self.public())
 
-    def as_recorded_now(self, recorded: dict) -> dict:
-        """A configuration (:meth:`public`) an earlier version recorded, with the fields added since at their
-        defaults: a new field's default does what the versions before it did, so a dataset they made is not
-        refused for it (``--append``, ``--retry-failed``)."""
+    def recorded_options(self, recorded: dict) -> dict:
+        """:func:`dataset_options` of a configuration (:meth:`public`) an earlier version recorded, with the fields
+        added since at their defaults: a new field's default does what the versions before it did, so a dataset
+        they made is not refused for it (``--append``, ``--retry-failed``, staged work resumed)."""
         fields = type(self).model_fields
-        return {k: fields[k].get_default(call_default_factory=True) for k in self.public()} | recorded
+        return dataset_options({k: fields[k].get_default(call_default_factory=True) for k in self.public()} | recorded)
 
 
 class WsiIngestConfig(IngestConfig):

@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from ingest.config import IngestConfig, changed_options, dataset_options
+from ingest.config import IngestConfig, changed_options
 from ingest.plan import Plan, id_list
 from ingest.splits import extend_splits, parse_fractions
 from ingest.units import Unit
@@ -60,7 +60,7 @@ def differences(
     With ``cfg.append``, the inputs it would add are no difference; ``splits`` (unit id -> split) overrides the
     plan's."""
     out = [f"kind {previous.kind} -> {kind}"] if previous.kind != kind else []
-    if changed := changed_options(dataset_options(cfg.as_recorded_now(previous.config)), cfg.output_options()):
+    if changed := changed_options(cfg.recorded_options(previous.config), cfg.output_options()):
         out.append(f"options {changed}")
     if previous.classes != plan.classes:
         out.append(f"classes {previous.classes} -> {plan.classes}")

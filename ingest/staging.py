@@ -14,7 +14,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from ingest.config import IngestConfig, changed_options, dataset_options
+from ingest.config import IngestConfig, changed_options
 from ingest.decisions import IngestStopped, decide
 from ingest.units import Work, work_samples
 from shards import probes, storage
@@ -172,8 +172,8 @@ def done_records(cfg: IngestConfig) -> dict[str, WorkRecord]:
     it a run takes: :func:`reusable`."""
     marker = storage.join(cfg.out, STAGING, "config.json")
     mine = json.dumps(cfg.output_options(), sort_keys=True)
-    if storage.exists(marker):  # what it recorded, the options added since at their defaults (as_recorded_now)
-        recorded = dataset_options(cfg.as_recorded_now(json.loads(storage.get_bytes(marker))))
+    if storage.exists(marker):  # what it recorded, the options added since at their defaults
+        recorded = cfg.recorded_options(json.loads(storage.get_bytes(marker)))
         if changed := changed_options(recorded, json.loads(mine)):
             raise ValueError(
                 f"{cfg.out} holds staged work of an interrupted run with other options ({changed}); re-run with the "
