@@ -183,16 +183,12 @@ class Manifest(BaseModel):
         """``"N: reason"`` for the ``most`` commonest reasons inputs have ``status`` (skipped, failed), commonest
         first, then how many inputs have other reasons: a count alone sends the user to the manifest's JSON."""
         found = Counter(rec.reason or "no reason recorded" for rec in self.inputs if rec.status == status)
-        lines = [f"{n}: {reason}" for reason, n in found.most_common(most)]
-        rest = sum(found.values()) - sum(n for _, n in found.most_common(most))
-        return lines + ([f"{rest}: {len(found) - most} other reason(s)"] if rest else [])
+        return _commonest(found, most, "reason")
 
     def warned(self, most: int = 5) -> list[str]:
         """``"N: warning"`` for the ``most`` commonest warnings recorded for inputs (a slide read without MPP, a
-        series with gaps, a box with no lesion found), commonest first; N counts inputs."""
-        found = Counter(w for rec in self.inputs for w in dict.fromkeys(rec.warnings))
-        lines = [f"{n}: {warning}" for warning, n in found.most_common(most)]
-        return lines + ([f"and {len(found) - most} other warning(s)"] if len(found) > most else [])
+        series with gaps, a box with no lesion found), as :meth:`reasons`; N counts inputs."""
+        return _commonest(Counter(w for rec in self.inputs for w in dict.fromkeys(rec.warnings)), most, "warning")
 
     def shards_holding(self, ids: set[str]) -> list[str]:
         """The shards (``split/shard-N.tar``) that hold samples of the inputs ``ids``, sorted."""
@@ -303,3 +299,11 @@ def check_same_data(
 def versions(recorded: str | None, data: bytes) -> str:
     """A recorded version and the one of the manifest ``data`` now, short, for a message."""
     return f"manifest sha256 {str(recorded)[:12]} -> {sha256_of(data)[:12]}"
+
+
+def _commonest(found: Counter, most: int, noun: str) -> list[str]:
+    """``"N: what"`` for the ``most`` commonest of ``found``, commonest first, then ``"N: K other <noun>(s)"`` for
+    the rest."""
+    lines = [f"{n}: {what}" for what, n in found.most_common(most)]
+    rest = sum(found.values()) - sum(n for _, n in found.most_common(most))
+    return lines + ([f"{rest}: {len(found) - most} other {noun}(s)"] if rest else [])
