@@ -1,10 +1,8 @@
 """Image-folder ingest on the local stack: MR class folders cropped to their YOLO boxes and CT-ICH slice
 sequences, to S3, read back by the training loader."""
 
-import io
 import json
 import shutil
-import tarfile
 
 import numpy as np
 
@@ -14,6 +12,7 @@ from ingest.synthetic import make_ct_ich, make_mri_folders
 from shards import manifest as mf
 from shards import storage
 from shards.dali import build_pipeline, fetch_indices
+from shards.writer import read_tar_samples
 from tests.checkpoints import tiny_sam
 
 
@@ -51,18 +50,15 @@ def test_mri_crops_to_s3_and_the_loader_reads_them(stack, tmp_path):
         assert all(r.shards and all(s.startswith(f"{split}/") for s in r.shards) for r in mine)
     batch = _first_batch(manifest, out, "train", tmp_path / "idx")
     assert batch.shape == (2, 3, 32, 32) and np.isfinite(batch).all()
-    metas = [json.loads(m) for split in manifest.splits for m in _members(manifest, out, split, ".json")]
+    metas = [m for split in manifest.splits for m in _metas(manifest, out, split, tmp_path)]
     crops = [m for m in metas if m["crop"] is not None]
     assert len(crops) == 11 and all(m["segmented"] and 0.5 < m["lesion_fraction"] < 1 for m in crops)
 
 
-def _members(manifest, url: str, split: str, suffix: str) -> list[bytes]:
-    """The ``suffix`` members of a split's shards, read from the store."""
-    out = []
-    for shard in manifest.shard_urls(url, split):
-        with tarfile.open(fileobj=io.BytesIO(storage.get_bytes(shard))) as tar:
-            out += [tar.extractfile(m).read() for m in tar.getmembers() if m.name.endswith(suffix)]
-    return out
+def _metas(manifest, url: str, split: str, tmp) -> list[dict]:
+    """The metadata of a split's samples, read from the store."""
+    shards = [read_tar_samples(storage.get_file(u, tmp / "x.tar")) for u in manifest.shard_urls(url, split)]
+    return [json.loads(s["json"]) for samples in shards for s in samples]
 
 
 def test_ct_ich_sequences_to_s3_as_frames(stack, tmp_path):
@@ -136,8 +132,7 @@ def test_sam_segments_the_crops_in_the_ray_workers(stack, tmp_path):
     )  # fmt: skip
     manifest, _ = run_ingest("images", cfg)
     assert manifest.counts() == {"ingested": 4, "skipped": 0, "failed": 0}
-    crops = [json.loads(m) for m in _members(manifest, out, "train", ".json")]
-    crops = [m for m in crops if m["crop"] is not None]
+    crops = [m for m in _metas(manifest, out, "train", tmp_path) if m["crop"] is not None]
     assert len(crops) == 3 and all(isinstance(m["segmented"], bool) for m in crops)
     unfound = sum(not m["segmented"] for m in crops)
     assert sum(len(r.warnings) for r in manifest.inputs) == unfound
