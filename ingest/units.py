@@ -53,7 +53,7 @@ class Work:
     index: int = 0
     plan: TilePlan | None = None
     batch: list[Unit] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)  # what making its samples found worth recording (warnings)
+    notes: list[str] = field(default_factory=list)  # an image's warnings found making its samples (see _batch_samples)
 
     @property
     def id(self) -> str:
