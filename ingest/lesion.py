@@ -53,7 +53,7 @@ class GrabCut:
         out = np.zeros((h, w), bool)
         if (cx0, cy0, cx1, cy1) == (x0, y0, x1, y1):  # the box is the whole image: nothing to tell background by
             return out
-        region = np.ascontiguousarray(cv2.cvtColor(rgb[cy0:cy1, cx0:cx1], cv2.COLOR_RGB2BGR))
+        region = np.ascontiguousarray(rgb[cy0:cy1, cx0:cx1])  # RGB as it is: its colour models ignore channel order
         labels = np.zeros(region.shape[:2], np.uint8)
         bgd, fgd = np.zeros((1, 65), np.float64), np.zeros((1, 65), np.float64)
         cv2.setRNGSeed(0)
