@@ -52,6 +52,8 @@ def recording(cfg: IngestConfig, model: ModelFiles | None) -> tuple[IngestConfig
     if model is None:
         return cfg, None
     line = f"background model: {model.source}, sha256 {model.sha256[:16]}"
+    if tile_um := (model.description or {}).get("tile_um"):  # slides whose tiles differ are warned of, each
+        line += f", trained on tiles {tile_um:.0f} µm across"
     return cfg.model_copy(update={"background_model": model.source, "background_model_sha256": model.sha256}), line
 
 

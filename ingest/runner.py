@@ -61,7 +61,7 @@ class IngestWorker:
             self.background = BackgroundFilter(model, cfg.background_threshold)
 
     def plan(self, unit: Unit) -> tuple[list[Work], list[str], str | None, str | None]:
-        result, action, reason = attempt(lambda: plan_unit(unit, self.cfg), self.cfg)
+        result, action, reason = attempt(lambda: plan_unit(unit, self.cfg, self.background), self.cfg)
         works, warnings = result if result else ([], [])
         return works, warnings, action, reason
 

@@ -19,7 +19,7 @@ from ingest.preview import mark_dropped, preview_png, preview_scale
 from ingest.sequences import center_indices, even_indices, neighbour_indices
 from ingest.slides import OpenSlideReader
 from ingest.source_cache import SLIDES, local_copy
-from ingest.wsi import TilePlan, plan_tiles, read_tiles
+from ingest.wsi import TilePlan, plan_tiles, read_tiles, scale_mismatch
 from shards import storage
 from shards.schema import encode_image, make_sample
 
@@ -86,8 +86,9 @@ def batch_images(units: list[Unit], size: int) -> list[Work]:
     ]
 
 
-def plan_slide(unit: Unit, cfg: WsiIngestConfig) -> tuple[list[Work], list[str]]:
-    """Mask and tile one slide, publish its preview, and cut its tiles into regions of ``cfg.region_tiles``."""
+def plan_slide(unit: Unit, cfg: WsiIngestConfig, background=None) -> tuple[list[Work], list[str]]:
+    """Mask and tile one slide, publish its preview, and cut its tiles into regions of ``cfg.region_tiles``; a
+    warning where the tiles are of another scale than the ``background`` model's training tiles."""
     reader = OpenSlideReader(SLIDES.path(unit.sources))  # downloaded once per worker for all its regions
     try:
         plan = plan_tiles(reader, cfg.tile_size, cfg.mpp, cfg.stride, cfg.tissue_threshold, cfg.magnification)
@@ -102,7 +103,9 @@ def plan_slide(unit: Unit, cfg: WsiIngestConfig) -> tuple[list[Work], list[str]]
         Work(unit, i, dataclasses.replace(light, tiles=plan.tiles[k : k + n]))
         for i, k in enumerate(range(0, len(plan.tiles), n))
     ]
-    return works, plan.warnings
+    tile_um = plan.mpp * plan.size0 if plan.mpp else None
+    mismatch = background and scale_mismatch(background.tile_um, tile_um, cfg.tile_size)
+    return works, plan.warnings + ([mismatch] if mismatch else [])
 
 
 def _stored_mpp(slide_mpp: float | None, size0: int, stored_px: int) -> float | None:
@@ -269,11 +272,11 @@ def mark_preview(out: str, item: str, tiles: list[tuple[int, int]], size0: int, 
     storage.put_bytes(url, mark_dropped(storage.get_bytes(url), tiles, size0, scale))
 
 
-def plan_unit(unit: Unit, cfg: IngestConfig) -> tuple[list[Work], list[str]]:
+def plan_unit(unit: Unit, cfg: IngestConfig, background=None) -> tuple[list[Work], list[str]]:
     """The work a unit needs: a slide's regions, or the whole series as one piece."""
     if unit.kind == "wsi":
         assert isinstance(cfg, WsiIngestConfig)
-        return plan_slide(unit, cfg)
+        return plan_slide(unit, cfg, background)
     return [Work(unit)], list(unit.meta.get("warnings", []))
 
 

@@ -129,6 +129,19 @@ class TileGeometry:
     warnings: list[str]
 
 
+def scale_mismatch(model_um: float | None, tile_um: float | None, tile_size: int, most: float = 1.25) -> str | None:
+    """A warning when tiles ``tile_um`` µm across (``tile_size`` px) differ by more than ``most`` times from the
+    ``model_um`` its background model was trained on: its calls on tiles of another scale can drop tissue. None
+    where they agree or either is unknown. It names the ``--mpp`` that matches."""
+    if not model_um or not tile_um or 1 / most <= tile_um / model_um <= most:
+        return None
+    return (
+        f"its tiles are {tile_um:.0f} µm across and the background model's training tiles were {model_um:.0f} µm "
+        f"({tile_um / model_um:.2g}x): its calls may be wrong at this scale (--mpp {model_um / tile_size:.3g} "
+        f"matches it)"
+    )
+
+
 def tile_geometry(
     reader: SlideReader, tile_size: int, mpp: float | None, stride: int | None, magnification: float | None = None
 ) -> TileGeometry:

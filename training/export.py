@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import statistics
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -71,11 +72,13 @@ def save_export(
     image_size: int,
     frames: int = 0,
     outputs: list[str] | None = None,
+    tile_um: float | None = None,
 ) -> Path:
     """Write ``model.safetensors``, ``model.ts`` and ``model.json`` (model config, classes, input shape).
 
     ``outputs`` names the logits of a multi-label model (one sigmoid each); otherwise they are ``classes``
-    (softmax).
+    (softmax). ``tile_um``: the width of specimen its training images showed (:func:`tile_width_um`), for a user
+    of a tile classifier to read tiles of the same scale.
     """
     from safetensors.torch import save_file
 
@@ -102,10 +105,19 @@ def save_export(
         "activation": "sigmoid" if outputs else "softmax",
         "image_size": image_size,
         "frames": frames,
+        "tile_um": tile_um,
         "format": "tessera-model-v2",
     }
     (folder / MODEL_JSON).write_text(json.dumps(desc, indent=1))
     return folder
+
+
+def tile_width_um(metas: list[dict], ingest_options: dict) -> float | None:
+    """The median width in µm of specimen the slide tiles ``metas`` show (their stored µm/px times the stored
+    size their dataset's ingest options give); None for samples that are not tiles of slides read with µm/px."""
+    stored = ingest_options.get("store_size") or ingest_options.get("tile_size")
+    widths = [m["mpp"] * stored for m in metas if stored and m.get("mpp")]
+    return round(statistics.median(widths), 1) if widths else None
 
 
 def load_export(folder: Path) -> tuple[torch.nn.Module, dict]:

@@ -310,7 +310,7 @@ class Trainer:
             if report:
                 report.epoch(metrics, epoch)
             if (improved and self.swa is None) or (last and self.swa is not None):
-                self._export(report, MODEL_ARTIFACT)
+                self._export(report, MODEL_ARTIFACT, pred["metas"])
             if last and report:
                 report.final(pred)
             with scratch.directory("checkpoint") as tmp:  # what a worker killed while saving leaves is swept
@@ -338,7 +338,7 @@ class Trainer:
         pred = predict(self.swa, self.data.batches(r.data.val_split, epoch, False), self.loss, self.device)
         return pred, evaluate(pred, r, self.outputs, prefix="val_swa_")
 
-    def _export(self, report, folder: str) -> None:
+    def _export(self, report, folder: str, metas: list[dict]) -> None:
         """Export the selected weights; every rank takes part (under ZeRO-3 parameters are gathered first)."""
         gather = contextlib.nullcontext()
         if self.engine.zero_optimization_stage() == 3:
@@ -347,7 +347,7 @@ class Trainer:
             gather = deepspeed.zero.GatheredParameters(list(self.engine.module.parameters()), modifier_rank=None)
         with gather:
             if report is not None:
-                report.export(self.swa.module if self.swa is not None else self.engine.module, folder)
+                report.export(self.swa.module if self.swa is not None else self.engine.module, folder, metas)
 
 
 def train_loop(config: dict[str, Any]) -> None:

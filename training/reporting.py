@@ -30,10 +30,11 @@ class Reporter:
     def epoch(self, metrics: dict[str, float], epoch: int) -> None:
         self.log.metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=epoch)
 
-    def export(self, module, folder: str) -> None:
+    def export(self, module, folder: str, metas: list[dict]) -> None:
         """Export ``module``'s weights (under ZeRO-3, called while they are gathered) in a freshly built model:
-        a copy of the engine's module would carry DeepSpeed's ZeRO-3 hooks into tracing, which fail on it."""
-        from training.export import save_export
+        a copy of the engine's module would carry DeepSpeed's ZeRO-3 hooks into tracing, which fail on it.
+        ``metas``: the validation samples', whose scale the export records."""
+        from training.export import save_export, tile_width_um
         from training.models import build_model
 
         r, multilabel = self.t.recipe, self.t.recipe.task == "multilabel"
@@ -54,6 +55,7 @@ class Reporter:
                 r.data.image_size,
                 r.data.frames,
                 self.t.outputs if multilabel else None,
+                tile_width_um(metas, self.t.manifest.config),
             )
             self.log.artifacts(out, folder)
 

@@ -149,6 +149,7 @@ def test_the_exported_model_loads_and_predicts(demo, stack, tmp_path):
     folder = MlflowClient(stack.mlflow_url).download_artifacts(demo["run_id"], "model", str(tmp_path))
     model, desc = load_export(Path(folder))
     assert desc["classes"] == ["CE", "LAA"] and desc["image_size"] == 64
+    assert desc["tile_um"] == 64.0  # 128 px tiles of the 0.5 µm/px slides: what a background model would match
     traced = torch.jit.load(str(Path(folder) / "model.ts"))
     x = torch.randn(2, 3, 64, 64)
     torch.testing.assert_close(traced(x), model(x))

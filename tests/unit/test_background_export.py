@@ -74,3 +74,56 @@ def test_a_wrong_background_model_fails_the_plan_before_any_work(tmp_path):
         make_plan("wsi", WsiIngestConfig(**common, background_model=str(bad)), b"k")
     assert len(make_plan("wsi", WsiIngestConfig(**common), b"k").units) == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_the_width_of_specimen_training_tiles_showed():
+    from training.export import tile_width_um
+
+    metas = [{"mpp": 1.0}, {"mpp": 1.0}, {"mpp": 2.0}, {"mpp": None}, {}]  # stored µm/px; two slides, one without
+    assert tile_width_um(metas, {"tile_size": 600, "store_size": 256}) == 256.0  # 256 stored px of 1 µm
+    assert tile_width_um(metas, {"tile_size": 128, "store_size": None}) == 128.0
+    assert tile_width_um([{"mpp": 0.5}, {"mpp": 0.75}], {"tile_size": 100}) == 62.5  # the median
+    assert tile_width_um([{"slices": 3}], {"tile_size": 100}) is None  # not slide tiles
+    assert tile_width_um([{"mpp": 0.5}], {}) is None  # no tile size: images, series
+
+
+def test_tiles_of_another_scale_than_the_background_models_are_warned_of():
+    from ingest.wsi import scale_mismatch
+
+    assert scale_mismatch(300.0, 300.0, 600) is None
+    assert scale_mismatch(300.0, 360.0, 600) is None  # within 1.25x either way
+    assert scale_mismatch(300.0, 250.0, 600) is None
+    assert scale_mismatch(None, 600.0, 600) is None and scale_mismatch(300.0, None, 600) is None  # unknown
+    said = scale_mismatch(300.0, 600.0, 600)
+    assert said == (
+        "its tiles are 600 µm across and the background model's training tiles were 300 µm (2x): its calls may be "
+        "wrong at this scale (--mpp 0.5 matches it)"
+    )
+    assert "(0.25x)" in scale_mismatch(400.0, 100.0, 200) and "--mpp 2 " in scale_mismatch(400.0, 100.0, 200)
+
+
+def test_a_slide_tiled_at_another_scale_than_the_background_model_is_warned_of(tmp_path):
+    """An export records its training tiles' width; planning a slide whose tiles differ warns of it, one that
+    matches does not (the synthetic slides are at 0.5 µm/px: 128 px tiles are 64 µm across)."""
+    from ingest.config import WsiIngestConfig
+    from ingest.synthetic import make_slides
+    from ingest.units import Unit, plan_slide
+
+    paths, _ = make_slides(tmp_path / "slides", n=1, size=1024, seed=3)
+    cfg = ModelConfig(name="mobilenetv3_small_050")
+    model = build_model(cfg, 2).eval()
+    unit = Unit("u", "wsi", [str(paths[0])], "slide", "patient", 0)
+    ingest = WsiIngestConfig(sources=[str(paths[0])], out=str(tmp_path / "out"), tile_size=128, tissue_threshold=0.01)
+    warned = {}
+    for um in (64.0, 256.0, None):
+        folder = save_export(model, tmp_path / f"export{um}", cfg, ["background", "tissue"], 64, tile_um=um)
+        assert json.loads((folder / "model.json").read_text())["tile_um"] == um
+        f = BackgroundFilter(fetch_model(str(folder)))
+        assert f.tile_um == um
+        works, warned[um] = plan_slide(unit, ingest, f)
+        assert works
+    assert warned[64.0] == [] and warned[None] == []
+    assert warned[256.0] == [
+        "its tiles are 64 µm across and the background model's training tiles were 256 µm (0.25x): its calls may be "
+        "wrong at this scale (--mpp 2 matches it)"
+    ]
