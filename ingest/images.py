@@ -22,16 +22,19 @@ class ImageError(ValueError):
 
 
 def decode_rgb(data: bytes) -> np.ndarray:
-    """Encoded bytes to ``uint8[H, W, 3]`` RGB: grey repeated, alpha dropped, 16-bit percentile-normalised."""
-    arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED) if data else None
+    """Encoded bytes to ``uint8[H, W, 3]`` RGB as a viewer shows them: turned by their EXIF orientation (boxes
+    are drawn on the image so shown), grey repeated, alpha dropped, CMYK converted, 16-bit percentile-normalised.
+    """
+    # ANYDEPTH|ANYCOLOR: 16-bit kept and the orientation applied (IMREAD_UNCHANGED ignores it, and hands CMYK
+    # over as four channels)
+    flags = cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR
+    arr = cv2.imdecode(np.frombuffer(data, np.uint8), flags) if data else None
     if arr is None:
         raise ImageError(f"not a decodable image ({len(data)} bytes)")
     if arr.dtype != np.uint8:  # 16-bit PNG/TIFF (e.g. MR exports): no physical scale, so percentiles
-        arr = grey(arr if arr.ndim == 2 else arr[..., :3].mean(axis=2))
+        arr = grey(arr if arr.ndim == 2 else arr.mean(axis=2))
     if arr.ndim == 2:
         return cv2.cvtColor(arr, cv2.COLOR_GRAY2RGB)
-    if arr.shape[2] == 4:
-        return cv2.cvtColor(arr, cv2.COLOR_BGRA2RGB)
     return cv2.cvtColor(arr, cv2.COLOR_BGR2RGB)
 
 

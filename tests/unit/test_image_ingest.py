@@ -45,6 +45,26 @@ def test_decode_grey_colour_alpha_and_16_bit():
         decode_rgb(b"\xff\xd8 truncated jpeg")
 
 
+def test_decode_turns_by_exif_orientation_and_converts_cmyk():
+    """A photo's pixels as its viewer (and the tool its boxes were drawn in) shows them; CMYK as colour."""
+    import io
+
+    from PIL import Image
+
+    wide = np.zeros((40, 80, 3), np.uint8)
+    wide[:, :10] = 255  # a white strip on the left of the stored pixels
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: shown turned 90 degrees clockwise
+    buf = io.BytesIO()
+    Image.fromarray(wide).save(buf, "JPEG", exif=exif.tobytes())
+    shown = decode_rgb(buf.getvalue())
+    assert shown.shape == (80, 40, 3)
+    assert shown[:10].mean() > 200 and shown[20:].mean() < 30  # the strip at the top, as shown
+    buf = io.BytesIO()
+    Image.new("RGB", (6, 4), (200, 30, 10)).convert("CMYK").save(buf, "TIFF")
+    assert np.abs(decode_rgb(buf.getvalue()).astype(int) - [200, 30, 10]).max() <= 2
+
+
 def test_yolo_and_csv_boxes_normalised_and_cropped():
     (box,) = yolo_boxes("2 0.5 0.5 0.2 0.4\n\n")
     assert (box.x0, box.y0, box.x1, box.y1, box.label) == pytest.approx((0.4, 0.3, 0.6, 0.7, "2"))
