@@ -132,6 +132,11 @@ def add_ingest_parser(sub, fn) -> None:
                 "class folders, a label CSV, or patient slice folders (auto: from --labels)",
                 choices=["auto", "folders", "csv", "sequences"],
             )
+            add(
+                "--mpp",
+                "microns per pixel of the images as they are (tiles cut from slides elsewhere); recorded per sample",
+                type=float,
+            )
             add("--boxes", "bounding boxes: a folder of YOLO .txt files or image,x_min,...,y_max CSV")
             add("--crop", "one sample per box, cropped around it", action="store_true")
             add("--crop-margin", "crop margin as a fraction of the box", type=float)

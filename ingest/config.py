@@ -166,6 +166,9 @@ class ImagesIngestConfig(IngestConfig):
     # patient folder of numbered slices, labelled by a per-slice table. auto picks from the label file.
     layout: Literal["auto", "folders", "csv", "sequences"] = "auto"
     store_size: int | None = Field(None, gt=0)
+    # µm per pixel of the images as they are (tiles cut from slides elsewhere, e.g. paper 000's background set):
+    # each sample records its scale, so a tile classifier trained on them records the width of specimen it saw
+    mpp: float | None = Field(None, gt=0)
     boxes: str | None = None  # a folder of YOLO .txt files (matched by image name) or a box CSV
     crop: bool = False  # one sample per box, cropped (paper 004's detect -> crop); images without boxes stay whole
     crop_margin: float = Field(0.1, ge=0.0, le=1.0)

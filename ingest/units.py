@@ -132,6 +132,7 @@ def wsi_samples(work: Work, cfg: WsiIngestConfig, background=None) -> Iterator[d
                 "y": tile.y,
                 "size0": tile.size0,
                 "mpp": _stored_mpp(plan.mpp, tile.size0, cfg.store_size or cfg.tile_size),
+                "width_um": round(plan.mpp * tile.size0, 3) if plan.mpp else None,
                 "tissue": tile.tissue,
                 "label": unit.label,
             }
@@ -258,11 +259,21 @@ def image_samples(work: Work, cfg: ImagesIngestConfig) -> Iterator[dict[str, Any
                 if found[j].mask is None:
                     work.notes.append(f"box {j}: {cfg.segment} found no lesion in it; its crop is kept unmasked")
             region = lesion.cut_out(rgb, box, cfg.crop_margin, found[j].mask if found else None)
-            image = encode_image(_fit(region, cfg.store_size), cfg.format, cfg.quality)
+            stored = _fit(region, cfg.store_size)
+            extra |= _scale(cfg.mpp, region.shape[1], stored.shape[1])
+            image = encode_image(stored, cfg.format, cfg.quality)
             yield make_sample(f"{unit.item}_box{j:02d}", image, cfg.format, unit.label, meta | extra)
     else:
-        image = encode_image(_fit(rgb, cfg.store_size), cfg.format, cfg.quality)
-        yield make_sample(unit.item, image, cfg.format, unit.label, meta | {"crop": None})
+        stored = _fit(rgb, cfg.store_size)
+        image = encode_image(stored, cfg.format, cfg.quality)
+        meta |= {"crop": None} | _scale(cfg.mpp, w, stored.shape[1])
+        yield make_sample(unit.item, image, cfg.format, unit.label, meta)
+
+
+def _scale(mpp: float | None, width: int, stored_width: int) -> dict[str, float]:
+    """An image's scale, where ``--mpp`` gives its pixels': the stored image's µm/px and the width in µm it
+    shows (what a slide tile records)."""
+    return {"mpp": round(mpp * width / stored_width, 6), "width_um": round(mpp * width, 3)} if mpp else {}
 
 
 def mark_preview(out: str, item: str, tiles: list[tuple[int, int]], size0: int, scale: float) -> None:

@@ -113,10 +113,11 @@ def save_export(
 
 
 def tile_width_um(metas: list[dict], ingest_options: dict) -> float | None:
-    """The median width in µm of specimen the slide tiles ``metas`` show (their stored µm/px times the stored
-    size their dataset's ingest options give); None for samples that are not tiles of slides read with µm/px."""
+    """The median width in µm of specimen the samples ``metas`` show: each one's ``width_um`` (slide tiles, and
+    images ingested with ``--mpp``), or, in a dataset ingested before samples recorded it, the tile's stored µm/px
+    times the stored size its ingest options give; None where no sample has a scale."""
     stored = ingest_options.get("store_size") or ingest_options.get("tile_size")
-    widths = [m["mpp"] * stored for m in metas if stored and m.get("mpp")]
+    widths = [m.get("width_um") or m["mpp"] * stored for m in metas if m.get("width_um") or (stored and m.get("mpp"))]
     return round(statistics.median(widths), 1) if widths else None
 
 

@@ -85,6 +85,8 @@ def test_the_width_of_specimen_training_tiles_showed():
     assert tile_width_um([{"mpp": 0.5}, {"mpp": 0.75}], {"tile_size": 100}) == 62.5  # the median
     assert tile_width_um([{"slices": 3}], {"tile_size": 100}) is None  # not slide tiles
     assert tile_width_um([{"mpp": 0.5}], {}) is None  # no tile size: images, series
+    # samples that record their width (slide tiles now, images ingested with --mpp) need no options
+    assert tile_width_um([{"mpp": 2.0, "width_um": 96.0}, {"width_um": 100.0}, {"width_um": None}], {}) == 98.0
 
 
 def test_tiles_of_another_scale_than_the_background_models_are_warned_of():

@@ -120,6 +120,26 @@ def test_class_folders_with_yolo_boxes_and_crops(tmp_path):
     assert cv2.imdecode(np.frombuffer(whole["jpg"], np.uint8), cv2.IMREAD_COLOR).shape == (48, 48, 3)
     text = json.dumps([u.item for u in plan.units] + [u.patient for u in plan.units] + [str(whole)])
     assert "gl_0000" not in text and str(tmp_path) not in text  # file names stay private
+    assert "mpp" not in meta and "width_um" not in json.loads(whole["json"])  # no scale given, none recorded
+
+
+def test_images_of_a_given_scale_record_it(tmp_path):
+    """``--mpp``: each sample's stored µm/px and the width in µm it shows, whole or cropped, after --store-size."""
+    labels = make_mri_folders(tmp_path, per_class=1, size=48)
+    cfg = ImagesIngestConfig(
+        sources=[str(tmp_path / "images")], out=str(tmp_path / "out"), boxes=str(labels), crop=True, mpp=2.0,
+        store_size=24,
+    )  # fmt: skip
+    plan = plan_images(cfg, KEY)
+    by_class = {plan.classes[u.label]: u for u in plan.units}
+    (whole,) = work_samples(Work(by_class["notumor"]), cfg)
+    assert {k: json.loads(whole["json"])[k] for k in ("mpp", "width_um")} == {"mpp": 4.0, "width_um": 96.0}
+    (tumour,) = work_samples(Work(by_class["glioma"]), cfg)
+    meta = json.loads(tumour["json"])
+    crop_w = round((meta["boxes"][0][2] - meta["boxes"][0][0]) * 48 * 1.2)  # the box and its 10 % margins
+    assert abs(meta["width_um"] - 2.0 * crop_w) <= 2.0 * 2  # within a pixel each side of the rounding
+    stored_w = cv2.imdecode(np.frombuffer(tumour["jpg"], np.uint8), cv2.IMREAD_COLOR).shape[1]
+    assert meta["mpp"] == pytest.approx(meta["width_um"] / stored_w, rel=1e-5)
 
 
 def test_label_csv_layout_skips_unlisted_images(tmp_path):

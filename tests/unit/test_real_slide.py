@@ -59,3 +59,4 @@ def test_a_real_slide_tiled_at_a_magnification_it_has_no_level_for(tmp_path):
     # stored smaller: the recorded µm/px is the stored image's
     _, metas = _samples(tmp_path, tile_size=256, magnification=10, store_size=128)
     assert {(m["size0"], m["mpp"]) for m in metas} == {(512, 1.996)}
+    assert all(m["width_um"] == pytest.approx(255.5, abs=0.1) for m in metas)  # 512 level-0 px of 0.499 µm
