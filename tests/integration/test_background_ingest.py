@@ -70,7 +70,9 @@ def test_background_model_from_s3_or_the_registry_is_read_once_and_recorded(stac
     export = tmp_path / "export"
     export.mkdir()
     (export / "model.ts").write_bytes(data.getvalue())
-    (export / "model.json").write_text(json.dumps({"classes": ["background", "tissue"], "image_size": 128}))
+    # trained on tiles of 256 µm, as its export records: these slides' 128 px tiles at 0.5 µm/px show 64
+    desc = {"classes": ["background", "tissue"], "image_size": 128, "tile_um": 256.0}
+    (export / "model.json").write_text(json.dumps(desc))
     client = MlflowClient(stack.mlflow_url)
     _, run_id = start_run(stack.mlflow_url, "bg-it", "strip_ai_background", {}, {})
     client.log_artifacts(run_id, str(export), MODEL_ARTIFACT)
@@ -86,6 +88,10 @@ def test_background_model_from_s3_or_the_registry_is_read_once_and_recorded(stac
     assert by_s3.config["background_model_sha256"] == by_name.config["background_model_sha256"] == sha
     assert by_name.config["background_model"] == f"models:/bg_it/latest (version {version} of run {run_id})"
     assert by_s3.splits["train"].num_samples == by_name.splits["train"].num_samples
+    # each actor that planned a slide warned of the other scale (the bare TorchScript file records none)
+    scale = "its tiles are 64 µm across and the background model's training tiles were 256 µm (0.25x)"
+    assert all(any(w.startswith(scale) for w in r.warnings) for r in by_name.inputs) and len(by_name.inputs) == 2
+    assert not any(w.startswith("its tiles are") for r in by_s3.inputs for w in r.warnings)
     # each input counts the tiles the model dropped, and its preview outlines them in red
     plain, _ = run_ingest("wsi", WsiIngestConfig(out="s3://shards/bg/none", **common))
     dropped = sum(r.background_dropped for r in by_s3.inputs)
