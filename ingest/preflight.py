@@ -14,7 +14,7 @@ from ingest.slides import OpenSlideReader, SlideReader
 from ingest.source_cache import is_remote
 from ingest.tiling import grid_size
 from ingest.units import Unit
-from ingest.wsi import tile_geometry
+from ingest.wsi import scale_mismatch, tile_geometry
 
 
 def _header_reader(path: str) -> OpenSlideReader:
@@ -22,10 +22,14 @@ def _header_reader(path: str) -> OpenSlideReader:
 
 
 def check_slides(
-    units: list[Unit], cfg: WsiIngestConfig, open_reader: Callable[[str], SlideReader] = _header_reader
+    units: list[Unit],
+    cfg: WsiIngestConfig,
+    open_reader: Callable[[str], SlideReader] = _header_reader,
+    model_um: float | None = None,
 ) -> list[str]:
     """Lines for the terminal: slides grouped by the level and resolution they would be read at, with their tile
-    grids; the slides that would fail, by reason; the warnings a run would record (slides by pseudonym)."""
+    grids; the slides that would fail, by reason; the warnings a run would record (slides by pseudonym), of
+    tiles of another scale than ``model_um`` (the background model's training tiles' width) too."""
     groups: dict[tuple[int, float, float | None], list[int]] = {}  # -> [slides, tiles in their grids]
     failed: dict[str, list[str]] = {}
     warned: dict[str, list[str]] = {}
@@ -45,7 +49,8 @@ def check_slides(
         group = groups.setdefault((g.level, round(g.target_downsample, 3), mpp), [0, 0])
         group[0] += 1
         group[1] += grid_size(w0, h0, g.size0, g.stride0)
-        for warning in g.warnings:
+        mismatch = scale_mismatch(model_um, reader.mpp * g.size0 if reader.mpp else None, cfg.tile_size)
+        for warning in g.warnings + ([mismatch] if mismatch else []):
             warned.setdefault(warning, []).append(unit.id)
     lines = [f"slides checked: {len(local)} of {len(units)}"]
     if len(local) < len(units):

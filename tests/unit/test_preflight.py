@@ -42,6 +42,13 @@ def test_slides_are_grouped_by_the_level_they_would_be_read_at_and_failures_name
         "would fail 1: SlideError: OpenSlide does not recognise the file (damaged, or not a slide): id-c",
         "warning for 1: slide has no MPP metadata; tiled at level 0: id-b",
     ]
+    # a background model trained on 100 µm tiles: a's tiles are 50 µm (200 level-0 px of 0.25); b's unknown
+    assert check_slides(units, cfg, open_reader, model_um=100.0)[-2:] == [
+        "warning for 1: its tiles are 50 µm across and the background model's training tiles were 100 µm (0.5x): "
+        "its calls may be wrong at this scale (--mpp 1 matches it): id-a",
+        "warning for 1: slide has no MPP metadata; tiled at level 0: id-b",
+    ]
+    assert check_slides(units, cfg, open_reader, model_um=55.0) == check_slides(units, cfg, open_reader)
 
 
 def test_real_slide_headers_through_openslide(tmp_path):
