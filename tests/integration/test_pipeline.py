@@ -1,7 +1,6 @@
 """The walking skeleton end to end: synthetic slides and CT -> shards on S3 -> Ray Train + DeepSpeed -> MLflow."""
 
 import json
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +14,7 @@ from shards import storage
 from shards.dali import shard_range
 from shards.sampling import read_labels
 from shards.verify import verify_dataset
+from shards.writer import read_tar_samples
 from training.config import load_recipe
 from training.data import WorkerData
 from training.losses import class_counts
@@ -27,16 +27,8 @@ def demo(stack, tmp_path_factory):
 
 
 def _samples(url, tmp):
-    out = []
-    for shard in storage.list_urls(url):
-        if not shard.endswith(".tar"):
-            continue
-        local = storage.get_file(shard, Path(tmp) / "s.tar")
-        with tarfile.open(local) as tf:
-            members = {m.name: tf.extractfile(m).read() for m in tf if m.isfile()}
-        keys = sorted({n.split(".", 1)[0] for n in members})
-        out += [{ext: members[f"{k}.{ext}"] for ext in ("cls", "json")} | {"key": k} for k in keys]
-    return out
+    shards = [u for u in storage.list_urls(url) if u.endswith(".tar")]
+    return [s for shard in shards for s in read_tar_samples(storage.get_file(shard, Path(tmp) / "s.tar"))]
 
 
 def test_shards_match_manifest_and_account_for_every_input(demo, tmp_path):
@@ -66,7 +58,7 @@ def test_labels_survive_the_round_trip(demo, tmp_path):
     for split in manifest.splits:
         samples = _samples(storage.join(demo["wsi"], split), tmp_path)
         assert len(samples) == manifest.splits[split].num_samples
-        assert len({s["key"] for s in samples}) == len(samples)
+        assert len({s["__key__"] for s in samples}) == len(samples)
         for s in samples:
             meta = json.loads(s["json"])
             assert int(s["cls"]) == meta["label"] == label_of_patient[meta["patient"]]
