@@ -62,6 +62,7 @@ def test_plateau_and_cosine_schedules():
     opt = make_optimizer([torch.nn.Parameter(torch.zeros(1))], load_recipe("strip_ai_resnet50").optim)
     cosine = make_scheduler(opt, ScheduleConfig(name="cosine"), 4, "min")
     for _ in range(2):
+        opt.step()  # as training orders them (without gradients it changes nothing); PyTorch warns otherwise
         cosine.step()
     assert opt.param_groups[0]["lr"] == pytest.approx(3e-4 / 2)
 
