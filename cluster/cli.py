@@ -15,7 +15,7 @@ from cluster.cli_ingest import add_ingest_parser, ingest_config, ingest_dry_run,
 from cluster.cli_train import add_train_parser, cluster_fit, train_dry_run
 from cluster.cli_tune import add_compare_parser, add_tune_parser
 from cluster.errors import TesseraError
-from training.capacity import FIXED_ENV
+from shards.nodes import FIXED_ENV
 from training.console import debugging, drop_ray_routine_lines, quiet_libraries
 
 

@@ -68,6 +68,12 @@ def add_ingest_parser(sub, fn) -> None:
         add("--quality", "JPEG quality, 1-100", type=int)
         add("--store-size", "resize tiles/slices to this many px before encoding", type=int)
         add("--workers", "ingest actors (default: the cluster's CPUs)", type=int)
+        if kind != "dicom":
+            add(
+                "--gpus-per-worker",
+                "GPUs each actor holds for the run's models (--segment sam, --background-model); 0: on the CPU",
+                type=float,
+            )
         add(
             "--outage-wait-s",
             "seconds a worker waits for a store that stopped answering before the run stops, keeping what it staged",

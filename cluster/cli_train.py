@@ -91,7 +91,8 @@ def cluster_fit(settings, recipe, connect) -> None:
     cluster's nodes hold the run's worker group (it raises where they cannot and the cluster cannot grow).
     ``connect``: the CLI's connection of this process to the cluster."""
     from cluster import health
-    from training.capacity import alive_resources, check_capacity
+    from shards.nodes import alive_resources
+    from training.capacity import check_capacity
     from training.launch import wants_gpu
 
     ok, detail = health.ray_ok(settings)

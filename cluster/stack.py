@@ -140,9 +140,9 @@ class LocalStack:
         if rc != 0:
             raise TesseraError(f"`ray start` failed (exit {rc}); see {log}:\n{_log_tail(log)}")
 
-    def add_node(self, name: str, num_cpus: int, resources: dict[str, float] | None = None) -> None:
-        """Join one more Ray node (its own raylet, CPUs and custom resources) to the local head, as a worker
-        machine would join a cluster; ``down`` or :meth:`remove_node` stops it."""
+    def add_node(self, name: str, num_cpus: int, resources: dict[str, float] | None = None, num_gpus: int = 0) -> None:
+        """Join one more Ray node (its own raylet, CPUs, GPUs as Ray counts them, and custom resources) to the
+        local head, as a worker machine would join a cluster; ``down`` or :meth:`remove_node` stops it."""
         import json
 
         if not self._running("ray"):
@@ -153,6 +153,8 @@ class LocalStack:
         ]  # fmt: skip
         if resources:
             cmd += ["--resources", json.dumps(resources)]
+        if num_gpus:
+            cmd += ["--num-gpus", str(num_gpus)]
         log = self.logs / f"node-{name}.log"
         rc = procs.start(cmd, self._pidfile(f"node-{name}"), log, self._env(), wait=True)
         if rc != 0:

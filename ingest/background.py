@@ -32,6 +32,7 @@ class BackgroundFilter:
         threshold: drop a tile when P(background) >= this.
         background_class: index of the background class for TorchScript models (exports name theirs).
         input_size: model input size for TorchScript models (exports record theirs).
+        device: where the model runs (``cuda`` on an actor that holds a GPU).
     """
 
     def __init__(
@@ -41,6 +42,7 @@ class BackgroundFilter:
         background_class: int = 0,
         input_size: int = 128,
         batch: int = 64,
+        device: str = "cpu",
     ) -> None:
         self.sigmoid, self.tile_um = False, None
         if desc := model.description:  # a Tessera export: TorchScript plus its description
@@ -55,10 +57,10 @@ class BackgroundFilter:
         try:
             with warnings.catch_warnings():  # torch 2.10+ calls TorchScript deprecated, in each actor's output
                 warnings.simplefilter("ignore", FutureWarning)
-                self.model = torch.jit.load(io.BytesIO(model.torchscript), map_location="cpu").eval()
+                self.model = torch.jit.load(io.BytesIO(model.torchscript), map_location=device).eval()
         except (RuntimeError, ValueError) as exc:
             raise ValueError(f"background model {model.source}: not TorchScript ({exc})") from exc
-        self.background_class, self.input_size = background_class, input_size
+        self.background_class, self.input_size, self.device = background_class, input_size, device
         self.threshold = threshold
         self.batch = batch
         self.dropped: list[T] = []  # what it called background, since the caller last cleared it
@@ -67,15 +69,15 @@ class BackgroundFilter:
         s = self.input_size
         x = np.stack([cv2.resize(t, (s, s), interpolation=cv2.INTER_AREA) for t in tiles]).astype(np.float32)
         x = (x / 255.0 - MEAN) / STD
-        return torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()
+        return torch.from_numpy(x).permute(0, 3, 1, 2).contiguous().to(self.device)
 
     @torch.no_grad()
     def background_prob(self, tiles: list[np.ndarray]) -> np.ndarray:
         """P(background) of each ``uint8[H, W, 3]`` tile."""
         logits = self.model(self._tensor(tiles)).float()
         if self.sigmoid:
-            return torch.sigmoid(logits[:, self.background_class]).numpy()
-        return torch.softmax(logits, dim=1)[:, self.background_class].numpy()
+            return torch.sigmoid(logits[:, self.background_class]).cpu().numpy()
+        return torch.softmax(logits, dim=1)[:, self.background_class].cpu().numpy()
 
     def filter(self, items: Iterable[tuple[T, np.ndarray]]) -> Iterator[tuple[T, np.ndarray]]:
         """Pass through the ``(tag, rgb)`` items the model does not call background, batch by batch."""

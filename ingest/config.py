@@ -25,7 +25,7 @@ def parse_bytes(value: int | str) -> int:
     return int(float(m.group(1)) * mult)
 
 
-RUN_ONLY = ("workers", "max_attempts", "outage_wait_s")
+RUN_ONLY = ("workers", "gpus_per_worker", "max_attempts", "outage_wait_s")
 # recorded, but not compared between runs: the same background model (its sha256 is compared) may be named from
 # another place
 NOT_COMPARED = (*RUN_ONLY, "background_model")
@@ -58,6 +58,9 @@ class IngestConfig(BaseModel):
     format: Literal["jpg", "png"] = "jpg"
     quality: int = Field(90, ge=1, le=100)
     workers: int | None = Field(None, ge=1)
+    # GPUs each ingest actor holds, for the models a run applies (--segment sam, --background-model) on a GPU
+    # cluster; 0: they run on the actors' CPUs (Ray hides the GPUs of an actor that holds none)
+    gpus_per_worker: float = Field(0.0, ge=0)
     max_attempts: int = Field(3, ge=1)
     # how long a worker that finds its store down waits for it to answer again before the run stops (keeping
     # what it staged); a blip of the store costs a night's run neither its inputs nor its place
@@ -79,6 +82,19 @@ class IngestConfig(BaseModel):
     def _split(cls, v: str) -> str:
         parse_fractions(v)
         return v
+
+    @model_validator(mode="after")
+    def _gpus_for_a_model(self) -> IngestConfig:
+        if self.gpus_per_worker and not self.uses_models():
+            raise ValueError(
+                "gpus_per_worker is for the models a run applies (--segment sam, --background-model); this run "
+                "names none, and its actors would hold GPUs they never use"
+            )
+        return self
+
+    def uses_models(self) -> bool:
+        """Whether the actors apply a neural network (what a GPU would run)."""
+        return bool(getattr(self, "background_model", None)) or getattr(self, "segment", "none") == "sam"
 
     @model_validator(mode="after")
     def _one_rerun_mode(self) -> IngestConfig:

@@ -111,10 +111,10 @@ def denoise(rgb: np.ndarray, median: int, grayscale: bool) -> np.ndarray:
 
 
 @lru_cache(maxsize=2)
-def segmenter(method: str, sam_model: str | None = None) -> Segmenter:
-    """The segmenter of ``--segment`` (one per worker process: a SAM checkpoint is loaded once)."""
+def segmenter(method: str, sam_model: str | None = None, device: str = "cpu") -> Segmenter:
+    """The segmenter of ``--segment`` (one per worker process: a SAM checkpoint is loaded once, on ``device``)."""
     if method == "grabcut":
         return GrabCut()
     from ingest.sam import SamSegmenter  # torch and transformers only where SAM is asked for
 
-    return SamSegmenter(sam_model or "")
+    return SamSegmenter(sam_model or "", device)

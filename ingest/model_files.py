@@ -72,6 +72,38 @@ def read_models(cfg: IngestConfig) -> ModelFiles | None:
     return read_checked(cfg.background_model, cfg.background_threshold)
 
 
+def model_device(cfg: IngestConfig) -> str:
+    """Where an actor runs the models of a run: ``cuda`` where it holds a GPU (``gpus_per_worker``; Ray shows it
+    only those it holds), else the CPU."""
+    if not cfg.gpus_per_worker:
+        return "cpu"
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def gpu_actors(n: int, nodes: list[dict[str, float]], per_actor: float, fixed: bool) -> int:
+    """How many of ``n`` actors of 1 CPU and ``per_actor`` GPUs the ``nodes`` (each one's total resources) hold
+    side by side. None: an error where the cluster cannot grow (Ray would wait for them without end), else ``n``,
+    saying that the run waits for nodes with GPUs."""
+    fit = sum(min(int(r.get("CPU", 0)), int(r.get("GPU", 0) / per_actor + 1e-9)) for r in nodes)
+    if fit:
+        if fit < n:
+            print(f"ingest actors: {fit}, as many as the cluster's GPUs hold at {per_actor:g} each")
+        return min(n, fit)
+    held = ", ".join(f"{r.get('GPU', 0):g}" for r in nodes) or "none"
+    problem = (
+        f"gpus_per_worker {per_actor:g}: the cluster's {len(nodes)} node(s) hold no actor of {per_actor:g} GPU(s) "
+        f"(GPUs per node: {held})"
+    )
+    if fixed:
+        raise ValueError(
+            f"{problem}; Ray would wait for one without end: give 0 (the models on the CPUs) or run it on a GPU cluster"
+        )
+    print(f"{problem}: the run waits until nodes with GPUs join (an autoscaling cluster adds them)", flush=True)
+    return n
+
+
 def is_mlflow(ref: str) -> bool:
     """Whether ``ref`` names a run or a registered model rather than a file."""
     return ref.startswith(("runs:/", "models:/")) or (RUN_ID.fullmatch(ref) is not None and not os.path.exists(ref))

@@ -18,7 +18,7 @@ from tqdm import tqdm
 from ingest.config import ImagesIngestConfig, IngestConfig, pseudonym_key
 from ingest.decisions import IngestStopped
 from ingest.lock import DatasetLock
-from ingest.model_files import get_model, put_model, recording
+from ingest.model_files import get_model, gpu_actors, model_device, put_model, recording
 from ingest.packing import pack_parts, pack_shard, prune, rewrite_shard, rewrite_shards
 from ingest.plan import Plan, make_plan
 from ingest.rerun import amended, decide, to_ingest
@@ -27,6 +27,7 @@ from ingest.units import Unit, Work, batch_images, mark_preview, plan_unit
 from shards import manifest as mf
 from shards import storage
 from shards.manifest import InputRecord, Manifest, ShardInfo
+from shards.nodes import alive_resources, cluster_fixed
 
 
 def _model_url(cfg: IngestConfig) -> str:
@@ -58,7 +59,7 @@ class IngestWorker:
             from ingest.background import BackgroundFilter
 
             model = get_model(_model_url(cfg), cfg.background_model, sha)
-            self.background = BackgroundFilter(model, cfg.background_threshold)
+            self.background = BackgroundFilter(model, cfg.background_threshold, device=model_device(cfg))
 
     def plan(self, unit: Unit) -> tuple[list[Work], list[str], str | None, str | None]:
         result, action, reason = attempt(lambda: plan_unit(unit, self.cfg, self.background), self.cfg)
@@ -91,7 +92,8 @@ class _Scheduler:
     cut as soon as it is planned, starting on the actor that planned it, and the run ends evenly."""
 
     def __init__(self, cfg: IngestConfig, n_actors: int) -> None:
-        self.actors = [IngestWorker.options(num_cpus=1).remote(cfg) for _ in range(n_actors)]
+        gpus = cfg.gpus_per_worker
+        self.actors = [IngestWorker.options(num_cpus=1, num_gpus=gpus).remote(cfg) for _ in range(n_actors)]
         self.idle = list(range(n_actors))
         self.pending: dict[ray.ObjectRef, tuple[int, str, Any]] = {}
         self.queue: list[tuple[str, Any]] = []
@@ -330,6 +332,8 @@ def _ingest(kind: str, cfg: IngestConfig, plan, lock: DatasetLock) -> tuple[Mani
         if not ray.is_initialized():
             ray.init(num_cpus=cfg.workers, log_to_driver=False, include_dashboard=False, logging_level="WARNING")
         n = cfg.workers or max(1, int(ray.available_resources().get("CPU", 1)))
+        if cfg.gpus_per_worker:
+            n = gpu_actors(n, alive_resources(), cfg.gpus_per_worker, cluster_fixed())
         if plan.background:  # the driver's bytes, for actors on any node (the path it read need not be there)
             retried(lambda: put_model(plan.background, _model_url(cfg)), cfg)
         sched = _Scheduler(cfg, max(1, min(n, len(units))))

@@ -30,12 +30,13 @@ class SamSegmenter:
     """:class:`ingest.lesion.Segmenter` by SAM: every box of an image in one pass of the image encoder, one mask per
     box (SAM's single-mask output, the one it recommends for box prompts)."""
 
-    def __init__(self, ref: str) -> None:
+    def __init__(self, ref: str, device: str = "cpu") -> None:
         from transformers import SamModel, SamProcessor
 
         check_sam(ref)
-        self.model = _loaded(ref, SamModel).eval()
+        self.model = _loaded(ref, SamModel).eval().to(device)
         self.processor = _loaded(ref, SamProcessor)
+        self.device = device
 
     def masks(self, rgb: np.ndarray, rects: list[tuple[int, int, int, int]]) -> list[np.ndarray]:
         import torch
@@ -45,8 +46,8 @@ class SamSegmenter:
         boxes = [[[float(v) for v in r] for r in rects]]
         inputs = self.processor(images=rgb, input_boxes=boxes, return_tensors="pt")
         with torch.inference_mode():
-            out = self.model(**inputs, multimask_output=False)
+            out = self.model(**inputs.to(self.device), multimask_output=False)
         (masks,) = self.processor.image_processor.post_process_masks(
-            out.pred_masks, inputs["original_sizes"], inputs["reshaped_input_sizes"]
+            out.pred_masks.cpu(), inputs["original_sizes"].cpu(), inputs["reshaped_input_sizes"].cpu()
         )  # bool[boxes, 1, H, W]
         return [m[0].numpy().astype(bool) for m in masks]

@@ -15,6 +15,7 @@ from ingest import lesion
 from ingest.config import DicomIngestConfig, ImagesIngestConfig, IngestConfig, WsiIngestConfig
 from ingest.dicom import slice_rgb
 from ingest.images import Box, decode_rgb, normalise
+from ingest.model_files import model_device
 from ingest.preview import mark_dropped, preview_png, preview_scale
 from ingest.sequences import center_indices, even_indices, neighbour_indices
 from ingest.slides import OpenSlideReader
@@ -250,7 +251,7 @@ def image_samples(work: Work, cfg: ImagesIngestConfig) -> Iterator[dict[str, Any
     meta = {"image": unit.item, "patient": unit.patient, "label": unit.label, "width": w, "height": h}
     meta["boxes"] = [b.as_list() for b in boxes]
     if cfg.crop and boxes:
-        segmenter = lesion.segmenter(cfg.segment, cfg.sam_model) if cfg.segment != "none" else None
+        segmenter = lesion.segmenter(cfg.segment, cfg.sam_model, model_device(cfg)) if cfg.segment != "none" else None
         found = lesion.lesions(rgb, boxes, segmenter) if segmenter else []
         for j, box in enumerate(boxes):
             extra: dict[str, Any] = {"crop": j}

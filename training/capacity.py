@@ -5,22 +5,10 @@ any work."""
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
+from shards.nodes import alive_resources, cluster_fixed
 from training.config import RecipeError, TrainRecipe
-
-# "1": the cluster has the nodes it will ever have (the CLI sets it for the local stack: cluster.cli._connect).
-FIXED_ENV = "TESSERA_CLUSTER_FIXED"
-
-
-def alive_resources(nodes: list[dict[str, Any]] | None = None) -> list[dict[str, float]]:
-    """Each alive node's total resources, from ``nodes`` (``ray.nodes()``: the connected cluster's by default)."""
-    if nodes is None:
-        import ray
-
-        nodes = ray.nodes()
-    return [n.get("Resources", {}) for n in nodes if n.get("Alive")]
 
 
 def workers_that_fit(nodes: list[dict[str, float]], cpus: float, gpus: int, placement: str) -> int:
@@ -64,11 +52,12 @@ def capacity_problem(recipe: TrainRecipe, gpu: bool, nodes: list[dict[str, float
 
 def check_capacity(recipe: TrainRecipe, gpu: bool, nodes: list[dict[str, Any]] | None = None) -> None:
     """Raise :class:`RecipeError` when the connected cluster (``nodes``: ``ray.nodes()``) cannot hold the run's
-    worker group and cannot grow (:data:`FIXED_ENV`); where it may grow, say that the run will wait for nodes."""
+    worker group and cannot grow (:func:`shards.nodes.cluster_fixed`); where it may grow, say that the run will wait
+    for nodes."""
     problem = capacity_problem(recipe, gpu, alive_resources(nodes))
     if problem is None:
         return
-    if os.environ.get(FIXED_ENV) == "1":
+    if cluster_fixed():
         advice = "set workers= (or cpus_per_worker=) to fit, or run it on a larger cluster"
         raise RecipeError(f"{problem}; Ray Train would wait for them without end: {advice}")
     print(f"{problem}: the run waits until nodes join (an autoscaling cluster adds them)", flush=True)

@@ -17,8 +17,9 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from shards.nodes import alive_resources
 from training import tracking
-from training.capacity import alive_resources, groups_that_fit
+from training.capacity import groups_that_fit
 from training.config import TrainRecipe, recipe_tree
 from tune.config import Param, SweepConfig, recipe_with
 from tune.runs import REPLICATE, SweepOutcome, child_run, find_parent, start_parent, summarise, trial_params

@@ -104,7 +104,7 @@ def test_a_dry_run_says_whether_the_cluster_holds_the_workers(stack, monkeypatch
     """`tessera train --dry-run` (and `tune --dry-run`) makes the check a run makes before it starts: the stack's
     one node of 2 CPUs holds two workers and refuses five, naming the field. (In this process, connected
     already: a new one spends seconds on its imports alone.)"""
-    from training.capacity import FIXED_ENV
+    from shards.nodes import FIXED_ENV
 
     monkeypatch.setenv(FIXED_ENV, "1")  # as the CLI sets it for the local stack; restored for the other tests
 

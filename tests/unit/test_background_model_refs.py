@@ -203,3 +203,36 @@ def test_the_preview_outlines_the_tiles_the_model_dropped_in_red():
     assert tuple(marked[20, 100]) == red and tuple(before[20, 100]) == blue  # the dropped tile's top-left corner
     assert tuple(marked[20, 20]) == blue and tuple(marked[20, 180]) == blue  # the others stay blue
     assert (marked != before).any(axis=2).sum() == 4 * 40 - 4  # its outline only
+
+
+def test_actors_that_hold_gpus_are_as_many_as_the_nodes_hold(capsys):
+    from ingest.model_files import gpu_actors
+
+    nodes = [{"CPU": 16, "GPU": 2}, {"CPU": 8}, {"CPU": 1, "GPU": 4}]  # the last: GPUs, but one CPU for an actor
+    assert gpu_actors(2, nodes, 1, fixed=True) == 2 and capsys.readouterr().out == ""
+    assert gpu_actors(16, nodes, 1, fixed=True) == 3
+    assert capsys.readouterr().out == "ingest actors: 3, as many as the cluster's GPUs hold at 1 each\n"
+    assert gpu_actors(16, nodes, 0.5, fixed=True) == 5  # 4 halves on the first node, 1 CPU on the last
+    with pytest.raises(ValueError, match=r"the cluster's 1 node\(s\) hold no actor of 1 GPU\(s\) \(GPUs per node: 0\)"):
+        gpu_actors(4, [{"CPU": 8}], 1, fixed=True)
+    assert gpu_actors(4, [{"CPU": 8}], 1, fixed=False) == 4  # an autoscaling cluster adds GPU nodes: it waits
+    assert "the run waits until nodes with GPUs join" in capsys.readouterr().out
+
+
+def test_gpus_per_worker_is_for_a_run_that_applies_a_model_and_does_not_change_the_dataset(tmp_path):
+    from pydantic import ValidationError
+
+    from ingest.config import ImagesIngestConfig, WsiIngestConfig
+    from ingest.model_files import model_device
+
+    common = dict(sources=["x"], out=str(tmp_path / "out"))
+    with pytest.raises(ValidationError, match="gpus_per_worker is for the models a run applies"):
+        WsiIngestConfig(gpus_per_worker=1, **common)
+    with pytest.raises(ValidationError, match="gpus_per_worker is for the models a run applies"):
+        ImagesIngestConfig(gpus_per_worker=1, boxes="b", crop=True, segment="grabcut", **common)
+    sam = ImagesIngestConfig(gpus_per_worker=1, boxes="b", crop=True, segment="sam", **common)
+    wsi = WsiIngestConfig(gpus_per_worker=0.5, background_model="m.ts", **common)
+    assert wsi.output_options() == WsiIngestConfig(background_model="m.ts", **common).output_options()
+    assert model_device(WsiIngestConfig(**common)) == "cpu"  # no GPU held: the CPU, whatever the node has
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert model_device(sam) == model_device(wsi) == expected

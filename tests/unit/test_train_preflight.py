@@ -72,7 +72,8 @@ def test_a_worker_group_the_cluster_cannot_hold_fails_before_any_work_where_the_
 ):
     """Ray Train waited for 4 workers on a 2-CPU local stack without end, a traceback a minute, and Ctrl+C did
     not stop it. Where no node will join (the local stack) that is an error; elsewhere the run waits, said so."""
-    from training.capacity import FIXED_ENV, check_capacity
+    from shards.nodes import FIXED_ENV
+    from training.capacity import check_capacity
 
     nodes = [{"Alive": True, "Resources": {"CPU": 2.0}}, {"Alive": False, "Resources": {"CPU": 64.0}}]
     recipe = load_recipe("demo_tiles", ["workers=4"])
