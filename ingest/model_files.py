@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from shards import storage
+from shards.nodes import workers_that_fit
 
 if TYPE_CHECKING:
     from ingest.config import IngestConfig
@@ -86,7 +87,7 @@ def gpu_actors(n: int, nodes: list[dict[str, float]], per_actor: float, fixed: b
     """How many of ``n`` actors of 1 CPU and ``per_actor`` GPUs the ``nodes`` (each one's total resources) hold
     side by side. None: an error where the cluster cannot grow (Ray would wait for them without end), else ``n``,
     saying that the run waits for nodes with GPUs."""
-    fit = sum(min(int(r.get("CPU", 0)), int(r.get("GPU", 0) / per_actor + 1e-9)) for r in nodes)
+    fit = workers_that_fit(nodes, 1, per_actor, "pack")
     if fit:
         if fit < n:
             print(f"ingest actors: {fit}, as many as the cluster's GPUs hold at {per_actor:g} each")

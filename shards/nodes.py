@@ -22,3 +22,15 @@ def alive_resources(nodes: list[dict[str, Any]] | None = None) -> list[dict[str,
 
         nodes = ray.nodes()
     return [n.get("Resources", {}) for n in nodes if n.get("Alive")]
+
+
+def workers_that_fit(nodes: list[dict[str, float]], cpus: float, gpus: float, placement: str) -> int:
+    """How many workers of ``cpus`` CPUs (and ``gpus`` GPUs) the nodes' total resources hold side by side;
+    under ``strict_spread`` one per node at most."""
+    fit = 0
+    for resources in nodes:
+        n = int(resources.get("CPU", 0) // cpus)
+        if gpus:
+            n = min(n, int(resources.get("GPU", 0) // gpus))
+        fit += min(n, 1) if placement == "strict_spread" else n
+    return fit

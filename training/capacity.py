@@ -7,20 +7,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from shards.nodes import alive_resources, cluster_fixed
+from shards.nodes import alive_resources, cluster_fixed, workers_that_fit
 from training.config import RecipeError, TrainRecipe
-
-
-def workers_that_fit(nodes: list[dict[str, float]], cpus: float, gpus: int, placement: str) -> int:
-    """How many workers of ``cpus`` CPUs (and ``gpus`` GPUs) the nodes' total resources hold side by side;
-    under ``strict_spread`` one per node at most."""
-    fit = 0
-    for resources in nodes:
-        n = int(resources.get("CPU", 0) // cpus)
-        if gpus:
-            n = min(n, int(resources.get("GPU", 0) // gpus))
-        fit += min(n, 1) if placement == "strict_spread" else n
-    return fit
 
 
 def groups_that_fit(nodes: list[dict[str, float]], cpus: float, gpus: int, placement: str, workers: int) -> int:

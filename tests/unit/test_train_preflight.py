@@ -57,7 +57,7 @@ def test_a_patient_labelled_two_ways_fails_before_training_unless_positive_means
 
 
 def test_the_workers_a_cluster_holds_are_counted_per_node():
-    from training.capacity import workers_that_fit
+    from shards.nodes import workers_that_fit
 
     nodes = [{"CPU": 8.0, "GPU": 1.0}, {"CPU": 3.0}, {"CPU": 1.5, "GPU": 2.0}]
     assert workers_that_fit(nodes, 2, 0, "pack") == 4 + 1 + 0  # CPUs do not add up across nodes
