@@ -32,11 +32,13 @@ def make_dataset(
     shard_samples: int = 6,
     seed: int = 0,
     per_sample_labels: bool = False,
+    width_um: float | None = None,
 ) -> mf.Manifest:
     """Write shards (``shard_samples`` per shard) and a manifest under ``prefix``; patients are per split.
 
     ``per_sample_labels``: each sample draws its own label, as slices labelled one by one (RSNA, CT-ICH), and a
-    patient's input is labelled positive when any of its samples is, as ingest labels a series."""
+    patient's input is labelled positive when any of its samples is, as ingest labels a series. ``width_um``: the
+    µm of specimen each sample records it shows, as slide tiles do."""
     rng = np.random.default_rng(seed)
     manifest = mf.Manifest(
         dataset=prefix,
@@ -61,6 +63,8 @@ def make_dataset(
                     meta = {"patient": patient, "slide": f"{patient}s", "series": f"{patient}s", "label": label}
                     if vector:
                         meta["labels"] = vector
+                    if width_um:
+                        meta["width_um"] = width_um
                     w.write(make_sample(f"{split}_{i:05d}", images if frames else images[0], "png", label, meta))
             infos += w.shards
         manifest.splits[split] = mf.SplitInfo(num_samples=n, shards=infos)

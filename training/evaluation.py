@@ -26,6 +26,7 @@ from training.tracking import MODEL_ARTIFACT
 HELD_OUT_ERROR = "held_out_error"  # the run's tag when training's held-out step failed
 TRAINING_PREFIXES = ("train_", "val_")  # the per-epoch metrics of training (besides lr and epoch)
 HEADLINE = ("accuracy", "f1", "auc", "weighted_log_loss", "rsna_log_loss")
+SCALE_WARNING = "scale_warning"  # <prefix>scale_warning: the evaluated samples' scale is not the training's
 
 
 @dataclass
@@ -36,6 +37,7 @@ class EvalOutcome:
     split: str
     metrics: dict[str, float]
     levels: list[str]
+    warning: str | None = None  # of the samples' scale (:data:`SCALE_WARNING`)
 
 
 def metric_prefix(split: str, name: str | None = None) -> str:
@@ -76,7 +78,7 @@ def evaluate_split(recipe: TrainRecipe, manifest: mf.Manifest, split: str, prefi
     from shards import scratch
     from training.collective import raise_together
     from training.data import WorkerData
-    from training.export import load_export
+    from training.export import load_export, scale_difference, tile_width_um
     from training.loop import evaluate, outputs_of, predict, worker_device
     from training.losses import Loss
     from training.reporting import log_evaluation
@@ -85,7 +87,7 @@ def evaluate_split(recipe: TrainRecipe, manifest: mf.Manifest, split: str, prefi
     try:
         try:
             with scratch.directory("model") as tmp:  # every worker: a node need not share another's disk
-                model, _ = load_export(Path(log.client.download_artifacts(log.run_id, MODEL_ARTIFACT, tmp)))
+                model, desc = load_export(Path(log.client.download_artifacts(log.run_id, MODEL_ARTIFACT, tmp)))
             data = WorkerData(recipe, manifest, rank, world, device.index, splits=(split,))
         except Exception as exc:
             error = exc
@@ -99,6 +101,11 @@ def evaluate_split(recipe: TrainRecipe, manifest: mf.Manifest, split: str, prefi
     if rank == 0:
         log.metrics(metrics, step=0)
         log_evaluation(log, recipe, outputs, pred, f"{split} split", prefix)
+        warning = scale_difference(desc.get("tile_um"), tile_width_um(pred["metas"], manifest.config))
+        if warning:
+            log.tag(f"{prefix}{SCALE_WARNING}", warning)
+        else:  # an earlier evaluation's under this prefix, of other samples
+            log.untag(f"{prefix}{SCALE_WARNING}")
 
 
 def eval_loop(config: dict[str, Any]) -> None:
@@ -181,8 +188,10 @@ def _outcome(client, run_id: str, recipe: TrainRecipe, split: str, prefix: str, 
     url = recipe.data.dataset
     client.set_tag(run_id, f"{prefix}dataset", url)
     client.set_tag(run_id, f"{prefix}manifest_sha256", sha256)
-    logged = {k: v for k, v in client.get_run(run_id).data.metrics.items() if k.startswith(prefix)}
-    return EvalOutcome(run_id, prefix, url, split, logged, list(recipe.eval.levels))
+    run = client.get_run(run_id)
+    logged = {k: v for k, v in run.data.metrics.items() if k.startswith(prefix)}
+    warning = run.data.tags.get(f"{prefix}{SCALE_WARNING}")
+    return EvalOutcome(run_id, prefix, url, split, logged, list(recipe.eval.levels), warning)
 
 
 def check_own_dataset(recorded: str | None, manifest, data: bytes, url: str, split: str, run_id: str) -> None:
@@ -293,4 +302,6 @@ def summary(outcome: EvalOutcome) -> str:
         shown = [f"{k} {outcome.metrics[pre + k]:.4f}" for k in HEADLINE if pre + k in outcome.metrics]
         if shown:
             lines.append(f"  {level}: {', '.join(shown)}")
+    if outcome.warning:
+        lines.append(f"  warning: {outcome.warning}")
     return "\n".join(lines)

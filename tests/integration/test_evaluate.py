@@ -17,14 +17,14 @@ from sklearn.metrics import accuracy_score, log_loss
 
 from tests.datasets import make_dataset
 from training.config import load_recipe
-from training.evaluation import evaluate_run
+from training.evaluation import evaluate_run, summary
 from training.launch import run_training
 
 
 @pytest.fixture(scope="module")
 def trained(stack, tmp_path_factory):
     work = tmp_path_factory.mktemp("evaluate")
-    make_dataset(str(work / "ds"), {"train": 16, "val": 8, "test": 12}, size=32, shard_samples=4)
+    make_dataset(str(work / "ds"), {"train": 16, "val": 8, "test": 12}, size=32, shard_samples=4, width_um=64.0)
     overrides = [f"data.dataset={work / 'ds'}", "data.image_size=32", "epochs=2", "batch_size=4", "workers=2"]
     recipe = load_recipe("demo_tiles", [*overrides, "eval.levels=[patient]"])
     return work, run_training(recipe, stack.mlflow_url, str(work / "ckpt"))
@@ -65,6 +65,7 @@ def test_training_evaluates_its_selected_model_on_the_test_split(trained, stack,
     work, out = trained
     assert out.error is None and out.held_out_error is None
     assert out.held_out.prefix == "test_" and out.held_out.split == "test"
+    assert out.held_out.warning is None  # its own dataset: the scale it trained on
     client = MlflowClient(stack.mlflow_url)
     run = client.get_run(out.run_id)
     logged = run.data.metrics
@@ -91,10 +92,15 @@ def test_training_evaluates_its_selected_model_on_the_test_split(trained, stack,
 def test_evaluate_takes_another_dataset_under_its_own_prefix_and_refuses_other_classes(trained, stack, tmp_path):
     """Also on another number of workers than the run trained with."""
     work, out = trained
-    make_dataset(str(work / "ext"), {"test": 8}, size=32, shard_samples=4, seed=3)
+    make_dataset(str(work / "ext"), {"test": 8}, size=32, shard_samples=4, seed=3, width_um=256.0)
     one = ["workers=1"]  # the run trained on two: a sample's prediction does not depend on the worker count
     ext = evaluate_run(out.run_id, stack.mlflow_url, str(work / "ckpt"), "test", str(work / "ext"), overrides=one)
     assert ext.prefix == "external_test_"
+    # tiles four times as wide as the training's: said, and kept with the run's metrics
+    scale = "these samples show 256 µm of specimen each and the model's training samples 64 µm (4x)"
+    assert ext.warning.startswith(scale) and f"  warning: {scale}" in summary(ext)
+    tags = MlflowClient(stack.mlflow_url).get_run(out.run_id).data.tags
+    assert tags["external_test_scale_warning"] == ext.warning and "test_scale_warning" not in tags
     logged = MlflowClient(stack.mlflow_url).get_run(out.run_id).data.metrics
     ref = _reference(MlflowClient(stack.mlflow_url), out.run_id, work / "ext" / "test", tmp_path)
     assert logged["external_test_accuracy"] == pytest.approx(ref["accuracy"], abs=1e-4)

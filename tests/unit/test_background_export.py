@@ -129,3 +129,14 @@ def test_a_slide_tiled_at_another_scale_than_the_background_model_is_warned_of(t
         "its tiles are 64 µm across and the background model's training tiles were 256 µm (0.25x): its calls may be "
         "wrong at this scale (--mpp 2 matches it)"
     ]
+
+
+def test_samples_of_another_scale_than_the_models_training_are_warned_of():
+    from training.export import scale_difference
+
+    assert scale_difference(64.0, 70.0) is None and scale_difference(None, 64.0) is None
+    assert scale_difference(64.0, None) is None
+    assert scale_difference(64.0, 32.0) == (
+        "these samples show 32 µm of specimen each and the model's training samples 64 µm (0.5x): the metrics "
+        "measure it at a scale it was not trained on"
+    )
