@@ -38,6 +38,7 @@ def dataset_lines(manifest, data: bytes) -> list[str]:
 
     lines = [
         f"{manifest.dataset}: {manifest.kind}, made {manifest.created}, version {mf.sha256_of(data)}",
+        f"made with: {made_with(manifest.config)}",
         "classes: " + (", ".join(f"{i} {c}" for i, c in enumerate(manifest.classes)) or "none (unlabelled)"),
     ]
     for split, info in manifest.splits.items():
@@ -61,6 +62,22 @@ def dataset_lines(manifest, data: bytes) -> list[str]:
     for a in manifest.amended:
         lines.append(f"  amended {a.time}: {a.describe()} (from version {str(a.previous_sha256)[:12]})")
     return lines
+
+
+def made_with(recorded: dict) -> str:
+    """The options that shaped a dataset (tile size, resolution, windows...), as ``key=value``: what another dataset
+    must match for a model of this one (its place, the background model and the shard size said elsewhere or
+    not at all; options left unset left out)."""
+    from ingest.config import dataset_options
+
+    said = ("out", "shard_size", "background_model_sha256", "background_threshold")
+    options = {k: v for k, v in dataset_options(recorded).items() if k not in said and _is_set(v)}
+    return " ".join(f"{k}={','.join(map(str, v)) if isinstance(v, list) else v}" for k, v in options.items())
+
+
+def _is_set(value) -> bool:
+    """An option given a value (0 is one; None, False and an empty list leave it unset)."""
+    return value is not None and value is not False and value != []
 
 
 def cmd_dataset(args) -> int:

@@ -415,3 +415,20 @@ def test_a_prefix_without_a_manifest_is_no_dataset_and_says_why(tmp_path):
     with pytest.raises(ValueError) as exc:
         mf.load(str(tmp_path / "bad"))
     assert not isinstance(exc.value, storage.Missing)
+
+
+def test_a_datasets_account_says_what_options_shaped_it():
+    """What another dataset must match for a model of this one: tiles, resolution, encoding, split."""
+    from cluster.cli_dataset import dataset_lines
+    from ingest.config import DicomIngestConfig, WsiIngestConfig
+    from shards import manifest as mf
+
+    wsi = WsiIngestConfig(sources=["x"], out="s3://b/d", tile_size=512, store_size=256, mpp=0.5, workers=4)
+    m = mf.Manifest(dataset="s3://b/d", kind="wsi", config=wsi.public())
+    assert dataset_lines(m, b"")[1] == (
+        "made with: split=train=0.7,val=0.15,test=0.15 seed=0 format=jpg quality=90 tile_size=512 store_size=256 "
+        "mpp=0.5 tissue_threshold=0.3 region_tiles=256"
+    )  # not its place, workers or shard size; not the options left unset
+    ct = DicomIngestConfig(sources=["x"], out="s3://b/ct", split="train=1.0")
+    line = dataset_lines(mf.Manifest(dataset="s3://b/ct", kind="dicom", config=ct.public()), b"")[1]
+    assert "windows=brain,subdural,soft" in line and "mode=slice" in line
