@@ -70,7 +70,9 @@ def made_with(recorded: dict) -> str:
     not at all; options left unset left out)."""
     from ingest.config import dataset_options
 
-    said = ("out", "shard_size", "background_model_sha256", "background_threshold")
+    said = ["out", "shard_size", "background_model_sha256", "background_threshold"]
+    said += ["sam_model"] if recorded.get("segment") != "sam" else []  # options of a choice not taken
+    said += ["frames"] if recorded.get("mode") != "series" else []
     options = {k: v for k, v in dataset_options(recorded).items() if k not in said and _is_set(v)}
     return " ".join(f"{k}={','.join(map(str, v)) if isinstance(v, list) else v}" for k, v in options.items())
 

@@ -431,4 +431,7 @@ def test_a_datasets_account_says_what_options_shaped_it():
     )  # not its place, workers or shard size; not the options left unset
     ct = DicomIngestConfig(sources=["x"], out="s3://b/ct", split="train=1.0")
     line = dataset_lines(mf.Manifest(dataset="s3://b/ct", kind="dicom", config=ct.public()), b"")[1]
-    assert "windows=brain,subdural,soft" in line and "mode=slice" in line
+    assert "windows=brain,subdural,soft" in line and "mode=slice" in line and "frames" not in line
+    series = DicomIngestConfig(sources=["x"], out="s3://b/ct", mode="series", frames=8).public()
+    line = dataset_lines(mf.Manifest(dataset="d", kind="dicom", config=series), b"")[1]
+    assert "mode=series neighbours=0 frames=8" in line
