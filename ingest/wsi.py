@@ -12,6 +12,7 @@ import numpy as np
 from ingest.slides import SlideReader
 from ingest.tiling import Tile, tissue_tiles
 from ingest.tissue import tissue_mask
+from shards.schema import scale_ratio
 
 # Longest side of the level the tissue mask is computed on (the smallest level at least this large): enough to
 # resolve a 600 px tile on a 64k slide at ~10 mask pixels a side, small enough to stay cheap.
@@ -129,16 +130,15 @@ class TileGeometry:
     warnings: list[str]
 
 
-def scale_mismatch(model_um: float | None, tile_um: float | None, tile_size: int, most: float = 1.25) -> str | None:
-    """A warning when tiles ``tile_um`` µm across (``tile_size`` px) differ by more than ``most`` times from the
-    ``model_um`` its background model was trained on: its calls on tiles of another scale can drop tissue. None
-    where they agree or either is unknown. It names the ``--mpp`` that matches."""
-    if not model_um or not tile_um or 1 / most <= tile_um / model_um <= most:
+def scale_mismatch(model_um: float | None, tile_um: float | None, tile_size: int) -> str | None:
+    """A warning when tiles ``tile_um`` µm across (``tile_size`` px) are of another scale
+    (:func:`shards.schema.scale_ratio`) than the ``model_um`` its background model was trained on: its calls on
+    them can drop tissue. None where they agree or either is unknown. It names the ``--mpp`` that matches."""
+    if (ratio := scale_ratio(model_um, tile_um)) is None:
         return None
     return (
         f"its tiles are {tile_um:.0f} µm across and the background model's training tiles were {model_um:.0f} µm "
-        f"({tile_um / model_um:.2g}x): its calls may be wrong at this scale (--mpp {model_um / tile_size:.3g} "
-        f"matches it)"
+        f"({ratio:.2g}x): its calls may be wrong at this scale (--mpp {model_um / tile_size:.3g} matches it)"
     )
 
 

@@ -20,6 +20,19 @@ IMAGE_EXTS = ("jpg", "png")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
+# Samples whose width of specimen (their ``width_um``) differs from a model's training samples' by more than this
+# many times either way are of another scale: ingest and evaluation warn of them alike.
+SCALE_TOLERANCE = 1.25
+
+
+def scale_ratio(reference_um: float | None, um: float | None) -> float | None:
+    """``um / reference_um`` where the two widths of specimen (µm) differ by more than :data:`SCALE_TOLERANCE`
+    times; None where they agree or either is unknown."""
+    if not reference_um or not um or 1 / SCALE_TOLERANCE <= um / reference_um <= SCALE_TOLERANCE:
+        return None
+    return um / reference_um
+
+
 def check_key(key: str) -> str:
     """Return ``key`` if usable as a WebDataset key (no dots or slashes, fits a USTAR name), else raise."""
     if not KEY_RE.match(key):

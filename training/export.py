@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from shards.schema import scale_ratio
 from training.config import ModelConfig
 from training.console import debugging
 
@@ -121,15 +122,15 @@ def tile_width_um(metas: list[dict], ingest_options: dict) -> float | None:
     return round(statistics.median(widths), 1) if widths else None
 
 
-def scale_difference(trained_um: float | None, seen_um: float | None, most: float = 1.25) -> str | None:
-    """A warning when samples showing ``seen_um`` µm of specimen each (:func:`tile_width_um`) differ by more than
-    ``most`` times from the ``trained_um`` a model's training samples showed: its metrics there measure it at a
-    scale it never saw. None where they agree or either is unknown."""
-    if not trained_um or not seen_um or 1 / most <= seen_um / trained_um <= most:
+def scale_difference(trained_um: float | None, seen_um: float | None) -> str | None:
+    """A warning when samples showing ``seen_um`` µm of specimen each (:func:`tile_width_um`) are of another scale
+    (:func:`shards.schema.scale_ratio`) than the ``trained_um`` a model's training samples showed: its metrics
+    there measure it at a scale it never saw. None where they agree or either is unknown."""
+    if (ratio := scale_ratio(trained_um, seen_um)) is None:
         return None
     return (
         f"these samples show {seen_um:.0f} µm of specimen each and the model's training samples {trained_um:.0f} µm "
-        f"({seen_um / trained_um:.2g}x): the metrics measure it at a scale it was not trained on"
+        f"({ratio:.2g}x): the metrics measure it at a scale it was not trained on"
     )
 
 
