@@ -109,9 +109,13 @@ def plan_slide(unit: Unit, cfg: WsiIngestConfig, background=None) -> tuple[list[
     return works, plan.warnings + ([mismatch] if mismatch else [])
 
 
-def _stored_mpp(slide_mpp: float | None, size0: int, stored_px: int) -> float | None:
-    """Microns per pixel of the stored image (after ``--store-size``): ``size0`` level-0 px became ``stored_px``."""
-    return round(slide_mpp * size0 / stored_px, 6) if slide_mpp else None
+def _scale(mpp: float | None, width: int, stored_width: int) -> dict[str, float | None]:
+    """A stored image's scale: ``width`` px of ``mpp`` µm/px (a slide's level 0, or an image's ``--mpp``), stored
+    ``stored_width`` px wide (after ``--store-size``): its µm/px and the width in µm of specimen it shows (None
+    without ``mpp``)."""
+    if not mpp:
+        return {"mpp": None, "width_um": None}
+    return {"mpp": round(mpp * width / stored_width, 6), "width_um": round(mpp * width, 3)}
 
 
 def wsi_samples(work: Work, cfg: WsiIngestConfig, background=None) -> Iterator[dict[str, Any]]:
@@ -132,11 +136,9 @@ def wsi_samples(work: Work, cfg: WsiIngestConfig, background=None) -> Iterator[d
                 "x": tile.x,
                 "y": tile.y,
                 "size0": tile.size0,
-                "mpp": _stored_mpp(plan.mpp, tile.size0, cfg.store_size or cfg.tile_size),
-                "width_um": round(plan.mpp * tile.size0, 3) if plan.mpp else None,
                 "tissue": tile.tissue,
                 "label": unit.label,
-            }
+            } | _scale(plan.mpp, tile.size0, cfg.store_size or cfg.tile_size)
             image = encode_image(rgb, cfg.format, cfg.quality)
             yield make_sample(f"{unit.item}_{tile.x:07d}_{tile.y:07d}", image, cfg.format, unit.label, meta)
     finally:
@@ -261,20 +263,14 @@ def image_samples(work: Work, cfg: ImagesIngestConfig) -> Iterator[dict[str, Any
                     work.notes.append(f"box {j}: {cfg.segment} found no lesion in it; its crop is kept unmasked")
             region = lesion.cut_out(rgb, box, cfg.crop_margin, found[j].mask if found else None)
             stored = _fit(region, cfg.store_size)
-            extra |= _scale(cfg.mpp, region.shape[1], stored.shape[1])
+            extra |= _scale(cfg.mpp, region.shape[1], stored.shape[1]) if cfg.mpp else {}
             image = encode_image(stored, cfg.format, cfg.quality)
             yield make_sample(f"{unit.item}_box{j:02d}", image, cfg.format, unit.label, meta | extra)
     else:
         stored = _fit(rgb, cfg.store_size)
         image = encode_image(stored, cfg.format, cfg.quality)
-        meta |= {"crop": None} | _scale(cfg.mpp, w, stored.shape[1])
+        meta |= {"crop": None} | (_scale(cfg.mpp, w, stored.shape[1]) if cfg.mpp else {})
         yield make_sample(unit.item, image, cfg.format, unit.label, meta)
-
-
-def _scale(mpp: float | None, width: int, stored_width: int) -> dict[str, float]:
-    """An image's scale, where ``--mpp`` gives its pixels': the stored image's µm/px and the width in µm it
-    shows (what a slide tile records)."""
-    return {"mpp": round(mpp * width / stored_width, 6), "width_um": round(mpp * width, 3)} if mpp else {}
 
 
 def mark_preview(out: str, item: str, tiles: list[tuple[int, int]], size0: int, scale: float) -> None:
