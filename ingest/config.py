@@ -93,8 +93,8 @@ class IngestConfig(BaseModel):
         return self
 
     def uses_models(self) -> bool:
-        """Whether the actors apply a neural network (what a GPU would run)."""
-        return bool(getattr(self, "background_model", None)) or getattr(self, "segment", "none") == "sam"
+        """Whether the actors apply a neural network (what a GPU would run): none here; the kinds that can say."""
+        return False
 
     @model_validator(mode="after")
     def _one_rerun_mode(self) -> IngestConfig:
@@ -148,6 +148,9 @@ class WsiIngestConfig(IngestConfig):
         if self.mpp is not None and self.magnification is not None:
             raise ValueError("give mpp or magnification, not both (both choose the resolution to tile at)")
         return self
+
+    def uses_models(self) -> bool:
+        return bool(self.background_model)
 
 
 class DicomIngestConfig(IngestConfig):
@@ -213,6 +216,9 @@ class ImagesIngestConfig(IngestConfig):
         if self.layout in ("folders", "csv") and self.mode != "slice":
             raise ValueError(f"mode {self.mode!r} makes sequences; it needs layout sequences (or auto)")
         return self
+
+    def uses_models(self) -> bool:
+        return self.segment == "sam"
 
     def public(self) -> dict:
         return {k: v for k, v in super().public().items() if k != "boxes"}

@@ -16,13 +16,10 @@ import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
+from ingest.config import ImagesIngestConfig, IngestConfig, WsiIngestConfig
 from shards import storage
 from shards.nodes import workers_that_fit
-
-if TYPE_CHECKING:
-    from ingest.config import IngestConfig
 
 MODEL_JSON, TORCHSCRIPT = "model.json", "model.ts"  # a Tessera export's files (training/export.py writes them)
 MODEL_FOLDER = "model"  # where a training run logs its export
@@ -62,11 +59,11 @@ def read_models(cfg: IngestConfig) -> ModelFiles | None:
     """What the models a run names hold, read on the driver before any work: the background model's files (None
     without one); a SAM checkpoint's configuration, so that a wrong name fails the run here and not every image.
     torch and transformers are imported only where a model is named."""
-    if getattr(cfg, "segment", "none") == "sam":
+    if isinstance(cfg, ImagesIngestConfig) and cfg.segment == "sam":
         from ingest.sam import check_sam
 
         check_sam(cfg.sam_model)
-    if not getattr(cfg, "background_model", None):
+    if not (isinstance(cfg, WsiIngestConfig) and cfg.background_model):
         return None
     from ingest.background import read_checked
 
