@@ -227,7 +227,7 @@ def ingest_dry_run(kind: str, cfg, on_private) -> int:
     if kind == "wsi":
         from ingest.preflight import check_slides
 
-        model_um = ((plan.background and plan.background.description) or {}).get("tile_um")
+        model_um = plan.background.tile_um if plan.background else None
         print("\n".join(check_slides(plan.units, cfg, model_um=model_um)))
     if plan.skipped or plan.unmatched:
         print(f"the inputs behind these pseudonyms: {on_private(plan.private)} (private to you)")

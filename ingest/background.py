@@ -44,7 +44,7 @@ class BackgroundFilter:
         batch: int = 64,
         device: str = "cpu",
     ) -> None:
-        self.sigmoid, self.tile_um = False, None
+        self.sigmoid, self.tile_um = False, model.tile_um
         if desc := model.description:  # a Tessera export: TorchScript plus its description
             names = [c.lower() for c in desc.get("outputs") or desc["classes"]]
             if "background" not in names:
@@ -53,7 +53,6 @@ class BackgroundFilter:
                 raise ValueError(f"background model {model.source}: a model of slice sequences, not of tiles")
             background_class, input_size = names.index("background"), int(desc["image_size"])
             self.sigmoid = desc.get("activation") == "sigmoid"  # one of a multi-label model's outputs
-            self.tile_um = desc.get("tile_um")  # the specimen width of its training tiles (older exports: None)
         try:
             with warnings.catch_warnings():  # torch 2.10+ calls TorchScript deprecated, in each actor's output
                 warnings.simplefilter("ignore", FutureWarning)

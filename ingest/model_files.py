@@ -38,6 +38,12 @@ class ModelFiles:
     description: dict | None = None
 
     @property
+    def tile_um(self) -> float | None:
+        """The width of specimen its training tiles showed (an export's ``tile_um``); None where it is not recorded
+        (a bare TorchScript file, an export older than the record)."""
+        return (self.description or {}).get("tile_um")
+
+    @property
     def sha256(self) -> str:
         """The TorchScript file's sha256 (as ``sha256sum model.ts`` prints it): what the dataset records."""
         return hashlib.sha256(self.torchscript).hexdigest()
@@ -50,8 +56,8 @@ def recording(cfg: IngestConfig, model: ModelFiles | None) -> tuple[IngestConfig
     if model is None:
         return cfg, None
     line = f"background model: {model.source}, sha256 {model.sha256[:16]}"
-    if tile_um := (model.description or {}).get("tile_um"):  # slides whose tiles differ are warned of, each
-        line += f", trained on tiles {tile_um:.0f} µm across"
+    if model.tile_um:  # slides whose tiles differ are warned of, each
+        line += f", trained on tiles {model.tile_um:.0f} µm across"
     return cfg.model_copy(update={"background_model": model.source, "background_model_sha256": model.sha256}), line
 
 
