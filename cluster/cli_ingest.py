@@ -183,6 +183,12 @@ def _problem(error: dict) -> str:
     return f"--{'-'.join(map(str, error['loc'])).replace('_', '-')}: {msg}"
 
 
+def private_map(settings, out: str) -> Path:
+    """The private map of the dataset at ``out``, in the state directory of whoever ingested it."""
+    name = out.replace("://", "_").replace("/", "_")
+    return settings.state / "private" / f"{name}.sources.json"
+
+
 def keep_private(settings, out: str):
     """Where the private map (pseudonym -> the source, patient or label row it stands for) goes: a private (0700)
     folder of the state directory, never the dataset. New entries join those already there (pseudonyms are keyed
@@ -190,11 +196,9 @@ def keep_private(settings, out: str):
     keeps what an earlier run recorded."""
 
     def save(mapping: dict[str, str]) -> Path:
-        d = settings.state / "private"
-        d.mkdir(parents=True, exist_ok=True)
-        os.chmod(d, 0o700)
-        name = out.replace("://", "_").replace("/", "_")
-        path = d / f"{name}.sources.json"
+        path = private_map(settings, out)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        os.chmod(path.parent, 0o700)
         known = json.loads(path.read_text()) if path.exists() else {}
         path.write_text(json.dumps(known | mapping, indent=1))
         return path

@@ -180,9 +180,10 @@ def image_exts(frames: int) -> list[str]:
     return [f"{j:03d}.jpg;{j:03d}.png" for j in range(frames)]
 
 
-def sample_exts(frames: int) -> list[str]:
-    """The members a pipeline reads from each sample: its image(s), ``cls`` and ``json``."""
-    return [*image_exts(frames), "cls", "json"]
+def sample_exts(frames: int, labelled: bool = True) -> list[str]:
+    """The members a pipeline reads from each sample: its image(s), ``cls`` (not of an unlabelled dataset's
+    samples, which have none) and ``json``."""
+    return [*image_exts(frames), *(["cls"] if labelled else []), "json"]
 
 
 def build_pipeline(
@@ -199,8 +200,10 @@ def build_pipeline(
     augment: Augment | None = None,
     frames: int = 0,
     source=None,
+    labelled: bool = True,
 ):
-    """A built DALI pipeline yielding ``(images, cls bytes, json bytes)``.
+    """A built DALI pipeline yielding ``(images, cls bytes, json bytes)``; ``(images, json bytes)`` where not
+    ``labelled`` (a dataset ingested without a label table, whose samples have no ``cls``).
 
     ``images`` is ``float[N, 3, S, S]`` (ImageNet-normalised), or ``float[N, T, 3, S, S]`` when ``frames`` is
     ``T``. Training pipelines shuffle (seeded) and augment; evaluation pipelines read in order and pad the last
@@ -212,18 +215,19 @@ def build_pipeline(
 
     aug = augment or Augment()
     gpu = device_id is not None
+    exts = sample_exts(frames, labelled)
 
     @pipeline_def(
         batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=seed, enable_conditionals=True
     )
     def pipe():
         if source is not None:
-            *encoded, cls, meta = fn.external_source(source=source, num_outputs=len(sample_exts(frames)), batch=True)
+            members = fn.external_source(source=source, num_outputs=len(exts), batch=True)
         else:
-            *encoded, cls, meta = fn.readers.webdataset(
+            members = fn.readers.webdataset(
                 paths=shard_urls,
                 index_paths=index_paths,
-                ext=sample_exts(frames),
+                ext=exts,
                 missing_component_behavior="error",
                 random_shuffle=train,
                 initial_fill=256 if train else 1,
@@ -233,6 +237,7 @@ def build_pipeline(
                 stick_to_shard=True,
                 name="reader",
             )
+        encoded, rest = members[: len(image_exts(frames))], members[len(image_exts(frames)) :]
         decoded = [_decoded(e, image_size, gpu) for e in encoded]
         images = decoded[0] if frames == 0 else fn.stack(*decoded, axis=0, axis_name="F")
         if train:
@@ -244,7 +249,7 @@ def build_pipeline(
             mean=IMAGENET_MEAN,
             std=IMAGENET_STD,
         )
-        return images, cls, meta
+        return images, *rest
 
     with converted_code_removed():
         p = pipe()
@@ -303,7 +308,7 @@ def sample_labels(cls, metas: list[dict], multilabel: bool) -> np.ndarray:
 
 class ShardBatches:
     """Batches from one worker's share of a split: ``(images, labels, metas)``; the images a NumPy array, or a
-    CUDA tensor from a GPU pipeline; labels NumPy, metas Python.
+    CUDA tensor from a GPU pipeline; labels NumPy (-1 each from a pipeline of unlabelled samples), metas Python.
 
     ``steps`` fixes how many batches a training pass yields, so every worker takes the same number of
     optimiser steps; evaluation passes yield the worker's share exactly once (padding trimmed).
@@ -333,10 +338,10 @@ class ShardBatches:
     def __iter__(self) -> Iterator[tuple[Any, np.ndarray, list[dict]]]:
         left = self.share
         for _ in range(self.steps):
-            images, cls, meta = self.pipe.run()
+            images, *cls, meta = self.pipe.run()
             x = _images(images)
             metas = [json.loads(bytes(np.asarray(m)).decode()) for m in meta]
-            labels = sample_labels(cls, metas, self.multilabel)
+            labels = sample_labels(cls[0], metas, self.multilabel) if cls else np.full(len(metas), -1, np.int64)
             if not self.train:
                 n = min(left, len(labels))
                 x, labels, metas = x[:n], labels[:n], metas[:n]

@@ -33,12 +33,15 @@ def make_dataset(
     seed: int = 0,
     per_sample_labels: bool = False,
     width_um: float | None = None,
+    labelled: bool = True,
 ) -> mf.Manifest:
     """Write shards (``shard_samples`` per shard) and a manifest under ``prefix``; patients are per split.
 
     ``per_sample_labels``: each sample draws its own label, as slices labelled one by one (RSNA, CT-ICH), and a
     patient's input is labelled positive when any of its samples is, as ingest labels a series. ``width_um``: the
-    µm of specimen each sample records it shows, as slide tiles do."""
+    µm of specimen each sample records it shows, as slide tiles do. Not ``labelled``: samples without ``.cls``
+    and a manifest without classes, as ingest makes of inputs without a label table (the images still differ by
+    the class drawn for them)."""
     rng = np.random.default_rng(seed)
     manifest = mf.Manifest(
         dataset=prefix,
@@ -65,7 +68,10 @@ def make_dataset(
                         meta["labels"] = vector
                     if width_um:
                         meta["width_um"] = width_um
-                    w.write(make_sample(f"{split}_{i:05d}", images if frames else images[0], "png", label, meta))
+                    if not labelled:
+                        meta = {k: v for k, v in meta.items() if k not in ("label", "labels")}
+                    cls = label if labelled else None
+                    w.write(make_sample(f"{split}_{i:05d}", images if frames else images[0], "png", cls, meta))
             infos += w.shards
         manifest.splits[split] = mf.SplitInfo(num_samples=n, shards=infos)
         for patient, label in patients.items():
@@ -75,10 +81,12 @@ def make_dataset(
                     kind="test",
                     status="ingested",
                     patient=patient,
-                    label=label,
+                    label=label if labelled else None,
                     split=split,
                     samples=sum(1 for i in range(n) if f"{split}p{i // samples_per_patient}" == patient),
                 )
             )
+    if not labelled:
+        manifest.classes, manifest.multilabel = [], None
     mf.save(manifest, prefix)
     return manifest

@@ -57,18 +57,31 @@ def aggregate(
     A multi-class group's label is its members' label (mixed labels raise ``ValueError``), except under ``any``,
     where a group is positive when any member is; a multi-label group's label is the element-wise maximum.
     """
-    if len(groups) != len(probs) or len(labels) != len(probs):
+    if len(labels) != len(probs):
         raise ValueError("probs, labels and groups must have the same length")
     labels = np.asarray(labels)
+    ids, out = aggregate_probs(probs, groups, how, labels.ndim == 2)
+    index = {gid: i for i, gid in enumerate(ids)}
+    g = np.array([index[x] for x in groups])
+    out_labels = np.zeros((len(ids), *labels.shape[1:]), dtype=np.int64)
+    for i, gid in enumerate(ids):
+        out_labels[i] = _group_label(labels[g == i], gid, how)
+    return ids, out, out_labels
+
+
+def aggregate_probs(
+    probs: np.ndarray, groups: list[str], how: How = "mean", multilabel: bool = False
+) -> tuple[list[str], np.ndarray]:
+    """:func:`aggregate`'s ``(group ids, probs[G, C])`` alone: groups of samples that have no labels."""
+    if len(groups) != len(probs):
+        raise ValueError("probs, labels and groups must have the same length")
     ids = sorted(set(groups))
     index = {g: i for i, g in enumerate(ids)}
     g = np.array([index[x] for x in groups])
     out = np.zeros((len(ids), probs.shape[1]))
-    out_labels = np.zeros((len(ids), *labels.shape[1:]), dtype=np.int64)
-    for i, gid in enumerate(ids):
-        out_labels[i] = _group_label(labels[g == i], gid, how)
-        out[i] = _group_probs(probs[g == i], how, labels.ndim == 2)
-    return ids, out, out_labels
+    for i in range(len(ids)):
+        out[i] = _group_probs(probs[g == i], how, multilabel)
+    return ids, out
 
 
 def any_positive(probs: np.ndarray, groups: list[str], threshold: float = 0.5) -> dict[str, bool]:

@@ -48,6 +48,7 @@ class WorkerData:
     _index: dict[str, list[str]] = field(default_factory=dict)
     _access: dict[str, tuple[ShardFiles, list[Sample]]] = field(default_factory=dict)
     splits: tuple[str, ...] = ()
+    labelled: bool = True  # False: samples without ``.cls`` (a dataset ingested without labels), read as -1
 
     def __post_init__(self) -> None:
         d = self.recipe.data
@@ -106,7 +107,7 @@ class WorkerData:
             order = shuffled_indices(len(samples), self.rank, self.world, steps * r.batch_size, rng)
         else:
             order = eval_indices(len(samples), self.rank, self.world, r.batch_size)
-        return SampleSource(files, samples, order, r.batch_size, sample_exts(d.frames))
+        return SampleSource(files, samples, order, r.batch_size, sample_exts(d.frames, self.labelled))
 
     def steps_per_epoch(self) -> int:
         """Optimiser micro-steps per training epoch, the same on every worker."""
@@ -141,6 +142,7 @@ class WorkerData:
             augment=Augment(**d.augment.model_dump()),
             frames=d.frames,
             source=source,
+            labelled=self.labelled,
         )
         total = self.manifest.num_samples(split)
         # The recipe's task decides the label: a binary recipe on an RSNA dataset reads `.cls` (any), not the vectors.

@@ -122,15 +122,18 @@ def tile_width_um(metas: list[dict], ingest_options: dict) -> float | None:
     return round(statistics.median(widths), 1) if widths else None
 
 
-def scale_difference(trained_um: float | None, seen_um: float | None) -> str | None:
+def scale_difference(
+    trained_um: float | None, seen_um: float | None, so: str = "the metrics measure it at a scale it was not trained on"
+) -> str | None:
     """A warning when samples showing ``seen_um`` µm of specimen each (:func:`tile_width_um`) are of another scale
     (:func:`shards.schema.scale_ratio`) than the ``trained_um`` a model's training samples showed: its metrics
-    there measure it at a scale it never saw. None where they agree or either is unknown."""
+    there measure it at a scale it never saw (``so``: what follows, for calls without metrics). None where they
+    agree or either is unknown."""
     if (ratio := scale_ratio(trained_um, seen_um)) is None:
         return None
     return (
         f"these samples show {seen_um:.0f} µm of specimen each and the model's training samples {trained_um:.0f} µm "
-        f"({ratio:.2g}x): the metrics measure it at a scale it was not trained on"
+        f"({ratio:.2g}x): {so}"
     )
 
 

@@ -23,7 +23,7 @@ import torch.distributed as dist
 from shards import manifest as mf
 from shards import scratch
 from shards.allocator import keep_freed_memory
-from training.aggregate import aggregate
+from training.aggregate import aggregate, aggregate_probs
 from training.collective import raise_any, said
 from training.config import TrainRecipe
 from training.data import WorkerData, wait_for_store
@@ -109,8 +109,9 @@ def train_epoch(engine, batches, loss_fn: Loss, device, epoch: int, rank: int, f
 
 
 @torch.no_grad()
-def predict(model, batches, loss_fn: Loss, device, share_errors: bool = False) -> dict[str, Any]:
-    """Probabilities, labels, metadata and mean loss of every worker's share, gathered on every rank.
+def predict(model, batches, loss_fn: Loss, device, share_errors: bool = False, labelled: bool = True) -> dict[str, Any]:
+    """Probabilities, labels, metadata and mean loss of every worker's share, gathered on every rank (of samples
+    without labels, not ``labelled``: no loss, NaN).
 
     ``share_errors``: a rank that fails still joins the gather, which then raises on every rank. Only for a
     model whose forward pass has no collectives: a ZeRO-3 engine's gathers parameters, and its ranks would wait
@@ -124,7 +125,8 @@ def predict(model, batches, loss_fn: Loss, device, share_errors: bool = False) -
             if len(y) == 0:
                 continue
             logits = model(torch.as_tensor(x, device=device).to(dtype))
-            loss_sum += float(loss_fn(logits, torch.as_tensor(y, device=device), class_weighted=False)) * len(y)
+            if labelled:
+                loss_sum += float(loss_fn(logits, torch.as_tensor(y, device=device), class_weighted=False)) * len(y)
             probs.append(loss_fn.probabilities(logits))
             labels.append(y)
             metas.extend(m)
@@ -143,18 +145,21 @@ def predict(model, batches, loss_fn: Loss, device, share_errors: bool = False) -
         "probs": np.concatenate(out_p) if out_p else np.zeros((0, 1)),
         "labels": np.concatenate(out_y) if out_y else np.zeros(0, np.int64),
         "metas": [m for g in gathered for m in g["metas"]],
-        "loss": sum(g["loss"] for g in gathered) / max(1, n),
+        "loss": sum(g["loss"] for g in gathered) / max(1, n) if labelled else float("nan"),
     }
 
 
 def by_level(pred: dict[str, Any], recipe: TrainRecipe):
-    """``(level, group ids, probs[G, C], labels[G])`` for each recipe level that every sample's metadata names."""
+    """``(level, group ids, probs[G, C], labels[G])`` for each recipe level that every sample's metadata names
+    (labels None where ``pred["labels"]`` is: samples without labels)."""
     how = recipe.eval.how if recipe.task == "multiclass" else "max"
     for level in recipe.eval.levels:
         groups = [m.get(level) for m in pred["metas"]]
         if groups and all(g is not None for g in groups):
-            ids, gp, gy = aggregate(pred["probs"], pred["labels"], groups, how)
-            yield level, ids, gp, gy
+            if pred["labels"] is None:
+                yield level, *aggregate_probs(pred["probs"], groups, how, recipe.task == "multilabel"), None
+            else:
+                yield level, *aggregate(pred["probs"], pred["labels"], groups, how)
 
 
 def level_threshold(recipe: TrainRecipe, level: str) -> float | None:

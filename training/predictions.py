@@ -23,24 +23,64 @@ def sample_columns(metas: list[dict[str, Any]]) -> dict[str, list]:
 def prediction_table(
     columns: dict[str, list],
     probs: np.ndarray,
-    labels: np.ndarray,
+    labels: np.ndarray | None,
     outputs: list[str],
     multilabel: bool,
     threshold: float | None = None,
 ) -> str:
-    """CSV: the ``columns``, then the true label, the call (multi-class: the class; multi-label: 0/1 per label at
-    ``threshold``) and a probability per output."""
+    """CSV: the ``columns``, then the true label (none where ``labels`` is None: samples without labels), the call
+    (multi-class: the class; multi-label: 0/1 per label at ``threshold``) and a probability per output."""
     names = [metric_name(o) for o in outputs]
     if multilabel:
         cut = 0.5 if threshold is None else threshold
-        header = [f"label_{n}" for n in names] + [f"predicted_{n}" for n in names]
-        calls = [list(map(int, y)) + list(map(int, p >= cut)) for y, p in zip(labels, probs, strict=True)]
+        header = [f"predicted_{n}" for n in names]
+        calls = [list(map(int, p >= cut)) for p in probs]
+        if labels is not None:
+            header = [f"label_{n}" for n in names] + header
+            calls = [list(map(int, y)) + c for y, c in zip(labels, calls, strict=True)]
     else:
-        header = ["label", "predicted"]
-        calls = [[outputs[y], outputs[c]] for y, c in zip(labels, predicted_classes(probs, threshold), strict=True)]
+        header = ["predicted"]
+        calls = [[outputs[c]] for c in predicted_classes(probs, threshold)]
+        if labels is not None:
+            header = ["label", *header]
+            calls = [[outputs[y], *c] for y, c in zip(labels, calls, strict=True)]
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow([*columns, *header, *(f"p_{n}" for n in names)])
     for i, (call, p) in enumerate(zip(calls, probs, strict=True)):
         writer.writerow([*(c[i] for c in columns.values()), *call, *(f"{v:.6g}" for v in p)])
     return out.getvalue()
+
+
+# The columns whose values are pseudonyms of the private map; what each stands for there starts with its kind
+# (``patient 006388``, ``study 1.2.840...``, ``series 1.2.840... in /data/ct``) or is a file (a slide, an image).
+PSEUDONYMS = ("patient", "slide", "series", "image", "study")
+
+
+def original_name(means: str) -> str:
+    """The name a private-map entry gives: a patient's or study's ID, a series' UID, a slide's or image's file."""
+    for kind in ("patient", "study"):
+        if means.startswith(f"{kind} "):
+            return means.removeprefix(f"{kind} ")
+    if means.startswith("series "):
+        return means.removeprefix("series ").split(" in ", 1)[0]
+    return means
+
+
+def reveal(table: str, private: dict[str, str]) -> tuple[str, int]:
+    """``table`` (CSV) with each pseudonym of its :data:`PSEUDONYMS` columns replaced by the name it stands for
+    in ``private``, and how many distinct pseudonyms the map does not have (left as they are)."""
+    rows = list(csv.reader(io.StringIO(table)))
+    if not rows:
+        return table, 0
+    named = [i for i, column in enumerate(rows[0]) if column in PSEUDONYMS]
+    unknown: set[str] = set()
+    for row in rows[1:]:
+        for i in named:
+            if row[i] in private:
+                row[i] = original_name(private[row[i]])
+            else:
+                unknown.add(row[i])
+    out = io.StringIO()
+    csv.writer(out, lineterminator="\n").writerows(rows)
+    return out.getvalue(), len(unknown)

@@ -72,23 +72,45 @@ class Reporter:
         log_evaluation(self.log, self.t.recipe, self.t.outputs, pred, "validation")
 
 
+def prediction_levels(pred: dict[str, Any], recipe):
+    """``(level, id columns, probs, labels, threshold)`` at sample level and at each aggregation level the
+    samples name; labels None where ``pred["labels"]`` is (samples without labels)."""
+    from training.loop import by_level, level_threshold
+    from training.predictions import sample_columns
+
+    def threshold(level: str) -> float | None:
+        return level_threshold(recipe, level) if recipe.task == "multiclass" else recipe.eval.threshold
+
+    yield "sample", sample_columns(pred["metas"]), pred["probs"], pred["labels"], threshold("sample")
+    for level, ids, p, y in by_level(pred, recipe):
+        yield level, {level: ids}, p, y, threshold(level)
+
+
+def prediction_tables(pred: dict[str, Any], recipe, outputs: list[str]) -> dict[str, str]:
+    """The prediction table (CSV) of each level of :func:`prediction_levels` that has samples."""
+    from training.predictions import prediction_table
+
+    multilabel = recipe.task == "multilabel"
+    return {
+        level: prediction_table(columns, p, y, outputs, multilabel, cut)
+        for level, columns, p, y, cut in prediction_levels(pred, recipe)
+        if len(p)
+    }
+
+
 def log_evaluation(log: RunLogger, recipe, outputs: list[str], pred: dict[str, Any], split: str, prefix: str = ""):
     """Confusion matrices (PNG and JSON, multi-class), ROC curves and the predictions (CSV) of ``pred`` at
     sample level and each aggregation level; files named ``<prefix>confusion_<level>.png``..., titles naming
     ``split``."""
-    from training.loop import by_level, level_threshold
     from training.metrics import confusion
     from training.plots import confusion_png, roc_png
-    from training.predictions import prediction_table, sample_columns
 
-    levels = [("sample", sample_columns(pred["metas"]), pred["probs"], pred["labels"])]
-    levels += [(level, {level: ids}, p, y) for level, ids, p, y in by_level(pred, recipe)]
+    tables = prediction_tables(pred, recipe, outputs)
     with tempfile.TemporaryDirectory() as tmp:
-        for level, columns, p, y in levels:
+        for level, _, p, y, threshold in prediction_levels(pred, recipe):
             if len(y) == 0:
                 continue
             title = f"{split}, {level} level"
-            threshold = level_threshold(recipe, level) if recipe.task == "multiclass" else recipe.eval.threshold
             if recipe.task == "multiclass":
                 cm = confusion(y, p, threshold)
                 log.artifact(confusion_png(cm, outputs, Path(tmp) / f"{prefix}confusion_{level}.png", title))
@@ -97,5 +119,5 @@ def log_evaluation(log: RunLogger, recipe, outputs: list[str], pred: dict[str, A
                 log.artifact(data)
             log.artifact(roc_png(y, p, outputs, recipe.task, Path(tmp) / f"{prefix}roc_{level}.png", title))
             table = Path(tmp) / f"{prefix}predictions_{level}.csv"
-            table.write_text(prediction_table(columns, p, y, outputs, recipe.task == "multilabel", threshold))
+            table.write_text(tables[level])
             log.artifact(table)

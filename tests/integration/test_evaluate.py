@@ -5,6 +5,8 @@ TorchScript model run outside Tessera on the same shards."""
 import csv
 import io
 import json
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -15,9 +17,12 @@ from mlflow import MlflowClient
 from PIL import Image
 from sklearn.metrics import accuracy_score, log_loss
 
+from ingest.synthetic import make_slides
 from tests.datasets import make_dataset
+from tests.integration.commands import ingest_wsi_cmd
 from training.config import load_recipe
 from training.evaluation import evaluate_run, summary
+from training.inference import predict_run
 from training.launch import run_training
 
 
@@ -30,12 +35,12 @@ def trained(stack, tmp_path_factory):
     return work, run_training(recipe, stack.mlflow_url, str(work / "ckpt"))
 
 
-def _reference(client, run_id: str, shards: Path, tmp: Path) -> dict[str, float]:
-    """Accuracy, loss and patient accuracy (mean probabilities) of the run's exported TorchScript model on every
+def _outputs(client, run_id: str, shards: Path, tmp: Path) -> tuple[np.ndarray, list[int | None], list[dict]]:
+    """Probabilities, labels (None without ``.cls``) and metadata of the run's exported TorchScript model on every
     sample of ``shards``, decoded with PIL and normalised by hand."""
     model = torch.jit.load(client.download_artifacts(run_id, "model/model.ts", str(tmp)))
     mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
-    probs, labels, patients = [], [], []
+    probs, labels, metas = [], [], []
     for shard in sorted(shards.glob("*.tar")):
         members: dict[str, dict[str, bytes]] = {}
         with tarfile.open(shard) as tar:
@@ -43,13 +48,21 @@ def _reference(client, run_id: str, shards: Path, tmp: Path) -> dict[str, float]
                 key, ext = m.name.split(".", 1)
                 members.setdefault(key, {})[ext] = tar.extractfile(m).read()
         for sample in members.values():
-            rgb = np.asarray(Image.open(io.BytesIO(sample["png"])).convert("RGB")) / 255.0
+            image = sample.get("png") or sample["jpg"]
+            rgb = np.asarray(Image.open(io.BytesIO(image)).convert("RGB")) / 255.0
             x = torch.tensor(((rgb - mean) / std).transpose(2, 0, 1)[None], dtype=torch.float32)
             with torch.no_grad():
                 probs.append(torch.softmax(model(x), 1)[0].numpy())
-            labels.append(int(sample["cls"]))
-            patients.append(json.loads(sample["json"])["patient"])
-    p, y = np.array(probs), np.array(labels)
+            labels.append(int(sample["cls"]) if "cls" in sample else None)
+            metas.append(json.loads(sample["json"]))
+    return np.array(probs), labels, metas
+
+
+def _reference(client, run_id: str, shards: Path, tmp: Path) -> dict[str, float]:
+    """Accuracy, loss and patient accuracy (mean probabilities) of the run's exported TorchScript model on every
+    sample of ``shards``."""
+    p, labels, metas = _outputs(client, run_id, shards, tmp)
+    y, patients = np.array(labels), [m["patient"] for m in metas]
     groups = sorted(set(patients))
     gp = np.array([p[[q == g for q in patients]].mean(0) for g in groups])
     gy = np.array([y[[q == g for q in patients]][0] for g in groups])
@@ -132,3 +145,67 @@ def test_evaluating_the_val_split_adds_nothing_to_the_training_curves(trained, s
     # test_patient_* would share names with the held-out step's test_ metrics (test_patient_accuracy)
     with pytest.raises(ValueError, match=r"metrics test_patient_\* would mix with those of its evaluation test_\*"):
         evaluate_run(out.run_id, stack.mlflow_url, str(work / "ckpt"), "test", name="test patient")
+
+
+def test_predict_calls_the_inputs_of_a_dataset_without_labels(trained, stack, tmp_path):
+    """Slides ingested without a label table, as paper 000's STRIP AI test set: `tessera predict` calls each tile
+    and each patient with the run's model. The run keeps the tables pseudonymous; --reveal names the slides' files
+    and patients in the caller's copy, from the private map the ingest kept. The slides read at another scale than
+    the model's training tiles: a warning, as evaluation gives."""
+    work, out = trained
+    files, _ = make_slides(tmp_path / "slides", n=2, size=1024, seed=9)
+    ds, preds = tmp_path / "unlabelled", tmp_path / "preds"
+    cli = [sys.executable, "-m", "cluster.cli"]
+    ingest = subprocess.run(
+        [*ingest_wsi_cmd(tmp_path / "slides", ds), "--split", "test=1.0", "--mpp", "1"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert ingest.returncode == 0, ingest.stderr[-2000:]
+    predict = [*cli, "predict", out.run_id, "--dataset", str(ds), "--out", str(preds), "--reveal", "workers=1"]
+    run = subprocess.run(predict, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    manifest = json.loads((ds / "manifest.json").read_text())
+    n = manifest["splits"]["test"]["num_samples"]
+    assert manifest["classes"] == [] and n > 0
+    assert f"{n} samples of the test split of {ds} (without labels):" in run.stdout
+    assert f"patient: 2 rows -> {preds}/predictions_patient.csv" in run.stdout
+    # read at 1 µm/px, 128 px tiles show twice the specimen of the model's training tiles: said, not refused
+    scale = "these samples show 128 µm of specimen each and the model's training samples 64 µm (2x): its calls may"
+    assert f"warning: {scale}" in run.stdout
+
+    shown = list(csv.DictReader((preds / "predictions_sample.csv").read_text().splitlines()))
+    assert list(shown[0]) == ["patient", "slide", "x", "y", "predicted", "p_class0", "p_class1"]  # no label
+    assert {r["slide"] for r in shown} == {str(f) for f in files}  # the files, revealed
+    assert {r["patient"] for r in shown} == {f.stem for f in files}  # a slide's patient without a table: its name
+    assert (preds / "predictions_sample.csv").stat().st_mode & 0o777 == 0o600
+    # the model's own probabilities, outside Tessera: each tile once, whichever worker read it
+    client = MlflowClient(stack.mlflow_url)
+    probs, labels, metas = _outputs(client, out.run_id, ds / "test", tmp_path / "ref")
+    assert labels == [None] * n and len(shown) == n
+    expected = {(m["slide"], m["x"], m["y"]): p for m, p in zip(metas, probs, strict=True)}
+    kept = client.download_artifacts(out.run_id, "predictions/external_test/predictions_sample.csv", str(tmp_path))
+    pseudonymous = list(csv.DictReader(Path(kept).read_text().splitlines()))
+    assert {r["slide"] for r in pseudonymous} == {m["slide"] for m in metas}  # the run's copy: pseudonyms only
+    for r in pseudonymous:
+        p = expected[(r["slide"], int(r["x"]), int(r["y"]))]
+        assert [float(r["p_class0"]), float(r["p_class1"])] == pytest.approx(p.tolist(), abs=1e-4)
+        assert r["predicted"] == f"class{int(p.argmax())}"
+    # the caller's copy is the run's, row for row, with the names in place of the pseudonyms
+    patient_of = {}
+    for mine, theirs in zip(shown, pseudonymous, strict=True):
+        assert [mine[k] for k in ("x", "y", "p_class1")] == [theirs[k] for k in ("x", "y", "p_class1")]
+        patient_of[theirs["slide"]] = mine["patient"]
+    patients = list(csv.DictReader((preds / "predictions_patient.csv").read_text().splitlines()))
+    assert sorted(r["patient"] for r in patients) == sorted(f.stem for f in files)
+    for r in patients:  # each patient's mean over its tiles (the recipe's eval.how)
+        tiles = [p for m, p in zip(metas, probs, strict=True) if patient_of[m["slide"]] == r["patient"]]
+        assert float(r["p_class1"]) == pytest.approx(np.mean(tiles, axis=0)[1], abs=1e-4)
+
+    # its own test split: the labels beside the calls, the same patients' calls as the held-out step's table
+    own = predict_run(out.run_id, stack.mlflow_url, str(work / "ckpt"), overrides=["workers=1"])
+    assert own.labelled and own.name == "test" and own.split == "test" and own.samples == 12
+    held_out = client.download_artifacts(out.run_id, "test_predictions_patient.csv", str(tmp_path))
+    assert own.tables["patient"] == Path(held_out).read_text()
+    assert "label" in own.tables["sample"].splitlines()[0].split(",")

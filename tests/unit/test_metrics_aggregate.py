@@ -142,3 +142,58 @@ def test_a_group_of_mixed_labels_is_positive_under_any_and_undefined_otherwise()
         with pytest.raises(ValueError, match=rf"group 's' mixes labels \[0, 1\]: aggregating by '{how}' needs one"):
             aggregate(probs, np.array([0, 1, 0]), ["s", "s", "t"], how)
     assert mixed_groups([("a", 0), ("b", 1), ("a", 2), ("b", 1), ("a", 0)]) == {"a": [0, 2]}
+
+
+def test_tables_of_samples_without_labels_give_calls_and_probabilities_only():
+    from training.aggregate import aggregate_probs
+    from training.predictions import prediction_table
+
+    probs = np.array([[0.9, 0.1], [0.7, 0.3], [0.2, 0.8], [0.4, 0.6]])
+    ids, gp = aggregate_probs(probs, ["s1", "s1", "s2", "s2"])
+    assert ids == ["s1", "s2"]
+    np.testing.assert_allclose(gp, aggregate(probs, np.array([0, 0, 1, 1]), ["s1", "s1", "s2", "s2"])[1])
+    assert prediction_table({"slide": ids}, gp, None, ["CE", "LAA"], False) == (
+        "slide,predicted,p_CE,p_LAA\ns1,CE,0.8,0.2\ns2,LAA,0.3,0.7\n"
+    )
+    multi = prediction_table({"series": ["a"]}, np.array([[0.9, 0.2]]), None, ["any", "epidural"], True, 0.5)
+    assert multi == "series,predicted_any,predicted_epidural,p_any,p_epidural\na,1,0,0.9,0.2\n"
+
+
+def test_reveal_names_each_pseudonym_by_what_the_private_map_says():
+    from training.predictions import original_name, reveal
+
+    private = {
+        "aa": "patient 006388",
+        "bb": "/data/strip/006388_0.tif",
+        "cc": "series 1.2.3 in /data/ct/ID_9",
+        "dd": "study 4.5",
+    }
+    assert [original_name(v) for v in private.values()] == ["006388", "/data/strip/006388_0.tif", "1.2.3", "4.5"]
+    table = "patient,slide,x,y,predicted,p_CE\naa,bb,0,600,CE,0.9\naa,zz,600,0,CE,0.8\n"
+    shown, unknown = reveal(table, private)
+    assert shown == (
+        "patient,slide,x,y,predicted,p_CE\n006388,/data/strip/006388_0.tif,0,600,CE,0.9\n006388,zz,600,0,CE,0.8\n"
+    )
+    assert unknown == 1  # zz: not in the map, left as it is; coordinates and calls are never looked up
+    assert reveal("series,predicted\ncc,1\n", private) == ("series,predicted\n1.2.3,1\n", 0)
+
+
+def test_what_a_prediction_reads_of_a_dataset(tmp_path):
+    from tests.datasets import make_dataset
+    from training.inference import default_split, labels_for, prediction_name
+
+    unlabelled = make_dataset(str(tmp_path / "u"), {"test": 4}, labelled=False)
+    labelled = make_dataset(str(tmp_path / "l"), {"train": 4, "test": 4})
+    rsna = make_dataset(str(tmp_path / "r"), {"test": 4}, multilabel=True)
+    assert labels_for(["class0", "class1"], unlabelled, "multiclass") == (False, None)
+    assert labels_for(["class0", "class1"], labelled, "multiclass") == (True, None)
+    assert labels_for(["CE", "LAA"], labelled, "multiclass") == (
+        False,
+        "its labels (class0, class1) are not the model's classes; the tables leave them out",
+    )
+    assert labels_for(list(rsna.multilabel), rsna, "multilabel") == (True, None)
+    assert default_split(unlabelled) == "test" and default_split(labelled) == "test"
+    only = make_dataset(str(tmp_path / "o"), {"new": 4}, labelled=False)
+    assert default_split(only) == "new"
+    assert prediction_name("test", True) == "test" and prediction_name("test", False) == "external_test"
+    assert prediction_name("f0+f1", True) == "f0_f1" and prediction_name("x", True, "../mayo 2026") == "mayo_2026"

@@ -227,3 +227,30 @@ def test_auto_reads_s3_datasets_by_ranges_and_local_ones_by_streaming():
     assert not load_recipe("demo_tiles", ["data.dataset=/data/ds"]).data.ranged
     assert load_recipe("demo_tiles", ["data.dataset=/data/ds", "data.reader=ranged"]).data.ranged
     assert not load_recipe("demo_tiles", ["data.dataset=s3://bucket/ds", "data.reader=stream"]).data.ranged
+
+
+@pytest.mark.parametrize("reader", ["stream", "ranged"])
+def test_a_dataset_without_labels_is_read_whole_its_labels_minus_one(tmp_path, reader):
+    """Inputs ingested without a label table have no ``.cls``: the reader must not ask for one (DALI's reader
+    fails on a missing member), and each sample is read once, in both readers."""
+    prefix = str(tmp_path / "ds")
+    manifest = make_dataset(prefix, {"test": 10}, labelled=False, shard_samples=4, size=16)
+    recipe = load_recipe("demo_tiles", [f"data.dataset={prefix}", "data.image_size=16", f"data.reader={reader}"])
+    recipe = recipe.model_copy(update={"batch_size": 4})
+    seen = []
+    for rank in range(2):
+        data = WorkerData(recipe, manifest, rank, 2, None, splits=("test",), labelled=False)
+        try:
+            for x, y, metas in data.batches("test", 0, False):
+                assert x.shape[1:] == (3, 16, 16) and y.tolist() == [-1] * len(metas)
+                seen += [m["patient"] for m in metas]
+        finally:
+            data.close()
+    assert len(seen) == 10 and sorted(set(seen)) == ["testp0", "testp1", "testp2"]
+    labelled_reader = WorkerData(recipe, manifest, 0, 1, None, splits=("test",))
+    try:
+        # why the flag: a labelled reading of it fails (DALI: an "underful" sample; the ranged reader: no cls)
+        with pytest.raises((RuntimeError, ValueError), match=r"Underful sample|no cls member"):
+            list(labelled_reader.batches("test", 0, False))
+    finally:
+        labelled_reader.close()

@@ -1,0 +1,95 @@
+"""``tessera predict``: a trained run's selected model on a dataset with or without labels, into tables."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from pathlib import Path
+
+
+def add_predict_parser(sub) -> None:
+    pr = sub.add_parser(
+        "predict",
+        help="a run's selected model on a dataset, labelled or not: a table of calls per sample, slide, patient...",
+        description="The run's exported model (the registered one) on SPLIT of DATASET, distributed over the "
+        "recipe's workers (or KEY=VALUE's), as `tessera evaluate` runs it but for inputs without labels too (a "
+        "dataset ingested without a label table). Writes one CSV per level (each sample, and each slide, patient "
+        "or series the recipe aggregates to) with the call and a probability per class, into the run "
+        "(predictions/NAME/) and into --out.",
+    )
+    pr.add_argument("run", metavar="RUN", help="MLflow run id or name, as `tessera train` printed it")
+    pr.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="where it runs, instead of the recipe's: workers, cpus_per_worker, placement, use_gpu",
+    )
+    pr.add_argument("--dataset", help="the dataset's URL (default: the run's own)")
+    pr.add_argument("--split", help="the split to predict (default: the dataset's only split, or test)")
+    pr.add_argument("--name", help="the tables' folder in the run (default: the split's name; external_<split>)")
+    pr.add_argument("--out", help="a folder or s3:// prefix for the tables (default: ./predictions-NAME)")
+    pr.add_argument(
+        "--reveal",
+        action="store_true",
+        help="name patients, slides, series and images as they were before ingest (from the private map that "
+        "`tessera ingest` kept on this machine) in --out's tables, which must then be on local disk; the run's "
+        "stay pseudonymous",
+    )
+    pr.set_defaults(fn=cmd_predict)
+
+
+def revealed_tables(tables: dict[str, str], map_path: Path) -> dict[str, str]:
+    """``tables`` with their pseudonyms named from the private map at ``map_path``; a clear error where there is
+    none, and a note of the pseudonyms it lacks."""
+    from training.predictions import reveal
+
+    if not map_path.exists():
+        raise ValueError(
+            f"--reveal: no private map at {map_path}: the dataset was ingested on another machine or by another "
+            "user (`tessera ingest` keeps the map in the state directory of whoever ran it)"
+        )
+    private = json.loads(map_path.read_text())
+    out = {}
+    for level, table in tables.items():
+        out[level], unknown = reveal(table, private)
+        if unknown:
+            print(f"note: {level} table: {unknown} pseudonym(s) are not in {map_path}; left as they are")
+    return out
+
+
+def cmd_predict(args) -> int:
+    from cluster import health
+    from cluster.cli import _connect, _settings
+    from cluster.cli_ingest import private_map
+    from shards import storage
+    from training.inference import predict_run
+    from training.launch import EVALUATE_KEYS, check_where_overrides
+
+    check_where_overrides(args.overrides, EVALUATE_KEYS, "tessera predict")  # before anything connects
+    if args.reveal and args.out and args.out.startswith("s3://"):
+        raise ValueError("--reveal: the names behind the pseudonyms stay off object storage; give a local --out")
+    s = _settings()
+    _connect(s)
+    health.require(s, "mlflow")
+    options = {"dataset": args.dataset, "split": args.split, "name": args.name, "overrides": args.overrides}
+    outcome = predict_run(args.run, s.mlflow_url, s.checkpoints, **options)
+    tables = outcome.tables
+    if args.reveal:
+        tables = revealed_tables(tables, private_map(s, outcome.dataset.rstrip("/")))
+    out = args.out or f"predictions-{outcome.name}"
+    out = out if out.startswith("s3://") else str(Path(out).resolve())
+    labels = "with their labels" if outcome.labelled else "without labels"
+    print(f"{outcome.samples} samples of the {outcome.split} split of {outcome.dataset} ({labels}):")
+    for level, table in tables.items():
+        url = storage.join(out, f"predictions_{level}.csv")
+        storage.put_bytes(url, table.encode())
+        if args.reveal:  # names of patients: readable by their owner only, as the private map is
+            os.chmod(url, 0o600)
+        rows = sum(1 for _ in csv.reader(io.StringIO(table))) - 1
+        print(f"  {level}: {rows} rows -> {url}")
+    if outcome.warning:
+        print(f"warning: {outcome.warning}")
+    print(f"the run keeps them{' (pseudonymous)' if args.reveal else ''}: {outcome.run_id} predictions/{outcome.name}/")
+    return 0

@@ -1,0 +1,188 @@
+"""Predictions of a run's selected model on a dataset, labelled or not: applying a trained model to new inputs.
+
+Paper 000's STRIP AI test slides come without labels, and so do the slides or series a lab wants a model's calls
+on. ``tessera predict`` runs the run's exported model (as ``tessera evaluate`` does: the recipe's workers, each
+reading its part of the split) and writes one table per level: each sample, and each slide, patient or series of
+the recipe's aggregation, with the call and a probability per class. The tables (pseudonyms only) go into the
+run under ``predictions/<name>/``; the driver hands them to the caller, who may reveal the pseudonyms from the
+private map (:func:`training.predictions.reveal`) where the map is.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import tempfile
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from shards import manifest as mf
+from training import tracking
+from training.config import TrainRecipe
+from training.tracking import MODEL_ARTIFACT
+
+PREDICTIONS = "predictions"  # the run's artifact folder: predictions/<name>/predictions_<level>.csv
+INDEX = "index.json"  # beside them: the call that wrote them, its levels and its number of samples
+
+
+@dataclass
+class PredictOutcome:
+    run_id: str
+    name: str
+    dataset: str
+    split: str
+    tables: dict[str, str]  # level (sample, slide, patient, series) -> CSV text
+    labelled: bool  # whether the tables carry the samples' labels
+    samples: int
+    warning: str | None = None  # of the samples' scale, as evaluation's (:data:`~training.evaluation.SCALE_WARNING`)
+
+
+def prediction_name(split: str, own: bool, name: str | None = None) -> str:
+    """The folder of a prediction's tables: ``name``, or the split's (``external_<split>`` of another dataset),
+    with characters a path should not carry as ``_``."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name or (split if own else f"external_{split}")).strip("_.") or "_"
+
+
+def default_split(manifest: mf.Manifest) -> str:
+    """The split to predict when none is given: the dataset's only one, or ``test``."""
+    return next(iter(manifest.splits)) if len(manifest.splits) == 1 else "test"
+
+
+def labels_for(model_outputs: list[str], manifest: mf.Manifest, task: str) -> tuple[bool, str | None]:
+    """Whether the samples' labels can go beside the model's calls (the dataset's classes, or multi-label
+    names, are the model's), and a note where the dataset has labels the model does not know."""
+    theirs = list(manifest.multilabel or []) if task == "multilabel" else list(manifest.classes)
+    if not theirs:
+        return False, None
+    if theirs != list(model_outputs):
+        return False, f"its labels ({', '.join(theirs)}) are not the model's classes; the tables leave them out"
+    return True, None
+
+
+def predict_split(recipe: TrainRecipe, manifest: mf.Manifest, config: dict[str, Any], rank: int, world: int):
+    """Every rank of a worker group: the run's exported model on this rank's part of ``config["split"]``; rank 0
+    logs the tables. A failure on any rank raises on every rank."""
+    from shards import scratch
+    from training.collective import raise_together
+    from training.data import WorkerData
+    from training.export import load_export, scale_difference, tile_width_um
+    from training.loop import predict, worker_device
+    from training.losses import Loss
+    from training.reporting import prediction_tables
+
+    log = tracking.RunLogger(config["mlflow_uri"], config["run_id"])
+    split, labelled = config["split"], config["labelled"]
+    device, data, error = worker_device(recipe), None, None
+    try:
+        try:
+            with scratch.directory("model") as tmp:  # every worker: a node need not share another's disk
+                model, desc = load_export(Path(log.client.download_artifacts(log.run_id, MODEL_ARTIFACT, tmp)))
+            outputs = list(desc.get("outputs") or desc["classes"])
+            data = WorkerData(recipe, manifest, rank, world, device.index, splits=(split,), labelled=labelled)
+        except Exception as exc:
+            error = exc
+        raise_together(error)
+        loss = Loss(recipe.task == "multilabel", None, len(outputs))
+        batches = data.batches(split, 0, False)
+        pred = predict(model.to(device), batches, loss, device, share_errors=True, labelled=labelled)
+    finally:
+        if data is not None:
+            data.close()
+    if rank == 0:
+        pred["labels"] = pred["labels"] if labelled else None
+        tables = prediction_tables(pred, recipe, outputs)
+        with tempfile.TemporaryDirectory() as tmp:
+            for level, text in tables.items():
+                (Path(tmp) / f"predictions_{level}.csv").write_text(text)
+            # which tables are this call's: a folder written before under the same name may hold other levels
+            index = {"group": config["group"], "levels": list(tables), "samples": len(pred["probs"])}
+            width = tile_width_um(pred["metas"], manifest.config)
+            index["warning"] = scale_difference(desc.get("tile_um"), width, "its calls may be wrong at this scale")
+            (Path(tmp) / INDEX).write_text(json.dumps(index))
+            log.artifacts(Path(tmp), f"{PREDICTIONS}/{config['name']}")
+
+
+def predict_loop(config: dict[str, Any]) -> None:
+    """Ray Train entry point of ``tessera predict``: ``recipe``, ``split``, ``name``, ``labelled``,
+    ``mlflow_uri``, ``run_id``."""
+    import ray.train
+
+    from training.console import quiet_worker
+
+    quiet_worker()
+    ctx = ray.train.get_context()
+    recipe = TrainRecipe.model_validate(config["recipe"])
+    manifest = mf.load(recipe.data.dataset)
+    predict_split(recipe, manifest, config, ctx.get_world_rank(), ctx.get_world_size())
+
+
+def predict_run(
+    run: str,
+    tracking_uri: str,
+    storage_path: str,
+    dataset: str | None = None,
+    split: str | None = None,
+    name: str | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+) -> PredictOutcome:
+    """Run ``run``'s exported model on ``split`` of ``dataset`` (default: the run's own; its only split, or
+    ``test``); the tables go into the run under ``predictions/<name>/`` and come back in the outcome. The run's
+    recipe, with ``overrides`` of where it runs (``launch.EVALUATE_KEYS``)."""
+    import json
+
+    from mlflow import MlflowClient
+    from ray.train import LoggingConfig, RunConfig, TrainingFailedError
+    from ray.train.torch import TorchTrainer
+
+    from training.capacity import check_capacity
+    from training.console import train_log_level
+    from training.endings import RunFailed, failure_reason, interrupted_as
+    from training.export import MODEL_JSON
+    from training.launch import run_recipe, storage_location, wants_gpu, worker_group
+
+    client = MlflowClient(tracking_uri)
+    run_id = tracking.resolve_run(client, run)
+    recipe = run_recipe(client, run_id, overrides)
+    check_capacity(recipe, wants_gpu(recipe))
+    if dataset:
+        recipe = recipe.model_copy(update={"data": recipe.data.model_copy(update={"dataset": dataset})})
+    url = recipe.data.dataset
+    manifest = mf.load(url)
+    split = split or default_split(manifest)
+    if manifest.missing_splits(split):
+        raise ValueError(f"{url}: the manifest has no {split} split (has {sorted(manifest.splits)})")
+    if not tracking.has_artifact(client, run_id, MODEL_ARTIFACT):
+        raise ValueError(f"run {run_id} has no exported model (it finished no epoch)")
+    with tempfile.TemporaryDirectory() as tmp:  # the model's classes, before any worker starts
+        desc = json.loads(Path(client.download_artifacts(run_id, f"{MODEL_ARTIFACT}/{MODEL_JSON}", tmp)).read_text())
+    labelled, note = labels_for(desc.get("outputs") or desc["classes"], manifest, recipe.task)
+    if note:
+        print(f"note: {url}: {note}", flush=True)
+    name = prediction_name(split, not dataset, name)
+    path, fs = storage_location(storage_path)
+    group = f"predict-{run_id[:12]}-{uuid.uuid4().hex[:8]}"  # new each time: Ray Train resumes a run by its name
+    config = {"recipe": recipe.model_dump(), "split": split, "name": name, "labelled": labelled, "group": group}
+    config |= {"mlflow_uri": tracking_uri, "run_id": run_id}
+    trainer = TorchTrainer(
+        predict_loop,
+        train_loop_config=config,
+        **worker_group(recipe),
+        run_config=RunConfig(
+            name=group, storage_path=path, storage_filesystem=fs, logging_config=LoggingConfig(train_log_level())
+        ),
+    )
+    try:
+        with interrupted_as(lambda: f"the predictions of run {run_id} on {url} ({split}) did not finish"):
+            trainer.fit()
+    except TrainingFailedError as exc:  # its message holds rank 0's traceback
+        raise RunFailed(f"predictions of run {run_id} on {url} ({split}) failed: {failure_reason(exc)}") from exc
+    client.set_tag(run_id, f"{PREDICTIONS}.{name}.dataset", url)
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(client.download_artifacts(run_id, f"{PREDICTIONS}/{name}", tmp))
+        index = json.loads((local / INDEX).read_text())
+        if index["group"] != group:
+            raise RunFailed(f"predictions of run {run_id} on {url} ({split}): its tables were not written")
+        tables = {level: (local / f"predictions_{level}.csv").read_text() for level in index["levels"]}
+    return PredictOutcome(run_id, name, url, split, tables, labelled, index["samples"], index["warning"])
