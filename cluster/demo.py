@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 from cluster.errors import TesseraError
 from cluster.settings import Settings
@@ -13,13 +14,17 @@ def _stage(msg: str) -> None:
     print(f"\n==> {msg}", flush=True)
 
 
-def run_demo(settings: Settings, workdir: Path, small: bool = False) -> dict[str, str]:
-    """Run the main job on a connected local stack; returns the URLs it printed."""
+def run_demo(settings: Settings, workdir: Path, small: bool = False) -> dict[str, Any]:
+    """Run the main job on a connected local stack; returns the URLs it printed, the run and the new slides'
+    calls."""
+    from cluster.cli_ingest import keep_private, private_map
+    from cluster.cli_predict import revealed_tables
     from ingest.config import DicomIngestConfig, ImagesIngestConfig, WsiIngestConfig
     from ingest.runner import manifest_summary, run_ingest
     from ingest.synthetic import make_ct_series, make_mri_folders, make_slides
     from shards.verify import verify_dataset
     from training.config import load_recipe
+    from training.inference import predict_run
     from training.launch import run_training
 
     t0 = time.time()
@@ -71,6 +76,18 @@ def run_demo(settings: Settings, workdir: Path, small: bool = False) -> dict[str
     outcome = run_training(recipe, settings.mlflow_url, settings.checkpoints)
     if outcome.error:
         raise TesseraError(f"training failed: {outcome.error}; {outcome.resume}")
+    new_url = settings.dataset_url("demo/new")
+    _stage(f"2 new slides without labels -> {new_url}, called by the trained model per tile and per patient")
+    make_slides(workdir / "new", n=2, size=size, seed=7, first=n_slides)
+    new = WsiIngestConfig(
+        sources=[str(workdir / "new")], out=new_url, tile_size=128, store_size=64, split="test=1.0",
+        shard_size="2MB", overwrite=True,
+    )  # fmt: skip
+    run_ingest("wsi", new, on_private=keep_private(settings, new_url))
+    calls = predict_run(outcome.run_id, settings.mlflow_url, settings.checkpoints, dataset=new_url)
+    named = revealed_tables(calls.tables, private_map(settings, new_url))["patient"]  # as `--reveal` names them
+    print(f"{calls.samples} tiles called; per patient, named as `--reveal` names them (made CE, LAA in turn):")
+    print("  " + named.strip().replace("\n", "\n  "))
     m = outcome.metrics
     _stage(f"done in {time.time() - t0:.0f}s")
     print(
@@ -83,6 +100,7 @@ def run_demo(settings: Settings, workdir: Path, small: bool = False) -> dict[str
             f"test (held out): tile accuracy {t.get('test_accuracy', float('nan')):.3f}, "
             f"patient accuracy {t.get('test_patient_accuracy', float('nan')):.3f}"
         )
-    print(f"shards:     {wsi_url}  {ct_url}  {mri_url}")
-    print(f"MLflow run: {outcome.run_url}")
-    return {"wsi": wsi_url, "ct": ct_url, "mri": mri_url, "run_url": outcome.run_url, "run_id": outcome.run_id}
+    print(f"shards:     {wsi_url}  {ct_url}  {mri_url}  {new_url}")
+    print(f"MLflow run: {outcome.run_url} (the new slides' calls under predictions/{calls.name}/)")
+    urls = {"wsi": wsi_url, "ct": ct_url, "mri": mri_url, "new": new_url}
+    return urls | {"run_url": outcome.run_url, "run_id": outcome.run_id, "calls": calls}

@@ -77,12 +77,13 @@ def write_pyramid_tiff(path: Path, level0: np.ndarray, mpp: float = 0.5, levels:
                 break
 
 
-def make_slides(root: Path, n: int = 4, size: int = 2048, seed: int = 0) -> tuple[list[Path], Path]:
-    """``n`` slides (alternating CE/LAA, one patient each) and a STRIP AI label CSV; returns (paths, csv)."""
+def make_slides(root: Path, n: int = 4, size: int = 2048, seed: int = 0, first: int = 0) -> tuple[list[Path], Path]:
+    """``n`` slides (alternating CE/LAA, one patient each) and a STRIP AI label CSV; returns (paths, csv).
+    ``first``: the number of the first slide, for slides named apart from another set's."""
     rng = np.random.default_rng(seed)
     root.mkdir(parents=True, exist_ok=True)
     paths, rows = [], []
-    for i in range(n):
+    for i in range(first, first + n):
         label = "CE" if i % 2 == 0 else "LAA"
         image_id = f"{1000 + i:06d}_0"
         path = root / f"{image_id}.tif"

@@ -1,5 +1,6 @@
 """The walking skeleton end to end: synthetic slides and CT -> shards on S3 -> Ray Train + DeepSpeed -> MLflow."""
 
+import csv
 import json
 from pathlib import Path
 
@@ -161,6 +162,7 @@ def _identifiers(workdir: Path) -> set[str]:
             f.stem,
         }
     ids |= {p.stem for p in (workdir / "slides").glob("*.tif")}  # slide file names
+    ids |= {p.stem for p in (workdir / "new").glob("*.tif")}  # the unlabelled slides': their patients' names too
     ids |= {f"p{i:04d}" for i in range(4)}  # patient ids of the label CSV
     ids |= {p.stem for p in (workdir / "mri").rglob("*.jpg")}  # MR image file names
     return ids
@@ -180,3 +182,15 @@ def test_no_patient_identifier_reaches_shards_manifests_or_mlflow(demo, stack, t
     for where, data in blobs:
         for ident in ids:
             assert ident.encode() not in data, f"{ident!r} found in {where}"
+
+
+def test_the_new_slides_without_labels_are_called_per_tile_and_patient(demo, stack):
+    """The demo's last stage: slides ingested without labels, called by the trained run's model."""
+    calls, manifest = demo["calls"], mf.load(demo["new"])
+    assert manifest.classes == [] and not calls.labelled and calls.samples == manifest.num_samples("test") > 0
+    patients = list(csv.DictReader(calls.tables["patient"].splitlines()))
+    assert sorted(r["patient"] for r in patients) == sorted({r.patient for r in manifest.inputs})
+    for r in patients:
+        assert r["predicted"] in ("CE", "LAA") and float(r["p_CE"]) + float(r["p_LAA"]) == pytest.approx(1, abs=1e-5)
+    kept = MlflowClient(stack.mlflow_url).list_artifacts(demo["run_id"], "predictions/external_test")
+    assert {Path(a.path).name for a in kept} >= {"predictions_sample.csv", "predictions_patient.csv"}
