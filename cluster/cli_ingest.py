@@ -60,7 +60,12 @@ def add_ingest_parser(sub, fn) -> None:
         add = _options(k, config_class(kind))
         k.add_argument("src", nargs="+", help="files, directories, globs or s3:// prefixes")
         k.add_argument("--out", required=True, help="dataset prefix: a directory or s3://bucket/path")
-        add("--labels", "label CSV: STRIP AI, RSNA (ID,Label), CT-ICH per-slice, or slide|image|series|patient,label")
+        add(
+            "--labels",
+            "label CSV: STRIP AI, RSNA (ID,Label), CT-ICH per-slice, or slide|image|series|patient,label; without "
+            "a label column (STRIP AI's test.csv, slide|image|series,patient) the inputs it names and their "
+            "patients, unlabelled, for `tessera predict`",
+        )
         add("--split", "patient-level split fractions")
         add("--seed", "split seed", type=int)
         add("--shard-size", "target shard size (e.g. 1GB, 256MB)")

@@ -88,7 +88,7 @@ def cmd_predict(args) -> int:
         if args.reveal:  # names of patients: readable by their owner only, as the private map is
             os.chmod(url, 0o600)
         rows = sum(1 for _ in csv.reader(io.StringIO(table))) - 1
-        print(f"  {level}: {rows} rows -> {url}")
+        print(f"  {level}: {rows} row{'' if rows == 1 else 's'} -> {url}")
     if outcome.warning:
         print(f"warning: {outcome.warning}")
     print(f"the run keeps them{' (pseudonymous)' if args.reveal else ''}: {outcome.run_id} predictions/{outcome.name}/")

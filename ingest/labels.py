@@ -12,44 +12,47 @@ class LabelRow:
     """One labelled item: ``item`` matches a file's stem (slide) or a series/patient id."""
 
     item: str
-    label: str
+    label: str | None  # None: a table of patients without labels
     patient: str | None
 
 
 def read_label_csv(text: str, source: str = "labels") -> list[LabelRow]:
-    """Parse a label CSV; STRIP AI (``image_id,center_id,patient_id,image_num,label``) or generic.
+    """Parse a label CSV; STRIP AI (``image_id,center_id,patient_id,image_num,label``) or generic. Without a
+    ``label`` column, a table of patients (STRIP AI's ``test.csv``; ``slide,patient``): rows of label None,
+    which name the inputs to take and the patient of each, for a dataset to predict on.
 
     Raises ``ValueError`` naming ``source`` and the line when a column is missing.
     """
     reader = csv.DictReader(io.StringIO(text))
     cols = set(reader.fieldnames or [])
-    if {"image_id", "patient_id", "label"} <= cols:
+    labelled = "label" in cols
+    if {"image_id", "patient_id"} <= cols:
         item_col, patient_col = "image_id", "patient_id"
-    elif {"slide", "label"} <= cols:
-        item_col, patient_col = "slide", "patient" if "patient" in cols else None
-    elif {"image", "label"} <= cols:
-        item_col, patient_col = "image", "patient" if "patient" in cols else None
-    elif {"series", "label"} <= cols:
-        item_col, patient_col = "series", "patient" if "patient" in cols else None
-    elif {"patient", "label"} <= cols:
+    elif labelled and "patient" in cols and not cols & {"slide", "image", "series"}:
         item_col, patient_col = "patient", "patient"
+    elif item_col := next((c for c in ("slide", "image", "series") if c in cols), None):
+        patient_col = "patient" if "patient" in cols else None
     else:
+        item_col = patient_col = None
+    if item_col is None or not (labelled or patient_col):
         raise ValueError(
             f"{source}: unknown label CSV columns {sorted(cols)}; expected the STRIP AI layout "
-            "(image_id,center_id,patient_id,image_num,label) or slide|image|series|patient,label[,patient]"
+            "(image_id,center_id,patient_id,image_num,label) or slide|image|series|patient,label[,patient]; "
+            "without a label column, a table of patients (STRIP AI's test.csv, or slide|image|series,patient)"
         )
     rows = []
     for n, row in enumerate(reader, start=2):
-        if not row.get(item_col) or not row.get("label"):
-            raise ValueError(f"{source}: line {n} lacks {item_col!r} or 'label'")
+        if not row.get(item_col) or (labelled and not row.get("label")):
+            raise ValueError(f"{source}: line {n} lacks {item_col!r}" + (" or 'label'" if labelled else ""))
         patient = row.get(patient_col) if patient_col else None
-        rows.append(LabelRow(row[item_col].strip(), row["label"].strip(), patient.strip() if patient else None))
+        label = row["label"].strip() if labelled else None
+        rows.append(LabelRow(row[item_col].strip(), label, patient.strip() if patient else None))
     return rows
 
 
 def class_names(rows: list[LabelRow]) -> list[str]:
-    """Sorted distinct label names; a label's class index is its position here."""
-    return sorted({r.label for r in rows})
+    """Sorted distinct label names (none of a table without labels); a label's class index is its position here."""
+    return sorted({r.label for r in rows if r.label is not None})
 
 
 RSNA_SUBTYPES = ("any", "epidural", "intraparenchymal", "intraventricular", "subarachnoid", "subdural")

@@ -126,7 +126,7 @@ def plan_wsi(cfg: WsiIngestConfig, key: bytes) -> Plan:
             continue
         who = row.patient if row and row.patient else name
         patient, slide = _known(plan, key, "patient", who, f"patient {who}"), _known(plan, key, "slide", name, files[0])
-        label = classes.index(row.label) if row else None
+        label = classes.index(row.label) if row and row.label is not None else None
         plan.units.append(Unit(uid, "wsi", files, slide, patient, label))
     _assign(plan.units, cfg)
     _fingerprints(plan, key, stamps)
@@ -182,7 +182,7 @@ def plan_dicom(cfg: DicomIngestConfig, key: bytes) -> Plan:
         if (table and row is None) or (rsna and not any(slice_labels or [])):
             _skip(plan, sid, "not in the label table")
             continue
-        label = classes.index(row.label) if row else None
+        label = classes.index(row.label) if row and row.label is not None else None
         if slice_labels:
             label = max((v[0] for v in slice_labels if v), default=0)
         meta = {
@@ -266,7 +266,7 @@ def plan_images(cfg: ImagesIngestConfig, key: bytes) -> Plan:
             except ValueError as exc:
                 _image_skip(plan, uid, f"boxes: {exc}", "failed")
                 continue
-        label = classes.index(row.label if row else loc.rsplit("/", 2)[-2])
+        label = None if row and row.label is None else classes.index(row.label if row else loc.rsplit("/", 2)[-2])
         who = row.patient if row and row.patient else loc
         patient, item = _known(plan, key, "patient", who, f"patient {who}"), _known(plan, key, "image", loc, loc)
         plan.units.append(Unit(uid, "image", [loc], item, patient, label, meta=meta))

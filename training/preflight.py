@@ -14,11 +14,19 @@ from training.config import RecipeError, TrainRecipe
 
 
 def check_against(recipe: TrainRecipe, manifest: mf.Manifest) -> None:
-    """:func:`check_patient_labels` and :func:`check_monitor` for ``recipe`` on ``manifest``."""
+    """A dataset with labels, then :func:`check_patient_labels` and :func:`check_monitor` for ``recipe`` on
+    ``manifest``."""
     from training.loop import outputs_of
 
+    outputs = outputs_of(recipe, manifest)
+    if not outputs:
+        raise RecipeError(
+            f"data.dataset: {recipe.data.dataset} has no labels (ingested without a label table, or with one "
+            f"without a label column): a model is neither trained nor evaluated on it; `tessera predict RUN "
+            f"--dataset {recipe.data.dataset}` calls its inputs with a trained run's model"
+        )
     check_patient_labels(recipe, manifest)
-    check_monitor(recipe, outputs_of(recipe, manifest))
+    check_monitor(recipe, outputs)
 
 
 def check_patient_labels(recipe: TrainRecipe, manifest: mf.Manifest) -> None:
@@ -59,8 +67,6 @@ def validation_metrics(recipe: TrainRecipe, outputs: list[str]) -> set[str]:
 def check_monitor(recipe: TrainRecipe, outputs: list[str]) -> None:
     """The monitored metric (early stopping, plateau schedule, best model) must be one the run reports: a level
     left out of ``eval.levels`` takes its metrics with it. Also fails an aggregation the outputs cannot take."""
-    if not outputs:  # a dataset without classes: the run fails on that, with its own reason
-        return
     try:
         names = validation_metrics(recipe, outputs)
     except ValueError as exc:  # `any` over more than two classes

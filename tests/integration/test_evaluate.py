@@ -148,16 +148,22 @@ def test_evaluating_the_val_split_adds_nothing_to_the_training_curves(trained, s
 
 
 def test_predict_calls_the_inputs_of_a_dataset_without_labels(trained, stack, tmp_path):
-    """Slides ingested without a label table, as paper 000's STRIP AI test set: `tessera predict` calls each tile
-    and each patient with the run's model. The run keeps the tables pseudonymous; --reveal names the slides' files
-    and patients in the caller's copy, from the private map the ingest kept. The slides read at another scale than
-    the model's training tiles: a warning, as evaluation gives."""
+    """Slides ingested with a table of patients and no labels, as paper 000's STRIP AI test set (its test.csv):
+    `tessera predict` calls each tile and each patient, a patient's slides together, with the run's model. The
+    run keeps the tables pseudonymous; --reveal names the slides' files and the patients in the caller's copy, from
+    the private map the ingest kept. The slides read at another scale than the model's training tiles: a warning,
+    as evaluation gives. (The demo calls slides ingested without any table.)"""
     work, out = trained
-    files, _ = make_slides(tmp_path / "slides", n=2, size=1024, seed=9)
+    slides, _ = make_slides(tmp_path / "slides", n=3, size=1024, seed=9)
+    files = slides[:2]  # the third is not in the table: not taken
+    table = tmp_path / "test.csv"
+    table.write_text(
+        "image_id,center_id,patient_id,image_num\n" + "".join(f"{f.stem},7,P-A,{i}\n" for i, f in enumerate(files))
+    )
     ds, preds = tmp_path / "unlabelled", tmp_path / "preds"
     cli = [sys.executable, "-m", "cluster.cli"]
     ingest = subprocess.run(
-        [*ingest_wsi_cmd(tmp_path / "slides", ds), "--split", "test=1.0", "--mpp", "1"],
+        [*ingest_wsi_cmd(tmp_path / "slides", ds), "--labels", str(table), "--split", "test=1.0", "--mpp", "1"],
         capture_output=True,
         text=True,
         timeout=300,
@@ -169,8 +175,9 @@ def test_predict_calls_the_inputs_of_a_dataset_without_labels(trained, stack, tm
     manifest = json.loads((ds / "manifest.json").read_text())
     n = manifest["splits"]["test"]["num_samples"]
     assert manifest["classes"] == [] and n > 0
+    assert sorted(r["status"] for r in manifest["inputs"]) == ["ingested", "ingested", "skipped"]
     assert f"{n} samples of the test split of {ds} (without labels):" in run.stdout
-    assert f"patient: 2 rows -> {preds}/predictions_patient.csv" in run.stdout
+    assert f"patient: 1 row -> {preds}/predictions_patient.csv" in run.stdout
     # read at 1 µm/px, 128 px tiles show twice the specimen of the model's training tiles: said, not refused
     scale = "these samples show 128 µm of specimen each and the model's training samples 64 µm (2x): its calls may"
     assert f"warning: {scale}" in run.stdout
@@ -178,7 +185,7 @@ def test_predict_calls_the_inputs_of_a_dataset_without_labels(trained, stack, tm
     shown = list(csv.DictReader((preds / "predictions_sample.csv").read_text().splitlines()))
     assert list(shown[0]) == ["patient", "slide", "x", "y", "predicted", "p_class0", "p_class1"]  # no label
     assert {r["slide"] for r in shown} == {str(f) for f in files}  # the files, revealed
-    assert {r["patient"] for r in shown} == {f.stem for f in files}  # a slide's patient without a table: its name
+    assert {r["patient"] for r in shown} == {"P-A"}  # the table's patient ID
     assert (preds / "predictions_sample.csv").stat().st_mode & 0o777 == 0o600
     # the model's own probabilities, outside Tessera: each tile once, whichever worker read it
     client = MlflowClient(stack.mlflow_url)
@@ -198,7 +205,7 @@ def test_predict_calls_the_inputs_of_a_dataset_without_labels(trained, stack, tm
         assert [mine[k] for k in ("x", "y", "p_class1")] == [theirs[k] for k in ("x", "y", "p_class1")]
         patient_of[theirs["slide"]] = mine["patient"]
     patients = list(csv.DictReader((preds / "predictions_patient.csv").read_text().splitlines()))
-    assert sorted(r["patient"] for r in patients) == sorted(f.stem for f in files)
+    assert [r["patient"] for r in patients] == ["P-A"]  # both slides' tiles
     for r in patients:  # each patient's mean over its tiles (the recipe's eval.how)
         tiles = [p for m, p in zip(metas, probs, strict=True) if patient_of[m["slide"]] == r["patient"]]
         assert float(r["p_class1"]) == pytest.approx(np.mean(tiles, axis=0)[1], abs=1e-4)

@@ -73,3 +73,51 @@ def test_pseudonyms_are_keyed_and_stable():
     assert "MRN1" not in pseudonym(b"k1", "patient", "MRN1")
     with pytest.raises(ValueError, match="pseudonym key"):
         pseudonym(b"", "patient", "x")
+
+
+def test_a_table_of_patients_without_labels_names_the_inputs_and_their_patients(tmp_path):
+    """STRIP AI's test.csv has no label column: its slides are to be called, grouped by patient (a patient's
+    slides on one row of a prediction), and only the slides it names are taken."""
+    from ingest.config import WsiIngestConfig
+    from ingest.plan import make_plan
+
+    test_csv = (
+        "image_id,center_id,patient_id,image_num\n006388_0,11,006388,0\n006388_1,11,006388,1\n008e5c_0,4,008e5c,0\n"
+    )
+    rows = read_label_csv(test_csv)
+    assert [(r.item, r.label, r.patient) for r in rows] == [
+        ("006388_0", None, "006388"),
+        ("006388_1", None, "006388"),
+        ("008e5c_0", None, "008e5c"),
+    ]
+    assert class_names(rows) == []
+    assert [(r.item, r.patient) for r in read_label_csv("slide,patient\na,p1\n")] == [("a", "p1")]
+    assert read_label_csv("patient,label\np1,x\n")[0].item == "p1"  # patient-level labels, as before
+    with pytest.raises(ValueError, match="without a label column, a table of patients"):
+        read_label_csv("slide,center\na,1\n")  # neither labels nor patients: nothing to take from it
+    with pytest.raises(ValueError, match=r"line 3 lacks 'image_id'$"):
+        read_label_csv("image_id,patient_id\na,p\n,q\n")
+
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    for name in ("006388_0", "006388_1", "008e5c_0", "0ff1ce_0"):
+        (slides / f"{name}.svs").touch()
+    (tmp_path / "test.csv").write_text(test_csv)
+    cfg = WsiIngestConfig(sources=[str(slides)], out=str(tmp_path / "out"), labels=str(tmp_path / "test.csv"))
+    plan = make_plan("wsi", cfg, b"k")
+    assert plan.classes == [] and [u.label for u in plan.units] == [None, None, None]
+    assert len({u.patient for u in plan.units}) == 2  # 006388's two slides: one patient, so one split
+    assert len({u.split for u in plan.units if u.patient == plan.units[0].patient}) == 1
+    assert [r.reason for r in plan.skipped] == ["not in the label table"]  # 0ff1ce_0
+    assert sorted(v for v in plan.private.values() if v.startswith("patient ")) == ["patient 006388", "patient 008e5c"]
+
+
+def test_a_dataset_without_labels_is_refused_for_training_with_the_way_to_call_it(tmp_path):
+    from tests.datasets import make_dataset
+    from training.config import RecipeError, load_recipe
+    from training.preflight import check_against
+
+    manifest = make_dataset(str(tmp_path / "u"), {"train": 4, "val": 4}, labelled=False)
+    recipe = load_recipe("demo_tiles", [f"data.dataset={tmp_path / 'u'}"])
+    with pytest.raises(RecipeError, match=r"has no labels .*: a model is neither trained nor evaluated on it; "):
+        check_against(recipe, manifest)

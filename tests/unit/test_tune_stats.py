@@ -212,11 +212,11 @@ def test_a_sweeps_new_trials_read_the_dataset_version_it_started_on(tmp_path):
     from tune.runs import check_trial_data
 
     data = tmp_path / "ds"
-    url = mf.save(mf.Manifest(dataset=str(data), kind="wsi"), str(data))
+    url = mf.save(mf.Manifest(dataset=str(data), kind="wsi", classes=["CE", "LAA"]), str(data))
     recipe = load_recipe("demo_tiles", [f"data.dataset={data}"])
     tags = {"dataset": str(data), MANIFEST_TAG: mf.sha256_of(Path(url).read_bytes())}
     check_trial_data(tags, recipe, "sweep-1")  # the same version: no complaint
-    mf.save(mf.Manifest(dataset=str(data), kind="wsi", created="later"), str(data))
+    mf.save(mf.Manifest(dataset=str(data), kind="wsi", classes=["CE", "LAA"], created="later"), str(data))
     with pytest.raises(ValueError, match=r"made again since sweep sweep-1 started .* than its earlier trials did"):
         check_trial_data(tags, recipe, "sweep-1")
     check_trial_data(tags | {"dataset": "s3://b/other"}, recipe, "sweep-1")  # a trial of another dataset
