@@ -10,7 +10,6 @@ from typing import Protocol
 
 import cv2
 import numpy as np
-from scipy import ndimage
 
 from ingest.images import Box, crop, crop_bounds
 
@@ -73,6 +72,10 @@ def box_rect(box: Box, w: int, h: int) -> tuple[int, int, int, int]:
 
 def keep_lesion(mask: np.ndarray, rect: tuple[int, int, int, int]) -> np.ndarray:
     """``mask`` inside ``rect`` only, reduced to its largest connected component with its holes filled."""
+    # imported here: every ingest actor imports this module, and only those that segment need scipy (its import
+    # was a quarter of a slide actor's start-up)
+    from scipy import ndimage
+
     x0, y0, x1, y1 = rect
     inside = np.zeros_like(mask, dtype=bool)
     inside[y0:y1, x0:x1] = mask[y0:y1, x0:x1]
