@@ -3,6 +3,17 @@
 from __future__ import annotations
 
 
+def add_run_arguments(parser) -> None:
+    """RUN and where its model runs (KEY=VALUE), of the commands that apply a trained run's model."""
+    parser.add_argument("run", metavar="RUN", help="MLflow run id or name, as `tessera train` printed it")
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="where it runs, instead of the recipe's: workers, cpus_per_worker, placement, use_gpu",
+    )
+
+
 def add_evaluate_parser(sub) -> None:
     ev = sub.add_parser(
         "evaluate",
@@ -12,13 +23,7 @@ def add_evaluate_parser(sub) -> None:
         "pictures are logged into the run under the split's name (test_accuracy, test_patient_accuracy, ...). "
         "`tessera train` does this for the recipe's data.test_split after training.",
     )
-    ev.add_argument("run", metavar="RUN", help="MLflow run id or name, as `tessera train` printed it")
-    ev.add_argument(
-        "overrides",
-        nargs="*",
-        metavar="KEY=VALUE",
-        help="where it runs, instead of the recipe's: workers, cpus_per_worker, placement, use_gpu",
-    )
+    add_run_arguments(ev)
     ev.add_argument("--split", default="test", help="the split to evaluate (default: %(default)s)")
     ev.add_argument("--dataset", help="another dataset's URL (external validation; the same classes)")
     ev.add_argument(

@@ -10,6 +10,8 @@ from pathlib import Path
 
 
 def add_predict_parser(sub) -> None:
+    from cluster.cli_evaluate import add_run_arguments
+
     pr = sub.add_parser(
         "predict",
         help="a run's selected model on a dataset, labelled or not: a table of calls per sample, slide, patient...",
@@ -19,13 +21,7 @@ def add_predict_parser(sub) -> None:
         "or series the recipe aggregates to) with the call and a probability per class, into the run "
         "(predictions/NAME/) and into --out.",
     )
-    pr.add_argument("run", metavar="RUN", help="MLflow run id or name, as `tessera train` printed it")
-    pr.add_argument(
-        "overrides",
-        nargs="*",
-        metavar="KEY=VALUE",
-        help="where it runs, instead of the recipe's: workers, cpus_per_worker, placement, use_gpu",
-    )
+    add_run_arguments(pr)
     pr.add_argument("--dataset", help="the dataset's URL (default: the run's own)")
     pr.add_argument("--split", help="the split to predict (default: the dataset's only split, or test)")
     pr.add_argument("--name", help="the tables' folder in the run (default: the split's name; external_<split>)")

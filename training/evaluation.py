@@ -72,31 +72,47 @@ def check_outputs(model_outputs: list[str], outputs: list[str], dataset: str) ->
         raise ValueError(f"{dataset}: its classes {outputs} are not the model's {model_outputs}")
 
 
-def evaluate_split(recipe: TrainRecipe, manifest: mf.Manifest, split: str, prefix: str, log, rank: int, world: int):
-    """Every rank of a worker group: the run's exported model on this rank's part of ``split``; rank 0 logs the
-    metrics and pictures under ``prefix``. A failure on any rank raises on every rank."""
+def exported_predictions(
+    recipe: TrainRecipe, manifest: mf.Manifest, split: str, log, rank: int, world: int, labelled: bool = True
+) -> tuple[dict[str, Any], dict]:
+    """Every rank of a worker group: the run's exported model on this rank's part of ``split``, gathered on
+    every rank (:func:`training.loop.predict`), and the export's description. A failure on any rank raises on
+    every rank. Not ``labelled``: samples without labels (no ``.cls``), whose ``labels`` are None."""
     from shards import scratch
     from training.collective import raise_together
     from training.data import WorkerData
-    from training.export import load_export, scale_difference, tile_width_um
-    from training.loop import evaluate, outputs_of, predict, worker_device
+    from training.export import export_outputs, load_export
+    from training.loop import predict, worker_device
     from training.losses import Loss
-    from training.reporting import log_evaluation
 
-    device, outputs, data, error = worker_device(recipe), outputs_of(recipe, manifest), None, None
+    device, data, error = worker_device(recipe), None, None
     try:
         try:
             with scratch.directory("model") as tmp:  # every worker: a node need not share another's disk
                 model, desc = load_export(Path(log.client.download_artifacts(log.run_id, MODEL_ARTIFACT, tmp)))
-            data = WorkerData(recipe, manifest, rank, world, device.index, splits=(split,))
+            data = WorkerData(recipe, manifest, rank, world, device.index, splits=(split,), labelled=labelled)
         except Exception as exc:
             error = exc
         raise_together(error)
-        loss = Loss(recipe.task == "multilabel", None, len(outputs))
-        pred = predict(model.to(device), data.batches(split, 0, False), loss, device, share_errors=True)
+        loss = Loss(recipe.task == "multilabel", None, len(export_outputs(desc)))
+        batches = data.batches(split, 0, False)
+        pred = predict(model.to(device), batches, loss, device, share_errors=True, labelled=labelled)
     finally:
         if data is not None:
             data.close()
+    pred["labels"] = pred["labels"] if labelled else None
+    return pred, desc
+
+
+def evaluate_split(recipe: TrainRecipe, manifest: mf.Manifest, split: str, prefix: str, log, rank: int, world: int):
+    """Every rank of a worker group: the run's exported model on this rank's part of ``split``; rank 0 logs the
+    metrics and pictures under ``prefix``. A failure on any rank raises on every rank."""
+    from training.export import scale_difference, tile_width_um
+    from training.loop import evaluate, outputs_of
+    from training.reporting import log_evaluation
+
+    outputs = outputs_of(recipe, manifest)
+    pred, desc = exported_predictions(recipe, manifest, split, log, rank, world)
     metrics = evaluate(pred, recipe, outputs, prefix)
     if rank == 0:
         log.metrics(metrics, step=0)
@@ -235,29 +251,13 @@ def evaluate_run(
     dataset). The run's recipe, with ``overrides`` of where it runs (``launch.EVALUATE_KEYS``: the metrics do not
     depend on the number of workers)."""
     from mlflow import MlflowClient
-    from ray.train import LoggingConfig, RunConfig, TrainingFailedError
-    from ray.train.torch import TorchTrainer
 
-    from training.capacity import check_capacity
-    from training.console import train_log_level
-    from training.endings import RunFailed, failure_reason, interrupted_as
-    from training.export import MODEL_JSON
-    from training.launch import (
-        MANIFEST_TAG,
-        load_manifest,
-        run_recipe,
-        storage_location,
-        wants_gpu,
-        worker_group,
-    )
+    from training.export import export_outputs
+    from training.launch import MANIFEST_TAG, load_manifest
     from training.loop import outputs_of
 
     client = MlflowClient(tracking_uri)
-    run_id = tracking.resolve_run(client, run)
-    recipe = run_recipe(client, run_id, overrides)
-    check_capacity(recipe, wants_gpu(recipe))
-    if dataset:
-        recipe = recipe.model_copy(update={"data": recipe.data.model_copy(update={"dataset": dataset})})
+    run_id, recipe = run_on(client, run, overrides, dataset)
     url = recipe.data.dataset
     manifest, data = load_manifest(recipe)
     if manifest.missing_splits(split):
@@ -267,17 +267,54 @@ def evaluate_run(
     tags = client.get_run(run_id).data.tags
     if not dataset:
         check_own_dataset(tags.get(MANIFEST_TAG), manifest, data, url, split, run_id)
-    with tempfile.TemporaryDirectory() as tmp:  # the classes the model was trained on, before any worker starts
-        desc = json.loads(Path(client.download_artifacts(run_id, f"{MODEL_ARTIFACT}/{MODEL_JSON}", tmp)).read_text())
-    check_outputs(desc.get("outputs") or desc["classes"], outputs_of(recipe, manifest), url)
+    check_outputs(export_outputs(export_description(client, run_id)), outputs_of(recipe, manifest), url)
     prefix = metric_prefix(split, name or (f"external_{split}" if dataset else None))
     check_prefix_free(tags, prefix, run_id)
-    path, fs = storage_location(storage_path)
     config = {"recipe": recipe.model_dump(), "split": split, "prefix": prefix}
     config |= {"mlflow_uri": tracking_uri, "run_id": run_id}
     group = f"{prefix}{run_id[:12]}-{uuid.uuid4().hex[:8]}"  # new each time: Ray Train resumes a run by its name
+    run_group(eval_loop, config, recipe, storage_path, group, f"evaluation of run {run_id} on {url} ({split})")
+    if not dataset and split == recipe.data.test_split and prefix == metric_prefix(split):  # the step, retried
+        tracking.RunLogger(tracking_uri, run_id).untag(HELD_OUT_ERROR)
+    return _outcome(client, run_id, recipe, split, prefix, mf.sha256_of(data))
+
+
+def run_on(client, run: str, overrides: list[str] | tuple[str, ...], dataset: str | None) -> tuple[str, TrainRecipe]:
+    """Run ``run``'s id and its recipe, with the ``overrides`` of where it runs (which the cluster must hold) and
+    ``dataset`` in place of its own where given."""
+    from training.capacity import check_capacity
+    from training.launch import run_recipe, wants_gpu
+
+    run_id = tracking.resolve_run(client, run)
+    recipe = run_recipe(client, run_id, overrides)
+    check_capacity(recipe, wants_gpu(recipe))
+    if dataset:
+        recipe = recipe.model_copy(update={"data": recipe.data.model_copy(update={"dataset": dataset})})
+    return run_id, recipe
+
+
+def export_description(client, run_id: str) -> dict:
+    """The run's exported model's description (``model.json``: its outputs, input size, scale), read on the
+    driver before any worker starts."""
+    from training.export import MODEL_JSON
+
+    with tempfile.TemporaryDirectory() as tmp:
+        return json.loads(Path(client.download_artifacts(run_id, f"{MODEL_ARTIFACT}/{MODEL_JSON}", tmp)).read_text())
+
+
+def run_group(loop, config: dict[str, Any], recipe: TrainRecipe, storage_path: str, group: str, what: str) -> None:
+    """Run ``loop`` on a Ray Train worker group of ``recipe`` (its workers, or the overrides of where it runs)
+    named ``group``; ``what`` it does names it in an interruption's or a failure's message."""
+    from ray.train import LoggingConfig, RunConfig, TrainingFailedError
+    from ray.train.torch import TorchTrainer
+
+    from training.console import train_log_level
+    from training.endings import RunFailed, failure_reason, interrupted_as
+    from training.launch import storage_location, worker_group
+
+    path, fs = storage_location(storage_path)
     trainer = TorchTrainer(
-        eval_loop,
+        loop,
         train_loop_config=config,
         **worker_group(recipe),
         run_config=RunConfig(
@@ -285,13 +322,10 @@ def evaluate_run(
         ),
     )
     try:
-        with interrupted_as(lambda: f"the evaluation of run {run_id} on {url} ({split}) did not finish"):
+        with interrupted_as(lambda: f"the {what} did not finish"):
             trainer.fit()
     except TrainingFailedError as exc:  # its message holds rank 0's traceback
-        raise RunFailed(f"evaluation of run {run_id} on {url} ({split}) failed: {failure_reason(exc)}") from exc
-    if not dataset and split == recipe.data.test_split and prefix == metric_prefix(split):  # the step, retried
-        tracking.RunLogger(tracking_uri, run_id).untag(HELD_OUT_ERROR)
-    return _outcome(client, run_id, recipe, split, prefix, mf.sha256_of(data))
+        raise RunFailed(f"{what} failed: {failure_reason(exc)}") from exc
 
 
 def summary(outcome: EvalOutcome) -> str:

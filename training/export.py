@@ -137,6 +137,11 @@ def scale_difference(
     )
 
 
+def export_outputs(desc: dict) -> list[str]:
+    """The names of an export's outputs (its ``model.json``): its classes, or multi-label names."""
+    return list(desc.get("outputs") or desc["classes"])
+
+
 def load_export(folder: Path) -> tuple[torch.nn.Module, dict]:
     """The model and its description from :func:`save_export`'s folder, in eval mode on the CPU."""
     from safetensors.torch import load_file
@@ -145,6 +150,6 @@ def load_export(folder: Path) -> tuple[torch.nn.Module, dict]:
 
     desc = json.loads((folder / MODEL_JSON).read_text())
     cfg = ModelConfig.model_validate(desc.get("model_config") or {"name": desc["model"]})
-    model = build_model(cfg, len(desc.get("outputs") or desc["classes"]), desc.get("frames", 0), desc["image_size"])
+    model = build_model(cfg, len(export_outputs(desc)), desc.get("frames", 0), desc["image_size"])
     model.load_state_dict(load_file(str(folder / WEIGHTS)))
     return model.eval(), desc

@@ -64,35 +64,14 @@ def labels_for(model_outputs: list[str], manifest: mf.Manifest, task: str) -> tu
 def predict_split(recipe: TrainRecipe, manifest: mf.Manifest, config: dict[str, Any], rank: int, world: int):
     """Every rank of a worker group: the run's exported model on this rank's part of ``config["split"]``; rank 0
     logs the tables. A failure on any rank raises on every rank."""
-    from shards import scratch
-    from training.collective import raise_together
-    from training.data import WorkerData
-    from training.export import load_export, scale_difference, tile_width_um
-    from training.loop import predict, worker_device
-    from training.losses import Loss
+    from training.evaluation import exported_predictions
+    from training.export import export_outputs, scale_difference, tile_width_um
     from training.reporting import prediction_tables
 
     log = tracking.RunLogger(config["mlflow_uri"], config["run_id"])
-    split, labelled = config["split"], config["labelled"]
-    device, data, error = worker_device(recipe), None, None
-    try:
-        try:
-            with scratch.directory("model") as tmp:  # every worker: a node need not share another's disk
-                model, desc = load_export(Path(log.client.download_artifacts(log.run_id, MODEL_ARTIFACT, tmp)))
-            outputs = list(desc.get("outputs") or desc["classes"])
-            data = WorkerData(recipe, manifest, rank, world, device.index, splits=(split,), labelled=labelled)
-        except Exception as exc:
-            error = exc
-        raise_together(error)
-        loss = Loss(recipe.task == "multilabel", None, len(outputs))
-        batches = data.batches(split, 0, False)
-        pred = predict(model.to(device), batches, loss, device, share_errors=True, labelled=labelled)
-    finally:
-        if data is not None:
-            data.close()
+    pred, desc = exported_predictions(recipe, manifest, config["split"], log, rank, world, config["labelled"])
     if rank == 0:
-        pred["labels"] = pred["labels"] if labelled else None
-        tables = prediction_tables(pred, recipe, outputs)
+        tables = prediction_tables(pred, recipe, export_outputs(desc))
         with tempfile.TemporaryDirectory() as tmp:
             for level, text in tables.items():
                 (Path(tmp) / f"predictions_{level}.csv").write_text(text)
@@ -130,24 +109,14 @@ def predict_run(
     """Run ``run``'s exported model on ``split`` of ``dataset`` (default: the run's own; its only split, or
     ``test``); the tables go into the run under ``predictions/<name>/`` and come back in the outcome. The run's
     recipe, with ``overrides`` of where it runs (``launch.EVALUATE_KEYS``)."""
-    import json
-
     from mlflow import MlflowClient
-    from ray.train import LoggingConfig, RunConfig, TrainingFailedError
-    from ray.train.torch import TorchTrainer
 
-    from training.capacity import check_capacity
-    from training.console import train_log_level
-    from training.endings import RunFailed, failure_reason, interrupted_as
-    from training.export import MODEL_JSON
-    from training.launch import run_recipe, storage_location, wants_gpu, worker_group
+    from training.endings import RunFailed
+    from training.evaluation import export_description, run_group, run_on
+    from training.export import export_outputs
 
     client = MlflowClient(tracking_uri)
-    run_id = tracking.resolve_run(client, run)
-    recipe = run_recipe(client, run_id, overrides)
-    check_capacity(recipe, wants_gpu(recipe))
-    if dataset:
-        recipe = recipe.model_copy(update={"data": recipe.data.model_copy(update={"dataset": dataset})})
+    run_id, recipe = run_on(client, run, overrides, dataset)
     url = recipe.data.dataset
     manifest = mf.load(url)
     split = split or default_split(manifest)
@@ -155,29 +124,15 @@ def predict_run(
         raise ValueError(f"{url}: the manifest has no {split} split (has {sorted(manifest.splits)})")
     if not tracking.has_artifact(client, run_id, MODEL_ARTIFACT):
         raise ValueError(f"run {run_id} has no exported model (it finished no epoch)")
-    with tempfile.TemporaryDirectory() as tmp:  # the model's classes, before any worker starts
-        desc = json.loads(Path(client.download_artifacts(run_id, f"{MODEL_ARTIFACT}/{MODEL_JSON}", tmp)).read_text())
-    labelled, note = labels_for(desc.get("outputs") or desc["classes"], manifest, recipe.task)
+    desc = export_description(client, run_id)
+    labelled, note = labels_for(export_outputs(desc), manifest, recipe.task)
     if note:
         print(f"note: {url}: {note}", flush=True)
     name = prediction_name(split, not dataset, name)
-    path, fs = storage_location(storage_path)
     group = f"predict-{run_id[:12]}-{uuid.uuid4().hex[:8]}"  # new each time: Ray Train resumes a run by its name
     config = {"recipe": recipe.model_dump(), "split": split, "name": name, "labelled": labelled, "group": group}
     config |= {"mlflow_uri": tracking_uri, "run_id": run_id}
-    trainer = TorchTrainer(
-        predict_loop,
-        train_loop_config=config,
-        **worker_group(recipe),
-        run_config=RunConfig(
-            name=group, storage_path=path, storage_filesystem=fs, logging_config=LoggingConfig(train_log_level())
-        ),
-    )
-    try:
-        with interrupted_as(lambda: f"the predictions of run {run_id} on {url} ({split}) did not finish"):
-            trainer.fit()
-    except TrainingFailedError as exc:  # its message holds rank 0's traceback
-        raise RunFailed(f"predictions of run {run_id} on {url} ({split}) failed: {failure_reason(exc)}") from exc
+    run_group(predict_loop, config, recipe, storage_path, group, f"predictions of run {run_id} on {url} ({split})")
     client.set_tag(run_id, f"{PREDICTIONS}.{name}.dataset", url)
     with tempfile.TemporaryDirectory() as tmp:
         local = Path(client.download_artifacts(run_id, f"{PREDICTIONS}/{name}", tmp))
