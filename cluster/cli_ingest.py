@@ -188,10 +188,19 @@ def _problem(error: dict) -> str:
     return f"--{'-'.join(map(str, error['loc'])).replace('_', '-')}: {msg}"
 
 
-def private_map(settings, out: str) -> Path:
-    """The private map of the dataset at ``out``, in the state directory of whoever ingested it."""
-    name = out.replace("://", "_").replace("/", "_")
-    return settings.state / "private" / f"{name}.sources.json"
+def private_map(settings, out: str, *also: str | None) -> Path:
+    """The private map of the dataset at ``out``, in the state directory of whoever ingested it: named after
+    the dataset's URL, a local one made absolute (``./ds`` and ``/home/me/ds/`` are one dataset). ``also``: other
+    spellings of the URL (the manifest's, as its ingest was given it). The first map that is there (a map named
+    before names were made absolute goes by the URL as given), or the one ``out`` would have."""
+
+    def path(url: str) -> Path:
+        name = url.replace("://", "_").replace("/", "_")
+        return settings.state / "private" / f"{name}.sources.json"
+
+    given = [out, *(u for u in also if u)]
+    urls = [u.rstrip("/") if "://" in u else os.path.abspath(u) for u in given] + given
+    return next((path(u) for u in urls if path(u).exists()), path(urls[0]))
 
 
 def keep_private(settings, out: str):

@@ -73,7 +73,7 @@ def cmd_predict(args) -> int:
     outcome = predict_run(args.run, s.mlflow_url, s.checkpoints, **options)
     tables = outcome.tables
     if args.reveal:
-        tables = revealed_tables(tables, private_map(s, outcome.dataset.rstrip("/")))
+        tables = revealed_tables(tables, private_map(s, outcome.dataset, outcome.made_as))
     out = args.out or f"predictions-{outcome.name}"
     out = out if out.startswith("s3://") else str(Path(out).resolve())
     labels = "with their labels" if outcome.labelled else "without labels"

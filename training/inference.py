@@ -37,6 +37,7 @@ class PredictOutcome:
     labelled: bool  # whether the tables carry the samples' labels
     samples: int
     warning: str | None = None  # of the samples' scale, as evaluation's (:data:`~training.evaluation.SCALE_WARNING`)
+    made_as: str | None = None  # the dataset's URL as its ingest was given it (``--out``), which names its private map
 
 
 def prediction_name(split: str, own: bool, name: str | None = None) -> str:
@@ -140,4 +141,6 @@ def predict_run(
         if index["group"] != group:
             raise RunFailed(f"predictions of run {run_id} on {url} ({split}): its tables were not written")
         tables = {level: (local / f"predictions_{level}.csv").read_text() for level in index["levels"]}
-    return PredictOutcome(run_id, name, url, split, tables, labelled, index["samples"], index["warning"])
+    outcome = PredictOutcome(run_id, name, url, split, tables, labelled, index["samples"], index["warning"])
+    outcome.made_as = manifest.dataset
+    return outcome

@@ -413,3 +413,22 @@ def test_overrides_are_taken_wherever_they_stand_and_other_words_are_refused(cap
         with pytest.raises(SystemExit):
             parse(argv)
         assert "unrecognized arguments: " + argv[-1] in capsys.readouterr().err
+
+
+def test_the_private_map_is_found_under_another_spelling_of_the_dataset(tmp_path, monkeypatch):
+    """An ingest given `--out ./ds` keeps its map under the dataset's absolute path; `tessera predict --dataset
+    /abs/ds/ --reveal` finds it, as does the manifest's own spelling; a map named before names were made absolute
+    (after `./ds` as given) is still found."""
+    from cluster.cli_ingest import keep_private, private_map
+    from cluster.settings import load_settings
+
+    monkeypatch.chdir(tmp_path)
+    settings = load_settings(state_dir=tmp_path / "state")
+    saved = keep_private(settings, "./ds")({"aa": "patient 1"})
+    assert saved.name == f"{tmp_path}/ds.sources.json".replace("/", "_")
+    assert saved.parent.stat().st_mode & 0o777 == 0o700
+    assert private_map(settings, f"{tmp_path}/ds/") == private_map(settings, "ds") == saved
+    assert private_map(settings, "s3://b/elsewhere", "./ds") == saved  # the manifest's spelling, given as well
+    assert private_map(settings, "s3://b/new/").name == "s3_b_new.sources.json"  # none yet: the URL's own
+    saved.rename(saved.with_name("._old.sources.json"))  # as an earlier version named `--out ./old`'s map
+    assert private_map(settings, "./old") == saved.with_name("._old.sources.json")
