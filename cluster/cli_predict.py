@@ -80,9 +80,13 @@ def cmd_predict(args) -> int:
     print(f"{outcome.samples} samples of the {outcome.split} split of {outcome.dataset} ({labels}):")
     for level, table in tables.items():
         url = storage.join(out, f"predictions_{level}.csv")
-        storage.put_bytes(url, table.encode())
-        if args.reveal:  # names of patients: readable by their owner only, as the private map is
-            os.chmod(url, 0o600)
+        if args.reveal:  # names of patients: readable by their owner only from the start, as the private map is
+            Path(out).mkdir(parents=True, exist_ok=True)
+            with os.fdopen(os.open(url, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
+                f.write(table)
+            os.chmod(url, 0o600)  # a file there before keeps its mode through O_TRUNC
+        else:
+            storage.put_bytes(url, table.encode())
         rows = sum(1 for _ in csv.reader(io.StringIO(table))) - 1
         print(f"  {level}: {rows} row{'' if rows == 1 else 's'} -> {url}")
     if outcome.warning:

@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from ingest.splits import parse_fractions
 from ingest.windowing import WINDOWS
+from shards import storage
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)I?B?\s*$", re.I)
 
@@ -28,7 +29,7 @@ def parse_bytes(value: int | str) -> int:
 RUN_ONLY = ("workers", "gpus_per_worker", "max_attempts", "outage_wait_s")
 # recorded, but not compared between runs: the same background model (its sha256 is compared) may be named from
 # another place
-NOT_COMPARED = (*RUN_ONLY, "background_model")
+NOT_COMPARED = (*RUN_ONLY, "background_model", "out")  # out: the dataset is the one found there
 RERUN_MODES = ("overwrite", "retry_failed", "append", "replace_changed")  # what a run does with a dataset already there
 
 
@@ -110,6 +111,11 @@ class IngestConfig(BaseModel):
     def _size(cls, v: int | str) -> int:
         return parse_bytes(v)
 
+    @field_validator("out", "labels")
+    @classmethod
+    def _anchored(cls, v: str | None) -> str | None:
+        return None if v is None else storage.anchored(v)  # the same place on every worker as here
+
     def public(self) -> dict:
         """The configuration as recorded in the manifest: source locations are left out (they may identify)."""
         return self.model_dump(exclude=set(RERUN_MODES) | {"sources", "labels"})
@@ -151,6 +157,11 @@ class WsiIngestConfig(IngestConfig):
 
     def uses_models(self) -> bool:
         return bool(self.background_model)
+
+    @field_validator("background_model")
+    @classmethod
+    def _model_here(cls, v: str | None) -> str | None:
+        return None if v is None else storage.anchored_if_local(v)  # a local file, wherever the driver reads it
 
 
 class DicomIngestConfig(IngestConfig):
@@ -219,6 +230,16 @@ class ImagesIngestConfig(IngestConfig):
 
     def uses_models(self) -> bool:
         return self.segment == "sam"
+
+    @field_validator("sam_model")
+    @classmethod
+    def _sam_here(cls, v: str) -> str:
+        return storage.anchored_if_local(v)  # a checkpoint folder here is one for the workers too, not a hub name
+
+    @field_validator("boxes")
+    @classmethod
+    def _boxes_here(cls, v: str | None) -> str | None:
+        return None if v is None else storage.anchored(v)
 
     def public(self) -> dict:
         return {k: v for k, v in super().public().items() if k != "boxes"}

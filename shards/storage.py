@@ -67,6 +67,19 @@ def parse(url: str) -> Location:
     return Location("file", "", os.path.abspath(url))
 
 
+def anchored(url: str) -> str:
+    """A local path made absolute against this process's working directory (a URL as it is). Paths that Ray
+    workers read or write must be: a worker's working directory is its own (the node's where the cluster was
+    started; Ray Train's run folder), so ``./ds`` named one place to the command and another to its workers."""
+    return url if "://" in url else os.path.abspath(url)
+
+
+def anchored_if_local(ref: str) -> str:
+    """:func:`anchored` for a reference that is a local file or folder where one is there, and otherwise a name
+    for elsewhere (a hub model's ``facebook/sam-vit-base``), left as it is."""
+    return anchored(ref) if "://" not in ref and os.path.exists(ref) else ref
+
+
 def join(base: str, *parts: str) -> str:
     """Join URL path parts with ``/`` (works for paths and ``s3://``)."""
     out = base.rstrip("/")

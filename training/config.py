@@ -6,7 +6,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from shards.storage import anchored, anchored_if_local
 
 RECIPES = Path(__file__).parent / "recipes"
 
@@ -93,6 +95,11 @@ class DataConfig(Strict):
             raise ValueError("class_weights: must be none with sampler balanced (the classes are already evened)")
         return self
 
+    @field_validator("dataset")
+    @classmethod
+    def _dataset_here(cls, v: str) -> str:
+        return anchored(v)  # a local dataset: the same folder for the workers, whose working directory is not ours
+
 
 class ModelConfig(Strict):
     """A model by name: a timm model, ``temporal:<timm name>`` (backbone + transformer over slices) or ``vivit``.
@@ -110,6 +117,12 @@ class ModelConfig(Strict):
     freeze: Literal["none", "backbone"] = "none"
     temporal_layers: int = Field(2, ge=1)
     options: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("weights")
+    @classmethod
+    def _weights_here(cls, v: str | None) -> str | None:
+        # a local file for every worker (Ray Train runs them in its own folder), or a hub id as it is
+        return None if v is None else anchored_if_local(v)
 
 
 class OptimConfig(Strict):

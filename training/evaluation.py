@@ -282,6 +282,7 @@ def evaluate_run(
 def run_on(client, run: str, overrides: list[str] | tuple[str, ...], dataset: str | None) -> tuple[str, TrainRecipe]:
     """Run ``run``'s id and its recipe, with the ``overrides`` of where it runs (which the cluster must hold) and
     ``dataset`` in place of its own where given."""
+    from shards.storage import anchored
     from training.capacity import check_capacity
     from training.launch import run_recipe, wants_gpu
 
@@ -289,7 +290,8 @@ def run_on(client, run: str, overrides: list[str] | tuple[str, ...], dataset: st
     recipe = run_recipe(client, run_id, overrides)
     check_capacity(recipe, wants_gpu(recipe))
     if dataset:
-        recipe = recipe.model_copy(update={"data": recipe.data.model_copy(update={"dataset": dataset})})
+        data = recipe.data.model_copy(update={"dataset": anchored(dataset)})  # model_copy does not validate
+        recipe = recipe.model_copy(update={"data": data})
     return run_id, recipe
 
 

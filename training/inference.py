@@ -141,6 +141,6 @@ def predict_run(
         if index["group"] != group:
             raise RunFailed(f"predictions of run {run_id} on {url} ({split}): its tables were not written")
         tables = {level: (local / f"predictions_{level}.csv").read_text() for level in index["levels"]}
-    outcome = PredictOutcome(run_id, name, url, split, tables, labelled, index["samples"], index["warning"])
-    outcome.made_as = manifest.dataset
-    return outcome
+    return PredictOutcome(
+        run_id, name, url, split, tables, labelled, index["samples"], index["warning"], made_as=manifest.dataset
+    )

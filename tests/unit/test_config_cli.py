@@ -432,3 +432,24 @@ def test_the_private_map_is_found_under_another_spelling_of_the_dataset(tmp_path
     assert private_map(settings, "s3://b/new/").name == "s3_b_new.sources.json"  # none yet: the URL's own
     saved.rename(saved.with_name("._old.sources.json"))  # as an earlier version named `--out ./old`'s map
     assert private_map(settings, "./old") == saved.with_name("._old.sources.json")
+
+
+def test_local_paths_are_made_absolute_where_the_command_runs(tmp_path, monkeypatch):
+    """Ray workers do not share the command's working directory (an ingest actor's is the node's where the
+    cluster started; Ray Train runs its workers in its run folder): `--out ./ds` wrote the shards under the
+    cluster's folder and the manifest under the command's. Every local path is anchored on the driver; URLs and
+    hub names stay as they are."""
+    from ingest.config import ImagesIngestConfig
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "sam").mkdir()
+    (tmp_path / "w.pth").touch()
+    cfg = WsiIngestConfig(sources=["slides"], out="./ds/", labels="labels.csv", background_model="bg.ts")
+    assert (cfg.out, cfg.labels) == (str(tmp_path / "ds"), str(tmp_path / "labels.csv"))
+    assert cfg.background_model == "bg.ts"  # not here: a reference for elsewhere, refused by name where read
+    images = ImagesIngestConfig(sources=["x"], out="s3://b/ds", boxes="yolo", sam_model="sam")
+    assert (images.out, images.boxes, images.sam_model) == ("s3://b/ds", str(tmp_path / "yolo"), str(tmp_path / "sam"))
+    assert ImagesIngestConfig(sources=["x"], out="o").sam_model == "facebook/sam-vit-base"  # a hub name
+    recipe = load_recipe("demo_tiles", ["data.dataset=ds", "model.weights=w.pth"])
+    assert (recipe.data.dataset, recipe.model.weights) == (str(tmp_path / "ds"), str(tmp_path / "w.pth"))
+    assert load_recipe("demo_tiles", ["model.weights=timm/resnet50.a1_in1k"]).model.weights == "timm/resnet50.a1_in1k"

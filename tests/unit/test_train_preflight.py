@@ -39,21 +39,21 @@ def test_a_patient_labelled_two_ways_fails_before_training_unless_positive_means
     def record(i, patient, label, split):
         return mf.InputRecord(id=f"i{i}", kind="wsi", status="ingested", patient=patient, label=label, split=split)
 
-    manifest = mf.Manifest(dataset="d", kind="wsi", classes=["CE", "LAA"])
+    manifest = mf.Manifest(dataset="s3://b/d", kind="wsi", classes=["CE", "LAA"])
     manifest.inputs = [record(0, "p1", 0, "val"), record(1, "p1", 0, "val"), record(2, "p2", 0, "train")]
     manifest.inputs += [record(3, "p2", 1, "train"), record(4, "p3", 1, "test")]
-    recipe = load_recipe("strip_ai_resnet50", ["data.dataset=d"])
+    recipe = load_recipe("strip_ai_resnet50", ["data.dataset=s3://b/d"])
     check_patient_labels(recipe, manifest)  # p2 mixes, but in train, which is not aggregated
     manifest.inputs.append(record(5, "p3", 0, "test"))
     with pytest.raises(RecipeError) as err:
         check_patient_labels(recipe, manifest)
     assert str(err.value) == (
-        "eval.levels: patient p3 of d has inputs labelled CE and LAA (1 such patient(s) in the test/val split(s)); "
+        "eval.levels: patient p3 of s3://b/d has inputs labelled CE and LAA (1 such patient(s) in the test/val split(s)); "
         "aggregating by mean needs one label per patient: leave 'patient' out of eval.levels, or for a "
         "negative/positive task set eval.how=any"
     )
     for fix in (["eval.levels=[slide]"], ["eval.how=any"], ["data.test_split=null"]):
-        check_patient_labels(load_recipe("strip_ai_resnet50", ["data.dataset=d", *fix]), manifest)
+        check_patient_labels(load_recipe("strip_ai_resnet50", ["data.dataset=s3://b/d", *fix]), manifest)
 
 
 def test_the_workers_a_cluster_holds_are_counted_per_node():
