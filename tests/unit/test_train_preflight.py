@@ -48,8 +48,8 @@ def test_a_patient_labelled_two_ways_fails_before_training_unless_positive_means
     with pytest.raises(RecipeError) as err:
         check_patient_labels(recipe, manifest)
     assert str(err.value) == (
-        "eval.levels: patient p3 of s3://b/d has inputs labelled CE and LAA (1 such patient(s) in the test/val split(s)); "
-        "aggregating by mean needs one label per patient: leave 'patient' out of eval.levels, or for a "
+        "eval.levels: patient p3 of s3://b/d has inputs labelled CE and LAA (1 such patient(s) in the test/val "
+        "split(s)); aggregating by mean needs one label per patient: leave 'patient' out of eval.levels, or for a "
         "negative/positive task set eval.how=any"
     )
     for fix in (["eval.levels=[slide]"], ["eval.how=any"], ["data.test_split=null"]):
