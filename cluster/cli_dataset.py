@@ -70,7 +70,7 @@ def made_with(recorded: dict) -> str:
     not at all; options left unset left out)."""
     from ingest.config import dataset_options
 
-    said = ["out", "shard_size", "background_model_sha256", "background_threshold"]
+    said = ["shard_size", "background_model_sha256", "background_threshold"]  # the place: not a dataset option
     said += ["sam_model"] if recorded.get("segment") != "sam" else []  # options of a choice not taken
     said += ["frames"] if recorded.get("mode") != "series" else []
     options = {k: v for k, v in dataset_options(recorded).items() if k not in said and _is_set(v)}

@@ -78,10 +78,11 @@ def cmd_predict(args) -> int:
     out = out if out.startswith("s3://") else str(Path(out).resolve())
     labels = "with their labels" if outcome.labelled else "without labels"
     print(f"{outcome.samples} samples of the {outcome.split} split of {outcome.dataset} ({labels}):")
+    if args.reveal:
+        Path(out).mkdir(parents=True, exist_ok=True)
     for level, table in tables.items():
         url = storage.join(out, f"predictions_{level}.csv")
         if args.reveal:  # names of patients: readable by their owner only from the start, as the private map is
-            Path(out).mkdir(parents=True, exist_ok=True)
             with os.fdopen(os.open(url, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
                 f.write(table)
             os.chmod(url, 0o600)  # a file there before keeps its mode through O_TRUNC

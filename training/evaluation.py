@@ -107,7 +107,7 @@ def exported_predictions(
 def evaluate_split(recipe: TrainRecipe, manifest: mf.Manifest, split: str, prefix: str, log, rank: int, world: int):
     """Every rank of a worker group: the run's exported model on this rank's part of ``split``; rank 0 logs the
     metrics and pictures under ``prefix``. A failure on any rank raises on every rank."""
-    from training.export import scale_difference, tile_width_um
+    from training.export import samples_scale_warning
     from training.loop import evaluate, outputs_of
     from training.reporting import log_evaluation
 
@@ -117,7 +117,7 @@ def evaluate_split(recipe: TrainRecipe, manifest: mf.Manifest, split: str, prefi
     if rank == 0:
         log.metrics(metrics, step=0)
         log_evaluation(log, recipe, outputs, pred, f"{split} split", prefix)
-        warning = scale_difference(desc.get("tile_um"), tile_width_um(pred["metas"], manifest.config))
+        warning = samples_scale_warning(desc, pred["metas"], manifest.config)
         if warning:
             log.tag(f"{prefix}{SCALE_WARNING}", warning)
         else:  # an earlier evaluation's under this prefix, of other samples
@@ -282,15 +282,14 @@ def evaluate_run(
 def run_on(client, run: str, overrides: list[str] | tuple[str, ...], dataset: str | None) -> tuple[str, TrainRecipe]:
     """Run ``run``'s id and its recipe, with the ``overrides`` of where it runs (which the cluster must hold) and
     ``dataset`` in place of its own where given."""
-    from shards.storage import anchored
     from training.capacity import check_capacity
     from training.launch import run_recipe, wants_gpu
 
     run_id = tracking.resolve_run(client, run)
     recipe = run_recipe(client, run_id, overrides)
     check_capacity(recipe, wants_gpu(recipe))
-    if dataset:
-        data = recipe.data.model_copy(update={"dataset": anchored(dataset)})  # model_copy does not validate
+    if dataset:  # validated, as a recipe's own dataset is (a local path made absolute for the workers)
+        data = type(recipe.data).model_validate(recipe.data.model_dump() | {"dataset": dataset})
         recipe = recipe.model_copy(update={"data": data})
     return run_id, recipe
 

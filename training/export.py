@@ -137,6 +137,12 @@ def scale_difference(
     )
 
 
+def samples_scale_warning(desc: dict, metas: list[dict], ingest_options: dict, **so: str) -> str | None:
+    """:func:`scale_difference` of the samples ``metas`` (:func:`tile_width_um`, with their dataset's
+    ``ingest_options``) from the export ``desc``'s training samples (its ``tile_um``)."""
+    return scale_difference(desc.get("tile_um"), tile_width_um(metas, ingest_options), **so)
+
+
 def export_outputs(desc: dict) -> list[str]:
     """The names of an export's outputs (its ``model.json``): its classes, or multi-label names."""
     return list(desc.get("outputs") or desc["classes"])

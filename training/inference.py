@@ -66,7 +66,7 @@ def predict_split(recipe: TrainRecipe, manifest: mf.Manifest, config: dict[str, 
     """Every rank of a worker group: the run's exported model on this rank's part of ``config["split"]``; rank 0
     logs the tables. A failure on any rank raises on every rank."""
     from training.evaluation import exported_predictions
-    from training.export import export_outputs, scale_difference, tile_width_um
+    from training.export import export_outputs, samples_scale_warning
     from training.reporting import prediction_tables
 
     log = tracking.RunLogger(config["mlflow_uri"], config["run_id"])
@@ -78,8 +78,8 @@ def predict_split(recipe: TrainRecipe, manifest: mf.Manifest, config: dict[str, 
                 (Path(tmp) / f"predictions_{level}.csv").write_text(text)
             # which tables are this call's: a folder written before under the same name may hold other levels
             index = {"group": config["group"], "levels": list(tables), "samples": len(pred["probs"])}
-            width = tile_width_um(pred["metas"], manifest.config)
-            index["warning"] = scale_difference(desc.get("tile_um"), width, "its calls may be wrong at this scale")
+            so = "its calls may be wrong at this scale"
+            index["warning"] = samples_scale_warning(desc, pred["metas"], manifest.config, so=so)
             (Path(tmp) / INDEX).write_text(json.dumps(index))
             log.artifacts(Path(tmp), f"{PREDICTIONS}/{config['name']}")
 
