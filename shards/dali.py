@@ -18,6 +18,7 @@ import os
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -73,18 +74,21 @@ def _pair(v):
     return [v, v] if isinstance(v, float) else fn.stack(v, v)
 
 
-def _augment(images, aug: Augment, size: int):
-    """Random augmentations of ``images`` (HWC, or FHWC for sequences), each on its share of samples.
+def _augment(images, aug: Augment, size: int, gpu: bool, layout: str):
+    """Random augmentations of ``images`` (``layout`` HWC, or FHWC for sequences), each on its share of samples.
 
-    Rotation and colour jitter compute in float and are then cast to uint8: the same pixels, bit for bit, but
-    DALI's CPU kernels write uint8 slowly (a 256 px image: colour jitter 1.31 ms straight to uint8, 0.92 ms
-    through float; rotation 1.34 and 1.18 ms). Jitter of brightness and contrast alone takes DALI's
+    Rotation on the CPU is OpenCV's (:mod:`shards.cpu_kernels`), on a GPU DALI's, which computes in float and
+    is then cast to uint8. Colour jitter computes in float too: the same pixels, bit for bit, but DALI's CPU
+    kernels write uint8 slowly (a 256 px image: 1.31 ms straight to uint8, 0.92 ms through float; DALI's
+    rotation 1.34 and 1.18 ms). Jitter of brightness and contrast alone takes DALI's
     brightness_contrast, which has a fast uint8 path (the same pixels for brightness; contrast may differ by 1
     in rounding). Zooming in resamples only the part of the image that stays in view: 0.85 ms instead of 1.88
     for the whole image enlarged, then cropped (300 px, zoom 1-2), and exactly about the centre, which the
     crop's whole-pixel anchor was not.
     """
     from nvidia.dali import fn, types
+
+    from shards.cpu_kernels import rotated
 
     def chosen(p: float):
         return fn.random.coin_flip(probability=p, dtype=types.BOOL)
@@ -101,7 +105,11 @@ def _augment(images, aug: Augment, size: int):
             images = fn.resize(images, resize_x=size * z, resize_y=size * z)
             images = fn.crop(images, crop=(size, size), out_of_bounds_policy="pad", fill_values=0)
     if aug.rotate_p > 0 and chosen(aug.rotate_p):
-        images = uint8(fn.rotate(images, angle=_uniform(*aug.rotate_degrees), keep_size=True, dtype=types.FLOAT))
+        angle = _uniform(*aug.rotate_degrees)
+        if gpu:
+            images = uint8(fn.rotate(images, angle=angle, keep_size=True, dtype=types.FLOAT))
+        else:
+            images = fn.python_function(images, angle, function=rotated, output_layouts=layout)
     if aug.sharpness_p > 0 and chosen(aug.sharpness_p):
         images = fn.filter(images, types.Constant(sharpen_kernel(aug.sharpness_factor)), border="clamp")
     if aug.color_jitter_p > 0 and chosen(aug.color_jitter_p):
@@ -133,16 +141,23 @@ def _decoded(encoded, size: int, gpu: bool):
 
     DALI resamples an image already of the output size too: 0.8 of the 1.3 ms that a 256 px JPEG took to decode
     and "resize" on a CPU core, for an unchanged image. Tiles stored at the training size (``--store-size``) are
-    the common case. Tiles stored at twice the size are halved by 2x2 averages: OpenCV's area filter, which
-    ingest resizes with (so such a tile equals the one ``--store-size`` would have stored), and on a CPU core
-    2.0 instead of 3.2 ms to decode and halve a 512 px tile (DALI's antialiased linear filter reads 4x4 pixels
-    per output pixel; linear without antialiasing, at exactly half, averages 2x2). Other sizes take the
-    antialiased linear filter. The shape comes from the encoded header, on the CPU, before decoding.
+    the common case. Other sizes are resized as ingest's ``--store-size`` resizes, by OpenCV's area filter
+    (so a tile stored at twice the size becomes the one ``--store-size`` would have stored): on the CPU
+    OpenCV's own (:mod:`shards.cpu_kernels`; DALI's CPU resize is slower); on a GPU, DALI's linear filter
+    without antialiasing at exactly half (which averages 2x2, as the area filter; the antialiased one reads 4x4
+    pixels per output pixel), antialiased at other sizes. The shape comes from the encoded header, on the CPU,
+    before decoding.
     """
     from nvidia.dali import fn, types
 
+    from shards.cpu_kernels import resized
+
     images = fn.decoders.image(encoded, device="mixed" if gpu else "cpu", output_type=types.RGB)
     shape = fn.peek_image_shape(encoded)
+    if not gpu:
+        if (shape[0] != size) | (shape[1] != size):
+            images = fn.python_function(images, function=partial(resized, size=size), output_layouts="HWC")
+        return images
     if (shape[0] == 2 * size) & (shape[1] == 2 * size):
         images = fn.resize(images, resize_x=size, resize_y=size, antialias=False)
     elif (shape[0] != size) | (shape[1] != size):
@@ -241,7 +256,7 @@ def build_pipeline(
         decoded = [_decoded(e, image_size, gpu) for e in encoded]
         images = decoded[0] if frames == 0 else fn.stack(*decoded, axis=0, axis_name="F")
         if train:
-            images = _augment(images, aug, image_size)
+            images = _augment(images, aug, image_size, gpu, "HWC" if frames == 0 else "FHWC")
         images = fn.crop_mirror_normalize(
             images,
             dtype=types.FLOAT,

@@ -82,20 +82,20 @@ def test_zoom_in_enlarges_about_the_centre(tmp_path, zoom):
 
 def test_rotation_interpolates_linearly_and_replicates_edges_like_opencv(tmp_path):
     """Paper 000's albumentations Rotate is linear with reflected borders; ours replicates edges (no black
-    corners), which DALI also runs twice as fast on the CPU as a constant fill."""
+    corners), as DALI's GPU rotation does (twice as fast as a constant fill)."""
     image, urls, idx = _shard(tmp_path)
     ours = _run(urls, idx, Augment(rotate_p=1.0, rotate_degrees=(30, 30)))
     turn = cv2.getRotationMatrix2D(((SIZE - 1) / 2, (SIZE - 1) / 2), 30, 1.0)
     ref = cv2.warpAffine(image, turn, (SIZE, SIZE), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
-    assert np.abs(ours.astype(int) - ref).max() <= 1
+    assert np.array_equal(ours, ref)  # in CPU mode OpenCV's own kernel
     quarter = _run(urls, idx, Augment(rotate_p=1.0, rotate_degrees=(90, 90)))
-    assert np.abs(quarter.astype(int) - np.rot90(image)).max() <= 1
+    assert np.array_equal(quarter, np.rot90(image))
 
 
 def test_images_of_the_output_size_pass_unchanged_and_others_are_resized(tmp_path):
     """A batch of tiles stored at the training size, at twice it and at 2.5 times: the first come out
-    unchanged (they skip the resize), the others scaled down as OpenCV's area average does: exactly for
-    twice the size (2x2 averages, even of noise), closely for a smooth image at another size."""
+    unchanged (they skip the resize), the others scaled down by OpenCV's area average, as ingest's
+    ``--store-size`` resizes (2x2 averages at twice the size, even of noise)."""
     rng = np.random.default_rng(1)
     double = rng.integers(0, 256, (2 * SIZE, 2 * SIZE, 3), dtype=np.uint8)
     yy, xx = np.mgrid[0 : 5 * SIZE // 2, 0 : 5 * SIZE // 2]
@@ -109,9 +109,9 @@ def test_images_of_the_output_size_pass_unchanged_and_others_are_resized(tmp_pat
     x, _, _ = pipe.run()
     same, halved, scaled = _uint8(_pixels(x))
     assert np.abs(same.astype(int) - image).max() <= 1
-    for out, src, tolerance in ((halved, double, 1), (scaled, smooth, 2)):
+    for out, src in ((halved, double), (scaled, smooth)):
         ref = cv2.resize(src, (SIZE, SIZE), interpolation=cv2.INTER_AREA)
-        assert out.shape == ref.shape and np.abs(out.astype(int) - ref).max() <= tolerance
+        assert np.array_equal(out, ref)  # in CPU mode OpenCV's own kernel
 
 
 @pytest.mark.parametrize(("brightness", "contrast"), [(0.5, 0.0), (0.0, 0.5), (0.5, 0.5)])
