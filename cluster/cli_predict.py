@@ -33,20 +33,30 @@ def add_predict_parser(sub) -> None:
         "`tessera ingest` kept on this machine) in --out's tables, which must then be on local disk; the run's "
         "stay pseudonymous",
     )
+    pr.add_argument(
+        "--heatmaps",
+        action="store_true",
+        help="also draw each slide's tile probabilities over its preview, a panel per class (slides only): "
+        "heatmaps/SLIDE.png in --out and in the run",
+    )
     pr.set_defaults(fn=cmd_predict)
 
 
-def revealed_tables(tables: dict[str, str], map_path: Path) -> dict[str, str]:
-    """``tables`` with their pseudonyms named from the private map at ``map_path``; a clear error where there is
-    none, and a note of the pseudonyms it lacks."""
-    from training.predictions import reveal
-
+def private_names(map_path: Path) -> dict[str, str]:
+    """The private map at ``map_path`` (pseudonym -> what it stands for); a clear error where there is none."""
     if not map_path.exists():
         raise ValueError(
             f"--reveal: no private map at {map_path}: the dataset was ingested on another machine or by another "
             "user (`tessera ingest` keeps the map in the state directory of whoever ran it)"
         )
-    private = json.loads(map_path.read_text())
+    return json.loads(map_path.read_text())
+
+
+def revealed_tables(tables: dict[str, str], private: dict[str, str], map_path: Path) -> dict[str, str]:
+    """``tables`` with their pseudonyms named from ``private`` (the map at ``map_path``), and a note of the
+    pseudonyms it lacks."""
+    from training.predictions import reveal
+
     out = {}
     for level, table in tables.items():
         out[level], unknown = reveal(table, private)
@@ -71,26 +81,61 @@ def cmd_predict(args) -> int:
     health.require(s, "mlflow")
     options = {"dataset": args.dataset, "split": args.split, "name": args.name, "overrides": args.overrides}
     outcome = predict_run(args.run, s.mlflow_url, s.checkpoints, **options)
-    tables = outcome.tables
+    tables, private = outcome.tables, None
     if args.reveal:
-        tables = revealed_tables(tables, private_map(s, outcome.dataset, outcome.made_as))
+        map_path = private_map(s, outcome.dataset, outcome.made_as)
+        private = private_names(map_path)
+        tables = revealed_tables(tables, private, map_path)
     out = args.out or f"predictions-{outcome.name}"
     out = out if out.startswith("s3://") else str(Path(out).resolve())
     labels = "with their labels" if outcome.labelled else "without labels"
     print(f"{outcome.samples} samples of the {outcome.split} split of {outcome.dataset} ({labels}):")
-    if args.reveal:
-        Path(out).mkdir(parents=True, exist_ok=True)
     for level, table in tables.items():
         url = storage.join(out, f"predictions_{level}.csv")
-        if args.reveal:  # names of patients: readable by their owner only from the start, as the private map is
-            with os.fdopen(os.open(url, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
-                f.write(table)
-            os.chmod(url, 0o600)  # a file there before keeps its mode through O_TRUNC
-        else:
-            storage.put_bytes(url, table.encode())
+        _write(url, table.encode(), args.reveal)
         rows = sum(1 for _ in csv.reader(io.StringIO(table))) - 1
         print(f"  {level}: {rows} row{'' if rows == 1 else 's'} -> {url}")
+    if args.heatmaps:
+        heatmaps(outcome, s.mlflow_url, out, private)
     if outcome.warning:
         print(f"warning: {outcome.warning}")
     print(f"the run keeps them{' (pseudonymous)' if args.reveal else ''}: {outcome.run_id} predictions/{outcome.name}/")
     return 0
+
+
+def _write(url: str, data: bytes, secret: bool) -> None:
+    """``data`` to ``url``; a ``secret`` one (names behind pseudonyms: local) readable by its owner only from the
+    start, as the private map is."""
+    from shards import storage
+
+    if not secret:
+        storage.put_bytes(url, data)
+        return
+    os.makedirs(os.path.dirname(url), exist_ok=True)
+    with os.fdopen(os.open(url, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
+        f.write(data)
+    os.chmod(url, 0o600)  # a file there before keeps its mode through O_TRUNC
+
+
+def heatmaps(outcome, tracking_uri: str, out: str, private: dict[str, str] | None) -> None:
+    """Each slide's heatmap into the run (pseudonyms) and into ``out`` (slides named from ``private``, the
+    private map, where given)."""
+    from shards import storage
+    from training.inference import HEATMAPS, log_heatmaps, slide_heatmaps
+    from training.predictions import original_name
+
+    table = outcome.tables.get("sample", "")
+    pngs, note = slide_heatmaps(table, outcome.dataset)
+    log_heatmaps(tracking_uri, outcome.run_id, outcome.name, pngs)
+    names = {slide: slide for slide in pngs}
+    if private:  # the caller's copies named and titled by the slides' files
+        names = {slide: Path(original_name(private[slide])).name if slide in private else slide for slide in pngs}
+        if len(set(names.values())) < len(names):  # files of one name in different folders
+            names = {slide: f"{name}_{slide}" for slide, name in names.items()}
+        pngs, _ = slide_heatmaps(table, outcome.dataset, names.__getitem__)
+    for slide, png in pngs.items():
+        _write(storage.join(out, HEATMAPS, f"{names[slide]}.png"), png, private is not None)
+    if pngs:
+        print(f"  heatmaps: {len(pngs)} slide{'' if len(pngs) == 1 else 's'} -> {storage.join(out, HEATMAPS)}/")
+    if note:
+        print(f"note: {note}")

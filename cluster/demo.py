@@ -18,7 +18,7 @@ def run_demo(settings: Settings, workdir: Path, small: bool = False) -> dict[str
     """Run the main job on a connected local stack; returns the URLs it printed, the run and the new slides'
     calls."""
     from cluster.cli_ingest import keep_private, private_map
-    from cluster.cli_predict import revealed_tables
+    from cluster.cli_predict import heatmaps, private_names, revealed_tables
     from ingest.config import DicomIngestConfig, ImagesIngestConfig, WsiIngestConfig
     from ingest.runner import manifest_summary, run_ingest
     from ingest.synthetic import make_ct_series, make_mri_folders, make_slides
@@ -85,9 +85,11 @@ def run_demo(settings: Settings, workdir: Path, small: bool = False) -> dict[str
     )  # fmt: skip
     run_ingest("wsi", new, on_private=keep_private(settings, new_url))
     calls = predict_run(outcome.run_id, settings.mlflow_url, settings.checkpoints, dataset=new_url)
-    named = revealed_tables(calls.tables, private_map(settings, new_url))["patient"]  # as `--reveal` names them
+    map_path = private_map(settings, new_url)
+    named = revealed_tables(calls.tables, private_names(map_path), map_path)["patient"]  # as `--reveal` names them
     print(f"{calls.samples} tiles called; per patient, named as `--reveal` names them (made CE, LAA in turn):")
     print("  " + named.strip().replace("\n", "\n  "))
+    heatmaps(calls, settings.mlflow_url, str(workdir / "predictions-new"), None)  # as `--heatmaps` draws them
     m = outcome.metrics
     _stage(f"done in {time.time() - t0:.0f}s")
     print(
@@ -101,6 +103,6 @@ def run_demo(settings: Settings, workdir: Path, small: bool = False) -> dict[str
             f"patient accuracy {t.get('test_patient_accuracy', float('nan')):.3f}"
         )
     print(f"shards:     {wsi_url}  {ct_url}  {mri_url}  {new_url}")
-    print(f"MLflow run: {outcome.run_url} (the new slides' calls under predictions/{calls.name}/)")
+    print(f"MLflow run: {outcome.run_url} (the new slides' calls and heatmaps under predictions/{calls.name}/)")
     urls = {"wsi": wsi_url, "ct": ct_url, "mri": mri_url, "new": new_url}
     return urls | {"run_url": outcome.run_url, "run_id": outcome.run_id, "calls": calls}

@@ -14,7 +14,6 @@ from typing import Any, Protocol
 from ingest.config import IngestConfig
 from ingest.source_cache import local_copy
 from ingest.staging import WorkRecord, part_url
-from ingest.units import PREVIEWS
 from shards import manifest as mf
 from shards import storage
 from shards.index import parse_index
@@ -22,7 +21,7 @@ from shards.manifest import InputRecord, Manifest, ShardInfo
 from shards.writer import ShardWriter, concat_shards, iter_tar_samples
 
 SHARD_FILE = re.compile(r"[^/_][^/]*/shard-\d{6}\.(tar|idx)")
-PREVIEW_FILE = re.compile(rf"{PREVIEWS}/[0-9a-f]{{16}}\.png")  # a slide pseudonym's
+PREVIEW_FILE = re.compile(rf"{mf.PREVIEWS}/[0-9a-f]{{16}}\.png")  # a slide pseudonym's
 
 
 class Scheduler(Protocol):
@@ -169,7 +168,7 @@ def leftovers(out: str, manifest: Manifest) -> tuple[list[str], list[str]]:
     slides, and the spool folders of shards a crashed run was writing; as ``(files, spool folders)``."""
     keep = {storage.join(out, split, s.name) for split, info in manifest.splits.items() for s in info.shards}
     keep |= {u.removesuffix(".tar") + ".idx" for u in keep}
-    keep |= {storage.join(out, PREVIEWS, f"{r.item}.png") for r in manifest.inputs if r.item}
+    keep |= {mf.preview_url(out, r.item) for r in manifest.inputs if r.item}
     base = out.rstrip("/") + "/"
     files, spools = [], set()
     for url in list(storage.list_urls(base)):

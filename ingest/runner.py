@@ -238,7 +238,7 @@ def _mark_previews(units: list[Unit], plans: dict, works: dict[str, list[WorkRec
 def _merge(unit: Unit, plan, works: list[WorkRecord], threshold: float | None = None) -> InputRecord:
     """One input's record from its plan and its pieces of work (any failed piece fails the input); ``threshold``:
     the background model's, where one dropped tiles."""
-    _, warnings, action, reason = plan
+    regions, warnings, action, reason = plan
     rec = InputRecord(
         id=unit.id,
         kind=unit.kind,
@@ -249,6 +249,8 @@ def _merge(unit: Unit, plan, works: list[WorkRecord], threshold: float | None = 
         fingerprint=unit.fingerprint,
     )
     rec.split, rec.warnings = unit.split, list(warnings) + [n for w in works for n in w.warnings]
+    if unit.kind == "wsi" and regions and regions[0].plan:  # where heatmaps of its tiles are drawn
+        rec.preview_scale = regions[0].plan.preview_scale
     if threshold is not None:
         rec.background_dropped = sum(len(w.dropped_at) for w in works)
     failed = [w for w in works if w.status != "ingested"]

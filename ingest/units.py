@@ -22,9 +22,8 @@ from ingest.slides import OpenSlideReader
 from ingest.source_cache import SLIDES, local_copy
 from ingest.wsi import TilePlan, plan_tiles, read_tiles, scale_mismatch
 from shards import storage
+from shards.manifest import preview_url
 from shards.schema import encode_image, make_sample
-
-PREVIEWS = "previews"
 
 
 @dataclass
@@ -96,7 +95,7 @@ def plan_slide(unit: Unit, cfg: WsiIngestConfig, background=None) -> tuple[list[
     finally:
         reader.close()
     png = preview_png(plan.thumb, plan.mask, plan.mask_downsample, plan.tiles)
-    storage.put_bytes(storage.join(cfg.out, PREVIEWS, f"{unit.item}.png"), png)
+    storage.put_bytes(preview_url(cfg.out, unit.item), png)
     scale = preview_scale(plan.mask.shape, plan.mask_downsample)
     light = dataclasses.replace(plan, thumb=None, mask=None, preview_scale=scale)  # regions travel without arrays
     n = cfg.region_tiles
@@ -276,7 +275,7 @@ def image_samples(work: Work, cfg: ImagesIngestConfig) -> Iterator[dict[str, Any
 def mark_preview(out: str, item: str, tiles: list[tuple[int, int]], size0: int, scale: float) -> None:
     """Outline in red on slide ``item``'s preview the tiles its background model dropped (the preview is drawn
     when the slide is planned, before any tile is read)."""
-    url = storage.join(out, PREVIEWS, f"{item}.png")
+    url = preview_url(out, item)
     storage.put_bytes(url, mark_dropped(storage.get_bytes(url), tiles, size0, scale))
 
 

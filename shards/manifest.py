@@ -19,11 +19,17 @@ from shards import storage
 
 Status = Literal["ingested", "skipped", "failed"]
 MANIFEST_NAME = "manifest.json"
+PREVIEWS = "previews"  # a slide's preview: <dataset>/previews/<slide pseudonym>.png
 _QUOTED_PATH = re.compile(r"""(['"])(?:~?/|[a-z][a-z0-9+.-]*://)[^'"]*\1""")
 _PATH_CHAR = r"(?:[^\s'\"()<>\[\],;:]|:(?!\s|$))"  # a colon ends a path only where a message goes on after it
 _URL_PATH = re.compile(rf"\b([a-z][a-z0-9+.-]*://[^/\s'\"]*)/{_PATH_CHAR}*")  # keeps scheme://host
 _LOCAL_PATH = re.compile(rf"(?<![\w.:/])~?/{_PATH_CHAR}+")
 _RELATIVE_FILE = re.compile(r"(?<![\w.:/])[\w.-]+(?:/[\w .-]+)+\.[A-Za-z0-9]{1,5}\b")
+
+
+def preview_url(dataset: str, item: str) -> str:
+    """Where the preview of slide ``item`` (its pseudonym) lies in ``dataset``."""
+    return storage.join(dataset, PREVIEWS, f"{item}.png")
 
 
 def without_paths(text: str) -> str:
@@ -103,6 +109,7 @@ class InputRecord(BaseModel):
     shards: list[str] = Field(default_factory=list)
     warnings: list[str] = Field(default_factory=list)
     background_dropped: int | None = None  # tiles with tissue that ``--background-model`` dropped (None: no model)
+    preview_scale: float | None = None  # a slide's preview px per level-0 px (None: not a slide, or made before)
     # a keyed digest of its files' sizes and modification times (ETags) and of what planning read about them: a
     # run again over the same location tells a replaced file from the one the dataset was made of
     fingerprint: str | None = None

@@ -14,17 +14,20 @@ import json
 import re
 import tempfile
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from shards import manifest as mf
+from shards import storage
 from training import tracking
 from training.config import TrainRecipe
 from training.tracking import MODEL_ARTIFACT
 
 PREDICTIONS = "predictions"  # the run's artifact folder: predictions/<name>/predictions_<level>.csv
 INDEX = "index.json"  # beside them: the call that wrote them, its levels and its number of samples
+HEATMAPS = "heatmaps"  # beside them too: heatmaps/<slide>.png (tessera predict --heatmaps)
 
 
 @dataclass
@@ -144,3 +147,37 @@ def predict_run(
     return PredictOutcome(
         run_id, name, url, split, tables, labelled, index["samples"], index["warning"], made_as=manifest.dataset
     )
+
+
+def slide_heatmaps(
+    sample_table: str, dataset: str, name: Callable[[str], str] = str
+) -> tuple[dict[str, bytes], str | None]:
+    """A heatmap PNG per slide of ``sample_table`` (keyed by its pseudonym, titled ``name(pseudonym)``), drawn on
+    the slide's preview in ``dataset``; and a note of what could not be drawn."""
+    from training.heatmaps import heatmap_png, tiles_by_slide
+
+    tiles, classes, exclusive = tiles_by_slide(sample_table)
+    if not tiles:
+        return {}, "no heatmaps: they are drawn on slides, and these samples are not tiles of slides"
+    scales = {r.item: r.preview_scale for r in mf.load(dataset).inputs if r.item}
+    out, missing = {}, 0
+    for slide, (boxes, probs) in tiles.items():
+        if not scales.get(slide):
+            missing += 1
+            continue
+        preview = storage.get_bytes(mf.preview_url(dataset, slide))
+        out[slide] = heatmap_png(preview, boxes, probs, classes, scales[slide], f"slide {name(slide)}", exclusive)
+    if not missing:
+        return out, None
+    return out, (
+        f"no heatmap of {missing} slide(s): the manifest does not say where their tiles lie on their previews "
+        "(it was written before Tessera recorded it); ingesting them again records it"
+    )
+
+
+def log_heatmaps(tracking_uri: str, run_id: str, name: str, pngs: dict[str, bytes]) -> None:
+    """The heatmaps (pseudonyms only) into the run, under ``predictions/<name>/heatmaps/``."""
+    with tempfile.TemporaryDirectory() as tmp:
+        for slide, png in pngs.items():
+            (Path(tmp) / f"{slide}.png").write_bytes(png)
+        tracking.RunLogger(tracking_uri, run_id).artifacts(Path(tmp), f"{PREDICTIONS}/{name}/{HEATMAPS}")

@@ -10,8 +10,9 @@ import numpy as np
 
 from training.metrics import metric_name, predicted_classes
 
-# What names a sample in its metadata (pseudonyms and coordinates, never a source path).
-IDENTITY = ("patient", "slide", "series", "image", "x", "y", "slices")
+# What names and places a sample in its metadata (pseudonyms; a tile's level-0 x, y and width, size0; a sequence's
+# slices), never a source path.
+IDENTITY = ("patient", "slide", "series", "image", "x", "y", "size0", "slices")
 
 
 def sample_columns(metas: list[dict[str, Any]]) -> dict[str, list]:

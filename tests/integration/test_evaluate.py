@@ -10,6 +10,7 @@ import sys
 import tarfile
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -22,6 +23,7 @@ from tests.datasets import make_dataset
 from tests.integration.commands import ingest_wsi_cmd
 from training.config import load_recipe
 from training.evaluation import evaluate_run, summary
+from training.heatmaps import HEADER, OPACITY
 from training.inference import predict_run
 from training.launch import run_training
 
@@ -169,7 +171,8 @@ def test_predict_calls_the_inputs_of_a_dataset_without_labels(trained, stack, tm
         timeout=300,
     )
     assert ingest.returncode == 0, ingest.stderr[-2000:]
-    predict = [*cli, "predict", out.run_id, "--dataset", str(ds), "--out", str(preds), "--reveal", "workers=1"]
+    predict = [*cli, "predict", out.run_id, "--dataset", str(ds), "--out", str(preds), "--reveal", "--heatmaps"]
+    predict.append("workers=1")
     run = subprocess.run(predict, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     manifest = json.loads((ds / "manifest.json").read_text())
@@ -183,7 +186,7 @@ def test_predict_calls_the_inputs_of_a_dataset_without_labels(trained, stack, tm
     assert f"warning: {scale}" in run.stdout
 
     shown = list(csv.DictReader((preds / "predictions_sample.csv").read_text().splitlines()))
-    assert list(shown[0]) == ["patient", "slide", "x", "y", "predicted", "p_class0", "p_class1"]  # no label
+    assert list(shown[0]) == ["patient", "slide", "x", "y", "size0", "predicted", "p_class0", "p_class1"]  # no label
     assert {r["slide"] for r in shown} == {str(f) for f in files}  # the files, revealed
     assert {r["patient"] for r in shown} == {"P-A"}  # the table's patient ID
     assert (preds / "predictions_sample.csv").stat().st_mode & 0o777 == 0o600
@@ -204,6 +207,7 @@ def test_predict_calls_the_inputs_of_a_dataset_without_labels(trained, stack, tm
     for mine, theirs in zip(shown, pseudonymous, strict=True):
         assert [mine[k] for k in ("x", "y", "p_class1")] == [theirs[k] for k in ("x", "y", "p_class1")]
         patient_of[theirs["slide"]] = mine["patient"]
+    _check_heatmaps(run.stdout, preds, ds, files, manifest, pseudonymous, (client, out.run_id), tmp_path)
     patients = list(csv.DictReader((preds / "predictions_patient.csv").read_text().splitlines()))
     assert [r["patient"] for r in patients] == ["P-A"]  # both slides' tiles
     for r in patients:  # each patient's mean over its tiles (the recipe's eval.how)
@@ -216,3 +220,28 @@ def test_predict_calls_the_inputs_of_a_dataset_without_labels(trained, stack, tm
     held_out = client.download_artifacts(out.run_id, "test_predictions_patient.csv", str(tmp_path))
     assert own.tables["patient"] == Path(held_out).read_text()
     assert "label" in own.tables["sample"].splitlines()[0].split(",")
+
+
+def _check_heatmaps(stdout, preds, ds, files, manifest, rows, run, tmp_path):
+    """--heatmaps: a PNG per slide, named by its file in the caller's copy (0600) and by its pseudonym in the run;
+    each tile's place on the preview (the manifest's scale) painted by its probability of class1."""
+    client, run_id = run
+    assert f"heatmaps: 2 slides -> {preds}/heatmaps/" in stdout
+    named = sorted(p.name for p in (preds / "heatmaps").iterdir())
+    assert named == sorted(f"{f.name}.png" for f in files)
+    assert all((preds / "heatmaps" / name).stat().st_mode & 0o777 == 0o600 for name in named)
+    kept = Path(client.download_artifacts(run_id, "predictions/external_test/heatmaps", str(tmp_path / "hm")))
+    scale = {r["item"]: r["preview_scale"] for r in manifest["inputs"] if r["status"] == "ingested"}
+    assert sorted(p.stem for p in kept.iterdir()) == sorted(scale)
+    for slide in scale:
+        image = cv2.imread(str(kept / f"{slide}.png"))
+        preview = cv2.imread(str(ds / "previews" / f"{slide}.png"))
+        h, w = preview.shape[:2]
+        panel = image[HEADER : HEADER + h, w + 4 :]
+        for r in [r for r in rows if r["slide"] == slide][:5]:
+            f, size0 = scale[slide], int(r["size0"])
+            cx, cy = round((int(r["x"]) + size0 / 2) * f), round((int(r["y"]) + size0 / 2) * f)
+            level = np.array([[round(float(r["p_class1"]) * 255)]], np.uint8)
+            colour = cv2.applyColorMap(level, cv2.COLORMAP_VIRIDIS)[0, 0]
+            expected = np.round(OPACITY * colour + (1 - OPACITY) * preview[cy, cx])
+            assert np.abs(panel[cy, cx].astype(int) - expected).max() <= 1

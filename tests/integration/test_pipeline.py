@@ -192,5 +192,9 @@ def test_the_new_slides_without_labels_are_called_per_tile_and_patient(demo, sta
     assert sorted(r["patient"] for r in patients) == sorted({r.patient for r in manifest.inputs})
     for r in patients:
         assert r["predicted"] in ("CE", "LAA") and float(r["p_CE"]) + float(r["p_LAA"]) == pytest.approx(1, abs=1e-5)
-    kept = MlflowClient(stack.mlflow_url).list_artifacts(demo["run_id"], "predictions/external_test")
-    assert {Path(a.path).name for a in kept} >= {"predictions_sample.csv", "predictions_patient.csv"}
+    client = MlflowClient(stack.mlflow_url)
+    kept = client.list_artifacts(demo["run_id"], "predictions/external_test")
+    assert {Path(a.path).name for a in kept} >= {"predictions_sample.csv", "predictions_patient.csv", "heatmaps"}
+    drawn = client.list_artifacts(demo["run_id"], "predictions/external_test/heatmaps")  # a slide's, by pseudonym
+    assert sorted(Path(a.path).name for a in drawn) == sorted(f"{r.item}.png" for r in manifest.inputs)
+    assert all(r.preview_scale and 0 < r.preview_scale <= 1 for r in manifest.inputs)

@@ -1,0 +1,61 @@
+"""Slide heatmaps from hand-made tiles and probabilities."""
+
+import cv2
+import numpy as np
+
+from training.heatmaps import HEADER, heatmap, heatmap_png, mean_cover, panels_of, preview_boxes, tiles_by_slide
+
+
+def test_overlapping_tiles_average_and_uncovered_pixels_stay_out():
+    boxes = np.array([[0, 0, 4, 4], [2, 0, 6, 4]])
+    mean, covered = mean_cover((4, 8), boxes, np.array([0.2, 0.6]))
+    assert np.allclose(mean[:, :2], 0.2) and np.allclose(mean[:, 2:4], 0.4) and np.allclose(mean[:, 4:6], 0.6)
+    assert covered[:, :6].all() and not covered[:, 6:].any()
+
+
+def test_tiles_land_where_the_preview_outlines_them_at_least_a_pixel_each():
+    tiles = np.array([[600, 1200, 600], [0, 0, 10], [9000, 0, 600]])  # the last reaches past the preview's edge
+    boxes = preview_boxes(tiles, 0.01, (50, 95))
+    assert boxes.tolist() == [[6, 12, 12, 18], [0, 0, 1, 1], [90, 0, 95, 6]]
+
+
+def test_two_exclusive_classes_draw_one_panel_other_tasks_one_per_class():
+    assert panels_of(["CE", "LAA"]) == [1]
+    assert panels_of(["CE", "LAA"], exclusive=False) == [0, 1]
+    assert panels_of(["a", "b", "c"]) == [0, 1, 2]
+
+
+def test_each_panel_colours_only_its_tiles_by_their_probability():
+    preview = np.full((20, 30, 3), 240, np.uint8)
+    tiles = np.array([[0, 0, 100], [200, 100, 100]])  # level 0; the preview is 1/10 of it
+    probs = np.array([[0.9, 0.1], [0.2, 0.8]])
+    out = heatmap(preview, tiles, probs, ["CE", "LAA"], 0.1, "slide s")
+    assert out.shape[1] == 2 * 30 + 4  # the preview, then the LAA panel
+    panel = out[HEADER : HEADER + 20, 34:]
+    assert np.array_equal(out[HEADER : HEADER + 20, :30], preview)
+    low, high = (cv2.applyColorMap(np.array([[v]], np.uint8), cv2.COLORMAP_VIRIDIS)[0, 0] for v in (26, 204))
+    assert np.abs(panel[5, 5].astype(int) - np.round(0.65 * low + 0.35 * 240)).max() <= 1  # p(LAA) 0.1
+    assert np.abs(panel[15, 25].astype(int) - np.round(0.65 * high + 0.35 * 240)).max() <= 1  # p(LAA) 0.8
+    assert (panel[15, 5] == 240).all()  # no tile there
+
+
+def test_a_prediction_table_gives_each_slides_tiles_and_probabilities():
+    table = (
+        "patient,slide,x,y,size0,predicted,p_CE,p_LAA\n"
+        "p1,s1,0,600,600,CE,0.7,0.3\np1,s2,600,0,600,LAA,0.45,0.55\np1,s1,600,600,600,CE,0.9,0.1\n"
+    )
+    tiles, classes, exclusive = tiles_by_slide(table)
+    assert classes == ["CE", "LAA"] and exclusive and sorted(tiles) == ["s1", "s2"]
+    assert tiles["s1"][0].tolist() == [[0, 600, 600], [600, 600, 600]]
+    assert tiles["s1"][1].tolist() == [[0.7, 0.3], [0.9, 0.1]]
+    assert tiles_by_slide("series,predicted_any,p_any\na,1,0.9\n") == ({}, [], False)  # not tiles of slides
+    multi = "slide,x,y,size0,predicted_a,predicted_b,p_a,p_b\ns,0,0,10,1,0,0.9,0.2\n"
+    assert tiles_by_slide(multi)[1:] == (["a", "b"], False)
+
+
+def test_the_png_decodes_to_the_drawing():
+    preview = np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    _, png = cv2.imencode(".png", preview)
+    tiles, probs = np.array([[0, 0, 8]]), np.array([[0.5, 0.5]])
+    out = cv2.imdecode(np.frombuffer(heatmap_png(png.tobytes(), tiles, probs, ["a", "b"], 1.0, "t"), np.uint8), 1)
+    assert np.array_equal(out, heatmap(preview, tiles, probs, ["a", "b"], 1.0, "t"))
