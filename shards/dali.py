@@ -77,10 +77,10 @@ def _pair(v):
 def _augment(images, aug: Augment, size: int, gpu: bool, layout: str):
     """Random augmentations of ``images`` (``layout`` HWC, or FHWC for sequences), each on its share of samples.
 
-    Rotation on the CPU is OpenCV's (:mod:`shards.cpu_kernels`), on a GPU DALI's, which computes in float and
-    is then cast to uint8. Colour jitter computes in float too: the same pixels, bit for bit, but DALI's CPU
-    kernels write uint8 slowly (a 256 px image: 1.31 ms straight to uint8, 0.92 ms through float; DALI's
-    rotation 1.34 and 1.18 ms). Jitter of brightness and contrast alone takes DALI's
+    Rotation on the CPU is OpenCV's (:mod:`shards.cpu_kernels`); on a GPU DALI's, computed in float and cast to
+    uint8. Colour jitter computes in float and is then cast to uint8: the same pixels, bit for bit, but DALI's
+    CPU kernels write uint8 slowly (a 256 px image: 1.31 ms straight to uint8, 0.92 ms through float). Jitter
+    of brightness and contrast alone takes DALI's
     brightness_contrast, which has a fast uint8 path (the same pixels for brightness; contrast may differ by 1
     in rounding). Zooming in resamples only the part of the image that stays in view: 0.85 ms instead of 1.88
     for the whole image enlarged, then cropped (300 px, zoom 1-2), and exactly about the centre, which the
@@ -157,8 +157,7 @@ def _decoded(encoded, size: int, gpu: bool):
     if not gpu:
         if (shape[0] != size) | (shape[1] != size):
             images = fn.python_function(images, function=partial(resized, size=size), output_layouts="HWC")
-        return images
-    if (shape[0] == 2 * size) & (shape[1] == 2 * size):
+    elif (shape[0] == 2 * size) & (shape[1] == 2 * size):
         images = fn.resize(images, resize_x=size, resize_y=size, antialias=False)
     elif (shape[0] != size) | (shape[1] != size):
         images = fn.resize(images, resize_x=size, resize_y=size)
