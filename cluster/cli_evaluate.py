@@ -31,6 +31,12 @@ def add_evaluate_parser(sub) -> None:
         help="prefix of the logged metrics (default: the split's name; external_<split> with --dataset; "
         "eval_val, eval_train for the splits whose names training's own curves use)",
     )
+    ev.add_argument(
+        "--heatmaps",
+        action="store_true",
+        help="also draw each slide's tile probabilities over its preview, a panel per class, titled with its "
+        "label (slides only), into the run's <prefix>heatmaps/",
+    )
     ev.set_defaults(fn=cmd_evaluate)
 
 
@@ -45,7 +51,15 @@ def cmd_evaluate(args) -> int:
     _connect(s)
     health.require(s, "mlflow")
     options = {"split": args.split, "dataset": args.dataset, "name": args.name, "overrides": args.overrides}
-    print(summary(evaluate_run(args.run, s.mlflow_url, s.checkpoints, **options)))
+    outcome = evaluate_run(args.run, s.mlflow_url, s.checkpoints, **options)
+    print(summary(outcome))
+    if args.heatmaps:
+        from training.inference import evaluation_heatmaps
+
+        folder, drawn, note = evaluation_heatmaps(s.mlflow_url, outcome.run_id, outcome.prefix, outcome.dataset)
+        print(f"  heatmaps: {drawn} slide{'' if drawn == 1 else 's'} in the run's {folder}/")
+        if note:
+            print(f"note: {note}")
     return 0
 
 

@@ -121,12 +121,12 @@ def heatmaps(outcome, tracking_uri: str, out: str, private: dict[str, str] | Non
     """Each slide's heatmap into the run (pseudonyms) and into ``out`` (slides named from ``private``, the
     private map, where given)."""
     from shards import storage
-    from training.inference import HEATMAPS, log_heatmaps, slide_heatmaps
+    from training.inference import HEATMAPS, PREDICTIONS, log_heatmaps, slide_heatmaps
     from training.predictions import original_name
 
     table = outcome.tables.get("sample", "")
     pngs, note = slide_heatmaps(table, outcome.dataset)
-    log_heatmaps(tracking_uri, outcome.run_id, outcome.name, pngs)
+    log_heatmaps(tracking_uri, outcome.run_id, f"{PREDICTIONS}/{outcome.name}/{HEATMAPS}", pngs)
     names = {slide: slide for slide in pngs}
     if private:  # the caller's copies named and titled by the slides' files
         names = {slide: Path(original_name(private[slide])).name if slide in private else slide for slide in pngs}

@@ -62,6 +62,11 @@ def tiles_by_slide(table: str) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]]
     return out, classes, "predicted" in header
 
 
+def labels_by_slide(table: str) -> dict[str, str]:
+    """Each slide's true label in a labelled multi-class sample table (its ``label`` column); none without one."""
+    return {r["slide"]: r["label"] for r in csv.DictReader(io.StringIO(table)) if r.get("label") and r.get("slide")}
+
+
 def panels_of(classes: list[str], exclusive: bool = True) -> list[int]:
     """The classes drawn: of two exclusive ones the second (the first's probability is its complement), else
     every one."""

@@ -154,19 +154,21 @@ def slide_heatmaps(
 ) -> tuple[dict[str, bytes], str | None]:
     """A heatmap PNG per slide of ``sample_table`` (keyed by its pseudonym, titled ``name(pseudonym)``), drawn on
     the slide's preview in ``dataset``; and a note of what could not be drawn."""
-    from training.heatmaps import heatmap_png, tiles_by_slide
+    from training.heatmaps import heatmap_png, labels_by_slide, tiles_by_slide
 
     tiles, classes, exclusive = tiles_by_slide(sample_table)
     if not tiles:
         return {}, "no heatmaps: they are drawn on slides, and these samples are not tiles of slides"
     scales = {r.item: r.preview_scale for r in mf.load(dataset).inputs if r.item}
+    labels = labels_by_slide(sample_table)
     out, missing = {}, 0
     for slide, (boxes, probs) in tiles.items():
         if not scales.get(slide):
             missing += 1
             continue
         preview = storage.get_bytes(mf.preview_url(dataset, slide))
-        out[slide] = heatmap_png(preview, boxes, probs, classes, scales[slide], f"slide {name(slide)}", exclusive)
+        title = f"slide {name(slide)}" + (f", label {labels[slide]}" if slide in labels else "")
+        out[slide] = heatmap_png(preview, boxes, probs, classes, scales[slide], title, exclusive)
     if not missing:
         return out, None
     return out, (
@@ -175,9 +177,23 @@ def slide_heatmaps(
     )
 
 
-def log_heatmaps(tracking_uri: str, run_id: str, name: str, pngs: dict[str, bytes]) -> None:
-    """The heatmaps (pseudonyms only) into the run, under ``predictions/<name>/heatmaps/``."""
+def log_heatmaps(tracking_uri: str, run_id: str, folder: str, pngs: dict[str, bytes]) -> None:
+    """The heatmaps (pseudonyms only) into the run's ``folder``, each named by its slide."""
     with tempfile.TemporaryDirectory() as tmp:
         for slide, png in pngs.items():
             (Path(tmp) / f"{slide}.png").write_bytes(png)
-        tracking.RunLogger(tracking_uri, run_id).artifacts(Path(tmp), f"{PREDICTIONS}/{name}/{HEATMAPS}")
+        tracking.RunLogger(tracking_uri, run_id).artifacts(Path(tmp), folder)
+
+
+def evaluation_heatmaps(tracking_uri: str, run_id: str, prefix: str, dataset: str) -> tuple[str, int, str | None]:
+    """The heatmaps of an evaluation (``tessera evaluate --heatmaps``), drawn from its sample table in the run
+    and titled with each slide's label, into the run's ``<prefix>heatmaps/``: that folder, how many, and a note."""
+    from mlflow import MlflowClient
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = MlflowClient(tracking_uri).download_artifacts(run_id, f"{prefix}predictions_sample.csv", tmp)
+        table = Path(path).read_text()
+    pngs, note = slide_heatmaps(table, dataset)
+    folder = f"{prefix}{HEATMAPS}"
+    log_heatmaps(tracking_uri, run_id, folder, pngs)
+    return folder, len(pngs), note

@@ -59,3 +59,11 @@ def test_the_png_decodes_to_the_drawing():
     tiles, probs = np.array([[0, 0, 8]]), np.array([[0.5, 0.5]])
     out = cv2.imdecode(np.frombuffer(heatmap_png(png.tobytes(), tiles, probs, ["a", "b"], 1.0, "t"), np.uint8), 1)
     assert np.array_equal(out, heatmap(preview, tiles, probs, ["a", "b"], 1.0, "t"))
+
+
+def test_a_labelled_table_gives_each_slides_label_for_the_title():
+    from training.heatmaps import labels_by_slide
+
+    table = "patient,slide,x,y,size0,label,predicted,p_CE,p_LAA\np,s1,0,0,8,LAA,CE,0.6,0.4\np,s2,0,0,8,CE,CE,0.9,0.1\n"
+    assert labels_by_slide(table) == {"s1": "LAA", "s2": "CE"}
+    assert labels_by_slide("slide,x,y,size0,predicted,p_a\ns,0,0,8,a,1\n") == {}
