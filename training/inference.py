@@ -161,20 +161,25 @@ def slide_heatmaps(
         return {}, "no heatmaps: they are drawn on slides, and these samples are not tiles of slides"
     scales = {r.item: r.preview_scale for r in mf.load(dataset).inputs if r.item}
     labels = labels_by_slide(sample_table)
-    out, missing = {}, 0
+    out, unplaced, gone = {}, 0, 0
     for slide, (boxes, probs) in tiles.items():
         if not scales.get(slide):
-            missing += 1
+            unplaced += 1
             continue
-        preview = storage.get_bytes(mf.preview_url(dataset, slide))
+        try:
+            preview = storage.get_bytes(mf.preview_url(dataset, slide))
+        except storage.Missing:
+            gone += 1
+            continue
         title = f"slide {name(slide)}" + (f", label {labels[slide]}" if slide in labels else "")
         out[slide] = heatmap_png(preview, boxes, probs, classes, scales[slide], title, exclusive)
-    if not missing:
-        return out, None
-    return out, (
-        f"no heatmap of {missing} slide(s): the manifest does not say where their tiles lie on their previews "
-        "(it was written before Tessera recorded it); ingesting them again records it"
-    )
+    notes = [f"{gone} slide(s) have no preview in the dataset"] if gone else []
+    if unplaced:
+        notes.append(
+            f"the manifest does not say where {unplaced} slide(s)' tiles lie on their previews (it was written "
+            "before Tessera recorded it; ingesting them again records it)"
+        )
+    return out, f"no heatmap of some slides: {'; '.join(notes)}" if notes else None
 
 
 def log_heatmaps(tracking_uri: str, run_id: str, folder: str, pngs: dict[str, bytes]) -> None:

@@ -3,7 +3,7 @@
 import cv2
 import numpy as np
 
-from training.heatmaps import HEADER, heatmap, heatmap_png, mean_cover, panels_of, preview_boxes, tiles_by_slide
+from training.heatmaps import BAR, HEADER, heatmap, heatmap_png, mean_cover, panels_of, preview_boxes, tiles_by_slide
 
 
 def test_overlapping_tiles_average_and_uncovered_pixels_stay_out():
@@ -67,3 +67,29 @@ def test_a_labelled_table_gives_each_slides_label_for_the_title():
     table = "patient,slide,x,y,size0,label,predicted,p_CE,p_LAA\np,s1,0,0,8,LAA,CE,0.6,0.4\np,s2,0,0,8,CE,CE,0.9,0.1\n"
     assert labels_by_slide(table) == {"s1": "LAA", "s2": "CE"}
     assert labels_by_slide("slide,x,y,size0,predicted,p_a\ns,0,0,8,a,1\n") == {}
+
+
+def test_a_dataset_gives_each_slide_a_heatmap_or_says_why_not(tmp_path):
+    """A slide drawn on its preview; one whose preview is gone, and one from a manifest written before previews'
+    scales were recorded, named in the note instead of failing the call."""
+    from pathlib import Path
+
+    from shards import manifest as mf
+    from training.inference import slide_heatmaps
+
+    ds = str(tmp_path / "ds")
+    inputs = [
+        mf.InputRecord(id=f"i{k}", kind="wsi", status="ingested", item=item, preview_scale=scale)
+        for k, (item, scale) in enumerate([("aa", 0.1), ("bb", 0.1), ("cc", None)])
+    ]
+    mf.save(mf.Manifest(dataset=ds, kind="wsi", classes=["CE", "LAA"], inputs=inputs), ds)
+    _, png = cv2.imencode(".png", np.full((10, 10, 3), 200, np.uint8))
+    Path(mf.preview_url(ds, "aa")).parent.mkdir(parents=True)
+    Path(mf.preview_url(ds, "aa")).write_bytes(png.tobytes())
+    rows = "".join(f"p,{s},0,0,50,LAA,CE,0.8,0.2\n" for s in ("aa", "bb", "cc"))
+    pngs, note = slide_heatmaps("patient,slide,x,y,size0,label,predicted,p_CE,p_LAA\n" + rows, ds)
+    assert list(pngs) == ["aa"]
+    assert note and "1 slide(s) have no preview" in note and "where 1 slide(s)' tiles lie" in note
+    drawn = cv2.imdecode(np.frombuffer(pngs["aa"], np.uint8), cv2.IMREAD_COLOR)
+    assert drawn.shape == (HEADER + 10 + BAR, 2 * 10 + 4, 3)
+    assert slide_heatmaps("series,predicted,p_a\ns,a,1\n", ds)[0] == {}
