@@ -104,10 +104,10 @@ def log_evaluation(log: RunLogger, recipe, outputs: list[str], pred: dict[str, A
     ``split``."""
     from training.metrics import confusion
     from training.plots import confusion_png, roc_png
+    from training.predictions import prediction_table
 
-    tables = prediction_tables(pred, recipe, outputs)
     with tempfile.TemporaryDirectory() as tmp:
-        for level, _, p, y, threshold in prediction_levels(pred, recipe):
+        for level, columns, p, y, threshold in prediction_levels(pred, recipe):
             if len(y) == 0:
                 continue
             title = f"{split}, {level} level"
@@ -119,5 +119,5 @@ def log_evaluation(log: RunLogger, recipe, outputs: list[str], pred: dict[str, A
                 log.artifact(data)
             log.artifact(roc_png(y, p, outputs, recipe.task, Path(tmp) / f"{prefix}roc_{level}.png", title))
             table = Path(tmp) / f"{prefix}predictions_{level}.csv"
-            table.write_text(tables[level])
+            table.write_text(prediction_table(columns, p, y, outputs, recipe.task == "multilabel", threshold))
             log.artifact(table)
