@@ -124,15 +124,15 @@ def heatmaps(outcome, tracking_uri: str, out: str, private: dict[str, str] | Non
     from training.inference import HEATMAPS, PREDICTIONS, log_heatmaps, slide_heatmaps
     from training.predictions import original_name
 
-    table = outcome.tables.get("sample", "")
-    pngs, note = slide_heatmaps(table, outcome.dataset)
+    table, previews = outcome.tables.get("sample", ""), {}
+    pngs, note = slide_heatmaps(table, outcome.dataset, previews=previews)
     log_heatmaps(tracking_uri, outcome.run_id, f"{PREDICTIONS}/{outcome.name}/{HEATMAPS}", pngs)
     names = {slide: slide for slide in pngs}
     if private:  # the caller's copies named and titled by the slides' files
         names = {slide: Path(original_name(private[slide])).name if slide in private else slide for slide in pngs}
         if len(set(names.values())) < len(names):  # files of one name in different folders
             names = {slide: f"{name}_{slide}" for slide, name in names.items()}
-        pngs, _ = slide_heatmaps(table, outcome.dataset, names.__getitem__)
+        pngs, _ = slide_heatmaps(table, outcome.dataset, names.__getitem__, previews)  # the previews read above
     for slide, png in pngs.items():
         _write(storage.join(out, HEATMAPS, f"{names[slide]}.png"), png, private is not None)
     if pngs:

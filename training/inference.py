@@ -150,10 +150,12 @@ def predict_run(
 
 
 def slide_heatmaps(
-    sample_table: str, dataset: str, name: Callable[[str], str] = str
+    sample_table: str, dataset: str, name: Callable[[str], str] = str, previews: dict[str, bytes] | None = None
 ) -> tuple[dict[str, bytes], str | None]:
     """A heatmap PNG per slide of ``sample_table`` (keyed by its pseudonym, titled ``name(pseudonym)``), drawn on
-    the slide's preview in ``dataset``; and a note of what could not be drawn."""
+    the slide's preview in ``dataset``; and a note of what could not be drawn. ``previews``: the previews read
+    by an earlier call on the same table (pseudonym -> PNG), filled by this one, so that drawing the same slides
+    under other titles reads none again."""
     from training.heatmaps import heatmap_png, labels_by_slide, tiles_by_slide
 
     tiles, classes, exclusive = tiles_by_slide(sample_table)
@@ -162,17 +164,19 @@ def slide_heatmaps(
     scales = {r.item: r.preview_scale for r in mf.load(dataset).inputs if r.item}
     labels = labels_by_slide(sample_table)
     out, unplaced, gone = {}, 0, 0
+    previews = {} if previews is None else previews
     for slide, (boxes, probs) in tiles.items():
         if not scales.get(slide):
             unplaced += 1
             continue
         try:
-            preview = storage.get_bytes(mf.preview_url(dataset, slide))
+            if slide not in previews:
+                previews[slide] = storage.get_bytes(mf.preview_url(dataset, slide))
         except storage.Missing:
             gone += 1
             continue
         title = f"slide {name(slide)}" + (f", label {labels[slide]}" if slide in labels else "")
-        out[slide] = heatmap_png(preview, boxes, probs, classes, scales[slide], title, exclusive)
+        out[slide] = heatmap_png(previews[slide], boxes, probs, classes, scales[slide], title, exclusive)
     notes = [f"{gone} slide(s) have no preview in the dataset"] if gone else []
     if unplaced:
         notes.append(

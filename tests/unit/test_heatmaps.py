@@ -93,3 +93,10 @@ def test_a_dataset_gives_each_slide_a_heatmap_or_says_why_not(tmp_path):
     drawn = cv2.imdecode(np.frombuffer(pngs["aa"], np.uint8), cv2.IMREAD_COLOR)
     assert drawn.shape == (HEADER + 10 + BAR, 2 * 10 + 4, 3)
     assert slide_heatmaps("series,predicted,p_a\ns,a,1\n", ds)[0] == {}
+    # drawn again under other titles (predict --reveal's copy) from the previews the first call read
+    previews: dict[str, bytes] = {}
+    table = "patient,slide,x,y,size0,label,predicted,p_CE,p_LAA\n" + rows
+    slide_heatmaps(table, ds, previews=previews)
+    Path(mf.preview_url(ds, "aa")).unlink()
+    again, _ = slide_heatmaps(table, ds, lambda s: f"file-{s}", previews)
+    assert list(again) == ["aa"]  # drawn, though its preview is no longer there to read
