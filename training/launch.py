@@ -323,6 +323,7 @@ def fit(
     from ray.train import TrainingFailedError
 
     from training.evaluation import HELD_OUT_ERROR, held_out_outcome, held_out_plan
+    from training.plots import log_curves
 
     logger = tracking.RunLogger(tracking_uri, run_id)
     url = tracking.run_url_of(tracking_uri, run_id)
@@ -345,7 +346,7 @@ def fit(
                 # the curves so far; the artifact store behind MLflow may be what failed (S3 down: the upload
                 # retried for four minutes before it gave up, and the command said why the run failed that late)
                 with contextlib.suppress(Exception), tracking.without_retries():
-                    _log_curves(logger, tracking.epoch_history(tracking_uri, run_id))
+                    log_curves(logger, tracking.epoch_history(tracking_uri, run_id))
                 hint = resume_hint(tracking_uri, run_id, recipe.epochs, folder)
             else:  # what failed, maybe: each call, the status's too, would retry for minutes, then fail
                 status = None
@@ -355,7 +356,7 @@ def fit(
                 )
             return TrainOutcome(run_id, url, {}, None, error=failure_reason(exc), resume=hint)
         status = "FINISHED"
-        _log_curves(logger, tracking.epoch_history(tracking_uri, run_id))
+        log_curves(logger, tracking.epoch_history(tracking_uri, run_id))
         version = tracking.register_model(tracking_uri, run_id, recipe.name) if register else None
         ckpt = checkpoint_url(result.checkpoint.path, storage_path) if result.checkpoint else None
         outcome = TrainOutcome(run_id, url, dict(result.metrics or {}), ckpt, version, recipe.name if version else None)
@@ -374,25 +375,3 @@ def _loop():
     from training.loop import train_loop
 
     return train_loop
-
-
-def _log_curves(logger: tracking.RunLogger, history: list[dict[str, Any]]) -> None:
-    from training.plots import curves_png
-
-    if not history:
-        return
-    keys = set().union(*history)
-    groups = {
-        "curve_loss.png": ("loss", ["train_loss", "val_loss", "val_swa_loss"]),
-        "curve_accuracy.png": ("accuracy", ["train_accuracy", "val_accuracy", "val_patient_accuracy"]),
-        "curve_log_loss.png": (
-            "log loss",
-            ["val_weighted_log_loss", "val_patient_weighted_log_loss", "val_rsna_log_loss"],
-        ),
-        "curve_lr.png": ("learning rate", ["lr"]),
-    }
-    with tempfile.TemporaryDirectory() as tmp:
-        for name, (title, wanted) in groups.items():
-            present = [k for k in wanted if k in keys]
-            if present:
-                logger.artifact(curves_png(history, present, Path(tmp) / name, title))

@@ -71,3 +71,26 @@ def roc_png(y: np.ndarray, probs: np.ndarray, names: list[str], task: str, path:
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+# The learning-curve PNGs of a run: each file's title and the per-epoch metrics it plots, those the run has.
+CURVES = {
+    "curve_loss.png": ("loss", ["train_loss", "val_loss", "val_swa_loss"]),
+    "curve_accuracy.png": ("accuracy", ["train_accuracy", "val_accuracy", "val_patient_accuracy"]),
+    "curve_log_loss.png": ("log loss", ["val_weighted_log_loss", "val_patient_weighted_log_loss", "val_rsna_log_loss"]),
+    "curve_lr.png": ("learning rate", ["lr"]),
+}
+
+
+def log_curves(logger, history: list[dict[str, float]]) -> None:
+    """The learning curves of ``history`` (per-epoch metric rows) into the run of ``logger`` (a RunLogger)."""
+    import tempfile
+
+    if not history:
+        return
+    keys = set().union(*history)
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, (title, wanted) in CURVES.items():
+            present = [k for k in wanted if k in keys]
+            if present:
+                logger.artifact(curves_png(history, present, Path(tmp) / name, title))
