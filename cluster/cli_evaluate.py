@@ -76,10 +76,12 @@ def held_out_line(recipe, manifest) -> str:
 
 
 def print_held_out(outcome) -> None:
-    """What ``tessera train`` says about its held-out evaluation."""
+    """What ``tessera train`` says about its held-out evaluation, and the heatmaps the recipe asked for."""
     from training.evaluation import summary
 
     if outcome.held_out is not None:
         print(summary(outcome.held_out))
     if outcome.held_out_error:
         print(f"held-out evaluation failed (`tessera evaluate {outcome.run_id}` retries it): {outcome.held_out_error}")
+    for line in outcome.heatmaps:
+        print(line)

@@ -24,7 +24,7 @@ def run_demo(settings: Settings, workdir: Path, small: bool = False) -> dict[str
     from ingest.synthetic import make_ct_series, make_mri_folders, make_slides
     from shards.verify import verify_dataset
     from training.config import load_recipe
-    from training.inference import evaluation_heatmaps, predict_run
+    from training.inference import predict_run
     from training.launch import run_training
 
     t0 = time.time()
@@ -71,16 +71,13 @@ def run_demo(settings: Settings, workdir: Path, small: bool = False) -> dict[str
     print("all shards match their manifests")
 
     _stage("training on Ray Train (2 workers) + DeepSpeed ZeRO-2, reading shards through DALI from S3")
-    overrides = [f"data.dataset={wsi_url}"] + (["epochs=2"] if small else [])
+    overrides = [f"data.dataset={wsi_url}", "eval.heatmaps=true"] + (["epochs=2"] if small else [])
     recipe = load_recipe("demo_tiles", overrides)
     outcome = run_training(recipe, settings.mlflow_url, settings.checkpoints)
     if outcome.error:
         raise TesseraError(f"training failed: {outcome.error}; {outcome.resume}")
-    # the held-out slides' heatmaps (the validation slides' without a test split), as `evaluate --heatmaps` draws
-    held_out = outcome.held_out
-    prefix, split = (held_out.prefix, "test") if held_out is not None else ("", "validation")
-    folder, drawn, _ = evaluation_heatmaps(settings.mlflow_url, outcome.run_id, prefix, wsi_url)
-    print(f"{split} slides' heatmaps: {drawn} in the run's {folder}/")
+    for line in outcome.heatmaps:  # the validation and held-out slides' (the recipe's eval.heatmaps)
+        print(line)
     new_url = settings.dataset_url("demo/new")
     _stage(f"2 new slides without labels -> {new_url}, called by the trained model per tile and per patient")
     make_slides(workdir / "new", n=2, size=size, seed=7, first=n_slides)

@@ -172,6 +172,8 @@ class EvalConfig(Strict):
 
     ``how``: ``mean`` or ``max`` of class probabilities, or ``any`` (a group is positive when any member's
     positive probability reaches ``threshold``: paper 002's image model per series).
+    ``heatmaps`` (slides only): after training, each validation and held-out slide's tile probabilities drawn over
+    its preview into the run (``heatmaps/``, ``test_heatmaps/``), as ``tessera evaluate --heatmaps`` draws them.
     """
 
     monitor: str = "val_loss"
@@ -179,6 +181,7 @@ class EvalConfig(Strict):
     levels: list[Literal["slide", "patient", "series"]] = Field(default_factory=lambda: ["slide", "patient"])
     how: Literal["mean", "max", "any"] = "mean"
     threshold: float = Field(0.5, gt=0, lt=1)
+    heatmaps: bool = False
 
 
 class TrackingConfig(Strict):

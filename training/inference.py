@@ -206,3 +206,23 @@ def evaluation_heatmaps(tracking_uri: str, run_id: str, prefix: str, dataset: st
     folder = f"{prefix}{HEATMAPS}"
     log_heatmaps(tracking_uri, run_id, folder, pngs)
     return folder, len(pngs), note
+
+
+def training_heatmaps(tracking_uri: str, run_id: str, recipe, held_out) -> list[str]:
+    """After a training whose recipe asks for them (``eval.heatmaps``), the heatmaps of its validation slides (from
+    the last epoch's table: the last epoch's model, or the SWA average) and, where the held-out step ran
+    (``held_out``, its EvalOutcome), of its test slides (the selected model): a line saying what each step drew.
+    A failure is said, not raised: the model trained and stays registered."""
+    steps = [("validation", "", recipe.data.val_split)]
+    if held_out is not None:
+        steps.append(("held-out", held_out.prefix, held_out.split))
+    lines = []
+    for what, prefix, split in steps:
+        try:
+            folder, drawn, note = evaluation_heatmaps(tracking_uri, run_id, prefix, recipe.data.dataset)
+        except Exception as exc:  # storage or MLflow: the training itself succeeded
+            retry = f"`tessera evaluate {run_id} --split {split} --heatmaps` draws them"
+            lines.append(f"{what} heatmaps failed ({retry}): {type(exc).__name__}: {exc}")
+            continue
+        lines.append(f"{what} slides' heatmaps: {drawn} in the run's {folder}/" + (f" ({note})" if note else ""))
+    return lines

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +41,7 @@ class TrainOutcome:
     error: str | None = None
     held_out: Any = None  # the test split's EvalOutcome (training.evaluation)
     held_out_error: str | None = None
+    heatmaps: list[str] = field(default_factory=list)  # what eval.heatmaps drew after training (lines to print)
     resume: str | None = None  # a failed run: what it has done and the command that continues it
 
 
@@ -317,12 +318,14 @@ def fit(
 ) -> TrainOutcome:
     """Run (or resume) the trainer of ``run_id``; curves and (``register``) model registration after it ends.
     With ``held_out``, the workers then evaluate the selected model on the recipe's test split, where the
-    dataset has one; a failure of that step is the outcome's ``held_out_error``, not the training's.
+    dataset has one; a failure of that step is the outcome's ``held_out_error``, not the training's. Then the
+    heatmaps, where the recipe asks for them (``eval.heatmaps``; not in a sweep's exploring trials).
 
     ``trainer_options`` go to :func:`trainer_for` (callbacks, start_from, name, keep_checkpoints, gate)."""
     from ray.train import TrainingFailedError
 
     from training.evaluation import HELD_OUT_ERROR, held_out_outcome, held_out_plan
+    from training.inference import training_heatmaps
     from training.plots import log_curves
 
     logger = tracking.RunLogger(tracking_uri, run_id)
@@ -362,6 +365,8 @@ def fit(
         outcome = TrainOutcome(run_id, url, dict(result.metrics or {}), ckpt, version, recipe.name if version else None)
         if plan:
             outcome.held_out, outcome.held_out_error = held_out_outcome(tracking_uri, run_id, recipe, plan)
+        if held_out and recipe.eval.heatmaps:
+            outcome.heatmaps = training_heatmaps(tracking_uri, run_id, recipe, outcome.held_out)
         return outcome
     except KeyboardInterrupt:
         status = "KILLED"  # Ctrl+C, or SIGTERM from `tessera jobs stop` (see cluster.cli)

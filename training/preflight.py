@@ -14,8 +14,8 @@ from training.config import RecipeError, TrainRecipe
 
 
 def check_against(recipe: TrainRecipe, manifest: mf.Manifest) -> None:
-    """A dataset with labels, then :func:`check_patient_labels` and :func:`check_monitor` for ``recipe`` on
-    ``manifest``."""
+    """A dataset with labels (of slides, for heatmaps), then :func:`check_patient_labels` and
+    :func:`check_monitor` for ``recipe`` on ``manifest``."""
     from training.loop import outputs_of
 
     outputs = outputs_of(recipe, manifest)
@@ -24,6 +24,11 @@ def check_against(recipe: TrainRecipe, manifest: mf.Manifest) -> None:
             f"data.dataset: {recipe.data.dataset} has no labels (ingested without a label table, or with one "
             f"without a label column): a model is neither trained nor evaluated on it; `tessera predict RUN "
             f"--dataset {recipe.data.dataset}` calls its inputs with a trained run's model"
+        )
+    if recipe.eval.heatmaps and manifest.kind != "wsi":
+        raise RecipeError(
+            f"eval.heatmaps: heatmaps are drawn over slides, and {recipe.data.dataset} holds {manifest.kind} "
+            "inputs, not slides"
         )
     check_patient_labels(recipe, manifest)
     check_monitor(recipe, outputs)

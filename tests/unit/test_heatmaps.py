@@ -100,3 +100,61 @@ def test_a_dataset_gives_each_slide_a_heatmap_or_says_why_not(tmp_path):
     Path(mf.preview_url(ds, "aa")).unlink()
     again, _ = slide_heatmaps(table, ds, lambda s: f"file-{s}", previews)
     assert list(again) == ["aa"]  # drawn, though its preview is no longer there to read
+
+
+def test_training_draws_the_validation_and_held_out_slides_heatmaps_and_says_what_failed(tmp_path):
+    """``eval.heatmaps``: after training, each evaluated split's slides drawn from its table in the run, into
+    ``heatmaps/`` (validation) and ``<prefix>heatmaps/`` (held out); a split whose table is missing is a line
+    naming the command that draws it, not a failed training."""
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from mlflow import MlflowClient
+
+    from shards import manifest as mf
+    from training.config import load_recipe
+    from training.inference import training_heatmaps
+
+    ds = str(tmp_path / "ds")
+    inputs = [mf.InputRecord(id=f"i{s}", kind="wsi", status="ingested", item=s, preview_scale=0.1) for s in "vt"]
+    mf.save(mf.Manifest(dataset=ds, kind="wsi", classes=["CE", "LAA"], inputs=inputs), ds)
+    _, png = cv2.imencode(".png", np.full((10, 10, 3), 200, np.uint8))
+    for slide in "vt":
+        Path(mf.preview_url(ds, slide)).parent.mkdir(parents=True, exist_ok=True)
+        Path(mf.preview_url(ds, slide)).write_bytes(png.tobytes())
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("x", str(tmp_path / "artifacts"))).info.run_id
+    head = "patient,slide,x,y,size0,label,predicted,p_CE,p_LAA\n"
+    for name, slide in [("predictions_sample.csv", "v"), ("test_predictions_sample.csv", "t")]:
+        (tmp_path / name).write_text(head + f"p,{slide},0,0,50,LAA,CE,0.8,0.2\n")
+        client.log_artifact(run_id, str(tmp_path / name))
+    recipe = load_recipe("demo_tiles", [f"data.dataset={ds}", "eval.heatmaps=true"])
+    held_out = SimpleNamespace(prefix="test_", split="test")
+    lines = training_heatmaps(uri, run_id, recipe, held_out)
+    assert lines == [
+        "validation slides' heatmaps: 1 in the run's heatmaps/",
+        "held-out slides' heatmaps: 1 in the run's test_heatmaps/",
+    ]
+    assert [a.path for a in client.list_artifacts(run_id, "heatmaps")] == ["heatmaps/v.png"]
+    assert [a.path for a in client.list_artifacts(run_id, "test_heatmaps")] == ["test_heatmaps/t.png"]
+    # no held-out step: the validation slides only; a table that is not there: said, with the command to draw it
+    assert training_heatmaps(uri, run_id, recipe, None) == lines[:1]
+    other = SimpleNamespace(prefix="external_test_", split="test")
+    failed = training_heatmaps(uri, run_id, recipe, other)[1]
+    assert failed.startswith(f"held-out heatmaps failed (`tessera evaluate {run_id} --split test --heatmaps` draws")
+
+
+def test_heatmaps_are_asked_of_slides_only():
+    """A recipe asking for heatmaps on a dataset of other inputs fails before any work, naming the field."""
+    import pytest
+
+    from shards import manifest as mf
+    from training.config import RecipeError, load_recipe
+    from training.preflight import check_against
+
+    inputs = [mf.InputRecord(id="s", kind="dicom", status="ingested", item="s", label=0, split="val")]
+    manifest = mf.Manifest(dataset="ds", kind="dicom", classes=["no", "yes"], inputs=inputs)
+    recipe = load_recipe("demo_tiles", ["data.dataset=ds", "eval.heatmaps=true"])
+    with pytest.raises(RecipeError, match=r"eval\.heatmaps: heatmaps are drawn over slides, and \S+ holds dicom"):
+        check_against(recipe, manifest)
