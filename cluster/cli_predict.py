@@ -34,6 +34,12 @@ def add_predict_parser(sub) -> None:
         "stay pseudonymous",
     )
     pr.add_argument(
+        "--submission",
+        metavar="CSV",
+        help="also write the patient-level probabilities in the Mayo Clinic STRIP AI competition's layout "
+        "(patient_id,CE,LAA: a column per class), patients named by their IDs: needs --reveal",
+    )
+    pr.add_argument(
         "--heatmaps",
         action="store_true",
         help="also draw each slide's tile probabilities over its preview, a panel per class (slides only): "
@@ -76,6 +82,8 @@ def cmd_predict(args) -> int:
     check_where_overrides(args.overrides, EVALUATE_KEYS, "tessera predict")  # before anything connects
     if args.reveal and args.out and args.out.startswith("s3://"):
         raise ValueError("--reveal: the names behind the pseudonyms stay off object storage; give a local --out")
+    if args.submission and (not args.reveal or args.submission.startswith("s3://")):
+        raise ValueError("--submission: it names patients by their IDs; give --reveal and a local file")
     s = _settings()
     _connect(s)
     health.require(s, "mlflow")
@@ -95,6 +103,8 @@ def cmd_predict(args) -> int:
         _write(url, table.encode(), args.reveal)
         rows = sum(1 for _ in csv.reader(io.StringIO(table))) - 1
         print(f"  {level}: {rows} row{'' if rows == 1 else 's'} -> {url}")
+    if args.submission:
+        submission(tables, args.submission)
     if args.heatmaps:
         heatmaps(outcome, s.mlflow_url, out, private)
     if outcome.warning:
@@ -115,6 +125,22 @@ def _write(url: str, data: bytes, secret: bool) -> None:
     with os.fdopen(os.open(url, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
         f.write(data)
     os.chmod(url, 0o600)  # a file there before keeps its mode through O_TRUNC
+
+
+def submission(tables: dict[str, str], path: str) -> None:
+    """The revealed patient table in the STRIP AI submission layout, to ``path`` (readable by its owner only)."""
+    from training.predictions import submission_table
+
+    if "patient" not in tables:
+        raise ValueError(
+            f"--submission: no patient table to write it from (levels: {', '.join(tables)}); the run's recipe "
+            "aggregates to the levels of its eval.levels"
+        )
+    path = str(Path(path).resolve())
+    table = submission_table(tables["patient"])
+    _write(path, table.encode(), True)
+    rows = table.count("\n") - 1
+    print(f"  submission: {rows} patient{'' if rows == 1 else 's'} -> {path}")
 
 
 def heatmaps(outcome, tracking_uri: str, out: str, private: dict[str, str] | None) -> None:

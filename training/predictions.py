@@ -85,3 +85,19 @@ def reveal(table: str, private: dict[str, str]) -> tuple[str, int]:
     out = io.StringIO()
     csv.writer(out, lineterminator="\n").writerows(rows)
     return out.getvalue(), len(unknown)
+
+
+def submission_table(patient_table: str) -> str:
+    """The Mayo Clinic STRIP AI competition's submission layout from a patient-level prediction table:
+    ``patient_id`` then each class's probability under the class's name (``patient_id,CE,LAA``), by patient ID."""
+    rows = list(csv.DictReader(io.StringIO(patient_table)))
+    header = next(csv.reader(io.StringIO(patient_table)), [])
+    if "patient" not in header:
+        raise ValueError("a submission lists patients: this table has no patient column")
+    classes = [c for c in header if c.startswith("p_")]
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["patient_id", *(c.removeprefix("p_") for c in classes)])
+    for row in sorted(rows, key=lambda r: r["patient"]):
+        writer.writerow([row["patient"], *(row[c] for c in classes)])
+    return out.getvalue()

@@ -172,7 +172,7 @@ def test_predict_calls_the_inputs_of_a_dataset_without_labels(trained, stack, tm
     )
     assert ingest.returncode == 0, ingest.stderr[-2000:]
     predict = [*cli, "predict", out.run_id, "--dataset", str(ds), "--out", str(preds), "--reveal", "--heatmaps"]
-    predict.append("workers=1")
+    predict += ["--submission", str(tmp_path / "submission.csv"), "workers=1"]
     run = subprocess.run(predict, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     manifest = json.loads((ds / "manifest.json").read_text())
@@ -213,6 +213,13 @@ def test_predict_calls_the_inputs_of_a_dataset_without_labels(trained, stack, tm
     for r in patients:  # each patient's mean over its tiles (the recipe's eval.how)
         tiles = [p for m, p in zip(metas, probs, strict=True) if patient_of[m["slide"]] == r["patient"]]
         assert float(r["p_class1"]) == pytest.approx(np.mean(tiles, axis=0)[1], abs=1e-4)
+    # STRIP AI's submission layout: the same patients and probabilities, by the patients' IDs, 0600
+    submission = tmp_path / "submission.csv"
+    assert f"submission: 1 patient -> {submission}" in run.stdout
+    assert submission.read_text() == "patient_id,class0,class1\n" + "".join(
+        f"{r['patient']},{r['p_class0']},{r['p_class1']}\n" for r in patients
+    )
+    assert submission.stat().st_mode & 0o777 == 0o600
 
     # its own test split: the labels beside the calls, the same patients' calls as the held-out step's table
     own = predict_run(out.run_id, stack.mlflow_url, str(work / "ckpt"), overrides=["workers=1"])

@@ -201,6 +201,13 @@ def test_evaluate_takes_only_where_to_run_overrides(capsys):
     assert "'data.image_size=64'" in err and "Traceback" not in err
 
 
+def test_a_submission_needs_the_patients_ids(capsys):
+    """STRIP AI's submission names patients by their IDs: refused without --reveal, before anything connects."""
+    assert main(["predict", "0123456789abcdef", "--submission", "submission.csv"]) == 1
+    err = capsys.readouterr().err
+    assert "--submission: it names patients by their IDs; give --reveal and a local file" in err
+
+
 def test_unreachable_endpoint_is_named(tmp_path, monkeypatch):
     monkeypatch.setenv("TESSERA_STATE_DIR", str(tmp_path))
     monkeypatch.setenv("TESSERA_S3_ENDPOINT", "http://127.0.0.1:1")

@@ -178,6 +178,18 @@ def test_reveal_names_each_pseudonym_by_what_the_private_map_says():
     assert reveal("series,predicted\ncc,1\n", private) == ("series,predicted\n1.2.3,1\n", 0)
 
 
+def test_a_submission_lists_each_patients_probabilities_by_class():
+    """STRIP AI's layout: patient_id, then a column per class named by it; the patients in ID order."""
+    import pytest
+
+    from training.predictions import submission_table
+
+    table = "patient,label,predicted,p_CE,p_LAA\n006388,CE,CE,0.7,0.3\n00c058,LAA,LAA,0.2,0.8\n0068d4,CE,LAA,0.4,0.6\n"
+    assert submission_table(table) == "patient_id,CE,LAA\n006388,0.7,0.3\n0068d4,0.4,0.6\n00c058,0.2,0.8\n"
+    with pytest.raises(ValueError, match="a submission lists patients: this table has no patient column"):
+        submission_table("slide,predicted,p_CE,p_LAA\ns,CE,0.9,0.1\n")
+
+
 def test_what_a_prediction_reads_of_a_dataset(tmp_path):
     from tests.datasets import make_dataset
     from training.inference import default_split, labels_for, prediction_name
