@@ -101,12 +101,22 @@ def heatmap(
     out[HEADER : HEADER + h] = body
     names = [title] + [f"p({classes[k]})" for k in panels_of(classes, exclusive)]
     for i, name in enumerate(names):
-        cv2.putText(out, name, (i * (w + 4) + 2, HEADER - 6), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 1)
+        out[:HEADER, i * (w + 4) : i * (w + 4) + w] = caption(name, w)
     ramp = np.linspace(0, 255, max(1, out.shape[1] - 40)).astype(np.uint8)[None, :]
     out[HEADER + h + 3 : HEADER + h + BAR - 1, 20:-20] = cv2.applyColorMap(ramp, cv2.COLORMAP_VIRIDIS)
     for text, x in (("0", 6), ("1", out.shape[1] - 16)):
         cv2.putText(out, text, (x, HEADER + h + BAR - 2), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 0, 0), 1)
     return out
+
+
+def caption(text: str, width: int) -> np.ndarray:
+    """``uint8[HEADER, width, 3]``: ``text`` on white above a panel ``width`` px wide, in a smaller font where it
+    would not fit (down to 0.3 of OpenCV's simplex) and cut at the panel's edge, never running into the next."""
+    strip = np.full((HEADER, width, 3), 255, np.uint8)
+    (w, _), _ = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, 0.45, 1)
+    scale = max(0.3, 0.45 * min(1.0, (width - 4) / max(w, 1)))
+    cv2.putText(strip, text, (2, HEADER - 6), cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), 1)
+    return strip
 
 
 def heatmap_png(preview_png: bytes, *args, **kwargs) -> bytes:

@@ -158,3 +158,21 @@ def test_heatmaps_are_asked_of_slides_only():
     recipe = load_recipe("demo_tiles", ["data.dataset=ds", "eval.heatmaps=true"])
     with pytest.raises(RecipeError, match=r"eval\.heatmaps: heatmaps are drawn over slides, and \S+ holds dicom"):
         check_against(recipe, manifest)
+
+
+def test_a_long_title_shrinks_and_stops_at_its_panels_edge():
+    """A slide's file name over a preview a few dozen pixels wide: smaller type, cut at the panel's edge; the
+    gap and the next panel's caption untouched."""
+    from training.heatmaps import caption
+
+    preview = np.full((30, 40, 3), 200, np.uint8)
+    title = "slide /data/strip/a-long-folder-name/006388_0.tif, label LAA"
+    out = heatmap(preview, np.array([[0, 0, 10]]), np.array([[0.3, 0.7]]), ["a", "b"], 1.0, title)
+    assert out.shape[1] == 2 * 40 + 4
+    assert np.array_equal(out[:HEADER, :40], caption(title, 40)) and (caption(title, 40) < 128).any()
+    assert (out[:HEADER, 40:44] == 255).all()  # the gap
+    assert np.array_equal(out[:HEADER, 44:], caption("p(b)", 40))
+    short = caption("p(b)", 400)  # room enough: the usual size, as before
+    ref = np.full((HEADER, 400, 3), 255, np.uint8)
+    cv2.putText(ref, "p(b)", (2, HEADER - 6), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 1)
+    assert np.array_equal(short, ref)
