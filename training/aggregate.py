@@ -58,7 +58,7 @@ def aggregate(
     where a group is positive when any member is; a multi-label group's label is the element-wise maximum.
     """
     if len(labels) != len(probs):
-        raise ValueError("probs, labels and groups must have the same length")
+        raise ValueError(f"probs and labels must have the same length ({len(probs)} and {len(labels)})")
     labels = np.asarray(labels)
     ids, out = aggregate_probs(probs, groups, how, labels.ndim == 2)
     index = {gid: i for i, gid in enumerate(ids)}
@@ -74,7 +74,7 @@ def aggregate_probs(
 ) -> tuple[list[str], np.ndarray]:
     """:func:`aggregate`'s ``(group ids, probs[G, C])`` alone: groups of samples that have no labels."""
     if len(groups) != len(probs):
-        raise ValueError("probs, labels and groups must have the same length")
+        raise ValueError(f"probs and groups must have the same length ({len(probs)} and {len(groups)})")
     ids = sorted(set(groups))
     index = {g: i for i, g in enumerate(ids)}
     g = np.array([index[x] for x in groups])

@@ -180,8 +180,6 @@ def test_reveal_names_each_pseudonym_by_what_the_private_map_says():
 
 def test_a_submission_lists_each_patients_probabilities_by_class():
     """STRIP AI's layout: patient_id, then a column per class named by it; the patients in ID order."""
-    import pytest
-
     from training.predictions import submission_table
 
     table = "patient,label,predicted,p_CE,p_LAA\n006388,CE,CE,0.7,0.3\n00c058,LAA,LAA,0.2,0.8\n0068d4,CE,LAA,0.4,0.6\n"
@@ -209,3 +207,15 @@ def test_what_a_prediction_reads_of_a_dataset(tmp_path):
     assert default_split(only) == "new"
     assert prediction_name("test", True) == "test" and prediction_name("test", False) == "external_test"
     assert prediction_name("f0+f1", True) == "f0_f1" and prediction_name("x", True, "../mayo 2026") == "mayo_2026"
+
+
+def test_mismatched_lengths_say_which_inputs_and_their_lengths():
+    from training.aggregate import aggregate_probs
+
+    probs = np.full((3, 2), 0.5)
+    with pytest.raises(ValueError, match=r"probs and labels must have the same length \(3 and 2\)"):
+        aggregate(probs, np.array([0, 1]), ["a", "a", "b"])
+    with pytest.raises(ValueError, match=r"probs and groups must have the same length \(3 and 1\)"):
+        aggregate(probs, np.array([0, 1, 1]), ["a"])
+    with pytest.raises(ValueError, match=r"probs and groups must have the same length \(3 and 4\)"):
+        aggregate_probs(probs, ["a"] * 4)
