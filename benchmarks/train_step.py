@@ -20,6 +20,7 @@ Usage: ``python benchmarks/train_step.py [--batch 8] [--steps 8] [--size 256] [-
 from __future__ import annotations
 
 import argparse
+import shutil
 import tempfile
 import time
 
@@ -141,7 +142,10 @@ def in_ray(args) -> dict:
     recipe = _recipe(args)
     # the worker environment Tessera's stack gives Ray on a CPU-only machine (one malloc arena)
     env = {} if torch.cuda.is_available() else {"env_vars": CPU_WORKER_ENV}
-    ray.init(num_cpus=args.cores, include_dashboard=False, logging_level="ERROR", runtime_env=env)
+    # the workers' lines stay out: the results come back as metrics, a failure's cause with TrainingFailedError, and
+    # without a dashboard Ray Train's placement-group cleaner logs every second that it cannot ask for its state
+    ray.init(num_cpus=args.cores, include_dashboard=False, logging_level="ERROR", runtime_env=env, log_to_driver=False)
+    store = tempfile.mkdtemp(prefix="tessera-bench-train-")  # a run of its own, not an earlier run's snapshot
     try:
         trainer = TorchTrainer(
             _worker,
@@ -155,11 +159,12 @@ def in_ray(args) -> dict:
             },
             scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": args.cores}),
             torch_config=TorchConfig(backend="gloo"),
-            run_config=RunConfig(storage_path="/tmp/tessera-bench-train", name="train_step"),
+            run_config=RunConfig(storage_path=store, name="train_step"),
         )
         return trainer.fit().metrics
     finally:
         ray.shutdown()
+        shutil.rmtree(store, ignore_errors=True)
 
 
 def main() -> None:
