@@ -88,6 +88,7 @@ def cmd_predict(args) -> int:
     _connect(s)
     health.require(s, "mlflow")
     options = {"dataset": args.dataset, "split": args.split, "name": args.name, "overrides": args.overrides}
+    options["needs"] = ("patient",) if args.submission else ()  # its rows are patients
     outcome = predict_run(args.run, s.mlflow_url, s.checkpoints, **options)
     tables, private = outcome.tables, None
     if args.reveal:
@@ -131,11 +132,8 @@ def submission(tables: dict[str, str], path: str) -> None:
     """The revealed patient table in the STRIP AI submission layout, to ``path`` (readable by its owner only)."""
     from training.predictions import submission_table
 
-    if "patient" not in tables:
-        raise ValueError(
-            f"--submission: no patient table to write it from (levels: {', '.join(tables)}); the run's recipe "
-            "aggregates to the levels of its eval.levels"
-        )
+    if "patient" not in tables:  # the recipe aggregates to patients (predict_run checked), but no sample names one
+        raise ValueError(f"--submission: no patient table to write it from (levels: {', '.join(tables)})")
     path = str(Path(path).resolve())
     table = submission_table(tables["patient"])
     _write(path, table.encode(), True)

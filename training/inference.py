@@ -109,10 +109,12 @@ def predict_run(
     split: str | None = None,
     name: str | None = None,
     overrides: list[str] | tuple[str, ...] = (),
+    needs: tuple[str, ...] = (),
 ) -> PredictOutcome:
     """Run ``run``'s exported model on ``split`` of ``dataset`` (default: the run's own; its only split, or
     ``test``); the tables go into the run under ``predictions/<name>/`` and come back in the outcome. The run's
-    recipe, with ``overrides`` of where it runs (``launch.EVALUATE_KEYS``)."""
+    recipe, with ``overrides`` of where it runs (``launch.EVALUATE_KEYS``). ``needs``: the levels the caller
+    wants tables of, refused before any work where the recipe does not aggregate to them."""
     from mlflow import MlflowClient
 
     from training.endings import RunFailed
@@ -121,6 +123,8 @@ def predict_run(
 
     client = MlflowClient(tracking_uri)
     run_id, recipe = run_on(client, run, overrides, dataset)
+    if missing := [level for level in needs if level not in recipe.eval.levels]:
+        raise ValueError(f"run {run_id} aggregates to {recipe.eval.levels} (its eval.levels), not to {missing}")
     url = recipe.data.dataset
     manifest = mf.load(url)
     split = split or default_split(manifest)

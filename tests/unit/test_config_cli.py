@@ -208,6 +208,27 @@ def test_a_submission_needs_the_patients_ids(capsys):
     assert "--submission: it names patients by their IDs; give --reveal and a local file" in err
 
 
+def test_a_submission_of_a_run_without_patients_is_refused_before_any_work(tmp_path, monkeypatch):
+    """A run whose recipe does not aggregate to patients has no rows for a submission: said before the dataset is
+    read (it is not there) or any worker starts."""
+    import yaml
+    from mlflow import MlflowClient
+
+    import training.capacity
+    from training.inference import predict_run
+    from training.launch import RECIPE_ARTIFACT
+
+    monkeypatch.setattr(training.capacity, "check_capacity", lambda *a, **k: None)  # no cluster here
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("x", str(tmp_path / "artifacts"))).info.run_id
+    recipe = load_recipe("demo_tiles", [f"data.dataset={tmp_path / 'nowhere'}", "eval.levels=[slide]"])
+    (tmp_path / RECIPE_ARTIFACT).write_text(yaml.safe_dump(recipe.model_dump()))
+    client.log_artifact(run_id, str(tmp_path / RECIPE_ARTIFACT))
+    with pytest.raises(ValueError, match=r"aggregates to \['slide'\] \(its eval.levels\), not to \['patient'\]"):
+        predict_run(run_id, uri, str(tmp_path / "ckpt"), overrides=["use_gpu=false"], needs=("patient",))
+
+
 def test_unreachable_endpoint_is_named(tmp_path, monkeypatch):
     monkeypatch.setenv("TESSERA_STATE_DIR", str(tmp_path))
     monkeypatch.setenv("TESSERA_S3_ENDPOINT", "http://127.0.0.1:1")
