@@ -142,24 +142,35 @@ def submission(tables: dict[str, str], path: str) -> None:
 
 
 def heatmaps(outcome, tracking_uri: str, out: str, private: dict[str, str] | None) -> None:
-    """Each slide's heatmap into the run (pseudonyms) and into ``out`` (slides named from ``private``, the
-    private map, where given)."""
+    """Each slide's heatmap into the run (pseudonyms) and into ``out`` (slides named and titled by their files from
+    ``private``, the private map, where given), a slide at a time."""
+    import tempfile
+
     from shards import storage
-    from training.inference import HEATMAPS, PREDICTIONS, log_heatmaps, slide_heatmaps
+    from training import tracking
+    from training.inference import HEATMAPS, PREDICTIONS, draw_heatmaps
     from training.predictions import original_name
 
-    table, previews = outcome.tables.get("sample", ""), {}
-    pngs, note = slide_heatmaps(table, outcome.dataset, previews=previews)
-    log_heatmaps(tracking_uri, outcome.run_id, f"{PREDICTIONS}/{outcome.name}/{HEATMAPS}", pngs)
-    names = {slide: slide for slide in pngs}
+    table = outcome.tables.get("sample", "")
+    names: dict[str, str] = {}
     if private:  # the caller's copies named and titled by the slides' files
-        names = {slide: Path(original_name(private[slide])).name if slide in private else slide for slide in pngs}
+        slides = {row["slide"] for row in csv.DictReader(io.StringIO(table)) if row.get("slide")}
+        names = {slide: Path(original_name(private[slide])).name for slide in slides if slide in private}
         if len(set(names.values())) < len(names):  # files of one name in different folders
             names = {slide: f"{name}_{slide}" for slide, name in names.items()}
-        pngs, _ = slide_heatmaps(table, outcome.dataset, names.__getitem__, previews)  # the previews read above
-    for slide, png in pngs.items():
-        _write(storage.join(out, HEATMAPS, f"{names[slide]}.png"), png, private is not None)
-    if pngs:
-        print(f"  heatmaps: {len(pngs)} slide{'' if len(pngs) == 1 else 's'} -> {storage.join(out, HEATMAPS)}/")
+    with tempfile.TemporaryDirectory() as tmp:
+
+        def write(slide: str, draw) -> None:
+            png = draw(slide)
+            (Path(tmp) / f"{slide}.png").write_bytes(png)
+            name = names.get(slide, slide)
+            mine = png if name == slide else draw(name)
+            _write(storage.join(out, HEATMAPS, f"{name}.png"), mine, private is not None)
+
+        drawn, note = draw_heatmaps(table, outcome.dataset, write)
+        folder = f"{PREDICTIONS}/{outcome.name}/{HEATMAPS}"
+        tracking.RunLogger(tracking_uri, outcome.run_id).artifacts(Path(tmp), folder)
+    if drawn:
+        print(f"  heatmaps: {drawn} slide{'' if drawn == 1 else 's'} -> {storage.join(out, HEATMAPS)}/")
     if note:
         print(f"note: {note}")

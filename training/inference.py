@@ -153,49 +153,42 @@ def predict_run(
     )
 
 
-def slide_heatmaps(
-    sample_table: str, dataset: str, name: Callable[[str], str] = str, previews: dict[str, bytes] | None = None
-) -> tuple[dict[str, bytes], str | None]:
-    """A heatmap PNG per slide of ``sample_table`` (keyed by its pseudonym, titled ``name(pseudonym)``), drawn on
-    the slide's preview in ``dataset``; and a note of what could not be drawn. ``previews``: the previews read
-    by an earlier call on the same table (pseudonym -> PNG), filled by this one, so that drawing the same slides
-    under other titles reads none again."""
+def draw_heatmaps(sample_table: str, dataset: str, write: Callable[[str, Callable[[str], bytes]], None]):
+    """Each slide of ``sample_table`` in turn: ``write(pseudonym, draw)``, where ``draw(name)`` gives the slide's
+    heatmap (PNG) on its preview in ``dataset``, titled ``slide <name>`` and its label where the table has one. One
+    slide's preview and heatmaps are held at a time, however many slides there are. Returns how many slides were
+    handed over and a note of those that could not be drawn."""
     from training.heatmaps import heatmap_png, labels_by_slide, tiles_by_slide
 
     tiles, classes, exclusive = tiles_by_slide(sample_table)
     if not tiles:
-        return {}, "no heatmaps: they are drawn on slides, and these samples are not tiles of slides"
+        return 0, "no heatmaps: they are drawn on slides, and these samples are not tiles of slides"
     scales = {r.item: r.preview_scale for r in mf.load(dataset).inputs if r.item}
     labels = labels_by_slide(sample_table)
-    out, unplaced, gone = {}, 0, 0
-    previews = {} if previews is None else previews
+    drawn, unplaced, gone = 0, 0, 0
     for slide, (boxes, probs) in tiles.items():
         if not scales.get(slide):
             unplaced += 1
             continue
         try:
-            if slide not in previews:
-                previews[slide] = storage.get_bytes(mf.preview_url(dataset, slide))
+            preview = storage.get_bytes(mf.preview_url(dataset, slide))
         except storage.Missing:
             gone += 1
             continue
-        title = f"slide {name(slide)}" + (f", label {labels[slide]}" if slide in labels else "")
-        out[slide] = heatmap_png(previews[slide], boxes, probs, classes, scales[slide], title, exclusive)
+        label = f", label {labels[slide]}" if slide in labels else ""
+
+        def draw(name: str, preview=preview, boxes=boxes, probs=probs, slide=slide, label=label) -> bytes:
+            return heatmap_png(preview, boxes, probs, classes, scales[slide], f"slide {name}{label}", exclusive)
+
+        write(slide, draw)
+        drawn += 1
     notes = [f"{gone} slide(s) have no preview in the dataset"] if gone else []
     if unplaced:
         notes.append(
             f"the manifest does not say where {unplaced} slide(s)' tiles lie on their previews (it was written "
             "before Tessera recorded it; ingesting them again records it)"
         )
-    return out, f"no heatmap of some slides: {'; '.join(notes)}" if notes else None
-
-
-def log_heatmaps(tracking_uri: str, run_id: str, folder: str, pngs: dict[str, bytes]) -> None:
-    """The heatmaps (pseudonyms only) into the run's ``folder``, each named by its slide."""
-    with tempfile.TemporaryDirectory() as tmp:
-        for slide, png in pngs.items():
-            (Path(tmp) / f"{slide}.png").write_bytes(png)
-        tracking.RunLogger(tracking_uri, run_id).artifacts(Path(tmp), folder)
+    return drawn, f"no heatmap of some slides: {'; '.join(notes)}" if notes else None
 
 
 def evaluation_heatmaps(tracking_uri: str, run_id: str, prefix: str, dataset: str) -> tuple[str, int, str | None]:
@@ -203,13 +196,17 @@ def evaluation_heatmaps(tracking_uri: str, run_id: str, prefix: str, dataset: st
     and titled with each slide's label, into the run's ``<prefix>heatmaps/``: that folder, how many, and a note."""
     from mlflow import MlflowClient
 
+    folder = f"{prefix}{HEATMAPS}"
     with tempfile.TemporaryDirectory() as tmp:
         path = MlflowClient(tracking_uri).download_artifacts(run_id, f"{prefix}predictions_sample.csv", tmp)
         table = Path(path).read_text()
-    pngs, note = slide_heatmaps(table, dataset)
-    folder = f"{prefix}{HEATMAPS}"
-    log_heatmaps(tracking_uri, run_id, folder, pngs)
-    return folder, len(pngs), note
+        pngs = Path(tmp) / HEATMAPS
+        pngs.mkdir()
+        drawn, note = draw_heatmaps(
+            table, dataset, lambda slide, draw: (pngs / f"{slide}.png").write_bytes(draw(slide))
+        )
+        tracking.RunLogger(tracking_uri, run_id).artifacts(pngs, folder)
+    return folder, drawn, note
 
 
 def training_heatmaps(tracking_uri: str, run_id: str, recipe, held_out) -> list[str]:

@@ -69,13 +69,15 @@ def test_a_labelled_table_gives_each_slides_label_for_the_title():
     assert labels_by_slide("slide,x,y,size0,predicted,p_a\ns,0,0,8,a,1\n") == {}
 
 
-def test_a_dataset_gives_each_slide_a_heatmap_or_says_why_not(tmp_path):
-    """A slide drawn on its preview; one whose preview is gone, and one from a manifest written before previews'
-    scales were recorded, named in the note instead of failing the call."""
+def test_a_dataset_gives_each_slide_a_heatmap_or_says_why_not(tmp_path, monkeypatch):
+    """A slide drawn on its preview, under as many titles as the caller asks, its preview read once; one whose
+    preview is gone, and one from a manifest written before previews' scales were recorded, named in the note
+    instead of failing the call."""
     from pathlib import Path
 
     from shards import manifest as mf
-    from training.inference import slide_heatmaps
+    from shards import storage
+    from training.inference import draw_heatmaps
 
     ds = str(tmp_path / "ds")
     inputs = [
@@ -86,20 +88,27 @@ def test_a_dataset_gives_each_slide_a_heatmap_or_says_why_not(tmp_path):
     _, png = cv2.imencode(".png", np.full((10, 10, 3), 200, np.uint8))
     Path(mf.preview_url(ds, "aa")).parent.mkdir(parents=True)
     Path(mf.preview_url(ds, "aa")).write_bytes(png.tobytes())
+    reads: list[str] = []
+    get_bytes = storage.get_bytes
+    monkeypatch.setattr(storage, "get_bytes", lambda url: reads.append(url) or get_bytes(url))
     rows = "".join(f"p,{s},0,0,50,LAA,CE,0.8,0.2\n" for s in ("aa", "bb", "cc"))
-    pngs, note = slide_heatmaps("patient,slide,x,y,size0,label,predicted,p_CE,p_LAA\n" + rows, ds)
-    assert list(pngs) == ["aa"]
-    assert note and "1 slide(s) have no preview" in note and "where 1 slide(s)' tiles lie" in note
-    drawn = cv2.imdecode(np.frombuffer(pngs["aa"], np.uint8), cv2.IMREAD_COLOR)
-    assert drawn.shape == (HEADER + 10 + BAR, 2 * 10 + 4, 3)
-    assert slide_heatmaps("series,predicted,p_a\ns,a,1\n", ds)[0] == {}
-    # drawn again under other titles (predict --reveal's copy) from the previews the first call read
-    previews: dict[str, bytes] = {}
     table = "patient,slide,x,y,size0,label,predicted,p_CE,p_LAA\n" + rows
-    slide_heatmaps(table, ds, previews=previews)
-    Path(mf.preview_url(ds, "aa")).unlink()
-    again, _ = slide_heatmaps(table, ds, lambda s: f"file-{s}", previews)
-    assert list(again) == ["aa"]  # drawn, though its preview is no longer there to read
+    got = {}
+
+    def write(slide, draw):
+        got[slide] = draw(slide), draw(f"file-{slide}")  # the run's copy and the caller's, as predict --reveal
+
+    drawn, note = draw_heatmaps(table, ds, write)
+    assert drawn == 1 and list(got) == ["aa"]
+    assert note and "1 slide(s) have no preview" in note and "where 1 slide(s)' tiles lie" in note
+    previews = [url for url in reads if not url.endswith(mf.MANIFEST_NAME)]
+    assert previews == [mf.preview_url(ds, "aa"), mf.preview_url(ds, "bb")]  # once each; cc: no scale to draw by
+    for title, drawing in zip(["slide aa, label LAA", "slide file-aa, label LAA"], got["aa"], strict=True):
+        expected = heatmap_png(png.tobytes(), np.array([[0, 0, 50]]), np.array([[0.8, 0.2]]), ["CE", "LAA"], 0.1, title)
+        assert drawing == expected
+    drawn_png = cv2.imdecode(np.frombuffer(got["aa"][0], np.uint8), cv2.IMREAD_COLOR)
+    assert drawn_png.shape == (HEADER + 10 + BAR, 2 * 10 + 4, 3)
+    assert draw_heatmaps("series,predicted,p_a\ns,a,1\n", ds, write)[0] == 0
 
 
 def test_training_draws_the_validation_and_held_out_slides_heatmaps_and_says_what_failed(tmp_path):
