@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import io
 import json
 import os
 from pathlib import Path
@@ -78,6 +77,7 @@ def cmd_predict(args) -> int:
     from shards import storage
     from training.inference import predict_run
     from training.launch import EVALUATE_KEYS, check_where_overrides
+    from training.predictions import lines_of
 
     check_where_overrides(args.overrides, EVALUATE_KEYS, "tessera predict")  # before anything connects
     if args.reveal and args.out and args.out.startswith("s3://"):
@@ -102,7 +102,7 @@ def cmd_predict(args) -> int:
     for level, table in tables.items():
         url = storage.join(out, f"predictions_{level}.csv")
         _write(url, table.encode(), args.reveal)
-        rows = sum(1 for _ in csv.reader(io.StringIO(table))) - 1
+        rows = sum(1 for _ in csv.reader(lines_of(table))) - 1
         print(f"  {level}: {rows} row{'' if rows == 1 else 's'} -> {url}")
     if args.submission:
         submission(tables, args.submission)
@@ -148,14 +148,14 @@ def heatmaps(outcome, tracking_uri: str, out: str, private: dict[str, str] | Non
 
     from shards import storage
     from training import tracking
+    from training.heatmaps import slides_of
     from training.inference import HEATMAPS, PREDICTIONS, draw_heatmaps
     from training.predictions import original_name
 
     table = outcome.tables.get("sample", "")
     names: dict[str, str] = {}
     if private:  # the caller's copies named and titled by the slides' files
-        slides = {row["slide"] for row in csv.DictReader(io.StringIO(table)) if row.get("slide")}
-        names = {slide: Path(original_name(private[slide])).name for slide in slides if slide in private}
+        names = {slide: Path(original_name(private[slide])).name for slide in slides_of(table) if slide in private}
         if len(set(names.values())) < len(names):  # files of one name in different folders
             names = {slide: f"{name}_{slide}" for slide, name in names.items()}
     with tempfile.TemporaryDirectory() as tmp:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -68,23 +69,43 @@ def original_name(means: str) -> str:
     return means
 
 
+def lines_of(text: str) -> Iterator[str]:
+    """The lines of ``text`` one at a time (what ``csv.reader`` reads), without the copies of the whole that
+    ``io.StringIO`` (4 bytes a character) or ``splitlines`` would make of a cohort's table."""
+    start = 0
+    while start < len(text):
+        end = text.find("\n", start)
+        end = len(text) if end < 0 else end + 1
+        yield text[start:end]
+        start = end
+
+
 def reveal(table: str, private: dict[str, str]) -> tuple[str, int]:
     """``table`` (CSV) with each pseudonym of its :data:`PSEUDONYMS` columns replaced by the name it stands for
-    in ``private``, and how many distinct pseudonyms the map does not have (left as they are)."""
-    rows = list(csv.reader(io.StringIO(table)))
-    if not rows:
+    in ``private``, and how many distinct pseudonyms the map does not have (left as they are). A row at a time,
+    written out in blocks: a table of millions of tiles is held twice, as text, and no more."""
+    reader = csv.reader(lines_of(table))
+    header = next(reader, None)
+    if header is None:
         return table, 0
-    named = [i for i, column in enumerate(rows[0]) if column in PSEUDONYMS]
+    named = [i for i, column in enumerate(header) if column in PSEUDONYMS]
     unknown: set[str] = set()
-    for row in rows[1:]:
+    blocks, block = [], io.StringIO()
+    writer = csv.writer(block, lineterminator="\n")
+    writer.writerow(header)
+    for n, row in enumerate(reader, 1):
         for i in named:
             if row[i] in private:
                 row[i] = original_name(private[row[i]])
             else:
                 unknown.add(row[i])
-    out = io.StringIO()
-    csv.writer(out, lineterminator="\n").writerows(rows)
-    return out.getvalue(), len(unknown)
+        writer.writerow(row)
+        if n % 4096 == 0:
+            blocks.append(block.getvalue())
+            block.seek(0)
+            block.truncate()
+    blocks.append(block.getvalue())
+    return "".join(blocks), len(unknown)
 
 
 def submission_table(patient_table: str) -> str:

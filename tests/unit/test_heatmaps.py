@@ -185,3 +185,19 @@ def test_a_long_title_shrinks_and_stops_at_its_panels_edge():
     ref = np.full((HEADER, 400, 3), 255, np.uint8)
     cv2.putText(ref, "p(b)", (2, HEADER - 6), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 1)
     assert np.array_equal(short, ref)
+
+
+def test_slide_names_stay_text_whatever_they_look_like():
+    """Pseudonyms of digits (or a file called NA) are names, not numbers or missing values; slides in the order
+    they first appear, each tile's probabilities as written."""
+    from training.heatmaps import labels_by_slide, slides_of
+
+    table = (
+        "slide,x,y,size0,label,predicted,p_a,p_b\n"
+        "0123,0,0,8,b,a,0.6,0.4\nNA,8,0,8,a,a,0.9,0.1\n1e5,0,8,8,,b,0.25,0.75\n0123,8,8,8,b,b,0.3,0.7\n"
+    )
+    tiles, classes, exclusive = tiles_by_slide(table)
+    assert list(tiles) == ["0123", "NA", "1e5"] == slides_of(table) and classes == ["a", "b"] and exclusive
+    assert tiles["0123"][0].tolist() == [[0, 0, 8], [8, 8, 8]] and tiles["0123"][1].tolist() == [[0.6, 0.4], [0.3, 0.7]]
+    assert labels_by_slide(table) == {"0123": "b", "NA": "a"}  # 1e5's tile has no label
+    assert slides_of("series,predicted,p_a\ns,a,1\n") == []

@@ -178,6 +178,20 @@ def test_reveal_names_each_pseudonym_by_what_the_private_map_says():
     assert reveal("series,predicted\ncc,1\n", private) == ("series,predicted\n1.2.3,1\n", 0)
 
 
+def test_reveal_keeps_a_large_table_row_for_row():
+    """Blocks of rows written as they are named: across block edges, with quoted names and a last line without
+    its end, the table is the one a whole-table rewrite gives."""
+    from training.predictions import reveal
+
+    private = {"aa": "patient 00,1", "bb": '/data/a "b"/c,d.svs'}
+    rows = [f"aa,{'bb' if i % 3 else 'zz'},{i}" for i in range(10_000)]
+    shown, unknown = reveal("patient,slide,x\n" + "\n".join(rows), private)
+    lines = shown.splitlines()
+    assert len(lines) == 10_001 and unknown == 1  # zz
+    assert lines[1] == '"00,1",zz,0' and lines[2] == '"00,1","/data/a ""b""/c,d.svs",1'
+    assert lines[-2:] == ['"00,1","/data/a ""b""/c,d.svs",9998', '"00,1",zz,9999'] and shown.endswith("\n")
+
+
 def test_a_submission_lists_each_patients_probabilities_by_class():
     """STRIP AI's layout: patient_id, then a column per class named by it; the patients in ID order."""
     from training.predictions import submission_table
