@@ -68,11 +68,13 @@ def held_out_line(recipe, manifest) -> str:
     from training.evaluation import no_held_out
 
     why = no_held_out(recipe, manifest)
+    heatmaps = "" if not recipe.eval.heatmaps else "; then heatmaps of the validation slides"
     if why:
-        return f"held-out: none ({why})"
+        return f"held-out: none ({why}){heatmaps}"
     split = recipe.data.test_split
     samples = manifest.num_samples(split)
-    return f"held-out: the {split} split ({samples} samples), with the selected model after training"
+    heatmaps += " and of these" if heatmaps else ""
+    return f"held-out: the {split} split ({samples} samples), with the selected model after training{heatmaps}"
 
 
 def print_held_out(outcome) -> None:

@@ -390,6 +390,25 @@ def test_dry_run_says_which_split_is_held_out(capsys, tmp_path):
     assert held_out({"train": 2, "val": 2}) == "held-out: none (the dataset has no test split; it has train, val)"
 
 
+def test_dry_run_says_which_slides_get_heatmaps(capsys, tmp_path):
+    from shards import manifest as mf
+    from tests.datasets import make_dataset
+
+    def said(splits: dict[str, int]) -> str:
+        url = str(tmp_path / "-".join(splits))
+        mf.save(make_dataset(url, splits).model_copy(update={"kind": "wsi"}), url)  # heatmaps are of slides
+        assert main(["train", "demo_tiles", f"data.dataset={url}", "eval.heatmaps=true", "--dry-run"]) == 0
+        return next(line for line in capsys.readouterr().out.splitlines() if line.startswith("held-out:"))
+
+    assert said({"train": 2, "val": 2, "test": 3}) == (
+        "held-out: the test split (3 samples), with the selected model after training; then heatmaps of the "
+        "validation slides and of these"
+    )
+    assert said({"train": 2, "val": 2}) == (
+        "held-out: none (the dataset has no test split; it has train, val); then heatmaps of the validation slides"
+    )
+
+
 def test_evaluation_prefixes_checks_and_summary():
     from training.evaluation import EvalOutcome, check_outputs, check_prefix_free, metric_prefix, summary
 
