@@ -117,8 +117,11 @@ def tile_width_um(metas: list[dict], ingest_options: dict) -> float | None:
     """The median width in µm of specimen the samples ``metas`` show: each one's ``width_um`` (slide tiles, and
     images ingested with ``--mpp``), or, in a dataset ingested before samples recorded it, the tile's stored µm/px
     times the stored size its ingest options give; None where no sample has a scale."""
+    from training.metas import values
+
     stored = ingest_options.get("store_size") or ingest_options.get("tile_size")
-    widths = [m.get("width_um") or m["mpp"] * stored for m in metas if m.get("width_um") or (stored and m.get("mpp"))]
+    pairs = zip(values(metas, "width_um"), values(metas, "mpp"), strict=True)
+    widths = [width or mpp * stored for width, mpp in pairs if width or (stored and mpp)]
     return round(statistics.median(widths), 1) if widths else None
 
 

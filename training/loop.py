@@ -38,6 +38,7 @@ from training.engine import (
 )
 from training.evaluation import held_out_step
 from training.losses import Loss, balanced_weights
+from training.metas import Metas, values
 from training.metrics import classification_metrics, multilabel_metrics
 from training.models import build_model
 from training.outbox import adopt
@@ -119,7 +120,7 @@ def predict(model, batches, loss_fn: Loss, device, share_errors: bool = False, l
     """
     model.eval()
     dtype = next(model.parameters()).dtype
-    probs, labels, metas, loss_sum, error = [], [], [], 0.0, None
+    probs, labels, metas, loss_sum, error = [], [], [], 0.0, None  # metas: a Metas per batch
     try:
         for x, y, m in batches:
             if len(y) == 0:
@@ -129,13 +130,13 @@ def predict(model, batches, loss_fn: Loss, device, share_errors: bool = False, l
                 loss_sum += float(loss_fn(logits, torch.as_tensor(y, device=device), class_weighted=False)) * len(y)
             probs.append(loss_fn.probabilities(logits))
             labels.append(y)
-            metas.extend(m)
+            metas.append(Metas.of(m))
     except Exception as exc:
         if not share_errors:
             raise
         error = exc
     gathered: list[Any] = [None] * dist.get_world_size()
-    mine = {"probs": probs, "labels": labels, "metas": metas, "loss": loss_sum, "error": said(error)}
+    mine = {"probs": probs, "labels": labels, "metas": Metas.concat(metas), "loss": loss_sum, "error": said(error)}
     dist.all_gather_object(gathered, mine)
     raise_any(error, [g["error"] for g in gathered])
     out_p = [p for g in gathered for p in g["probs"]]
@@ -144,7 +145,7 @@ def predict(model, batches, loss_fn: Loss, device, share_errors: bool = False, l
     return {
         "probs": np.concatenate(out_p) if out_p else np.zeros((0, 1)),
         "labels": np.concatenate(out_y) if out_y else np.zeros(0, np.int64),
-        "metas": [m for g in gathered for m in g["metas"]],
+        "metas": Metas.concat(g["metas"] for g in gathered),
         "loss": sum(g["loss"] for g in gathered) / max(1, n) if labelled else float("nan"),
     }
 
@@ -154,7 +155,7 @@ def by_level(pred: dict[str, Any], recipe: TrainRecipe):
     (labels None where ``pred["labels"]`` is: samples without labels)."""
     how = recipe.eval.how if recipe.task == "multiclass" else "max"
     for level in recipe.eval.levels:
-        groups = [m.get(level) for m in pred["metas"]]
+        groups = values(pred["metas"], level)
         if groups and all(g is not None for g in groups):
             if pred["labels"] is None:
                 yield level, *aggregate_probs(pred["probs"], groups, how, recipe.task == "multilabel"), None

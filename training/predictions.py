@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -16,10 +16,17 @@ from training.metrics import metric_name, predicted_classes
 IDENTITY = ("patient", "slide", "series", "image", "x", "y", "size0", "slices")
 
 
-def sample_columns(metas: list[dict[str, Any]]) -> dict[str, list]:
-    """The identifying metadata fields (:data:`IDENTITY`) that every sample has, as columns."""
-    keys = [k for k in IDENTITY if metas and all(m.get(k) is not None for m in metas)]
-    return {k: [" ".join(map(str, m[k])) if isinstance(m[k], list) else m[k] for m in metas] for k in keys}
+def sample_columns(metas: Sequence[dict[str, Any]]) -> dict[str, list]:
+    """The identifying metadata fields (:data:`IDENTITY`) that every sample has, as columns (``metas``: a
+    :class:`~training.metas.Metas` or a list of dicts)."""
+    from training.metas import values
+
+    columns = {k: values(metas, k) for k in IDENTITY} if len(metas) else {}
+    return {
+        k: [" ".join(map(str, v)) if isinstance(v, list) else v for v in column]
+        for k, column in columns.items()
+        if all(v is not None for v in column)
+    }
 
 
 def prediction_table(
