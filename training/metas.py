@@ -1,6 +1,6 @@
 """Sample metadata by column: what evaluation keeps of each sample it predicts, in a few bytes a sample.
 
-A validation split of a cohort holds millions of tiles. As one dict per sample (about 0.7 KB each), gathered on
+A validation split of a cohort holds millions of tiles. As one dict per sample (about 1 KB each), gathered on
 every rank, their metadata outweighed the probabilities many times over, and on a GPU cluster the gather's pickles
 pass through GPU memory. Columns keep only what evaluation reads (:data:`KEPT`): names as codes into the list of
 their distinct values, numbers as arrays.
