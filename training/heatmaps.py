@@ -7,11 +7,12 @@ cover them (tiles overlap when ingest's stride is below the tile size); the rest
 
 from __future__ import annotations
 
-import csv
 import io
 
 import cv2
 import numpy as np
+
+from training.predictions import header_of
 
 HEADER = 22  # px above each panel, for its title
 BAR = 14  # px below the panels, for the colour scale
@@ -44,7 +45,7 @@ def tiles_by_slide(table: str) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]]
     order the slides first appear, its class (or label) names, and whether they are exclusive classes (a
     multi-class table); nothing where its samples are not tiles of slides. Parsed by column (pandas): a table of
     a cohort's millions of tiles takes a fraction of the memory and time of a dict per row."""
-    header = _header(table)
+    header = header_of(table)
     if not {"slide", "x", "y", "size0"} <= set(header):
         return {}, [], False
     classes = [c.removeprefix("p_") for c in header if c.startswith("p_")]
@@ -59,25 +60,19 @@ def tiles_by_slide(table: str) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]]
 
 def slides_of(table: str) -> list[str]:
     """The slides a sample table names, in the order they first appear; none where it has no slide column."""
-    if "slide" not in _header(table):
+    if "slide" not in header_of(table):
         return []
     return [str(slide) for slide in _columns(table, ["slide"])["slide"].unique() if slide != ""]
 
 
 def labels_by_slide(table: str) -> dict[str, str]:
     """Each slide's true label in a labelled multi-class sample table (its ``label`` column); none without one."""
-    header = _header(table)
+    header = header_of(table)
     if not {"slide", "label"} <= set(header):
         return {}
     frame = _columns(table, ["slide", "label"])
     frame = frame[(frame["slide"] != "") & (frame["label"] != "")].drop_duplicates("slide", keep="last")
     return dict(zip(frame["slide"], frame["label"], strict=True))
-
-
-def _header(table: str) -> list[str]:
-    """The column names of CSV ``table``, read from its first line alone."""
-    end = table.find("\n")
-    return next(csv.reader([table if end < 0 else table[:end]]), [])
 
 
 def _columns(table: str, names: list[str]):

@@ -87,6 +87,11 @@ def lines_of(text: str) -> Iterator[str]:
         start = end
 
 
+def header_of(table: str) -> list[str]:
+    """The column names of CSV ``table``, read from its first line alone."""
+    return next(csv.reader(lines_of(table)), [])
+
+
 def reveal(table: str, private: dict[str, str]) -> tuple[str, int]:
     """``table`` (CSV) with each pseudonym of its :data:`PSEUDONYMS` columns replaced by the name it stands for
     in ``private``, and how many distinct pseudonyms the map does not have (left as they are). A row at a time,
@@ -118,14 +123,14 @@ def reveal(table: str, private: dict[str, str]) -> tuple[str, int]:
 def submission_table(patient_table: str) -> str:
     """The Mayo Clinic STRIP AI competition's submission layout from a patient-level prediction table:
     ``patient_id`` then each class's probability under the class's name (``patient_id,CE,LAA``), by patient ID."""
-    rows = list(csv.DictReader(io.StringIO(patient_table)))
-    header = next(csv.reader(io.StringIO(patient_table)), [])
+    reader = csv.DictReader(io.StringIO(patient_table))
+    header = reader.fieldnames or []
     if "patient" not in header:
         raise ValueError("a submission lists patients: this table has no patient column")
     classes = [c for c in header if c.startswith("p_")]
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(["patient_id", *(c.removeprefix("p_") for c in classes)])
-    for row in sorted(rows, key=lambda r: r["patient"]):
+    for row in sorted(reader, key=lambda r: r["patient"]):
         writer.writerow([row["patient"], *(row[c] for c in classes)])
     return out.getvalue()
