@@ -144,12 +144,9 @@ def submission(tables: dict[str, str], path: str) -> None:
 def heatmaps(outcome, tracking_uri: str, out: str, private: dict[str, str] | None) -> None:
     """Each slide's heatmap into the run (pseudonyms) and into ``out`` (slides named and titled by their files from
     ``private``, the private map, where given), a slide at a time."""
-    import tempfile
-
     from shards import storage
-    from training import tracking
     from training.heatmaps import slides_of
-    from training.inference import HEATMAPS, PREDICTIONS, draw_heatmaps
+    from training.inference import HEATMAPS, PREDICTIONS, log_heatmaps
     from training.predictions import original_name
 
     table = outcome.tables.get("sample", "")
@@ -158,18 +155,14 @@ def heatmaps(outcome, tracking_uri: str, out: str, private: dict[str, str] | Non
         names = {slide: Path(original_name(private[slide])).name for slide in slides_of(table) if slide in private}
         if len(set(names.values())) < len(names):  # files of one name in different folders
             names = {slide: f"{name}_{slide}" for slide, name in names.items()}
-    with tempfile.TemporaryDirectory() as tmp:
 
-        def write(slide: str, draw) -> None:
-            png = draw(slide)
-            (Path(tmp) / f"{slide}.png").write_bytes(png)
-            name = names.get(slide, slide)
-            mine = png if name == slide else draw(name)
-            _write(storage.join(out, HEATMAPS, f"{name}.png"), mine, private is not None)
+    def also(slide: str, png: bytes, draw) -> None:
+        name = names.get(slide, slide)
+        mine = png if name == slide else draw(name)
+        _write(storage.join(out, HEATMAPS, f"{name}.png"), mine, private is not None)
 
-        drawn, note = draw_heatmaps(table, outcome.dataset, write)
-        folder = f"{PREDICTIONS}/{outcome.name}/{HEATMAPS}"
-        tracking.RunLogger(tracking_uri, outcome.run_id).artifacts(Path(tmp), folder)
+    folder = f"{PREDICTIONS}/{outcome.name}/{HEATMAPS}"
+    drawn, note = log_heatmaps(tracking_uri, outcome.run_id, folder, table, outcome.dataset, also)
     if drawn:
         print(f"  heatmaps: {drawn} slide{'' if drawn == 1 else 's'} -> {storage.join(out, HEATMAPS)}/")
     if note:

@@ -191,6 +191,29 @@ def draw_heatmaps(sample_table: str, dataset: str, write: Callable[[str, Callabl
     return drawn, f"no heatmap of some slides: {'; '.join(notes)}" if notes else None
 
 
+def log_heatmaps(
+    tracking_uri: str,
+    run_id: str,
+    folder: str,
+    sample_table: str,
+    dataset: str,
+    also: Callable[[str, bytes, Callable[[str], bytes]], None] | None = None,
+) -> tuple[int, str | None]:
+    """:func:`draw_heatmaps` into the run's ``folder``, each slide's PNG named and titled by its pseudonym;
+    ``also(slide, png, draw)`` is handed each one too (the caller's own copy). How many, and the note."""
+    with tempfile.TemporaryDirectory() as tmp:
+
+        def write(slide: str, draw: Callable[[str], bytes]) -> None:
+            png = draw(slide)
+            (Path(tmp) / f"{slide}.png").write_bytes(png)
+            if also is not None:
+                also(slide, png, draw)
+
+        drawn, note = draw_heatmaps(sample_table, dataset, write)
+        tracking.RunLogger(tracking_uri, run_id).artifacts(Path(tmp), folder)
+    return drawn, note
+
+
 def evaluation_heatmaps(tracking_uri: str, run_id: str, prefix: str, dataset: str) -> tuple[str, int, str | None]:
     """The heatmaps of an evaluation (``tessera evaluate --heatmaps``), drawn from its sample table in the run
     and titled with each slide's label, into the run's ``<prefix>heatmaps/``: that folder, how many, and a note."""
@@ -200,12 +223,7 @@ def evaluation_heatmaps(tracking_uri: str, run_id: str, prefix: str, dataset: st
     with tempfile.TemporaryDirectory() as tmp:
         path = MlflowClient(tracking_uri).download_artifacts(run_id, f"{prefix}predictions_sample.csv", tmp)
         table = Path(path).read_text()
-        pngs = Path(tmp) / HEATMAPS
-        pngs.mkdir()
-        drawn, note = draw_heatmaps(
-            table, dataset, lambda slide, draw: (pngs / f"{slide}.png").write_bytes(draw(slide))
-        )
-        tracking.RunLogger(tracking_uri, run_id).artifacts(pngs, folder)
+    drawn, note = log_heatmaps(tracking_uri, run_id, folder, table, dataset)
     return folder, drawn, note
 
 
