@@ -225,9 +225,10 @@ def ingest_dry_run(kind: str, cfg, on_private) -> int:
     slides on local disk their headers (level, resolution, tile grid; which would fail). Only the private
     pseudonym map is written (as a run writes it), for the user to look up what the ids stand for."""
     from ingest.config import pseudonym_key
+    from ingest.describe import describe_plan
     from ingest.lock import lock_line
     from ingest.model_files import recording
-    from ingest.plan import describe_plan, make_plan
+    from ingest.plan import make_plan
     from ingest.rerun import dry_run_line
 
     plan = make_plan(kind, cfg, pseudonym_key())

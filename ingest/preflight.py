@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 from ingest.config import WsiIngestConfig
 from ingest.decisions import decide
-from ingest.plan import id_list
+from ingest.describe import id_list
 from ingest.slides import OpenSlideReader, SlideReader
 from ingest.source_cache import is_remote
 from ingest.tiling import grid_size

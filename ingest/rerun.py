@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from ingest.config import IngestConfig, changed_options
-from ingest.plan import Plan, id_list
+from ingest.describe import id_list
+from ingest.plan import Plan
 from ingest.splits import extend_splits, parse_fractions
 from ingest.units import Unit
 from shards import manifest as mf

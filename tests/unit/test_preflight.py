@@ -1,7 +1,8 @@
 import numpy as np
 
 from ingest.config import WsiIngestConfig
-from ingest.plan import Plan, describe_plan
+from ingest.describe import describe_plan
+from ingest.plan import Plan
 from ingest.preflight import check_slides
 from ingest.slides import ArraySlideReader, SlideError
 from ingest.synthetic import write_pyramid_tiff
