@@ -35,8 +35,10 @@ def add_predict_parser(sub) -> None:
     pr.add_argument(
         "--submission",
         metavar="CSV",
-        help="also write the patient-level probabilities in the Mayo Clinic STRIP AI competition's layout "
-        "(patient_id,CE,LAA: a column per class), patients named by their IDs: needs --reveal",
+        help="also write the calls in their competition's layout, named by their IDs (needs --reveal): a "
+        "multi-class run's patient-level probabilities as Mayo Clinic STRIP AI's (patient_id,CE,LAA: a column per "
+        "class), a multi-label run of RSNA's six labels its slices' as the RSNA Intracranial Hemorrhage "
+        "Detection's (ID,Label: ID_<SOP instance>_<label> rows)",
     )
     pr.add_argument(
         "--heatmaps",
@@ -83,12 +85,12 @@ def cmd_predict(args) -> int:
     if args.reveal and args.out and args.out.startswith("s3://"):
         raise ValueError("--reveal: the names behind the pseudonyms stay off object storage; give a local --out")
     if args.submission and (not args.reveal or args.submission.startswith("s3://")):
-        raise ValueError("--submission: it names patients by their IDs; give --reveal and a local file")
+        raise ValueError("--submission: it names patients or images by their IDs; give --reveal and a local file")
     s = _settings()
     _connect(s)
     health.require(s, "mlflow")
     options = {"dataset": args.dataset, "split": args.split, "name": args.name, "overrides": args.overrides}
-    options["needs"] = ("patient",) if args.submission else ()  # its rows are patients
+    options["check"] = submission_layout if args.submission else None  # refused before any work
     outcome = predict_run(args.run, s.mlflow_url, s.checkpoints, **options)
     tables, private = outcome.tables, None
     if args.reveal:
@@ -105,7 +107,7 @@ def cmd_predict(args) -> int:
         rows = sum(1 for _ in csv.reader(lines_of(table))) - 1
         print(f"  {level}: {rows} row{'' if rows == 1 else 's'} -> {url}")
     if args.submission:
-        submission(tables, args.submission)
+        submission(tables, submission_layout(outcome.recipe, outcome.outputs), args.submission)
     if args.heatmaps:
         heatmaps(outcome, s.mlflow_url, out, private)
     if outcome.warning:
@@ -128,17 +130,30 @@ def _write(url: str, data: bytes, secret: bool) -> None:
     os.chmod(url, 0o600)  # a file there before keeps its mode through O_TRUNC
 
 
-def submission(tables: dict[str, str], path: str) -> None:
-    """The revealed patient table in the STRIP AI submission layout, to ``path`` (readable by its owner only)."""
-    from training.predictions import submission_table
+def submission_layout(recipe, outputs: list[str]):
+    """The competition layout of a run of ``recipe`` whose model has ``outputs``; an error saying why none fits."""
+    from training.submissions import layout_for
 
-    if "patient" not in tables:  # the recipe aggregates to patients (predict_run checked), but no sample names one
-        raise ValueError(f"--submission: no patient table to write it from (levels: {', '.join(tables)})")
-    path = str(Path(path).resolve())
-    table = submission_table(tables["patient"])
-    _write(path, table.encode(), True)
-    rows = table.count("\n") - 1
-    print(f"  submission: {rows} patient{'' if rows == 1 else 's'} -> {path}")
+    try:
+        return layout_for(recipe, outputs)
+    except ValueError as exc:
+        raise ValueError(f"--submission: {exc}") from None
+
+
+def submission(tables: dict[str, str], layout, path: str) -> None:
+    """The revealed table of ``layout``'s level in that layout, to ``path`` (readable by its owner only)."""
+    from training.predictions import lines_of
+
+    if layout.level not in tables:  # the recipe aggregates to patients (checked before), but no sample names one
+        raise ValueError(f"--submission: no {layout.level} table to write it from (levels: {', '.join(tables)})")
+    path, table = str(Path(path).resolve()), tables[layout.level]
+    try:
+        written = layout.write(table)
+    except ValueError as exc:  # the table lacks what the layout names its rows by
+        raise ValueError(f"--submission: {exc}") from None
+    _write(path, written.encode(), True)
+    rows = sum(1 for _ in csv.reader(lines_of(table))) - 1
+    print(f"  submission ({layout.name}): {rows} {layout.item}{'' if rows == 1 else 's'} -> {path}")
 
 
 def heatmaps(outcome, tracking_uri: str, out: str, private: dict[str, str] | None) -> None:

@@ -41,6 +41,13 @@ class SliceHeader:
     frame: int | None = None
     burned_in: bool = False
 
+    @property
+    def instance_name(self) -> str:
+        """What names the slice outside Tessera: its SOP Instance UID (the RSNA competition's image ID), with its
+        frame's index in a multi-frame file; its file where the header has no UID."""
+        uid = self.sop_uid or self.path
+        return uid if self.frame is None else f"{uid} frame {self.frame}"
+
 
 @dataclass
 class Series:

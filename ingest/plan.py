@@ -184,12 +184,15 @@ def plan_dicom(cfg: DicomIngestConfig, key: bytes) -> Plan:
         label = classes.index(row.label) if row and row.label is not None else None
         if slice_labels:
             label = max((v[0] for v in slice_labels if v), default=0)
+        names = [s.instance_name for s in series.slices]
         meta = {
             "study": _known(plan, key, "study", series.study_uid, f"study {series.study_uid}"),
             "modality": series.modality,
             "warnings": series.warnings,
             "frames": [s.frame for s in series.slices],
             "slice_labels": slice_labels,
+            # each slice's pseudonym: a slice's sample is named by it, and the private map by its SOP instance
+            "images": [_known(plan, key, "image", name, f"instance {name}") for name in names],
         }
         unit = Unit(
             id=sid,
@@ -321,9 +324,10 @@ def _plan_sequences(cfg: ImagesIngestConfig, key: bytes, text: str | None) -> Pl
         unlisted = sum(1 for p, n in table if p == patient and n not in slices)
         warnings = _slice_gaps(numbers) + ([f"{unlisted} slice(s) of the table have no image"] if unlisted else [])
         sid = _known(plan, key, "series", patient, os.path.dirname(slices[numbers[0]]))
-        meta = {"warnings": warnings, "slice_labels": vectors, "numbers": numbers}
-        label = max(v[0] for v in vectors)  # the patient is positive when any slice is
         files = [slices[n] for n in numbers]
+        images = [_known(plan, key, "image", f, f) for f in files]  # a slice's sample is named by its file's
+        meta = {"warnings": warnings, "slice_labels": vectors, "numbers": numbers, "images": images}
+        label = max(v[0] for v in vectors)  # the patient is positive when any slice is
         who = _known(plan, key, "patient", patient, f"patient {patient}")
         plan.units.append(Unit(sid, "sequence", files, sid, who, label, meta=meta))
     _assign(plan.units, cfg)

@@ -185,7 +185,8 @@ def sequence_samples(
 
     ``read(path, i)`` renders slice ``i``. With per-slice label vectors, a one-slice sample takes its centre
     slice's vector and a multi-slice sample the maximum of its slices' (any-positive). A sample of several
-    slices holds them in order (see :func:`~shards.schema.make_sample`).
+    slices holds them in order (see :func:`~shards.schema.make_sample`). A one-slice sample (``slice`` mode) is
+    named by its centre slice's pseudonym (``image``) where the unit has them.
     """
     unit = work.unit
     n = len(unit.sources)
@@ -209,6 +210,8 @@ def sequence_samples(
             "label": label,
             "labels": vector,
         } | extra
+        if cfg.mode == "slice" and unit.meta.get("images"):  # the slice it stands for: its pseudonym
+            meta["image"] = unit.meta["images"][picks[len(picks) // 2]]
         images = [encode_image(slices.get(i), cfg.format, cfg.quality, flat=True) for i in picks]
         yield make_sample(f"{unit.item}_{suffix}", images, cfg.format, label, meta)
 

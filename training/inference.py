@@ -41,6 +41,8 @@ class PredictOutcome:
     samples: int
     warning: str | None = None  # of the samples' scale, as evaluation's (:data:`~training.evaluation.SCALE_WARNING`)
     made_as: str | None = None  # the dataset's URL as its ingest was given it (``--out``), which names its private map
+    recipe: TrainRecipe | None = None  # the run's, with the overrides of where it ran
+    outputs: list[str] | None = None  # the model's classes or labels
 
 
 def prediction_name(split: str, own: bool, name: str | None = None) -> str:
@@ -109,12 +111,12 @@ def predict_run(
     split: str | None = None,
     name: str | None = None,
     overrides: list[str] | tuple[str, ...] = (),
-    needs: tuple[str, ...] = (),
+    check: Callable[[TrainRecipe, list[str]], object] | None = None,
 ) -> PredictOutcome:
     """Run ``run``'s exported model on ``split`` of ``dataset`` (default: the run's own; its only split, or
     ``test``); the tables go into the run under ``predictions/<name>/`` and come back in the outcome. The run's
-    recipe, with ``overrides`` of where it runs (``launch.EVALUATE_KEYS``). ``needs``: the levels the caller
-    wants tables of, refused before any work where the recipe does not aggregate to them."""
+    recipe, with ``overrides`` of where it runs (``launch.EVALUATE_KEYS``). ``check(recipe, outputs)``, the
+    model's classes or labels, raises before the dataset is read where the caller cannot use the run's tables."""
     from mlflow import MlflowClient
 
     from training.endings import RunFailed
@@ -123,17 +125,17 @@ def predict_run(
 
     client = MlflowClient(tracking_uri)
     run_id, recipe = run_on(client, run, overrides, dataset)
-    if missing := [level for level in needs if level not in recipe.eval.levels]:
-        raise ValueError(f"run {run_id} aggregates to {recipe.eval.levels} (its eval.levels), not to {missing}")
+    if not tracking.has_artifact(client, run_id, MODEL_ARTIFACT):
+        raise ValueError(f"run {run_id} has no exported model (it finished no epoch)")
+    outputs = export_outputs(export_description(client, run_id))
+    if check is not None:
+        check(recipe, outputs)
     url = recipe.data.dataset
     manifest = mf.load(url)
     split = split or default_split(manifest)
     if manifest.missing_splits(split):
         raise ValueError(f"{url}: the manifest has no {split} split (has {sorted(manifest.splits)})")
-    if not tracking.has_artifact(client, run_id, MODEL_ARTIFACT):
-        raise ValueError(f"run {run_id} has no exported model (it finished no epoch)")
-    desc = export_description(client, run_id)
-    labelled, note = labels_for(export_outputs(desc), manifest, recipe.task)
+    labelled, note = labels_for(outputs, manifest, recipe.task)
     if note:
         print(f"note: {url}: {note}", flush=True)
     name = prediction_name(split, not dataset, name)
@@ -148,9 +150,8 @@ def predict_run(
         if index["group"] != group:
             raise RunFailed(f"predictions of run {run_id} on {url} ({split}): its tables were not written")
         tables = {level: (local / f"predictions_{level}.csv").read_text() for level in index["levels"]}
-    return PredictOutcome(
-        run_id, name, url, split, tables, labelled, index["samples"], index["warning"], made_as=manifest.dataset
-    )
+    found = (tables, labelled, index["samples"], index["warning"])
+    return PredictOutcome(run_id, name, url, split, *found, made_as=manifest.dataset, recipe=recipe, outputs=outputs)
 
 
 def draw_heatmaps(sample_table: str, dataset: str, write: Callable[[str, Callable[[str], bytes]], None]):

@@ -62,13 +62,15 @@ def prediction_table(
 
 
 # The columns whose values are pseudonyms of the private map; what each stands for there starts with its kind
-# (``patient 006388``, ``study 1.2.840...``, ``series 1.2.840... in /data/ct``) or is a file (a slide, an image).
+# (``patient 006388``, ``study 1.2.840...``, ``series 1.2.840... in /data/ct``, a DICOM slice's ``instance
+# 1.2.840...``) or is a file (a slide, an image).
 PSEUDONYMS = ("patient", "slide", "series", "image", "study")
 
 
 def original_name(means: str) -> str:
-    """The name a private-map entry gives: a patient's or study's ID, a series' UID, a slide's or image's file."""
-    for kind in ("patient", "study"):
+    """The name a private-map entry gives: a patient's or study's ID, a series' or DICOM slice's UID, a slide's or
+    image's file."""
+    for kind in ("patient", "study", "instance"):
         if means.startswith(f"{kind} "):
             return means.removeprefix(f"{kind} ")
     if means.startswith("series "):
@@ -118,19 +120,3 @@ def reveal(table: str, private: dict[str, str]) -> tuple[str, int]:
             block.truncate()
     blocks.append(block.getvalue())
     return "".join(blocks), len(unknown)
-
-
-def submission_table(patient_table: str) -> str:
-    """The Mayo Clinic STRIP AI competition's submission layout from a patient-level prediction table:
-    ``patient_id`` then each class's probability under the class's name (``patient_id,CE,LAA``), by patient ID."""
-    reader = csv.DictReader(io.StringIO(patient_table))
-    header = reader.fieldnames or []
-    if "patient" not in header:
-        raise ValueError("a submission lists patients: this table has no patient column")
-    classes = [c for c in header if c.startswith("p_")]
-    out = io.StringIO()
-    writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(["patient_id", *(c.removeprefix("p_") for c in classes)])
-    for row in sorted(reader, key=lambda r: r["patient"]):
-        writer.writerow([row["patient"], *(row[c] for c in classes)])
-    return out.getvalue()

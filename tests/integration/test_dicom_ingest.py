@@ -1,7 +1,10 @@
 """DICOM ingest end to end: RSNA labels, sample modes, and the files a real export mixes in."""
 
+import csv
 import json
 import shutil
+import subprocess
+import sys
 
 import pydicom
 import pydicom.uid
@@ -14,6 +17,9 @@ from ingest.synthetic import make_ct_series
 from shards import storage
 from shards.verify import verify_dataset
 from shards.writer import read_tar_samples
+from training.config import load_recipe
+from training.launch import run_training
+from training.submissions import RSNA_LABELS
 
 
 def _rsna_csv(root, path):
@@ -92,3 +98,39 @@ def test_dicom_from_the_object_store_matches_local(stack, tmp_path):
     assert grown.amended[-1].replaced == 1 and verify_dataset(str(tmp_path / "s3")) == []
     keys = [s["__key__"] for p in (tmp_path / "s3").glob("*/shard-*.tar") for s in read_tar_samples(p)]
     assert len(keys) == len(set(keys)) == 13
+
+
+def test_an_rsna_run_is_submitted_by_its_slices_sop_instances(stack, tmp_path):
+    """Paper 003 through the CLI: CT series with RSNA's per-slice labels ingested a sample per slice, a multi-label
+    model of RSNA's six labels trained on them, and `tessera predict --reveal --submission` writes RSNA's layout:
+    six rows per slice of the split, each slice named by its SOP Instance UID (the competition's image ID), each
+    with its sample's probability of that label in the revealed table."""
+    root, ds, preds = tmp_path / "dicom", tmp_path / "ds", tmp_path / "preds"
+    make_ct_series(root, n=4, slices=5, size=32, seed=3)
+    labels = _rsna_csv(root, tmp_path / "stage_2_train.csv")
+    cli = [sys.executable, "-m", "cluster.cli"]
+    ingest = [*cli, "ingest", "dicom", str(root), "--out", str(ds), "--labels", str(labels), "--store-size", "32"]
+    run = subprocess.run([*ingest, "--split", "train=0.5,val=0.5"], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    overrides = [f"data.dataset={ds}", "data.image_size=32", "model.name=resnet18", "model.pretrained=false"]
+    overrides += ["epochs=1", "batch_size=4", "workers=1", "deepspeed.zero_stage=0"]
+    out = run_training(load_recipe("rsna_ich_subtypes", overrides), stack.mlflow_url, str(tmp_path / "ckpt"))
+    assert out.error is None, out.error
+
+    submission = tmp_path / "submission.csv"
+    predict = [*cli, "predict", out.run_id, "--split", "val", "--out", str(preds), "--reveal"]
+    run = subprocess.run([*predict, "--submission", str(submission)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    manifest = json.loads((ds / "manifest.json").read_text())
+    headers = [pydicom.dcmread(f, stop_before_pixels=True) for f in root.rglob("*.dcm")]
+    series_of = {h.SOPInstanceUID: h.SeriesInstanceUID for h in headers}
+    shown = list(csv.DictReader((preds / "predictions_sample.csv").read_text().splitlines()))
+    n = manifest["splits"]["val"]["num_samples"]
+    assert f"submission (RSNA): {n} images -> {submission}" in run.stdout and len(shown) == n > 0
+    assert all(series_of[r["image"]] == r["series"] for r in shown)  # revealed: each slice's UID, of its series
+    assert len({r["image"] for r in shown}) == n and len({r["series"] for r in shown}) == 2
+    rows = list(csv.reader(submission.read_text().splitlines()))
+    assert rows[0] == ["ID", "Label"] and len(rows) == 1 + 6 * n
+    expected = {f"{r['image']}_{label}": r[f"p_{label}"] for r in shown for label in RSNA_LABELS}
+    assert dict(rows[1:]) == expected and [i for i, _ in rows[1:]] == sorted(expected)
+    assert submission.stat().st_mode & 0o777 == 0o600

@@ -215,7 +215,7 @@ def test_predict_calls_the_inputs_of_a_dataset_without_labels(trained, stack, tm
         assert float(r["p_class1"]) == pytest.approx(np.mean(tiles, axis=0)[1], abs=1e-4)
     # STRIP AI's submission layout: the same patients and probabilities, by the patients' IDs, 0600
     submission = tmp_path / "submission.csv"
-    assert f"submission: 1 patient -> {submission}" in run.stdout
+    assert f"submission (STRIP AI): 1 patient -> {submission}" in run.stdout
     assert submission.read_text() == "patient_id,class0,class1\n" + "".join(
         f"{r['patient']},{r['p_class0']},{r['p_class1']}\n" for r in patients
     )

@@ -202,10 +202,11 @@ def test_evaluate_takes_only_where_to_run_overrides(capsys):
 
 
 def test_a_submission_needs_the_patients_ids(capsys):
-    """STRIP AI's submission names patients by their IDs: refused without --reveal, before anything connects."""
+    """A submission names patients (STRIP AI) or images (RSNA) by their IDs: refused without --reveal, before
+    anything connects."""
     assert main(["predict", "0123456789abcdef", "--submission", "submission.csv"]) == 1
     err = capsys.readouterr().err
-    assert "--submission: it names patients by their IDs; give --reveal and a local file" in err
+    assert "--submission: it names patients or images by their IDs; give --reveal and a local file" in err
 
 
 def test_a_submission_of_a_run_without_patients_is_refused_before_any_work(tmp_path, monkeypatch):
@@ -215,8 +216,11 @@ def test_a_submission_of_a_run_without_patients_is_refused_before_any_work(tmp_p
     from mlflow import MlflowClient
 
     import training.capacity
+    from cluster.cli_predict import submission_layout
+    from training.export import MODEL_JSON
     from training.inference import predict_run
     from training.launch import RECIPE_ARTIFACT
+    from training.tracking import MODEL_ARTIFACT
 
     monkeypatch.setattr(training.capacity, "check_capacity", lambda *a, **k: None)  # no cluster here
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -225,8 +229,11 @@ def test_a_submission_of_a_run_without_patients_is_refused_before_any_work(tmp_p
     recipe = load_recipe("demo_tiles", [f"data.dataset={tmp_path / 'nowhere'}", "eval.levels=[slide]"])
     (tmp_path / RECIPE_ARTIFACT).write_text(yaml.safe_dump(recipe.model_dump()))
     client.log_artifact(run_id, str(tmp_path / RECIPE_ARTIFACT))
-    with pytest.raises(ValueError, match=r"aggregates to \['slide'\] \(its eval.levels\), not to \['patient'\]"):
-        predict_run(run_id, uri, str(tmp_path / "ckpt"), overrides=["use_gpu=false"], needs=("patient",))
+    (tmp_path / MODEL_JSON).write_text(json.dumps({"classes": ["CE", "LAA"]}))  # the export's description
+    client.log_artifact(run_id, str(tmp_path / MODEL_JSON), MODEL_ARTIFACT)
+    refused = r"--submission: no submission layout fits this run: STRIP AI's .* this multiclass one's: \['slide'\]"
+    with pytest.raises(ValueError, match=refused):
+        predict_run(run_id, uri, str(tmp_path / "ckpt"), overrides=["use_gpu=false"], check=submission_layout)
 
 
 def test_unreachable_endpoint_is_named(tmp_path, monkeypatch):

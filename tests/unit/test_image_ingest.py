@@ -184,6 +184,11 @@ def test_ct_ich_sequences(tmp_path):
     assert sorted(k for k in sample if k.endswith(".jpg")) == [f"{j:03d}.jpg" for j in range(4)]
     assert meta["slices"] == [0, 2, 5, 7] and meta["labels"][:3] == [1, 0, 1] and sample["cls"] == "1"
     assert "049" not in json.dumps(meta) and "049" not in plan.units[0].patient
+    assert "image" not in meta  # four slices: the sample stands for no one slice
+    # one sample per slice: each named by its slice's pseudonym, which the private map traces to the file
+    per_slice = cfg.model_copy(update={"mode": "slice"})
+    names = [json.loads(s["json"])["image"] for s in work_samples(Work(plan.units[0]), per_slice)]
+    assert [plan.private[n] for n in names] == plan.units[0].sources and len(set(names)) == 8
 
     # Without --slice-folder the bone images collide with the brain ones: skipped, and the reason says why.
     both = plan_images(cfg.model_copy(update={"slice_folder": None}), KEY)

@@ -167,8 +167,10 @@ def test_reveal_names_each_pseudonym_by_what_the_private_map_says():
         "bb": "/data/strip/006388_0.tif",
         "cc": "series 1.2.3 in /data/ct/ID_9",
         "dd": "study 4.5",
+        "ee": "instance ID_000012eaf",
     }
-    assert [original_name(v) for v in private.values()] == ["006388", "/data/strip/006388_0.tif", "1.2.3", "4.5"]
+    names = ["006388", "/data/strip/006388_0.tif", "1.2.3", "4.5", "ID_000012eaf"]
+    assert [original_name(v) for v in private.values()] == names
     table = "patient,slide,x,y,predicted,p_CE\naa,bb,0,600,CE,0.9\naa,zz,600,0,CE,0.8\n"
     shown, unknown = reveal(table, private)
     assert shown == (
@@ -194,12 +196,53 @@ def test_reveal_keeps_a_large_table_row_for_row():
 
 def test_a_submission_lists_each_patients_probabilities_by_class():
     """STRIP AI's layout: patient_id, then a column per class named by it; the patients in ID order."""
-    from training.predictions import submission_table
+    from training.submissions import strip_ai
 
     table = "patient,label,predicted,p_CE,p_LAA\n006388,CE,CE,0.7,0.3\n00c058,LAA,LAA,0.2,0.8\n0068d4,CE,LAA,0.4,0.6\n"
-    assert submission_table(table) == "patient_id,CE,LAA\n006388,0.7,0.3\n0068d4,0.4,0.6\n00c058,0.2,0.8\n"
+    assert strip_ai(table) == "patient_id,CE,LAA\n006388,0.7,0.3\n0068d4,0.4,0.6\n00c058,0.2,0.8\n"
     with pytest.raises(ValueError, match="a submission lists patients: this table has no patient column"):
-        submission_table("slide,predicted,p_CE,p_LAA\ns,CE,0.9,0.1\n")
+        strip_ai("slide,predicted,p_CE,p_LAA\ns,CE,0.9,0.1\n")
+
+
+RSNA_HEADER = "series,slices,image,predicted_any,p_any,p_epidural,p_intraparenchymal,p_intraventricular"
+
+
+def test_an_rsna_submission_scores_each_image_once_per_label():
+    """RSNA 2019's layout: ``ID,Label``, a row per image and label named ``ID_<image>_<label>``, in ID order, the
+    table's probabilities as they are."""
+    from training.submissions import rsna
+
+    header = RSNA_HEADER + ",p_subarachnoid,p_subdural"
+    table = f"{header}\ns1,3,ID_b2,1,0.9,0.1,0.2,0.3,0.4,0.5\ns1,4,ID_a1,0,0.01,0.02,0.03,0.04,0.05,0.06\n"
+    expected = [
+        "ID,Label", "ID_a1_any,0.01", "ID_a1_epidural,0.02", "ID_a1_intraparenchymal,0.03",
+        "ID_a1_intraventricular,0.04", "ID_a1_subarachnoid,0.05", "ID_a1_subdural,0.06", "ID_b2_any,0.9",
+        "ID_b2_epidural,0.1", "ID_b2_intraparenchymal,0.2", "ID_b2_intraventricular,0.3", "ID_b2_subarachnoid,0.4",
+        "ID_b2_subdural,0.5",
+    ]  # fmt: skip
+    assert rsna(table) == "\n".join(expected) + "\n"
+    twice = table + "s1,5,ID_a1,0,0.01,0.02,0.03,0.04,0.05,0.06\n"
+    with pytest.raises(ValueError, match="image ID_a1 has two samples in the table"):
+        rsna(twice)
+    with pytest.raises(ValueError, match=r"the table lacks \['subarachnoid', 'subdural'\]"):
+        rsna(f"{RSNA_HEADER}\ns1,3,ID_b2,1,0.9,0.1,0.2,0.3\n")
+    with pytest.raises(ValueError, match=r"these samples name none .* --mode slice"):
+        rsna(header.replace("image,", "") + "\ns1,3,1,0.9,0.1,0.2,0.3,0.4,0.5\n")
+
+
+def test_a_run_is_submitted_in_its_competitions_layout():
+    from training.config import load_recipe
+    from training.submissions import RSNA, RSNA_LABELS, STRIP_AI, layout_for
+
+    strip = load_recipe("strip_ai_resnet50")
+    assert layout_for(strip, ["CE", "LAA"]) is STRIP_AI
+    subtypes = load_recipe("rsna_ich_subtypes")
+    assert layout_for(subtypes, ["any", *RSNA_LABELS[:5]]) is RSNA
+    with pytest.raises(ValueError, match=r"this multilabel one's: \['series'\]\), .* outputs: any, epidural\)"):
+        layout_for(subtypes, ["any", "epidural"])
+    series = load_recipe("rsna_ich_binary", ["eval.levels=[series]"])  # a call per series: neither's rows
+    with pytest.raises(ValueError, match="no submission layout fits this run"):
+        layout_for(series, ["no hemorrhage", "hemorrhage"])
 
 
 def test_what_a_prediction_reads_of_a_dataset(tmp_path):

@@ -83,6 +83,33 @@ def test_a_patient_table_row_without_a_series_is_reported_not_ingested(tmp_path)
     assert all(plan.private[u.item].startswith("series ") and plan.private[u.meta["study"]] for u in plan.units)
 
 
+def test_a_slice_sample_is_named_by_its_sop_instance_through_the_private_map(tmp_path):
+    """One sample per slice (RSNA's): its ``image`` is the pseudonym of its slice, which the private map traces to
+    the slice's SOP Instance UID (the competition's image ID), in the series' anatomical order; a sample of
+    several slices names none."""
+    import json
+
+    import pydicom
+
+    from ingest.config import DicomIngestConfig
+    from ingest.plan import plan_dicom
+    from ingest.synthetic import make_ct_series
+    from ingest.units import Work, work_samples
+    from training.predictions import original_name
+
+    _, labels = make_ct_series(tmp_path / "ct", n=1, slices=4, size=16)
+    cfg = DicomIngestConfig(sources=[str(tmp_path / "ct")], out=str(tmp_path / "o"), labels=str(labels), neighbours=1)
+    plan = plan_dicom(cfg, b"k")
+    (unit,) = plan.units
+    sop = {f: pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID for f in unit.sources}
+    metas = [json.loads(s["json"]) for s in work_samples(Work(unit), cfg)]
+    assert [original_name(plan.private[m["image"]]) for m in metas] == [sop[f] for f in unit.sources]
+    assert metas[0]["slices"] == [0, 0, 1] and len({m["image"] for m in metas}) == 4
+    assert all(uid not in json.dumps(metas) for uid in sop.values())
+    (block,) = work_samples(Work(unit), cfg.model_copy(update={"mode": "center"}))
+    assert "image" not in json.loads(block["json"])
+
+
 def test_a_series_that_gains_a_slice_gets_another_fingerprint(tmp_path):
     """A series is one input whatever its file count: a slice added to it (a late transfer) gives it another
     fingerprint, so a dataset made without that slice is told apart; the other series keeps its own."""
