@@ -229,9 +229,9 @@ def evaluation_heatmaps(tracking_uri: str, run_id: str, prefix: str, dataset: st
 
 
 def training_heatmaps(tracking_uri: str, run_id: str, recipe, held_out) -> list[str]:
-    """After a training whose recipe asks for them (``eval.heatmaps``), the heatmaps of its validation slides (from
-    the last epoch's table: the last epoch's model, or the SWA average) and, where the held-out step ran
-    (``held_out``, its EvalOutcome), of its test slides (the selected model): a line saying what each step drew.
+    """After a training whose recipe asks for them (``eval.heatmaps``), the heatmaps of its validation slides and,
+    where the held-out step ran (``held_out``, its EvalOutcome), of its test slides, both from the selected model
+    (the best epoch's, or the SWA average): a line saying what each step drew.
     A failure is said, not raised: the model trained and stays registered."""
     steps = [("validation", "", recipe.data.val_split)]
     if held_out is not None:

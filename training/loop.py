@@ -315,10 +315,10 @@ class Trainer:
                 metrics |= swa_metrics
             if report:
                 report.epoch(metrics, epoch)
-            if (improved and self.swa is None) or (last and self.swa is not None):
+            if (improved and self.swa is None) or (last and self.swa is not None):  # the selected model
                 self._export(report, MODEL_ARTIFACT, pred["metas"])
-            if last and report:
-                report.final(pred)
+                if report:  # its validation pictures and tables, not the last epoch's where that is another
+                    report.final(pred)
             with scratch.directory("checkpoint") as tmp:  # what a worker killed while saving leaves is swept
                 self.engine.save_checkpoint(tmp, tag=TAG, client_state=self._client_state(epoch, stop))
                 if report:

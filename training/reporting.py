@@ -68,7 +68,8 @@ class Reporter:
         self.log.drain(self.t.recipe.tracking.outage_wait_s)
 
     def final(self, pred: dict[str, Any]) -> None:
-        """Confusion matrices, ROC curves and predictions of the validation split."""
+        """Confusion matrices, ROC curves and predictions of the validation split by the selected model (logged
+        with its export: they replace an earlier epoch's)."""
         log_evaluation(self.log, self.t.recipe, self.t.outputs, pred, "validation")
 
 

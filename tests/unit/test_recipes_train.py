@@ -2,6 +2,7 @@
 DALI over real shards, a DeepSpeed engine (one gloo rank, no Ray), the recipe's loss, schedule, SWA and
 metrics. Inputs and data are shrunk; the recipe files keep the papers' values."""
 
+import csv
 import math
 import multiprocessing as mp
 import os
@@ -191,6 +192,30 @@ def test_a_zero_3_run_exports_its_gathered_weights_into_mlflow(tmp_path, process
     assert got.keys() == want.keys()
     for name, value in got.items():
         torch.testing.assert_close(value, want[name], rtol=0, atol=0, msg=name)
+
+
+def test_the_validation_tables_are_the_selected_models_not_the_last_epochs(tmp_path, process_group):
+    """Selected on ``epoch`` (min): the first epoch is the exported model, and the run's validation table is its
+    predictions (their log loss is its val_loss), not the second epoch's."""
+    from mlflow import MlflowClient
+    from sklearn.metrics import log_loss
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    run = client.create_run(client.create_experiment("selected", artifact_location=str(tmp_path / "artifacts")))
+    small = ["data.epoch_samples=4", "batch_size=2", "epochs=2", "workers=1", "eval.monitor=epoch", "eval.mode=min"]
+    recipe = load_recipe("demo_tiles", [f"data.dataset={tmp_path / 'ds'}", *small])
+    _dataset(recipe, str(tmp_path / "ds"))
+    trainer = Trainer({"recipe": recipe.model_dump(), "mlflow_uri": uri, "run_id": run.info.run_id}, rank=0, world=1)
+    trainer.run(lambda metrics, folder: None)
+    history = client.get_metric_history(run.info.run_id, "val_loss")
+    first, second = (m.value for m in sorted(history, key=lambda m: m.step))
+    assert first != pytest.approx(second, abs=1e-3)  # the two epochs' models call the split differently
+    table = Path(client.download_artifacts(run.info.run_id, "predictions_sample.csv", str(tmp_path)))
+    rows = list(csv.DictReader(table.read_text().splitlines()))
+    labels = [int(r["label"].removeprefix("class")) for r in rows]
+    probs = [[float(r["p_class0"]), float(r["p_class1"])] for r in rows]
+    assert len(rows) == 6 and log_loss(labels, probs, labels=[0, 1]) == pytest.approx(first, abs=1e-4)
 
 
 def _small_model():
