@@ -5,7 +5,11 @@
 
 Tessera runs twice: with PNG (lossless, as the naive method; the encoder dominates) and with JPEG quality 95.
 Also prints Tessera's peak RSS, which stays flat with series length (a sample holds at most ``2k + 1`` rendered slices).
-Usage: ``python benchmarks/dicom_ingest.py [--slices 200] [--size 512] [--workdir DIR]``.
+
+Then the plan's header pass over a cohort of ``--plan-files`` small local slices: in one process, and in the
+processes Tessera starts for that many files (one per 2048 files, at most one per core), in a fresh process each
+(their start-up counted).
+Usage: ``python benchmarks/dicom_ingest.py [--slices 200] [--size 512] [--plan-files 8000] [--workdir DIR]``.
 """
 
 from __future__ import annotations
@@ -81,10 +85,43 @@ def _child(root: str, out: str, fmt: str, q) -> None:
     q.put((n, secs, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
 
 
+def _headers_child(files: list[str], processes: int | None, q) -> None:
+    from ingest.dicom import map_headers
+    from ingest.plan import source_headers
+
+    t = time.perf_counter()
+    found = map_headers(source_headers, files, processes)
+    q.put((time.perf_counter() - t, sum(len(headers) for headers, _ in found)))
+
+
+def header_pass(root: Path, count: int) -> None:
+    """The plan's header pass over ``count`` slices: one process against Tessera's default, each run fresh."""
+    from ingest.dicom import header_processes
+    from ingest.synthetic import make_ct_series
+
+    if not root.exists():
+        make_ct_series(root, n=max(1, count // 400), slices=min(count, 400), size=16)
+    files = sorted(str(p) for p in root.rglob("*.dcm"))
+    times = {}
+    for processes in (1, None):
+        ctx = mp.get_context("spawn")
+        q = ctx.Queue()
+        proc = ctx.Process(target=_headers_child, args=(files, processes, q))
+        proc.start()
+        times[processes], found = q.get()
+        proc.join()
+        assert found == len(files)
+    n = header_processes(len(files))
+    print(f"\nplan's header pass, {len(files)} local slices: 1 process {times[1]:.2f}s "
+          f"({len(files) / times[1]:.0f} files/s), {n} processes {times[None]:.2f}s "
+          f"({len(files) / times[None]:.0f} files/s): {times[1] / times[None]:.2f}x")  # fmt: skip
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--slices", type=int, default=200)
     ap.add_argument("--size", type=int, default=512)
+    ap.add_argument("--plan-files", type=int, default=8000)
     ap.add_argument("--workdir", default=None)
     args = ap.parse_args()
     root = Path(args.workdir or tempfile.mkdtemp(prefix="tessera-dicom-bench-")) / f"ct{args.slices}_{args.size}"
@@ -104,6 +141,8 @@ def main() -> None:
         shutil.rmtree(root.parent / "out", ignore_errors=True)
         print(f"tessera ({fmt:3s} )   {t_s:7.2f}s  {n / t_s:7.1f} slices/s  (peak RSS {rss:.0f} MB)")
         print(f"  tessera ({fmt}) / naive: {(n / t_s) / (len(files) / naive_s):.2f}x  (target >= 5)")
+    if args.plan_files:
+        header_pass(root.parent / f"cohort{args.plan_files}", args.plan_files)
 
 
 if __name__ == "__main__":

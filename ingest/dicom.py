@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -114,14 +115,40 @@ def read_header(
         return parse(path)
 
 
-def map_headers(read: Callable[[str], T], locations: list[str]) -> list[T]:
+FILES_PER_PROCESS = 2048  # local files a header process is started for: below that its start costs more
+
+
+def header_processes(files: int) -> int:
+    """How many processes parse ``files`` local headers: one per :data:`FILES_PER_PROCESS` files, at most one per
+    core this process may run on."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(cores, files // FILES_PER_PROCESS))
+
+
+def _read_each(read: Callable[[str], T], locations: list[str]) -> list[T]:
+    return [read(loc) for loc in locations]
+
+
+def map_headers(read: Callable[[str], T], locations: list[str], processes: int | None = None) -> list[T]:
     """``read`` of every location, in order (so a plan does not depend on timing). Object-store reads overlap on
-    threads; local header parsing is GIL-bound and runs in turn (on 16 threads it took 1.15 ms a file against
-    0.57 ms serially: the threads only contend for the lock)."""
+    threads. Local header parsing is GIL-bound (on 16 threads it took 1.15 ms a file against 0.57 ms serially),
+    so a large local cohort (RSNA's 752k slices) is parsed by ``processes`` (default :func:`header_processes`)
+    processes, each given runs of files."""
     if any(loc.startswith("s3://") for loc in locations):
         with ThreadPoolExecutor(HEADER_THREADS) as pool:
             return list(pool.map(read, locations))
-    return [read(loc) for loc in locations]
+    processes = header_processes(len(locations)) if processes is None else processes
+    if processes < 2:
+        return _read_each(read, locations)
+    # loky's processes (joblib's): not forked from a driver that may hold Ray's threads, and started without
+    # running the caller's script again (one without a __main__ guard works); stopped when done, not kept idle
+    from joblib.externals.loky import ProcessPoolExecutor
+
+    step = -(-len(locations) // (processes * 8))
+    runs = [locations[i : i + step] for i in range(0, len(locations), step)]
+    with ProcessPoolExecutor(processes) as pool:
+        parts = list(pool.map(_read_each, [read] * len(runs), runs))
+    return [header for part in parts for header in part]
 
 
 def read_headers(path: str | Path | BinaryIO, name: str | None = None) -> tuple[list[SliceHeader], str | None]:

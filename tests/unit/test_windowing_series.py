@@ -133,3 +133,20 @@ def test_a_series_that_gains_a_slice_gets_another_fingerprint(tmp_path):
     after = {u.id: u.fingerprint for u in plan_dicom(cfg, b"k").units}
     grown = pseudonym(b"k", "series", ds.SeriesInstanceUID)
     assert after.keys() == before.keys() and {k for k in before if after[k] != before[k]} == {grown}
+
+
+def test_a_large_local_cohort_has_its_headers_parsed_by_processes_in_order(tmp_path, monkeypatch):
+    """Each process parses runs of files; the headers come back in the files' order, as one process reads them,
+    a file that is not DICOM with its reason; how many processes: one per 2048 files, at most one per core."""
+    from ingest import dicom
+    from ingest.plan import source_headers
+    from ingest.synthetic import make_ct_series
+
+    make_ct_series(tmp_path / "ct", n=2, slices=9, size=16)
+    (tmp_path / "ct" / "notes.txt").write_text("not a slice")
+    files = sorted(str(p) for p in (tmp_path / "ct").rglob("*") if p.is_file())
+    serial = dicom.map_headers(source_headers, files, processes=1)
+    assert dicom.map_headers(source_headers, files, processes=2) == serial
+    assert serial[files.index(str(tmp_path / "ct" / "notes.txt"))] == ([], "not a DICOM file")
+    monkeypatch.setattr(dicom.os, "sched_getaffinity", lambda _: {0, 1, 2, 3})
+    assert [dicom.header_processes(n) for n in (100, 4096, 6200, 10**6)] == [1, 2, 3, 4]
