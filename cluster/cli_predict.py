@@ -144,7 +144,7 @@ def submission(tables: dict[str, str], layout, path: str) -> None:
     """The revealed table of ``layout``'s level in that layout, to ``path`` (readable by its owner only)."""
     from training.predictions import lines_of
 
-    if layout.level not in tables:  # the recipe aggregates to patients (checked before), but no sample names one
+    if layout.level not in tables:  # STRIP AI's: the recipe aggregates to patients (checked), but no sample names one
         raise ValueError(f"--submission: no {layout.level} table to write it from (levels: {', '.join(tables)})")
     path, table = str(Path(path).resolve()), tables[layout.level]
     try:
