@@ -107,7 +107,7 @@ def cmd_predict(args) -> int:
         rows = sum(1 for _ in csv.reader(lines_of(table))) - 1
         print(f"  {level}: {rows} row{'' if rows == 1 else 's'} -> {url}")
     if args.submission:
-        submission(tables, submission_layout(outcome.recipe, outcome.outputs), args.submission)
+        submission(tables, outcome.checked, args.submission)  # the layout submission_layout picked
     if args.heatmaps:
         heatmaps(outcome, s.mlflow_url, out, private)
     if outcome.warning:
@@ -130,12 +130,13 @@ def _write(url: str, data: bytes, secret: bool) -> None:
     os.chmod(url, 0o600)  # a file there before keeps its mode through O_TRUNC
 
 
-def submission_layout(recipe, outputs: list[str]):
-    """The competition layout of a run of ``recipe`` whose model has ``outputs``; an error saying why none fits."""
+def submission_layout(recipe, outputs: list[str], manifest):
+    """The competition layout of a run of ``recipe`` whose model has ``outputs``, on the dataset of ``manifest``;
+    an error saying why none fits."""
     from training.submissions import layout_for
 
     try:
-        return layout_for(recipe, outputs)
+        return layout_for(recipe, outputs, manifest.multilabel)
     except ValueError as exc:
         raise ValueError(f"--submission: {exc}") from None
 

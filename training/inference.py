@@ -41,8 +41,7 @@ class PredictOutcome:
     samples: int
     warning: str | None = None  # of the samples' scale, as evaluation's (:data:`~training.evaluation.SCALE_WARNING`)
     made_as: str | None = None  # the dataset's URL as its ingest was given it (``--out``), which names its private map
-    recipe: TrainRecipe | None = None  # the run's, with the overrides of where it ran
-    outputs: list[str] | None = None  # the model's classes or labels
+    checked: Any = None  # what the caller's ``check`` returned
 
 
 def prediction_name(split: str, own: bool, name: str | None = None) -> str:
@@ -111,12 +110,13 @@ def predict_run(
     split: str | None = None,
     name: str | None = None,
     overrides: list[str] | tuple[str, ...] = (),
-    check: Callable[[TrainRecipe, list[str]], object] | None = None,
+    check: Callable[[TrainRecipe, list[str], mf.Manifest], object] | None = None,
 ) -> PredictOutcome:
     """Run ``run``'s exported model on ``split`` of ``dataset`` (default: the run's own; its only split, or
     ``test``); the tables go into the run under ``predictions/<name>/`` and come back in the outcome. The run's
-    recipe, with ``overrides`` of where it runs (``launch.EVALUATE_KEYS``). ``check(recipe, outputs)``, the
-    model's classes or labels, raises before the dataset is read where the caller cannot use the run's tables."""
+    recipe, with ``overrides`` of where it runs (``launch.EVALUATE_KEYS``). ``check(recipe, outputs, manifest)``
+    (``outputs``: the model's classes or labels; ``manifest``: the dataset's) raises before any worker starts
+    where the caller cannot use the run's tables; what it returns comes back in the outcome."""
     from mlflow import MlflowClient
 
     from training.endings import RunFailed
@@ -128,10 +128,9 @@ def predict_run(
     if not tracking.has_artifact(client, run_id, MODEL_ARTIFACT):
         raise ValueError(f"run {run_id} has no exported model (it finished no epoch)")
     outputs = export_outputs(export_description(client, run_id))
-    if check is not None:
-        check(recipe, outputs)
     url = recipe.data.dataset
     manifest = mf.load(url)
+    checked = check(recipe, outputs, manifest) if check is not None else None
     split = split or default_split(manifest)
     if manifest.missing_splits(split):
         raise ValueError(f"{url}: the manifest has no {split} split (has {sorted(manifest.splits)})")
@@ -151,7 +150,7 @@ def predict_run(
             raise RunFailed(f"predictions of run {run_id} on {url} ({split}): its tables were not written")
         tables = {level: (local / f"predictions_{level}.csv").read_text() for level in index["levels"]}
     found = (tables, labelled, index["samples"], index["warning"])
-    return PredictOutcome(run_id, name, url, split, *found, made_as=manifest.dataset, recipe=recipe, outputs=outputs)
+    return PredictOutcome(run_id, name, url, split, *found, made_as=manifest.dataset, checked=checked)
 
 
 def draw_heatmaps(sample_table: str, dataset: str, write: Callable[[str, Callable[[str], bytes]], None]):

@@ -77,13 +77,20 @@ STRIP_AI = Layout("STRIP AI", "patient", "patient", strip_ai)
 RSNA = Layout("RSNA", "sample", "image", rsna)
 
 
-def layout_for(recipe: TrainRecipe, outputs: list[str]) -> Layout:
-    """The layout of a run of ``recipe`` whose model has ``outputs``: RSNA's for a multi-label model of its six
-    labels, STRIP AI's for a multi-class one whose recipe aggregates to patients; a ValueError saying what each
-    needs where neither fits."""
+def layout_for(recipe: TrainRecipe, outputs: list[str], labels: list[str] | None = None) -> Layout:
+    """The layout of a run of ``recipe`` whose model has ``outputs``, on a dataset of multi-label ``labels`` (or
+    none): RSNA's for a multi-label model of its six labels, STRIP AI's for a multi-class one whose recipe
+    aggregates to patients, but not on RSNA's labels (a binary call per slice, whose patient table RSNA does not
+    score); a ValueError saying what each needs where neither fits."""
     task, levels = recipe.task, recipe.eval.levels
     if task == "multilabel" and set(RSNA_LABELS) <= set(outputs):
         return RSNA
+    if task == "multiclass" and set(RSNA_LABELS) <= set(labels or []):
+        raise ValueError(
+            f"this run calls each sample {' or '.join(outputs)} on a dataset of RSNA's labels: RSNA's submission "
+            f"gives each image a probability of each of {', '.join(RSNA_LABELS)}, which a multi-label run of them "
+            "makes (recipe rsna_ich_subtypes)"
+        )
     if task == "multiclass" and "patient" in levels:
         return STRIP_AI
     raise ValueError(

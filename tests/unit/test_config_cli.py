@@ -210,8 +210,8 @@ def test_a_submission_needs_the_patients_ids(capsys):
 
 
 def test_a_submission_of_a_run_without_patients_is_refused_before_any_work(tmp_path, monkeypatch):
-    """A run whose recipe does not aggregate to patients has no rows for a submission: said before the dataset is
-    read (it is not there) or any worker starts."""
+    """A run whose recipe does not aggregate to patients has no rows for a submission: said before any worker
+    starts (none could here)."""
     import yaml
     from mlflow import MlflowClient
 
@@ -226,7 +226,10 @@ def test_a_submission_of_a_run_without_patients_is_refused_before_any_work(tmp_p
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(uri)
     run_id = client.create_run(client.create_experiment("x", str(tmp_path / "artifacts"))).info.run_id
-    recipe = load_recipe("demo_tiles", [f"data.dataset={tmp_path / 'nowhere'}", "eval.levels=[slide]"])
+    from tests.datasets import make_dataset
+
+    make_dataset(str(tmp_path / "ds"), {"test": 2})
+    recipe = load_recipe("demo_tiles", [f"data.dataset={tmp_path / 'ds'}", "eval.levels=[slide]"])
     (tmp_path / RECIPE_ARTIFACT).write_text(yaml.safe_dump(recipe.model_dump()))
     client.log_artifact(run_id, str(tmp_path / RECIPE_ARTIFACT))
     (tmp_path / MODEL_JSON).write_text(json.dumps({"classes": ["CE", "LAA"]}))  # the export's description

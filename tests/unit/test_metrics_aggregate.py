@@ -240,9 +240,12 @@ def test_a_run_is_submitted_in_its_competitions_layout():
     assert layout_for(subtypes, ["any", *RSNA_LABELS[:5]]) is RSNA
     with pytest.raises(ValueError, match=r"this multilabel one's: \['series'\]\), .* outputs: any, epidural\)"):
         layout_for(subtypes, ["any", "epidural"])
-    series = load_recipe("rsna_ich_binary", ["eval.levels=[series]"])  # a call per series: neither's rows
+    binary = load_recipe("rsna_ich_binary")  # its patient table is not what RSNA scores
+    with pytest.raises(ValueError, match="calls each sample no hemorrhage or hemorrhage on a dataset of RSNA's"):
+        layout_for(binary, ["no hemorrhage", "hemorrhage"], ["any", *RSNA_LABELS[:5]])
+    series = load_recipe("demo_tiles", ["eval.levels=[series]"])  # a call per series: neither's rows
     with pytest.raises(ValueError, match="no submission layout fits this run"):
-        layout_for(series, ["no hemorrhage", "hemorrhage"])
+        layout_for(series, ["CE", "LAA"])
 
 
 def test_what_a_prediction_reads_of_a_dataset(tmp_path):
