@@ -57,6 +57,8 @@ def quiet_libraries() -> None:
     """In the driver (the CLI) and in workers: leave out the libraries' routine lines (none when debugging). In
     the driver before Ray is imported, which reads which lines it never folds then."""
     os.environ.setdefault("RAY_DEDUP_LOGS_ALLOW_REGEX", EPOCH_LINE)
+    if not sys.stdout.isatty():  # Ray colours each forwarded line's "(pid=...)" prefix: escape codes in a log file
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
     if debugging():
         return
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")

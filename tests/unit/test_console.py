@@ -59,6 +59,25 @@ def test_quiet_libraries_drops_the_named_deprecations_only_and_debugging_keeps_e
     assert train_log_level() == "INFO"
 
 
+@pytest.mark.parametrize("terminal", [True, False])
+def test_the_lines_ray_forwards_carry_no_colour_codes_into_a_file(terminal, monkeypatch):
+    """Ray colours the "(TrainController pid=...)" prefix of each line it forwards to the driver: kept on a
+    terminal, left out where the output goes to a file or a job's log."""
+    import io
+
+    from ray._private.worker import print_worker_logs
+
+    monkeypatch.delenv("RAY_COLOR_PREFIX", raising=False)
+    out = io.StringIO()
+    monkeypatch.setattr(out, "isatty", lambda: terminal)
+    monkeypatch.setattr("sys.stdout", out)
+    quiet_libraries()
+    data = {"pid": "4242", "ip": "10.0.0.1", "localhost": "10.0.0.1", "actor_name": "TrainController"}
+    print_worker_logs(data | {"lines": ["demo-1a2b3c epoch 1/3: train_loss 0.5"]}, out)
+    assert ("\x1b[" in out.getvalue()) is terminal
+    assert "(TrainController pid=4242) demo-1a2b3c epoch 1/3: train_loss 0.5" in out.getvalue().replace("\x1b[0m", "")
+
+
 @pytest.fixture(autouse=True)
 def _restore_env():
     """quiet_libraries sets MLflow's variables with setdefault; monkeypatch restores what it deleted, not these."""
