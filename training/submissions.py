@@ -16,7 +16,8 @@ from training.predictions import lines_of
 if TYPE_CHECKING:
     from training.config import TrainRecipe
 
-# RSNA 2019's labels, in the order of its sample submission's rows for an image.
+# RSNA 2019's six labels: an image's rows in a submission (written in ID order). The same as ingest's
+# RSNA_SUBTYPES, which training does not import.
 RSNA_LABELS = ("epidural", "intraparenchymal", "intraventricular", "subarachnoid", "subdural", "any")
 
 
