@@ -52,7 +52,8 @@ class SliceHeader:
 
 @dataclass
 class Series:
-    """One series: its slice headers in anatomical order, plus ordering warnings."""
+    """One series: its slice headers in anatomical order, plus ordering warnings, and the files that repeat a
+    slice another file holds (``copies``: same SOP instance and frame), left out."""
 
     patient_id: str
     study_uid: str
@@ -60,6 +61,21 @@ class Series:
     modality: str
     slices: list[SliceHeader]
     warnings: list[str] = field(default_factory=list)
+    copies: list[str] = field(default_factory=list)
+
+
+def _first_of_each_instance(items: list[SliceHeader]) -> tuple[list[SliceHeader], list[str]]:
+    """``items`` without the later headers of a SOP instance (and frame) already seen, and the files of those:
+    an export that holds a slice twice (two folders, a re-sent transfer) gives one sample of it."""
+    seen: set[tuple[str, int | None]] = set()
+    kept, copies = [], []
+    for h in items:
+        if h.sop_uid and (h.sop_uid, h.frame) in seen:
+            copies.append(h.path)
+            continue
+        seen.add((h.sop_uid, h.frame))
+        kept.append(h)
+    return kept, copies
 
 
 def _floats(value) -> list[float] | None:
@@ -193,7 +209,8 @@ def read_headers(path: str | Path | BinaryIO, name: str | None = None) -> tuple[
 
 
 def group_series(headers: Iterable[SliceHeader]) -> list[Series]:
-    """Group headers by (study, series) and order each series along its slice normal.
+    """Group headers by (study, series) and order each series along its slice normal; a slice held by several
+    files is read from the first (in ``headers``' order).
 
     Mixed orientations within a series are recorded (the first one defines the normal).
     """
@@ -201,7 +218,8 @@ def group_series(headers: Iterable[SliceHeader]) -> list[Series]:
     for h in headers:
         groups.setdefault((h.study_uid, h.series_uid), []).append(h)
     out = []
-    for (study, series), items in sorted(groups.items()):
+    for (study, series), found in sorted(groups.items()):
+        items, copies = _first_of_each_instance(found)
         orient = items[0].orientation
         order, warnings = order_slices([h.position for h in items], orient, [h.instance for h in items])
         if orient is not None and any(
@@ -209,7 +227,7 @@ def group_series(headers: Iterable[SliceHeader]) -> list[Series]:
         ):
             warnings.append("mixed slice orientations in one series")
         ordered = [items[i] for i in order]
-        out.append(Series(items[0].patient_id, study, series, items[0].modality, ordered, warnings))
+        out.append(Series(items[0].patient_id, study, series, items[0].modality, ordered, warnings, copies))
     return out
 
 

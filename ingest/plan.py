@@ -145,6 +145,7 @@ def _skip(plan: Plan, uid: str, reason: str) -> None:
     plan.skipped.append(InputRecord(id=uid, kind="dicom", status="skipped", reason=reason))
 
 
+COPY = "a copy of a slice another file holds (the same SOP instance): read from that one"
 HEADER_BYTES = 64 << 10  # a CT/MR header is a few kB; the pixels follow it
 
 
@@ -171,6 +172,8 @@ def plan_dicom(cfg: DicomIngestConfig, key: bytes) -> Plan:
         headers += found
     for series in group_series(headers):
         named |= {series.series_uid, series.patient_id}
+        for copy in series.copies:  # accounted for: the slice it holds comes from another file
+            _skip(plan, _known(plan, key, "source", copy, copy), COPY)
         where = os.path.dirname(series.slices[0].path)
         sid = _known(plan, key, "series", series.series_uid, f"series {series.series_uid} in {where}")
         if any(s.burned_in for s in series.slices) and not cfg.allow_burned_in:

@@ -150,3 +150,30 @@ def test_a_large_local_cohort_has_its_headers_parsed_by_processes_in_order(tmp_p
     assert serial[files.index(str(tmp_path / "ct" / "notes.txt"))] == ([], "not a DICOM file")
     monkeypatch.setattr(dicom.os, "sched_getaffinity", lambda _: {0, 1, 2, 3})
     assert [dicom.header_processes(n) for n in (100, 4096, 6200, 10**6)] == [1, 2, 3, 4]
+
+
+def test_a_slice_held_by_two_files_is_read_once_and_the_copy_accounted_for(tmp_path):
+    """An export that holds a slice twice (a re-sent transfer in another folder) gives one sample of it; the copy
+    is skipped with the reason, so the manifest still accounts for every file. Frames of one multi-frame file are
+    not copies of each other."""
+    import shutil
+
+    from ingest.config import DicomIngestConfig
+    from ingest.dicom import SliceHeader, group_series
+    from ingest.plan import COPY, plan_dicom
+    from ingest.synthetic import make_ct_series
+
+    _, labels = make_ct_series(tmp_path / "ct", n=1, slices=4, size=16)
+    first = sorted((tmp_path / "ct").rglob("*.dcm"))[1]
+    (tmp_path / "ct" / "zz_resent").mkdir()
+    shutil.copy(first, tmp_path / "ct" / "zz_resent" / "again.dcm")
+    cfg = DicomIngestConfig(sources=[str(tmp_path / "ct")], out=str(tmp_path / "o"), labels=str(labels))
+    plan = plan_dicom(cfg, b"k")
+    (unit,) = plan.units
+    assert len(unit.sources) == 4 and str(first) in unit.sources and unit.meta["warnings"] == []
+    (copy,) = plan.skipped
+    assert copy.reason == COPY and plan.private[copy.id] == str(tmp_path / "ct" / "zz_resent" / "again.dcm")
+
+    frames = [SliceHeader("f.dcm", "P", "st", "se", "1.2", "CT", [0, 0, k], [1, 0, 0, 0, 1, 0], k, k) for k in range(3)]
+    (series,) = group_series(frames)
+    assert len(series.slices) == 3 and series.copies == []
