@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -145,6 +146,12 @@ class _Scheduler:
                 ray.get(ref, timeout=10)
 
 
+def bar_interval() -> float:
+    """Seconds between progress-bar redraws: tqdm's 0.1 on a terminal; 30 into a file or a job's log, where each
+    redraw is kept (an ingest of hours would log tens of thousands)."""
+    return 0.1 if sys.stderr.isatty() else 30.0
+
+
 class _Tracker:
     """Which pieces of work each input still waits for; queues work not already staged; the progress bar."""
 
@@ -153,7 +160,7 @@ class _Tracker:
         self.records: dict[str, list[WorkRecord]] = {u.id: [] for u in units}
         self.left: dict[str, int] = {}
         self.settled: set[str] = set()
-        self.bar = tqdm(total=len(units), desc=f"ingest {units[0].kind}", unit="input")
+        self.bar = tqdm(total=len(units), desc=f"ingest {units[0].kind}", unit="input", mininterval=bar_interval())
         self.samples, self.t0 = 0, time.monotonic()
 
     def settle(self, uid: str) -> None:

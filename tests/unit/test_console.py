@@ -3,6 +3,7 @@
 import math
 import os
 import re
+import time
 import warnings
 from pathlib import Path
 
@@ -76,6 +77,29 @@ def test_the_lines_ray_forwards_carry_no_colour_codes_into_a_file(terminal, monk
     print_worker_logs(data | {"lines": ["demo-1a2b3c epoch 1/3: train_loss 0.5"]}, out)
     assert ("\x1b[" in out.getvalue()) is terminal
     assert "(TrainController pid=4242) demo-1a2b3c epoch 1/3: train_loss 0.5" in out.getvalue().replace("\x1b[0m", "")
+
+
+@pytest.mark.parametrize("terminal", [True, False])
+def test_an_ingests_progress_bar_is_drawn_twice_not_per_input_into_a_file(terminal, monkeypatch):
+    """Into a file or a job's log every redraw stays: the bar is drawn at its start and end (and every 30 s),
+    not at tqdm's 0.1 s pace, which a terminal keeps."""
+    import io
+
+    from tqdm import tqdm
+
+    from ingest.runner import bar_interval
+
+    err = io.StringIO()
+    monkeypatch.setattr(err, "isatty", lambda: terminal)
+    monkeypatch.setattr("sys.stderr", err)
+    assert bar_interval() == (0.1 if terminal else 30.0)
+    if not terminal:
+        bar = tqdm(total=500, desc="ingest wsi", unit="input", file=err, mininterval=bar_interval())
+        for _ in range(500):  # over about 0.3 s: tqdm's 0.1 s pace would draw it some 4 times
+            bar.update(1)
+            time.sleep(0.0005)
+        bar.close()
+        assert err.getvalue().count("ingest wsi:") == 2 and "500/500" in err.getvalue()
 
 
 @pytest.fixture(autouse=True)
