@@ -8,6 +8,7 @@ stopping means terminating the whole session.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import signal
 import subprocess
@@ -35,16 +36,28 @@ def members(sid: int) -> list[psutil.Process]:
     return out
 
 
+@contextlib.contextmanager
+def _locked(pidfile: Path):
+    """Held while ``pidfile`` is read and then removed, or written: a stop ending in one process (a Ray Train
+    callback) and a start in another (the restart after an outage) cannot interleave between the reading of the
+    old session and the removal of what is by then the new service's file."""
+    pidfile.parent.mkdir(parents=True, exist_ok=True)
+    with open(pidfile.with_name(f"{pidfile.name}.lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
 def session_of(pidfile: Path) -> int | None:
     """The session in ``pidfile`` if any of its processes lives; a stale file (crash, reboot) is removed."""
-    try:
-        sid = int(pidfile.read_text().strip())
-    except (FileNotFoundError, ValueError):
+    with _locked(pidfile):
+        try:
+            sid = int(pidfile.read_text().strip())
+        except (FileNotFoundError, ValueError):
+            return None
+        if sid != os.getsid(0) and members(sid):
+            return sid
+        pidfile.unlink(missing_ok=True)
         return None
-    if sid != os.getsid(0) and members(sid):
-        return sid
-    pidfile.unlink(missing_ok=True)
-    return None
 
 
 def start(cmd: list[str], pidfile: Path, log: Path, env: dict[str, str], wait: bool = False) -> int:
@@ -60,7 +73,8 @@ def start(cmd: list[str], pidfile: Path, log: Path, env: dict[str, str], wait: b
             env=env,
             start_new_session=True,
         )
-    pidfile.write_text(str(proc.pid))
+    with _locked(pidfile):
+        pidfile.write_text(str(proc.pid))
     return proc.wait() if wait else proc.pid
 
 
@@ -90,7 +104,7 @@ def stop(pidfile: Path, timeout: float = 15.0, last: Callable[[psutil.Process], 
                 break
             _terminate(procs, timeout)
     # Only its own: a service restarted while this one took its time to end (up to ``timeout``) wrote its own.
-    with contextlib.suppress(FileNotFoundError, ValueError):
+    with _locked(pidfile), contextlib.suppress(FileNotFoundError, ValueError):
         if int(pidfile.read_text().strip()) == sid:
             pidfile.unlink()
     return True

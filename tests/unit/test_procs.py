@@ -82,3 +82,19 @@ def test_a_hub_its_clients_need_while_they_end_is_stopped_after_them(tmp_path):
     time.sleep(1)  # the client's handler installed
     assert procs.stop(pidfile, timeout=5, last=lambda p: "hub" in p.cmdline())
     assert procs.members(sid) == [] and clean.read_text() == "clean"
+
+
+def test_a_pid_file_is_read_and_removed_under_a_lock_other_processes_wait_for(tmp_path):
+    """A stop's reading of its session and removal of the file, and a start's writing of it, happen under one lock
+    across processes: here another process holds it (as a stop between its read and its removal would), and
+    looking up the service waits for it before it finds the file stale and removes it."""
+    pidfile = tmp_path / "svc.sid"
+    pidfile.write_text("999999999")  # no such session
+    lock = tmp_path / "svc.sid.lock"
+    hold = f"import fcntl, time; f = open({str(lock)!r}, 'a'); fcntl.flock(f, fcntl.LOCK_EX); print(1, flush=True)"
+    holder = subprocess.Popen([sys.executable, "-c", hold + "; time.sleep(3)"], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "1"
+    t = time.monotonic()
+    assert procs.session_of(pidfile) is None and not pidfile.exists()
+    assert time.monotonic() - t >= 1.5  # it waited for the holder
+    holder.wait()
