@@ -41,7 +41,6 @@ def _locked(pidfile: Path):
     """Held while ``pidfile`` is read and then removed, or written: a stop ending in one process (a Ray Train
     callback) and a start in another (the restart after an outage) cannot interleave between the reading of the
     old session and the removal of what is by then the new service's file."""
-    pidfile.parent.mkdir(parents=True, exist_ok=True)
     with open(pidfile.with_name(f"{pidfile.name}.lock"), "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         yield
@@ -49,6 +48,8 @@ def _locked(pidfile: Path):
 
 def session_of(pidfile: Path) -> int | None:
     """The session in ``pidfile`` if any of its processes lives; a stale file (crash, reboot) is removed."""
+    if not pidfile.exists():  # nothing to lock for, and a lookup makes no folder (`status` of an unused state)
+        return None
     with _locked(pidfile):
         try:
             sid = int(pidfile.read_text().strip())
