@@ -90,3 +90,45 @@ def make_dataset(
         manifest.classes, manifest.multilabel = [], None
     mf.save(manifest, prefix)
     return manifest
+
+
+# what a recipe's model needs to run on a small input: Inception's stem more than 64 px, SwinV2 its size told
+SMALL = {"strip_ai_inception_v3": 96}
+OPTIONS = {"strip_ai_swinv2_tiny": ["model.options={img_size: 64}"]}
+
+
+def recipe_dataset(recipe, prefix: str) -> mf.Manifest:
+    classes = 4 if recipe.name == "brain_tumor_mri" else 2
+    return make_dataset(
+        prefix,
+        {"train": 8, "val": 6},
+        classes=classes,
+        size=40,
+        frames=4 if recipe.data.frames else 0,
+        # RSNA datasets carry 6-way vectors; the binary recipe must still read the `.cls` (any) label.
+        multilabel=recipe.name.startswith("rsna_ich"),
+    )
+
+
+def small_recipe(name: str, tmp_path, *extra: str):
+    """Recipe ``name`` shrunk to two steps of two samples and a small input (``extra`` overrides too), with a
+    tiny dataset for it written under ``tmp_path``; the recipe file keeps the papers' values."""
+    from training.config import load_recipe
+
+    base = load_recipe(name)
+    size = SMALL.get(name, 32 if base.data.frames else 64)
+    overrides = [
+        f"data.dataset={tmp_path / 'ds'}",
+        f"data.image_size={size}",
+        "data.epoch_samples=4",
+        "batch_size=2",
+        "epochs=1",
+        "workers=1",
+        "model.pretrained=false",
+        *(["data.frames=4"] if base.data.frames else []),
+        *OPTIONS.get(name, []),
+        *extra,
+    ]
+    recipe = load_recipe(name, overrides)
+    recipe_dataset(recipe, str(tmp_path / "ds"))
+    return recipe

@@ -15,14 +15,12 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from tests.datasets import make_dataset
+from tests.datasets import OPTIONS, SMALL, make_dataset, recipe_dataset, small_recipe
 from training.config import RECIPES, load_recipe
 from training.engine import checkpoint_weights
 from training.loop import Trainer
 
 ALL = sorted(p.stem for p in RECIPES.glob("*.yaml"))
-SMALL = {"strip_ai_inception_v3": 96}
-OPTIONS = {"strip_ai_swinv2_tiny": ["model.options={img_size: 64}"]}
 
 
 def _free_port() -> int:
@@ -42,44 +40,9 @@ def process_group():
     dist.destroy_process_group()
 
 
-def _dataset(recipe, prefix):
-    classes = 4 if recipe.name == "brain_tumor_mri" else 2
-    return make_dataset(
-        prefix,
-        {"train": 8, "val": 6},
-        classes=classes,
-        size=40,
-        frames=4 if recipe.data.frames else 0,
-        # RSNA datasets carry 6-way vectors; the binary recipe must still read the `.cls` (any) label.
-        multilabel=recipe.name.startswith("rsna_ich"),
-    )
-
-
-def _small_recipe(name: str, tmp_path, *extra: str):
-    """Recipe ``name`` shrunk to two steps of two samples and a small input (``extra`` overrides too), with a
-    tiny dataset for it written under ``tmp_path``; the recipe file keeps the papers' values."""
-    base = load_recipe(name)
-    size = SMALL.get(name, 32 if base.data.frames else 64)
-    overrides = [
-        f"data.dataset={tmp_path / 'ds'}",
-        f"data.image_size={size}",
-        "data.epoch_samples=4",
-        "batch_size=2",
-        "epochs=1",
-        "workers=1",
-        "model.pretrained=false",
-        *(["data.frames=4"] if base.data.frames else []),
-        *OPTIONS.get(name, []),
-        *extra,
-    ]
-    recipe = load_recipe(name, overrides)
-    _dataset(recipe, str(tmp_path / "ds"))
-    return recipe
-
-
 @pytest.mark.parametrize("name", ALL)
 def test_recipe_trains_two_steps_and_evaluates(name, tmp_path, process_group):
-    recipe = _small_recipe(name, tmp_path)
+    recipe = small_recipe(name, tmp_path)
     reports = []
     trainer = Trainer({"recipe": recipe.model_dump()}, rank=0, world=1)
     before = {k: v.clone() for k, v in trainer.engine.module.state_dict().items()}
@@ -111,7 +74,7 @@ def test_slice_recipes_evaluate_series_whose_slices_are_labelled_one_by_one(name
     when any is (the evaluation once failed on the first such group)."""
     from tests.datasets import make_dataset
 
-    recipe = _small_recipe(name, tmp_path)
+    recipe = small_recipe(name, tmp_path)
     manifest = make_dataset(
         recipe.data.dataset, {"train": 8, "val": 8}, size=40, multilabel=name.startswith("rsna"), per_sample_labels=True
     )
@@ -178,7 +141,7 @@ def test_a_zero_3_run_exports_its_gathered_weights_into_mlflow(tmp_path, process
     run = client.create_run(client.create_experiment("zero3", artifact_location=str(tmp_path / "artifacts")))
     small = ["data.epoch_samples=4", "batch_size=2", "epochs=1", "workers=1"]
     recipe = load_recipe("demo_tiles", [f"data.dataset={tmp_path / 'ds'}", *small, "deepspeed.zero_stage=3"])
-    _dataset(recipe, str(tmp_path / "ds"))
+    recipe_dataset(recipe, str(tmp_path / "ds"))
     trainer = Trainer({"recipe": recipe.model_dump(), "mlflow_uri": uri, "run_id": run.info.run_id}, rank=0, world=1)
     trainer.run(lambda metrics, folder: None)
     assert trainer.engine.zero_optimization_stage() == 3
@@ -205,7 +168,7 @@ def test_the_validation_tables_are_the_selected_models_not_the_last_epochs(tmp_p
     run = client.create_run(client.create_experiment("selected", artifact_location=str(tmp_path / "artifacts")))
     small = ["data.epoch_samples=4", "batch_size=2", "epochs=2", "workers=1", "eval.monitor=epoch", "eval.mode=min"]
     recipe = load_recipe("demo_tiles", [f"data.dataset={tmp_path / 'ds'}", *small])
-    _dataset(recipe, str(tmp_path / "ds"))
+    recipe_dataset(recipe, str(tmp_path / "ds"))
     trainer = Trainer({"recipe": recipe.model_dump(), "mlflow_uri": uri, "run_id": run.info.run_id}, rank=0, world=1)
     trainer.run(lambda metrics, folder: None)
     history = client.get_metric_history(run.info.run_id, "val_loss")
@@ -393,7 +356,7 @@ def test_bf16_computes_under_autocast_and_keeps_fp32_weights_and_checkpoints(nam
     statistics, which PyTorch refuses. The weights, and so the checkpoints, stay fp32, as an fp32 run's."""
     from training.engine import TAG
 
-    recipe = _small_recipe(name, tmp_path, "deepspeed.bf16=true")
+    recipe = small_recipe(name, tmp_path, "deepspeed.bf16=true")
     trainer = Trainer({"recipe": recipe.model_dump()}, rank=0, world=1)
     assert trainer.engine.torch_autocast_enabled()
     reports = []
@@ -548,7 +511,7 @@ def test_a_restored_early_stopped_run_trains_no_more(tmp_path, process_group):
     never = ["early_stopping.enabled=true", "early_stopping.patience=1", "early_stopping.min_delta=1e9"]
     small = ["data.epoch_samples=4", "batch_size=2", "epochs=4", "workers=1", *never]
     recipe = load_recipe("demo_tiles", [f"data.dataset={tmp_path / 'ds'}", *small])
-    _dataset(recipe, str(tmp_path / "ds"))
+    recipe_dataset(recipe, str(tmp_path / "ds"))
     saved, done = [], []
 
     def keep(metrics, folder):
@@ -567,7 +530,7 @@ def test_a_worker_refuses_a_dataset_other_than_the_version_its_run_recorded(tmp_
     one made again, or grown since (another version of its data: other samples per epoch), is refused."""
     from shards import manifest as mf
 
-    recipe = _small_recipe("strip_ai_resnet50", tmp_path)
+    recipe = small_recipe("strip_ai_resnet50", tmp_path)
     url = recipe.data.dataset
     first, data = mf.load_with_bytes(url)
     config = {"recipe": recipe.model_dump(), "run_id": "r1", "manifest_sha256": mf.sha256_of(data)}
