@@ -3,8 +3,10 @@ same augmentations (paper 000's: flips, sharpness 2, linear rotation, colour jit
 (float ``[N, 3, S, S]``, ImageNet-normalised), same cores (DALI threads = DataLoader workers).
 
 Usage: ``python benchmarks/loader.py [--images 512] [--tile 512] [--size 256] [--content noise|ihc] [--batch 32]
-[--cores 2] [--balanced] [--s3 [--latency-ms MS]]``. ``--content`` picks what the tiles show (see
-:func:`base_image`). ``--balanced`` also times DALI fed by paper 003's balanced sampler instead of its reader.
+[--cores 2] [--balanced] [--gpu] [--s3 [--latency-ms MS]]``. ``--gpu`` also times the same pipeline on GPU 0
+(DALI's mixed decoding and GPU augmentation, CUDA batches; the clock stops once the GPU is done).
+``--content`` picks what the tiles show (see :func:`base_image`). ``--balanced`` also times DALI fed by paper
+003's balanced sampler instead of its reader.
 ``--s3`` reads the shards from a real S3 server (``rclone serve s3`` on a temporary folder) instead of local disk,
 and times DALI's reader against Tessera's ranged reads (shuffled, and through the balanced sampler) there; the
 torchvision baseline reads local files only, so it is left out. ``--latency-ms`` adds that much to every request's
@@ -147,7 +149,15 @@ def upload(urls: list[str], bucket: str) -> list[str]:
 
 
 def dali_rate(
-    urls: list[str], n: int, size: int, batch: int, cores: int, passes: int, idx_dir: str, mode: str = "stream"
+    urls: list[str],
+    n: int,
+    size: int,
+    batch: int,
+    cores: int,
+    passes: int,
+    idx_dir: str,
+    mode: str = "stream",
+    device_id: int | None = None,
 ) -> float:
     """DALI's images/s fed by its WebDataset reader (``stream``), by Tessera's ranged reads in a global
     permutation (``ranged``), or by paper 003's balanced sampler (``balanced``, also ranged reads); the shards'
@@ -175,7 +185,9 @@ def dali_rate(
         else:
             order = shuffled_indices(len(samples), 0, 1, draws, rng)
         source = SampleSource(files, samples, order, batch, sample_exts(0))
-    pipe = build_pipeline(urls, index, batch, size, True, num_threads=cores, augment=aug, source=source)
+    pipe = build_pipeline(
+        urls, index, batch, size, True, num_threads=cores, augment=aug, source=source, device_id=device_id
+    )
     batches = ShardBatches(pipe, n, 0, 1, True, steps)
     for _ in batches:  # warm-up pass
         pass
@@ -183,6 +195,10 @@ def dali_rate(
     for _ in range(passes):
         for x, _, _ in batches:
             assert x.shape == (batch, 3, size, size)
+    if device_id is not None:
+        import torch
+
+        torch.cuda.synchronize()
     rate = passes * steps * batch / (time.perf_counter() - t)
     if files:
         files.close()
@@ -243,6 +259,7 @@ def main() -> None:
     ap.add_argument("--cores", type=int, default=2)
     ap.add_argument("--passes", type=int, default=2)
     ap.add_argument("--balanced", action="store_true", help="also time DALI fed by the balanced sampler")
+    ap.add_argument("--gpu", action="store_true", help="also time the pipeline on GPU 0 (mixed decoding)")
     ap.add_argument("--s3", action="store_true", help="read the shards from an S3 server (rclone), not local disk")
     ap.add_argument("--latency-ms", type=float, default=0.0, help="with --s3: added round trip per request")
     args = ap.parse_args()
@@ -254,6 +271,7 @@ def main() -> None:
         base = torchvision_rate(*common)
         dali = dali_rate(*common, f"{tmp}/idx")
         sampled = dali_rate(*common, f"{tmp}/idx", mode="balanced") if args.balanced else None
+        gpu = dali_rate(*common, f"{tmp}/idx", device_id=0) if args.gpu else None
     print(
         f"{args.images} JPEG tiles ({args.content}) {args.tile} px -> {args.size} px, "
         f"batch {args.batch}, {args.cores} cores"
@@ -261,6 +279,9 @@ def main() -> None:
     print(f"torchvision + PIL DataLoader: {base:8.1f} images/s")
     print(f"Tessera DALI (CPU mode):      {dali:8.1f} images/s")
     print(f"ratio DALI / torchvision: {dali / base:.2f}x (target >= 1.5x)")
+    if gpu is not None:
+        print(f"Tessera DALI (GPU 0, mixed):  {gpu:8.1f} images/s")
+        print(f"ratio DALI GPU / torchvision: {gpu / base:.2f}x; GPU / DALI CPU mode: {gpu / dali:.2f}x")
     if sampled is not None:
         print(f"Tessera DALI, balanced sampler: {sampled:8.1f} images/s")
         print(f"ratio balanced / DALI reader: {sampled / dali:.2f}x; balanced / torchvision: {sampled / base:.2f}x")

@@ -13,8 +13,11 @@ keeps freed memory in its heap as Tessera's CPU training worker does (``shards.a
 worker get it, the plain loop outside does not: that one is the loop a user would write);
 ``--default-malloc`` leaves glibc's defaults.
 ``--bf16`` runs both sides in bf16 (torch autocast), as a GPU run does by default, on the CPU.
+``--no-ray`` alternates the two steps in this process, as the Ray worker does, under a one-rank process group of
+its own (NCCL on a GPU, gloo otherwise): for a machine without Ray, such as a lent GPU machine. Where CUDA is
+present both sides run on GPU 0 in the recipe's precision there (bf16 autocast), each step timed to its end.
 Usage: ``python benchmarks/train_step.py [--batch 8] [--steps 8] [--size 256] [--zero 2] [--cores 2]
-[--force-stage] [--default-malloc] [--bf16]``.
+[--force-stage] [--default-malloc] [--bf16] [--no-ray]``.
 """
 
 from __future__ import annotations
@@ -44,13 +47,20 @@ def _recipe(args):
     )
 
 
-def _batch(batch: int, size: int):
+def _batch(batch: int, size: int, device: str = "cpu"):
     g = torch.Generator().manual_seed(0)
-    return torch.randn(batch, 3, size, size, generator=g), torch.randint(0, 2, (batch,), generator=g)
+    x, y = torch.randn(batch, 3, size, size, generator=g), torch.randint(0, 2, (batch,), generator=g)
+    return x.to(device), y.to(device)
 
 
 def _median(times: list[float]) -> float:
     return sorted(times)[len(times) // 2]
+
+
+def _finish() -> None:
+    """Wait for the GPU's queued work, so that a step's time includes its kernels."""
+    if torch.cuda.is_initialized():
+        torch.cuda.synchronize()
 
 
 def _timed(step, steps: int) -> list[float]:
@@ -58,8 +68,10 @@ def _timed(step, steps: int) -> list[float]:
     step()
     times = []
     for _ in range(steps):
+        _finish()
         t = time.perf_counter()
         step()
+        _finish()
         times.append(time.perf_counter() - t)
     return times
 
@@ -69,12 +81,13 @@ def _plain_step(recipe, x, y):
     from training.engine import make_optimizer, mixed_precision
     from training.models import build_model
 
-    model = build_model(recipe.model, 2).train()
+    model = build_model(recipe.model, 2).to(x.device).train()
     opt = make_optimizer(model.parameters(), recipe.optim)
+    cuda = x.device.type == "cuda"
 
     def step():
         # bf16 as a user would write it: torch autocast around the forward (the engine's own bf16, see engine.py)
-        with torch.autocast("cpu", torch.bfloat16, enabled=mixed_precision(recipe, cuda=False)):
+        with torch.autocast(x.device.type, torch.bfloat16, enabled=mixed_precision(recipe, cuda=cuda)):
             logits = model(x)
         loss = torch.nn.functional.cross_entropy(logits.float(), y)
         opt.zero_grad(set_to_none=True)
@@ -92,7 +105,8 @@ def _deepspeed_step(recipe, x, y, force_stage: bool):
     from training.models import build_model
 
     stage = recipe.deepspeed.zero_stage if force_stage else None
-    engine, _ = init_engine(build_model(recipe.model, 2), recipe, cuda=False, stage=stage)
+    model = build_model(recipe.model, 2).to(x.device)
+    engine, _ = init_engine(model, recipe, cuda=x.device.type == "cuda", stage=stage)
     loss_fn = Loss(False)
 
     def step():
@@ -107,29 +121,71 @@ def plain(args) -> list[float]:
     return _timed(_plain_step(_recipe(args), *_batch(args.batch, args.size)), args.steps)
 
 
-def _worker(config: dict) -> None:
-    import ray.train
-
+def _alternate(config: dict) -> dict:
+    """Median seconds per step of the plain loop and of Tessera's engine, alternating in this process, as a Ray
+    Train worker runs them; on GPU 0 where CUDA is present."""
     from shards.allocator import keep_freed_memory
     from training.config import TrainRecipe
 
     recipe = TrainRecipe.model_validate(config["recipe"])
     # as Tessera's CPU training worker does (training.loop.Trainer); the plain step in here gets it too
-    kept = keep_freed_memory() if config["keep_freed_memory"] else False
-    x, y = _batch(config["batch"], config["size"])
+    cuda = torch.cuda.is_available()
+    kept = keep_freed_memory() if config["keep_freed_memory"] and not cuda else False
+    x, y = _batch(config["batch"], config["size"], "cuda" if cuda else "cpu")
     plain_step = _plain_step(recipe, x, y)
     ds_step, stage = _deepspeed_step(recipe, x, y, config["force_stage"])
     plain_step(), ds_step()  # warm-up
     times: dict[str, list[float]] = {"plain": [], "deepspeed": []}
     for _ in range(config["steps"]):  # alternate, so that drift on a shared machine hits both sides alike
         for name, step in (("plain", plain_step), ("deepspeed", ds_step)):
+            _finish()
             t = time.perf_counter()
             step()
+            _finish()
             times[name].append(time.perf_counter() - t)
     metrics = {f"{k}_s": _median(v) for k, v in times.items()}
-    metrics |= {"threads": torch.get_num_threads(), "stage": stage, "kept": kept}
+    return metrics | {"threads": torch.get_num_threads(), "stage": stage, "kept": kept, "cuda": cuda}
+
+
+def _config(args) -> dict:
+    return {
+        "recipe": _recipe(args).model_dump(),
+        "batch": args.batch,
+        "size": args.size,
+        "steps": args.steps,
+        "force_stage": args.force_stage,
+        "keep_freed_memory": not args.default_malloc,
+    }
+
+
+def _worker(config: dict) -> None:
+    import ray.train
+
+    metrics = _alternate(config)
     with tempfile.TemporaryDirectory() as tmp:  # Ray Train v2 returns the metrics of checkpointed reports
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+def in_process(args) -> dict:
+    """:func:`_alternate` here, under a one-rank process group of its own, as Ray Train would have made."""
+    import os
+    import socket
+
+    import torch.distributed as dist
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    torch.set_num_threads(args.cores)
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(0)
+    dist.init_process_group("nccl" if cuda else "gloo", rank=0, world_size=1)
+    try:
+        return _alternate(_config(args))
+    finally:
+        dist.destroy_process_group()
 
 
 def in_ray(args) -> dict:
@@ -139,7 +195,6 @@ def in_ray(args) -> dict:
 
     from cluster.stack import CPU_WORKER_ENV
 
-    recipe = _recipe(args)
     # the worker environment Tessera's stack gives Ray on a CPU-only machine (one malloc arena)
     env = {} if torch.cuda.is_available() else {"env_vars": CPU_WORKER_ENV}
     # the workers' lines stay out: the results come back as metrics, a failure's cause with TrainingFailedError, and
@@ -149,14 +204,7 @@ def in_ray(args) -> dict:
     try:
         trainer = TorchTrainer(
             _worker,
-            train_loop_config={
-                "recipe": recipe.model_dump(),
-                "batch": args.batch,
-                "size": args.size,
-                "steps": args.steps,
-                "force_stage": args.force_stage,
-                "keep_freed_memory": not args.default_malloc,
-            },
+            train_loop_config=_config(args),
             scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": args.cores}),
             torch_config=TorchConfig(backend="gloo"),
             run_config=RunConfig(storage_path=store, name="train_step"),
@@ -177,7 +225,10 @@ def main() -> None:
     ap.add_argument("--force-stage", action="store_true", help="run the recipe's ZeRO stage even on one worker")
     ap.add_argument("--default-malloc", action="store_true", help="leave glibc's malloc settings in the worker")
     ap.add_argument("--bf16", action="store_true", help="both sides in bf16 (torch autocast), as on a GPU")
+    ap.add_argument("--no-ray", action="store_true", help="alternate both steps in this process (GPU 0 if any)")
     args = ap.parse_args()
+    if args.no_ray:
+        return main_in_process(args)
     before = plain(args)
     ray_side = in_ray(args)
     after = plain(args)
@@ -194,6 +245,17 @@ def main() -> None:
     stage = f"ZeRO-{ray_side['stage']}" + (f" (recipe: ZeRO-{args.zero})" if ray_side["stage"] != args.zero else "")
     print(f"Ray Train + DeepSpeed {stage}, alternating: {ours:7.3f} s/step (threads {ray_side['threads']})")
     print(f"ratio Tessera / plain: {ours / base:.3f}x (target <= 1.10x); DeepSpeed alone {ours / worker_plain:.3f}x")
+
+
+def main_in_process(args: argparse.Namespace) -> None:
+    side = in_process(args)
+    where = f"GPU 0 ({torch.cuda.get_device_name(0)})" if side["cuda"] else f"{args.cores} cores"
+    precision = "bf16 autocast" if args.bf16 else "fp32"
+    print(f"resnet50, {args.size} px, batch {args.batch}, {where}, {precision}, medians of {args.steps} steps per side")
+    print(f"plain PyTorch loop, alternating:     {side['plain_s'] * 1000:8.2f} ms/step")
+    stage = f"ZeRO-{side['stage']}" + (f" (recipe: ZeRO-{args.zero})" if side["stage"] != args.zero else "")
+    print(f"DeepSpeed {stage}, alternating: {side['deepspeed_s'] * 1000:8.2f} ms/step")
+    print(f"ratio DeepSpeed / plain: {side['deepspeed_s'] / side['plain_s']:.3f}x (target <= 1.10x; no Ray here)")
 
 
 if __name__ == "__main__":
