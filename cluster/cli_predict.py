@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 from pathlib import Path
@@ -79,7 +78,7 @@ def cmd_predict(args) -> int:
     from shards import storage
     from training.inference import predict_run
     from training.launch import EVALUATE_KEYS, check_where_overrides
-    from training.predictions import lines_of
+    from training.predictions import row_count
 
     check_where_overrides(args.overrides, EVALUATE_KEYS, "tessera predict")  # before anything connects
     if args.reveal and args.out and args.out.startswith("s3://"):
@@ -101,13 +100,13 @@ def cmd_predict(args) -> int:
     out = out if out.startswith("s3://") else str(Path(out).resolve())
     labels = "with their labels" if outcome.labelled else "without labels"
     print(f"{outcome.samples} samples of the {outcome.split} split of {outcome.dataset} ({labels}):")
+    rows = {level: row_count(table) for level, table in tables.items()}
     for level, table in tables.items():
         url = storage.join(out, f"predictions_{level}.csv")
         _write(url, table.encode(), args.reveal)
-        rows = sum(1 for _ in csv.reader(lines_of(table))) - 1
-        print(f"  {level}: {rows} row{'' if rows == 1 else 's'} -> {url}")
+        print(f"  {level}: {rows[level]} row{'' if rows[level] == 1 else 's'} -> {url}")
     if args.submission:
-        submission(tables, outcome.checked, args.submission)  # the layout submission_layout picked
+        submission(tables, outcome.checked, args.submission, rows)  # the layout submission_layout picked
     if args.heatmaps:
         heatmaps(outcome, s.mlflow_url, out, private)
     if outcome.warning:
@@ -141,10 +140,9 @@ def submission_layout(recipe, outputs: list[str], manifest):
         raise ValueError(f"--submission: {exc}") from None
 
 
-def submission(tables: dict[str, str], layout, path: str) -> None:
-    """The revealed table of ``layout``'s level in that layout, to ``path`` (readable by its owner only)."""
-    from training.predictions import lines_of
-
+def submission(tables: dict[str, str], layout, path: str, rows: dict[str, int]) -> None:
+    """The revealed table of ``layout``'s level in that layout, to ``path`` (readable by its owner only); ``rows``:
+    each table's row count."""
     if layout.level not in tables:  # STRIP AI's: the recipe aggregates to patients (checked), but no sample names one
         raise ValueError(f"--submission: no {layout.level} table to write it from (levels: {', '.join(tables)})")
     path, table = str(Path(path).resolve()), tables[layout.level]
@@ -153,8 +151,8 @@ def submission(tables: dict[str, str], layout, path: str) -> None:
     except ValueError as exc:  # the table lacks what the layout names its rows by
         raise ValueError(f"--submission: {exc}") from None
     _write(path, written.encode(), True)
-    rows = sum(1 for _ in csv.reader(lines_of(table))) - 1
-    print(f"  submission ({layout.name}): {rows} {layout.item}{'' if rows == 1 else 's'} -> {path}")
+    n = rows[layout.level]
+    print(f"  submission ({layout.name}): {n} {layout.item}{'' if n == 1 else 's'} -> {path}")
 
 
 def heatmaps(outcome, tracking_uri: str, out: str, private: dict[str, str] | None) -> None:

@@ -89,6 +89,11 @@ def lines_of(text: str) -> Iterator[str]:
         start = end
 
 
+def row_count(table: str) -> int:
+    """How many rows CSV ``table`` has below its header (a quoted field may span lines)."""
+    return max(sum(1 for _ in csv.reader(lines_of(table))) - 1, 0)
+
+
 def header_of(table: str) -> list[str]:
     """The column names of CSV ``table``, read from its first line alone."""
     return next(csv.reader(lines_of(table)), [])

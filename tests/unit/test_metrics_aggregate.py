@@ -194,6 +194,13 @@ def test_reveal_keeps_a_large_table_row_for_row():
     assert lines[-2:] == ['"00,1","/data/a ""b""/c,d.svs",9998', '"00,1",zz,9999'] and shown.endswith("\n")
 
 
+def test_a_tables_rows_are_counted_below_its_header_a_quoted_line_break_within_its_row():
+    from training.predictions import row_count
+
+    assert row_count('patient,slide\n"a\nb",s1\nc,s2') == 2  # the last line without its end
+    assert row_count("patient,slide\n") == 0 and row_count("") == 0
+
+
 def test_a_submission_lists_each_patients_probabilities_by_class():
     """STRIP AI's layout: patient_id, then a column per class named by it; the patients in ID order."""
     from training.submissions import strip_ai
