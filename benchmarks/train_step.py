@@ -15,7 +15,7 @@ worker get it, the plain loop outside does not: that one is the loop a user woul
 ``--bf16`` runs both sides in bf16 (torch autocast), as a GPU run does by default, on the CPU.
 ``--no-ray`` alternates the two steps in this process, as the Ray worker does, under a one-rank process group of
 its own (NCCL on a GPU, gloo otherwise): for a machine without Ray, such as a lent GPU machine. Where CUDA is
-present both sides run on GPU 0 in the recipe's precision there (bf16 autocast), each step timed to its end.
+present both sides run on GPU 0, each step timed to its end (with ``--bf16`` for the bf16 a GPU run uses).
 Usage: ``python benchmarks/train_step.py [--batch 8] [--steps 8] [--size 256] [--zero 2] [--cores 2]
 [--force-stage] [--default-malloc] [--bf16] [--no-ray]``.
 """

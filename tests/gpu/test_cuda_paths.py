@@ -66,7 +66,7 @@ def _shard(tmp_path, n: int, frames: int = 0) -> tuple[list[str], list[str]]:
     rng = np.random.default_rng(0)
     with ShardWriter(str(tmp_path / "train")) as w:
         for i in range(n):
-            # smooth, as stained tissue is: per-pixel noise would measure the decoders' chroma upsampling instead
+            # smooth: on per-pixel noise nvJPEG and libjpeg-turbo differ by 7 grey levels on average (README)
             noise = np.clip(rng.normal(150, 40, (64, 64, 3)), 0, 255).astype(np.uint8)
             image = cv2.GaussianBlur(noise, (0, 0), 3)
             jpg = encode_image(image, "jpg", 90)
@@ -110,7 +110,7 @@ def test_every_augmentation_runs_on_the_gpu(tmp_path, recipe, frames):
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in RECIPES.glob("*.yaml")))
 def test_every_recipe_trains_and_evaluates_on_the_gpu_in_bf16(name, tmp_path, cuda):
-    """Each paper's network (the ViViT and the temporal transformer too) under bf16 autocast, fed by the GPU
+    """Each bundled recipe's network (paper 002's ViViT over slice sequences too) under bf16 autocast, fed by the GPU
     pipeline with its recipe's augmentations: two optimiser steps and a validation pass, as
     ``tests/unit/test_recipes_train.py`` runs them on the CPU."""
     pytest.importorskip("nvidia.dali")
