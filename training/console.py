@@ -22,9 +22,12 @@ from pathlib import Path
 from typing import Any
 
 DEBUG_ENV = "TESSERA_DEBUG"
-# Messages of deprecation warnings (regexes matched at the start) that say nothing a user can act on.
-DEPRECATIONS = (
-    r"`torch\.distributed\.all_gather_into_tensor` is deprecated",  # DeepSpeed's ZeRO gathers
+# Python warnings (message regexes matched at the start, and their category) that say nothing a user can act on.
+LIBRARY_WARNINGS = (
+    (r"`torch\.distributed\.all_gather_into_tensor` is deprecated", FutureWarning),  # DeepSpeed's ZeRO gathers
+    # torch, on each rank of an NCCL group made without a device (as Ray Train makes them), at the barrier of
+    # DeepSpeed's checkpoint save: it uses the device the rank was given, as it should (seen on an H200)
+    (r"barrier\(\): using the device under current context", UserWarning),
 )
 
 # Lines that libraries print (no logger to quiet): DeepSpeed's CPU backend, once on every worker of every run.
@@ -65,8 +68,8 @@ def quiet_libraries() -> None:
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # Tessera prints the run's link
     logging.getLogger("mlflow.store.model_registry.abstract_store").setLevel(logging.WARNING)  # "Waiting up to"
     logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)  # a sweep trial's "Checkpoint ..."
-    for message in DEPRECATIONS:
-        warnings.filterwarnings("ignore", message=message, category=FutureWarning)
+    for message, category in LIBRARY_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category)
 
 
 def quiet_worker() -> None:

@@ -33,11 +33,11 @@ def test_an_epoch_line_leaves_out_what_is_absent_or_undefined_and_shows_the_moni
     assert line == "rsna epoch 1/1: train_loss 0.7000  val_loss 0.6000"
 
 
-def _warned(message: str) -> list:
+def _warned(message: str, category: type[Warning] = FutureWarning) -> list:
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
         quiet_libraries()
-        warnings.warn(message, FutureWarning, stacklevel=1)
+        warnings.warn(message, category, stacklevel=1)
     return seen
 
 
@@ -47,6 +47,8 @@ def test_quiet_libraries_drops_the_named_deprecations_only_and_debugging_keeps_e
     monkeypatch.delenv("RAY_DEDUP_LOGS_ALLOW_REGEX", raising=False)
     assert _warned("`torch.distributed.all_gather_into_tensor` is deprecated. Please use ...") == []
     assert len(_warned("`torch.load` default changed")) == 1  # another deprecation is still shown
+    barrier = "barrier(): using the device under current context. You can specify `device_id` in ..."
+    assert _warned(barrier, UserWarning) == [] and len(_warned("barrier(): another", UserWarning)) == 1
     assert os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] == "false"  # no download bars in every worker
     assert train_log_level() == "WARNING"
     # Ray's driver never folds epoch lines of trials side by side into one "[repeated 2x across cluster]"
@@ -56,6 +58,7 @@ def test_quiet_libraries_drops_the_named_deprecations_only_and_debugging_keeps_e
     monkeypatch.setenv("TESSERA_DEBUG", "1")
     monkeypatch.delenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
     assert len(_warned("`torch.distributed.all_gather_into_tensor` is deprecated.")) == 1
+    assert len(_warned(barrier, UserWarning)) == 1
     assert "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR" not in os.environ
     assert train_log_level() == "INFO"
 
