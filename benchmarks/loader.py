@@ -43,7 +43,8 @@ def base_image(tile: int, content: str) -> np.ndarray:
 
 def write_shards(root: Path, n: int, tile: int, content: str = "noise", num_shards: int = 8) -> list[str]:
     """``n`` distinct JPEG tiles in ``num_shards`` shards of equal sample counts, so that DataLoader workers (a shard
-    each in turn) finish a pass together whatever the JPEG sizes."""
+    each in turn) finish a pass together whatever the JPEG sizes. WebDataset gives each worker whole shards: a
+    worker beyond the shard count gets none, so there must be at least as many shards as workers."""
     from shards.schema import encode_image, make_sample
     from shards.writer import ShardWriter
 
@@ -266,7 +267,8 @@ def main() -> None:
     if args.s3:
         return main_s3(args)
     with tempfile.TemporaryDirectory() as tmp:
-        urls = write_shards(Path(tmp) / "train", args.images, args.tile, args.content)
+        shards = max(8, args.cores)  # a shard for every DataLoader worker (8: a whole number of each on 2 or 4)
+        urls = write_shards(Path(tmp) / "train", args.images, args.tile, args.content, shards)
         common = (urls, args.images, args.size, args.batch, args.cores, args.passes)
         base = torchvision_rate(*common)
         dali = dali_rate(*common, f"{tmp}/idx")
