@@ -2,11 +2,14 @@
 handing CUDA tensors to the model. Skipped without CUDA; ``make gpu`` runs them where there is one.
 
 They first ran on 2026-12-04, on a lent H200 (README, "Tests"). The last one runs a whole epoch and the held-out
-step as a GPU worker does.
+step as a GPU worker does, then predict's step (added after that run: run on the CPU only so far).
 """
 
+import csv
+import json
 import os
 import socket
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -128,9 +131,10 @@ def test_every_recipe_trains_and_evaluates_on_the_gpu_in_bf16(name, tmp_path, cu
     assert np.isfinite(metrics["train_loss"]) and np.isfinite(metrics["val_loss"]) and np.isfinite(metrics[key])
 
 
-def test_a_run_trains_exports_and_evaluates_its_held_out_split_on_the_gpu(cuda, tmp_path):
+def test_a_run_trains_exports_evaluates_and_predicts_on_the_gpu(cuda, tmp_path):
     """The whole worker path on CUDA (one NCCL rank): DALI mixed decoding into a bf16 DeepSpeed epoch, rank 0's
-    export, then the held-out step with its NCCL barrier and gathers, into a real (sqlite) MLflow run."""
+    export, then the held-out step with its NCCL barrier and gathers, into a real (sqlite) MLflow run; then
+    ``tessera predict``'s worker step, the exported model reloaded onto the GPU."""
     pytest.importorskip("nvidia.dali")
     from mlflow import MlflowClient
 
@@ -155,3 +159,14 @@ def test_a_run_trains_exports_and_evaluates_its_held_out_split_on_the_gpu(cuda, 
     assert error is None, error
     assert 0 <= outcome.metrics["test_accuracy"] <= 1 and np.isfinite(outcome.metrics["test_loss"])
     assert client.get_run(run_id).data.tags["precision_used"] == "bf16"
+
+    from shards import manifest as mf
+    from training.inference import INDEX, PREDICTIONS, predict_split
+
+    config = {"split": "test", "name": "gpu", "labelled": True, "group": "g1", "mlflow_uri": uri, "run_id": run_id}
+    predict_split(recipe, mf.load(recipe.data.dataset), config, 0, 1)
+    local = Path(client.download_artifacts(run_id, f"{PREDICTIONS}/gpu", str(tmp_path / "pred")))
+    index = json.loads((local / INDEX).read_text())
+    assert index["group"] == "g1" and index["samples"] == 4 and "sample" in index["levels"]
+    rows = list(csv.DictReader((local / "predictions_sample.csv").open()))
+    assert len(rows) == 4 and all(np.isclose(sum(float(r[k]) for k in r if k.startswith("p_")), 1) for r in rows)
