@@ -170,3 +170,29 @@ def test_a_run_trains_exports_evaluates_and_predicts_on_the_gpu(cuda, tmp_path):
     assert index["group"] == "g1" and index["samples"] == 4 and "sample" in index["levels"]
     rows = list(csv.DictReader((local / "predictions_sample.csv").open()))
     assert len(rows) == 4 and all(np.isclose(sum(float(r[k]) for k in r if k.startswith("p_")), 1) for r in rows)
+
+
+def test_a_ray_train_run_trains_on_the_gpu_over_nccl(tmp_path):
+    """``tessera train``'s path on a GPU node: Ray Train gives the worker the GPU (``use_gpu`` found on the
+    cluster) and makes its NCCL group; the run trains in bf16, evaluates its held-out split and finishes. Written
+    after the H200 run, which had no Ray: checked on the CPU (gloo) only so far."""
+    ray = pytest.importorskip("ray")
+    pytest.importorskip("nvidia.dali")
+    from mlflow import MlflowClient
+
+    from tests.datasets import make_dataset
+    from training.launch import run_training
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    make_dataset(str(tmp_path / "ds"), {"train": 8, "val": 4, "test": 4}, size=64)
+    small = ["data.epoch_samples=8", "batch_size=4", "epochs=1", "workers=1", "model.pretrained=false"]
+    recipe = load_recipe("strip_ai_resnet50", [f"data.dataset={tmp_path / 'ds'}", "data.image_size=64", *small])
+    ray.init(num_cpus=4, num_gpus=1, include_dashboard=False, log_to_driver=False)
+    try:
+        out = run_training(recipe, uri, str(tmp_path / "runs"))
+    finally:
+        ray.shutdown()
+    assert out.error is None and out.held_out_error is None, (out.error, out.held_out_error)
+    assert np.isfinite(out.metrics["val_loss"]) and np.isfinite(out.held_out.metrics["test_loss"])
+    run = MlflowClient(uri).get_run(out.run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["precision_used"] == "bf16"
