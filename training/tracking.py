@@ -44,6 +44,10 @@ def start_run(tracking_uri: str, experiment: str, run_name: str, params: dict[st
 
 
 def run_url(tracking_uri: str, exp_id: str, run_id: str) -> str:
+    """The run's page in the tracking server's UI; for a store that is no server (``mlflow_uri`` set to a file or
+    database), which run of which experiment in it, as no page can be linked."""
+    if not tracking_uri.startswith(("http://", "https://")):
+        return f"run {run_id} of experiment {exp_id} in {tracking_uri}"
     return f"{tracking_uri.rstrip('/')}/#/experiments/{exp_id}/runs/{run_id}"
 
 

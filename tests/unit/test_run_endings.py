@@ -298,3 +298,23 @@ def test_a_finished_run_names_its_registered_version_as_models_uri(monkeypatch, 
     assert cluster.cli.main(["train", "strip_ai_background"]) == 0
     page = "http://127.0.0.1:5500/#/models/strip_ai_background/versions/3"
     assert f"registered model: models:/strip_ai_background/3 ({page})\n" in capsys.readouterr().out
+
+
+def test_a_run_in_a_store_that_no_server_serves_is_named_not_linked(monkeypatch, capsys):
+    """``mlflow_uri`` set to a database or folder: no UI page to link; the run and its model are named."""
+    import cluster.cli
+    import cluster.health
+    import training.launch
+    from training.launch import TrainOutcome
+    from training.tracking import run_url
+
+    url = run_url("sqlite:////data/mlflow.db", "3", "a" * 32)
+    assert url == f"run {'a' * 32} of experiment 3 in sqlite:////data/mlflow.db"
+    assert run_url("http://127.0.0.1:5500/", "3", "b") == "http://127.0.0.1:5500/#/experiments/3/runs/b"
+    out = TrainOutcome("a" * 32, url, {}, "/ckpt/x", "3", "strip_ai_background")
+    monkeypatch.setattr(cluster.cli, "_connect", lambda s: None)
+    monkeypatch.setattr(cluster.health, "require", lambda s, name: None)
+    monkeypatch.setattr(training.launch, "run_training", lambda *a, **k: out)
+    assert cluster.cli.main(["train", "strip_ai_background"]) == 0
+    said = capsys.readouterr().out
+    assert f"MLflow run: {url}\n" in said and "registered model: models:/strip_ai_background/3\n" in said
