@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from shards.cpu_kernels import resized, rotated
+from shards.cpu_kernels import resized, resized_batch, rotated, rotated_batch
 
 
 def test_halving_averages_each_2x2_block_rounding_half_up():
@@ -37,3 +37,15 @@ def test_every_frame_of_a_sequence_turns_alike():
     assert out.shape == frames.shape
     assert np.array_equal(out[0], rotated(frame, np.float32(30)))
     assert np.array_equal(out[1], rotated(frame[::-1], np.float32(30)))
+
+
+def test_the_batch_forms_give_each_samples_own_result_in_order_on_any_thread_count():
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (8, 8, 3), dtype=np.uint8) for _ in range(5)]
+    angles = [np.float32(a) for a in (0, 30, 90, -45, 10)]
+    for threads in (1, 3):
+        turned = rotated_batch(images, angles, threads)
+        assert all(np.array_equal(t, rotated(i, a)) for t, i, a in zip(turned, images, angles, strict=True))
+        halved = resized_batch(images, 4, threads)
+        assert all(np.array_equal(h, resized(i, 4)) for h, i in zip(halved, images, strict=True))
+        assert resized_batch([], 4, threads) == [] and rotated_batch([], [], threads) == []  # no sample chosen

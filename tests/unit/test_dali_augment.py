@@ -1,5 +1,6 @@
 """The DALI pipeline (CPU mode) against reference implementations, on one-sample shards."""
 
+import json
 import os
 import subprocess
 import sys
@@ -92,10 +93,31 @@ def test_rotation_interpolates_linearly_and_replicates_edges_like_opencv(tmp_pat
     assert np.array_equal(quarter, np.rot90(image))
 
 
-def test_images_of_the_output_size_pass_unchanged_and_others_are_resized(tmp_path):
+def test_a_batch_rotated_on_several_threads_keeps_each_sample_with_its_own_image(tmp_path):
+    """The CPU rotation runs a batch at a time on the pipeline's threads: each output is its own input turned."""
+    rng = np.random.default_rng(2)
+    images = [rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8) for _ in range(4)]
+    with ShardWriter(str(tmp_path / "four")) as w:
+        for i, pixels in enumerate(images):
+            w.write(make_sample(f"s{i}", encode_image(pixels, "png"), "png", 1, {"i": i}))
+    urls = [str(tmp_path / "four" / w.shards[0].name)]
+    aug = Augment(rotate_p=1.0, rotate_degrees=(30, 30))
+    pipe = build_pipeline(
+        urls, fetch_indices(urls, str(tmp_path / "idx")), 4, SIZE, True, num_threads=3, augment=aug, seed=1
+    )
+    x, _, metas = pipe.run()
+    order = [json.loads(bytes(np.asarray(m)))["i"] for m in metas]  # the reader shuffles
+    turn = cv2.getRotationMatrix2D(((SIZE - 1) / 2, (SIZE - 1) / 2), 30, 1.0)
+    for out, i in zip(_uint8(_pixels(x)), order, strict=True):
+        ref = cv2.warpAffine(images[i], turn, (SIZE, SIZE), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+        assert np.array_equal(out, ref)
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_images_of_the_output_size_pass_unchanged_and_others_are_resized(tmp_path, threads):
     """A batch of tiles stored at the training size, at twice it and at 2.5 times: the first come out
     unchanged (they skip the resize), the others scaled down by OpenCV's area average, as ingest's
-    ``--store-size`` resizes (2x2 averages at twice the size, even of noise)."""
+    ``--store-size`` resizes (2x2 averages at twice the size, even of noise); on one thread or a pool."""
     rng = np.random.default_rng(1)
     double = rng.integers(0, 256, (2 * SIZE, 2 * SIZE, 3), dtype=np.uint8)
     yy, xx = np.mgrid[0 : 5 * SIZE // 2, 0 : 5 * SIZE // 2]
@@ -105,7 +127,7 @@ def test_images_of_the_output_size_pass_unchanged_and_others_are_resized(tmp_pat
         for key, pixels in (("same", image), ("double", double), ("smooth", smooth)):
             w.write(make_sample(key, encode_image(pixels, "png"), "png", 1, {}))
     urls = [str(tmp_path / "mixed" / w.shards[0].name)]
-    pipe = build_pipeline(urls, fetch_indices(urls, str(tmp_path / "idx2")), 3, SIZE, train=False)
+    pipe = build_pipeline(urls, fetch_indices(urls, str(tmp_path / "idx2")), 3, SIZE, False, num_threads=threads)
     x, _, _ = pipe.run()
     same, halved, scaled = _uint8(_pixels(x))
     assert np.abs(same.astype(int) - image).max() <= 1
