@@ -114,6 +114,16 @@ def test_a_batch_rotated_on_several_threads_keeps_each_sample_with_its_own_image
 
 
 @pytest.mark.parametrize("threads", [1, 3])
+def test_a_rotation_that_no_sample_of_a_batch_draws_hands_the_batch_on_whole(tmp_path, threads):
+    """The batch form is called on the samples that drew the rotation: none here (p = 0.001, 4 samples, 3 batches)."""
+    image, urls, idx = _shard(tmp_path)
+    pipe = build_pipeline(urls, idx, 4, SIZE, True, num_threads=threads, augment=Augment(rotate_p=0.001), seed=3)
+    for _ in range(3):
+        x, _, _ = pipe.run()
+        assert all(np.array_equal(out, image) for out in _uint8(_pixels(x)))
+
+
+@pytest.mark.parametrize("threads", [1, 3])
 def test_images_of_the_output_size_pass_unchanged_and_others_are_resized(tmp_path, threads):
     """A batch of tiles stored at the training size, at twice it and at 2.5 times: the first come out
     unchanged (they skip the resize), the others scaled down by OpenCV's area average, as ingest's
