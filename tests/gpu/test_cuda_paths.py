@@ -187,6 +187,8 @@ def test_a_ray_train_run_trains_on_the_gpu_over_nccl(tmp_path):
     make_dataset(str(tmp_path / "ds"), {"train": 8, "val": 4, "test": 4}, size=64)
     small = ["data.epoch_samples=8", "batch_size=4", "epochs=1", "workers=1", "model.pretrained=false"]
     recipe = load_recipe("strip_ai_resnet50", [f"data.dataset={tmp_path / 'ds'}", "data.image_size=64", *small])
+    # the run's experiment, its artifacts under tmp_path (a store that no server serves puts them in ./mlruns)
+    MlflowClient(uri).create_experiment(recipe.experiment or recipe.name, str(tmp_path / "artifacts"))
     ray.init(num_cpus=4, num_gpus=1, include_dashboard=False, log_to_driver=False)
     try:
         out = run_training(recipe, uri, str(tmp_path / "runs"))
