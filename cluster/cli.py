@@ -139,10 +139,11 @@ def cmd_train(args) -> int:
         return 1
     print(f"checkpoint: {outcome.checkpoint}")
     if outcome.model_version:
-        model = f"models:/{outcome.model_name}/{outcome.model_version}"
-        server, page = outcome.run_url.split("/#/")[0], "/#/" in outcome.run_url  # a page where MLflow serves one
-        where = f" ({server}/#/models/{outcome.model_name}/versions/{outcome.model_version})" if page else ""
-        print(f"registered model: {model}{where}")
+        from training.tracking import model_url
+
+        page = model_url(s.mlflow_url, outcome.model_name, outcome.model_version)
+        where = f" ({page})" if page else ""
+        print(f"registered model: models:/{outcome.model_name}/{outcome.model_version}{where}")
     print_held_out(outcome)
     return 0
 

@@ -43,12 +43,22 @@ def start_run(tracking_uri: str, experiment: str, run_name: str, params: dict[st
     return exp_id, run.info.run_id
 
 
+def served(tracking_uri: str) -> bool:
+    """Whether a server (with its UI) holds the runs, not a file or database that ``mlflow_uri`` names."""
+    return tracking_uri.startswith(("http://", "https://"))
+
+
 def run_url(tracking_uri: str, exp_id: str, run_id: str) -> str:
-    """The run's page in the tracking server's UI; for a store that is no server (``mlflow_uri`` set to a file or
-    database), which run of which experiment in it, as no page can be linked."""
-    if not tracking_uri.startswith(("http://", "https://")):
+    """The run's page in the tracking server's UI; for a store that is no server, which run of which experiment
+    in it, as no page can be linked."""
+    if not served(tracking_uri):
         return f"run {run_id} of experiment {exp_id} in {tracking_uri}"
     return f"{tracking_uri.rstrip('/')}/#/experiments/{exp_id}/runs/{run_id}"
+
+
+def model_url(tracking_uri: str, name: str, version: str) -> str | None:
+    """The registered model version's page in the tracking server's UI; None for a store that is no server."""
+    return f"{tracking_uri.rstrip('/')}/#/models/{name}/versions/{version}" if served(tracking_uri) else None
 
 
 def run_url_of(tracking_uri: str, run_id: str) -> str:

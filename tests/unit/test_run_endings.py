@@ -308,6 +308,7 @@ def test_a_run_in_a_store_that_no_server_serves_is_named_not_linked(monkeypatch,
     from training.launch import TrainOutcome
     from training.tracking import run_url
 
+    monkeypatch.setenv("TESSERA_MLFLOW_URI", "sqlite:////data/mlflow.db")
     url = run_url("sqlite:////data/mlflow.db", "3", "a" * 32)
     assert url == f"run {'a' * 32} of experiment 3 in sqlite:////data/mlflow.db"
     assert run_url("http://127.0.0.1:5500/", "3", "b") == "http://127.0.0.1:5500/#/experiments/3/runs/b"
