@@ -2,7 +2,8 @@
 recipe's optimiser) against a plain PyTorch loop, same model (resnet50), input (256 px), batch and threads.
 
 Both sides time the same synthetic batch (data loading is benchmarks/loader.py's business). The Ray Train side
-runs one worker owning all the cores (``cpus_per_worker``), as a one-GPU-per-worker cluster would.
+runs one worker owning all the cores (``cpus_per_worker``), as a one-GPU-per-worker cluster would; where CUDA is
+present it is given GPU 0 with Ray Train's NCCL group, and both sides run there.
 
 Step times on a small shared VM drift by 20-30 % over a minute, more than the overhead being measured, so the
 sides are interleaved: the plain loop runs before and after the Ray run (its median over both), and inside the
@@ -118,7 +119,8 @@ def _deepspeed_step(recipe, x, y, force_stage: bool):
 
 def plain(args) -> list[float]:
     torch.set_num_threads(args.cores)
-    return _timed(_plain_step(_recipe(args), *_batch(args.batch, args.size)), args.steps)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return _timed(_plain_step(_recipe(args), *_batch(args.batch, args.size, device)), args.steps)
 
 
 def _alternate(config: dict) -> dict:
@@ -195,18 +197,29 @@ def in_ray(args) -> dict:
 
     from cluster.stack import CPU_WORKER_ENV
 
+    # on a GPU machine the worker gets GPU 0 and Ray Train's NCCL group, as `tessera train` gives it; otherwise
     # the worker environment Tessera's stack gives Ray on a CPU-only machine (one malloc arena)
-    env = {} if torch.cuda.is_available() else {"env_vars": CPU_WORKER_ENV}
+    cuda = torch.cuda.is_available()
+    env = {} if cuda else {"env_vars": CPU_WORKER_ENV}
     # the workers' lines stay out: the results come back as metrics, a failure's cause with TrainingFailedError, and
     # without a dashboard Ray Train's placement-group cleaner logs every second that it cannot ask for its state
-    ray.init(num_cpus=args.cores, include_dashboard=False, logging_level="ERROR", runtime_env=env, log_to_driver=False)
+    ray.init(
+        num_cpus=args.cores,
+        num_gpus=int(cuda),
+        include_dashboard=False,
+        logging_level="ERROR",
+        runtime_env=env,
+        log_to_driver=False,
+    )
     store = tempfile.mkdtemp(prefix="tessera-bench-train-")  # a run of its own, not an earlier run's snapshot
     try:
         trainer = TorchTrainer(
             _worker,
             train_loop_config=_config(args),
-            scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": args.cores}),
-            torch_config=TorchConfig(backend="gloo"),
+            scaling_config=ScalingConfig(
+                num_workers=1, use_gpu=cuda, resources_per_worker={"CPU": args.cores} | ({"GPU": 1} if cuda else {})
+            ),
+            torch_config=TorchConfig(backend="nccl" if cuda else "gloo"),
             run_config=RunConfig(storage_path=store, name="train_step"),
         )
         return trainer.fit().metrics
@@ -235,15 +248,13 @@ def main() -> None:
     base = _median(before + after)
     ours, worker_plain = ray_side["deepspeed_s"], ray_side["plain_s"]
     precision = "bf16 autocast" if args.bf16 else "fp32"
-    print(
-        f"resnet50, {args.size} px, batch {args.batch}, {args.cores} cores, {precision}, "
-        f"medians of {args.steps} steps per side"
-    )
-    print(f"plain PyTorch loop (before and after): {base:7.3f} s/step ({_median(before):.3f}, {_median(after):.3f})")
+    where = f"GPU 0 ({torch.cuda.get_device_name(0)}), NCCL" if ray_side["cuda"] else f"{args.cores} cores"
+    print(f"resnet50, {args.size} px, batch {args.batch}, {where}, {precision}, medians of {args.steps} steps per side")
+    print(f"plain PyTorch loop (before and after): {base:7.4f} s/step ({_median(before):.4f}, {_median(after):.4f})")
     malloc = "heap kept, as Tessera's CPU worker" if ray_side["kept"] else "glibc defaults"
-    print(f"plain loop inside the Ray Train worker: {worker_plain:7.3f} s/step (malloc: {malloc})")
+    print(f"plain loop inside the Ray Train worker: {worker_plain:7.4f} s/step (malloc: {malloc})")
     stage = f"ZeRO-{ray_side['stage']}" + (f" (recipe: ZeRO-{args.zero})" if ray_side["stage"] != args.zero else "")
-    print(f"Ray Train + DeepSpeed {stage}, alternating: {ours:7.3f} s/step (threads {ray_side['threads']})")
+    print(f"Ray Train + DeepSpeed {stage}, alternating: {ours:7.4f} s/step (threads {ray_side['threads']})")
     print(f"ratio Tessera / plain: {ours / base:.3f}x (target <= 1.10x); DeepSpeed alone {ours / worker_plain:.3f}x")
 
 
