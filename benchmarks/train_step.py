@@ -190,17 +190,21 @@ def in_process(args) -> dict:
         dist.destroy_process_group()
 
 
+def cpu_worker_env() -> dict[str, str]:
+    from cluster.stack import CPU_WORKER_ENV
+
+    return CPU_WORKER_ENV
+
+
 def in_ray(args) -> dict:
     import ray
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from cluster.stack import CPU_WORKER_ENV
-
     # on a GPU machine the worker gets GPU 0 and Ray Train's NCCL group, as `tessera train` gives it; otherwise
     # the worker environment Tessera's stack gives Ray on a CPU-only machine (one malloc arena)
     cuda = torch.cuda.is_available()
-    env = {} if cuda else {"env_vars": CPU_WORKER_ENV}
+    env = {} if cuda else {"env_vars": cpu_worker_env()}
     # the workers' lines stay out: the results come back as metrics, a failure's cause with TrainingFailedError, and
     # without a dashboard Ray Train's placement-group cleaner logs every second that it cannot ask for its state
     ray.init(
