@@ -3,7 +3,10 @@ same augmentations (paper 000's: flips, sharpness 2, linear rotation, colour jit
 (float ``[N, 3, S, S]``, ImageNet-normalised), same cores (DALI threads = DataLoader workers).
 
 Usage: ``python benchmarks/loader.py [--images 512] [--tile 512] [--size 256] [--content noise|ihc] [--batch 32]
-[--cores 2] [--balanced] [--gpu] [--s3 [--latency-ms MS]]``. ``--gpu`` also times the same pipeline on GPU 0
+[--cores 2] [--lanes N] [--balanced] [--gpu] [--s3 [--latency-ms MS]]``. The DALI side splits its threads into
+pipelines as a training worker does (:func:`shards.lanes.lane_count`: one on 2 cores, 4 x 4 threads on 16); where
+that is more than one, the one pipeline of all the threads is timed too. ``--lanes`` sets their number.
+``--gpu`` also times the same pipeline on GPU 0
 (DALI's mixed decoding and GPU augmentation, CUDA batches; the clock stops once the GPU is done).
 ``--content`` picks what the tiles show (see :func:`base_image`). ``--balanced`` also times DALI fed by paper
 003's balanced sampler instead of its reader.
@@ -159,11 +162,14 @@ def dali_rate(
     idx_dir: str,
     mode: str = "stream",
     device_id: int | None = None,
-) -> float:
+    lanes: int | None = None,
+) -> tuple[float, int]:
     """DALI's images/s fed by its WebDataset reader (``stream``), by Tessera's ranged reads in a global
     permutation (``ranged``), or by paper 003's balanced sampler (``balanced``, also ranged reads); the shards'
-    ``.idx`` are copied into ``idx_dir``."""
-    from shards.dali import Augment, ShardBatches, build_pipeline, fetch_indices, sample_exts
+    ``.idx`` are copied into ``idx_dir``. The ``cores`` threads are split into pipelines as a training worker
+    splits them (:func:`shards.lanes.lane_count`; ``lanes`` sets their number); the rate and that number."""
+    from shards.dali import Augment, ShardBatches, fetch_indices, sample_exts
+    from shards.lanes import build_lanes, deal, lane_count
     from shards.sampling import (
         SampleSource,
         ShardFiles,
@@ -177,7 +183,8 @@ def dali_rate(
     aug = Augment(**load_recipe("strip_ai_resnet50").data.augment.model_dump())
     index = fetch_indices(urls, idx_dir)
     steps = n // batch
-    source, files = None, None
+    lanes = lane_count(cores, device_id is not None, n, batch, steps, lanes)
+    sources, files = None, None
     if mode != "stream":
         files, samples = ShardFiles(urls), split_samples(index)
         rng, draws = np.random.default_rng(0), (passes + 1) * steps * batch
@@ -185,11 +192,12 @@ def dali_rate(
             order = balanced_indices(read_labels(files, samples), draws, rng)
         else:
             order = shuffled_indices(len(samples), 0, 1, draws, rng)
-        source = SampleSource(files, samples, order, batch, sample_exts(0))
-    pipe = build_pipeline(
-        urls, index, batch, size, True, num_threads=cores, augment=aug, source=source, device_id=device_id
+        sources = [SampleSource(files, samples, o, batch, sample_exts(0)) for o in deal(order, batch, lanes)]
+    seeds = list(range(lanes))
+    pipes = build_lanes(
+        lanes, urls, index, batch, size, True, 0, 1, seeds, cores, sources, augment=aug, device_id=device_id
     )
-    batches = ShardBatches(pipe, n, 0, 1, True, steps)
+    batches = ShardBatches(pipes, n, 0, 1, True, steps)
     for _ in batches:  # warm-up pass
         pass
     t = time.perf_counter()
@@ -203,7 +211,7 @@ def dali_rate(
     rate = passes * steps * batch / (time.perf_counter() - t)
     if files:
         files.close()
-    return rate
+    return rate, lanes
 
 
 def torchvision_rate(urls: list[str], n: int, size: int, batch: int, cores: int, passes: int) -> float:
@@ -261,26 +269,33 @@ def main() -> None:
     ap.add_argument("--passes", type=int, default=2)
     ap.add_argument("--balanced", action="store_true", help="also time DALI fed by the balanced sampler")
     ap.add_argument("--gpu", action="store_true", help="also time the pipeline on GPU 0 (mixed decoding)")
+    ap.add_argument("--lanes", type=int, default=None, help="CPU-mode pipelines the cores are split into")
     ap.add_argument("--s3", action="store_true", help="read the shards from an S3 server (rclone), not local disk")
     ap.add_argument("--latency-ms", type=float, default=0.0, help="with --s3: added round trip per request")
     args = ap.parse_args()
     if args.s3:
         return main_s3(args)
+    from shards.lanes import lane_threads
+
     with tempfile.TemporaryDirectory() as tmp:
         shards = max(8, args.cores)  # a shard for every DataLoader worker (8: a whole number of each on 2 or 4)
         urls = write_shards(Path(tmp) / "train", args.images, args.tile, args.content, shards)
         common = (urls, args.images, args.size, args.batch, args.cores, args.passes)
         base = torchvision_rate(*common)
-        dali = dali_rate(*common, f"{tmp}/idx")
-        sampled = dali_rate(*common, f"{tmp}/idx", mode="balanced") if args.balanced else None
-        gpu = dali_rate(*common, f"{tmp}/idx", device_id=0) if args.gpu else None
+        dali, lanes = dali_rate(*common, f"{tmp}/idx", lanes=args.lanes)
+        whole = dali_rate(*common, f"{tmp}/idx", lanes=1)[0] if lanes > 1 else None
+        sampled = dali_rate(*common, f"{tmp}/idx", mode="balanced", lanes=args.lanes)[0] if args.balanced else None
+        gpu = dali_rate(*common, f"{tmp}/idx", device_id=0)[0] if args.gpu else None
     print(
         f"{args.images} JPEG tiles ({args.content}) {args.tile} px -> {args.size} px, "
         f"batch {args.batch}, {args.cores} cores"
     )
     print(f"torchvision + PIL DataLoader: {base:8.1f} images/s")
-    print(f"Tessera DALI (CPU mode):      {dali:8.1f} images/s")
+    threads = "x".join(str(t) for t in lane_threads(args.cores, lanes))
+    print(f"Tessera DALI (CPU mode):      {dali:8.1f} images/s ({lanes} pipeline(s) of {threads} threads)")
     print(f"ratio DALI / torchvision: {dali / base:.2f}x (target >= 1.5x)")
+    if whole is not None:
+        print(f"one pipeline of {args.cores} threads: {whole:8.1f} images/s (lanes / one: {dali / whole:.2f}x)")
     if gpu is not None:
         print(f"Tessera DALI (GPU 0, mixed):  {gpu:8.1f} images/s")
         print(f"ratio DALI GPU / torchvision: {gpu / base:.2f}x; GPU / DALI CPU mode: {gpu / dali:.2f}x")
@@ -299,7 +314,8 @@ def main_s3(args: argparse.Namespace) -> None:
             s3_urls = upload(urls, "bench")
             os.environ["AWS_ENDPOINT_URL"] = read_endpoint  # boto3's client is cached per endpoint
             common = (s3_urls, args.images, args.size, args.batch, args.cores, args.passes)
-            rates = {mode: dali_rate(*common, f"{tmp}/idx", mode=mode) for mode in ("stream", "ranged", "balanced")}
+            modes = ("stream", "ranged", "balanced")
+            rates = {mode: dali_rate(*common, f"{tmp}/idx", mode=mode, lanes=args.lanes)[0] for mode in modes}
     print(
         f"{args.images} JPEG tiles ({args.content}) {args.tile} px -> {args.size} px, "
         f"batch {args.batch}, {args.cores} cores, "

@@ -326,13 +326,14 @@ class ShardBatches:
     """Batches from one worker's share of a split: ``(images, labels, metas)``; the images a NumPy array, or a
     CUDA tensor from a GPU pipeline; labels NumPy (-1 each from a pipeline of unlabelled samples), metas Python.
 
-    ``steps`` fixes how many batches a training pass yields, so every worker takes the same number of
-    optimiser steps; evaluation passes yield the worker's share exactly once (padding trimmed).
+    ``pipelines`` is one pipeline or the lanes of :func:`build_lanes`, taken in turn. ``steps`` fixes how many
+    batches a training pass yields, so every worker takes the same number of optimiser steps; evaluation
+    passes yield the worker's share exactly once (each lane's padding trimmed).
     """
 
     def __init__(
         self,
-        pipeline,
+        pipelines,
         total: int,
         shard_id: int,
         num_shards: int,
@@ -340,26 +341,39 @@ class ShardBatches:
         steps: int | None,
         multilabel: bool = False,
     ):
-        self.pipe = pipeline
+        self.pipes = list(pipelines) if isinstance(pipelines, list | tuple) else [pipelines]
         self.train = train
         self.multilabel = multilabel
-        start, end = shard_range(total, shard_id, num_shards)
-        self.share = end - start
-        self.batch_size = pipeline.max_batch_size
-        self.steps = steps if steps is not None else math.ceil(self.share / self.batch_size)
+        k = len(self.pipes)
+        self.shares = [
+            end - start for start, end in (shard_range(total, shard_id * k + j, num_shards * k) for j in range(k))
+        ]
+        self.share = sum(self.shares)
+        self.batch_size = self.pipes[0].max_batch_size
+        self._runs = [math.ceil(share / self.batch_size) for share in self.shares]
+        self.steps = steps if steps is not None else sum(self._runs)
 
     def __len__(self) -> int:
         return self.steps
 
+    def _order(self) -> Iterator[int]:
+        """The lane of each batch: in turn, skipping the lanes whose share is read (evaluation)."""
+        k = len(self.pipes)
+        if self.train:
+            yield from (s % k for s in range(self.steps))
+            return
+        for s in range(max(self._runs)):
+            yield from (j for j in range(k) if s < self._runs[j])
+
     def __iter__(self) -> Iterator[tuple[Any, np.ndarray, list[dict]]]:
-        left = self.share
-        for _ in range(self.steps):
-            images, *cls, meta = self.pipe.run()
+        left = list(self.shares)
+        for j in self._order():
+            images, *cls, meta = self.pipes[j].run()
             x = _images(images)
             metas = [json.loads(bytes(np.asarray(m)).decode()) for m in meta]
             labels = sample_labels(cls[0], metas, self.multilabel) if cls else np.full(len(metas), -1, np.int64)
             if not self.train:
-                n = min(left, len(labels))
+                n = min(left[j], len(labels))
                 x, labels, metas = x[:n], labels[:n], metas[:n]
-                left -= n
+                left[j] -= n
             yield x, labels, metas

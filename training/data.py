@@ -9,7 +9,8 @@ import numpy as np
 
 from shards import manifest as mf
 from shards import probes, scratch, storage
-from shards.dali import Augment, ShardBatches, build_pipeline, epoch_order, fetch_indices, sample_exts
+from shards.dali import Augment, ShardBatches, epoch_order, fetch_indices, sample_exts, shard_range
+from shards.lanes import build_lanes, deal, lane_count
 from shards.sampling import (
     Sample,
     SampleSource,
@@ -87,10 +88,14 @@ class WorkerData:
             return class_counts(self.manifest.inputs, self.recipe.data.train_split, classes)
         return np.bincount(self.train_labels[self.train_labels >= 0], minlength=classes).tolist()
 
-    def _source(self, split: str, epoch: int, train: bool, steps: int | None) -> SampleSource | None:
-        """This worker's samples of ``split`` by ranged reads, or None for DALI's reader. Training draws are
-        class-balanced (seeded by seed, epoch, rank) or this worker's share of one global permutation (seeded
-        by seed, epoch); evaluation reads the worker's share in order, as DALI's reader would."""
+    def _sources(
+        self, split: str, epoch: int, train: bool, steps: int | None, lanes: int = 1
+    ) -> list[SampleSource] | None:
+        """Each lane's samples of ``split`` by ranged reads (a :class:`SampleSource` per lane), or None for DALI's
+        reader. Training draws are class-balanced (seeded by seed, epoch, rank) or this worker's share of one
+        global permutation (seeded by seed, epoch), dealt to the lanes a batch each in turn, so that the lanes
+        taken in turn give the one lane's order; evaluation reads each lane's part of the worker's share in
+        order, as DALI's reader would."""
         r, d = self.recipe, self.recipe.data
         balanced = train and d.sampler == "balanced"
         if not (balanced or d.ranged):
@@ -105,9 +110,13 @@ class WorkerData:
         elif train:
             rng = np.random.default_rng([r.seed, epoch])
             order = shuffled_indices(len(samples), self.rank, self.world, steps * r.batch_size, rng)
+        exts = sample_exts(d.frames, self.labelled)
+        if train:
+            orders = deal(order, r.batch_size, lanes)
         else:
-            order = eval_indices(len(samples), self.rank, self.world, r.batch_size)
-        return SampleSource(files, samples, order, r.batch_size, sample_exts(d.frames, self.labelled))
+            parts = (self.rank * lanes + j for j in range(lanes))
+            orders = [eval_indices(len(samples), part, self.world * lanes, r.batch_size) for part in parts]
+        return [SampleSource(files, samples, order, r.batch_size, exts) for order in orders]
 
     def steps_per_epoch(self) -> int:
         """Optimiser micro-steps per training epoch, the same on every worker."""
@@ -127,8 +136,10 @@ class WorkerData:
             order = epoch_order(len(urls), r.seed, epoch)
             urls, index = [urls[i] for i in order], [index[i] for i in order]
         steps = self.steps_per_epoch() if train else None
-        source = self._source(split, epoch, train, steps)
-        pipe = build_pipeline(
+        total = self.manifest.num_samples(split)
+        lanes = self.lanes(total, steps)
+        pipes = build_lanes(
+            lanes,
             urls,
             index,
             r.batch_size,
@@ -136,18 +147,30 @@ class WorkerData:
             train,
             self.rank,
             self.world,
-            seed=epoch_seed(r.seed, epoch, self.rank),
+            seeds=[epoch_seed(r.seed, epoch, self.rank * lanes + j) for j in range(lanes)],
+            num_threads=self.threads,
+            sources=self._sources(split, epoch, train, steps, lanes),
             device_id=self.device_id,
-            num_threads=d.loader_threads,
             augment=Augment(**d.augment.model_dump()),
             frames=d.frames,
-            source=source,
             labelled=self.labelled,
         )
-        total = self.manifest.num_samples(split)
         # The recipe's task decides the label: a binary recipe on an RSNA dataset reads `.cls` (any), not the vectors.
         multilabel = r.task == "multilabel"
-        return ShardBatches(pipe, total, self.rank, self.world, train, steps, multilabel)
+        return ShardBatches(pipes, total, self.rank, self.world, train, steps, multilabel)
+
+    def lanes(self, total: int, steps: int | None) -> int:
+        """The pipelines this worker's loader threads are split into (:func:`shards.lanes.lane_count`, with
+        the recipe's ``data.loader_lanes`` where it sets them); one on a GPU."""
+        d = self.recipe.data
+        start, end = shard_range(total, self.rank, self.world)
+        gpu = self.device_id is not None
+        return lane_count(self.threads, gpu, end - start, self.recipe.batch_size, steps, d.loader_lanes)
+
+    @property
+    def threads(self) -> int:
+        """DALI's threads in this worker: the recipe's ``data.loader_threads``, or the worker's CPUs."""
+        return self.recipe.data.loader_threads or max(1, int(self.recipe.cpus_per_worker))
 
     def close(self) -> None:
         for files, _ in self._access.values():

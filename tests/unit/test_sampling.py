@@ -212,7 +212,7 @@ def test_ranged_reader_gives_each_worker_what_dalis_reader_gives_it(tmp_path, wo
             steps = ranged.steps_per_epoch()
             assert steps == 14 // world // 3
             for epoch in orders:
-                orders[epoch] += ranged._source("train", epoch, True, steps).order.tolist()
+                orders[epoch] += ranged._sources("train", epoch, True, steps)[0].order.tolist()
                 batches = list(ranged.batches("train", epoch, True))
                 assert [x.shape for x, _, _ in batches] == [(3, *([frames] if frames else []), 3, 16, 16)] * steps
         finally:
