@@ -193,10 +193,8 @@ def dali_rate(
         else:
             order = shuffled_indices(len(samples), 0, 1, draws, rng)
         sources = [SampleSource(files, samples, o, batch, sample_exts(0)) for o in deal(order, batch, lanes)]
-    seeds = list(range(lanes))
-    pipes = build_lanes(
-        lanes, urls, index, batch, size, True, 0, 1, seeds, cores, sources, augment=aug, device_id=device_id
-    )
+    options = {"seeds": list(range(lanes)), "num_threads": cores, "sources": sources, "device_id": device_id}
+    pipes = build_lanes(lanes, urls, index, batch, size, True, augment=aug, **options)
     batches = ShardBatches(pipes, n, 0, 1, True, steps)
     for _ in batches:  # warm-up pass
         pass

@@ -49,11 +49,7 @@ def deal(order: np.ndarray, batch_size: int, lanes: int) -> list[np.ndarray]:
 
 def build_lanes(
     lanes: int,
-    shard_urls: list[str],
-    index_paths: list[str],
-    batch_size: int,
-    image_size: int,
-    train: bool,
+    *where: Any,
     shard_id: int = 0,
     num_shards: int = 1,
     seeds: list[int] | None = None,
@@ -64,17 +60,14 @@ def build_lanes(
     """``lanes`` built pipelines that read worker ``shard_id``'s share together: lane ``j`` reads part
     ``shard_id * lanes + j`` of ``num_shards * lanes`` (consecutive parts: exactly the worker's share), with its
     share of ``num_threads``, seed ``seeds[j]`` and source ``sources[j]``. One lane is :func:`build_pipeline`'s
-    own pipeline. ``options`` go to :func:`build_pipeline` (device_id, augment, frames, labelled)."""
+    own pipeline. ``where`` (shard URLs, index paths, batch size, image size, train) and ``options`` (device_id,
+    augment, frames, labelled) go to :func:`build_pipeline`."""
     threads = lane_threads(num_threads, lanes)
     return [
         build_pipeline(
-            shard_urls,
-            index_paths,
-            batch_size,
-            image_size,
-            train,
-            shard_id * lanes + j,
-            num_shards * lanes,
+            *where,
+            shard_id=shard_id * lanes + j,
+            num_shards=num_shards * lanes,
             seed=seeds[j] if seeds else 0,
             num_threads=threads[j],
             source=sources[j] if sources else None,
