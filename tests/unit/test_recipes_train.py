@@ -68,6 +68,20 @@ def test_recipe_trains_two_steps_and_evaluates(name, tmp_path, process_group):
         assert all(k in trainable or "running" in k or "num_batches" in k for k in changed)
 
 
+def test_a_run_reads_through_lanes_when_its_loader_threads_are_split(tmp_path, process_group):
+    """Two pipelines per split: the training steps, the validation pass, and SWA's pass over the train split for
+    its batch-norm statistics all take their batches in turn from both."""
+    recipe = small_recipe("strip_ai_resnet50", tmp_path, "data.loader_threads=2", "data.loader_lanes=2")
+    assert recipe.swa.enabled
+    reports = []
+    trainer = Trainer({"recipe": recipe.model_dump()}, rank=0, world=1)
+    assert trainer.data.lanes(6, None) == trainer.data.lanes(8, 2) == 2  # validation (6), training (2 steps)
+    trainer.run(lambda metrics, folder: reports.append(metrics), mlflow=False)
+    (metrics,) = reports
+    assert trainer.engine.global_steps == 2
+    assert all(math.isfinite(metrics[k]) for k in ("train_loss", "val_loss", "val_swa_loss"))
+
+
 @pytest.mark.parametrize("name", ["rsna_ich_binary", "ct_ich_convnext_anypos"])
 def test_slice_recipes_evaluate_series_whose_slices_are_labelled_one_by_one(name, tmp_path, process_group):
     """Their datasets label each slice: a series or patient mixes negative and positive samples, and is positive
