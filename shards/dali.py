@@ -326,9 +326,9 @@ class ShardBatches:
     """Batches from one worker's share of a split: ``(images, labels, metas)``; the images a NumPy array, or a
     CUDA tensor from a GPU pipeline; labels NumPy (-1 each from a pipeline of unlabelled samples), metas Python.
 
-    ``pipelines`` is one pipeline or the lanes of :func:`build_lanes`, taken in turn. ``steps`` fixes how many
-    batches a training pass yields, so every worker takes the same number of optimiser steps; evaluation
-    passes yield the worker's share exactly once (each lane's padding trimmed).
+    ``pipelines`` is one pipeline or the lanes of :func:`shards.lanes.build_lanes`, taken in turn. ``steps``
+    fixes how many batches a training pass yields, so every worker takes the same number of optimiser steps;
+    evaluation passes yield the worker's share exactly once (each lane's padding trimmed).
     """
 
     def __init__(

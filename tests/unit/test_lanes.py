@@ -56,6 +56,23 @@ def test_lanes_read_each_workers_share_exactly_once(tmp_path, reader):
             three.close()
 
 
+def test_ranged_lanes_give_what_streamed_lanes_give(tmp_path):
+    """Evaluation with three lanes: the ranged reader's batches are the streaming reader's, one for one."""
+    prefix = str(tmp_path / "ds")
+    manifest = make_dataset(prefix, {"train": 8, "val": 23}, shard_samples=4)
+    stream, ranged = _reader(prefix, manifest, "stream", 3), _reader(prefix, manifest, "ranged", 3)
+    try:
+        want, got = list(stream.batches("val", 0, False)), list(ranged.batches("val", 0, False))
+        assert (
+            [len(m) for _, _, m in got] == [len(m) for _, _, m in want] == [3, 3, 3, 3, 3, 3, 1, 2, 2]
+        )  # lanes of 7, 8, 8
+        for (x, y, metas), (wx, wy, wmetas) in zip(got, want, strict=True):
+            assert (x == wx).all() and (y == wy).all() and metas == wmetas
+    finally:
+        stream.close()
+        ranged.close()
+
+
 @pytest.mark.parametrize("sampler", ["shuffle", "balanced"])
 def test_lanes_taken_in_turn_give_the_one_lanes_training_order(tmp_path, sampler):
     """Ranged reads: the worker's draws are dealt to the lanes a batch each, so the batches come in the order
