@@ -24,10 +24,11 @@ def lane_count(
     in parallel), each spread over the batch's samples, so every thread waits at each operator's end for the
     slowest sample: one pipeline does not fill many cores. Several pipelines, each reading its own part of the
     share, wait independently. The loader benchmark's pipeline on 16 cores (images/s): one pipeline of 16
-    threads 1341, 2 x 8 1827, 4 x 4 2001, 8 x 2 1998, 16 x 1 1891 (each pipeline also takes about a second
-    to build). A GPU pipeline stays whole (its decoding and augmentation are on the GPU). Every lane gets at
-    least a batch of the ``share`` (and a training pass's ``steps``), so a small split is read as before.
-    ``wanted`` replaces the number from the threads (a recipe's ``data.loader_lanes``), within those bounds.
+    threads 1341, 2 x 8 1827, 4 x 4 2001, 8 x 2 1998, 16 x 1 1891 (there, with CUDA present, a CPU-mode
+    pipeline took about a second to build; on the 2-core VM without it, 15 ms). A GPU pipeline stays whole
+    (its decoding and augmentation are on the GPU). Every lane gets at least a batch of the ``share`` (and a
+    training pass's ``steps``), so a small split is read as before. ``wanted`` replaces the number from the
+    threads (a recipe's ``data.loader_lanes``), within those bounds.
     """
     if gpu:
         return 1
