@@ -58,6 +58,8 @@ def recording(cfg: IngestConfig, model: ModelFiles | None) -> tuple[IngestConfig
     line = f"background model: {model.source}, sha256 {model.sha256[:16]}"
     if model.tile_um:  # slides whose tiles differ are warned of, each
         line += f", trained on tiles {model.tile_um:.0f} µm across"
+    else:  # a bare TorchScript file, or an export of a training on slides without MPP
+        line += ", with no record of its training tiles' scale: slides at another scale are not warned of"
     return cfg.model_copy(update={"background_model": model.source, "background_model_sha256": model.sha256}), line
 
 

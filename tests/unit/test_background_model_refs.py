@@ -10,7 +10,8 @@ import torch
 from mlflow import MlflowClient
 
 from ingest.background import BackgroundFilter
-from ingest.model_files import ModelFiles, fetch_model, is_mlflow
+from ingest.config import WsiIngestConfig
+from ingest.model_files import ModelFiles, fetch_model, is_mlflow, recording
 from training.config import ModelConfig
 from training.export import save_export
 from training.models import build_model
@@ -45,6 +46,19 @@ def _logged(uri: str, export) -> str:
     _, run_id = start_run(uri, "strip-ai", "strip_ai_background", {}, {})
     MlflowClient(uri).log_artifacts(run_id, str(export), MODEL_ARTIFACT)
     return run_id
+
+
+def test_the_run_says_whether_the_models_scale_is_known(tmp_path, export):
+    """An export records its training tiles' width, and each slide of another scale is warned of; a bare
+    TorchScript file does not, and the run's line about the model says that none will be."""
+    ts = tmp_path / "bg.ts"
+    torch.jit.script(Brightness()).save(str(ts))
+    cfg = WsiIngestConfig(sources=["x"], out="y", background_model=str(ts))
+    recorded, line = recording(cfg, fetch_model(str(ts)))
+    assert recorded.background_model_sha256 == hashlib.sha256(ts.read_bytes()).hexdigest()
+    assert "no record of its training tiles' scale" in line
+    described = ModelFiles("export", b"ts", {"tile_um": 256.0})
+    assert recording(cfg, described)[1].endswith("trained on tiles 256 µm across")
 
 
 def test_a_file_and_an_export_folder(tmp_path, export):
