@@ -80,10 +80,27 @@ def train_dry_run(recipe) -> None:
     print(f"parameters: {total:,} ({trainable:,} trainable), {n} outputs ({source})")
     gpu, cpu = ("bf16 (autocast)" if mixed_precision(recipe, cuda) else "fp32" for cuda in (True, False))
     print(f"precision: {gpu} on a GPU worker, {cpu} on a CPU worker (deepspeed.bf16: {recipe.deepspeed.bf16})")
+    print(loader_line(recipe))
     if manifest is not None:
         check_against(recipe, manifest)
         print(held_out_line(recipe, manifest))
         print(input_size(recipe, manifest))
+
+
+def loader_line(recipe) -> str:
+    """What reads each worker's data: DALI's threads and, on a CPU worker, the pipelines they are split into
+    (:func:`shards.lanes.lane_count`, for a split of enough batches per worker: a small one gets fewer)."""
+    import sys
+
+    from shards.lanes import lane_count, lane_threads
+
+    threads = recipe.dali_threads
+    lanes = lane_count(threads, False, sys.maxsize, 1, None, recipe.data.loader_lanes)
+    split = " + ".join(str(t) for t in lane_threads(threads, lanes))
+    return (
+        f"loader: {threads} DALI thread(s) per worker; on a GPU worker one pipeline (mixed decoding), on a CPU "
+        f"worker {lanes} pipeline(s) of {split} thread(s)"
+    )
 
 
 def cluster_fit(settings, recipe, connect) -> None:

@@ -221,6 +221,11 @@ class TrainRecipe(Strict):
     use_gpu: Literal["auto", True, False] = "auto"
     seed: int = 0
 
+    @property
+    def dali_threads(self) -> int:
+        """DALI's threads in each worker: ``data.loader_threads``, or the worker's CPUs (at least one)."""
+        return self.data.loader_threads or max(1, int(self.cpus_per_worker))
+
     @model_validator(mode="after")
     def _consistent(self) -> TrainRecipe:
         if self.swa.enabled and self.deepspeed.zero_stage == 3:

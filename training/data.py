@@ -148,7 +148,7 @@ class WorkerData:
             shard_id=self.rank,
             num_shards=self.world,
             seeds=[epoch_seed(r.seed, epoch, self.rank * lanes + j) for j in range(lanes)],
-            num_threads=self.threads,
+            num_threads=r.dali_threads,
             sources=self._sources(split, epoch, train, steps, lanes),
             device_id=self.device_id,
             augment=Augment(**d.augment.model_dump()),
@@ -165,12 +165,7 @@ class WorkerData:
         d = self.recipe.data
         start, end = shard_range(total, self.rank, self.world)
         gpu = self.device_id is not None
-        return lane_count(self.threads, gpu, end - start, self.recipe.batch_size, steps, d.loader_lanes)
-
-    @property
-    def threads(self) -> int:
-        """DALI's threads in this worker: the recipe's ``data.loader_threads``, or the worker's CPUs."""
-        return self.recipe.data.loader_threads or max(1, int(self.recipe.cpus_per_worker))
+        return lane_count(self.recipe.dali_threads, gpu, end - start, self.recipe.batch_size, steps, d.loader_lanes)
 
     def close(self) -> None:
         for files, _ in self._access.values():

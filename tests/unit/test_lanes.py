@@ -109,14 +109,19 @@ def test_a_streamed_training_pass_with_lanes_takes_its_steps_from_every_lane(tmp
         data.close()
 
 
-def test_loader_threads_default_to_the_workers_cpus(tmp_path):
-    prefix = str(tmp_path / "ds")
-    manifest = make_dataset(prefix, {"train": 8, "val": 4})
+def test_loader_threads_default_to_the_workers_cpus():
     for overrides, threads in (([], 1), (["cpus_per_worker=16"], 16), (["cpus_per_worker=0.5"], 1)):
         for extra, want in (([], threads), (["data.loader_threads=3"], 3)):
-            recipe = load_recipe("demo_tiles", [f"data.dataset={prefix}", *overrides, *extra])
-            data = WorkerData(recipe, manifest, 0, 1, None)
-            try:
-                assert data.threads == want
-            finally:
-                data.close()
+            assert load_recipe("demo_tiles", [*overrides, *extra]).dali_threads == want
+
+
+def test_the_dry_run_says_how_each_worker_reads():
+    from cluster.cli_train import loader_line
+
+    assert loader_line(load_recipe("demo_tiles")).endswith("on a CPU worker 1 pipeline(s) of 1 thread(s)")
+    line = loader_line(load_recipe("demo_tiles", ["cpus_per_worker=14"]))
+    assert line.startswith("loader: 14 DALI thread(s) per worker; on a GPU worker one pipeline (mixed decoding)")
+    assert line.endswith("on a CPU worker 4 pipeline(s) of 4 + 4 + 3 + 3 thread(s)")
+    assert loader_line(load_recipe("demo_tiles", ["data.loader_lanes=3"])).endswith(
+        "3 pipeline(s) of 1 + 1 + 1 thread(s)"
+    )
