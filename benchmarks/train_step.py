@@ -120,7 +120,10 @@ def _deepspeed_step(recipe, x, y, force_stage: bool):
 def plain(args) -> list[float]:
     torch.set_num_threads(args.cores)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    return _timed(_plain_step(_recipe(args), *_batch(args.batch, args.size, device)), args.steps)
+    times = _timed(_plain_step(_recipe(args), *_batch(args.batch, args.size, device)), args.steps)
+    if device == "cuda":  # what this process cached goes back to the GPU, which the Ray worker shares
+        torch.cuda.empty_cache()
+    return times
 
 
 def _alternate(config: dict) -> dict:
