@@ -289,7 +289,7 @@ def main() -> None:
         f"batch {args.batch}, {args.cores} cores"
     )
     print(f"torchvision + PIL DataLoader: {base:8.1f} images/s")
-    threads = "x".join(str(t) for t in lane_threads(args.cores, lanes))
+    threads = " + ".join(str(t) for t in lane_threads(args.cores, lanes))
     print(f"Tessera DALI (CPU mode):      {dali:8.1f} images/s ({lanes} pipeline(s) of {threads} threads)")
     print(f"ratio DALI / torchvision: {dali / base:.2f}x (target >= 1.5x)")
     if whole is not None:
