@@ -194,6 +194,8 @@ def in_process(args) -> dict:
 
 
 def cpu_worker_env() -> dict[str, str]:
+    """The worker environment Tessera's stack gives Ray on a CPU-only machine (imported only there: the stack's
+    settings need pydantic-settings, which a GPU machine's image may lack)."""
     from cluster.stack import CPU_WORKER_ENV
 
     return CPU_WORKER_ENV
@@ -205,7 +207,7 @@ def in_ray(args) -> dict:
     from ray.train.torch import TorchConfig, TorchTrainer
 
     # on a GPU machine the worker gets GPU 0 and Ray Train's NCCL group, as `tessera train` gives it; otherwise
-    # the worker environment Tessera's stack gives Ray on a CPU-only machine (one malloc arena)
+    # the CPU worker's environment (one malloc arena)
     cuda = torch.cuda.is_available()
     env = {} if cuda else {"env_vars": cpu_worker_env()}
     # the workers' lines stay out: the results come back as metrics, a failure's cause with TrainingFailedError, and
