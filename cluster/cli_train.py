@@ -89,13 +89,11 @@ def train_dry_run(recipe) -> None:
 
 def loader_line(recipe) -> str:
     """What reads each worker's data: DALI's threads and, on a CPU worker, the pipelines they are split into
-    (:func:`shards.lanes.lane_count`, for a split of enough batches per worker: a small one gets fewer)."""
-    import sys
-
-    from shards.lanes import lane_count, lane_threads
+    (:func:`shards.lanes.wanted_lanes`, for a split of enough batches per worker: a small one gets fewer)."""
+    from shards.lanes import lane_threads, wanted_lanes
 
     threads = recipe.dali_threads
-    lanes = lane_count(threads, False, sys.maxsize, 1, None, recipe.data.loader_lanes)
+    lanes = wanted_lanes(threads, recipe.data.loader_lanes)
     split = " + ".join(str(t) for t in lane_threads(threads, lanes))
     return (
         f"loader: {threads} DALI thread(s) per worker; on a GPU worker one pipeline (mixed decoding), on a CPU "

@@ -32,8 +32,13 @@ def lane_count(
     """
     if gpu:
         return 1
-    wanted = wanted or math.ceil(threads / THREADS_PER_LANE)
-    return max(1, min(wanted, share // batch_size, steps or share))
+    return max(1, min(wanted_lanes(threads, wanted), share // batch_size, steps or share))
+
+
+def wanted_lanes(threads: int, wanted: int | None = None) -> int:
+    """The lanes ``threads`` loader threads make before :func:`lane_count`'s bounds: one per
+    :data:`THREADS_PER_LANE`, or ``wanted``."""
+    return wanted or math.ceil(threads / THREADS_PER_LANE)
 
 
 def lane_threads(threads: int, lanes: int) -> list[int]:
