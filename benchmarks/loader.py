@@ -273,7 +273,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.s3:
         return main_s3(args)
-    from shards.lanes import lane_threads
+    from shards.lanes import describe
 
     with tempfile.TemporaryDirectory() as tmp:
         shards = max(8, args.cores)  # a shard for every DataLoader worker (8: a whole number of each on 2 or 4)
@@ -289,8 +289,7 @@ def main() -> None:
         f"batch {args.batch}, {args.cores} cores"
     )
     print(f"torchvision + PIL DataLoader: {base:8.1f} images/s")
-    threads = " + ".join(str(t) for t in lane_threads(args.cores, lanes))
-    print(f"Tessera DALI (CPU mode):      {dali:8.1f} images/s ({lanes} pipeline(s) of {threads} threads)")
+    print(f"Tessera DALI (CPU mode):      {dali:8.1f} images/s ({describe(args.cores, lanes)})")
     print(f"ratio DALI / torchvision: {dali / base:.2f}x (target >= 1.5x)")
     if whole is not None:
         print(f"one pipeline of {args.cores} threads: {whole:8.1f} images/s (lanes / one: {dali / whole:.2f}x)")

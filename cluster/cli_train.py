@@ -90,15 +90,12 @@ def train_dry_run(recipe) -> None:
 def loader_line(recipe) -> str:
     """What reads each worker's data: DALI's threads and, on a CPU worker, the pipelines they are split into
     (:func:`shards.lanes.wanted_lanes`, for a split of enough batches per worker: a small one gets fewer)."""
-    from shards.lanes import lane_threads, wanted_lanes
+    from shards.lanes import describe, wanted_lanes
 
     threads = recipe.dali_threads
-    lanes = wanted_lanes(threads, recipe.data.loader_lanes)
-    split = " + ".join(str(t) for t in lane_threads(threads, lanes))
-    return (
-        f"loader: {threads} DALI thread(s) per worker; on a GPU worker one pipeline (mixed decoding), on a CPU "
-        f"worker {lanes} pipeline(s) of {split} thread(s)"
-    )
+    cpu = describe(threads, wanted_lanes(threads, recipe.data.loader_lanes))
+    gpu = "one pipeline (mixed decoding)"
+    return f"loader: {threads} DALI thread(s) per worker; on a GPU worker {gpu}, on a CPU worker {cpu}"
 
 
 def cluster_fit(settings, recipe, connect) -> None:

@@ -46,6 +46,12 @@ def lane_threads(threads: int, lanes: int) -> list[int]:
     return [max(1, threads // lanes + (j < threads % lanes)) for j in range(lanes)]
 
 
+def describe(threads: int, lanes: int) -> str:
+    """``lanes`` and their threads as the dry run and the loader benchmark say them: "2 pipeline(s) of 3 + 2
+    thread(s)"."""
+    return f"{lanes} pipeline(s) of {' + '.join(str(t) for t in lane_threads(threads, lanes))} thread(s)"
+
+
 def deal(order: np.ndarray, batch_size: int, lanes: int) -> list[np.ndarray]:
     """A worker's sample ``order`` (whole batches) dealt to ``lanes`` a batch each in turn: the lanes' batches
     taken in turn are ``order``'s."""
