@@ -17,6 +17,7 @@ from shards import manifest as mf
 from shards import storage
 from shards.dali import shard_range
 from shards.sampling import read_labels
+from shards.schema import PNG_SIGNATURE
 from shards.verify import verify_dataset
 from shards.writer import read_tar_samples
 from training.config import load_recipe
@@ -180,7 +181,7 @@ def _readable(name: str, data: bytes) -> bytes:
         with tarfile.open(fileobj=io.BytesIO(data)) as tar:
             members = [(m.name, tar.extractfile(m).read()) for m in tar.getmembers() if m.isfile()]
         return b"".join(m.encode() + b"\n" + _readable(m, content) for m, content in members)
-    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+    if data.startswith(PNG_SIGNATURE):
         kept, pos = [data[:8]], 8
         while pos < len(data):
             (size,) = struct.unpack(">I", data[pos : pos + 4])
