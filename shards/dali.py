@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from shards import storage
+from shards.lanes import lane_parts
 
 IMAGENET_MEAN = [0.485 * 255, 0.456 * 255, 0.406 * 255]
 IMAGENET_STD = [0.229 * 255, 0.224 * 255, 0.225 * 255]
@@ -345,9 +346,8 @@ class ShardBatches:
         self.train = train
         self.multilabel = multilabel
         k = len(self.pipes)
-        self.shares = [
-            end - start for start, end in (shard_range(total, shard_id * k + j, num_shards * k) for j in range(k))
-        ]
+        ranges = (shard_range(total, part, num_shards * k) for part in lane_parts(shard_id, k))
+        self.shares = [end - start for start, end in ranges]
         self.share = sum(self.shares)
         self.batch_size = self.pipes[0].max_batch_size
         self._runs = [math.ceil(share / self.batch_size) for share in self.shares]

@@ -9,8 +9,6 @@ from typing import Any
 
 import numpy as np
 
-from shards.dali import build_pipeline
-
 # Loader threads per CPU-mode pipeline ("lane"), from the H200 machine's 16 cores (see :func:`lane_count`).
 THREADS_PER_LANE = 4
 
@@ -52,6 +50,12 @@ def describe(threads: int, lanes: int) -> str:
     return f"{lanes} pipeline(s) of {' + '.join(str(t) for t in lane_threads(threads, lanes))} thread(s)"
 
 
+def lane_parts(shard_id: int, lanes: int) -> range:
+    """The parts of ``num_shards * lanes`` that worker ``shard_id``'s ``lanes`` read, lane ``j`` the ``j``-th:
+    consecutive, so together exactly the worker's share of ``num_shards``."""
+    return range(shard_id * lanes, (shard_id + 1) * lanes)
+
+
 def deal(order: np.ndarray, batch_size: int, lanes: int) -> list[np.ndarray]:
     """A worker's sample ``order`` (whole batches) dealt to ``lanes`` a batch each in turn: the lanes' batches
     taken in turn are ``order``'s."""
@@ -70,20 +74,22 @@ def build_lanes(
     **options: Any,
 ) -> list:
     """``lanes`` built pipelines that read worker ``shard_id``'s share together: lane ``j`` reads part
-    ``shard_id * lanes + j`` of ``num_shards * lanes`` (consecutive parts: exactly the worker's share), with its
+    ``lane_parts(shard_id, lanes)[j]`` of ``num_shards * lanes`` (:func:`lane_parts`), with its
     share of ``num_threads``, seed ``seeds[j]`` and source ``sources[j]``. One lane is :func:`build_pipeline`'s
     own pipeline. ``where`` (shard URLs, index paths, batch size, image size, train) and ``options`` (device_id,
     augment, frames, labelled) go to :func:`build_pipeline`."""
+    from shards.dali import build_pipeline  # here: shards.dali takes lane_parts from this module
+
     threads = lane_threads(num_threads, lanes)
     return [
         build_pipeline(
             *where,
-            shard_id=shard_id * lanes + j,
+            shard_id=part,
             num_shards=num_shards * lanes,
             seed=seeds[j] if seeds else 0,
             num_threads=threads[j],
             source=sources[j] if sources else None,
             **options,
         )
-        for j in range(lanes)
+        for j, part in enumerate(lane_parts(shard_id, lanes))
     ]

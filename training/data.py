@@ -10,7 +10,7 @@ import numpy as np
 from shards import manifest as mf
 from shards import probes, scratch, storage
 from shards.dali import Augment, ShardBatches, epoch_order, fetch_indices, sample_exts, shard_range
-from shards.lanes import build_lanes, deal, lane_count
+from shards.lanes import build_lanes, deal, lane_count, lane_parts
 from shards.sampling import (
     Sample,
     SampleSource,
@@ -114,7 +114,7 @@ class WorkerData:
         if train:
             orders = deal(order, r.batch_size, lanes)
         else:
-            parts = (self.rank * lanes + j for j in range(lanes))
+            parts = lane_parts(self.rank, lanes)
             orders = [eval_indices(len(samples), part, self.world * lanes, r.batch_size) for part in parts]
         return [SampleSource(files, samples, order, r.batch_size, exts) for order in orders]
 
@@ -147,7 +147,7 @@ class WorkerData:
             train,
             shard_id=self.rank,
             num_shards=self.world,
-            seeds=[epoch_seed(r.seed, epoch, self.rank * lanes + j) for j in range(lanes)],
+            seeds=[epoch_seed(r.seed, epoch, part) for part in lane_parts(self.rank, lanes)],
             num_threads=r.dali_threads,
             sources=self._sources(split, epoch, train, steps, lanes),
             device_id=self.device_id,
