@@ -104,8 +104,7 @@ def cluster_fit(settings, recipe, connect) -> None:
     ``connect``: the CLI's connection of this process to the cluster."""
     from cluster import health
     from shards.nodes import alive_resources
-    from training.capacity import check_capacity
-    from training.launch import wants_gpu
+    from training.capacity import check_capacity, gpu_shortfall, wants_gpu
 
     ok, detail = health.ray_ok(settings)
     if not ok:
@@ -119,3 +118,5 @@ def cluster_fit(settings, recipe, connect) -> None:
     held = f"{sum(n.get('CPU', 0) for n in nodes):g} CPU, {sum(n.get('GPU', 0) for n in nodes):g} GPU"
     each = f"{recipe.cpus_per_worker:g} CPU" + (" and 1 GPU" if gpu else "")
     print(f"cluster: {len(nodes)} node(s) ({held}) for {recipe.workers} workers of {each} each")
+    if shortfall := gpu_shortfall(recipe):
+        print(shortfall)

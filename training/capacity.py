@@ -1,7 +1,7 @@
-"""Whether a cluster can hold a run's worker group at all. Ray Train waits for a group the cluster cannot hold
-without end (an autoscaling cluster may add nodes), printing a traceback a minute, and Ctrl+C cannot stop it
-(its abort waits for the startup it would cut short): on a cluster that cannot grow, that is an error before
-any work."""
+"""Whether a cluster can hold a run's worker group at all, and whether its workers take GPUs. Ray Train waits
+for a group the cluster cannot hold without end (an autoscaling cluster may add nodes), printing a traceback a
+minute, and Ctrl+C cannot stop it (its abort waits for the startup it would cut short): on a cluster that cannot
+grow, that is an error before any work."""
 
 from __future__ import annotations
 
@@ -49,3 +49,27 @@ def check_capacity(recipe: TrainRecipe, gpu: bool, nodes: list[dict[str, Any]] |
         advice = "set workers= (or cpus_per_worker=) to fit, or run it on a larger cluster"
         raise RecipeError(f"{problem}; Ray Train would wait for them without end: {advice}")
     print(f"{problem}: the run waits until nodes join (an autoscaling cluster adds them)", flush=True)
+
+
+def wants_gpu(recipe: TrainRecipe) -> bool:
+    """Whether the run's workers take a GPU each: the recipe's ``use_gpu``, or with ``auto`` whether the connected
+    cluster holds one per worker."""
+    if recipe.use_gpu != "auto":
+        return bool(recipe.use_gpu)
+    return gpus_held() >= recipe.workers
+
+
+def gpus_held() -> float:
+    """The GPUs of the connected Ray cluster."""
+    import ray
+
+    return ray.cluster_resources().get("GPU", 0)
+
+
+def gpu_shortfall(recipe: TrainRecipe) -> str | None:
+    """What a run says where ``use_gpu: auto`` found GPUs, but fewer than its workers (which then run on CPUs)."""
+    gpus = gpus_held() if recipe.use_gpu == "auto" else 0
+    if not 0 < gpus < recipe.workers:
+        return None
+    return (f"use_gpu auto: the cluster has {gpus:g} GPU(s) for {recipe.workers} workers, so they run on CPUs; "
+            f"with workers={int(gpus)} they would run on the GPUs")  # fmt: skip

@@ -201,6 +201,22 @@ def deepspeed_config(recipe: TrainRecipe, cuda: bool, stage: int, universal: boo
     }
 
 
+def deepspeed_on(cuda: bool) -> None:
+    """Point DeepSpeed at the worker's device. DeepSpeed picks its accelerator once a process, CUDA wherever torch
+    sees a GPU, and moves rank r's model to CUDA device r: a CPU worker on a GPU machine (a group with fewer GPUs
+    than workers, or ``use_gpu: false``) names the CPU before that, or rank 1 of two on a one-GPU machine fails with
+    "invalid device ordinal" (seen on an H200)."""
+    if cuda or not torch.cuda.is_available():
+        return
+    os.environ["DS_ACCELERATOR"] = "cpu"  # read where deepspeed is first imported
+    from deepspeed.accelerator import get_accelerator, set_accelerator
+
+    if get_accelerator().device_name() != "cpu":  # imported before in this process
+        from deepspeed.accelerator.cpu_accelerator import CPU_Accelerator
+
+        set_accelerator(CPU_Accelerator())
+
+
 def init_engine(
     model: torch.nn.Module, recipe: TrainRecipe, cuda: bool, stage: int | None = None, universal: bool = False
 ):
@@ -210,6 +226,7 @@ def init_engine(
     a universal checkpoint (:func:`to_universal`). The scheduler drives the wrapped PyTorch optimiser's
     ``param_groups`` (which ZeRO keeps), once per epoch.
     """
+    deepspeed_on(cuda)
     import deepspeed
     import torch.distributed as dist
 

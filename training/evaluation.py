@@ -282,8 +282,8 @@ def evaluate_run(
 def run_on(client, run: str, overrides: list[str] | tuple[str, ...], dataset: str | None) -> tuple[str, TrainRecipe]:
     """Run ``run``'s id and its recipe, with the ``overrides`` of where it runs (which the cluster must hold) and
     ``dataset`` in place of its own where given."""
-    from training.capacity import check_capacity
-    from training.launch import run_recipe, wants_gpu
+    from training.capacity import check_capacity, wants_gpu
+    from training.launch import run_recipe
 
     run_id = tracking.resolve_run(client, run)
     recipe = run_recipe(client, run_id, overrides)
@@ -316,8 +316,7 @@ def run_group(loop, config: dict[str, Any], recipe: TrainRecipe, storage_path: s
     path, fs = storage_location(storage_path)
     trainer = TorchTrainer(
         loop,
-        train_loop_config=config,
-        **worker_group(recipe),
+        **worker_group(recipe, config),
         run_config=RunConfig(
             name=group, storage_path=path, storage_filesystem=fs, logging_config=LoggingConfig(train_log_level())
         ),

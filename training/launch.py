@@ -14,7 +14,7 @@ import yaml
 from shards import manifest as mf
 from shards import storage
 from training import tracking
-from training.capacity import check_capacity
+from training.capacity import check_capacity, gpu_shortfall, wants_gpu
 from training.config import RecipeError, TrainRecipe, apply_overrides, flatten, recipe_from_tree
 from training.endings import failure_reason, interrupted_as, resume_hint
 from training.live_runs import DRIVER_TAG, driver_tag, live_driver
@@ -95,14 +95,6 @@ def checkpoint_url(path: str, storage_path: str) -> str:
     """A checkpoint's address for people and for :func:`training.engine.checkpoint_weights`: Ray gives object-store
     paths without their scheme, so ``s3://`` is put back when the run's storage is S3."""
     return f"s3://{path}" if storage_path.startswith("s3://") and not path.startswith("s3://") else path
-
-
-def wants_gpu(recipe: TrainRecipe) -> bool:
-    if recipe.use_gpu != "auto":
-        return bool(recipe.use_gpu)
-    import ray
-
-    return ray.cluster_resources().get("GPU", 0) >= recipe.workers
 
 
 def _fault() -> dict[str, int] | None:
@@ -267,8 +259,7 @@ def trainer_for(
     config["manifest_sha256"] = MlflowClient(tracking_uri).get_run(run_id).data.tags.get(MANIFEST_TAG)
     return TorchTrainer(
         _loop(),
-        train_loop_config=config,
-        **worker_group(recipe),
+        **worker_group(recipe, config),
         run_config=RunConfig(
             name=name or run_name(recipe, run_id),
             storage_path=path,
@@ -287,23 +278,32 @@ def run_name(recipe: TrainRecipe, run_id: str) -> str:
     return f"{recipe.name}-{run_id[:12]}"
 
 
-def worker_group(recipe: TrainRecipe) -> dict[str, Any]:
-    """The ``scaling_config`` and ``torch_config`` of a TorchTrainer for ``recipe``: its workers, their CPUs and
-    placement, GPUs (NCCL) where the recipe asks for them or they are there, gloo otherwise. Sets
-    :data:`RAY_TRAIN_ENV` where the environment does not."""
+def worker_group(recipe: TrainRecipe, config: dict[str, Any]) -> dict[str, Any]:
+    """The ``scaling_config``, ``torch_config`` and ``train_loop_config`` of a TorchTrainer for ``recipe``: its
+    workers, their CPUs and placement, GPUs (NCCL) where the recipe asks for them or there is one per worker, gloo
+    otherwise. ``config`` (its ``recipe`` the recipe's dump) goes to the workers with ``use_gpu`` as decided here:
+    a worker of a CPU group on a GPU machine must not take the GPU that Ray did not give it (rank 1 of two asked
+    for CUDA device 1 on a one-GPU machine). Sets :data:`RAY_TRAIN_ENV` where the environment does not."""
     from ray.train import ScalingConfig
     from ray.train.torch import TorchConfig
 
     for key, value in RAY_TRAIN_ENV.items():
         os.environ.setdefault(key, value)
     use_gpu = wants_gpu(recipe)
+    if shortfall := gpu_shortfall(recipe):
+        print(shortfall, flush=True)
     scaling = ScalingConfig(
         num_workers=recipe.workers,
         use_gpu=use_gpu,
         resources_per_worker={"CPU": recipe.cpus_per_worker},
         placement_strategy=recipe.placement.upper(),
     )
-    return {"scaling_config": scaling, "torch_config": TorchConfig(backend="nccl" if use_gpu else "gloo")}
+    config = config | {"recipe": config["recipe"] | {"use_gpu": use_gpu}}
+    return {
+        "scaling_config": scaling,
+        "torch_config": TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        "train_loop_config": config,
+    }
 
 
 def fit(

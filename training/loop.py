@@ -185,7 +185,8 @@ def evaluate(pred: dict[str, Any], recipe: TrainRecipe, outputs: list[str], pref
 
 
 def worker_device(recipe: TrainRecipe) -> torch.device:
-    """This worker's GPU (the one Ray Train assigned it) unless the recipe says ``use_gpu: false``, else the CPU."""
+    """This worker's GPU (the one Ray Train assigned it) unless ``use_gpu`` is false (in a Ray Train group, as
+    :func:`training.launch.worker_group` decided it), else the CPU."""
     if torch.cuda.is_available() and recipe.use_gpu is not False:
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")

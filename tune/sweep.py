@@ -247,8 +247,8 @@ def run_sweep(
     from mlflow import MlflowClient
     from ray import tune
 
-    from training.capacity import check_capacity
-    from training.launch import storage_location, wants_gpu
+    from training.capacity import check_capacity, wants_gpu
+    from training.launch import storage_location
     from tune.open_trials import OpenTrials
 
     if resume:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from shards.dali import epoch_order
-from training.config import ModelConfig, RecipeError, load_recipe
+from training.config import ModelConfig, RecipeError, TrainRecipe, load_recipe
 from training.engine import make_optimizer, make_scheduler, partition_ranks
 from training.launch import check_where_overrides, resume_training, run_checkpoints
 from training.losses import Loss, balanced_weights
@@ -292,7 +292,7 @@ def test_a_runs_worker_group_polls_every_half_second_and_prints_once_unless_the_
     monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "")  # restored to what it was afterwards
     monkeypatch.delenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")
     monkeypatch.setenv("RAY_TRAIN_ENABLE_PRINT_PATCH", "1")  # a user's choice stays
-    group = worker_group(recipe)
+    group = worker_group(recipe, {"recipe": recipe.model_dump()})
     assert group["scaling_config"].num_workers == 3 and group["torch_config"].backend == "gloo"
     assert os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == RAY_TRAIN_ENV["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"]
     assert os.environ["RAY_TRAIN_ENABLE_PRINT_PATCH"] == "1"
@@ -300,3 +300,49 @@ def test_a_runs_worker_group_polls_every_half_second_and_prints_once_unless_the_
     from ray.train.v2._internal.constants import ENV_VARS_TO_PROPAGATE
 
     assert set(RAY_TRAIN_ENV) <= ENV_VARS_TO_PROPAGATE
+
+
+@pytest.mark.parametrize("gpus, workers, on_gpu", [(1, 2, False), (2, 2, True), (0, 1, False)])
+def test_auto_workers_are_told_whether_their_group_has_gpus(monkeypatch, capsys, gpus, workers, on_gpu):
+    """On a one-GPU machine a two-worker group runs on CPUs, and its workers must not take CUDA device 0 and 1
+    themselves (seen on an H200: rank 1's "invalid device ordinal"): they get ``use_gpu`` as decided."""
+    import training.capacity
+    from training.launch import worker_group
+    from training.loop import worker_device
+
+    monkeypatch.setattr(training.capacity, "gpus_held", lambda: gpus)
+    recipe = load_recipe("demo_tiles", [f"workers={workers}"])
+    assert recipe.use_gpu == "auto"
+    config = {"recipe": recipe.model_dump(), "run_id": "r"}
+    group = worker_group(recipe, config)
+    sent = group["train_loop_config"]
+    assert sent["recipe"]["use_gpu"] is on_gpu and sent["run_id"] == "r" and config["recipe"]["use_gpu"] == "auto"
+    assert group["scaling_config"].use_gpu is on_gpu
+    assert group["torch_config"].backend == ("nccl" if on_gpu else "gloo")
+    said = capsys.readouterr().out
+    assert ("1 GPU(s) for 2 workers, so they run on CPUs; with workers=1 they would run on the GPUs" in said) is (
+        gpus == 1
+    )
+    if not on_gpu:  # whatever this machine has, a worker of a CPU group stays on the CPU
+        assert worker_device(TrainRecipe.model_validate(sent["recipe"])).type == "cpu"
+
+
+def test_a_cpu_worker_on_a_gpu_machine_points_deepspeed_at_the_cpu(monkeypatch):
+    """DeepSpeed takes CUDA wherever torch sees a GPU and puts rank r on CUDA device r; a CPU worker there must
+    name the CPU, also where deepspeed was imported before with CUDA chosen."""
+    from deepspeed.accelerator import get_accelerator, real_accelerator
+
+    from training.engine import deepspeed_on
+
+    class Cuda:  # what DeepSpeed chose in a process that imported it on a GPU machine
+        def device_name(self, index=None):
+            return "cuda"
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("DS_ACCELERATOR", "")  # both restored to what they were afterwards
+    monkeypatch.delenv("DS_ACCELERATOR")
+    monkeypatch.setattr(real_accelerator, "ds_accelerator", Cuda())
+    deepspeed_on(True)  # a GPU worker keeps it
+    assert get_accelerator().device_name() == "cuda" and "DS_ACCELERATOR" not in os.environ
+    deepspeed_on(False)
+    assert get_accelerator().device_name() == "cpu" and os.environ["DS_ACCELERATOR"] == "cpu"
