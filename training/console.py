@@ -40,6 +40,11 @@ ROUTINE_WARNINGS = re.compile(r"\**\s*You are using ZeRO with an untested optimi
 # Train's controller starts a preemption watcher with actor handles as arguments, and Ray's core logs an error
 # about that (ray-project/ray#53727) for every run.
 RAY_ROUTINE_LINES = re.compile(r".*Actor with class name: 'PreemptionWatcher' .*has constructor arguments")
+# A warning of Ray Train's controller, with its traceback, that says nothing a user can act on: it asks Ray's
+# autoscaling coordinator for the run's resources, waits 5 s, and asks again 20 s later; on a cold cluster the
+# coordinator's actor takes longer to start (a "GetTimeoutError" and 17 lines of traceback at the start of every
+# run on an H200 host). Its traceback with another error stays.
+RAY_ROUTINE_TIMEOUT = (re.compile(r".*Failed to send resource request for "), "ray.exceptions.GetTimeoutError")
 
 # Ray's driver folds lines that differ only in words with digits and come from several processes within 5 s into
 # one "[repeated Nx across cluster]": the epoch lines of a sweep's trials side by side, each but the last lost.
@@ -162,12 +167,34 @@ def _without_routine_lines(handler):
         return handler
 
     def handle(data: dict[str, Any]) -> None:
-        lines = [line for line in data.get("lines", []) if not RAY_ROUTINE_LINES.match(line)]
+        lines = without_routine_lines(data.get("lines", []))
         if lines:
             handler({**data, "lines": lines})
 
     handle.drops_routine_lines = True  # type: ignore[attr-defined]
     return handle
+
+
+def without_routine_lines(lines: list[str]) -> list[str]:
+    """``lines`` (one batch of a process's lines, as Ray's driver gets them) without :data:`RAY_ROUTINE_LINES`
+    and :data:`RAY_ROUTINE_TIMEOUT`'s warning with its traceback."""
+    start, error = RAY_ROUTINE_TIMEOUT
+    kept: list[str] = []
+    held: list[str] = []  # the warning and its traceback so far
+    for line in lines:
+        if RAY_ROUTINE_LINES.match(line):
+            continue
+        if start.match(line):
+            kept += held
+            held = [line]
+        elif held and (line.startswith((" ", "Traceback ")) or not line.strip()):
+            held.append(line)
+        elif held:
+            kept += [] if line.startswith(error) else [*held, line]
+            held = []
+        else:
+            kept.append(line)
+    return kept + held
 
 
 def not_routine(record: logging.LogRecord) -> bool:

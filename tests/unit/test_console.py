@@ -190,3 +190,29 @@ def test_a_workers_error_is_one_line_naming_the_exception_the_frame_and_the_file
 
     other = logging.LogRecord(WORKER_ERRORS, logging.ERROR, "util.py", 1, "Something else:\nline two", (), None)
     assert shorten_worker_error(other) and other.getMessage() == "Something else:\nline two"
+
+
+def test_the_driver_leaves_out_ray_trains_resource_request_timeout_but_keeps_other_errors():
+    """Ray Train's controller logged this at the start of every run on an H200 host (its coordinator's actor took
+    over 5 s to start); the same warning with another error, and the lines around it, stay."""
+    from training.console import without_routine_lines
+
+    warning = (
+        "Failed to send resource request for train-741b2fcab4df457bb5be2360150f4927. If this only happens "
+        "transiently during network partition or CPU being overloaded, it's safe to ignore this error."
+    )
+    frames = [
+        "Traceback (most recent call last):",
+        '  File "/tmp/site/ray/train/v2/_internal/execution/scaling_policy/autoscaling_coordinator_client.py", '
+        "line 58, in send_resource_request",
+        "    ray.get(",
+        '  File "python/ray/includes/common.pxi", line 107, in ray._raylet.check_status',
+    ]
+    timeout = "ray.exceptions.GetTimeoutError: Get timed out: some object(s) not ready."
+    other = "ray.exceptions.RayActorError: The actor died unexpectedly before finishing this task."
+    epoch = "demo_tiles-9af0 epoch 1/2: train_loss 0.9712"
+    assert without_routine_lines([warning, *frames, timeout, epoch]) == [epoch]
+    assert without_routine_lines([epoch, warning, *frames, timeout]) == [epoch]
+    assert without_routine_lines([warning, *frames, other, epoch]) == [warning, *frames, other, epoch]
+    assert without_routine_lines([warning, *frames]) == [warning, *frames]  # its end not (yet) seen: kept
+    assert without_routine_lines([warning, epoch]) == [warning, epoch]
