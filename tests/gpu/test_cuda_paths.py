@@ -1,8 +1,9 @@
 """What only a GPU runs: bf16 under autocast, the NCCL all-reduce, DALI's mixed decoding and GPU augmentation
 handing CUDA tensors to the model. Skipped without CUDA; ``make gpu`` runs them where there is one.
 
-All 21 ran on 2026-12-04, on a lent H200 (README, "Tests"). The last two run a whole epoch and the held-out step
-as a GPU worker does, then predict's step; and a Ray Train run that finds the GPU.
+The first 21 ran on 2026-12-04, on a lent H200 (README, "Tests"). The last three run a whole epoch and the held-out
+step as a GPU worker does, then predict's step; a Ray Train run that finds the GPU; and (not yet run on a GPU) two
+workers on the one GPU, which run as a CPU group.
 """
 
 import csv
@@ -172,10 +173,9 @@ def test_a_run_trains_exports_evaluates_and_predicts_on_the_gpu(cuda, tmp_path):
     assert len(rows) == 4 and all(np.isclose(sum(float(r[k]) for k in r if k.startswith("p_")), 1) for r in rows)
 
 
-def test_a_ray_train_run_trains_on_the_gpu_over_nccl(tmp_path):
-    """``tessera train``'s path on a GPU node: Ray Train gives the worker the GPU (``use_gpu`` found on the
-    cluster) and makes its NCCL group; the run trains in bf16, evaluates its held-out split and finishes (55 s on
-    the H200)."""
+def _ray_training(tmp_path: Path, workers: int):
+    """A small ``strip_ai_resnet50`` run through ``run_training`` on a Ray of 4 CPUs and the one GPU; the outcome
+    and its MLflow run."""
     ray = pytest.importorskip("ray")
     pytest.importorskip("nvidia.dali")
     from mlflow import MlflowClient
@@ -185,7 +185,7 @@ def test_a_ray_train_run_trains_on_the_gpu_over_nccl(tmp_path):
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     make_dataset(str(tmp_path / "ds"), {"train": 8, "val": 4, "test": 4}, size=64)
-    small = ["data.epoch_samples=8", "batch_size=4", "epochs=1", "workers=1", "model.pretrained=false"]
+    small = ["data.epoch_samples=8", "batch_size=4", "epochs=1", f"workers={workers}", "model.pretrained=false"]
     recipe = load_recipe("strip_ai_resnet50", [f"data.dataset={tmp_path / 'ds'}", "data.image_size=64", *small])
     # the run's experiment, its artifacts under tmp_path (a store that no server serves puts them in ./mlruns)
     MlflowClient(uri).create_experiment(recipe.experiment or recipe.name, str(tmp_path / "artifacts"))
@@ -197,4 +197,22 @@ def test_a_ray_train_run_trains_on_the_gpu_over_nccl(tmp_path):
     assert out.error is None and out.held_out_error is None, (out.error, out.held_out_error)
     assert np.isfinite(out.metrics["val_loss"]) and np.isfinite(out.held_out.metrics["test_loss"])
     run = MlflowClient(uri).get_run(out.run_id)
-    assert run.info.status == "FINISHED" and run.data.tags["precision_used"] == "bf16"
+    assert run.info.status == "FINISHED"
+    return out, run
+
+
+def test_a_ray_train_run_trains_on_the_gpu_over_nccl(tmp_path):
+    """``tessera train``'s path on a GPU node: Ray Train gives the worker the GPU (``use_gpu`` found on the
+    cluster) and makes its NCCL group; the run trains in bf16, evaluates its held-out split and finishes (55 s on
+    the H200)."""
+    _, run = _ray_training(tmp_path, workers=1)
+    assert run.data.tags["precision_used"] == "bf16"
+
+
+def test_two_workers_on_one_gpu_train_as_a_cpu_group(tmp_path, capsys):
+    """``use_gpu: auto`` with fewer GPUs than workers runs the group on CPUs, says so, and no worker takes the GPU
+    itself: ``tessera demo``'s two workers on the H200 once failed there, DeepSpeed putting rank 1 on CUDA device 1
+    ("invalid device ordinal"). Written after that session's device time was spent: not yet run on a GPU."""
+    _, run = _ray_training(tmp_path, workers=2)
+    assert run.data.tags["precision_used"] == "fp32" and run.data.tags["workers_used"] == "2"
+    assert "the cluster has 1 GPU(s) for 2 workers, so they run on CPUs" in capsys.readouterr().out
