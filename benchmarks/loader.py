@@ -62,12 +62,6 @@ def write_shards(root: Path, n: int, tile: int, content: str = "noise", num_shar
     return urls
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 async def _pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter, delay: float) -> None:
     try:
         while data := await src.read(1 << 16):
@@ -97,7 +91,9 @@ def _delay_proxy(target: int, latency: float) -> tuple[mp.Process, int]:
     """A TCP proxy to ``127.0.0.1:target`` that holds each client-to-server chunk ``latency`` seconds (a
     request is one chunk: one added round trip per request), and its port. A process, not a thread: DALI's
     S3 client holds the GIL while it waits for a reply (in ``Pipeline.build``), which would stall a thread."""
-    port = _free_port()
+    from training.local_group import free_port
+
+    port = free_port()
     proc = mp.get_context("spawn").Process(target=_serve_proxy, args=(port, target, latency), daemon=True)
     proc.start()
     _wait_port(port, proc)
@@ -122,8 +118,9 @@ def s3_server(root: Path, latency_ms: float):
     """``rclone serve s3`` on ``root`` with the environment (boto3's and DALI's) pointed at it, through the
     delay proxy when ``latency_ms``; yields ``(upload_endpoint, read_endpoint)``."""
     from cluster.stack import executable
+    from training.local_group import free_port
 
-    port = _free_port()
+    port = free_port()
     env = dict(os.environ, RCLONE_AUTH_KEY='"bench,benchsecret"')  # CSV: quoted, one key pair
     cmd = [executable("rclone"), "serve", "s3", "--addr", f"127.0.0.1:{port}", str(root), "--config", "/dev/null"]
     proc, proxy = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), None

@@ -173,24 +173,14 @@ def _worker(config: dict) -> None:
 
 def in_process(args) -> dict:
     """:func:`_alternate` here, under a one-rank process group of its own, as Ray Train would have made."""
-    import os
-    import socket
+    from training.local_group import one_rank_group
 
-    import torch.distributed as dist
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     torch.set_num_threads(args.cores)
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.set_device(0)
-    dist.init_process_group("nccl" if cuda else "gloo", rank=0, world_size=1)
-    try:
+    with one_rank_group("nccl" if cuda else "gloo"):
         return _alternate(_config(args))
-    finally:
-        dist.destroy_process_group()
 
 
 def cpu_worker_env() -> dict[str, str]:

@@ -8,14 +8,11 @@ workers on the one GPU, which run as a CPU group.
 
 import csv
 import json
-import os
-import socket
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
 
 from training.config import RECIPES, load_recipe
 
@@ -25,14 +22,11 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 @pytest.fixture(scope="module")
 def cuda():
     """Device 0 and a one-rank NCCL process group, as a GPU run's Ray Train worker has."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    from training.local_group import one_rank_group
+
     torch.cuda.set_device(0)
-    dist.init_process_group("nccl", rank=0, world_size=1)
-    yield torch.device("cuda", 0)
-    dist.destroy_process_group()
+    with one_rank_group("nccl"):
+        yield torch.device("cuda", 0)
 
 
 def _batchnorm_model() -> torch.nn.Module:

@@ -2,7 +2,6 @@
 in a real (SQLite) MLflow store; the driver reads it once, and the actors get its bytes."""
 
 import hashlib
-import socket
 
 import mlflow
 import pytest
@@ -14,6 +13,7 @@ from ingest.config import WsiIngestConfig
 from ingest.model_files import ModelFiles, fetch_model, is_mlflow, recording
 from training.config import ModelConfig
 from training.export import save_export
+from training.local_group import free_port
 from training.models import build_model
 from training.tracking import MODEL_ARTIFACT, register_model, start_run
 
@@ -125,9 +125,7 @@ def test_a_registered_model_by_version_latest_or_alias(tracking, export, tmp_pat
 
 
 def test_a_tracking_server_that_does_not_answer_fails_at_once(monkeypatch):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     mlflow.set_tracking_uri(f"http://127.0.0.1:{port}")
     try:
         with pytest.raises(ConnectionError, match=f"MLflow at http://127.0.0.1:{port} does not answer"):

@@ -15,6 +15,7 @@ from ingest.slides import SlideError
 from ingest.staging import attempt, retried
 from shards import storage
 from shards.storage import StorageError
+from training.local_group import free_port
 
 
 def test_broken_inputs_fail_at_once():
@@ -64,17 +65,11 @@ def _serve(status: int, failures: int = 0):
     return server, asked
 
 
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_a_store_is_down_when_it_does_not_answer_or_answers_with_a_server_error(monkeypatch, tmp_path):
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")
     assert storage.unreachable(str(tmp_path / "out")) is None  # local disk
-    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{_closed_port()}")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")
     assert "EndpointConnectionError" in storage.unreachable("s3://shards/x")
     for status, down in ((404, False), (403, False), (503, True)):
         server, _ = _serve(status)
@@ -190,7 +185,7 @@ def test_a_training_worker_waits_for_its_datasets_store(monkeypatch, capsys):
     wait_for_store("s3://shards/demo/wsi", 600, "trial 2a4e_00001")  # up: no word
     assert capsys.readouterr().out == "" and len(asked) == 5
     server.shutdown()
-    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{_closed_port()}")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")
     with pytest.raises(StorageError, match=r"the store of s3://shards/demo/wsi does not answer \(.*\) for 0 s"):
         wait_for_store("s3://shards/demo/wsi", 0, "rank 0")
     wait_for_store("/data/local/ds", 0, "rank 0")  # a local dataset: nothing to ask

@@ -6,7 +6,6 @@ import csv
 import math
 import multiprocessing as mp
 import os
-import socket
 import threading
 import warnings
 from pathlib import Path
@@ -18,26 +17,16 @@ import torch.distributed as dist
 from tests.datasets import OPTIONS, SMALL, make_dataset, recipe_dataset, small_recipe
 from training.config import RECIPES, load_recipe
 from training.engine import checkpoint_weights
+from training.local_group import free_port, join_group, one_rank_group
 from training.loop import Trainer
 
 ALL = sorted(p.stem for p in RECIPES.glob("*.yaml"))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def process_group():
-    port = _free_port()
-    os.environ.update(
-        {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}
-    )
-    dist.init_process_group("gloo", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
+    with one_rank_group():
+        yield
 
 
 @pytest.mark.parametrize("name", ALL)
@@ -295,9 +284,7 @@ def _zero_rank(rank: int, port: int, folder: str, stage: int) -> None:
     rank takes the same batches, so the averaged gradient is one batch's, as on one rank."""
     from training.engine import TAG, init_engine
 
-    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank), "LOCAL_RANK": str(rank)}
-    os.environ.update(env | {"WORLD_SIZE": "2"})
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+    join_group("gloo", rank, 2, port)
     recipe = load_recipe("strip_ai_resnet50", [f"deepspeed.zero_stage={stage}", "swa.enabled=false"])
     engine, _ = init_engine(_small_model(), recipe, cuda=False)
     *first, last = _batches(4)
@@ -322,7 +309,7 @@ def test_a_zero_checkpoint_of_two_ranks_continues_exactly_on_one(stage, tmp_path
     import training.engine
     from training.engine import TAG, init_engine, load_universal, partition_ranks, universal_checkpoint, zero_stage
 
-    ctx, port = mp.get_context("spawn"), _free_port()
+    ctx, port = mp.get_context("spawn"), free_port()
     ranks = [ctx.Process(target=_zero_rank, args=(r, port, str(tmp_path), stage)) for r in range(2)]
     for p in ranks:
         p.start()
@@ -473,13 +460,10 @@ def test_a_rank_that_fails_alone_makes_every_rank_raise():
 
 def _predict_rank(rank: int, port: int, share: bool, q) -> None:
     """One of two gloo ranks predicting; rank 1's data fails after its first batch (a shard gone)."""
-    from datetime import timedelta
-
     from training.loop import predict
     from training.losses import Loss
 
-    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
-    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=timedelta(seconds=20))
+    join_group("gloo", rank, 2, port, timeout_s=20)
 
     def batches():
         for i in range(3):
@@ -502,7 +486,7 @@ def test_a_rank_whose_data_fails_makes_every_rank_raise_when_errors_are_shared(s
     """Evaluation (a plain model, ``share_errors``): rank 0 raises with rank 1's reason instead of waiting in
     the gather. Without sharing (a ZeRO-3 engine gathers parameters in its forward pass), rank 1 raises alone
     and rank 0 waits, knowing nothing of why, until the group ends (Ray Train's doing; here, rank 1's exit)."""
-    ctx, port = mp.get_context("spawn"), _free_port()
+    ctx, port = mp.get_context("spawn"), free_port()
     q = ctx.Queue()
     ranks = [ctx.Process(target=_predict_rank, args=(r, port, share, q)) for r in range(2)]
     for p in ranks:
@@ -561,8 +545,7 @@ def _batchnorm_rank(rank: int, port: int, q) -> None:
     :func:`~training.engine.same_batchnorm_stats`."""
     from training.engine import same_batchnorm_stats
 
-    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+    join_group("gloo", rank, 2, port)
     bn = torch.nn.BatchNorm1d(2)
     bn(torch.tensor([[1.0, 10.0], [3.0, 30.0]]) * (rank + 1))  # rank 0: means 2, 20; rank 1: 4, 40
     same_batchnorm_stats(bn, 2)
@@ -575,7 +558,7 @@ def _batchnorm_rank(rank: int, port: int, q) -> None:
 def test_the_ranks_hold_one_set_of_batchnorm_statistics():
     """DeepSpeed leaves each rank's BatchNorm statistics to its own batches; after a training pass they are
     averaged, so every rank validates, checkpoints and exports the same model."""
-    ctx, port = mp.get_context("spawn"), _free_port()
+    ctx, port = mp.get_context("spawn"), free_port()
     q = ctx.Queue()
     ranks = [ctx.Process(target=_batchnorm_rank, args=(r, port, q)) for r in range(2)]
     for p in ranks:

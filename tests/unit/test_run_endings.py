@@ -8,6 +8,7 @@ import pytest
 
 from training.config import load_recipe
 from training.endings import SNAPSHOT
+from training.local_group import free_port
 
 
 def _ray_checkpoints(storage: Path, run_id: str, epoch: int | None, done: bool = False) -> None:
@@ -234,7 +235,6 @@ def test_a_run_failed_while_mlflow_is_down_says_so_at_once(tmp_path, monkeypatch
 
 def test_whether_mlflow_answers():
     import http.server
-    import socket
     import threading
 
     from training.tracking import answers
@@ -254,9 +254,7 @@ def test_whether_mlflow_answers():
         assert answers(f"http://127.0.0.1:{server.server_port}")
     finally:
         server.shutdown()
-    with socket.socket() as s:  # a port nothing listens on
-        s.bind(("127.0.0.1", 0))
-        closed = s.getsockname()[1]
+    closed = free_port()
     assert not answers(f"http://127.0.0.1:{closed}", timeout=1)
     assert answers("sqlite:///nowhere.db")  # a local store: no server to be down
 
@@ -265,7 +263,6 @@ def test_a_failed_runs_curves_are_written_without_mlflows_retries(monkeypatch):
     """Its artifact store may be what failed: MLflow retried each upload for four minutes (248 s measured, S3
     down behind a live MLflow) before the command could say why the run failed."""
     import os
-    import socket
 
     from mlflow.exceptions import MlflowException
 
@@ -273,9 +270,7 @@ def test_a_failed_runs_curves_are_written_without_mlflows_retries(monkeypatch):
 
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "120")
     monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", raising=False)
-    with socket.socket() as s:  # a port nothing listens on
-        s.bind(("127.0.0.1", 0))
-        closed = s.getsockname()[1]
+    closed = free_port()
     with without_retries(timeout_s=5):
         assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "0"
         with pytest.raises(MlflowException):  # at once; with MLflow's retries, minutes later
