@@ -240,7 +240,6 @@ def run_sweep(
     tune_storage: str,
     train_storage: str,
     resume: str | None = None,
-    use_gpu: bool | None = None,
 ) -> SweepOutcome:
     """Run ``sweep`` (or, ``resume`` = a sweep's name, finish an interrupted one: trials that finished are
     kept, unfinished ones continue from their last epoch) on the connected cluster."""
@@ -259,7 +258,7 @@ def run_sweep(
     else:
         assert sweep is not None
         base = sweep.base()
-        gpu = wants_gpu(base) if use_gpu is None else use_gpu
+        gpu = wants_gpu(base)  # as each trial's worker group decides it (training.launch.worker_group)
         check_capacity(base, gpu)  # a trial's worker group, before the sweep's MLflow parent exists
         sweep_run = f"{sweep.name}-{time.strftime('%Y%m%d-%H%M%S')}"
         parent_id = start_parent(sweep, uri, sweep_run, "replicates" if sweep.replicates else "sweep")
