@@ -104,7 +104,7 @@ def cluster_fit(settings, recipe, connect) -> None:
     ``connect``: the CLI's connection of this process to the cluster."""
     from cluster import health
     from shards.nodes import alive_resources
-    from training.capacity import check_capacity, gpu_shortfall, wants_gpu
+    from training.capacity import check_capacity, gpu_choice
 
     ok, detail = health.ray_ok(settings)
     if not ok:
@@ -112,11 +112,11 @@ def cluster_fit(settings, recipe, connect) -> None:
               "when the run starts")  # fmt: skip
         return
     connect(settings)
-    gpu = wants_gpu(recipe)
+    gpu, shortfall = gpu_choice(recipe)
     check_capacity(recipe, gpu)
     nodes = alive_resources()
     held = f"{sum(n.get('CPU', 0) for n in nodes):g} CPU, {sum(n.get('GPU', 0) for n in nodes):g} GPU"
     each = f"{recipe.cpus_per_worker:g} CPU" + (" and 1 GPU" if gpu else "")
     print(f"cluster: {len(nodes)} node(s) ({held}) for {recipe.workers} workers of {each} each")
-    if shortfall := gpu_shortfall(recipe):
+    if shortfall:
         print(shortfall)

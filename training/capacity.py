@@ -52,11 +52,23 @@ def check_capacity(recipe: TrainRecipe, gpu: bool, nodes: list[dict[str, Any]] |
 
 
 def wants_gpu(recipe: TrainRecipe) -> bool:
+    """Whether the run's workers take a GPU each (:func:`gpu_choice`)."""
+    return gpu_choice(recipe)[0]
+
+
+def gpu_choice(recipe: TrainRecipe) -> tuple[bool, str | None]:
     """Whether the run's workers take a GPU each: the recipe's ``use_gpu``, or with ``auto`` whether the connected
-    cluster holds one per worker."""
+    cluster holds one per worker; and what the run says where ``auto`` found GPUs, but fewer than its workers
+    (which then run on CPUs)."""
     if recipe.use_gpu != "auto":
-        return bool(recipe.use_gpu)
-    return gpus_held() >= recipe.workers
+        return bool(recipe.use_gpu), None
+    gpus = gpus_held()
+    if gpus >= recipe.workers:
+        return True, None
+    if not gpus:
+        return False, None
+    return False, (f"use_gpu auto: the cluster has {gpus:g} GPU(s) for {recipe.workers} workers, so they run on "
+                   f"CPUs; with workers={int(gpus)} they would run on the GPUs")  # fmt: skip
 
 
 def gpus_held() -> float:
@@ -64,12 +76,3 @@ def gpus_held() -> float:
     import ray
 
     return ray.cluster_resources().get("GPU", 0)
-
-
-def gpu_shortfall(recipe: TrainRecipe) -> str | None:
-    """What a run says where ``use_gpu: auto`` found GPUs, but fewer than its workers (which then run on CPUs)."""
-    gpus = gpus_held() if recipe.use_gpu == "auto" else 0
-    if not 0 < gpus < recipe.workers:
-        return None
-    return (f"use_gpu auto: the cluster has {gpus:g} GPU(s) for {recipe.workers} workers, so they run on CPUs; "
-            f"with workers={int(gpus)} they would run on the GPUs")  # fmt: skip

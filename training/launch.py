@@ -14,7 +14,7 @@ import yaml
 from shards import manifest as mf
 from shards import storage
 from training import tracking
-from training.capacity import check_capacity, gpu_shortfall, wants_gpu
+from training.capacity import check_capacity, gpu_choice, wants_gpu
 from training.config import RecipeError, TrainRecipe, apply_overrides, flatten, recipe_from_tree
 from training.endings import failure_reason, interrupted_as, resume_hint
 from training.live_runs import DRIVER_TAG, driver_tag, live_driver
@@ -289,8 +289,8 @@ def worker_group(recipe: TrainRecipe, config: dict[str, Any]) -> dict[str, Any]:
 
     for key, value in RAY_TRAIN_ENV.items():
         os.environ.setdefault(key, value)
-    use_gpu = wants_gpu(recipe)
-    if shortfall := gpu_shortfall(recipe):
+    use_gpu, shortfall = gpu_choice(recipe)
+    if shortfall:
         print(shortfall, flush=True)
     scaling = ScalingConfig(
         num_workers=recipe.workers,
