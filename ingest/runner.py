@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from ingest.config import ImagesIngestConfig, IngestConfig, pseudonym_key
 from ingest.decisions import IngestStopped
+from ingest.dispatch import CallQueue
 from ingest.lock import DatasetLock
 from ingest.model_files import get_model, gpu_actors, model_device, put_model, recording
 from ingest.packing import pack_parts, pack_shard, prune, rewrite_shard, rewrite_shards
@@ -89,29 +90,25 @@ class IngestWorker:
 
 
 class _Scheduler:
-    """Keeps every actor busy with calls in queue order; the regions a plan creates go to the front, so a slide is
-    cut as soon as it is planned, starting on the actor that planned it, and the run ends evenly."""
+    """Keeps every actor busy; a slide is cut as soon as it is planned, on the actor that planned it (which has
+    it), and its regions go to other actors only at the run's end (:class:`ingest.dispatch.CallQueue`)."""
 
     def __init__(self, cfg: IngestConfig, n_actors: int) -> None:
         gpus = cfg.gpus_per_worker
         self.actors = [IngestWorker.options(num_cpus=1, num_gpus=gpus).remote(cfg) for _ in range(n_actors)]
         self.idle = list(range(n_actors))
         self.pending: dict[ray.ObjectRef, tuple[int, str, Any]] = {}
-        self.queue: list[tuple[str, Any]] = []
+        self.queue = CallQueue(n_actors)
 
     def submit(self, kind: str, items: list[Any], front: bool = False) -> None:
         """Queue a call of ``kind`` per item, in their order: at the back, or (``front``) before all queued."""
-        calls = [(kind, item) for item in items]
-        if front:
-            self.queue[:0] = calls
-        else:
-            self.queue += calls
+        self.queue.add([(kind, item) for item in items], front)
         self._fill()
 
     def _fill(self) -> None:
         while self.idle and self.queue:
             i = self.idle.pop()
-            kind, item = self.queue.pop(0)
+            kind, item = self.queue.take(i)
             ref = getattr(self.actors[i], kind).remote(item)
             self.pending[ref] = (i, kind, item)
 
