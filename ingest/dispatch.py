@@ -2,11 +2,11 @@
 
 An actor reads a slide on the object store from a local copy in its source cache (:mod:`ingest.source_cache`),
 downloaded when it first plans or cuts the slide and kept for its other regions. Taken strictly in queue order,
-each slide's regions went to whichever actor was free, and every actor that took one downloaded the whole slide
-(16 actors on 64 slides of 11 regions: about 10 downloads a slide, where the cache's slots overflowed once per
-region). So an idle actor takes, in turn: a region of a slide it holds; else the next call in order (a slide to
-plan, a series, a batch, a shard to pack); else, at the run's end with nothing else left, a region of another
-actor's slide, the newest slide's first, so the run still ends evenly.
+each slide's regions went to whichever actor was free, and every actor that took one downloaded the whole slide,
+again where its cache of two slides had dropped it meanwhile (simulated, 16 actors on 64 slides of 11 regions:
+about 10 downloads a slide). So an idle actor takes, in turn: a region of a slide it holds; else the next call
+in order (a slide to plan, a series, a batch, a shard to pack); else, at the run's end with nothing else left, a
+region of another actor's slide, the newest slide's first, so the run still ends evenly.
 """
 
 from __future__ import annotations
@@ -41,12 +41,15 @@ class CallQueue:
         return self._n
 
     def add(self, calls: list[Call], front: bool = False) -> None:
-        """Queue ``calls`` in their order: at the back, or (``front``) before all queued. A slide's regions queue
-        with its others (a plan's regions come at its front: they are its first)."""
+        """Queue ``calls`` in their order: at the back, or (``front``) before all queued. Regions queue per slide
+        (a slide's regions added at the front make it the newest)."""
         for call in reversed(calls) if front else calls:
             key = slide_of(call) if call[0] == "process" else None
             queue = self.rest if key is None else self.regions.setdefault(key, deque())
-            queue.appendleft(call) if front else queue.append(call)
+            if front:
+                queue.appendleft(call)
+            else:
+                queue.append(call)
             if key is not None:
                 self.regions.move_to_end(key, last=not front)
         self._n += len(calls)
