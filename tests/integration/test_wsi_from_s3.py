@@ -32,9 +32,10 @@ def test_slides_from_s3_give_the_same_samples_as_local_files(stack, tmp_path):
     for p in paths:
         storage.put_file(p, f"s3://shards/src-slides/{p.name}")
     leftovers = set(glob.glob(os.path.join(tempfile.gettempdir(), "tessera-src-*")))
-    # Several regions per slide and two workers: regions of one slide land on both, each downloads it once. One
-    # split: with a split by patient the replaced slide below could be alone in its split (the pseudonym key, so
-    # the assignment, is the session's), and then its replacement leaves no small shards to compact.
+    # Several regions per slide and two workers: a slide's regions stay with the worker that planned it, and at
+    # the run's end the last slide's go to both (ingest.dispatch), each downloading it once. One split: with a
+    # split by patient the replaced slide below could be alone in its split (the pseudonym key, so the
+    # assignment, is the session's), and then its replacement leaves no small shards to compact.
     options = {"region_tiles": 3, "workers": 2, "split": "train=1.0"}
     local, _ = run_ingest("wsi", wsi_config(tmp_path / "slides", "s3://shards/wsi-local", **options))
     remote, _ = run_ingest("wsi", wsi_config("s3://shards/src-slides/", "s3://shards/wsi-remote", **options))
