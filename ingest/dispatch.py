@@ -35,10 +35,9 @@ class CallQueue:
         self.held: list[list[str]] = [[] for _ in range(actors)]
         self.regions: OrderedDict[str, deque[Call]] = OrderedDict()  # per slide, the newest slide's first
         self.rest: deque[Call] = deque()  # every other call, in order (a slide's plan too)
-        self._n = 0
 
-    def __len__(self) -> int:
-        return self._n
+    def __len__(self) -> int:  # about one slide an actor has regions queued: its planner takes them before another plan
+        return len(self.rest) + sum(map(len, self.regions.values()))
 
     def add(self, calls: list[Call], front: bool = False) -> None:
         """Queue ``calls`` in their order: at the back, or (``front``) before all queued. Regions queue per slide
@@ -52,7 +51,6 @@ class CallQueue:
                 queue.append(call)
             if key is not None:
                 self.regions.move_to_end(key, last=not front)
-        self._n += len(calls)
 
     def take(self, actor: int) -> Call:
         """The call ``actor`` runs next (the queue must not be empty); it then holds that call's slide."""
@@ -64,7 +62,6 @@ class CallQueue:
                 del self.regions[key]
         else:
             call = self.rest.popleft()
-        self._n -= 1
         if (slide := slide_of(call)) is not None:
             held = self.held[actor]
             if slide in held:
