@@ -114,15 +114,16 @@ def _wait_port(port: int, proc) -> None:
 
 
 @contextmanager
-def s3_server(root: Path, latency_ms: float):
-    """``rclone serve s3`` on ``root`` with the environment (boto3's and DALI's) pointed at it, through the
-    delay proxy when ``latency_ms``; yields ``(upload_endpoint, read_endpoint)``."""
+def s3_server(root: Path, latency_ms: float, flags: tuple[str, ...] = ()):
+    """``rclone serve s3`` on ``root`` (with rclone's ``flags``) with the environment (boto3's and DALI's) pointed
+    at it, through the delay proxy when ``latency_ms``; yields ``(upload_endpoint, read_endpoint)``."""
     from cluster.stack import executable
     from training.local_group import free_port
 
     port = free_port()
     env = dict(os.environ, RCLONE_AUTH_KEY='"bench,benchsecret"')  # CSV: quoted, one key pair
     cmd = [executable("rclone"), "serve", "s3", "--addr", f"127.0.0.1:{port}", str(root), "--config", "/dev/null"]
+    cmd += flags
     proc, proxy = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), None
     try:
         _wait_port(port, proc)

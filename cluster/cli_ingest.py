@@ -122,6 +122,14 @@ def add_ingest_parser(sub, fn) -> None:
             add("--mpp", "microns per pixel to tile at (default: level 0)", type=float)
             add("--magnification", "objective magnification to tile at, e.g. 20", type=float)
             add("--region-tiles", "tiles per unit of work within a slide", type=int)
+            k.add_argument(
+                "--no-fetch-ahead",
+                dest="fetch_ahead",
+                action="store_false",
+                default=argparse.SUPPRESS,
+                help="a worker downloads a slide on s3:// only when it starts on it (by default it downloads its "
+                "next slide while it cuts the current one, holding two slides on its disk)",
+            )
             add(
                 "--background-model",
                 "a tile classifier: TorchScript file or Tessera export folder (local or s3://), a training run "

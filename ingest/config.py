@@ -26,7 +26,7 @@ def parse_bytes(value: int | str) -> int:
     return int(float(m.group(1)) * mult)
 
 
-RUN_ONLY = ("workers", "gpus_per_worker", "max_attempts", "outage_wait_s")
+RUN_ONLY = ("workers", "gpus_per_worker", "max_attempts", "outage_wait_s", "fetch_ahead")
 # recorded, but not compared between runs: the same background model (its sha256 is compared) may be named from
 # another place
 NOT_COMPARED = (*RUN_ONLY, "background_model", "out")  # out: the dataset is the one found there
@@ -142,6 +142,9 @@ class WsiIngestConfig(IngestConfig):
     magnification: float | None = Field(None, gt=0)
     tissue_threshold: float = Field(0.30, ge=0.0, le=1.0)
     region_tiles: int = Field(256, ge=1)
+    # each worker downloads its next slide on s3:// while it cuts the current one (local disk: two slides a
+    # worker, as its source cache keeps anyway); off: a worker waits on the network for each slide it starts
+    fetch_ahead: bool = True
     background_model: str | None = None
     # set by the run from the model it read: what the dataset records and a resumed run must match (a reference
     # such as models:/NAME/latest may name another model by then)

@@ -24,6 +24,7 @@ from ingest.model_files import get_model, gpu_actors, model_device, put_model, r
 from ingest.packing import pack_parts, pack_shard, prune, rewrite_shard, rewrite_shards
 from ingest.plan import Plan, make_plan
 from ingest.rerun import amended, decide, to_ingest
+from ingest.source_cache import fetch_ahead, is_remote
 from ingest.staging import STAGING, WorkRecord, attempt, done_records, process_work, retried, reusable
 from ingest.units import Unit, Work, batch_images, mark_preview, plan_unit
 from shards import manifest as mf
@@ -63,12 +64,14 @@ class IngestWorker:
             model = get_model(_model_url(cfg), cfg.background_model, sha)
             self.background = BackgroundFilter(model, cfg.background_threshold, device=model_device(cfg))
 
-    def plan(self, unit: Unit) -> tuple[list[Work], list[str], str | None, str | None]:
+    def plan(self, unit: Unit, ahead: list[str] | None = None) -> tuple[list[Work], list[str], str | None, str | None]:
+        fetch_ahead(ahead, keep=unit.sources)
         result, action, reason = attempt(lambda: plan_unit(unit, self.cfg, self.background), self.cfg)
         works, warnings = result if result else ([], [])
         return works, warnings, action, reason
 
-    def process(self, work: Work) -> WorkRecord:
+    def process(self, work: Work, ahead: list[str] | None = None) -> WorkRecord:
+        fetch_ahead(ahead, keep=work.unit.sources)
         return process_work(work, self.cfg, self.background)
 
     def pack(self, job: tuple[str, int, list[str], str | None]) -> ShardInfo:
@@ -98,7 +101,7 @@ class _Scheduler:
         self.actors = [IngestWorker.options(num_cpus=1, num_gpus=gpus).remote(cfg) for _ in range(n_actors)]
         self.idle = list(range(n_actors))
         self.pending: dict[ray.ObjectRef, tuple[int, str, Any]] = {}
-        self.queue = CallQueue(n_actors)
+        self.queue = CallQueue(n_actors, ahead=lambda u: getattr(cfg, "fetch_ahead", False) and is_remote(u.sources[0]))
 
     def submit(self, kind: str, items: list[Any], front: bool = False) -> None:
         """Queue a call of ``kind`` per item, in their order: at the back, or (``front``) before all queued."""
@@ -108,8 +111,8 @@ class _Scheduler:
     def _fill(self) -> None:
         while self.idle and self.queue:
             i = self.idle.pop()
-            kind, item = self.queue.take(i)
-            ref = getattr(self.actors[i], kind).remote(item)
+            (kind, item), ahead = self.queue.take(i)
+            ref = getattr(self.actors[i], kind).remote(item, *[ahead.sources] if ahead else [])
             self.pending[ref] = (i, kind, item)
 
     @property

@@ -13,6 +13,7 @@ import os
 import shutil
 import stat
 import tempfile
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,6 +89,9 @@ def join(base: str, *parts: str) -> str:
     return out
 
 
+_CLIENT_LOCK = threading.Lock()
+
+
 @functools.lru_cache(maxsize=4)
 def _client(endpoint: str | None, key: str | None, region: str, probe: bool = False):
     import boto3
@@ -116,12 +120,13 @@ def _client(endpoint: str | None, key: str | None, region: str, probe: bool = Fa
 def s3_client(probe: bool = False):
     """A boto3 S3 client for the endpoint and keys in the environment (cached per endpoint and key); ``probe``:
     one try within seconds, to ask whether the store answers at all."""
-    return _client(
-        os.environ.get("AWS_ENDPOINT_URL"),
-        os.environ.get("AWS_ACCESS_KEY_ID"),
-        os.environ.get("AWS_REGION", "us-east-1"),
-        probe,
-    )
+    with _CLIENT_LOCK:  # boto3 builds a client from its default session, which threads must not share while it does
+        return _client(
+            os.environ.get("AWS_ENDPOINT_URL"),
+            os.environ.get("AWS_ACCESS_KEY_ID"),
+            os.environ.get("AWS_REGION", "us-east-1"),
+            probe,
+        )
 
 
 def unreachable(url: str) -> str | None:

@@ -68,6 +68,10 @@ def test_ingest_options_take_the_models_defaults_and_show_them(capsys):
     assert ingest_config(parse(["ingest", "wsi", "a", "--out", "o"])) == WsiIngestConfig(sources=["a"], out="o")
     typed = ingest_config(parse(["ingest", "wsi", "a", "b", "--out", "o", "--format", "jpeg", "--quality", "75"]))
     assert (typed.sources, typed.format, typed.quality, typed.tile_size) == (["a", "b"], "jpg", 75, 600)
+    assert (
+        typed.fetch_ahead
+        and not ingest_config(parse(["ingest", "wsi", "a", "--out", "o", "--no-fetch-ahead"])).fetch_ahead
+    )
     dicom = ingest_config(parse(["ingest", "dicom", "a", "--out", "o", "--windows", "bone,brain,soft"]))
     assert dicom == DicomIngestConfig(sources=["a"], out="o", windows=["bone", "brain", "soft"])
     assert dicom.format == "png" and not dicom.allow_burned_in

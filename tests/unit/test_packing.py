@@ -4,6 +4,7 @@ asked."""
 
 import json
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -88,6 +89,55 @@ def test_source_cache_downloads_each_slide_once_and_keeps_the_last_few(tmp_path,
     assert SourceCache(remote=lambda loc: False).path(sources[0]) == sources[0]  # local files pass through
     cache.clear()
     assert not os.path.exists(a) and not os.path.exists(c)
+
+
+def test_source_cache_fetches_a_slide_ahead_while_the_current_one_is_used(tmp_path, monkeypatch):
+    from ingest.source_cache import SourceCache
+    from shards import storage
+
+    started, release, fetched = threading.Event(), threading.Event(), []
+    real_get_file = storage.get_file
+
+    def slow_get_file(url, local):  # b's download waits for the test to let it finish
+        fetched.append(url)
+        if url.endswith("b.svs"):
+            started.set()
+            assert release.wait(10)
+        if url.endswith("d.svs") and fetched.count(url) == 1:
+            raise OSError(f"{url}: connection reset")  # its first try, in the background
+        return real_get_file(url, local)
+
+    monkeypatch.setattr(storage, "get_file", slow_get_file)
+    a, b, c, d = [tmp_path / f"{name}.svs" for name in "abcd"]
+    for f in (a, b, c, d):
+        f.write_bytes(f.stem.encode() * 10)
+    cache = SourceCache(slots=2, remote=lambda loc: True)
+    local_a = cache.path(str(a))
+    cache.fetch_ahead([str(b)], keep=[str(a)])  # returns at once: b downloads in a thread of its own
+    assert started.wait(10) and cache.path(str(a)) == local_a  # a is in use meanwhile
+    release.set()
+    local_b = cache.path(str(b))  # waits for b's download, and downloads nothing again
+    assert Path(local_b).read_bytes() == b"b" * 10 and fetched == [str(a), str(b)]
+    cache.path(str(b))
+    cache.fetch_ahead([str(c)], keep=[str(a)])  # a is in use: b, though used after it, makes room
+    assert os.path.exists(local_a) and not os.path.exists(local_b)
+    assert Path(cache.path(str(c))).read_bytes() == b"c" * 10
+    cache.fetch_ahead([str(d)], keep=[str(c)])
+    assert Path(cache.path(str(d))).read_bytes() == b"d" * 10  # failed in the background: downloaded again here
+    assert fetched == [str(a), str(b), str(c), str(d), str(d)]
+    d.unlink()
+    cache.fetch_ahead([str(a)], keep=[str(c)])
+    local_a = cache.path(str(a))
+    cache.fetch_ahead([str(d)], keep=[str(a)])  # fails in the background, and again where it is asked for
+    with pytest.raises(storage.Missing, match=r"d\.svs"):
+        cache.path(str(d))
+    cache.clear()
+    assert not os.path.exists(local_a)
+    one = SourceCache(slots=1, remote=lambda loc: True)
+    one.path(str(a))
+    one.fetch_ahead([str(c)], keep=[str(a)])  # one slot: the next slide would push out the one in use
+    assert fetched[-2:] == [str(d), str(a)]
+    one.clear()
 
 
 def test_source_cache_puts_a_slides_files_side_by_side(tmp_path):
