@@ -79,6 +79,8 @@ def add_ingest_parser(sub, fn) -> None:
                 "GPUs each actor holds for the run's models (--segment sam, --background-model); 0: on the CPU",
                 type=float,
             )
+        if kind != "wsi":
+            add("--read-ahead", "files on s3:// each worker downloads ahead of their use (0: one at a time)", type=int)
         add(
             "--outage-wait-s",
             "seconds a worker waits for a store that stopped answering before the run stops, keeping what it staged",

@@ -26,7 +26,7 @@ def parse_bytes(value: int | str) -> int:
     return int(float(m.group(1)) * mult)
 
 
-RUN_ONLY = ("workers", "gpus_per_worker", "max_attempts", "outage_wait_s", "fetch_ahead")
+RUN_ONLY = ("workers", "gpus_per_worker", "max_attempts", "outage_wait_s", "fetch_ahead", "read_ahead")
 # recorded, but not compared between runs: the same background model (its sha256 is compared) may be named from
 # another place
 NOT_COMPARED = (*RUN_ONLY, "background_model", "out")  # out: the dataset is the one found there
@@ -63,6 +63,9 @@ class IngestConfig(BaseModel):
     # cluster; 0: they run on the actors' CPUs (Ray hides the GPUs of an actor that holds none)
     gpus_per_worker: float = Field(0.0, ge=0)
     max_attempts: int = Field(3, ge=1)
+    # files on s3:// (a series' slices, a batch's images) each worker downloads ahead of their use, in threads: each
+    # request's round trip overlaps the others' and the work (ingest.read_ahead); 0: one at a time, as used
+    read_ahead: int = Field(16, ge=0)
     # how long a worker that finds its store down waits for it to answer again before the run stops (keeping
     # what it staged); a blip of the store costs a night's run neither its inputs nor its place
     outage_wait_s: float = Field(300.0, ge=0)

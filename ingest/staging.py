@@ -16,6 +16,7 @@ from pydantic import BaseModel, Field
 
 from ingest.config import IngestConfig, changed_options
 from ingest.decisions import IngestStopped, decide
+from ingest.read_ahead import ReadAhead
 from ingest.units import Work, work_samples
 from shards import probes, storage
 from shards.writer import ShardWriter, shard_name
@@ -120,13 +121,14 @@ def attempt(fn: Callable[[], Any], cfg: IngestConfig) -> tuple[Any, str | None, 
 def _batch_samples(work: Work, cfg: IngestConfig, members: dict[str, Outcome]):
     """The samples of each image of a batch in turn; an image that fails is recorded in ``members`` and skipped
     (its samples are made whole before any is written, so none of a failed image reaches the part)."""
-    for unit in work.batch:
-        one = Work(unit)
-        made, action, reason = attempt(lambda w=one: list(work_samples(w, cfg)), cfg)
-        members[unit.id] = Outcome(
-            status=action or "ingested", reason=reason, samples=len(made or []), warnings=one.notes if made else []
-        )
-        yield from made or []
+    with ReadAhead((u.sources[0] for u in work.batch), cfg.read_ahead) as files:
+        for unit in work.batch:
+            one = Work(unit)
+            made, action, reason = attempt(lambda w=one: list(work_samples(w, cfg, files=files)), cfg)
+            members[unit.id] = Outcome(
+                status=action or "ingested", reason=reason, samples=len(made or []), warnings=one.notes if made else []
+            )
+            yield from made or []
 
 
 def _write_part(work: Work, cfg: IngestConfig, background=None) -> tuple[int, int, str, dict[str, Outcome], list]:

@@ -17,9 +17,10 @@ from ingest.dicom import slice_rgb
 from ingest.images import Box, decode_rgb, normalise
 from ingest.model_files import model_device
 from ingest.preview import mark_dropped, preview_png, preview_scale
+from ingest.read_ahead import ReadAhead
 from ingest.sequences import center_indices, even_indices, neighbour_indices
 from ingest.slides import OpenSlideReader
-from ingest.source_cache import SLIDES, local_copy
+from ingest.source_cache import SLIDES
 from ingest.wsi import TilePlan, plan_tiles, read_tiles, scale_mismatch
 from shards import storage
 from shards.manifest import preview_url
@@ -147,13 +148,13 @@ def wsi_samples(work: Work, cfg: WsiIngestConfig, background=None) -> Iterator[d
 class _Slices:
     """Renders a series' slices on demand, keeping only the few a sample needs (memory independent of length)."""
 
-    def __init__(self, unit: Unit, store_size: int | None, read: Callable[[str, int], np.ndarray]) -> None:
-        self.unit, self.store_size, self.read = unit, store_size, read
+    def __init__(self, unit: Unit, store_size: int | None, read: Callable[[str, int], np.ndarray], files: ReadAhead):
+        self.unit, self.store_size, self.read, self.files = unit, store_size, read, files
         self._kept: dict[int, np.ndarray] = {}
 
     def get(self, i: int) -> np.ndarray:
         if i not in self._kept:
-            with local_copy(self.unit.sources[i]) as path:
+            with self.files.local(self.unit.sources[i]) as path:
                 rgb = self.read(path, i)
             size = self.store_size
             if size and rgb.shape[:2] != (size, size):
@@ -190,30 +191,33 @@ def sequence_samples(
     """
     unit = work.unit
     n = len(unit.sources)
-    slices = _Slices(unit, cfg.store_size, read)
+    samples = _sequence_picks(n, cfg)
+    first_use = dict.fromkeys(i for _, picks in samples for i in picks)  # each slice is read once, in this order
     vectors = unit.meta.get("slice_labels")
-    for suffix, picks in _sequence_picks(n, cfg):
-        slices.forget_before(min(picks))
-        if vectors and cfg.mode == "slice":
-            vector = vectors[picks[len(picks) // 2]] or [0] * len(next(v for v in vectors if v))
-        elif vectors:
-            vector = [max(col) for col in zip(*(v for v in vectors if v), strict=True)]
-        else:
-            vector = None
-        label = vector[0] if vector else unit.label
-        meta = {
-            "series": unit.item,
-            "patient": unit.patient,
-            "mode": cfg.mode,
-            "slices": picks,
-            "num_slices": n,
-            "label": label,
-            "labels": vector,
-        } | extra
-        if cfg.mode == "slice" and unit.meta.get("images"):  # the slice it stands for: its pseudonym
-            meta["image"] = unit.meta["images"][picks[len(picks) // 2]]
-        images = [encode_image(slices.get(i), cfg.format, cfg.quality, flat=True) for i in picks]
-        yield make_sample(f"{unit.item}_{suffix}", images, cfg.format, label, meta)
+    with ReadAhead((unit.sources[i] for i in first_use), cfg.read_ahead) as files:
+        slices = _Slices(unit, cfg.store_size, read, files)
+        for suffix, picks in samples:
+            slices.forget_before(min(picks))
+            if vectors and cfg.mode == "slice":
+                vector = vectors[picks[len(picks) // 2]] or [0] * len(next(v for v in vectors if v))
+            elif vectors:
+                vector = [max(col) for col in zip(*(v for v in vectors if v), strict=True)]
+            else:
+                vector = None
+            label = vector[0] if vector else unit.label
+            meta = {
+                "series": unit.item,
+                "patient": unit.patient,
+                "mode": cfg.mode,
+                "slices": picks,
+                "num_slices": n,
+                "label": label,
+                "labels": vector,
+            } | extra
+            if cfg.mode == "slice" and unit.meta.get("images"):  # the slice it stands for: its pseudonym
+                meta["image"] = unit.meta["images"][picks[len(picks) // 2]]
+            images = [encode_image(slices.get(i), cfg.format, cfg.quality, flat=True) for i in picks]
+            yield make_sample(f"{unit.item}_{suffix}", images, cfg.format, label, meta)
 
 
 def dicom_samples(work: Work, cfg: DicomIngestConfig) -> Iterator[dict[str, Any]]:
@@ -243,12 +247,12 @@ def _fit(rgb: np.ndarray, size: int | None) -> np.ndarray:
     return cv2.resize(rgb, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
 
 
-def image_samples(work: Work, cfg: ImagesIngestConfig) -> Iterator[dict[str, Any]]:
+def image_samples(work: Work, cfg: ImagesIngestConfig, files: ReadAhead | None = None) -> Iterator[dict[str, Any]]:
     """One image as a sample, or (``cfg.crop``) one sample per box cropped around it; boxes travel in the
-    metadata as normalised ``[x0, y0, x1, y1, label]``."""
+    metadata as normalised ``[x0, y0, x1, y1, label]``. ``files``: its batch's downloads ahead, if any."""
     work.notes.clear()  # a retried attempt notes anew
     unit = work.unit
-    with local_copy(unit.sources[0]) as path:
+    with (files or ReadAhead([], 0)).local(unit.sources[0]) as path:
         rgb = _prepared(cfg)(path)
     h, w = rgb.shape[:2]
     boxes = [Box(*b) for b in unit.meta.get("yolo") or []] or normalise(unit.meta.get("pixel_boxes") or [], w, h)
@@ -290,14 +294,14 @@ def plan_unit(unit: Unit, cfg: IngestConfig, background=None) -> tuple[list[Work
     return [Work(unit)], list(unit.meta.get("warnings", []))
 
 
-def work_samples(work: Work, cfg: IngestConfig, background=None) -> Iterator[dict[str, Any]]:
-    """Dispatch on the unit's kind."""
+def work_samples(work: Work, cfg: IngestConfig, background=None, files=None) -> Iterator[dict[str, Any]]:
+    """Dispatch on the unit's kind; ``files``: an image batch's :class:`ReadAhead`."""
     if work.unit.kind == "wsi":
         assert isinstance(cfg, WsiIngestConfig)
         return wsi_samples(work, cfg, background)
     if work.unit.kind == "image":
         assert isinstance(cfg, ImagesIngestConfig)
-        return image_samples(work, cfg)
+        return image_samples(work, cfg, files)
     if work.unit.kind == "sequence":
         assert isinstance(cfg, ImagesIngestConfig)
         return sequence_samples(work, cfg, _prepared(cfg), {})

@@ -136,3 +136,27 @@ def test_sam_segments_the_crops_in_the_ray_workers(stack, tmp_path):
     assert len(crops) == 3 and all(isinstance(m["segmented"], bool) for m in crops)
     unfound = sum(not m["segmented"] for m in crops)
     assert sum(len(r.warnings) for r in manifest.inputs) == unfound
+
+
+def test_image_folders_on_s3_give_the_samples_of_the_same_folders_on_disk(stack, tmp_path):
+    """Batches of images on the object store are read ahead of their use (ingest.read_ahead), a broken image
+    among them failing alone, with the same images as from local disk."""
+    make_mri_folders(tmp_path, per_class=5, size=48, seed=8)
+    (tmp_path / "images" / "notumor" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    src = "s3://shards/mri-src"
+    for f in sorted(p for p in (tmp_path / "images").rglob("*") if p.is_file()):
+        storage.put_file(f, f"{src}/{f.relative_to(tmp_path / 'images').as_posix()}")
+    samples, statuses = {}, {}
+    for name, source in (("local", str(tmp_path / "images")), ("s3", src)):
+        out = f"s3://shards/mri-from/{name}"
+        cfg = ImagesIngestConfig(sources=[source], out=out, split="train=1.0", images_per_task=8, read_ahead=4)
+        manifest, _ = run_ingest("images", cfg)
+        statuses[name] = sorted((r.status, r.reason or "") for r in manifest.inputs)
+        samples[name] = {}
+        for url in manifest.shard_urls(out, "train"):
+            for s in read_tar_samples(storage.get_file(url, tmp_path / "x.tar")):
+                samples[name][s["__key__"]] = s["jpg"]
+    assert statuses["s3"] == statuses["local"]
+    assert ("failed", "ImageError: not a decodable image (22 bytes)") in statuses["s3"]
+    # the same images (each sample's key is a pseudonym of its source, so it names the place it came from)
+    assert len(samples["s3"]) == 20 and sorted(samples["s3"].values()) == sorted(samples["local"].values())
