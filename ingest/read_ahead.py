@@ -6,7 +6,7 @@ used, every one costs a request's round trip (tens of ms on a cloud store) in wh
 disk. :class:`ReadAhead` downloads them in their order of use, ``depth`` at a time in threads, and hands each to
 its reader as a local file, deleted once read; the disk holds at most ``depth`` files at a time (the run's
 ``read_ahead``).
-A multi-frame file, which every slice of its series named and downloaded anew, is now downloaded once.
+A multi-frame file, which each of its frames names, is downloaded once for all of them.
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ from ingest.preview import mark_dropped, preview_png, preview_scale
 from ingest.read_ahead import ReadAhead
 from ingest.sequences import center_indices, even_indices, neighbour_indices
 from ingest.slides import OpenSlideReader
-from ingest.source_cache import SLIDES
+from ingest.source_cache import SLIDES, local_copy
 from ingest.wsi import TilePlan, plan_tiles, read_tiles, scale_mismatch
 from shards import storage
 from shards.manifest import preview_url
@@ -252,7 +252,7 @@ def image_samples(work: Work, cfg: ImagesIngestConfig, files: ReadAhead | None =
     metadata as normalised ``[x0, y0, x1, y1, label]``. ``files``: its batch's downloads ahead, if any."""
     work.notes.clear()  # a retried attempt notes anew
     unit = work.unit
-    with (files or ReadAhead([], 0)).local(unit.sources[0]) as path:
+    with (files.local if files else local_copy)(unit.sources[0]) as path:
         rgb = _prepared(cfg)(path)
     h, w = rgb.shape[:2]
     boxes = [Box(*b) for b in unit.meta.get("yolo") or []] or normalise(unit.meta.get("pixel_boxes") or [], w, h)
@@ -294,7 +294,9 @@ def plan_unit(unit: Unit, cfg: IngestConfig, background=None) -> tuple[list[Work
     return [Work(unit)], list(unit.meta.get("warnings", []))
 
 
-def work_samples(work: Work, cfg: IngestConfig, background=None, files=None) -> Iterator[dict[str, Any]]:
+def work_samples(
+    work: Work, cfg: IngestConfig, background=None, files: ReadAhead | None = None
+) -> Iterator[dict[str, Any]]:
     """Dispatch on the unit's kind; ``files``: an image batch's :class:`ReadAhead`."""
     if work.unit.kind == "wsi":
         assert isinstance(cfg, WsiIngestConfig)
