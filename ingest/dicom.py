@@ -141,21 +141,23 @@ def header_processes(files: int) -> int:
     return max(1, min(cores, files // FILES_PER_PROCESS))
 
 
-def _read_each(read: Callable[[str], T], locations: list[str]) -> list[T]:
-    return [read(loc) for loc in locations]
+def _read_each(read: Callable[[str], T], locations: list[str], threads: int = 1) -> list[T]:
+    if threads < 2:
+        return [read(loc) for loc in locations]
+    with ThreadPoolExecutor(threads) as pool:
+        return list(pool.map(read, locations))
 
 
 def map_headers(read: Callable[[str], T], locations: list[str], processes: int | None = None) -> list[T]:
     """``read`` of every location, in order (so a plan does not depend on timing). Object-store reads overlap on
-    threads. Local header parsing is GIL-bound (on 16 threads it took 1.15 ms a file against 0.57 ms serially),
-    so a large local cohort (RSNA's 752k slices) is parsed by ``processes`` (default :func:`header_processes`)
-    processes, each given runs of files."""
-    if any(loc.startswith("s3://") for loc in locations):
-        with ThreadPoolExecutor(HEADER_THREADS) as pool:
-            return list(pool.map(read, locations))
+    threads. Header parsing is GIL-bound (locally, on 16 threads it took 1.15 ms a file against 0.57 ms
+    serially), and so is each request's own work in boto3, so a large cohort (RSNA's 752k slices) is parsed by
+    ``processes`` (default :func:`header_processes`) processes, each given runs of files (from the object store,
+    each on its threads)."""
+    threads = HEADER_THREADS if any(loc.startswith("s3://") for loc in locations) else 1
     processes = header_processes(len(locations)) if processes is None else processes
     if processes < 2:
-        return _read_each(read, locations)
+        return _read_each(read, locations, threads)
     # loky's processes (joblib's): not forked from a driver that may hold Ray's threads, and started without
     # running the caller's script again (one without a __main__ guard works); stopped when done, not kept idle
     from joblib.externals.loky import ProcessPoolExecutor
@@ -163,7 +165,7 @@ def map_headers(read: Callable[[str], T], locations: list[str], processes: int |
     step = -(-len(locations) // (processes * 8))
     runs = [locations[i : i + step] for i in range(0, len(locations), step)]
     with ProcessPoolExecutor(processes) as pool:
-        parts = list(pool.map(_read_each, [read] * len(runs), runs))
+        parts = list(pool.map(_read_each, [read] * len(runs), runs, [threads] * len(runs)))
     return [header for part in parts for header in part]
 
 

@@ -152,6 +152,31 @@ def test_a_large_local_cohort_has_its_headers_parsed_by_processes_in_order(tmp_p
     assert [dicom.header_processes(n) for n in (100, 4096, 6200, 10**6)] == [1, 2, 3, 4]
 
 
+def test_headers_on_the_object_store_are_read_on_threads_in_each_process():
+    """From ``s3://``, each header is a request: the requests overlap on threads, in each of the processes a large
+    cohort gets (a request's own work in boto3 holds the GIL as parsing does), and come back in order."""
+    import os
+    import threading
+    import time
+
+    from ingest import dicom
+
+    def where(loc: str) -> tuple[str, int, str]:  # a slow request: each process gets runs of them
+        time.sleep(0.01)
+        return loc, os.getpid(), threading.current_thread().name
+
+    locations = [f"s3://bucket/ct/{i:04d}.dcm" for i in range(64)]
+    for processes in (1, 2):
+        found = dicom.map_headers(where, locations, processes=processes)
+        assert [loc for loc, _, _ in found] == locations
+        assert all(thread != "MainThread" for _, _, thread in found)
+        pids = {pid for _, pid, _ in found}
+        if processes == 1:
+            assert pids == {os.getpid()}
+        else:
+            assert len(pids) == 2 and os.getpid() not in pids
+
+
 def test_a_slice_held_by_two_files_is_read_once_and_the_copy_accounted_for(tmp_path):
     """An export that holds a slice twice (a re-sent transfer in another folder) gives one sample of it; the copy
     is skipped with the reason, so the manifest still accounts for every file. Frames of one multi-frame file are
