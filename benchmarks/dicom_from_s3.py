@@ -108,7 +108,8 @@ def main() -> None:
     else:
         make_mri_folders(data, per_class=args.images // 4, size=256)
         what = f"{args.images // 4 * 4} images (256 px) in class folders"
-    files = [p for p in data.rglob("*") if p.is_file()]
+    sub = "images/" if args.kind == "images" else ""  # the class folders, not the box files beside them
+    files = [p for p in (data / sub).rglob("*") if p.is_file()]
     mb = sum(p.stat().st_size for p in files) / 1e6
     print(f"{what}: {len(files)} files, {mb:.0f} MB; {args.workers} workers; {args.latency_ms:g} ms a request")
 
@@ -122,12 +123,12 @@ def main() -> None:
         with s3_server(root / "s3", args.latency_ms) as (_, endpoint):
             os.environ["AWS_ENDPOINT_URL"] = endpoint  # before Ray starts: its workers inherit the environment
             ray.init(num_cpus=args.workers, log_to_driver=False, include_dashboard=False)
-            _ingest(args.kind, "s3://data/", root / "warm", args.workers, None)  # Ray's workers up, imports done
+            _ingest(args.kind, f"s3://data/{sub}", root / "warm", args.workers, None)  # Ray's workers up, imports done
             for _ in range(args.repeats):
                 runs = [
-                    ("local", str(data), 0),
-                    ("one at a time", "s3://data/", 0),
-                    ("read ahead", "s3://data/", args.read_ahead),
+                    ("local", str(data / sub), 0),
+                    ("one at a time", f"s3://data/{sub}", 0),
+                    ("read ahead", f"s3://data/{sub}", args.read_ahead),
                 ]
                 for name, source, ahead in runs:
                     secs, samples = _ingest(args.kind, source, root / "out", args.workers, ahead)
