@@ -42,7 +42,7 @@ class WorkerData:
     ``rank`` of ``world``."""
 
     recipe: TrainRecipe
-    manifest: mf.Manifest
+    manifest: mf.ManifestHead  # no input records: see train_counts
     rank: int
     world: int
     device_id: int | None
@@ -84,8 +84,10 @@ class WorkerData:
     def train_counts(self, classes: int) -> list[int]:
         """Train samples per class, counted from the samples themselves: a series' manifest label is ``any``
         over its slices, so per-slice labelled datasets cannot be counted from the manifest."""
-        if not self.manifest.multilabel:
-            return class_counts(self.manifest.inputs, self.recipe.data.train_split, classes)
+        d = self.recipe.data
+        if not self.manifest.multilabel and self.manifest.sample_classes(d.train_split) is None:
+            # a manifest from before shards recorded their classes: its input records, rather than a read per sample
+            return class_counts(mf.load(d.dataset).inputs, d.train_split, classes)
         return np.bincount(self.train_labels[self.train_labels >= 0], minlength=classes).tolist()
 
     def _sources(

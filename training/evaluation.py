@@ -73,7 +73,7 @@ def check_outputs(model_outputs: list[str], outputs: list[str], dataset: str) ->
 
 
 def exported_predictions(
-    recipe: TrainRecipe, manifest: mf.Manifest, split: str, log, rank: int, world: int, labelled: bool = True
+    recipe: TrainRecipe, manifest: mf.ManifestHead, split: str, log, rank: int, world: int, labelled: bool = True
 ) -> tuple[dict[str, Any], dict]:
     """Every rank of a worker group: the run's exported model on this rank's part of ``split``, gathered on
     every rank (:func:`training.loop.predict`), and the export's description. A failure on any rank raises on
@@ -104,7 +104,7 @@ def exported_predictions(
     return pred, desc
 
 
-def evaluate_split(recipe: TrainRecipe, manifest: mf.Manifest, split: str, prefix: str, log, rank: int, world: int):
+def evaluate_split(recipe: TrainRecipe, manifest: mf.ManifestHead, split: str, prefix: str, log, rank: int, world: int):
     """Every rank of a worker group: the run's exported model on this rank's part of ``split``; rank 0 logs the
     metrics and pictures under ``prefix``. A failure on any rank raises on every rank."""
     from training.export import samples_scale_warning
@@ -134,7 +134,7 @@ def eval_loop(config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     recipe = TrainRecipe.model_validate(config["recipe"])
     log = tracking.RunLogger(config["mlflow_uri"], config["run_id"])
-    manifest = mf.load(recipe.data.dataset)
+    manifest, _ = mf.load_head(recipe.data.dataset)
     evaluate_split(recipe, manifest, config["split"], config["prefix"], log, ctx.get_world_rank(), ctx.get_world_size())
 
 

@@ -66,7 +66,7 @@ def labels_for(model_outputs: list[str], manifest: mf.Manifest, task: str) -> tu
     return True, None
 
 
-def predict_split(recipe: TrainRecipe, manifest: mf.Manifest, config: dict[str, Any], rank: int, world: int):
+def predict_split(recipe: TrainRecipe, manifest: mf.ManifestHead, config: dict[str, Any], rank: int, world: int):
     """Every rank of a worker group: the run's exported model on this rank's part of ``config["split"]``; rank 0
     logs the tables. A failure on any rank raises on every rank."""
     from training.evaluation import exported_predictions
@@ -98,7 +98,7 @@ def predict_loop(config: dict[str, Any]) -> None:
     quiet_worker()
     ctx = ray.train.get_context()
     recipe = TrainRecipe.model_validate(config["recipe"])
-    manifest = mf.load(recipe.data.dataset)
+    manifest, _ = mf.load_head(recipe.data.dataset)
     predict_split(recipe, manifest, config, ctx.get_world_rank(), ctx.get_world_size())
 
 

@@ -46,7 +46,7 @@ from training.state import EarlyStopping, epoch_seed, swa_start_epoch
 from training.tracking import MODEL_ARTIFACT
 
 
-def outputs_of(recipe: TrainRecipe, manifest: mf.Manifest) -> list[str]:
+def outputs_of(recipe: TrainRecipe, manifest: mf.ManifestHead) -> list[str]:
     """Names of the model's logits: the manifest's classes, or its multi-label names."""
     if recipe.task == "multilabel":
         if not manifest.multilabel:
@@ -210,7 +210,7 @@ class Trainer:
         cuda = self.device.type == "cuda"
         if not cuda:
             keep_freed_memory()  # every step re-allocates the same activations: keep them mapped
-        self.manifest, data = mf.load_with_bytes(r.data.dataset)
+        self.manifest, data = mf.load_head(r.data.dataset)
         who = f"run {config.get('run_id')}"
         mf.check_same_data(config.get("manifest_sha256"), r.data.dataset, self.manifest, data, who)
         self.outputs = outputs_of(r, self.manifest)

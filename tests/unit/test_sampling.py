@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from scipy.stats import binomtest
 
+from shards import manifest as mf
 from shards.dali import ShardBatches, build_pipeline, fetch_indices, sample_exts
 from shards.sampling import (
     SampleSource,
@@ -23,6 +24,7 @@ from shards.writer import ShardWriter
 from tests.datasets import make_dataset
 from training.config import RecipeError, load_recipe
 from training.data import WorkerData
+from training.losses import class_counts
 
 SIZE = 16
 
@@ -254,3 +256,29 @@ def test_a_dataset_without_labels_is_read_whole_its_labels_minus_one(tmp_path, r
             list(labelled_reader.batches("test", 0, False))
     finally:
         labelled_reader.close()
+
+
+def test_multiclass_counts_come_from_the_shards_class_runs_or_an_older_manifests_inputs(tmp_path):
+    """A worker reads the manifest without its input records: class weights come from the shards' recorded
+    classes, which count what the input records count; a manifest from before they were recorded is read whole."""
+    prefix = str(tmp_path / "ds")
+    manifest = make_dataset(prefix, {"train": 18, "val": 6}, classes=3, samples_per_patient=2, seed=2)
+    recipe = load_recipe("strip_ai_resnet50", [f"data.dataset={prefix}", "data.sampler=shuffle"])
+    expected = class_counts(manifest.inputs, "train", 3)
+    head, _ = mf.load_head(prefix)
+    data = WorkerData(recipe, head, 0, 1, None)
+    try:
+        assert not hasattr(head, "inputs") and sum(expected) == 18
+        assert data.train_counts(3) == expected
+    finally:
+        data.close()
+    for shard in manifest.splits["train"].shards:
+        shard.classes = None
+    for rec in manifest.inputs:
+        rec.label = 0  # what the records say, not what a read of each sample would find
+    mf.save(manifest, prefix)
+    old = WorkerData(recipe, mf.load_head(prefix)[0], 0, 1, None)
+    try:
+        assert old.train_counts(3) == [18, 0, 0]
+    finally:
+        old.close()

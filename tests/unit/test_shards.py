@@ -1,6 +1,7 @@
 import errno
 import hashlib
 import io
+import json
 import os
 import subprocess
 import sys
@@ -435,3 +436,39 @@ def test_a_datasets_account_says_what_options_shaped_it():
     series = DicomIngestConfig(sources=["x"], out="s3://b/ct", mode="series", frames=8).public()
     line = dataset_lines(mf.Manifest(dataset="d", kind="dicom", config=series), b"")[1]
     assert "mode=series neighbours=0 frames=8" in line
+
+
+def test_a_manifest_is_stored_with_its_inputs_last_one_line_each_and_reads_back_whole_or_without_them(tmp_path):
+    shard = mf.ShardInfo(name="shard-000000.tar", size=10, sha256="0" * 64, samples=3, classes="0x2 1x1")
+    m = mf.Manifest(
+        dataset=str(tmp_path),
+        kind="images",
+        classes=["a", "b"],
+        splits={"train": mf.SplitInfo(num_samples=3, shards=[shard])},
+        amended=[mf.Amendment(time="t", added=1, previous_sha256="f" * 64)],
+        inputs=[
+            mf.InputRecord(id="1", kind="image", status="ingested", label=0, split="train", samples=2, shards=["x"]),
+            mf.InputRecord(id="2", kind="image", status="failed", reason="unreadable", warnings=["w"]),
+            mf.InputRecord(id="3", kind="image", status="ingested", label=1, split="train", samples=1, shards=["x"]),
+        ],
+    )
+    url = mf.save(m, str(tmp_path))
+    text = Path(url).read_text()
+    lines = text.splitlines()
+    first = lines.index('  "inputs": [')
+    assert lines[first + 1 : first + 4] == [
+        '    {"id":"1","kind":"image","status":"ingested","label":0,"split":"train","samples":2,"shards":["x"]},',
+        '    {"id":"2","kind":"image","status":"failed","reason":"unreadable","warnings":["w"]},',
+        '    {"id":"3","kind":"image","status":"ingested","label":1,"split":"train","samples":1,"shards":["x"]}',
+    ]
+    assert lines[first + 4 :] == ["  ]", "}"]
+    loaded, data = mf.load_with_bytes(str(tmp_path))
+    assert loaded == m and data == text.encode() and json.loads(data)["inputs"][1]["reason"] == "unreadable"
+    head, same = mf.load_head(str(tmp_path))
+    assert same == data and head.model_dump() == m.model_dump(exclude={"inputs"})
+    assert head.sample_classes("train") == [0, 0, 1] and head.num_samples("train") == 3
+    # a manifest written before (the whole of it indented) reads the same, whole or not
+    Path(url).write_text(m.model_dump_json(indent=2))
+    assert mf.load(str(tmp_path)) == m and mf.load_head(str(tmp_path))[0] == head
+    empty = mf.Manifest(dataset="e", kind="wsi")
+    assert mf.Manifest.model_validate_json(mf.dumps(empty)) == empty
