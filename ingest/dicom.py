@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +41,7 @@ class SliceHeader:
     instance: int | None
     frame: int | None = None
     burned_in: bool = False
+    rescale: tuple[float, float] | None = None  # a frame's (slope, intercept) to HU from its functional groups
 
     @property
     def instance_name(self) -> str:
@@ -204,8 +205,16 @@ def read_headers(path: str | Path | BinaryIO, name: str | None = None) -> tuple[
         return [SliceHeader(**base, position=ipp, orientation=iop, instance=instance)], None
     positions, orientation = _frame_geometry(ds, frames)
     orientation = orientation or _floats(ds.get("ImageOrientationPatient"))
+    enhanced = "PerFrameFunctionalGroupsSequence" in ds or "SharedFunctionalGroupsSequence" in ds
     return [
-        SliceHeader(**base, position=positions[i], orientation=orientation, instance=i + 1, frame=i)
+        SliceHeader(
+            **base,
+            position=positions[i],
+            orientation=orientation,
+            instance=i + 1,
+            frame=i,
+            rescale=rescale(ds, i) if enhanced else None,
+        )
         for i in range(frames)
     ], None
 
@@ -251,37 +260,66 @@ def read_frames(path: str):
     return ds, pixels
 
 
-def render(ds, pixels: np.ndarray, windows: tuple[str, ...] = DEFAULT_WINDOWS) -> np.ndarray:
-    """One frame as ``uint8[H, W, 3]``: CT as stacked HU windows, colour as is, other grey percentile-normalised."""
+def rescale(ds, frame: int | None = None) -> tuple[float, float]:
+    """``(slope, intercept)`` from stored values to HU of ``frame``. An enhanced multi-frame image (Enhanced CT)
+    keeps them in its functional groups, the frame's or else the shared ones, not at the top level, where another
+    image keeps them; ``(1, 0)`` where none is given."""
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence") or []
+    shared = ds.get("SharedFunctionalGroupsSequence") or []
+    groups = ([per_frame[frame]] if frame is not None and frame < len(per_frame) else []) + list(shared[:1])
+    found = [g.PixelValueTransformationSequence[0] for g in groups if g.get("PixelValueTransformationSequence")]
+    source = found[0] if found else ds
+    return float(source.get("RescaleSlope", 1) or 1), float(source.get("RescaleIntercept", 0) or 0)
+
+
+def render(
+    ds, pixels: np.ndarray, windows: tuple[str, ...] = DEFAULT_WINDOWS, hu: tuple[float, float] | None = None
+) -> np.ndarray:
+    """One frame as ``uint8[H, W, 3]``: CT as stacked HU windows, colour as is, other grey percentile-normalised.
+    ``hu``: the frame's ``(slope, intercept)`` where the caller has it (:attr:`SliceHeader.rescale`), else
+    :func:`rescale` of ``ds``."""
     if pixels.ndim == 3:  # colour (pydicom returns RGB, converting YBR)
         return np.ascontiguousarray(pixels[:, :, :3]).astype(np.uint8, copy=False)
     if str(ds.get("Modality", "")) == "CT":
         pad_value = ds.get("PixelPaddingValue")
         pad_limit = ds.get("PixelPaddingRangeLimit")
         padding = padding_mask(pixels, pad_value, pad_limit)
-        slope, intercept = float(ds.get("RescaleSlope", 1) or 1), float(ds.get("RescaleIntercept", 0) or 0)
+        slope, intercept = hu or rescale(ds)
         return windowed(pixels, slope, intercept, tuple(windows), padding)
     g = grey(pixels, invert=str(ds.get("PhotometricInterpretation", "")) == "MONOCHROME1")
     return np.repeat(g[:, :, None], 3, axis=2)
 
 
-def read_frame(path: str, frame: int):
-    """``(dataset, pixels)`` of one frame of a multi-frame file, decoding only that frame."""
+MODALITY, SHARED_GROUPS, PER_FRAME_GROUPS = 0x00080060, 0x52009229, 0x52009230
+
+
+def read_frame(path: str, frame: int, per_frame: bool = True):
+    """``(dataset, pixels)`` of one frame of a multi-frame file, decoding only that frame. The dataset holds the
+    image pixel module, the modality and the functional groups (the per-frame ones if ``per_frame``: building
+    them costs milliseconds a frame in a file of hundreds, so a caller that has the frame's rescale leaves them)."""
     import pydicom
     from pydicom.pixels import pixel_array
 
+    tags = [MODALITY, SHARED_GROUPS] + ([PER_FRAME_GROUPS] if per_frame else [])
     try:
-        ds = pydicom.Dataset()
-        pixels = pixel_array(path, index=frame, ds_out=ds)
+        ds = pydicom.Dataset()  # pydicom fills in the image pixel module (group 0028) and the tags named here
+        pixels = pixel_array(path, index=frame, ds_out=ds, specific_tags=tags)
     except Exception as exc:
         raise DicomError(f"frame {frame} could not be decoded: {type(exc).__name__}: {exc}") from exc
     return ds, pixels
 
 
-def slice_rgb(path: str, windows: tuple[str, ...] = DEFAULT_WINDOWS, frame: int | None = None) -> np.ndarray:
-    """One slice (or one frame of a multi-frame file) as ``uint8[H, W, 3]``."""
+def slice_rgb(
+    path: str,
+    windows: tuple[str, ...] = DEFAULT_WINDOWS,
+    frame: int | None = None,
+    hu: Sequence[float] | None = None,
+) -> np.ndarray:
+    """One slice (or one frame of a multi-frame file) as ``uint8[H, W, 3]``; ``hu``: the frame's rescale to HU,
+    where the header pass read it (:attr:`SliceHeader.rescale`)."""
     if frame is None:
         ds, pixels = read_frames(path)
         return render(ds, pixels[0], windows)
-    ds, pixels = read_frame(path, frame)
-    return render(ds, pixels, windows)
+    ds, pixels = read_frame(path, frame, per_frame=hu is None)
+    slope, intercept = hu if hu is not None else rescale(ds, frame)
+    return render(ds, pixels, windows, (float(slope), float(intercept)))

@@ -193,6 +193,8 @@ def plan_dicom(cfg: DicomIngestConfig, key: bytes) -> Plan:
             "modality": series.modality,
             "warnings": series.warnings,
             "frames": [s.frame for s in series.slices],
+            # an enhanced image's per-frame rescale to HU, read here once rather than with each frame's pixels
+            **({"rescale": [s.rescale for s in series.slices]} if any(s.rescale for s in series.slices) else {}),
             "slice_labels": slice_labels,
             # each slice's pseudonym: a slice's sample is named by it, and the private map by its SOP instance
             "images": [_known(plan, key, "image", name, f"instance {name}") for name in names],

@@ -202,6 +202,35 @@ def ct_slice_dataset(pixels: np.ndarray, patient: SyntheticPatient, study: str, 
     return ds
 
 
+def enhanced_ct_dataset(volume: np.ndarray, patient: SyntheticPatient, study: str, series: str, thickness=5.0):
+    """A CT series in one Enhanced CT file (stored values ``int16[F, H, W]``, HU = stored - 1024), as modern
+    scanners export: rescale, orientation and positions in its functional groups, none at the top level."""
+    import pydicom
+    from pydicom.uid import EnhancedCTImageStorage
+
+    ds = ct_slice_dataset(volume[0], patient, study, series, 0, thickness)
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = EnhancedCTImageStorage
+    for name in ("RescaleIntercept", "RescaleSlope", "ImageOrientationPatient", "ImagePositionPatient"):
+        delattr(ds, name)
+    ds.NumberOfFrames = len(volume)
+    transform = pydicom.Dataset()
+    transform.RescaleIntercept, transform.RescaleSlope, transform.RescaleType = -1024, 1, "HU"
+    orientation = pydicom.Dataset()
+    orientation.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+    shared = pydicom.Dataset()
+    shared.PixelValueTransformationSequence, shared.PlaneOrientationSequence = [transform], [orientation]
+    ds.SharedFunctionalGroupsSequence = [shared]
+    frames = []
+    for k in range(len(volume)):
+        position, item = pydicom.Dataset(), pydicom.Dataset()
+        position.ImagePositionPatient = [0.0, 0.0, float(k) * thickness]
+        item.PlanePositionSequence = [position]
+        frames.append(item)
+    ds.PerFrameFunctionalGroupsSequence = frames
+    ds.PixelData = volume.astype(np.int16).tobytes()
+    return ds
+
+
 def write_ct_series(root: Path, patient: SyntheticPatient, slices: int, size: int, bleed: bool, seed: int) -> None:
     """A CT series as single-frame DICOM files with random names, shuffled, in a nested folder."""
     from pydicom.uid import generate_uid

@@ -223,9 +223,10 @@ def sequence_samples(
 def dicom_samples(work: Work, cfg: DicomIngestConfig) -> Iterator[dict[str, Any]]:
     """A DICOM series' samples, each slice windowed into RGB (``cfg.windows``)."""
     frames = work.unit.meta.get("frames") or [None] * len(work.unit.sources)
+    hu = work.unit.meta.get("rescale") or [None] * len(work.unit.sources)
     meta = work.unit.meta
     extra = {"study": meta.get("study"), "modality": meta.get("modality"), "windows": list(cfg.windows)}
-    return sequence_samples(work, cfg, lambda path, i: slice_rgb(path, tuple(cfg.windows), frames[i]), extra)
+    return sequence_samples(work, cfg, lambda path, i: slice_rgb(path, tuple(cfg.windows), frames[i], hu[i]), extra)
 
 
 def _read_rgb(path: str, _: int = 0) -> np.ndarray:

@@ -19,8 +19,8 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from ingest.dicom import header_in_prefix, read_frames, read_headers, render, slice_rgb
-from ingest.synthetic import SyntheticPatient, ct_slice_dataset
+from ingest.dicom import header_in_prefix, read_frames, read_headers, render, rescale, slice_rgb
+from ingest.synthetic import SyntheticPatient, ct_slice_dataset, enhanced_ct_dataset
 from ingest.windowing import PADDING_HU, to_hu, window_stack
 
 PATIENT = SyntheticPatient("DOE^JANE", "PID-1", "19700101")
@@ -160,3 +160,29 @@ def test_header_read_from_a_file_prefix_or_the_whole_file(tmp_path, monkeypatch)
         assert reason is None and found[0].path == f"s3://b/{name}.dcm"
         assert found[0].sop_uid == direct[0].sop_uid and found[0].position == direct[0].position
     assert reads == [plan.HEADER_BYTES, plan.HEADER_BYTES, None]  # only the large header needed the whole file
+
+
+def test_an_enhanced_ct_frame_is_windowed_in_hu_from_its_functional_groups(tmp_path):
+    """Enhanced CT keeps the rescale to HU in its functional groups (a frame's own before the shared ones), not at
+    the top level: each frame renders as the same slice stored as a single-frame CT does, with the rescale the
+    header pass read (as ingest renders it) or read with the frame."""
+    rng = np.random.default_rng(4)
+    volume = rng.integers(0, 2400, (3, 32, 32)).astype(np.int16)
+    ds = enhanced_ct_dataset(volume, PATIENT, generate_uid(), generate_uid())
+    own = pydicom.Dataset()
+    own.RescaleIntercept, own.RescaleSlope = -2048, 2  # frame 1's own: HU = 2 * stored - 2048
+    ds.PerFrameFunctionalGroupsSequence[1].PixelValueTransformationSequence = [own]
+    path = str(tmp_path / "enhanced.dcm")
+    ds.save_as(path, enforce_file_format=True)
+    headers, reason = read_headers(path)
+    assert reason is None and [h.frame for h in headers] == [0, 1, 2]
+    assert [h.position for h in headers] == [[0.0, 0.0, 5.0 * k] for k in range(3)]
+    assert [h.rescale for h in headers] == [(1.0, -1024.0), (2.0, -2048.0), (1.0, -1024.0)]
+    for k in range(3):
+        single = ct_slice_dataset(volume[k], PATIENT, generate_uid(), generate_uid(), k)
+        single.RescaleSlope, single.RescaleIntercept = headers[k].rescale
+        expected = render(single, volume[k])
+        assert np.array_equal(slice_rgb(path, frame=k, hu=headers[k].rescale), expected) and expected.std() > 0
+        assert np.array_equal(slice_rgb(path, frame=k), expected)
+    assert rescale(ct_slice_dataset(volume[0], PATIENT, "1.2", "1.3", 0)) == (1.0, -1024.0)  # top level
+    assert read_headers(get_testdata_file("SC_rgb_rle_2frame.dcm"))[0][0].rescale is None  # no functional groups

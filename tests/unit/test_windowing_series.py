@@ -202,3 +202,40 @@ def test_a_slice_held_by_two_files_is_read_once_and_the_copy_accounted_for(tmp_p
     frames = [SliceHeader("f.dcm", "P", "st", "se", "1.2", "CT", [0, 0, k], [1, 0, 0, 0, 1, 0], k, k) for k in range(3)]
     (series,) = group_series(frames)
     assert len(series.slices) == 3 and series.copies == []
+
+
+def test_an_enhanced_ct_file_gives_the_samples_its_slices_as_single_files_give(tmp_path):
+    """A series in one Enhanced CT file (frames stored against the anatomical order, one frame with its own
+    rescale) is ordered, windowed and stored as the same slices in classic single-frame files are."""
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    from ingest.config import DicomIngestConfig
+    from ingest.plan import plan_dicom
+    from ingest.synthetic import SyntheticPatient, ct_slice_dataset, enhanced_ct_dataset
+    from ingest.units import Work, work_samples
+
+    patient = SyntheticPatient("DOE^JANE", "PID-1", "19700101")
+    volume = np.random.default_rng(5).integers(0, 2400, (4, 16, 16)).astype(np.int16)
+    hu = [(1.0, -1024.0)] * 4
+    hu[2] = (2.0, -2048.0)
+    enhanced = enhanced_ct_dataset(volume[::-1], patient, generate_uid(), generate_uid())  # frame 0: the top slice
+    for frame, item in enumerate(enhanced.PerFrameFunctionalGroupsSequence):
+        item.PlanePositionSequence[0].ImagePositionPatient = [0.0, 0.0, 5.0 * (3 - frame)]
+    own = pydicom.Dataset()
+    own.RescaleSlope, own.RescaleIntercept = hu[2]
+    enhanced.PerFrameFunctionalGroupsSequence[1].PixelValueTransformationSequence = [own]  # slice 2's frame
+    (tmp_path / "enhanced").mkdir()
+    enhanced.save_as(tmp_path / "enhanced" / "series.dcm", enforce_file_format=True)
+    (tmp_path / "classic").mkdir()
+    study, series = generate_uid(), generate_uid()
+    for k in range(4):
+        ds = ct_slice_dataset(volume[k], patient, study, series, k)
+        ds.RescaleSlope, ds.RescaleIntercept = hu[k]
+        ds.save_as(tmp_path / "classic" / f"{k}.dcm", enforce_file_format=True)
+    samples = {}
+    for name in ("enhanced", "classic"):
+        cfg = DicomIngestConfig(sources=[str(tmp_path / name)], out=str(tmp_path / "o"), format="png")
+        (unit,) = plan_dicom(cfg, b"k").units
+        samples[name] = [s["png"] for s in work_samples(Work(unit), cfg)]
+    assert len(samples["enhanced"]) == 4 and samples["enhanced"] == samples["classic"]
