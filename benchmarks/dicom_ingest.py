@@ -78,7 +78,7 @@ def tessera(root: str, out: str, fmt: str = "png") -> tuple[int, float]:
 
 
 def _child(root: str, out: str, fmt: str, q) -> None:
-    from ingest.runner import prepare_worker
+    from ingest.actors import prepare_worker
 
     prepare_worker(1)  # as an ingest actor of one CPU sets its process up
     n, secs = tessera(root, out, fmt)

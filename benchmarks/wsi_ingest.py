@@ -142,7 +142,7 @@ def tessera_one_core(path: str, out: str) -> tuple[int, float]:
 
 
 def _child(path: str, out: str, runs: int, q) -> None:
-    from ingest.runner import prepare_worker
+    from ingest.actors import prepare_worker
 
     prepare_worker(1)  # as an ingest actor of one CPU sets its process up
     times = []
@@ -155,7 +155,7 @@ def _child(path: str, out: str, runs: int, q) -> None:
 
 def _plain_child(path: str, root: str, slides: int, ready, go, q) -> None:
     """Tessera's one-core path over ``slides`` slides, timed from ``go`` (after a warm-up slide)."""
-    from ingest.runner import prepare_worker
+    from ingest.actors import prepare_worker
 
     prepare_worker(1)
     tessera_one_core(path, f"{root}/warm")

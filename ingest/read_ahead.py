@@ -18,6 +18,7 @@ from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from ingest.source_cache import download, is_remote, local_copy
+from shards import transfers
 
 
 class ReadAhead:
@@ -36,7 +37,9 @@ class ReadAhead:
 
     def _fill(self) -> None:
         while len(self._pending) < self.depth and (loc := next(self._next, None)) is not None:
-            self._pool = self._pool or ThreadPoolExecutor(self.depth, thread_name_prefix="read-ahead")
+            self._pool = self._pool or ThreadPoolExecutor(
+                self.depth, thread_name_prefix="read-ahead", initializer=transfers.background
+            )
             self._pending[loc] = self._pool.submit(download, loc)
 
     @contextlib.contextmanager
@@ -49,7 +52,8 @@ class ReadAhead:
                 yield path
             return
         try:
-            path = fetch.result()
+            with transfers.waiting():
+                path = fetch.result()
         except BaseException:
             del self._pending[location]
             self._fill()

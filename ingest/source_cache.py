@@ -16,7 +16,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 
-from shards import scratch, storage
+from shards import scratch, storage, transfers
 
 
 def is_remote(location: str) -> bool:
@@ -91,7 +91,9 @@ class SourceCache:
         if first in self._folders:
             self._folders.move_to_end(first)
             fetch = self._fetching.pop(first, None)
-            if fetch is None or fetch.exception() is None:
+            with transfers.waiting():
+                failed = fetch is not None and fetch.exception() is not None
+            if not failed:
                 return self._folders[first][1]
             self._drop(first)  # failed in the background: downloaded again here, where its error is the caller's
         self._make_room()
@@ -116,7 +118,9 @@ class SourceCache:
         self._make_room()
         folder = scratch.mkdtemp("src")
         self._folders[first] = (folder, os.path.join(folder, local_names(locations)[0]))
-        self._pool = self._pool or ThreadPoolExecutor(1, thread_name_prefix="fetch-ahead")
+        self._pool = self._pool or ThreadPoolExecutor(
+            1, thread_name_prefix="fetch-ahead", initializer=transfers.background
+        )
         self._fetching[first] = self._pool.submit(_download, list(locations), folder)
 
     def _make_room(self) -> None:
@@ -126,7 +130,8 @@ class SourceCache:
     def _drop(self, first: str) -> None:
         folder, _ = self._folders.pop(first)
         if (fetch := self._fetching.pop(first, None)) is not None:
-            wait([fetch])  # its thread may still be writing into the folder
+            with transfers.waiting():
+                wait([fetch])  # its thread may still be writing into the folder
         shutil.rmtree(folder, ignore_errors=True)
 
     def clear(self) -> None:

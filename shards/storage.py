@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
-from shards import scratch
+from shards import scratch, transfers
 
 SPOOL = ".tessera-spool-"  # prefix of the folders files are built in before they are published
 
@@ -166,7 +166,7 @@ def put_file(local: str | Path, url: str) -> None:
     loc = parse(url)
     try:
         if loc.scheme == "s3":
-            s3_client().upload_file(str(local), loc.bucket, loc.key)
+            transfers.counted(True, os.path.getsize(local), s3_client().upload_file, str(local), loc.bucket, loc.key)
         else:
             loc.path.parent.mkdir(parents=True, exist_ok=True)
             tmp = loc.path.with_name(loc.path.name + ".partial")
@@ -211,7 +211,7 @@ def put_bytes(url: str, data: bytes) -> None:
     loc = parse(url)
     try:
         if loc.scheme == "s3":
-            s3_client().put_object(Bucket=loc.bucket, Key=loc.key, Body=data)
+            transfers.counted(True, len(data), s3_client().put_object, Bucket=loc.bucket, Key=loc.key, Body=data)
         else:
             loc.path.parent.mkdir(parents=True, exist_ok=True)
             tmp = loc.path.with_name(loc.path.name + ".partial")
@@ -231,7 +231,8 @@ def create_bytes(url: str, data: bytes) -> bool:
     loc = parse(url)
     try:
         if loc.scheme == "s3":
-            s3_client().put_object(Bucket=loc.bucket, Key=loc.key, Body=data, IfNoneMatch="*")
+            put = s3_client().put_object
+            transfers.counted(True, len(data), put, Bucket=loc.bucket, Key=loc.key, Body=data, IfNoneMatch="*")
             return True
         loc.path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=loc.path.name + ".", suffix=".partial", dir=loc.path.parent)
@@ -262,7 +263,8 @@ def get_bytes(url: str, length: int | None = None, offset: int = 0) -> bytes:
     try:
         if loc.scheme == "s3":
             extra = {"Range": f"bytes={offset}-{offset + length - 1}"} if length else {}
-            return s3_client().get_object(Bucket=loc.bucket, Key=loc.key, **extra)["Body"].read()
+            get = s3_client().get_object
+            return transfers.counted(False, len, lambda: get(Bucket=loc.bucket, Key=loc.key, **extra)["Body"].read())
         if length:
             with open(loc.path, "rb") as f:
                 f.seek(offset)
@@ -279,7 +281,8 @@ def get_file(url: str, local: str | Path) -> Path:
     local.parent.mkdir(parents=True, exist_ok=True)
     try:
         if loc.scheme == "s3":
-            s3_client().download_file(loc.bucket, loc.key, str(local))
+            get = s3_client().download_file
+            transfers.counted(False, lambda _: local.stat().st_size, get, loc.bucket, loc.key, str(local))
         else:
             shutil.copyfile(loc.path, local)
     except Exception as exc:
@@ -308,8 +311,7 @@ def stat_size(url: str) -> int | None:
     loc = parse(url)
     if loc.scheme == "file":
         return loc.path.stat().st_size if loc.path.is_file() else None
-    head = _head(url)
-    return None if head is None else int(head["ContentLength"])
+    return None if (head := _head(url)) is None else int(head["ContentLength"])
 
 
 def _file_stamp(st: os.stat_result) -> str:
@@ -359,8 +361,7 @@ def list_stamps(prefix: str) -> Iterator[tuple[str, str]]:
 
 def list_urls(prefix: str) -> Iterator[str]:
     """Every object URL under ``prefix`` (recursive), sorted for S3 by key."""
-    for url, _ in list_stamps(prefix):
-        yield url
+    return (url for url, _ in list_stamps(prefix))
 
 
 def delete(url: str) -> None:
@@ -390,11 +391,10 @@ def ensure_bucket(url: str) -> None:
     loc = parse(url)
     if loc.scheme != "s3":
         return
-    client = s3_client()
     try:
-        client.head_bucket(Bucket=loc.bucket)
+        s3_client().head_bucket(Bucket=loc.bucket)
     except Exception:
         try:
-            client.create_bucket(Bucket=loc.bucket)
+            s3_client().create_bucket(Bucket=loc.bucket)
         except Exception as exc:
             raise _wrap(url, exc) from exc

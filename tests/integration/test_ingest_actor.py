@@ -5,8 +5,8 @@ import os
 import pytest
 import ray
 
+from ingest.actors import IngestWorker
 from ingest.config import WsiIngestConfig
-from ingest.runner import IngestWorker
 
 
 def test_an_ingest_actor_runs_opencv_on_as_many_threads_as_it_holds_cpus(stack, tmp_path):

@@ -2,6 +2,7 @@
 
 import glob
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -27,7 +28,14 @@ def _samples(manifest, prefix: str, tmp: Path) -> dict[str, bytes]:
     return out
 
 
-def test_slides_from_s3_give_the_same_samples_as_local_files(stack, tmp_path):
+def _moved(out: str) -> tuple[int, int]:
+    """Files and bytes the run's workers said they downloaded (its ``object store:`` line)."""
+    found = re.search(r"object store: the workers downloaded (\d+) file\(s\), ([\d.]+) (GB|MB|kB|B) and uploaded", out)
+    assert found, out
+    return int(found[1]), int(float(found[2]) * {"GB": 1e9, "MB": 1e6, "kB": 1e3, "B": 1}[found[3]])
+
+
+def test_slides_from_s3_give_the_same_samples_as_local_files(stack, tmp_path, capsys):
     paths, _ = make_slides(tmp_path / "slides", n=3, size=1024, seed=11)
     for p in paths:
         storage.put_file(p, f"s3://shards/src-slides/{p.name}")
@@ -37,8 +45,14 @@ def test_slides_from_s3_give_the_same_samples_as_local_files(stack, tmp_path):
     # split by patient the replaced slide below could be alone in its split (the pseudonym key, so the
     # assignment, is the session's), and then its replacement leaves no small shards to compact.
     options = {"region_tiles": 3, "workers": 2, "split": "train=1.0"}
+    capsys.readouterr()
     local, _ = run_ingest("wsi", wsi_config(tmp_path / "slides", "s3://shards/wsi-local", **options))
+    local_moved = _moved(capsys.readouterr().out)  # the parts packed into shards, downloaded
     remote, _ = run_ingest("wsi", wsi_config("s3://shards/src-slides/", "s3://shards/wsi-remote", **options))
+    remote_moved = _moved(capsys.readouterr().out)
+    # and each slide, once, or twice where its regions went to both workers at the end
+    assert local_moved[0] + 3 <= remote_moved[0] <= local_moved[0] + 6
+    assert remote_moved[1] - local_moved[1] >= 0.9 * sum(p.stat().st_size for p in paths)
     assert [r.status for r in remote.inputs] == ["ingested"] * 3
     assert sum(r.samples for r in remote.inputs) == sum(r.samples for r in local.inputs) > 6
     assert _samples(remote, "s3://shards/wsi-remote", tmp_path) == _samples(local, "s3://shards/wsi-local", tmp_path)

@@ -1,0 +1,141 @@
+"""The ingest actors and the scheduler that keeps them busy: each actor plans inputs, processes their pieces of
+work into staged parts and packs parts into shards (:mod:`ingest.runner` drives them)."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import Any
+
+import ray
+
+from ingest.config import IngestConfig
+from ingest.dispatch import CallQueue
+from ingest.model_files import get_model, model_device
+from ingest.packing import pack_shard, rewrite_shard
+from ingest.source_cache import fetch_ahead, is_remote
+from ingest.staging import STAGING, WorkRecord, attempt, process_work, retried
+from ingest.units import Unit, Work, mark_preview, plan_unit
+from shards import storage
+from shards.manifest import ShardInfo
+from shards.transfers import Transfers
+
+
+def model_url(cfg: IngestConfig) -> str:
+    """Where a run's actors read its background model: in its staging, removed with it."""
+    return storage.join(cfg.out, STAGING, "background-model")
+
+
+def prepare_worker(cpus: int) -> None:
+    """Settings of a process that ingests (an actor, or a benchmark's one-core run), made before its work."""
+    import cv2
+
+    from shards.allocator import INGEST, keep_freed_memory
+
+    # OpenCV starts a thread per core of the node whatever the actor holds; Ray's OMP_NUM_THREADS does not
+    # reach it. Held to the actor's CPUs, as many workers as cores do not oversubscribe the node.
+    cv2.setNumThreads(max(1, cpus))
+    keep_freed_memory(**INGEST)  # the tile buffers of each region, re-used instead of page-faulted in anew
+
+
+@ray.remote(max_restarts=2, max_task_retries=2)
+class IngestWorker:
+    """A Ray actor holding the ingest configuration: plans inputs and processes their pieces of work."""
+
+    def __init__(self, cfg: IngestConfig) -> None:
+        prepare_worker(round(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)))
+        self.cfg = cfg
+        self.background = None
+        if sha := getattr(cfg, "background_model_sha256", None):  # loaded once, used for every region
+            from ingest.background import BackgroundFilter
+
+            model = get_model(model_url(cfg), cfg.background_model, sha)
+            self.background = BackgroundFilter(model, cfg.background_threshold, device=model_device(cfg))
+
+    def plan(self, unit: Unit, ahead: list[str] | None = None) -> tuple[list[Work], list[str], str | None, str | None]:
+        fetch_ahead(ahead, keep=unit.sources)
+        result, action, reason = attempt(lambda: plan_unit(unit, self.cfg, self.background), self.cfg)
+        works, warnings = result if result else ([], [])
+        return works, warnings, action, reason
+
+    def process(self, work: Work, ahead: list[str] | None = None) -> WorkRecord:
+        fetch_ahead(ahead, keep=work.unit.sources)
+        return process_work(work, self.cfg, self.background)
+
+    def pack(self, job: tuple[str, int, list[str], str | None]) -> ShardInfo:
+        split, index, part_ids, classes = job
+        return retried(lambda: pack_shard(self.cfg.out, split, index, part_ids, classes), self.cfg)
+
+    def mark(self, job: tuple[str, list[tuple[int, int]], int, float]) -> None:
+        retried(lambda: mark_preview(self.cfg.out, *job), self.cfg)
+
+    def rewrite(self, job: tuple[str, str, int, list[str]]) -> ShardInfo | None:
+        return retried(lambda: rewrite_shard(self.cfg.out, *job), self.cfg)
+
+    def close(self) -> Transfers:
+        """Delete the slides downloaded (before Ray ends the process); what the worker moved to and from the object
+        store."""
+        # Imported here, not at the top: Ray ships this class with its module's globals by value, so a
+        # module-level SLIDES would be a copy, not the cache the worker's tasks filled (and so for the counts).
+        from ingest import source_cache
+        from shards import transfers
+
+        source_cache.SLIDES.clear()
+        return transfers.take()
+
+
+class Scheduler:
+    """Keeps every actor busy; a slide is cut as soon as it is planned, on the actor that planned it (which has
+    it), and its regions go to other actors only at the run's end (:class:`ingest.dispatch.CallQueue`)."""
+
+    def __init__(self, cfg: IngestConfig, n_actors: int) -> None:
+        gpus = cfg.gpus_per_worker
+        self.actors = [IngestWorker.options(num_cpus=1, num_gpus=gpus).remote(cfg) for _ in range(n_actors)]
+        self.idle = list(range(n_actors))
+        self.pending: dict[ray.ObjectRef, tuple[int, str, Any]] = {}
+        self.queue = CallQueue(n_actors, ahead=lambda u: getattr(cfg, "fetch_ahead", False) and is_remote(u.sources[0]))
+        self.started = time.perf_counter()
+
+    def submit(self, kind: str, items: list[Any], front: bool = False) -> None:
+        """Queue a call of ``kind`` per item, in their order: at the back, or (``front``) before all queued."""
+        self.queue.add([(kind, item) for item in items], front)
+        self._fill()
+
+    def _fill(self) -> None:
+        while self.idle and self.queue:
+            i = self.idle.pop()
+            (kind, item), ahead = self.queue.take(i)
+            ref = getattr(self.actors[i], kind).remote(item, *[ahead.sources] if ahead else [])
+            self.pending[ref] = (i, kind, item)
+
+    @property
+    def busy(self) -> bool:
+        """Whether calls are running or waiting for an actor."""
+        return bool(self.pending or self.queue)
+
+    def next(self) -> tuple[str, Any, Any]:
+        """The next call to finish, as ``(kind, item, result)``. Its actor takes queued work only once the caller
+        has queued what the result creates (a slide's regions go to the front, so they run before the next plan
+        and on the actor that has the slide), at the next :meth:`submit` or call of this."""
+        self._fill()
+        ready, _ = ray.wait(list(self.pending), num_returns=1)
+        i, kind, item = self.pending.pop(ready[0])
+        self.idle.append(i)
+        try:
+            return kind, item, ray.get(ready[0])
+        except ray.exceptions.RayTaskError as exc:  # the actor's own exception, not Ray's wrapping of its traceback
+            raise exc.cause from exc
+
+    def close(self) -> None:
+        for ref in self.pending:  # a run that stopped: its calls in flight end here, not retried on a new actor
+            with contextlib.suppress(Exception):
+                ray.cancel(ref)
+        with contextlib.suppress(Exception):  # a dead or stuck actor: its temporary files are the OS's to clean
+            moved = sum(ray.get([a.close.remote() for a in self.actors], timeout=10), Transfers())
+            if moved.downloads or moved.uploads:  # an object store's share of the run: did the network hold it back?
+                print(moved.describe(len(self.actors) * (time.perf_counter() - self.started)))
+        for actor in self.actors:
+            ray.kill(actor)
+        for ref in self.pending:  # and taken, so that Ray does not print their errors as unhandled
+            with contextlib.suppress(Exception):
+                ray.get(ref, timeout=10)

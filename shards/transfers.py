@@ -1,0 +1,105 @@
+"""What this process moved to and from the object store, and how long its work waited on it.
+
+:mod:`shards.storage` counts each S3 transfer; a transfer on a thread that :func:`background` marked (a
+read-ahead or fetch-ahead pool) is not waited on unless the work then blocks on it (:func:`waiting`). An ingest
+sums its workers' counts at the end, so that a run on object storage says whether the network held it back.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, fields
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+@dataclass
+class Transfers:
+    """Transfer counts; ``seconds``: spent in transfers on any thread; ``waited``: the part the work waited on."""
+
+    downloads: int = 0
+    downloaded: int = 0  # bytes
+    uploads: int = 0
+    uploaded: int = 0
+    seconds: float = 0.0
+    waited: float = 0.0
+
+    def __add__(self, other: Transfers) -> Transfers:
+        return Transfers(*(getattr(self, f.name) + getattr(other, f.name) for f in fields(self)))
+
+    def describe(self, worker_seconds: float) -> str:
+        """One line for the terminal; ``worker_seconds``: the workers' time in the run (workers x wall time)."""
+        share = f", {self.waited / worker_seconds:.0%} of their time" if worker_seconds > 0 else ""
+        moved = [f"downloaded {self.downloads} file(s), {_size(self.downloaded)}"] if self.downloads else []
+        moved += [f"uploaded {self.uploads} file(s), {_size(self.uploaded)}"] if self.uploads else []
+        return (
+            f"object store: the workers {' and '.join(moved) or 'moved nothing'}, in {_seconds(self.seconds)} of "
+            f"transfers; they waited {_seconds(self.waited)} on them{share}"
+        )
+
+
+def _seconds(seconds: float) -> str:
+    return f"{seconds:.1f} s" if seconds >= 10 else f"{seconds:.2f} s"
+
+
+def _size(nbytes: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.2f} {unit}"
+    return f"{nbytes} B"
+
+
+_LOCK = threading.Lock()
+_TOTAL = Transfers()
+_THREAD = threading.local()
+
+
+def background() -> None:
+    """Mark the calling thread as one whose transfers the work does not wait on (a pool's initializer)."""
+    _THREAD.background = True
+
+
+def counted(upload: bool, size: int | Callable[[T], int], call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """``call(*args, **kwargs)``, one S3 transfer, counted with its size in bytes (``size``, or ``size(result)``);
+    one that fails counts its time only."""
+    start = time.perf_counter()
+    done = False
+    try:
+        out = call(*args, **kwargs)
+        done = True
+        return out
+    finally:
+        seconds = time.perf_counter() - start
+        nbytes = (size if isinstance(size, int) else size(out)) if done else 0
+        with _LOCK:
+            if done and upload:
+                _TOTAL.uploads += 1
+                _TOTAL.uploaded += nbytes
+            elif done:
+                _TOTAL.downloads += 1
+                _TOTAL.downloaded += nbytes
+            _TOTAL.seconds += seconds
+            _TOTAL.waited += 0.0 if getattr(_THREAD, "background", False) else seconds
+
+
+@contextmanager
+def waiting() -> Iterator[None]:
+    """Count the time the block takes as waited on transfers (the work blocking on a background one)."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        with _LOCK:
+            _TOTAL.waited += time.perf_counter() - start
+
+
+def take() -> Transfers:
+    """This process's counts since the last call, which starts them again."""
+    global _TOTAL
+    with _LOCK:
+        out, _TOTAL = _TOTAL, Transfers()
+    return out

@@ -1,0 +1,54 @@
+"""Object-store transfer counts: bytes and time per transfer, and the time the work waited on them."""
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from shards import transfers
+from shards.transfers import Transfers
+
+
+def test_transfers_are_counted_and_only_the_works_own_waits_are_waited():
+    transfers.take()
+    assert transfers.counted(False, len, lambda: b"abcd") == b"abcd"
+    transfers.counted(True, 10, lambda: time.sleep(0.05))
+    with pytest.raises(OSError):  # a failed transfer: its time, not a transfer
+        transfers.counted(False, len, lambda: (_ for _ in ()).throw(OSError("down")))
+    with ThreadPoolExecutor(1, initializer=transfers.background) as pool:  # a read-ahead's
+        fetch = pool.submit(transfers.counted, False, 7, time.sleep, 0.5)
+        with transfers.waiting():  # the work blocks on it for part of its time
+            time.sleep(0.05)
+        fetch.result()
+    moved = transfers.take()
+    assert (moved.downloads, moved.downloaded, moved.uploads, moved.uploaded) == (2, 11, 1, 10)
+    assert moved.seconds >= 0.55 and 0.1 <= moved.waited < 0.45  # the upload and the wait, not the background 0.5 s
+    assert transfers.take() == Transfers()  # taken: counting starts again
+
+
+def test_counts_from_several_threads_add_up():
+    transfers.take()
+
+    def upload_many() -> None:
+        for _ in range(1000):
+            transfers.counted(True, 1, int)
+
+    threads = [threading.Thread(target=upload_many) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert transfers.take().uploads == 4000
+
+
+def test_the_workers_counts_add_and_read_as_one_line():
+    a = Transfers(downloads=2, downloaded=3_000_000_000, uploads=1, uploaded=500_000, seconds=12.0, waited=3.0)
+    b = Transfers(downloads=1, downloaded=250_000_000, seconds=2.0, waited=1.0)
+    assert (a + b).describe(worker_seconds=40.0) == (
+        "object store: the workers downloaded 3 file(s), 3.25 GB and uploaded 1 file(s), 500.00 kB, in 14.0 s of "
+        "transfers; they waited 4.00 s on them, 10% of their time"
+    )
+    assert b.describe(worker_seconds=0) == (
+        "object store: the workers downloaded 1 file(s), 250.00 MB, in 2.00 s of transfers; they waited 1.00 s on them"
+    )
