@@ -200,12 +200,15 @@ def read_headers(path: str | Path | BinaryIO, name: str | None = None) -> tuple[
     }
     inst = ds.get("InstanceNumber")
     instance = int(inst) if inst not in (None, "") else None
-    if frames == 1:
-        ipp, iop = _floats(ds.get("ImagePositionPatient")), _floats(ds.get("ImageOrientationPatient"))
+    ipp, iop = _floats(ds.get("ImagePositionPatient")), _floats(ds.get("ImageOrientationPatient"))
+    enhanced = "PerFrameFunctionalGroupsSequence" in ds or "SharedFunctionalGroupsSequence" in ds
+    if frames == 1 and not enhanced:
         return [SliceHeader(**base, position=ipp, orientation=iop, instance=instance)], None
     positions, orientation = _frame_geometry(ds, frames)
-    orientation = orientation or _floats(ds.get("ImageOrientationPatient"))
-    enhanced = "PerFrameFunctionalGroupsSequence" in ds or "SharedFunctionalGroupsSequence" in ds
+    orientation = orientation or iop
+    if frames == 1:  # an enhanced image of one frame (a series of such files): a slice, its geometry in its groups
+        position, hu = positions[0] or ipp, rescale(ds, 0)
+        return [SliceHeader(**base, position=position, orientation=orientation, instance=instance, rescale=hu)], None
     return [
         SliceHeader(
             **base,
@@ -319,7 +322,8 @@ def slice_rgb(
     where the header pass read it (:attr:`SliceHeader.rescale`)."""
     if frame is None:
         ds, pixels = read_frames(path)
-        return render(ds, pixels[0], windows)
-    ds, pixels = read_frame(path, frame, per_frame=hu is None)
+        pixels, frame = pixels[0], 0
+    else:
+        ds, pixels = read_frame(path, frame, per_frame=hu is None)
     slope, intercept = hu if hu is not None else rescale(ds, frame)
     return render(ds, pixels, windows, (float(slope), float(intercept)))

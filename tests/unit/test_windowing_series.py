@@ -206,7 +206,8 @@ def test_a_slice_held_by_two_files_is_read_once_and_the_copy_accounted_for(tmp_p
 
 def test_an_enhanced_ct_file_gives_the_samples_its_slices_as_single_files_give(tmp_path):
     """A series in one Enhanced CT file (frames stored against the anatomical order, one frame with its own
-    rescale) is ordered, windowed and stored as the same slices in classic single-frame files are."""
+    rescale), or in Enhanced CT files of one frame each (their geometry in their functional groups too), is
+    ordered, windowed and stored as the same slices in classic single-frame files are."""
     import pydicom
     from pydicom.uid import generate_uid
 
@@ -227,15 +228,23 @@ def test_an_enhanced_ct_file_gives_the_samples_its_slices_as_single_files_give(t
     enhanced.PerFrameFunctionalGroupsSequence[1].PixelValueTransformationSequence = [own]  # slice 2's frame
     (tmp_path / "enhanced").mkdir()
     enhanced.save_as(tmp_path / "enhanced" / "series.dcm", enforce_file_format=True)
-    (tmp_path / "classic").mkdir()
+    (tmp_path / "singles").mkdir()
     study, series = generate_uid(), generate_uid()
+    for k in (2, 0, 3, 1):  # files named against the anatomical order
+        one = enhanced_ct_dataset(volume[k : k + 1], patient, study, series)
+        one.PerFrameFunctionalGroupsSequence[0].PlanePositionSequence[0].ImagePositionPatient = [0.0, 0.0, 5.0 * k]
+        one.SharedFunctionalGroupsSequence[0].PixelValueTransformationSequence[0].RescaleSlope = hu[k][0]
+        one.SharedFunctionalGroupsSequence[0].PixelValueTransformationSequence[0].RescaleIntercept = hu[k][1]
+        one.InstanceNumber = 4 - k
+        one.save_as(tmp_path / "singles" / f"{k}.dcm", enforce_file_format=True)
+    (tmp_path / "classic").mkdir()
     for k in range(4):
         ds = ct_slice_dataset(volume[k], patient, study, series, k)
         ds.RescaleSlope, ds.RescaleIntercept = hu[k]
         ds.save_as(tmp_path / "classic" / f"{k}.dcm", enforce_file_format=True)
     samples = {}
-    for name in ("enhanced", "classic"):
+    for name in ("enhanced", "singles", "classic"):
         cfg = DicomIngestConfig(sources=[str(tmp_path / name)], out=str(tmp_path / "o"), format="png")
         (unit,) = plan_dicom(cfg, b"k").units
         samples[name] = [s["png"] for s in work_samples(Work(unit), cfg)]
-    assert len(samples["enhanced"]) == 4 and samples["enhanced"] == samples["classic"]
+    assert len(samples["enhanced"]) == 4 and samples["enhanced"] == samples["classic"] == samples["singles"]
