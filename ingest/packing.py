@@ -184,7 +184,6 @@ def leftovers(out: str, manifest: Manifest) -> tuple[list[str], list[str]]:
 def prune(out: str, manifest: Manifest) -> None:
     """Delete what earlier runs left under ``out`` (:func:`leftovers`)."""
     files, spools = leftovers(out, manifest)
-    for url in files:
-        storage.delete(url)
+    storage.delete_many(files)
     for folder in spools:
         storage.delete_tree(folder)

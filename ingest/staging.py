@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from pydantic import BaseModel, Field
@@ -168,6 +169,9 @@ def process_work(work: Work, cfg: IngestConfig, background=None) -> WorkRecord:
     return rec
 
 
+RECORD_READS = 32
+
+
 def done_records(cfg: IngestConfig) -> dict[str, WorkRecord]:
     """Work finished by an earlier, interrupted run with the same configuration (none for a fresh run); which of
     it a run takes: :func:`reusable`."""
@@ -182,14 +186,14 @@ def done_records(cfg: IngestConfig) -> dict[str, WorkRecord]:
             )
     else:
         storage.put_bytes(marker, mine.encode())
-    done = {}
     staging = storage.join(cfg.out, STAGING)
-    for url in storage.list_urls(staging):
-        name = url[len(staging) + 1 :]  # records lie at the top; what a run stages below (its model) is no record
-        if name.endswith(".json") and "/" not in name and name != "config.json":
-            rec = WorkRecord.model_validate_json(storage.get_bytes(url))
-            done[rec.id] = rec
-    return done
+    # records lie at the top; what a run stages below (its model) is no record
+    listed = [(url, url[len(staging) + 1 :]) for url in storage.list_urls(staging)]
+    urls = [url for url, name in listed if name.endswith(".json") and "/" not in name and name != "config.json"]
+    # a record a GET: tens of thousands after a long run stopped, read RECORD_READS at a time, not one by one
+    with ThreadPoolExecutor(RECORD_READS, thread_name_prefix="staged-records") as pool:
+        records = list(pool.map(lambda url: WorkRecord.model_validate_json(storage.get_bytes(url)), urls))
+    return {rec.id: rec for rec in records}
 
 
 def reusable(done: dict[str, WorkRecord], works: list[Work]) -> set[str]:

@@ -122,3 +122,24 @@ def test_a_dry_run_says_whether_the_cluster_holds_the_workers(stack, monkeypatch
     # a sweep's dry run checks each trial's worker group the same way
     code, _, err = dry_run("tune", "demo_tiles", "-r", "2", "data.dataset=s3://shards/none", "--dry-run", "workers=5")
     assert code == 1 and refused in err, err[-2000:]
+
+
+def test_a_tree_of_thousands_of_objects_is_deleted_a_thousand_a_request(stack, monkeypatch):
+    """A run's staging (three objects per piece of work) goes by DeleteObjects on the real S3 server: every
+    object under the prefix, none beside it, in a request per 1,000."""
+    from shards import storage
+
+    client = storage.s3_client()
+    for i in range(2100):
+        client.put_object(Bucket="shards", Key=f"bulk/tree/{i:05d}.json", Body=b"{}")
+    client.put_object(Bucket="shards", Key="bulk/treeless", Body=b"kept")  # shares the prefix's letters only
+    requests = []
+    delete_objects = client.delete_objects
+    monkeypatch.setattr(client, "delete_objects", lambda **kw: requests.append(kw) or delete_objects(**kw))
+    storage.delete_tree("s3://shards/bulk/tree")
+    assert [len(r["Delete"]["Objects"]) for r in requests] == [1000, 1000, 100]
+    assert list(storage.list_urls("s3://shards/bulk/")) == ["s3://shards/bulk/treeless"]
+    storage.delete_many(["s3://shards/bulk/treeless", "s3://shards/bulk/not-there"])  # absent ones are fine
+    assert list(storage.list_urls("s3://shards/bulk/")) == []
+    with pytest.raises(storage.Missing):
+        storage.delete_many(["s3://no-such-bucket/x"])

@@ -549,3 +549,38 @@ def test_replacing_changed_inputs_rewrites_the_shards_that_held_them(tmp_path):
         x.name for x in made.splits["train"].shards
     ]
     assert verify_dataset(out) == []
+
+
+def test_an_interrupted_runs_staged_records_are_read_many_at_a_time(tmp_path, monkeypatch):
+    """A long run that stopped leaves a record per piece of work (tens of thousands): a GET each on an object
+    store, read concurrently rather than one by one; every one is read, and nothing else in the staging."""
+    import threading
+    import time
+
+    from ingest.config import WsiIngestConfig
+    from ingest.staging import STAGING, WorkRecord, done_records
+    from shards import storage
+
+    cfg = WsiIngestConfig(sources=["x"], out=str(tmp_path), workers=2)
+    done_records(cfg)  # the run's options, recorded
+    for i in range(100):
+        rec = WorkRecord(id=f"w{i}", unit=f"u{i}", index=0, status="ingested", samples=i)
+        (tmp_path / STAGING / f"w{i}.json").write_text(rec.model_dump_json())
+    (tmp_path / STAGING / "background-model").mkdir()
+    (tmp_path / STAGING / "background-model" / "x.json").write_text("{}")  # not a record
+    get, at_once, most = storage.get_bytes, [0], [0]
+    lock = threading.Lock()
+
+    def slow_get(url, *args, **kwargs):
+        with lock:
+            at_once[0] += 1
+            most[0] = max(most[0], at_once[0])
+        time.sleep(0.01)  # a request's latency
+        with lock:
+            at_once[0] -= 1
+        return get(url, *args, **kwargs)
+
+    monkeypatch.setattr(storage, "get_bytes", slow_get)
+    done = done_records(cfg)
+    assert sorted(done) == sorted(f"w{i}" for i in range(100)) and done["w7"].samples == 7
+    assert most[0] > 1

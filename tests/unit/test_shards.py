@@ -472,3 +472,14 @@ def test_a_manifest_is_stored_with_its_inputs_last_one_line_each_and_reads_back_
     assert mf.load(str(tmp_path)) == m and mf.load_head(str(tmp_path))[0] == head
     empty = mf.Manifest(dataset="e", kind="wsi")
     assert mf.Manifest.model_validate_json(mf.dumps(empty)) == empty
+
+
+def test_local_files_are_deleted_one_by_one_absent_ones_too(tmp_path):
+    from shards import storage
+
+    (tmp_path / "a").write_text("a")
+    (tmp_path / "b").write_text("b")
+    storage.delete_many([str(tmp_path / "a"), str(tmp_path / "gone"), f"file://{tmp_path / 'b'}"])
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(storage.StorageError, match=str(tmp_path)):
+        storage.delete_many([str(tmp_path)])  # a folder is no file
