@@ -8,10 +8,12 @@ list are deleted.
 from __future__ import annotations
 
 import re
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Protocol
 
 from ingest.config import IngestConfig
+from ingest.read_ahead import ReadAhead
 from ingest.source_cache import local_copy
 from ingest.staging import WorkRecord, part_url
 from shards import manifest as mf
@@ -21,6 +23,7 @@ from shards.manifest import InputRecord, Manifest, ShardInfo
 from shards.writer import ShardWriter, concat_shards, iter_tar_samples
 
 SHARD_FILE = re.compile(r"[^/_][^/]*/shard-\d{6}\.(tar|idx)")
+PACK_READ_AHEAD = 4  # parts downloaded at once while one is joined
 PREVIEW_FILE = re.compile(rf"{mf.PREVIEWS}/[0-9a-f]{{16}}\.png")  # a slide pseudonym's
 
 
@@ -56,18 +59,22 @@ def pack_shard(out: str, split: str, index: int, part_ids: list[str], classes: s
     """Join staged parts byte for byte into ``<out>/<split>/shard-<index>.tar`` (+ ``.idx``); ``classes``: the
     parts' class runs joined, or None when a part (staged before they were recorded) lacks them.
 
-    Parts on the object store are fetched one at a time, so the local disk holds the shard plus one part; local
-    parts are read where they lie.
+    Parts on the object store are downloaded ``PACK_READ_AHEAD`` ahead of the one being joined (their indices
+    first, all at once), so the local disk holds the shard plus a few parts; local parts are read where they lie.
     """
+    urls = [part_url(out, work_id) for work_id in part_ids]
+    with ThreadPoolExecutor(PACK_READ_AHEAD, thread_name_prefix="pack-index") as pool:
+        indices = list(
+            pool.map(lambda u: parse_index(storage.get_bytes(u.removesuffix(".tar") + ".idx").decode()), urls)
+        )
+    with ReadAhead(urls, PACK_READ_AHEAD) as files:
 
-    def parts():
-        for work_id in part_ids:
-            url = part_url(out, work_id)
-            samples = parse_index(storage.get_bytes(url.removesuffix(".tar") + ".idx").decode())
-            with local_copy(url) as path:  # concat_shards reads a part whole before asking for the next
-                yield Path(path), samples
+        def parts():
+            for url, samples in zip(urls, indices, strict=True):
+                with files.local(url) as path:  # concat_shards reads a part whole before asking for the next
+                    yield Path(path), samples
 
-    return concat_shards(parts(), storage.join(out, split), index, classes)
+        return concat_shards(parts(), storage.join(out, split), index, classes)
 
 
 def split_parts(recs: list[InputRecord], works: dict[str, list[WorkRecord]]):
