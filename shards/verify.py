@@ -2,49 +2,81 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import tempfile
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import BinaryIO
 
 from shards import manifest as mf
 from shards import storage
 from shards.index import find_member, parse_index
 from shards.schema import class_label
 
+SHARDS_AT_ONCE = 4  # shards fetched and hashed at once: each is its own download, hashing releases the GIL
 
-def _classes(data: bytes, samples) -> list[int]:
-    """Each sample's ``.cls`` label read from the shard's bytes (-1 for none)."""
+
+def _classes(f: BinaryIO, samples) -> list[int]:
+    """Each sample's ``.cls`` label read from the shard file ``f`` (-1 for none)."""
     out = []
     for members in samples:
         cls = find_member(members, "cls")
-        out.append(class_label(data[cls.offset : cls.offset + cls.size] if cls else None))
+        if cls is not None:
+            f.seek(cls.offset)
+        out.append(class_label(f.read(cls.size) if cls else None))
     return out
 
 
-def verify_dataset(prefix: str, manifest: mf.Manifest | None = None) -> list[str]:
-    """Problems found (empty when the dataset matches its manifest; ``manifest``: already read by the caller)."""
-    manifest = manifest or mf.load(prefix)
-    problems = []
-    for split, info in manifest.splits.items():
-        for shard in info.shards:
-            url = storage.join(prefix, split, shard.name)
-            with tempfile.TemporaryDirectory() as tmp:
-                try:
-                    local = storage.get_file(url, Path(tmp) / "s.tar")
-                    idx = storage.get_bytes(url[: -len(".tar")] + ".idx").decode()
-                except storage.StorageError as exc:
-                    problems.append(f"{url}: missing ({exc})")
-                    continue
-                data = local.read_bytes()
-            if len(data) != shard.size:
-                problems.append(f"{url}: size {len(data)} != manifest {shard.size}")
-            if hashlib.sha256(data).hexdigest() != shard.sha256:
-                problems.append(f"{url}: sha256 differs from the manifest")
+@contextlib.contextmanager
+def _local(url: str) -> Iterator[Path]:
+    """A local path of the shard at ``url``: where it lies, or a download deleted after the block."""
+    loc = storage.parse(url)
+    if loc.scheme == "file":
+        if not loc.path.is_file():
+            raise storage.Missing(f"{url}: no such file")
+        yield loc.path
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        yield storage.get_file(url, Path(tmp) / "s.tar")
+
+
+def verify_shard(url: str, shard: mf.ShardInfo) -> list[str]:
+    """What about the shard at ``url`` differs from its manifest entry ``shard``; read as a stream (a shard of
+    a GB is never in memory whole), its classes by one small read each."""
+    try:
+        with _local(url) as path, open(path, "rb") as f:
+            idx = storage.get_bytes(url[: -len(".tar")] + ".idx").decode()
+            h, size = hashlib.sha256(), 0
+            while chunk := f.read(1 << 22):
+                h.update(chunk)
+                size += len(chunk)
             samples = parse_index(idx)
-            if len(samples) != shard.samples:
-                problems.append(f"{url}: index has {len(samples)} samples, manifest {shard.samples}")
-            if shard.classes is not None and mf.decode_runs(shard.classes) != _classes(data, samples):
-                problems.append(f"{url}: sample classes differ from the manifest's")
+            classes = _classes(f, samples) if shard.classes is not None else None
+    except storage.StorageError as exc:
+        return [f"{url}: missing ({exc})"]
+    problems = []
+    if size != shard.size:
+        problems.append(f"{url}: size {size} != manifest {shard.size}")
+    if h.hexdigest() != shard.sha256:
+        problems.append(f"{url}: sha256 differs from the manifest")
+    if len(samples) != shard.samples:
+        problems.append(f"{url}: index has {len(samples)} samples, manifest {shard.samples}")
+    if classes is not None and mf.decode_runs(shard.classes or "") != classes:
+        problems.append(f"{url}: sample classes differ from the manifest's")
+    return problems
+
+
+def verify_dataset(prefix: str, manifest: mf.Manifest | mf.ManifestHead | None = None) -> list[str]:
+    """Problems found (empty when the dataset matches its manifest; ``manifest``: already read by the caller),
+    in the manifest's order; ``SHARDS_AT_ONCE`` shards are checked at a time."""
+    manifest = manifest or mf.load_head(prefix)[0]
+    listed = [(storage.join(prefix, split, s.name), s) for split, info in manifest.splits.items() for s in info.shards]
+    with ThreadPoolExecutor(SHARDS_AT_ONCE, thread_name_prefix="verify") as pool:
+        found = pool.map(lambda job: verify_shard(*job), listed)
+        problems = [p for shard_problems in found for p in shard_problems]
+    for split, info in manifest.splits.items():
         if sum(s.samples for s in info.shards) != info.num_samples:
             problems.append(f"{split}: shard sample counts do not add up to {info.num_samples}")
     return problems

@@ -483,3 +483,27 @@ def test_local_files_are_deleted_one_by_one_absent_ones_too(tmp_path):
     assert list(tmp_path.iterdir()) == []
     with pytest.raises(storage.StorageError, match=str(tmp_path)):
         storage.delete_many([str(tmp_path)])  # a folder is no file
+
+
+def test_verify_names_each_bad_shard_in_the_manifests_order(tmp_path, monkeypatch):
+    """Shards are checked several at a time (streamed, never read whole into memory); the problems come back in
+    the manifest's order, a missing shard among them."""
+    import shards.verify as verify
+
+    monkeypatch.setattr(verify, "SHARDS_AT_ONCE", 3)
+    prefix = str(tmp_path / "ds")
+    with ShardWriter(f"{prefix}/train", target_bytes=1) as w:  # a shard per sample
+        for s in _samples(5):
+            w.write(s)
+    m = mf.Manifest(dataset=prefix, kind="test", splits={"train": mf.SplitInfo(num_samples=5, shards=w.shards)})
+    mf.save(m, prefix)
+    assert len(w.shards) == 5 and verify_dataset(prefix) == []
+    shard = [Path(prefix) / "train" / s.name for s in w.shards]
+    shard[3].write_bytes(shard[3].read_bytes()[:-512])
+    shard[1].unlink()
+    m.splits["train"].num_samples = 6
+    mf.save(m, prefix)
+    problems = verify_dataset(prefix)
+    assert [p.split(": ")[0] for p in problems] == [str(shard[1]), str(shard[3]), str(shard[3]), "train"]
+    assert "missing" in problems[0] and "size" in problems[1] and "sha256" in problems[2]
+    assert problems[3] == "train: shard sample counts do not add up to 6"
