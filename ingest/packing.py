@@ -17,7 +17,7 @@ from ingest.read_ahead import ReadAhead
 from ingest.source_cache import local_copy
 from ingest.staging import WorkRecord, part_url
 from shards import manifest as mf
-from shards import storage
+from shards import storage, transfers
 from shards.index import parse_index
 from shards.manifest import InputRecord, Manifest, ShardInfo
 from shards.writer import ShardWriter, concat_shards, iter_tar_samples
@@ -63,7 +63,8 @@ def pack_shard(out: str, split: str, index: int, part_ids: list[str], classes: s
     first, all at once), so the local disk holds the shard plus a few parts; local parts are read where they lie.
     """
     urls = [part_url(out, work_id) for work_id in part_ids]
-    with ThreadPoolExecutor(PACK_READ_AHEAD, thread_name_prefix="pack-index") as pool:
+    # on threads of their own, counted as waited while the actor waits for them all (not once per thread)
+    with ThreadPoolExecutor(PACK_READ_AHEAD, "pack-index", transfers.background) as pool, transfers.waiting():
         indices = list(
             pool.map(lambda u: parse_index(storage.get_bytes(u.removesuffix(".tar") + ".idx").decode()), urls)
         )
