@@ -41,7 +41,8 @@ class SliceHeader:
     instance: int | None
     frame: int | None = None
     burned_in: bool = False
-    rescale: tuple[float, float] | None = None  # a frame's (slope, intercept) to HU from its functional groups
+    # a frame's (slope, intercept) to HU (its functional groups', else the file's): multi-frame CT and enhanced images
+    rescale: tuple[float, float] | None = None
 
     @property
     def instance_name(self) -> str:
@@ -216,7 +217,7 @@ def read_headers(path: str | Path | BinaryIO, name: str | None = None) -> tuple[
             orientation=orientation,
             instance=i + 1,
             frame=i,
-            rescale=rescale(ds, i) if enhanced else None,
+            rescale=rescale(ds, i) if enhanced or modality == "CT" else None,
         )
         for i in range(frames)
     ], None

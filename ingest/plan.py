@@ -193,7 +193,9 @@ def plan_dicom(cfg: DicomIngestConfig, key: bytes) -> Plan:
             "modality": series.modality,
             "warnings": series.warnings,
             "frames": [s.frame for s in series.slices],
-            # an enhanced image's per-frame rescale to HU, read here once rather than with each frame's pixels
+            # a multi-frame CT's (or an enhanced image's) rescale to HU per frame, read here once rather than with
+            # each frame's pixels; in the fingerprint, it tells the series from one ingested before frames were
+            # windowed in HU (a re-run names those as changed: --replace-changed ingests them again)
             **({"rescale": [s.rescale for s in series.slices]} if any(s.rescale for s in series.slices) else {}),
             "slice_labels": slice_labels,
             # each slice's pseudonym: a slice's sample is named by it, and the private map by its SOP instance

@@ -186,3 +186,23 @@ def test_an_enhanced_ct_frame_is_windowed_in_hu_from_its_functional_groups(tmp_p
         assert np.array_equal(slice_rgb(path, frame=k), expected)
     assert rescale(ct_slice_dataset(volume[0], PATIENT, "1.2", "1.3", 0)) == (1.0, -1024.0)  # top level
     assert read_headers(get_testdata_file("SC_rgb_rle_2frame.dcm"))[0][0].rescale is None  # no functional groups
+
+
+def test_a_multi_frame_ct_without_functional_groups_is_windowed_with_its_files_rescale(tmp_path):
+    """A multi-frame CT of the older kind (rescale at the top level, no functional groups): each frame in HU
+    windows, not as grey MR; the header pass records the rescale per frame (so a series ingested before is told
+    apart by its fingerprint)."""
+    rng = np.random.default_rng(6)
+    volume = rng.integers(0, 2400, (3, 16, 16)).astype(np.int16)
+    ds = ct_slice_dataset(volume[0], PATIENT, generate_uid(), generate_uid(), 0)
+    ds.NumberOfFrames, ds.PixelData = 3, volume.tobytes()
+    path = str(tmp_path / "legacy.dcm")
+    ds.save_as(path, enforce_file_format=True)
+    headers, _ = read_headers(path)
+    assert [h.rescale for h in headers] == [(1.0, -1024.0)] * 3 and [h.frame for h in headers] == [0, 1, 2]
+    for k in range(3):
+        expected = render(ct_slice_dataset(volume[k], PATIENT, "1.2", "1.3", k), volume[k])
+        assert np.array_equal(slice_rgb(path, frame=k, hu=headers[k].rescale), expected)
+        assert np.array_equal(slice_rgb(path, frame=k), expected) and expected.std() > 0
+    mr, _ = read_headers(get_testdata_file("SC_rgb_rle_2frame.dcm"))
+    assert {h.rescale for h in mr} == {None}  # not CT: nothing to record
