@@ -13,10 +13,11 @@ from ingest.config import IngestConfig
 from ingest.dispatch import CallQueue
 from ingest.model_files import get_model, model_device
 from ingest.packing import pack_shard, rewrite_shard
-from ingest.source_cache import fetch_ahead, is_remote
+from ingest.source_cache import fetch_ahead
 from ingest.staging import STAGING, WorkRecord, attempt, process_work, retried
 from ingest.units import Unit, Work, mark_preview, plan_unit
 from shards import storage
+from shards.local_files import is_remote
 from shards.manifest import ShardInfo
 from shards.transfers import Transfers
 

@@ -12,16 +12,14 @@ shards and counts the run among its amendments; the old shards are deleted after
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from pathlib import Path
 
 from ingest.lock import DatasetLock
-from ingest.packing import group_parts, prune
-from ingest.source_cache import local_copy
+from ingest.packing import group_parts, join_tars, prune
 from shards import manifest as mf
 from shards import storage
-from shards.index import parse_index
 from shards.manifest import Manifest, ShardInfo
-from shards.writer import concat_shards
+
+MERGE_READ_AHEAD = 2  # old shards on the local disk at once: the one being joined and the next, downloading
 
 
 def small_groups(manifest: Manifest, target: int | None = None) -> dict[str, list[list[str]]]:
@@ -40,16 +38,10 @@ def small_groups(manifest: Manifest, target: int | None = None) -> dict[str, lis
 
 def merge_shards(out: str, split: str, names: list[str], index: int, classes: str | None) -> ShardInfo:
     """``<out>/<split>/shard-<index>.tar`` (+ ``.idx``) made of the shards ``names`` joined in order, byte for
-    byte; an object-store shard is fetched one at a time."""
-
-    def parts():
-        for name in names:
-            url = storage.join(out, split, name)
-            samples = parse_index(storage.get_bytes(url.removesuffix(".tar") + ".idx").decode())
-            with local_copy(url) as path:
-                yield Path(path), samples
-
-    return concat_shards(parts(), storage.join(out, split), index, classes)
+    byte; object-store shards are downloaded one ahead of the one being joined (they are large: the local disk
+    holds the new shard and two old ones)."""
+    urls = [storage.join(out, split, name) for name in names]
+    return join_tars(urls, storage.join(out, split), index, classes, MERGE_READ_AHEAD)
 
 
 def compacted(manifest: Manifest, merged: dict[str, list[tuple[list[str], ShardInfo]]], version: str) -> Manifest:

@@ -14,9 +14,9 @@ from typing import BinaryIO, TypeVar
 import numpy as np
 
 from ingest.series import order_slices
-from ingest.source_cache import local_copy
 from ingest.windowing import DEFAULT_WINDOWS, grey, padding_mask, windowed
 from shards import storage
+from shards.local_files import local_copy
 
 
 class DicomError(RuntimeError):

@@ -8,22 +8,22 @@ list are deleted.
 from __future__ import annotations
 
 import re
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Protocol
 
 from ingest.config import IngestConfig
 from ingest.read_ahead import ReadAhead
-from ingest.source_cache import local_copy
 from ingest.staging import WorkRecord, part_url
 from shards import manifest as mf
 from shards import storage, transfers
 from shards.index import parse_index
+from shards.local_files import local_copy
 from shards.manifest import InputRecord, Manifest, ShardInfo
 from shards.writer import ShardWriter, concat_shards, iter_tar_samples
 
 SHARD_FILE = re.compile(r"[^/_][^/]*/shard-\d{6}\.(tar|idx)")
 PACK_READ_AHEAD = 4  # parts downloaded at once while one is joined
+INDEX_READS = 16  # the parts' (shards') indices, read before joining: small GETs
 PREVIEW_FILE = re.compile(rf"{mf.PREVIEWS}/[0-9a-f]{{16}}\.png")  # a slide pseudonym's
 
 
@@ -63,19 +63,23 @@ def pack_shard(out: str, split: str, index: int, part_ids: list[str], classes: s
     first, all at once), so the local disk holds the shard plus a few parts; local parts are read where they lie.
     """
     urls = [part_url(out, work_id) for work_id in part_ids]
-    # on threads of their own, counted as waited while the actor waits for them all (not once per thread)
-    with ThreadPoolExecutor(PACK_READ_AHEAD, "pack-index", transfers.background) as pool, transfers.waiting():
-        indices = list(
-            pool.map(lambda u: parse_index(storage.get_bytes(u.removesuffix(".tar") + ".idx").decode()), urls)
-        )
-    with ReadAhead(urls, PACK_READ_AHEAD) as files:
+    return join_tars(urls, storage.join(out, split), index, classes, PACK_READ_AHEAD)
+
+
+def join_tars(urls: list[str], folder: str, index: int, classes: str | None, ahead: int) -> ShardInfo:
+    """``<folder>/shard-<index>.tar`` (+ ``.idx``) made of the tars at ``urls`` (each with its ``.idx``) joined
+    in order, byte for byte: their indices read at once, the remote tars downloaded ``ahead`` at a time."""
+    indices = transfers.concurrently(
+        lambda u: parse_index(storage.get_bytes(u.removesuffix(".tar") + ".idx").decode()), urls, INDEX_READS, "index"
+    )
+    with ReadAhead(urls, ahead) as files:
 
         def parts():
             for url, samples in zip(urls, indices, strict=True):
                 with files.local(url) as path:  # concat_shards reads a part whole before asking for the next
                     yield Path(path), samples
 
-        return concat_shards(parts(), storage.join(out, split), index, classes)
+        return concat_shards(parts(), folder, index, classes)
 
 
 def split_parts(recs: list[InputRecord], works: dict[str, list[WorkRecord]]):

@@ -11,10 +11,10 @@ from ingest.config import WsiIngestConfig
 from ingest.decisions import decide
 from ingest.describe import id_list
 from ingest.slides import OpenSlideReader, SlideReader
-from ingest.source_cache import is_remote
 from ingest.tiling import grid_size
 from ingest.units import Unit
 from ingest.wsi import scale_mismatch, tile_geometry
+from shards.local_files import is_remote
 
 
 def _header_reader(path: str) -> OpenSlideReader:

@@ -17,8 +17,8 @@ from collections import Counter
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 
-from ingest.source_cache import download, is_remote, local_copy
 from shards import transfers
+from shards.local_files import download, is_remote, local_copy
 
 
 class ReadAhead:

@@ -9,42 +9,14 @@ holds at most that many per worker) and deletes the oldest as new ones arrive.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 
 from shards import scratch, storage, transfers
-
-
-def is_remote(location: str) -> bool:
-    return location.startswith("s3://")
-
-
-def download(location: str) -> str:
-    """``location``'s bytes in a new temporary file (same extension, which OpenSlide goes by); the caller deletes it."""
-    tmp = scratch.mkstemp("src", suffix=os.path.splitext(location)[1])
-    try:
-        storage.get_file(location, tmp)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    return tmp
-
-
-@contextlib.contextmanager
-def local_copy(location: str) -> Iterator[str]:
-    """A local path for ``location``: the path itself, or a temporary download of an ``s3://`` object."""
-    if not is_remote(location):
-        yield location
-        return
-    tmp = download(location)
-    try:
-        yield tmp
-    finally:
-        os.unlink(tmp)
+from shards.local_files import is_remote
 
 
 def local_names(files: list[str]) -> list[str]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from pydantic import BaseModel, Field
@@ -19,7 +18,7 @@ from ingest.config import IngestConfig, changed_options
 from ingest.decisions import IngestStopped, decide
 from ingest.read_ahead import ReadAhead
 from ingest.units import Work, work_samples
-from shards import probes, storage
+from shards import probes, storage, transfers
 from shards.writer import ShardWriter, shard_name
 
 STAGING = "_staging"
@@ -191,8 +190,9 @@ def done_records(cfg: IngestConfig) -> dict[str, WorkRecord]:
     listed = [(url, url[len(staging) + 1 :]) for url in storage.list_urls(staging)]
     urls = [url for url, name in listed if name.endswith(".json") and "/" not in name and name != "config.json"]
     # a record a GET: tens of thousands after a long run stopped, read RECORD_READS at a time, not one by one
-    with ThreadPoolExecutor(RECORD_READS, thread_name_prefix="staged-records") as pool:
-        records = list(pool.map(lambda url: WorkRecord.model_validate_json(storage.get_bytes(url)), urls))
+    records = transfers.concurrently(
+        lambda url: WorkRecord.model_validate_json(storage.get_bytes(url)), urls, RECORD_READS, "staged-records"
+    )
     return {rec.id: rec for rec in records}
 
 

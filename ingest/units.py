@@ -20,9 +20,10 @@ from ingest.preview import mark_dropped, preview_png, preview_scale
 from ingest.read_ahead import ReadAhead
 from ingest.sequences import center_indices, even_indices, neighbour_indices
 from ingest.slides import OpenSlideReader
-from ingest.source_cache import SLIDES, local_copy
+from ingest.source_cache import SLIDES
 from ingest.wsi import TilePlan, plan_tiles, read_tiles, scale_mismatch
 from shards import storage
+from shards.local_files import local_copy
 from shards.manifest import preview_url
 from shards.schema import encode_image, make_sample
 

@@ -17,14 +17,13 @@ import math
 import os
 import sys
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
 import numpy as np
 
-from shards import storage
+from shards import storage, transfers
 from shards.lanes import lane_parts
 
 IMAGENET_MEAN = [0.485 * 255, 0.456 * 255, 0.406 * 255]
@@ -179,8 +178,7 @@ def fetch_indices(shard_urls: list[str], dest: str) -> list[str]:
         i, url = job
         return str(storage.get_file(url[: -len(".tar")] + ".idx", os.path.join(dest, f"{i:06d}.idx")))
 
-    with ThreadPoolExecutor(INDEX_FETCHES, thread_name_prefix="tessera-idx") as pool:
-        return list(pool.map(fetch, enumerate(shard_urls)))
+    return transfers.concurrently(fetch, enumerate(shard_urls), INDEX_FETCHES, "tessera-idx")
 
 
 def shard_range(total: int, shard_id: int, num_shards: int) -> tuple[int, int]:

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from typing import Any, TypeVar
@@ -95,6 +96,13 @@ def waiting() -> Iterator[None]:
     finally:
         with _LOCK:
             _TOTAL.waited += time.perf_counter() - start
+
+
+def concurrently(call: Callable[[Any], T], items: Iterable[Any], threads: int, name: str) -> list[T]:
+    """``call`` on each of ``items`` (many small requests: indices, records), ``threads`` at a time, the results in
+    the items' order; the caller's wait for them all counts once as waited (not once per thread)."""
+    with ThreadPoolExecutor(threads, name, background) as pool, waiting():
+        return list(pool.map(call, items))
 
 
 def take() -> Transfers:

@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import tempfile
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import BinaryIO
 
 from shards import manifest as mf
 from shards import storage
 from shards.index import find_member, parse_index
+from shards.local_files import local_copy
 from shards.schema import class_label
 
 SHARDS_AT_ONCE = 4  # shards fetched and hashed at once: each is its own download, hashing releases the GIL
@@ -29,24 +26,11 @@ def _classes(f: BinaryIO, samples) -> list[int]:
     return out
 
 
-@contextlib.contextmanager
-def _local(url: str) -> Iterator[Path]:
-    """A local path of the shard at ``url``: where it lies, or a download deleted after the block."""
-    loc = storage.parse(url)
-    if loc.scheme == "file":
-        if not loc.path.is_file():
-            raise storage.Missing(f"{url}: no such file")
-        yield loc.path
-        return
-    with tempfile.TemporaryDirectory() as tmp:
-        yield storage.get_file(url, Path(tmp) / "s.tar")
-
-
 def verify_shard(url: str, shard: mf.ShardInfo) -> list[str]:
     """What about the shard at ``url`` differs from its manifest entry ``shard``; read as a stream (a shard of
     a GB is never in memory whole), its classes by one small read each."""
     try:
-        with _local(url) as path, open(path, "rb") as f:
+        with local_copy(url) as path, open(path, "rb") as f:
             idx = storage.get_bytes(url[: -len(".tar")] + ".idx").decode()
             h, size = hashlib.sha256(), 0
             while chunk := f.read(1 << 22):
@@ -54,7 +38,7 @@ def verify_shard(url: str, shard: mf.ShardInfo) -> list[str]:
                 size += len(chunk)
             samples = parse_index(idx)
             classes = _classes(f, samples) if shard.classes is not None else None
-    except storage.StorageError as exc:
+    except (storage.StorageError, FileNotFoundError) as exc:
         return [f"{url}: missing ({exc})"]
     problems = []
     if size != shard.size:

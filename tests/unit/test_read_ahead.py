@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from ingest import read_ahead, source_cache
+from ingest import read_ahead
 from ingest.read_ahead import ReadAhead
-from shards import scratch, storage
+from shards import local_files, scratch, storage
 
 
 def _scratch() -> set[str]:
@@ -45,7 +45,7 @@ def store(tmp_path, monkeypatch):
                 seen["flight"] -= 1
 
     monkeypatch.setattr(storage, "get_file", slow_get_file)
-    for module in (source_cache, read_ahead):
+    for module in (local_files, read_ahead):
         monkeypatch.setattr(module, "is_remote", lambda loc: loc.endswith(".dcm"))
     return files, seen
 

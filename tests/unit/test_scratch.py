@@ -11,7 +11,8 @@ ROOT = Path(__file__).parents[2]
 
 KILLED_INGEST_WORKER = """
 import os, sys
-from ingest.source_cache import SourceCache, download
+from ingest.source_cache import SourceCache
+from shards.local_files import download
 from shards import storage
 spool = storage.spool_dir("s3://bucket/train")  # a shard being written for S3
 (spool / "shard-000000.tar.tmp").write_bytes(b"half a shard")

@@ -27,6 +27,27 @@ def test_transfers_are_counted_and_only_the_works_own_waits_are_waited():
     assert transfers.take() == Transfers()  # taken: counting starts again
 
 
+def test_concurrent_requests_keep_their_order_and_count_the_wait_once():
+    transfers.take()
+    in_flight, most, lock = [0], [0], threading.Lock()
+
+    def get(i: int) -> int:
+        with lock:
+            in_flight[0] += 1
+            most[0] = max(most[0], in_flight[0])
+        transfers.counted(False, 1, time.sleep, 0.1 if i % 2 else 0.02)  # later items may finish first
+        with lock:
+            in_flight[0] -= 1
+        return i * i
+
+    start = time.perf_counter()
+    assert transfers.concurrently(get, range(16), 4, "test") == [i * i for i in range(16)]
+    wall = time.perf_counter() - start
+    moved = transfers.take()
+    assert most[0] == 4 and moved.downloads == 16 and moved.seconds >= 16 * 0.06 * 0.9
+    assert moved.waited <= wall + 0.01  # the caller's wait, once: not the four threads' transfers added up
+
+
 def test_counts_from_several_threads_add_up():
     transfers.take()
 
