@@ -39,6 +39,7 @@ def dataset_lines(manifest, data: bytes) -> list[str]:
     lines = [
         f"{manifest.dataset}: {manifest.kind}, made {manifest.created}, version {mf.sha256_of(data)}",
         f"made with: {made_with(manifest.config)}",
+        f"made by: {manifest.made_by or 'not recorded (before Tessera recorded it)'}",
         "classes: " + (", ".join(f"{i} {c}" for i, c in enumerate(manifest.classes)) or "none (unlabelled)"),
     ]
     for split, info in manifest.splits.items():
@@ -60,7 +61,8 @@ def dataset_lines(manifest, data: bytes) -> list[str]:
             f"tiles at P(background) >= {manifest.config.get('background_threshold')}"
         )
     for a in manifest.amended:
-        lines.append(f"  amended {a.time}: {a.describe()} (from version {str(a.previous_sha256)[:12]})")
+        by = f", by {a.made_by}" if a.made_by and a.made_by != manifest.made_by else ""
+        lines.append(f"  amended {a.time}: {a.describe()} (from version {str(a.previous_sha256)[:12]}{by})")
     return lines
 
 

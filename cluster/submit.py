@@ -18,6 +18,7 @@ from typing import Any
 from cluster import procs
 from cluster.errors import TesseraError
 from cluster.settings import Settings
+from shards import provenance
 
 # Forwarded to the job when set here: endpoints and settings, then secrets (values never printed).
 FORWARD = (
@@ -37,8 +38,10 @@ def runtime_env(settings: Settings, working_dir: str | None = None, local: bool 
     """The job's runtime environment: settings and secrets as variables, optionally the working directory.
 
     ``TESSERA_*`` settings of this process travel too (state directory, ports, key files), so a job on the local
-    stack sees the stack exactly as this shell does. ``local`` puts this installation's scripts on the PATH and
-    names this shell's state folder, which a job, run from another directory, would not find.
+    stack sees the stack exactly as this shell does; with a working directory, the commit it is a checkout of
+    (the copy sent leaves ``.git`` out), which datasets and runs record. ``local`` puts this installation's
+    scripts on the PATH and names this shell's state folder, which a job, run from another directory, would not
+    find.
     """
     env = {k: v for k, v in os.environ.items() if k.startswith("TESSERA_")}
     env |= {k: v for k, v in settings.client_env().items() if k in FORWARD or k in SECRETS or k.startswith("TESSERA")}
@@ -46,6 +49,10 @@ def runtime_env(settings: Settings, working_dir: str | None = None, local: bool 
     if local:
         env["PATH"] = procs.path_with_this_python(os.environ.get("PATH", ""))
         env["TESSERA_STATE_DIR"] = str(settings.state)
+    if working_dir:  # the job runs a copy of it without its .git: it learns the commit from here
+        env.pop(provenance.COMMIT_VARIABLE, None)
+        if commit := provenance.source_commit(Path(working_dir)):
+            env[provenance.COMMIT_VARIABLE] = commit
     out: dict[str, Any] = {"env_vars": env}
     if working_dir:
         out |= {"working_dir": working_dir, "excludes": EXCLUDES}

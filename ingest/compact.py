@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from ingest.lock import DatasetLock
 from ingest.packing import group_parts, join_tars, prune
 from shards import manifest as mf
-from shards import storage
+from shards import provenance, storage
 from shards.manifest import Manifest, ShardInfo
 
 MERGE_READ_AHEAD = 2  # old shards on the local disk at once: the one being joined and the next, downloading
@@ -61,7 +61,7 @@ def compacted(manifest: Manifest, merged: dict[str, list[tuple[list[str], ShardI
     ]
     old, new = len(renamed), sum(len(groups) for groups in merged.values())
     now = datetime.now(UTC).isoformat(timespec="seconds")
-    change = mf.Amendment(time=now, merged=old, merged_into=new, previous_sha256=version)
+    change = mf.Amendment(time=now, merged=old, merged_into=new, previous_sha256=version, made_by=provenance.made_by())
     return manifest.model_copy(update={"splits": splits, "inputs": inputs, "amended": [*manifest.amended, change]})
 
 

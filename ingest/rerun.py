@@ -24,7 +24,7 @@ from ingest.plan import Plan
 from ingest.splits import extend_splits, parse_fractions
 from ingest.units import Unit
 from shards import manifest as mf
-from shards import storage
+from shards import provenance, storage
 
 
 def existing(out: str) -> mf.Manifest | None:
@@ -211,7 +211,14 @@ def amended(
         joined[split] = mf.SplitInfo(num_samples=sum(x.samples for x in shards), shards=shards)
     added, retried, replaced = additions.counts(previous)
     now = datetime.now(UTC).isoformat(timespec="seconds")
-    change = mf.Amendment(time=now, added=added, retried=retried, replaced=replaced, previous_sha256=previous_sha256)
+    change = mf.Amendment(
+        time=now,
+        added=added,
+        retried=retried,
+        replaced=replaced,
+        previous_sha256=previous_sha256,
+        made_by=provenance.made_by(),
+    )
     return previous.model_copy(
         update={
             "splits": joined,

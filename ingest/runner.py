@@ -25,7 +25,7 @@ from ingest.rerun import amended, decide, to_ingest
 from ingest.staging import STAGING, WorkRecord, done_records, retried, reusable
 from ingest.units import Unit, Work, batch_images, plan_unit
 from shards import manifest as mf
-from shards import storage
+from shards import provenance, storage
 from shards.manifest import InputRecord, Manifest, ShardInfo
 from shards.nodes import alive_resources, cluster_fixed
 
@@ -216,6 +216,12 @@ def _ingest(kind: str, cfg: IngestConfig, plan, lock: DatasetLock) -> tuple[Mani
         )
         return previous, storage.join(cfg.out, mf.MANIFEST_NAME)
     units = adds.units if adds is not None else plan.units
+    if adds is not None and previous.made_by != (code := provenance.made_by()):
+        print(
+            f"{cfg.out}: made by {previous.made_by or 'an earlier Tessera (not recorded)'}, amended now by {code}: "
+            "where Tessera's rendering changed between them, this run's samples differ from the dataset's (`tessera "
+            "dataset` says which code made each run)"
+        )
     # the version this run amends (training runs that recorded it find it among the new manifest's ancestors)
     version = mf.sha256_of(storage.get_bytes(storage.join(cfg.out, mf.MANIFEST_NAME))) if adds else None
     inputs: list[InputRecord] = []
@@ -256,6 +262,7 @@ def _ingest(kind: str, cfg: IngestConfig, plan, lock: DatasetLock) -> tuple[Mani
             splits=splits,
             inputs=sorted(inputs + plan.skipped, key=lambda r: r.id),
             unmatched_labels=plan.unmatched,
+            made_by=provenance.made_by(),
         )
     mf.check_patient_disjoint(manifest)
     lock.check()  # a run that lost its lock (stalled past its time-out) commits nothing

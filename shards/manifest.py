@@ -152,6 +152,7 @@ class Amendment(BaseModel):
     # the sha256 of the manifest it amended: a training run that recorded that version finds it among the
     # dataset's ancestors (grown since, every patient in the split it had) rather than a dataset replaced
     previous_sha256: str | None = None
+    made_by: str | None = None  # the code that ran it (:func:`shards.provenance.made_by`); None before recorded
 
     def describe(self) -> str:
         """What the run did, for the terminal."""
@@ -169,6 +170,8 @@ class ManifestHead(BaseModel):
     dataset: str
     kind: str
     created: str = Field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
+    # the code that made it (Tessera's version and commit: what rendered its samples); None before recorded
+    made_by: str | None = None
     classes: list[str] = Field(default_factory=list)
     # Names of the per-sample multi-label vector (``labels`` in each sample's JSON), e.g. RSNA's six.
     multilabel: list[str] | None = None

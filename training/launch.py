@@ -12,7 +12,7 @@ from typing import Any
 import yaml
 
 from shards import manifest as mf
-from shards import storage
+from shards import provenance, storage
 from training import tracking
 from training.capacity import check_capacity, gpu_choice, wants_gpu
 from training.config import RecipeError, TrainRecipe, apply_overrides, flatten, recipe_from_tree
@@ -130,9 +130,12 @@ def start_run(
     tags = {
         "dataset": recipe.data.dataset,
         MANIFEST_TAG: mf.sha256_of(manifest_bytes),
-        "git_commit": tracking.git_commit(),
+        "git_commit": provenance.commit(),
+        "tessera_version": provenance.version(),
         "recipe": recipe.name,
     } | (extra_tags or {})
+    if manifest.made_by:  # which code rendered the samples: models of one dataset made twice differ by it
+        tags["dataset_made_by"] = manifest.made_by
     params = flatten(recipe.model_dump()) | {"data.classes": ",".join(manifest.classes)}
     for role, split in (("train", recipe.data.train_split), ("val", recipe.data.val_split)):
         if not manifest.missing_splits(split):  # by role: a split may be "f0+f1", which MLflow keys cannot hold

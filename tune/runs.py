@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from shards import manifest as mf
+from shards import provenance
 from training import tracking
 from training.config import TrainRecipe
 from tune.config import SweepConfig
@@ -85,7 +86,7 @@ def start_parent(sweep: SweepConfig, uri: str, sweep_run: str, kind: str) -> str
     params |= {f"space.{k}": json.dumps(p.model_dump(exclude_none=True)) for k, p in sweep.space.items()}
     if sweep.replicates:
         params |= {f"replicates.{k}": v for k, v in sweep.replicates.model_dump().items()}
-    tags = {KIND: kind, SWEEP: sweep_run, "recipe": base.name, "git_commit": tracking.git_commit()}
+    tags = {KIND: kind, SWEEP: sweep_run, "recipe": base.name, "git_commit": provenance.commit()}
     tags |= {"dataset": base.data.dataset, MANIFEST_TAG: mf.sha256_of(load_manifest(base)[1])}  # its trials' data
     _, run_id = tracking.start_run(uri, base.experiment or base.name, sweep_run, params, tags)
     with tempfile.TemporaryDirectory() as d:

@@ -20,7 +20,7 @@ from ingest.staging import STAGING, part_url, process_work
 from ingest.synthetic import make_slides
 from ingest.units import plan_unit
 from shards import manifest as mf
-from shards import scratch, storage
+from shards import provenance, scratch, storage
 from shards.verify import verify_dataset
 from shards.writer import read_tar_samples
 from tests.integration.commands import ingest_wsi_cmd, wsi_config
@@ -208,7 +208,7 @@ def test_resuming_with_other_options_is_refused(stack, tmp_path):
     assert replaced.config["tile_size"] == mf.load(out).config["tile_size"] == 256
 
 
-def test_a_replacement_that_crashed_before_its_manifest_is_resumed(stack, tmp_path, monkeypatch):
+def test_a_replacement_that_crashed_before_its_manifest_is_resumed(stack, tmp_path, monkeypatch, capsys):
     """--replace-changed killed after its new and rewritten shards were written but before its manifest: the
     dataset is still the old one, and the same command again completes from the staged parts, with every sample
     once, as a dataset made from today's files has them, and nothing unlisted left behind."""
@@ -232,8 +232,14 @@ def test_a_replacement_that_crashed_before_its_manifest_is_resumed(stack, tmp_pa
     assert len(written) == 3  # its shard, the rescan's, and its shard rewritten without the old samples
     assert list(storage.list_urls(storage.join(out, STAGING)))
 
+    assert made.made_by == provenance.made_by()  # the code that rendered its samples
+    monkeypatch.setattr(provenance, "commit", lambda: "newer")  # a later Tessera amends it
+    capsys.readouterr()
     replaced, _ = run_ingest("wsi", cfg)
     assert replaced.amended[-1].replaced == 1 and verify_dataset(out) == []
+    newer = f"tessera {provenance.version()} (newer)"
+    assert replaced.made_by == made.made_by and replaced.amended[-1].made_by == newer
+    assert f"made by {made.made_by}, amended now by {replaced.amended[-1].made_by}" in capsys.readouterr().out
     listed = set(replaced.shard_urls(out, "train"))
     assert {u for u in storage.list_urls(storage.join(out, "train")) if u.endswith(".tar")} == listed
     assert not list(storage.list_urls(storage.join(out, STAGING)))

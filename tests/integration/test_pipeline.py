@@ -122,6 +122,8 @@ def test_mlflow_run_has_every_epoch_and_a_confusion_matrix(demo, stack):
     assert run.data.tags["recipe"] == "demo_tiles" and len(run.data.tags["manifest_sha256"]) == 64
     assert run.data.tags["deepspeed.zero_stage_used"] == "2"  # two workers: the recipe's stage
     assert run.data.tags["precision_used"] == "fp32"  # bf16 `auto` on the CPU
+    made_by = mf.load(run.data.tags["dataset"]).made_by  # the code that rendered its samples, and that trained
+    assert made_by and run.data.tags["dataset_made_by"] == made_by and run.data.tags["git_commit"] in made_by
     artifacts = {a.path for a in client.list_artifacts(demo["run_id"])}
     expected = {"confusion_sample.png", "confusion_patient.png", "roc_sample.png", "recipe.yaml", "curve_loss.png"}
     assert expected | {"curve_lr.png", "model"} <= artifacts

@@ -7,6 +7,7 @@ from ingest.compact import compact, small_groups
 from ingest.config import WsiIngestConfig
 from ingest.lock import holder
 from shards import manifest as mf
+from shards import provenance
 from shards.manifest import InputRecord
 from shards.verify import verify_dataset
 from shards.writer import ShardWriter, read_tar_samples
@@ -63,6 +64,7 @@ def test_compacting_joins_a_splits_small_shards_in_place_and_renames_them_in_the
                       "d": ["train/shard-000005.tar"], "e": ["val/shard-000000.tar"]}  # fmt: skip
     change = after.amended[-1]
     assert (change.merged, change.merged_into, change.previous_sha256) == (3, 1, version)
+    assert change.made_by == provenance.made_by()  # the code that merged them
     assert change.describe() == "3 small shard(s) merged into 1"
     assert mf.change_since(version, after, Path(out, "manifest.json").read_bytes()) == "grown"  # same patients
     assert verify_dataset(out) == [] and holder(out) is None

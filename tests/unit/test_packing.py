@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from ingest.packing import SHARD_FILE, group_parts
+from shards import provenance
 
 
 def test_group_parts_closes_a_shard_once_it_reaches_the_target():
@@ -299,6 +300,7 @@ def test_retrying_the_failed_inputs_adds_their_shards_and_keeps_the_rest():
         "merged": 0,
         "merged_into": 0,
         "previous_sha256": "ab" * 32,
+        "made_by": provenance.made_by(),  # the code that retried them
     }
     statuses = {r.id: r.status for r in again.inputs}
     assert statuses == {"a1": "ingested", "b2": "ingested", "c3": "skipped", "d4": "skipped", "e5": "skipped"}

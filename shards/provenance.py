@@ -1,0 +1,57 @@
+"""Which code made a dataset or a model: Tessera's version and the git commit of its source.
+
+A dataset's samples are what Tessera's readers and renderers made of the inputs; when a later release renders
+differently (a fix to windowing, to a vendor's reader), only the code version tells the old samples from the
+new. A job submitted with a working directory runs a copy of the source without its ``.git``: ``tessera
+submit`` names the commit it sent in ``TESSERA_SOURCE_COMMIT``, which wins over what the copy can tell.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import subprocess
+from importlib import metadata
+from pathlib import Path
+
+COMMIT_VARIABLE = "TESSERA_SOURCE_COMMIT"
+SOURCE = Path(__file__).resolve().parent  # in the checkout (or installed copy) this process runs
+DIRTY = "+changes"  # a commit with uncommitted changes to tracked files: not exactly that commit's code
+
+
+def _git(folder: Path, *args: str) -> str | None:
+    try:
+        out = subprocess.run(["git", "-C", str(folder), *args], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def source_commit(folder: Path = SOURCE) -> str | None:
+    """The commit of the git checkout ``folder`` lies in, with :data:`DIRTY` when tracked files differ from it
+    (untracked files are not code a user runs by accident); None outside a checkout."""
+    commit = _git(folder, "rev-parse", "HEAD")
+    if not commit:
+        return None
+    changed = _git(folder, "status", "--porcelain", "--untracked-files=no")
+    return commit + (DIRTY if changed else "")
+
+
+@functools.cache
+def commit() -> str:
+    """This process's source commit: the submitter's where the job was sent one, else its checkout's, else
+    ``unknown`` (an installed package)."""
+    return os.environ.get(COMMIT_VARIABLE) or source_commit() or "unknown"
+
+
+def version() -> str:
+    """Tessera's installed version (``unknown`` when run from a tree that was never installed)."""
+    try:
+        return metadata.version("tessera")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def made_by() -> str:
+    """One line for a manifest: ``tessera <version> (<commit>)``."""
+    return f"tessera {version()} ({commit()})"
