@@ -15,7 +15,7 @@ from importlib import metadata
 from pathlib import Path
 
 COMMIT_VARIABLE = "TESSERA_SOURCE_COMMIT"
-SOURCE = Path(__file__).resolve().parent  # in the checkout (or installed copy) this process runs
+SOURCE = Path(__file__).resolve().parents[1]  # the checkout's root (or where the packages are installed)
 DIRTY = "+changes"  # a commit with uncommitted changes to tracked files: not exactly that commit's code
 
 
@@ -27,13 +27,15 @@ def _git(folder: Path, *args: str) -> str | None:
     return out.stdout.strip() if out.returncode == 0 else None
 
 
-def source_commit(folder: Path = SOURCE) -> str | None:
-    """The commit of the git checkout ``folder`` lies in, with :data:`DIRTY` when tracked files differ from it
-    (untracked files are not code a user runs by accident); None outside a checkout."""
-    commit = _git(folder, "rev-parse", "HEAD")
-    if not commit:
+def source_commit(root: Path = SOURCE) -> str | None:
+    """The commit of the git checkout whose root is ``root``, with :data:`DIRTY` when tracked files differ from it
+    (untracked files are not code a user runs by accident); None where ``root`` is no checkout's root: packages
+    installed into a virtual environment inside some other project's checkout are not that project's code."""
+    top = _git(root, "rev-parse", "--show-toplevel")
+    commit = _git(root, "rev-parse", "HEAD")
+    if not top or not commit or Path(top).resolve() != Path(root).resolve():
         return None
-    changed = _git(folder, "status", "--porcelain", "--untracked-files=no")
+    changed = _git(root, "status", "--porcelain", "--untracked-files=no")
     return commit + (DIRTY if changed else "")
 
 

@@ -35,6 +35,10 @@ def test_a_checkouts_commit_is_marked_when_its_tracked_files_changed(repo, tmp_p
     outside = tmp_path / "plain"
     outside.mkdir()
     assert provenance.source_commit(outside) is None
+    # installed into a virtual environment inside another project's checkout: not that project's code
+    site = repo / ".venv" / "lib" / "site-packages"
+    site.mkdir(parents=True)
+    assert provenance.source_commit(site) is None
 
 
 def test_a_submitted_job_names_the_commit_it_was_sent_and_wins_over_its_copy(repo, tmp_path, monkeypatch):
