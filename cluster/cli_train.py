@@ -69,7 +69,7 @@ def train_dry_run(recipe) -> None:
     check_model(recipe.model)
     manifest = None
     try:
-        manifest = mf.load(recipe.data.dataset)
+        manifest = mf.load_brief(recipe.data.dataset)[0]
     except Exception as exc:  # the dataset may live on a cluster this machine cannot reach: said, not fatal
         print(f"dataset: manifest not readable from here: {exc}")
     n, source = outputs_for_dry_run(recipe, manifest)

@@ -233,14 +233,39 @@ class Manifest(ManifestHead):
 
     def patients_by_split(self) -> dict[str, set[str]]:
         """The set of patient pseudonyms in each split (for leak checks)."""
-        out: dict[str, set[str]] = {}
-        for rec in self.inputs:
-            if rec.split and rec.patient:
-                out.setdefault(rec.split, set()).add(rec.patient)
-        return out
+        return patients_by_split(self.inputs)
 
 
-def check_patient_disjoint(manifest: Manifest) -> None:
+class InputBrief(BaseModel):
+    """Of an input record, what a training driver checks: its status, split, patient and label."""
+
+    status: Status
+    split: str | None = None
+    patient: str | None = None
+    label: int | None = None
+
+
+class ManifestBrief(ManifestHead):
+    """The dataset with a :class:`InputBrief` of each input (:func:`load_brief`): what a training, evaluation
+    or sweep driver checks (patients split apart, one label per patient) at a third of the time and half the
+    memory of the whole records (a million inputs: seconds and GBs, at every run's start)."""
+
+    inputs: list[InputBrief] = Field(default_factory=list)
+
+    def patients_by_split(self) -> dict[str, set[str]]:
+        """The set of patient pseudonyms in each split (for leak checks)."""
+        return patients_by_split(self.inputs)
+
+
+def patients_by_split(inputs: list[InputRecord] | list[InputBrief]) -> dict[str, set[str]]:
+    out: dict[str, set[str]] = {}
+    for rec in inputs:
+        if rec.split and rec.patient:
+            out.setdefault(rec.split, set()).add(rec.patient)
+    return out
+
+
+def check_patient_disjoint(manifest: Manifest | ManifestBrief) -> None:
     """Raise if any patient appears in more than one split."""
     seen: dict[str, str] = {}
     for split, patients in manifest.patients_by_split().items():
@@ -283,6 +308,12 @@ def load_with_bytes(prefix: str) -> tuple[Manifest, bytes]:
     """The manifest of the dataset at ``prefix`` and its bytes as stored (:func:`sha256_of` them: its version)."""
     data = _manifest_bytes(prefix)
     return Manifest.model_validate_json(data), data
+
+
+def load_brief(prefix: str) -> tuple[ManifestBrief, bytes]:
+    """As :func:`load_with_bytes`, with only a brief of each input record (:class:`ManifestBrief`)."""
+    data = _manifest_bytes(prefix)
+    return ManifestBrief.model_validate_json(data), data
 
 
 def load_head(prefix: str) -> tuple[ManifestHead, bytes]:

@@ -161,7 +161,7 @@ def held_out_step(trainer) -> None:
         log.untag(HELD_OUT_ERROR)  # an earlier attempt's (a worker lost in this step)
 
 
-def no_held_out(recipe: TrainRecipe, manifest: mf.Manifest) -> str | None:
+def no_held_out(recipe: TrainRecipe, manifest: mf.ManifestHead) -> str | None:
     """Why training evaluates no held-out split after it (None: it evaluates ``data.test_split``)."""
     split = recipe.data.test_split
     if split is None:

@@ -105,10 +105,11 @@ def _fault() -> dict[str, int] | None:
     return {"epoch": epoch, "step": step, "rank": rank}
 
 
-def load_manifest(recipe: TrainRecipe) -> tuple[mf.Manifest, bytes]:
+def load_manifest(recipe: TrainRecipe) -> tuple[mf.ManifestBrief, bytes]:
     """The recipe's dataset manifest (splits patient-disjoint, and what the recipe evaluates defined on it: see
-    :func:`~training.preflight.check_against`) and its bytes (for its sha256)."""
-    manifest, data = mf.load_with_bytes(recipe.data.dataset)
+    :func:`~training.preflight.check_against`), a brief of each record (what these checks read), and its bytes
+    (for its sha256)."""
+    manifest, data = mf.load_brief(recipe.data.dataset)
     mf.check_patient_disjoint(manifest)
     check_against(recipe, manifest)
     return manifest, data
@@ -122,7 +123,7 @@ def start_run(
     tracking_uri: str,
     extra_tags: dict[str, str] | None = None,
     run_name: str | None = None,
-    loaded: tuple[mf.Manifest, bytes] | None = None,
+    loaded: tuple[mf.ManifestBrief, bytes] | None = None,
 ) -> str:
     """Create the MLflow run (params, tags, the resolved recipe); returns its id. ``loaded``: the recipe's
     manifest and bytes as :func:`load_manifest` gave them already (a sweep trial's, checked)."""

@@ -13,7 +13,7 @@ from training.aggregate import mixed_groups
 from training.config import RecipeError, TrainRecipe
 
 
-def check_against(recipe: TrainRecipe, manifest: mf.Manifest) -> None:
+def check_against(recipe: TrainRecipe, manifest: mf.ManifestBrief | mf.Manifest) -> None:
     """A dataset with labels (of slides, for heatmaps), then :func:`check_patient_labels` and
     :func:`check_monitor` for ``recipe`` on ``manifest``."""
     from training.loop import outputs_of
@@ -34,7 +34,7 @@ def check_against(recipe: TrainRecipe, manifest: mf.Manifest) -> None:
     check_monitor(recipe, outputs)
 
 
-def check_patient_labels(recipe: TrainRecipe, manifest: mf.Manifest) -> None:
+def check_patient_labels(recipe: TrainRecipe, manifest: mf.ManifestBrief | mf.Manifest) -> None:
     """A patient of the evaluated splits whose inputs are labelled differently has no truth when the recipe
     aggregates patients by mean or max (``any`` makes a patient positive when any input is)."""
     if recipe.task == "multilabel" or recipe.eval.how == "any" or "patient" not in recipe.eval.levels:

@@ -59,7 +59,7 @@ def child_run(uri: str, sweep_run: str, parent_id: str, trial_id: str, recipe: T
 
 def check_trial_data(
     parent_tags: dict[str, str], recipe: TrainRecipe, sweep_run: str
-) -> tuple[mf.Manifest, bytes] | None:
+) -> tuple[mf.ManifestBrief, bytes] | None:
     """A new trial reads the version of the sweep's dataset that the sweep started on (its parent's tags), so
     that its trials compare on the same data, resumed or not; a trial whose sampled recipe names another
     dataset is left to its own run's version. Returns the manifest checked (None: none), which the trial's run

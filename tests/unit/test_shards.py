@@ -129,6 +129,10 @@ def test_patient_leak_check():
     )
     with pytest.raises(ValueError, match="p1"):
         mf.check_patient_disjoint(m)
+    brief = mf.ManifestBrief.model_validate_json(mf.dumps(m))  # what a training driver reads
+    assert brief.patients_by_split() == m.patients_by_split() == {"train": {"p1"}, "val": {"p1"}}
+    with pytest.raises(ValueError, match="p1"):
+        mf.check_patient_disjoint(brief)
 
 
 def test_a_dataset_version_is_the_same_grown_or_made_again(capsys):
@@ -467,6 +471,10 @@ def test_a_manifest_is_stored_with_its_inputs_last_one_line_each_and_reads_back_
     head, same = mf.load_head(str(tmp_path))
     assert same == data and head.model_dump() == m.model_dump(exclude={"inputs"})
     assert head.sample_classes("train") == [0, 0, 1] and head.num_samples("train") == 3
+    brief, same = mf.load_brief(str(tmp_path))  # a training driver's: the head and a brief of each record
+    assert same == data and brief.model_dump(exclude={"inputs"}) == head.model_dump()
+    fields = {"status", "split", "patient", "label"}
+    assert [b.model_dump() for b in brief.inputs] == [r.model_dump(include=fields) for r in m.inputs]
     # a manifest written before (the whole of it indented) reads the same, whole or not
     Path(url).write_text(m.model_dump_json(indent=2))
     assert mf.load(str(tmp_path)) == m and mf.load_head(str(tmp_path))[0] == head
