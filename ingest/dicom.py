@@ -13,6 +13,7 @@ from typing import BinaryIO, TypeVar
 
 import numpy as np
 
+from ingest import progress
 from ingest.series import order_slices
 from ingest.windowing import DEFAULT_WINDOWS, grey, padding_mask, windowed
 from shards import storage
@@ -102,6 +103,7 @@ def _frame_geometry(ds, n: int) -> tuple[list[list[float] | None], list[float] |
 
 T = TypeVar("T")
 HEADER_THREADS = 16
+HEADER_BAR_FILES = 2048  # a header pass of fewer files takes seconds at most: no bar
 
 # The Pixel Data tag (7FE0,0010) as little- and big-endian bytes: a file prefix holding it holds the whole header.
 PIXEL_DATA_TAGS = (b"\xe0\x7f\x10\x00", b"\x7f\xe0\x00\x10")
@@ -143,11 +145,16 @@ def header_processes(files: int) -> int:
     return max(1, min(cores, files // FILES_PER_PROCESS))
 
 
-def _read_each(read: Callable[[str], T], locations: list[str], threads: int = 1) -> list[T]:
-    if threads < 2:
-        return [read(loc) for loc in locations]
-    with ThreadPoolExecutor(threads) as pool:
-        return list(pool.map(read, locations))
+def _read_each(read: Callable[[str], T], locations: list[str], threads: int = 1, bar=None) -> list[T]:
+    """``read`` of each location in order, on ``threads``; each counted on ``bar`` (the driver's) as it comes."""
+    with contextlib.ExitStack() as stack:
+        pool = stack.enter_context(ThreadPoolExecutor(threads)) if threads > 1 else None
+        out = []
+        for header in pool.map(read, locations) if pool else map(read, locations):
+            out.append(header)
+            if bar is not None:
+                bar.update(1)
+        return out
 
 
 def map_headers(read: Callable[[str], T], locations: list[str], processes: int | None = None) -> list[T]:
@@ -158,16 +165,20 @@ def map_headers(read: Callable[[str], T], locations: list[str], processes: int |
     each on its threads)."""
     threads = HEADER_THREADS if any(loc.startswith("s3://") for loc in locations) else 1
     processes = header_processes(len(locations)) if processes is None else processes
-    if processes < 2:
-        return _read_each(read, locations, threads)
-    # loky's processes (joblib's): not forked from a driver that may hold Ray's threads, and started without
-    # running the caller's script again (one without a __main__ guard works); stopped when done, not kept idle
-    from joblib.externals.loky import ProcessPoolExecutor
+    with progress.bar(len(locations), "reading headers", "file", least=HEADER_BAR_FILES) as bar:
+        if processes < 2:
+            return _read_each(read, locations, threads, bar)
+        # loky's processes (joblib's): not forked from a driver that may hold Ray's threads, and started without
+        # running the caller's script again (one without a __main__ guard works); stopped when done, not kept idle
+        from joblib.externals.loky import ProcessPoolExecutor
 
-    step = -(-len(locations) // (processes * 8))
-    runs = [locations[i : i + step] for i in range(0, len(locations), step)]
-    with ProcessPoolExecutor(processes) as pool:
-        parts = list(pool.map(_read_each, [read] * len(runs), runs, [threads] * len(runs)))
+        step = -(-len(locations) // (processes * 8))
+        runs = [locations[i : i + step] for i in range(0, len(locations), step)]
+        parts = []
+        with ProcessPoolExecutor(processes) as pool:
+            for part in pool.map(_read_each, [read] * len(runs), runs, [threads] * len(runs)):
+                parts.append(part)
+                bar.update(len(part))
     return [header for part in parts for header in part]
 
 

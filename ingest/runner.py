@@ -6,14 +6,13 @@ written last, as the commit point.
 from __future__ import annotations
 
 import json
-import sys
 import time
 from collections import Counter
 from collections.abc import Callable
 
 import ray
-from tqdm import tqdm
 
+from ingest import progress
 from ingest.actors import Scheduler, model_url
 from ingest.config import ImagesIngestConfig, IngestConfig, pseudonym_key
 from ingest.decisions import IngestStopped
@@ -30,12 +29,6 @@ from shards.manifest import InputRecord, Manifest, ShardInfo
 from shards.nodes import alive_resources, cluster_fixed
 
 
-def bar_interval() -> float:
-    """Seconds between progress-bar redraws: tqdm's 0.1 on a terminal; 30 into a file or a job's log, where each
-    redraw is kept (an ingest of hours would log tens of thousands)."""
-    return 0.1 if sys.stderr.isatty() else 30.0
-
-
 class _Tracker:
     """Which pieces of work each input still waits for; queues work not already staged; the progress bar."""
 
@@ -44,7 +37,7 @@ class _Tracker:
         self.records: dict[str, list[WorkRecord]] = {u.id: [] for u in units}
         self.left: dict[str, int] = {}
         self.settled: set[str] = set()
-        self.bar = tqdm(total=len(units), desc=f"ingest {units[0].kind}", unit="input", mininterval=bar_interval())
+        self.bar = progress.bar(len(units), f"ingest {units[0].kind}", "input")
         self.samples, self.t0 = 0, time.monotonic()
 
     def settle(self, uid: str) -> None:

@@ -90,7 +90,7 @@ def test_an_ingests_progress_bar_is_drawn_twice_not_per_input_into_a_file(termin
 
     from tqdm import tqdm
 
-    from ingest.runner import bar_interval
+    from ingest.progress import bar_interval
 
     err = io.StringIO()
     monkeypatch.setattr(err, "isatty", lambda: terminal)

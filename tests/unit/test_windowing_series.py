@@ -177,6 +177,23 @@ def test_headers_on_the_object_store_are_read_on_threads_in_each_process():
             assert len(pids) == 2 and os.getpid() not in pids
 
 
+@pytest.mark.parametrize("processes", [1, 2])
+def test_a_long_header_pass_shows_its_progress_and_a_short_one_does_not(processes, monkeypatch, capsys):
+    """Planning RSNA's 752k slices on an object store reads headers for minutes before the ingest's own bar: the
+    driver counts them on a bar of its own (in one process, or as each process's runs come back)."""
+    from ingest import dicom
+
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)
+    locations = [f"s3://bucket/ct/{i:04d}.dcm" for i in range(64)]
+    monkeypatch.setattr(dicom, "HEADER_BAR_FILES", 64)
+    assert dicom.map_headers(str.upper, locations, processes=processes) == [loc.upper() for loc in locations]
+    err = capsys.readouterr().err
+    assert "reading headers: 100%" in err and "64/64" in err
+    monkeypatch.setattr(dicom, "HEADER_BAR_FILES", 65)
+    dicom.map_headers(str.upper, locations, processes=processes)
+    assert capsys.readouterr().err == ""
+
+
 def test_a_slice_held_by_two_files_is_read_once_and_the_copy_accounted_for(tmp_path):
     """An export that holds a slice twice (a re-sent transfer in another folder) gives one sample of it; the copy
     is skipped with the reason, so the manifest still accounts for every file. Frames of one multi-frame file are
