@@ -9,9 +9,11 @@ import json
 import os
 from collections.abc import Iterable
 
+from ingest import progress
 from ingest.pseudonym import pseudonym
 from shards import storage
 
+LIST_BAR_OBJECTS = 20_000  # a listing this long (20 requests) draws a bar: a million objects take minutes
 SLIDE_EXTS = (".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif", ".dcm")
 
 
@@ -31,7 +33,7 @@ def listing(sources: Iterable[str], exts: tuple[str, ...] | None = None) -> dict
     found: dict[str, str] = {}
     for src in sources:
         if src.startswith("s3://"):
-            objects = list(storage.list_stamps(src))
+            objects = list(progress.counted(storage.list_stamps(src), "listing", " objects", LIST_BAR_OBJECTS))
             found.update((u, v) for u, v in objects if exts is None or u.lower().endswith(exts) or u == src)
             if not objects:
                 raise FileNotFoundError(f"{src}: no objects under this prefix")

@@ -105,6 +105,25 @@ def test_an_ingests_progress_bar_is_drawn_twice_not_per_input_into_a_file(termin
         assert err.getvalue().count("ingest wsi:") == 2 and "500/500" in err.getvalue()
 
 
+def test_a_long_listing_is_counted_on_a_bar_and_a_short_one_is_not(tmp_path, monkeypatch, capsys):
+    """Listing an object-store prefix of a million objects takes a thousand requests before planning starts: the
+    driver counts them once a listing is long; every object comes through, in order, either way."""
+    from ingest import progress, sources
+
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)
+    assert list(progress.counted(range(50), "listing", " objects", least=51)) == list(range(50))
+    assert capsys.readouterr().err == ""
+    assert list(progress.counted(range(50), "listing", " objects", least=20)) == list(range(50))
+    err = capsys.readouterr().err
+    assert "listing: 19 objects" in err and "listing: 50 objects" in err  # drawn from the 20th on
+
+    objects = [(f"s3://b/ct/{i}.dcm", f"{i}:etag") for i in range(5)]
+    monkeypatch.setattr(sources.storage, "list_stamps", lambda prefix: iter(objects))  # a prefix's pages
+    monkeypatch.setattr(sources, "LIST_BAR_OBJECTS", 3)
+    assert sources.listing(["s3://b/ct"]) == dict(objects)
+    assert "listing: 5 objects" in capsys.readouterr().err
+
+
 @pytest.fixture(autouse=True)
 def _restore_env():
     """quiet_libraries sets MLflow's variables with setdefault; monkeypatch restores what it deleted, not these."""
