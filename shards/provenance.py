@@ -21,7 +21,9 @@ DIRTY = "+changes"  # a commit with uncommitted changes to tracked files: not ex
 
 def _git(folder: Path, *args: str) -> str | None:
     try:
-        out = subprocess.run(["git", "-C", str(folder), *args], capture_output=True, text=True, timeout=10)
+        # --no-optional-locks: `status` would refresh the index under index.lock, in a checkout a user works in
+        cmd = ["git", "--no-optional-locks", "-C", str(folder), *args]
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() if out.returncode == 0 else None
