@@ -69,7 +69,7 @@ def train_dry_run(recipe) -> None:
     check_model(recipe.model)
     manifest = None
     try:
-        manifest = mf.load_brief(recipe.data.dataset)[0]
+        manifest, data = mf.load_brief(recipe.data.dataset)
     except Exception as exc:  # the dataset may live on a cluster this machine cannot reach: said, not fatal
         print(f"dataset: manifest not readable from here: {exc}")
     n, source = outputs_for_dry_run(recipe, manifest)
@@ -83,6 +83,8 @@ def train_dry_run(recipe) -> None:
     print(loader_line(recipe))
     if manifest is not None:
         check_against(recipe, manifest)
+        made_by = manifest.made_by or "not recorded (made before Tessera recorded it)"
+        print(f"dataset: version {mf.sha256_of(data)[:12]} (the run's manifest_sha256), made by {made_by}")
         print(held_out_line(recipe, manifest))
         print(input_size(recipe, manifest))
 

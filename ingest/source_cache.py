@@ -1,5 +1,5 @@
-"""Local paths for sources that may lie on the object store: a temporary copy for one use, or (slides) a copy
-downloaded once per worker process and reused while it is needed.
+"""Local copies of slides on the object store, downloaded once per worker process and reused while they are needed
+(a file for one use: :func:`shards.local_files.local_copy`).
 
 A slide on ``s3://`` is planned in one task and processed in many (one per region), each of which needs it on local
 disk: OpenSlide reads files, not streams. Without a cache every region downloads the whole slide again, and a 64k

@@ -357,12 +357,16 @@ def test_dicom_windows_must_fill_three_channels():
 
 
 def test_dry_run_counts_head_only_parameters(capsys, tmp_path):
+    from shards import manifest as mf
     from tests.datasets import make_dataset
 
-    make_dataset(str(tmp_path / "ds"), {"train": 2, "val": 2}, frames=2)
+    made = make_dataset(str(tmp_path / "ds"), {"train": 2, "val": 2}, frames=2)
+    mf.save(made.model_copy(update={"made_by": "tessera 0.1.0 (abc)"}), str(tmp_path / "ds"))
     assert main(["train", "ct_ich_sequence_vivit", f"data.dataset={tmp_path / 'ds'}", "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "(1,538 trainable), 2 outputs (manifest)" in out  # ViViT-b's 768-wide classifier, 2 classes
+    version = mf.sha256_of((tmp_path / "ds" / mf.MANIFEST_NAME).read_bytes())
+    assert f"dataset: version {version[:12]} (the run's manifest_sha256), made by tessera 0.1.0 (abc)\n" in out
 
 
 def test_dry_run_says_whether_the_stored_images_need_a_resize(capsys, tmp_path):
