@@ -231,10 +231,6 @@ class Manifest(ManifestHead):
         """The shards (``split/shard-N.tar``) that hold samples of the inputs ``ids``, sorted."""
         return sorted({s for r in self.inputs if r.id in ids for s in r.shards})
 
-    def patients_by_split(self) -> dict[str, set[str]]:
-        """The set of patient pseudonyms in each split (for leak checks)."""
-        return patients_by_split(self.inputs)
-
 
 class InputBrief(BaseModel):
     """Of an input record, what a training driver checks: its status, split, patient and label."""
@@ -252,12 +248,9 @@ class ManifestBrief(ManifestHead):
 
     inputs: list[InputBrief] = Field(default_factory=list)
 
-    def patients_by_split(self) -> dict[str, set[str]]:
-        """The set of patient pseudonyms in each split (for leak checks)."""
-        return patients_by_split(self.inputs)
-
 
 def patients_by_split(inputs: list[InputRecord] | list[InputBrief]) -> dict[str, set[str]]:
+    """The set of patient pseudonyms in each split of ``inputs`` (whole records or briefs), for leak checks."""
     out: dict[str, set[str]] = {}
     for rec in inputs:
         if rec.split and rec.patient:
@@ -268,7 +261,7 @@ def patients_by_split(inputs: list[InputRecord] | list[InputBrief]) -> dict[str,
 def check_patient_disjoint(manifest: Manifest | ManifestBrief) -> None:
     """Raise if any patient appears in more than one split."""
     seen: dict[str, str] = {}
-    for split, patients in manifest.patients_by_split().items():
+    for split, patients in patients_by_split(manifest.inputs).items():
         for p in patients:
             if p in seen and seen[p] != split:
                 raise ValueError(f"patient {p} is in both {seen[p]!r} and {split!r} splits")

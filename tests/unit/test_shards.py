@@ -130,7 +130,7 @@ def test_patient_leak_check():
     with pytest.raises(ValueError, match="p1"):
         mf.check_patient_disjoint(m)
     brief = mf.ManifestBrief.model_validate_json(mf.dumps(m))  # what a training driver reads
-    assert brief.patients_by_split() == m.patients_by_split() == {"train": {"p1"}, "val": {"p1"}}
+    assert mf.patients_by_split(brief.inputs) == mf.patients_by_split(m.inputs) == {"train": {"p1"}, "val": {"p1"}}
     with pytest.raises(ValueError, match="p1"):
         mf.check_patient_disjoint(brief)
 
