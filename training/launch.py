@@ -118,6 +118,21 @@ def load_manifest(recipe: TrainRecipe) -> tuple[mf.ManifestBrief, bytes]:
 MANIFEST_TAG = "manifest_sha256"  # the run's tag: the version of the dataset it trains on
 
 
+def origin_tags(recipe: TrainRecipe, manifest: mf.ManifestBrief, data: bytes) -> dict[str, str]:
+    """Where a run (or a sweep's parent run) comes from: the recipe, its dataset and that dataset's version
+    (``data``: the manifest's bytes), the code that made the dataset and the code that trains on it."""
+    tags = {
+        "dataset": recipe.data.dataset,
+        MANIFEST_TAG: mf.sha256_of(data),
+        "git_commit": provenance.commit(),
+        "tessera_version": provenance.version(),
+        "recipe": recipe.name,
+    }
+    if manifest.made_by:  # which code rendered the samples: models of one dataset made twice differ by it
+        tags["dataset_made_by"] = manifest.made_by
+    return tags
+
+
 def start_run(
     recipe: TrainRecipe,
     tracking_uri: str,
@@ -128,15 +143,7 @@ def start_run(
     """Create the MLflow run (params, tags, the resolved recipe); returns its id. ``loaded``: the recipe's
     manifest and bytes as :func:`load_manifest` gave them already (a sweep trial's, checked)."""
     manifest, manifest_bytes = loaded or load_manifest(recipe)
-    tags = {
-        "dataset": recipe.data.dataset,
-        MANIFEST_TAG: mf.sha256_of(manifest_bytes),
-        "git_commit": provenance.commit(),
-        "tessera_version": provenance.version(),
-        "recipe": recipe.name,
-    } | (extra_tags or {})
-    if manifest.made_by:  # which code rendered the samples: models of one dataset made twice differ by it
-        tags["dataset_made_by"] = manifest.made_by
+    tags = origin_tags(recipe, manifest, manifest_bytes) | (extra_tags or {})
     params = flatten(recipe.model_dump()) | {"data.classes": ",".join(manifest.classes)}
     for role, split in (("train", recipe.data.train_split), ("val", recipe.data.val_split)):
         if not manifest.missing_splits(split):  # by role: a split may be "f0+f1", which MLflow keys cannot hold

@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 from shards import manifest as mf
-from shards import provenance
 from training import tracking
 from training.config import TrainRecipe
 from tune.config import SweepConfig
@@ -77,7 +76,7 @@ def check_trial_data(
 def start_parent(sweep: SweepConfig, uri: str, sweep_run: str, kind: str) -> str:
     """The sweep's parent run: the sweep file and base recipe as params, tagged for lookup and resume, and with
     the version of the base recipe's dataset its trials read."""
-    from training.launch import MANIFEST_TAG, load_manifest
+    from training.launch import load_manifest, origin_tags
 
     base = sweep.base()
     params = {"sweep.recipe": sweep.recipe, "sweep.kind": kind, "sweep.metric": sweep.objective()[0]}
@@ -86,8 +85,7 @@ def start_parent(sweep: SweepConfig, uri: str, sweep_run: str, kind: str) -> str
     params |= {f"space.{k}": json.dumps(p.model_dump(exclude_none=True)) for k, p in sweep.space.items()}
     if sweep.replicates:
         params |= {f"replicates.{k}": v for k, v in sweep.replicates.model_dump().items()}
-    tags = {KIND: kind, SWEEP: sweep_run, "recipe": base.name, "git_commit": provenance.commit()}
-    tags |= {"dataset": base.data.dataset, MANIFEST_TAG: mf.sha256_of(load_manifest(base)[1])}  # its trials' data
+    tags = origin_tags(base, *load_manifest(base)) | {KIND: kind, SWEEP: sweep_run}  # with its trials' data version
     _, run_id = tracking.start_run(uri, base.experiment or base.name, sweep_run, params, tags)
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "sweep.yaml"

@@ -273,3 +273,39 @@ def test_a_new_trials_run_records_the_dataset_version_it_was_checked_on_read_onc
     trial = child_run(uri, "sweep-1", parent, "t0", recipe)
     assert reads == [str(data)]
     assert client.get_run(trial).data.tags[MANIFEST_TAG] == version
+
+
+def test_a_sweeps_parent_run_says_where_its_trials_come_from_as_they_do(tmp_path, monkeypatch):
+    """The parent run carries the trials' origin tags (recipe, dataset and its version, the code that made the
+    dataset and the code that trains), so a sweep is found and compared by the same tags as its trials."""
+    from mlflow import MlflowClient
+
+    from shards import manifest as mf
+    from shards import provenance
+    from tests.datasets import make_dataset
+    from training.config import load_recipe
+    from tune.runs import KIND, child_run, start_parent
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv(provenance.COMMIT_VARIABLE, "abc123")
+    provenance.commit.cache_clear()
+    monkeypatch.setattr(provenance, "version", lambda: "9.9.9")
+    data = tmp_path / "ds"
+    make_dataset(str(data), {"train": 4, "val": 4}, size=16, shard_samples=4)
+    manifest = mf.load(str(data))
+    manifest.made_by = made_by = "tessera 0.0.1 (0ld)"  # made by earlier code than the sweep's
+    mf.save(manifest, str(data))
+    sweep = SweepConfig(
+        name="lr", recipe="demo_tiles", overrides=[f"data.dataset={data}", "eval.levels=[patient]"],
+        space={"optim.lr": {"loguniform": [1e-4, 1e-2]}},
+    )  # fmt: skip
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    parent = start_parent(sweep, uri, "lr-1", "sweep")
+    trial = child_run(uri, "lr-1", parent, "t0", load_recipe("demo_tiles", sweep.overrides))
+    client = MlflowClient(uri)
+    tags = client.get_run(parent).data.tags
+    origin = {"recipe", "dataset", "manifest_sha256", "git_commit", "tessera_version", "dataset_made_by"}
+    assert {k: tags[k] for k in origin} == {k: client.get_run(trial).data.tags[k] for k in origin}
+    assert (tags["git_commit"], tags["tessera_version"], tags["dataset_made_by"]) == ("abc123", "9.9.9", made_by)
+    assert tags[KIND] == "sweep"
+    provenance.commit.cache_clear()
