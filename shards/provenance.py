@@ -33,10 +33,10 @@ def source_commit(root: Path = SOURCE) -> str | None:
     """The commit of the git checkout whose root is ``root``, with :data:`DIRTY` when tracked files differ from it
     (untracked files are not code a user runs by accident); None where ``root`` is no checkout's root: packages
     installed into a virtual environment inside some other project's checkout are not that project's code."""
-    top = _git(root, "rev-parse", "--show-toplevel")
-    commit = _git(root, "rev-parse", "HEAD")
-    if not top or not commit or Path(top).resolve() != Path(root).resolve():
+    found = (_git(root, "rev-parse", "--show-toplevel", "HEAD") or "").splitlines()  # none without a commit
+    if len(found) != 2 or Path(found[0]).resolve() != Path(root).resolve():
         return None
+    commit = found[1]
     changed = _git(root, "status", "--porcelain", "--untracked-files=no")
     return commit + (DIRTY if changed else "")
 

@@ -35,6 +35,8 @@ def test_a_checkouts_commit_is_marked_when_its_tracked_files_changed(repo, tmp_p
     outside = tmp_path / "plain"
     outside.mkdir()
     assert provenance.source_commit(outside) is None
+    _git(outside, "init", "-q")  # a checkout with no commit yet
+    assert provenance.source_commit(outside) is None
     # installed into a virtual environment inside another project's checkout: not that project's code
     site = repo / ".venv" / "lib" / "site-packages"
     site.mkdir(parents=True)
