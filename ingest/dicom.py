@@ -7,7 +7,7 @@ import io
 import os
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import BinaryIO, TypeVar
 
@@ -16,7 +16,7 @@ import numpy as np
 from ingest import progress
 from ingest.series import order_slices
 from ingest.windowing import DEFAULT_WINDOWS, grey, padding_mask, windowed
-from shards import storage
+from shards import storage, transfers
 from shards.local_files import local_copy
 
 
@@ -146,15 +146,24 @@ def header_processes(files: int) -> int:
 
 
 def _read_each(read: Callable[[str], T], locations: list[str], threads: int = 1, bar=None) -> list[T]:
-    """``read`` of each location in order, on ``threads``; each counted on ``bar`` (the driver's) as it comes."""
+    """``read`` of each location in order, on ``threads``; each counted on ``bar`` (the driver's) as it comes.
+    On threads, their transfers are the caller's wait, counted once (not once per thread)."""
     with contextlib.ExitStack() as stack:
-        pool = stack.enter_context(ThreadPoolExecutor(threads)) if threads > 1 else None
+        pool = None
+        if threads > 1:
+            pool = stack.enter_context(ThreadPoolExecutor(threads, initializer=transfers.background))
+            stack.enter_context(transfers.waiting())
         out = []
         for header in pool.map(read, locations) if pool else map(read, locations):
             out.append(header)
             if bar is not None:
                 bar.update(1)
         return out
+
+
+def _read_run(read: Callable[[str], T], locations: list[str], threads: int) -> tuple[list[T], transfers.Transfers]:
+    """:func:`_read_each` in a header process, with what it moved (for the driver to count as its own)."""
+    return _read_each(read, locations, threads), transfers.take()
 
 
 def map_headers(read: Callable[[str], T], locations: list[str], processes: int | None = None) -> list[T]:
@@ -175,9 +184,12 @@ def map_headers(read: Callable[[str], T], locations: list[str], processes: int |
         step = -(-len(locations) // (processes * 8))
         runs = [locations[i : i + step] for i in range(0, len(locations), step)]
         parts = []
-        with ProcessPoolExecutor(processes) as pool:
-            for part in pool.map(_read_each, [read] * len(runs), runs, [threads] * len(runs)):
+        # the processes' transfers are the driver's (its line), their waits one: the driver's wait on the pool
+        waited = transfers.waiting() if threads > 1 else contextlib.nullcontext()
+        with ProcessPoolExecutor(processes) as pool, waited:
+            for part, moved in pool.map(_read_run, [read] * len(runs), runs, [threads] * len(runs)):
                 parts.append(part)
+                transfers.add(replace(moved, waited=0.0))
                 bar.update(len(part))
     return [header for part in parts for header in part]
 

@@ -18,7 +18,7 @@ import uuid
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 
-from shards import storage
+from shards import storage, transfers
 from shards.scratch import running
 
 LOCK_NAME = "_ingest.lock"
@@ -118,6 +118,7 @@ class DatasetLock:
             raise DatasetBusy(f"{self.out}: this ingest lost its lock{other}; nothing of this run was committed")
 
     def _beat(self) -> None:
+        transfers.background()  # the run does not wait on its heartbeats
         while not self._stop.wait(self.ttl / 4):
             try:
                 self.check()

@@ -24,7 +24,7 @@ from ingest.rerun import amended, decide, to_ingest
 from ingest.staging import STAGING, WorkRecord, done_records, retried, reusable
 from ingest.units import Unit, Work, batch_images, plan_unit
 from shards import manifest as mf
-from shards import provenance, storage
+from shards import provenance, storage, transfers
 from shards.manifest import InputRecord, Manifest, ShardInfo
 from shards.nodes import alive_resources, cluster_fixed
 
@@ -176,6 +176,17 @@ def run_ingest(kind: str, cfg: IngestConfig, on_private: Callable[[dict[str, str
 
     ``on_private`` receives the private map (pseudonym -> what it stands for), for the caller to keep private.
     """
+    transfers.take()  # what this process moved before the run is not the run's
+    started = time.perf_counter()
+    try:
+        return _ingest_locked(kind, cfg, on_private)
+    finally:
+        moved = transfers.take()
+        if moved.downloads or moved.uploads:  # planning's share: a large cohort's header pass is its own GETs
+            print(moved.describe(time.perf_counter() - started, transfers.DRIVER))
+
+
+def _ingest_locked(kind: str, cfg: IngestConfig, on_private: Callable[[dict[str, str]], object] | None):
     plan = make_plan(kind, cfg, pseudonym_key())
     cfg, model_line = recording(cfg, plan.background)
     if model_line:

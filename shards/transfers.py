@@ -18,6 +18,10 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 
 
+WORKERS = ("the workers", "they", "their")  # who moved what :meth:`Transfers.describe` counts
+DRIVER = ("the driver (planning, staged records, the manifest)", "it", "its")
+
+
 @dataclass
 class Transfers:
     """Transfer counts; ``seconds``: spent in transfers on any thread; ``waited``: the part the work waited on."""
@@ -32,14 +36,16 @@ class Transfers:
     def __add__(self, other: Transfers) -> Transfers:
         return Transfers(*(getattr(self, f.name) + getattr(other, f.name) for f in fields(self)))
 
-    def describe(self, worker_seconds: float) -> str:
-        """One line for the terminal; ``worker_seconds``: the workers' time in the run (workers x wall time)."""
-        share = f", {self.waited / worker_seconds:.0%} of their time" if worker_seconds > 0 else ""
+    def describe(self, seconds: float, who: tuple[str, str, str] = WORKERS) -> str:
+        """One line for the terminal; ``seconds``: the time ``who`` (:data:`WORKERS`, :data:`DRIVER`) had in the
+        run (workers x wall time; the driver's wall time)."""
+        name, they, their = who
+        share = f", {self.waited / seconds:.0%} of {their} time" if seconds > 0 else ""
         moved = [f"downloaded {self.downloads} file(s), {_size(self.downloaded)}"] if self.downloads else []
         moved += [f"uploaded {self.uploads} file(s), {_size(self.uploaded)}"] if self.uploads else []
         return (
-            f"object store: the workers {' and '.join(moved) or 'moved nothing'}, in {_seconds(self.seconds)} of "
-            f"transfers; they waited {_seconds(self.waited)} on them{share}"
+            f"object store: {name} {' and '.join(moved) or 'moved nothing'}, in {_seconds(self.seconds)} of "
+            f"transfers; {they} waited {_seconds(self.waited)} on them{share}"
         )
 
 
@@ -103,6 +109,13 @@ def concurrently(call: Callable[[Any], T], items: Iterable[Any], threads: int, n
     the items' order; the caller's wait for them all counts once as waited (not once per thread)."""
     with ThreadPoolExecutor(threads, name, background) as pool, waiting():
         return list(pool.map(call, items))
+
+
+def add(moved: Transfers) -> None:
+    """Count ``moved`` (a helper process's :func:`take`) as this process's."""
+    global _TOTAL
+    with _LOCK:
+        _TOTAL = _TOTAL + moved
 
 
 def take() -> Transfers:

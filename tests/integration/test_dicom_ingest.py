@@ -2,6 +2,7 @@
 
 import csv
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -66,20 +67,25 @@ def test_rsna_center_mode_with_odd_files(stack, tmp_path):
         assert p.patient_id not in blob and p.name not in blob
 
 
-def test_dicom_from_the_object_store_matches_local(stack, tmp_path):
+def test_dicom_from_the_object_store_matches_local(stack, tmp_path, capsys):
     """Sources under an ``s3://`` prefix (headers read by ranged GETs) give the same records as the same files
-    on disk: same series, same skipped file and reason, same sample counts."""
+    on disk: same series, same skipped file and reason, same sample counts. The driver's header requests are on
+    its own object-store line."""
     root = tmp_path / "dicom"
     make_ct_series(root, n=2, slices=6, size=32, seed=4)
     shutil.copy(get_testdata_file("rtplan.dcm"), root / "plan.dcm")
     src = "s3://shards/it-dicom-src"
     for f in sorted(p for p in root.rglob("*") if p.is_file()):
         storage.put_file(f, f"{src}/{f.relative_to(root).as_posix()}")
-    records = {}
+    records, driver = {}, {}
     for name, source in (("local", str(root)), ("s3", src)):
         cfg = DicomIngestConfig(sources=[source], out=str(tmp_path / name), split="train=1.0", store_size=32)
+        capsys.readouterr()
         manifest, _ = run_ingest("dicom", cfg)
         records[name] = sorted((r.status, r.reason or "", r.samples) for r in manifest.inputs)
+        out = capsys.readouterr().out
+        driver[name] = re.findall(r"object store: the driver \(.*\) downloaded (\d+) file\(s\)", out)
+    assert driver["local"] == [] and int(driver["s3"][0]) >= 13  # a header each: 12 slices and the plan
     assert records["s3"] == records["local"]
     assert [n for status, _, n in records["s3"] if status == "ingested"] == [6, 6]
     assert any("RTPLAN" in reason for _, reason, _ in records["s3"])

@@ -66,10 +66,14 @@ def test_counts_from_several_threads_add_up():
 def test_the_workers_counts_add_and_read_as_one_line():
     a = Transfers(downloads=2, downloaded=3_000_000_000, uploads=1, uploaded=500_000, seconds=12.0, waited=3.0)
     b = Transfers(downloads=1, downloaded=250_000_000, seconds=2.0, waited=1.0)
-    assert (a + b).describe(worker_seconds=40.0) == (
+    assert (a + b).describe(40.0) == (
         "object store: the workers downloaded 3 file(s), 3.25 GB and uploaded 1 file(s), 500.00 kB, in 14.0 s of "
         "transfers; they waited 4.00 s on them, 10% of their time"
     )
-    assert b.describe(worker_seconds=0) == (
+    assert b.describe(0) == (
         "object store: the workers downloaded 1 file(s), 250.00 MB, in 2.00 s of transfers; they waited 1.00 s on them"
+    )
+    assert b.describe(4.0, transfers.DRIVER) == (
+        "object store: the driver (planning, staged records, the manifest) downloaded 1 file(s), 250.00 MB, in "
+        "2.00 s of transfers; it waited 1.00 s on them, 25% of its time"
     )

@@ -178,6 +178,29 @@ def test_headers_on_the_object_store_are_read_on_threads_in_each_process():
 
 
 @pytest.mark.parametrize("processes", [1, 2])
+def test_a_header_pass_counts_its_requests_as_the_drivers_and_its_wait_once(processes):
+    """The header requests, in the driver's threads or its header processes, are the driver's transfers (its
+    object-store line); its wait is the pass's, not each thread's or process's requests added up."""
+    import time
+
+    from ingest import dicom
+    from shards import transfers
+
+    def get(loc: str) -> str:  # a ranged GET of 100 bytes
+        return transfers.counted(False, 100, lambda: time.sleep(0.02) or loc)
+
+    locations = [f"s3://bucket/ct/{i:04d}.dcm" for i in range(64)]
+    transfers.take()
+    start = time.perf_counter()
+    assert dicom.map_headers(get, locations, processes=processes) == locations
+    wall = time.perf_counter() - start
+    moved = transfers.take()
+    assert (moved.downloads, moved.downloaded) == (64, 6400) and moved.seconds >= 64 * 0.02
+    assert 0 < moved.waited <= wall  # 64 x 20 ms of requests overlapped: their sum is more than the pass took
+    assert moved.seconds > wall
+
+
+@pytest.mark.parametrize("processes", [1, 2])
 def test_a_long_header_pass_shows_its_progress_and_a_short_one_does_not(processes, monkeypatch, capsys):
     """Planning RSNA's 752k slices on an object store reads headers for minutes before the ingest's own bar: the
     driver counts them on a bar of its own (in one process, or as each process's runs come back)."""
