@@ -287,8 +287,7 @@ def test_a_sweeps_parent_run_says_where_its_trials_come_from_as_they_do(tmp_path
     from tune.runs import KIND, child_run, start_parent
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv(provenance.COMMIT_VARIABLE, "abc123")
-    provenance.commit.cache_clear()
+    monkeypatch.setattr(provenance, "commit", lambda: "abc123")
     monkeypatch.setattr(provenance, "version", lambda: "9.9.9")
     data = tmp_path / "ds"
     make_dataset(str(data), {"train": 4, "val": 4}, size=16, shard_samples=4)
@@ -308,4 +307,3 @@ def test_a_sweeps_parent_run_says_where_its_trials_come_from_as_they_do(tmp_path
     assert {k: tags[k] for k in origin} == {k: client.get_run(trial).data.tags[k] for k in origin}
     assert (tags["git_commit"], tags["tessera_version"], tags["dataset_made_by"]) == ("abc123", "9.9.9", made_by)
     assert tags[KIND] == "sweep"
-    provenance.commit.cache_clear()
