@@ -171,6 +171,11 @@ def nothing_to_ingest(plan: Plan, out: str) -> str:
     )
 
 
+# The driver's object-store line only once it waited this long on its requests: a run's few bookkeeping requests
+# (lock, manifest) take milliseconds, a large cohort's header pass minutes.
+DRIVER_LINE_S = 1.0
+
+
 def run_ingest(kind: str, cfg: IngestConfig, on_private: Callable[[dict[str, str]], object] | None = None):
     """Ingest ``cfg.sources`` of ``kind`` (``wsi``, ``dicom`` or ``images``) into shards; returns ``(manifest, url)``.
 
@@ -182,7 +187,7 @@ def run_ingest(kind: str, cfg: IngestConfig, on_private: Callable[[dict[str, str
         return _ingest_locked(kind, cfg, on_private)
     finally:
         moved = transfers.take()
-        if moved.downloads or moved.uploads:  # planning's share: a large cohort's header pass is its own GETs
+        if moved.waited >= DRIVER_LINE_S:  # planning's share: a large cohort's header pass is its own GETs
             print(moved.describe(time.perf_counter() - started, transfers.DRIVER))
 
 
