@@ -184,14 +184,15 @@ def run_ingest(kind: str, cfg: IngestConfig, on_private: Callable[[dict[str, str
     transfers.take()  # what this process moved before the run is not the run's
     started = time.perf_counter()
     try:
-        return _ingest_locked(kind, cfg, on_private)
+        return _plan_and_ingest(kind, cfg, on_private)
     finally:
         moved = transfers.take()
         if moved.waited >= DRIVER_LINE_S:  # planning's share: a large cohort's header pass is its own GETs
             print(moved.describe(time.perf_counter() - started, transfers.DRIVER))
 
 
-def _ingest_locked(kind: str, cfg: IngestConfig, on_private: Callable[[dict[str, str]], object] | None):
+def _plan_and_ingest(kind: str, cfg: IngestConfig, on_private: Callable[[dict[str, str]], object] | None):
+    """Plan the run, then ingest under the dataset's lock."""
     plan = make_plan(kind, cfg, pseudonym_key())
     cfg, model_line = recording(cfg, plan.background)
     if model_line:
