@@ -6,7 +6,6 @@ import contextlib
 import io
 import os
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import BinaryIO, TypeVar
@@ -146,19 +145,17 @@ def header_processes(files: int) -> int:
 
 
 def _read_each(read: Callable[[str], T], locations: list[str], threads: int = 1, bar=None) -> list[T]:
-    """``read`` of each location in order, on ``threads``; each counted on ``bar`` (the driver's) as it comes.
-    On threads, their transfers are the caller's wait, counted once (not once per thread)."""
-    with contextlib.ExitStack() as stack:
-        pool = None
-        if threads > 1:
-            pool = stack.enter_context(ThreadPoolExecutor(threads, initializer=transfers.background))
-            stack.enter_context(transfers.waiting())
-        out = []
-        for header in pool.map(read, locations) if pool else map(read, locations):
-            out.append(header)
-            if bar is not None:
-                bar.update(1)
-        return out
+    """``read`` of each location in order, on ``threads`` (their wait counted once); each counted on ``bar`` (the
+    driver's) as it comes."""
+    if threads > 1:
+        counted = (lambda _: bar.update(1)) if bar is not None else None
+        return transfers.concurrently(read, locations, threads, "tessera-header", each=counted)
+    out = []
+    for loc in locations:
+        out.append(read(loc))
+        if bar is not None:
+            bar.update(1)
+    return out
 
 
 def _read_run(read: Callable[[str], T], locations: list[str], threads: int) -> tuple[list[T], transfers.Transfers]:

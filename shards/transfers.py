@@ -104,11 +104,19 @@ def waiting() -> Iterator[None]:
             _TOTAL.waited += time.perf_counter() - start
 
 
-def concurrently(call: Callable[[Any], T], items: Iterable[Any], threads: int, name: str) -> list[T]:
+def concurrently(
+    call: Callable[[Any], T], items: Iterable[Any], threads: int, name: str, each: Callable[[T], object] | None = None
+) -> list[T]:
     """``call`` on each of ``items`` (many small requests: indices, records), ``threads`` at a time, the results in
-    the items' order; the caller's wait for them all counts once as waited (not once per thread)."""
+    the items' order; the caller's wait for them all counts once as waited (not once per thread). ``each`` sees
+    each result as it comes, in order, on the caller's thread (a progress bar's count)."""
     with ThreadPoolExecutor(threads, name, background) as pool, waiting():
-        return list(pool.map(call, items))
+        out = []
+        for result in pool.map(call, items):
+            out.append(result)
+            if each is not None:
+                each(result)
+        return out
 
 
 def add(moved: Transfers) -> None:

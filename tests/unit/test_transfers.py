@@ -41,7 +41,9 @@ def test_concurrent_requests_keep_their_order_and_count_the_wait_once():
         return i * i
 
     start = time.perf_counter()
-    assert transfers.concurrently(get, range(16), 4, "test") == [i * i for i in range(16)]
+    seen: list[int] = []
+    assert transfers.concurrently(get, range(16), 4, "test", each=seen.append) == [i * i for i in range(16)]
+    assert seen == [i * i for i in range(16)]  # each result as it came, in order
     wall = time.perf_counter() - start
     moved = transfers.take()
     assert most[0] == 4 and moved.downloads == 16 and moved.seconds >= 16 * 0.06 * 0.9
