@@ -50,12 +50,12 @@ def prediction_name(split: str, own: bool, name: str | None = None) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name or (split if own else f"external_{split}")).strip("_.") or "_"
 
 
-def default_split(manifest: mf.Manifest) -> str:
+def default_split(manifest: mf.ManifestHead) -> str:
     """The split to predict when none is given: the dataset's only one, or ``test``."""
     return next(iter(manifest.splits)) if len(manifest.splits) == 1 else "test"
 
 
-def labels_for(model_outputs: list[str], manifest: mf.Manifest, task: str) -> tuple[bool, str | None]:
+def labels_for(model_outputs: list[str], manifest: mf.ManifestHead, task: str) -> tuple[bool, str | None]:
     """Whether the samples' labels can go beside the model's calls (the dataset's classes, or multi-label
     names, are the model's), and a note where the dataset has labels the model does not know."""
     theirs = list(manifest.multilabel or []) if task == "multilabel" else list(manifest.classes)
@@ -110,7 +110,7 @@ def predict_run(
     split: str | None = None,
     name: str | None = None,
     overrides: list[str] | tuple[str, ...] = (),
-    check: Callable[[TrainRecipe, list[str], mf.Manifest], object] | None = None,
+    check: Callable[[TrainRecipe, list[str], mf.ManifestHead], object] | None = None,
 ) -> PredictOutcome:
     """Run ``run``'s exported model on ``split`` of ``dataset`` (default: the run's own; its only split, or
     ``test``); the tables go into the run under ``predictions/<name>/`` and come back in the outcome. The run's
@@ -129,7 +129,8 @@ def predict_run(
         raise ValueError(f"run {run_id} has no exported model (it finished no epoch)")
     outputs = export_outputs(export_description(client, run_id))
     url = recipe.data.dataset
-    manifest = mf.load(url)
+    # its head: what the checks and the split need, whatever the count of inputs (a million: seconds and GBs whole)
+    manifest, _ = mf.load_head(url)
     checked = check(recipe, outputs, manifest) if check is not None else None
     split = split or default_split(manifest)
     if manifest.missing_splits(split):
