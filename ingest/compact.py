@@ -11,6 +11,7 @@ shards and counts the run among its amendments; the old shards are deleted after
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import UTC, datetime
 
 from ingest.lock import DatasetLock
@@ -56,7 +57,7 @@ def compacted(manifest: Manifest, merged: dict[str, list[tuple[list[str], ShardI
         assert sum(s.samples for s in shards) == info.num_samples, f"{split}: samples lost in merging"
         splits[split] = info.model_copy(update={"shards": shards})
     inputs = [
-        r.model_copy(update={"shards": sorted({renamed.get(s, s) for s in r.shards})}) if r.shards else r
+        dataclasses.replace(r, shards=sorted({renamed.get(s, s) for s in r.shards})) if r.shards else r
         for r in manifest.inputs
     ]
     old, new = len(renamed), sum(len(groups) for groups in merged.values())

@@ -15,7 +15,7 @@ leave the manifest.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
 from ingest.config import IngestConfig, changed_options
@@ -201,7 +201,7 @@ def amended(
     for rid, rec in held.items():
         if any(name in renamed for name in rec.shards):
             shards = sorted(n for n in (renamed.get(name, name) for name in rec.shards) if n)
-            held[rid] = rec.model_copy(update={"shards": shards})
+            held[rid] = replace(rec, shards=shards)
     fresh = {r.id: r for r in [*additions.settled, *records]}
     joined = {}
     for split in sorted({*previous.splits, *splits}):

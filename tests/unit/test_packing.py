@@ -5,6 +5,7 @@ asked."""
 import json
 import os
 import threading
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -509,8 +510,10 @@ def test_replacing_changed_inputs_rewrites_the_shards_that_held_them(tmp_path):
     previous.splits = {"train": mf.SplitInfo(num_samples=7, shards=old)}
     shards_of = {"a": [0, 2], "b": [0], "c": [1]}
     previous.inputs = [
-        _rec(r, "ingested", patient=f"p{r}", label=0, fingerprint=f"f{r}", samples=1).model_copy(
-            update={"item": r.upper(), "shards": [f"train/shard-00000{i}.tar" for i in shards_of[r]]}
+        replace(
+            _rec(r, "ingested", patient=f"p{r}", label=0, fingerprint=f"f{r}", samples=1),
+            item=r.upper(),
+            shards=[f"train/shard-00000{i}.tar" for i in shards_of[r]],
         )
         for r in "abc"
     ]
@@ -535,7 +538,7 @@ def test_replacing_changed_inputs_rewrites_the_shards_that_held_them(tmp_path):
     assert not (tmp_path / "ds/train/shard-000005.tar").exists()
 
     record = _rec("a", "ingested", patient="pa", label=0, fingerprint="fa-rescanned", samples=2)
-    record = record.model_copy(update={"item": "A", "shards": ["train/shard-000003.tar"]})
+    record = replace(record, item="A", shards=["train/shard-000003.tar"])
     added = {"train": mf.SplitInfo(num_samples=2, shards=[new_a])}
     rewritten = {"train": {"shard-000000.tar": kept, "shard-000002.tar": None}}
     made = amended(previous, adds, plan, [record], added, "cd" * 32, rewritten)
