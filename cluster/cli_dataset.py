@@ -35,11 +35,13 @@ def add_dataset_parser(sub) -> None:
 def dataset_lines(manifest, data: bytes) -> list[str]:
     """The terminal's account of a dataset (``manifest``, ``data``: its bytes as stored)."""
     from shards import manifest as mf
+    from shards import provenance
 
     lines = [
         f"{manifest.dataset}: {manifest.kind}, made {manifest.created}, version {mf.sha256_of(data)}",
         f"made with: {made_with(manifest.config)}",
         f"made by: {manifest.made_by or 'not recorded (before Tessera recorded it)'}",
+        f"rendered with: {provenance.describe_rendering(manifest.rendered_with)}",
         "classes: " + (", ".join(f"{i} {c}" for i, c in enumerate(manifest.classes)) or "none (unlabelled)"),
     ]
     for split, info in manifest.splits.items():
@@ -62,6 +64,10 @@ def dataset_lines(manifest, data: bytes) -> list[str]:
         )
     for a in manifest.amended:
         by = f", by {a.made_by}" if a.made_by and a.made_by != manifest.made_by else ""
+        if a.rendered_with and not manifest.rendered_with:  # the dataset's own was not recorded: this one whole
+            by += f", rendered with {provenance.describe_rendering(a.rendered_with)}"
+        elif a.rendered_with and (changed := provenance.differences(manifest.rendered_with or {}, a.rendered_with)):
+            by += f", rendered otherwise: {'; '.join(changed)}"
         lines.append(f"  amended {a.time}: {a.describe()} (from version {str(a.previous_sha256)[:12]}{by})")
     return lines
 

@@ -188,11 +188,13 @@ def amended(
     splits: dict[str, mf.SplitInfo],
     previous_sha256: str | None = None,
     rewritten: dict[str, dict[str, mf.ShardInfo | None]] | None = None,
+    rendered_with: dict[str, str] | None = None,
 ) -> mf.Manifest:
     """``previous`` (``previous_sha256``: its version) with the records of ``additions`` (``records``: its
     units', from the workers) and their shards (``splits``, numbered after its own) added, and each shard of
     ``rewritten`` (``{split: {old name: new shard or None}}``: those that held replaced inputs' samples) swapped
-    for its rewrite; every other record and shard stays as it was."""
+    for its rewrite; every other record and shard stays as it was. The amendment records the code that ran it
+    and ``rendered_with``, what rendered its samples."""
     rewritten = rewritten or {}
     renamed = {
         f"{s}/{old}": new and f"{s}/{new.name}" for s, shards in rewritten.items() for old, new in shards.items()
@@ -218,6 +220,7 @@ def amended(
         replaced=replaced,
         previous_sha256=previous_sha256,
         made_by=provenance.made_by(),
+        rendered_with=rendered_with,
     )
     return previous.model_copy(
         update={

@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import ray
 
-from ingest import progress
+from ingest import progress, rendering
 from ingest.actors import Scheduler, model_url
 from ingest.config import ImagesIngestConfig, IngestConfig, pseudonym_key
 from ingest.decisions import IngestStopped
@@ -226,17 +226,14 @@ def _ingest(kind: str, cfg: IngestConfig, plan, lock: DatasetLock) -> tuple[Mani
         )
         return previous, storage.join(cfg.out, mf.MANIFEST_NAME)
     units = adds.units if adds is not None else plan.units
-    if adds is not None and previous.made_by != (code := provenance.made_by()):
-        print(
-            f"{cfg.out}: made by {previous.made_by or 'an earlier Tessera (not recorded)'}, amended now by {code}: "
-            "where Tessera's rendering changed between them, this run's samples differ from the dataset's (`tessera "
-            "dataset` says which code made each run)"
-        )
+    if adds is not None and (note := rendering.amend_note(previous, cfg)):
+        print(note)
     # the version this run amends (training runs that recorded it find it among the new manifest's ancestors)
     version = mf.sha256_of(storage.get_bytes(storage.join(cfg.out, mf.MANIFEST_NAME))) if adds else None
     inputs: list[InputRecord] = []
     splits: dict[str, mf.SplitInfo] = {}
     rewritten: dict[str, dict[str, ShardInfo | None]] = {}
+    found: list[provenance.Rendering] = []  # what its workers rendered with
     if units:
         if not ray.is_initialized():
             ray.init(num_cpus=cfg.workers, log_to_driver=False, include_dashboard=False, logging_level="WARNING")
@@ -253,6 +250,9 @@ def _ingest(kind: str, cfg: IngestConfig, plan, lock: DatasetLock) -> tuple[Mani
             _mark_previews(units, plans, works, sched)
             threshold = cfg.background_threshold if plan.background else None
             inputs = [_merge(u, plans[u.id], works[u.id], threshold) for u in units]
+            found = [w.rendered_with for u in units for w in works[u.id] if w.rendered_with]
+            if note := rendering.mixed_note(cfg.out, found):
+                print(note)
             splits = pack_parts(cfg, inputs, works, sched, first)
             if adds is not None and adds.replaced:  # the shards that held their samples, written anew after
                 after = {s: n + len(splits[s].shards) if s in splits else n for s, n in first.items()}
@@ -261,7 +261,7 @@ def _ingest(kind: str, cfg: IngestConfig, plan, lock: DatasetLock) -> tuple[Mani
             sched.close()
     if previous is not None and adds is not None:
         # its shards and records as they were, but the shards rewritten without the replaced inputs' samples
-        manifest = amended(previous, adds, plan, inputs, splits, version, rewritten)
+        manifest = amended(previous, adds, plan, inputs, splits, version, rewritten, provenance.combined(found))
     else:
         manifest = Manifest(
             dataset=cfg.out,
@@ -273,6 +273,7 @@ def _ingest(kind: str, cfg: IngestConfig, plan, lock: DatasetLock) -> tuple[Mani
             inputs=sorted(inputs + plan.skipped, key=lambda r: r.id),
             unmatched_labels=plan.unmatched,
             made_by=provenance.made_by(),
+            rendered_with=provenance.combined(found),
         )
     mf.check_patient_disjoint(manifest)
     lock.check()  # a run that lost its lock (stalled past its time-out) commits nothing

@@ -14,6 +14,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
+from ingest import rendering
 from ingest.config import IngestConfig, changed_options
 from ingest.decisions import IngestStopped, decide
 from ingest.read_ahead import ReadAhead
@@ -51,6 +52,7 @@ class WorkRecord(BaseModel):
     dropped_at: list[tuple[int, int]] = Field(default_factory=list)  # level-0 (x, y) of tiles the model dropped
     members: dict[str, Outcome] = Field(default_factory=dict)
     fingerprint: str | None = None  # of the files it was made from (Work.fingerprint)
+    rendered_with: dict[str, str] | None = None  # what its worker rendered with (``ingest.rendering``)
 
     def per_unit(self) -> list[WorkRecord]:
         """One record per input: itself, or (a batch) one per image, each naming the shared part."""
@@ -157,6 +159,7 @@ def process_work(work: Work, cfg: IngestConfig, background=None) -> WorkRecord:
         status=action or "ingested",
         reason=reason,
         fingerprint=work.fingerprint,
+        rendered_with=rendering.rendered_with(cfg),
     )
     rec.samples, rec.bytes, rec.classes, rec.members, rec.dropped_at = written or (0, 0, None, {}, [])
     if action and work.batch:  # the part itself could not be staged: every image of the batch shares its fate

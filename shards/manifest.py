@@ -162,6 +162,7 @@ class Amendment(BaseModel):
     # dataset's ancestors (grown since, every patient in the split it had) rather than a dataset replaced
     previous_sha256: str | None = None
     made_by: str | None = None  # the code that ran it (:func:`shards.provenance.made_by`); None before recorded
+    rendered_with: dict[str, str] | None = None  # what rendered its samples, as the dataset's (None: not recorded)
 
     def describe(self) -> str:
         """What the run did, for the terminal."""
@@ -181,6 +182,8 @@ class ManifestHead(BaseModel):
     created: str = Field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
     # the code that made it (Tessera's version and commit: what rendered its samples); None before recorded
     made_by: str | None = None
+    # what rendered its samples: Tessera's rendering of the kind, the libraries' versions (``ingest.rendering``)
+    rendered_with: dict[str, str] | None = None
     classes: list[str] = Field(default_factory=list)
     # Names of the per-sample multi-label vector (``labels`` in each sample's JSON), e.g. RSNA's six.
     multilabel: list[str] | None = None
@@ -206,6 +209,10 @@ class ManifestHead(BaseModel):
     def num_samples(self, split: str) -> int:
         """Samples in ``split`` (``a+b`` adds them up)."""
         return sum(self.splits[name].num_samples for name in split_names(split))
+
+    def renderings(self) -> list[dict[str, str]]:
+        """What rendered its samples, where recorded: the run that made it and each run that amended it."""
+        return [r for r in [self.rendered_with, *(a.rendered_with for a in self.amended)] if r]
 
     def missing_splits(self, split: str) -> list[str]:
         """The names in ``split`` (``a+b``) that the manifest lacks."""

@@ -59,3 +59,42 @@ def version() -> str:
 def made_by() -> str:
     """One line for a manifest: ``tessera <version> (<commit>)``."""
     return f"tessera {version()} ({commit()})"
+
+
+# What rendered a dataset's samples, as the manifest records it (``ingest.rendering.rendered_with``): Tessera's
+# rendering of the kind of input and the versions of the libraries whose output the samples hold.
+Rendering = dict[str, str]
+
+
+def combined(found: list[Rendering]) -> Rendering | None:
+    """One record of several (a run's workers, a dataset's runs): each entry's versions, ``a | b`` where they
+    differ; None when none was recorded."""
+    if not found:
+        return None
+    names = list(dict.fromkeys(name for one in found for name in one))
+    return {
+        name: " | ".join(sorted({one.get(name, "none") for one in found}, key=lambda v: (v == "none", v)))
+        for name in names
+    }
+
+
+def differences(before: Rendering, now: Rendering) -> list[str]:
+    """``"name old -> new"`` for each entry that differs (``none`` where one side lacks it)."""
+    names = list(dict.fromkeys([*before, *now]))
+    return [
+        f"{name} {before.get(name, 'none')} -> {now.get(name, 'none')}"
+        for name in names
+        if before.get(name) != now.get(name)
+    ]
+
+
+def mixed(found: list[Rendering]) -> list[str]:
+    """``"name a | b"`` for each entry on which ``found`` differ: samples made two ways."""
+    return [f"{name} {versions}" for name, versions in (combined(found) or {}).items() if " | " in versions]
+
+
+def describe_rendering(found: Rendering | None) -> str:
+    """One line: ``tessera wsi rendering 1, numpy 2.4.6, ...``."""
+    if not found:
+        return "not recorded (made before Tessera recorded it)"
+    return ", ".join(f"{name} {version}" for name, version in found.items())

@@ -130,6 +130,8 @@ def origin_tags(recipe: TrainRecipe, manifest: mf.ManifestBrief, data: bytes) ->
     }
     if manifest.made_by:  # which code rendered the samples: models of one dataset made twice differ by it
         tags["dataset_made_by"] = manifest.made_by
+    if rendered := manifest.renderings():  # and with what: Tessera's rendering and the libraries' versions
+        tags["dataset_rendered_with"] = provenance.describe_rendering(provenance.combined(rendered))
     return tags
 
 

@@ -6,8 +6,11 @@ import socket
 import subprocess
 import sys
 
+from ingest.config import WsiIngestConfig
 from ingest.lock import DatasetLock
+from ingest.rendering import rendered_with
 from ingest.synthetic import make_slides
+from shards import manifest as mf
 from tests.integration.commands import ingest_wsi_cmd
 
 
@@ -117,6 +120,7 @@ def test_a_grown_slide_folder_is_appended_through_the_cli(tmp_path):
     grown = subprocess.run([*cmd, "--append"], env=env, capture_output=True, text=True, timeout=300)
     assert grown.returncode == 0, grown.stderr[-2000:]
     assert "amended 1 time(s); last " in grown.stdout and ": 3 added, 0 retried" in grown.stdout
+    assert "rendered otherwise" not in grown.stdout and "amended now by" not in grown.stdout  # rendered alike
 
     after = json.loads((out / "manifest.json").read_text())
     assert {p: b for p, b in shards_before.items()} == {p: (out / p).read_bytes() for p in shards_before}
@@ -164,12 +168,20 @@ def test_a_grown_slide_folder_is_appended_through_the_cli(tmp_path):
         [*cmd, "--append", "--replace-changed"], env=env, capture_output=True, text=True, timeout=300
     )
     assert replaced.returncode == 0 and ": 0 added, 0 retried, 2 replaced" in replaced.stdout, replaced.stderr[-2000:]
+    # What rendered the samples: the workers' libraries, recorded by the run that made it and by each amending one.
+    # A dataset made with other libraries than a run's: the run says which before its work.
+    made = mf.load(str(out))
+    assert made.rendered_with == rendered_with(WsiIngestConfig(sources=[str(slides)], out=str(out)))
+    assert [a.rendered_with for a in made.amended] == [made.rendered_with] * 2
+    made.rendered_with = made.rendered_with | {"numpy": "1.26.4"}
+    mf.save(made, str(out))
     # Each slide rescanned once more: the new shards are numbered after the highest number listed, not after how
     # many are listed (a rewrite took new numbers and left gaps), so none is written over a listed one.
     for path in paths[3:]:
         path.write_bytes(path.read_bytes() + b"\0")
     twice = subprocess.run([*cmd, "--append", "--replace-changed"], env=env, capture_output=True, text=True)
     assert twice.returncode == 0 and ": 0 added, 0 retried, 2 replaced" in twice.stdout, twice.stderr[-2000:]
+    assert f"{out}: its samples were rendered otherwise than this run renders (numpy 1.26.4 | " in twice.stdout
     final = json.loads((out / "manifest.json").read_text())
     assert verify_dataset(str(out)) == [] and [a["replaced"] for a in final["amended"]] == [0, 2, 2]
     listed = {f"{split}/{s['name']}" for split, info in final["splits"].items() for s in info["shards"]}

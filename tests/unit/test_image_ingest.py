@@ -209,6 +209,7 @@ def test_images_config_checks():
 
 
 def test_images_batched_per_split_and_a_bad_image_fails_alone(tmp_path):
+    from ingest.rendering import rendered_with
     from ingest.staging import process_work
     from ingest.units import batch_images
     from shards.writer import read_tar_samples
@@ -227,6 +228,7 @@ def test_images_batched_per_split_and_a_bad_image_fails_alone(tmp_path):
     work = next(w for w in works if broken in w.batch)
     rec = process_work(work, cfg)
     assert rec.status == "ingested" and set(rec.members) == {u.id for u in work.batch}
+    assert rec.rendered_with == rendered_with(cfg) and rec.rendered_with["tessera"].startswith("images rendering ")
     per = {r.unit: r for r in rec.per_unit()}
     assert per[broken.id].status == "failed" and "not a decodable image" in per[broken.id].reason
     assert per[broken.id].samples == 0 and all(r.id == work.id for r in per.values())

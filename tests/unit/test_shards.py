@@ -205,6 +205,7 @@ def test_a_datasets_account_says_why_inputs_were_skipped_or_failed():
     assert m.reasons("failed", most=5) == [f"1: unreadable: reason {k}" for k in range(5)] + ["2: 2 other reason(s)"]
     assert m.reasons("ingested") == []
     lines = dataset_lines(m, m.model_dump_json().encode())
+    assert "rendered with: not recorded (made before Tessera recorded it)" in lines
     at = lines.index("inputs: ingested 0, skipped 5, failed 7")
     assert lines[at + 1 : at + 4] == [
         "  skipped 3: outside the slice folder 'brain'",
@@ -213,6 +214,15 @@ def test_a_datasets_account_says_why_inputs_were_skipped_or_failed():
     ]
     assert lines[-1] == "  failed 2: 2 other reason(s)"
 
+    m.rendered_with = {"tessera": "images rendering 1", "numpy": "2.4.6"}
+    m.amended = [mf.Amendment(time="t", added=2, rendered_with=m.rendered_with | {"numpy": "2.5.0"})]
+    lines = dataset_lines(m, b"")
+    assert "rendered with: tessera images rendering 1, numpy 2.4.6" in lines
+    assert (
+        lines[-1]
+        == "  amended t: 2 added, 0 retried, 0 replaced (from version None, rendered otherwise: numpy 2.4.6 -> 2.5.0)"
+    )
+    m.amended = []
     m.config = {"background_model": "models:/bg/3", "background_model_sha256": "ab" * 32, "background_threshold": 0.5}
     m.inputs[0].background_dropped, m.inputs[1].background_dropped = 40, 2
     assert dataset_lines(m, b"")[-1] == (

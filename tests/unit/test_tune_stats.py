@@ -293,6 +293,8 @@ def test_a_sweeps_parent_run_says_where_its_trials_come_from_as_they_do(tmp_path
     make_dataset(str(data), {"train": 4, "val": 4}, size=16, shard_samples=4)
     manifest = mf.load(str(data))
     manifest.made_by = made_by = "tessera 0.0.1 (0ld)"  # made by earlier code than the sweep's
+    manifest.rendered_with = {"tessera": "wsi rendering 1", "numpy": "2.4.6"}  # and amended by other libraries
+    manifest.amended = [mf.Amendment(time="t", added=1, rendered_with={"tessera": "wsi rendering 1", "numpy": "2.5"})]
     mf.save(manifest, str(data))
     sweep = SweepConfig(
         name="lr", recipe="demo_tiles", overrides=[f"data.dataset={data}", "eval.levels=[patient]"],
@@ -304,6 +306,8 @@ def test_a_sweeps_parent_run_says_where_its_trials_come_from_as_they_do(tmp_path
     client = MlflowClient(uri)
     tags = client.get_run(parent).data.tags
     origin = {"recipe", "dataset", "manifest_sha256", "git_commit", "tessera_version", "dataset_made_by"}
+    origin.add("dataset_rendered_with")
     assert {k: tags[k] for k in origin} == {k: client.get_run(trial).data.tags[k] for k in origin}
     assert (tags["git_commit"], tags["tessera_version"], tags["dataset_made_by"]) == ("abc123", "9.9.9", made_by)
+    assert tags["dataset_rendered_with"] == "tessera wsi rendering 1, numpy 2.4.6 | 2.5"
     assert tags[KIND] == "sweep"
