@@ -292,7 +292,8 @@ def test_retrying_the_failed_inputs_adds_their_shards_and_keeps_the_rest():
 
     retried = [_rec("b2", "ingested", split="val", shards=["val/shard-000000.tar"], samples=3)]
     val = {"val": mf.SplitInfo(num_samples=3, shards=[_shard("shard-000000.tar", 3)])}
-    again = amended(previous, adds, plan, retried, val, "ab" * 32)
+    rendered = {"tessera": "wsi rendering 1", "numpy": "2.4.6"}  # what its workers rendered with
+    again = amended(previous, adds, plan, retried, val, "ab" * 32, rendered_with=rendered)
     assert again.created == previous.created
     assert again.amended[0].model_dump(exclude={"time"}) == {
         "added": 0,
@@ -302,6 +303,7 @@ def test_retrying_the_failed_inputs_adds_their_shards_and_keeps_the_rest():
         "merged_into": 0,
         "previous_sha256": "ab" * 32,
         "made_by": provenance.made_by(),  # the code that retried them
+        "rendered_with": rendered,
     }
     statuses = {r.id: r.status for r in again.inputs}
     assert statuses == {"a1": "ingested", "b2": "ingested", "c3": "skipped", "d4": "skipped", "e5": "skipped"}
