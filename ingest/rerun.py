@@ -21,6 +21,7 @@ from datetime import UTC, datetime
 from ingest.config import IngestConfig, changed_options
 from ingest.describe import id_list
 from ingest.plan import Plan
+from ingest.rendering import amend_note
 from ingest.splits import extend_splits, parse_fractions
 from ingest.units import Unit
 from shards import manifest as mf
@@ -250,4 +251,6 @@ def dry_run_line(kind: str, plan: Plan, cfg: IngestConfig) -> str | None:
     if replaced:
         held = len(same.shards_holding({u.id for u in adds.replaced}))
         what.append(f"ingest its {replaced} changed input(s) again, rewriting the {held} shard(s) that held them")
-    return f"{there}: a run would {' and '.join(what)}, adding their shards to it"
+    line = f"{there}: a run would {' and '.join(what)}, adding their shards to it"
+    note = amend_note(same, cfg)  # as the run says it: where the samples it adds would be rendered otherwise
+    return f"{note}\n{line}" if note else line

@@ -362,6 +362,14 @@ def test_appending_adds_new_inputs_and_keeps_the_datasets_own(tmp_path):
     assert [u.id for u in adds.added] == ["c3", "d4", "e5"] and [r.id for r in adds.settled] == ["y8"]
     fewer = plan_of(("a1", "p1", 0), ("b2", "p2", 0), ("c3", "p3", 1), ("e5", "p4", 1))
     assert dry_run_line("wsi", fewer, cfg).endswith("a run would add 3 input(s), adding their shards to it")  # y8 too
+    # made with other libraries than this run's: the dry run says which first, as the run would
+    from ingest.rendering import rendered_with
+
+    made.rendered_with = rendered_with(cfg) | {"numpy": "1.26.4"}
+    mf.save(made, str(tmp_path))
+    note, line = dry_run_line("wsi", fewer, cfg).split("\n")
+    assert "its samples were rendered otherwise than this run renders (numpy 1.26.4 -> " in note
+    assert line.endswith("a run would add 3 input(s), adding their shards to it")
 
     relabelled = plan_of(("a1", "p1", 1), ("b2", "p2", 0))
     relabelled.skipped = [_rec("z9", "skipped"), _rec("c3", "skipped")]  # as the dataset has them
