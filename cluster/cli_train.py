@@ -61,6 +61,7 @@ def train_dry_run(recipe) -> None:
     import yaml
 
     from shards import manifest as mf
+    from shards import provenance
     from training.engine import mixed_precision
     from training.models import build_model, check_model, count_parameters
     from training.preflight import check_against
@@ -85,6 +86,9 @@ def train_dry_run(recipe) -> None:
         check_against(recipe, manifest)
         made_by = manifest.made_by or "not recorded (made before Tessera recorded it)"
         print(f"dataset: version {mf.sha256_of(data)[:12]} (the run's manifest_sha256), made by {made_by}")
+        if mixed := provenance.mixed(manifest.renderings()):  # amended by runs that rendered otherwise
+            said = "; ".join(mixed)
+            print(f"dataset: its samples were rendered more than one way ({said}; `tessera dataset` says which run)")
         print(held_out_line(recipe, manifest))
         print(input_size(recipe, manifest))
 

@@ -371,6 +371,13 @@ def test_dry_run_counts_head_only_parameters(capsys, tmp_path):
     assert "(1,538 trainable), 2 outputs (manifest)" in out  # ViViT-b's 768-wide classifier, 2 classes
     version = mf.sha256_of((tmp_path / "ds" / mf.MANIFEST_NAME).read_bytes())
     assert f"dataset: version {version[:12]} (the run's manifest_sha256), made by tessera 0.1.0 (abc)\n" in out
+    assert "rendered more than one way" not in out
+    # amended by a run with another pydicom: said, as what the run will train on
+    rendered = {"tessera": "dicom rendering 1", "pydicom": "3.0.2"}
+    amended = [mf.Amendment(time="t", added=1, rendered_with=rendered | {"pydicom": "3.0.1"})]
+    mf.save(made.model_copy(update={"rendered_with": rendered, "amended": amended}), str(tmp_path / "ds"))
+    assert main(["train", "ct_ich_sequence_vivit", f"data.dataset={tmp_path / 'ds'}", "--dry-run"]) == 0
+    assert "dataset: its samples were rendered more than one way (pydicom 3.0.1 | 3.0.2; " in capsys.readouterr().out
 
 
 def test_dry_run_says_whether_the_stored_images_need_a_resize(capsys, tmp_path):
