@@ -334,7 +334,7 @@ def list_stamps(prefix: str) -> Iterator[tuple[str, str]]:
         return
     try:
         pages = s3_client().get_paginator("list_objects_v2").paginate(Bucket=loc.bucket, Prefix=loc.key)
-        for page in pages:
+        for page in transfers.listing(pages):
             for obj in page.get("Contents", []):
                 stamp = _object_stamp(obj["Size"], obj.get("ETag"), obj.get("LastModified"))
                 yield f"s3://{loc.bucket}/{obj['Key']}", stamp

@@ -32,6 +32,7 @@ class Transfers:
     uploaded: int = 0
     seconds: float = 0.0
     waited: float = 0.0
+    listings: int = 0  # listing requests (a thousand objects each): a large prefix's take minutes
 
     def __add__(self, other: Transfers) -> Transfers:
         return Transfers(*(getattr(self, f.name) + getattr(other, f.name) for f in fields(self)))
@@ -43,6 +44,7 @@ class Transfers:
         share = f", {self.waited / seconds:.0%} of {their} time" if seconds > 0 else ""
         moved = [f"downloaded {self.downloads} file(s), {_size(self.downloaded)}"] if self.downloads else []
         moved += [f"uploaded {self.uploads} file(s), {_size(self.uploaded)}"] if self.uploads else []
+        moved += [f"listed {self.listings} page(s) of objects"] if self.listings else []
         return (
             f"object store: {name} {' and '.join(moved) or 'moved nothing'}, in {_seconds(self.seconds)} of "
             f"transfers; {they} waited {_seconds(self.waited)} on them{share}"
@@ -91,6 +93,23 @@ def counted(upload: bool, size: int | Callable[[T], int], call: Callable[..., T]
                 _TOTAL.downloaded += nbytes
             _TOTAL.seconds += seconds
             _TOTAL.waited += 0.0 if getattr(_THREAD, "background", False) else seconds
+
+
+def listing(pages: Iterable[T]) -> Iterator[T]:
+    """``pages`` (a paginator's: each a request when it is drawn), each counted as a listing request and its time
+    as a transfer's."""
+    pages = iter(pages)
+    while True:
+        start = time.perf_counter()
+        page = next(pages, None)
+        seconds = time.perf_counter() - start
+        with _LOCK:
+            _TOTAL.listings += page is not None
+            _TOTAL.seconds += seconds
+            _TOTAL.waited += 0.0 if getattr(_THREAD, "background", False) else seconds
+        if page is None:
+            return
+        yield page
 
 
 @contextmanager

@@ -86,8 +86,12 @@ def test_dicom_from_the_object_store_matches_local(stack, tmp_path, capsys, monk
         manifest, _ = run_ingest("dicom", cfg)
         records[name] = sorted((r.status, r.reason or "", r.samples) for r in manifest.inputs)
         out = capsys.readouterr().out
-        driver[name] = re.findall(r"object store: the driver \(.*\) downloaded (\d+) file\(s\)", out)
-    assert driver["local"] == [] and int(driver["s3"][0]) >= 13  # a header each: 12 slices and the plan
+        said = (
+            r"object store: the driver \(.*\) downloaded (\d+) file\(s\), [^,]* and listed (\d+) page\(s\) of objects"
+        )
+        driver[name] = re.findall(said, out)
+    assert driver["local"] == [] and int(driver["s3"][0][0]) >= 13  # a header each: 12 slices and the plan
+    assert int(driver["s3"][0][1]) >= 1  # and the prefix's listing
     monkeypatch.undo()  # from here the line only where the driver waited a second or more: not in these runs
     assert records["s3"] == records["local"]
     assert [n for status, _, n in records["s3"] if status == "ingested"] == [6, 6]

@@ -27,6 +27,23 @@ def test_transfers_are_counted_and_only_the_works_own_waits_are_waited():
     assert transfers.take() == Transfers()  # taken: counting starts again
 
 
+def test_listing_requests_are_counted_with_their_time_as_they_are_drawn():
+    transfers.take()
+
+    def pages():  # a paginator's: each page a request when it is drawn
+        for page in ([1, 2], [3]):
+            time.sleep(0.05)
+            yield page
+
+    assert [x for page in transfers.listing(pages()) for x in page] == [1, 2, 3]
+    moved = transfers.take()
+    assert (moved.listings, moved.downloads) == (2, 0) and 0.1 <= moved.waited == moved.seconds < 0.3
+    assert moved.describe(1.0).startswith("object store: the workers listed 2 page(s) of objects, in 0.1")
+    with ThreadPoolExecutor(1, initializer=transfers.background) as pool:  # a listing ahead: not waited on
+        assert pool.submit(lambda: [len(p) for p in transfers.listing(pages())]).result() == [2, 1]
+    assert transfers.take().waited == 0.0
+
+
 def test_concurrent_requests_keep_their_order_and_count_the_wait_once():
     transfers.take()
     in_flight, most, lock = [0], [0], threading.Lock()
