@@ -15,7 +15,7 @@ from typing import Literal
 from pydantic import BaseModel, Field, TypeAdapter, field_validator
 from pydantic.dataclasses import dataclass
 
-from shards import storage
+from shards import manifest_json, storage
 
 Status = Literal["ingested", "skipped", "failed"]
 MANIFEST_NAME = "manifest.json"
@@ -317,32 +317,20 @@ def _manifest_bytes(prefix: str) -> bytes:
 def load_with_bytes(prefix: str) -> tuple[Manifest, bytes]:
     """The manifest of the dataset at ``prefix`` and its bytes as stored (:func:`sha256_of` them: its version)."""
     data = _manifest_bytes(prefix)
-    return Manifest.model_validate_json(data), data
+    return manifest_json.parse(data, Manifest, InputRecord), data
 
 
 def load_brief(prefix: str) -> tuple[ManifestBrief, bytes]:
     """As :func:`load_with_bytes`, with only a brief of each input record (:class:`ManifestBrief`)."""
     data = _manifest_bytes(prefix)
-    return ManifestBrief.model_validate_json(data), data
+    return manifest_json.parse(data, ManifestBrief, InputBrief), data
 
 
 def load_head(prefix: str) -> tuple[ManifestHead, bytes]:
     """As :func:`load_with_bytes`, but without its input records: a training worker needs the splits and shards,
     and a record per input (a million for a million images) would cost each worker seconds and a GB or more."""
     data = _manifest_bytes(prefix)
-    return ManifestHead.model_validate_json(_head_bytes(data)), data
-
-
-_INPUTS_KEY = b'\n  "inputs": '  # a top-level key of indented JSON (a JSON string cannot hold a raw newline)
-
-
-def _head_bytes(data: bytes) -> bytes:
-    """The JSON of a manifest stored as :func:`dumps` stores it, less its ``inputs`` (its last key), unparsed;
-    another layout (one written before, with keys after its inputs) whole."""
-    at = data.rfind(_INPUTS_KEY)
-    if at < 0 or data.find(b'\n  "', at + len(_INPUTS_KEY)) >= 0:
-        return data
-    return data[:at].removesuffix(b",") + b"\n}"
+    return ManifestHead.model_validate_json(manifest_json.head_bytes(data)), data
 
 
 def no_dataset(prefix: str, bucket: str | None = None) -> str:

@@ -493,6 +493,30 @@ def test_a_manifest_is_stored_with_its_inputs_last_one_line_each_and_reads_back_
     assert mf.Manifest.model_validate_json(mf.dumps(empty)) == empty
 
 
+def test_a_manifests_records_read_in_pieces_are_those_read_at_once(tmp_path, monkeypatch):
+    """Records are parsed a few MB at a time (``shards.manifest_json``), each piece ending at a line's end:
+    whatever the piece size, the records are those of one parse, strings with brackets and commas included."""
+    from shards import manifest_json
+
+    odd = "unreadable: [truncated], at 2,048 bytes\n  ]"  # what a reason may hold
+    records = [
+        mf.InputRecord(id=f"{i:04d}", kind="image", status="failed" if i % 7 == 0 else "ingested", reason=odd)
+        if i % 7 == 0
+        else mf.InputRecord(id=f"{i:04d}", kind="image", status="ingested", split="train", shards=["train/s.tar"])
+        for i in range(50)
+    ]
+    whole = mf.Manifest(dataset=str(tmp_path), kind="images", inputs=records)
+    mf.save(whole, str(tmp_path))
+    for piece in (1, 200, 1 << 20):
+        monkeypatch.setattr(manifest_json, "PIECE", piece)
+        assert mf.load(str(tmp_path)) == whole
+        brief, _ = mf.load_brief(str(tmp_path))
+        assert [(b.status, b.split) for b in brief.inputs] == [(r.status, r.split) for r in records]
+    empty = mf.Manifest(dataset="e", kind="wsi")
+    mf.save(empty, str(tmp_path))
+    assert mf.load(str(tmp_path)) == empty and mf.load_brief(str(tmp_path))[0].inputs == []
+
+
 def test_a_manifest_read_whole_holds_a_record_in_under_600_bytes():
     """A dataset of a million images has a million records, all held by an ingest that amends it and by `tessera
     dataset`: as pydantic models they took about 1.6 KB each (a dict and a set of the fields given beside the
