@@ -34,15 +34,18 @@ def head_bytes(data: bytes) -> bytes:
 
 def parse(data: bytes, model: type[M], record: type) -> M:
     """``model`` (a manifest type whose ``inputs`` are ``record``s) from ``data``: the head at once, the records
-    (one a line) :data:`PIECE` bytes at a time, each piece ending at a line's end; another layout at once."""
+    (one a line) :data:`PIECE` bytes at a time, each piece ending at a line's end; another layout (records
+    indented over several lines, or keys after them) at once."""
     at = _inputs_at(data)
     if at is None:
+        return model.model_validate_json(data)
+    end = data.rfind(b"]")  # the list's: the last line is ``}``, and no record is after it
+    start = data.find(b"\n", at + len(INPUTS_KEY)) + 1  # after ``[``; past ``end`` for ``[]``
+    if 0 < start < end and not data.startswith(b'    {"', start):  # records over several lines: written before
         return model.model_validate_json(data)
     out = model.model_validate_json(head_bytes(data))
     records = TypeAdapter(list[record])
     found: list = []
-    end = data.rfind(b"]")  # the list's: the last line is ``}``, and no record is after it
-    start = data.find(b"\n", at + len(INPUTS_KEY)) + 1  # after ``[``; past ``end`` for ``[]``
     while 0 < start < end:
         stop = data.find(b"\n", min(start + PIECE, end))
         stop = end if stop < 0 or stop > end else stop

@@ -515,6 +515,10 @@ def test_a_manifests_records_read_in_pieces_are_those_read_at_once(tmp_path, mon
     empty = mf.Manifest(dataset="e", kind="wsi")
     mf.save(empty, str(tmp_path))
     assert mf.load(str(tmp_path)) == empty and mf.load_brief(str(tmp_path))[0].inputs == []
+    # a manifest written before (its records indented over several lines) is read at once, not cut in pieces
+    (tmp_path / mf.MANIFEST_NAME).write_text(whole.model_dump_json(indent=2))
+    monkeypatch.setattr(manifest_json, "PIECE", 200)
+    assert mf.load(str(tmp_path)) == whole and len(mf.load_brief(str(tmp_path))[0].inputs) == 50
 
 
 def test_a_manifest_read_whole_holds_a_record_in_under_600_bytes():
