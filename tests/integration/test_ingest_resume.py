@@ -15,6 +15,7 @@ import pytest
 from ingest.config import WsiIngestConfig
 from ingest.lock import DatasetBusy, DatasetLock, holder
 from ingest.plan import plan_wsi
+from ingest.rendering import rendered_with
 from ingest.runner import run_ingest
 from ingest.staging import STAGING, part_url, process_work
 from ingest.synthetic import make_slides
@@ -232,14 +233,19 @@ def test_a_replacement_that_crashed_before_its_manifest_is_resumed(stack, tmp_pa
     assert len(written) == 3  # its shard, the rescan's, and its shard rewritten without the old samples
     assert list(storage.list_urls(storage.join(out, STAGING)))
 
-    assert made.made_by == provenance.made_by()  # the code that rendered its samples
+    assert made.made_by == provenance.made_by()  # the code that made it
+    assert made.rendered_with == rendered_with(cfg)  # and what rendered its samples: its workers'
     monkeypatch.setattr(provenance, "commit", lambda: "newer")  # a later Tessera amends it
     capsys.readouterr()
     replaced, _ = run_ingest("wsi", cfg)
     assert replaced.amended[-1].replaced == 1 and verify_dataset(out) == []
     newer = f"tessera {provenance.version()} (newer)"
     assert replaced.made_by == made.made_by and replaced.amended[-1].made_by == newer
-    assert f"made by {made.made_by}, amended now by {replaced.amended[-1].made_by}" in capsys.readouterr().out
+    # a later commit that renders alike says nothing of it; the staged parts of the run that crashed and those
+    # made since record the same rendering
+    said = capsys.readouterr().out
+    assert "amended now by" not in said and "rendered otherwise" not in said
+    assert replaced.amended[-1].rendered_with == made.rendered_with
     listed = set(replaced.shard_urls(out, "train"))
     assert {u for u in storage.list_urls(storage.join(out, "train")) if u.endswith(".tar")} == listed
     assert not list(storage.list_urls(storage.join(out, STAGING)))
