@@ -180,7 +180,7 @@ class ManifestHead(BaseModel):
     dataset: str
     kind: str
     created: str = Field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
-    # the code that made it (Tessera's version and commit: what rendered its samples); None before recorded
+    # the code that made it (Tessera's version and commit); None before recorded
     made_by: str | None = None
     # what rendered its samples: Tessera's rendering of the kind, the libraries' versions (``ingest.rendering``)
     rendered_with: dict[str, str] | None = None

@@ -1,9 +1,9 @@
-"""Which code made a dataset or a model: Tessera's version and the git commit of its source.
+"""Which code made a dataset or a model: Tessera's version and the git commit of its source; and what rendered a
+dataset's samples (:data:`Rendering`, gathered by ``ingest.rendering``), which tells old samples from new where a
+later release or library renders differently (a fix to windowing, to a vendor's reader) and most commits do not.
 
-A dataset's samples are what Tessera's readers and renderers made of the inputs; when a later release renders
-differently (a fix to windowing, to a vendor's reader), only the code version tells the old samples from the
-new. A job submitted with a working directory runs a copy of the source without its ``.git``: ``tessera
-submit`` names the commit it sent in ``TESSERA_SOURCE_COMMIT``, which wins over what the copy can tell.
+A job submitted with a working directory runs a copy of the source without its ``.git``: ``tessera submit``
+names the commit it sent in ``TESSERA_SOURCE_COMMIT``, which wins over what the copy can tell.
 """
 
 from __future__ import annotations
