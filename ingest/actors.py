@@ -53,6 +53,10 @@ class IngestWorker:
             model = get_model(model_url(cfg), cfg.background_model, sha)
             self.background = BackgroundFilter(model, cfg.background_threshold, device=model_device(cfg))
 
+    def ready(self) -> bool:
+        """Answered once the actor has started (the cluster placed it and its set-up ran)."""
+        return True
+
     def plan(self, unit: Unit, ahead: list[str] | None = None) -> tuple[list[Work], list[str], str | None, str | None]:
         fetch_ahead(ahead, keep=unit.sources)
         result, action, reason = attempt(lambda: plan_unit(unit, self.cfg, self.background), self.cfg)
@@ -92,7 +96,10 @@ class Scheduler:
     def __init__(self, cfg: IngestConfig, n_actors: int) -> None:
         gpus = cfg.gpus_per_worker
         self.actors = [IngestWorker.options(num_cpus=1, num_gpus=gpus).remote(cfg) for _ in range(n_actors)]
-        self.idle = list(range(n_actors))
+        # Work goes to an actor once it has started: one the cluster has no room for yet (its CPUs held by a
+        # training run) would hold the call it was given, and the run, until it is placed, if ever.
+        self.starting = {actor.ready.remote(): i for i, actor in enumerate(self.actors)}
+        self.idle: list[int] = []
         self.pending: dict[ray.ObjectRef, tuple[int, str, Any]] = {}
         self.queue = CallQueue(n_actors, ahead=lambda u: getattr(cfg, "fetch_ahead", False) and is_remote(u.sources[0]))
         self.started = time.perf_counter()
@@ -119,7 +126,13 @@ class Scheduler:
         has queued what the result creates (a slide's regions go to the front, so they run before the next plan
         and on the actor that has the slide), at the next :meth:`submit` or call of this."""
         self._fill()
-        ready, _ = ray.wait(list(self.pending), num_returns=1)
+        while True:
+            ready, _ = ray.wait([*self.pending, *self.starting], num_returns=1)
+            if ready[0] in self.pending:
+                break
+            ray.get(ready[0])  # an actor whose set-up failed raises here, as a call to it would
+            self.idle.append(self.starting.pop(ready[0]))
+            self._fill()
         i, kind, item = self.pending.pop(ready[0])
         self.idle.append(i)
         try:
@@ -131,10 +144,17 @@ class Scheduler:
         for ref in self.pending:  # a run that stopped: its calls in flight end here, not retried on a new actor
             with contextlib.suppress(Exception):
                 ray.cancel(ref)
+        if self.starting:  # started since the work ran out, or (still not in a moment) never placed
+            done, _ = ray.wait(list(self.starting), num_returns=len(self.starting), timeout=2)
+            for ref in done:
+                self.starting.pop(ref)
+        started = [a for i, a in enumerate(self.actors) if i not in self.starting.values()]
+        if self.starting:
+            print(f"{len(started)} of {len(self.actors)} ingest workers started: the cluster had no room for the rest")
         with contextlib.suppress(Exception):  # a dead or stuck actor: its temporary files are the OS's to clean
-            moved = sum(ray.get([a.close.remote() for a in self.actors], timeout=10), Transfers())
+            moved = sum(ray.get([a.close.remote() for a in started], timeout=10), Transfers())
             if moved.downloads or moved.uploads:  # an object store's share of the run: did the network hold it back?
-                print(moved.describe(len(self.actors) * (time.perf_counter() - self.started)))
+                print(moved.describe(len(started) * (time.perf_counter() - self.started)))
         for actor in self.actors:
             ray.kill(actor)
         for ref in self.pending:  # and taken, so that Ray does not print their errors as unhandled
