@@ -72,6 +72,12 @@ def background() -> None:
     _THREAD.background = True
 
 
+def _spent(seconds: float) -> None:
+    """Count ``seconds`` of a transfer, waited on unless on a background thread; the caller holds ``_LOCK``."""
+    _TOTAL.seconds += seconds
+    _TOTAL.waited += 0.0 if getattr(_THREAD, "background", False) else seconds
+
+
 def counted(upload: bool, size: int | Callable[[T], int], call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     """``call(*args, **kwargs)``, one S3 transfer, counted with its size in bytes (``size``, or ``size(result)``);
     one that fails counts its time only."""
@@ -91,8 +97,7 @@ def counted(upload: bool, size: int | Callable[[T], int], call: Callable[..., T]
             elif done:
                 _TOTAL.downloads += 1
                 _TOTAL.downloaded += nbytes
-            _TOTAL.seconds += seconds
-            _TOTAL.waited += 0.0 if getattr(_THREAD, "background", False) else seconds
+            _spent(seconds)
 
 
 def listing(pages: Iterable[T]) -> Iterator[T]:
@@ -105,8 +110,7 @@ def listing(pages: Iterable[T]) -> Iterator[T]:
         seconds = time.perf_counter() - start
         with _LOCK:
             _TOTAL.listings += page is not None
-            _TOTAL.seconds += seconds
-            _TOTAL.waited += 0.0 if getattr(_THREAD, "background", False) else seconds
+            _spent(seconds)
         if page is None:
             return
         yield page
