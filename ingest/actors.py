@@ -8,6 +8,7 @@ import time
 from typing import Any
 
 import ray
+from tqdm import tqdm
 
 from ingest.config import IngestConfig
 from ingest.dispatch import CallQueue
@@ -20,6 +21,8 @@ from shards import storage
 from shards.local_files import is_remote
 from shards.manifest import ShardInfo
 from shards.transfers import Transfers
+
+NO_ROOM_NOTE_S = 30.0  # how long a run waits with no worker started before it says why
 
 
 def model_url(cfg: IngestConfig) -> str:
@@ -89,12 +92,47 @@ class IngestWorker:
         return transfers.take()
 
 
+def _placed() -> int | None:
+    """How many of this job's ingest workers not yet started the cluster has placed (still setting up: loading a
+    background model); None where Ray's state API cannot say (a cluster without its dashboard)."""
+    try:
+        from ray.util.state import list_actors
+
+        job = ray.get_runtime_context().get_job_id()
+        waiting = [("class_name", "=", "IngestWorker"), ("job_id", "=", job), ("state", "=", "PENDING_CREATION")]
+        actors = list_actors(ray.get_runtime_context().gcs_address, filters=waiting, detail=True, timeout=10)
+        return sum(1 for a in actors if a.pid)  # a process once placed; 0 while waiting for room
+    except Exception:
+        return None
+
+
+def no_room_note(workers: int, placed: int | None, need: dict[str, float], total: dict, free: dict) -> str:
+    """The line a run prints when none of its ``workers`` has started after :data:`NO_ROOM_NOTE_S`; ``placed``:
+    how many are placed and setting up (None: unknown); ``need``: one worker's resources; ``total``, ``free``: the
+    cluster's."""
+    asks = " and ".join(f"{v:g} {k}" for k, v in need.items())
+    has = ", ".join(f"{free.get(k, 0):g} of {total.get(k, 0):g} {k}s free" for k in need)
+    head = f"no ingest worker has started in {NO_ROOM_NOTE_S:.0f} s"
+    if placed:
+        rest = f"; the other {workers - placed} wait for room" if placed < workers else ""
+        return f"{head}: {placed} of {workers} are placed and still setting up{rest} (each needs {asks}; {has})"
+    if placed is None:  # Ray's placed-but-setting-up workers hold their resources too
+        why = "the cluster has no room for one, or they are still setting up"
+    else:
+        short = any(free.get(k, 0) < v for k, v in need.items())
+        why = "the cluster has no room for one" if short else "none is placed yet"
+    return (
+        f"{head}: {why} (each needs {asks}; {has}); the run waits for room (`ray status` shows what holds it; an "
+        "autoscaling cluster adds a node)"
+    )
+
+
 class Scheduler:
     """Keeps every actor busy; a slide is cut as soon as it is planned, on the actor that planned it (which has
     it), and its regions go to other actors only at the run's end (:class:`ingest.dispatch.CallQueue`)."""
 
     def __init__(self, cfg: IngestConfig, n_actors: int) -> None:
-        gpus = cfg.gpus_per_worker
+        gpus = self.gpus = cfg.gpus_per_worker
         self.actors = [IngestWorker.options(num_cpus=1, num_gpus=gpus).remote(cfg) for _ in range(n_actors)]
         # Work goes to an actor once it has started: one the cluster has no room for yet (its CPUs held by a
         # training run) would hold the call it was given, and the run, until it is placed, if ever.
@@ -103,6 +141,7 @@ class Scheduler:
         self.pending: dict[ray.ObjectRef, tuple[int, str, Any]] = {}
         self.queue = CallQueue(n_actors, ahead=lambda u: getattr(cfg, "fetch_ahead", False) and is_remote(u.sources[0]))
         self.started = time.perf_counter()
+        self.said_no_room = False
 
     def submit(self, kind: str, items: list[Any], front: bool = False) -> None:
         """Queue a call of ``kind`` per item, in their order: at the back, or (``front``) before all queued."""
@@ -127,7 +166,11 @@ class Scheduler:
         and on the actor that has the slide), at the next :meth:`submit` or call of this."""
         self._fill()
         while True:
-            ready, _ = ray.wait([*self.pending, *self.starting], num_returns=1)
+            ready, _ = ray.wait([*self.pending, *self.starting], num_returns=1, timeout=self._note_in())
+            if not ready:
+                tqdm.write(self._no_room())
+                self.said_no_room = True
+                continue
             if ready[0] in self.pending:
                 break
             ray.get(ready[0])  # an actor whose set-up failed raises here, as a call to it would
@@ -139,6 +182,18 @@ class Scheduler:
             return kind, item, ray.get(ready[0])
         except ray.exceptions.RayTaskError as exc:  # the actor's own exception, not Ray's wrapping of its traceback
             raise exc.cause from exc
+
+    def _note_in(self) -> float | None:
+        """Seconds until the run should say why no worker has started; None: one has, or it has said so."""
+        if self.said_no_room or len(self.starting) < len(self.actors):
+            return None
+        return max(0.0, self.started + NO_ROOM_NOTE_S - time.perf_counter())
+
+    def _no_room(self) -> str:
+        """Why the run waits: Ray says nothing of an actor it has no room for, and Tessera cannot tell "not yet"
+        (a training run's CPUs, an autoscaler's new node) from "never", so it says so and goes on waiting."""
+        need = {"CPU": 1.0, **({"GPU": float(self.gpus)} if self.gpus else {})}
+        return no_room_note(len(self.actors), _placed(), need, ray.cluster_resources(), ray.available_resources())
 
     def close(self) -> None:
         for ref in self.pending:  # a run that stopped: its calls in flight end here, not retried on a new actor

@@ -46,3 +46,40 @@ def test_a_run_goes_on_with_the_workers_the_cluster_has_room_for(stack, tmp_path
         remove_placement_group(held)
     assert [r.status for r in manifest.inputs] == ["ingested"] * 2
     assert "1 of 2 ingest workers started: the cluster had no room for the rest" in capsys.readouterr().out
+
+
+def test_a_run_none_of_whose_workers_can_start_says_so_and_goes_on_when_one_can(stack, tmp_path, capsys, monkeypatch):
+    """Every CPU held (by a training run, say): the run says, after a while, that its workers wait for room, and
+    completes once a CPU is free. Before, it waited without a word."""
+    import threading
+    import time
+
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    from ingest import actors
+    from ingest.runner import run_ingest
+    from ingest.synthetic import make_slides
+
+    monkeypatch.setattr(actors, "NO_ROOM_NOTE_S", 1.0)
+    make_slides(tmp_path / "slides", n=2, size=1024, seed=6)
+    held = placement_group([{"CPU": ray.cluster_resources()["CPU"]}])
+    ray.get(held.ready(), timeout=60)
+    cfg = WsiIngestConfig(
+        sources=[str(tmp_path / "slides")], out=str(tmp_path / "out"), tile_size=128, workers=2, split="train=1.0"
+    )
+    done: dict = {}
+    run = threading.Thread(target=lambda: done.update(manifest=run_ingest("wsi", cfg)[0]), daemon=True)
+    out = ""
+    try:
+        run.start()
+        deadline = time.monotonic() + 60
+        while "no ingest worker has started" not in out and time.monotonic() < deadline and run.is_alive():
+            time.sleep(0.5)
+            out += capsys.readouterr().out
+        assert "no ingest worker has started in 1 s: the cluster has no room for one (each needs 1 CPU; 0 of" in out
+        assert run.is_alive()  # still waiting, for room
+    finally:
+        remove_placement_group(held)
+    run.join(timeout=120)
+    assert not run.is_alive()
+    assert [r.status for r in done["manifest"].inputs] == ["ingested"] * 2

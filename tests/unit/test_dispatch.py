@@ -164,3 +164,21 @@ def test_fetching_ahead_hides_the_downloads_behind_the_work():
         assert plain >= 0.95 * (ideal + slides / actors * download_s), (actors, slides, regions, plain)
         assert ahead <= 1.2 * (ideal + download_s), (actors, slides, regions, ahead, ideal)
         assert fetched <= slides + actors and waited <= slides + actors
+
+
+def test_a_run_whose_workers_cannot_start_says_why():
+    """The line a run prints when no worker has started after a while: what one needs, what the cluster has free,
+    and whether the workers wait for room or are placed and still setting up (a background model loading)."""
+    from ingest.actors import no_room_note
+
+    cpu = {"CPU": 1.0}
+    no_room = no_room_note(2, 0, cpu, {"CPU": 2.0}, {"CPU": 0.0})
+    assert no_room.startswith("no ingest worker has started in 30 s: the cluster has no room for one")
+    assert "(each needs 1 CPU; 0 of 2 CPUs free); the run waits for room (`ray status` shows what holds it" in no_room
+    assert "none is placed yet" in no_room_note(2, 0, cpu, {"CPU": 2.0}, {"CPU": 2.0})
+    setting_up = no_room_note(3, 1, {"CPU": 1.0, "GPU": 0.5}, {"CPU": 4.0, "GPU": 1.0}, {"CPU": 3.0, "GPU": 0.5})
+    assert setting_up == (
+        "no ingest worker has started in 30 s: 1 of 3 are placed and still setting up; the other 2 wait for room "
+        "(each needs 1 CPU and 0.5 GPU; 3 of 4 CPUs free, 0.5 of 1 GPUs free)"
+    )
+    assert "or they are still setting up" in no_room_note(2, None, cpu, {"CPU": 2.0}, {"CPU": 0.0})
