@@ -73,3 +73,38 @@ def stack():
     left = _leftovers(_settings)
     shutil.rmtree(STATE, ignore_errors=True)
     assert left == [], f"processes left after down: {left}"
+
+
+def _held(ray) -> tuple[float, dict]:
+    """What of the cluster is still held: CPUs short of its total, and the placement groups not removed."""
+    short = ray.cluster_resources().get("CPU", 0) - ray.available_resources().get("CPU", 0)
+    groups = {k: v for k, v in ray.util.placement_group_table().items() if v.get("state") != "REMOVED"}
+    return short, groups
+
+
+@pytest.fixture(autouse=True)
+def _cluster_released(request):
+    """A test that used the stack leaves its CPUs free: one held (a placement group a training run or sweep did not
+    remove, an actor left alive) would be held for good on a user's cluster, and here it made a later ingest wait
+    without end (a worker with no CPU to start on). Ray removes a run's resources a moment after it ends."""
+    yield
+    if "stack" not in request.fixturenames:
+        return
+    import time
+
+    import ray
+    from ray.util.placement_group import PlacementGroup
+
+    if not ray.is_initialized():
+        return
+    deadline = time.monotonic() + 30
+    short, groups = _held(ray)
+    while (short or groups) and time.monotonic() < deadline:
+        time.sleep(0.5)
+        short, groups = _held(ray)
+    for pg_id in groups:  # so that the tests after this one run on the whole cluster
+        ray.util.remove_placement_group(PlacementGroup(ray.PlacementGroupID.from_hex(pg_id)))
+    while groups and any(_held(ray)) and time.monotonic() < deadline + 10:
+        time.sleep(0.5)
+    held = {k: (v.get("name"), v.get("state"), v.get("bundles")) for k, v in groups.items()}
+    assert not short and not groups, f"the test left {short:g} CPU(s) held; placement groups not removed: {held}"
