@@ -107,4 +107,9 @@ def _cluster_released(request):
     while groups and any(_held(ray)) and time.monotonic() < deadline + 10:
         time.sleep(0.5)
     held = {k: (v.get("name"), v.get("state"), v.get("bundles")) for k, v in groups.items()}
-    assert not short and not groups, f"the test left {short:g} CPU(s) held; placement groups not removed: {held}"
+    if short or groups:
+        from ray.util.state import list_actors
+
+        alive = list_actors(ray.get_runtime_context().gcs_address, filters=[("state", "=", "ALIVE")], detail=True)
+        actors = [(a.class_name, a.required_resources) for a in alive]
+        pytest.fail(f"the test left {short:g} CPU(s) held; placement groups not removed: {held}; live actors: {actors}")
