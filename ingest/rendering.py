@@ -62,23 +62,31 @@ def _rendered_with(kind: str, models: bool) -> tuple[tuple[str, str], ...]:
     return tuple(found)
 
 
-def amend_note(previous: mf.ManifestHead, cfg: IngestConfig) -> str | None:
+def amend_note(previous: mf.ManifestHead, cfg: IngestConfig, workers: Rendering | None = None) -> str | None:
     """What a run configured by ``cfg`` that amends the dataset ``previous`` says before its work, where the samples
-    it adds would be rendered otherwise than the dataset's (None where they would not). Its driver's rendering
-    stands for its workers' (one image); what the workers rendered with is recorded after the work."""
+    it adds would be rendered otherwise than the dataset's (None where they would not): its driver's rendering
+    stands for its workers' (one image). After the work, given what the ``workers`` rendered with, where they
+    rendered otherwise than the dataset though the driver would not (nodes on another image)."""
     if not (recorded := previous.renderings()):  # made before they were recorded: only the code can be compared
-        if previous.made_by == (code := provenance.made_by()):
+        if workers is not None or previous.made_by == (code := provenance.made_by()):
             return None
         return (
             f"{cfg.out}: made by {previous.made_by or 'an earlier Tessera (not recorded)'}, amended now by {code}: "
             "where Tessera's rendering changed between them, this run's samples differ from the dataset's (`tessera "
             "dataset` says which code made each run)"
         )
-    changed = provenance.differences(provenance.combined(recorded) or {}, rendered_with(cfg))
+    before = provenance.combined(recorded) or {}
+    driver = provenance.differences(before, rendered_with(cfg))
+    if workers is None:
+        changed, who = driver, "this run renders"
+    elif driver:  # said before the work
+        return None
+    else:
+        changed, who = provenance.differences(before, workers), "this run's workers rendered on nodes unlike its driver"
     if not changed:
         return None
     return (
-        f"{cfg.out}: its samples were rendered otherwise than this run renders ({'; '.join(changed)}): the samples it "
+        f"{cfg.out}: its samples were rendered otherwise than {who} ({'; '.join(changed)}): the samples it "
         "adds may differ from the dataset's (`tessera dataset` says what rendered each run; --overwrite makes the "
         "whole dataset anew)"
     )

@@ -253,6 +253,8 @@ def _ingest(kind: str, cfg: IngestConfig, plan, lock: DatasetLock) -> tuple[Mani
             found = [w.rendered_with for u in units for w in works[u.id] if w.rendered_with]
             if note := rendering.mixed_note(cfg.out, found):
                 print(note)
+            if adds is not None and found and (note := rendering.amend_note(previous, cfg, provenance.combined(found))):
+                print(note)  # nodes on another image than the driver's
             splits = pack_parts(cfg, inputs, works, sched, first)
             if adds is not None and adds.replaced:  # the shards that held their samples, written anew after
                 after = {s: n + len(splits[s].shards) if s in splits else n for s, n in first.items()}

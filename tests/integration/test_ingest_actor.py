@@ -1,4 +1,5 @@
-"""An ingest actor holds OpenCV to the CPUs Ray gave it (OpenCV ignores Ray's OMP_NUM_THREADS)."""
+"""Ingest actors on the cluster: OpenCV held to the CPUs Ray gave each (OpenCV ignores Ray's OMP_NUM_THREADS), a
+run that has room for some or none of them, workers that render otherwise than their driver."""
 
 import os
 
@@ -83,3 +84,30 @@ def test_a_run_none_of_whose_workers_can_start_says_so_and_goes_on_when_one_can(
     run.join(timeout=120)
     assert not run.is_alive()
     assert [r.status for r in done["manifest"].inputs] == ["ingested"] * 2
+
+
+def test_workers_on_another_image_than_the_driver_are_named_after_the_work(stack, tmp_path, capsys, monkeypatch):
+    """A dataset amended by a run whose driver renders as the dataset was rendered (said nothing before the work)
+    but whose workers render otherwise (nodes on another image): the run says so after the work and records the
+    workers' rendering."""
+    from ingest import rendering
+    from ingest.runner import run_ingest
+    from ingest.synthetic import make_slides
+    from shards import manifest as mf
+
+    make_slides(tmp_path / "slides", n=1, size=1024, seed=7)
+    out = str(tmp_path / "out")
+    cfg = WsiIngestConfig(sources=[str(tmp_path / "slides")], out=out, tile_size=128, workers=1, split="train=1.0")
+    made, _ = run_ingest("wsi", cfg)
+    workers = made.rendered_with
+    made.rendered_with = workers | {"numpy": "1.26.4"}  # as if made on an image with an older numpy
+    mf.save(made, out)
+    monkeypatch.setattr(rendering, "rendered_with", lambda _cfg: made.rendered_with)  # the driver on that image
+    make_slides(tmp_path / "slides", n=1, size=1024, seed=8, first=1)  # one slide more
+    capsys.readouterr()
+    amended, _ = run_ingest("wsi", cfg.model_copy(update={"append": True}))
+    said = capsys.readouterr().out
+    assert "rendered otherwise than this run renders" not in said  # the driver: alike
+    note = f"{out}: its samples were rendered otherwise than this run's workers rendered on nodes unlike its driver "
+    assert note + f"(numpy 1.26.4 -> {workers['numpy']})" in said
+    assert amended.amended[-1].rendered_with == workers

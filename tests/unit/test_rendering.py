@@ -117,6 +117,24 @@ def test_a_run_amending_a_dataset_says_what_it_renders_otherwise_and_nothing_whe
     assert rendering.amend_note(unrecorded.model_copy(update={"made_by": "tessera 0.1.0 (new)"}), cfg) is None
 
 
+def test_a_run_whose_workers_rendered_otherwise_than_its_driver_says_so_after_the_work():
+    """Nodes on another image than the driver's: the driver renders as the dataset did and says nothing before the
+    work; what its workers rendered with is compared after it."""
+    cfg = WsiIngestConfig(sources=["x"], out="s3://b/ds", append=True)
+    mine = rendering.rendered_with(cfg)
+    same = mf.ManifestHead(dataset="s3://b/ds", kind="wsi", rendered_with=mine)
+    assert rendering.amend_note(same, cfg, workers=mine) is None
+    note = rendering.amend_note(same, cfg, workers=mine | {"numpy": "1.26.4"})
+    assert note.startswith("s3://b/ds: its samples were rendered otherwise than this run's workers rendered on nodes ")
+    assert f"(numpy {mine['numpy']} -> 1.26.4)" in note
+    # the driver renders otherwise too: said before the work, not again
+    other = same.model_copy(update={"rendered_with": mine | {"numpy": "1.26.4"}})
+    assert rendering.amend_note(other, cfg) is not None
+    assert rendering.amend_note(other, cfg, workers=mine) is None
+    # a dataset made before renderings were recorded: the code was compared before the work; nothing after
+    assert rendering.amend_note(same.model_copy(update={"rendered_with": None}), cfg, workers=mine) is None
+
+
 def test_a_run_whose_workers_rendered_otherwise_says_so():
     a = {"tessera": "dicom rendering 1", "pydicom": "3.0.2"}
     assert rendering.mixed_note("ds", [a, a]) is None and rendering.mixed_note("ds", []) is None
