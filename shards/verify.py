@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import hashlib
-from concurrent.futures import ThreadPoolExecutor
 from typing import BinaryIO
 
 from shards import manifest as mf
-from shards import storage
+from shards import storage, transfers
 from shards.index import find_member, parse_index
 from shards.local_files import local_copy
 from shards.schema import class_label
@@ -57,9 +56,8 @@ def verify_dataset(prefix: str, manifest: mf.Manifest | mf.ManifestHead | None =
     in the manifest's order; ``SHARDS_AT_ONCE`` shards are checked at a time."""
     manifest = manifest or mf.load_head(prefix)[0]
     listed = [(storage.join(prefix, split, s.name), s) for split, info in manifest.splits.items() for s in info.shards]
-    with ThreadPoolExecutor(SHARDS_AT_ONCE, thread_name_prefix="verify") as pool:
-        found = pool.map(lambda job: verify_shard(*job), listed)
-        problems = [p for shard_problems in found for p in shard_problems]
+    found = transfers.concurrently(lambda job: verify_shard(*job), listed, SHARDS_AT_ONCE, "verify")
+    problems = [p for shard_problems in found for p in shard_problems]
     for split, info in manifest.splits.items():
         if sum(s.samples for s in info.shards) != info.num_samples:
             problems.append(f"{split}: shard sample counts do not add up to {info.num_samples}")
