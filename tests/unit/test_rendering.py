@@ -13,15 +13,20 @@ from shards import manifest as mf
 from shards import provenance
 from shards.schema import to_bytes
 
-# Each kind's rendering version and the fingerprint of its samples of the inputs below. A change that fails here
-# makes other samples of the same inputs and options: add 1 to that kind's ``ingest.rendering.RENDERING`` and put
-# the version and the fingerprint the failure prints here (a run amending a dataset made before then says its
-# samples differ). A library upgrade that fails here changes samples too: its version is recorded beside
-# Tessera's, so only the fingerprint needs changing.
+# Each kind's rendering version and the fingerprint of its samples of the inputs below, with its default options
+# and with options that take other paths (a resize to a level between the slide's, a stored size, PNG, a stride;
+# neighbouring slices; boxes cropped, GrabCut, grey, a median filter). A change that fails here makes other samples
+# of the same inputs and options: add 1 to that kind's ``ingest.rendering.RENDERING`` and put the version and the
+# fingerprints the failure prints here (a run amending a dataset made before then says its samples differ). A
+# library upgrade that fails here changes samples too: its version is recorded beside Tessera's, so only the
+# fingerprints need changing.
 EXPECTED = {
     "wsi": (1, "c17ef6f5e803ee27"),
+    "wsi options": (1, "c5321e0bb1710af6"),
     "dicom": (1, "c3e92ed9e01632dd"),
+    "dicom options": (1, "7cf4cd250c7fee3f"),
     "images": (1, "88ab04718a4e68fb"),
+    "images options": (1, "a8711bb52396d9c7"),
 }
 PSEUDONYMS = {"slide", "patient", "image", "series", "study"}  # keyed, and of the inputs' places: not rendering
 
@@ -29,12 +34,20 @@ PSEUDONYMS = {"slide", "patient", "image", "series", "study"}  # keyed, and of t
 def _configs(root: Path) -> dict:
     synthetic.make_slides(root / "wsi", n=1, size=1024)
     synthetic.make_ct_series(root / "ct", n=1, slices=3, size=64)
-    synthetic.make_mri_folders(root / "mri", per_class=1, size=64)
+    boxes = synthetic.make_mri_folders(root / "mri", per_class=1, size=64)
     split = {"split": "train=1.0"}
+    wsi = WsiIngestConfig(sources=[str(root / "wsi")], out=str(root / "o1"), tile_size=128, **split)
+    dicom = DicomIngestConfig(sources=[str(root / "ct")], out=str(root / "o2"), **split)
+    images = ImagesIngestConfig(sources=[str(root / "mri" / "images")], out=str(root / "o3"), **split)
     return {
-        "wsi": WsiIngestConfig(sources=[str(root / "wsi")], out=str(root / "o1"), tile_size=128, **split),
-        "dicom": DicomIngestConfig(sources=[str(root / "ct")], out=str(root / "o2"), **split),
-        "images": ImagesIngestConfig(sources=[str(root / "mri" / "images")], out=str(root / "o3"), **split),
+        "wsi": wsi,
+        "wsi options": wsi.model_copy(update={"mpp": 0.75, "store_size": 64, "format": "png", "stride": 96}),
+        "dicom": dicom,
+        "dicom options": dicom.model_copy(update={"neighbours": 1, "store_size": 32, "format": "jpg"}),
+        "images": images,
+        "images options": images.model_copy(
+            update={"boxes": str(boxes), "crop": True, "segment": "grabcut", "grayscale": True, "median": 3}
+        ),
     }
 
 
@@ -55,14 +68,17 @@ def _fingerprint(kind: str, cfg) -> tuple[int, str]:
 
 def test_each_kinds_rendering_version_goes_with_the_samples_it_makes(tmp_path, monkeypatch):
     monkeypatch.setenv("TESSERA_PSEUDONYM_KEY", "rendering")
-    found = {kind: (rendering.RENDERING[kind], _fingerprint(kind, cfg)) for kind, cfg in _configs(tmp_path).items()}
-    assert all(samples for _, (samples, _) in found.values()), found
+    found = {}
+    for case, cfg in _configs(tmp_path).items():
+        kind = case.split()[0]
+        found[case] = (kind, rendering.RENDERING[kind], _fingerprint(kind, cfg))
+    assert all(samples for _, _, (samples, _) in found.values()), found
     changed = [
-        f"{kind}: its samples of the fixed inputs changed ({samples} samples, fingerprint {digest}): where Tessera's "
-        f"change made them, add 1 to ingest.rendering.RENDERING[{kind!r}]; then set EXPECTED[{kind!r}] to its version "
-        f"and {digest!r}"
-        for kind, (version, (samples, digest)) in found.items()
-        if (version, digest) != EXPECTED[kind]
+        f"{case}: its samples of the fixed inputs changed ({samples} samples, fingerprint {digest}): where Tessera's "
+        f"change made them, add 1 to ingest.rendering.RENDERING[{kind!r}]; then set EXPECTED[{case!r}] to its "
+        f"version and {digest!r}"
+        for case, (kind, version, (samples, digest)) in found.items()
+        if (version, digest) != EXPECTED[case]
     ]
     assert not changed, "\n".join(changed)
 
