@@ -15,16 +15,17 @@ from shards.schema import to_bytes
 
 # Each kind's rendering version and the fingerprint of its samples of the inputs below, with its default options
 # and with options that take other paths (a resize to a level between the slide's, a stored size, PNG, a stride;
-# neighbouring slices; boxes cropped, GrabCut, grey, a median filter). A change that fails here makes other samples
-# of the same inputs and options: add 1 to that kind's ``ingest.rendering.RENDERING`` and put the version and the
-# fingerprints the failure prints here (a run amending a dataset made before then says its samples differ). A
-# library upgrade that fails here changes samples too: its version is recorded beside Tessera's, so only the
-# fingerprints need changing.
+# neighbouring slices, a series as a sequence of frames; boxes cropped, GrabCut, grey, a median filter). A change
+# that fails here makes other samples of the same inputs and options: add 1 to that kind's
+# ``ingest.rendering.RENDERING`` and put the version and the fingerprints the failure prints here (a run amending a
+# dataset made before then says its samples differ). A library upgrade that fails here changes samples too: its
+# version is recorded beside Tessera's, so only the fingerprints need changing.
 EXPECTED = {
     "wsi": (1, "c17ef6f5e803ee27"),
     "wsi options": (1, "c5321e0bb1710af6"),
     "dicom": (1, "c3e92ed9e01632dd"),
     "dicom options": (1, "7cf4cd250c7fee3f"),
+    "dicom sequences": (1, "170cc699c0b43afe"),
     "images": (1, "88ab04718a4e68fb"),
     "images options": (1, "a8711bb52396d9c7"),
 }
@@ -44,6 +45,7 @@ def _configs(root: Path) -> dict:
         "wsi options": wsi.model_copy(update={"mpp": 0.75, "store_size": 64, "format": "png", "stride": 96}),
         "dicom": dicom,
         "dicom options": dicom.model_copy(update={"neighbours": 1, "store_size": 32, "format": "jpg"}),
+        "dicom sequences": dicom.model_copy(update={"mode": "series", "frames": 4}),
         "images": images,
         "images options": images.model_copy(
             update={"boxes": str(boxes), "crop": True, "segment": "grabcut", "grayscale": True, "median": 3}
