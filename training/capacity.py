@@ -41,14 +41,45 @@ def capacity_problem(recipe: TrainRecipe, gpu: bool, nodes: list[dict[str, float
 def check_capacity(recipe: TrainRecipe, gpu: bool, nodes: list[dict[str, Any]] | None = None) -> None:
     """Raise :class:`RecipeError` when the connected cluster (``nodes``: ``ray.nodes()``) cannot hold the run's
     worker group and cannot grow (:func:`shards.nodes.cluster_fixed`); where it may grow, say that the run will wait
-    for nodes."""
+    for nodes; where it holds them but other work holds their resources now (the connected cluster's, read when
+    ``nodes`` is not given), say that the run will wait for those."""
     problem = capacity_problem(recipe, gpu, alive_resources(nodes))
     if problem is None:
+        if nodes is None and (busy := busy_now(recipe, gpu)):
+            print(busy, flush=True)
         return
     if cluster_fixed():
         advice = "set workers= (or cpus_per_worker=) to fit, or run it on a larger cluster"
         raise RecipeError(f"{problem}; Ray Train would wait for them without end: {advice}")
     print(f"{problem}: the run waits until nodes join (an autoscaling cluster adds them)", flush=True)
+
+
+SETTLE_S = 2.0  # how long resources just given back (an ingest that ended a moment ago) take to show as free
+
+
+def room_now_problem(recipe: TrainRecipe, gpu: bool, free: dict[str, float]) -> str | None:
+    """What of the run's worker group the cluster's ``free`` resources (``ray.available_resources()``) lack now,
+    where its nodes could hold it (another run or an ingest holds the rest), or None."""
+    need = {"CPU": recipe.workers * recipe.cpus_per_worker, **({"GPU": float(recipe.workers)} if gpu else {})}
+    short = [f"{free.get(k, 0):g} of the {v:g} {k}s they need" for k, v in need.items() if free.get(k, 0) < v]
+    if not short:
+        return None
+    return (
+        f"workers: the cluster holds the run's {recipe.workers} workers, but not now: it has {' and '.join(short)} "
+        "free; other work holds the rest (`ray status` shows what), and the run waits for it"
+    )
+
+
+def busy_now(recipe: TrainRecipe, gpu: bool) -> str | None:
+    """:func:`room_now_problem` of the connected cluster, after resources given back a moment ago show as free."""
+    import time
+
+    import ray
+
+    deadline = time.monotonic() + SETTLE_S
+    while (problem := room_now_problem(recipe, gpu, ray.available_resources())) and time.monotonic() < deadline:
+        time.sleep(0.25)
+    return problem
 
 
 def wants_gpu(recipe: TrainRecipe) -> bool:

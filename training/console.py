@@ -45,6 +45,24 @@ RAY_ROUTINE_LINES = re.compile(r".*Actor with class name: 'PreemptionWatcher' .*
 # coordinator's actor takes longer to start (a "GetTimeoutError" and 17 lines of traceback at the start of every
 # run on an H200 host). Its traceback with another error stays.
 RAY_ROUTINE_TIMEOUT = (re.compile(r".*Failed to send resource request for "), "ray.exceptions.GetTimeoutError")
+# Ray Train's controller, when the cluster has had no room for the run's workers for a minute (another run or an
+# ingest holds its CPUs, or nodes are yet to join), logs an error with 30 lines of traceback, and again each minute
+# as it goes on waiting: one line of Tessera's says so instead.
+RAY_STARTUP_TIMEOUT = (
+    re.compile(r"Error in control loop iteration: The worker group startup timed out after (\S+) seconds waiting "
+               r"for (\d+) workers"),
+    "ray.train.v2._internal.exceptions.WorkerGroupStartupTimeoutError",
+)  # fmt: skip
+
+
+def startup_wait_line(seconds: str, workers: str) -> str:
+    """What the driver prints for Ray Train's :data:`RAY_STARTUP_TIMEOUT` error."""
+    return (
+        f"the run's {workers} workers are still waiting for room on the cluster (Ray Train asks again every "
+        f"{float(seconds):g} s): other work holds what they need, or nodes are yet to join (`ray status` shows what "
+        "holds it)"
+    )
+
 
 # Ray's driver folds lines that differ only in words with digits and come from several processes within 5 s into
 # one "[repeated Nx across cluster]": the epoch lines of a sweep's trials side by side, each but the last lost.
@@ -177,21 +195,29 @@ def _without_routine_lines(handler):
 
 def without_routine_lines(lines: list[str]) -> list[str]:
     """``lines`` (one batch of a process's lines, as Ray's driver gets them) without :data:`RAY_ROUTINE_LINES`
-    and :data:`RAY_ROUTINE_TIMEOUT`'s warning with its traceback."""
-    start, error = RAY_ROUTINE_TIMEOUT
+    and :data:`RAY_ROUTINE_TIMEOUT`'s warning with its traceback; :data:`RAY_STARTUP_TIMEOUT`'s error with its
+    traceback as one line (:func:`startup_wait_line`). A block whose end is another error, or not in the batch,
+    stays whole."""
+    blocks = ((*RAY_ROUTINE_TIMEOUT, None), (*RAY_STARTUP_TIMEOUT, startup_wait_line))
     kept: list[str] = []
-    held: list[str] = []  # the warning and its traceback so far
+    held: list[str] = []  # a block and its traceback so far
+    block = None  # the held block's (start, error, line) and the start's match
     for line in lines:
         if RAY_ROUTINE_LINES.match(line):
             continue
-        if start.match(line):
+        starts = [(b, m) for b in blocks if (m := b[0].match(line))]
+        if starts:
             kept += held
-            held = [line]
+            held, block = [line], starts[0]
         elif held and (line.startswith((" ", "Traceback ")) or not line.strip()):
             held.append(line)
-        elif held:
-            kept += [] if line.startswith(error) else [*held, line]
-            held = []
+        elif held and block is not None:
+            (_, error, says), found = block
+            if not line.startswith(error):
+                kept += [*held, line]
+            elif says is not None:
+                kept.append(says(*found.groups()))
+            held, block = [], None
         else:
             kept.append(line)
     return kept + held

@@ -122,6 +122,20 @@ def test_a_dry_run_says_whether_the_cluster_holds_the_workers(stack, monkeypatch
     # a sweep's dry run checks each trial's worker group the same way
     code, _, err = dry_run("tune", "demo_tiles", "-r", "2", "data.dataset=s3://shards/none", "--dry-run", "workers=5")
     assert code == 1 and refused in err, err[-2000:]
+    # the stack's CPUs held now (by another run, an ingest): the cluster holds the workers, but the run would wait
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    held = placement_group([{"CPU": ray.cluster_resources()["CPU"]}])
+    ray.get(held.ready(), timeout=60)
+    try:
+        code, out, err = dry_run("train", "demo_tiles", "data.dataset=s3://shards/none", "workers=2", "--dry-run")
+    finally:
+        remove_placement_group(held)
+    assert code == 0, err[-2000:]
+    busy = "workers: the cluster holds the run's 2 workers, but not now: it has 0 of the 2 CPUs they need free; "
+    assert out.splitlines()[-2].startswith(busy), out[-2000:]
+    assert out.splitlines()[-1] == "cluster: 1 node(s) (2 CPU, 0 GPU) for 2 workers of 1 CPU each"
 
 
 def test_a_tree_of_thousands_of_objects_is_deleted_a_thousand_a_request(stack, monkeypatch):

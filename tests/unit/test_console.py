@@ -235,3 +235,36 @@ def test_the_driver_leaves_out_ray_trains_resource_request_timeout_but_keeps_oth
     assert without_routine_lines([warning, *frames, other, epoch]) == [warning, *frames, other, epoch]
     assert without_routine_lines([warning, *frames]) == [warning, *frames]  # its end not (yet) seen: kept
     assert without_routine_lines([warning, epoch]) == [warning, epoch]
+
+
+def test_ray_trains_worker_group_startup_timeout_is_said_in_one_line():
+    """The cluster had no room for a run's workers for a minute (its CPUs held by an ingest): Ray Train's
+    controller logged an error with 30 lines of traceback, and again each minute while the run waited (as seen
+    on the local stack, lines as the driver gets them)."""
+    from training.console import without_routine_lines
+
+    cause = (
+        "The worker group startup timed out after 60.0 seconds waiting for 2 workers. Potential causes include: (1) "
+        "temporary insufficient cluster resources while waiting for autoscaling (ignore this warning in this case)"
+    )
+    frames = [
+        "Traceback (most recent call last):",
+        '  File "/venv/ray/train/v2/_internal/execution/controller/controller.py", line 914, in '
+        "_run_control_loop_iteration",
+        "    result = await self._step()",
+        "             ^^^^^^^^^^^^^^^^^^",
+        '  File "/venv/ray/train/v2/_internal/execution/worker_group/worker_group.py", line 303, in _start_impl',
+        "    raise WorkerGroupStartupTimeoutError(",
+    ]
+    error = f"ray.train.v2._internal.exceptions.WorkerGroupStartupTimeoutError: {cause}"
+    block = [f"Error in control loop iteration: {cause}", *frames, error]
+    said = (
+        "the run's 2 workers are still waiting for room on the cluster (Ray Train asks again every 60 s): other "
+        "work holds what they need, or nodes are yet to join (`ray status` shows what holds it)"
+    )
+    epoch = "demo_tiles-9af0 epoch 1/2: train_loss 0.9712"
+    assert without_routine_lines([*block, *block]) == [said, said]
+    assert without_routine_lines([*block, epoch]) == [said, epoch]
+    other = "ray.exceptions.RayActorError: The actor died unexpectedly before finishing this task."
+    assert without_routine_lines([*block[:-1], other]) == [*block[:-1], other]  # another error: whole
+    assert without_routine_lines(block[:-1]) == block[:-1]  # its end not (yet) seen: kept

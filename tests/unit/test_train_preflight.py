@@ -94,3 +94,19 @@ def test_a_worker_group_the_cluster_cannot_hold_fails_before_any_work_where_the_
         "workers: the run asks for 4 workers of 1 CPU each, and the cluster's 1 node(s) (2 CPU) hold 2 at most: "
         "the run waits until nodes join (an autoscaling cluster adds them)\n"
     )
+
+
+def test_a_run_whose_workers_the_cluster_holds_but_not_now_says_so():
+    """Another run or an ingest holds the CPUs: Ray Train waits, and before said so only after a minute, with a
+    traceback, and again each minute (`training.console.RAY_STARTUP_TIMEOUT`)."""
+    from training.capacity import room_now_problem
+
+    recipe = load_recipe("demo_tiles", ["workers=2", "cpus_per_worker=1"])
+    assert room_now_problem(recipe, False, {"CPU": 2.0}) is None
+    assert room_now_problem(recipe, False, {"CPU": 1.0}) == (
+        "workers: the cluster holds the run's 2 workers, but not now: it has 1 of the 2 CPUs they need free; other "
+        "work holds the rest (`ray status` shows what), and the run waits for it"
+    )
+    both = room_now_problem(recipe, True, {"CPU": 0.5, "GPU": 1.0})
+    assert "it has 0.5 of the 2 CPUs they need and 1 of the 2 GPUs they need free" in both
+    assert room_now_problem(recipe, True, {"CPU": 4.0, "GPU": 2.0}) is None
