@@ -237,7 +237,10 @@ def _ingest(kind: str, cfg: IngestConfig, plan, lock: DatasetLock) -> tuple[Mani
     if units:
         if not ray.is_initialized():
             ray.init(num_cpus=cfg.workers, log_to_driver=False, include_dashboard=False, logging_level="WARNING")
-        n = cfg.workers or max(1, int(ray.available_resources().get("CPU", 1)))
+        # One per CPU of the cluster, held by other work or not: a worker it has no room for yet starts once a CPU
+        # is free (a training run ended) and only then takes work (Scheduler); one per CPU free at the start ran
+        # the whole of a long ingest begun beside a training run on as few workers.
+        n = cfg.workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
         if cfg.gpus_per_worker:
             n = gpu_actors(n, alive_resources(), cfg.gpus_per_worker, cluster_fixed())
         if plan.background:  # the driver's bytes, for actors on any node (the path it read need not be there)

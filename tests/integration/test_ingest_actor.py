@@ -51,23 +51,26 @@ def test_a_run_goes_on_with_the_workers_the_cluster_has_room_for(stack, tmp_path
 
 def test_a_run_none_of_whose_workers_can_start_says_so_and_goes_on_when_one_can(stack, tmp_path, capsys, monkeypatch):
     """Every CPU held (by a training run, say): the run says, after a while, that its workers wait for room, and
-    completes once a CPU is free. Before, it waited without a word."""
+    completes once a CPU is free, on as many workers as the cluster has CPUs. Before, it waited without a word,
+    and ran on one worker (one per CPU free at its start, at least one)."""
     import threading
     import time
 
     from ray.util.placement_group import placement_group, remove_placement_group
 
-    from ingest import actors
+    from ingest import actors, runner
     from ingest.runner import run_ingest
     from ingest.synthetic import make_slides
 
     monkeypatch.setattr(actors, "NO_ROOM_NOTE_S", 1.0)
+    asked = []
+    monkeypatch.setattr(runner, "Scheduler", lambda cfg, n: asked.append(n) or actors.Scheduler(cfg, n))
     make_slides(tmp_path / "slides", n=2, size=1024, seed=6)
     held = placement_group([{"CPU": ray.cluster_resources()["CPU"]}])
     ray.get(held.ready(), timeout=60)
     cfg = WsiIngestConfig(
-        sources=[str(tmp_path / "slides")], out=str(tmp_path / "out"), tile_size=128, workers=2, split="train=1.0"
-    )
+        sources=[str(tmp_path / "slides")], out=str(tmp_path / "out"), tile_size=128, split="train=1.0"
+    )  # workers: the default
     done: dict = {}
     run = threading.Thread(target=lambda: done.update(manifest=run_ingest("wsi", cfg)[0]), daemon=True)
     out = ""
@@ -84,6 +87,7 @@ def test_a_run_none_of_whose_workers_can_start_says_so_and_goes_on_when_one_can(
     run.join(timeout=120)
     assert not run.is_alive()
     assert [r.status for r in done["manifest"].inputs] == ["ingested"] * 2
+    assert asked == [ray.cluster_resources()["CPU"]]
 
 
 def test_workers_on_another_image_than_the_driver_are_named_after_the_work(stack, tmp_path, capsys, monkeypatch):
