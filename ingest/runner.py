@@ -233,7 +233,7 @@ def _ingest(kind: str, cfg: IngestConfig, plan, lock: DatasetLock) -> tuple[Mani
     inputs: list[InputRecord] = []
     splits: dict[str, mf.SplitInfo] = {}
     rewritten: dict[str, dict[str, ShardInfo | None]] = {}
-    found: list[provenance.Rendering] = []  # what its workers rendered with
+    rendered: provenance.Rendering | None = None  # what its workers rendered with, ``a | b`` where they differ
     if units:
         if not ray.is_initialized():
             ray.init(num_cpus=cfg.workers, log_to_driver=False, include_dashboard=False, logging_level="WARNING")
@@ -256,7 +256,8 @@ def _ingest(kind: str, cfg: IngestConfig, plan, lock: DatasetLock) -> tuple[Mani
             found = [w.rendered_with for u in units for w in works[u.id] if w.rendered_with]
             if note := rendering.mixed_note(cfg.out, found):
                 print(note)
-            if adds is not None and found and (note := rendering.amend_note(previous, cfg, provenance.combined(found))):
+            rendered = provenance.combined(found)
+            if adds is not None and rendered and (note := rendering.amend_note(previous, cfg, rendered)):
                 print(note)  # nodes on another image than the driver's
             splits = pack_parts(cfg, inputs, works, sched, first)
             if adds is not None and adds.replaced:  # the shards that held their samples, written anew after
@@ -266,7 +267,7 @@ def _ingest(kind: str, cfg: IngestConfig, plan, lock: DatasetLock) -> tuple[Mani
             sched.close()
     if previous is not None and adds is not None:
         # its shards and records as they were, but the shards rewritten without the replaced inputs' samples
-        manifest = amended(previous, adds, plan, inputs, splits, version, rewritten, provenance.combined(found))
+        manifest = amended(previous, adds, plan, inputs, splits, version, rewritten, rendered)
     else:
         manifest = Manifest(
             dataset=cfg.out,
@@ -278,7 +279,7 @@ def _ingest(kind: str, cfg: IngestConfig, plan, lock: DatasetLock) -> tuple[Mani
             inputs=sorted(inputs + plan.skipped, key=lambda r: r.id),
             unmatched_labels=plan.unmatched,
             made_by=provenance.made_by(),
-            rendered_with=provenance.combined(found),
+            rendered_with=rendered,
         )
     mf.check_patient_disjoint(manifest)
     lock.check()  # a run that lost its lock (stalled past its time-out) commits nothing
