@@ -86,14 +86,20 @@ def _held(ray) -> tuple[float, dict]:
 def _cluster_released(request):
     """A test that used the stack leaves its CPUs free: one held (a placement group a training run or sweep did not
     remove, an actor left alive) would be held for good on a user's cluster, and here it made a later ingest wait
-    without end (a worker with no CPU to start on). Ray removes a run's resources a moment after it ends."""
+    without end (a worker with no CPU to start on). Ray removes a run's resources a moment after it ends.
+
+    A placement group of a job that has ended (a CLI the test ran, which exited) is Ray's leak, not the test's:
+    seen after `tessera tune` was interrupted as its trial's Ray Train run created its worker group. It is removed
+    and warned of, named; one of this process's fails the test, as CPUs still held after the removal do."""
     yield
     if "stack" not in request.fixturenames:
         return
     import time
+    import warnings
 
     import ray
     from ray.util.placement_group import PlacementGroup
+    from ray.util.state import list_actors, list_placement_groups
 
     if not ray.is_initialized():
         return
@@ -102,14 +108,21 @@ def _cluster_released(request):
     while (short or groups) and time.monotonic() < deadline:
         time.sleep(0.5)
         short, groups = _held(ray)
+    if not (short or groups):
+        return
+    address, mine = ray.get_runtime_context().gcs_address, ray.get_runtime_context().get_job_id()
+    creators = {g.placement_group_id: g.creator_job_id for g in list_placement_groups(address, detail=True)}
     for pg_id in groups:  # so that the tests after this one run on the whole cluster
         ray.util.remove_placement_group(PlacementGroup(ray.PlacementGroupID.from_hex(pg_id)))
     while groups and any(_held(ray)) and time.monotonic() < deadline + 10:
         time.sleep(0.5)
-    held = {k: (v.get("name"), v.get("state"), v.get("bundles")) for k, v in groups.items()}
-    if short or groups:
-        from ray.util.state import list_actors
-
-        alive = list_actors(ray.get_runtime_context().gcs_address, filters=[("state", "=", "ALIVE")], detail=True)
+    short = _held(ray)[0]
+    held = {k: (v.get("bundles"), f"job {creators.get(k)}") for k, v in groups.items()}
+    orphans = {k: v for k, v in held.items() if creators.get(k) not in (None, mine)}
+    if orphans:
+        left = f"{request.node.nodeid}: Ray left placement groups of jobs that ended (removed): {orphans}"
+        warnings.warn(left, stacklevel=2)
+    if short or len(orphans) < len(groups):
+        alive = list_actors(address, filters=[("state", "=", "ALIVE")], detail=True)
         actors = [(a.class_name, a.required_resources) for a in alive]
         pytest.fail(f"the test left {short:g} CPU(s) held; placement groups not removed: {held}; live actors: {actors}")
