@@ -33,7 +33,8 @@ def _settings():
 
 
 def _connect(settings) -> None:
-    """Export the stack's endpoints and connect to its Ray cluster (token auth)."""
+    """Export the stack's endpoints and connect to its Ray cluster (token auth), releasing the placement groups
+    Ray kept after their jobs ended (:mod:`cluster.orphans`), which would hold room a run waits for."""
     from cluster import health
 
     settings.apply()
@@ -45,6 +46,10 @@ def _connect(settings) -> None:
     if not ray.is_initialized():
         ray.init(address=settings.ray_gcs_address, log_to_driver=True, logging_level="WARNING")
         drop_ray_routine_lines()
+    from cluster.orphans import release_orphans, released_line
+
+    if released := release_orphans():
+        print(released_line(released), flush=True)
 
 
 def cmd_up(args) -> int:

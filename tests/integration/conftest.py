@@ -88,9 +88,10 @@ def _cluster_released(request):
     remove, an actor left alive) would be held for good on a user's cluster, and here it made a later ingest wait
     without end (a worker with no CPU to start on). Ray removes a run's resources a moment after it ends.
 
-    A placement group of a job that has ended (a CLI the test ran, which exited) is Ray's leak, not the test's:
-    seen after `tessera tune` was interrupted as its trial's Ray Train run created its worker group. It is removed
-    and warned of, named; one of this process's fails the test, as CPUs still held after the removal do."""
+    A placement group Ray kept after its job ended (:mod:`cluster.orphans`; a CLI the test ran, which exited) is
+    Ray's leak, not the test's: seen after `tessera tune` was interrupted as its trial's Ray Train run created its
+    worker group. It is released, as the next command would release it, and warned of, named; any other group
+    fails the test, as CPUs still held do."""
     yield
     if "stack" not in request.fixturenames:
         return
@@ -99,7 +100,9 @@ def _cluster_released(request):
 
     import ray
     from ray.util.placement_group import PlacementGroup
-    from ray.util.state import list_actors, list_placement_groups
+    from ray.util.state import list_actors
+
+    from cluster.orphans import release_orphans
 
     if not ray.is_initialized():
         return
@@ -110,19 +113,15 @@ def _cluster_released(request):
         short, groups = _held(ray)
     if not (short or groups):
         return
-    address, mine = ray.get_runtime_context().gcs_address, ray.get_runtime_context().get_job_id()
-    creators = {g.placement_group_id: g.creator_job_id for g in list_placement_groups(address, detail=True)}
-    for pg_id in groups:  # so that the tests after this one run on the whole cluster
-        ray.util.remove_placement_group(PlacementGroup(ray.PlacementGroupID.from_hex(pg_id)))
-    while groups and any(_held(ray)) and time.monotonic() < deadline + 10:
+    if orphans := release_orphans():
+        warnings.warn(f"{request.node.nodeid}: Ray kept placement groups of jobs that ended: {orphans}", stacklevel=2)
+    while any(_held(ray)) and time.monotonic() < deadline + 10:
         time.sleep(0.5)
-    short = _held(ray)[0]
-    held = {k: (v.get("bundles"), f"job {creators.get(k)}") for k, v in groups.items()}
-    orphans = {k: v for k, v in held.items() if creators.get(k) not in (None, mine)}
-    if orphans:
-        left = f"{request.node.nodeid}: Ray left placement groups of jobs that ended (removed): {orphans}"
-        warnings.warn(left, stacklevel=2)
-    if short or len(orphans) < len(groups):
-        alive = list_actors(address, filters=[("state", "=", "ALIVE")], detail=True)
+    short, groups = _held(ray)
+    if short or groups:
+        held = {k: (v.get("bundles"), v.get("state")) for k, v in groups.items()}
+        for pg_id in groups:  # so that the tests after this one run on the whole cluster
+            ray.util.remove_placement_group(PlacementGroup(ray.PlacementGroupID.from_hex(pg_id)))
+        alive = list_actors(ray.get_runtime_context().gcs_address, filters=[("state", "=", "ALIVE")], detail=True)
         actors = [(a.class_name, a.required_resources) for a in alive]
         pytest.fail(f"the test left {short:g} CPU(s) held; placement groups not removed: {held}; live actors: {actors}")

@@ -1,0 +1,124 @@
+"""Placement groups Ray kept after the job that made them ended: they hold their CPUs and GPUs for no one.
+
+Ray removes a group once its job and the actor that made it have both ended (unless it is detached). A group whose
+creation reaches Ray's control store just after that clean-up is never marked and stays for good (Ray 2.60: seen
+when `tessera tune` was interrupted as a trial's Ray Train run created its worker group; an actor creating groups
+as its driver exits does it every time). Every later run on the cluster then waits for room it cannot get, so
+Tessera releases such groups when it connects (:func:`release_orphans`).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+log = logging.getLogger(__name__)
+
+ENDED = {"SUCCEEDED", "FAILED", "STOPPED"}  # a job's terminal states, as Ray's state API names them
+
+
+@dataclass(frozen=True)
+class Group:
+    """One placement group as Ray's control store records it; ``actor`` is None for a group a driver made."""
+
+    id: str
+    job: str
+    actor: str | None
+    detached: bool
+    state: str
+    resources: dict[str, float] = field(default_factory=dict)
+
+
+def orphans(
+    groups: Iterable[Group], job_ended: Callable[[str], bool], actor_alive: Callable[[str], bool]
+) -> list[Group]:
+    """The groups Ray should have removed and did not: not removed, not detached, their job ended and the actor
+    that made them (if one did) not alive. An actor of an ended job lives on only if it is detached (Ray Serve's
+    controller, say) and its groups are its own to keep. The callables are asked only about such candidates."""
+    candidates = [g for g in groups if g.state != "REMOVED" and not g.detached]
+    return [g for g in candidates if job_ended(g.job) and (g.actor is None or not actor_alive(g.actor))]
+
+
+def _amount(resources: dict[str, float]) -> str:
+    shown = {k: v for k, v in resources.items() if k in ("CPU", "GPU") and v}
+    return " and ".join(f"{v:g} {k}" for k, v in sorted(shown.items())) or "no CPU or GPU"
+
+
+def released_line(groups: list[Group]) -> str:
+    """What :func:`release_orphans` did, in one line a user reads at a run's start."""
+    total: dict[str, float] = {}
+    for g in groups:
+        for k, v in g.resources.items():
+            total[k] = total.get(k, 0.0) + v
+    jobs = ", ".join(sorted({g.job for g in groups}))
+    n = len(groups)
+    return (
+        f"ray: released {n} placement group{'s' if n > 1 else ''} ({_amount(total)}) that Ray kept after "
+        f"{'its job' if len({g.job for g in groups}) == 1 else 'their jobs'} ({jobs}) ended: "
+        f"{'they' if n > 1 else 'it'} held the cluster's resources for no one"
+    )
+
+
+def cluster_groups() -> list[Group]:
+    """Every placement group of the connected cluster, with the actor that made it. Ray's public listings leave the
+    creating actor out, so the control store's records are read as Ray's own ``placement_group_table`` reads them."""
+    from ray._private.state import state
+    from ray.core.generated import gcs_pb2
+
+    record = gcs_pb2.PlacementGroupTableData
+    groups = []
+    for raw in state._connect_and_get_accessor().get_placement_group_table():
+        d = record.FromString(raw)
+        resources: dict[str, float] = {}
+        for bundle in d.bundles:
+            for k, v in bundle.unit_resources.items():
+                resources[k] = resources.get(k, 0.0) + v
+        actor = d.creator_actor_id.hex()
+        groups.append(
+            Group(
+                id=d.placement_group_id.hex(),
+                job=d.creator_job_id.hex(),
+                actor=actor if actor.strip("f") and actor.strip("0") else None,  # a driver's: nil (all f or 0)
+                detached=d.is_detached,
+                state=record.PlacementGroupState.Name(d.state),
+                resources=resources,
+            )
+        )
+    return groups
+
+
+def _job_ended(job: str) -> bool:
+    from ray.util.state import list_jobs
+
+    found = list_jobs(filters=[("job_id", "=", job)], raise_on_missing_output=False)
+    return bool(found) and all(str(getattr(j.status, "value", j.status)) in ENDED for j in found)
+
+
+def _actor_alive(actor: str) -> bool:
+    from ray.util.state import get_actor
+
+    found = get_actor(actor)
+    return found is not None and found.state != "DEAD"
+
+
+def release_orphans() -> list[Group]:
+    """Remove the connected cluster's orphaned groups (:func:`orphans`) and return them. Never raises: a cluster
+    whose records cannot be read (another Ray's) releases nothing, which is where it would be without this."""
+    import ray
+    from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+    try:  # one question a job or actor, however many groups it made
+        found = orphans(cluster_groups(), functools.cache(_job_ended), functools.cache(_actor_alive))
+    except Exception as exc:  # a courtesy: the run goes on as Ray left the cluster
+        log.debug("placement groups not read: %s", exc)
+        return []
+    released = []
+    for g in found:
+        try:
+            remove_placement_group(PlacementGroup(ray.PlacementGroupID.from_hex(g.id)))
+            released.append(g)
+        except Exception as exc:  # removed meanwhile (by Ray, or another driver)
+            log.debug("placement group %s not removed: %s", g.id, exc)
+    return released
