@@ -88,7 +88,25 @@ def cmd_status(args) -> int:
     print(f"state: {s.state}")
     if refused:
         print(health.other_stack(s.state))
+    if any(st.name == "ray" and st.healthy for st in rows):
+        _print_usage(s)
     return 0 if all(st.healthy for st in rows) else 1
+
+
+def _print_usage(settings) -> None:
+    """What holds the cluster's CPUs and GPUs, job by job (:mod:`cluster.usage`), after releasing what Ray kept
+    for no one (:mod:`cluster.orphans`): where a user looks when a run says it waits for room."""
+    import ray
+
+    from cluster.orphans import release_orphans, released_line
+    from cluster.usage import cluster_usage
+
+    settings.apply()
+    if not ray.is_initialized():
+        ray.init(address=settings.ray_gcs_address, log_to_driver=False, logging_level="ERROR")
+    if released := release_orphans():
+        print(released_line(released))
+    print("\n".join(cluster_usage()))
 
 
 def cmd_ingest(args) -> int:

@@ -122,7 +122,7 @@ def no_room_note(workers: int, placed: int | None, need: dict[str, float], total
         short = any(free.get(k, 0) < v for k, v in need.items())
         why = "the cluster has no room for one" if short else "none is placed yet"
     return (
-        f"{head}: {why} (each needs {asks}; {has}); the run waits for room (`ray status` shows what holds it; an "
+        f"{head}: {why} (each needs {asks}; {has}); the run waits for room (`tessera status` shows what holds it; an "
         "autoscaling cluster adds a node)"
     )
 

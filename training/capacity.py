@@ -66,7 +66,7 @@ def room_now_problem(recipe: TrainRecipe, gpu: bool, free: dict[str, float]) -> 
         return None
     return (
         f"workers: the cluster holds the run's {recipe.workers} workers, but not now: it has {' and '.join(short)} "
-        "free; other work holds the rest (`ray status` shows what), and the run waits for it"
+        "free; other work holds the rest (`tessera status` shows what), and the run waits for it"
     )
 
 

@@ -59,8 +59,8 @@ def startup_wait_line(seconds: str, workers: str) -> str:
     """What the driver prints for Ray Train's :data:`RAY_STARTUP_TIMEOUT` error."""
     return (
         f"the run's {workers} workers are still waiting for room on the cluster (Ray Train asks again every "
-        f"{float(seconds):g} s): other work holds what they need, or nodes are yet to join (`ray status` shows what "
-        "holds it)"
+        f"{float(seconds):g} s): other work holds what they need, or nodes are yet to join (`tessera status` shows "
+        "what holds it)"
     )
 
 

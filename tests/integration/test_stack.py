@@ -208,3 +208,32 @@ def test_a_placement_group_ray_kept_after_its_job_ended_is_released_when_a_comma
     assert "not now" not in out  # the check ran after the release: every CPU free
     assert kept() == []
     assert ray.available_resources().get("CPU") == ray.cluster_resources()["CPU"]
+
+
+def test_status_names_the_jobs_that_hold_the_cluster(stack, capsys):
+    """Where a run that waits for room sends its user: `tessera status` lists what holds the stack's CPUs, job by
+    job, a placement group's bundles and an actor outside one alike."""
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    from cluster.cli import main
+
+    @ray.remote(num_cpus=1)
+    class Worker:
+        pass
+
+    held = placement_group([{"CPU": 1}])
+    ray.get(held.ready(), timeout=60)
+    worker = Worker.remote()
+    ray.get(worker.__ray_ready__.remote(), timeout=60)
+    try:
+        code = main(["status"])
+    finally:
+        remove_placement_group(held)
+        ray.kill(worker)
+    out = capsys.readouterr().out.splitlines()
+    assert code == 0
+    mine = ray.get_runtime_context().get_job_id()
+    assert out[-2] == "cluster: 2 CPU; free now: 0 CPU", out
+    assert out[-1].startswith(f"  2 CPU        job {mine} (running "), out
+    assert "pytest" in out[-1]

@@ -260,7 +260,7 @@ def test_ray_trains_worker_group_startup_timeout_is_said_in_one_line():
     block = [f"Error in control loop iteration: {cause}", *frames, error]
     said = (
         "the run's 2 workers are still waiting for room on the cluster (Ray Train asks again every 60 s): other "
-        "work holds what they need, or nodes are yet to join (`ray status` shows what holds it)"
+        "work holds what they need, or nodes are yet to join (`tessera status` shows what holds it)"
     )
     epoch = "demo_tiles-9af0 epoch 1/2: train_loss 0.9712"
     assert without_routine_lines([*block, *block]) == [said, said]

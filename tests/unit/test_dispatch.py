@@ -174,7 +174,9 @@ def test_a_run_whose_workers_cannot_start_says_why():
     cpu = {"CPU": 1.0}
     no_room = no_room_note(2, 0, cpu, {"CPU": 2.0}, {"CPU": 0.0})
     assert no_room.startswith("no ingest worker has started in 30 s: the cluster has no room for one")
-    assert "(each needs 1 CPU; 0 of 2 CPUs free); the run waits for room (`ray status` shows what holds it" in no_room
+    assert (
+        "(each needs 1 CPU; 0 of 2 CPUs free); the run waits for room (`tessera status` shows what holds it" in no_room
+    )
     assert "none is placed yet" in no_room_note(2, 0, cpu, {"CPU": 2.0}, {"CPU": 2.0})
     setting_up = no_room_note(3, 1, {"CPU": 1.0, "GPU": 0.5}, {"CPU": 4.0, "GPU": 1.0}, {"CPU": 3.0, "GPU": 0.5})
     assert setting_up == (

@@ -105,7 +105,7 @@ def test_a_run_whose_workers_the_cluster_holds_but_not_now_says_so():
     assert room_now_problem(recipe, False, {"CPU": 2.0}) is None
     assert room_now_problem(recipe, False, {"CPU": 1.0}) == (
         "workers: the cluster holds the run's 2 workers, but not now: it has 1 of the 2 CPUs they need free; other "
-        "work holds the rest (`ray status` shows what), and the run waits for it"
+        "work holds the rest (`tessera status` shows what), and the run waits for it"
     )
     both = room_now_problem(recipe, True, {"CPU": 0.5, "GPU": 1.0})
     assert "it has 0.5 of the 2 CPUs they need and 1 of the 2 GPUs they need free" in both
