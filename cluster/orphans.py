@@ -89,11 +89,17 @@ def cluster_groups() -> list[Group]:
     return groups
 
 
-def _job_ended(job: str) -> bool:
+def _ended_jobs() -> set[str]:
+    """The cluster's jobs that have ended, in one listing (a command pays for it only where a group may be an
+    orphan). A job listed twice (a submitted one: its submission and its driver) has ended when both have."""
     from ray.util.state import list_jobs
 
-    found = list_jobs(filters=[("job_id", "=", job)], raise_on_missing_output=False)
-    return bool(found) and all(str(getattr(j.status, "value", j.status)) in ENDED for j in found)
+    jobs = list_jobs(limit=10_000, raise_on_missing_output=False)
+    ended = {j.job_id: True for j in jobs if j.job_id}
+    for j in jobs:
+        if j.job_id and str(getattr(j.status, "value", j.status)) not in ENDED:
+            ended[j.job_id] = False
+    return {job for job, done in ended.items() if done}
 
 
 def _actor_alive(actor: str) -> bool:
@@ -109,8 +115,9 @@ def release_orphans() -> list[Group]:
     import ray
     from ray.util.placement_group import PlacementGroup, remove_placement_group
 
-    try:  # one question a job or actor, however many groups it made
-        found = orphans(cluster_groups(), functools.cache(_job_ended), functools.cache(_actor_alive))
+    ended = functools.cache(_ended_jobs)
+    try:  # one question an actor, however many groups it made
+        found = orphans(cluster_groups(), lambda job: job in ended(), functools.cache(_actor_alive))
     except Exception as exc:  # a courtesy: the run goes on as Ray left the cluster
         log.debug("placement groups not read: %s", exc)
         return []
