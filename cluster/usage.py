@@ -41,8 +41,9 @@ def shown_command(entrypoint: str) -> str:
     return text if len(text) <= COMMAND_CHARS else text[: COMMAND_CHARS - 3] + "..."
 
 
-def held_by_job(groups: list[Holder], others: list[Holder]) -> dict[str, dict[str, float]]:
-    """Each job's CPUs and GPUs: its created groups' bundles, plus its actors and running tasks outside a group."""
+def by_job(groups: list[Holder], others: list[Holder]) -> dict[str, dict[str, float]]:
+    """Each job's CPUs and GPUs in ``groups`` (placement groups: their bundles) and ``others`` (actors and tasks:
+    only those outside a group, whose resources the group holds): what it holds, or what it waits for."""
     held: dict[str, dict[str, float]] = {}
     for h in groups + [o for o in others if not o.group]:
         mine = held.setdefault(h.job, {})
@@ -64,20 +65,29 @@ def _age(seconds: float) -> str:
     return f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.0f} h"
 
 
-def usage_lines(
-    total: dict[str, float], free: dict[str, float], held: dict[str, dict[str, float]], jobs: dict[str, Job],
-    now_ms: int,
-) -> list[str]:  # fmt: skip
-    """The cluster's resources and free share, then one line a holding job, the largest first."""
-    free_now = {k: free.get(k, 0.0) for k in SHOWN if total.get(k)}
-    lines = [f"cluster: {_amount(total)}; free now: {_amount(free_now, zero=True)}"]
-    for job, resources in sorted(held.items(), key=lambda kv: (-kv[1].get("GPU", 0), -kv[1].get("CPU", 0), kv[0])):
+def _job_lines(amounts: dict[str, dict[str, float]], jobs: dict[str, Job], now_ms: int) -> list[str]:
+    """A line a job, the largest first: its amount, id, age and command."""
+    lines = []
+    for job, resources in sorted(amounts.items(), key=lambda kv: (-kv[1].get("GPU", 0), -kv[1].get("CPU", 0), kv[0])):
         info = jobs.get(job)
         if info is None:
             lines.append(f"  {_amount(resources):12s} job {job}")
             continue
         state = f"running {_age((now_ms - info.started_ms) / 1000)}" if info.running else "ended"
         lines.append(f"  {_amount(resources):12s} job {job} ({state}): {shown_command(info.command)}")
+    return lines
+
+
+def usage_lines(
+    total: dict[str, float], free: dict[str, float], held: dict[str, dict[str, float]],
+    waiting: dict[str, dict[str, float]], jobs: dict[str, Job], now_ms: int,
+) -> list[str]:  # fmt: skip
+    """The cluster's resources and free share, a line a job that holds some, then those a job waits for."""
+    free_now = {k: free.get(k, 0.0) for k in SHOWN if total.get(k)}
+    lines = [f"cluster: {_amount(total)}; free now: {_amount(free_now, zero=True)}"]
+    lines += _job_lines(held, jobs, now_ms)
+    if waiting:
+        lines += ["waiting for room:", *_job_lines(waiting, jobs, now_ms)]
     return lines
 
 
@@ -93,18 +103,28 @@ def cluster_usage() -> list[str]:
                 out[k] = out.get(k, 0.0) + v
         return out
 
-    groups = [
-        Holder(g.creator_job_id, resources(g.bundles), g.placement_group_id)
-        for g in list_placement_groups(filters=[("state", "=", "CREATED")], detail=True, limit=10_000)
-    ]
-    alive = list_actors(filters=[("state", "=", "ALIVE")], detail=True, limit=10_000)
-    running = list_tasks(filters=[("state", "=", "RUNNING"), ("type", "=", "NORMAL_TASK")], detail=True, limit=10_000)
-    others = [Holder(a.job_id, a.required_resources or {}, a.placement_group_id) for a in alive]
-    others += [Holder(t.job_id, t.required_resources or {}, t.placement_group_id) for t in running]
-    held = held_by_job(groups, others)
+    live = list_placement_groups(filters=[("state", "!=", "REMOVED")], detail=True, limit=10_000)
+    groups = {
+        created: [Holder(g.creator_job_id, resources(g.bundles), g.placement_group_id) for g in live
+                  if (g.state == "CREATED") == created]
+        for created in (True, False)
+    }  # fmt: skip
+    actors = list_actors(filters=[("state", "!=", "DEAD")], detail=True, limit=10_000)
+    placed = [a for a in actors if a.state == "ALIVE" or (a.state == "PENDING_CREATION" and a.pid)]
+    unplaced = [a for a in actors if a.state == "PENDING_CREATION" and not a.pid]  # no node has room for it yet
+
+    def tasks(state: str) -> list:
+        return list_tasks(filters=[("state", "=", state), ("type", "=", "NORMAL_TASK")], detail=True, limit=10_000)
+
+    def others(actors: list, tasks: list) -> list[Holder]:
+        return [Holder(x.job_id, x.required_resources or {}, x.placement_group_id) for x in actors + tasks]
+
+    held = by_job(groups[True], others(placed, tasks("RUNNING")))
+    waiting = by_job(groups[False], others(unplaced, tasks("PENDING_NODE_ASSIGNMENT")))
     jobs = {
         j.job_id: Job(j.entrypoint or "", str(getattr(j.status, "value", j.status)) == "RUNNING", j.start_time or 0)
         for j in list_jobs(detail=True, limit=10_000)
-        if j.job_id in held
+        if j.job_id in held or j.job_id in waiting
     }
-    return usage_lines(ray.cluster_resources(), ray.available_resources(), held, jobs, int(time.time() * 1000))
+    now_ms = int(time.time() * 1000)
+    return usage_lines(ray.cluster_resources(), ray.available_resources(), held, waiting, jobs, now_ms)

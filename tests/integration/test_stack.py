@@ -210,9 +210,9 @@ def test_a_placement_group_ray_kept_after_its_job_ended_is_released_when_a_comma
     assert ray.available_resources().get("CPU") == ray.cluster_resources()["CPU"]
 
 
-def test_status_names_the_jobs_that_hold_the_cluster(stack, capsys):
+def test_status_names_the_jobs_that_hold_the_cluster_and_those_waiting_for_room(stack, capsys):
     """Where a run that waits for room sends its user: `tessera status` lists what holds the stack's CPUs, job by
-    job, a placement group's bundles and an actor outside one alike."""
+    job, a placement group's bundles and an actor outside one alike, and what waits for room (a group pending)."""
     import ray
     from ray.util.placement_group import placement_group, remove_placement_group
 
@@ -226,14 +226,18 @@ def test_status_names_the_jobs_that_hold_the_cluster(stack, capsys):
     ray.get(held.ready(), timeout=60)
     worker = Worker.remote()
     ray.get(worker.__ray_ready__.remote(), timeout=60)
+    waiting = placement_group([{"CPU": 1}])  # no room: pending
     try:
         code = main(["status"])
     finally:
-        remove_placement_group(held)
+        for group in (waiting, held):
+            remove_placement_group(group)
         ray.kill(worker)
     out = capsys.readouterr().out.splitlines()
     assert code == 0
     mine = ray.get_runtime_context().get_job_id()
-    assert out[-2] == "cluster: 2 CPU; free now: 0 CPU", out
-    assert out[-1].startswith(f"  2 CPU        job {mine} (running "), out
-    assert "pytest" in out[-1]
+    assert out[-4] == "cluster: 2 CPU; free now: 0 CPU", out
+    assert out[-3].startswith(f"  2 CPU        job {mine} (running "), out
+    assert "pytest" in out[-3]
+    assert out[-2] == "waiting for room:"
+    assert out[-1].startswith(f"  1 CPU        job {mine} (running "), out
