@@ -8,6 +8,7 @@ user wants to see of a run drowned in that. ``TESSERA_DEBUG=1`` keeps all of it.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import io
 import logging
@@ -55,12 +56,15 @@ RAY_STARTUP_TIMEOUT = (
 )  # fmt: skip
 
 
-def startup_wait_line(seconds: str, workers: str) -> str:
-    """What the driver prints for Ray Train's :data:`RAY_STARTUP_TIMEOUT` error."""
+def startup_wait_line(seconds: str, workers: str, times: int = 1) -> str:
+    """What the driver prints for Ray Train's :data:`RAY_STARTUP_TIMEOUT` error, the ``times``-th of a run."""
+    every = float(seconds)
+    waited = every * times
+    so_far = f"{waited:g} s" if waited < 120 else f"{waited / 60:.0f} min"
     return (
-        f"the run's {workers} workers are still waiting for room on the cluster (Ray Train asks again every "
-        f"{float(seconds):g} s): other work holds what they need, or nodes are yet to join (`tessera status` shows "
-        "what holds it)"
+        f"the run's {workers} workers have waited {so_far} for room on the cluster (Ray Train asks again every "
+        f"{every:g} s): other work holds what they need, or nodes are yet to join (`tessera status` shows what holds "
+        "it)"
     )
 
 
@@ -184,8 +188,10 @@ def _without_routine_lines(handler):
     if getattr(handler, "drops_routine_lines", False):
         return handler
 
+    waits: dict[Any, list[int]] = collections.defaultdict(lambda: [0])  # a run's controller process: its waits
+
     def handle(data: dict[str, Any]) -> None:
-        lines = without_routine_lines(data.get("lines", []))
+        lines = without_routine_lines(data.get("lines", []), waits[data.get("pid")])
         if lines:
             handler({**data, "lines": lines})
 
@@ -193,11 +199,12 @@ def _without_routine_lines(handler):
     return handle
 
 
-def without_routine_lines(lines: list[str]) -> list[str]:
+def without_routine_lines(lines: list[str], waits: list[int] | None = None) -> list[str]:
     """``lines`` (one batch of a process's lines, as Ray's driver gets them) without :data:`RAY_ROUTINE_LINES`
     and :data:`RAY_ROUTINE_TIMEOUT`'s warning with its traceback; :data:`RAY_STARTUP_TIMEOUT`'s error with its
-    traceback as one line (:func:`startup_wait_line`). A block whose end is another error, or not in the batch,
-    stays whole."""
+    traceback as one line (:func:`startup_wait_line`), counted in ``waits[0]`` (the process's count so far, kept
+    by the caller across batches). A block whose end is another error, or not in the batch, stays whole."""
+    waits = [0] if waits is None else waits
     blocks = ((*RAY_ROUTINE_TIMEOUT, None), (*RAY_STARTUP_TIMEOUT, startup_wait_line))
     kept: list[str] = []
     held: list[str] = []  # a block and its traceback so far
@@ -216,7 +223,8 @@ def without_routine_lines(lines: list[str]) -> list[str]:
             if not line.startswith(error):
                 kept += [*held, line]
             elif says is not None:
-                kept.append(says(*found.groups()))
+                waits[0] += 1
+                kept.append(says(*found.groups(), waits[0]))
             held, block = [], None
         else:
             kept.append(line)

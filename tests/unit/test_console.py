@@ -259,12 +259,14 @@ def test_ray_trains_worker_group_startup_timeout_is_said_in_one_line():
     error = f"ray.train.v2._internal.exceptions.WorkerGroupStartupTimeoutError: {cause}"
     block = [f"Error in control loop iteration: {cause}", *frames, error]
     said = (
-        "the run's 2 workers are still waiting for room on the cluster (Ray Train asks again every 60 s): other "
+        "the run's 2 workers have waited 60 s for room on the cluster (Ray Train asks again every 60 s): other "
         "work holds what they need, or nodes are yet to join (`tessera status` shows what holds it)"
     )
     epoch = "demo_tiles-9af0 epoch 1/2: train_loss 0.9712"
-    assert without_routine_lines([*block, *block]) == [said, said]
     assert without_routine_lines([*block, epoch]) == [said, epoch]
+    waits = [0]  # a process's count, across the batches Ray forwards
+    assert without_routine_lines([*block, *block], waits) == [said, said.replace("waited 60 s", "waited 2 min")]
+    assert without_routine_lines(block, waits) == [said.replace("waited 60 s", "waited 3 min")]
     other = "ray.exceptions.RayActorError: The actor died unexpectedly before finishing this task."
     assert without_routine_lines([*block[:-1], other]) == [*block[:-1], other]  # another error: whole
     assert without_routine_lines(block[:-1]) == block[:-1]  # its end not (yet) seen: kept
