@@ -11,12 +11,16 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+
+from cluster.usage import amount
 
 log = logging.getLogger(__name__)
 
 ENDED = {"SUCCEEDED", "FAILED", "STOPPED"}  # a job's terminal states, as Ray's state API names them
+SETTLE_S = 1.0  # what Ray removes after a job that has just ended, it has removed by then
 
 
 @dataclass(frozen=True)
@@ -41,11 +45,6 @@ def orphans(
     return [g for g in candidates if job_ended(g.job) and (g.actor is None or not actor_alive(g.actor))]
 
 
-def _amount(resources: dict[str, float]) -> str:
-    shown = {k: v for k, v in resources.items() if k in ("CPU", "GPU") and v}
-    return " and ".join(f"{v:g} {k}" for k, v in sorted(shown.items())) or "no CPU or GPU"
-
-
 def released_line(groups: list[Group]) -> str:
     """What :func:`release_orphans` did, in one line a user reads at a run's start."""
     total: dict[str, float] = {}
@@ -53,9 +52,9 @@ def released_line(groups: list[Group]) -> str:
         for k, v in g.resources.items():
             total[k] = total.get(k, 0.0) + v
     jobs = ", ".join(sorted({g.job for g in groups}))
-    n = len(groups)
+    n, held = len(groups), amount(total, none="no CPU or GPU")
     return (
-        f"ray: released {n} placement group{'s' if n > 1 else ''} ({_amount(total)}) that Ray kept after "
+        f"ray: released {n} placement group{'s' if n > 1 else ''} ({held}) that Ray kept after "
         f"{'its job' if len({g.job for g in groups}) == 1 else 'their jobs'} ({jobs}) ended: "
         f"{'they' if n > 1 else 'it'} held the cluster's resources for no one"
     )
@@ -118,6 +117,10 @@ def release_orphans() -> list[Group]:
     ended = functools.cache(_ended_jobs)
     try:  # one question an actor, however many groups it made
         found = orphans(cluster_groups(), lambda job: job in ended(), functools.cache(_actor_alive))
+        if found:  # not a job that ended a moment ago, whose groups Ray is removing now
+            time.sleep(SETTLE_S)
+            kept = {g.id for g in cluster_groups() if g.state != "REMOVED"}
+            found = [g for g in found if g.id in kept]
     except Exception as exc:  # a courtesy: the run goes on as Ray left the cluster
         log.debug("placement groups not read: %s", exc)
         return []

@@ -53,10 +53,10 @@ def by_job(groups: list[Holder], others: list[Holder]) -> dict[str, dict[str, fl
     return {job: r for job, r in held.items() if r}
 
 
-def _amount(resources: dict[str, float], zero: bool = False) -> str:
-    """``2 CPU and 1 GPU``; ``zero``: also the kinds at 0 that ``resources`` names."""
+def amount(resources: dict[str, float], zero: bool = False, none: str = "nothing") -> str:
+    """``2 CPU and 1 GPU``; ``zero``: also the kinds at 0 that ``resources`` names; ``none`` where it has neither."""
     shown = [k for k in SHOWN if resources.get(k) or (zero and k in resources)]
-    return " and ".join(f"{resources[k]:g} {k}" for k in shown) or "nothing"
+    return " and ".join(f"{resources[k]:g} {k}" for k in shown) or none
 
 
 def _age(seconds: float) -> str:
@@ -71,10 +71,10 @@ def _job_lines(amounts: dict[str, dict[str, float]], jobs: dict[str, Job], now_m
     for job, resources in sorted(amounts.items(), key=lambda kv: (-kv[1].get("GPU", 0), -kv[1].get("CPU", 0), kv[0])):
         info = jobs.get(job)
         if info is None:
-            lines.append(f"  {_amount(resources):12s} job {job}")
+            lines.append(f"  {amount(resources):12s} job {job}")
             continue
         state = f"running {_age((now_ms - info.started_ms) / 1000)}" if info.running else "ended"
-        lines.append(f"  {_amount(resources):12s} job {job} ({state}): {shown_command(info.command)}")
+        lines.append(f"  {amount(resources):12s} job {job} ({state}): {shown_command(info.command)}")
     return lines
 
 
@@ -84,7 +84,7 @@ def usage_lines(
 ) -> list[str]:  # fmt: skip
     """The cluster's resources and free share, a line a job that holds some, then those a job waits for."""
     free_now = {k: free.get(k, 0.0) for k in SHOWN if total.get(k)}
-    lines = [f"cluster: {_amount(total)}; free now: {_amount(free_now, zero=True)}"]
+    lines = [f"cluster: {amount(total)}; free now: {amount(free_now, zero=True)}"]
     lines += _job_lines(held, jobs, now_ms)
     if waiting:
         lines += ["waiting for room:", *_job_lines(waiting, jobs, now_ms)]
