@@ -11,6 +11,8 @@ import re
 import time
 from dataclasses import dataclass, field
 
+from training.console import elapsed
+
 SHOWN = ("CPU", "GPU")
 COMMAND_CHARS = 100
 
@@ -59,12 +61,6 @@ def amount(resources: dict[str, float], zero: bool = False, none: str = "nothing
     return " and ".join(f"{resources[k]:g} {k}" for k in shown) or none
 
 
-def _age(seconds: float) -> str:
-    if seconds < 120:
-        return f"{seconds:.0f} s"
-    return f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.0f} h"
-
-
 def _job_lines(amounts: dict[str, dict[str, float]], jobs: dict[str, Job], now_ms: int) -> list[str]:
     """A line a job, the largest first: its amount, id, age and command."""
     lines = []
@@ -73,7 +69,7 @@ def _job_lines(amounts: dict[str, dict[str, float]], jobs: dict[str, Job], now_m
         if info is None:
             lines.append(f"  {amount(resources):12s} job {job}")
             continue
-        state = f"running {_age((now_ms - info.started_ms) / 1000)}" if info.running else "ended"
+        state = f"running {elapsed((now_ms - info.started_ms) / 1000)}" if info.running else "ended"
         lines.append(f"  {amount(resources):12s} job {job} ({state}): {shown_command(info.command)}")
     return lines
 

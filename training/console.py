@@ -56,15 +56,20 @@ RAY_STARTUP_TIMEOUT = (
 )  # fmt: skip
 
 
+def elapsed(seconds: float) -> str:
+    """A span of time as a person reads it: ``60 s``, ``11 min``, ``3 h``."""
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.0f} h"
+
+
 def startup_wait_line(seconds: str, workers: str, times: int = 1) -> str:
     """What the driver prints for Ray Train's :data:`RAY_STARTUP_TIMEOUT` error, the ``times``-th of a run."""
     every = float(seconds)
-    waited = every * times
-    so_far = f"{waited:g} s" if waited < 120 else f"{waited / 60:.0f} min"
     return (
-        f"the run's {workers} workers have waited {so_far} for room on the cluster (Ray Train asks again every "
-        f"{every:g} s): other work holds what they need, or nodes are yet to join (`tessera status` shows what holds "
-        "it)"
+        f"the run's {workers} workers have waited {elapsed(every * times)} for room on the cluster (Ray Train asks "
+        f"again every {every:g} s): other work holds what they need, or nodes are yet to join (`tessera status` "
+        "shows what holds it)"
     )
 
 
