@@ -46,6 +46,11 @@ def _connect(settings) -> None:
     if not ray.is_initialized():
         ray.init(address=settings.ray_gcs_address, log_to_driver=True, logging_level="WARNING")
         drop_ray_routine_lines()
+    _release_orphans()
+
+
+def _release_orphans() -> None:
+    """Release the placement groups Ray kept after their jobs ended (:mod:`cluster.orphans`), saying so."""
     from cluster.orphans import release_orphans, released_line
 
     if released := release_orphans():
@@ -98,15 +103,13 @@ def _print_usage(settings) -> None:
     for no one (:mod:`cluster.orphans`): where a user looks when a run says it waits for room."""
     import ray
 
-    from cluster.orphans import release_orphans, released_line
     from cluster.usage import cluster_usage
 
     settings.apply()
     try:
         if not ray.is_initialized():
             ray.init(address=settings.ray_gcs_address, log_to_driver=False, logging_level="ERROR")
-        if released := release_orphans():
-            print(released_line(released))
+        _release_orphans()
         print("\n".join(cluster_usage()))
     except Exception as exc:  # the services' lines stand; what holds the cluster is an extra
         print(f"cluster: what holds it could not be read: {type(exc).__name__}: {exc}")
