@@ -62,6 +62,12 @@ def dataset_lines(manifest, data: bytes) -> list[str]:
             f"background model: {manifest.config.get('background_model')} (sha256 {sha[:16]}), dropped {dropped} "
             f"tiles at P(background) >= {manifest.config.get('background_threshold')}"
         )
+    if sha := manifest.config.get("detector_sha256"):  # paper 004's first stage: which detector, at what score
+        c = manifest.config
+        lines.append(
+            f"detector: {c.get('detector')} (sha256 {sha[:16]}), its boxes scoring above {c.get('detect_confidence')} "
+            f"kept, overlaps above IoU {c.get('detect_iou')} suppressed"
+        )
     for a in manifest.amended:
         by = f", by {a.made_by}" if a.made_by and a.made_by != manifest.made_by else ""
         if a.rendered_with and not manifest.rendered_with:  # the dataset's own was not recorded: this one whole
@@ -79,6 +85,7 @@ def made_with(recorded: dict) -> str:
     from ingest.config import dataset_options
 
     said = ["shard_size", "background_model_sha256", "background_threshold"]  # the place: not a dataset option
+    said += ["detector_sha256", "detect_confidence", "detect_iou"]  # the detector's line
     said += ["sam_model"] if recorded.get("segment") != "sam" else []  # options of a choice not taken
     said += ["frames"] if recorded.get("mode") != "series" else []
     options = {k: v for k, v in dataset_options(recorded).items() if k not in said and _is_set(v)}

@@ -76,7 +76,7 @@ def add_ingest_parser(sub, fn) -> None:
         if kind != "dicom":
             add(
                 "--gpus-per-worker",
-                "GPUs each actor holds for the run's models (--segment sam, --background-model); 0: on the CPU",
+                "GPUs each actor holds for the run's models (--segment sam, --background-model, --detector); 0: CPU",
                 type=float,
             )
         if kind != "wsi":
@@ -159,6 +159,13 @@ def add_ingest_parser(sub, fn) -> None:
                 type=float,
             )
             add("--boxes", "bounding boxes: a folder of YOLO .txt files or image,x_min,...,y_max CSV")
+            add(
+                "--detector",
+                "find each image's boxes with a YOLO detector (paper 004's first stage, where there are no boxes): "
+                "its TorchScript export (`yolo export format=torchscript`), local, s3:// or an MLflow runs:/ path",
+            )
+            add("--detect-confidence", "keep the detector's boxes scoring above this", type=float)
+            add("--detect-iou", "suppress the detector's boxes overlapping a better one by this IoU", type=float)
             add("--crop", "one sample per box, cropped around it", action="store_true")
             add("--crop-margin", "crop margin as a fraction of the box", type=float)
             add(
@@ -242,7 +249,7 @@ def ingest_dry_run(kind: str, cfg, on_private) -> int:
     from ingest.rerun import dry_run_line
 
     plan = make_plan(kind, cfg, pseudonym_key())
-    cfg, model_line = recording(cfg, plan.background)
+    cfg, model_line = recording(cfg, plan.model)
     line = dry_run_line(kind, plan, cfg)  # first: --append keeps the splits of the inputs the dataset holds
     print(f"dry run: ingest {kind} into {cfg.out} (nothing written there)")
     if model_line:
@@ -256,7 +263,7 @@ def ingest_dry_run(kind: str, cfg, on_private) -> int:
     if kind == "wsi":
         from ingest.preflight import check_slides
 
-        model_um = plan.background.tile_um if plan.background else None
+        model_um = plan.model.tile_um if plan.model else None
         print("\n".join(check_slides(plan.units, cfg, model_um=model_um)))
     if plan.skipped or plan.unmatched:
         print(f"the inputs behind these pseudonyms: {on_private(plan.private)} (private to you)")

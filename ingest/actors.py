@@ -12,22 +12,16 @@ from tqdm import tqdm
 
 from ingest.config import IngestConfig
 from ingest.dispatch import CallQueue
-from ingest.model_files import get_model, model_device
+from ingest.model_files import get_model, model_device, model_url
 from ingest.packing import pack_shard, rewrite_shard
 from ingest.source_cache import fetch_ahead
-from ingest.staging import STAGING, WorkRecord, attempt, process_work, retried
+from ingest.staging import WorkRecord, attempt, process_work, retried
 from ingest.units import Unit, Work, mark_preview, plan_unit
-from shards import storage
 from shards.local_files import is_remote
 from shards.manifest import ShardInfo
 from shards.transfers import Transfers
 
 NO_ROOM_NOTE_S = 30.0  # how long a run waits with no worker started before it says why
-
-
-def model_url(cfg: IngestConfig) -> str:
-    """Where a run's actors read its background model: in its staging, removed with it."""
-    return storage.join(cfg.out, STAGING, "background-model")
 
 
 def prepare_worker(cpus: int) -> None:

@@ -27,9 +27,9 @@ def parse_bytes(value: int | str) -> int:
 
 
 RUN_ONLY = ("workers", "gpus_per_worker", "max_attempts", "outage_wait_s", "fetch_ahead", "read_ahead")
-# recorded, but not compared between runs: the same background model (its sha256 is compared) may be named from
-# another place
-NOT_COMPARED = (*RUN_ONLY, "background_model", "out")  # out: the dataset is the one found there
+# recorded, but not compared between runs: the same background model or detector (its sha256 is compared) may be
+# named from another place
+NOT_COMPARED = (*RUN_ONLY, "background_model", "detector", "out")  # out: the dataset is the one found there
 RERUN_MODES = ("overwrite", "retry_failed", "append", "replace_changed")  # what a run does with a dataset already there
 
 
@@ -91,7 +91,8 @@ class IngestConfig(BaseModel):
     def _gpus_for_a_model(self) -> IngestConfig:
         if self.gpus_per_worker and not self.uses_models():
             raise ValueError(
-                "gpus_per_worker is for the models a run applies (--segment sam, --background-model); this run "
+                "gpus_per_worker is for the models a run applies (--segment sam, --background-model, --detector); "
+                "this run "
                 "names none, and its actors would hold GPUs they never use"
             )
         return self
@@ -206,6 +207,12 @@ class ImagesIngestConfig(IngestConfig):
     # each sample records its scale, so a tile classifier trained on them records the width of specimen it saw
     mpp: float | None = Field(None, gt=0)
     boxes: str | None = None  # a folder of YOLO .txt files (matched by image name) or a box CSV
+    # Paper 004's first stage where there are no boxes (its classifier's dataset): a YOLO detector's TorchScript
+    # export finds each image's boxes, those scoring above `detect_confidence` (suppressed at `detect_iou`)
+    detector: str | None = None
+    detector_sha256: str | None = None  # set by the run from the file it read: what the dataset records
+    detect_confidence: float = Field(0.25, gt=0.0, lt=1.0)
+    detect_iou: float = Field(0.7, gt=0.0, le=1.0)
     crop: bool = False  # one sample per box, cropped (paper 004's detect -> crop); images without boxes stay whole
     crop_margin: float = Field(0.1, ge=0.0, le=1.0)
     # Paper 004's second stage: each box's lesion segmented (GrabCut, or SAM from `sam_model`: a checkpoint folder
@@ -224,8 +231,10 @@ class ImagesIngestConfig(IngestConfig):
 
     @model_validator(mode="after")
     def _consistent(self) -> ImagesIngestConfig:
-        if self.crop and not self.boxes:
-            raise ValueError("crop needs boxes (a YOLO label folder or a box CSV)")
+        if self.crop and not (self.boxes or self.detector):
+            raise ValueError("crop needs boxes (a YOLO label folder or a box CSV) or a detector")
+        if self.boxes and self.detector:
+            raise ValueError("give boxes or a detector, not both (each says where every image's boxes are)")
         if self.segment != "none" and not self.crop:
             raise ValueError(f"segment {self.segment} segments the lesion of each box's crop: it needs crop")
         if self.median and self.median % 2 == 0:
@@ -235,7 +244,7 @@ class ImagesIngestConfig(IngestConfig):
         return self
 
     def uses_models(self) -> bool:
-        return self.segment == "sam"
+        return self.segment == "sam" or bool(self.detector)
 
     @field_validator("sam_model")
     @classmethod
@@ -246,6 +255,11 @@ class ImagesIngestConfig(IngestConfig):
     @classmethod
     def _boxes_here(cls, v: str | None) -> str | None:
         return None if v is None else storage.anchored(v)
+
+    @field_validator("detector")
+    @classmethod
+    def _detector_here(cls, v: str | None) -> str | None:
+        return None if v is None else storage.anchored_if_local(v)
 
     def public(self) -> dict:
         return {k: v for k, v in super().public().items() if k != "boxes"}

@@ -1,4 +1,4 @@
-"""Where ``--background-model`` may point, read once on the driver into :class:`ModelFiles`.
+"""Where ``--background-model`` (or ``--detector``) may point, read once on the driver into :class:`ModelFiles`.
 
 A local file or folder, an ``s3://`` object or prefix, a run of the tracking server (``runs:/RUN_ID[/PATH]``, or
 the bare run id ``tessera train`` prints: its ``model`` folder) or a registered model (``models:/NAME/VERSION``,
@@ -28,7 +28,7 @@ RUN_ID = re.compile(r"[0-9a-f]{32}")
 
 @dataclass(frozen=True)
 class ModelFiles:
-    """A tile classifier as read from where ``--background-model`` points.
+    """A model (a tile classifier, a detector) as read from where ``--background-model`` or ``--detector`` points.
 
     ``source`` says where it came from (a registered model's version and run); ``description`` is an export's
     ``model.json`` (None for a bare TorchScript file)."""
@@ -55,6 +55,9 @@ def recording(cfg: IngestConfig, model: ModelFiles | None) -> tuple[IngestConfig
     the line that says which model that is; ``(cfg, None)`` without one."""
     if model is None:
         return cfg, None
+    if isinstance(cfg, ImagesIngestConfig):  # the detector of paper 004's first stage
+        line = f"detector: {model.source}, sha256 {model.sha256[:16]}"
+        return cfg.model_copy(update={"detector": model.source, "detector_sha256": model.sha256}), line
     line = f"background model: {model.source}, sha256 {model.sha256[:16]}"
     if model.tile_um:  # slides whose tiles differ are warned of, each
         line += f", trained on tiles {model.tile_um:.0f} µm across"
@@ -64,18 +67,29 @@ def recording(cfg: IngestConfig, model: ModelFiles | None) -> tuple[IngestConfig
 
 
 def read_models(cfg: IngestConfig) -> ModelFiles | None:
-    """What the models a run names hold, read on the driver before any work: the background model's files (None
-    without one); a SAM checkpoint's configuration, so that a wrong name fails the run here and not every image.
-    torch and transformers are imported only where a model is named."""
+    """What the models a run names hold, read on the driver before any work: the background model's or the
+    detector's files (None without one); a SAM checkpoint's configuration, so that a wrong name fails the run here
+    and not every image. torch and transformers are imported only where a model is named."""
     if isinstance(cfg, ImagesIngestConfig) and cfg.segment == "sam":
         from ingest.sam import check_sam
 
         check_sam(cfg.sam_model)
+    if isinstance(cfg, ImagesIngestConfig) and cfg.detector:
+        from ingest.detector import read_checked as read_detector
+
+        return read_detector(cfg.detector)
     if not (isinstance(cfg, WsiIngestConfig) and cfg.background_model):
         return None
     from ingest.background import read_checked
 
     return read_checked(cfg.background_model, cfg.background_threshold)
+
+
+def model_url(cfg: IngestConfig) -> str:
+    """Where a run's actors read its model (background model or detector): in its staging, removed with it."""
+    from ingest.staging import STAGING  # staging imports the units, which import this module
+
+    return storage.join(cfg.out, STAGING, "model")
 
 
 def model_device(cfg: IngestConfig) -> str:
@@ -115,28 +129,29 @@ def is_mlflow(ref: str) -> bool:
     return ref.startswith(("runs:/", "models:/")) or (RUN_ID.fullmatch(ref) is not None and not os.path.exists(ref))
 
 
-def fetch_model(ref: str) -> ModelFiles:
-    """The classifier ``ref`` points to (see the module's doc); a clear error naming ``ref`` when it cannot."""
-    return _from_mlflow(ref) if is_mlflow(ref) else _from_storage(ref)
+def fetch_model(ref: str, what: str = "background model") -> ModelFiles:
+    """The model ``ref`` points to (see the module's doc); a clear error naming ``what`` and ``ref`` when it
+    cannot."""
+    return _from_mlflow(ref, what) if is_mlflow(ref) else _from_storage(ref, what)
 
 
-def _from_storage(ref: str) -> ModelFiles:
+def _from_storage(ref: str, what: str) -> ModelFiles:
     """A TorchScript file, or an export folder (``model.json`` + ``model.ts``), local or on S3."""
     desc_url = storage.join(ref, MODEL_JSON)
     if storage.exists(desc_url):
-        desc = _description(ref, storage.get_bytes(desc_url))
+        desc = _description(ref, storage.get_bytes(desc_url), what)
         ts_url = storage.join(ref, TORCHSCRIPT)
         if not storage.exists(ts_url):
-            raise FileNotFoundError(f"background model {ref}: an export folder without its {TORCHSCRIPT}")
+            raise FileNotFoundError(f"{what} {ref}: an export folder without its {TORCHSCRIPT}")
         return ModelFiles(ref, storage.get_bytes(ts_url), desc)
     if storage.exists(ref):
         return ModelFiles(ref, storage.get_bytes(ref))
     if storage.parse(ref).scheme == "file" and Path(ref).is_dir():
-        raise FileNotFoundError(f"background model {ref}: a folder without {MODEL_JSON}, so not a Tessera export")
-    raise FileNotFoundError(f"background model {ref}: no such file or folder")
+        raise FileNotFoundError(f"{what} {ref}: a folder without {MODEL_JSON}, so not a Tessera export")
+    raise FileNotFoundError(f"{what} {ref}: no such file or folder")
 
 
-def _description(ref: str, data: bytes) -> dict:
+def _description(ref: str, data: bytes, what: str) -> dict:
     try:
         desc = json.loads(data)
         if isinstance(desc, dict) and isinstance(desc.get("classes"), list) and "image_size" in desc:
@@ -144,21 +159,21 @@ def _description(ref: str, data: bytes) -> dict:
         why = "it names no classes and image size"
     except ValueError as exc:
         why = f"not JSON ({exc})"
-    raise ValueError(f"background model {ref}: its {MODEL_JSON} is not a Tessera export's: {why}")
+    raise ValueError(f"{what} {ref}: its {MODEL_JSON} is not a Tessera export's: {why}")
 
 
-def _from_mlflow(ref: str) -> ModelFiles:
+def _from_mlflow(ref: str, what: str) -> ModelFiles:
     """A run's export folder (or one TorchScript file it logged), or a registered model version's."""
     import mlflow
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
     uri = mlflow.get_tracking_uri()
-    _check_answers(uri, ref)
+    _check_answers(uri, ref, what)
     client = MlflowClient(uri)
     try:
         if ref.startswith("models:/"):
-            version = _version(client, ref)
+            version = _version(client, ref, what)
             base, source = version.source.rstrip("/"), f"{ref} (version {version.version} of run {version.run_id})"
         else:
             run_id, _, path = ref.removeprefix("runs:/").partition("/")
@@ -167,13 +182,13 @@ def _from_mlflow(ref: str) -> ModelFiles:
         with tempfile.TemporaryDirectory(prefix="tessera-bgmodel-") as tmp:
             if Path(base).suffix:  # one file: a bare TorchScript module logged as an artifact
                 return ModelFiles(source, _download(base, tmp).read_bytes())
-            desc = _description(ref, _download(f"{base}/{MODEL_JSON}", tmp).read_bytes())
+            desc = _description(ref, _download(f"{base}/{MODEL_JSON}", tmp).read_bytes(), what)
             return ModelFiles(source, _download(f"{base}/{TORCHSCRIPT}", tmp).read_bytes(), desc)
     except MlflowException as exc:
-        raise FileNotFoundError(f"background model {ref}: {exc.message} (MLflow at {uri})") from exc
+        raise FileNotFoundError(f"{what} {ref}: {exc.message} (MLflow at {uri})") from exc
 
 
-def _check_answers(uri: str, ref: str) -> None:
+def _check_answers(uri: str, ref: str, what: str) -> None:
     """Fail in seconds where MLflow is down: its client retries each call for minutes first."""
     if not uri.startswith(("http://", "https://")):
         return
@@ -185,10 +200,10 @@ def _check_answers(uri: str, ref: str) -> None:
     except requests.RequestException as exc:
         why = type(exc).__name__
     if why:
-        raise ConnectionError(f"background model {ref}: MLflow at {uri} does not answer ({why})")
+        raise ConnectionError(f"{what} {ref}: MLflow at {uri} does not answer ({why})")
 
 
-def _version(client, ref: str):
+def _version(client, ref: str, what: str):
     """The registered model version ``ref`` names (``latest``: the highest version number)."""
     name, sep, which = ref.removeprefix("models:/").partition("/")
     if not sep:
@@ -200,9 +215,9 @@ def _version(client, ref: str):
     elif which.lower() == "latest":
         versions = client.search_model_versions(f"name='{name}'")
         if not versions:
-            raise FileNotFoundError(f"background model {ref}: no registered model {name!r} has a version")
+            raise FileNotFoundError(f"{what} {ref}: no registered model {name!r} has a version")
         return max(versions, key=lambda v: int(v.version))
-    raise ValueError(f"background model {ref}: give models:/NAME/VERSION, models:/NAME/latest or models:/NAME@ALIAS")
+    raise ValueError(f"{what} {ref}: give models:/NAME/VERSION, models:/NAME/latest or models:/NAME@ALIAS")
 
 
 def put_model(model: ModelFiles, url: str) -> None:
@@ -214,13 +229,13 @@ def put_model(model: ModelFiles, url: str) -> None:
         storage.put_bytes(storage.join(url, MODEL_JSON), json.dumps(model.description).encode())
 
 
-def get_model(url: str, source: str, sha256: str) -> ModelFiles:
+def get_model(url: str, source: str, sha256: str, what: str = "background model") -> ModelFiles:
     """The model :func:`put_model` wrote under ``url``, checked to be the one whose TorchScript has ``sha256``."""
     desc_url = storage.join(url, MODEL_JSON)
     desc = json.loads(storage.get_bytes(desc_url)) if storage.exists(desc_url) else None
     model = ModelFiles(source, storage.get_bytes(storage.join(url, TORCHSCRIPT)), desc)
     if model.sha256 != sha256:
-        raise ValueError(f"background model {source}: {url} holds another model (sha256 {model.sha256})")
+        raise ValueError(f"{what} {source}: {url} holds another model (sha256 {model.sha256})")
     return model
 
 

@@ -30,7 +30,7 @@ class Plan:
     # pseudonym -> what it stands for (a file, a patient's id, a label row), kept off object storage
     private: dict[str, str] = field(default_factory=dict)
     unmatched: list[str] = field(default_factory=list)  # label rows naming no input found, as pseudonyms
-    background: ModelFiles | None = None  # the tile classifier of ``--background-model``, read once here
+    model: ModelFiles | None = None  # the model of ``--background-model`` or ``--detector``, read once here
 
 
 def _label_text(cfg: IngestConfig) -> str | None:
@@ -352,5 +352,5 @@ def make_plan(kind: str, cfg: IngestConfig, key: bytes) -> Plan:
         raise TypeError(f"ingest {kind} takes a {config.__name__}, not a {type(cfg).__name__}")
     model = read_models(cfg)
     plan = planner(cfg, key)
-    plan.background = model
+    plan.model = model
     return plan

@@ -13,11 +13,11 @@ from collections.abc import Callable
 import ray
 
 from ingest import progress, rendering
-from ingest.actors import Scheduler, model_url
+from ingest.actors import Scheduler
 from ingest.config import ImagesIngestConfig, IngestConfig, pseudonym_key
 from ingest.decisions import IngestStopped
 from ingest.lock import DatasetLock
-from ingest.model_files import gpu_actors, put_model, recording
+from ingest.model_files import gpu_actors, model_url, put_model, recording
 from ingest.packing import pack_parts, prune, rewrite_shards
 from ingest.plan import Plan, make_plan
 from ingest.rerun import amended, decide, to_ingest
@@ -194,7 +194,7 @@ def run_ingest(kind: str, cfg: IngestConfig, on_private: Callable[[dict[str, str
 def _plan_and_ingest(kind: str, cfg: IngestConfig, on_private: Callable[[dict[str, str]], object] | None):
     """Plan the run, then ingest under the dataset's lock."""
     plan = make_plan(kind, cfg, pseudonym_key())
-    cfg, model_line = recording(cfg, plan.background)
+    cfg, model_line = recording(cfg, plan.model)
     if model_line:
         print(model_line)
     if on_private:
@@ -243,15 +243,15 @@ def _ingest(kind: str, cfg: IngestConfig, plan, lock: DatasetLock) -> tuple[Mani
         n = cfg.workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
         if cfg.gpus_per_worker:
             n = gpu_actors(n, alive_resources(), cfg.gpus_per_worker, cluster_fixed())
-        if plan.background:  # the driver's bytes, for actors on any node (the path it read need not be there)
-            retried(lambda: put_model(plan.background, model_url(cfg)), cfg)
+        if plan.model:  # the driver's bytes, for actors on any node (the path it read need not be there)
+            retried(lambda: put_model(plan.model, model_url(cfg)), cfg)
         sched = Scheduler(cfg, max(1, min(n, len(units))))
         # Shards of inputs added to a dataset are numbered after its own, which stay as they are.
         first = {s: info.next_index for s, info in previous.splits.items()} if previous else {}
         try:
             plans, works = _run(units, done_records(cfg), sched, cfg)
             _mark_previews(units, plans, works, sched)
-            threshold = cfg.background_threshold if plan.background else None
+            threshold = getattr(cfg, "background_threshold", None) if plan.model else None
             inputs = [_merge(u, plans[u.id], works[u.id], threshold) for u in units]
             found = [w.rendered_with for u in units for w in works[u.id] if w.rendered_with]
             if note := rendering.mixed_note(cfg.out, found):

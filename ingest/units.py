@@ -15,7 +15,7 @@ from ingest import lesion
 from ingest.config import DicomIngestConfig, ImagesIngestConfig, IngestConfig, WsiIngestConfig
 from ingest.dicom import slice_rgb
 from ingest.images import Box, decode_rgb, normalise
-from ingest.model_files import model_device
+from ingest.model_files import model_device, model_url
 from ingest.preview import mark_dropped, preview_png, preview_scale
 from ingest.read_ahead import ReadAhead
 from ingest.sequences import center_indices, even_indices, neighbour_indices
@@ -249,22 +249,42 @@ def _fit(rgb: np.ndarray, size: int | None) -> np.ndarray:
     return cv2.resize(rgb, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
 
 
+def _detected(rgb: np.ndarray, cfg: ImagesIngestConfig, work: Work) -> tuple[list[Box], list[float]]:
+    """The boxes the run's detector finds in ``rgb``, and their scores; none found is noted (the image stays
+    whole)."""
+    from ingest.detector import detector_at  # torch only where a detector is named
+
+    assert cfg.detector_sha256, "the run records the detector it read before its workers start"
+    detector = detector_at(
+        model_url(cfg), cfg.detector, cfg.detector_sha256, cfg.detect_confidence, cfg.detect_iou, model_device(cfg)
+    )
+    found = detector.boxes(rgb)
+    if not found:
+        work.notes.append(f"the detector found no box scoring above {cfg.detect_confidence}; the image is kept whole")
+    return [box for box, _ in found], [score for _, score in found]
+
+
 def image_samples(work: Work, cfg: ImagesIngestConfig, files: ReadAhead | None = None) -> Iterator[dict[str, Any]]:
     """One image as a sample, or (``cfg.crop``) one sample per box cropped around it; boxes travel in the
     metadata as normalised ``[x0, y0, x1, y1, label]``. ``files``: its batch's downloads ahead, if any."""
     work.notes.clear()  # a retried attempt notes anew
     unit = work.unit
     with (files.local if files else local_copy)(unit.sources[0]) as path:
-        rgb = _prepared(cfg)(path)
+        raw = _read_rgb(path)
+    rgb = lesion.denoise(raw, cfg.median, cfg.grayscale)
     h, w = rgb.shape[:2]
     boxes = [Box(*b) for b in unit.meta.get("yolo") or []] or normalise(unit.meta.get("pixel_boxes") or [], w, h)
     meta = {"image": unit.item, "patient": unit.patient, "label": unit.label, "width": w, "height": h}
+    if cfg.detector:  # on the image as it was (the detector's training images were not prepared)
+        boxes, meta["box_scores"] = _detected(raw, cfg, work)
     meta["boxes"] = [b.as_list() for b in boxes]
     if cfg.crop and boxes:
         segmenter = lesion.segmenter(cfg.segment, cfg.sam_model, model_device(cfg)) if cfg.segment != "none" else None
         found = lesion.lesions(rgb, boxes, segmenter) if segmenter else []
         for j, box in enumerate(boxes):
             extra: dict[str, Any] = {"crop": j}
+            if cfg.detector:
+                extra["box_score"] = meta["box_scores"][j]
             if found:  # the lesion alone, or (none found in the box) the box crop as it is
                 extra |= {"segmented": found[j].mask is not None, "lesion_fraction": found[j].fraction}
                 if found[j].mask is None:

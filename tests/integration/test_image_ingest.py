@@ -5,6 +5,7 @@ import json
 import shutil
 
 import numpy as np
+import pytest
 
 from ingest.config import ImagesIngestConfig
 from ingest.runner import run_ingest
@@ -13,7 +14,7 @@ from shards import manifest as mf
 from shards import storage
 from shards.dali import build_pipeline, fetch_indices
 from shards.writer import read_tar_samples
-from tests.checkpoints import tiny_sam
+from tests.checkpoints import tiny_sam, yolo_export
 
 
 def _first_batch(manifest, url: str, split: str, idx_dir, frames: int = 0):
@@ -136,6 +137,30 @@ def test_sam_segments_the_crops_in_the_ray_workers(stack, tmp_path):
     assert len(crops) == 3 and all(isinstance(m["segmented"], bool) for m in crops)
     unfound = sum(not m["segmented"] for m in crops)
     assert sum(len(r.warnings) for r in manifest.inputs) == unfound
+
+
+def test_a_detector_on_the_object_store_finds_the_boxes_the_workers_crop(stack, tmp_path):
+    """Paper 004's classifier dataset has no boxes: ``--detector`` (a YOLO TorchScript export, here on S3) finds
+    them in the Ray workers, which crop and segment there; a re-run with another confidence is another dataset."""
+    make_mri_folders(tmp_path, per_class=2, size=64, seed=6)  # its YOLO labels unused
+    model = "s3://shards/models/mri/best.torchscript"
+    storage.put_file(yolo_export(tmp_path / "best.torchscript", ["tumor"]), model)
+    out = "s3://shards/mri/detected"
+    cfg = ImagesIngestConfig(
+        sources=[str(tmp_path / "images")], out=out, detector=model, crop=True, segment="grabcut",
+        split="train=1.0", images_per_task=3, overwrite=True,
+    )  # fmt: skip
+    manifest, _ = run_ingest("images", cfg)
+    assert manifest.counts() == {"ingested": 8, "skipped": 0, "failed": 0}
+    assert manifest.config["detector"] == model and len(manifest.config["detector_sha256"]) == 64
+    assert "torch" in manifest.rendered_with  # a model decides what the samples hold
+    metas = _metas(manifest, out, "train", tmp_path)
+    crops = [m for m in metas if m["crop"] is not None]
+    assert len(crops) == 6 and all(m["box_score"] == 0.9 and m["segmented"] for m in crops)
+    assert [len(r.warnings) for r in manifest.inputs if r.label == manifest.classes.index("notumor")] == [1, 1]
+    again = cfg.model_copy(update={"detect_confidence": 0.95, "overwrite": False})
+    with pytest.raises(ValueError, match=r"detect_confidence 0\.25 -> 0\.95"):
+        run_ingest("images", again)
 
 
 def test_image_folders_on_s3_give_the_samples_of_the_same_folders_on_disk(stack, tmp_path):

@@ -176,11 +176,11 @@ def test_an_input_the_model_empties_says_so_and_each_counts_its_drops(tmp_path):
         split="train=1.0", tissue_threshold=0.01, background_model=str(model),
     )  # fmt: skip
     plan = make_plan("wsi", cfg, b"k")
-    assert plan.background.sha256 == hashlib.sha256(model.read_bytes()).hexdigest()
+    assert plan.model.sha256 == hashlib.sha256(model.read_bytes()).hexdigest()
     unit = plan.units[0]
     works, warnings = plan_unit(unit, cfg)
     assert len(works) > 1
-    records = [process_work(w, cfg, BackgroundFilter(plan.background)) for w in works]
+    records = [process_work(w, cfg, BackgroundFilter(plan.model)) for w in works]
     tiles = sum(len(w.plan.tiles) for w in works)
     assert [len(r.dropped_at) for r in records] == [len(w.plan.tiles) for w in works]
     assert sum(r.samples for r in records) == 0

@@ -581,8 +581,8 @@ def test_an_interrupted_runs_staged_records_are_read_many_at_a_time(tmp_path, mo
     for i in range(100):
         rec = WorkRecord(id=f"w{i}", unit=f"u{i}", index=0, status="ingested", samples=i)
         (tmp_path / STAGING / f"w{i}.json").write_text(rec.model_dump_json())
-    (tmp_path / STAGING / "background-model").mkdir()
-    (tmp_path / STAGING / "background-model" / "x.json").write_text("{}")  # not a record
+    (tmp_path / STAGING / "model").mkdir()
+    (tmp_path / STAGING / "model" / "x.json").write_text("{}")  # not a record
     get, at_once, most = storage.get_bytes, [0], [0]
     lock = threading.Lock()
 
