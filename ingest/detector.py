@@ -31,9 +31,11 @@ METADATA = "config.txt"  # the TorchScript extra file Ultralytics writes its met
 
 @dataclass(frozen=True)
 class Letterbox:
-    """How an image was placed in the model's input: scaled by ``scale``, then shifted by ``left``, ``top`` px."""
+    """How an image was placed in the model's input: resized by ``scale_x``, ``scale_y`` (the rounded size over
+    the image's: the aspect is kept up to a pixel), then shifted by ``left``, ``top`` px."""
 
-    scale: float
+    scale_x: float
+    scale_y: float
     left: int
     top: int
 
@@ -43,7 +45,7 @@ def letterbox(rgb: np.ndarray, height: int, width: int) -> tuple[np.ndarray, Let
     ``LetterBox`` with a fixed shape; with the placement, for :func:`to_image`."""
     h, w = rgb.shape[:2]
     scale = min(height / h, width / w)
-    new_w, new_h = round(w * scale), round(h * scale)
+    new_w, new_h = max(round(w * scale), 1), max(round(h * scale), 1)  # a thin image keeps a pixel
     if (new_w, new_h) != (w, h):
         rgb = cv2.resize(rgb, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
     dw, dh = (width - new_w) / 2, (height - new_h) / 2
@@ -51,12 +53,13 @@ def letterbox(rgb: np.ndarray, height: int, width: int) -> tuple[np.ndarray, Let
     out = cv2.copyMakeBorder(
         rgb, top, height - new_h - top, left, width - new_w - left, cv2.BORDER_CONSTANT, value=(PAD, PAD, PAD)
     )
-    return out, Letterbox(scale, left, top)
+    return out, Letterbox(new_w / w, new_h / h, left, top)
 
 
 def to_image(xyxy: np.ndarray, placed: Letterbox, width: int, height: int) -> np.ndarray:
     """Boxes ``[K, 4]`` in the model's input pixels back to the image's (``width`` x ``height``), clipped to it."""
-    out = (xyxy - [placed.left, placed.top, placed.left, placed.top]) / placed.scale
+    scale = [placed.scale_x, placed.scale_y, placed.scale_x, placed.scale_y]
+    out = (xyxy - [placed.left, placed.top, placed.left, placed.top]) / scale
     out[:, [0, 2]] = out[:, [0, 2]].clip(0, width)
     out[:, [1, 3]] = out[:, [1, 3]].clip(0, height)
     return out

@@ -37,15 +37,15 @@ def test_letterbox_places_the_image_centred_and_to_image_brings_its_boxes_back(h
     rgb[y0:y1, x0:x1] = 255
     placed_rgb, placed = letterbox(rgb, 64, 64)
     assert placed_rgb.shape == (64, 64, 3)
-    assert placed.scale == pytest.approx(min(64 / h, 64 / w))
-    new_w, new_h = round(w * placed.scale), round(h * placed.scale)
+    new_w, new_h = round(w * min(64 / h, 64 / w)), round(h * min(64 / h, 64 / w))
+    assert (placed.scale_x, placed.scale_y) == (new_w / w, new_h / h)  # the rounded size's: back to the pixel
     assert placed.left == (64 - new_w) // 2 and placed.top == (64 - new_h) // 2  # centred, the odd pixel after
     if placed.left:
         assert (placed_rgb[:, : placed.left] == 114).all()  # Ultralytics' grey
     ys, xs = np.nonzero(placed_rgb[..., 0] > 127)
     found = np.array([[xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]], float)
     back = to_image(found, placed, w, h)[0]
-    assert np.abs(back - [x0, y0, x1, y1]).max() <= 1.5 / placed.scale  # a pixel of the input, either side
+    assert np.abs(back - [x0, y0, x1, y1]).max() <= 1.5 / min(placed.scale_x, placed.scale_y)  # an input pixel
 
 
 def test_to_image_clips_to_the_image():
