@@ -161,8 +161,9 @@ def add_ingest_parser(sub, fn) -> None:
             add("--boxes", "bounding boxes: a folder of YOLO .txt files or image,x_min,...,y_max CSV")
             add(
                 "--detector",
-                "find each image's boxes with a YOLO detector (paper 004's first stage, where there are no boxes): "
-                "its TorchScript export (`yolo export format=torchscript`), local, s3:// or an MLflow runs:/ path",
+                "find each image's boxes with a detector (paper 004's first stage, where there are no boxes): a "
+                "YOLO TorchScript export (`yolo export format=torchscript`), local, s3:// or runs:/RUN/PATH; or a "
+                "detector `tessera train` trained (task detect): its run id or models:/NAME/VERSION",
             )
             add("--detect-confidence", "keep the detector's boxes scoring above this", type=float)
             add("--detect-iou", "suppress the detector's boxes overlapping a better one by this IoU", type=float)

@@ -63,20 +63,18 @@ def train_dry_run(recipe) -> None:
     from shards import manifest as mf
     from shards import provenance
     from training.engine import mixed_precision
-    from training.models import build_model, check_model, count_parameters
+    from training.models import check_model, count_parameters, recipe_model
     from training.preflight import check_against
 
     print(yaml.safe_dump(recipe.model_dump(), sort_keys=False))
-    check_model(recipe.model)
+    check_model(recipe.model, recipe.task)
     manifest = None
     try:
         manifest, data = mf.load_brief(recipe.data.dataset)
     except Exception as exc:  # the dataset may live on a cluster this machine cannot reach: said, not fatal
         print(f"dataset: manifest not readable from here: {exc}")
     n, source = outputs_for_dry_run(recipe, manifest)
-    model = build_model(
-        recipe.model.model_copy(update={"pretrained": False}), n, recipe.data.frames, recipe.data.image_size
-    )
+    model = recipe_model(recipe, n, pretrained=False)
     total, trainable = count_parameters(model, trainable=False), count_parameters(model)
     print(f"parameters: {total:,} ({trainable:,} trainable), {n} outputs ({source})")
     gpu, cpu = ("bf16 (autocast)" if mixed_precision(recipe, cuda) else "fp32" for cuda in (True, False))

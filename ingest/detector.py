@@ -6,7 +6,8 @@ a module of a fixed input size that carries its metadata (``config.txt``: ``task
 output is either YOLOv8/v11's ``[B, 4 + classes, anchors]`` (centre, width and height in input pixels, then each
 class's probability; non-maximum suppression is the caller's) or an end-to-end model's ``[B, K, 6]`` (corners,
 score, class; suppressed already). Images are letterboxed as Ultralytics does (the longer side scaled to the
-input, the rest padded grey, centred), so that the model sees what it was trained on.
+input, the rest padded grey, centred), so that the model sees what it was trained on; a detector Tessera trained
+(``task: detect``, :mod:`training.detection`) says in its metadata that its images were resized to a square.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from ingest.model_files import ModelFiles, fetch_model, get_model
 PAD = 114  # the grey Ultralytics pads letterboxed images with
 MAX_BOXES = 300  # per image, as Ultralytics keeps at most
 METADATA = "config.txt"  # the TorchScript extra file Ultralytics writes its metadata to
+SCRIPTED_NOTE = r".*always returns a \(Losses, Detections\) tuple in scripting"  # torchvision's, each call
 
 
 @dataclass(frozen=True)
@@ -65,14 +67,26 @@ def to_image(xyxy: np.ndarray, placed: Letterbox, width: int, height: int) -> np
     return out
 
 
-def decode(raw: torch.Tensor, classes: int, confidence: float, iou: float) -> tuple[np.ndarray, ...]:
+def stretched(rgb: np.ndarray, height: int, width: int) -> tuple[np.ndarray, Letterbox]:
+    """``rgb`` resized to ``height`` x ``width`` whatever its aspect, as Tessera's loaders resize a detector's
+    training images (area filter shrinking); with the placement, for :func:`to_image`."""
+    h, w = rgb.shape[:2]
+    shrink = width * height < w * h
+    out = cv2.resize(rgb, (width, height), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+    return out, Letterbox(width / w, height / h, 0, 0)
+
+
+def decode(
+    raw: torch.Tensor, classes: int, confidence: float, iou: float, end2end: bool | None = None
+) -> tuple[np.ndarray, ...]:
     """One image's detections ``(xyxy[K, 4], scores[K], class ids[K])`` in input pixels, best first, from a YOLO
     output: ``[4 + classes, anchors]`` (boxes above ``confidence``, suppressed per class at ``iou``) or an
-    end-to-end ``[K, 6]`` (above ``confidence``)."""
+    end-to-end ``[K, 6]`` (above ``confidence``); ``end2end`` says which (the export's metadata), None: by the
+    shape."""
     from torchvision.ops import batched_nms
 
     raw = raw.float()
-    if raw.ndim == 2 and raw.shape[0] == 4 + classes:
+    if raw.ndim == 2 and raw.shape[0] == 4 + classes and not end2end:
         rows = raw.T
         scores, ids = rows[:, 4:].max(dim=1)
         keep = scores > confidence
@@ -81,7 +95,7 @@ def decode(raw: torch.Tensor, classes: int, confidence: float, iou: float) -> tu
         xyxy = torch.cat([cxcywh[:, :2] - half, cxcywh[:, :2] + half], dim=1)
         best = batched_nms(xyxy, scores, ids, iou)[:MAX_BOXES]  # sorted by score
         xyxy, scores, ids = xyxy[best], scores[best], ids[best]
-    elif raw.ndim == 2 and raw.shape[1] == 6:
+    elif raw.ndim == 2 and raw.shape[1] == 6 and end2end is not False:
         rows = raw[raw[:, 4] > confidence]
         rows = rows[rows[:, 4].argsort(descending=True)][:MAX_BOXES]
         xyxy, scores, ids = rows[:, :4], rows[:, 4], rows[:, 5].long()
@@ -96,13 +110,16 @@ def decode(raw: torch.Tensor, classes: int, confidence: float, iou: float) -> tu
 def read_metadata(torchscript: bytes, source: str) -> dict:
     """The Ultralytics metadata inside a TorchScript export; a ``ValueError`` naming ``source`` where the file is
     not TorchScript, or not a YOLO detection export."""
+    import torchvision  # noqa: F401  # its operators (nms), which a scripted torchvision detector calls
+
     extra = {METADATA: ""}
     try:
         with warnings.catch_warnings():  # torch 2.10+ calls TorchScript deprecated
             warnings.simplefilter("ignore", FutureWarning)
             torch.jit.load(io.BytesIO(torchscript), map_location="cpu", _extra_files=extra)
     except (RuntimeError, ValueError) as exc:
-        raise ValueError(f"detector {source}: not TorchScript ({str(exc).splitlines()[0]})") from None
+        why = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+        raise ValueError(f"detector {source}: not TorchScript that loads here ({why})") from None
     try:
         meta = json.loads(extra[METADATA]) if extra[METADATA] else None
     except ValueError:
@@ -133,17 +150,21 @@ class YoloDetector:
         params = list(self.model.parameters())
         self.dtype = params[0].dtype if params else torch.float32  # a half-precision export takes halves
         self.confidence, self.iou, self.device = confidence, iou, device
+        self.end2end = meta.get("end2end")  # Ultralytics records it; None: told by the output's shape
+        self.place = letterbox if meta.get("letterbox", True) else stretched  # a Tessera export's: stretched
 
     @torch.no_grad()
     def boxes(self, rgb: np.ndarray) -> list[tuple[Box, float]]:
         """The lesions in ``rgb`` (``uint8[H, W, 3]``) as normalised boxes labelled with the detector's class
         name, each with its score; best first."""
         h, w = rgb.shape[:2]
-        placed_rgb, placed = letterbox(rgb, self.height, self.width)
+        placed_rgb, placed = self.place(rgb, self.height, self.width)
         x = torch.from_numpy(placed_rgb).permute(2, 0, 1)[None].to(self.device, self.dtype) / 255.0
-        out = self.model(x)
+        with warnings.catch_warnings():  # a scripted torchvision detector's note, on every call
+            warnings.filterwarnings("ignore", message=SCRIPTED_NOTE)
+            out = self.model(x)
         out = out[0] if isinstance(out, tuple | list) else out  # some exports return (detections, features)
-        xyxy, scores, ids = decode(out[0].cpu(), len(self.names), self.confidence, self.iou)
+        xyxy, scores, ids = decode(out[0].cpu(), len(self.names), self.confidence, self.iou, self.end2end)
         xyxy = to_image(xyxy, placed, w, h)
         found = []
         for (x0, y0, x1, y1), score, cls in zip(xyxy.tolist(), scores.tolist(), ids.tolist(), strict=True):

@@ -140,9 +140,10 @@ def _from_storage(ref: str, what: str) -> ModelFiles:
     desc_url = storage.join(ref, MODEL_JSON)
     if storage.exists(desc_url):
         desc = _description(ref, storage.get_bytes(desc_url), what)
-        ts_url = storage.join(ref, TORCHSCRIPT)
+        script = desc.get("torchscript", TORCHSCRIPT)  # a detector's export names its own
+        ts_url = storage.join(ref, script)
         if not storage.exists(ts_url):
-            raise FileNotFoundError(f"{what} {ref}: an export folder without its {TORCHSCRIPT}")
+            raise FileNotFoundError(f"{what} {ref}: an export folder without its {script}")
         return ModelFiles(ref, storage.get_bytes(ts_url), desc)
     if storage.exists(ref):
         return ModelFiles(ref, storage.get_bytes(ref))
@@ -183,7 +184,8 @@ def _from_mlflow(ref: str, what: str) -> ModelFiles:
             if Path(base).suffix:  # one file: a bare TorchScript module logged as an artifact
                 return ModelFiles(source, _download(base, tmp).read_bytes())
             desc = _description(ref, _download(f"{base}/{MODEL_JSON}", tmp).read_bytes(), what)
-            return ModelFiles(source, _download(f"{base}/{TORCHSCRIPT}", tmp).read_bytes(), desc)
+            script = desc.get("torchscript", TORCHSCRIPT)  # a detector's export names its own
+            return ModelFiles(source, _download(f"{base}/{script}", tmp).read_bytes(), desc)
     except MlflowException as exc:
         raise FileNotFoundError(f"{what} {ref}: {exc.message} (MLflow at {uri})") from exc
 

@@ -21,6 +21,17 @@ def _image(rng, label: int, classes: int, size: int) -> bytes:
     return encode_image(rgb, "png")
 
 
+def _boxed(rng, label: int, size: int) -> tuple[bytes, list]:
+    """A dim image with, unless of class 0 (no lesion), a bright square somewhere; its box, normalised."""
+    rgb = np.clip(rng.normal(50, 10, (size, size, 3)), 0, 255).astype(np.uint8)
+    if label == 0:
+        return encode_image(rgb, "png"), []
+    side = int(size * rng.uniform(0.25, 0.45))
+    x0, y0 = (int(v) for v in rng.integers(0, size - side, 2))
+    rgb[y0 : y0 + side, x0 : x0 + side] = 230
+    return encode_image(rgb, "png"), [[x0 / size, y0 / size, (x0 + side) / size, (y0 + side) / size, str(label)]]
+
+
 def make_dataset(
     prefix: str,
     splits: dict[str, int] | None = None,
@@ -34,6 +45,7 @@ def make_dataset(
     per_sample_labels: bool = False,
     width_um: float | None = None,
     labelled: bool = True,
+    boxes: bool = False,
 ) -> mf.Manifest:
     """Write shards (``shard_samples`` per shard) and a manifest under ``prefix``; patients are per split.
 
@@ -41,7 +53,8 @@ def make_dataset(
     patient's input is labelled positive when any of its samples is, as ingest labels a series. ``width_um``: the
     µm of specimen each sample records it shows, as slide tiles do. Not ``labelled``: samples without ``.cls``
     and a manifest without classes, as ingest makes of inputs without a label table (the images still differ by
-    the class drawn for them)."""
+    the class drawn for them). ``boxes``: each image of a class but the first holds a bright square, its box in
+    the metadata, as ``tessera ingest images --boxes`` records them (a detector's dataset)."""
     rng = np.random.default_rng(seed)
     manifest = mf.Manifest(
         dataset=prefix,
@@ -64,6 +77,8 @@ def make_dataset(
                     vector = [label] + [int(label and rng.random() < 0.5) for _ in RSNA[1:]] if multilabel else None
                     images = [_image(rng, label, classes, size) for _ in range(max(1, frames))]
                     meta = {"patient": patient, "slide": f"{patient}s", "series": f"{patient}s", "label": label}
+                    if boxes:
+                        images[0], meta["boxes"] = _boxed(rng, label, size)
                     if vector:
                         meta["labels"] = vector
                     if width_um:
@@ -98,7 +113,7 @@ OPTIONS = {"strip_ai_swinv2_tiny": ["model.options={img_size: 64}"]}
 
 
 def recipe_dataset(recipe, prefix: str) -> mf.Manifest:
-    classes = 4 if recipe.name == "brain_tumor_mri" else 2
+    classes = 4 if recipe.name.startswith("brain_tumor") else 2
     return make_dataset(
         prefix,
         {"train": 8, "val": 6},
@@ -107,6 +122,7 @@ def recipe_dataset(recipe, prefix: str) -> mf.Manifest:
         frames=4 if recipe.data.frames else 0,
         # RSNA datasets carry 6-way vectors; the binary recipe must still read the `.cls` (any) label.
         multilabel=recipe.name.startswith("rsna_ich"),
+        boxes=recipe.task == "detect",
     )
 
 

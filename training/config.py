@@ -72,6 +72,9 @@ class DataConfig(Strict):
     # ``shuffle``: each worker streams its shards (a fresh shard order per epoch, shuffled in a buffer).
     # ``balanced``: paper 003's sampler: every class equally often, drawn with replacement by ``.cls``.
     sampler: Literal["shuffle", "balanced"] = "shuffle"
+    # task detect: what a box's class is. ``lesion``: one class, where the lesion is (paper 004's detector locates
+    # the tumour; its classifier says which); ``image``: the image's class (a glioma's box is a glioma).
+    box_classes: Literal["lesion", "image"] = "lesion"
     # How samples are read. ``stream``: DALI's WebDataset reader streams each worker's shards. ``ranged``: one
     # ranged read per sample (a GET on S3), ``read_requests`` in flight, so a shuffle is one global permutation
     # per epoch; DALI's reader issues its S3 reads one at a time and is latency-bound there. ``auto``: ranged for
@@ -202,7 +205,8 @@ class TrainRecipe(Strict):
 
     name: str
     experiment: str | None = None
-    task: Literal["multiclass", "multilabel"] = "multiclass"
+    # detect: boxes (paper 004's first stage), from the samples' metadata; a torchvision detector (training.detection)
+    task: Literal["multiclass", "multilabel", "detect"] = "multiclass"
     data: DataConfig
     model: ModelConfig
     optim: OptimConfig = OptimConfig()
@@ -232,10 +236,28 @@ class TrainRecipe(Strict):
             raise ValueError("swa.enabled: needs deepspeed.zero_stage <= 2 (ZeRO-3 shards the weights it averages)")
         if self.task == "multilabel" and self.eval.how == "any":
             raise ValueError("eval.how: 'any' is for multiclass tasks with a positive class")
+        if self.task == "detect":
+            self._detection_consistent()
         video = self.model.name == "vivit" or self.model.name.startswith("temporal:")
         if video != (self.data.frames > 0):
             raise ValueError("data.frames: video models (vivit, temporal:*) need frames > 0, image models 0")
         return self
+
+    def _detection_consistent(self) -> None:
+        """What a detector cannot take: augmentations that move pixels but not the boxes (flips move both),
+        weight averaging, a validation loss to monitor (a detector reports losses only while it trains)."""
+        a = self.data.augment
+        for moving in ("rotate_p", "zoom_p"):
+            if getattr(a, moving) > 0:
+                raise ValueError(f"data.augment.{moving}: task detect takes flips, colour and sharpness (they "
+                                 "move no box or move it with the image)")  # fmt: skip
+        if self.swa.enabled:
+            raise ValueError("swa.enabled: not for task detect")
+        if self.eval.monitor in ("val_loss", "train_loss") or self.eval.monitor.startswith("val_accuracy"):
+            raise ValueError(f"eval.monitor: {self.eval.monitor!r} is not a detector's; give val_map50, val_map, "
+                             "val_f1 or val_recall (mode max)")  # fmt: skip
+        if self.data.sampler == "balanced" or self.data.class_weights != "none" or self.model.heads:
+            raise ValueError("task detect: no balanced sampler, class weights or heads (the detector's own losses)")
 
 
 class RecipeError(ValueError):

@@ -140,6 +140,9 @@ class WorkerData:
         steps = self.steps_per_epoch() if train else None
         total = self.manifest.num_samples(split)
         lanes = self.lanes(total, steps)
+        augment = d.augment.model_dump()
+        if r.task == "detect":  # a detector's flips move its boxes too: training.detection makes them
+            augment |= {"hflip": 0.0, "vflip": 0.0}
         pipes = build_lanes(
             lanes,
             urls,
@@ -153,7 +156,7 @@ class WorkerData:
             num_threads=r.dali_threads,
             sources=self._sources(split, epoch, train, steps, lanes),
             device_id=self.device_id,
-            augment=Augment(**d.augment.model_dump()),
+            augment=Augment(**augment),
             frames=d.frames,
             labelled=self.labelled,
         )

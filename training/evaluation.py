@@ -26,6 +26,7 @@ from training.tracking import MODEL_ARTIFACT
 HELD_OUT_ERROR = "held_out_error"  # the run's tag when training's held-out step failed
 TRAINING_PREFIXES = ("train_", "val_")  # the per-epoch metrics of training (besides lr and epoch)
 HEADLINE = ("accuracy", "f1", "auc", "weighted_log_loss", "rsna_log_loss")
+DETECTION_HEADLINE = ("map50", "map", "precision", "recall", "f1")  # a detector's (training.detection)
 SCALE_WARNING = "scale_warning"  # <prefix>scale_warning: the evaluated samples' scale is not the training's
 
 
@@ -81,6 +82,7 @@ def exported_predictions(
     from shards import scratch
     from training.collective import raise_together
     from training.data import WorkerData
+    from training.detection import load_detector, predict_export
     from training.export import export_outputs, load_export
     from training.loop import predict, worker_device
     from training.losses import Loss
@@ -89,13 +91,16 @@ def exported_predictions(
     try:
         try:
             with scratch.directory("model") as tmp:  # every worker: a node need not share another's disk
-                model, desc = load_export(Path(log.client.download_artifacts(log.run_id, MODEL_ARTIFACT, tmp)))
+                folder = Path(log.client.download_artifacts(log.run_id, MODEL_ARTIFACT, tmp))
+                model, desc = load_detector(folder) if recipe.task == "detect" else load_export(folder)
             data = WorkerData(recipe, manifest, rank, world, device.index, splits=(split,), labelled=labelled)
         except Exception as exc:
             error = exc
         raise_together(error)
-        loss = Loss(recipe.task == "multilabel", None, len(export_outputs(desc)))
         batches = data.batches(split, 0, False)
+        if recipe.task == "detect":
+            return predict_export(model.to(device), batches, recipe, device), desc
+        loss = Loss(recipe.task == "multilabel", None, len(export_outputs(desc)))
         pred = predict(model.to(device), batches, loss, device, share_errors=True, labelled=labelled)
     finally:
         if data is not None:
@@ -107,13 +112,18 @@ def exported_predictions(
 def evaluate_split(recipe: TrainRecipe, manifest: mf.ManifestHead, split: str, prefix: str, log, rank: int, world: int):
     """Every rank of a worker group: the run's exported model on this rank's part of ``split``; rank 0 logs the
     metrics and pictures under ``prefix``. A failure on any rank raises on every rank."""
+    from training.detection import metrics as detection_metrics
     from training.export import samples_scale_warning
-    from training.loop import evaluate, outputs_of
+    from training.levels import evaluate
+    from training.loop import outputs_of
     from training.reporting import log_evaluation
 
     outputs = outputs_of(recipe, manifest)
     pred, desc = exported_predictions(recipe, manifest, split, log, rank, world)
-    metrics = evaluate(pred, recipe, outputs, prefix)
+    if recipe.task == "detect":
+        metrics = detection_metrics(pred, outputs, recipe.eval.threshold, prefix)
+    else:
+        metrics = evaluate(pred, recipe, outputs, prefix)
     if rank == 0:
         log.metrics(metrics, step=0)
         log_evaluation(log, recipe, outputs, pred, f"{split} split", prefix)
@@ -333,7 +343,8 @@ def summary(outcome: EvalOutcome) -> str:
     lines = [f"{outcome.split} split of {outcome.dataset}, metrics {outcome.prefix}* in the run:"]
     for level in ("sample", *outcome.levels):
         pre = outcome.prefix if level == "sample" else f"{outcome.prefix}{level}_"
-        shown = [f"{k} {outcome.metrics[pre + k]:.4f}" for k in HEADLINE if pre + k in outcome.metrics]
+        headline = DETECTION_HEADLINE if pre + "map50" in outcome.metrics else HEADLINE
+        shown = [f"{k} {outcome.metrics[pre + k]:.4f}" for k in headline if pre + k in outcome.metrics]
         if shown:
             lines.append(f"  {level}: {', '.join(shown)}")
     if outcome.warning:

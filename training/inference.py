@@ -125,6 +125,11 @@ def predict_run(
 
     client = MlflowClient(tracking_uri)
     run_id, recipe = run_on(client, run, overrides, dataset)
+    if recipe.task == "detect":
+        raise ValueError(
+            f"run {run_id} trained a detector: it finds boxes where images are ingested, `tessera ingest images SRC "
+            f"--detector {run_id} --crop ...` (`tessera evaluate {run_id}` measures it on a split with boxes)"
+        )
     if not tracking.has_artifact(client, run_id, MODEL_ARTIFACT):
         raise ValueError(f"run {run_id} has no exported model (it finished no epoch)")
     outputs = export_outputs(export_description(client, run_id))

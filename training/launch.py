@@ -167,7 +167,7 @@ def run_training(recipe: TrainRecipe, tracking_uri: str, storage_path: str, max_
     """
     from training.models import check_model
 
-    check_model(recipe.model)  # before an MLflow run or a worker exists
+    check_model(recipe.model, recipe.task)  # before an MLflow run or a worker exists
     check_capacity(recipe, wants_gpu(recipe))
     run_id = start_run(recipe, tracking_uri)
     return fit(recipe, run_id, tracking_uri, storage_path, max_failures, held_out=True)

@@ -23,7 +23,7 @@ import torch.distributed as dist
 from shards import manifest as mf
 from shards import scratch
 from shards.allocator import keep_freed_memory
-from training.aggregate import aggregate, aggregate_probs
+from training import detection
 from training.collective import raise_any, said
 from training.config import TrainRecipe
 from training.data import WorkerData, wait_for_store
@@ -37,17 +37,19 @@ from training.engine import (
     zero_stage,
 )
 from training.evaluation import held_out_step
+from training.levels import evaluate
 from training.losses import Loss, balanced_weights
-from training.metas import Metas, values
-from training.metrics import classification_metrics, multilabel_metrics
-from training.models import build_model
+from training.metas import Metas
+from training.models import recipe_model
 from training.outbox import adopt
 from training.state import EarlyStopping, epoch_seed, swa_start_epoch
 from training.tracking import MODEL_ARTIFACT
 
 
 def outputs_of(recipe: TrainRecipe, manifest: mf.ManifestHead) -> list[str]:
-    """Names of the model's logits: the manifest's classes, or its multi-label names."""
+    """Names of the model's logits: the manifest's classes, or its multi-label names; a detector's box classes."""
+    if recipe.task == "detect" and recipe.data.box_classes == "lesion":
+        return [detection.LESION]
     if recipe.task == "multilabel":
         if not manifest.multilabel:
             raise ValueError(f"{recipe.data.dataset}: task multilabel but the manifest has no multi-label names")
@@ -150,40 +152,6 @@ def predict(model, batches, loss_fn: Loss, device, share_errors: bool = False, l
     }
 
 
-def by_level(pred: dict[str, Any], recipe: TrainRecipe):
-    """``(level, group ids, probs[G, C], labels[G])`` for each recipe level that every sample's metadata names
-    (labels None where ``pred["labels"]`` is: samples without labels)."""
-    how = recipe.eval.how if recipe.task == "multiclass" else "max"
-    for level in recipe.eval.levels:
-        groups = values(pred["metas"], level)
-        if groups and all(g is not None for g in groups):
-            if pred["labels"] is None:
-                yield level, *aggregate_probs(pred["probs"], groups, how, recipe.task == "multilabel"), None
-            else:
-                yield level, *aggregate(pred["probs"], pred["labels"], groups, how)
-
-
-def level_threshold(recipe: TrainRecipe, level: str) -> float | None:
-    """The positive-call threshold of a multi-class ``level``: only groups aggregated by ``any`` use one
-    (samples and other aggregations take the argmax)."""
-    return recipe.eval.threshold if recipe.eval.how == "any" and level != "sample" else None
-
-
-def evaluate(pred: dict[str, Any], recipe: TrainRecipe, outputs: list[str], prefix: str = "val_") -> dict[str, float]:
-    """Sample-level metrics plus the same metrics after aggregation to each of the recipe's levels."""
-
-    def metrics(y, p, level):
-        pre = prefix if level == "sample" else f"{prefix}{level}_"
-        if recipe.task == "multilabel":
-            return multilabel_metrics(y, p, outputs, pre, recipe.eval.threshold)
-        return classification_metrics(y, p, pre, outputs, level_threshold(recipe, level))
-
-    out = {f"{prefix}loss": pred["loss"]} | metrics(pred["labels"], pred["probs"], "sample")
-    for level, _, gp, gy in by_level(pred, recipe):
-        out |= metrics(gy, gp, level)
-    return out
-
-
 def worker_device(recipe: TrainRecipe) -> torch.device:
     """This worker's GPU (the one Ray Train assigned it) unless ``use_gpu`` is false (in a Ray Train group, as
     :func:`training.launch.worker_group` decided it), else the CPU."""
@@ -215,7 +183,7 @@ class Trainer:
         mf.check_same_data(config.get("manifest_sha256"), r.data.dataset, self.manifest, data, who)
         self.outputs = outputs_of(r, self.manifest)
         _seed(r, -1, 0)  # the same initial head on every rank
-        model = build_model(r.model, len(self.outputs), r.data.frames, r.data.image_size).to(self.device)
+        model = recipe_model(r, len(self.outputs)).to(self.device)
         # the ranks the checkpoint's ZeRO state is partitioned over (None: no state to continue); written by
         # another number of ranks (``--resume RUN workers=N``), it is read universally
         ranks = partition_ranks(checkpoint_dir) if checkpoint_dir and not weights_only else None
@@ -293,20 +261,8 @@ class Trainer:
         for epoch in range(self.start, r.epochs):
             _seed(r, epoch, self.rank)
             lr = self.engine.optimizer.param_groups[0]["lr"]
-            metrics = train_epoch(
-                self.engine,
-                self.data.batches(r.data.train_split, epoch, True),
-                self.loss,
-                self.device,
-                epoch,
-                self.rank,
-                fault,
-            )
-            same_batchnorm_stats(self.engine.module, self.world)
-            if self.swa is not None and epoch >= swa_from:
-                self.swa.update_parameters(self.engine.module)
-            pred = predict(self.engine, self.data.batches(r.data.val_split, epoch, False), self.loss, self.device)
-            metrics |= evaluate(pred, r, self.outputs) | {"lr": lr, "epoch": epoch}
+            metrics, pred = self._epoch(epoch, fault, swa_from)
+            metrics |= {"lr": lr, "epoch": epoch}
             stop = self.stopper.update(self._monitor(metrics), epoch) and r.early_stopping.enabled
             improved = self.stopper.best_epoch == epoch
             self._step_schedule(metrics)
@@ -332,6 +288,24 @@ class Trainer:
         self.data.close()
         if report:
             report.drain()
+
+    def _epoch(self, epoch: int, fault: dict | None, swa_from: int) -> tuple[dict[str, float], dict[str, Any]]:
+        """Train one epoch, then validate: the metrics, and the validation predictions."""
+        r, train = self.recipe, self.data.batches(self.recipe.data.train_split, epoch, True)
+        if r.task == "detect":
+            inject = lambda *at: _inject_fault(fault, *at)  # noqa: E731
+            metrics = detection.train_epoch(self.engine, train, r, self.device, epoch, self.rank, inject)
+        else:
+            metrics = train_epoch(self.engine, train, self.loss, self.device, epoch, self.rank, fault)
+        same_batchnorm_stats(self.engine.module, self.world)
+        if self.swa is not None and epoch >= swa_from:
+            self.swa.update_parameters(self.engine.module)
+        val = self.data.batches(r.data.val_split, epoch, False)
+        if r.task == "detect":
+            pred = detection.predict(self.engine, val, r, self.device)
+            return metrics | detection.metrics(pred, self.outputs, r.eval.threshold), pred
+        pred = predict(self.engine, val, self.loss, self.device)
+        return metrics | evaluate(pred, r, self.outputs), pred
 
     def _finish_swa(self, epoch: int) -> tuple[dict[str, Any], dict[str, float]]:
         """Recompute BatchNorm statistics for the averaged weights, then evaluate them (``val_swa_*``)."""

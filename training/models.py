@@ -92,14 +92,20 @@ class Vivit(nn.Module):
 WEIGHT_FILES = (".safetensors", ".pth", ".pt", ".bin")
 
 
-def check_model(cfg: ModelConfig) -> None:
+def check_model(cfg: ModelConfig, task: str = "multiclass") -> None:
     """Refuse, on the driver, what would fail in every worker once the cluster had started: a model name timm
-    does not know (with the closest it does), or local weights that are not there. Raises RecipeError."""
+    (or, for ``task`` detect, torchvision's detectors) does not know (with the closest it does), or local weights
+    that are not there. Raises RecipeError."""
     import difflib
 
     import timm
 
     from training.config import RecipeError
+
+    if task == "detect":
+        from training.detection import check_detector
+
+        return check_detector(cfg)
 
     name = cfg.name.removeprefix("temporal:")
     if cfg.name != "vivit" and not timm.is_model(name):
@@ -129,6 +135,18 @@ def build_model(cfg: ModelConfig, num_outputs: int, frames: int = 0, image_size:
     if cfg.freeze == "backbone":
         freeze_backbone(model)
     return model
+
+
+def recipe_model(recipe, num_outputs: int, pretrained: bool = True) -> nn.Module:
+    """The model of ``recipe`` (a :class:`~training.config.TrainRecipe`): :func:`build_model`'s, or for task detect
+    a torchvision detector (:func:`training.detection.build_detector`); without its pretrained weights unless
+    ``pretrained``."""
+    cfg = recipe.model if pretrained else recipe.model.model_copy(update={"pretrained": False})
+    if recipe.task == "detect":
+        from training.detection import build_detector
+
+        return build_detector(cfg, num_outputs, recipe.data.image_size)
+    return build_model(cfg, num_outputs, recipe.data.frames, recipe.data.image_size)
 
 
 def head_modules(model: nn.Module) -> list[nn.Module]:

@@ -37,7 +37,7 @@ def check_against(recipe: TrainRecipe, manifest: mf.ManifestBrief | mf.Manifest)
 def check_patient_labels(recipe: TrainRecipe, manifest: mf.ManifestBrief | mf.Manifest) -> None:
     """A patient of the evaluated splits whose inputs are labelled differently has no truth when the recipe
     aggregates patients by mean or max (``any`` makes a patient positive when any input is)."""
-    if recipe.task == "multilabel" or recipe.eval.how == "any" or "patient" not in recipe.eval.levels:
+    if recipe.task != "multiclass" or recipe.eval.how == "any" or "patient" not in recipe.eval.levels:
         return
     splits = {*mf.split_names(recipe.data.val_split), *mf.split_names(recipe.data.test_split or "")}
     ingested = [r for r in manifest.inputs if r.status == "ingested" and r.split in splits and r.label is not None]
@@ -55,8 +55,15 @@ def check_patient_labels(recipe: TrainRecipe, manifest: mf.ManifestBrief | mf.Ma
 def validation_metrics(recipe: TrainRecipe, outputs: list[str]) -> set[str]:
     """The names of the validation metrics a run of ``recipe`` reports each epoch: its metric functions on a
     made-up prediction in which every class (or label) occurs and every sample names every level."""
-    from training.loop import evaluate
+    from training.levels import evaluate
 
+    if recipe.task == "detect":  # a box of each class, found
+        from training.detection import metrics
+
+        box = np.array([[0.0, 0.0, 10.0, 10.0]], np.float32)
+        true = [{"boxes": box, "labels": np.array([c + 1])} for c in range(len(outputs))]
+        found = [t | {"scores": np.array([0.9], np.float32)} for t in true]
+        return set(metrics({"found": found, "true": true, "metas": []}, outputs, recipe.eval.threshold))
     n = 2 * len(outputs)
     if recipe.task == "multilabel":
         labels = np.array([[(i + j) % 2 for j in range(len(outputs))] for i in range(n)])

@@ -38,6 +38,8 @@ class Reporter:
         from training.models import build_model
 
         r, multilabel = self.t.recipe, self.t.recipe.task == "multilabel"
+        if r.task == "detect":
+            return self._export_detector(module, folder)
         with torch.random.fork_rng(devices=[]):  # its initial weights, replaced below, take no draws from training
             plain = build_model(
                 r.model.model_copy(update={"pretrained": False, "freeze": "none"}),
@@ -59,6 +61,19 @@ class Reporter:
             )
             self.log.artifacts(out, folder)
 
+    def _export_detector(self, module, folder: str) -> None:
+        """A detector's export (:func:`training.detection.save_detector`), built afresh as :meth:`export` does."""
+        from training.detection import build_detector, save_detector
+
+        r = self.t.recipe
+        with torch.random.fork_rng(devices=[]):
+            plain = build_detector(r.model.model_copy(update={"pretrained": False}), len(self.t.outputs),
+                                   r.data.image_size)  # fmt: skip
+        plain.load_state_dict({k: v.detach().cpu() for k, v in module.state_dict().items()})
+        with scratch.directory("export") as tmp:
+            out = save_detector(plain, Path(tmp) / folder, r.model, self.t.outputs, r.data.image_size)
+            self.log.artifacts(out, folder)
+
     def keep_with(self, checkpoint_dir: str) -> None:
         """What waits for the server goes into the checkpoint being saved: a worker restarted from it sends it."""
         self.log.keep_with(checkpoint_dir)
@@ -69,14 +84,14 @@ class Reporter:
 
     def final(self, pred: dict[str, Any]) -> None:
         """Confusion matrices, ROC curves and predictions of the validation split by the selected model (logged
-        with its export: they replace an earlier epoch's)."""
+        with its export: they replace an earlier epoch's); a detector's boxes per image."""
         log_evaluation(self.log, self.t.recipe, self.t.outputs, pred, "validation")
 
 
 def prediction_levels(pred: dict[str, Any], recipe):
     """``(level, id columns, probs, labels, threshold)`` at sample level and at each aggregation level the
     samples name; labels None where ``pred["labels"]`` is (samples without labels)."""
-    from training.loop import by_level, level_threshold
+    from training.levels import by_level, level_threshold
     from training.predictions import sample_columns
 
     def threshold(level: str) -> float | None:
@@ -107,6 +122,14 @@ def log_evaluation(log: RunLogger, recipe, outputs: list[str], pred: dict[str, A
     from training.plots import confusion_png, roc_png
     from training.predictions import prediction_table
 
+    if recipe.task == "detect":
+        from training.detection import detections_table
+
+        with tempfile.TemporaryDirectory() as tmp:
+            table = Path(tmp) / f"{prefix}detections.csv"
+            table.write_text(detections_table(pred, outputs, recipe.eval.threshold, recipe.data.image_size))
+            log.artifact(table)
+        return
     with tempfile.TemporaryDirectory() as tmp:
         for level, columns, p, y, threshold in prediction_levels(pred, recipe):
             if len(y) == 0:

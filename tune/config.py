@@ -144,7 +144,7 @@ class SweepConfig(Strict):
         that exists (a typo fails here, naming the field, not in every trial's workers)."""
         from training.models import check_model
 
-        check_model(self.base().model)
+        check_model(self.base().model, self.base().task)
         tree = recipe_tree(self.recipe)
         for key, param in self.space.items():
             for value in param.examples():
@@ -153,7 +153,7 @@ class SweepConfig(Strict):
                 if key.split(".")[0] != "model":
                     continue  # the base's model, checked above
                 try:
-                    check_model(recipe.model)
+                    check_model(recipe.model, recipe.task)
                 except RecipeError as exc:
                     raise RecipeError(f"{source}: {exc}") from None
 

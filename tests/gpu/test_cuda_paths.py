@@ -122,6 +122,9 @@ def test_every_recipe_trains_and_evaluates_on_the_gpu_in_bf16(name, tmp_path, cu
     trainer.run(lambda metrics, folder: reports.append(metrics), mlflow=False)
     assert trainer.engine.global_steps == 2
     (metrics,) = reports
+    if recipe.task == "detect":  # a detector reports no validation loss (torchvision's give losses in training)
+        assert np.isfinite(metrics["train_loss"]) and 0 <= metrics["val_map50"] <= 1
+        return
     key = "val_rsna_log_loss" if recipe.task == "multilabel" else "val_weighted_log_loss"
     assert np.isfinite(metrics["train_loss"]) and np.isfinite(metrics["val_loss"]) and np.isfinite(metrics[key])
 

@@ -1,0 +1,304 @@
+"""Paper 004's first stage trained in Tessera (``task: detect``): a torchvision detector (Faster R-CNN, RetinaNet,
+FCOS; the paper compared the first two with YOLOv8 and EfficientDet) on images whose boxes travel in their
+metadata (``tessera ingest images --boxes``, without ``--crop``). A box is a ``lesion`` (``data.box_classes``;
+the paper's detector says where the tumour is, its classifier which) or of its image's class; images without a
+box are negatives. Exported as TorchScript in the layout of an Ultralytics end-to-end export
+(:func:`save_detector`), which ``tessera ingest images --detector`` applies to images without boxes.
+
+The model computes its own losses in training mode (torchvision's detectors do) and returns boxes in evaluation
+mode; the loop's engine, checkpoints and MLflow are the classifiers' (:mod:`training.loop`).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from training.config import ModelConfig, RecipeError, TrainRecipe
+
+LESION = "lesion"  # the one class of a detector of ``data.box_classes: lesion``
+FAMILIES = ("fasterrcnn_", "retinanet_", "fcos_")  # torchvision's detectors whose input size a recipe sets
+MEAN = (0.485, 0.456, 0.406)  # ImageNet's, as the loaders normalise
+STD = (0.229, 0.224, 0.225)
+MATCH_IOU = 0.5  # a found box is a hit where it overlaps an unmatched true box of its class by this much
+EXPORT = "detector.torchscript"  # the export's file in the run's model folder
+
+
+def detector_names() -> list[str]:
+    import torchvision.models.detection as detection
+    from torchvision.models import list_models
+
+    return [n for n in list_models(module=detection) if n.startswith(FAMILIES)]
+
+
+def check_detector(cfg: ModelConfig) -> None:
+    """Refuse, on the driver, a detector torchvision does not have, or local weights that are not there."""
+    import difflib
+    import os
+
+    names = detector_names()
+    if cfg.name not in names:
+        close = difflib.get_close_matches(cfg.name, names, n=3, cutoff=0.5)
+        raise RecipeError(f"model.name: task detect takes a torchvision detector, one of {', '.join(close or names)}")
+    if cfg.weights and not os.path.exists(cfg.weights):
+        raise RecipeError(f"model.weights: no file {cfg.weights} (a detector's state dict, here on every worker)")
+
+
+def build_detector(cfg: ModelConfig, classes: int, image_size: int) -> nn.Module:
+    """``cfg.name`` for ``classes`` classes (and torchvision's background), taking ``image_size`` px images as
+    they come (ImageNet-normalised, square). ``pretrained``: its backbone's ImageNet weights from torchvision's
+    hub, or (``weights``) a local state dict of a whole detector (a COCO one: every tensor whose shape fits).
+    ``cfg.options`` go to torchvision's builder (``detections_per_img``, ``score_thresh``...)."""
+    from torchvision.models import get_model
+
+    hub = cfg.pretrained and not cfg.weights
+    # boxes down to 0.05 (COCO's evaluation floor; FCOS's own is 0.2): mAP ranks them, ingest's confidence cuts them
+    floor = {"box_score_thresh" if cfg.name.startswith("fasterrcnn_") else "score_thresh": 0.05}
+    model = get_model(
+        cfg.name, weights=None, weights_backbone="DEFAULT" if hub else None, num_classes=classes + 1,
+        min_size=image_size, max_size=image_size, image_mean=[0.0] * 3, image_std=[1.0] * 3,
+        **(floor | cfg.options),
+    )  # fmt: skip
+    if cfg.pretrained and cfg.weights:
+        load_matching(model, torch.load(cfg.weights, map_location="cpu", weights_only=True), cfg.weights)
+    return model
+
+
+def load_matching(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> int:
+    """Load the tensors of ``state`` whose name and shape ``model`` has (a detector of other classes differs in its
+    class layers only); how many. None fitting is an error naming ``source``."""
+    own = model.state_dict()
+    fits = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    if not fits:
+        raise ValueError(f"model.weights {source}: none of its tensors fits {type(model).__name__}")
+    model.load_state_dict(fits, strict=False)
+    return len(fits)
+
+
+def targets(
+    metas: list[dict], labels: np.ndarray, size: int, device, by_image: bool = False
+) -> list[dict[str, torch.Tensor]]:
+    """Each sample's boxes in pixels of its ``size`` px input, labelled 1 (a lesion) or, ``by_image``, with the
+    image's class + 1 (0 is torchvision's background); an image without boxes is a negative."""
+    out = []
+    for meta, label in zip(metas, labels, strict=True):
+        boxes = torch.tensor([b[:4] for b in meta.get("boxes") or []], dtype=torch.float32).reshape(-1, 4) * size
+        keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+        boxes = boxes[keep]
+        cls = int(label) + 1 if by_image else 1
+        out.append({"boxes": boxes.to(device), "labels": torch.full((len(boxes),), cls, device=device)})
+    return out
+
+
+def flipped(x: torch.Tensor, tgts: list[dict], hflip: float, vflip: float, rng: np.random.Generator):
+    """``x`` ([N, 3, S, S]) and its targets, each sample flipped left-right and upside down on its share
+    (``hflip``, ``vflip``): the augmentations that move pixels must move the boxes."""
+    size = x.shape[-1]
+    x = x.clone()
+    for i, t in enumerate(tgts):
+        b = t["boxes"]
+        if rng.random() < hflip:
+            x[i] = x[i].flip(-1)
+            b = torch.stack([size - b[:, 2], b[:, 1], size - b[:, 0], b[:, 3]], 1) if len(b) else b
+        if rng.random() < vflip:
+            x[i] = x[i].flip(-2)
+            b = torch.stack([b[:, 0], size - b[:, 3], b[:, 2], size - b[:, 1]], 1) if len(b) else b
+        t["boxes"] = b
+    return x, tgts
+
+
+def train_epoch(engine, batches, recipe: TrainRecipe, device, epoch: int, rank: int, inject) -> dict[str, float]:
+    """One pass of optimiser micro-steps of the detector's summed losses; their means over all workers."""
+    engine.train()
+    aug, size = recipe.data.augment, recipe.data.image_size
+    rng = np.random.default_rng([recipe.seed, epoch, rank, 7])  # the flips, the same again when resumed
+    sums: dict[str, float] = {}
+    seen, began = 0, time.perf_counter()
+    for step, (x, y, metas) in enumerate(batches):
+        inject(epoch, step, rank)
+        tgts = targets(metas, y, size, device, recipe.data.box_classes == "image")
+        images, tgts = flipped(torch.as_tensor(x, device=device), tgts, aug.hflip, aug.vflip, rng)
+        losses = engine(list(images), tgts)
+        loss = sum(losses.values())
+        engine.backward(loss)
+        engine.step()
+        for k, v in {"loss": loss, **losses}.items():
+            sums[k] = sums.get(k, 0.0) + float(v.detach()) * len(y)
+        seen += len(y)
+    keys = sorted(sums)
+    totals = torch.tensor([sums[k] for k in keys] + [seen], dtype=torch.float64, device=device)
+    dist.all_reduce(totals)
+    seconds = time.perf_counter() - began
+    out = {f"train_{k}": float(v / totals[-1]) for k, v in zip(keys, totals[:-1], strict=True)}
+    return out | {"train_seconds": seconds, "train_samples_per_s": float(totals[-1]) / seconds}
+
+
+@torch.no_grad()
+def predict(model, batches, recipe: TrainRecipe, device) -> dict[str, Any]:
+    """Every worker's boxes found and true, per sample (NumPy), gathered on every rank, with the samples'
+    metadata."""
+    model.eval()
+    return _gathered(batches, recipe, lambda x: model(list(torch.as_tensor(x, device=device))))
+
+
+@torch.no_grad()
+def predict_export(scripted, batches, recipe: TrainRecipe, device) -> dict[str, Any]:
+    """:func:`predict` by an export (:func:`save_detector`), one image at a time as ingest applies it."""
+    mean, std = torch.tensor(MEAN, device=device).view(3, 1, 1), torch.tensor(STD, device=device).view(3, 1, 1)
+
+    def found(x) -> list[dict[str, torch.Tensor]]:
+        with warnings.catch_warnings():  # a scripted torchvision detector notes its (losses, detections) each call
+            warnings.simplefilter("ignore", UserWarning)
+            rows = [scripted((image * std + mean)[None])[0] for image in torch.as_tensor(x, device=device)]
+        return [{"boxes": r[:, :4], "scores": r[:, 4], "labels": r[:, 5].long() + 1} for r in rows]
+
+    return _gathered(batches, recipe, found)
+
+
+def _gathered(batches, recipe: TrainRecipe, find) -> dict[str, Any]:
+    size, by_image = recipe.data.image_size, recipe.data.box_classes == "image"
+    found, true, metas = [], [], []
+    for x, y, m in batches:
+        if len(y) == 0:
+            continue
+        for out, t in zip(find(x), targets(m, y, size, "cpu", by_image), strict=True):
+            real = out["labels"] > 0  # not the background slot (see YoloLayout)
+            found.append({k: v[real].detach().cpu().numpy() for k, v in out.items()})
+            true.append({k: v.numpy() for k, v in t.items()})
+        metas.extend(m)
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, {"found": found, "true": true, "metas": metas})
+    return {k: [s for g in gathered for s in g[k]] for k in ("found", "true", "metas")}
+
+
+def matches(found: dict, true: dict, threshold: float) -> tuple[int, int, int]:
+    """``(hits, false alarms, misses)`` of one image: its boxes scoring at least ``threshold``, best first, each a
+    hit where it overlaps a true box of its class not yet hit by :data:`MATCH_IOU`."""
+    from torchvision.ops import box_iou
+
+    keep = found["scores"] >= threshold
+    order = np.argsort(-found["scores"][keep], kind="stable")
+    boxes, labels = found["boxes"][keep][order], found["labels"][keep][order]
+    free = np.ones(len(true["boxes"]), bool)
+    if len(boxes) and len(true["boxes"]):
+        iou = box_iou(torch.as_tensor(boxes), torch.as_tensor(true["boxes"])).numpy()
+        for i, label in enumerate(labels):
+            candidates = np.where(free & (true["labels"] == label), iou[i], 0.0)
+            j = int(candidates.argmax())
+            free[j] = free[j] and candidates[j] < MATCH_IOU
+    hits = len(true["boxes"]) - int(free.sum())
+    return hits, len(boxes) - hits, int(free.sum())
+
+
+def _tensors(items: list[dict]) -> list[dict[str, torch.Tensor]]:
+    return [{k: torch.as_tensor(v) for k, v in item.items()} for item in items]
+
+
+def metrics(pred: dict[str, Any], classes: list[str], threshold: float, prefix: str = "val_") -> dict[str, float]:
+    """COCO's mean average precision (torchmetrics), at IoU 0.5 and over 0.5-0.95, the mean recall of 100 boxes,
+    each class's AP at 0.5; and paper 004's precision, recall and F1 of the boxes scoring at least
+    ``threshold`` (each a hit where it overlaps a true box of its class by 0.5)."""
+    from torchmetrics.detection import MeanAveragePrecision
+
+    found, true = _tensors(pred["found"]), _tensors(pred["true"])
+    coco = MeanAveragePrecision(iou_type="bbox", backend="pycocotools")
+    coco.update(found, true)
+    got = coco.compute()
+    out = {f"{prefix}map": float(got["map"]), f"{prefix}map50": float(got["map_50"]),
+           f"{prefix}mar100": float(got["mar_100"])}  # fmt: skip
+    at_half = MeanAveragePrecision(iou_type="bbox", class_metrics=True, iou_thresholds=[0.5], backend="pycocotools")
+    at_half.update(found, true)
+    ap = at_half.compute()
+    for c, v in zip(ap["classes"].reshape(-1).tolist(), ap["map_per_class"].reshape(-1).tolist(), strict=True):
+        if 1 <= c <= len(classes) and v >= 0:  # -1: a class with no true box
+            out[f"{prefix}ap50_{classes[c - 1]}"] = float(v)
+    counts = [matches(f, t, threshold) for f, t in zip(pred["found"], pred["true"], strict=True)]
+    hits, alarms, misses = np.array(counts, dtype=np.int64).reshape(-1, 3).sum(0).tolist()
+    precision = hits / (hits + alarms) if hits + alarms else 0.0
+    recall = hits / (hits + misses) if hits + misses else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return out | {f"{prefix}precision": precision, f"{prefix}recall": recall, f"{prefix}f1": f1}
+
+
+class YoloLayout(nn.Module):
+    """A detector answering as an Ultralytics end-to-end export does: ``[1, 3, H, W]`` in [0, 1] in, ``[1, K, 6]``
+    (corners in input pixels, score, class) out."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.register_buffer("mean", torch.tensor(MEAN).view(3, 1, 1))
+        self.register_buffer("std", torch.tensor(STD).view(3, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        images = [(x[0] - self.mean) / self.std]
+        _, found = self.model(images)  # scripted, a torchvision detector answers (losses, detections)
+        d = found[0]
+        rows = torch.cat([d["boxes"], d["scores"][:, None], (d["labels"] - 1).to(d["boxes"].dtype)[:, None]], 1)
+        return rows[d["labels"] > 0][None]  # RetinaNet's and FCOS's background slot is a class never trained
+
+
+def save_detector(model: nn.Module, folder: Path, cfg: ModelConfig, classes: list[str], image_size: int) -> Path:
+    """Write ``folder``: ``detector.torchscript``, the model in Ultralytics' end-to-end layout with its metadata
+    (``config.txt``: task, input size, class names; ``letterbox`` false: trained on images resized to a square, it
+    wants them so), which ``tessera ingest images --detector`` takes; ``model.safetensors`` (its weights) and
+    ``model.json`` (what it is)."""
+    from safetensors.torch import save_file
+
+    from training.export import MODEL_JSON, WEIGHTS
+
+    folder.mkdir(parents=True, exist_ok=True)
+    model = model.cpu().eval()
+    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(folder / WEIGHTS))
+    meta = {"task": "detect", "imgsz": [image_size, image_size], "names": dict(enumerate(classes)),
+            "end2end": True, "letterbox": False, "author": "tessera"}  # fmt: skip
+    with warnings.catch_warnings():  # torch 2.10+ calls TorchScript deprecated; the ingest side reads it
+        warnings.simplefilter("ignore", FutureWarning)
+        scripted = torch.jit.script(YoloLayout(model))
+    scripted.save(str(folder / EXPORT), _extra_files={"config.txt": json.dumps(meta)})
+    desc = {"model": cfg.name, "model_config": cfg.model_dump() | {"pretrained": False}, "task": "detect",
+            "classes": classes, "outputs": classes, "image_size": image_size, "torchscript": EXPORT,
+            "format": "tessera-detector-v1"}  # fmt: skip
+    (folder / MODEL_JSON).write_text(json.dumps(desc, indent=1))
+    return folder
+
+
+def detections_table(pred: dict[str, Any], classes: list[str], threshold: float, size: int) -> str:
+    """Each image's true boxes and the boxes found scoring at least ``threshold`` (CSV; corners normalised from
+    the ``size`` px input, each with its class, a found one with its score), and its hits, false alarms and
+    misses: where the detector goes wrong."""
+    import csv
+    import io
+
+    def listed(d: dict) -> str:
+        pairs = zip(d["boxes"], d["labels"], strict=True)
+        rows = [[*(round(float(v) / size, 4) for v in b), classes[int(c) - 1]] for b, c in pairs]
+        if "scores" in d:
+            rows = [[*r, round(float(s), 4)] for r, s in zip(rows, d["scores"], strict=True)]
+        return json.dumps(rows)
+
+    out = io.StringIO()
+    w = csv.writer(out)
+    w.writerow(["image", "patient", "true_boxes", "found_boxes", "hits", "false_alarms", "misses"])
+    for meta, f, t in zip(pred["metas"], pred["found"], pred["true"], strict=True):
+        kept = {k: v[f["scores"] >= threshold] for k, v in f.items()}
+        w.writerow([meta.get("image"), meta.get("patient"), listed(t), listed(kept), *matches(f, t, threshold)])
+    return out.getvalue()
+
+
+def load_detector(folder: Path) -> tuple[torch.jit.ScriptModule, dict]:
+    """The TorchScript detector and description :func:`save_detector` wrote in ``folder``."""
+    from training.export import MODEL_JSON
+
+    desc = json.loads((folder / MODEL_JSON).read_text())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        return torch.jit.load(str(folder / desc.get("torchscript", EXPORT)), map_location="cpu").eval(), desc
