@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from training.collective import raise_any, said
 from training.config import ModelConfig, RecipeError, TrainRecipe
 
 LESION = "lesion"  # the one class of a detector of ``data.box_classes: lesion``
@@ -52,19 +53,27 @@ def check_detector(cfg: ModelConfig) -> None:
         raise RecipeError(f"model.weights: no file {cfg.weights} (a detector's state dict, here on every worker)")
 
 
+def background_slot(name: str) -> int:
+    """1 where the detector's class 0 is the background (Faster R-CNN's softmax), 0 where every class is one of
+    ours (RetinaNet's and FCOS's sigmoids: a slot for a background would be a class never trained positive)."""
+    return 1 if name.startswith("fasterrcnn_") else 0
+
+
 def build_detector(cfg: ModelConfig, classes: int, image_size: int) -> nn.Module:
-    """``cfg.name`` for ``classes`` classes (and torchvision's background), taking ``image_size`` px images as
-    they come (ImageNet-normalised, square). ``pretrained``: its backbone's ImageNet weights from torchvision's
-    hub, or (``weights``) a local state dict of a whole detector (a COCO one: every tensor whose shape fits).
-    ``cfg.options`` go to torchvision's builder (``detections_per_img``, ``score_thresh``...)."""
+    """``cfg.name`` for ``classes`` classes (and Faster R-CNN's background: :func:`background_slot`), taking
+    ``image_size`` px images as they come (ImageNet-normalised, square). ``pretrained``: its backbone's ImageNet
+    weights from torchvision's hub, or (``weights``) a local state dict of a whole detector (a COCO one: every
+    tensor whose shape fits). ``cfg.options`` go to torchvision's builder (``detections_per_img``,
+    ``score_thresh``...)."""
     from torchvision.models import get_model
 
     hub = cfg.pretrained and not cfg.weights
     # boxes down to 0.05 (COCO's evaluation floor; FCOS's own is 0.2): mAP ranks them, ingest's confidence cuts them
     floor = {"box_score_thresh" if cfg.name.startswith("fasterrcnn_") else "score_thresh": 0.05}
     model = get_model(
-        cfg.name, weights=None, weights_backbone="DEFAULT" if hub else None, num_classes=classes + 1,
-        min_size=image_size, max_size=image_size, image_mean=[0.0] * 3, image_std=[1.0] * 3,
+        cfg.name, weights=None, weights_backbone="DEFAULT" if hub else None,
+        num_classes=classes + background_slot(cfg.name), min_size=image_size, max_size=image_size,
+        image_mean=[0.0] * 3, image_std=[1.0] * 3,
         **(floor | cfg.options),
     )  # fmt: skip
     if cfg.pretrained and cfg.weights:
@@ -84,16 +93,16 @@ def load_matching(model: nn.Module, state: dict[str, torch.Tensor], source: str)
 
 
 def targets(
-    metas: list[dict], labels: np.ndarray, size: int, device, by_image: bool = False
+    metas: list[dict], labels: np.ndarray, size: int, device, by_image: bool = False, slot: int = 0
 ) -> list[dict[str, torch.Tensor]]:
-    """Each sample's boxes in pixels of its ``size`` px input, labelled 1 (a lesion) or, ``by_image``, with the
-    image's class + 1 (0 is torchvision's background); an image without boxes is a negative."""
+    """Each sample's boxes in pixels of its ``size`` px input, of class 0 (a lesion) or, ``by_image``, of the
+    image's class, plus ``slot`` (:func:`background_slot`); an image without boxes is a negative."""
     out = []
     for meta, label in zip(metas, labels, strict=True):
         boxes = torch.tensor([b[:4] for b in meta.get("boxes") or []], dtype=torch.float32).reshape(-1, 4) * size
         keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
         boxes = boxes[keep]
-        cls = int(label) + 1 if by_image else 1
+        cls = (int(label) if by_image else 0) + slot
         out.append({"boxes": boxes.to(device), "labels": torch.full((len(boxes),), cls, device=device)})
     return out
 
@@ -120,11 +129,12 @@ def train_epoch(engine, batches, recipe: TrainRecipe, device, epoch: int, rank: 
     engine.train()
     aug, size = recipe.data.augment, recipe.data.image_size
     rng = np.random.default_rng([recipe.seed, epoch, rank, 7])  # the flips, the same again when resumed
+    by_image, slot = recipe.data.box_classes == "image", background_slot(recipe.model.name)
     sums: dict[str, float] = {}
     seen, began = 0, time.perf_counter()
     for step, (x, y, metas) in enumerate(batches):
         inject(epoch, step, rank)
-        tgts = targets(metas, y, size, device, recipe.data.box_classes == "image")
+        tgts = targets(metas, y, size, device, by_image, slot)
         images, tgts = flipped(torch.as_tensor(x, device=device), tgts, aug.hflip, aug.vflip, rng)
         losses = engine(list(images), tgts)
         loss = sum(losses.values())
@@ -143,10 +153,15 @@ def train_epoch(engine, batches, recipe: TrainRecipe, device, epoch: int, rank: 
 
 @torch.no_grad()
 def predict(model, batches, recipe: TrainRecipe, device) -> dict[str, Any]:
-    """Every worker's boxes found and true, per sample (NumPy), gathered on every rank, with the samples'
-    metadata."""
+    """Every worker's boxes found and true, per sample (NumPy; classes from 0), gathered on every rank, with the
+    samples' metadata."""
     model.eval()
-    return _gathered(batches, recipe, lambda x: model(list(torch.as_tensor(x, device=device))))
+    slot = background_slot(recipe.model.name)
+
+    def found(x) -> list[dict[str, torch.Tensor]]:
+        return [out | {"labels": out["labels"] - slot} for out in model(list(torch.as_tensor(x, device=device)))]
+
+    return _gathered(batches, recipe, found)
 
 
 @torch.no_grad()
@@ -158,24 +173,31 @@ def predict_export(scripted, batches, recipe: TrainRecipe, device) -> dict[str, 
         with warnings.catch_warnings():  # a scripted torchvision detector notes its (losses, detections) each call
             warnings.simplefilter("ignore", UserWarning)
             rows = [scripted((image * std + mean)[None])[0] for image in torch.as_tensor(x, device=device)]
-        return [{"boxes": r[:, :4], "scores": r[:, 4], "labels": r[:, 5].long() + 1} for r in rows]
+        return [{"boxes": r[:, :4], "scores": r[:, 4], "labels": r[:, 5].long()} for r in rows]
 
-    return _gathered(batches, recipe, found)
+    return _gathered(batches, recipe, found, share_errors=True)  # no collectives in an export's forward
 
 
-def _gathered(batches, recipe: TrainRecipe, find) -> dict[str, Any]:
+def _gathered(batches, recipe: TrainRecipe, find, share_errors: bool = False) -> dict[str, Any]:
+    """What ``find`` finds in each batch, with the true boxes, gathered on every rank; ``share_errors`` as
+    :func:`training.loop.predict`'s (a failing rank joins the gather, which raises on every rank)."""
     size, by_image = recipe.data.image_size, recipe.data.box_classes == "image"
-    found, true, metas = [], [], []
-    for x, y, m in batches:
-        if len(y) == 0:
-            continue
-        for out, t in zip(find(x), targets(m, y, size, "cpu", by_image), strict=True):
-            real = out["labels"] > 0  # not the background slot (see YoloLayout)
-            found.append({k: v[real].detach().cpu().numpy() for k, v in out.items()})
-            true.append({k: v.numpy() for k, v in t.items()})
-        metas.extend(m)
+    found, true, metas, error = [], [], [], None
+    try:
+        for x, y, m in batches:
+            if len(y) == 0:
+                continue
+            for out, t in zip(find(x), targets(m, y, size, "cpu", by_image), strict=True):
+                found.append({k: v.detach().cpu().numpy() for k, v in out.items()})
+                true.append({k: v.numpy() for k, v in t.items()})
+            metas.extend(m)
+    except Exception as exc:
+        if not share_errors:
+            raise
+        error = exc
     gathered: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, {"found": found, "true": true, "metas": metas})
+    dist.all_gather_object(gathered, {"found": found, "true": true, "metas": metas, "error": said(error)})
+    raise_any(error, [g["error"] for g in gathered])
     return {k: [s for g in gathered for s in g[k]] for k in ("found", "true", "metas")}
 
 
@@ -208,6 +230,8 @@ def metrics(pred: dict[str, Any], classes: list[str], threshold: float, prefix: 
     ``threshold`` (each a hit where it overlaps a true box of its class by 0.5)."""
     from torchmetrics.detection import MeanAveragePrecision
 
+    from training.metrics import metric_name
+
     found, true = _tensors(pred["found"]), _tensors(pred["true"])
     coco = MeanAveragePrecision(iou_type="bbox", backend="pycocotools")
     coco.update(found, true)
@@ -218,8 +242,8 @@ def metrics(pred: dict[str, Any], classes: list[str], threshold: float, prefix: 
     at_half.update(found, true)
     ap = at_half.compute()
     for c, v in zip(ap["classes"].reshape(-1).tolist(), ap["map_per_class"].reshape(-1).tolist(), strict=True):
-        if 1 <= c <= len(classes) and v >= 0:  # -1: a class with no true box
-            out[f"{prefix}ap50_{classes[c - 1]}"] = float(v)
+        if 0 <= c < len(classes) and v >= 0:  # -1: a class with no true box
+            out[f"{prefix}ap50_{metric_name(classes[c])}"] = float(v)
     counts = [matches(f, t, threshold) for f, t in zip(pred["found"], pred["true"], strict=True)]
     hits, alarms, misses = np.array(counts, dtype=np.int64).reshape(-1, 3).sum(0).tolist()
     precision = hits / (hits + alarms) if hits + alarms else 0.0
@@ -230,11 +254,11 @@ def metrics(pred: dict[str, Any], classes: list[str], threshold: float, prefix: 
 
 class YoloLayout(nn.Module):
     """A detector answering as an Ultralytics end-to-end export does: ``[1, 3, H, W]`` in [0, 1] in, ``[1, K, 6]``
-    (corners in input pixels, score, class) out."""
+    (corners in input pixels, score, class from 0) out."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, slot: int) -> None:
         super().__init__()
-        self.model = model
+        self.model, self.slot = model, slot  # slot: Faster R-CNN's background class 0 (background_slot)
         self.register_buffer("mean", torch.tensor(MEAN).view(3, 1, 1))
         self.register_buffer("std", torch.tensor(STD).view(3, 1, 1))
 
@@ -242,8 +266,8 @@ class YoloLayout(nn.Module):
         images = [(x[0] - self.mean) / self.std]
         _, found = self.model(images)  # scripted, a torchvision detector answers (losses, detections)
         d = found[0]
-        rows = torch.cat([d["boxes"], d["scores"][:, None], (d["labels"] - 1).to(d["boxes"].dtype)[:, None]], 1)
-        return rows[d["labels"] > 0][None]  # RetinaNet's and FCOS's background slot is a class never trained
+        cls = (d["labels"] - self.slot).to(d["boxes"].dtype)
+        return torch.cat([d["boxes"], d["scores"][:, None], cls[:, None]], 1)[None]
 
 
 def save_detector(model: nn.Module, folder: Path, cfg: ModelConfig, classes: list[str], image_size: int) -> Path:
@@ -262,7 +286,7 @@ def save_detector(model: nn.Module, folder: Path, cfg: ModelConfig, classes: lis
             "end2end": True, "letterbox": False, "author": "tessera"}  # fmt: skip
     with warnings.catch_warnings():  # torch 2.10+ calls TorchScript deprecated; the ingest side reads it
         warnings.simplefilter("ignore", FutureWarning)
-        scripted = torch.jit.script(YoloLayout(model))
+        scripted = torch.jit.script(YoloLayout(model, background_slot(cfg.name)))
     scripted.save(str(folder / EXPORT), _extra_files={"config.txt": json.dumps(meta)})
     desc = {"model": cfg.name, "model_config": cfg.model_dump() | {"pretrained": False}, "task": "detect",
             "classes": classes, "outputs": classes, "image_size": image_size, "torchscript": EXPORT,
@@ -280,7 +304,7 @@ def detections_table(pred: dict[str, Any], classes: list[str], threshold: float,
 
     def listed(d: dict) -> str:
         pairs = zip(d["boxes"], d["labels"], strict=True)
-        rows = [[*(round(float(v) / size, 4) for v in b), classes[int(c) - 1]] for b, c in pairs]
+        rows = [[*(round(float(v) / size, 4) for v in b), classes[int(c)]] for b, c in pairs]
         if "scores" in d:
             rows = [[*r, round(float(s), 4)] for r, s in zip(rows, d["scores"], strict=True)]
         return json.dumps(rows)

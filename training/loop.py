@@ -10,6 +10,7 @@ last epoch the same workers evaluate the selected model on the held-out split (:
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import signal
 import time
@@ -293,7 +294,7 @@ class Trainer:
         """Train one epoch, then validate: the metrics, and the validation predictions."""
         r, train = self.recipe, self.data.batches(self.recipe.data.train_split, epoch, True)
         if r.task == "detect":
-            inject = lambda *at: _inject_fault(fault, *at)  # noqa: E731
+            inject = functools.partial(_inject_fault, fault)
             metrics = detection.train_epoch(self.engine, train, r, self.device, epoch, self.rank, inject)
         else:
             metrics = train_epoch(self.engine, train, self.loss, self.device, epoch, self.rank, fault)

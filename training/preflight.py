@@ -61,7 +61,7 @@ def validation_metrics(recipe: TrainRecipe, outputs: list[str]) -> set[str]:
         from training.detection import metrics
 
         box = np.array([[0.0, 0.0, 10.0, 10.0]], np.float32)
-        true = [{"boxes": box, "labels": np.array([c + 1])} for c in range(len(outputs))]
+        true = [{"boxes": box, "labels": np.array([c])} for c in range(len(outputs))]
         found = [t | {"scores": np.array([0.9], np.float32)} for t in true]
         return set(metrics({"found": found, "true": true, "metas": []}, outputs, recipe.eval.threshold))
     n = 2 * len(outputs)

@@ -18,10 +18,11 @@ from training.launch import run_training
 
 # a small run: two epochs on two CPU workers, from scratch (the recipe file keeps RetinaNet from ImageNet weights at
 # 512 px, SGD); whether it learns is not this test's question (from scratch on 24 images it may or may not). Its
-# three best boxes of each image whatever their score, so that there are always boxes to compare.
+# best boxes of each image whatever their score (but those of torchvision's background slot), so that there are
+# boxes to compare.
 SMALL = ["model.name=fcos_resnet50_fpn", "model.pretrained=false", "data.image_size=64", "optim.name=adamw",
          "optim.lr=0.001", "schedule.name=constant", "early_stopping.enabled=false", "epochs=2", "batch_size=4",
-         "workers=2", "model.options={score_thresh: 0.0, detections_per_img: 3}"]  # fmt: skip
+         "workers=2", "model.options={score_thresh: 0.0, detections_per_img: 5}"]  # fmt: skip
 
 
 def _lesion_folders(root, per_class: int, seed: int) -> dict[str, tuple[float, ...] | None]:
@@ -83,11 +84,15 @@ def test_a_trained_detectors_export_finds_the_boxes_the_ingest_workers_crop(stac
             crops.setdefault(private[meta["image"]], []).append(meta)
     here = YoloDetector(fetch_model(outcome.run_id, "detector"), confidence=1e-9)
     assert here.names == ["lesion"]
+    compared = 0
     for path in truth:
         source = str(tmp_path / "new" / "images" / path)
         want = [b.as_list() for b, _ in here.boxes(cv2.cvtColor(cv2.imread(source), cv2.COLOR_BGR2RGB))]
-        metas = sorted(crops[source], key=lambda m: m["crop"])
-        assert len(want) == 3 and [m["crop"] for m in metas] == [0, 1, 2]  # a crop per box
+        metas = sorted(crops[source], key=lambda m: m["crop"] if m["crop"] is not None else -1)
+        assert [m["crop"] for m in metas] == (list(range(len(want))) or [None])  # a crop per box, or the image
         got = metas[0]["boxes"]  # the workers' boxes are the export's (to its arithmetic on another thread count)
-        assert [b[4] for b in got] == ["lesion"] * 3
-        np.testing.assert_allclose([b[:4] for b in got], [b[:4] for b in want], atol=1e-4)
+        assert len(got) == len(want) and all(b[4] == "lesion" for b in got)
+        if want:
+            np.testing.assert_allclose([b[:4] for b in got], [b[:4] for b in want], atol=1e-4)
+        compared += len(want)
+    assert compared >= 8  # boxes, not none, were compared

@@ -22,9 +22,12 @@ CLASSES = ["none", "glioma", "meningioma"]
 def test_targets_are_the_metadata_boxes_in_input_pixels_labelled_a_lesion_or_with_the_image_class():
     metas = [{"boxes": [[0.25, 0.5, 0.75, 1.0, "1"], [0.1, 0.1, 0.1, 0.2, "1"]]}, {"boxes": []}, {}]
     t = detection.targets(metas, np.array([2, 0, 1]), 64, "cpu", by_image=True)
-    assert t[0]["boxes"].tolist() == [[16, 32, 48, 64]] and t[0]["labels"].tolist() == [3]  # the empty one dropped
+    assert t[0]["boxes"].tolist() == [[16, 32, 48, 64]] and t[0]["labels"].tolist() == [2]  # the empty one dropped
     assert [len(x["boxes"]) for x in t[1:]] == [0, 0] and t[1]["boxes"].shape == (0, 4)
-    assert detection.targets(metas, np.array([2, 0, 1]), 64, "cpu")[0]["labels"].tolist() == [1]  # one lesion class
+    assert detection.targets(metas, np.array([2, 0, 1]), 64, "cpu")[0]["labels"].tolist() == [0]  # one lesion class
+    # Faster R-CNN's class 0 is its background: ours start at 1 there
+    assert detection.targets(metas, np.array([2, 0, 1]), 64, "cpu", True, slot=1)[0]["labels"].tolist() == [3]
+    assert [detection.background_slot(n) for n in ("fasterrcnn_resnet50_fpn_v2", "retinanet_resnet50_fpn")] == [1, 0]
 
 
 def test_flips_move_the_boxes_with_the_pixels():
@@ -60,13 +63,13 @@ def test_matches_count_hits_false_alarms_and_misses_as_by_hand():
 
 
 def test_metrics_on_hand_made_detections():
-    true = [{"boxes": np.array([[0, 0, 10, 10]], np.float32), "labels": np.array([2])},
+    true = [{"boxes": np.array([[0, 0, 10, 10]], np.float32), "labels": np.array([1])},
             {"boxes": np.zeros((0, 4), np.float32), "labels": np.zeros(0, np.int64)}]  # fmt: skip
-    perfect = {"found": [_found([[0, 0, 10, 10]], [0.9], [2]), _found([], [], [])], "true": true, "metas": []}
+    perfect = {"found": [_found([[0, 0, 10, 10]], [0.9], [1]), _found([], [], [])], "true": true, "metas": []}
     m = detection.metrics(perfect, CLASSES, 0.5)
     assert (m["val_map"], m["val_map50"], m["val_precision"], m["val_recall"], m["val_f1"]) == (1, 1, 1, 1, 1)
     assert m["val_ap50_glioma"] == 1 and "val_ap50_none" not in m  # no true box of its class
-    alarm = {"found": [_found([[0, 0, 10, 10]], [0.9], [2]), _found([[5, 5, 9, 9]], [0.95], [2])], "true": true}
+    alarm = {"found": [_found([[0, 0, 10, 10]], [0.9], [1]), _found([[5, 5, 9, 9]], [0.95], [1])], "true": true}
     m = detection.metrics(alarm | {"metas": []}, CLASSES, 0.5)
     # precision 1/2, recall 1; AP at 0.5: the false alarm ranks first, so precision is 1/2 at recall 1
     assert (m["val_precision"], m["val_recall"]) == (0.5, 1.0) and m["val_f1"] == pytest.approx(2 / 3)
@@ -134,10 +137,10 @@ def test_the_export_finds_in_ingest_what_the_trained_model_finds(tmp_path):
     with torch.no_grad():
         (want,) = model([x])
     b = want["boxes"]
-    keep = (want["scores"] > 0.3) & (b[:, 2] > b[:, 0]) & (b[:, 3] > b[:, 1]) & (want["labels"] > 0)  # as ingest
+    keep = (want["scores"] > 0.3) & (b[:, 2] > b[:, 0]) & (b[:, 3] > b[:, 1])  # ingest drops boxes of no area
     got = sorted((round(x.x0 * 64, 2), round(x.y0 * 64, 2), round(x.x1 * 64, 2), round(x.y1 * 64, 2), x.label, s)
                  for x, s in found)  # fmt: skip
-    wanted = sorted((*(round(float(v), 2) for v in box), CLASSES[int(c) - 1], round(float(s), 4))
+    wanted = sorted((*(round(float(v), 2) for v in box), CLASSES[int(c)], round(float(s), 4))
                     for box, c, s in zip(b[keep], want["labels"][keep], want["scores"][keep], strict=True))  # fmt: skip
     assert got == wanted and len(got) > 10
 
@@ -188,3 +191,23 @@ def test_a_detector_resumed_from_its_checkpoint_ends_with_the_weights_of_an_unin
     assert again[0].keys() == want.keys()
     for name, value in want.items():
         torch.testing.assert_close(again[0][name], value, rtol=0, atol=0, msg=name)
+
+
+def test_local_detector_weights_load_every_tensor_that_fits(tmp_path):
+    """``model.weights``: a detector's state dict on local disk (a COCO one, saved where the cluster reads it); a
+    detector of other classes takes all but its class layers; one of nothing alike is refused."""
+    cfg = load_recipe("brain_tumor_detect", ["model.name=fcos_resnet50_fpn", "model.pretrained=false",
+                                             f"data.dataset={tmp_path}"]).model  # fmt: skip
+    torch.manual_seed(1)
+    coco = detection.build_detector(cfg, 90, 64)  # 90 classes (COCO's, as torchvision counts them)
+    torch.save(coco.state_dict(), tmp_path / "coco.pth")
+    local = cfg.model_copy(update={"pretrained": True, "weights": str(tmp_path / "coco.pth")})
+    torch.manual_seed(2)
+    mine = detection.build_detector(local, 1, 64).state_dict()
+    theirs = coco.state_dict()
+    differ = [k for k, v in mine.items() if not torch.equal(v, theirs[k])]
+    assert differ == ["head.classification_head.cls_logits.weight", "head.classification_head.cls_logits.bias"]
+    torch.save({"other.weight": torch.zeros(3)}, tmp_path / "other.pth")
+    with pytest.raises(ValueError, match=r"model\.weights .*other\.pth: none of its tensors fits FCOS"):
+        detection.build_detector(cfg.model_copy(update={"pretrained": True, "weights": str(tmp_path / "other.pth")}),
+                                 1, 64)  # fmt: skip
