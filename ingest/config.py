@@ -207,8 +207,9 @@ class ImagesIngestConfig(IngestConfig):
     # each sample records its scale, so a tile classifier trained on them records the width of specimen it saw
     mpp: float | None = Field(None, gt=0)
     boxes: str | None = None  # a folder of YOLO .txt files (matched by image name) or a box CSV
-    # Paper 004's first stage where there are no boxes (its classifier's dataset): a YOLO detector's TorchScript
-    # export finds each image's boxes, those scoring above `detect_confidence` (suppressed at `detect_iou`)
+    # Paper 004's first stage where there are no boxes (its classifier's dataset): a detector (a YOLO TorchScript
+    # export, or one `tessera train` trained) finds each image's boxes, those scoring above `detect_confidence`
+    # (suppressed at `detect_iou`)
     detector: str | None = None
     detector_sha256: str | None = None  # set by the run from the file it read: what the dataset records
     detect_confidence: float = Field(0.25, gt=0.0, lt=1.0)
