@@ -34,44 +34,29 @@ class Reporter:
         """Export ``module``'s weights (under ZeRO-3, called while they are gathered) in a freshly built model:
         a copy of the engine's module would carry DeepSpeed's ZeRO-3 hooks into tracing, which fail on it.
         ``metas``: the validation samples', whose scale the export records."""
+        from training.detection import save_detector
         from training.export import save_export, tile_width_um
-        from training.models import build_model
-
-        r, multilabel = self.t.recipe, self.t.recipe.task == "multilabel"
-        if r.task == "detect":
-            return self._export_detector(module, folder)
-        with torch.random.fork_rng(devices=[]):  # its initial weights, replaced below, take no draws from training
-            plain = build_model(
-                r.model.model_copy(update={"pretrained": False, "freeze": "none"}),
-                len(self.t.outputs),
-                r.data.frames,
-                r.data.image_size,
-            )
-        plain.load_state_dict({k: v.detach().cpu() for k, v in module.state_dict().items()})
-        with scratch.directory("export") as tmp:  # the weights: what a killed worker leaves is swept
-            out = save_export(
-                plain,
-                Path(tmp) / folder,
-                r.model,
-                self.t.manifest.classes,
-                r.data.image_size,
-                r.data.frames,
-                self.t.outputs if multilabel else None,
-                tile_width_um(metas, self.t.manifest.config),
-            )
-            self.log.artifacts(out, folder)
-
-    def _export_detector(self, module, folder: str) -> None:
-        """A detector's export (:func:`training.detection.save_detector`), built afresh as :meth:`export` does."""
-        from training.detection import build_detector, save_detector
+        from training.models import recipe_model
 
         r = self.t.recipe
-        with torch.random.fork_rng(devices=[]):
-            plain = build_detector(r.model.model_copy(update={"pretrained": False}), len(self.t.outputs),
-                                   r.data.image_size)  # fmt: skip
+        built = r.model_copy(update={"model": r.model.model_copy(update={"pretrained": False, "freeze": "none"})})
+        with torch.random.fork_rng(devices=[]):  # its initial weights, replaced below, take no draws from training
+            plain = recipe_model(built, len(self.t.outputs))
         plain.load_state_dict({k: v.detach().cpu() for k, v in module.state_dict().items()})
-        with scratch.directory("export") as tmp:
-            out = save_detector(plain, Path(tmp) / folder, r.model, self.t.outputs, r.data.image_size)
+        with scratch.directory("export") as tmp:  # the weights: what a killed worker leaves is swept
+            if r.task == "detect":
+                out = save_detector(plain, Path(tmp) / folder, r.model, self.t.outputs, r.data.image_size)
+            else:
+                out = save_export(
+                    plain,
+                    Path(tmp) / folder,
+                    r.model,
+                    self.t.manifest.classes,
+                    r.data.image_size,
+                    r.data.frames,
+                    self.t.outputs if r.task == "multilabel" else None,
+                    tile_width_um(metas, self.t.manifest.config),
+                )
             self.log.artifacts(out, folder)
 
     def keep_with(self, checkpoint_dir: str) -> None:
