@@ -18,10 +18,11 @@ import numpy as np
 import torch
 
 from ingest.model_files import ModelFiles, fetch_model
+from shards.dali import IMAGENET_MEAN, IMAGENET_STD
 
 T = TypeVar("T")
-MEAN = np.array([0.485, 0.456, 0.406], np.float32)
-STD = np.array([0.229, 0.224, 0.225], np.float32)
+MEAN = (np.array(IMAGENET_MEAN) / 255).astype(np.float32)  # the loaders' normalisation, for images in [0, 1]
+STD = (np.array(IMAGENET_STD) / 255).astype(np.float32)
 
 
 class BackgroundFilter:

@@ -24,6 +24,7 @@ import torch
 
 from ingest.images import Box
 from ingest.model_files import ModelFiles, fetch_model, get_model
+from shards.cpu_kernels import resized
 
 PAD = 114  # the grey Ultralytics pads letterboxed images with
 MAX_BOXES = 300  # per image, as Ultralytics keeps at most
@@ -68,12 +69,13 @@ def to_image(xyxy: np.ndarray, placed: Letterbox, width: int, height: int) -> np
 
 
 def stretched(rgb: np.ndarray, height: int, width: int) -> tuple[np.ndarray, Letterbox]:
-    """``rgb`` resized to ``height`` x ``width`` whatever its aspect, as Tessera's loaders resize a detector's
-    training images (area filter shrinking); with the placement, for :func:`to_image`."""
+    """``rgb`` resized to the square ``height`` x ``width`` whatever its aspect, by the loaders' own resize
+    (:func:`shards.cpu_kernels.resized`), as they resized a Tessera detector's training images; with the placement,
+    for :func:`to_image`."""
+    if height != width:
+        raise ValueError(f"a detector of images resized to a square takes a square input, not {height}x{width}")
     h, w = rgb.shape[:2]
-    shrink = width * height < w * h
-    out = cv2.resize(rgb, (width, height), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
-    return out, Letterbox(width / w, height / h, 0, 0)
+    return resized(rgb, width), Letterbox(width / w, height / h, 0, 0)
 
 
 def decode(
@@ -107,16 +109,16 @@ def decode(
     return xyxy.numpy(), scores.numpy(), ids.numpy()
 
 
-def read_metadata(torchscript: bytes, source: str) -> dict:
-    """The Ultralytics metadata inside a TorchScript export; a ``ValueError`` naming ``source`` where the file is
-    not TorchScript, or not a YOLO detection export."""
+def load_export(torchscript: bytes, source: str, device: str = "cpu") -> tuple[torch.jit.ScriptModule, dict]:
+    """A TorchScript export on ``device`` and its Ultralytics metadata, loaded once; a ``ValueError`` naming
+    ``source`` where the file is not TorchScript, or not a YOLO detection export."""
     import torchvision  # noqa: F401  # its operators (nms), which a scripted torchvision detector calls
 
     extra = {METADATA: ""}
     try:
         with warnings.catch_warnings():  # torch 2.10+ calls TorchScript deprecated
             warnings.simplefilter("ignore", FutureWarning)
-            torch.jit.load(io.BytesIO(torchscript), map_location="cpu", _extra_files=extra)
+            module = torch.jit.load(io.BytesIO(torchscript), map_location=device, _extra_files=extra)
     except (RuntimeError, ValueError) as exc:
         why = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
         raise ValueError(f"detector {source}: not TorchScript that loads here ({why})") from None
@@ -131,7 +133,12 @@ def read_metadata(torchscript: bytes, source: str) -> dict:
         )
     if meta.get("task", "detect") != "detect":
         raise ValueError(f"detector {source}: a YOLO {meta['task']} model, not a detection one")
-    return meta
+    return module.eval(), meta
+
+
+def read_metadata(torchscript: bytes, source: str) -> dict:
+    """The Ultralytics metadata inside a TorchScript export (:func:`load_export`'s checks)."""
+    return load_export(torchscript, source)[1]
 
 
 class YoloDetector:
@@ -139,14 +146,11 @@ class YoloDetector:
     (Ultralytics' prediction defaults: 0.25 and 0.7)."""
 
     def __init__(self, model: ModelFiles, confidence: float = 0.25, iou: float = 0.7, device: str = "cpu") -> None:
-        meta = read_metadata(model.torchscript, model.source)
+        self.model, meta = load_export(model.torchscript, model.source, device)
         size = meta["imgsz"]
         self.height, self.width = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
         names = meta["names"]  # {"0": "tumor"} (JSON keys), or a list
         self.names = [str(names[k]) for k in sorted(names, key=int)] if isinstance(names, dict) else list(names)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
-            self.model = torch.jit.load(io.BytesIO(model.torchscript), map_location=device).eval()
         params = list(self.model.parameters())
         self.dtype = params[0].dtype if params else torch.float32  # a half-precision export takes halves
         self.confidence, self.iou, self.device = confidence, iou, device

@@ -22,13 +22,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from shards.dali import IMAGENET_MEAN, IMAGENET_STD
 from training.collective import raise_any, said
 from training.config import ModelConfig, RecipeError, TrainRecipe
 
 LESION = "lesion"  # the one class of a detector of ``data.box_classes: lesion``
 FAMILIES = ("fasterrcnn_", "retinanet_", "fcos_")  # torchvision's detectors whose input size a recipe sets
-MEAN = (0.485, 0.456, 0.406)  # ImageNet's, as the loaders normalise
-STD = (0.229, 0.224, 0.225)
+MEAN = tuple(v / 255 for v in IMAGENET_MEAN)  # the loaders' normalisation, for images in [0, 1]
+STD = tuple(v / 255 for v in IMAGENET_STD)
 MATCH_IOU = 0.5  # a found box is a hit where it overlaps an unmatched true box of its class by this much
 EXPORT = "detector.torchscript"  # the export's file in the run's model folder
 

@@ -48,6 +48,16 @@ def test_letterbox_places_the_image_centred_and_to_image_brings_its_boxes_back(h
     assert np.abs(back - [x0, y0, x1, y1]).max() <= 1.5 / min(placed.scale_x, placed.scale_y)  # an input pixel
 
 
+def test_a_square_detectors_input_is_resized_as_the_loaders_resized_its_training_images():
+    from ingest.detector import stretched
+    from shards.cpu_kernels import resized
+
+    for h, w in ((40, 50), (96, 80), (40, 90)):  # enlarged, shrunk, both
+        rgb = np.random.default_rng(h).integers(0, 255, (h, w, 3), dtype=np.uint8)
+        out, placed = stretched(rgb, 64, 64)
+        assert np.array_equal(out, resized(rgb, 64)) and (placed.scale_x, placed.scale_y) == (64 / w, 64 / h)
+
+
 def test_to_image_clips_to_the_image():
     placed = letterbox(np.zeros((100, 50, 3), np.uint8), 64, 64)[1]
     assert to_image(np.array([[0.0, -5, 64, 70]]), placed, 50, 100).tolist() == [[0, 0, 50, 100]]
