@@ -244,13 +244,8 @@ class TrainRecipe(Strict):
         return self
 
     def _detection_consistent(self) -> None:
-        """What a detector cannot take: augmentations that move pixels but not the boxes (flips move both),
-        weight averaging, a validation loss to monitor (a detector reports losses only while it trains)."""
-        a = self.data.augment
-        for moving in ("rotate_p", "zoom_p"):
-            if getattr(a, moving) > 0:
-                raise ValueError(f"data.augment.{moving}: task detect takes flips, colour and sharpness (they "
-                                 "move no box or move it with the image)")  # fmt: skip
+        """What a detector cannot take: weight averaging, a validation loss to monitor (a detector reports losses
+        only while it trains), a classifier's sampling or heads. (Zoom, rotation and flips move its boxes too.)"""
         if self.swa.enabled:
             raise ValueError("swa.enabled: not for task detect")
         if self.eval.monitor in ("val_loss", "train_loss") or self.eval.monitor.startswith("val_accuracy"):

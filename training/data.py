@@ -141,8 +141,8 @@ class WorkerData:
         total = self.manifest.num_samples(split)
         lanes = self.lanes(total, steps)
         augment = d.augment.model_dump()
-        if r.task == "detect":  # a detector's flips move its boxes too: training.detection makes them
-            augment |= {"hflip": 0.0, "vflip": 0.0}
+        if r.task == "detect":  # a detector's zoom, rotation and flips move its boxes too: training.box_augment
+            augment |= {"hflip": 0.0, "vflip": 0.0, "rotate_p": 0.0, "zoom_p": 0.0}
         pipes = build_lanes(
             lanes,
             urls,

@@ -23,6 +23,7 @@ import torch.distributed as dist
 from torch import nn
 
 from shards.dali import IMAGENET_MEAN, IMAGENET_STD
+from training.box_augment import moved
 from training.collective import raise_any, said
 from training.config import ModelConfig, RecipeError, TrainRecipe
 
@@ -108,35 +109,19 @@ def targets(
     return out
 
 
-def flipped(x: torch.Tensor, tgts: list[dict], hflip: float, vflip: float, rng: np.random.Generator):
-    """``x`` ([N, 3, S, S]) and its targets, each sample flipped left-right and upside down on its share
-    (``hflip``, ``vflip``): the augmentations that move pixels must move the boxes."""
-    size = x.shape[-1]
-    x = x.clone()
-    for i, t in enumerate(tgts):
-        b = t["boxes"]
-        if rng.random() < hflip:
-            x[i] = x[i].flip(-1)
-            b = torch.stack([size - b[:, 2], b[:, 1], size - b[:, 0], b[:, 3]], 1) if len(b) else b
-        if rng.random() < vflip:
-            x[i] = x[i].flip(-2)
-            b = torch.stack([b[:, 0], size - b[:, 3], b[:, 2], size - b[:, 1]], 1) if len(b) else b
-        t["boxes"] = b
-    return x, tgts
-
-
 def train_epoch(engine, batches, recipe: TrainRecipe, device, epoch: int, rank: int, inject) -> dict[str, float]:
     """One pass of optimiser micro-steps of the detector's summed losses; their means over all workers."""
     engine.train()
     aug, size = recipe.data.augment, recipe.data.image_size
-    rng = np.random.default_rng([recipe.seed, epoch, rank, 7])  # the flips, the same again when resumed
+    rng = np.random.default_rng([recipe.seed, epoch, rank, 7])  # the moves, the same again when resumed
+    black = -torch.tensor(IMAGENET_MEAN, device=device) / torch.tensor(IMAGENET_STD, device=device)
     by_image, slot = recipe.data.box_classes == "image", background_slot(recipe.model.name)
     sums: dict[str, float] = {}
     seen, began = 0, time.perf_counter()
     for step, (x, y, metas) in enumerate(batches):
         inject(epoch, step, rank)
         tgts = targets(metas, y, size, device, by_image, slot)
-        images, tgts = flipped(torch.as_tensor(x, device=device), tgts, aug.hflip, aug.vflip, rng)
+        images, tgts = moved(torch.as_tensor(x, device=device), tgts, aug, rng, black)
         losses = engine(list(images), tgts)
         loss = sum(losses.values())
         engine.backward(loss)

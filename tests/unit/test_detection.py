@@ -1,7 +1,7 @@
-"""Paper 004's detector trained in Tessera (``task: detect``): boxes from the samples' metadata, flips that move
-them, the hits and misses against hand-counted ones, COCO mAP on hand-made detections, what a detector's recipe
-refuses, two steps and a validation through the real loop (DALI, DeepSpeed), and an export that ingest's
-``--detector`` reads, finding what the trained model finds."""
+"""Paper 004's detector trained in Tessera (``task: detect``): boxes from the samples' metadata, the hits and
+misses against hand-counted ones, COCO mAP on hand-made detections, what a detector's recipe refuses, two steps
+and a validation through the real loop (DALI, DeepSpeed), and an export that ingest's ``--detector`` reads,
+finding what the trained model finds."""
 
 import json
 import math
@@ -28,18 +28,6 @@ def test_targets_are_the_metadata_boxes_in_input_pixels_labelled_a_lesion_or_wit
     # Faster R-CNN's class 0 is its background: ours start at 1 there
     assert detection.targets(metas, np.array([2, 0, 1]), 64, "cpu", True, slot=1)[0]["labels"].tolist() == [3]
     assert [detection.background_slot(n) for n in ("fasterrcnn_resnet50_fpn_v2", "retinanet_resnet50_fpn")] == [1, 0]
-
-
-def test_flips_move_the_boxes_with_the_pixels():
-    x = torch.zeros(2, 3, 8, 8)
-    x[:, :, 1:3, 0:2] = 1  # a block at x 0-2, y 1-3
-    tgts = [{"boxes": torch.tensor([[0.0, 1, 2, 3]]), "labels": torch.tensor([1])} for _ in range(2)]
-    out, moved = detection.flipped(x, tgts, hflip=1.0, vflip=1.0, rng=np.random.default_rng(0))
-    ys, xs = torch.nonzero(out[0, 0], as_tuple=True)
-    assert moved[0]["boxes"].tolist() == [[6, 5, 8, 7]] == [[xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]]
-    same, kept = detection.flipped(x, [{"boxes": torch.zeros(0, 4), "labels": torch.zeros(0)}], 0.0, 0.0,
-                                   np.random.default_rng(0))  # fmt: skip
-    assert torch.equal(same[0], x[0]) and kept[0]["boxes"].shape == (0, 4)
 
 
 def _found(boxes, scores, labels):
@@ -76,10 +64,10 @@ def test_metrics_on_hand_made_detections():
     assert m["val_map50"] == pytest.approx(0.5, abs=0.01)
 
 
-def test_a_detection_recipe_refuses_what_would_move_pixels_without_their_boxes():
+def test_a_detection_recipe_refuses_what_a_detector_cannot_take():
     base = ["data.dataset=/tmp/x", "model.pretrained=false"]
-    with pytest.raises(RecipeError, match=r"data\.augment\.rotate_p: task detect takes flips"):
-        load_recipe("brain_tumor_detect", [*base, "data.augment.rotate_p=0.5"])
+    moving = load_recipe("brain_tumor_detect", [*base, "data.augment.rotate_p=0.5", "data.augment.zoom_p=0.5"])
+    assert moving.data.augment.rotate_p == 0.5  # moves its boxes too (training.box_augment)
     with pytest.raises(RecipeError, match=r"eval\.monitor: .val_loss. is not a detector.s"):
         load_recipe("brain_tumor_detect", [*base, "eval.monitor=val_loss"])
     with pytest.raises(RecipeError, match=r"swa\.enabled: not for task detect"):
