@@ -262,7 +262,7 @@ def routine_prints_dropped() -> Iterator[None]:
 def epoch_line(run: str, metrics: dict[str, Any], epochs: int, monitor: str, levels: list[str]) -> str:
     """One epoch of ``run`` in a line: losses, the monitored metric, accuracy (or AUC) per level, throughput."""
     keys = ["train_loss", "val_loss", monitor, "val_accuracy", "val_auc", *(f"val_{lv}_accuracy" for lv in levels)]
-    keys += ["val_map50", "val_precision", "val_recall"] if "val_map50" in metrics else []  # a detector's
+    keys += ["val_map50", "val_precision", "val_recall", "val_image_accuracy"] if "val_map50" in metrics else []
     values = {k: metrics.get(k) for k in [*keys, "val_swa_loss"]}
     shown = [f"{k} {v:.4f}" for k, v in values.items() if isinstance(v, int | float) and not math.isnan(v)]
     line = f"{run} epoch {int(metrics['epoch']) + 1}/{epochs}: " + "  ".join(shown)

@@ -213,7 +213,9 @@ def _tensors(items: list[dict]) -> list[dict[str, torch.Tensor]]:
 def metrics(pred: dict[str, Any], classes: list[str], threshold: float, prefix: str = "val_") -> dict[str, float]:
     """COCO's mean average precision (torchmetrics), at IoU 0.5 and over 0.5-0.95, the mean recall of 100 boxes,
     each class's AP at 0.5; and paper 004's precision, recall and F1 of the boxes scoring at least
-    ``threshold`` (each a hit where it overlaps a true box of its class by 0.5)."""
+    ``threshold`` (each a hit where it overlaps a true box of its class by 0.5), with the share of images it gets
+    right (``image_accuracy``: a lesion found where there is one, nothing found where there is none; the paper's
+    Table 3 gives an accuracy it does not define)."""
     from torchmetrics.detection import MeanAveragePrecision
 
     from training.metrics import metric_name
@@ -230,8 +232,12 @@ def metrics(pred: dict[str, Any], classes: list[str], threshold: float, prefix: 
     for c, v in zip(ap["classes"].reshape(-1).tolist(), ap["map_per_class"].reshape(-1).tolist(), strict=True):
         if 0 <= c < len(classes) and v >= 0:  # -1: a class with no true box
             out[f"{prefix}ap50_{metric_name(classes[c])}"] = float(v)
-    counts = [matches(f, t, threshold) for f, t in zip(pred["found"], pred["true"], strict=True)]
-    hits, alarms, misses = np.array(counts, dtype=np.int64).reshape(-1, 3).sum(0).tolist()
+    counts = np.array([matches(f, t, threshold) for f, t in zip(pred["found"], pred["true"], strict=True)])
+    counts = counts.reshape(-1, 3).astype(np.int64)
+    hits, alarms, misses = counts.sum(0).tolist()
+    lesion = counts[:, 0] + counts[:, 2] > 0  # an image with a true box is right where one is hit, one without
+    right = np.where(lesion, counts[:, 0] > 0, counts[:, 1] == 0)  # where nothing is found
+    out[f"{prefix}image_accuracy"] = float(right.mean()) if len(right) else 0.0
     precision = hits / (hits + alarms) if hits + alarms else 0.0
     recall = hits / (hits + misses) if hits + misses else 0.0
     f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0

@@ -26,7 +26,7 @@ from training.tracking import MODEL_ARTIFACT
 HELD_OUT_ERROR = "held_out_error"  # the run's tag when training's held-out step failed
 TRAINING_PREFIXES = ("train_", "val_")  # the per-epoch metrics of training (besides lr and epoch)
 HEADLINE = ("accuracy", "f1", "auc", "weighted_log_loss", "rsna_log_loss")
-DETECTION_HEADLINE = ("map50", "map", "precision", "recall", "f1")  # a detector's (training.detection)
+DETECTION_HEADLINE = ("map50", "map", "precision", "recall", "f1", "image_accuracy")  # a detector's
 SCALE_WARNING = "scale_warning"  # <prefix>scale_warning: the evaluated samples' scale is not the training's
 
 

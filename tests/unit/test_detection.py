@@ -56,11 +56,16 @@ def test_metrics_on_hand_made_detections():
     perfect = {"found": [_found([[0, 0, 10, 10]], [0.9], [1]), _found([], [], [])], "true": true, "metas": []}
     m = detection.metrics(perfect, CLASSES, 0.5)
     assert (m["val_map"], m["val_map50"], m["val_precision"], m["val_recall"], m["val_f1"]) == (1, 1, 1, 1, 1)
+    assert m["val_image_accuracy"] == 1  # the lesion found in the first image, nothing found in the second
     assert m["val_ap50_glioma"] == 1 and "val_ap50_none" not in m  # no true box of its class
     alarm = {"found": [_found([[0, 0, 10, 10]], [0.9], [1]), _found([[5, 5, 9, 9]], [0.95], [1])], "true": true}
     m = detection.metrics(alarm | {"metas": []}, CLASSES, 0.5)
     # precision 1/2, recall 1; AP at 0.5: the false alarm ranks first, so precision is 1/2 at recall 1
     assert (m["val_precision"], m["val_recall"]) == (0.5, 1.0) and m["val_f1"] == pytest.approx(2 / 3)
+    assert m["val_image_accuracy"] == 0.5  # the second image has no lesion but a box found in it
+    missed = {"found": [_found([[30, 30, 40, 40]], [0.9], [1]), _found([[5, 5, 9, 9]], [0.1], [1])], "true": true}
+    assert detection.metrics(missed | {"metas": []}, CLASSES, 0.5)["val_image_accuracy"] == 0.5
+    # the first image's lesion missed (its box lies elsewhere), the second's box scores under the threshold
     assert m["val_map50"] == pytest.approx(0.5, abs=0.01)
 
 

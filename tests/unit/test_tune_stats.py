@@ -87,6 +87,12 @@ def test_bundled_sweeps_load_and_check_their_space():
     groups = study.sweeps()
     assert [g.base().name for g in groups.values()] == ["ct_ich_sequence_vivit", "ct_ich_convnext_anypos"]
     assert study.replicates.n == 10 and study.compare.metrics[0] == "val_patient_accuracy"
+    detectors = load_plan("brain_tumor_detectors").sweeps()  # paper 004's Table 3: a detector against another
+    assert [g.base().model.name for g in detectors.values()] == [
+        "retinanet_resnet50_fpn_v2",
+        "fasterrcnn_resnet50_fpn_v2",
+    ]
+    assert {g.objective() for g in detectors.values()} == {("val_map50", "max")}
 
 
 def test_sweep_validation_names_the_problem():
