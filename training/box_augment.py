@@ -49,14 +49,14 @@ def moved_boxes(boxes: torch.Tensor, matrix: np.ndarray, size: int) -> tuple[tor
 def warped(image: torch.Tensor, matrix: np.ndarray, black: torch.Tensor, frame: bool) -> torch.Tensor:
     """``image`` ``[C, S, S]`` resampled (bilinear) through ``matrix``; outside the input, ``black`` where
     ``frame`` (a zoom out's black frame), else the edge pixels replicated (the classifiers' rotation)."""
-    size = image.shape[-1]
+    size, src = image.shape[-1], image.float()  # in float32 whatever the batch's type (bf16 on a GPU)
     full = np.vstack([matrix, [0, 0, 1]])
     back = np.linalg.inv(full)[:2]  # output pixel -> input pixel; square, so the same in normalised coordinates
     theta = torch.tensor(np.hstack([back[:, :2], (back[:, :2] @ [1, 1] + back[:, 2] / (size / 2) - 1)[:, None]]))
-    grid = F.affine_grid(theta[None].to(image), [1, *image.shape], align_corners=False)
-    shift = black.view(-1, 1, 1) if frame else 0.0
-    out = F.grid_sample((image - shift)[None], grid, "bilinear", "zeros" if frame else "border", align_corners=False)
-    return out[0] + shift
+    grid = F.affine_grid(theta[None].to(src), [1, *image.shape], align_corners=False)
+    shift = black.to(src).view(-1, 1, 1) if frame else 0.0
+    out = F.grid_sample((src - shift)[None], grid, "bilinear", "zeros" if frame else "border", align_corners=False)
+    return (out[0] + shift).to(image.dtype)
 
 
 def moved(

@@ -59,6 +59,16 @@ def test_zoom_in_enlarges_about_the_centre_and_zoom_out_frames_in_black():
     assert torch.equal(out[:, :16], BLACK.view(3, 1, 1).expand(3, 16, 64))  # the frame is black, exactly
 
 
+def test_a_bf16_batch_is_moved_in_float32_and_stays_bf16():
+    """A GPU's bf16 batch: resampled in float32 (the frame's black too), returned in its own type."""
+    x = torch.rand(3, 32, 32)
+    for frame in (False, True):
+        want = warped(x, placement(32, 20, 0.7), BLACK, frame)
+        got = warped(x.bfloat16(), placement(32, 20, 0.7), BLACK, frame)
+        assert got.dtype == torch.bfloat16
+        torch.testing.assert_close(got.float(), want, atol=0.02, rtol=0.01)
+
+
 def test_a_box_moved_out_of_view_goes_with_its_label_and_one_partly_in_view_is_clipped():
     boxes = torch.tensor([[0.0, 0, 8, 8], [10, 10, 30, 30], [62, 20, 64, 40]])
     got, keep = moved_boxes(boxes, placement(64, 0, 2.0), 64)
