@@ -57,6 +57,9 @@ def cmd_tune(args) -> int:
         plan = load_plan(args.plan, args.overrides)
         study = plan if isinstance(plan, StudyConfig) else None
         plans = plan.sweeps() if study else {None: plan}
+        if study:
+            s.apply()  # the stack's endpoints: the groups' datasets may lie on its object store
+            study.check_compared()
     if args.dry_run:
         import yaml
 

@@ -90,3 +90,33 @@ def check_monitor(recipe: TrainRecipe, outputs: list[str]) -> None:
             f"eval.monitor: {monitor!r} is not a metric this recipe reports (eval.levels {recipe.eval.levels}, "
             f"{len(outputs)} outputs)" + (f"; close: {', '.join(close)}" if close else "")
         )
+
+
+def reported_metrics(recipe: TrainRecipe, manifest: mf.ManifestBrief | mf.Manifest) -> set[str]:
+    """The evaluation metrics a run of ``recipe`` on ``manifest`` logs: each epoch's (:func:`validation_metrics`;
+    with SWA, its averaged weights' ``val_swa_*`` too) and the held-out step's, under its split's prefix."""
+    from training.evaluation import metric_prefix, no_held_out
+    from training.loop import outputs_of
+
+    names = validation_metrics(recipe, outputs_of(recipe, manifest))
+    prefixes = (["val_swa_"] if recipe.swa.enabled else []) + (
+        [metric_prefix(recipe.data.test_split)] if recipe.data.test_split and not no_held_out(recipe, manifest) else []
+    )
+    return names | {p + n.removeprefix("val_") for p in prefixes for n in names}
+
+
+def check_compared(recipe: TrainRecipe, manifest: mf.ManifestBrief | mf.Manifest, metrics: list[str], who: str) -> None:
+    """Each of ``metrics`` that names an evaluation metric (``val_*``, or the held-out split's ``test_*``) is one
+    a run of ``recipe`` logs: a comparison of replicates finds out after hours of training otherwise. Other names
+    (``train_loss``, ``lr``...) are left to the comparison itself."""
+    from training.evaluation import metric_prefix
+
+    names = reported_metrics(recipe, manifest)
+    checked = ("val_", metric_prefix(recipe.data.test_split or "test"))
+    for metric in metrics:
+        if metric.startswith(checked) and metric not in names:
+            close = difflib.get_close_matches(metric, sorted(names), n=3, cutoff=0.7)
+            raise RecipeError(
+                f"{who}: {metric!r} is not a metric {recipe.name} logs on {recipe.data.dataset}"
+                + (f"; close: {', '.join(close)}" if close else f"; it logs {', '.join(sorted(names))}")
+            )

@@ -201,6 +201,16 @@ class StudyConfig(Strict):
     replicates: ReplicateConfig
     compare: CompareConfig
 
+    def check_compared(self) -> None:
+        """Each compared metric is one both groups' runs log, on their datasets (read here), before any replicate
+        trains: a misspelt one otherwise fails the comparison after every replicate has run."""
+        from training.launch import load_manifest
+        from training.preflight import check_compared
+
+        for label, sweep in self.sweeps().items():
+            recipe = sweep.base()
+            check_compared(recipe, load_manifest(recipe)[0], self.compare.metrics, f"compare.metrics (group {label})")
+
     def sweeps(self) -> dict[str, SweepConfig]:
         return {
             label: SweepConfig(

@@ -317,3 +317,37 @@ def test_a_sweeps_parent_run_says_where_its_trials_come_from_as_they_do(tmp_path
     assert (tags["git_commit"], tags["tessera_version"], tags["dataset_made_by"]) == ("abc123", "9.9.9", made_by)
     assert tags["dataset_rendered_with"] == "tessera wsi rendering 1, numpy 2.4.6 | 2.5"
     assert tags[KIND] == "sweep"
+
+
+def test_a_study_refuses_a_metric_its_runs_would_not_log_before_any_replicate(tmp_path):
+    """compare.metrics are checked against what each group's recipe logs on its dataset: each epoch's metrics,
+    and the held-out split's where the dataset has one; a misspelt one is named, with the close ones."""
+    from tests.datasets import make_dataset
+    from tune.config import StudyConfig
+
+    make_dataset(str(tmp_path / "ds"), {"train": 8, "val": 4, "test": 4}, size=32)
+    make_dataset(str(tmp_path / "boxed"), {"train": 8, "val": 4}, size=32, boxes=True)
+    small = [f"data.dataset={tmp_path / 'ds'}", "eval.levels=[patient]"]
+
+    def study(metrics, b="demo_tiles", b_overrides=small):
+        return StudyConfig(
+            name="s", groups={"a": {"recipe": "demo_tiles", "overrides": small},
+                              "b": {"recipe": b, "overrides": b_overrides}},
+            replicates={"n": 2}, compare={"metrics": metrics},
+        )  # fmt: skip
+
+    study(["val_patient_accuracy", "test_patient_accuracy", "val_loss", "train_loss"]).check_compared()
+    with pytest.raises(RecipeError, match=r"group a\): 'val_patient_acuracy' is not a metric demo_tiles logs .*"
+                       r"close: val_patient_accuracy"):  # fmt: skip
+        study(["val_patient_acuracy"]).check_compared()
+    with pytest.raises(RecipeError, match=r"group a\): 'val_slide_accuracy' is not a metric"):  # not in eval.levels
+        study(["val_slide_accuracy"]).check_compared()
+    detect = [f"data.dataset={tmp_path / 'boxed'}", "model.pretrained=false"]
+    with pytest.raises(RecipeError, match=r"group a\): 'val_image_accuracy' is not a metric demo_tiles"):
+        study(["val_image_accuracy"], "brain_tumor_detect", detect).check_compared()  # a detector's, not both's
+    with pytest.raises(RecipeError, match=r"group b\): 'test_accuracy' is not a metric brain_tumor_detect"):
+        study(["test_accuracy"], "brain_tumor_detect", detect).check_compared()  # no test split there
+    bundled = load_plan("brain_tumor_detectors")  # paper 004's: every metric it compares, both detectors log
+    for group in bundled.groups.values():
+        group.overrides += detect
+    bundled.check_compared()
