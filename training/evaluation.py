@@ -112,7 +112,6 @@ def exported_predictions(
 def evaluate_split(recipe: TrainRecipe, manifest: mf.ManifestHead, split: str, prefix: str, log, rank: int, world: int):
     """Every rank of a worker group: the run's exported model on this rank's part of ``split``; rank 0 logs the
     metrics and pictures under ``prefix``. A failure on any rank raises on every rank."""
-    from training.detection import metrics as detection_metrics
     from training.export import samples_scale_warning
     from training.levels import evaluate
     from training.loop import outputs_of
@@ -120,10 +119,7 @@ def evaluate_split(recipe: TrainRecipe, manifest: mf.ManifestHead, split: str, p
 
     outputs = outputs_of(recipe, manifest)
     pred, desc = exported_predictions(recipe, manifest, split, log, rank, world)
-    if recipe.task == "detect":
-        metrics = detection_metrics(pred, outputs, recipe.eval.threshold, prefix)
-    else:
-        metrics = evaluate(pred, recipe, outputs, prefix)
+    metrics = evaluate(pred, recipe, outputs, prefix)
     if rank == 0:
         log.metrics(metrics, step=0)
         log_evaluation(log, recipe, outputs, pred, f"{split} split", prefix)

@@ -1,5 +1,5 @@
 """A classifier's metrics at sample level and after aggregation to each of the recipe's levels (slide, patient,
-series): what training's validation and the held-out evaluation report."""
+series), or a detector's: what training's validation and the held-out evaluation report."""
 
 from __future__ import annotations
 
@@ -31,7 +31,12 @@ def level_threshold(recipe: TrainRecipe, level: str) -> float | None:
 
 
 def evaluate(pred: dict[str, Any], recipe: TrainRecipe, outputs: list[str], prefix: str = "val_") -> dict[str, float]:
-    """Sample-level metrics plus the same metrics after aggregation to each of the recipe's levels."""
+    """Sample-level metrics plus the same metrics after aggregation to each of the recipe's levels; a detector's
+    boxes by :func:`training.detection.metrics`."""
+    if recipe.task == "detect":
+        from training.detection import metrics as box_metrics
+
+        return box_metrics(pred, outputs, recipe.eval.threshold, prefix)
 
     def metrics(y, p, level):
         pre = prefix if level == "sample" else f"{prefix}{level}_"

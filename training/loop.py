@@ -304,8 +304,8 @@ class Trainer:
         val = self.data.batches(r.data.val_split, epoch, False)
         if r.task == "detect":
             pred = detection.predict(self.engine, val, r, self.device)
-            return metrics | detection.metrics(pred, self.outputs, r.eval.threshold), pred
-        pred = predict(self.engine, val, self.loss, self.device)
+        else:
+            pred = predict(self.engine, val, self.loss, self.device)
         return metrics | evaluate(pred, r, self.outputs), pred
 
     def _finish_swa(self, epoch: int) -> tuple[dict[str, Any], dict[str, float]]:

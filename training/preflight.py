@@ -58,12 +58,10 @@ def validation_metrics(recipe: TrainRecipe, outputs: list[str]) -> set[str]:
     from training.levels import evaluate
 
     if recipe.task == "detect":  # a box of each class, found
-        from training.detection import metrics
-
         box = np.array([[0.0, 0.0, 10.0, 10.0]], np.float32)
         true = [{"boxes": box, "labels": np.array([c])} for c in range(len(outputs))]
         found = [t | {"scores": np.array([0.9], np.float32)} for t in true]
-        return set(metrics({"found": found, "true": true, "metas": []}, outputs, recipe.eval.threshold))
+        return set(evaluate({"found": found, "true": true, "metas": []}, recipe, outputs))
     n = 2 * len(outputs)
     if recipe.task == "multilabel":
         labels = np.array([[(i + j) % 2 for j in range(len(outputs))] for i in range(n)])
