@@ -253,6 +253,9 @@ class TrainRecipe(Strict):
                              "val_f1 or val_recall (mode max)")  # fmt: skip
         if self.data.sampler == "balanced" or self.data.class_weights != "none" or self.model.heads:
             raise ValueError("task detect: no balanced sampler, class weights or heads (the detector's own losses)")
+        if self.model.name.startswith("tf_efficientdet_") and self.data.image_size % 128:
+            raise ValueError(f"data.image_size: an EfficientDet takes a multiple of 128 px (its coarsest level's "
+                             f"stride), not {self.data.image_size}")  # fmt: skip
 
 
 class RecipeError(ValueError):

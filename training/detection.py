@@ -1,5 +1,6 @@
 """Paper 004's first stage trained in Tessera (``task: detect``): a torchvision detector (Faster R-CNN, RetinaNet,
-FCOS; the paper compared the first two with YOLOv8 and EfficientDet) on images whose boxes travel in their
+FCOS) or an EfficientDet (``effdet``: :mod:`training.efficientdet`; the paper compared these three with YOLOv8) on
+images whose boxes travel in their
 metadata (``tessera ingest images --boxes``, without ``--crop``). A box is a ``lesion`` (``data.box_classes``;
 the paper's detector says where the tumour is, its classifier which) or of its image's class; images without a
 box are negatives. Exported as TorchScript in the layout of an Ultralytics end-to-end export
@@ -39,7 +40,9 @@ def detector_names() -> list[str]:
     import torchvision.models.detection as detection
     from torchvision.models import list_models
 
-    return [n for n in list_models(module=detection) if n.startswith(FAMILIES)]
+    from training import efficientdet
+
+    return [n for n in list_models(module=detection) if n.startswith(FAMILIES)] + efficientdet.names()
 
 
 def check_detector(cfg: ModelConfig) -> None:
@@ -50,26 +53,36 @@ def check_detector(cfg: ModelConfig) -> None:
     names = detector_names()
     if cfg.name not in names:
         close = difflib.get_close_matches(cfg.name, names, n=3, cutoff=0.5)
-        raise RecipeError(f"model.name: task detect takes a torchvision detector, one of {', '.join(close or names)}")
+        one_of = ", ".join(close or names)
+        raise RecipeError(f"model.name: task detect takes a torchvision detector or an EfficientDet, one of {one_of}")
     if cfg.weights and not os.path.exists(cfg.weights):
         raise RecipeError(f"model.weights: no file {cfg.weights} (a detector's state dict, here on every worker)")
 
 
 def background_slot(name: str) -> int:
-    """1 where the detector's class 0 is the background (Faster R-CNN's softmax), 0 where every class is one of
-    ours (RetinaNet's and FCOS's sigmoids: a slot for a background would be a class never trained positive)."""
-    return 1 if name.startswith("fasterrcnn_") else 0
+    """1 where the detector's class 0 is the background (Faster R-CNN's softmax; EfficientDet counts from 1), 0
+    where every class is one of ours (RetinaNet's and FCOS's sigmoids: a slot for a background would be a class
+    never trained positive)."""
+    return 1 if name.startswith(("fasterrcnn_", "tf_efficientdet_")) else 0
 
 
 def build_detector(cfg: ModelConfig, classes: int, image_size: int) -> nn.Module:
     """``cfg.name`` for ``classes`` classes (and Faster R-CNN's background: :func:`background_slot`), taking
     ``image_size`` px images as they come (ImageNet-normalised, square). ``pretrained``: its backbone's ImageNet
-    weights from torchvision's hub, or (``weights``) a local state dict of a whole detector (a COCO one: every
-    tensor whose shape fits). ``cfg.options`` go to torchvision's builder (``detections_per_img``,
-    ``score_thresh``...)."""
+    weights from torchvision's hub (an EfficientDet's from timm's), or (``weights``) a local state dict of a whole
+    detector (a COCO one: every tensor whose shape fits). ``cfg.options`` go to torchvision's builder
+    (``detections_per_img``, ``score_thresh``...) or to effdet's config (``max_det_per_image``...)."""
     from torchvision.models import get_model
 
     hub = cfg.pretrained and not cfg.weights
+    if cfg.name.startswith("tf_efficientdet_"):
+        from training.efficientdet import EfficientDetector
+
+        model = EfficientDetector(cfg.name, classes, image_size, hub, cfg.options)
+        if cfg.pretrained and cfg.weights:  # effdet's own checkpoints (COCO's) hold its network's tensors
+            state = torch.load(cfg.weights, map_location="cpu", weights_only=True)
+            load_matching(model.model, {k.removeprefix("model."): v for k, v in state.items()}, cfg.weights)
+        return model
     # boxes down to 0.05 (COCO's evaluation floor; FCOS's own is 0.2): mAP ranks them, ingest's confidence cuts them
     floor = {"box_score_thresh" if cfg.name.startswith("fasterrcnn_") else "score_thresh": 0.05}
     model = get_model(
@@ -278,7 +291,12 @@ def save_detector(model: nn.Module, folder: Path, cfg: ModelConfig, classes: lis
             "end2end": True, "letterbox": False, "author": "tessera"}  # fmt: skip
     with warnings.catch_warnings():  # torch 2.10+ calls TorchScript deprecated; the ingest side reads it
         warnings.simplefilter("ignore", FutureWarning)
-        scripted = torch.jit.script(YoloLayout(model, background_slot(cfg.name)))
+        if cfg.name.startswith("tf_efficientdet_"):
+            from training.efficientdet import EfficientDetLayout
+
+            scripted = torch.jit.script(EfficientDetLayout(model, MEAN, STD))
+        else:
+            scripted = torch.jit.script(YoloLayout(model, background_slot(cfg.name)))
     scripted.save(str(folder / EXPORT), _extra_files={"config.txt": json.dumps(meta)})
     desc = {"model": cfg.name, "model_config": cfg.model_dump() | {"pretrained": False}, "task": "detect",
             "classes": classes, "outputs": classes, "image_size": image_size, "torchscript": EXPORT,

@@ -79,16 +79,28 @@ def test_a_detection_recipe_refuses_what_a_detector_cannot_take():
         load_recipe("brain_tumor_detect", [*base, "swa.enabled=true"])
     from training.models import check_model
 
-    with pytest.raises(RecipeError, match=r"model\.name: task detect takes a torchvision detector, one of retinanet"):
+    with pytest.raises(RecipeError, match=r"model\.name: task detect takes a torchvision detector or an .*retinanet"):
         check_model(load_recipe("brain_tumor_detect", [*base, "model.name=retinanet"]).model, "detect")
+    check_model(load_recipe("brain_tumor_detect", [*base, "model.name=tf_efficientdet_d1"]).model, "detect")
+    with pytest.raises(RecipeError, match=r"data\.image_size: an EfficientDet takes a multiple of 128 px.* not 200"):
+        load_recipe("brain_tumor_detect", [*base, "model.name=tf_efficientdet_d0", "data.image_size=200"])
 
 
 def _recipe(tmp_path, *extra):
     return small_recipe("brain_tumor_detect", tmp_path, "model.name=fcos_resnet50_fpn", "data.epoch_samples=4", *extra)
 
 
-def test_the_detector_trains_two_steps_and_reports_its_metrics(tmp_path, process_group):
-    recipe = _recipe(tmp_path)
+# Each family's own losses: FCOS's three; EfficientDet's two (effdet's weighted box loss: training.efficientdet)
+LOSSES = {
+    "fcos_resnet50_fpn": ("classification", "bbox_regression", "bbox_ctrness"),
+    "tf_efficientdet_d0": ("classification", "bbox_regression"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(LOSSES))
+def test_the_detector_trains_two_steps_and_reports_its_metrics(tmp_path, process_group, name):
+    size = ["data.image_size=128"] if name.startswith("tf_efficientdet_") else []  # a multiple of its stride
+    recipe = _recipe(tmp_path, f"model.name={name}", *size)
     reports = []
     trainer = Trainer({"recipe": recipe.model_dump()}, rank=0, world=1)
     before = {k: v.clone() for k, v in trainer.engine.module.state_dict().items()}
@@ -96,26 +108,36 @@ def test_the_detector_trains_two_steps_and_reports_its_metrics(tmp_path, process
     assert trainer.engine.global_steps == 2
     (metrics,) = reports
     assert math.isfinite(metrics["train_loss"]) and metrics["train_loss"] > 0
-    # FCOS's own losses, each averaged over the samples as the total is
-    parts = metrics["train_classification"] + metrics["train_bbox_regression"] + metrics["train_bbox_ctrness"]
-    assert parts == pytest.approx(metrics["train_loss"])
+    # the model's own losses, each averaged over the samples as the total is
+    assert sum(metrics[f"train_{k}"] for k in LOSSES[name]) == pytest.approx(metrics["train_loss"])
     for key in ("val_map", "val_map50", "val_mar100", "val_precision", "val_recall", "val_f1"):
         assert 0 <= metrics[key] <= 1, key
     after = trainer.engine.module.state_dict()
     assert any(not torch.equal(v, after[k]) for k, v in before.items() if v.is_floating_point())
 
 
-def test_the_export_finds_in_ingest_what_the_trained_model_finds(tmp_path):
+def _raised(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` with a head that calls boxes at all: an untrained one scores everything about 0.01. EfficientDet's
+    scores vary by anchor (ties would leave the order of equal boxes to each suppression)."""
+    with torch.no_grad():
+        if hasattr(model, "head"):
+            model.head.classification_head.cls_logits.bias.fill_(2.0)
+        else:
+            bias = model.model.class_net.predict.conv_pw.bias
+            bias.copy_(2.0 + torch.randn_like(bias))
+    return model
+
+
+@pytest.mark.parametrize(("name", "size"), [("fcos_resnet50_fpn", 64), ("tf_efficientdet_d0", 128)])
+def test_the_export_finds_in_ingest_what_the_trained_model_finds(tmp_path, name, size):
     from ingest.detector import YoloDetector
     from ingest.model_files import fetch_model
 
-    recipe = load_recipe("brain_tumor_detect", ["model.name=fcos_resnet50_fpn", "model.pretrained=false",
-                                                "data.image_size=64", f"data.dataset={tmp_path}"])  # fmt: skip
+    recipe = load_recipe("brain_tumor_detect", [f"model.name={name}", "model.pretrained=false",
+                                                f"data.image_size={size}", f"data.dataset={tmp_path}"])  # fmt: skip
     torch.manual_seed(0)
-    model = detection.build_detector(recipe.model, len(CLASSES), 64).eval()
-    with torch.no_grad():  # a head that calls boxes at all: an untrained FCOS scores everything about 0.01
-        model.head.classification_head.cls_logits.bias.fill_(2.0)
-    folder = detection.save_detector(model, tmp_path / "model", recipe.model, CLASSES, 64)
+    model = _raised(detection.build_detector(recipe.model, len(CLASSES), size).eval())
+    folder = detection.save_detector(model, tmp_path / "model", recipe.model, CLASSES, size)
     desc = json.loads((folder / "model.json").read_text())
     assert desc["task"] == "detect" and desc["torchscript"] == detection.EXPORT and desc["classes"] == CLASSES
     detector = YoloDetector(fetch_model(str(folder), "detector"), confidence=0.3)  # the export folder itself
@@ -125,15 +147,14 @@ def test_the_export_finds_in_ingest_what_the_trained_model_finds(tmp_path):
     assert found, "the raised head found nothing"
     import cv2
 
-    x = torch.from_numpy(cv2.resize(rgb, (64, 64), interpolation=cv2.INTER_AREA)).permute(2, 0, 1).float() / 255
+    x = torch.from_numpy(cv2.resize(rgb, (size, size), interpolation=cv2.INTER_AREA)).permute(2, 0, 1).float() / 255
     x = (x - torch.tensor(detection.MEAN).view(3, 1, 1)) / torch.tensor(detection.STD).view(3, 1, 1)
     with torch.no_grad():
         (want,) = model([x])
-    b = want["boxes"]
+    b, slot = want["boxes"], detection.background_slot(name)  # EfficientDet's classes count from 1
     keep = (want["scores"] > 0.3) & (b[:, 2] > b[:, 0]) & (b[:, 3] > b[:, 1])  # ingest drops boxes of no area
-    got = sorted((round(x.x0 * 64, 2), round(x.y0 * 64, 2), round(x.x1 * 64, 2), round(x.y1 * 64, 2), x.label, s)
-                 for x, s in found)  # fmt: skip
-    wanted = sorted((*(round(float(v), 2) for v in box), CLASSES[int(c)], round(float(s), 4))
+    got = sorted((*(round(v * size, 2) for v in (x.x0, x.y0, x.x1, x.y1)), x.label, s) for x, s in found)
+    wanted = sorted((*(round(float(v), 2) for v in box), CLASSES[int(c) - slot], round(float(s), 4))
                     for box, c, s in zip(b[keep], want["labels"][keep], want["scores"][keep], strict=True))  # fmt: skip
     assert got == wanted and len(got) > 10
 
@@ -204,3 +225,20 @@ def test_local_detector_weights_load_every_tensor_that_fits(tmp_path):
     with pytest.raises(ValueError, match=r"model\.weights .*other\.pth: none of its tensors fits FCOS"):
         detection.build_detector(cfg.model_copy(update={"pretrained": True, "weights": str(tmp_path / "other.pth")}),
                                  1, 64)  # fmt: skip
+
+
+def test_an_efficientdet_takes_effdets_own_checkpoint_of_other_classes(tmp_path):
+    """An EfficientDet's ``model.weights``: effdet's checkpoint of its network (a COCO one, without this adapter's
+    prefix); all but the class layer load."""
+    from effdet import EfficientDet, get_efficientdet_config
+
+    cfg = load_recipe("brain_tumor_detect", ["model.name=tf_efficientdet_d0", "model.pretrained=false",
+                                             "data.image_size=128", f"data.dataset={tmp_path}"]).model  # fmt: skip
+    torch.manual_seed(1)
+    coco = EfficientDet(get_efficientdet_config("tf_efficientdet_d0"), pretrained_backbone=False)  # 90 classes
+    torch.save(coco.state_dict(), tmp_path / "coco.pth")
+    torch.manual_seed(2)
+    local = cfg.model_copy(update={"pretrained": True, "weights": str(tmp_path / "coco.pth")})
+    mine, theirs = detection.build_detector(local, 1, 128).model.state_dict(), coco.state_dict()
+    differ = {k.rsplit(".", 1)[0] for k, v in mine.items() if not torch.equal(v, theirs[k])}
+    assert differ == {"class_net.predict.conv_pw"}
