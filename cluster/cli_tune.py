@@ -1,5 +1,5 @@
 """``tessera tune`` and ``tessera compare``: Ray Tune sweeps and replicates of a recipe, and the statistical
-comparison of two groups of runs."""
+comparison of groups of runs."""
 
 from __future__ import annotations
 
@@ -80,9 +80,19 @@ def cmd_tune(args) -> int:
         failed = f"{outcome.errors} failed ({again})" if outcome.errors else "none failed"
         print(f"sweep {outcome.name}: {outcome.trials} trials, {failed}; MLflow {outcome.parent_url}")
         print(f"best: {outcome.best_params} -> {outcome.best_metric} (run {outcome.best_run_id})")
-    if study:  # both groups ran: the comparison the study names
-        return _compare(s, names[0], names[1], study.compare.metrics, study.compare.alpha, "patient")
+    if study:  # every group ran
+        _compare_groups(s, study, names)
     return 0
+
+
+def _compare_groups(s, study, names: list[str]) -> None:
+    """Each of ``study``'s groups (their sweeps ``names``, in the file's order) compared with each other one."""
+    named, pairs, alpha = dict(zip(study.groups, names, strict=True)), study.pairs(), study.pair_alpha()
+    if len(pairs) > 1:
+        print(f"{len(study.groups)} groups, {len(pairs)} comparisons: each at alpha {study.compare.alpha} / "
+              f"{len(pairs)} = {alpha:.4g} (Bonferroni)")  # fmt: skip
+    for a, b in pairs:
+        _compare(s, named[a], named[b], study.compare.metrics, alpha, "patient")
 
 
 def _compare(s, a: str, b: str, metrics: list[str], alpha: float, level: str) -> int:

@@ -3,6 +3,7 @@ and the scheduler. One pydantic model; every field of the space is checked again
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 from typing import Any, Literal
 
@@ -194,15 +195,25 @@ class CompareConfig(Strict):
 
 
 class StudyConfig(Strict):
-    """Replicated groups compared statistically (paper 002: ViViT vs ConvNeXt, 10 replicates each)."""
+    """Replicated groups compared statistically (paper 002: ViViT vs ConvNeXt, 10 replicates each; paper 004's
+    Table 3: three detectors), each group with each other."""
 
     name: str
-    groups: dict[str, GroupConfig] = Field(min_length=2, max_length=2)
+    groups: dict[str, GroupConfig] = Field(min_length=2)
     replicates: ReplicateConfig
     compare: CompareConfig
 
+    def pairs(self) -> list[tuple[str, str]]:
+        """The groups compared: each with each, in the file's order (A the earlier)."""
+        return list(itertools.combinations(self.groups, 2))
+
+    def pair_alpha(self) -> float:
+        """Each pair's significance level: ``compare.alpha`` over the number of pairs (Bonferroni), so that the
+        chance of a difference found where there is none, in any of the pairs, stays under ``compare.alpha``."""
+        return self.compare.alpha / len(self.pairs())
+
     def check_compared(self) -> None:
-        """Each compared metric is one both groups' runs log, on their datasets (read here), before any replicate
+        """Each compared metric is one every group's runs log, on their datasets (read here), before any replicate
         trains: a misspelt one otherwise fails the comparison after every replicate has run."""
         from training.launch import load_manifest
         from training.preflight import check_compared

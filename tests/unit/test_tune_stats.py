@@ -87,12 +87,17 @@ def test_bundled_sweeps_load_and_check_their_space():
     groups = study.sweeps()
     assert [g.base().name for g in groups.values()] == ["ct_ich_sequence_vivit", "ct_ich_convnext_anypos"]
     assert study.replicates.n == 10 and study.compare.metrics[0] == "val_patient_accuracy"
-    detectors = load_plan("brain_tumor_detectors").sweeps()  # paper 004's Table 3: a detector against another
+    table3 = load_plan("brain_tumor_detectors")  # paper 004's Table 3: three detectors, each against each
+    detectors = table3.sweeps()
     assert [g.base().model.name for g in detectors.values()] == [
         "retinanet_resnet50_fpn_v2",
         "fasterrcnn_resnet50_fpn_v2",
+        "tf_efficientdet_d0",
     ]
     assert {g.objective() for g in detectors.values()} == {("val_map50", "max")}
+    pairs = [("retinanet", "faster_rcnn"), ("retinanet", "efficientdet"), ("faster_rcnn", "efficientdet")]
+    assert table3.pairs() == pairs and table3.pair_alpha() == pytest.approx(0.05 / 3)  # Bonferroni over the pairs
+    assert study.pairs() == [("vivit", "convnext")] and study.pair_alpha() == 0.05  # two groups: alpha as it is
 
 
 def test_sweep_validation_names_the_problem():
@@ -347,7 +352,7 @@ def test_a_study_refuses_a_metric_its_runs_would_not_log_before_any_replicate(tm
         study(["val_image_accuracy"], "brain_tumor_detect", detect).check_compared()  # a detector's, not both's
     with pytest.raises(RecipeError, match=r"group b\): 'test_accuracy' is not a metric brain_tumor_detect"):
         study(["test_accuracy"], "brain_tumor_detect", detect).check_compared()  # no test split there
-    bundled = load_plan("brain_tumor_detectors")  # paper 004's: every metric it compares, both detectors log
+    bundled = load_plan("brain_tumor_detectors")  # paper 004's: every metric it compares, each detector logs
     for group in bundled.groups.values():
         group.overrides += detect
     bundled.check_compared()
