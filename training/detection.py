@@ -1,10 +1,10 @@
 """Paper 004's first stage trained in Tessera (``task: detect``): a torchvision detector (Faster R-CNN, RetinaNet,
 FCOS) or an EfficientDet (``effdet``: :mod:`training.efficientdet`; the paper compared these three with YOLOv8) on
-images whose boxes travel in their
-metadata (``tessera ingest images --boxes``, without ``--crop``). A box is a ``lesion`` (``data.box_classes``;
-the paper's detector says where the tumour is, its classifier which) or of its image's class; images without a
-box are negatives. Exported as TorchScript in the layout of an Ultralytics end-to-end export
-(:func:`save_detector`), which ``tessera ingest images --detector`` applies to images without boxes.
+images whose boxes travel in their metadata (``tessera ingest images --boxes``, without ``--crop``). A box is a
+``lesion`` (``data.box_classes``; the paper's detector says where the tumour is, its classifier which) or of its
+image's class; images without a box are negatives. Exported as TorchScript in the layout of an Ultralytics
+end-to-end export (:func:`save_detector`), which ``tessera ingest images --detector`` applies to images without
+boxes.
 
 The model computes its own losses in training mode (torchvision's detectors do) and returns boxes in evaluation
 mode; the loop's engine, checkpoints and MLflow are the classifiers' (:mod:`training.loop`).
@@ -30,6 +30,7 @@ from training.config import ModelConfig, RecipeError, TrainRecipe
 
 LESION = "lesion"  # the one class of a detector of ``data.box_classes: lesion``
 FAMILIES = ("fasterrcnn_", "retinanet_", "fcos_")  # torchvision's detectors whose input size a recipe sets
+EFFICIENTDET = "tf_efficientdet_"  # effdet's (training.efficientdet)
 MEAN = tuple(v / 255 for v in IMAGENET_MEAN)  # the loaders' normalisation, for images in [0, 1]
 STD = tuple(v / 255 for v in IMAGENET_STD)
 MATCH_IOU = 0.5  # a found box is a hit where it overlaps an unmatched true box of its class by this much
@@ -63,7 +64,7 @@ def background_slot(name: str) -> int:
     """1 where the detector's class 0 is the background (Faster R-CNN's softmax; EfficientDet counts from 1), 0
     where every class is one of ours (RetinaNet's and FCOS's sigmoids: a slot for a background would be a class
     never trained positive)."""
-    return 1 if name.startswith(("fasterrcnn_", "tf_efficientdet_")) else 0
+    return 1 if name.startswith(("fasterrcnn_", EFFICIENTDET)) else 0
 
 
 def build_detector(cfg: ModelConfig, classes: int, image_size: int) -> nn.Module:
@@ -75,7 +76,7 @@ def build_detector(cfg: ModelConfig, classes: int, image_size: int) -> nn.Module
     from torchvision.models import get_model
 
     hub = cfg.pretrained and not cfg.weights
-    if cfg.name.startswith("tf_efficientdet_"):
+    if cfg.name.startswith(EFFICIENTDET):
         from training.efficientdet import EfficientDetector
 
         model = EfficientDetector(cfg.name, classes, image_size, hub, cfg.options)
@@ -291,7 +292,7 @@ def save_detector(model: nn.Module, folder: Path, cfg: ModelConfig, classes: lis
             "end2end": True, "letterbox": False, "author": "tessera"}  # fmt: skip
     with warnings.catch_warnings():  # torch 2.10+ calls TorchScript deprecated; the ingest side reads it
         warnings.simplefilter("ignore", FutureWarning)
-        if cfg.name.startswith("tf_efficientdet_"):
+        if cfg.name.startswith(EFFICIENTDET):
             from training.efficientdet import EfficientDetLayout
 
             scripted = torch.jit.script(EfficientDetLayout(model, MEAN, STD))
