@@ -106,16 +106,21 @@ def test_every_augmentation_runs_on_the_gpu(tmp_path, recipe, frames):
         assert torch.isfinite(x).all() and len(labels) == 4
 
 
-@pytest.mark.parametrize("name", sorted(p.stem for p in RECIPES.glob("*.yaml")))
-def test_every_recipe_trains_and_evaluates_on_the_gpu_in_bf16(name, tmp_path, cuda):
-    """Each bundled recipe's network (paper 002's ViViT over slice sequences too) under bf16 autocast, fed by the GPU
-    pipeline with its recipe's augmentations: two optimiser steps and a validation pass, as
-    ``tests/unit/test_recipes_train.py`` runs them on the CPU."""
+EFFICIENTDET = ("model.name=tf_efficientdet_d0", "data.image_size=128")  # paper 004's third detector (effdet)
+
+
+@pytest.mark.parametrize(
+    ("name", "extra"), [*((p.stem, ()) for p in sorted(RECIPES.glob("*.yaml"))), ("brain_tumor_detect", EFFICIENTDET)]
+)
+def test_every_recipe_trains_and_evaluates_on_the_gpu_in_bf16(name, extra, tmp_path, cuda):
+    """Each bundled recipe's network (paper 002's ViViT over slice sequences too; an EfficientDet as the detector
+    too) under bf16 autocast, fed by the GPU pipeline with its recipe's augmentations: two optimiser steps and a
+    validation pass, as ``tests/unit/test_recipes_train.py`` runs them on the CPU."""
     pytest.importorskip("nvidia.dali")
     from tests.datasets import small_recipe
     from training.loop import Trainer
 
-    recipe = small_recipe(name, tmp_path)
+    recipe = small_recipe(name, tmp_path, *extra)
     trainer = Trainer({"recipe": recipe.model_dump()}, rank=0, world=1)
     assert trainer.device == cuda and trainer.engine.torch_autocast_enabled()
     reports = []
