@@ -159,7 +159,9 @@ def test_the_export_finds_in_ingest_what_the_trained_model_finds(tmp_path, name,
     assert got == wanted and len(got) > 10
 
 
-def test_a_run_exports_its_detector_and_the_held_out_step_measures_the_export(tmp_path, process_group):
+@pytest.mark.parametrize("extra", [(), ("model.name=tf_efficientdet_d0", "data.image_size=128")])
+def test_a_run_exports_its_detector_and_the_held_out_step_measures_the_export(tmp_path, process_group, extra):
+    """FCOS's export is scripted whole; EfficientDet's network traced and its decoding scripted around it."""
     from mlflow import MlflowClient
 
     from training.evaluation import held_out_outcome, held_out_plan, held_out_step
@@ -167,7 +169,7 @@ def test_a_run_exports_its_detector_and_the_held_out_step_measures_the_export(tm
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(uri)
     run_id = client.create_run(client.create_experiment("detect", str(tmp_path / "artifacts"))).info.run_id
-    recipe = _recipe(tmp_path)
+    recipe = _recipe(tmp_path, *extra)
     make_dataset(recipe.data.dataset, {"train": 4, "val": 4, "test": 4}, classes=3, size=64, boxes=True)
     plan = held_out_plan(recipe)
     config = {"recipe": recipe.model_dump(), "mlflow_uri": uri, "run_id": run_id, "held_out": plan}
