@@ -31,6 +31,7 @@ from training.config import ModelConfig, RecipeError, TrainRecipe
 LESION = "lesion"  # the one class of a detector of ``data.box_classes: lesion``
 FAMILIES = ("fasterrcnn_", "retinanet_", "fcos_")  # torchvision's detectors whose input size a recipe sets
 EFFICIENTDET = "tf_efficientdet_"  # effdet's (training.efficientdet)
+SCRIPTED_NOTE = r".*always returns a \(Losses, Detections\) tuple in scripting"  # as ingest.detector's
 MEAN = tuple(v / 255 for v in IMAGENET_MEAN)  # the loaders' normalisation, for images in [0, 1]
 STD = tuple(v / 255 for v in IMAGENET_STD)
 MATCH_IOU = 0.5  # a found box is a hit where it overlaps an unmatched true box of its class by this much
@@ -171,7 +172,7 @@ def predict_export(scripted, batches, recipe: TrainRecipe, device) -> dict[str, 
 
     def found(x) -> list[dict[str, torch.Tensor]]:
         with warnings.catch_warnings():  # a scripted torchvision detector notes its (losses, detections) each call
-            warnings.simplefilter("ignore", UserWarning)
+            warnings.filterwarnings("ignore", message=SCRIPTED_NOTE)
             rows = [scripted((image * std + mean)[None])[0] for image in torch.as_tensor(x, device=device)]
         return [{"boxes": r[:, :4], "scores": r[:, 4], "labels": r[:, 5].long()} for r in rows]
 

@@ -86,7 +86,7 @@ def markdown(a: Group, b: Group, results: list[Comparison], alpha: float) -> str
     lines = [
         f"# {a.label} (A) vs {b.label} (B)",
         "",
-        f"A: {len(a.runs)} runs ({a.source}); B: {len(b.runs)} runs ({b.source}); alpha = {alpha}.",
+        f"A: {len(a.runs)} runs ({a.source}); B: {len(b.runs)} runs ({b.source}); alpha = {alpha:.4g}.",
         "",
         "Procedure (paper 002): Shapiro-Wilk per group; Levene picks Student's or Welch's t; the verdict uses the",
         "t-test when both groups look normal, Mann-Whitney U otherwise; Cohen's d with the t-test's power.",

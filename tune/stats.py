@@ -126,9 +126,9 @@ def compare(a: list[float], b: list[float], metric: str = "metric", alpha: float
         significant = False
     elif significant:
         higher = "A" if sa.mean > sb.mean else "B"
-        verdict = f"{metric}: significant difference ({decided_by}, p = {p:.4g} < {alpha}); {higher} is higher"
+        verdict = f"{metric}: significant difference ({decided_by}, p = {p:.4g} < {alpha:.4g}); {higher} is higher"
     else:
-        verdict = f"{metric}: no significant difference ({decided_by}, p = {p:.4g} >= {alpha})"
+        verdict = f"{metric}: no significant difference ({decided_by}, p = {p:.4g} >= {alpha:.4g})"
     return Comparison(
         metric=metric, a=sa, b=sb, alpha=alpha, levene_w=lev_w, levene_p=lev_p, equal_var=equal_var,
         t_test=t_name, t_stat=float(t.statistic), t_p=float(t.pvalue), t_df=float(t.df), mwu_u=float(mwu.statistic),

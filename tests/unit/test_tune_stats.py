@@ -53,6 +53,9 @@ def test_unequal_variances_use_welch_and_non_normal_groups_are_decided_by_mann_w
     assert abs(c.t_stat - t) < 1e-9 and abs(c.t_df - df) < 1e-9
     assert abs(c.t_p - 2 * stats.t.sf(abs(t), df)) < 1e-9
     assert c.significant == (c.mwu_p < 0.05)
+    # a pair of a three-group study: alpha / 3 (Bonferroni), said in four figures
+    said = compare(SKEWED, CONVNEXT, "precision", alpha=0.05 / 3).verdict
+    assert said == f"precision: no significant difference (Mann-Whitney U, p = {c.mwu_p:.4g} >= 0.01667)"
 
 
 def test_zero_variance_group():
