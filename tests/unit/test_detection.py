@@ -244,3 +244,15 @@ def test_an_efficientdet_takes_effdets_own_checkpoint_of_other_classes(tmp_path)
     mine, theirs = detection.build_detector(local, 1, 128).model.state_dict(), coco.state_dict()
     differ = {k.rsplit(".", 1)[0] for k, v in mine.items() if not torch.equal(v, theirs[k])}
     assert differ == {"class_net.predict.conv_pw"}
+
+
+def test_effdets_targets_are_y_first_and_padded_with_a_class_it_skips():
+    from training.efficientdet import padded
+
+    t = [{"boxes": torch.tensor([[1.0, 2.0, 3.0, 4.0], [5.0, 6.0, 7.0, 8.0]]), "labels": torch.tensor([1, 2])},
+         {"boxes": torch.zeros((0, 4)), "labels": torch.zeros(0, dtype=torch.long)}]  # fmt: skip
+    boxes, cls = padded(t)
+    assert boxes.tolist() == [[[2, 1, 4, 3], [6, 5, 8, 7]], [[0, 0, 0, 0], [0, 0, 0, 0]]]
+    assert cls.tolist() == [[1, 2], [-1, -1]]
+    empty = padded(t[1:])  # a batch of negatives: one padded slot, as effdet's labeler needs
+    assert empty[0].shape == (1, 1, 4) and empty[1].tolist() == [[-1]]
