@@ -23,11 +23,18 @@ def add_tune_parser(sub) -> None:
 
 
 def add_compare_parser(sub) -> None:
-    cp = sub.add_parser("compare", help="compare two run groups (sweep/replicates names or MLflow filters)")
-    cp.add_argument("a", help="group A: a sweep or replicates name, a parent run id, or a filter (tags.x = 'y')")
-    cp.add_argument("b", help="group B, as A")
+    cp = sub.add_parser("compare", help="compare run groups (sweep/replicates names or MLflow filters), each pair")
+    cp.add_argument(
+        "groups",
+        nargs="+",
+        metavar="GROUP",
+        help="two or more: a sweep or replicates name, a parent run id, or a filter (tags.x = 'y'); each is "
+        "compared with each later one (A the earlier)",
+    )
     cp.add_argument("--metrics", required=True, help="comma-separated metric names, e.g. val_patient_accuracy")
-    cp.add_argument("--alpha", type=float, default=0.05, help="significance level (default: 0.05)")
+    cp.add_argument(
+        "--alpha", type=float, default=0.05, help="significance level, shared among the pairs (default: 0.05)"
+    )
     cp.add_argument(
         "--level",
         default="patient",
@@ -80,22 +87,25 @@ def cmd_tune(args) -> int:
         failed = f"{outcome.errors} failed ({again})" if outcome.errors else "none failed"
         print(f"sweep {outcome.name}: {outcome.trials} trials, {failed}; MLflow {outcome.parent_url}")
         print(f"best: {outcome.best_params} -> {outcome.best_metric} (run {outcome.best_run_id})")
-    if study:  # every group ran
-        _compare_groups(s, study, names)
+    if study:  # every group ran (their sweeps' names in the file's order): each compared with each
+        return _compare_all(s, names, study.compare.metrics, study.compare.alpha, "patient")
     return 0
 
 
-def _compare_groups(s, study, names: list[str]) -> None:
-    """Each of ``study``'s groups (their sweeps ``names``, in the file's order) compared with each other one."""
-    named, pairs, alpha = dict(zip(study.groups, names, strict=True)), study.pairs(), study.pair_alpha()
+def _compare_all(s, groups: list[str], metrics: list[str], alpha: float, level: str) -> int:
+    """Each of ``groups`` compared with each other one, at ``alpha`` shared among the pairs (Bonferroni)."""
+    from tune.config import pairwise
+
+    pairs, each = pairwise(groups, alpha)
     if len(pairs) > 1:
-        print(f"{len(study.groups)} groups, {len(pairs)} comparisons: each at alpha {study.compare.alpha} / "
-              f"{len(pairs)} = {alpha:.4g} (Bonferroni)")  # fmt: skip
+        print(f"{len(groups)} groups, {len(pairs)} comparisons: each at alpha {alpha} / {len(pairs)} = {each:.4g} "
+              "(Bonferroni)")  # fmt: skip
     for a, b in pairs:
-        _compare(s, named[a], named[b], study.compare.metrics, alpha, "patient")
+        _compare(s, a, b, metrics, each, level)
+    return 0
 
 
-def _compare(s, a: str, b: str, metrics: list[str], alpha: float, level: str) -> int:
+def _compare(s, a: str, b: str, metrics: list[str], alpha: float, level: str) -> None:
     from tune.compare import run_compare
 
     _, report, run_id = run_compare(s.mlflow_url, a, b, metrics, alpha, level)
@@ -103,14 +113,15 @@ def _compare(s, a: str, b: str, metrics: list[str], alpha: float, level: str) ->
     from training import tracking
 
     print(f"comparison logged: {tracking.run_url_of(s.mlflow_url, run_id)}")
-    return 0
 
 
 def cmd_compare(args) -> int:
     from cluster import health
     from cluster.cli import _settings
 
+    if len(args.groups) < 2:  # before anything connects
+        raise TesseraError(f"compare needs at least two groups, got {len(args.groups)}: {args.groups[0]}")
     s = _settings()
     s.apply()
     health.require(s, "mlflow")
-    return _compare(s, args.a, args.b, args.metrics.split(","), args.alpha, args.level)
+    return _compare_all(s, args.groups, args.metrics.split(","), args.alpha, args.level)

@@ -22,7 +22,7 @@ with warnings.catch_warnings():  # effdet scripts its decoding as it is imported
     from effdet.config.model_config import efficientdet_model_param_dict
     from effdet.loss import DetectionLoss
 
-PREFIX = "tf_efficientdet_"  # effdet's names of the paper's family (TensorFlow-ported, BatchNorm as the paper's)
+PREFIX = "tf_efficientdet_"  # effdet's ports of the EfficientDet authors' own models (Google's TensorFlow AutoML)
 MIN_SCORE = 0.05  # the floor the torchvision detectors are built with (training.detection.build_detector)
 
 

@@ -203,15 +203,6 @@ class StudyConfig(Strict):
     replicates: ReplicateConfig
     compare: CompareConfig
 
-    def pairs(self) -> list[tuple[str, str]]:
-        """The groups compared: each with each, in the file's order (A the earlier)."""
-        return list(itertools.combinations(self.groups, 2))
-
-    def pair_alpha(self) -> float:
-        """Each pair's significance level: ``compare.alpha`` over the number of pairs (Bonferroni), so that the
-        chance of a difference found where there is none, in any of the pairs, stays under ``compare.alpha``."""
-        return self.compare.alpha / len(self.pairs())
-
     def check_compared(self) -> None:
         """Each compared metric is one every group's runs log, on their datasets (read here), before any replicate
         trains: a misspelt one otherwise fails the comparison after every replicate has run."""
@@ -234,6 +225,16 @@ class StudyConfig(Strict):
             )
             for label, g in self.groups.items()
         }
+
+
+def pairwise(groups: list[str], alpha: float) -> tuple[list[tuple[str, str]], float]:
+    """Each of ``groups`` with each later one (A the earlier), and each pair's significance level: ``alpha`` over
+    the number of pairs (Bonferroni), so that the chance of a difference found where there is none, in any of the
+    pairs, stays under ``alpha``. Two groups: one pair at ``alpha``."""
+    pairs = list(itertools.combinations(groups, 2))
+    if not pairs:
+        raise ValueError(f"a comparison needs at least two groups, got {len(groups)}")
+    return pairs, alpha / len(pairs)
 
 
 def load_plan(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) -> SweepConfig | StudyConfig:

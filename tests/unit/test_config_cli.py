@@ -179,6 +179,14 @@ def test_train_and_tune_help_list_the_bundled_plans(capsys):
         assert names and ", ".join(names) in " ".join(shown.split())
 
 
+def test_compare_takes_two_or_more_groups_and_refuses_one_before_connecting(capsys):
+    args = build_parser().parse_args(["compare", "a", "b", "c", "--metrics", "val_loss", "--alpha", "0.01"])
+    assert args.groups == ["a", "b", "c"] and args.alpha == 0.01  # three groups: three pairs at 0.01 / 3
+    assert main(["compare", "only-one", "--metrics", "val_loss"]) == 1
+    err = capsys.readouterr().err
+    assert "compare needs at least two groups, got 1: only-one" in err and "Traceback" not in err
+
+
 def test_bad_recipe_field_fails_without_traceback(capsys):
     assert main(["train", "demo_tiles", "optim.momentum=3", "--dry-run"]) == 1
     err = capsys.readouterr().err

@@ -10,7 +10,7 @@ from scipy import stats
 from statsmodels.stats.power import TTestIndPower
 
 from training.config import RecipeError
-from tune.config import ReplicateConfig, SweepConfig, load_plan, replicate_sweep
+from tune.config import ReplicateConfig, SweepConfig, load_plan, pairwise, replicate_sweep
 from tune.stats import cohens_d, compare, summarise
 
 # ten replicate accuracies per model (paper 002's scale: two models, 10 runs each)
@@ -99,8 +99,10 @@ def test_bundled_sweeps_load_and_check_their_space():
     ]
     assert {g.objective() for g in detectors.values()} == {("val_map50", "max")}
     pairs = [("retinanet", "faster_rcnn"), ("retinanet", "efficientdet"), ("faster_rcnn", "efficientdet")]
-    assert table3.pairs() == pairs and table3.pair_alpha() == pytest.approx(0.05 / 3)  # Bonferroni over the pairs
-    assert study.pairs() == [("vivit", "convnext")] and study.pair_alpha() == 0.05  # two groups: alpha as it is
+    assert pairwise(list(table3.groups), 0.05) == (pairs, pytest.approx(0.05 / 3))  # Bonferroni over the pairs
+    assert pairwise(list(study.groups), 0.05) == ([("vivit", "convnext")], 0.05)  # two groups: alpha as it is
+    with pytest.raises(ValueError, match=r"at least two groups, got 1"):
+        pairwise(["vivit"], 0.05)
 
 
 def test_sweep_validation_names_the_problem():
