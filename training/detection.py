@@ -30,7 +30,8 @@ from training.config import ModelConfig, RecipeError, TrainRecipe
 
 LESION = "lesion"  # the one class of a detector of ``data.box_classes: lesion``
 FAMILIES = ("fasterrcnn_", "retinanet_", "fcos_")  # torchvision's detectors whose input size a recipe sets
-EFFICIENTDET = "tf_efficientdet_"  # effdet's (training.efficientdet)
+EFFICIENTDET = "tf_efficientdet_"  # effdet's ports of the EfficientDet authors' models (training.efficientdet)
+SCORE_FLOOR = 0.05  # boxes scoring less are dropped: COCO's evaluation floor (FCOS's own is 0.2)
 SCRIPTED_NOTE = r".*always returns a \(Losses, Detections\) tuple in scripting"  # as ingest.detector's
 MEAN = tuple(v / 255 for v in IMAGENET_MEAN)  # the loaders' normalisation, for images in [0, 1]
 STD = tuple(v / 255 for v in IMAGENET_STD)
@@ -85,8 +86,8 @@ def build_detector(cfg: ModelConfig, classes: int, image_size: int) -> nn.Module
             state = torch.load(cfg.weights, map_location="cpu", weights_only=True)
             load_matching(model.model, {k.removeprefix("model."): v for k, v in state.items()}, cfg.weights)
         return model
-    # boxes down to 0.05 (COCO's evaluation floor; FCOS's own is 0.2): mAP ranks them, ingest's confidence cuts them
-    floor = {"box_score_thresh" if cfg.name.startswith("fasterrcnn_") else "score_thresh": 0.05}
+    # boxes down to the floor: mAP ranks them, ingest's confidence cuts them
+    floor = {"box_score_thresh" if cfg.name.startswith("fasterrcnn_") else "score_thresh": SCORE_FLOOR}
     model = get_model(
         cfg.name, weights=None, weights_backbone="DEFAULT" if hub else None,
         num_classes=classes + background_slot(cfg.name), min_size=image_size, max_size=image_size,

@@ -14,6 +14,8 @@ import warnings
 import torch
 from torch import nn
 
+from training.detection import EFFICIENTDET, SCORE_FLOOR  # which imports this module only where it is called
+
 with warnings.catch_warnings():  # effdet scripts its decoding as it is imported; torch 2.10+ calls that deprecated
     warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
     from effdet import EfficientDet, get_efficientdet_config
@@ -22,13 +24,10 @@ with warnings.catch_warnings():  # effdet scripts its decoding as it is imported
     from effdet.config.model_config import efficientdet_model_param_dict
     from effdet.loss import DetectionLoss
 
-PREFIX = "tf_efficientdet_"  # effdet's ports of the EfficientDet authors' own models (Google's TensorFlow AutoML)
-MIN_SCORE = 0.05  # the floor the torchvision detectors are built with (training.detection.build_detector)
-
 
 def names() -> list[str]:
     """The EfficientDet configurations effdet builds (``tf_efficientdet_d0`` ... ``d7``, the lite ones...)."""
-    return sorted(n for n in efficientdet_model_param_dict if n.startswith(PREFIX))
+    return sorted(n for n in efficientdet_model_param_dict if n.startswith(EFFICIENTDET))
 
 
 class EfficientDetector(nn.Module):
@@ -59,28 +58,26 @@ class EfficientDetector(nn.Module):
             total, class_loss, _ = self.loss(class_out, box_out, cls_t, box_t, positives)
             # the total weighs the box loss (box_loss_weight, 50): the two add up to what is optimised
             return {"classification": class_loss, "bbox_regression": total - class_loss}
+        c = self.config
+        found = decoded(x, class_out, box_out, self.anchors.boxes, c.num_levels, c.num_classes,
+                        c.max_detection_points, c.max_det_per_image, c.soft_nms)  # fmt: skip
         return [
             {"boxes": d[:, :4], "scores": d[:, 4], "labels": d[:, 5].long()}
-            for d in (row[row[:, 4] >= MIN_SCORE] for row in self.detections(x, class_out, box_out))
+            for d in (row[row[:, 4] >= SCORE_FLOOR] for row in found)
         ]
 
-    def detections(self, x: torch.Tensor, class_out, box_out) -> torch.Tensor:
-        """``[B, max_det_per_image, 6]`` (corners in input pixels, score, class from 1; zeros past the last)."""
-        c, n = self.config, x.shape[0]
-        class_out, box_out, indices, classes = _post_process(
-            class_out, box_out, c.num_levels, c.num_classes, c.max_detection_points
-        )
-        scale, size = inside(x)  # clipped to the image, as torchvision's detectors clip theirs
-        return _batch_detection(
-            n, class_out, box_out, self.anchors.boxes, indices, classes, scale, size, c.max_det_per_image, c.soft_nms
-        )
 
-
-def inside(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """effdet's ``img_scale`` and ``img_size`` of a batch ``x`` of square images taken as they are: its boxes are
-    clipped to them."""
+def decoded(
+    x: torch.Tensor, class_out: list[torch.Tensor], box_out: list[torch.Tensor], anchors: torch.Tensor,
+    levels: int, classes: int, points: int, most: int, soft: bool,
+) -> torch.Tensor:  # fmt: skip
+    """The boxes of a batch ``x`` from its network's outputs, ``[B, most, 6]`` (corners in input pixels clipped to
+    the square image, as torchvision's detectors clip theirs; score; class from 1; zeros past the last): effdet's
+    top ``points`` over anchors and classes, decoded and suppressed. Scripted in the export too."""
+    class_out, box_out, indices, found = _post_process(class_out, box_out, levels, classes, points)
     n, side = x.shape[0], float(x.shape[-1])
-    return torch.ones(n, device=x.device), torch.full((n, 2), side, device=x.device)
+    scale, size = torch.ones(n, device=x.device), torch.full((n, 2), side, device=x.device)
+    return _batch_detection(n, class_out, box_out, anchors, indices, found, scale, size, most, soft)
 
 
 def padded(targets: list[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -113,14 +110,11 @@ class EfficientDetLayout(nn.Module):
         self.register_buffer("std", torch.tensor(std).view(3, 1, 1))
         c = detector.config
         self.levels, self.classes, self.points = c.num_levels, c.num_classes, c.max_detection_points
-        self.most, self.soft, self.floor = c.max_det_per_image, c.soft_nms, MIN_SCORE
+        self.most, self.soft, self.floor = c.max_det_per_image, c.soft_nms, SCORE_FLOOR
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         class_out, box_out = self.net(((x[0] - self.mean) / self.std)[None])
-        class_out, box_out, indices, classes = _post_process(class_out, box_out, self.levels, self.classes, self.points)
-        scale, size = inside(x)
-        found = _batch_detection(1, class_out, box_out, self.anchors, indices, classes, scale, size, self.most,
-                                 self.soft)  # fmt: skip
-        d = found[0]
+        d = decoded(x, class_out, box_out, self.anchors, self.levels, self.classes, self.points, self.most,
+                    self.soft)[0]  # fmt: skip
         d = d[d[:, 4] >= self.floor]
         return torch.cat([d[:, :5], d[:, 5:] - 1], 1)[None]
