@@ -118,9 +118,9 @@ def _compare(s, a: str, b: str, metrics: list[str], alpha: float, level: str) ->
 def cmd_compare(args) -> int:
     from cluster import health
     from cluster.cli import _settings
+    from tune.config import pairwise
 
-    if len(args.groups) < 2:  # before anything connects
-        raise TesseraError(f"compare needs at least two groups, got {len(args.groups)}: {args.groups[0]}")
+    pairwise(args.groups, args.alpha)  # one group is refused here, before anything connects
     s = _settings()
     s.apply()
     health.require(s, "mlflow")

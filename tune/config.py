@@ -233,7 +233,7 @@ def pairwise(groups: list[str], alpha: float) -> tuple[list[tuple[str, str]], fl
     pairs, stays under ``alpha``. Two groups: one pair at ``alpha``."""
     pairs = list(itertools.combinations(groups, 2))
     if not pairs:
-        raise ValueError(f"a comparison needs at least two groups, got {len(groups)}")
+        raise ValueError(f"compare needs at least two groups, got {len(groups)}: {', '.join(groups)}")
     return pairs, alpha / len(pairs)
 
 
