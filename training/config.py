@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from shards.storage import anchored, anchored_if_local
 
 RECIPES = Path(__file__).parent / "recipes"
+EFFICIENTDET = "tf_efficientdet_"  # effdet's ports of the EfficientDet authors' models (training.efficientdet)
 
 Range = tuple[float, float]
 
@@ -253,7 +254,7 @@ class TrainRecipe(Strict):
                              "val_f1 or val_recall (mode max)")  # fmt: skip
         if self.data.sampler == "balanced" or self.data.class_weights != "none" or self.model.heads:
             raise ValueError("task detect: no balanced sampler, class weights or heads (the detector's own losses)")
-        if self.model.name.startswith("tf_efficientdet_") and self.data.image_size % 128:
+        if self.model.name.startswith(EFFICIENTDET) and self.data.image_size % 128:
             raise ValueError(f"data.image_size: an EfficientDet takes a multiple of 128 px (its coarsest level's "
                              f"stride), not {self.data.image_size}")  # fmt: skip
 

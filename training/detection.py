@@ -26,11 +26,10 @@ from torch import nn
 from shards.dali import IMAGENET_MEAN, IMAGENET_STD
 from training.box_augment import moved
 from training.collective import raise_any, said
-from training.config import ModelConfig, RecipeError, TrainRecipe
+from training.config import EFFICIENTDET, ModelConfig, RecipeError, TrainRecipe
 
 LESION = "lesion"  # the one class of a detector of ``data.box_classes: lesion``
 FAMILIES = ("fasterrcnn_", "retinanet_", "fcos_")  # torchvision's detectors whose input size a recipe sets
-EFFICIENTDET = "tf_efficientdet_"  # effdet's ports of the EfficientDet authors' models (training.efficientdet)
 SCORE_FLOOR = 0.05  # boxes scoring less are dropped: COCO's evaluation floor (FCOS's own is 0.2)
 SCRIPTED_NOTE = r".*always returns a \(Losses, Detections\) tuple in scripting"  # as ingest.detector's
 MEAN = tuple(v / 255 for v in IMAGENET_MEAN)  # the loaders' normalisation, for images in [0, 1]

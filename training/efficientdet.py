@@ -14,7 +14,8 @@ import warnings
 import torch
 from torch import nn
 
-from training.detection import EFFICIENTDET, SCORE_FLOOR  # which imports this module only where it is called
+from training.config import EFFICIENTDET
+from training.detection import SCORE_FLOOR  # which imports this module only where it is called
 
 with warnings.catch_warnings():  # effdet scripts its decoding as it is imported; torch 2.10+ calls that deprecated
     warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
