@@ -20,8 +20,8 @@ demo: $(STAMP)
 	$(VENV)/bin/tessera demo
 
 # The two tiers side by side: the integration tier leaves the CPUs idle about a quarter of its time (its services,
-# Ray's processes starting), which the unit tier fills (a clean clone on 2 cores: 25-28 min, against 30-35 one after the
-# other). Each tier's output is printed whole when it ends; each keeps its own target to run alone.
+# Ray's processes starting), which the unit tier fills (a clean clone on 2 cores: 25-28 min, against 30-35 one after
+# the other). Each tier's output is printed whole when it ends; each keeps its own target to run alone.
 test: $(STAMP)
 	$(MAKE) --no-print-directory -j2 --output-sync=target unit integration
 
