@@ -14,7 +14,7 @@ import numpy as np
 
 from ingest import progress
 from ingest.series import order_slices
-from ingest.windowing import DEFAULT_WINDOWS, grey, padding_mask, windowed
+from ingest.windowing import DEFAULT_WINDOWS, grey, padding_mask, unwrap_12bit, windowed, wrapped_12bit
 from shards import storage, transfers
 from shards.local_files import local_copy
 
@@ -43,6 +43,7 @@ class SliceHeader:
     burned_in: bool = False
     # a frame's (slope, intercept) to HU (its functional groups', else the file's): multi-frame CT and enhanced images
     rescale: tuple[float, float] | None = None
+    wrapped: bool = False  # 12-bit values wrapped under an unsigned header (RSNA's fault), read as signed
 
     @property
     def instance_name(self) -> str:
@@ -64,6 +65,9 @@ class Series:
     slices: list[SliceHeader]
     warnings: list[str] = field(default_factory=list)
     copies: list[str] = field(default_factory=list)
+
+
+WRAPPED = "12-bit values stored wrapped under an unsigned header (RSNA's known fault), read as signed"
 
 
 def _first_of_each_instance(items: list[SliceHeader]) -> tuple[list[SliceHeader], list[str]]:
@@ -223,13 +227,20 @@ def read_headers(path: str | Path | BinaryIO, name: str | None = None) -> tuple[
     instance = int(inst) if inst not in (None, "") else None
     ipp, iop = _floats(ds.get("ImagePositionPatient")), _floats(ds.get("ImageOrientationPatient"))
     enhanced = "PerFrameFunctionalGroupsSequence" in ds or "SharedFunctionalGroupsSequence" in ds
+
+    def wrapped(frame: int | None) -> bool:
+        return modality == "CT" and stored_wrapped(ds, rescale(ds, frame)[1])
+
     if frames == 1 and not enhanced:
-        return [SliceHeader(**base, position=ipp, orientation=iop, instance=instance)], None
+        return [SliceHeader(**base, position=ipp, orientation=iop, instance=instance, wrapped=wrapped(None))], None
     positions, orientation = _frame_geometry(ds, frames)
     orientation = orientation or iop
     if frames == 1:  # an enhanced image of one frame (a series of such files): a slice, its geometry in its groups
         position, hu = positions[0] or ipp, rescale(ds, 0)
-        return [SliceHeader(**base, position=position, orientation=orientation, instance=instance, rescale=hu)], None
+        one = SliceHeader(
+            **base, position=position, orientation=orientation, instance=instance, rescale=hu, wrapped=wrapped(0)
+        )
+        return [one], None
     return [
         SliceHeader(
             **base,
@@ -238,6 +249,7 @@ def read_headers(path: str | Path | BinaryIO, name: str | None = None) -> tuple[
             instance=i + 1,
             frame=i,
             rescale=rescale(ds, i) if enhanced or modality == "CT" else None,
+            wrapped=wrapped(i),
         )
         for i in range(frames)
     ], None
@@ -261,6 +273,8 @@ def group_series(headers: Iterable[SliceHeader]) -> list[Series]:
             h.orientation is not None and not np.allclose(h.orientation, orient, atol=1e-3) for h in items
         ):
             warnings.append("mixed slice orientations in one series")
+        if any(h.wrapped for h in items):
+            warnings.append(WRAPPED)
         ordered = [items[i] for i in order]
         out.append(Series(items[0].patient_id, study, series, items[0].modality, ordered, warnings, copies))
     return out
@@ -296,12 +310,19 @@ def rescale(ds, frame: int | None = None) -> tuple[float, float]:
     return float(source.get("RescaleSlope", 1) or 1), float(source.get("RescaleIntercept", 0) or 0)
 
 
+def stored_wrapped(ds, intercept: float) -> bool:
+    """Whether the CT image ``ds``, read with ``intercept``, holds 12-bit values wrapped under an unsigned header
+    (:func:`~ingest.windowing.wrapped_12bit`)."""
+    signed = int(ds.get("PixelRepresentation", 0) or 0) == 1
+    return wrapped_12bit(int(ds.get("BitsStored", 0) or 0), signed, intercept)
+
+
 def render(
     ds, pixels: np.ndarray, windows: tuple[str, ...] = DEFAULT_WINDOWS, hu: tuple[float, float] | None = None
 ) -> np.ndarray:
-    """One frame as ``uint8[H, W, 3]``: CT as stacked HU windows, colour as is, other grey percentile-normalised.
-    ``hu``: the frame's ``(slope, intercept)`` where the caller has it (:attr:`SliceHeader.rescale`), else
-    :func:`rescale` of ``ds``."""
+    """One frame as ``uint8[H, W, 3]``: CT as stacked HU windows (RSNA's wrapped 12-bit values read as the signed
+    ones they are), colour as is, other grey percentile-normalised. ``hu``: the frame's ``(slope, intercept)``
+    where the caller has it (:attr:`SliceHeader.rescale`), else :func:`rescale` of ``ds``."""
     if pixels.ndim == 3:  # colour (pydicom returns RGB, converting YBR)
         return np.ascontiguousarray(pixels[:, :, :3]).astype(np.uint8, copy=False)
     if str(ds.get("Modality", "")) == "CT":
@@ -309,6 +330,8 @@ def render(
         pad_limit = ds.get("PixelPaddingRangeLimit")
         padding = padding_mask(pixels, pad_value, pad_limit)
         slope, intercept = hu or rescale(ds)
+        if stored_wrapped(ds, intercept):  # the padding value is a stored one: its mask above, before this
+            pixels = unwrap_12bit(pixels)
         return windowed(pixels, slope, intercept, tuple(windows), padding)
     g = grey(pixels, invert=str(ds.get("PhotometricInterpretation", "")) == "MONOCHROME1")
     return np.repeat(g[:, :, None], 3, axis=2)

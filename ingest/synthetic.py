@@ -174,8 +174,12 @@ def ct_volume(slices: int, size: int, bleed: bool, rng: np.random.Generator) -> 
     return np.rint(hu + 1024).astype(np.int16)
 
 
-def ct_slice_dataset(pixels: np.ndarray, patient: SyntheticPatient, study: str, series: str, k: int, thickness=5.0):
-    """One CT slice (stored values ``int16[H, W]``, HU = stored - 1024) with identifying headers, as a user has."""
+def ct_slice_dataset(
+    pixels: np.ndarray, patient: SyntheticPatient, study: str, series: str, k: int, thickness=5.0, wrapped=False
+):
+    """One CT slice (stored values ``int16[H, W]``, HU = stored - 1024) with identifying headers, as a user has.
+    ``wrapped``: its HU as RSNA's faulty slices hold them, 12-bit two's complement under an unsigned header with
+    intercept 0 (:func:`ingest.windowing.wrapped_12bit`)."""
     import pydicom
     from pydicom.dataset import FileMetaDataset
     from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
@@ -199,6 +203,9 @@ def ct_slice_dataset(pixels: np.ndarray, patient: SyntheticPatient, study: str, 
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
     ds.RescaleIntercept, ds.RescaleSlope = -1024, 1
     ds.PixelData = pixels.astype(np.int16).tobytes()
+    if wrapped:
+        ds.BitsStored, ds.HighBit, ds.PixelRepresentation, ds.RescaleIntercept = 12, 11, 0, 0
+        ds.PixelData = ((pixels.astype(np.int32) - 1024) & 0xFFF).astype(np.uint16).tobytes()
     return ds
 
 
@@ -231,8 +238,11 @@ def enhanced_ct_dataset(volume: np.ndarray, patient: SyntheticPatient, study: st
     return ds
 
 
-def write_ct_series(root: Path, patient: SyntheticPatient, slices: int, size: int, bleed: bool, seed: int) -> None:
-    """A CT series as single-frame DICOM files with random names, shuffled, in a nested folder."""
+def write_ct_series(
+    root: Path, patient: SyntheticPatient, slices: int, size: int, bleed: bool, seed: int, wrapped: bool = False
+) -> None:
+    """A CT series as single-frame DICOM files with random names, shuffled, in a nested folder (``wrapped``: as
+    RSNA's faulty slices, :func:`ct_slice_dataset`)."""
     from pydicom.uid import generate_uid
 
     rng = np.random.default_rng(seed)
@@ -241,16 +251,17 @@ def write_ct_series(root: Path, patient: SyntheticPatient, slices: int, size: in
     folder = root / uuid.UUID(int=int(rng.integers(1 << 62))).hex[:8] / "series"
     folder.mkdir(parents=True, exist_ok=True)
     for k in rng.permutation(slices):
-        ds = ct_slice_dataset(vol[k], patient, study, series, int(k))
+        ds = ct_slice_dataset(vol[k], patient, study, series, int(k), wrapped=wrapped)
         ds.save_as(folder / f"{uuid.UUID(int=int(rng.integers(1 << 62))).hex}.dcm", enforce_file_format=True)
 
 
-def make_ct_series(root: Path, n: int = 2, slices: int = 12, size: int = 64, seed: int = 0):
-    """``n`` CT series (alternating bleed / no bleed), a ``patient,label`` CSV; returns (patients, csv)."""
+def make_ct_series(root: Path, n: int = 2, slices: int = 12, size: int = 64, seed: int = 0, wrapped: bool = False):
+    """``n`` CT series (alternating bleed / no bleed), a ``patient,label`` CSV; returns (patients, csv).
+    ``wrapped``: stored as RSNA's faulty slices (:func:`ct_slice_dataset`), the same HU."""
     root.mkdir(parents=True, exist_ok=True)
     patients = [SyntheticPatient(f"DOE^JANE{i}", f"MRN{12345 + i}", f"19{60 + i}0101") for i in range(n)]
     for i, p in enumerate(patients):
-        write_ct_series(root, p, slices, size, bleed=i % 2 == 0, seed=seed + i)
+        write_ct_series(root, p, slices, size, bleed=i % 2 == 0, seed=seed + i, wrapped=wrapped)
     csv_path = root.parent / f"{root.name}_labels.csv"
     with open(csv_path, "w", newline="") as f:
         f.write("patient,label\n")

@@ -53,6 +53,26 @@ def padding_mask(pixels: np.ndarray, value: float | None, range_limit: float | N
     return (pixels >= lo) & (pixels <= hi)
 
 
+# RSNA Intracranial Hemorrhage Detection's known fault (paper 003's data): some of its CT slices hold 12-bit two's
+# complement values (air, -1000 HU, stored as 3096) under a header that calls them unsigned (PixelRepresentation 0)
+# with an intercept near 0, so that air reads as +3096 HU and every window shows it as bone. No true CT header is
+# so: it leaves no stored value for air. That competition's notebooks (paper 003's reference [33], after J. Howard)
+# add 1000 and wrap at 4096, reading with intercept -1000: the same HU from -1000 to 2047. The stored values in
+# between (2048-3095), which they read as 2048-3095 HU, are below -1000 HU here (padding, noise in air), the only
+# values 12 signed bits give them.
+def wrapped_12bit(bits_stored: int, signed: bool, intercept: float) -> bool:
+    """Whether a CT header has that fault: 12 bits stored unsigned, with an intercept above -100 HU."""
+    return bits_stored == 12 and not signed and intercept > -100
+
+
+def unwrap_12bit(pixels: np.ndarray) -> np.ndarray:
+    """A :func:`wrapped_12bit` slice's stored ``pixels`` as the 12-bit two's complement values they are, ``int16``
+    (read with the header's slope and intercept): 3096 -> -1000, 2048 -> -2048, 2047 -> 2047; bits above the 12th
+    are ignored, as its BitsStored says."""
+    low = pixels.astype(np.int32) & 0xFFF
+    return ((low ^ 0x800) - 0x800).astype(np.int16)
+
+
 def windowed(
     pixels: np.ndarray,
     slope: float,

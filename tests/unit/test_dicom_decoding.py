@@ -99,6 +99,22 @@ def test_hu_windows_are_exact_and_padding_is_air(tmp_path):
     assert np.array_equal(padded[0], rgb[0])
 
 
+def test_a_slice_stored_wrapped_as_rsnas_renders_as_it_does_stored_right(tmp_path):
+    """An RSNA slice whose header calls its 12-bit two's complement values unsigned (intercept 0): its header says
+    so, and it renders as the same slice stored right, air black, where read as the header says air is bone."""
+    stored, right = _ct()
+    wrapped = ct_slice_dataset(stored, PATIENT, generate_uid(), generate_uid(), 0, wrapped=True)
+    right.save_as(tmp_path / "right.dcm", enforce_file_format=True)
+    wrapped.save_as(tmp_path / "wrapped.dcm", enforce_file_format=True)
+    assert [h.wrapped for h in read_headers(tmp_path / "right.dcm")[0]] == [False]
+    assert [h.wrapped for h in read_headers(tmp_path / "wrapped.dcm")[0]] == [True]
+    rgb = slice_rgb(str(tmp_path / "wrapped.dcm"))
+    assert np.array_equal(rgb, slice_rgb(str(tmp_path / "right.dcm")))
+    air = stored < 24  # below -1000 HU
+    raw = pydicom.dcmread(tmp_path / "wrapped.dcm").pixel_array
+    assert air.any() and (rgb[air] == 0).all() and (window_stack(to_hu(raw, 1, 0))[air] == 255).all()
+
+
 def test_monochrome1_is_inverted_so_bright_means_high_signal():
     ds = pydicom.dcmread(get_testdata_file("MR_small.dcm"))
     pixels = ds.pixel_array

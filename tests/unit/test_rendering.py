@@ -23,9 +23,9 @@ from shards.schema import to_bytes
 EXPECTED = {
     "wsi": (1, "c17ef6f5e803ee27"),
     "wsi options": (1, "c5321e0bb1710af6"),
-    "dicom": (1, "c3e92ed9e01632dd"),
-    "dicom options": (1, "7cf4cd250c7fee3f"),
-    "dicom sequences": (1, "170cc699c0b43afe"),
+    "dicom": (2, "c3e92ed9e01632dd"),
+    "dicom options": (2, "7cf4cd250c7fee3f"),
+    "dicom sequences": (2, "170cc699c0b43afe"),
     "images": (1, "88ab04718a4e68fb"),
     "images options": (1, "a8711bb52396d9c7"),
 }

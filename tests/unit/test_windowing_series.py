@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from ingest.series import order_slices, slice_normal
-from ingest.windowing import PADDING_HU, to_hu, window, window_stack, windowed
+from ingest.windowing import PADDING_HU, to_hu, unwrap_12bit, window, window_stack, windowed, wrapped_12bit
 
 
 def test_hu_and_windows_exact():
@@ -18,6 +18,22 @@ def test_hu_and_windows_exact():
     assert stack[0, 2].tolist() == [128, 76, 128]
     with pytest.raises(ValueError, match="unknown window"):
         window_stack(hu, ("lung2",))
+
+
+def test_rsnas_wrapped_12bit_values_are_read_as_the_signed_ones_they_are():
+    """RSNA's faulty CT slices: 12-bit two's complement under an unsigned header with intercept 0 (air stored as
+    3096). Read as signed, every HU comes back; the competition notebooks' +1000 mod 4096 gives the same from
+    -1000 HU up, and shows what lies below -1000 HU (padding, noise in air) as over 2047 HU, bone."""
+    hu = np.array([-2048, -1500, -1001, -1000, -1, 0, 40, 1000, 2047])
+    stored = (hu & 0xFFF).astype(np.uint16)  # as those slices hold them
+    assert stored[3] == 3096
+    assert unwrap_12bit(stored).tolist() == hu.tolist()
+    assert unwrap_12bit(stored | 0xF000).tolist() == hu.tolist()  # bits above BitsStored are not the value's
+    notebooks = (stored.astype(np.int64) + 1000) % 4096 - 1000
+    assert notebooks[hu >= -1000].tolist() == hu[hu >= -1000].tolist() and (notebooks[hu < -1000] > 2047).all()
+    assert wrapped_12bit(12, signed=False, intercept=0) and wrapped_12bit(12, signed=False, intercept=-99.5)
+    assert not wrapped_12bit(12, signed=False, intercept=-1024)  # unsigned with room for air: right as it is
+    assert not wrapped_12bit(12, signed=True, intercept=0) and not wrapped_12bit(16, signed=False, intercept=0)
 
 
 def test_slope_applies():
@@ -288,3 +304,23 @@ def test_an_enhanced_ct_file_gives_the_samples_its_slices_as_single_files_give(t
         (unit,) = plan_dicom(cfg, b"k").units
         samples[name] = [s["png"] for s in work_samples(Work(unit), cfg)]
     assert len(samples["enhanced"]) == 4 and samples["enhanced"] == samples["classic"] == samples["singles"]
+
+
+def test_a_series_stored_as_rsnas_faulty_slices_gives_the_samples_of_the_same_series_stored_right(tmp_path):
+    """The same HU stored right and stored wrapped (12-bit two's complement under an unsigned header): the same
+    samples, and the wrapped series' input carries a warning that says what was read otherwise."""
+    from ingest.config import DicomIngestConfig
+    from ingest.dicom import WRAPPED
+    from ingest.plan import plan_dicom
+    from ingest.synthetic import make_ct_series
+    from ingest.units import Work, work_samples
+
+    samples, warnings = {}, {}
+    for name in ("right", "wrapped"):
+        make_ct_series(tmp_path / name, n=1, slices=4, size=32, seed=3, wrapped=name == "wrapped")
+        cfg = DicomIngestConfig(sources=[str(tmp_path / name)], out=str(tmp_path / "o"), format="png")
+        (unit,) = plan_dicom(cfg, b"k").units
+        samples[name] = [s["png"] for s in work_samples(Work(unit), cfg)]
+        warnings[name] = unit.meta["warnings"]
+    assert len(samples["right"]) == 4 and samples["wrapped"] == samples["right"]
+    assert warnings == {"right": [], "wrapped": [WRAPPED]}
