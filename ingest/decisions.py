@@ -13,6 +13,8 @@ from ingest.slides import SlideError
 from shards.storage import Missing, StorageError
 
 TRANSIENT = (StorageError, ConnectionError, TimeoutError)
+BROKEN = (SlideError, DicomError, ValueError)  # the file's content: no retry mends it
+GONE = (FileNotFoundError, Missing)  # listed, and not there when read: deleted or moved since
 NO_SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
 
 
@@ -49,6 +51,12 @@ def not_here() -> str:
     )
 
 
+def input_fault(exc: BaseException) -> bool:
+    """Whether ``exc`` is its file's own fault (broken, or gone since it was listed), which :func:`decide` fails
+    at once: of one slice of a series, the slice alone is left out (:mod:`ingest.units`)."""
+    return isinstance(exc, BROKEN + GONE) and not no_space(exc)
+
+
 def decide(exc: BaseException, attempt: int, max_attempts: int = 3) -> Decision:
     """Decide on ``exc`` raised by attempt number ``attempt`` (1-based) of a unit.
 
@@ -60,7 +68,7 @@ def decide(exc: BaseException, attempt: int, max_attempts: int = 3) -> Decision:
     reason = f"{type(exc).__name__}: {exc}"
     if no_space(exc):
         return Decision("stop", reason)
-    if isinstance(exc, (SlideError, DicomError, ValueError)):
+    if isinstance(exc, BROKEN):
         return Decision("failed", reason)
     if isinstance(exc, FileNotFoundError):  # listed by the driver, and not there for the worker
         return Decision("failed", f"{type(exc).__name__}: {not_here()}")

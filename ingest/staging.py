@@ -162,6 +162,8 @@ def process_work(work: Work, cfg: IngestConfig, background=None) -> WorkRecord:
         rendered_with=rendering.rendered_with(cfg),
     )
     rec.samples, rec.bytes, rec.classes, rec.members, rec.dropped_at = written or (0, 0, None, {}, [])
+    if written and not work.batch:  # a series' slices left out (a batch's images keep theirs in ``members``)
+        rec.warnings = list(work.notes)
     if action and work.batch:  # the part itself could not be staged: every image of the batch shares its fate
         rec.members = {u.id: Outcome(status=action, reason=reason) for u in work.batch}
     # Recorded as done only when whole: a re-run retries work with a failure in it (a batch with a bad image too).

@@ -13,6 +13,7 @@ import numpy as np
 
 from ingest import lesion
 from ingest.config import DicomIngestConfig, ImagesIngestConfig, IngestConfig, WsiIngestConfig
+from ingest.decisions import input_fault
 from ingest.dicom import slice_rgb
 from ingest.images import Box, decode_rgb, normalise
 from ingest.model_files import model_device, model_url
@@ -147,21 +148,55 @@ def wsi_samples(work: Work, cfg: WsiIngestConfig, background=None) -> Iterator[d
 
 
 class _Slices:
-    """Renders a series' slices on demand, keeping only the few a sample needs (memory independent of length)."""
+    """Renders a series' slices on demand, keeping only the few a sample needs (memory independent of length).
+
+    A slice whose file is broken or gone (:func:`~ingest.decisions.input_fault`) is remembered with its error
+    instead: one bad file of a series of hundreds (paper 003 found one in RSNA's 752,803) costs its slice, not the
+    series. Any other error (a store that does not answer) is raised, for the work to be retried.
+    """
 
     def __init__(self, unit: Unit, store_size: int | None, read: Callable[[str, int], np.ndarray], files: ReadAhead):
         self.unit, self.store_size, self.read, self.files = unit, store_size, read, files
         self._kept: dict[int, np.ndarray] = {}
+        self.broken: dict[int, Exception] = {}
 
-    def get(self, i: int) -> np.ndarray:
+    def get(self, i: int) -> np.ndarray | None:
+        """Slice ``i`` rendered, or None where it cannot be read."""
+        if i in self.broken:
+            return None
         if i not in self._kept:
-            with self.files.local(self.unit.sources[i]) as path:
-                rgb = self.read(path, i)
+            try:
+                with self.files.local(self.unit.sources[i]) as path:
+                    rgb = self.read(path, i)
+            except Exception as exc:
+                if not input_fault(exc):
+                    raise
+                self.broken[i] = exc
+                return None
             size = self.store_size
             if size and rgb.shape[:2] != (size, size):
                 rgb = cv2.resize(rgb, (size, size), interpolation=cv2.INTER_AREA)
             self._kept[i] = rgb
         return self._kept[i]
+
+    def standing_in(self, picks: list[int]) -> list[int] | None:
+        """``picks`` with each slice that cannot be read replaced by the nearest of them that can (the lower of
+        two as near), as :func:`~ingest.sequences.neighbour_indices` repeats an edge slice; None when none can."""
+        readable = [j for j in dict.fromkeys(picks) if self.get(j) is not None]
+        if not readable:
+            return None
+        return [j if j not in self.broken else min(readable, key=lambda r: (abs(r - j), r)) for j in picks]
+
+    def note(self, n: int) -> str:
+        """The warning a series with unreadable slices carries: how many, which (pseudonyms, where the unit has
+        them) and the first one's error."""
+        names = self.unit.meta.get("images")
+        which = ", ".join(names[i] if names else f"#{i}" for i in sorted(self.broken))
+        first = self.broken[min(self.broken)]
+        return (
+            f"{len(self.broken)} of {n} slice(s) could not be read and were left out ({which}; a sample of several "
+            f"slices holds its nearest readable one in their place): {type(first).__name__}: {first}"
+        )
 
     def forget_before(self, i: int) -> None:
         for j in [j for j in self._kept if j < i]:
@@ -191,14 +226,19 @@ def sequence_samples(
     named by its centre slice's pseudonym (``image``) where the unit has them.
     """
     unit = work.unit
+    work.notes.clear()  # a retried attempt notes anew
     n = len(unit.sources)
     samples = _sequence_picks(n, cfg)
     first_use = dict.fromkeys(i for _, picks in samples for i in picks)  # each slice is read once, in this order
     vectors = unit.meta.get("slice_labels")
     with ReadAhead((unit.sources[i] for i in first_use), cfg.read_ahead) as files:
         slices = _Slices(unit, cfg.store_size, read, files)
-        for suffix, picks in samples:
-            slices.forget_before(min(picks))
+        made = 0
+        for suffix, wanted in samples:
+            slices.forget_before(min(wanted))
+            picks = slices.standing_in(wanted)
+            if picks is None or (cfg.mode == "slice" and wanted[len(wanted) // 2] in slices.broken):
+                continue  # a slice's own sample is not made of its neighbours
             if vectors and cfg.mode == "slice":
                 vector = vectors[picks[len(picks) // 2]] or [0] * len(next(v for v in vectors if v))
             elif vectors:
@@ -218,7 +258,12 @@ def sequence_samples(
             if cfg.mode == "slice" and unit.meta.get("images"):  # the slice it stands for: its pseudonym
                 meta["image"] = unit.meta["images"][picks[len(picks) // 2]]
             images = [encode_image(slices.get(i), cfg.format, cfg.quality, flat=True) for i in picks]
+            made += 1
             yield make_sample(f"{unit.item}_{suffix}", images, cfg.format, label, meta)
+    if slices.broken and not made:  # nothing of it could be read: the series fails, as one bad file did
+        raise slices.broken[min(slices.broken)]
+    if slices.broken:
+        work.notes.append(slices.note(n))
 
 
 def dicom_samples(work: Work, cfg: DicomIngestConfig) -> Iterator[dict[str, Any]]:

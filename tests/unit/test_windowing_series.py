@@ -1,3 +1,5 @@
+import json
+
 import numpy as np
 import pytest
 
@@ -324,3 +326,77 @@ def test_a_series_stored_as_rsnas_faulty_slices_gives_the_samples_of_the_same_se
         warnings[name] = unit.meta["warnings"]
     assert len(samples["right"]) == 4 and samples["wrapped"] == samples["right"]
     assert warnings == {"right": [], "wrapped": [WRAPPED]}
+
+
+def _series_with_a_broken_slice(tmp_path, broken: list[int], **options):
+    """A 6-slice CT series planned, then slices ``broken`` cut short (header whole, pixels not): the unit and
+    its config."""
+    import pydicom
+
+    from ingest.config import DicomIngestConfig
+    from ingest.plan import plan_dicom
+    from ingest.synthetic import make_ct_series
+
+    make_ct_series(tmp_path / "ct", n=1, slices=6, size=16, seed=1)
+    cfg = DicomIngestConfig(sources=[str(tmp_path / "ct")], out=str(tmp_path / "out"), split="train=1.0", **options)
+    (unit,) = plan_dicom(cfg, b"k").units
+    for i in broken:
+        ds = pydicom.dcmread(unit.sources[i])
+        ds.PixelData = ds.PixelData[:100]  # as RSNA's ID_6431af929 (paper 003): its pixel data cut short
+        ds.save_as(unit.sources[i])
+    return unit, cfg
+
+
+def test_a_slice_that_cannot_be_read_is_left_out_of_its_series_and_named(tmp_path):
+    """Paper 003 met one RSNA file whose pixels were cut short: that slice alone is lost (its sample, and its
+    place in its neighbours' samples taken by the nearest readable slice), the series' other slices are ingested
+    and its record says which slice was left out and why."""
+    from ingest.staging import process_work
+    from ingest.units import Work, work_samples
+
+    unit, cfg = _series_with_a_broken_slice(tmp_path, [2])
+    work = Work(unit)
+    rec = process_work(work, cfg)
+    assert rec.status == "ingested" and rec.samples == 5
+    (note,) = rec.warnings
+    assert note.startswith(f"1 of 6 slice(s) could not be read and were left out ({unit.meta['images'][2]}; ")
+    assert "DicomError: pixel data could not be decoded" in note
+    metas = [json.loads(s["json"]) for s in work_samples(Work(unit), cfg)]
+    assert [m["image"] for m in metas] == [unit.meta["images"][i] for i in (0, 1, 3, 4, 5)]
+
+    unit, cfg = _series_with_a_broken_slice(tmp_path / "k1", [2], neighbours=1)
+    assert [json.loads(s["json"])["slices"] for s in work_samples(Work(unit), cfg)] == [
+        [0, 0, 1], [0, 1, 1], [3, 3, 4], [3, 4, 5], [4, 5, 5]
+    ]  # fmt: skip
+    unit, cfg = _series_with_a_broken_slice(tmp_path / "series", [2], mode="series", frames=6)
+    assert [json.loads(s["json"])["slices"] for s in work_samples(Work(unit), cfg)] == [[0, 1, 1, 3, 4, 5]]
+
+
+def test_a_series_none_of_whose_slices_can_be_read_fails_with_the_reason(tmp_path):
+    from ingest.staging import process_work
+    from ingest.units import Work
+
+    unit, cfg = _series_with_a_broken_slice(tmp_path, list(range(6)))
+    rec = process_work(Work(unit), cfg)
+    assert rec.status == "failed" and rec.samples == 0
+    assert rec.reason.startswith("DicomError: pixel data could not be decoded")
+
+
+def test_a_slice_the_store_does_not_give_fails_the_work_for_a_retry_not_the_slice(tmp_path, monkeypatch):
+    """Only a file's own fault leaves its slice out: an error of the store (down, timing out) is the work's, which
+    is retried whole, so that no slice is lost to an outage."""
+    import ingest.units as units
+    from ingest.units import Work, work_samples
+    from shards.storage import StorageError
+
+    unit, cfg = _series_with_a_broken_slice(tmp_path, [])
+    real = units.slice_rgb
+
+    def flaky(path, windows, frame, hu):
+        if path == unit.sources[3]:
+            raise StorageError("the store did not answer")
+        return real(path, windows, frame, hu)
+
+    monkeypatch.setattr(units, "slice_rgb", flaky)
+    with pytest.raises(StorageError):
+        list(work_samples(Work(unit), cfg))
