@@ -229,8 +229,10 @@ def sequence_samples(
     work.notes.clear()  # a retried attempt notes anew
     n = len(unit.sources)
     samples = _sequence_picks(n, cfg)
-    first_use = dict.fromkeys(i for _, picks in samples for i in picks)  # each slice is read once, in this order
     vectors = unit.meta.get("slice_labels")
+    if vectors and cfg.mode == "slice":  # a slice the label table has no row for: no sample of its own
+        samples = [(suffix, picks) for suffix, picks in samples if vectors[picks[len(picks) // 2]] is not None]
+    first_use = dict.fromkeys(i for _, picks in samples for i in picks)  # each slice is read once, in this order
     with ReadAhead((unit.sources[i] for i in first_use), cfg.read_ahead) as files:
         slices = _Slices(unit, cfg.store_size, read, files)
         made = 0
@@ -240,7 +242,7 @@ def sequence_samples(
             if picks is None or (cfg.mode == "slice" and wanted[len(wanted) // 2] in slices.broken):
                 continue  # a slice's own sample is not made of its neighbours
             if vectors and cfg.mode == "slice":
-                vector = vectors[picks[len(picks) // 2]] or [0] * len(next(v for v in vectors if v))
+                vector = vectors[picks[len(picks) // 2]]
             elif vectors:
                 vector = [max(col) for col in zip(*(v for v in vectors if v), strict=True)]
             else:

@@ -32,3 +32,45 @@ def test_rsna_csv_becomes_six_way_vectors():
     assert labels["ID_abc"] == [1, 0, 0, 0, 0, 1] and labels["ID_def"] == [0] * len(RSNA_SUBTYPES)
     with pytest.raises(ValueError, match="line 2"):
         read_rsna_csv("ID,Label\nID_abc_elbow,1\n", source="x.csv")
+
+
+def test_slices_the_rsna_table_has_no_row_for_are_not_taken_for_negatives(tmp_path):
+    """A series of which the table labels some slices (paper 003 found 78,546 files without a row): in slice mode
+    the others make no sample (they were labelled 0 in every subtype before), in centre mode they add pixels, not
+    labels; the series says so."""
+    import json
+
+    import pydicom
+
+    from ingest.config import DicomIngestConfig
+    from ingest.plan import plan_dicom
+    from ingest.synthetic import make_ct_series
+    from ingest.units import Work, work_samples
+
+    make_ct_series(tmp_path / "ct", n=1, slices=5, size=16, seed=1)
+    files = sorted((tmp_path / "ct").rglob("*.dcm"))
+    uids = {pydicom.dcmread(f, stop_before_pixels=True).InstanceNumber - 1: f for f in files}
+    rows = ["ID,Label"]
+    for k, positive in ((0, 0), (1, 1), (3, 0)):  # slices 2 and 4 have no row
+        sop = pydicom.dcmread(uids[k], stop_before_pixels=True).SOPInstanceUID
+        rows += [f"{sop}_any,{positive}", f"{sop}_subdural,{positive}"]
+    (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
+    seen = {}
+    for mode in ("slice", "center"):
+        cfg = DicomIngestConfig(
+            sources=[str(tmp_path / "ct")], out=str(tmp_path / "o"), labels=str(tmp_path / "labels.csv"), mode=mode,
+            neighbours=1,
+        )  # fmt: skip
+        (unit,) = plan_dicom(cfg, b"k").units
+        metas = [json.loads(s["json"]) for s in work_samples(Work(unit), cfg)]
+        seen[mode] = unit.meta["warnings"], [(m["slices"], m["labels"]) for m in metas]
+    positive = [1, 0, 0, 0, 0, 1]  # any and subdural, the last of RSNA_SUBTYPES
+    assert RSNA_SUBTYPES[-1] == "subdural"
+    assert seen["slice"] == (
+        ["2 of 5 slice(s) not in the label table: no sample of their own"],
+        [([0, 0, 1], [0] * 6), ([0, 1, 2], positive), ([2, 3, 4], [0] * 6)],
+    )
+    assert seen["center"] == (
+        ["2 of 5 slice(s) not in the label table: the series' labels are its other slices'"],
+        [([1, 2, 3], positive)],
+    )
