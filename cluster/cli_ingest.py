@@ -179,6 +179,12 @@ def add_ingest_parser(sub, fn) -> None:
             add("--median", "median filter of this odd size in px first (0: none)", type=int)
             add("--slice-folder", "sequences: only slices in folders of this name (e.g. brain)")
             add("--images-per-task", "single images per unit of work", type=int)
+            add(
+                "--duplicates",
+                "single images with the same bytes: one patient, so one split (together); the first of them alone "
+                "(drop); or each its own (apart)",
+                choices=["together", "drop", "apart"],
+            )
         k.set_defaults(fn=fn, kind=kind)
 
 

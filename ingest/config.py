@@ -229,6 +229,9 @@ class ImagesIngestConfig(IngestConfig):
     # Single images go to the workers in runs of this many: one task, one staged part and one record per run
     # rather than per image (a 7,000-image folder is ~110 parts, not 7,000 small objects on S3).
     images_per_task: int = Field(64, ge=1)
+    # Single images with the same bytes (ingest.copies): together, one patient, so one split; drop: the first of
+    # them alone, the others skipped; apart: each its own, as Tessera did before it looked
+    duplicates: Literal["together", "drop", "apart"] = "together"
 
     @model_validator(mode="after")
     def _consistent(self) -> ImagesIngestConfig:
@@ -264,6 +267,10 @@ class ImagesIngestConfig(IngestConfig):
 
     def public(self) -> dict:
         return {k: v for k, v in super().public().items() if k != "boxes"}
+
+    def recorded_options(self, recorded: dict) -> dict:
+        # a dataset made before copies were looked for kept them apart, whatever ``duplicates``' default
+        return super().recorded_options({"duplicates": "apart"} | recorded)
 
 
 # ``tessera ingest KIND``'s configuration model, for the command line and the planner alike.

@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass, field
 
 from ingest.config import CONFIGS, DicomIngestConfig, ImagesIngestConfig, IngestConfig, WsiIngestConfig
+from ingest.copies import content_digests, copy_groups
 from ingest.dicom import group_series, map_headers, read_header, read_headers
 from ingest.dicom_wsi import group_dicom_slides
 from ingest.images import IMAGE_EXTS, csv_boxes, is_slice_table, patient_key, read_slice_table, slice_number, yolo_boxes
@@ -217,6 +218,25 @@ def plan_dicom(cfg: DicomIngestConfig, key: bytes) -> Plan:
     return plan
 
 
+def _copies(plan: Plan, how: str, stamps: dict[str, str], classes: list[str]) -> None:
+    """Images of the same bytes: each copy takes the first's patient (so its split), or (``drop``) is skipped;
+    every one of them says so, and where their labels differ, which labels."""
+    units = {u.sources[0]: u for u in plan.units}
+    for group in copy_groups(content_digests({loc: stamps[loc] for loc in units})):
+        first, copies = units[group[0]], [units[loc] for loc in group[1:]]
+        labels = sorted({classes[u.label] for u in (first, *copies) if u.label is not None})
+        otherwise = f", labelled {' and '.join(labels)}" if len(labels) > 1 else ""
+        for u in copies:
+            if how == "drop":
+                plan.units.remove(u)
+                _image_skip(plan, u.id, f"a byte-for-byte copy of an image ingested (--duplicates drop){otherwise}")
+            else:
+                u.patient = first.patient
+        said = "kept, the others skipped" if how == "drop" else "one patient, so one split"
+        for u in [first] if how == "drop" else [first, *copies]:
+            u.meta.setdefault("warnings", []).append(f"one of {len(group)} byte-for-byte copies: {said}{otherwise}")
+
+
 def _unlabelled(slice_labels: list | None, mode: str) -> list[str]:
     """The warning of a series some of whose slices the RSNA table has no row for (paper 003 counted 78,546 such
     files): their pixels still serve their neighbours, but none is taken for a negative."""
@@ -288,6 +308,8 @@ def plan_images(cfg: ImagesIngestConfig, key: bytes) -> Plan:
         who = row.patient if row and row.patient else loc
         patient, item = _known(plan, key, "patient", who, f"patient {who}"), _known(plan, key, "image", loc, loc)
         plan.units.append(Unit(uid, "image", [loc], item, patient, label, meta=meta))
+    if cfg.duplicates != "apart":
+        _copies(plan, cfg.duplicates, stamps, classes)
     _assign(plan.units, cfg)
     _fingerprints(plan, key, stamps)
     return plan

@@ -1,5 +1,6 @@
 """Image-folder ingest: decoding, boxes and crops, per-slice tables, and the planner on synthetic trees."""
 
+import hashlib
 import json
 import shutil
 
@@ -270,3 +271,62 @@ def test_a_replaced_image_or_redrawn_box_gets_another_fingerprint_and_its_staged
     assert {k for k in before if after[k] != before[k]} == {str(glioma[0]), str(glioma[1])}
     (redo,) = batch_images(again.units, 8)
     assert redo.id == work.id and reusable(done_records(cfg), [redo]) == set()  # the same images, other files
+
+
+def test_copies_are_found_by_their_content_and_an_md5_etag_is_not_downloaded(tmp_path):
+    from ingest.copies import content_digest, copy_groups
+
+    (tmp_path / "a.png").write_bytes(b"same")
+    (tmp_path / "b.png").write_bytes(b"other")
+    assert content_digest(str(tmp_path / "a.png")) == hashlib.md5(b"same").hexdigest()  # the bytes' MD5
+    assert content_digest(str(tmp_path / "b.png")) == hashlib.md5(b"other").hexdigest()
+    etag = "0123456789abcdef0123456789abcdef"
+    assert content_digest("s3://raw/x.png", f"4-{etag}") == etag  # the listing said it: nothing read
+    groups = copy_groups({"c": "1", "a": "1", "b": "2", "e": "3", "d": "3", "f": "3"})
+    assert groups == [["a", "c"], ["d", "e", "f"]]
+
+
+def test_an_image_held_twice_lands_in_one_split_or_once(tmp_path):
+    """A Kaggle-style collection whose copies sit under two names (the same image in Training and Testing, or
+    in two class folders): by default a copy shares its original's patient, so its split, and both say so (and
+    which labels they bear when those differ); ``drop`` keeps the first alone; ``apart`` looks for none."""
+    make_mri_folders(tmp_path / "mri", per_class=3, size=32, seed=2)
+    images = tmp_path / "mri" / "images"
+    original = sorted((images / "glioma").iterdir())[0]
+    shutil.copy(original, images / "glioma" / "zz_again.jpg")  # the same class
+    shutil.copy(original, images / "meningioma" / "zz_mislabelled.jpg")  # another class: a label in doubt
+    cfg = ImagesIngestConfig(sources=[str(images)], out=str(tmp_path / "o"), split="train=0.5,val=0.5")
+    plan = plan_images(cfg, KEY)
+    units = {plan.private[u.id]: u for u in plan.units}
+    trio = [
+        units[str(p)]
+        for p in (original, images / "glioma" / "zz_again.jpg", images / "meningioma" / "zz_mislabelled.jpg")
+    ]
+    assert len({u.patient for u in trio}) == 1 and len({u.split for u in trio}) == 1
+    said = "one of 3 byte-for-byte copies: one patient, so one split, labelled glioma and meningioma"
+    assert all(u.meta["warnings"] == [said] for u in trio)
+    assert sum(bool(u.meta.get("warnings")) for u in plan.units) == 3 and len(plan.units) == 14
+
+    dropped = plan_images(cfg.model_copy(update={"duplicates": "drop"}), KEY)
+    assert len(dropped.units) == 12 and {r.reason for r in dropped.skipped} == {
+        "a byte-for-byte copy of an image ingested (--duplicates drop), labelled glioma and meningioma"
+    }
+    kept = next(u for u in dropped.units if dropped.private[u.id] == str(original))
+    assert kept.meta["warnings"] == [
+        "one of 3 byte-for-byte copies: kept, the others skipped, labelled glioma and meningioma"
+    ]
+
+    apart = plan_images(cfg.model_copy(update={"duplicates": "apart"}), KEY)
+    assert len({u.patient for u in apart.units}) == 14 and not any(u.meta.get("warnings") for u in apart.units)
+
+
+def test_a_dataset_made_before_copies_were_looked_for_is_compared_as_keeping_them_apart(tmp_path):
+    """Its recorded options lack ``duplicates``: they read as ``apart``, what it did, so a run that would group
+    copies (the default now) is told its options differ rather than moving that dataset's copies unsaid."""
+    from ingest.config import changed_options
+
+    cfg = ImagesIngestConfig(sources=[str(tmp_path)], out=str(tmp_path / "o"))
+    old = {k: v for k, v in cfg.public().items() if k != "duplicates"}
+    assert changed_options(cfg.recorded_options(old), cfg.output_options()) == "duplicates 'apart' -> 'together'"
+    same = cfg.model_copy(update={"duplicates": "apart"})
+    assert changed_options(same.recorded_options(old), same.output_options()) == ""
