@@ -8,6 +8,7 @@ import hashlib
 import re
 from concurrent.futures import ThreadPoolExecutor
 
+from ingest import progress
 from shards import storage
 
 _MD5 = re.compile(r"[0-9a-f]{32}")  # a single-part upload's ETag is its content's MD5; a multipart one's is not
@@ -22,10 +23,15 @@ def content_digest(location: str, stamp: str | None = None) -> str:
     return hashlib.md5(storage.get_bytes(location), usedforsecurity=False).hexdigest()
 
 
+BAR_FILES = 2000  # files read to digest before a bar is drawn (local disk: a few seconds)
+
+
 def content_digests(stamps: dict[str, str], threads: int = 8) -> dict[str, str]:
-    """:func:`content_digest` of each location of ``stamps`` (location -> its listing's stamp), read in threads."""
+    """:func:`content_digest` of each location of ``stamps`` (location -> its listing's stamp), read in threads
+    (a hundred thousand local images: every byte read once here, before the run; ``--duplicates apart`` skips it)."""
     with ThreadPoolExecutor(threads) as pool:
-        return dict(zip(stamps, pool.map(content_digest, stamps, stamps.values()), strict=True))
+        digests = pool.map(content_digest, stamps, stamps.values())
+        return dict(zip(stamps, progress.counted(digests, "looking for copies", " files", BAR_FILES), strict=True))
 
 
 def copy_groups(digests: dict[str, str]) -> list[list[str]]:
