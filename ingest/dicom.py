@@ -228,31 +228,26 @@ def read_headers(path: str | Path | BinaryIO, name: str | None = None) -> tuple[
     ipp, iop = _floats(ds.get("ImagePositionPatient")), _floats(ds.get("ImageOrientationPatient"))
     enhanced = "PerFrameFunctionalGroupsSequence" in ds or "SharedFunctionalGroupsSequence" in ds
 
-    def wrapped(frame: int | None) -> bool:
-        return modality == "CT" and stored_wrapped(ds, rescale(ds, frame)[1])
+    def wrapped(hu: tuple[float, float]) -> bool:  # RSNA's fault, read with the frame's intercept
+        return modality == "CT" and stored_wrapped(ds, hu[1])
 
     if frames == 1 and not enhanced:
-        return [SliceHeader(**base, position=ipp, orientation=iop, instance=instance, wrapped=wrapped(None))], None
+        one = SliceHeader(**base, position=ipp, orientation=iop, instance=instance, wrapped=wrapped(rescale(ds)))
+        return [one], None
     positions, orientation = _frame_geometry(ds, frames)
     orientation = orientation or iop
     if frames == 1:  # an enhanced image of one frame (a series of such files): a slice, its geometry in its groups
         position, hu = positions[0] or ipp, rescale(ds, 0)
         one = SliceHeader(
-            **base, position=position, orientation=orientation, instance=instance, rescale=hu, wrapped=wrapped(0)
+            **base, position=position, orientation=orientation, instance=instance, rescale=hu, wrapped=wrapped(hu)
         )
         return [one], None
-    return [
-        SliceHeader(
-            **base,
-            position=positions[i],
-            orientation=orientation,
-            instance=i + 1,
-            frame=i,
-            rescale=rescale(ds, i) if enhanced or modality == "CT" else None,
-            wrapped=wrapped(i),
-        )
-        for i in range(frames)
-    ], None
+    out = []
+    for i in range(frames):
+        hu = rescale(ds, i) if enhanced or modality == "CT" else None
+        where = {"position": positions[i], "orientation": orientation, "instance": i + 1, "frame": i}
+        out.append(SliceHeader(**base, **where, rescale=hu, wrapped=hu is not None and wrapped(hu)))
+    return out, None
 
 
 def group_series(headers: Iterable[SliceHeader]) -> list[Series]:

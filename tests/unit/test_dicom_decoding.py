@@ -115,6 +115,25 @@ def test_a_slice_stored_wrapped_as_rsnas_renders_as_it_does_stored_right(tmp_pat
     assert air.any() and (rgb[air] == 0).all() and (window_stack(to_hu(raw, 1, 0))[air] == 255).all()
 
 
+def test_an_enhanced_ct_file_of_wrapped_values_is_read_frame_by_frame_as_stored_right(tmp_path):
+    """The fault in a multi-frame file: each frame's header says so from its functional groups' intercept, and
+    each frame, decoded alone (its pixel module only), renders as the file stored right renders it."""
+    volume = np.random.default_rng(1).integers(0, 2400, (3, 16, 16)).astype(np.int16)
+    right = enhanced_ct_dataset(volume, PATIENT, generate_uid(), generate_uid())
+    right.save_as(tmp_path / "right.dcm", enforce_file_format=True)
+    wrapped = enhanced_ct_dataset(volume, PATIENT, generate_uid(), generate_uid())
+    wrapped.SharedFunctionalGroupsSequence[0].PixelValueTransformationSequence[0].RescaleIntercept = 0
+    wrapped.BitsStored, wrapped.HighBit, wrapped.PixelRepresentation = 12, 11, 0
+    wrapped.PixelData = ((volume.astype(np.int32) - 1024) & 0xFFF).astype(np.uint16).tobytes()
+    wrapped.save_as(tmp_path / "wrapped.dcm", enforce_file_format=True)
+    headers, _ = read_headers(tmp_path / "wrapped.dcm")
+    assert [h.wrapped for h in headers] == [True] * 3
+    assert not any(h.wrapped for h in read_headers(tmp_path / "right.dcm")[0])
+    for h in headers:
+        got = slice_rgb(str(tmp_path / "wrapped.dcm"), frame=h.frame, hu=h.rescale)
+        assert np.array_equal(got, slice_rgb(str(tmp_path / "right.dcm"), frame=h.frame, hu=(1.0, -1024.0)))
+
+
 def test_monochrome1_is_inverted_so_bright_means_high_signal():
     ds = pydicom.dcmread(get_testdata_file("MR_small.dcm"))
     pixels = ds.pixel_array
