@@ -14,7 +14,7 @@ from ingest.labels import RSNA_SUBTYPES, LabelRow, class_names, is_rsna_csv, rea
 from ingest.model_files import ModelFiles, read_models
 from ingest.pseudonym import pseudonym
 from ingest.sources import SLIDE_EXTS, expand, fingerprint, listing, mirax_companions, stem, vms_companions
-from ingest.splits import assign_splits, parse_fractions
+from ingest.splits import assign_splits, linked_patients, parse_fractions
 from ingest.units import Unit
 from shards import storage
 from shards.manifest import InputRecord
@@ -60,13 +60,16 @@ def _unmatched(plan: Plan, key: bytes, items: set[str], labels: str | None) -> N
     plan.unmatched += [_known(plan, key, "label", item, f"{labels}: row {item}") for item in sorted(items)]
 
 
-def _assign(units: list[Unit], cfg: IngestConfig) -> None:
+def _assign(units: list[Unit], cfg: IngestConfig, linked: dict[str, str] | None = None) -> None:
+    """Each unit's split, by patient; ``linked``: patient -> the patient whose split it shares
+    (:func:`~ingest.splits.linked_patients`)."""
+    root = linked or {}
     patients: dict[str, int | None] = {}
     for u in units:
-        patients.setdefault(u.patient, u.label)
+        patients.setdefault(root.get(u.patient, u.patient), u.label)
     splits = assign_splits(patients, parse_fractions(cfg.split), cfg.seed)
     for u in units:
-        u.split = splits[u.patient]
+        u.split = splits[root.get(u.patient, u.patient)]
 
 
 def _fingerprints(plan: Plan, key: bytes, stamps: dict[str, str]) -> None:
@@ -218,23 +221,30 @@ def plan_dicom(cfg: DicomIngestConfig, key: bytes) -> Plan:
     return plan
 
 
-def _copies(plan: Plan, how: str, stamps: dict[str, str], classes: list[str]) -> None:
-    """Images of the same bytes: each copy takes the first's patient (so its split), or (``drop``) is skipped;
-    every one of them says so, and where their labels differ, which labels."""
+def _copies(plan: Plan, how: str, stamps: dict[str, str], classes: list[str]) -> dict[str, str]:
+    """Images of the same bytes: their patients linked, so that they share a split (each copy names the others,
+    ``meta["copies"]``, for ``--append`` to place one added later), or (``drop``) all but the first skipped; each
+    says so, and where their labels differ, which labels. Returns the links (:func:`_assign`'s ``linked``)."""
     units = {u.sources[0]: u for u in plan.units}
+    links = []
     for group in copy_groups(content_digests({loc: stamps[loc] for loc in units})):
-        first, copies = units[group[0]], [units[loc] for loc in group[1:]]
-        labels = sorted({classes[u.label] for u in (first, *copies) if u.label is not None})
+        members = [units[loc] for loc in group]
+        labels = sorted({classes[u.label] for u in members if u.label is not None})
         otherwise = f", labelled {' and '.join(labels)}" if len(labels) > 1 else ""
-        for u in copies:
-            if how == "drop":
+        if how == "drop":
+            for u in members[1:]:
                 plan.units.remove(u)
                 _image_skip(plan, u.id, f"a byte-for-byte copy of an image ingested (--duplicates drop){otherwise}")
-            else:
-                u.patient = first.patient
-        said = "kept, the others skipped" if how == "drop" else "one patient, so one split"
-        for u in [first] if how == "drop" else [first, *copies]:
-            u.meta.setdefault("warnings", []).append(f"one of {len(group)} byte-for-byte copies: {said}{otherwise}")
+            members[0].meta.setdefault("warnings", []).append(
+                f"one of {len(group)} byte-for-byte copies: kept, the others skipped{otherwise}"
+            )
+            continue
+        links += [(members[0].patient, u.patient) for u in members[1:]]
+        said = f"one of {len(group)} byte-for-byte copies: in one split{otherwise}"
+        for u in members:
+            u.meta["copies"] = [m.id for m in members if m is not u]
+            u.meta.setdefault("warnings", []).append(said)
+    return linked_patients(links)
 
 
 def _unlabelled(slice_labels: list | None, mode: str) -> list[str]:
@@ -308,10 +318,9 @@ def plan_images(cfg: ImagesIngestConfig, key: bytes) -> Plan:
         who = row.patient if row and row.patient else loc
         patient, item = _known(plan, key, "patient", who, f"patient {who}"), _known(plan, key, "image", loc, loc)
         plan.units.append(Unit(uid, "image", [loc], item, patient, label, meta=meta))
-    if cfg.duplicates != "apart":
-        _copies(plan, cfg.duplicates, stamps, classes)
-    _assign(plan.units, cfg)
-    _fingerprints(plan, key, stamps)
+    _fingerprints(plan, key, stamps)  # before copies: an image copied since is no change to it
+    linked = _copies(plan, cfg.duplicates, stamps, classes) if cfg.duplicates != "apart" else {}
+    _assign(plan.units, cfg, linked)
     return plan
 
 

@@ -85,8 +85,8 @@ def differences(
 
 def _kept_splits(previous: mf.Manifest, plan: Plan, cfg: IngestConfig) -> dict[str, str]:
     """Each unit's split under ``--append``: inputs the dataset holds keep theirs; inputs it adds join their
-    patient's split, or (a new patient) the split :func:`extend_splits` picks. The plan's own assignment would
-    move patients it holds."""
+    patient's split, or a copy's (an image of the same bytes, ``meta["copies"]``), or (a new patient) the split
+    :func:`extend_splits` picks. The plan's own assignment would move patients it holds."""
     records = {r.id: r for r in previous.inputs}
     held = {r.patient: (r.split, r.label) for r in previous.inputs if r.patient and r.split}
     adding = _added(previous, plan)
@@ -94,7 +94,10 @@ def _kept_splits(previous: mf.Manifest, plan: Plan, cfg: IngestConfig) -> dict[s
     out = {u.id: records[u.id].split for u in plan.units if u.id not in ids}
     new = {u.patient: u.label for u in adding if u.patient not in held}
     fresh = extend_splits(held, new, parse_fractions(cfg.split), cfg.seed)
-    return out | {u.id: held[u.patient][0] if u.patient in held else fresh[u.patient] for u in adding}
+    for u in adding:  # a copy of an image it holds, or adds just before, joins that image's split
+        copies = [out[c] for c in u.meta.get("copies", []) if c in out]
+        out[u.id] = held[u.patient][0] if u.patient in held else copies[0] if copies else fresh[u.patient]
+    return out
 
 
 def decide(kind: str, plan: Plan, cfg: IngestConfig) -> mf.Manifest | None:

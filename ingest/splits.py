@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import Counter
+from collections.abc import Iterable
 
 
 def parse_fractions(spec: str) -> dict[str, float]:
@@ -29,6 +30,23 @@ def _by_label(patients: dict[str, int | None], seed: int) -> dict[int | None, li
     for members in groups.values():
         members.sort(key=lambda p: hashlib.sha256(f"{seed}:{p}".encode()).hexdigest())
     return groups
+
+
+def linked_patients(links: Iterable[tuple[str, str]]) -> dict[str, str]:
+    """Each patient named in ``links`` (pairs that must share a split: an image held under both) -> the first
+    (sorted) patient of all those linked to it, which stands for them in :func:`assign_splits`."""
+    parent: dict[str, str] = {}
+
+    def root(p: str) -> str:
+        while parent.setdefault(p, p) != p:
+            p = parent[p]
+        return p
+
+    for a, b in links:
+        ra, rb = root(a), root(b)
+        if ra != rb:
+            parent[max(ra, rb)] = min(ra, rb)
+    return {p: root(p) for p in parent}
 
 
 def assign_splits(patients: dict[str, int | None], fractions: dict[str, float], seed: int) -> dict[str, str]:

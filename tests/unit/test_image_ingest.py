@@ -288,24 +288,26 @@ def test_copies_are_found_by_their_content_and_an_md5_etag_is_not_downloaded(tmp
 
 def test_an_image_held_twice_lands_in_one_split_or_once(tmp_path):
     """A Kaggle-style collection whose copies sit under two names (the same image in Training and Testing, or
-    in two class folders): by default a copy shares its original's patient, so its split, and both say so (and
-    which labels they bear when those differ); ``drop`` keeps the first alone; ``apart`` looks for none."""
+    in two class folders): by default the copies share a split, and each says so (and which labels they bear when
+    those differ); ``drop`` keeps the first alone; ``apart`` looks for none. Each stays its own patient, so that a
+    copy found among images added later changes nothing of those a dataset holds."""
     make_mri_folders(tmp_path / "mri", per_class=3, size=32, seed=2)
     images = tmp_path / "mri" / "images"
     original = sorted((images / "glioma").iterdir())[0]
-    shutil.copy(original, images / "glioma" / "zz_again.jpg")  # the same class
-    shutil.copy(original, images / "meningioma" / "zz_mislabelled.jpg")  # another class: a label in doubt
-    cfg = ImagesIngestConfig(sources=[str(images)], out=str(tmp_path / "o"), split="train=0.5,val=0.5")
-    plan = plan_images(cfg, KEY)
-    units = {plan.private[u.id]: u for u in plan.units}
-    trio = [
-        units[str(p)]
-        for p in (original, images / "glioma" / "zz_again.jpg", images / "meningioma" / "zz_mislabelled.jpg")
-    ]
-    assert len({u.patient for u in trio}) == 1 and len({u.split for u in trio}) == 1
-    said = "one of 3 byte-for-byte copies: one patient, so one split, labelled glioma and meningioma"
+    names = [original, images / "glioma" / "zz_again.jpg", images / "meningioma" / "zz_mislabelled.jpg"]
+    shutil.copy(original, names[1])  # the same class
+    shutil.copy(original, names[2])  # another class: a label in doubt
+    for seed in range(6):  # whatever split the seed gives the first, the copies follow
+        cfg = ImagesIngestConfig(sources=[str(images)], out=str(tmp_path / "o"), split="train=0.5,val=0.5", seed=seed)
+        plan = plan_images(cfg, KEY)
+        units = {plan.private[u.id]: u for u in plan.units}
+        trio = [units[str(p)] for p in names]
+        assert len({u.split for u in trio}) == 1 and len({u.patient for u in trio}) == 3
+    said = "one of 3 byte-for-byte copies: in one split, labelled glioma and meningioma"
     assert all(u.meta["warnings"] == [said] for u in trio)
+    assert sorted(trio[0].meta["copies"]) == sorted([trio[1].id, trio[2].id])
     assert sum(bool(u.meta.get("warnings")) for u in plan.units) == 3 and len(plan.units) == 14
+    assert len({u.split for u in plan.units}) == 2  # the rest still split
 
     dropped = plan_images(cfg.model_copy(update={"duplicates": "drop"}), KEY)
     assert len(dropped.units) == 12 and {r.reason for r in dropped.skipped} == {
@@ -318,6 +320,56 @@ def test_an_image_held_twice_lands_in_one_split_or_once(tmp_path):
 
     apart = plan_images(cfg.model_copy(update={"duplicates": "apart"}), KEY)
     assert len({u.patient for u in apart.units}) == 14 and not any(u.meta.get("warnings") for u in apart.units)
+    fingerprints = {u.id: u.fingerprint for u in apart.units}
+    assert all(fingerprints[u.id] == u.fingerprint for u in plan.units)  # copies are no change to a file
+
+
+def test_a_copy_appended_later_joins_its_originals_split(tmp_path):
+    """``--append`` of images among which a copy of one the dataset holds (and two copies of a new one): the
+    copy joins the held image's split, the new pair one split, and nothing held is said to have changed."""
+    from ingest.rerun import _kept_splits as kept_splits
+    from ingest.rerun import differences
+    from shards import manifest as mf
+
+    make_mri_folders(tmp_path / "mri", per_class=4, size=32, seed=3)
+    images = tmp_path / "mri" / "images"
+    old = sorted((images / "pituitary").iterdir())[0]
+    added = {images / "glioma" / "aa_copy_of_old.jpg": old}  # sorts before its original
+    new = images / "notumor" / "new.jpg"
+    added[images / "meningioma" / "new_again.jpg"] = new
+    for seed in range(8):  # whatever splits the seed gives, the copies follow
+        cfg = ImagesIngestConfig(
+            sources=[str(images)], out=str(tmp_path / "o"), split="train=0.5,val=0.5", seed=seed, append=True
+        )
+        for path in [*added, new]:
+            path.unlink(missing_ok=True)
+        before = plan_images(cfg, KEY)
+        held = [
+            mf.InputRecord(
+                id=u.id,
+                kind="image",
+                status="ingested",
+                item=u.item,
+                patient=u.patient,
+                label=u.label,
+                split=u.split,
+                samples=1,
+                fingerprint=u.fingerprint,
+            )
+            for u in before.units
+        ]
+        previous = mf.Manifest(
+            dataset=cfg.out, kind="images", classes=before.classes, splits={}, inputs=held, config=cfg.public()
+        )
+        cv2.imwrite(str(new), np.full((32, 32), 77, np.uint8))
+        for copy, original in added.items():
+            shutil.copy(original, copy)
+        plan = plan_images(cfg, KEY)
+        splits = kept_splits(previous, plan, cfg)
+        by_path = {plan.private[u.id]: u.id for u in plan.units}
+        for copy, original in added.items():
+            assert splits[by_path[str(copy)]] == splits[by_path[str(original)]], seed
+        assert differences(previous, "images", plan, cfg, splits) == []
 
 
 def test_a_dataset_made_before_copies_were_looked_for_is_compared_as_keeping_them_apart(tmp_path):

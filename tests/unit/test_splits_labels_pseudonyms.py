@@ -2,7 +2,7 @@ import pytest
 
 from ingest.labels import class_names, read_label_csv
 from ingest.pseudonym import pseudonym
-from ingest.splits import assign_splits, parse_fractions
+from ingest.splits import assign_splits, linked_patients, parse_fractions
 
 
 def test_parse_fractions():
@@ -121,3 +121,12 @@ def test_a_dataset_without_labels_is_refused_for_training_with_the_way_to_call_i
     recipe = load_recipe("demo_tiles", [f"data.dataset={tmp_path / 'u'}"])
     with pytest.raises(RecipeError, match=r"has no labels .*: a model is neither trained nor evaluated on it; "):
         check_against(recipe, manifest)
+
+
+def test_linked_patients_stand_for_each_other_by_the_first_of_them():
+    """Pairs that must share a split (an image held under both patients): chains and stars join into one group,
+    named by its first patient, whatever the order the pairs come in."""
+    links = [("p3", "p1"), ("p5", "p4"), ("p1", "p2"), ("p4", "p6")]
+    assert linked_patients(links) == {"p1": "p1", "p2": "p1", "p3": "p1", "p4": "p4", "p5": "p4", "p6": "p4"}
+    assert linked_patients(reversed(links)) == linked_patients(links)
+    assert linked_patients([]) == {}
