@@ -14,6 +14,7 @@ from pydicom.data import get_testdata_file
 
 from ingest import runner
 from ingest.config import DicomIngestConfig
+from ingest.dicom import WRAPPED
 from ingest.runner import run_ingest
 from ingest.synthetic import make_ct_series
 from shards import storage
@@ -44,6 +45,12 @@ def test_rsna_center_mode_with_odd_files(stack, tmp_path):
     ds = pydicom.dcmread(burned)
     ds.BurnedInAnnotation = "YES"  # marks its whole series
     ds.save_as(burned)
+    heads = {f: pydicom.dcmread(f, stop_before_pixels=True) for f in root.rglob("series/*.dcm")}
+    cut = next(f for f, h in heads.items() if h.InstanceNumber == 7 and h.SeriesInstanceUID != ds.SeriesInstanceUID)
+    ds = pydicom.dcmread(cut)
+    ds.PixelData = ds.PixelData[:100]  # the centre slice of another series cut short: that slice alone is lost
+    ds.save_as(cut)
+    make_ct_series(root / "wrapped", n=1, slices=14, size=32, seed=3, wrapped=True)  # RSNA's 12-bit fault
     labels = _rsna_csv(root, tmp_path / "stage_2_train.csv")
     cfg = DicomIngestConfig(
         sources=[str(root)], out=str(tmp_path / "out"), labels=str(labels), split="train=1.0", mode="center",
@@ -56,12 +63,16 @@ def test_rsna_center_mode_with_odd_files(stack, tmp_path):
     assert "DICOM object without an image (modality RTPLAN)" in reasons
     assert any(r.startswith("not in the label table") for r in reasons)  # the MR file has no RSNA rows
     ingested = [r for r in manifest.inputs if r.status == "ingested"]
-    assert len(ingested) == 3 and all(r.samples == 1 for r in ingested)
+    assert len(ingested) == 4 and all(r.samples == 1 for r in ingested)
+    warned = sorted(w for r in ingested for w in r.warnings)
+    assert len(warned) == 2 and warned[0].startswith("1 of 14 slice(s) could not be read") and warned[1] == WRAPPED
     samples = read_tar_samples(tmp_path / "out" / "train" / "shard-000000.tar")
+    picked = sorted(json.loads(s["json"])["slices"] for s in samples)
+    assert picked == [[4, 5, 5, 7, 8]] + [[4, 5, 6, 7, 8]] * 3  # the cut slice's place: its nearest readable one
     for s in samples:
         meta = json.loads(s["json"])
         assert sorted(k for k in s if k.endswith(".png")) == [f"{j:03d}.png" for j in range(5)]
-        assert meta["slices"] == [4, 5, 6, 7, 8] and meta["num_slices"] == 14
+        assert meta["num_slices"] == 14
         assert meta["labels"][0] == int(s["cls"]) and meta["labels"][5] == meta["labels"][0]
     blob = (tmp_path / "out" / "manifest.json").read_text() + "".join(str(s) for s in samples)
     for p in patients:
