@@ -181,8 +181,8 @@ def add_ingest_parser(sub, fn) -> None:
             add("--images-per-task", "single images per unit of work", type=int)
             add(
                 "--duplicates",
-                "single images with the same bytes: one patient, so one split (together); the first of them alone "
-                "(drop); or each its own (apart)",
+                "single images with the same bytes: in one split (together); the first of them alone (drop); or "
+                "each on its own (apart, as datasets made before)",
                 choices=["together", "drop", "apart"],
             )
         k.set_defaults(fn=fn, kind=kind)

@@ -229,8 +229,8 @@ class ImagesIngestConfig(IngestConfig):
     # Single images go to the workers in runs of this many: one task, one staged part and one record per run
     # rather than per image (a 7,000-image folder is ~110 parts, not 7,000 small objects on S3).
     images_per_task: int = Field(64, ge=1)
-    # Single images with the same bytes (ingest.copies): together, one patient, so one split; drop: the first of
-    # them alone, the others skipped; apart: each its own, as Tessera did before it looked
+    # Single images with the same bytes (ingest.copies): together, their patients linked so that they share a
+    # split; drop: the first of them alone, the others skipped; apart: each on its own, as before Tessera looked
     duplicates: Literal["together", "drop", "apart"] = "together"
 
     @model_validator(mode="after")
