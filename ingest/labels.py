@@ -66,7 +66,8 @@ def is_rsna_csv(text: str) -> bool:
 
 def read_rsna_csv(text: str, source: str = "labels") -> dict[str, list[int]]:
     """SOPInstanceUID -> 6-way multi-label ``[any, epidural, intraparenchymal, intraventricular, subarachnoid,
-    subdural]`` from the RSNA CSV. A missing subtype stays 0; an unknown subtype or value names the line."""
+    subdural]`` from the RSNA CSV. A missing subtype stays 0; an unknown subtype or value names the line, and so
+    does a row that repeats an image's label with another value (the competition's file repeats some rows, alike)."""
     out: dict[str, list[int]] = {}
     reader = csv.reader(io.StringIO(text.lstrip("\ufeff")))
     next(reader, None)
@@ -79,5 +80,11 @@ def read_rsna_csv(text: str, source: str = "labels") -> dict[str, list[int]]:
         if subtype not in RSNA_SUBTYPES or row[1].strip() not in ("0", "1"):
             raise ValueError(f"{source}: line {n}: unknown subtype {subtype!r} or label {row[1]!r}")
         # The competition's UIDs are 'ID_<hex>'; its files carry the same value as SOPInstanceUID.
-        out.setdefault(ident, [0] * len(RSNA_SUBTYPES))[RSNA_SUBTYPES.index(subtype)] = int(row[1])
+        vector, k, value = out.setdefault(ident, [-1] * len(RSNA_SUBTYPES)), RSNA_SUBTYPES.index(subtype), int(row[1])
+        if vector[k] not in (-1, value):
+            earlier = f"which an earlier line gave {vector[k]}"
+            raise ValueError(f"{source}: line {n} gives {row[0].strip()} {value}, {earlier}")
+        vector[k] = value
+    for vector in out.values():  # a subtype without a row: 0
+        vector[:] = [max(v, 0) for v in vector]
     return out

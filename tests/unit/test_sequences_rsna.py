@@ -32,6 +32,10 @@ def test_rsna_csv_becomes_six_way_vectors():
     assert labels["ID_abc"] == [1, 0, 0, 0, 0, 1] and labels["ID_def"] == [0] * len(RSNA_SUBTYPES)
     with pytest.raises(ValueError, match="line 2"):
         read_rsna_csv("ID,Label\nID_abc_elbow,1\n", source="x.csv")
+    repeated = text + "ID_abc_any,1\n"  # the competition's file repeats some rows, alike
+    assert read_rsna_csv(repeated) == labels
+    with pytest.raises(ValueError, match=r"x\.csv: line 7 gives ID_abc_subdural 0, which an earlier line gave 1"):
+        read_rsna_csv(repeated + "ID_abc_subdural,0\n", source="x.csv")
 
 
 def test_slices_the_rsna_table_has_no_row_for_are_not_taken_for_negatives(tmp_path):
