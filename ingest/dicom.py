@@ -85,7 +85,20 @@ def _first_of_each_instance(items: list[SliceHeader]) -> tuple[list[SliceHeader]
 
 
 def _floats(value) -> list[float] | None:
-    return [float(v) for v in value] if value is not None else None
+    """A multi-valued number (a position, an orientation), or None where it is absent or not numbers."""
+    try:
+        return [float(v) for v in value] if value is not None else None
+    except (TypeError, ValueError):  # one value where several belong, or text: as if not given
+        return None
+
+
+def _int(value) -> int | None:
+    """An integer (an instance number), or None where it is absent or not one (``'1A'``: its order comes from the
+    slice's position then)."""
+    try:
+        return int(value) if value not in (None, "") else None
+    except (TypeError, ValueError):
+        return None
 
 
 def _frame_geometry(ds, n: int) -> tuple[list[list[float] | None], list[float] | None]:
@@ -208,6 +221,14 @@ def read_headers(path: str | Path | BinaryIO, name: str | None = None) -> tuple[
         ds = pydicom.dcmread(path if hasattr(path, "read") else str(path), stop_before_pixels=True)
     except (InvalidDicomError, OSError, ValueError, EOFError, KeyError, TypeError, AttributeError):
         return [], "not a DICOM file"
+    try:
+        return _headers(ds, name or str(path))
+    except Exception as exc:  # a value no reading of it can use (its type, its form): this file alone, said why
+        return [], f"a DICOM header Tessera cannot use: {type(exc).__name__}: {exc}"
+
+
+def _headers(ds, name: str) -> tuple[list[SliceHeader], str | None]:
+    """:func:`read_headers` of the header ``ds`` read from ``name``."""
     modality = str(ds.get("Modality", "")) or "unknown"
     if "SeriesInstanceUID" not in ds:
         return [], f"DICOM without a SeriesInstanceUID (modality {modality})"
@@ -215,7 +236,7 @@ def read_headers(path: str | Path | BinaryIO, name: str | None = None) -> tuple[
         return [], f"DICOM object without an image (modality {modality})"
     frames = int(ds.get("NumberOfFrames", 1) or 1)
     base = {
-        "path": name or str(path),
+        "path": name,
         "patient_id": str(ds.get("PatientID", "")),
         "study_uid": str(ds.get("StudyInstanceUID", "")),
         "series_uid": str(ds.SeriesInstanceUID),
@@ -223,8 +244,7 @@ def read_headers(path: str | Path | BinaryIO, name: str | None = None) -> tuple[
         "modality": modality,
         "burned_in": str(ds.get("BurnedInAnnotation", "")).upper() == "YES",
     }
-    inst = ds.get("InstanceNumber")
-    instance = int(inst) if inst not in (None, "") else None
+    instance = _int(ds.get("InstanceNumber"))
     ipp, iop = _floats(ds.get("ImagePositionPatient")), _floats(ds.get("ImageOrientationPatient"))
     enhanced = "PerFrameFunctionalGroupsSequence" in ds or "SharedFunctionalGroupsSequence" in ds
 

@@ -164,6 +164,28 @@ def test_truncated_and_non_image_files_are_reasons_not_crashes(tmp_path):
         slice_rgb(get_testdata_file("MR_truncated.dcm"))
 
 
+def test_a_header_value_of_the_wrong_form_costs_its_file_at_most(tmp_path):
+    """pydicom's test files hold a frame count of ``'1A'``: that file is skipped with the reason (it stopped the
+    whole run's planning before). An instance number of that form only loses the slice its number: it is
+    ordered by its position."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydicom's own, on the invalid value
+        headers, reason = read_headers(get_testdata_file("badVR.dcm"))
+        assert headers == [] and reason == (
+            "a DICOM header Tessera cannot use: ValueError: invalid literal for int() with base 10: '1A'"
+        )
+        _, ds = _ct()
+        ds.InstanceNumber = 9
+        ds.save_as(tmp_path / "odd.dcm", enforce_file_format=True)
+        data = (tmp_path / "odd.dcm").read_bytes()
+        element = b"\x20\x00\x13\x00IS\x02\x00"  # (0020,0013) InstanceNumber, explicit VR little endian
+        (tmp_path / "odd.dcm").write_bytes(data.replace(element + b"9 ", element + b"1A"))  # pydicom writes none such
+        (header,), reason = read_headers(tmp_path / "odd.dcm")
+    assert reason is None and header.instance is None and header.position == [0.0, 0.0, 0.0]
+
+
 def test_header_read_from_a_file_prefix_or_the_whole_file(tmp_path, monkeypatch):
     """An object-store header pass reads the first bytes only when they hold the whole header; a header larger
     than the prefix (here a 100 kB private value) falls back to the whole file. Both give the same header."""
