@@ -45,6 +45,26 @@ def _flatten_rgba(rgba: np.ndarray) -> np.ndarray:
     return np.rint(rgb * a + 255.0 * (1.0 - a)).astype(np.uint8)
 
 
+STRIPPED = (
+    "a TIFF stored in strips, not tiles, which OpenSlide does not read (its generic TIFF is tiled); a tiled pyramid "
+    "of it is: `vips tiffsave SRC DST --tile --pyramid --compression jpeg`"
+)
+
+
+def not_recognised(path: str) -> str:
+    """Why OpenSlide would not open ``path``: a TIFF in strips, which it does not read, said with how to tile it;
+    anything else damaged or not a slide, as a cut-short copy and a foreign file are alike to it."""
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            if not tif.pages[0].is_tiled:
+                return STRIPPED
+    except Exception:  # not a TIFF, or one cut short: OpenSlide's word below
+        pass
+    return "OpenSlide does not recognise the file (damaged, or not a slide)"
+
+
 class OpenSlideReader:
     """:class:`SlideReader` over OpenSlide (SVS, tiled TIFF, NDPI, MRXS, DICOM WSI, ...)."""
 
@@ -57,7 +77,7 @@ class OpenSlideReader:
             self._slide = openslide.OpenSlide(path)
         except openslide.OpenSlideUnsupportedFormatError as exc:
             # A cut-short slide is as unidentifiable as a foreign file: both are slides that cannot be used.
-            raise SlideError("OpenSlide does not recognise the file (damaged, or not a slide)") from exc
+            raise SlideError(not_recognised(path)) from exc
         except openslide.OpenSlideError as exc:
             raise SlideError(f"OpenSlide could not open the file: {exc}") from exc
         self.level_dimensions = list(self._slide.level_dimensions)

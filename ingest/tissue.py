@@ -27,6 +27,12 @@ def tissue_mask(rgb: np.ndarray, min_object_px: int = 64, min_hole_px: int = 64)
     return ~remove_small_objects(~mask, min_hole_px)  # holes: background objects
 
 
+def colourless(rgb: np.ndarray) -> bool:
+    """Whether ``rgb[H, W, 3]`` has no colour to speak of (a slide stored grey): the saturation
+    :func:`tissue_mask` reads stays under 5 % of its range nearly everywhere (99 % of pixels)."""
+    return float(np.percentile(saturation_u8(rgb), 99)) < 0.05 * 255
+
+
 def remove_small_objects(mask: np.ndarray, max_px: int) -> np.ndarray:
     """``mask`` without its 4-connected objects of ``max_px`` pixels or fewer (scikit-image's
     ``remove_small_objects(mask, max_size=max_px)``)."""

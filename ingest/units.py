@@ -22,6 +22,7 @@ from ingest.read_ahead import ReadAhead
 from ingest.sequences import center_indices, even_indices, neighbour_indices
 from ingest.slides import OpenSlideReader
 from ingest.source_cache import SLIDES
+from ingest.tissue import colourless
 from ingest.wsi import TilePlan, plan_tiles, read_tiles, scale_mismatch
 from shards import storage
 from shards.local_files import local_copy
@@ -89,6 +90,9 @@ def batch_images(units: list[Unit], size: int) -> list[Work]:
     ]
 
 
+GREY = "no colour in the slide (stored grey): the tissue mask, read from colour, found no tissue in it"
+
+
 def plan_slide(unit: Unit, cfg: WsiIngestConfig, background=None) -> tuple[list[Work], list[str]]:
     """Mask and tile one slide, publish its preview, and cut its tiles into regions of ``cfg.region_tiles``; a
     warning where the tiles are of another scale than the ``background`` model's training tiles."""
@@ -108,7 +112,8 @@ def plan_slide(unit: Unit, cfg: WsiIngestConfig, background=None) -> tuple[list[
     ]
     tile_um = plan.mpp * plan.size0 if plan.mpp else None
     mismatch = background and scale_mismatch(background.tile_um, tile_um, cfg.tile_size)
-    return works, plan.warnings + ([mismatch] if mismatch else [])
+    grey = [GREY] if not plan.tiles and colourless(plan.thumb) else []  # why the slide yields none
+    return works, plan.warnings + ([mismatch] if mismatch else []) + grey
 
 
 def _scale(mpp: float | None, width: int, stored_width: int) -> dict[str, float | None]:

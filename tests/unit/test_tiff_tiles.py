@@ -1,5 +1,7 @@
 """The direct tiled-TIFF path returns OpenSlide's pixels exactly, falls back when it cannot, and bounds its cache."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -70,3 +72,21 @@ def test_a_tile_never_scanned_reads_white_inside_and_at_the_edge(slide):
         hole[max(256 - y, 0) : max(512 - y, 0), max(256 - x, 0) : max(512 - x, 0)] = True
         assert (got[hole] == 255).all() and np.array_equal(got[~hole], want[~hole])
     ref.close()
+
+
+def test_a_tiff_in_strips_is_refused_for_what_it_is_and_damage_as_before(tmp_path, slide):
+    """OpenSlide reads tiled TIFFs only: one stored in strips (a valid image) was called damaged, or not a slide;
+    it is named as what it is, with how to tile it. A slide cut short, and a file that is no TIFF, stay damaged."""
+    import tifffile
+
+    from ingest.slides import STRIPPED, SlideError
+
+    tifffile.imwrite(tmp_path / "scan.tif", np.full((64, 64, 3), 200, np.uint8))
+    with pytest.raises(SlideError) as refused:
+        OpenSlideReader(str(tmp_path / "scan.tif"))
+    assert str(refused.value) == STRIPPED  # no file name in it, as in every reason
+    (tmp_path / "cut.tif").write_bytes(Path(slide).read_bytes()[:4096])
+    (tmp_path / "text.tif").write_text("not a slide")
+    for name in ("cut.tif", "text.tif"):
+        with pytest.raises(SlideError, match=r"OpenSlide does not recognise the file \(damaged, or not a slide\)"):
+            OpenSlideReader(str(tmp_path / name))

@@ -5,7 +5,7 @@ import pytest
 from ingest import wsi
 from ingest.slides import ArraySlideReader
 from ingest.tiling import tile_origins, tissue_tiles
-from ingest.tissue import inner_boundary, remove_small_objects, tissue_fraction, tissue_mask
+from ingest.tissue import colourless, inner_boundary, remove_small_objects, tissue_fraction, tissue_mask
 from ingest.wsi import block_mean, choose_level, plan_tiles, read_mask_image, read_tiles
 
 
@@ -221,3 +221,25 @@ def test_transparent_slide_areas_become_white():
     opaque = rgba.copy()
     opaque[:, :, 3] = 255
     assert np.array_equal(_flatten_rgba(opaque), opaque[:, :, :3])
+
+
+def test_a_slide_stored_grey_is_said_to_be_why_it_yields_no_tiles(tmp_path):
+    """Saturation finds no tissue in a slide without colour: its record says so, where "no tissue above the
+    threshold" alone left the user to guess; a stained slide of the same tissue is tiled as ever."""
+    from ingest.config import WsiIngestConfig
+    from ingest.plan import make_plan
+    from ingest.synthetic import slide_array, write_pyramid_tiff
+    from ingest.units import GREY, plan_unit
+
+    stained = slide_array(1024, "CE", np.random.default_rng(2))
+    grey = cv2.cvtColor(cv2.cvtColor(stained, cv2.COLOR_RGB2GRAY), cv2.COLOR_GRAY2RGB)
+    assert colourless(grey) and not colourless(stained)
+    (tmp_path / "in").mkdir()
+    write_pyramid_tiff(tmp_path / "in" / "grey.tif", grey)
+    write_pyramid_tiff(tmp_path / "in" / "stained.tif", stained)
+    cfg = WsiIngestConfig(sources=[str(tmp_path / "in")], out=str(tmp_path / "out"), tile_size=128, split="train=1.0")
+    plan = make_plan("wsi", cfg, b"k")
+    found = {plan.private[u.id].rsplit("/", 1)[-1]: plan_unit(u, cfg) for u in plan.units}
+    (grey_works, grey_warnings), (works, warnings) = found["grey.tif"], found["stained.tif"]
+    assert not any(w.plan.tiles for w in grey_works) and GREY in grey_warnings
+    assert sum(len(w.plan.tiles) for w in works) > 0 and GREY not in warnings
