@@ -21,10 +21,13 @@ def read_label_csv(text: str, source: str = "labels") -> list[LabelRow]:
     ``label`` column, a table of patients (STRIP AI's ``test.csv``; ``slide,patient``): rows of label None,
     which name the inputs to take and the patient of each, for a dataset to predict on.
 
-    Raises ``ValueError`` naming ``source`` and the line when a column is missing.
+    Column names are read as their lower case, stripped (``Slide, Label`` as a spreadsheet may write them). Raises
+    ``ValueError`` naming ``source`` and the line when a column is missing, or when a row repeats an item with
+    another label or patient (a row repeated alike is read once).
     """
     reader = csv.DictReader(io.StringIO(text))
-    cols = set(reader.fieldnames or [])
+    reader.fieldnames = [name.strip().lower() for name in reader.fieldnames or []]
+    cols = set(reader.fieldnames)
     labelled = "label" in cols
     if {"image_id", "patient_id"} <= cols:
         item_col, patient_col = "image_id", "patient_id"
@@ -40,14 +43,20 @@ def read_label_csv(text: str, source: str = "labels") -> list[LabelRow]:
             "(image_id,center_id,patient_id,image_num,label) or slide|image|series|patient,label[,patient]; "
             "without a label column, a table of patients (STRIP AI's test.csv, or slide|image|series,patient)"
         )
-    rows = []
+    rows: dict[str, tuple[int, LabelRow]] = {}
     for n, row in enumerate(reader, start=2):
         if not row.get(item_col) or (labelled and not row.get("label")):
             raise ValueError(f"{source}: line {n} lacks {item_col!r}" + (" or 'label'" if labelled else ""))
         patient = row.get(patient_col) if patient_col else None
         label = row["label"].strip() if labelled else None
-        rows.append(LabelRow(row[item_col].strip(), label, patient.strip() if patient else None))
-    return rows
+        one = LabelRow(row[item_col].strip(), label, patient.strip() if patient else None)
+        if (seen := rows.get(one.item)) and seen[1] != one:
+            raise ValueError(
+                f"{source}: line {n} gives {one.item} label {one.label!r} and patient {one.patient!r}, where line "
+                f"{seen[0]} gave label {seen[1].label!r} and patient {seen[1].patient!r}"
+            )
+        rows.setdefault(one.item, (n, one))
+    return [row for _, row in rows.values()]
 
 
 def class_names(rows: list[LabelRow]) -> list[str]:
