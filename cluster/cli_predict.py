@@ -75,6 +75,7 @@ def cmd_predict(args) -> int:
     from cluster import health
     from cluster.cli import _connect, _settings
     from cluster.cli_ingest import private_map
+    from shards import manifest as mf
     from shards import storage
     from training.inference import predict_run
     from training.launch import EVALUATE_KEYS, check_where_overrides
@@ -107,6 +108,8 @@ def cmd_predict(args) -> int:
         print(f"  {level}: {rows[level]} row{'' if rows[level] == 1 else 's'} -> {url}")
     if args.submission:
         submission(tables, outcome.checked, args.submission, rows)  # the layout submission_layout picked
+        if missing := mf.load(outcome.dataset).not_called(outcome.split):  # what a scorer would find missing
+            print(f"warning: the submission calls nothing for {missing} (`tessera dataset {outcome.dataset}`)")
     if args.heatmaps:
         heatmaps(outcome, s.mlflow_url, out, private)
     if outcome.warning:

@@ -137,6 +137,7 @@ def _merge(unit: Unit, plan, works: list[WorkRecord], threshold: float | None = 
         rec.preview_scale = regions[0].plan.preview_scale
     if threshold is not None:
         rec.background_dropped = sum(len(w.dropped_at) for w in works)
+    rec.left_out = sum(w.left_out for w in works)
     failed = [w for w in works if w.status != "ingested"]
     samples = sum(w.samples for w in works)
     if action:

@@ -58,6 +58,7 @@ class Work:
     plan: TilePlan | None = None
     batch: list[Unit] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # an image's warnings found making its samples (see _batch_samples)
+    left_out: int = 0  # a series' slices that could not be read (see sequence_samples)
 
     @property
     def id(self) -> str:
@@ -271,6 +272,7 @@ def sequence_samples(
         raise slices.broken[min(slices.broken)]
     if slices.broken:
         work.notes.append(slices.note(n))
+    work.left_out = len(slices.broken)
 
 
 def dicom_samples(work: Work, cfg: DicomIngestConfig) -> Iterator[dict[str, Any]]:

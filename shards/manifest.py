@@ -118,6 +118,7 @@ class InputRecord:
     # a keyed digest of its files' sizes and modification times (ETags) and of what planning read about them: a
     # run again over the same location tells a replaced file from the one the dataset was made of
     fingerprint: str | None = None
+    left_out: int = 0  # slices of a series that could not be read, left out of its samples (its warnings name them)
 
     @field_validator("reason")
     @classmethod
@@ -242,6 +243,15 @@ class Manifest(ManifestHead):
         """``"N: warning"`` for the ``most`` commonest warnings recorded for inputs (a slide read without MPP, a
         series with gaps, a box with no lesion found), as :meth:`reasons`; N counts inputs."""
         return _commonest(Counter(w for rec in self.inputs for w in dict.fromkeys(rec.warnings)), most, "warning")
+
+    def not_called(self, split: str) -> str | None:
+        """What of ``split``'s inputs no sample stands for, in a few words (None: nothing): those that failed or
+        made none, and the slices left out of the others. A competition refuses a submission that lacks one."""
+        missing = sum(1 for r in self.inputs if r.split == split and r.status != "ingested")
+        left = sum(r.left_out for r in self.inputs if r.split == split and r.status == "ingested")
+        said = [f"{missing} input(s) that failed or made no sample"] if missing else []
+        said += [f"{left} slice(s) that could not be read, left out of their series"] if left else []
+        return " and ".join(said) or None
 
     def shards_holding(self, ids: set[str]) -> list[str]:
         """The shards (``split/shard-N.tar``) that hold samples of the inputs ``ids``, sorted."""

@@ -64,6 +64,7 @@ def test_rsna_center_mode_with_odd_files(stack, tmp_path):
     assert any(r.startswith("not in the label table") for r in reasons)  # the MR file has no RSNA rows
     ingested = [r for r in manifest.inputs if r.status == "ingested"]
     assert len(ingested) == 4 and all(r.samples == 1 for r in ingested)
+    assert sorted(r.left_out for r in ingested) == [0, 0, 0, 1]
     warned = sorted(w for r in ingested for w in r.warnings)
     assert len(warned) == 2 and warned[0].startswith("1 of 14 slice(s) could not be read") and warned[1] == WRAPPED
     samples = read_tar_samples(tmp_path / "out" / "train" / "shard-000000.tar")
@@ -131,9 +132,13 @@ def test_an_rsna_run_is_submitted_by_its_slices_sop_instances(stack, tmp_path):
     """Paper 003 through the CLI: CT series with RSNA's per-slice labels ingested a sample per slice, a multi-label
     model of RSNA's six labels trained on them, and `tessera predict --reveal --submission` writes RSNA's layout:
     six rows per slice of the split, each slice named by its SOP Instance UID (the competition's image ID), each
-    with its sample's probability of that label in the revealed table."""
+    with its sample's probability of that label in the revealed table; it warns of the slices it lacks."""
     root, ds, preds = tmp_path / "dicom", tmp_path / "ds", tmp_path / "preds"
     make_ct_series(root, n=4, slices=5, size=32, seed=3)
+    for f in root.rglob("*.dcm"):  # a slice of each series cut short: left out, and the submission says so
+        if (cut := pydicom.dcmread(f)).InstanceNumber == 3:
+            cut.PixelData = cut.PixelData[:100]
+            cut.save_as(f)
     labels = _rsna_csv(root, tmp_path / "stage_2_train.csv")
     cli = [sys.executable, "-m", "cluster.cli"]
     ingest = [*cli, "ingest", "dicom", str(root), "--out", str(ds), "--labels", str(labels), "--store-size", "32"]
@@ -153,7 +158,9 @@ def test_an_rsna_run_is_submitted_by_its_slices_sop_instances(stack, tmp_path):
     series_of = {h.SOPInstanceUID: h.SeriesInstanceUID for h in headers}
     shown = list(csv.DictReader((preds / "predictions_sample.csv").read_text().splitlines()))
     n = manifest["splits"]["val"]["num_samples"]
-    assert f"submission (RSNA): {n} images -> {submission}" in run.stdout and len(shown) == n > 0
+    assert f"submission (RSNA): {n} images -> {submission}" in run.stdout and len(shown) == n == 8
+    lacking = "warning: the submission calls nothing for 2 slice(s) that could not be read, left out of their series"
+    assert lacking in run.stdout, run.stdout[-2000:]
     assert all(series_of[r["image"]] == r["series"] for r in shown)  # revealed: each slice's UID, of its series
     assert len({r["image"] for r in shown}) == n and len({r["series"] for r in shown}) == 2
     rows = list(csv.reader(submission.read_text().splitlines()))

@@ -416,6 +416,30 @@ def test_a_manifests_reasons_name_no_path():
     assert "DOE" not in mf.RECORD.validate_json(mf.RECORD.dump_json(rec)).reason
 
 
+def test_a_manifest_says_what_of_a_split_no_sample_stands_for():
+    """What a competition would find missing from a submission of a split: its inputs that failed or made no
+    sample, and the slices left out of its series; other splits' and the inputs never assigned one not counted."""
+    from shards import manifest as mf
+
+    def rec(i, status, split, left_out=0):
+        return mf.InputRecord(id=str(i), kind="dicom", status=status, split=split, left_out=left_out)
+
+    inputs = [rec(1, "ingested", "test", 2), rec(2, "ingested", "test", 1), rec(3, "failed", "test")]
+    inputs += [rec(4, "skipped", "test"), rec(5, "failed", "train"), rec(6, "ingested", "train", 4)]
+    inputs += [rec(7, "skipped", None)]  # not in the label table: no split
+    manifest = mf.Manifest(dataset="d", kind="dicom", classes=[], splits={}, inputs=inputs, config={})
+    said = manifest.not_called("test")
+    assert (
+        said
+        == "2 input(s) that failed or made no sample and 3 slice(s) that could not be read, left out of their series"
+    )
+    assert manifest.not_called("train") == (
+        "1 input(s) that failed or made no sample and 4 slice(s) that could not be read, left out of their series"
+    )
+    assert manifest.not_called("val") is None
+    assert b"left_out" not in mf.RECORD.dump_json(rec(8, "ingested", "test"), exclude_defaults=True)  # stored if any
+
+
 def test_a_prefix_without_a_manifest_is_no_dataset_and_says_why(tmp_path):
     from shards import storage
 

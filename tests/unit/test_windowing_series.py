@@ -357,7 +357,7 @@ def test_a_slice_that_cannot_be_read_is_left_out_of_its_series_and_named(tmp_pat
     unit, cfg = _series_with_a_broken_slice(tmp_path, [2])
     work = Work(unit)
     rec = process_work(work, cfg)
-    assert rec.status == "ingested" and rec.samples == 5
+    assert rec.status == "ingested" and rec.samples == 5 and rec.left_out == 1
     (note,) = rec.warnings
     assert note.startswith(f"1 of 6 slice(s) could not be read and were left out ({unit.meta['images'][2]}; ")
     assert "DicomError: pixel data could not be decoded" in note
