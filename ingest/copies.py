@@ -6,10 +6,9 @@ from __future__ import annotations
 
 import hashlib
 import re
-from concurrent.futures import ThreadPoolExecutor
 
 from ingest import progress
-from shards import storage
+from shards import storage, transfers
 
 _MD5 = re.compile(r"[0-9a-f]{32}")  # a single-part upload's ETag is its content's MD5; a multipart one's is not
 
@@ -28,10 +27,12 @@ BAR_FILES = 2000  # files read to digest before a bar is drawn (local disk: a fe
 
 def content_digests(stamps: dict[str, str], threads: int = 8) -> dict[str, str]:
     """:func:`content_digest` of each location of ``stamps`` (location -> its listing's stamp), read in threads
-    (a hundred thousand local images: every byte read once here, before the run; ``--duplicates apart`` skips it)."""
-    with ThreadPoolExecutor(threads) as pool:
-        digests = pool.map(content_digest, stamps, stamps.values())
-        return dict(zip(stamps, progress.counted(digests, "looking for copies", " files", BAR_FILES), strict=True))
+    (a hundred thousand local images: every byte read once here, before the run; ``--duplicates apart`` skips it),
+    their wait counted once in the driver's transfers."""
+    with progress.bar(len(stamps), "looking for copies", "file", least=BAR_FILES) as bar:
+        read = transfers.concurrently(lambda item: content_digest(*item), stamps.items(), threads, "tessera-digest",
+                                      each=lambda _: bar.update(1))  # fmt: skip
+    return dict(zip(stamps, read, strict=True))
 
 
 def copy_groups(digests: dict[str, str]) -> list[list[str]]:
