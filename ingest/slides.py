@@ -73,6 +73,7 @@ class OpenSlideReader:
 
         if not os.path.exists(path):  # else OpenSlide calls it an unknown format
             raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), path)
+        self._path = path
         try:
             self._slide = openslide.OpenSlide(path)
         except openslide.OpenSlideUnsupportedFormatError as exc:
@@ -107,8 +108,8 @@ class OpenSlideReader:
             if lx is not None and ly is not None:
                 try:
                     return direct.read(lx, ly, width, height)
-                except Exception as exc:  # a damaged tile: say where, as OpenSlide's path would
-                    raise SlideError(f"read failed at ({x}, {y}) level {level}: {exc}") from exc
+                except Exception:  # a tile it cannot decode, or one cut short: OpenSlide reads it or says why
+                    pass
         return self._openslide_read(x, y, level, width, height)
 
     def _openslide_read(self, x: int, y: int, level: int, width: int, height: int) -> np.ndarray:
@@ -117,6 +118,10 @@ class OpenSlideReader:
         try:
             region = self._slide.read_region((x, y), level, (width, height))
         except openslide.OpenSlideError as exc:
+            # OpenSlide refuses every later call on a handle that met an error: a fresh one reads the slide's other
+            # tiles, so that one damaged tile costs its own reads only (ingest.wsi.read_tiles leaves it out).
+            self._slide.close()
+            self._slide = openslide.OpenSlide(self._path)
             raise SlideError(f"read failed at ({x}, {y}) level {level}: {exc}") from exc
         return _flatten_rgba(np.asarray(region))
 

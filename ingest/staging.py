@@ -49,7 +49,7 @@ class WorkRecord(BaseModel):
     bytes: int = 0
     classes: str | None = None  # the part's samples' labels as runs (see shards.manifest.encode_runs)
     warnings: list[str] = Field(default_factory=list)
-    left_out: int = 0  # a series' slices that could not be read (``Work.left_out``)
+    left_out: int = 0  # a series' slices, or a region's tiles, that could not be read (``Work.left_out``)
     dropped_at: list[tuple[int, int]] = Field(default_factory=list)  # level-0 (x, y) of tiles the model dropped
     members: dict[str, Outcome] = Field(default_factory=dict)
     fingerprint: str | None = None  # of the files it was made from (Work.fingerprint)

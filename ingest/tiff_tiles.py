@@ -39,6 +39,7 @@ class TiledLevel:
         self._across = -(-self.width // self.tile_w)
         self._decode = page.decode
         self._kwargs: dict = {"_fullsize": True}
+        self._whole_jpeg = page.compression == 7  # each tile a JPEG stream of its own, from SOI to EOI
         if page.compression in {6, 7, 34892, 33007}:  # the JPEG family: shared tables live in the page
             self._kwargs.update(jpegtables=page.jpegtables, jpegheader=page.jpegheader)
 
@@ -64,6 +65,10 @@ class TiledLevel:
             return None
         self._fh.seek(offset)
         data = self._fh.read(count)
+        # libjpeg-turbo here decodes a stream cut short into grey without a word, where OpenSlide refuses it: such
+        # a tile is left to OpenSlide (the caller's fallback), which reads it or says why.
+        if len(data) != count or (self._whole_jpeg and (data[:2] != b"\xff\xd8" or data[-2:] != b"\xff\xd9")):
+            raise ValueError(f"tile {index} of a level {self.width} px wide is not whole")
         segment, _, _ = self._decode(data, index, **self._kwargs)
         tile = np.asarray(segment).reshape(self.tile_h, self.tile_w, 3)
         self._cache.put(key, tile)

@@ -23,7 +23,7 @@ from ingest.sequences import center_indices, even_indices, neighbour_indices
 from ingest.slides import OpenSlideReader
 from ingest.source_cache import SLIDES
 from ingest.tissue import colourless
-from ingest.wsi import TilePlan, plan_tiles, read_tiles, scale_mismatch
+from ingest.wsi import TilePlan, damaged_note, plan_tiles, read_tiles, scale_mismatch
 from shards import storage
 from shards.local_files import local_copy
 from shards.manifest import preview_url
@@ -58,7 +58,7 @@ class Work:
     plan: TilePlan | None = None
     batch: list[Unit] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # an image's warnings found making its samples (see _batch_samples)
-    left_out: int = 0  # a series' slices that could not be read (see sequence_samples)
+    left_out: int = 0  # a series' slices, or a region's tiles, that could not be read (see sequence_samples)
 
     @property
     def id(self) -> str:
@@ -129,13 +129,16 @@ def _scale(mpp: float | None, width: int, stored_width: int) -> dict[str, float 
 def wsi_samples(work: Work, cfg: WsiIngestConfig, background=None) -> Iterator[dict[str, Any]]:
     """The tiles of one region as samples (key ``<slide>_<x>_<y>``, level-0 coordinates).
 
-    ``background`` (a :class:`~ingest.background.BackgroundFilter`) drops the tiles it calls background.
+    ``background`` (a :class:`~ingest.background.BackgroundFilter`) drops the tiles it calls background. A tile
+    that cannot be read is left out, and counted and noted in ``work`` (:func:`~ingest.wsi.read_tiles`).
     """
     unit, plan = work.unit, work.plan
     assert plan is not None
+    work.notes.clear()  # a retried attempt notes anew
+    damaged: list = []
     reader = OpenSlideReader(SLIDES.path(unit.sources))
     try:
-        tiles = read_tiles(reader, plan, cfg.tile_size, cfg.store_size)
+        tiles = read_tiles(reader, plan, cfg.tile_size, cfg.store_size, damaged)
         for tile, rgb in background.filter(tiles) if background else tiles:
             meta = {
                 "slide": unit.item,
@@ -151,6 +154,9 @@ def wsi_samples(work: Work, cfg: WsiIngestConfig, background=None) -> Iterator[d
             yield make_sample(f"{unit.item}_{tile.x:07d}_{tile.y:07d}", image, cfg.format, unit.label, meta)
     finally:
         reader.close()
+    if damaged:
+        work.notes.append(damaged_note(damaged, len(plan.tiles), work.index))
+    work.left_out = len(damaged)
 
 
 class _Slices:

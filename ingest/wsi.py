@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from ingest.slides import SlideReader
+from ingest.slides import SlideError, SlideReader
 from ingest.tiling import Tile, tissue_tiles
 from ingest.tissue import tissue_mask
 from shards.schema import scale_ratio
@@ -171,22 +171,44 @@ def plan_tiles(
 
 
 def read_tiles(
-    reader: SlideReader, plan: TilePlan, tile_size: int, store_size: int | None
+    reader: SlideReader,
+    plan: TilePlan,
+    tile_size: int,
+    store_size: int | None,
+    damaged: list[tuple[Tile, SlideError]] | None = None,
 ) -> Iterator[tuple[Tile, np.ndarray]]:
     """Yield ``(tile, rgb[S, S, 3])`` for each planned tile; only kept tiles' pixels are read.
 
     A tile larger than :data:`READ_BLOCK_PX` at its level is read in blocks, each averaged down by the whole part
-    of its reduction first (a partial last block is padded with white), then resized like any other.
+    of its reduction first (a partial last block is padded with white), then resized like any other. A tile the
+    slide cannot give (a damaged source tile under it) is added to ``damaged`` with its error and left out, where
+    that list is given: one bad tile of tens of thousands costs its own sample, not its slide's; else it raises.
     """
     ds = reader.level_downsamples[plan.level]
     read_px = round(plan.size0 / ds)
     out_px = store_size or tile_size
     k = max(1, read_px // out_px)
     for tile in plan.tiles:
-        if read_px > READ_BLOCK_PX:
-            rgb = read_reduced(reader, tile.x, tile.y, plan.level, read_px, read_px, k)
-        else:
-            rgb = reader.read_region(tile.x, tile.y, plan.level, read_px, read_px)
+        try:
+            if read_px > READ_BLOCK_PX:
+                rgb = read_reduced(reader, tile.x, tile.y, plan.level, read_px, read_px, k)
+            else:
+                rgb = reader.read_region(tile.x, tile.y, plan.level, read_px, read_px)
+        except SlideError as exc:
+            if damaged is None:
+                raise
+            damaged.append((tile, exc))
+            continue
         if rgb.shape[0] != out_px:
             rgb = cv2.resize(rgb, (out_px, out_px), interpolation=cv2.INTER_AREA)
         yield tile, rgb
+
+
+def damaged_note(damaged: list[tuple[Tile, SlideError]], planned: int, region: int, most: int = 5) -> str:
+    """The warning a slide's ``region`` with tiles it could not read carries: how many of its ``planned``, where
+    (level-0 x, y; the first ``most``) and the first one's error."""
+    where = ", ".join(f"({t.x}, {t.y})" for t, _ in damaged[:most]) + (", ..." if len(damaged) > most else "")
+    return (
+        f"region {region}: {len(damaged)} of its {planned} tile(s) could not be read (damaged) and were left out, "
+        f"at {where}: {damaged[0][1]}"
+    )

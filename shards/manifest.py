@@ -118,7 +118,7 @@ class InputRecord:
     # a keyed digest of its files' sizes and modification times (ETags) and of what planning read about them: a
     # run again over the same location tells a replaced file from the one the dataset was made of
     fingerprint: str | None = None
-    left_out: int = 0  # slices of a series that could not be read, left out of its samples (its warnings name them)
+    left_out: int = 0  # a series' slices, or a slide's tiles, that could not be read and were left out (see warnings)
 
     @field_validator("reason")
     @classmethod
@@ -248,7 +248,8 @@ class Manifest(ManifestHead):
         """What of ``split``'s inputs no sample stands for, in a few words (None: nothing): those that failed or
         made none, and the slices left out of the others. A competition refuses a submission that lacks one."""
         missing = sum(1 for r in self.inputs if r.split == split and r.status != "ingested")
-        left = sum(r.left_out for r in self.inputs if r.split == split and r.status == "ingested")
+        # A slide's left-out tiles leave it called (by its others); a series' left-out slice is called by no sample.
+        left = sum(r.left_out for r in self.inputs if r.split == split and r.status == "ingested" and r.kind != "wsi")
         said = [f"{missing} input(s) that failed or made no sample"] if missing else []
         said += [f"{left} slice(s) that could not be read, left out of their series"] if left else []
         return " and ".join(said) or None

@@ -418,7 +418,8 @@ def test_a_manifests_reasons_name_no_path():
 
 def test_a_manifest_says_what_of_a_split_no_sample_stands_for():
     """What a competition would find missing from a submission of a split: its inputs that failed or made no
-    sample, and the slices left out of its series; other splits' and the inputs never assigned one not counted."""
+    sample, and the slices left out of its series; other splits' and the inputs never assigned one not counted, nor
+    a slide's tiles left out (its other tiles call it)."""
     from shards import manifest as mf
 
     def rec(i, status, split, left_out=0):
@@ -437,6 +438,8 @@ def test_a_manifest_says_what_of_a_split_no_sample_stands_for():
         "1 input(s) that failed or made no sample and 4 slice(s) that could not be read, left out of their series"
     )
     assert manifest.not_called("val") is None
+    slides = [mf.InputRecord(id="s", kind="wsi", status="ingested", split="test", left_out=3)]  # damaged tiles
+    assert mf.Manifest(dataset="d", kind="wsi", classes=[], inputs=slides, config={}).not_called("test") is None
     assert b"left_out" not in mf.RECORD.dump_json(rec(8, "ingested", "test"), exclude_defaults=True)  # stored if any
 
 

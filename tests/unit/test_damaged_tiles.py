@@ -1,0 +1,127 @@
+"""A slide with a damaged source tile: the tiles over it are left out, counted and named, and the rest of the slide
+is ingested as from an intact copy (before, the first such read failed its whole slide). OpenSlide, the reader of
+record, refuses every later read once one failed; the direct path decoded an unfinished tile."""
+
+import dataclasses
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+
+from ingest.config import WsiIngestConfig
+from ingest.plan import make_plan
+from ingest.runner import _merge
+from ingest.slides import OpenSlideReader, SlideError
+from ingest.staging import process_work
+from ingest.synthetic import slide_array, write_pyramid_tiff
+from ingest.units import plan_unit, wsi_samples
+from ingest.wsi import plan_tiles, read_tiles
+from shards.schema import decode_image
+
+
+@pytest.fixture(scope="module")
+def intact(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("intact") / "s.tif"
+    write_pyramid_tiff(path, slide_array(2048, "CE", np.random.default_rng(3)))  # 8 x 8 source tiles of 256 px
+    return path
+
+
+def _damaged(intact: Path, folder: Path, how: str, indices=(34,)) -> Path:
+    """A copy of ``intact`` with level 0's source tiles ``indices`` spoiled: zeroed (no JPEG at all), or the second
+    half of each erased to 0xFF as flash erases (a JPEG stream without its end, which libjpeg-turbo in the direct
+    path decoded without a word, where OpenSlide refuses it)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "s.tif"
+    shutil.copy(intact, path)
+    with tifffile.TiffFile(path) as tif:
+        page = tif.pages[0]
+        spans = [(page.dataoffsets[i], page.databytecounts[i]) for i in indices]
+    data = bytearray(path.read_bytes())
+    for offset, count in spans:
+        start = offset if how == "zeros" else offset + count // 2
+        data[start : offset + count] = (b"\0" if how == "zeros" else b"\xff") * (offset + count - start)
+    path.write_bytes(bytes(data))
+    return path
+
+
+def _cfg(src: Path, out: Path) -> WsiIngestConfig:
+    return WsiIngestConfig(
+        sources=[str(src)], out=str(out), tile_size=256, region_tiles=16, tissue_threshold=0.0, format="png",
+        split="train=1.0",
+    )  # fmt: skip
+
+
+def _ingest(src: Path, out: Path):
+    cfg = _cfg(src, out)
+    [unit] = make_plan("wsi", cfg, b"k").units
+    works, warnings = plan_unit(unit, cfg)
+    samples = {s["__key__"]: decode_image(s["png"]) for w in works for s in wsi_samples(w, cfg)}
+    return unit, works, warnings, samples
+
+
+@pytest.mark.parametrize("how", ["zeros", "erased"])
+def test_a_damaged_tile_costs_the_tiles_over_it_and_no_other(tmp_path, intact, how):
+    _, _, _, whole = _ingest(intact, tmp_path / "a")
+    src = _damaged(intact, tmp_path / how, how)
+    _, works, _, samples = _ingest(src, tmp_path / "b")
+    lost = [k for k in whole if k not in samples]
+    assert lost == [k for k in whole if k.endswith("_0000512_0001024")]  # source tile 34: row 4, column 2
+    assert all(np.array_equal(samples[k], whole[k]) for k in samples)  # the others, as from the intact copy
+    [damaged] = [w for w in works if w.left_out]
+    assert damaged.left_out == 1 and len(damaged.notes) == 1
+    why = "Not a JPEG file" if how == "zeros" else "Premature end of JPEG file"
+    assert damaged.notes[0].startswith(f"region {damaged.index}: 1 of its 16 tile(s) could not be read (damaged)")
+    assert "at (512, 1024): read failed at (512, 1024) level 0: " + why in damaged.notes[0]
+
+
+def test_openslide_reads_on_after_a_damaged_tile(tmp_path, intact):
+    """Through OpenSlide alone (a format the direct path does not serve): its handle is opened anew after the
+    error, so the tiles after the damaged one are read, with OpenSlide's pixels."""
+    src = _damaged(intact, tmp_path, "zeros", indices=(34, 44))
+    reader = OpenSlideReader(str(src), fast=False)
+    plan = plan_tiles(reader, 256, None, None, 0.0)
+    damaged: list = []
+    read = dict(((t.x, t.y), rgb) for t, rgb in read_tiles(reader, plan, 256, None, damaged))
+    assert [(t.x, t.y) for t, _ in damaged] == [(512, 1024), (1024, 1280)]
+    assert all(isinstance(e, SlideError) for _, e in damaged) and len(read) == len(plan.tiles) - 2
+    with pytest.raises(SlideError, match=r"read failed at \(512, 1024\) level 0: Not a JPEG file"):
+        next(read_tiles(reader, dataclasses.replace(plan, tiles=[damaged[0][0]]), 256, None))  # none given: raised
+    reader.close()
+    good = OpenSlideReader(str(intact), fast=False)
+    assert all(np.array_equal(rgb, good.read_region(x, y, 0, 256, 256)) for (x, y), rgb in read.items())
+    good.close()
+
+
+def test_the_direct_path_leaves_a_tile_without_its_end_to_openslide(tmp_path, intact):
+    """libjpeg-turbo decodes a JPEG stream without its end, without a word; OpenSlide refuses it."""
+    src = _damaged(intact, tmp_path, "erased")
+    reader = OpenSlideReader(str(src))
+    assert reader.direct_levels == [0, 1, 2, 3]
+    with pytest.raises(SlideError, match="Premature end of JPEG file"):
+        reader.read_region(512, 1024, 0, 256, 256)
+    assert reader.read_region(0, 0, 0, 256, 256).shape == (256, 256, 3)  # the rest, read on
+    reader.close()
+
+
+def test_a_slide_with_no_tile_that_can_be_read_fails_saying_so(tmp_path, intact):
+    src = _damaged(intact, tmp_path / "all", "zeros", indices=range(64))
+    cfg = _cfg(src, tmp_path / "out")
+    [unit] = make_plan("wsi", cfg, b"k").units
+    works, warnings = plan_unit(unit, cfg)  # its mask, from a level not damaged, finds the tiles
+    records = [process_work(w, cfg) for w in works]
+    assert all(
+        r.status == "ingested" and r.samples == 0 and r.left_out == len(w.plan.tiles)
+        for r, w in zip(records, works, strict=True)
+    )
+    rec = _merge(unit, (works, warnings, None, None), records)
+    assert (rec.status, rec.left_out) == ("failed", 24)
+    assert rec.reason == "none of its 24 tile(s) with tissue could be read (damaged)"
+    assert len(rec.warnings) == 2 and all("could not be read (damaged)" in w for w in rec.warnings)
+    some = _damaged(intact, tmp_path / "one", "zeros")  # one damaged tile: ingested, and counted
+    cfg = _cfg(some, tmp_path / "out1")
+    [unit] = make_plan("wsi", cfg, b"k").units
+    works, warnings = plan_unit(unit, cfg)
+    rec = _merge(unit, (works, warnings, None, None), [process_work(w, cfg) for w in works])
+    assert (rec.status, rec.samples, rec.left_out) == ("ingested", 23, 1)
