@@ -97,6 +97,39 @@ def read_mask_image(reader: SlideReader, level: int) -> tuple[np.ndarray, float]
     return read_reduced(reader, 0, 0, level, w, h, k), ds * k
 
 
+# Side of the pieces, in output pixels, a mask level with a damaged tile is read in: a damaged source tile whites
+# out about one piece's area of the mask (source tiles are 240-512 px).
+MASK_PIECE_PX = 256
+
+
+def read_mask_in_pieces(reader: SlideReader, level: int) -> tuple[np.ndarray, float, str | None]:
+    """:func:`read_mask_image` read in pieces of :data:`MASK_PIECE_PX` px, each that cannot be read left white (no
+    tissue), and a warning saying how many (None where every piece was read): a damaged tile of the level costs
+    the tissue under it, not the slide."""
+    w, h = reader.level_dimensions[level]
+    ds = reader.level_downsamples[level]
+    k = math.ceil(max(w, h) / MASK_MAX_PX)
+    step = MASK_PIECE_PX * k
+    out = np.full((math.ceil(h / k), math.ceil(w / k), 3), 255, np.uint8)
+    bad: list[SlideError] = []
+    for by in range(0, h, step):
+        for bx in range(0, w, step):
+            bw, bh = min(step, w - bx), min(step, h - by)
+            try:
+                piece = reader.read_region(round(bx * ds), round(by * ds), level, bw, bh)
+            except SlideError as exc:
+                bad.append(exc)
+                continue
+            piece = block_mean(piece, k) if k > 1 else piece
+            out[by // k : by // k + piece.shape[0], bx // k : bx // k + piece.shape[1]] = piece
+    pieces = math.ceil(w / step) * math.ceil(h / step)
+    note = bad and (
+        f"{len(bad)} of {pieces} parts of the level the tissue mask is read from could not be read (damaged): "
+        f"taken as background, no tile is cut there: {bad[0]}"
+    )
+    return out, ds * k, note or None
+
+
 def target_downsample(
     slide_mpp: float | None, slide_power: float | None, mpp: float | None, magnification: float | None
 ) -> tuple[float, list[str]]:
@@ -163,11 +196,16 @@ def plan_tiles(
 ) -> TilePlan:
     """Tile plan for ``reader``: tiles of ``tile_size`` px at ``mpp`` or ``magnification`` (else level 0)."""
     g = tile_geometry(reader, tile_size, mpp, stride, magnification)
-    thumb, mask_ds = read_mask_image(reader, mask_level(reader.level_dimensions))
+    level, warnings = mask_level(reader.level_dimensions), list(g.warnings)
+    try:
+        thumb, mask_ds = read_mask_image(reader, level)
+    except SlideError:  # a damaged tile failed the read of the whole level: read around it
+        thumb, mask_ds, note = read_mask_in_pieces(reader, level)
+        warnings += [note] if note else []
     mask = tissue_mask(thumb)
     w0, h0 = reader.level_dimensions[0]
     tiles = tissue_tiles(mask, mask_ds, w0, h0, g.size0, g.stride0, threshold)
-    return TilePlan(g.level, g.target_downsample, g.size0, reader.mpp, thumb, mask, mask_ds, tiles, g.warnings)
+    return TilePlan(g.level, g.target_downsample, g.size0, reader.mpp, thumb, mask, mask_ds, tiles, warnings)
 
 
 def read_tiles(

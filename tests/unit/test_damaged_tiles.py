@@ -125,3 +125,29 @@ def test_a_slide_with_no_tile_that_can_be_read_fails_saying_so(tmp_path, intact)
     works, warnings = plan_unit(unit, cfg)
     rec = _merge(unit, (works, warnings, None, None), [process_work(w, cfg) for w in works])
     assert (rec.status, rec.samples, rec.left_out) == ("ingested", 23, 1)
+
+
+def test_a_damaged_tile_of_the_mask_level_costs_the_tissue_under_it(tmp_path, intact):
+    """The mask is read from a low level in one read, which a damaged tile there failed (and with it the slide):
+    it is read around the tile, whose area is taken as background, and the slide is tiled elsewhere as before."""
+    with tifffile.TiffFile(intact) as tif:
+        page = tif.pages[1]  # 1024 px: the level the mask is read from (mask_level)
+        offset, count = page.dataoffsets[5], page.databytecounts[5]  # row 1, column 1: level 0's (512-1024)^2
+    src = tmp_path / "s.tif"
+    data = bytearray(intact.read_bytes())
+    data[offset : offset + count] = bytes(count)
+    src.write_bytes(bytes(data))
+    for fast in (True, False):
+        whole, hurt = OpenSlideReader(str(intact), fast=fast), OpenSlideReader(str(src), fast=fast)
+        before, after = plan_tiles(whole, 256, None, None, 0.3), plan_tiles(hurt, 256, None, None, 0.3)
+        whole.close(), hurt.close()
+        kept, lost = (
+            {(t.x, t.y) for t in after.tiles},
+            {(t.x, t.y) for t in before.tiles} - {(t.x, t.y) for t in after.tiles},
+        )
+        assert lost and all(512 <= x < 1024 and 512 <= y < 1024 for x, y in lost)
+        assert kept == {(t.x, t.y) for t in before.tiles} - lost
+        assert (after.thumb[256:512, 256:512] == 255).all()
+        [note] = after.warnings
+        assert note.startswith("1 of 16 parts of the level the tissue mask is read from could not be read (damaged)")
+        assert note.endswith("read failed at (512, 512) level 1: Not a JPEG file: starts with 0x00 0x00")
