@@ -32,7 +32,7 @@ def _shown(field: str, value) -> str:
     if field == "shard_size" and value % (1 << 30) == 0:
         return f"{value >> 30}GB"
     if isinstance(value, list):
-        return ",".join(map(str, value))
+        return ",".join(map(str, value)) or "none"
     return str(value)
 
 
@@ -124,6 +124,12 @@ def add_ingest_parser(sub, fn) -> None:
             add("--mpp", "microns per pixel to tile at (default: level 0)", type=float)
             add("--magnification", "objective magnification to tile at, e.g. 20", type=float)
             add("--region-tiles", "tiles per unit of work within a slide", type=int)
+            add(
+                "--pen-marks",
+                "pen marks on the glass not to take for tissue, by colour: any of green, blue, black, red, comma "
+                "separated (e.g. green,blue,black); red only on tissue without red cells, whose colour it has",
+            )
+            add("--pen-max", "the most of a tile's area pen marks may cover for it to be cut", type=float)
             k.add_argument(
                 "--no-fetch-ahead",
                 dest="fetch_ahead",
@@ -196,8 +202,9 @@ def ingest_config(args):
     given = {name: value for name, value in vars(args).items() if name in cls.model_fields}
     if given.get("format") == "jpeg":
         given["format"] = "jpg"
-    if isinstance(given.get("windows"), str):
-        given["windows"] = given["windows"].split(",")
+    for listed in ("windows", "pen_marks"):
+        if isinstance(given.get(listed), str):
+            given[listed] = [v for v in given[listed].split(",") if v]
     try:
         return cls(sources=args.src, **given)
     except ValidationError as exc:

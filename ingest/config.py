@@ -145,6 +145,10 @@ class WsiIngestConfig(IngestConfig):
     mpp: float | None = Field(None, gt=0)
     magnification: float | None = Field(None, gt=0)
     tissue_threshold: float = Field(0.30, ge=0.0, le=1.0)
+    # pen marks of these colours are not tissue (ingest.ink), and a tile more than pen_max of which they cover is
+    # not cut; none by default: ink is told by colour, and red ink has the colour of red cells
+    pen_marks: list[Literal["green", "blue", "black", "red"]] = Field(default_factory=list)
+    pen_max: float = Field(0.05, ge=0.0, le=1.0)
     region_tiles: int = Field(256, ge=1)
     # each worker downloads its next slide on s3:// while it cuts the current one (local disk: two slides a
     # worker, as its source cache keeps anyway); off: a worker waits on the network for each slide it starts

@@ -12,8 +12,11 @@ from ingest.tissue import inner_boundary
 MAX_SIDE = 1024
 
 
-def preview_png(thumb: np.ndarray, mask: np.ndarray, mask_downsample: float, tiles: list[Tile]) -> bytes:
-    """PNG of ``thumb[H, W, 3]`` (the mask's level) with the mask outline in green and kept tiles in blue.
+def preview_png(
+    thumb: np.ndarray, mask: np.ndarray, mask_downsample: float, tiles: list[Tile], ink: np.ndarray | None = None
+) -> bytes:
+    """PNG of ``thumb[H, W, 3]`` (the mask's level) with the mask outline in green, kept tiles in blue and the
+    outline of pen marks found (``ink``, :mod:`ingest.ink`) in magenta.
 
     ``mask_downsample`` is level-0 pixels per thumbnail pixel; tile boxes are level-0. Large thumbnails are
     shrunk to at most 1024 px on the longest side.
@@ -23,13 +26,15 @@ def preview_png(thumb: np.ndarray, mask: np.ndarray, mask_downsample: float, til
     scale = min(1.0, MAX_SIDE / max(mask.shape))
     f = preview_scale(mask.shape, mask_downsample)
     img = np.ascontiguousarray(thumb[:, :, :3])
-    m = mask
+    m, pen = mask, ink if ink is not None else np.zeros(mask.shape, bool)
     if scale < 1.0:
         size = (max(1, round(mask.shape[1] * scale)), max(1, round(mask.shape[0] * scale)))
         img = cv2.resize(img, size, interpolation=cv2.INTER_AREA)
         m = cv2.resize(mask.astype(np.uint8), size, interpolation=cv2.INTER_NEAREST).astype(bool)
+        pen = cv2.resize(pen.astype(np.uint8), size, interpolation=cv2.INTER_NEAREST).astype(bool)
     img = img.copy()
     img[inner_boundary(m)] = (0, 200, 0)
+    img[inner_boundary(pen)] = (230, 0, 230)
     _boxes(img, [(t.x, t.y) for t in tiles], tiles[0].size0 if tiles else 0, f, (30, 80, 230))
     return _png(img[:, :, ::-1])
 

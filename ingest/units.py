@@ -98,14 +98,16 @@ def plan_slide(unit: Unit, cfg: WsiIngestConfig, background=None) -> tuple[list[
     """Mask and tile one slide, publish its preview, and cut its tiles into regions of ``cfg.region_tiles``; a
     warning where the tiles are of another scale than the ``background`` model's training tiles."""
     reader = OpenSlideReader(SLIDES.path(unit.sources))  # downloaded once per worker for all its regions
+    pens = {"inks": cfg.pen_marks, "ink_max": cfg.pen_max}
     try:
-        plan = plan_tiles(reader, cfg.tile_size, cfg.mpp, cfg.stride, cfg.tissue_threshold, cfg.magnification)
+        plan = plan_tiles(reader, cfg.tile_size, cfg.mpp, cfg.stride, cfg.tissue_threshold, cfg.magnification, **pens)
     finally:
         reader.close()
-    png = preview_png(plan.thumb, plan.mask, plan.mask_downsample, plan.tiles)
+    png = preview_png(plan.thumb, plan.mask, plan.mask_downsample, plan.tiles, plan.ink)
     storage.put_bytes(preview_url(cfg.out, unit.item), png)
     scale = preview_scale(plan.mask.shape, plan.mask_downsample)
-    light = dataclasses.replace(plan, thumb=None, mask=None, preview_scale=scale)  # regions travel without arrays
+    # regions travel without arrays
+    light = dataclasses.replace(plan, thumb=None, mask=None, ink=None, preview_scale=scale)
     n = cfg.region_tiles
     works = [
         Work(unit, i, dataclasses.replace(light, tiles=plan.tiles[k : k + n]))

@@ -9,9 +9,10 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from ingest.ink import ink_mask, without_ink
 from ingest.slides import SlideError, SlideReader
 from ingest.tiling import Tile, tissue_tiles
-from ingest.tissue import tissue_mask
+from ingest.tissue import tissue_fraction, tissue_mask
 from shards.schema import scale_ratio
 
 # Longest side of the level the tissue mask is computed on (the smallest level at least this large): enough to
@@ -38,6 +39,7 @@ class TilePlan:
     tiles: list[Tile]
     warnings: list[str]
     preview_scale: float | None = None  # preview px per level-0 px, once the preview is drawn (ingest.preview)
+    ink: np.ndarray | None = None  # pen marks found on the mask's image (ingest.ink), where they were looked for
 
 
 def choose_level(downsamples: list[float], target: float) -> int:
@@ -193,8 +195,14 @@ def plan_tiles(
     stride: int | None,
     threshold: float,
     magnification: float | None = None,
+    inks: list[str] | tuple[str, ...] = (),
+    ink_max: float = 0.05,
 ) -> TilePlan:
-    """Tile plan for ``reader``: tiles of ``tile_size`` px at ``mpp`` or ``magnification`` (else level 0)."""
+    """Tile plan for ``reader``: tiles of ``tile_size`` px at ``mpp`` or ``magnification`` (else level 0).
+
+    ``inks`` (:data:`ingest.ink.INKS`): pen marks of these colours are not tissue, and a tile more than
+    ``ink_max`` of whose area they cover is not cut, whatever tissue it holds (the pen is in its pixels).
+    """
     g = tile_geometry(reader, tile_size, mpp, stride, magnification)
     level, warnings = mask_level(reader.level_dimensions), list(g.warnings)
     try:
@@ -202,10 +210,21 @@ def plan_tiles(
     except SlideError:  # a damaged tile failed the read of the whole level: read around it
         thumb, mask_ds, note = read_mask_in_pieces(reader, level)
         warnings += [note] if note else []
-    mask = tissue_mask(thumb)
+    ink = ink_mask(thumb, inks) if inks else None
+    mask = tissue_mask(without_ink(thumb, ink) if ink is not None and ink.any() else thumb)
     w0, h0 = reader.level_dimensions[0]
     tiles = tissue_tiles(mask, mask_ds, w0, h0, g.size0, g.stride0, threshold)
-    return TilePlan(g.level, g.target_downsample, g.size0, reader.mpp, thumb, mask, mask_ds, tiles, warnings)
+    if ink is not None and ink.any():
+        d, clean = mask_ds, []
+        for t in tiles:
+            if tissue_fraction(ink, t.x / d, t.y / d, (t.x + t.size0) / d, (t.y + t.size0) / d) <= ink_max:
+                clean.append(t)
+        warnings.append(
+            f"pen marks over {ink.mean():.1%} of the slide's area, not taken for tissue; {len(tiles) - len(clean)} "
+            f"tile(s) with tissue and more than {ink_max:.0%} ink not cut"
+        )
+        tiles = clean
+    return TilePlan(g.level, g.target_downsample, g.size0, reader.mpp, thumb, mask, mask_ds, tiles, warnings, ink=ink)
 
 
 def read_tiles(
