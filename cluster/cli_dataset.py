@@ -88,6 +88,7 @@ def made_with(recorded: dict) -> str:
     said += ["detector_sha256", "detect_confidence", "detect_iou"]  # the detector's line
     said += ["sam_model"] if recorded.get("segment") != "sam" else []  # options of a choice not taken
     said += ["frames"] if recorded.get("mode") != "series" else []
+    said += ["pen_max"] if not recorded.get("pen_marks") else []
     options = {k: v for k, v in dataset_options(recorded).items() if k not in said and _is_set(v)}
     return " ".join(f"{k}={','.join(map(str, v)) if isinstance(v, list) else v}" for k, v in options.items())
 

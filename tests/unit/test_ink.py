@@ -124,3 +124,13 @@ def test_pen_marks_are_typed_as_a_list_of_known_colours(capsys):
     assert ingest_config(parse(["ingest", "wsi", "a", "--out", "o"])).pen_marks == []
     assert main(["ingest", "wsi", "a", "--out", "o", "--pen-marks", "purple"]) == 1
     assert "--pen-marks" in capsys.readouterr().err
+
+
+def test_a_dataset_says_its_pen_marks_and_their_limit_only_where_looked_for():
+    from cluster.cli_dataset import made_with
+    from ingest.config import WsiIngestConfig
+
+    plain = made_with(WsiIngestConfig(sources=["a"], out="o").public())
+    assert "pen" not in plain and "tissue_threshold=0.3" in plain
+    pens = made_with(WsiIngestConfig(sources=["a"], out="o", pen_marks=["green", "black"], pen_max=0.1).public())
+    assert "pen_marks=green,black pen_max=0.1" in pens
