@@ -46,6 +46,9 @@ class Settings(BaseSettings):
     ray_client_port: int = Field(10001, gt=0, lt=65536)
     ray_agent_port: int = Field(52365, gt=0, lt=65536)
     ray_num_cpus: int | None = Field(None, ge=1)
+    # the ports Ray's worker processes listen on, "MIN-MAX" (None: Ray's 10002-19999): a second stack on the same
+    # machine takes another range, else two raylets can hand out the same free port at once
+    ray_worker_ports: str | None = Field(None, pattern=r"^\d{4,5}-\d{4,5}$")
     s3_port: int = Field(9900, gt=0, lt=65536)
     mlflow_port: int = Field(5500, gt=0, lt=65536)
     ray_address: str | None = None

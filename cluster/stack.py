@@ -135,6 +135,7 @@ class LocalStack:
         if self.s.ray_num_cpus:
             cmd += ["--num-cpus", str(self.s.ray_num_cpus)]
         log = self.logs / "ray.log"
+        cmd += self._worker_ports()
         # `ray start` exits once its daemons run; they stay in its session, which `down` terminates.
         rc = procs.start(cmd, self._pidfile("ray"), log, self._env(), wait=True)
         if rc != 0:
@@ -151,6 +152,7 @@ class LocalStack:
             executable("ray"), "start", "--address", self.s.ray_gcs_address, "--node-ip-address", self.s.host,
             "--num-cpus", str(num_cpus), "--disable-usage-stats",
         ]  # fmt: skip
+        cmd += self._worker_ports()
         if resources:
             cmd += ["--resources", json.dumps(resources)]
         if num_gpus:
@@ -159,6 +161,12 @@ class LocalStack:
         rc = procs.start(cmd, self._pidfile(f"node-{name}"), log, self._env(), wait=True)
         if rc != 0:
             raise TesseraError(f"`ray start --address` failed (exit {rc}); see {log}:\n{_log_tail(log)}")
+
+    def _worker_ports(self) -> list[str]:
+        if not self.s.ray_worker_ports:
+            return []
+        low, high = self.s.ray_worker_ports.split("-")
+        return ["--min-worker-port", low, "--max-worker-port", high]
 
     def remove_node(self, name: str) -> bool:
         return procs.stop(self._pidfile(f"node-{name}"))

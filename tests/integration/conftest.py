@@ -17,16 +17,20 @@ STATE = tempfile.mkdtemp(prefix="tessera-it-")
 # Its secrets (S3 keys, Ray token, pseudonym key) go with it even when no test used the stack (`-k` of a test
 # without it), whose teardown removes it otherwise.
 atexit.register(shutil.rmtree, STATE, ignore_errors=True)
+# `make integration` runs the tier in two halves side by side, each with its own stack: the second's ports are
+# shifted by this much (its own state folder, and so its own Ray session folder, it has anyway).
+SHIFT = int(os.environ.get("TESSERA_IT_PORT_SHIFT", "0"))
 os.environ.update(
     {
         "TESSERA_STATE_DIR": STATE,
-        "TESSERA_RAY_PORT": "6411",
-        "TESSERA_RAY_DASHBOARD_PORT": "8411",
-        "TESSERA_RAY_CLIENT_PORT": "20411",
-        "TESSERA_RAY_AGENT_PORT": "52411",
-        "TESSERA_S3_PORT": "9411",
-        "TESSERA_MLFLOW_PORT": "5411",
+        "TESSERA_RAY_PORT": str(6411 + SHIFT),
+        "TESSERA_RAY_DASHBOARD_PORT": str(8411 + SHIFT),
+        "TESSERA_RAY_CLIENT_PORT": str(20411 + SHIFT),
+        "TESSERA_RAY_AGENT_PORT": str(52411 + SHIFT),
+        "TESSERA_S3_PORT": str(9411 + SHIFT),
+        "TESSERA_MLFLOW_PORT": str(5411 + SHIFT),
         "TESSERA_RAY_NUM_CPUS": "2",
+        "TESSERA_RAY_WORKER_PORTS": "21000-29999" if SHIFT else "10002-19999",
         # Ray Train's controller takes a run's reports, its end and a sweep trial's go-ahead after each epoch
         # (training.loop.await_go_ahead) at its polls of the workers, 2 s apart by default: a wait of up to 2 s
         # per run and per sweep epoch, which the suite's tiny epochs of a second make most of their time. A poll

@@ -34,3 +34,12 @@ def test_what_runs_healthy_is_left_alone(monkeypatch, tmp_path):
     stack, events = _recording_stack(monkeypatch, tmp_path, running=("s3", "ray"))
     stack.up()
     assert events == ["start mlflow", "await mlflow"]
+
+
+def test_a_second_stack_on_the_machine_can_give_its_workers_other_ports(monkeypatch, tmp_path):
+    """`TESSERA_RAY_WORKER_PORTS`: the head and any node joined take it as their workers' port range (Ray's own
+    10002-19999 without it), so two stacks' raylets never hand out the same free port at once."""
+    monkeypatch.setenv("TESSERA_STATE_DIR", str(tmp_path))
+    assert LocalStack(load_settings())._worker_ports() == []
+    monkeypatch.setenv("TESSERA_RAY_WORKER_PORTS", "21000-29999")
+    assert LocalStack(load_settings())._worker_ports() == ["--min-worker-port", "21000", "--max-worker-port", "29999"]
