@@ -145,7 +145,7 @@ def _merge(unit: Unit, plan, works: list[WorkRecord], threshold: float | None = 
     elif failed:
         where = f"region {failed[0].index}: " if unit.kind == "wsi" else ""  # only slides have several pieces
         rec.status, rec.reason = "failed", f"{where}{failed[0].reason}"
-    elif not samples and rec.left_out and unit.kind == "wsi":  # its warnings say where and why
+    elif not samples and rec.left_out and rec.left_out == sum(len(r.plan.tiles) for r in regions or [] if r.plan):
         rec.status, rec.reason = "failed", f"none of its {rec.left_out} tile(s) with tissue could be read (damaged)"
     elif not samples and rec.background_dropped:  # how many: its background_dropped (one reason groups inputs)
         why = f"the background model called each of its tiles with tissue background (P >= {threshold})"

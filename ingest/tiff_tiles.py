@@ -65,8 +65,8 @@ class TiledLevel:
             return None
         self._fh.seek(offset)
         data = self._fh.read(count)
-        # libjpeg-turbo here decodes a stream cut short into grey without a word, where OpenSlide refuses it: such
-        # a tile is left to OpenSlide (the caller's fallback), which reads it or says why.
+        # libjpeg-turbo here decodes a stream cut short without a word, where OpenSlide refuses it: a tile that does
+        # not end where its byte count says is left to OpenSlide (the caller's fallback), which reads it or says why.
         if len(data) != count or (self._whole_jpeg and (data[:2] != b"\xff\xd8" or data[-2:] != b"\xff\xd9")):
             raise ValueError(f"tile {index} of a level {self.width} px wide is not whole")
         segment, _, _ = self._decode(data, index, **self._kwargs)

@@ -58,7 +58,7 @@ class Work:
     plan: TilePlan | None = None
     batch: list[Unit] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # an image's warnings found making its samples (see _batch_samples)
-    left_out: int = 0  # a series' slices, or a region's tiles, that could not be read (see sequence_samples)
+    left_out: int = 0  # a series' slices, or a region's tiles, that could not be read (sequence_samples, wsi_samples)
 
     @property
     def id(self) -> str:
