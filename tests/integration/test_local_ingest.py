@@ -14,9 +14,22 @@ from shards import manifest as mf
 from tests.integration.commands import ingest_wsi_cmd
 
 
+def _damage_a_tile(slide) -> None:
+    """Zero level 0's source tile at (512, 512) of ``slide`` (256 px tiles), under three of its kept 128 px tiles:
+    no JPEG is left."""
+    import tifffile
+
+    with tifffile.TiffFile(slide) as tif:
+        offset, count = tif.pages[0].dataoffsets[10], tif.pages[0].databytecounts[10]
+    with open(slide, "r+b") as f:
+        f.seek(offset)
+        f.write(bytes(count))
+
+
 def test_cli_ingest_to_local_disk_without_a_stack(tmp_path):
     slides = tmp_path / "slides"
-    _, labels = make_slides(slides, n=2, size=1024, seed=9)
+    paths, labels = make_slides(slides, n=2, size=1024, seed=9)
+    _damage_a_tile(paths[1])
     env = dict(os.environ)
     env.update(
         {
@@ -34,6 +47,12 @@ def test_cli_ingest_to_local_disk_without_a_stack(tmp_path):
     manifest = json.loads((out / "manifest.json").read_text())
     assert [r["status"] for r in manifest["inputs"]] == ["ingested", "ingested"]
     assert manifest["classes"] == ["CE", "LAA"]
+    # the damaged source tile (of level 0, which these slides' mask is read from too) costs the tissue under it,
+    # said, not its slide (its three tiles there: ingest.wsi.read_mask_in_pieces)
+    [hurt] = [r for r in manifest["inputs"] if r.get("warnings")]
+    assert hurt["samples"] == 19 - 3, hurt
+    damaged = "1 of 16 parts of the level the tissue mask is read from could not be read (damaged)"
+    assert hurt["warnings"][0].startswith(damaged) and "Not a JPEG file" in hurt["warnings"][0], hurt["warnings"]
     assert sorted(p.name for p in (out / "train").iterdir()) == ["shard-000000.idx", "shard-000000.tar"]
 
     # The same command again does nothing but tidy up: a shard that a run stopped between its manifest and its
