@@ -51,13 +51,23 @@ STRIPPED = (
 )
 
 
+BIG_ENDIAN = (
+    "a TIFF in big-endian byte order (MM), whose header OpenSlide 4.0 misreads (it reads the first directory's "
+    "offset as 8 bytes and keeps the low 4, for Hamamatsu's NDPI); the same file little-endian is read: "
+    "`tiffcp -L SRC DST` keeps its tiles and levels"
+)
+
+
 def not_recognised(path: str) -> str:
-    """Why OpenSlide would not open ``path``: a TIFF in strips, which it does not read, said with how to tile it;
-    anything else damaged or not a slide, as a cut-short copy and a foreign file are alike to it."""
+    """Why OpenSlide would not open ``path``: a classic TIFF in big-endian order, or one in strips, which it does
+    not read, said with how to mend it; anything else damaged or not a slide, as a cut-short copy and a foreign
+    file are alike to it."""
     import tifffile
 
     try:
         with tifffile.TiffFile(path) as tif:
+            if tif.byteorder == ">" and not tif.is_bigtiff:
+                return BIG_ENDIAN
             if not tif.pages[0].is_tiled:
                 return STRIPPED
     except Exception:  # not a TIFF, or one cut short: OpenSlide's word below

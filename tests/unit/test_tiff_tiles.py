@@ -90,3 +90,25 @@ def test_a_tiff_in_strips_is_refused_for_what_it_is_and_damage_as_before(tmp_pat
     for name in ("cut.tif", "text.tif"):
         with pytest.raises(SlideError, match=r"OpenSlide does not recognise the file \(damaged, or not a slide\)"):
             OpenSlideReader(str(tmp_path / name))
+
+
+def test_a_big_endian_tiff_is_refused_for_what_it_is(tmp_path):
+    """OpenSlide 4.0 reads a classic TIFF's first directory offset as 8 bytes and keeps the low 4 (for NDPI), which
+    in big-endian order are the directory's own bytes: every such slide was "damaged, or not a slide". The same
+    pyramid little-endian, and big-endian BigTIFF, open."""
+    import tifffile
+
+    from ingest.slides import BIG_ENDIAN, SlideError
+
+    level0 = slide_array(512, "CE", np.random.default_rng(5))
+    for name, order, big in (("mm.tif", ">", False), ("ii.tif", "<", False), ("mm-big.tif", ">", True)):
+        with tifffile.TiffWriter(tmp_path / name, byteorder=order, bigtiff=big) as tw:
+            tw.write(level0, tile=(256, 256), compression="jpeg", photometric="rgb", metadata=None)
+            tw.write(level0[::2, ::2], tile=(256, 256), compression="jpeg", photometric="rgb", subfiletype=1)
+    with pytest.raises(SlideError) as refused:
+        OpenSlideReader(str(tmp_path / "mm.tif"))
+    assert str(refused.value) == BIG_ENDIAN
+    for name in ("ii.tif", "mm-big.tif"):
+        reader = OpenSlideReader(str(tmp_path / name))
+        assert reader.level_dimensions == [(512, 512), (256, 256)]
+        reader.close()
