@@ -191,6 +191,13 @@ def add_ingest_parser(sub, fn) -> None:
                 "each on its own (apart, as datasets made before)",
                 choices=["together", "drop", "apart"],
             )
+            add(
+                "--near-copies",
+                "also keep in one split the images whose pictures are near the same (saved again resized or "
+                "re-encoded): at most this many bits of 64 apart by a perceptual hash, e.g. 6 (0: bytes only; every "
+                "image is read and decoded before the run)",
+                type=int,
+            )
         k.set_defaults(fn=fn, kind=kind)
 
 

@@ -236,6 +236,9 @@ class ImagesIngestConfig(IngestConfig):
     # Single images with the same bytes (ingest.copies): together, their patients linked so that they share a
     # split; drop: the first of them alone, the others skipped; apart: each on its own, as before Tessera looked
     duplicates: Literal["together", "drop", "apart"] = "together"
+    # Images whose pictures are near the same (ingest.copies.picture_hash: at most this many of 64 bits apart: saved
+    # again resized, re-encoded) kept in one split as copies are; 0: bytes only. Every image is read and decoded.
+    near_copies: int = Field(0, ge=0, le=16)
 
     @model_validator(mode="after")
     def _consistent(self) -> ImagesIngestConfig:
@@ -243,6 +246,8 @@ class ImagesIngestConfig(IngestConfig):
             raise ValueError("crop needs boxes (a YOLO label folder or a box CSV) or a detector")
         if self.boxes and self.detector:
             raise ValueError("give boxes or a detector, not both (each says where every image's boxes are)")
+        if self.near_copies and self.duplicates == "apart":
+            raise ValueError("near copies are kept together: give --duplicates together (or drop, for byte copies)")
         if self.segment != "none" and not self.crop:
             raise ValueError(f"segment {self.segment} segments the lesion of each box's crop: it needs crop")
         if self.median and self.median % 2 == 0:

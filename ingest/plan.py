@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass, field
 
 from ingest.config import CONFIGS, DicomIngestConfig, ImagesIngestConfig, IngestConfig, WsiIngestConfig
-from ingest.copies import content_digests, copy_groups
+from ingest.copies import place_copies
 from ingest.dicom import group_series, map_headers, read_header, read_headers
 from ingest.dicom_wsi import group_dicom_slides
 from ingest.images import IMAGE_EXTS, csv_boxes, is_slice_table, patient_key, read_slice_table, slice_number, yolo_boxes
@@ -14,7 +15,7 @@ from ingest.labels import RSNA_SUBTYPES, LabelRow, class_names, is_rsna_csv, rea
 from ingest.model_files import ModelFiles, read_models
 from ingest.pseudonym import pseudonym
 from ingest.sources import SLIDE_EXTS, expand, fingerprint, listing, mirax_companions, stem, vms_companions
-from ingest.splits import assign_splits, linked_patients, parse_fractions
+from ingest.splits import assign_splits, parse_fractions
 from ingest.units import Unit
 from shards import storage
 from shards.manifest import InputRecord
@@ -221,32 +222,6 @@ def plan_dicom(cfg: DicomIngestConfig, key: bytes) -> Plan:
     return plan
 
 
-def _copies(plan: Plan, how: str, stamps: dict[str, str], classes: list[str]) -> dict[str, str]:
-    """Images of the same bytes: their patients linked, so that they share a split (each copy names the others,
-    ``meta["copies"]``, for ``--append`` to place one added later), or (``drop``) all but the first skipped; each
-    says so, and where their labels differ, which labels. Returns the links (:func:`_assign`'s ``linked``)."""
-    units = {u.sources[0]: u for u in plan.units}
-    links = []
-    for group in copy_groups(content_digests({loc: stamps[loc] for loc in units})):
-        members = [units[loc] for loc in group]
-        labels = sorted({classes[u.label] for u in members if u.label is not None})
-        otherwise = f", labelled {' and '.join(labels)}" if len(labels) > 1 else ""
-        if how == "drop":
-            for u in members[1:]:
-                plan.units.remove(u)
-                _image_skip(plan, u.id, f"a byte-for-byte copy of an image ingested (--duplicates drop){otherwise}")
-            members[0].meta.setdefault("warnings", []).append(
-                f"one of {len(group)} byte-for-byte copies: kept, the others skipped{otherwise}"
-            )
-            continue
-        links += [(members[0].patient, u.patient) for u in members[1:]]
-        said = f"one of {len(group)} byte-for-byte copies: in one split{otherwise}"
-        for u in members:
-            u.meta["copies"] = [m.id for m in members if m is not u]
-            u.meta.setdefault("warnings", []).append(said)
-    return linked_patients(links)
-
-
 def _unlabelled(slice_labels: list | None, mode: str) -> list[str]:
     """The warning of a series some of whose slices the RSNA table has no row for (paper 003 counted 78,546 such
     files): their pixels still serve their neighbours, but none is taken for a negative."""
@@ -319,7 +294,8 @@ def plan_images(cfg: ImagesIngestConfig, key: bytes) -> Plan:
         patient, item = _known(plan, key, "patient", who, f"patient {who}"), _known(plan, key, "image", loc, loc)
         plan.units.append(Unit(uid, "image", [loc], item, patient, label, meta=meta))
     _fingerprints(plan, key, stamps)  # before copies: an image copied since is no change to it
-    linked = _copies(plan, cfg.duplicates, stamps, classes) if cfg.duplicates != "apart" else {}
+    skip = functools.partial(_image_skip, plan)
+    linked = place_copies(plan.units, cfg, stamps, classes, skip) if cfg.duplicates != "apart" else {}
     _assign(plan.units, cfg, linked)
     return plan
 
