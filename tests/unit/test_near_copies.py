@@ -103,3 +103,45 @@ def test_near_copies_share_a_split_and_say_so(tmp_path):
 
     typed = build_parser().parse_args(["ingest", "images", "a", "--out", "o", "--near-copies", "6"])
     assert ingest_config(typed).near_copies == 6
+
+
+def test_a_near_copy_appended_later_joins_its_originals_split(tmp_path):
+    """``--append`` of a picture saved again whose original the dataset holds: it joins the original's split,
+    whatever split the seed gave that, and nothing held is said to have changed."""
+    from ingest.rerun import _kept_splits as kept_splits
+    from ingest.rerun import differences
+    from shards import manifest as mf
+
+    root = tmp_path / "images"
+    for k, cls in enumerate(("glioma", "meningioma")):
+        (root / cls).mkdir(parents=True)
+        for i in range(5):
+            (root / cls / f"{i}.jpg").write_bytes(_jpeg(_picture(10 * k + i)))
+    again = root / "glioma" / "a_again.jpg"  # sorts before its original
+    for seed in range(6):
+        again.unlink(missing_ok=True)
+        cfg = ImagesIngestConfig(sources=[str(root)], out=str(tmp_path / "o"), split="train=0.5,val=0.5", seed=seed,
+                                 near_copies=6, append=True)  # fmt: skip
+        before = plan_images(cfg, KEY)
+        held = [
+            mf.InputRecord(
+                id=u.id,
+                kind="image",
+                status="ingested",
+                item=u.item,
+                patient=u.patient,
+                label=u.label,
+                split=u.split,
+                samples=1,
+                fingerprint=u.fingerprint,
+            )
+            for u in before.units
+        ]
+        previous = mf.Manifest(dataset=cfg.out, kind="images", classes=before.classes, splits={}, inputs=held,
+                               config=cfg.public())  # fmt: skip
+        again.write_bytes(_jpeg(cv2.resize(_picture(13), (300, 300)), 80))  # meningioma/3.jpg, larger
+        plan = plan_images(cfg, KEY)
+        splits = kept_splits(previous, plan, cfg)
+        by_path = {plan.private[u.id]: u.id for u in plan.units}
+        assert splits[by_path[str(again)]] == splits[by_path[str(root / "meningioma" / "3.jpg")]], seed
+        assert differences(previous, "images", plan, cfg, splits) == []
