@@ -112,20 +112,9 @@ def near_copy_groups(locations: list[str], within: int) -> list[list[str]]:
 def groups_of(pairs: list[tuple[str, str]]) -> list[list[str]]:
     """The connected groups of ``pairs`` (a near copy of a near copy joins the group), each sorted, the groups by
     their first."""
-    parent: dict[str, str] = {}
-
-    def root(x: str) -> str:
-        while parent.setdefault(x, x) != x:
-            x = parent[x]
-        return x
-
-    for a, b in pairs:
-        ra, rb = root(a), root(b)
-        if ra != rb:
-            parent[max(ra, rb)] = min(ra, rb)
     groups: dict[str, list[str]] = {}
-    for x in sorted(parent):
-        groups.setdefault(root(x), []).append(x)
+    for x, first in sorted(linked_patients(pairs).items()):  # any names: each -> the first of its group
+        groups.setdefault(first, []).append(x)
     return sorted(groups.values(), key=lambda g: g[0])
 
 

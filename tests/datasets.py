@@ -148,3 +148,25 @@ def small_recipe(name: str, tmp_path, *extra: str):
     recipe = load_recipe(name, overrides)
     recipe_dataset(recipe, str(tmp_path / "ds"))
     return recipe
+
+
+def held_manifest(plan, cfg) -> mf.Manifest:
+    """The manifest of a dataset made by ``plan`` (every image ingested, one sample each): what ``--append``
+    compares a plan of more images against."""
+    held = [
+        mf.InputRecord(
+            id=u.id,
+            kind="image",
+            status="ingested",
+            item=u.item,
+            patient=u.patient,
+            label=u.label,
+            split=u.split,
+            samples=1,
+            fingerprint=u.fingerprint,
+        )
+        for u in plan.units
+    ]
+    return mf.Manifest(
+        dataset=cfg.out, kind="images", classes=plan.classes, splits={}, inputs=held, config=cfg.public()
+    )

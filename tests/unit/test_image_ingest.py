@@ -329,7 +329,7 @@ def test_a_copy_appended_later_joins_its_originals_split(tmp_path):
     copy joins the held image's split, the new pair one split, and nothing held is said to have changed."""
     from ingest.rerun import _kept_splits as kept_splits
     from ingest.rerun import differences
-    from shards import manifest as mf
+    from tests.datasets import held_manifest
 
     make_mri_folders(tmp_path / "mri", per_class=4, size=32, seed=3)
     images = tmp_path / "mri" / "images"
@@ -344,23 +344,7 @@ def test_a_copy_appended_later_joins_its_originals_split(tmp_path):
         for path in [*added, new]:
             path.unlink(missing_ok=True)
         before = plan_images(cfg, KEY)
-        held = [
-            mf.InputRecord(
-                id=u.id,
-                kind="image",
-                status="ingested",
-                item=u.item,
-                patient=u.patient,
-                label=u.label,
-                split=u.split,
-                samples=1,
-                fingerprint=u.fingerprint,
-            )
-            for u in before.units
-        ]
-        previous = mf.Manifest(
-            dataset=cfg.out, kind="images", classes=before.classes, splits={}, inputs=held, config=cfg.public()
-        )
+        previous = held_manifest(before, cfg)
         cv2.imwrite(str(new), np.full((32, 32), 77, np.uint8))
         for copy, original in added.items():
             shutil.copy(original, copy)

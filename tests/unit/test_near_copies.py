@@ -110,7 +110,7 @@ def test_a_near_copy_appended_later_joins_its_originals_split(tmp_path):
     whatever split the seed gave that, and nothing held is said to have changed."""
     from ingest.rerun import _kept_splits as kept_splits
     from ingest.rerun import differences
-    from shards import manifest as mf
+    from tests.datasets import held_manifest
 
     root = tmp_path / "images"
     for k, cls in enumerate(("glioma", "meningioma")):
@@ -123,22 +123,7 @@ def test_a_near_copy_appended_later_joins_its_originals_split(tmp_path):
         cfg = ImagesIngestConfig(sources=[str(root)], out=str(tmp_path / "o"), split="train=0.5,val=0.5", seed=seed,
                                  near_copies=6, append=True)  # fmt: skip
         before = plan_images(cfg, KEY)
-        held = [
-            mf.InputRecord(
-                id=u.id,
-                kind="image",
-                status="ingested",
-                item=u.item,
-                patient=u.patient,
-                label=u.label,
-                split=u.split,
-                samples=1,
-                fingerprint=u.fingerprint,
-            )
-            for u in before.units
-        ]
-        previous = mf.Manifest(dataset=cfg.out, kind="images", classes=before.classes, splits={}, inputs=held,
-                               config=cfg.public())  # fmt: skip
+        previous = held_manifest(before, cfg)
         again.write_bytes(_jpeg(cv2.resize(_picture(13), (300, 300)), 80))  # meningioma/3.jpg, larger
         plan = plan_images(cfg, KEY)
         splits = kept_splits(previous, plan, cfg)
