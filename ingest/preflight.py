@@ -10,15 +10,15 @@ from collections.abc import Callable
 from ingest.config import WsiIngestConfig
 from ingest.decisions import decide
 from ingest.describe import id_list
-from ingest.slides import OpenSlideReader, SlideReader
+from ingest.slides import SlideReader, open_slide
 from ingest.tiling import grid_size
 from ingest.units import Unit
 from ingest.wsi import scale_mismatch, tile_geometry
 from shards.local_files import is_remote
 
 
-def _header_reader(path: str) -> OpenSlideReader:
-    return OpenSlideReader(path, fast=False)  # the direct tile path probes pixels; a header needs none
+def _header_reader(path: str) -> SlideReader:
+    return open_slide(path, fast=False)  # the direct tile path probes pixels; a header needs none
 
 
 def check_slides(

@@ -145,6 +145,19 @@ class OpenSlideReader:
         self._slide.close()
 
 
+def open_slide(path: str, fast: bool = True) -> SlideReader:
+    """The slide at ``path``: through OpenSlide, or a TIFF in strips, which OpenSlide does not read, through
+    :class:`~ingest.strip_tiff.StripTiffReader`."""
+    try:
+        return OpenSlideReader(path, fast)
+    except SlideError as exc:
+        if str(exc) != STRIPPED:
+            raise
+    from ingest.strip_tiff import StripTiffReader
+
+    return StripTiffReader(path)
+
+
 class ArraySlideReader:
     """:class:`SlideReader` over an in-memory level-0 array, with power-of-two levels made by striding."""
 

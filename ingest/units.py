@@ -20,7 +20,7 @@ from ingest.model_files import model_device, model_url
 from ingest.preview import mark_dropped, preview_png, preview_scale
 from ingest.read_ahead import ReadAhead
 from ingest.sequences import center_indices, even_indices, neighbour_indices
-from ingest.slides import OpenSlideReader
+from ingest.slides import open_slide
 from ingest.source_cache import SLIDES
 from ingest.tissue import colourless
 from ingest.wsi import TilePlan, damaged_note, plan_tiles, read_tiles, scale_mismatch
@@ -97,7 +97,7 @@ GREY = "no colour in the slide (stored grey): the tissue mask, read from colour,
 def plan_slide(unit: Unit, cfg: WsiIngestConfig, background=None) -> tuple[list[Work], list[str]]:
     """Mask and tile one slide, publish its preview, and cut its tiles into regions of ``cfg.region_tiles``; a
     warning where the tiles are of another scale than the ``background`` model's training tiles."""
-    reader = OpenSlideReader(SLIDES.path(unit.sources))  # downloaded once per worker for all its regions
+    reader = open_slide(SLIDES.path(unit.sources))  # downloaded once per worker for all its regions
     pens = {"inks": cfg.pen_marks, "ink_max": cfg.pen_max}
     try:
         plan = plan_tiles(reader, cfg.tile_size, cfg.mpp, cfg.stride, cfg.tissue_threshold, cfg.magnification, **pens)
@@ -138,7 +138,7 @@ def wsi_samples(work: Work, cfg: WsiIngestConfig, background=None) -> Iterator[d
     assert plan is not None
     work.notes.clear()  # a retried attempt notes anew
     damaged: list = []
-    reader = OpenSlideReader(SLIDES.path(unit.sources))
+    reader = open_slide(SLIDES.path(unit.sources))
     try:
         tiles = read_tiles(reader, plan, cfg.tile_size, cfg.store_size, damaged)
         for tile, rgb in background.filter(tiles) if background else tiles:

@@ -96,6 +96,8 @@ def read_mask_image(reader: SlideReader, level: int) -> tuple[np.ndarray, float]
     k = math.ceil(max(w, h) / MASK_MAX_PX)
     if k == 1:
         return reader.read_level(level), ds
+    if hasattr(reader, "reduced"):  # a TIFF in strips (level 0 alone): one pass down its strips
+        return reader.reduced(k), ds * k
     return read_reduced(reader, 0, 0, level, w, h, k), ds * k
 
 

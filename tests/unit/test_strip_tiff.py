@@ -1,0 +1,86 @@
+"""TIFFs stored in strips, which OpenSlide does not read: Tessera reads them itself (level 0), region for region as
+the array written, with their µm/px; what it cannot read is refused saying why."""
+
+import json
+
+import numpy as np
+import pytest
+import tifffile
+
+from ingest.config import WsiIngestConfig
+from ingest.plan import plan_wsi
+from ingest.slides import OpenSlideReader, SlideError, open_slide
+from ingest.strip_tiff import StripTiffReader
+from ingest.synthetic import slide_array
+from ingest.units import plan_slide, wsi_samples
+from ingest.wsi import block_mean, read_mask_image
+from shards.schema import decode_image
+
+LEVEL0 = slide_array(1500, "LAA", np.random.default_rng(4))  # 1500: strips and tiles end short of the edge
+
+
+def _strips(path, compression=None, rows=None, array=LEVEL0, **kw):
+    tifffile.imwrite(path, array, compression=compression, rowsperstrip=rows, resolution=(2e4, 2e4),
+                     resolutionunit="CENTIMETER", metadata=None, **kw)  # fmt: skip
+    return str(path)
+
+
+@pytest.mark.parametrize(("compression", "rows"), [(None, None), ("zlib", 64), ("lzw", 7), (None, 100)])
+def test_regions_read_from_strips_equal_the_image(tmp_path, compression, rows):
+    path = _strips(tmp_path / "s.tif", compression, rows)
+    with pytest.raises(SlideError):
+        OpenSlideReader(path)
+    reader = open_slide(path)
+    assert isinstance(reader, StripTiffReader)
+    assert (reader.level_dimensions, reader.level_downsamples, reader.mpp) == ([(1500, 1500)], [1.0], 0.5)
+    for x, y, w, h in [(0, 0, 256, 256), (1300, 1400, 300, 300), (-20, 700, 64, 64), (333, 17, 600, 600)]:
+        expected = np.full((h, w, 3), 255, np.uint8)
+        sx, sy = max(x, 0), max(y, 0)
+        part = LEVEL0[sy : y + h, sx : x + w]
+        expected[sy - y : sy - y + part.shape[0], sx - x : sx - x + part.shape[1]] = part
+        assert np.array_equal(reader.read_region(x, y, 0, w, h), expected), (x, y)
+    reader.close()
+
+
+def test_its_mask_image_is_read_in_one_pass_as_blocks_would_give_it(tmp_path, monkeypatch):
+    import ingest.wsi as wsi
+
+    monkeypatch.setattr(wsi, "MASK_MAX_PX", 512)  # 1500 px: averaged over 3 x 3
+    reader = open_slide(_strips(tmp_path / "s.tif", "zlib", 16))
+    thumb, downsample = read_mask_image(reader, 0)
+    assert downsample == 3 and np.array_equal(thumb, block_mean(LEVEL0, 3))
+    reader.close()
+
+
+def test_a_slide_in_strips_is_ingested_tile_for_tile(tmp_path):
+    (tmp_path / "slides").mkdir()
+    path = _strips(tmp_path / "slides" / "s.tif", "zlib", 32)
+    cfg = WsiIngestConfig(sources=[path], out=str(tmp_path / "o"), tile_size=256, format="png", split="train=1.0")
+    [unit] = plan_wsi(cfg, b"k").units
+    works, warnings = plan_slide(unit, cfg)
+    samples = [s for w in works for s in wsi_samples(w, cfg)]
+    assert samples and warnings == []
+    for sample in samples:
+        x, y = (int(v) for v in sample["__key__"].rsplit("_", 2)[1:])
+        assert np.array_equal(decode_image(sample["png"]), LEVEL0[y : y + 256, x : x + 256])
+    assert json.loads(samples[0]["json"])["mpp"] == 0.5
+
+
+def test_grey_and_rgba_strips_read_as_rgb(tmp_path):
+    grey = LEVEL0[:, :, 1]
+    reader = open_slide(_strips(tmp_path / "g.tif", "zlib", 50, grey, photometric="minisblack"))
+    assert np.array_equal(reader.read_region(10, 10, 0, 40, 40), np.repeat(grey[10:50, 10:50, None], 3, axis=2))
+    rgba = np.dstack([LEVEL0, np.full(LEVEL0.shape[:2], 255, np.uint8)])
+    reader = open_slide(_strips(tmp_path / "a.tif", "zlib", 50, rgba, photometric="rgb", extrasamples=[2]))
+    assert np.array_equal(reader.read_region(10, 10, 0, 40, 40), LEVEL0[10:50, 10:50])
+
+
+def test_what_it_cannot_read_is_refused_saying_why(tmp_path):
+    deep = tmp_path / "deep.tif"
+    tifffile.imwrite(deep, LEVEL0.astype(np.uint16) * 200, compression="zlib", rowsperstrip=64)
+    with pytest.raises(SlideError, match=r"a TIFF in strips of uint16 samples, 3 a pixel, which Tessera does not read"):
+        open_slide(str(deep))
+    planar = tmp_path / "planar.tif"
+    tifffile.imwrite(planar, np.moveaxis(LEVEL0, 2, 0), photometric="rgb", planarconfig="separate", rowsperstrip=64)
+    with pytest.raises(SlideError, match="with its colours stored in separate planes"):
+        open_slide(str(planar))
