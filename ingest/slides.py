@@ -59,17 +59,17 @@ BIG_ENDIAN = (
 
 
 def not_recognised(path: str) -> str:
-    """Why OpenSlide would not open ``path``: a classic TIFF in big-endian order, or one in strips, which it does
-    not read, said with how to mend it; anything else damaged or not a slide, as a cut-short copy and a foreign
+    """Why OpenSlide would not open ``path``: a TIFF in strips, or a tiled classic TIFF in big-endian order, which
+    it does not read, said with how to mend it; anything else damaged or not a slide, as a cut-short copy and a foreign
     file are alike to it."""
     import tifffile
 
     try:
         with tifffile.TiffFile(path) as tif:
+            if not tif.pages[0].is_tiled:  # Tessera reads these itself (ingest.strip_tiff), in either byte order
+                return STRIPPED
             if tif.byteorder == ">" and not tif.is_bigtiff:
                 return BIG_ENDIAN
-            if not tif.pages[0].is_tiled:
-                return STRIPPED
     except Exception:  # not a TIFF, or one cut short: OpenSlide's word below
         pass
     return "OpenSlide does not recognise the file (damaged, or not a slide)"

@@ -25,9 +25,11 @@ def _strips(path, compression=None, rows=None, array=LEVEL0, **kw):
     return str(path)
 
 
-@pytest.mark.parametrize(("compression", "rows"), [(None, None), ("zlib", 64), ("lzw", 7), (None, 100)])
-def test_regions_read_from_strips_equal_the_image(tmp_path, compression, rows):
-    path = _strips(tmp_path / "s.tif", compression, rows)
+@pytest.mark.parametrize(
+    ("compression", "rows", "order"), [(None, None, "<"), ("zlib", 64, "<"), ("lzw", 7, ">"), (None, 100, ">")]
+)
+def test_regions_read_from_strips_equal_the_image(tmp_path, compression, rows, order):
+    path = _strips(tmp_path / "s.tif", compression, rows, byteorder=order)
     with pytest.raises(SlideError):
         OpenSlideReader(path)
     reader = open_slide(path)
