@@ -211,7 +211,7 @@ def ingest_config(args):
         given["format"] = "jpg"
     for listed in ("windows", "pen_marks"):
         if isinstance(given.get(listed), str):
-            given[listed] = [v for v in given[listed].split(",") if v]
+            given[listed] = [v for v in given[listed].split(",") if v and v != "none"]  # as its help shows "none"
     try:
         return cls(sources=args.src, **given)
     except ValidationError as exc:

@@ -122,6 +122,7 @@ def test_pen_marks_are_typed_as_a_list_of_known_colours(capsys):
     cfg = ingest_config(parse(["ingest", "wsi", "a", "--out", "o", "--pen-marks", "green,blue", "--pen-max", "0.1"]))
     assert (cfg.pen_marks, cfg.pen_max) == (["green", "blue"], 0.1)
     assert ingest_config(parse(["ingest", "wsi", "a", "--out", "o"])).pen_marks == []
+    assert ingest_config(parse(["ingest", "wsi", "a", "--out", "o", "--pen-marks", "none"])).pen_marks == []
     assert main(["ingest", "wsi", "a", "--out", "o", "--pen-marks", "purple"]) == 1
     assert "--pen-marks" in capsys.readouterr().err
 
