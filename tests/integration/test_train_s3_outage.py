@@ -1,11 +1,12 @@
 """The stack's S3 server stopped under a training that reads its dataset from it: the worker whose read fails is
 restarted by Ray Train from the last checkpoint, waits for the store (``data.outage_wait_s``) instead of failing
 again within seconds, and the run finishes. The outage is real: the stack's ``rclone serve s3`` is stopped from the
-run's controller after epoch 0's report (rank 0 held until then) and started again 30 s later (boto3's own retries
-outlast an outage of 10 s: the run never saw that one)."""
+run's controller after epoch 0's report (rank 0 held until then) and started again 30 s later, once the restarted
+worker has said it waits (boto3's own retries outlast an outage of 10 s: the run never saw that one)."""
 
 import threading
 import time
+from pathlib import Path
 
 from mlflow import MlflowClient
 
@@ -38,13 +39,30 @@ def stop_s3_after(settings, epoch: int):
     return StopS3(gate), gate
 
 
+def _waiting_said(settings, since: float) -> bool:
+    """Whether a worker of the stack's Ray session has printed, since ``since`` (wall time), that it waits for the
+    store (each worker's output goes to its own ``worker-*.out`` there)."""
+    logs = Path(settings.ray_temp_dir) / "session_latest" / "logs"
+    return any(
+        "(data.outage_wait_s)" in p.read_text(errors="ignore")
+        for p in logs.glob("worker-*.out")
+        if p.stat().st_mtime >= since
+    )
+
+
 def _restart_s3_once_down(settings, seconds: float, said: dict) -> threading.Thread:
+    """S3 started again ``seconds`` after it went down and once the restarted worker has said it waits for it: on
+    a loaded machine Ray Train took longer than 30 s to restart the worker, which then found the store up again
+    and had nothing to wait for (at most 240 s: the assertions then say what did not happen)."""
+
     def run() -> None:
         deadline = time.monotonic() + 300
         while storage.unreachable(DATASET) is None and time.monotonic() < deadline:
             time.sleep(0.2)
-        said["down_at"] = time.monotonic()
+        said["down_at"], down_wall = time.monotonic(), time.time()
         time.sleep(seconds)
+        while not _waiting_said(settings, down_wall) and time.monotonic() < said["down_at"] + 240:
+            time.sleep(0.5)
         LocalStack(settings).up()
         said["up_at"] = time.monotonic()
 
