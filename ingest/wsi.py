@@ -71,16 +71,35 @@ def block_mean(rgb: np.ndarray, k: int) -> np.ndarray:
     return cv2.resize(rgb, (ow, oh), interpolation=cv2.INTER_AREA)  # an integer factor: the exact block mean
 
 
-def read_reduced(reader: SlideReader, x0: int, y0: int, level: int, width: int, height: int, k: int) -> np.ndarray:
+def read_reduced(
+    reader: SlideReader,
+    x0: int,
+    y0: int,
+    level: int,
+    width: int,
+    height: int,
+    k: int,
+    block: int | None = None,
+    damaged: list[SlideError] | None = None,
+) -> np.ndarray:
     """``width`` x ``height`` pixels of ``level`` from level-0 ``(x0, y0)``, averaged over ``k`` x ``k`` blocks
-    (:func:`block_mean`), read in blocks of at most :data:`READ_BLOCK_PX` a side so that memory stays bounded."""
+    (:func:`block_mean`), read in blocks of at most ``block`` (:data:`READ_BLOCK_PX`) px a side so that memory
+    stays bounded. A block that cannot be read is left white and its error added to ``damaged``, where that list
+    is given; else it raises."""
     ds = reader.level_downsamples[level]
-    step = max(1, READ_BLOCK_PX // k) * k  # a whole number of output pixels per block
-    out = np.empty((math.ceil(height / k), math.ceil(width / k), 3), np.uint8)
+    step = max(1, (block or READ_BLOCK_PX) // k) * k  # a whole number of output pixels per block
+    out = np.full((math.ceil(height / k), math.ceil(width / k), 3), 255, np.uint8)
     for by in range(0, height, step):
         for bx in range(0, width, step):
             bw, bh = min(step, width - bx), min(step, height - by)
-            small = block_mean(reader.read_region(x0 + round(bx * ds), y0 + round(by * ds), level, bw, bh), k)
+            try:
+                region = reader.read_region(x0 + round(bx * ds), y0 + round(by * ds), level, bw, bh)
+            except SlideError as exc:
+                if damaged is None:
+                    raise
+                damaged.append(exc)
+                continue
+            small = block_mean(region, k)
             out[by // k : by // k + small.shape[0], bx // k : bx // k + small.shape[1]] = small
     return out
 
@@ -111,27 +130,15 @@ def read_mask_in_pieces(reader: SlideReader, level: int) -> tuple[np.ndarray, fl
     tissue), and a warning saying how many (None where every piece was read): a damaged tile of the level costs
     the tissue under it, not the slide."""
     w, h = reader.level_dimensions[level]
-    ds = reader.level_downsamples[level]
     k = math.ceil(max(w, h) / MASK_MAX_PX)
-    step = MASK_PIECE_PX * k
-    out = np.full((math.ceil(h / k), math.ceil(w / k), 3), 255, np.uint8)
     bad: list[SlideError] = []
-    for by in range(0, h, step):
-        for bx in range(0, w, step):
-            bw, bh = min(step, w - bx), min(step, h - by)
-            try:
-                piece = reader.read_region(round(bx * ds), round(by * ds), level, bw, bh)
-            except SlideError as exc:
-                bad.append(exc)
-                continue
-            piece = block_mean(piece, k) if k > 1 else piece
-            out[by // k : by // k + piece.shape[0], bx // k : bx // k + piece.shape[1]] = piece
-    pieces = math.ceil(w / step) * math.ceil(h / step)
+    out = read_reduced(reader, 0, 0, level, w, h, k, MASK_PIECE_PX * k, bad)
+    pieces = math.ceil(w / (MASK_PIECE_PX * k)) * math.ceil(h / (MASK_PIECE_PX * k))
     note = bad and (
         f"{len(bad)} of {pieces} parts of the level the tissue mask is read from could not be read (damaged): "
         f"taken as background, no tile is cut there: {bad[0]}"
     )
-    return out, ds * k, note or None
+    return out, reader.level_downsamples[level] * k, note or None
 
 
 def target_downsample(
@@ -213,14 +220,17 @@ def plan_tiles(
         thumb, mask_ds, note = read_mask_in_pieces(reader, level)
         warnings += [note] if note else []
     ink = ink_mask(thumb, inks) if inks else None
-    mask = tissue_mask(without_ink(thumb, ink) if ink is not None and ink.any() else thumb)
+    inked = ink is not None and bool(ink.any())
+    mask = tissue_mask(without_ink(thumb, ink) if inked else thumb)
     w0, h0 = reader.level_dimensions[0]
     tiles = tissue_tiles(mask, mask_ds, w0, h0, g.size0, g.stride0, threshold)
-    if ink is not None and ink.any():
-        d, clean = mask_ds, []
-        for t in tiles:
-            if tissue_fraction(ink, t.x / d, t.y / d, (t.x + t.size0) / d, (t.y + t.size0) / d) <= ink_max:
-                clean.append(t)
+    if inked:
+        d = mask_ds
+        clean = [
+            t
+            for t in tiles
+            if tissue_fraction(ink, t.x / d, t.y / d, (t.x + t.size0) / d, (t.y + t.size0) / d) <= ink_max
+        ]
         warnings.append(
             f"pen marks over {ink.mean():.1%} of the slide's area, not taken for tissue; {len(tiles) - len(clean)} "
             f"tile(s) with tissue and more than {ink_max:.0%} ink not cut"
