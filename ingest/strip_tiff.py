@@ -55,10 +55,9 @@ class StripTiffReader:
             self._map = (
                 tifffile.memmap(path, page=0, mode="r") if page.compression == 1 and page.is_contiguous else None
             )
-            if self._map is None and self._rows * self.width * spp > MAX_STRIP_BYTES:
-                raise _refused(
-                    f"of {self._rows} rows each, compressed ({self._rows * self.width * spp >> 20} MB a strip)"
-                )
+            strip_bytes = self._rows * self.width * spp
+            if self._map is None and strip_bytes > MAX_STRIP_BYTES:
+                raise _refused(f"of {self._rows} rows each, compressed ({strip_bytes >> 20} MB a strip)")
         except Exception:
             self._tif.close()
             raise
@@ -91,10 +90,10 @@ class StripTiffReader:
             raise SlideError(f"a TIFF in strips has level 0 alone, not {level}")
         out = np.full((height, width, self._spp if self._spp != 1 else 1), 255, np.uint8)
         x0, y0, x1, y1 = max(x, 0), max(y, 0), min(x + width, self.width), min(y + height, self.height)
-        if x0 < x1 and y0 < y1:
-            if self._map is not None:
-                out[y0 - y : y1 - y, x0 - x : x1 - x] = self._map[y0:y1, x0:x1].reshape(y1 - y0, x1 - x0, -1)
-            for i in range(y0 // self._rows, (y1 - 1) // self._rows + 1) if self._map is None else ():
+        if x0 < x1 and y0 < y1 and self._map is not None:
+            out[y0 - y : y1 - y, x0 - x : x1 - x] = self._map[y0:y1, x0:x1].reshape(y1 - y0, x1 - x0, -1)
+        elif x0 < x1 and y0 < y1:
+            for i in range(y0 // self._rows, (y1 - 1) // self._rows + 1):
                 top = i * self._rows
                 strip = self._strip(i)
                 a, b = max(y0, top), min(y1, top + strip.shape[0])
