@@ -15,6 +15,11 @@ class SlideError(RuntimeError):
     """A slide could not be opened or read; the message says why (never the file's name)."""
 
 
+class StrippedTiff(SlideError):
+    """OpenSlide would not open the slide because it is a TIFF in strips (:data:`STRIPPED`), which
+    :func:`open_slide` reads through :class:`~ingest.strip_tiff.StripTiffReader`."""
+
+
 class SlideReader(Protocol):
     """What tiling needs from a slide: level geometry, MPP and region reads (level-0 coordinates)."""
 
@@ -88,7 +93,8 @@ class OpenSlideReader:
             self._slide = openslide.OpenSlide(path)
         except openslide.OpenSlideUnsupportedFormatError as exc:
             # A cut-short slide is as unidentifiable as a foreign file: both are slides that cannot be used.
-            raise SlideError(not_recognised(path)) from exc
+            why = not_recognised(path)
+            raise (StrippedTiff if why == STRIPPED else SlideError)(why) from exc
         except openslide.OpenSlideError as exc:
             raise SlideError(f"OpenSlide could not open the file: {exc}") from exc
         self.level_dimensions = list(self._slide.level_dimensions)
@@ -150,9 +156,8 @@ def open_slide(path: str, fast: bool = True) -> SlideReader:
     :class:`~ingest.strip_tiff.StripTiffReader`."""
     try:
         return OpenSlideReader(path, fast)
-    except SlideError as exc:
-        if str(exc) != STRIPPED:
-            raise
+    except StrippedTiff:
+        pass
     from ingest.strip_tiff import StripTiffReader
 
     return StripTiffReader(path)
