@@ -21,7 +21,7 @@ demo: $(STAMP)
 
 # The unit tier and the integration tier's two halves side by side. Much of the integration tier is waiting (its
 # services and Ray's processes starting, Ray Train's polls), which the others fill: clean clones on 2 cores took
-# 28-31 minutes so, against 31-32 with the tier in one process beside the unit tier. Each half starts its own stack
+# 28-33 minutes so, against 31-32 with the tier in one process beside the unit tier. Each half starts its own stack
 # (`TESSERA_IT_PORT_SHIFT`: the second's ports). Each's output is printed whole when it ends; each keeps its own
 # target to run alone.
 test: $(STAMP)
