@@ -104,7 +104,6 @@ def test_dicom_from_the_object_store_matches_local(stack, tmp_path, capsys, monk
         driver[name] = re.findall(said, out)
     assert driver["local"] == [] and int(driver["s3"][0][0]) >= 13  # a header each: 12 slices and the plan
     assert int(driver["s3"][0][1]) >= 1  # and the prefix's listing
-    monkeypatch.undo()  # from here the line only where the driver waited a second or more: not in these runs
     assert records["s3"] == records["local"]
     assert [n for status, _, n in records["s3"] if status == "ingested"] == [6, 6]
     assert any("RTPLAN" in reason for _, reason, _ in records["s3"])
@@ -119,9 +118,10 @@ def test_dicom_from_the_object_store_matches_local(stack, tmp_path, capsys, monk
     with pytest.raises(ValueError, match=r"1 input\(s\) whose files changed since it was made"):
         run_ingest("dicom", cfg)
     capsys.readouterr()
+    monkeypatch.setattr(runner, "DRIVER_LINE_S", 60.0)  # a loaded machine's bookkeeping took over 1 s (CI)
     grown, _ = run_ingest("dicom", cfg.model_copy(update={"replace_changed": True}))
     out = capsys.readouterr().out
-    assert "object store: the workers" in out and "the driver" not in out
+    assert "object store: the workers" in out and "the driver" not in out  # it waited less than a minute
     assert sorted(r.samples for r in grown.inputs if r.status == "ingested") == [6, 7]
     assert grown.amended[-1].replaced == 1 and verify_dataset(str(tmp_path / "s3")) == []
     keys = [s["__key__"] for p in (tmp_path / "s3").glob("*/shard-*.tar") for s in read_tar_samples(p)]

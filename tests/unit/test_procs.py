@@ -1,6 +1,7 @@
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 from cluster import procs
 
@@ -37,12 +38,12 @@ def test_a_slow_stop_leaves_the_pid_file_of_a_service_started_meanwhile(tmp_path
     import time
 
     pidfile, log = tmp_path / "svc.sid", tmp_path / "svc.log"
-    slow = "import signal, sys, time; signal.signal(signal.SIGTERM, lambda *a: (time.sleep(2), sys.exit(0)))"
-    slow += "; time.sleep(60)"
+    ready = tmp_path / "ready"
+    slow = "import pathlib, signal, sys, time; signal.signal(signal.SIGTERM, lambda *a: (time.sleep(2), sys.exit(0)))"
+    slow += f"; pathlib.Path({str(ready)!r}).touch(); time.sleep(60)"
     procs.start([sys.executable, "-c", slow], pidfile, log, env={})
     old = procs.session_of(pidfile)
-    assert procs.wait_until(lambda: procs.members(old) != [], timeout=10)
-    time.sleep(0.5)  # its handler installed
+    assert procs.wait_until(ready.exists, timeout=30)  # its handler installed (a loaded machine starts it late)
     stopping = threading.Thread(target=procs.stop, args=(pidfile, 10))
     stopping.start()
     time.sleep(0.5)
@@ -68,6 +69,7 @@ def test_a_hub_its_clients_need_while_they_end_is_stopped_after_them(tmp_path):
         "    pathlib.Path(sys.argv[1]).write_text('clean')\n"
         "    sys.exit(0)\n"
         "signal.signal(signal.SIGTERM, end)\n"
+        "pathlib.Path(sys.argv[1] + '.ready').touch()\n"
         "time.sleep(60)\n"
     )
     parent = (
@@ -79,7 +81,7 @@ def test_a_hub_its_clients_need_while_they_end_is_stopped_after_them(tmp_path):
     procs.start([sys.executable, "-c", parent], pidfile, log, env={})
     sid = procs.session_of(pidfile)
     assert procs.wait_until(lambda: len(procs.members(sid)) == 3, timeout=10)
-    time.sleep(1)  # the client's handler installed
+    assert procs.wait_until(Path(f"{clean}.ready").exists, timeout=30)  # the client's handler installed
     assert procs.stop(pidfile, timeout=5, last=lambda p: "hub" in p.cmdline())
     assert procs.members(sid) == [] and clean.read_text() == "clean"
 

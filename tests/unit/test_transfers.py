@@ -1,5 +1,6 @@
 """Object-store transfer counts: bytes and time per transfer, and the time the work waited on them."""
 
+import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -17,13 +18,13 @@ def test_transfers_are_counted_and_only_the_works_own_waits_are_waited():
     with pytest.raises(OSError):  # a failed transfer: its time, not a transfer
         transfers.counted(False, len, lambda: (_ for _ in ()).throw(OSError("down")))
     with ThreadPoolExecutor(1, initializer=transfers.background) as pool:  # a read-ahead's
-        fetch = pool.submit(transfers.counted, False, 7, time.sleep, 0.5)
+        fetch = pool.submit(transfers.counted, False, 7, time.sleep, 1.0)
         with transfers.waiting():  # the work blocks on it for part of its time
             time.sleep(0.05)
         fetch.result()
     moved = transfers.take()
     assert (moved.downloads, moved.downloaded, moved.uploads, moved.uploaded) == (2, 11, 1, 10)
-    assert moved.seconds >= 0.55 and 0.1 <= moved.waited < 0.45  # the upload and the wait, not the background 0.5 s
+    assert moved.seconds >= 1.05 and 0.1 <= moved.waited < 0.95  # the upload and the wait, not the background 1 s
     assert transfers.take() == Transfers()  # taken: counting starts again
 
 
@@ -37,8 +38,8 @@ def test_listing_requests_are_counted_with_their_time_as_they_are_drawn():
 
     assert [x for page in transfers.listing(pages()) for x in page] == [1, 2, 3]
     moved = transfers.take()
-    assert (moved.listings, moved.downloads) == (2, 0) and 0.1 <= moved.waited == moved.seconds < 0.3
-    assert moved.describe(1.0).startswith("object store: the workers listed 2 page(s) of objects, in 0.1")
+    assert (moved.listings, moved.downloads) == (2, 0) and 0.1 <= moved.waited == moved.seconds < 1.0
+    assert re.match(r"object store: the workers listed 2 page\(s\) of objects, in 0\.\d\d s", moved.describe(1.0))
     with ThreadPoolExecutor(1, initializer=transfers.background) as pool:  # a listing ahead: not waited on
         assert pool.submit(lambda: [len(p) for p in transfers.listing(pages())]).result() == [2, 1]
     assert transfers.take().waited == 0.0
