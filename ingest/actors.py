@@ -68,7 +68,7 @@ class IngestWorker:
         split, index, part_ids, classes = job
         return retried(lambda: pack_shard(self.cfg.out, split, index, part_ids, classes), self.cfg)
 
-    def mark(self, job: tuple[str, list[tuple[int, int]], int, float]) -> None:
+    def mark(self, job: tuple[str, list[tuple[int, int]], list[tuple[int, int]], int, float]) -> None:
         retried(lambda: mark_preview(self.cfg.out, *job), self.cfg)
 
     def rewrite(self, job: tuple[str, str, int, list[str]]) -> ShardInfo | None:

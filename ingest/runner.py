@@ -109,11 +109,14 @@ def _run(units: list[Unit], done: dict[str, WorkRecord], sched: Scheduler, cfg: 
 
 
 def _mark_previews(units: list[Unit], plans: dict, works: dict[str, list[WorkRecord]], sched: Scheduler) -> None:
-    """Outline on each slide's preview the tiles its background model dropped, on the actors."""
+    """Mark on each slide's preview the tiles its background model dropped and those that could not be read, on
+    the actors."""
     jobs = []
     for u in units:
-        if (dropped := [xy for r in works[u.id] for xy in r.dropped_at]) and (regions := plans[u.id][0]):
-            jobs.append((u.item, dropped, regions[0].plan.size0, regions[0].plan.preview_scale))
+        dropped = [xy for r in works[u.id] for xy in r.dropped_at]
+        damaged = [xy for r in works[u.id] for xy in r.damaged_at]
+        if (dropped or damaged) and (regions := plans[u.id][0]):
+            jobs.append((u.item, dropped, damaged, regions[0].plan.size0, regions[0].plan.preview_scale))
     sched.submit("mark", jobs)
     while sched.busy:
         sched.next()

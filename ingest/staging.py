@@ -51,6 +51,7 @@ class WorkRecord(BaseModel):
     warnings: list[str] = Field(default_factory=list)
     left_out: int = 0  # a series' slices, or a region's tiles, that could not be read (``Work.left_out``)
     dropped_at: list[tuple[int, int]] = Field(default_factory=list)  # level-0 (x, y) of tiles the model dropped
+    damaged_at: list[tuple[int, int]] = Field(default_factory=list)  # and of a region's tiles that could not be read
     members: dict[str, Outcome] = Field(default_factory=dict)
     fingerprint: str | None = None  # of the files it was made from (Work.fingerprint)
     rendered_with: dict[str, str] | None = None  # what its worker rendered with (``ingest.rendering``)
@@ -164,7 +165,7 @@ def process_work(work: Work, cfg: IngestConfig, background=None) -> WorkRecord:
     )
     rec.samples, rec.bytes, rec.classes, rec.members, rec.dropped_at = written or (0, 0, None, {}, [])
     if written and not work.batch:  # a series' slices left out (a batch's images keep theirs in ``members``)
-        rec.warnings, rec.left_out = list(work.notes), work.left_out
+        rec.warnings, rec.left_out, rec.damaged_at = list(work.notes), work.left_out, list(work.damaged_at)
     if action and work.batch:  # the part itself could not be staged: every image of the batch shares its fate
         rec.members = {u.id: Outcome(status=action, reason=reason) for u in work.batch}
     # Recorded as done only when whole: a re-run retries work with a failure in it (a batch with a bad image too).

@@ -17,7 +17,7 @@ from ingest.decisions import input_fault
 from ingest.dicom import slice_rgb
 from ingest.images import Box, decode_rgb, normalise
 from ingest.model_files import model_device, model_url
-from ingest.preview import mark_dropped, preview_png, preview_scale
+from ingest.preview import mark_tiles, preview_png, preview_scale
 from ingest.read_ahead import ReadAhead
 from ingest.sequences import center_indices, even_indices, neighbour_indices
 from ingest.slides import open_slide
@@ -59,6 +59,7 @@ class Work:
     batch: list[Unit] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # an image's warnings found making its samples (see _batch_samples)
     left_out: int = 0  # a series' slices, or a region's tiles, that could not be read (sequence_samples, wsi_samples)
+    damaged_at: list[tuple[int, int]] = field(default_factory=list)  # level-0 (x, y) of a region's tiles left out
 
     @property
     def id(self) -> str:
@@ -103,7 +104,7 @@ def plan_slide(unit: Unit, cfg: WsiIngestConfig, background=None) -> tuple[list[
         plan = plan_tiles(reader, cfg.tile_size, cfg.mpp, cfg.stride, cfg.tissue_threshold, cfg.magnification, **pens)
     finally:
         reader.close()
-    png = preview_png(plan.thumb, plan.mask, plan.mask_downsample, plan.tiles, plan.ink)
+    png = preview_png(plan.thumb, plan.mask, plan.mask_downsample, plan.tiles, plan.ink, plan.unread)
     storage.put_bytes(preview_url(cfg.out, unit.item), png)
     scale = preview_scale(plan.mask.shape, plan.mask_downsample)
     # regions travel without arrays
@@ -158,7 +159,7 @@ def wsi_samples(work: Work, cfg: WsiIngestConfig, background=None) -> Iterator[d
         reader.close()
     if damaged:
         work.notes.append(damaged_note(damaged, len(plan.tiles), work.index))
-    work.left_out = len(damaged)
+    work.left_out, work.damaged_at = len(damaged), [(t.x, t.y) for t, _ in damaged]
 
 
 class _Slices:
@@ -363,11 +364,11 @@ def image_samples(work: Work, cfg: ImagesIngestConfig, files: ReadAhead | None =
         yield make_sample(unit.item, image, cfg.format, unit.label, meta)
 
 
-def mark_preview(out: str, item: str, tiles: list[tuple[int, int]], size0: int, scale: float) -> None:
-    """Outline in red on slide ``item``'s preview the tiles its background model dropped (the preview is drawn
-    when the slide is planned, before any tile is read)."""
+def mark_preview(out: str, item: str, dropped: list, damaged: list, size0: int, scale: float) -> None:
+    """Mark on slide ``item``'s preview the tiles its background model dropped and those that could not be read
+    (:func:`~ingest.preview.mark_tiles`; the preview is drawn when the slide is planned, before any tile is read)."""
     url = preview_url(out, item)
-    storage.put_bytes(url, mark_dropped(storage.get_bytes(url), tiles, size0, scale))
+    storage.put_bytes(url, mark_tiles(storage.get_bytes(url), size0, scale, dropped, damaged))
 
 
 def plan_unit(unit: Unit, cfg: IngestConfig, background=None) -> tuple[list[Work], list[str]]:

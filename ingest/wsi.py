@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import cv2
 import numpy as np
@@ -40,6 +40,8 @@ class TilePlan:
     warnings: list[str]
     preview_scale: float | None = None  # preview px per level-0 px, once the preview is drawn (ingest.preview)
     ink: np.ndarray | None = None  # pen marks found on the mask's image (ingest.ink), where they were looked for
+    unread: list[tuple[int, int, int, int]] = field(default_factory=list)  # (x, y, w, h) of the mask's image
+    # that could not be read (damaged; taken as background)
 
 
 def choose_level(downsamples: list[float], target: float) -> int:
@@ -80,12 +82,12 @@ def read_reduced(
     height: int,
     k: int,
     block: int | None = None,
-    damaged: list[SlideError] | None = None,
+    damaged: list[tuple[tuple[int, int, int, int], SlideError]] | None = None,
 ) -> np.ndarray:
     """``width`` x ``height`` pixels of ``level`` from level-0 ``(x0, y0)``, averaged over ``k`` x ``k`` blocks
     (:func:`block_mean`), read in blocks of at most ``block`` (:data:`READ_BLOCK_PX`) px a side so that memory
-    stays bounded. A block that cannot be read is left white and its error added to ``damaged``, where that list
-    is given; else it raises."""
+    stays bounded. A block that cannot be read is left white and its place in the output (x, y, w, h) and error
+    added to ``damaged``, where that list is given; else it raises."""
     ds = reader.level_downsamples[level]
     step = max(1, (block or READ_BLOCK_PX) // k) * k  # a whole number of output pixels per block
     out = np.full((math.ceil(height / k), math.ceil(width / k), 3), 255, np.uint8)
@@ -97,7 +99,7 @@ def read_reduced(
             except SlideError as exc:
                 if damaged is None:
                     raise
-                damaged.append(exc)
+                damaged.append(((bx // k, by // k, math.ceil(bw / k), math.ceil(bh / k)), exc))
                 continue
             small = block_mean(region, k)
             out[by // k : by // k + small.shape[0], bx // k : bx // k + small.shape[1]] = small
@@ -125,20 +127,22 @@ def read_mask_image(reader: SlideReader, level: int) -> tuple[np.ndarray, float]
 MASK_PIECE_PX = 256
 
 
-def read_mask_in_pieces(reader: SlideReader, level: int) -> tuple[np.ndarray, float, str | None]:
+def read_mask_in_pieces(
+    reader: SlideReader, level: int
+) -> tuple[np.ndarray, float, str | None, list[tuple[int, int, int, int]]]:
     """:func:`read_mask_image` read in pieces of :data:`MASK_PIECE_PX` px, each that cannot be read left white (no
-    tissue), and a warning saying how many (None where every piece was read): a damaged tile of the level costs
-    the tissue under it, not the slide."""
+    tissue), a warning saying how many (None where every piece was read) and where they are (x, y, w, h of the
+    image, for the preview): a damaged tile of the level costs the tissue under it, not the slide."""
     w, h = reader.level_dimensions[level]
     k = math.ceil(max(w, h) / MASK_MAX_PX)
-    bad: list[SlideError] = []
+    bad: list[tuple[tuple[int, int, int, int], SlideError]] = []
     out = read_reduced(reader, 0, 0, level, w, h, k, MASK_PIECE_PX * k, bad)
     pieces = math.ceil(w / (MASK_PIECE_PX * k)) * math.ceil(h / (MASK_PIECE_PX * k))
     note = bad and (
         f"{len(bad)} of {pieces} parts of the level the tissue mask is read from could not be read (damaged): "
-        f"taken as background, no tile is cut there: {bad[0]}"
+        f"taken as background, no tile is cut there (crossed out on the preview): {bad[0][1]}"
     )
-    return out, reader.level_downsamples[level] * k, note or None
+    return out, reader.level_downsamples[level] * k, note or None, [box for box, _ in bad]
 
 
 def target_downsample(
@@ -213,11 +217,11 @@ def plan_tiles(
     ``ink_max`` of whose area they cover is not cut, whatever tissue it holds (the pen is in its pixels).
     """
     g = tile_geometry(reader, tile_size, mpp, stride, magnification)
-    level, warnings = mask_level(reader.level_dimensions), list(g.warnings)
+    level, warnings, unread = mask_level(reader.level_dimensions), list(g.warnings), []
     try:
         thumb, mask_ds = read_mask_image(reader, level)
     except SlideError:  # a damaged tile failed the read of the whole level: read around it
-        thumb, mask_ds, note = read_mask_in_pieces(reader, level)
+        thumb, mask_ds, note, unread = read_mask_in_pieces(reader, level)
         warnings += [note] if note else []
     ink = ink_mask(thumb, inks) if inks else None
     inked = ink is not None and bool(ink.any())
@@ -236,7 +240,9 @@ def plan_tiles(
             f"tile(s) with tissue and more than {ink_max:.0%} ink not cut"
         )
         tiles = clean
-    return TilePlan(g.level, g.target_downsample, g.size0, reader.mpp, thumb, mask, mask_ds, tiles, warnings, ink=ink)
+    return TilePlan(
+        g.level, g.target_downsample, g.size0, reader.mpp, thumb, mask, mask_ds, tiles, warnings, ink=ink, unread=unread
+    )
 
 
 def read_tiles(
@@ -278,6 +284,6 @@ def damaged_note(damaged: list[tuple[Tile, SlideError]], planned: int, region: i
     (level-0 x, y; the first ``most``) and the first one's error."""
     where = ", ".join(f"({t.x}, {t.y})" for t, _ in damaged[:most]) + (", ..." if len(damaged) > most else "")
     return (
-        f"region {region}: {len(damaged)} of its {planned} tile(s) could not be read (damaged) and were left out, "
-        f"at {where}: {damaged[0][1]}"
+        f"region {region}: {len(damaged)} of its {planned} tile(s) could not be read (damaged) and were left out "
+        f"(crossed out on the preview), at {where}: {damaged[0][1]}"
     )

@@ -11,6 +11,7 @@ from ingest.lock import DatasetLock
 from ingest.rendering import rendered_with
 from ingest.synthetic import make_slides
 from shards import manifest as mf
+from shards.schema import decode_image
 from tests.integration.commands import ingest_wsi_cmd
 
 
@@ -53,6 +54,9 @@ def test_cli_ingest_to_local_disk_without_a_stack(tmp_path):
     assert hurt["samples"] == 19 - 3, hurt
     damaged = "1 of 16 parts of the level the tissue mask is read from could not be read (damaged)"
     assert hurt["warnings"][0].startswith(damaged) and "Not a JPEG file" in hurt["warnings"][0], hurt["warnings"]
+    previews = {r["item"]: decode_image((out / f"previews/{r['item']}.png").read_bytes()) for r in manifest["inputs"]}
+    crossed = {item: bool((png == [255, 140, 0]).all(axis=2).any()) for item, png in previews.items()}  # orange
+    assert crossed == {r["item"]: r is hurt for r in manifest["inputs"]}  # the part not read, on its preview only
     assert sorted(p.name for p in (out / "train").iterdir()) == ["shard-000000.idx", "shard-000000.tar"]
 
     # The same command again does nothing but tidy up: a shard that a run stopped between its manifest and its

@@ -200,7 +200,7 @@ def test_the_preview_outlines_the_tiles_the_model_dropped_in_red():
     import cv2
     import numpy as np
 
-    from ingest.preview import mark_dropped, preview_png, preview_scale
+    from ingest.preview import mark_tiles, preview_png, preview_scale
     from ingest.tiling import Tile
 
     thumb = np.full((200, 300, 3), 240, np.uint8)
@@ -209,12 +209,22 @@ def test_the_preview_outlines_the_tiles_the_model_dropped_in_red():
     tiles = [Tile(x=x, y=80, size0=160, tissue=1.0) for x in (80, 400, 720)]  # level 0 is 4x the thumbnail
     png = preview_png(thumb, mask, 4.0, tiles)
     scale = preview_scale(mask.shape, 4.0)
-    marked = cv2.imdecode(np.frombuffer(mark_dropped(png, [(400, 80)], 160, scale), np.uint8), cv2.IMREAD_COLOR)
+    marked = cv2.imdecode(np.frombuffer(mark_tiles(png, 160, scale, [(400, 80)]), np.uint8), cv2.IMREAD_COLOR)
     before = cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_COLOR)
     red, blue = (0, 0, 230), (230, 80, 30)  # BGR
     assert tuple(marked[20, 100]) == red and tuple(before[20, 100]) == blue  # the dropped tile's top-left corner
     assert tuple(marked[20, 20]) == blue and tuple(marked[20, 180]) == blue  # the others stay blue
     assert (marked != before).any(axis=2).sum() == 4 * 40 - 4  # its outline only
+
+    # a tile that could not be read (left out) is outlined and crossed out in orange, the rest as they were
+    crossed = cv2.imdecode(np.frombuffer(mark_tiles(png, 160, scale, damaged=[(720, 80)]), np.uint8), 1)
+    orange = (0, 140, 255)
+    box = crossed[20:60, 180:220]
+    assert tuple(box[0, 0]) == orange and tuple(box[39, 39]) == orange and tuple(box[39, 0]) == orange  # corners
+    assert tuple(box[20, 20]) == orange and tuple(box[19, 20]) == orange  # its diagonals cross in the middle
+    assert tuple(crossed[20, 20]) == blue and tuple(crossed[20, 100]) == blue  # the others stay blue
+    changed = (crossed != before).any(axis=2)
+    assert changed[20:60, 180:220].sum() == changed.sum() > 4 * 40 - 4  # within its box: outline and cross
 
 
 def test_actors_that_hold_gpus_are_as_many_as_the_nodes_hold(capsys):

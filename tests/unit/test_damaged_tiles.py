@@ -12,11 +12,12 @@ import tifffile
 
 from ingest.config import WsiIngestConfig
 from ingest.plan import make_plan
+from ingest.preview import preview_png
 from ingest.runner import _merge
 from ingest.slides import OpenSlideReader, SlideError
 from ingest.staging import process_work
 from ingest.synthetic import slide_array, write_pyramid_tiff
-from ingest.units import plan_unit, wsi_samples
+from ingest.units import mark_preview, plan_unit, wsi_samples
 from ingest.wsi import plan_tiles, read_tiles
 from shards.schema import decode_image
 
@@ -70,7 +71,7 @@ def test_a_damaged_tile_costs_the_tiles_over_it_and_no_other(tmp_path, intact, h
     assert lost == [k for k in whole if k.endswith("_0000512_0001024")]  # source tile 34: row 4, column 2
     assert all(np.array_equal(samples[k], whole[k]) for k in samples)  # the others, as from the intact copy
     [damaged] = [w for w in works if w.left_out]
-    assert damaged.left_out == 1 and len(damaged.notes) == 1
+    assert damaged.left_out == 1 and len(damaged.notes) == 1 and damaged.damaged_at == [(512, 1024)]
     why = "Not a JPEG file" if how == "zeros" else "Premature end of JPEG file"
     assert damaged.notes[0].startswith(f"region {damaged.index}: 1 of its 16 tile(s) could not be read (damaged)")
     assert "at (512, 1024): read failed at (512, 1024) level 0: " + why in damaged.notes[0]
@@ -123,7 +124,15 @@ def test_a_slide_with_no_tile_that_can_be_read_fails_saying_so(tmp_path, intact)
     cfg = _cfg(some, tmp_path / "out1")
     [unit] = make_plan("wsi", cfg, b"k").units
     works, warnings = plan_unit(unit, cfg)
-    rec = _merge(unit, (works, warnings, None, None), [process_work(w, cfg) for w in works])
+    records = [process_work(w, cfg) for w in works]
+    assert [xy for r in records for xy in r.damaged_at] == [(512, 1024)]  # staged: a resumed run marks it too
+    plan = works[0].plan  # as the run marks it once its works are done (ingest.runner._mark_previews)
+    mark_preview(cfg.out, unit.item, [], [xy for r in records for xy in r.damaged_at], plan.size0, plan.preview_scale)
+    orange = (decode_image((tmp_path / f"out1/previews/{unit.item}.png").read_bytes()) == [255, 140, 0]).all(axis=2)
+    f = plan.preview_scale  # the tile's box and its diagonals, at the tile's place on the preview
+    assert orange[round(1024 * f), round(512 * f)] and orange[round(1152 * f), round(640 * f)]
+    assert orange.sum() == orange[round(1024 * f) : round(1280 * f), round(512 * f) : round(768 * f)].sum()
+    rec = _merge(unit, (works, warnings, None, None), records)
     assert (rec.status, rec.samples, rec.left_out) == ("ingested", 23, 1)
 
 
@@ -151,3 +160,9 @@ def test_a_damaged_tile_of_the_mask_level_costs_the_tissue_under_it(tmp_path, in
         [note] = after.warnings
         assert note.startswith("1 of 16 parts of the level the tissue mask is read from could not be read (damaged)")
         assert note.endswith("read failed at (512, 512) level 1: Not a JPEG file: starts with 0x00 0x00")
+        assert "(crossed out on the preview)" in note and after.unread == [(256, 256, 256, 256)] and not before.unread
+    preview = decode_image(preview_png(after.thumb, after.mask, after.mask_downsample, after.tiles, None, after.unread))
+    orange = [255, 140, 0]  # RGB
+    for y, x in ((256, 256), (511, 511), (256, 511), (511, 256), (384, 384), (300, 256)):  # its outline and cross
+        assert preview[y, x].tolist() == orange, (y, x)
+    assert (preview == orange).all(axis=2)[:256].sum() == 0 and (preview == orange).all(axis=2)[512:].sum() == 0
