@@ -130,6 +130,12 @@ def add_ingest_parser(sub, fn) -> None:
                 "separated (e.g. green,blue,black); red only on tissue without red cells, whose colour it has",
             )
             add("--pen-max", "the most of a tile's area pen marks may cover for it to be cut", type=float)
+            add(
+                "--color-profile",
+                "a slide's embedded ICC colour profile (Aperio GT450, Philips, DICOM WSI often embed one): apply "
+                "converts its tiles to sRGB, so that scanners' colours agree; ignore keeps its scanner's RGB and warns",
+                choices=["ignore", "apply"],
+            )
             k.add_argument(
                 "--no-fetch-ahead",
                 dest="fetch_ahead",

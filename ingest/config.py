@@ -149,6 +149,9 @@ class WsiIngestConfig(IngestConfig):
     # not cut; none by default: ink is told by colour, and red ink has the colour of red cells
     pen_marks: list[Literal["green", "blue", "black", "red"]] = Field(default_factory=list)
     pen_max: float = Field(0.05, ge=0.0, le=1.0)
+    # a slide's embedded ICC colour profile (ingest.colour): apply converts its pixels to sRGB (each tile, and the
+    # mask's image) so that scanners' RGB agree; ignore keeps them as stored and warns of the slides with one
+    color_profile: Literal["ignore", "apply"] = "ignore"
     region_tiles: int = Field(256, ge=1)
     # each worker downloads its next slide on s3:// while it cuts the current one (local disk: two slides a
     # worker, as its source cache keeps anyway); off: a worker waits on the network for each slide it starts

@@ -1,12 +1,13 @@
 """``tessera ingest wsi --dry-run``'s look at the slides themselves: each local slide opened (its header: levels,
-MPP, objective power; no pixels), to say at which level and resolution it would be tiled, how large its tile grid
-is before the tissue mask, and which slides would fail to open. Slides on object storage are left to the run:
-opening one means downloading it."""
+MPP, objective power, colour profile; no pixels), to say at which level and resolution it would be tiled, how large
+its tile grid is before the tissue mask, and which slides would fail to open. Slides on object storage are left to
+the run: opening one means downloading it."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
+from ingest.colour import usable_profile
 from ingest.config import WsiIngestConfig
 from ingest.decisions import decide
 from ingest.describe import id_list
@@ -44,13 +45,14 @@ def check_slides(
             g = tile_geometry(reader, cfg.tile_size, cfg.mpp, cfg.stride, cfg.magnification)
             w0, h0 = reader.level_dimensions[0]
             mpp = round(reader.mpp * g.target_downsample, 3) if reader.mpp else None
+            _, colour = usable_profile(reader, cfg.color_profile == "apply")
         finally:
             reader.close()
         group = groups.setdefault((g.level, round(g.target_downsample, 3), mpp), [0, 0])
         group[0] += 1
         group[1] += grid_size(w0, h0, g.size0, g.stride0)
         mismatch = scale_mismatch(model_um, reader.mpp * g.size0 if reader.mpp else None, cfg.tile_size)
-        for warning in g.warnings + ([mismatch] if mismatch else []):
+        for warning in g.warnings + [w for w in (mismatch, colour) if w]:
             warned.setdefault(warning, []).append(unit.id)
     lines = [f"slides checked: {len(local)} of {len(units)}"]
     if len(local) < len(units):

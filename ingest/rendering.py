@@ -41,12 +41,16 @@ def kind_of(cfg: IngestConfig) -> str:
 def rendered_with(cfg: IngestConfig) -> Rendering:
     """What renders this process's samples of a run configured by ``cfg``: ``{"tessera": "wsi rendering 1",
     "numpy": "2.4.6", ...}``."""
-    return dict(_rendered_with(kind_of(cfg), cfg.uses_models()))
+    return dict(_rendered_with(kind_of(cfg), cfg.uses_models(), getattr(cfg, "color_profile", None) == "apply"))
 
 
 @functools.cache
-def _rendered_with(kind: str, models: bool) -> tuple[tuple[str, str], ...]:
+def _rendered_with(kind: str, models: bool, colour: bool = False) -> tuple[tuple[str, str], ...]:
     found = [(TESSERA, f"{kind} rendering {RENDERING[kind]}")]
+    if colour:  # LittleCMS converts the pixels (ingest.colour): the C library Pillow was built with
+        from PIL import features
+
+        found.append(("littlecms", str(features.version("littlecms2"))))
     for name in LIBRARIES[kind] + (MODELS if models else ()):
         try:
             found.append((name, metadata.version(name)))

@@ -36,6 +36,10 @@ class SlideReader(Protocol):
         """The whole of a (low-resolution) level as RGB ``uint8[H, W, 3]``."""
         ...
 
+    def icc_profile(self) -> bytes | None:
+        """The slide's embedded ICC colour profile as stored (None: it has none; :mod:`ingest.colour`)."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -145,6 +149,19 @@ class OpenSlideReader:
         w, h = self.level_dimensions[level]
         return self.read_region(0, 0, level, w, h)
 
+    def icc_profile(self) -> bytes | None:
+        import openslide
+        from openslide import lowlevel
+
+        if "openslide.icc-size" not in self._slide.properties:  # OpenSlide 4 names its size where there is one
+            return None
+        try:  # the bytes as stored (OpenSlide.color_profile would parse them first)
+            return lowlevel.read_icc_profile(self._slide._osr)
+        except openslide.OpenSlideError as exc:
+            self._slide.close()  # OpenSlide refuses every later call on a handle that met an error
+            self._slide = openslide.OpenSlide(self._path)
+            raise SlideError(f"its ICC profile could not be read: {exc}") from exc
+
     def close(self) -> None:
         if self._tiles:
             self._tiles.close()
@@ -166,8 +183,11 @@ def open_slide(path: str, fast: bool = True) -> SlideReader:
 class ArraySlideReader:
     """:class:`SlideReader` over an in-memory level-0 array, with power-of-two levels made by striding."""
 
-    def __init__(self, level0: np.ndarray, levels: int = 3, mpp: float | None = 0.5) -> None:
+    def __init__(
+        self, level0: np.ndarray, levels: int = 3, mpp: float | None = 0.5, icc_profile: bytes | None = None
+    ) -> None:
         self._levels = [level0[:: 2**i, :: 2**i] for i in range(levels)]
+        self._icc = icc_profile
         self.level_dimensions = [(a.shape[1], a.shape[0]) for a in self._levels]
         self.level_downsamples = [float(2**i) for i in range(levels)]
         self.mpp = mpp
@@ -185,6 +205,9 @@ class ArraySlideReader:
 
     def read_level(self, level: int) -> np.ndarray:
         return self._levels[level].copy()
+
+    def icc_profile(self) -> bytes | None:
+        return self._icc
 
     def close(self) -> None:
         pass

@@ -67,6 +67,11 @@ class StripTiffReader:
         self.level_downsamples = [1.0]
         self.mpp = tiff_mpp(page)
         self.objective_power = None
+        icc = page.tags.get("InterColorProfile")  # tag 34675
+        self._icc = bytes(icc.value) if icc is not None else None
+
+    def icc_profile(self) -> bytes | None:
+        return self._icc
 
     def _strip(self, i: int) -> np.ndarray:
         """Rows ``[i * rows, (i + 1) * rows)`` of the image as ``uint8[rows, width, samples]``."""

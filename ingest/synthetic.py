@@ -53,8 +53,11 @@ def slide_array(size: int, label: str, rng: np.random.Generator) -> np.ndarray:
     return img
 
 
-def write_pyramid_tiff(path: Path, level0: np.ndarray, mpp: float = 0.5, levels: int = 4, note: str = "") -> None:
-    """A generic tiled TIFF pyramid (JPEG tiles, 256 px) that OpenSlide reads, with MPP in the resolution tags."""
+def write_pyramid_tiff(
+    path: Path, level0: np.ndarray, mpp: float = 0.5, levels: int = 4, note: str = "", icc: bytes | None = None
+) -> None:
+    """A generic tiled TIFF pyramid (JPEG tiles, 256 px) that OpenSlide reads, with MPP in the resolution tags and
+    ``icc`` as its embedded colour profile."""
     import tifffile
 
     with tifffile.TiffWriter(path) as tw:
@@ -70,11 +73,27 @@ def write_pyramid_tiff(path: Path, level0: np.ndarray, mpp: float = 0.5, levels:
                 resolution=(res, res),
                 resolutionunit="CENTIMETER",
                 description=note if i == 0 and note else None,
+                iccprofile=icc,
                 metadata=None,
             )
             arr = arr[::2, ::2]
             if min(arr.shape[:2]) < 256:
                 break
+
+
+def swapped_profile() -> bytes:
+    """An ICC profile of RGB (pydicom's test ``crayons.icc``, which is near sRGB) with the tags of its red and green
+    primaries exchanged: converted to sRGB, device red is shown green (``--color-profile apply``'s tests)."""
+    import struct
+
+    from pydicom.data import get_testdata_file
+
+    icc = bytearray(Path(get_testdata_file("crayons.icc")).read_bytes())
+    (count,) = struct.unpack(">I", icc[128:132])
+    tags = {bytes(icc[132 + 12 * i : 136 + 12 * i]): 132 + 12 * i for i in range(count)}
+    r, g = tags[b"rXYZ"], tags[b"gXYZ"]
+    icc[r + 4 : r + 12], icc[g + 4 : g + 12] = icc[g + 4 : g + 12], icc[r + 4 : r + 12]  # their offsets and sizes
+    return bytes(icc)
 
 
 def make_slides(root: Path, n: int = 4, size: int = 2048, seed: int = 0, first: int = 0) -> tuple[list[Path], Path]:

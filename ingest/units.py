@@ -99,7 +99,7 @@ def plan_slide(unit: Unit, cfg: WsiIngestConfig, background=None) -> tuple[list[
     """Mask and tile one slide, publish its preview, and cut its tiles into regions of ``cfg.region_tiles``; a
     warning where the tiles are of another scale than the ``background`` model's training tiles."""
     reader = open_slide(SLIDES.path(unit.sources))  # downloaded once per worker for all its regions
-    pens = {"inks": cfg.pen_marks, "ink_max": cfg.pen_max}
+    pens = {"inks": cfg.pen_marks, "ink_max": cfg.pen_max, "colour": cfg.color_profile}
     try:
         plan = plan_tiles(reader, cfg.tile_size, cfg.mpp, cfg.stride, cfg.tissue_threshold, cfg.magnification, **pens)
     finally:

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import cv2
 import numpy as np
 
+from ingest.colour import lookup, srgb_lut, usable_profile
 from ingest.ink import ink_mask, without_ink
 from ingest.slides import SlideError, SlideReader
 from ingest.tiling import Tile, tissue_tiles
@@ -42,6 +43,7 @@ class TilePlan:
     ink: np.ndarray | None = None  # pen marks found on the mask's image (ingest.ink), where they were looked for
     unread: list[tuple[int, int, int, int]] = field(default_factory=list)  # (x, y, w, h) of the mask's image
     # that could not be read (damaged; taken as background)
+    srgb: bool = False  # its pixels converted to sRGB from its ICC profile (ingest.colour), the tiles' as the mask's
 
 
 def choose_level(downsamples: list[float], target: float) -> int:
@@ -210,11 +212,14 @@ def plan_tiles(
     magnification: float | None = None,
     inks: list[str] | tuple[str, ...] = (),
     ink_max: float = 0.05,
+    colour: str = "ignore",
 ) -> TilePlan:
     """Tile plan for ``reader``: tiles of ``tile_size`` px at ``mpp`` or ``magnification`` (else level 0).
 
     ``inks`` (:data:`ingest.ink.INKS`): pen marks of these colours are not tissue, and a tile more than
     ``ink_max`` of whose area they cover is not cut, whatever tissue it holds (the pen is in its pixels).
+    ``colour`` ``apply``: the slide's pixels are converted to sRGB from its ICC profile (:mod:`ingest.colour`),
+    the mask's image as its tiles will be.
     """
     g = tile_geometry(reader, tile_size, mpp, stride, magnification)
     level, warnings, unread = mask_level(reader.level_dimensions), list(g.warnings), []
@@ -223,6 +228,9 @@ def plan_tiles(
     except SlideError:  # a damaged tile failed the read of the whole level: read around it
         thumb, mask_ds, note, unread = read_mask_in_pieces(reader, level)
         warnings += [note] if note else []
+    icc, note = usable_profile(reader, colour == "apply")
+    warnings += [note] if note else []
+    thumb = lookup(thumb, srgb_lut(icc)) if icc else thumb
     ink = ink_mask(thumb, inks) if inks else None
     inked = ink is not None and bool(ink.any())
     mask = tissue_mask(without_ink(thumb, ink) if inked else thumb)
@@ -241,8 +249,9 @@ def plan_tiles(
         )
         tiles = clean
     return TilePlan(
-        g.level, g.target_downsample, g.size0, reader.mpp, thumb, mask, mask_ds, tiles, warnings, ink=ink, unread=unread
-    )
+        g.level, g.target_downsample, g.size0, reader.mpp, thumb, mask, mask_ds, tiles, warnings, ink=ink,
+        unread=unread, srgb=icc is not None,
+    )  # fmt: skip
 
 
 def read_tiles(
@@ -258,7 +267,12 @@ def read_tiles(
     of its reduction first (a partial last block is padded with white), then resized like any other. A tile the
     slide cannot give (a damaged source tile under it) is added to ``damaged`` with its error and left out, where
     that list is given: one bad tile of tens of thousands costs its own sample, not its slide's; else it raises.
+    Tiles of a plan in sRGB (``plan.srgb``) are converted once at their stored size.
     """
+    icc = usable_profile(reader, True)[0] if plan.srgb else None  # the profile the plan converted with
+    if plan.srgb and icc is None:
+        raise SlideError("its colour profile, used when it was planned, cannot be used now")
+    lut = srgb_lut(icc) if icc else None
     ds = reader.level_downsamples[plan.level]
     read_px = round(plan.size0 / ds)
     out_px = store_size or tile_size
@@ -276,7 +290,7 @@ def read_tiles(
             continue
         if rgb.shape[0] != out_px:
             rgb = cv2.resize(rgb, (out_px, out_px), interpolation=cv2.INTER_AREA)
-        yield tile, rgb
+        yield tile, lookup(rgb, lut) if lut is not None else rgb
 
 
 def damaged_note(damaged: list[tuple[Tile, SlideError]], planned: int, region: int, most: int = 5) -> str:

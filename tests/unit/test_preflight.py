@@ -5,7 +5,7 @@ from ingest.describe import describe_plan
 from ingest.plan import Plan
 from ingest.preflight import check_slides
 from ingest.slides import ArraySlideReader, SlideError
-from ingest.synthetic import write_pyramid_tiff
+from ingest.synthetic import swapped_profile, write_pyramid_tiff
 from ingest.tiling import grid_size, tile_origins
 from ingest.units import Unit
 
@@ -84,3 +84,23 @@ def test_a_plan_is_described_per_split_with_skips_and_warnings_by_pseudonym():
         "skipped 7: not an image file: k0, k1, k2, k3, k4 and 2 more",
         f"warning for 2: {gap}: u1, u3",
     ]
+
+
+def test_a_slides_colour_profile_is_warned_of_as_the_run_would():
+    level0 = np.zeros((400, 400, 3), np.uint8)
+    readers = {
+        "a": ArraySlideReader(level0, icc_profile=swapped_profile()),
+        "b": ArraySlideReader(level0, icc_profile=b"not a profile"),
+        "c": ArraySlideReader(level0),
+    }
+    units = [_unit(name) for name in readers]
+    ignored = WsiIngestConfig(sources=["x"], out="y", tile_size=100)
+    assert check_slides(units, ignored, readers.__getitem__)[-1:] == [
+        "warning for 1: it embeds an ICC colour profile 'Crayon Colours', not applied: its tiles are in its "
+        "scanner's own RGB (--color-profile apply converts them to sRGB): id-a"
+    ]  # b's is not applied either: nothing to say of it
+    applied = ignored.model_copy(update={"color_profile": "apply"})
+    [line] = [x for x in check_slides(units, applied, readers.__getitem__) if x.startswith("warning")]
+    assert line.startswith("warning for 1: its ICC profile (13 bytes) could not be read: ") and line.endswith(
+        ": its pixels are kept as stored: id-b"
+    )
