@@ -28,7 +28,7 @@ def _pool(threads: int) -> ThreadPoolExecutor:
     return ThreadPoolExecutor(threads, thread_name_prefix="tessera-opencv")
 
 
-def _each(kernel, threads: int, *batches: list) -> list[np.ndarray]:
+def each(kernel, threads: int, *batches: list) -> list[np.ndarray]:
     """``kernel`` over the batches' samples (one argument from each), in order; on ``threads`` threads."""
     if threads <= 1 or len(batches[0]) <= 1:
         return [kernel(*sample) for sample in zip(*batches, strict=True)]
@@ -56,9 +56,9 @@ def rotated(image: np.ndarray, degrees: np.ndarray) -> np.ndarray:
 
 def resized_batch(images: list[np.ndarray], size: int, threads: int) -> list[np.ndarray]:
     """:func:`resized` of each image of a batch, on ``threads`` threads."""
-    return _each(partial(resized, size=size), threads, images)
+    return each(partial(resized, size=size), threads, images)
 
 
 def rotated_batch(images: list[np.ndarray], degrees: list[np.ndarray], threads: int) -> list[np.ndarray]:
     """:func:`rotated` of each image of a batch by its angle, on ``threads`` threads."""
-    return _each(rotated, threads, images, degrees)
+    return each(rotated, threads, images, degrees)

@@ -52,6 +52,8 @@ class Augment:
     hue: float = 0.0
     zoom_p: float = 0.0
     zoom: tuple[float, float] = (1.0, 1.0)
+    hed_p: float = 0.0
+    hed_sigma: float = 0.05
 
 
 def sharpen_kernel(factor: float) -> np.ndarray:
@@ -90,6 +92,7 @@ def _augment(images, aug: Augment, size: int, gpu: bool, layout: str, threads: i
     from nvidia.dali import fn, types
 
     from shards.cpu_kernels import rotated_batch
+    from shards.stain import stain_jittered
 
     def chosen(p: float):
         return fn.random.coin_flip(probability=p, dtype=types.BOOL)
@@ -129,6 +132,8 @@ def _augment(images, aug: Augment, size: int, gpu: bool, layout: str, threads: i
                 dtype=types.FLOAT,
             )
             images = uint8(twisted)
+    if aug.hed_p > 0 and chosen(aug.hed_p):  # each stain's amount (shards.stain)
+        images = stain_jittered(images, aug.hed_sigma, gpu, layout, threads)
     if aug.hflip > 0 or aug.vflip > 0:
         images = fn.flip(
             images,

@@ -41,6 +41,10 @@ class AugmentConfig(Strict):
     hue: float = Field(0.0, ge=0, le=0.5)
     zoom_p: float = Field(0.0, ge=0, le=1)
     zoom: Range = (1.0, 1.0)
+    # stain jitter in HED space (shards.stain; Tellez et al.): each stain's amount scaled by [1 - s, 1 + s] and
+    # shifted by [-s, s], s = hed_sigma (0.05 "HED-light", 0.2 "HED-strong"); for H&E slides, not grey scans
+    hed_p: float = Field(0.0, ge=0, le=1)
+    hed_sigma: float = Field(0.05, ge=0, le=1)
 
     @model_validator(mode="after")
     def _ranges(self) -> AugmentConfig:
