@@ -25,10 +25,14 @@ OD_UNIT = float(-np.log(1e-6))  # scikit-image's rgb2hed divides natural-log den
 _DENSITY = (-np.log((np.arange(256) + 1.0) / 256.0)).astype(np.float32)  # each 8-bit value's density
 
 
-def _matrices() -> tuple[np.ndarray, np.ndarray]:
-    from skimage.color import hed_from_rgb, rgb_from_hed
+# Ruifrok and Johnston's stain vectors (rows: haematoxylin, eosin, DAB; columns: R, G, B densities), as scikit-image's
+# rgb_from_hed has them (tests/unit/test_stain.py checks both against it), and their inverse, which unmixes.
+RGB_FROM_HED = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]])
+HED_FROM_RGB = np.linalg.inv(RGB_FROM_HED)
 
-    return hed_from_rgb.astype(np.float64), rgb_from_hed.astype(np.float64)
+
+def _matrices() -> tuple[np.ndarray, np.ndarray]:
+    return HED_FROM_RGB, RGB_FROM_HED
 
 
 def density_map(alpha: np.ndarray, beta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

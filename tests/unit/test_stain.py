@@ -65,6 +65,14 @@ def test_the_cpu_kernel_is_the_reference_for_images_and_sequences():
     assert np.array_equal(hed_jittered_fast(images[0], np.ones(3), np.zeros(3)), images[0])
 
 
+def test_the_stain_vectors_are_scikit_images():
+    from skimage.color import hed_from_rgb, rgb_from_hed
+
+    from shards.stain import HED_FROM_RGB, RGB_FROM_HED
+
+    assert np.array_equal(RGB_FROM_HED, rgb_from_hed) and np.allclose(HED_FROM_RGB, hed_from_rgb, rtol=0, atol=1e-12)
+
+
 def test_no_jitter_gives_the_image_back():
     every = np.arange(256, dtype=np.uint8)
     grey = np.stack([every] * 3, -1)[None]
