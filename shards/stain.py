@@ -11,9 +11,10 @@ Pixels become optical densities (``-ln((I + 1) / 256)``), are unmixed by Ruifrok
 scikit-image's units (its ``rgb2hed``), so ``sigma`` is the papers' (0.05 "HED-light", 0.2 "HED-strong").
 Unmixing, jitter and mixing are one 3 x 3 map of the densities plus a shift, with a map per sample (a sequence's
 frames share theirs): on a GPU one DALI ``coord_transform`` between DALI's log and exp; in DALI's CPU mode OpenCV's
-(:func:`hed_jittered_fast`, through ``fn.python_function``: 256 px images on 2 threads took 3.3-3.7 ms an image by
-DALI's arithmetic, 0.7 by OpenCV's). Unlike scikit-image's round trip, amounts below zero are not clipped in
-between: the map stays linear, and with ``alpha`` 1 and ``beta`` 0 an image comes back as it was.
+(:func:`hed_jittered_fast`, through ``fn.python_function``: batches of 256 px images on 2 threads took 4.0-4.2 ms
+an image by DALI's arithmetic, 0.7-0.85 by OpenCV's; ``benchmarks/stain_jitter.py``). Unlike scikit-image's
+round trip, amounts below zero are not clipped in between: the map stays linear, and with ``alpha`` 1 and ``beta``
+0 an image comes back as it was.
 """
 
 from __future__ import annotations
