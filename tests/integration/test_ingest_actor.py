@@ -115,3 +115,38 @@ def test_workers_on_another_image_than_the_driver_are_named_after_the_work(stack
     note = f"{out}: its samples were rendered otherwise than this run's workers rendered on nodes unlike its driver "
     assert note + f"(numpy 1.26.4 -> {workers['numpy']})" in said
     assert amended.amended[-1].rendered_with == workers
+
+
+def test_the_actors_convert_a_slide_to_srgb_from_its_colour_profile(stack, tmp_path):
+    """``--color-profile apply`` on the cluster: the actors that plan and cut the slide convert its tiles (each the
+    stored tile in sRGB, as Pillow converts it), and the dataset records the choice and LittleCMS's version."""
+    import io
+    import json
+
+    import numpy as np
+    from PIL import Image, ImageCms
+
+    from ingest.runner import run_ingest
+    from ingest.synthetic import slide_array, swapped_profile, write_pyramid_tiff
+    from shards.schema import decode_image
+    from shards.writer import read_tar_samples
+
+    icc = swapped_profile()
+    write_pyramid_tiff(tmp_path / "s.tif", slide_array(1024, "CE", np.random.default_rng(2)), icc=icc)
+    tiles = {}
+    for colour in ("ignore", "apply"):
+        cfg = WsiIngestConfig(sources=[str(tmp_path / "s.tif")], out=str(tmp_path / colour), tile_size=128,
+                              format="png", split="train=1.0", color_profile=colour, workers=1)  # fmt: skip
+        manifest, _ = run_ingest("wsi", cfg)
+        [shard] = (tmp_path / colour / "train").glob("shard-*.tar")
+        tiles[colour] = {s["__key__"]: decode_image(s["png"]) for s in read_tar_samples(shard)}
+        warned = [w for w in manifest.inputs[0].warnings if "ICC colour profile" in w]
+        assert len(warned) == (colour == "ignore")  # ignored: said; applied: nothing to say
+    profile, srgb = ImageCms.ImageCmsProfile(io.BytesIO(icc)), ImageCms.createProfile("sRGB")
+    intent = ImageCms.getDefaultIntent(profile)
+    assert tiles["apply"].keys() == tiles["ignore"].keys() and len(tiles["apply"]) > 4
+    for key, stored in tiles["ignore"].items():
+        want = np.asarray(ImageCms.profileToProfile(Image.fromarray(stored), profile, srgb, renderingIntent=intent))
+        assert np.array_equal(tiles["apply"][key], want), key
+    recorded = json.loads((tmp_path / "apply" / "manifest.json").read_text())
+    assert recorded["config"]["color_profile"] == "apply" and "littlecms" in json.dumps(recorded)
