@@ -14,8 +14,8 @@ from training.config import RecipeError, TrainRecipe
 
 
 def check_against(recipe: TrainRecipe, manifest: mf.ManifestBrief | mf.Manifest) -> None:
-    """A dataset with labels (of slides, for heatmaps), then :func:`check_patient_labels` and
-    :func:`check_monitor` for ``recipe`` on ``manifest``."""
+    """A dataset with labels (of slides, for heatmaps; not of DICOM series, for stain jitter), then
+    :func:`check_patient_labels` and :func:`check_monitor` for ``recipe`` on ``manifest``."""
     from training.loop import outputs_of
 
     outputs = outputs_of(recipe, manifest)
@@ -29,6 +29,11 @@ def check_against(recipe: TrainRecipe, manifest: mf.ManifestBrief | mf.Manifest)
         raise RecipeError(
             f"eval.heatmaps: heatmaps are drawn over slides, and {recipe.data.dataset} holds {manifest.kind} "
             "inputs, not slides"
+        )
+    if recipe.data.augment.hed_p > 0 and manifest.kind == "dicom":  # an image folder may hold stained tissue
+        raise RecipeError(
+            f"data.augment.hed_p: stain jitter moves the amounts of haematoxylin, eosin and DAB (shards.stain), "
+            f"and {recipe.data.dataset} holds DICOM series, whose windows no stain made"
         )
     check_patient_labels(recipe, manifest)
     check_monitor(recipe, outputs)

@@ -116,3 +116,16 @@ def test_the_recipe_takes_a_share_and_a_sigma():
     assert (aug.hed_p, aug.hed_sigma) == (0.5, 0.2) and AugmentConfig().hed_p == 0.0
     with pytest.raises(ValidationError, match="hed_p"):
         AugmentConfig(hed_p=1.5)
+
+
+def test_a_recipe_with_stain_jitter_is_refused_on_dicom_series_before_any_work():
+    from shards import manifest as mf
+    from training.config import RecipeError, load_recipe
+    from training.preflight import check_against
+
+    inputs = [mf.InputRecord(id="s", kind="dicom", status="ingested", item="s", label=0, split="val")]
+    recipe = load_recipe("demo_tiles", ["data.dataset=ds", "data.augment.hed_p=0.5"])
+    with pytest.raises(RecipeError, match=r"data\.augment\.hed_p: stain jitter .* and \S*ds holds DICOM series"):
+        check_against(recipe, mf.Manifest(dataset="ds", kind="dicom", classes=["no", "yes"], inputs=inputs))
+    slides = [mf.InputRecord(id="s", kind="wsi", status="ingested", item="s", label=0, split="val")]
+    check_against(recipe, mf.Manifest(dataset="ds", kind="wsi", classes=["no", "yes"], inputs=slides))  # slides: yes
