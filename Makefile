@@ -23,12 +23,13 @@ demo: $(STAMP)
 # services and Ray's processes starting, Ray Train's polls), which the others fill: clean clones on 2 cores took
 # 28-33 minutes so, against 31-32 with the tier in one process beside the unit tier. Each half starts its own stack
 # (`TESSERA_IT_PORT_SHIFT`: the second's ports). Each's output is printed whole when it ends; each keeps its own
-# target to run alone.
+# target to run alone. Beside the integration tier the unit tier's torch takes one thread (`UNIT_THREADS`): with one
+# per core, each of its parallel regions waited at OpenMP's barrier for the thread whose core another process held.
 test: $(STAMP)
-	$(MAKE) --no-print-directory -j3 --output-sync=target unit integration-training integration-rest
+	$(MAKE) --no-print-directory -j3 --output-sync=target unit integration-training integration-rest UNIT_THREADS=1
 
 unit: $(STAMP)
-	$(PY) -m pytest -q --durations=8 tests/unit
+	$(if $(UNIT_THREADS),OMP_NUM_THREADS=$(UNIT_THREADS) )$(PY) -m pytest -q --durations=8 tests/unit
 
 # The half of the integration tier that trains (Ray Train runs, sweeps, jobs); the rest ingests and serves.
 IT_TRAINING := $(addprefix tests/integration/,test_tune.py test_train_resume.py test_detector_loop.py \
