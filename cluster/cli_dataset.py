@@ -34,6 +34,7 @@ def add_dataset_parser(sub) -> None:
 
 def dataset_lines(manifest, data: bytes) -> list[str]:
     """The terminal's account of a dataset (``manifest``, ``data``: its bytes as stored)."""
+    from ingest.describe import sites_note
     from shards import manifest as mf
     from shards import provenance
 
@@ -50,7 +51,7 @@ def dataset_lines(manifest, data: bytes) -> list[str]:
         classes = ", ".join(f"{c} {n}" for c, n in sorted(per_class.items()))
         lines.append(
             f"  {split}: {info.num_samples} samples in {len(info.shards)} shard(s), {len(held)} input(s) of "
-            f"{len({r.patient for r in held})} patient(s) ({classes})"
+            f"{len({r.patient for r in held})} patient(s) ({classes}){sites_note(r.site for r in held)}"
         )
     lines.append("inputs: " + ", ".join(f"{status} {n}" for status, n in manifest.counts().items()))
     lines += [f"  {status} {line}" for status in ("skipped", "failed") for line in manifest.reasons(status)]

@@ -68,6 +68,11 @@ def add_ingest_parser(sub, fn) -> None:
         )
         add("--split", "patient-level split fractions")
         add("--seed", "split seed", type=int)
+        add(
+            "--hold-out-sites",
+            "comma-separated sites (the label table's center_id or site column) whose patients make up the test "
+            "split alone: a test on centres the model never saw; the others are split by the other fractions",
+        )
         add("--shard-size", "target shard size (e.g. 1GB, 256MB)")
         add("--format", "image encoding", choices=["jpeg", "jpg", "png"])
         add("--quality", "JPEG quality, 1-100", type=int)
@@ -215,7 +220,7 @@ def ingest_config(args):
     given = {name: value for name, value in vars(args).items() if name in cls.model_fields}
     if given.get("format") == "jpeg":
         given["format"] = "jpg"
-    for listed in ("windows", "pen_marks"):
+    for listed in ("windows", "pen_marks", "hold_out_sites"):
         if isinstance(given.get(listed), str):
             given[listed] = [v for v in given[listed].split(",") if v and v != "none"]  # as its help shows "none"
     try:

@@ -8,7 +8,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from ingest.splits import parse_fractions
+from ingest.splits import outside_held_out, parse_fractions
 from ingest.windowing import WINDOWS
 from shards import storage
 
@@ -55,6 +55,10 @@ class IngestConfig(BaseModel):
     labels: str | None = None
     split: str = "train=0.7,val=0.15,test=0.15"
     seed: int = 0
+    # sites (the label table's center_id or site column) whose patients make up split ``test`` alone: a test of
+    # centres the model never saw (their scanners, stains, populations); the other patients are split by the
+    # other fractions, scaled to sum 1
+    hold_out_sites: list[str] = Field(default_factory=list)
     shard_size: int = 1 << 30
     format: Literal["jpg", "png"] = "jpg"
     quality: int = Field(90, ge=1, le=100)
@@ -86,6 +90,14 @@ class IngestConfig(BaseModel):
     def _split(cls, v: str) -> str:
         parse_fractions(v)
         return v
+
+    @model_validator(mode="after")
+    def _sites_from_labels(self) -> IngestConfig:
+        if self.hold_out_sites:
+            if not self.labels:
+                raise ValueError("hold_out_sites names sites of a label table's center_id or site column: --labels")
+            outside_held_out(parse_fractions(self.split))
+        return self
 
     @model_validator(mode="after")
     def _gpus_for_a_model(self) -> IngestConfig:

@@ -17,6 +17,13 @@ SPLIT_ORDER = {"train": 0, "val": 1, "test": 2}
 SHOWN_IDS = 5
 
 
+def sites_note(sites) -> str:
+    """``", sites 2, 11"`` for the sites among ``sites`` (None: an input of none), in their order as numbers; empty
+    where there are none."""
+    named = sorted({s for s in sites if s}, key=lambda s: (len(s), s))
+    return f", sites {', '.join(named)}" if named else ""
+
+
 def describe_plan(plan: Plan) -> list[str]:
     """What an ingest would do, for ``--dry-run``: units per split (patients, classes), the skipped inputs by
     reason and the planning warnings, as pseudonyms (output may reach job logs, which carry no file names; the
@@ -34,7 +41,8 @@ def describe_plan(plan: Plan) -> list[str]:
             f"{plan.classes[label] if label is not None else 'unlabelled'} {n}"
             for label, n in sorted(by_label.items(), key=lambda kv: (kv[0] is None, kv[0] or 0))
         )
-        lines.append(f"  {split}: {sum(by_label.values())} ({classes}) from {len(patients[split])} patient(s)")
+        of = sites_note(u.site for u in plan.units if (u.split or "-") == split)
+        lines.append(f"  {split}: {sum(by_label.values())} ({classes}) from {len(patients[split])} patient(s){of}")
     if plan.classes:
         lines.append("classes: " + ", ".join(f"{i} {name}" for i, name in enumerate(plan.classes)))
     by_reason: dict[str, list[str]] = {}

@@ -14,6 +14,11 @@ class LabelRow:
     item: str
     label: str | None  # None: a table of patients without labels
     patient: str | None
+    site: str | None = None  # the centre it came from (STRIP AI's center_id; a site, center or centre column)
+
+
+# The columns that name an item's centre, in the order looked for: STRIP AI's, then a generic table's.
+SITE_COLUMNS = ("center_id", "site", "center", "centre")
 
 
 def read_label_csv(text: str, source: str = "labels") -> list[LabelRow]:
@@ -21,9 +26,10 @@ def read_label_csv(text: str, source: str = "labels") -> list[LabelRow]:
     ``label`` column, a table of patients (STRIP AI's ``test.csv``; ``slide,patient``): rows of label None,
     which name the inputs to take and the patient of each, for a dataset to predict on.
 
-    Column names are read as their lower case, stripped (``Slide, Label`` as a spreadsheet may write them). Raises
-    ``ValueError`` naming ``source`` and the line when a column is missing, or when a row repeats an item with
-    another label or patient (a row repeated alike is read once).
+    Column names are read as their lower case, stripped (``Slide, Label`` as a spreadsheet may write them). A
+    site column (:data:`SITE_COLUMNS`, the first there) gives each row its centre. Raises ``ValueError`` naming
+    ``source`` and the line when a column is missing, or when a row repeats an item with another label, patient or
+    site (a row repeated alike is read once).
     """
     reader = csv.DictReader(io.StringIO(text))
     reader.fieldnames = [name.strip().lower() for name in reader.fieldnames or []]
@@ -43,17 +49,19 @@ def read_label_csv(text: str, source: str = "labels") -> list[LabelRow]:
             "(image_id,center_id,patient_id,image_num,label) or slide|image|series|patient,label[,patient]; "
             "without a label column, a table of patients (STRIP AI's test.csv, or slide|image|series,patient)"
         )
+    site_col = next((c for c in SITE_COLUMNS if c in cols), None)
     rows: dict[str, tuple[int, LabelRow]] = {}
     for n, row in enumerate(reader, start=2):
         if not row.get(item_col) or (labelled and not row.get("label")):
             raise ValueError(f"{source}: line {n} lacks {item_col!r}" + (" or 'label'" if labelled else ""))
         patient = row.get(patient_col) if patient_col else None
         label = row["label"].strip() if labelled else None
-        one = LabelRow(row[item_col].strip(), label, patient.strip() if patient else None)
+        site = (row.get(site_col) or "").strip() or None if site_col else None
+        one = LabelRow(row[item_col].strip(), label, patient.strip() if patient else None, site)
         if (seen := rows.get(one.item)) and seen[1] != one:
             raise ValueError(
-                f"{source}: line {n} gives {one.item} label {one.label!r} and patient {one.patient!r}, where line "
-                f"{seen[0]} gave label {seen[1].label!r} and patient {seen[1].patient!r}"
+                f"{source}: line {n} gives {one.item} label {one.label!r}, patient {one.patient!r} and site "
+                f"{one.site!r}, where line {seen[0]} gave {seen[1].label!r}, {seen[1].patient!r} and {seen[1].site!r}"
             )
         rows.setdefault(one.item, (n, one))
     return [row for _, row in rows.values()]

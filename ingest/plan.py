@@ -15,7 +15,7 @@ from ingest.labels import RSNA_SUBTYPES, LabelRow, class_names, is_rsna_csv, rea
 from ingest.model_files import ModelFiles, read_models
 from ingest.pseudonym import pseudonym
 from ingest.sources import SLIDE_EXTS, expand, fingerprint, listing, mirax_companions, stem, vms_companions
-from ingest.splits import assign_splits, parse_fractions
+from ingest.splits import HELD_OUT, assign_splits, outside_held_out, parse_fractions
 from ingest.units import Unit
 from shards import storage
 from shards.manifest import InputRecord
@@ -63,14 +63,30 @@ def _unmatched(plan: Plan, key: bytes, items: set[str], labels: str | None) -> N
 
 def _assign(units: list[Unit], cfg: IngestConfig, linked: dict[str, str] | None = None) -> None:
     """Each unit's split, by patient; ``linked``: patient -> the patient whose split it shares
-    (:func:`~ingest.splits.linked_patients`)."""
+    (:func:`~ingest.splits.linked_patients`). The patients of ``--hold-out-sites`` (with any of their inputs at
+    one) go to :data:`~ingest.splits.HELD_OUT`, the others by the other fractions."""
     root = linked or {}
+    held = {root.get(u.patient, u.patient) for u in held_out(units, cfg)}
     patients: dict[str, int | None] = {}
     for u in units:
         patients.setdefault(root.get(u.patient, u.patient), u.label)
-    splits = assign_splits(patients, parse_fractions(cfg.split), cfg.seed)
+    fractions = parse_fractions(cfg.split)
+    rest = {p: label for p, label in patients.items() if p not in held}
+    splits = assign_splits(rest, outside_held_out(fractions) if cfg.hold_out_sites else fractions, cfg.seed)
     for u in units:
-        u.split = splits[root.get(u.patient, u.patient)]
+        u.split = splits.get(root.get(u.patient, u.patient), HELD_OUT)
+
+
+def held_out(units: list[Unit], cfg: IngestConfig) -> list[Unit]:
+    """The units of the sites ``--hold-out-sites`` names. Raises ``ValueError`` for a site no unit is of, saying
+    which sites the label table gave (a typo would otherwise leave the test split empty)."""
+    sites = {u.site for u in units if u.site}
+    if missing := sorted(set(cfg.hold_out_sites) - sites):
+        known = ", ".join(sorted(sites, key=lambda s: (len(s), s))) or "none (it has no center_id or site column)"
+        raise ValueError(
+            f"--hold-out-sites: no input {cfg.labels} labels is of site {', '.join(missing)}; its sites: {known}"
+        )
+    return [u for u in units if u.site in cfg.hold_out_sites]
 
 
 def _fingerprints(plan: Plan, key: bytes, stamps: dict[str, str]) -> None:
@@ -131,7 +147,7 @@ def plan_wsi(cfg: WsiIngestConfig, key: bytes) -> Plan:
         who = row.patient if row and row.patient else name
         patient, slide = _known(plan, key, "patient", who, f"patient {who}"), _known(plan, key, "slide", name, files[0])
         label = classes.index(row.label) if row and row.label is not None else None
-        plan.units.append(Unit(uid, "wsi", files, slide, patient, label))
+        plan.units.append(Unit(uid, "wsi", files, slide, patient, label, site=row.site if row else None))
     _assign(plan.units, cfg)
     _fingerprints(plan, key, stamps)
     return plan
@@ -214,6 +230,7 @@ def plan_dicom(cfg: DicomIngestConfig, key: bytes) -> Plan:
             patient=_known(plan, key, "patient", series.patient_id, f"patient {series.patient_id}"),
             label=label,
             meta=meta,
+            site=row.site if row else None,
         )
         plan.units.append(unit)
     _unmatched(plan, key, set(table) - named, cfg.labels)
@@ -292,7 +309,7 @@ def plan_images(cfg: ImagesIngestConfig, key: bytes) -> Plan:
         label = None if row and row.label is None else classes.index(row.label if row else loc.rsplit("/", 2)[-2])
         who = row.patient if row and row.patient else loc
         patient, item = _known(plan, key, "patient", who, f"patient {who}"), _known(plan, key, "image", loc, loc)
-        plan.units.append(Unit(uid, "image", [loc], item, patient, label, meta=meta))
+        plan.units.append(Unit(uid, "image", [loc], item, patient, label, meta=meta, site=row.site if row else None))
     _fingerprints(plan, key, stamps)  # before copies: an image copied since is no change to it
     skip = functools.partial(_image_skip, plan)
     linked = place_copies(plan.units, cfg, stamps, classes, skip) if cfg.duplicates != "apart" else {}

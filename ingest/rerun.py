@@ -20,9 +20,9 @@ from datetime import UTC, datetime
 
 from ingest.config import IngestConfig, changed_options
 from ingest.describe import id_list
-from ingest.plan import Plan
+from ingest.plan import Plan, held_out
 from ingest.rendering import amend_note
-from ingest.splits import extend_splits, parse_fractions
+from ingest.splits import HELD_OUT, extend_splits, outside_held_out, parse_fractions
 from ingest.units import Unit
 from shards import manifest as mf
 from shards import provenance, storage
@@ -93,7 +93,12 @@ def _kept_splits(previous: mf.Manifest, plan: Plan, cfg: IngestConfig) -> dict[s
     ids = {u.id for u in adding}
     out = {u.id: records[u.id].split for u in plan.units if u.id not in ids}
     new = {u.patient: u.label for u in adding if u.patient not in held}
-    fresh = extend_splits(held, new, parse_fractions(cfg.split), cfg.seed)
+    fractions, kept_out, counted = parse_fractions(cfg.split), {u.patient for u in held_out(plan.units, cfg)}, held
+    if cfg.hold_out_sites:  # a new patient of a held-out site joins theirs; the others, the other splits
+        fractions = outside_held_out(fractions)
+        counted = {p: (split, label) for p, (split, label) in held.items() if split != HELD_OUT}
+    fresh = extend_splits(counted, {p: label for p, label in new.items() if p not in kept_out}, fractions, cfg.seed)
+    fresh |= dict.fromkeys(kept_out & new.keys(), HELD_OUT)
     for u in adding:  # a copy of an image it holds, or adds just before, joins that image's split
         copies = [out[c] for c in u.meta.get("copies", []) if c in out]
         out[u.id] = held[u.patient][0] if u.patient in held else copies[0] if copies else fresh[u.patient]

@@ -134,6 +134,7 @@ def _merge(unit: Unit, plan, works: list[WorkRecord], threshold: float | None = 
         patient=unit.patient,
         label=unit.label,
         fingerprint=unit.fingerprint,
+        site=unit.site,
     )
     rec.split, rec.warnings = unit.split, list(warnings) + [n for w in works for n in w.warnings]
     if unit.kind == "wsi" and regions and regions[0].plan:  # where heatmaps of its tiles are drawn

@@ -21,6 +21,19 @@ def parse_fractions(spec: str) -> dict[str, float]:
     return out
 
 
+HELD_OUT = "test"  # the split of the patients of ``--hold-out-sites``
+
+
+def outside_held_out(fractions: dict[str, float]) -> dict[str, float]:
+    """The fractions of the splits other than :data:`HELD_OUT`, scaled to sum 1: what the patients of the other
+    sites are split by where some sites are held out (the held-out split holds theirs alone)."""
+    rest = {name: f for name, f in fractions.items() if name != HELD_OUT}
+    total = sum(rest.values())
+    if not total:
+        raise ValueError(f"with sites held out in {HELD_OUT!r}, the other splits must have patients: {fractions}")
+    return {name: f / total for name, f in rest.items()}
+
+
 def _by_label(patients: dict[str, int | None], seed: int) -> dict[int | None, list[str]]:
     """Patients grouped by label, each group in the order of a seeded hash (stable, independent of input
     order)."""

@@ -46,6 +46,7 @@ class Unit:
     split: str | None = None
     meta: dict[str, Any] = field(default_factory=dict)
     fingerprint: str | None = None  # a digest of its files' stamps (see ingest.plan); None before planning
+    site: str | None = None  # its centre, as the label table names it (``--hold-out-sites``)
 
 
 @dataclass

@@ -110,6 +110,7 @@ class InputRecord:
     patient: str | None = None
     label: int | None = None
     split: str | None = None
+    site: str | None = None  # its centre, as the label table named it (``--hold-out-sites``); None: not named
     samples: int = 0
     shards: list[str] = Field(default_factory=list)
     warnings: list[str] = Field(default_factory=list)

@@ -48,6 +48,7 @@ def test_cli_ingest_to_local_disk_without_a_stack(tmp_path):
     manifest = json.loads((out / "manifest.json").read_text())
     assert [r["status"] for r in manifest["inputs"]] == ["ingested", "ingested"]
     assert manifest["classes"] == ["CE", "LAA"]
+    assert [r["site"] for r in manifest["inputs"]] == ["11", "11"]  # the label table's center_id
     # the damaged source tile (of level 0, which these slides' mask is read from too) costs the tissue under it,
     # said, not its slide (its three tiles there: ingest.wsi.read_mask_in_pieces)
     [hurt] = [r for r in manifest["inputs"] if r.get("warnings")]

@@ -72,10 +72,10 @@ def test_a_label_table_as_spreadsheets_write_them_and_its_repeated_rows():
     its class counted though no input bore it)."""
     rows = read_label_csv("Slide, Label ,Patient\na,CE,p1\na,CE,p1\nb,LAA,p2\n")
     assert [(r.item, r.label, r.patient) for r in rows] == [("a", "CE", "p1"), ("b", "LAA", "p2")]
-    with pytest.raises(ValueError, match=r"t\.csv: line 3 gives a label 'LAA' and patient None, where line 2 gave"):
+    with pytest.raises(ValueError, match=r"t\.csv: line 3 gives a label 'LAA', patient None and site None, where"):
         read_label_csv("slide,label\na,CE\na,LAA\n", source="t.csv")
     strip = "image_id,center_id,patient_id,image_num,label\nx_0,1,x,0,CE\nx_0,1,y,0,CE\n"
-    with pytest.raises(ValueError, match="line 3 gives x_0 label 'CE' and patient 'y', where line 2 gave"):
+    with pytest.raises(ValueError, match="line 3 gives x_0 label 'CE', patient 'y' and site '1', where line 2 gave"):
         read_label_csv(strip)
 
 

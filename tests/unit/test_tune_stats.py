@@ -361,3 +361,22 @@ def test_a_study_refuses_a_metric_its_runs_would_not_log_before_any_replicate(tm
     for group in bundled.groups.values():
         group.overrides += detect
     bundled.check_compared()
+
+
+def test_the_stain_jitter_study_is_measured_on_centres_no_replicate_saw(tmp_path):
+    """Its data is a dataset whose test split is held-out centres (``--hold-out-sites``), and it compares the
+    replicates' test metrics, which its check before any training accepts on a dataset with a test split."""
+    from tests.datasets import make_dataset
+    from training.preflight import check_compared
+
+    study = load_plan("strip_ai_stain_jitter")
+    recipes = {label: sweep.base() for label, sweep in study.sweeps().items()}
+    assert {r.data.dataset for r in recipes.values()} == {"s3://shards/strip_ai/unseen_centres"}
+    assert (recipes["paper"].data.augment.hed_p, recipes["hed_light"].data.augment.hed_p) == (0.0, 0.5)
+    assert study.compare.metrics == ["test_patient_weighted_log_loss", "test_patient_accuracy"]
+    manifest = make_dataset(str(tmp_path / "ds"), {"train": 4, "val": 4, "test": 4})
+    for recipe in recipes.values():
+        check_compared(recipe, manifest, study.compare.metrics, "compare.metrics")
+    with pytest.raises(RecipeError, match=r"'test_patient_weighted_log_loss' is not a metric strip_ai_resnet50 logs"):
+        check_compared(recipes["paper"], make_dataset(str(tmp_path / "no_test"), {"train": 4, "val": 4}),
+                       study.compare.metrics, "compare.metrics")  # fmt: skip
