@@ -132,6 +132,8 @@ def origin_tags(recipe: TrainRecipe, manifest: mf.ManifestBrief, data: bytes) ->
         tags["dataset_made_by"] = manifest.made_by
     if rendered := manifest.renderings():  # and with what: Tessera's rendering and the libraries' versions
         tags["dataset_rendered_with"] = provenance.describe_rendering(provenance.combined(rendered))
+    if sites := manifest.config.get("hold_out_sites"):  # its test_* metrics are of these centres alone
+        tags["dataset_held_out_sites"] = ",".join(sites)
     return tags
 
 

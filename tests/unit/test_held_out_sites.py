@@ -125,3 +125,16 @@ def test_the_record_and_the_dataset_account_carry_the_site(tmp_path):
     manifest.splits = {"test": mf.SplitInfo(num_samples=2)}
     (line,) = [x for x in dataset_lines(manifest, b"{}") if x.startswith("  test:")]
     assert line == "  test: 2 samples in 0 shard(s), 1 input(s) of 1 patient(s) (CE 1), sites 11"
+
+
+def test_a_run_on_held_out_centres_is_tagged_with_them(tmp_path):
+    """Its ``test_*`` metrics are of those centres alone: said beside them in MLflow, for runs compared there."""
+    from tests.datasets import make_dataset
+    from training.config import load_recipe
+    from training.launch import origin_tags
+
+    manifest = make_dataset(str(tmp_path / "ds"), {"train": 2, "val": 2, "test": 2})
+    recipe = load_recipe("demo_tiles", [f"data.dataset={tmp_path / 'ds'}"])
+    assert "dataset_held_out_sites" not in origin_tags(recipe, manifest, b"{}")
+    manifest.config["hold_out_sites"] = ["2", "7"]
+    assert origin_tags(recipe, manifest, b"{}")["dataset_held_out_sites"] == "2,7"
