@@ -122,10 +122,14 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(stack, work
     client = MlflowClient(stack.mlflow_url)
 
     def first_finished():
+        """The first trial's run, once it has finished and Tune has ended the trial: one at a time, the second
+        trial starts (its run exists) only then. A trial's run closes just before its last report to Tune, and
+        one interrupted between the two is still running for Tune, which trains its last epoch again on resume
+        (CI once saw it: the run's end time moved)."""
         exps = [e.experiment_id for e in client.search_experiments()]  # the sweep may create its experiment
         runs = client.search_runs(exps, f"tags.`{KIND}` = 'trial' and tags.`{SWEEP}` like 'it-grid-%'")
         done = [r for r in runs if r.info.status == "FINISHED"]
-        return done[0] if done else None
+        return done[0] if done and len(runs) == 2 else None
 
     with open(log_path, "w") as out:
         proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
