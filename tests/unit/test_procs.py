@@ -82,7 +82,9 @@ def test_a_hub_its_clients_need_while_they_end_is_stopped_after_them(tmp_path):
     sid = procs.session_of(pidfile)
     assert procs.wait_until(lambda: len(procs.members(sid)) == 3, timeout=10)
     assert procs.wait_until(Path(f"{clean}.ready").exists, timeout=30)  # the client's handler installed
-    assert procs.stop(pidfile, timeout=5, last=lambda p: "hub" in p.cmdline())
+    # A SIGKILL after 30 s, not 5: on a loaded machine (CI, the suite's tiers side by side) the client once took
+    # longer than 5 s to end, and was killed before writing. Ended in the wrong order, it would wait 60 s.
+    assert procs.stop(pidfile, timeout=30, last=lambda p: "hub" in p.cmdline())
     assert procs.members(sid) == [] and clean.read_text() == "clean"
 
 
