@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections import Counter
 
+from ingest.labels import site_order
 from ingest.plan import Plan
 
 NOUNS = {
@@ -20,7 +21,7 @@ SHOWN_IDS = 5
 def sites_note(sites) -> str:
     """``", sites 2, 11"`` for the sites among ``sites`` (None: an input of none), in their order as numbers; empty
     where there are none."""
-    named = sorted({s for s in sites if s}, key=lambda s: (len(s), s))
+    named = site_order(sites)
     return f", sites {', '.join(named)}" if named else ""
 
 

@@ -11,7 +11,15 @@ from ingest.copies import place_copies
 from ingest.dicom import group_series, map_headers, read_header, read_headers
 from ingest.dicom_wsi import group_dicom_slides
 from ingest.images import IMAGE_EXTS, csv_boxes, is_slice_table, patient_key, read_slice_table, slice_number, yolo_boxes
-from ingest.labels import RSNA_SUBTYPES, LabelRow, class_names, is_rsna_csv, read_label_csv, read_rsna_csv
+from ingest.labels import (
+    RSNA_SUBTYPES,
+    LabelRow,
+    class_names,
+    is_rsna_csv,
+    read_label_csv,
+    read_rsna_csv,
+    site_order,
+)
 from ingest.model_files import ModelFiles, read_models
 from ingest.pseudonym import pseudonym
 from ingest.sources import SLIDE_EXTS, expand, fingerprint, listing, mirax_companions, stem, vms_companions
@@ -80,9 +88,9 @@ def _assign(units: list[Unit], cfg: IngestConfig, linked: dict[str, str] | None 
 def held_out(units: list[Unit], cfg: IngestConfig) -> list[Unit]:
     """The units of the sites ``--hold-out-sites`` names. Raises ``ValueError`` for a site no unit is of, saying
     which sites the label table gave (a typo would otherwise leave the test split empty)."""
-    sites = {u.site for u in units if u.site}
-    if missing := sorted(set(cfg.hold_out_sites) - sites):
-        known = ", ".join(sorted(sites, key=lambda s: (len(s), s))) or "none (it has no center_id or site column)"
+    sites = site_order(u.site for u in units)
+    if missing := sorted(set(cfg.hold_out_sites) - set(sites)):
+        known = ", ".join(sites) or "none (it has no center_id or site column)"
         raise ValueError(
             f"--hold-out-sites: no input {cfg.labels} labels is of site {', '.join(missing)}; its sites: {known}"
         )
