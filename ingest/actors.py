@@ -14,11 +14,13 @@ from ingest.config import IngestConfig
 from ingest.dispatch import CallQueue
 from ingest.model_files import get_model, model_device, model_url
 from ingest.packing import pack_shard, rewrite_shard
+from ingest.preview import mark_tiles
 from ingest.source_cache import fetch_ahead
 from ingest.staging import WorkRecord, attempt, process_work, retried
-from ingest.units import Unit, Work, mark_preview, plan_unit
+from ingest.units import Unit, Work, plan_unit
+from shards import storage
 from shards.local_files import is_remote
-from shards.manifest import ShardInfo
+from shards.manifest import ShardInfo, preview_url
 from shards.transfers import Transfers
 
 NO_ROOM_NOTE_S = 30.0  # how long a run waits with no worker started before it says why
@@ -34,6 +36,13 @@ def prepare_worker(cpus: int) -> None:
     # reach it. Held to the actor's CPUs, as many workers as cores do not oversubscribe the node.
     cv2.setNumThreads(max(1, cpus))
     keep_freed_memory(**INGEST)  # the tile buffers of each region, re-used instead of page-faulted in anew
+
+
+def mark_preview(out: str, item: str, dropped: list, damaged: list, size0: int, scale: float) -> None:
+    """Mark on slide ``item``'s preview the tiles its background model dropped and those that could not be read
+    (:func:`~ingest.preview.mark_tiles`; the preview is drawn when the slide is planned, before any tile is read)."""
+    url = preview_url(out, item)
+    storage.put_bytes(url, mark_tiles(storage.get_bytes(url), size0, scale, dropped, damaged))
 
 
 @ray.remote(max_restarts=2, max_task_retries=2)

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from collections import Counter
 
-from ingest.labels import site_order
 from ingest.plan import Plan
+from shards.schema import site_order
 
 NOUNS = {
     "wsi": ("slide", "slides"),

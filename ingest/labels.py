@@ -21,12 +21,6 @@ class LabelRow:
 SITE_COLUMNS = ("center_id", "site", "center", "centre")
 
 
-def site_order(sites) -> list[str]:
-    """The distinct sites named among ``sites`` (None: an input of none), in their order as numbers: "2" before
-    "11"."""
-    return sorted({s for s in sites if s}, key=lambda s: (len(s), s))
-
-
 def read_label_csv(text: str, source: str = "labels") -> list[LabelRow]:
     """Parse a label CSV; STRIP AI (``image_id,center_id,patient_id,image_num,label``) or generic. Without a
     ``label`` column, a table of patients (STRIP AI's ``test.csv``; ``slide,patient``): rows of label None,

@@ -18,7 +18,6 @@ from ingest.labels import (
     is_rsna_csv,
     read_label_csv,
     read_rsna_csv,
-    site_order,
 )
 from ingest.model_files import ModelFiles, read_models
 from ingest.pseudonym import pseudonym
@@ -27,6 +26,7 @@ from ingest.splits import HELD_OUT, assign_splits, outside_held_out, parse_fract
 from ingest.units import Unit
 from shards import storage
 from shards.manifest import InputRecord
+from shards.schema import site_order
 
 
 @dataclass

@@ -20,7 +20,8 @@ from shards.provenance import Rendering
 # Changed with any change to Tessera that makes other samples of the same inputs and options (other pixels, other
 # tiles kept, other metadata): tests/unit/test_rendering.py keeps a fingerprint of each kind's samples of fixed
 # synthetic inputs, and fails until a version and its fingerprint are changed together.
-RENDERING = {"wsi": 1, "dicom": 2, "images": 1}  # dicom 2: RSNA's wrapped 12-bit values read as signed
+# dicom 2: RSNA's wrapped 12-bit values read as signed. wsi 2, dicom 3, images 2: samples name their site.
+RENDERING = {"wsi": 2, "dicom": 3, "images": 2}
 
 # Distributions whose output ends up in samples, per kind (the OpenCV wheel that is installed, either name).
 _COMMON = ("numpy", "opencv-python-headless", "opencv-python", "pillow", "imagecodecs")

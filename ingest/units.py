@@ -17,7 +17,7 @@ from ingest.decisions import input_fault
 from ingest.dicom import slice_rgb
 from ingest.images import Box, decode_rgb, normalise
 from ingest.model_files import model_device, model_url
-from ingest.preview import mark_tiles, preview_png, preview_scale
+from ingest.preview import preview_png, preview_scale
 from ingest.read_ahead import ReadAhead
 from ingest.sequences import center_indices, even_indices, neighbour_indices
 from ingest.slides import open_slide
@@ -47,6 +47,12 @@ class Unit:
     meta: dict[str, Any] = field(default_factory=dict)
     fingerprint: str | None = None  # a digest of its files' stamps (see ingest.plan); None before planning
     site: str | None = None  # its centre, as the label table names it (``--hold-out-sites``)
+
+    @property
+    def where(self) -> dict[str, str]:
+        """What its samples' metadata say of where it was made: its site, where the label table names one
+        (evaluation's metrics per centre)."""
+        return {"site": self.site} if self.site else {}
 
 
 @dataclass
@@ -153,6 +159,7 @@ def wsi_samples(work: Work, cfg: WsiIngestConfig, background=None) -> Iterator[d
                 "size0": tile.size0,
                 "tissue": tile.tissue,
                 "label": unit.label,
+                **unit.where,
             } | _scale(plan.mpp, tile.size0, cfg.store_size or cfg.tile_size)
             image = encode_image(rgb, cfg.format, cfg.quality)
             yield make_sample(f"{unit.item}_{tile.x:07d}_{tile.y:07d}", image, cfg.format, unit.label, meta)
@@ -272,6 +279,7 @@ def sequence_samples(
                 "num_slices": n,
                 "label": label,
                 "labels": vector,
+                **unit.where,
             } | extra
             if cfg.mode == "slice" and unit.meta.get("images"):  # the slice it stands for: its pseudonym
                 meta["image"] = unit.meta["images"][picks[len(picks) // 2]]
@@ -338,7 +346,7 @@ def image_samples(work: Work, cfg: ImagesIngestConfig, files: ReadAhead | None =
     rgb = lesion.denoise(raw, cfg.median, cfg.grayscale)
     h, w = rgb.shape[:2]
     boxes = [Box(*b) for b in unit.meta.get("yolo") or []] or normalise(unit.meta.get("pixel_boxes") or [], w, h)
-    meta = {"image": unit.item, "patient": unit.patient, "label": unit.label, "width": w, "height": h}
+    meta = {"image": unit.item, "patient": unit.patient, "label": unit.label, "width": w, "height": h} | unit.where
     if cfg.detector:  # on the image as it was (the detector's training images were not prepared)
         boxes, meta["box_scores"] = _detected(raw, cfg, work)
     meta["boxes"] = [b.as_list() for b in boxes]
@@ -363,13 +371,6 @@ def image_samples(work: Work, cfg: ImagesIngestConfig, files: ReadAhead | None =
         image = encode_image(stored, cfg.format, cfg.quality)
         meta |= {"crop": None} | (_scale(cfg.mpp, w, stored.shape[1]) if cfg.mpp else {})
         yield make_sample(unit.item, image, cfg.format, unit.label, meta)
-
-
-def mark_preview(out: str, item: str, dropped: list, damaged: list, size0: int, scale: float) -> None:
-    """Mark on slide ``item``'s preview the tiles its background model dropped and those that could not be read
-    (:func:`~ingest.preview.mark_tiles`; the preview is drawn when the slide is planned, before any tile is read)."""
-    url = preview_url(out, item)
-    storage.put_bytes(url, mark_tiles(storage.get_bytes(url), size0, scale, dropped, damaged))
 
 
 def plan_unit(unit: Unit, cfg: IngestConfig, background=None) -> tuple[list[Work], list[str]]:

@@ -33,6 +33,12 @@ def scale_ratio(reference_um: float | None, um: float | None) -> float | None:
     return um / reference_um
 
 
+def site_order(sites) -> list[str]:
+    """The distinct sites (centres) named among ``sites`` (None: of none), in their order as numbers: "2" before
+    "11". Input records and samples carry their site as the label table wrote it (``center_id``)."""
+    return sorted({s for s in sites if s}, key=lambda s: (len(s), s))
+
+
 def check_key(key: str) -> str:
     """Return ``key`` if usable as a WebDataset key (no dots or slashes, fits a USTAR name), else raise."""
     if not KEY_RE.match(key):

@@ -32,6 +32,11 @@ def _boxed(rng, label: int, size: int) -> tuple[bytes, list]:
     return encode_image(rgb, "png"), [[x0 / size, y0 / size, (x0 + side) / size, (y0 + side) / size, str(label)]]
 
 
+def _site(patient: str, sites: int) -> str:
+    """The site of ``patient`` (``<split>p<n>``) of ``sites`` in turn."""
+    return str(int(patient.rsplit("p", 1)[1]) % sites + 1)
+
+
 def make_dataset(
     prefix: str,
     splits: dict[str, int] | None = None,
@@ -46,6 +51,7 @@ def make_dataset(
     width_um: float | None = None,
     labelled: bool = True,
     boxes: bool = False,
+    sites: int = 0,
 ) -> mf.Manifest:
     """Write shards (``shard_samples`` per shard) and a manifest under ``prefix``; patients are per split.
 
@@ -54,7 +60,8 @@ def make_dataset(
     µm of specimen each sample records it shows, as slide tiles do. Not ``labelled``: samples without ``.cls``
     and a manifest without classes, as ingest makes of inputs without a label table (the images still differ by
     the class drawn for them). ``boxes``: each image of a class but the first holds a bright square, its box in
-    the metadata, as ``tessera ingest images --boxes`` records them (a detector's dataset)."""
+    the metadata, as ``tessera ingest images --boxes`` records them (a detector's dataset). ``sites``: the
+    patients of each split take sites "1", "2"... in turn, as a label table's ``center_id`` gives them."""
     rng = np.random.default_rng(seed)
     manifest = mf.Manifest(
         dataset=prefix,
@@ -83,6 +90,8 @@ def make_dataset(
                         meta["labels"] = vector
                     if width_um:
                         meta["width_um"] = width_um
+                    if sites:
+                        meta["site"] = _site(patient, sites)
                     if not labelled:
                         meta = {k: v for k, v in meta.items() if k not in ("label", "labels")}
                     cls = label if labelled else None
@@ -98,6 +107,7 @@ def make_dataset(
                     patient=patient,
                     label=label if labelled else None,
                     split=split,
+                    site=_site(patient, sites) if sites else None,
                     samples=sum(1 for i in range(n) if f"{split}p{i // samples_per_patient}" == patient),
                 )
             )

@@ -21,11 +21,11 @@ from typing import Any
 from shards import manifest as mf
 from training import tracking
 from training.config import TrainRecipe
+from training.metrics import HEADLINE
 from training.tracking import MODEL_ARTIFACT
 
 HELD_OUT_ERROR = "held_out_error"  # the run's tag when training's held-out step failed
 TRAINING_PREFIXES = ("train_", "val_")  # the per-epoch metrics of training (besides lr and epoch)
-HEADLINE = ("accuracy", "f1", "auc", "weighted_log_loss", "rsna_log_loss")
 DETECTION_HEADLINE = ("map50", "map", "precision", "recall", "f1", "image_accuracy")  # a detector's
 SCALE_WARNING = "scale_warning"  # <prefix>scale_warning: the evaluated samples' scale is not the training's
 
@@ -116,13 +116,15 @@ def evaluate_split(recipe: TrainRecipe, manifest: mf.ManifestHead, split: str, p
     from training.levels import evaluate
     from training.loop import outputs_of
     from training.reporting import log_evaluation
+    from training.sites import by_site, site_metrics
 
     outputs = outputs_of(recipe, manifest)
     pred, desc = exported_predictions(recipe, manifest, split, log, rank, world)
     metrics = evaluate(pred, recipe, outputs, prefix)
     if rank == 0:
-        log.metrics(metrics, step=0)
-        log_evaluation(log, recipe, outputs, pred, f"{split} split", prefix)
+        sites = by_site(pred, recipe, outputs)
+        log.metrics(metrics | site_metrics(sites, prefix), step=0)
+        log_evaluation(log, recipe, outputs, pred, f"{split} split", prefix, sites)
         warning = samples_scale_warning(desc, pred["metas"], manifest.config)
         if warning:
             log.tag(f"{prefix}{SCALE_WARNING}", warning)
@@ -343,6 +345,23 @@ def summary(outcome: EvalOutcome) -> str:
         shown = [f"{k} {outcome.metrics[pre + k]:.4f}" for k in headline if pre + k in outcome.metrics]
         if shown:
             lines.append(f"  {level}: {', '.join(shown)}")
+    lines += _site_lines(outcome)
     if outcome.warning:
         lines.append(f"  warning: {outcome.warning}")
     return "\n".join(lines)
+
+
+def _site_lines(outcome: EvalOutcome) -> list[str]:
+    """A line per site the samples named (:mod:`training.sites`): its samples, and each level's accuracy and its
+    task's log loss."""
+    found = re.compile(rf"^{re.escape(outcome.prefix)}site_(.+)_samples$")
+    lines = []
+    for key in sorted((m.group(1) for k in outcome.metrics if (m := found.match(k))), key=lambda s: (len(s), s)):
+        pre = f"{outcome.prefix}site_{key}_"
+        shown = []
+        for level in ("sample", *outcome.levels):
+            at = pre if level == "sample" else f"{pre}{level}_"
+            values = [f"{k} {outcome.metrics[at + k]:.4f}" for k in HEADLINE if at + k in outcome.metrics]
+            shown += [f"{level} {', '.join(values)}"] if values else []
+        lines.append(f"  site {key} ({outcome.metrics[pre + 'samples']:.0f} samples): {'; '.join(shown)}")
+    return lines

@@ -67,6 +67,16 @@ class Metas(Sequence):
         n = sum(len(p) for p in parts)
         return cls(n, {k: _pack([v for p in parts for v in p.column(k)]) for k in keys})
 
+    def take(self, indices: np.ndarray) -> Metas:
+        """The samples at ``indices`` (int array), in that order."""
+        columns = {}
+        for k, (kind, data) in self.columns.items():
+            if kind == "codes":
+                columns[k] = _pack([data[0][c] for c in data[1][indices].tolist()])  # only the values they use
+            else:
+                columns[k] = (kind, data[indices] if kind != "list" else [data[i] for i in indices.tolist()])
+        return Metas(len(indices), columns)
+
     def column(self, key: str) -> list[Any]:
         """Every sample's ``key``, None where a sample has none."""
         return _unpack(self.columns[key]) if key in self.columns else [None] * self.n

@@ -11,6 +11,8 @@ from sklearn import metrics as skm
 EPS = 1e-15
 # RSNA 2019: ``any`` weighs 2, each of the five subtypes 1.
 RSNA_WEIGHTS = (2.0, 1.0, 1.0, 1.0, 1.0, 1.0)
+# What a summary shows of a classifier's metrics at a level (the terminal's, each site's).
+HEADLINE = ("accuracy", "f1", "auc", "weighted_log_loss", "rsna_log_loss")
 
 
 def metric_name(text: str) -> str:

@@ -11,9 +11,9 @@ import numpy as np
 
 from training.metrics import metric_name, predicted_classes
 
-# What names and places a sample in its metadata (pseudonyms; a tile's level-0 x, y and width, size0; a sequence's
-# slices), never a source path.
-IDENTITY = ("patient", "slide", "series", "image", "x", "y", "size0", "slices")
+# What names and places a sample in its metadata (pseudonyms; its centre as the label table named it; a tile's
+# level-0 x, y and width, size0; a sequence's slices), never a source path.
+IDENTITY = ("site", "patient", "slide", "series", "image", "x", "y", "size0", "slices")
 
 
 def sample_columns(metas: Sequence[dict[str, Any]]) -> dict[str, list]:

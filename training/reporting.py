@@ -99,13 +99,17 @@ def prediction_tables(pred: dict[str, Any], recipe, outputs: list[str]) -> dict[
     }
 
 
-def log_evaluation(log: RunLogger, recipe, outputs: list[str], pred: dict[str, Any], split: str, prefix: str = ""):
+def log_evaluation(
+    log: RunLogger, recipe, outputs: list[str], pred: dict[str, Any], split: str, prefix: str = "", sites=None
+):
     """Confusion matrices (PNG and JSON, multi-class), ROC curves and the predictions (CSV) of ``pred`` at
-    sample level and each aggregation level; files named ``<prefix>confusion_<level>.png``..., titles naming
-    ``split``."""
+    sample level and each aggregation level, and the metrics of each site (``sites``: of
+    :func:`training.sites.by_site`, computed where None) as a table; files named ``<prefix>confusion_<level>.png``,
+    ``<prefix>by_site.csv``..., titles naming ``split``."""
     from training.metrics import confusion
     from training.plots import confusion_png, roc_png
     from training.predictions import prediction_table
+    from training.sites import by_site, site_table
 
     if recipe.task == "detect":
         from training.detection import detections_table
@@ -129,4 +133,9 @@ def log_evaluation(log: RunLogger, recipe, outputs: list[str], pred: dict[str, A
             log.artifact(roc_png(y, p, outputs, recipe.task, Path(tmp) / f"{prefix}roc_{level}.png", title))
             table = Path(tmp) / f"{prefix}predictions_{level}.csv"
             table.write_text(prediction_table(columns, p, y, outputs, recipe.task == "multilabel", threshold))
+            log.artifact(table)
+        sites = by_site(pred, recipe, outputs) if sites is None else sites
+        if sites:
+            table = Path(tmp) / f"{prefix}by_site.csv"
+            table.write_text(site_table(sites))
             log.artifact(table)

@@ -31,7 +31,8 @@ from training.launch import run_training
 @pytest.fixture(scope="module")
 def trained(stack, tmp_path_factory):
     work = tmp_path_factory.mktemp("evaluate")
-    make_dataset(str(work / "ds"), {"train": 16, "val": 8, "test": 12}, size=32, shard_samples=4, width_um=64.0)
+    splits = {"train": 16, "val": 8, "test": 12}
+    make_dataset(str(work / "ds"), splits, size=32, shard_samples=4, width_um=64.0, sites=2)
     overrides = [f"data.dataset={work / 'ds'}", "data.image_size=32", "epochs=2", "batch_size=4", "workers=2"]
     recipe = load_recipe("demo_tiles", [*overrides, "eval.levels=[patient]"])
     return work, run_training(recipe, stack.mlflow_url, str(work / "ckpt"))
@@ -60,10 +61,13 @@ def _outputs(client, run_id: str, shards: Path, tmp: Path) -> tuple[np.ndarray, 
     return np.array(probs), labels, metas
 
 
-def _reference(client, run_id: str, shards: Path, tmp: Path) -> dict[str, float]:
+def _reference(client, run_id: str, shards: Path, tmp: Path, site: str | None = None) -> dict[str, float]:
     """Accuracy, loss and patient accuracy (mean probabilities) of the run's exported TorchScript model on every
-    sample of ``shards``."""
+    sample of ``shards`` (of ``site`` alone, where given)."""
     p, labels, metas = _outputs(client, run_id, shards, tmp)
+    if site:
+        at = [i for i, m in enumerate(metas) if m["site"] == site]
+        p, labels, metas = p[at], [labels[i] for i in at], [metas[i] for i in at]
     y, patients = np.array(labels), [m["patient"] for m in metas]
     groups = sorted(set(patients))
     gp = np.array([p[[q == g for q in patients]].mean(0) for g in groups])
@@ -101,7 +105,24 @@ def test_training_evaluates_its_selected_model_on_the_test_split(trained, stack,
         assert [float(r["p_class0"]), float(r["p_class1"])] == pytest.approx(expected.tolist(), abs=1e-4)
         assert r["predicted"] == f"class{int(expected.argmax())}"
     samples = client.download_artifacts(out.run_id, "test_predictions_sample.csv", str(tmp_path))
-    assert len(Path(samples).read_text().splitlines()) == 1 + 12  # a header and every test sample
+    sample_rows = list(csv.DictReader(Path(samples).read_text().splitlines()))
+    assert len(sample_rows) == 12 and {r["site"] for r in sample_rows} == {"1", "2"}  # every test sample's row
+
+    # Each centre's metrics (the test split's patients are of sites 1, 2, 1): logged, tabled and summed up.
+    by_site = client.download_artifacts(out.run_id, "test_by_site.csv", str(tmp_path))
+    table = {(r["site"], r["level"]): r for r in csv.DictReader(Path(by_site).read_text().splitlines())}
+    assert sorted(table) == [("1", "patient"), ("1", "sample"), ("2", "patient"), ("2", "sample")]
+    for site, samples, patients_there in (("1", 8, 2), ("2", 4, 1)):
+        ref = _reference(client, out.run_id, work / "ds" / "test", tmp_path, site)
+        assert logged[f"test_site_{site}_samples"] == samples
+        assert logged[f"test_site_{site}_patient_count"] == patients_there
+        assert logged[f"test_site_{site}_accuracy"] == pytest.approx(ref["accuracy"], abs=1e-4)
+        assert logged[f"test_site_{site}_patient_accuracy"] == pytest.approx(ref["patient_accuracy"], abs=1e-4)
+        assert float(table[site, "sample"]["accuracy"]) == pytest.approx(ref["accuracy"], abs=1e-4)
+        assert int(table[site, "patient"]["count"]) == patients_there
+        line = f"  site {site} ({samples} samples): sample accuracy {ref['accuracy']:.4f}, "
+        assert line in summary(out.held_out)
+    assert "by_site.csv" in artifacts  # the validation split's, of its own patients' sites
 
 
 def test_evaluate_takes_another_dataset_under_its_own_prefix_and_refuses_other_classes(trained, stack, tmp_path):

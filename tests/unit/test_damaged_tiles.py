@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import tifffile
 
+from ingest.actors import mark_preview
 from ingest.config import WsiIngestConfig
 from ingest.plan import make_plan
 from ingest.preview import preview_png
@@ -17,7 +18,7 @@ from ingest.runner import _merge
 from ingest.slides import OpenSlideReader, SlideError
 from ingest.staging import process_work
 from ingest.synthetic import slide_array, write_pyramid_tiff
-from ingest.units import mark_preview, plan_unit, wsi_samples
+from ingest.units import plan_unit, wsi_samples
 from ingest.wsi import plan_tiles, read_tiles
 from shards.schema import decode_image
 

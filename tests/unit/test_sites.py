@@ -1,0 +1,139 @@
+"""Metrics per centre: samples carry their site from ingest, and an evaluation reports each site's metrics at
+sample and aggregation levels (as metrics, a table and the terminal's lines)."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+
+from ingest.config import WsiIngestConfig
+from ingest.plan import make_plan
+from ingest.synthetic import make_slides
+from ingest.units import plan_unit, work_samples
+from training.config import load_recipe
+from training.evaluation import EvalOutcome, summary
+from training.metas import Metas
+from training.sites import by_site, site_keys, site_metrics, site_table
+
+# Site 1: patient a (CE) and b (LAA), two tiles each; site 2: c (LAA) and d (CE), one each; e names no site.
+ROWS = [
+    ("1", "a", 0, [0.9, 0.1]),
+    ("1", "a", 0, [0.6, 0.4]),
+    ("1", "b", 1, [0.3, 0.7]),
+    ("1", "b", 1, [0.8, 0.2]),
+    ("2", "c", 1, [0.2, 0.8]),
+    ("2", "d", 0, [0.4, 0.6]),
+    (None, "e", 0, [0.5, 0.5]),
+]
+
+
+def _pred(rows=ROWS, columns: bool = False):
+    metas = [{"patient": p} | ({"site": s} if s else {}) for s, p, _, _ in rows]
+    return {
+        "probs": np.array([q for *_, q in rows]),
+        "labels": np.array([y for _, _, y, _ in rows]),
+        "metas": Metas.of(metas) if columns else metas,
+        "loss": 0.5,
+    }
+
+
+@pytest.fixture
+def recipe(tmp_path):
+    return load_recipe("demo_tiles", [f"data.dataset={tmp_path}", "eval.levels=[patient]"])
+
+
+def _log_loss(pairs):
+    """STRIP AI's weighted log loss written out: per class the mean of -log p(class), then their mean."""
+    by_class = {}
+    for y, p in pairs:
+        by_class.setdefault(y, []).append(-np.log(p[y]))
+    return np.mean([np.mean(v) for v in by_class.values()])
+
+
+@pytest.mark.parametrize("columns", [False, True])
+def test_each_sites_metrics_at_sample_and_patient_level_against_hand_computed_values(recipe, columns):
+    found = by_site(_pred(columns=columns), recipe, ["CE", "LAA"])
+    assert list(found) == ["1", "2"] and list(found["1"]) == ["sample", "patient"]
+    one, two = found["1"], found["2"]
+    # site 1: tiles called CE, CE, LAA, CE (3 of 4 right); a's mean (0.75, 0.25) is right, b's (0.55, 0.45) not
+    assert one["sample"]["count"] == 4 and one["sample"]["accuracy"] == 0.75
+    assert one["sample"]["auc"] == 0.75  # LAA's 0.7 and 0.2 against CE's 0.1 and 0.4: 3 of 4 pairs in order
+    assert one["sample"]["weighted_log_loss"] == pytest.approx(_log_loss([(y, q) for _, _, y, q in ROWS[:4]]))
+    assert one["patient"] == pytest.approx(
+        {
+            "count": 2,
+            "accuracy": 0.5,
+            "f1": 1 / 3,
+            "auc": 1.0,
+            "weighted_log_loss": _log_loss([(0, [0.75, 0.25]), (1, [0.55, 0.45])]),
+        }
+    )
+    # site 2: c right, d wrong; e (no site) is in neither
+    assert two["sample"]["count"] == 2 and two["sample"]["accuracy"] == 0.5 and two["sample"]["auc"] == 1.0
+    assert two["patient"]["count"] == 2
+
+
+def test_sites_become_metric_names_a_table_and_summary_lines(recipe):
+    found = by_site(_pred(), recipe, ["CE", "LAA"])
+    metrics = site_metrics(found, "test_")
+    assert metrics["test_site_1_samples"] == 4 and metrics["test_site_2_patient_count"] == 2
+    assert metrics["test_site_1_accuracy"] == 0.75 and metrics["test_site_1_patient_accuracy"] == 0.5
+    assert len(metrics) == 2 * 2 * 5  # 2 sites x 2 levels x (count and 4 headline metrics)
+    rows = list(csv.DictReader(site_table(found).splitlines()))
+    assert [(r["site"], r["level"], r["count"]) for r in rows] == [
+        ("1", "sample", "4"),
+        ("1", "patient", "2"),
+        ("2", "sample", "2"),
+        ("2", "patient", "2"),
+    ]
+    assert rows[0]["accuracy"] == "0.75" and rows[1]["auc"] == "1"
+    outcome = EvalOutcome("r", "test_", "ds", "test", {"test_accuracy": 0.6} | metrics, ["patient"])
+    lines = summary(outcome).splitlines()
+    assert lines[-2].startswith("  site 1 (4 samples): sample accuracy 0.7500, f1 ")
+    assert "; patient accuracy 0.5000, f1 0.3333, auc 1.0000, weighted_log_loss " in lines[-2]
+    assert lines[-1].startswith("  site 2 (2 samples): sample accuracy 0.5000")
+
+
+def test_no_site_table_for_one_site_unlabelled_samples_or_a_detector(recipe):
+    one_site = [r for r in ROWS if r[0] == "1"]
+    assert by_site(_pred(one_site), recipe, ["CE", "LAA"]) == {}  # its metrics are the split's own
+    assert by_site(_pred(ROWS[:6]) | {"labels": None}, recipe, ["CE", "LAA"]) == {}
+    detector = recipe.model_copy(update={"task": "detect"})
+    assert by_site(_pred(), detector, ["CE", "LAA"]) == {}
+
+
+def test_a_multilabel_sites_metrics_are_rsnas(tmp_path):
+    recipe = load_recipe("rsna_ich_subtypes", [f"data.dataset={tmp_path}", "eval.levels=[]"])
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, (8, 6))
+    probs = rng.uniform(0.05, 0.95, (8, 6))
+    pred = {"probs": probs, "labels": labels, "metas": [{"site": "AB"[i % 2]} for i in range(8)], "loss": 0.1}
+    found = by_site(pred, recipe, [f"l{j}" for j in range(6)])
+    from training.metrics import rsna_log_loss
+
+    assert found["A"]["sample"]["rsna_log_loss"] == pytest.approx(rsna_log_loss(labels[::2], probs[::2]))
+    assert "weighted_log_loss" not in found["A"]["sample"]
+
+
+def test_sites_that_read_alike_as_metric_names_are_told_apart():
+    assert site_keys(["a b", "a_b", "Mayo"]) == {"a b": "a_b_0", "a_b": "a_b_1", "Mayo": "Mayo"}
+
+
+def test_metas_by_column_take_keeps_the_chosen_samples_in_order():
+    metas = Metas.of([{"patient": f"p{i}", "site": str(i % 3), "x": i} for i in range(7)])
+    part = metas.take(np.array([5, 2, 3]))
+    assert list(part) == [{"patient": "p5", "site": "2", "x": 5}, {"patient": "p2", "site": "2", "x": 2}, metas[3]]
+    assert part.columns["site"][1][0] == ["2", "0"]  # only the values the samples it keeps use
+
+
+def test_a_slides_tiles_carry_its_site_from_the_label_table(tmp_path, monkeypatch):
+    monkeypatch.setenv("TESSERA_PSEUDONYM_KEY", "k")
+    _, labels = make_slides(tmp_path / "slides", n=1, size=1024, seed=2)  # center_id 11
+    cfg = WsiIngestConfig(sources=[str(tmp_path / "slides")], out=str(tmp_path / "out"), labels=str(labels))
+    (unit,) = make_plan("wsi", cfg, b"k").units
+    works, _ = plan_unit(unit, cfg)
+    metas = [json.loads(s["json"]) for s in work_samples(works[0], cfg)]
+    assert metas and {m["site"] for m in metas} == {"11"}
+    unit.site = None  # a table without a site column: no site key at all, rather than a null
+    assert all("site" not in json.loads(s["json"]) for s in work_samples(works[0], cfg))
