@@ -160,8 +160,7 @@ class Amendment(BaseModel):
     replaced: int = 0  # inputs whose files changed, ingested again: the shards that held them written anew
     merged: int = 0  # shards joined into ``merged_into`` larger ones (``tessera dataset --compact``): same samples
     merged_into: int = 0
-    # the sha256 of the manifest it amended: a training run that recorded that version finds it among the
-    # dataset's ancestors (grown since, every patient in the split it had) rather than a dataset replaced
+    # the manifest it amended: a run that recorded that version finds it among the dataset's ancestors (not replaced)
     previous_sha256: str | None = None
     made_by: str | None = None  # the code that ran it (:func:`shards.provenance.made_by`); None before recorded
     rendered_with: dict[str, str] | None = None  # what rendered its samples, as the dataset's (None: not recorded)
@@ -262,12 +261,13 @@ class Manifest(ManifestHead):
 
 @dataclass(slots=True, kw_only=True)
 class InputBrief:
-    """Of an input record, what a training driver checks: its status, split, patient and label."""
+    """Of an input record, what a training driver checks: its status, split, patient, label and site."""
 
     status: Status
     split: str | None = None
     patient: str | None = None
     label: int | None = None
+    site: str | None = None
 
 
 class ManifestBrief(ManifestHead):

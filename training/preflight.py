@@ -11,6 +11,7 @@ import numpy as np
 from shards import manifest as mf
 from training.aggregate import mixed_groups
 from training.config import RecipeError, TrainRecipe
+from training.metrics import HEADLINE
 
 
 def check_against(recipe: TrainRecipe, manifest: mf.ManifestBrief | mf.Manifest) -> None:
@@ -97,15 +98,23 @@ def check_monitor(recipe: TrainRecipe, outputs: list[str]) -> None:
 
 def reported_metrics(recipe: TrainRecipe, manifest: mf.ManifestBrief | mf.Manifest) -> set[str]:
     """The evaluation metrics a run of ``recipe`` on ``manifest`` logs: each epoch's (:func:`validation_metrics`;
-    with SWA, its averaged weights' ``val_swa_*`` too) and the held-out step's, under its split's prefix."""
+    with SWA, its averaged weights' ``val_swa_*`` too) and the held-out step's, under its split's prefix, with
+    those of each site of its inputs where they are of two or more (:mod:`training.sites`)."""
+    from shards.schema import site_order
     from training.evaluation import metric_prefix, no_held_out
     from training.loop import outputs_of
+    from training.sites import site_metrics
 
     names = validation_metrics(recipe, outputs_of(recipe, manifest))
-    prefixes = (["val_swa_"] if recipe.swa.enabled else []) + (
-        [metric_prefix(recipe.data.test_split)] if recipe.data.test_split and not no_held_out(recipe, manifest) else []
-    )
-    return names | {p + n.removeprefix("val_") for p in prefixes for n in names}
+    held_out = recipe.data.test_split if recipe.data.test_split and not no_held_out(recipe, manifest) else None
+    prefixes = (["val_swa_"] if recipe.swa.enabled else []) + ([metric_prefix(held_out)] if held_out else [])
+    out = names | {p + n.removeprefix("val_") for p in prefixes for n in names}
+    sites = site_order(r.site for r in manifest.inputs if held_out and r.split in mf.split_names(held_out))
+    if len(sites) > 1 and recipe.task != "detect":
+        levels = {lv: "val_" + ("" if lv == "sample" else f"{lv}_") for lv in ("sample", *recipe.eval.levels)}
+        each = {lv: {"count": 0.0} | {k: 0.0 for k in HEADLINE if pre + k in names} for lv, pre in levels.items()}
+        out |= set(site_metrics(dict.fromkeys(sites, each), metric_prefix(held_out)))
+    return out
 
 
 def check_compared(recipe: TrainRecipe, manifest: mf.ManifestBrief | mf.Manifest, metrics: list[str], who: str) -> None:

@@ -380,3 +380,14 @@ def test_the_stain_jitter_study_is_measured_on_centres_no_replicate_saw(tmp_path
     with pytest.raises(RecipeError, match=r"'test_patient_weighted_log_loss' is not a metric strip_ai_resnet50 logs"):
         check_compared(recipes["paper"], make_dataset(str(tmp_path / "no_test"), {"train": 4, "val": 4}),
                        study.compare.metrics, "compare.metrics")  # fmt: skip
+    # each held-out centre's metrics, where its test split is of two or more (training.sites)
+    centres = make_dataset(str(tmp_path / "centres"), {"train": 4, "val": 4, "test": 8}, sites=2)
+    each = ["test_site_1_patient_weighted_log_loss", "test_site_2_samples", "test_site_2_patient_count"]
+    check_compared(recipes["paper"], centres, each, "compare.metrics")
+    close = "close: test_site_2_patient_accuracy, test_site_1_patient_accuracy"
+    with pytest.raises(RecipeError, match=rf"'test_site_3_patient_accuracy' is not .* {close}"):
+        check_compared(recipes["paper"], centres, ["test_site_3_patient_accuracy"], "compare.metrics")
+    with pytest.raises(RecipeError, match=r"'test_site_1_accuracy' is not a metric"):  # one centre: the split's own
+        check_compared(
+            recipes["paper"], make_dataset(str(tmp_path / "one"), {"test": 4}, sites=1), ["test_site_1_accuracy"], "x"
+        )
