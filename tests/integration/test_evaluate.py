@@ -207,7 +207,8 @@ def test_predict_calls_the_inputs_of_a_dataset_without_labels(trained, stack, tm
     assert f"warning: {scale}" in run.stdout
 
     shown = list(csv.DictReader((preds / "predictions_sample.csv").read_text().splitlines()))
-    assert list(shown[0]) == ["patient", "slide", "x", "y", "size0", "predicted", "p_class0", "p_class1"]  # no label
+    columns = ["site", "patient", "slide", "x", "y", "size0", "predicted", "p_class0", "p_class1"]
+    assert list(shown[0]) == columns and {r["site"] for r in shown} == {"7"}  # no label; the table's center_id
     assert {r["slide"] for r in shown} == {str(f) for f in files}  # the files, revealed
     assert {r["patient"] for r in shown} == {"P-A"}  # the table's patient ID
     assert (preds / "predictions_sample.csv").stat().st_mode & 0o777 == 0o600
