@@ -352,16 +352,18 @@ def summary(outcome: EvalOutcome) -> str:
 
 
 def _site_lines(outcome: EvalOutcome) -> list[str]:
-    """A line per site the samples named (:mod:`training.sites`): its samples, and each level's accuracy and its
-    task's log loss."""
+    """A line per site the samples named (:mod:`training.sites`): its samples and, at the last level they name
+    (a recipe's ``patient``, or the samples'), its count there and the headline metrics; every level is in the run
+    (``<prefix>by_site.csv``)."""
     found = re.compile(rf"^{re.escape(outcome.prefix)}site_(.+)_samples$")
     lines = []
     for key in sorted((m.group(1) for k in outcome.metrics if (m := found.match(k))), key=lambda s: (len(s), s)):
         pre = f"{outcome.prefix}site_{key}_"
-        shown = []
-        for level in ("sample", *outcome.levels):
-            at = pre if level == "sample" else f"{pre}{level}_"
-            values = [f"{k} {outcome.metrics[at + k]:.4f}" for k in HEADLINE if at + k in outcome.metrics]
-            shown += [f"{level} {', '.join(values)}"] if values else []
-        lines.append(f"  site {key} ({outcome.metrics[pre + 'samples']:.0f} samples): {'; '.join(shown)}")
+        what = f"{outcome.metrics[pre + 'samples']:.0f} samples"
+        level = next((lv for lv in reversed(outcome.levels) if f"{pre}{lv}_count" in outcome.metrics), None)
+        if level:
+            pre = f"{pre}{level}_"
+            what += f", {outcome.metrics[pre + 'count']:.0f} {level}(s)"
+        shown = [f"{k} {outcome.metrics[pre + k]:.4f}" for k in HEADLINE if pre + k in outcome.metrics]
+        lines.append(f"  site {key} ({what}): {level or 'sample'} {', '.join(shown)}")
     return lines

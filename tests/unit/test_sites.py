@@ -74,7 +74,7 @@ def test_each_sites_metrics_at_sample_and_patient_level_against_hand_computed_va
     assert two["patient"]["count"] == 2
 
 
-def test_sites_become_metric_names_a_table_and_summary_lines(recipe):
+def test_sites_become_metric_names_a_table_and_summary_lines(recipe, tmp_path):
     found = by_site(_pred(), recipe, ["CE", "LAA"])
     metrics = site_metrics(found, "test_")
     assert metrics["test_site_1_samples"] == 4 and metrics["test_site_2_patient_count"] == 2
@@ -90,9 +90,11 @@ def test_sites_become_metric_names_a_table_and_summary_lines(recipe):
     assert rows[0]["accuracy"] == "0.75" and rows[1]["auc"] == "1"
     outcome = EvalOutcome("r", "test_", "ds", "test", {"test_accuracy": 0.6} | metrics, ["patient"])
     lines = summary(outcome).splitlines()
-    assert lines[-2].startswith("  site 1 (4 samples): sample accuracy 0.7500, f1 ")
-    assert "; patient accuracy 0.5000, f1 0.3333, auc 1.0000, weighted_log_loss " in lines[-2]
-    assert lines[-1].startswith("  site 2 (2 samples): sample accuracy 0.5000")
+    assert lines[-2].startswith("  site 1 (4 samples, 2 patient(s)): patient accuracy 0.5000, f1 0.3333, auc 1.0000, ")
+    assert lines[-1].startswith("  site 2 (2 samples, 2 patient(s)): patient accuracy 0.5000")
+    tiles = load_recipe("demo_tiles", [f"data.dataset={tmp_path}", "eval.levels=[]"])  # samples alone
+    plain = EvalOutcome("r", "test_", "ds", "test", site_metrics(by_site(_pred(), tiles, ["CE", "LAA"]), "test_"), [])
+    assert summary(plain).splitlines()[-1].startswith("  site 2 (2 samples): sample accuracy 0.5000, f1 0.3333, ")
 
 
 def test_no_site_table_for_one_site_unlabelled_samples_or_a_detector(recipe):
