@@ -18,6 +18,10 @@ from tune.config import SweepConfig
 KIND, SWEEP, TRIAL, BEST = "tessera.kind", "tessera.sweep", "tessera.trial", "tessera.best"
 PARENT = "mlflow.parentRunId"
 REPLICATE = "replicate"  # the grid parameter of a replicate group
+# A trial's last report to Tune (its metrics and checkpoint), kept in its run once the run has closed: a sweep
+# interrupted after the run closed and before Tune took that report resumes the trial by reporting it again,
+# rather than training its last epoch anew.
+LAST_REPORT = "tune_last_report.json"
 
 
 def trial_params(sweep: SweepConfig, config: dict[str, Any]) -> dict[str, Any]:
@@ -39,8 +43,11 @@ class SweepOutcome:
     errors: int
 
 
-def child_run(uri: str, sweep_run: str, parent_id: str, trial_id: str, recipe: TrainRecipe) -> str:
-    """The trial's MLflow run: the one it made before an interruption, or a new child of the sweep's run."""
+def child_run(
+    uri: str, sweep_run: str, parent_id: str, trial_id: str, recipe: TrainRecipe
+) -> tuple[str, dict[str, Any] | None]:
+    """The trial's MLflow run: the one it made before an interruption, or a new child of the sweep's run; and
+    the last report to Tune of a run that had closed (:data:`LAST_REPORT`; None: the trial goes on training)."""
     from mlflow import MlflowClient
 
     from training.launch import start_run
@@ -49,11 +56,23 @@ def child_run(uri: str, sweep_run: str, parent_id: str, trial_id: str, recipe: T
     exp = client.get_run(parent_id).info.experiment_id
     found = client.search_runs([exp], f"tags.`{SWEEP}` = '{sweep_run}' and tags.`{TRIAL}` = '{trial_id}'")
     if found:
-        client.update_run(found[0].info.run_id, status="RUNNING")
-        return found[0].info.run_id
+        run_id = found[0].info.run_id
+        if tracking.has_artifact(client, run_id, LAST_REPORT):
+            with tempfile.TemporaryDirectory() as tmp:
+                return run_id, json.loads(Path(client.download_artifacts(run_id, LAST_REPORT, tmp)).read_text())
+        client.update_run(run_id, status="RUNNING")
+        return run_id, None
     checked = check_trial_data(client.get_run(parent_id).data.tags, recipe, sweep_run)
     tags = {PARENT: parent_id, KIND: "trial", SWEEP: sweep_run, TRIAL: trial_id}
-    return start_run(recipe, uri, extra_tags=tags, run_name=f"{sweep_run}-{trial_id}", loaded=checked)
+    return start_run(recipe, uri, extra_tags=tags, run_name=f"{sweep_run}-{trial_id}", loaded=checked), None
+
+
+def keep_last_report(uri: str, run_id: str, metrics: dict[str, Any], path: str | None) -> None:
+    """Keep in the closed run ``run_id`` the trial's last report to Tune (:data:`LAST_REPORT`)."""
+    from mlflow import MlflowClient
+
+    report = json.dumps({"metrics": metrics, "path": path}, default=float)
+    MlflowClient(uri).log_text(run_id, report, LAST_REPORT)
 
 
 def check_trial_data(

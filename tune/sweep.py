@@ -22,7 +22,16 @@ from training import tracking
 from training.capacity import groups_that_fit
 from training.config import TrainRecipe, recipe_tree
 from tune.config import Param, SweepConfig, recipe_with
-from tune.runs import REPLICATE, SweepOutcome, child_run, find_parent, start_parent, summarise, trial_params
+from tune.runs import (
+    REPLICATE,
+    SweepOutcome,
+    child_run,
+    find_parent,
+    keep_last_report,
+    start_parent,
+    summarise,
+    trial_params,
+)
 
 POINTER = "train_checkpoint.json"
 
@@ -116,6 +125,30 @@ def _to_tune_callback(queue):
     return ToTune(queue)
 
 
+def _report(metrics: dict[str, Any], path: str | None, trial_id: str, run_id: str) -> None:
+    """Report an epoch to Tune, its checkpoint a pointer to the Ray Train checkpoint at ``path``."""
+    from ray import tune
+
+    with tempfile.TemporaryDirectory() as d:
+        (Path(d) / POINTER).write_text(json.dumps({"path": path, "trial": trial_id, "run_id": run_id}))
+        tune.report(metrics | {"mlflow_run_id": run_id}, checkpoint=tune.Checkpoint.from_directory(d))
+
+
+def _start_from(checkpoint, trial_id: str, run_id: str, recipe_name: str, storage_path: str, uri: str):
+    """Where a trial that Tune hands ``checkpoint`` (resumed after an interruption, or, under PBT, handed another
+    trial's state) starts its Ray Train run, and the run's new name; ``(None, None)`` without one."""
+    if checkpoint is None:
+        return None, None
+    with checkpoint.as_directory() as d:
+        pointer = json.loads((Path(d) / POINTER).read_text())
+    start = {"path": pointer["path"], "storage": storage_path, "weights_only": pointer["trial"] != trial_id}
+    if start["weights_only"]:  # PBT exploit: record whose weights this trial continues from
+        from mlflow import MlflowClient
+
+        MlflowClient(uri).set_tag(run_id, "tessera.exploited_from", pointer["run_id"])
+    return start, f"{recipe_name}-{run_id[:12]}-{uuid.uuid4().hex[:6]}"
+
+
 def run_trial(config: dict[str, Any], sweep: dict, uri: str, storage_path: str, parent_id: str, sweep_run: str):
     """One trial (a Tune function): a Ray Train run of the recipe with this trial's fields, its epochs
     reported to Tune as they finish."""
@@ -132,18 +165,12 @@ def run_trial(config: dict[str, Any], sweep: dict, uri: str, storage_path: str, 
     recipe = recipe_with(recipe_tree(sw.recipe), sw.overrides, trial_params(sw, config), f"trial {trial_id}")
     # a trial started while S3 restarts reads its manifest first: it waits, as a training's workers do
     wait_for_store(recipe.data.dataset, recipe.data.outage_wait_s, f"trial {trial_id}")
-    run_id = child_run(uri, sweep_run, parent_id, trial_id, recipe)
-    start, name = None, None
-    checkpoint = tune.get_checkpoint()
-    if checkpoint is not None:  # resumed after an interruption, or (PBT) handed another trial's state
-        with checkpoint.as_directory() as d:
-            pointer = json.loads((Path(d) / POINTER).read_text())
-        start = {"path": pointer["path"], "storage": storage_path, "weights_only": pointer["trial"] != trial_id}
-        name = f"{recipe.name}-{run_id[:12]}-{uuid.uuid4().hex[:6]}"
-        if start["weights_only"]:  # PBT exploit: record whose weights this trial continues from
-            from mlflow import MlflowClient
-
-            MlflowClient(uri).set_tag(run_id, "tessera.exploited_from", pointer["run_id"])
+    run_id, last = child_run(uri, sweep_run, parent_id, trial_id, recipe)
+    if last is not None:  # its run had closed, and the sweep was interrupted before Tune took the last report
+        print(f"trial {trial_id}: its run {run_id} had finished; its last report is given to Tune again", flush=True)
+        _report(last["metrics"], last["path"], trial_id, run_id)
+        return
+    start, name = _start_from(tune.get_checkpoint(), trial_id, run_id, recipe.name, storage_path, uri)
     # Under PBT another trial may be handed any checkpoint this one reported, after this one has trained on: Ray
     # Train's pruning (two kept) deleted it first when epochs were short, and the exploit found an empty folder.
     keep = None if sw.scheduler.name == "pbt" else 2
@@ -181,11 +208,11 @@ def run_trial(config: dict[str, Any], sweep: dict, uri: str, storage_path: str, 
             continue
         if metrics.get("done"):
             # The last epoch (or an early stop): Tune ends the trial on this report, so the run closes first
-            # (curves, status, held-out step), and an error in that is raised here rather than lost.
+            # (curves, status, held-out step), and an error in that is raised here rather than lost. The report
+            # is kept in the run, for a resume that finds the run closed but the trial not ended.
             closed()
-        with tempfile.TemporaryDirectory() as d:
-            (Path(d) / POINTER).write_text(json.dumps({"path": path, "trial": trial_id, "run_id": run_id}))
-            tune.report(metrics | {"mlflow_run_id": run_id}, checkpoint=tune.Checkpoint.from_directory(d))
+            keep_last_report(uri, run_id, metrics, path)
+        _report(metrics, path, trial_id, run_id)
         if gate is not None:  # Tune returns from the report only if the scheduler lets this trial go on
             gate.put(metrics["epoch"])
     closed()

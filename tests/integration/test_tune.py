@@ -16,8 +16,9 @@ from mlflow import MlflowClient
 
 from shards import storage
 from tests.datasets import make_dataset
+from training.tracking import has_artifact
 from tune.config import SweepConfig, replicate_sweep
-from tune.runs import BEST, KIND, PARENT, SWEEP
+from tune.runs import BEST, KIND, LAST_REPORT, PARENT, SWEEP
 from tune.sweep import grid_points, run_sweep
 
 OVERRIDES = ["data.image_size=32", "batch_size=4", "workers=1", "eval.levels=[patient]"]
@@ -122,14 +123,14 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(stack, work
     client = MlflowClient(stack.mlflow_url)
 
     def first_finished():
-        """The first trial's run, once it has finished and Tune has ended the trial: one at a time, the second
-        trial starts (its run exists) only then. A trial's run closes just before its last report to Tune, and
-        one interrupted between the two is still running for Tune, which trains its last epoch again on resume
-        (CI once saw it: the run's end time moved)."""
+        """The first trial's run, as soon as it has finished and kept its last report. A trial's run closes
+        just before its last report to Tune: interrupted between the two, the trial is still running for Tune,
+        and on resume it gives Tune the report its run kept rather than train its last epoch again
+        (tune.runs.LAST_REPORT; before, CI saw the run's end time move)."""
         exps = [e.experiment_id for e in client.search_experiments()]  # the sweep may create its experiment
         runs = client.search_runs(exps, f"tags.`{KIND}` = 'trial' and tags.`{SWEEP}` like 'it-grid-%'")
-        done = [r for r in runs if r.info.status == "FINISHED"]
-        return done[0] if done and len(runs) == 2 else None
+        done = [r for r in runs if r.info.status == "FINISHED" and has_artifact(client, r.info.run_id, LAST_REPORT)]
+        return done[0] if done else None
 
     with open(log_path, "w") as out:
         proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)

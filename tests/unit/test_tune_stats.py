@@ -286,9 +286,34 @@ def test_a_new_trials_run_records_the_dataset_version_it_was_checked_on_read_onc
     parent = client.create_run(exp, tags={"dataset": str(data), MANIFEST_TAG: version}).info.run_id
     reads, read = [], mf.load_brief  # what a driver reads: a brief of each record
     monkeypatch.setattr(mf, "load_brief", lambda url: reads.append(url) or read(url))
-    trial = child_run(uri, "sweep-1", parent, "t0", recipe)
+    trial, last = child_run(uri, "sweep-1", parent, "t0", recipe)
+    assert last is None  # a new run: the trial trains
     assert reads == [str(data)]
     assert client.get_run(trial).data.tags[MANIFEST_TAG] == version
+    _resumed_trials_take_their_last_report_where_kept(uri, parent, trial, recipe)
+
+
+def _resumed_trials_take_their_last_report_where_kept(uri, parent, trial, recipe):
+    """A trial resumed after its run had closed (its last report kept) reports that again, and its run stays
+    closed; one resumed mid-training reopens its run and trains on."""
+    import numpy as np
+    from mlflow import MlflowClient
+
+    from tune.runs import child_run, keep_last_report
+
+    client = MlflowClient(uri)
+    client.set_terminated(trial, "KILLED")  # interrupted while training
+    assert child_run(uri, "sweep-1", parent, "t0", recipe) == (trial, None)
+    assert client.get_run(trial).info.status == "RUNNING"
+    client.set_terminated(trial, "FINISHED")  # the run closed; Tune had not taken the last report
+    ended = client.get_run(trial).info.end_time
+    keep_last_report(uri, trial, {"epoch": 2, "val_loss": np.float32(0.25), "done": True}, "s3://ckpt/checkpoint_2")
+    again, last = child_run(uri, "sweep-1", parent, "t0", recipe)
+    assert again == trial and last == {
+        "metrics": {"epoch": 2, "val_loss": 0.25, "done": True},
+        "path": "s3://ckpt/checkpoint_2",
+    }
+    assert client.get_run(trial).info.status == "FINISHED" and client.get_run(trial).info.end_time == ended
 
 
 def test_a_sweeps_parent_run_says_where_its_trials_come_from_as_they_do(tmp_path, monkeypatch):
@@ -318,7 +343,7 @@ def test_a_sweeps_parent_run_says_where_its_trials_come_from_as_they_do(tmp_path
     )  # fmt: skip
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     parent = start_parent(sweep, uri, "lr-1", "sweep")
-    trial = child_run(uri, "lr-1", parent, "t0", load_recipe("demo_tiles", sweep.overrides))
+    trial, _ = child_run(uri, "lr-1", parent, "t0", load_recipe("demo_tiles", sweep.overrides))
     client = MlflowClient(uri)
     tags = client.get_run(parent).data.tags
     origin = {"recipe", "dataset", "manifest_sha256", "git_commit", "tessera_version", "dataset_made_by"}
