@@ -25,13 +25,15 @@ def site_keys(sites: list[str]) -> dict[str, str]:
     return {s: f"{k}_{i}" if k in alike else k for i, (s, k) in enumerate(keys.items())}
 
 
-def by_site(pred: dict[str, Any], recipe: TrainRecipe, outputs: list[str]) -> dict[str, dict[str, dict[str, float]]]:
-    """``{site: {level: {"count": n, metric: value}}}`` for each site the samples name, at sample level and each
-    aggregation level of the recipe (``count``: samples, or slides, patients...), the :data:`HEADLINE` metrics of
-    :func:`training.levels.evaluate`. Empty where fewer than two sites are named (one site's are the split's own),
+def by_site(pred: dict[str, Any], recipe: TrainRecipe, outputs: list[str]) -> dict[str, dict[str, dict[str, Any]]]:
+    """``{site: {level: {"count": n, metric: value, "classes": {output: n}}}}`` for each site the samples name,
+    at sample level and each aggregation level of the recipe (``count``: samples, or slides, patients...): the
+    :data:`HEADLINE` metrics of :func:`training.levels.evaluate`, and how many of them are of each class (of a
+    multi-label task: positive for each label), without which a site's AUC, absent where it has one class, or
+    its accuracy, reads wrong. Empty where fewer than two sites are named (one site's are the split's own),
     for samples without labels and for a detector. A sample of no site is in none; a patient of two sites counts
     in each, with its samples there."""
-    from training.levels import evaluate
+    from training.levels import by_level, evaluate
 
     if recipe.task == "detect" or pred["labels"] is None:
         return {}
@@ -40,7 +42,7 @@ def by_site(pred: dict[str, Any], recipe: TrainRecipe, outputs: list[str]) -> di
     if len(sites) < 2:
         return {}
     found = np.array([s or "" for s in column])
-    out: dict[str, dict[str, dict[str, float]]] = {}
+    out: dict[str, dict[str, dict[str, Any]]] = {}
     for site in sites:
         at = np.flatnonzero(found == site)
         metas = pred["metas"]
@@ -51,17 +53,20 @@ def by_site(pred: dict[str, Any], recipe: TrainRecipe, outputs: list[str]) -> di
             "loss": math.nan,
         }
         metrics = evaluate(part, recipe, outputs, prefix="")
+        labels = {"sample": part["labels"]} | {level: y for level, _, _, y in by_level(part, recipe)}
         out[site] = {}
-        for level in ("sample", *recipe.eval.levels):
+        for level, y in labels.items():
             pre = "" if level == "sample" else f"{level}_"
-            if level != "sample" and pre + "accuracy" not in metrics:
-                continue  # the samples do not name this level
-            count = len(at) if level == "sample" else len(set(values(part["metas"], level)))
-            out[site][level] = {"count": count} | {k: metrics[pre + k] for k in HEADLINE if pre + k in metrics}
+            counts = y.sum(axis=0) if y.ndim == 2 else np.bincount(y, minlength=len(outputs))
+            out[site][level] = (
+                {"count": len(y)}
+                | {k: metrics[pre + k] for k in HEADLINE if pre + k in metrics}
+                | {"classes": dict(zip(outputs, counts.tolist(), strict=True))}
+            )
     return out
 
 
-def site_metrics(results: dict[str, dict[str, dict[str, float]]], prefix: str) -> dict[str, float]:
+def site_metrics(results: dict[str, dict[str, dict[str, Any]]], prefix: str) -> dict[str, float]:
     """:func:`by_site`'s results as MLflow metrics: ``<prefix>site_<site>_<level_><metric>``
     (``test_site_3_patient_accuracy``; sample level without a level, ``count`` as ``samples``)."""
     keys = site_keys(list(results))
@@ -69,18 +74,22 @@ def site_metrics(results: dict[str, dict[str, dict[str, float]]], prefix: str) -
     for site, levels in results.items():
         for level, metrics in levels.items():
             pre = f"{prefix}site_{keys[site]}_" + ("" if level == "sample" else f"{level}_")
-            out |= {pre + ("samples" if k == "count" and level == "sample" else k): v for k, v in metrics.items()}
+            named = {k: v for k, v in metrics.items() if k != "classes"}  # the table's alone
+            out |= {pre + ("samples" if k == "count" and level == "sample" else k): v for k, v in named.items()}
     return out
 
 
-def site_table(results: dict[str, dict[str, dict[str, float]]]) -> str:
-    """:func:`by_site`'s results as CSV: a row per site and level (``site,level,count,<metric>...``)."""
-    names = list(dict.fromkeys(k for levels in results.values() for m in levels.values() for k in m if k != "count"))
+def site_table(results: dict[str, dict[str, dict[str, Any]]]) -> str:
+    """:func:`by_site`'s results as CSV: a row per site and level (``site,level,count,n_<class>...,<metric>...``)."""
+    rows = [m for levels in results.values() for m in levels.values()]
+    names = list(dict.fromkeys(k for m in rows for k in m if k not in ("count", "classes")))
+    classes = list(dict.fromkeys(c for m in rows for c in m.get("classes", {})))
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(["site", "level", "count", *names])
+    writer.writerow(["site", "level", "count", *(f"n_{metric_name(c)}" for c in classes), *names])
     for site, levels in results.items():
         for level, m in levels.items():
+            counts = [m.get("classes", {}).get(c, 0) for c in classes]
             cells = ["" if k not in m or math.isnan(m[k]) else f"{m[k]:.6g}" for k in names]
-            writer.writerow([site, level, int(m["count"]), *cells])
+            writer.writerow([site, level, int(m["count"]), *counts, *cells])
     return out.getvalue()

@@ -119,7 +119,8 @@ def test_training_evaluates_its_selected_model_on_the_test_split(trained, stack,
         assert logged[f"test_site_{site}_accuracy"] == pytest.approx(ref["accuracy"], abs=1e-4)
         assert logged[f"test_site_{site}_patient_accuracy"] == pytest.approx(ref["patient_accuracy"], abs=1e-4)
         assert float(table[site, "sample"]["accuracy"]) == pytest.approx(ref["accuracy"], abs=1e-4)
-        assert int(table[site, "patient"]["count"]) == patients_there
+        row = table[site, "patient"]
+        assert int(row["count"]) == int(row["n_class0"]) + int(row["n_class1"]) == patients_there
         line = f"  site {site} ({samples} samples, {patients_there} patient(s)): patient accuracy "
         assert f"{line}{ref['patient_accuracy']:.4f}, " in summary(out.held_out)
     assert "by_site.csv" in artifacts  # the validation split's, of its own patients' sites

@@ -60,6 +60,7 @@ def test_each_sites_metrics_at_sample_and_patient_level_against_hand_computed_va
     assert one["sample"]["count"] == 4 and one["sample"]["accuracy"] == 0.75
     assert one["sample"]["auc"] == 0.75  # LAA's 0.7 and 0.2 against CE's 0.1 and 0.4: 3 of 4 pairs in order
     assert one["sample"]["weighted_log_loss"] == pytest.approx(_log_loss([(y, q) for _, _, y, q in ROWS[:4]]))
+    assert one["patient"].pop("classes") == {"CE": 1, "LAA": 1} and one["sample"]["classes"] == {"CE": 2, "LAA": 2}
     assert one["patient"] == pytest.approx(
         {
             "count": 2,
@@ -88,6 +89,10 @@ def test_sites_become_metric_names_a_table_and_summary_lines(recipe, tmp_path):
         ("2", "patient", "2"),
     ]
     assert rows[0]["accuracy"] == "0.75" and rows[1]["auc"] == "1"
+    assert list(rows[0])[:5] == ["site", "level", "count", "n_CE", "n_LAA"] and (rows[0]["n_CE"], rows[0]["n_LAA"]) == (
+        "2",
+        "2",
+    )
     outcome = EvalOutcome("r", "test_", "ds", "test", {"test_accuracy": 0.6} | metrics, ["patient"])
     lines = summary(outcome).splitlines()
     assert lines[-2].startswith("  site 1 (4 samples, 2 patient(s)): patient accuracy 0.5000, f1 0.3333, auc 1.0000, ")
@@ -115,6 +120,9 @@ def test_a_multilabel_sites_metrics_are_rsnas(tmp_path):
     from training.metrics import rsna_log_loss
 
     assert found["A"]["sample"]["rsna_log_loss"] == pytest.approx(rsna_log_loss(labels[::2], probs[::2]))
+    assert found["A"]["sample"]["classes"] == dict(
+        zip([f"l{j}" for j in range(6)], labels[::2].sum(0).tolist(), strict=True)
+    )
     assert "weighted_log_loss" not in found["A"]["sample"]
 
 
