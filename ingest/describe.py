@@ -38,14 +38,12 @@ def describe_plan(plan: Plan) -> list[str]:
     units = ", ".join(f"{n} {NOUNS[kind][n != 1]}" for kind, n in kinds.items())
     lines = [f"{units or 'nothing'} to ingest, {len(plan.skipped)} input(s) skipped"]
     for split, by_label in sorted(counts.items(), key=lambda kv: (SPLIT_ORDER.get(kv[0], 9), kv[0])):
-        classes = ", ".join(
-            f"{plan.classes[label] if label is not None else 'unlabelled'} {n}"
-            for label, n in sorted(by_label.items(), key=lambda kv: (kv[0] is None, kv[0] or 0))
-        )
+        classes = _by_class(plan, by_label)
         of = sites_note(u.site for u in plan.units if (u.split or "-") == split)
         lines.append(f"  {split}: {sum(by_label.values())} ({classes}) from {len(patients[split])} patient(s){of}")
     if plan.classes:
         lines.append("classes: " + ", ".join(f"{i} {name}" for i, name in enumerate(plan.classes)))
+    lines += site_lines(plan)
     by_reason: dict[str, list[str]] = {}
     for rec in plan.skipped:
         by_reason.setdefault(rec.reason or "", []).append(rec.id)
@@ -58,6 +56,26 @@ def describe_plan(plan: Plan) -> list[str]:
         for warning in u.meta.get("warnings", []):
             warned.setdefault(warning, []).append(u.id)
     lines += [f"warning for {len(ids)}: {warning}: {id_list(ids)}" for warning, ids in warned.items()]
+    return lines
+
+
+def _by_class(plan: Plan, by_label: Counter) -> str:
+    """``CE 2, LAA 1`` of a count of inputs by label (None: unlabelled, last)."""
+    return ", ".join(
+        f"{plan.classes[label] if label is not None else 'unlabelled'} {n}"
+        for label, n in sorted(by_label.items(), key=lambda kv: (kv[0] is None, kv[0] or 0))
+    )
+
+
+def site_lines(plan: Plan) -> list[str]:
+    """A line per site the label table names: its inputs by class and its patients, to choose the centres that
+    ``--hold-out-sites`` holds out (each with patients of every class, for a test of each)."""
+    named = site_order(u.site for u in plan.units)
+    lines = ["sites (--hold-out-sites):"] if named else []
+    for site in named:
+        units = [u for u in plan.units if u.site == site]
+        classes = _by_class(plan, Counter(u.label for u in units))
+        lines.append(f"  {site}: {len(units)} ({classes}) from {len({u.patient for u in units})} patient(s)")
     return lines
 
 

@@ -85,6 +85,11 @@ def test_the_dry_run_shows_each_splits_sites_and_the_flag_takes_a_list(tmp_path,
         "  val: 1 (LAA 1) from 1 patient(s), sites 1",
         "  test: 10 (CE 6, LAA 4) from 9 patient(s), sites 1, 2, 3",  # p00's two slides: centres 1 and 3
     ]
+    assert lines[lines.index("sites (--hold-out-sites):") + 1 :][:3] == [
+        "  1: 4 (CE 2, LAA 2) from 4 patient(s)",
+        "  2: 4 (CE 2, LAA 2) from 4 patient(s)",
+        "  3: 5 (CE 3, LAA 2) from 5 patient(s)",  # p00's second slide was scanned there
+    ]
 
 
 def test_an_appended_patient_of_a_held_out_site_joins_the_test_split(tmp_path):
