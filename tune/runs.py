@@ -68,11 +68,17 @@ def child_run(
 
 
 def keep_last_report(uri: str, run_id: str, metrics: dict[str, Any], path: str | None) -> None:
-    """Keep in the closed run ``run_id`` the trial's last report to Tune (:data:`LAST_REPORT`)."""
+    """Keep in the closed run ``run_id`` the trial's last report to Tune (:data:`LAST_REPORT`). A failure (the
+    tracking server away) is said, not raised: the trial has trained, and Tune takes its report all the same."""
     from mlflow import MlflowClient
 
     report = json.dumps({"metrics": metrics, "path": path}, default=float)
-    MlflowClient(uri).log_text(run_id, report, LAST_REPORT)
+    try:
+        MlflowClient(uri).log_text(run_id, report, LAST_REPORT)
+    except Exception as exc:  # MLflow's own errors, or the connection's
+        why = f"{type(exc).__name__}: {exc}"
+        print(f"run {run_id}: its last report to Tune was not kept ({why}); a sweep interrupted before Tune takes it "
+              "trains the trial's last epoch again on --resume", flush=True)  # fmt: skip
 
 
 def check_trial_data(

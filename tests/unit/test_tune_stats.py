@@ -416,3 +416,10 @@ def test_the_stain_jitter_study_is_measured_on_centres_no_replicate_saw(tmp_path
         check_compared(
             recipes["paper"], make_dataset(str(tmp_path / "one"), {"test": 4}, sites=1), ["test_site_1_accuracy"], "x"
         )
+
+
+def test_a_last_report_not_kept_is_said_and_the_trial_goes_on(tmp_path, capsys):
+    from tune.runs import keep_last_report
+
+    keep_last_report(f"sqlite:///{tmp_path / 'mlflow.db'}", "0" * 32, {"epoch": 1}, None)  # no such run
+    assert "its last report to Tune was not kept (MlflowException: " in capsys.readouterr().out
