@@ -511,7 +511,7 @@ def test_a_manifest_is_stored_with_its_inputs_last_one_line_each_and_reads_back_
     assert head.sample_classes("train") == [0, 0, 1] and head.num_samples("train") == 3
     brief, same = mf.load_brief(str(tmp_path))  # a training driver's: the head and a brief of each record
     assert same == data and brief.model_dump(exclude={"inputs"}) == head.model_dump()
-    fields = {"status", "split", "patient", "label"}
+    fields = {"status", "split", "patient", "label", "site"}
     assert [asdict(b) for b in brief.inputs] == [{k: v for k, v in asdict(r).items() if k in fields} for r in m.inputs]
     # a manifest written before (the whole of it indented) reads the same, whole or not
     Path(url).write_text(m.model_dump_json(indent=2))
