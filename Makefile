@@ -32,9 +32,10 @@ test: $(STAMP)
 unit: $(STAMP)
 	$(if $(UNIT_THREADS),OMP_NUM_THREADS=$(UNIT_THREADS) )$(PY) -m pytest -q --durations=8 tests/unit
 
-# The half of the integration tier that trains (Ray Train runs, sweeps, jobs); the rest ingests and serves.
+# The half of the integration tier that trains (Ray Train runs, sweeps); the rest ingests, serves and submits jobs
+# (test_submit.py there: on a clean clone the training half took 24.3 min and the rest 20.7).
 IT_TRAINING := $(addprefix tests/integration/,test_tune.py test_train_resume.py test_detector_loop.py \
-	test_train_s3_outage.py test_submit.py test_tracking_outage.py)
+	test_train_s3_outage.py test_tracking_outage.py)
 IT_REST := $(filter-out $(IT_TRAINING),$(sort $(wildcard tests/integration/test_*.py)))
 
 integration: $(STAMP)
