@@ -38,12 +38,12 @@ def describe_plan(plan: Plan) -> list[str]:
     units = ", ".join(f"{n} {NOUNS[kind][n != 1]}" for kind, n in kinds.items())
     lines = [f"{units or 'nothing'} to ingest, {len(plan.skipped)} input(s) skipped"]
     for split, by_label in sorted(counts.items(), key=lambda kv: (SPLIT_ORDER.get(kv[0], 9), kv[0])):
-        classes = _by_class(plan, by_label)
+        classes = _by_class(plan.classes, by_label)
         of = sites_note(u.site for u in plan.units if (u.split or "-") == split)
         lines.append(f"  {split}: {sum(by_label.values())} ({classes}) from {len(patients[split])} patient(s){of}")
     if plan.classes:
         lines.append("classes: " + ", ".join(f"{i} {name}" for i, name in enumerate(plan.classes)))
-    lines += site_lines(plan)
+    lines += site_lines(plan.units, plan.classes)
     by_reason: dict[str, list[str]] = {}
     for rec in plan.skipped:
         by_reason.setdefault(rec.reason or "", []).append(rec.id)
@@ -59,23 +59,24 @@ def describe_plan(plan: Plan) -> list[str]:
     return lines
 
 
-def _by_class(plan: Plan, by_label: Counter) -> str:
+def _by_class(classes: list[str], by_label: Counter) -> str:
     """``CE 2, LAA 1`` of a count of inputs by label (None: unlabelled, last)."""
     return ", ".join(
-        f"{plan.classes[label] if label is not None else 'unlabelled'} {n}"
+        f"{classes[label] if label is not None else 'unlabelled'} {n}"
         for label, n in sorted(by_label.items(), key=lambda kv: (kv[0] is None, kv[0] or 0))
     )
 
 
-def site_lines(plan: Plan) -> list[str]:
-    """A line per site the label table names: its inputs by class and its patients, to choose the centres that
-    ``--hold-out-sites`` holds out (each with patients of every class, for a test of each)."""
-    named = site_order(u.site for u in plan.units)
-    lines = ["sites (--hold-out-sites):"] if named else []
+def site_lines(inputs, classes: list[str]) -> list[str]:
+    """A line per site the label table named for ``inputs`` (planned units, or a manifest's input records): its
+    inputs by class and its patients, to choose the centres that ``--hold-out-sites`` holds out (each with
+    patients of every class, for a test of each)."""
+    named = site_order(u.site for u in inputs)
+    lines = ["sites:"] if named else []
     for site in named:
-        units = [u for u in plan.units if u.site == site]
-        classes = _by_class(plan, Counter(u.label for u in units))
-        lines.append(f"  {site}: {len(units)} ({classes}) from {len({u.patient for u in units})} patient(s)")
+        there = [u for u in inputs if u.site == site]
+        by_class = _by_class(classes, Counter(u.label for u in there))
+        lines.append(f"  {site}: {len(there)} ({by_class}) from {len({u.patient for u in there})} patient(s)")
     return lines
 
 

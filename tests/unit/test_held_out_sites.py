@@ -85,7 +85,7 @@ def test_the_dry_run_shows_each_splits_sites_and_the_flag_takes_a_list(tmp_path,
         "  val: 1 (LAA 1) from 1 patient(s), sites 1",
         "  test: 10 (CE 6, LAA 4) from 9 patient(s), sites 1, 2, 3",  # p00's two slides: centres 1 and 3
     ]
-    assert lines[lines.index("sites (--hold-out-sites):") + 1 :][:3] == [
+    assert lines[lines.index("sites:") + 1 :][:3] == [
         "  1: 4 (CE 2, LAA 2) from 4 patient(s)",
         "  2: 4 (CE 2, LAA 2) from 4 patient(s)",
         "  3: 5 (CE 3, LAA 2) from 5 patient(s)",  # p00's second slide was scanned there
@@ -128,8 +128,10 @@ def test_the_record_and_the_dataset_account_carry_the_site(tmp_path):
     assert rec.site == "11" and rec.split == "test"
     manifest = mf.Manifest(dataset=str(tmp_path), kind="wsi", classes=["CE"], inputs=[rec])
     manifest.splits = {"test": mf.SplitInfo(num_samples=2)}
-    (line,) = [x for x in dataset_lines(manifest, b"{}") if x.startswith("  test:")]
+    lines = dataset_lines(manifest, b"{}")
+    (line,) = [x for x in lines if x.startswith("  test:")]
     assert line == "  test: 2 samples in 0 shard(s), 1 input(s) of 1 patient(s) (CE 1), sites 11"
+    assert lines[lines.index("sites:") + 1] == "  11: 1 (CE 1) from 1 patient(s)"  # its ingested inputs by site
 
 
 def test_a_run_on_held_out_centres_is_tagged_with_them(tmp_path):
