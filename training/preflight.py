@@ -109,7 +109,8 @@ def reported_metrics(recipe: TrainRecipe, manifest: mf.ManifestBrief | mf.Manife
     held_out = recipe.data.test_split if recipe.data.test_split and not no_held_out(recipe, manifest) else None
     prefixes = (["val_swa_"] if recipe.swa.enabled else []) + ([metric_prefix(held_out)] if held_out else [])
     out = names | {p + n.removeprefix("val_") for p in prefixes for n in names}
-    sites = site_order(r.site for r in manifest.inputs if held_out and r.split in mf.split_names(held_out))
+    held = [r for r in manifest.inputs if held_out and r.split in mf.split_names(held_out) and r.status == "ingested"]
+    sites = site_order(r.site for r in held)
     if len(sites) > 1 and recipe.task != "detect":
         levels = {lv: "val_" + ("" if lv == "sample" else f"{lv}_") for lv in ("sample", *recipe.eval.levels)}
         each = {lv: {"count": 0.0} | {k: 0.0 for k in HEADLINE if pre + k in names} for lv, pre in levels.items()}

@@ -1,6 +1,7 @@
 """The comparison statistics against scipy/statsmodels and textbook formulas, including paper 002's edge cases
 (a group with zero variance, a non-normal group), and sweep files: spaces, validation, replicate splits."""
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -409,6 +410,10 @@ def test_the_stain_jitter_study_is_measured_on_centres_no_replicate_saw(tmp_path
     centres = make_dataset(str(tmp_path / "centres"), {"train": 4, "val": 4, "test": 8}, sites=2)
     each = ["test_site_1_patient_weighted_log_loss", "test_site_2_samples", "test_site_2_patient_count"]
     check_compared(recipes["paper"], centres, each, "compare.metrics")
+    failed = [dataclasses.replace(r, status="failed") if r.patient == "testp1" else r for r in centres.inputs]
+    with pytest.raises(RecipeError, match="'test_site_1_patient_weighted_log_loss' is not a metric"):
+        # site 2's only input failed: its samples are none, and site 1's metrics are the split's own
+        check_compared(recipes["paper"], centres.model_copy(update={"inputs": failed}), each[:1], "compare.metrics")
     close = "close: test_site_2_patient_accuracy, test_site_1_patient_accuracy"
     with pytest.raises(RecipeError, match=rf"'test_site_3_patient_accuracy' is not .* {close}"):
         check_compared(recipes["paper"], centres, ["test_site_3_patient_accuracy"], "compare.metrics")
