@@ -75,16 +75,18 @@ class Reporter:
 
 def prediction_levels(pred: dict[str, Any], recipe):
     """``(level, id columns, probs, labels, threshold)`` at sample level and at each aggregation level the
-    samples name; labels None where ``pred["labels"]`` is (samples without labels)."""
+    samples name (a group's columns: its site where the samples name theirs, and its id); labels None where
+    ``pred["labels"]`` is (samples without labels)."""
     from training.levels import by_level, level_threshold
     from training.predictions import sample_columns
+    from training.sites import group_sites
 
     def threshold(level: str) -> float | None:
         return level_threshold(recipe, level) if recipe.task == "multiclass" else recipe.eval.threshold
 
     yield "sample", sample_columns(pred["metas"]), pred["probs"], pred["labels"], threshold("sample")
     for level, ids, p, y in by_level(pred, recipe):
-        yield level, {level: ids}, p, y, threshold(level)
+        yield level, group_sites(pred["metas"], level, ids) | {level: ids}, p, y, threshold(level)
 
 
 def prediction_tables(pred: dict[str, Any], recipe, outputs: list[str]) -> dict[str, str]:

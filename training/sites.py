@@ -66,6 +66,19 @@ def by_site(pred: dict[str, Any], recipe: TrainRecipe, outputs: list[str]) -> di
     return out
 
 
+def group_sites(metas, level: str, ids: list[str]) -> dict[str, list[str]]:
+    """``{"site": [...]}``: the site of each group ``ids`` of ``level`` (a patient's, a slide's), for its row of a
+    prediction table; a group whose samples are of several sites names them all (``1+3``). Empty unless every
+    sample names its site."""
+    sites, groups = values(metas, "site"), values(metas, level)
+    if not sites or not all(sites):
+        return {}
+    of: dict[str, set[str]] = {}
+    for group, site in zip(groups, sites, strict=True):
+        of.setdefault(group, set()).add(site)
+    return {"site": ["+".join(site_order(of[g])) for g in ids]}
+
+
 def site_metrics(results: dict[str, dict[str, dict[str, Any]]], prefix: str) -> dict[str, float]:
     """:func:`by_site`'s results as MLflow metrics: ``<prefix>site_<site>_<level_><metric>``
     (``test_site_3_patient_accuracy``; sample level without a level, ``count`` as ``samples``)."""

@@ -14,7 +14,7 @@ from ingest.units import plan_unit, work_samples
 from training.config import load_recipe
 from training.evaluation import EvalOutcome, summary
 from training.metas import Metas
-from training.sites import by_site, site_keys, site_metrics, site_table
+from training.sites import by_site, group_sites, site_keys, site_metrics, site_table
 
 # Site 1: patient a (CE) and b (LAA), two tiles each; site 2: c (LAA) and d (CE), one each; e names no site.
 ROWS = [
@@ -147,3 +147,20 @@ def test_a_slides_tiles_carry_its_site_from_the_label_table(tmp_path, monkeypatc
     assert metas and {m["site"] for m in metas} == {"11"}
     unit.site = None  # a table without a site column: no site key at all, rather than a null
     assert all("site" not in json.loads(s["json"]) for s in work_samples(works[0], cfg))
+
+
+def test_a_groups_row_in_a_prediction_table_names_its_site_or_sites(recipe):
+    from training.reporting import prediction_tables
+
+    metas = [{"patient": p, "site": s} for p, s in (("a", "1"), ("a", "1"), ("b", "2"), ("b", "11"), ("c", "2"))]
+    assert group_sites(metas, "patient", ["a", "b", "c"]) == {"site": ["1", "2+11", "2"]}  # b: of two centres
+    assert group_sites([*metas, {"patient": "d"}], "patient", ["a", "b", "c", "d"]) == {}  # not every sample's
+    tables = prediction_tables(_pred(ROWS[:6]), recipe, ["CE", "LAA"])
+    rows = list(csv.DictReader(tables["patient"].splitlines()))
+    assert [(r["site"], r["patient"], r["label"]) for r in rows] == [
+        ("1", "a", "CE"),
+        ("1", "b", "LAA"),
+        ("2", "c", "LAA"),
+        ("2", "d", "CE"),
+    ]
+    assert next(csv.DictReader(tables["sample"].splitlines()))["site"] == "1"
