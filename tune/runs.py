@@ -18,9 +18,9 @@ from tune.config import SweepConfig
 KIND, SWEEP, TRIAL, BEST = "tessera.kind", "tessera.sweep", "tessera.trial", "tessera.best"
 PARENT = "mlflow.parentRunId"
 REPLICATE = "replicate"  # the grid parameter of a replicate group
-# A trial's last report to Tune (its metrics and checkpoint), kept in its run once the run has closed: a sweep
-# interrupted after the run closed and before Tune took that report resumes the trial by reporting it again,
-# rather than training its last epoch anew.
+# A trial's last report to Tune (its metrics and checkpoint), kept in its run before the run closes: a sweep
+# interrupted after the run closed (FINISHED) and before Tune took that report resumes the trial by reporting it
+# again, rather than training its last epoch anew.
 LAST_REPORT = "tune_last_report.json"
 
 
@@ -47,7 +47,7 @@ def child_run(
     uri: str, sweep_run: str, parent_id: str, trial_id: str, recipe: TrainRecipe
 ) -> tuple[str, dict[str, Any] | None]:
     """The trial's MLflow run: the one it made before an interruption, or a new child of the sweep's run; and
-    the last report to Tune of a run that had closed (:data:`LAST_REPORT`; None: the trial goes on training)."""
+    the last report to Tune of a run that had finished (:data:`LAST_REPORT`; None: the trial goes on training)."""
     from mlflow import MlflowClient
 
     from training.launch import start_run
@@ -57,7 +57,7 @@ def child_run(
     found = client.search_runs([exp], f"tags.`{SWEEP}` = '{sweep_run}' and tags.`{TRIAL}` = '{trial_id}'")
     if found:
         run_id = found[0].info.run_id
-        if tracking.has_artifact(client, run_id, LAST_REPORT):
+        if found[0].info.status == "FINISHED" and tracking.has_artifact(client, run_id, LAST_REPORT):
             with tempfile.TemporaryDirectory() as tmp:
                 return run_id, json.loads(Path(client.download_artifacts(run_id, LAST_REPORT, tmp)).read_text())
         client.update_run(run_id, status="RUNNING")
@@ -68,8 +68,9 @@ def child_run(
 
 
 def keep_last_report(uri: str, run_id: str, metrics: dict[str, Any], path: str | None) -> None:
-    """Keep in the closed run ``run_id`` the trial's last report to Tune (:data:`LAST_REPORT`). A failure (the
-    tracking server away) is said, not raised: the trial has trained, and Tune takes its report all the same."""
+    """Keep in run ``run_id``, before it closes, the trial's last report to Tune (:data:`LAST_REPORT`: read only
+    once the run has FINISHED). A failure (the tracking server away) is said, not raised: the trial has trained,
+    and Tune takes its report all the same."""
     from mlflow import MlflowClient
 
     report = json.dumps({"metrics": metrics, "path": path}, default=float)

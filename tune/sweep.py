@@ -209,9 +209,9 @@ def run_trial(config: dict[str, Any], sweep: dict, uri: str, storage_path: str, 
         if metrics.get("done"):
             # The last epoch (or an early stop): Tune ends the trial on this report, so the run closes first
             # (curves, status, held-out step), and an error in that is raised here rather than lost. The report
-            # is kept in the run, for a resume that finds the run closed but the trial not ended.
-            closed()
+            # is kept in the run first, for a resume that finds the run FINISHED but the trial not ended.
             keep_last_report(uri, run_id, metrics, path)
+            closed()
         _report(metrics, path, trial_id, run_id)
         if gate is not None:  # Tune returns from the report only if the scheduler lets this trial go on
             gate.put(metrics["epoch"])

@@ -123,13 +123,14 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(stack, work
     client = MlflowClient(stack.mlflow_url)
 
     def first_finished():
-        """The first trial's run, as soon as it has finished and kept its last report. A trial's run closes
-        just before its last report to Tune: interrupted between the two, the trial is still running for Tune,
-        and on resume it gives Tune the report its run kept rather than train its last epoch again
-        (tune.runs.LAST_REPORT; before, CI saw the run's end time move)."""
+        """The first trial's run, as soon as it has finished. A trial's run closes just before its last report to
+        Tune: interrupted between the two, the trial is still running for Tune, and on resume it gives Tune the
+        report its run kept before closing rather than train its last epoch again (tune.runs.LAST_REPORT; before,
+        CI saw the run's end time move)."""
         exps = [e.experiment_id for e in client.search_experiments()]  # the sweep may create its experiment
         runs = client.search_runs(exps, f"tags.`{KIND}` = 'trial' and tags.`{SWEEP}` like 'it-grid-%'")
-        done = [r for r in runs if r.info.status == "FINISHED" and has_artifact(client, r.info.run_id, LAST_REPORT)]
+        done = [r for r in runs if r.info.status == "FINISHED"]
+        assert all(has_artifact(client, r.info.run_id, LAST_REPORT) for r in done)  # kept before it closed
         return done[0] if done else None
 
     with open(log_path, "w") as out:

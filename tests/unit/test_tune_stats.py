@@ -295,8 +295,8 @@ def test_a_new_trials_run_records_the_dataset_version_it_was_checked_on_read_onc
 
 
 def _resumed_trials_take_their_last_report_where_kept(uri, parent, trial, recipe):
-    """A trial resumed after its run had closed (its last report kept) reports that again, and its run stays
-    closed; one resumed mid-training reopens its run and trains on."""
+    """A trial resumed after its run had finished (its last report kept) reports that again, and its run stays
+    closed; one resumed mid-training, or before its run closed, reopens its run and trains on."""
     import numpy as np
     from mlflow import MlflowClient
 
@@ -306,9 +306,12 @@ def _resumed_trials_take_their_last_report_where_kept(uri, parent, trial, recipe
     client.set_terminated(trial, "KILLED")  # interrupted while training
     assert child_run(uri, "sweep-1", parent, "t0", recipe) == (trial, None)
     assert client.get_run(trial).info.status == "RUNNING"
+    # the last epoch reported and kept, then the run interrupted before it closed: it trains on
+    keep_last_report(uri, trial, {"epoch": 2, "val_loss": np.float32(0.25), "done": True}, "s3://ckpt/checkpoint_2")
+    client.set_terminated(trial, "KILLED")
+    assert child_run(uri, "sweep-1", parent, "t0", recipe) == (trial, None)
     client.set_terminated(trial, "FINISHED")  # the run closed; Tune had not taken the last report
     ended = client.get_run(trial).info.end_time
-    keep_last_report(uri, trial, {"epoch": 2, "val_loss": np.float32(0.25), "done": True}, "s3://ckpt/checkpoint_2")
     again, last = child_run(uri, "sweep-1", parent, "t0", recipe)
     assert again == trial and last == {
         "metrics": {"epoch": 2, "val_loss": 0.25, "done": True},
