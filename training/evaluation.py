@@ -355,9 +355,11 @@ def _site_lines(outcome: EvalOutcome) -> list[str]:
     """A line per site the samples named (:mod:`training.sites`): its samples and, at the last level they name
     (a recipe's ``patient``, or the samples'), its count there and the headline metrics; every level is in the run
     (``<prefix>by_site.csv``)."""
+    from shards.schema import site_order
+
     found = re.compile(rf"^{re.escape(outcome.prefix)}site_(.+)_samples$")
     lines = []
-    for key in sorted((m.group(1) for k in outcome.metrics if (m := found.match(k))), key=lambda s: (len(s), s)):
+    for key in site_order(m.group(1) for k in outcome.metrics if (m := found.match(k))):
         pre = f"{outcome.prefix}site_{key}_"
         what = f"{outcome.metrics[pre + 'samples']:.0f} samples"
         level = next((lv for lv in reversed(outcome.levels) if f"{pre}{lv}_count" in outcome.metrics), None)
