@@ -12,7 +12,7 @@ from pathlib import Path
 from cluster.cli_dataset import add_dataset_parser
 from cluster.cli_evaluate import add_evaluate_parser, print_held_out
 from cluster.cli_ingest import add_ingest_parser, ingest_config, ingest_dry_run, keep_private
-from cluster.cli_predict import add_predict_parser
+from cluster.cli_predict import add_predict_parser, add_score_parser
 from cluster.cli_train import add_train_parser, cluster_fit, train_dry_run
 from cluster.cli_tune import add_compare_parser, add_tune_parser
 from cluster.errors import TesseraError
@@ -233,6 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_parser(sub, cmd_train)
     add_evaluate_parser(sub)
     add_predict_parser(sub)
+    add_score_parser(sub)
 
     add_tune_parser(sub)
     add_compare_parser(sub)

@@ -184,3 +184,28 @@ def heatmaps(outcome, tracking_uri: str, out: str, private: dict[str, str] | Non
         print(f"  heatmaps: {drawn} slide{'' if drawn == 1 else 's'} -> {storage.join(out, HEATMAPS)}/")
     if note:
         print(f"note: {note}")
+
+
+def add_score_parser(sub) -> None:
+    sc = sub.add_parser(
+        "score",
+        help="score a competition submission against labels (STRIP AI's or RSNA's weighted log loss)",
+        description="Score SUBMISSION (as `tessera predict --submission` writes it) as its competition did: "
+        "Mayo Clinic STRIP AI's (patient_id and a probability per class) by the weighted multi-class log loss "
+        "over its patients, against a table of each patient's label (STRIP AI's train.csv, or patient,label); "
+        "RSNA's (ID,Label) by the weighted multi-label log loss over its images, against RSNA's label file. What "
+        "the submission calls is scored, and each must have a label; the labels may name more.",
+    )
+    sc.add_argument("submission", help="the submission CSV (a file or an s3:// URL)")
+    sc.add_argument("--labels", required=True, help="the labels CSV (a file or an s3:// URL)")
+    sc.set_defaults(fn=cmd_score)
+
+
+def cmd_score(args) -> int:
+    from shards import storage
+    from training.scoring import score
+
+    submission = storage.get_bytes(args.submission).decode("utf-8-sig")
+    labels = storage.get_bytes(args.labels).decode("utf-8-sig")
+    print(score(submission, labels, args.submission).line())
+    return 0

@@ -26,6 +26,8 @@ from training.evaluation import evaluate_run, summary
 from training.heatmaps import HEADER, OPACITY
 from training.inference import predict_run
 from training.launch import run_training
+from training.scoring import score
+from training.submissions import strip_ai
 
 
 @pytest.fixture(scope="module")
@@ -250,6 +252,11 @@ def test_predict_calls_the_inputs_of_a_dataset_without_labels(trained, stack, tm
     held_out = client.download_artifacts(out.run_id, "test_predictions_patient.csv", str(tmp_path))
     assert own.tables["patient"] == Path(held_out).read_text()
     assert "label" in own.tables["sample"].splitlines()[0].split(",")
+    # its STRIP AI submission, scored against the patients' labels (`tessera score`), is the held-out step's loss
+    rows = list(csv.DictReader(own.tables["patient"].splitlines()))
+    labels = "patient,label\n" + "".join(f"{r['patient']},{r['label']}\n" for r in rows)
+    loss = client.get_run(out.run_id).data.metrics["test_patient_weighted_log_loss"]
+    assert score(strip_ai(own.tables["patient"]), labels).value == pytest.approx(loss, abs=1e-4)
 
 
 def _check_heatmaps(stdout, preds, ds, files, manifest, rows, run, tmp_path):
