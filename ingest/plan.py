@@ -11,14 +11,7 @@ from ingest.copies import place_copies
 from ingest.dicom import group_series, map_headers, read_header, read_headers
 from ingest.dicom_wsi import group_dicom_slides
 from ingest.images import IMAGE_EXTS, csv_boxes, is_slice_table, patient_key, read_slice_table, slice_number, yolo_boxes
-from ingest.labels import (
-    RSNA_SUBTYPES,
-    LabelRow,
-    class_names,
-    is_rsna_csv,
-    read_label_csv,
-    read_rsna_csv,
-)
+from ingest.labels import RSNA_SUBTYPES, LabelRow, class_names, is_rsna_csv, read_label_csv, read_rsna_csv
 from ingest.model_files import ModelFiles, read_models
 from ingest.pseudonym import pseudonym
 from ingest.sources import SLIDE_EXTS, expand, fingerprint, listing, mirax_companions, stem, vms_companions
