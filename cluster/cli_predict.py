@@ -201,11 +201,25 @@ def add_score_parser(sub) -> None:
     sc.set_defaults(fn=cmd_score)
 
 
+def score_texts(submission: str, labels: str, source: str = "the submission", labels_source: str = "the labels"):
+    """``submission`` (CSV text) scored against ``labels`` (CSV text) read by ingest's label readers, as an ingest
+    reads them: a table of each slide's or patient's label (STRIP AI's ``train.csv``, or ``patient,label``) for
+    STRIP AI's layout, RSNA's label file for RSNA's (:mod:`training.scoring`)."""
+    from ingest.labels import is_rsna_csv, read_label_csv, read_rsna_csv
+    from training.scoring import layout, patient_labels, score_rsna, score_strip_ai
+
+    if layout(submission, source) == "RSNA":
+        if not is_rsna_csv(labels):
+            raise ValueError(f"{labels_source}: an RSNA submission is scored against RSNA's label file (ID,Label)")
+        return score_rsna(submission, read_rsna_csv(labels, labels_source), source)
+    rows = read_label_csv(labels, labels_source)
+    return score_strip_ai(submission, patient_labels(rows, labels_source), source)
+
+
 def cmd_score(args) -> int:
     from shards import storage
-    from training.scoring import score
 
     submission = storage.get_bytes(args.submission).decode("utf-8-sig")
     labels = storage.get_bytes(args.labels).decode("utf-8-sig")
-    print(score(submission, labels, args.submission).line())
+    print(score_texts(submission, labels, args.submission, args.labels).line())
     return 0

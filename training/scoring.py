@@ -1,13 +1,14 @@
 """A competition submission scored against labels, as its competition scored it: Mayo Clinic STRIP AI's weighted
 multi-class log loss over patients (paper 000), RSNA 2019's weighted multi-label log loss over images (paper 003).
 For a submission ``tessera predict --submission`` wrote: checked before it is uploaded, or scored on a held-out set
-whose labels the user has (a split of the competition's training labels, or a test set's once they are out)."""
+whose labels the user has (a split of the competition's training labels, or a test set's once they are out). The
+labels come read (``cluster.cli_predict.score_texts`` reads them with ingest's label readers)."""
 
 from __future__ import annotations
 
 import csv
 import math
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,7 +18,6 @@ from training.predictions import lines_of
 from training.submissions import RSNA_LABELS
 
 RSNA_ORDER = ("any", *(label for label in RSNA_LABELS if label != "any"))  # metrics.RSNA_WEIGHTS' order
-PATIENT_COLUMNS = ("patient_id", "patient")  # a label table's patient column: STRIP AI's, or a generic table's
 
 
 @dataclass(frozen=True)
@@ -34,16 +34,14 @@ class Score:
         return f"{self.competition} {self.metric} {self.value:.6f} over {self.scored} {self.item}(s){more}"
 
 
-def score(submission: str, labels: str, source: str = "the submission") -> Score:
-    """Score ``submission`` (CSV text) against ``labels`` (CSV text): STRIP AI's layout (``patient_id`` then a
-    probability per class) against a table of each patient's label (STRIP AI's ``train.csv``, or
-    ``patient,label``), or RSNA's (``ID,Label``) against RSNA's label file of the same layout. Only what the
-    submission calls is scored; each of it must have a label. Raises ``ValueError`` naming ``source`` and the row."""
+def layout(submission: str, source: str = "the submission") -> str:
+    """The competition whose layout ``submission`` (CSV text) has: ``STRIP AI`` (``patient_id`` then a
+    probability per class) or ``RSNA`` (``ID,Label``); ``ValueError`` naming ``source`` otherwise."""
     header = next(csv.reader(lines_of(submission)), [])
     if header == ["ID", "Label"]:
-        return _rsna(submission, labels, source)
+        return "RSNA"
     if header[:1] == ["patient_id"] and len(header) > 2:
-        return _strip_ai(submission, labels, source)
+        return "STRIP AI"
     raise ValueError(
         f"{source}: not a submission of a known layout (its header {','.join(header) or 'is empty'}): STRIP AI's "
         "is patient_id then a column per class, RSNA's is ID,Label"
@@ -68,21 +66,20 @@ def _rows(text: str, source: str) -> Iterator[tuple[int, dict[str, str]]]:
         yield n, {k: (v or "").strip() for k, v in row.items() if k is not None}
 
 
-def _patient_labels(labels: str) -> dict[str, str]:
-    """Each patient's label in a label table; a patient given two labels raises."""
+def patient_labels(rows: Iterable, source: str = "the labels") -> dict[str, str]:
+    """Each patient's label from label-table rows (``.item``, ``.patient``, ``.label``: a slide's, or a
+    patient's); a patient given two labels, or a row of no patient, raises."""
     out: dict[str, str] = {}
-    for n, row in _rows(labels, "the labels"):
-        column = next((c for c in PATIENT_COLUMNS if c in row), None)
-        if column is None or "label" not in row:
-            raise ValueError("the labels: a table of patients' labels has a patient_id (or patient) and a label column")
-        patient, label = row[column], row["label"]
-        if out.setdefault(patient, label) != label:
-            raise ValueError(f"the labels, line {n}: patient {patient} is {label} here and {out[patient]} before")
+    for row in rows:
+        if row.patient is None or row.label is None:
+            raise ValueError(f"{source}: {row.item} has no patient or no label: a submission is scored by patient")
+        if out.setdefault(row.patient, row.label) != row.label:
+            raise ValueError(f"{source}: patient {row.patient} is {row.label} at {row.item} and {out[row.patient]}")
     return out
 
 
-def _strip_ai(submission: str, labels: str, source: str) -> Score:
-    truth = _patient_labels(labels)
+def score_strip_ai(submission: str, truth: dict[str, str], source: str = "the submission") -> Score:
+    """A STRIP AI submission's weighted log loss over its patients, each of ``truth`` (patient -> label name)."""
     reader = csv.reader(lines_of(submission))
     classes = next(reader)[1:]
     probs, y, seen = [], [], set()
@@ -119,23 +116,18 @@ def _image_rows(text: str, source: str) -> dict[str, dict[str, tuple[str, int]]]
     return out
 
 
-def _truth(value: str, line: int) -> int:
-    if value not in ("0", "1"):
-        raise ValueError(f"the labels, line {line}: {value!r} is not a label (0 or 1)")
-    return int(value)
-
-
-def _rsna(submission: str, labels: str, source: str) -> Score:
-    called, truth = _image_rows(submission, source), _image_rows(labels, "the labels")
+def score_rsna(submission: str, truth: dict[str, list[int]], source: str = "the submission") -> Score:
+    """An RSNA submission's weighted log loss over its images, each of ``truth`` (image ID -> its six labels,
+    ``any`` first, as :func:`ingest.labels.read_rsna_csv` reads them)."""
+    called = _image_rows(submission, source)
     probs, y = [], []
     for image, values in called.items():
         if missing := [label for label in RSNA_ORDER if label not in values]:
             raise ValueError(f"{source}: image {image} has no row for {', '.join(missing)}")
-        known = truth.get(image, {})
-        if missing := [label for label in RSNA_ORDER if label not in known]:
-            raise ValueError(f"the labels give image {image} no {', '.join(missing)} label")
+        if image not in truth:
+            raise ValueError(f"the labels give image {image} no label")
         probs.append([_probability(*values[label], source) for label in RSNA_ORDER])
-        y.append([_truth(*known[label]) for label in RSNA_ORDER])
+        y.append(truth[image])
     if not probs:
         raise ValueError(f"{source}: it calls no image")
     value = rsna_log_loss(np.array(y), np.array(probs))

@@ -18,6 +18,7 @@ from mlflow import MlflowClient
 from PIL import Image
 from sklearn.metrics import accuracy_score, log_loss
 
+from cluster.cli_predict import score_texts as score
 from ingest.synthetic import make_slides
 from tests.datasets import make_dataset
 from tests.integration.commands import ingest_wsi_cmd
@@ -26,7 +27,6 @@ from training.evaluation import evaluate_run, summary
 from training.heatmaps import HEADER, OPACITY
 from training.inference import predict_run
 from training.launch import run_training
-from training.scoring import score
 from training.submissions import strip_ai
 
 

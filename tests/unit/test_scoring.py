@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from cluster.cli import main
-from training.scoring import score
+from cluster.cli_predict import score_texts as score
 from training.submissions import rsna, strip_ai
 
 # STRIP AI's train.csv: a row per slide; p4 is labelled but not called by the submission.
@@ -51,7 +51,7 @@ def test_a_strip_ai_submission_is_scored_by_the_weighted_log_loss_over_its_patie
         ("patient_id,CE,LAA\np1,0.5,1.5\n", STRIP_LABELS, "line 2: '1.5' is not a probability"),
         ("patient_id,CE,LAA\np1,0.5\n", STRIP_LABELS, "line 2: 2 values, where its header names 3"),
         ("patient_id,CE,Other\np3,0.5,0.5\n", STRIP_LABELS, "patient p3 is LAA, not one of CE, Other"),
-        ("patient_id,CE,LAA\np1,0.5,0.5\n", "patient,label\np1,CE\np1,LAA\n", "line 3: patient p1 is LAA here"),
+        ("patient_id,CE,LAA\np1,0.5,0.5\n", "patient,label\np1,CE\np1,LAA\n", "line 3 gives p1 label 'LAA'"),
         ("patient_id,CE,LAA\n", STRIP_LABELS, "it calls no patient"),
         ("slide,CE\na,1\n", STRIP_LABELS, r"not a submission of a known layout \(its header slide,CE\)"),
         ("ID,Label\nID_x_any,0.5\n", "ID,Label\n", "image ID_x has no row for epidural"),
@@ -81,13 +81,22 @@ def test_an_rsna_submission_is_scored_by_the_weighted_log_loss_over_its_images()
     expected = sum(-w * math.log(p if y else 1 - p) for y, p, w in rows) / sum(w for *_, w in rows)
     assert found.value == pytest.approx(expected, abs=1e-12)
     assert (found.competition, found.scored, found.item, found.unscored) == ("RSNA", 2, "image", 1)
-    with pytest.raises(ValueError, match="the labels give image ID_z no any, epidural"):
+    with pytest.raises(ValueError, match="the labels give image ID_z no label"):
         score(rsna(table.replace("ID_b", "ID_z")), labels)
-    with pytest.raises(ValueError, match="the labels, line 2: '2' is not a label"):
+    with pytest.raises(ValueError, match="the labels: line 2: unknown subtype 'any' or label '2'"):
         score(rsna(table), labels.replace("ID_a_any,1", "ID_a_any,2"))
     with pytest.raises(ValueError, match=r"sub\.csv, line 2: 'ID_a_nothing' is not ID_<image>"):
         score("ID,Label\nID_a_nothing,0.5\n", labels, "sub.csv")
     assert np.isfinite(score(rsna(table.replace("0.9", "1.0")), labels).value)  # clipped, as the competition did
+    # RSNA's own file repeats some rows alike: read as an ingest reads it (ingest.labels.read_rsna_csv)
+    repeated = labels + "ID_a_any,1\n"
+    assert score(rsna(table), repeated).value == pytest.approx(expected, abs=1e-12)
+
+
+def test_a_patient_whose_slides_are_labelled_two_ways_cannot_be_scored():
+    labels = STRIP_LABELS.replace("a_1,11,p1,1,CE", "a_1,11,p1,1,LAA")
+    with pytest.raises(ValueError, match="the labels: patient p1 is LAA at a_1 and CE"):
+        score(_strip_submission(), labels)
 
 
 def test_tessera_score_prints_the_score_or_the_reason(tmp_path, capsys):
