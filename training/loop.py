@@ -43,6 +43,7 @@ from training.losses import Loss, balanced_weights
 from training.metas import Metas
 from training.models import recipe_model
 from training.outbox import adopt
+from training.sites import by_site, site_metrics
 from training.state import EarlyStopping, epoch_seed, swa_start_epoch
 from training.tracking import MODEL_ARTIFACT
 
@@ -306,7 +307,15 @@ class Trainer:
             pred = detection.predict(self.engine, val, r, self.device)
         else:
             pred = predict(self.engine, val, self.loss, self.device)
-        return metrics | evaluate(pred, r, self.outputs), pred
+        return metrics | self._evaluate(pred, "val_"), pred
+
+    def _evaluate(self, pred: dict[str, Any], prefix: str) -> dict[str, float]:
+        """The validation metrics of ``pred``, and each site's (``val_site_3_accuracy``) with the worst site's
+        (``val_worst_site_patient_weighted_log_loss``) where its samples are of two or more: every epoch, so a
+        centre's curve can be read, and monitored."""
+        return evaluate(pred, self.recipe, self.outputs, prefix) | site_metrics(
+            by_site(pred, self.recipe, self.outputs), prefix, counts=False
+        )
 
     def _finish_swa(self, epoch: int) -> tuple[dict[str, Any], dict[str, float]]:
         """Recompute BatchNorm statistics for the averaged weights, then evaluate them (``val_swa_*``)."""
@@ -318,7 +327,7 @@ class Trainer:
         )
         same_batchnorm_stats(self.swa, self.world)  # each rank's were of its share of the data
         pred = predict(self.swa, self.data.batches(r.data.val_split, epoch, False), self.loss, self.device)
-        return pred, evaluate(pred, r, self.outputs, prefix="val_swa_")
+        return pred, self._evaluate(pred, "val_swa_")
 
     def _export(self, report, folder: str, metas: list[dict]) -> None:
         """Export the selected weights; every rank takes part (under ZeRO-3 parameters are gathered first)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import difflib
 import warnings
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -37,7 +38,7 @@ def check_against(recipe: TrainRecipe, manifest: mf.ManifestBrief | mf.Manifest)
             f"and {recipe.data.dataset} holds DICOM series, whose windows no stain made"
         )
     check_patient_labels(recipe, manifest)
-    check_monitor(recipe, outputs)
+    check_monitor(recipe, outputs, split_sites(manifest, recipe.data.val_split))
 
 
 def check_patient_labels(recipe: TrainRecipe, manifest: mf.ManifestBrief | mf.Manifest) -> None:
@@ -58,9 +59,18 @@ def check_patient_labels(recipe: TrainRecipe, manifest: mf.ManifestBrief | mf.Ma
         )
 
 
-def validation_metrics(recipe: TrainRecipe, outputs: list[str]) -> set[str]:
+def split_sites(manifest: mf.ManifestBrief | mf.Manifest, split: str | None) -> list[str]:
+    """The sites of the ingested inputs of ``split`` (``a+b``: each), in :func:`shards.schema.site_order`."""
+    from shards.schema import site_order
+
+    names = mf.split_names(split) if split else []
+    return site_order(r.site for r in manifest.inputs if r.status == "ingested" and r.split in names)
+
+
+def validation_metrics(recipe: TrainRecipe, outputs: list[str], sites: Sequence[str] = ()) -> set[str]:
     """The names of the validation metrics a run of ``recipe`` reports each epoch: its metric functions on a
-    made-up prediction in which every class (or label) occurs and every sample names every level."""
+    made-up prediction in which every class (or label) occurs and every sample names every level, and of each
+    of ``sites`` (the validation split's) where they are two or more."""
     from training.levels import evaluate
 
     if recipe.task == "detect":  # a box of each class, found
@@ -77,14 +87,28 @@ def validation_metrics(recipe: TrainRecipe, outputs: list[str]) -> set[str]:
     metas = [dict.fromkeys(recipe.eval.levels, str(i)) for i in range(n)]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # scikit-learn's, on predictions that call nothing
-        return set(evaluate({"probs": probs, "labels": labels, "metas": metas, "loss": 0.0}, recipe, outputs))
+        names = set(evaluate({"probs": probs, "labels": labels, "metas": metas, "loss": 0.0}, recipe, outputs))
+    return names | site_names(names, recipe, sites, "val_", counts=False)
 
 
-def check_monitor(recipe: TrainRecipe, outputs: list[str]) -> None:
-    """The monitored metric (early stopping, plateau schedule, best model) must be one the run reports: a level
-    left out of ``eval.levels`` takes its metrics with it. Also fails an aggregation the outputs cannot take."""
+def site_names(names: set[str], recipe: TrainRecipe, sites: Sequence[str], prefix: str, counts: bool) -> set[str]:
+    """The metrics of each of ``sites`` and of the worst (:func:`training.sites.site_metrics`) under ``prefix``, of
+    those of the validation metrics ``names`` that are reported per site; none for fewer than two sites."""
+    from training.sites import site_metrics
+
+    if len(sites) < 2 or recipe.task == "detect":
+        return set()
+    levels = {lv: "val_" + ("" if lv == "sample" else f"{lv}_") for lv in ("sample", *recipe.eval.levels)}
+    each = {lv: {"count": 0.0} | {k: 0.0 for k in HEADLINE if pre + k in names} for lv, pre in levels.items()}
+    return set(site_metrics(dict.fromkeys(sites, each), prefix, counts))
+
+
+def check_monitor(recipe: TrainRecipe, outputs: list[str], sites: Sequence[str] = ()) -> None:
+    """The monitored metric (early stopping, plateau schedule, best model) must be one the run reports (its
+    validation split's ``sites``' too): a level left out of ``eval.levels`` takes its metrics with it. Also fails
+    an aggregation the outputs cannot take."""
     try:
-        names = validation_metrics(recipe, outputs)
+        names = validation_metrics(recipe, outputs, sites)
     except ValueError as exc:  # `any` over more than two classes
         raise RecipeError(f"eval.how: {exc}") from None
     monitor = recipe.eval.monitor
@@ -92,29 +116,30 @@ def check_monitor(recipe: TrainRecipe, outputs: list[str]) -> None:
         close = difflib.get_close_matches(monitor, sorted(names), n=3, cutoff=0.7)
         raise RecipeError(
             f"eval.monitor: {monitor!r} is not a metric this recipe reports (eval.levels {recipe.eval.levels}, "
-            f"{len(outputs)} outputs)" + (f"; close: {', '.join(close)}" if close else "")
+            f"{len(outputs)} outputs"
+            + (f", validation sites {', '.join(sites)}" if len(sites) > 1 else "")
+            + ")"
+            + (f"; close: {', '.join(close)}" if close else "")
         )
 
 
 def reported_metrics(recipe: TrainRecipe, manifest: mf.ManifestBrief | mf.Manifest) -> set[str]:
     """The evaluation metrics a run of ``recipe`` on ``manifest`` logs: each epoch's (:func:`validation_metrics`;
     with SWA, its averaged weights' ``val_swa_*`` too) and the held-out step's, under its split's prefix, with
-    those of each site of its inputs where they are of two or more (:mod:`training.sites`)."""
-    from shards.schema import site_order
+    those of each site of the split's inputs where they are of two or more (:mod:`training.sites`)."""
     from training.evaluation import metric_prefix, no_held_out
     from training.loop import outputs_of
-    from training.sites import site_metrics
 
     names = validation_metrics(recipe, outputs_of(recipe, manifest))
     held_out = recipe.data.test_split if recipe.data.test_split and not no_held_out(recipe, manifest) else None
-    prefixes = (["val_swa_"] if recipe.swa.enabled else []) + ([metric_prefix(held_out)] if held_out else [])
-    out = names | {p + n.removeprefix("val_") for p in prefixes for n in names}
-    held = [r for r in manifest.inputs if held_out and r.split in mf.split_names(held_out) and r.status == "ingested"]
-    sites = site_order(r.site for r in held)
-    if len(sites) > 1 and recipe.task != "detect":
-        levels = {lv: "val_" + ("" if lv == "sample" else f"{lv}_") for lv in ("sample", *recipe.eval.levels)}
-        each = {lv: {"count": 0.0} | {k: 0.0 for k in HEADLINE if pre + k in names} for lv, pre in levels.items()}
-        out |= set(site_metrics(dict.fromkeys(sites, each), metric_prefix(held_out)))
+    val_sites = split_sites(manifest, recipe.data.val_split)
+    out = set(names)
+    for prefix in ["val_"] + (["val_swa_"] if recipe.swa.enabled else []):
+        out |= {prefix + n.removeprefix("val_") for n in names} | site_names(names, recipe, val_sites, prefix, False)
+    if held_out:
+        prefix = metric_prefix(held_out)
+        held_sites = split_sites(manifest, held_out)
+        out |= {prefix + n.removeprefix("val_") for n in names} | site_names(names, recipe, held_sites, prefix, True)
     return out
 
 

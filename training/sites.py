@@ -79,16 +79,38 @@ def group_sites(metas, level: str, ids: list[str]) -> dict[str, list[str]]:
     return {"site": ["+".join(site_order(of[g])) for g in ids]}
 
 
-def site_metrics(results: dict[str, dict[str, dict[str, Any]]], prefix: str) -> dict[str, float]:
+def site_metrics(results: dict[str, dict[str, dict[str, Any]]], prefix: str, counts: bool = True) -> dict[str, float]:
     """:func:`by_site`'s results as MLflow metrics: ``<prefix>site_<site>_<level_><metric>``
-    (``test_site_3_patient_accuracy``; sample level without a level, ``count`` as ``samples``)."""
+    (``test_site_3_patient_accuracy``; sample level without a level, ``count`` as ``samples``, left out unless
+    ``counts``), and each metric's worst site, ``<prefix>worst_site_<level_><metric>``: what a model chosen or
+    compared for the centres it has not seen is judged by (:func:`worst_sites`)."""
     keys = site_keys(list(results))
     out = {}
     for site, levels in results.items():
         for level, metrics in levels.items():
             pre = f"{prefix}site_{keys[site]}_" + ("" if level == "sample" else f"{level}_")
-            named = {k: v for k, v in metrics.items() if k != "classes"}  # the table's alone
+            named = {k: v for k, v in metrics.items() if k != "classes" and (counts or k != "count")}
             out |= {pre + ("samples" if k == "count" and level == "sample" else k): v for k, v in named.items()}
+    return out | worst_sites(results, prefix)
+
+
+def worst_sites(results: dict[str, dict[str, dict[str, Any]]], prefix: str) -> dict[str, float]:
+    """``<prefix>worst_site_<level_><metric>``: of each headline metric, its worst value over the sites (the
+    highest log loss, the lowest accuracy, F1 or AUC). A site without the metric (an AUC of one class) is passed
+    over; NaN where no site has it. Empty for fewer than two sites."""
+    if len(results) < 2:
+        return {}
+    out = {}
+    for level in dict.fromkeys(lv for levels in results.values() for lv in levels):
+        for metric in HEADLINE:
+            found = [m[metric] for levels in results.values() if metric in (m := levels.get(level, {}))]
+            if not found:
+                continue
+            known = [v for v in found if not math.isnan(v)]
+            pick = max if metric.endswith("loss") else min
+            out[f"{prefix}worst_site_{'' if level == 'sample' else level + '_'}{metric}"] = (
+                pick(known) if known else math.nan
+            )
     return out
 
 

@@ -125,7 +125,19 @@ def test_training_evaluates_its_selected_model_on_the_test_split(trained, stack,
         assert int(row["count"]) == int(row["n_class0"]) + int(row["n_class1"]) == patients_there
         line = f"  site {site} ({samples} samples, {patients_there} patient(s)): patient accuracy "
         assert f"{line}{ref['patient_accuracy']:.4f}, " in summary(out.held_out)
+    worst = min(logged["test_site_1_patient_accuracy"], logged["test_site_2_patient_accuracy"])
+    assert logged["test_worst_site_patient_accuracy"] == worst
     assert "by_site.csv" in artifacts  # the validation split's, of its own patients' sites
+    # and each epoch, its centres' curves (its patients are of sites 1 and 2), the worst's among them
+    curves = {k: client.get_metric_history(out.run_id, f"val_{k}") for k in ("site_1_loss", "accuracy")}
+    assert not curves["site_1_loss"] and len(curves["accuracy"]) == 2  # no loss per site; two epochs
+    for key in ("accuracy", "patient_weighted_log_loss"):
+        one, two, worst = (
+            {m.step: m.value for m in client.get_metric_history(out.run_id, f"val_{k}")}
+            for k in (f"site_1_{key}", f"site_2_{key}", f"worst_site_{key}")
+        )
+        pick = max if key.endswith("loss") else min
+        assert sorted(worst) == [0, 1] and worst == {e: pick(one[e], two[e]) for e in worst}, key
 
 
 def test_evaluate_takes_another_dataset_under_its_own_prefix_and_refuses_other_classes(trained, stack, tmp_path):

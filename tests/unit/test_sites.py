@@ -14,7 +14,7 @@ from ingest.units import plan_unit, work_samples
 from training.config import load_recipe
 from training.evaluation import EvalOutcome, summary
 from training.metas import Metas
-from training.sites import by_site, group_sites, site_keys, site_metrics, site_table
+from training.sites import by_site, group_sites, site_keys, site_metrics, site_table, worst_sites
 
 # Site 1: patient a (CE) and b (LAA), two tiles each; site 2: c (LAA) and d (CE), one each; e names no site.
 ROWS = [
@@ -80,7 +80,12 @@ def test_sites_become_metric_names_a_table_and_summary_lines(recipe, tmp_path):
     metrics = site_metrics(found, "test_")
     assert metrics["test_site_1_samples"] == 4 and metrics["test_site_2_patient_count"] == 2
     assert metrics["test_site_1_accuracy"] == 0.75 and metrics["test_site_1_patient_accuracy"] == 0.5
-    assert len(metrics) == 2 * 2 * 5  # 2 sites x 2 levels x (count and 4 headline metrics)
+    # 2 sites x 2 levels x (count and 4 headline metrics), and the worst site's 4 at each level
+    assert len(metrics) == 2 * 2 * 5 + 2 * 4
+    assert metrics["test_worst_site_patient_accuracy"] == 0.5 and metrics["test_worst_site_accuracy"] == 0.5
+    assert set(site_metrics(found, "val_", counts=False)) == {
+        k.replace("test_", "val_", 1) for k in metrics if not k.endswith(("_samples", "_count"))
+    }
     rows = list(csv.DictReader(site_table(found).splitlines()))
     assert [(r["site"], r["level"], r["count"]) for r in rows] == [
         ("1", "sample", "4"),
@@ -164,3 +169,35 @@ def test_a_groups_row_in_a_prediction_table_names_its_site_or_sites(recipe):
         ("2", "d", "CE"),
     ]
     assert next(csv.DictReader(tables["sample"].splitlines()))["site"] == "1"
+
+
+def test_the_worst_site_is_the_lowest_accuracy_f1_or_auc_and_the_highest_log_loss_passing_over_a_missing_auc():
+    def site(accuracy, auc, loss):
+        return {"sample": {"count": 4, "accuracy": accuracy, "f1": accuracy / 2, "auc": auc, "weighted_log_loss": loss}}
+
+    nan = float("nan")
+    found = {"1": site(0.9, 0.8, 0.4), "2": site(0.6, nan, 0.7), "3": site(0.7, 0.95, 1.2)}  # 2: one class
+    assert worst_sites(found, "val_") == {
+        "val_worst_site_accuracy": 0.6,
+        "val_worst_site_f1": 0.3,
+        "val_worst_site_auc": 0.8,
+        "val_worst_site_weighted_log_loss": 1.2,
+    }
+    both = worst_sites({"1": site(0.9, nan, 0.4), "2": site(0.6, nan, 0.7)}, "test_")
+    assert np.isnan(both["test_worst_site_auc"])  # no site has one
+    assert worst_sites({"1": site(0.9, 0.8, 0.4)}, "val_") == {}  # one site: the split's own
+
+
+def test_each_epoch_reports_each_sites_and_the_worst_sites_validation_metrics(recipe, monkeypatch):
+    """The training loop's per-epoch evaluation (``Trainer._evaluate``) on a prediction of two sites."""
+    from training.loop import Trainer
+
+    trainer = Trainer.__new__(Trainer)  # its evaluation alone: no engine, no data
+    trainer.recipe, trainer.outputs = recipe, ["CE", "LAA"]
+    metrics = trainer._evaluate(_pred(), "val_")
+    assert metrics["val_accuracy"] == pytest.approx(5 / 7)  # all seven samples: b's second and d wrong
+    assert metrics["val_site_1_accuracy"] == 0.75 and metrics["val_site_2_patient_accuracy"] == 0.5
+    assert metrics["val_worst_site_accuracy"] == 0.5 and metrics["val_worst_site_patient_auc"] == 1.0
+    assert not any(k.endswith(("_samples", "_count")) for k in metrics)  # counts once, in the held-out step
+    one_site = trainer._evaluate(_pred([r for r in ROWS if r[0] == "1"]), "val_swa_")
+    assert "val_swa_accuracy" in one_site and not any("site" in k for k in one_site)

@@ -110,3 +110,32 @@ def test_a_run_whose_workers_the_cluster_holds_but_not_now_says_so():
     both = room_now_problem(recipe, True, {"CPU": 0.5, "GPU": 1.0})
     assert "it has 0.5 of the 2 CPUs they need and 1 of the 2 GPUs they need free" in both
     assert room_now_problem(recipe, True, {"CPU": 4.0, "GPU": 2.0}) is None
+
+
+def test_a_validation_sites_metrics_and_the_worst_sites_may_be_monitored_and_a_missing_site_is_named():
+    recipe = load_recipe("strip_ai_resnet50", ["eval.monitor=val_worst_site_patient_weighted_log_loss"])
+    names = validation_metrics(recipe, ["CE", "LAA"], ["1", "3"])
+    assert {"val_site_1_accuracy", "val_site_3_patient_auc", "val_worst_site_slide_f1"} <= names
+    assert not any(n.endswith(("_samples", "_count")) for n in names)
+    check_monitor(recipe, ["CE", "LAA"], ["1", "3"])
+    with pytest.raises(RecipeError, match=r"reports \(.*2 outputs\); close: val_patient_weighted_log_loss"):
+        check_monitor(recipe, ["CE", "LAA"], ["1"])  # one site: its metrics are the split's own
+    missing = load_recipe("strip_ai_resnet50", ["eval.monitor=val_site_2_patient_accuracy", "eval.mode=max"])
+    with pytest.raises(RecipeError, match=r"validation sites 1, 3\); close: val_site_3_patient_accuracy, val_site_1_"):
+        check_monitor(missing, ["CE", "LAA"], ["1", "3"])
+
+
+def test_reported_metrics_take_the_validation_sites_per_epoch_and_the_held_out_sites_once(tmp_path):
+    import dataclasses
+
+    from tests.datasets import make_dataset
+    from training.preflight import reported_metrics
+
+    ds = make_dataset(str(tmp_path / "ds"), {"train": 4, "val": 8, "test": 8}, sites=2)  # two patients each
+    # the held-out centres are others than validation's
+    ds.inputs = [dataclasses.replace(r, site=f"{r.site}0") if r.split == "test" else r for r in ds.inputs]
+    recipe = load_recipe("demo_tiles", [f"data.dataset={tmp_path / 'ds'}", "eval.levels=[patient]", "swa.enabled=true"])
+    names = reported_metrics(recipe, ds)
+    assert {"val_site_2_patient_accuracy", "val_swa_site_1_auc", "val_swa_worst_site_accuracy"} <= names
+    assert {"test_site_20_samples", "test_site_10_patient_count", "test_worst_site_patient_accuracy"} <= names
+    assert not {"val_site_1_samples", "val_site_10_accuracy", "test_site_1_accuracy"} & names
