@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ingest.jpeg_scan import PageScans
 from ingest.slides import SlideError, _flatten_rgba
 from ingest.tiff_tiles import DEFAULT_CACHE_BYTES, _TileCache
 
@@ -63,6 +64,7 @@ class StripTiffReader:
             raise
         self._page, self._spp, self._cache = page, spp, _TileCache(cache_bytes)
         self._kwargs = {"jpegtables": page.jpegtables, "jpegheader": page.jpegheader} if page.compression == 7 else {}
+        self._scans = PageScans(page.jpegtables) if page.compression == 7 else None
         self.level_dimensions = [(self.width, self.height)]
         self.level_downsamples = [1.0]
         self.mpp = tiff_mpp(page)
@@ -81,6 +83,12 @@ class StripTiffReader:
         fh = self._tif.filehandle
         fh.seek(self._page.dataoffsets[i])
         data = fh.read(self._page.databytecounts[i])
+        # libjpeg-turbo decodes a JPEG strip cut short, or with a marker amid its scan, into wrong rows without a word
+        # (a damaged strip: its tiles are left out, as below)
+        if self._scans is not None and self._scans.clean(data) is False:
+            raise SlideError(
+                f"strip {i} could not be decoded: its JPEG stream is cut short, or has a marker amid its scan"
+            )
         try:
             segment, _, _ = self._page.decode(data, i, **self._kwargs)
         except Exception as exc:  # a damaged strip: its tiles are left out (ingest.wsi.read_tiles)

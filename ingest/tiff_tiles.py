@@ -17,6 +17,8 @@ from collections.abc import Callable
 
 import numpy as np
 
+from ingest.jpeg_scan import PageScans
+
 # Decoded source tiles kept per slide: ~700 tiles of 256 px, several 600 px tile rows on a 64k slide.
 DEFAULT_CACHE_BYTES = 128 << 20
 # Largest difference from OpenSlide's pixels tolerated by the probe (identical decoders give 0).
@@ -39,9 +41,10 @@ class TiledLevel:
         self._across = -(-self.width // self.tile_w)
         self._decode = page.decode
         self._kwargs: dict = {"_fullsize": True}
-        self._whole_jpeg = page.compression == 7  # each tile a JPEG stream of its own, from SOI to EOI
         if page.compression in {6, 7, 34892, 33007}:  # the JPEG family: shared tables live in the page
             self._kwargs.update(jpegtables=page.jpegtables, jpegheader=page.jpegheader)
+        # each tile a JPEG stream of its own, from SOI to EOI: its scan is checked before libjpeg-turbo decodes it
+        self._scans = PageScans(page.jpegtables) if page.compression == 7 else None
 
     @staticmethod
     def supported(page) -> bool:
@@ -65,9 +68,9 @@ class TiledLevel:
             return None
         self._fh.seek(offset)
         data = self._fh.read(count)
-        # libjpeg-turbo here decodes a stream cut short without a word, where OpenSlide refuses it: a tile that does
-        # not end where its byte count says is left to OpenSlide (the caller's fallback), which reads it or says why.
-        if len(data) != count or (self._whole_jpeg and (data[:2] != b"\xff\xd8" or data[-2:] != b"\xff\xd9")):
+        # libjpeg-turbo here decodes a stream cut short, or one with a marker amid its scan, without a word, where
+        # OpenSlide refuses it: such a tile is left to OpenSlide (the caller's fallback), which reads it or says why.
+        if len(data) != count or (self._scans is not None and self._scans.clean(data) is not True):
             raise ValueError(f"tile {index} of a level {self.width} px wide is not whole")
         segment, _, _ = self._decode(data, index, **self._kwargs)
         tile = np.asarray(segment).reshape(self.tile_h, self.tile_w, 3)

@@ -22,6 +22,9 @@ from ingest.units import plan_unit, wsi_samples
 from ingest.wsi import plan_tiles, read_tiles
 from shards.schema import decode_image
 
+AMID = {"wiped": b"\xff" * 40, "marker": b"\xff\xd3"}  # written amid a tile's scan
+WARNED = "Corrupt JPEG data: premature end of data segment"  # libjpeg's warning, an error in OpenSlide
+
 
 @pytest.fixture(scope="module")
 def intact(tmp_path_factory) -> Path:
@@ -31,9 +34,10 @@ def intact(tmp_path_factory) -> Path:
 
 
 def _damaged(intact: Path, folder: Path, how: str, indices=(34,)) -> Path:
-    """A copy of ``intact`` with level 0's source tiles ``indices`` spoiled: zeroed (no JPEG at all), or the second
-    half of each erased to 0xFF as flash erases (a JPEG stream without its end, which libjpeg-turbo in the direct
-    path decoded without a word, where OpenSlide refuses it)."""
+    """A copy of ``intact`` with level 0's source tiles ``indices`` spoiled: zeroed (no JPEG at all); the second
+    half of each erased to 0xFF as flash erases (a JPEG stream without its end); 40 bytes amid its scan erased so
+    (``wiped``), or a restart marker written there (``marker``), the stream's end intact. libjpeg-turbo in the
+    direct path decoded the last three without a word (a warning no caller sees), where OpenSlide refuses them."""
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "s.tif"
     shutil.copy(intact, path)
@@ -43,7 +47,10 @@ def _damaged(intact: Path, folder: Path, how: str, indices=(34,)) -> Path:
     data = bytearray(path.read_bytes())
     for offset, count in spans:
         start = offset if how == "zeros" else offset + count // 2
-        data[start : offset + count] = (b"\0" if how == "zeros" else b"\xff") * (offset + count - start)
+        if how in AMID:
+            data[start : start + len(AMID[how])] = AMID[how]
+        else:
+            data[start : offset + count] = (b"\0" if how == "zeros" else b"\xff") * (offset + count - start)
     path.write_bytes(bytes(data))
     return path
 
@@ -63,7 +70,7 @@ def _ingest(src: Path, out: Path):
     return unit, works, warnings, samples
 
 
-@pytest.mark.parametrize("how", ["zeros", "erased"])
+@pytest.mark.parametrize("how", ["zeros", "erased", "marker"])
 def test_a_damaged_tile_costs_the_tiles_over_it_and_no_other(tmp_path, intact, how):
     _, _, _, whole = _ingest(intact, tmp_path / "a")
     src = _damaged(intact, tmp_path / how, how)
@@ -73,7 +80,7 @@ def test_a_damaged_tile_costs_the_tiles_over_it_and_no_other(tmp_path, intact, h
     assert all(np.array_equal(samples[k], whole[k]) for k in samples)  # the others, as from the intact copy
     [damaged] = [w for w in works if w.left_out]
     assert damaged.left_out == 1 and len(damaged.notes) == 1 and damaged.damaged_at == [(512, 1024)]
-    why = "Not a JPEG file" if how == "zeros" else "Premature end of JPEG file"
+    why = {"zeros": "Not a JPEG file", "erased": "Premature end of JPEG file"}.get(how, WARNED)
     assert damaged.notes[0].startswith(f"region {damaged.index}: 1 of its 16 tile(s) could not be read (damaged)")
     assert "at (512, 1024): read failed at (512, 1024) level 0: " + why in damaged.notes[0]
 
@@ -96,12 +103,16 @@ def test_openslide_reads_on_after_a_damaged_tile(tmp_path, intact):
     good.close()
 
 
-def test_the_direct_path_leaves_a_tile_without_its_end_to_openslide(tmp_path, intact):
-    """libjpeg-turbo decodes a JPEG stream without its end, without a word; OpenSlide refuses it."""
-    src = _damaged(intact, tmp_path, "erased")
+@pytest.mark.parametrize("how, why", [("erased", "Premature end of JPEG file"), ("wiped", WARNED), ("marker", WARNED)])
+def test_the_direct_path_leaves_a_tile_without_its_end_or_with_a_marker_amid_its_scan_to_openslide(
+    tmp_path, intact, how, why
+):
+    """libjpeg-turbo decodes a JPEG stream without its end, or with a marker amid its scan (:mod:`ingest.jpeg_scan`),
+    without a word; OpenSlide refuses it."""
+    src = _damaged(intact, tmp_path, how)
     reader = OpenSlideReader(str(src))
     assert reader.direct_levels == [0, 1, 2, 3]
-    with pytest.raises(SlideError, match="Premature end of JPEG file"):
+    with pytest.raises(SlideError, match=why):
         reader.read_region(512, 1024, 0, 256, 256)
     assert reader.read_region(0, 0, 0, 256, 256).shape == (256, 256, 3)  # the rest, read on
     reader.close()

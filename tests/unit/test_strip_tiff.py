@@ -86,3 +86,24 @@ def test_what_it_cannot_read_is_refused_saying_why(tmp_path):
     tifffile.imwrite(planar, np.moveaxis(LEVEL0, 2, 0), photometric="rgb", planarconfig="separate", rowsperstrip=64)
     with pytest.raises(SlideError, match="with its colours stored in separate planes"):
         open_slide(str(planar))
+
+
+def test_a_jpeg_strip_cut_short_or_with_a_marker_amid_its_scan_is_damaged_and_the_others_read_on(tmp_path):
+    """libjpeg-turbo decodes such a strip into wrong rows without a word (ingest.jpeg_scan)."""
+    intact = _strips(tmp_path / "intact.tif", "jpeg", 64)
+    with tifffile.TiffFile(intact) as tif:
+        page = tif.pages[0]
+        spans = [(page.dataoffsets[i], page.databytecounts[i]) for i in (5, 9)]
+    data = bytearray((tmp_path / "intact.tif").read_bytes())
+    (offset, count), (cut, cut_count) = spans
+    data[offset + count // 2 : offset + count // 2 + 2] = b"\xff\xd3"  # a restart marker where the scan has none
+    data[cut + cut_count - 2 : cut + cut_count] = b"\0\0"  # its end marker lost
+    (tmp_path / "damaged.tif").write_bytes(bytes(data))
+    reader, good = open_slide(str(tmp_path / "damaged.tif")), open_slide(intact)
+    for strip in (5, 9):
+        with pytest.raises(SlideError, match=f"strip {strip} could not be decoded: its JPEG stream is cut short, or"):
+            reader.read_region(100, strip * 64 + 10, 0, 256, 32)
+    for y in (0, 4 * 64, 6 * 64, 10 * 64):  # the strips around them, as from the intact copy
+        assert np.array_equal(reader.read_region(0, y, 0, 1500, 64), good.read_region(0, y, 0, 1500, 64)), y
+    reader.close()
+    good.close()
