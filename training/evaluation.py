@@ -11,6 +11,7 @@ side by side on held-out data. Another dataset (external validation) takes a pre
 from __future__ import annotations
 
 import json
+import math
 import re
 import tempfile
 import uuid
@@ -358,14 +359,23 @@ def _site_lines(outcome: EvalOutcome) -> list[str]:
     from shards.schema import site_order
 
     found = re.compile(rf"^{re.escape(outcome.prefix)}site_(.+)_samples$")
-    lines = []
-    for key in site_order(m.group(1) for k in outcome.metrics if (m := found.match(k))):
+    metrics, lines, level = outcome.metrics, [], None
+    keys = site_order(m.group(1) for k in metrics if (m := found.match(k)))
+    for key in keys:
         pre = f"{outcome.prefix}site_{key}_"
-        what = f"{outcome.metrics[pre + 'samples']:.0f} samples"
-        level = next((lv for lv in reversed(outcome.levels) if f"{pre}{lv}_count" in outcome.metrics), None)
+        what = f"{metrics[pre + 'samples']:.0f} samples"
+        level = next((lv for lv in reversed(outcome.levels) if f"{pre}{lv}_count" in metrics), None)
         if level:
             pre = f"{pre}{level}_"
-            what += f", {outcome.metrics[pre + 'count']:.0f} {level}(s)"
-        shown = [f"{k} {outcome.metrics[pre + k]:.4f}" for k in HEADLINE if pre + k in outcome.metrics]
+            what += f", {metrics[pre + 'count']:.0f} {level}(s)"
+        shown = [f"{k} {metrics[pre + k]:.4f}" for k in HEADLINE if pre + k in metrics]
         lines.append(f"  site {key} ({what}): {level or 'sample'} {', '.join(shown)}")
-    return lines
+    # each metric's worst site (training.sites.worst_sites), named
+    at = f"{level}_" if level else ""
+    worst = []
+    for k in HEADLINE:
+        value = metrics.get(f"{outcome.prefix}worst_site_{at}{k}", math.nan)
+        which = [key for key in keys if metrics.get(f"{outcome.prefix}site_{key}_{at}{k}") == value]
+        if which:  # NaN, no site's: none
+            worst.append(f"{k} {value:.4f} (site {which[0]})")
+    return lines + ([f"  worst site: {level or 'sample'} {', '.join(worst)}"] if worst else [])

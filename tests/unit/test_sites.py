@@ -100,11 +100,19 @@ def test_sites_become_metric_names_a_table_and_summary_lines(recipe, tmp_path):
     )
     outcome = EvalOutcome("r", "test_", "ds", "test", {"test_accuracy": 0.6} | metrics, ["patient"])
     lines = summary(outcome).splitlines()
-    assert lines[-2].startswith("  site 1 (4 samples, 2 patient(s)): patient accuracy 0.5000, f1 0.3333, auc 1.0000, ")
-    assert lines[-1].startswith("  site 2 (2 samples, 2 patient(s)): patient accuracy 0.5000")
+    assert lines[-3].startswith("  site 1 (4 samples, 2 patient(s)): patient accuracy 0.5000, f1 0.3333, auc 1.0000, ")
+    assert lines[-2].startswith("  site 2 (2 samples, 2 patient(s)): patient accuracy 0.5000")
+    # each metric's worst site, named (a tie: the first); site 2's patients' log loss is the higher
+    loss = metrics["test_site_2_patient_weighted_log_loss"]
+    assert loss > metrics["test_site_1_patient_weighted_log_loss"]
+    assert lines[-1] == (
+        "  worst site: patient accuracy 0.5000 (site 1), f1 0.3333 (site 1), auc 1.0000 (site 1), "
+        f"weighted_log_loss {loss:.4f} (site 2)"
+    )
     tiles = load_recipe("demo_tiles", [f"data.dataset={tmp_path}", "eval.levels=[]"])  # samples alone
     plain = EvalOutcome("r", "test_", "ds", "test", site_metrics(by_site(_pred(), tiles, ["CE", "LAA"]), "test_"), [])
-    assert summary(plain).splitlines()[-1].startswith("  site 2 (2 samples): sample accuracy 0.5000, f1 0.3333, ")
+    assert summary(plain).splitlines()[-2].startswith("  site 2 (2 samples): sample accuracy 0.5000, f1 0.3333, ")
+    assert summary(plain).splitlines()[-1].startswith("  worst site: sample accuracy 0.5000 (site 2), ")  # 1: 0.75
 
 
 def test_no_site_table_for_one_site_unlabelled_samples_or_a_detector(recipe):
