@@ -119,8 +119,8 @@ def read_mask_image(reader: SlideReader, level: int) -> tuple[np.ndarray, float]
     k = math.ceil(max(w, h) / MASK_MAX_PX)
     if k == 1:
         return reader.read_level(level), ds
-    if hasattr(reader, "reduced"):  # a TIFF in strips (level 0 alone): one pass down its strips
-        return reader.reduced(k), ds * k
+    if hasattr(reader, "reduced"):  # a TIFF in strips: one pass down the level's strips
+        return reader.reduced(level, k), ds * k
     return read_reduced(reader, 0, 0, level, w, h, k), ds * k
 
 

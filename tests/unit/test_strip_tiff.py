@@ -107,3 +107,68 @@ def test_a_jpeg_strip_cut_short_or_with_a_marker_amid_its_scan_is_damaged_and_th
         assert np.array_equal(reader.read_region(0, y, 0, 1500, 64), good.read_region(0, y, 0, 1500, 64)), y
     reader.close()
     good.close()
+
+
+def _pyramid(path, how: str, compression=None, levels=(1, 2, 4), **kw) -> str:
+    """LEVEL0 and its reductions (every 2nd and 4th pixel) in strips: as pages marked reduced, or as SubIFDs."""
+    with tifffile.TiffWriter(path) as tif:
+        for i, step in enumerate(levels):
+            extra = {"subifds": len(levels) - 1} if how == "subifds" and i == 0 else {}
+            extra |= {"subfiletype": 1} if i else {"resolution": (2e4, 2e4), "resolutionunit": "CENTIMETER"}
+            level = kw.get(f"level{i}", LEVEL0[::step, ::step])
+            tif.write(level, compression=compression, rowsperstrip=64, metadata=None, **extra)
+    return str(path)
+
+
+@pytest.mark.parametrize(("how", "compression"), [("pages", None), ("subifds", "zlib"), ("pages", "jpeg")])
+def test_a_pyramid_in_strips_reads_its_reduced_images_as_levels(tmp_path, how, compression):
+    reader = open_slide(_pyramid(tmp_path / "p.tif", how, compression))
+    assert isinstance(reader, StripTiffReader)
+    assert reader.level_dimensions == [(1500, 1500), (750, 750), (375, 375)]
+    assert reader.level_downsamples == [1.0, 2.0, 4.0] and reader.mpp == 0.5
+    with tifffile.TiffFile(tmp_path / "p.tif") as tif:  # the levels as written (and, for JPEG, decoded)
+        written = [level.asarray() for level in tif.series[0].levels]
+    for level, step in ((1, 2), (2, 4)):
+        x0, y0 = 290 * step, 100 * step  # level-0 pixels
+        expected = written[level][100 : 100 + 64, 290 : 290 + 80]
+        assert np.array_equal(reader.read_region(x0, y0, level, 80, 64), expected), level
+        width = written[level].shape[1]
+        edge = reader.read_region((width - 10) * step, 0, level, 64, 8)  # past the level's edge: white
+        assert np.array_equal(edge[:, :10], written[level][:8, width - 10 :]) and (edge[:, 10:] == 255).all()
+    assert np.array_equal(reader.read_level(2), written[2])
+    reader.close()
+
+
+def test_its_mask_and_an_mpp_are_read_from_the_reduced_levels(tmp_path, monkeypatch):
+    import ingest.wsi as wsi
+
+    monkeypatch.setattr(wsi, "MASK_MAX_PX", 400)  # level 2 (375 px) whole, or level 0 averaged 4 x 4
+    reader = open_slide(_pyramid(tmp_path / "p.tif", "pages", "zlib"))
+    thumb, downsample = read_mask_image(reader, 2)
+    assert downsample == 4 and np.array_equal(thumb, LEVEL0[::4, ::4])
+    thumb, downsample = read_mask_image(reader, 1)  # 750 px: in one pass down level 1's strips, 2 x 2
+    assert downsample == 4 and np.array_equal(thumb, block_mean(LEVEL0[::2, ::2], 2))
+    reader.close()
+    (tmp_path / "slides").mkdir()
+    path = _pyramid(tmp_path / "slides" / "p.tif", "pages", "zlib")
+    cfg = WsiIngestConfig(sources=[path], out=str(tmp_path / "o"), tile_size=128, format="png", split="train=1.0",
+                          mpp=1.0)  # fmt: skip
+    [unit] = plan_wsi(cfg, b"k").units
+    works, warnings = plan_slide(unit, cfg)
+    samples = [s for w in works for s in wsi_samples(w, cfg)]
+    assert samples and warnings == []
+    for sample in samples:  # 1 µm/px: level 1 read as it is, each tile there where its metadata says
+        meta = json.loads(sample["json"])
+        assert (meta["level"], meta["mpp"]) == (1, 1.0)
+        x, y = meta["x"] // 2, meta["y"] // 2
+        assert np.array_equal(decode_image(sample["png"]), LEVEL0[::2, ::2][y : y + 128, x : x + 128])
+
+
+def test_a_reduced_image_stored_otherwise_is_passed_over(tmp_path):
+    grey = LEVEL0[::2, ::2, 0]  # level 1 grey where level 0 is RGB: not one of its levels
+    reader = open_slide(_pyramid(tmp_path / "p.tif", "pages", "zlib", level1=grey))
+    assert reader.level_dimensions == [(1500, 1500), (375, 375)] and reader.level_downsamples == [1.0, 4.0]
+    assert np.array_equal(reader.read_region(0, 0, 1, 375, 375), LEVEL0[::4, ::4])
+    with pytest.raises(SlideError, match=r"this TIFF in strips has 2 level\(s\), not level 2"):
+        reader.read_region(0, 0, 2, 8, 8)
+    reader.close()
