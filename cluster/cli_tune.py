@@ -72,7 +72,8 @@ def cmd_tune(args) -> int:
 
         for sweep in plans.values():
             print(yaml.safe_dump(sweep.model_dump(exclude_none=True), sort_keys=False) if sweep else "resume")
-            if sweep:  # each trial's worker group, as the sweep checks it before it starts
+            if sweep:  # its dataset, and each trial's worker group, as the sweep checks them before it starts
+                dataset_fit(s, sweep)
                 cluster_fit(s, sweep.base(), _connect)
         return 0
     _connect(s)
@@ -90,6 +91,24 @@ def cmd_tune(args) -> int:
     if study:  # every group ran (their sweeps' names in the file's order): each compared with each
         return _compare_all(s, names, study.compare.metrics, study.compare.alpha, "patient")
     return 0
+
+
+def dataset_fit(s, sweep) -> None:
+    """The dry run's check of the sweep's dataset, where its manifest is readable from here: the base recipe
+    against it, and the objective among what each epoch reports (:func:`training.preflight.check_each_epoch`)."""
+    from shards import manifest as mf
+    from training.preflight import check_against, check_each_epoch
+
+    base = sweep.base()
+    s.apply()  # the stack's endpoints: the dataset may lie on its object store
+    try:
+        manifest, _ = mf.load_brief(base.data.dataset)
+    except Exception as exc:  # the dataset may live on a cluster this machine cannot reach: said, not fatal
+        print(f"dataset: manifest not readable from here: {exc}")
+        return
+    check_against(base, manifest)
+    check_each_epoch(base, manifest, sweep.objective()[0], "metric")
+    print(f"dataset: {base.data.dataset}: the recipe and the objective {sweep.objective()[0]} checked against it")
 
 
 def _compare_all(s, groups: list[str], metrics: list[str], alpha: float, level: str) -> int:

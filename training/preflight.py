@@ -123,6 +123,23 @@ def check_monitor(recipe: TrainRecipe, outputs: list[str], sites: Sequence[str] 
         )
 
 
+def check_each_epoch(recipe: TrainRecipe, manifest: mf.ManifestBrief | mf.Manifest, metric: str, who: str) -> None:
+    """``metric``, a validation metric (``val_*``) a sweep's search and scheduler read, is one every epoch of a run
+    of ``recipe`` reports on ``manifest`` (of its validation split's sites too): Tune stops the sweep at the first
+    report without it, after an epoch of every trial. SWA's ``val_swa_*`` come with the last epoch alone."""
+    from training.loop import outputs_of
+
+    if not metric.startswith("val_"):
+        return
+    names = validation_metrics(recipe, outputs_of(recipe, manifest), split_sites(manifest, recipe.data.val_split))
+    if metric not in names:
+        close = difflib.get_close_matches(metric, sorted(names), n=3, cutoff=0.7)
+        raise RecipeError(
+            f"{who}: {metric!r} is not a metric {recipe.name} reports each epoch on {recipe.data.dataset}"
+            + (f"; close: {', '.join(close)}" if close else f"; it reports {', '.join(sorted(names))}")
+        )
+
+
 def reported_metrics(recipe: TrainRecipe, manifest: mf.ManifestBrief | mf.Manifest) -> set[str]:
     """The evaluation metrics a run of ``recipe`` on ``manifest`` logs: each epoch's (:func:`validation_metrics`;
     with SWA, its averaged weights' ``val_swa_*`` too) and the held-out step's, under its split's prefix, with

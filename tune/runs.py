@@ -103,15 +103,18 @@ def start_parent(sweep: SweepConfig, uri: str, sweep_run: str, kind: str) -> str
     """The sweep's parent run: the sweep file and base recipe as params, tagged for lookup and resume, and with
     the version of the base recipe's dataset its trials read."""
     from training.launch import load_manifest, origin_tags
+    from training.preflight import check_each_epoch
 
     base = sweep.base()
+    manifest, data = load_manifest(base)
+    check_each_epoch(base, manifest, sweep.objective()[0], "metric")  # before the parent run exists
     params = {"sweep.recipe": sweep.recipe, "sweep.kind": kind, "sweep.metric": sweep.objective()[0]}
     params |= {"sweep.mode": sweep.objective()[1], "sweep.search": sweep.search.algorithm}
     params |= {"sweep.scheduler": sweep.scheduler.name, "sweep.num_samples": sweep.search.num_samples}
     params |= {f"space.{k}": json.dumps(p.model_dump(exclude_none=True)) for k, p in sweep.space.items()}
     if sweep.replicates:
         params |= {f"replicates.{k}": v for k, v in sweep.replicates.model_dump().items()}
-    tags = origin_tags(base, *load_manifest(base)) | {KIND: kind, SWEEP: sweep_run}  # with its trials' data version
+    tags = origin_tags(base, manifest, data) | {KIND: kind, SWEEP: sweep_run}  # with its trials' data version
     _, run_id = tracking.start_run(uri, base.experiment or base.name, sweep_run, params, tags)
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "sweep.yaml"

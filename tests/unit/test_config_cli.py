@@ -486,6 +486,27 @@ def test_a_tune_dry_run_prints_each_sweep_and_leaves_the_cluster_check_to_the_ru
     assert out.splitlines()[-1].startswith("cluster: Ray at http://127.0.0.1:1: ConnectionError; whether it holds")
 
 
+def test_a_tune_dry_run_checks_the_objective_against_a_dataset_it_can_read(tmp_path, capsys):
+    import yaml
+
+    from tests.datasets import make_dataset
+
+    make_dataset(str(tmp_path / "ds"), {"train": 4, "val": 8}, size=16, shard_samples=4, sites=2)
+    sweep = {
+        "name": "lr", "recipe": "demo_tiles", "overrides": [f"data.dataset={tmp_path / 'ds'}"],
+        "space": {"optim.lr": {"loguniform": [1e-4, 1e-2]}}, "metric": "val_worst_site_acuracy", "mode": "max",
+    }  # fmt: skip
+    path = tmp_path / "lr.yaml"
+    path.write_text(yaml.safe_dump(sweep))
+    assert main(["tune", str(path), "--dry-run"]) == 1
+    err = capsys.readouterr().err
+    assert "metric: 'val_worst_site_acuracy' is not a metric demo_tiles reports each epoch" in err
+    assert "close: val_worst_site_accuracy" in err
+    path.write_text(yaml.safe_dump(sweep | {"metric": "val_worst_site_accuracy"}))
+    assert main(["tune", str(path), "--dry-run"]) == 0
+    assert "the objective val_worst_site_accuracy checked against it" in capsys.readouterr().out
+
+
 def test_overrides_are_taken_wherever_they_stand_and_other_words_are_refused(capsys):
     from cluster.cli import parse
 

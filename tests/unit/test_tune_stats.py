@@ -358,6 +358,38 @@ def test_a_sweeps_parent_run_says_where_its_trials_come_from_as_they_do(tmp_path
     assert tags[KIND] == "sweep"
 
 
+def test_a_sweeps_objective_is_checked_against_each_epochs_metrics_before_its_parent_run_exists(tmp_path):
+    """Tune stops a sweep at the first report without its metric, after an epoch of every trial."""
+    from mlflow import MlflowClient
+
+    from tests.datasets import make_dataset
+    from training.config import RecipeError
+    from tune.runs import start_parent
+
+    data = tmp_path / "ds"
+    make_dataset(str(data), {"train": 4, "val": 8}, size=16, shard_samples=4, sites=2)  # two validation centres
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+    def sweep(metric: str, *more: str) -> SweepConfig:
+        return SweepConfig(
+            name="lr", recipe="demo_tiles", overrides=[f"data.dataset={data}", "eval.levels=[patient]", *more],
+            space={"optim.lr": {"loguniform": [1e-4, 1e-2]}}, metric=metric, mode="max",
+        )  # fmt: skip
+
+    with pytest.raises(RecipeError, match=r"^metric: 'val_patient_acuracy' is not a metric demo_tiles reports each "
+                       r"epoch on .*; close: val_patient_accuracy"):  # fmt: skip
+        start_parent(sweep("val_patient_acuracy"), uri, "lr-1", "sweep")
+    with pytest.raises(RecipeError, match="'val_swa_accuracy' is not a metric demo_tiles reports each epoch"):
+        start_parent(sweep("val_swa_accuracy", "swa.enabled=true"), uri, "lr-1", "sweep")  # the last epoch's alone
+    client = MlflowClient(uri)
+    experiment = sweep("x").base().experiment or "demo_tiles"
+    assert client.get_experiment_by_name(experiment) is None  # no parent run was made
+    start_parent(sweep("val_worst_site_patient_accuracy"), uri, "lr-2", "sweep")  # a validation centre's
+    start_parent(sweep("train_loss"), uri, "lr-3", "sweep")  # not a validation metric: left to Tune
+    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    assert sorted(r.info.run_name for r in runs) == ["lr-2", "lr-3"]
+
+
 def test_a_study_refuses_a_metric_its_runs_would_not_log_before_any_replicate(tmp_path):
     """compare.metrics are checked against what each group's recipe logs on its dataset: each epoch's metrics,
     and the held-out split's where the dataset has one; a misspelt one is named, with the close ones."""
