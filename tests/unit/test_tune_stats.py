@@ -358,7 +358,7 @@ def test_a_sweeps_parent_run_says_where_its_trials_come_from_as_they_do(tmp_path
     assert tags[KIND] == "sweep"
 
 
-def test_a_sweeps_objective_is_checked_against_each_epochs_metrics_before_its_parent_run_exists(tmp_path):
+def test_a_sweeps_objective_is_checked_against_each_epochs_metrics_before_its_parent_run_exists(tmp_path, monkeypatch):
     """Tune stops a sweep at the first report without its metric, after an epoch of every trial."""
     from mlflow import MlflowClient
 
@@ -366,6 +366,7 @@ def test_a_sweeps_objective_is_checked_against_each_epochs_metrics_before_its_pa
     from training.config import RecipeError
     from tune.runs import start_parent
 
+    monkeypatch.chdir(tmp_path)  # MLflow's artifacts beside its database (./mlruns), not in the working tree
     data = tmp_path / "ds"
     make_dataset(str(data), {"train": 4, "val": 8}, size=16, shard_samples=4, sites=2)  # two validation centres
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
