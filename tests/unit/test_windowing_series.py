@@ -1,4 +1,6 @@
+import functools
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -170,7 +172,7 @@ def test_a_large_local_cohort_has_its_headers_parsed_by_processes_in_order(tmp_p
     assert [dicom.header_processes(n) for n in (100, 4096, 6200, 10**6)] == [1, 2, 3, 4]
 
 
-def test_headers_on_the_object_store_are_read_on_threads_in_each_process():
+def test_headers_on_the_object_store_are_read_on_threads_in_each_process(tmp_path):
     """From ``s3://``, each header is a request: the requests overlap on threads, in each of the processes a large
     cohort gets (a request's own work in boto3 holds the GIL as parsing does), and come back in order."""
     import os
@@ -179,13 +181,20 @@ def test_headers_on_the_object_store_are_read_on_threads_in_each_process():
 
     from ingest import dicom
 
-    def where(loc: str) -> tuple[str, int, str]:  # a slow request: each process gets runs of them
-        time.sleep(0.01)
+    def where(loc: str, seen: str, want: int) -> tuple[str, int, str]:
+        """A slow request, held until ``want`` processes have made one: on a busy machine the second process
+        started after the first had read every run (a clean clone's suite, once)."""
+        Path(seen, str(os.getpid())).touch()
+        held = time.monotonic() + 60
+        while len(os.listdir(seen)) < want and time.monotonic() < held:
+            time.sleep(0.01)
         return loc, os.getpid(), threading.current_thread().name
 
     locations = [f"s3://bucket/ct/{i:04d}.dcm" for i in range(64)]
     for processes in (1, 2):
-        found = dicom.map_headers(where, locations, processes=processes)
+        (tmp_path / str(processes)).mkdir()
+        read = functools.partial(where, seen=str(tmp_path / str(processes)), want=processes)
+        found = dicom.map_headers(read, locations, processes=processes)
         assert [loc for loc, _, _ in found] == locations
         assert all(thread != "MainThread" for _, _, thread in found)
         pids = {pid for _, pid, _ in found}
