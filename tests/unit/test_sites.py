@@ -196,7 +196,7 @@ def test_the_worst_site_is_the_lowest_accuracy_f1_or_auc_and_the_highest_log_los
     assert worst_sites({"1": site(0.9, 0.8, 0.4)}, "val_") == {}  # one site: the split's own
 
 
-def test_each_epoch_reports_each_sites_and_the_worst_sites_validation_metrics(recipe, monkeypatch):
+def test_each_epoch_reports_each_sites_and_the_worst_sites_validation_metrics(recipe):
     """The training loop's per-epoch evaluation (``Trainer._evaluate``) on a prediction of two sites."""
     from training.loop import Trainer
 

@@ -142,7 +142,7 @@ def test_a_pyramid_in_strips_reads_its_reduced_images_as_levels(tmp_path, how, c
 def test_its_mask_and_an_mpp_are_read_from_the_reduced_levels(tmp_path, monkeypatch):
     import ingest.wsi as wsi
 
-    monkeypatch.setattr(wsi, "MASK_MAX_PX", 400)  # level 2 (375 px) whole, or level 0 averaged 4 x 4
+    monkeypatch.setattr(wsi, "MASK_MAX_PX", 400)  # level 2 (375 px) read whole, level 1 (750 px) averaged 2 x 2
     reader = open_slide(_pyramid(tmp_path / "p.tif", "pages", "zlib"))
     thumb, downsample = read_mask_image(reader, 2)
     assert downsample == 4 and np.array_equal(thumb, LEVEL0[::4, ::4])
