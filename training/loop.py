@@ -312,10 +312,10 @@ class Trainer:
     def _evaluate(self, pred: dict[str, Any], prefix: str) -> dict[str, float]:
         """The validation metrics of ``pred``, and each site's (``val_site_3_accuracy``) with the worst site's
         (``val_worst_site_patient_weighted_log_loss``) where its samples are of two or more: every epoch, so a
-        centre's curve can be read, and monitored."""
-        return evaluate(pred, self.recipe, self.outputs, prefix) | site_metrics(
-            by_site(pred, self.recipe, self.outputs), prefix, counts=False
-        )
+        centre's curve can be read, and monitored. The sites' results stay in ``pred["sites"]``, for the selected
+        model's table (:meth:`training.reporting.Reporter.final`)."""
+        pred["sites"] = by_site(pred, self.recipe, self.outputs)
+        return evaluate(pred, self.recipe, self.outputs, prefix) | site_metrics(pred["sites"], prefix, counts=False)
 
     def _finish_swa(self, epoch: int) -> tuple[dict[str, Any], dict[str, float]]:
         """Recompute BatchNorm statistics for the averaged weights, then evaluate them (``val_swa_*``)."""

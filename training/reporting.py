@@ -69,8 +69,9 @@ class Reporter:
 
     def final(self, pred: dict[str, Any]) -> None:
         """Confusion matrices, ROC curves and predictions of the validation split by the selected model (logged
-        with its export: they replace an earlier epoch's); a detector's boxes per image."""
-        log_evaluation(self.log, self.t.recipe, self.t.outputs, pred, "validation")
+        with its export: they replace an earlier epoch's); a detector's boxes per image. Each site's table from
+        the sites' results the epoch's evaluation kept in ``pred["sites"]``, not computed again."""
+        log_evaluation(self.log, self.t.recipe, self.t.outputs, pred, "validation", sites=pred.get("sites"))
 
 
 def prediction_levels(pred: dict[str, Any], recipe):

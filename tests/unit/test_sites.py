@@ -202,7 +202,9 @@ def test_each_epoch_reports_each_sites_and_the_worst_sites_validation_metrics(re
 
     trainer = Trainer.__new__(Trainer)  # its evaluation alone: no engine, no data
     trainer.recipe, trainer.outputs = recipe, ["CE", "LAA"]
-    metrics = trainer._evaluate(_pred(), "val_")
+    pred = _pred()
+    metrics = trainer._evaluate(pred, "val_")
+    assert pred["sites"] == by_site(_pred(), recipe, ["CE", "LAA"])  # kept for the selected model's table
     assert metrics["val_accuracy"] == pytest.approx(5 / 7)  # all seven samples: b's second and d wrong
     assert metrics["val_site_1_accuracy"] == 0.75 and metrics["val_site_2_patient_accuracy"] == 0.5
     assert metrics["val_worst_site_accuracy"] == 0.5 and metrics["val_worst_site_patient_auc"] == 1.0
