@@ -58,7 +58,7 @@ def _probability(text: str, line: int, source: str) -> float:
     return p
 
 
-def _rows(text: str, source: str) -> Iterator[tuple[int, dict[str, str]]]:
+def _rows(text: str) -> Iterator[tuple[int, dict[str, str]]]:
     """The rows of a CSV (column names lower-cased and stripped), with their line numbers."""
     reader = csv.DictReader(lines_of(text))
     reader.fieldnames = [c.strip().lower() for c in reader.fieldnames or []]
@@ -106,7 +106,7 @@ def _image_rows(text: str, source: str) -> dict[str, dict[str, tuple[str, int]]]
     """``{image: {label: (value, line)}}`` of an ``ID,Label`` file (``ID_<image>_<label>`` rows); a row twice
     raises."""
     out: dict[str, dict[str, tuple[str, int]]] = {}
-    for n, row in _rows(text, source):
+    for n, row in _rows(text):
         image, _, label = row.get("id", "").rpartition("_")
         if label not in RSNA_LABELS or not image:
             raise ValueError(f"{source}, line {n}: {row.get('id')!r} is not ID_<image>_<{'|'.join(RSNA_LABELS)}>")
