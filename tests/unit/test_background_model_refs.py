@@ -33,8 +33,8 @@ def export(tmp_path):
 
 
 @pytest.fixture
-def tracking(tmp_path, monkeypatch):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+def tracking(mlflow_uri, tmp_path, monkeypatch):
+    uri = mlflow_uri
     MlflowClient(uri).create_experiment("strip-ai", str(tmp_path / "artifacts"))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     mlflow.set_tracking_uri(uri)

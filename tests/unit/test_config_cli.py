@@ -221,7 +221,7 @@ def test_a_submission_needs_the_patients_ids(capsys):
     assert "--submission: it names patients or images by their IDs; give --reveal and a local file" in err
 
 
-def test_a_submission_of_a_run_without_patients_is_refused_before_any_work(tmp_path, monkeypatch):
+def test_a_submission_of_a_run_without_patients_is_refused_before_any_work(mlflow_uri, tmp_path, monkeypatch):
     """A run whose recipe does not aggregate to patients has no rows for a submission: said before any worker
     starts (none could here)."""
     import yaml
@@ -235,7 +235,7 @@ def test_a_submission_of_a_run_without_patients_is_refused_before_any_work(tmp_p
     from training.tracking import MODEL_ARTIFACT
 
     monkeypatch.setattr(training.capacity, "check_capacity", lambda *a, **k: None)  # no cluster here
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = mlflow_uri
     client = MlflowClient(uri)
     run_id = client.create_run(client.create_experiment("x", str(tmp_path / "artifacts"))).info.run_id
     from tests.datasets import make_dataset

@@ -160,13 +160,15 @@ def test_the_export_finds_in_ingest_what_the_trained_model_finds(tmp_path, name,
 
 
 @pytest.mark.parametrize("extra", [(), ("model.name=tf_efficientdet_d0", "data.image_size=128")])
-def test_a_run_exports_its_detector_and_the_held_out_step_measures_the_export(tmp_path, process_group, extra):
+def test_a_run_exports_its_detector_and_the_held_out_step_measures_the_export(
+    mlflow_uri, tmp_path, process_group, extra
+):
     """FCOS's export is scripted whole; EfficientDet's network traced and its decoding scripted around it."""
     from mlflow import MlflowClient
 
     from training.evaluation import held_out_outcome, held_out_plan, held_out_step
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = mlflow_uri
     client = MlflowClient(uri)
     run_id = client.create_run(client.create_experiment("detect", str(tmp_path / "artifacts"))).info.run_id
     recipe = _recipe(tmp_path, *extra)

@@ -111,7 +111,7 @@ def test_a_dataset_gives_each_slide_a_heatmap_or_says_why_not(tmp_path, monkeypa
     assert draw_heatmaps("series,predicted,p_a\ns,a,1\n", ds, write)[0] == 0
 
 
-def test_training_draws_the_validation_and_held_out_slides_heatmaps_and_says_what_failed(tmp_path):
+def test_training_draws_the_validation_and_held_out_slides_heatmaps_and_says_what_failed(mlflow_uri, tmp_path):
     """``eval.heatmaps``: after training, each evaluated split's slides drawn from its table in the run, into
     ``heatmaps/`` (validation) and ``<prefix>heatmaps/`` (held out); a split whose table is missing is a line
     naming the command that draws it, not a failed training."""
@@ -131,7 +131,7 @@ def test_training_draws_the_validation_and_held_out_slides_heatmaps_and_says_wha
     for slide in "vt":
         Path(mf.preview_url(ds, slide)).parent.mkdir(parents=True, exist_ok=True)
         Path(mf.preview_url(ds, slide)).write_bytes(png.tobytes())
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = mlflow_uri
     client = MlflowClient(uri)
     run_id = client.create_run(client.create_experiment("x", str(tmp_path / "artifacts"))).info.run_id
     head = "patient,slide,x,y,size0,label,predicted,p_CE,p_LAA\n"

@@ -56,8 +56,8 @@ class Recorder:
 
 
 @pytest.fixture
-def store(tmp_path):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+def store(mlflow_uri, tmp_path):
+    uri = mlflow_uri
     MlflowClient(uri).create_experiment("outbox", str(tmp_path / "artifacts"))  # not ./mlruns
     _, run_id = start_run(uri, "outbox", "run", {}, {})
     return uri, run_id

@@ -127,7 +127,7 @@ def test_an_export_whose_trace_took_one_branch_of_a_decision_on_the_data_says_so
         save_export(Branchy(), tmp_path / "m", ModelConfig(name="resnet18"), ["a", "b"], 8)
 
 
-def test_a_zero_3_run_exports_its_gathered_weights_into_mlflow(tmp_path, process_group):
+def test_a_zero_3_run_exports_its_gathered_weights_into_mlflow(mlflow_uri, tmp_path, process_group):
     """Under ZeRO-3 each rank holds a slice of every weight: rank 0 exports the gathered weights, in a model of
     its own (a copy of the engine's module took DeepSpeed's hooks into tracing, which failed on its weights)."""
     import deepspeed
@@ -135,7 +135,7 @@ def test_a_zero_3_run_exports_its_gathered_weights_into_mlflow(tmp_path, process
 
     from training.export import load_export
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"  # a real MLflow store, without a server
+    uri = mlflow_uri  # a real MLflow store, without a server
     client = MlflowClient(uri)
     run = client.create_run(client.create_experiment("zero3", artifact_location=str(tmp_path / "artifacts")))
     small = ["data.epoch_samples=4", "batch_size=2", "epochs=1", "workers=1"]
@@ -156,13 +156,13 @@ def test_a_zero_3_run_exports_its_gathered_weights_into_mlflow(tmp_path, process
         torch.testing.assert_close(value, want[name], rtol=0, atol=0, msg=name)
 
 
-def test_the_validation_tables_are_the_selected_models_not_the_last_epochs(tmp_path, process_group):
+def test_the_validation_tables_are_the_selected_models_not_the_last_epochs(mlflow_uri, tmp_path, process_group):
     """Selected on ``epoch`` (min): the first epoch is the exported model, and the run's validation table is its
     predictions (their log loss is its val_loss), not the second epoch's."""
     from mlflow import MlflowClient
     from sklearn.metrics import log_loss
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = mlflow_uri
     client = MlflowClient(uri)
     run = client.create_run(client.create_experiment("selected", artifact_location=str(tmp_path / "artifacts")))
     small = ["data.epoch_samples=4", "batch_size=2", "epochs=2", "workers=1", "eval.monitor=epoch", "eval.mode=min"]
@@ -397,7 +397,7 @@ def test_a_bf16_zero_checkpoint_is_read_as_zero(tmp_path, process_group):
 
 
 def test_the_held_out_step_runs_on_the_training_workers_and_a_failure_is_tagged_not_raised(
-    tmp_path, process_group, monkeypatch
+    mlflow_uri, tmp_path, process_group, monkeypatch
 ):
     """After training, the same workers evaluate the exported model on the test split into the run; a failing
     step (an injected fault) is tagged on the run and not raised, and a later success removes the tag; a
@@ -407,7 +407,7 @@ def test_the_held_out_step_runs_on_the_training_workers_and_a_failure_is_tagged_
     import training.export
     from training.evaluation import HELD_OUT_ERROR, held_out_outcome, held_out_plan, held_out_step
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = mlflow_uri
     client = MlflowClient(uri)
     run_id = client.create_run(client.create_experiment("held-out", str(tmp_path / "artifacts"))).info.run_id
     make_dataset(str(tmp_path / "ds"), {"train": 4, "val": 2, "test": 3}, samples_per_patient=1)

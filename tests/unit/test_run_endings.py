@@ -40,7 +40,7 @@ class _Interrupted:
 
 
 @pytest.mark.parametrize(("signum", "said"), [("SIGINT", "interrupted"), ("SIGTERM", "stopped by SIGTERM")])
-def test_an_interrupted_run_is_killed_in_mlflow_and_says_how_to_resume(signum, said, tmp_path, monkeypatch):
+def test_an_interrupted_run_is_killed_in_mlflow_and_says_how_to_resume(mlflow_uri, signum, said, tmp_path, monkeypatch):
     """Ctrl+C ended `tessera train` with status 1 and not a word, its MLflow run FAILED; SIGTERM (`tessera jobs
     stop`) ended it at once, the run left RUNNING. Either is now an interrupt naming the run and `--resume`."""
     import signal
@@ -52,7 +52,7 @@ def test_an_interrupted_run_is_killed_in_mlflow_and_says_how_to_resume(signum, s
     from training.endings import RunInterrupted
     from training.launch import fit
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = mlflow_uri
     client = MlflowClient(uri)
     run_id = client.create_run(client.create_experiment("x", str(tmp_path / "artifacts"))).info.run_id
     for epoch in range(2):  # two epochs logged, the first in the checkpoint Ray Train registered
@@ -74,12 +74,12 @@ def test_an_interrupted_run_is_killed_in_mlflow_and_says_how_to_resume(signum, s
     assert client.get_run(run_id).info.status == "KILLED"
 
 
-def test_a_run_interrupted_before_its_first_epoch_ended_is_said_to_start_again(tmp_path):
+def test_a_run_interrupted_before_its_first_epoch_ended_is_said_to_start_again(mlflow_uri, tmp_path):
     from mlflow import MlflowClient
 
     from training.endings import resume_hint
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = mlflow_uri
     client = MlflowClient(uri)
     run_id = client.create_run(client.create_experiment("x", str(tmp_path / "artifacts"))).info.run_id
     assert resume_hint(uri, run_id, 3) == (
@@ -87,14 +87,14 @@ def test_a_run_interrupted_before_its_first_epoch_ended_is_said_to_start_again(t
     )
 
 
-def test_a_stopped_run_is_said_to_continue_from_the_checkpoint_ray_train_restores(tmp_path):
+def test_a_stopped_run_is_said_to_continue_from_the_checkpoint_ray_train_restores(mlflow_uri, tmp_path):
     """From Ray Train's record of the run's checkpoints: MLflow's epochs can be one or two ahead of it (rank 0
     logs an epoch before its checkpoint is registered), or behind it (MLflow was away)."""
     from mlflow import MlflowClient
 
     from training.endings import resume_hint
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = mlflow_uri
     client = MlflowClient(uri)
     exp = client.create_experiment("x", str(tmp_path / "artifacts"))
     runs = [client.create_run(exp).info.run_id for _ in range(5)]
@@ -167,7 +167,7 @@ class _Failing:
         raise _worker_group_error({0: StorageError("s3://shards/ds/manifest.json: EndpointConnectionError: down")})
 
 
-def test_a_failed_run_says_why_in_one_line_and_how_to_resume(tmp_path, monkeypatch, capsys):
+def test_a_failed_run_says_why_in_one_line_and_how_to_resume(mlflow_uri, tmp_path, monkeypatch, capsys):
     """Ray Train raises once a run's retries are spent; `tessera train` ended with its message: rank 0's traceback
     cut in the middle, no word of the epochs done or of `--resume`, and no learning curves. Now the run is FAILED
     with its curves, and the CLI prints the cause and the command that continues it (status 1)."""
@@ -178,7 +178,7 @@ def test_a_failed_run_says_why_in_one_line_and_how_to_resume(tmp_path, monkeypat
     import training.launch
     from training.launch import fit
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = mlflow_uri
     client = MlflowClient(uri)
     run_id = client.create_run(client.create_experiment("x", str(tmp_path / "artifacts"))).info.run_id
     for epoch, loss in enumerate([0.9, 0.7]):  # two epochs done
@@ -205,7 +205,7 @@ def test_a_failed_run_says_why_in_one_line_and_how_to_resume(tmp_path, monkeypat
     assert said.err == f"training failed: {reason}\n{hint}\n"
 
 
-def test_a_run_failed_while_mlflow_is_down_says_so_at_once(tmp_path, monkeypatch):
+def test_a_run_failed_while_mlflow_is_down_says_so_at_once(mlflow_uri, tmp_path, monkeypatch):
     """MLflow stopped mid-run: the workers fail once its retries are spent, and then each of the driver's calls
     (curves, epoch count, the FAILED status) retried for about two minutes before the last one raised, so the
     command ended minutes later on MLflow's error instead of the run's. Now it asks whether MLflow answers first."""
@@ -215,7 +215,7 @@ def test_a_run_failed_while_mlflow_is_down_says_so_at_once(tmp_path, monkeypatch
     from training import tracking
     from training.launch import fit
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = mlflow_uri
     client = MlflowClient(uri)
     run_id = client.create_run(client.create_experiment("x", str(tmp_path / "artifacts"))).info.run_id
     monkeypatch.setattr(training.launch, "trainer_for", lambda *a, **k: _Failing())

@@ -18,8 +18,8 @@ SWEEP = SweepConfig(
 
 
 @pytest.fixture
-def store(tmp_path):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+def store(mlflow_uri, tmp_path):
+    uri = mlflow_uri
     MlflowClient(uri).create_experiment("sweeps", str(tmp_path / "artifacts"))
     _, parent = start_run(uri, "sweeps", "lr-sweep", {}, {})
     return uri, parent

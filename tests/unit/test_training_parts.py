@@ -266,13 +266,13 @@ def test_the_node_lock_excludes_and_its_last_holder_may_remove_it(tmp_path):
     assert events == [("first out", True), ("second in", True)] and not path.exists()
 
 
-def test_a_run_registers_one_model_version_however_often_it_ends(tmp_path):
+def test_a_run_registers_one_model_version_however_often_it_ends(mlflow_uri, tmp_path):
     """``--resume`` of a run ends it again: its model, exported into the same folder, keeps its one version."""
     from mlflow import MlflowClient
 
     from training.tracking import register_model
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = mlflow_uri
     client = MlflowClient(uri)
     experiment = client.create_experiment("registry", str(tmp_path / "artifacts"))
     first, second = (client.create_run(experiment).info.run_id for _ in range(2))

@@ -239,14 +239,14 @@ def test_a_sweeps_new_trials_read_the_dataset_version_it_started_on(tmp_path):
     check_trial_data(tags | {"dataset": "s3://b/other"}, recipe, "sweep-1")  # a trial of another dataset
 
 
-def test_a_group_by_mlflow_filter_holds_the_finished_training_runs_it_matches(tmp_path):
+def test_a_group_by_mlflow_filter_holds_the_finished_training_runs_it_matches(mlflow_uri, tmp_path):
     """The filter reaches MLflow as its own clauses (MLflow takes no parentheses), and neither a sweep's parent
     run nor a comparison, which carry the same tags, counts as a replicate."""
     from mlflow import MlflowClient
 
     from tune.compare import find_group
 
-    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = MlflowClient(tracking_uri=mlflow_uri)
     exp = client.create_experiment("e", artifact_location=str(tmp_path / "artifacts"))
     runs = {}
     for name, kind, status in [
@@ -265,7 +265,7 @@ def test_a_group_by_mlflow_filter_holds_the_finished_training_runs_it_matches(tm
     assert group.source == "filter tags.recipe = 'x'"
 
 
-def test_a_new_trials_run_records_the_dataset_version_it_was_checked_on_read_once(tmp_path, monkeypatch):
+def test_a_new_trials_run_records_the_dataset_version_it_was_checked_on_read_once(mlflow_uri, tmp_path, monkeypatch):
     """The trial's check and its run read the manifest once: a version changed between two reads could have been
     checked and another recorded."""
     from mlflow import MlflowClient
@@ -281,7 +281,7 @@ def test_a_new_trials_run_records_the_dataset_version_it_was_checked_on_read_onc
     make_dataset(str(data), {"train": 4, "val": 4}, size=16, shard_samples=4)
     recipe = load_recipe("demo_tiles", [f"data.dataset={data}", "eval.levels=[patient]"])
     version = mf.sha256_of((data / mf.MANIFEST_NAME).read_bytes())
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = mlflow_uri
     client = MlflowClient(uri)
     exp = client.create_experiment(recipe.experiment, artifact_location=str(tmp_path / "artifacts"))
     parent = client.create_run(exp, tags={"dataset": str(data), MANIFEST_TAG: version}).info.run_id
@@ -320,7 +320,7 @@ def _resumed_trials_take_their_last_report_where_kept(uri, parent, trial, recipe
     assert client.get_run(trial).info.status == "FINISHED" and client.get_run(trial).info.end_time == ended
 
 
-def test_a_sweeps_parent_run_says_where_its_trials_come_from_as_they_do(tmp_path, monkeypatch):
+def test_a_sweeps_parent_run_says_where_its_trials_come_from_as_they_do(mlflow_uri, tmp_path, monkeypatch):
     """The parent run carries the trials' origin tags (recipe, dataset and its version, the code that made the
     dataset and the code that trains), so a sweep is found and compared by the same tags as its trials."""
     from mlflow import MlflowClient
@@ -345,7 +345,7 @@ def test_a_sweeps_parent_run_says_where_its_trials_come_from_as_they_do(tmp_path
         name="lr", recipe="demo_tiles", overrides=[f"data.dataset={data}", "eval.levels=[patient]"],
         space={"optim.lr": {"loguniform": [1e-4, 1e-2]}},
     )  # fmt: skip
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = mlflow_uri
     parent = start_parent(sweep, uri, "lr-1", "sweep")
     trial, _ = child_run(uri, "lr-1", parent, "t0", load_recipe("demo_tiles", sweep.overrides))
     client = MlflowClient(uri)
@@ -358,7 +358,9 @@ def test_a_sweeps_parent_run_says_where_its_trials_come_from_as_they_do(tmp_path
     assert tags[KIND] == "sweep"
 
 
-def test_a_sweeps_objective_is_checked_against_each_epochs_metrics_before_its_parent_run_exists(tmp_path, monkeypatch):
+def test_a_sweeps_objective_is_checked_against_each_epochs_metrics_before_its_parent_run_exists(
+    mlflow_uri, tmp_path, monkeypatch
+):
     """Tune stops a sweep at the first report without its metric, after an epoch of every trial."""
     from mlflow import MlflowClient
 
@@ -369,7 +371,7 @@ def test_a_sweeps_objective_is_checked_against_each_epochs_metrics_before_its_pa
     monkeypatch.chdir(tmp_path)  # MLflow's artifacts beside its database (./mlruns), not in the working tree
     data = tmp_path / "ds"
     make_dataset(str(data), {"train": 4, "val": 8}, size=16, shard_samples=4, sites=2)  # two validation centres
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = mlflow_uri
 
     def sweep(metric: str, *more: str) -> SweepConfig:
         return SweepConfig(
@@ -459,8 +461,8 @@ def test_the_stain_jitter_study_is_measured_on_centres_no_replicate_saw(tmp_path
         )
 
 
-def test_a_last_report_not_kept_is_said_and_the_trial_goes_on(tmp_path, capsys):
+def test_a_last_report_not_kept_is_said_and_the_trial_goes_on(mlflow_uri, capsys):
     from tune.runs import keep_last_report
 
-    keep_last_report(f"sqlite:///{tmp_path / 'mlflow.db'}", "0" * 32, {"epoch": 1}, None)  # no such run
+    keep_last_report(mlflow_uri, "0" * 32, {"epoch": 1}, None)  # no such run
     assert "its last report to Tune was not kept (MlflowException: " in capsys.readouterr().out
