@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml constraints.txt
 	# Every package at the version the suite last passed with (constraints.txt, `make lock`): a clean clone
 	# installs what CI tested, not whatever was released since.
 	$(PY) -m pip install -q --no-compile -c constraints.txt -e '.[dev]'
-	# Their byte code on every core at once: pip compiles on one (146 s for the two installs on 2 cores, 118 so).
+	# Their byte code on every core at once: pip compiles on one (the two installs took 146 s on 2 cores, now 118).
 	# Python does not write it later where PYTHONDONTWRITEBYTECODE is set, as on these machines. A file of a newer
 	# Python's syntax (torch's tests of 3.12) does not compile, under pip either.
 	$(PY) -m compileall -q -j 0 -x 'py31[2-9]' $(VENV)/lib
