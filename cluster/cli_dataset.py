@@ -35,6 +35,7 @@ def add_dataset_parser(sub) -> None:
 def dataset_lines(manifest, data: bytes) -> list[str]:
     """The terminal's account of a dataset (``manifest``, ``data``: its bytes as stored)."""
     from ingest.describe import site_lines, sites_note
+    from ingest.splits import empty_splits, parse_fractions
     from shards import manifest as mf
     from shards import provenance
 
@@ -53,6 +54,9 @@ def dataset_lines(manifest, data: bytes) -> list[str]:
             f"  {split}: {info.num_samples} samples in {len(info.shards)} shard(s), {len(held)} input(s) of "
             f"{len({r.patient for r in held})} patient(s) ({classes}){sites_note(r.site for r in held)}"
         )
+    spec = manifest.config.get("split")
+    for name in empty_splits(parse_fractions(spec), manifest.splits) if spec else []:
+        lines.append(f"  {name}: none (--split {spec} names it, but no patient's samples went there)")
     lines += site_lines([r for r in manifest.inputs if r.status == "ingested"], manifest.classes)
     lines.append("inputs: " + ", ".join(f"{status} {n}" for status, n in manifest.counts().items()))
     lines += [f"  {status} {line}" for status in ("skipped", "failed") for line in manifest.reasons(status)]

@@ -69,6 +69,13 @@ def add_ingest_parser(sub, fn) -> None:
         add("--split", "patient-level split fractions")
         add("--seed", "split seed", type=int)
         add(
+            "--split-balance",
+            "where each class's patients left over from rounding go: the splits furthest below their fraction of "
+            "all patients (overall), or by the class's own remainders, ties to the first split (per_class: datasets "
+            "made before overall was; small ones could leave a split empty); a dataset at --out keeps its own",
+            choices=["overall", "per_class"],
+        )
+        add(
             "--hold-out-sites",
             "comma-separated sites (the label table's center_id or site column) whose patients make up the test "
             "split alone: a test on centres the model never saw; the others are split by the other fractions",
@@ -278,8 +285,9 @@ def ingest_dry_run(kind: str, cfg, on_private) -> int:
     from ingest.lock import lock_line
     from ingest.model_files import recording
     from ingest.plan import make_plan
-    from ingest.rerun import dry_run_line
+    from ingest.rerun import dry_run_line, recorded_balance
 
+    cfg = recorded_balance(cfg)
     plan = make_plan(kind, cfg, pseudonym_key())
     cfg, model_line = recording(cfg, plan.model)
     line = dry_run_line(kind, plan, cfg)  # first: --append keeps the splits of the inputs the dataset holds
@@ -290,8 +298,8 @@ def ingest_dry_run(kind: str, cfg, on_private) -> int:
     if busy:
         print(busy)
     print("\n".join(describe_plan(plan)))
-    if line:
-        print(line)
+    for note in [line] if line else plan.notes:  # a dataset already there keeps its splits
+        print(note)
     if kind == "wsi":
         from ingest.preflight import check_slides
 

@@ -55,6 +55,10 @@ class IngestConfig(BaseModel):
     labels: str | None = None
     split: str = "train=0.7,val=0.15,test=0.15"
     seed: int = 0
+    # where each class's patients left over from rounding the fractions go (ingest.splits.assign_splits): overall,
+    # to the splits furthest below their fraction of all patients; per_class, what datasets made before it did.
+    # Not given, a run on a dataset already at ``out`` takes the dataset's (ingest.rerun.recorded_balance)
+    split_balance: Literal["overall", "per_class"] = "overall"
     # sites (the label table's center_id or site column) whose patients make up split ``test`` alone: a test of
     # centres the model never saw (their scanners, stains, populations); the other patients are split by the
     # other fractions, scaled to sum 1
@@ -145,7 +149,8 @@ class IngestConfig(BaseModel):
         added since at their defaults: a new field's default does what the versions before it did, so a dataset
         they made is not refused for it (``--append``, ``--retry-failed``, staged work resumed)."""
         fields = type(self).model_fields
-        return dataset_options({k: fields[k].get_default(call_default_factory=True) for k in self.public()} | recorded)
+        defaults = {k: fields[k].get_default(call_default_factory=True) for k in self.public()}
+        return dataset_options(defaults | {"split_balance": "per_class"} | recorded)  # before: per class alone
 
 
 class WsiIngestConfig(IngestConfig):

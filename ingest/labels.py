@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 
@@ -64,11 +65,29 @@ def read_label_csv(text: str, source: str = "labels") -> list[LabelRow]:
                 f"{one.site!r}, where line {seen[0]} gave {seen[1].label!r}, {seen[1].patient!r} and {seen[1].site!r}"
             )
         rows.setdefault(one.item, (n, one))
+    one_spelling(((row.label, f"line {n}") for n, row in rows.values() if row.label is not None), f"{source}: ")
     return [row for _, row in rows.values()]
 
 
+def one_spelling(labels: Iterable[tuple[str, str]], source: str = "") -> None:
+    """Raise ``ValueError`` where two class names differ in case alone (``CE`` on one line, ``ce`` on another),
+    naming where each is (``labels``: each name with its line or folder). Classes are told apart by their exact
+    names, so a class spelt two ways would train as two, each with part of the other's samples. ``source``
+    prefixes the message (the table's name)."""
+    seen: dict[str, tuple[str, str]] = {}
+    for label, where in labels:
+        first, at = seen.setdefault(label.casefold(), (label, where))
+        if first != label:
+            raise ValueError(
+                f"{source}{where} names class {label!r} and {at} {first!r}: one class spelt two ways? Classes are told "
+                "apart by their exact names: write them alike"
+            )
+
+
 def class_names(rows: list[LabelRow]) -> list[str]:
-    """Sorted distinct label names (none of a table without labels); a label's class index is its position here."""
+    """Sorted distinct label names (none of a table without labels); a label's class index is its position here.
+    Names that differ in case alone are refused (:func:`one_spelling`), each row named by its item."""
+    one_spelling((r.label, r.item) for r in rows if r.label is not None)
     return sorted({r.label for r in rows if r.label is not None})
 
 

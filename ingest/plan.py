@@ -15,7 +15,7 @@ from ingest.labels import RSNA_SUBTYPES, LabelRow, class_names, is_rsna_csv, rea
 from ingest.model_files import ModelFiles, read_models
 from ingest.pseudonym import pseudonym
 from ingest.sources import SLIDE_EXTS, expand, fingerprint, listing, mirax_companions, stem, vms_companions
-from ingest.splits import HELD_OUT, assign_splits, outside_held_out, parse_fractions
+from ingest.splits import HELD_OUT, assign_splits, empty_split_notes, outside_held_out, parse_fractions
 from ingest.units import Unit
 from shards import storage
 from shards.manifest import InputRecord
@@ -34,6 +34,7 @@ class Plan:
     private: dict[str, str] = field(default_factory=dict)
     unmatched: list[str] = field(default_factory=list)  # label rows naming no input found, as pseudonyms
     model: ModelFiles | None = None  # the model of ``--background-model`` or ``--detector``, read once here
+    notes: list[str] = field(default_factory=list)  # what a new dataset's run says before it starts (empty splits)
 
 
 def _label_text(cfg: IngestConfig) -> str | None:
@@ -73,7 +74,8 @@ def _assign(units: list[Unit], cfg: IngestConfig, linked: dict[str, str] | None 
         patients.setdefault(root.get(u.patient, u.patient), u.label)
     fractions = parse_fractions(cfg.split)
     rest = {p: label for p, label in patients.items() if p not in held}
-    splits = assign_splits(rest, outside_held_out(fractions) if cfg.hold_out_sites else fractions, cfg.seed)
+    fractions = outside_held_out(fractions) if cfg.hold_out_sites else fractions
+    splits = assign_splits(rest, fractions, cfg.seed, cfg.split_balance)
     for u in units:
         u.split = splits.get(root.get(u.patient, u.patient), HELD_OUT)
 
@@ -286,7 +288,8 @@ def plan_images(cfg: ImagesIngestConfig, key: bytes) -> Plan:
         table = {stem(r.item): r for r in rows.values()}
         classes = class_names(list(table.values()))
     else:
-        classes = sorted({loc.rsplit("/", 2)[-2] for loc in files if loc.lower().endswith(IMAGE_EXTS)})
+        folders = {loc.rsplit("/", 1)[0] for loc in files if loc.lower().endswith(IMAGE_EXTS)}
+        classes = class_names([LabelRow(f"folder {f}", f.rsplit("/", 1)[-1], None) for f in sorted(folders)])
     yolo, pixel_boxes = _boxes(cfg)
     plan = Plan(units=[], classes=classes)
     _unmatched(plan, key, set(table) - {stem(loc) for loc in files if loc.lower().endswith(IMAGE_EXTS)}, cfg.labels)
@@ -387,4 +390,5 @@ def make_plan(kind: str, cfg: IngestConfig, key: bytes) -> Plan:
     model = read_models(cfg)
     plan = planner(cfg, key)
     plan.model = model
+    plan.notes += empty_split_notes(cfg.split, {u.patient: u.split for u in plan.units})
     return plan

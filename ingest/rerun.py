@@ -33,6 +33,19 @@ def existing(out: str) -> mf.Manifest | None:
     return mf.load(out) if storage.exists(storage.join(out, mf.MANIFEST_NAME)) else None
 
 
+def recorded_balance(cfg: IngestConfig) -> IngestConfig:
+    """``cfg`` with the split balance (``split_balance``) of the complete dataset at ``cfg.out`` where the user
+    gave none: a run on a dataset made before patients were balanced overall splits them as the dataset did, so
+    that the same command finds it made and ``--retry-failed`` or ``--replace-changed`` amend it, where the new
+    default would move patients between its splits and have the run refused."""
+    if "split_balance" in cfg.model_fields_set or cfg.overwrite:
+        return cfg
+    if not storage.exists(storage.join(cfg.out, mf.MANIFEST_NAME)):
+        return cfg
+    recorded = cfg.recorded_options(mf.load_head(cfg.out)[0].config)["split_balance"]
+    return cfg.model_copy(update={"split_balance": recorded})
+
+
 def _added(previous: mf.Manifest, plan: Plan) -> list[Unit]:
     """Units of ``plan`` the dataset does not hold: new inputs, or inputs it holds as settled before they had a
     patient (not in the label table then)."""

@@ -20,7 +20,7 @@ from ingest.lock import DatasetLock
 from ingest.model_files import gpu_actors, model_url, put_model, recording
 from ingest.packing import pack_parts, prune, rewrite_shards
 from ingest.plan import Plan, make_plan
-from ingest.rerun import amended, decide, to_ingest
+from ingest.rerun import amended, decide, recorded_balance, to_ingest
 from ingest.staging import STAGING, WorkRecord, done_records, retried, reusable
 from ingest.units import Unit, Work, batch_images, plan_unit
 from shards import manifest as mf
@@ -200,6 +200,7 @@ def run_ingest(kind: str, cfg: IngestConfig, on_private: Callable[[dict[str, str
 
 def _plan_and_ingest(kind: str, cfg: IngestConfig, on_private: Callable[[dict[str, str]], object] | None):
     """Plan the run, then ingest under the dataset's lock."""
+    cfg = recorded_balance(cfg)
     plan = make_plan(kind, cfg, pseudonym_key())
     cfg, model_line = recording(cfg, plan.model)
     if model_line:
@@ -221,8 +222,8 @@ def _plan_and_ingest(kind: str, cfg: IngestConfig, on_private: Callable[[dict[st
 
 def _ingest(kind: str, cfg: IngestConfig, plan, lock: DatasetLock) -> tuple[Manifest, str]:
     previous = decide(kind, plan, cfg)
-    if previous is None and not plan.units:  # an empty dataset would only stand in the way of the next run
-        raise ValueError(nothing_to_ingest(plan, cfg.out))
+    if previous is None:
+        _starting(plan, cfg)
     adds = to_ingest(previous, plan, cfg) if previous is not None else None
     if previous is not None and not adds:
         prune(cfg.out, previous)  # what a run stopped between its manifest and its tidying left; none other writes
@@ -294,6 +295,15 @@ def _ingest(kind: str, cfg: IngestConfig, plan, lock: DatasetLock) -> tuple[Mani
     prune(cfg.out, manifest)
     storage.delete_tree(storage.join(cfg.out, STAGING))
     return manifest, url
+
+
+def _starting(plan, cfg: IngestConfig) -> None:
+    """Before a new dataset's run: refuse one with nothing to ingest (an empty dataset would only stand in the way
+    of the next run), and say which splits hold no patient (a dataset already there keeps its splits)."""
+    if not plan.units:
+        raise ValueError(nothing_to_ingest(plan, cfg.out))
+    for note in plan.notes:
+        print(note)
 
 
 def manifest_summary(manifest: Manifest) -> str:

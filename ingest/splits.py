@@ -62,23 +62,64 @@ def linked_patients(links: Iterable[tuple[str, str]]) -> dict[str, str]:
     return {p: root(p) for p in parent}
 
 
-def assign_splits(patients: dict[str, int | None], fractions: dict[str, float], seed: int) -> dict[str, str]:
+def assign_splits(
+    patients: dict[str, int | None], fractions: dict[str, float], seed: int, balance: str = "overall"
+) -> dict[str, str]:
     """Assign each patient to one split, stratified by the patient's label.
 
-    Within each label group patients are ordered by a seeded hash (stable, independent of input order) and
-    cut by cumulative fraction with largest-remainder rounding, so small groups still reach every split
-    with a non-zero fraction when they have enough patients.
+    Within each label group patients are ordered by a seeded hash (stable, independent of input order) and cut
+    into the splits: each split takes the whole part of its fraction of the group. ``balance`` says where each
+    group's patients left over from rounding go: ``overall`` (the default), to the splits furthest below their
+    fraction of all patients so far, groups taken in label order, so that small groups do not all send theirs
+    to the same split (eight patients of two classes at 0.7/0.15/0.15 gave test none); ``per_class``, by the
+    group's own remainders, ties to the split listed first (datasets made before ``overall`` was).
     """
     out: dict[str, str] = {}
     names = list(fractions)
-    for members in _by_label(patients, seed).values():
-        counts = _largest_remainder([fractions[n] * len(members) for n in names])
+    taken = dict.fromkeys(names, 0)
+    groups = _by_label(patients, seed)
+    for label in sorted(groups, key=lambda g: (g is not None, g or 0)):
+        members = groups[label]
+        quotas = [fractions[n] * len(members) for n in names]
+        if balance == "per_class":
+            counts = _largest_remainder(quotas)
+        else:
+            counts = _balanced(quotas, [fractions[n] for n in names], [taken[n] for n in names])
         i = 0
         for name, n in zip(names, counts, strict=True):
             for p in members[i : i + n]:
                 out[p] = name
+            taken[name] += n
             i += n
     return out
+
+
+def _balanced(quotas: list[float], fractions: list[float], taken: list[int]) -> list[int]:
+    """Each split's whole quota, and one more for each of the splits (of a fraction above 0) furthest below their
+    fraction of all patients counted so far with this group's (ties to the split listed first)."""
+    counts = [int(q) for q in quotas]
+    left = round(sum(quotas)) - sum(counts)
+    total = sum(taken) + round(sum(quotas))
+    below = [f * total - (t + c) for f, t, c in zip(fractions, taken, counts, strict=True)]
+    order = sorted((i for i, f in enumerate(fractions) if f > 0), key=lambda i: below[i], reverse=True)
+    for i in order[:left]:
+        counts[i] += 1
+    return counts
+
+
+def empty_splits(fractions: dict[str, float], assigned: Iterable[str]) -> list[str]:
+    """The splits of a fraction above 0 that none of ``assigned`` (each patient's split) is in: too few patients
+    for the fractions, which a run should say rather than leave a validation or test split missing unsaid."""
+    held = set(assigned)
+    return [name for name, f in fractions.items() if f > 0 and name not in held]
+
+
+def empty_split_notes(spec: str, patients: dict[str, str]) -> list[str]:
+    """A warning for each split of ``--split`` ``spec`` that none of ``patients`` (patient -> split) went to."""
+    return [
+        f"warning: split {name} holds no patient: {len(patients)} patient(s) are too few for --split {spec}"
+        for name in empty_splits(parse_fractions(spec), patients.values())
+    ]
 
 
 def extend_splits(

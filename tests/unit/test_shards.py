@@ -469,8 +469,8 @@ def test_a_datasets_account_says_what_options_shaped_it():
     wsi = WsiIngestConfig(sources=["x"], out="s3://b/d", tile_size=512, store_size=256, mpp=0.5, workers=4)
     m = mf.Manifest(dataset="s3://b/d", kind="wsi", config=wsi.public())
     assert dataset_lines(m, b"")[1] == (
-        "made with: split=train=0.7,val=0.15,test=0.15 seed=0 format=jpg quality=90 tile_size=512 store_size=256 "
-        "mpp=0.5 tissue_threshold=0.3 color_profile=ignore region_tiles=256"
+        "made with: split=train=0.7,val=0.15,test=0.15 seed=0 split_balance=overall format=jpg quality=90 "
+        "tile_size=512 store_size=256 mpp=0.5 tissue_threshold=0.3 color_profile=ignore region_tiles=256"
     )  # not its place, workers or shard size; not the options left unset
     ct = DicomIngestConfig(sources=["x"], out="s3://b/ct", split="train=1.0")
     line = dataset_lines(mf.Manifest(dataset="s3://b/ct", kind="dicom", config=ct.public()), b"")[1]

@@ -50,6 +50,121 @@ def test_a_grown_dataset_keeps_its_splits_and_stays_near_the_fractions():
     assert extend_splits({}, {"a": None}, fractions, seed=0) == {"a": "train"}  # a first patient: the largest
 
 
+def test_patients_left_over_from_rounding_go_to_the_splits_furthest_below_their_fraction_overall():
+    """Each class's patients left over from its whole quotas: by the class's own remainders (``per_class``, as
+    before), eight patients of two classes at 0.7/0.15/0.15 gave test none and twelve of three gave test none too;
+    ``overall`` sends each to the split furthest below its fraction of all patients, each class still within one
+    patient of its own fractions."""
+    from collections import Counter
+
+    fractions = {"train": 0.7, "val": 0.15, "test": 0.15}
+
+    def sizes(patients: dict, fr: dict, balance: str) -> dict:
+        return dict(Counter(assign_splits(patients, fr, seed=0, balance=balance).values()))
+
+    eight = {f"p{i}": i % 2 for i in range(8)}
+    assert sizes(eight, fractions, "per_class") == {"train": 6, "val": 2}
+    assert sizes(eight, fractions, "overall") == {"train": 6, "val": 1, "test": 1}
+    twelve = {f"p{i}": i % 3 for i in range(12)}
+    assert sizes(twelve, fractions, "per_class") == {"train": 9, "val": 3}
+    assert sizes(twelve, fractions, "overall") == {"train": 8, "val": 2, "test": 2}
+    twenty = {f"p{i}": i % 4 for i in range(20)}
+    assert sizes(twenty, fractions, "per_class") == {"train": 12, "val": 4, "test": 4}  # 60 % train
+    assert sizes(twenty, fractions, "overall") == {"train": 14, "val": 3, "test": 3}
+    for patients in (eight, twelve, twenty):
+        splits = assign_splits(patients, fractions, seed=0)
+        for label in set(patients.values()):
+            n = sum(1 for lab in patients.values() if lab == label)
+            got = Counter(s for p, s in splits.items() if patients[p] == label)
+            assert all(int(f * n) <= got[name] <= int(f * n) + 1 for name, f in fractions.items()), (label, got)
+    # paper 002's ten folds of CT-ICH's 82 patients (36 with a bleed): folds of 8 or 9, where 7 to 9 before
+    ct_ich = {f"p{i}": int(i < 36) for i in range(82)}
+    folds = {f"f{i}": 0.1 for i in range(10)}
+    assert sorted(sizes(ct_ich, folds, "per_class").values()) == [7] * 4 + [9] * 6
+    assert sorted(sizes(ct_ich, folds, "overall").values()) == [8] * 8 + [9] * 2
+    # one group (no labels, or one class): the same patients in the same splits as before
+    unlabelled = {f"p{i}": None for i in range(13)}
+    assert assign_splits(unlabelled, fractions, 3) == assign_splits(unlabelled, fractions, 3, "per_class")
+
+
+def test_a_dataset_split_per_class_before_keeps_its_splits_when_its_command_is_run_again(tmp_path, capsys):
+    """A dataset made before ``overall`` records no ``split_balance``: a run on it takes ``per_class``, so the
+    same command finds it made, where the new default would move its patients and have the run refused."""
+    from cluster.cli_dataset import dataset_lines
+    from ingest.config import WsiIngestConfig
+    from ingest.plan import make_plan
+    from ingest.rerun import decide, recorded_balance
+    from shards import manifest as mf
+
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    rows = ["slide,label,patient"]
+    for i in range(8):
+        (slides / f"s{i}.svs").touch()
+        rows.append(f"s{i},{'CE' if i % 2 else 'LAA'},p{i}")
+    (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
+    out = str(tmp_path / "ds")
+    cfg = WsiIngestConfig(sources=[str(slides)], out=out, labels=str(tmp_path / "labels.csv"))
+    before = cfg.model_copy(update={"split_balance": "per_class"})
+    plan = make_plan("wsi", before, b"k")
+    assert {u.split for u in plan.units} == {"train", "val"}
+    assert plan.notes == ["warning: split test holds no patient: 8 patient(s) are too few for --split " + cfg.split]
+    records = [
+        mf.InputRecord(
+            id=u.id,
+            kind="wsi",
+            status="ingested",
+            item=u.item,
+            patient=u.patient,
+            label=u.label,
+            split=u.split,
+            samples=1,
+            fingerprint=u.fingerprint,
+        )
+        for u in plan.units
+    ]
+    config = {k: v for k, v in before.public().items() if k != "split_balance"}  # as versions before recorded it
+    made = mf.Manifest(dataset=out, kind="wsi", classes=plan.classes, config=config, inputs=records)
+    mf.save(made, out)
+    none = f"  test: none (--split {cfg.split} names it, but no patient's samples went there)"
+    assert none in dataset_lines(made, b"")
+
+    with pytest.raises(ValueError, match=r"1 input\(s\) with another label, patient or split"):
+        decide("wsi", make_plan("wsi", cfg, b"k"), cfg)  # the new default would move a patient (val to test)
+    again = recorded_balance(cfg)
+    assert again.split_balance == "per_class"
+    assert decide("wsi", make_plan("wsi", again, b"k"), again).created == made.created  # nothing to do
+    asked = cfg.model_copy(update={"split_balance": "overall"})  # given on the command line: not overridden
+    assert recorded_balance(asked).split_balance == "overall"
+    with pytest.raises(ValueError, match="options split_balance 'per_class' -> 'overall'"):
+        decide("wsi", make_plan("wsi", asked, b"k"), asked)
+    fresh = cfg.model_copy(update={"out": str(tmp_path / "new")})
+    assert recorded_balance(fresh).split_balance == "overall"  # nothing there: the default
+    assert {u.split for u in make_plan("wsi", fresh, b"k").units} == {"train", "val", "test"}
+
+
+def test_a_class_spelt_two_ways_is_refused_naming_where_each_is(tmp_path):
+    """``CE`` on one line and ``ce`` on another (or class folders ``Glioma`` and ``glioma``) would train as two
+    classes, each holding part of the other's samples."""
+    from ingest.config import ImagesIngestConfig
+    from ingest.plan import make_plan
+
+    table = "image_id,center_id,patient_id,image_num,label\na_0,11,a,0,CE \nb_0,11,b,0,LAA\nc_0,11,c,0,ce\n"
+    with pytest.raises(ValueError, match=r"^t.csv: line 4 names class 'ce' and line 2 'CE': one class spelt two"):
+        read_label_csv(table, source="t.csv")
+    assert class_names(read_label_csv(table.replace(",ce", ",CE"))) == ["CE", "LAA"]  # 'CE ' stripped
+    for folder in ("Training/Glioma", "Testing/glioma", "Testing/meningioma"):
+        (tmp_path / folder).mkdir(parents=True)
+        (tmp_path / folder / "1.jpg").write_bytes(b"")
+    cfg = ImagesIngestConfig(sources=[str(tmp_path / "Training"), str(tmp_path / "Testing")], out=str(tmp_path / "o"))
+    with pytest.raises(
+        ValueError, match=r"folder .*/(Testing/glioma|Training/Glioma) names class '(glioma|Glioma)' and"
+    ):
+        make_plan("images", cfg, b"k")
+    (tmp_path / "Testing/glioma").rename(tmp_path / "Testing/Glioma")
+    assert make_plan("images", cfg, b"k").classes == ["Glioma", "meningioma"]
+
+
 def test_strip_ai_and_generic_label_tables():
     strip = "image_id,center_id,patient_id,image_num,label\n006388_0,11,006388,0,CE\n008e5c_0,11,008e5c,0,LAA\n"
     rows = read_label_csv(strip)
