@@ -217,9 +217,10 @@ def score_texts(submission: str, labels: str, source: str = "the submission", la
 
 
 def cmd_score(args) -> int:
+    from ingest.labels import table_text
     from shards import storage
 
-    submission = storage.get_bytes(args.submission).decode("utf-8-sig")
-    labels = storage.get_bytes(args.labels).decode("utf-8-sig")
+    submission = table_text(storage.get_bytes(args.submission), args.submission)
+    labels = table_text(storage.get_bytes(args.labels), args.labels)
     print(score_texts(submission, labels, args.submission, args.labels).line())
     return 0

@@ -22,17 +22,35 @@ class LabelRow:
 SITE_COLUMNS = ("center_id", "site", "center", "centre")
 
 
+def table_text(data: bytes, source: str) -> str:
+    """A table file's text: UTF-8 (with or without the byte-order mark Excel writes), or UTF-16 with its mark
+    (Excel's "Unicode Text"). Other bytes are refused naming the file, where Python's own error named neither
+    the file nor the remedy."""
+    if data[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        return data.decode("utf-16")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ValueError(
+            f"{source}: not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start}): save it as UTF-8 (Excel: "
+            "CSV UTF-8)"
+        ) from None
+
+
 def read_label_csv(text: str, source: str = "labels") -> list[LabelRow]:
     """Parse a label CSV; STRIP AI (``image_id,center_id,patient_id,image_num,label``) or generic. Without a
     ``label`` column, a table of patients (STRIP AI's ``test.csv``; ``slide,patient``): rows of label None,
     which name the inputs to take and the patient of each, for a dataset to predict on.
 
-    Column names are read as their lower case, stripped (``Slide, Label`` as a spreadsheet may write them). A
+    Column names are read as their lower case, stripped (``Slide, Label`` as a spreadsheet may write them);
+    columns are separated by commas, or by semicolons or tabs where the header has no comma. A
     site column (:data:`SITE_COLUMNS`, the first there) gives each row its centre. Raises ``ValueError`` naming
     ``source`` and the line when a column is missing, or when a row repeats an item with another label, patient or
     site (a row repeated alike is read once).
     """
-    reader = csv.DictReader(io.StringIO(text))
+    header = text.split("\n", 1)[0]
+    delimiter = next((d for d in (",", ";", "\t") if d in header), ",")  # as spreadsheets of other locales write
+    reader = csv.DictReader(io.StringIO(text), delimiter=delimiter)
     reader.fieldnames = [name.strip().lower() for name in reader.fieldnames or []]
     cols = set(reader.fieldnames)
     labelled = "label" in cols

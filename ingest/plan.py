@@ -11,10 +11,10 @@ from ingest.copies import place_copies
 from ingest.dicom import group_series, map_headers, read_header, read_headers
 from ingest.dicom_wsi import group_dicom_slides
 from ingest.images import IMAGE_EXTS, csv_boxes, is_slice_table, patient_key, read_slice_table, slice_number, yolo_boxes
-from ingest.labels import RSNA_SUBTYPES, LabelRow, class_names, is_rsna_csv, read_label_csv, read_rsna_csv
+from ingest.labels import RSNA_SUBTYPES, LabelRow, class_names, is_rsna_csv, read_label_csv, read_rsna_csv, table_text
 from ingest.model_files import ModelFiles, read_models
 from ingest.pseudonym import pseudonym
-from ingest.sources import SLIDE_EXTS, expand, fingerprint, listing, mirax_companions, stem, vms_companions
+from ingest.sources import SLIDE_EXTS, companions_of, expand, fingerprint, listing, stem
 from ingest.splits import HELD_OUT, assign_splits, empty_split_notes, outside_held_out, parse_fractions
 from ingest.units import Unit
 from shards import storage
@@ -38,7 +38,7 @@ class Plan:
 
 
 def _label_text(cfg: IngestConfig) -> str | None:
-    return storage.get_bytes(cfg.labels).decode("utf-8-sig") if cfg.labels else None
+    return table_text(storage.get_bytes(cfg.labels), cfg.labels) if cfg.labels else None
 
 
 def _table(text: str | None, source: str | None) -> tuple[dict[str, LabelRow], list[str]]:
@@ -99,22 +99,6 @@ def _fingerprints(plan: Plan, key: bytes, stamps: dict[str, str]) -> None:
         u.fingerprint = fingerprint(key, u.sources, stamps, u.meta)
 
 
-def _companions(slide: str, locations: list[str]) -> list[str]:
-    """The files a multi-file slide needs beside it (none for other files): a MIRAX slide's data folder, or the
-    images a Hamamatsu VMS/VMU key file names. An unreadable key file has none: opening the slide then fails with
-    OpenSlide's reason."""
-    ext = os.path.splitext(slide)[1].lower()
-    if ext == ".mrxs":
-        return mirax_companions(slide, locations)
-    if ext in (".vms", ".vmu"):
-        try:
-            text = storage.get_bytes(slide, 1 << 20).decode("utf-8", "replace")
-        except storage.StorageError:  # recorded when the slide fails to open
-            return []
-        return vms_companions(slide, text)
-    return []
-
-
 def plan_wsi(cfg: WsiIngestConfig, key: bytes) -> Plan:
     """One unit per slide (a file; a MIRAX ``.mrxs`` with its data folder, a Hamamatsu ``.vms``/``.vmu`` with its
     images; or a DICOM WSI series of files); with a label CSV, slides it does not name are skipped."""
@@ -123,7 +107,7 @@ def plan_wsi(cfg: WsiIngestConfig, key: bytes) -> Plan:
     dicom, slides, others = [], [], []
     stamps = listing(cfg.sources)
     locations = list(stamps)
-    companions = {loc: files for loc in locations if (files := _companions(loc, locations))}
+    companions = {loc: files for loc in locations if (files := companions_of(loc, locations))}
     inside = {c for files in companions.values() for c in files}  # a slide's other files belong to it
     for loc in locations:
         if loc in inside:
@@ -141,19 +125,29 @@ def plan_wsi(cfg: WsiIngestConfig, key: bytes) -> Plan:
         uid = _known(plan, key, "source", loc, loc)
         reason = refused.get(loc) or f"not a slide file (extension {os.path.splitext(loc)[1].lower() or 'none'})"
         plan.skipped.append(InputRecord(id=uid, kind="wsi", status="skipped", reason=reason))
+    first: dict[str, str] = {}  # a slide name -> the first input of that name, by path
     for name, files in sorted(slides, key=lambda s: s[1][0]):
         uid = _known(plan, key, "source", files[0], files[0])
         row = table.get(name)
-        if table and row is None:
-            plan.skipped.append(InputRecord(id=uid, kind="wsi", status="skipped", reason="not in the label table"))
+        kept = first.setdefault(name, uid)
+        if table and (reason := "not in the label table" if row is None else _same_name(kept, uid)):
+            plan.skipped.append(InputRecord(id=uid, kind="wsi", status="skipped", reason=reason))
             continue
-        who = row.patient if row and row.patient else name
-        patient, slide = _known(plan, key, "patient", who, f"patient {who}"), _known(plan, key, "slide", name, files[0])
+        own = name if kept == uid else files[0]  # without a table, a slide of its own, and a patient
+        who = row.patient if row and row.patient else own
+        patient = _known(plan, key, "patient", who, f"patient {who}")
+        slide = _known(plan, key, "slide", own, files[0])
         label = classes.index(row.label) if row and row.label is not None else None
         plan.units.append(Unit(uid, "wsi", files, slide, patient, label, site=row.site if row else None))
     _assign(plan.units, cfg)
     _fingerprints(plan, key, stamps)
     return plan
+
+
+def _same_name(kept: str, uid: str) -> str | None:
+    """Why input ``uid`` is skipped where ``kept``, taken first, has its name (its file's stem) as a label table
+    names them (None: it is ``kept``): the table's row names one input, and which of them it means is not told."""
+    return None if kept == uid else f"its name is that of input {kept}, taken first (by path): a label table names one"
 
 
 def _dicom_labels(cfg: DicomIngestConfig) -> tuple[dict[str, LabelRow], dict[str, list[int]], list[str]]:
@@ -256,7 +250,7 @@ def _boxes(cfg: ImagesIngestConfig) -> tuple[dict[str, str], dict[str, list]]:
     if not cfg.boxes:
         return {}, {}
     if cfg.boxes.lower().endswith(".csv"):
-        return {}, csv_boxes(storage.get_bytes(cfg.boxes).decode("utf-8-sig"), cfg.boxes)
+        return {}, csv_boxes(table_text(storage.get_bytes(cfg.boxes), cfg.boxes), cfg.boxes)
     return {stem(loc): loc for loc in expand([cfg.boxes], (".txt",))}, {}
 
 
@@ -293,6 +287,7 @@ def plan_images(cfg: ImagesIngestConfig, key: bytes) -> Plan:
     yolo, pixel_boxes = _boxes(cfg)
     plan = Plan(units=[], classes=classes)
     _unmatched(plan, key, set(table) - {stem(loc) for loc in files if loc.lower().endswith(IMAGE_EXTS)}, cfg.labels)
+    first: dict[str, str] = {}  # a name of the label table -> the first image of that name
     for loc in files:
         uid = _known(plan, key, "source", loc, loc)
         if not loc.lower().endswith(IMAGE_EXTS):
@@ -300,8 +295,9 @@ def plan_images(cfg: ImagesIngestConfig, key: bytes) -> Plan:
             continue
         name = stem(loc)
         row = table.get(name)
-        if layout == "csv" and row is None:
-            _image_skip(plan, uid, "not in the label table")
+        kept = first.setdefault(name, uid)
+        if layout == "csv" and (reason := "not in the label table" if row is None else _same_name(kept, uid)):
+            _image_skip(plan, uid, reason)
             continue
         meta: dict = {"pixel_boxes": pixel_boxes.get(name, [])}
         if name in yolo:

@@ -97,3 +97,19 @@ def vms_companions(slide: str, text: str) -> list[str]:
     folder = slide.rsplit("/", 1)[0]
     names = {v.strip() for k, v in parser.items(group) if k.startswith(VMS_FILE_KEYS) and v.strip()}
     return sorted(f"{folder}/{n}" for n in names if "/" not in n and "\\" not in n and n not in ("", ".", ".."))
+
+
+def companions_of(slide: str, locations: list[str]) -> list[str]:
+    """The files a multi-file slide needs beside it (none for other files): a MIRAX slide's data folder, or the
+    images a Hamamatsu VMS/VMU key file names. An unreadable key file has none: opening the slide then fails with
+    OpenSlide's reason."""
+    ext = os.path.splitext(slide)[1].lower()
+    if ext == ".mrxs":
+        return mirax_companions(slide, locations)
+    if ext in (".vms", ".vmu"):
+        try:
+            text = storage.get_bytes(slide, 1 << 20).decode("utf-8", "replace")
+        except storage.StorageError:  # recorded when the slide fails to open
+            return []
+        return vms_companions(slide, text)
+    return []

@@ -165,6 +165,42 @@ def test_a_class_spelt_two_ways_is_refused_naming_where_each_is(tmp_path):
     assert make_plan("images", cfg, b"k").classes == ["Glioma", "meningioma"]
 
 
+def test_two_files_of_one_name_are_one_input_of_a_label_table_and_two_slides_without_one(tmp_path):
+    """A label table names a slide by its file's stem: of two files of that name in two folders, which it means is
+    not told, so the first (by path) is taken and the other skipped, saying so. Without a table they were one slide
+    and one patient, merged in every table of calls, the private map naming one file: each is its own now."""
+    from ingest.config import ImagesIngestConfig, WsiIngestConfig
+    from ingest.plan import make_plan
+
+    for folder, name in (("a", "s1"), ("b", "s1"), ("a", "s2")):
+        (tmp_path / folder).mkdir(exist_ok=True)
+        (tmp_path / folder / f"{name}.svs").touch()
+    (tmp_path / "labels.csv").write_text("slide,label,patient\ns1,CE,p1\ns2,LAA,p2\n")
+    sources = [str(tmp_path / "a"), str(tmp_path / "b")]
+    labelled = WsiIngestConfig(sources=sources, out=str(tmp_path / "o"), labels=str(tmp_path / "labels.csv"))
+    plan = make_plan("wsi", labelled, b"k")
+    taken = {plan.private[u.id]: u for u in plan.units}
+    assert sorted(taken) == [str(tmp_path / "a/s1.svs"), str(tmp_path / "a/s2.svs")]
+    (skipped,) = plan.skipped
+    assert plan.private[skipped.id] == str(tmp_path / "b/s1.svs")
+    first = taken[str(tmp_path / "a/s1.svs")].id
+    assert skipped.reason == f"its name is that of input {first}, taken first (by path): a label table names one"
+    plain = make_plan("wsi", labelled.model_copy(update={"labels": None}), b"k")
+    assert len(plain.units) == 3 and not plain.skipped
+    assert len({u.item for u in plain.units}) == 3 and len({u.patient for u in plain.units}) == 3
+    assert sorted(plain.private[u.item] for u in plain.units) == sorted(plain.private[u.id] for u in plain.units)
+
+    for folder in ("a", "b"):
+        (tmp_path / folder / "x.png").touch()
+    (tmp_path / "images.csv").write_text("image,label\nx,glioma\n")
+    images = ImagesIngestConfig(sources=sources, out=str(tmp_path / "i"), labels=str(tmp_path / "images.csv"))
+    plan = make_plan("images", images, b"k")
+    assert [plan.private[u.id] for u in plan.units] == [str(tmp_path / "a/x.png")]
+    assert [r.reason.split(",")[0] for r in plan.skipped if "its name" in (r.reason or "")] == [
+        f"its name is that of input {plan.units[0].id}"
+    ]
+
+
 def test_strip_ai_and_generic_label_tables():
     strip = "image_id,center_id,patient_id,image_num,label\n006388_0,11,006388,0,CE\n008e5c_0,11,008e5c,0,LAA\n"
     rows = read_label_csv(strip)
@@ -192,6 +228,25 @@ def test_a_label_table_as_spreadsheets_write_them_and_its_repeated_rows():
     strip = "image_id,center_id,patient_id,image_num,label\nx_0,1,x,0,CE\nx_0,1,y,0,CE\n"
     with pytest.raises(ValueError, match="line 3 gives x_0 label 'CE', patient 'y' and site '1', where line 2 gave"):
         read_label_csv(strip)
+
+
+def test_a_label_table_saved_by_a_spreadsheet_of_another_locale_or_encoding():
+    """Semicolons or tabs where the header has no comma (Excel in locales whose decimal mark is a comma); UTF-16 with
+    its mark (Excel's "Unicode Text") and UTF-8 with or without it; other bytes refused naming the file, where
+    Python's error named neither it nor the remedy."""
+    from ingest.labels import table_text
+
+    want = [("a_0", "CE", "a", "11"), ("b_0", "LAA", "b", "11")]
+    for sep in (";", "\t"):
+        text = sep.join(["image_id", "center_id", "patient_id", "image_num", "label"]) + "\r\n"
+        text += "".join(sep.join([f"{p}_0", "11", p, "0", label]) + "\r\n" for p, label in (("a", "CE"), ("b", "LAA")))
+        assert [(r.item, r.label, r.patient, r.site) for r in read_label_csv(text)] == want
+    assert read_label_csv("slide,label\na;1,CE\n")[0].item == "a;1"  # a comma header: semicolons are data
+    table = "slide,label\ns1,Hémorragie\n"
+    for data in (table.encode("utf-16"), table.encode("utf-8-sig"), table.encode()):
+        assert table_text(data, "t.csv") == table
+    with pytest.raises(ValueError, match=r"^t\.csv: not UTF-8 text \(byte 0xe9 at offset 16\): save it as UTF-8"):
+        table_text(table.encode("cp1252"), "t.csv")
 
 
 def test_pseudonyms_are_keyed_and_stable():
