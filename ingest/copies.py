@@ -66,10 +66,12 @@ def picture_hash(data: bytes) -> int | None:
     import cv2
     import numpy as np
 
-    grey = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_GRAYSCALE)
+    # ANYDEPTH: a 16-bit image as it is; cut to 8 bits (its value / 256), an MR export whose values stay under 256
+    # was black, and every such image one near copy of every other
+    grey = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_GRAYSCALE | cv2.IMREAD_ANYDEPTH)
     if grey is None or grey.size == 0:
         return None
-    small = cv2.resize(grey, (HASH_PX, HASH_PX), interpolation=cv2.INTER_AREA).astype(np.float32)
+    small = cv2.resize(grey.astype(np.float32), (HASH_PX, HASH_PX), interpolation=cv2.INTER_AREA)
     low = cv2.dct(small)[:HASH_FREQ, :HASH_FREQ].ravel()[1:]
     bits = np.concatenate([[False], low > np.median(low)])
     return int(np.packbits(bits).view(">u8")[0])

@@ -49,6 +49,18 @@ def test_a_picture_saved_again_hashes_near_it_and_other_pictures_far():
     assert picture_hash(b"not an image") is None and picture_hash(_jpeg(pictures[0])) >> 63 == 0
 
 
+def test_16_bit_pictures_hash_by_their_own_values_not_their_top_byte():
+    """An MR export in 16 bits whose values stay under 256 was black cut to 8 bits: every such picture hashed alike,
+    one near copy of every other. Kept in 16 bits, each hashes as itself, and as its 8-bit JPEG saved again."""
+    pictures = [_picture(seed) for seed in range(6)]
+    dim = [cv2.imencode(".png", p.astype(np.uint16) * 3 // 4)[1].tobytes() for p in pictures]  # values under 192
+    hashes = [picture_hash(d) for d in dim]
+    assert min((a ^ b).bit_count() for a, b in itertools.combinations(hashes, 2)) > 16
+    wide = [cv2.imencode(".png", p.astype(np.uint16) * 16)[1].tobytes() for p in pictures]  # 12-bit values
+    assert max((h ^ picture_hash(w)).bit_count() for h, w in zip(hashes, wide, strict=True)) <= 6
+    assert max((h ^ picture_hash(_jpeg(p))).bit_count() for h, p in zip(hashes, pictures, strict=True)) <= 6
+
+
 @pytest.mark.parametrize("within", [0, 1, 3, 6, 10])
 def test_the_search_by_bands_finds_what_a_brute_force_finds(within):
     rng = random.Random(within)
