@@ -286,6 +286,9 @@ def plan_images(cfg: ImagesIngestConfig, key: bytes) -> Plan:
         classes = class_names([LabelRow(f"folder {f}", f.rsplit("/", 1)[-1], None) for f in sorted(folders)])
     yolo, pixel_boxes = _boxes(cfg)
     plan = Plan(units=[], classes=classes)
+    if layout == "folders" and len(classes) == 1:  # a classifier is refused one class
+        plan.notes.append(f"warning: one class, {classes[0]}: each image's folder names its class (give the folder "
+                          "that holds the class folders)")  # fmt: skip
     _unmatched(plan, key, set(table) - {stem(loc) for loc in files if loc.lower().endswith(IMAGE_EXTS)}, cfg.labels)
     first: dict[str, str] = {}  # a name of the label table -> the first image of that name
     for loc in files:

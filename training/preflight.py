@@ -27,6 +27,11 @@ def check_against(recipe: TrainRecipe, manifest: mf.ManifestBrief | mf.Manifest)
             f"without a label column): a model is neither trained nor evaluated on it; `tessera predict RUN "
             f"--dataset {recipe.data.dataset}` calls its inputs with a trained run's model"
         )
+    if recipe.task == "multiclass" and len(outputs) < 2:  # a loss of 0 from the first step: nothing to learn
+        raise RecipeError(
+            f"data.dataset: {recipe.data.dataset} has one class ({outputs[0]}), and a classifier needs two or more "
+            "(from class folders, each image's folder names its class: ingest the folder that holds those folders)"
+        )
     if recipe.eval.heatmaps and manifest.kind != "wsi":
         raise RecipeError(
             f"eval.heatmaps: heatmaps are drawn over slides, and {recipe.data.dataset} holds {manifest.kind} "

@@ -56,6 +56,32 @@ def test_a_patient_labelled_two_ways_fails_before_training_unless_positive_means
         check_patient_labels(load_recipe("strip_ai_resnet50", ["data.dataset=s3://b/d", *fix]), manifest)
 
 
+def test_a_dataset_of_one_class_is_refused_for_a_classifier_and_an_image_folder_without_class_folders_warned_of(
+    tmp_path,
+):
+    """Images ingested from a folder that holds them, not their class folders, make one class named after it: a
+    classifier's loss is 0 from its first step. The ingest warns of it; training refuses it before any work."""
+    from ingest.config import ImagesIngestConfig
+    from ingest.plan import make_plan
+    from tests.datasets import make_dataset
+    from training.preflight import check_against
+
+    (tmp_path / "Training").mkdir()
+    for i in range(3):
+        (tmp_path / "Training" / f"{i}.jpg").touch()
+    plan = make_plan("images", ImagesIngestConfig(sources=[str(tmp_path / "Training")], out=str(tmp_path / "o")), b"k")
+    assert plan.classes == ["Training"]
+    assert plan.notes[0] == (
+        "warning: one class, Training: each image's folder names its class (give the folder that holds the class "
+        "folders)"
+    )
+    one = make_dataset(str(tmp_path / "one"), {"train": 4, "val": 4}, classes=1)
+    with pytest.raises(RecipeError, match=r"^data\.dataset: .*/one has one class \(class0\), and a classifier"):
+        check_against(load_recipe("demo_tiles", [f"data.dataset={tmp_path / 'one'}"]), one)
+    two = make_dataset(str(tmp_path / "two"), {"train": 4, "val": 4}, classes=2)
+    check_against(load_recipe("demo_tiles", [f"data.dataset={tmp_path / 'two'}"]), two)
+
+
 def test_the_workers_a_cluster_holds_are_counted_per_node():
     from shards.nodes import workers_that_fit
 
