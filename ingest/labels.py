@@ -7,6 +7,8 @@ import io
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from ingest.sources import stem
+
 
 @dataclass(frozen=True)
 class LabelRow:
@@ -85,6 +87,29 @@ def read_label_csv(text: str, source: str = "labels") -> list[LabelRow]:
         rows.setdefault(one.item, (n, one))
     one_spelling(((row.label, f"line {n}") for n, row in rows.values() if row.label is not None), f"{source}: ")
     return [row for _, row in rows.values()]
+
+
+def label_table(
+    text: str | None, source: str | None, exts: tuple[str, ...] = ()
+) -> tuple[dict[str, LabelRow], list[str]]:
+    """A generic or STRIP AI label table keyed by item (by its stem where it names a file of ``exts`` or a path:
+    :func:`by_file_stem`), and its class names (empty without a CSV)."""
+    if text is None:
+        return {}, []
+    rows = read_label_csv(text, source=source or "labels")
+    return by_file_stem({r.item: r for r in rows}, exts, source), class_names(rows)
+
+
+def by_file_stem(table: dict[str, LabelRow], exts: tuple[str, ...], source: str | None) -> dict[str, LabelRow]:
+    """``table`` keyed as the files it names are: a row may name a slide's file (``001000_0.tif``,
+    ``train/001000_0.tif``), keyed by its stem as the file is (no ``exts``: as it is, a series' or patient's id).
+    Two rows that then name one file, labelled or placed otherwise, are refused naming both."""
+    out: dict[str, tuple[str, LabelRow]] = {}
+    for item, row in table.items():
+        key = stem(item) if exts and (item.lower().endswith(exts) or "/" in item) else item
+        if (seen := out.setdefault(key, (item, row))) and seen[1] != row:
+            raise ValueError(f"{source}: rows {seen[0]} and {item} name one file, {key}, with other labels or patients")
+    return {key: row for key, (_, row) in out.items()}
 
 
 def one_spelling(labels: Iterable[tuple[str, str]], source: str = "") -> None:

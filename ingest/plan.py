@@ -11,7 +11,7 @@ from ingest.copies import place_copies
 from ingest.dicom import group_series, map_headers, read_header, read_headers
 from ingest.dicom_wsi import group_dicom_slides
 from ingest.images import IMAGE_EXTS, csv_boxes, is_slice_table, patient_key, read_slice_table, slice_number, yolo_boxes
-from ingest.labels import RSNA_SUBTYPES, LabelRow, class_names, is_rsna_csv, read_label_csv, read_rsna_csv, table_text
+from ingest.labels import RSNA_SUBTYPES, LabelRow, class_names, is_rsna_csv, label_table, read_rsna_csv, table_text
 from ingest.model_files import ModelFiles, read_models
 from ingest.pseudonym import pseudonym
 from ingest.sources import SLIDE_EXTS, companions_of, expand, fingerprint, listing, stem
@@ -39,14 +39,6 @@ class Plan:
 
 def _label_text(cfg: IngestConfig) -> str | None:
     return table_text(storage.get_bytes(cfg.labels), cfg.labels) if cfg.labels else None
-
-
-def _table(text: str | None, source: str | None) -> tuple[dict[str, LabelRow], list[str]]:
-    """A generic or STRIP AI label table keyed by item, and its class names (empty without a CSV)."""
-    if text is None:
-        return {}, []
-    rows = read_label_csv(text, source=source or "labels")
-    return {r.item: r for r in rows}, class_names(rows)
 
 
 def _known(plan: Plan, key: bytes, kind: str, name: str, means: str) -> str:
@@ -102,7 +94,7 @@ def _fingerprints(plan: Plan, key: bytes, stamps: dict[str, str]) -> None:
 def plan_wsi(cfg: WsiIngestConfig, key: bytes) -> Plan:
     """One unit per slide (a file; a MIRAX ``.mrxs`` with its data folder, a Hamamatsu ``.vms``/``.vmu`` with its
     images; or a DICOM WSI series of files); with a label CSV, slides it does not name are skipped."""
-    table, classes = _table(_label_text(cfg), cfg.labels)
+    table, classes = label_table(_label_text(cfg), cfg.labels, SLIDE_EXTS)
     plan = Plan(units=[], classes=classes)
     dicom, slides, others = [], [], []
     stamps = listing(cfg.sources)
@@ -155,7 +147,7 @@ def _dicom_labels(cfg: DicomIngestConfig) -> tuple[dict[str, LabelRow], dict[str
     text = _label_text(cfg)
     if text is not None and is_rsna_csv(text):
         return {}, read_rsna_csv(text, source=cfg.labels or "labels"), ["no hemorrhage", "hemorrhage"]
-    table, classes = _table(text, cfg.labels)
+    table, classes = label_table(text, cfg.labels)
     return table, {}, classes
 
 
@@ -278,7 +270,7 @@ def plan_images(cfg: ImagesIngestConfig, key: bytes) -> Plan:
     files = list(stamps)
     table: dict[str, LabelRow] = {}
     if layout == "csv":
-        rows, _ = _table(text, cfg.labels)
+        rows, _ = label_table(text, cfg.labels)
         table = {stem(r.item): r for r in rows.values()}
         classes = class_names(list(table.values()))
     else:

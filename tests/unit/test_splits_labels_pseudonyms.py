@@ -201,6 +201,29 @@ def test_two_files_of_one_name_are_one_input_of_a_label_table_and_two_slides_wit
     ]
 
 
+def test_a_label_tables_row_may_name_the_slides_file_or_its_path(tmp_path):
+    """``001000_0.tif`` or ``train/001000_0.tif`` in the table names the slide whose file it is, where every slide
+    was skipped as not in the table (and every row listed as naming no input). Two rows naming one file with other
+    labels are refused, naming both; a series' or patient's id is kept as it is, dots and all."""
+    from ingest.config import WsiIngestConfig
+    from ingest.labels import label_table
+    from ingest.plan import make_plan
+    from ingest.sources import SLIDE_EXTS
+
+    (tmp_path / "train").mkdir()
+    for name in ("a_0", "b_0"):
+        (tmp_path / "train" / f"{name}.tif").touch()
+    (tmp_path / "labels.csv").write_text("slide,label\na_0.tif,CE\ntrain/b_0.tif,LAA\n")
+    labels = str(tmp_path / "labels.csv")
+    cfg = WsiIngestConfig(sources=[str(tmp_path / "train")], out=str(tmp_path / "o"), labels=labels)
+    plan = make_plan("wsi", cfg, b"k")
+    assert sorted(u.label for u in plan.units) == [0, 1] and not plan.skipped and not plan.unmatched
+    with pytest.raises(ValueError, match=r"^t\.csv: rows a_0\.tif and x/a_0\.svs name one file, a_0, with other"):
+        label_table("slide,label\na_0.tif,CE\nx/a_0.svs,LAA\n", "t.csv", SLIDE_EXTS)
+    table, _ = label_table("series,label\n1.2.840.1,CE\n", "t.csv")
+    assert list(table) == ["1.2.840.1"]
+
+
 def test_strip_ai_and_generic_label_tables():
     strip = "image_id,center_id,patient_id,image_num,label\n006388_0,11,006388,0,CE\n008e5c_0,11,008e5c,0,LAA\n"
     rows = read_label_csv(strip)
