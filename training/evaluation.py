@@ -68,23 +68,19 @@ def check_prefix_free(tags: dict[str, str], prefix: str, run_id: str) -> None:
         )
 
 
-def check_outputs(model_outputs: list[str], outputs: list[str], dataset: str) -> None:
-    """Refuse a dataset whose classes (or label names) are not the model's, in the same order."""
-    if list(model_outputs) != list(outputs):
-        raise ValueError(f"{dataset}: its classes {outputs} are not the model's {model_outputs}")
-
-
 def exported_predictions(
     recipe: TrainRecipe, manifest: mf.ManifestHead, split: str, log, rank: int, world: int, labelled: bool = True
 ) -> tuple[dict[str, Any], dict]:
     """Every rank of a worker group: the run's exported model on this rank's part of ``split``, gathered on
     every rank (:func:`training.loop.predict`), and the export's description. A failure on any rank raises on
     every rank. Not ``labelled``: samples without labels (no ``.cls``), whose ``labels`` are None."""
+    import numpy as np
+
     from shards import scratch
     from training.collective import raise_together
     from training.data import WorkerData
     from training.detection import load_detector, predict_export
-    from training.export import export_outputs, load_export
+    from training.export import class_map, export_outputs, load_export
     from training.loop import predict, worker_device
     from training.losses import Loss
 
@@ -99,6 +95,9 @@ def exported_predictions(
             error = exc
         raise_together(error)
         batches = data.batches(split, 0, False)
+        if labelled and recipe.task == "multiclass" and (to := class_map(export_outputs(desc), manifest.classes, "")):
+            index = np.asarray(to)
+            batches = ((x, index[np.asarray(y, np.int64)], m) for x, y, m in batches)  # the model's indices
         if recipe.task == "detect":
             return predict_export(model.to(device), batches, recipe, device), desc
         loss = Loss(recipe.task == "multilabel", None, len(export_outputs(desc)))
@@ -113,14 +112,15 @@ def exported_predictions(
 def evaluate_split(recipe: TrainRecipe, manifest: mf.ManifestHead, split: str, prefix: str, log, rank: int, world: int):
     """Every rank of a worker group: the run's exported model on this rank's part of ``split``; rank 0 logs the
     metrics and pictures under ``prefix``. A failure on any rank raises on every rank."""
-    from training.export import samples_scale_warning
+    from training.export import export_outputs, samples_scale_warning
     from training.levels import evaluate
     from training.loop import outputs_of
     from training.reporting import log_evaluation
     from training.sites import by_site, site_metrics
 
-    outputs = outputs_of(recipe, manifest)
     pred, desc = exported_predictions(recipe, manifest, split, log, rank, world)
+    # a classifier's labels are in its own classes' order (class_map), which its outputs name
+    outputs = export_outputs(desc) if recipe.task == "multiclass" else outputs_of(recipe, manifest)
     metrics = evaluate(pred, recipe, outputs, prefix)
     if rank == 0:
         sites = by_site(pred, recipe, outputs)
@@ -261,14 +261,14 @@ def evaluate_run(
     depend on the number of workers)."""
     from mlflow import MlflowClient
 
-    from training.export import export_outputs
+    from training.export import class_map, export_outputs
     from training.launch import MANIFEST_TAG, load_manifest
     from training.loop import outputs_of
 
     client = MlflowClient(tracking_uri)
     run_id, recipe = run_on(client, run, overrides, dataset)
     url = recipe.data.dataset
-    manifest, data = load_manifest(recipe)
+    manifest, data = load_manifest(recipe, trains=False)  # an external cohort may hold one of its classes
     if manifest.missing_splits(split):
         raise ValueError(f"{url}: the manifest has no {split} split (has {sorted(manifest.splits)})")
     if not tracking.has_artifact(client, run_id, MODEL_ARTIFACT):
@@ -276,7 +276,15 @@ def evaluate_run(
     tags = client.get_run(run_id).data.tags
     if not dataset:
         check_own_dataset(tags.get(MANIFEST_TAG), manifest, data, url, split, run_id)
-    check_outputs(export_outputs(export_description(client, run_id)), outputs_of(recipe, manifest), url)
+    model_outputs = export_outputs(export_description(client, run_id))
+    if class_map(model_outputs, outputs_of(recipe, manifest), url, recipe.task) and (
+        absent := [c for c in model_outputs if c not in manifest.classes]
+    ):
+        print(
+            f"note: {url} holds {len(manifest.classes)} of the model's {len(model_outputs)} classes; without "
+            f"{', '.join(absent)}: their precision, recall and F1 count 0 in the macro means, and AUC is not defined",
+            flush=True,
+        )
     prefix = metric_prefix(split, name or (f"external_{split}" if dataset else None))
     check_prefix_free(tags, prefix, run_id)
     config = {"recipe": recipe.model_dump(), "split": split, "prefix": prefix}

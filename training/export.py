@@ -151,6 +151,18 @@ def export_outputs(desc: dict) -> list[str]:
     return list(desc.get("outputs") or desc["classes"])
 
 
+def class_map(model_outputs: list[str], outputs: list[str], dataset: str, task: str = "multiclass") -> list[int] | None:
+    """Each of a dataset's class indices -> the model's index of that class, where a classifier's dataset holds
+    its classes in another order or some of them alone (an external cohort of one class); None where they are the
+    model's, in order. Refuses a class the model does not know, and other label names than a multi-label model's."""
+    if list(model_outputs) == list(outputs):
+        return None
+    if task == "multiclass" and outputs and set(outputs) <= set(model_outputs):
+        return [list(model_outputs).index(c) for c in outputs]
+    some = ", nor some of them" if task == "multiclass" else ""
+    raise ValueError(f"{dataset}: its classes {outputs} are not the model's {model_outputs}{some}")
+
+
 def load_export(folder: Path) -> tuple[torch.nn.Module, dict]:
     """The model and its description from :func:`save_export`'s folder, in eval mode on the CPU."""
     from safetensors.torch import load_file

@@ -57,13 +57,14 @@ def default_split(manifest: mf.ManifestHead) -> str:
 
 def labels_for(model_outputs: list[str], manifest: mf.ManifestHead, task: str) -> tuple[bool, str | None]:
     """Whether the samples' labels can go beside the model's calls (the dataset's classes, or multi-label
-    names, are the model's), and a note where the dataset has labels the model does not know."""
+    names, are the model's; or a classifier's dataset holds some of its classes), and a note where the dataset
+    has labels the model does not know."""
     theirs = list(manifest.multilabel or []) if task == "multilabel" else list(manifest.classes)
     if not theirs:
         return False, None
-    if theirs != list(model_outputs):
-        return False, f"its labels ({', '.join(theirs)}) are not the model's classes; the tables leave them out"
-    return True, None
+    if theirs == list(model_outputs) or (task == "multiclass" and set(theirs) <= set(model_outputs)):
+        return True, None  # some of a classifier's classes: labels in its order (export.class_map)
+    return False, f"its labels ({', '.join(theirs)}) are not the model's classes; the tables leave them out"
 
 
 def predict_split(recipe: TrainRecipe, manifest: mf.ManifestHead, config: dict[str, Any], rank: int, world: int):

@@ -105,13 +105,13 @@ def _fault() -> dict[str, int] | None:
     return {"epoch": epoch, "step": step, "rank": rank}
 
 
-def load_manifest(recipe: TrainRecipe) -> tuple[mf.ManifestBrief, bytes]:
+def load_manifest(recipe: TrainRecipe, trains: bool = True) -> tuple[mf.ManifestBrief, bytes]:
     """The recipe's dataset manifest (splits patient-disjoint, and what the recipe evaluates defined on it: see
-    :func:`~training.preflight.check_against`), a brief of each record (what these checks read), and its bytes
-    (for its sha256)."""
+    :func:`~training.preflight.check_against`; ``trains``: and trains on), a brief of each record (what these
+    checks read), and its bytes (for its sha256)."""
     manifest, data = mf.load_brief(recipe.data.dataset)
     mf.check_patient_disjoint(manifest)
-    check_against(recipe, manifest)
+    check_against(recipe, manifest, trains)
     return manifest, data
 
 

@@ -15,9 +15,10 @@ from training.config import RecipeError, TrainRecipe
 from training.metrics import HEADLINE
 
 
-def check_against(recipe: TrainRecipe, manifest: mf.ManifestBrief | mf.Manifest) -> None:
-    """A dataset with labels (of slides, for heatmaps; not of DICOM series, for stain jitter), then
-    :func:`check_patient_labels` and :func:`check_monitor` for ``recipe`` on ``manifest``."""
+def check_against(recipe: TrainRecipe, manifest: mf.ManifestBrief | mf.Manifest, trains: bool = True) -> None:
+    """A dataset with labels (of slides, for heatmaps; not of DICOM series, for stain jitter; of two classes or
+    more for a classifier it ``trains``), then :func:`check_patient_labels` and :func:`check_monitor` for
+    ``recipe`` on ``manifest``."""
     from training.loop import outputs_of
 
     outputs = outputs_of(recipe, manifest)
@@ -27,7 +28,7 @@ def check_against(recipe: TrainRecipe, manifest: mf.ManifestBrief | mf.Manifest)
             f"without a label column): a model is neither trained nor evaluated on it; `tessera predict RUN "
             f"--dataset {recipe.data.dataset}` calls its inputs with a trained run's model"
         )
-    if recipe.task == "multiclass" and len(outputs) < 2:  # a loss of 0 from the first step: nothing to learn
+    if trains and recipe.task == "multiclass" and len(outputs) < 2:  # a loss of 0 from its first step
         raise RecipeError(
             f"data.dataset: {recipe.data.dataset} has one class ({outputs[0]}), and a classifier needs two or more "
             "(from class folders, each image's folder names its class: ingest the folder that holds those folders)"

@@ -20,6 +20,7 @@ from sklearn.metrics import accuracy_score, log_loss
 
 from cluster.cli_predict import score_texts as score
 from ingest.synthetic import make_slides
+from shards import manifest as mf
 from tests.datasets import make_dataset
 from tests.integration.commands import ingest_wsi_cmd
 from training.config import load_recipe
@@ -140,8 +141,11 @@ def test_training_evaluates_its_selected_model_on_the_test_split(trained, stack,
         assert sorted(worst) == [0, 1] and worst == {e: pick(one[e], two[e]) for e in worst}, key
 
 
-def test_evaluate_takes_another_dataset_under_its_own_prefix_and_refuses_other_classes(trained, stack, tmp_path):
-    """Also on another number of workers than the run trained with."""
+def test_evaluate_takes_another_dataset_under_its_own_prefix_and_refuses_other_classes(
+    trained, stack, tmp_path, capsys
+):
+    """Also on another number of workers than the run trained with; and on a dataset of one of its classes (an
+    external cohort of one diagnosis), whose labels are read in the model's order."""
     work, out = trained
     make_dataset(str(work / "ext"), {"test": 8}, size=32, shard_samples=4, seed=3, width_um=256.0)
     one = ["workers=1"]  # the run trained on two: a sample's prediction does not depend on the worker count
@@ -162,6 +166,20 @@ def test_evaluate_takes_another_dataset_under_its_own_prefix_and_refuses_other_c
         evaluate_run(out.run_id, stack.mlflow_url, str(work / "ckpt"), "test", str(work / "three"))
     with pytest.raises(ValueError, match=r"has no holdout split \(has \['test', 'train', 'val'\]\)"):
         evaluate_run(out.run_id, stack.mlflow_url, str(work / "ckpt"), "holdout")
+
+    # class1 alone: its label 0 is the model's 1, read so (not as the model's 0, which scores otherwise)
+    make_dataset(str(work / "one"), {"test": 8}, classes=1, size=32, shard_samples=4, seed=4)
+    mf.save(mf.load(str(work / "one")).model_copy(update={"classes": ["class1"]}), str(work / "one"))
+    capsys.readouterr()
+    one = evaluate_run(out.run_id, stack.mlflow_url, str(work / "ckpt"), "test", str(work / "one"), "one class")
+    assert "holds 1 of the model's 2 classes; without class0: their precision, recall" in capsys.readouterr().out
+    p, labels, _ = _outputs(MlflowClient(stack.mlflow_url), out.run_id, work / "one" / "test", tmp_path)
+    assert set(labels) == {0}
+    truth = np.ones(len(labels), np.int64)
+    assert one.metrics["one_class_accuracy"] == pytest.approx(accuracy_score(truth, p.argmax(1)), abs=1e-4)
+    assert one.metrics["one_class_loss"] == pytest.approx(log_loss(truth, p, labels=[0, 1]), abs=1e-4)
+    assert one.metrics["one_class_accuracy"] != pytest.approx(accuracy_score(truth * 0, p.argmax(1)), abs=1e-4)
+    assert one.metrics["one_class_recall_class1"] == one.metrics["one_class_accuracy"]
 
 
 def test_evaluating_the_val_split_adds_nothing_to_the_training_curves(trained, stack, tmp_path):

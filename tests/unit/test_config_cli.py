@@ -447,7 +447,8 @@ def test_dry_run_says_which_slides_get_heatmaps(capsys, tmp_path):
 
 
 def test_evaluation_prefixes_checks_and_summary():
-    from training.evaluation import EvalOutcome, check_outputs, check_prefix_free, metric_prefix, summary
+    from training.evaluation import EvalOutcome, check_prefix_free, metric_prefix, summary
+    from training.export import class_map
 
     assert metric_prefix("test") == "test_"
     assert metric_prefix("f0+f1") == "f0_f1_"
@@ -466,9 +467,14 @@ def test_evaluation_prefixes_checks_and_summary():
             ValueError, match=rf"run r: metrics {nested}\* would mix with those of its evaluation {other}\*"
         ):
             check_prefix_free(tags, nested, "r")
-    check_outputs(["a", "b"], ["a", "b"], "s3://x")
-    with pytest.raises(ValueError, match=r"s3://x: its classes \['b', 'a'\] are not the model's \['a', 'b'\]"):
-        check_outputs(["a", "b"], ["b", "a"], "s3://x")
+    # a classifier's dataset of its classes, in another order or some alone: labels mapped to the model's order
+    assert class_map(["a", "b"], ["a", "b"], "s3://x") is None
+    assert class_map(["a", "b"], ["b", "a"], "s3://x") == [1, 0]
+    assert class_map(["a", "b", "c"], ["c"], "s3://x") == [2]
+    with pytest.raises(ValueError, match=r"s3://x: its classes \['a', 'd'\] are not the model's \['a', 'b'\], nor"):
+        class_map(["a", "b"], ["a", "d"], "s3://x")
+    with pytest.raises(ValueError, match=r"its classes \['any'\] are not the model's \['any', 'epidural'\]$"):
+        class_map(["any", "epidural"], ["any"], "s3://x", "multilabel")
     metrics = {"test_accuracy": 0.75, "test_auc": 0.8, "test_loss": 0.4, "test_patient_accuracy": 1.0}
     metrics |= {"test_patient_f1": 1.0, "test_precision_a": 0.5}
     assert summary(EvalOutcome("r", "test_", "s3://x", "test", metrics, ["slide", "patient"])) == (

@@ -268,6 +268,7 @@ def test_what_a_prediction_reads_of_a_dataset(tmp_path):
         False,
         "its labels (class0, class1) are not the model's classes; the tables leave them out",
     )
+    assert labels_for(["class0", "class1", "class2"], labelled, "multiclass") == (True, None)  # some of its classes
     assert labels_for(list(rsna.multilabel), rsna, "multilabel") == (True, None)
     assert default_split(unlabelled) == "test" and default_split(labelled) == "test"
     only = make_dataset(str(tmp_path / "o"), {"new": 4}, labelled=False)
