@@ -57,7 +57,9 @@ def parallel_coordinates_png(table: pd.DataFrame, metric: str, mode: str, path: 
 
 
 def box_plot_png(groups: dict[str, list[float]], metric: str, path: Path) -> Path:
-    """Box plot of one metric per group, with every replicate drawn as a point."""
+    """Box plot of one metric per group, with every replicate drawn as a point (but those where the metric is
+    undefined, NaN, which would leave their group's box out)."""
+    groups = {g: [v for v in values if not np.isnan(v)] for g, values in groups.items()}
     fig, ax = plt.subplots(figsize=(1.8 * len(groups) + 1.5, 3.5), dpi=120)
     labels = list(groups)
     ax.boxplot([groups[g] for g in labels], tick_labels=labels)

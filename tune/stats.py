@@ -92,6 +92,7 @@ class Comparison:
     decided_by: str
     significant: bool
     verdict: str
+    undefined: tuple[int, int] = (0, 0)  # runs of A and B left out: the metric undefined (NaN) there
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -105,9 +106,14 @@ def _quiet(fn, *args, **kwargs):
 
 def compare(a: list[float], b: list[float], metric: str = "metric", alpha: float = 0.05) -> Comparison:
     """Compare groups ``a`` and ``b`` of one metric (see the module docstring for the procedure)."""
-    if len(a) < 2 or len(b) < 2:
-        raise ValueError(f"{metric}: each group needs at least 2 values (got {len(a)} and {len(b)})")
     xa, xb = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    # a metric a run could not define (an AUC of a validation split of one class): left out, said; one NaN made
+    # every statistic NaN, and the verdict "both groups constant and equal"
+    undefined = (int(np.isnan(xa).sum()), int(np.isnan(xb).sum()))
+    xa, xb = xa[~np.isnan(xa)], xb[~np.isnan(xb)]
+    if len(xa) < 2 or len(xb) < 2:
+        left = f", the metric undefined (NaN) in {undefined[0]} and {undefined[1]} run(s) left out" * any(undefined)
+        raise ValueError(f"{metric}: each group needs at least 2 values (got {len(xa)} and {len(xb)}{left})")
     sa, sb = summarise(xa), summarise(xb)
     lev_w, lev_p = (float(v) for v in _quiet(stats.levene, xa, xb))
     if math.isnan(lev_p):  # both groups constant: no spread to compare
@@ -129,9 +135,11 @@ def compare(a: list[float], b: list[float], metric: str = "metric", alpha: float
         verdict = f"{metric}: significant difference ({decided_by}, p = {p:.4g} < {alpha:.4g}); {higher} is higher"
     else:
         verdict = f"{metric}: no significant difference ({decided_by}, p = {p:.4g} >= {alpha:.4g})"
+    if any(undefined):
+        verdict += f"; left out, where {metric} is undefined (NaN): {undefined[0]} run(s) of A, {undefined[1]} of B"
     return Comparison(
         metric=metric, a=sa, b=sb, alpha=alpha, levene_w=lev_w, levene_p=lev_p, equal_var=equal_var,
         t_test=t_name, t_stat=float(t.statistic), t_p=float(t.pvalue), t_df=float(t.df), mwu_u=float(mwu.statistic),
         mwu_p=float(mwu.pvalue), cohens_d=d, power=power, decided_by=decided_by, significant=significant,
-        verdict=verdict,
+        verdict=verdict, undefined=undefined,
     )  # fmt: skip

@@ -77,6 +77,23 @@ def test_zero_variance_group():
         compare([0.5], CONVNEXT)
 
 
+def test_a_replicate_whose_metric_is_undefined_is_left_out_and_said(tmp_path):
+    """An AUC is NaN where a replicate's validation fold holds one class: one NaN made every statistic NaN and the
+    verdict "no test possible (both groups constant and equal)". Left out, the rest compare as they are."""
+    from tune.plots import box_plot_png
+
+    c = compare([*VIVIT[:9], math.nan], CONVNEXT, "val_auc")
+    assert c.undefined == (1, 0) and c.a.n == 9
+    assert dataclasses.replace(c, undefined=(0, 0), verdict="") == dataclasses.replace(
+        compare(VIVIT[:9], CONVNEXT, "val_auc"), verdict=""
+    )
+    assert c.verdict.startswith("val_auc: significant difference (Student's t, p = ")
+    assert c.verdict.endswith("; left out, where val_auc is undefined (NaN): 1 run(s) of A, 0 of B")
+    with pytest.raises(ValueError, match=r"got 1 and 10, the metric undefined \(NaN\) in 1 and 0 run\(s\) left out"):
+        compare([0.7, math.nan], CONVNEXT, "val_auc")
+    assert box_plot_png({"A": [*VIVIT[:9], math.nan], "B": CONVNEXT}, "val_auc", tmp_path / "box.png").exists()
+
+
 def test_cohens_d_sign_and_small_groups():
     assert cohens_d(np.array([1.0, 2.0, 3.0]), np.array([2.0, 3.0, 4.0])) == pytest.approx(-1.0)
     assert summarise([0.5, 0.6]).note.startswith("fewer than 3")
