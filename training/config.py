@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import difflib
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -295,8 +297,25 @@ def recipe_from_tree(tree: dict[str, Any], source: str = "recipe") -> TrainRecip
     try:
         return TrainRecipe.model_validate(tree)
     except ValidationError as exc:
-        lines = [f"{'.'.join(str(p) for p in e['loc']) or '(recipe)'}: {e['msg']}" for e in exc.errors()]
+        lines = [f"{'.'.join(str(p) for p in e['loc']) or '(recipe)'}: {_said(e)}" for e in exc.errors()]
         raise RecipeError(f"invalid recipe {source!r}:\n  " + "\n  ".join(lines)) from None
+
+
+def _said(error: dict) -> str:
+    """Pydantic's message, and for a key no section has (a typo: ``epochz``, ``optimizer.lr``) the fields of its
+    section closest to it."""
+    if error["type"] != "extra_forbidden":
+        return error["msg"]
+    model: Any = TrainRecipe
+    for key in error["loc"][:-1]:
+        field = model.model_fields.get(key) if isinstance(model, type) and issubclass(model, BaseModel) else None
+        kinds = [field.annotation, *typing.get_args(field.annotation)] if field else []
+        model = next((k for k in kinds if isinstance(k, type) and issubclass(k, BaseModel)), None)
+    if model is None:
+        return error["msg"]
+    close = difflib.get_close_matches(str(error["loc"][-1]), list(model.model_fields), n=3, cutoff=0.5)
+    hint = f" (closest: {', '.join(close)})" if close else ""
+    return f"no such field{hint}; its section has {', '.join(model.model_fields)}"
 
 
 def apply_overrides(tree: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:

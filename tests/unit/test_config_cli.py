@@ -25,9 +25,15 @@ def test_recipe_loads_with_overrides():
     assert r.deepspeed.zero_stage == 2
 
 
-def test_unknown_recipe_field_names_the_field():
-    with pytest.raises(RecipeError, match=r"optim\.lrr: Extra inputs are not permitted"):
+def test_unknown_recipe_field_names_the_field_and_the_closest_of_its_section():
+    with pytest.raises(RecipeError, match=r"optim\.lrr: no such field \(closest: lr\); its section has name, lr"):
         load_recipe("demo_tiles", ["optim.lrr=0.1"])
+    with pytest.raises(RecipeError, match=r"\n  optimizer: no such field \(closest: optim\); its section has name, "):
+        load_recipe("demo_tiles", ["optimizer.lr=0.1"])  # the recipe's own keys
+    with pytest.raises(RecipeError, match=r"data\.augment\.flipp: no such field \(closest: [hv]flip, [hv]flip\)"):
+        load_recipe("demo_tiles", ["data.augment.flipp=0.5"])  # a section two deep
+    with pytest.raises(RecipeError, match=r"zzz: no such field; its section has name, "):
+        load_recipe("demo_tiles", ["zzz=1"])
     with pytest.raises(RecipeError, match=r"deepspeed\.zero_stage"):
         load_recipe("demo_tiles", ["deepspeed.zero_stage=7"])
     with pytest.raises(RecipeError, match="not found"):
