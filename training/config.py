@@ -297,16 +297,16 @@ def recipe_from_tree(tree: dict[str, Any], source: str = "recipe") -> TrainRecip
     try:
         return TrainRecipe.model_validate(tree)
     except ValidationError as exc:
-        lines = [f"{'.'.join(str(p) for p in e['loc']) or '(recipe)'}: {_said(e)}" for e in exc.errors()]
+        lines = [f"{'.'.join(str(p) for p in e['loc']) or '(recipe)'}: {field_problem(e)}" for e in exc.errors()]
         raise RecipeError(f"invalid recipe {source!r}:\n  " + "\n  ".join(lines)) from None
 
 
-def _said(error: dict) -> str:
-    """Pydantic's message, and for a key no section has (a typo: ``epochz``, ``optimizer.lr``) the fields of its
-    section closest to it."""
+def field_problem(error: dict, root: type[BaseModel] | None = None) -> str:
+    """Pydantic's message of a validation ``error`` of ``root`` (a recipe), and for a key no section has (a typo:
+    ``epochz``, ``optimizer.lr``) the fields of its section closest to it, then all of them."""
     if error["type"] != "extra_forbidden":
         return error["msg"]
-    model: Any = TrainRecipe
+    model: Any = root or TrainRecipe
     for key in error["loc"][:-1]:
         field = model.model_fields.get(key) if isinstance(model, type) and issubclass(model, BaseModel) else None
         kinds = [field.annotation, *typing.get_args(field.annotation)] if field else []

@@ -239,7 +239,7 @@ def pairwise(groups: list[str], alpha: float) -> tuple[list[tuple[str, str]], fl
 
 def load_plan(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) -> SweepConfig | StudyConfig:
     """A sweep file, or a study file (one with ``groups``)."""
-    from training.config import apply_overrides
+    from training.config import apply_overrides, field_problem
 
     path = sweep_path(name_or_path)
     tree = apply_overrides(yaml.safe_load(path.read_text()) or {}, list(overrides))
@@ -247,7 +247,7 @@ def load_plan(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) ->
     try:
         plan = model.model_validate(tree)
     except ValidationError as exc:
-        errors = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        errors = "; ".join(f"{'.'.join(map(str, e['loc']))}: {field_problem(e, model)}" for e in exc.errors())
         raise RecipeError(f"{path}: {errors}") from None
     for sweep in plan.sweeps().values() if isinstance(plan, StudyConfig) else [plan]:
         sweep.check_space()

@@ -140,6 +140,9 @@ def test_sweep_validation_names_the_problem():
         SweepConfig(name="x", recipe="demo_tiles", space={"optim.lr": {"grid": [0.1]}})
     with pytest.raises(ValueError, match="pbt"):
         SweepConfig(name="x", recipe="demo_tiles", space={"optim.lr": {"uniform": [0.1, 1]}}, scheduler={"name": "pbt"})
+    # a key of the sweep file no section has: the closest of its section's fields
+    with pytest.raises(RecipeError, match=r"strip_ai_optimizer\.yaml: scheduler\.nam: no such field \(closest: name\)"):
+        load_plan("strip_ai_optimizer", ["scheduler.nam=asha"])
 
 
 def test_replicates_resplit_by_fold():
