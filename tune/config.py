@@ -209,9 +209,15 @@ class StudyConfig(Strict):
         from training.launch import load_manifest
         from training.preflight import check_compared
 
+        folds: dict[str, dict[str, set[str]]] = {}
         for label, sweep in self.sweeps().items():
             recipe = sweep.base()
-            check_compared(recipe, load_manifest(recipe)[0], self.compare.metrics, f"compare.metrics (group {label})")
+            manifest = load_manifest(recipe)[0]
+            check_compared(recipe, manifest, self.compare.metrics, f"compare.metrics (group {label})")
+            held = [r for r in manifest.inputs if r.status == "ingested" and r.patient]
+            folds[label] = {f: {r.patient for r in held if r.split == f} for f in self.replicates.folds}
+        if self.replicates.resplit and (note := fold_note(folds)):
+            print(f"warning: {note}", flush=True)
 
     def sweeps(self) -> dict[str, SweepConfig]:
         return {
@@ -225,6 +231,23 @@ class StudyConfig(Strict):
             )
             for label, g in self.groups.items()
         }
+
+
+def fold_note(folds: dict[str, dict[str, set[str]]]) -> str | None:
+    """Where groups' datasets hold other patients in a fold (``folds``: each group's fold -> patient pseudonyms,
+    keyed alike across datasets): replicates that re-split by fold then validate the groups on other patients,
+    and the comparison mixes the models' difference with their validation patients'. None: the same."""
+    if len(folds) < 2:
+        return None
+    (first, ref), *rest = folds.items()
+    for label, theirs in rest:
+        if differ := [f for f in ref if ref[f] != theirs.get(f, set())]:
+            return (
+                f"groups {first} and {label} hold other patients in {len(differ)} of their {len(ref)} folds "
+                f"({', '.join(differ)}): each replicate validates them on other patients. Ingest their datasets "
+                "from the same patients with the same --split, --seed and --split-balance"
+            )
+    return None
 
 
 def pairwise(groups: list[str], alpha: float) -> tuple[list[tuple[str, str]], float]:

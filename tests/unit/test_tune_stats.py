@@ -447,6 +447,36 @@ def test_a_study_refuses_a_metric_its_runs_would_not_log_before_any_replicate(tm
     bundled.check_compared()
 
 
+def test_a_study_whose_groups_datasets_hold_other_patients_in_a_fold_is_warned_of(tmp_path, capsys):
+    """Paper 002 ingests CT-ICH twice (sequences, slices) into ten folds, and each replicate validates both models
+    on the same folds: datasets split otherwise (another seed, another --split-balance) validate them on other
+    patients, which the comparison would take for the models' difference."""
+    from tests.datasets import make_dataset
+    from tune.config import StudyConfig, fold_note
+
+    make_dataset(str(tmp_path / "a"), {"f0": 8, "f1": 8, "f2": 8, "val": 4}, size=32)
+    make_dataset(str(tmp_path / "same"), {"f0": 8, "f1": 8, "f2": 8, "val": 4}, size=32, seed=5)
+    make_dataset(str(tmp_path / "other"), {"f0": 8, "f1": 12, "f2": 4, "val": 4}, size=32)
+
+    def study(b: str) -> StudyConfig:
+        return StudyConfig(
+            name="s", groups={"a": {"recipe": "demo_tiles", "overrides": [f"data.dataset={tmp_path / 'a'}"]},
+                              "b": {"recipe": "demo_tiles", "overrides": [f"data.dataset={tmp_path / b}"]}},
+            replicates={"n": 2, "resplit": True, "folds": ["f0", "f1", "f2"], "val_folds": 1},
+            compare={"metrics": ["val_accuracy"]},
+        )  # fmt: skip
+
+    study("same").check_compared()
+    assert "warning" not in capsys.readouterr().out
+    study("other").check_compared()
+    assert capsys.readouterr().out == (
+        "warning: groups a and b hold other patients in 2 of their 3 folds (f1, f2): each replicate validates them "
+        "on other patients. Ingest their datasets from the same patients with the same --split, --seed and "
+        "--split-balance\n"
+    )
+    assert fold_note({"a": {"f0": {"p"}}}) is None
+
+
 def test_the_stain_jitter_study_is_measured_on_centres_no_replicate_saw(tmp_path):
     """Its data is a dataset whose test split is held-out centres (``--hold-out-sites``), and it compares the
     replicates' test metrics, which its check before any training accepts on a dataset with a test split."""
