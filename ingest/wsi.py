@@ -153,19 +153,31 @@ def target_downsample(
     """Level-0 pixels per output pixel for the requested ``mpp`` or ``magnification``, and warnings.
 
     Unknown slide metadata means level 0 (downsample 1) with a warning; requests finer than level 0 are
-    clamped to level 0 (never upsampled).
+    clamped to level 0 (never upsampled), with a warning where it is more than :data:`COARSER` coarser: its tiles
+    show more specimen than the others'.
     """
     if mpp is not None and magnification is not None:
         raise ValueError("give --mpp or --magnification, not both")
     if mpp is not None:
         if slide_mpp is None:
             return 1.0, ["slide has no MPP metadata; tiled at level 0"]
-        return max(1.0, mpp / slide_mpp), []
+        return max(1.0, mpp / slide_mpp), _coarser(slide_mpp / mpp, f"{slide_mpp:.3g} µm/px", f"--mpp {mpp:g}")
     if magnification is not None:
         if slide_power is None:
             return 1.0, ["slide has no objective power; tiled at level 0"]
-        return max(1.0, slide_power / magnification), []
+        return max(1.0, slide_power / magnification), _coarser(
+            magnification / slide_power, f"{slide_power:g}x", f"--magnification {magnification:g}"
+        )
     return 1.0, []
+
+
+COARSER = 1.1  # a scan this much coarser than asked is said (0.2525 µm/px for 0.25 is not)
+
+
+def _coarser(ratio: float, scanned: str, asked: str) -> list[str]:
+    if ratio <= COARSER:
+        return []
+    return [f"scanned at {scanned}, coarser than {asked}: tiled at level 0, each tile {ratio:.3g}x as wide as asked"]
 
 
 @dataclass(frozen=True)

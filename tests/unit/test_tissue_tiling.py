@@ -193,6 +193,22 @@ def test_missing_mpp_is_level_zero_with_warning():
     assert plan.level == 0 and plan.warnings == ["slide has no MPP metadata; tiled at level 0"]
 
 
+def test_a_scan_coarser_than_asked_is_tiled_at_level_0_and_said():
+    """Never upsampled; its tiles show more specimen than a finer scan's, which a model of one scale would miss
+    unsaid. A scan within 10 % of the request (0.2525 µm/px for 0.25) is the request."""
+    reader = ArraySlideReader(_slide(), levels=2, mpp=0.5)
+    plan = plan_tiles(reader, tile_size=64, mpp=0.25, stride=None, threshold=0.3)
+    assert plan.level == 0 and plan.size0 == 64
+    said = "scanned at 0.5 µm/px, coarser than --mpp 0.25: tiled at level 0, each tile 2x as wide as asked"
+    assert plan.warnings == [said]
+    assert wsi.target_downsample(0.2525, None, 0.25, None) == (1.0, [])
+    assert wsi.target_downsample(None, 20.0, None, 40.0) == (
+        1.0,
+        ["scanned at 20x, coarser than --magnification 40: tiled at level 0, each tile 2x as wide as asked"],
+    )
+    assert wsi.target_downsample(0.25, 40.0, 0.5, None) == (2.0, [])
+
+
 def test_preview_marks_mask_outline_and_kept_tiles():
     import cv2
 
