@@ -64,7 +64,7 @@ def train_dry_run(recipe) -> None:
     from shards import provenance
     from training.engine import mixed_precision
     from training.models import check_model, count_parameters, recipe_model
-    from training.preflight import check_against
+    from training.preflight import check_against, untrained_classes
 
     print(yaml.safe_dump(recipe.model_dump(), sort_keys=False))
     check_model(recipe.model, recipe.task)
@@ -88,6 +88,8 @@ def train_dry_run(recipe) -> None:
             said = "; ".join(mixed)
             print(f"dataset: its samples were rendered more than one way ({said}; `tessera dataset` says which run)")
         print(held_out_line(recipe, manifest))
+        if warning := untrained_classes(recipe, manifest):
+            print(warning)
         print(input_size(recipe, manifest))
 
 

@@ -18,7 +18,7 @@ from training.capacity import check_capacity, gpu_choice, wants_gpu
 from training.config import RecipeError, TrainRecipe, apply_overrides, flatten, recipe_from_tree
 from training.endings import failure_reason, interrupted_as, resume_hint
 from training.live_runs import DRIVER_TAG, driver_tag, live_driver
-from training.preflight import check_against
+from training.preflight import check_against, untrained_classes
 
 RECIPE_ARTIFACT = "recipe.yaml"
 # Ray Train settings a run's controller and workers take from the driver's environment, unless set there:
@@ -171,7 +171,10 @@ def run_training(recipe: TrainRecipe, tracking_uri: str, storage_path: str, max_
 
     check_model(recipe.model, recipe.task)  # before an MLflow run or a worker exists
     check_capacity(recipe, wants_gpu(recipe))
-    run_id = start_run(recipe, tracking_uri)
+    loaded = load_manifest(recipe)
+    if warning := untrained_classes(recipe, loaded[0]):
+        print(warning, flush=True)
+    run_id = start_run(recipe, tracking_uri, loaded=loaded)
     return fit(recipe, run_id, tracking_uri, storage_path, max_failures, held_out=True)
 
 

@@ -47,6 +47,19 @@ def check_against(recipe: TrainRecipe, manifest: mf.ManifestBrief | mf.Manifest,
     check_monitor(recipe, outputs, split_sites(manifest, recipe.data.val_split))
 
 
+def untrained_classes(recipe: TrainRecipe, manifest: mf.ManifestHead) -> str | None:
+    """A warning naming the classes a classifier's training split holds no sample of (a class of few patients,
+    all in other splits): the model is never shown them. None where it holds every class (or cannot say: a
+    manifest whose shards do not record their samples' classes)."""
+    split = recipe.data.train_split
+    if recipe.task != "multiclass" or manifest.missing_splits(split):
+        return None
+    found = set(manifest.sample_classes(split) or range(len(manifest.classes)))
+    if absent := [c for i, c in enumerate(manifest.classes) if i not in found]:
+        return f"warning: the training split ({split}) holds no sample of {', '.join(absent)}: the model never sees it"
+    return None
+
+
 def check_patient_labels(recipe: TrainRecipe, manifest: mf.ManifestBrief | mf.Manifest) -> None:
     """A patient of the evaluated splits whose inputs are labelled differently has no truth when the recipe
     aggregates patients by mean or max (``any`` makes a patient positive when any input is)."""

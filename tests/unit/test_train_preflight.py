@@ -82,6 +82,22 @@ def test_a_dataset_of_one_class_is_refused_for_a_classifier_and_an_image_folder_
     check_against(load_recipe("demo_tiles", [f"data.dataset={tmp_path / 'two'}"]), two)
 
 
+def test_a_class_the_training_split_holds_no_sample_of_is_warned_of(tmp_path):
+    """A class of few patients may land in other splits alone: the model is never shown it, said before a run."""
+    from tests.datasets import make_dataset
+    from training.preflight import untrained_classes
+
+    one = make_dataset(str(tmp_path / "one"), {"train": 4, "val": 8}, classes=2)  # one patient in train
+    [held] = set(one.sample_classes("train"))
+    recipe = load_recipe("demo_tiles", [f"data.dataset={tmp_path / 'one'}"])
+    assert untrained_classes(recipe, one) == (
+        f"warning: the training split (train) holds no sample of class{1 - held}: the model never sees it"
+    )
+    both = make_dataset(str(tmp_path / "both"), {"train": 24, "val": 8}, classes=2)
+    assert set(both.sample_classes("train")) == {0, 1} and untrained_classes(recipe, both) is None
+    assert untrained_classes(load_recipe("rsna_ich_subtypes", [f"data.dataset={tmp_path / 'one'}"]), one) is None
+
+
 def test_the_workers_a_cluster_holds_are_counted_per_node():
     from shards.nodes import workers_that_fit
 
