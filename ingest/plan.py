@@ -156,6 +156,7 @@ def _skip(plan: Plan, uid: str, reason: str) -> None:
 
 
 COPY = "a copy of a slice another file holds (the same SOP instance): read from that one"
+NO_PATIENT = "no PatientID: its study stands for its patient (a patient's other studies may be in other splits)"
 HEADER_BYTES = 64 << 10  # a CT/MR header is a few kB; the pixels follow it
 
 
@@ -198,10 +199,14 @@ def plan_dicom(cfg: DicomIngestConfig, key: bytes) -> Plan:
         if slice_labels:
             label = max((v[0] for v in slice_labels if v), default=0)
         names = [s.instance_name for s in series.slices]
+        # no PatientID (a de-identification that blanked it): its study stands for its patient, where every such
+        # series was one patient, all in one split
+        blank = not series.patient_id.strip()
+        who = f"study {series.study_uid}" if blank else series.patient_id
         meta = {
             "study": _known(plan, key, "study", series.study_uid, f"study {series.study_uid}"),
             "modality": series.modality,
-            "warnings": series.warnings + _unlabelled(slice_labels, cfg.mode),
+            "warnings": [*series.warnings, *_unlabelled(slice_labels, cfg.mode), *[NO_PATIENT] * blank],
             "frames": [s.frame for s in series.slices],
             # a multi-frame CT's (or an enhanced image's) rescale to HU per frame, read here once rather than with
             # each frame's pixels; in the fingerprint, it tells the series from one ingested before frames were
@@ -216,7 +221,7 @@ def plan_dicom(cfg: DicomIngestConfig, key: bytes) -> Plan:
             kind="dicom",
             sources=[s.path for s in series.slices],
             item=sid,
-            patient=_known(plan, key, "patient", series.patient_id, f"patient {series.patient_id}"),
+            patient=_known(plan, key, "patient", who, f"patient {who}"),
             label=label,
             meta=meta,
             site=row.site if row else None,

@@ -103,6 +103,26 @@ def test_a_patient_table_row_without_a_series_is_reported_not_ingested(tmp_path)
     assert all(plan.private[u.item].startswith("series ") and plan.private[u.meta["study"]] for u in plan.units)
 
 
+def test_series_without_a_patient_id_are_a_patient_per_study_and_say_so(tmp_path):
+    """A de-identification that blanked PatientID made every such series one patient, all of them in one split.
+    Each study stands for its patient now, and each such series says so."""
+    from ingest.config import DicomIngestConfig
+    from ingest.plan import NO_PATIENT, plan_dicom
+    from ingest.synthetic import SyntheticPatient, write_ct_series
+
+    for i in range(4):
+        write_ct_series(tmp_path / "ct", SyntheticPatient(f"ANON{i}", "", ""), 3, 16, bleed=i % 2 == 0, seed=i)
+    write_ct_series(tmp_path / "ct", SyntheticPatient("DOE^J", "MRN1", "19600101"), 3, 16, bleed=False, seed=9)
+    cfg = DicomIngestConfig(sources=[str(tmp_path / "ct")], out=str(tmp_path / "o"), split="train=0.5,val=0.5")
+    plan = plan_dicom(cfg, b"k")
+    assert len(plan.units) == 5 and len({u.patient for u in plan.units}) == 5
+    assert {u.split for u in plan.units} == {"train", "val"}
+    blank = [u for u in plan.units if plan.private[u.patient].startswith("patient study ")]
+    assert len(blank) == 4 and all(NO_PATIENT in u.meta["warnings"] for u in blank)
+    [named] = [u for u in plan.units if u not in blank]
+    assert plan.private[named.patient] == "patient MRN1" and NO_PATIENT not in named.meta["warnings"]
+
+
 def test_a_slice_sample_is_named_by_its_sop_instance_through_the_private_map(tmp_path):
     """One sample per slice (RSNA's): its ``image`` is the pseudonym of its slice, which the private map traces to
     the slice's SOP Instance UID (the competition's image ID), in the series' anatomical order; a sample of
