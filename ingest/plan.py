@@ -15,7 +15,7 @@ from ingest.labels import RSNA_SUBTYPES, LabelRow, class_names, is_rsna_csv, lab
 from ingest.model_files import ModelFiles, read_models
 from ingest.pseudonym import pseudonym
 from ingest.sources import SLIDE_EXTS, companions_of, expand, fingerprint, listing, stem
-from ingest.splits import HELD_OUT, assign_splits, empty_split_notes, outside_held_out, parse_fractions
+from ingest.splits import HELD_OUT, assign_splits, outside_held_out, parse_fractions, split_notes
 from ingest.units import Unit
 from shards import storage
 from shards.manifest import InputRecord
@@ -386,5 +386,5 @@ def make_plan(kind: str, cfg: IngestConfig, key: bytes) -> Plan:
     model = read_models(cfg)
     plan = planner(cfg, key)
     plan.model = model
-    plan.notes += empty_split_notes(cfg.split, {u.patient: u.split for u in plan.units})
+    plan.notes += split_notes(cfg.split, [(u.patient, u.split) for u in plan.units])
     return plan

@@ -114,12 +114,21 @@ def empty_splits(fractions: dict[str, float], assigned: Iterable[str]) -> list[s
     return [name for name, f in fractions.items() if f > 0 and name not in held]
 
 
-def empty_split_notes(spec: str, patients: dict[str, str]) -> list[str]:
-    """A warning for each split of ``--split`` ``spec`` that none of ``patients`` (patient -> split) went to."""
-    return [
-        f"warning: split {name} holds no patient: {len(patients)} patient(s) are too few for --split {spec}"
-        for name in empty_splits(parse_fractions(spec), patients.values())
+def split_notes(spec: str, inputs: list[tuple[str, str]]) -> list[str]:
+    """Warnings of a run's patient split (``inputs``: each input's patient and split, ``spec`` its ``--split``):
+    each split that holds no patient, too few for the fractions; and one patient that holds more than half of ten
+    or more inputs, all in one split: a placeholder id (``ANONYMOUS``, ``0``) a de-identification wrote for all."""
+    splits = dict(inputs)
+    out = [
+        f"warning: split {name} holds no patient: {len(splits)} patient(s) are too few for --split {spec}"
+        for name in empty_splits(parse_fractions(spec), splits.values())
     ]
+    if len(inputs) >= 10 and (top := Counter(p for p, _ in inputs).most_common(1)[0])[1] * 2 > len(inputs):
+        out.append(
+            f"warning: one patient ({top[0]}) holds {top[1]} of the {len(inputs)} inputs, all in one split: a "
+            "placeholder patient id a de-identification wrote for all? Give each its own (a table's patient column)"
+        )
+    return out
 
 
 def extend_splits(

@@ -87,6 +87,25 @@ def test_patients_left_over_from_rounding_go_to_the_splits_furthest_below_their_
     assert assign_splits(unlabelled, fractions, 3) == assign_splits(unlabelled, fractions, 3, "per_class")
 
 
+def test_a_placeholder_patient_id_that_holds_most_inputs_is_warned_of():
+    """A de-identification that wrote one id (``ANONYMOUS``) for every patient puts every input in one split."""
+    from ingest.splits import split_notes
+
+    spec = "train=0.5,val=0.5"
+    crowded = [("anon", "train")] * 8 + [("p1", "val"), ("p2", "val")]
+    assert split_notes(spec, crowded) == [
+        "warning: one patient (anon) holds 8 of the 10 inputs, all in one split: a placeholder patient id a "
+        "de-identification wrote for all? Give each its own (a table's patient column)"
+    ]
+    assert split_notes(spec, crowded[3:]) == []  # fewer than ten inputs: a small cohort may be so
+    assert split_notes(spec, [("anon", "train")] * 5 + [(f"p{i}", "val") for i in range(5)]) == []  # half: not more
+    assert split_notes(spec, [("anon", "train")] * 12) == [
+        "warning: split val holds no patient: 1 patient(s) are too few for --split train=0.5,val=0.5",
+        "warning: one patient (anon) holds 12 of the 12 inputs, all in one split: a placeholder patient id a "
+        "de-identification wrote for all? Give each its own (a table's patient column)",
+    ]
+
+
 def test_a_dataset_split_per_class_before_keeps_its_splits_when_its_command_is_run_again(tmp_path, capsys):
     """A dataset made before ``overall`` records no ``split_balance``: a run on it takes ``per_class``, so the
     same command finds it made, where the new default would move its patients and have the run refused."""
