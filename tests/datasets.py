@@ -160,13 +160,13 @@ def small_recipe(name: str, tmp_path, *extra: str):
     return recipe
 
 
-def held_manifest(plan, cfg) -> mf.Manifest:
-    """The manifest of a dataset made by ``plan`` (every image ingested, one sample each): what ``--append``
-    compares a plan of more images against."""
+def held_manifest(plan, cfg, kind: str = "images") -> mf.Manifest:
+    """The manifest of a dataset of ``kind`` made by ``plan`` (every input ingested, one sample each): what
+    ``--append`` or the same command again compares a plan against."""
     held = [
         mf.InputRecord(
             id=u.id,
-            kind="image",
+            kind=u.kind,
             status="ingested",
             item=u.item,
             patient=u.patient,
@@ -177,6 +177,4 @@ def held_manifest(plan, cfg) -> mf.Manifest:
         )
         for u in plan.units
     ]
-    return mf.Manifest(
-        dataset=cfg.out, kind="images", classes=plan.classes, splits={}, inputs=held, config=cfg.public()
-    )
+    return mf.Manifest(dataset=cfg.out, kind=kind, classes=plan.classes, splits={}, inputs=held, config=cfg.public())

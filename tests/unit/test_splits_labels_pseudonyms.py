@@ -114,6 +114,7 @@ def test_a_dataset_split_per_class_before_keeps_its_splits_when_its_command_is_r
     from ingest.plan import make_plan
     from ingest.rerun import decide, recorded_balance
     from shards import manifest as mf
+    from tests.datasets import held_manifest
 
     slides = tmp_path / "slides"
     slides.mkdir()
@@ -128,22 +129,8 @@ def test_a_dataset_split_per_class_before_keeps_its_splits_when_its_command_is_r
     plan = make_plan("wsi", before, b"k")
     assert {u.split for u in plan.units} == {"train", "val"}
     assert plan.notes == ["warning: split test holds no patient: 8 patient(s) are too few for --split " + cfg.split]
-    records = [
-        mf.InputRecord(
-            id=u.id,
-            kind="wsi",
-            status="ingested",
-            item=u.item,
-            patient=u.patient,
-            label=u.label,
-            split=u.split,
-            samples=1,
-            fingerprint=u.fingerprint,
-        )
-        for u in plan.units
-    ]
-    config = {k: v for k, v in before.public().items() if k != "split_balance"}  # as versions before recorded it
-    made = mf.Manifest(dataset=out, kind="wsi", classes=plan.classes, config=config, inputs=records)
+    made = held_manifest(plan, before, "wsi")
+    del made.config["split_balance"]  # as versions before recorded it
     mf.save(made, out)
     none = f"  test: none (--split {cfg.split} names it, but no patient's samples went there)"
     assert none in dataset_lines(made, b"")
