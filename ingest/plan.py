@@ -174,6 +174,7 @@ def plan_dicom(cfg: DicomIngestConfig, key: bytes) -> Plan:
     table, rsna, classes = _dicom_labels(cfg)
     plan = Plan(units=[], classes=classes, multilabel=list(RSNA_SUBTYPES) if rsna else None)
     headers, named = [], set()
+    numeric = {patient_key(k): row for k, row in table.items()}
     stamps = listing(cfg.sources)
     locations = list(stamps)
     for loc, (found, reason) in zip(locations, map_headers(source_headers, locations), strict=True):
@@ -182,7 +183,7 @@ def plan_dicom(cfg: DicomIngestConfig, key: bytes) -> Plan:
             _skip(plan, uid, reason)
         headers += found
     for series in group_series(headers):
-        named |= {series.series_uid, series.patient_id}
+        named |= {series.series_uid, patient_key(series.patient_id)}
         for copy in series.copies:  # accounted for: the slice it holds comes from another file
             _skip(plan, _known(plan, key, "source", copy, copy), COPY)
         where = os.path.dirname(series.slices[0].path)
@@ -191,7 +192,8 @@ def plan_dicom(cfg: DicomIngestConfig, key: bytes) -> Plan:
             _skip(plan, sid, "BurnedInAnnotation=YES (text in the pixels may identify the patient); --allow-burned-in")
             continue
         slice_labels = [rsna.get(s.sop_uid) for s in series.slices] if rsna else None
-        row = table.get(series.series_uid) or table.get(series.patient_id)
+        # a spreadsheet drops a numeric id's leading zeros (006388 -> 6388): matched as the number it is
+        row = table.get(series.series_uid) or numeric.get(patient_key(series.patient_id))
         if (table and row is None) or (rsna and not any(slice_labels or [])):
             _skip(plan, sid, "not in the label table")
             continue
@@ -227,7 +229,7 @@ def plan_dicom(cfg: DicomIngestConfig, key: bytes) -> Plan:
             site=row.site if row else None,
         )
         plan.units.append(unit)
-    _unmatched(plan, key, set(table) - named, cfg.labels)
+    _unmatched(plan, key, {k for k in table if patient_key(k) not in named}, cfg.labels)
     _assign(plan.units, cfg)
     _fingerprints(plan, key, stamps)
     return plan

@@ -103,6 +103,24 @@ def test_a_patient_table_row_without_a_series_is_reported_not_ingested(tmp_path)
     assert all(plan.private[u.item].startswith("series ") and plan.private[u.meta["study"]] for u in plan.units)
 
 
+def test_a_numeric_patient_id_a_spreadsheet_stripped_of_its_leading_zeros_still_matches(tmp_path):
+    """Saved through a spreadsheet, ``006388`` becomes ``6388``: every series was skipped as not in the label table
+    and every row listed as naming no input."""
+    from ingest.config import DicomIngestConfig
+    from ingest.plan import plan_dicom
+    from ingest.synthetic import SyntheticPatient, write_ct_series
+
+    for i, pid in enumerate(("006388", "A0042")):
+        write_ct_series(tmp_path / "ct", SyntheticPatient(f"P{i}", pid, "19600101"), 3, 16, bleed=i == 0, seed=i)
+    labels = tmp_path / "labels.csv"
+    labels.write_text("patient,label\n6388,bleed\nA0042,normal\n")
+    cfg = DicomIngestConfig(sources=[str(tmp_path / "ct")], out=str(tmp_path / "o"), labels=str(labels))
+    plan = plan_dicom(cfg, b"k")
+    assert len(plan.units) == 2 and not plan.skipped and not plan.unmatched
+    assert sorted(plan.private[u.patient] for u in plan.units) == ["patient 006388", "patient A0042"]
+    assert {plan.private[u.patient]: plan.classes[u.label] for u in plan.units}["patient 006388"] == "bleed"
+
+
 def test_series_without_a_patient_id_are_a_patient_per_study_and_say_so(tmp_path):
     """A de-identification that blanked PatientID made every such series one patient, all of them in one split.
     Each study stands for its patient now, and each such series says so."""
