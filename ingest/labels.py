@@ -73,7 +73,7 @@ def read_label_csv(text: str, source: str = "labels") -> list[LabelRow]:
     site_col = next((c for c in SITE_COLUMNS if c in cols), None)
     rows: dict[str, tuple[int, LabelRow]] = {}
     for n, row in enumerate(reader, start=2):
-        if not row.get(item_col) or (labelled and not row.get("label")):
+        if not (row.get(item_col) or "").strip() or (labelled and not (row.get("label") or "").strip()):  # blank too
             raise ValueError(f"{source}: line {n} lacks {item_col!r}" + (" or 'label'" if labelled else ""))
         patient = row.get(patient_col) if patient_col else None
         label = row["label"].strip() if labelled else None

@@ -257,6 +257,8 @@ def test_a_label_table_as_spreadsheets_write_them_and_its_repeated_rows():
     strip = "image_id,center_id,patient_id,image_num,label\nx_0,1,x,0,CE\nx_0,1,y,0,CE\n"
     with pytest.raises(ValueError, match="line 3 gives x_0 label 'CE', patient 'y' and site '1', where line 2 gave"):
         read_label_csv(strip)
+    with pytest.raises(ValueError, match=r"^t\.csv: line 3 lacks 'slide' or 'label'$"):  # a blank cell: class ''
+        read_label_csv("slide,label\na,CE\nb, \n", source="t.csv")
 
 
 def test_a_label_table_saved_by_a_spreadsheet_of_another_locale_or_encoding():
