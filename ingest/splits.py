@@ -81,10 +81,8 @@ def assign_splits(
     for label in sorted(groups, key=lambda g: (g is not None, g or 0)):
         members = groups[label]
         quotas = [fractions[n] * len(members) for n in names]
-        if balance == "per_class":
-            counts = _largest_remainder(quotas)
-        else:
-            counts = _balanced(quotas, [fractions[n] for n in names], [taken[n] for n in names])
+        before = [0] * len(names) if balance == "per_class" else [taken[n] for n in names]  # per class: none
+        counts = _balanced(quotas, [fractions[n] for n in names], before)
         i = 0
         for name, n in zip(names, counts, strict=True):
             for p in members[i : i + n]:
@@ -96,7 +94,8 @@ def assign_splits(
 
 def _balanced(quotas: list[float], fractions: list[float], taken: list[int]) -> list[int]:
     """Each split's whole quota, and one more for each of the splits (of a fraction above 0) furthest below their
-    fraction of all patients counted so far with this group's (ties to the split listed first)."""
+    fraction of all patients counted so far with this group's (ties to the split listed first). With ``taken``
+    all 0, that is the group's largest remainders: per class."""
     counts = [int(q) for q in quotas]
     left = round(sum(quotas)) - sum(counts)
     total = sum(taken) + round(sum(quotas))
@@ -150,12 +149,3 @@ def extend_splits(
             counts[label, name] += 1
             out[patient] = name
     return out
-
-
-def _largest_remainder(quotas: list[float]) -> list[int]:
-    counts = [int(q) for q in quotas]
-    left = round(sum(quotas)) - sum(counts)
-    order = sorted(range(len(quotas)), key=lambda i: quotas[i] - counts[i], reverse=True)
-    for i in order[:left]:
-        counts[i] += 1
-    return counts
