@@ -214,9 +214,10 @@ class StudyConfig(Strict):
             recipe = sweep.base()
             manifest = load_manifest(recipe)[0]
             check_compared(recipe, manifest, self.compare.metrics, f"compare.metrics (group {label})")
-            held = [r for r in manifest.inputs if r.status == "ingested" and r.patient]
-            folds[label] = {f: {r.patient for r in held if r.split == f} for f in self.replicates.folds}
-        if self.replicates.resplit and (note := fold_note(folds)):
+            if self.replicates.resplit:  # each group's patients by fold, only where replicates re-split by fold
+                held = [r for r in manifest.inputs if r.status == "ingested" and r.patient]
+                folds[label] = {f: {r.patient for r in held if r.split == f} for f in self.replicates.folds}
+        if note := fold_note(folds):
             print(f"warning: {note}", flush=True)
 
     def sweeps(self) -> dict[str, SweepConfig]:
