@@ -107,7 +107,8 @@ def by_file_stem(table: dict[str, LabelRow], exts: tuple[str, ...], source: str 
     out: dict[str, tuple[str, LabelRow]] = {}
     for item, row in table.items():
         key = stem(item) if exts and (item.lower().endswith(exts) or "/" in item) else item
-        if (seen := out.setdefault(key, (item, row))) and seen[1] != row:
+        seen = out.setdefault(key, (item, row))
+        if seen[1] != row:
             raise ValueError(f"{source}: rows {seen[0]} and {item} name one file, {key}, with other labels or patients")
     return {key: row for key, (_, row) in out.items()}
 
