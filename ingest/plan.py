@@ -121,11 +121,10 @@ def plan_wsi(cfg: WsiIngestConfig, key: bytes) -> Plan:
     for name, files in sorted(slides, key=lambda s: s[1][0]):
         uid = _known(plan, key, "source", files[0], files[0])
         row = table.get(name)
-        kept = first.setdefault(name, uid)
-        if table and (reason := "not in the label table" if row is None else _same_name(kept, uid)):
+        if table and (reason := "not in the label table" if row is None else _same_name(first, name, uid)):
             plan.skipped.append(InputRecord(id=uid, kind="wsi", status="skipped", reason=reason))
             continue
-        own = name if kept == uid else files[0]  # without a table, a slide of its own, and a patient
+        own = name if first.setdefault(name, uid) == uid else files[0]  # without a table, each its own slide
         who = row.patient if row and row.patient else own
         patient = _known(plan, key, "patient", who, f"patient {who}")
         slide = _known(plan, key, "slide", own, files[0])
@@ -136,9 +135,11 @@ def plan_wsi(cfg: WsiIngestConfig, key: bytes) -> Plan:
     return plan
 
 
-def _same_name(kept: str, uid: str) -> str | None:
-    """Why input ``uid`` is skipped where ``kept``, taken first, has its name (its file's stem) as a label table
-    names them (None: it is ``kept``): the table's row names one input, and which of them it means is not told."""
+def _same_name(first: dict[str, str], name: str, uid: str) -> str | None:
+    """Why input ``uid`` is skipped where an input taken before it (``first``: name -> input) has its name (its
+    file's stem) as a label table names them (None: it is the first): the table's row names one input, and which
+    of them it means is not told."""
+    kept = first.setdefault(name, uid)
     return None if kept == uid else f"its name is that of input {kept}, taken first (by path): a label table names one"
 
 
@@ -297,8 +298,7 @@ def plan_images(cfg: ImagesIngestConfig, key: bytes) -> Plan:
             continue
         name = stem(loc)
         row = table.get(name)
-        kept = first.setdefault(name, uid)
-        if layout == "csv" and (reason := "not in the label table" if row is None else _same_name(kept, uid)):
+        if layout == "csv" and (reason := "not in the label table" if row is None else _same_name(first, name, uid)):
             _image_skip(plan, uid, reason)
             continue
         meta: dict = {"pixel_boxes": pixel_boxes.get(name, [])}
