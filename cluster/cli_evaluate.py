@@ -14,13 +14,18 @@ def add_run_arguments(parser) -> None:
     )
 
 
+INTERVAL_KEYS = ("eval.bootstrap", "eval.confidence")  # what `tessera evaluate` may change besides where it runs
+
+
 def add_evaluate_parser(sub) -> None:
     ev = sub.add_parser(
         "evaluate",
         help="evaluate a run's selected model on a held-out split or another dataset, into its MLflow run",
         description="The run's exported model (its best epoch, or the SWA average: the registered one) on SPLIT, "
         "distributed over the recipe's workers (or KEY=VALUE's); sample- and aggregation-level metrics and "
-        "pictures are logged into the run under the split's name (test_accuracy, test_patient_accuracy, ...). "
+        "pictures are logged into the run under the split's name (test_accuracy, test_patient_accuracy, ...), "
+        "each with its confidence interval from a bootstrap of the split's patients (test_accuracy_ci_low, "
+        "test_accuracy_ci_high; eval.bootstrap=N resamples, 1000 by default, 0 for none; eval.confidence=0.95). "
         "`tessera train` does this for the recipe's data.test_split after training.",
     )
     add_run_arguments(ev)
@@ -43,10 +48,12 @@ def add_evaluate_parser(sub) -> None:
 def cmd_evaluate(args) -> int:
     from cluster import health
     from cluster.cli import _connect, _settings
-    from training.evaluation import evaluate_run, summary
+    from training.eval_summary import summary
+    from training.evaluation import evaluate_run
     from training.launch import EVALUATE_KEYS, check_where_overrides
 
-    check_where_overrides(args.overrides, EVALUATE_KEYS, "tessera evaluate")  # before anything connects
+    # where it runs, and how its intervals are drawn: neither changes the model or its metrics
+    check_where_overrides(args.overrides, (*EVALUATE_KEYS, *INTERVAL_KEYS), "tessera evaluate")
     s = _settings()
     _connect(s)
     health.require(s, "mlflow")
@@ -79,7 +86,7 @@ def held_out_line(recipe, manifest) -> str:
 
 def print_held_out(outcome) -> None:
     """What ``tessera train`` says about its held-out evaluation, and the heatmaps the recipe asked for."""
-    from training.evaluation import summary
+    from training.eval_summary import summary
 
     if outcome.held_out is not None:
         print(summary(outcome.held_out))

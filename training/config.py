@@ -188,6 +188,8 @@ class EvalConfig(Strict):
     positive probability reaches ``threshold``: paper 002's image model per series).
     ``heatmaps`` (slides only): after training, each validation and held-out slide's tile probabilities drawn over
     its preview into the run (``heatmaps/``, ``test_heatmaps/``), as ``tessera evaluate --heatmaps`` draws them.
+    ``bootstrap``: resamples of the held-out split's patients giving each held-out metric its ``confidence``
+    interval (:mod:`training.intervals`); 0: none.
     """
 
     monitor: str = "val_loss"
@@ -196,6 +198,8 @@ class EvalConfig(Strict):
     how: Literal["mean", "max", "any"] = "mean"
     threshold: float = Field(0.5, gt=0, lt=1)
     heatmaps: bool = False
+    bootstrap: int = Field(1000, ge=0)
+    confidence: float = Field(0.95, gt=0, lt=1)
 
 
 class TrackingConfig(Strict):

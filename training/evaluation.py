@@ -11,7 +11,6 @@ side by side on held-out data. Another dataset (external validation) takes a pre
 from __future__ import annotations
 
 import json
-import math
 import re
 import tempfile
 import uuid
@@ -22,12 +21,10 @@ from typing import Any
 from shards import manifest as mf
 from training import tracking
 from training.config import TrainRecipe
-from training.metrics import HEADLINE
 from training.tracking import MODEL_ARTIFACT
 
 HELD_OUT_ERROR = "held_out_error"  # the run's tag when training's held-out step failed
 TRAINING_PREFIXES = ("train_", "val_")  # the per-epoch metrics of training (besides lr and epoch)
-DETECTION_HEADLINE = ("map50", "map", "precision", "recall", "f1", "image_accuracy")  # a detector's
 SCALE_WARNING = "scale_warning"  # <prefix>scale_warning: the evaluated samples' scale is not the training's
 
 
@@ -40,6 +37,7 @@ class EvalOutcome:
     metrics: dict[str, float]
     levels: list[str]
     warning: str | None = None  # of the samples' scale (:data:`SCALE_WARNING`)
+    intervals: str | None = None  # how the metrics' confidence intervals were drawn, where they were
 
 
 def metric_prefix(split: str, name: str | None = None) -> str:
@@ -113,7 +111,7 @@ def evaluate_split(recipe: TrainRecipe, manifest: mf.ManifestHead, split: str, p
     """Every rank of a worker group: the run's exported model on this rank's part of ``split``; rank 0 logs the
     metrics and pictures under ``prefix``. A failure on any rank raises on every rank."""
     from training.export import export_outputs, samples_scale_warning
-    from training.levels import evaluate
+    from training.levels import evaluate, intervals
     from training.loop import outputs_of
     from training.reporting import log_evaluation
     from training.sites import by_site, site_metrics
@@ -124,8 +122,13 @@ def evaluate_split(recipe: TrainRecipe, manifest: mf.ManifestHead, split: str, p
     metrics = evaluate(pred, recipe, outputs, prefix)
     if rank == 0:
         sites = by_site(pred, recipe, outputs)
-        log.metrics(metrics | site_metrics(sites, prefix), step=0)
+        bounds, table = intervals(pred, recipe, outputs, prefix)
+        log.metrics(metrics | bounds | site_metrics(sites, prefix), step=0)
         log_evaluation(log, recipe, outputs, pred, f"{split} split", prefix, sites)
+        if table:
+            with tempfile.TemporaryDirectory() as tmp:
+                (path := Path(tmp) / f"{prefix}intervals.csv").write_text(table)
+                log.artifact(path)
         warning = samples_scale_warning(desc, pred["metas"], manifest.config)
         if warning:
             log.tag(f"{prefix}{SCALE_WARNING}", warning)
@@ -216,7 +219,10 @@ def _outcome(client, run_id: str, recipe: TrainRecipe, split: str, prefix: str, 
     run = client.get_run(run_id)
     logged = {k: v for k, v in run.data.metrics.items() if k.startswith(prefix)}
     warning = run.data.tags.get(f"{prefix}{SCALE_WARNING}")
-    return EvalOutcome(run_id, prefix, url, split, logged, list(recipe.eval.levels), warning)
+    how = None
+    if any(k.endswith("_ci_low") for k in logged):
+        how = f"{recipe.eval.confidence:.0%} intervals of {recipe.eval.bootstrap} bootstrap resamples of patients"
+    return EvalOutcome(run_id, prefix, url, split, logged, list(recipe.eval.levels), warning, how)
 
 
 def check_own_dataset(recorded: str | None, manifest, data: bytes, url: str, split: str, run_id: str) -> None:
@@ -343,47 +349,3 @@ def run_group(loop, config: dict[str, Any], recipe: TrainRecipe, storage_path: s
             trainer.fit()
     except TrainingFailedError as exc:  # its message holds rank 0's traceback
         raise RunFailed(f"{what} failed: {failure_reason(exc)}") from exc
-
-
-def summary(outcome: EvalOutcome) -> str:
-    """The headline metrics, a line per level, for the terminal (every metric is in the run)."""
-    lines = [f"{outcome.split} split of {outcome.dataset}, metrics {outcome.prefix}* in the run:"]
-    for level in ("sample", *outcome.levels):
-        pre = outcome.prefix if level == "sample" else f"{outcome.prefix}{level}_"
-        headline = DETECTION_HEADLINE if pre + "map50" in outcome.metrics else HEADLINE
-        shown = [f"{k} {outcome.metrics[pre + k]:.4f}" for k in headline if pre + k in outcome.metrics]
-        if shown:
-            lines.append(f"  {level}: {', '.join(shown)}")
-    lines += _site_lines(outcome)
-    if outcome.warning:
-        lines.append(f"  warning: {outcome.warning}")
-    return "\n".join(lines)
-
-
-def _site_lines(outcome: EvalOutcome) -> list[str]:
-    """A line per site the samples named (:mod:`training.sites`): its samples and, at the last level they name
-    (a recipe's ``patient``, or the samples'), its count there and the headline metrics; every level is in the run
-    (``<prefix>by_site.csv``)."""
-    from shards.schema import site_order
-
-    found = re.compile(rf"^{re.escape(outcome.prefix)}site_(.+)_samples$")
-    metrics, lines, level = outcome.metrics, [], None
-    keys = site_order(m.group(1) for k in metrics if (m := found.match(k)))
-    for key in keys:
-        pre = f"{outcome.prefix}site_{key}_"
-        what = f"{metrics[pre + 'samples']:.0f} samples"
-        level = next((lv for lv in reversed(outcome.levels) if f"{pre}{lv}_count" in metrics), None)
-        if level:
-            pre = f"{pre}{level}_"
-            what += f", {metrics[pre + 'count']:.0f} {level}(s)"
-        shown = [f"{k} {metrics[pre + k]:.4f}" for k in HEADLINE if pre + k in metrics]
-        lines.append(f"  site {key} ({what}): {level or 'sample'} {', '.join(shown)}")
-    # each metric's worst site (training.sites.worst_sites), named
-    at = f"{level}_" if level else ""
-    worst = []
-    for k in HEADLINE:
-        value = metrics.get(f"{outcome.prefix}worst_site_{at}{k}", math.nan)
-        which = [key for key in keys if metrics.get(f"{outcome.prefix}site_{key}_{at}{k}") == value]
-        if which:  # NaN, no site's: none
-            worst.append(f"{k} {value:.4f} (site {which[0]})")
-    return lines + ([f"  worst site: {level or 'sample'} {', '.join(worst)}"] if worst else [])

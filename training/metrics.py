@@ -48,6 +48,16 @@ def predicted_classes(p: np.ndarray, threshold: float | None = None) -> np.ndarr
     return p.argmax(axis=1)
 
 
+def rates(y_true: np.ndarray, pred: np.ndarray, labels: list[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Sensitivity and specificity of each class (``labels``, one against the rest) or of each column of
+    multi-label indicators, from scikit-learn's per-class confusion counts: NaN where the class's positives (or
+    its negatives) are absent, so that a split without a class reports no rate for it rather than 0."""
+    counts = skm.multilabel_confusion_matrix(y_true, pred, labels=labels).astype(np.float64)
+    tn, fp, fn, tp = counts[:, 0, 0], counts[:, 0, 1], counts[:, 1, 0], counts[:, 1, 1]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return tp / (tp + fn), tn / (tn + fp)
+
+
 def classification_metrics(
     y_true: np.ndarray,
     probs: np.ndarray,
@@ -55,8 +65,9 @@ def classification_metrics(
     classes: list[str] | None = None,
     threshold: float | None = None,
 ) -> dict[str, float]:
-    """Accuracy, macro and per-class precision/recall/F1, ROC-AUC (NaN when a class is absent), weighted log
-    loss. ``threshold`` (binary only) calls a sample positive when ``P(class 1) >= threshold``."""
+    """Accuracy, macro and per-class precision/recall/F1, each class's specificity (its other classes' samples
+    not called it; NaN where there are none), ROC-AUC (NaN when a class is absent), weighted log loss.
+    ``threshold`` (binary only) calls a sample positive when ``P(class 1) >= threshold``."""
     y = np.asarray(y_true)
     p = np.asarray(probs, np.float64)
     pred = predicted_classes(p, threshold)
@@ -72,8 +83,9 @@ def classification_metrics(
         "auc": math.nan,
     }
     names = classes or [str(c) for c in labels]
+    specificity = rates(y, pred, labels)[1]
     for c, name in enumerate(names):
-        for metric, values in zip(("precision", "recall", "f1"), per[:3], strict=True):
+        for metric, values in zip(("precision", "recall", "f1", "specificity"), (*per[:3], specificity), strict=True):
             out[f"{metric}_{metric_name(name)}"] = float(values[c])
     if len(np.unique(y)) == p.shape[1]:
         if p.shape[1] == 2:
@@ -86,19 +98,22 @@ def classification_metrics(
 def multilabel_metrics(
     y_true: np.ndarray, probs: np.ndarray, names: list[str], prefix: str = "", threshold: float = 0.5
 ) -> dict[str, float]:
-    """Per label: AUC (NaN when one value is absent), F1 and accuracy at ``threshold``; their macro means;
-    RSNA's weighted log loss (``any`` first)."""
+    """Per label: AUC (NaN when one value is absent), F1, accuracy, recall (sensitivity) and specificity at
+    ``threshold`` (a rate NaN where the label's positives, or negatives, are absent); the macro means of AUC, F1
+    and accuracy; RSNA's weighted log loss (``any`` first)."""
     y = np.asarray(y_true).astype(np.int64)
     p = np.asarray(probs, np.float64)
     pred = (p >= threshold).astype(np.int64)
     out: dict[str, float] = {"rsna_log_loss": rsna_log_loss(y, p)}
     aucs, f1s, accs = [], [], []
+    recall, specificity = rates(y, pred)
     for j, name in enumerate(names):
         auc = float(skm.roc_auc_score(y[:, j], p[:, j])) if len(np.unique(y[:, j])) == 2 else math.nan
         f1 = float(skm.f1_score(y[:, j], pred[:, j], zero_division=0))
         acc = float(skm.accuracy_score(y[:, j], pred[:, j]))
         key = metric_name(name)
         out |= {f"auc_{key}": auc, f"f1_{key}": f1, f"accuracy_{key}": acc}
+        out |= {f"recall_{key}": float(recall[j]), f"specificity_{key}": float(specificity[j])}
         aucs.append(auc)
         f1s.append(f1)
         accs.append(acc)

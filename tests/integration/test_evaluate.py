@@ -24,7 +24,8 @@ from shards import manifest as mf
 from tests.datasets import make_dataset
 from tests.integration.commands import ingest_wsi_cmd
 from training.config import load_recipe
-from training.evaluation import evaluate_run, summary
+from training.eval_summary import summary
+from training.evaluation import evaluate_run
 from training.heatmaps import HEADER, OPACITY
 from training.inference import predict_run
 from training.launch import run_training
@@ -97,6 +98,16 @@ def test_training_evaluates_its_selected_model_on_the_test_split(trained, stack,
         assert logged[f"test_{key}"] == pytest.approx(value, abs=1e-4), key
         assert out.held_out.metrics[f"test_{key}"] == pytest.approx(value, abs=1e-4), key
     assert run.data.tags["test_dataset"] == str(work / "ds")
+    # each metric's confidence interval, of 1000 resamples of the test split's 3 patients, brackets it
+    intervals = client.download_artifacts(out.run_id, "test_intervals.csv", str(tmp_path))
+    rows = list(csv.DictReader(Path(intervals).read_text().splitlines()))
+    assert {(r["level"], r["clusters"], r["resampled"], r["resamples"]) for r in rows} == {
+        ("sample", "3", "patients", "1000"),
+        ("patient", "3", "patients", "1000"),
+    }
+    for key in ("test_accuracy", "test_patient_accuracy", "test_weighted_log_loss"):
+        assert logged[f"{key}_ci_low"] <= logged[key] <= logged[f"{key}_ci_high"], key
+    assert "in brackets, 95% intervals of 1000 bootstrap resamples of patients" in summary(out.held_out)
     artifacts = {a.path for a in client.list_artifacts(out.run_id)}
     assert {"test_confusion_sample.png", "test_confusion_patient.png", "test_roc_patient.png"} <= artifacts
     assert {"confusion_sample.png", "roc_patient.png"} <= artifacts  # validation's own, still there

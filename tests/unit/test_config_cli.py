@@ -453,7 +453,8 @@ def test_dry_run_says_which_slides_get_heatmaps(capsys, tmp_path):
 
 
 def test_evaluation_prefixes_checks_and_summary():
-    from training.evaluation import EvalOutcome, check_prefix_free, metric_prefix, summary
+    from training.eval_summary import summary
+    from training.evaluation import EvalOutcome, check_prefix_free, metric_prefix
     from training.export import class_map
 
     assert metric_prefix("test") == "test_"

@@ -12,7 +12,8 @@ from ingest.plan import make_plan
 from ingest.synthetic import make_slides
 from ingest.units import plan_unit, work_samples
 from training.config import load_recipe
-from training.evaluation import EvalOutcome, summary
+from training.eval_summary import summary
+from training.evaluation import EvalOutcome
 from training.metas import Metas
 from training.sites import by_site, group_sites, site_keys, site_metrics, site_table, worst_sites
 
