@@ -14,7 +14,8 @@ def add_run_arguments(parser) -> None:
     )
 
 
-INTERVAL_KEYS = ("eval.bootstrap", "eval.confidence")  # what `tessera evaluate` may change besides where it runs
+# what `tessera evaluate` may change besides where it runs: how its intervals are drawn, its operating point
+REPORT_KEYS = ("eval.bootstrap", "eval.confidence", "eval.operating_point", "eval.positive")
 
 
 def add_evaluate_parser(sub) -> None:
@@ -25,7 +26,10 @@ def add_evaluate_parser(sub) -> None:
         "distributed over the recipe's workers (or KEY=VALUE's); sample- and aggregation-level metrics and "
         "pictures are logged into the run under the split's name (test_accuracy, test_patient_accuracy, ...), "
         "each with its confidence interval from a bootstrap of the split's patients (test_accuracy_ci_low, "
-        "test_accuracy_ci_high; eval.bootstrap=N resamples, 1000 by default, 0 for none; eval.confidence=0.95). "
+        "test_accuracy_ci_high; eval.bootstrap=N resamples, 1000 by default, 0 for none; eval.confidence=0.95), "
+        "and with eval.operating_point=youden|sensitivity:S|specificity:S (and a binary classifier's "
+        "eval.positive=CLASS) the sensitivity, specificity, PPV and NPV at the threshold that rule chooses on the "
+        "validation split. "
         "`tessera train` does this for the recipe's data.test_split after training.",
     )
     add_run_arguments(ev)
@@ -52,8 +56,8 @@ def cmd_evaluate(args) -> int:
     from training.evaluation import evaluate_run
     from training.launch import EVALUATE_KEYS, check_where_overrides
 
-    # where it runs, and how its intervals are drawn: neither changes the model or its metrics
-    check_where_overrides(args.overrides, (*EVALUATE_KEYS, *INTERVAL_KEYS), "tessera evaluate")
+    # where it runs, and what it reports besides the metrics: neither changes the model or its metrics
+    check_where_overrides(args.overrides, (*EVALUATE_KEYS, *REPORT_KEYS), "tessera evaluate")
     s = _settings()
     _connect(s)
     health.require(s, "mlflow")

@@ -11,6 +11,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from shards.storage import anchored, anchored_if_local
+from training.operating import parse_rule
 
 RECIPES = Path(__file__).parent / "recipes"
 EFFICIENTDET = "tf_efficientdet_"  # effdet's ports of the EfficientDet authors' models (training.efficientdet)
@@ -189,7 +190,10 @@ class EvalConfig(Strict):
     ``heatmaps`` (slides only): after training, each validation and held-out slide's tile probabilities drawn over
     its preview into the run (``heatmaps/``, ``test_heatmaps/``), as ``tessera evaluate --heatmaps`` draws them.
     ``bootstrap``: resamples of the held-out split's patients giving each held-out metric its ``confidence``
-    interval (:mod:`training.intervals`); 0: none.
+    interval (:mod:`training.intervals`); 0: none. ``operating_point`` (``youden``, ``sensitivity:S``,
+    ``specificity:S``): the threshold chosen on the validation split for the ``positive`` class of a binary
+    classifier (each label of a multi-label one), whose sensitivity, specificity, PPV and NPV the held-out
+    evaluation reports (:mod:`training.operating`).
     """
 
     monitor: str = "val_loss"
@@ -200,6 +204,15 @@ class EvalConfig(Strict):
     heatmaps: bool = False
     bootstrap: int = Field(1000, ge=0)
     confidence: float = Field(0.95, gt=0, lt=1)
+    operating_point: str | None = None
+    positive: str | None = None
+
+    @field_validator("operating_point")
+    @classmethod
+    def _rule(cls, rule: str | None) -> str | None:
+        if rule is not None:
+            parse_rule(rule)  # its message says which forms there are
+        return rule
 
 
 class TrackingConfig(Strict):
@@ -249,6 +262,14 @@ class TrainRecipe(Strict):
             raise ValueError("eval.how: 'any' is for multiclass tasks with a positive class")
         if self.task == "detect":
             self._detection_consistent()
+        if self.eval.positive and self.task != "multiclass":
+            raise ValueError("eval.positive: a binary classifier's positive class; each label of a multi-label "
+                             "task is its own positive")  # fmt: skip
+        if self.eval.operating_point and (
+            self.task == "detect" or (self.task == "multiclass" and not self.eval.positive)
+        ):
+            raise ValueError("eval.operating_point: needs eval.positive, the class whose sensitivity it sets "
+                             "(a binary classifier's; not for task detect)")  # fmt: skip
         video = self.model.name == "vivit" or self.model.name.startswith("temporal:")
         if video != (self.data.frames > 0):
             raise ValueError("data.frames: video models (vivit, temporal:*) need frames > 0, image models 0")

@@ -26,6 +26,7 @@ def summary(outcome: EvalOutcome) -> str:
         shown = [f"{k} {_with_interval(outcome.metrics, pre + k)}" for k in headline if pre + k in outcome.metrics]
         if shown:
             lines.append(f"  {level}: {', '.join(shown)}")
+        lines += _operating_lines(outcome, level, pre)
     lines += _site_lines(outcome)
     if outcome.warning:
         lines.append(f"  warning: {outcome.warning}")
@@ -37,6 +38,24 @@ def _with_interval(metrics: dict[str, float], key: str) -> str:
     low, high = metrics.get(f"{key}_ci_low", math.nan), metrics.get(f"{key}_ci_high", math.nan)
     bounds = "" if math.isnan(low) or math.isnan(high) else f" [{low:.4f}, {high:.4f}]"
     return f"{metrics[key]:.4f}{bounds}"
+
+
+def _operating_lines(outcome: EvalOutcome, level: str, pre: str) -> list[str]:
+    """A line per output whose threshold the operating point chose on validation at ``level``: the threshold and
+    the held-out sensitivity, specificity, PPV and NPV there, with their intervals."""
+    found = re.compile(rf"^{re.escape(pre)}op_threshold_(.+)$")
+    lines = []
+    for key, cut in sorted(outcome.metrics.items()):
+        if m := found.match(key):
+            name = m.group(1)
+            rates = [
+                f"{r} {_with_interval(outcome.metrics, f'{pre}op_{r}_{name}')}"
+                for r in ("sensitivity", "specificity", "ppv", "npv")
+                if f"{pre}op_{r}_{name}" in outcome.metrics
+            ]
+            rule = outcome.operating_point
+            lines.append(f"    {name} called at p >= {cut:.4f} ({rule} on validation): {', '.join(rates)}")
+    return lines
 
 
 def _site_lines(outcome: EvalOutcome) -> list[str]:

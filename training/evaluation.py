@@ -38,6 +38,7 @@ class EvalOutcome:
     levels: list[str]
     warning: str | None = None  # of the samples' scale (:data:`SCALE_WARNING`)
     intervals: str | None = None  # how the metrics' confidence intervals were drawn, where they were
+    operating_point: str | None = None  # the rule that chose the thresholds on validation, where it did
 
 
 def metric_prefix(split: str, name: str | None = None) -> str:
@@ -111,7 +112,7 @@ def evaluate_split(recipe: TrainRecipe, manifest: mf.ManifestHead, split: str, p
     """Every rank of a worker group: the run's exported model on this rank's part of ``split``; rank 0 logs the
     metrics and pictures under ``prefix``. A failure on any rank raises on every rank."""
     from training.export import export_outputs, samples_scale_warning
-    from training.levels import evaluate, intervals
+    from training.levels import evaluate, intervals, operating_points
     from training.loop import outputs_of
     from training.reporting import log_evaluation
     from training.sites import by_site, site_metrics
@@ -123,17 +124,34 @@ def evaluate_split(recipe: TrainRecipe, manifest: mf.ManifestHead, split: str, p
     if rank == 0:
         sites = by_site(pred, recipe, outputs)
         bounds, table = intervals(pred, recipe, outputs, prefix)
-        log.metrics(metrics | bounds | site_metrics(sites, prefix), step=0)
+        op, op_table, notes = operating_points(pred, recipe, outputs, prefix, validation_tables(log, recipe))
+        log.metrics(metrics | bounds | op | site_metrics(sites, prefix), step=0)
         log_evaluation(log, recipe, outputs, pred, f"{split} split", prefix, sites)
-        if table:
-            with tempfile.TemporaryDirectory() as tmp:
-                (path := Path(tmp) / f"{prefix}intervals.csv").write_text(table)
-                log.artifact(path)
+        with tempfile.TemporaryDirectory() as tmp:
+            for name, text in (("intervals", table), ("operating_point", op_table)):
+                if text:
+                    (path := Path(tmp) / f"{prefix}{name}.csv").write_text(text)
+                    log.artifact(path)
+        for note in notes:
+            print(f"operating point ({recipe.eval.operating_point}) at {note}", flush=True)
         warning = samples_scale_warning(desc, pred["metas"], manifest.config)
         if warning:
             log.tag(f"{prefix}{SCALE_WARNING}", warning)
         else:  # an earlier evaluation's under this prefix, of other samples
             log.untag(f"{prefix}{SCALE_WARNING}")
+
+
+def validation_tables(log, recipe: TrainRecipe) -> dict[str, str]:
+    """The run's validation predictions at each level (``predictions_<level>.csv``, of its selected model), from
+    which the operating point is chosen; none unless the recipe asks for one."""
+    if not recipe.eval.operating_point:
+        return {}
+    out, logged = {}, {a.path for a in log.client.list_artifacts(log.run_id)}
+    with tempfile.TemporaryDirectory() as tmp:
+        for level in ("sample", *recipe.eval.levels):
+            if (name := f"predictions_{level}.csv") in logged:
+                out[level] = Path(log.client.download_artifacts(log.run_id, name, tmp)).read_text()
+    return out
 
 
 def eval_loop(config: dict[str, Any]) -> None:
@@ -222,7 +240,8 @@ def _outcome(client, run_id: str, recipe: TrainRecipe, split: str, prefix: str, 
     how = None
     if any(k.endswith("_ci_low") for k in logged):
         how = f"{recipe.eval.confidence:.0%} intervals of {recipe.eval.bootstrap} bootstrap resamples of patients"
-    return EvalOutcome(run_id, prefix, url, split, logged, list(recipe.eval.levels), warning, how)
+    op = recipe.eval.operating_point if any("op_threshold_" in k for k in logged) else None
+    return EvalOutcome(run_id, prefix, url, split, logged, list(recipe.eval.levels), warning, how, op)
 
 
 def check_own_dataset(recorded: str | None, manifest, data: bytes, url: str, split: str, run_id: str) -> None:
@@ -283,6 +302,9 @@ def evaluate_run(
     if not dataset:
         check_own_dataset(tags.get(MANIFEST_TAG), manifest, data, url, split, run_id)
     model_outputs = export_outputs(export_description(client, run_id))
+    positive = recipe.eval.positive
+    if positive and (len(model_outputs) != 2 or positive not in model_outputs):
+        raise ValueError(f"eval.positive: {positive!r} is not one of the model's two classes ({model_outputs})")
     if class_map(model_outputs, outputs_of(recipe, manifest), url, recipe.task) and (
         absent := [c for c in model_outputs if c not in manifest.classes]
     ):

@@ -9,10 +9,12 @@ import math
 from functools import partial
 from typing import Any
 
+import numpy as np
+
 from training.aggregate import aggregate, aggregate_probs
 from training.config import TrainRecipe
 from training.metas import values
-from training.metrics import HEADLINE, classification_metrics, multilabel_metrics, predicted_classes
+from training.metrics import HEADLINE, classification_metrics, metric_name, multilabel_metrics, predicted_classes
 
 
 def by_level(pred: dict[str, Any], recipe: TrainRecipe):
@@ -54,6 +56,19 @@ def evaluate(pred: dict[str, Any], recipe: TrainRecipe, outputs: list[str], pref
     return out
 
 
+def units(pred: dict[str, Any], recipe: TrainRecipe) -> list[tuple[str, list, Any, Any]]:
+    """``(level, each unit's patient, probs, labels)`` at sample level and at each of :func:`by_level`'s levels:
+    what a bootstrap resamples by patient."""
+    patients = values(pred["metas"], "patient")
+    out = [("sample", patients, pred["probs"], pred["labels"])]
+    for level, ids, p, y in by_level(pred, recipe):
+        patient_of: dict[Any, Any] = {}
+        for group, patient in zip(values(pred["metas"], level), patients, strict=True):
+            patient_of.setdefault(group, patient)
+        out.append((level, [patient_of[i] for i in ids], p, y))
+    return out
+
+
 def with_interval(metric: str) -> bool:
     """Whether a held-out metric (unprefixed) gets a confidence interval: the headline ones, and each class's or
     label's sensitivity, specificity and AUC."""
@@ -75,15 +90,8 @@ def intervals(pred: dict[str, Any], recipe: TrainRecipe, outputs: list[str], pre
 
     if recipe.task == "detect" or not recipe.eval.bootstrap or pred["labels"] is None:
         return {}, ""
-    patients = values(pred["metas"], "patient")
-    units = [("sample", patients, pred["probs"], pred["labels"])]
-    for level, ids, p, y in by_level(pred, recipe):
-        patient_of: dict[Any, Any] = {}
-        for group, patient in zip(values(pred["metas"], level), patients, strict=True):
-            patient_of.setdefault(group, patient)
-        units.append((level, [patient_of[i] for i in ids], p, y))
     rows, out = [], {}
-    for level, keys, p, y in units:
+    for level, keys, p, y in units(pred, recipe):
         clusters = clusters_of(keys)
         if recipe.task == "multilabel":
             stat = partial(_of_labels, y, p, outputs, recipe.eval.threshold)
@@ -97,12 +105,7 @@ def intervals(pred: dict[str, Any], recipe: TrainRecipe, outputs: list[str], pre
             out |= {f"{pre}{iv.metric}_ci_low": iv.low, f"{pre}{iv.metric}_ci_high": iv.high}
             counts = [iv.defined, len(y), len(set(clusters.tolist())), resampled]
             rows.append([level, iv.metric, iv.value, iv.low, iv.high, *how, *counts])
-    table = io.StringIO()
-    writer = csv.writer(table, lineterminator="\n")
-    writer.writerow(INTERVAL_COLUMNS)
-    for row in rows:
-        writer.writerow(["" if isinstance(v, float) and math.isnan(v) else v for v in row])
-    return out, table.getvalue()
+    return out, _csv(INTERVAL_COLUMNS, rows)
 
 
 def _of_classes(y, p, outputs, calls, idx):
@@ -115,3 +118,70 @@ def _of_labels(y, p, outputs, threshold, idx):
     from training.intervals import label_statistic
 
     return label_statistic(y[idx], p[idx], outputs, threshold)
+
+
+OPERATING_COLUMNS = ("level", "output", "rule", "threshold", "metric", "validation", "value", "ci_low", "ci_high")
+
+
+def operating_points(
+    pred: dict[str, Any], recipe: TrainRecipe, outputs: list[str], prefix: str, validation: dict[str, str]
+) -> tuple[dict[str, float], str, list[str]]:
+    """The held-out sensitivity, specificity, PPV and NPV (with their bootstrap intervals, as :func:`intervals`)
+    at each level of the threshold ``eval.operating_point`` chooses on the validation split's predictions at that
+    level (``validation``: the run's ``predictions_<level>.csv``), for ``eval.positive`` (each label of a
+    multi-label task). Metrics ``<prefix><level_>op_<metric>_<output>`` (``op_threshold_<output>`` too), a CSV
+    table (:data:`OPERATING_COLUMNS`), and a note for each level or output that has none, saying why."""
+    from training.intervals import Interval, bootstrap, clusters_of
+    from training.operating import choose_threshold, rates_at
+
+    rule, count = recipe.eval.operating_point, recipe.eval.bootstrap
+    if not rule or recipe.task == "detect" or pred["labels"] is None:
+        return {}, "", []
+    multilabel = recipe.task == "multilabel"
+    chosen = list(enumerate(outputs)) if multilabel else [(outputs.index(recipe.eval.positive), recipe.eval.positive)]
+    out, rows, notes = {}, [], []
+    for level, keys, p, y in units(pred, recipe):
+        if level not in validation:
+            notes.append(f"{level}: none (the run logged no validation predictions at this level)")
+            continue
+        table = list(csv.DictReader(validation[level].splitlines()))
+        pre = prefix if level == "sample" else f"{prefix}{level}_"
+        for k, name in chosen:
+            n = metric_name(name)
+            truth = [r[f"label_{n}"] == "1" if multilabel else r["label"] == name for r in table]
+            scores = np.array([float(r[f"p_{n}"]) for r in table])
+            try:
+                cut = choose_threshold(np.array(truth), scores, rule)
+            except ValueError as exc:
+                notes.append(f"{level} {name}: none ({exc} in the validation split)")
+                continue
+            positive = (y[:, k] == 1) if multilabel else (y == k)
+            stat = partial(_rates, positive, p[:, k], cut)
+            if count:
+                found = bootstrap(stat, clusters_of(keys), lambda _: True, count, recipe.eval.confidence, recipe.seed)
+            else:  # the values alone
+                found = [Interval(m, v, math.nan, math.nan, 0) for m, v in stat(np.arange(len(y))).items()]
+            seen = rates_at(np.array(truth), scores, cut)
+            out[f"{pre}op_threshold_{n}"] = cut
+            for iv in found:
+                key = f"{pre}op_{iv.metric}_{n}"
+                out[key] = iv.value
+                if count:
+                    out |= {f"{key}_ci_low": iv.low, f"{key}_ci_high": iv.high}
+                rows.append([level, name, rule, cut, iv.metric, seen[iv.metric], iv.value, iv.low, iv.high])
+    return out, _csv(OPERATING_COLUMNS, rows), notes
+
+
+def _rates(positive, scores, cut, idx):
+    from training.operating import rates_at
+
+    return rates_at(positive[idx], scores[idx], cut)
+
+
+def _csv(header, rows) -> str:
+    table = io.StringIO()
+    writer = csv.writer(table, lineterminator="\n")
+    writer.writerow(header)
+    for row in rows:
+        writer.writerow(["" if isinstance(v, float) and math.isnan(v) else v for v in row])
+    return table.getvalue()

@@ -43,6 +43,12 @@ def check_against(recipe: TrainRecipe, manifest: mf.ManifestBrief | mf.Manifest,
             f"data.augment.hed_p: stain jitter moves the amounts of haematoxylin, eosin and DAB (shards.stain), "
             f"and {recipe.data.dataset} holds DICOM series, whose windows no stain made"
         )
+    positive = recipe.eval.positive  # of the classes it trains on (an external cohort may hold one of them)
+    if trains and positive and (len(outputs) != 2 or positive not in outputs):
+        raise RecipeError(
+            f"eval.positive: {positive!r} is not one of the two classes of {recipe.data.dataset} (it has "
+            f"{', '.join(outputs)}): the operating point is a binary classifier's"
+        )
     check_patient_labels(recipe, manifest)
     check_monitor(recipe, outputs, split_sites(manifest, recipe.data.val_split))
 
@@ -176,6 +182,32 @@ def reported_metrics(recipe: TrainRecipe, manifest: mf.ManifestBrief | mf.Manife
         prefix = metric_prefix(held_out)
         held_sites = split_sites(manifest, held_out)
         out |= {prefix + n.removeprefix("val_") for n in names} | site_names(names, recipe, held_sites, prefix, True)
+        out |= {prefix + n for n in held_out_reports(recipe, outputs_of(recipe, manifest))}
+    return out
+
+
+def held_out_reports(recipe: TrainRecipe, outputs: list[str]) -> set[str]:
+    """The held-out evaluation's names (unprefixed) besides the validation metrics': each interval's bounds
+    (:func:`training.levels.intervals`) and the operating point's rates and their bounds
+    (:func:`training.levels.operating_points`), at each level."""
+    from training.levels import with_interval
+    from training.metrics import metric_name
+
+    if recipe.task == "detect":
+        return set()
+    names = {n.removeprefix("val_") for n in validation_metrics(recipe, outputs)}
+    bounds = ("_ci_low", "_ci_high") if recipe.eval.bootstrap else ()
+    out = set()
+    for level in ("sample", *recipe.eval.levels):
+        pre = "" if level == "sample" else f"{level}_"
+        own = {n.removeprefix(pre) for n in names if n.startswith(pre)}  # a level's (sample: all; with_interval
+        out |= {f"{pre}{n}{b}" for n in own if with_interval(n) for b in bounds}  # drops the others' own)
+        if recipe.eval.operating_point:
+            each = outputs if recipe.task == "multilabel" else [recipe.eval.positive or ""]
+            for name in map(metric_name, each):
+                out.add(f"{pre}op_threshold_{name}")
+                rates = [f"{pre}op_{r}_{name}" for r in ("sensitivity", "specificity", "ppv", "npv")]
+                out |= {f"{r}{b}" for r in rates for b in ("", *bounds)}
     return out
 
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 from PIL import Image
-from sklearn.metrics import accuracy_score, log_loss
+from sklearn.metrics import accuracy_score, log_loss, roc_curve
 
 from cluster.cli_predict import score_texts as score
 from ingest.synthetic import make_slides
@@ -36,9 +36,11 @@ from training.submissions import strip_ai
 def trained(stack, tmp_path_factory):
     work = tmp_path_factory.mktemp("evaluate")
     splits = {"train": 16, "val": 8, "test": 12}
-    make_dataset(str(work / "ds"), splits, size=32, shard_samples=4, width_um=64.0, sites=2)
+    # seed 1: validation holds a patient of each class, whose predictions choose the operating point
+    make_dataset(str(work / "ds"), splits, size=32, shard_samples=4, width_um=64.0, sites=2, seed=1)
     overrides = [f"data.dataset={work / 'ds'}", "data.image_size=32", "epochs=2", "batch_size=4", "workers=2"]
-    recipe = load_recipe("demo_tiles", [*overrides, "eval.levels=[patient]"])
+    point = ["eval.operating_point=youden", "eval.positive=class1"]
+    recipe = load_recipe("demo_tiles", [*overrides, *point, "eval.levels=[patient]"])
     return work, run_training(recipe, stack.mlflow_url, str(work / "ckpt"))
 
 
@@ -108,6 +110,21 @@ def test_training_evaluates_its_selected_model_on_the_test_split(trained, stack,
     for key in ("test_accuracy", "test_patient_accuracy", "test_weighted_log_loss"):
         assert logged[f"{key}_ci_low"] <= logged[key] <= logged[f"{key}_ci_high"], key
     assert "in brackets, 95% intervals of 1000 bootstrap resamples of patients" in summary(out.held_out)
+    # the operating point: Youden's threshold on the validation split's predictions, applied to the test split's
+    val = client.download_artifacts(out.run_id, "predictions_sample.csv", str(tmp_path / "val"))
+    val_rows = list(csv.DictReader(Path(val).read_text().splitlines()))
+    truth, scores = [r["label"] == "class1" for r in val_rows], [float(r["p_class1"]) for r in val_rows]
+    fpr, tpr, cuts = roc_curve(truth, scores, drop_intermediate=False)
+    cut = cuts[int(np.argmax(tpr - fpr))]
+    assert logged["test_op_threshold_class1"] == pytest.approx(cut)
+    p, labels, _ = _outputs(client, out.run_id, work / "ds" / "test", tmp_path)
+    y = np.array(labels)
+    assert logged["test_op_sensitivity_class1"] == pytest.approx((p[y == 1, 1] >= cut).mean(), abs=1e-6)
+    assert logged["test_op_specificity_class1"] == pytest.approx((p[y == 0, 1] < cut).mean(), abs=1e-6)
+    assert "test_patient_op_threshold_class1" in logged and "test_operating_point.csv" in {
+        a.path for a in client.list_artifacts(out.run_id)
+    }
+    assert f"class1 called at p >= {cut:.4f} (youden on validation): sensitivity " in summary(out.held_out)
     artifacts = {a.path for a in client.list_artifacts(out.run_id)}
     assert {"test_confusion_sample.png", "test_confusion_patient.png", "test_roc_patient.png"} <= artifacts
     assert {"confusion_sample.png", "roc_patient.png"} <= artifacts  # validation's own, still there
