@@ -10,7 +10,10 @@ def add_run_arguments(parser) -> None:
         "overrides",
         nargs="*",
         metavar="KEY=VALUE",
-        help="where it runs, instead of the recipe's: workers, cpus_per_worker, placement, use_gpu",
+        help="where it runs, instead of the recipe's: workers, cpus_per_worker, placement, use_gpu; and the "
+        "operating point its calls are also made at, chosen on the run's validation split: eval.operating_point="
+        "youden|sensitivity:S|specificity:S, eval.positive=CLASS (and for evaluate, eval.bootstrap=N, "
+        "eval.confidence=C)",
     )
 
 

@@ -112,7 +112,7 @@ def evaluate_split(recipe: TrainRecipe, manifest: mf.ManifestHead, split: str, p
     """Every rank of a worker group: the run's exported model on this rank's part of ``split``; rank 0 logs the
     metrics and pictures under ``prefix``. A failure on any rank raises on every rank."""
     from training.export import export_outputs, samples_scale_warning
-    from training.levels import evaluate, intervals, operating_points
+    from training.levels import evaluate, intervals, operating_points, thresholds
     from training.loop import outputs_of
     from training.reporting import log_evaluation
     from training.sites import by_site, site_metrics
@@ -124,9 +124,10 @@ def evaluate_split(recipe: TrainRecipe, manifest: mf.ManifestHead, split: str, p
     if rank == 0:
         sites = by_site(pred, recipe, outputs)
         bounds, table = intervals(pred, recipe, outputs, prefix)
-        op, op_table, notes = operating_points(pred, recipe, outputs, prefix, validation_tables(log, recipe))
+        chosen, notes = thresholds(recipe, outputs, validation_tables(log, recipe))
+        op, op_table = operating_points(pred, recipe, outputs, prefix, chosen)
         log.metrics(metrics | bounds | op | site_metrics(sites, prefix), step=0)
-        log_evaluation(log, recipe, outputs, pred, f"{split} split", prefix, sites)
+        log_evaluation(log, recipe, outputs, pred, f"{split} split", prefix, sites, chosen)
         with tempfile.TemporaryDirectory() as tmp:
             for name, text in (("intervals", table), ("operating_point", op_table)):
                 if text:
@@ -302,9 +303,7 @@ def evaluate_run(
     if not dataset:
         check_own_dataset(tags.get(MANIFEST_TAG), manifest, data, url, split, run_id)
     model_outputs = export_outputs(export_description(client, run_id))
-    positive = recipe.eval.positive
-    if positive and (len(model_outputs) != 2 or positive not in model_outputs):
-        raise ValueError(f"eval.positive: {positive!r} is not one of the model's two classes ({model_outputs})")
+    check_positive(recipe, model_outputs)
     if class_map(model_outputs, outputs_of(recipe, manifest), url, recipe.task) and (
         absent := [c for c in model_outputs if c not in manifest.classes]
     ):
@@ -322,6 +321,13 @@ def evaluate_run(
     if not dataset and split == recipe.data.test_split and prefix == metric_prefix(split):  # the step, retried
         tracking.RunLogger(tracking_uri, run_id).untag(HELD_OUT_ERROR)
     return _outcome(client, run_id, recipe, split, prefix, mf.sha256_of(data))
+
+
+def check_positive(recipe: TrainRecipe, model_outputs: list[str]) -> None:
+    """``eval.positive`` is one of the model's two classes (given to ``evaluate`` or ``predict``, not trained with)."""
+    positive = recipe.eval.positive
+    if positive and (len(model_outputs) != 2 or positive not in model_outputs):
+        raise ValueError(f"eval.positive: {positive!r} is not one of the model's two classes ({model_outputs})")
 
 
 def run_on(client, run: str, overrides: list[str] | tuple[str, ...], dataset: str | None) -> tuple[str, TrainRecipe]:

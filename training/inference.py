@@ -70,14 +70,18 @@ def labels_for(model_outputs: list[str], manifest: mf.ManifestHead, task: str) -
 def predict_split(recipe: TrainRecipe, manifest: mf.ManifestHead, config: dict[str, Any], rank: int, world: int):
     """Every rank of a worker group: the run's exported model on this rank's part of ``config["split"]``; rank 0
     logs the tables. A failure on any rank raises on every rank."""
-    from training.evaluation import exported_predictions
+    from training.evaluation import exported_predictions, validation_tables
     from training.export import export_outputs, samples_scale_warning
+    from training.levels import thresholds
     from training.reporting import prediction_tables
 
     log = tracking.RunLogger(config["mlflow_uri"], config["run_id"])
     pred, desc = exported_predictions(recipe, manifest, config["split"], log, rank, world, config["labelled"])
     if rank == 0:
-        tables = prediction_tables(pred, recipe, export_outputs(desc))
+        chosen, notes = thresholds(recipe, export_outputs(desc), validation_tables(log, recipe))
+        for note in notes:
+            print(f"operating point ({recipe.eval.operating_point}) at {note}", flush=True)
+        tables = prediction_tables(pred, recipe, export_outputs(desc), chosen)
         with tempfile.TemporaryDirectory() as tmp:
             for level, text in tables.items():
                 (Path(tmp) / f"predictions_{level}.csv").write_text(text)
@@ -121,7 +125,7 @@ def predict_run(
     from mlflow import MlflowClient
 
     from training.endings import RunFailed
-    from training.evaluation import export_description, run_group, run_on
+    from training.evaluation import check_positive, export_description, run_group, run_on
     from training.export import export_outputs
 
     client = MlflowClient(tracking_uri)
@@ -134,6 +138,7 @@ def predict_run(
     if not tracking.has_artifact(client, run_id, MODEL_ARTIFACT):
         raise ValueError(f"run {run_id} has no exported model (it finished no epoch)")
     outputs = export_outputs(export_description(client, run_id))
+    check_positive(recipe, outputs)
     url = recipe.data.dataset
     # its head: what the checks and the split need, whatever the count of inputs (a million: seconds and GBs whole)
     manifest, _ = mf.load_head(url)

@@ -123,45 +123,62 @@ def _of_labels(y, p, outputs, threshold, idx):
 OPERATING_COLUMNS = ("level", "output", "rule", "threshold", "metric", "validation", "value", "ci_low", "ci_high")
 
 
-def operating_points(
-    pred: dict[str, Any], recipe: TrainRecipe, outputs: list[str], prefix: str, validation: dict[str, str]
-) -> tuple[dict[str, float], str, list[str]]:
-    """The held-out sensitivity, specificity, PPV and NPV (with their bootstrap intervals, as :func:`intervals`)
-    at each level of the threshold ``eval.operating_point`` chooses on the validation split's predictions at that
-    level (``validation``: the run's ``predictions_<level>.csv``), for ``eval.positive`` (each label of a
-    multi-label task). Metrics ``<prefix><level_>op_<metric>_<output>`` (``op_threshold_<output>`` too), a CSV
-    table (:data:`OPERATING_COLUMNS`), and a note for each level or output that has none, saying why."""
-    from training.intervals import Interval, bootstrap, clusters_of
+def thresholds(
+    recipe: TrainRecipe, outputs: list[str], validation: dict[str, str]
+) -> tuple[dict[str, dict[int, tuple[float, dict[str, float]]]], list[str]]:
+    """``{level: {output index: (threshold, its rates on validation)}}``: what ``eval.operating_point`` chooses on
+    the validation split's predictions at each level (``validation``: the run's ``predictions_<level>.csv``) for
+    ``eval.positive`` (each label of a multi-label task), and a note for each level or output that has none,
+    saying why. Empty where the recipe asks for none."""
     from training.operating import choose_threshold, rates_at
 
-    rule, count = recipe.eval.operating_point, recipe.eval.bootstrap
-    if not rule or recipe.task == "detect" or pred["labels"] is None:
-        return {}, "", []
+    rule = recipe.eval.operating_point
+    if not rule or recipe.task == "detect":
+        return {}, []
     multilabel = recipe.task == "multilabel"
     chosen = list(enumerate(outputs)) if multilabel else [(outputs.index(recipe.eval.positive), recipe.eval.positive)]
-    out, rows, notes = {}, [], []
-    for level, keys, p, y in units(pred, recipe):
+    out, notes = {}, []
+    for level in ("sample", *recipe.eval.levels):
         if level not in validation:
             notes.append(f"{level}: none (the run logged no validation predictions at this level)")
             continue
         table = list(csv.DictReader(validation[level].splitlines()))
-        pre = prefix if level == "sample" else f"{prefix}{level}_"
         for k, name in chosen:
             n = metric_name(name)
-            truth = [r[f"label_{n}"] == "1" if multilabel else r["label"] == name for r in table]
+            truth = np.array([r[f"label_{n}"] == "1" if multilabel else r["label"] == name for r in table])
             scores = np.array([float(r[f"p_{n}"]) for r in table])
             try:
-                cut = choose_threshold(np.array(truth), scores, rule)
+                cut = choose_threshold(truth, scores, rule)
             except ValueError as exc:
                 notes.append(f"{level} {name}: none ({exc} in the validation split)")
                 continue
-            positive = (y[:, k] == 1) if multilabel else (y == k)
+            out.setdefault(level, {})[k] = (cut, rates_at(truth, scores, cut))
+    return out, notes
+
+
+def operating_points(
+    pred: dict[str, Any], recipe: TrainRecipe, outputs: list[str], prefix: str, chosen: dict
+) -> tuple[dict[str, float], str]:
+    """The held-out sensitivity, specificity, PPV and NPV (with their bootstrap intervals, as :func:`intervals`)
+    at each level and output of the thresholds ``chosen`` on validation (:func:`thresholds`): metrics
+    ``<prefix><level_>op_<metric>_<output>`` (``op_threshold_<output>`` too) and a CSV table
+    (:data:`OPERATING_COLUMNS`)."""
+    from training.intervals import Interval, bootstrap, clusters_of
+
+    rule, count = recipe.eval.operating_point, recipe.eval.bootstrap
+    if not chosen or pred["labels"] is None:
+        return {}, ""
+    out, rows = {}, []
+    for level, keys, p, y in units(pred, recipe):
+        pre = prefix if level == "sample" else f"{prefix}{level}_"
+        for k, (cut, seen) in chosen.get(level, {}).items():
+            name, n = outputs[k], metric_name(outputs[k])
+            positive = (y[:, k] == 1) if recipe.task == "multilabel" else (y == k)
             stat = partial(_rates, positive, p[:, k], cut)
             if count:
                 found = bootstrap(stat, clusters_of(keys), lambda _: True, count, recipe.eval.confidence, recipe.seed)
             else:  # the values alone
                 found = [Interval(m, v, math.nan, math.nan, 0) for m, v in stat(np.arange(len(y))).items()]
-            seen = rates_at(np.array(truth), scores, cut)
             out[f"{pre}op_threshold_{n}"] = cut
             for iv in found:
                 key = f"{pre}op_{iv.metric}_{n}"
@@ -169,7 +186,7 @@ def operating_points(
                 if count:
                     out |= {f"{key}_ci_low": iv.low, f"{key}_ci_high": iv.high}
                 rows.append([level, name, rule, cut, iv.metric, seen[iv.metric], iv.value, iv.low, iv.high])
-    return out, _csv(OPERATING_COLUMNS, rows), notes
+    return out, _csv(OPERATING_COLUMNS, rows)
 
 
 def _rates(positive, scores, cut, idx):

@@ -36,9 +36,12 @@ def prediction_table(
     outputs: list[str],
     multilabel: bool,
     threshold: float | None = None,
+    operating: dict[int, float] | None = None,
 ) -> str:
     """CSV: the ``columns``, then the true label (none where ``labels`` is None: samples without labels), the call
-    (multi-class: the class; multi-label: 0/1 per label at ``threshold``) and a probability per output."""
+    (multi-class: the class; multi-label: 0/1 per label at ``threshold``), the call at the operating point of
+    each output ``operating`` gives a threshold for (:func:`training.levels.thresholds`: ``op_predicted``, the
+    positive class or the other; a label's ``op_predicted_<label>``, 0/1) and a probability per output."""
     names = [metric_name(o) for o in outputs]
     if multilabel:
         cut = 0.5 if threshold is None else threshold
@@ -53,6 +56,14 @@ def prediction_table(
         if labels is not None:
             header = ["label", *header]
             calls = [[outputs[y], *c] for y, c in zip(labels, calls, strict=True)]
+    for k, cut in sorted((operating or {}).items()):
+        at = np.asarray(probs)[:, k] >= cut
+        if multilabel:
+            header.append(f"op_predicted_{names[k]}")
+            calls = [[*c, int(a)] for c, a in zip(calls, at, strict=True)]
+        else:  # a binary classifier's positive class, or its other
+            header.append("op_predicted")
+            calls = [[*c, outputs[k] if a else outputs[1 - k]] for c, a in zip(calls, at, strict=True)]
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow([*columns, *header, *(f"p_{n}" for n in names)])

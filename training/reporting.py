@@ -90,20 +90,33 @@ def prediction_levels(pred: dict[str, Any], recipe):
         yield level, group_sites(pred["metas"], level, ids) | {level: ids}, p, y, threshold(level)
 
 
-def prediction_tables(pred: dict[str, Any], recipe, outputs: list[str]) -> dict[str, str]:
-    """The prediction table (CSV) of each level of :func:`prediction_levels` that has samples."""
+def prediction_tables(pred: dict[str, Any], recipe, outputs: list[str], chosen=None) -> dict[str, str]:
+    """The prediction table (CSV) of each level of :func:`prediction_levels` that has samples, with the calls at
+    the thresholds ``chosen`` on validation (:func:`training.levels.thresholds`) where given."""
     from training.predictions import prediction_table
 
     multilabel = recipe.task == "multilabel"
     return {
-        level: prediction_table(columns, p, y, outputs, multilabel, cut)
+        level: prediction_table(columns, p, y, outputs, multilabel, cut, _cuts(chosen, level))
         for level, columns, p, y, cut in prediction_levels(pred, recipe)
         if len(p)
     }
 
 
+def _cuts(chosen, level: str) -> dict[int, float]:
+    """Each output's threshold at ``level`` of :func:`training.levels.thresholds`' choice (None: none)."""
+    return {k: cut for k, (cut, _) in (chosen or {}).get(level, {}).items()}
+
+
 def log_evaluation(
-    log: RunLogger, recipe, outputs: list[str], pred: dict[str, Any], split: str, prefix: str = "", sites=None
+    log: RunLogger,
+    recipe,
+    outputs: list[str],
+    pred: dict[str, Any],
+    split: str,
+    prefix: str = "",
+    sites=None,
+    chosen=None,
 ):
     """Confusion matrices (PNG and JSON, multi-class), ROC curves and the predictions (CSV) of ``pred`` at
     sample level and each aggregation level, and the metrics of each site (``sites``: of
@@ -135,7 +148,8 @@ def log_evaluation(
                 log.artifact(data)
             log.artifact(roc_png(y, p, outputs, recipe.task, Path(tmp) / f"{prefix}roc_{level}.png", title))
             table = Path(tmp) / f"{prefix}predictions_{level}.csv"
-            table.write_text(prediction_table(columns, p, y, outputs, recipe.task == "multilabel", threshold))
+            multilabel, cuts = recipe.task == "multilabel", _cuts(chosen, level)
+            table.write_text(prediction_table(columns, p, y, outputs, multilabel, threshold, cuts))
             log.artifact(table)
         sites = by_site(pred, recipe, outputs) if sites is None else sites
         if sites:

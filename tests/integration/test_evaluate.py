@@ -125,6 +125,11 @@ def test_training_evaluates_its_selected_model_on_the_test_split(trained, stack,
         a.path for a in client.list_artifacts(out.run_id)
     }
     assert f"class1 called at p >= {cut:.4f} (youden on validation): sensitivity " in summary(out.held_out)
+    held = client.download_artifacts(out.run_id, "test_predictions_sample.csv", str(tmp_path / "held"))
+    held_rows = list(csv.DictReader(Path(held).read_text().splitlines()))  # each call at that threshold too
+    assert [r["op_predicted"] for r in held_rows] == [
+        "class1" if float(r["p_class1"]) >= cut else "class0" for r in held_rows
+    ]
     artifacts = {a.path for a in client.list_artifacts(out.run_id)}
     assert {"test_confusion_sample.png", "test_confusion_patient.png", "test_roc_patient.png"} <= artifacts
     assert {"confusion_sample.png", "roc_patient.png"} <= artifacts  # validation's own, still there
@@ -268,13 +273,14 @@ def test_predict_calls_the_inputs_of_a_dataset_without_labels(trained, stack, tm
     assert f"warning: {scale}" in run.stdout
 
     shown = list(csv.DictReader((preds / "predictions_sample.csv").read_text().splitlines()))
-    columns = ["site", "patient", "slide", "x", "y", "size0", "predicted", "p_class0", "p_class1"]
+    columns = ["site", "patient", "slide", "x", "y", "size0", "predicted", "op_predicted", "p_class0", "p_class1"]
     assert list(shown[0]) == columns and {r["site"] for r in shown} == {"7"}  # no label; the table's center_id
     assert {r["slide"] for r in shown} == {str(f) for f in files}  # the files, revealed
     assert {r["patient"] for r in shown} == {"P-A"}  # the table's patient ID
     assert (preds / "predictions_sample.csv").stat().st_mode & 0o777 == 0o600
     # the model's own probabilities, outside Tessera: each tile once, whichever worker read it
     client = MlflowClient(stack.mlflow_url)
+    cut = client.get_run(out.run_id).data.metrics["test_op_threshold_class1"]
     probs, labels, metas = _outputs(client, out.run_id, ds / "test", tmp_path / "ref")
     assert labels == [None] * n and len(shown) == n
     expected = {(m["slide"], m["x"], m["y"]): p for m, p in zip(metas, probs, strict=True)}
@@ -285,6 +291,8 @@ def test_predict_calls_the_inputs_of_a_dataset_without_labels(trained, stack, tm
         p = expected[(r["slide"], int(r["x"]), int(r["y"]))]
         assert [float(r["p_class0"]), float(r["p_class1"])] == pytest.approx(p.tolist(), abs=1e-4)
         assert r["predicted"] == f"class{int(p.argmax())}"
+        # and at the operating point the run chose on its validation split (youden, class1)
+        assert r["op_predicted"] == ("class1" if p[1] >= cut else "class0")
     # the caller's copy is the run's, row for row, with the names in place of the pseudonyms
     patient_of = {}
     for mine, theirs in zip(shown, pseudonymous, strict=True):

@@ -10,7 +10,7 @@ import pytest
 from sklearn import metrics as skm
 
 from training.config import RecipeError, TrainRecipe, recipe_from_tree
-from training.levels import operating_points
+from training.levels import operating_points, thresholds
 from training.metas import Metas
 from training.operating import choose_threshold, parse_rule, rates_at
 from training.predictions import prediction_table
@@ -92,7 +92,8 @@ def test_the_validation_threshold_is_applied_to_the_held_out_split_at_each_level
             p = np.array([val["probs"][[g == i for g in groups]].mean(0) for i in ids])
             y = np.array([val["labels"][[g == i for g in groups]][0] for i in ids])
         tables[level] = prediction_table({level: ids}, p, y, outputs, False)
-    out, table, notes = operating_points(test, recipe, outputs, "test_", tables)
+    chosen, notes = thresholds(recipe, outputs, tables)
+    out, table = operating_points(test, recipe, outputs, "test_", chosen)
     assert notes == []
     rows = list(csv.DictReader(table.splitlines()))
     # by hand: the highest threshold with 90 % of the validation's LAA samples called, from the table's values
@@ -112,12 +113,14 @@ def test_the_validation_threshold_is_applied_to_the_held_out_split_at_each_level
     assert float(sample_rows["sensitivity"]["validation"]) >= 0.9  # what the rule asked of validation
     assert {"test_patient_op_threshold_LAA", "test_patient_op_npv_LAA_ci_high"} <= set(out)
     # a level validation has no table of: said, not guessed
-    out2, _, notes2 = operating_points(test, recipe, outputs, "test_", {"sample": tables["sample"]})
+    chosen2, notes2 = thresholds(recipe, outputs, {"sample": tables["sample"]})
+    out2, _ = operating_points(test, recipe, outputs, "test_", chosen2)
     assert "test_patient_op_threshold_LAA" not in out2 and notes2 == [
         "patient: none (the run logged no validation predictions at this level)"
     ]
     # none asked: nothing
-    assert operating_points(test, _recipe(), outputs, "test_", tables) == ({}, "", [])
+    assert thresholds(_recipe(), outputs, tables) == ({}, [])
+    assert operating_points(test, _recipe(), outputs, "test_", {}) == ({}, "")
 
 
 def test_each_label_of_a_multilabel_task_gets_its_own_threshold():
@@ -133,7 +136,8 @@ def test_each_label_of_a_multilabel_task_gets_its_own_threshold():
     y = y_val.copy()
     y[:, 1] = 0  # no epidural positives held out: its sensitivity undefined
     test = {"probs": p, "labels": y, "metas": Metas.of({"patient": str(i)} for i in range(40))}
-    out, table, notes = operating_points(test, recipe, names, "test_", {"sample": val})
+    chosen, notes = thresholds(recipe, names, {"sample": val})
+    out, table = operating_points(test, recipe, names, "test_", chosen)
     stored = np.array([[float(f"{v:.6g}") for v in row] for row in p])  # as the table holds them
     cuts = [choose_threshold(y_val[:, j] == 1, stored[:, j], "youden") for j in range(2)]
     assert [out["test_op_threshold_any"], out["test_op_threshold_epidural"]] == cuts and cuts[0] != cuts[1]
@@ -196,5 +200,32 @@ def test_a_study_may_compare_the_held_out_intervals_and_operating_points_it_logs
     multilabel = task == "multilabel"
     tables = {"sample": prediction_table({"x": list(range(40))}, p, y, names, multilabel)}
     tables |= {lv: prediction_table({lv: i}, gp, gy, names, multilabel) for lv, i, gp, gy in by_level(pred, recipe)}
-    made = set(intervals(pred, recipe, names, "")[0]) | set(operating_points(pred, recipe, names, "", tables)[0])
+    chosen = thresholds(recipe, names, tables)[0]
+    made = set(intervals(pred, recipe, names, "")[0]) | set(operating_points(pred, recipe, names, "", chosen)[0])
     assert made == held_out_reports(recipe, names)
+
+
+def test_the_prediction_tables_add_the_calls_at_the_operating_point():
+    probs = np.array([[0.7, 0.3], [0.45, 0.55], [0.2, 0.8]])
+    table = prediction_table(
+        {"patient": ["a", "b", "c"]}, probs, np.array([0, 1, 1]), ["CE", "LAA"], False, None, {1: 0.5}
+    )
+    assert table.splitlines() == [
+        "patient,label,predicted,op_predicted,p_CE,p_LAA",
+        "a,CE,CE,CE,0.7,0.3",
+        "b,LAA,LAA,LAA,0.45,0.55",
+        "c,LAA,LAA,LAA,0.2,0.8",
+    ]
+    # a threshold of 0.6 for LAA: b, called LAA by the argmax, is CE at the operating point
+    low = prediction_table({"patient": ["a", "b"]}, probs[:2], None, ["CE", "LAA"], False, None, {1: 0.6})
+    assert [r["op_predicted"] for r in csv.DictReader(low.splitlines())] == ["CE", "CE"]
+    # CE as the positive class at 0.4: a (0.7) and b (0.45) are CE
+    ce = prediction_table({"patient": ["a", "b", "c"]}, probs, None, ["CE", "LAA"], False, None, {0: 0.4})
+    assert [r["op_predicted"] for r in csv.DictReader(ce.splitlines())] == ["CE", "CE", "LAA"]
+    multi = prediction_table(
+        {"image": ["x"]}, np.array([[0.3, 0.2]]), None, ["any", "sub dural"], True, 0.5, {0: 0.25, 1: 0.25}
+    )
+    assert multi.splitlines() == [
+        "image,predicted_any,predicted_sub_dural,op_predicted_any,op_predicted_sub_dural,p_any,p_sub_dural",
+        "x,0,0,1,0,0.3,0.2",
+    ]
