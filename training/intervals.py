@@ -95,6 +95,11 @@ def _auc(positive: np.ndarray, scores: np.ndarray) -> float:
     return float((rankdata(scores)[positive].sum() - pos * (pos + 1) / 2) / (pos * neg))
 
 
+def _brier(p: np.ndarray, onehot: np.ndarray) -> float:
+    """The mean over rows of the summed squared differences (scikit-learn's Brier score before its scaling)."""
+    return float(np.mean(np.sum((p - onehot) ** 2, axis=1)))
+
+
 def _ratio(num: np.ndarray, den: np.ndarray, empty: float) -> np.ndarray:
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(den > 0, num / np.where(den > 0, den, 1), empty)
@@ -102,9 +107,10 @@ def _ratio(num: np.ndarray, den: np.ndarray, empty: float) -> np.ndarray:
 
 def class_statistic(y: np.ndarray, p: np.ndarray, names: list[str], calls: np.ndarray) -> dict[str, float]:
     """What :func:`training.metrics.classification_metrics` reports that gets an interval (accuracy, macro F1,
-    AUC, the weighted log loss, each class's recall and specificity), from the class ``calls`` made of ``p``,
-    computed from confusion counts: scikit-learn's checks cost 4 ms a call, 12 s for a thousand resamples at three
-    levels. A class without samples has no recall (NaN), where scikit-learn counts 0. Tested equal to it."""
+    AUC, the weighted log loss, the Brier score, each class's recall and specificity), from the class ``calls``
+    made of ``p``, computed from confusion counts: scikit-learn's checks cost 4 ms a call, 12 s for a thousand
+    resamples at three levels. A class without samples has no recall (NaN), where scikit-learn counts 0. Tested
+    equal to it."""
     from training.metrics import metric_name, weighted_log_loss
 
     c = p.shape[1]
@@ -116,6 +122,7 @@ def class_statistic(y: np.ndarray, p: np.ndarray, names: list[str], calls: np.nd
         "accuracy": float(tp.sum() / len(y)),
         "f1": float(_ratio(2 * tp, 2 * tp + fp + fn, 0.0).mean()),
         "weighted_log_loss": weighted_log_loss(y, p),
+        "brier_loss": _brier(p, np.eye(c)[y]) / (2 if c == 2 else 1),
         "auc": math.nan,
     }
     if (true > 0).all():
@@ -131,12 +138,14 @@ def class_statistic(y: np.ndarray, p: np.ndarray, names: list[str], calls: np.nd
 
 def label_statistic(y: np.ndarray, p: np.ndarray, names: list[str], threshold: float) -> dict[str, float]:
     """What :func:`training.metrics.multilabel_metrics` reports that gets an interval (RSNA's weighted log loss,
-    the macro AUC, F1 and accuracy, each label's AUC, recall and specificity), as :func:`class_statistic` does."""
+    the Brier score, the macro AUC, F1 and accuracy, each label's AUC, recall and specificity), as
+    :func:`class_statistic` does."""
     from training.metrics import EPS, RSNA_WEIGHTS, metric_name
 
     q = np.clip(p, EPS, 1 - EPS)
     losses = -(y * np.log(q) + (1 - y) * np.log(1 - q)).mean(axis=0)
     out: dict[str, float] = {"rsna_log_loss": float(np.average(losses, weights=RSNA_WEIGHTS[: p.shape[1]]))}
+    out["brier_loss"] = _brier(p, y) / p.shape[1]
     called = p >= threshold
     tp = (called & (y == 1)).sum(0).astype(np.float64)
     fp, fn = called.sum(0) - tp, (y == 1).sum(0) - tp

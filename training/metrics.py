@@ -12,7 +12,7 @@ EPS = 1e-15
 # RSNA 2019: ``any`` weighs 2, each of the five subtypes 1.
 RSNA_WEIGHTS = (2.0, 1.0, 1.0, 1.0, 1.0, 1.0)
 # What a summary shows of a classifier's metrics at a level (the terminal's, each site's).
-HEADLINE = ("accuracy", "f1", "auc", "weighted_log_loss", "rsna_log_loss")
+HEADLINE = ("accuracy", "f1", "auc", "weighted_log_loss", "rsna_log_loss", "brier_loss")
 
 
 def metric_name(text: str) -> str:
@@ -66,7 +66,9 @@ def classification_metrics(
     threshold: float | None = None,
 ) -> dict[str, float]:
     """Accuracy, macro and per-class precision/recall/F1, each class's specificity (its other classes' samples
-    not called it; NaN where there are none), ROC-AUC (NaN when a class is absent), weighted log loss.
+    not called it; NaN where there are none), ROC-AUC (NaN when a class is absent), weighted log loss, the Brier
+    score (``brier_loss``: the mean squared distance of the probabilities from the one-hot label; of two classes,
+    the positive's alone, as scikit-learn takes it).
     ``threshold`` (binary only) calls a sample positive when ``P(class 1) >= threshold``."""
     y = np.asarray(y_true)
     p = np.asarray(probs, np.float64)
@@ -80,6 +82,7 @@ def classification_metrics(
         "recall": float(np.mean(per[1])),
         "f1": float(np.mean(per[2])),
         "weighted_log_loss": weighted_log_loss(y, p),
+        "brier_loss": float(skm.brier_score_loss(y, p, labels=labels)),
         "auc": math.nan,
     }
     names = classes or [str(c) for c in labels]
@@ -100,11 +103,14 @@ def multilabel_metrics(
 ) -> dict[str, float]:
     """Per label: AUC (NaN when one value is absent), F1, accuracy, recall (sensitivity) and specificity at
     ``threshold`` (a rate NaN where the label's positives, or negatives, are absent); the macro means of AUC, F1
-    and accuracy; RSNA's weighted log loss (``any`` first)."""
+    and accuracy; RSNA's weighted log loss (``any`` first); the labels' mean Brier score (``brier_loss``)."""
     y = np.asarray(y_true).astype(np.int64)
     p = np.asarray(probs, np.float64)
     pred = (p >= threshold).astype(np.int64)
     out: dict[str, float] = {"rsna_log_loss": rsna_log_loss(y, p)}
+    out["brier_loss"] = float(
+        np.mean([skm.brier_score_loss(y[:, j], p[:, j], labels=[0, 1]) for j in range(p.shape[1])])
+    )
     aucs, f1s, accs = [], [], []
     recall, specificity = rates(y, pred)
     for j, name in enumerate(names):

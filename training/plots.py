@@ -50,13 +50,7 @@ def roc_png(y: np.ndarray, probs: np.ndarray, names: list[str], task: str, path:
     from sklearn.metrics import roc_auc_score, roc_curve
 
     fig, ax = plt.subplots(figsize=(4.2, 4.0), dpi=120)
-    if task == "multilabel":
-        curves = [(names[j], y[:, j], probs[:, j]) for j in range(len(names))]
-    elif probs.shape[1] == 2:
-        curves = [(names[1], y == 1, probs[:, 1])]
-    else:
-        curves = [(names[c], y == c, probs[:, c]) for c in range(len(names))]
-    for name, truth, score in curves:
+    for name, truth, score in _curves(y, probs, names, task):
         if len(np.unique(truth)) < 2:
             continue
         fpr, tpr, _ = roc_curve(truth, score)
@@ -67,6 +61,42 @@ def roc_png(y: np.ndarray, probs: np.ndarray, names: list[str], task: str, path:
     ax.set_title(title)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def _curves(y: np.ndarray, probs: np.ndarray, names: list[str], task: str) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """``(name, truth, score)``: the positive class (binary), each class against the rest, or each label."""
+    if task == "multilabel":
+        return [(names[j], y[:, j] == 1, probs[:, j]) for j in range(len(names))]
+    if probs.shape[1] == 2:
+        return [(names[1], y == 1, probs[:, 1])]
+    return [(names[c], y == c, probs[:, c]) for c in range(len(names))]
+
+
+def calibration_png(y: np.ndarray, probs: np.ndarray, names: list[str], task: str, path: Path, title: str) -> Path:
+    """Reliability diagram (scikit-learn's calibration curve, 10 bins of equal width; each point at its bin's
+    mean predicted probability and its observed frequency of positives) for the curves of :func:`roc_png`, with
+    each one's Brier score: a model whose probabilities are read as risks should lie on the diagonal."""
+    from sklearn.calibration import calibration_curve
+    from sklearn.metrics import brier_score_loss
+
+    fig, ax = plt.subplots(figsize=(4.2, 4.0), dpi=120)
+    for name, truth, score in _curves(y, probs, names, task):
+        if len(np.unique(truth)) < 2:
+            continue
+        observed, predicted = calibration_curve(truth, score, n_bins=10)
+        ax.plot(predicted, observed, marker="o", ms=3, label=f"{name} (Brier {brier_score_loss(truth, score):.3f})")
+    ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=0.8)
+    ax.set_xlabel("mean predicted probability")
+    ax.set_ylabel("observed frequency")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_title(title)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7, loc="upper left")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

@@ -123,7 +123,7 @@ def log_evaluation(
     :func:`training.sites.by_site`, computed where None) as a table; files named ``<prefix>confusion_<level>.png``,
     ``<prefix>by_site.csv``..., titles naming ``split``."""
     from training.metrics import confusion
-    from training.plots import confusion_png, roc_png
+    from training.plots import calibration_png, confusion_png, roc_png
     from training.predictions import prediction_table
     from training.sites import by_site, site_table
 
@@ -147,6 +147,8 @@ def log_evaluation(
                 data.write_text(json.dumps({"classes": outputs, "matrix": cm.tolist()}))
                 log.artifact(data)
             log.artifact(roc_png(y, p, outputs, recipe.task, Path(tmp) / f"{prefix}roc_{level}.png", title))
+            where = Path(tmp) / f"{prefix}calibration_{level}.png"
+            log.artifact(calibration_png(y, p, outputs, recipe.task, where, title))
             table = Path(tmp) / f"{prefix}predictions_{level}.csv"
             multilabel, cuts = recipe.task == "multilabel", _cuts(chosen, level)
             table.write_text(prediction_table(columns, p, y, outputs, multilabel, threshold, cuts))

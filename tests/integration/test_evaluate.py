@@ -132,6 +132,7 @@ def test_training_evaluates_its_selected_model_on_the_test_split(trained, stack,
     ]
     artifacts = {a.path for a in client.list_artifacts(out.run_id)}
     assert {"test_confusion_sample.png", "test_confusion_patient.png", "test_roc_patient.png"} <= artifacts
+    assert {"test_calibration_sample.png", "calibration_patient.png"} <= artifacts  # reliability: held out, val
     assert {"confusion_sample.png", "roc_patient.png"} <= artifacts  # validation's own, still there
     table = client.download_artifacts(out.run_id, "test_predictions_patient.csv", str(tmp_path))
     rows = list(csv.DictReader(Path(table).read_text().splitlines()))

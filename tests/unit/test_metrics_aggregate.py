@@ -37,6 +37,12 @@ def test_classification_metrics_by_hand():
     assert m["val_recall"] == pytest.approx((0.5 + 1) / 2)
     assert m["val_auc"] == pytest.approx(1.0)
     assert confusion(y, p).tolist() == [[1, 1], [0, 2]]
+    # class 0's specificity: of class 1's two samples none called 0; class 1's: one of class 0's two called 1
+    assert (m["val_specificity_0"], m["val_specificity_1"]) == (1.0, 0.5)
+    # Brier: the positive class's squared distance from 0/1, averaged: 0.2², 0.6², 0.3², 0.1²
+    assert m["val_brier_loss"] == pytest.approx((0.04 + 0.36 + 0.09 + 0.01) / 4)
+    three = classification_metrics(np.array([2]), np.array([[0.2, 0.3, 0.5]]))  # of more classes: the sum
+    assert three["brier_loss"] == pytest.approx(0.2**2 + 0.3**2 + 0.5**2)
 
 
 def test_auc_is_nan_when_a_class_is_missing():

@@ -69,6 +69,7 @@ def test_each_sites_metrics_at_sample_and_patient_level_against_hand_computed_va
             "f1": 1 / 3,
             "auc": 1.0,
             "weighted_log_loss": _log_loss([(0, [0.75, 0.25]), (1, [0.55, 0.45])]),
+            "brier_loss": np.mean([(0.25 - 0) ** 2, (0.45 - 1) ** 2]),  # P(LAA) against LAA's 0 or 1
         }
     )
     # site 2: c right, d wrong; e (no site) is in neither
@@ -81,8 +82,8 @@ def test_sites_become_metric_names_a_table_and_summary_lines(recipe, tmp_path):
     metrics = site_metrics(found, "test_")
     assert metrics["test_site_1_samples"] == 4 and metrics["test_site_2_patient_count"] == 2
     assert metrics["test_site_1_accuracy"] == 0.75 and metrics["test_site_1_patient_accuracy"] == 0.5
-    # 2 sites x 2 levels x (count and 4 headline metrics), and the worst site's 4 at each level
-    assert len(metrics) == 2 * 2 * 5 + 2 * 4
+    # 2 sites x 2 levels x (count and 5 headline metrics), and the worst site's 5 at each level
+    assert len(metrics) == 2 * 2 * 6 + 2 * 5
     assert metrics["test_worst_site_patient_accuracy"] == 0.5 and metrics["test_worst_site_accuracy"] == 0.5
     assert set(site_metrics(found, "val_", counts=False)) == {
         k.replace("test_", "val_", 1) for k in metrics if not k.endswith(("_samples", "_count"))
@@ -108,7 +109,7 @@ def test_sites_become_metric_names_a_table_and_summary_lines(recipe, tmp_path):
     assert loss > metrics["test_site_1_patient_weighted_log_loss"]
     assert lines[-1] == (
         "  worst site: patient accuracy 0.5000 (site 1), f1 0.3333 (site 1), auc 1.0000 (site 1), "
-        f"weighted_log_loss {loss:.4f} (site 2)"
+        f"weighted_log_loss {loss:.4f} (site 2), brier_loss 0.2000 (site 2)"  # c: 0.2 from 1, d: 0.6 from 0
     )
     tiles = load_recipe("demo_tiles", [f"data.dataset={tmp_path}", "eval.levels=[]"])  # samples alone
     plain = EvalOutcome("r", "test_", "ds", "test", site_metrics(by_site(_pred(), tiles, ["CE", "LAA"]), "test_"), [])
