@@ -122,7 +122,7 @@ def class_statistic(y: np.ndarray, p: np.ndarray, names: list[str], calls: np.nd
         "accuracy": float(tp.sum() / len(y)),
         "f1": float(_ratio(2 * tp, 2 * tp + fp + fn, 0.0).mean()),
         "weighted_log_loss": weighted_log_loss(y, p),
-        "brier_loss": _brier(p, np.eye(c)[y]) / (2 if c == 2 else 1),
+        "brier_loss": _brier(p / p.sum(axis=1, keepdims=True), np.eye(c)[y]) / (2 if c == 2 else 1),
         "auc": math.nan,
     }
     if (true > 0).all():

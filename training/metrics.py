@@ -82,7 +82,8 @@ def classification_metrics(
         "recall": float(np.mean(per[1])),
         "f1": float(np.mean(per[2])),
         "weighted_log_loss": weighted_log_loss(y, p),
-        "brier_loss": float(skm.brier_score_loss(y, p, labels=labels)),
+        # rows of float32 softmax sum to 1 within 1e-7, which scikit-learn warns of
+        "brier_loss": float(skm.brier_score_loss(y, p / p.sum(axis=1, keepdims=True), labels=labels)),
         "auc": math.nan,
     }
     names = classes or [str(c) for c in labels]
