@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -100,10 +101,18 @@ def run_demo(settings: Settings, workdir: Path, small: bool = False) -> dict[str
     )
     if outcome.held_out is not None:
         t = outcome.held_out.metrics
+
+        def held(key: str) -> str:  # with its interval, from a bootstrap of the test split's patients
+            low, high = t.get(f"{key}_ci_low", float("nan")), t.get(f"{key}_ci_high", float("nan"))
+            bounds = "" if math.isnan(low) or math.isnan(high) else f" [{low:.3f}, {high:.3f}]"
+            return f"{t.get(key, float('nan')):.3f}{bounds}"
+
         print(
-            f"test (held out): tile accuracy {t.get('test_accuracy', float('nan')):.3f}, "
-            f"patient accuracy {t.get('test_patient_accuracy', float('nan')):.3f}"
+            f"test (held out): tile accuracy {held('test_accuracy')}, patient accuracy {held('test_patient_accuracy')}"
         )
+        if outcome.held_out.intervals:
+            few = "a demo has few patients: an interval of them means little"
+            print(f"                 in brackets, {outcome.held_out.intervals} ({few})")
     print(f"shards:     {wsi_url}  {ct_url}  {mri_url}  {new_url}")
     print(f"MLflow run: {outcome.run_url} (the new slides' calls and heatmaps under predictions/{calls.name}/)")
     urls = {"wsi": wsi_url, "ct": ct_url, "mri": mri_url, "new": new_url}
