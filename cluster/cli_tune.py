@@ -38,7 +38,22 @@ def add_compare_parser(sub) -> None:
     cp.add_argument(
         "--level",
         default="patient",
-        help="confusion-matrix level to average: sample, slide, patient... (default: %(default)s)",
+        help="confusion-matrix level to average: sample, slide, patient... (default: %(default)s); with --paired, "
+        "the level whose held-out predictions are compared",
+    )
+    cp.add_argument(
+        "--paired",
+        action="store_true",
+        help="GROUPs are trained runs (ids or names), each compared with each on the same held-out patients, "
+        "prediction by prediction: B - A of each metric (unprefixed: accuracy, auc, f1, brier_loss, "
+        "weighted_log_loss, recall_<class>, specificity_<class>) with its interval and p-value from a bootstrap "
+        "of the patients, McNemar's exact test for accuracy",
+    )
+    cp.add_argument(
+        "--split",
+        default="test",
+        help="with --paired: the evaluation compared, its split's name or --name (external_test for another "
+        "dataset; default: %(default)s)",
     )
     cp.set_defaults(fn=cmd_compare)
 
@@ -143,4 +158,24 @@ def cmd_compare(args) -> int:
     s = _settings()
     s.apply()
     health.require(s, "mlflow")
+    if args.paired:
+        return _compare_paired(s, args)
     return _compare_all(s, args.groups, args.metrics.split(","), args.alpha, args.level)
+
+
+def _compare_paired(s, args) -> int:
+    """Each run of ``args.groups`` with each later one on the same held-out patients (:mod:`tune.paired`), at
+    ``args.alpha`` shared among the pairs (Bonferroni)."""
+    from training import tracking
+    from tune.config import pairwise
+    from tune.paired import run_paired
+
+    pairs, each = pairwise(args.groups, args.alpha)
+    if len(pairs) > 1:
+        print(f"{len(args.groups)} runs, {len(pairs)} comparisons: each at alpha {args.alpha} / {len(pairs)} = "
+              f"{each:.4g} (Bonferroni)")  # fmt: skip
+    for a, b in pairs:
+        _, report, run_id = run_paired(s.mlflow_url, a, b, args.metrics.split(","), args.split, args.level, each)
+        print(report)
+        print(f"comparison logged: {tracking.run_url_of(s.mlflow_url, run_id)}")
+    return 0

@@ -237,6 +237,29 @@ def test_evaluating_the_val_split_adds_nothing_to_the_training_curves(trained, s
         evaluate_run(out.run_id, stack.mlflow_url, str(work / "ckpt"), "test", name="test patient")
 
 
+def test_a_paired_comparison_reads_the_runs_held_out_predictions(trained, stack):
+    """`tessera compare A B --paired`: here the run with itself, whose every difference is 0, through MLflow's
+    tables of its held-out step; a split it was not evaluated on is refused, naming the command that makes one."""
+    from tune.paired import run_paired
+
+    _, out = trained
+    results, report, run_id = run_paired(
+        stack.mlflow_url, out.run_id, out.run_id, ["accuracy", "brier_loss"], "test", "patient", 0.05
+    )
+    assert [(r.metric, r.diff, r.p) for r in results] == [("accuracy", 0.0, 1.0), ("brier_loss", 0.0, 1.0)]
+    assert results[0].a == pytest.approx(out.held_out.metrics["test_patient_accuracy"])
+    assert "paired on the test split's 3 patient(s)" in report
+    client = MlflowClient(stack.mlflow_url)
+    logged = client.get_run(run_id)
+    assert logged.data.metrics["accuracy_diff"] == 0.0 and logged.data.tags["tessera.kind"] == "comparison"
+    assert {a.path for a in client.list_artifacts(run_id, "comparison")} == {
+        "comparison/report.md",
+        "comparison/paired.json",
+    }
+    with pytest.raises(ValueError, match=rf"run {out.run_id}: no nosuch evaluation .*`tessera evaluate"):
+        run_paired(stack.mlflow_url, out.run_id, out.run_id, ["auc"], "nosuch", "patient", 0.05)
+
+
 def test_predict_calls_the_inputs_of_a_dataset_without_labels(trained, stack, tmp_path):
     """Slides ingested with a table of patients and no labels, as paper 000's STRIP AI test set (its test.csv):
     `tessera predict` calls each tile and each patient, a patient's slides together, with the run's model. The
