@@ -237,6 +237,12 @@ def _outcome(client, run_id: str, recipe: TrainRecipe, split: str, prefix: str, 
     client.set_tag(run_id, f"{prefix}manifest_sha256", sha256)
     run = client.get_run(run_id)
     logged = {k: v for k, v in run.data.metrics.items() if k.startswith(prefix)}
+    # an earlier evaluation's under this prefix stay in the run: not this one's where it drew none
+    if not recipe.eval.bootstrap:
+        logged = {k: v for k, v in logged.items() if not k.endswith(("_ci_low", "_ci_high"))}
+    if not recipe.eval.operating_point:
+        point = re.compile(rf"^{re.escape(prefix)}(?:(?:slide|patient|series)_)?op_")
+        logged = {k: v for k, v in logged.items() if not point.match(k)}
     warning = run.data.tags.get(f"{prefix}{SCALE_WARNING}")
     how = None
     if any(k.endswith("_ci_low") for k in logged):

@@ -229,3 +229,27 @@ def test_the_prediction_tables_add_the_calls_at_the_operating_point():
         "image,predicted_any,predicted_sub_dural,op_predicted_any,op_predicted_sub_dural,p_any,p_sub_dural",
         "x,0,0,1,0,0.3,0.2",
     ]
+
+
+def test_an_evaluation_without_intervals_or_operating_point_shows_none_of_an_earlier_ones(mlflow_uri):
+    """Metrics stay in an MLflow run: `tessera evaluate RUN eval.bootstrap=0` after an evaluation with intervals
+    must not show the earlier intervals (nor an earlier operating point) as its own."""
+    from mlflow import MlflowClient
+
+    from training.eval_summary import summary
+    from training.evaluation import _outcome
+
+    client = MlflowClient(mlflow_uri)
+    run_id = client.create_run(client.create_experiment("e")).info.run_id
+    earlier = {"test_accuracy": 0.75, "test_accuracy_ci_low": 0.5, "test_accuracy_ci_high": 0.9}
+    earlier |= {"test_patient_accuracy": 0.8, "test_patient_op_threshold_LAA": 0.4, "test_op_sensitivity_LAA": 0.9}
+    for key, value in earlier.items():
+        client.log_metric(run_id, key, value, step=0)
+    point = {"operating_point": "youden", "positive": "LAA", "levels": ["patient"]}
+    both = _outcome(client, run_id, _recipe(**point), "test", "test_", "sha")
+    assert both.intervals.startswith("95% intervals of 1000") and both.operating_point == "youden"
+    assert "accuracy 0.7500 [0.5000, 0.9000]" in summary(both)
+    neither = _outcome(client, run_id, _recipe(bootstrap=0, levels=["patient"]), "test", "test_", "sha")
+    assert set(neither.metrics) == {"test_accuracy", "test_patient_accuracy"}
+    assert (neither.intervals, neither.operating_point) == (None, None)
+    assert "[" not in summary(neither) and "called at" not in summary(neither)
