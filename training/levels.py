@@ -86,7 +86,7 @@ def intervals(pred: dict[str, Any], recipe: TrainRecipe, outputs: list[str], pre
     (:func:`training.intervals.bootstrap`: ``eval.bootstrap`` resamples of the split's patients, at
     ``eval.confidence``): as MLflow metrics (``<metric>_ci_low``, ``<metric>_ci_high``) and as a CSV table
     (:data:`INTERVAL_COLUMNS`). Empty for a detector, samples without labels or ``eval.bootstrap: 0``."""
-    from training.intervals import bootstrap, clusters_of
+    from training.intervals import bootstrap, class_statistic, clusters_of, label_statistic
 
     if recipe.task == "detect" or not recipe.eval.bootstrap or pred["labels"] is None:
         return {}, ""
@@ -94,9 +94,9 @@ def intervals(pred: dict[str, Any], recipe: TrainRecipe, outputs: list[str], pre
     for level, keys, p, y in units(pred, recipe):
         clusters = clusters_of(keys)
         if recipe.task == "multilabel":
-            stat = partial(_of_labels, y, p, outputs, recipe.eval.threshold)
+            stat = label_statistic(y, p, outputs, recipe.eval.threshold)
         else:
-            stat = partial(_of_classes, y, p, outputs, predicted_classes(p, level_threshold(recipe, level)))
+            stat = class_statistic(y, p, outputs, predicted_classes(p, level_threshold(recipe, level)))
         resampled = "patients" if any(k is not None for k in keys) else f"{level}s"
         found = bootstrap(stat, clusters, with_interval, recipe.eval.bootstrap, recipe.eval.confidence, recipe.seed)
         pre = prefix if level == "sample" else f"{prefix}{level}_"
@@ -106,18 +106,6 @@ def intervals(pred: dict[str, Any], recipe: TrainRecipe, outputs: list[str], pre
             counts = [iv.defined, len(y), len(set(clusters.tolist())), resampled]
             rows.append([level, iv.metric, iv.value, iv.low, iv.high, *how, *counts])
     return out, _csv(INTERVAL_COLUMNS, rows)
-
-
-def _of_classes(y, p, outputs, calls, idx):
-    from training.intervals import class_statistic
-
-    return class_statistic(y[idx], p[idx], outputs, calls[idx])
-
-
-def _of_labels(y, p, outputs, threshold, idx):
-    from training.intervals import label_statistic
-
-    return label_statistic(y[idx], p[idx], outputs, threshold)
 
 
 OPERATING_COLUMNS = ("level", "output", "rule", "threshold", "metric", "validation", "value", "ci_low", "ci_high")
@@ -164,6 +152,7 @@ def operating_points(
     ``<prefix><level_>op_<metric>_<output>`` (``op_threshold_<output>`` too) and a CSV table
     (:data:`OPERATING_COLUMNS`)."""
     from training.intervals import Interval, bootstrap, clusters_of
+    from training.operating import rates_at
 
     rule, count = recipe.eval.operating_point, recipe.eval.bootstrap
     if not chosen or pred["labels"] is None:
@@ -174,11 +163,11 @@ def operating_points(
         for k, (cut, seen) in chosen.get(level, {}).items():
             name, n = outputs[k], metric_name(outputs[k])
             positive = (y[:, k] == 1) if recipe.task == "multilabel" else (y == k)
-            stat = partial(_rates, positive, p[:, k], cut)
+            stat = partial(rates_at, positive, p[:, k], cut)
             if count:
                 found = bootstrap(stat, clusters_of(keys), lambda _: True, count, recipe.eval.confidence, recipe.seed)
             else:  # the values alone
-                found = [Interval(m, v, math.nan, math.nan, 0) for m, v in stat(np.arange(len(y))).items()]
+                found = [Interval(m, v, math.nan, math.nan, 0) for m, v in stat(np.ones(len(y))).items()]
             out[f"{pre}op_threshold_{n}"] = cut
             for iv in found:
                 key = f"{pre}op_{iv.metric}_{n}"
@@ -187,12 +176,6 @@ def operating_points(
                     out |= {f"{key}_ci_low": iv.low, f"{key}_ci_high": iv.high}
                 rows.append([level, name, rule, cut, iv.metric, seen[iv.metric], iv.value, iv.low, iv.high])
     return out, _csv(OPERATING_COLUMNS, rows)
-
-
-def _rates(positive, scores, cut, idx):
-    from training.operating import rates_at
-
-    return rates_at(positive[idx], scores[idx], cut)
 
 
 def _csv(header, rows) -> str:

@@ -47,13 +47,16 @@ def choose_threshold(positive: np.ndarray, scores: np.ndarray, rule: str) -> flo
     return float(thresholds[i]) if np.isfinite(thresholds[i]) else float(np.nextafter(np.max(scores), np.inf))
 
 
-def rates_at(positive: np.ndarray, scores: np.ndarray, threshold: float) -> dict[str, float]:
+def rates_at(
+    positive: np.ndarray, scores: np.ndarray, threshold: float, weights: np.ndarray | None = None
+) -> dict[str, float]:
     """Sensitivity, specificity, positive and negative predictive values of the calls ``score >= threshold``
-    (each NaN where its denominator is empty)."""
+    (each NaN where its denominator is empty), of the samples ``weights`` counts (each once by default)."""
     positive = np.asarray(positive, bool)
     called = np.asarray(scores) >= threshold
-    tp, fp = float(np.sum(called & positive)), float(np.sum(called & ~positive))
-    fn, tn = float(np.sum(~called & positive)), float(np.sum(~called & ~positive))
+    w = np.ones(len(positive)) if weights is None else np.asarray(weights, np.float64)
+    tp, fp = float(w[called & positive].sum()), float(w[called & ~positive].sum())
+    fn, tn = float(w[~called & positive].sum()), float(w[~called & ~positive].sum())
 
     def ratio(a: float, b: float) -> float:
         return a / b if b else math.nan

@@ -104,12 +104,12 @@ def compare_paired(a: Table, b: Table, metrics: list[str], names=("A", "B"), alp
     ca = np.array([index[c] for c in a.calls])
     cb = np.array([index[c] for c in calls_b])
 
-    def both(idx: np.ndarray) -> tuple[dict, dict]:
-        return class_statistic(y[idx], a.probs[idx], a.outputs, ca[idx]), class_statistic(
-            y[idx], pb[idx], a.outputs, cb[idx]
-        )
+    stat_a, stat_b = class_statistic(y, a.probs, a.outputs, ca), class_statistic(y, pb, a.outputs, cb)
 
-    whole_a, whole_b = both(np.arange(len(y)))
+    def both(w: np.ndarray) -> tuple[dict, dict]:
+        return stat_a(w), stat_b(w)
+
+    whole_a, whole_b = both(np.ones(len(y)))
     unknown = [m for m in metrics if m not in whole_a]
     if unknown:
         raise ValueError(f"metric(s) {unknown}: a paired comparison takes {', '.join(sorted(whole_a))}")

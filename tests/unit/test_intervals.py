@@ -22,54 +22,68 @@ def _probs(rng, n: int, c: int, ties: bool = False) -> np.ndarray:
     return p / p.sum(axis=1, keepdims=True)
 
 
+def _resampled(rng, n: int):
+    """The whole split, then resamples of it: index arrays, and the weight of each sample in each."""
+    for idx in [np.arange(n)] + [rng.integers(0, n, n) for _ in range(3)]:
+        yield idx, np.bincount(idx, minlength=n).astype(np.float64)
+
+
 @pytest.mark.parametrize("classes", [2, 4])
 @pytest.mark.parametrize("threshold", [None, 0.3])
 def test_class_statistic_equals_scikit_learns_metrics_on_resamples(classes, threshold):
+    """The weighted statistic of a resample (each sample weighted by how often it was drawn) against
+    scikit-learn's metrics of the resample's samples, repeated as drawn."""
     rng = np.random.default_rng(classes)
     names = [f"c {k}" for k in range(classes)]
-    for trial in range(40):
+    for trial in range(20):
         n = int(rng.integers(8, 60))
         y = rng.integers(0, classes, n)
         p = _probs(rng, n, classes, ties=trial % 2 == 0)
         cut = threshold if classes == 2 else None
-        fast = class_statistic(y, p, names, predicted_classes(p, cut))
-        ref = classification_metrics(y, p, classes=names, threshold=cut)
-        assert set(fast) == {k for k in ref if with_interval(k)}
-        for key, value in fast.items():
-            if key.startswith("recall_") and not np.any(y == names.index(key.split("_", 1)[1].replace("_", " "))):
-                assert math.isnan(value) and ref[key] == 0  # no samples of the class: no sensitivity (sklearn: 0)
-            else:
-                assert value == pytest.approx(ref[key], abs=1e-12, nan_ok=True), key
+        stat = class_statistic(y, p, names, predicted_classes(p, cut))
+        for idx, w in _resampled(rng, n):
+            fast = stat(w)
+            ref = classification_metrics(y[idx], p[idx], classes=names, threshold=cut)
+            assert set(fast) == {k for k in ref if with_interval(k)}
+            for key, value in fast.items():
+                absent = key.startswith("recall_") and key.removeprefix("recall_").replace("_", " ") not in {
+                    names[k] for k in y[idx]
+                }
+                if absent:
+                    assert math.isnan(value) and ref[key] == 0  # no samples of the class: no sensitivity (sklearn: 0)
+                else:
+                    assert value == pytest.approx(ref[key], abs=1e-12, nan_ok=True), key
 
 
 def test_label_statistic_equals_scikit_learns_multilabel_metrics():
     rng = np.random.default_rng(3)
     names = ["any", "epidural", "intraparenchymal", "intraventricular", "subarachnoid", "subdural"]
-    for trial in range(30):
+    for trial in range(12):
         n = int(rng.integers(5, 50))
         y = (rng.random((n, 6)) < rng.uniform(0.05, 0.6)).astype(np.int64)
         p = rng.random((n, 6))
         if trial % 3 == 0:
             p = np.round(p, 1)
-        fast = label_statistic(y, p, names, 0.5)
-        ref = multilabel_metrics(y, p, names, threshold=0.5)
-        assert set(fast) == {k for k in ref if with_interval(k)}
-        for key, value in fast.items():
-            assert value == pytest.approx(ref[key], abs=1e-12, nan_ok=True), key
+        stat = label_statistic(y, p, names, 0.5)
+        for idx, w in _resampled(rng, n):
+            fast = stat(w)
+            ref = multilabel_metrics(y[idx], p[idx], names, threshold=0.5)
+            assert set(fast) == {k for k in ref if with_interval(k)}
+            for key, value in fast.items():
+                assert value == pytest.approx(ref[key], abs=1e-12, nan_ok=True), key
 
 
 def test_resamples_draw_whole_patients_as_often_as_drawn():
     keys = ["a"] * 3 + ["b"] * 1 + ["c"] * 5 + [None, None]  # two samples without a patient: each its own
     clusters = clusters_of(keys)
     assert len(set(clusters.tolist())) == 5
-    sizes = np.bincount(clusters)
-    for idx in resamples(clusters, 200, seed=1):
-        drawn = np.bincount(clusters[idx], minlength=5)
-        assert np.all(drawn % sizes == 0)  # only whole patients
-        assert (drawn // sizes).sum() == 5  # as many patients as the split has
+    for w in resamples(clusters, 200, seed=1):
+        # a patient's samples weigh alike, its draws: as many draws as the split has patients
+        draws = [w[clusters == c] for c in range(5)]
+        assert all(len(set(d.tolist())) == 1 for d in draws) and sum(d[0] for d in draws) == 5
     # the same seed draws the same resamples
-    first = [i.tolist() for i in resamples(clusters, 5, seed=7)]
-    assert first == [i.tolist() for i in resamples(clusters, 5, seed=7)]
+    first = [w.tolist() for w in resamples(clusters, 5, seed=7)]
+    assert first == [w.tolist() for w in resamples(clusters, 5, seed=7)]
 
 
 def test_a_patients_identical_samples_give_the_patient_levels_interval_not_a_narrow_one():
@@ -84,7 +98,7 @@ def test_a_patients_identical_samples_give_the_patient_levels_interval_not_a_nar
     names = ["CE", "LAA"]
 
     def acc(y, p):
-        return lambda idx: class_statistic(y[idx], p[idx], names, p[idx].argmax(1))
+        return class_statistic(y, p, names, p.argmax(1))
 
     patients = np.repeat(np.arange(30), 40)
     tiles = bootstrap(acc(y, p), clusters_of(patients.tolist()), lambda m: m == "accuracy", 500, 0.95, seed=3)
@@ -105,7 +119,7 @@ def test_a_metric_defined_in_too_few_resamples_gets_no_interval():
 
     def found(positives: int):
         y = np.array([1] * positives + [0] * (20 - positives))
-        stat = lambda idx: class_statistic(y[idx], p[idx], ["no", "yes"], p[idx].argmax(1))  # noqa: E731
+        stat = class_statistic(y, p, ["no", "yes"], p.argmax(1))
         return {iv.metric: iv for iv in bootstrap(stat, clusters_of(list(range(20))), with_interval, 400)}
 
     one = found(1)
