@@ -76,6 +76,9 @@ def align(a: Table, b: Table, names: tuple[str, str]) -> np.ndarray:
     and classes; refused otherwise, saying how they differ."""
     if a.outputs != b.outputs:
         raise ValueError(f"{names[0]} and {names[1]} have other classes ({a.outputs} and {b.outputs})")
+    for name, table in zip(names, (a, b), strict=True):
+        if len(set(table.keys)) != len(table.keys):
+            raise ValueError(f"{name}'s table names {len(table.keys) - len(set(table.keys))} of its rows as another")
     where = {k: i for i, k in enumerate(b.keys)}
     missing, extra = set(a.keys) - set(where), set(b.keys) - set(a.keys)
     if missing or extra or len(a.keys) != len(b.keys):

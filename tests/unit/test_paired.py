@@ -92,6 +92,9 @@ def test_tables_of_other_units_labels_or_classes_are_refused():
         compare_paired(a, read_table(_table(ids, flipped, p), "b"), ["auc"])
     with pytest.raises(ValueError, match=r"metric\(s\) \['val_auc'\]: a paired comparison takes accuracy, auc"):
         compare_paired(a, a, ["val_auc"])
+    twice = read_table(prediction_table({"patient": ids}, p, y, CLASSES, False), "b")  # 2 rows a patient
+    with pytest.raises(ValueError, match="B's table names 6 of its rows as another"):
+        compare_paired(a, twice, ["auc"])
     unlabelled = prediction_table({"patient": ids}, p, None, CLASSES, False)
     with pytest.raises(ValueError, match="run x's table: a paired comparison needs a labelled multi-class table"):
         read_table(unlabelled, "run x's table")
