@@ -55,12 +55,17 @@ def roc_png(y: np.ndarray, probs: np.ndarray, names: list[str], task: str, path:
             continue
         fpr, tpr, _ = roc_curve(truth, score)
         ax.plot(fpr, tpr, label=f"{name} (AUC {roc_auc_score(truth, score):.3f})")
+    return _on_diagonal(fig, ax, ("false positive rate", "true positive rate"), title, path, "lower right")
+
+
+def _on_diagonal(fig, ax, axes: tuple[str, str], title: str, path: Path, legend: str) -> Path:
+    """A plot of curves against the diagonal (chance, or perfect calibration), titled, saved to ``path``."""
     ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=0.8)
-    ax.set_xlabel("false positive rate")
-    ax.set_ylabel("true positive rate")
+    ax.set_xlabel(axes[0])
+    ax.set_ylabel(axes[1])
     ax.set_title(title)
     if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=7, loc="lower right")
+        ax.legend(fontsize=7, loc=legend)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -89,18 +94,9 @@ def calibration_png(y: np.ndarray, probs: np.ndarray, names: list[str], task: st
             continue
         observed, predicted = calibration_curve(truth, score, n_bins=10)
         ax.plot(predicted, observed, marker="o", ms=3, label=f"{name} (Brier {brier_score_loss(truth, score):.3f})")
-    ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=0.8)
-    ax.set_xlabel("mean predicted probability")
-    ax.set_ylabel("observed frequency")
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
-    ax.set_title(title)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=7, loc="upper left")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _on_diagonal(fig, ax, ("mean predicted probability", "observed frequency"), title, path, "upper left")
 
 
 # The learning-curve PNGs of a run: each file's title and the per-epoch metrics it plots, those the run has.
