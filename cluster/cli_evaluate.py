@@ -88,7 +88,17 @@ def held_out_line(recipe, manifest) -> str:
     split = recipe.data.test_split
     samples = manifest.num_samples(split)
     heatmaps += " and of these" if heatmaps else ""
-    return f"held-out: the {split} split ({samples} samples), with the selected model after training{heatmaps}"
+    line = f"held-out: the {split} split ({samples} samples), with the selected model after training{heatmaps}"
+    ev = recipe.eval
+    if ev.bootstrap and recipe.task != "detect":
+        line += (
+            f"\n  its metrics' {ev.confidence:.0%} intervals from {ev.bootstrap} bootstrap resamples of its patients"
+        )
+    if ev.operating_point:
+        of = f"for {ev.positive}" if ev.positive else "for each label"
+        rates = "sensitivity, specificity, PPV and NPV"
+        line += f"\n  {rates} at the threshold {ev.operating_point} chooses {of} on validation"
+    return line
 
 
 def print_held_out(outcome) -> None:
