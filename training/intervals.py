@@ -154,11 +154,11 @@ def class_statistic(
 
 
 def label_statistic(
-    y: np.ndarray, p: np.ndarray, names: list[str], threshold: float
+    y: np.ndarray, p: np.ndarray, names: list[str], threshold: float, called: np.ndarray | None = None
 ) -> Callable[[np.ndarray], dict[str, float]]:
     """``statistic(weights)``: what :func:`training.metrics.multilabel_metrics` reports that gets an interval
     (RSNA's weighted log loss, the Brier score, the macro AUC, F1 and accuracy, each label's AUC, recall and
-    specificity), as :func:`class_statistic`."""
+    specificity), as :func:`class_statistic`; the calls ``p >= threshold``, or ``called`` (0/1 per label)."""
     from training.metrics import EPS, RSNA_WEIGHTS, metric_name
 
     y = np.asarray(y)
@@ -166,7 +166,8 @@ def label_statistic(
     q = np.clip(np.asarray(p, np.float64), EPS, 1 - EPS)
     bce = -(y * np.log(q) + (1 - y) * np.log(1 - q))
     squares = np.sum((np.asarray(p, np.float64) - y) ** 2, axis=1) / labels
-    positive, called = (y == 1).astype(np.float64), (p >= threshold).astype(np.float64)
+    positive = (y == 1).astype(np.float64)
+    called = (p >= threshold if called is None else np.asarray(called) == 1).astype(np.float64)
     hits = positive * called
     ranked = [Ranked(y[:, j] == 1, p[:, j]) for j in range(labels)]
     keys = [metric_name(n) for n in names]

@@ -41,33 +41,41 @@ class Paired:
 
 @dataclass
 class Table:
-    """A held-out prediction table: each unit's key (its identity columns), label and probabilities."""
+    """A held-out prediction table: each unit's key (its identity columns), label(s), call(s), probabilities."""
 
     keys: list[tuple[str, ...]]
     patients: list[str | None]
-    labels: list[str]
-    calls: list[str]
+    labels: list  # a multi-class unit's class, a multi-label one's 0/1 per label (a tuple)
+    calls: list
     probs: np.ndarray
     outputs: list[str]
+    multilabel: bool = False
 
 
 def read_table(text: str, source: str) -> Table:
-    """A multi-class prediction table (:func:`training.predictions.prediction_table`): the columns before
-    ``label`` name each unit; ``p_<class>`` its probabilities. A table without labels, or a multi-label one, is
-    refused naming ``source``."""
+    """A labelled prediction table (:func:`training.predictions.prediction_table`): the columns before the
+    labels name each unit; a multi-class one's ``label`` and ``predicted``, a multi-label one's ``label_<l>`` and
+    ``predicted_<l>`` per label; ``p_<output>`` the probabilities. One without labels is refused naming ``source``."""
     rows = list(csv.DictReader(text.splitlines()))
     header = list(rows[0]) if rows else []
-    if "label" not in header or "predicted" not in header:
-        raise ValueError(f"{source}: a paired comparison needs a labelled multi-class table (label, predicted)")
-    ids = header[: header.index("label")]
     outputs = [h.removeprefix("p_") for h in header if h.startswith("p_")]
+    if "label" in header and "predicted" in header:
+        ids, multilabel = header[: header.index("label")], False
+        labels, calls = [r["label"] for r in rows], [r["predicted"] for r in rows]
+    elif outputs and all(f"label_{o}" in header and f"predicted_{o}" in header for o in outputs):
+        ids, multilabel = header[: header.index(f"label_{outputs[0]}")], True
+        labels = [tuple(int(r[f"label_{o}"]) for o in outputs) for r in rows]
+        calls = [tuple(int(r[f"predicted_{o}"]) for o in outputs) for r in rows]
+    else:
+        raise ValueError(f"{source}: a paired comparison needs a table with labels (label or label_<l>, and calls)")
     return Table(
         keys=[tuple(r[c] for c in ids) for r in rows],
         patients=[r.get("patient") for r in rows],
-        labels=[r["label"] for r in rows],
-        calls=[r["predicted"] for r in rows],
+        labels=labels,
+        calls=calls,
         probs=np.array([[float(r[f"p_{o}"]) for o in outputs] for r in rows]),
         outputs=outputs,
+        multilabel=multilabel,
     )
 
 
@@ -94,20 +102,25 @@ def align(a: Table, b: Table, names: tuple[str, str]) -> np.ndarray:
 
 def compare_paired(a: Table, b: Table, metrics: list[str], names=("A", "B"), alpha=0.05, seed=0) -> list[Paired]:
     """Each of ``metrics`` (of :func:`training.intervals.class_statistic`: accuracy, f1, auc, weighted_log_loss,
-    brier_loss, recall_<class>, specificity_<class>) of both tables' models on the same resamples of their
-    patients; B - A, its 1 - alpha interval and p-value (:data:`RESAMPLES`)."""
+    brier_loss, recall_<class>, specificity_<class>; of a multi-label task, of ``label_statistic``: rsna_log_loss,
+    auc_<label>...) of both tables' models, each with its own calls, on the same resamples of their patients;
+    B - A, its 1 - alpha interval and p-value (:data:`RESAMPLES`)."""
     from scipy.stats import binomtest
 
-    from training.intervals import class_statistic, clusters_of, resamples
+    from training.intervals import class_statistic, clusters_of, label_statistic, resamples
 
     order = align(a, b, names)
     pb, calls_b = b.probs[order], [b.calls[i] for i in order]
-    index = {o: k for k, o in enumerate(a.outputs)}
-    y = np.array([index[label] for label in a.labels])
-    ca = np.array([index[c] for c in a.calls])
-    cb = np.array([index[c] for c in calls_b])
-
-    stat_a, stat_b = class_statistic(y, a.probs, a.outputs, ca), class_statistic(y, pb, a.outputs, cb)
+    if a.multilabel:
+        y, ca, cb = np.array(a.labels), np.array(a.calls), np.array(calls_b)
+        stat_a = label_statistic(y, a.probs, a.outputs, 0.5, called=ca)
+        stat_b = label_statistic(y, pb, a.outputs, 0.5, called=cb)
+    else:
+        index = {o: k for k, o in enumerate(a.outputs)}
+        y = np.array([index[label] for label in a.labels])
+        ca = np.array([index[c] for c in a.calls])
+        cb = np.array([index[c] for c in calls_b])
+        stat_a, stat_b = class_statistic(y, a.probs, a.outputs, ca), class_statistic(y, pb, a.outputs, cb)
 
     def both(w: np.ndarray) -> tuple[dict, dict]:
         return stat_a(w), stat_b(w)
@@ -128,7 +141,7 @@ def compare_paired(a: Table, b: Table, metrics: list[str], names=("A", "B"), alp
             low, high = (float(v) for v in np.percentile(d, [alpha / 2 * 100, 100 - alpha / 2 * 100]))
             p = float(min(1.0, 2 * min(np.mean(d <= 0), np.mean(d >= 0))))
         mcnemar = None
-        if m == "accuracy":
+        if m == "accuracy" and not a.multilabel:
             right_a, right_b = ca == y, cb == y
             only_a, only_b = int(np.sum(right_a & ~right_b)), int(np.sum(right_b & ~right_a))
             mcnemar = float(binomtest(only_a, only_a + only_b, 0.5).pvalue) if only_a + only_b else 1.0

@@ -96,5 +96,26 @@ def test_tables_of_other_units_labels_or_classes_are_refused():
     with pytest.raises(ValueError, match="B's table names 6 of its rows as another"):
         compare_paired(a, twice, ["auc"])
     unlabelled = prediction_table({"patient": ids}, p, None, CLASSES, False)
-    with pytest.raises(ValueError, match="run x's table: a paired comparison needs a labelled multi-class table"):
+    with pytest.raises(ValueError, match="run x's table: a paired comparison needs a table with labels"):
         read_table(unlabelled, "run x's table")
+
+
+def test_multilabel_models_compare_label_by_label_each_with_its_own_calls():
+    """RSNA's six labels: a model whose scores follow the labels against one of noise, on the same slices."""
+    rng = np.random.default_rng(4)
+    names = ["any", "epidural", "intraparenchymal", "intraventricular", "subarachnoid", "subdural"]
+    ids = [f"p{i // 4}" for i in range(160)]  # 40 patients of 4 slices
+    y = (rng.random((160, 6)) < 0.3).astype(np.int64)
+    good, noise = np.clip(0.6 * y + 0.4 * rng.random((160, 6)), 0, 1), rng.random((160, 6))
+    columns = {"patient": ids, "image": [str(i) for i in range(160)]}
+    a = read_table(prediction_table(columns, noise, y, names, True), "a")
+    b = read_table(prediction_table(columns, good, y, names, True, 0.3), "b")  # its calls at 0.3
+    assert a.multilabel and a.labels[0] == tuple(y[0]) and b.calls[0] == tuple(int(v >= 0.3) for v in good[0])
+    found = {r.metric: r for r in compare_paired(a, b, ["rsna_log_loss", "auc_any", "recall_epidural", "accuracy"])}
+    assert found["auc_any"].diff > 0.3 and found["auc_any"].verdict.startswith("B better")
+    assert found["rsna_log_loss"].diff < 0 and found["rsna_log_loss"].verdict.startswith("B better")
+    # B's sensitivity from its own calls (0.3): every epidural slice scores at least 0.6
+    assert found["recall_epidural"].b == 1.0
+    assert found["accuracy"].mcnemar_p is None  # McNemar's test is of one call a unit
+    with pytest.raises(ValueError, match="have other classes"):
+        compare_paired(a, read_table(_table(ids[:12], np.zeros(12, int), np.full((12, 2), 0.5)), "c"), ["auc"])
