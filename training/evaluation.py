@@ -247,6 +247,7 @@ def _outcome(client, run_id: str, recipe: TrainRecipe, split: str, prefix: str, 
     how = None
     if any(k.endswith("_ci_low") for k in logged):
         how = f"{recipe.eval.confidence:.0%} intervals of {recipe.eval.bootstrap} bootstrap resamples of patients"
+        how += " (of a proportion of patients, Clopper-Pearson's)"
     op = recipe.eval.operating_point if any("op_threshold_" in k for k in logged) else None
     return EvalOutcome(run_id, prefix, url, split, logged, list(recipe.eval.levels), warning, how, op)
 

@@ -194,3 +194,42 @@ def label_statistic(
         return out
 
     return statistic
+
+
+def exact(successes: int, trials: int, confidence: float) -> tuple[float, float]:
+    """The Clopper-Pearson interval of a proportion (scipy's exact binomial), NaN of no trials. Where each unit
+    is its own patient it replaces the bootstrap's for a proportion: a bootstrap of 10 patients all called right
+    gives [1, 1], Clopper-Pearson [0.69, 1], as a diagnostic accuracy study reports it."""
+    from scipy.stats import binomtest
+
+    if not trials:
+        return math.nan, math.nan
+    found = binomtest(int(successes), int(trials)).proportion_ci(confidence_level=confidence, method="exact")
+    return float(found.low), float(found.high)
+
+
+def class_proportions(y: np.ndarray, calls: np.ndarray, names: list[str]) -> dict[str, tuple[int, int]]:
+    """``(successes, trials)`` of the proportions among :func:`class_statistic`'s metrics: accuracy, and each
+    class's recall (its samples called it) and specificity (the others' not called it)."""
+    from training.metrics import metric_name
+
+    y, calls = np.asarray(y), np.asarray(calls)
+    out = {"accuracy": (int(np.sum(y == calls)), len(y))}
+    for k, name in enumerate(names):
+        mine, called = y == k, calls == k
+        out[f"recall_{metric_name(name)}"] = (int(np.sum(mine & called)), int(mine.sum()))
+        out[f"specificity_{metric_name(name)}"] = (int(np.sum(~mine & ~called)), int((~mine).sum()))
+    return out
+
+
+def label_proportions(y: np.ndarray, called: np.ndarray, names: list[str]) -> dict[str, tuple[int, int]]:
+    """:func:`class_proportions` of each label: its recall and specificity (a multi-label accuracy is a mean of
+    the labels', not one proportion)."""
+    from training.metrics import metric_name
+
+    out = {}
+    for j, name in enumerate(names):
+        positive, call = np.asarray(y)[:, j] == 1, np.asarray(called)[:, j] == 1
+        out[f"recall_{metric_name(name)}"] = (int(np.sum(positive & call)), int(positive.sum()))
+        out[f"specificity_{metric_name(name)}"] = (int(np.sum(~positive & ~call)), int((~positive).sum()))
+    return out

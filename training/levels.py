@@ -76,9 +76,29 @@ def with_interval(metric: str) -> bool:
 
 
 INTERVAL_COLUMNS = (
-    *("level", "metric", "value", "ci_low", "ci_high", "confidence", "resamples", "defined"),
+    *("level", "metric", "value", "ci_low", "ci_high", "method", "confidence", "resamples", "defined"),
     *("units", "clusters", "resampled"),
 )
+EXACT = "exact binomial"  # the method of a proportion's interval where each unit is its own patient
+
+
+def exact_where_single(found: list, clusters, proportions: dict, confidence: float) -> list[tuple[Any, str]]:
+    """Each interval of ``found`` with its method: where every unit is its own cluster (the patient level), a
+    proportion's (``proportions``: its successes and trials) is Clopper-Pearson's, which a bootstrap of units all
+    alike (every patient called right) would give no width; the rest stay the bootstrap's."""
+    from dataclasses import replace
+
+    from training.intervals import exact
+
+    single = len(set(clusters.tolist())) == len(clusters)
+    out = []
+    for iv in found:
+        if single and iv.metric in proportions and not math.isnan(iv.value):
+            low, high = exact(*proportions[iv.metric], confidence)
+            out.append((replace(iv, low=low, high=high), EXACT))
+        else:
+            out.append((iv, "bootstrap"))
+    return out
 
 
 def intervals(pred: dict[str, Any], recipe: TrainRecipe, outputs: list[str], prefix: str) -> tuple[dict, str]:
@@ -86,29 +106,41 @@ def intervals(pred: dict[str, Any], recipe: TrainRecipe, outputs: list[str], pre
     (:func:`training.intervals.bootstrap`: ``eval.bootstrap`` resamples of the split's patients, at
     ``eval.confidence``): as MLflow metrics (``<metric>_ci_low``, ``<metric>_ci_high``) and as a CSV table
     (:data:`INTERVAL_COLUMNS`). Empty for a detector, samples without labels or ``eval.bootstrap: 0``."""
-    from training.intervals import bootstrap, class_statistic, clusters_of, label_statistic
+    from training.intervals import (
+        bootstrap,
+        class_proportions,
+        class_statistic,
+        clusters_of,
+        label_proportions,
+        label_statistic,
+    )
 
     if recipe.task == "detect" or not recipe.eval.bootstrap or pred["labels"] is None:
         return {}, ""
-    rows, out = [], {}
+    rows, out, confidence = [], {}, recipe.eval.confidence
     for level, keys, p, y in units(pred, recipe):
         clusters = clusters_of(keys)
         if recipe.task == "multilabel":
             stat = label_statistic(y, p, outputs, recipe.eval.threshold)
+            proportions = label_proportions(y, (p >= recipe.eval.threshold).astype(int), outputs)
         else:
-            stat = class_statistic(y, p, outputs, predicted_classes(p, level_threshold(recipe, level)))
+            calls = predicted_classes(p, level_threshold(recipe, level))
+            stat, proportions = class_statistic(y, p, outputs, calls), class_proportions(y, calls, outputs)
         resampled = "patients" if any(k is not None for k in keys) else f"{level}s"
-        found = bootstrap(stat, clusters, with_interval, recipe.eval.bootstrap, recipe.eval.confidence, recipe.seed)
+        found = bootstrap(stat, clusters, with_interval, recipe.eval.bootstrap, confidence, recipe.seed)
         pre = prefix if level == "sample" else f"{prefix}{level}_"
-        how = [recipe.eval.confidence, recipe.eval.bootstrap]
-        for iv in found:
+        for iv, method in exact_where_single(found, clusters, proportions, confidence):
             out |= {f"{pre}{iv.metric}_ci_low": iv.low, f"{pre}{iv.metric}_ci_high": iv.high}
             counts = [iv.defined, len(y), len(set(clusters.tolist())), resampled]
-            rows.append([level, iv.metric, iv.value, iv.low, iv.high, *how, *counts])
+            rows.append(
+                [level, iv.metric, iv.value, iv.low, iv.high, method, confidence, recipe.eval.bootstrap, *counts]
+            )
     return out, _csv(INTERVAL_COLUMNS, rows)
 
 
-OPERATING_COLUMNS = ("level", "output", "rule", "threshold", "metric", "validation", "value", "ci_low", "ci_high")
+OPERATING_COLUMNS = (
+    *("level", "output", "rule", "threshold", "metric", "validation", "value", "ci_low", "ci_high", "method"),
+)
 
 
 def thresholds(
@@ -152,7 +184,7 @@ def operating_points(
     ``<prefix><level_>op_<metric>_<output>`` (``op_threshold_<output>`` too) and a CSV table
     (:data:`OPERATING_COLUMNS`)."""
     from training.intervals import Interval, bootstrap, clusters_of
-    from training.operating import rates_at
+    from training.operating import counts_at, rates_at
 
     rule, count = recipe.eval.operating_point, recipe.eval.bootstrap
     if not chosen or pred["labels"] is None:
@@ -163,18 +195,20 @@ def operating_points(
         for k, (cut, seen) in chosen.get(level, {}).items():
             name, n = outputs[k], metric_name(outputs[k])
             positive = (y[:, k] == 1) if recipe.task == "multilabel" else (y == k)
-            stat = partial(rates_at, positive, p[:, k], cut)
+            stat, clusters = partial(rates_at, positive, p[:, k], cut), clusters_of(keys)
             if count:
-                found = bootstrap(stat, clusters_of(keys), lambda _: True, count, recipe.eval.confidence, recipe.seed)
+                found = bootstrap(stat, clusters, lambda _: True, count, recipe.eval.confidence, recipe.seed)
+                proportions = counts_at(positive, p[:, k], cut)
+                found = exact_where_single(found, clusters, proportions, recipe.eval.confidence)
             else:  # the values alone
-                found = [Interval(m, v, math.nan, math.nan, 0) for m, v in stat(np.ones(len(y))).items()]
+                found = [(Interval(m, v, math.nan, math.nan, 0), "") for m, v in stat(np.ones(len(y))).items()]
             out[f"{pre}op_threshold_{n}"] = cut
-            for iv in found:
+            for iv, method in found:
                 key = f"{pre}op_{iv.metric}_{n}"
                 out[key] = iv.value
                 if count:
                     out |= {f"{key}_ci_low": iv.low, f"{key}_ci_high": iv.high}
-                rows.append([level, name, rule, cut, iv.metric, seen[iv.metric], iv.value, iv.low, iv.high])
+                rows.append([level, name, rule, cut, iv.metric, seen[iv.metric], iv.value, iv.low, iv.high, method])
     return out, _csv(OPERATING_COLUMNS, rows)
 
 

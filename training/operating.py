@@ -67,3 +67,12 @@ def rates_at(
         "ppv": ratio(tp, tp + fp),
         "npv": ratio(tn, tn + fn),
     }
+
+
+def counts_at(positive: np.ndarray, scores: np.ndarray, threshold: float) -> dict[str, tuple[int, int]]:
+    """``(successes, trials)`` of each of :func:`rates_at`'s proportions, for their exact intervals."""
+    positive = np.asarray(positive, bool)
+    called = np.asarray(scores) >= threshold
+    tp, fp = int(np.sum(called & positive)), int(np.sum(called & ~positive))
+    fn, tn = int(np.sum(~called & positive)), int(np.sum(~called & ~positive))
+    return {"sensitivity": (tp, tp + fn), "specificity": (tn, tn + fp), "ppv": (tp, tp + fp), "npv": (tn, tn + fn)}

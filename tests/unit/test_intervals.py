@@ -7,6 +7,7 @@ import math
 
 import numpy as np
 import pytest
+from scipy.stats import binomtest
 
 from training.config import TrainRecipe
 from training.intervals import bootstrap, class_statistic, clusters_of, label_statistic, resamples
@@ -163,11 +164,33 @@ def test_intervals_at_each_level_resample_the_patients_and_bracket_the_logged_va
         assert float(r["value"]) == pytest.approx(logged[key], abs=1e-12)
         assert bounds[f"{key}_ci_low"] <= logged[key] <= bounds[f"{key}_ci_high"], key
     assert {"test_patient_auc_ci_low", "test_recall_LAA_ci_high", "test_slide_specificity_CE_ci_low"} <= set(bounds)
+    # a proportion of patients (one unit a patient) gets Clopper-Pearson's interval; the rest, the bootstrap's
+    methods = {(r["level"], r["metric"]): r["method"] for r in rows}
+    assert methods["patient", "accuracy"] == methods["patient", "recall_LAA"] == "exact binomial"
+    assert methods["patient", "auc"] == methods["sample", "accuracy"] == methods["slide", "recall_LAA"] == "bootstrap"
+    right = round(logged["test_patient_accuracy"] * 12)
+    exact = binomtest(right, 12).proportion_ci(confidence_level=0.95, method="exact")
+    assert (bounds["test_patient_accuracy_ci_low"], bounds["test_patient_accuracy_ci_high"]) == pytest.approx(
+        (exact.low, exact.high)
+    )
     # the same seed, the same intervals; none asked, none drawn; nor for samples without labels
     assert intervals(pred, recipe, ["CE", "LAA"], "test_")[0] == bounds
     none = recipe.model_copy(update={"eval": recipe.eval.model_copy(update={"bootstrap": 0})})
     assert intervals(pred, none, ["CE", "LAA"], "test_") == ({}, "")
     assert intervals(pred | {"labels": None}, recipe, ["CE", "LAA"], "test_") == ({}, "")
+
+
+def test_patients_all_called_right_get_an_interval_below_1(recipe):
+    """10 patients, each called right: a bootstrap of them is [1, 1] whatever their number; Clopper-Pearson's
+    interval is [0.69, 1], as a diagnostic accuracy study reports 10 of 10."""
+    patients = [f"p{i}" for i in range(10)]
+    y = np.array([i % 2 for i in range(10)])
+    pred = {"probs": np.eye(2)[y] * 0.8 + 0.1, "labels": y, "metas": Metas.of({"patient": q} for q in patients)}
+    per_patient = recipe.model_copy(update={"eval": recipe.eval.model_copy(update={"levels": ["patient"]})})
+    bounds, _ = intervals(pred | {"loss": 0.1}, per_patient, ["CE", "LAA"], "test_")
+    assert bounds["test_patient_accuracy_ci_low"] == pytest.approx(0.6915, abs=1e-4)
+    assert bounds["test_patient_accuracy_ci_high"] == 1.0
+    assert bounds["test_patient_recall_LAA_ci_low"] == pytest.approx(0.4782, abs=1e-4)  # 5 of 5
 
 
 def test_the_summary_shows_each_headline_metric_with_its_interval():

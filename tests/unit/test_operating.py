@@ -111,6 +111,9 @@ def test_the_validation_threshold_is_applied_to_the_held_out_split_at_each_level
     )
     sample_rows = {r["metric"]: r for r in rows if r["level"] == "sample"}
     assert float(sample_rows["sensitivity"]["validation"]) >= 0.9  # what the rule asked of validation
+    # a patient's tiles resampled together; the patients' proportions, Clopper-Pearson's
+    assert {r["method"] for r in rows if r["level"] == "sample"} == {"bootstrap"}
+    assert {r["method"] for r in rows if r["level"] == "patient"} == {"exact binomial"}
     assert {"test_patient_op_threshold_LAA", "test_patient_op_npv_LAA_ci_high"} <= set(out)
     # a level validation has no table of: said, not guessed
     chosen2, notes2 = thresholds(recipe, outputs, {"sample": tables["sample"]})
