@@ -111,8 +111,8 @@ def run_demo(settings: Settings, workdir: Path, small: bool = False) -> dict[str
             f"test (held out): tile accuracy {held('test_accuracy')}, patient accuracy {held('test_patient_accuracy')}"
         )
         if outcome.held_out.intervals:
-            few = "a demo has few patients: an interval of them means little"
-            print(f"                 in brackets, {outcome.held_out.intervals} ({few})")
+            print(f"                 in brackets, {outcome.held_out.intervals};")
+            print("                 a demo's test split holds few patients, too few for a bootstrap to mean much")
     print(f"shards:     {wsi_url}  {ct_url}  {mri_url}  {new_url}")
     print(f"MLflow run: {outcome.run_url} (the new slides' calls and heatmaps under predictions/{calls.name}/)")
     urls = {"wsi": wsi_url, "ct": ct_url, "mri": mri_url, "new": new_url}
