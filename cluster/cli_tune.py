@@ -46,9 +46,8 @@ def add_compare_parser(sub) -> None:
         action="store_true",
         help="GROUPs are trained runs (ids or names), each compared with each on the same held-out patients, "
         "prediction by prediction: B - A of each metric (unprefixed: accuracy, auc, f1, brier_loss, "
-        "weighted_log_loss, recall_<class>, specificity_<class>; of labels: rsna_log_loss, auc_<label>...) with its "
-        "interval and p-value from a bootstrap "
-        "of the patients, McNemar's exact test for accuracy",
+        "weighted_log_loss, recall_<class>, specificity_<class>; of labels: rsna_log_loss, auc_<label>...) "
+        "with its interval and p-value from a bootstrap of the patients, McNemar's exact test for accuracy",
     )
     cp.add_argument(
         "--split",

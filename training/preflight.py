@@ -200,8 +200,9 @@ def held_out_reports(recipe: TrainRecipe, outputs: list[str]) -> set[str]:
     out = set()
     for level in ("sample", *recipe.eval.levels):
         pre = "" if level == "sample" else f"{level}_"
-        own = {n.removeprefix(pre) for n in names if n.startswith(pre)}  # a level's (sample: all; with_interval
-        out |= {f"{pre}{n}{b}" for n in own if with_interval(n) for b in bounds}  # drops the others' own)
+        # the level's own names (at sample level every name, of which with_interval keeps only the unprefixed)
+        own = {n.removeprefix(pre) for n in names if n.startswith(pre)}
+        out |= {f"{pre}{n}{b}" for n in own if with_interval(n) for b in bounds}
         if recipe.eval.operating_point:
             each = outputs if recipe.task == "multilabel" else [recipe.eval.positive or ""]
             for name in map(metric_name, each):

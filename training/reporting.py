@@ -118,10 +118,11 @@ def log_evaluation(
     sites=None,
     chosen=None,
 ):
-    """Confusion matrices (PNG and JSON, multi-class), ROC curves and the predictions (CSV) of ``pred`` at
-    sample level and each aggregation level, and the metrics of each site (``sites``: of
-    :func:`training.sites.by_site`, computed where None) as a table; files named ``<prefix>confusion_<level>.png``,
-    ``<prefix>by_site.csv``..., titles naming ``split``."""
+    """Confusion matrices (PNG and JSON, multi-class), ROC curves, reliability diagrams and the predictions (CSV;
+    with the calls at the thresholds ``chosen`` on validation, where given) of ``pred`` at sample level and each
+    aggregation level, and the metrics of each site (``sites``: of :func:`training.sites.by_site`, computed where
+    None) as a table; files named ``<prefix>confusion_<level>.png``, ``<prefix>by_site.csv``..., titles naming
+    ``split``."""
     from training.metrics import confusion
     from training.plots import calibration_png, confusion_png, roc_png
     from training.predictions import prediction_table
