@@ -108,6 +108,7 @@ def compare_paired(a: Table, b: Table, metrics: list[str], names=("A", "B"), alp
     from scipy.stats import binomtest
 
     from training.intervals import class_statistic, clusters_of, label_statistic, resamples
+    from training.metrics import metric_name
 
     order = align(a, b, names)
     pb, calls_b = b.probs[order], [b.calls[i] for i in order]
@@ -116,10 +117,11 @@ def compare_paired(a: Table, b: Table, metrics: list[str], names=("A", "B"), alp
         stat_a = label_statistic(y, a.probs, a.outputs, 0.5, called=ca)
         stat_b = label_statistic(y, pb, a.outputs, 0.5, called=cb)
     else:
+        # the label and call columns name a class as it is; its probability column as a metric name (no spaces)
         index = {o: k for k, o in enumerate(a.outputs)}
-        y = np.array([index[label] for label in a.labels])
-        ca = np.array([index[c] for c in a.calls])
-        cb = np.array([index[c] for c in calls_b])
+        y = np.array([index[metric_name(label)] for label in a.labels])
+        ca = np.array([index[metric_name(c)] for c in a.calls])
+        cb = np.array([index[metric_name(c)] for c in calls_b])
         stat_a, stat_b = class_statistic(y, a.probs, a.outputs, ca), class_statistic(y, pb, a.outputs, cb)
 
     def both(w: np.ndarray) -> tuple[dict, dict]:

@@ -119,3 +119,17 @@ def test_multilabel_models_compare_label_by_label_each_with_its_own_calls():
     assert found["accuracy"].mcnemar_p is None  # McNemar's test is of one call a unit
     with pytest.raises(ValueError, match="have other classes"):
         compare_paired(a, read_table(_table(ids[:12], np.zeros(12, int), np.full((12, 2), 0.5)), "c"), ["auc"])
+
+
+def test_classes_whose_names_are_not_metric_names_pair():
+    """A class named with a space ("no hemorrhage"): its probability column is p_no_hemorrhage, its label the name."""
+    rng = np.random.default_rng(5)
+    ids, y = _cohort(rng, 20, 1)
+    names = ["no hemorrhage", "hemorrhage"]
+    table = read_table(prediction_table({"patient": ids}, _probs(y, rng, 0.5), y, names, False), "a")
+    assert table.outputs == ["no_hemorrhage", "hemorrhage"] and table.labels[0] == "no hemorrhage"
+    found = compare_paired(table, table, ["accuracy", "recall_no_hemorrhage"])
+    assert [(r.metric, r.diff) for r in found] == [("accuracy", 0.0), ("recall_no_hemorrhage", 0.0)]
+    assert found[0].a == pytest.approx(
+        np.mean([c == label for c, label in zip(table.calls, table.labels, strict=True)])
+    )
