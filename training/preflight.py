@@ -172,7 +172,8 @@ def reported_metrics(recipe: TrainRecipe, manifest: mf.ManifestBrief | mf.Manife
     from training.evaluation import metric_prefix, no_held_out
     from training.loop import outputs_of
 
-    names = validation_metrics(recipe, outputs_of(recipe, manifest))
+    outputs = outputs_of(recipe, manifest)
+    names = validation_metrics(recipe, outputs)
     held_out = recipe.data.test_split if recipe.data.test_split and not no_held_out(recipe, manifest) else None
     val_sites = split_sites(manifest, recipe.data.val_split)
     out = set(names)
@@ -182,20 +183,20 @@ def reported_metrics(recipe: TrainRecipe, manifest: mf.ManifestBrief | mf.Manife
         prefix = metric_prefix(held_out)
         held_sites = split_sites(manifest, held_out)
         out |= {prefix + n.removeprefix("val_") for n in names} | site_names(names, recipe, held_sites, prefix, True)
-        out |= {prefix + n for n in held_out_reports(recipe, outputs_of(recipe, manifest))}
+        out |= {prefix + n for n in held_out_reports(recipe, outputs, names)}
     return out
 
 
-def held_out_reports(recipe: TrainRecipe, outputs: list[str]) -> set[str]:
-    """The held-out evaluation's names (unprefixed) besides the validation metrics': each interval's bounds
-    (:func:`training.levels.intervals`) and the operating point's rates and their bounds
-    (:func:`training.levels.operating_points`), at each level."""
+def held_out_reports(recipe: TrainRecipe, outputs: list[str], validation: set[str]) -> set[str]:
+    """The held-out evaluation's names (unprefixed) besides the validation metrics' (``validation``, of
+    :func:`validation_metrics`): each interval's bounds (:func:`training.levels.intervals`) and the operating
+    point's rates and their bounds (:func:`training.levels.operating_points`), at each level."""
     from training.levels import with_interval
     from training.metrics import metric_name
 
     if recipe.task == "detect":
         return set()
-    names = {n.removeprefix("val_") for n in validation_metrics(recipe, outputs)}
+    names = {n.removeprefix("val_") for n in validation}
     bounds = ("_ci_low", "_ci_high") if recipe.eval.bootstrap else ()
     out = set()
     for level in ("sample", *recipe.eval.levels):

@@ -185,7 +185,7 @@ def test_a_study_may_compare_the_held_out_intervals_and_operating_points_it_logs
     """What `compare.metrics` is checked against (training.preflight.held_out_reports) is what the held-out
     evaluation logs, name for name."""
     from training.levels import by_level, intervals
-    from training.preflight import held_out_reports
+    from training.preflight import held_out_reports, validation_metrics
 
     names = ["any", "epidural"] if task == "multilabel" else ["class0", "class1"]
     point = {"operating_point": "youden"} | ({"positive": "class1"} if task == "multiclass" else {})
@@ -205,7 +205,7 @@ def test_a_study_may_compare_the_held_out_intervals_and_operating_points_it_logs
     tables |= {lv: prediction_table({lv: i}, gp, gy, names, multilabel) for lv, i, gp, gy in by_level(pred, recipe)}
     chosen = thresholds(recipe, names, tables)[0]
     made = set(intervals(pred, recipe, names, "")[0]) | set(operating_points(pred, recipe, names, "", chosen)[0])
-    assert made == held_out_reports(recipe, names)
+    assert made == held_out_reports(recipe, names, validation_metrics(recipe, names))
 
 
 def test_the_prediction_tables_add_the_calls_at_the_operating_point():
