@@ -112,7 +112,7 @@ def evaluate_split(recipe: TrainRecipe, manifest: mf.ManifestHead, split: str, p
     """Every rank of a worker group: the run's exported model on this rank's part of ``split``; rank 0 logs the
     metrics and pictures under ``prefix``. A failure on any rank raises on every rank."""
     from training.export import export_outputs, samples_scale_warning
-    from training.levels import evaluate, intervals, operating_points, thresholds
+    from training.levels import evaluate, intervals, operating_points, thresholds, units
     from training.loop import outputs_of
     from training.reporting import log_evaluation
     from training.sites import by_site, site_metrics
@@ -123,9 +123,10 @@ def evaluate_split(recipe: TrainRecipe, manifest: mf.ManifestHead, split: str, p
     metrics = evaluate(pred, recipe, outputs, prefix)
     if rank == 0:
         sites = by_site(pred, recipe, outputs)
-        bounds, table = intervals(pred, recipe, outputs, prefix)
+        at = None if recipe.task == "detect" or pred["labels"] is None else units(pred, recipe)  # aggregated once
+        bounds, table = intervals(pred, recipe, outputs, prefix, at)
         chosen, notes = thresholds(recipe, outputs, validation_tables(log, recipe))
-        op, op_table = operating_points(pred, recipe, outputs, prefix, chosen)
+        op, op_table = operating_points(pred, recipe, outputs, prefix, chosen, at)
         log.metrics(metrics | bounds | op | site_metrics(sites, prefix), step=0)
         log_evaluation(log, recipe, outputs, pred, f"{split} split", prefix, sites, chosen)
         with tempfile.TemporaryDirectory() as tmp:

@@ -101,11 +101,14 @@ def exact_where_single(found: list, clusters, proportions: dict, confidence: flo
     return out
 
 
-def intervals(pred: dict[str, Any], recipe: TrainRecipe, outputs: list[str], prefix: str) -> tuple[dict, str]:
+def intervals(
+    pred: dict[str, Any], recipe: TrainRecipe, outputs: list[str], prefix: str, at: list | None = None
+) -> tuple[dict, str]:
     """Confidence intervals of a classifier's held-out metrics at sample level and at each of the recipe's levels
     (:func:`training.intervals.bootstrap`: ``eval.bootstrap`` resamples of the split's patients, at
     ``eval.confidence``): as MLflow metrics (``<metric>_ci_low``, ``<metric>_ci_high``) and as a CSV table
-    (:data:`INTERVAL_COLUMNS`). Empty for a detector, samples without labels or ``eval.bootstrap: 0``."""
+    (:data:`INTERVAL_COLUMNS`). Empty for a detector, samples without labels or ``eval.bootstrap: 0``. ``at``:
+    :func:`units` of ``pred``, where the caller has them."""
     from training.intervals import (
         bootstrap,
         class_proportions,
@@ -118,8 +121,9 @@ def intervals(pred: dict[str, Any], recipe: TrainRecipe, outputs: list[str], pre
     if recipe.task == "detect" or not recipe.eval.bootstrap or pred["labels"] is None:
         return {}, ""
     rows, out, confidence = [], {}, recipe.eval.confidence
-    for level, keys, p, y in units(pred, recipe):
+    for level, keys, p, y in units(pred, recipe) if at is None else at:
         clusters = clusters_of(keys)
+        patients = len(set(clusters.tolist()))
         if recipe.task == "multilabel":
             stat = label_statistic(y, p, outputs, recipe.eval.threshold)
             proportions = label_proportions(y, (p >= recipe.eval.threshold).astype(int), outputs)
@@ -131,7 +135,7 @@ def intervals(pred: dict[str, Any], recipe: TrainRecipe, outputs: list[str], pre
         pre = prefix if level == "sample" else f"{prefix}{level}_"
         for iv, method in exact_where_single(found, clusters, proportions, confidence):
             out |= {f"{pre}{iv.metric}_ci_low": iv.low, f"{pre}{iv.metric}_ci_high": iv.high}
-            counts = [iv.defined, len(y), len(set(clusters.tolist())), resampled]
+            counts = [iv.defined, len(y), patients, resampled]
             rows.append(
                 [level, iv.metric, iv.value, iv.low, iv.high, method, confidence, recipe.eval.bootstrap, *counts]
             )
@@ -177,12 +181,12 @@ def thresholds(
 
 
 def operating_points(
-    pred: dict[str, Any], recipe: TrainRecipe, outputs: list[str], prefix: str, chosen: dict
+    pred: dict[str, Any], recipe: TrainRecipe, outputs: list[str], prefix: str, chosen: dict, at: list | None = None
 ) -> tuple[dict[str, float], str]:
     """The held-out sensitivity, specificity, PPV and NPV (with their bootstrap intervals, as :func:`intervals`)
     at each level and output of the thresholds ``chosen`` on validation (:func:`thresholds`): metrics
     ``<prefix><level_>op_<metric>_<output>`` (``op_threshold_<output>`` too) and a CSV table
-    (:data:`OPERATING_COLUMNS`)."""
+    (:data:`OPERATING_COLUMNS`). ``at``: :func:`units` of ``pred``, where the caller has them."""
     from training.intervals import Interval, bootstrap, clusters_of
     from training.operating import counts_at, rates_at
 
@@ -190,7 +194,7 @@ def operating_points(
     if not chosen or pred["labels"] is None:
         return {}, ""
     out, rows = {}, []
-    for level, keys, p, y in units(pred, recipe):
+    for level, keys, p, y in units(pred, recipe) if at is None else at:
         pre = prefix if level == "sample" else f"{prefix}{level}_"
         for k, (cut, seen) in chosen.get(level, {}).items():
             name, n = outputs[k], metric_name(outputs[k])
