@@ -47,32 +47,22 @@ def choose_threshold(positive: np.ndarray, scores: np.ndarray, rule: str) -> flo
     return float(thresholds[i]) if np.isfinite(thresholds[i]) else float(np.nextafter(np.max(scores), np.inf))
 
 
-def rates_at(
+def counts_at(
     positive: np.ndarray, scores: np.ndarray, threshold: float, weights: np.ndarray | None = None
-) -> dict[str, float]:
-    """Sensitivity, specificity, positive and negative predictive values of the calls ``score >= threshold``
-    (each NaN where its denominator is empty), of the samples ``weights`` counts (each once by default)."""
+) -> dict[str, tuple[float, float]]:
+    """``(successes, trials)`` of the sensitivity, specificity, positive and negative predictive values of the
+    calls ``score >= threshold``, of the samples ``weights`` counts (each once by default: whole numbers, for
+    their exact intervals)."""
     positive = np.asarray(positive, bool)
     called = np.asarray(scores) >= threshold
     w = np.ones(len(positive)) if weights is None else np.asarray(weights, np.float64)
     tp, fp = float(w[called & positive].sum()), float(w[called & ~positive].sum())
     fn, tn = float(w[~called & positive].sum()), float(w[~called & ~positive].sum())
-
-    def ratio(a: float, b: float) -> float:
-        return a / b if b else math.nan
-
-    return {
-        "sensitivity": ratio(tp, tp + fn),
-        "specificity": ratio(tn, tn + fp),
-        "ppv": ratio(tp, tp + fp),
-        "npv": ratio(tn, tn + fn),
-    }
-
-
-def counts_at(positive: np.ndarray, scores: np.ndarray, threshold: float) -> dict[str, tuple[int, int]]:
-    """``(successes, trials)`` of each of :func:`rates_at`'s proportions, for their exact intervals."""
-    positive = np.asarray(positive, bool)
-    called = np.asarray(scores) >= threshold
-    tp, fp = int(np.sum(called & positive)), int(np.sum(called & ~positive))
-    fn, tn = int(np.sum(~called & positive)), int(np.sum(~called & ~positive))
     return {"sensitivity": (tp, tp + fn), "specificity": (tn, tn + fp), "ppv": (tp, tp + fp), "npv": (tn, tn + fn)}
+
+
+def rates_at(
+    positive: np.ndarray, scores: np.ndarray, threshold: float, weights: np.ndarray | None = None
+) -> dict[str, float]:
+    """:func:`counts_at`'s proportions, each NaN where it has no trials."""
+    return {k: a / b if b else math.nan for k, (a, b) in counts_at(positive, scores, threshold, weights).items()}
