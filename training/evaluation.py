@@ -298,6 +298,7 @@ def evaluate_run(
     from training.export import class_map, export_outputs
     from training.launch import MANIFEST_TAG, load_manifest
     from training.loop import outputs_of
+    from training.preflight import check_positive
 
     client = MlflowClient(tracking_uri)
     run_id, recipe = run_on(client, run, overrides, dataset)
@@ -311,7 +312,7 @@ def evaluate_run(
     if not dataset:
         check_own_dataset(tags.get(MANIFEST_TAG), manifest, data, url, split, run_id)
     model_outputs = export_outputs(export_description(client, run_id))
-    check_positive(recipe, model_outputs)
+    check_positive(recipe, model_outputs, "the model")  # given to evaluate, not trained with
     if class_map(model_outputs, outputs_of(recipe, manifest), url, recipe.task) and (
         absent := [c for c in model_outputs if c not in manifest.classes]
     ):
@@ -329,13 +330,6 @@ def evaluate_run(
     if not dataset and split == recipe.data.test_split and prefix == metric_prefix(split):  # the step, retried
         tracking.RunLogger(tracking_uri, run_id).untag(HELD_OUT_ERROR)
     return _outcome(client, run_id, recipe, split, prefix, mf.sha256_of(data))
-
-
-def check_positive(recipe: TrainRecipe, model_outputs: list[str]) -> None:
-    """``eval.positive`` is one of the model's two classes (given to ``evaluate`` or ``predict``, not trained with)."""
-    positive = recipe.eval.positive
-    if positive and (len(model_outputs) != 2 or positive not in model_outputs):
-        raise ValueError(f"eval.positive: {positive!r} is not one of the model's two classes ({model_outputs})")
 
 
 def run_on(client, run: str, overrides: list[str] | tuple[str, ...], dataset: str | None) -> tuple[str, TrainRecipe]:

@@ -125,8 +125,9 @@ def predict_run(
     from mlflow import MlflowClient
 
     from training.endings import RunFailed
-    from training.evaluation import check_positive, export_description, run_group, run_on
+    from training.evaluation import export_description, run_group, run_on
     from training.export import export_outputs
+    from training.preflight import check_positive
 
     client = MlflowClient(tracking_uri)
     run_id, recipe = run_on(client, run, overrides, dataset)
@@ -138,7 +139,7 @@ def predict_run(
     if not tracking.has_artifact(client, run_id, MODEL_ARTIFACT):
         raise ValueError(f"run {run_id} has no exported model (it finished no epoch)")
     outputs = export_outputs(export_description(client, run_id))
-    check_positive(recipe, outputs)
+    check_positive(recipe, outputs, "the model")  # given to predict, not trained with
     url = recipe.data.dataset
     # its head: what the checks and the split need, whatever the count of inputs (a million: seconds and GBs whole)
     manifest, _ = mf.load_head(url)

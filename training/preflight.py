@@ -43,14 +43,21 @@ def check_against(recipe: TrainRecipe, manifest: mf.ManifestBrief | mf.Manifest,
             f"data.augment.hed_p: stain jitter moves the amounts of haematoxylin, eosin and DAB (shards.stain), "
             f"and {recipe.data.dataset} holds DICOM series, whose windows no stain made"
         )
-    positive = recipe.eval.positive  # of the classes it trains on (an external cohort may hold one of them)
-    if trains and positive and (len(outputs) != 2 or positive not in outputs):
-        raise RecipeError(
-            f"eval.positive: {positive!r} is not one of the two classes of {recipe.data.dataset} (it has "
-            f"{', '.join(outputs)}): the operating point is a binary classifier's"
-        )
+    if trains:  # of the classes it trains on (an external cohort may hold one of them: the model's are checked)
+        check_positive(recipe, outputs, recipe.data.dataset)
     check_patient_labels(recipe, manifest)
     check_monitor(recipe, outputs, split_sites(manifest, recipe.data.val_split))
+
+
+def check_positive(recipe: TrainRecipe, classes: list[str], of: str) -> None:
+    """``eval.positive`` is one of the two ``classes`` of ``of`` (a dataset a classifier trains on, or the model
+    that ``evaluate`` or ``predict`` is given it for): the operating point is a binary classifier's."""
+    positive = recipe.eval.positive
+    if positive and (len(classes) != 2 or positive not in classes):
+        raise RecipeError(
+            f"eval.positive: {positive!r} is not one of the two classes of {of} (it has {', '.join(classes)}): "
+            "the operating point is a binary classifier's"
+        )
 
 
 def untrained_classes(recipe: TrainRecipe, manifest: mf.ManifestHead) -> str | None:
