@@ -208,28 +208,20 @@ def exact(successes: int, trials: int, confidence: float) -> tuple[float, float]
     return float(found.low), float(found.high)
 
 
-def class_proportions(y: np.ndarray, calls: np.ndarray, names: list[str]) -> dict[str, tuple[int, int]]:
-    """``(successes, trials)`` of the proportions among :func:`class_statistic`'s metrics: accuracy, and each
-    class's recall (its samples called it) and specificity (the others' not called it)."""
+def proportions(y: np.ndarray, calls: np.ndarray, names: list[str]) -> dict[str, tuple[int, int]]:
+    """``(successes, trials)`` of the proportions among the statistics' metrics, from scikit-learn's one-vs-rest
+    confusion counts: each class's (or label's: ``y`` and ``calls`` 0/1 per label) recall (its samples called
+    it) and specificity (the others not called it), and a multi-class accuracy (a multi-label one is a mean of
+    the labels', not one proportion)."""
+    from sklearn.metrics import multilabel_confusion_matrix
+
     from training.metrics import metric_name
 
     y, calls = np.asarray(y), np.asarray(calls)
-    out = {"accuracy": (int(np.sum(y == calls)), len(y))}
-    for k, name in enumerate(names):
-        mine, called = y == k, calls == k
-        out[f"recall_{metric_name(name)}"] = (int(np.sum(mine & called)), int(mine.sum()))
-        out[f"specificity_{metric_name(name)}"] = (int(np.sum(~mine & ~called)), int((~mine).sum()))
-    return out
-
-
-def label_proportions(y: np.ndarray, called: np.ndarray, names: list[str]) -> dict[str, tuple[int, int]]:
-    """:func:`class_proportions` of each label: its recall and specificity (a multi-label accuracy is a mean of
-    the labels', not one proportion)."""
-    from training.metrics import metric_name
-
-    out = {}
-    for j, name in enumerate(names):
-        positive, call = np.asarray(y)[:, j] == 1, np.asarray(called)[:, j] == 1
-        out[f"recall_{metric_name(name)}"] = (int(np.sum(positive & call)), int(positive.sum()))
-        out[f"specificity_{metric_name(name)}"] = (int(np.sum(~positive & ~call)), int((~positive).sum()))
+    multilabel = y.ndim == 2
+    counts = multilabel_confusion_matrix(y, calls, labels=None if multilabel else list(range(len(names))))
+    out = {} if multilabel else {"accuracy": (int(np.sum(y == calls)), len(y))}
+    for name, ((tn, fp), (fn, tp)) in zip(names, counts.tolist(), strict=True):
+        out[f"recall_{metric_name(name)}"] = (tp, tp + fn)
+        out[f"specificity_{metric_name(name)}"] = (tn, tn + fp)
     return out

@@ -109,14 +109,7 @@ def intervals(
     ``eval.confidence``): as MLflow metrics (``<metric>_ci_low``, ``<metric>_ci_high``) and as a CSV table
     (:data:`INTERVAL_COLUMNS`). Empty for a detector, samples without labels or ``eval.bootstrap: 0``. ``at``:
     :func:`units` of ``pred``, where the caller has them."""
-    from training.intervals import (
-        bootstrap,
-        class_proportions,
-        class_statistic,
-        clusters_of,
-        label_proportions,
-        label_statistic,
-    )
+    from training.intervals import bootstrap, class_statistic, clusters_of, label_statistic, proportions
 
     if recipe.task == "detect" or not recipe.eval.bootstrap or pred["labels"] is None:
         return {}, ""
@@ -126,14 +119,14 @@ def intervals(
         patients = len(set(clusters.tolist()))
         if recipe.task == "multilabel":
             stat = label_statistic(y, p, outputs, recipe.eval.threshold)
-            proportions = label_proportions(y, (p >= recipe.eval.threshold).astype(int), outputs)
+            counted = proportions(y, (p >= recipe.eval.threshold).astype(int), outputs)
         else:
             calls = predicted_classes(p, level_threshold(recipe, level))
-            stat, proportions = class_statistic(y, p, outputs, calls), class_proportions(y, calls, outputs)
+            stat, counted = class_statistic(y, p, outputs, calls), proportions(y, calls, outputs)
         resampled = "patients" if any(k is not None for k in keys) else f"{level}s"
         found = bootstrap(stat, clusters, with_interval, recipe.eval.bootstrap, confidence, recipe.seed)
         pre = prefix if level == "sample" else f"{prefix}{level}_"
-        for iv, method in exact_where_single(found, clusters, proportions, confidence):
+        for iv, method in exact_where_single(found, clusters, counted, confidence):
             out |= {f"{pre}{iv.metric}_ci_low": iv.low, f"{pre}{iv.metric}_ci_high": iv.high}
             counts = [iv.defined, len(y), patients, resampled]
             rows.append(
