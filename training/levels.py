@@ -148,6 +148,7 @@ def thresholds(
     ``eval.positive`` (each label of a multi-label task), and a note for each level or output that has none,
     saying why. Empty where the recipe asks for none."""
     from training.operating import choose_threshold, rates_at
+    from training.predictions import read_table
 
     rule = recipe.eval.operating_point
     if not rule or recipe.task == "detect":
@@ -159,11 +160,11 @@ def thresholds(
         if level not in validation:
             notes.append(f"{level}: none (the run logged no validation predictions at this level)")
             continue
-        table = list(csv.DictReader(validation[level].splitlines()))
+        table = read_table(validation[level], f"the run's validation predictions_{level}.csv")
         for k, name in chosen:
-            n = metric_name(name)
-            truth = np.array([r[f"label_{n}"] == "1" if multilabel else r["label"] == name for r in table])
-            scores = np.array([float(r[f"p_{n}"]) for r in table])
+            j = table.outputs.index(metric_name(name))
+            truth = np.array([label[j] == 1 if multilabel else label == name for label in table.labels])
+            scores = table.probs[:, j]
             try:
                 cut = choose_threshold(truth, scores, rule)
             except ValueError as exc:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -70,6 +71,47 @@ def prediction_table(
     for i, (call, p) in enumerate(zip(calls, probs, strict=True)):
         writer.writerow([*(c[i] for c in columns.values()), *call, *(f"{v:.6g}" for v in p)])
     return out.getvalue()
+
+
+@dataclass
+class LabelledTable:
+    """A labelled prediction table read back (:func:`read_table`): each unit's key (its identity columns),
+    label(s), call(s), probabilities; ``outputs`` as the probability columns name them (metric names)."""
+
+    keys: list[tuple[str, ...]]
+    patients: list[str | None]
+    labels: list  # a multi-class unit's class, a multi-label one's 0/1 per label (a tuple)
+    calls: list
+    probs: np.ndarray
+    outputs: list[str]
+    multilabel: bool = False
+
+
+def read_table(text: str, source: str) -> LabelledTable:
+    """A labelled prediction table (:func:`training.predictions.prediction_table`): the columns before the
+    labels name each unit; a multi-class one's ``label`` and ``predicted``, a multi-label one's ``label_<l>`` and
+    ``predicted_<l>`` per label; ``p_<output>`` the probabilities. One without labels is refused naming ``source``."""
+    rows = list(csv.DictReader(text.splitlines()))
+    header = list(rows[0]) if rows else []
+    outputs = [h.removeprefix("p_") for h in header if h.startswith("p_")]
+    if "label" in header and "predicted" in header:
+        ids, multilabel = header[: header.index("label")], False
+        labels, calls = [r["label"] for r in rows], [r["predicted"] for r in rows]
+    elif outputs and all(f"label_{o}" in header and f"predicted_{o}" in header for o in outputs):
+        ids, multilabel = header[: header.index(f"label_{outputs[0]}")], True
+        labels = [tuple(int(r[f"label_{o}"]) for o in outputs) for r in rows]
+        calls = [tuple(int(r[f"predicted_{o}"]) for o in outputs) for r in rows]
+    else:
+        raise ValueError(f"{source}: a paired comparison needs a table with labels (label or label_<l>, and calls)")
+    return LabelledTable(
+        keys=[tuple(r[c] for c in ids) for r in rows],
+        patients=[r.get("patient") for r in rows],
+        labels=labels,
+        calls=calls,
+        probs=np.array([[float(r[f"p_{o}"]) for o in outputs] for r in rows]),
+        outputs=outputs,
+        multilabel=multilabel,
+    )
 
 
 # The columns whose values are pseudonyms of the private map; what each stands for there starts with its kind

@@ -11,7 +11,6 @@ and the other wrong is given too.
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import tempfile
@@ -19,6 +18,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+
+from training.predictions import LabelledTable, read_table
 
 RESAMPLES = 2000
 
@@ -39,47 +40,7 @@ class Paired:
     mcnemar_p: float | None = None  # accuracy's exact test on the discordant calls
 
 
-@dataclass
-class Table:
-    """A held-out prediction table: each unit's key (its identity columns), label(s), call(s), probabilities."""
-
-    keys: list[tuple[str, ...]]
-    patients: list[str | None]
-    labels: list  # a multi-class unit's class, a multi-label one's 0/1 per label (a tuple)
-    calls: list
-    probs: np.ndarray
-    outputs: list[str]
-    multilabel: bool = False
-
-
-def read_table(text: str, source: str) -> Table:
-    """A labelled prediction table (:func:`training.predictions.prediction_table`): the columns before the
-    labels name each unit; a multi-class one's ``label`` and ``predicted``, a multi-label one's ``label_<l>`` and
-    ``predicted_<l>`` per label; ``p_<output>`` the probabilities. One without labels is refused naming ``source``."""
-    rows = list(csv.DictReader(text.splitlines()))
-    header = list(rows[0]) if rows else []
-    outputs = [h.removeprefix("p_") for h in header if h.startswith("p_")]
-    if "label" in header and "predicted" in header:
-        ids, multilabel = header[: header.index("label")], False
-        labels, calls = [r["label"] for r in rows], [r["predicted"] for r in rows]
-    elif outputs and all(f"label_{o}" in header and f"predicted_{o}" in header for o in outputs):
-        ids, multilabel = header[: header.index(f"label_{outputs[0]}")], True
-        labels = [tuple(int(r[f"label_{o}"]) for o in outputs) for r in rows]
-        calls = [tuple(int(r[f"predicted_{o}"]) for o in outputs) for r in rows]
-    else:
-        raise ValueError(f"{source}: a paired comparison needs a table with labels (label or label_<l>, and calls)")
-    return Table(
-        keys=[tuple(r[c] for c in ids) for r in rows],
-        patients=[r.get("patient") for r in rows],
-        labels=labels,
-        calls=calls,
-        probs=np.array([[float(r[f"p_{o}"]) for o in outputs] for r in rows]),
-        outputs=outputs,
-        multilabel=multilabel,
-    )
-
-
-def align(a: Table, b: Table, names: tuple[str, str]) -> np.ndarray:
+def align(a: LabelledTable, b: LabelledTable, names: tuple[str, str]) -> np.ndarray:
     """The row of ``b`` holding each row of ``a``'s unit: the two must hold the same units, with the same labels
     and classes; refused otherwise, saying how they differ."""
     if a.outputs != b.outputs:
@@ -100,7 +61,9 @@ def align(a: Table, b: Table, names: tuple[str, str]) -> np.ndarray:
     return order
 
 
-def compare_paired(a: Table, b: Table, metrics: list[str], names=("A", "B"), alpha=0.05, seed=0) -> list[Paired]:
+def compare_paired(
+    a: LabelledTable, b: LabelledTable, metrics: list[str], names=("A", "B"), alpha=0.05, seed=0
+) -> list[Paired]:
     """Each of ``metrics`` (of :func:`training.intervals.class_statistic`: accuracy, f1, auc, weighted_log_loss,
     brier_loss, recall_<class>, specificity_<class>; of a multi-label task, of ``label_statistic``: rsna_log_loss,
     auc_<label>...) of both tables' models, each with its own calls, on the same resamples of their patients;

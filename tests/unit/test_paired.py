@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from training.predictions import prediction_table
-from tune.paired import RESAMPLES, compare_paired, markdown, read_table
+from training.predictions import prediction_table, read_table
+from tune.paired import RESAMPLES, compare_paired, markdown
 
 CLASSES = ["CE", "LAA"]
 
