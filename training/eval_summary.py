@@ -7,6 +7,7 @@ import math
 import re
 from typing import TYPE_CHECKING
 
+from training.intervals import BOUNDS
 from training.metrics import HEADLINE
 
 if TYPE_CHECKING:
@@ -35,7 +36,7 @@ def summary(outcome: EvalOutcome) -> str:
 
 def _with_interval(metrics: dict[str, float], key: str) -> str:
     """``key``'s value, and its confidence interval in brackets where it has one."""
-    low, high = metrics.get(f"{key}_ci_low", math.nan), metrics.get(f"{key}_ci_high", math.nan)
+    low, high = (metrics.get(key + b, math.nan) for b in BOUNDS)
     bounds = "" if math.isnan(low) or math.isnan(high) else f" [{low:.4f}, {high:.4f}]"
     return f"{metrics[key]:.4f}{bounds}"
 
@@ -74,7 +75,7 @@ def _site_lines(outcome: EvalOutcome) -> list[str]:
         if level:
             pre = f"{pre}{level}_"
             what += f", {metrics[pre + 'count']:.0f} {level}(s)"
-        shown = [f"{k} {metrics[pre + k]:.4f}" for k in HEADLINE if pre + k in metrics]
+        shown = [f"{k} {_with_interval(metrics, pre + k)}" for k in HEADLINE if pre + k in metrics]
         lines.append(f"  site {key} ({what}): {level or 'sample'} {', '.join(shown)}")
     # each metric's worst site (training.sites.worst_sites), named
     at = f"{level}_" if level else ""
@@ -82,6 +83,6 @@ def _site_lines(outcome: EvalOutcome) -> list[str]:
     for k in HEADLINE:
         value = metrics.get(f"{outcome.prefix}worst_site_{at}{k}", math.nan)
         which = [key for key in keys if metrics.get(f"{outcome.prefix}site_{key}_{at}{k}") == value]
-        if which:  # NaN, no site's: none
-            worst.append(f"{k} {value:.4f} (site {which[0]})")
+        if which:  # NaN, no site's: none; the site's interval, where it has one
+            worst.append(f"{k} {_with_interval(metrics, f'{outcome.prefix}site_{which[0]}_{at}{k}')} (site {which[0]})")
     return lines + ([f"  worst site: {level or 'sample'} {', '.join(worst)}"] if worst else [])

@@ -21,6 +21,7 @@ from typing import Any
 from shards import manifest as mf
 from training import tracking
 from training.config import TrainRecipe
+from training.intervals import BOUNDS
 from training.tracking import MODEL_ARTIFACT
 
 HELD_OUT_ERROR = "held_out_error"  # the run's tag when training's held-out step failed
@@ -122,7 +123,7 @@ def evaluate_split(recipe: TrainRecipe, manifest: mf.ManifestHead, split: str, p
     outputs = export_outputs(desc) if recipe.task == "multiclass" else outputs_of(recipe, manifest)
     metrics = evaluate(pred, recipe, outputs, prefix)
     if rank == 0:
-        sites = by_site(pred, recipe, outputs)
+        sites = by_site(pred, recipe, outputs, bounds=True)
         at = None if recipe.task == "detect" or pred["labels"] is None else units(pred, recipe)  # aggregated once
         bounds, table = intervals(pred, recipe, outputs, prefix, at)
         chosen, notes = thresholds(recipe, outputs, validation_tables(log, recipe))
@@ -240,7 +241,7 @@ def _outcome(client, run_id: str, recipe: TrainRecipe, split: str, prefix: str, 
     logged = {k: v for k, v in run.data.metrics.items() if k.startswith(prefix)}
     # an earlier evaluation's under this prefix stay in the run: not this one's where it drew none
     if not recipe.eval.bootstrap:
-        logged = {k: v for k, v in logged.items() if not k.endswith(("_ci_low", "_ci_high"))}
+        logged = {k: v for k, v in logged.items() if not k.endswith(BOUNDS)}
     if not recipe.eval.operating_point:
         point = re.compile(rf"^{re.escape(prefix)}(?:(?:slide|patient|series)_)?op_")
         logged = {k: v for k, v in logged.items() if not point.match(k)}

@@ -24,6 +24,8 @@ import numpy as np
 # A class of k of n patients is absent from a resample with probability (1 - k/n)^n, about e^-k: a class of one
 # patient is absent from 37 % of them, of two from 14 %, of three from 5 %, so a class needs three patients.
 LEAST_DEFINED = 0.9
+# the names of a metric's bounds, after its own (``test_patient_auc_ci_low``)
+BOUNDS = ("_ci_low", "_ci_high")
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ import numpy as np
 
 from training.aggregate import aggregate, aggregate_probs
 from training.config import TrainRecipe
+from training.intervals import BOUNDS
 from training.metas import values
 from training.metrics import HEADLINE, classification_metrics, metric_name, multilabel_metrics, predicted_classes
 
@@ -127,7 +128,7 @@ def intervals(
         found = bootstrap(stat, clusters, with_interval, recipe.eval.bootstrap, confidence, recipe.seed)
         pre = prefix if level == "sample" else f"{prefix}{level}_"
         for iv, method in exact_where_single(found, clusters, counted, confidence):
-            out |= {f"{pre}{iv.metric}_ci_low": iv.low, f"{pre}{iv.metric}_ci_high": iv.high}
+            out |= dict(zip((f"{pre}{iv.metric}{b}" for b in BOUNDS), (iv.low, iv.high), strict=True))
             counts = [iv.defined, len(y), patients, resampled]
             rows.append(
                 [level, iv.metric, iv.value, iv.low, iv.high, method, confidence, recipe.eval.bootstrap, *counts]
@@ -205,7 +206,7 @@ def operating_points(
                 key = f"{pre}op_{iv.metric}_{n}"
                 out[key] = iv.value
                 if count:
-                    out |= {f"{key}_ci_low": iv.low, f"{key}_ci_high": iv.high}
+                    out |= dict(zip((key + b for b in BOUNDS), (iv.low, iv.high), strict=True))
                 rows.append([level, name, rule, cut, iv.metric, seen[iv.metric], iv.value, iv.low, iv.high, method])
     return out, _csv(OPERATING_COLUMNS, rows)
 

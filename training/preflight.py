@@ -123,15 +123,23 @@ def validation_metrics(recipe: TrainRecipe, outputs: list[str], sites: Sequence[
     return names | site_names(names, recipe, sites, "val_", counts=False)
 
 
-def site_names(names: set[str], recipe: TrainRecipe, sites: Sequence[str], prefix: str, counts: bool) -> set[str]:
+def site_names(
+    names: set[str], recipe: TrainRecipe, sites: Sequence[str], prefix: str, counts: bool, held_out: bool = False
+) -> set[str]:
     """The metrics of each of ``sites`` and of the worst (:func:`training.sites.site_metrics`) under ``prefix``, of
-    those of the validation metrics ``names`` that are reported per site; none for fewer than two sites."""
+    those of the validation metrics ``names`` that are reported per site (``held_out``: with their intervals,
+    where the recipe draws them); none for fewer than two sites."""
+    from training.intervals import BOUNDS
     from training.sites import site_metrics
 
     if len(sites) < 2 or recipe.task == "detect":
         return set()
+    ends = ("", *BOUNDS) if held_out and recipe.eval.bootstrap else ("",)
     levels = {lv: "val_" + ("" if lv == "sample" else f"{lv}_") for lv in ("sample", *recipe.eval.levels)}
-    each = {lv: {"count": 0.0} | {k: 0.0 for k in HEADLINE if pre + k in names} for lv, pre in levels.items()}
+    each = {
+        lv: {"count": 0.0} | {k + e: 0.0 for k in HEADLINE if pre + k in names for e in ends}
+        for lv, pre in levels.items()
+    }
     return set(site_metrics(dict.fromkeys(sites, each), prefix, counts))
 
 
@@ -189,7 +197,9 @@ def reported_metrics(recipe: TrainRecipe, manifest: mf.ManifestBrief | mf.Manife
     if held_out:
         prefix = metric_prefix(held_out)
         held_sites = split_sites(manifest, held_out)
-        out |= {prefix + n.removeprefix("val_") for n in names} | site_names(names, recipe, held_sites, prefix, True)
+        out |= {prefix + n.removeprefix("val_") for n in names} | site_names(
+            names, recipe, held_sites, prefix, True, True
+        )
         out |= {prefix + n for n in held_out_reports(recipe, outputs, names)}
     return out
 
@@ -198,13 +208,14 @@ def held_out_reports(recipe: TrainRecipe, outputs: list[str], validation: set[st
     """The held-out evaluation's names (unprefixed) besides the validation metrics' (``validation``, of
     :func:`validation_metrics`): each interval's bounds (:func:`training.levels.intervals`) and the operating
     point's rates and their bounds (:func:`training.levels.operating_points`), at each level."""
+    from training.intervals import BOUNDS
     from training.levels import with_interval
     from training.metrics import metric_name
 
     if recipe.task == "detect":
         return set()
     names = {n.removeprefix("val_") for n in validation}
-    bounds = ("_ci_low", "_ci_high") if recipe.eval.bootstrap else ()
+    bounds = BOUNDS if recipe.eval.bootstrap else ()
     out = set()
     for level in ("sample", *recipe.eval.levels):
         pre = "" if level == "sample" else f"{level}_"

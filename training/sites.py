@@ -13,6 +13,7 @@ import numpy as np
 
 from shards.schema import site_order
 from training.config import TrainRecipe
+from training.intervals import BOUNDS
 from training.metas import Metas, values
 from training.metrics import HEADLINE, metric_name
 
@@ -25,15 +26,19 @@ def site_keys(sites: list[str]) -> dict[str, str]:
     return {s: f"{k}_{i}" if k in alike else k for i, (s, k) in enumerate(keys.items())}
 
 
-def by_site(pred: dict[str, Any], recipe: TrainRecipe, outputs: list[str]) -> dict[str, dict[str, dict[str, Any]]]:
+def by_site(
+    pred: dict[str, Any], recipe: TrainRecipe, outputs: list[str], bounds: bool = False
+) -> dict[str, dict[str, dict[str, Any]]]:
     """``{site: {level: {"count": n, metric: value, "classes": {output: n}}}}`` for each site the samples name,
     at sample level and each aggregation level of the recipe (``count``: samples, or slides, patients...): the
     :data:`HEADLINE` metrics of :func:`training.levels.evaluate`, and how many of them are of each class (of a
     multi-label task: positive for each label), without which a site's AUC, absent where it has one class, or
     its accuracy, reads wrong. Empty where fewer than two sites are named (one site's are the split's own),
     for samples without labels and for a detector. A sample of no site is in none; a patient of two sites counts
-    in each, with its samples there."""
-    from training.levels import by_level, evaluate
+    in each, with its samples there. ``bounds`` (the held-out evaluation's): each metric's confidence interval
+    too (``<metric>_ci_low``, ``_ci_high``), from resamples of the site's own patients
+    (:func:`training.levels.intervals`): a centre's few patients make its figures the least certain of all."""
+    from training.levels import by_level, evaluate, intervals
 
     if recipe.task == "detect" or pred["labels"] is None:
         return {}
@@ -53,14 +58,17 @@ def by_site(pred: dict[str, Any], recipe: TrainRecipe, outputs: list[str]) -> di
             "loss": math.nan,
         }
         metrics = evaluate(part, recipe, outputs, prefix="")
+        if bounds:
+            metrics |= intervals(part, recipe, outputs, prefix="")[0]
         labels = {"sample": part["labels"]} | {level: y for level, _, _, y in by_level(part, recipe)}
         out[site] = {}
         for level, y in labels.items():
             pre = "" if level == "sample" else f"{level}_"
             counts = y.sum(axis=0) if y.ndim == 2 else np.bincount(y, minlength=len(outputs))
+            named = [k + b for k in HEADLINE if pre + k in metrics for b in ("", *BOUNDS) if pre + k + b in metrics]
             out[site][level] = (
                 {"count": len(y)}
-                | {k: metrics[pre + k] for k in HEADLINE if pre + k in metrics}
+                | {k: metrics[pre + k] for k in named}
                 | {"classes": dict(zip(outputs, counts.tolist(), strict=True))}
             )
     return out

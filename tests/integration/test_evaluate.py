@@ -16,6 +16,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 from PIL import Image
+from scipy.stats import binomtest
 from sklearn.metrics import accuracy_score, log_loss, roc_curve
 
 from cluster.cli_predict import score_texts as score
@@ -158,8 +159,16 @@ def test_training_evaluates_its_selected_model_on_the_test_split(trained, stack,
         assert float(table[site, "sample"]["accuracy"]) == pytest.approx(ref["accuracy"], abs=1e-4)
         row = table[site, "patient"]
         assert int(row["count"]) == int(row["n_class0"]) + int(row["n_class1"]) == patients_there
+        # a site's patient accuracy, with its own patients' interval (Clopper-Pearson's, a proportion of patients)
+        exact = binomtest(round(ref["patient_accuracy"] * patients_there), patients_there).proportion_ci(0.95)
+        bounds = (
+            logged[f"test_site_{site}_patient_accuracy_ci_low"],
+            logged[f"test_site_{site}_patient_accuracy_ci_high"],
+        )
+        assert bounds == pytest.approx((exact.low, exact.high), abs=1e-6)
+        assert float(row["accuracy_ci_low"]) == pytest.approx(exact.low, abs=1e-5)
         line = f"  site {site} ({samples} samples, {patients_there} patient(s)): patient accuracy "
-        assert f"{line}{ref['patient_accuracy']:.4f}, " in summary(out.held_out)
+        assert f"{line}{ref['patient_accuracy']:.4f} [{exact.low:.4f}, {exact.high:.4f}], " in summary(out.held_out)
     worst = min(logged["test_site_1_patient_accuracy"], logged["test_site_2_patient_accuracy"])
     assert logged["test_worst_site_patient_accuracy"] == worst
     assert "by_site.csv" in artifacts  # the validation split's, of its own patients' sites

@@ -213,3 +213,83 @@ def test_each_epoch_reports_each_sites_and_the_worst_sites_validation_metrics(re
     assert not any(k.endswith(("_samples", "_count")) for k in metrics)  # counts once, in the held-out step
     one_site = trainer._evaluate(_pred([r for r in ROWS if r[0] == "1"]), "val_swa_")
     assert "val_swa_accuracy" in one_site and not any("site" in k for k in one_site)
+
+
+def _many_patients(sites: int = 2, patients: int = 12, tiles: int = 3, seed: int = 0):
+    """``sites`` centres of ``patients`` patients each, of alternating classes, ``tiles`` tiles a patient."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for s in range(sites):
+        for q in range(patients):
+            label = q % 2
+            for _ in range(tiles):
+                right = rng.uniform(0.3, 0.9)
+                rows.append((str(s + 1), f"{s}-{q}", label, [1 - right, right] if label else [right, 1 - right]))
+    return rows
+
+
+def test_a_held_out_sites_metrics_have_intervals_from_resamples_of_its_own_patients(recipe):
+    """The held-out evaluation's sites (``bounds``): each metric's interval is the one drawn from the site's
+    patients alone, as :func:`training.levels.intervals` draws it for a split of that site's samples."""
+    from training.levels import intervals
+
+    recipe = recipe.model_copy(update={"eval": recipe.eval.model_copy(update={"bootstrap": 200})})
+    rows = _many_patients()
+    found = by_site(_pred(rows), recipe, ["CE", "LAA"], bounds=True)
+    for site in ("1", "2"):
+        alone, _ = intervals(_pred([r for r in rows if r[0] == site]), recipe, ["CE", "LAA"], "")
+        for level, pre in (("sample", ""), ("patient", "patient_")):
+            got = found[site][level]
+            for k in ("accuracy", "f1", "auc", "weighted_log_loss", "brier_loss"):
+                assert (got[f"{k}_ci_low"], got[f"{k}_ci_high"]) == (
+                    alone[f"{pre}{k}_ci_low"],
+                    alone[f"{pre}{k}_ci_high"],
+                )
+                assert got[f"{k}_ci_low"] <= got[k] <= got[f"{k}_ci_high"]
+            # each metric's bounds beside it, in the table's columns too
+            assert list(got)[1:4] == ["accuracy", "accuracy_ci_low", "accuracy_ci_high"]
+    # of 12 patients a site, the interval is wider than that of the 24 of both sites
+    both, _ = intervals(_pred(rows), recipe, ["CE", "LAA"], "")
+    width = found["1"]["sample"]["auc_ci_high"] - found["1"]["sample"]["auc_ci_low"]
+    assert width > both["auc_ci_high"] - both["auc_ci_low"]
+    # the epoch's validation (no bounds) and a recipe drawing none: no intervals
+    assert "accuracy_ci_low" not in by_site(_pred(rows), recipe, ["CE", "LAA"])["1"]["sample"]
+    none = recipe.model_copy(update={"eval": recipe.eval.model_copy(update={"bootstrap": 0})})
+    assert "accuracy_ci_low" not in by_site(_pred(rows), none, ["CE", "LAA"], bounds=True)["1"]["sample"]
+
+
+def test_a_sites_intervals_are_logged_tabled_and_shown_beside_its_metrics(recipe):
+    recipe = recipe.model_copy(update={"eval": recipe.eval.model_copy(update={"bootstrap": 200})})
+    found = by_site(_pred(_many_patients()), recipe, ["CE", "LAA"], bounds=True)
+    metrics = site_metrics(found, "test_")
+    patient = found["1"]["patient"]
+    assert metrics["test_site_1_patient_auc_ci_low"] == patient["auc_ci_low"]
+    assert metrics["test_site_2_brier_loss_ci_high"] == found["2"]["sample"]["brier_loss_ci_high"]
+    assert not any("worst_site" in k and k.endswith(("_ci_low", "_ci_high")) for k in metrics)
+    rows = list(csv.DictReader(site_table(found).splitlines()))
+    assert list(rows[0])[5:8] == ["accuracy", "accuracy_ci_low", "accuracy_ci_high"]
+    assert float(rows[1]["auc_ci_low"]) == pytest.approx(patient["auc_ci_low"], rel=1e-5)
+    outcome = EvalOutcome("r", "test_", "ds", "test", {"test_accuracy": 0.6} | metrics, ["patient"])
+    lines = summary(outcome).splitlines()
+    low, high = patient["accuracy_ci_low"], patient["accuracy_ci_high"]
+    assert lines[-3].startswith(
+        f"  site 1 (36 samples, 12 patient(s)): patient accuracy {patient['accuracy']:.4f} [{low:.4f}, {high:.4f}], "
+    )
+    # the worst site's figure with that site's interval
+    worst = min(("1", "2"), key=lambda s: found[s]["patient"]["accuracy"])
+    at = found[worst]["patient"]
+    assert lines[-1].startswith(
+        f"  worst site: patient accuracy {at['accuracy']:.4f} [{at['accuracy_ci_low']:.4f}, "
+        f"{at['accuracy_ci_high']:.4f}] (site {worst}), "
+    )
+
+
+def test_a_study_may_compare_the_held_out_sites_intervals_it_logs(recipe):
+    """What ``compare.metrics`` is checked against (training.preflight.site_names) is what the held-out step
+    logs of its sites, name for name."""
+    from training.preflight import site_names, validation_metrics
+
+    recipe = recipe.model_copy(update={"eval": recipe.eval.model_copy(update={"bootstrap": 20})})
+    logged = site_metrics(by_site(_pred(_many_patients()), recipe, ["CE", "LAA"], bounds=True), "test_")
+    names = validation_metrics(recipe, ["CE", "LAA"])
+    assert set(logged) == site_names(names, recipe, ["1", "2"], "test_", counts=True, held_out=True)

@@ -181,3 +181,8 @@ def test_reported_metrics_take_the_validation_sites_per_epoch_and_the_held_out_s
     assert {"val_site_2_patient_accuracy", "val_swa_site_1_auc", "val_swa_worst_site_accuracy"} <= names
     assert {"test_site_20_samples", "test_site_10_patient_count", "test_worst_site_patient_accuracy"} <= names
     assert not {"val_site_1_samples", "val_site_10_accuracy", "test_site_1_accuracy"} & names
+    # the held-out sites' intervals, not the epochs'
+    assert {"test_site_20_patient_auc_ci_low", "test_site_10_brier_loss_ci_high"} <= names
+    assert not {n for n in names if n.startswith(("val_site", "val_swa_site")) and n.endswith("_ci_low")}
+    drawn_none = load_recipe("demo_tiles", [f"data.dataset={tmp_path / 'ds'}", "eval.bootstrap=0"])
+    assert not {n for n in reported_metrics(drawn_none, ds) if "site" in n and n.endswith("_ci_low")}
