@@ -1,7 +1,8 @@
-"""The markers inside a JPEG tile's scan (pure). libjpeg-turbo, decoding a tile for the direct read path
-(:mod:`ingest.tiff_tiles`), passes over a stray marker or a lost restart marker with a warning no caller sees, and
-decodes the damaged tile into wrong pixels; OpenSlide, the reader of record, makes each such warning an error. A
-tile whose scan holds a marker it should not is left to OpenSlide, which reads it or says why."""
+"""The markers inside a JPEG tile's scan (pure). libjpeg-turbo through tifffile, decoding a tile for the direct read
+path (:mod:`ingest.tiff_tiles`) of a page that :mod:`ingest.jpeg_decode` does not decode, passes over a stray marker
+or a lost restart marker with a warning no caller sees, and decodes the damaged tile into wrong pixels; OpenSlide,
+the reader of record, makes each such warning an error. A tile whose scan holds a marker it should not is left to
+OpenSlide, which reads it or says why."""
 
 from __future__ import annotations
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ingest.jpeg_decode import StrictJpeg
 from ingest.jpeg_scan import PageScans
 from ingest.slides import SlideError, _flatten_rgba
 from ingest.tiff_tiles import DEFAULT_CACHE_BYTES, _TileCache
@@ -56,7 +57,8 @@ class _Strips:
         if self._map is None and strip_bytes > MAX_STRIP_BYTES:
             raise _refused(f"of {self._rows} rows each, compressed ({strip_bytes >> 20} MB a strip)")
         self._kwargs = {"jpegtables": page.jpegtables, "jpegheader": page.jpegheader} if page.compression == 7 else {}
-        self._scans = PageScans(page.jpegtables) if page.compression == 7 else None
+        self._strict = StrictJpeg.of(page)  # libjpeg-turbo's warnings as errors; else its scan checked, as below
+        self._scans = PageScans(page.jpegtables) if page.compression == 7 and self._strict is None else None
 
     def _strip(self, i: int) -> np.ndarray:
         """Rows ``[i * rows, (i + 1) * rows)`` of the page as ``uint8[rows, width, samples]``."""
@@ -66,14 +68,14 @@ class _Strips:
         fh = self._page.parent.filehandle
         fh.seek(self._page.dataoffsets[i])
         data = fh.read(self._page.databytecounts[i])
-        # libjpeg-turbo decodes a JPEG strip cut short, or with a marker amid its scan, into wrong rows without a word
-        # (a damaged strip: its tiles are left out, as below)
+        # tifffile's libjpeg-turbo decodes a JPEG strip cut short, or with a marker amid its scan, into wrong rows
+        # with a warning no caller sees (a damaged strip: its tiles are left out, as below)
         if self._scans is not None and self._scans.clean(data) is False:
             raise SlideError(
                 f"strip {i} could not be decoded: its JPEG stream is cut short, or has a marker amid its scan"
             )
         try:
-            segment, _, _ = self._page.decode(data, i, **self._kwargs)
+            segment = self._strict.decode(data) if self._strict else self._page.decode(data, i, **self._kwargs)[0]
         except Exception as exc:  # a damaged strip: its tiles are left out (ingest.wsi.read_tiles)
             raise SlideError(f"strip {i} could not be decoded: {exc}") from exc
         rows = min(self._rows, self.height - i * self._rows)

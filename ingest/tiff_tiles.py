@@ -3,8 +3,9 @@ fast path under OpenSlide.
 
 OpenSlide decodes every source tile a region touches, composites through cairo into premultiplied ARGB and hands
 back a new image per call; a 600 px read over 256 px JPEG tiles decodes about twice the pixels it returns, and
-neighbouring reads decode the shared tiles again. Here each source tile is decoded once (libjpeg-turbo through
-tifffile/imagecodecs) into a byte-bounded LRU cache and regions are assembled by slicing. OpenSlide stays the
+neighbouring reads decode the shared tiles again. Here each source tile is decoded once (libjpeg-turbo, each of its
+warnings an error: :mod:`ingest.jpeg_decode`; tifffile/imagecodecs for what that does not decode) into a
+byte-bounded LRU cache and regions are assembled by slicing. OpenSlide stays the
 reader of record: a level is served here only when OpenSlide's backend draws levels from single pages, the level maps
 to a tiled 8-bit RGB page and a probe read matches OpenSlide's pixels, so an unusual colour space or layout falls
 back to OpenSlide rather than going wrong.
@@ -17,6 +18,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from ingest.jpeg_decode import StrictJpeg
 from ingest.jpeg_scan import PageScans
 
 # Decoded source tiles kept per slide: ~700 tiles of 256 px, several 600 px tile rows on a 64k slide.
@@ -43,8 +45,10 @@ class TiledLevel:
         self._kwargs: dict = {"_fullsize": True}
         if page.compression in {6, 7, 34892, 33007}:  # the JPEG family: shared tables live in the page
             self._kwargs.update(jpegtables=page.jpegtables, jpegheader=page.jpegheader)
-        # each tile a JPEG stream of its own, from SOI to EOI: its scan is checked before libjpeg-turbo decodes it
-        self._scans = PageScans(page.jpegtables) if page.compression == 7 else None
+        # each tile a JPEG stream of its own, from SOI to EOI, decoded with libjpeg-turbo's warnings as errors; where
+        # tifffile's decoder serves the page instead (it passes over them), its scan is checked before it decodes it
+        self._strict = StrictJpeg.of(page)
+        self._scans = PageScans(page.jpegtables) if page.compression == 7 and self._strict is None else None
 
     @staticmethod
     def supported(page) -> bool:
@@ -68,12 +72,16 @@ class TiledLevel:
             return None
         self._fh.seek(offset)
         data = self._fh.read(count)
-        # libjpeg-turbo here decodes a stream cut short, or one with a marker amid its scan, without a word, where
-        # OpenSlide refuses it: such a tile is left to OpenSlide (the caller's fallback), which reads it or says why.
+        # a tile cut short, or one libjpeg-turbo decodes only with a warning (tifffile's decoder: one with a marker
+        # amid its scan), where OpenSlide refuses it: left to OpenSlide (the caller's fallback), which reads it or
+        # says why
         if len(data) != count or (self._scans is not None and self._scans.clean(data) is not True):
             raise ValueError(f"tile {index} of a level {self.width} px wide is not whole")
-        segment, _, _ = self._decode(data, index, **self._kwargs)
-        tile = np.asarray(segment).reshape(self.tile_h, self.tile_w, 3)
+        if self._strict is not None:
+            tile = self._strict.decode(data).reshape(self.tile_h, self.tile_w, 3)
+        else:
+            segment, _, _ = self._decode(data, index, **self._kwargs)
+            tile = np.asarray(segment).reshape(self.tile_h, self.tile_w, 3)
         self._cache.put(key, tile)
         return tile
 

@@ -36,8 +36,10 @@ def intact(tmp_path_factory) -> Path:
 def _damaged(intact: Path, folder: Path, how: str, indices=(34,)) -> Path:
     """A copy of ``intact`` with level 0's source tiles ``indices`` spoiled: zeroed (no JPEG at all); the second
     half of each erased to 0xFF as flash erases (a JPEG stream without its end); 40 bytes amid its scan erased so
-    (``wiped``), or a restart marker written there (``marker``), the stream's end intact. libjpeg-turbo in the
-    direct path decoded the last three without a word (a warning no caller sees), where OpenSlide refuses them."""
+    (``wiped``), or a restart marker written there (``marker``), the stream's end intact; or its scan ended there,
+    the stream's end written after it and its space left zero (``cut``: a writer stopped early), every marker in
+    place. libjpeg-turbo in the direct path decoded the last four without a word (a warning no caller sees), where
+    OpenSlide refuses them."""
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "s.tif"
     shutil.copy(intact, path)
@@ -49,6 +51,8 @@ def _damaged(intact: Path, folder: Path, how: str, indices=(34,)) -> Path:
         start = offset if how == "zeros" else offset + count // 2
         if how in AMID:
             data[start : start + len(AMID[how])] = AMID[how]
+        elif how == "cut":
+            data[start : offset + count] = b"\xff\xd9" + bytes(offset + count - start - 2)
         else:
             data[start : offset + count] = (b"\0" if how == "zeros" else b"\xff") * (offset + count - start)
     path.write_bytes(bytes(data))
@@ -70,7 +74,7 @@ def _ingest(src: Path, out: Path):
     return unit, works, warnings, samples
 
 
-@pytest.mark.parametrize("how", ["zeros", "erased", "marker"])
+@pytest.mark.parametrize("how", ["zeros", "erased", "marker", "cut"])
 def test_a_damaged_tile_costs_the_tiles_over_it_and_no_other(tmp_path, intact, how):
     _, _, _, whole = _ingest(intact, tmp_path / "a")
     src = _damaged(intact, tmp_path / how, how)
@@ -103,12 +107,27 @@ def test_openslide_reads_on_after_a_damaged_tile(tmp_path, intact):
     good.close()
 
 
-@pytest.mark.parametrize("how, why", [("erased", "Premature end of JPEG file"), ("wiped", WARNED), ("marker", WARNED)])
+@pytest.mark.parametrize(
+    "how, why, strict",
+    [
+        *[(how, why, True) for how, why in (("erased", "Premature end of JPEG file"), ("wiped", WARNED))],
+        *[(how, WARNED, True) for how in ("marker", "cut")],
+        # a page tifffile's decoder serves (ingest.jpeg_decode does not read it): the scan's markers are checked
+        *[(how, why, False) for how, why in (("erased", "Premature end of JPEG file"), ("wiped", WARNED))],
+        ("marker", WARNED, False),
+    ],
+)
 def test_the_direct_path_leaves_a_tile_without_its_end_or_with_a_marker_amid_its_scan_to_openslide(
-    tmp_path, intact, how, why
+    tmp_path, intact, how, why, strict, monkeypatch
 ):
-    """libjpeg-turbo decodes a JPEG stream without its end, or with a marker amid its scan (:mod:`ingest.jpeg_scan`),
-    without a word; OpenSlide refuses it."""
+    """libjpeg-turbo decodes a JPEG stream without its end, with a marker amid its scan, or whose scan ends before
+    its last block, with a warning no caller of tifffile sees: the direct path decodes with each warning an error
+    (:mod:`ingest.jpeg_decode`), or checks the scan's markers first (:mod:`ingest.jpeg_scan`); OpenSlide refuses
+    such a tile."""
+    from ingest.jpeg_decode import StrictJpeg
+
+    if not strict:
+        monkeypatch.setattr(StrictJpeg, "of", classmethod(lambda cls, page: None))
     src = _damaged(intact, tmp_path, how)
     reader = OpenSlideReader(str(src))
     assert reader.direct_levels == [0, 1, 2, 3]
@@ -178,3 +197,29 @@ def test_a_damaged_tile_of_the_mask_level_costs_the_tissue_under_it(tmp_path, in
     for y, x in ((256, 256), (511, 511), (256, 511), (511, 256), (384, 384), (300, 256)):  # its outline and cross
         assert preview[y, x].tolist() == orange, (y, x)
     assert (preview == orange).all(axis=2)[:256].sum() == 0 and (preview == orange).all(axis=2)[512:].sum() == 0
+
+
+def test_a_real_aperio_tile_whose_scan_ends_early_is_left_to_openslide(tmp_path):
+    """Aperio's tiles share the page's JPEG tables and hold RGB samples (``ingest.jpeg_decode``): one whose scan
+    ends at half, every marker in place, is refused as OpenSlide refuses it; its neighbour reads as before."""
+    from tests.vendor_checks import REAL_SLIDE
+
+    src = tmp_path / "s.svs"
+    shutil.copy(REAL_SLIDE, src)
+    with tifffile.TiffFile(src) as tif:
+        page = tif.pages[0]
+        assert page.jpegtables and page.photometric == 2
+        across = -(-page.imagewidth // page.tilewidth)
+        index = 2 * across + 3  # row 2, column 3
+        offset, count, side = page.dataoffsets[index], page.databytecounts[index], page.tilewidth
+    data = bytearray(src.read_bytes())
+    data[offset + count // 2 : offset + count] = b"\xff\xd9" + bytes(count - count // 2 - 2)
+    src.write_bytes(bytes(data))
+    reader, good = OpenSlideReader(str(src)), OpenSlideReader(str(REAL_SLIDE))
+    assert reader.direct_levels == [0]
+    with pytest.raises(SlideError, match=WARNED):
+        reader.read_region(3 * side, 2 * side, 0, side, side)
+    assert np.array_equal(
+        reader.read_region(4 * side, 2 * side, 0, side, side), good.read_region(4 * side, 2 * side, 0, side, side)
+    )
+    reader.close(), good.close()

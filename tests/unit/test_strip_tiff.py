@@ -89,21 +89,25 @@ def test_what_it_cannot_read_is_refused_saying_why(tmp_path):
 
 
 def test_a_jpeg_strip_cut_short_or_with_a_marker_amid_its_scan_is_damaged_and_the_others_read_on(tmp_path):
-    """libjpeg-turbo decodes such a strip into wrong rows without a word (ingest.jpeg_scan)."""
+    """libjpeg-turbo decodes such a strip into wrong rows without a word (ingest.jpeg_scan), and one whose scan
+    ends early, its end marker in place, with a warning only (ingest.jpeg_decode)."""
     intact = _strips(tmp_path / "intact.tif", "jpeg", 64)
     with tifffile.TiffFile(intact) as tif:
         page = tif.pages[0]
-        spans = [(page.dataoffsets[i], page.databytecounts[i]) for i in (5, 9)]
+        spans = [(page.dataoffsets[i], page.databytecounts[i]) for i in (5, 9, 2)]
     data = bytearray((tmp_path / "intact.tif").read_bytes())
-    (offset, count), (cut, cut_count) = spans
+    (offset, count), (cut, cut_count), (early, early_count) = spans
     data[offset + count // 2 : offset + count // 2 + 2] = b"\xff\xd3"  # a restart marker where the scan has none
     data[cut + cut_count - 2 : cut + cut_count] = b"\0\0"  # its end marker lost
+    half = early + early_count // 2  # the scan ended at half, its end marker after it, the rest of its space zero
+    data[half : early + early_count] = b"\xff\xd9" + bytes(early + early_count - half - 2)
     (tmp_path / "damaged.tif").write_bytes(bytes(data))
     reader, good = open_slide(str(tmp_path / "damaged.tif")), open_slide(intact)
-    for strip in (5, 9):
-        with pytest.raises(SlideError, match=f"strip {strip} could not be decoded: its JPEG stream is cut short, or"):
+    warned = "Corrupt JPEG data: premature end of data segment"  # an error here, as OpenSlide makes it
+    for strip, why in ((5, warned), (9, "Premature end of JPEG file"), (2, warned)):
+        with pytest.raises(SlideError, match=f"strip {strip} could not be decoded: {why}"):
             reader.read_region(100, strip * 64 + 10, 0, 256, 32)
-    for y in (0, 4 * 64, 6 * 64, 10 * 64):  # the strips around them, as from the intact copy
+    for y in (0, 64, 4 * 64, 6 * 64, 10 * 64):  # the strips around them, as from the intact copy
         assert np.array_equal(reader.read_region(0, y, 0, 1500, 64), good.read_region(0, y, 0, 1500, 64)), y
     reader.close()
     good.close()

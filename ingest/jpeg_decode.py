@@ -1,0 +1,52 @@
+"""Strict decoding of a TIFF page's JPEG tiles and strips: libjpeg-turbo (through simplejpeg) with each of its
+warnings an error, as OpenSlide, the reader of record, takes them.
+
+libjpeg-turbo decodes a damaged stream whose markers are all in place without an error: a scan that ends before
+its last block (a writer stopped early; the rest of the stream's space left zero) is filled with grey, a lost sync
+leaves bytes over. It says so only in a warning, which imagecodecs (tifffile's decoder) passes over, so that the
+direct read path stored such a tile where OpenSlide refuses it ("Corrupt JPEG data: premature end of data
+segment"). Here the warning raises, and the caller leaves the tile to OpenSlide, which reads it or says why.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+SOI, EOI = b"\xff\xd8", b"\xff\xd9"
+# APP14 "Adobe" segment, less its last byte: the colour transform, 0 for RGB, 1 for YCbCr
+ADOBE = b"\xff\xee\x00\x0eAdobe\x00\x64\x00\x00\x00\x00"
+# TIFF photometric interpretation: (JPEG colour transform, decoded colour space), as tifffile decodes each
+PHOTOMETRIC = {1: (None, "GRAY"), 2: (0, "RGB"), 6: (1, "RGB")}
+
+
+class StrictJpeg:
+    """The JPEG streams of one TIFF page (compression 7), each completed with the page's shared tables and told its
+    colour space as tifffile tells libjpeg-turbo: the photometric interpretation sets it, unless the stream's own
+    JFIF segment says YCbCr (libjpeg reads JFIF before Adobe)."""
+
+    def __init__(self, tables: bytes | None, photometric: int) -> None:
+        transform, self._space = PHOTOMETRIC[photometric]
+        if tables and not (tables.startswith(SOI) and tables.endswith(EOI)):
+            raise ValueError("the page's JPEG tables are not a JPEG stream of tables")
+        self._head = SOI + (b"" if transform is None else ADOBE + bytes([transform])) + (tables or SOI + EOI)[2:-2]
+
+    @classmethod
+    def of(cls, page) -> StrictJpeg | None:
+        """The page's decoder, or None where the page is not one it decodes as tifffile does (another compression
+        or colour space, samples of more than 8 bits, tables that are not a stream): tifffile's decoder serves it."""
+        samples = {1: 1, 2: 3, 6: 3}.get(int(page.photometric))
+        if page.compression != 7 or samples != page.samplesperpixel or page.bitspersample != 8 or page.jpegheader:
+            return None
+        try:
+            return cls(page.jpegtables, int(page.photometric))
+        except ValueError:
+            return None
+
+    def decode(self, data: bytes) -> np.ndarray:
+        """``uint8[height, width, samples]`` of one tile's or strip's stream (SOI ... EOI); ValueError with
+        libjpeg-turbo's message for a stream it reads only with a warning, or not at all."""
+        import simplejpeg
+
+        if not data.startswith(SOI):
+            raise ValueError("not a JPEG stream: it does not start with SOI")
+        return simplejpeg.decode_jpeg(self._head + data[2:], colorspace=self._space, strict=True)
