@@ -1,0 +1,66 @@
+"""The direct path's JPEG tile decode: strict libjpeg-turbo (:mod:`ingest.jpeg_decode`, each warning an error) against
+tifffile's decoder after the scan's marker check (:mod:`ingest.jpeg_scan`), the path it replaced.
+
+One run, one synthetic JPEG-tiled pyramidal TIFF (the slide ``benchmarks/wsi_ingest.py`` makes): every source tile
+of level 0 decoded through :class:`ingest.tiff_tiles.TiledLevel` by each path in turn, the cache cleared between
+rounds, best of ``--repeats``. Checks that both give the same pixels. Prints tiles/s of each and the ratio.
+Usage: ``python benchmarks/tile_decode.py [--size 8192] [--repeats 5] [--workdir DIR]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import tifffile
+
+from ingest.jpeg_scan import PageScans
+from ingest.synthetic import slide_array, write_pyramid_tiff
+from ingest.tiff_tiles import TiledLevel, _TileCache
+
+
+def _decode_all(level: TiledLevel, cache: _TileCache) -> list[np.ndarray]:
+    cache.clear()
+    down, across = -(-level.height // level.tile_h), -(-level.width // level.tile_w)
+    return [level._tile(ty, tx) for ty in range(down) for tx in range(across)]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size", type=int, default=8192)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--workdir", default=None)
+    args = ap.parse_args()
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="tile_decode_"))
+    work.mkdir(parents=True, exist_ok=True)
+    path = work / f"slide{args.size}.tiff"
+    if not path.exists():
+        write_pyramid_tiff(path, slide_array(args.size, "CE", np.random.default_rng(0)))
+    with tifffile.TiffFile(path) as tif:
+        page = tif.pages[0]
+        cache = _TileCache(1 << 40)  # every tile kept within a round: each decoded once
+        strict = TiledLevel(page, cache)
+        marked = TiledLevel(page, cache)
+        assert strict._strict is not None, "the page is not one the strict decoder reads"
+        marked._strict, marked._scans = None, PageScans(page.jpegtables)  # the path before it
+        tiles = len(_decode_all(strict, cache))
+        pairs = zip(_decode_all(strict, cache), _decode_all(marked, cache), strict=True)
+        assert all(np.array_equal(a, b) for a, b in pairs), "the two paths decode different pixels"
+        best = {"strict": np.inf, "tifffile + marker check": np.inf}
+        for _ in range(args.repeats):
+            for name, level in (("strict", strict), ("tifffile + marker check", marked)):
+                start = time.perf_counter()
+                _decode_all(level, cache)
+                best[name] = min(best[name], time.perf_counter() - start)
+    print(f"{path.name}: {tiles} level-0 JPEG tiles of {page.tilewidth} px, best of {args.repeats}, one core")
+    for name, seconds in best.items():
+        print(f"  {name:24s} {seconds:7.3f} s  {tiles / seconds:8.0f} tiles/s")
+    ratio = best["tifffile + marker check"] / best["strict"]
+    print(f"strict / tifffile + marker check (tiles/s): {ratio:.2f}x (same pixels)")
+
+
+if __name__ == "__main__":
+    main()
