@@ -24,7 +24,16 @@ class ImageError(ValueError):
 def decode_rgb(data: bytes) -> np.ndarray:
     """Encoded bytes to ``uint8[H, W, 3]`` RGB as a viewer shows them: turned by their EXIF orientation (boxes
     are drawn on the image so shown), grey repeated, alpha dropped, CMYK converted, 16-bit percentile-normalised.
+    A JPEG whose scan is damaged (:func:`ingest.jpeg_decode.decode_file`) is an :class:`ImageError` saying how.
     """
+    from ingest.jpeg_decode import decode_file
+
+    try:  # a JPEG whose scan is damaged is refused, where OpenCV decodes it with grey blocks and a printed warning
+        rgb = decode_file(data)
+    except ValueError as exc:
+        raise ImageError(f"damaged JPEG data: {exc}") from None
+    if rgb is not None:
+        return rgb
     # ANYDEPTH|ANYCOLOR: 16-bit kept and the orientation applied (IMREAD_UNCHANGED ignores it, and hands CMYK
     # over as four channels)
     flags = cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR

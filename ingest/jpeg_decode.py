@@ -1,11 +1,12 @@
-"""Strict decoding of a TIFF page's JPEG tiles and strips: libjpeg-turbo (through simplejpeg) with each of its
-warnings an error, as OpenSlide, the reader of record, takes them.
+"""Strict JPEG decoding: libjpeg-turbo (through simplejpeg) with its warnings as errors, for a TIFF page's tiles and
+strips (each warning, as OpenSlide, the reader of record, takes them) and for image files (those of a damaged scan).
 
 libjpeg-turbo decodes a damaged stream whose markers are all in place without an error: a scan that ends before
 its last block (a writer stopped early; the rest of the stream's space left zero) is filled with grey, a lost sync
 leaves bytes over. It says so only in a warning, which imagecodecs (tifffile's decoder) passes over, so that the
 direct read path stored such a tile where OpenSlide refuses it ("Corrupt JPEG data: premature end of data
 segment"). Here the warning raises, and the caller leaves the tile to OpenSlide, which reads it or says why.
+OpenCV, decoding an image folder's JPEGs, prints the warning where no caller sees it: such an image is refused.
 """
 
 from __future__ import annotations
@@ -50,3 +51,53 @@ class StrictJpeg:
         if not data.startswith(SOI):
             raise ValueError("not a JPEG stream: it does not start with SOI")
         return simplejpeg.decode_jpeg(self._head + data[2:], colorspace=self._space, strict=True)
+
+
+# libjpeg-turbo's warnings of a damaged scan, after which it decodes on: the blocks it could not read grey (a scan
+# ended early, a file cut short), or out of sync (a bad code, a restart marker out of order). Its other warnings
+# (bytes over after the last block, as careless writers leave them; an unknown JFIF revision) leave the pixels whole.
+DAMAGE = (
+    "Corrupt JPEG data: premature end of data segment",
+    "Corrupt JPEG data: bad Huffman code",
+    "Corrupt JPEG data: bad arithmetic code",
+    "Corrupt JPEG data: found marker",
+    "Premature end of JPEG file",
+)
+ORIENTATION = 0x0112  # EXIF's orientation tag
+
+
+def decode_file(data: bytes) -> np.ndarray | None:
+    """An image file's JPEG as ``uint8[H, W, 3]`` RGB (grey repeated), decoded with the warnings of a damaged scan
+    (:data:`DAMAGE`) as errors (ValueError, libjpeg-turbo's message); None for a file this leaves to OpenCV, whose
+    pixels are the same where both decode: not a JPEG, one turned by its EXIF orientation, one in CMYK or of 12
+    bits, one with another warning."""
+    import simplejpeg
+
+    if not data.startswith(SOI + b"\xff"):
+        return None
+    try:
+        space = simplejpeg.decode_jpeg_header(data)[2]
+    except ValueError:
+        return None
+    if space not in ("Gray", "YCbCr", "RGB") or _turned(data):
+        return None
+    try:
+        rgb = simplejpeg.decode_jpeg(data, colorspace="GRAY" if space == "Gray" else "RGB", strict=True)
+    except ValueError as exc:
+        if str(exc).startswith(DAMAGE):
+            raise
+        return None
+    return np.repeat(rgb, 3, axis=2) if space == "Gray" else rgb
+
+
+def _turned(data: bytes) -> bool:
+    """Whether the file's EXIF orientation turns or mirrors it (OpenCV applies it)."""
+    import io
+
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            return im.getexif().get(ORIENTATION, 1) != 1
+    except Exception:
+        return True  # a header Pillow does not read: OpenCV decides

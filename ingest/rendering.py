@@ -26,9 +26,9 @@ RENDERING = {"wsi": 2, "dicom": 3, "images": 2}
 # Distributions whose output ends up in samples, per kind (the OpenCV wheel that is installed, either name).
 _COMMON = ("numpy", "opencv-python-headless", "opencv-python", "pillow", "imagecodecs")
 LIBRARIES = {
-    "wsi": (*_COMMON, "openslide-python", "tifffile", "pydicom"),
+    "wsi": (*_COMMON, "simplejpeg", "openslide-python", "tifffile", "pydicom"),
     "dicom": (*_COMMON, "pydicom", "pylibjpeg", "pylibjpeg-libjpeg", "pylibjpeg-openjpeg", "pylibjpeg-rle"),
-    "images": (*_COMMON, "scipy"),
+    "images": (*_COMMON, "simplejpeg", "scipy"),
 }
 MODELS = ("torch", "transformers")  # where a background model or SAM decides which tiles or pixels are kept
 TESSERA = "tessera"  # the key of Tessera's own rendering

@@ -66,6 +66,59 @@ def test_decode_turns_by_exif_orientation_and_converts_cmyk():
     assert np.abs(decode_rgb(buf.getvalue()).astype(int) - [200, 30, 10]).max() <= 2
 
 
+def _jpeg(arr: np.ndarray, **options) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, "JPEG", quality=90, **options)
+    return buf.getvalue()
+
+
+def test_a_jpeg_whose_scan_is_damaged_is_refused_saying_how_and_the_rest_decode_as_opencv_does():
+    """OpenCV decodes a JPEG whose scan ends early (its end marker in place) with the missing part grey, or one
+    whose blocks fell out of sync, printing libjpeg's warning where no caller sees it: such an image is refused."""
+    rng = np.random.default_rng(0)
+    image = np.clip(rng.normal(120, 40, (96, 128, 3)), 0, 255).astype(np.uint8)
+    for options in ({}, {"subsampling": 0}, {"progressive": True}, {"restart_marker_blocks": 2}):
+        data = _jpeg(image, **options)
+        opencv = cv2.cvtColor(cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+        assert np.array_equal(decode_rgb(data), opencv), options
+    grey = _jpeg(image[..., 0])
+    assert np.array_equal(
+        decode_rgb(grey), cv2.cvtColor(cv2.imdecode(np.frombuffer(grey, np.uint8), 0), cv2.COLOR_GRAY2RGB)
+    )
+    good = _jpeg(image, restart_marker_blocks=2)
+    scan = good.index(b"\xff\xda") + 14
+    cut = good[: (scan + len(good)) // 2] + b"\xff\xd9"
+    assert cv2.imdecode(np.frombuffer(cut, np.uint8), cv2.IMREAD_COLOR) is not None  # decoded, half grey
+    with pytest.raises(ImageError, match=r"^damaged JPEG data: Corrupt JPEG data: premature end of data segment$"):
+        decode_rgb(cut)
+    restart = good.index(b"\xff\xd3", scan)  # RST3 made RST5: the blocks after it out of place
+    with pytest.raises(ImageError, match="damaged JPEG data: Corrupt JPEG data: found marker 0xd5 instead of RST3"):
+        decode_rgb(good[:restart] + b"\xff\xd5" + good[restart + 2 :])
+    over = good[:-2] + bytes(range(1, 41)) + b"\xff\xd9"  # bytes after the last block, as careless writers leave
+    assert np.array_equal(decode_rgb(over), decode_rgb(good))  # every block whole: decoded as OpenCV does
+
+
+def test_a_damaged_jpeg_fails_its_image_with_the_reason_and_the_others_are_ingested(tmp_path):
+    from ingest.staging import process_work
+    from ingest.units import batch_images
+
+    make_mri_folders(tmp_path, per_class=2, size=32)
+    hurt = tmp_path / "images" / "glioma" / "gl_0001.jpg"
+    data = hurt.read_bytes()
+    hurt.write_bytes(data[: len(data) * 2 // 3] + b"\xff\xd9")  # its scan ends early
+    cfg = ImagesIngestConfig(sources=[str(tmp_path / "images")], out=str(tmp_path / "out"), split="train=1.0")
+    plan = plan_images(cfg, KEY)
+    [work] = batch_images(plan.units, 100)
+    per = {r.unit: r for r in process_work(work, cfg).per_unit()}
+    [damaged] = [u.id for u in plan.units if u.sources[0] == str(hurt)]
+    assert per.pop(damaged).reason.endswith("damaged JPEG data: Corrupt JPEG data: premature end of data segment")
+    assert len(per) == len(plan.units) - 1 and all(r.status == "ingested" and r.samples == 1 for r in per.values())
+
+
 def test_yolo_and_csv_boxes_normalised_and_cropped():
     (box,) = yolo_boxes("2 0.5 0.5 0.2 0.4\n\n")
     assert (box.x0, box.y0, box.x1, box.y1, box.label) == pytest.approx((0.4, 0.3, 0.6, 0.7, "2"))

@@ -105,3 +105,31 @@ def test_each_warning_of_libjpeg_turbo_is_an_error():
 def test_pages_it_does_not_decode_as_tifffile_does_are_left_to_tifffile(page, decodes):
     base = dict(compression=7, photometric=6, samplesperpixel=3, bitspersample=8, jpegtables=None, jpegheader=None)
     assert (StrictJpeg.of(SimpleNamespace(**(base | page))) is not None) == decodes
+
+
+def test_an_image_file_is_left_to_opencv_where_it_would_decode_otherwise():
+    """:func:`ingest.jpeg_decode.decode_file` decodes an image file's plain JPEG (``ingest.images.decode_rgb``);
+    OpenCV turns one by its EXIF orientation and converts CMYK, and reads what is not a JPEG."""
+    import io
+
+    import cv2
+    from PIL import Image
+
+    from ingest.jpeg_decode import decode_file
+
+    def saved(image: Image.Image, fmt: str = "JPEG", **options) -> bytes:
+        buf = io.BytesIO()
+        image.save(buf, fmt, **options)
+        return buf.getvalue()
+
+    plain = Image.fromarray(IMAGE)
+    assert np.array_equal(decode_file(saved(plain)), imagecodecs.jpeg8_decode(saved(plain)))
+    upright = Image.Exif()
+    upright[0x0112] = 1
+    assert decode_file(saved(plain, exif=upright.tobytes())) is not None
+    turned = Image.Exif()
+    turned[0x0112] = 6
+    assert decode_file(saved(plain, exif=turned.tobytes())) is None
+    assert decode_file(saved(plain.convert("CMYK"))) is None
+    assert decode_file(cv2.imencode(".png", IMAGE)[1].tobytes()) is None
+    assert decode_file(b"\xff\xd8\xff\xe0 not really a jpeg") is None  # OpenCV says it cannot decode it
