@@ -4,11 +4,10 @@ fast path under OpenSlide.
 OpenSlide decodes every source tile a region touches, composites through cairo into premultiplied ARGB and hands
 back a new image per call; a 600 px read over 256 px JPEG tiles decodes about twice the pixels it returns, and
 neighbouring reads decode the shared tiles again. Here each source tile is decoded once (libjpeg-turbo, each of its
-warnings an error: :mod:`ingest.jpeg_decode`; tifffile/imagecodecs for what that does not decode) into a
-byte-bounded LRU cache and regions are assembled by slicing. OpenSlide stays the
-reader of record: a level is served here only when OpenSlide's backend draws levels from single pages, the level maps
-to a tiled 8-bit RGB page and a probe read matches OpenSlide's pixels, so an unusual colour space or layout falls
-back to OpenSlide rather than going wrong.
+warnings an error: :mod:`ingest.jpeg_decode`; tifffile/imagecodecs for what that does not decode) into a byte-bounded
+LRU cache and regions are assembled by slicing. OpenSlide stays the reader of record: a level is served here only
+when OpenSlide's backend draws levels from single pages, the level maps to a tiled 8-bit RGB page and a probe read
+matches OpenSlide's pixels, so an unusual colour space or layout falls back to OpenSlide rather than going wrong.
 """
 
 from __future__ import annotations
