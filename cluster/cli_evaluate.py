@@ -12,13 +12,15 @@ def add_run_arguments(parser) -> None:
         metavar="KEY=VALUE",
         help="where it runs, instead of the recipe's: workers, cpus_per_worker, placement, use_gpu; and the "
         "operating point its calls are also made at, chosen on the run's validation split: eval.operating_point="
-        "youden|sensitivity:S|specificity:S, eval.positive=CLASS (and for evaluate, eval.bootstrap=N, "
+        "youden|sensitivity:S|specificity:S, eval.positive=CLASS; eval.calibration=temperature, the probabilities "
+        "scaled by a temperature fitted on the validation split (and for evaluate, eval.bootstrap=N, "
         "eval.confidence=C)",
     )
 
 
-# what `tessera evaluate` may change besides where it runs: how its intervals are drawn, its operating point
-REPORT_KEYS = ("eval.bootstrap", "eval.confidence", "eval.operating_point", "eval.positive")
+# what `tessera evaluate` may change besides where it runs: how its intervals are drawn, its operating point, its
+# calibration
+REPORT_KEYS = ("eval.bootstrap", "eval.confidence", "eval.operating_point", "eval.positive", "eval.calibration")
 
 
 def add_evaluate_parser(sub) -> None:
@@ -32,7 +34,8 @@ def add_evaluate_parser(sub) -> None:
         "test_accuracy_ci_high; eval.bootstrap=N resamples, 1000 by default, 0 for none; eval.confidence=0.95), "
         "and with eval.operating_point=youden|sensitivity:S|specificity:S (and a binary classifier's "
         "eval.positive=CLASS) the sensitivity, specificity, PPV and NPV at the threshold that rule chooses on the "
-        "validation split. "
+        "validation split; with eval.calibration=temperature, the probabilities scaled at each level by a "
+        "temperature fitted on the validation split (test_temperature, test_patient_temperature). "
         "`tessera train` does this for the recipe's data.test_split after training.",
     )
     add_run_arguments(ev)
@@ -98,6 +101,8 @@ def held_out_line(recipe, manifest) -> str:
         of = f"for {ev.positive}" if ev.positive else "for each label"
         rates = "sensitivity, specificity, PPV and NPV"
         line += f"\n  {rates} at the threshold {ev.operating_point} chooses {of} on validation"
+    if ev.calibration == "temperature" and recipe.task != "detect":
+        line += "\n  its probabilities scaled at each level by a temperature fitted on validation"
     return line
 
 

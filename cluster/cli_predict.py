@@ -81,8 +81,9 @@ def cmd_predict(args) -> int:
     from training.launch import EVALUATE_KEYS, check_where_overrides
     from training.predictions import row_count
 
-    # where it runs, and the operating point its calls are also made at (chosen on the run's validation split)
-    point = ("eval.operating_point", "eval.positive")
+    # where it runs, the operating point its calls are also made at (chosen on the run's validation split), and
+    # the calibration of its probabilities (fitted there too)
+    point = ("eval.operating_point", "eval.positive", "eval.calibration")
     check_where_overrides(args.overrides, (*EVALUATE_KEYS, *point), "tessera predict")  # before anything connects
     if args.reveal and args.out and args.out.startswith("s3://"):
         raise ValueError("--reveal: the names behind the pseudonyms stay off object storage; give a local --out")

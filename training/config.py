@@ -193,7 +193,9 @@ class EvalConfig(Strict):
     interval (:mod:`training.intervals`); 0: none. ``operating_point`` (``youden``, ``sensitivity:S``,
     ``specificity:S``): the threshold chosen on the validation split for the ``positive`` class of a binary
     classifier (each label of a multi-label one), whose sensitivity, specificity, PPV and NPV the held-out
-    evaluation reports (:mod:`training.operating`).
+    evaluation reports (:mod:`training.operating`). ``calibration: temperature``: the held-out evaluation and
+    ``tessera predict`` scale the model's probabilities at each level by a temperature fitted on the validation
+    split (:mod:`training.calibration`); ``none``: as the model gives them.
     """
 
     monitor: str = "val_loss"
@@ -206,6 +208,7 @@ class EvalConfig(Strict):
     confidence: float = Field(0.95, gt=0, lt=1)
     operating_point: str | None = None
     positive: str | None = None
+    calibration: Literal["none", "temperature"] = "none"
 
     @field_validator("operating_point")
     @classmethod

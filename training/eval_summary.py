@@ -28,10 +28,22 @@ def summary(outcome: EvalOutcome) -> str:
         if shown:
             lines.append(f"  {level}: {', '.join(shown)}")
         lines += _operating_lines(outcome, level, pre)
+    scales = [
+        (lv, outcome.metrics[k])
+        for lv in ("sample", *outcome.levels)
+        if (k := _temperature(outcome, lv)) in outcome.metrics
+    ]
+    if scales:  # training.calibration
+        shown = ", ".join(f"{lv} {t:.3f}" for lv, t in scales)
+        lines.append(f"  probabilities scaled by temperatures fitted on validation: {shown}")
     lines += _site_lines(outcome)
     if outcome.warning:
         lines.append(f"  warning: {outcome.warning}")
     return "\n".join(lines)
+
+
+def _temperature(outcome: EvalOutcome, level: str) -> str:
+    return f"{outcome.prefix}{'' if level == 'sample' else level + '_'}temperature"
 
 
 def _with_interval(metrics: dict[str, float], key: str) -> str:

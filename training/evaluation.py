@@ -112,6 +112,7 @@ def exported_predictions(
 def evaluate_split(recipe: TrainRecipe, manifest: mf.ManifestHead, split: str, prefix: str, log, rank: int, world: int):
     """Every rank of a worker group: the run's exported model on this rank's part of ``split``; rank 0 logs the
     metrics and pictures under ``prefix``. A failure on any rank raises on every rank."""
+    from training.calibration import calibrate
     from training.export import export_outputs, samples_scale_warning
     from training.levels import evaluate, intervals, operating_points, thresholds, units
     from training.loop import outputs_of
@@ -121,14 +122,17 @@ def evaluate_split(recipe: TrainRecipe, manifest: mf.ManifestHead, split: str, p
     pred, desc = exported_predictions(recipe, manifest, split, log, rank, world)
     # a classifier's labels are in its own classes' order (class_map), which its outputs name
     outputs = export_outputs(desc) if recipe.task == "multiclass" else outputs_of(recipe, manifest)
-    metrics = evaluate(pred, recipe, outputs, prefix)
     if rank == 0:
+        validation = validation_tables(log, recipe)
+        pred, temps = calibrate(pred, recipe, outputs, validation)
+        metrics = evaluate(pred, recipe, outputs, prefix)
         sites = by_site(pred, recipe, outputs, bounds=True)
         at = None if recipe.task == "detect" or pred["labels"] is None else units(pred, recipe)  # aggregated once
         bounds, table = intervals(pred, recipe, outputs, prefix, at)
-        chosen, notes = thresholds(recipe, outputs, validation_tables(log, recipe))
+        chosen, notes = thresholds(recipe, outputs, validation, temps)
         op, op_table = operating_points(pred, recipe, outputs, prefix, chosen, at)
-        log.metrics(metrics | bounds | op | site_metrics(sites, prefix), step=0)
+        scales = {f"{prefix}{'' if lv == 'sample' else lv + '_'}temperature": t for lv, t in temps.items()}
+        log.metrics(metrics | bounds | op | site_metrics(sites, prefix) | scales, step=0)
         log_evaluation(log, recipe, outputs, pred, f"{split} split", prefix, sites, chosen)
         with tempfile.TemporaryDirectory() as tmp:
             for name, text in (("intervals", table), ("operating_point", op_table)):
@@ -146,8 +150,8 @@ def evaluate_split(recipe: TrainRecipe, manifest: mf.ManifestHead, split: str, p
 
 def validation_tables(log, recipe: TrainRecipe) -> dict[str, str]:
     """The run's validation predictions at each level (``predictions_<level>.csv``, of its selected model), from
-    which the operating point is chosen; none unless the recipe asks for one."""
-    if not recipe.eval.operating_point:
+    which the operating point is chosen and the calibration fitted; none unless the recipe asks for either."""
+    if not recipe.eval.operating_point and recipe.eval.calibration == "none":
         return {}
     out, logged = {}, {a.path for a in log.client.list_artifacts(log.run_id)}
     with tempfile.TemporaryDirectory() as tmp:
@@ -245,6 +249,9 @@ def _outcome(client, run_id: str, recipe: TrainRecipe, split: str, prefix: str, 
     if not recipe.eval.operating_point:
         point = re.compile(rf"^{re.escape(prefix)}(?:(?:slide|patient|series)_)?op_")
         logged = {k: v for k, v in logged.items() if not point.match(k)}
+    if recipe.eval.calibration == "none":
+        scale = re.compile(rf"^{re.escape(prefix)}(?:(?:slide|patient|series)_)?temperature$")
+        logged = {k: v for k, v in logged.items() if not scale.match(k)}
     warning = run.data.tags.get(f"{prefix}{SCALE_WARNING}")
     how = None
     if any(k.endswith("_ci_low") for k in logged):

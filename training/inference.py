@@ -70,6 +70,7 @@ def labels_for(model_outputs: list[str], manifest: mf.ManifestHead, task: str) -
 def predict_split(recipe: TrainRecipe, manifest: mf.ManifestHead, config: dict[str, Any], rank: int, world: int):
     """Every rank of a worker group: the run's exported model on this rank's part of ``config["split"]``; rank 0
     logs the tables. A failure on any rank raises on every rank."""
+    from training.calibration import calibrate
     from training.evaluation import exported_predictions, validation_tables
     from training.export import export_outputs, samples_scale_warning
     from training.levels import thresholds
@@ -78,7 +79,9 @@ def predict_split(recipe: TrainRecipe, manifest: mf.ManifestHead, config: dict[s
     log = tracking.RunLogger(config["mlflow_uri"], config["run_id"])
     pred, desc = exported_predictions(recipe, manifest, config["split"], log, rank, world, config["labelled"])
     if rank == 0:
-        chosen, notes = thresholds(recipe, export_outputs(desc), validation_tables(log, recipe))
+        validation = validation_tables(log, recipe)
+        pred, temps = calibrate(pred, recipe, export_outputs(desc), validation)
+        chosen, notes = thresholds(recipe, export_outputs(desc), validation, temps)
         for note in notes:
             print(f"operating point ({recipe.eval.operating_point}) at {note}", flush=True)
         tables = prediction_tables(pred, recipe, export_outputs(desc), chosen)
@@ -87,6 +90,7 @@ def predict_split(recipe: TrainRecipe, manifest: mf.ManifestHead, config: dict[s
                 (Path(tmp) / f"predictions_{level}.csv").write_text(text)
             # which tables are this call's: a folder written before under the same name may hold other levels
             index = {"group": config["group"], "levels": list(tables), "samples": len(pred["probs"])}
+            index["temperatures"] = temps  # each level's, where the probabilities are calibrated
             so = "its calls may be wrong at this scale"
             index["warning"] = samples_scale_warning(desc, pred["metas"], manifest.config, so=so)
             (Path(tmp) / INDEX).write_text(json.dumps(index))

@@ -20,15 +20,23 @@ from training.metrics import HEADLINE, classification_metrics, metric_name, mult
 
 def by_level(pred: dict[str, Any], recipe: TrainRecipe):
     """``(level, group ids, probs[G, C], labels[G])`` for each recipe level that every sample's metadata names
-    (labels None where ``pred["labels"]`` is: samples without labels)."""
+    (labels None where ``pred["labels"]`` is: samples without labels). Of a calibrated ``pred``
+    (:func:`training.calibration.calibrated`), the groups' probabilities aggregated from the samples' unscaled
+    ones, at the level's temperature."""
+    from training.calibration import scaled
+
     how = recipe.eval.how if recipe.task == "multiclass" else "max"
+    probs, temps = pred.get("uncalibrated", pred["probs"]), pred.get("temperatures") or {}
+    multilabel = recipe.task == "multilabel"
     for level in recipe.eval.levels:
         groups = values(pred["metas"], level)
         if groups and all(g is not None for g in groups):
             if pred["labels"] is None:
-                yield level, *aggregate_probs(pred["probs"], groups, how, recipe.task == "multilabel"), None
+                ids, p = aggregate_probs(probs, groups, how, multilabel)
+                yield level, ids, scaled(p, temps.get(level, 1.0), multilabel), None
             else:
-                yield level, *aggregate(pred["probs"], pred["labels"], groups, how)
+                ids, p, y = aggregate(probs, pred["labels"], groups, how)
+                yield level, ids, scaled(p, temps.get(level, 1.0), multilabel), y
 
 
 def level_threshold(recipe: TrainRecipe, level: str) -> float | None:
@@ -142,12 +150,14 @@ OPERATING_COLUMNS = (
 
 
 def thresholds(
-    recipe: TrainRecipe, outputs: list[str], validation: dict[str, str]
+    recipe: TrainRecipe, outputs: list[str], validation: dict[str, str], temps: dict[str, float] | None = None
 ) -> tuple[dict[str, dict[int, tuple[float, dict[str, float]]]], list[str]]:
     """``{level: {output index: (threshold, its rates on validation)}}``: what ``eval.operating_point`` chooses on
-    the validation split's predictions at each level (``validation``: the run's ``predictions_<level>.csv``) for
-    ``eval.positive`` (each label of a multi-label task), and a note for each level or output that has none,
+    the validation split's predictions at each level (``validation``: the run's ``predictions_<level>.csv``; at
+    the level's temperature of ``temps``, where the held-out probabilities are scaled so, :mod:`training.calibration`)
+    for ``eval.positive`` (each label of a multi-label task), and a note for each level or output that has none,
     saying why. Empty where the recipe asks for none."""
+    from training.calibration import scaled
     from training.operating import choose_threshold, rates_at
     from training.predictions import read_table
 
@@ -165,7 +175,7 @@ def thresholds(
         for k, name in chosen:
             j = table.outputs.index(metric_name(name))
             truth = np.array([label[j] == 1 if multilabel else label == name for label in table.labels])
-            scores = table.probs[:, j]
+            scores = scaled(table.probs, (temps or {}).get(level, 1.0), multilabel)[:, j]
             try:
                 cut = choose_threshold(truth, scores, rule)
             except ValueError as exc:

@@ -206,8 +206,9 @@ def reported_metrics(recipe: TrainRecipe, manifest: mf.ManifestBrief | mf.Manife
 
 def held_out_reports(recipe: TrainRecipe, outputs: list[str], validation: set[str]) -> set[str]:
     """The held-out evaluation's names (unprefixed) besides the validation metrics' (``validation``, of
-    :func:`validation_metrics`): each interval's bounds (:func:`training.levels.intervals`) and the operating
-    point's rates and their bounds (:func:`training.levels.operating_points`), at each level."""
+    :func:`validation_metrics`): each interval's bounds (:func:`training.levels.intervals`), the operating
+    point's rates and their bounds (:func:`training.levels.operating_points`) and the calibration's temperature
+    (:mod:`training.calibration`), at each level."""
     from training.intervals import BOUNDS
     from training.levels import with_interval
     from training.metrics import metric_name
@@ -222,6 +223,8 @@ def held_out_reports(recipe: TrainRecipe, outputs: list[str], validation: set[st
         # the level's own names (at sample level every name, of which with_interval keeps only the unprefixed)
         own = {n.removeprefix(pre) for n in names if n.startswith(pre)}
         out |= {f"{pre}{n}{b}" for n in own if with_interval(n) for b in bounds}
+        if recipe.eval.calibration == "temperature":
+            out.add(f"{pre}temperature")
         if recipe.eval.operating_point:
             each = outputs if recipe.task == "multilabel" else [recipe.eval.positive or ""]
             for name in map(metric_name, each):

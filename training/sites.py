@@ -57,6 +57,8 @@ def by_site(
             "metas": metas.take(at) if isinstance(metas, Metas) else [metas[i] for i in at.tolist()],
             "loss": math.nan,
         }
+        if "uncalibrated" in pred:  # its groups scaled as the split's are (training.calibration)
+            part |= {"uncalibrated": pred["uncalibrated"][at], "temperatures": pred["temperatures"]}
         metrics = evaluate(part, recipe, outputs, prefix="")
         if bounds:
             metrics |= intervals(part, recipe, outputs, prefix="")[0]

@@ -381,3 +381,51 @@ def _check_heatmaps(stdout, preds, ds, files, manifest, rows, run, tmp_path):
             colour = cv2.applyColorMap(level, cv2.COLORMAP_VIRIDIS)[0, 0]
             expected = np.round(OPACITY * colour + (1 - OPACITY) * preview[cy, cx])
             assert np.abs(panel[cy, cx].astype(int) - expected).max() <= 1
+
+
+def test_a_calibrated_evaluation_scales_the_models_probabilities_by_temperatures_fitted_on_validation(
+    trained, stack, tmp_path
+):
+    """`tessera evaluate RUN eval.calibration=temperature`: at each level, the temperature that minimises the
+    weighted log loss on the run's validation table scales the exported model's probabilities of the held-out
+    split (the patients' aggregated from the tiles' unscaled ones); the calls, and the accuracy, stay."""
+    from training.predictions import read_table
+
+    work, out = trained
+    client = MlflowClient(stack.mlflow_url)
+    options = ["workers=1", "eval.calibration=temperature", "eval.bootstrap=0"]
+    hot = evaluate_run(out.run_id, stack.mlflow_url, str(work / "ckpt"), "test", name="calibrated", overrides=options)
+    m, pre = hot.metrics, hot.prefix
+    temps = {"sample": m[f"{pre}temperature"], "patient": m[f"{pre}patient_temperature"]}
+    p, labels, metas = _outputs(client, out.run_id, work / "ds" / "test", tmp_path)
+    y, patients = np.array(labels), [x["patient"] for x in metas]
+    groups = sorted(set(patients))
+    gp = np.array([p[[q == g for q in patients]].mean(0) for g in groups])
+    gy = np.array([y[[q == g for q in patients]][0] for g in groups])
+
+    def scaled(q, t):  # written out: softmax of log p / T
+        z = np.exp(np.log(np.clip(q, 1e-15, 1)) / t)
+        return z / z.sum(1, keepdims=True)
+
+    def strip_ai(y_true, q):  # the competition's loss, written out: each class's mean -log p, averaged
+        return np.mean([-np.log(q[y_true == c, c]).mean() for c in np.unique(y_true)])
+
+    assert m[f"{pre}weighted_log_loss"] == pytest.approx(strip_ai(y, scaled(p, temps["sample"])), rel=1e-4)
+    assert m[f"{pre}patient_weighted_log_loss"] == pytest.approx(strip_ai(gy, scaled(gp, temps["patient"])), rel=1e-4)
+    assert m[f"{pre}accuracy"] == out.held_out.metrics["test_accuracy"]
+    # each temperature is the validation table's best (or the search's edge, where the loss falls toward it)
+    for level, t in temps.items():
+        table = read_table(
+            Path(client.download_artifacts(out.run_id, f"predictions_{level}.csv", str(tmp_path))).read_text(), level
+        )
+        vy = np.array([["class0", "class1"].index(label) for label in table.labels])
+        at = {f: strip_ai(vy, scaled(table.probs, t * f)) for f in (1 / 1.05, 1.0, 1.05)}
+        edge = t < 0.05 * 1.01 or t > 20.0 / 1.01  # the search's bounds (training.calibration.BOUNDS_T)
+        assert at[1.0] <= min(at.values()) + 1e-9 or edge, (level, t)
+    assert "probabilities scaled by temperatures fitted on validation: sample " in summary(hot)
+    # `tessera predict` writes the same scaled probabilities, and says at which temperatures
+    called = predict_run(out.run_id, stack.mlflow_url, str(work / "ckpt"), split="test", overrides=options[:2])
+    rows = list(csv.DictReader(called.tables["patient"].splitlines()))
+    assert [r["patient"] for r in rows] == groups
+    found = np.array([[float(r["p_class0"]), float(r["p_class1"])] for r in rows])
+    assert found == pytest.approx(scaled(gp, temps["patient"]), abs=1e-4)
