@@ -7,7 +7,8 @@ class's log-probability (a label's logit) is divided by a temperature T chosen t
 validation split's predictions of the selected model; T > 1 softens, T < 1 sharpens. The order of a sample's
 classes is unchanged, and so are the argmax calls and the accuracy; so is the order of the samples by a label's
 score, or by a class's of two, and with it their AUC (of three classes or more, a class's ranking may move a
-little). The log losses, the Brier score and the reliability diagrams read the scaled probabilities. Each
+little). A call at a threshold other than 0.5 (``eval.how: any``'s) moves with the probabilities. The log losses,
+the Brier score and the reliability diagrams read the scaled probabilities. Each
 aggregation level (slide, patient) has its own T, fitted on that level's validation table, applied to the groups'
 probabilities as aggregated from the samples' unscaled ones.
 """
