@@ -432,13 +432,14 @@ def test_dry_run_says_which_split_is_held_out(capsys, tmp_path):
     assert held_out(three, "data.test_split=null") == "held-out: none (data.test_split: null)"
     assert held_out({"train": 2, "val": 2}) == "held-out: none (the dataset has no test split; it has train, val)"
     # and what it reports besides the metrics
-    point = ["eval.operating_point=sensitivity:0.9", "eval.positive=class1"]
+    point = ["eval.operating_point=sensitivity:0.9", "eval.positive=class1", "eval.calibration=temperature"]
     assert main(["train", "demo_tiles", f"data.dataset={tmp_path / 'train-val-test'}", *point, "--dry-run"]) == 0
     out = capsys.readouterr().out.splitlines()
     at = out.index("held-out: the test split (3 samples), with the selected model after training")
-    assert out[at + 1 : at + 3] == [
+    assert out[at + 1 : at + 4] == [
         "  its metrics' 95% intervals from 1000 bootstrap resamples of its patients",
         "  sensitivity, specificity, PPV and NPV at the threshold sensitivity:0.9 chooses for class1 on validation",
+        "  its probabilities scaled at each level by a temperature fitted on validation",
     ]
 
 
