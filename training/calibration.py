@@ -16,10 +16,12 @@ probabilities as aggregated from the samples' unscaled ones.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
+from training.config import TrainRecipe
 from training.metrics import EPS
 
 BOUNDS_T = (0.05, 20.0)  # the temperatures searched (log-uniformly)
@@ -39,7 +41,7 @@ def scaled(probs: np.ndarray, temperature: float, multilabel: bool) -> np.ndarra
     return e / e.sum(axis=1, keepdims=True)
 
 
-def loss_of(multilabel: bool):
+def loss_of(multilabel: bool) -> Callable[[np.ndarray, np.ndarray], float]:
     """The loss a temperature is fitted to: the recipe's headline log loss (RSNA's, or STRIP AI's weighted one)."""
     from training.metrics import rsna_log_loss, weighted_log_loss
 
@@ -63,7 +65,9 @@ def fit_temperature(probs: np.ndarray, labels: np.ndarray, multilabel: bool) -> 
     return float(math.exp(found.x))
 
 
-def temperatures(recipe, outputs: list[str], validation: dict[str, str]) -> tuple[dict[str, float], list[str]]:
+def temperatures(
+    recipe: TrainRecipe, outputs: list[str], validation: dict[str, str]
+) -> tuple[dict[str, float], list[str]]:
     """``{level: T}`` fitted on the validation split's predictions at each level (``validation``: the run's
     ``predictions_<level>.csv``) where the recipe asks for ``eval.calibration: temperature``, and a note for each
     level without one, saying why."""
@@ -103,7 +107,9 @@ def calibrated(pred: dict[str, Any], temps: dict[str, float], multilabel: bool) 
     return pred | {"probs": scaled(raw, sample, multilabel), "uncalibrated": raw, "temperatures": dict(temps)}
 
 
-def calibrate(pred: dict[str, Any], recipe, outputs: list[str], validation: dict[str, str]):
+def calibrate(
+    pred: dict[str, Any], recipe: TrainRecipe, outputs: list[str], validation: dict[str, str]
+) -> tuple[dict[str, Any], dict[str, float]]:
     """``pred`` at the temperatures ``eval.calibration`` fits on the ``validation`` tables, and those temperatures
     (``{level: T}``); each level it fits none at is printed, saying why."""
     if recipe.task == "detect" or "probs" not in pred:
