@@ -71,18 +71,14 @@ def temperatures(
     """``{level: T}`` fitted on the validation split's predictions at each level (``validation``: the run's
     ``predictions_<level>.csv``) where the recipe asks for ``eval.calibration: temperature``, and a note for each
     level without one, saying why."""
+    from training.levels import validation_levels
     from training.metrics import metric_name
-    from training.predictions import read_table
 
     if recipe.eval.calibration != "temperature" or recipe.task == "detect":
         return {}, []
     multilabel = recipe.task == "multilabel"
     out, notes = {}, []
-    for level in ("sample", *recipe.eval.levels):
-        if level not in validation:
-            notes.append(f"{level}: none (the run logged no validation predictions at this level)")
-            continue
-        table = read_table(validation[level], f"the run's validation predictions_{level}.csv")
+    for level, table in validation_levels(recipe, validation, notes):
         order = [table.outputs.index(metric_name(o)) for o in outputs]
         probs = table.probs[:, order]
         try:

@@ -149,6 +149,19 @@ OPERATING_COLUMNS = (
 )
 
 
+def validation_levels(recipe: TrainRecipe, validation: dict[str, str], notes: list[str]):
+    """``(level, its table)`` of the run's validation predictions (``validation``: each level's
+    ``predictions_<level>.csv``) at sample level and each of the recipe's levels, read; each level the run logged
+    none at is a note in ``notes``."""
+    from training.predictions import read_table
+
+    for level in ("sample", *recipe.eval.levels):
+        if level not in validation:
+            notes.append(f"{level}: none (the run logged no validation predictions at this level)")
+            continue
+        yield level, read_table(validation[level], f"the run's validation predictions_{level}.csv")
+
+
 def thresholds(
     recipe: TrainRecipe, outputs: list[str], validation: dict[str, str], temps: dict[str, float] | None = None
 ) -> tuple[dict[str, dict[int, tuple[float, dict[str, float]]]], list[str]]:
@@ -159,7 +172,6 @@ def thresholds(
     saying why. Empty where the recipe asks for none."""
     from training.calibration import scaled
     from training.operating import choose_threshold, rates_at
-    from training.predictions import read_table
 
     rule = recipe.eval.operating_point
     if not rule or recipe.task == "detect":
@@ -167,11 +179,7 @@ def thresholds(
     multilabel = recipe.task == "multilabel"
     chosen = list(enumerate(outputs)) if multilabel else [(outputs.index(recipe.eval.positive), recipe.eval.positive)]
     out, notes = {}, []
-    for level in ("sample", *recipe.eval.levels):
-        if level not in validation:
-            notes.append(f"{level}: none (the run logged no validation predictions at this level)")
-            continue
-        table = read_table(validation[level], f"the run's validation predictions_{level}.csv")
+    for level, table in validation_levels(recipe, validation, notes):
         for k, name in chosen:
             j = table.outputs.index(metric_name(name))
             truth = np.array([label[j] == 1 if multilabel else label == name for label in table.labels])
