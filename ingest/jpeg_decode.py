@@ -93,11 +93,14 @@ def decode_file(data: bytes) -> np.ndarray | None:
 def _turned(data: bytes) -> bool:
     """Whether the file's EXIF orientation turns or mirrors it (OpenCV applies it)."""
     import io
+    import warnings
 
     from PIL import Image
 
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            return im.getexif().get(ORIENTATION, 1) != 1
+        with warnings.catch_warnings():  # a large picture's header is read, not its pixels
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as im:
+                return im.getexif().get(ORIENTATION, 1) != 1
     except Exception:
-        return True  # a header Pillow does not read: OpenCV decides
+        return True  # a header Pillow does not read (or one it refuses as too large): OpenCV decides
