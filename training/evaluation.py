@@ -122,10 +122,13 @@ def evaluate_split(recipe: TrainRecipe, manifest: mf.ManifestHead, split: str, p
     pred, desc = exported_predictions(recipe, manifest, split, log, rank, world)
     # a classifier's labels are in its own classes' order (class_map), which its outputs name
     outputs = export_outputs(desc) if recipe.task == "multiclass" else outputs_of(recipe, manifest)
+    # a detector's metrics gather every rank's boxes (torchmetrics' all-gather): every rank computes them
+    metrics = evaluate(pred, recipe, outputs, prefix) if recipe.task == "detect" else {}
     if rank == 0:
         validation = validation_tables(log, recipe)
-        pred, temps = calibrate(pred, recipe, outputs, validation)
-        metrics = evaluate(pred, recipe, outputs, prefix)
+        pred, temps = calibrate(pred, recipe, outputs, validation)  # a classifier's (training.calibration)
+        if recipe.task != "detect":
+            metrics = evaluate(pred, recipe, outputs, prefix)
         sites = by_site(pred, recipe, outputs, bounds=True)
         at = None if recipe.task == "detect" or pred["labels"] is None else units(pred, recipe)  # aggregated once
         bounds, table = intervals(pred, recipe, outputs, prefix, at)
