@@ -249,12 +249,12 @@ def _outcome(client, run_id: str, recipe: TrainRecipe, split: str, prefix: str, 
     # an earlier evaluation's under this prefix stay in the run: not this one's where it drew none
     if not recipe.eval.bootstrap:
         logged = {k: v for k, v in logged.items() if not k.endswith(BOUNDS)}
-    if not recipe.eval.operating_point:
-        point = re.compile(rf"^{re.escape(prefix)}(?:(?:slide|patient|series)_)?op_")
-        logged = {k: v for k, v in logged.items() if not point.match(k)}
-    if recipe.eval.calibration == "none":
-        scale = re.compile(rf"^{re.escape(prefix)}(?:(?:slide|patient|series)_)?temperature$")
-        logged = {k: v for k, v in logged.items() if not scale.match(k)}
+    # a level's (or the samples') operating point and temperature
+    drawn = (("op_", recipe.eval.operating_point), ("temperature$", recipe.eval.calibration != "none"))
+    none = [name for name, made in drawn if not made]
+    if none:
+        stale = re.compile(rf"^{re.escape(prefix)}(?:(?:slide|patient|series)_)?(?:{'|'.join(none)})")
+        logged = {k: v for k, v in logged.items() if not stale.match(k)}
     warning = run.data.tags.get(f"{prefix}{SCALE_WARNING}")
     how = None
     if any(k.endswith("_ci_low") for k in logged):
