@@ -23,6 +23,7 @@ import numpy as np
 
 from training.config import TrainRecipe
 from training.metrics import EPS
+from training.predictions import LabelledTable
 
 BOUNDS_T = (0.05, 20.0)  # the temperatures searched (log-uniformly)
 
@@ -66,7 +67,7 @@ def fit_temperature(probs: np.ndarray, labels: np.ndarray, multilabel: bool) -> 
 
 
 def temperatures(
-    recipe: TrainRecipe, outputs: list[str], validation: dict[str, str]
+    recipe: TrainRecipe, outputs: list[str], validation: dict[str, LabelledTable]
 ) -> tuple[dict[str, float], list[str]]:
     """``{level: T}`` fitted on the validation split's predictions at each level (``validation``: the run's
     ``predictions_<level>.csv``) where the recipe asks for ``eval.calibration: temperature``, and a note for each
@@ -104,7 +105,7 @@ def calibrated(pred: dict[str, Any], temps: dict[str, float], multilabel: bool) 
 
 
 def calibrate(
-    pred: dict[str, Any], recipe: TrainRecipe, outputs: list[str], validation: dict[str, str]
+    pred: dict[str, Any], recipe: TrainRecipe, outputs: list[str], validation: dict[str, LabelledTable]
 ) -> tuple[dict[str, Any], dict[str, float]]:
     """``pred`` at the temperatures ``eval.calibration`` fits on the ``validation`` tables, and those temperatures
     (``{level: T}``); each level it fits none at is printed, saying why."""

@@ -8,7 +8,7 @@ import re
 from typing import TYPE_CHECKING
 
 from training.intervals import BOUNDS
-from training.metrics import HEADLINE
+from training.metrics import HEADLINE, level_prefix
 
 if TYPE_CHECKING:
     from training.evaluation import EvalOutcome
@@ -22,7 +22,7 @@ def summary(outcome: EvalOutcome) -> str:
     if outcome.intervals:
         lines[0] = lines[0][:-1] + f"; in brackets, {outcome.intervals} ({outcome.prefix}intervals.csv):"
     for level in ("sample", *outcome.levels):
-        pre = outcome.prefix if level == "sample" else f"{outcome.prefix}{level}_"
+        pre = level_prefix(level, outcome.prefix)
         headline = DETECTION_HEADLINE if pre + "map50" in outcome.metrics else HEADLINE
         shown = [f"{k} {_with_interval(outcome.metrics, pre + k)}" for k in headline if pre + k in outcome.metrics]
         if shown:
@@ -43,7 +43,7 @@ def summary(outcome: EvalOutcome) -> str:
 
 
 def _temperature(outcome: EvalOutcome, level: str) -> str:
-    return f"{outcome.prefix}{'' if level == 'sample' else level + '_'}temperature"
+    return f"{level_prefix(level, outcome.prefix)}temperature"
 
 
 def _with_interval(metrics: dict[str, float], key: str) -> str:

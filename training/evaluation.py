@@ -22,6 +22,7 @@ from shards import manifest as mf
 from training import tracking
 from training.config import TrainRecipe
 from training.intervals import BOUNDS
+from training.predictions import LabelledTable
 from training.tracking import MODEL_ARTIFACT
 
 HELD_OUT_ERROR = "held_out_error"  # the run's tag when training's held-out step failed
@@ -116,6 +117,7 @@ def evaluate_split(recipe: TrainRecipe, manifest: mf.ManifestHead, split: str, p
     from training.export import export_outputs, samples_scale_warning
     from training.levels import evaluate, intervals, operating_points, thresholds, units
     from training.loop import outputs_of
+    from training.metrics import level_prefix
     from training.reporting import log_evaluation
     from training.sites import by_site, site_metrics
 
@@ -134,7 +136,7 @@ def evaluate_split(recipe: TrainRecipe, manifest: mf.ManifestHead, split: str, p
         bounds, table = intervals(pred, recipe, outputs, prefix, at)
         chosen, notes = thresholds(recipe, outputs, validation, temps)
         op, op_table = operating_points(pred, recipe, outputs, prefix, chosen, at)
-        scales = {f"{prefix}{'' if lv == 'sample' else lv + '_'}temperature": t for lv, t in temps.items()}
+        scales = {f"{level_prefix(lv, prefix)}temperature": t for lv, t in temps.items()}
         log.metrics(metrics | bounds | op | site_metrics(sites, prefix) | scales, step=0)
         log_evaluation(log, recipe, outputs, pred, f"{split} split", prefix, sites, chosen)
         with tempfile.TemporaryDirectory() as tmp:
@@ -151,9 +153,11 @@ def evaluate_split(recipe: TrainRecipe, manifest: mf.ManifestHead, split: str, p
             log.untag(f"{prefix}{SCALE_WARNING}")
 
 
-def validation_tables(log, recipe: TrainRecipe) -> dict[str, str]:
-    """The run's validation predictions at each level (``predictions_<level>.csv``, of its selected model), from
-    which the operating point is chosen and the calibration fitted; none unless the recipe asks for either."""
+def validation_tables(log, recipe: TrainRecipe) -> dict[str, LabelledTable]:
+    """The run's validation predictions at each level (``predictions_<level>.csv``, of its selected model), read,
+    from which the operating point is chosen and the calibration fitted; none unless the recipe asks for either."""
+    from training.levels import read_validation
+
     if not recipe.eval.operating_point and recipe.eval.calibration == "none":
         return {}
     out, logged = {}, {a.path for a in log.client.list_artifacts(log.run_id)}
@@ -161,7 +165,7 @@ def validation_tables(log, recipe: TrainRecipe) -> dict[str, str]:
         for level in ("sample", *recipe.eval.levels):
             if (name := f"predictions_{level}.csv") in logged:
                 out[level] = Path(log.client.download_artifacts(log.run_id, name, tmp)).read_text()
-    return out
+    return read_validation(out)
 
 
 def eval_loop(config: dict[str, Any]) -> None:

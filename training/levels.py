@@ -15,7 +15,15 @@ from training.aggregate import aggregate, aggregate_probs
 from training.config import TrainRecipe
 from training.intervals import BOUNDS
 from training.metas import values
-from training.metrics import HEADLINE, classification_metrics, metric_name, multilabel_metrics, predicted_classes
+from training.metrics import (
+    HEADLINE,
+    classification_metrics,
+    level_prefix,
+    metric_name,
+    multilabel_metrics,
+    predicted_classes,
+)
+from training.predictions import LabelledTable
 
 
 def by_level(pred: dict[str, Any], recipe: TrainRecipe):
@@ -54,7 +62,7 @@ def evaluate(pred: dict[str, Any], recipe: TrainRecipe, outputs: list[str], pref
         return box_metrics(pred, outputs, recipe.eval.threshold, prefix)
 
     def metrics(y, p, level):
-        pre = prefix if level == "sample" else f"{prefix}{level}_"
+        pre = level_prefix(level, prefix)
         if recipe.task == "multilabel":
             return multilabel_metrics(y, p, outputs, pre, recipe.eval.threshold)
         return classification_metrics(y, p, pre, outputs, level_threshold(recipe, level))
@@ -134,7 +142,7 @@ def intervals(
             stat, counted = class_statistic(y, p, outputs, calls), proportions(y, calls, outputs)
         resampled = "patients" if any(k is not None for k in keys) else f"{level}s"
         found = bootstrap(stat, clusters, with_interval, recipe.eval.bootstrap, confidence, recipe.seed)
-        pre = prefix if level == "sample" else f"{prefix}{level}_"
+        pre = level_prefix(level, prefix)
         for iv, method in exact_where_single(found, clusters, counted, confidence):
             out |= dict(zip((f"{pre}{iv.metric}{b}" for b in BOUNDS), (iv.low, iv.high), strict=True))
             counts = [iv.defined, len(y), patients, resampled]
@@ -149,21 +157,27 @@ OPERATING_COLUMNS = (
 )
 
 
-def validation_levels(recipe: TrainRecipe, validation: dict[str, str], notes: list[str]):
+def validation_levels(recipe: TrainRecipe, validation: dict[str, LabelledTable], notes: list[str]):
     """``(level, its table)`` of the run's validation predictions (``validation``: each level's
-    ``predictions_<level>.csv``) at sample level and each of the recipe's levels, read; each level the run logged
-    none at is a note in ``notes``."""
-    from training.predictions import read_table
-
+    ``predictions_<level>.csv``, read once by :func:`read_validation`) at sample level and each of the recipe's
+    levels; each level the run logged none at is a note in ``notes``."""
     for level in ("sample", *recipe.eval.levels):
         if level not in validation:
             notes.append(f"{level}: none (the run logged no validation predictions at this level)")
             continue
-        yield level, read_table(validation[level], f"the run's validation predictions_{level}.csv")
+        yield level, validation[level]
+
+
+def read_validation(texts: dict[str, str]) -> dict[str, LabelledTable]:
+    """Each level's validation ``predictions_<level>.csv`` (``{level: its text}``) read: what the calibration and
+    the operating point both fit on."""
+    from training.predictions import read_table
+
+    return {level: read_table(text, f"the run's validation predictions_{level}.csv") for level, text in texts.items()}
 
 
 def thresholds(
-    recipe: TrainRecipe, outputs: list[str], validation: dict[str, str], temps: dict[str, float] | None = None
+    recipe: TrainRecipe, outputs: list[str], validation: dict[str, LabelledTable], temps: dict[str, float] | None = None
 ) -> tuple[dict[str, dict[int, tuple[float, dict[str, float]]]], list[str]]:
     """``{level: {output index: (threshold, its rates on validation)}}``: what ``eval.operating_point`` chooses on
     the validation split's predictions at each level (``validation``: the run's ``predictions_<level>.csv``; at
@@ -208,7 +222,7 @@ def operating_points(
         return {}, ""
     out, rows = {}, []
     for level, keys, p, y in units(pred, recipe) if at is None else at:
-        pre = prefix if level == "sample" else f"{prefix}{level}_"
+        pre = level_prefix(level, prefix)
         for k, (cut, seen) in chosen.get(level, {}).items():
             name, n = outputs[k], metric_name(outputs[k])
             positive = (y[:, k] == 1) if recipe.task == "multilabel" else (y == k)

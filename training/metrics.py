@@ -20,6 +20,12 @@ def metric_name(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_") or "x"
 
 
+def level_prefix(level: str, prefix: str = "") -> str:
+    """The start of a metric's key at an aggregation ``level``: ``prefix`` alone at sample level, where the
+    metrics were first named (``val_accuracy``), and ``<prefix><level>_`` at the others (``val_patient_accuracy``)."""
+    return prefix if level == "sample" else f"{prefix}{level}_"
+
+
 def weighted_log_loss(y_true: np.ndarray, probs: np.ndarray) -> float:
     """STRIP AI's metric on ``probs[N, C]``: per-class mean of ``-log p`` over that class's samples, then
     the mean over classes (equal weights). Probabilities are clipped to ``[1e-15, 1 - 1e-15]`` and each row

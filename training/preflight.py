@@ -12,7 +12,7 @@ import numpy as np
 from shards import manifest as mf
 from training.aggregate import mixed_groups
 from training.config import RecipeError, TrainRecipe
-from training.metrics import HEADLINE
+from training.metrics import HEADLINE, level_prefix
 
 
 def check_against(recipe: TrainRecipe, manifest: mf.ManifestBrief | mf.Manifest, trains: bool = True) -> None:
@@ -135,7 +135,7 @@ def site_names(
     if len(sites) < 2 or recipe.task == "detect":
         return set()
     ends = ("", *BOUNDS) if held_out and recipe.eval.bootstrap else ("",)
-    levels = {lv: "val_" + ("" if lv == "sample" else f"{lv}_") for lv in ("sample", *recipe.eval.levels)}
+    levels = {lv: level_prefix(lv, "val_") for lv in ("sample", *recipe.eval.levels)}
     each = {
         lv: {"count": 0.0} | {k + e: 0.0 for k in HEADLINE if pre + k in names for e in ends}
         for lv, pre in levels.items()
@@ -219,7 +219,7 @@ def held_out_reports(recipe: TrainRecipe, outputs: list[str], validation: set[st
     bounds = BOUNDS if recipe.eval.bootstrap else ()
     out = set()
     for level in ("sample", *recipe.eval.levels):
-        pre = "" if level == "sample" else f"{level}_"
+        pre = level_prefix(level)
         # the level's own names (at sample level every name, of which with_interval keeps only the unprefixed)
         own = {n.removeprefix(pre) for n in names if n.startswith(pre)}
         out |= {f"{pre}{n}{b}" for n in own if with_interval(n) for b in bounds}

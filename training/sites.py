@@ -15,7 +15,7 @@ from shards.schema import site_order
 from training.config import TrainRecipe
 from training.intervals import BOUNDS
 from training.metas import Metas, values
-from training.metrics import HEADLINE, metric_name
+from training.metrics import HEADLINE, level_prefix, metric_name
 
 
 def site_keys(sites: list[str]) -> dict[str, str]:
@@ -65,7 +65,7 @@ def by_site(
         labels = {"sample": part["labels"]} | {level: y for level, _, _, y in by_level(part, recipe)}
         out[site] = {}
         for level, y in labels.items():
-            pre = "" if level == "sample" else f"{level}_"
+            pre = level_prefix(level)
             counts = y.sum(axis=0) if y.ndim == 2 else np.bincount(y, minlength=len(outputs))
             named = [k + b for k in HEADLINE if pre + k in metrics for b in ("", *BOUNDS) if pre + k + b in metrics]
             out[site][level] = (
@@ -98,7 +98,7 @@ def site_metrics(results: dict[str, dict[str, dict[str, Any]]], prefix: str, cou
     out = {}
     for site, levels in results.items():
         for level, metrics in levels.items():
-            pre = f"{prefix}site_{keys[site]}_" + ("" if level == "sample" else f"{level}_")
+            pre = level_prefix(level, f"{prefix}site_{keys[site]}_")
             named = {k: v for k, v in metrics.items() if k != "classes" and (counts or k != "count")}
             out |= {pre + ("samples" if k == "count" and level == "sample" else k): v for k, v in named.items()}
     return out | worst_sites(results, prefix)
@@ -118,9 +118,7 @@ def worst_sites(results: dict[str, dict[str, dict[str, Any]]], prefix: str) -> d
                 continue
             known = [v for v in found if not math.isnan(v)]
             pick = max if metric.endswith("loss") else min
-            out[f"{prefix}worst_site_{'' if level == 'sample' else level + '_'}{metric}"] = (
-                pick(known) if known else math.nan
-            )
+            out[f"{level_prefix(level, prefix + 'worst_site_')}{metric}"] = pick(known) if known else math.nan
     return out
 
 

@@ -7,7 +7,7 @@ from scipy.special import expit, softmax
 
 from training.calibration import calibrated, fit_temperature, scaled, temperatures
 from training.config import TrainRecipe
-from training.levels import by_level, evaluate, thresholds
+from training.levels import by_level, evaluate, read_validation, thresholds
 from training.metas import Metas
 from training.metrics import weighted_log_loss
 from training.predictions import prediction_table
@@ -70,7 +70,7 @@ def test_each_level_is_fitted_on_its_validation_table_and_scales_its_groups_aggr
     # the run's validation tables, as the training logged them: the same predictions here
     tables = {"sample": prediction_table({"x": list(range(400))}, probs, labels, outputs, False)}
     tables |= {lv: prediction_table({lv: i}, p, y, outputs, False) for lv, i, p, y in by_level(pred, recipe)}
-    temps, notes = temperatures(recipe, outputs, tables)
+    temps, notes = temperatures(recipe, outputs, read_validation(tables))
     assert not notes and set(temps) == {"sample", "patient"}
     assert temps["sample"] == pytest.approx(fit_temperature(probs, labels, False), rel=1e-6)
     [(_, _, patient_probs, patient_labels)] = by_level(pred, recipe)
@@ -84,10 +84,10 @@ def test_each_level_is_fitted_on_its_validation_table_and_scales_its_groups_aggr
     assert after["test_weighted_log_loss"] < before["test_weighted_log_loss"]
     assert after["test_patient_weighted_log_loss"] < before["test_patient_weighted_log_loss"]
     # no table at a level, or a recipe that asks for none
-    assert temperatures(recipe, outputs, {"sample": tables["sample"]})[1] == [
+    assert temperatures(recipe, outputs, read_validation({"sample": tables["sample"]}))[1] == [
         "patient: none (the run logged no validation predictions at this level)"
     ]
-    assert temperatures(_recipe(calibration="none"), outputs, tables) == ({}, [])
+    assert temperatures(_recipe(calibration="none"), outputs, read_validation(tables)) == ({}, [])
     assert calibrated(pred, {}, False) is pred
 
 
@@ -95,8 +95,8 @@ def test_the_operating_point_is_chosen_on_validation_scaled_as_the_held_out_prob
     recipe = _recipe(operating_point="sensitivity:0.9", positive="LAA", levels=[])
     probs, labels = _overconfident(300, 2, 3.0)
     table = {"sample": prediction_table({"x": list(range(300))}, probs, labels, ["CE", "LAA"], False)}
-    raw = thresholds(recipe, ["CE", "LAA"], table)[0]["sample"][1]
-    hot = thresholds(recipe, ["CE", "LAA"], table, {"sample": 2.0})[0]["sample"][1]
+    raw = thresholds(recipe, ["CE", "LAA"], read_validation(table))[0]["sample"][1]
+    hot = thresholds(recipe, ["CE", "LAA"], read_validation(table), {"sample": 2.0})[0]["sample"][1]
     assert hot[0] == pytest.approx(scaled(np.array([[1 - raw[0], raw[0]]]), 2.0, False)[0, 1])
     assert hot[1] == raw[1]  # the same samples called: the same rates on validation
 

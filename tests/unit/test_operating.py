@@ -10,7 +10,7 @@ import pytest
 from sklearn import metrics as skm
 
 from training.config import RecipeError, TrainRecipe, recipe_from_tree
-from training.levels import operating_points, thresholds
+from training.levels import operating_points, read_validation, thresholds
 from training.metas import Metas
 from training.operating import choose_threshold, parse_rule, rates_at
 from training.predictions import prediction_table
@@ -92,7 +92,7 @@ def test_the_validation_threshold_is_applied_to_the_held_out_split_at_each_level
             p = np.array([val["probs"][[g == i for g in groups]].mean(0) for i in ids])
             y = np.array([val["labels"][[g == i for g in groups]][0] for i in ids])
         tables[level] = prediction_table({level: ids}, p, y, outputs, False)
-    chosen, notes = thresholds(recipe, outputs, tables)
+    chosen, notes = thresholds(recipe, outputs, read_validation(tables))
     out, table = operating_points(test, recipe, outputs, "test_", chosen)
     assert notes == []
     rows = list(csv.DictReader(table.splitlines()))
@@ -116,13 +116,13 @@ def test_the_validation_threshold_is_applied_to_the_held_out_split_at_each_level
     assert {r["method"] for r in rows if r["level"] == "patient"} == {"exact binomial"}
     assert {"test_patient_op_threshold_LAA", "test_patient_op_npv_LAA_ci_high"} <= set(out)
     # a level validation has no table of: said, not guessed
-    chosen2, notes2 = thresholds(recipe, outputs, {"sample": tables["sample"]})
+    chosen2, notes2 = thresholds(recipe, outputs, read_validation({"sample": tables["sample"]}))
     out2, _ = operating_points(test, recipe, outputs, "test_", chosen2)
     assert "test_patient_op_threshold_LAA" not in out2 and notes2 == [
         "patient: none (the run logged no validation predictions at this level)"
     ]
     # none asked: nothing
-    assert thresholds(_recipe(), outputs, tables) == ({}, [])
+    assert thresholds(_recipe(), outputs, read_validation(tables)) == ({}, [])
     assert operating_points(test, _recipe(), outputs, "test_", {}) == ({}, "")
 
 
@@ -139,7 +139,7 @@ def test_each_label_of_a_multilabel_task_gets_its_own_threshold():
     y = y_val.copy()
     y[:, 1] = 0  # no epidural positives held out: its sensitivity undefined
     test = {"probs": p, "labels": y, "metas": Metas.of({"patient": str(i)} for i in range(40))}
-    chosen, notes = thresholds(recipe, names, {"sample": val})
+    chosen, notes = thresholds(recipe, names, read_validation({"sample": val}))
     out, table = operating_points(test, recipe, names, "test_", chosen)
     stored = np.array([[float(f"{v:.6g}") for v in row] for row in p])  # as the table holds them
     cuts = [choose_threshold(y_val[:, j] == 1, stored[:, j], "youden") for j in range(2)]
@@ -203,7 +203,7 @@ def test_a_study_may_compare_the_held_out_intervals_and_operating_points_it_logs
     multilabel = task == "multilabel"
     tables = {"sample": prediction_table({"x": list(range(40))}, p, y, names, multilabel)}
     tables |= {lv: prediction_table({lv: i}, gp, gy, names, multilabel) for lv, i, gp, gy in by_level(pred, recipe)}
-    chosen = thresholds(recipe, names, tables)[0]
+    chosen = thresholds(recipe, names, read_validation(tables))[0]
     made = set(intervals(pred, recipe, names, "")[0]) | set(operating_points(pred, recipe, names, "", chosen)[0])
     assert made == held_out_reports(recipe, names, validation_metrics(recipe, names))
 
