@@ -129,10 +129,10 @@ def evaluate_split(recipe: TrainRecipe, manifest: mf.ManifestHead, split: str, p
     if rank == 0:
         validation = validation_tables(log, recipe)
         pred, temps = calibrate(pred, recipe, outputs, validation)  # a classifier's (training.calibration)
-        if recipe.task != "detect":
-            metrics = evaluate(pred, recipe, outputs, prefix)
-        sites = by_site(pred, recipe, outputs, bounds=True)
         at = None if recipe.task == "detect" or pred["labels"] is None else units(pred, recipe)  # aggregated once
+        if recipe.task != "detect":
+            metrics = evaluate(pred, recipe, outputs, prefix, at)
+        sites = by_site(pred, recipe, outputs, bounds=True)
         bounds, table = intervals(pred, recipe, outputs, prefix, at)
         chosen, notes = thresholds(recipe, outputs, validation, temps)
         op, op_table = operating_points(pred, recipe, outputs, prefix, chosen, at)

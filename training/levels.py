@@ -53,9 +53,11 @@ def level_threshold(recipe: TrainRecipe, level: str) -> float | None:
     return recipe.eval.threshold if recipe.eval.how == "any" and level != "sample" else None
 
 
-def evaluate(pred: dict[str, Any], recipe: TrainRecipe, outputs: list[str], prefix: str = "val_") -> dict[str, float]:
+def evaluate(
+    pred: dict[str, Any], recipe: TrainRecipe, outputs: list[str], prefix: str = "val_", at: list | None = None
+) -> dict[str, float]:
     """Sample-level metrics plus the same metrics after aggregation to each of the recipe's levels; a detector's
-    boxes by :func:`training.detection.metrics`."""
+    boxes by :func:`training.detection.metrics`. ``at``: :func:`units` of ``pred``, where the caller has them."""
     if recipe.task == "detect":
         from training.detection import metrics as box_metrics
 
@@ -67,9 +69,11 @@ def evaluate(pred: dict[str, Any], recipe: TrainRecipe, outputs: list[str], pref
             return multilabel_metrics(y, p, outputs, pre, recipe.eval.threshold)
         return classification_metrics(y, p, pre, outputs, level_threshold(recipe, level))
 
-    out = {f"{prefix}loss": pred["loss"]} | metrics(pred["labels"], pred["probs"], "sample")
-    for level, _, gp, gy in by_level(pred, recipe):
-        out |= metrics(gy, gp, level)
+    out = {f"{prefix}loss": pred["loss"]}
+    for level, _, p, y in (
+        [("sample", None, pred["probs"], pred["labels"]), *by_level(pred, recipe)] if at is None else at
+    ):
+        out |= metrics(y, p, level)
     return out
 
 

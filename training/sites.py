@@ -38,7 +38,7 @@ def by_site(
     in each, with its samples there. ``bounds`` (the held-out evaluation's): each metric's confidence interval
     too (``<metric>_ci_low``, ``_ci_high``), from resamples of the site's own patients
     (:func:`training.levels.intervals`): a centre's few patients make its figures the least certain of all."""
-    from training.levels import by_level, evaluate, intervals
+    from training.levels import evaluate, intervals, units
 
     if recipe.task == "detect" or pred["labels"] is None:
         return {}
@@ -59,10 +59,11 @@ def by_site(
         }
         if "uncalibrated" in pred:  # its groups scaled as the split's are (training.calibration)
             part |= {"uncalibrated": pred["uncalibrated"][at], "temperatures": pred["temperatures"]}
-        metrics = evaluate(part, recipe, outputs, prefix="")
+        at = units(part, recipe)  # its groups aggregated once, for its metrics and their intervals
+        metrics = evaluate(part, recipe, outputs, prefix="", at=at)
         if bounds:
-            metrics |= intervals(part, recipe, outputs, prefix="")[0]
-        labels = {"sample": part["labels"]} | {level: y for level, _, _, y in by_level(part, recipe)}
+            metrics |= intervals(part, recipe, outputs, prefix="", at=at)[0]
+        labels = {level: y for level, _, _, y in at}
         out[site] = {}
         for level, y in labels.items():
             pre = level_prefix(level)
