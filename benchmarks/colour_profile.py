@@ -10,13 +10,12 @@ Usage: ``python benchmarks/colour_profile.py [--size 8192] [--repeats 3] [--work
 
 from __future__ import annotations
 
-import argparse
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+from slides import slide_args, synthetic_slide
 
 
 def per_tile(slide: Path, repeats: int) -> None:
@@ -74,18 +73,10 @@ def end_to_end(slide: Path, root: Path, repeats: int) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--size", type=int, default=8192)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--workdir", default=None)
-    args = ap.parse_args()
-    from ingest.synthetic import slide_array, swapped_profile, write_pyramid_tiff
+    from ingest.synthetic import swapped_profile
 
-    root = Path(args.workdir or tempfile.mkdtemp(prefix="tessera-colour-"))
-    root.mkdir(parents=True, exist_ok=True)
-    slide = root / f"profiled{args.size}.tif"
-    if not slide.exists():
-        write_pyramid_tiff(slide, slide_array(args.size, "CE", np.random.default_rng(0)), icc=swapped_profile())
+    args = slide_args(__doc__, repeats=3)
+    root, slide = synthetic_slide(args, "profiled", icc=swapped_profile())
     per_tile(slide, args.repeats)
     # the table is built once per worker: a run's first slide pays it, as the first end-to-end pass here
     end_to_end(slide, root, args.repeats)

@@ -9,16 +9,13 @@ Usage: ``python benchmarks/tile_decode.py [--size 8192] [--repeats 5] [--workdir
 
 from __future__ import annotations
 
-import argparse
-import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 import tifffile
+from slides import slide_args, synthetic_slide
 
 from ingest.jpeg_scan import PageScans
-from ingest.synthetic import slide_array, write_pyramid_tiff
 from ingest.tiff_tiles import TiledLevel, _TileCache
 
 
@@ -29,16 +26,8 @@ def _decode_all(level: TiledLevel, cache: _TileCache) -> list[np.ndarray]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--size", type=int, default=8192)
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--workdir", default=None)
-    args = ap.parse_args()
-    work = Path(args.workdir or tempfile.mkdtemp(prefix="tile_decode_"))
-    work.mkdir(parents=True, exist_ok=True)
-    path = work / f"slide{args.size}.tiff"
-    if not path.exists():
-        write_pyramid_tiff(path, slide_array(args.size, "CE", np.random.default_rng(0)))
+    args = slide_args(__doc__, repeats=5)
+    _, path = synthetic_slide(args, "slide")
     with tifffile.TiffFile(path) as tif:
         page = tif.pages[0]
         cache = _TileCache(1 << 40)  # every tile kept within a round: each decoded once
