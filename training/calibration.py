@@ -8,7 +8,7 @@ validation split's predictions of the selected model; T > 1 softens, T < 1 sharp
 classes is unchanged, and so are the argmax calls and the accuracy; so is the order of the samples by a label's
 score, or by a class's of two, and with it their AUC (of three classes or more, a class's ranking may move a
 little). A call at a threshold other than 0.5 (``eval.how: any``'s) moves with the probabilities. The log losses,
-the Brier score and the reliability diagrams read the scaled probabilities. Each
+the Brier score, the held-out loss and the reliability diagrams read the scaled probabilities. Each
 aggregation level (slide, patient) has its own T, fitted on that level's validation table, applied to the groups'
 probabilities as aggregated from the samples' unscaled ones.
 """
@@ -93,15 +93,32 @@ def temperatures(
     return out, notes
 
 
+def held_out_loss(labels: np.ndarray, probs: np.ndarray, multilabel: bool) -> float:
+    """The loss a held-out split reports (``test_loss``: :class:`training.losses.Loss` without class weights) of
+    ``probs``: the mean of ``-log p`` of each sample's class, or each label's binary log loss weighted as the loss
+    weighs them (RSNA's weights for its six labels), the probabilities clipped to [1e-15, 1 - 1e-15]."""
+    from training.metrics import RSNA_WEIGHTS
+
+    p, y = np.clip(np.asarray(probs, np.float64), EPS, 1 - EPS), np.asarray(labels)
+    if not multilabel:
+        return float(-np.log(p[np.arange(len(y)), y]).mean())
+    w = np.array(RSNA_WEIGHTS if p.shape[1] == len(RSNA_WEIGHTS) else (1.0,) * p.shape[1])
+    per = -(y * np.log(p) + (1 - y) * np.log(1 - p))
+    return float((per * w).sum(axis=1).mean() / w.sum())
+
+
 def calibrated(pred: dict[str, Any], temps: dict[str, float], multilabel: bool) -> dict[str, Any]:
-    """``pred`` with its samples' probabilities at the sample level's temperature, and what
+    """``pred`` with its samples' probabilities at the sample level's temperature, its loss theirs, and what
     :func:`training.levels.by_level` needs to scale each level's groups: their unscaled probabilities and the
     temperatures. ``pred`` itself where there are none."""
     if not temps:
         return pred
     raw = pred.get("uncalibrated", pred["probs"])
-    sample = temps.get("sample", 1.0)
-    return pred | {"probs": scaled(raw, sample, multilabel), "uncalibrated": raw, "temperatures": dict(temps)}
+    probs = scaled(raw, temps.get("sample", 1.0), multilabel)
+    out = pred | {"probs": probs, "uncalibrated": raw, "temperatures": dict(temps)}
+    if "sample" in temps and pred.get("labels") is not None and len(probs):
+        out["loss"] = held_out_loss(pred["labels"], probs, multilabel)  # what the scaled probabilities lose
+    return out
 
 
 def calibrate(

@@ -412,6 +412,8 @@ def test_a_calibrated_evaluation_scales_the_models_probabilities_by_temperatures
 
     assert m[f"{pre}weighted_log_loss"] == pytest.approx(strip_ai(y, scaled(p, temps["sample"])), rel=1e-4)
     assert m[f"{pre}patient_weighted_log_loss"] == pytest.approx(strip_ai(gy, scaled(gp, temps["patient"])), rel=1e-4)
+    hot_p = scaled(p, temps["sample"])  # the held-out loss (no class weights) is the scaled probabilities' too
+    assert m[f"{pre}loss"] == pytest.approx(-np.log(hot_p[np.arange(len(y)), y]).mean(), rel=1e-4)
     assert m[f"{pre}accuracy"] == out.held_out.metrics["test_accuracy"]
     # each temperature is the validation table's best (or the search's edge, where the loss falls toward it)
     for level, t in temps.items():

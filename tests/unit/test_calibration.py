@@ -111,3 +111,24 @@ def test_a_study_may_compare_the_temperatures_the_held_out_step_logs():
     assert not {
         n for n in held_out_reports(plain, ["CE", "LAA"], validation_metrics(plain, ["CE", "LAA"])) if "temp" in n
     }
+
+
+@pytest.mark.parametrize("multilabel", [False, True])
+def test_the_held_out_loss_is_the_losss_own_of_the_scaled_logits(multilabel):
+    """A calibrated split's loss is the one :class:`training.losses.Loss` gives the model's logits divided by
+    the temperature (a class's log-probability or a label's logit, as :func:`scaled` divides it)."""
+    import torch
+
+    from training.losses import Loss
+
+    rng = np.random.default_rng(4)
+    outputs = 6 if multilabel else 3
+    logits = torch.tensor(rng.normal(0, 3, (200, outputs)), dtype=torch.float32)
+    labels = (rng.random((200, outputs)) < 0.3).astype(np.int64) if multilabel else rng.integers(0, outputs, 200)
+    loss = Loss(multilabel, None, outputs)
+    pred = {"probs": loss.probabilities(logits), "labels": labels, "metas": [{}] * 200, "loss": 0.0}
+    for t in (0.5, 1.0, 3.0):
+        hot = calibrated(pred, {"sample": t}, multilabel)
+        expected = float(loss(logits / t, torch.as_tensor(labels), class_weighted=False))
+        assert hot["loss"] == pytest.approx(expected, rel=1e-4), t
+    assert calibrated(pred, {"patient": 2.0}, multilabel)["loss"] == 0.0  # the samples' unscaled: their own loss
