@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.tessera-installed
 
-.PHONY: demo test unit integration integration-training integration-rest gpu lint format clean down lock
+.PHONY: bytecode demo test unit integration integration-training integration-rest gpu lint format clean down lock
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m compileall -q -j 0 -x 'py31[2-9]' $(VENV)/lib
 	touch $(STAMP)
 
-demo: $(STAMP)
+demo: bytecode
 	$(VENV)/bin/tessera demo
 
 # The unit tier and the integration tier's two halves side by side. Much of the integration tier is waiting (its
@@ -30,10 +30,15 @@ demo: $(STAMP)
 # target to run alone. Beside the integration tier the unit tier's torch takes one thread (`UNIT_THREADS`): with one
 # per core, each of its parallel regions waited at OpenMP's barrier for the thread whose core another process held
 # (the tier took 24-28 min, 14-16 with one thread; a clean clone's `make test` 29.5-33 min, then 27.4).
-test: $(STAMP)
+# The project's own byte code, written once before the tiers: where PYTHONDONTWRITEBYTECODE is set (these machines)
+# every process compiled each module it imported from source, Ray's workers of every run among them.
+bytecode: $(STAMP)
+	$(PY) -m compileall -q -j 0 training ingest shards cluster tune tests
+
+test: bytecode
 	$(MAKE) --no-print-directory -j3 --output-sync=target unit integration-training integration-rest UNIT_THREADS=1
 
-unit: $(STAMP)
+unit: bytecode
 	$(if $(UNIT_THREADS),OMP_NUM_THREADS=$(UNIT_THREADS) )$(PY) -m pytest -q --durations=8 tests/unit
 
 # The half of the integration tier that trains (Ray Train runs, sweeps); the rest ingests, serves and submits jobs
@@ -45,10 +50,10 @@ IT_REST := $(filter-out $(IT_TRAINING),$(sort $(wildcard tests/integration/test_
 integration: $(STAMP)
 	$(MAKE) --no-print-directory -j2 --output-sync=target integration-training integration-rest
 
-integration-training: $(STAMP)
+integration-training: bytecode
 	TESSERA_IT_PORT_SHIFT=100 $(PY) -m pytest -q -x --durations=8 $(IT_TRAINING)
 
-integration-rest: $(STAMP)
+integration-rest: bytecode
 	$(PY) -m pytest -q -x --durations=8 $(IT_REST)
 
 # CUDA only (bf16, NCCL, DALI's mixed decoding); skipped on a machine without a GPU, so not part of `test`.

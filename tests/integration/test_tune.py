@@ -1,13 +1,16 @@
 """Sweeps, replicates and comparison on the real stack: Ray Tune trials that are Ray Train runs, MLflow
 parent/child runs, an interrupted sweep resumed, and two replicate groups compared."""
 
+import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -169,8 +172,6 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(stack, work
 
 
 def test_replicate_groups_compared(stack, work):
-    from tune.compare import run_compare
-
     a = run_sweep(replicate_sweep("demo_tiles", _overrides(work, 1), 2), stack.mlflow_url, **_stores(work))
     # group B re-splits: three patient folds, each replicate validating on two of them (paper 002's protocol);
     # a fixed test split is evaluated by every replicate's selected model. Two replicates a group: one round of
@@ -192,23 +193,25 @@ def test_replicate_groups_compared(stack, work):
     assert len({r.data.params["data.train_split"] for r in b_runs}) > 1  # not one split repeated
     assert all("test_accuracy" in r.data.metrics and "test_patient_accuracy" in r.data.metrics for r in b_runs)
     assert not any("test_accuracy" in r.data.metrics for r in _children(client, a.parent_run_id))  # no test split
-    results, report, run_id = run_compare(stack.mlflow_url, a.name, b.name, ["val_loss", "val_accuracy"])
-    assert [r.metric for r in results] == ["val_loss", "val_accuracy"]
-    assert all(r.a.n == 2 and r.b.n == 2 for r in results)
-    assert "## val_loss" in report and "Mann-Whitney U" in report and "Cohen's d" in report
+    # compared through the CLI, as a user compares them: the report is printed and logged
+    cli = subprocess.run(
+        [*[sys.executable, "-m", "cluster.cli", "compare", a.name, b.name], "--metrics", "val_loss,val_accuracy",
+         "--alpha", "0.01"],
+        env=dict(os.environ), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert cli.returncode == 0, cli.stderr[-2000:]
+    assert f"# {a.name} (A) vs {b.name} (B)" in cli.stdout and "alpha = 0.01" in cli.stdout
+    assert "## val_loss" in cli.stdout and "Mann-Whitney U" in cli.stdout and "Cohen's d" in cli.stdout
+    (run_id,) = re.findall(r"comparison logged: http\S*/runs/(\w+)", cli.stdout)
     names = {a.path for a in client.list_artifacts(run_id, "comparison")}
     assert {
         "comparison/report.md", "comparison/box_val_loss.png", "comparison/confusion_mean_A.png",
         "comparison/comparison.json",
     } <= names  # fmt: skip
-    # the same through the CLI, as a user runs it: the report is printed and logged
-    cli = subprocess.run(
-        [sys.executable, "-m", "cluster.cli", "compare", a.name, b.name, "--metrics", "val_loss", "--alpha", "0.01"],
-        env=dict(os.environ), capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert cli.returncode == 0, cli.stderr[-2000:]
-    assert f"# {a.name} (A) vs {b.name} (B)" in cli.stdout and "alpha = 0.01" in cli.stdout
-    assert "comparison logged: http" in cli.stdout
+    with tempfile.TemporaryDirectory() as d:
+        found = json.loads(Path(client.download_artifacts(run_id, "comparison/comparison.json", d)).read_text())
+    assert [c["metric"] for c in found] == ["val_loss", "val_accuracy"]
+    assert all(c["a"]["n"] == 2 and c["b"]["n"] == 2 for c in found)
 
 
 def test_optuna_search_suggests_every_trial(stack, tmp_path):
