@@ -32,7 +32,7 @@ def add_train_parser(sub, cmd) -> None:
 
 def outputs_for_dry_run(recipe, manifest) -> tuple[int, str]:
     """How many logits the model would have: from the heads, the manifest if readable, else 2 (said so)."""
-    from training.loop import outputs_of
+    from training.outputs import outputs_of
 
     if recipe.model.heads:
         return len(recipe.model.heads), "heads"

@@ -28,7 +28,6 @@ from training.box_augment import moved
 from training.collective import raise_any, said
 from training.config import EFFICIENTDET, ModelConfig, RecipeError, TrainRecipe
 
-LESION = "lesion"  # the one class of a detector of ``data.box_classes: lesion``
 FAMILIES = ("fasterrcnn_", "retinanet_", "fcos_")  # torchvision's detectors whose input size a recipe sets
 SCORE_FLOOR = 0.05  # boxes scoring less are dropped: COCO's evaluation floor (FCOS's own is 0.2)
 SCRIPTED_NOTE = r".*always returns a \(Losses, Detections\) tuple in scripting"  # as ingest.detector's

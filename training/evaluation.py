@@ -116,8 +116,8 @@ def evaluate_split(recipe: TrainRecipe, manifest: mf.ManifestHead, split: str, p
     from training.calibration import calibrate
     from training.export import export_outputs, samples_scale_warning
     from training.levels import evaluate, intervals, operating_points, thresholds, units
-    from training.loop import outputs_of
     from training.metrics import level_prefix
+    from training.outputs import outputs_of
     from training.reporting import log_evaluation
     from training.sites import by_site, site_metrics
 
@@ -312,7 +312,7 @@ def evaluate_run(
 
     from training.export import class_map, export_outputs
     from training.launch import MANIFEST_TAG, load_manifest
-    from training.loop import outputs_of
+    from training.outputs import outputs_of
     from training.preflight import check_positive
 
     client = MlflowClient(tracking_uri)

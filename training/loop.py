@@ -43,20 +43,10 @@ from training.losses import Loss, balanced_weights
 from training.metas import Metas
 from training.models import recipe_model
 from training.outbox import adopt
+from training.outputs import outputs_of
 from training.sites import by_site, site_metrics
 from training.state import EarlyStopping, epoch_seed, swa_start_epoch
 from training.tracking import MODEL_ARTIFACT
-
-
-def outputs_of(recipe: TrainRecipe, manifest: mf.ManifestHead) -> list[str]:
-    """Names of the model's logits: the manifest's classes, or its multi-label names; a detector's box classes."""
-    if recipe.task == "detect" and recipe.data.box_classes == "lesion":
-        return [detection.LESION]
-    if recipe.task == "multilabel":
-        if not manifest.multilabel:
-            raise ValueError(f"{recipe.data.dataset}: task multilabel but the manifest has no multi-label names")
-        return list(manifest.multilabel)
-    return list(manifest.classes)
 
 
 def make_loss(recipe: TrainRecipe, data: WorkerData, outputs: list[str]) -> Loss:

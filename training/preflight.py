@@ -19,7 +19,7 @@ def check_against(recipe: TrainRecipe, manifest: mf.ManifestBrief | mf.Manifest,
     """A dataset with labels (of slides, for heatmaps; not of DICOM series, for stain jitter; of two classes or
     more for a classifier it ``trains``), then :func:`check_patient_labels` and :func:`check_monitor` for
     ``recipe`` on ``manifest``."""
-    from training.loop import outputs_of
+    from training.outputs import outputs_of
 
     outputs = outputs_of(recipe, manifest)
     if not outputs:
@@ -167,7 +167,7 @@ def check_each_epoch(recipe: TrainRecipe, manifest: mf.ManifestBrief | mf.Manife
     """``metric``, a validation metric (``val_*``) a sweep's search and scheduler read, is one every epoch of a run
     of ``recipe`` reports on ``manifest`` (of its validation split's sites too): Tune stops the sweep at the first
     report without it, after an epoch of every trial. SWA's ``val_swa_*`` come with the last epoch alone."""
-    from training.loop import outputs_of
+    from training.outputs import outputs_of
 
     if not metric.startswith("val_"):
         return
@@ -185,7 +185,7 @@ def reported_metrics(recipe: TrainRecipe, manifest: mf.ManifestBrief | mf.Manife
     with SWA, its averaged weights' ``val_swa_*`` too) and the held-out step's, under its split's prefix, with
     those of each site of the split's inputs where they are of two or more (:mod:`training.sites`)."""
     from training.evaluation import metric_prefix, no_held_out
-    from training.loop import outputs_of
+    from training.outputs import outputs_of
 
     outputs = outputs_of(recipe, manifest)
     names = validation_metrics(recipe, outputs)
