@@ -299,9 +299,12 @@ def read_frames(path: str):
     """``(dataset, pixels)`` with pixels ``[F, H, W(, 3)]`` in any transfer syntax pydicom's plugins decode."""
     import pydicom
 
+    from ingest.dicom_jpeg import check_frames
+
     try:
         ds = pydicom.dcmread(path)
         pixels = ds.pixel_array
+        check_frames(ds)  # a JPEG frame's damaged scan, which the decoders fill in (ingest.dicom_jpeg)
     except Exception as exc:
         raise DicomError(f"pixel data could not be decoded: {type(exc).__name__}: {exc}") from exc
     frames = int(ds.get("NumberOfFrames", 1) or 1)
@@ -362,10 +365,13 @@ def read_frame(path: str, frame: int, per_frame: bool = True):
     import pydicom
     from pydicom.pixels import pixel_array
 
+    from ingest.dicom_jpeg import check_frame
+
     tags = [MODALITY, SHARED_GROUPS] + ([PER_FRAME_GROUPS] if per_frame else [])
     try:
         ds = pydicom.Dataset()  # pydicom fills in the image pixel module (group 0028) and the tags named here
         pixels = pixel_array(path, index=frame, ds_out=ds, specific_tags=tags)
+        check_frame(path, frame, ds.file_meta.get("TransferSyntaxUID", ""))  # a damaged JPEG scan (dicom_jpeg)
     except Exception as exc:
         raise DicomError(f"frame {frame} could not be decoded: {type(exc).__name__}: {exc}") from exc
     return ds, pixels

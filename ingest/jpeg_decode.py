@@ -90,6 +90,21 @@ def decode_file(data: bytes) -> np.ndarray | None:
     return np.repeat(rgb, 3, axis=2) if space == "Gray" else rgb
 
 
+def check_stream(data: bytes) -> None:
+    """Raise ValueError (libjpeg-turbo's message) where the 8-bit JPEG stream ``data`` holds a damaged scan
+    (:data:`DAMAGE`), which other decoders fill in without an error; its pixels are decoded and left. A stream this
+    does not decode (not 8-bit, CMYK, not a JPEG) passes: its own decoder answers for it."""
+    import simplejpeg
+
+    try:
+        space = simplejpeg.decode_jpeg_header(data)[2]
+        if space in ("Gray", "YCbCr", "RGB"):
+            simplejpeg.decode_jpeg(data, colorspace="GRAY" if space == "Gray" else "RGB", strict=True)
+    except ValueError as exc:
+        if str(exc).startswith(DAMAGE):
+            raise
+
+
 def _turned(data: bytes) -> bool:
     """Whether the file's EXIF orientation turns or mirrors it (OpenCV applies it)."""
     import io

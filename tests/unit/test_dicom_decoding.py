@@ -19,7 +19,16 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from ingest.dicom import header_in_prefix, read_frames, read_headers, render, rescale, slice_rgb
+from ingest.dicom import (
+    DicomError,
+    header_in_prefix,
+    read_frame,
+    read_frames,
+    read_headers,
+    render,
+    rescale,
+    slice_rgb,
+)
 from ingest.synthetic import SyntheticPatient, ct_slice_dataset, enhanced_ct_dataset
 from ingest.windowing import PADDING_HU, to_hu, window_stack
 
@@ -74,6 +83,49 @@ def test_lossy_jpeg_decodes_as_libjpeg_does(tmp_path, uid, bits):
     # Lossy decoders may differ by one level in the IDCT; pydicom's plugin agrees with libjpeg-turbo to that.
     assert np.abs(got.astype(int) - imagecodecs.jpeg8_decode(data).astype(int)).max() <= 1
     assert np.abs(got.astype(int) - pixels).mean() < 0.02 * 2**bits  # and close to the original (noise, q95)
+
+
+def _cut(stream: bytes) -> bytes:
+    """``stream`` with its scan ended half-way, its end marker in place (a writer stopped early)."""
+    scan = stream.index(b"\xff\xda") + 14  # past the scan's header
+    return stream[: (scan + len(stream)) // 2] + b"\xff\xd9"
+
+
+def test_a_jpeg_frame_whose_scan_ends_early_fails_its_slice_where_pydicom_decodes_it(tmp_path):
+    """pydicom's plugins decode a JPEG Baseline frame whose scan stops half-way (its end marker in place) with the
+    rest grey, without a word: the slice is refused naming the frame and libjpeg-turbo's warning, whole file or
+    frame by frame; the file's other frames are read. 12-bit frames are not checked (simplejpeg reads 8 bits)."""
+    stored, ds = _ct()
+    frames = [imagecodecs.jpeg8_encode(((stored + 100 * i) // 16).astype(np.uint8), level=90) for i in range(3)]
+    single = _encapsulated(ds, _cut(frames[0]), JPEGBaseline8Bit, 8)
+    single.BitsAllocated = 8
+    single.save_as(tmp_path / "cut.dcm", enforce_file_format=True)
+    assert pydicom.dcmread(tmp_path / "cut.dcm").pixel_array.shape == stored.shape  # decoded, half grey
+    damaged = "frame 0: damaged JPEG data: Corrupt JPEG data: premature end of data segment"
+    with pytest.raises(DicomError, match=damaged):
+        read_frames(str(tmp_path / "cut.dcm"))
+    with pytest.raises(DicomError, match=damaged):
+        slice_rgb(str(tmp_path / "cut.dcm"))
+    # a file of three frames, the second cut: that frame fails alone, read by itself or with the file
+    multi = _encapsulated(_ct()[1], frames[0], JPEGBaseline8Bit, 8)
+    multi.BitsAllocated, multi.NumberOfFrames = 8, 3
+    multi.PixelData = encapsulate([frames[0], _cut(frames[1]), frames[2]])
+    multi.save_as(tmp_path / "multi.dcm", enforce_file_format=True)
+    whole = pydicom.dcmread(tmp_path / "multi.dcm").pixel_array
+    for i in (0, 2):
+        assert np.array_equal(read_frame(str(tmp_path / "multi.dcm"), i)[1], whole[i])
+    with pytest.raises(DicomError, match="frame 1: damaged JPEG data: Corrupt JPEG data: premature end"):
+        read_frame(str(tmp_path / "multi.dcm"), 1)
+    with pytest.raises(DicomError, match="frame 1: damaged JPEG data"):
+        read_frames(str(tmp_path / "multi.dcm"))
+    # the intact file passes; so does a cut 12-bit frame, unchecked
+    multi.PixelData = encapsulate(frames)
+    multi.save_as(tmp_path / "whole.dcm", enforce_file_format=True)
+    assert read_frames(str(tmp_path / "whole.dcm"))[1].shape == (3, *stored.shape)
+    twelve = _encapsulated(_ct()[1], _cut(imagecodecs.jpeg8_encode(stored.astype(np.uint16), bitspersample=12)),
+                           JPEGExtended12Bit, 12)  # fmt: skip
+    twelve.save_as(tmp_path / "twelve.dcm", enforce_file_format=True)
+    assert read_frames(str(tmp_path / "twelve.dcm"))[1].shape == (1, *stored.shape)
 
 
 @pytest.mark.parametrize(
