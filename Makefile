@@ -20,6 +20,11 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m compileall -q -j 0 -x 'py31[2-9]' $(VENV)/lib
 	touch $(STAMP)
 
+# The project's own byte code, written once before the tiers: where PYTHONDONTWRITEBYTECODE is set (these machines)
+# every process compiled each module it imported from source, Ray's workers of every run among them.
+bytecode: $(STAMP)
+	$(PY) -m compileall -q -j 0 training ingest shards cluster tune tests
+
 demo: bytecode
 	$(VENV)/bin/tessera demo
 
@@ -30,11 +35,6 @@ demo: bytecode
 # target to run alone. Beside the integration tier the unit tier's torch takes one thread (`UNIT_THREADS`): with one
 # per core, each of its parallel regions waited at OpenMP's barrier for the thread whose core another process held
 # (the tier took 24-28 min, 14-16 with one thread; a clean clone's `make test` 29.5-33 min, then 27.4).
-# The project's own byte code, written once before the tiers: where PYTHONDONTWRITEBYTECODE is set (these machines)
-# every process compiled each module it imported from source, Ray's workers of every run among them.
-bytecode: $(STAMP)
-	$(PY) -m compileall -q -j 0 training ingest shards cluster tune tests
-
 test: bytecode
 	$(MAKE) --no-print-directory -j3 --output-sync=target unit integration-training integration-rest UNIT_THREADS=1
 
