@@ -94,7 +94,8 @@ def _cut(stream: bytes) -> bytes:
 def test_a_jpeg_frame_whose_scan_ends_early_fails_its_slice_where_pydicom_decodes_it(tmp_path):
     """pydicom's plugins decode a JPEG Baseline frame whose scan stops half-way (its end marker in place) with the
     rest grey, without a word: the slice is refused naming the frame and libjpeg-turbo's warning, whole file or
-    frame by frame; the file's other frames are read. 12-bit frames are not checked (simplejpeg reads 8 bits)."""
+    frame by frame; the file's other frames are read. 8-bit frames under JPEG Extended's syntax too; 12-bit frames
+    are not checked (simplejpeg reads 8 bits)."""
     stored, ds = _ct()
     frames = [imagecodecs.jpeg8_encode(((stored + 100 * i) // 16).astype(np.uint8), level=90) for i in range(3)]
     single = _encapsulated(ds, _cut(frames[0]), JPEGBaseline8Bit, 8)
@@ -118,6 +119,12 @@ def test_a_jpeg_frame_whose_scan_ends_early_fails_its_slice_where_pydicom_decode
         read_frame(str(tmp_path / "multi.dcm"), 1)
     with pytest.raises(DicomError, match="frame 1: damaged JPEG data"):
         read_frames(str(tmp_path / "multi.dcm"))
+    # an 8-bit frame under JPEG Extended's syntax is checked alike
+    extended = _encapsulated(_ct()[1], _cut(frames[2]), JPEGExtended12Bit, 8)
+    extended.BitsAllocated = 8
+    extended.save_as(tmp_path / "extended.dcm", enforce_file_format=True)
+    with pytest.raises(DicomError, match=damaged):
+        read_frames(str(tmp_path / "extended.dcm"))
     # the intact file passes; so does a cut 12-bit frame, unchecked
     multi.PixelData = encapsulate(frames)
     multi.save_as(tmp_path / "whole.dcm", enforce_file_format=True)
