@@ -64,6 +64,7 @@ DAMAGE = (
     "Premature end of JPEG file",
 )
 ORIENTATION = 0x0112  # EXIF's orientation tag
+SPACES = ("Gray", "YCbCr", "RGB")  # the colour spaces decoded here (not CMYK)
 
 
 def decode_file(data: bytes) -> np.ndarray | None:
@@ -79,13 +80,10 @@ def decode_file(data: bytes) -> np.ndarray | None:
         space = simplejpeg.decode_jpeg_header(data)[2]
     except ValueError:
         return None
-    if space not in ("Gray", "YCbCr", "RGB") or _turned(data):
+    if space not in SPACES or _turned(data):
         return None
-    try:
-        rgb = simplejpeg.decode_jpeg(data, colorspace="GRAY" if space == "Gray" else "RGB", strict=True)
-    except ValueError as exc:
-        if str(exc).startswith(DAMAGE):
-            raise
+    rgb = _decoded(data, space)
+    if rgb is None:
         return None
     return np.repeat(rgb, 3, axis=2) if space == "Gray" else rgb
 
@@ -98,11 +96,25 @@ def check_stream(data: bytes) -> None:
 
     try:
         space = simplejpeg.decode_jpeg_header(data)[2]
-        if space in ("Gray", "YCbCr", "RGB"):
-            simplejpeg.decode_jpeg(data, colorspace="GRAY" if space == "Gray" else "RGB", strict=True)
     except ValueError as exc:
         if str(exc).startswith(DAMAGE):
             raise
+        return
+    if space in SPACES:
+        _decoded(data, space)
+
+
+def _decoded(data: bytes, space: str) -> np.ndarray | None:
+    """``data`` of colour ``space`` (one of :data:`SPACES`) decoded by libjpeg-turbo, grey or RGB, the warnings of
+    a damaged scan raised (ValueError); None where it reads the stream only with another warning, or not at all."""
+    import simplejpeg
+
+    try:
+        return simplejpeg.decode_jpeg(data, colorspace="GRAY" if space == "Gray" else "RGB", strict=True)
+    except ValueError as exc:
+        if str(exc).startswith(DAMAGE):
+            raise
+        return None
 
 
 def _turned(data: bytes) -> bool:
