@@ -198,10 +198,11 @@ def thresholds(
     chosen = list(enumerate(outputs)) if multilabel else [(outputs.index(recipe.eval.positive), recipe.eval.positive)]
     out, notes = {}, []
     for level, table in validation_levels(recipe, validation, notes):
+        probs = scaled(table.probs, (temps or {}).get(level, 1.0), multilabel)  # once for each output's
         for k, name in chosen:
             j = table.outputs.index(metric_name(name))
             truth = np.array([label[j] == 1 if multilabel else label == name for label in table.labels])
-            scores = scaled(table.probs, (temps or {}).get(level, 1.0), multilabel)[:, j]
+            scores = probs[:, j]
             try:
                 cut = choose_threshold(truth, scores, rule)
             except ValueError as exc:

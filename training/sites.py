@@ -59,11 +59,11 @@ def by_site(
         }
         if "uncalibrated" in pred:  # its groups scaled as the split's are (training.calibration)
             part |= {"uncalibrated": pred["uncalibrated"][at], "temperatures": pred["temperatures"]}
-        at = units(part, recipe)  # its groups aggregated once, for its metrics and their intervals
-        metrics = evaluate(part, recipe, outputs, prefix="", at=at)
+        grouped = units(part, recipe)  # its groups aggregated once, for its metrics and their intervals
+        metrics = evaluate(part, recipe, outputs, prefix="", at=grouped)
         if bounds:
-            metrics |= intervals(part, recipe, outputs, prefix="", at=at)[0]
-        labels = {level: y for level, _, _, y in at}
+            metrics |= intervals(part, recipe, outputs, prefix="", at=grouped)[0]
+        labels = {level: y for level, _, _, y in grouped}
         out[site] = {}
         for level, y in labels.items():
             pre = level_prefix(level)
