@@ -97,12 +97,12 @@ def held_out_loss(labels: np.ndarray, probs: np.ndarray, multilabel: bool) -> fl
     """The loss a held-out split reports (``test_loss``: :class:`training.losses.Loss` without class weights) of
     ``probs``: the mean of ``-log p`` of each sample's class, or each label's binary log loss weighted as the loss
     weighs them (RSNA's weights for its six labels), the probabilities clipped to [1e-15, 1 - 1e-15]."""
-    from training.metrics import RSNA_WEIGHTS
+    from training.metrics import label_weights
 
     p, y = np.clip(np.asarray(probs, np.float64), EPS, 1 - EPS), np.asarray(labels)
     if not multilabel:
         return float(-np.log(p[np.arange(len(y)), y]).mean())
-    w = np.array(RSNA_WEIGHTS if p.shape[1] == len(RSNA_WEIGHTS) else (1.0,) * p.shape[1])
+    w = np.array(label_weights(p.shape[1]))
     per = -(y * np.log(p) + (1 - y) * np.log(1 - p))
     return float((per * w).sum(axis=1).mean() / w.sum())
 

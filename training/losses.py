@@ -6,7 +6,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from training.metrics import RSNA_WEIGHTS
+from training.metrics import label_weights
 
 
 def balanced_weights(counts: list[int]) -> list[float]:
@@ -34,8 +34,7 @@ class Loss:
         self.multilabel = multilabel
         self.weights = torch.tensor(class_weights, dtype=torch.float32) if class_weights else None
         if multilabel:
-            w = RSNA_WEIGHTS if outputs == len(RSNA_WEIGHTS) else (1.0,) * outputs
-            self.weights = torch.tensor(w, dtype=torch.float32)
+            self.weights = torch.tensor(label_weights(outputs), dtype=torch.float32)
 
     def __call__(self, logits: torch.Tensor, labels: torch.Tensor, class_weighted: bool = True) -> torch.Tensor:
         """Mean loss of the batch. ``class_weighted=False`` (validation) leaves class weights out, so the

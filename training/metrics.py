@@ -38,6 +38,12 @@ def weighted_log_loss(y_true: np.ndarray, probs: np.ndarray) -> float:
     return float(np.mean(per_class))
 
 
+def label_weights(labels: int) -> tuple[float, ...]:
+    """A multi-label loss's weight of each of ``labels``: RSNA's (2 for ``any``, 1 per subtype) for its six, else
+    1 each."""
+    return RSNA_WEIGHTS if labels == len(RSNA_WEIGHTS) else (1.0,) * labels
+
+
 def rsna_log_loss(y_true: np.ndarray, probs: np.ndarray, weights: tuple[float, ...] = RSNA_WEIGHTS) -> float:
     """RSNA 2019's weighted multi-label log loss on ``probs[N, L]``: binary log loss per label, averaged with
     ``weights`` (2 for ``any``, 1 per subtype)."""
