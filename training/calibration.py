@@ -28,6 +28,13 @@ from training.predictions import LabelledTable
 BOUNDS_T = (0.05, 20.0)  # the temperatures searched (log-uniformly)
 
 
+def temperature_metric(level: str, prefix: str = "") -> str:
+    """The metric a level's temperature is logged as: ``<prefix>temperature``, ``<prefix>patient_temperature``."""
+    from training.metrics import level_prefix
+
+    return f"{level_prefix(level, prefix)}temperature"
+
+
 def scaled(probs: np.ndarray, temperature: float, multilabel: bool) -> np.ndarray:
     """``probs`` at ``temperature``: softmax of ``log p / T`` per row (a class's), or sigmoid of ``logit(p) / T``
     per label; T = 1 returns them unchanged."""

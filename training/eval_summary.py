@@ -7,6 +7,7 @@ import math
 import re
 from typing import TYPE_CHECKING
 
+from training.calibration import temperature_metric
 from training.intervals import BOUNDS
 from training.metrics import HEADLINE, level_prefix
 
@@ -31,7 +32,7 @@ def summary(outcome: EvalOutcome) -> str:
     scales = [
         (lv, outcome.metrics[k])
         for lv in ("sample", *outcome.levels)
-        if (k := _temperature(outcome, lv)) in outcome.metrics
+        if (k := temperature_metric(lv, outcome.prefix)) in outcome.metrics
     ]
     if scales:  # training.calibration
         shown = ", ".join(f"{lv} {t:.3f}" for lv, t in scales)
@@ -40,10 +41,6 @@ def summary(outcome: EvalOutcome) -> str:
     if outcome.warning:
         lines.append(f"  warning: {outcome.warning}")
     return "\n".join(lines)
-
-
-def _temperature(outcome: EvalOutcome, level: str) -> str:
-    return f"{level_prefix(level, outcome.prefix)}temperature"
 
 
 def _with_interval(metrics: dict[str, float], key: str) -> str:

@@ -113,10 +113,9 @@ def exported_predictions(
 def evaluate_split(recipe: TrainRecipe, manifest: mf.ManifestHead, split: str, prefix: str, log, rank: int, world: int):
     """Every rank of a worker group: the run's exported model on this rank's part of ``split``; rank 0 logs the
     metrics and pictures under ``prefix``. A failure on any rank raises on every rank."""
-    from training.calibration import calibrate
+    from training.calibration import calibrate, temperature_metric
     from training.export import export_outputs, samples_scale_warning
     from training.levels import evaluate, intervals, operating_points, thresholds, units
-    from training.metrics import level_prefix
     from training.outputs import outputs_of
     from training.reporting import log_evaluation
     from training.sites import by_site, site_metrics
@@ -136,7 +135,7 @@ def evaluate_split(recipe: TrainRecipe, manifest: mf.ManifestHead, split: str, p
         bounds, table = intervals(pred, recipe, outputs, prefix, at)
         chosen, notes = thresholds(recipe, outputs, validation, temps)
         op, op_table = operating_points(pred, recipe, outputs, prefix, chosen, at)
-        scales = {f"{level_prefix(lv, prefix)}temperature": t for lv, t in temps.items()}
+        scales = {temperature_metric(lv, prefix): t for lv, t in temps.items()}
         log.metrics(metrics | bounds | op | site_metrics(sites, prefix) | scales, step=0)
         log_evaluation(log, recipe, outputs, pred, f"{split} split", prefix, sites, chosen)
         with tempfile.TemporaryDirectory() as tmp:

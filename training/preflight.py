@@ -209,6 +209,7 @@ def held_out_reports(recipe: TrainRecipe, outputs: list[str], validation: set[st
     :func:`validation_metrics`): each interval's bounds (:func:`training.levels.intervals`), the operating
     point's rates and their bounds (:func:`training.levels.operating_points`) and the calibration's temperature
     (:mod:`training.calibration`), at each level."""
+    from training.calibration import temperature_metric
     from training.intervals import BOUNDS
     from training.levels import with_interval
     from training.metrics import metric_name
@@ -224,7 +225,7 @@ def held_out_reports(recipe: TrainRecipe, outputs: list[str], validation: set[st
         own = {n.removeprefix(pre) for n in names if n.startswith(pre)}
         out |= {f"{pre}{n}{b}" for n in own if with_interval(n) for b in bounds}
         if recipe.eval.calibration == "temperature":
-            out.add(f"{pre}temperature")
+            out.add(temperature_metric(level))
         if recipe.eval.operating_point:
             each = outputs if recipe.task == "multilabel" else [recipe.eval.positive or ""]
             for name in map(metric_name, each):
