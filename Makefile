@@ -35,7 +35,7 @@ demo: bytecode
 # target to run alone. Beside the integration tier the unit tier's torch takes one thread (`UNIT_THREADS`): with one
 # per core, each of its parallel regions waited at OpenMP's barrier for the thread whose core another process held
 # (the tier took 24-28 min, 14-16 with one thread; a clean clone's `make test` 29.5-33 min, then 27.4).
-test: bytecode
+test: $(STAMP)
 	$(MAKE) --no-print-directory -j3 --output-sync=target unit integration-training integration-rest UNIT_THREADS=1
 
 unit: bytecode
