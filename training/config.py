@@ -17,6 +17,9 @@ RECIPES = Path(__file__).parent / "recipes"
 EFFICIENTDET = "tf_efficientdet_"  # effdet's ports of the EfficientDet authors' models (training.efficientdet)
 
 Range = tuple[float, float]
+# The groups a recipe's predictions aggregate to (``eval.levels``), each read from its sample metadata field.
+Level = Literal["slide", "patient", "series"]
+LEVELS: tuple[str, ...] = typing.get_args(Level)
 
 
 class Strict(BaseModel):
@@ -200,7 +203,7 @@ class EvalConfig(Strict):
 
     monitor: str = "val_loss"
     mode: Literal["min", "max"] = "min"
-    levels: list[Literal["slide", "patient", "series"]] = Field(default_factory=lambda: ["slide", "patient"])
+    levels: list[Level] = Field(default_factory=lambda: ["slide", "patient"])
     how: Literal["mean", "max", "any"] = "mean"
     threshold: float = Field(0.5, gt=0, lt=1)
     heatmaps: bool = False

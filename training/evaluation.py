@@ -20,7 +20,7 @@ from typing import Any
 
 from shards import manifest as mf
 from training import tracking
-from training.config import TrainRecipe
+from training.config import LEVELS, TrainRecipe
 from training.intervals import BOUNDS
 from training.predictions import LabelledTable
 from training.tracking import MODEL_ARTIFACT
@@ -256,7 +256,7 @@ def _outcome(client, run_id: str, recipe: TrainRecipe, split: str, prefix: str, 
     drawn = (("op_", recipe.eval.operating_point), ("temperature$", recipe.eval.calibration != "none"))
     none = [name for name, made in drawn if not made]
     if none:
-        stale = re.compile(rf"^{re.escape(prefix)}(?:(?:slide|patient|series)_)?(?:{'|'.join(none)})")
+        stale = re.compile(rf"^{re.escape(prefix)}(?:(?:{'|'.join(LEVELS)})_)?(?:{'|'.join(none)})")
         logged = {k: v for k, v in logged.items() if not stale.match(k)}
     warning = run.data.tags.get(f"{prefix}{SCALE_WARNING}")
     how = None
