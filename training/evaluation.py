@@ -374,14 +374,14 @@ def run_group(loop, config: dict[str, Any], recipe: TrainRecipe, storage_path: s
     """Run ``loop`` on a Ray Train worker group of ``recipe`` (its workers, or the overrides of where it runs)
     named ``group``; ``what`` it does names it in an interruption's or a failure's message."""
     from ray.train import LoggingConfig, RunConfig, TrainingFailedError
-    from ray.train.torch import TorchTrainer
 
     from training.console import train_log_level
     from training.endings import RunFailed, failure_reason, interrupted_as
     from training.launch import storage_location, worker_group
+    from training.trainer import torch_trainer
 
     path, fs = storage_location(storage_path)
-    trainer = TorchTrainer(
+    trainer = torch_trainer(
         loop,
         **worker_group(recipe, config),
         run_config=RunConfig(

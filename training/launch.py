@@ -266,16 +266,16 @@ def trainer_for(
     epochs its scheduler let it go on after (:func:`training.loop.await_go_ahead`)."""
     from mlflow import MlflowClient
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig
-    from ray.train.torch import TorchTrainer
 
     from training.console import epoch_lines, train_log_level
+    from training.trainer import torch_trainer
 
     path, fs = storage_location(storage_path)
     config = {"recipe": recipe.model_dump(), "mlflow_uri": tracking_uri, "run_id": run_id, "fault": _fault()}
     config |= {"start_from": start_from, "held_out": held_out, "gate": gate}
     # each worker (a restarted one too) checks that it reads the dataset version the run recorded
     config["manifest_sha256"] = MlflowClient(tracking_uri).get_run(run_id).data.tags.get(MANIFEST_TAG)
-    return TorchTrainer(
+    return torch_trainer(
         _loop(),
         **worker_group(recipe, config),
         run_config=RunConfig(

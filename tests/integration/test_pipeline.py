@@ -131,13 +131,14 @@ def test_mlflow_run_has_every_epoch_and_a_confusion_matrix(demo, stack):
     assert demo["run_id"] in {v.run_id for v in versions}
 
 
-def test_runs_on_the_local_stack_start_no_preemption_watcher(demo):
-    """One machine has no node to drain: the stack turns Ray Train's watcher off, one process fewer per run."""
+def test_runs_on_the_local_stack_start_no_preemption_watcher_and_no_dataset_manager(demo):
+    """One machine has no node to drain: the stack turns Ray Train's watcher off, one process fewer per run. Nor
+    does a worker group given no Ray Data datasets (its workers read shards with DALI) start a dataset manager."""
     from ray.util.state import list_actors
 
     classes = {a.class_name for a in list_actors(limit=10_000, detail=False, raise_on_missing_output=False)}
     assert {"TrainController", "RayTrainWorker"} <= classes  # the demo's run, among those the GCS still lists
-    assert "PreemptionWatcher" not in classes
+    assert "PreemptionWatcher" not in classes and "DatasetManager" not in classes
 
 
 def test_the_exported_model_loads_and_predicts(demo, stack, tmp_path):

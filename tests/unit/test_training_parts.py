@@ -302,6 +302,25 @@ def test_a_runs_worker_group_polls_every_half_second_and_prints_once_unless_the_
     assert set(RAY_TRAIN_ENV) <= ENV_VARS_TO_PROPAGATE
 
 
+def test_a_worker_group_given_no_datasets_starts_no_dataset_manager():
+    """Ray Train's trainer starts a dataset manager actor for every worker group; Tessera's read with DALI and are
+    given no Ray Data datasets, so theirs leave it out, and only it. Given datasets, the trainer is Ray's own."""
+    from ray.train import ScalingConfig
+    from ray.train.torch import TorchTrainer
+    from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
+
+    from training.trainer import torch_trainer
+
+    def kinds(trainer) -> list[str]:
+        return [type(c).__name__ for c in trainer._create_default_callbacks()]
+
+    scaling = ScalingConfig(num_workers=1)
+    given = torch_trainer(lambda: None, scaling_config=scaling, datasets={"train": lambda: None})
+    assert type(given) is TorchTrainer and DatasetsCallback.__name__ in kinds(given)
+    none = torch_trainer(lambda: None, scaling_config=scaling)
+    assert isinstance(none, TorchTrainer) and kinds(none) == [k for k in kinds(given) if k != DatasetsCallback.__name__]
+
+
 @pytest.mark.parametrize("gpus, workers, on_gpu", [(1, 2, False), (2, 2, True), (0, 1, False)])
 def test_auto_workers_are_told_whether_their_group_has_gpus(monkeypatch, capsys, gpus, workers, on_gpu):
     """On a one-GPU machine a two-worker group runs on CPUs, and its workers must not take CUDA device 0 and 1
