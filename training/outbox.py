@@ -112,6 +112,12 @@ class Outbox:
                 )
             time.sleep(poll_s)
 
+    def close(self) -> None:
+        """Delete this process's folder of writes once none waits there (after :meth:`drain`): a run's workers
+        exit when it ends, and each had left its folder behind until another process swept the scratch space."""
+        if not self.writes:
+            shutil.rmtree(self.folder, ignore_errors=True)
+
     def keep_with(self, checkpoint_dir: str) -> None:
         """Put what waits into a checkpoint being saved, with the run's id (nothing when nothing waits)."""
         if self.writes:

@@ -66,6 +66,7 @@ class Reporter:
     def drain(self) -> None:
         """After the last epoch: what waits reaches the server (waiting for it), or the run fails, resumable."""
         self.log.drain(self.t.recipe.tracking.outage_wait_s)
+        self.log.close()
 
     def final(self, pred: dict[str, Any]) -> None:
         """Confusion matrices, ROC curves and predictions of the validation split by the selected model (logged

@@ -204,3 +204,23 @@ def test_after_the_last_epoch_rank_0_waits_for_the_server_then_gives_up_naming_i
     box.reachable = lambda: next(answers)
     box.drain(60, poll_s=0)
     assert log.calls == [("metrics", {"loss": 1.0}, 0, log.calls[0][3])]
+
+
+def test_a_drained_outbox_leaves_no_folder_behind_and_one_with_writes_waiting_keeps_it(tmp_path):
+    switch, log = Switch(), Recorder()
+    box = Outbox(log, switch, "http://mlflow:5000")
+    switch.up = False
+    box.metrics({"loss": 1.0}, 0)
+    box.close()  # a write waits: kept, with the folder that holds it
+    assert box.folder.is_dir() and box.waiting == 1
+    box.keep_with(str(tmp_path / "ckpt"))
+    switch.up = True
+    box.drain(0)
+    box.close()
+    assert not box.folder.exists()
+    # the worker resumed from the checkpoint sends what waited there from its own copy, then removes that too
+    again = Outbox(log, switch, "http://mlflow:5000", adopt(str(tmp_path / "ckpt"), Recorder.run_id))
+    assert again.waiting == 1 and again.folder.is_dir()
+    again.drain(0)
+    again.close()
+    assert not again.folder.exists() and (tmp_path / "ckpt" / FOLDER).is_dir()
