@@ -1,33 +1,37 @@
-"""A DICOM file's 8-bit JPEG frames checked for a damaged scan, which pydicom's decoders fill in without an error.
+"""A DICOM file's JPEG frames checked for a damaged scan, which pydicom's decoders fill in without an error.
 
 A JPEG frame whose scan ends before its last block (a transfer or a writer stopped early, its end marker in place)
 is decoded by pydicom's plugins (pylibjpeg's libjpeg, Pillow) with the missing rows grey and no word to the caller,
 and such a slice was ingested as if whole. Each 8-bit frame (JPEG Baseline, the syntax of ultrasound, secondary
-captures and many MR exports, or JPEG Extended) is decoded again by libjpeg-turbo with its warnings of damage as
-errors (:func:`ingest.jpeg_decode.check_stream`): the slice fails, naming the frame and libjpeg-turbo's words.
-Frames of 12 bits (JPEG Extended's other precision) and lossless JPEG are not checked: simplejpeg reads 8-bit
-samples only, and no decoder here reports the damage.
+captures and many MR exports, JPEG Extended, or lossless JPEG of 8 bits) is decoded again by libjpeg-turbo with its
+warnings of damage as errors (:func:`ingest.jpeg_decode.check_stream`): the slice fails, naming the frame and
+libjpeg-turbo's words. A frame of 12 bits (JPEG Extended's other precision) or of lossless JPEG's 9 to 16 (CT and
+MR archives), which simplejpeg does not read, is decoded twice by libjpeg-turbo, the second time with bytes before
+its end marker that only a scan short of data reads (:func:`ingest.jpeg_decode.ends_early`). A scan of the right
+length with a wrong bit in it is mostly told apart by neither.
 """
 
 from __future__ import annotations
 
 import struct
 
-# JPEG Baseline (Process 1: 8-bit samples) and JPEG Extended (Processes 2 and 4: 8 or 12 bits)
-JPEG_LOSSY = ("1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51")
+# JPEG Baseline (Process 1: 8-bit samples), JPEG Extended (Processes 2 and 4: 8 or 12 bits), and lossless JPEG
+# (Process 14, its selection value 1 or any): 2 to 16 bits
+JPEG = ("1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51", "1.2.840.10008.1.2.4.57", "1.2.840.10008.1.2.4.70")
 PIXEL_DATA = b"\xe0\x7f\x10\x00"  # (7FE0,0010), little endian
 
 
 class DamagedFrame(ValueError):
-    """A JPEG frame libjpeg-turbo reads only with a warning of damage; the message names the frame."""
+    """A JPEG frame libjpeg-turbo reads only with a warning of damage, or whose scan ends early; the message names
+    the frame."""
 
 
 def check_frames(ds) -> None:
-    """Raise :class:`DamagedFrame` where an 8-bit lossy JPEG frame of ``ds`` (a dataset with its pixel data) holds a
-    damaged scan. Other frames and transfer syntaxes pass."""
+    """Raise :class:`DamagedFrame` where a JPEG frame of ``ds`` (a dataset with its pixel data) holds a damaged
+    scan. Frames of other transfer syntaxes pass."""
     from pydicom.encaps import generate_frames
 
-    if str(ds.file_meta.get("TransferSyntaxUID", "")) in JPEG_LOSSY:
+    if str(ds.file_meta.get("TransferSyntaxUID", "")) in JPEG:
         frames = int(ds.get("NumberOfFrames", 1) or 1)
         for i, stream in enumerate(generate_frames(ds.PixelData, number_of_frames=frames)):
             _check(i, stream)
@@ -39,7 +43,7 @@ def check_frame(path: str, index: int, syntax: str) -> None:
     import pydicom
     from pydicom.encaps import get_frame
 
-    if str(syntax) not in JPEG_LOSSY:
+    if str(syntax) not in JPEG:
         return
     with open(path, "rb") as f:
         ds = pydicom.dcmread(f, stop_before_pixels=True)
@@ -53,9 +57,11 @@ def check_frame(path: str, index: int, syntax: str) -> None:
 
 
 def _check(index: int, stream: bytes) -> None:
-    from ingest.jpeg_decode import check_stream
+    from ingest.jpeg_decode import check_stream, ends_early
 
     try:
-        check_stream(stream)
+        checked = check_stream(stream)
     except ValueError as exc:
         raise DamagedFrame(f"frame {index}: damaged JPEG data: {exc}") from None
+    if not checked and ends_early(stream):
+        raise DamagedFrame(f"frame {index}: damaged JPEG data: its scan ends before its last block")

@@ -88,10 +88,10 @@ def decode_file(data: bytes) -> np.ndarray | None:
     return np.repeat(rgb, 3, axis=2) if space == "Gray" else rgb
 
 
-def check_stream(data: bytes) -> None:
+def check_stream(data: bytes) -> bool:
     """Raise ValueError (libjpeg-turbo's message) where the 8-bit JPEG stream ``data`` holds a damaged scan
-    (:data:`DAMAGE`), which other decoders fill in without an error; its pixels are decoded and left. A stream this
-    does not decode (not 8-bit, CMYK, not a JPEG) passes: its own decoder answers for it."""
+    (:data:`DAMAGE`), which other decoders fill in without an error; its pixels are decoded and left. Returns
+    whether it checked the stream: one this does not decode (not 8-bit, CMYK, not a JPEG) passes unchecked."""
     import simplejpeg
 
     try:
@@ -99,9 +99,36 @@ def check_stream(data: bytes) -> None:
     except ValueError as exc:
         if str(exc).startswith(DAMAGE):
             raise
-        return
-    if space in SPACES:
-        _decoded(data, space)
+        return False
+    return space in SPACES and _decoded(data, space) is not None
+
+
+# Put before a stream's end marker by :func:`ends_early`: bytes that are not a marker (no 0xFF), and not zeros,
+# which libjpeg-turbo takes for the data a scan lacks.
+FILLER = b"\x5a" * 16
+
+
+def ends_early(data: bytes) -> bool:
+    """Whether the scan of the JPEG stream ``data`` ends before its last block, at any precision and lossless too,
+    where :func:`check_stream` reads 8 bits only. libjpeg-turbo 3 (through imagecodecs, which drops the warning that
+    would say so) decodes the stream as it is and with :data:`FILLER` before its end marker: a whole scan leaves
+    those bytes unread, one that ends early decodes them as its missing blocks, and its pixels change. Both decodes
+    come from one decoder, so its rounding (a lossy IDCT's) cannot differ. False for a stream it does not decode."""
+    import imagecodecs
+
+    end = data.rfind(EOI)
+    if end < 0 or data[end + 2 :].strip(b"\x00"):  # cut with its end marker: the filler goes last
+        end = len(data)
+    body = data[:end].rstrip(b"\xff")  # 0xFF fill bytes may precede a marker; the filler goes before them
+    try:
+        as_is = imagecodecs.jpeg8_decode(data)
+    except Exception:
+        return False
+    try:
+        filled = imagecodecs.jpeg8_decode(body + FILLER + data[end:])
+    except Exception:
+        return True  # the filler read as data, and that data went wrong
+    return not np.array_equal(as_is, filled)
 
 
 def _decoded(data: bytes, space: str) -> np.ndarray | None:

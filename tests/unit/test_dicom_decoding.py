@@ -13,6 +13,7 @@ from pydicom.uid import (
     JPEG2000Lossless,
     JPEGBaseline8Bit,
     JPEGExtended12Bit,
+    JPEGLossless,
     JPEGLosslessSV1,
     JPEGLSLossless,
     RLELossless,
@@ -94,8 +95,7 @@ def _cut(stream: bytes) -> bytes:
 def test_a_jpeg_frame_whose_scan_ends_early_fails_its_slice_where_pydicom_decodes_it(tmp_path):
     """pydicom's plugins decode a JPEG Baseline frame whose scan stops half-way (its end marker in place) with the
     rest grey, without a word: the slice is refused naming the frame and libjpeg-turbo's warning, whole file or
-    frame by frame; the file's other frames are read. 8-bit frames under JPEG Extended's syntax too; 12-bit frames
-    are not checked (simplejpeg reads 8 bits)."""
+    frame by frame; the file's other frames are read. 8-bit frames under JPEG Extended's syntax too."""
     stored, ds = _ct()
     frames = [imagecodecs.jpeg8_encode(((stored + 100 * i) // 16).astype(np.uint8), level=90) for i in range(3)]
     single = _encapsulated(ds, _cut(frames[0]), JPEGBaseline8Bit, 8)
@@ -125,14 +125,45 @@ def test_a_jpeg_frame_whose_scan_ends_early_fails_its_slice_where_pydicom_decode
     extended.save_as(tmp_path / "extended.dcm", enforce_file_format=True)
     with pytest.raises(DicomError, match=damaged):
         read_frames(str(tmp_path / "extended.dcm"))
-    # the intact file passes; so does a cut 12-bit frame, unchecked
+    # the intact file passes
     multi.PixelData = encapsulate(frames)
     multi.save_as(tmp_path / "whole.dcm", enforce_file_format=True)
     assert read_frames(str(tmp_path / "whole.dcm"))[1].shape == (3, *stored.shape)
-    twelve = _encapsulated(_ct()[1], _cut(imagecodecs.jpeg8_encode(stored.astype(np.uint16), bitspersample=12)),
-                           JPEGExtended12Bit, 12)  # fmt: skip
-    twelve.save_as(tmp_path / "twelve.dcm", enforce_file_format=True)
-    assert read_frames(str(tmp_path / "twelve.dcm"))[1].shape == (1, *stored.shape)
+
+
+@pytest.mark.parametrize(
+    ("uid", "options"),
+    [(JPEGExtended12Bit, dict(level=90)), (JPEGLosslessSV1, dict(lossless=True)),
+     (JPEGLossless, dict(lossless=True, predictor=7))],
+)  # fmt: skip
+def test_a_12_bit_or_lossless_frame_whose_scan_ends_early_fails_its_slice(tmp_path, uid, options):
+    """Frames simplejpeg does not read (12-bit JPEG Extended, lossless JPEG of a CT's 12 bits) are checked by
+    decoding them again with bytes before their end marker (``ingest.jpeg_decode.ends_early``): a cut frame
+    fails its slice, read whole or frame by frame, where pydicom decodes it without a word."""
+    stored, ds = _ct()
+    frames = [imagecodecs.jpeg8_encode((stored + 100 * i).astype(np.uint16), bitspersample=12, **options)
+              for i in range(3)]  # fmt: skip
+    multi = _encapsulated(ds, frames[0], uid, 12)
+    multi.NumberOfFrames = 3
+    multi.PixelData = encapsulate([frames[0], _cut(frames[1]), frames[2]])
+    multi.save_as(tmp_path / "multi.dcm", enforce_file_format=True)
+    assert pydicom.dcmread(tmp_path / "multi.dcm").pixel_array.shape == (3, *stored.shape)  # decoded, no word
+    damaged = "frame 1: damaged JPEG data: its scan ends before its last block"
+    with pytest.raises(DicomError, match=damaged):
+        read_frames(str(tmp_path / "multi.dcm"))
+    with pytest.raises(DicomError, match=damaged):
+        read_frame(str(tmp_path / "multi.dcm"), 1)
+    for i in (0, 2):
+        pixels = read_frame(str(tmp_path / "multi.dcm"), i)[1]
+        assert np.array_equal(pixels, stored + 100 * i) if options.get("lossless") else pixels.shape == stored.shape
+
+
+@pytest.mark.parametrize("name", ["SC_rgb_jpeg_gdcm.dcm", "JPGExtended.dcm"])
+def test_other_writers_lossless_and_12_bit_jpeg_files_pass_the_check(name):
+    """Files pydicom ships, written by other software (GDCM's lossless RGB, a 12-bit JPEG Extended CT): whole,
+    they pass ``ends_early``, with the pixels pydicom decodes."""
+    path = get_testdata_file(name)
+    assert np.array_equal(read_frames(path)[1][0], pydicom.dcmread(path).pixel_array)
 
 
 @pytest.mark.parametrize(

@@ -133,3 +133,39 @@ def test_an_image_file_is_left_to_opencv_where_it_would_decode_otherwise():
     assert decode_file(saved(plain.convert("CMYK"))) is None
     assert decode_file(cv2.imencode(".png", IMAGE)[1].tobytes()) is None
     assert decode_file(b"\xff\xd8\xff\xe0 not really a jpeg") is None  # OpenCV says it cannot decode it
+
+
+def _streams() -> dict[str, bytes]:
+    """Whole JPEG streams of every kind :func:`ingest.jpeg_decode.ends_early` checks: lossless at 8 to 16 bits with
+    each predictor, 12-bit lossy, RGB, and an 8-bit one with restart markers (Pillow writes them)."""
+    import io
+
+    from PIL import Image
+
+    grey = IMAGE[..., 0].astype(np.uint16) * 16 + np.arange(128, dtype=np.uint16)  # 12 bits
+    out = {f"lossless {bits}-bit predictor {p}": imagecodecs.jpeg8_encode(
+        (grey >> (12 - bits) if bits <= 12 else grey << (bits - 12)).astype(np.uint8 if bits == 8 else np.uint16),
+        lossless=True, predictor=p, bitspersample=bits,
+    ) for bits in (8, 12, 16) for p in range(1, 8)}  # fmt: skip
+    out["lossy 12-bit"] = imagecodecs.jpeg8_encode(grey, level=90, bitspersample=12)
+    out["lossless RGB"] = imagecodecs.jpeg8_encode(IMAGE, lossless=True)
+    buf = io.BytesIO()
+    Image.fromarray(IMAGE).save(buf, "JPEG", restart_marker_blocks=5)
+    out["restart markers"] = buf.getvalue()
+    return out
+
+
+def test_a_scan_that_ends_early_is_told_at_any_precision_and_a_whole_one_is_not():
+    """Each stream cut at ten places in its scan, with its end marker put back or not, ends early; whole, it does
+    not, with 0xFF fill bytes before its end marker or a DICOM frame's even-length pad after it."""
+    from ingest.jpeg_decode import EOI, ends_early
+
+    for name, stream in _streams().items():
+        assert stream.count(b"\xff\xdd") == (name == "restart markers")  # the restart interval's segment
+        assert not ends_early(stream), name
+        assert not ends_early(stream[:-2] + b"\xff\xff" + EOI + b"\x00"), name
+        scan = stream.rindex(b"\xff\xda")
+        for at in np.linspace(scan + 20, len(stream) - 6, 10).astype(int):  # the last byte may be padding
+            assert ends_early(stream[:at] + EOI), (name, at)
+            assert ends_early(stream[:at]), (name, at)
+    assert not ends_early(b"\xff\xd8 not a jpeg" + EOI)  # undecodable: left to its own decoder
