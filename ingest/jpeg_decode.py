@@ -131,6 +131,29 @@ def ends_early(data: bytes) -> bool:
     return not np.array_equal(as_is, filled)
 
 
+# CharLS's errors for a JPEG-LS stream cut short or out of step, after its ``... returned``
+DAMAGE_LS = (
+    "Invalid JPEG-LS stream, the encoded bit stream contains a general structural problem",
+    "The source buffer is too small, more input data was expected",
+    "Invalid JPEG-LS stream: segment size of a marker segment is invalid",
+)
+
+
+def check_jpegls(data: bytes) -> None:
+    """Raise ValueError (CharLS's words) where the JPEG-LS stream ``data`` is cut short or out of step. CharLS
+    (through imagecodecs) refuses it, and so does pydicom's first plugin (pyjpegls, CharLS too), but pydicom then
+    asks its next (pylibjpeg's libjpeg), which decodes it into wrong rows without a word. CharLS's other errors
+    pass: pydicom's plugins answer for those."""
+    import imagecodecs
+
+    try:
+        imagecodecs.jpegls_decode(data)
+    except Exception as exc:
+        why = str(exc).split(" returned ", 1)[-1]
+        if why.startswith(DAMAGE_LS):
+            raise ValueError(why) from None
+
+
 def _decoded(data: bytes, space: str) -> np.ndarray | None:
     """``data`` of colour ``space`` (one of :data:`SPACES`) decoded by libjpeg-turbo, grey or RGB, the warnings of
     a damaged scan raised (ValueError); None where it reads the stream only with another warning, or not at all."""

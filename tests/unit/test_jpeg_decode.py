@@ -169,3 +169,21 @@ def test_a_scan_that_ends_early_is_told_at_any_precision_and_a_whole_one_is_not(
             assert ends_early(stream[:at] + EOI), (name, at)
             assert ends_early(stream[:at]), (name, at)
     assert not ends_early(b"\xff\xd8 not a jpeg" + EOI)  # undecodable: left to its own decoder
+
+
+def test_a_jpeg_ls_stream_cut_short_is_refused_and_a_whole_one_is_not():
+    """:func:`ingest.jpeg_decode.check_jpegls`: lossless and near-lossless, 8 to 16 bits, grey and RGB; each cut at
+    ten places, its end marker put back, raises CharLS's words; what is not JPEG-LS passes. (Cut without its end
+    marker, CharLS may take seconds to refuse a stream, pydicom's first plugin alike: not repeated here.)"""
+    from ingest.jpeg_decode import EOI, check_jpegls
+
+    grey = IMAGE[..., 0].astype(np.uint16) * 16 + np.arange(128, dtype=np.uint16)
+    streams = [imagecodecs.jpegls_encode(a, level=near) for near in (0, 3)
+               for a in (grey.astype(np.uint8), grey, grey << 4, IMAGE)]  # fmt: skip
+    for stream in streams:
+        check_jpegls(stream)
+        check_jpegls(stream + b"\x00")  # a DICOM frame's even-length pad
+        for at in np.linspace(20, len(stream) - 3, 10).astype(int):
+            with pytest.raises(ValueError, match=r"JPEG-LS stream|more input data was expected"):
+                check_jpegls(stream[:at] + EOI)
+    check_jpegls(b"\xff\xd8 not a JPEG-LS stream" + EOI)
