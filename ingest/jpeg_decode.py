@@ -7,6 +7,8 @@ leaves bytes over. It says so only in a warning, which imagecodecs (tifffile's d
 direct read path stored such a tile where OpenSlide refuses it ("Corrupt JPEG data: premature end of data
 segment"). Here the warning raises, and the caller leaves the tile to OpenSlide, which reads it or says why.
 OpenCV, decoding an image folder's JPEGs, prints the warning where no caller sees it: such an image is refused.
+DICOM frames (:mod:`ingest.dicom_jpeg`) of more than 8 bits, which simplejpeg does not read, are checked for a scan
+that ends early by :func:`ends_early`, and JPEG-LS frames by CharLS (:func:`check_jpegls`).
 """
 
 from __future__ import annotations
