@@ -7,9 +7,10 @@ import numpy as np
 import pydicom
 import pytest
 from pydicom.data import get_testdata_file
-from pydicom.encaps import encapsulate
+from pydicom.encaps import encapsulate, generate_frames
 from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
+    HTJ2KLossless,
     JPEG2000Lossless,
     JPEGBaseline8Bit,
     JPEGExtended12Bit,
@@ -161,6 +162,30 @@ def test_a_12_bit_lossless_or_jpeg_ls_frame_cut_short_fails_its_slice(tmp_path, 
     for i in (0, 2):
         pixels = read_frame(str(tmp_path / "multi.dcm"), i)[1]
         assert np.array_equal(pixels, stored + 100 * i) if exact else np.abs(pixels - stored - 100 * i).max() < 64
+
+
+@pytest.mark.parametrize("uid", [JPEG2000Lossless, HTJ2KLossless, RLELossless])
+def test_a_frame_cut_short_fails_its_slice_in_the_other_compressed_syntaxes(tmp_path, uid):
+    """JPEG 2000, HTJ2K and RLE frames cut short (a JPEG 2000 code stream may be cut at a layer's end by design)
+    are refused by pydicom's decoders themselves: kept so, as a newer decoder might read them leniently."""
+    stored, ds = _ct()
+    unsigned = stored.astype(np.uint16)
+    frames = [imagecodecs.htj2k_encode(unsigned + i, reversible=True) for i in range(2)] if uid == HTJ2KLossless else []
+    if not frames:
+        for i in range(2):
+            one = _ct()[1]
+            one.PixelRepresentation, one.PixelData = 0, (unsigned + i).tobytes()
+            one.compress(uid)
+            frames.append(next(generate_frames(one.PixelData, number_of_frames=1)))
+    multi = _encapsulated(ds, frames[0], uid, 16)
+    multi.NumberOfFrames = 2
+    multi.PixelData = encapsulate([frames[0], frames[1][: len(frames[1]) // 2]])
+    multi.save_as(tmp_path / "multi.dcm", enforce_file_format=True)
+    assert np.array_equal(read_frame(str(tmp_path / "multi.dcm"), 0)[1], unsigned)
+    with pytest.raises(DicomError, match="frame 1 could not be decoded"):
+        read_frame(str(tmp_path / "multi.dcm"), 1)
+    with pytest.raises(DicomError, match="pixel data could not be decoded"):
+        read_frames(str(tmp_path / "multi.dcm"))
 
 
 @pytest.mark.parametrize(
