@@ -47,6 +47,27 @@ def decode_rgb(data: bytes) -> np.ndarray:
     return cv2.cvtColor(arr, cv2.COLOR_BGR2RGB)
 
 
+TIFF = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # classic and BigTIFF, either byte order
+
+
+def stack_notes(data: bytes) -> list[str]:
+    """A note where the file ``data`` holds several full-resolution images (a TIFF stack of slices, channels or
+    views): :func:`decode_rgb` reads its first page alone, and the others would be left out without a word. Pages
+    marked reduced-resolution (pyramid levels, thumbnails) are not counted; other formats hold one image."""
+    if data[:4] not in TIFF:
+        return []
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(io.BytesIO(data)) as tif:
+            full = sum(1 for page in tif.pages if not page.is_reduced)
+    except Exception:  # a TIFF tifffile does not read: OpenCV's decoding answers for it
+        return []
+    if full < 2:
+        return []
+    return [f"a TIFF of {full} images (pages): its first is the sample, the other {full - 1} are left out"]
+
+
 @dataclass(frozen=True)
 class Box:
     """An axis-aligned box in normalised ``[0, 1]`` image coordinates (independent of any resize)."""

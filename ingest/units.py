@@ -15,7 +15,7 @@ from ingest import lesion
 from ingest.config import DicomIngestConfig, ImagesIngestConfig, IngestConfig, WsiIngestConfig
 from ingest.decisions import input_fault
 from ingest.dicom import slice_rgb
-from ingest.images import Box, decode_rgb, normalise
+from ingest.images import Box, decode_rgb, normalise, stack_notes
 from ingest.model_files import model_device, model_url
 from ingest.preview import preview_png, preview_scale
 from ingest.read_ahead import ReadAhead
@@ -341,8 +341,10 @@ def image_samples(work: Work, cfg: ImagesIngestConfig, files: ReadAhead | None =
     metadata as normalised ``[x0, y0, x1, y1, label]``. ``files``: its batch's downloads ahead, if any."""
     work.notes.clear()  # a retried attempt notes anew
     unit = work.unit
-    with (files.local if files else local_copy)(unit.sources[0]) as path:
-        raw = _read_rgb(path)
+    with (files.local if files else local_copy)(unit.sources[0]) as path, open(path, "rb") as f:
+        data = f.read()
+    raw = decode_rgb(data)
+    work.notes.extend(stack_notes(data))  # a TIFF of several images: the first alone is read
     rgb = lesion.denoise(raw, cfg.median, cfg.grayscale)
     h, w = rgb.shape[:2]
     boxes = [Box(*b) for b in unit.meta.get("yolo") or []] or normalise(unit.meta.get("pixel_boxes") or [], w, h)

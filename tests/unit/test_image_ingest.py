@@ -119,6 +119,36 @@ def test_a_damaged_jpeg_fails_its_image_with_the_reason_and_the_others_are_inges
     assert len(per) == len(plan.units) - 1 and all(r.status == "ingested" and r.samples == 1 for r in per.values())
 
 
+def test_a_tiff_of_several_images_is_ingested_from_its_first_with_a_warning(tmp_path):
+    """OpenCV reads a TIFF's first page alone: a stack of slices or channels (pages of full resolution) says how
+    many were left out in its warnings, where a TIFF with a thumbnail (a reduced page) or one page says nothing."""
+    import tifffile
+
+    from ingest.images import stack_notes
+    from ingest.staging import process_work
+    from ingest.units import batch_images
+
+    make_mri_folders(tmp_path, per_class=1, size=32)
+    first = np.random.default_rng(0).integers(0, 255, (40, 48, 3), np.uint8)
+    folder = tmp_path / "images" / "glioma"
+    tifffile.imwrite(folder / "stack.tif", np.stack([first, first[::-1], first[:, ::-1]]), photometric="rgb")
+    with tifffile.TiffWriter(folder / "thumb.tif") as tif:
+        tif.write(first, photometric="rgb")
+        tif.write(first[::4, ::4], photometric="rgb", subfiletype=1)  # a reduced-resolution page
+    tifffile.imwrite(folder / "one.tif", first, photometric="rgb")
+    said = "a TIFF of 3 images (pages): its first is the sample, the other 2 are left out"
+    assert stack_notes((folder / "stack.tif").read_bytes()) == [said]
+    assert stack_notes((folder / "thumb.tif").read_bytes()) == stack_notes(_png(first)) == []
+    assert np.array_equal(decode_rgb((folder / "stack.tif").read_bytes()), first)  # the first page
+    cfg = ImagesIngestConfig(sources=[str(tmp_path / "images")], out=str(tmp_path / "out"), split="train=1.0")
+    plan = plan_images(cfg, KEY)
+    [work] = batch_images(plan.units, 100)
+    names = {u.id: u.sources[0].rsplit("/", 1)[1] for u in plan.units}
+    per = {names[r.unit]: r for r in process_work(work, cfg).per_unit()}
+    assert per["stack.tif"].warnings == [said] and per["stack.tif"].samples == 1
+    assert all(not r.warnings and r.status == "ingested" for name, r in per.items() if name != "stack.tif")
+
+
 def test_yolo_and_csv_boxes_normalised_and_cropped():
     (box,) = yolo_boxes("2 0.5 0.5 0.2 0.4\n\n")
     assert (box.x0, box.y0, box.x1, box.y1, box.label) == pytest.approx((0.4, 0.3, 0.6, 0.7, "2"))
