@@ -44,14 +44,14 @@ def check_slides(
         try:
             g = tile_geometry(reader, cfg.tile_size, cfg.mpp, cfg.stride, cfg.magnification)
             w0, h0 = reader.level_dimensions[0]
-            mpp = round(reader.mpp * g.target_downsample, 3) if reader.mpp else None
+            mpp = round(g.mpp * g.target_downsample, 3) if g.mpp else None
             _, colour = usable_profile(reader, cfg.color_profile == "apply")
         finally:
             reader.close()
         group = groups.setdefault((g.level, round(g.target_downsample, 3), mpp), [0, 0])
         group[0] += 1
         group[1] += grid_size(w0, h0, g.size0, g.stride0)
-        mismatch = scale_mismatch(model_um, reader.mpp * g.size0 if reader.mpp else None, cfg.tile_size)
+        mismatch = scale_mismatch(model_um, g.mpp * g.size0 if g.mpp else None, cfg.tile_size)
         for warning in g.warnings + [w for w in (mismatch, colour) if w]:
             warned.setdefault(warning, []).append(unit.id)
     lines = [f"slides checked: {len(local)} of {len(units)}"]

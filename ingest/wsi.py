@@ -172,6 +172,19 @@ def target_downsample(
 
 
 COARSER = 1.1  # a scan this much coarser than asked is said (0.2525 µm/px for 0.25 is not)
+# µm per level-0 pixel that a slide scanner's image can have (a 100x oil objective gives 0.1, a 1.25x scan 8).
+# OpenSlide derives a generic TIFF's MPP from its resolution tags, and many writers leave theirs at a default of
+# 72 or 96 dots per inch: 353 or 265 µm/px, which would be taken as the scan's.
+SCANNER_MPP = (0.02, 50.0)
+
+
+def scanned_mpp(mpp: float | None) -> tuple[float | None, list[str]]:
+    """The slide's level-0 ``mpp`` where a scanner could have made it (:data:`SCANNER_MPP`); else None (unknown)
+    and a warning: tiles cut at ``--mpp`` by a 72 dpi default would come from level 0 as if it were 700 times
+    coarser than asked, each recording that figure as its scale."""
+    if mpp is None or SCANNER_MPP[0] <= mpp <= SCANNER_MPP[1]:
+        return mpp, []
+    return None, [f"slide's MPP metadata ({mpp:.4g} µm/px) is no scanner's (a file's default resolution?): ignored"]
 
 
 def _coarser(ratio: float, scanned: str, asked: str) -> list[str]:
@@ -183,13 +196,15 @@ def _coarser(ratio: float, scanned: str, asked: str) -> list[str]:
 @dataclass(frozen=True)
 class TileGeometry:
     """Where a slide's tiles come from, from its header alone: read ``level``, ``target_downsample`` level-0 px
-    per output px, tiles of ``size0`` every ``stride0`` level-0 px (None: the size)."""
+    per output px, tiles of ``size0`` every ``stride0`` level-0 px (None: the size); ``mpp``: level 0's µm/px
+    (None: unknown, or no scanner's: :func:`scanned_mpp`)."""
 
     level: int
     target_downsample: float
     size0: int
     stride0: int | None
     warnings: list[str]
+    mpp: float | None = None
 
 
 def scale_mismatch(model_um: float | None, tile_um: float | None, tile_size: int) -> str | None:
@@ -208,11 +223,12 @@ def tile_geometry(
     reader: SlideReader, tile_size: int, mpp: float | None, stride: int | None, magnification: float | None = None
 ) -> TileGeometry:
     """The level and level-0 tile size for tiles of ``tile_size`` px at ``mpp`` or ``magnification`` (else level
-    0), with the warnings of :func:`target_downsample`."""
-    target_ds, warnings = target_downsample(reader.mpp, reader.objective_power, mpp, magnification)
+    0), with the warnings of :func:`scanned_mpp` and :func:`target_downsample`."""
+    slide_mpp, warnings = scanned_mpp(reader.mpp)
+    target_ds, more = target_downsample(slide_mpp, reader.objective_power, mpp, magnification)
     level = choose_level(reader.level_downsamples, target_ds)
     stride0 = round(stride * target_ds) if stride else None
-    return TileGeometry(level, target_ds, round(tile_size * target_ds), stride0, warnings)
+    return TileGeometry(level, target_ds, round(tile_size * target_ds), stride0, warnings + more, slide_mpp)
 
 
 def plan_tiles(
@@ -261,7 +277,7 @@ def plan_tiles(
         )
         tiles = clean
     return TilePlan(
-        g.level, g.target_downsample, g.size0, reader.mpp, thumb, mask, mask_ds, tiles, warnings, ink=ink,
+        g.level, g.target_downsample, g.size0, g.mpp, thumb, mask, mask_ds, tiles, warnings, ink=ink,
         unread=unread, srgb=icc is not None,
     )  # fmt: skip
 

@@ -209,6 +209,32 @@ def test_a_scan_coarser_than_asked_is_tiled_at_level_0_and_said():
     assert wsi.target_downsample(0.25, 40.0, 0.5, None) == (2.0, [])
 
 
+def test_a_resolution_no_scanner_has_is_taken_as_unknown_and_said(tmp_path):
+    """A tiled TIFF written with a 72 dpi default resolution, as many writers leave it: OpenSlide reports level 0
+    as 352.8 µm/px. Taken at its word, ``--mpp 0.5`` tiled level 0 'coarser than asked' and every tile recorded
+    that scale; it is ignored instead, as missing metadata is, and said."""
+    import tifffile
+
+    from ingest.slides import open_slide
+
+    path = tmp_path / "72dpi.tif"
+    level0 = _slide()[:512, :512]
+    with tifffile.TiffWriter(path) as tif:
+        tif.write(level0, tile=(256, 256), photometric="rgb", compression="jpeg", resolution=(72, 72),
+                  resolutionunit="INCH")  # fmt: skip
+        tif.write(level0[::2, ::2], tile=(256, 256), photometric="rgb", compression="jpeg", subfiletype=1)
+    reader = open_slide(str(path))
+    assert reader.mpp == pytest.approx(25400 / 72)
+    ignored = "slide's MPP metadata (352.8 µm/px) is no scanner's (a file's default resolution?): ignored"
+    plan = plan_tiles(reader, tile_size=64, mpp=0.5, stride=None, threshold=0.3)
+    assert plan.level == 0 and plan.mpp is None
+    assert plan.warnings == [ignored, "slide has no MPP metadata; tiled at level 0"]
+    assert plan_tiles(reader, 64, None, None, 0.3).warnings == [ignored]  # said without --mpp too
+    reader.close()
+    assert wsi.scanned_mpp(0.2527) == (0.2527, []) and wsi.scanned_mpp(None) == (None, [])
+    assert wsi.scanned_mpp(8.0)[0] == 8.0 and wsi.scanned_mpp(0.001)[0] is None  # a 1.25x scan; no optics
+
+
 def test_preview_marks_mask_outline_and_kept_tiles():
     import cv2
 
