@@ -176,15 +176,24 @@ COARSER = 1.1  # a scan this much coarser than asked is said (0.2525 µm/px for 
 # OpenSlide derives a generic TIFF's MPP from its resolution tags, and many writers leave theirs at a default of
 # 72 or 96 dots per inch: 353 or 265 µm/px, which would be taken as the scan's.
 SCANNER_MPP = (0.02, 50.0)
+SCANNER_POWER = (0.5, 200.0)  # objective magnifications (1.25x to 100x), where a header's 0 means unknown
 
 
-def scanned_mpp(mpp: float | None) -> tuple[float | None, list[str]]:
-    """The slide's level-0 ``mpp`` where a scanner could have made it (:data:`SCANNER_MPP`); else None (unknown)
-    and a warning: tiles cut at ``--mpp`` by a 72 dpi default would come from level 0 as if it were 700 times
-    coarser than asked, each recording that figure as its scale."""
-    if mpp is None or SCANNER_MPP[0] <= mpp <= SCANNER_MPP[1]:
-        return mpp, []
-    return None, [f"slide's MPP metadata ({mpp:.4g} µm/px) is no scanner's (a file's default resolution?): ignored"]
+def scanned_scale(mpp: float | None, power: float | None) -> tuple[float | None, float | None, list[str]]:
+    """The slide's level-0 ``mpp`` and objective ``power`` where a scanner could have made them (:data:`SCANNER_MPP`,
+    :data:`SCANNER_POWER`); else None (unknown) and a warning. Tiles cut at ``--mpp`` by a 72 dpi default came from
+    level 0 as if it were 700 times coarser than asked, each recording that figure as its scale; a power of 0
+    failed the slide with a division by zero."""
+    warnings = []
+    if mpp is not None and not SCANNER_MPP[0] <= mpp <= SCANNER_MPP[1]:
+        warnings.append(
+            f"slide's MPP metadata ({mpp:.4g} µm/px) is no scanner's (a file's default resolution?): ignored"
+        )
+        mpp = None
+    if power is not None and not SCANNER_POWER[0] <= power <= SCANNER_POWER[1]:
+        warnings.append(f"slide's objective power ({power:g}x) is no scanner's: ignored")
+        power = None
+    return mpp, power, warnings
 
 
 def _coarser(ratio: float, scanned: str, asked: str) -> list[str]:
@@ -197,7 +206,7 @@ def _coarser(ratio: float, scanned: str, asked: str) -> list[str]:
 class TileGeometry:
     """Where a slide's tiles come from, from its header alone: read ``level``, ``target_downsample`` level-0 px
     per output px, tiles of ``size0`` every ``stride0`` level-0 px (None: the size); ``mpp``: level 0's µm/px
-    (None: unknown, or no scanner's: :func:`scanned_mpp`)."""
+    (None: unknown, or no scanner's: :func:`scanned_scale`)."""
 
     level: int
     target_downsample: float
@@ -223,9 +232,9 @@ def tile_geometry(
     reader: SlideReader, tile_size: int, mpp: float | None, stride: int | None, magnification: float | None = None
 ) -> TileGeometry:
     """The level and level-0 tile size for tiles of ``tile_size`` px at ``mpp`` or ``magnification`` (else level
-    0), with the warnings of :func:`scanned_mpp` and :func:`target_downsample`."""
-    slide_mpp, warnings = scanned_mpp(reader.mpp)
-    target_ds, more = target_downsample(slide_mpp, reader.objective_power, mpp, magnification)
+    0), with the warnings of :func:`scanned_scale` and :func:`target_downsample`."""
+    slide_mpp, power, warnings = scanned_scale(reader.mpp, reader.objective_power)
+    target_ds, more = target_downsample(slide_mpp, power, mpp, magnification)
     level = choose_level(reader.level_downsamples, target_ds)
     stride0 = round(stride * target_ds) if stride else None
     return TileGeometry(level, target_ds, round(tile_size * target_ds), stride0, warnings + more, slide_mpp)

@@ -209,10 +209,10 @@ def test_a_scan_coarser_than_asked_is_tiled_at_level_0_and_said():
     assert wsi.target_downsample(0.25, 40.0, 0.5, None) == (2.0, [])
 
 
-def test_a_resolution_no_scanner_has_is_taken_as_unknown_and_said(tmp_path):
+def test_a_resolution_or_power_no_scanner_has_is_taken_as_unknown_and_said(tmp_path):
     """A tiled TIFF written with a 72 dpi default resolution, as many writers leave it: OpenSlide reports level 0
     as 352.8 µm/px. Taken at its word, ``--mpp 0.5`` tiled level 0 'coarser than asked' and every tile recorded
-    that scale; it is ignored instead, as missing metadata is, and said."""
+    that scale; it is ignored instead, as missing metadata is, and said. So is an objective power of 0."""
     import tifffile
 
     from ingest.slides import open_slide
@@ -231,8 +231,16 @@ def test_a_resolution_no_scanner_has_is_taken_as_unknown_and_said(tmp_path):
     assert plan.warnings == [ignored, "slide has no MPP metadata; tiled at level 0"]
     assert plan_tiles(reader, 64, None, None, 0.3).warnings == [ignored]  # said without --mpp too
     reader.close()
-    assert wsi.scanned_mpp(0.2527) == (0.2527, []) and wsi.scanned_mpp(None) == (None, [])
-    assert wsi.scanned_mpp(8.0)[0] == 8.0 and wsi.scanned_mpp(0.001)[0] is None  # a 1.25x scan; no optics
+    assert wsi.scanned_scale(0.2527, 40.0) == (0.2527, 40.0, []) and wsi.scanned_scale(None, None) == (None, None, [])
+    assert wsi.scanned_scale(8.0, 1.25)[:2] == (8.0, 1.25) and wsi.scanned_scale(0.001, None)[0] is None
+    # a header's objective power of 0 (unknown) failed --magnification with a division by zero
+    zero = ArraySlideReader(_slide(), levels=2, mpp=None)
+    zero.objective_power = 0.0
+    plan = plan_tiles(zero, tile_size=64, mpp=None, stride=None, threshold=0.3, magnification=20.0)
+    assert plan.level == 0 and plan.warnings == [
+        "slide's objective power (0x) is no scanner's: ignored",
+        "slide has no objective power; tiled at level 0",
+    ]
 
 
 def test_preview_marks_mask_outline_and_kept_tiles():
