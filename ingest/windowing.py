@@ -1,4 +1,5 @@
-"""Hounsfield units and CT display windows (pure)."""
+"""Hounsfield units and CT display windows, and the display of other DICOM pixels (pure, but for pydicom's
+colour table lookup)."""
 
 from __future__ import annotations
 
@@ -142,3 +143,15 @@ def grey(pixels: np.ndarray, invert: bool = False, low: float = 0.5, high: float
     scaled = (pixels.astype(np.float32) - lo) * (255.0 / max(float(hi - lo), 1e-6))
     out = np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
     return 255 - out if invert else out
+
+
+def palette_rgb(pixels: np.ndarray, ds) -> np.ndarray:
+    """``uint8[H, W, 3]`` of a PALETTE COLOR image (ultrasound, nuclear medicine, secondary captures): its indices
+    through the colour table ``ds`` holds (pydicom's ``apply_color_lut``). Shown as grey, the indices made another
+    image. Entries of 16 bits are scaled to 8; a table declared 16-bit that holds 8-bit values is kept."""
+    from pydicom.pixels import apply_color_lut
+
+    rgb = apply_color_lut(pixels, ds)[..., :3]
+    if rgb.dtype == np.uint8:
+        return rgb
+    return (rgb >> 8 if rgb.max() > 255 else rgb).astype(np.uint8)

@@ -211,6 +211,24 @@ def test_files_shipped_with_pydicom_match_the_uncompressed_original(name):
     assert np.array_equal(read_frames(get_testdata_file(name))[1], reference)
 
 
+def test_a_palette_colour_image_is_shown_through_its_colour_table(tmp_path):
+    """An ultrasound frame of PALETTE COLOR (pydicom's example, 16-bit table entries) was rendered as grey
+    indices; it is its table's colours, scaled to 8 bits, read whole or frame by frame."""
+    from pydicom.pixels import apply_color_lut
+
+    path = get_testdata_file("examples_palette.dcm")
+    ds = pydicom.dcmread(path)
+    assert ds.PhotometricInterpretation == "PALETTE COLOR" and ds.pixel_array.ndim == 2
+    rgb = slice_rgb(path)
+    assert np.array_equal(rgb, (apply_color_lut(ds.pixel_array, ds) >> 8).astype(np.uint8))
+    assert not np.array_equal(rgb[..., 0], rgb[..., 2])  # colours, not grey
+    ds.NumberOfFrames = 2
+    ds.PixelData = ds.PixelData + bytes(255 - np.frombuffer(ds.PixelData, np.uint8))
+    ds.save_as(tmp_path / "two.dcm")
+    second = (apply_color_lut(pydicom.dcmread(tmp_path / "two.dcm").pixel_array[1], ds) >> 8).astype(np.uint8)
+    assert np.array_equal(slice_rgb(str(tmp_path / "two.dcm"), frame=1), second)
+
+
 def test_hu_windows_are_exact_and_padding_is_air(tmp_path):
     stored = np.array([[0, 1024, 1064, 1104], [1144, 3424, 2000, 30]], np.int16)  # HU -1024, 0, 40, 80, 120...
     ds = ct_slice_dataset(stored, PATIENT, generate_uid(), generate_uid(), 0)
