@@ -14,7 +14,7 @@ import numpy as np
 
 from ingest import progress
 from ingest.series import order_slices
-from ingest.windowing import DEFAULT_WINDOWS, grey, padding_mask, palette_rgb, unwrap_12bit, windowed, wrapped_12bit
+from ingest.windowing import DEFAULT_WINDOWS, colour_rgb, grey, padding_mask, unwrap_12bit, windowed, wrapped_12bit
 from shards import storage, transfers
 from shards.local_files import local_copy
 
@@ -339,12 +339,10 @@ def render(
     ds, pixels: np.ndarray, windows: tuple[str, ...] = DEFAULT_WINDOWS, hu: tuple[float, float] | None = None
 ) -> np.ndarray:
     """One frame as ``uint8[H, W, 3]``: CT as stacked HU windows (RSNA's wrapped 12-bit values read as the signed
-    ones they are), colour as is (a palette's through its table), other grey percentile-normalised. ``hu``: the
+    ones they are), colour in 8 bits (a palette's through its table), other grey percentile-normalised. ``hu``: the
     frame's ``(slope, intercept)`` where the caller has it (:attr:`SliceHeader.rescale`), else :func:`rescale`."""
-    if pixels.ndim == 2 and str(ds.get("PhotometricInterpretation", "")) == "PALETTE COLOR":
-        pixels = palette_rgb(pixels, ds)  # the indices through the file's colour table
-    if pixels.ndim == 3:  # colour (pydicom returns RGB, converting YBR)
-        return np.ascontiguousarray(pixels[:, :, :3]).astype(np.uint8, copy=False)
+    if (rgb := colour_rgb(ds, pixels)) is not None:  # RGB (pydicom converts YBR), or a palette's indices
+        return rgb
     if str(ds.get("Modality", "")) == "CT":
         pad_value = ds.get("PixelPaddingValue")
         pad_limit = ds.get("PixelPaddingRangeLimit")

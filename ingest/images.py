@@ -23,7 +23,8 @@ class ImageError(ValueError):
 
 def decode_rgb(data: bytes) -> np.ndarray:
     """Encoded bytes to ``uint8[H, W, 3]`` RGB as a viewer shows them: turned by their EXIF orientation (boxes
-    are drawn on the image so shown), grey repeated, alpha dropped, CMYK converted, 16-bit percentile-normalised.
+    are drawn on the image so shown), grey repeated, alpha dropped, CMYK converted, 16-bit percentile-normalised
+    (a colour one's channels alike, its colours kept).
     A JPEG whose scan is damaged (:func:`ingest.jpeg_decode.decode_file`) is an :class:`ImageError` saying how.
     """
     from ingest.jpeg_decode import decode_file
@@ -40,8 +41,8 @@ def decode_rgb(data: bytes) -> np.ndarray:
     arr = cv2.imdecode(np.frombuffer(data, np.uint8), flags) if data else None
     if arr is None:
         raise ImageError(f"not a decodable image ({len(data)} bytes)")
-    if arr.dtype != np.uint8:  # 16-bit PNG/TIFF (e.g. MR exports): no physical scale, so percentiles
-        arr = grey(arr if arr.ndim == 2 else arr.mean(axis=2))
+    if arr.dtype != np.uint8:  # 16-bit PNG/TIFF (MR exports, a colour camera's): no physical scale, so percentiles,
+        arr = grey(arr)  # one pair for all of a colour image's channels (it was made grey before: images rendering 3)
     if arr.ndim == 2:
         return cv2.cvtColor(arr, cv2.COLOR_GRAY2RGB)
     return cv2.cvtColor(arr, cv2.COLOR_BGR2RGB)

@@ -21,8 +21,9 @@ from shards.provenance import Rendering
 # tiles kept, other metadata): tests/unit/test_rendering.py keeps a fingerprint of each kind's samples of fixed
 # synthetic inputs, and fails until a version and its fingerprint are changed together.
 # dicom 2: RSNA's wrapped 12-bit values read as signed. wsi 2, dicom 3, images 2: samples name their site.
-# wsi 3: a µm/px no scanner makes (a TIFF's 72 dpi default) is not recorded. dicom 4: PALETTE COLOR in colour.
-RENDERING = {"wsi": 3, "dicom": 4, "images": 2}
+# wsi 3: a µm/px no scanner makes (a TIFF's 72 dpi default) is not recorded. dicom 4: PALETTE COLOR in colour,
+# colour of more than 8 bits its top 8. images 3: a 16-bit colour image in colour (it was made grey).
+RENDERING = {"wsi": 3, "dicom": 4, "images": 3}
 
 # Distributions whose output ends up in samples, per kind (the OpenCV wheel that is installed, either name).
 _COMMON = ("numpy", "opencv-python-headless", "opencv-python", "pillow", "imagecodecs")

@@ -135,7 +135,8 @@ def _packed_windows(pixels: np.ndarray, slope: float, intercept: float, names: t
 
 
 def grey(pixels: np.ndarray, invert: bool = False, low: float = 0.5, high: float = 99.5) -> np.ndarray:
-    """Percentile-normalised ``uint8[H, W]`` for modalities without a physical scale (MR, radiographs).
+    """Percentile-normalised ``uint8`` of ``pixels``' shape for modalities without a physical scale (MR,
+    radiographs; a colour image's channels share one pair of percentiles).
 
     ``invert`` for MONOCHROME1, where the lowest value is displayed white: after it, bright means high signal.
     """
@@ -145,13 +146,22 @@ def grey(pixels: np.ndarray, invert: bool = False, low: float = 0.5, high: float
     return 255 - out if invert else out
 
 
-def palette_rgb(pixels: np.ndarray, ds) -> np.ndarray:
-    """``uint8[H, W, 3]`` of a PALETTE COLOR image (ultrasound, nuclear medicine, secondary captures): its indices
-    through the colour table ``ds`` holds (pydicom's ``apply_color_lut``). Shown as grey, the indices made another
-    image. Entries of 16 bits are scaled to 8; a table declared 16-bit that holds 8-bit values is kept."""
-    from pydicom.pixels import apply_color_lut
+def colour_rgb(ds, pixels: np.ndarray) -> np.ndarray | None:
+    """``uint8[H, W, 3]`` of a DICOM colour frame (``pixels`` as pydicom decodes it, with its dataset ``ds``), or
+    None for a grey one. A PALETTE COLOR frame (ultrasound, nuclear medicine, secondary captures) is its indices
+    through the colour table ``ds`` holds (pydicom's ``apply_color_lut``): shown as grey, the indices made another
+    image. Stored values of more than 8 bits (16-bit RGB, a table's 16-bit entries) keep their top 8: cast alone,
+    16-bit values kept their lowest byte, and a ramp became a sawtooth."""
+    if pixels.ndim == 2 and str(ds.get("PhotometricInterpretation", "")) == "PALETTE COLOR":
+        from pydicom.pixels import apply_color_lut
 
-    rgb = apply_color_lut(pixels, ds)[..., :3]
-    if rgb.dtype == np.uint8:
-        return rgb
-    return (rgb >> 8 if rgb.max() > 255 else rgb).astype(np.uint8)
+        table = apply_color_lut(pixels, ds)[..., :3]
+        bits = 8 if table.max() <= 255 else 8 * table.itemsize  # 16-bit entries may hold 8-bit values
+    elif pixels.ndim == 3:
+        table, bits = pixels[..., :3], int(ds.get("BitsStored", 0) or 8 * pixels.itemsize)
+    else:
+        return None
+    if table.dtype == np.uint8:
+        return np.ascontiguousarray(table)
+    shift = max(min(bits, 8 * table.itemsize) - 8, 0)
+    return np.clip(table.astype(np.int64) >> shift, 0, 255).astype(np.uint8)

@@ -229,6 +229,19 @@ def test_a_palette_colour_image_is_shown_through_its_colour_table(tmp_path):
     assert np.array_equal(slice_rgb(str(tmp_path / "two.dcm"), frame=1), second)
 
 
+def test_a_16_bit_colour_image_keeps_its_top_8_bits(tmp_path):
+    """RGB of 16 stored bits (pydicom's example, given a ramp) was cast to 8 bits, keeping each value's lowest
+    byte: a ramp became a sawtooth. Its top byte is kept; 8-bit colour is as it was."""
+    ds = pydicom.dcmread(get_testdata_file("SC_rgb_rle_16bit.dcm"))
+    ds.decompress()
+    ramp = np.broadcast_to(np.linspace(0, 65535, ds.Columns).astype(np.uint16)[None, :, None], (ds.Rows, ds.Columns, 3))
+    ds.PixelData = np.ascontiguousarray(ramp).tobytes()
+    ds.save_as(tmp_path / "rgb16.dcm")
+    assert np.array_equal(slice_rgb(str(tmp_path / "rgb16.dcm")), (ramp >> 8).astype(np.uint8))
+    eight = get_testdata_file("SC_rgb_rle.dcm")
+    assert np.array_equal(slice_rgb(eight), pydicom.dcmread(eight).pixel_array)
+
+
 def test_hu_windows_are_exact_and_padding_is_air(tmp_path):
     stored = np.array([[0, 1024, 1064, 1104], [1144, 3424, 2000, 30]], np.int16)  # HU -1024, 0, 40, 80, 120...
     ds = ct_slice_dataset(stored, PATIENT, generate_uid(), generate_uid(), 0)

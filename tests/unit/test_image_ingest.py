@@ -42,6 +42,12 @@ def test_decode_grey_colour_alpha_and_16_bit():
     wide = np.linspace(0, 60000, 400).astype(np.uint16).reshape(20, 20)
     out = decode_rgb(_png(wide))
     assert out.dtype == np.uint8 and out.min() == 0 and out.max() == 255  # percentile-stretched
+    # 16-bit colour (BGR as OpenCV writes it): its colours kept, the channels stretched alike (it was made grey)
+    colour = np.zeros((20, 20, 3), np.uint16)
+    colour[..., 2], colour[..., 1], colour[..., 0] = 60000, wide, 0  # red, a green ramp, no blue
+    out = decode_rgb(_png(colour))
+    assert out[..., 0].min() == 255 and out[..., 2].max() == 0 and out[..., 1].min() == 0
+    assert np.all(np.diff(out[..., 1].ravel().astype(int)) >= 0)  # the ramp, as a ramp
     with pytest.raises(ImageError, match="not a decodable image"):
         decode_rgb(b"\xff\xd8 truncated jpeg")
 

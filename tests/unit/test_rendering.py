@@ -26,8 +26,8 @@ EXPECTED = {
     "dicom": (4, "c3e92ed9e01632dd"),
     "dicom options": (4, "7cf4cd250c7fee3f"),
     "dicom sequences": (4, "170cc699c0b43afe"),
-    "images": (2, "88ab04718a4e68fb"),
-    "images options": (2, "a8711bb52396d9c7"),
+    "images": (3, "88ab04718a4e68fb"),
+    "images options": (3, "a8711bb52396d9c7"),
 }
 PSEUDONYMS = {"slide", "patient", "image", "series", "study"}  # keyed, and of the inputs' places: not rendering
 
