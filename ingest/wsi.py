@@ -213,7 +213,7 @@ class TileGeometry:
     size0: int
     stride0: int | None
     warnings: list[str]
-    mpp: float | None = None
+    mpp: float | None
 
 
 def scale_mismatch(model_um: float | None, tile_um: float | None, tile_size: int) -> str | None:
