@@ -290,6 +290,8 @@ def group_series(headers: Iterable[SliceHeader]) -> list[Series]:
             warnings.append("mixed slice orientations in one series")
         if any(h.wrapped for h in items):
             warnings.append(WRAPPED)
+        if len(patients := {h.patient_id for h in items}) > 1:  # a mix-up, or a de-identification per file
+            warnings.append(f"slices of {len(patients)} PatientIDs in one series: the first file's is its patient")
         ordered = [items[i] for i in order]
         out.append(Series(items[0].patient_id, study, series, items[0].modality, ordered, warnings, copies))
     return out

@@ -1,3 +1,4 @@
+import dataclasses
 import functools
 import json
 from pathlib import Path
@@ -307,6 +308,20 @@ def test_a_slice_held_by_two_files_is_read_once_and_the_copy_accounted_for(tmp_p
     frames = [SliceHeader("f.dcm", "P", "st", "se", "1.2", "CT", [0, 0, k], [1, 0, 0, 0, 1, 0], k, k) for k in range(3)]
     (series,) = group_series(frames)
     assert len(series.slices) == 3 and series.copies == []
+
+
+def test_a_series_whose_slices_name_two_patients_says_so():
+    """A series is one patient's: slices naming two PatientIDs (a mix-up, or a de-identification per file) take
+    the first file's, as before, and now say so."""
+    from ingest.dicom import SliceHeader, group_series
+
+    frames = [
+        SliceHeader(f"{k}.dcm", "P", "st", "se", f"1.{k}", "CT", [0, 0, k], [1, 0, 0, 0, 1, 0], k) for k in range(3)
+    ]
+    assert group_series(frames)[0].warnings == []
+    (series,) = group_series([dataclasses.replace(frames[0], patient_id="Q"), *frames[1:]])
+    assert series.patient_id == "Q" and len(series.slices) == 3
+    assert series.warnings == ["slices of 2 PatientIDs in one series: the first file's is its patient"]
 
 
 def test_an_enhanced_ct_file_gives_the_samples_its_slices_as_single_files_give(tmp_path):
